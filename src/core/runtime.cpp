@@ -1,0 +1,21 @@
+#include "core/runtime.h"
+
+#include <ATen/Parallel.h>
+
+#include <thread>
+
+#include "dmx/error.h"
+
+namespace dmx {
+int hardware_cores() {
+  unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 1 : static_cast<int>(n);
+}
+
+void configure_threads(int threads) {
+  DMX_CHECK_ARG(threads >= 0 && threads <= 1024, "threads must be in [0, 1024] (0 = all cores), got ",
+                threads);
+  const int n = threads == 0 ? hardware_cores() : threads;
+  at::set_num_threads(n);
+}
+}  // namespace dmx

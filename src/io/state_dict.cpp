@@ -1,0 +1,70 @@
+#include "io/state_dict.h"
+
+#include <torch/nn/module.h>
+
+#include <set>
+#include <sstream>
+
+#include "dmx/error.h"
+
+namespace dmx::io {
+
+static std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+std::string LoadReport::describe(const std::string& what, size_t max_per_list) const {
+  std::ostringstream os;
+  os << what << ": state dict does not match the model (" << missing.size() << " missing, " << unexpected.size()
+     << " unexpected, " << mismatched.size() << " mis-shaped)";
+  auto list = [&](const char* title, const std::vector<std::string>& v) {
+    if (v.empty()) return;
+    os << "\n  " << title << ":";
+    for (size_t i = 0; i < v.size() && i < max_per_list; ++i) os << "\n    " << v[i];
+    if (v.size() > max_per_list) os << "\n    ... and " << v.size() - max_per_list << " more";
+  };
+  list("missing", missing);
+  list("unexpected", unexpected);
+  list("mis-shaped", mismatched);
+  return os.str();
+}
+
+TensorMap module_state(const torch::nn::Module& module) {
+  TensorMap out;
+  for (const auto& p : module.named_parameters(true)) out[p.key()] = p.value();
+  for (const auto& b : module.named_buffers(true)) out[b.key()] = b.value();
+  return out;
+}
+
+LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, const std::string& what,
+                           bool strict) {
+  LoadReport r;
+  TensorMap target = module_state(module);
+  for (const auto& kv : target) {
+    auto it = state.find(kv.first);
+    if (it == state.end()) {
+      r.missing.push_back(kv.first);
+      continue;
+    }
+    if (!it->second.sizes().equals(kv.second.sizes())) {
+      r.mismatched.push_back(kv.first + ": file " + shape_str(it->second.sizes()) + " vs model " +
+                             shape_str(kv.second.sizes()));
+    }
+  }
+  for (const auto& kv : state)
+    if (!target.count(kv.first)) r.unexpected.push_back(kv.first);
+  if (strict && !r.ok()) throw FormatError(r.describe(what));
+  at::NoGradGuard no_grad;
+  for (auto& kv : target) {
+    auto it = state.find(kv.first);
+    if (it == state.end() || !it->second.sizes().equals(kv.second.sizes())) continue;
+    kv.second.copy_(it->second);
+    ++r.loaded;
+  }
+  return r;
+}
+}  // namespace dmx::io

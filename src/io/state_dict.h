@@ -1,0 +1,29 @@
+// Strict state-dict loading: missing, unexpected and mis-shaped keys are reported together in one
+// FormatError. Parameters keep their dtype and device; checkpoint tensors are cast on copy.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+
+namespace torch::nn {
+class Module;
+}
+
+namespace dmx::io {
+
+struct LoadReport {
+  std::vector<std::string> missing;     // in the module, not in the file
+  std::vector<std::string> unexpected;  // in the file, not in the module
+  std::vector<std::string> mismatched;  // "name: file [a, b] vs model [c, d]"
+  size_t loaded = 0;
+  bool ok() const { return missing.empty() && unexpected.empty() && mismatched.empty(); }
+  std::string describe(const std::string& what, size_t max_per_list = 10) const;
+};
+
+// Copies matching tensors into module parameters and buffers. With strict, any problem throws.
+LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, const std::string& what,
+                           bool strict = true);
+// All parameters and buffers by their dotted names.
+TensorMap module_state(const torch::nn::Module& module);
+}  // namespace dmx::io

@@ -1,0 +1,72 @@
+// UNet2DConditionModel (diffusers), SD 1.x / 2.x subset, with diffusers' key names.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/tensor_util.h"
+
+namespace dmx::models {
+
+struct UNet2DConditionConfig {
+  int sample_size = 64;
+  int in_channels = 4;
+  int out_channels = 4;
+  bool center_input_sample = false;
+  bool flip_sin_to_cos = true;
+  int freq_shift = 0;
+  std::vector<std::string> down_block_types{"CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                            "CrossAttnDownBlock2D", "DownBlock2D"};
+  std::string mid_block_type = "UNetMidBlock2DCrossAttn";
+  std::vector<std::string> up_block_types{"UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                          "CrossAttnUpBlock2D"};
+  bool only_cross_attention = false;
+  std::vector<int> block_out_channels{320, 640, 1280, 1280};
+  int layers_per_block = 2;
+  int downsample_padding = 1;
+  double mid_block_scale_factor = 1.0;
+  std::string act_fn = "silu";
+  int norm_num_groups = 32;
+  double norm_eps = 1e-5;
+  int cross_attention_dim = 768;
+  int transformer_layers_per_block = 1;
+  // diffusers' naming quirk: attention_head_dim is used as the number of heads per block when
+  // num_attention_heads is not given. One value per down block after expansion.
+  std::vector<int> attention_head_dim{8, 8, 8, 8};
+  std::vector<int> num_attention_heads;  // empty = use attention_head_dim
+  bool use_linear_projection = false;
+  bool upcast_attention = false;
+  std::string resnet_time_scale_shift = "default";
+
+  static UNet2DConditionConfig from_json(const nlohmann::json& j);
+  static UNet2DConditionConfig sd15();  // runwayml/stable-diffusion-v1-5 unet/config.json
+  static UNet2DConditionConfig sd21();  // stabilityai/stable-diffusion-2-1 unet/config.json
+};
+
+// Forward inputs (a struct, per CONVENTIONS): ControlNet residuals arrive here as data.
+struct UNetInputs {
+  at::Tensor sample;                 // [B, C, h, w]
+  at::Tensor timestep;               // 0-d or [B]; float or int
+  at::Tensor encoder_hidden_states;  // [B, N, cross_attention_dim]
+  std::vector<at::Tensor> down_block_additional_residuals;  // optional (ControlNet)
+  at::Tensor mid_block_additional_residual;                 // optional (ControlNet)
+  TensorRecorder* recorder = nullptr;  // time_embedding, down_blocks.i, mid_block, up_blocks.i
+};
+
+class UNet2DConditionModelImpl : public torch::nn::Module {
+ public:
+  explicit UNet2DConditionModelImpl(const UNet2DConditionConfig& cfg);
+  at::Tensor forward(const UNetInputs& in);
+  const UNet2DConditionConfig& config() const { return cfg_; }
+
+ private:
+  UNet2DConditionConfig cfg_;
+  struct Parts;
+  std::shared_ptr<Parts> parts_;
+};
+TORCH_MODULE(UNet2DConditionModel);
+}  // namespace dmx::models

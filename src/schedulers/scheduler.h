@@ -1,0 +1,93 @@
+// Common scheduler interface (diffusers' SchedulerMixin contract, made index-based).
+// Schedulers are pure tensor math: config separate from per-run state; one algorithm per file.
+// Step indices are positions in timesteps(): a loop that starts part-way (img2img) passes the
+// absolute index, which is what diffusers' set_begin_index does.
+#pragma once
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace dmx::schedulers {
+
+// Every config field any of our schedulers reads, with diffusers' names. Defaults depend on the
+// class (diffusers' from_config fills missing fields from the new class's defaults), so build one
+// with SchedulerConfig::for_class(class_name, json).
+struct SchedulerConfig {
+  int num_train_timesteps = 1000;
+  double beta_start = 0.0001;
+  double beta_end = 0.02;
+  std::string beta_schedule = "linear";  // linear | scaled_linear | squaredcos_cap_v2
+  std::vector<double> trained_betas;     // empty = none
+  std::string prediction_type = "epsilon";  // epsilon | v_prediction | sample
+  std::string timestep_spacing = "leading";  // leading | trailing | linspace
+  int steps_offset = 0;
+  bool set_alpha_to_one = true;
+  bool clip_sample = true;
+  double clip_sample_range = 1.0;
+  bool thresholding = false;
+  double dynamic_thresholding_ratio = 0.995;
+  double sample_max_value = 1.0;
+  bool rescale_betas_zero_snr = false;
+  std::string variance_type = "fixed_small";  // DDPM
+  bool skip_prk_steps = false;                // PNDM
+  bool use_karras_sigmas = false;             // Euler, LMS, Heun, DPM-Solver
+  std::string interpolation_type = "linear";  // Euler
+  std::string timestep_type = "discrete";     // Euler
+  int solver_order = 2;                       // DPM-Solver
+  std::string algorithm_type = "dpmsolver++";
+  std::string solver_type = "midpoint";
+  bool lower_order_final = true;
+  bool euler_at_final = false;
+  std::string final_sigmas_type = "zero";
+
+  // class_name is diffusers' class (DDIMScheduler, ...). Unknown json fields are ignored.
+  static SchedulerConfig for_class(const std::string& class_name, const nlohmann::json& config);
+};
+
+struct StepArgs {
+  double eta = 0.0;                       // DDIM only
+  at::Generator* generator = nullptr;     // for schedulers that draw noise (DDPM, Euler, Euler a, DDIM eta>0)
+  at::Tensor variance_noise;              // DDIM: explicit noise instead of a draw
+};
+
+struct StepOutput {
+  at::Tensor prev_sample;
+  at::Tensor pred_original_sample;  // undefined where the scheduler does not compute it
+};
+
+class Scheduler {
+ public:
+  virtual ~Scheduler() = default;
+  virtual std::string class_name() const = 0;
+  const SchedulerConfig& config() const { return config_; }
+
+  virtual void set_timesteps(int num_inference_steps) = 0;
+  // The timesteps the model sees, in loop order (floats: Karras and Euler produce fractional ones).
+  const std::vector<double>& timesteps() const { return timesteps_; }
+  virtual double init_noise_sigma() const { return 1.0; }
+  // Entries in timesteps() per model evaluation pair (Heun = 2; used by img2img's start index).
+  virtual int order() const { return 1; }
+  virtual at::Tensor scale_model_input(const at::Tensor& sample, int step_index) { return sample; }
+  virtual StepOutput step(const at::Tensor& model_output, int step_index, const at::Tensor& sample,
+                          const StepArgs& args = {}) = 0;
+  // Noise original to the level of timesteps()[step_index] (sigma-based schedulers use their sigmas).
+  virtual at::Tensor add_noise(const at::Tensor& original, const at::Tensor& noise, int step_index) const = 0;
+
+ protected:
+  SchedulerConfig config_;
+  std::vector<double> timesteps_;
+};
+
+// name: ddim | ddpm | pndm | euler | euler_a | heun | lms | dpmpp_2m | dpmpp_2m_karras | ddim_inverse,
+// or a diffusers class name. base_config is the model's scheduler_config.json (any class): the
+// class is swapped as diffusers' from_config does. Unknown name: InvalidArgument listing the choices.
+std::unique_ptr<Scheduler> create_scheduler(const std::string& name, const nlohmann::json& base_config);
+std::vector<std::string> scheduler_names();
+
+// Shared math (scheduler.cpp): betas for a config, alphas_cumprod as float32 like diffusers.
+at::Tensor make_betas(const SchedulerConfig& cfg);
+}  // namespace dmx::schedulers

@@ -1,0 +1,80 @@
+#include "test_util.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+
+#include "core/fs.h"
+#include "dmx/error.h"
+
+namespace dmx::test {
+
+std::string shared_dir() {
+  if (const char* env = std::getenv("DMX_SHARED_DIR")) return env;
+  return std::string(DMX_SOURCE_DIR) + "/../shared";
+}
+
+std::string fixtures_dir() { return shared_dir() + "/fixtures/sd-tiny"; }
+bool fixtures_available() { return is_directory(fixtures_dir() + "/ref"); }
+std::string fixture_model(const std::string& variant) { return fixtures_dir() + "/models/" + variant; }
+
+std::string temp_dir() {
+  static std::string dir;
+  if (dir.empty()) {
+    char tmpl[] = "/tmp/dmx-test-XXXXXX";
+    char* p = mkdtemp(tmpl);
+    if (!p) throw IoError("cannot create a temporary directory");
+    dir = p;
+  }
+  return dir;
+}
+
+const at::Tensor& RefCase::operator[](const std::string& name) const {
+  auto it = tensors.find(name);
+  if (it == tensors.end()) throw FormatError("reference case has no tensor '" + name + "'");
+  return it->second;
+}
+
+RefCase load_ref(const std::string& variant, const std::string& name) {
+  RefCase r;
+  const std::string base = fixtures_dir() + "/ref/" + variant + "/" + name;
+  r.meta = nlohmann::json::parse(read_text_file(base + ".json", "reference metadata"));
+  r.tensors = io::load_safetensors(base + ".safetensors");
+  return r;
+}
+
+double check_close(const std::string& what, const at::Tensor& actual, const at::Tensor& expected, double rel_tol) {
+  if (!actual.defined() || !expected.defined()) {
+    std::printf("[check] %s: undefined tensor\n", what.c_str());
+    return INFINITY;
+  }
+  if (!actual.sizes().equals(expected.sizes())) {
+    std::ostringstream os;
+    os << "[check] " << what << ": shape mismatch " << actual.sizes() << " vs expected " << expected.sizes();
+    std::printf("%s\n", os.str().c_str());
+    return INFINITY;
+  }
+  at::Tensor a = actual.detach().to(at::kCPU).to(at::kDouble);
+  at::Tensor e = expected.detach().to(at::kCPU).to(at::kDouble);
+  const double max_abs = (a - e).abs().max().item<double>();
+  const double scale = std::max(e.abs().max().item<double>(), 1e-12);
+  const double rel = max_abs / scale;
+  const bool nan = a.isnan().any().item<bool>();
+  std::printf("[check] %-48s rel=%.3e max_abs=%.3e (tol %.0e)%s\n", what.c_str(), rel, max_abs, rel_tol,
+              nan ? " NaN!" : "");
+  if (nan) return INFINITY;
+  if (rel > rel_tol) {
+    auto af = a.flatten(), ef = e.flatten();
+    const int64_t idx = (af - ef).abs().argmax().item<int64_t>();
+    std::printf("  worst at flat index %ld: got %.8g expected %.8g\n  first values:", static_cast<long>(idx),
+                af[idx].item<double>(), ef[idx].item<double>());
+    for (int64_t i = 0; i < std::min<int64_t>(6, af.numel()); ++i)
+      std::printf(" (%.6g vs %.6g)", af[i].item<double>(), ef[i].item<double>());
+    std::printf("\n");
+  }
+  std::fflush(stdout);
+  return rel;
+}
+}  // namespace dmx::test

@@ -1,0 +1,42 @@
+// Test helpers: fixture discovery, reference cases, tensor comparison that prints the worst error.
+#pragma once
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "io/safetensors.h"
+
+namespace dmx::test {
+
+// ../shared next to the checkout (or $DMX_SHARED_DIR).
+std::string shared_dir();
+bool fixtures_available();
+std::string fixtures_dir();                              // <shared>/fixtures/sd-tiny
+std::string fixture_model(const std::string& variant);   // <fixtures>/models/<variant>
+std::string temp_dir();                                  // a fresh per-process scratch folder
+
+struct RefCase {
+  nlohmann::json meta;
+  io::TensorMap tensors;
+  const at::Tensor& operator[](const std::string& name) const;
+  bool has(const std::string& name) const { return tensors.count(name) != 0; }
+};
+RefCase load_ref(const std::string& variant, const std::string& name);
+
+// Relative error = max|a - e| / max(max|e|, 1e-12). Prints "[check] what: rel=... max_abs=..." always,
+// and the first values on failure. Returns the relative error.
+double check_close(const std::string& what, const at::Tensor& actual, const at::Tensor& expected, double rel_tol);
+}  // namespace dmx::test
+
+#define DMX_REQUIRE_FIXTURES()                                                                      \
+  do {                                                                                              \
+    if (!::dmx::test::fixtures_available())                                                         \
+      GTEST_SKIP() << "reference fixtures not found at " << ::dmx::test::fixtures_dir()             \
+                   << " (golden tests need ../shared beside the checkout, or DMX_SHARED_DIR)";      \
+  } while (0)
+
+// EXPECT-style wrapper.
+#define DMX_EXPECT_CLOSE(what, actual, expected, tol) \
+  EXPECT_LE(::dmx::test::check_close((what), (actual), (expected), (tol)), (tol)) << (what)
