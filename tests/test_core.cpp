@@ -1,1 +1,112 @@
-// placeholder: implemented in its own change
+// Unit tests of core: images (PNG/JPEG decode, PNG text chunks), atomic writes, errors.
+#include <fstream>
+
+#include "core/fs.h"
+#include "core/image.h"
+#include "dmx/error.h"
+#include "test_util.h"
+
+namespace dmx::test {
+namespace {
+
+Image gradient(int w, int h, int c) {
+  Image img;
+  img.width = w;
+  img.height = h;
+  img.channels = c;
+  img.data.resize(static_cast<size_t>(w) * h * c);
+  for (size_t i = 0; i < img.data.size(); ++i) img.data[i] = static_cast<uint8_t>((i * 37) & 0xFF);
+  return img;
+}
+
+void write_raw(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+
+TEST(CoreImage, PngRoundTripWithText) {
+  const std::string path = temp_dir() + "/rt.png";
+  Image img = gradient(13, 7, 3);
+  save_png(path, img, {{"parameters", "a cat\nSteps: 5"}, {"unicode", "caf\xC3\xA9 \xF0\x9F\x90\xB1"}});
+  Image back = load_image(path, "--init-image");
+  EXPECT_EQ(back.width, 13);
+  EXPECT_EQ(back.height, 7);
+  EXPECT_EQ(back.channels, 3);
+  EXPECT_EQ(back.data, img.data);
+  auto text = read_png_text(path);
+  ASSERT_EQ(text.size(), 2u);
+  EXPECT_EQ(text[0].second, "a cat\nSteps: 5");
+  EXPECT_EQ(text[1].second, "caf\xC3\xA9 \xF0\x9F\x90\xB1");
+}
+
+TEST(CoreImage, RgbaAndGrayConvertLikePil) {
+  const std::string path = temp_dir() + "/rgba.png";
+  Image rgba = gradient(4, 3, 4);
+  save_png(path, rgba);
+  Image rgb = to_rgb(load_image(path, "--init-image"));
+  ASSERT_EQ(rgb.channels, 3);
+  for (int i = 0; i < 12; ++i)
+    for (int c = 0; c < 3; ++c) EXPECT_EQ(rgb.data[3 * i + c], rgba.data[4 * i + c]);
+  Image g = to_gray(rgb);
+  EXPECT_EQ(g.channels, 1);
+  Image white = gradient(1, 1, 3);
+  white.data = {255, 255, 255};
+  EXPECT_EQ(to_gray(white).data[0], 255);
+}
+
+TEST(CoreImage, CorruptAndUnsupportedImagesAreInvalidArgument) {
+  const std::string dir = temp_dir();
+  write_raw(dir + "/garbage.png", "this is not an image");
+  write_raw(dir + "/empty.png", "");
+  std::vector<uint8_t> png = encode_png(gradient(16, 16, 3));
+  write_raw(dir + "/trunc.png", std::string(png.begin(), png.begin() + png.size() / 2));
+  write_raw(dir + "/trunc.jpg", std::string("\xFF\xD8\xFF\xE0\x00\x10JFIF\x00", 11));
+  for (const char* f : {"garbage.png", "empty.png", "trunc.png", "trunc.jpg", "missing.png"}) {
+    try {
+      load_image(dir + "/" + f, "--init-image");
+      FAIL() << f << " should not load";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("--init-image"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_THROW(load_image(dir, "--mask"), InvalidArgument);
+}
+
+TEST(CoreImage, TensorConversionsMatchDiffusers) {
+  Image img = gradient(8, 8, 3);
+  at::Tensor t = image_to_tensor(img);
+  EXPECT_EQ(t.sizes(), (std::vector<int64_t>{1, 3, 8, 8}));
+  EXPECT_FLOAT_EQ(t[0][0][0][0].item<float>(), img.data[0] / 255.0f * 2.0f - 1.0f);
+  // round half to even, as numpy: 0.5/255 * 255 = 0.5 -> 0; 1.5/255 -> 2.
+  at::Tensor hwc = at::zeros({1, 2, 3});
+  hwc[0][0][0] = 0.5f / 255.0f;
+  hwc[0][1][0] = 1.5f / 255.0f;
+  Image back = tensor_to_image(hwc);
+  EXPECT_EQ(back.data[0], 0);
+  EXPECT_EQ(back.data[3], 2);
+}
+
+TEST(CoreFs, AtomicWriteLeavesNothingOnFailure) {
+  const std::string path = temp_dir() + "/atomic.bin";
+  EXPECT_THROW(write_file_atomic(path, [](const std::string& tmp) {
+                 std::ofstream(tmp) << "partial";
+                 throw IoError("interrupted");
+               }),
+               IoError);
+  EXPECT_FALSE(path_exists(path));
+  EXPECT_FALSE(path_exists(path + ".tmp." + std::to_string(::getpid())));
+  write_bytes_atomic(path, "abc", 3);
+  EXPECT_EQ(read_text_file(path, "test"), "abc");
+  EXPECT_THROW(write_bytes_atomic("/nonexistent-dir/x.bin", "a", 1), IoError);
+}
+
+TEST(CoreErrors, CheckMacrosNameTheValue) {
+  try {
+    const double strength = 1.3;
+    DMX_CHECK_ARG(strength <= 1, "strength must be in [0, 1], got ", strength);
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_STREQ(e.what(), "strength must be in [0, 1], got 1.3");
+  }
+}
+}  // namespace
+}  // namespace dmx::test

@@ -1,1 +1,183 @@
-// placeholder: implemented in its own change
+// Golden tests of whole pipelines against diffusers 0.27.2 (txt2img with every scheduler, img2img).
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "core/image.h"
+#include "pipelines/model_bundle.h"
+#include "pipelines/stable_diffusion.h"
+#include "test_util.h"
+
+namespace dmx::test {
+namespace {
+
+std::string short_scheduler(const std::string& cls) {
+  static const std::map<std::string, std::string> m = {
+      {"DDIMScheduler", "ddim"},       {"PNDMScheduler", "pndm"}, {"EulerDiscreteScheduler", "euler"},
+      {"EulerAncestralDiscreteScheduler", "euler_a"}, {"DPMSolverMultistepScheduler", "dpmpp_2m"},
+      {"LMSDiscreteScheduler", "lms"}, {"DDPMScheduler", "ddpm"}, {"HeunDiscreteScheduler", "heun"}};
+  return m.at(cls);
+}
+
+std::shared_ptr<pipelines::StableDiffusionModels> load_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+  auto& m = cache[variant];
+  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  return m;
+}
+
+// Runs a txt2img/img2img case and checks every step's latents (1e-4) and the image (1e-3).
+void run_case(const std::string& variant, const std::string& name) {
+  RefCase ref = load_ref(variant, name);
+  const auto& meta = ref.meta;
+  pipelines::StableDiffusionPipeline pipe(load_model(variant));
+  pipelines::StableDiffusionParams p;
+  p.prompt = meta["prompt"].get<std::string>();
+  p.negative_prompt = meta.value("negative_prompt", std::string());
+  p.num_inference_steps = meta["steps"].get<int>();
+  p.guidance_scale = meta["guidance_scale"].get<double>();
+  p.scheduler = short_scheduler(meta["scheduler_class"].get<std::string>());
+  p.eta = meta.value("eta", 0.0);
+  p.show_progress = false;
+  if (ref.has("input.latents")) p.latents = ref["input.latents"];
+  // Replay the reference's random draws where it recorded them.
+  std::vector<at::Tensor> rng;
+  for (int k = 0; ref.has("rng." + std::to_string(k)); ++k) rng.push_back(ref["rng." + std::to_string(k)]);
+  if (ref.has("input.image_u8")) {
+    at::Tensor u8 = ref["input.image_u8"];
+    Image img;
+    img.height = static_cast<int>(u8.size(0));
+    img.width = static_cast<int>(u8.size(1));
+    img.channels = 3;
+    img.data.assign(u8.data_ptr<uint8_t>(), u8.data_ptr<uint8_t>() + u8.numel());
+    p.init_image = image_to_tensor(img);
+    p.strength = meta["strength"].get<double>();
+    p.posterior_noise = rng.at(0);
+    p.latents = rng.at(1);
+  } else {
+    p.step_noises = rng;
+  }
+  std::vector<at::Tensor> steps;
+  p.on_step_end = [&](int, double, at::Tensor& lat) { steps.push_back(lat.clone()); };
+  auto out = pipe.run(p);
+  std::vector<double> expected_ts;
+  for (const auto& t : meta["timesteps"]) expected_ts.push_back(t.get<double>());
+  EXPECT_EQ(out.timesteps, expected_ts) << name;
+  double worst = 0;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const std::string key = "step." + std::to_string(i) + ".latents";
+    if (!ref.has(key)) continue;
+    worst = std::max(worst, check_close(variant + "/" + name + " " + key, steps[i], ref[key], 1e-4));
+  }
+  EXPECT_LE(worst, 1e-4) << name << " latents";
+  DMX_EXPECT_CLOSE(variant + "/" + name + " image", out.images, ref["image"], 1e-3);
+}
+
+class PipelineGolden : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(PipelineGolden, MatchesReference) {
+  DMX_REQUIRE_FIXTURES();
+  run_case(std::get<0>(GetParam()), std::get<1>(GetParam()));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Golden, PipelineGolden,
+    ::testing::Combine(::testing::Values("sd15", "test"),
+                       ::testing::Values("txt2img_ddim", "txt2img_pndm", "txt2img_euler", "txt2img_euler_a",
+                                         "txt2img_dpm2m", "txt2img_lms", "txt2img_ddim_eta", "img2img")),
+    [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
+
+// The seeded path draws exactly what the reference drew: DDIM eta=1 with generator seed 52.
+TEST(PipelineSeed, DdimEtaDrawsMatchSeed52) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("sd15", "txt2img_ddim_eta");
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(52);
+  for (int k = 0; ref.has("rng." + std::to_string(k)); ++k) {
+    at::Tensor draw = at::randn(ref["rng." + std::to_string(k)].sizes(), gen, at::TensorOptions().dtype(at::kFloat));
+    EXPECT_TRUE(at::equal(draw, ref["rng." + std::to_string(k)])) << "draw " << k;
+  }
+  pipelines::StableDiffusionPipeline pipe(load_model("sd15"));
+  pipelines::StableDiffusionParams p;
+  p.prompt = ref.meta["prompt"].get<std::string>();
+  p.negative_prompt = ref.meta["negative_prompt"].get<std::string>();
+  p.num_inference_steps = 8;
+  p.scheduler = "ddim";
+  p.eta = 1.0;
+  p.seed = 52;
+  p.latents = ref["input.latents"];
+  p.show_progress = false;
+  auto out = pipe.run(p);
+  DMX_EXPECT_CLOSE("sd15/txt2img_ddim_eta seeded image", out.images, ref["image"], 1e-3);
+}
+
+TEST(PipelineBatch, NumImagesMatchesSingleRuns) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("test", "txt2img_ddim");
+  pipelines::StableDiffusionPipeline pipe(load_model("test"));
+  pipelines::StableDiffusionParams p;
+  p.prompt = ref.meta["prompt"].get<std::string>();
+  p.negative_prompt = ref.meta["negative_prompt"].get<std::string>();
+  p.num_inference_steps = 4;
+  p.scheduler = "ddim";
+  p.show_progress = false;
+  at::Tensor noise = at::randn({2, 4, 32, 32}, at::make_generator<at::CPUGeneratorImpl>(7));
+  p.num_images_per_prompt = 2;
+  p.latents = noise;
+  auto both = pipe.run(p);
+  ASSERT_EQ(both.images.size(0), 2);
+  p.num_images_per_prompt = 1;
+  for (int i = 0; i < 2; ++i) {
+    p.latents = noise.narrow(0, i, 1);
+    auto one = pipe.run(p);
+    DMX_EXPECT_CLOSE("batch image " + std::to_string(i), both.latents.narrow(0, i, 1), one.latents, 1e-4);
+  }
+}
+
+TEST(PipelineSeed, SameSeedSameImageDifferentSeedDifferentImage) {
+  DMX_REQUIRE_FIXTURES();
+  pipelines::StableDiffusionPipeline pipe(load_model("test"));
+  pipelines::StableDiffusionParams p;
+  p.prompt = "a red apple";
+  p.num_inference_steps = 3;
+  p.scheduler = "euler_a";
+  p.width = 48;
+  p.height = 64;
+  p.show_progress = false;
+  p.seed = 2718281828ull;
+  auto a = pipe.run(p);
+  auto b = pipe.run(p);
+  EXPECT_TRUE(at::equal(a.latents, b.latents));
+  EXPECT_EQ(a.images.size(1), 64);
+  EXPECT_EQ(a.images.size(2), 48);
+  p.seed = 1;
+  auto c = pipe.run(p);
+  EXPECT_FALSE(at::allclose(a.latents, c.latents));
+}
+
+TEST(PipelineErrors, BadParamsNameTheRule) {
+  DMX_REQUIRE_FIXTURES();
+  pipelines::StableDiffusionPipeline pipe(load_model("test"));
+  pipelines::StableDiffusionParams p;
+  p.prompt = "x";
+  p.show_progress = false;
+  p.width = 100;
+  p.height = 64;
+  try {
+    pipe.run(p);
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("width must be a multiple of 8, got 100"), std::string::npos) << e.what();
+  }
+  p.width = 64;
+  p.num_inference_steps = 0;
+  EXPECT_THROW(pipe.run(p), InvalidArgument);
+  p.num_inference_steps = 2;
+  p.init_image = at::zeros({1, 3, 64, 64});
+  p.strength = 1.5;
+  EXPECT_THROW(pipe.run(p), InvalidArgument);
+  p.strength = 0.1;  // int(2 * 0.1) = 0 steps left
+  EXPECT_THROW(pipe.run(p), InvalidArgument);
+  p.init_image = at::Tensor();
+  p.scheduler = "nope";
+  EXPECT_THROW(pipe.run(p), InvalidArgument);
+}
+}  // namespace
+}  // namespace dmx::test

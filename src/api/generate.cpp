@@ -1,1 +1,141 @@
-// placeholder: implemented in its own change
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <random>
+#include <sstream>
+
+#include "core/fs.h"
+#include "core/image.h"
+#include "core/log.h"
+#include "core/runtime.h"
+#include "dmx/dmx.h"
+#include "io/safetensors.h"
+#include "pipelines/model_bundle.h"
+#include "pipelines/stable_diffusion.h"
+#include "schedulers/scheduler.h"
+
+namespace dmx {
+
+std::string version() { return "0.1.0"; }
+
+std::vector<std::string> scheduler_names() { return schedulers::scheduler_names(); }
+
+namespace {
+
+at::ScalarType parse_dtype(const std::string& s) {
+  if (s == "fp32" || s == "float32") return at::kFloat;
+  if (s == "bf16" || s == "bfloat16") return at::kBFloat16;
+  if (s == "fp16" || s == "float16") return at::kHalf;
+  throw InvalidArgument("--dtype must be one of fp32, bf16, fp16, got '" + s + "'");
+}
+
+std::vector<std::string> output_paths(const std::string& out, int n) {
+  if (n == 1) return {out};
+  const size_t dot = out.find_last_of('.');
+  std::vector<std::string> paths;
+  for (int i = 0; i < n; ++i) paths.push_back(out.substr(0, dot) + "-" + std::to_string(i) + out.substr(dot));
+  return paths;
+}
+
+void check_output_path(const std::string& path, const std::string& param, const std::string& ext) {
+  DMX_CHECK_ARG(!path.empty(), param, ": no output path given");
+  DMX_CHECK_ARG(path.size() > ext.size() && path.compare(path.size() - ext.size(), ext.size(), ext) == 0, param,
+                " must end in ", ext, ", got '", path, "'");
+  const size_t slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  DMX_CHECK_ARG(is_directory(dir), param, ": output directory does not exist: ", dir);
+  DMX_CHECK_ARG(!is_directory(path), param, ": is a directory: ", path);
+}
+
+}  // namespace
+
+GenerateResult generate(const GenerateOptions& o) {
+  const auto t0 = std::chrono::steady_clock::now();
+  // Check every cheap input before loading anything.
+  DMX_CHECK_ARG(!o.model.empty(), "--model is required");
+  DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
+  check_output_path(o.output, "--output", ".png");
+  if (!o.save_latents.empty()) check_output_path(o.save_latents, "--save-latents", ".safetensors");
+  DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
+                o.device, "'");
+  const at::ScalarType dtype = parse_dtype(o.dtype);
+  if (!o.scheduler.empty()) {
+    auto names = schedulers::scheduler_names();
+    if (std::find(names.begin(), names.end(), o.scheduler) == names.end()) {
+      std::string list;
+      for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
+      throw InvalidArgument("--scheduler must be one of " + list + ", got '" + o.scheduler + "'");
+    }
+  }
+  configure_threads(o.threads);
+
+  pipelines::StableDiffusionParams p;
+  p.prompt = o.prompt;
+  p.negative_prompt = o.negative_prompt;
+  p.width = o.width;
+  p.height = o.height;
+  p.num_inference_steps = o.steps;
+  p.guidance_scale = o.guidance_scale;
+  p.scheduler = o.scheduler;
+  p.eta = o.eta;
+  p.num_images_per_prompt = o.num_images;
+  p.clip_skip = o.clip_skip;
+  p.strength = o.strength;
+  p.show_progress = o.progress;
+  DMX_CHECK_ARG(o.width >= 0 && o.height >= 0, "--width/--height must be positive, got ", o.width, "x", o.height);
+  uint64_t seed = 0;
+  if (o.seed) {
+    seed = *o.seed;
+  } else {
+    std::random_device rd;
+    seed = (static_cast<uint64_t>(rd()) << 32 | rd()) & 0xFFFFFFFFull;  // A1111-style 32-bit seeds
+  }
+  p.seed = seed;
+  Image init_rgb;
+  if (!o.init_image.empty()) {
+    init_rgb = to_rgb(load_image(o.init_image, "--init-image"));
+    if (o.width || o.height) {
+      DMX_CHECK_ARG(o.width == init_rgb.width && o.height == init_rgb.height, "--width/--height (", o.width, "x",
+                    o.height, ") must match the --init-image size (", init_rgb.width, "x", init_rgb.height,
+                    ") or be left out");
+    }
+    p.init_image = image_to_tensor(init_rgb);
+  }
+  if (!o.init_latents.empty()) {
+    io::TensorMap lat;
+    try {
+      lat = io::load_safetensors(o.init_latents);
+    } catch (const IoError& e) {
+      throw InvalidArgument(std::string("--init-latents: ") + e.what());
+    }
+    DMX_CHECK_ARG(lat.count("latents") == 1, "--init-latents: ", o.init_latents, " has no tensor named 'latents'");
+    p.latents = lat["latents"].to(at::kFloat);
+  }
+
+  pipelines::LoadOptions lo;
+  lo.config_dir = o.config_dir;
+  lo.tokenizer_dir = o.tokenizer_dir;
+  lo.dtype = dtype;
+  lo.device = o.device;
+  auto t_load = std::chrono::steady_clock::now();
+  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  log_verbose(detail::concat("load: ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count(), " s"));
+  pipelines::StableDiffusionPipeline pipe(models);
+  pipelines::StableDiffusionOutput out = pipe.run(p);
+
+  GenerateResult r;
+  r.seed = seed;
+  const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
+  GenerateOptions meta = o;
+  if (meta.scheduler.empty()) meta.scheduler = models->scheduler_config.value("_class_name", std::string());
+  const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name)}};
+  if (!o.save_latents.empty()) io::save_safetensors(o.save_latents, {{"latents", out.latents.to(at::kFloat).contiguous()}});
+  const auto paths = output_paths(o.output, o.num_images);
+  for (size_t i = 0; i < paths.size(); ++i) {
+    save_png(paths[i], tensor_to_image(out.images[static_cast<int64_t>(i)]), text);
+    r.images.push_back(paths[i]);
+  }
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+}  // namespace dmx

@@ -1,1 +1,152 @@
-int main() { return 0; }
+// dmx command-line tool. Sees only the public API (include/dmx).
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "cli/args.h"
+#include "dmx/dmx.h"
+
+namespace {
+
+bool g_verbose = false;
+
+// OpenMP reads its environment when the runtime loads, before main: set the policy dmx chose
+// (passive waiting: spin-waiting between libtorch's and OpenBLAS's thread pools cost up to 50x on
+// small models) and re-execute once. A value the user set explicitly is kept.
+void ensure_openmp_policy(char** argv) {
+  if (std::getenv("DMX_OMP_CONFIGURED")) return;
+  setenv("DMX_OMP_CONFIGURED", "1", 1);
+  if (std::getenv("OMP_WAIT_POLICY")) return;
+  setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+  execv("/proc/self/exe", argv);
+  // If re-execution fails, carry on with the inherited policy.
+}
+
+const char* kUsage =
+    "usage: dmx <command> [options]\n\n"
+    "commands:\n"
+    "  generate   text-to-image and image-to-image with a Stable Diffusion model\n"
+    "  info       print the generation parameters stored in a PNG\n"
+    "  version    print the version\n\n"
+    "Run 'dmx <command> --help' for the options of a command.\n";
+
+int cmd_generate(int argc, char** argv) {
+  using dmx::cli::OptionSpec;
+  dmx::cli::Args a("generate", {
+      {"model", "PATH", "diffusers folder or single-file .safetensors checkpoint (required)"},
+      {"prompt", "TEXT", "what to draw (required)"},
+      {"output", "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)"},
+      {"negative-prompt", "TEXT", "what to steer away from (default: empty)"},
+      {"width", "W", "image width, a multiple of 8 (default: the model's size)"},
+      {"height", "H", "image height, a multiple of 8 (default: the model's size)"},
+      {"steps", "N", "denoising steps (default 50)"},
+      {"guidance-scale", "G", "classifier-free guidance scale; <= 1 disables guidance (default 7.5)"},
+      {"scheduler", "NAME", "ddim|ddpm|pndm|euler|euler_a|heun|lms|dpmpp_2m|dpmpp_2m_karras (default: the model's)"},
+      {"eta", "E", "DDIM eta in [0, 1] (default 0)"},
+      {"seed", "N", "random seed, any 64-bit value; same seed = same image as diffusers (default: random)"},
+      {"num-images", "N", "images per prompt (default 1)"},
+      {"init-image", "IMG", "start from this image (img2img)"},
+      {"strength", "S", "img2img: how much to change the image, in [0, 1] (default 0.8)"},
+      {"init-latents", "F.safetensors", "initial noise (tensor 'latents', before init_noise_sigma)"},
+      {"save-latents", "F.safetensors", "write the final latents (tensor 'latents')"},
+      {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
+      {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
+      {"clip-skip", "N", "skip the last N text-encoder layers (default 0)"},
+      {"threads", "N", "CPU threads (default: all cores)"},
+      {"dtype", "T", "fp32|bf16|fp16 (default fp32)"},
+      {"device", "D", "cpu|cuda (default cpu)"},
+      {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
+      {"quiet", "", "no progress output"},
+      {"verbose", "", "timings and stack traces"},
+      {"help", "", "show this help"},
+  });
+  a.parse(argc, argv, 2);
+  if (a.has("help")) {
+    std::printf("%s", a.help().c_str());
+    return 0;
+  }
+  g_verbose = a.has("verbose");
+  dmx::GenerateOptions o;
+  if (a.has("from")) o = dmx::parse_parameters(dmx::read_image_parameters(a.str("from")));
+  DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a .safetensors file)");
+  DMX_CHECK_ARG(a.has("prompt") || a.has("from"), "--prompt is required");
+  DMX_CHECK_ARG(a.has("output"), "--output is required (a .png path)");
+  o.model = a.str("model");
+  o.prompt = a.str("prompt", o.prompt);
+  o.output = a.str("output");
+  o.negative_prompt = a.str("negative-prompt", o.negative_prompt);
+  o.width = static_cast<int>(a.integer("width", o.width, 8, 1 << 20));
+  o.height = static_cast<int>(a.integer("height", o.height, 8, 1 << 20));
+  o.steps = static_cast<int>(a.integer("steps", o.steps, 1, 1000));
+  o.guidance_scale = a.real("guidance-scale", o.guidance_scale, 0, 100);
+  o.scheduler = a.str("scheduler", o.scheduler);
+  o.eta = a.real("eta", o.eta, 0.0, 1.0);
+  if (a.has("seed")) o.seed = a.u64("seed");
+  o.num_images = static_cast<int>(a.integer("num-images", o.num_images, 1, 64));
+  o.init_image = a.str("init-image", o.init_image);
+  o.strength = a.real("strength", o.strength, 0.0, 1.0);
+  DMX_CHECK_ARG(!a.has("strength") || a.has("init-image"), "--strength needs --init-image");
+  o.init_latents = a.str("init-latents");
+  o.save_latents = a.str("save-latents");
+  o.config_dir = a.str("config");
+  o.tokenizer_dir = a.str("tokenizer");
+  o.clip_skip = static_cast<int>(a.integer("clip-skip", o.clip_skip, 0, 64));
+  o.threads = static_cast<int>(a.integer("threads", 0, 1, 1024));
+  o.dtype = a.str("dtype", "fp32");
+  o.device = a.str("device", "cpu");
+  o.progress = !a.has("quiet");
+  dmx::GenerateResult r = dmx::generate(o);
+  if (!a.has("quiet")) {
+    for (const auto& p : r.images) std::fprintf(stderr, "wrote %s\n", p.c_str());
+    std::fprintf(stderr, "seed %llu, %.2f s\n", static_cast<unsigned long long>(r.seed), r.seconds);
+  }
+  return 0;
+}
+
+int cmd_info(int argc, char** argv) {
+  DMX_CHECK_ARG(argc == 3, "usage: dmx info IMAGE.png");
+  std::printf("%s\n", dmx::read_image_parameters(argv[2]).c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ensure_openmp_policy(argv);
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+    std::printf("%s", kUsage);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  for (int i = 2; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--verbose")) g_verbose = true;
+  try {
+    if (cmd == "generate") return cmd_generate(argc, argv);
+    if (cmd == "info") return cmd_info(argc, argv);
+    if (cmd == "version" || cmd == "--version") {
+      std::printf("dmx %s\n", dmx::version().c_str());
+      return 0;
+    }
+    std::fprintf(stderr, "error: unknown command '%s'\n%s", cmd.c_str(), kUsage);
+    return 2;
+  } catch (const dmx::InvalidArgument& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const dmx::FormatError& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const dmx::IoError& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const dmx::Unsupported& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", g_verbose ? e.what() : std::string(e.what()).substr(0, std::string(e.what()).find('\n')).c_str());
+    return 1;
+  }
+}

@@ -1,1 +1,290 @@
-// placeholder: implemented in its own change
+#include "core/image.h"
+
+#include <ATen/ATen.h>
+#include <jpeglib.h>
+#include <png.h>
+
+#include <csetjmp>
+#include <cstdio>
+#include <cstring>
+
+#include "core/fs.h"
+#include "dmx/error.h"
+
+namespace dmx {
+namespace {
+
+void check_dims(int w, int h, const std::string& param) {
+  DMX_CHECK_ARG(w > 0 && h > 0, param, ": image has an empty size ", w, "x", h);
+  DMX_CHECK_ARG(w <= kMaxImageSide && h <= kMaxImageSide, param, ": image is ", w, "x", h,
+                ", larger than the ", kMaxImageSide, "x", kMaxImageSide, " maximum");
+}
+
+Image decode_png(const uint8_t* bytes, size_t size, const std::string& param) {
+  png_image img;
+  std::memset(&img, 0, sizeof(img));
+  img.version = PNG_IMAGE_VERSION;
+  if (!png_image_begin_read_from_memory(&img, bytes, size))
+    throw InvalidArgument(detail::concat(param, ": cannot decode PNG: ", img.message));
+  const int w = static_cast<int>(img.width), h = static_cast<int>(img.height);
+  try {
+    check_dims(w, h, param);
+  } catch (...) {
+    png_image_free(&img);
+    throw;
+  }
+  const bool has_alpha = img.format & PNG_FORMAT_FLAG_ALPHA;
+  const bool color = img.format & PNG_FORMAT_FLAG_COLOR;
+  Image out;
+  out.width = w;
+  out.height = h;
+  if (color) {
+    img.format = has_alpha ? PNG_FORMAT_RGBA : PNG_FORMAT_RGB;
+    out.channels = has_alpha ? 4 : 3;
+  } else {
+    img.format = has_alpha ? PNG_FORMAT_GA : PNG_FORMAT_GRAY;
+    out.channels = has_alpha ? 2 : 1;
+  }
+  out.data.resize(static_cast<size_t>(w) * h * out.channels);
+  if (!png_image_finish_read(&img, nullptr, out.data.data(), 0, nullptr)) {
+    std::string msg = img.message;
+    png_image_free(&img);
+    throw InvalidArgument(detail::concat(param, ": corrupt PNG: ", msg));
+  }
+  if (out.channels == 2) {  // gray + alpha: keep gray
+    Image g;
+    g.width = w;
+    g.height = h;
+    g.channels = 1;
+    g.data.resize(static_cast<size_t>(w) * h);
+    for (size_t i = 0; i < g.data.size(); ++i) g.data[i] = out.data[2 * i];
+    return g;
+  }
+  return out;
+}
+
+struct JpegError {
+  jpeg_error_mgr mgr;
+  std::jmp_buf jump;
+  char message[JMSG_LENGTH_MAX];
+};
+
+void jpeg_error_exit(j_common_ptr cinfo) {
+  auto* err = reinterpret_cast<JpegError*>(cinfo->err);
+  (*cinfo->err->format_message)(cinfo, err->message);
+  std::longjmp(err->jump, 1);
+}
+void jpeg_silent(j_common_ptr, int) {}
+
+Image decode_jpeg(const uint8_t* bytes, size_t size, const std::string& param) {
+  jpeg_decompress_struct cinfo;
+  JpegError err;
+  cinfo.err = jpeg_std_error(&err.mgr);
+  err.mgr.error_exit = jpeg_error_exit;
+  err.mgr.emit_message = jpeg_silent;
+  err.message[0] = 0;
+  Image out;
+  std::string failure;
+  if (setjmp(err.jump)) {
+    failure = err.message;
+    jpeg_destroy_decompress(&cinfo);
+    throw InvalidArgument(detail::concat(param, ": corrupt JPEG: ", failure));
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, bytes, static_cast<unsigned long>(size));
+  jpeg_read_header(&cinfo, TRUE);
+  const int w = static_cast<int>(cinfo.image_width), h = static_cast<int>(cinfo.image_height);
+  if (w <= 0 || h <= 0 || w > kMaxImageSide || h > kMaxImageSide) {
+    jpeg_destroy_decompress(&cinfo);
+    check_dims(w, h, param);
+  }
+  cinfo.out_color_space = cinfo.num_components == 1 ? JCS_GRAYSCALE : JCS_RGB;
+  jpeg_start_decompress(&cinfo);
+  out.width = static_cast<int>(cinfo.output_width);
+  out.height = static_cast<int>(cinfo.output_height);
+  out.channels = cinfo.output_components;
+  out.data.resize(static_cast<size_t>(out.width) * out.height * out.channels);
+  while (cinfo.output_scanline < cinfo.output_height) {
+    JSAMPROW row = out.data.data() + static_cast<size_t>(cinfo.output_scanline) * out.width * out.channels;
+    jpeg_read_scanlines(&cinfo, &row, 1);
+  }
+  jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  return out;
+}
+
+}  // namespace
+
+Image decode_image(const uint8_t* bytes, size_t size, const std::string& param) {
+  static const uint8_t kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  if (size >= 8 && std::memcmp(bytes, kPng, 8) == 0) return decode_png(bytes, size, param);
+  if (size >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF) return decode_jpeg(bytes, size, param);
+  throw InvalidArgument(detail::concat(param, ": unsupported or unreadable image format (expected PNG or JPEG)"));
+}
+
+Image load_image(const std::string& path, const std::string& param) {
+  DMX_CHECK_ARG(path_exists(path), param, ": file not found: ", path);
+  DMX_CHECK_ARG(!is_directory(path), param, ": expected an image file, got a directory: ", path);
+  std::string bytes;
+  try {
+    bytes = read_text_file(path, param);
+  } catch (const IoError& e) {
+    throw InvalidArgument(e.what());
+  }
+  DMX_CHECK_ARG(!bytes.empty(), param, ": image file is empty: ", path);
+  try {
+    return decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), param);
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(detail::concat(e.what(), " (", path, ")"));
+  }
+}
+
+Image to_rgb(const Image& img) {
+  if (img.channels == 3) return img;
+  Image out;
+  out.width = img.width;
+  out.height = img.height;
+  out.channels = 3;
+  const size_t n = static_cast<size_t>(img.width) * img.height;
+  out.data.resize(n * 3);
+  for (size_t i = 0; i < n; ++i)
+    for (int c = 0; c < 3; ++c)
+      out.data[3 * i + c] = img.channels == 1 ? img.data[i] : img.data[img.channels * i + c];
+  return out;
+}
+
+Image to_gray(const Image& img) {
+  if (img.channels == 1) return img;
+  Image out;
+  out.width = img.width;
+  out.height = img.height;
+  out.channels = 1;
+  const size_t n = static_cast<size_t>(img.width) * img.height;
+  out.data.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t* p = &img.data[img.channels * i];
+    // PIL's convert("L"): L = R * 299/1000 + G * 587/1000 + B * 114/1000 (rounded).
+    out.data[i] = static_cast<uint8_t>((p[0] * 19595 + p[1] * 38470 + p[2] * 7471 + 0x8000) >> 16);
+  }
+  return out;
+}
+
+namespace {
+void png_write_to_vector(png_structp png, png_bytep data, png_size_t len) {
+  auto* v = static_cast<std::vector<uint8_t>*>(png_get_io_ptr(png));
+  v->insert(v->end(), data, data + len);
+}
+void png_flush_noop(png_structp) {}
+void png_error_throw(png_structp, png_const_charp msg) { throw IoError(detail::concat("PNG encoder: ", msg)); }
+void png_warning_silent(png_structp, png_const_charp) {}
+}  // namespace
+
+std::vector<uint8_t> encode_png(const Image& img, const TextChunks& text) {
+  DMX_CHECK_ARG(img.width > 0 && img.height > 0 && (img.channels == 1 || img.channels == 3 || img.channels == 4),
+                "encode_png: bad image ", img.width, "x", img.height, "x", img.channels);
+  std::vector<uint8_t> out;
+  png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, png_error_throw, png_warning_silent);
+  DMX_CHECK_IO(png != nullptr, "PNG encoder: out of memory");
+  png_infop info = png_create_info_struct(png);
+  try {
+    png_set_write_fn(png, &out, png_write_to_vector, png_flush_noop);
+    const int type = img.channels == 1 ? PNG_COLOR_TYPE_GRAY
+                     : img.channels == 3 ? PNG_COLOR_TYPE_RGB
+                                         : PNG_COLOR_TYPE_RGBA;
+    png_set_IHDR(png, info, img.width, img.height, 8, type, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
+                 PNG_FILTER_TYPE_DEFAULT);
+    std::vector<png_text> chunks(text.size());
+    for (size_t i = 0; i < text.size(); ++i) {
+      bool ascii = true;
+      for (unsigned char c : text[i].second) ascii = ascii && c < 0x80;
+      std::memset(&chunks[i], 0, sizeof(png_text));
+      chunks[i].compression = ascii ? PNG_TEXT_COMPRESSION_NONE : PNG_ITXT_COMPRESSION_NONE;
+      chunks[i].key = const_cast<char*>(text[i].first.c_str());
+      chunks[i].text = const_cast<char*>(text[i].second.c_str());
+      if (ascii)
+        chunks[i].text_length = text[i].second.size();
+      else
+        chunks[i].itxt_length = text[i].second.size();
+    }
+    if (!chunks.empty()) png_set_text(png, info, chunks.data(), static_cast<int>(chunks.size()));
+    png_write_info(png, info);
+    for (int y = 0; y < img.height; ++y)
+      png_write_row(png, const_cast<png_bytep>(img.data.data() + static_cast<size_t>(y) * img.width * img.channels));
+    png_write_end(png, nullptr);
+  } catch (...) {
+    png_destroy_write_struct(&png, &info);
+    throw;
+  }
+  png_destroy_write_struct(&png, &info);
+  return out;
+}
+
+void save_png(const std::string& path, const Image& img, const TextChunks& text) {
+  std::vector<uint8_t> bytes = encode_png(img, text);
+  write_bytes_atomic(path, bytes.data(), bytes.size());
+}
+
+namespace {
+struct PngReader {
+  const uint8_t* data;
+  size_t size;
+  size_t pos;
+};
+void png_read_from_memory(png_structp png, png_bytep out, png_size_t len) {
+  auto* r = static_cast<PngReader*>(png_get_io_ptr(png));
+  if (r->pos + len > r->size) png_error(png, "unexpected end of PNG data");
+  std::memcpy(out, r->data + r->pos, len);
+  r->pos += len;
+}
+}  // namespace
+
+TextChunks read_png_text(const std::string& path) {
+  std::string bytes = read_text_file(path, "PNG");
+  static const uint8_t kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  DMX_CHECK_ARG(bytes.size() >= 8 && std::memcmp(bytes.data(), kPng, 8) == 0, "not a PNG file: ", path);
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, png_error_throw, png_warning_silent);
+  png_infop info = png_create_info_struct(png);
+  png_infop end_info = png_create_info_struct(png);
+  PngReader reader{reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), 0};
+  TextChunks out;
+  try {
+    png_set_read_fn(png, &reader, png_read_from_memory);
+    png_read_info(png, info);
+    auto collect = [&](png_infop inf) {
+      png_textp text = nullptr;
+      int n = png_get_text(png, inf, &text, nullptr);
+      for (int i = 0; i < n; ++i)
+        out.emplace_back(text[i].key, std::string(text[i].text, text[i].compression > 0 ? text[i].itxt_length
+                                                                                      : text[i].text_length));
+    };
+    collect(info);
+  } catch (const IoError& e) {
+    png_destroy_read_struct(&png, &info, &end_info);
+    throw InvalidArgument(detail::concat("corrupt PNG ", path, ": ", e.what()));
+  }
+  png_destroy_read_struct(&png, &info, &end_info);
+  return out;
+}
+
+at::Tensor image_to_tensor(const Image& rgb) {
+  DMX_CHECK_ARG(rgb.channels == 3, "image_to_tensor: expected an RGB image, got ", rgb.channels, " channels");
+  at::Tensor t = at::from_blob(const_cast<uint8_t*>(rgb.data.data()), {rgb.height, rgb.width, 3}, at::kByte)
+                     .to(at::kFloat);
+  // diffusers: numpy uint8 / 255.0 (float32), then 2x - 1.
+  t = t / 255.0f;
+  t = t * 2.0f - 1.0f;
+  return t.permute({2, 0, 1}).unsqueeze(0).contiguous();
+}
+
+Image tensor_to_image(const at::Tensor& hwc01) {
+  DMX_CHECK_ARG(hwc01.dim() == 3 && hwc01.size(2) == 3, "tensor_to_image: expected [H, W, 3], got ",
+                hwc01.sizes());
+  at::Tensor u8 = at::round(hwc01.to(at::kFloat).contiguous() * 255.0f).clamp(0, 255).to(at::kByte).contiguous();
+  Image img;
+  img.height = static_cast<int>(hwc01.size(0));
+  img.width = static_cast<int>(hwc01.size(1));
+  img.channels = 3;
+  img.data.assign(u8.data_ptr<uint8_t>(), u8.data_ptr<uint8_t>() + u8.numel());
+  return img;
+}
+}  // namespace dmx

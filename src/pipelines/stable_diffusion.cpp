@@ -1,1 +1,178 @@
-// placeholder: implemented in its own change
+#include "pipelines/stable_diffusion.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+
+#include "core/progress.h"
+#include "dmx/error.h"
+#include "schedulers/scheduler.h"
+
+namespace dmx::pipelines {
+
+namespace {
+constexpr int kMaxSide = 4096;
+}
+
+StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models)
+    : m_(std::move(models)) {
+  DMX_CHECK_ARG(m_ != nullptr, "StableDiffusionPipeline: models must not be null");
+}
+
+void StableDiffusionPipeline::check_params(const StableDiffusionParams& p) const {
+  const int f = m_->vae_scale_factor();
+  if (!p.init_image.defined()) {
+    DMX_CHECK_ARG(p.width >= 0 && p.height >= 0, "width and height must be positive, got ", p.width, "x", p.height);
+    DMX_CHECK_ARG(p.width % f == 0, "width must be a multiple of ", f, ", got ", p.width);
+    DMX_CHECK_ARG(p.height % f == 0, "height must be a multiple of ", f, ", got ", p.height);
+    DMX_CHECK_ARG(p.width <= kMaxSide && p.height <= kMaxSide, "width and height must be at most ", kMaxSide,
+                  ", got ", p.width, "x", p.height);
+  }
+  DMX_CHECK_ARG(p.num_inference_steps >= 1 && p.num_inference_steps <= 1000,
+                "steps must be in [1, 1000], got ", p.num_inference_steps);
+  DMX_CHECK_ARG(std::isfinite(p.guidance_scale) && p.guidance_scale >= 0 && p.guidance_scale <= 100,
+                "guidance_scale must be in [0, 100], got ", p.guidance_scale);
+  DMX_CHECK_ARG(std::isfinite(p.eta) && p.eta >= 0 && p.eta <= 1, "eta must be in [0, 1], got ", p.eta);
+  DMX_CHECK_ARG(p.num_images_per_prompt >= 1 && p.num_images_per_prompt <= 64,
+                "num_images must be in [1, 64], got ", p.num_images_per_prompt);
+  DMX_CHECK_ARG(p.clip_skip >= 0 && p.clip_skip < m_->text_encoder->config().num_hidden_layers,
+                "clip_skip must be in [0, ", m_->text_encoder->config().num_hidden_layers - 1, "], got ", p.clip_skip);
+  if (p.init_image.defined()) {
+    DMX_CHECK_ARG(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1,
+                  "strength must be in [0, 1], got ", p.strength);
+    DMX_CHECK_ARG(p.init_image.dim() == 4 && p.init_image.size(0) == 1 && p.init_image.size(1) == 3,
+                  "init_image must be [1, 3, H, W], got ", p.init_image.sizes());
+    DMX_CHECK_ARG(p.init_image.size(2) % f == 0 && p.init_image.size(3) % f == 0, "init image size must be a multiple of ",
+                  f, ", got ", p.init_image.size(3), "x", p.init_image.size(2));
+  }
+}
+
+at::Tensor StableDiffusionPipeline::encode_prompt(const std::string& prompt, int clip_skip) {
+  const int max_len = m_->tokenizer->model_max_length();
+  std::vector<int64_t> ids = m_->tokenizer->encode_padded(prompt, max_len);
+  at::Tensor input = at::tensor(ids, at::kLong).unsqueeze(0).to(m_->device);
+  at::NoGradGuard no_grad;
+  return m_->text_encoder->encode(input, clip_skip);
+}
+
+at::Tensor StableDiffusionPipeline::decode_latents(const at::Tensor& latents, bool show_progress) {
+  at::NoGradGuard no_grad;
+  const double sf = m_->vae->config().scaling_factor;
+  std::vector<at::Tensor> out;
+  ProgressBar bar("decode", show_progress && latents.size(0) > 1 ? static_cast<int>(latents.size(0)) : 0);
+  // Decoded one image at a time: the VAE decoder dominates peak memory at large sizes.
+  for (int64_t i = 0; i < latents.size(0); ++i) {
+    at::Tensor z = (latents.narrow(0, i, 1) / sf).to(m_->device, m_->dtype);
+    at::Tensor x = m_->vae->decode(z).to(at::kFloat);
+    out.push_back((x / 2 + 0.5).clamp(0, 1).permute({0, 2, 3, 1}).to(at::kCPU));
+    bar.tick();
+  }
+  bar.finish();
+  return at::cat(out, 0).contiguous();
+}
+
+StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& p_in) {
+  at::NoGradGuard no_grad;
+  StableDiffusionParams p = p_in;
+  const bool img2img = p.init_image.defined();
+  const int f = m_->vae_scale_factor();
+  if (!img2img) {
+    if (p.width == 0) p.width = m_->default_sample_size();
+    if (p.height == 0) p.height = m_->default_sample_size();
+  }
+  // 1. Check inputs.
+  check_params(p);
+  const int n = p.num_images_per_prompt;
+  const bool cfg = p.guidance_scale > 1.0;
+  std::optional<at::Generator> gen;
+  if (p.seed) gen = at::make_generator<at::CPUGeneratorImpl>(*p.seed);
+  auto randn = [&](at::IntArrayRef shape) {
+    return gen ? at::randn(shape, *gen, at::TensorOptions().dtype(at::kFloat))
+               : at::randn(shape, at::TensorOptions().dtype(at::kFloat));
+  };
+
+  // 2. Encode the prompt (and the negative prompt for guidance); uncond first, as diffusers.
+  at::Tensor cond = encode_prompt(p.prompt, p.clip_skip);
+  at::Tensor embeds = cond.repeat({n, 1, 1});
+  if (cfg) {
+    at::Tensor uncond = encode_prompt(p.negative_prompt, p.clip_skip).repeat({n, 1, 1});
+    embeds = at::cat({uncond, embeds}, 0);
+  }
+
+  // 3. Timesteps.
+  const std::string sched_name =
+      p.scheduler.empty() ? m_->scheduler_config.value("_class_name", std::string("PNDMScheduler")) : p.scheduler;
+  auto sched = schedulers::create_scheduler(sched_name, m_->scheduler_config);
+  sched->set_timesteps(p.num_inference_steps);
+  int start = 0;
+  if (img2img) {
+    const int init_timestep = std::min(static_cast<int>(p.num_inference_steps * p.strength), p.num_inference_steps);
+    const int t_start = std::max(p.num_inference_steps - init_timestep, 0);
+    start = t_start * sched->order();
+    DMX_CHECK_ARG(start < static_cast<int>(sched->timesteps().size()), "strength ", p.strength, " with ",
+                  p.num_inference_steps, " steps leaves no denoising step; raise strength or steps");
+  }
+  const std::vector<double>& ts = sched->timesteps();
+
+  // 4. Latents.
+  at::Tensor latents;
+  if (!img2img) {
+    const int64_t h = p.height / f, w = p.width / f;
+    const int64_t c = m_->unet->config().in_channels;
+    if (p.latents.defined()) {
+      DMX_CHECK_ARG(p.latents.dim() == 4 && p.latents.size(0) == n && p.latents.size(1) == c &&
+                        p.latents.size(2) == h && p.latents.size(3) == w,
+                    "init latents must have shape [", n, ", ", c, ", ", h, ", ", w, "], got ", p.latents.sizes());
+      latents = p.latents.to(at::kFloat);
+    } else {
+      latents = randn({n, c, h, w});
+    }
+    latents = latents * sched->init_noise_sigma();
+  } else {
+    at::Tensor image = p.init_image.to(m_->device, m_->dtype);
+    auto dist = m_->vae->encode(image);
+    // The posterior sample draws first, then the noise: the reference's order.
+    at::Tensor eps = p.posterior_noise.defined() ? p.posterior_noise.to(at::kFloat) : randn(dist.mean.sizes());
+    at::Tensor init = (dist.mean.to(at::kFloat) + dist.std.to(at::kFloat) * eps) * m_->vae->config().scaling_factor;
+    init = init.repeat({n, 1, 1, 1});
+    at::Tensor noise = p.latents.defined() ? p.latents.to(at::kFloat) : randn(init.sizes());
+    DMX_CHECK_ARG(noise.sizes().equals(init.sizes()), "init latents must have shape ", init.sizes(), ", got ",
+                  noise.sizes());
+    latents = sched->add_noise(init, noise, start);
+  }
+
+  // 5. Denoising loop.
+  schedulers::StepArgs args;
+  args.eta = p.eta;
+  args.generator = gen ? &*gen : nullptr;
+  const int total = static_cast<int>(ts.size()) - start;
+  ProgressBar bar("steps", p.show_progress ? total : 0);
+  for (int i = start; i < static_cast<int>(ts.size()); ++i) {
+    const double t = ts[i];
+    at::Tensor model_in = cfg ? at::cat({latents, latents}, 0) : latents;
+    model_in = sched->scale_model_input(model_in, i);
+    models::UNetInputs in;
+    in.sample = model_in.to(m_->device, m_->dtype);
+    in.timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kFloat)).to(m_->device);
+    in.encoder_hidden_states = embeds.to(m_->dtype);
+    at::Tensor noise_pred = m_->unet->forward(in).to(at::kFloat).to(at::kCPU);
+    if (cfg) {
+      auto chunks = noise_pred.chunk(2, 0);
+      noise_pred = chunks[0] + p.guidance_scale * (chunks[1] - chunks[0]);
+    }
+    const size_t k = static_cast<size_t>(i - start);
+    args.variance_noise = k < p.step_noises.size() ? p.step_noises[k] : at::Tensor();
+    latents = sched->step(noise_pred, i, latents, args).prev_sample;
+    if (p.on_step_end) p.on_step_end(i - start, t, latents);
+    bar.tick();
+  }
+  bar.finish();
+
+  // 6. Decode.
+  StableDiffusionOutput out;
+  out.latents = latents.contiguous();
+  out.timesteps.assign(ts.begin() + start, ts.end());
+  out.images = decode_latents(latents, p.show_progress);
+  return out;
+}
+}  // namespace dmx::pipelines

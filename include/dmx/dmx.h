@@ -1,0 +1,60 @@
+// dmx public C++ API. Torch-free: include this, link dmx, and generate.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dmx/error.h"
+
+namespace dmx {
+
+std::string version();
+
+struct GenerateOptions {
+  std::string model;          // diffusers folder or single-file .safetensors
+  std::string config_dir;     // diffusers folder with component configs (+ tokenizer) for a single file
+  std::string tokenizer_dir;  // folder with vocab.json + merges.txt
+  std::string prompt;
+  std::string negative_prompt;
+  int width = 0;   // 0 = the model's default size
+  int height = 0;
+  int steps = 50;
+  double guidance_scale = 7.5;
+  std::string scheduler;  // "" = the model's own (scheduler/scheduler_config.json)
+  double eta = 0.0;
+  std::optional<uint64_t> seed;  // none = a random seed, reported in the result
+  int num_images = 1;
+  int clip_skip = 0;
+  std::string init_image;  // img2img when set
+  double strength = 0.8;
+  std::string init_latents;  // safetensors with one tensor "latents" (initial noise)
+  std::string save_latents;  // write the final latents here
+  std::string output;        // PNG path; with num_images > 1: <stem>-<i>.png
+  int threads = 0;           // 0 = all cores
+  std::string dtype = "fp32";
+  std::string device = "cpu";
+  bool progress = true;
+};
+
+struct GenerateResult {
+  std::vector<std::string> images;  // written files
+  uint64_t seed = 0;
+  double seconds = 0.0;
+};
+
+// Validates everything first, then loads, generates and writes atomically.
+GenerateResult generate(const GenerateOptions& opts);
+
+// Generation metadata in the A1111 "parameters" layout:
+//   <prompt>\nNegative prompt: <neg>\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, ...
+std::string format_parameters(const GenerateOptions& opts, uint64_t seed, int width, int height,
+                              const std::string& model_name, const std::string& model_hash = "");
+// Parses that text; fields it does not know are ignored. Throws InvalidArgument on unparsable text.
+GenerateOptions parse_parameters(const std::string& text, const GenerateOptions& base = {});
+// The "parameters" text chunk of a PNG (InvalidArgument if the file has none).
+std::string read_image_parameters(const std::string& png_path);
+
+// Names accepted by GenerateOptions::scheduler.
+std::vector<std::string> scheduler_names();
+}  // namespace dmx

@@ -1,0 +1,151 @@
+// A1111-compatible generation metadata ("parameters" PNG text chunk), so other tools read dmx's
+// images and dmx re-runs theirs.
+#include <cstdlib>
+#include <map>
+#include <sstream>
+
+#include "core/image.h"
+#include "dmx/dmx.h"
+
+namespace dmx {
+namespace {
+
+const std::map<std::string, std::string>& sampler_labels() {
+  static const std::map<std::string, std::string> labels = {
+      {"ddim", "DDIM"},       {"ddpm", "DDPM"}, {"pndm", "PLMS"}, {"euler", "Euler"},
+      {"euler_a", "Euler a"}, {"heun", "Heun"}, {"lms", "LMS"},   {"dpmpp_2m", "DPM++ 2M"},
+      {"dpmpp_2m_karras", "DPM++ 2M Karras"}};
+  return labels;
+}
+
+std::string fmt_number(double v) {
+  std::ostringstream os;
+  os.precision(10);
+  os << v;
+  return os.str();
+}
+
+// "Steps: 20, Sampler: Euler a, Size: 512x512, Lora hashes: \"a: 1, b: 2\"" -> pairs (values may be quoted).
+std::map<std::string, std::string> split_fields(const std::string& line) {
+  std::map<std::string, std::string> out;
+  size_t i = 0;
+  while (i < line.size()) {
+    while (i < line.size() && (line[i] == ' ' || line[i] == ',')) ++i;
+    const size_t colon = line.find(':', i);
+    if (colon == std::string::npos) break;
+    std::string key = line.substr(i, colon - i);
+    i = colon + 1;
+    while (i < line.size() && line[i] == ' ') ++i;
+    std::string value;
+    if (i < line.size() && line[i] == '"') {
+      ++i;
+      while (i < line.size() && line[i] != '"') {
+        if (line[i] == '\\' && i + 1 < line.size()) ++i;
+        value += line[i++];
+      }
+      ++i;
+    } else {
+      const size_t comma = line.find(", ", i);
+      value = line.substr(i, comma == std::string::npos ? std::string::npos : comma - i);
+      i = comma == std::string::npos ? line.size() : comma;
+    }
+    out[key] = value;
+  }
+  return out;
+}
+
+double to_double(const std::string& key, const std::string& v) {
+  char* end = nullptr;
+  const double d = std::strtod(v.c_str(), &end);
+  DMX_CHECK_ARG(!v.empty() && end && *end == '\0', "parameters: field '", key, "' must be a number, got '", v, "'");
+  return d;
+}
+
+}  // namespace
+
+std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width, int height,
+                              const std::string& model_name, const std::string& model_hash) {
+  std::ostringstream os;
+  os << o.prompt << "\n";
+  if (!o.negative_prompt.empty()) os << "Negative prompt: " << o.negative_prompt << "\n";
+  std::string sampler = o.scheduler;
+  auto it = sampler_labels().find(o.scheduler);
+  if (it != sampler_labels().end()) sampler = it->second;
+  os << "Steps: " << o.steps;
+  if (!sampler.empty()) os << ", Sampler: " << sampler;
+  os << ", CFG scale: " << fmt_number(o.guidance_scale) << ", Seed: " << seed << ", Size: " << width << "x" << height;
+  if (!model_hash.empty()) os << ", Model hash: " << model_hash;
+  if (!model_name.empty()) os << ", Model: " << model_name;
+  if (!o.init_image.empty()) os << ", Denoising strength: " << fmt_number(o.strength);
+  if (o.eta != 0) os << ", Eta: " << fmt_number(o.eta);
+  if (o.clip_skip) os << ", Clip skip: " << o.clip_skip + 1;
+  if (o.num_images > 1) os << ", Batch size: " << o.num_images;
+  os << ", Version: dmx " << version();
+  return os.str();
+}
+
+GenerateOptions parse_parameters(const std::string& text, const GenerateOptions& base) {
+  GenerateOptions o = base;
+  std::vector<std::string> lines;
+  std::istringstream is(text);
+  for (std::string l; std::getline(is, l);) lines.push_back(l);
+  DMX_CHECK_ARG(!lines.empty(), "parameters: empty text");
+  // The last line holds "Key: value" fields; everything before it is prompt / negative prompt.
+  std::string fields_line = lines.back();
+  DMX_CHECK_ARG(lines.size() >= 2 && fields_line.find("Steps: ") != std::string::npos,
+                "parameters: no 'Steps: ...' line found (not A1111-style metadata)");
+  lines.pop_back();
+  std::string prompt, negative;
+  bool in_negative = false;
+  int prompt_lines = 0;
+  for (const auto& l : lines) {
+    if (!in_negative && l.rfind("Negative prompt: ", 0) == 0) {
+      in_negative = true;
+      negative = l.substr(17);
+    } else if (in_negative) {
+      negative += "\n" + l;
+    } else {
+      prompt += (prompt_lines++ ? "\n" : "") + l;
+    }
+  }
+  o.prompt = prompt;
+  o.negative_prompt = negative;
+  const auto f = split_fields(fields_line);
+  auto get = [&](const std::string& k) -> const std::string* {
+    auto it = f.find(k);
+    return it == f.end() ? nullptr : &it->second;
+  };
+  if (auto v = get("Steps")) o.steps = static_cast<int>(to_double("Steps", *v));
+  if (auto v = get("CFG scale")) o.guidance_scale = to_double("CFG scale", *v);
+  if (auto v = get("Seed")) {
+    char* end = nullptr;
+    const unsigned long long s = std::strtoull(v->c_str(), &end, 10);
+    DMX_CHECK_ARG(!v->empty() && *end == '\0' && (*v)[0] != '-', "parameters: Seed must be a non-negative integer, got '", *v, "'");
+    o.seed = s;
+  }
+  if (auto v = get("Size")) {
+    const size_t x = v->find('x');
+    DMX_CHECK_ARG(x != std::string::npos, "parameters: Size must be WxH, got '", *v, "'");
+    o.width = static_cast<int>(to_double("Size", v->substr(0, x)));
+    o.height = static_cast<int>(to_double("Size", v->substr(x + 1)));
+  }
+  if (auto v = get("Sampler")) {
+    std::string name;
+    for (const auto& kv : sampler_labels())
+      if (kv.second == *v || kv.first == *v) name = kv.first;
+    DMX_CHECK_ARG(!name.empty(), "parameters: Sampler '", *v, "' is not one dmx implements");
+    o.scheduler = name;
+  }
+  if (auto v = get("Denoising strength")) o.strength = to_double("Denoising strength", *v);
+  if (auto v = get("Eta")) o.eta = to_double("Eta", *v);
+  if (auto v = get("Clip skip")) o.clip_skip = static_cast<int>(to_double("Clip skip", *v)) - 1;
+  if (auto v = get("Batch size")) o.num_images = static_cast<int>(to_double("Batch size", *v));
+  return o;
+}
+
+std::string read_image_parameters(const std::string& png_path) {
+  for (const auto& kv : read_png_text(png_path))
+    if (kv.first == "parameters") return kv.second;
+  throw InvalidArgument("--from: " + png_path + " has no 'parameters' text chunk (not made by dmx or A1111?)");
+}
+}  // namespace dmx

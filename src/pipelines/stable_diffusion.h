@@ -1,0 +1,64 @@
+// Stable Diffusion text-to-image and image-to-image (diffusers' StableDiffusionPipeline and
+// StableDiffusionImg2ImgPipeline, 0.27.2), with classifier-free guidance (Ho & Salimans 2022).
+#pragma once
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "pipelines/model_bundle.h"
+
+namespace dmx::pipelines {
+
+// Per-step callback: may edit latents in place (latent blending etc.).
+using StepCallback = std::function<void(int step, double t, at::Tensor& latents)>;
+
+struct StableDiffusionParams {
+  std::string prompt;
+  std::string negative_prompt;  // "" = unconditional
+  int width = 0;                // 0 = model default (unet.sample_size * vae scale)
+  int height = 0;
+  int num_inference_steps = 50;
+  double guidance_scale = 7.5;
+  std::string scheduler;  // short name (ddim, euler, ...) or "" = the model's own scheduler
+  double eta = 0.0;
+  int num_images_per_prompt = 1;
+  int clip_skip = 0;
+  std::optional<uint64_t> seed;  // one CPU generator per run, drawn in the reference's order
+  at::Tensor latents;            // given initial noise [N, 4, h, w] (before init_noise_sigma)
+  // img2img: [1, 3, H, W] in [-1, 1]; strength in [0, 1].
+  at::Tensor init_image;
+  double strength = 0.8;
+  StepCallback on_step_end;
+  // Replay of recorded random draws (tests, debugging): the VAE posterior noise for img2img, and
+  // per-step scheduler noise (DDIM eta > 0, DDPM, Euler, Euler a) in loop order.
+  at::Tensor posterior_noise;
+  std::vector<at::Tensor> step_noises;
+  bool show_progress = true;
+};
+
+struct StableDiffusionOutput {
+  at::Tensor images;   // [N, H, W, 3] float32 in [0, 1]
+  at::Tensor latents;  // [N, 4, h, w] float32: after the last scheduler step (before 1/scaling)
+  std::vector<double> timesteps;  // the timesteps the loop ran
+};
+
+class StableDiffusionPipeline {
+ public:
+  explicit StableDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models);
+  StableDiffusionOutput run(const StableDiffusionParams& p);
+
+  // Phases, exposed for other pipelines and tests.
+  at::Tensor encode_prompt(const std::string& prompt, int clip_skip = 0);  // [1, 77, D]
+  at::Tensor decode_latents(const at::Tensor& latents, bool show_progress = false);  // -> [N, H, W, 3] in [0, 1]
+  void check_params(const StableDiffusionParams& p) const;
+  const StableDiffusionModels& models() const { return *m_; }
+
+ private:
+  std::shared_ptr<StableDiffusionModels> m_;
+};
+}  // namespace dmx::pipelines
