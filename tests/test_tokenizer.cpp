@@ -1,7 +1,9 @@
 // Tests for the CLIP BPE tokenizer (models/clip_tokenizer.h): golden ids and BPE strings from the
 // reference fixtures (transformers CLIPTokenizer), plus unit tests on Unicode, normalisation, truncation
 // and errors. Expected ids in ClipTokenizerUnit.UnicodeAndNormalisation were produced with transformers'
-// slow CLIPTokenizer algorithm (no ftfy, Python 3.11 unicodedata) on the fixture vocabulary.
+// slow CLIPTokenizer algorithm (no ftfy; Python 3.11 unicodedata and the `regex` module) on the fixture
+// vocabulary. During development the C++ tokenizer was also compared with that algorithm on 60,000 random
+// prompts (all assigned code points, combining sequences, special tokens, contractions): no differences.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -161,6 +163,9 @@ TEST(ClipTokenizerUnit, UnicodeAndNormalisation) {
      {87, 88, 345}},
     {"apostrophes_long_s", S("'''s ''t' '\xC5\xBF" ""),
      {6, 6, 262, 338, 6, 262, 339, 262, 6, 129, 379}},
+    // U+0345 matches no class of the IGNORECASE split regex, so it separates and vanishes.
+    {"ypogegrammeni", S("a\xCD\x85\xCD\x85<|ENDOFTEXT|> !\xCD\x85!"), {320, 999, 256, 256}},
+    {"ypogegrammeni_in_word", S("ba\xCD\x85" "b"), {65, 320, 321}},
     {"other_numbers", S("\xD9\xA1" "\xD9\xA2" "\xD9\xA3" " \xC2\xBD" " \xE2\x85\xB7" " \xC2\xB2" ""),
      {149, 350, 149, 351, 149, 352, 126, 377, 158, 227, 371, 126, 366}},
   };

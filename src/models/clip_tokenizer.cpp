@@ -129,6 +129,12 @@ size_t match_literal(const std::u32string& s, size_t pos, const char* lit) {
   return k;
 }
 
+// Characters that match none of the split pattern's classes. Under IGNORECASE the `regex` module puts a
+// character in a class when any of its case variants is in it, so U+0345 COMBINING GREEK YPOGEGRAMMENI
+// (a mark whose case variant is the letter iota) is excluded from [^\s\p{L}\p{N}] yet not in [\p{L}]:
+// like whitespace it is never part of a match. (Checked over all code points against the regex module.)
+bool split_skips(char32_t c) { return c == 0x345 || u::re_space(c); }
+
 // re.findall(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
 // text, re.IGNORECASE): the first alternative that matches at a position wins.
 std::vector<std::u32string> clip_split(const std::u32string& s) {
@@ -147,17 +153,17 @@ std::vector<std::u32string> clip_split(const std::u32string& s) {
         while (pos + len < s.size() && u::is_letter(s[pos + len])) ++len;
       } else if (u::is_number(c)) {
         len = 1;
-      } else if (!u::re_space(c)) {
+      } else if (!split_skips(c)) {
         len = 1;
         while (pos + len < s.size()) {
           const char32_t d = s[pos + len];
-          if (u::re_space(d) || u::is_letter(d) || u::is_number(d)) break;
+          if (split_skips(d) || u::is_letter(d) || u::is_number(d)) break;
           ++len;
         }
       }
     }
     if (len == 0) {
-      ++pos;  // whitespace: not part of any match
+      ++pos;  // whitespace (or U+0345): not part of any match
       continue;
     }
     out.push_back(s.substr(pos, len));
