@@ -1,1 +1,207 @@
-// placeholder: implemented in its own change
+// Checkpoint formats: diffusers folders and original single-file checkpoints.
+// Mirrors diffusers 0.27.2 FromSingleFileMixin.from_single_file (loaders/single_file.py) for what is
+// loaded and ModelMixin / transformers from_pretrained for the folder layout (weights file names,
+// fp16 variants, sharded *.safetensors.index.json). The name tables live in ldm_names.cpp.
+#include "io/checkpoint.h"
+
+#include <cctype>
+#include <cstdio>
+#include <functional>
+#include <set>
+#include <vector>
+
+#include "core/fs.h"
+#include "dmx/error.h"
+#include "io/ldm_names.h"
+
+namespace dmx::io {
+namespace {
+
+using nlohmann::json;
+
+bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+
+std::string lower_extension(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  const size_t dot = path.find_last_of('.');
+  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return "";
+  std::string ext = path.substr(dot);
+  for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return ext;
+}
+
+std::string directory_of(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+[[noreturn]] void throw_pickle(const std::string& path) {
+  throw Unsupported(detail::concat(
+      path, ": pickle checkpoints (.ckpt/.pt/.bin) are not loaded, because unpickling can execute arbitrary code. "
+            "Convert it to .safetensors first (for example with the safetensors Python package: "
+            "safetensors.torch.save_file(torch.load(path)[\"state_dict\"], \"model.safetensors\"))."));
+}
+
+// Zip (torch.save since 1.6) or a raw pickle stream (protocol 2..5).
+bool looks_like_pickle(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) return false;
+  unsigned char b[4] = {0, 0, 0, 0};
+  const size_t n = std::fread(b, 1, 4, f);
+  std::fclose(f);
+  if (n >= 4 && b[0] == 'P' && b[1] == 'K' && b[2] == 3 && b[3] == 4) return true;
+  return n >= 2 && b[0] == 0x80 && b[1] >= 2 && b[1] <= 5;
+}
+
+// The LDM .yaml beside a checkpoint: <stem>.yaml or <stem>-inference.yaml.
+json find_ldm_yaml(const std::string& path) {
+  const std::string base = join_path(directory_of(path), file_stem(path));
+  for (const std::string& candidate : {base + ".yaml", base + "-inference.yaml"}) {
+    if (path_exists(candidate) && !is_directory(candidate))
+      return parse_ldm_yaml(read_text_file(candidate, "LDM config"), candidate);
+  }
+  return nullptr;
+}
+
+std::string list_keys(const std::vector<std::string>& keys, size_t max = 8) {
+  std::string out;
+  for (size_t i = 0; i < keys.size() && i < max; ++i) out += (i ? ", " : "") + keys[i];
+  if (keys.size() > max) out += ", ... (" + std::to_string(keys.size()) + " in all)";
+  return out;
+}
+
+TensorMap load_sharded(const std::string& folder, const std::string& index_path, const std::string& component) {
+  const json index = load_json_file(index_path, component + " weight index");
+  DMX_CHECK_FORMAT(index.contains("weight_map") && index["weight_map"].is_object(), index_path,
+                   ": a sharded weight index needs a \"weight_map\" object");
+  std::map<std::string, std::set<std::string>> by_file;
+  for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
+    DMX_CHECK_FORMAT(it.value().is_string(), index_path, ": weight_map[\"", it.key(), "\"] must be a file name");
+    const std::string file = it.value().get<std::string>();
+    DMX_CHECK_FORMAT(file.find('/') == std::string::npos && file != ".." && !file.empty(), index_path,
+                     ": shard name must be a plain file name, got '", file, "'");
+    by_file[file].insert(it.key());
+  }
+  TensorMap out;
+  for (const auto& [file, names] : by_file) {
+    TensorMap shard = load_safetensors(join_path(folder, file));
+    for (const auto& name : names) {
+      auto t = shard.find(name);
+      DMX_CHECK_FORMAT(t != shard.end(), index_path, ": '", name, "' is listed in ", file, " but not stored there");
+      out[name] = t->second;
+    }
+    for (const auto& kv : shard)
+      DMX_CHECK_FORMAT(names.count(kv.first), index_path, ": ", file, " holds '", kv.first,
+                       "', which the weight map does not list");
+  }
+  return out;
+}
+
+// A component config: config_dir/<component>/<file> when present, else the detected one.
+json component_config(const std::string& config_dir, const std::string& component, const std::string& file,
+                      const std::function<json()>& detect) {
+  if (!config_dir.empty()) {
+    const std::string p = join_path(join_path(config_dir, component), file);
+    if (path_exists(p)) return load_json_file(p, component + " config");
+  }
+  return detect();
+}
+
+}  // namespace
+
+json load_json_file(const std::string& path, const std::string& what) {
+  const std::string text = read_text_file(path, what);
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    throw FormatError(detail::concat(what, ": ", path, " is not valid JSON: ", e.what()));
+  }
+}
+
+TensorMap load_diffusers_component(const std::string& dir, const std::string& component) {
+  DMX_CHECK_IO(is_directory(dir), component, ": diffusers model folder not found: ", dir);
+  const std::string folder = join_path(dir, component);
+  DMX_CHECK_IO(is_directory(folder), component, ": folder not found: ", folder, " (expected a diffusers layout with ",
+               component, "/ inside ", dir, ")");
+  // Plain weights first; sharded; then the fp16 variant when it is the only one there.
+  const std::vector<std::string> candidates = {
+      "diffusion_pytorch_model.safetensors",       "model.safetensors",
+      "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
+      "diffusion_pytorch_model.fp16.safetensors",  "model.fp16.safetensors",
+  };
+  for (const auto& name : candidates) {
+    const std::string p = join_path(folder, name);
+    if (!path_exists(p)) continue;
+    if (name.size() > 11 && name.compare(name.size() - 11, 11, ".index.json") == 0)
+      return load_sharded(folder, p, component);
+    return load_safetensors(p);
+  }
+  std::string pickles;
+  for (const char* name : {"diffusion_pytorch_model.bin", "pytorch_model.bin", "model.bin"})
+    if (path_exists(join_path(folder, name))) pickles += std::string(pickles.empty() ? "" : ", ") + name;
+  throw IoError(detail::concat(component, ": no weights found in ", folder, ": looked for ", list_keys(candidates, 99),
+                               pickles.empty() ? std::string()
+                                               : "; found " + pickles +
+                                                     ", a pickle file dmx does not load (it can execute code): "
+                                                     "convert it to .safetensors"));
+}
+
+SingleFileCheckpoint load_single_file(const std::string& path, const std::string& config_dir) {
+  DMX_CHECK_IO(path_exists(path), "checkpoint not found: ", path);
+  DMX_CHECK_IO(!is_directory(path), "expected a single-file checkpoint, got a directory: ", path,
+               " (a diffusers folder is loaded as a folder, not with a single-file loader)");
+  const std::string ext = lower_extension(path);
+  if (ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin" || ext == ".pkl") throw_pickle(path);
+  if (ext != ".safetensors" && looks_like_pickle(path)) throw_pickle(path);
+  if (!config_dir.empty())
+    DMX_CHECK_IO(is_directory(config_dir), "--config must be a diffusers model folder, not found: ", config_dir);
+
+  const TensorMap ckpt = SafeTensorsFile::open(path)->load_all();
+
+  // Sort every key into a component, or report it.
+  size_t n_unet = 0, n_vae = 0, n_text = 0;
+  std::vector<std::string> unknown, control, sdxl;
+  for (const auto& kv : ckpt) {
+    const std::string& k = kv.first;
+    if (is_ignorable_ldm_key(k)) continue;
+    if (starts_with(k, kLdmUnetPrefix)) ++n_unet;
+    else if (starts_with(k, kLdmVaePrefix)) ++n_vae;
+    else if (starts_with(k, kLdmClipPrefix) || starts_with(k, kLdmOpenClipPrefix)) ++n_text;
+    else if (starts_with(k, "control_model.")) control.push_back(k);
+    else if (starts_with(k, "conditioner.")) sdxl.push_back(k);
+    else unknown.push_back(k);
+  }
+  DMX_CHECK_SUPPORTED(sdxl.empty(), path, ": SDXL single-file checkpoints (conditioner.* keys) are not supported");
+  DMX_CHECK_SUPPORTED(control.empty(), path,
+                      ": this checkpoint carries ControlNet weights (control_model.*); original-layout ControlNet "
+                      "checkpoints are not loaded as a Stable Diffusion model");
+  std::vector<std::string> missing;
+  if (!n_unet) missing.push_back(std::string("UNet (") + kLdmUnetPrefix + "*)");
+  if (!n_vae) missing.push_back(std::string("VAE (") + kLdmVaePrefix + "*)");
+  if (!n_text)
+    missing.push_back(std::string("text encoder (") + kLdmClipPrefix + "* or " + kLdmOpenClipPrefix + "*)");
+  DMX_CHECK_FORMAT(missing.empty(), path, ": not a complete Stable Diffusion 1.x/2.x single-file checkpoint: no ",
+                   list_keys(missing), " weights");
+  DMX_CHECK_FORMAT(unknown.empty(), path, ": ", unknown.size(),
+                   " key(s) belong to no known component (model.diffusion_model, first_stage_model, "
+                   "cond_stage_model): ",
+                   list_keys(unknown));
+
+  const json yaml = find_ldm_yaml(path);
+  SingleFileCheckpoint out;
+  out.family = ldm_text_encoder_kind(ckpt) == LdmTextEncoder::OpenClip ? "sd2" : "sd1";
+  // Text encoder first: its width check gives the clearest error when --config is needed.
+  out.text_encoder_config =
+      component_config(config_dir, "text_encoder", "config.json", [&] { return detect_ldm_clip_config(ckpt); });
+  out.unet_config =
+      component_config(config_dir, "unet", "config.json", [&] { return detect_ldm_unet_config(ckpt, yaml); });
+  out.vae_config = component_config(config_dir, "vae", "config.json", [&] { return detect_ldm_vae_config(ckpt, yaml); });
+  out.scheduler_config = component_config(config_dir, "scheduler", "scheduler_config.json",
+                                          [&] { return ldm_scheduler_config(ckpt, yaml); });
+  out.unet = convert_ldm_unet(ckpt, out.unet_config);
+  out.vae = convert_ldm_vae(ckpt, out.vae_config);
+  out.text_encoder = convert_ldm_clip(ckpt, out.text_encoder_config);
+  return out;
+}
+}  // namespace dmx::io

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -101,16 +102,24 @@ void parse_safetensors(const uint8_t* bytes, size_t file_size, std::map<std::str
     info.dtype = v["dtype"].get<std::string>();
     const DTypeDesc* d = find_dtype(info.dtype);
     DMX_CHECK_FORMAT(d != nullptr, "safetensors: tensor '", key, "' has unknown dtype '", info.dtype, "'");
-    uint64_t numel = 1;
+    // The product of the non-zero dimensions is bounded too, so that every dimension (and any
+    // partial product libtorch computes) fits in int64 even when another dimension is 0.
+    uint64_t nonzero_numel = 1;
+    bool has_zero = false;
     for (const auto& s : v["shape"]) {
       DMX_CHECK_FORMAT(s.is_number_unsigned() || (s.is_number_integer() && s.get<int64_t>() >= 0),
                        "safetensors: tensor '", key, "' has a negative or non-integer dimension");
       const uint64_t dim = s.get<uint64_t>();
-      DMX_CHECK_FORMAT(dim == 0 || numel <= std::numeric_limits<uint64_t>::max() / 16 / dim,
-                       "safetensors: tensor '", key, "' shape overflows");
-      numel *= dim;
+      if (dim == 0) {
+        has_zero = true;
+      } else {
+        DMX_CHECK_FORMAT(nonzero_numel <= std::numeric_limits<uint64_t>::max() / 16 / dim,
+                         "safetensors: tensor '", key, "' shape overflows");
+        nonzero_numel *= dim;
+      }
       info.shape.push_back(static_cast<int64_t>(dim));
     }
+    const uint64_t numel = has_zero ? 0 : nonzero_numel;
     for (const auto& o : v["data_offsets"])
       DMX_CHECK_FORMAT(o.is_number_unsigned() || (o.is_number_integer() && o.get<int64_t>() >= 0),
                        "safetensors: tensor '", key, "' has a negative or non-integer data offset");
@@ -125,10 +134,15 @@ void parse_safetensors(const uint8_t* bytes, size_t file_size, std::map<std::str
     ranges.emplace_back(info.begin, info.end);
     if (infos) (*infos)[key] = std::move(info);
   }
+  // Empty ranges hold no bytes and may sit anywhere; every other range must start at or after the
+  // furthest end seen so far (comparing only neighbours misses [0,8) [4,4) [4,12)).
   std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i)
-    DMX_CHECK_FORMAT(ranges[i].first >= ranges[i - 1].second || ranges[i].first == ranges[i].second,
-                     "safetensors: tensor data ranges overlap at byte ", ranges[i].first);
+  uint64_t furthest_end = 0;
+  for (const auto& r : ranges) {
+    if (r.first == r.second) continue;
+    DMX_CHECK_FORMAT(r.first >= furthest_end, "safetensors: tensor data ranges overlap at byte ", r.first);
+    furthest_end = r.second;
+  }
   if (data_offset) *data_offset = 8 + n;
 }
 
@@ -212,18 +226,27 @@ std::vector<uint8_t> serialize_safetensors(const TensorMap& tensors,
                                            const std::map<std::string, std::string>& metadata) {
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::vector<at::Tensor> blobs;
-  uint64_t offset = 0;
+  std::vector<std::pair<std::string, at::Tensor>> blobs;
   for (const auto& kv : tensors) {
+    DMX_CHECK_ARG(kv.first != "__metadata__", "save_safetensors: a tensor may not be named '__metadata__'");
     DMX_CHECK_ARG(kv.second.defined(), "save_safetensors: tensor '", kv.first, "' is undefined");
     at::Tensor t = kv.second.detach().to(at::kCPU).contiguous();
-    const char* dn = dtype_name(t.scalar_type());
-    DMX_CHECK_SUPPORTED(dn != nullptr, "save_safetensors: tensor '", kv.first, "' has unsupported dtype ",
-                        t.scalar_type());
+    DMX_CHECK_SUPPORTED(dtype_name(t.scalar_type()) != nullptr, "save_safetensors: tensor '", kv.first,
+                        "' has unsupported dtype ", t.scalar_type(),
+                        " (supported: F32 F16 BF16 F64 I64 I32 I16 I8 U8 BOOL)");
+    blobs.emplace_back(kv.first, t);
+  }
+  // Data is laid out by decreasing element size (then name), so that every tensor starts at a
+  // multiple of its element size and a reader can map it without copying.
+  std::stable_sort(blobs.begin(), blobs.end(),
+                   [](const auto& a, const auto& b) { return a.second.element_size() > b.second.element_size(); });
+  uint64_t offset = 0;
+  for (const auto& [name, t] : blobs) {
     const uint64_t nbytes = t.numel() * t.element_size();
-    header[kv.first] = {{"dtype", dn}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    header[name] = {{"dtype", dtype_name(t.scalar_type())},
+                    {"shape", t.sizes().vec()},
+                    {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
-    blobs.push_back(t);
   }
   std::string h = header.dump();
   while (h.size() % 8 != 0) h.push_back(' ');
@@ -232,7 +255,7 @@ std::vector<uint8_t> serialize_safetensors(const TensorMap& tensors,
   for (int i = 0; i < 8; ++i) out[i] = static_cast<uint8_t>(n >> (8 * i));
   std::memcpy(out.data() + 8, h.data(), h.size());
   uint8_t* p = out.data() + 8 + h.size();
-  for (const auto& t : blobs) {
+  for (const auto& [name, t] : blobs) {
     const size_t nb = t.numel() * t.element_size();
     if (nb) std::memcpy(p, t.data_ptr(), nb);
     p += nb;

@@ -1,4 +1,6 @@
-// AutoencoderKL (diffusers), with diffusers' key names (encoder.*, decoder.*, quant_conv, post_quant_conv).
+// AutoencoderKL (diffusers 0.27.2, models/autoencoders/autoencoder_kl.py + vae.py Encoder/Decoder; Kingma &
+// Welling's VAE with the KL-regularised autoencoder of Rombach et al. 2022), with diffusers' key names
+// (encoder.*, decoder.*, quant_conv, post_quant_conv).
 #pragma once
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
@@ -27,16 +29,19 @@ struct AutoencoderKLConfig {
   double scaling_factor = 0.18215;
   bool mid_block_add_attention = true;
 
+  // Parses diffusers' vae/config.json (FormatError naming the field; Unsupported for unknown block types).
   static AutoencoderKLConfig from_json(const nlohmann::json& j);
   static AutoencoderKLConfig sd15();  // runwayml/stable-diffusion-v1-5 vae/config.json
   static AutoencoderKLConfig sd21();  // stabilityai/stable-diffusion-2-1 vae/config.json
+  void validate() const;  // InvalidArgument naming the field; Unsupported for unknown block types
   int downscale_factor() const { return 1 << (static_cast<int>(block_out_channels.size()) - 1); }
 };
 
 // diffusers' DiagonalGaussianDistribution: logvar clamped to [-30, 20], std = exp(0.5 logvar).
 struct DiagonalGaussian {
   at::Tensor mean, logvar, std;
-  at::Tensor sample(at::Generator* gen) const;  // mean + std * randn(mean.shape, gen)
+  // mean + std * randn(mean.shape, gen) with mean's options, like diffusers' randn_tensor (gen may be null).
+  at::Tensor sample(at::Generator* gen) const;
   at::Tensor sample_with(const at::Tensor& noise) const { return mean + std * noise; }
 };
 

@@ -1,5 +1,7 @@
-// CLIP text encoder (transformers' CLIPTextModel), with its state-dict key names
-// (text_model.embeddings..., text_model.encoder.layers.N..., text_model.final_layer_norm).
+// CLIP text encoder (transformers 4.37 CLIPTextModel, "Learning Transferable Visual Models From Natural
+// Language Supervision", Radford et al. 2021), with its state-dict key names
+// (text_model.embeddings..., text_model.encoder.layers.N..., text_model.final_layer_norm), so a
+// diffusers text_encoder/model.safetensors loads by a strict name match.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
@@ -9,8 +11,12 @@
 #include <string>
 #include <vector>
 
+#include "io/safetensors.h"
+
 namespace dmx::models {
 
+// transformers' CLIPTextConfig fields. The member defaults are sd15()'s; from_json starts from
+// transformers' own defaults (hidden 512, 12 layers, 8 heads, intermediate 2048, projection 512).
 struct CLIPTextConfig {
   int vocab_size = 49408;
   int hidden_size = 768;
@@ -20,36 +26,52 @@ struct CLIPTextConfig {
   int max_position_embeddings = 77;
   std::string hidden_act = "quick_gelu";  // quick_gelu | gelu
   double layer_norm_eps = 1e-5;
-  int64_t bos_token_id = 49406;
-  int64_t eos_token_id = 49407;
+  // eos_token_id == 2 is transformers' legacy value: the pooled output then takes the position of the
+  // largest id (argmax), which is what every SD text_encoder/config.json selects.
+  int64_t bos_token_id = 0;
+  int64_t eos_token_id = 2;
   int64_t pad_token_id = 1;
   int projection_dim = 768;
 
+  // A transformers config.json (CLIPTextConfig, or a CLIPConfig with "text_config"); FormatError on bad fields.
   static CLIPTextConfig from_json(const nlohmann::json& j);
-  static CLIPTextConfig sd15();  // openai/clip-vit-large-patch14 text config
-  static CLIPTextConfig sd21();  // stabilityai/stable-diffusion-2-1 text_encoder/config.json (OpenCLIP ViT-H)
+  // runwayml/stable-diffusion-v1-5 text_encoder/config.json (openai/clip-vit-large-patch14 text tower).
+  static CLIPTextConfig sd15();
+  // stabilityai/stable-diffusion-2-1 text_encoder/config.json (OpenCLIP ViT-H/14 text tower, 23 of its 24
+  // layers as diffusers stores it).
+  static CLIPTextConfig sd21();
+  // InvalidArgument naming the field when a size is not positive, hidden_size is not divisible by
+  // num_attention_heads, or hidden_act is unknown.
+  void validate() const;
 };
 
 struct CLIPTextOutput {
   at::Tensor last_hidden_state;            // [B, N, hidden] = final_layer_norm(hidden_states.back())
   at::Tensor pooler_output;                // [B, hidden] at the EOS position
-  std::vector<at::Tensor> hidden_states;   // embeddings + each layer (only if requested)
+  std::vector<at::Tensor> hidden_states;   // embeddings + each layer (only if requested), [B, N, hidden]
 };
 
 class CLIPTextModelImpl : public torch::nn::Module {
  public:
   explicit CLIPTextModelImpl(const CLIPTextConfig& cfg);
-  // input_ids: int64 [B, N]; causal mask only (no padding mask), as SD pipelines run it.
+  // input_ids: int64 (or int32) [B, N], N <= max_position_embeddings; causal mask only (no padding
+  // mask), as SD pipelines run it. Computes in the dtype of the weights.
   CLIPTextOutput forward(const at::Tensor& input_ids, bool output_hidden_states = false);
-  // SD prompt embeddings with clip-skip: clip_skip = 0 -> last_hidden_state; k > 0 ->
-  // final_layer_norm(hidden_states[-(k+1)]) (diffusers' convention).
+  // SD prompt embeddings with clip-skip: clip_skip = 0 -> last_hidden_state; k in [1, num_hidden_layers]
+  // -> final_layer_norm(hidden_states[-(k+1)]) (diffusers' convention); only the needed layers run.
   at::Tensor encode(const at::Tensor& input_ids, int clip_skip = 0);
   const CLIPTextConfig& config() const { return cfg_; }
 
  private:
+  at::Tensor embed(const at::Tensor& input_ids);
   CLIPTextConfig cfg_;
   struct Parts;
   std::shared_ptr<Parts> parts_;
 };
 TORCH_MODULE(CLIPTextModel);
+
+// Drops keys a CLIP text-encoder file may carry that the model does not have as state: the
+// non-persistent `text_model.embeddings.position_ids` buffer that older transformers versions and
+// single-file checkpoints save. Returns the number of keys removed.
+int clean_clip_state_dict(io::TensorMap& state);
 }  // namespace dmx::models

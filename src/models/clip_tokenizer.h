@@ -1,41 +1,78 @@
-// CLIP byte-level BPE tokenizer, matching transformers' CLIPTokenizer (the slow one SD pipelines load):
-// text clean-up and lower-casing, the CLIP split regex, byte-level BPE with merges.txt, BOS/EOS,
-// truncation and padding to model_max_length (77).
+// CLIP byte-level BPE tokenizer, matching transformers' CLIPTokenizer (the slow one SD pipelines load,
+// transformers 4.37, without ftfy installed): added/special tokens split out first, then
+// BasicTokenizer(strip_accents=False, do_split_on_punc=False) clean-up (control characters removed,
+// whitespace normalised, CJK ideographs spaced, NFC, lower-case), the CLIP split regex, byte-level BPE
+// with merges.txt and the '</w>' end-of-word marker, BOS/EOS, truncation and padding to
+// model_max_length (77).
+//
+// Unicode: classification, lower-casing and NFC come from tables generated from Python's unicodedata
+// (clip_unicode_gen.py); no ICU. Prompts must be valid UTF-8: anything else is an InvalidArgument naming
+// the prompt and the offending byte (rather than silently replacing or dropping characters).
 #pragma once
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace dmx::models {
 
+// An added token (tokenizer_config.json "added_tokens_decoder", or a special token), never split by BPE.
+struct CLIPAddedToken {
+  std::string content;
+  bool lstrip = false;  // eats the whitespace on its left
+  bool rstrip = false;  // eats the whitespace on its right
+  bool single_word = false;
+  int64_t id = -1;  // -1: look the content up in the vocabulary
+};
+
+struct CLIPTokenizerOptions {
+  CLIPAddedToken bos_token{"<|startoftext|>"};
+  CLIPAddedToken eos_token{"<|endoftext|>"};
+  CLIPAddedToken pad_token{"<|endoftext|>"};  // SD 2.x tokenizers use "!"
+  CLIPAddedToken unk_token{"<|endoftext|>"};
+  int model_max_length = 77;
+  std::vector<CLIPAddedToken> added_tokens;  // ids must be given (added_tokens_decoder keys)
+};
+
 class CLIPTokenizer {
  public:
-  // dir holds vocab.json and merges.txt (tokenizer_config.json / special_tokens_map.json optional).
+  // dir holds vocab.json and merges.txt; tokenizer_config.json / special_tokens_map.json are optional
+  // (special tokens, model_max_length, added_tokens_decoder). Missing files: IoError; malformed: FormatError.
   static CLIPTokenizer from_folder(const std::string& dir);
-  CLIPTokenizer(std::unordered_map<std::string, int64_t> vocab, std::vector<std::pair<std::string, std::string>> merges);
+  // merges in rank order, without the "#version" header line.
+  CLIPTokenizer(std::unordered_map<std::string, int64_t> vocab, std::vector<std::pair<std::string, std::string>> merges,
+                CLIPTokenizerOptions options = {});
 
   // BPE token strings (no BOS/EOS), e.g. {"a</w>", "photograp", "h</w>"}.
   std::vector<std::string> tokenize(const std::string& text) const;
   // Ids with BOS and EOS, no truncation or padding.
   std::vector<int64_t> encode(const std::string& text) const;
-  // Ids truncated to max_length (keeping EOS last) and padded with pad_id: what SD pipelines feed.
+  // Ids truncated to max_length (keeping EOS last) and padded with pad_id: what SD pipelines feed
+  // (tokenizer(text, padding="max_length", max_length=..., truncation=True)).
   std::vector<int64_t> encode_padded(const std::string& text, int max_length = 77) const;
 
   int64_t bos_id() const { return bos_id_; }
   int64_t eos_id() const { return eos_id_; }
   int64_t pad_id() const { return pad_id_; }
+  int64_t unk_id() const { return unk_id_; }
   int model_max_length() const { return model_max_length_; }
+  size_t vocab_size() const { return vocab_.size(); }
   int64_t token_to_id(const std::string& token) const;  // -1 if absent
 
  private:
+  struct Cache;
   std::vector<std::string> bpe(const std::string& word) const;
+  void tokenize_chunk(const std::string& chunk, std::vector<std::string>* out) const;
+  std::vector<std::string> tokenize_checked(const std::string& text) const;
+  int64_t id_of(const std::string& token) const;
+
   std::unordered_map<std::string, int64_t> vocab_;
-  std::map<std::pair<std::string, std::string>, int> ranks_;
+  std::unordered_map<std::string, int> ranks_;  // "first second" -> merge rank
+  std::vector<CLIPAddedToken> no_split_;        // added and special tokens, ids resolved
   int64_t bos_id_ = -1, eos_id_ = -1, pad_id_ = -1, unk_id_ = -1;
   int model_max_length_ = 77;
-  mutable std::shared_ptr<std::unordered_map<std::string, std::vector<std::string>>> cache_;
+  std::shared_ptr<Cache> cache_;
 };
 }  // namespace dmx::models

@@ -1,1 +1,337 @@
-// placeholder: implemented in its own change
+// UNet2DConditionModel (diffusers 0.27.2): time embedding, conv_in, down blocks, mid block, up blocks with
+// skip connections, conv_norm_out / act / conv_out. ControlNet residuals are added to the skips and after
+// the mid block exactly where diffusers adds them.
+#include "models/unet_2d_condition.h"
+
+#include "dmx/error.h"
+#include "models/config_json.h"
+#include "nn/layers.h"
+
+namespace dmx::models {
+
+namespace {
+const char* kWhat = "UNet2DConditionModel config";
+
+bool all_equal(const std::vector<int>& v) {
+  return std::all_of(v.begin(), v.end(), [&](int x) { return x == v.front(); });
+}
+
+// Per-block int setting that dmx keeps as one value: accepts an int or a list of equal ints.
+void get_uniform_int(const nlohmann::json& j, const char* key, size_t n, int& out) {
+  std::vector<int> v;
+  if (!cfgjson::get_int_or_list(j, kWhat, key, n, v)) return;
+  if (v.empty()) throw FormatError(std::string(kWhat) + ": field '" + key + "' is an empty list");
+  if (!all_equal(v))
+    throw Unsupported(std::string(kWhat) + ": per-block " + key + " " + j.at(key).dump() +
+                      " is not supported (one value for all blocks only)");
+  out = v.front();
+}
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+UNet2DConditionConfig UNet2DConditionConfig::sd15() {
+  // runwayml/stable-diffusion-v1-5 unet/config.json: attention_head_dim 8, block_out_channels
+  // [320, 640, 1280, 1280], cross_attention_dim 768, sample_size 64, layers_per_block 2, norm_num_groups 32.
+  return UNet2DConditionConfig{};
+}
+
+UNet2DConditionConfig UNet2DConditionConfig::sd21() {
+  // stabilityai/stable-diffusion-2-1 unet/config.json: attention_head_dim [5, 10, 20, 20] (= heads, head
+  // width 64), cross_attention_dim 1024, use_linear_projection true, upcast_attention true, sample_size 96.
+  UNet2DConditionConfig c;
+  c.sample_size = 96;
+  c.attention_head_dim = {5, 10, 20, 20};
+  c.cross_attention_dim = 1024;
+  c.use_linear_projection = true;
+  c.upcast_attention = true;
+  return c;
+}
+
+std::vector<int> UNet2DConditionConfig::heads_per_block() const {
+  // diffusers: num_attention_heads = num_attention_heads or attention_head_dim (a naming quirk kept for
+  // backward compatibility: SD configs' attention_head_dim is the number of heads).
+  return num_attention_heads.empty() ? attention_head_dim : num_attention_heads;
+}
+
+void UNet2DConditionConfig::validate() const {
+  const size_t n = down_block_types.size();
+  DMX_CHECK_ARG(n >= 1, "down_block_types must not be empty");
+  DMX_CHECK_ARG(block_out_channels.size() == n, "block_out_channels must have one entry per down block (", n,
+                "), got ", block_out_channels.size());
+  DMX_CHECK_ARG(up_block_types.size() == n, "up_block_types must have one entry per down block (", n, "), got ",
+                up_block_types.size());
+  for (const auto& t : down_block_types)
+    DMX_CHECK_SUPPORTED(t == "CrossAttnDownBlock2D" || t == "DownBlock2D", "down_block_types: unsupported block type '",
+                        t, "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
+  for (const auto& t : up_block_types)
+    DMX_CHECK_SUPPORTED(t == "CrossAttnUpBlock2D" || t == "UpBlock2D", "up_block_types: unsupported block type '", t,
+                        "' (supported: CrossAttnUpBlock2D, UpBlock2D)");
+  DMX_CHECK_SUPPORTED(mid_block_type == "UNetMidBlock2DCrossAttn", "mid_block_type: unsupported block type '",
+                      mid_block_type, "' (supported: UNetMidBlock2DCrossAttn)");
+  DMX_CHECK_SUPPORTED(resnet_time_scale_shift == "default", "resnet_time_scale_shift '", resnet_time_scale_shift,
+                      "' is not supported (only 'default')");
+  nn::parse_act(act_fn, "act_fn");
+  DMX_CHECK_ARG(sample_size > 0, "sample_size must be > 0, got ", sample_size);
+  DMX_CHECK_ARG(in_channels > 0, "in_channels must be > 0, got ", in_channels);
+  DMX_CHECK_ARG(out_channels > 0, "out_channels must be > 0, got ", out_channels);
+  DMX_CHECK_ARG(layers_per_block > 0, "layers_per_block must be > 0, got ", layers_per_block);
+  DMX_CHECK_ARG(norm_num_groups > 0, "norm_num_groups must be > 0, got ", norm_num_groups);
+  DMX_CHECK_ARG(norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
+  DMX_CHECK_ARG(cross_attention_dim > 0, "cross_attention_dim must be > 0, got ", cross_attention_dim);
+  DMX_CHECK_ARG(transformer_layers_per_block > 0, "transformer_layers_per_block must be > 0, got ",
+                transformer_layers_per_block);
+  DMX_CHECK_ARG(downsample_padding >= 0, "downsample_padding must be >= 0, got ", downsample_padding);
+  DMX_CHECK_ARG(mid_block_scale_factor > 0, "mid_block_scale_factor must be > 0, got ", mid_block_scale_factor);
+  for (size_t i = 0; i < n; ++i) {
+    DMX_CHECK_ARG(block_out_channels[i] > 0, "block_out_channels[", i, "] must be > 0, got ", block_out_channels[i]);
+    DMX_CHECK_ARG(block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i, "] (",
+                  block_out_channels[i], ") must be divisible by norm_num_groups (", norm_num_groups, ")");
+  }
+  const char* heads_field = num_attention_heads.empty() ? "attention_head_dim" : "num_attention_heads";
+  const std::vector<int> heads = heads_per_block();
+  DMX_CHECK_ARG(heads.size() == n, heads_field, " must have one entry per down block (", n, "), got ", heads.size());
+  for (size_t i = 0; i < n; ++i) {
+    DMX_CHECK_ARG(heads[i] > 0, heads_field, "[", i, "] must be > 0, got ", heads[i]);
+    // Down block i, the mirrored up block and (for the last) the mid block split these channels into heads.
+    DMX_CHECK_ARG(block_out_channels[i] % heads[i] == 0, heads_field, "[", i, "] (", heads[i],
+                  " heads) must divide block_out_channels[", i, "] (", block_out_channels[i], ")");
+  }
+}
+
+UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) {
+  using cfgjson::get;
+  DMX_CHECK_FORMAT(j.is_object(), kWhat, ": expected a JSON object, got ", j.type_name());
+  UNet2DConditionConfig c;
+  get(j, kWhat, "sample_size", c.sample_size);
+  get(j, kWhat, "in_channels", c.in_channels);
+  get(j, kWhat, "out_channels", c.out_channels);
+  get(j, kWhat, "center_input_sample", c.center_input_sample);
+  get(j, kWhat, "flip_sin_to_cos", c.flip_sin_to_cos);
+  get(j, kWhat, "freq_shift", c.freq_shift);
+  get(j, kWhat, "down_block_types", c.down_block_types);
+  get(j, kWhat, "up_block_types", c.up_block_types);
+  get(j, kWhat, "block_out_channels", c.block_out_channels);
+  const size_t n = c.down_block_types.size();
+  if (j.contains("mid_block_type") && j.at("mid_block_type").is_null())
+    throw Unsupported(std::string(kWhat) + ": mid_block_type null (no mid block) is not supported");
+  get(j, kWhat, "mid_block_type", c.mid_block_type);
+  if (j.contains("only_cross_attention") && j.at("only_cross_attention").is_array()) {
+    std::vector<bool> v;
+    get(j, kWhat, "only_cross_attention", v);
+    if (!v.empty() && !std::all_of(v.begin(), v.end(), [&](bool b) { return b == v.front(); }))
+      throw Unsupported(std::string(kWhat) + ": per-block only_cross_attention " +
+                        j.at("only_cross_attention").dump() + " is not supported");
+    c.only_cross_attention = !v.empty() && v.front();
+  } else {
+    get(j, kWhat, "only_cross_attention", c.only_cross_attention);
+  }
+  get_uniform_int(j, "layers_per_block", n, c.layers_per_block);
+  get(j, kWhat, "downsample_padding", c.downsample_padding);
+  get(j, kWhat, "mid_block_scale_factor", c.mid_block_scale_factor);
+  get(j, kWhat, "act_fn", c.act_fn);
+  if (j.contains("norm_num_groups") && j.at("norm_num_groups").is_null())
+    throw Unsupported(std::string(kWhat) + ": norm_num_groups null (no output norm) is not supported");
+  get(j, kWhat, "norm_num_groups", c.norm_num_groups);
+  get(j, kWhat, "norm_eps", c.norm_eps);
+  get_uniform_int(j, "cross_attention_dim", n, c.cross_attention_dim);
+  get_uniform_int(j, "transformer_layers_per_block", n, c.transformer_layers_per_block);
+  cfgjson::get_int_or_list(j, kWhat, "attention_head_dim", n, c.attention_head_dim);
+  cfgjson::get_int_or_list(j, kWhat, "num_attention_heads", n, c.num_attention_heads);
+  get(j, kWhat, "use_linear_projection", c.use_linear_projection);
+  get(j, kWhat, "upcast_attention", c.upcast_attention);
+  get(j, kWhat, "resnet_time_scale_shift", c.resnet_time_scale_shift);
+
+  // Features of UNet2DConditionModel that SD 1.x / 2.x do not use and dmx does not implement.
+  for (const char* key : {"class_embed_type", "addition_embed_type", "addition_time_embed_dim", "encoder_hid_dim",
+                          "encoder_hid_dim_type", "time_cond_proj_dim", "time_embedding_dim",
+                          "time_embedding_act_fn", "timestep_post_act", "num_class_embeds",
+                          "projection_class_embeddings_input_dim", "cross_attention_norm",
+                          "reverse_transformer_layers_per_block"})
+    cfgjson::require_default(j, kWhat, key, nullptr);
+  cfgjson::require_default(j, kWhat, "time_embedding_type", "positional");
+  cfgjson::require_default(j, kWhat, "conv_in_kernel", 3);
+  cfgjson::require_default(j, kWhat, "conv_out_kernel", 3);
+  cfgjson::require_default(j, kWhat, "attention_type", "default");
+  cfgjson::require_default(j, kWhat, "dual_cross_attention", false);
+  cfgjson::require_default(j, kWhat, "resnet_skip_time_act", false);
+  cfgjson::require_default(j, kWhat, "resnet_out_scale_factor", 1.0);
+  cfgjson::require_default(j, kWhat, "class_embeddings_concat", false);
+
+  try {
+    c.validate();
+  } catch (const InvalidArgument& e) {
+    throw FormatError(std::string(kWhat) + ": " + e.what());
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------------
+struct UNet2DConditionModelImpl::Parts {
+  torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
+  nn::TimestepEmbedding time_embedding{nullptr};
+  std::vector<nn::DownBlock2D> down_blocks;
+  nn::UNetMidBlock2DCrossAttn mid_block{nullptr};
+  std::vector<nn::UpBlock2D> up_blocks;
+  torch::nn::GroupNorm conv_norm_out{nullptr};
+  nn::Act act = nn::Act::SiLU;
+  int num_upsamplers = 0;
+};
+
+UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& cfg)
+    : cfg_(cfg), parts_(std::make_shared<Parts>()) {
+  cfg_.validate();
+  Parts& p = *parts_;
+  const auto& ch = cfg_.block_out_channels;
+  const int n = static_cast<int>(ch.size());
+  const std::vector<int> heads = cfg_.heads_per_block();
+  p.act = nn::parse_act(cfg_.act_fn, "act_fn");
+
+  p.conv_in = register_module(
+      "conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
+  p.time_embedding = register_module("time_embedding", nn::TimestepEmbedding(ch[0], cfg_.time_embed_dim(), p.act));
+
+  auto block_options = [&](int heads_i) {
+    nn::BlockOptions o;
+    o.num_layers = cfg_.layers_per_block;
+    o.temb_channels = cfg_.time_embed_dim();
+    o.resnet_eps = cfg_.norm_eps;
+    o.resnet_groups = cfg_.norm_num_groups;
+    o.act = p.act;
+    o.transformer.num_attention_heads = heads_i;
+    o.transformer.num_layers = cfg_.transformer_layers_per_block;
+    o.transformer.cross_attention_dim = cfg_.cross_attention_dim;
+    o.transformer.use_linear_projection = cfg_.use_linear_projection;
+    o.transformer.only_cross_attention = cfg_.only_cross_attention;
+    o.transformer.upcast_attention = cfg_.upcast_attention;
+    return o;
+  };
+
+  auto downs = nn::make_container(*this, "down_blocks");
+  int output_channel = ch[0];
+  for (int i = 0; i < n; ++i) {
+    nn::BlockOptions o = block_options(heads[i]);
+    o.in_channels = output_channel;
+    output_channel = ch[i];
+    o.out_channels = output_channel;
+    o.add_sampler = i != n - 1;
+    o.downsample_padding = cfg_.downsample_padding;
+    o.cross_attention = cfg_.down_block_types[i] == "CrossAttnDownBlock2D";
+    p.down_blocks.push_back(downs->register_module(std::to_string(i), nn::DownBlock2D(o)));
+  }
+
+  {
+    nn::BlockOptions o = block_options(heads.back());
+    o.num_layers = 1;
+    o.in_channels = o.out_channels = ch.back();
+    o.output_scale_factor = cfg_.mid_block_scale_factor;
+    o.transformer.only_cross_attention = false;  // diffusers' UNetMidBlock2DCrossAttn has no such option
+    p.mid_block = register_module("mid_block", nn::UNetMidBlock2DCrossAttn(o));
+  }
+
+  auto ups = nn::make_container(*this, "up_blocks");
+  output_channel = ch[n - 1];
+  for (int i = 0; i < n; ++i) {
+    const int rev = n - 1 - i;  // reversed_block_out_channels[i] = ch[rev]
+    nn::BlockOptions o = block_options(heads[rev]);
+    o.num_layers = cfg_.layers_per_block + 1;
+    o.prev_output_channel = output_channel;
+    output_channel = ch[rev];
+    o.out_channels = output_channel;
+    o.in_channels = ch[std::max(rev - 1, 0)];  // reversed[min(i + 1, n - 1)]
+    o.add_sampler = i != n - 1;
+    if (o.add_sampler) ++p.num_upsamplers;
+    o.cross_attention = cfg_.up_block_types[i] == "CrossAttnUpBlock2D";
+    p.up_blocks.push_back(ups->register_module(std::to_string(i), nn::UpBlock2D(o)));
+  }
+
+  p.conv_norm_out = register_module(
+      "conv_norm_out",
+      torch::nn::GroupNorm(torch::nn::GroupNormOptions(cfg_.norm_num_groups, ch[0]).eps(cfg_.norm_eps)));
+  p.conv_out = register_module(
+      "conv_out", torch::nn::Conv2d(torch::nn::Conv2dOptions(ch[0], cfg_.out_channels, 3).padding(1)));
+}
+
+at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
+  Parts& p = *parts_;
+  const at::Tensor& ctx = in.encoder_hidden_states;
+  DMX_CHECK_ARG(in.sample.defined() && in.sample.dim() == 4 && in.sample.size(1) == cfg_.in_channels,
+                "sample must be [B, ", cfg_.in_channels, ", h, w], got ", shape_string(in.sample));
+  const int64_t B = in.sample.size(0);
+  DMX_CHECK_ARG(ctx.defined() && ctx.dim() == 3 && ctx.size(0) == B && ctx.size(2) == cfg_.cross_attention_dim,
+                "encoder_hidden_states must be [", B, ", N, ", cfg_.cross_attention_dim, "], got ", shape_string(ctx));
+  DMX_CHECK_ARG(in.timestep.defined(), "timestep must be given (0-d or [B])");
+  at::Tensor t = in.timestep.dim() == 0 ? in.timestep.unsqueeze(0) : in.timestep;
+  DMX_CHECK_ARG(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == B), "timestep must be 0-d, [1] or [", B,
+                "], got ", shape_string(in.timestep));
+  const bool controlnet = !in.down_block_additional_residuals.empty() || in.mid_block_additional_residual.defined();
+  if (controlnet)
+    DMX_CHECK_ARG(!in.down_block_additional_residuals.empty() && in.mid_block_additional_residual.defined(),
+                  "ControlNet residuals: down_block_additional_residuals and mid_block_additional_residual must be "
+                  "given together");
+
+  // Latent sizes not divisible by the overall up factor: upsample to the skip's size (diffusers'
+  // forward_upsample_size).
+  const int64_t up_factor = int64_t{1} << p.num_upsamplers;
+  const bool forward_upsample_size = in.sample.size(2) % up_factor != 0 || in.sample.size(3) % up_factor != 0;
+
+  // 1. time
+  t = t.expand({B});
+  at::Tensor t_emb = nn::get_timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos,
+                                                cfg_.freq_shift)
+                         .to(in.sample.scalar_type());  // [B, C0]
+  at::Tensor emb = p.time_embedding->forward(t_emb);    // [B, 4 C0]
+  record(in.recorder, "time_embedding", emb);
+
+  // 2. pre-process
+  at::Tensor h = cfg_.center_input_sample ? in.sample * 2.0 - 1.0 : in.sample;
+  h = p.conv_in->forward(h);
+  record(in.recorder, "conv_in", h);
+
+  // 3. down
+  std::vector<at::Tensor> res{h};
+  for (size_t i = 0; i < p.down_blocks.size(); ++i) {
+    nn::DownBlockOutput o = p.down_blocks[i]->forward(h, emb, ctx);
+    h = o.hidden_states;
+    res.insert(res.end(), o.res_samples.begin(), o.res_samples.end());
+    record(in.recorder, "down_blocks." + std::to_string(i), h);
+  }
+  if (controlnet) {
+    const auto& extra = in.down_block_additional_residuals;
+    DMX_CHECK_ARG(extra.size() == res.size(), "down_block_additional_residuals must have ", res.size(),
+                  " tensors (one per skip connection), got ", extra.size());
+    for (size_t i = 0; i < res.size(); ++i) {
+      DMX_CHECK_ARG(extra[i].sizes().equals(res[i].sizes()), "down_block_additional_residuals[", i, "] must be ",
+                    shape_string(res[i]), ", got ", shape_string(extra[i]));
+      res[i] = res[i] + extra[i];
+    }
+  }
+
+  // 4. mid
+  h = p.mid_block->forward(h, emb, ctx);
+  record(in.recorder, "mid_block", h);
+  if (controlnet) {
+    DMX_CHECK_ARG(in.mid_block_additional_residual.sizes().equals(h.sizes()), "mid_block_additional_residual must be ",
+                  shape_string(h), ", got ", shape_string(in.mid_block_additional_residual));
+    h = h + in.mid_block_additional_residual;
+  }
+
+  // 5. up
+  for (size_t i = 0; i < p.up_blocks.size(); ++i) {
+    const bool is_final = i + 1 == p.up_blocks.size();
+    const size_t k = p.up_blocks[i]->num_resnets();
+    std::vector<at::Tensor> skips(res.end() - static_cast<std::ptrdiff_t>(k), res.end());
+    res.resize(res.size() - k);
+    std::optional<std::vector<int64_t>> upsample_size;
+    if (!is_final && forward_upsample_size) upsample_size = std::vector<int64_t>{res.back().size(2), res.back().size(3)};
+    h = p.up_blocks[i]->forward(h, skips, emb, ctx, upsample_size);
+    record(in.recorder, "up_blocks." + std::to_string(i), h);
+  }
+
+  // 6. post-process
+  h = nn::group_norm(p.conv_norm_out, h);
+  record(in.recorder, "conv_norm_out", h);
+  h = p.conv_out->forward(nn::apply_act(p.act, h));
+  record(in.recorder, "conv_out", h);
+  return h;  // [B, out_channels, h, w]
+}
+}  // namespace dmx::models

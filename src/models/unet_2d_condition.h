@@ -1,4 +1,5 @@
-// UNet2DConditionModel (diffusers), SD 1.x / 2.x subset, with diffusers' key names.
+// UNet2DConditionModel (diffusers 0.27.2, models/unets/unet_2d_condition.py; Rombach et al. 2022, "High-
+// Resolution Image Synthesis with Latent Diffusion Models"), SD 1.x / 2.x subset, with diffusers' key names.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
@@ -42,9 +43,16 @@ struct UNet2DConditionConfig {
   bool upcast_attention = false;
   std::string resnet_time_scale_shift = "default";
 
+  // Parses diffusers' unet/config.json. Wrong types and invalid values: FormatError naming the field;
+  // features dmx does not implement (other block types, class/addition embeddings, ...): Unsupported.
   static UNet2DConditionConfig from_json(const nlohmann::json& j);
   static UNet2DConditionConfig sd15();  // runwayml/stable-diffusion-v1-5 unet/config.json
   static UNet2DConditionConfig sd21();  // stabilityai/stable-diffusion-2-1 unet/config.json
+  // Checks sizes and divisibility (InvalidArgument naming the field) and block types (Unsupported).
+  void validate() const;
+  // Heads per down block after diffusers' defaulting (num_attention_heads or else attention_head_dim).
+  std::vector<int> heads_per_block() const;
+  int time_embed_dim() const { return block_out_channels.at(0) * 4; }
 };
 
 // Forward inputs (a struct, per CONVENTIONS): ControlNet residuals arrive here as data.
@@ -54,7 +62,8 @@ struct UNetInputs {
   at::Tensor encoder_hidden_states;  // [B, N, cross_attention_dim]
   std::vector<at::Tensor> down_block_additional_residuals;  // optional (ControlNet)
   at::Tensor mid_block_additional_residual;                 // optional (ControlNet)
-  TensorRecorder* recorder = nullptr;  // time_embedding, down_blocks.i, mid_block, up_blocks.i
+  // Records time_embedding, conv_in, down_blocks.<i>, mid_block, up_blocks.<i>, conv_norm_out, conv_out.
+  TensorRecorder* recorder = nullptr;
 };
 
 class UNet2DConditionModelImpl : public torch::nn::Module {

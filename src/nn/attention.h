@@ -1,12 +1,22 @@
-// The single attention function every attention layer calls (matmul/baddbmm + softmax in
-// libtorch 1.13; the one place to add memory-efficient or fused kernels).
+// The single attention function every attention layer calls (matmul + softmax in libtorch 1.13; the one
+// place to add memory-efficient or fused kernels). Mirrors diffusers' Attention.get_attention_scores +
+// AttnProcessor (scores = scale * q k^T, softmax, @ v) and transformers' CLIP causal attention.
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
+
 namespace dmx::nn {
 // q: [B, H, Nq, d], k and v: [B, H, Nk, d] -> [B, H, Nq, d]. scale multiplies q.k.
-// upcast: compute scores and softmax in float32 (diffusers' upcast_attention / upcast_softmax).
+// upcast: compute scores and softmax in float32 (diffusers' upcast_attention / upcast_softmax); the
+// probabilities are cast back to v's dtype before the product with v, as diffusers does.
 // causal: mask j > i (CLIP text encoder).
+// Queries are processed in chunks so that one score tensor holds at most max_score_elements() values
+// (all batch-heads together); the result does not depend on the chunking beyond float rounding.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                      bool causal = false, bool upcast = false);
+
+// Score-tensor budget for the query chunking (default 2^24 elements = 64 MiB in float32).
+int64_t max_score_elements();
+void set_max_score_elements(int64_t n);  // n >= 1; throws InvalidArgument otherwise
 }  // namespace dmx::nn
