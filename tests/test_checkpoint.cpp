@@ -42,7 +42,8 @@ void expect_error(F&& f, const std::vector<std::string>& needles, const char* wh
     f();
     ADD_FAILURE() << what << ": expected an exception";
   } catch (const E& e) {
-    for (const auto& n : needles) EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << what << ": " << e.what();
+    for (const auto& n : needles)
+      EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << what << ": " << e.what();
   } catch (const std::exception& e) {
     ADD_FAILURE() << what << ": wrong exception type: " << e.what();
   }
@@ -459,7 +460,8 @@ TEST(Checkpoint, OpenClipTextEncoderSplitAndNames) {
     EXPECT_TRUE(at::equal(out.at(dst + "mlp.fc2.bias"), ckpt.at(src + "mlp.c_proj.bias")));
     EXPECT_TRUE(at::equal(out.at(dst + "self_attn.out_proj.weight"), ckpt.at(src + "attn.out_proj.weight")));
   }
-  EXPECT_TRUE(at::equal(out.at("text_model.embeddings.position_embedding.weight"), ckpt.at(p + "positional_embedding")));
+  EXPECT_TRUE(
+      at::equal(out.at("text_model.embeddings.position_embedding.weight"), ckpt.at(p + "positional_embedding")));
   EXPECT_TRUE(at::equal(out.at("text_model.final_layer_norm.weight"), ckpt.at(p + "ln_final.weight")));
 
   // A config keeping every layer converts all of them; other layer counts are rejected.
@@ -485,14 +487,16 @@ TEST(CheckpointGolden, Sd2StyleSingleFileWithYaml) {
   TensorMap m;
   for (const auto& [k, t] : load_safetensors(sd15_ldm())) {
     if (k.rfind("cond_stage_model.", 0) == 0) continue;
-    const bool proj = k.find(".proj_in.weight") != std::string::npos || k.find(".proj_out.weight") != std::string::npos;
+    const bool proj =
+        k.find(".proj_in.weight") != std::string::npos || k.find(".proj_out.weight") != std::string::npos;
     m[k] = proj && t.dim() == 4 ? t.reshape({t.size(0), t.size(1)}) : t;
   }
   for (const auto& kv : fake_open_clip(64, 3, 1000)) m[kv.first] = kv.second;
   const std::string path = tmp_path("sd2fake.safetensors");
   save_safetensors(path, m);
   // No yaml: SD2 family -> head size 64, which does not divide the 32-channel block.
-  expect_error<InvalidArgument>([&] { load_single_file(path); }, {"SD2-family", "32 channels", "--config"}, "sd2 heads");
+  expect_error<InvalidArgument>([&] { load_single_file(path); }, {"SD2-family", "32 channels", "--config"},
+                                "sd2 heads");
 
   write_text(tmp_path("sd2fake.yaml"), R"(model:
   target: ldm.models.diffusion.ddpm.LatentDiffusion

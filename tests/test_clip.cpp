@@ -70,7 +70,8 @@ TEST_P(ClipTextGolden, MatchesReference) {
       const std::string name = p + ".hidden_states." + std::to_string(k);
       DMX_EXPECT_CLOSE(variant + " " + name, out.hidden_states[static_cast<size_t>(k)], ref[name], kTol);
     }
-    DMX_EXPECT_CLOSE(variant + " " + p + ".last_hidden_state", out.last_hidden_state, ref[p + ".last_hidden_state"], kTol);
+    DMX_EXPECT_CLOSE(variant + " " + p + ".last_hidden_state", out.last_hidden_state, ref[p + ".last_hidden_state"],
+                     kTol);
     DMX_EXPECT_CLOSE(variant + " " + p + ".pooler_output", out.pooler_output, ref[p + ".pooler_output"], kTol);
     DMX_EXPECT_CLOSE(variant + " " + p + ".clip_skip1", model->encode(ids, 1), ref[p + ".clip_skip1"], kTol);
     DMX_EXPECT_CLOSE(variant + " " + p + ".encode(clip_skip 0)", model->encode(ids, 0), ref[p + ".last_hidden_state"],
@@ -164,7 +165,8 @@ TEST(ClipTextUnit, ConfigFromJson) {
   EXPECT_EQ(c.projection_dim, 512);
   EXPECT_EQ(c.eos_token_id, 49);
   // A full CLIPConfig: the text tower is read from text_config.
-  auto full = nlohmann::json::parse(R"({"text_config": {"hidden_size": 48, "num_attention_heads": 6}, "projection_dim": 9})");
+  auto full =
+      nlohmann::json::parse(R"({"text_config": {"hidden_size": 48, "num_attention_heads": 6}, "projection_dim": 9})");
   EXPECT_EQ(CLIPTextConfig::from_json(full).hidden_size, 48);
 
   j["hidden_act"] = "relu";
@@ -181,7 +183,8 @@ TEST(ClipTextUnit, ConfigFromJson) {
 
   CLIPTextConfig bad = CLIPTextConfig::sd15();
   bad.hidden_size = 100;
-  expect_throw_with<InvalidArgument>([&] { CLIPTextModel m(bad); }, "hidden_size must be divisible by num_attention_heads");
+  expect_throw_with<InvalidArgument>([&] { CLIPTextModel m(bad); },
+                                     "hidden_size must be divisible by num_attention_heads");
   bad = CLIPTextConfig::sd15();
   bad.hidden_act = "swish";
   expect_throw_with<InvalidArgument>([&] { bad.validate(); }, "hidden_act");
@@ -206,8 +209,7 @@ TEST(ClipTextUnit, InputErrors) {
   EXPECT_EQ(model->forward(ok.to(at::kInt)).last_hidden_state.sizes(), (at::IntArrayRef{1, 3, 16}));
   expect_throw_with<InvalidArgument>([&] { model->forward(ok.to(at::kFloat)); }, "input_ids must be int64 or int32");
   expect_throw_with<InvalidArgument>([&] { model->forward(ok[0]); }, "[batch, tokens]");
-  expect_throw_with<InvalidArgument>([&] { model->forward(at::zeros({1, 9}, at::kLong)); },
-                                     "max_position_embeddings");
+  expect_throw_with<InvalidArgument>([&] { model->forward(at::zeros({1, 9}, at::kLong)); }, "max_position_embeddings");
   expect_throw_with<InvalidArgument>([&] { model->forward(ok + 1); }, "vocab_size");
   expect_throw_with<InvalidArgument>([&] { model->encode(ok, 3); }, "clip_skip must be in [0, 2]");
   expect_throw_with<InvalidArgument>([&] { model->encode(ok, -1); }, "clip_skip");

@@ -21,8 +21,7 @@ namespace {
 constexpr double kTol = 1e-5;
 
 nlohmann::json unet_config_json(const std::string& variant) {
-  return nlohmann::json::parse(
-      read_text_file(test::fixture_model(variant) + "/unet/config.json", "unet config"));
+  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/unet/config.json", "unet config"));
 }
 
 std::string unet_weights(const std::string& variant) {
@@ -37,8 +36,7 @@ UNet2DConditionModel load_unet(const std::string& variant) {
 }
 
 // Naive reference: softmax(scale q k^T [+ causal mask]) v in float64.
-at::Tensor naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                           bool causal) {
+at::Tensor naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal) {
   at::Tensor s = at::matmul(q.to(at::kDouble), k.to(at::kDouble).transpose(-1, -2)) * scale;
   if (causal) {
     at::Tensor mask = at::ones({q.size(2), k.size(2)}, at::kBool).triu(1);
@@ -139,26 +137,51 @@ TEST(UNetConfig, FromJsonRejectsUnsupportedAndInvalid) {
   expect_throw_with<Unsupported>(
       [] {
         UNet2DConditionConfig::from_json(
-            {{"down_block_types", {"CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"}}});
+            {{"down_block_types",
+              {"CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"}}});
       },
       "SimpleCrossAttnDownBlock2D");
-  expect_throw_with<Unsupported>([] { UNet2DConditionConfig::from_json({{"mid_block_type", "UNetMidBlock2DSimpleCrossAttn"}}); },
-                                 "UNetMidBlock2DSimpleCrossAttn");
-  expect_throw_with<Unsupported>([] { UNet2DConditionConfig::from_json({{"class_embed_type", "timestep"}}); },
-                                 "class_embed_type");
-  expect_throw_with<Unsupported>([] { UNet2DConditionConfig::from_json({{"addition_embed_type", "text_time"}}); },
-                                 "addition_embed_type");
-  expect_throw_with<FormatError>([] { UNet2DConditionConfig::from_json({{"norm_num_groups", 24}}); },
-                                 "norm_num_groups");
-  expect_throw_with<FormatError>([] { UNet2DConditionConfig::from_json({{"layers_per_block", 0}}); },
-                                 "layers_per_block must be > 0");
+  expect_throw_with<Unsupported>(
+      [] {
+        UNet2DConditionConfig::from_json({{"mid_block_type", "UNetMidBlock2DSimpleCrossAttn"}});
+      },
+      "UNetMidBlock2DSimpleCrossAttn");
+  expect_throw_with<Unsupported>(
+      [] {
+        UNet2DConditionConfig::from_json({{"class_embed_type", "timestep"}});
+      },
+      "class_embed_type");
+  expect_throw_with<Unsupported>(
+      [] {
+        UNet2DConditionConfig::from_json({{"addition_embed_type", "text_time"}});
+      },
+      "addition_embed_type");
+  expect_throw_with<FormatError>(
+      [] {
+        UNet2DConditionConfig::from_json({{"norm_num_groups", 24}});
+      },
+      "norm_num_groups");
+  expect_throw_with<FormatError>(
+      [] {
+        UNet2DConditionConfig::from_json({{"layers_per_block", 0}});
+      },
+      "layers_per_block must be > 0");
   expect_throw_with<FormatError>([] { UNet2DConditionConfig::from_json({{"in_channels", "four"}}); }, "in_channels");
-  expect_throw_with<FormatError>([] { UNet2DConditionConfig::from_json({{"attention_head_dim", {8, 8}}}); },
-                                 "attention_head_dim must have one entry per down block");
-  expect_throw_with<FormatError>([] { UNet2DConditionConfig::from_json({{"attention_head_dim", 7}}); },
-                                 "attention_head_dim[0] (7 heads) must divide");
-  expect_throw_with<FormatError>([] { UNet2DConditionConfig::from_json({{"block_out_channels", {320, 640}}}); },
-                                 "block_out_channels must have one entry per down block");
+  expect_throw_with<FormatError>(
+      [] {
+        UNet2DConditionConfig::from_json({{"attention_head_dim", {8, 8}}});
+      },
+      "attention_head_dim must have one entry per down block");
+  expect_throw_with<FormatError>(
+      [] {
+        UNet2DConditionConfig::from_json({{"attention_head_dim", 7}});
+      },
+      "attention_head_dim[0] (7 heads) must divide");
+  expect_throw_with<FormatError>(
+      [] {
+        UNet2DConditionConfig::from_json({{"block_out_channels", {320, 640}}});
+      },
+      "block_out_channels must have one entry per down block");
   // Constructing from an invalid struct is an InvalidArgument.
   UNet2DConditionConfig bad;
   bad.norm_num_groups = 0;
@@ -275,6 +298,31 @@ TEST_P(UNetGolden, ForwardAndIntermediatesMatchDiffusers) {
     EXPECT_GE(hooks, 6);
     DMX_EXPECT_CLOSE(variant + " " + prefix + ".out", out, ref[prefix + ".out"], kTol);
   }
+}
+
+// The UNet consuming ControlNet residuals (ref/<variant>/controlnet: the residuals diffusers' ControlNetModel
+// returned, already multiplied by the conditioning scale) and without them.
+TEST_P(UNetGolden, ControlNetResidualsMatchDiffusers) {
+  DMX_REQUIRE_FIXTURES();
+  at::NoGradGuard no_grad;
+  const std::string variant = GetParam();
+  auto m = load_unet(variant);
+  const test::RefCase ref = test::load_ref(variant, "controlnet");
+  UNetInputs in;
+  in.sample = ref["input.sample"];
+  in.encoder_hidden_states = ref["input.encoder_hidden_states"];
+  in.timestep = ref["input.timestep"];
+  DMX_EXPECT_CLOSE(variant + " controlnet no_control.unet_out", m->forward(in), ref["no_control.unet_out"], kTol);
+  const int n = ref.meta.at("n_down_residuals").get<int>();
+  for (const std::string scale : {"scale1", "scale0.5"}) {
+    in.down_block_additional_residuals.clear();
+    for (int i = 0; i < n; ++i) in.down_block_additional_residuals.push_back(ref[scale + ".down." + std::to_string(i)]);
+    in.mid_block_additional_residual = ref[scale + ".mid"];
+    DMX_EXPECT_CLOSE(variant + " controlnet " + scale + ".unet_out", m->forward(in), ref[scale + ".unet_out"], kTol);
+  }
+  in.down_block_additional_residuals.pop_back();
+  expect_throw_with<InvalidArgument>([&] { m->forward(in); },
+                                     "down_block_additional_residuals must have " + std::to_string(n));
 }
 
 // The same forward with the query chunking forced on (tiny budget): must stay within tolerance.

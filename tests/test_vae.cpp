@@ -63,19 +63,31 @@ TEST(VAEConfig, PresetsAndFromJson) {
 TEST(VAEConfig, FromJsonRejectsUnsupportedAndInvalid) {
   expect_throw_with<Unsupported>(
       [] {
-        AutoencoderKLConfig::from_json({{"down_block_types",
-                                         {"DownEncoderBlock2D", "AttnDownEncoderBlock2D", "DownEncoderBlock2D",
-                                          "DownEncoderBlock2D"}}});
+        AutoencoderKLConfig::from_json(
+            {{"down_block_types",
+              {"DownEncoderBlock2D", "AttnDownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"}}});
       },
       "AttnDownEncoderBlock2D");
-  expect_throw_with<FormatError>([] { AutoencoderKLConfig::from_json({{"norm_num_groups", 48}}); },
-                                 "block_out_channels[0] (128) must be divisible by norm_num_groups (48)");
-  expect_throw_with<FormatError>([] { AutoencoderKLConfig::from_json({{"latent_channels", -4}}); },
-                                 "latent_channels must be > 0");
-  expect_throw_with<FormatError>([] { AutoencoderKLConfig::from_json({{"layers_per_block", "2"}}); },
-                                 "layers_per_block");
-  expect_throw_with<Unsupported>([] { AutoencoderKLConfig::from_json({{"latents_mean", {0.1, 0.2, 0.3, 0.4}}}); },
-                                 "latents_mean");
+  expect_throw_with<FormatError>(
+      [] {
+        AutoencoderKLConfig::from_json({{"norm_num_groups", 48}});
+      },
+      "block_out_channels[0] (128) must be divisible by norm_num_groups (48)");
+  expect_throw_with<FormatError>(
+      [] {
+        AutoencoderKLConfig::from_json({{"latent_channels", -4}});
+      },
+      "latent_channels must be > 0");
+  expect_throw_with<FormatError>(
+      [] {
+        AutoencoderKLConfig::from_json({{"layers_per_block", "2"}});
+      },
+      "layers_per_block");
+  expect_throw_with<Unsupported>(
+      [] {
+        AutoencoderKLConfig::from_json({{"latents_mean", {0.1, 0.2, 0.3, 0.4}}});
+      },
+      "latents_mean");
 }
 
 TEST(VAETiny, StrictLoadRejectsMissingUnexpectedAndMisShapedKeys) {
@@ -154,7 +166,8 @@ TEST_P(VAEGolden, BFloat16StaysCloseToFloat32) {
   m->to(at::kBFloat16);
   const test::RefCase ref = test::load_ref(variant, "vae");
   auto d = m->encode(ref["input.x"].to(at::kBFloat16));
-  EXPECT_LE(test::check_close(variant + " bf16 encode.mean", d.mean.to(at::kFloat), ref["encode.mean"], kBf16Tol), kBf16Tol);
+  EXPECT_LE(test::check_close(variant + " bf16 encode.mean", d.mean.to(at::kFloat), ref["encode.mean"], kBf16Tol),
+            kBf16Tol);
   at::Tensor img = m->decode(ref["decode.z"].to(at::kBFloat16));
   EXPECT_LE(test::check_close(variant + " bf16 decode.out", img.to(at::kFloat), ref["decode.out"], kBf16Tol), kBf16Tol);
 }

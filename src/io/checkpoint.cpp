@@ -188,17 +188,25 @@ SingleFileCheckpoint load_single_file(const std::string& path, const std::string
                    "cond_stage_model): ",
                    list_keys(unknown));
 
-  const json yaml = find_ldm_yaml(path);
+  // The .yaml is read only when some component config is detected (config_dir may supply all of them).
+  json yaml_cache;
+  bool yaml_read = false;
+  auto yaml = [&]() -> const json& {
+    if (!yaml_read) yaml_cache = find_ldm_yaml(path);
+    yaml_read = true;
+    return yaml_cache;
+  };
   SingleFileCheckpoint out;
   out.family = ldm_text_encoder_kind(ckpt) == LdmTextEncoder::OpenClip ? "sd2" : "sd1";
   // Text encoder first: its width check gives the clearest error when --config is needed.
   out.text_encoder_config =
       component_config(config_dir, "text_encoder", "config.json", [&] { return detect_ldm_clip_config(ckpt); });
   out.unet_config =
-      component_config(config_dir, "unet", "config.json", [&] { return detect_ldm_unet_config(ckpt, yaml); });
-  out.vae_config = component_config(config_dir, "vae", "config.json", [&] { return detect_ldm_vae_config(ckpt, yaml); });
+      component_config(config_dir, "unet", "config.json", [&] { return detect_ldm_unet_config(ckpt, yaml()); });
+  out.vae_config =
+      component_config(config_dir, "vae", "config.json", [&] { return detect_ldm_vae_config(ckpt, yaml()); });
   out.scheduler_config = component_config(config_dir, "scheduler", "scheduler_config.json",
-                                          [&] { return ldm_scheduler_config(ckpt, yaml); });
+                                          [&] { return ldm_scheduler_config(ckpt, yaml()); });
   out.unet = convert_ldm_unet(ckpt, out.unet_config);
   out.vae = convert_ldm_vae(ckpt, out.vae_config);
   out.text_encoder = convert_ldm_clip(ckpt, out.text_encoder_config);

@@ -3,8 +3,8 @@
 // norm/act/conv_out).
 #include "models/autoencoder_kl.h"
 
-#include "dmx/error.h"
 #include "core/tensor_util.h"
+#include "dmx/error.h"
 #include "models/config_json.h"
 #include "nn/layers.h"
 
@@ -132,8 +132,8 @@ AutoencoderKLConfig AutoencoderKLConfig::sd21() {
 void AutoencoderKLConfig::validate() const {
   const size_t n = down_block_types.size();
   DMX_CHECK_ARG(n >= 1, "down_block_types must not be empty");
-  DMX_CHECK_ARG(block_out_channels.size() == n, "block_out_channels must have one entry per down block (", n,
-                "), got ", block_out_channels.size());
+  DMX_CHECK_ARG(block_out_channels.size() == n, "block_out_channels must have one entry per down block (", n, "), got ",
+                block_out_channels.size());
   DMX_CHECK_ARG(up_block_types.size() == n, "up_block_types must have one entry per down block (", n, "), got ",
                 up_block_types.size());
   for (const auto& t : down_block_types)
@@ -152,8 +152,8 @@ void AutoencoderKLConfig::validate() const {
   DMX_CHECK_ARG(scaling_factor > 0, "scaling_factor must be > 0, got ", scaling_factor);
   for (size_t i = 0; i < n; ++i) {
     DMX_CHECK_ARG(block_out_channels[i] > 0, "block_out_channels[", i, "] must be > 0, got ", block_out_channels[i]);
-    DMX_CHECK_ARG(block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i, "] (",
-                  block_out_channels[i], ") must be divisible by norm_num_groups (", norm_num_groups, ")");
+    DMX_CHECK_ARG(block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i, "] (", block_out_channels[i],
+                  ") must be divisible by norm_num_groups (", norm_num_groups, ")");
   }
 }
 

@@ -33,7 +33,7 @@ struct AutoencoderKLConfig {
   static AutoencoderKLConfig from_json(const nlohmann::json& j);
   static AutoencoderKLConfig sd15();  // runwayml/stable-diffusion-v1-5 vae/config.json
   static AutoencoderKLConfig sd21();  // stabilityai/stable-diffusion-2-1 vae/config.json
-  void validate() const;  // InvalidArgument naming the field; Unsupported for unknown block types
+  void validate() const;              // InvalidArgument naming the field; Unsupported for unknown block types
   int downscale_factor() const { return 1 << (static_cast<int>(block_out_channels.size()) - 1); }
 };
 

@@ -25,8 +25,8 @@ T json_field(const nlohmann::json& j, const char* key, T fallback) {
   } else {
     DMX_CHECK_FORMAT(v.is_number_integer(), "CLIP text config: ", key, " must be an integer, got ", v.dump());
     const int64_t x = v.get<int64_t>();
-    DMX_CHECK_FORMAT(x >= std::numeric_limits<T>::min() && x <= std::numeric_limits<T>::max(), "CLIP text config: ",
-                     key, " is out of range: ", x);
+    DMX_CHECK_FORMAT(x >= std::numeric_limits<T>::min() && x <= std::numeric_limits<T>::max(),
+                     "CLIP text config: ", key, " is out of range: ", x);
     return static_cast<T>(x);
   }
 }
@@ -34,7 +34,8 @@ T json_field(const nlohmann::json& j, const char* key, T fallback) {
 
 CLIPTextConfig CLIPTextConfig::from_json(const nlohmann::json& root) {
   DMX_CHECK_FORMAT(root.is_object(), "CLIP text config must be a JSON object");
-  const nlohmann::json& j = root.contains("text_config") && root["text_config"].is_object() ? root["text_config"] : root;
+  const nlohmann::json& j =
+      root.contains("text_config") && root["text_config"].is_object() ? root["text_config"] : root;
   CLIPTextConfig c;  // transformers' CLIPTextConfig defaults for absent fields
   c.vocab_size = json_field(j, "vocab_size", 49408);
   c.hidden_size = json_field(j, "hidden_size", 512);
@@ -122,8 +123,8 @@ struct CLIPAttentionImpl : nn::Module {
     at::Tensor v = heads_first(v_proj(x));
     at::Tensor w = at::matmul(q, k.transpose(-1, -2)) + causal_mask;  // [B, H, N, N]
     at::Tensor p = at::softmax(w, -1);
-    at::Tensor o = at::matmul(p, v);                      // [B, H, N, d]
-    o = o.transpose(1, 2).reshape({B, N, C});             // [B, N, C]
+    at::Tensor o = at::matmul(p, v);           // [B, H, N, d]
+    o = o.transpose(1, 2).reshape({B, N, C});  // [B, N, C]
     return out_proj(o);
   }
   int64_t heads, head_dim;
@@ -150,11 +151,11 @@ TORCH_MODULE(CLIPMLP);
 struct CLIPEncoderLayerImpl : nn::Module {
   explicit CLIPEncoderLayerImpl(const CLIPTextConfig& c) {
     self_attn = register_module("self_attn", CLIPAttention(c.hidden_size, c.num_attention_heads));
-    layer_norm1 = register_module(
-        "layer_norm1", nn::LayerNorm(nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
+    layer_norm1 =
+        register_module("layer_norm1", nn::LayerNorm(nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
     mlp = register_module("mlp", CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act == "quick_gelu"));
-    layer_norm2 = register_module(
-        "layer_norm2", nn::LayerNorm(nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
+    layer_norm2 =
+        register_module("layer_norm2", nn::LayerNorm(nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
   }
   at::Tensor forward(const at::Tensor& x, const at::Tensor& causal_mask) {
     at::Tensor h = x + self_attn(layer_norm1(x), causal_mask);  // pre-LN residual blocks
@@ -194,8 +195,8 @@ struct CLIPTextTransformerImpl : nn::Module {
   explicit CLIPTextTransformerImpl(const CLIPTextConfig& c) {
     embeddings = register_module("embeddings", CLIPTextEmbeddings(c));
     encoder = register_module("encoder", CLIPEncoder(c));
-    final_layer_norm = register_module(
-        "final_layer_norm", nn::LayerNorm(nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
+    final_layer_norm =
+        register_module("final_layer_norm", nn::LayerNorm(nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
   }
   CLIPTextEmbeddings embeddings{nullptr};
   CLIPEncoder encoder{nullptr};
@@ -255,7 +256,8 @@ CLIPTextOutput CLIPTextModelImpl::forward(const at::Tensor& input_ids, bool outp
   // Pooled output at the EOS token: transformers keeps the legacy argmax over ids when eos_token_id == 2,
   // otherwise takes the first position holding eos_token_id.
   const at::Tensor ids = input_ids.to(h.device(), at::kInt);
-  const at::Tensor eos_pos = cfg_.eos_token_id == 2 ? ids.argmax(-1) : ids.eq(cfg_.eos_token_id).to(at::kInt).argmax(-1);
+  const at::Tensor eos_pos =
+      cfg_.eos_token_id == 2 ? ids.argmax(-1) : ids.eq(cfg_.eos_token_id).to(at::kInt).argmax(-1);
   const at::Tensor rows = at::arange(h.size(0), eos_pos.options().dtype(at::kLong));
   out.pooler_output = out.last_hidden_state.index({rows, eos_pos.to(at::kLong)});  // [B, C]
   return out;

@@ -46,9 +46,9 @@ struct CLIPTextConfig {
 };
 
 struct CLIPTextOutput {
-  at::Tensor last_hidden_state;            // [B, N, hidden] = final_layer_norm(hidden_states.back())
-  at::Tensor pooler_output;                // [B, hidden] at the EOS position
-  std::vector<at::Tensor> hidden_states;   // embeddings + each layer (only if requested), [B, N, hidden]
+  at::Tensor last_hidden_state;           // [B, N, hidden] = final_layer_norm(hidden_states.back())
+  at::Tensor pooler_output;               // [B, hidden] at the EOS position
+  std::vector<at::Tensor> hidden_states;  // embeddings + each layer (only if requested), [B, N, hidden]
 };
 
 class CLIPTextModelImpl : public torch::nn::Module {

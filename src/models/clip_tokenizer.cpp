@@ -34,7 +34,8 @@ const std::vector<std::string>& byte_symbols() {
     int n = 0;
     for (int b = 0; b < 256; ++b) {
       const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-      u::append_utf8(&t[static_cast<size_t>(b)], printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++));
+      u::append_utf8(&t[static_cast<size_t>(b)],
+                     printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++));
     }
     return t;
   }();
@@ -63,8 +64,8 @@ std::u32string decode_prompt(const std::string& text) {
   if (!u::decode_utf8(text, &out, &bad)) {
     char buf[8];
     std::snprintf(buf, sizeof(buf), "0x%02X", static_cast<unsigned char>(text[bad]));
-    throw InvalidArgument(detail::concat("prompt must be valid UTF-8, got byte ", buf, " at offset ", bad,
-                                         " in \"", printable_prompt(text), "\""));
+    throw InvalidArgument(detail::concat("prompt must be valid UTF-8, got byte ", buf, " at offset ", bad, " in \"",
+                                         printable_prompt(text), "\""));
   }
   return out;
 }
@@ -138,8 +139,8 @@ bool split_skips(char32_t c) { return c == 0x345 || u::re_space(c); }
 // re.findall(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
 // text, re.IGNORECASE): the first alternative that matches at a position wins.
 std::vector<std::u32string> clip_split(const std::u32string& s) {
-  static const char* const kLiterals[] = {"<|startoftext|>", "<|endoftext|>", "'s", "'t", "'re", "'ve", "'m", "'ll",
-                                          "'d"};
+  static const char* const kLiterals[] = {
+      "<|startoftext|>", "<|endoftext|>", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d"};
   std::vector<std::u32string> out;
   size_t pos = 0;
   while (pos < s.size()) {
@@ -314,8 +315,8 @@ CLIPTokenizer CLIPTokenizer::from_folder(const std::string& dir) {
   special("unk_token", &opt.unk_token);
   if (cfg.contains("model_max_length") && !cfg["model_max_length"].is_null()) {
     const auto& v = cfg["model_max_length"];
-    DMX_CHECK_FORMAT(v.is_number() && v.get<double>() >= 2, config_path, ": model_max_length must be a number >= 2, got ",
-                     v.dump());
+    DMX_CHECK_FORMAT(v.is_number() && v.get<double>() >= 2, config_path,
+                     ": model_max_length must be a number >= 2, got ", v.dump());
     const double d = v.get<double>();
     opt.model_max_length = d >= std::numeric_limits<int>::max() ? std::numeric_limits<int>::max() : static_cast<int>(d);
   }
@@ -372,7 +373,8 @@ int64_t CLIPTokenizer::token_to_id(const std::string& token) const {
 int64_t CLIPTokenizer::id_of(const std::string& token) const {
   const int64_t id = token_to_id(token);
   if (id >= 0) return id;
-  DMX_CHECK_FORMAT(unk_id_ >= 0, "CLIP tokenizer: token \"", token, "\" is not in the vocabulary and there is no unk_token");
+  DMX_CHECK_FORMAT(unk_id_ >= 0, "CLIP tokenizer: token \"", token,
+                   "\" is not in the vocabulary and there is no unk_token");
   return unk_id_;
 }
 
@@ -389,9 +391,12 @@ std::vector<std::string> CLIPTokenizer::bpe(const std::string& token) const {
   for (size_t i = 0; i < token.size();) {
     size_t len = 1;
     const auto c = static_cast<unsigned char>(token[i]);
-    if (c >= 0xF0) len = 4;
-    else if (c >= 0xE0) len = 3;
-    else if (c >= 0xC0) len = 2;
+    if (c >= 0xF0)
+      len = 4;
+    else if (c >= 0xE0)
+      len = 3;
+    else if (c >= 0xC0)
+      len = 2;
     word.push_back(token.substr(i, len));
     i += len;
   }

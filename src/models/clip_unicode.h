@@ -16,7 +16,7 @@ enum class UClass : unsigned char { L = 0, M, N, P, S, Zs, Z, C };
 UClass uclass(char32_t cp);
 inline bool is_letter(char32_t cp) { return uclass(cp) == UClass::L; }
 inline bool is_number(char32_t cp) { return uclass(cp) == UClass::N; }
-bool is_cased(char32_t cp);            // CPython's _PyUnicode_IsCased, for code points that are not case-ignorable
+bool is_cased(char32_t cp);           // CPython's _PyUnicode_IsCased, for code points that are not case-ignorable
 bool is_case_ignorable(char32_t cp);  // CPython's _PyUnicode_IsCaseIgnorable
 int combining_class(char32_t cp);     // unicodedata.combining
 bool py_isspace(char32_t cp);         // str.isspace() / str.split() separators

@@ -1,7 +1,6 @@
 // Reading diffusers config.json fields with typed, named errors (internal to models/).
 #pragma once
 #include <nlohmann/json.hpp>
-
 #include <string>
 #include <vector>
 

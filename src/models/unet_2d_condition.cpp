@@ -56,8 +56,8 @@ std::vector<int> UNet2DConditionConfig::heads_per_block() const {
 void UNet2DConditionConfig::validate() const {
   const size_t n = down_block_types.size();
   DMX_CHECK_ARG(n >= 1, "down_block_types must not be empty");
-  DMX_CHECK_ARG(block_out_channels.size() == n, "block_out_channels must have one entry per down block (", n,
-                "), got ", block_out_channels.size());
+  DMX_CHECK_ARG(block_out_channels.size() == n, "block_out_channels must have one entry per down block (", n, "), got ",
+                block_out_channels.size());
   DMX_CHECK_ARG(up_block_types.size() == n, "up_block_types must have one entry per down block (", n, "), got ",
                 up_block_types.size());
   for (const auto& t : down_block_types)
@@ -84,8 +84,8 @@ void UNet2DConditionConfig::validate() const {
   DMX_CHECK_ARG(mid_block_scale_factor > 0, "mid_block_scale_factor must be > 0, got ", mid_block_scale_factor);
   for (size_t i = 0; i < n; ++i) {
     DMX_CHECK_ARG(block_out_channels[i] > 0, "block_out_channels[", i, "] must be > 0, got ", block_out_channels[i]);
-    DMX_CHECK_ARG(block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i, "] (",
-                  block_out_channels[i], ") must be divisible by norm_num_groups (", norm_num_groups, ")");
+    DMX_CHECK_ARG(block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i, "] (", block_out_channels[i],
+                  ") must be divisible by norm_num_groups (", norm_num_groups, ")");
   }
   const char* heads_field = num_attention_heads.empty() ? "attention_head_dim" : "num_attention_heads";
   const std::vector<int> heads = heads_per_block();
@@ -119,8 +119,8 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
     std::vector<bool> v;
     get(j, kWhat, "only_cross_attention", v);
     if (!v.empty() && !std::all_of(v.begin(), v.end(), [&](bool b) { return b == v.front(); }))
-      throw Unsupported(std::string(kWhat) + ": per-block only_cross_attention " +
-                        j.at("only_cross_attention").dump() + " is not supported");
+      throw Unsupported(std::string(kWhat) + ": per-block only_cross_attention " + j.at("only_cross_attention").dump() +
+                        " is not supported");
     c.only_cross_attention = !v.empty() && v.front();
   } else {
     get(j, kWhat, "only_cross_attention", c.only_cross_attention);
@@ -142,11 +142,10 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
   get(j, kWhat, "resnet_time_scale_shift", c.resnet_time_scale_shift);
 
   // Features of UNet2DConditionModel that SD 1.x / 2.x do not use and dmx does not implement.
-  for (const char* key : {"class_embed_type", "addition_embed_type", "addition_time_embed_dim", "encoder_hid_dim",
-                          "encoder_hid_dim_type", "time_cond_proj_dim", "time_embedding_dim",
-                          "time_embedding_act_fn", "timestep_post_act", "num_class_embeds",
-                          "projection_class_embeddings_input_dim", "cross_attention_norm",
-                          "reverse_transformer_layers_per_block"})
+  for (const char* key :
+       {"class_embed_type", "addition_embed_type", "addition_time_embed_dim", "encoder_hid_dim", "encoder_hid_dim_type",
+        "time_cond_proj_dim", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act", "num_class_embeds",
+        "projection_class_embeddings_input_dim", "cross_attention_norm", "reverse_transformer_layers_per_block"})
     cfgjson::require_default(j, kWhat, key, nullptr);
   cfgjson::require_default(j, kWhat, "time_embedding_type", "positional");
   cfgjson::require_default(j, kWhat, "conv_in_kernel", 3);
@@ -186,8 +185,8 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
   const std::vector<int> heads = cfg_.heads_per_block();
   p.act = nn::parse_act(cfg_.act_fn, "act_fn");
 
-  p.conv_in = register_module(
-      "conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
+  p.conv_in =
+      register_module("conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
   p.time_embedding = register_module("time_embedding", nn::TimestepEmbedding(ch[0], cfg_.time_embed_dim(), p.act));
 
   auto block_options = [&](int heads_i) {
@@ -247,8 +246,8 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
   p.conv_norm_out = register_module(
       "conv_norm_out",
       torch::nn::GroupNorm(torch::nn::GroupNormOptions(cfg_.norm_num_groups, ch[0]).eps(cfg_.norm_eps)));
-  p.conv_out = register_module(
-      "conv_out", torch::nn::Conv2d(torch::nn::Conv2dOptions(ch[0], cfg_.out_channels, 3).padding(1)));
+  p.conv_out =
+      register_module("conv_out", torch::nn::Conv2d(torch::nn::Conv2dOptions(ch[0], cfg_.out_channels, 3).padding(1)));
 }
 
 at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
@@ -261,8 +260,8 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
                 "encoder_hidden_states must be [", B, ", N, ", cfg_.cross_attention_dim, "], got ", shape_string(ctx));
   DMX_CHECK_ARG(in.timestep.defined(), "timestep must be given (0-d or [B])");
   at::Tensor t = in.timestep.dim() == 0 ? in.timestep.unsqueeze(0) : in.timestep;
-  DMX_CHECK_ARG(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == B), "timestep must be 0-d, [1] or [", B,
-                "], got ", shape_string(in.timestep));
+  DMX_CHECK_ARG(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == B), "timestep must be 0-d, [1] or [", B, "], got ",
+                shape_string(in.timestep));
   const bool controlnet = !in.down_block_additional_residuals.empty() || in.mid_block_additional_residual.defined();
   if (controlnet)
     DMX_CHECK_ARG(!in.down_block_additional_residuals.empty() && in.mid_block_additional_residual.defined(),
@@ -322,7 +321,8 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
     std::vector<at::Tensor> skips(res.end() - static_cast<std::ptrdiff_t>(k), res.end());
     res.resize(res.size() - k);
     std::optional<std::vector<int64_t>> upsample_size;
-    if (!is_final && forward_upsample_size) upsample_size = std::vector<int64_t>{res.back().size(2), res.back().size(3)};
+    if (!is_final && forward_upsample_size)
+      upsample_size = std::vector<int64_t>{res.back().size(2), res.back().size(3)};
     h = p.up_blocks[i]->forward(h, skips, emb, ctx, upsample_size);
     record(in.recorder, "up_blocks." + std::to_string(i), h);
   }

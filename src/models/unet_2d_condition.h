@@ -20,8 +20,8 @@ struct UNet2DConditionConfig {
   bool center_input_sample = false;
   bool flip_sin_to_cos = true;
   int freq_shift = 0;
-  std::vector<std::string> down_block_types{"CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                            "CrossAttnDownBlock2D", "DownBlock2D"};
+  std::vector<std::string> down_block_types{"CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                            "DownBlock2D"};
   std::string mid_block_type = "UNetMidBlock2DCrossAttn";
   std::vector<std::string> up_block_types{"UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
                                           "CrossAttnUpBlock2D"};
@@ -57,9 +57,9 @@ struct UNet2DConditionConfig {
 
 // Forward inputs (a struct, per CONVENTIONS): ControlNet residuals arrive here as data.
 struct UNetInputs {
-  at::Tensor sample;                 // [B, C, h, w]
-  at::Tensor timestep;               // 0-d or [B]; float or int
-  at::Tensor encoder_hidden_states;  // [B, N, cross_attention_dim]
+  at::Tensor sample;                                        // [B, C, h, w]
+  at::Tensor timestep;                                      // 0-d or [B]; float or int
+  at::Tensor encoder_hidden_states;                         // [B, N, cross_attention_dim]
   std::vector<at::Tensor> down_block_additional_residuals;  // optional (ControlNet)
   at::Tensor mid_block_additional_residual;                 // optional (ControlNet)
   // Records time_embedding, conv_in, down_blocks.<i>, mid_block, up_blocks.<i>, conv_norm_out, conv_out.

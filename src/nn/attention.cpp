@@ -11,8 +11,8 @@ namespace {
 std::atomic<int64_t> g_max_score_elements{int64_t{1} << 24};
 
 // One chunk of queries: q [BH, c, d] (rows q_begin..q_begin+c of the full sequence), k, v [BH, Nk, d].
-at::Tensor attend_chunk(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor& v, double scale,
-                        bool causal, int64_t q_begin, at::ScalarType probs_dtype) {
+at::Tensor attend_chunk(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor& v, double scale, bool causal,
+                        int64_t q_begin, at::ScalarType probs_dtype) {
   at::Tensor scores = at::bmm(q, k_t);  // [BH, c, Nk]
   scores.mul_(scale);
   if (causal) {

@@ -13,8 +13,8 @@ namespace dmx::nn {
 // causal: mask j > i (CLIP text encoder).
 // Queries are processed in chunks so that one score tensor holds at most max_score_elements() values
 // (all batch-heads together); the result does not depend on the chunking beyond float rounding.
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                     bool causal = false, bool upcast = false);
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal = false,
+                     bool upcast = false);
 
 // Score-tensor budget for the query chunking (default 2^24 elements = 64 MiB in float32).
 int64_t max_score_elements();

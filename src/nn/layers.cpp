@@ -18,10 +18,14 @@ Act parse_act(const std::string& name, const std::string& field) {
 
 at::Tensor apply_act(Act act, const at::Tensor& x) {
   switch (act) {
-    case Act::SiLU: return at::silu(x);
-    case Act::Mish: return at::mish(x);
-    case Act::GELU: return at::gelu(x);
-    case Act::ReLU: return at::relu(x);
+    case Act::SiLU:
+      return at::silu(x);
+    case Act::Mish:
+      return at::mish(x);
+    case Act::GELU:
+      return at::gelu(x);
+    case Act::ReLU:
+      return at::relu(x);
   }
   return x;
 }
@@ -56,8 +60,7 @@ at::Tensor get_timestep_embedding(const at::Tensor& timesteps, int64_t embedding
   DMX_CHECK_ARG(timesteps.dim() == 1, "timesteps must be a 1-d tensor, got shape ", timesteps.sizes());
   const int64_t half_dim = embedding_dim / 2;
   // Same op order and dtypes as diffusers: float32 arange * (-log(max_period)) / (half - shift), exp.
-  at::Tensor exponent =
-      at::arange(0, half_dim, timesteps.options().dtype(at::kFloat)) * (-std::log(max_period));
+  at::Tensor exponent = at::arange(0, half_dim, timesteps.options().dtype(at::kFloat)) * (-std::log(max_period));
   exponent = exponent / (static_cast<double>(half_dim) - downscale_freq_shift);
   at::Tensor emb = exponent.exp();
   emb = timesteps.unsqueeze(1).to(at::kFloat) * emb.unsqueeze(0);  // [B, half]
@@ -275,7 +278,8 @@ DownBlock2DImpl::DownBlock2DImpl(const BlockOptions& o) {
   std::shared_ptr<tnn::Module> as = o.cross_attention ? make_container(*this, "attentions") : nullptr;
   for (int64_t i = 0; i < o.num_layers; ++i) {
     const std::string idx = std::to_string(i);
-    resnets.push_back(rs->register_module(idx, make_resnet(o, i == 0 ? o.in_channels : o.out_channels, o.out_channels)));
+    resnets.push_back(
+        rs->register_module(idx, make_resnet(o, i == 0 ? o.in_channels : o.out_channels, o.out_channels)));
     if (as) attentions.push_back(as->register_module(idx, make_transformer(o, o.out_channels)));
   }
   if (o.add_sampler) {

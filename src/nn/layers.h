@@ -54,8 +54,8 @@ TORCH_MODULE(TimestepEmbedding);
 // ---------------------------------------------------------------------------------------------------
 struct ResnetBlock2DOptions {
   int64_t in_channels = 0;
-  int64_t out_channels = 0;     // 0 = in_channels
-  int64_t temb_channels = 0;    // 0 = no time-embedding projection (VAE)
+  int64_t out_channels = 0;   // 0 = in_channels
+  int64_t temb_channels = 0;  // 0 = no time-embedding projection (VAE)
   int64_t groups = 32;
   double eps = 1e-6;
   double output_scale_factor = 1.0;
@@ -104,8 +104,8 @@ struct AttentionOptions {
   int64_t cross_attention_dim = 0;  // 0 = query_dim (self-attention)
   int64_t heads = 8;
   int64_t dim_head = 64;
-  bool bias = false;      // to_q / to_k / to_v
-  bool out_bias = true;   // to_out.0
+  bool bias = false;     // to_q / to_k / to_v
+  bool out_bias = true;  // to_out.0
   bool upcast_attention = false;
   bool upcast_softmax = false;
   int64_t norm_num_groups = 0;  // > 0: group_norm on the input (VAE mid-block attention)
@@ -193,10 +193,10 @@ struct BlockOptions {
   int64_t resnet_groups = 32;
   Act act = Act::SiLU;
   double output_scale_factor = 1.0;
-  bool add_sampler = false;         // downsample / upsample at the end
+  bool add_sampler = false;  // downsample / upsample at the end
   int64_t downsample_padding = 1;
-  bool cross_attention = false;     // Transformer2DModel after each resnet
-  TransformerOptions transformer;   // used when cross_attention (in_channels set by the block)
+  bool cross_attention = false;    // Transformer2DModel after each resnet
+  TransformerOptions transformer;  // used when cross_attention (in_channels set by the block)
 };
 
 struct DownBlockOutput {
