@@ -6,8 +6,10 @@
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
+#include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,7 +22,7 @@ struct SchedulerConfig {
   int num_train_timesteps = 1000;
   double beta_start = 0.0001;
   double beta_end = 0.02;
-  std::string beta_schedule = "linear";  // linear | scaled_linear | squaredcos_cap_v2
+  std::string beta_schedule = "linear";  // linear | scaled_linear | squaredcos_cap_v2 (+ sigmoid: DDPM, exp: Heun)
   std::vector<double> trained_betas;     // empty = none
   std::string prediction_type = "epsilon";  // epsilon | v_prediction | sample
   std::string timestep_spacing = "leading";  // leading | trailing | linspace
@@ -32,17 +34,21 @@ struct SchedulerConfig {
   double dynamic_thresholding_ratio = 0.995;
   double sample_max_value = 1.0;
   bool rescale_betas_zero_snr = false;
-  std::string variance_type = "fixed_small";  // DDPM
+  std::string variance_type = "fixed_small";  // DDPM; DPM-Solver: "" (None), learned, learned_range
   bool skip_prk_steps = false;                // PNDM
   bool use_karras_sigmas = false;             // Euler, LMS, Heun, DPM-Solver
-  std::string interpolation_type = "linear";  // Euler
-  std::string timestep_type = "discrete";     // Euler
+  std::string interpolation_type = "linear";  // Euler: linear | log_linear
+  std::string timestep_type = "discrete";     // Euler: discrete | continuous
+  std::optional<double> sigma_min;            // Euler: Karras range (unset = from the schedule)
+  std::optional<double> sigma_max;
   int solver_order = 2;                       // DPM-Solver
   std::string algorithm_type = "dpmsolver++";
   std::string solver_type = "midpoint";
   bool lower_order_final = true;
   bool euler_at_final = false;
-  std::string final_sigmas_type = "zero";
+  std::string final_sigmas_type = "zero";  // zero | sigma_min
+  bool use_lu_lambdas = false;
+  double lambda_min_clipped = -std::numeric_limits<double>::infinity();
 
   // class_name is diffusers' class (DDIMScheduler, ...). Unknown json fields are ignored.
   static SchedulerConfig for_class(const std::string& class_name, const nlohmann::json& config);
@@ -51,7 +57,7 @@ struct SchedulerConfig {
 struct StepArgs {
   double eta = 0.0;                       // DDIM only
   at::Generator* generator = nullptr;     // for schedulers that draw noise (DDPM, Euler, Euler a, DDIM eta>0)
-  at::Tensor variance_noise;              // DDIM: explicit noise instead of a draw
+  at::Tensor variance_noise;              // DDIM, SDE DPM-Solver: explicit noise instead of a draw
 };
 
 struct StepOutput {
@@ -90,4 +96,10 @@ std::vector<std::string> scheduler_names();
 
 // Shared math (scheduler.cpp): betas for a config, alphas_cumprod as float32 like diffusers.
 at::Tensor make_betas(const SchedulerConfig& cfg);
+
+// Parses the text of a diffusers scheduler_config.json. diffusers writes Python's json, which may hold
+// NaN / Infinity / -Infinity (DPMSolverMultistepScheduler saves "lambda_min_clipped": -Infinity); plain
+// JSON parsers reject those, so they become the strings "NaN" / "Infinity" / "-Infinity", which
+// for_class reads as numbers. Throws FormatError on malformed text.
+nlohmann::json parse_scheduler_config(const std::string& text);
 }  // namespace dmx::schedulers
