@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
-#include <limits>
 
 #include "dmx/error.h"
 #include "schedulers/scheduler_impl.h"
