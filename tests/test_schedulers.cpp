@@ -45,7 +45,8 @@ void expect_throws(const std::function<void()>& fn, const std::vector<std::strin
     ADD_FAILURE() << what << ": expected an exception";
   } catch (const E& e) {
     const std::string msg = e.what();
-    for (const auto& s : substrings) EXPECT_NE(msg.find(s), std::string::npos) << what << ": '" << s << "' not in: " << msg;
+    for (const auto& s : substrings)
+      EXPECT_NE(msg.find(s), std::string::npos) << what << ": '" << s << "' not in: " << msg;
   } catch (const std::exception& e) {
     ADD_FAILURE() << what << ": wrong exception type: " << e.what();
   }
@@ -82,9 +83,9 @@ const SchedulerRef& load_scheduler_ref(const std::string& variant) {
   return cache.emplace(variant, std::move(ref)).first->second;
 }
 
-const std::vector<std::string> kGoldenCases = {"ddpm", "ddim", "ddim_eta0.5", "pndm", "euler", "euler_a",
-                                               "dpm2m", "dpm2m_karras", "lms", "heun", "ddim_inverse",
-                                               "ddim_trailing", "euler_leading"};
+const std::vector<std::string> kGoldenCases = {"ddpm",         "ddim",          "ddim_eta0.5",  "pndm", "euler",
+                                               "euler_a",      "dpm2m",         "dpm2m_karras", "lms",  "heun",
+                                               "ddim_inverse", "ddim_trailing", "euler_leading"};
 
 std::map<std::string, double>& worst_errors() {
   static std::map<std::string, double> w;
@@ -222,6 +223,42 @@ TEST(SchedulerGoldenCoverage, EveryReferenceCaseIsTested) {
   }
 }
 
+// The pipeline cases record the scheduler each run used: the short names built from the model's
+// scheduler_config.json give the same class, config and timesteps.
+TEST(SchedulerGoldenPipelines, ShortNamesMatchPipelineCases) {
+  DMX_REQUIRE_FIXTURES();
+  const std::map<std::string, std::string> cases = {{"txt2img_ddim", "ddim"},       {"txt2img_ddim_eta", "ddim"},
+                                                    {"txt2img_dpm2m", "dpmpp_2m"},  {"txt2img_euler", "euler"},
+                                                    {"txt2img_euler_a", "euler_a"}, {"txt2img_lms", "lms"},
+                                                    {"txt2img_pndm", "pndm"},       {"img2img", "ddim"}};
+  for (const std::string variant : {"sd15", "test"}) {
+    const json model_cfg = S::parse_scheduler_config(dmx::read_text_file(
+        dmx::test::fixture_model(variant) + "/scheduler/scheduler_config.json", "scheduler config"));
+    for (const auto& [case_name, short_name] : cases) {
+      SCOPED_TRACE(variant + "/" + case_name);
+      const json meta = S::parse_scheduler_config(dmx::read_text_file(
+          dmx::test::fixtures_dir() + "/ref/" + variant + "/" + case_name + ".json", "case metadata"));
+      const json& rec = meta["scheduler"];
+      const json recorded = rec.is_string() ? S::parse_scheduler_config(rec.get<std::string>()) : rec;
+      auto ours = S::create_scheduler(short_name, model_cfg);
+      if (meta.contains("scheduler_class")) {
+        EXPECT_EQ(ours->class_name(), meta["scheduler_class"].get<std::string>());
+      }
+      auto theirs = S::create_scheduler(ours->class_name(), recorded);
+      const int steps = meta["steps"].get<int>();
+      ours->set_timesteps(steps);
+      theirs->set_timesteps(steps);
+      EXPECT_EQ(ours->timesteps(), theirs->timesteps());
+      std::vector<double> expected = ours->timesteps();
+      if (meta.contains("strength")) {  // img2img: the last int(steps * strength) steps
+        const int init_timestep = std::min(static_cast<int>(steps * meta["strength"].get<double>()), steps);
+        expected.erase(expected.begin(), expected.begin() + (steps - init_timestep) * ours->order());
+      }
+      EXPECT_EQ(expected, meta["timesteps"].get<std::vector<double>>());
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Config: from_config semantics and validation.
 
@@ -259,7 +296,10 @@ TEST(SchedulerConfig, ClassDefaultsThenJsonFields) {
   EXPECT_TRUE(std::isinf(dpm.lambda_min_clipped) && dpm.lambda_min_clipped < 0);
 
   // null keeps the default, unknown fields are ignored, deprecated names map as diffusers does.
-  json j = {{"steps_offset", nullptr}, {"not_a_field", 3}, {"algorithm_type", "deis"}, {"solver_type", "bh2"},
+  json j = {{"steps_offset", nullptr},
+            {"not_a_field", 3},
+            {"algorithm_type", "deis"},
+            {"solver_type", "bh2"},
             {"sigma_min", nullptr}};
   const auto mapped = S::SchedulerConfig::for_class("DPMSolverMultistepScheduler", j);
   EXPECT_EQ(mapped.steps_offset, 0);
@@ -313,9 +353,12 @@ TEST(SchedulerConfig, RejectsBadValues) {
     expect_throws<dmx::InvalidArgument>([&] { S::SchedulerConfig::for_class(c.cls, c.fields); }, c.substrings,
                                         c.cls + " " + c.fields.dump());
   expect_throws<dmx::InvalidArgument>([] { S::SchedulerConfig::for_class("FooScheduler", json::object()); },
-                                      {"FooScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"}, "unknown class");
+                                      {"FooScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"},
+                                      "unknown class");
   expect_throws<dmx::Unsupported>(
-      [] { S::SchedulerConfig::for_class("EulerAncestralDiscreteScheduler", {{"prediction_type", "sample"}}); },
+      [] {
+        S::SchedulerConfig::for_class("EulerAncestralDiscreteScheduler", {{"prediction_type", "sample"}});
+      },
       {"EulerAncestralDiscreteScheduler", "sample"}, "euler_a sample");
   // What diffusers accepts per class: DDPM's sigmoid, Heun's exp.
   EXPECT_NO_THROW(S::SchedulerConfig::for_class("DDPMScheduler", {{"beta_schedule", "sigmoid"}}));
@@ -337,8 +380,8 @@ TEST(SchedulerConfig, BetaSchedules) {
   b = S::make_betas(c);
   EXPECT_NEAR(b[0].item<float>(), 0.00085f, 1e-9);
   EXPECT_NEAR(b[-1].item<float>(), 0.012f, 1e-8);
-  EXPECT_NEAR(b[500].item<double>(), std::pow(std::sqrt(0.00085) + 500.0 / 999 * (std::sqrt(0.012) - std::sqrt(0.00085)), 2),
-              1e-8);
+  EXPECT_NEAR(b[500].item<double>(),
+              std::pow(std::sqrt(0.00085) + 500.0 / 999 * (std::sqrt(0.012) - std::sqrt(0.00085)), 2), 1e-8);
 
   c.beta_schedule = "squaredcos_cap_v2";
   b = S::make_betas(c);
@@ -364,17 +407,21 @@ TEST(SchedulerConfig, BetaSchedules) {
 
 TEST(SchedulerFactory, Names) {
   EXPECT_EQ(S::scheduler_names(), (std::vector<std::string>{"ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms",
-                                                             "dpmpp_2m", "dpmpp_2m_karras", "ddim_inverse"}));
-  expect_throws<dmx::InvalidArgument>([] { S::create_scheduler("dpm_fast", sd_scheduler_config()); },
-                                      {"unknown scheduler", "dpm_fast", "ddim", "euler_a", "dpmpp_2m_karras",
-                                       "DPMSolverMultistepScheduler"},
-                                      "unknown name");
-  const std::map<std::string, std::string> classes = {
-      {"ddim", "DDIMScheduler"}, {"ddpm", "DDPMScheduler"}, {"pndm", "PNDMScheduler"},
-      {"euler", "EulerDiscreteScheduler"}, {"euler_a", "EulerAncestralDiscreteScheduler"},
-      {"heun", "HeunDiscreteScheduler"}, {"lms", "LMSDiscreteScheduler"},
-      {"dpmpp_2m", "DPMSolverMultistepScheduler"}, {"dpmpp_2m_karras", "DPMSolverMultistepScheduler"},
-      {"ddim_inverse", "DDIMInverseScheduler"}};
+                                                            "dpmpp_2m", "dpmpp_2m_karras", "ddim_inverse"}));
+  expect_throws<dmx::InvalidArgument>(
+      [] { S::create_scheduler("dpm_fast", sd_scheduler_config()); },
+      {"unknown scheduler", "dpm_fast", "ddim", "euler_a", "dpmpp_2m_karras", "DPMSolverMultistepScheduler"},
+      "unknown name");
+  const std::map<std::string, std::string> classes = {{"ddim", "DDIMScheduler"},
+                                                      {"ddpm", "DDPMScheduler"},
+                                                      {"pndm", "PNDMScheduler"},
+                                                      {"euler", "EulerDiscreteScheduler"},
+                                                      {"euler_a", "EulerAncestralDiscreteScheduler"},
+                                                      {"heun", "HeunDiscreteScheduler"},
+                                                      {"lms", "LMSDiscreteScheduler"},
+                                                      {"dpmpp_2m", "DPMSolverMultistepScheduler"},
+                                                      {"dpmpp_2m_karras", "DPMSolverMultistepScheduler"},
+                                                      {"ddim_inverse", "DDIMInverseScheduler"}};
   for (const auto& [name, cls] : classes) {
     EXPECT_EQ(S::create_scheduler(name, sd_scheduler_config())->class_name(), cls) << name;
     EXPECT_EQ(S::create_scheduler(cls, sd_scheduler_config())->class_name(), cls) << cls;
@@ -561,8 +608,8 @@ TEST(SchedulerStep, TimestepLayouts) {
   prk_cfg["skip_prk_steps"] = false;
   auto prk = S::create_scheduler("pndm", prk_cfg);
   prk->set_timesteps(10);
-  const std::vector<double> expected = {901, 851, 851, 801, 801, 751, 751, 701, 701, 651, 651, 601,
-                                        601, 501, 401, 301, 201, 101, 1};
+  const std::vector<double> expected = {901, 851, 851, 801, 801, 751, 751, 701, 701, 651,
+                                        651, 601, 601, 501, 401, 301, 201, 101, 1};
   EXPECT_EQ(prk->timesteps(), expected);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(9);
   at::Tensor x = at::randn({1, 4, 4, 4}, gen, at::TensorOptions().dtype(at::kFloat));

@@ -26,7 +26,8 @@ class DDIMInverseScheduler final : public AlphaScheduler {
     timesteps_.clear();
     if (config_.timestep_spacing == "leading") {  // ascending: 0, r, 2r, ... + steps_offset
       const int ratio = T / num_inference_steps;
-      for (int i = 0; i < num_inference_steps; ++i) timesteps_.push_back(static_cast<double>(i) * ratio + config_.steps_offset);
+      for (int i = 0; i < num_inference_steps; ++i)
+        timesteps_.push_back(static_cast<double>(i) * ratio + config_.steps_offset);
     } else {  // trailing, ascending
       std::vector<double> ts = detail::np_arange(T, 0, -static_cast<double>(T) / num_inference_steps);
       std::reverse(ts.begin(), ts.end());

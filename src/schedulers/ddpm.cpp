@@ -95,9 +95,7 @@ class DDPMScheduler final : public AlphaScheduler {
   }
 
  private:
-  int64_t previous_timestep(int64_t t) const {
-    return t - config_.num_train_timesteps / num_inference_steps_;
-  }
+  int64_t previous_timestep(int64_t t) const { return t - config_.num_train_timesteps / num_inference_steps_; }
 
   // _get_variance for the fixed variance types (float32 scalars like diffusers' 0-d tensors).
   float scalar_variance(int64_t t) const {
@@ -112,8 +110,9 @@ class DDPMScheduler final : public AlphaScheduler {
     if (vt == "fixed_small_log") return detail::torch_exp(0.5f * detail::torch_log(variance));
     if (vt == "fixed_large") return current_beta_t;
     // fixed_large_log returns log(β_t) and the step then takes its square root: NaN in diffusers 0.27.
-    throw Unsupported("DDPMScheduler variance_type 'fixed_large_log' produces NaN in diffusers 0.27 "
-                      "(sqrt of a log-variance); use fixed_small, fixed_small_log or fixed_large");
+    throw Unsupported(
+        "DDPMScheduler variance_type 'fixed_large_log' produces NaN in diffusers 0.27 "
+        "(sqrt of a log-variance); use fixed_small, fixed_small_log or fixed_large");
   }
 
   at::Tensor learned_variance(int64_t t, const at::Tensor& predicted_variance) const {

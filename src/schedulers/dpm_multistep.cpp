@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
-#include <limits>
 
 #include "dmx/error.h"
 #include "schedulers/scheduler_impl.h"
@@ -59,8 +58,10 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
       for (int64_t t = T - 1; t >= 0; --t) {  // flip(λ) ascends; count entries < clip
         const float a = alphas_cumprod_[t];
         const float lambda_t = tlog(std::sqrt(a)) - tlog(std::sqrt(1.0f - a));
-        if (lambda_t < clip) ++clipped_idx;
-        else break;
+        if (lambda_t < clip)
+          ++clipped_idx;
+        else
+          break;
       }
     }
     const int64_t last_timestep = T - clipped_idx;
@@ -96,9 +97,8 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
     } else {
       sig = detail::np_interp(ts, train_sigmas);
     }
-    const float sigma_last = config_.final_sigmas_type == "sigma_min"
-                                 ? std::sqrt((1.0f - alphas_cumprod_[0]) / alphas_cumprod_[0])
-                                 : 0.0f;
+    const float sigma_last =
+        config_.final_sigmas_type == "sigma_min" ? std::sqrt((1.0f - alphas_cumprod_[0]) / alphas_cumprod_[0]) : 0.0f;
     sigmas_.clear();
     for (double s : sig) sigmas_.push_back(static_cast<float>(s));
     sigmas_.push_back(sigma_last);
@@ -120,12 +120,13 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
     check_step_index(step_index, "step()");
     DMX_CHECK_ARG(lower_order_nums_ == 0 || step_index == last_step_index_ + 1,
                   "DPMSolverMultistepScheduler keeps a multistep history: steps must be consecutive (expected "
-                  "step_index ", last_step_index_ + 1, ", got ", step_index, "); call set_timesteps() to start a new run");
+                  "step_index ",
+                  last_step_index_ + 1, ", got ", step_index, "); call set_timesteps() to start a new run");
     last_step_index_ = step_index;
     const int n = static_cast<int>(timesteps_.size());
     const bool few_steps = config_.lower_order_final && n < 15;
-    const bool lower_order_final = step_index == n - 1 && (config_.euler_at_final || few_steps ||
-                                                           config_.final_sigmas_type == "zero");
+    const bool lower_order_final =
+        step_index == n - 1 && (config_.euler_at_final || few_steps || config_.final_sigmas_type == "zero");
     const bool lower_order_second = step_index == n - 2 && few_steps;
 
     const at::Tensor model_output = convert_model_output(model_output_in, sample_in, step_index);
@@ -151,7 +152,9 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
   }
 
  private:
-  bool plus_plus() const { return config_.algorithm_type == "dpmsolver++" || config_.algorithm_type == "sde-dpmsolver++"; }
+  bool plus_plus() const {
+    return config_.algorithm_type == "dpmsolver++" || config_.algorithm_type == "sde-dpmsolver++";
+  }
   bool sde() const { return config_.algorithm_type == "sde-dpmsolver" || config_.algorithm_type == "sde-dpmsolver++"; }
 
   // DPM-Solver++ integrates the data prediction x_θ; DPM-Solver the noise prediction ε_θ.
@@ -231,11 +234,10 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
     }
     if (alg == "sde-dpmsolver++") {
       const float c = t.alpha * (1.0f - texp(-2.0f * h));
-      const at::Tensor x =
-          sample * static_cast<double>(t.sigma / s0.sigma * texp(-h)) + D0 * static_cast<double>(c);
-      const at::Tensor y = midpoint ? x + D1 * static_cast<double>(0.5f * c)
-                                    : x + D1 * static_cast<double>(t.alpha * ((1.0f - texp(-2.0f * h)) /
-                                                                                  (-2.0f * h) + 1.0f));
+      const at::Tensor x = sample * static_cast<double>(t.sigma / s0.sigma * texp(-h)) + D0 * static_cast<double>(c);
+      const at::Tensor y =
+          midpoint ? x + D1 * static_cast<double>(0.5f * c)
+                   : x + D1 * static_cast<double>(t.alpha * ((1.0f - texp(-2.0f * h)) / (-2.0f * h) + 1.0f));
       return y + noise * static_cast<double>(t.sigma * std::sqrt(1.0f - texp(-2.0f * h)));
     }
     // sde-dpmsolver
@@ -258,14 +260,12 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
     const at::Tensor D1 = D1_0 + (D1_0 - D1_1) * static_cast<double>(r0 / (r0 + r1));
     const at::Tensor D2 = (D1_0 - D1_1) * static_cast<double>(1.0f / (r0 + r1));
     if (config_.algorithm_type == "dpmsolver++") {
-      return sample * static_cast<double>(t.sigma / s0.sigma) -
-             D0 * static_cast<double>(t.alpha * (texp(-h) - 1.0f)) +
+      return sample * static_cast<double>(t.sigma / s0.sigma) - D0 * static_cast<double>(t.alpha * (texp(-h) - 1.0f)) +
              D1 * static_cast<double>(t.alpha * ((texp(-h) - 1.0f) / h + 1.0f)) -
              D2 * static_cast<double>(t.alpha * ((texp(-h) - 1.0f + h) / (h * h) - 0.5f));
     }
     if (config_.algorithm_type == "dpmsolver") {
-      return sample * static_cast<double>(t.alpha / s0.alpha) -
-             D0 * static_cast<double>(t.sigma * (texp(h) - 1.0f)) -
+      return sample * static_cast<double>(t.alpha / s0.alpha) - D0 * static_cast<double>(t.sigma * (texp(h) - 1.0f)) -
              D1 * static_cast<double>(t.sigma * ((texp(h) - 1.0f) / h - 1.0f)) -
              D2 * static_cast<double>(t.sigma * ((texp(h) - 1.0f - h) / (h * h) - 0.5f));
     }

@@ -40,7 +40,9 @@ class HeunDiscreteScheduler final : public SigmaScheduler {
     }
     sigmas_.push_back(0.0f);
     // Karras timesteps stay float64 in diffusers; spaced ones are float32.
-    const auto cast = [&](double t) { return config_.use_karras_sigmas ? t : static_cast<double>(static_cast<float>(t)); };
+    const auto cast = [&](double t) {
+      return config_.use_karras_sigmas ? t : static_cast<double>(static_cast<float>(t));
+    };
     timesteps_.assign(1, cast(ts.front()));
     for (size_t i = 1; i < ts.size(); ++i) timesteps_.insert(timesteps_.end(), 2, cast(ts[i]));
     reset_state();
@@ -57,9 +59,10 @@ class HeunDiscreteScheduler final : public SigmaScheduler {
     check_step_index(step_index, "step()");
     const bool first_order = !dt_.has_value();
     if (!first_order)
-      DMX_CHECK_ARG(step_index == last_step_index_ + 1, "HeunDiscreteScheduler: the correction call must follow its "
-                    "first call, steps must be consecutive (expected step_index ", last_step_index_ + 1, ", got ",
-                    step_index, "); call set_timesteps() to start a new run");
+      DMX_CHECK_ARG(step_index == last_step_index_ + 1,
+                    "HeunDiscreteScheduler: the correction call must follow its "
+                    "first call, steps must be consecutive (expected step_index ",
+                    last_step_index_ + 1, ", got ", step_index, "); call set_timesteps() to start a new run");
     last_step_index_ = step_index;
     at::Tensor sample = sample_in;
 
@@ -81,8 +84,8 @@ class HeunDiscreteScheduler final : public SigmaScheduler {
       pred_original_sample = sample - model_output * static_cast<double>(sigma_input);
     } else if (pt == "v_prediction") {
       const float c_out = -sigma_input / std::sqrt(sigma_input * sigma_input + 1.0f);
-      pred_original_sample = model_output * static_cast<double>(c_out) +
-                             sample / static_cast<double>(sigma_input * sigma_input + 1.0f);
+      pred_original_sample =
+          model_output * static_cast<double>(c_out) + sample / static_cast<double>(sigma_input * sigma_input + 1.0f);
     } else {  // sample
       pred_original_sample = model_output;
     }
@@ -123,6 +126,8 @@ class HeunDiscreteScheduler final : public SigmaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_heun(const SchedulerConfig& cfg) { return std::make_unique<HeunDiscreteScheduler>(cfg); }
+std::unique_ptr<Scheduler> make_heun(const SchedulerConfig& cfg) {
+  return std::make_unique<HeunDiscreteScheduler>(cfg);
+}
 
 }  // namespace dmx::schedulers

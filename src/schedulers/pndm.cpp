@@ -81,9 +81,10 @@ class PNDMScheduler final : public AlphaScheduler {
     //   + 37e_{t+2δ} - 9e_{t+3δ})/24, eq. 12), _get_prev_sample -> the transfer φ(x_t, e'_t, t, t-δ) (eq. 9),
     //   counter -> steps taken since set_timesteps.
     check_step_index(step_index, "step()");
-    DMX_CHECK_ARG(counter_ == 0 || step_index == last_step_index_ + 1, "PNDMScheduler keeps a multistep history: "
-                  "steps must be consecutive (expected step_index ", last_step_index_ + 1, ", got ", step_index,
-                  "); call set_timesteps() to start a new run");
+    DMX_CHECK_ARG(counter_ == 0 || step_index == last_step_index_ + 1,
+                  "PNDMScheduler keeps a multistep history: "
+                  "steps must be consecutive (expected step_index ",
+                  last_step_index_ + 1, ", got ", step_index, "); call set_timesteps() to start a new run");
     last_step_index_ = step_index;
     const int64_t timestep = static_cast<int64_t>(timesteps_[step_index]);
     at::Tensor prev;
@@ -112,8 +113,8 @@ class PNDMScheduler final : public AlphaScheduler {
     } else if ((counter_ - 1) % 4 == 0 || (counter_ - 2) % 4 == 0) {
       accumulate(1.0 / 3);
     } else {
-      model_output = (cur_model_output_.defined() ? cur_model_output_ : at::zeros_like(model_output)) +
-                     model_output * (1.0 / 6);
+      model_output =
+          (cur_model_output_.defined() ? cur_model_output_ : at::zeros_like(model_output)) + model_output * (1.0 / 6);
       cur_model_output_ = at::Tensor();
     }
     const at::Tensor cur_sample = cur_sample_.defined() ? cur_sample_ : sample;
@@ -171,9 +172,9 @@ class PNDMScheduler final : public AlphaScheduler {
     const float sample_coeff = std::sqrt(alpha_prod_t_prev / alpha_prod_t);
     const float model_output_denom_coeff =
         alpha_prod_t * std::sqrt(beta_prod_t_prev) + std::sqrt(alpha_prod_t * beta_prod_t * alpha_prod_t_prev);
-    return sample * static_cast<double>(sample_coeff) -
-           model_output * static_cast<double>(alpha_prod_t_prev - alpha_prod_t) /
-               static_cast<double>(model_output_denom_coeff);
+    return sample * static_cast<double>(sample_coeff) - model_output *
+                                                            static_cast<double>(alpha_prod_t_prev - alpha_prod_t) /
+                                                            static_cast<double>(model_output_denom_coeff);
   }
 
   float final_alpha_cumprod_ = 1.0f;

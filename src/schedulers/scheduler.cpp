@@ -165,8 +165,8 @@ const std::vector<ClassSpec>& class_specs() {
        },
        make_ddim},
       {"DDIMInverseScheduler",
-       {"clip_sample", "set_alpha_to_one", "steps_offset", "prediction_type", "clip_sample_range",
-        "timestep_spacing", "rescale_betas_zero_snr"},
+       {"clip_sample", "set_alpha_to_one", "steps_offset", "prediction_type", "clip_sample_range", "timestep_spacing",
+        "rescale_betas_zero_snr"},
        kBetaSchedules,
        kPredictionTypes,
        {"leading", "trailing"},
@@ -209,8 +209,7 @@ const std::vector<ClassSpec>& class_specs() {
        },
        make_euler_ancestral},
       {"HeunDiscreteScheduler",
-       {"prediction_type", "use_karras_sigmas", "clip_sample", "clip_sample_range", "timestep_spacing",
-        "steps_offset"},
+       {"prediction_type", "use_karras_sigmas", "clip_sample", "clip_sample_range", "timestep_spacing", "steps_offset"},
        {"linear", "scaled_linear", "squaredcos_cap_v2", "exp"},
        kPredictionTypes,
        kSpacings,
@@ -233,9 +232,9 @@ const std::vector<ClassSpec>& class_specs() {
        make_lms},
       {"DPMSolverMultistepScheduler",
        {"solver_order", "prediction_type", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
-        "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_karras_sigmas",
-        "use_lu_lambdas", "final_sigmas_type", "lambda_min_clipped", "variance_type", "timestep_spacing",
-        "steps_offset", "rescale_betas_zero_snr"},
+        "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_karras_sigmas", "use_lu_lambdas",
+        "final_sigmas_type", "lambda_min_clipped", "variance_type", "timestep_spacing", "steps_offset",
+        "rescale_betas_zero_snr"},
        kBetaSchedules,
        kPredictionTypes,
        kSpacings,
@@ -288,8 +287,9 @@ void validate(const SchedulerConfig& c, const ClassSpec& spec) {
   }
   if (has("prediction_type")) {
     if (cls == "EulerAncestralDiscreteScheduler" && c.prediction_type == "sample")
-      throw Unsupported("EulerAncestralDiscreteScheduler does not implement prediction_type 'sample' "
-                        "(diffusers 0.27 raises NotImplementedError); use epsilon or v_prediction");
+      throw Unsupported(
+          "EulerAncestralDiscreteScheduler does not implement prediction_type 'sample' "
+          "(diffusers 0.27 raises NotImplementedError); use epsilon or v_prediction");
     check_one_of("prediction_type", c.prediction_type, spec.prediction_types, cls);
   }
   if (has("timestep_spacing")) check_one_of("timestep_spacing", c.timestep_spacing, spec.spacings, cls);
@@ -308,8 +308,7 @@ void validate(const SchedulerConfig& c, const ClassSpec& spec) {
   }
   if (cls == "DDPMScheduler")
     check_one_of("variance_type", c.variance_type,
-                 {"fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"},
-                 cls);
+                 {"fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"}, cls);
   if (cls == "EulerDiscreteScheduler") {
     check_one_of("interpolation_type", c.interpolation_type, {"linear", "log_linear"}, cls);
     check_one_of("timestep_type", c.timestep_type, {"discrete", "continuous"}, cls);
@@ -449,8 +448,10 @@ nlohmann::json parse_scheduler_config(const std::string& text) {
     const char ch = text[i];
     if (in_string) {
       out += ch;
-      if (ch == '\\' && i + 1 < text.size()) out += text[++i];
-      else if (ch == '"') in_string = false;
+      if (ch == '\\' && i + 1 < text.size())
+        out += text[++i];
+      else if (ch == '"')
+        in_string = false;
       continue;
     }
     if (ch == '"') {
@@ -577,7 +578,8 @@ std::vector<double> karras_sigmas(double sigma_min, double sigma_max, int64_t nu
   const double min_inv_rho = std::pow(sigma_min, 1 / rho);
   const double max_inv_rho = std::pow(sigma_max, 1 / rho);
   std::vector<double> sigmas(ramp.size());
-  for (size_t i = 0; i < ramp.size(); ++i) sigmas[i] = std::pow(max_inv_rho + ramp[i] * (min_inv_rho - max_inv_rho), rho);
+  for (size_t i = 0; i < ramp.size(); ++i)
+    sigmas[i] = std::pow(max_inv_rho + ramp[i] * (min_inv_rho - max_inv_rho), rho);
   return sigmas;
 }
 
@@ -595,8 +597,8 @@ std::vector<double> spaced_timesteps(const SchedulerConfig& cfg, int n, bool int
     ts = np_arange(T, 0, -static_cast<double>(T) / n);
     for (double& t : ts) t = np_round(t) - 1;
   } else {
-    throw InvalidArgument("timestep_spacing must be one of linspace, leading, trailing, got '" +
-                          cfg.timestep_spacing + "'");
+    throw InvalidArgument("timestep_spacing must be one of linspace, leading, trailing, got '" + cfg.timestep_spacing +
+                          "'");
   }
   return ts;
 }

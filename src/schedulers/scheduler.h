@@ -78,6 +78,9 @@ class Scheduler {
   // Entries in timesteps() per model evaluation pair (Heun = 2; used by img2img's start index).
   virtual int order() const { return 1; }
   virtual at::Tensor scale_model_input(const at::Tensor& sample, int step_index) { return sample; }
+  // One denoising step at timesteps()[step_index]. A run may start at any index (img2img); stateful
+  // schedulers (PNDM, LMS, Heun, DPM-Solver) then need consecutive indices (InvalidArgument otherwise)
+  // until set_timesteps() starts a new run.
   virtual StepOutput step(const at::Tensor& model_output, int step_index, const at::Tensor& sample,
                           const StepArgs& args = {}) = 0;
   // Noise original to the level of timesteps()[step_index] (sigma-based schedulers use their sigmas).
