@@ -13,7 +13,7 @@
 namespace dmx::test {
 namespace {
 
-struct Run {
+struct CliRun {
   int code = -1;
   std::string output;  // stdout + stderr
 };
@@ -24,11 +24,11 @@ std::string quote(const std::string& s) {
   return q + "'";
 }
 
-Run dmx_run(const std::vector<std::string>& args) {
+CliRun dmx_run(const std::vector<std::string>& args) {
   std::string cmd = quote(DMX_CLI_PATH);
   for (const auto& a : args) cmd += " " + quote(a);
   cmd += " 2>&1";
-  Run r;
+  CliRun r;
   FILE* f = popen(cmd.c_str(), "r");
   std::array<char, 4096> buf;
   size_t n;
@@ -38,10 +38,10 @@ Run dmx_run(const std::vector<std::string>& args) {
   return r;
 }
 
-std::string model() { return fixture_model("test"); }
+std::string model() { return fixture_model("sd15"); }
 
 void expect_error(const std::vector<std::string>& args, const std::string& needle, const std::string& out_path) {
-  Run r = dmx_run(args);
+  CliRun r = dmx_run(args);
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("error: "), std::string::npos) << r.output;
   EXPECT_NE(r.output.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.output;
@@ -49,11 +49,11 @@ void expect_error(const std::vector<std::string>& args, const std::string& needl
 }
 
 TEST(Cli, HelpAndUsage) {
-  Run r = dmx_run({"generate", "--help"});
+  CliRun r = dmx_run({"generate", "--help"});
   EXPECT_EQ(r.code, 0);
   EXPECT_NE(r.output.find("--guidance-scale"), std::string::npos);
   EXPECT_EQ(dmx_run({}).code, 2);
-  Run bad = dmx_run({"frobnicate"});
+  CliRun bad = dmx_run({"frobnicate"});
   EXPECT_EQ(bad.code, 2);
   EXPECT_NE(bad.output.find("unknown command 'frobnicate'"), std::string::npos);
 }
@@ -111,7 +111,7 @@ TEST(Cli, SeededRunReproducesAndWritesMetadata) {
   a.insert(a.end(), {"--output", dir + "/a.png", "--save-latents", dir + "/a.safetensors"});
   auto b = args;
   b.insert(b.end(), {"--output", dir + "/b.png", "--save-latents", dir + "/b.safetensors"});
-  Run ra = dmx_run(a);
+  CliRun ra = dmx_run(a);
   ASSERT_EQ(ra.code, 0) << ra.output;
   ASSERT_EQ(dmx_run(b).code, 0);
   Image ia = load_image(dir + "/a.png", "a"), ib = load_image(dir + "/b.png", "b");
@@ -132,7 +132,7 @@ TEST(Cli, InitLatentsRoundTripAndNumImages) {
   DMX_REQUIRE_FIXTURES();
   const std::string dir = temp_dir();
   io::save_safetensors(dir + "/noise.safetensors", {{"latents", at::randn({2, 4, 8, 8})}});
-  Run r = dmx_run({"generate", "--model", model(), "--prompt", "x", "--steps", "2", "--num-images", "2", "--width", "64",
+  CliRun r = dmx_run({"generate", "--model", model(), "--prompt", "x", "--steps", "2", "--num-images", "2", "--width", "64",
                    "--height", "64", "--init-latents", dir + "/noise.safetensors", "--output", dir + "/multi.png",
                    "--quiet"});
   ASSERT_EQ(r.code, 0) << r.output;
@@ -154,14 +154,14 @@ TEST(Cli, SingleFileCheckpointMatchesDiffusersFolder) {
   a.insert(a.end(), common.begin(), common.end());
   auto b = std::vector<std::string>{"generate", "--model", single, "--config", folder, "--output", dir + "/single.png"};
   b.insert(b.end(), common.begin(), common.end());
-  Run ra = dmx_run(a), rb = dmx_run(b);
+  CliRun ra = dmx_run(a), rb = dmx_run(b);
   ASSERT_EQ(ra.code, 0) << ra.output;
   ASSERT_EQ(rb.code, 0) << rb.output;
   EXPECT_EQ(load_image(dir + "/folder.png", "a").data, load_image(dir + "/single.png", "b").data);
   // Without a tokenizer source the single file cannot run: a clear error, exit 2.
   auto c = std::vector<std::string>{"generate", "--model", single, "--output", dir + "/none.png"};
   c.insert(c.end(), common.begin(), common.end());
-  Run rc = dmx_run(c);
+  CliRun rc = dmx_run(c);
   EXPECT_EQ(rc.code, 2) << rc.output;
   EXPECT_FALSE(path_exists(dir + "/none.png"));
 }
@@ -200,18 +200,18 @@ TEST(Metadata, ParsesA1111Parameters) {
 TEST(Cli, InfoAndFromReproduceTheImage) {
   DMX_REQUIRE_FIXTURES();
   const std::string dir = temp_dir();
-  Run r = dmx_run({"generate", "--model", model(), "--prompt", "a blue bird", "--negative-prompt", "fog", "--steps",
+  CliRun r = dmx_run({"generate", "--model", model(), "--prompt", "a blue bird", "--negative-prompt", "fog", "--steps",
                    "3", "--seed", "99", "--scheduler", "dpmpp_2m_karras", "--width", "40", "--height", "56",
                    "--output", dir + "/orig.png", "--quiet"});
   ASSERT_EQ(r.code, 0) << r.output;
-  Run info = dmx_run({"info", dir + "/orig.png"});
+  CliRun info = dmx_run({"info", dir + "/orig.png"});
   ASSERT_EQ(info.code, 0) << info.output;
   EXPECT_NE(info.output.find("Negative prompt: fog"), std::string::npos) << info.output;
   EXPECT_NE(info.output.find("Sampler: DPM++ 2M Karras"), std::string::npos) << info.output;
-  Run again = dmx_run({"generate", "--model", model(), "--from", dir + "/orig.png", "--output", dir + "/again.png", "--quiet"});
+  CliRun again = dmx_run({"generate", "--model", model(), "--from", dir + "/orig.png", "--output", dir + "/again.png", "--quiet"});
   ASSERT_EQ(again.code, 0) << again.output;
   EXPECT_EQ(load_image(dir + "/orig.png", "a").data, load_image(dir + "/again.png", "b").data);
-  Run noinfo = dmx_run({"info", dir + "/nothing.png"});
+  CliRun noinfo = dmx_run({"info", dir + "/nothing.png"});
   EXPECT_EQ(noinfo.code, 2);
 }
 }  // namespace

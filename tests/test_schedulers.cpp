@@ -535,11 +535,18 @@ TEST(SchedulerStep, RuntimeErrors) {
   expect_throws<dmx::InvalidArgument>([&] { ddim->step(x, 10, x); }, {"step_index", "[0, 10)", "10"}, "index");
   expect_throws<dmx::InvalidArgument>([&] { ddim->add_noise(x, x, -1); }, {"step_index", "-1"}, "add_noise index");
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1);
+  // Given noise takes precedence over the generator, which then draws nothing (replay of recorded draws).
   S::StepArgs both;
   both.eta = 1.0;
   both.generator = &gen;
-  both.variance_noise = x;
-  expect_throws<dmx::InvalidArgument>([&] { ddim->step(x, 0, x, both); }, {"generator", "variance_noise"}, "both");
+  both.variance_noise = at::ones({1, 4, 4, 4});
+  const at::Tensor state_before = gen.get_state();
+  const at::Tensor with_noise = ddim->step(x, 0, x, both).prev_sample;
+  EXPECT_TRUE(at::equal(gen.get_state(), state_before)) << "the generator must not draw when noise is given";
+  both.generator = nullptr;
+  EXPECT_TRUE(at::equal(with_noise, ddim->step(x, 0, x, both).prev_sample));
+  both.variance_noise = at::ones({1, 4, 2, 2});
+  expect_throws<dmx::InvalidArgument>([&] { ddim->step(x, 0, x, both); }, {"variance_noise", "shape"}, "noise shape");
   S::StepArgs negative;
   negative.eta = -0.5;
   expect_throws<dmx::InvalidArgument>([&] { ddim->step(x, 0, x, negative); }, {"eta", "-0.5"}, "eta");

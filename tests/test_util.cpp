@@ -8,6 +8,7 @@
 
 #include "core/fs.h"
 #include "dmx/error.h"
+#include "schedulers/scheduler.h"
 
 namespace dmx::test {
 
@@ -40,7 +41,8 @@ const at::Tensor& RefCase::operator[](const std::string& name) const {
 RefCase load_ref(const std::string& variant, const std::string& name) {
   RefCase r;
   const std::string base = fixtures_dir() + "/ref/" + variant + "/" + name;
-  r.meta = nlohmann::json::parse(read_text_file(base + ".json", "reference metadata"));
+  // Python's json writes -Infinity (DPM-Solver configs): parse with the scheduler config reader.
+  r.meta = schedulers::parse_scheduler_config(read_text_file(base + ".json", "reference metadata"));
   r.tensors = io::load_safetensors(base + ".safetensors");
   return r;
 }

@@ -5,6 +5,7 @@
 #include "dmx/error.h"
 #include "io/checkpoint.h"
 #include "io/state_dict.h"
+#include "schedulers/scheduler.h"
 
 namespace dmx::pipelines {
 
@@ -45,7 +46,9 @@ std::shared_ptr<StableDiffusionModels> load_stable_diffusion(const std::string& 
     auto unet_cfg = io::load_json_file(join_path(path, "unet/config.json"), "unet config");
     auto vae_cfg = io::load_json_file(join_path(path, "vae/config.json"), "vae config");
     auto text_cfg = io::load_json_file(join_path(path, "text_encoder/config.json"), "text encoder config");
-    m->scheduler_config = io::load_json_file(join_path(path, "scheduler/scheduler_config.json"), "scheduler config");
+    // diffusers writes -Infinity into some scheduler configs: parse them with the tolerant reader.
+    m->scheduler_config = schedulers::parse_scheduler_config(
+        read_text_file(join_path(path, "scheduler/scheduler_config.json"), "scheduler config"));
     m->unet = models::UNet2DConditionModel(models::UNet2DConditionConfig::from_json(unet_cfg));
     m->vae = models::AutoencoderKL(models::AutoencoderKLConfig::from_json(vae_cfg));
     m->text_encoder = models::CLIPTextModel(models::CLIPTextConfig::from_json(text_cfg));

@@ -20,7 +20,8 @@ StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<StableDiffusion
 }
 
 void StableDiffusionPipeline::check_params(const StableDiffusionParams& p) const {
-  const int f = m_->vae_scale_factor();
+  // diffusers requires multiples of 8 whatever the VAE; a deeper VAE needs multiples of its factor.
+  const int f = std::max(8, m_->vae_scale_factor());
   if (!p.init_image.defined()) {
     DMX_CHECK_ARG(p.width >= 0 && p.height >= 0, "width and height must be positive, got ", p.width, "x", p.height);
     DMX_CHECK_ARG(p.width % f == 0, "width must be a multiple of ", f, ", got ", p.width);
@@ -109,7 +110,7 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
     const int init_timestep = std::min(static_cast<int>(p.num_inference_steps * p.strength), p.num_inference_steps);
     const int t_start = std::max(p.num_inference_steps - init_timestep, 0);
     start = t_start * sched->order();
-    DMX_CHECK_ARG(start < static_cast<int>(sched->timesteps().size()), "strength ", p.strength, " with ",
+    DMX_CHECK_ARG(init_timestep >= 1 && start < static_cast<int>(sched->timesteps().size()), "strength ", p.strength, " with ",
                   p.num_inference_steps, " steps leaves no denoising step; raise strength or steps");
   }
   const std::vector<double>& ts = sched->timesteps();

@@ -76,15 +76,7 @@ class DDIMScheduler final : public AlphaScheduler {
         pred_original_sample * static_cast<double>(std::sqrt(alpha_prod_t_prev)) + pred_sample_direction;
 
     if (args.eta > 0) {
-      DMX_CHECK_ARG(!(args.variance_noise.defined() && args.generator != nullptr),
-                    "DDIMScheduler.step: pass either a generator or variance_noise, not both");
-      at::Tensor variance_noise = args.variance_noise;
-      if (variance_noise.defined()) {
-        DMX_CHECK_ARG(variance_noise.sizes().equals(model_output.sizes()), "variance_noise must have shape ",
-                      model_output.sizes(), ", got ", variance_noise.sizes());
-      } else {
-        variance_noise = detail::randn_like(model_output, args.generator);
-      }
+      const at::Tensor variance_noise = detail::step_noise(args, model_output);
       prev_sample = prev_sample + variance_noise * static_cast<double>(std_dev_t);
     }
     return {prev_sample, pred_original_sample};

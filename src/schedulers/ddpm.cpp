@@ -78,7 +78,7 @@ class DDPMScheduler final : public AlphaScheduler {
 
     // 6. add noise (drawn at every t > 0, the same draw as diffusers' randn_tensor)
     if (t > 0) {
-      const at::Tensor variance_noise = detail::randn_like(model_output, args.generator);
+      const at::Tensor variance_noise = detail::step_noise(args, model_output);
       at::Tensor variance;
       if (vt == "fixed_small_log") {
         variance = variance_noise * static_cast<double>(scalar_variance(t));

@@ -64,7 +64,7 @@ class EulerDiscreteScheduler final : public SigmaScheduler {
     const float sigma = sigma_at(step_index);
     const float gamma = 0.0f;  // s_churn = 0
     // diffusers draws the churn noise at every step even when γ = 0; keep the generator stream identical.
-    (void)detail::randn_like(model_output, args.generator);
+    (void)detail::step_noise(args, model_output);
     const float sigma_hat = sigma * (gamma + 1.0f);
 
     at::Tensor pred_original_sample;

@@ -57,7 +57,7 @@ class EulerAncestralDiscreteScheduler final : public SigmaScheduler {
     const at::Tensor derivative = (sample - pred_original_sample) / static_cast<double>(sigma);
     const float dt = sigma_down - sigma;
     at::Tensor prev_sample = sample + derivative * static_cast<double>(dt);
-    const at::Tensor noise = detail::randn_like(model_output, args.generator);
+    const at::Tensor noise = detail::step_noise(args, model_output);
     prev_sample = (prev_sample + noise * static_cast<double>(sigma_up)).to(model_output.scalar_type());
     return {prev_sample, pred_original_sample};
   }

@@ -612,6 +612,13 @@ at::Tensor float_tensor(const std::vector<float>& v) {
   return at::tensor(at::ArrayRef<float>(v), at::TensorOptions().dtype(at::kFloat));
 }
 
+at::Tensor step_noise(const StepArgs& args, const at::Tensor& like) {
+  if (!args.variance_noise.defined()) return randn_like(like, args.generator);
+  DMX_CHECK_ARG(args.variance_noise.sizes().equals(like.sizes()), "variance_noise must have shape ", like.sizes(),
+                ", got ", args.variance_noise.sizes());
+  return args.variance_noise.to(like.device(), like.scalar_type());
+}
+
 at::Tensor randn_like(const at::Tensor& like, at::Generator* generator) {
   const at::Device device = like.device();
   const auto options = at::TensorOptions().dtype(like.scalar_type()).layout(like.layout());

@@ -57,7 +57,9 @@ struct SchedulerConfig {
 struct StepArgs {
   double eta = 0.0;                       // DDIM only
   at::Generator* generator = nullptr;     // for schedulers that draw noise (DDPM, Euler, Euler a, DDIM eta>0)
-  at::Tensor variance_noise;              // DDIM, SDE DPM-Solver: explicit noise instead of a draw
+  // Explicit noise instead of a draw, for every scheduler that draws (DDIM eta>0, DDPM, Euler, Euler a,
+  // SDE DPM-Solver): replays recorded draws. Takes precedence over the generator, which then draws nothing.
+  at::Tensor variance_noise;
 };
 
 struct StepOutput {

@@ -41,6 +41,8 @@ at::Tensor float_tensor(const std::vector<float>& v);     // 1-D float32 CPU ten
 // diffusers.utils.torch_utils.randn_tensor(shape, generator, device=like.device, dtype=like.dtype):
 // a CPU generator draws on the CPU and the result moves to like's device.
 at::Tensor randn_like(const at::Tensor& like, at::Generator* generator);
+// The noise of one step: args.variance_noise when given (shape-checked), else a draw like randn_like.
+at::Tensor step_noise(const StepArgs& args, const at::Tensor& like);
 
 // Dynamic thresholding (Imagen, https://arxiv.org/abs/2205.11487): DDPMScheduler._threshold_sample.
 at::Tensor threshold_sample(const at::Tensor& sample, const SchedulerConfig& cfg);
