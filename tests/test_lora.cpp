@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 
 #include "core/fs.h"
 #include "dmx/error.h"
@@ -34,7 +35,9 @@ std::string lora_file(const std::string& variant, const std::string& format) {
   return fixture_model(variant) + "/lora/lora_" + format + ".safetensors";
 }
 
-std::string scale_name(double s) { return s == 0.5 ? "0.5" : "1.0"; }
+std::string scale_name(double s) {
+  return s == 0.5 ? "0.5" : "1.0";
+}
 
 io::TensorMap snapshot(const StableDiffusionModels& m) {
   io::TensorMap s;
@@ -158,10 +161,12 @@ TEST(LoRAGoldenMulti, TwoFilesScalesAdd) {
     auto m = load_model(variant);
     const io::TensorMap before = snapshot(*m);
     for (LoRAMode mode : {LoRAMode::Runtime, LoRAMode::Merged}) {
-      const std::string what = variant + " diffusers@0.3+kohya@0.7" + (mode == LoRAMode::Merged ? " merged" : " runtime");
+      const std::string what =
+          variant + " diffusers@0.3+kohya@0.7" + (mode == LoRAMode::Merged ? " merged" : " runtime");
       pipelines::LoRAApplyOptions o;
       o.mode = mode;
-      pipelines::apply_loras(*m, {{lora_file(variant, "diffusers"), 0.3, 0.3}, {lora_file(variant, "kohya"), 0.7, 0.7}}, o);
+      pipelines::apply_loras(*m, {{lora_file(variant, "diffusers"), 0.3, 0.3}, {lora_file(variant, "kohya"), 0.7, 0.7}},
+                             o);
       Outputs out = run_components(*m, ref, "scale1.0");
       DMX_EXPECT_CLOSE(what + " text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
       DMX_EXPECT_CLOSE(what + " unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
@@ -275,8 +280,8 @@ TEST(LoRAFormulas, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
     at::Tensor w1 = at::randn({a, b}) * 0.3, w2a = at::randn({out / a, r}) * 0.3, w2b = at::randn({r, in / b}) * 0.3;
     t[k + ".lokr_w1"] = w1, t[k + ".lokr_w2_a"] = w2a, t[k + ".lokr_w2_b"] = w2b;
     t[k + ".alpha"] = at::scalar_tensor(1.0);
-    ex.push_back({"te", "text_model.encoder.layers.0.mlp.fc1.weight",
-                  w0 + s * (1.0 / r) * at::kron(w1, at::matmul(w2a, w2b))});
+    ex.push_back(
+        {"te", "text_model.encoder.layers.0.mlp.fc1.weight", w0 + s * (1.0 / r) * at::kron(w1, at::matmul(w2a, w2b))});
   }
   {  // LoKr on a 3x3 convolution, both factors full (alpha unused): dW = kron(w1, w2[c, d, 3, 3])
     const std::string k = "lora_unet_up_blocks_0_resnets_1_conv2";
@@ -285,8 +290,7 @@ TEST(LoRAFormulas, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
     at::Tensor w1 = at::randn({4, 2}) * 0.1, w2 = at::randn({out / 4, in / 2, 3, 3}) * 0.1;
     t[k + ".lokr_w1"] = w1, t[k + ".lokr_w2"] = w2;
     t[k + ".alpha"] = at::scalar_tensor(7.0);
-    ex.push_back({"unet", "up_blocks.0.resnets.1.conv2.weight",
-                  w0 + s * at::kron(w1.unsqueeze(2).unsqueeze(3), w2)});
+    ex.push_back({"unet", "up_blocks.0.resnets.1.conv2.weight", w0 + s * at::kron(w1.unsqueeze(2).unsqueeze(3), w2)});
   }
   {  // kohya/LyCORIS DoRA: W' = W + s * ((W + dW) * m / (||W + dW||_row + eps) - W), dW = alpha/r up @ down
     const std::string k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v";
@@ -306,8 +310,8 @@ TEST(LoRAFormulas, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
     const int64_t r = 4, out = w0.size(0), in = w0.size(1);
     at::Tensor down = at::randn({r, in, 3, 3}) * 0.1, up = at::randn({out, r, 1, 1}) * 0.1;
     t[k + ".lora_down.weight"] = down, t[k + ".lora_up.weight"] = up, t[k + ".alpha"] = at::scalar_tensor(4.0);
-    ex.push_back({"unet", "down_blocks.0.resnets.1.conv2.weight",
-                  w0 + s * at::einsum("or,rihw->oihw", {up.flatten(1), down})});
+    ex.push_back(
+        {"unet", "down_blocks.0.resnets.1.conv2.weight", w0 + s * at::einsum("or,rihw->oihw", {up.flatten(1), down})});
   }
   auto rep = pipelines::apply_lora_tensors(*m, t, {"synthetic", s, s}, false);
   EXPECT_EQ(rep.unet_tensors + rep.text_encoder_tensors, static_cast<int>(t.size()));
@@ -338,7 +342,8 @@ TEST(LoRAFormulas, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
   Outputs rt = run_components(*m, ref, "scale1.0");
   pipelines::set_lora_mode(*m, LoRAMode::Merged);
   for (const auto& e : ex) {
-    at::Tensor got = param(e.component == "unet" ? static_cast<torch::nn::Module&>(*m->unet) : *m->text_encoder, e.param);
+    at::Tensor got =
+        param(e.component == "unet" ? static_cast<torch::nn::Module&>(*m->unet) : *m->text_encoder, e.param);
     DMX_EXPECT_CLOSE("formula " + e.param, got, e.weight, 1e-6);
   }
   Outputs mg = run_components(*m, ref, "scale1.0");
@@ -347,6 +352,78 @@ TEST(LoRAFormulas, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
   EXPECT_GT(at::abs(mg.unet - ref["scale0.unet_out"]).max().item<double>(), 1e-4) << "the adapters change the UNet";
   pipelines::remove_loras(*m);
   EXPECT_EQ(count_changed(*m, before), 0) << "unmerge restores the weights bit for bit";
+}
+
+// Tucker forms: LoCon with lora_mid (runtime is the conv chain down -> mid -> up, merged the einsum) and
+// LoHa with hada_t1 / hada_t2 (LyCORIS: w = einsum("ijkl,jr,ip->prkl", t, w_b, w_a)).
+TEST(LoRAFormulas, TuckerLoConAndLoHa) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = load_model("test");
+  const io::TensorMap before = snapshot(*m);
+  at::manual_seed(11);
+  const double s = 0.6;
+  io::TensorMap t;
+  const std::string k1 = "lora_unet_up_blocks_1_resnets_0_conv1", p1 = "up_blocks.1.resnets.0.conv1.weight";
+  const std::string k2 = "lora_unet_down_blocks_1_resnets_1_conv2", p2 = "down_blocks.1.resnets.1.conv2.weight";
+  at::Tensor w01 = param(*m->unet, p1).detach().clone(), w02 = param(*m->unet, p2).detach().clone();
+  const int64_t r = 3;
+  at::Tensor down = at::randn({r, w01.size(1), 1, 1}) * 0.1, mid = at::randn({r, r, 3, 3}) * 0.1,
+             up = at::randn({w01.size(0), r, 1, 1}) * 0.1;
+  t[k1 + ".lora_down.weight"] = down, t[k1 + ".lora_mid.weight"] = mid, t[k1 + ".lora_up.weight"] = up;
+  t[k1 + ".alpha"] = at::scalar_tensor(1.0);
+  at::Tensor e1 = w01 + s * (1.0 / r) * at::einsum("or,rqhw,qi->oihw", {up.flatten(1), mid, down.flatten(1)});
+  at::Tensor t1 = at::randn({r, r, 3, 3}) * 0.3, t2 = at::randn({r, r, 3, 3}) * 0.3;
+  at::Tensor a1 = at::randn({r, w02.size(0)}) * 0.3, b1 = at::randn({r, w02.size(1)}) * 0.3;
+  at::Tensor a2 = at::randn({r, w02.size(0)}) * 0.3, b2 = at::randn({r, w02.size(1)}) * 0.3;
+  t[k2 + ".hada_w1_a"] = a1, t[k2 + ".hada_w1_b"] = b1, t[k2 + ".hada_t1"] = t1;
+  t[k2 + ".hada_w2_a"] = a2, t[k2 + ".hada_w2_b"] = b2, t[k2 + ".hada_t2"] = t2;
+  t[k2 + ".alpha"] = at::scalar_tensor(2.0);
+  at::Tensor e2 = w02 + s * (2.0 / r) * at::einsum("ijkl,jr,ip->prkl", {t1, b1, a1}) *
+                            at::einsum("ijkl,jr,ip->prkl", {t2, b2, a2});
+  auto rep = pipelines::apply_lora_tensors(*m, t, {"tucker", s, s}, false);
+  EXPECT_EQ(rep.unet_tensors, static_cast<int>(t.size()));
+  RefCase ref = load_ref("test", "lora");
+  Outputs rt = run_components(*m, ref, "scale0");
+  pipelines::set_lora_mode(*m, LoRAMode::Merged);
+  DMX_EXPECT_CLOSE("formula LoCon Tucker " + p1, param(*m->unet, p1), e1, 1e-6);
+  DMX_EXPECT_CLOSE("formula LoHa Tucker " + p2, param(*m->unet, p2), e2, 1e-6);
+  Outputs mg = run_components(*m, ref, "scale0");
+  DMX_EXPECT_CLOSE("Tucker runtime vs merged unet_out", rt.unet, mg.unet, 1e-5);
+  pipelines::remove_loras(*m);
+  EXPECT_EQ(count_changed(*m, before), 0);
+}
+
+// A raw PEFT adapter (base_model.model.* keys) with adapter_config.json beside it: scaling = lora_alpha / r.
+// The fixture's B halved with lora_alpha 8, r 4 (scaling 2) is the reference at 1.0.
+TEST(LoRAGoldenMulti, PeftAdapterConfigAlpha) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("sd15", "lora");
+  auto m = load_model("sd15");
+  const std::string dir = temp_dir() + "/peft_adapter";
+  ASSERT_EQ(std::system(("mkdir -p '" + dir + "'").c_str()), 0);
+  io::TensorMap raw;
+  for (const auto& [k, v] : io::load_safetensors(lora_file("sd15", "peft"))) {
+    std::string key = k;
+    for (const std::string pre : {"unet.", "text_encoder."})
+      if (key.rfind(pre, 0) == 0) key = "base_model.model." + key.substr(pre.size());
+    raw[key] = k.find(".lora_B.") != std::string::npos ? v * 0.5 : v;  // B / 2: alpha/r = 2 restores it
+  }
+  io::save_safetensors(dir + "/adapter_model.safetensors", raw);
+  {
+    FILE* f = std::fopen((dir + "/adapter_config.json").c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    std::fputs("{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8}", f);
+    std::fclose(f);
+  }
+  pipelines::LoRAApplyOptions o;
+  auto reps = pipelines::apply_loras(*m, {{dir + "/adapter_model.safetensors", 1.0, 1.0}}, o);
+  EXPECT_EQ(reps[0].format, "peft");
+  EXPECT_EQ(reps[0].unet_tensors, 384);
+  EXPECT_EQ(reps[0].text_encoder_tensors, 48);
+  Outputs out = run_components(*m, ref, "scale1.0");
+  pipelines::remove_loras(*m);
+  DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
+  DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
 }
 
 // ------------------------------------------------------------------------------------ errors and names
@@ -384,8 +461,9 @@ TEST(LoRAErrors, IncompleteAndMisShapedAdaptersAreFormatErrors) {
   EXPECT_THROW(pipelines::apply_lora_tensors(*m, {{k + ".lora_down.weight", at::zeros({4, 32})}}, {"x", 1, 1}, false),
                FormatError);
   try {
-    pipelines::apply_lora_tensors(*m, {{k + ".lora_down.weight", at::zeros({4, 31})}, {k + ".lora_up.weight", at::zeros({32, 4})}},
-                                  {"x", 1, 1}, false);
+    pipelines::apply_lora_tensors(
+        *m, {{k + ".lora_down.weight", at::zeros({4, 31})}, {k + ".lora_up.weight", at::zeros({32, 4})}}, {"x", 1, 1},
+        false);
     ADD_FAILURE() << "expected FormatError";
   } catch (const FormatError& e) {
     EXPECT_NE(std::string(e.what()).find("lora_down.weight' has shape"), std::string::npos) << e.what();
@@ -417,7 +495,8 @@ TEST(LoRANames, TableParsesEveryLayout) {
   ASSERT_TRUE(k);
   EXPECT_EQ(k->component, io::LoRAComponent::TextEncoder);
   EXPECT_EQ(k->format, io::LoRAKeyFormat::PEFT);
-  k = io::parse_lora_key("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight");
+  k = io::parse_lora_key(
+      "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->module, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0");
   k = io::parse_lora_key("text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.up.weight");
@@ -517,9 +596,21 @@ TEST(LoRACli, KohyaAtScale07MatchesIndependentManualMerge) {
   io::save_safetensors(dir + "/noise.safetensors", {{"latents", ref["scale1.0.txt2img.input.latents"]}});
   const auto& meta = ref.meta["txt2img_scale1.0"];
   const std::string prompt = meta["prompt"].get<std::string>(), neg = meta["negative_prompt"].get<std::string>();
-  const std::vector<std::string> common = {"generate", "--model", fixture_model(variant), "--negative-prompt", neg,
-                                           "--steps", "8", "--scheduler", "ddim", "--guidance-scale", "7.5",
-                                           "--seed", "1", "--init-latents", dir + "/noise.safetensors"};
+  const std::vector<std::string> common = {"generate",
+                                           "--model",
+                                           fixture_model(variant),
+                                           "--negative-prompt",
+                                           neg,
+                                           "--steps",
+                                           "8",
+                                           "--scheduler",
+                                           "ddim",
+                                           "--guidance-scale",
+                                           "7.5",
+                                           "--seed",
+                                           "1",
+                                           "--init-latents",
+                                           dir + "/noise.safetensors"};
   auto a = common;
   a.insert(a.end(), {"--prompt", prompt, "--lora", lora_file(variant, "kohya") + ":0.7", "--output", dir + "/a.png",
                      "--save-latents", dir + "/a.safetensors", "--lora-mode", "runtime"});
@@ -541,15 +632,16 @@ TEST(LoRACli, KohyaAtScale07MatchesIndependentManualMerge) {
     const io::TensorMap d = io::load_safetensors(lora_file(variant, "diffusers"));
     int patched = 0;
     for (const auto& [key, down] : d) {
-      for (const auto& [prefix, mid, comp] :
-           std::vector<std::tuple<std::string, std::string, int>>{{"unet.", ".lora.down.weight", 0},
-                                                                  {"text_encoder.", ".lora_linear_layer.down.weight", 1}}) {
+      for (const auto& [prefix, mid, comp] : std::vector<std::tuple<std::string, std::string, int>>{
+               {"unet.", ".lora.down.weight", 0}, {"text_encoder.", ".lora_linear_layer.down.weight", 1}}) {
         if (key.rfind(prefix, 0) != 0 || key.size() < mid.size() ||
             key.compare(key.size() - mid.size(), mid.size(), mid) != 0)
           continue;
         const std::string path = key.substr(prefix.size(), key.size() - prefix.size() - mid.size());
-        const std::string up_key = key.substr(0, key.size() - mid.size()) + (comp == 0 ? ".lora.up.weight" : ".lora_linear_layer.up.weight");
-        at::Tensor w = param(comp == 0 ? static_cast<torch::nn::Module&>(*fresh->unet) : *fresh->text_encoder, path + ".weight");
+        const std::string up_key =
+            key.substr(0, key.size() - mid.size()) + (comp == 0 ? ".lora.up.weight" : ".lora_linear_layer.up.weight");
+        at::Tensor w =
+            param(comp == 0 ? static_cast<torch::nn::Module&>(*fresh->unet) : *fresh->text_encoder, path + ".weight");
         const at::Tensor up = d.at(up_key);
         w.add_((0.7 * at::matmul(up.reshape({up.size(0), -1}), down.reshape({down.size(0), -1}))).reshape(w.sizes()));
         ++patched;
@@ -582,8 +674,8 @@ TEST(LoRACli, BadLoRAInputsExit2) {
   io::TensorMap t = io::load_safetensors(lora_file("test", "kohya"));
   t["lora_unet_not_a_layer.lora_up.weight"] = at::zeros({4, 4});
   io::save_safetensors(dir + "/extra.safetensors", t);
-  const std::vector<std::string> base = {"generate", "--model", fixture_model("test"), "--steps", "1",
-                                         "--output", dir + "/o.png", "--quiet"};
+  const std::vector<std::string> base = {"generate", "--model",  fixture_model("test"), "--steps",
+                                         "1",        "--output", dir + "/o.png",        "--quiet"};
   auto run = [&](std::vector<std::string> extra, const std::string& needle) {
     auto a = base;
     a.insert(a.end(), extra.begin(), extra.end());

@@ -108,13 +108,15 @@ std::optional<LoRAKeyInfo> parse_lora_key(const std::string& key) {
     DMX_CHECK_SUPPORTED(!ends_with(key, suffix), "LoRA key '", key, "': ", what, " are not supported");
   const PrefixRule* pre = nullptr;
   for (const auto& r : kPrefixes)
-    if (starts_with(key, r.prefix) && (!pre || std::string(r.prefix).size() > std::string(pre->prefix).size())) pre = &r;
+    if (starts_with(key, r.prefix) && (!pre || std::string(r.prefix).size() > std::string(pre->prefix).size()))
+      pre = &r;
   if (!pre) return std::nullopt;
   DMX_CHECK_SUPPORTED(pre->unsupported == nullptr, "LoRA key '", key, "': ", pre->unsupported,
                       " is not supported (dmx runs SD 1.x / 2.x)");
   const SuffixRule* suf = nullptr;
   for (const auto& r : kSuffixes)
-    if (ends_with(key, r.suffix) && (!suf || std::string(r.suffix).size() > std::string(suf->suffix).size())) suf = &r;
+    if (ends_with(key, r.suffix) && (!suf || std::string(r.suffix).size() > std::string(suf->suffix).size()))
+      suf = &r;
   if (!suf) return std::nullopt;
   const size_t begin = std::string(pre->prefix).size(), end = key.size() - std::string(suf->suffix).size();
   if (end <= begin) return std::nullopt;

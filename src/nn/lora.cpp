@@ -10,14 +10,18 @@ namespace dmx::nn {
 
 namespace {
 
-at::Tensor as_matrix(const at::Tensor& t) { return t.reshape({t.size(0), -1}); }
+at::Tensor as_matrix(const at::Tensor& t) {
+  return t.reshape({t.size(0), -1});
+}
 
 // LyCORIS make_weight_tucker: rebuild = einsum("i j k l, j r, i p -> p r k l", t, wb, wa).
 at::Tensor tucker(const at::Tensor& t, const at::Tensor& wa, const at::Tensor& wb) {
   return at::einsum("ijkl,jr,ip->prkl", {t.to(at::kFloat), as_matrix(wb.to(at::kFloat)), as_matrix(wa.to(at::kFloat))});
 }
 
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
+at::Tensor f32(const at::Tensor& t) {
+  return t.to(at::kFloat);
+}
 
 // Norm of w over every dim but `axis` (0: per output row, 1: per input column), keeping dims.
 at::Tensor axis_norm(const at::Tensor& w, int axis) {
@@ -44,8 +48,10 @@ at::Tensor lora_delta_weight(const LoRAAdapter& a, at::IntArrayRef weight_shape)
       }
       break;
     case LoRAKind::LoHa: {
-      at::Tensor w1 = a.t1.defined() ? tucker(a.t1, a.w1a, a.w1b) : at::matmul(as_matrix(f32(a.w1a)), as_matrix(f32(a.w1b)));
-      at::Tensor w2 = a.t2.defined() ? tucker(a.t2, a.w2a, a.w2b) : at::matmul(as_matrix(f32(a.w2a)), as_matrix(f32(a.w2b)));
+      at::Tensor w1 =
+          a.t1.defined() ? tucker(a.t1, a.w1a, a.w1b) : at::matmul(as_matrix(f32(a.w1a)), as_matrix(f32(a.w1b)));
+      at::Tensor w2 =
+          a.t2.defined() ? tucker(a.t2, a.w2a, a.w2b) : at::matmul(as_matrix(f32(a.w2a)), as_matrix(f32(a.w2b)));
       d = w1.reshape(weight_shape) * w2.reshape(weight_shape);
       break;
     }
@@ -137,12 +143,14 @@ const at::Tensor& runtime_weight(LoRAState& s, size_t i, const at::Tensor& weigh
   return s.runtime_weights[i];
 }
 
-bool low_rank(const LoRAAdapter& a) { return a.kind == LoRAKind::LoRA && a.dora == DoRAStyle::None; }
+bool low_rank(const LoRAAdapter& a) {
+  return a.kind == LoRAKind::LoRA && a.dora == DoRAStyle::None;
+}
 
 }  // namespace
 
-at::Tensor lora_runtime_linear(LoRAState& s, const at::Tensor& weight, const at::Tensor& /*bias*/,
-                               const at::Tensor& x, const at::Tensor& base_out) {
+at::Tensor lora_runtime_linear(LoRAState& s, const at::Tensor& weight, const at::Tensor& /*bias*/, const at::Tensor& x,
+                               const at::Tensor& base_out) {
   at::Tensor y = base_out;
   for (size_t i = 0; i < s.adapters.size(); ++i) {
     const LoRAAdapter& a = *s.adapters[i];

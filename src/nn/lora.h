@@ -44,7 +44,7 @@ struct LoRAAdapter {
   double alpha_scale = 1.0;  // alpha / rank as the format defines it (1 without alpha)
   at::Tensor down, up, mid;  // LoRA
   at::Tensor w1a, w1b, w2a, w2b, t1, t2;  // LoHa (hada_*) and LoKr (lokr_*: w1 = w1a when w1b undefined)
-  at::Tensor diff;                         // Full
+  at::Tensor diff;                        // Full
   DoRAStyle dora = DoRAStyle::None;
   at::Tensor magnitude;  // DoRA m
 };
@@ -52,7 +52,7 @@ struct LoRAAdapter {
 // The adapters of one layer and, while merged, the exact weight they replaced.
 struct LoRAState {
   std::vector<std::shared_ptr<const LoRAAdapter>> adapters;
-  at::Tensor original_weight;             // defined while merged
+  at::Tensor original_weight;               // defined while merged
   std::vector<at::Tensor> runtime_weights;  // cached full contributions for non-low-rank runtime adapters
   bool merged() const { return original_weight.defined(); }
 };

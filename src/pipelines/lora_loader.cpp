@@ -5,9 +5,9 @@
 
 #include <cctype>
 #include <cmath>
-#include <optional>
 #include <cstdlib>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include "core/fs.h"
@@ -106,9 +106,9 @@ std::string shape_str(at::IntArrayRef s) {
 
 // Reshapes a low-rank factor to `shape` when only trailing 1-sized dims differ (conv 1x1 vs linear).
 at::Tensor fit(const at::Tensor& t, std::vector<int64_t> shape, const std::string& key, const std::string& layer) {
-  DMX_CHECK_FORMAT(t.numel() == c10::multiply_integers(shape) && t.size(0) == shape[0] &&
-                       (t.dim() < 2 || t.size(1) == shape[1]),
-                   "LoRA key '", key, "' has shape ", t.sizes(), ", layer '", layer, "' needs ", shape_str(shape));
+  DMX_CHECK_FORMAT(
+      t.numel() == c10::multiply_integers(shape) && t.size(0) == shape[0] && (t.dim() < 2 || t.size(1) == shape[1]),
+      "LoRA key '", key, "' has shape ", t.sizes(), ", layer '", layer, "' needs ", shape_str(shape));
   return t.reshape(shape);
 }
 
@@ -220,8 +220,8 @@ std::shared_ptr<nn::LoRAAdapter> build_adapter(const Group& g, const Target& tar
     const auto& m = a->magnitude;
     const bool on_out = m.size(0) == out && m.numel() == out;
     const bool on_in = m.dim() >= 2 && m.size(0) == 1 && m.size(1) == in && m.numel() == in;
-    DMX_CHECK_FORMAT(on_out || on_in, where, ": dora_scale has shape ", m.sizes(), ", needs [", out, ", 1, ...] or [1, ",
-                     in, ", ...]");
+    DMX_CHECK_FORMAT(on_out || on_in, where, ": dora_scale has shape ", m.sizes(), ", needs [", out,
+                     ", 1, ...] or [1, ", in, ", ...]");
   }
   // The full weight difference must have the layer's shape (checked here, before anything is attached).
   if (a->kind != nn::LoRAKind::LoRA) (void)nn::lora_delta_weight(*a, w.sizes());
@@ -390,7 +390,8 @@ LoRAReport apply_lora_tensors(StableDiffusionModels& m, const io::TensorMap& ten
   for (const auto& [id, g] : groups) {
     const Target& target = ix[id.first].by_path.at(id.second);
     if (todo.empty()) rep.format = io::lora_format_name(g.format);
-    todo.emplace_back(target, build_adapter(g, target, spec, g.format == LoRAKeyFormat::PEFT ? peft_config : nullptr, src));
+    todo.emplace_back(target,
+                      build_adapter(g, target, spec, g.format == LoRAKeyFormat::PEFT ? peft_config : nullptr, src));
     if (id.first == 0) {
       rep.unet_tensors += static_cast<int>(g.t.size());
       ++rep.unet_layers;
@@ -416,12 +417,13 @@ std::vector<LoRAReport> apply_loras(StableDiffusionModels& m, const std::vector<
     }
     nlohmann::json peft_config;
     const size_t slash = s.path.find_last_of('/');
-    const std::string cfg = join_path(slash == std::string::npos ? "." : s.path.substr(0, slash), "adapter_config.json");
+    const std::string cfg =
+        join_path(slash == std::string::npos ? "." : s.path.substr(0, slash), "adapter_config.json");
     if (path_exists(cfg)) {
       peft_config = io::load_json_file(cfg, "PEFT adapter config");
       for (const char* k : {"rank_pattern", "alpha_pattern"})
-        DMX_CHECK_SUPPORTED(!peft_config.contains(k) || peft_config[k].is_null() || peft_config[k].empty(),
-                            "LoRA ", s.path, ": ", cfg, " uses ", k, ", which is not supported");
+        DMX_CHECK_SUPPORTED(!peft_config.contains(k) || peft_config[k].is_null() || peft_config[k].empty(), "LoRA ",
+                            s.path, ": ", cfg, " uses ", k, ", which is not supported");
     }
     reps.push_back(apply_lora_tensors(m, t, s, o.allow_unmatched, peft_config, s.path));
   }

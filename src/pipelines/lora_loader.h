@@ -34,11 +34,11 @@ struct LoRAApplyOptions {
 
 struct LoRAReport {
   std::string source;
-  std::string format;  // diffusers | peft | kohya (the first adapter's)
+  std::string format;                              // diffusers | peft | kohya (the first adapter's)
   int unet_tensors = 0, text_encoder_tensors = 0;  // tensors of the file that landed on each component
   int unet_layers = 0, text_encoder_layers = 0;    // layers adapted
   std::vector<std::string> unmatched;              // keys that matched no layer (only with allow_unmatched)
-  std::string summary() const;  // "applied N tensors to UNet, M to text encoder" (+ unmatched count)
+  std::string summary() const;                     // "applied N tensors to UNet, M to text encoder" (+ unmatched count)
 };
 
 // "FILE[:SCALE]" as given to --lora: the part after the last ':' is the scale when it is a number and the
