@@ -70,7 +70,8 @@ void remove_loras(StableDiffusionModels& m);
 // Number of layers with adapters attached (UNet + text encoder).
 int count_lora_layers(const StableDiffusionModels& m);
 
-// Applies on construction, removes on destruction.
+// Applies on construction, and on destruction unmerges and detaches every adapter of the model (those
+// attached before it too): after the scope the model is exactly as loaded.
 class ScopedLoRAs {
  public:
   ScopedLoRAs(std::shared_ptr<StableDiffusionModels> m, const std::vector<LoRASpec>& specs, const LoRAApplyOptions& o);
