@@ -35,6 +35,12 @@ struct GenerateOptions {
   std::string dtype = "fp32";
   std::string device = "cpu";
   bool progress = true;
+  // LoRA (docs/lora.md): "FILE[:SCALE]" entries, the scale acting on the UNet and the text encoder alike
+  // (default 1); `<lora:NAME:WEIGHT>` tags in the prompts load lora_dir/NAME.safetensors and are removed.
+  std::vector<std::string> loras;
+  std::string lora_mode = "merged";  // runtime | merged (weights patched, restored after the run)
+  std::string lora_dir;
+  bool lora_allow_unmatched = false;  // unmatched LoRA keys: a counted warning instead of an error
 };
 
 struct GenerateResult {

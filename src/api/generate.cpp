@@ -10,6 +10,7 @@
 #include "core/runtime.h"
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
+#include "pipelines/lora_loader.h"
 #include "pipelines/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
@@ -68,10 +69,24 @@ GenerateResult generate(const GenerateOptions& o) {
     }
   }
   configure_threads(o.threads);
+  // LoRA: --lora entries, then the prompts' <lora:NAME:WEIGHT> tags (removed from the text encoded).
+  pipelines::LoRAApplyOptions lora_opts;
+  lora_opts.mode = pipelines::parse_lora_mode(o.lora_mode);
+  lora_opts.allow_unmatched = o.lora_allow_unmatched;
+  std::vector<pipelines::LoRASpec> lora_specs;
+  for (const auto& l : o.loras) lora_specs.push_back(pipelines::parse_lora_arg(l));
+  std::vector<pipelines::LoRASpec> tagged;
+  const std::string prompt = pipelines::extract_prompt_loras(o.prompt, tagged);
+  const std::string negative_prompt = pipelines::extract_prompt_loras(o.negative_prompt, tagged);
+  for (auto& t : tagged) {
+    t.path = pipelines::resolve_lora_name(o.lora_dir, t.path);
+    lora_specs.push_back(t);
+  }
+  for (const auto& l : lora_specs) DMX_CHECK_ARG(path_exists(l.path), "--lora: file not found: ", l.path);
 
   pipelines::StableDiffusionParams p;
-  p.prompt = o.prompt;
-  p.negative_prompt = o.negative_prompt;
+  p.prompt = prompt;
+  p.negative_prompt = negative_prompt;
   p.width = o.width;
   p.height = o.height;
   p.num_inference_steps = o.steps;
@@ -120,8 +135,15 @@ GenerateResult generate(const GenerateOptions& o) {
   auto t_load = std::chrono::steady_clock::now();
   auto models = pipelines::load_stable_diffusion(o.model, lo);
   log_verbose(detail::concat("load: ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count(), " s"));
+  std::unique_ptr<pipelines::ScopedLoRAs> loras;
+  if (!lora_specs.empty()) {
+    loras = std::make_unique<pipelines::ScopedLoRAs>(models, lora_specs, lora_opts);
+    if (o.progress)
+      for (const auto& r : loras->reports()) log_info("lora: " + r.summary() + " (" + r.source + ")");
+  }
   pipelines::StableDiffusionPipeline pipe(models);
   pipelines::StableDiffusionOutput out = pipe.run(p);
+  loras.reset();
 
   GenerateResult r;
   r.seed = seed;

@@ -59,6 +59,10 @@ int cmd_generate(int argc, char** argv) {
       {"threads", "N", "CPU threads (default: all cores)"},
       {"dtype", "T", "fp32|bf16|fp16 (default fp32)"},
       {"device", "D", "cpu|cuda (default cpu)"},
+      {"lora", "FILE[:SCALE]", "apply a LoRA (diffusers, PEFT, kohya/A1111, LyCORIS); repeatable; scale default 1", true},
+      {"lora-mode", "MODE", "runtime|merged (default merged; both give the same result)"},
+      {"lora-dir", "DIR", "folder for <lora:NAME:WEIGHT> tags in the prompt (NAME.safetensors)"},
+      {"lora-allow-unmatched", "", "skip LoRA keys that match no layer (counted warning) instead of failing"},
       {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
       {"quiet", "", "no progress output"},
       {"verbose", "", "timings and stack traces"},
@@ -99,6 +103,10 @@ int cmd_generate(int argc, char** argv) {
   o.dtype = a.str("dtype", "fp32");
   o.device = a.str("device", "cpu");
   o.progress = !a.has("quiet");
+  for (const auto& l : a.all("lora")) o.loras.push_back(l);
+  o.lora_mode = a.str("lora-mode", o.lora_mode);
+  o.lora_dir = a.str("lora-dir", o.lora_dir);
+  o.lora_allow_unmatched = a.has("lora-allow-unmatched");
   dmx::GenerateResult r = dmx::generate(o);
   if (!a.has("quiet")) {
     for (const auto& p : r.images) std::fprintf(stderr, "wrote %s\n", p.c_str());

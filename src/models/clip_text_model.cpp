@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "dmx/error.h"
+#include "nn/lora.h"
 
 namespace dmx::models {
 namespace nn = torch::nn;
@@ -109,10 +110,10 @@ namespace {
 struct CLIPAttentionImpl : nn::Module {
   CLIPAttentionImpl(int hidden, int heads) : heads(heads), head_dim(hidden / heads) {
     scale = std::pow(static_cast<double>(head_dim), -0.5);
-    k_proj = register_module("k_proj", nn::Linear(hidden, hidden));
-    v_proj = register_module("v_proj", nn::Linear(hidden, hidden));
-    q_proj = register_module("q_proj", nn::Linear(hidden, hidden));
-    out_proj = register_module("out_proj", nn::Linear(hidden, hidden));
+    k_proj = register_module("k_proj", dmx::nn::LoRALinear(hidden, hidden));
+    v_proj = register_module("v_proj", dmx::nn::LoRALinear(hidden, hidden));
+    q_proj = register_module("q_proj", dmx::nn::LoRALinear(hidden, hidden));
+    out_proj = register_module("out_proj", dmx::nn::LoRALinear(hidden, hidden));
   }
   // x: [B, N, C]; causal_mask: [N, N], 0 on and below the diagonal, the dtype's lowest value above.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& causal_mask) {
@@ -129,14 +130,14 @@ struct CLIPAttentionImpl : nn::Module {
   }
   int64_t heads, head_dim;
   double scale;
-  nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
+  dmx::nn::LoRALinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
 };
 TORCH_MODULE(CLIPAttention);
 
 struct CLIPMLPImpl : nn::Module {
   CLIPMLPImpl(int hidden, int intermediate, bool quick_gelu) : quick_gelu(quick_gelu) {
-    fc1 = register_module("fc1", nn::Linear(hidden, intermediate));
-    fc2 = register_module("fc2", nn::Linear(intermediate, hidden));
+    fc1 = register_module("fc1", dmx::nn::LoRALinear(hidden, intermediate));
+    fc2 = register_module("fc2", dmx::nn::LoRALinear(intermediate, hidden));
   }
   at::Tensor forward(const at::Tensor& x) {
     at::Tensor h = fc1(x);  // [B, N, intermediate]
@@ -144,7 +145,7 @@ struct CLIPMLPImpl : nn::Module {
     return fc2(h);
   }
   bool quick_gelu;
-  nn::Linear fc1{nullptr}, fc2{nullptr};
+  dmx::nn::LoRALinear fc1{nullptr}, fc2{nullptr};
 };
 TORCH_MODULE(CLIPMLP);
 

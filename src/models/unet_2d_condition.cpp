@@ -166,7 +166,7 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
 
 // ---------------------------------------------------------------------------------------------------
 struct UNet2DConditionModelImpl::Parts {
-  torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
+  nn::LoRAConv2d conv_in{nullptr}, conv_out{nullptr};
   nn::TimestepEmbedding time_embedding{nullptr};
   std::vector<nn::DownBlock2D> down_blocks;
   nn::UNetMidBlock2DCrossAttn mid_block{nullptr};
@@ -186,7 +186,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
   p.act = nn::parse_act(cfg_.act_fn, "act_fn");
 
   p.conv_in =
-      register_module("conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
+      register_module("conv_in", nn::LoRAConv2d(torch::nn::Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
   p.time_embedding = register_module("time_embedding", nn::TimestepEmbedding(ch[0], cfg_.time_embed_dim(), p.act));
 
   auto block_options = [&](int heads_i) {
@@ -247,7 +247,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
       "conv_norm_out",
       torch::nn::GroupNorm(torch::nn::GroupNormOptions(cfg_.norm_num_groups, ch[0]).eps(cfg_.norm_eps)));
   p.conv_out =
-      register_module("conv_out", torch::nn::Conv2d(torch::nn::Conv2dOptions(ch[0], cfg_.out_channels, 3).padding(1)));
+      register_module("conv_out", nn::LoRAConv2d(torch::nn::Conv2dOptions(ch[0], cfg_.out_channels, 3).padding(1)));
 }
 
 at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {

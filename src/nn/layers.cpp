@@ -42,16 +42,16 @@ std::shared_ptr<tnn::Module> make_container(tnn::Module& parent, const std::stri
   return parent.register_module(name, std::make_shared<tnn::Module>());
 }
 
-static tnn::Conv2d conv2d(int64_t in, int64_t out, int64_t k, int64_t stride = 1, int64_t padding = 0) {
-  return tnn::Conv2d(tnn::Conv2dOptions(in, out, k).stride(stride).padding(padding));
+static LoRAConv2d conv2d(int64_t in, int64_t out, int64_t k, int64_t stride = 1, int64_t padding = 0) {
+  return LoRAConv2d(tnn::Conv2dOptions(in, out, k).stride(stride).padding(padding));
 }
 static tnn::GroupNorm make_group_norm(int64_t groups, int64_t channels, double eps) {
   DMX_CHECK_ARG(groups > 0 && channels % groups == 0, "GroupNorm: channels (", channels,
                 ") must be divisible by norm_num_groups (", groups, ")");
   return tnn::GroupNorm(tnn::GroupNormOptions(groups, channels).eps(eps).affine(true));
 }
-static tnn::Linear linear(int64_t in, int64_t out, bool bias = true) {
-  return tnn::Linear(tnn::LinearOptions(in, out).bias(bias));
+static LoRALinear linear(int64_t in, int64_t out, bool bias = true) {
+  return LoRALinear(tnn::LinearOptions(in, out).bias(bias));
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
+#include "nn/lora.h"
+
 #include <optional>
 #include <string>
 #include <vector>
@@ -44,7 +46,7 @@ class TimestepEmbeddingImpl : public torch::nn::Module {
  public:
   TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim, Act act);
   at::Tensor forward(const at::Tensor& sample);  // [B, in] -> [B, time_embed_dim]
-  torch::nn::Linear linear_1{nullptr}, linear_2{nullptr};
+  LoRALinear linear_1{nullptr}, linear_2{nullptr};
 
  private:
   Act act_;
@@ -69,8 +71,8 @@ class ResnetBlock2DImpl : public torch::nn::Module {
   explicit ResnetBlock2DImpl(const ResnetBlock2DOptions& o);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& temb = {});  // [B, in, H, W] -> [B, out, H, W]
   torch::nn::GroupNorm norm1{nullptr}, norm2{nullptr};
-  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
-  torch::nn::Linear time_emb_proj{nullptr};
+  LoRAConv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
+  LoRALinear time_emb_proj{nullptr};
 
  private:
   ResnetBlock2DOptions o_;
@@ -82,7 +84,7 @@ class Downsample2DImpl : public torch::nn::Module {
  public:
   Downsample2DImpl(int64_t channels, int64_t out_channels, int64_t padding);
   at::Tensor forward(const at::Tensor& x);  // [B, C, H, W] -> [B, out, ceil(H/2), ceil(W/2)]
-  torch::nn::Conv2d conv{nullptr};
+  LoRAConv2d conv{nullptr};
 
  private:
   int64_t padding_;
@@ -94,7 +96,7 @@ class Upsample2DImpl : public torch::nn::Module {
  public:
   Upsample2DImpl(int64_t channels, int64_t out_channels);
   at::Tensor forward(const at::Tensor& x, std::optional<std::vector<int64_t>> output_size = std::nullopt);
-  torch::nn::Conv2d conv{nullptr};
+  LoRAConv2d conv{nullptr};
 };
 TORCH_MODULE(Upsample2D);
 
@@ -122,7 +124,7 @@ class AttentionImpl : public torch::nn::Module {
   // context: [B, M, cross_attention_dim] or undefined for self-attention.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& context = {});
   const AttentionOptions& options() const { return o_; }
-  torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out_0{nullptr};
+  LoRALinear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out_0{nullptr};
   torch::nn::GroupNorm group_norm{nullptr};
 
  private:
@@ -136,7 +138,7 @@ class FeedForwardImpl : public torch::nn::Module {
  public:
   FeedForwardImpl(int64_t dim, int64_t inner_dim);
   at::Tensor forward(const at::Tensor& x);  // [B, N, dim] -> [B, N, dim]
-  torch::nn::Linear proj{nullptr}, out{nullptr};
+  LoRALinear proj{nullptr}, out{nullptr};
 };
 TORCH_MODULE(FeedForward);
 
@@ -172,8 +174,8 @@ class Transformer2DModelImpl : public torch::nn::Module {
   explicit Transformer2DModelImpl(const TransformerOptions& o);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& context);  // [B, C, H, W] -> [B, C, H, W]
   torch::nn::GroupNorm norm{nullptr};
-  torch::nn::Conv2d proj_in_conv{nullptr}, proj_out_conv{nullptr};
-  torch::nn::Linear proj_in_linear{nullptr}, proj_out_linear{nullptr};
+  LoRAConv2d proj_in_conv{nullptr}, proj_out_conv{nullptr};
+  LoRALinear proj_in_linear{nullptr}, proj_out_linear{nullptr};
   std::vector<BasicTransformerBlock> transformer_blocks;
 
  private:

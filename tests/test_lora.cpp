@@ -1,0 +1,700 @@
+// LoRA: golden tests against diffusers 0.27.2 + peft 0.10 (ref/<variant>/lora: diffusers, PEFT and kohya
+// files at scales 0.5 and 1.0, runtime and merged), LoHa / LoKr / DoRA against their formulas on real layers
+// of the tiny models, key tables, unmatched keys, prompt syntax, and the CLI end to end.
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+
+#include "core/fs.h"
+#include "dmx/error.h"
+#include "io/lora_names.h"
+#include "io/safetensors.h"
+#include "nn/lora.h"
+#include "pipelines/lora_loader.h"
+#include "pipelines/model_bundle.h"
+#include "pipelines/stable_diffusion.h"
+#include "test_util.h"
+
+namespace dmx::test {
+namespace {
+
+using pipelines::LoRAMode;
+using pipelines::LoRASpec;
+using pipelines::StableDiffusionModels;
+
+std::shared_ptr<StableDiffusionModels> load_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<StableDiffusionModels>> cache;
+  auto& m = cache[variant];
+  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  return m;
+}
+
+std::string lora_file(const std::string& variant, const std::string& format) {
+  return fixture_model(variant) + "/lora/lora_" + format + ".safetensors";
+}
+
+std::string scale_name(double s) {
+  return s == 0.5 ? "0.5" : "1.0";
+}
+
+io::TensorMap snapshot(const StableDiffusionModels& m) {
+  io::TensorMap s;
+  for (const auto& p : m.unet->named_parameters()) s["unet." + p.key()] = p.value().detach().clone();
+  for (const auto& p : m.text_encoder->named_parameters()) s["te." + p.key()] = p.value().detach().clone();
+  return s;
+}
+
+// Bitwise equality of every parameter with a snapshot; returns the number of differing tensors.
+int count_changed(const StableDiffusionModels& m, const io::TensorMap& snap) {
+  int n = 0;
+  for (const auto& p : m.unet->named_parameters()) n += at::equal(p.value(), snap.at("unet." + p.key())) ? 0 : 1;
+  for (const auto& p : m.text_encoder->named_parameters()) n += at::equal(p.value(), snap.at("te." + p.key())) ? 0 : 1;
+  return n;
+}
+
+struct Outputs {
+  at::Tensor te, unet;
+};
+
+// Text encoder on the reference ids; UNet on the reference sample with the reference's own text-encoder
+// output of that scale (as the fixture defines unet_out).
+Outputs run_components(StableDiffusionModels& m, const RefCase& ref, const std::string& scale_key) {
+  at::NoGradGuard ng;
+  Outputs o;
+  o.te = m.text_encoder->forward(ref["input.input_ids"]).last_hidden_state;
+  models::UNetInputs in;
+  in.sample = ref["input.sample"];
+  in.timestep = ref["input.timestep"];
+  in.encoder_hidden_states = ref[scale_key + ".text_encoder_out"];
+  o.unet = m.unet->forward(in);
+  return o;
+}
+
+pipelines::StableDiffusionOutput run_txt2img(std::shared_ptr<StableDiffusionModels> m, const RefCase& ref,
+                                             const std::string& s, std::vector<at::Tensor>* steps) {
+  const auto& meta = ref.meta["txt2img_scale" + s];
+  pipelines::StableDiffusionPipeline pipe(m);
+  pipelines::StableDiffusionParams p;
+  p.prompt = meta["prompt"].get<std::string>();
+  p.negative_prompt = meta["negative_prompt"].get<std::string>();
+  p.num_inference_steps = meta["steps"].get<int>();
+  p.guidance_scale = 7.5;
+  p.scheduler = "ddim";
+  p.show_progress = false;
+  p.latents = ref["scale" + s + ".txt2img.input.latents"];
+  if (steps) p.on_step_end = [steps](int, double, at::Tensor& lat) { steps->push_back(lat.clone()); };
+  return pipe.run(p);
+}
+
+void check_txt2img(std::shared_ptr<StableDiffusionModels> m, const RefCase& ref, const std::string& s,
+                   const std::string& what) {
+  std::vector<at::Tensor> steps;
+  auto out = run_txt2img(m, ref, s, &steps);
+  double worst = 0;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const std::string key = "scale" + s + ".txt2img.step." + std::to_string(i) + ".latents";
+    worst = std::max(worst, check_close(what + " " + key, steps[i], ref[key], 1e-4));
+  }
+  EXPECT_LE(worst, 1e-4) << what << " latents";
+  DMX_EXPECT_CLOSE(what + " txt2img image", out.images, ref["scale" + s + ".txt2img.image"], 1e-3);
+}
+
+// ------------------------------------------------------------------------------------------ golden
+
+class LoRAGolden : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(LoRAGolden, MatchesReferenceInBothModes) {
+  DMX_REQUIRE_FIXTURES();
+  const auto [variant, format] = GetParam();
+  RefCase ref = load_ref(variant, "lora");
+  auto m = load_model(variant);
+  const io::TensorMap before = snapshot(*m);
+  {  // no LoRA: the reference's scale-0 outputs
+    Outputs o = run_components(*m, ref, "scale0");
+    DMX_EXPECT_CLOSE(variant + " no-lora text_encoder_out", o.te, ref["scale0.text_encoder_out"], 1e-5);
+    DMX_EXPECT_CLOSE(variant + " no-lora unet_out", o.unet, ref["scale0.unet_out"], 1e-5);
+  }
+  const int ntargets = static_cast<int>(ref.meta["lora_info"]["unet_targets"].size() +
+                                        ref.meta["lora_info"]["text_encoder_targets"].size());
+  for (double s : {0.5, 1.0}) {
+    const std::string sk = "scale" + scale_name(s);
+    Outputs mode_out[2];
+    for (LoRAMode mode : {LoRAMode::Runtime, LoRAMode::Merged}) {
+      const bool merged = mode == LoRAMode::Merged;
+      const std::string what = variant + "/" + format + " " + sk + (merged ? " merged" : " runtime");
+      pipelines::LoRAApplyOptions o;
+      o.mode = mode;
+      auto reps = pipelines::apply_loras(*m, {{lora_file(variant, format), s, s}}, o);
+      ASSERT_EQ(reps.size(), 1u);
+      EXPECT_EQ(reps[0].unet_layers + reps[0].text_encoder_layers, ntargets) << what;
+      EXPECT_EQ(reps[0].format, format == "peft" ? "peft" : format) << what;
+      EXPECT_EQ(pipelines::count_lora_layers(*m), ntargets);
+      EXPECT_EQ(count_changed(*m, before) > 0, merged) << what << ": weights patched only when merged";
+      Outputs out = run_components(*m, ref, sk);
+      DMX_EXPECT_CLOSE(what + " text_encoder_out", out.te, ref[sk + ".text_encoder_out"], 1e-5);
+      DMX_EXPECT_CLOSE(what + " unet_out", out.unet, ref[sk + ".unet_out"], 1e-5);
+      if (format == "kohya" || (format == "diffusers" && merged)) check_txt2img(m, ref, scale_name(s), what);
+      mode_out[merged ? 1 : 0] = out;
+      pipelines::remove_loras(*m);
+      EXPECT_EQ(count_changed(*m, before), 0) << what << ": removal restores every weight bit for bit";
+      EXPECT_EQ(pipelines::count_lora_layers(*m), 0);
+    }
+    DMX_EXPECT_CLOSE(variant + "/" + format + " " + sk + " runtime vs merged text_encoder_out", mode_out[0].te,
+                     mode_out[1].te, 1e-5);
+    DMX_EXPECT_CLOSE(variant + "/" + format + " " + sk + " runtime vs merged unet_out", mode_out[0].unet,
+                     mode_out[1].unet, 1e-5);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, LoRAGolden,
+                         ::testing::Combine(::testing::Values("sd15", "test"),
+                                            ::testing::Values("diffusers", "peft", "kohya")),
+                         [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
+
+// Two files at once, with their own scales: diffusers at 0.3 + kohya at 0.7 = the reference at 1.0.
+TEST(LoRAGoldenMulti, TwoFilesScalesAdd) {
+  DMX_REQUIRE_FIXTURES();
+  for (const std::string variant : {"sd15", "test"}) {
+    RefCase ref = load_ref(variant, "lora");
+    auto m = load_model(variant);
+    const io::TensorMap before = snapshot(*m);
+    for (LoRAMode mode : {LoRAMode::Runtime, LoRAMode::Merged}) {
+      const std::string what =
+          variant + " diffusers@0.3+kohya@0.7" + (mode == LoRAMode::Merged ? " merged" : " runtime");
+      pipelines::LoRAApplyOptions o;
+      o.mode = mode;
+      pipelines::apply_loras(*m, {{lora_file(variant, "diffusers"), 0.3, 0.3}, {lora_file(variant, "kohya"), 0.7, 0.7}},
+                             o);
+      Outputs out = run_components(*m, ref, "scale1.0");
+      DMX_EXPECT_CLOSE(what + " text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
+      DMX_EXPECT_CLOSE(what + " unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
+      pipelines::remove_loras(*m);
+      EXPECT_EQ(count_changed(*m, before), 0) << what;
+    }
+  }
+}
+
+// kohya keys written with the original LDM UNet names (lora_unet_input_blocks_1_1_...) land on the same layers.
+TEST(LoRAGoldenMulti, KohyaWithLdmNames) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("sd15", "lora");
+  auto m = load_model("sd15");
+  // sd15 tiny: 4 blocks, layers_per_block 2; down block b attention j = input_blocks.(1 + 3b + j).1,
+  // up block u attention j = output_blocks.(3u + j).1, mid attention = middle_block.1.
+  std::vector<std::pair<std::string, std::string>> ren;
+  for (int b = 0; b < 3; ++b)
+    for (int j = 0; j < 2; ++j)
+      ren.push_back({"lora_unet_down_blocks_" + std::to_string(b) + "_attentions_" + std::to_string(j) + "_",
+                     "lora_unet_input_blocks_" + std::to_string(1 + 3 * b + j) + "_1_"});
+  for (int u = 1; u < 4; ++u)
+    for (int j = 0; j < 3; ++j)
+      ren.push_back({"lora_unet_up_blocks_" + std::to_string(u) + "_attentions_" + std::to_string(j) + "_",
+                     "lora_unet_output_blocks_" + std::to_string(3 * u + j) + "_1_"});
+  ren.push_back({"lora_unet_mid_block_attentions_0_", "lora_unet_middle_block_1_"});
+  io::TensorMap ldm;
+  int renamed = 0;
+  for (const auto& [k, v] : io::load_safetensors(lora_file("sd15", "kohya"))) {
+    std::string key = k;
+    for (const auto& [from, to] : ren)
+      if (key.rfind(from, 0) == 0) {
+        key = to + key.substr(from.size());
+        ++renamed;
+        break;
+      }
+    ldm[key] = v;
+  }
+  EXPECT_EQ(renamed, 576);
+  auto rep = pipelines::apply_lora_tensors(*m, ldm, {"ldm-named kohya", 1.0, 1.0}, false);
+  EXPECT_EQ(rep.unet_tensors, 576);
+  EXPECT_EQ(rep.text_encoder_tensors, 72);
+  Outputs out = run_components(*m, ref, "scale1.0");
+  pipelines::remove_loras(*m);
+  DMX_EXPECT_CLOSE("sd15 kohya-ldm scale1.0 runtime unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
+  DMX_EXPECT_CLOSE("sd15 kohya-ldm scale1.0 runtime text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
+}
+
+// ------------------------------------------------------------------------ LoHa / LoKr / DoRA formulas
+
+at::Tensor param(const torch::nn::Module& m, const std::string& name) {
+  for (const auto& p : m.named_parameters())
+    if (p.key() == name) return p.value();
+  throw std::runtime_error("no parameter " + name);
+}
+
+at::Tensor row_norm(const at::Tensor& w) {  // per output row, shaped for broadcasting
+  std::vector<int64_t> shape(static_cast<size_t>(w.dim()), 1);
+  shape[0] = w.size(0);
+  return w.reshape({w.size(0), -1}).norm(2, {1}).reshape(shape);
+}
+
+struct Expected {
+  std::string component;  // "unet" | "te"
+  std::string param;      // weight name
+  at::Tensor weight;      // the formula's adapted weight
+};
+
+TEST(LoRAFormulas, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = load_model("test");
+  const io::TensorMap before = snapshot(*m);
+  at::manual_seed(7);
+  io::TensorMap t;
+  std::vector<Expected> ex;
+  const double s = 0.8;  // user scale
+  auto W = [&](const std::string& comp, const std::string& name) {
+    return param(comp == "unet" ? static_cast<torch::nn::Module&>(*m->unet) : *m->text_encoder, name).detach().clone();
+  };
+  {  // LoHa on a linear layer: dW = (w1a @ w1b) * (w2a @ w2b) * alpha / r
+    const std::string k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q";
+    at::Tensor w0 = W("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight");
+    const int64_t r = 3, out = w0.size(0), in = w0.size(1);
+    at::Tensor w1a = at::randn({out, r}) * 0.1, w1b = at::randn({r, in}) * 0.1, w2a = at::randn({out, r}) * 0.1,
+               w2b = at::randn({r, in}) * 0.1;
+    t[k + ".hada_w1_a"] = w1a, t[k + ".hada_w1_b"] = w1b, t[k + ".hada_w2_a"] = w2a, t[k + ".hada_w2_b"] = w2b;
+    t[k + ".alpha"] = at::scalar_tensor(1.5);
+    ex.push_back({"unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                  w0 + s * (1.5 / r) * at::matmul(w1a, w1b) * at::matmul(w2a, w2b)});
+  }
+  {  // LoHa on a 3x3 convolution
+    const std::string k = "lora_unet_down_blocks_1_resnets_0_conv1";
+    at::Tensor w0 = W("unet", "down_blocks.1.resnets.0.conv1.weight");
+    const int64_t r = 2, out = w0.size(0), in = w0.size(1);
+    at::Tensor w1a = at::randn({out, r}) * 0.1, w1b = at::randn({r, in * 9}) * 0.1, w2a = at::randn({out, r}) * 0.1,
+               w2b = at::randn({r, in * 9}) * 0.1;
+    t[k + ".hada_w1_a"] = w1a, t[k + ".hada_w1_b"] = w1b, t[k + ".hada_w2_a"] = w2a, t[k + ".hada_w2_b"] = w2b;
+    t[k + ".alpha"] = at::scalar_tensor(2.0);
+    ex.push_back({"unet", "down_blocks.1.resnets.0.conv1.weight",
+                  w0 + s * (2.0 / r) * (at::matmul(w1a, w1b) * at::matmul(w2a, w2b)).reshape(w0.sizes())});
+  }
+  {  // LoKr on a linear layer, w1 full, w2 factorised: dW = kron(w1, w2a @ w2b) * alpha / r
+    const std::string k = "lora_te_text_model_encoder_layers_0_mlp_fc1";
+    at::Tensor w0 = W("te", "text_model.encoder.layers.0.mlp.fc1.weight");  // [37, 32] in the test variant
+    const int64_t out = w0.size(0), in = w0.size(1);
+    int64_t a = 1;
+    for (int64_t d = 2; d <= 8; ++d)
+      if (out % d == 0) a = d;
+    const int64_t b = 4, r = 2;
+    ASSERT_EQ(in % b, 0);
+    at::Tensor w1 = at::randn({a, b}) * 0.3, w2a = at::randn({out / a, r}) * 0.3, w2b = at::randn({r, in / b}) * 0.3;
+    t[k + ".lokr_w1"] = w1, t[k + ".lokr_w2_a"] = w2a, t[k + ".lokr_w2_b"] = w2b;
+    t[k + ".alpha"] = at::scalar_tensor(1.0);
+    ex.push_back(
+        {"te", "text_model.encoder.layers.0.mlp.fc1.weight", w0 + s * (1.0 / r) * at::kron(w1, at::matmul(w2a, w2b))});
+  }
+  {  // LoKr on a 3x3 convolution, both factors full (alpha unused): dW = kron(w1, w2[c, d, 3, 3])
+    const std::string k = "lora_unet_up_blocks_0_resnets_1_conv2";
+    at::Tensor w0 = W("unet", "up_blocks.0.resnets.1.conv2.weight");
+    const int64_t out = w0.size(0), in = w0.size(1);
+    at::Tensor w1 = at::randn({4, 2}) * 0.1, w2 = at::randn({out / 4, in / 2, 3, 3}) * 0.1;
+    t[k + ".lokr_w1"] = w1, t[k + ".lokr_w2"] = w2;
+    t[k + ".alpha"] = at::scalar_tensor(7.0);
+    ex.push_back({"unet", "up_blocks.0.resnets.1.conv2.weight", w0 + s * at::kron(w1.unsqueeze(2).unsqueeze(3), w2)});
+  }
+  {  // kohya/LyCORIS DoRA: W' = W + s * ((W + dW) * m / (||W + dW||_row + eps) - W), dW = alpha/r up @ down
+    const std::string k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v";
+    at::Tensor w0 = W("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.weight");
+    const int64_t r = 4, out = w0.size(0), in = w0.size(1);
+    at::Tensor down = at::randn({r, in}) * 0.2, up = at::randn({out, r}) * 0.2;
+    at::Tensor mag = (row_norm(w0) * (1.0 + 0.1 * at::rand({out, 1})));
+    t[k + ".lora_down.weight"] = down, t[k + ".lora_up.weight"] = up, t[k + ".alpha"] = at::scalar_tensor(2.0);
+    t[k + ".dora_scale"] = mag;
+    at::Tensor wc = w0 + 0.5 * at::matmul(up, down);
+    at::Tensor merged = wc * (mag / (row_norm(wc) + std::numeric_limits<float>::epsilon()));
+    ex.push_back({"unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.weight", w0 + s * (merged - w0)});
+  }
+  {  // LoCon on a 3x3 convolution: dW[o, i, h, w] = sum_r up[o, r] down[r, i, h, w] * alpha / r
+    const std::string k = "lora_unet_down_blocks_0_resnets_1_conv2";
+    at::Tensor w0 = W("unet", "down_blocks.0.resnets.1.conv2.weight");
+    const int64_t r = 4, out = w0.size(0), in = w0.size(1);
+    at::Tensor down = at::randn({r, in, 3, 3}) * 0.1, up = at::randn({out, r, 1, 1}) * 0.1;
+    t[k + ".lora_down.weight"] = down, t[k + ".lora_up.weight"] = up, t[k + ".alpha"] = at::scalar_tensor(4.0);
+    ex.push_back(
+        {"unet", "down_blocks.0.resnets.1.conv2.weight", w0 + s * at::einsum("or,rihw->oihw", {up.flatten(1), down})});
+  }
+  auto rep = pipelines::apply_lora_tensors(*m, t, {"synthetic", s, s}, false);
+  EXPECT_EQ(rep.unet_tensors + rep.text_encoder_tensors, static_cast<int>(t.size()));
+  EXPECT_EQ(rep.text_encoder_layers, 1);
+  EXPECT_EQ(rep.unet_layers, 5);
+
+  // A PEFT DoRA adapter (lora_magnitude_vector) on a text-encoder layer, in its own file.
+  io::TensorMap tp;
+  Expected peft_ex;
+  {
+    const std::string k = "text_encoder.text_model.encoder.layers.1.self_attn.q_proj";
+    at::Tensor w0 = W("te", "text_model.encoder.layers.1.self_attn.q_proj.weight");
+    const int64_t r = 4, out = w0.size(0), in = w0.size(1);
+    at::Tensor A = at::randn({r, in}) * 0.2, B = at::randn({out, r}) * 0.2;
+    at::Tensor mag = row_norm(w0).flatten() * (1.0 + 0.1 * at::rand({out}));
+    tp[k + ".lora_A.weight"] = A, tp[k + ".lora_B.weight"] = B, tp[k + ".lora_magnitude_vector"] = mag;
+    // peft: lora_alpha 8, r 4 from adapter_config.json -> scaling 2, times the user scale
+    at::Tensor wc = w0 + s * 2.0 * at::matmul(B, A);
+    peft_ex = {"te", "text_model.encoder.layers.1.self_attn.q_proj.weight", (mag.unsqueeze(1) / row_norm(wc)) * wc};
+  }
+  auto rep2 = pipelines::apply_lora_tensors(*m, tp, {"synthetic-peft", s, s}, false, {{"lora_alpha", 8}, {"r", 4}});
+  EXPECT_EQ(rep2.format, "peft");
+  EXPECT_EQ(rep2.text_encoder_tensors, 3);
+  ex.push_back(peft_ex);
+
+  // Runtime outputs, then merged weights against the formulas, then merged outputs against runtime.
+  RefCase ref = load_ref("test", "lora");
+  Outputs rt = run_components(*m, ref, "scale1.0");
+  pipelines::set_lora_mode(*m, LoRAMode::Merged);
+  for (const auto& e : ex) {
+    at::Tensor got =
+        param(e.component == "unet" ? static_cast<torch::nn::Module&>(*m->unet) : *m->text_encoder, e.param);
+    DMX_EXPECT_CLOSE("formula " + e.param, got, e.weight, 1e-6);
+  }
+  Outputs mg = run_components(*m, ref, "scale1.0");
+  DMX_EXPECT_CLOSE("LoHa/LoKr/DoRA runtime vs merged unet_out", rt.unet, mg.unet, 1e-5);
+  DMX_EXPECT_CLOSE("LoHa/LoKr/DoRA runtime vs merged text_encoder_out", rt.te, mg.te, 1e-5);
+  EXPECT_GT(at::abs(mg.unet - ref["scale0.unet_out"]).max().item<double>(), 1e-4) << "the adapters change the UNet";
+  pipelines::remove_loras(*m);
+  EXPECT_EQ(count_changed(*m, before), 0) << "unmerge restores the weights bit for bit";
+}
+
+// Tucker forms: LoCon with lora_mid (runtime is the conv chain down -> mid -> up, merged the einsum) and
+// LoHa with hada_t1 / hada_t2 (LyCORIS: w = einsum("ijkl,jr,ip->prkl", t, w_b, w_a)).
+TEST(LoRAFormulas, TuckerLoConAndLoHa) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = load_model("test");
+  const io::TensorMap before = snapshot(*m);
+  at::manual_seed(11);
+  const double s = 0.6;
+  io::TensorMap t;
+  const std::string k1 = "lora_unet_up_blocks_1_resnets_0_conv1", p1 = "up_blocks.1.resnets.0.conv1.weight";
+  const std::string k2 = "lora_unet_down_blocks_1_resnets_1_conv2", p2 = "down_blocks.1.resnets.1.conv2.weight";
+  at::Tensor w01 = param(*m->unet, p1).detach().clone(), w02 = param(*m->unet, p2).detach().clone();
+  const int64_t r = 3;
+  at::Tensor down = at::randn({r, w01.size(1), 1, 1}) * 0.1, mid = at::randn({r, r, 3, 3}) * 0.1,
+             up = at::randn({w01.size(0), r, 1, 1}) * 0.1;
+  t[k1 + ".lora_down.weight"] = down, t[k1 + ".lora_mid.weight"] = mid, t[k1 + ".lora_up.weight"] = up;
+  t[k1 + ".alpha"] = at::scalar_tensor(1.0);
+  at::Tensor e1 = w01 + s * (1.0 / r) * at::einsum("or,rqhw,qi->oihw", {up.flatten(1), mid, down.flatten(1)});
+  at::Tensor t1 = at::randn({r, r, 3, 3}) * 0.3, t2 = at::randn({r, r, 3, 3}) * 0.3;
+  at::Tensor a1 = at::randn({r, w02.size(0)}) * 0.3, b1 = at::randn({r, w02.size(1)}) * 0.3;
+  at::Tensor a2 = at::randn({r, w02.size(0)}) * 0.3, b2 = at::randn({r, w02.size(1)}) * 0.3;
+  t[k2 + ".hada_w1_a"] = a1, t[k2 + ".hada_w1_b"] = b1, t[k2 + ".hada_t1"] = t1;
+  t[k2 + ".hada_w2_a"] = a2, t[k2 + ".hada_w2_b"] = b2, t[k2 + ".hada_t2"] = t2;
+  t[k2 + ".alpha"] = at::scalar_tensor(2.0);
+  at::Tensor e2 = w02 + s * (2.0 / r) * at::einsum("ijkl,jr,ip->prkl", {t1, b1, a1}) *
+                            at::einsum("ijkl,jr,ip->prkl", {t2, b2, a2});
+  auto rep = pipelines::apply_lora_tensors(*m, t, {"tucker", s, s}, false);
+  EXPECT_EQ(rep.unet_tensors, static_cast<int>(t.size()));
+  RefCase ref = load_ref("test", "lora");
+  Outputs rt = run_components(*m, ref, "scale0");
+  pipelines::set_lora_mode(*m, LoRAMode::Merged);
+  DMX_EXPECT_CLOSE("formula LoCon Tucker " + p1, param(*m->unet, p1), e1, 1e-6);
+  DMX_EXPECT_CLOSE("formula LoHa Tucker " + p2, param(*m->unet, p2), e2, 1e-6);
+  Outputs mg = run_components(*m, ref, "scale0");
+  DMX_EXPECT_CLOSE("Tucker runtime vs merged unet_out", rt.unet, mg.unet, 1e-5);
+  pipelines::remove_loras(*m);
+  EXPECT_EQ(count_changed(*m, before), 0);
+}
+
+// A raw PEFT adapter (base_model.model.* keys) with adapter_config.json beside it: scaling = lora_alpha / r.
+// The fixture's B halved with lora_alpha 8, r 4 (scaling 2) is the reference at 1.0.
+TEST(LoRAGoldenMulti, PeftAdapterConfigAlpha) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("sd15", "lora");
+  auto m = load_model("sd15");
+  const std::string dir = temp_dir() + "/peft_adapter";
+  ASSERT_EQ(std::system(("mkdir -p '" + dir + "'").c_str()), 0);
+  io::TensorMap raw;
+  for (const auto& [k, v] : io::load_safetensors(lora_file("sd15", "peft"))) {
+    std::string key = k;
+    for (const std::string pre : {"unet.", "text_encoder."})
+      if (key.rfind(pre, 0) == 0) key = "base_model.model." + key.substr(pre.size());
+    raw[key] = k.find(".lora_B.") != std::string::npos ? v * 0.5 : v;  // B / 2: alpha/r = 2 restores it
+  }
+  io::save_safetensors(dir + "/adapter_model.safetensors", raw);
+  {
+    FILE* f = std::fopen((dir + "/adapter_config.json").c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    std::fputs("{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8}", f);
+    std::fclose(f);
+  }
+  pipelines::LoRAApplyOptions o;
+  auto reps = pipelines::apply_loras(*m, {{dir + "/adapter_model.safetensors", 1.0, 1.0}}, o);
+  EXPECT_EQ(reps[0].format, "peft");
+  EXPECT_EQ(reps[0].unet_tensors, 384);
+  EXPECT_EQ(reps[0].text_encoder_tensors, 48);
+  Outputs out = run_components(*m, ref, "scale1.0");
+  pipelines::remove_loras(*m);
+  DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
+  DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
+}
+
+// ------------------------------------------------------------------------------------ errors and names
+
+TEST(LoRAErrors, UnmatchedKeysNameTheFirstFewOrWarnWhenAllowed) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = load_model("test");
+  const io::TensorMap before = snapshot(*m);
+  io::TensorMap t = io::load_safetensors(lora_file("test", "kohya"));
+  t["lora_unet_no_such_layer.lora_down.weight"] = at::zeros({4, 4});
+  t["something.else"] = at::zeros({1});
+  try {
+    pipelines::apply_lora_tensors(*m, t, {"bad.safetensors", 1.0, 1.0}, false);
+    ADD_FAILURE() << "expected FormatError";
+  } catch (const FormatError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("2 of"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("lora_unet_no_such_layer.lora_down.weight"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("something.else"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("--lora-allow-unmatched"), std::string::npos) << msg;
+  }
+  EXPECT_EQ(pipelines::count_lora_layers(*m), 0) << "nothing attached after an error";
+  auto rep = pipelines::apply_lora_tensors(*m, t, {"bad.safetensors", 1.0, 1.0}, true);
+  EXPECT_EQ(rep.unmatched.size(), 2u);
+  EXPECT_EQ(rep.unet_tensors + rep.text_encoder_tensors, static_cast<int>(t.size()) - 2);
+  EXPECT_NE(rep.summary().find("2 unmatched"), std::string::npos) << rep.summary();
+  pipelines::remove_loras(*m);
+  EXPECT_EQ(count_changed(*m, before), 0);
+}
+
+TEST(LoRAErrors, IncompleteAndMisShapedAdaptersAreFormatErrors) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = load_model("test");
+  const std::string k = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
+  EXPECT_THROW(pipelines::apply_lora_tensors(*m, {{k + ".lora_down.weight", at::zeros({4, 32})}}, {"x", 1, 1}, false),
+               FormatError);
+  try {
+    pipelines::apply_lora_tensors(
+        *m, {{k + ".lora_down.weight", at::zeros({4, 31})}, {k + ".lora_up.weight", at::zeros({32, 4})}}, {"x", 1, 1},
+        false);
+    ADD_FAILURE() << "expected FormatError";
+  } catch (const FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("lora_down.weight' has shape"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(pipelines::apply_lora_tensors(*m, {{"lora_te1_text_model_x.lora_down.weight", at::zeros({1})}},
+                                             {"x", 1, 1}, false),
+               Unsupported);
+  EXPECT_EQ(pipelines::count_lora_layers(*m), 0);
+}
+
+TEST(LoRANames, TableParsesEveryLayout) {
+  using io::LoRARole;
+  auto k = io::parse_lora_key("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight");
+  ASSERT_TRUE(k);
+  EXPECT_TRUE(k->flat);
+  EXPECT_EQ(k->module, "down_blocks_0_attentions_0_proj_in");
+  EXPECT_EQ(k->role, LoRARole::Down);
+  EXPECT_EQ(k->format, io::LoRAKeyFormat::Kohya);
+  k = io::parse_lora_key("unet.mid_block.attentions.0.proj_in.lora.up.weight");
+  ASSERT_TRUE(k);
+  EXPECT_EQ(k->module, "mid_block.attentions.0.proj_in");
+  EXPECT_EQ(k->role, LoRARole::Up);
+  EXPECT_EQ(k->format, io::LoRAKeyFormat::Diffusers);
+  k = io::parse_lora_key("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight");
+  ASSERT_TRUE(k);
+  EXPECT_EQ(k->component, io::LoRAComponent::TextEncoder);
+  EXPECT_EQ(k->module, "text_model.encoder.layers.0.mlp.fc1");
+  k = io::parse_lora_key("base_model.model.text_model.encoder.layers.1.self_attn.k_proj.lora_B.weight");
+  ASSERT_TRUE(k);
+  EXPECT_EQ(k->component, io::LoRAComponent::TextEncoder);
+  EXPECT_EQ(k->format, io::LoRAKeyFormat::PEFT);
+  k = io::parse_lora_key(
+      "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight");
+  ASSERT_TRUE(k);
+  EXPECT_EQ(k->module, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0");
+  k = io::parse_lora_key("text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.up.weight");
+  ASSERT_TRUE(k);
+  EXPECT_EQ(k->module, "text_model.encoder.layers.0.self_attn.k_proj");
+  k = io::parse_lora_key("lora_unet_x.lokr_w1_a");
+  ASSERT_TRUE(k);
+  EXPECT_EQ(k->role, LoRARole::LokrW1A);
+  k = io::parse_lora_key("lora_unet_x.hada_t2");
+  ASSERT_TRUE(k);
+  EXPECT_EQ(k->role, LoRARole::HadaT2);
+  EXPECT_FALSE(io::parse_lora_key("model.diffusion_model.input_blocks.0.0.weight"));
+  EXPECT_THROW(io::parse_lora_key("lora_unet_x.diff_b"), Unsupported);
+  EXPECT_EQ(io::unflatten_ldm_unet_name("input_blocks_4_1_transformer_blocks_0_attn2_to_out_0"),
+            "input_blocks.4.1.transformer_blocks.0.attn2.to_out.0");
+  EXPECT_EQ(io::unflatten_ldm_unet_name("output_blocks_2_0_skip_connection"), "output_blocks.2.0.skip_connection");
+  EXPECT_EQ(io::unflatten_ldm_unet_name("down_blocks_0_resnets_0_conv1"), "");
+}
+
+TEST(LoRAPrompt, A1111TagsAreParsedAndStripped) {
+  std::vector<LoRASpec> v;
+  EXPECT_EQ(pipelines::extract_prompt_loras("a <lora:foo:0.7> cat <lora:bar>, <hypernet:x:1> <lyco:baz:0.5:0.25>", v),
+            "a  cat , <hypernet:x:1> ");
+  ASSERT_EQ(v.size(), 3u);
+  EXPECT_EQ(v[0].path, "foo");
+  EXPECT_DOUBLE_EQ(v[0].unet_scale, 0.7);
+  EXPECT_DOUBLE_EQ(v[0].text_encoder_scale, 0.7);
+  EXPECT_EQ(v[1].path, "bar");
+  EXPECT_DOUBLE_EQ(v[1].unet_scale, 1.0);
+  EXPECT_DOUBLE_EQ(v[2].text_encoder_scale, 0.5);
+  EXPECT_DOUBLE_EQ(v[2].unet_scale, 0.25);
+  v.clear();
+  pipelines::extract_prompt_loras("<lora:n:unet=0.2:te=0.4>", v);
+  ASSERT_EQ(v.size(), 1u);
+  EXPECT_DOUBLE_EQ(v[0].unet_scale, 0.2);
+  EXPECT_DOUBLE_EQ(v[0].text_encoder_scale, 0.4);
+  EXPECT_THROW(pipelines::extract_prompt_loras("x <lora:foo:abc>", v), InvalidArgument);
+  EXPECT_THROW(pipelines::extract_prompt_loras("x <lora:>", v), InvalidArgument);
+  try {
+    pipelines::resolve_lora_name(temp_dir(), "missing_one");
+    ADD_FAILURE() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("missing_one"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(pipelines::resolve_lora_name("", "x"), InvalidArgument);
+
+  auto s = pipelines::parse_lora_arg("dir/file.safetensors:0.7");
+  EXPECT_EQ(s.path, "dir/file.safetensors");
+  EXPECT_DOUBLE_EQ(s.unet_scale, 0.7);
+  s = pipelines::parse_lora_arg("dir/file.safetensors");
+  EXPECT_EQ(s.path, "dir/file.safetensors");
+  EXPECT_DOUBLE_EQ(s.unet_scale, 1.0);
+  s = pipelines::parse_lora_arg("C:/x.safetensors");
+  EXPECT_EQ(s.path, "C:/x.safetensors");
+  s = pipelines::parse_lora_arg("a:b/x.safetensors:-1.5");
+  EXPECT_EQ(s.path, "a:b/x.safetensors");
+  EXPECT_DOUBLE_EQ(s.text_encoder_scale, -1.5);
+  EXPECT_THROW(pipelines::parse_lora_arg(":0.5"), InvalidArgument);
+  EXPECT_EQ(pipelines::parse_lora_mode("runtime"), LoRAMode::Runtime);
+  EXPECT_THROW(pipelines::parse_lora_mode("fused"), InvalidArgument);
+}
+
+// ------------------------------------------------------------------------------------------------ CLI
+
+struct CliRun {
+  int code = -1;
+  std::string output;
+};
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+CliRun dmx_run(const std::vector<std::string>& args) {
+  std::string cmd = quote(DMX_CLI_PATH);
+  for (const auto& a : args) cmd += " " + quote(a);
+  cmd += " 2>&1";
+  CliRun r;
+  FILE* f = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), f)) > 0) r.output.append(buf.data(), n);
+  const int status = pclose(f);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return r;
+}
+
+// --lora with a kohya file at 0.7 (no reference at that scale), checked independently: the same run in
+// process on a model whose weights the test patched itself, W + 0.7 * B @ A from the diffusers file.
+TEST(LoRACli, KohyaAtScale07MatchesIndependentManualMerge) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string variant = "sd15";
+  RefCase ref = load_ref(variant, "lora");
+  const std::string dir = temp_dir();
+  io::save_safetensors(dir + "/noise.safetensors", {{"latents", ref["scale1.0.txt2img.input.latents"]}});
+  const auto& meta = ref.meta["txt2img_scale1.0"];
+  const std::string prompt = meta["prompt"].get<std::string>(), neg = meta["negative_prompt"].get<std::string>();
+  const std::vector<std::string> common = {"generate",
+                                           "--model",
+                                           fixture_model(variant),
+                                           "--negative-prompt",
+                                           neg,
+                                           "--steps",
+                                           "8",
+                                           "--scheduler",
+                                           "ddim",
+                                           "--guidance-scale",
+                                           "7.5",
+                                           "--seed",
+                                           "1",
+                                           "--init-latents",
+                                           dir + "/noise.safetensors"};
+  auto a = common;
+  a.insert(a.end(), {"--prompt", prompt, "--lora", lora_file(variant, "kohya") + ":0.7", "--output", dir + "/a.png",
+                     "--save-latents", dir + "/a.safetensors", "--lora-mode", "runtime"});
+  CliRun ra = dmx_run(a);
+  ASSERT_EQ(ra.code, 0) << ra.output;
+  EXPECT_NE(ra.output.find("lora: applied 576 tensors to UNet, 72 to text encoder"), std::string::npos) << ra.output;
+
+  // The same through the prompt syntax and --lora-dir, merged mode.
+  auto b = common;
+  b.insert(b.end(), {"--prompt", prompt + " <lora:lora_kohya:0.7>", "--lora-dir", fixture_model(variant) + "/lora",
+                     "--output", dir + "/b.png", "--save-latents", dir + "/b.safetensors"});
+  CliRun rb = dmx_run(b);
+  ASSERT_EQ(rb.code, 0) << rb.output;
+
+  // Independent: a fresh model patched by hand from the diffusers file.
+  auto fresh = pipelines::load_stable_diffusion(fixture_model(variant));
+  {
+    at::NoGradGuard ng;
+    const io::TensorMap d = io::load_safetensors(lora_file(variant, "diffusers"));
+    int patched = 0;
+    for (const auto& [key, down] : d) {
+      for (const auto& [prefix, mid, comp] : std::vector<std::tuple<std::string, std::string, int>>{
+               {"unet.", ".lora.down.weight", 0}, {"text_encoder.", ".lora_linear_layer.down.weight", 1}}) {
+        if (key.rfind(prefix, 0) != 0 || key.size() < mid.size() ||
+            key.compare(key.size() - mid.size(), mid.size(), mid) != 0)
+          continue;
+        const std::string path = key.substr(prefix.size(), key.size() - prefix.size() - mid.size());
+        const std::string up_key =
+            key.substr(0, key.size() - mid.size()) + (comp == 0 ? ".lora.up.weight" : ".lora_linear_layer.up.weight");
+        at::Tensor w =
+            param(comp == 0 ? static_cast<torch::nn::Module&>(*fresh->unet) : *fresh->text_encoder, path + ".weight");
+        const at::Tensor up = d.at(up_key);
+        w.add_((0.7 * at::matmul(up.reshape({up.size(0), -1}), down.reshape({down.size(0), -1}))).reshape(w.sizes()));
+        ++patched;
+      }
+    }
+    EXPECT_EQ(patched, 216);
+  }
+  pipelines::StableDiffusionPipeline pipe(fresh);
+  pipelines::StableDiffusionParams p;
+  p.prompt = prompt;
+  p.negative_prompt = neg;
+  p.num_inference_steps = 8;
+  p.guidance_scale = 7.5;
+  p.scheduler = "ddim";
+  p.show_progress = false;
+  p.latents = ref["scale1.0.txt2img.input.latents"];
+  auto expected = pipe.run(p);
+  const at::Tensor la = io::load_safetensors(dir + "/a.safetensors").at("latents");
+  const at::Tensor lb = io::load_safetensors(dir + "/b.safetensors").at("latents");
+  DMX_EXPECT_CLOSE("cli kohya@0.7 runtime latents vs manual merge", la, expected.latents, 1e-4);
+  DMX_EXPECT_CLOSE("cli <lora:lora_kohya:0.7> merged latents vs manual merge", lb, expected.latents, 1e-4);
+  // And it differs from both reference scales (the scale is really applied).
+  EXPECT_GT(at::abs(la - ref["scale1.0.txt2img.step.7.latents"]).max().item<double>(), 1e-4);
+  EXPECT_GT(at::abs(la - ref["scale0.5.txt2img.step.7.latents"]).max().item<double>(), 1e-4);
+}
+
+TEST(LoRACli, BadLoRAInputsExit2) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string dir = temp_dir();
+  io::TensorMap t = io::load_safetensors(lora_file("test", "kohya"));
+  t["lora_unet_not_a_layer.lora_up.weight"] = at::zeros({4, 4});
+  io::save_safetensors(dir + "/extra.safetensors", t);
+  const std::vector<std::string> base = {"generate", "--model",  fixture_model("test"), "--steps",
+                                         "1",        "--output", dir + "/o.png",        "--quiet"};
+  auto run = [&](std::vector<std::string> extra, const std::string& needle) {
+    auto a = base;
+    a.insert(a.end(), extra.begin(), extra.end());
+    CliRun r = dmx_run(a);
+    EXPECT_EQ(r.code, 2) << r.output;
+    EXPECT_NE(r.output.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.output;
+    EXPECT_FALSE(path_exists(dir + "/o.png"));
+  };
+  run({"--prompt", "x", "--lora", dir + "/extra.safetensors"}, "lora_unet_not_a_layer.lora_up.weight");
+  run({"--prompt", "x", "--lora", dir + "/nope.safetensors:0.5"}, "nope.safetensors");
+  run({"--prompt", "x <lora:ghost:1>", "--lora-dir", dir}, "ghost");
+  run({"--prompt", "x", "--lora-mode", "fused"}, "--lora-mode");
+  auto a = base;
+  a.insert(a.end(), {"--prompt", "x", "--lora", dir + "/extra.safetensors", "--lora-allow-unmatched"});
+  a.erase(std::find(a.begin(), a.end(), "--quiet"));
+  CliRun r = dmx_run(a);
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("1 key(s) match no layer"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace dmx::test
