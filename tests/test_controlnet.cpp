@@ -398,8 +398,8 @@ TEST(ControlNetTiny, PipelineErrors) {
   q.controlnets[0].image = pipelines::prepare_control_image(control, 128, 128);
   expect_throw_with<InvalidArgument>([&] { sd15.run(q); }, "block_out_channels");
   expect_throw_with<InvalidArgument>([&] { pipelines::load_controlnet("/nonexistent/cn"); }, "--controlnet");
-  expect_throw_with<InvalidArgument>([&] { pipelines::load_controlnet(fixture_model("sd15") + "/unet"); },
-                                     "--controlnet");
+  expect_throw_with<FormatError>([&] { pipelines::load_controlnet(fixture_model("sd15") + "/unet"); },
+                                 "not a ControlNetModel");
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -470,9 +470,17 @@ TEST(ControlNetCli, GenerateWithControlNetAndCanny) {
   CliRun rd = dmx_run(d);
   ASSERT_EQ(rd.code, 0) << rd.output;
   EXPECT_TRUE(path_exists(dir + "/d.png"));
-  Image map = load_image(dir + "/map.png", "map");
+  // Two nets: one saved map each (the Canny edges, exactly 0 / 255), equal here.
+  Image map = load_image(dir + "/map-0.png", "map");
   EXPECT_EQ(map.width, 128);
   for (uint8_t v : map.data) EXPECT_TRUE(v == 0 || v == 255);
+  EXPECT_EQ(load_image(dir + "/map-1.png", "map").data, map.data);
+  // One net: the map is written under the given name.
+  auto e = base;
+  e.insert(e.end(), {"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-preprocess", "canny",
+                     "--save-control-image", dir + "/one.png", "--output", dir + "/e.png"});
+  ASSERT_EQ(dmx_run(e).code, 0);
+  EXPECT_EQ(load_image(dir + "/one.png", "one").data, map.data);
 }
 
 TEST(ControlNetCli, ErrorsExit2) {
