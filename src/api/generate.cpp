@@ -182,11 +182,13 @@ GenerateResult generate(const GenerateOptions& o) {
   if (!o.controlnets.empty()) {
     // Output size: --width/--height, else the first map's size rounded down to the VAE factor (diffusers'
     // VaeImageProcessor); every map is resized to it with PIL's Lanczos, as the reference does.
-    int w = o.width, h = o.height;
-    if (w == 0 || h == 0) {
-      const auto d = pipelines::default_control_size(control_maps[0], models->vae_scale_factor());
-      if (w == 0) w = d.first;
-      if (h == 0) h = d.second;
+    // Given sizes are rounded down to the VAE factor too (get_default_height_width), as diffusers does.
+    const int f = models->vae_scale_factor();
+    int w = o.width - o.width % f, h = o.height - o.height % f;
+    if (o.width == 0 || o.height == 0) {
+      const auto d = pipelines::default_control_size(control_maps[0], f);
+      if (o.width == 0) w = d.first;
+      if (o.height == 0) h = d.second;
     }
     DMX_CHECK_ARG(w > 0 && h > 0, "--control-image: the image is smaller than ", models->vae_scale_factor(),
                   " pixels; give --width/--height");
