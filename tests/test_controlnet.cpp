@@ -475,6 +475,26 @@ TEST(ControlNetCli, GenerateWithControlNetAndCanny) {
   EXPECT_EQ(map.width, 128);
   for (uint8_t v : map.data) EXPECT_TRUE(v == 0 || v == 255);
   EXPECT_EQ(load_image(dir + "/map-1.png", "map").data, map.data);
+  // A map of another size: the output takes its size rounded down to 8, the map is Lanczos-resized to it;
+  // a given width is rounded down the same way.
+  Image odd = resize_lanczos(load_image(control, "c"), 100, 70);
+  save_png(dir + "/odd.png", odd);
+  auto f = base;
+  f.insert(f.end(), {"--controlnet", cn_folder("sd15"), "--control-image", dir + "/odd.png", "--save-control-image",
+                     dir + "/odd-map.png", "--output", dir + "/f.png"});
+  CliRun rf = dmx_run(f);
+  ASSERT_EQ(rf.code, 0) << rf.output;
+  Image fi = load_image(dir + "/f.png", "f");
+  EXPECT_EQ(fi.width, 96);
+  EXPECT_EQ(fi.height, 64);
+  EXPECT_EQ(load_image(dir + "/odd-map.png", "m").data, resize_lanczos(odd, 96, 64).data);
+  auto g = base;
+  g.insert(g.end(), {"--controlnet", cn_folder("sd15"), "--control-image", dir + "/odd.png", "--width", "100",
+                     "--height", "52", "--output", dir + "/g.png"});
+  CliRun rg = dmx_run(g);
+  ASSERT_EQ(rg.code, 0) << rg.output;
+  EXPECT_EQ(load_image(dir + "/g.png", "g").width, 96);
+  EXPECT_EQ(load_image(dir + "/g.png", "g").height, 48);
   // One net: the map is written under the given name.
   auto e = base;
   e.insert(e.end(), {"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-preprocess", "canny",
