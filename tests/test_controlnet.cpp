@@ -535,6 +535,8 @@ TEST(ControlNetCli, ErrorsExit2) {
                "--canny-low");
   expect_error({"--controlnet", cn_folder("test"), "--control-image", control}, "block_out_channels");
   expect_error({"--controlnet", dir + "/nothing", "--control-image", control}, "--controlnet");
+  std::ofstream(dir + "/control_v11p_sd15_canny.pth") << "PK\x03\x04 not really";
+  expect_error({"--controlnet", dir + "/control_v11p_sd15_canny.pth", "--control-image", control}, "pickle");
   expect_error({"--guess-mode"}, "--guess-mode");
   expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--init-image", control},
                "img2img");

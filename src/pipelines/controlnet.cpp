@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cctype>
+
 #include "core/fs.h"
 #include "core/resize.h"
 #include "dmx/error.h"
@@ -61,6 +63,11 @@ models::ControlNetModel load_controlnet(const std::string& path, const LoadOptio
     weights = io::load_diffusers_component(parent_of(dir), base_of(dir));
     fill_hint_channels_from_shapes(cfg, weights);
   } else {
+    std::string ext = path.substr(std::min(path.size(), path.find_last_of('.')));
+    for (char& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    DMX_CHECK_SUPPORTED(ext != ".pth" && ext != ".ckpt" && ext != ".pt" && ext != ".bin", param, ": ", path,
+                        " is a pickle file, which dmx does not load (unpickling can execute code); convert it to "
+                        ".safetensors first (safetensors.torch.save_file(torch.load(path), \"control.safetensors\"))");
     io::TensorMap ckpt;
     try {
       ckpt = io::load_safetensors(path);
