@@ -3,6 +3,7 @@
 // layout == diffusers layout, keep schedule, guess mode, MultiControlNet sums, image preparation, Canny,
 // errors, and the CLI. Suites: ControlNetUnit (unit), ControlNetTiny, ControlNetGolden (golden), ControlNetCli.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
@@ -371,6 +372,27 @@ TEST(ControlNetTiny, PipelineMultiAndSchedule) {
   at::Tensor guess = run({unit(1.0)}, true);
   EXPECT_FALSE(at::equal(guess, one));
   EXPECT_TRUE(at::isfinite(guess).all().item<bool>());
+}
+
+// A seeded run draws its latents first, exactly like txt2img (the control image draws nothing).
+TEST(ControlNetTiny, SeededRunDrawsLatentsLikeTxt2Img) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("test", "controlnet_pipe");
+  pipelines::StableDiffusionPipeline pipe(load_model("test"));
+  const Image control = u8_image(ref["input.control_u8"]);
+  pipelines::ControlNetUnit u;
+  u.model = pipelines::load_controlnet(cn_folder("test"));
+  u.image = pipelines::prepare_control_image(control, control.width, control.height);
+  pipelines::StableDiffusionParams p = pipe_params(ref);
+  p.num_inference_steps = 3;
+  p.controlnets = {u};
+  p.latents = at::Tensor();
+  p.seed = 1234;
+  at::Tensor seeded = pipe.run(p).latents;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
+  p.seed.reset();
+  p.latents = at::randn(ref["input.latents"].sizes(), gen, at::TensorOptions().dtype(at::kFloat));
+  EXPECT_TRUE(at::equal(seeded, pipe.run(p).latents));
 }
 
 TEST(ControlNetTiny, PipelineErrors) {
