@@ -41,6 +41,19 @@ struct GenerateOptions {
   std::string lora_mode = "merged";  // runtime | merged (weights patched, restored after the run)
   std::string lora_dir;
   bool lora_allow_unmatched = false;  // unmatched LoRA keys: a counted warning instead of an error
+  // ControlNet (txt2img; diffusers' StableDiffusionControlNetPipeline). The n-th control image, scale, start,
+  // end and preprocess belong to the n-th net; scales/starts/ends/preprocess are either one per net or empty
+  // (defaults 1.0 / 0.0 / 1.0 / none); a single preprocess value applies to every image.
+  std::vector<std::string> controlnets;     // diffusers ControlNet folder or control_model.* .safetensors
+  std::vector<std::string> control_images;  // the maps (edges, depth, segmentation, pose drawn as an image)
+  std::vector<double> control_scales;       // controlnet_conditioning_scale
+  std::vector<double> control_starts;       // control_guidance_start, in [0, 1)
+  std::vector<double> control_ends;         // control_guidance_end, in (0, 1]
+  std::vector<std::string> control_preprocess;  // "none" | "canny"
+  double canny_low = 100.0;                 // cv2.Canny thresholds (diffusers' docs use 100 / 200)
+  double canny_high = 200.0;
+  bool guess_mode = false;
+  std::string save_control_image;  // PNG of the prepared map(s); with several nets: <stem>-<i>.png
 };
 
 struct GenerateResult {

@@ -4,6 +4,7 @@
 #include <random>
 #include <sstream>
 
+#include "core/canny.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
@@ -11,6 +12,7 @@
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
 #include "pipelines/lora_loader.h"
+#include "pipelines/controlnet.h"
 #include "pipelines/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
@@ -48,6 +50,53 @@ void check_output_path(const std::string& path, const std::string& param, const 
   DMX_CHECK_ARG(!is_directory(path), param, ": is a directory: ", path);
 }
 
+// ControlNet options: count rules and ranges, checked before anything is loaded.
+void check_controlnet_options(const GenerateOptions& o) {
+  const size_t n = o.controlnets.size();
+  if (n == 0) {
+    DMX_CHECK_ARG(o.control_images.empty(), "--control-image needs --controlnet (got ", o.control_images.size(),
+                  " image(s) and no net)");
+    DMX_CHECK_ARG(o.control_scales.empty() && o.control_starts.empty() && o.control_ends.empty() &&
+                      o.control_preprocess.empty() && o.save_control_image.empty(),
+                  "--control-scale/--control-start/--control-end/--control-preprocess/--save-control-image need "
+                  "--controlnet");
+    DMX_CHECK_ARG(!o.guess_mode, "--guess-mode needs --controlnet");
+    return;
+  }
+  DMX_CHECK_ARG(o.control_images.size() == n, "--control-image must be given once per --controlnet (", n,
+                " net(s)), got ", o.control_images.size());
+  auto count = [&](size_t k, const char* name, bool one_for_all) {
+    DMX_CHECK_ARG(k == 0 || k == n || (one_for_all && k == 1), name, " must be given once per --controlnet (", n,
+                  " net(s))", one_for_all ? ", once for all, " : " ", "or not at all, got ", k);
+  };
+  count(o.control_scales.size(), "--control-scale", false);
+  count(o.control_starts.size(), "--control-start", false);
+  count(o.control_ends.size(), "--control-end", false);
+  count(o.control_preprocess.size(), "--control-preprocess", true);
+  for (double v : o.control_scales)
+    DMX_CHECK_ARG(std::isfinite(v) && v >= -100 && v <= 100, "--control-scale must be in [-100, 100], got ", v);
+  for (double v : o.control_starts) DMX_CHECK_ARG(v >= 0 && v <= 1, "--control-start must be in [0, 1], got ", v);
+  for (double v : o.control_ends) DMX_CHECK_ARG(v >= 0 && v <= 1, "--control-end must be in [0, 1], got ", v);
+  for (const auto& m : o.control_preprocess)
+    DMX_CHECK_ARG(m == "none" || m == "canny", "--control-preprocess must be one of none, canny, got '", m, "'");
+  DMX_CHECK_ARG(o.init_image.empty(), "--controlnet with --init-image (ControlNet img2img) is not supported yet");
+  if (!o.save_control_image.empty()) check_output_path(o.save_control_image, "--save-control-image", ".png");
+}
+
+// Loads, preprocesses (Canny) each control image; sizes are settled once the model is known.
+std::vector<Image> load_control_maps(const GenerateOptions& o) {
+  std::vector<Image> maps;
+  for (size_t i = 0; i < o.control_images.size(); ++i) {
+    Image rgb = to_rgb(load_image(o.control_images[i], "--control-image"));
+    const std::string mode = o.control_preprocess.empty()       ? "none"
+                             : o.control_preprocess.size() == 1 ? o.control_preprocess[0]
+                                                                : o.control_preprocess[i];
+    if (mode == "canny") rgb = canny_edges(rgb, o.canny_low, o.canny_high);
+    maps.push_back(std::move(rgb));
+  }
+  return maps;
+}
+
 }  // namespace
 
 GenerateResult generate(const GenerateOptions& o) {
@@ -68,6 +117,16 @@ GenerateResult generate(const GenerateOptions& o) {
       throw InvalidArgument("--scheduler must be one of " + list + ", got '" + o.scheduler + "'");
     }
   }
+  check_controlnet_options(o);
+  if (!o.control_preprocess.empty() || o.canny_low != 100.0 || o.canny_high != 200.0) {
+    DMX_CHECK_ARG(std::isfinite(o.canny_low) && o.canny_low >= 0 && o.canny_low <= 2040,
+                  "--canny-low must be in [0, 2040], got ", o.canny_low);
+    DMX_CHECK_ARG(std::isfinite(o.canny_high) && o.canny_high >= 0 && o.canny_high <= 2040,
+                  "--canny-high must be in [0, 2040], got ", o.canny_high);
+    DMX_CHECK_ARG(o.canny_low <= o.canny_high, "--canny-low (", o.canny_low, ") must be <= --canny-high (",
+                  o.canny_high, ")");
+  }
+  const std::vector<Image> control_maps = load_control_maps(o);
   configure_threads(o.threads);
   // LoRA: --lora entries, then the prompts' <lora:NAME:WEIGHT> tags (removed from the text encoded).
   pipelines::LoRAApplyOptions lora_opts;
@@ -140,6 +199,41 @@ GenerateResult generate(const GenerateOptions& o) {
     loras = std::make_unique<pipelines::ScopedLoRAs>(models, lora_specs, lora_opts);
     if (o.progress)
       for (const auto& r : loras->reports()) log_info("lora: " + r.summary() + " (" + r.source + ")");
+  }
+  if (!o.controlnets.empty()) {
+    // Output size: --width/--height, else the first map's size rounded down to the VAE factor (diffusers'
+    // VaeImageProcessor); every map is resized to it with PIL's Lanczos, as the reference does.
+    // Given sizes are rounded down to the VAE factor too (get_default_height_width), as diffusers does.
+    const int f = models->vae_scale_factor();
+    int w = o.width - o.width % f, h = o.height - o.height % f;
+    if (o.width == 0 || o.height == 0) {
+      const auto d = pipelines::default_control_size(control_maps[0], f);
+      if (o.width == 0) w = d.first;
+      if (o.height == 0) h = d.second;
+    }
+    DMX_CHECK_ARG(w > 0 && h > 0, "--control-image: the image is smaller than ", models->vae_scale_factor(),
+                  " pixels; give --width/--height");
+    p.width = w;
+    p.height = h;
+    for (size_t i = 0; i < o.controlnets.size(); ++i) {
+      pipelines::ControlNetUnit u;
+      u.name = o.controlnets[i];
+      u.model = pipelines::load_controlnet(o.controlnets[i], lo, "--controlnet");
+      u.image = pipelines::prepare_control_image(control_maps[i], w, h);
+      u.scale = o.control_scales.empty() ? 1.0 : o.control_scales[i];
+      u.start = o.control_starts.empty() ? 0.0 : o.control_starts[i];
+      u.end = o.control_ends.empty() ? 1.0 : o.control_ends[i];
+      DMX_CHECK_ARG(u.start < u.end, "--control-start/--control-end of net ", i, ": control start (", u.start,
+                    ") must be smaller than control end (", u.end, ")");
+      p.controlnets.push_back(u);
+    }
+    p.guess_mode = o.guess_mode;
+    pipelines::StableDiffusionPipeline(models).check_params(p);
+    if (!o.save_control_image.empty()) {
+      const auto paths = output_paths(o.save_control_image, static_cast<int>(p.controlnets.size()));
+      for (size_t i = 0; i < paths.size(); ++i)
+        save_png(paths[i], tensor_to_image(p.controlnets[i].image[0].permute({1, 2, 0})));
+    }
   }
   pipelines::StableDiffusionPipeline pipe(models);
   pipelines::StableDiffusionOutput out = pipe.run(p);

@@ -1,6 +1,7 @@
 // dmx command-line tool. Sees only the public API (include/dmx).
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -63,6 +64,16 @@ int cmd_generate(int argc, char** argv) {
       {"lora-mode", "MODE", "runtime|merged (default merged; both give the same result)"},
       {"lora-dir", "DIR", "folder for <lora:NAME:WEIGHT> tags in the prompt (NAME.safetensors)"},
       {"lora-allow-unmatched", "", "skip LoRA keys that match no layer (counted warning) instead of failing"},
+      {"controlnet", "PATH", "ControlNet: diffusers folder or control_model.* .safetensors (repeatable)", true},
+      {"control-image", "IMG", "conditioning map for the n-th --controlnet (repeatable, one per net)", true},
+      {"control-scale", "X", "conditioning scale per net (repeatable; default 1.0)", true},
+      {"control-start", "A", "fraction of steps before which the net is off (repeatable; default 0)", true},
+      {"control-end", "B", "fraction of steps after which the net is off (repeatable; default 1)", true},
+      {"control-preprocess", "MODE", "none|canny: turn --control-image into the map (once, or per net)", true},
+      {"canny-low", "L", "Canny low threshold (default 100)"},
+      {"canny-high", "H", "Canny high threshold (default 200)"},
+      {"guess-mode", "", "ControlNet guess mode (nets see the conditional half only)"},
+      {"save-control-image", "OUT.png", "write the prepared control map(s) (several nets: OUT-0.png ...)"},
       {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
       {"quiet", "", "no progress output"},
       {"verbose", "", "timings and stack traces"},
@@ -107,6 +118,27 @@ int cmd_generate(int argc, char** argv) {
   o.lora_mode = a.str("lora-mode", o.lora_mode);
   o.lora_dir = a.str("lora-dir", o.lora_dir);
   o.lora_allow_unmatched = a.has("lora-allow-unmatched");
+  o.controlnets = a.all("controlnet");
+  o.control_images = a.all("control-image");
+  auto reals = [&](const std::string& name) {
+    std::vector<double> out;
+    for (const std::string& s : a.all(name)) {
+      char* end = nullptr;
+      const double v = std::strtod(s.c_str(), &end);
+      DMX_CHECK_ARG(!s.empty() && end && *end == '\0' && std::isfinite(v), "--", name, " must be a number, got '", s,
+                    "'");
+      out.push_back(v);
+    }
+    return out;
+  };
+  o.control_scales = reals("control-scale");
+  o.control_starts = reals("control-start");
+  o.control_ends = reals("control-end");
+  o.control_preprocess = a.all("control-preprocess");
+  o.canny_low = a.real("canny-low", 100.0, 0, 2040);
+  o.canny_high = a.real("canny-high", 200.0, 0, 2040);
+  o.guess_mode = a.has("guess-mode");
+  o.save_control_image = a.str("save-control-image");
   dmx::GenerateResult r = dmx::generate(o);
   if (!a.has("quiet")) {
     for (const auto& p : r.images) std::fprintf(stderr, "wrote %s\n", p.c_str());

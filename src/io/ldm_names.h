@@ -16,6 +16,7 @@ inline constexpr const char* kLdmUnetPrefix = "model.diffusion_model.";
 inline constexpr const char* kLdmVaePrefix = "first_stage_model.";
 inline constexpr const char* kLdmClipPrefix = "cond_stage_model.transformer.";  // SD1: transformers CLIPTextModel
 inline constexpr const char* kLdmOpenClipPrefix = "cond_stage_model.model.";    // SD2: OpenCLIP ViT-H text tower
+inline constexpr const char* kLdmControlNetPrefix = "control_model.";           // cldm ControlNet 1.0 / 1.1
 
 enum class LdmTextEncoder { None, Clip, OpenClip };
 // Which text encoder layout the checkpoint carries (SD1 family: Clip; SD2 family: OpenClip).
@@ -42,4 +43,13 @@ nlohmann::json ldm_scheduler_config(const TensorMap& ckpt, const nlohmann::json&
 // flow lists `[a, b]` and maps `{a: 1}`, quoted strings, numbers, booleans, null, `#` comments.
 // Anything else is a FormatError naming `what` and the line.
 nlohmann::json parse_ldm_yaml(const std::string& text, const std::string& what);
+// ControlNet single files (ControlNet 1.0 / 1.1 `control_model.*`, or the same keys without the prefix, as
+// diffusers' convert_controlnet_checkpoint accepts). The prefix in use ("control_model." or ""); FormatError
+// when the file holds no ControlNet.
+std::string ldm_controlnet_prefix(const TensorMap& ckpt);
+// diffusers ControlNetModel config.json from tensor shapes (hint-encoder widths included); heads and
+// global_average_pooling from the .yaml's control_stage_config when given.
+nlohmann::json detect_ldm_controlnet_config(const TensorMap& ckpt, const nlohmann::json& ldm_yaml = nullptr);
+// control_model.* -> diffusers ControlNetModel names (tables; unmatched keys are a FormatError).
+TensorMap convert_ldm_controlnet(const TensorMap& ckpt, const nlohmann::json& controlnet_config);
 }  // namespace dmx::io

@@ -12,6 +12,29 @@ namespace dmx::pipelines {
 
 namespace {
 constexpr int kMaxSide = 4096;
+
+void check_controlnet_params(const StableDiffusionParams& p, const StableDiffusionModels& m) {
+  if (p.controlnets.empty()) return;
+  DMX_CHECK_SUPPORTED(!p.init_image.defined(), "ControlNet with an init image (img2img) is not supported yet");
+  for (size_t c = 0; c < p.controlnets.size(); ++c) {
+    const ControlNetUnit& u = p.controlnets[c];
+    const std::string what = "controlnet[" + std::to_string(c) + "]" + (u.name.empty() ? "" : " (" + u.name + ")");
+    DMX_CHECK_ARG(static_cast<bool>(u.model), what, ": no model loaded");
+    models::check_controlnet_matches_unet(u.model->config(), m.unet->config(), what);
+    DMX_CHECK_ARG(std::isfinite(u.scale), what, ": control scale must be finite, got ", u.scale);
+    DMX_CHECK_ARG(u.start >= 0 && u.start <= 1, what, ": control start must be in [0, 1], got ", u.start);
+    DMX_CHECK_ARG(u.end >= 0 && u.end <= 1, what, ": control end must be in [0, 1], got ", u.end);
+    DMX_CHECK_ARG(u.start < u.end, what, ": control start (", u.start, ") must be smaller than control end (", u.end,
+                  ")");
+    DMX_CHECK_ARG(u.image.defined() && u.image.dim() == 4 && u.image.size(0) == 1 &&
+                      u.image.size(1) == u.model->config().conditioning_channels,
+                  what, ": control image must be [1, ", u.model->config().conditioning_channels, ", H, W], got ",
+                  u.image.defined() ? u.image.sizes() : at::IntArrayRef{});
+    DMX_CHECK_ARG(u.image.size(2) == p.height && u.image.size(3) == p.width, what, ": control image is ",
+                  u.image.size(3), "x", u.image.size(2), " but the output is ", p.width, "x", p.height,
+                  " (prepare it with prepare_control_image at the output size)");
+  }
+}
 }
 
 StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models)
@@ -36,6 +59,7 @@ void StableDiffusionPipeline::check_params(const StableDiffusionParams& p) const
   DMX_CHECK_ARG(std::isfinite(p.eta) && p.eta >= 0 && p.eta <= 1, "eta must be in [0, 1], got ", p.eta);
   DMX_CHECK_ARG(p.num_images_per_prompt >= 1 && p.num_images_per_prompt <= 64,
                 "num_images must be in [1, 64], got ", p.num_images_per_prompt);
+  check_controlnet_params(p, *m_);
   DMX_CHECK_ARG(p.clip_skip >= 0 && p.clip_skip < m_->text_encoder->config().num_hidden_layers,
                 "clip_skip must be in [0, ", m_->text_encoder->config().num_hidden_layers - 1, "], got ", p.clip_skip);
   if (p.init_image.defined()) {
@@ -77,6 +101,11 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
   StableDiffusionParams p = p_in;
   const bool img2img = p.init_image.defined();
   const int f = m_->vae_scale_factor();
+  if (!img2img && !p.controlnets.empty() && p.controlnets[0].image.defined()) {
+    // diffusers' ControlNet pipeline takes the output size from the (prepared) control image.
+    if (p.width == 0) p.width = static_cast<int>(p.controlnets[0].image.size(3));
+    if (p.height == 0) p.height = static_cast<int>(p.controlnets[0].image.size(2));
+  }
   if (!img2img) {
     if (p.width == 0) p.width = m_->default_sample_size();
     if (p.height == 0) p.height = m_->default_sample_size();
@@ -114,6 +143,15 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
                   p.num_inference_steps, " steps leaves no denoising step; raise strength or steps");
   }
   const std::vector<double>& ts = sched->timesteps();
+
+  // 3b. ControlNet images: repeated per image, doubled for guidance unless in guess mode.
+  const bool guess = p.guess_mode || (!p.controlnets.empty() && p.controlnets[0].model &&
+                                      p.controlnets[0].model->config().global_pool_conditions);
+  std::vector<at::Tensor> control_images;
+  for (const ControlNetUnit& u : p.controlnets) {
+    at::Tensor img = u.image.repeat_interleave(n, 0);
+    control_images.push_back((cfg && !guess ? at::cat({img, img}, 0) : img).to(m_->device, m_->dtype));
+  }
 
   // 4. Latents.
   at::Tensor latents;
@@ -156,6 +194,35 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
     in.sample = model_in.to(m_->device, m_->dtype);
     in.timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kFloat)).to(m_->device);
     in.encoder_hidden_states = embeds.to(m_->dtype);
+    if (!p.controlnets.empty()) {
+      // ControlNet residuals (guess mode: the nets see only the conditional half).
+      at::Tensor control_in = in.sample, control_embeds = in.encoder_hidden_states;
+      if (guess && cfg) {
+        control_in = sched->scale_model_input(latents, i).to(m_->device, m_->dtype);
+        control_embeds = in.encoder_hidden_states.chunk(2, 0)[1];
+      }
+      models::ControlNetOutput res;
+      for (size_t c = 0; c < p.controlnets.size(); ++c) {
+        const ControlNetUnit& u = p.controlnets[c];
+        const double cond_scale = u.scale * controlnet_keep(i, static_cast<int>(ts.size()), u.start, u.end);
+        if (cond_scale == 0.0) continue;  // its residuals would be exact zeros
+        models::ControlNetInputs ci;
+        ci.sample = control_in;
+        ci.timestep = in.timestep;
+        ci.encoder_hidden_states = control_embeds;
+        ci.controlnet_cond = control_images[c];
+        ci.conditioning_scale = cond_scale;
+        ci.guess_mode = guess;
+        models::ControlNetModel net = u.model;  // shared handle (forward is non-const)
+        add_residuals(res, net->forward(ci));
+      }
+      if (guess && cfg && !res.down_block_res_samples.empty()) {
+        for (auto& d : res.down_block_res_samples) d = at::cat({at::zeros_like(d), d}, 0);
+        res.mid_block_res_sample = at::cat({at::zeros_like(res.mid_block_res_sample), res.mid_block_res_sample}, 0);
+      }
+      in.down_block_additional_residuals = res.down_block_res_samples;
+      in.mid_block_additional_residual = res.mid_block_res_sample;
+    }
     at::Tensor noise_pred = m_->unet->forward(in).to(at::kFloat).to(at::kCPU);
     if (cfg) {
       auto chunks = noise_pred.chunk(2, 0);

@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 
+#include "pipelines/controlnet.h"
 #include "pipelines/model_bundle.h"
 
 namespace dmx::pipelines {
@@ -39,6 +40,11 @@ struct StableDiffusionParams {
   at::Tensor posterior_noise;
   std::vector<at::Tensor> step_noises;
   bool show_progress = true;
+  // ControlNet (diffusers' StableDiffusionControlNetPipeline / MultiControlNetModel): one unit per net, each
+  // with its own prepared image, scale and start/end; their residuals add up. txt2img only. With no
+  // width/height given, the first image's size is the output size.
+  std::vector<ControlNetUnit> controlnets;
+  bool guess_mode = false;  // nets see only the conditional half; the unconditional half gets zeros
 };
 
 struct StableDiffusionOutput {

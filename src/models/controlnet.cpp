@@ -1,0 +1,319 @@
+// ControlNetModel (diffusers 0.27.2, models/controlnet.py): conv_in + hint embedding, the UNet's down and
+// mid blocks, 1x1 zero convolutions on every skip and on the mid-block output, then conditioning scale
+// (or guess mode's logspace ramp).
+#include "models/controlnet.h"
+
+#include <ATen/ATen.h>
+
+#include "dmx/error.h"
+#include "models/config_json.h"
+#include "nn/layers.h"
+
+namespace dmx::models {
+
+namespace {
+const char* kWhat = "ControlNetModel config";
+
+void get_uniform_int(const nlohmann::json& j, const char* key, size_t n, int& out) {
+  std::vector<int> v;
+  if (!cfgjson::get_int_or_list(j, kWhat, key, n, v)) return;
+  if (v.empty()) throw FormatError(std::string(kWhat) + ": field '" + key + "' is an empty list");
+  for (int x : v)
+    if (x != v.front())
+      throw Unsupported(std::string(kWhat) + ": per-block " + key + " " + j.at(key).dump() +
+                        " is not supported (one value for all blocks only)");
+  out = v.front();
+}
+}  // namespace
+
+std::vector<int> ControlNetConfig::heads_per_block() const {
+  return num_attention_heads.empty() ? attention_head_dim : num_attention_heads;
+}
+
+size_t ControlNetConfig::num_down_residuals() const {
+  const size_t n = block_out_channels.size();
+  return 1 + n * static_cast<size_t>(layers_per_block) + (n - 1);
+}
+
+void ControlNetConfig::validate() const {
+  const size_t n = down_block_types.size();
+  DMX_CHECK_ARG(n >= 1, "down_block_types must not be empty");
+  DMX_CHECK_ARG(block_out_channels.size() == n, "block_out_channels must have one entry per down block (", n,
+                "), got ", block_out_channels.size());
+  for (const auto& t : down_block_types)
+    DMX_CHECK_SUPPORTED(t == "CrossAttnDownBlock2D" || t == "DownBlock2D", "down_block_types: unsupported block type '",
+                        t, "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
+  nn::parse_act(act_fn, "act_fn");
+  DMX_CHECK_ARG(in_channels > 0, "in_channels must be > 0, got ", in_channels);
+  DMX_CHECK_ARG(conditioning_channels > 0, "conditioning_channels must be > 0, got ", conditioning_channels);
+  DMX_CHECK_ARG(layers_per_block > 0, "layers_per_block must be > 0, got ", layers_per_block);
+  DMX_CHECK_ARG(norm_num_groups > 0, "norm_num_groups must be > 0, got ", norm_num_groups);
+  DMX_CHECK_ARG(norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
+  DMX_CHECK_ARG(cross_attention_dim > 0, "cross_attention_dim must be > 0, got ", cross_attention_dim);
+  DMX_CHECK_ARG(transformer_layers_per_block > 0, "transformer_layers_per_block must be > 0, got ",
+                transformer_layers_per_block);
+  DMX_CHECK_ARG(controlnet_conditioning_channel_order == "rgb" || controlnet_conditioning_channel_order == "bgr",
+                "controlnet_conditioning_channel_order must be 'rgb' or 'bgr', got '",
+                controlnet_conditioning_channel_order, "'");
+  DMX_CHECK_ARG(!conditioning_embedding_out_channels.empty(), "conditioning_embedding_out_channels must not be empty");
+  for (size_t i = 0; i < conditioning_embedding_out_channels.size(); ++i)
+    DMX_CHECK_ARG(conditioning_embedding_out_channels[i] > 0, "conditioning_embedding_out_channels[", i,
+                  "] must be > 0, got ", conditioning_embedding_out_channels[i]);
+  for (size_t i = 0; i < n; ++i) {
+    DMX_CHECK_ARG(block_out_channels[i] > 0 && block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i,
+                  "] (", block_out_channels[i], ") must be > 0 and divisible by norm_num_groups (", norm_num_groups,
+                  ")");
+  }
+  const std::vector<int> heads = heads_per_block();
+  DMX_CHECK_ARG(heads.size() == n, "attention_head_dim / num_attention_heads must have one entry per down block (", n,
+                "), got ", heads.size());
+  for (size_t i = 0; i < n; ++i)
+    DMX_CHECK_ARG(heads[i] > 0 && block_out_channels[i] % heads[i] == 0, "attention heads[", i, "] (", heads[i],
+                  ") must divide block_out_channels[", i, "] (", block_out_channels[i], ")");
+}
+
+ControlNetConfig ControlNetConfig::from_json(const nlohmann::json& j) {
+  using cfgjson::get;
+  DMX_CHECK_FORMAT(j.is_object(), kWhat, ": expected a JSON object, got ", j.type_name());
+  ControlNetConfig c;
+  get(j, kWhat, "in_channels", c.in_channels);
+  get(j, kWhat, "conditioning_channels", c.conditioning_channels);
+  get(j, kWhat, "flip_sin_to_cos", c.flip_sin_to_cos);
+  get(j, kWhat, "freq_shift", c.freq_shift);
+  get(j, kWhat, "down_block_types", c.down_block_types);
+  get(j, kWhat, "block_out_channels", c.block_out_channels);
+  const size_t n = c.down_block_types.size();
+  if (j.contains("only_cross_attention") && j.at("only_cross_attention").is_array()) {
+    std::vector<bool> v;
+    get(j, kWhat, "only_cross_attention", v);
+    for (bool b : v)
+      if (b != v.front())
+        throw Unsupported(std::string(kWhat) + ": per-block only_cross_attention is not supported");
+    c.only_cross_attention = !v.empty() && v.front();
+  } else {
+    get(j, kWhat, "only_cross_attention", c.only_cross_attention);
+  }
+  get_uniform_int(j, "layers_per_block", n, c.layers_per_block);
+  get(j, kWhat, "downsample_padding", c.downsample_padding);
+  get(j, kWhat, "mid_block_scale_factor", c.mid_block_scale_factor);
+  get(j, kWhat, "act_fn", c.act_fn);
+  get(j, kWhat, "norm_num_groups", c.norm_num_groups);
+  get(j, kWhat, "norm_eps", c.norm_eps);
+  get_uniform_int(j, "cross_attention_dim", n, c.cross_attention_dim);
+  get_uniform_int(j, "transformer_layers_per_block", n, c.transformer_layers_per_block);
+  cfgjson::get_int_or_list(j, kWhat, "attention_head_dim", n, c.attention_head_dim);
+  cfgjson::get_int_or_list(j, kWhat, "num_attention_heads", n, c.num_attention_heads);
+  get(j, kWhat, "use_linear_projection", c.use_linear_projection);
+  get(j, kWhat, "upcast_attention", c.upcast_attention);
+  get(j, kWhat, "controlnet_conditioning_channel_order", c.controlnet_conditioning_channel_order);
+  get(j, kWhat, "conditioning_embedding_out_channels", c.conditioning_embedding_out_channels);
+  get(j, kWhat, "global_pool_conditions", c.global_pool_conditions);
+  for (const char* key : {"class_embed_type", "addition_embed_type", "addition_time_embed_dim", "encoder_hid_dim",
+                          "encoder_hid_dim_type", "num_class_embeds", "projection_class_embeddings_input_dim"})
+    cfgjson::require_default(j, kWhat, key, nullptr);
+  cfgjson::require_default(j, kWhat, "mid_block_type", "UNetMidBlock2DCrossAttn");
+  cfgjson::require_default(j, kWhat, "resnet_time_scale_shift", "default");
+  try {
+    c.validate();
+  } catch (const InvalidArgument& e) {
+    throw FormatError(std::string(kWhat) + ": " + e.what());
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// ControlNetConditioningEmbedding: conv_in, (conv, strided conv) per channel step, conv_out (zero conv).
+class ControlNetConditioningEmbeddingImpl : public torch::nn::Module {
+ public:
+  ControlNetConditioningEmbeddingImpl(int64_t embedding_channels, int64_t conditioning_channels,
+                                      const std::vector<int>& ch) {
+    using torch::nn::Conv2d;
+    using torch::nn::Conv2dOptions;
+    conv_in = register_module("conv_in", Conv2d(Conv2dOptions(conditioning_channels, ch[0], 3).padding(1)));
+    auto blocks_c = nn::make_container(*this, "blocks");
+    for (size_t i = 0; i + 1 < ch.size(); ++i) {
+      blocks.push_back(blocks_c->register_module(std::to_string(blocks.size()),
+                                                 Conv2d(Conv2dOptions(ch[i], ch[i], 3).padding(1))));
+      blocks.push_back(blocks_c->register_module(std::to_string(blocks.size()),
+                                                 Conv2d(Conv2dOptions(ch[i], ch[i + 1], 3).padding(1).stride(2))));
+    }
+    conv_out = register_module("conv_out", Conv2d(Conv2dOptions(ch.back(), embedding_channels, 3).padding(1)));
+  }
+  at::Tensor forward(const at::Tensor& cond) {  // [B, 3, H, W] -> [B, C0, H / 2^k, W / 2^k]
+    at::Tensor e = at::silu(conv_in->forward(cond));
+    for (auto& b : blocks) e = at::silu(b->forward(e));
+    return conv_out->forward(e);
+  }
+  torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
+  std::vector<torch::nn::Conv2d> blocks;
+};
+TORCH_MODULE(ControlNetConditioningEmbedding);
+
+struct ControlNetModelImpl::Parts {
+  torch::nn::Conv2d conv_in{nullptr};
+  nn::TimestepEmbedding time_embedding{nullptr};
+  ControlNetConditioningEmbedding cond_embedding{nullptr};
+  std::vector<nn::DownBlock2D> down_blocks;
+  std::vector<torch::nn::Conv2d> controlnet_down_blocks;
+  nn::UNetMidBlock2DCrossAttn mid_block{nullptr};
+  torch::nn::Conv2d controlnet_mid_block{nullptr};
+  nn::Act act = nn::Act::SiLU;
+};
+
+ControlNetModelImpl::ControlNetModelImpl(const ControlNetConfig& cfg) : cfg_(cfg), parts_(std::make_shared<Parts>()) {
+  cfg_.validate();
+  Parts& p = *parts_;
+  using torch::nn::Conv2d;
+  using torch::nn::Conv2dOptions;
+  const auto& ch = cfg_.block_out_channels;
+  const int n = static_cast<int>(ch.size());
+  const std::vector<int> heads = cfg_.heads_per_block();
+  p.act = nn::parse_act(cfg_.act_fn, "act_fn");
+
+  p.conv_in = register_module("conv_in", Conv2d(Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
+  p.time_embedding = register_module("time_embedding", nn::TimestepEmbedding(ch[0], cfg_.time_embed_dim(), p.act));
+  p.cond_embedding = register_module(
+      "controlnet_cond_embedding",
+      ControlNetConditioningEmbedding(ch[0], cfg_.conditioning_channels, cfg_.conditioning_embedding_out_channels));
+
+  auto block_options = [&](int heads_i) {
+    nn::BlockOptions o;
+    o.num_layers = cfg_.layers_per_block;
+    o.temb_channels = cfg_.time_embed_dim();
+    o.resnet_eps = cfg_.norm_eps;
+    o.resnet_groups = cfg_.norm_num_groups;
+    o.act = p.act;
+    o.transformer.num_attention_heads = heads_i;
+    o.transformer.num_layers = cfg_.transformer_layers_per_block;
+    o.transformer.cross_attention_dim = cfg_.cross_attention_dim;
+    o.transformer.use_linear_projection = cfg_.use_linear_projection;
+    o.transformer.only_cross_attention = cfg_.only_cross_attention;
+    o.transformer.upcast_attention = cfg_.upcast_attention;
+    return o;
+  };
+
+  auto downs = nn::make_container(*this, "down_blocks");
+  auto zero_convs = nn::make_container(*this, "controlnet_down_blocks");
+  auto add_zero_conv = [&](int64_t c) {
+    p.controlnet_down_blocks.push_back(zero_convs->register_module(std::to_string(p.controlnet_down_blocks.size()),
+                                                                   Conv2d(Conv2dOptions(c, c, 1))));
+  };
+  add_zero_conv(ch[0]);
+  int output_channel = ch[0];
+  for (int i = 0; i < n; ++i) {
+    nn::BlockOptions o = block_options(heads[i]);
+    o.in_channels = output_channel;
+    output_channel = ch[i];
+    o.out_channels = output_channel;
+    o.add_sampler = i != n - 1;
+    o.downsample_padding = cfg_.downsample_padding;
+    o.cross_attention = cfg_.down_block_types[i] == "CrossAttnDownBlock2D";
+    p.down_blocks.push_back(downs->register_module(std::to_string(i), nn::DownBlock2D(o)));
+    for (int j = 0; j < cfg_.layers_per_block; ++j) add_zero_conv(output_channel);
+    if (i != n - 1) add_zero_conv(output_channel);
+  }
+
+  nn::BlockOptions o = block_options(heads.back());
+  o.num_layers = 1;
+  o.in_channels = o.out_channels = ch.back();
+  o.output_scale_factor = cfg_.mid_block_scale_factor;
+  o.transformer.only_cross_attention = false;
+  p.mid_block = register_module("mid_block", nn::UNetMidBlock2DCrossAttn(o));
+  p.controlnet_mid_block = register_module("controlnet_mid_block", Conv2d(Conv2dOptions(ch.back(), ch.back(), 1)));
+}
+
+at::Tensor guess_mode_scales(int64_t n, double conditioning_scale) {
+  // torch.logspace(-1, 0, n) (float32, 0.1 .. 1.0) * conditioning_scale, as diffusers computes it.
+  return at::logspace(-1, 0, n, 10.0, at::TensorOptions().dtype(at::kFloat)) * conditioning_scale;
+}
+
+ControlNetOutput ControlNetModelImpl::forward(const ControlNetInputs& in) {
+  Parts& p = *parts_;
+  const at::Tensor& ctx = in.encoder_hidden_states;
+  DMX_CHECK_ARG(in.sample.defined() && in.sample.dim() == 4 && in.sample.size(1) == cfg_.in_channels,
+                "ControlNet sample must be [B, ", cfg_.in_channels, ", h, w], got ", shape_string(in.sample));
+  const int64_t B = in.sample.size(0);
+  DMX_CHECK_ARG(ctx.defined() && ctx.dim() == 3 && ctx.size(0) == B && ctx.size(2) == cfg_.cross_attention_dim,
+                "ControlNet encoder_hidden_states must be [", B, ", N, ", cfg_.cross_attention_dim, "], got ",
+                shape_string(ctx));
+  DMX_CHECK_ARG(in.controlnet_cond.defined() && in.controlnet_cond.dim() == 4 && in.controlnet_cond.size(0) == B &&
+                    in.controlnet_cond.size(1) == cfg_.conditioning_channels,
+                "controlnet_cond must be [", B, ", ", cfg_.conditioning_channels, ", H, W], got ",
+                shape_string(in.controlnet_cond));
+  DMX_CHECK_ARG(in.timestep.defined(), "timestep must be given (0-d or [B])");
+  at::Tensor t = in.timestep.dim() == 0 ? in.timestep.unsqueeze(0) : in.timestep;
+  DMX_CHECK_ARG(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == B), "timestep must be 0-d, [1] or [", B, "], got ",
+                shape_string(in.timestep));
+
+  at::Tensor cond = in.controlnet_cond;
+  if (cfg_.controlnet_conditioning_channel_order == "bgr") cond = at::flip(cond, {1});
+
+  // 1. time
+  t = t.expand({B});
+  at::Tensor t_emb =
+      nn::get_timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
+          .to(in.sample.scalar_type());                  // [B, C0]
+  at::Tensor emb = p.time_embedding->forward(t_emb);  // [B, 4 C0]
+
+  // 2. pre-process: latent features + hint embedding
+  at::Tensor h = p.conv_in->forward(in.sample);  // [B, C0, h, w]
+  at::Tensor ce = p.cond_embedding->forward(cond.to(in.sample.scalar_type()));
+  record(in.recorder, "cond_embedding", ce);
+  DMX_CHECK_ARG(ce.sizes().equals(h.sizes()), "controlnet_cond of ", shape_string(in.controlnet_cond),
+                " embeds to ", shape_string(ce), ", which does not match the latent features ", shape_string(h),
+                " (the control image must be the output size: latent size x 8)");
+  h = h + ce;
+
+  // 3. down
+  std::vector<at::Tensor> res{h};
+  for (auto& block : p.down_blocks) {
+    nn::DownBlockOutput o = block->forward(h, emb, ctx);
+    h = o.hidden_states;
+    res.insert(res.end(), o.res_samples.begin(), o.res_samples.end());
+  }
+  // 4. mid
+  h = p.mid_block->forward(h, emb, ctx);
+
+  // 5. zero convs
+  ControlNetOutput out;
+  for (size_t i = 0; i < res.size(); ++i) out.down_block_res_samples.push_back(p.controlnet_down_blocks[i]->forward(res[i]));
+  out.mid_block_res_sample = p.controlnet_mid_block->forward(h);
+
+  // 6. scaling
+  if (in.guess_mode && !cfg_.global_pool_conditions) {
+    at::Tensor scales = guess_mode_scales(static_cast<int64_t>(res.size()) + 1, in.conditioning_scale)
+                            .to(h.device(), h.scalar_type());
+    for (size_t i = 0; i < res.size(); ++i)
+      out.down_block_res_samples[i] = out.down_block_res_samples[i] * scales[static_cast<int64_t>(i)];
+    out.mid_block_res_sample = out.mid_block_res_sample * scales[-1];
+  } else {
+    for (auto& d : out.down_block_res_samples) d = d * in.conditioning_scale;
+    out.mid_block_res_sample = out.mid_block_res_sample * in.conditioning_scale;
+  }
+  if (cfg_.global_pool_conditions) {
+    for (auto& d : out.down_block_res_samples) d = at::mean(d, {2, 3}, /*keepdim=*/true);
+    out.mid_block_res_sample = at::mean(out.mid_block_res_sample, {2, 3}, /*keepdim=*/true);
+  }
+  return out;
+}
+
+void check_controlnet_matches_unet(const ControlNetConfig& cn, const UNet2DConditionConfig& unet,
+                                   const std::string& what) {
+  DMX_CHECK_ARG(cn.cross_attention_dim == unet.cross_attention_dim, what,
+                ": ControlNet cross_attention_dim ", cn.cross_attention_dim,
+                " does not match the base UNet's cross_attention_dim ", unet.cross_attention_dim,
+                " (a ControlNet for another model family?)");
+  auto list = [](const std::vector<int>& v) {
+    std::string s = "[";
+    for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+    return s + "]";
+  };
+  DMX_CHECK_ARG(cn.block_out_channels == unet.block_out_channels, what, ": ControlNet block_out_channels ",
+                list(cn.block_out_channels), " do not match the base UNet's block_out_channels ",
+                list(unet.block_out_channels));
+  DMX_CHECK_ARG(cn.layers_per_block == unet.layers_per_block, what, ": ControlNet layers_per_block ",
+                cn.layers_per_block, " does not match the base UNet's layers_per_block ", unet.layers_per_block);
+  DMX_CHECK_ARG(cn.in_channels == unet.in_channels, what, ": ControlNet in_channels ", cn.in_channels,
+                " does not match the base UNet's in_channels ", unet.in_channels);
+}
+}  // namespace dmx::models

@@ -1,0 +1,120 @@
+#include "pipelines/controlnet.h"
+
+#include <ATen/ATen.h>
+
+#include <cctype>
+
+#include "core/fs.h"
+#include "core/resize.h"
+#include "dmx/error.h"
+#include "io/checkpoint.h"
+#include "io/ldm_names.h"
+#include "io/state_dict.h"
+
+namespace dmx::pipelines {
+
+namespace {
+std::string parent_of(const std::string& path) {
+  std::string p = path;
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  const size_t slash = p.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : p.substr(0, slash);
+}
+std::string base_of(const std::string& path) {
+  std::string p = path;
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  const size_t slash = p.find_last_of('/');
+  return slash == std::string::npos ? p : p.substr(slash + 1);
+}
+
+// diffusers' configs may omit conditioning_embedding_out_channels (older saves): read the widths from
+// the hint encoder's tensors instead of assuming the default.
+void fill_hint_channels_from_shapes(nlohmann::json& cfg, const io::TensorMap& w) {
+  if (cfg.contains("conditioning_embedding_out_channels") && !cfg["conditioning_embedding_out_channels"].is_null())
+    return;
+  auto it = w.find("controlnet_cond_embedding.conv_in.weight");
+  if (it == w.end()) return;
+  nlohmann::json ch = nlohmann::json::array({it->second.size(0)});
+  for (int k = 1;; k += 2) {
+    auto b = w.find("controlnet_cond_embedding.blocks." + std::to_string(k) + ".weight");
+    if (b == w.end()) break;
+    ch.push_back(b->second.size(0));
+  }
+  cfg["conditioning_embedding_out_channels"] = ch;
+}
+}  // namespace
+
+models::ControlNetModel load_controlnet(const std::string& path, const LoadOptions& opts, const std::string& param) {
+  DMX_CHECK_ARG(!path.empty(), param, ": no path given");
+  DMX_CHECK_ARG(path_exists(path), param, ": path not found: ", path);
+  nlohmann::json cfg;
+  io::TensorMap weights;
+  if (is_directory(path)) {
+    std::string dir = path;
+    if (!path_exists(join_path(dir, "config.json")) && path_exists(join_path(dir, "controlnet/config.json")))
+      dir = join_path(dir, "controlnet");
+    DMX_CHECK_ARG(path_exists(join_path(dir, "config.json")), param, ": ", path,
+                  " is not a diffusers ControlNet folder (no config.json, no controlnet/config.json)");
+    cfg = io::load_json_file(join_path(dir, "config.json"), "ControlNet config");
+    DMX_CHECK_FORMAT(cfg.is_object() && cfg.value("_class_name", std::string("ControlNetModel")) == "ControlNetModel",
+                     param, ": ", dir, "/config.json describes a ", cfg.value("_class_name", std::string("?")),
+                     ", not a ControlNetModel");
+    weights = io::load_diffusers_component(parent_of(dir), base_of(dir));
+    fill_hint_channels_from_shapes(cfg, weights);
+  } else {
+    std::string ext = path.substr(std::min(path.size(), path.find_last_of('.')));
+    for (char& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    DMX_CHECK_SUPPORTED(ext != ".pth" && ext != ".ckpt" && ext != ".pt" && ext != ".bin", param, ": ", path,
+                        " is a pickle file, which dmx does not load (unpickling can execute code); convert it to "
+                        ".safetensors first (safetensors.torch.save_file(torch.load(path), \"control.safetensors\"))");
+    io::TensorMap ckpt;
+    try {
+      ckpt = io::load_safetensors(path);
+    } catch (const IoError& e) {
+      throw InvalidArgument(param + ": " + e.what());
+    }
+    nlohmann::json yaml;
+    const std::string stem_yaml = join_path(parent_of(path), file_stem(path)) + ".yaml";
+    if (path_exists(stem_yaml) && !is_directory(stem_yaml))
+      yaml = io::parse_ldm_yaml(read_text_file(stem_yaml, "ControlNet .yaml"), stem_yaml);
+    cfg = io::detect_ldm_controlnet_config(ckpt, yaml);
+    weights = io::convert_ldm_controlnet(ckpt, cfg);
+  }
+  models::ControlNetModel net(models::ControlNetConfig::from_json(cfg));
+  io::load_state_dict(*net, weights, path);
+  net->eval();
+  net->to(at::Device(opts.device), opts.dtype);
+  return net;
+}
+
+std::pair<int, int> default_control_size(const Image& img, int f) {
+  return {img.width - img.width % f, img.height - img.height % f};
+}
+
+at::Tensor prepare_control_image(const Image& img, int width, int height) {
+  DMX_CHECK_ARG(width >= 1 && height >= 1, "control image size must be positive, got ", width, "x", height);
+  Image rgb = to_rgb(img);
+  if (rgb.width != width || rgb.height != height) rgb = resize_lanczos(rgb, width, height);
+  at::Tensor t = at::from_blob(rgb.data.data(), {rgb.height, rgb.width, 3}, at::kByte).clone();
+  return (t.to(at::kFloat) / 255.0).permute({2, 0, 1}).unsqueeze(0).contiguous();  // [1, 3, H, W]
+}
+
+double controlnet_keep(int i, int n, double start, double end) {
+  const double a = static_cast<double>(i) / n, b = static_cast<double>(i + 1) / n;
+  return 1.0 - static_cast<double>(a < start || b > end);
+}
+
+void add_residuals(models::ControlNetOutput& acc, const models::ControlNetOutput& add) {
+  if (acc.down_block_res_samples.empty()) {
+    acc = add;
+    return;
+  }
+  DMX_CHECK_ARG(acc.down_block_res_samples.size() == add.down_block_res_samples.size(),
+                "ControlNets return different numbers of residuals (", acc.down_block_res_samples.size(), " vs ",
+                add.down_block_res_samples.size(), ")");
+  for (size_t k = 0; k < acc.down_block_res_samples.size(); ++k)
+    acc.down_block_res_samples[k] = acc.down_block_res_samples[k] + add.down_block_res_samples[k];
+  acc.mid_block_res_sample = acc.mid_block_res_sample + add.mid_block_res_sample;
+}
+}  // namespace dmx::pipelines

@@ -1,0 +1,48 @@
+// ControlNet for the Stable Diffusion pipeline (diffusers 0.27.2 StableDiffusionControlNetPipeline and
+// MultiControlNetModel): loading (diffusers folders and original `control_model.*` single files), control
+// image preparation (VaeImageProcessor(do_convert_rgb=True, do_normalize=False)), and the per-step keep
+// schedule of control_guidance_start / control_guidance_end.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+#include "core/image.h"
+#include "models/controlnet.h"
+#include "pipelines/model_bundle.h"
+
+namespace dmx::pipelines {
+
+// One ControlNet with its conditioning image and schedule (diffusers' controlnet_conditioning_scale,
+// control_guidance_start, control_guidance_end for that net).
+struct ControlNetUnit {
+  models::ControlNetModel model{nullptr};
+  at::Tensor image;   // [1, C, H, W] float32 in [0, 1] at the output size (prepare_control_image)
+  double scale = 1.0;
+  double start = 0.0;  // fraction of the steps before which the net is off
+  double end = 1.0;    // fraction of the steps after which the net is off
+  std::string name;    // for messages (the path)
+};
+
+// path: a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors), a model folder
+// with a controlnet/ subfolder, or a .safetensors single file with control_model.* keys (ControlNet 1.0 /
+// 1.1; a <stem>.yaml beside it supplies heads). Moved to opts.device / opts.dtype, in eval mode.
+// `param` names the option in messages ("--controlnet").
+models::ControlNetModel load_controlnet(const std::string& path, const LoadOptions& opts = {},
+                                        const std::string& param = "--controlnet");
+
+// The output size diffusers uses for a control image when width/height are not given: the image size
+// rounded down to a multiple of vae_scale_factor (VaeImageProcessor.get_default_height_width).
+std::pair<int, int> default_control_size(const Image& img, int vae_scale_factor);
+
+// VaeImageProcessor(do_convert_rgb=True, do_normalize=False).preprocess(image, height, width): convert to RGB,
+// resize with PIL's Lanczos when the size differs, /255. -> [1, 3, height, width] float32 in [0, 1].
+at::Tensor prepare_control_image(const Image& img, int width, int height);
+
+// diffusers' controlnet_keep[i] for one net: 1 - float(i / n < start or (i + 1) / n > end).
+double controlnet_keep(int i, int num_timesteps, double start, double end);
+
+// Sum of the residuals of several ControlNets (MultiControlNetModel). Empty `acc` takes `add`.
+void add_residuals(models::ControlNetOutput& acc, const models::ControlNetOutput& add);
+}  // namespace dmx::pipelines

@@ -1,0 +1,567 @@
+// ControlNet: golden residuals and UNet output against diffusers 0.27.2 (ref/<variant>/controlnet), the
+// StableDiffusionControlNetPipeline (ref/<variant>/controlnet_pipe, both scales), original control_model.*
+// layout == diffusers layout, keep schedule, guess mode, MultiControlNet sums, image preparation, Canny,
+// errors, and the CLI. Suites: ControlNetUnit (unit), ControlNetTiny, ControlNetGolden (golden), ControlNetCli.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+
+#include "core/canny.h"
+#include "core/fs.h"
+#include "core/image.h"
+#include "core/resize.h"
+#include "dmx/error.h"
+#include "io/ldm_names.h"
+#include "io/safetensors.h"
+#include "io/state_dict.h"
+#include "models/controlnet.h"
+#include "pipelines/controlnet.h"
+#include "pipelines/stable_diffusion.h"
+#include "test_util.h"
+
+namespace dmx::test {
+namespace {
+
+constexpr double kTol = 1e-5;
+
+template <typename E>
+void expect_throw_with(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an exception mentioning '" << needle << "'";
+  } catch (const E& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "wrong exception type: " << e.what();
+  }
+}
+
+std::shared_ptr<pipelines::StableDiffusionModels> load_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+  auto& m = cache[variant];
+  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  return m;
+}
+
+std::string cn_folder(const std::string& variant) { return fixture_model(variant) + "/controlnet"; }
+std::string cn_single() { return fixture_model("sd15") + "/ldm/control_sd15.safetensors"; }
+
+Image u8_image(const at::Tensor& u8) {  // [H, W, 3] uint8
+  Image img;
+  img.height = static_cast<int>(u8.size(0));
+  img.width = static_cast<int>(u8.size(1));
+  img.channels = static_cast<int>(u8.size(2));
+  at::Tensor c = u8.contiguous();
+  img.data.assign(c.data_ptr<uint8_t>(), c.data_ptr<uint8_t>() + c.numel());
+  return img;
+}
+
+// -------------------------------------------------------------------------------------------------
+TEST(ControlNetUnit, KeepScheduleFollowsDiffusers) {
+  // 1 - float(i / n < start or (i + 1) / n > end), n = 10
+  std::vector<double> keep;
+  for (int i = 0; i < 10; ++i) keep.push_back(pipelines::controlnet_keep(i, 10, 0.2, 0.7));
+  EXPECT_EQ(keep, (std::vector<double>{0, 0, 1, 1, 1, 1, 1, 0, 0, 0}));
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(pipelines::controlnet_keep(i, 8, 0.0, 1.0), 1.0);
+  // Boundaries: step i acts iff [i/n, (i+1)/n] lies inside [start, end].
+  EXPECT_EQ(pipelines::controlnet_keep(0, 3, 0.0, 1.0 / 3.0), 1.0);
+  EXPECT_EQ(pipelines::controlnet_keep(1, 3, 0.0, 0.5), 0.0);
+  EXPECT_EQ(pipelines::controlnet_keep(2, 4, 0.5, 1.0), 1.0);
+  EXPECT_EQ(pipelines::controlnet_keep(1, 4, 0.5, 1.0), 0.0);
+}
+
+TEST(ControlNetUnit, GuessModeScalesAreTorchLogspace) {
+  at::Tensor s = models::guess_mode_scales(13, 1.0);
+  ASSERT_EQ(s.numel(), 13);
+  EXPECT_FLOAT_EQ(s[0].item<float>(), 0.1f);
+  EXPECT_FLOAT_EQ(s[12].item<float>(), 1.0f);
+  for (int i = 0; i < 13; ++i) EXPECT_NEAR(s[i].item<double>(), std::pow(10.0, -1.0 + i / 12.0), 1e-6);
+  EXPECT_TRUE(at::allclose(models::guess_mode_scales(13, 0.5), s * 0.5));
+}
+
+TEST(ControlNetUnit, ResizeLanczosKeepsSizeAndConstants) {
+  Image img;
+  img.width = 20;
+  img.height = 12;
+  img.channels = 3;
+  img.data.assign(20 * 12 * 3, 77);
+  Image same = resize_lanczos(img, 20, 12);
+  EXPECT_EQ(same.data, img.data);
+  Image r = resize_lanczos(img, 33, 7);  // constants stay constant (normalised coefficients)
+  EXPECT_EQ(r.width, 33);
+  EXPECT_EQ(r.height, 7);
+  for (uint8_t v : r.data) EXPECT_EQ(v, 77);
+  // An upscaled step edge stays within [0, 255] and keeps its sides.
+  for (int y = 0; y < 12; ++y)
+    for (int x = 0; x < 20; ++x)
+      for (int c = 0; c < 3; ++c) img.data[(y * 20 + x) * 3 + c] = x < 10 ? 0 : 255;
+  Image e = resize_lanczos(img, 40, 24);
+  EXPECT_EQ(e.data[0], 0);
+  EXPECT_EQ(e.data[(39) * 3], 255);
+  EXPECT_THROW(resize_lanczos(img, 0, 5), InvalidArgument);
+}
+
+TEST(ControlNetUnit, PrepareControlImageIsUnnormalised) {
+  Image img;
+  img.width = 16;
+  img.height = 8;
+  img.channels = 1;  // gray: converted to RGB first
+  for (int i = 0; i < 16 * 8; ++i) img.data.push_back(static_cast<uint8_t>(i));
+  at::Tensor t = pipelines::prepare_control_image(img, 16, 8);
+  EXPECT_EQ(t.sizes(), (std::vector<int64_t>{1, 3, 8, 16}));
+  EXPECT_FLOAT_EQ(t[0][2][1][3].item<float>(), static_cast<float>(19) / 255.0f);
+  EXPECT_EQ(pipelines::prepare_control_image(img, 24, 16).sizes(), (std::vector<int64_t>{1, 3, 16, 24}));
+  Image odd;
+  odd.width = 70;
+  odd.height = 45;
+  EXPECT_EQ(pipelines::default_control_size(odd, 8), (std::pair<int, int>{64, 40}));
+}
+
+TEST(ControlNetUnit, CannyFindsEdgesAndChecksThresholds) {
+  Image img;
+  img.width = 32;
+  img.height = 32;
+  img.channels = 3;
+  for (int y = 0; y < 32; ++y)
+    for (int x = 0; x < 32; ++x)
+      for (int c = 0; c < 3; ++c) img.data.push_back(x >= 8 && x < 24 && y >= 8 && y < 24 ? 255 : 0);
+  Image e = canny_edges(img, 100, 200);
+  ASSERT_EQ(e.channels, 3);
+  int on = 0;
+  for (size_t i = 0; i < e.data.size(); i += 3) {
+    EXPECT_TRUE(e.data[i] == 0 || e.data[i] == 255);
+    EXPECT_EQ(e.data[i], e.data[i + 1]);
+    on += e.data[i] == 255;
+  }
+  EXPECT_GT(on, 40);   // the square's outline
+  EXPECT_LT(on, 200);  // and nothing else
+  EXPECT_EQ(e.data[(0 * 32 + 0) * 3], 0);
+  EXPECT_EQ(e.data[(16 * 32 + 16) * 3], 0);  // inside the square
+  expect_throw_with<InvalidArgument>([&] { canny_edges(img, 200, 100); }, "--canny-low");
+  expect_throw_with<InvalidArgument>([&] { canny_edges(img, -1, 100); }, "--canny-low");
+  expect_throw_with<InvalidArgument>([&] { canny_edges(img, 1, 5000); }, "--canny-high");
+}
+
+TEST(ControlNetUnit, ConfigFromJsonAndErrors) {
+  nlohmann::json j = {{"block_out_channels", {32, 64}},
+                      {"down_block_types", {"DownBlock2D", "CrossAttnDownBlock2D"}},
+                      {"attention_head_dim", 8},
+                      {"cross_attention_dim", 32},
+                      {"conditioning_embedding_out_channels", {16, 32}}};
+  auto c = models::ControlNetConfig::from_json(j);
+  EXPECT_EQ(c.num_down_residuals(), 6u);
+  EXPECT_EQ(c.heads_per_block(), (std::vector<int>{8, 8}));
+  j["class_embed_type"] = "timestep";
+  EXPECT_THROW(models::ControlNetConfig::from_json(j), Unsupported);
+  j.erase("class_embed_type");
+  j["controlnet_conditioning_channel_order"] = "xyz";
+  expect_throw_with<FormatError>([&] { models::ControlNetConfig::from_json(j); },
+                                 "controlnet_conditioning_channel_order");
+  j["controlnet_conditioning_channel_order"] = "rgb";
+  j["block_out_channels"] = "wide";
+  expect_throw_with<FormatError>([&] { models::ControlNetConfig::from_json(j); }, "block_out_channels");
+}
+
+// -------------------------------------------------------------------------------------------------
+// Golden: residuals at scale 1 and 0.5, and the UNet that consumes them, for both variants and layouts.
+void run_controlnet_golden(const std::string& variant, models::ControlNetModel net, const std::string& label) {
+  RefCase ref = load_ref(variant, "controlnet");
+  auto m = load_model(variant);
+  // The reference's cond is the control image / 255, duplicated for the two halves.
+  at::Tensor cond1 = pipelines::prepare_control_image(u8_image(ref["input.control_u8"]),
+                                                      static_cast<int>(ref["input.control_u8"].size(1)),
+                                                      static_cast<int>(ref["input.control_u8"].size(0)));
+  EXPECT_TRUE(at::equal(at::cat({cond1, cond1}, 0), ref["input.cond"])) << "prepared control image";
+  at::NoGradGuard ng;
+  double worst = 0;
+  models::UNetInputs plain;
+  plain.sample = ref["input.sample"];
+  plain.timestep = ref["input.timestep"];
+  plain.encoder_hidden_states = ref["input.encoder_hidden_states"];
+  DMX_EXPECT_CLOSE(label + " no_control.unet_out", m->unet->forward(plain), ref["no_control.unet_out"], kTol);
+  for (const char* scale : {"1", "0.5"}) {
+    models::ControlNetInputs ci;
+    ci.sample = ref["input.sample"];
+    ci.timestep = ref["input.timestep"];
+    ci.encoder_hidden_states = ref["input.encoder_hidden_states"];
+    ci.controlnet_cond = ref["input.cond"];
+    ci.conditioning_scale = std::stod(scale);
+    TensorRecorder rec;
+    ci.recorder = &rec;
+    models::ControlNetOutput out = net->forward(ci);
+    const std::string pre = std::string("scale") + scale + ".";
+    if (std::string(scale) == "1") {
+      DMX_EXPECT_CLOSE(label + " cond_embedding", rec.tensors.at("cond_embedding"), ref["cond_embedding"], kTol);
+    }
+    ASSERT_EQ(out.down_block_res_samples.size(), ref.meta["n_down_residuals"].get<size_t>());
+    for (size_t k = 0; k < out.down_block_res_samples.size(); ++k)
+      worst = std::max(worst, check_close(label + " " + pre + "down." + std::to_string(k), out.down_block_res_samples[k],
+                                          ref[pre + "down." + std::to_string(k)], kTol));
+    DMX_EXPECT_CLOSE(label + " " + pre + "mid", out.mid_block_res_sample, ref[pre + "mid"], kTol);
+    models::UNetInputs ui = plain;
+    ui.down_block_additional_residuals = out.down_block_res_samples;
+    ui.mid_block_additional_residual = out.mid_block_res_sample;
+    DMX_EXPECT_CLOSE(label + " " + pre + "unet_out", m->unet->forward(ui), ref[pre + "unet_out"], kTol);
+  }
+  EXPECT_LE(worst, kTol) << label << " down residuals";
+}
+
+TEST(ControlNetGolden, ResidualsAndUNet) {
+  DMX_REQUIRE_FIXTURES();
+  for (const std::string variant : {"sd15", "test"})
+    run_controlnet_golden(variant, pipelines::load_controlnet(cn_folder(variant)), variant + "/controlnet");
+}
+
+TEST(ControlNetGolden, OriginalLayoutMatchesDiffusersLayout) {
+  DMX_REQUIRE_FIXTURES();
+  auto a = pipelines::load_controlnet(cn_folder("sd15"));
+  auto b = pipelines::load_controlnet(cn_single());
+  // Same config (hint widths read from the shapes) and bitwise-equal weights.
+  EXPECT_EQ(b->config().conditioning_embedding_out_channels, (std::vector<int>{8, 16, 32, 32}));
+  EXPECT_EQ(b->config().block_out_channels, a->config().block_out_channels);
+  io::TensorMap sa = io::module_state(*a), sb = io::module_state(*b);
+  ASSERT_EQ(sa.size(), sb.size());
+  for (const auto& [k, v] : sa) {
+    ASSERT_EQ(sb.count(k), 1u) << k;
+    EXPECT_TRUE(at::equal(v, sb[k])) << k;
+  }
+  run_controlnet_golden("sd15", b, "sd15/controlnet (control_model.* file)");
+}
+
+TEST(ControlNetGolden, UnprefixedOriginalKeysAndUnmatchedKeyErrors) {
+  DMX_REQUIRE_FIXTURES();
+  io::TensorMap ck = io::load_safetensors(cn_single());
+  io::TensorMap bare;
+  for (const auto& [k, v] : ck) bare[k.substr(std::string("control_model.").size())] = v;
+  EXPECT_EQ(io::ldm_controlnet_prefix(bare), "");
+  auto cfg = io::detect_ldm_controlnet_config(bare);
+  EXPECT_EQ(io::convert_ldm_controlnet(bare, cfg).size(), io::convert_ldm_controlnet(ck, cfg).size());
+  ck["control_model.zero_convs.99.0.weight"] = at::zeros({1});
+  expect_throw_with<FormatError>([&] { io::convert_ldm_controlnet(ck, cfg); }, "zero_convs.99");
+  expect_throw_with<FormatError>([&] { io::ldm_controlnet_prefix(io::TensorMap{{"x", at::zeros({1})}}); },
+                                 "ControlNet");
+}
+
+// Several ControlNets add up: two copies at scales a and b == one at a + b (residual sum, up to rounding).
+TEST(ControlNetTiny, MultiControlNetSumsResiduals) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("test", "controlnet");
+  auto net = pipelines::load_controlnet(cn_folder("test"));
+  at::NoGradGuard ng;
+  models::ControlNetInputs ci;
+  ci.sample = ref["input.sample"];
+  ci.timestep = ref["input.timestep"];
+  ci.encoder_hidden_states = ref["input.encoder_hidden_states"];
+  ci.controlnet_cond = ref["input.cond"];
+  models::ControlNetOutput sum;
+  ci.conditioning_scale = 0.3;
+  pipelines::add_residuals(sum, net->forward(ci));
+  ci.conditioning_scale = 0.45;
+  pipelines::add_residuals(sum, net->forward(ci));
+  ci.conditioning_scale = 0.75;
+  models::ControlNetOutput one = net->forward(ci);
+  for (size_t k = 0; k < one.down_block_res_samples.size(); ++k)
+    DMX_EXPECT_CLOSE("multi sum down." + std::to_string(k), sum.down_block_res_samples[k],
+                     one.down_block_res_samples[k], 1e-6);
+  DMX_EXPECT_CLOSE("multi sum mid", sum.mid_block_res_sample, one.mid_block_res_sample, 1e-6);
+  // Guess mode ramps the residuals from 0.1 to 1.
+  ci.guess_mode = true;
+  ci.conditioning_scale = 1.0;
+  models::ControlNetOutput g = net->forward(ci);
+  ci.guess_mode = false;
+  models::ControlNetOutput plain = net->forward(ci);
+  at::Tensor s = models::guess_mode_scales(static_cast<int64_t>(plain.down_block_res_samples.size()) + 1, 1.0);
+  EXPECT_TRUE(at::equal(g.down_block_res_samples[0], plain.down_block_res_samples[0] * s[0]));
+  EXPECT_TRUE(at::equal(g.mid_block_res_sample, plain.mid_block_res_sample * s[-1]));
+}
+
+// -------------------------------------------------------------------------------------------------
+pipelines::StableDiffusionParams pipe_params(const RefCase& ref) {
+  pipelines::StableDiffusionParams p;
+  p.prompt = ref.meta["prompt"].get<std::string>();
+  p.negative_prompt = ref.meta.value("negative_prompt", std::string());
+  p.num_inference_steps = ref.meta["steps"].get<int>();
+  p.guidance_scale = ref.meta["guidance_scale"].get<double>();
+  p.scheduler = "ddim";
+  p.show_progress = false;
+  p.latents = ref["input.latents"];
+  return p;
+}
+
+void run_pipe_golden(const std::string& variant, const std::string& cn_path) {
+  RefCase ref = load_ref(variant, "controlnet_pipe");
+  pipelines::StableDiffusionPipeline pipe(load_model(variant));
+  auto net = pipelines::load_controlnet(cn_path);
+  const Image control = u8_image(ref["input.control_u8"]);
+  for (const char* scale : {"1", "0.5"}) {
+    pipelines::StableDiffusionParams p = pipe_params(ref);
+    p.guess_mode = ref.meta.value("guess_mode", false);
+    pipelines::ControlNetUnit u;
+    u.model = net;
+    u.image = pipelines::prepare_control_image(control, control.width, control.height);
+    u.scale = std::stod(scale);
+    p.controlnets.push_back(u);
+    std::vector<at::Tensor> steps;
+    p.on_step_end = [&](int, double, at::Tensor& lat) { steps.push_back(lat.clone()); };
+    auto out = pipe.run(p);
+    std::vector<double> expected_ts;
+    for (const auto& t : ref.meta["timesteps"]) expected_ts.push_back(t.get<double>());
+    EXPECT_EQ(out.timesteps, expected_ts);
+    const std::string pre = std::string("scale") + scale + ".";
+    const std::string label = variant + "/controlnet_pipe " + pre;
+    double worst = 0;
+    ASSERT_EQ(steps.size(), expected_ts.size());
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const std::string key = pre + "step." + std::to_string(i) + ".latents";
+      worst = std::max(worst, check_close(label + "step." + std::to_string(i) + ".latents", steps[i], ref[key], 1e-4));
+    }
+    EXPECT_LE(worst, 1e-4) << label << " latents";
+    DMX_EXPECT_CLOSE(label + "image", out.images, ref[pre + "image"], 1e-3);
+  }
+}
+
+TEST(ControlNetGolden, PipelineBothScales) {
+  DMX_REQUIRE_FIXTURES();
+  for (const std::string variant : {"sd15", "test"}) run_pipe_golden(variant, cn_folder(variant));
+}
+
+TEST(ControlNetGolden, PipelineWithOriginalLayoutFile) {
+  DMX_REQUIRE_FIXTURES();
+  run_pipe_golden("sd15", cn_single());
+}
+
+// Multi-ControlNet in the pipeline: two copies at 0.5 each == one at 1.0; a net switched off by start/end
+// changes nothing; guess mode and the keep schedule run.
+TEST(ControlNetTiny, PipelineMultiAndSchedule) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("test", "controlnet_pipe");
+  pipelines::StableDiffusionPipeline pipe(load_model("test"));
+  auto net = pipelines::load_controlnet(cn_folder("test"));
+  const Image control = u8_image(ref["input.control_u8"]);
+  auto unit = [&](double scale, double start = 0.0, double end = 1.0) {
+    pipelines::ControlNetUnit u;
+    u.model = net;
+    u.image = pipelines::prepare_control_image(control, control.width, control.height);
+    u.scale = scale;
+    u.start = start;
+    u.end = end;
+    return u;
+  };
+  auto run = [&](std::vector<pipelines::ControlNetUnit> units, bool guess = false) {
+    pipelines::StableDiffusionParams p = pipe_params(ref);
+    p.num_inference_steps = 4;
+    p.controlnets = std::move(units);
+    p.guess_mode = guess;
+    return pipe.run(p).latents;
+  };
+  at::Tensor one = run({unit(1.0)});
+  at::Tensor two = run({unit(0.5), unit(0.5)});
+  DMX_EXPECT_CLOSE("multi 0.5 + 0.5 vs 1.0 latents", two, one, 1e-5);
+  at::Tensor none = run({});
+  at::Tensor off = run({unit(1.0, 0.0, 1.0), unit(1.0, 0.5, 0.75)});  // second net acts at step 2 only
+  at::Tensor first_only = run({unit(1.0)});
+  EXPECT_FALSE(at::equal(off, first_only));
+  at::Tensor late = run({unit(1.0, 0.5, 1.0)});
+  EXPECT_FALSE(at::equal(late, none));
+  EXPECT_FALSE(at::equal(late, one));
+  at::Tensor guess = run({unit(1.0)}, true);
+  EXPECT_FALSE(at::equal(guess, one));
+  EXPECT_TRUE(at::isfinite(guess).all().item<bool>());
+}
+
+// A seeded run draws its latents first, exactly like txt2img (the control image draws nothing).
+TEST(ControlNetTiny, SeededRunDrawsLatentsLikeTxt2Img) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("test", "controlnet_pipe");
+  pipelines::StableDiffusionPipeline pipe(load_model("test"));
+  const Image control = u8_image(ref["input.control_u8"]);
+  pipelines::ControlNetUnit u;
+  u.model = pipelines::load_controlnet(cn_folder("test"));
+  u.image = pipelines::prepare_control_image(control, control.width, control.height);
+  pipelines::StableDiffusionParams p = pipe_params(ref);
+  p.num_inference_steps = 3;
+  p.controlnets = {u};
+  p.latents = at::Tensor();
+  p.seed = 1234;
+  at::Tensor seeded = pipe.run(p).latents;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
+  p.seed.reset();
+  p.latents = at::randn(ref["input.latents"].sizes(), gen, at::TensorOptions().dtype(at::kFloat));
+  EXPECT_TRUE(at::equal(seeded, pipe.run(p).latents));
+}
+
+TEST(ControlNetTiny, PipelineErrors) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("test", "controlnet_pipe");
+  pipelines::StableDiffusionPipeline pipe(load_model("test"));
+  auto net = pipelines::load_controlnet(cn_folder("test"));
+  const Image control = u8_image(ref["input.control_u8"]);
+  pipelines::StableDiffusionParams p = pipe_params(ref);
+  pipelines::ControlNetUnit u;
+  u.model = net;
+  u.image = pipelines::prepare_control_image(control, control.width, control.height);
+  u.start = 0.6;
+  u.end = 0.4;
+  p.controlnets = {u};
+  expect_throw_with<InvalidArgument>([&] { pipe.run(p); }, "control start");
+  p.controlnets[0].start = 0.0;
+  p.controlnets[0].end = 1.0;
+  p.width = control.width + 8;
+  expect_throw_with<InvalidArgument>([&] { pipe.run(p); }, "control image is");
+  // A ControlNet built for another UNet: both values named.
+  pipelines::StableDiffusionPipeline sd15(load_model("sd15"));
+  pipelines::StableDiffusionParams q = pipe_params(load_ref("sd15", "controlnet_pipe"));
+  q.controlnets = {u};
+  q.controlnets[0].image = pipelines::prepare_control_image(control, 128, 128);
+  expect_throw_with<InvalidArgument>([&] { sd15.run(q); }, "block_out_channels");
+  expect_throw_with<InvalidArgument>([&] { pipelines::load_controlnet("/nonexistent/cn"); }, "--controlnet");
+  expect_throw_with<FormatError>([&] { pipelines::load_controlnet(fixture_model("sd15") + "/unet"); },
+                                 "not a ControlNetModel");
+}
+
+// -------------------------------------------------------------------------------------------------
+// CLI end to end.
+struct CliRun {
+  int code = -1;
+  std::string output;
+};
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+CliRun dmx_run(const std::vector<std::string>& args) {
+  std::string cmd = quote(DMX_CLI_PATH);
+  for (const auto& a : args) cmd += " " + quote(a);
+  cmd += " 2>&1";
+  CliRun r;
+  FILE* f = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), f)) > 0) r.output.append(buf.data(), n);
+  int status = pclose(f);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return r;
+}
+
+std::string write_control_png(const std::string& dir, const std::string& variant) {
+  RefCase ref = load_ref(variant, "controlnet_pipe");
+  const std::string path = dir + "/control-" + variant + ".png";
+  save_png(path, u8_image(ref["input.control_u8"]));
+  return path;
+}
+
+TEST(ControlNetCli, GenerateWithControlNetAndCanny) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string dir = temp_dir();
+  const std::string control = write_control_png(dir, "sd15");
+  const std::vector<std::string> base = {"generate", "--model", fixture_model("sd15"), "--prompt", "a house",
+                                         "--steps", "3", "--seed", "5", "--quiet"};
+  auto a = base;
+  a.insert(a.end(), {"--controlnet", cn_folder("sd15"), "--control-image", control, "--output", dir + "/a.png"});
+  CliRun ra = dmx_run(a);
+  ASSERT_EQ(ra.code, 0) << ra.output;
+  Image ia = load_image(dir + "/a.png", "a");
+  EXPECT_EQ(ia.width, 128);
+  EXPECT_EQ(ia.height, 128);
+  // The original single file gives the same image.
+  auto b = base;
+  b.insert(b.end(), {"--controlnet", cn_single(), "--control-image", control, "--output", dir + "/b.png"});
+  CliRun rb = dmx_run(b);
+  ASSERT_EQ(rb.code, 0) << rb.output;
+  EXPECT_EQ(load_image(dir + "/b.png", "b").data, ia.data);
+  // Without the ControlNet the image differs.
+  auto c = base;
+  c.insert(c.end(), {"--width", "128", "--height", "128", "--output", dir + "/c.png"});
+  ASSERT_EQ(dmx_run(c).code, 0);
+  EXPECT_NE(load_image(dir + "/c.png", "c").data, ia.data);
+  // Canny preprocessing, saved map, two nets with scales / start / end, guess mode.
+  auto d = base;
+  d.insert(d.end(), {"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-scale", "0.7",
+                     "--controlnet", cn_single(), "--control-image", control, "--control-scale", "0.4",
+                     "--control-start", "0", "--control-start", "0.3", "--control-end", "1", "--control-end", "0.8",
+                     "--control-preprocess", "canny", "--canny-low", "50", "--canny-high", "150", "--guess-mode",
+                     "--save-control-image", dir + "/map.png", "--output", dir + "/d.png"});
+  CliRun rd = dmx_run(d);
+  ASSERT_EQ(rd.code, 0) << rd.output;
+  EXPECT_TRUE(path_exists(dir + "/d.png"));
+  // Two nets: one saved map each (the Canny edges, exactly 0 / 255), equal here.
+  Image map = load_image(dir + "/map-0.png", "map");
+  EXPECT_EQ(map.width, 128);
+  for (uint8_t v : map.data) EXPECT_TRUE(v == 0 || v == 255);
+  EXPECT_EQ(load_image(dir + "/map-1.png", "map").data, map.data);
+  // A map of another size: the output takes its size rounded down to 8, the map is Lanczos-resized to it;
+  // a given width is rounded down the same way.
+  Image odd = resize_lanczos(load_image(control, "c"), 100, 70);
+  save_png(dir + "/odd.png", odd);
+  auto f = base;
+  f.insert(f.end(), {"--controlnet", cn_folder("sd15"), "--control-image", dir + "/odd.png", "--save-control-image",
+                     dir + "/odd-map.png", "--output", dir + "/f.png"});
+  CliRun rf = dmx_run(f);
+  ASSERT_EQ(rf.code, 0) << rf.output;
+  Image fi = load_image(dir + "/f.png", "f");
+  EXPECT_EQ(fi.width, 96);
+  EXPECT_EQ(fi.height, 64);
+  EXPECT_EQ(load_image(dir + "/odd-map.png", "m").data, resize_lanczos(odd, 96, 64).data);
+  auto g = base;
+  g.insert(g.end(), {"--controlnet", cn_folder("sd15"), "--control-image", dir + "/odd.png", "--width", "100",
+                     "--height", "52", "--output", dir + "/g.png"});
+  CliRun rg = dmx_run(g);
+  ASSERT_EQ(rg.code, 0) << rg.output;
+  EXPECT_EQ(load_image(dir + "/g.png", "g").width, 96);
+  EXPECT_EQ(load_image(dir + "/g.png", "g").height, 48);
+  // One net: the map is written under the given name.
+  auto e = base;
+  e.insert(e.end(), {"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-preprocess", "canny",
+                     "--save-control-image", dir + "/one.png", "--output", dir + "/e.png"});
+  ASSERT_EQ(dmx_run(e).code, 0);
+  EXPECT_EQ(load_image(dir + "/one.png", "one").data, map.data);
+}
+
+TEST(ControlNetCli, ErrorsExit2) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string dir = temp_dir();
+  const std::string control = write_control_png(dir, "sd15");
+  const std::string out = dir + "/never.png";
+  std::ofstream(dir + "/bad.png") << "garbage";
+  auto expect_error = [&](std::vector<std::string> extra, const std::string& needle) {
+    std::vector<std::string> args = {"generate", "--model", fixture_model("sd15"), "--prompt", "x", "--steps", "2",
+                                     "--output", out, "--quiet"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    CliRun r = dmx_run(args);
+    EXPECT_EQ(r.code, 2) << r.output;
+    EXPECT_NE(r.output.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.output;
+    EXPECT_FALSE(path_exists(out));
+  };
+  expect_error({"--controlnet", cn_folder("sd15")}, "--control-image");
+  expect_error({"--control-image", control}, "--controlnet");
+  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", dir + "/bad.png"}, "--control-image");
+  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", dir + "/missing.png"}, "--control-image");
+  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-scale", "1",
+                "--control-scale", "2"},
+               "--control-scale");
+  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-start", "0.9",
+                "--control-end", "0.2"},
+               "control start");
+  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-preprocess", "hed"},
+               "--control-preprocess");
+  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-preprocess", "canny",
+                "--canny-low", "300", "--canny-high", "100"},
+               "--canny-low");
+  expect_error({"--controlnet", cn_folder("test"), "--control-image", control}, "block_out_channels");
+  expect_error({"--controlnet", dir + "/nothing", "--control-image", control}, "--controlnet");
+  std::ofstream(dir + "/control_v11p_sd15_canny.pth") << "PK\x03\x04 not really";
+  expect_error({"--controlnet", dir + "/control_v11p_sd15_canny.pth", "--control-image", control}, "pickle");
+  expect_error({"--guess-mode"}, "--guess-mode");
+  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--init-image", control},
+               "img2img");
+}
+}  // namespace
+}  // namespace dmx::test
