@@ -1,12 +1,16 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <future>
 #include <random>
 #include <sstream>
 
+#include "api/model_hash.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
+#include "core/phase_timer.h"
+#include "core/utf8.h"
 #include "core/runtime.h"
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
@@ -19,6 +23,8 @@ namespace dmx {
 std::string version() { return "0.1.0"; }
 
 std::vector<std::string> scheduler_names() { return schedulers::scheduler_names(); }
+
+void install_signal_cleanup() { install_temp_file_cleanup(); }
 
 namespace {
 
@@ -51,6 +57,9 @@ void check_output_path(const std::string& path, const std::string& param, const 
 
 GenerateResult generate(const GenerateOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
+  set_log_level(o.verbose ? LogLevel::kVerbose : o.progress ? LogLevel::kInfo : LogLevel::kQuiet);
+  check_text(o.prompt, "--prompt");
+  check_text(o.negative_prompt, "--negative-prompt");
   // Check every cheap input before loading anything.
   DMX_CHECK_ARG(!o.model.empty(), "--model is required");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
@@ -117,9 +126,23 @@ GenerateResult generate(const GenerateOptions& o) {
   lo.tokenizer_dir = o.tokenizer_dir;
   lo.dtype = dtype;
   lo.device = o.device;
-  auto t_load = std::chrono::steady_clock::now();
+  PhaseTimer load_timer("load");
   auto models = pipelines::load_stable_diffusion(o.model, lo);
-  log_verbose(detail::concat("load: ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count(), " s"));
+  load_timer.stop();
+  // The model hash streams a file of up to a few GB: hashed on a thread while the pipeline runs.
+  // If the run fails, the guard cancels the hashing before the future's destructor waits for it.
+  std::atomic<bool> cancel_hash{false};
+  std::future<std::string> hash = std::async(std::launch::async, [path = o.model, &cancel_hash] {
+    try {
+      return model_hash(path, &cancel_hash);
+    } catch (const IoError&) {
+      return std::string();
+    }
+  });
+  struct CancelGuard {
+    std::atomic<bool>& flag;
+    ~CancelGuard() { flag = true; }
+  } cancel_guard{cancel_hash};
   pipelines::StableDiffusionPipeline pipe(models);
   pipelines::StableDiffusionOutput out = pipe.run(p);
 
@@ -128,13 +151,15 @@ GenerateResult generate(const GenerateOptions& o) {
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
   GenerateOptions meta = o;
   if (meta.scheduler.empty()) meta.scheduler = models->scheduler_config.value("_class_name", std::string());
-  const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name)}};
+  const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name, hash.get())}};
+  PhaseTimer write_timer("write");
   if (!o.save_latents.empty()) io::save_safetensors(o.save_latents, {{"latents", out.latents.to(at::kFloat).contiguous()}});
   const auto paths = output_paths(o.output, o.num_images);
   for (size_t i = 0; i < paths.size(); ++i) {
     save_png(paths[i], tensor_to_image(out.images[static_cast<int64_t>(i)]), text);
     r.images.push_back(paths[i]);
   }
+  write_timer.stop();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }
