@@ -97,13 +97,20 @@ void expect_rejected(const std::vector<std::string>& args, const std::vector<std
   EXPECT_EQ(list_dir(out_dir), before) << "a rejected run must write nothing";
 }
 
+// `dmx generate` on the fixture model with small defaults; options in `extra` replace the defaults.
 std::vector<std::string> gen(const std::string& out, std::vector<std::string> extra = {},
                              const std::string& model_path = "") {
-  std::vector<std::string> v = {"generate", "--model", model_path.empty() ? model() : model_path,
-                                "--prompt",  "x",       "--output",
-                                out,         "--steps", "2",
-                                "--width",   "32",      "--height",
-                                "32",        "--seed",  "1"};
+  std::vector<std::string> v = {"generate", "--model", model_path.empty() ? model() : model_path, "--output", out};
+  const std::vector<std::pair<std::string, std::string>> defaults = {
+      {"--prompt", "x"}, {"--steps", "2"}, {"--width", "32"}, {"--height", "32"}, {"--seed", "1"}};
+  for (const auto& [flag, value] : defaults) {
+    if (std::find(extra.begin(), extra.end(), flag) != extra.end()) continue;
+    if (flag == "--width" || flag == "--height") {
+      if (std::find(extra.begin(), extra.end(), "--init-image") != extra.end()) continue;
+    }
+    v.push_back(flag);
+    v.push_back(value);
+  }
   v.insert(v.end(), extra.begin(), extra.end());
   return v;
 }
@@ -560,7 +567,7 @@ TEST(HardeningCli, BrokenModelFolders) {
   expect_rejected(gen(out, {}, bad_cfg), {"unet config", "is not valid JSON"}, dir);
   const std::string typed_cfg = model_copy("typed_config", {"vae/config.json"});
   write_file(typed_cfg + "/vae/config.json", "[1, 2, 3]");
-  expect_rejected(gen(out, {}, typed_cfg), {"vae"}, dir);
+  expect_rejected(gen(out, {}, typed_cfg), {"AutoencoderKL config: expected a JSON object"}, dir);
   // Wrong-shaped weights: one UNet tensor transposed; a weight missing; an unexpected one.
   auto unet = io::load_safetensors(model() + "/unet/diffusion_pytorch_model.safetensors");
   const std::string key = "conv_in.weight";
@@ -659,6 +666,8 @@ TEST(HardeningCli, ParametersCarryModelHash) {
   EXPECT_NE(p.find("Model hash: " + folder_hash + ", Model: sd15"), std::string::npos) << p;
   EXPECT_NE(p.find("Steps: 2, "), std::string::npos) << p;
   EXPECT_NE(p.find("Size: 32x32"), std::string::npos) << p;
+  // The model's own scheduler (PNDMScheduler) is written as A1111's name for it, which --from reads.
+  EXPECT_NE(p.find("Sampler: PLMS, "), std::string::npos) << p;
   // A single file: the hash of the file itself, as A1111 computes it.
   const std::string single = model() + "/ldm/sd15.safetensors";
   r = dmx(gen(dir + "/single.png", {"--quiet", "--config", model()}, single));
@@ -753,7 +762,7 @@ TEST(HardeningCli, KilledRunLeavesNoFile) {
       dup2(devnull, 0);
       dup2(devnull, 1);
       dup2(devnull, 2);
-      auto args = gen(dir + "/k.png", {"--steps", "1000", "--save-latents", dir + "/k.safetensors"});
+      auto args = gen(dir + "/k.png", {"--steps", "999", "--scheduler", "euler", "--save-latents", dir + "/k.safetensors"});
       std::vector<char*> argv = {const_cast<char*>(DMX_CLI_PATH)};
       for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
       argv.push_back(nullptr);

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <future>
+#include <map>
 #include <random>
 #include <sstream>
 
@@ -10,8 +11,8 @@
 #include "core/image.h"
 #include "core/log.h"
 #include "core/phase_timer.h"
-#include "core/utf8.h"
 #include "core/runtime.h"
+#include "core/utf8.h"
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
 #include "pipelines/model_bundle.h"
@@ -51,6 +52,23 @@ void check_output_path(const std::string& path, const std::string& param, const 
   const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   DMX_CHECK_ARG(is_directory(dir), param, ": output directory does not exist: ", dir);
   DMX_CHECK_ARG(!is_directory(path), param, ": is a directory: ", path);
+}
+
+// The dmx name of the model's own scheduler (scheduler_config.json), so that the metadata names a
+// sampler that `--from` can re-run (a short name runs the model's config with the class swapped,
+// which is the model's own scheduler again). Unknown classes keep their diffusers name.
+std::string short_scheduler_name(const nlohmann::json& cfg) {
+  const std::string cls = cfg.value("_class_name", std::string());
+  static const std::map<std::string, std::string> one_to_one = {
+      {"DDIMScheduler", "ddim"},   {"DDPMScheduler", "ddpm"}, {"PNDMScheduler", "pndm"},
+      {"EulerDiscreteScheduler", "euler"}, {"EulerAncestralDiscreteScheduler", "euler_a"},
+      {"HeunDiscreteScheduler", "heun"},   {"LMSDiscreteScheduler", "lms"}};
+  auto it = one_to_one.find(cls);
+  if (it != one_to_one.end()) return it->second;
+  if (cls == "DPMSolverMultistepScheduler" && cfg.value("algorithm_type", std::string("dpmsolver++")) == "dpmsolver++" &&
+      cfg.value("solver_order", 2) == 2)
+    return cfg.value("use_karras_sigmas", false) ? "dpmpp_2m_karras" : "dpmpp_2m";
+  return cls;
 }
 
 }  // namespace
@@ -150,7 +168,7 @@ GenerateResult generate(const GenerateOptions& o) {
   r.seed = seed;
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
   GenerateOptions meta = o;
-  if (meta.scheduler.empty()) meta.scheduler = models->scheduler_config.value("_class_name", std::string());
+  if (meta.scheduler.empty()) meta.scheduler = short_scheduler_name(models->scheduler_config);
   const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name, hash.get())}};
   PhaseTimer write_timer("write");
   if (!o.save_latents.empty()) io::save_safetensors(o.save_latents, {{"latents", out.latents.to(at::kFloat).contiguous()}});
