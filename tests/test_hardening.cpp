@@ -229,6 +229,23 @@ TEST(HardeningText, Utf8Validation) {
   }
 }
 
+// Parameters come from any PNG given to --from: numbers that do not fit are errors, never casts
+// with undefined behaviour.
+TEST(HardeningText, ParametersWithAbsurdNumbers) {
+  const std::string head = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, ";
+  for (const std::string tail : {"Seed: 1, Size: 1e300x64", "Seed: 1, Size: 64x-1e10", "Seed: 1, Size: 64.5x64",
+                                 "Seed: 1, Size: nanx64", "Seed: 99999999999999999999999, Size: 64x64",
+                                 "Seed: -1, Size: 64x64", "Seed: 1, Size: 64x64, Clip skip: 1e40",
+                                 "Seed: 1, Size: 64x64, Batch size: inf"}) {
+    EXPECT_THROW(parse_parameters(head + tail), InvalidArgument) << tail;
+  }
+  EXPECT_THROW(parse_parameters("p\nSteps: 1e300, Seed: 1"), InvalidArgument);
+  GenerateOptions o = parse_parameters(head + "Seed: 18446744073709551615, Size: 64x48");
+  EXPECT_EQ(*o.seed, 18446744073709551615ull);
+  EXPECT_EQ(o.width, 64);
+  EXPECT_EQ(o.height, 48);
+}
+
 // ---------------------------------------------------------------- images
 
 TEST(HardeningImage, CheckImageSize) {
