@@ -42,7 +42,7 @@ for t in "${TARGETS[@]}"; do
   "build-fuzz/fuzz/fuzz_$t" -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=4096 -timeout=20 \
     -max_len=16384 -print_final_stats=1 -artifact_prefix="build-fuzz/artifacts/$t/" \
     "build-fuzz/corpus/$t" "fuzz/corpus/$t" >"build-fuzz/fuzz_$t.log" 2>&1 || rc=$?
-  grep -E "^(#[0-9]+ +(DONE|INITED)|stat::number_of_executed_units|==[0-9]+==ERROR|SUMMARY)" "build-fuzz/fuzz_$t.log" || true
+  grep -E "^(Done [0-9]+ runs|stat::number_of_executed_units|==[0-9]+==ERROR|SUMMARY)" "build-fuzz/fuzz_$t.log" || true
   if [ "$rc" != 0 ]; then
     echo "fuzz_$t: FAILED (see build-fuzz/fuzz_$t.log and build-fuzz/artifacts/$t/)"
     status=1

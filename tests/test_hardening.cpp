@@ -438,7 +438,7 @@ TEST(HardeningCli, BadNumbersAndNames) {
   expect_rejected(gen(out, {"--height", "44"}), {"height must be a multiple of 8, got 44"}, dir);
   expect_rejected(gen(out, {"--width", "0"}), {"--width must be in [8, ", "got 0"}, dir);
   expect_rejected(gen(out, {"--width", "8192", "--height", "8192"}),
-                  {"width x height 8192x8192 exceeds the maximum of 4096x4096", "it would need about", "GB",
+                  {"width x height 8192x8192 exceeds the maximum of 4096x4096", "it would need about", "GB of memory in fp32",
                    "width and height must be at most 4096"},
                   dir);
   expect_rejected(gen(out, {"--width", "4104"}), {"exceeds the maximum of 4096x4096"}, dir);
@@ -486,6 +486,10 @@ TEST(HardeningCli, ModelPaths) {
   const std::string out = dir + "/o.png";
   expect_rejected(gen(out, {}, "/nonexistent/model"), {"--model", "not found", "/nonexistent/model"}, dir);
   expect_rejected(gen(out, {}, dir), {"--model", "is not a diffusers folder"}, dir);
+  expect_rejected(gen(out, {"--config", model()}), {"--config applies to a single-file checkpoint"}, dir);
+  expect_rejected(gen(out, {"--config", "/nonexistent/cfg"}, model() + "/ldm/sd15.safetensors"),
+                  {"--config", "/nonexistent/cfg"}, dir);
+  expect_rejected(gen(out, {"--tokenizer", "/nonexistent/tok"}), {"--tokenizer", "not found", "/nonexistent/tok"}, dir);
   const std::string empty = temp_dir() + "/empty.safetensors";
   write_file(empty, "");
   expect_rejected(gen(out, {}, empty), {"safetensors", "shorter than the 8-byte header"}, dir);

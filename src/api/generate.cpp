@@ -81,6 +81,8 @@ GenerateResult generate(const GenerateOptions& o) {
   // Check every cheap input before loading anything.
   DMX_CHECK_ARG(!o.model.empty(), "--model is required");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
+  DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model), "--config applies to a single-file checkpoint; --model ",
+                o.model, " is a diffusers folder with its own configs (leave --config out)");
   check_output_path(o.output, "--output", ".png");
   if (!o.save_latents.empty()) check_output_path(o.save_latents, "--save-latents", ".safetensors");
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",

@@ -33,7 +33,7 @@ void StableDiffusionPipeline::check_max_size(const StableDiffusionParams& p) con
   throw InvalidArgument(detail::concat(
       img2img ? "--init-image size " : "width x height ", w, "x", h, " exceeds the maximum of ", kMaxSide, "x",
       kMaxSide, " (width and height must be at most ", kMaxSide, "); it would need about ", format_bytes(need.total()),
-      " of memory in ", c10::toString(m_->dtype), " (weights ", format_bytes(need.weights), ", UNet activations ",
+      " of memory in ", m_->dtype == at::kHalf ? "fp16" : m_->dtype == at::kBFloat16 ? "bf16" : "fp32", " (weights ", format_bytes(need.weights), ", UNet activations ",
       format_bytes(need.unet), ", VAE decode ", format_bytes(need.vae), "), against about ",
       format_bytes(at_max.total()), " at ", kMaxSide, "x", kMaxSide));
 }
