@@ -236,7 +236,8 @@ TEST(HardeningText, ParametersWithAbsurdNumbers) {
   for (const std::string tail : {"Seed: 1, Size: 1e300x64", "Seed: 1, Size: 64x-1e10", "Seed: 1, Size: 64.5x64",
                                  "Seed: 1, Size: nanx64", "Seed: 99999999999999999999999, Size: 64x64",
                                  "Seed: -1, Size: 64x64", "Seed: 1, Size: 64x64, Clip skip: 1e40",
-                                 "Seed: 1, Size: 64x64, Batch size: inf"}) {
+                                 "Seed: 1, Size: 64x64, Batch size: inf", "Seed: 1, Size: 64x64, Clip skip: -2147483648",
+                                 "Seed: 1, Size: 64x64, Clip skip: 0"}) {
     EXPECT_THROW(parse_parameters(head + tail), InvalidArgument) << tail;
   }
   EXPECT_THROW(parse_parameters("p\nSteps: 1e300, Seed: 1"), InvalidArgument);
@@ -496,6 +497,7 @@ TEST(HardeningCli, ModelPaths) {
   const std::string text = temp_dir() + "/model.txt";
   write_file(text, "this is not a model at all, just text");
   expect_rejected(gen(out, {}, text), {"error: "}, dir);
+  expect_rejected(gen(out, {}, "/dev/null"), {"safetensors: file is 0 bytes", "/dev/null"}, dir);
   if (::geteuid() != 0) {  // root reads any file
     const std::string locked = temp_dir() + "/locked.safetensors";
     write_file(locked, read_file(model() + "/ldm/sd15.safetensors").substr(0, 4096));

@@ -151,7 +151,11 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
   }
   if (auto v = get("Denoising strength")) o.strength = to_double("Denoising strength", *v);
   if (auto v = get("Eta")) o.eta = to_double("Eta", *v);
-  if (auto v = get("Clip skip")) o.clip_skip = to_int("Clip skip", *v) - 1;
+  if (auto v = get("Clip skip")) {
+    const int c = to_int("Clip skip", *v);
+    DMX_CHECK_ARG(c >= 1, "parameters: Clip skip must be >= 1 (1 = no skip), got ", c);
+    o.clip_skip = c - 1;
+  }
   if (auto v = get("Batch size")) o.num_images = to_int("Batch size", *v);
   return o;
 }
