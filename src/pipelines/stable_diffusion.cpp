@@ -30,12 +30,13 @@ void StableDiffusionPipeline::check_max_size(const StableDiffusionParams& p) con
   const int n = std::max(1, p.num_images_per_prompt);
   const MemoryEstimate need = estimate_memory(*m_, w, h, n, cfg);
   const MemoryEstimate at_max = estimate_memory(*m_, kMaxSide, kMaxSide, n, cfg);
+  const char* dtype = m_->dtype == at::kHalf ? "fp16" : m_->dtype == at::kBFloat16 ? "bf16" : "fp32";
   throw InvalidArgument(detail::concat(
-      img2img ? "--init-image size " : "width x height ", w, "x", h, " exceeds the maximum of ", kMaxSide, "x",
+      img2img ? "init image size " : "width x height ", w, "x", h, " exceeds the maximum of ", kMaxSide, "x",
       kMaxSide, " (width and height must be at most ", kMaxSide, "); it would need about ", format_bytes(need.total()),
-      " of memory in ", m_->dtype == at::kHalf ? "fp16" : m_->dtype == at::kBFloat16 ? "bf16" : "fp32", " (weights ", format_bytes(need.weights), ", UNet activations ",
-      format_bytes(need.unet), ", VAE decode ", format_bytes(need.vae), "), against about ",
-      format_bytes(at_max.total()), " at ", kMaxSide, "x", kMaxSide));
+      " of memory in ", dtype, " (weights ", format_bytes(need.weights), ", UNet activations ", format_bytes(need.unet),
+      ", VAE decode ", format_bytes(need.vae), "), against about ", format_bytes(at_max.total()), " at ", kMaxSide,
+      "x", kMaxSide));
 }
 
 void StableDiffusionPipeline::check_params(const StableDiffusionParams& p) const {
@@ -118,7 +119,6 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
     at::Tensor uncond = encode_prompt(p.negative_prompt, p.clip_skip).repeat({n, 1, 1});
     embeds = at::cat({uncond, embeds}, 0);
   }
-
   encode_timer.stop();
 
   // 3. Timesteps.
