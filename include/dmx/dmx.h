@@ -54,6 +54,7 @@ struct GenerateOptions {
   double canny_high = 200.0;
   bool guess_mode = false;
   std::string save_control_image;  // PNG of the prepared map(s); with several nets: <stem>-<i>.png
+  bool verbose = false;  // per-phase timings on stderr
 };
 
 struct GenerateResult {
@@ -73,6 +74,16 @@ std::string format_parameters(const GenerateOptions& opts, uint64_t seed, int wi
 GenerateOptions parse_parameters(const std::string& text, const GenerateOptions& base = {});
 // The "parameters" text chunk of a PNG (InvalidArgument if the file has none).
 std::string read_image_parameters(const std::string& png_path);
+
+// A1111's "Model hash": the first 10 hex digits of the SHA-256 of the checkpoint file; for a diffusers
+// folder, of unet/diffusion_pytorch_model.safetensors. "" when there is no such file (sharded UNet).
+// Streams the file. model_hash_file names the file hashed.
+std::string model_hash(const std::string& model);
+std::string model_hash_file(const std::string& model);
+
+// Programs (the CLI) call this once: SIGINT/SIGTERM/SIGHUP then delete any output temporary being
+// written before the process ends, so an interrupted run leaves no partial or temporary file.
+void install_signal_cleanup();
 
 // Names accepted by GenerateOptions::scheduler.
 std::vector<std::string> scheduler_names();

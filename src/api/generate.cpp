@@ -1,14 +1,19 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <future>
+#include <map>
 #include <random>
 #include <sstream>
 
 #include "core/canny.h"
+#include "api/model_hash.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
+#include "core/phase_timer.h"
 #include "core/runtime.h"
+#include "core/utf8.h"
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
 #include "pipelines/lora_loader.h"
@@ -22,6 +27,8 @@ namespace dmx {
 std::string version() { return "0.1.0"; }
 
 std::vector<std::string> scheduler_names() { return schedulers::scheduler_names(); }
+
+void install_signal_cleanup() { install_temp_file_cleanup(); }
 
 namespace {
 
@@ -97,13 +104,35 @@ std::vector<Image> load_control_maps(const GenerateOptions& o) {
   return maps;
 }
 
+// The dmx name of the model's own scheduler (scheduler_config.json), so that the metadata names a
+// sampler that `--from` can re-run (a short name runs the model's config with the class swapped,
+// which is the model's own scheduler again). Unknown classes keep their diffusers name.
+std::string short_scheduler_name(const nlohmann::json& cfg) {
+  const std::string cls = cfg.value("_class_name", std::string());
+  static const std::map<std::string, std::string> one_to_one = {
+      {"DDIMScheduler", "ddim"},   {"DDPMScheduler", "ddpm"}, {"PNDMScheduler", "pndm"},
+      {"EulerDiscreteScheduler", "euler"}, {"EulerAncestralDiscreteScheduler", "euler_a"},
+      {"HeunDiscreteScheduler", "heun"},   {"LMSDiscreteScheduler", "lms"}};
+  auto it = one_to_one.find(cls);
+  if (it != one_to_one.end()) return it->second;
+  if (cls == "DPMSolverMultistepScheduler" && cfg.value("algorithm_type", std::string("dpmsolver++")) == "dpmsolver++" &&
+      cfg.value("solver_order", 2) == 2)
+    return cfg.value("use_karras_sigmas", false) ? "dpmpp_2m_karras" : "dpmpp_2m";
+  return cls;
+}
+
 }  // namespace
 
 GenerateResult generate(const GenerateOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
+  set_log_level(o.verbose ? LogLevel::kVerbose : o.progress ? LogLevel::kInfo : LogLevel::kQuiet);
+  check_text(o.prompt, "--prompt");
+  check_text(o.negative_prompt, "--negative-prompt");
   // Check every cheap input before loading anything.
   DMX_CHECK_ARG(!o.model.empty(), "--model is required");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
+  DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model), "--config applies to a single-file checkpoint; --model ",
+                o.model, " is a diffusers folder with its own configs (leave --config out)");
   check_output_path(o.output, "--output", ".png");
   if (!o.save_latents.empty()) check_output_path(o.save_latents, "--save-latents", ".safetensors");
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
@@ -191,9 +220,23 @@ GenerateResult generate(const GenerateOptions& o) {
   lo.tokenizer_dir = o.tokenizer_dir;
   lo.dtype = dtype;
   lo.device = o.device;
-  auto t_load = std::chrono::steady_clock::now();
+  PhaseTimer load_timer("load");
   auto models = pipelines::load_stable_diffusion(o.model, lo);
-  log_verbose(detail::concat("load: ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count(), " s"));
+  load_timer.stop();
+  // The model hash streams a file of up to a few GB: hashed on a thread while the pipeline runs.
+  // If the run fails, the guard cancels the hashing before the future's destructor waits for it.
+  std::atomic<bool> cancel_hash{false};
+  std::future<std::string> hash = std::async(std::launch::async, [path = o.model, &cancel_hash] {
+    try {
+      return model_hash(path, &cancel_hash);
+    } catch (const IoError&) {
+      return std::string();
+    }
+  });
+  struct CancelGuard {
+    std::atomic<bool>& flag;
+    ~CancelGuard() { flag = true; }
+  } cancel_guard{cancel_hash};
   std::unique_ptr<pipelines::ScopedLoRAs> loras;
   if (!lora_specs.empty()) {
     loras = std::make_unique<pipelines::ScopedLoRAs>(models, lora_specs, lora_opts);
@@ -243,14 +286,16 @@ GenerateResult generate(const GenerateOptions& o) {
   r.seed = seed;
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
   GenerateOptions meta = o;
-  if (meta.scheduler.empty()) meta.scheduler = models->scheduler_config.value("_class_name", std::string());
-  const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name)}};
+  if (meta.scheduler.empty()) meta.scheduler = short_scheduler_name(models->scheduler_config);
+  const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name, hash.get())}};
+  PhaseTimer write_timer("write");
   if (!o.save_latents.empty()) io::save_safetensors(o.save_latents, {{"latents", out.latents.to(at::kFloat).contiguous()}});
   const auto paths = output_paths(o.output, o.num_images);
   for (size_t i = 0; i < paths.size(); ++i) {
     save_png(paths[i], tensor_to_image(out.images[static_cast<int64_t>(i)]), text);
     r.images.push_back(paths[i]);
   }
+  write_timer.stop();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }

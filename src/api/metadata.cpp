@@ -1,5 +1,7 @@
 // A1111-compatible generation metadata ("parameters" PNG text chunk), so other tools read dmx's
 // images and dmx re-runs theirs.
+#include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <map>
 #include <sstream>
@@ -61,6 +63,15 @@ double to_double(const std::string& key, const std::string& v) {
   return d;
 }
 
+// Integral fields: a value outside int (or with a fraction) is an error, not a cast with undefined
+// behaviour ("Steps: 1e300" comes from whatever PNG --from is given).
+int to_int(const std::string& key, const std::string& v) {
+  const double d = to_double(key, v);
+  DMX_CHECK_ARG(std::isfinite(d) && d == std::floor(d) && d >= -2147483648.0 && d <= 2147483647.0, "parameters: field '",
+                key, "' must be an integer, got '", v, "'");
+  return static_cast<int>(d);
+}
+
 }  // namespace
 
 std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width, int height,
@@ -115,19 +126,21 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
     auto it = f.find(k);
     return it == f.end() ? nullptr : &it->second;
   };
-  if (auto v = get("Steps")) o.steps = static_cast<int>(to_double("Steps", *v));
+  if (auto v = get("Steps")) o.steps = to_int("Steps", *v);
   if (auto v = get("CFG scale")) o.guidance_scale = to_double("CFG scale", *v);
   if (auto v = get("Seed")) {
     char* end = nullptr;
+    errno = 0;
     const unsigned long long s = std::strtoull(v->c_str(), &end, 10);
-    DMX_CHECK_ARG(!v->empty() && *end == '\0' && (*v)[0] != '-', "parameters: Seed must be a non-negative integer, got '", *v, "'");
+    DMX_CHECK_ARG(!v->empty() && *end == '\0' && (*v)[0] != '-' && (*v)[0] != '+' && errno == 0,
+                  "parameters: Seed must be an integer in [0, 2^64-1], got '", *v, "'");
     o.seed = s;
   }
   if (auto v = get("Size")) {
     const size_t x = v->find('x');
     DMX_CHECK_ARG(x != std::string::npos, "parameters: Size must be WxH, got '", *v, "'");
-    o.width = static_cast<int>(to_double("Size", v->substr(0, x)));
-    o.height = static_cast<int>(to_double("Size", v->substr(x + 1)));
+    o.width = to_int("Size", v->substr(0, x));
+    o.height = to_int("Size", v->substr(x + 1));
   }
   if (auto v = get("Sampler")) {
     std::string name;
@@ -138,8 +151,12 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
   }
   if (auto v = get("Denoising strength")) o.strength = to_double("Denoising strength", *v);
   if (auto v = get("Eta")) o.eta = to_double("Eta", *v);
-  if (auto v = get("Clip skip")) o.clip_skip = static_cast<int>(to_double("Clip skip", *v)) - 1;
-  if (auto v = get("Batch size")) o.num_images = static_cast<int>(to_double("Batch size", *v));
+  if (auto v = get("Clip skip")) {
+    const int c = to_int("Clip skip", *v);
+    DMX_CHECK_ARG(c >= 1, "parameters: Clip skip must be >= 1 (1 = no skip), got ", c);
+    o.clip_skip = c - 1;
+  }
+  if (auto v = get("Batch size")) o.num_images = to_int("Batch size", *v);
   return o;
 }
 

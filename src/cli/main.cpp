@@ -139,6 +139,8 @@ int cmd_generate(int argc, char** argv) {
   o.canny_high = a.real("canny-high", 200.0, 0, 2040);
   o.guess_mode = a.has("guess-mode");
   o.save_control_image = a.str("save-control-image");
+  o.verbose = a.has("verbose");
+  DMX_CHECK_ARG(!(o.progress == false && o.verbose), "--quiet and --verbose cannot be used together");
   dmx::GenerateResult r = dmx::generate(o);
   if (!a.has("quiet")) {
     for (const auto& p : r.images) std::fprintf(stderr, "wrote %s\n", p.c_str());
@@ -157,6 +159,7 @@ int cmd_info(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   ensure_openmp_policy(argv);
+  dmx::install_signal_cleanup();
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
     std::printf("%s", kUsage);
     return argc < 2 ? 2 : 0;

@@ -1,8 +1,10 @@
 #include "core/fs.h"
 
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -46,12 +48,63 @@ std::string file_stem(const std::string& path) {
   return dot == std::string::npos ? name : name.substr(0, dot);
 }
 
+namespace {
+// Temporaries being written, visible to the signal handler: fixed slots of plain chars, claimed
+// and released with atomics (no allocation, no locks: async-signal-safe).
+constexpr int kTempSlots = 16;
+constexpr size_t kTempPathMax = 4096;
+char g_temp_paths[kTempSlots][kTempPathMax];
+std::atomic<int> g_temp_state[kTempSlots];  // 0 free, 1 claimed (being filled), 2 live
+
+int register_temp(const std::string& tmp) {
+  if (tmp.size() >= kTempPathMax) return -1;
+  for (int i = 0; i < kTempSlots; ++i) {
+    int expected = 0;
+    if (g_temp_state[i].compare_exchange_strong(expected, 1)) {
+      std::memcpy(g_temp_paths[i], tmp.c_str(), tmp.size() + 1);
+      g_temp_state[i].store(2);
+      return i;
+    }
+  }
+  return -1;
+}
+
+void unregister_temp(int slot) {
+  if (slot >= 0) g_temp_state[slot].store(0);
+}
+
+extern "C" void dmx_temp_cleanup_handler(int sig) {
+  for (int i = 0; i < kTempSlots; ++i)
+    if (g_temp_state[i].load() == 2) ::unlink(g_temp_paths[i]);
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
+struct TempRegistration {
+  int slot;
+  explicit TempRegistration(const std::string& tmp) : slot(register_temp(tmp)) {}
+  ~TempRegistration() { unregister_temp(slot); }
+};
+}  // namespace
+
+void install_temp_file_cleanup() {
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = dmx_temp_cleanup_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND;
+    ::sigaction(sig, &sa, nullptr);
+  }
+}
+
 void write_file_atomic(const std::string& path, const std::function<void(const std::string&)>& write) {
   std::string dir = ".";
   size_t slash = path.find_last_of('/');
   if (slash != std::string::npos) dir = slash == 0 ? "/" : path.substr(0, slash);
   DMX_CHECK_IO(is_directory(dir), "output directory does not exist: ", dir, " (for ", path, ")");
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  TempRegistration registration(tmp);
   try {
     write(tmp);
   } catch (...) {

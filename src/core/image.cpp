@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <jpeglib.h>
+#include <jerror.h>
 #include <png.h>
 
 #include <csetjmp>
@@ -20,7 +21,48 @@ void check_dims(int w, int h, const std::string& param) {
                 ", larger than the ", kMaxImageSide, "x", kMaxImageSide, " maximum");
 }
 
+uint32_t read_be32(const uint8_t* p) {
+  return (uint32_t(p[0]) << 24) | (uint32_t(p[1]) << 16) | (uint32_t(p[2]) << 8) | uint32_t(p[3]);
+}
+
+// Deflate cannot compress better than 1032:1, so a header that declares more raw pixel data than
+// 1032 x the file size is lying (or the file is truncated). Checked before the output buffer is
+// allocated, so that a 100-byte file cannot make us allocate a gigabyte. libpng has already checked
+// that IHDR is the first chunk.
+void check_png_data_size(const uint8_t* bytes, size_t size, const std::string& param) {
+  if (size < 33) return;
+  const uint64_t w = read_be32(bytes + 16), h = read_be32(bytes + 20);
+  const int depth = bytes[24], color_type = bytes[25];
+  const int channels = color_type == 2 ? 3 : color_type == 4 ? 2 : color_type == 6 ? 4 : 1;
+  const uint64_t raw = h * (1 + (w * depth * channels + 7) / 8);
+  DMX_CHECK_ARG(raw <= 1032ull * size, param, ": corrupt PNG: the header declares ", w, "x", h, " pixels (", raw,
+                " bytes of image data) but the file has only ", size,
+                " bytes, more than deflate can compress into it (truncated or lying header)");
+}
+
+// Every chunk must fit in the file. libpng allocates a chunk's declared length before reading it,
+// so a 100-byte file declaring a 700 MB tEXt chunk made it allocate 700 MB (found by fuzz_image).
+void check_png_chunks(const uint8_t* bytes, size_t size, const std::string& param) {
+  size_t pos = 8;
+  bool end = false;
+  while (pos < size && !end) {
+    DMX_CHECK_ARG(size - pos >= 12, param, ": corrupt PNG: truncated chunk header at byte ", pos);
+    const uint64_t len = read_be32(bytes + pos);
+    std::string type;
+    for (int i = 4; i < 8; ++i) {
+      const char c = static_cast<char>(bytes[pos + i]);
+      type += (c >= 0x20 && c < 0x7f) ? c : '?';
+    }
+    DMX_CHECK_ARG(len <= size - pos - 12, param, ": corrupt PNG: chunk '", type, "' at byte ", pos, " declares ", len,
+                  " bytes but only ", size - pos - 12, " remain (truncated or lying file)");
+    pos += 12 + len;
+    end = type == "IEND";
+  }
+  DMX_CHECK_ARG(end, param, ": corrupt PNG: the file ends without an IEND chunk (truncated)");
+}
+
 Image decode_png(const uint8_t* bytes, size_t size, const std::string& param) {
+  check_png_chunks(bytes, size, param);
   png_image img;
   std::memset(&img, 0, sizeof(img));
   img.version = PNG_IMAGE_VERSION;
@@ -29,6 +71,7 @@ Image decode_png(const uint8_t* bytes, size_t size, const std::string& param) {
   const int w = static_cast<int>(img.width), h = static_cast<int>(img.height);
   try {
     check_dims(w, h, param);
+    check_png_data_size(bytes, size, param);
   } catch (...) {
     png_image_free(&img);
     throw;
@@ -74,42 +117,76 @@ void jpeg_error_exit(j_common_ptr cinfo) {
   (*cinfo->err->format_message)(cinfo, err->message);
   std::longjmp(err->jump, 1);
 }
-void jpeg_silent(j_common_ptr, int) {}
+
+// libjpeg only warns about truncated or corrupt entropy data and fills the rest of the image with
+// gray; PIL (what diffusers reads images with) refuses truncated files, and so do we.
+void jpeg_emit_message(j_common_ptr cinfo, int level) {
+  if (level != -1) return;
+  const int code = cinfo->err->msg_code;
+  if (code == JWRN_JPEG_EOF || code == JWRN_HIT_MARKER || code == JWRN_HUFF_BAD_CODE || code == JWRN_MUST_RESYNC ||
+      code == JWRN_NOT_SEQUENTIAL || code == JWRN_BOGUS_PROGRESSION)
+    jpeg_error_exit(cinfo);
+}
+
+// Coefficient buffers of multi-scan (progressive) JPEGs are bounded by this; libjpeg fails cleanly
+// ("Backing store not supported") instead of allocating more.
+constexpr long kJpegMaxMemory = 1l << 30;
+
+// All libjpeg calls live here, in a frame that holds no C++ object with a destructor, so that the
+// longjmp from the error handler skips nothing. Returns false with err->message set on failure.
+// Rows are appended to `data` as they are decoded: a lying header costs no more memory than the
+// data that is really there.
+bool jpeg_decode_raw(jpeg_decompress_struct* cinfo, JpegError* err, const uint8_t* bytes, size_t size,
+                     int* width, int* height, int* channels, std::vector<uint8_t>* data, bool* too_large) {
+  if (setjmp(err->jump)) {
+    jpeg_destroy_decompress(cinfo);
+    return false;
+  }
+  jpeg_create_decompress(cinfo);
+  cinfo->mem->max_memory_to_use = kJpegMaxMemory;
+  jpeg_mem_src(cinfo, bytes, static_cast<unsigned long>(size));
+  jpeg_read_header(cinfo, TRUE);
+  *width = static_cast<int>(cinfo->image_width);
+  *height = static_cast<int>(cinfo->image_height);
+  if (*width <= 0 || *height <= 0 || *width > kMaxImageSide || *height > kMaxImageSide) {
+    *too_large = true;
+    jpeg_destroy_decompress(cinfo);
+    return false;
+  }
+  cinfo->out_color_space = cinfo->num_components == 1 ? JCS_GRAYSCALE : JCS_RGB;
+  jpeg_start_decompress(cinfo);
+  *width = static_cast<int>(cinfo->output_width);
+  *height = static_cast<int>(cinfo->output_height);
+  *channels = cinfo->output_components;
+  const size_t row_bytes = static_cast<size_t>(*width) * *channels;
+  while (cinfo->output_scanline < cinfo->output_height) {
+    data->resize(data->size() + row_bytes);
+    JSAMPROW row = data->data() + data->size() - row_bytes;
+    if (jpeg_read_scanlines(cinfo, &row, 1) != 1) {
+      std::snprintf(err->message, sizeof(err->message), "decoder returned no data at row %u",
+                    cinfo->output_scanline);
+      jpeg_destroy_decompress(cinfo);
+      return false;
+    }
+  }
+  jpeg_finish_decompress(cinfo);
+  jpeg_destroy_decompress(cinfo);
+  return true;
+}
 
 Image decode_jpeg(const uint8_t* bytes, size_t size, const std::string& param) {
   jpeg_decompress_struct cinfo;
   JpegError err;
   cinfo.err = jpeg_std_error(&err.mgr);
   err.mgr.error_exit = jpeg_error_exit;
-  err.mgr.emit_message = jpeg_silent;
+  err.mgr.emit_message = jpeg_emit_message;
   err.message[0] = 0;
   Image out;
-  std::string failure;
-  if (setjmp(err.jump)) {
-    failure = err.message;
-    jpeg_destroy_decompress(&cinfo);
-    throw InvalidArgument(detail::concat(param, ": corrupt JPEG: ", failure));
+  bool too_large = false;
+  if (!jpeg_decode_raw(&cinfo, &err, bytes, size, &out.width, &out.height, &out.channels, &out.data, &too_large)) {
+    if (too_large) check_dims(out.width, out.height, param);
+    throw InvalidArgument(detail::concat(param, ": corrupt JPEG: ", err.message));
   }
-  jpeg_create_decompress(&cinfo);
-  jpeg_mem_src(&cinfo, bytes, static_cast<unsigned long>(size));
-  jpeg_read_header(&cinfo, TRUE);
-  const int w = static_cast<int>(cinfo.image_width), h = static_cast<int>(cinfo.image_height);
-  if (w <= 0 || h <= 0 || w > kMaxImageSide || h > kMaxImageSide) {
-    jpeg_destroy_decompress(&cinfo);
-    check_dims(w, h, param);
-  }
-  cinfo.out_color_space = cinfo.num_components == 1 ? JCS_GRAYSCALE : JCS_RGB;
-  jpeg_start_decompress(&cinfo);
-  out.width = static_cast<int>(cinfo.output_width);
-  out.height = static_cast<int>(cinfo.output_height);
-  out.channels = cinfo.output_components;
-  out.data.resize(static_cast<size_t>(out.width) * out.height * out.channels);
-  while (cinfo.output_scanline < cinfo.output_height) {
-    JSAMPROW row = out.data.data() + static_cast<size_t>(cinfo.output_scanline) * out.width * out.channels;
-    jpeg_read_scanlines(&cinfo, &row, 1);
-  }
-  jpeg_finish_decompress(&cinfo);
-  jpeg_destroy_decompress(&cinfo);
   return out;
 }
 
@@ -137,6 +214,12 @@ Image load_image(const std::string& path, const std::string& param) {
   } catch (const InvalidArgument& e) {
     throw InvalidArgument(detail::concat(e.what(), " (", path, ")"));
   }
+}
+
+void check_image_size(const std::string& param, const Image& img, int expected_width, int expected_height) {
+  DMX_CHECK_ARG(img.width == expected_width && img.height == expected_height, param, " must be ", expected_width,
+                "x", expected_height, " to match the output size, got ", img.width, "x", img.height,
+                " (resize it, or set --width/--height to its size)");
 }
 
 Image to_rgb(const Image& img) {
@@ -229,41 +312,57 @@ struct PngReader {
   const uint8_t* data;
   size_t size;
   size_t pos;
+  char message[256];
 };
 void png_read_from_memory(png_structp png, png_bytep out, png_size_t len) {
   auto* r = static_cast<PngReader*>(png_get_io_ptr(png));
-  if (r->pos + len > r->size) png_error(png, "unexpected end of PNG data");
+  if (len > r->size - r->pos) png_error(png, "unexpected end of PNG data");
   std::memcpy(out, r->data + r->pos, len);
   r->pos += len;
 }
+// Records the message; libpng then longjmps to the png_jmpbuf set in png_read_info_raw.
+void png_error_record(png_structp png, png_const_charp msg) {
+  auto* r = static_cast<PngReader*>(png_get_error_ptr(png));
+  std::snprintf(r->message, sizeof(r->message), "%s", msg ? msg : "unknown error");
+  png_longjmp(png, 1);  // returning would make libpng print the message on stderr first
+}
+// The libpng calls that can fail, in a frame without C++ objects (longjmp skips no destructor).
+bool png_read_info_raw(png_structp png, png_infop info, PngReader* reader) {
+  if (setjmp(png_jmpbuf(png))) return false;
+  png_set_read_fn(png, reader, png_read_from_memory);
+  png_read_info(png, info);
+  return true;
+}
 }  // namespace
+
+TextChunks read_png_text(const uint8_t* bytes, size_t size, const std::string& what) {
+  static const uint8_t kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  DMX_CHECK_ARG(size >= 8 && std::memcmp(bytes, kPng, 8) == 0, "not a PNG file: ", what);
+  check_png_chunks(bytes, size, what);
+  PngReader reader{bytes, size, 0, {0}};
+  png_structp png =
+      png_create_read_struct(PNG_LIBPNG_VER_STRING, &reader, png_error_record, png_warning_silent);
+  DMX_CHECK_IO(png != nullptr, "PNG decoder: out of memory");
+  png_infop info = png_create_info_struct(png);
+  // Compressed text (zTXt, iTXt) may expand 1000-fold: bound what one chunk may take.
+  png_set_chunk_malloc_max(png, 16u << 20);
+  if (info == nullptr || !png_read_info_raw(png, info, &reader)) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    throw InvalidArgument(detail::concat("corrupt PNG ", what, ": ", reader.message));
+  }
+  TextChunks out;
+  png_textp text = nullptr;
+  const int n = png_get_text(png, info, &text, nullptr);
+  for (int i = 0; i < n; ++i)
+    out.emplace_back(text[i].key, std::string(text[i].text, text[i].compression > 0 ? text[i].itxt_length
+                                                                                  : text[i].text_length));
+  png_destroy_read_struct(&png, &info, nullptr);
+  return out;
+}
 
 TextChunks read_png_text(const std::string& path) {
   std::string bytes = read_text_file(path, "PNG");
-  static const uint8_t kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-  DMX_CHECK_ARG(bytes.size() >= 8 && std::memcmp(bytes.data(), kPng, 8) == 0, "not a PNG file: ", path);
-  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, png_error_throw, png_warning_silent);
-  png_infop info = png_create_info_struct(png);
-  png_infop end_info = png_create_info_struct(png);
-  PngReader reader{reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), 0};
-  TextChunks out;
-  try {
-    png_set_read_fn(png, &reader, png_read_from_memory);
-    png_read_info(png, info);
-    auto collect = [&](png_infop inf) {
-      png_textp text = nullptr;
-      int n = png_get_text(png, inf, &text, nullptr);
-      for (int i = 0; i < n; ++i)
-        out.emplace_back(text[i].key, std::string(text[i].text, text[i].compression > 0 ? text[i].itxt_length
-                                                                                      : text[i].text_length));
-    };
-    collect(info);
-  } catch (const IoError& e) {
-    png_destroy_read_struct(&png, &info, &end_info);
-    throw InvalidArgument(detail::concat("corrupt PNG ", path, ": ", e.what()));
-  }
-  png_destroy_read_struct(&png, &info, &end_info);
-  return out;
+  return read_png_text(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), path);
 }
 
 at::Tensor image_to_tensor(const Image& rgb) {

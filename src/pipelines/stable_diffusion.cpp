@@ -4,8 +4,10 @@
 
 #include <cmath>
 
+#include "core/phase_timer.h"
 #include "core/progress.h"
 #include "dmx/error.h"
+#include "pipelines/memory_estimate.h"
 #include "schedulers/scheduler.h"
 
 namespace dmx::pipelines {
@@ -42,6 +44,24 @@ StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<StableDiffusion
   DMX_CHECK_ARG(m_ != nullptr, "StableDiffusionPipeline: models must not be null");
 }
 
+void StableDiffusionPipeline::check_max_size(const StableDiffusionParams& p) const {
+  const bool img2img = p.init_image.defined() && p.init_image.dim() == 4;
+  const int w = img2img ? static_cast<int>(p.init_image.size(3)) : p.width;
+  const int h = img2img ? static_cast<int>(p.init_image.size(2)) : p.height;
+  if (w <= kMaxSide && h <= kMaxSide) return;
+  const bool cfg = p.guidance_scale > 1.0;
+  const int n = std::max(1, p.num_images_per_prompt);
+  const MemoryEstimate need = estimate_memory(*m_, w, h, n, cfg);
+  const MemoryEstimate at_max = estimate_memory(*m_, kMaxSide, kMaxSide, n, cfg);
+  const char* dtype = m_->dtype == at::kHalf ? "fp16" : m_->dtype == at::kBFloat16 ? "bf16" : "fp32";
+  throw InvalidArgument(detail::concat(
+      img2img ? "init image size " : "width x height ", w, "x", h, " exceeds the maximum of ", kMaxSide, "x",
+      kMaxSide, " (width and height must be at most ", kMaxSide, "); it would need about ", format_bytes(need.total()),
+      " of memory in ", dtype, " (weights ", format_bytes(need.weights), ", UNet activations ", format_bytes(need.unet),
+      ", VAE decode ", format_bytes(need.vae), "), against about ", format_bytes(at_max.total()), " at ", kMaxSide,
+      "x", kMaxSide));
+}
+
 void StableDiffusionPipeline::check_params(const StableDiffusionParams& p) const {
   // diffusers requires multiples of 8 whatever the VAE; a deeper VAE needs multiples of its factor.
   const int f = std::max(8, m_->vae_scale_factor());
@@ -49,9 +69,8 @@ void StableDiffusionPipeline::check_params(const StableDiffusionParams& p) const
     DMX_CHECK_ARG(p.width >= 0 && p.height >= 0, "width and height must be positive, got ", p.width, "x", p.height);
     DMX_CHECK_ARG(p.width % f == 0, "width must be a multiple of ", f, ", got ", p.width);
     DMX_CHECK_ARG(p.height % f == 0, "height must be a multiple of ", f, ", got ", p.height);
-    DMX_CHECK_ARG(p.width <= kMaxSide && p.height <= kMaxSide, "width and height must be at most ", kMaxSide,
-                  ", got ", p.width, "x", p.height);
   }
+  check_max_size(p);
   DMX_CHECK_ARG(p.num_inference_steps >= 1 && p.num_inference_steps <= 1000,
                 "steps must be in [1, 1000], got ", p.num_inference_steps);
   DMX_CHECK_ARG(std::isfinite(p.guidance_scale) && p.guidance_scale >= 0 && p.guidance_scale <= 100,
@@ -122,12 +141,14 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
   };
 
   // 2. Encode the prompt (and the negative prompt for guidance); uncond first, as diffusers.
+  PhaseTimer encode_timer("text encode");
   at::Tensor cond = encode_prompt(p.prompt, p.clip_skip);
   at::Tensor embeds = cond.repeat({n, 1, 1});
   if (cfg) {
     at::Tensor uncond = encode_prompt(p.negative_prompt, p.clip_skip).repeat({n, 1, 1});
     embeds = at::cat({uncond, embeds}, 0);
   }
+  encode_timer.stop();
 
   // 3. Timesteps.
   const std::string sched_name =
@@ -181,6 +202,7 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
   }
 
   // 5. Denoising loop.
+  PhaseTimer denoise_timer("denoise");
   schedulers::StepArgs args;
   args.eta = p.eta;
   args.generator = gen ? &*gen : nullptr;
@@ -235,8 +257,10 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
     bar.tick();
   }
   bar.finish();
+  denoise_timer.stop();
 
   // 6. Decode.
+  PhaseTimer decode_timer("decode");
   StableDiffusionOutput out;
   out.latents = latents.contiguous();
   out.timesteps.assign(ts.begin() + start, ts.end());

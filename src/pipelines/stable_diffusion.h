@@ -62,6 +62,8 @@ class StableDiffusionPipeline {
   at::Tensor encode_prompt(const std::string& prompt, int clip_skip = 0);  // [1, 77, D]
   at::Tensor decode_latents(const at::Tensor& latents, bool show_progress = false);  // -> [N, H, W, 3] in [0, 1]
   void check_params(const StableDiffusionParams& p) const;
+  // width/height (or the init image size) at most 4096: InvalidArgument with the memory it would need.
+  void check_max_size(const StableDiffusionParams& p) const;
   const StableDiffusionModels& models() const { return *m_; }
 
  private:
