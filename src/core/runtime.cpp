@@ -18,4 +18,5 @@ void configure_threads(int threads) {
   const int n = threads == 0 ? hardware_cores() : threads;
   at::set_num_threads(n);
 }
+int runtime_threads() { return at::get_num_threads(); }
 }  // namespace dmx
