@@ -4,7 +4,11 @@
 #include <array>
 #include <cstdio>
 
+#include <chrono>
+#include <cmath>
+
 #include "dmx/dmx.h"
+#include "nn/attention.h"
 #include "test_util.h"
 
 namespace dmx::test {
@@ -108,5 +112,33 @@ TEST(Bench, CliTableAndErrors) {
   EXPECT_NE(out.find("--preset"), std::string::npos) << out;
 }
 
+}  // namespace
+}  // namespace dmx::test
+
+namespace dmx::test {
+namespace {
+// Timing probe for the attention shapes of SD 1.5 at 512x512 (batch 2, 8 heads): prints, never asserts
+// on time. Run with --gtest_also_run_disabled_tests --gtest_filter='*AttentionProbe*'.
+TEST(Bench, DISABLED_AttentionProbe) {
+  struct Shape {
+    int64_t n, m, d;
+  };
+  for (Shape sh : {Shape{4096, 4096, 40}, Shape{4096, 77, 40}, Shape{1024, 1024, 80}}) {
+    at::Tensor q = at::randn({2, sh.n, 8, sh.d}).permute({0, 2, 1, 3});
+    at::Tensor k = at::randn({2, sh.m, 8, sh.d}).permute({0, 2, 1, 3});
+    at::Tensor v = at::randn({2, sh.m, 8, sh.d}).permute({0, 2, 1, 3});
+    for (int64_t budget : {int64_t{1} << 16, int64_t{1} << 18, int64_t{1} << 20, int64_t{1} << 22, int64_t{1} << 24}) {
+      dmx::nn::set_max_score_elements(budget);
+      (void)dmx::nn::attention(q, k, v, 0.15);
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < 3; ++i) (void)dmx::nn::attention(q, k, v, 0.15);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 3;
+      std::printf("attention N=%lld M=%lld d=%lld budget=2^%d: %.4f s, %.1f GFLOP/s\n", (long long)sh.n,
+                  (long long)sh.m, (long long)sh.d, (int)std::log2((double)budget), s,
+                  4.0 * 16 * sh.n * sh.m * sh.d / s / 1e9);
+    }
+  }
+  dmx::nn::set_max_score_elements(int64_t{1} << 20);
+}
 }  // namespace
 }  // namespace dmx::test
