@@ -71,6 +71,8 @@ struct BenchOptions {
   int runs = 3;                 // timed runs per stage (after one warm-up run)
   int warmup = 1;
   bool measure_peak = true;     // time a 2048^3 GEMM in the dtype for the "share of peak" column
+  bool channels_last = false;   // convolution weights and activations in NHWC (oneDNN's native layout)
+  std::string profile;          // when set: op traces of one UNet step and one decode, <profile>.{unet,vae}.json
 };
 
 // Analytic FLOP counts (multiply-add = 2 FLOP; convolutions, linears and attention products only).

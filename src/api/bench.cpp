@@ -2,6 +2,7 @@
 // built from a preset with random weights, and reports seconds, GFLOP/s against a measured GEMM peak and
 // peak memory. The FLOP model (bench_flops) is analytic, from the same configs the models are built from.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 
 #include <algorithm>
 #include <chrono>
@@ -295,6 +296,9 @@ BenchResult bench(const BenchOptions& o) {
                                static_cast<torch::nn::Module*>(vae.get())}) {
     m->eval();
     m->to(dev, dtype);
+    if (o.channels_last)
+      for (auto& prm : m->parameters())
+        if (prm.dim() == 4) prm.set_data(prm.contiguous(at::MemoryFormat::ChannelsLast));
   }
   r.build_s = now_s() - t_build;
 
@@ -306,11 +310,12 @@ BenchResult bench(const BenchOptions& o) {
   at::Tensor ids = at::randint(0, p.text.vocab_size, {2, p.text.max_position_embeddings}, at::kLong).to(dev);
   at::Tensor embeds = text->encode(ids).to(dtype);  // [2, 77, cross_attention_dim]
   at::Tensor latents = at::randn({1, p.unet.in_channels, lh, lw}, fopts).to(dev);
+  if (o.channels_last) latents = latents.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor timestep = at::scalar_tensor(981.0, fopts).to(dev);
   const double guidance = 7.5;
 
   r.text_encode_s = time_median(o.warmup, o.runs, [&] { return text->encode(ids); });
-  r.unet_step_s = time_median(o.warmup, o.runs, [&] {
+  auto unet_step = [&] {
     // One guided step as the pipeline runs it: [uncond, cond] batch, guidance on the float32 result.
     models::UNetInputs in;
     in.sample = at::cat({latents, latents}).to(dtype);
@@ -319,9 +324,23 @@ BenchResult bench(const BenchOptions& o) {
     at::Tensor eps = unet->forward(in).to(at::kFloat);
     auto parts = eps.chunk(2);
     return parts[0] + guidance * (parts[1] - parts[0]);
-  });
+  };
+  r.unet_step_s = time_median(o.warmup, o.runs, unet_step);
   at::Tensor z = (latents / p.vae.scaling_factor).to(dtype);
-  r.vae_decode_s = time_median(o.warmup, o.runs, [&] { return vae->decode(z); });
+  if (o.channels_last) z = z.contiguous(at::MemoryFormat::ChannelsLast);
+  auto decode = [&] { return vae->decode(z); };
+  r.vae_decode_s = time_median(o.warmup, o.runs, decode);
+  if (!o.profile.empty()) {
+    // Chrome-trace files of one run each (scripts/profile_summary.py sums the time per op).
+    {
+      torch::autograd::profiler::RecordProfile guard(o.profile + ".unet.json");
+      sync(unet_step());
+    }
+    {
+      torch::autograd::profiler::RecordProfile guard(o.profile + ".vae.json");
+      sync(decode());
+    }
+  }
   if (o.measure_peak) r.matmul_peak_gflops = matmul_peak_gflops(dtype, dev);
   r.peak_rss_mb = peak_rss_mb();
   return r;

@@ -154,7 +154,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context
   at::Tensor h = x;
   if (spatial) {
     C = x.size(1), Hs = x.size(2), Ws = x.size(3);
-    h = x.view({B, C, Hs * Ws}).transpose(1, 2);  // [B, HW, C]
+    h = x.reshape({B, C, Hs * Ws}).transpose(1, 2);  // [B, HW, C] (a view unless x is channels-last)
   }
   if (group_norm) h = nn::group_norm(group_norm, h.transpose(1, 2)).transpose(1, 2);
   const at::Tensor& ctx = context.defined() ? context : h;
