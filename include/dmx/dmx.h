@@ -71,7 +71,7 @@ struct BenchOptions {
   int runs = 3;                 // timed runs per stage (after one warm-up run)
   int warmup = 1;
   bool measure_peak = true;     // time a 2048^3 GEMM in the dtype for the "share of peak" column
-  bool channels_last = false;   // convolution weights and activations in NHWC (oneDNN's native layout)
+  bool channels_last = true;    // activations in NHWC (the product's default; false: NCHW, for comparison)
   std::string profile;          // when set: op traces of one UNet step and one decode, <profile>.{unet,vae}.json
 };
 
@@ -87,6 +87,7 @@ BenchFlops bench_flops(const std::string& preset, int width, int height);
 struct BenchResult {
   std::string preset, dtype, device;
   int width = 0, height = 0, threads = 0, runs = 0;
+  bool channels_last = true;
   std::string omp_wait_policy, omp_proc_bind;  // as the process saw them ("" = unset)
   double text_encode_s = 0, unet_step_s = 0, vae_decode_s = 0;  // medians, seconds
   BenchFlops flops;

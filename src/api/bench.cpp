@@ -273,6 +273,12 @@ BenchResult bench(const BenchOptions& o) {
   if (dtype == at::kHalf && dev.is_cpu())
     throw Unsupported("--dtype fp16 is for CUDA (libtorch 1.13 has no fp16 CPU convolutions); use bf16 on CPU");
   configure_threads(o.threads);
+  struct LayoutGuard {
+    bool prev = channels_last();
+    ~LayoutGuard() { set_channels_last(prev); }
+  } layout_guard;
+  set_channels_last(o.channels_last);
+  r.channels_last = o.channels_last;
   r.dtype = o.dtype;
   r.device = o.device;
   r.threads = runtime_threads();
@@ -296,9 +302,6 @@ BenchResult bench(const BenchOptions& o) {
                                static_cast<torch::nn::Module*>(vae.get())}) {
     m->eval();
     m->to(dev, dtype);
-    if (o.channels_last)
-      for (auto& prm : m->parameters())
-        if (prm.dim() == 4) prm.set_data(prm.contiguous(at::MemoryFormat::ChannelsLast));
   }
   r.build_s = now_s() - t_build;
 
@@ -310,7 +313,6 @@ BenchResult bench(const BenchOptions& o) {
   at::Tensor ids = at::randint(0, p.text.vocab_size, {2, p.text.max_position_embeddings}, at::kLong).to(dev);
   at::Tensor embeds = text->encode(ids).to(dtype);  // [2, 77, cross_attention_dim]
   at::Tensor latents = at::randn({1, p.unet.in_channels, lh, lw}, fopts).to(dev);
-  if (o.channels_last) latents = latents.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor timestep = at::scalar_tensor(981.0, fopts).to(dev);
   const double guidance = 7.5;
 
@@ -327,7 +329,6 @@ BenchResult bench(const BenchOptions& o) {
   };
   r.unet_step_s = time_median(o.warmup, o.runs, unet_step);
   at::Tensor z = (latents / p.vae.scaling_factor).to(dtype);
-  if (o.channels_last) z = z.contiguous(at::MemoryFormat::ChannelsLast);
   auto decode = [&] { return vae->decode(z); };
   r.vae_decode_s = time_median(o.warmup, o.runs, decode);
   if (!o.profile.empty()) {
@@ -349,8 +350,9 @@ BenchResult bench(const BenchOptions& o) {
 std::string bench_table(const BenchResult& r) {
   char buf[512];
   std::ostringstream s;
-  std::snprintf(buf, sizeof buf, "dmx bench: preset %s, %dx%d, %s on %s, %d threads, median of %d runs%s%s%s%s\n",
-                r.preset.c_str(), r.width, r.height, r.dtype.c_str(), r.device.c_str(), r.threads, r.runs,
+  std::snprintf(buf, sizeof buf, "dmx bench: preset %s, %dx%d, %s %s on %s, %d threads, median of %d runs%s%s%s%s\n",
+                r.preset.c_str(), r.width, r.height, r.dtype.c_str(), r.channels_last ? "NHWC" : "NCHW",
+                r.device.c_str(), r.threads, r.runs,
                 r.omp_wait_policy.empty() ? "" : ", OMP_WAIT_POLICY=", r.omp_wait_policy.c_str(),
                 r.omp_proc_bind.empty() ? "" : ", OMP_PROC_BIND=", r.omp_proc_bind.c_str());
   s << buf;
@@ -386,6 +388,7 @@ std::string bench_json(const BenchResult& r) {
   j["device"] = r.device;
   j["threads"] = r.threads;
   j["runs"] = r.runs;
+  j["layout"] = r.channels_last ? "nhwc" : "nchw";
   j["omp_wait_policy"] = r.omp_wait_policy;
   j["omp_proc_bind"] = r.omp_proc_bind;
   j["text_encode_s"] = r.text_encode_s;

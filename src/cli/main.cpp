@@ -118,7 +118,7 @@ int cmd_bench(int argc, char** argv) {
       {"threads", "N", "CPU threads (default: all cores)"},
       {"runs", "N", "timed runs per stage after one warm-up; the median is reported (default 3)"},
       {"json", "", "print one JSON object on one line"},
-      {"channels-last", "", "NHWC convolutions (experimental; see docs/performance.md)"},
+      {"nchw", "", "run convolutions NCHW instead of the default channels-last (for comparison)"},
       {"profile", "PREFIX", "also write op traces of one step and one decode: PREFIX.unet.json, PREFIX.vae.json"},
       {"verbose", "", "stack traces"},
       {"help", "", "show this help"},
@@ -137,7 +137,7 @@ int cmd_bench(int argc, char** argv) {
   o.threads = static_cast<int>(a.integer("threads", 0, 1, 1024));
   o.runs = static_cast<int>(a.integer("runs", o.runs, 1, 1000));
   o.profile = a.str("profile");
-  o.channels_last = a.has("channels-last");
+  o.channels_last = !a.has("nchw");
   const dmx::BenchResult r = dmx::bench(o);
   if (a.has("json"))
     std::printf("%s\n", dmx::bench_json(r).c_str());
