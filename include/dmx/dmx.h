@@ -87,7 +87,7 @@ BenchFlops bench_flops(const std::string& preset, int width, int height);
 struct BenchResult {
   std::string preset, dtype, device;
   int width = 0, height = 0, threads = 0, runs = 0;
-  bool channels_last = true;
+  bool channels_last = true;  // NHWC activations were used (bf16/fp16 only)
   std::string omp_wait_policy, omp_proc_bind;  // as the process saw them ("" = unset)
   double text_encode_s = 0, unet_step_s = 0, vae_decode_s = 0;  // medians, seconds
   BenchFlops flops;

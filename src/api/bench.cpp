@@ -278,7 +278,7 @@ BenchResult bench(const BenchOptions& o) {
     ~LayoutGuard() { set_channels_last(prev); }
   } layout_guard;
   set_channels_last(o.channels_last);
-  r.channels_last = o.channels_last;
+  r.channels_last = o.channels_last && dtype != at::kFloat;  // float32 always runs NCHW (nn::to_compute_layout)
   r.dtype = o.dtype;
   r.device = o.device;
   r.threads = runtime_threads();
