@@ -31,6 +31,13 @@ at::Tensor apply_act(Act act, const at::Tensor& x) {
   return x;
 }
 
+// apply_act on a temporary the caller owns: in place where libtorch has the in-place kernel (same values).
+static at::Tensor apply_act_(Act act, at::Tensor x) {
+  if (act == Act::SiLU) return at::silu_(x);
+  if (act == Act::ReLU) return at::relu_(x);
+  return apply_act(act, x);
+}
+
 at::Tensor group_norm(const tnn::GroupNorm& norm, const at::Tensor& x) {
   const auto& o = norm->options;
   if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) return norm.ptr()->forward(x);
@@ -101,16 +108,19 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& o) : o_(o) {
 }
 
 at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb) {
-  at::Tensor h = conv1->forward(apply_act(o_.act, group_norm(norm1, x)));
+  // Temporaries are updated in place (fewer large allocations; a + b == b + a exactly).
+  at::Tensor h = conv1->forward(apply_act_(o_.act, group_norm(norm1, x)));
   if (time_emb_proj && temb.defined()) {
     at::Tensor t = time_emb_proj->forward(apply_act(o_.act, temb));  // [B, out]
-    h = h + t.unsqueeze(-1).unsqueeze(-1);
+    h.add_(t.unsqueeze(-1).unsqueeze(-1));
   }
-  h = conv2->forward(apply_act(o_.act, group_norm(norm2, h)));  // dropout is identity at inference
-  at::Tensor shortcut = conv_shortcut ? conv_shortcut->forward(x) : x;
-  at::Tensor y = shortcut + h;
-  if (o_.output_scale_factor != 1.0) y = y / o_.output_scale_factor;
-  return y;
+  h = conv2->forward(apply_act_(o_.act, group_norm(norm2, h)));  // dropout is identity at inference
+  if (conv_shortcut)
+    h.add_(conv_shortcut->forward(x));
+  else
+    h.add_(x);
+  if (o_.output_scale_factor != 1.0) h.div_(o_.output_scale_factor);
+  return h;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -128,15 +138,16 @@ Upsample2DImpl::Upsample2DImpl(int64_t channels, int64_t out_channels) {
 }
 
 at::Tensor Upsample2DImpl::forward(const at::Tensor& x, std::optional<std::vector<int64_t>> output_size) {
-  // diffusers upsamples bf16 in float32 (nearest is exact either way; kept for kernel availability).
+  // diffusers upsamples bf16 in float32 for old CUDA kernels; nearest copies values, so upsampling in bf16
+  // is identical and avoids two casts of the largest activations (libtorch 1.13's CPU kernel takes bf16).
   const at::ScalarType dtype = x.scalar_type();
-  at::Tensor h = dtype == at::kBFloat16 ? x.to(at::kFloat) : x;
+  at::Tensor h = dtype == at::kBFloat16 && !x.device().is_cpu() ? x.to(at::kFloat) : x;
   if (output_size) {
     h = at::upsample_nearest2d(h, *output_size, c10::nullopt, c10::nullopt);
   } else {
     h = at::upsample_nearest2d(h, {h.size(2) * 2, h.size(3) * 2}, 2.0, 2.0);  // [B, C, 2H, 2W]
   }
-  if (dtype == at::kBFloat16) h = h.to(dtype);
+  if (h.scalar_type() != dtype) h = h.to(dtype);
   return conv->forward(h);
 }
 
