@@ -87,4 +87,46 @@ void install_signal_cleanup();
 
 // Names accepted by GenerateOptions::scheduler.
 std::vector<std::string> scheduler_names();
+
+// ---------------------------------------------------------------------------------------------------
+// Benchmark (`dmx bench`): models built from a preset with random weights in memory (no download), timed
+// after warm-up; medians of `runs` runs. See docs/performance.md.
+struct BenchOptions {
+  std::string preset = "sd15";  // sd15 | sd21 | tiny
+  int width = 0;                // 0 = the preset's native size (sd15 512, sd21 768, tiny 64)
+  int height = 0;
+  std::string dtype = "fp32";   // fp32 | bf16 | fp16 (fp16: CUDA only)
+  std::string device = "cpu";   // cpu | cuda[:N]
+  int threads = 0;              // 0 = all cores
+  int runs = 3;                 // timed runs per stage (after one warm-up run)
+  int warmup = 1;
+  bool measure_peak = true;     // time a 2048^3 GEMM in the dtype for the "share of peak" column
+  bool channels_last = true;    // activations in NHWC (the product's default; false: NCHW, for comparison)
+  std::string profile;          // when set: op traces of one UNet step and one decode, <profile>.{unet,vae}.json
+};
+
+// Analytic FLOP counts (multiply-add = 2 FLOP; convolutions, linears and attention products only).
+struct BenchFlops {
+  double text_encode = 0;  // CLIP text encoder, batch 2 (prompt + negative prompt), 77 tokens
+  double unet_pass = 0;    // one UNet forward at batch 1
+  double unet_step = 0;    // one guided denoising step: UNet at batch 2
+  double vae_decode = 0;   // VAE decoder (post_quant_conv + decoder), batch 1
+};
+BenchFlops bench_flops(const std::string& preset, int width, int height);
+
+struct BenchResult {
+  std::string preset, dtype, device;
+  int width = 0, height = 0, threads = 0, runs = 0;
+  bool channels_last = true;  // NHWC activations were used (bf16/fp16 only)
+  std::string omp_wait_policy, omp_proc_bind;  // as the process saw them ("" = unset)
+  double text_encode_s = 0, unet_step_s = 0, vae_decode_s = 0;  // medians, seconds
+  BenchFlops flops;
+  double matmul_peak_gflops = 0;  // 0 when not measured
+  double build_s = 0;             // building the random-weight models
+  double peak_rss_mb = 0;         // VmHWM of the process (models and inference), MiB
+};
+
+BenchResult bench(const BenchOptions& opts);
+std::string bench_table(const BenchResult& r);  // human-readable table
+std::string bench_json(const BenchResult& r);   // one JSON object on one line
 }  // namespace dmx

@@ -32,6 +32,7 @@ const char* kUsage =
     "commands:\n"
     "  generate   text-to-image and image-to-image with a Stable Diffusion model\n"
     "  info       print the generation parameters stored in a PNG\n"
+    "  bench      time text encoding, a denoising step and VAE decoding (random weights)\n"
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
 
@@ -149,6 +150,44 @@ int cmd_generate(int argc, char** argv) {
   return 0;
 }
 
+int cmd_bench(int argc, char** argv) {
+  dmx::cli::Args a("bench", {
+      {"preset", "NAME", "sd15|sd21|tiny: architecture to build with random weights (default sd15)"},
+      {"width", "W", "image width (default: the preset's size)"},
+      {"height", "H", "image height (default: the preset's size)"},
+      {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
+      {"device", "D", "cpu|cuda[:N] (default cpu)"},
+      {"threads", "N", "CPU threads (default: all cores)"},
+      {"runs", "N", "timed runs per stage after one warm-up; the median is reported (default 3)"},
+      {"json", "", "print one JSON object on one line"},
+      {"nchw", "", "run convolutions NCHW instead of the default channels-last (for comparison)"},
+      {"profile", "PREFIX", "also write op traces of one step and one decode: PREFIX.unet.json, PREFIX.vae.json"},
+      {"verbose", "", "stack traces"},
+      {"help", "", "show this help"},
+  });
+  a.parse(argc, argv, 2);
+  if (a.has("help")) {
+    std::printf("%s", a.help().c_str());
+    return 0;
+  }
+  dmx::BenchOptions o;
+  o.preset = a.str("preset", o.preset);
+  o.width = static_cast<int>(a.integer("width", 0, 8, 1 << 14));
+  o.height = static_cast<int>(a.integer("height", 0, 8, 1 << 14));
+  o.dtype = a.str("dtype", o.dtype);
+  o.device = a.str("device", o.device);
+  o.threads = static_cast<int>(a.integer("threads", 0, 1, 1024));
+  o.runs = static_cast<int>(a.integer("runs", o.runs, 1, 1000));
+  o.profile = a.str("profile");
+  o.channels_last = !a.has("nchw");
+  const dmx::BenchResult r = dmx::bench(o);
+  if (a.has("json"))
+    std::printf("%s\n", dmx::bench_json(r).c_str());
+  else
+    std::printf("%s", dmx::bench_table(r).c_str());
+  return 0;
+}
+
 int cmd_info(int argc, char** argv) {
   DMX_CHECK_ARG(argc == 3, "usage: dmx info IMAGE.png");
   std::printf("%s\n", dmx::read_image_parameters(argv[2]).c_str());
@@ -170,6 +209,7 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "generate") return cmd_generate(argc, argv);
     if (cmd == "info") return cmd_info(argc, argv);
+    if (cmd == "bench") return cmd_bench(argc, argv);
     if (cmd == "version" || cmd == "--version") {
       std::printf("dmx %s\n", dmx::version().c_str());
       return 0;

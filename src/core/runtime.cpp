@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <thread>
 
 #include "dmx/error.h"
@@ -18,4 +19,11 @@ void configure_threads(int threads) {
   const int n = threads == 0 ? hardware_cores() : threads;
   at::set_num_threads(n);
 }
+int runtime_threads() { return at::get_num_threads(); }
+
+namespace {
+std::atomic<bool> g_channels_last{true};
+}
+void set_channels_last(bool on) { g_channels_last.store(on); }
+bool channels_last() { return g_channels_last.load(); }
 }  // namespace dmx

@@ -212,7 +212,7 @@ AutoencoderKLImpl::AutoencoderKLImpl(const AutoencoderKLConfig& cfg) : cfg_(cfg)
 DiagonalGaussian AutoencoderKLImpl::encode(const at::Tensor& x) {
   DMX_CHECK_ARG(x.defined() && x.dim() == 4 && x.size(1) == cfg_.in_channels, "VAE encode input must be [B, ",
                 cfg_.in_channels, ", H, W], got ", shape_string(x));
-  at::Tensor moments = parts_->quant_conv->forward(parts_->encoder->forward(x));  // [B, 2 latent, H/f, W/f]
+  at::Tensor moments = parts_->quant_conv->forward(parts_->encoder->forward(nn::to_compute_layout(x))).contiguous();  // [B, 2 latent, H/f, W/f]
   auto mv = moments.chunk(2, 1);
   DiagonalGaussian d;
   d.mean = mv[0];
@@ -224,6 +224,6 @@ DiagonalGaussian AutoencoderKLImpl::encode(const at::Tensor& x) {
 at::Tensor AutoencoderKLImpl::decode(const at::Tensor& z) {
   DMX_CHECK_ARG(z.defined() && z.dim() == 4 && z.size(1) == cfg_.latent_channels, "VAE decode input must be [B, ",
                 cfg_.latent_channels, ", h, w], got ", shape_string(z));
-  return parts_->decoder->forward(parts_->post_quant_conv->forward(z));
+  return parts_->decoder->forward(parts_->post_quant_conv->forward(nn::to_compute_layout(z))).contiguous();
 }
 }  // namespace dmx::models

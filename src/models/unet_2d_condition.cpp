@@ -283,7 +283,7 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
 
   // 2. pre-process
   at::Tensor h = cfg_.center_input_sample ? in.sample * 2.0 - 1.0 : in.sample;
-  h = p.conv_in->forward(h);
+  h = p.conv_in->forward(nn::to_compute_layout(h));
   record(in.recorder, "conv_in", h);
 
   // 3. down
@@ -332,6 +332,6 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   record(in.recorder, "conv_norm_out", h);
   h = p.conv_out->forward(nn::apply_act(p.act, h));
   record(in.recorder, "conv_out", h);
-  return h;  // [B, out_channels, h, w]
+  return h.contiguous();  // [B, out_channels, h, w]
 }
 }  // namespace dmx::models

@@ -2,28 +2,23 @@
 #include "nn/attention.h"
 
 #include <atomic>
+#include <cstdlib>
+#include <limits>
 
 #include "dmx/error.h"
 
 namespace dmx::nn {
 
 namespace {
-std::atomic<int64_t> g_max_score_elements{int64_t{1} << 24};
-
-// One chunk of queries: q [BH, c, d] (rows q_begin..q_begin+c of the full sequence), k, v [BH, Nk, d].
-at::Tensor attend_chunk(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor& v, double scale, bool causal,
-                        int64_t q_begin, at::ScalarType probs_dtype) {
-  at::Tensor scores = at::bmm(q, k_t);  // [BH, c, Nk]
-  scores.mul_(scale);
-  if (causal) {
-    // Row r is query i = q_begin + r; keys j > i are masked: triu with diagonal q_begin + 1.
-    at::Tensor mask = at::ones({q.size(1), k_t.size(2)}, scores.options().dtype(at::kBool)).triu(q_begin + 1);
-    scores.masked_fill_(mask, -std::numeric_limits<double>::infinity());
+int64_t initial_budget() {
+  // Developer knob for measuring chunk sizes (docs/performance.md); the default is the measured best.
+  if (const char* e = std::getenv("DMX_ATTN_SCORE_ELEMENTS")) {
+    const long long n = std::atoll(e);
+    if (n >= 1) return n;
   }
-  at::Tensor probs = at::softmax(scores, -1);
-  if (probs.scalar_type() != probs_dtype) probs = probs.to(probs_dtype);
-  return at::bmm(probs, v);  // [BH, c, d]
+  return int64_t{1} << 20;
 }
+std::atomic<int64_t> g_max_score_elements{initial_budget()};
 }  // namespace
 
 int64_t max_score_elements() { return g_max_score_elements.load(); }
@@ -33,6 +28,9 @@ void set_max_score_elements(int64_t n) {
   g_max_score_elements.store(n);
 }
 
+// Tiled over (groups of batch-heads) x (rows of queries) so that one tile's scores stay small (cache-sized
+// at the default budget): scores = (scale q) k^T into a reused buffer, softmax in place, then probs @ v
+// straight into the output rows. No tensor of all scores is ever formed.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal,
                      bool upcast) {
   DMX_CHECK_ARG(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention expects q, k, v of shape [B, H, N, d], got ",
@@ -45,24 +43,43 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t BH = B * H, dv = v.size(3);
 
   const at::ScalarType out_dtype = v.scalar_type();
-  at::Tensor qf = q.reshape({BH, Nq, d});
-  at::Tensor kt = k.reshape({BH, Nk, d}).transpose(1, 2);  // [BH, d, Nk]
+  const at::ScalarType score_dtype = upcast ? at::kFloat : q.scalar_type();
+  // The scale is folded into q (N*d multiplications instead of N*M).
+  at::Tensor qs = at::empty({B, H, Nq, d}, q.options().dtype(score_dtype));
+  qs.copy_(q).mul_(scale);
+  qs = qs.view({BH, Nq, d});
+  at::Tensor kt = k.reshape({BH, Nk, d});
+  if (kt.scalar_type() != score_dtype) kt = kt.to(score_dtype);
+  kt = kt.transpose(1, 2);  // [BH, d, Nk]
   const at::Tensor vf = v.reshape({BH, Nk, dv});
-  if (upcast && qf.scalar_type() != at::kFloat) {
-    qf = qf.to(at::kFloat);
-    kt = kt.to(at::kFloat);
-  }
 
   const int64_t budget = max_score_elements();
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(Nq, budget / std::max<int64_t>(1, BH * Nk)));
-  at::Tensor out;
-  if (chunk >= Nq) {
-    out = attend_chunk(qf, kt, vf, scale, causal, 0, out_dtype);
-  } else {
-    out = at::empty({BH, Nq, dv}, vf.options());
-    for (int64_t s = 0; s < Nq; s += chunk) {
-      const int64_t c = std::min(chunk, Nq - s);
-      out.narrow(1, s, c).copy_(attend_chunk(qf.narrow(1, s, c), kt, vf, scale, causal, s, out_dtype));
+  int64_t groups = 1, rows = Nq;
+  if (Nq * Nk <= budget)
+    groups = std::min<int64_t>(BH, budget / (Nq * Nk));
+  else
+    rows = std::max<int64_t>(1, budget / Nk);
+  at::Tensor buf = at::empty({groups, rows, Nk}, qs.options());
+  at::Tensor out = at::empty({BH, Nq, dv}, vf.options());
+  for (int64_t g = 0; g < BH; g += groups) {
+    const int64_t gc = std::min(groups, BH - g);
+    for (int64_t s = 0; s < Nq; s += rows) {
+      const int64_t rc = std::min(rows, Nq - s);
+      at::Tensor scores = gc == groups && rc == rows ? buf : at::empty({gc, rc, Nk}, qs.options());
+      at::bmm_out(scores, qs.narrow(0, g, gc).narrow(1, s, rc), kt.narrow(0, g, gc));  // [gc, rc, Nk]
+      if (causal) {
+        // Row r is query i = s + r; keys j > i are masked: triu with diagonal s + 1.
+        at::Tensor mask = at::ones({rc, Nk}, scores.options().dtype(at::kBool)).triu(s + 1);
+        scores.masked_fill_(mask, -std::numeric_limits<double>::infinity());
+      }
+      at::_softmax_out(scores, scores, -1, false);  // in place
+      const at::Tensor probs = scores.scalar_type() == out_dtype ? scores : scores.to(out_dtype);
+      at::Tensor dst = out.narrow(0, g, gc).narrow(1, s, rc);  // [gc, rc, dv]
+      if (dst.is_contiguous()) {
+        at::bmm_out(dst, probs, vf.narrow(0, g, gc));
+      } else {
+        dst.copy_(at::bmm(probs, vf.narrow(0, g, gc)));
+      }
     }
   }
   return out.view({B, H, Nq, dv});  // [B, H, Nq, d]

@@ -11,12 +11,14 @@ namespace dmx::nn {
 // upcast: compute scores and softmax in float32 (diffusers' upcast_attention / upcast_softmax); the
 // probabilities are cast back to v's dtype before the product with v, as diffusers does.
 // causal: mask j > i (CLIP text encoder).
-// Queries are processed in chunks so that one score tensor holds at most max_score_elements() values
-// (all batch-heads together); the result does not depend on the chunking beyond float rounding.
+// Computed in tiles of (batch-heads) x (query rows) so that one score tensor holds at most
+// max_score_elements() values (all batch-heads of the tile together); the result does not depend on the
+// tiling beyond float rounding. The scale is applied to q before the product.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal = false,
                      bool upcast = false);
 
-// Score-tensor budget for the query chunking (default 2^24 elements = 64 MiB in float32).
+// Score-tile budget (default 2^20 elements = 4 MiB in float32, measured fastest: docs/performance.md;
+// the DMX_ATTN_SCORE_ELEMENTS environment variable sets the initial value, for measurements).
 int64_t max_score_elements();
 void set_max_score_elements(int64_t n);  // n >= 1; throws InvalidArgument otherwise
 }  // namespace dmx::nn

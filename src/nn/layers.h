@@ -32,6 +32,10 @@ at::Tensor apply_act(Act act, const at::Tensor& x);
 // take exactly torch's GroupNorm. (libtorch 1.13's bf16 CPU kernel loses ~3x more precision.)
 at::Tensor group_norm(const torch::nn::GroupNorm& norm, const at::Tensor& x);
 
+// The layout models compute in: a 4-d bf16/fp16 x made channels-last when dmx::channels_last() is on (values
+// unchanged); float32 stays NCHW, the layout that matches the reference to 1e-5.
+at::Tensor to_compute_layout(const at::Tensor& x);
+
 // A plain container whose children are registered under "0", "1", ... (diffusers' nn.ModuleList keys),
 // with typed access kept by the owner.
 std::shared_ptr<torch::nn::Module> make_container(torch::nn::Module& parent, const std::string& name);
