@@ -561,30 +561,6 @@ TEST(LoRAPrompt, A1111TagsAreParsedAndStripped) {
 
 // ------------------------------------------------------------------------------------------------ CLI
 
-struct CliRun {
-  int code = -1;
-  std::string output;
-};
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-CliRun dmx_run(const std::vector<std::string>& args) {
-  std::string cmd = quote(DMX_CLI_PATH);
-  for (const auto& a : args) cmd += " " + quote(a);
-  cmd += " 2>&1";
-  CliRun r;
-  FILE* f = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), f)) > 0) r.output.append(buf.data(), n);
-  const int status = pclose(f);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return r;
-}
 
 // --lora with a kohya file at 0.7 (no reference at that scale), checked independently: the same run in
 // process on a model whose weights the test patched itself, W + 0.7 * B @ A from the diffusers file.

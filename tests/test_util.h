@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "io/safetensors.h"
 
@@ -24,6 +25,13 @@ struct RefCase {
   bool has(const std::string& name) const { return tensors.count(name) != 0; }
 };
 RefCase load_ref(const std::string& variant, const std::string& name);
+
+// Runs the built dmx binary with args (no shell expansion); output = stdout + stderr.
+struct CliRun {
+  int code = -1;
+  std::string output;
+};
+CliRun dmx_run(const std::vector<std::string>& args);
 
 // Relative error = max|a - e| / max(max|e|, 1e-12). Prints "[check] what: rel=... max_abs=..." always,
 // and the first values on failure. Returns the relative error.
