@@ -7,6 +7,7 @@
 
 #include "dmx/error.h"
 #include "models/config_json.h"
+#include "models/unet_block_options.h"
 #include "nn/layers.h"
 
 namespace dmx::models {
@@ -176,21 +177,7 @@ ControlNetModelImpl::ControlNetModelImpl(const ControlNetConfig& cfg) : cfg_(cfg
       "controlnet_cond_embedding",
       ControlNetConditioningEmbedding(ch[0], cfg_.conditioning_channels, cfg_.conditioning_embedding_out_channels));
 
-  auto block_options = [&](int heads_i) {
-    nn::BlockOptions o;
-    o.num_layers = cfg_.layers_per_block;
-    o.temb_channels = cfg_.time_embed_dim();
-    o.resnet_eps = cfg_.norm_eps;
-    o.resnet_groups = cfg_.norm_num_groups;
-    o.act = p.act;
-    o.transformer.num_attention_heads = heads_i;
-    o.transformer.num_layers = cfg_.transformer_layers_per_block;
-    o.transformer.cross_attention_dim = cfg_.cross_attention_dim;
-    o.transformer.use_linear_projection = cfg_.use_linear_projection;
-    o.transformer.only_cross_attention = cfg_.only_cross_attention;
-    o.transformer.upcast_attention = cfg_.upcast_attention;
-    return o;
-  };
+  auto block_options = [&](int heads_i) { return unet_block_options(cfg_, heads_i, p.act); };
 
   auto downs = nn::make_container(*this, "down_blocks");
   auto zero_convs = nn::make_container(*this, "controlnet_down_blocks");

@@ -5,6 +5,7 @@
 
 #include "dmx/error.h"
 #include "models/config_json.h"
+#include "models/unet_block_options.h"
 #include "nn/layers.h"
 
 namespace dmx::models {
@@ -189,21 +190,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
       register_module("conv_in", nn::LoRAConv2d(torch::nn::Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
   p.time_embedding = register_module("time_embedding", nn::TimestepEmbedding(ch[0], cfg_.time_embed_dim(), p.act));
 
-  auto block_options = [&](int heads_i) {
-    nn::BlockOptions o;
-    o.num_layers = cfg_.layers_per_block;
-    o.temb_channels = cfg_.time_embed_dim();
-    o.resnet_eps = cfg_.norm_eps;
-    o.resnet_groups = cfg_.norm_num_groups;
-    o.act = p.act;
-    o.transformer.num_attention_heads = heads_i;
-    o.transformer.num_layers = cfg_.transformer_layers_per_block;
-    o.transformer.cross_attention_dim = cfg_.cross_attention_dim;
-    o.transformer.use_linear_projection = cfg_.use_linear_projection;
-    o.transformer.only_cross_attention = cfg_.only_cross_attention;
-    o.transformer.upcast_attention = cfg_.upcast_attention;
-    return o;
-  };
+  auto block_options = [&](int heads_i) { return unet_block_options(cfg_, heads_i, p.act); };
 
   auto downs = nn::make_container(*this, "down_blocks");
   int output_channel = ch[0];
