@@ -21,3 +21,28 @@ case "$blas" in
   *openblas*) ;;
   *) echo "setup: warning: libblas.so.3 points to ${blas:-nothing}, not OpenBLAS; run: update-alternatives --config libblas.so.3-x86_64-linux-gnu" >&2 ;;
 esac
+
+# --emoji: the emoji image sets for `dmx data emoji` (npm packages emoji-datasource-google, Apache-2.0, and
+# emoji-datasource-twitter, CC-BY 4.0), unpacked into a cache folder that is never committed.
+if [ "${1:-}" = "--emoji" ]; then
+  EMOJI_DIR="${DMX_EMOJI_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dmx/emoji}"
+  EMOJI_VERSION=16.0.0
+  if ! command -v npm >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends npm
+  fi
+  for style in google twitter; do
+    dest="$EMOJI_DIR/emoji-datasource-$style"
+    [ -f "$dest/package/emoji.json" ] && [ -f "$dest/.version-$EMOJI_VERSION" ] && continue
+    echo "setup: fetching emoji-datasource-$style@$EMOJI_VERSION into $dest"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "emoji-datasource-$style@$EMOJI_VERSION" >/dev/null)
+    rm -rf "$dest.partial" && mkdir -p "$dest.partial"
+    # Only the 64-px images and the metadata are needed.
+    tar xzf "$tmp"/emoji-datasource-$style-$EMOJI_VERSION.tgz -C "$dest.partial" \
+      package/emoji.json package/LICENSE package/package.json "package/img/$style/64"
+    touch "$dest.partial/.version-$EMOJI_VERSION"
+    rm -rf "$dest" && mv "$dest.partial" "$dest" && rm -rf "$tmp"
+  done
+fi
