@@ -150,6 +150,7 @@ NullTextInversionOutput null_text_invert(StableDiffusionModels& m, const NullTex
       loss.backward();
       opt.step();
       loss_item = loss.item<double>();
+      if (j == 0) out.first_losses.push_back(loss_item);
       ++used;
       bar.tick();
       if (loss_item < p.early_stop_epsilon + i * 2e-5) break;

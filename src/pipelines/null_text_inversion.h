@@ -31,6 +31,7 @@ struct NullTextInversionOutput {
   std::vector<at::Tensor> uncond_embeddings;  // one [1, 77, D] per denoising step, in denoising order
   std::vector<double> timesteps;              // the denoising timesteps (descending)
   std::vector<int> inner_steps;               // Adam iterations used per step
+  std::vector<double> first_losses;           // loss before the first Adam update, per step
   std::vector<double> losses;                 // last loss per step
   at::Tensor x_T() const { return ddim_latents.back(); }
 };
