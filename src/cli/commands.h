@@ -1,7 +1,8 @@
-// The CLI's subcommands, one file each (src/cli/cmd_<name>.cpp). Each returns the exit code and lets
-// dmx errors propagate to main(), which maps them to exit codes.
+// The CLI's subcommands that live in their own files (src/cli/cmd_<name>.cpp). Each returns the exit code
+// and lets dmx errors propagate to main(), which maps them to exit codes.
 #pragma once
 
 namespace dmx::cli {
-int cmd_data(int argc, char** argv);
+int cmd_data(int argc, char** argv);  // dmx data emoji
+int cmd_p2p(int argc, char** argv);   // Prompt-to-Prompt editing
 }  // namespace dmx::cli

@@ -235,6 +235,8 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
       torch::nn::GroupNorm(torch::nn::GroupNormOptions(cfg_.norm_num_groups, ch[0]).eps(cfg_.norm_eps)));
   p.conv_out =
       register_module("conv_out", nn::LoRAConv2d(torch::nn::Conv2dOptions(ch[0], cfg_.out_channels, 3).padding(1)));
+  // Every attention layer learns its site (diffusers path, place, block, layer) once, here.
+  nn::assign_attention_sites(*this);
 }
 
 at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {

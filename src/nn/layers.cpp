@@ -181,13 +181,24 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context
   at::Tensor q = to_q->forward(h).view({B, Nq, heads, d}).permute({0, 2, 1, 3});    // [B, heads, Nq, d]
   at::Tensor k = to_k->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nk, d]
   at::Tensor v = to_v->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});
-  at::Tensor a = attention(q, k, v, scale_, /*causal=*/false, o_.upcast_attention || o_.upcast_softmax);
+  const bool upcast = o_.upcast_attention || o_.upcast_softmax;
+  // The seam path when a controller or processor is installed, or when autograd needs a differentiable
+  // graph (nn::attention writes into preallocated outputs); the fast path otherwise.
+  const bool grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  at::Tensor a = seam_ && seam_->active() ? attention_through_seam(site_, *seam_, q, k, v, scale_, upcast)
+                 : grad                   ? attention_with_probs(site_, nullptr, q, k, v, scale_, upcast)
+                                          : attention(q, k, v, scale_, /*causal=*/false, upcast);
   a = a.permute({0, 2, 1, 3}).reshape({B, Nq, heads * d});  // [B, Nq, inner]
   at::Tensor out = to_out_0->forward(a);
   if (spatial) out = out.transpose(-1, -2).reshape({B, C, Hs, Ws});
   if (o_.residual_connection) out = out + x;
   if (o_.rescale_output_factor != 1.0) out = out / o_.rescale_output_factor;
   return out;
+}
+
+void AttentionImpl::set_site(AttentionSite site, std::shared_ptr<AttentionSeam> seam) {
+  site_ = std::move(site);
+  seam_ = std::move(seam);
 }
 
 // ---------------------------------------------------------------------------------------------------

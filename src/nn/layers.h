@@ -14,6 +14,7 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
+#include "nn/attention_seam.h"
 #include "nn/lora.h"
 
 #include <optional>
@@ -130,10 +131,16 @@ class AttentionImpl : public torch::nn::Module {
   const AttentionOptions& options() const { return o_; }
   LoRALinear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out_0{nullptr};
   torch::nn::GroupNorm group_norm{nullptr};
+  // The attention seam (nn/attention_seam.h): set once by assign_attention_sites.
+  const AttentionSite& site() const { return site_; }
+  const std::shared_ptr<AttentionSeam>& seam() const { return seam_; }
+  void set_site(AttentionSite site, std::shared_ptr<AttentionSeam> seam);
 
  private:
   AttentionOptions o_;
   double scale_;
+  AttentionSite site_;
+  std::shared_ptr<AttentionSeam> seam_;
 };
 TORCH_MODULE(Attention);
 
