@@ -320,7 +320,8 @@ TEST(BlendedLatentCli, SeededMaskRunMatchesPipelineAndRanks) {
   p.seed = 42;
   auto expected = pipe.run(p);
   at::Tensor saved = io::load_safetensors(lat).at("latents");
-  DMX_EXPECT_CLOSE("cli --save-latents", saved, expected.latents, 1e-6);
+  // Same draws; the binary runs its own thread settings, so float32 rounding differs (~2e-6).
+  DMX_EXPECT_CLOSE("cli --save-latents", saved, expected.latents, 1e-5);
   const std::string params = read_image_parameters(out);
   EXPECT_NE(params.find("Mask blend: latent"), std::string::npos) << params;
   EXPECT_NE(params.find("Denoising strength: 0.75"), std::string::npos) << params;
