@@ -55,12 +55,23 @@ struct GenerateOptions {
   bool guess_mode = false;
   std::string save_control_image;  // PNG of the prepared map(s); with several nets: <stem>-<i>.png
   bool verbose = false;  // per-phase timings on stderr
+  // Blended latent diffusion (docs/editing-blended.md): a text-guided edit of --init-image inside --mask
+  // (8-bit gray or RGB PNG/JPEG of the image's size, white = edit) on a normal 4-channel model. With the
+  // defaults it reproduces diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet.
+  std::string mask;
+  std::string background = "latent";  // latent | pixel | poisson | optimize-latents | finetune-decoder
+  double blend_start = 0.0;           // fraction of the steps before blending starts, in [0, 1)
+  int mask_dilation = 0;              // progressive mask shrinking: dilated masks first, in [0, 64]
+  bool rank = false;                  // write samples best first by their diffusion-classifier score
+  std::string blend_variant = "inpaint";  // inpaint (diffusers 0.27.2) | legacy (StableDiffusionInpaintPipelineLegacy)
 };
 
 struct GenerateResult {
   std::vector<std::string> images;  // written files
   uint64_t seed = 0;
   double seconds = 0.0;
+  std::vector<double> scores;  // with GenerateOptions::rank: the score of each written image, best first
+  std::vector<int> samples;    // with rank: the sample index (in generation order) of each written image
 };
 
 // Validates everything first, then loads, generates and writes atomically.

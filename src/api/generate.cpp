@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "core/canny.h"
+#include "api/blended.h"
 #include "api/model_hash.h"
 #include "core/fs.h"
 #include "core/image.h"
@@ -147,6 +148,7 @@ GenerateResult generate(const GenerateOptions& o) {
     }
   }
   check_controlnet_options(o);
+  api::check_blended_options(o);
   if (!o.control_preprocess.empty() || o.canny_low != 100.0 || o.canny_high != 200.0) {
     DMX_CHECK_ARG(std::isfinite(o.canny_low) && o.canny_low >= 0 && o.canny_low <= 2040,
                   "--canny-low must be in [0, 2040], got ", o.canny_low);
@@ -204,6 +206,7 @@ GenerateResult generate(const GenerateOptions& o) {
     }
     p.init_image = image_to_tensor(init_rgb);
   }
+  const Image mask = o.mask.empty() ? Image() : api::load_mask(o, init_rgb);
   if (!o.init_latents.empty()) {
     io::TensorMap lat;
     try {
@@ -278,11 +281,20 @@ GenerateResult generate(const GenerateOptions& o) {
         save_png(paths[i], tensor_to_image(p.controlnets[i].image[0].permute({1, 2, 0})));
     }
   }
-  pipelines::StableDiffusionPipeline pipe(models);
-  pipelines::StableDiffusionOutput out = pipe.run(p);
+  pipelines::StableDiffusionOutput out;
+  GenerateResult r;
+  if (!o.mask.empty()) {
+    api::BlendedRun b = api::run_blended(models, p, o, mask);  // best first with --rank
+    out.images = b.images;
+    out.latents = b.latents;
+    r.scores = b.scores;
+    r.samples = b.samples;
+  } else {
+    pipelines::StableDiffusionPipeline pipe(models);
+    out = pipe.run(p);
+  }
   loras.reset();
 
-  GenerateResult r;
   r.seed = seed;
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
   GenerateOptions meta = o;

@@ -91,6 +91,13 @@ std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width
   if (o.eta != 0) os << ", Eta: " << fmt_number(o.eta);
   if (o.clip_skip) os << ", Clip skip: " << o.clip_skip + 1;
   if (o.num_images > 1) os << ", Batch size: " << o.num_images;
+  if (!o.mask.empty()) {  // blended latent diffusion (docs/editing-blended.md)
+    os << ", Mask blend: " << o.background;
+    if (o.blend_start != 0) os << ", Blend start: " << fmt_number(o.blend_start);
+    if (o.mask_dilation) os << ", Mask dilation: " << o.mask_dilation;
+    if (o.blend_variant != "inpaint") os << ", Blend variant: " << o.blend_variant;
+    if (o.rank) os << ", Rank: diffusion-classifier";
+  }
   os << ", Version: dmx " << version();
   return os.str();
 }
@@ -157,6 +164,12 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
     o.clip_skip = c - 1;
   }
   if (auto v = get("Batch size")) o.num_images = to_int("Batch size", *v);
+  // Blended latent diffusion settings; the mask and image files themselves are not stored.
+  if (auto v = get("Mask blend")) o.background = *v;
+  if (auto v = get("Blend start")) o.blend_start = to_double("Blend start", *v);
+  if (auto v = get("Mask dilation")) o.mask_dilation = to_int("Mask dilation", *v);
+  if (auto v = get("Blend variant")) o.blend_variant = *v;
+  if (get("Rank")) o.rank = true;
   return o;
 }
 

@@ -55,7 +55,13 @@ int cmd_generate(int argc, char** argv) {
       {"seed", "N", "random seed, any 64-bit value; same seed = same image as diffusers (default: random)"},
       {"num-images", "N", "images per prompt (default 1)"},
       {"init-image", "IMG", "start from this image (img2img)"},
-      {"strength", "S", "img2img: how much to change the image, in [0, 1] (default 0.8)"},
+      {"strength", "S", "img2img: how much to change the image, in [0, 1] (default 0.8; with --mask 1.0)"},
+      {"mask", "MASK", "edit only inside this mask of --init-image (8-bit gray/RGB, white = edit): blended latents"},
+      {"background", "MODE", "with --mask: latent|pixel|poisson|optimize-latents|finetune-decoder (default latent)"},
+      {"blend-start", "F", "with --mask: fraction of steps before blending starts, in [0, 1) (default 0)"},
+      {"mask-dilation", "N", "with --mask: progressive mask shrinking from N dilations (default 0)"},
+      {"blend-variant", "V", "with --mask: inpaint (diffusers' inpaint) | legacy (InpaintPipelineLegacy)"},
+      {"rank", "", "with --mask: write the samples best first by a diffusion-classifier score"},
       {"init-latents", "F.safetensors", "initial noise (tensor 'latents', before init_noise_sigma)"},
       {"save-latents", "F.safetensors", "write the final latents (tensor 'latents')"},
       {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
@@ -107,6 +113,26 @@ int cmd_generate(int argc, char** argv) {
   if (a.has("seed")) o.seed = a.u64("seed");
   o.num_images = static_cast<int>(a.integer("num-images", o.num_images, 1, 64));
   o.init_image = a.str("init-image", o.init_image);
+  // Blended latent diffusion (docs/editing-blended.md). Without --mask, settings read by --from are dropped.
+  o.mask = a.str("mask");
+  if (o.mask.empty()) {  // settings read by --from apply only with a mask
+    const dmx::GenerateOptions d;
+    o.background = d.background;
+    o.blend_start = d.blend_start;
+    o.mask_dilation = d.mask_dilation;
+    o.rank = d.rank;
+    o.blend_variant = d.blend_variant;
+  }
+  if (a.has("mask") && !a.has("strength") && !a.has("from")) o.strength = 1.0;  // diffusers' inpaint default
+  DMX_CHECK_ARG(!a.has("mask") || a.has("init-image") || !o.init_image.empty(), "--mask needs --init-image");
+  for (const char* f : {"background", "blend-start", "mask-dilation", "rank", "blend-variant"})
+    DMX_CHECK_ARG(!a.has(f) || a.has("mask"), "--", f, " needs --mask");
+  o.background = a.str("background", o.background);
+  o.blend_start = a.real("blend-start", o.blend_start, 0.0, 1.0);
+  DMX_CHECK_ARG(o.blend_start < 1.0, "--blend-start must be in [0, 1), got ", o.blend_start);
+  o.mask_dilation = static_cast<int>(a.integer("mask-dilation", o.mask_dilation, 0, 64));
+  o.blend_variant = a.str("blend-variant", o.blend_variant);
+  if (a.has("rank")) o.rank = true;
   o.strength = a.real("strength", o.strength, 0.0, 1.0);
   DMX_CHECK_ARG(!a.has("strength") || a.has("init-image"), "--strength needs --init-image");
   o.init_latents = a.str("init-latents");
@@ -147,7 +173,11 @@ int cmd_generate(int argc, char** argv) {
   DMX_CHECK_ARG(!(o.progress == false && o.verbose), "--quiet and --verbose cannot be used together");
   dmx::GenerateResult r = dmx::generate(o);
   if (!a.has("quiet")) {
-    for (const auto& p : r.images) std::fprintf(stderr, "wrote %s\n", p.c_str());
+    for (size_t i = 0; i < r.images.size(); ++i) {
+      if (i < r.scores.size())
+        std::fprintf(stderr, "rank %zu: sample %d, score %.6g: ", i + 1, r.samples[i], r.scores[i]);
+      std::fprintf(stderr, "wrote %s\n", r.images[i].c_str());
+    }
     std::fprintf(stderr, "seed %llu, %.2f s\n", static_cast<unsigned long long>(r.seed), r.seconds);
   }
   return 0;

@@ -43,6 +43,17 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t BH = B * H, dv = v.size(3);
 
   const at::ScalarType out_dtype = v.scalar_type();
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    // Autograd (decoder fine-tuning, latent optimisation): the out= and in-place kernels below are not
+    // differentiable; the same math, untiled.
+    at::Tensor scores = at::matmul(q.to(upcast ? at::kFloat : q.scalar_type()) * scale,
+                                   k.to(upcast ? at::kFloat : k.scalar_type()).transpose(2, 3));  // [B, H, Nq, Nk]
+    if (causal) {
+      at::Tensor mask = at::ones({Nq, Nk}, scores.options().dtype(at::kBool)).triu(1);
+      scores = scores.masked_fill(mask, -std::numeric_limits<double>::infinity());
+    }
+    return at::matmul(at::softmax(scores, -1).to(out_dtype), v);  // [B, H, Nq, d]
+  }
   const at::ScalarType score_dtype = upcast ? at::kFloat : q.scalar_type();
   // The scale is folded into q (N*d multiplications instead of N*M).
   at::Tensor qs = at::empty({B, H, Nq, d}, q.options().dtype(score_dtype));

@@ -33,6 +33,7 @@ at::Tensor apply_act(Act act, const at::Tensor& x) {
 
 // apply_act on a temporary the caller owns: in place where libtorch has the in-place kernel (same values).
 static at::Tensor apply_act_(Act act, at::Tensor x) {
+  if (x.requires_grad() && at::GradMode::is_enabled()) return apply_act(act, x);  // autograd needs the input
   if (act == Act::SiLU) return at::silu_(x);
   if (act == Act::ReLU) return at::relu_(x);
   return apply_act(act, x);

@@ -1,0 +1,79 @@
+#include "api/blended.h"
+
+#include <cmath>
+
+#include "pipelines/blended_latent_diffusion.h"
+
+namespace dmx::api {
+
+void check_blended_options(const GenerateOptions& o) {
+  if (o.mask.empty()) {
+    DMX_CHECK_ARG(o.background == "latent" && o.blend_start == 0.0 && o.mask_dilation == 0 && !o.rank &&
+                      o.blend_variant == "inpaint",
+                  "--background/--blend-start/--mask-dilation/--rank/--blend-variant need --mask");
+    return;
+  }
+  DMX_CHECK_ARG(!o.init_image.empty(), "--mask needs --init-image (the image to edit)");
+  DMX_CHECK_ARG(o.controlnets.empty(), "--mask with --controlnet is not supported");
+  DMX_CHECK_ARG(std::isfinite(o.strength) && o.strength >= 0 && o.strength <= 1, "--strength must be in [0, 1], got ",
+                o.strength);
+  DMX_CHECK_ARG(std::isfinite(o.blend_start) && o.blend_start >= 0 && o.blend_start < 1,
+                "--blend-start must be in [0, 1), got ", o.blend_start);
+  DMX_CHECK_ARG(o.mask_dilation >= 0 && o.mask_dilation <= 64, "--mask-dilation must be in [0, 64], got ",
+                o.mask_dilation);
+  DMX_CHECK_ARG(o.blend_variant == "inpaint" || o.blend_variant == "legacy",
+                "--blend-variant must be one of inpaint, legacy, got '", o.blend_variant, "'");
+  try {
+    (void)extensions::parse_background(o.background);
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(std::string("--") + e.what());
+  }
+}
+
+Image load_mask(const GenerateOptions& o, const Image& init_rgb) {
+  Image mask = load_image(o.mask, "--mask");
+  DMX_CHECK_ARG(mask.width == init_rgb.width && mask.height == init_rgb.height, "--mask is ", mask.width, "x",
+                mask.height, " but --init-image is ", init_rgb.width, "x", init_rgb.height,
+                " (the mask must have the image's size)");
+  return mask;
+}
+
+BlendedRun run_blended(std::shared_ptr<pipelines::StableDiffusionModels> models, const pipelines::StableDiffusionParams& sp,
+                       const GenerateOptions& o, const Image& mask) {
+  pipelines::BlendedLatentDiffusionParams p;
+  p.prompt = sp.prompt;
+  p.negative_prompt = sp.negative_prompt;
+  p.num_inference_steps = sp.num_inference_steps;
+  p.guidance_scale = sp.guidance_scale;
+  p.scheduler = sp.scheduler;
+  p.eta = sp.eta;
+  p.num_images_per_prompt = sp.num_images_per_prompt;
+  p.clip_skip = sp.clip_skip;
+  p.seed = sp.seed;
+  p.init_image = sp.init_image;
+  p.latents = sp.latents;
+  p.strength = sp.strength;
+  p.show_progress = sp.show_progress;
+  p.mask = extensions::mask_to_tensor(mask);
+  p.blend_start = o.blend_start;
+  p.mask_dilation = o.mask_dilation;
+  p.variant = o.blend_variant == "legacy" ? pipelines::BlendVariant::kLegacy : pipelines::BlendVariant::kInpaint;
+  p.background = extensions::parse_background(o.background);
+  p.reconstruction.show_progress = sp.show_progress;
+  p.rank = o.rank;
+  if (sp.seed) p.rank_options.seed = *sp.seed;
+  pipelines::BlendedLatentDiffusionPipeline pipe(std::move(models));
+  auto out = pipe.run(p);
+  BlendedRun r;
+  const at::Tensor idx = at::tensor(std::vector<int64_t>(out.order.begin(), out.order.end()), at::kLong);
+  r.images = out.images.index_select(0, idx).contiguous();
+  r.latents = out.latents.index_select(0, idx).contiguous();
+  if (o.rank) {
+    for (int i : out.order) {
+      r.scores.push_back(out.scores[static_cast<size_t>(i)]);
+      r.samples.push_back(i);
+    }
+  }
+  return r;
+}
+}  // namespace dmx::api

@@ -1,0 +1,30 @@
+// generate() with --mask: option checks and the run of BlendedLatentDiffusionPipeline (internal to the api layer).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <vector>
+
+#include "core/image.h"
+#include "dmx/dmx.h"
+#include "pipelines/model_bundle.h"
+#include "pipelines/stable_diffusion.h"
+
+namespace dmx::api {
+
+// Cheap checks before anything is loaded: the mask options need --mask and --init-image, ranges, names.
+void check_blended_options(const GenerateOptions& o);
+// Loads --mask (InvalidArgument if unreadable) and checks that it has the init image's size.
+Image load_mask(const GenerateOptions& o, const Image& init_rgb);
+
+struct BlendedRun {
+  at::Tensor images;   // [N, H, W, 3] in [0, 1], in the order to write (best first with rank)
+  at::Tensor latents;  // [N, 4, h, w] after the final blend, same order
+  std::vector<double> scores;  // with rank, same order
+  std::vector<int> samples;    // with rank, sample index of each
+};
+// Runs the edit with the settings of `p` (prompt, steps, guidance, scheduler, eta, seed, images, clip skip,
+// init image, strength, given latents) and the mask options of `o`.
+BlendedRun run_blended(std::shared_ptr<pipelines::StableDiffusionModels> models, const pipelines::StableDiffusionParams& p,
+                       const GenerateOptions& o, const Image& mask);
+}  // namespace dmx::api

@@ -1,0 +1,252 @@
+#include "pipelines/blended_latent_diffusion.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/phase_timer.h"
+#include "core/progress.h"
+#include "dmx/error.h"
+#include "schedulers/scheduler.h"
+
+namespace dmx::pipelines {
+
+using extensions::Background;
+
+BlendedLatentDiffusionPipeline::BlendedLatentDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models)
+    : m_(models), sd_(models) {}
+
+void BlendedLatentDiffusionPipeline::check_params(const BlendedLatentDiffusionParams& p) const {
+  DMX_CHECK_ARG(p.init_image.defined() && p.init_image.dim() == 4 && p.init_image.size(0) == 1 &&
+                    p.init_image.size(1) == 3,
+                "init_image must be [1, 3, H, W], got ", p.init_image.defined() ? p.init_image.sizes() : at::IntArrayRef{});
+  DMX_CHECK_ARG(p.mask.defined() && p.mask.dim() == 4 && p.mask.size(0) == 1 && p.mask.size(1) == 1,
+                "mask must be [1, 1, H, W], got ", p.mask.defined() ? p.mask.sizes() : at::IntArrayRef{});
+  DMX_CHECK_ARG(p.mask.size(2) == p.init_image.size(2) && p.mask.size(3) == p.init_image.size(3), "mask is ",
+                p.mask.size(3), "x", p.mask.size(2), " but the image is ", p.init_image.size(3), "x",
+                p.init_image.size(2), " (the mask must have the image's size)");
+  DMX_CHECK_ARG(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1, "strength must be in [0, 1], got ",
+                p.strength);
+  DMX_CHECK_ARG(std::isfinite(p.blend_start) && p.blend_start >= 0 && p.blend_start < 1,
+                "blend_start must be in [0, 1), got ", p.blend_start);
+  DMX_CHECK_ARG(p.mask_dilation >= 0 && p.mask_dilation <= 64, "mask_dilation must be in [0, 64], got ",
+                p.mask_dilation);
+  DMX_CHECK_ARG(m_->unet->config().in_channels == 4, "blended latent diffusion needs a 4-channel UNet, got ",
+                m_->unet->config().in_channels, " input channels (a dedicated inpainting model)");
+  // The remaining rules (steps, guidance, eta, sizes, clip skip) are StableDiffusionPipeline's.
+  StableDiffusionParams sp;
+  sp.num_inference_steps = p.num_inference_steps;
+  sp.guidance_scale = p.guidance_scale;
+  sp.eta = p.eta;
+  sp.num_images_per_prompt = p.num_images_per_prompt;
+  sp.clip_skip = p.clip_skip;
+  sp.init_image = p.init_image;
+  sp.strength = p.strength;
+  sd_.check_params(sp);
+  for (int t : p.rank_options.timesteps)
+    DMX_CHECK_ARG(t >= 0 && t < 1000, "rank timesteps must be in [0, 1000), got ", t);
+}
+
+at::Tensor BlendedLatentDiffusionPipeline::prepare_latent_mask(const at::Tensor& mask, BlendVariant variant) const {
+  const int f = m_->vae_scale_factor();
+  const int64_t h = mask.size(2) / f, w = mask.size(3) / f;
+  if (variant == BlendVariant::kInpaint)  // mask_processor (binarize) then F.interpolate(size=latent size)
+    return extensions::resize_mask_nearest(extensions::binarize_mask(mask), h, w, extensions::NearestMode::kTorch);
+  return extensions::resize_mask_nearest(mask, h, w, extensions::NearestMode::kPil);  // preprocess_mask
+}
+
+BlendedLatentDiffusionOutput BlendedLatentDiffusionPipeline::run(const BlendedLatentDiffusionParams& p) {
+  at::NoGradGuard no_grad;
+  // 1. Check inputs.
+  check_params(p);
+  const int n = p.num_images_per_prompt;
+  const bool cfg = p.guidance_scale > 1.0;
+  const bool legacy = p.variant == BlendVariant::kLegacy;
+  std::optional<at::Generator> gen;
+  if (p.seed) gen = at::make_generator<at::CPUGeneratorImpl>(*p.seed);
+  auto randn = [&](at::IntArrayRef shape) {
+    return gen ? at::randn(shape, *gen, at::TensorOptions().dtype(at::kFloat))
+               : at::randn(shape, at::TensorOptions().dtype(at::kFloat));
+  };
+
+  // 2. Encode the prompt (uncond first).
+  PhaseTimer encode_timer("text encode");
+  at::Tensor embeds = sd_.encode_prompt(p.prompt, p.clip_skip).repeat({n, 1, 1});
+  if (cfg) embeds = at::cat({sd_.encode_prompt(p.negative_prompt, p.clip_skip).repeat({n, 1, 1}), embeds}, 0);
+  encode_timer.stop();
+
+  // 3. Timesteps, cut by strength (get_timesteps).
+  const std::string sched_name =
+      p.scheduler.empty() ? m_->scheduler_config.value("_class_name", std::string("PNDMScheduler")) : p.scheduler;
+  auto sched = schedulers::create_scheduler(sched_name, m_->scheduler_config);
+  sched->set_timesteps(p.num_inference_steps);
+  const int init_timestep = std::min(static_cast<int>(p.num_inference_steps * p.strength), p.num_inference_steps);
+  const int t_start = std::max(p.num_inference_steps - init_timestep, 0);
+  // The legacy pipeline slices without the scheduler order.
+  const int start = legacy ? t_start : t_start * sched->order();
+  const std::vector<double>& ts = sched->timesteps();
+  DMX_CHECK_ARG(init_timestep >= 1 && start < static_cast<int>(ts.size()), "strength ", p.strength, " with ",
+                p.num_inference_steps, " steps leaves no denoising step; raise strength or steps");
+  const int total = static_cast<int>(ts.size()) - start;
+
+  // 4. Latents, drawing as the reference does: the image's posterior sample, then the noise, then (inpaint)
+  //    the masked image's posterior sample, which a 4-channel UNet never uses.
+  PhaseTimer latents_timer("encode image");
+  at::Tensor image = p.init_image.to(m_->device, m_->dtype);
+  auto dist = m_->vae->encode(image);
+  const auto latent_shape = dist.mean.sizes().vec();  // [1, 4, h, w]
+  at::Tensor eps = p.posterior_noise.defined() ? p.posterior_noise.to(at::kFloat) : randn(latent_shape);
+  DMX_CHECK_ARG(eps.sizes().equals(latent_shape), "posterior noise must have shape ", dist.mean.sizes(), ", got ",
+                eps.sizes());
+  at::Tensor image_latents =
+      ((dist.mean.to(at::kFloat) + dist.std.to(at::kFloat) * eps) * m_->vae->config().scaling_factor).to(at::kCPU);
+  image_latents = image_latents.repeat({n, 1, 1, 1});  // [N, 4, h, w]
+  at::Tensor noise;
+  at::Tensor latents;
+  if (p.latents.defined()) {
+    DMX_CHECK_ARG(p.latents.sizes().equals(image_latents.sizes()), "init latents must have shape ",
+                  image_latents.sizes(), ", got ", p.latents.sizes());
+    noise = p.latents.to(at::kFloat);
+    latents = legacy ? sched->add_noise(image_latents, noise, start) : noise * sched->init_noise_sigma();
+  } else {
+    noise = randn(image_latents.sizes());
+    if (legacy)
+      latents = sched->add_noise(image_latents, noise, start);
+    else
+      latents = p.strength == 1.0 ? noise * sched->init_noise_sigma() : sched->add_noise(image_latents, noise, start);
+  }
+  if (!legacy && !p.posterior_noise.defined()) (void)randn(latent_shape);  // masked_image_latents' draw
+  latents_timer.stop();
+
+  // 5. Masks at latent size; progressive shrinking puts the dilated ones first.
+  const at::Tensor latent_mask = prepare_latent_mask(p.mask, p.variant);  // [1, 1, h, w]
+  extensions::LatentBlendConfig bc;
+  bc.image_latents = image_latents;
+  bc.noise = noise;
+  bc.masks = extensions::progressive_masks(latent_mask, p.mask_dilation);
+  if (p.mask_dilation > 0) {
+    // Dilation needs a binary mask; the final blend keeps the mask itself.
+    for (auto& m : bc.masks) m = extensions::binarize_mask(m);
+  }
+  bc.final_mask = latent_mask;
+  bc.schedule = legacy ? extensions::BlendSchedule::kSameTimestep : extensions::BlendSchedule::kNextTimestep;
+  bc.start_index = start;
+  bc.num_steps = total;
+  bc.blend_start_step = static_cast<int>(total * p.blend_start);
+  const extensions::LatentBlend blender(*sched, bc);
+
+  // 6. Denoising loop with the blend after each step.
+  PhaseTimer denoise_timer("denoise");
+  schedulers::StepArgs args;
+  args.eta = p.eta;
+  args.generator = gen ? &*gen : nullptr;
+  ProgressBar bar("steps", p.show_progress ? total : 0);
+  for (int i = start; i < static_cast<int>(ts.size()); ++i) {
+    const double t = ts[i];
+    at::Tensor model_in = sched->scale_model_input(cfg ? at::cat({latents, latents}, 0) : latents, i);
+    models::UNetInputs in;
+    in.sample = model_in.to(m_->device, m_->dtype);
+    in.timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kFloat)).to(m_->device);
+    in.encoder_hidden_states = embeds.to(m_->dtype);
+    at::Tensor noise_pred = m_->unet->forward(in).to(at::kFloat).to(at::kCPU);
+    if (cfg) {
+      auto c = noise_pred.chunk(2, 0);
+      noise_pred = c[0] + p.guidance_scale * (c[1] - c[0]);
+    }
+    const size_t k = static_cast<size_t>(i - start);
+    args.variance_noise = k < p.step_noises.size() ? p.step_noises[k] : at::Tensor();
+    latents = sched->step(noise_pred, i, latents, args).prev_sample;
+    blender.on_step_end(i - start, latents);
+    if (p.on_step_end) p.on_step_end(i - start, t, latents);
+    bar.tick();
+  }
+  bar.finish();
+  denoise_timer.stop();
+
+  // 7. Final blend: z_init outside the mask.
+  latents = blender.final_blend(latents);
+
+  // 8. Decode.
+  PhaseTimer decode_timer("decode");
+  BlendedLatentDiffusionOutput out;
+  out.latents = latents.contiguous();
+  out.timesteps.assign(ts.begin() + start, ts.end());
+  out.decoded = sd_.decode_latents(latents, p.show_progress);
+  out.original = (p.init_image[0].to(at::kFloat).permute({1, 2, 0}) / 2 + 0.5).clamp(0, 1).contiguous();
+  out.pixel_mask = extensions::binarize_mask(p.mask)[0][0].contiguous();
+  out.latent_mask = latent_mask;
+  decode_timer.stop();
+
+  // 9. Background reconstruction (BLD section 4.1), per sample.
+  PhaseTimer bg_timer("background");
+  std::vector<at::Tensor> images;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor edited = out.decoded[i];
+    switch (p.background) {
+      case Background::kLatent: images.push_back(edited); break;
+      case Background::kPixel: images.push_back(extensions::pixel_stitch(edited, out.original, out.pixel_mask)); break;
+      case Background::kPoisson:
+        images.push_back(extensions::poisson_blend(edited, out.original, out.pixel_mask));
+        break;
+      case Background::kOptimizeLatents:
+        images.push_back(extensions::optimize_latents(m_->vae, latents.narrow(0, i, 1), edited, out.original,
+                                                      out.pixel_mask, p.reconstruction));
+        break;
+      case Background::kFinetuneDecoder:
+        images.push_back(extensions::finetune_decoder(m_->vae, latents.narrow(0, i, 1), edited, out.original,
+                                                      out.pixel_mask, p.reconstruction));
+        break;
+    }
+  }
+  out.images = at::stack(images, 0).contiguous();
+  bg_timer.stop();
+
+  // 10. Ranking.
+  out.order.resize(static_cast<size_t>(n));
+  std::iota(out.order.begin(), out.order.end(), 0);
+  if (p.rank) {
+    PhaseTimer rank_timer("rank");
+    out.scores = rank_scores(latents, latent_mask, p.prompt, p.clip_skip, p.rank_options);
+    std::stable_sort(out.order.begin(), out.order.end(),
+                     [&](int a, int b) { return out.scores[static_cast<size_t>(a)] > out.scores[static_cast<size_t>(b)]; });
+  }
+  return out;
+}
+
+std::vector<double> BlendedLatentDiffusionPipeline::rank_scores(const at::Tensor& latents, const at::Tensor& latent_mask,
+                                                                const std::string& prompt, int clip_skip,
+                                                                const RankOptions& o) {
+  at::NoGradGuard no_grad;
+  DMX_CHECK_ARG(!o.timesteps.empty(), "rank: no timesteps");
+  const int64_t n = latents.size(0);
+  // Noise levels of the training schedule (the model's betas).
+  const auto cfg = schedulers::SchedulerConfig::for_class("DDPMScheduler", m_->scheduler_config);
+  const at::Tensor ac = at::cumprod(1 - schedulers::make_betas(cfg).to(at::kDouble), 0);
+  const at::Tensor cond = sd_.encode_prompt(prompt, clip_skip), uncond = sd_.encode_prompt("", clip_skip);
+  const at::Tensor embeds = at::cat({uncond, cond}, 0).to(m_->dtype);  // [2, 77, D]
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  const at::Tensor m = latent_mask.to(at::kFloat);
+  const double area = std::max(m.sum().item<double>(), 1.0) * latents.size(1);
+  std::vector<double> scores(static_cast<size_t>(n), 0.0);
+  for (int t : o.timesteps) {
+    DMX_CHECK_ARG(t >= 0 && t < ac.size(0), "rank timesteps must be in [0, ", ac.size(0), "), got ", t);
+    const at::Tensor eps = at::randn(latents.sizes().slice(1), gen, at::TensorOptions().dtype(at::kFloat)).unsqueeze(0);
+    const double a = ac[t].item<double>();
+    for (int64_t i = 0; i < n; ++i) {
+      const at::Tensor z0 = latents.narrow(0, i, 1).to(at::kFloat);
+      const at::Tensor zt = z0 * std::sqrt(a) + eps * std::sqrt(1 - a);
+      models::UNetInputs in;
+      in.sample = at::cat({zt, zt}, 0).to(m_->device, m_->dtype);
+      in.timestep = at::scalar_tensor(static_cast<double>(t), at::TensorOptions().dtype(at::kFloat)).to(m_->device);
+      in.encoder_hidden_states = embeds;
+      const auto pr = m_->unet->forward(in).to(at::kFloat).to(at::kCPU).chunk(2, 0);
+      const double err_u = ((pr[0] - eps).pow(2) * m).sum().item<double>() / area;
+      const double err_c = ((pr[1] - eps).pow(2) * m).sum().item<double>() / area;
+      scores[static_cast<size_t>(i)] += (err_u - err_c) / static_cast<double>(o.timesteps.size());
+    }
+  }
+  return scores;
+}
+}  // namespace dmx::pipelines
