@@ -3,6 +3,7 @@
 #pragma once
 
 namespace dmx::cli {
-int cmd_data(int argc, char** argv);  // dmx data emoji
-int cmd_p2p(int argc, char** argv);   // Prompt-to-Prompt editing
+int cmd_data(int argc, char** argv);      // dmx data emoji
+int cmd_p2p(int argc, char** argv);       // Prompt-to-Prompt editing
+int cmd_diffedit(int argc, char** argv);  // DiffEdit
 }  // namespace dmx::cli

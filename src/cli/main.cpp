@@ -36,6 +36,7 @@ const char* kUsage =
     "  bench      time text encoding, a denoising step and VAE decoding (random weights)\n"
     "  data       build training folders (dmx data emoji: the emoji set from npm)\n"
     "  p2p        Prompt-to-Prompt editing of a generated or real image\n"
+    "  diffedit   edit a real image from a source and a target prompt (DiffEdit)\n"
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
 
@@ -245,6 +246,7 @@ int main(int argc, char** argv) {
     if (cmd == "bench") return cmd_bench(argc, argv);
     if (cmd == "data") return dmx::cli::cmd_data(argc, argv);
     if (cmd == "p2p") return dmx::cli::cmd_p2p(argc, argv);
+    if (cmd == "diffedit") return dmx::cli::cmd_diffedit(argc, argv);
     if (cmd == "version" || cmd == "--version") {
       std::printf("dmx %s\n", dmx::version().c_str());
       return 0;

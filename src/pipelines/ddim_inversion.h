@@ -5,6 +5,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <vector>
 
 #include "pipelines/model_bundle.h"
@@ -19,12 +20,19 @@ struct DDIMInversionParams {
   double guidance_scale = 1.0;
   double inpaint_strength = 1.0;  // fraction of the schedule inverted (DiffEdit's encode ratio), in (0, 1]
   bool show_progress = true;
+  // Called after each step with the step index, its timestep, the new latents and the (guided) noise
+  // prediction that produced them. It may replace the latents (the next step and the output use what it
+  // leaves): tests record ε and feed reference latents step by step.
+  std::function<void(int step, double t, at::Tensor& latents, const at::Tensor& noise_pred)> on_step_end;
 };
 
 struct DDIMInversionOutput {
   std::vector<at::Tensor> latents;  // z after each inversion step, ascending noise level (float32)
   std::vector<double> timesteps;    // the timestep of each step, ascending
 };
+
+// Steps the inversion runs: get_inverse_timesteps' num_inference_steps - t_start, t_start = steps - int(steps * strength).
+int inverse_step_count(int num_inference_steps, double inpaint_strength);
 
 DDIMInversionOutput ddim_invert(const StableDiffusionModels& m, const DDIMInversionParams& p);
 }  // namespace dmx::pipelines

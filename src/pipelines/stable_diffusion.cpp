@@ -39,6 +39,24 @@ void check_controlnet_params(const StableDiffusionParams& p, const StableDiffusi
 }
 }
 
+at::Tensor encode_image_latents(const StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
+                                const at::Tensor& noise) {
+  at::NoGradGuard no_grad;
+  models::AutoencoderKL vae = m.vae;  // shared handle (forward is non-const)
+  auto dist = vae->encode(image.to(m.device, m.dtype));
+  const at::Tensor mean = dist.mean.to(at::kFloat).to(at::kCPU), std = dist.std.to(at::kFloat).to(at::kCPU);
+  at::Tensor eps;
+  if (noise.defined()) {
+    DMX_CHECK_ARG(noise.sizes().equals(mean.sizes()), "posterior noise must have shape ", mean.sizes(), ", got ",
+                  noise.sizes());
+    eps = noise.to(at::kFloat).to(at::kCPU);
+  } else {
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    eps = generator ? at::randn(mean.sizes(), *generator, opts) : at::randn(mean.sizes(), opts);
+  }
+  return (mean + std * eps) * m.vae->config().scaling_factor;
+}
+
 StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models)
     : m_(std::move(models)) {
   DMX_CHECK_ARG(m_ != nullptr, "StableDiffusionPipeline: models must not be null");

@@ -53,6 +53,13 @@ struct StableDiffusionOutput {
   std::vector<double> timesteps;  // the timesteps the loop ran
 };
 
+// Image latents as the reference pipelines prepare them (retrieve_latents(vae.encode(image)).sample(generator)
+// * scaling_factor): image [N, 3, H, W] in [-1, 1] -> [N, 4, H/f, W/f] float32 on the CPU. The posterior
+// noise [N, 4, H/f, W/f] is `noise` when given (replay), else one draw of that shape from `generator` (on
+// the CPU, float32, like diffusers' randn_tensor; nullptr = the global generator).
+at::Tensor encode_image_latents(const StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
+                                const at::Tensor& noise = {});
+
 class StableDiffusionPipeline {
  public:
   explicit StableDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models);

@@ -1,0 +1,82 @@
+// DDIM inversion loop: diffusers 0.27.2 StableDiffusionDiffEditPipeline.invert steps 6-7 (get_inverse_timesteps
+// and the noising loop with DDIMInverseScheduler), without the Pix2Pix-Zero regularisation (num_reg_steps = 0,
+// the reference's default).
+#include "pipelines/ddim_inversion.h"
+
+#include <cmath>
+
+#include "core/progress.h"
+#include "dmx/error.h"
+#include "schedulers/scheduler.h"
+
+namespace dmx::pipelines {
+
+int inverse_step_count(int num_inference_steps, double inpaint_strength) {
+  // get_inverse_timesteps: the first int(steps * strength) ascending timesteps (all of them when t_start is 0).
+  const int init_timestep = std::min(static_cast<int>(num_inference_steps * inpaint_strength), num_inference_steps);
+  const int t_start = std::max(num_inference_steps - init_timestep, 0);
+  return num_inference_steps - t_start;
+}
+
+DDIMInversionOutput ddim_invert(const StableDiffusionModels& m, const DDIMInversionParams& p) {
+  at::NoGradGuard no_grad;
+  // 1. Check inputs.
+  DMX_CHECK_ARG(p.latents.defined() && p.latents.dim() == 4 && p.latents.size(1) == m.unet->config().in_channels,
+                "ddim_invert: latents must be [N, ", m.unet->config().in_channels, ", h, w], got ",
+                p.latents.defined() ? p.latents.sizes() : at::IntArrayRef{});
+  const int64_t n = p.latents.size(0);
+  DMX_CHECK_ARG(p.num_inference_steps >= 1 && p.num_inference_steps <= 1000,
+                "ddim_invert: num_inference_steps must be in [1, 1000], got ", p.num_inference_steps);
+  DMX_CHECK_ARG(std::isfinite(p.guidance_scale) && p.guidance_scale >= 0 && p.guidance_scale <= 100,
+                "ddim_invert: guidance_scale must be in [0, 100], got ", p.guidance_scale);
+  DMX_CHECK_ARG(std::isfinite(p.inpaint_strength) && p.inpaint_strength > 0 && p.inpaint_strength <= 1,
+                "ddim_invert: inpaint_strength must be in (0, 1], got ", p.inpaint_strength);
+  const int count = inverse_step_count(p.num_inference_steps, p.inpaint_strength);
+  DMX_CHECK_ARG(count >= 1, "ddim_invert: inpaint_strength ", p.inpaint_strength, " with ", p.num_inference_steps,
+                " steps inverts no step (int(steps * inpaint_strength) must be >= 1); raise either");
+  DMX_CHECK_ARG(p.prompt_embeds.defined() && p.prompt_embeds.dim() == 3 && p.prompt_embeds.size(0) == n,
+                "ddim_invert: prompt_embeds must be [", n, ", L, D], got ",
+                p.prompt_embeds.defined() ? p.prompt_embeds.sizes() : at::IntArrayRef{});
+  const bool cfg = p.guidance_scale > 1.0;
+  at::Tensor embeds = p.prompt_embeds;
+  if (cfg) {
+    DMX_CHECK_ARG(p.negative_prompt_embeds.defined() && p.negative_prompt_embeds.sizes().equals(p.prompt_embeds.sizes()),
+                  "ddim_invert: guidance_scale ", p.guidance_scale, " > 1 needs negative_prompt_embeds of shape ",
+                  p.prompt_embeds.sizes());
+    embeds = at::cat({p.negative_prompt_embeds, p.prompt_embeds}, 0);  // uncond first, as diffusers
+  }
+  embeds = embeds.to(m.device, m.dtype);
+
+  // 2. Timesteps: DDIMInverseScheduler from the model's scheduler config (from_config swaps the class).
+  auto sched = schedulers::create_scheduler("ddim_inverse", m.scheduler_config);
+  sched->set_timesteps(p.num_inference_steps);
+  const std::vector<double>& ts = sched->timesteps();
+
+  // 3. Noising loop: z_{t} -> z_{t+Δ} with ε_θ(z_t, t).
+  models::UNet2DConditionModel unet = m.unet;  // shared handle (forward is non-const)
+  DDIMInversionOutput out;
+  at::Tensor latents = p.latents.to(at::kFloat).to(at::kCPU);
+  ProgressBar bar("invert", p.show_progress ? count : 0);
+  for (int i = 0; i < count; ++i) {
+    const double t = ts[static_cast<size_t>(i)];
+    at::Tensor model_in = cfg ? at::cat({latents, latents}, 0) : latents;
+    model_in = sched->scale_model_input(model_in, i);
+    models::UNetInputs in;
+    in.sample = model_in.to(m.device, m.dtype);
+    in.timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kFloat)).to(m.device);
+    in.encoder_hidden_states = embeds;
+    at::Tensor noise_pred = unet->forward(in).to(at::kFloat).to(at::kCPU);
+    if (cfg) {
+      auto chunks = noise_pred.chunk(2, 0);
+      noise_pred = chunks[0] + p.guidance_scale * (chunks[1] - chunks[0]);
+    }
+    latents = sched->step(noise_pred, i, latents).prev_sample;
+    if (p.on_step_end) p.on_step_end(i, t, latents, noise_pred);
+    out.latents.push_back(latents.clone());
+    out.timesteps.push_back(t);
+    bar.tick();
+  }
+  bar.finish();
+  return out;
+}
+}  // namespace dmx::pipelines
