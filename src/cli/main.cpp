@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cli/args.h"
+#include "cli/commands.h"
 #include "dmx/dmx.h"
 
 namespace {
@@ -33,6 +34,7 @@ const char* kUsage =
     "  generate   text-to-image and image-to-image with a Stable Diffusion model\n"
     "  info       print the generation parameters stored in a PNG\n"
     "  bench      time text encoding, a denoising step and VAE decoding (random weights)\n"
+    "  train      train LoRA, fine-tune or DreamBooth (dmx train <lora|finetune|dreambooth|bench>)\n"
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
 
@@ -210,6 +212,7 @@ int main(int argc, char** argv) {
     if (cmd == "generate") return cmd_generate(argc, argv);
     if (cmd == "info") return cmd_info(argc, argv);
     if (cmd == "bench") return cmd_bench(argc, argv);
+    if (cmd == "train") return dmx::cli::cmd_train(argc, argv);
     if (cmd == "version" || cmd == "--version") {
       std::printf("dmx %s\n", dmx::version().c_str());
       return 0;

@@ -86,6 +86,9 @@ struct TrainConfig {
   bool save_final_checkpoint = true;
   // A checkpoint folder (".../checkpoint-N") or an output_dir (its newest checkpoint); "" = fresh start.
   std::string resume_from_checkpoint;
+  // > 0: stop after this many optimizer steps (with the final checkpoint, without writing `output`), as an
+  // interrupted run would; the LR schedule still spans max_train_steps. For tests and time-boxed runs.
+  int64_t stop_at_step = 0;
 
   int64_t validation_steps = 0;  // 0: no validation images
   std::string validation_prompt;
