@@ -42,6 +42,18 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   DMX_CHECK_ARG(k.size(3) == d && v.size(2) == Nk, "attention: k must have q's head width and v k's length");
   const int64_t BH = B * H, dv = v.size(3);
 
+  // Training: the tiled path writes into buffers (bmm_out, in-place softmax), which autograd cannot
+  // differentiate; with grad needed, the same math as plain differentiable ops.
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    const at::ScalarType st = upcast ? at::kFloat : q.scalar_type();
+    at::Tensor scores = at::matmul(q.to(st) * scale, k.to(st).transpose(2, 3));  // [B, H, Nq, Nk]
+    if (causal) {
+      const at::Tensor mask = at::ones({Nq, Nk}, scores.options().dtype(at::kBool)).triu(1);
+      scores = scores.masked_fill(mask, -std::numeric_limits<double>::infinity());
+    }
+    return at::matmul(at::softmax(scores, -1).to(v.scalar_type()), v);  // [B, H, Nq, dv]
+  }
+
   const at::ScalarType out_dtype = v.scalar_type();
   const at::ScalarType score_dtype = upcast ? at::kFloat : q.scalar_type();
   // The scale is folded into q (N*d multiplications instead of N*M).
