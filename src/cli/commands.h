@@ -6,4 +6,5 @@ namespace dmx::cli {
 int cmd_data(int argc, char** argv);      // dmx data emoji
 int cmd_p2p(int argc, char** argv);       // Prompt-to-Prompt editing
 int cmd_diffedit(int argc, char** argv);  // DiffEdit
+int cmd_train(int argc, char** argv);     // dmx train <lora|finetune|dreambooth|controlnet|bench>
 }  // namespace dmx::cli

@@ -37,6 +37,7 @@ const char* kUsage =
     "  data       build training folders (dmx data emoji: the emoji set from npm)\n"
     "  p2p        Prompt-to-Prompt editing of a generated or real image\n"
     "  diffedit   edit a real image from a source and a target prompt (DiffEdit)\n"
+    "  train      train LoRA, fine-tune or DreamBooth (dmx train <lora|finetune|dreambooth|bench>)\n"
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
 
@@ -247,6 +248,7 @@ int main(int argc, char** argv) {
     if (cmd == "data") return dmx::cli::cmd_data(argc, argv);
     if (cmd == "p2p") return dmx::cli::cmd_p2p(argc, argv);
     if (cmd == "diffedit") return dmx::cli::cmd_diffedit(argc, argv);
+    if (cmd == "train") return dmx::cli::cmd_train(argc, argv);
     if (cmd == "version" || cmd == "--version") {
       std::printf("dmx %s\n", dmx::version().c_str());
       return 0;

@@ -6,6 +6,7 @@
 #include "dmx/error.h"
 #include "models/config_json.h"
 #include "models/unet_block_options.h"
+#include "nn/checkpoint.h"
 #include "nn/layers.h"
 
 namespace dmx::models {
@@ -275,10 +276,26 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   h = p.conv_in->forward(nn::to_compute_layout(h));
   record(in.recorder, "conv_in", h);
 
+  const bool ckpt = gradient_checkpointing_ && at::GradMode::is_enabled();
+
   // 3. down
   std::vector<at::Tensor> res{h};
   for (size_t i = 0; i < p.down_blocks.size(); ++i) {
-    nn::DownBlockOutput o = p.down_blocks[i]->forward(h, emb, ctx);
+    nn::DownBlockOutput o;
+    if (ckpt) {  // outputs: hidden_states, res_samples...
+      auto out = nn::checkpoint(
+          [blk = p.down_blocks[i].ptr()](const std::vector<at::Tensor>& x) {
+            nn::DownBlockOutput r = blk->forward(x[0], x[1], x[2]);
+            std::vector<at::Tensor> v{r.hidden_states};
+            v.insert(v.end(), r.res_samples.begin(), r.res_samples.end());
+            return v;
+          },
+          {h, emb, ctx});
+      o.hidden_states = out[0];
+      o.res_samples.assign(out.begin() + 1, out.end());
+    } else {
+      o = p.down_blocks[i]->forward(h, emb, ctx);
+    }
     h = o.hidden_states;
     res.insert(res.end(), o.res_samples.begin(), o.res_samples.end());
     record(in.recorder, "down_blocks." + std::to_string(i), h);
@@ -295,7 +312,15 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   }
 
   // 4. mid
-  h = p.mid_block->forward(h, emb, ctx);
+  if (ckpt) {
+    h = nn::checkpoint(
+        [blk = p.mid_block.ptr()](const std::vector<at::Tensor>& x) {
+          return std::vector<at::Tensor>{blk->forward(x[0], x[1], x[2])};
+        },
+        {h, emb, ctx})[0];
+  } else {
+    h = p.mid_block->forward(h, emb, ctx);
+  }
   record(in.recorder, "mid_block", h);
   if (controlnet) {
     DMX_CHECK_ARG(in.mid_block_additional_residual.sizes().equals(h.sizes()), "mid_block_additional_residual must be ",
@@ -312,7 +337,18 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
     std::optional<std::vector<int64_t>> upsample_size;
     if (!is_final && forward_upsample_size)
       upsample_size = std::vector<int64_t>{res.back().size(2), res.back().size(3)};
-    h = p.up_blocks[i]->forward(h, skips, emb, ctx, upsample_size);
+    if (ckpt) {  // inputs: h, emb, ctx, skips...
+      std::vector<at::Tensor> args{h, emb, ctx};
+      args.insert(args.end(), skips.begin(), skips.end());
+      h = nn::checkpoint(
+          [blk = p.up_blocks[i].ptr(), upsample_size](const std::vector<at::Tensor>& x) {
+            const std::vector<at::Tensor> sk(x.begin() + 3, x.end());
+            return std::vector<at::Tensor>{blk->forward(x[0], sk, x[1], x[2], upsample_size)};
+          },
+          args)[0];
+    } else {
+      h = p.up_blocks[i]->forward(h, skips, emb, ctx, upsample_size);
+    }
     record(in.recorder, "up_blocks." + std::to_string(i), h);
   }
 

@@ -71,9 +71,14 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   explicit UNet2DConditionModelImpl(const UNet2DConditionConfig& cfg);
   at::Tensor forward(const UNetInputs& in);
   const UNet2DConditionConfig& config() const { return cfg_; }
+  // Training: recompute the activations of each down / mid / up block in backward instead of keeping them
+  // (diffusers' enable_gradient_checkpointing). Only acts while grad mode is on; results are unchanged.
+  void set_gradient_checkpointing(bool on) { gradient_checkpointing_ = on; }
+  bool gradient_checkpointing() const { return gradient_checkpointing_; }
 
  private:
   UNet2DConditionConfig cfg_;
+  bool gradient_checkpointing_ = false;
   struct Parts;
   std::shared_ptr<Parts> parts_;
 };

@@ -42,18 +42,19 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   DMX_CHECK_ARG(k.size(3) == d && v.size(2) == Nk, "attention: k must have q's head width and v k's length");
   const int64_t BH = B * H, dv = v.size(3);
 
-  const at::ScalarType out_dtype = v.scalar_type();
+  // Training: the tiled path writes into buffers (bmm_out, in-place softmax), which autograd cannot
+  // differentiate; with grad needed, the same math as plain differentiable ops.
   if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
-    // Autograd (decoder fine-tuning, latent optimisation): the out= and in-place kernels below are not
-    // differentiable; the same math, untiled.
-    at::Tensor scores = at::matmul(q.to(upcast ? at::kFloat : q.scalar_type()) * scale,
-                                   k.to(upcast ? at::kFloat : k.scalar_type()).transpose(2, 3));  // [B, H, Nq, Nk]
+    const at::ScalarType st = upcast ? at::kFloat : q.scalar_type();
+    at::Tensor scores = at::matmul(q.to(st) * scale, k.to(st).transpose(2, 3));  // [B, H, Nq, Nk]
     if (causal) {
-      at::Tensor mask = at::ones({Nq, Nk}, scores.options().dtype(at::kBool)).triu(1);
+      const at::Tensor mask = at::ones({Nq, Nk}, scores.options().dtype(at::kBool)).triu(1);
       scores = scores.masked_fill(mask, -std::numeric_limits<double>::infinity());
     }
-    return at::matmul(at::softmax(scores, -1).to(out_dtype), v);  // [B, H, Nq, d]
+    return at::matmul(at::softmax(scores, -1).to(v.scalar_type()), v);  // [B, H, Nq, dv]
   }
+
+  const at::ScalarType out_dtype = v.scalar_type();
   const at::ScalarType score_dtype = upcast ? at::kFloat : q.scalar_type();
   // The scale is folded into q (N*d multiplications instead of N*M).
   at::Tensor qs = at::empty({B, H, Nq, d}, q.options().dtype(score_dtype));

@@ -1,0 +1,109 @@
+// dmx public training API (docs/training.md). Torch-free: the CLI's `dmx train <recipe>` is a thin layer on it.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "dmx/error.h"
+
+namespace dmx {
+
+struct TrainOptions {
+  std::string recipe;  // lora | finetune | dreambooth
+  std::string model;   // diffusers folder (finetune / full DreamBooth: required) or single-file checkpoint
+  std::string config_dir, tokenizer_dir;  // for a single-file --model
+  std::string data;    // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
+  std::string output;  // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder
+  std::string output_dir;  // checkpoints, train_log.jsonl, validation images ("" = <output>.train)
+
+  // Data
+  int resolution = 512;
+  bool center_crop = true;
+  bool random_flip = false;
+  std::string image_column = "file_name";
+  std::string caption_column = "text";
+
+  // Loop
+  int64_t steps = 100;
+  int batch_size = 1;  // per process
+  int gradient_accumulation_steps = 1;
+  double learning_rate = 0;  // 0 = the recipe's default (lora 1e-4, finetune 1e-4, dreambooth 5e-6 / LoRA 5e-4)
+  std::string lr_scheduler = "constant";  // constant | constant_with_warmup | linear | cosine
+  int64_t lr_warmup_steps = 0;
+  double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_weight_decay = 1e-2, adam_epsilon = 1e-8;
+  double max_grad_norm = 1.0;
+  uint64_t seed = 0;
+  std::string prediction_type;  // "" = the scheduler's
+  double snr_gamma = 0;
+  double noise_offset = 0;
+  bool use_ema = false;
+  double ema_decay = 0.9999;
+  std::string mixed_precision = "no";  // no | bf16 (frozen parts in bf16, trained weights float32)
+  bool gradient_checkpointing = false;
+  int64_t checkpoint_every = 0;  // 0: only the final checkpoint
+  int checkpoints_total_limit = 0;
+  std::string resume;  // a checkpoint folder or an output_dir (its newest checkpoint)
+  int64_t validation_steps = 0;
+  std::string validation_prompt;
+  int num_validation_images = 1;
+  int threads = 0;
+  bool quiet = false;
+
+  // LoRA (lora, and dreambooth with lora_rank > 0)
+  int rank = 4;
+  double alpha = 0;                   // 0 = rank
+  std::string lora_targets = "attention";  // attention | all
+  std::string save_format = "diffusers";   // diffusers | peft | kohya
+  std::string lora_init = "kaiming";       // kaiming | gaussian
+  bool train_text_encoder = false;
+
+  // DreamBooth
+  std::string instance_data, instance_prompt, class_data, class_prompt;
+  double prior_loss_weight = 1.0;
+  int num_class_images = 100;
+  int class_inference_steps = 50;
+  int lora_rank = 0;  // > 0: DreamBooth LoRA (output a LoRA file), 0: full fine-tuning (output a folder)
+};
+
+struct TrainReport {
+  int64_t steps = 0;       // optimizer steps done
+  int64_t first_step = 0;  // steps done before this run (resume)
+  double first_loss = 0, final_loss = 0;
+  double samples_per_s = 0;
+  double seconds = 0;
+  size_t peak_rss_bytes = 0;
+  int64_t trainable_parameters = 0;
+  std::string output;  // what was written ("" on ranks other than 0)
+  std::string last_checkpoint;
+};
+
+// Validates every option first (InvalidArgument naming the flag, the rule and the value: nothing is written),
+// then loads the model and data, trains and writes the result atomically. With torchrun's variables
+// (WORLD_SIZE > 1) every process runs this with the same options; rank 0 writes.
+TrainReport train(const TrainOptions& o);
+void validate_train_options(const TrainOptions& o);
+
+// Training throughput on a model built with random weights (dmx bench's presets: tiny, sd15, sd21): LoRA
+// (rank 4, attention) at batch_size x resolution^2, fp32 or bf16, `steps` timed steps after one warm-up.
+struct TrainBenchOptions {
+  std::string preset = "tiny";
+  std::string recipe = "lora";  // lora | finetune
+  int resolution = 256;
+  int batch_size = 1;
+  int steps = 3;
+  int rank = 4;
+  std::string dtype = "fp32";  // fp32 | bf16
+  bool gradient_checkpointing = false;
+  int threads = 0;
+};
+struct TrainBenchResult {
+  std::string preset, recipe, dtype;
+  int resolution = 0, batch_size = 0, steps = 0, threads = 0;
+  int64_t trainable_parameters = 0;
+  double seconds_per_step = 0;
+  double samples_per_s = 0;
+  size_t peak_rss_bytes = 0;
+};
+TrainBenchResult train_bench(const TrainBenchOptions& o);
+std::string train_bench_json(const TrainBenchResult& r);
+}  // namespace dmx

@@ -1,0 +1,380 @@
+// Public training API (include/dmx/train.h): options -> TrainConfig + recipe + batch source -> Trainer.
+#include "dmx/train.h"
+
+#include <unistd.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+
+#include "core/fs.h"
+#include "core/log.h"
+#include "core/runtime.h"
+#include "pipelines/model_bundle.h"
+#include "training/dataset.h"
+#include "training/distributed.h"
+#include "training/dreambooth.h"
+#include "training/finetune.h"
+#include "training/lora_train.h"
+#include "training/trainer.h"
+
+namespace dmx {
+
+namespace tr = dmx::training;
+
+namespace {
+
+bool has_parent_dir(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  return slash == std::string::npos || slash == 0 || is_directory(path.substr(0, slash));
+}
+
+double default_lr(const TrainOptions& o) {
+  if (o.learning_rate > 0) return o.learning_rate;
+  if (o.recipe == "dreambooth") return o.lora_rank > 0 ? 5e-4 : 5e-6;
+  return 1e-4;
+}
+
+bool lora_output(const TrainOptions& o) {
+  return o.recipe == "lora" || (o.recipe == "dreambooth" && o.lora_rank > 0);
+}
+
+tr::TrainConfig make_config(const TrainOptions& o) {
+  tr::TrainConfig c;
+  c.output = o.output;
+  c.output_dir = o.output_dir;
+  c.max_train_steps = o.steps;
+  c.train_batch_size = o.batch_size;
+  c.gradient_accumulation_steps = o.gradient_accumulation_steps;
+  c.seed = o.seed;
+  c.learning_rate = default_lr(o);
+  c.adam_beta1 = o.adam_beta1;
+  c.adam_beta2 = o.adam_beta2;
+  c.adam_weight_decay = o.adam_weight_decay;
+  c.adam_epsilon = o.adam_epsilon;
+  c.max_grad_norm = o.max_grad_norm;
+  c.lr_scheduler = tr::parse_lr_schedule(o.lr_scheduler);
+  c.lr_warmup_steps = o.lr_warmup_steps;
+  c.prediction_type = o.prediction_type;
+  c.snr_gamma = o.snr_gamma;
+  c.noise_offset = o.noise_offset;
+  c.use_ema = o.use_ema;
+  c.ema_decay = o.ema_decay;
+  c.mixed_precision = tr::parse_mixed_precision(o.mixed_precision);
+  c.gradient_checkpointing = o.gradient_checkpointing;
+  c.checkpointing_steps = o.checkpoint_every;
+  c.checkpoints_total_limit = o.checkpoints_total_limit;
+  c.resume_from_checkpoint = o.resume;
+  c.validation_steps = o.validation_steps;
+  c.validation_prompt = o.validation_prompt;
+  c.num_validation_images = o.num_validation_images;
+  c.quiet = o.quiet;
+  return c;
+}
+
+tr::LoRATrainOptions lora_options(const TrainOptions& o) {
+  tr::LoRATrainOptions l;
+  l.rank = o.recipe == "dreambooth" ? o.lora_rank : o.rank;
+  l.alpha = o.alpha;
+  l.targets = o.lora_targets;
+  l.train_text_encoder = o.train_text_encoder;
+  l.init = o.lora_init;
+  return l;
+}
+
+}  // namespace
+
+void validate_train_options(const TrainOptions& o) {
+  DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth",
+                "recipe must be lora, finetune or dreambooth, got '", o.recipe, "'");
+  DMX_CHECK_ARG(!o.model.empty(), "--model must be given");
+  DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
+  DMX_CHECK_ARG(!o.output.empty(), "--output must be given");
+  DMX_CHECK_ARG(has_parent_dir(o.output), "--output: the folder of ", o.output, " does not exist");
+  if (o.recipe == "dreambooth") {
+    DMX_CHECK_ARG(!o.instance_data.empty(), "--instance-data must be given");
+    DMX_CHECK_ARG(is_directory(o.instance_data), "--instance-data: no such folder: ", o.instance_data);
+    DMX_CHECK_ARG(!o.instance_prompt.empty(), "--instance-prompt must be given (e.g. \"a photo of sks dog\")");
+    DMX_CHECK_ARG(o.class_data.empty() == o.class_prompt.empty(),
+                  "--class-data and --class-prompt go together (prior preservation), got ",
+                  o.class_data.empty() ? "--class-prompt only" : "--class-data only");
+    DMX_CHECK_ARG(std::isfinite(o.prior_loss_weight) && o.prior_loss_weight >= 0,
+                  "--prior-loss-weight must be >= 0, got ", o.prior_loss_weight);
+    DMX_CHECK_ARG(o.num_class_images > 0, "--num-class-images must be > 0, got ", o.num_class_images);
+    DMX_CHECK_ARG(o.class_inference_steps > 0, "--class-inference-steps must be > 0, got ", o.class_inference_steps);
+    DMX_CHECK_ARG(o.lora_rank >= 0, "--lora-rank must be >= 0 (0 = full fine-tuning), got ", o.lora_rank);
+  } else {
+    DMX_CHECK_ARG(!o.data.empty(), "--data must be given (a folder of images with captions)");
+    DMX_CHECK_ARG(is_directory(o.data), "--data: no such folder: ", o.data);
+  }
+  if (o.recipe == "lora") DMX_CHECK_ARG(o.rank > 0, "--rank must be > 0, got ", o.rank);
+  if (lora_output(o)) {
+    (void)tr::parse_lora_save_format(o.save_format);
+    lora_options(o).validate();
+  }
+  DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
+  DMX_CHECK_ARG(o.batch_size > 0, "--batch-size must be > 0, got ", o.batch_size);
+  DMX_CHECK_ARG(o.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be > 0, got ",
+                o.gradient_accumulation_steps);
+  DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0 && o.resolution <= 4096,
+                "--resolution must be a multiple of 8 in [8, 4096], got ", o.resolution);
+  DMX_CHECK_ARG(std::isfinite(o.learning_rate) && o.learning_rate >= 0,
+                "--learning-rate must be > 0 (0 = the recipe's default), got ", o.learning_rate);
+  DMX_CHECK_ARG(std::isfinite(o.max_grad_norm), "--max-grad-norm must be a number, got ", o.max_grad_norm);
+  DMX_CHECK_ARG(o.checkpoint_every >= 0, "--checkpoint-every must be >= 0, got ", o.checkpoint_every);
+  DMX_CHECK_ARG(o.resume.empty() || is_directory(o.resume), "--resume: no such folder: ", o.resume);
+  (void)tr::parse_lr_schedule(o.lr_scheduler);
+  (void)tr::parse_mixed_precision(o.mixed_precision);
+  // The remaining numeric rules are the trainer's (same messages).
+  tr::TrainConfig c = make_config(o);
+  c.output_dir = "-";  // no side effects: only the checks of the constructor run
+  struct NullSource : tr::BatchSource {
+    tr::Batch get(int64_t) override { return {}; }
+    size_t size() const override { return 0; }
+  };
+  struct NullRecipe : tr::Recipe {
+    NullRecipe() : Recipe(nullptr) {}
+    std::string name() const override { return "check"; }
+    std::vector<tr::NamedParameter> trainable_parameters() override { return {}; }
+    at::Tensor predict(const at::Tensor&, const at::Tensor&, const at::Tensor&, const tr::Batch&) override {
+      return {};
+    }
+    void save(const std::string&) override {}
+  };
+  tr::Trainer check(c, std::make_shared<NullRecipe>(), std::make_shared<NullSource>());
+}
+
+TrainReport train(const TrainOptions& o) {
+  validate_train_options(o);
+  configure_threads(o.threads);
+  if (o.quiet) set_log_level(LogLevel::kQuiet);
+  const tr::DistributedEnv env = tr::DistributedEnv::from_environment();
+  std::shared_ptr<tr::Distributed> dist;
+  if (env.world_size > 1) dist = tr::Distributed::create(env, "cpu");
+  const int rank = dist ? dist->rank() : 0, world = dist ? dist->world_size() : 1;
+
+  pipelines::LoadOptions lo;
+  lo.config_dir = o.config_dir;
+  lo.tokenizer_dir = o.tokenizer_dir;
+  auto models = pipelines::load_stable_diffusion(o.model, lo);
+
+  tr::TrainConfig cfg = make_config(o);
+  std::shared_ptr<tr::Recipe> recipe;
+  std::shared_ptr<tr::BatchSource> source;
+  const auto fmt = lora_output(o) ? tr::parse_lora_save_format(o.save_format) : tr::LoRASaveFormat::Diffusers;
+  auto dataset_options = [&](const std::string& dir, bool captions) {
+    tr::DatasetOptions d;
+    d.dir = dir;
+    d.resolution = o.resolution;
+    d.center_crop = o.center_crop;
+    d.random_flip = o.random_flip;
+    d.require_captions = captions;
+    d.image_column = o.image_column;
+    d.caption_column = o.caption_column;
+    return d;
+  };
+  if (o.recipe == "lora" || o.recipe == "finetune") {
+    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, true));
+    source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
+    if (o.recipe == "lora")
+      recipe = std::make_shared<tr::LoRARecipe>(models, lora_options(o), fmt);
+    else
+      recipe = std::make_shared<tr::FinetuneRecipe>(models, o.train_text_encoder);
+  } else {
+    const bool prior = !o.class_data.empty();
+    std::shared_ptr<tr::ImageCaptionDataset> cls;
+    if (prior) {
+      if (rank == 0) {
+        tr::ClassImageOptions ci;
+        ci.dir = o.class_data;
+        ci.prompt = o.class_prompt;
+        ci.num_class_images = o.num_class_images;
+        ci.resolution = o.resolution;
+        ci.num_inference_steps = o.class_inference_steps;
+        ci.seed = o.seed;
+        tr::generate_class_images(models, ci);
+      }
+      if (dist) dist->barrier();
+      cls = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.class_data, false));
+    }
+    auto inst = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.instance_data, false));
+    source = std::make_shared<tr::DreamBoothBatchSource>(inst, o.instance_prompt, cls, o.class_prompt, o.batch_size,
+                                                         rank, world, o.seed);
+    std::shared_ptr<tr::Recipe> inner;
+    if (o.lora_rank > 0)
+      inner = std::make_shared<tr::LoRARecipe>(models, lora_options(o), fmt);
+    else
+      inner = std::make_shared<tr::FinetuneRecipe>(models, o.train_text_encoder);
+    recipe = std::make_shared<tr::DreamBoothRecipe>(inner, prior, o.prior_loss_weight);
+  }
+  tr::Trainer trainer(cfg, recipe, source, dist);
+  const tr::TrainResult r = trainer.run();
+  TrainReport rep;
+  rep.steps = r.steps;
+  rep.first_step = r.first_step;
+  if (!r.history.empty()) {
+    rep.first_loss = r.history.front().loss;
+    rep.final_loss = r.history.back().loss;
+  }
+  rep.samples_per_s = r.samples_per_s;
+  rep.seconds = r.seconds;
+  rep.peak_rss_bytes = r.peak_rss_bytes;
+  for (const auto& p : recipe->trainable_parameters()) rep.trainable_parameters += p.tensor.numel();
+  rep.output = rank == 0 ? o.output : "";
+  rep.last_checkpoint = r.last_checkpoint;
+  return rep;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Throughput on random weights.
+
+namespace {
+
+struct BenchModels {
+  models::CLIPTextConfig text;
+  models::UNet2DConditionConfig unet;
+  models::AutoencoderKLConfig vae;
+};
+
+BenchModels bench_configs(const std::string& preset) {
+  BenchModels p;
+  if (preset == "sd15") {
+    p.text = models::CLIPTextConfig::sd15();
+    p.unet = models::UNet2DConditionConfig::sd15();
+    p.vae = models::AutoencoderKLConfig::sd15();
+  } else if (preset == "sd21") {
+    p.text = models::CLIPTextConfig::sd21();
+    p.unet = models::UNet2DConditionConfig::sd21();
+    p.vae = models::AutoencoderKLConfig::sd21();
+  } else if (preset == "tiny") {  // the fixtures' test variant (diffusers' tiny test pipeline), as dmx bench
+    p.text.vocab_size = 1000;
+    p.text.hidden_size = 32;
+    p.text.intermediate_size = 37;
+    p.text.num_hidden_layers = 5;
+    p.text.num_attention_heads = 4;
+    p.text.projection_dim = 512;
+    p.unet.sample_size = 32;
+    p.unet.block_out_channels = {32, 64};
+    p.unet.down_block_types = {"DownBlock2D", "CrossAttnDownBlock2D"};
+    p.unet.up_block_types = {"CrossAttnUpBlock2D", "UpBlock2D"};
+    p.unet.attention_head_dim = {8, 8};
+    p.unet.norm_num_groups = 8;
+    p.unet.cross_attention_dim = 32;
+    p.vae.block_out_channels = {32, 64};
+    p.vae.down_block_types = {"DownEncoderBlock2D", "DownEncoderBlock2D"};
+    p.vae.up_block_types = {"UpDecoderBlock2D", "UpDecoderBlock2D"};
+    p.vae.layers_per_block = 1;
+    p.vae.norm_num_groups = 8;
+    p.vae.sample_size = 64;
+  } else {
+    throw InvalidArgument("--preset must be one of sd15, sd21, tiny, got '" + preset + "'");
+  }
+  return p;
+}
+
+// Random pixels and fixed token ids (no tokenizer needed).
+struct RandomSource : tr::BatchSource {
+  int b, res;
+  RandomSource(int b_, int res_) : b(b_), res(res_) {}
+  tr::Batch get(int64_t step) override {
+    tr::Batch x;
+    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(step));
+    x.pixel_values = at::rand({b, 3, res, res}, g, at::TensorOptions().dtype(at::kFloat)) * 2 - 1;
+    x.captions.assign(static_cast<size_t>(b), "bench");
+    for (int i = 0; i < b; ++i) x.indices.push_back(i);
+    return x;
+  }
+  size_t size() const override { return static_cast<size_t>(b); }
+};
+
+struct BenchRecipe : tr::Recipe {
+  std::shared_ptr<tr::Recipe> inner;
+  explicit BenchRecipe(std::shared_ptr<tr::Recipe> r) : Recipe(r->models_ptr()), inner(std::move(r)) {}
+  std::string name() const override { return inner->name(); }
+  void setup(const tr::TrainConfig& c) override { inner->setup(c); }
+  std::vector<tr::NamedParameter> trainable_parameters() override { return inner->trainable_parameters(); }
+  void train_mode(bool on) override { inner->train_mode(on); }
+  at::Tensor encode_prompt(const tr::Batch& b) override {
+    at::NoGradGuard no_grad;
+    const at::Tensor ids = at::zeros({static_cast<int64_t>(b.captions.size()), 77}, at::kLong);
+    return models().text_encoder->forward(ids).last_hidden_state;
+  }
+  at::Tensor predict(const at::Tensor& x, const at::Tensor& t, const at::Tensor& e, const tr::Batch& b) override {
+    return inner->predict(x, t, e, b);
+  }
+  void save(const std::string&) override {}
+};
+
+}  // namespace
+
+TrainBenchResult train_bench(const TrainBenchOptions& o) {
+  DMX_CHECK_SUPPORTED(o.recipe == "lora", "train bench measures the LoRA recipe (--recipe lora), got '", o.recipe, "'");
+  DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0, "--resolution must be a multiple of 8, got ",
+                o.resolution);
+  DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
+  DMX_CHECK_ARG(o.batch_size > 0, "--batch-size must be > 0, got ", o.batch_size);
+  DMX_CHECK_ARG(o.rank > 0, "--rank must be > 0, got ", o.rank);
+  const BenchModels p = bench_configs(o.preset);
+  configure_threads(o.threads);
+  auto m = std::make_shared<pipelines::StableDiffusionModels>();
+  at::manual_seed(0);
+  m->name = o.preset;
+  m->text_encoder = models::CLIPTextModel(p.text);
+  m->unet = models::UNet2DConditionModel(p.unet);
+  m->vae = models::AutoencoderKL(p.vae);
+  m->scheduler_config = {{"_class_name", "PNDMScheduler"}, {"beta_schedule", "scaled_linear"},
+                         {"beta_start", 0.00085},           {"beta_end", 0.012},
+                         {"num_train_timesteps", 1000},     {"prediction_type", "epsilon"}};
+  tr::LoRATrainOptions lo;
+  lo.rank = o.rank;
+  std::shared_ptr<tr::Recipe> inner = std::make_shared<tr::LoRARecipe>(m, lo, tr::LoRASaveFormat::Diffusers);
+  auto recipe = std::make_shared<BenchRecipe>(inner);
+  tr::TrainConfig c;
+  c.output_dir = (std::filesystem::temp_directory_path() / ("dmx-train-bench-" + std::to_string(getpid()))).string();
+  c.max_train_steps = o.steps + 1;
+  c.train_batch_size = o.batch_size;
+  c.mixed_precision = tr::parse_mixed_precision(o.dtype == "fp32" ? "no" : o.dtype);
+  c.gradient_checkpointing = o.gradient_checkpointing;
+  c.save_final_checkpoint = false;
+  c.write_log = false;
+  c.quiet = true;
+  tr::Trainer trainer(c, recipe, std::make_shared<RandomSource>(o.batch_size, o.resolution));
+  const tr::TrainResult r = trainer.run();
+  std::error_code ec;
+  std::filesystem::remove_all(c.output_dir, ec);
+  TrainBenchResult b;
+  b.preset = o.preset;
+  b.recipe = o.recipe;
+  b.dtype = o.dtype;
+  b.resolution = o.resolution;
+  b.batch_size = o.batch_size;
+  b.steps = o.steps;
+  b.threads = runtime_threads();
+  for (const auto& q : recipe->trainable_parameters()) b.trainable_parameters += q.tensor.numel();
+  double timed = 0;  // steps after the first (warm-up)
+  for (size_t i = 1; i < r.history.size(); ++i) timed += r.history[i].seconds;
+  b.seconds_per_step = timed / o.steps;
+  b.samples_per_s = o.batch_size / b.seconds_per_step;
+  b.peak_rss_bytes = r.peak_rss_bytes;
+  return b;
+}
+
+std::string train_bench_json(const TrainBenchResult& r) {
+  nlohmann::json j;
+  j["preset"] = r.preset;
+  j["recipe"] = r.recipe;
+  j["dtype"] = r.dtype;
+  j["resolution"] = r.resolution;
+  j["batch_size"] = r.batch_size;
+  j["steps"] = r.steps;
+  j["threads"] = r.threads;
+  j["trainable_parameters"] = r.trainable_parameters;
+  j["seconds_per_step"] = r.seconds_per_step;
+  j["samples_per_s"] = r.samples_per_s;
+  j["peak_rss_mib"] = static_cast<double>(r.peak_rss_bytes) / (1024.0 * 1024.0);
+  return j.dump();
+}
+
+}  // namespace dmx

@@ -1,0 +1,113 @@
+// DreamBooth (see dreambooth.h): diffusers 0.27.2 examples/dreambooth/train_dreambooth.py.
+#include "training/dreambooth.h"
+
+#include <algorithm>
+#include <cctype>
+#include <filesystem>
+
+#include "core/fs.h"
+#include "core/image.h"
+#include "core/log.h"
+#include "dmx/error.h"
+#include "pipelines/stable_diffusion.h"
+
+namespace dmx::training {
+
+namespace fs = std::filesystem;
+
+std::vector<std::string> list_images(const std::string& dir) {
+  std::vector<std::string> v;
+  if (!is_directory(dir)) return v;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    std::string ext = e.path().extension().string();
+    std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+    if (ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".webp") v.push_back(e.path().string());
+  }
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+int generate_class_images(std::shared_ptr<pipelines::StableDiffusionModels> m, const ClassImageOptions& o) {
+  DMX_CHECK_ARG(!o.dir.empty(), "--class-data must be given with prior preservation");
+  DMX_CHECK_ARG(!o.prompt.empty(), "--class-prompt must be given with --class-data");
+  DMX_CHECK_ARG(o.num_class_images > 0, "--num-class-images must be > 0, got ", o.num_class_images);
+  fs::create_directories(o.dir);
+  const int have = static_cast<int>(list_images(o.dir).size());
+  if (have >= o.num_class_images) return 0;
+  log_info(detail::concat("dreambooth: generating ", o.num_class_images - have, " class images for '", o.prompt,
+                          "' into ", o.dir));
+  at::NoGradGuard no_grad;
+  pipelines::StableDiffusionPipeline pipe(m);
+  int made = 0;
+  for (int k = have; k < o.num_class_images; ++k) {
+    pipelines::StableDiffusionParams p;
+    p.prompt = o.prompt;
+    p.width = p.height = o.resolution;
+    p.num_inference_steps = o.num_inference_steps;
+    p.guidance_scale = o.guidance_scale;
+    p.seed = o.seed + static_cast<uint64_t>(k);
+    p.show_progress = false;
+    const auto out = pipe.run(p);
+    char name[64];
+    std::snprintf(name, sizeof name, "class-%05d.png", k);
+    std::string path = join_path(o.dir, name);
+    for (int extra = 1; path_exists(path); ++extra) {
+      std::snprintf(name, sizeof name, "class-%05d-%d.png", k, extra);
+      path = join_path(o.dir, name);
+    }
+    save_png(path, tensor_to_image(out.images[0]), {{"parameters", o.prompt}});
+    ++made;
+  }
+  return made;
+}
+
+DreamBoothBatchSource::DreamBoothBatchSource(std::shared_ptr<ImageCaptionDataset> instance, std::string instance_prompt,
+                                             std::shared_ptr<ImageCaptionDataset> class_images,
+                                             std::string class_prompt, int batch_size_per_rank, int rank,
+                                             int world_size, uint64_t seed)
+    : inst_(std::move(instance)),
+      cls_(std::move(class_images)),
+      inst_prompt_(std::move(instance_prompt)),
+      cls_prompt_(std::move(class_prompt)),
+      n_(std::max(inst_->size(), cls_ ? cls_->size() : size_t{0})),
+      sampler_(n_, batch_size_per_rank, rank, world_size, seed, true),
+      batch_size_(batch_size_per_rank),
+      rank_(rank) {
+  DMX_CHECK_ARG(!inst_prompt_.empty(), "--instance-prompt must not be empty");
+  DMX_CHECK_ARG(!cls_ || !cls_prompt_.empty(), "--class-prompt must not be empty with --class-data");
+}
+
+Batch DreamBoothBatchSource::get(int64_t micro_step) {
+  const std::vector<size_t> pos = sampler_.indices(micro_step);
+  const uint64_t aug = sampler_.augment_seed(micro_step) + static_cast<uint64_t>(rank_) * batch_size_;
+  std::vector<size_t> ii;
+  for (size_t p : pos) ii.push_back(p % inst_->size());
+  Batch b = inst_->collate(ii, aug);
+  b.captions.assign(ii.size(), inst_prompt_);
+  if (!cls_) return b;
+  std::vector<size_t> ci;
+  for (size_t p : pos) ci.push_back(p % cls_->size());
+  Batch c = cls_->collate(ci, aug + (uint64_t{1} << 32));
+  b.pixel_values = at::cat({b.pixel_values, c.pixel_values}, 0);  // [2B, 3, R, R]
+  b.captions.insert(b.captions.end(), ci.size(), cls_prompt_);
+  b.indices.insert(b.indices.end(), c.indices.begin(), c.indices.end());
+  return b;
+}
+
+DreamBoothRecipe::DreamBoothRecipe(std::shared_ptr<Recipe> inner, bool prior_preservation, double prior_loss_weight)
+    : Recipe(inner->models_ptr()), inner_(std::move(inner)), prior_(prior_preservation),
+      prior_loss_weight_(prior_loss_weight) {
+  DMX_CHECK_ARG(std::isfinite(prior_loss_weight) && prior_loss_weight >= 0, "--prior-loss-weight must be >= 0, got ",
+                prior_loss_weight);
+}
+
+at::Tensor DreamBoothRecipe::reduce_loss(const at::Tensor& per, const Batch& batch) {
+  if (!prior_) return per.mean();
+  DMX_CHECK_ARG(per.size(0) % 2 == 0, "dreambooth: a prior-preservation batch holds instance and class rows in equal "
+                "numbers, got ", per.size(0), " rows");
+  const int64_t b = per.size(0) / 2;
+  return per.narrow(0, 0, b).mean() + prior_loss_weight_ * per.narrow(0, b, b).mean();
+}
+
+}  // namespace dmx::training

@@ -1,0 +1,117 @@
+// Full fine-tuning recipe (see finetune.h): diffusers 0.27.2 train_text_to_image.py.
+#include "training/finetune.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "core/fs.h"
+#include "dmx/error.h"
+#include "io/safetensors.h"
+#include "models/unet_2d_condition.h"
+#include "training/lora_train.h"
+
+namespace dmx::training {
+
+namespace fs = std::filesystem;
+
+FinetuneRecipe::FinetuneRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, bool train_text_encoder)
+    : Recipe(std::move(m)), train_text_encoder_(train_text_encoder) {}
+
+void FinetuneRecipe::setup(const TrainConfig& cfg) {
+  auto& m = models();
+  DMX_CHECK_SUPPORTED(is_directory(m.source_path),
+                      "dmx train finetune writes a diffusers folder and needs one as --model, got ", m.source_path);
+  freeze(*m.vae);
+  freeze(*m.text_encoder);
+  for (auto& p : m.unet->parameters()) p.set_requires_grad(true);
+  if (train_text_encoder_)
+    for (auto& p : m.text_encoder->parameters()) p.set_requires_grad(true);
+  // bf16: only the frozen parts (the trained weights stay float32 masters and run in float32).
+  if (cfg.mixed_precision == MixedPrecision::BF16)
+    cast_frozen_for_mixed_precision(m, /*unet=*/false, /*text_encoder=*/!train_text_encoder_);
+  if (cfg.gradient_checkpointing) m.unet->set_gradient_checkpointing(true);
+}
+
+std::vector<NamedParameter> FinetuneRecipe::trainable_parameters() {
+  std::vector<NamedParameter> v;
+  for (const auto& p : models().unet->named_parameters(true)) v.push_back({"unet." + p.key(), p.value()});
+  if (train_text_encoder_)
+    for (const auto& p : models().text_encoder->named_parameters(true))
+      v.push_back({"text_encoder." + p.key(), p.value()});
+  return v;
+}
+
+void FinetuneRecipe::train_mode(bool on) {
+  models().unet->train(on);
+  if (train_text_encoder_) models().text_encoder->train(on);
+}
+
+at::Tensor FinetuneRecipe::predict(const at::Tensor& noisy, const at::Tensor& t, const at::Tensor& ehs, const Batch&) {
+  models::UNetInputs in;
+  in.sample = noisy;
+  in.timestep = t;
+  in.encoder_hidden_states = ehs.to(at::kFloat);
+  return models().unet->forward(in);
+}
+
+void FinetuneRecipe::save(const std::string& dir) {
+  save_diffusers_folder(models().source_path, dir, *models().unet,
+                        train_text_encoder_ ? models().text_encoder.get() : nullptr);
+}
+
+namespace {
+io::TensorMap float_state(torch::nn::Module& m) {
+  io::TensorMap t;
+  for (const auto& p : m.named_parameters(true)) t[p.key()] = p.value().detach().to(at::kFloat).contiguous();
+  for (const auto& b : m.named_buffers(true)) t[b.key()] = b.value().detach().contiguous();
+  return t;
+}
+
+bool is_weight_file(const std::string& name) {
+  return name.rfind("diffusion_pytorch_model", 0) == 0 || name.rfind("model.", 0) == 0 ||
+         name.rfind("pytorch_model", 0) == 0 || name.rfind("model-", 0) == 0;
+}
+}  // namespace
+
+void save_diffusers_folder(const std::string& source, const std::string& dir, torch::nn::Module& unet,
+                           torch::nn::Module* text_encoder) {
+  DMX_CHECK_SUPPORTED(is_directory(source) && path_exists(join_path(source, "unet/config.json")),
+                      "saving a diffusers folder needs a diffusers folder as the source model, got ", source);
+  std::string out = dir;
+  while (out.size() > 1 && out.back() == '/') out.pop_back();
+  const std::string tmp = out + ".tmp." + std::to_string(getpid());
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  try {
+    fs::create_directories(tmp);
+    const fs::path src(source);
+    for (auto it = fs::recursive_directory_iterator(src); it != fs::recursive_directory_iterator(); ++it) {
+      const fs::path rel = fs::relative(it->path(), src);
+      const std::string top = rel.begin()->string();
+      if (it->is_directory()) {
+        fs::create_directories(fs::path(tmp) / rel);
+        continue;
+      }
+      const std::string name = it->path().filename().string();
+      if (top == "unet" && is_weight_file(name)) continue;
+      if (top == "text_encoder" && text_encoder && is_weight_file(name)) continue;
+      fs::copy_file(it->path(), fs::path(tmp) / rel, fs::copy_options::overwrite_existing);
+    }
+    io::save_safetensors(join_path(tmp, "unet/diffusion_pytorch_model.safetensors"), float_state(unet),
+                         {{"format", "pt"}});
+    if (text_encoder)
+      io::save_safetensors(join_path(tmp, "text_encoder/model.safetensors"), float_state(*text_encoder),
+                           {{"format", "pt"}});
+    fs::remove_all(out, ec);
+    fs::rename(tmp, out);
+  } catch (const fs::filesystem_error& e) {
+    fs::remove_all(tmp, ec);
+    throw IoError(std::string("writing the diffusers folder ") + out + ": " + e.what());
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+}  // namespace dmx::training

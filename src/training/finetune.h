@@ -1,0 +1,35 @@
+// `dmx train finetune`: full fine-tuning of the UNet (optionally the text encoder), diffusers 0.27.2
+// examples/text_to_image/train_text_to_image.py (train_text_encoder as in dreambooth/train_dreambooth.py).
+// The result is a diffusers folder: the source folder's files with the trained unet (and text_encoder)
+// weights, written into a temporary folder and renamed.
+// Internal header of the training layer.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "training/trainer.h"
+
+namespace dmx::training {
+
+class FinetuneRecipe : public Recipe {
+ public:
+  FinetuneRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, bool train_text_encoder);
+  std::string name() const override { return "finetune"; }
+  void setup(const TrainConfig& cfg) override;
+  std::vector<NamedParameter> trainable_parameters() override;
+  void train_mode(bool on) override;
+  bool text_encoder_trainable() const override { return train_text_encoder_; }
+  at::Tensor predict(const at::Tensor& noisy_latents, const at::Tensor& timesteps,
+                     const at::Tensor& encoder_hidden_states, const Batch& batch) override;
+  void save(const std::string& dir) override;
+
+ private:
+  bool train_text_encoder_;
+};
+
+// Writes a diffusers folder at `dir` from the diffusers folder `source`, replacing the UNet weights (and the
+// text encoder's when given) by the module's. Unsupported when `source` is not a diffusers folder.
+void save_diffusers_folder(const std::string& source, const std::string& dir, torch::nn::Module& unet,
+                           torch::nn::Module* text_encoder);
+}  // namespace dmx::training

@@ -1,0 +1,673 @@
+// The training loop (see trainer.h): diffusers 0.27.2 examples/text_to_image/train_text_to_image.py,
+// training_utils.py (compute_snr, EMAModel), optimization.py (get_scheduler), torch 1.13 optim/adamw.py and
+// nn/utils/clip_grad.py.
+#include "training/trainer.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/fs.h"
+#include "core/image.h"
+#include "core/log.h"
+#include "dmx/error.h"
+#include "pipelines/stable_diffusion.h"
+#include "schedulers/scheduler.h"
+#include "training/distributed.h"
+
+namespace dmx::training {
+
+namespace fs = std::filesystem;
+
+LRSchedule parse_lr_schedule(const std::string& s) {
+  if (s == "constant") return LRSchedule::Constant;
+  if (s == "constant_with_warmup") return LRSchedule::ConstantWithWarmup;
+  if (s == "linear") return LRSchedule::Linear;
+  if (s == "cosine") return LRSchedule::Cosine;
+  throw InvalidArgument("--lr-scheduler must be one of constant, constant_with_warmup, linear, cosine, got '" + s +
+                        "'");
+}
+
+const char* lr_schedule_name(LRSchedule s) {
+  switch (s) {
+    case LRSchedule::Constant: return "constant";
+    case LRSchedule::ConstantWithWarmup: return "constant_with_warmup";
+    case LRSchedule::Linear: return "linear";
+    case LRSchedule::Cosine: return "cosine";
+  }
+  return "?";
+}
+
+MixedPrecision parse_mixed_precision(const std::string& s) {
+  if (s == "no" || s == "fp32") return MixedPrecision::No;
+  if (s == "bf16") return MixedPrecision::BF16;
+  throw InvalidArgument("--mixed-precision must be no, fp32 or bf16, got '" + s + "'");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Batches
+
+DatasetBatchSource::DatasetBatchSource(std::shared_ptr<ImageCaptionDataset> ds, int batch_size_per_rank, int rank,
+                                       int world_size, uint64_t seed, bool shuffle)
+    : ds_(std::move(ds)),
+      sampler_(ds_->size(), batch_size_per_rank, rank, world_size, seed, shuffle),
+      batch_size_(batch_size_per_rank),
+      rank_(rank) {}
+
+Batch DatasetBatchSource::get(int64_t micro_step) {
+  return ds_->collate(sampler_.indices(micro_step),
+                      sampler_.augment_seed(micro_step) + static_cast<uint64_t>(rank_) * batch_size_);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Recipe defaults
+
+at::Tensor Recipe::encode_prompt(const Batch& batch) {
+  auto& m = models();
+  DMX_CHECK_ARG(m.tokenizer != nullptr && !m.text_encoder.is_empty(), "training needs a tokenizer and a text encoder");
+  const int n = m.tokenizer->model_max_length();
+  std::vector<int64_t> ids;
+  for (const auto& c : batch.captions) {
+    const auto one = m.tokenizer->encode_padded(c, n);
+    ids.insert(ids.end(), one.begin(), one.end());
+  }
+  const at::Tensor input_ids =
+      at::tensor(ids, at::kLong).reshape({static_cast<int64_t>(batch.captions.size()), n});  // [B, 77]
+  if (text_encoder_trainable()) return m.text_encoder->forward(input_ids).last_hidden_state;
+  at::NoGradGuard no_grad;
+  return m.text_encoder->forward(input_ids).last_hidden_state;  // [B, 77, D]
+}
+
+std::pair<at::Tensor, at::Tensor> Recipe::encode_images(const Batch& batch) {
+  at::NoGradGuard no_grad;
+  auto& vae = models().vae;
+  const at::ScalarType dt = vae->parameters().front().scalar_type();
+  const models::DiagonalGaussian d = vae->encode(batch.pixel_values.to(dt));
+  return {d.mean.to(at::kFloat), d.std.to(at::kFloat)};
+}
+
+at::Tensor Recipe::reduce_loss(const at::Tensor& per_example, const Batch&) {
+  return per_example.mean();
+}
+
+void Recipe::validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir) {
+  if (cfg.validation_prompt.empty()) return;
+  at::NoGradGuard no_grad;
+  pipelines::StableDiffusionPipeline pipe(models_);
+  pipelines::StableDiffusionParams p;
+  p.prompt = cfg.validation_prompt;
+  p.num_inference_steps = cfg.validation_inference_steps;
+  p.num_images_per_prompt = cfg.num_validation_images;
+  p.seed = cfg.seed;
+  p.show_progress = false;
+  const auto out = pipe.run(p);
+  for (int64_t i = 0; i < out.images.size(0); ++i) {
+    char name[96];
+    std::snprintf(name, sizeof name, "validation-%06lld-%lld.png", static_cast<long long>(step),
+                  static_cast<long long>(i));
+    save_png(join_path(out_dir, name), tensor_to_image(out.images[i]), {{"parameters", cfg.validation_prompt}});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Math pieces
+
+double lr_lambda(LRSchedule s, int64_t step, int64_t warmup, int64_t total) {
+  const double st = static_cast<double>(step);
+  if (s == LRSchedule::Constant) return 1.0;
+  if (step < warmup) return st / static_cast<double>(std::max<int64_t>(1, warmup));
+  switch (s) {
+    case LRSchedule::ConstantWithWarmup:
+      return 1.0;
+    case LRSchedule::Linear:
+      return std::max(0.0, static_cast<double>(total - step) / static_cast<double>(std::max<int64_t>(1, total - warmup)));
+    case LRSchedule::Cosine: {  // num_cycles = 0.5
+      const double progress =
+          static_cast<double>(step - warmup) / static_cast<double>(std::max<int64_t>(1, total - warmup));
+      return std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * 0.5 * 2.0 * progress)));
+    }
+    default:
+      return 1.0;
+  }
+}
+
+AdamW::AdamW(std::vector<NamedParameter> params, AdamWOptions o) : params_(std::move(params)), o_(o) {
+  for (const auto& p : params_) {
+    exp_avg_.push_back(at::zeros_like(p.tensor, at::MemoryFormat::Preserve));
+    exp_avg_sq_.push_back(at::zeros_like(p.tensor, at::MemoryFormat::Preserve));
+    param_steps_.push_back(0);
+  }
+}
+
+void AdamW::zero_grad() {
+  for (auto& p : params_) {
+    at::Tensor& g = p.tensor.mutable_grad();
+    if (g.defined()) g = at::Tensor();  // set_to_none, as torch 2.x's default
+  }
+}
+
+void AdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor param = params_[i].tensor;
+    const at::Tensor& grad = param.grad();
+    if (!grad.defined()) continue;
+    const int64_t step = ++param_steps_[i];
+    param.mul_(1.0 - lr * o_.weight_decay);
+    exp_avg_[i].mul_(o_.beta1).add_(grad, 1.0 - o_.beta1);
+    exp_avg_sq_[i].mul_(o_.beta2).addcmul_(grad, grad, 1.0 - o_.beta2);
+    const double bias_correction1 = 1.0 - std::pow(o_.beta1, static_cast<double>(step));
+    const double bias_correction2 = 1.0 - std::pow(o_.beta2, static_cast<double>(step));
+    const double step_size = lr / bias_correction1;
+    const at::Tensor denom = (exp_avg_sq_[i].sqrt() / std::sqrt(bias_correction2)).add_(o_.eps);
+    param.addcdiv_(exp_avg_[i], denom, -step_size);
+  }
+  ++step_;
+}
+
+io::TensorMap AdamW::state_dict() const {
+  io::TensorMap s;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    s["exp_avg." + params_[i].name] = exp_avg_[i];
+    s["exp_avg_sq." + params_[i].name] = exp_avg_sq_[i];
+    s["step." + params_[i].name] = at::tensor({param_steps_[i]}, at::kLong);
+  }
+  s["optimizer.step"] = at::tensor({step_}, at::kLong);
+  return s;
+}
+
+namespace {
+const at::Tensor& need_entry(const io::TensorMap& s, const std::string& key, const std::string& what) {
+  auto it = s.find(key);
+  DMX_CHECK_FORMAT(it != s.end(), what, ": checkpoint entry '", key, "' is missing");
+  return it->second;
+}
+}  // namespace
+
+void AdamW::load_state_dict(const io::TensorMap& s) {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& n = params_[i].name;
+    const at::Tensor& a = need_entry(s, "exp_avg." + n, "optimizer state");
+    const at::Tensor& b = need_entry(s, "exp_avg_sq." + n, "optimizer state");
+    DMX_CHECK_FORMAT(a.sizes() == exp_avg_[i].sizes() && b.sizes() == exp_avg_sq_[i].sizes(),
+                     "optimizer state: '", n, "' has shape ", a.sizes(), ", the parameter ", exp_avg_[i].sizes());
+    exp_avg_[i].copy_(a);
+    exp_avg_sq_[i].copy_(b);
+    param_steps_[i] = need_entry(s, "step." + n, "optimizer state").item<int64_t>();
+  }
+  step_ = need_entry(s, "optimizer.step", "optimizer state").item<int64_t>();
+}
+
+double clip_grad_norm(const std::vector<NamedParameter>& params, double max_norm) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> norms;
+  for (const auto& p : params)
+    if (p.tensor.grad().defined()) norms.push_back(p.tensor.grad().norm(2));
+  if (norms.empty()) return 0.0;
+  const at::Tensor total = at::stack(norms).norm(2);
+  const double total_norm = total.item<double>();
+  if (max_norm > 0) {
+    const at::Tensor coef = at::clamp(max_norm / (total + 1e-6), c10::nullopt, 1.0);
+    for (const auto& p : params)
+      if (p.tensor.grad().defined()) p.tensor.grad().mul_(coef);
+  }
+  return total_norm;
+}
+
+EMAModel::EMAModel(const std::vector<NamedParameter>& params, double decay, double min_decay,
+                   int64_t update_after_step)
+    : decay_(decay), min_decay_(min_decay), update_after_step_(update_after_step) {
+  for (const auto& p : params) {
+    names_.push_back(p.name);
+    shadow_.push_back(p.tensor.detach().clone());
+  }
+}
+
+double EMAModel::current_decay() const {
+  const int64_t step = std::max<int64_t>(0, optimization_step_ - update_after_step_ - 1);
+  if (step <= 0) return 0.0;
+  double d = (1.0 + static_cast<double>(step)) / (10.0 + static_cast<double>(step));
+  d = std::min(d, decay_);
+  return std::max(d, min_decay_);
+}
+
+void EMAModel::step(const std::vector<NamedParameter>& params) {
+  at::NoGradGuard no_grad;
+  ++optimization_step_;
+  const double one_minus_decay = 1.0 - current_decay();
+  for (size_t i = 0; i < shadow_.size(); ++i) shadow_[i].sub_((shadow_[i] - params[i].tensor) * one_minus_decay);
+}
+
+void EMAModel::copy_to(const std::vector<NamedParameter>& params) const {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < shadow_.size(); ++i) params[i].tensor.copy_(shadow_[i]);
+}
+
+io::TensorMap EMAModel::state_dict() const {
+  io::TensorMap s;
+  for (size_t i = 0; i < shadow_.size(); ++i) s["ema." + names_[i]] = shadow_[i];
+  s["ema.optimization_step"] = at::tensor({optimization_step_}, at::kLong);
+  return s;
+}
+
+void EMAModel::load_state_dict(const io::TensorMap& s) {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < shadow_.size(); ++i) shadow_[i].copy_(need_entry(s, "ema." + names_[i], "EMA state"));
+  optimization_step_ = need_entry(s, "ema.optimization_step", "EMA state").item<int64_t>();
+}
+
+namespace {
+// a[t] reshaped to broadcast over x: [B, 1, 1, 1].
+at::Tensor gather_t(const at::Tensor& ac, const at::Tensor& t, const at::Tensor& like) {
+  at::Tensor v = ac.to(like.scalar_type()).index_select(0, t.to(at::kLong));
+  std::vector<int64_t> shape(static_cast<size_t>(like.dim()), 1);
+  shape[0] = v.size(0);
+  return v.reshape(shape);
+}
+}  // namespace
+
+at::Tensor compute_snr(const at::Tensor& ac, const at::Tensor& timesteps) {
+  const at::Tensor sqrt_ac = ac.pow(0.5);
+  const at::Tensor sqrt_1m = (1.0 - ac).pow(0.5);
+  const at::Tensor alpha = sqrt_ac.index_select(0, timesteps.to(at::kLong)).to(at::kFloat);
+  const at::Tensor sigma = sqrt_1m.index_select(0, timesteps.to(at::kLong)).to(at::kFloat);
+  return (alpha / sigma).pow(2);
+}
+
+at::Tensor min_snr_weights(const at::Tensor& snr, double gamma, const std::string& prediction_type) {
+  at::Tensor w = std::get<0>(at::stack({snr, gamma * at::ones_like(snr)}, 1).min(1));
+  if (prediction_type == "epsilon") return w / snr;
+  if (prediction_type == "v_prediction") return w / (snr + 1);
+  throw Unsupported("min-SNR weighting needs prediction_type epsilon or v_prediction, got '" + prediction_type + "'");
+}
+
+at::Tensor ddpm_add_noise(const at::Tensor& ac, const at::Tensor& x0, const at::Tensor& noise,
+                          const at::Tensor& timesteps) {
+  const at::Tensor a = gather_t(ac, timesteps, x0);
+  return a.pow(0.5) * x0 + (1 - a).pow(0.5) * noise;
+}
+
+at::Tensor ddpm_velocity(const at::Tensor& ac, const at::Tensor& x0, const at::Tensor& noise,
+                         const at::Tensor& timesteps) {
+  const at::Tensor a = gather_t(ac, timesteps, x0);
+  return a.pow(0.5) * noise - (1 - a).pow(0.5) * x0;
+}
+
+size_t peak_rss_bytes() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) {
+      std::istringstream ss(line.substr(6));
+      size_t kb = 0;
+      ss >> kb;
+      return kb * 1024;
+    }
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Checkpoints
+
+std::string find_latest_checkpoint(const std::string& path) {
+  DMX_CHECK_IO(is_directory(path), "--resume: no such folder: ", path);
+  if (path_exists(join_path(path, "trainer_state.json"))) return path;
+  int64_t best = -1;
+  std::string best_path;
+  for (const auto& e : fs::directory_iterator(path)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind("checkpoint-", 0) != 0 || !e.is_directory()) continue;
+    char* end = nullptr;
+    const long long v = std::strtoll(n.c_str() + 11, &end, 10);
+    if (*end != '\0' || !path_exists(join_path(e.path().string(), "trainer_state.json"))) continue;
+    if (v > best) {
+      best = v;
+      best_path = e.path().string();
+    }
+  }
+  DMX_CHECK_IO(best >= 0, "--resume: ", path, " holds no checkpoint-N folder with trainer_state.json");
+  return best_path;
+}
+
+namespace {
+
+std::string checkpoint_name(int64_t step) {
+  return "checkpoint-" + std::to_string(step);
+}
+
+void prune_checkpoints(const std::string& dir, int keep) {
+  if (keep <= 0) return;
+  std::vector<std::pair<int64_t, fs::path>> found;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind("checkpoint-", 0) != 0 || !e.is_directory()) continue;
+    char* end = nullptr;
+    const long long v = std::strtoll(n.c_str() + 11, &end, 10);
+    if (*end == '\0') found.emplace_back(v, e.path());
+  }
+  std::sort(found.begin(), found.end());
+  for (size_t i = 0; i + static_cast<size_t>(keep) < found.size(); ++i) fs::remove_all(found[i].second);
+}
+
+std::string format_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "--:--";
+  const long long t = static_cast<long long>(s + 0.5);
+  char buf[32];
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", t / 3600, (t / 60) % 60, t % 60);
+  else
+    std::snprintf(buf, sizeof buf, "%02lld:%02lld", t / 60, t % 60);
+  return buf;
+}
+
+}  // namespace
+
+struct Trainer::State {
+  std::vector<NamedParameter> params;
+  std::unique_ptr<AdamW> opt;
+  std::unique_ptr<EMAModel> ema;
+  at::Generator gen;
+  at::Tensor alphas_cumprod;
+  std::string prediction_type;
+  int num_train_timesteps = 1000;
+  double scaling_factor = 0.18215;
+  int64_t global_step = 0;
+};
+
+Trainer::Trainer(TrainConfig cfg, std::shared_ptr<Recipe> recipe, std::shared_ptr<BatchSource> data,
+                 std::shared_ptr<Distributed> dist)
+    : cfg_(std::move(cfg)), recipe_(std::move(recipe)), data_(std::move(data)), dist_(std::move(dist)) {
+  DMX_CHECK_ARG(recipe_ != nullptr, "Trainer: recipe must not be null");
+  DMX_CHECK_ARG(data_ != nullptr, "Trainer: batch source must not be null");
+  DMX_CHECK_ARG(cfg_.max_train_steps > 0, "--steps must be > 0, got ", cfg_.max_train_steps);
+  DMX_CHECK_ARG(cfg_.train_batch_size > 0, "--batch-size must be > 0, got ", cfg_.train_batch_size);
+  DMX_CHECK_ARG(cfg_.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be > 0, got ",
+                cfg_.gradient_accumulation_steps);
+  DMX_CHECK_ARG(std::isfinite(cfg_.learning_rate) && cfg_.learning_rate > 0, "--learning-rate must be > 0, got ",
+                cfg_.learning_rate);
+  DMX_CHECK_ARG(cfg_.lr_warmup_steps >= 0, "--lr-warmup-steps must be >= 0, got ", cfg_.lr_warmup_steps);
+  DMX_CHECK_ARG(cfg_.snr_gamma >= 0, "--snr-gamma must be >= 0, got ", cfg_.snr_gamma);
+  DMX_CHECK_ARG(cfg_.noise_offset >= 0, "--noise-offset must be >= 0, got ", cfg_.noise_offset);
+  DMX_CHECK_ARG(cfg_.checkpointing_steps >= 0, "--checkpoint-every must be >= 0, got ", cfg_.checkpointing_steps);
+  DMX_CHECK_ARG(cfg_.ema_decay >= 0 && cfg_.ema_decay <= 1, "--ema-decay must be in [0, 1], got ", cfg_.ema_decay);
+  DMX_CHECK_ARG(cfg_.prediction_type.empty() || cfg_.prediction_type == "epsilon" ||
+                    cfg_.prediction_type == "v_prediction",
+                "--prediction-type must be epsilon or v_prediction, got '", cfg_.prediction_type, "'");
+  DMX_CHECK_SUPPORTED(cfg_.validation_steps == 0 || cfg_.mixed_precision == MixedPrecision::No,
+                      "--validation-steps with --mixed-precision bf16 is not supported (the pipeline runs one dtype)");
+  DMX_CHECK_ARG(cfg_.validation_steps == 0 || !cfg_.validation_prompt.empty(),
+                "--validation-steps needs --validation-prompt");
+  DMX_CHECK_ARG(!cfg_.output.empty() || !cfg_.output_dir.empty(), "--output must be given");
+  if (cfg_.output_dir.empty()) cfg_.output_dir = cfg_.output + ".train";
+}
+
+Trainer::~Trainer() = default;
+
+TrainResult Trainer::run() {
+  const int rank = dist_ ? dist_->rank() : 0;
+  const int world = dist_ ? dist_->world_size() : 1;
+  const bool main = rank == 0;
+  State st;
+  recipe_->setup(cfg_);
+  st.params = recipe_->trainable_parameters();
+  DMX_CHECK_ARG(!st.params.empty(), "recipe ", recipe_->name(), " has no trainable parameters");
+  for (const auto& p : st.params)
+    DMX_CHECK_ARG(p.tensor.is_leaf() && p.tensor.requires_grad() && p.tensor.scalar_type() == at::kFloat,
+                  "trainable parameter '", p.name, "' must be a float32 leaf that requires grad");
+  if (dist_) dist_->broadcast([&] {
+    std::vector<at::Tensor> v;
+    for (auto& p : st.params) v.push_back(p.tensor.detach());
+    return v;
+  }());
+
+  // The noise schedule (DDPMScheduler from the model's scheduler config).
+  auto& m = recipe_->models();
+  const auto scfg = schedulers::SchedulerConfig::for_class("DDPMScheduler", m.scheduler_config);
+  st.alphas_cumprod = at::cumprod(1.0 - schedulers::make_betas(scfg), 0);  // float32 [T]
+  st.num_train_timesteps = scfg.num_train_timesteps;
+  st.prediction_type = cfg_.prediction_type.empty() ? scfg.prediction_type : cfg_.prediction_type;
+  DMX_CHECK_SUPPORTED(st.prediction_type == "epsilon" || st.prediction_type == "v_prediction",
+                      "training supports prediction_type epsilon or v_prediction, got '", st.prediction_type, "'");
+  if (!m.vae.is_empty()) st.scaling_factor = m.vae->config().scaling_factor;
+
+  AdamWOptions ao;
+  ao.lr = cfg_.learning_rate;
+  ao.beta1 = cfg_.adam_beta1;
+  ao.beta2 = cfg_.adam_beta2;
+  ao.eps = cfg_.adam_epsilon;
+  ao.weight_decay = cfg_.adam_weight_decay;
+  st.opt = std::make_unique<AdamW>(st.params, ao);
+  if (cfg_.use_ema)
+    st.ema = std::make_unique<EMAModel>(st.params, cfg_.ema_decay, cfg_.ema_min_decay, cfg_.ema_update_after_step);
+  st.gen = at::make_generator<at::CPUGeneratorImpl>(cfg_.seed);
+
+  TrainResult res;
+  if (!cfg_.resume_from_checkpoint.empty()) {
+    const std::string ck = find_latest_checkpoint(cfg_.resume_from_checkpoint);
+    const nlohmann::json js = nlohmann::json::parse(read_text_file(join_path(ck, "trainer_state.json"), "--resume"));
+    DMX_CHECK_FORMAT(js.value("recipe", "") == recipe_->name(), "--resume: ", ck, " is a checkpoint of recipe '",
+                     js.value("recipe", ""), "', this run is '", recipe_->name(), "'");
+    DMX_CHECK_FORMAT(js.value("world_size", 1) * js.value("train_batch_size", 1) == world * cfg_.train_batch_size,
+                     "--resume: ", ck, " was trained with a global batch of ",
+                     js.value("world_size", 1) * js.value("train_batch_size", 1), ", this run has ",
+                     world * cfg_.train_batch_size);
+    const io::TensorMap tp = io::load_safetensors(join_path(ck, "trainable.safetensors"));
+    {
+      at::NoGradGuard no_grad;
+      for (auto& p : st.params) {
+        const at::Tensor& v = need_entry(tp, p.name, "--resume " + ck);
+        DMX_CHECK_FORMAT(v.sizes() == p.tensor.sizes(), "--resume: '", p.name, "' has shape ", v.sizes(),
+                         " in the checkpoint, ", p.tensor.sizes(), " in the model");
+        p.tensor.copy_(v);
+      }
+    }
+    const io::TensorMap os = io::load_safetensors(join_path(ck, "optimizer.safetensors"));
+    st.opt->load_state_dict(os);
+    if (st.ema) st.ema->load_state_dict(os);
+    io::TensorMap extra;
+    for (const auto& [k, v] : os)
+      if (k.rfind("recipe.", 0) == 0) extra[k.substr(7)] = v;
+    recipe_->load_extra_state(extra);
+    st.gen.set_state(need_entry(os, "rng_state", "--resume " + ck));
+    st.global_step = js.at("global_step").get<int64_t>();
+    if (main) log_info("resumed from " + ck + " at step " + std::to_string(st.global_step));
+  }
+  res.first_step = st.global_step;
+
+  if (main) fs::create_directories(cfg_.output_dir);
+  const std::string log_path = join_path(cfg_.output_dir, "train_log.jsonl");
+  std::ofstream log;
+  if (main && cfg_.write_log)
+    log.open(log_path, res.first_step > 0 ? std::ios::app : std::ios::trunc);
+
+  auto save_checkpoint = [&](int64_t step) -> std::string {
+    if (dist_) dist_->barrier();
+    if (!main) return "";
+    const std::string final_dir = join_path(cfg_.output_dir, checkpoint_name(step));
+    const std::string tmp = final_dir + ".tmp." + std::to_string(getpid());
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    try {
+      io::TensorMap tp;
+      for (const auto& p : st.params) tp[p.name] = p.tensor.detach();
+      io::save_safetensors(join_path(tmp, "trainable.safetensors"), tp);
+      io::TensorMap os = st.opt->state_dict();
+      if (st.ema)
+        for (auto& [k, v] : st.ema->state_dict()) os[k] = v;
+      for (auto& [k, v] : recipe_->extra_state()) os["recipe." + k] = v;
+      os["rng_state"] = st.gen.get_state();
+      io::save_safetensors(join_path(tmp, "optimizer.safetensors"), os);
+      nlohmann::json js;
+      js["recipe"] = recipe_->name();
+      js["global_step"] = step;
+      js["micro_step"] = step * cfg_.gradient_accumulation_steps;
+      js["max_train_steps"] = cfg_.max_train_steps;
+      js["seed"] = cfg_.seed;
+      js["train_batch_size"] = cfg_.train_batch_size;
+      js["world_size"] = world;
+      js["gradient_accumulation_steps"] = cfg_.gradient_accumulation_steps;
+      js["learning_rate"] = cfg_.learning_rate;
+      js["lr_scheduler"] = lr_schedule_name(cfg_.lr_scheduler);
+      js["lr_step"] = step;
+      js["prediction_type"] = st.prediction_type;
+      js["use_ema"] = cfg_.use_ema;
+      const std::string text = js.dump(2) + "\n";
+      write_bytes_atomic(join_path(tmp, "trainer_state.json"), text.data(), text.size());
+      fs::remove_all(final_dir);
+      fs::rename(tmp, final_dir);
+    } catch (...) {
+      std::error_code ec;
+      fs::remove_all(tmp, ec);
+      throw;
+    }
+    prune_checkpoints(cfg_.output_dir, cfg_.checkpoints_total_limit);
+    return final_dir;
+  };
+
+  const int B = cfg_.train_batch_size;
+  const int accum = cfg_.gradient_accumulation_steps;
+  const bool tty = isatty(STDERR_FILENO) && !cfg_.quiet && log_level() != LogLevel::kQuiet && main;
+  const auto t_loop = std::chrono::steady_clock::now();
+  recipe_->train_mode(true);
+
+  // One micro-step: the scalar loss (already divided by the accumulation steps) after backward.
+  auto micro_step = [&](int64_t micro) -> double {
+    const Batch batch = data_->get(micro);
+    // Rows of this rank's batch: train_batch_size, or more when the recipe's source adds rows (DreamBooth's
+    // class images). The draws cover the rows of every rank.
+    DMX_CHECK_ARG(batch.pixel_values.defined() && batch.pixel_values.dim() == 4 && batch.pixel_values.size(0) > 0 &&
+                      batch.pixel_values.size(0) == static_cast<int64_t>(batch.captions.size()),
+                  "batch of micro-step ", micro, ": pixel_values must be [B, 3, H, W] with one caption per row");
+    const int64_t rows = batch.pixel_values.size(0);
+    const int64_t G = rows * world, r0 = rank * rows;
+    auto [mean, stdv] = recipe_->encode_images(batch);  // [B, 4, h, w]
+    std::vector<int64_t> gshape(mean.sizes().begin(), mean.sizes().end());
+    gshape[0] = G;
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    const at::Tensor post = at::randn(gshape, st.gen, f32).narrow(0, r0, rows);
+    const at::Tensor latents = (mean + stdv * post) * st.scaling_factor;
+    at::Tensor noise = at::randn(gshape, st.gen, f32).narrow(0, r0, rows);
+    if (cfg_.noise_offset > 0)
+      noise = noise + cfg_.noise_offset * at::randn({G, gshape[1], 1, 1}, st.gen, f32).narrow(0, r0, rows);
+    const at::Tensor t =
+        at::randint(st.num_train_timesteps, {G}, st.gen, at::TensorOptions().dtype(at::kLong)).narrow(0, r0, rows);
+    const at::Tensor noisy = ddpm_add_noise(st.alphas_cumprod, latents, noise, t);
+    const at::Tensor ehs = recipe_->encode_prompt(batch);
+    const at::Tensor target = st.prediction_type == "epsilon" ? noise : ddpm_velocity(st.alphas_cumprod, latents, noise, t);
+    const at::Tensor pred = recipe_->predict(noisy, t, ehs, batch).to(at::kFloat);
+    at::Tensor per = (pred - target).pow(2).mean(std::vector<int64_t>{1, 2, 3});  // [B]
+    if (cfg_.snr_gamma > 0)
+      per = per * min_snr_weights(compute_snr(st.alphas_cumprod, t), cfg_.snr_gamma, st.prediction_type);
+    at::Tensor loss = recipe_->reduce_loss(per, batch);
+    const double value = loss.item<double>();
+    DMX_CHECK_ARG(std::isfinite(value), "training loss is not finite (", value, ") at micro-step ", micro,
+              "; lower --learning-rate or check the data");
+    (loss / static_cast<double>(accum)).backward();
+    return value;
+  };
+
+  std::string last_ck;
+  const int64_t end_step =
+      cfg_.stop_at_step > 0 ? std::min(cfg_.stop_at_step, cfg_.max_train_steps) : cfg_.max_train_steps;
+  for (int64_t step = st.global_step; step < end_step; ++step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    st.opt->zero_grad();
+    double loss_sum = 0;
+    for (int k = 0; k < accum; ++k) loss_sum += micro_step(step * accum + k);
+    double loss = loss_sum / accum;
+    if (dist_) {
+      dist_->all_reduce_mean_gradients([&] {
+        std::vector<at::Tensor> v;
+        for (auto& p : st.params) v.push_back(p.tensor);
+        return v;
+      }());
+      loss = dist_->all_reduce_mean(loss);
+    }
+    const double grad_norm = clip_grad_norm(st.params, cfg_.max_grad_norm);
+    const double lr =
+        cfg_.learning_rate * lr_lambda(cfg_.lr_scheduler, step, cfg_.lr_warmup_steps, cfg_.max_train_steps);
+    st.opt->step(lr);
+    if (st.ema) st.ema->step(st.params);
+    st.global_step = step + 1;
+
+    StepRecord rec;
+    rec.step = st.global_step;
+    rec.loss = loss;
+    rec.lr = lr;
+    rec.grad_norm = grad_norm;
+    rec.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    res.history.push_back(rec);
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
+    const double its = static_cast<double>(st.global_step - res.first_step) / std::max(elapsed, 1e-9);
+    if (log.is_open()) {
+      nlohmann::json j;
+      j["step"] = rec.step;
+      j["loss"] = rec.loss;
+      j["lr"] = rec.lr;
+      j["grad_norm"] = rec.grad_norm;
+      j["step_seconds"] = rec.seconds;
+      j["samples_per_s"] = its * static_cast<double>(B * world * accum);
+      j["elapsed_s"] = elapsed;
+      log << j.dump() << "\n";
+      log.flush();
+    }
+    if (tty) {
+      const int64_t done = st.global_step, total = cfg_.max_train_steps;
+      const int width = 24;
+      const int filled = static_cast<int>(width * done / total);
+      std::string bar(static_cast<size_t>(filled), '#');
+      bar.resize(width, '.');
+      std::fprintf(stderr, "\rtrain %s [%s] %lld/%lld loss %.4f lr %.2e %.2f it/s ETA %s   ", recipe_->name().c_str(),
+                   bar.c_str(), static_cast<long long>(done), static_cast<long long>(total), loss, lr, its,
+                   format_duration(static_cast<double>(total - done) / its).c_str());
+      if (done == total) std::fprintf(stderr, "\n");
+      std::fflush(stderr);
+    }
+    if (on_step) on_step(rec);
+    const bool last = st.global_step == end_step;
+    if (cfg_.checkpointing_steps > 0 && st.global_step % cfg_.checkpointing_steps == 0 && !last)
+      last_ck = save_checkpoint(st.global_step);
+    if (cfg_.validation_steps > 0 && st.global_step % cfg_.validation_steps == 0 && main) {
+      recipe_->train_mode(false);
+      recipe_->validate(cfg_, st.global_step, cfg_.output_dir);
+      recipe_->train_mode(true);
+    }
+  }
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
+  res.steps = st.global_step;
+  const double samples = static_cast<double>((res.steps - res.first_step) * B * world * accum);
+  res.samples_per_s = res.seconds > 0 ? samples / res.seconds : 0.0;
+  recipe_->train_mode(false);
+  st.opt->zero_grad();
+  if (cfg_.save_final_checkpoint) last_ck = save_checkpoint(st.global_step);
+  res.last_checkpoint = last_ck;
+  if (main && !cfg_.output.empty() && st.global_step == cfg_.max_train_steps) {
+    if (st.ema) {
+      // The result carries the EMA weights; the live weights are put back afterwards.
+      std::vector<at::Tensor> live;
+      for (auto& p : st.params) live.push_back(p.tensor.detach().clone());
+      st.ema->copy_to(st.params);
+      recipe_->save(cfg_.output);
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < live.size(); ++i) st.params[i].tensor.copy_(live[i]);
+    } else {
+      recipe_->save(cfg_.output);
+    }
+  }
+  if (dist_) dist_->barrier();
+  res.peak_rss_bytes = peak_rss_bytes();
+  return res;
+}
+
+}  // namespace dmx::training

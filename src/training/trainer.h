@@ -1,0 +1,278 @@
+// The training loop shared by every recipe (fine-tune, LoRA, DreamBooth, ControlNet), one explicit loop as
+// in diffusers 0.27.2 examples/text_to_image/train_text_to_image.py (+ _lora.py, dreambooth/, controlnet/):
+//   latents = vae.encode(pixels).sample() * scaling_factor
+//   noise   = randn_like(latents) [+ noise_offset * randn(B, C, 1, 1)]
+//   t       = randint(0, num_train_timesteps, (B,))
+//   noisy   = DDPM add_noise(latents, noise, t)
+//   target  = noise (epsilon) or sqrt(a_t) noise - sqrt(1 - a_t) latents (v_prediction, get_velocity)
+//   loss    = mean MSE(pred, target), optionally min-SNR-gamma weighted (Hang et al. 2023, "Efficient
+//             Diffusion Training via Min-SNR Weighting Strategy"; diffusers training_utils.compute_snr)
+//   AdamW (torch.optim.AdamW formula) on the recipe's parameters, gradient accumulation (loss / accum),
+//   gradient clipping (torch.nn.utils.clip_grad_norm_), LR schedule per optimizer step (diffusers
+//   optimization.get_scheduler), EMA (diffusers training_utils.EMAModel), checkpoints and exact resume.
+//
+// Randomness: one CPU generator seeded with `seed`; per micro-step, in this order, for the GLOBAL batch
+// (world_size * train_batch_size rows, every rank drawing the same numbers and keeping its own rows):
+//   1. VAE posterior noise  [G, 4, h, w]
+//   2. noise                [G, 4, h, w]
+//   3. offset noise         [G, 4, 1, 1]   (only when noise_offset > 0)
+//   4. timesteps            [G]            (randint, int64)
+//   5. whatever the recipe's hooks draw, from the same generator (none of the built-in recipes draw)
+// The generator state, AdamW state, LR step, EMA weights and the step counters go into every checkpoint,
+// so a resumed run equals an uninterrupted one bit for bit (same machine and thread count).
+// Internal header of the training layer.
+#pragma once
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "io/safetensors.h"
+#include "pipelines/model_bundle.h"
+#include "training/dataset.h"
+
+namespace dmx::training {
+
+class Distributed;
+
+enum class LRSchedule { Constant, ConstantWithWarmup, Linear, Cosine };
+LRSchedule parse_lr_schedule(const std::string& s);  // constant | constant_with_warmup | linear | cosine
+const char* lr_schedule_name(LRSchedule s);
+enum class MixedPrecision { No, BF16 };
+MixedPrecision parse_mixed_precision(const std::string& s);  // no | fp32 | bf16
+
+struct TrainConfig {
+  // Where the recipe writes its result (file or folder) and where checkpoints, the JSONL log and
+  // validation images go (default: "<output>.train").
+  std::string output;
+  std::string output_dir;
+
+  int64_t max_train_steps = 100;  // optimizer steps
+  int train_batch_size = 1;       // per rank and micro-step
+  int gradient_accumulation_steps = 1;
+  uint64_t seed = 0;
+
+  // AdamW (diffusers' defaults).
+  double learning_rate = 1e-4;
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_weight_decay = 1e-2;
+  double adam_epsilon = 1e-8;
+  double max_grad_norm = 1.0;  // <= 0: no clipping
+  LRSchedule lr_scheduler = LRSchedule::Constant;
+  int64_t lr_warmup_steps = 0;
+
+  // Loss.
+  std::string prediction_type;  // "" = the scheduler config's; epsilon | v_prediction
+  double snr_gamma = 0.0;       // > 0: min-SNR-gamma weighting
+  double noise_offset = 0.0;    // > 0: noise += noise_offset * randn(B, C, 1, 1)
+
+  // EMA of the trainable parameters (the saved result uses the EMA weights).
+  bool use_ema = false;
+  double ema_decay = 0.9999;
+  double ema_min_decay = 0.0;
+  int64_t ema_update_after_step = 0;
+
+  MixedPrecision mixed_precision = MixedPrecision::No;
+  bool gradient_checkpointing = false;
+
+  int64_t checkpointing_steps = 0;  // 0: only the final checkpoint
+  int checkpoints_total_limit = 0;  // > 0: keep the newest N checkpoints
+  bool save_final_checkpoint = true;
+  // A checkpoint folder (".../checkpoint-N") or an output_dir (its newest checkpoint); "" = fresh start.
+  std::string resume_from_checkpoint;
+  // > 0: stop after this many optimizer steps (with the final checkpoint, without writing `output`), as an
+  // interrupted run would; the LR schedule still spans max_train_steps. For tests and time-boxed runs.
+  int64_t stop_at_step = 0;
+
+  int64_t validation_steps = 0;  // 0: no validation images
+  std::string validation_prompt;
+  int num_validation_images = 1;
+  int validation_inference_steps = 20;
+
+  bool quiet = false;
+  bool write_log = true;  // <output_dir>/train_log.jsonl, one line per optimizer step
+};
+
+// One trainable tensor with a stable name (checkpoint key). The tensor is the leaf the optimizer updates
+// (float32 master weights); recipes may run their forward on lower-precision copies of it.
+struct NamedParameter {
+  std::string name;
+  at::Tensor tensor;
+};
+
+// Where the examples of a micro-step come from: this rank's share of the global batch. Must be a pure
+// function of micro_step (resume restarts at any step without data-loader state).
+class BatchSource {
+ public:
+  virtual ~BatchSource() = default;
+  virtual Batch get(int64_t micro_step) = 0;
+  virtual size_t size() const = 0;  // examples in one epoch (for messages)
+};
+
+// ImageCaptionDataset + BatchSampler (the CLI's source).
+class DatasetBatchSource : public BatchSource {
+ public:
+  DatasetBatchSource(std::shared_ptr<ImageCaptionDataset> ds, int batch_size_per_rank, int rank, int world_size,
+                     uint64_t seed, bool shuffle = true);
+  Batch get(int64_t micro_step) override;
+  size_t size() const override { return ds_->size(); }
+
+ private:
+  std::shared_ptr<ImageCaptionDataset> ds_;
+  BatchSampler sampler_;
+  int batch_size_, rank_;
+};
+
+// What a recipe provides to the loop. The default hooks do what train_text_to_image.py does.
+class Recipe {
+ public:
+  explicit Recipe(std::shared_ptr<pipelines::StableDiffusionModels> models) : models_(std::move(models)) {}
+  virtual ~Recipe() = default;
+  virtual std::string name() const = 0;
+  pipelines::StableDiffusionModels& models() { return *models_; }
+  std::shared_ptr<pipelines::StableDiffusionModels> models_ptr() { return models_; }
+
+  // Called once before the loop: freeze what is frozen, cast frozen parts for mixed precision, enable
+  // gradient checkpointing, create adapters.
+  virtual void setup(const TrainConfig& cfg) {}
+  // The tensors the optimizer updates, in a fixed order (the same on every rank).
+  virtual std::vector<NamedParameter> trainable_parameters() = 0;
+  // Sets train / eval mode of the trained modules.
+  virtual void train_mode(bool on) {}
+  // Text conditioning of a batch: [B, 77, D]. Default: CLIP tokenizer (padded to max_length) + text
+  // encoder last hidden state, with grad only when text_encoder_trainable().
+  virtual at::Tensor encode_prompt(const Batch& batch);
+  virtual bool text_encoder_trainable() const { return false; }
+  // Latent distribution moments of the batch's pixels ([B, 4, h, w] mean and std, float32, no grad).
+  // Default: the frozen VAE.
+  virtual std::pair<at::Tensor, at::Tensor> encode_images(const Batch& batch);
+  // The model prediction: [B, 4, h, w] (float32 for the loss).
+  virtual at::Tensor predict(const at::Tensor& noisy_latents, const at::Tensor& timesteps,
+                             const at::Tensor& encoder_hidden_states, const Batch& batch) = 0;
+  // Reduces per-example losses [B] (already min-SNR weighted) to the scalar to minimise. Default: mean.
+  // DreamBooth's prior preservation overrides this.
+  virtual at::Tensor reduce_loss(const at::Tensor& per_example, const Batch& batch);
+  // Writes the result (called on rank 0 only; with EMA the EMA weights are in place during the call).
+  virtual void save(const std::string& path) = 0;
+  // Validation images into out_dir (rank 0 only). Default: txt2img of cfg.validation_prompt.
+  virtual void validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir);
+  // Recipe state beyond the trainable parameters for checkpoints (none for the built-in recipes).
+  virtual io::TensorMap extra_state() { return {}; }
+  virtual void load_extra_state(const io::TensorMap& s) {}
+
+ protected:
+  std::shared_ptr<pipelines::StableDiffusionModels> models_;
+};
+
+// ---- pieces of the loop, exposed for tests and other recipes ----
+
+// diffusers get_scheduler multipliers of the base learning rate at optimizer step `step` (0-based).
+double lr_lambda(LRSchedule s, int64_t step, int64_t warmup_steps, int64_t total_steps);
+
+// torch.optim.AdamW (decoupled weight decay, bias-corrected, PyTorch 1.13 single-tensor formula).
+struct AdamWOptions {
+  double lr = 1e-4, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 1e-2;
+};
+class AdamW {
+ public:
+  AdamW(std::vector<NamedParameter> params, AdamWOptions o);
+  void step(double lr);  // parameters without a gradient are skipped, like PyTorch
+  void zero_grad();
+  int64_t steps() const { return step_; }
+  io::TensorMap state_dict() const;  // exp_avg.<name>, exp_avg_sq.<name>, step.<name>
+  void load_state_dict(const io::TensorMap& s);  // FormatError naming a missing / mis-shaped entry
+  const std::vector<NamedParameter>& params() const { return params_; }
+
+ private:
+  std::vector<NamedParameter> params_;
+  AdamWOptions o_;
+  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  std::vector<int64_t> param_steps_;
+  int64_t step_ = 0;
+};
+
+// torch.nn.utils.clip_grad_norm_ (L2): returns the total norm before clipping.
+double clip_grad_norm(const std::vector<NamedParameter>& params, double max_norm);
+
+// diffusers training_utils.EMAModel (no warm-up): decay_t = min(decay, (1 + s) / (10 + s)) with
+// s = optimization_step - update_after_step - 1 (0 before), floored at min_decay;
+// shadow -= (1 - decay_t) * (shadow - param).
+class EMAModel {
+ public:
+  EMAModel(const std::vector<NamedParameter>& params, double decay, double min_decay, int64_t update_after_step);
+  void step(const std::vector<NamedParameter>& params);
+  double current_decay() const;
+  void copy_to(const std::vector<NamedParameter>& params) const;
+  io::TensorMap state_dict() const;  // ema.<name> + ema.optimization_step
+  void load_state_dict(const io::TensorMap& s);
+
+ private:
+  std::vector<std::string> names_;
+  std::vector<at::Tensor> shadow_;
+  double decay_, min_decay_;
+  int64_t update_after_step_;
+  int64_t optimization_step_ = 0;
+};
+
+// diffusers training_utils.compute_snr: (sqrt(a_t) / sqrt(1 - a_t))^2 for each timestep ([B] float32).
+at::Tensor compute_snr(const at::Tensor& alphas_cumprod, const at::Tensor& timesteps);
+// Per-example min-SNR weights ([B]): min(snr, gamma) / snr (epsilon) or / (snr + 1) (v_prediction).
+at::Tensor min_snr_weights(const at::Tensor& snr, double gamma, const std::string& prediction_type);
+// DDPMScheduler.add_noise and get_velocity at integer timesteps [B].
+at::Tensor ddpm_add_noise(const at::Tensor& alphas_cumprod, const at::Tensor& x0, const at::Tensor& noise,
+                          const at::Tensor& timesteps);
+at::Tensor ddpm_velocity(const at::Tensor& alphas_cumprod, const at::Tensor& x0, const at::Tensor& noise,
+                         const at::Tensor& timesteps);
+
+struct StepRecord {
+  int64_t step = 0;  // optimizer steps done
+  double loss = 0;   // mean over the accumulated micro-steps (and ranks)
+  double lr = 0;     // the learning rate used by this step
+  double grad_norm = 0;
+  double seconds = 0;  // wall time of the step
+};
+
+struct TrainResult {
+  int64_t first_step = 0;  // optimizer steps done before this run (resume)
+  int64_t steps = 0;       // optimizer steps done at the end
+  std::vector<StepRecord> history;
+  double seconds = 0;         // wall time of the loop
+  double samples_per_s = 0;   // global examples per second over the loop
+  size_t peak_rss_bytes = 0;  // VmHWM of this process
+  std::string last_checkpoint;
+};
+
+// A checkpoint folder's files: trainable.safetensors (parameters), optimizer.safetensors (AdamW + EMA +
+// recipe state + RNG state), trainer_state.json (counters, config summary). Written into a temporary
+// folder and renamed, so a checkpoint is complete or absent.
+std::string find_latest_checkpoint(const std::string& dir_or_checkpoint);  // IoError when none
+
+class Trainer {
+ public:
+  // dist may be null (single process).
+  Trainer(TrainConfig cfg, std::shared_ptr<Recipe> recipe, std::shared_ptr<BatchSource> data,
+          std::shared_ptr<Distributed> dist = nullptr);
+  ~Trainer();
+  TrainResult run();
+  // Optional observer after each optimizer step (progress reporting, tests).
+  std::function<void(const StepRecord&)> on_step;
+
+  const TrainConfig& config() const { return cfg_; }
+
+ private:
+  struct State;
+  TrainConfig cfg_;
+  std::shared_ptr<Recipe> recipe_;
+  std::shared_ptr<BatchSource> data_;
+  std::shared_ptr<Distributed> dist_;
+};
+
+// Peak resident set size of this process (VmHWM), 0 when unknown.
+size_t peak_rss_bytes();
+}  // namespace dmx::training

@@ -1,0 +1,572 @@
+// Trainer, LoRA / fine-tune / DreamBooth recipes and `dmx train` (docs/training.md), on the tiny fixture model.
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/optim/adamw.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "core/fs.h"
+#include "dmx/train.h"
+#include "io/safetensors.h"
+#include "models/unet_2d_condition.h"
+#include "nn/lora.h"
+#include "pipelines/lora_loader.h"
+#include "pipelines/model_bundle.h"
+#include "schedulers/scheduler.h"
+#include "test_util.h"
+#include "training/dreambooth.h"
+#include "training/finetune.h"
+#include "training/lora_train.h"
+#include "training/trainer.h"
+
+namespace fs = std::filesystem;
+using namespace dmx;
+using namespace dmx::test;
+namespace tr = dmx::training;
+
+namespace {
+
+std::shared_ptr<pipelines::StableDiffusionModels> fresh_model(const std::string& variant = "test") {
+  return pipelines::load_stable_diffusion(fixture_model(variant));
+}
+
+// A small fixed set of random images with captions (a private in-memory source for the tests).
+struct MemorySource : tr::BatchSource {
+  at::Tensor pixels;  // [N, 3, R, R]
+  std::vector<std::string> captions;
+  int batch;
+  MemorySource(int n, int res, int batch_size, uint64_t seed = 7) : batch(batch_size) {
+    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
+    pixels = at::rand({n, 3, res, res}, g, at::TensorOptions().dtype(at::kFloat)) * 2 - 1;
+    const char* words[] = {"a red square", "a blue circle", "a green cat", "a photo of a dog"};
+    for (int i = 0; i < n; ++i) captions.push_back(words[i % 4]);
+  }
+  tr::Batch get(int64_t step) override {
+    tr::Batch b;
+    std::vector<at::Tensor> rows;
+    for (int k = 0; k < batch; ++k) {
+      const int64_t i = (step * batch + k) % pixels.size(0);
+      rows.push_back(pixels[i]);
+      b.captions.push_back(captions[static_cast<size_t>(i)]);
+      b.indices.push_back(i);
+    }
+    b.pixel_values = at::stack(rows);
+    return b;
+  }
+  size_t size() const override { return static_cast<size_t>(pixels.size(0)); }
+};
+
+tr::TrainConfig base_config(const std::string& name, int64_t steps) {
+  tr::TrainConfig c;
+  c.output_dir = temp_dir() + "/" + name;
+  c.max_train_steps = steps;
+  c.train_batch_size = 2;
+  c.learning_rate = 1e-3;
+  c.quiet = true;
+  c.save_final_checkpoint = false;
+  c.seed = 3;
+  return c;
+}
+
+// The loss of a fixed draw (seed) on a fixed batch, without grad.
+double fixed_loss(tr::Recipe& r, const tr::Batch& b, uint64_t seed) {
+  at::NoGradGuard no_grad;
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
+  auto& m = r.models();
+  const auto scfg = schedulers::SchedulerConfig::for_class("DDPMScheduler", m.scheduler_config);
+  const at::Tensor ac = at::cumprod(1.0 - schedulers::make_betas(scfg), 0);
+  auto [mean, stdv] = r.encode_images(b);
+  double total = 0;
+  for (int rep = 0; rep < 4; ++rep) {
+    const at::Tensor lat = (mean + stdv * at::randn(mean.sizes(), g, mean.options())) * m.vae->config().scaling_factor;
+    const at::Tensor noise = at::randn(lat.sizes(), g, lat.options());
+    const at::Tensor t = at::randint(1000, {lat.size(0)}, g, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor pred = r.predict(tr::ddpm_add_noise(ac, lat, noise, t), t, r.encode_prompt(b), b);
+    total += (pred - noise).pow(2).mean().item<double>();
+  }
+  return total / 4;
+}
+
+io::TensorMap params_of(tr::Recipe& r) {
+  io::TensorMap m;
+  for (const auto& p : r.trainable_parameters()) m[p.name] = p.tensor.detach().clone();
+  return m;
+}
+
+at::Tensor unet_out(pipelines::StableDiffusionModels& m, uint64_t seed = 11) {
+  at::NoGradGuard no_grad;
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
+  models::UNetInputs in;
+  in.sample = at::randn({1, 4, 8, 8}, g, at::TensorOptions().dtype(at::kFloat));
+  in.timestep = at::tensor({500}, at::kLong);
+  in.encoder_hidden_states = at::randn({1, 77, m.unet->config().cross_attention_dim}, g, at::TensorOptions());
+  return m.unet->forward(in);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// The pieces against their definitions.
+
+TEST(TrainMath, LRSchedulesMatchDiffusersGetScheduler) {
+  using tr::LRSchedule;
+  EXPECT_DOUBLE_EQ(tr::lr_lambda(LRSchedule::Constant, 0, 10, 100), 1.0);
+  EXPECT_DOUBLE_EQ(tr::lr_lambda(LRSchedule::ConstantWithWarmup, 0, 10, 100), 0.0);
+  EXPECT_DOUBLE_EQ(tr::lr_lambda(LRSchedule::ConstantWithWarmup, 5, 10, 100), 0.5);
+  EXPECT_DOUBLE_EQ(tr::lr_lambda(LRSchedule::ConstantWithWarmup, 50, 10, 100), 1.0);
+  EXPECT_DOUBLE_EQ(tr::lr_lambda(LRSchedule::Linear, 55, 10, 100), 45.0 / 90.0);
+  EXPECT_DOUBLE_EQ(tr::lr_lambda(LRSchedule::Linear, 100, 10, 100), 0.0);
+  EXPECT_NEAR(tr::lr_lambda(LRSchedule::Cosine, 55, 10, 100), 0.5, 1e-12);  // half way: cos(pi/2)
+  EXPECT_NEAR(tr::lr_lambda(LRSchedule::Cosine, 10, 10, 100), 1.0, 1e-12);
+  EXPECT_THROW(tr::parse_lr_schedule("exp"), InvalidArgument);
+}
+
+TEST(TrainMath, AdamWEqualsLibtorchAdamW) {
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(1);
+  at::Tensor a = at::randn({5, 3}, g, at::TensorOptions()).set_requires_grad(true);
+  at::Tensor b = a.detach().clone().set_requires_grad(true);
+  tr::AdamWOptions o;
+  o.lr = 1e-2;
+  tr::AdamW mine({{"a", a}}, o);
+  torch::optim::AdamW ref({b}, torch::optim::AdamWOptions(1e-2).betas({0.9, 0.999}).eps(1e-8).weight_decay(1e-2));
+  for (int s = 0; s < 5; ++s) {
+    const at::Tensor x = at::randn({5, 3}, g, at::TensorOptions());
+    mine.zero_grad();
+    ref.zero_grad();
+    (a * x).pow(2).sum().backward();
+    (b * x).pow(2).sum().backward();
+    mine.step(1e-2);
+    ref.step();
+  }
+  DMX_EXPECT_CLOSE("AdamW after 5 steps vs torch::optim::AdamW", a.detach(), b.detach(), 1e-6);
+}
+
+TEST(TrainMath, ClipGradNormEMAAndSNR) {
+  at::Tensor p = at::zeros({4}).set_requires_grad(true);
+  p.mutable_grad() = at::tensor({3.0f, 4.0f, 0.0f, 0.0f});
+  const double n = tr::clip_grad_norm({{"p", p}}, 1.0);
+  EXPECT_DOUBLE_EQ(n, 5.0);
+  EXPECT_NEAR(p.grad().norm().item<double>(), 1.0, 1e-5);
+
+  at::Tensor w = at::ones({2});
+  tr::EMAModel ema({{"w", w}}, 0.9999, 0.0, 0);
+  {
+    at::NoGradGuard ng;
+    w.fill_(3.0);
+  }
+  ema.step({{"w", w}});  // first step: decay 0 -> shadow = param
+  EXPECT_DOUBLE_EQ(ema.state_dict().at("ema.w")[0].item<double>(), 3.0);
+  {
+    at::NoGradGuard ng;
+    w.fill_(5.0);
+  }
+  ema.step({{"w", w}});  // step 2: decay (1 + 1) / (10 + 1)
+  EXPECT_NEAR(ema.state_dict().at("ema.w")[0].item<double>(), 3.0 + (1 - 2.0 / 11.0) * 2.0, 1e-6);
+
+  const at::Tensor ac = at::tensor({0.9f, 0.5f, 0.1f});
+  const at::Tensor snr = tr::compute_snr(ac, at::tensor({0, 1, 2}, at::kLong));
+  EXPECT_NEAR(snr[0].item<double>(), 9.0, 1e-5);
+  EXPECT_NEAR(snr[1].item<double>(), 1.0, 1e-5);
+  const at::Tensor w5 = tr::min_snr_weights(snr, 5.0, "epsilon");
+  EXPECT_NEAR(w5[0].item<double>(), 5.0 / 9.0, 1e-6);
+  EXPECT_NEAR(w5[1].item<double>(), 1.0, 1e-6);
+  const at::Tensor wv = tr::min_snr_weights(snr, 5.0, "v_prediction");
+  EXPECT_NEAR(wv[0].item<double>(), 5.0 / 10.0, 1e-6);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// LoRA
+
+TEST(TrainLoRA, ParameterCountEqualsFormula) {
+  DMX_REQUIRE_FIXTURES();
+  for (const char* targets : {"attention", "all"}) {
+    auto m = fresh_model();
+    tr::LoRATrainOptions o;
+    o.rank = 3;
+    o.targets = targets;
+    o.train_text_encoder = true;
+    tr::LoRANetwork net(*m, o, 0);
+    int64_t formula = 0;
+    int unet_layers = 0, te_layers = 0;
+    for (const auto& L : net.layers()) {
+      formula += L.conv ? 3 * (L.in * L.kh * L.kw + L.out) : 3 * (L.in + L.out);
+      (L.component == io::LoRAComponent::UNet ? unet_layers : te_layers)++;
+    }
+    EXPECT_EQ(net.num_parameters(), formula) << targets;
+    EXPECT_EQ(tr::lora_parameter_formula(net.layers(), 3), formula);
+    std::printf("[lora] targets %s: %d UNet layers, %d text-encoder layers, %lld parameters\n", targets, unet_layers,
+                te_layers, static_cast<long long>(formula));
+    // The tiny UNet has 2 transformer blocks (down 1, up 0: 3 + 1 mid), each with attn1 + attn2 x 4 linears.
+    if (std::string(targets) == "attention") {
+      int transformers = 0;
+      for (const auto& item : m->unet->named_modules("", false))
+        if (item.key().size() > 6 && item.key().compare(item.key().size() - 6, 6, ".attn1") == 0) ++transformers;
+      EXPECT_EQ(unet_layers, transformers * 8);
+      EXPECT_EQ(te_layers, m->text_encoder->config().num_hidden_layers * 4);
+    }
+    // A fresh adapter (up = 0) leaves the model output unchanged.
+    auto plain = fresh_model();
+    DMX_EXPECT_CLOSE(std::string("fresh LoRA output (") + targets + ")", unet_out(*m), unet_out(*plain), 0.0);
+  }
+}
+
+TEST(TrainLoRA, FewStepsLowerTheLossOnAFixedBatch) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = fresh_model();
+  tr::LoRATrainOptions o;
+  o.rank = 4;
+  auto recipe = std::make_shared<tr::LoRARecipe>(m, o, tr::LoRASaveFormat::Diffusers);
+  auto src = std::make_shared<MemorySource>(2, 32, 2);
+  tr::TrainConfig c = base_config("loss", 12);
+  c.learning_rate = 5e-3;
+  recipe->setup(c);  // a fresh network (up = 0): the base model's loss
+  const tr::Batch b = src->get(0);
+  const double before = fixed_loss(*recipe, b, 99);
+  // A new recipe for the run itself (setup attaches the network).
+  auto m2 = fresh_model();
+  auto recipe2 = std::make_shared<tr::LoRARecipe>(m2, o, tr::LoRASaveFormat::Diffusers);
+  tr::Trainer t2(c, recipe2, src);
+  const tr::TrainResult r = t2.run();
+  const double after = fixed_loss(*recipe2, b, 99);
+  std::printf("[lora] fixed-draw loss before %.5f after %.5f (%lld steps; step losses %.4f .. %.4f)\n", before, after,
+              static_cast<long long>(r.steps), r.history.front().loss, r.history.back().loss);
+  EXPECT_EQ(r.steps, 12);
+  EXPECT_LT(after, before);
+  EXPECT_TRUE(fs::exists(c.output_dir + "/train_log.jsonl"));
+}
+
+TEST(TrainLoRA, ResumeEqualsUninterruptedBitForBit) {
+  DMX_REQUIRE_FIXTURES();
+  tr::LoRATrainOptions o;
+  o.rank = 2;
+  o.targets = "all";
+  auto run = [&](const std::string& dir, int64_t stop, const std::string& resume) {
+    auto m = fresh_model();
+    auto recipe = std::make_shared<tr::LoRARecipe>(m, o, tr::LoRASaveFormat::Kohya);
+    tr::TrainConfig c = base_config(dir, 4);
+    c.lr_scheduler = tr::LRSchedule::Cosine;
+    c.lr_warmup_steps = 1;
+    c.gradient_accumulation_steps = 2;
+    c.use_ema = true;
+    c.snr_gamma = 5.0;
+    c.noise_offset = 0.1;
+    c.stop_at_step = stop;
+    c.save_final_checkpoint = true;
+    c.resume_from_checkpoint = resume;
+    tr::Trainer t(c, recipe, std::make_shared<MemorySource>(3, 32, 2));
+    const tr::TrainResult r = t.run();
+    io::TensorMap p = params_of(*recipe);
+    return std::make_pair(p, r);
+  };
+  auto [straight, r1] = run("straight", 0, "");
+  auto [half, r2] = run("resumed", 2, "");
+  EXPECT_EQ(r2.steps, 2);
+  auto [resumed, r3] = run("resumed", 0, temp_dir() + "/resumed");
+  EXPECT_EQ(r3.first_step, 2);
+  EXPECT_EQ(r3.steps, 4);
+  ASSERT_EQ(straight.size(), resumed.size());
+  double worst = 0;
+  for (const auto& [k, v] : straight) {
+    ASSERT_TRUE(resumed.count(k)) << k;
+    EXPECT_TRUE(at::equal(v, resumed.at(k))) << k;
+    worst = std::max(worst, (v - resumed.at(k)).abs().max().item<double>());
+  }
+  std::printf("[resume] %zu tensors, worst |straight - resumed| = %g\n", straight.size(), worst);
+  // Loss history of steps 3-4 equal too, and the optimizer / EMA state of the final checkpoints.
+  EXPECT_EQ(r1.history[2].loss, r3.history[0].loss);
+  EXPECT_EQ(r1.history[3].loss, r3.history[1].loss);
+  const auto o1 = io::load_safetensors(temp_dir() + "/straight/checkpoint-4/optimizer.safetensors");
+  const auto o3 = io::load_safetensors(temp_dir() + "/resumed/checkpoint-4/optimizer.safetensors");
+  ASSERT_EQ(o1.size(), o3.size());
+  for (const auto& [k, v] : o1) EXPECT_TRUE(at::equal(v, o3.at(k))) << k;
+  // The trained weights moved (the test is not vacuous).
+  bool moved = false;
+  for (const auto& [k, v] : straight)
+    if (k.find("lora_up") != std::string::npos && v.abs().max().item<double>() > 0) moved = true;
+  EXPECT_TRUE(moved);
+}
+
+TEST(TrainLoRA, SavedFilesLoadBackAndMatchTheMergeFormula) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = fresh_model();
+  tr::LoRATrainOptions o;
+  o.rank = 4;
+  o.alpha = 8;  // scale 2: the factor must survive every layout
+  o.targets = "all";
+  o.train_text_encoder = true;
+  o.text_encoder_targets = "all";
+  auto recipe = std::make_shared<tr::LoRARecipe>(m, o, tr::LoRASaveFormat::Diffusers);
+  tr::TrainConfig c = base_config("save", 3);
+  c.learning_rate = 1e-2;
+  tr::Trainer t(c, recipe, std::make_shared<MemorySource>(2, 32, 2));
+  t.run();
+  auto& net = recipe->network();
+  const at::Tensor trained_out = unet_out(*m);  // runtime adapters of the training network
+  const int n_layers = static_cast<int>(net.layers().size());
+
+  // Expected: a fresh model with W += alpha / r * up @ down, patched by hand.
+  auto manual = fresh_model();
+  {
+    at::NoGradGuard ng;
+    std::map<std::string, at::Tensor> weights;
+    for (const auto& item : manual->unet->named_parameters(true)) weights["unet." + item.key()] = item.value();
+    for (const auto& item : manual->text_encoder->named_parameters(true))
+      weights["text_encoder." + item.key()] = item.value();
+    for (const auto& L : net.layers()) {
+      const std::string key = std::string(L.component == io::LoRAComponent::UNet ? "unet." : "text_encoder.") +
+                              L.module + ".weight";
+      at::Tensor& w = weights.at(key);
+      const at::Tensor d = at::matmul(L.up.detach().reshape({L.out, -1}), L.down.detach().reshape({4, -1}));
+      w.add_(d.reshape(w.sizes()) * 2.0);
+    }
+  }
+  const at::Tensor manual_out = unet_out(*manual);
+  DMX_EXPECT_CLOSE("training network (runtime) vs W + alpha/r * B@A", trained_out, manual_out, 1e-5);
+  EXPECT_GT((manual_out - unet_out(*fresh_model())).abs().max().item<double>(), 0.0);
+
+  for (const char* fmt : {"diffusers", "peft", "kohya"}) {
+    const std::string dir = temp_dir() + "/save-" + fmt;
+    fs::create_directories(dir);
+    const std::string path = dir + "/trained.safetensors";
+    net.save(path, tr::parse_lora_save_format(fmt));
+    const io::TensorMap file = io::load_safetensors(path);
+    for (const auto& [k, v] : file) {
+      const std::string f = fmt;
+      if (f == "kohya") {
+        EXPECT_TRUE((k.rfind("lora_unet_", 0) == 0 || k.rfind("lora_te_", 0) == 0) &&
+                    (k.find(".lora_down.weight") != std::string::npos || k.find(".lora_up.weight") != std::string::npos ||
+                     (k.size() > 6 && k.compare(k.size() - 6, 6, ".alpha") == 0)))
+            << k;
+      } else if (f == "diffusers") {
+        EXPECT_TRUE((k.rfind("unet.", 0) == 0 && k.find(".lora.") != std::string::npos) ||
+                    (k.rfind("text_encoder.", 0) == 0 && k.find(".lora_linear_layer.") != std::string::npos))
+            << k;
+      } else {
+        EXPECT_TRUE(k.find(".lora_A.weight") != std::string::npos || k.find(".lora_B.weight") != std::string::npos) << k;
+      }
+    }
+    auto loaded = fresh_model();
+    pipelines::LoRAApplyOptions ao;
+    ao.mode = pipelines::LoRAMode::Merged;
+    const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(path)}, ao);  // strict
+    ASSERT_EQ(reps.size(), 1u);
+    EXPECT_TRUE(reps[0].unmatched.empty());
+    EXPECT_EQ(reps[0].unet_layers + reps[0].text_encoder_layers, n_layers) << fmt;
+    EXPECT_EQ(reps[0].format, fmt);
+    DMX_EXPECT_CLOSE(std::string("loaded ") + fmt + " LoRA (merged) vs W + alpha/r * B@A", unet_out(*loaded),
+                     manual_out, 1e-5);
+    pipelines::set_lora_mode(*loaded, pipelines::LoRAMode::Runtime);
+    DMX_EXPECT_CLOSE(std::string("loaded ") + fmt + " LoRA (runtime) vs W + alpha/r * B@A", unet_out(*loaded),
+                     manual_out, 1e-5);
+  }
+}
+
+TEST(TrainLoRA, GradientCheckpointingGivesTheSameGradients) {
+  DMX_REQUIRE_FIXTURES();
+  auto grads = [&](bool ckpt) {
+    auto m = fresh_model();
+    tr::LoRATrainOptions o;
+    o.rank = 2;
+    o.targets = "all";
+    o.init = "gaussian";
+    auto recipe = std::make_shared<tr::LoRARecipe>(m, o, tr::LoRASaveFormat::Diffusers);
+    tr::TrainConfig c = base_config(ckpt ? "ckpt1" : "ckpt0", 1);
+    c.gradient_checkpointing = ckpt;
+    recipe->setup(c);
+    // one step by hand with a non-zero up so every factor gets a gradient
+    {
+      at::NoGradGuard ng;
+      at::Generator pg = at::make_generator<at::CPUGeneratorImpl>(17);
+      for (auto& p : recipe->trainable_parameters()) p.tensor.normal_(0.0, 0.05, pg);
+    }
+    MemorySource src(2, 32, 2);
+    const tr::Batch b = src.get(0);
+    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(5);
+    const at::Tensor x = at::randn({2, 4, 4, 4}, g, at::TensorOptions());
+    const at::Tensor t = at::tensor({100, 700}, at::kLong);
+    const at::Tensor pred = recipe->predict(x, t, recipe->encode_prompt(b), b);
+    pred.pow(2).mean().backward();
+    io::TensorMap out;
+    for (auto& p : recipe->trainable_parameters()) out[p.name] = p.tensor.grad().clone();
+    return out;
+  };
+  const io::TensorMap a = grads(false), b = grads(true);
+  ASSERT_EQ(a.size(), b.size());
+  at::Tensor fa = at::cat([&] {
+    std::vector<at::Tensor> v;
+    for (auto& [k, t] : a) v.push_back(t.flatten());
+    return v;
+  }());
+  at::Tensor fb = at::cat([&] {
+    std::vector<at::Tensor> v;
+    for (auto& [k, t] : b) v.push_back(t.flatten());
+    return v;
+  }());
+  EXPECT_GT(fa.abs().max().item<double>(), 0.0);
+  DMX_EXPECT_CLOSE("LoRA gradients with gradient checkpointing vs without", fb, fa, 1e-5);
+}
+
+TEST(TrainLoRA, BF16FrozenModelTrainsFloat32Adapters) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = fresh_model();
+  tr::LoRATrainOptions o;
+  auto recipe = std::make_shared<tr::LoRARecipe>(m, o, tr::LoRASaveFormat::Diffusers);
+  tr::TrainConfig c = base_config("bf16", 2);
+  c.mixed_precision = tr::MixedPrecision::BF16;
+  tr::Trainer t(c, recipe, std::make_shared<MemorySource>(2, 32, 2));
+  const tr::TrainResult r = t.run();
+  EXPECT_TRUE(std::isfinite(r.history.back().loss));
+  EXPECT_EQ(m->unet->parameters().front().scalar_type(), at::kBFloat16);
+  for (const auto& p : recipe->trainable_parameters()) {
+    EXPECT_EQ(p.tensor.scalar_type(), at::kFloat);
+  }
+  bool moved = false;
+  for (const auto& p : recipe->trainable_parameters())
+    if (p.name.find("lora_up") != std::string::npos && p.tensor.abs().max().item<double>() > 0) moved = true;
+  EXPECT_TRUE(moved);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Fine-tune and DreamBooth
+
+TEST(TrainFinetune, SavesADiffusersFolderThatLoads) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = fresh_model();
+  auto recipe = std::make_shared<tr::FinetuneRecipe>(m, /*train_text_encoder=*/true);
+  tr::TrainConfig c = base_config("finetune", 2);
+  c.learning_rate = 1e-4;
+  c.use_ema = true;
+  c.output = temp_dir() + "/finetuned";
+  tr::Trainer t(c, recipe, std::make_shared<MemorySource>(2, 32, 2));
+  const tr::TrainResult r = t.run();
+  EXPECT_EQ(r.steps, 2);
+  auto loaded = pipelines::load_stable_diffusion(c.output);
+  // The saved UNet holds the EMA weights: compare with the EMA of the last checkpoint... the saved folder
+  // must differ from the base model and load strictly.
+  const at::Tensor base = unet_out(*fresh_model());
+  const at::Tensor out = unet_out(*loaded);
+  EXPECT_GT((out - base).abs().max().item<double>(), 0.0);
+  EXPECT_TRUE(fs::exists(c.output + "/model_index.json"));
+  EXPECT_TRUE(fs::exists(c.output + "/tokenizer/vocab.json"));
+  // Without EMA, the saved weights are the trained ones exactly.
+  auto m2 = fresh_model();
+  auto recipe2 = std::make_shared<tr::FinetuneRecipe>(m2, false);
+  tr::TrainConfig c2 = base_config("finetune2", 1);
+  c2.output = temp_dir() + "/finetuned2";
+  tr::Trainer t2(c2, recipe2, std::make_shared<MemorySource>(2, 32, 2));
+  t2.run();
+  auto loaded2 = pipelines::load_stable_diffusion(c2.output);
+  DMX_EXPECT_CLOSE("finetuned UNet reloaded from the diffusers folder", unet_out(*loaded2), unet_out(*m2), 0.0);
+}
+
+TEST(TrainDreamBooth, PriorPreservationGeneratesClassImagesAndTrains) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = fresh_model();
+  const std::string cls = temp_dir() + "/class";
+  tr::ClassImageOptions ci;
+  ci.dir = cls;
+  ci.prompt = "a photo of a dog";
+  ci.num_class_images = 2;
+  ci.resolution = 32;
+  ci.num_inference_steps = 2;
+  EXPECT_EQ(tr::generate_class_images(m, ci), 2);
+  EXPECT_EQ(tr::list_images(cls).size(), 2u);
+  EXPECT_EQ(tr::generate_class_images(m, ci), 0);  // folder already full
+  ci.num_class_images = 3;
+  EXPECT_EQ(tr::generate_class_images(m, ci), 1);  // short by one
+
+  // Prior loss: instance rows then class rows.
+  tr::LoRATrainOptions o;
+  auto inner = std::make_shared<tr::LoRARecipe>(m, o, tr::LoRASaveFormat::Kohya);
+  auto db = std::make_shared<tr::DreamBoothRecipe>(inner, true, 0.5);
+  tr::Batch b;
+  const at::Tensor per = at::tensor({1.0f, 3.0f, 10.0f, 20.0f});
+  EXPECT_NEAR(db->reduce_loss(per, b).item<double>(), 2.0 + 0.5 * 15.0, 1e-6);
+  // A short run on instance + class rows (an in-memory source of 2 + 2 rows).
+  struct TwoPart : MemorySource {
+    TwoPart() : MemorySource(4, 32, 4) {
+      captions = {"a photo of sks dog", "a photo of sks dog", "a photo of a dog", "a photo of a dog"};
+    }
+  };
+  tr::TrainConfig c = base_config("dreambooth", 2);
+  c.train_batch_size = 2;
+  c.output = temp_dir() + "/db.safetensors";
+  tr::Trainer t(c, db, std::make_shared<TwoPart>());
+  const tr::TrainResult r = t.run();
+  EXPECT_EQ(r.steps, 2);
+  EXPECT_TRUE(fs::exists(c.output));
+  EXPECT_EQ(db->name(), "dreambooth-lora");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// CLI
+
+TEST(TrainCli, BadInputExits2AndWritesNothing) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string model = fixture_model("test");
+  const std::string data = temp_dir() + "/cli-data";
+  fs::create_directories(data);
+  const std::string out = temp_dir() + "/cli-out.safetensors";
+  struct Case {
+    std::vector<std::string> args;
+    std::string needle;
+  };
+  const std::vector<Case> cases = {
+      {{"train", "lora", "--model", model, "--output", out}, "--data"},
+      {{"train", "lora", "--model", model, "--data", data, "--output", out, "--rank", "0"}, "--rank"},
+      {{"train", "lora", "--model", model, "--data", data, "--output", out, "--rank", "-3"}, "--rank"},
+      {{"train", "lora", "--model", model, "--data", data, "--output", out, "--steps", "0"}, "--steps"},
+      {{"train", "lora", "--model", model, "--data", data, "--output", out, "--save-format", "ckpt"}, "--save-format"},
+      {{"train", "lora", "--model", model, "--data", data, "--output", out, "--lr-scheduler", "exp"}, "--lr-scheduler"},
+      {{"train", "lora", "--model", model, "--data", data + "/missing", "--output", out}, "--data"},
+      {{"train", "lora", "--model", model, "--data", data, "--output", out, "--bogus"}, "bogus"},
+      {{"train", "dreambooth", "--model", model, "--instance-data", data, "--output", out}, "--instance-prompt"},
+      {{"train", "dreambooth", "--model", model, "--instance-data", data, "--instance-prompt", "sks", "--class-data",
+        data, "--output", out},
+       "--class-prompt"},
+      {{"train", "finetune", "--model", model, "--data", data, "--output", out, "--batch-size", "0"}, "--batch-size"},
+      {{"train", "sdxl"}, "recipe"},
+  };
+  for (const auto& c : cases) {
+    const CliRun r = dmx_run(c.args);
+    EXPECT_EQ(r.code, 2) << r.output;
+    EXPECT_NE(r.output.find(c.needle), std::string::npos) << "expected '" << c.needle << "' in: " << r.output;
+    EXPECT_FALSE(fs::exists(out));
+    EXPECT_FALSE(fs::exists(out + ".train"));
+  }
+}
+
+TEST(TrainCli, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string data = temp_dir() + "/cli-images";
+  fs::create_directories(data);
+  // Two images with captions, drawn with the tiny model itself.
+  auto m = fresh_model();
+  tr::ClassImageOptions ci;
+  ci.dir = data;
+  ci.prompt = "a red square";
+  ci.num_class_images = 2;
+  ci.resolution = 32;
+  ci.num_inference_steps = 1;
+  tr::generate_class_images(m, ci);
+  for (const auto& img : tr::list_images(data)) {
+    const std::string txt = img.substr(0, img.size() - 4) + ".txt";
+    const std::string cap = "a red square";
+    write_bytes_atomic(txt, cap.data(), cap.size());
+  }
+  const std::string out = temp_dir() + "/cli-lora.safetensors";
+  const CliRun r = dmx_run({"train", "lora", "--model", fixture_model("test"), "--data", data, "--output", out,
+                            "--resolution", "32", "--steps", "2", "--batch-size", "2", "--save-format", "kohya",
+                            "--checkpoint-every", "1", "--quiet"});
+  if (r.code == 2 && r.output.find("dataset.cpp is missing") != std::string::npos)
+    GTEST_SKIP() << "the image-caption dataset (dist branch) is not in this build";
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(out));
+  EXPECT_TRUE(fs::exists(out + ".train/checkpoint-1/trainer_state.json"));
+  EXPECT_TRUE(fs::exists(out + ".train/checkpoint-2/optimizer.safetensors"));
+  EXPECT_TRUE(fs::exists(out + ".train/train_log.jsonl"));
+  auto loaded = fresh_model();
+  const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(out)}, {});
+  EXPECT_TRUE(reps[0].unmatched.empty());
+  EXPECT_GT(reps[0].unet_layers, 0);
+}
