@@ -78,7 +78,8 @@ int free_port() {
 }
 
 // Runs `world` copies of this binary as ranks of one job; returns their exit codes (-1 on timeout).
-std::vector<int> run_ranks(int world, const std::string& mode, const std::string& out_dir, double timeout_s = 90) {
+std::vector<int> run_ranks(int world, const std::string& mode, const std::string& out_dir,
+                           const std::string& data = "", double timeout_s = 90) {
   const std::string self = fs::read_symlink("/proc/self/exe").string();
   const std::string port = std::to_string(free_port());
   std::vector<pid_t> pids;
@@ -98,6 +99,7 @@ std::vector<int> run_ranks(int world, const std::string& mode, const std::string
     env_s.push_back("MASTER_PORT=" + port);
     env_s.push_back("DMX_DIST_WORKER=" + mode);
     env_s.push_back("DMX_DIST_OUT=" + out_dir);
+    if (!data.empty()) env_s.push_back("DMX_DIST_DATA=" + data);
     env_s.push_back("OMP_NUM_THREADS=1");
     std::vector<char*> envp;
     for (auto& s : env_s) envp.push_back(s.data());
@@ -330,9 +332,7 @@ TEST(Distributed, TwoProcessTrainingEqualsOneProcess) {
   const std::string out = test::temp_dir() + "/dist_train";
   fs::remove_all(out);
   fs::create_directories(out);
-  setenv("DMX_DIST_DATA", data.c_str(), 1);
-  const std::vector<int> codes = run_ranks(2, "train", out);
-  unsetenv("DMX_DIST_DATA");
+  const std::vector<int> codes = run_ranks(2, "train", out, data);
   ASSERT_EQ(codes, (std::vector<int>{0, 0})) << "a rank failed or timed out (-1)";
   // One process with the same global batch (2 ranks x 2 = 4).
   auto single = Distributed::create(DistributedEnv{});

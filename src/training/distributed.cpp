@@ -108,8 +108,9 @@ std::shared_ptr<Distributed> Distributed::create(const DistributedEnv& env, cons
     c10d::TCPStoreOptions so;
     so.port = static_cast<uint16_t>(env.master_port);
     so.isServer = !agent_store && env.rank == 0;
-    if (so.isServer) so.numWorkers = static_cast<size_t>(env.world_size);
-    so.waitWorkers = so.isServer;
+    // Every rank (clients included) must announce itself: the server otherwise waits out the whole timeout.
+    so.numWorkers = static_cast<size_t>(env.world_size);
+    so.waitWorkers = true;
     so.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
     if (agent_store) {
