@@ -4,7 +4,8 @@ set -euo pipefail
 PKGS=(cmake ninja-build g++ ccache pkg-config libtorch-dev libopenblas0-openmp nlohmann-json3-dev
       libpng-dev libjpeg62-turbo-dev libgtest-dev
       libopencv-core-dev libopencv-imgproc-dev  # OpenCV: Canny preprocessor (ControlNet)
-      libopencv-photo-dev)  # OpenCV photo: seamlessClone (Poisson background, blended latent diffusion)
+      libopencv-photo-dev  # OpenCV photo: seamlessClone (Poisson background, blended latent diffusion)
+      libgloo-dev)  # Gloo headers + library for data-parallel training (c10d ProcessGroupGloo)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

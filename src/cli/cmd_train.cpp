@@ -18,6 +18,7 @@ const char* kTrainUsage =
     "  lora        LoRA adapters on the UNet (optionally the text encoder); writes a LoRA file\n"
     "  finetune    full fine-tuning of the UNet (optionally the text encoder); writes a diffusers folder\n"
     "  dreambooth  subject-driven fine-tuning with prior preservation, full or LoRA (--lora-rank)\n"
+    "  controlnet  a ControlNet initialised from the UNet, base locked; writes a diffusers folder\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
 
@@ -122,8 +123,9 @@ int cmd_train(int argc, char** argv) {
   }
   const std::string recipe = argv[2];
   if (recipe == "bench") return run_bench(argc, argv);
+  if (recipe == "controlnet") return cmd_train_controlnet(argc, argv);
   DMX_CHECK_ARG(recipe == "lora" || recipe == "finetune" || recipe == "dreambooth",
-                "dmx train: recipe must be lora, finetune, dreambooth or bench, got '", recipe, "'");
+                "dmx train: recipe must be lora, finetune, dreambooth, controlnet or bench, got '", recipe, "'");
   std::vector<OptionSpec> specs = common_specs();
   if (recipe == "lora") {
     add(specs, {{"data", "DIR", "images with captions: name.png + name.txt, or metadata.jsonl (required)"}});

@@ -11,7 +11,6 @@ namespace dmx {
 namespace {
 
 constexpr int kPrecisionBits = 32 - 8 - 2;
-constexpr double kSupport = 3.0;
 
 double sinc(double x) {
   if (x == 0.0) return 1.0;
@@ -19,6 +18,18 @@ double sinc(double x) {
   return std::sin(x) / x;
 }
 double lanczos(double x) { return (-3.0 <= x && x < 3.0) ? sinc(x) * sinc(x / 3.0) : 0.0; }
+// Pillow's bilinear_filter (a triangle of support 1).
+double bilinear(double x) {
+  if (x < 0.0) x = -x;
+  return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+struct Filter {
+  double (*fn)(double);
+  double support;
+};
+constexpr Filter kLanczos{lanczos, 3.0};
+constexpr Filter kBilinear{bilinear, 1.0};
 
 struct Coeffs {
   int ksize = 0;
@@ -27,10 +38,10 @@ struct Coeffs {
 };
 
 // Pillow's precompute_coeffs + normalize_coeffs_8bpc for the whole input range.
-Coeffs precompute(int in_size, int out_size) {
+Coeffs precompute(int in_size, int out_size, const Filter& f) {
   const double scale = static_cast<double>(in_size) / out_size;
   const double filterscale = std::max(scale, 1.0);
-  const double support = kSupport * filterscale;
+  const double support = f.support * filterscale;
   Coeffs c;
   c.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
   c.bounds.resize(static_cast<size_t>(out_size) * 2);
@@ -46,7 +57,7 @@ Coeffs precompute(int in_size, int out_size) {
     xmax -= xmin;
     double ww = 0.0;
     for (int x = 0; x < xmax; ++x) {
-      w[static_cast<size_t>(x)] = lanczos((x + xmin - center + 0.5) * ss);
+      w[static_cast<size_t>(x)] = f.fn((x + xmin - center + 0.5) * ss);
       ww += w[static_cast<size_t>(x)];
     }
     for (int x = 0; x < xmax; ++x) {
@@ -66,8 +77,8 @@ uint8_t clip8(int v) {
 }
 
 // One separable pass along x (horizontal) or y (vertical).
-Image pass(const Image& in, int out_w, int out_h, bool horizontal) {
-  const Coeffs c = precompute(horizontal ? in.width : in.height, horizontal ? out_w : out_h);
+Image pass(const Image& in, int out_w, int out_h, bool horizontal, const Filter& f) {
+  const Coeffs c = precompute(horizontal ? in.width : in.height, horizontal ? out_w : out_h, f);
   Image out;
   out.width = out_w;
   out.height = out_h;
@@ -91,16 +102,19 @@ Image pass(const Image& in, int out_w, int out_h, bool horizontal) {
   }
   return out;
 }
-}  // namespace
 
-Image resize_lanczos(const Image& img, int width, int height) {
+Image resize_with(const Image& img, int width, int height, const Filter& f) {
   DMX_CHECK_ARG(width >= 1 && height >= 1, "resize: size must be at least 1x1, got ", width, "x", height);
   DMX_CHECK_ARG(img.width >= 1 && img.height >= 1 && img.channels >= 1 &&
                     img.data.size() == static_cast<size_t>(img.width) * img.height * img.channels,
                 "resize: malformed image ", img.width, "x", img.height, "x", img.channels);
   Image cur = img;
-  if (width != img.width) cur = pass(cur, width, cur.height, true);
-  if (height != img.height) cur = pass(cur, width, height, false);
+  if (width != img.width) cur = pass(cur, width, cur.height, true, f);
+  if (height != img.height) cur = pass(cur, width, height, false, f);
   return cur;
 }
+}  // namespace
+
+Image resize_lanczos(const Image& img, int width, int height) { return resize_with(img, width, height, kLanczos); }
+Image resize_bilinear(const Image& img, int width, int height) { return resize_with(img, width, height, kBilinear); }
 }  // namespace dmx

@@ -8,4 +8,7 @@
 namespace dmx {
 // Returns a copy when the size is unchanged (as PIL does). width, height >= 1.
 Image resize_lanczos(const Image& img, int width, int height);
+// The same with Pillow's BILINEAR filter (a triangle widened by the scale when shrinking, i.e. antialiased),
+// which torchvision's transforms.Resize(interpolation=BILINEAR) calls on PIL images in diffusers' train scripts.
+Image resize_bilinear(const Image& img, int width, int height);
 }  // namespace dmx

@@ -1177,9 +1177,10 @@ json detect_ldm_controlnet_config(const TensorMap& ckpt, const json& yaml) {
               {"use_linear_projection", linear}};
 }
 
-TensorMap convert_ldm_controlnet(const TensorMap& ckpt, const json& cfg) {
+namespace {
+// control_model.* blocks -> diffusers ControlNetModel blocks. hc: the input_hint_block indices of the convolutions.
+BlockTable controlnet_table(const json& cfg, const std::vector<int64_t>& hc) {
   const char* what = "ControlNet";
-  const std::string p = ldm_controlnet_prefix(ckpt);
   const int64_t L = cfg_int(cfg, "layers_per_block", what);
   const size_t nb = cfg_list_size(cfg, "block_out_channels", what);
   const auto down_types = cfg_strings(cfg, "down_block_types", what);
@@ -1211,12 +1212,46 @@ TensorMap convert_ldm_controlnet(const TensorMap& ckpt, const json& cfg) {
   for (int64_t i = 0; i < n_res; ++i) t["zero_convs." + s(i) + ".0"] = {"controlnet_down_blocks." + s(i), &kParamsOnly};
   t["middle_block_out.0"] = {"controlnet_mid_block", &kParamsOnly};
   // input_hint_block: Conv2d, SiLU, (Conv2d, SiLU, strided Conv2d, SiLU) ..., Conv2d (zero conv).
-  const std::vector<int64_t> hc = hint_convs(ckpt, p);
   t["input_hint_block." + s(hc.front())] = {"controlnet_cond_embedding.conv_in", &kParamsOnly};
   for (size_t k = 1; k + 1 < hc.size(); ++k)
     t["input_hint_block." + s(hc[k])] = {"controlnet_cond_embedding.blocks." + s(k - 1), &kParamsOnly};
   t["input_hint_block." + s(hc.back())] = {"controlnet_cond_embedding.conv_out", &kParamsOnly};
+  return t;
+}
+}  // namespace
+
+TensorMap convert_ldm_controlnet(const TensorMap& ckpt, const json& cfg) {
+  const std::string p = ldm_controlnet_prefix(ckpt);
+  const BlockTable t = controlnet_table(cfg, hint_convs(ckpt, p));
   return finish(convert_with(ckpt, p, t, [](const std::string&) { return false; }, [](std::string k) { return k; }),
+                "ControlNet");
+}
+
+TensorMap convert_controlnet_to_ldm(const TensorMap& diffusers, const json& cfg) {
+  const char* what = "ControlNet";
+  // The hint encoder has conv_in, two convolutions per channel step and conv_out, at even indices of the
+  // original nn.Sequential (a SiLU follows each but the last).
+  const size_t steps = cfg_list_size(cfg, "conditioning_embedding_out_channels", what);
+  DMX_CHECK_FORMAT(steps >= 1, "ControlNet config: conditioning_embedding_out_channels must not be empty");
+  std::vector<int64_t> hc;
+  for (size_t k = 0; k < 2 + 2 * (steps - 1); ++k) hc.push_back(static_cast<int64_t>(2 * k));
+  // The same tables read backwards: diffusers block -> original block, leaf rules with from and to swapped.
+  std::map<const LeafTable*, LeafTable> reversed_leaves;
+  BlockTable inverse;
+  for (const auto& [from, block] : controlnet_table(cfg, hc)) {
+    auto it = reversed_leaves.find(block.leaves);
+    if (it == reversed_leaves.end()) {
+      LeafTable r;
+      for (const LeafRule& rule : *block.leaves) {
+        DMX_CHECK_FORMAT(rule.op == Op::Copy, "ControlNet: a leaf rule that is not a plain copy cannot be inverted");
+        r.push_back({rule.to, rule.from, Op::Copy, rule.param});
+      }
+      it = reversed_leaves.emplace(block.leaves, std::move(r)).first;
+    }
+    inverse[block.to] = {std::string(kLdmControlNetPrefix) + from, &it->second};
+  }
+  return finish(convert_with(diffusers, "", inverse, [](const std::string&) { return false; },
+                             [](std::string k) { return k; }),
                 what);
 }
 

@@ -52,4 +52,7 @@ std::string ldm_controlnet_prefix(const TensorMap& ckpt);
 nlohmann::json detect_ldm_controlnet_config(const TensorMap& ckpt, const nlohmann::json& ldm_yaml = nullptr);
 // control_model.* -> diffusers ControlNetModel names (tables; unmatched keys are a FormatError).
 TensorMap convert_ldm_controlnet(const TensorMap& ckpt, const nlohmann::json& controlnet_config);
+// The inverse: diffusers ControlNetModel names -> control_model.* (ControlNet 1.0 / 1.1, as A1111 loads), from
+// the same tables. Every key must map (FormatError listing those that do not).
+TensorMap convert_controlnet_to_ldm(const TensorMap& diffusers, const nlohmann::json& controlnet_config);
 }  // namespace dmx::io

@@ -5,6 +5,7 @@
 // convolutions keep their fresh initialisation. A fresh ControlNet therefore leaves the UNet output unchanged.
 // Internal header of the training layer.
 #pragma once
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "models/controlnet.h"
@@ -13,6 +14,10 @@
 namespace dmx::training {
 
 models::ControlNetModel controlnet_from_unet(models::UNet2DConditionModel& unet, int conditioning_channels = 3);
+
+// diffusers' ControlNetModel config.json for `cfg`: every field diffusers 0.27.2 writes, with its names, plus
+// "_class_name": "ControlNetModel" and "_diffusers_version": "0.27.2" (keys sorted, as diffusers writes them).
+nlohmann::json controlnet_config_json(const models::ControlNetConfig& cfg);
 
 // diffusers layout: dir/config.json + dir/diffusion_pytorch_model.safetensors (written atomically; the folder
 // is created). Loads in diffusers' ControlNetModel.from_pretrained with no missing or unexpected weight.

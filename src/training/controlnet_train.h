@@ -1,0 +1,45 @@
+// `dmx train controlnet`: the ControlNet recipe for the shared training loop (training/trainer.h). Mirrors
+// diffusers 0.27.2 examples/controlnet/train_controlnet.py: the VAE, text encoder and UNet are frozen; the
+// ControlNet (a fresh copy of the UNet encoder, controlnet_from_unet, or an existing one to fine-tune) is
+// trained; the prediction is
+//   down, mid = controlnet(noisy_latents, t, encoder_hidden_states, controlnet_cond = conditioning [0, 1])
+//   pred      = unet(noisy_latents, t, encoder_hidden_states, + down / mid residuals)
+// and the loss is the trainer's (epsilon or v-prediction MSE). The dataset needs a conditioning image per row
+// (metadata.jsonl `conditioning_image`); images are center-cropped as the script does.
+// Internal header of the training layer.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "models/controlnet.h"
+#include "pipelines/model_bundle.h"
+#include "training/trainer.h"
+
+namespace dmx::training {
+
+class ControlNetRecipe : public Recipe {
+ public:
+  // controlnet: the net to train (from controlnet_from_unet or pipelines::load_controlnet); it must fit the UNet.
+  ControlNetRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, models::ControlNetModel controlnet);
+  std::string name() const override { return "controlnet"; }
+  // Freezes UNet, VAE and text encoder; the ControlNet's parameters require grad. Validation images need a
+  // conditioning image and are not implemented: validation_steps > 0 is Unsupported.
+  void setup(const TrainConfig& cfg) override;
+  std::vector<NamedParameter> trainable_parameters() override;  // the ControlNet's parameters, diffusers names
+  void train_mode(bool on) override;
+  at::Tensor predict(const at::Tensor& noisy_latents, const at::Tensor& timesteps,
+                     const at::Tensor& encoder_hidden_states, const Batch& batch) override;
+  // path: the output folder. Writes the diffusers layout (config.json + diffusion_pytorch_model.safetensors)
+  // and the original single file <path>/controlnet_original.safetensors (control_model.* keys).
+  void save(const std::string& path) override;
+  void validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir) override;
+  models::ControlNetModel& controlnet() { return controlnet_; }
+
+ private:
+  models::ControlNetModel controlnet_;
+};
+
+// File name of the original-layout copy inside the output folder.
+inline constexpr const char* kControlNetOriginalFile = "controlnet_original.safetensors";
+}  // namespace dmx::training
