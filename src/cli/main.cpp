@@ -37,7 +37,7 @@ const char* kUsage =
     "  data       build training folders (dmx data emoji: the emoji set from npm)\n"
     "  p2p        Prompt-to-Prompt editing of a generated or real image\n"
     "  diffedit   edit a real image from a source and a target prompt (DiffEdit)\n"
-    "  train      train LoRA, fine-tune or DreamBooth (dmx train <lora|finetune|dreambooth|bench>)\n"
+    "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train <lora|finetune|dreambooth|controlnet|bench>)\n"
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
 
