@@ -131,6 +131,7 @@ struct BenchResult {
   bool channels_last = true;  // NHWC activations were used (bf16/fp16 only)
   std::string omp_wait_policy, omp_proc_bind;  // as the process saw them ("" = unset)
   double text_encode_s = 0, unet_step_s = 0, vae_decode_s = 0;  // medians, seconds
+  double text_encode_cpu_s = 0, unet_step_cpu_s = 0, vae_decode_cpu_s = 0;  // medians of process CPU seconds
   BenchFlops flops;
   double matmul_peak_gflops = 0;  // 0 when not measured
   double build_s = 0;             // building the random-weight models

@@ -2,6 +2,7 @@
 // built from a preset with random weights, and reports seconds, GFLOP/s against a measured GEMM peak and
 // peak memory. The FLOP model (bench_flops) is analytic, from the same configs the models are built from.
 #include <ATen/ATen.h>
+#include <sys/resource.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include "models/autoencoder_kl.h"
 #include "models/clip_text_model.h"
 #include "models/unet_2d_condition.h"
+#include "nn/fused_ops.h"
 
 namespace dmx {
 
@@ -189,15 +191,26 @@ void sync(const at::Tensor& t) {
   if (!t.device().is_cpu()) (void)t.sum().item<double>();
 }
 
+// Process CPU time (user + system, all threads), seconds: on a shared machine the wall time includes the
+// time other processes hold the cores, CPU time much less so (it still includes their cache pollution).
+double cpu_s() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+// Median wall seconds of `runs` runs after `warmup`; *cpu gets the median CPU seconds.
 template <class F>
-double time_median(int warmup, int runs, F&& f) {
+double time_median(int warmup, int runs, F&& f, double* cpu) {
   for (int i = 0; i < warmup; ++i) sync(f());
-  std::vector<double> t;
+  std::vector<double> t, c;
   for (int i = 0; i < runs; ++i) {
-    const double t0 = now_s();
+    const double t0 = now_s(), c0 = cpu_s();
     sync(f());
     t.push_back(now_s() - t0);
+    c.push_back(cpu_s() - c0);
   }
+  *cpu = median(c);
   return median(t);
 }
 
@@ -316,7 +329,8 @@ BenchResult bench(const BenchOptions& o) {
   at::Tensor timestep = at::scalar_tensor(981.0, fopts).to(dev);
   const double guidance = 7.5;
 
-  r.text_encode_s = time_median(o.warmup, o.runs, [&] { return text->encode(ids); });
+  double text_cpu = 0, unet_cpu = 0, vae_cpu = 0;
+  r.text_encode_s = time_median(o.warmup, o.runs, [&] { return text->encode(ids); }, &text_cpu);
   auto unet_step = [&] {
     // One guided step as the pipeline runs it: [uncond, cond] batch, guidance on the float32 result.
     models::UNetInputs in;
@@ -327,10 +341,13 @@ BenchResult bench(const BenchOptions& o) {
     auto parts = eps.chunk(2);
     return parts[0] + guidance * (parts[1] - parts[0]);
   };
-  r.unet_step_s = time_median(o.warmup, o.runs, unet_step);
+  r.unet_step_s = time_median(o.warmup, o.runs, unet_step, &unet_cpu);
   at::Tensor z = (latents / p.vae.scaling_factor).to(dtype);
   auto decode = [&] { return vae->decode(z); };
-  r.vae_decode_s = time_median(o.warmup, o.runs, decode);
+  r.vae_decode_s = time_median(o.warmup, o.runs, decode, &vae_cpu);
+  r.text_encode_cpu_s = text_cpu;
+  r.unet_step_cpu_s = unet_cpu;
+  r.vae_decode_cpu_s = vae_cpu;
   if (!o.profile.empty()) {
     // Chrome-trace files of one run each (scripts/profile_summary.py sums the time per op).
     {
@@ -345,6 +362,12 @@ BenchResult bench(const BenchOptions& o) {
   if (o.measure_peak) r.matmul_peak_gflops = matmul_peak_gflops(dtype, dev);
   r.peak_rss_mb = peak_rss_mb();
   return r;
+}
+
+// "on" (AVX-512 kernels in use), "off" (DMX_FUSED_KERNELS=0) or "unavailable" (CPU or build without them).
+static const char* fused_state() {
+  if (!nn::fused_kernels_available()) return "unavailable";
+  return fused_kernels() ? "on" : "off";
 }
 
 std::string bench_table(const BenchResult& r) {
@@ -374,7 +397,12 @@ std::string bench_table(const BenchResult& r) {
   row("text encode (batch 2)", r.text_encode_s, r.flops.text_encode);
   row("unet guided step (batch 2)", r.unet_step_s, r.flops.unet_step);
   row("vae decode (batch 1)", r.vae_decode_s, r.flops.vae_decode);
-  std::snprintf(buf, sizeof buf, "peak memory (VmHWM): %.0f MiB; model build %.1f s\n", r.peak_rss_mb, r.build_s);
+  std::snprintf(buf, sizeof buf, "process CPU seconds (all threads; on a shared machine the wall time above also "
+                "counts other processes): text %.4f, unet step %.4f, vae decode %.4f\n",
+                r.text_encode_cpu_s, r.unet_step_cpu_s, r.vae_decode_cpu_s);
+  s << buf;
+  std::snprintf(buf, sizeof buf, "peak memory (VmHWM): %.0f MiB; model build %.1f s; fused CPU kernels %s\n",
+                r.peak_rss_mb, r.build_s, fused_state());
   s << buf;
   return s.str();
 }
@@ -394,12 +422,16 @@ std::string bench_json(const BenchResult& r) {
   j["text_encode_s"] = r.text_encode_s;
   j["unet_step_s"] = r.unet_step_s;
   j["vae_decode_s"] = r.vae_decode_s;
+  j["text_encode_cpu_s"] = r.text_encode_cpu_s;
+  j["unet_step_cpu_s"] = r.unet_step_cpu_s;
+  j["vae_decode_cpu_s"] = r.vae_decode_cpu_s;
   j["text_encode_gflop"] = r.flops.text_encode / 1e9;
   j["unet_step_gflop"] = r.flops.unet_step / 1e9;
   j["vae_decode_gflop"] = r.flops.vae_decode / 1e9;
   j["matmul_peak_gflops"] = r.matmul_peak_gflops;
   j["build_s"] = r.build_s;
   j["peak_rss_mb"] = r.peak_rss_mb;
+  j["fused_kernels"] = fused_state();
   return j.dump();
 }
 

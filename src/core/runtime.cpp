@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <thread>
 
 #include "dmx/error.h"
@@ -26,4 +28,14 @@ std::atomic<bool> g_channels_last{true};
 }
 void set_channels_last(bool on) { g_channels_last.store(on); }
 bool channels_last() { return g_channels_last.load(); }
+
+namespace {
+bool initial_fused() {
+  const char* e = std::getenv("DMX_FUSED_KERNELS");
+  return !(e && std::string(e) == "0");
+}
+std::atomic<bool> g_fused{initial_fused()};
+}  // namespace
+void set_fused_kernels(bool on) { g_fused.store(on); }
+bool fused_kernels() { return g_fused.load(); }
 }  // namespace dmx

@@ -12,4 +12,9 @@ int runtime_threads();
 // measured 1.5x faster VAE decoding in bf16, see docs/performance.md). On by default; float32 stays NCHW.
 void set_channels_last(bool on);
 bool channels_last();
+// Hand-written fused CPU kernels (nn/kernels_avx512: bf16 attention, GroupNorm+SiLU) where the CPU has
+// AVX512-BF16. On by default; the DMX_FUSED_KERNELS=0 environment variable or `dmx bench --no-fused`
+// turns them off (the composite libtorch ops then run), for A/B measurements and as an escape hatch.
+void set_fused_kernels(bool on);
+bool fused_kernels();
 }  // namespace dmx

@@ -3,9 +3,11 @@
 // norm/act/conv_out).
 #include "models/autoencoder_kl.h"
 
+#include "core/runtime.h"
 #include "core/tensor_util.h"
 #include "dmx/error.h"
 #include "models/config_json.h"
+#include "nn/fused_ops.h"
 #include "nn/layers.h"
 
 namespace dmx::models {
@@ -13,6 +15,28 @@ namespace dmx::models {
 namespace {
 const char* kWhat = "AutoencoderKL config";
 constexpr double kVaeEps = 1e-6;  // diffusers' Encoder/Decoder fix resnet and norm eps at 1e-6
+
+// The decoder's activation layout: nn::to_compute_layout (channels-last for bf16/fp16), and channels-last for
+// float32 too where the fused GroupNorm runs (libtorch 1.13's own channels-last GroupNorm rounds too
+// differently for the 1e-5 golden tolerance; the fused one keeps double statistics). Experimental switch:
+// DMX_VAE_FP32_NHWC=1.
+at::Tensor decode_layout(const at::Tensor& z) {
+  static const bool fp32_nhwc = [] {
+    const char* e = std::getenv("DMX_VAE_FP32_NHWC");
+    return e && std::string(e) == "1";
+  }();
+  if (fp32_nhwc && z.scalar_type() == at::kFloat && z.dim() == 4 && dmx::channels_last() &&
+      dmx::fused_kernels() && nn::fused_kernels_available())
+    return z.contiguous(at::MemoryFormat::ChannelsLast);
+  return nn::to_compute_layout(z);
+}
+
+// conv_norm_out -> conv_act, as one fused GroupNorm+SiLU where available (nn/fused_ops.h).
+at::Tensor norm_act(const torch::nn::GroupNorm& norm, nn::Act act, const at::Tensor& h) {
+  if (act != nn::Act::SiLU) return nn::apply_act(act, nn::group_norm(norm, h));
+  const auto& o = norm->options;
+  return nn::group_norm_act(h, o.num_groups(), norm->weight, norm->bias, o.eps(), /*silu=*/true);
+}
 
 torch::nn::Conv2d conv2d(int64_t in, int64_t out, int64_t k, int64_t padding) {
   return torch::nn::Conv2d(torch::nn::Conv2dOptions(in, out, k).padding(padding));
@@ -60,7 +84,7 @@ class EncoderImpl : public torch::nn::Module {
     at::Tensor h = conv_in->forward(x);
     for (auto& b : down_blocks) h = b->forward(h, {}, {}).hidden_states;
     h = mid_block->forward(h);
-    return conv_out->forward(nn::apply_act(act_, nn::group_norm(conv_norm_out, h)));  // [B, 2 latent, H/f, W/f]
+    return conv_out->forward(norm_act(conv_norm_out, act_, h));  // [B, 2 latent, H/f, W/f]
   }
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   std::vector<nn::DownBlock2D> down_blocks;
@@ -102,7 +126,7 @@ class DecoderImpl : public torch::nn::Module {
     h = mid_block->forward(h);
     h = h.to(up_blocks.front()->resnets.front()->conv1->weight.scalar_type());  // diffusers' upscale_dtype
     for (auto& b : up_blocks) h = b->forward(h);
-    return conv_out->forward(nn::apply_act(act_, nn::group_norm(conv_norm_out, h)));  // [B, out, H, W]
+    return conv_out->forward(norm_act(conv_norm_out, act_, h));  // [B, out, H, W]
   }
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   nn::UNetMidBlock2D mid_block{nullptr};
@@ -224,6 +248,6 @@ DiagonalGaussian AutoencoderKLImpl::encode(const at::Tensor& x) {
 at::Tensor AutoencoderKLImpl::decode(const at::Tensor& z) {
   DMX_CHECK_ARG(z.defined() && z.dim() == 4 && z.size(1) == cfg_.latent_channels, "VAE decode input must be [B, ",
                 cfg_.latent_channels, ", h, w], got ", shape_string(z));
-  return parts_->decoder->forward(parts_->post_quant_conv->forward(nn::to_compute_layout(z))).contiguous();
+  return parts_->decoder->forward(parts_->post_quant_conv->forward(decode_layout(z))).contiguous();
 }
 }  // namespace dmx::models

@@ -21,4 +21,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // the DMX_ATTN_SCORE_ELEMENTS environment variable sets the initial value, for measurements).
 int64_t max_score_elements();
 void set_max_score_elements(int64_t n);  // n >= 1; throws InvalidArgument otherwise
+
+// bf16 inference on CPUs with AVX512-BF16 (dmx::fused_kernels() on, causal false, no input requiring grad)
+// runs a fused kernel instead of the tiles above: float32 scores and softmax kept in a per-thread
+// workspace, AMX tiles for both products where the CPU has them (docs/performance.md). This switch
+// (initially off when DMX_ATTN_AMX=0) selects the AVX512-BF16 dot-product variant instead, for tests and A/B.
+void set_attention_amx(bool on);
 }  // namespace dmx::nn

@@ -4,6 +4,7 @@
 #include "core/runtime.h"
 #include "dmx/error.h"
 #include "nn/attention.h"
+#include "nn/fused_ops.h"
 
 namespace dmx::nn {
 
@@ -41,10 +42,14 @@ static at::Tensor apply_act_(Act act, at::Tensor x) {
 
 at::Tensor group_norm(const tnn::GroupNorm& norm, const at::Tensor& x) {
   const auto& o = norm->options;
-  if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) return norm.ptr()->forward(x);
-  return at::group_norm(x.to(at::kFloat), o.num_groups(), norm->weight.to(at::kFloat), norm->bias.to(at::kFloat),
-                        o.eps())
-      .to(x.scalar_type());
+  return group_norm_act(x, o.num_groups(), norm->weight, norm->bias, o.eps(), /*silu=*/false);
+}
+
+// GroupNorm then the block's activation: one fused kernel for SiLU (nn/fused_ops.h).
+static at::Tensor group_norm_act_(const tnn::GroupNorm& norm, Act act, const at::Tensor& x) {
+  const auto& o = norm->options;
+  if (act == Act::SiLU) return group_norm_act(x, o.num_groups(), norm->weight, norm->bias, o.eps(), /*silu=*/true);
+  return apply_act_(act, group_norm(norm, x));
 }
 
 at::Tensor to_compute_layout(const at::Tensor& x) {
@@ -110,12 +115,12 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& o) : o_(o) {
 
 at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb) {
   // Temporaries are updated in place (fewer large allocations; a + b == b + a exactly).
-  at::Tensor h = conv1->forward(apply_act_(o_.act, group_norm(norm1, x)));
+  at::Tensor h = conv1->forward(group_norm_act_(norm1, o_.act, x));
   if (time_emb_proj && temb.defined()) {
     at::Tensor t = time_emb_proj->forward(apply_act(o_.act, temb));  // [B, out]
     h.add_(t.unsqueeze(-1).unsqueeze(-1));
   }
-  h = conv2->forward(apply_act_(o_.act, group_norm(norm2, h)));  // dropout is identity at inference
+  h = conv2->forward(group_norm_act_(norm2, o_.act, h));  // dropout is identity at inference
   if (conv_shortcut)
     h.add_(conv_shortcut->forward(x));
   else
