@@ -135,6 +135,15 @@ at::Tensor from_model_space(const at::Tensor& x) {
   return (x / 2 + 0.5).clamp(0, 1).squeeze(0).permute({1, 2, 0}).contiguous();
 }
 
+// The VAE's device; its weights must be float32 (Adam on half-precision weights is not supported).
+at::Device vae_device(models::AutoencoderKL& vae, const char* what) {
+  const auto params = vae->parameters();
+  DMX_CHECK_ARG(!params.empty(), what, ": the VAE has no parameters");
+  DMX_CHECK_SUPPORTED(params[0].scalar_type() == at::kFloat, what, " needs float32 VAE weights (--dtype fp32), got ",
+                      params[0].scalar_type());
+  return params[0].device();
+}
+
 at::Tensor reconstruction_loss(const at::Tensor& x, const at::Tensor& edited, const at::Tensor& original,
                                const at::Tensor& m, double lambda) {
   return at::mse_loss(x * m, edited * m) + at::mse_loss(x * (1 - m), original * (1 - m)) * lambda;
@@ -172,12 +181,13 @@ at::Tensor optimize_latents(models::AutoencoderKL& vae, const at::Tensor& latent
                             const at::Tensor& original, const at::Tensor& mask, const ReconstructionOptions& o) {
   check_images(edited, original, mask);
   DMX_CHECK_ARG(o.steps >= 1 && o.steps <= 10000, "optimization steps must be in [1, 10000], got ", o.steps);
+  const at::Device dev = vae_device(vae, "optimize-latents");
   at::AutoGradMode grad(true);
   const double sf = vae->config().scaling_factor;
-  const at::Tensor fg = to_model_space(edited), bg = to_model_space(original);
-  const at::Tensor m = mask.to(at::kFloat).unsqueeze(0).unsqueeze(0);  // [1, 1, H, W]
+  const at::Tensor fg = to_model_space(edited).to(dev), bg = to_model_space(original).to(dev);
+  const at::Tensor m = mask.to(at::kFloat).unsqueeze(0).unsqueeze(0).to(dev);  // [1, 1, H, W]
   // The scaled latent is the variable, as in the BLD code (Adam's step size is in its units).
-  at::Tensor z = latents.detach().to(at::kFloat).clone().set_requires_grad(true);
+  at::Tensor z = latents.detach().to(dev, at::kFloat).clone().set_requires_grad(true);
   torch::optim::Adam opt({z}, torch::optim::AdamOptions(o.latents_lr));
   ProgressBar bar("optimize latents", o.show_progress ? o.steps : 0);
   for (int i = 0; i < o.steps; ++i) {
@@ -189,13 +199,14 @@ at::Tensor optimize_latents(models::AutoencoderKL& vae, const at::Tensor& latent
   }
   bar.finish();
   at::NoGradGuard no_grad;
-  return from_model_space(vae->decode(z.detach() / sf));
+  return from_model_space(vae->decode(z.detach() / sf).to(at::kCPU));
 }
 
 at::Tensor finetune_decoder(models::AutoencoderKL& vae, const at::Tensor& latents, const at::Tensor& edited,
                             const at::Tensor& original, const at::Tensor& mask, const ReconstructionOptions& o) {
   check_images(edited, original, mask);
   DMX_CHECK_ARG(o.steps >= 1 && o.steps <= 10000, "optimization steps must be in [1, 10000], got ", o.steps);
+  const at::Device dev = vae_device(vae, "finetune-decoder");
   // The decoder's own weights (not post_quant_conv), as the BLD code; everything else frozen. Every weight
   // and flag is restored on the way out, exceptions included.
   struct Saved {
@@ -226,9 +237,9 @@ at::Tensor finetune_decoder(models::AutoencoderKL& vae, const at::Tensor& latent
 
   at::AutoGradMode grad(true);
   const double sf = vae->config().scaling_factor;
-  const at::Tensor fg = to_model_space(edited), bg = to_model_space(original);
-  const at::Tensor m = mask.to(at::kFloat).unsqueeze(0).unsqueeze(0);
-  const at::Tensor z = (latents.detach().to(at::kFloat) / sf);
+  const at::Tensor fg = to_model_space(edited).to(dev), bg = to_model_space(original).to(dev);
+  const at::Tensor m = mask.to(at::kFloat).unsqueeze(0).unsqueeze(0).to(dev);  // [1, 1, H, W]
+  const at::Tensor z = latents.detach().to(dev, at::kFloat) / sf;                 // [1, 4, h, w] unscaled
   torch::optim::Adam opt(trainable, torch::optim::AdamOptions(o.decoder_lr));
   ProgressBar bar("fine-tune decoder", o.show_progress ? o.steps : 0);
   for (int i = 0; i < o.steps; ++i) {
@@ -240,7 +251,7 @@ at::Tensor finetune_decoder(models::AutoencoderKL& vae, const at::Tensor& latent
   }
   bar.finish();
   at::NoGradGuard no_grad;
-  return from_model_space(vae->decode(z));
+  return from_model_space(vae->decode(z).to(at::kCPU));
 }
 
 // ---- measurements ---------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ void BlendedLatentDiffusionPipeline::check_params(const BlendedLatentDiffusionPa
                 "blend_start must be in [0, 1), got ", p.blend_start);
   DMX_CHECK_ARG(p.mask_dilation >= 0 && p.mask_dilation <= 64, "mask_dilation must be in [0, 64], got ",
                 p.mask_dilation);
-  DMX_CHECK_ARG(m_->unet->config().in_channels == 4, "blended latent diffusion needs a 4-channel UNet, got ",
-                m_->unet->config().in_channels, " input channels (a dedicated inpainting model)");
+  DMX_CHECK_SUPPORTED(m_->unet->config().in_channels == 4, "blended latent diffusion needs a 4-channel UNet; this one has ",
+                      m_->unet->config().in_channels,
+                      " input channels (a dedicated inpainting model, whose 9-channel path dmx does not implement yet)");
   // The remaining rules (steps, guidance, eta, sizes, clip skip) are StableDiffusionPipeline's.
   StableDiffusionParams sp;
   sp.num_inference_steps = p.num_inference_steps;
