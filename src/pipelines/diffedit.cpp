@@ -80,7 +80,7 @@ DiffEditMaskOutput DiffEditPipeline::generate_mask(const DiffEditMaskParams& p) 
   // The encoder runs once; every copy has the same mean and std.
   auto dist = m_->vae->encode(p.image.to(m_->device, m_->dtype));
   const at::Tensor mean = dist.mean.to(at::kFloat).to(at::kCPU).repeat({n, 1, 1, 1});  // [n, 4, h, w]
-  const at::Tensor std = dist.std.to(at::kFloat).to(at::kCPU).repeat({n, 1, 1, 1});
+  const at::Tensor stdev = dist.std.to(at::kFloat).to(at::kCPU).repeat({n, 1, 1, 1});
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   auto draw = [&](const at::Tensor& given, const char* what) {
     if (given.defined()) {
@@ -91,7 +91,7 @@ DiffEditMaskOutput DiffEditPipeline::generate_mask(const DiffEditMaskParams& p) 
     return p.generator ? at::randn(mean.sizes(), *p.generator, f32) : at::randn(mean.sizes(), f32);
   };
   const at::Tensor posterior_eps = draw(p.posterior_noise, "posterior_noise");
-  at::Tensor image_latents = (mean + std * posterior_eps) * m_->vae->config().scaling_factor;
+  at::Tensor image_latents = (mean + stdev * posterior_eps) * m_->vae->config().scaling_factor;
   const at::Tensor noise = draw(p.noise, "noise");
   image_latents = sched->add_noise(image_latents, noise, start);
 
