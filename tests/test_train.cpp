@@ -2,7 +2,10 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/optim/adamw.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 
 #include "core/fs.h"
@@ -569,4 +572,109 @@ TEST(TrainCli, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
   const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(out)}, {});
   EXPECT_TRUE(reps[0].unmatched.empty());
   EXPECT_GT(reps[0].unet_layers, 0);
+}
+
+namespace {
+// `count` captioned images drawn by the tiny model itself.
+std::string make_image_folder(const std::string& name, int count) {
+  const std::string data = temp_dir() + "/" + name;
+  fs::create_directories(data);
+  auto m = fresh_model();
+  const char* caps[] = {"a red square", "a blue circle", "a green cat", "a photo of a dog"};
+  for (int k = 0; k < count; ++k) {
+    tr::ClassImageOptions ci;
+    ci.dir = data;
+    ci.prompt = caps[k % 4];
+    ci.num_class_images = k + 1;
+    ci.resolution = 32;
+    ci.num_inference_steps = 1;
+    ci.seed = static_cast<uint64_t>(k);
+    tr::generate_class_images(m, ci);
+  }
+  const auto imgs = tr::list_images(data);
+  for (size_t k = 0; k < imgs.size(); ++k) {
+    const std::string txt = imgs[k].substr(0, imgs[k].size() - 4) + ".txt";
+    const std::string cap = caps[k % 4];
+    write_bytes_atomic(txt, cap.data(), cap.size());
+  }
+  return data;
+}
+}  // namespace
+
+// Acceptance: 2 processes on loopback (Gloo, torchrun's variables) give the weights of 1 process with the same
+// global batch. Skips while this build lacks the dataset or c10d (dist branch).
+TEST(TrainDistributed, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatch) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string data = make_image_folder("dist-images", 4);
+  const std::vector<std::string> common = {"train", "lora", "--model", fixture_model("test"), "--data", data,
+                                           "--resolution", "32", "--steps", "3", "--learning-rate", "1e-2",
+                                           "--save-format", "kohya", "--lora-targets", "all", "--seed", "5",
+                                           "--quiet", "--threads", "1"};
+  const std::string one = temp_dir() + "/dist-one.safetensors";
+  std::vector<std::string> a1 = common;
+  a1.insert(a1.end(), {"--batch-size", "4", "--output", one});
+  const CliRun r1 = dmx_run(a1);
+  if (r1.code == 2 && r1.output.find("dataset.cpp is missing") != std::string::npos)
+    GTEST_SKIP() << "the image-caption dataset (dist branch) is not in this build";
+  ASSERT_EQ(r1.code, 0) << r1.output;
+
+  const std::string two = temp_dir() + "/dist-two.safetensors";
+  const int port = 20000 + static_cast<int>(getpid() % 20000);
+  std::string cmd;
+  for (int rank = 0; rank < 2; ++rank) {
+    cmd += "( env WORLD_SIZE=2 RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) +
+           " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " '" + DMX_CLI_PATH + "'";
+    for (const auto& x : common) cmd += " '" + x + "'";
+    cmd += " --batch-size 2 --output '" + two + "' > '" + temp_dir() + "/dist-rank" + std::to_string(rank) +
+           ".log' 2>&1; echo $? > '" + temp_dir() + "/dist-rank" + std::to_string(rank) + ".rc' ) & ";
+  }
+  cmd += "wait";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string log = read_text_file(temp_dir() + "/dist-rank" + std::to_string(rank) + ".log", "log");
+    const std::string rc = read_text_file(temp_dir() + "/dist-rank" + std::to_string(rank) + ".rc", "rc");
+    if (log.find("distributed.cpp is missing") != std::string::npos)
+      GTEST_SKIP() << "distributed training (dist branch) is not in this build";
+    ASSERT_EQ(std::atoi(rc.c_str()), 0) << "rank " << rank << ": " << log;
+  }
+  const io::TensorMap w1 = io::load_safetensors(one), w2 = io::load_safetensors(two);
+  ASSERT_EQ(w1.size(), w2.size());
+  std::vector<at::Tensor> f1, f2;
+  for (const auto& [k, v] : w1) {
+    ASSERT_TRUE(w2.count(k)) << k;
+    f1.push_back(v.flatten());
+    f2.push_back(w2.at(k).flatten());
+  }
+  DMX_EXPECT_CLOSE("2 processes x batch 2 vs 1 process x batch 4 (LoRA weights after 3 steps)", at::cat(f2),
+                   at::cat(f1), 1e-5);
+}
+
+TEST(TrainLoRA, ValidationImagesJsonlLogAndCheckpointRotation) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = fresh_model();
+  auto recipe = std::make_shared<tr::LoRARecipe>(m, tr::LoRATrainOptions{}, tr::LoRASaveFormat::PEFT);
+  tr::TrainConfig c = base_config("validation", 3);
+  c.output = temp_dir() + "/validation/out.safetensors";
+  c.validation_steps = 2;
+  c.validation_prompt = "a cat";
+  c.validation_inference_steps = 2;
+  c.checkpointing_steps = 1;
+  c.checkpoints_total_limit = 2;
+  c.save_final_checkpoint = true;
+  tr::Trainer t(c, recipe, std::make_shared<MemorySource>(2, 32, 2));
+  t.run();
+  EXPECT_TRUE(fs::exists(c.output_dir + "/validation-000002-0.png"));
+  EXPECT_FALSE(fs::exists(c.output_dir + "/validation-000001-0.png"));
+  EXPECT_FALSE(fs::exists(c.output_dir + "/checkpoint-1"));
+  EXPECT_TRUE(fs::exists(c.output_dir + "/checkpoint-2/trainer_state.json"));
+  EXPECT_TRUE(fs::exists(c.output_dir + "/checkpoint-3/trainable.safetensors"));
+  EXPECT_TRUE(fs::exists(c.output));
+  EXPECT_TRUE(fs::exists(temp_dir() + "/validation/adapter_config.json"));
+  const std::string log = read_text_file(c.output_dir + "/train_log.jsonl", "log");
+  int lines = 0;
+  for (size_t p = 0; (p = log.find('\n', p)) != std::string::npos; ++p) ++lines;
+  EXPECT_EQ(lines, 3);
+  const auto first = nlohmann::json::parse(log.substr(0, log.find('\n')));
+  for (const char* k : {"step", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s"})
+    EXPECT_TRUE(first.contains(k)) << k;
 }
