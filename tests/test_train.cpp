@@ -603,11 +603,15 @@ std::string make_image_folder(const std::string& name, int count) {
 
 // Acceptance: 2 processes on loopback (Gloo, torchrun's variables) give the weights of 1 process with the same
 // global batch. Skips while this build lacks the dataset or c10d (dist branch).
+// The two runs sum the same gradients in a different order, so they differ at float rounding level; AdamW
+// divides by sqrt(v) + 1e-8, which turns rounding noise in near-zero gradient components (|g| ~ 1e-9) into
+// updates of up to lr. The small learning rate keeps that below the 1e-5 tolerance (at lr 1e-2 the same runs
+// differ by 3e-4 in a handful of such components, not by a systematic error).
 TEST(TrainDistributed, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatch) {
   DMX_REQUIRE_FIXTURES();
   const std::string data = make_image_folder("dist-images", 4);
   const std::vector<std::string> common = {"train", "lora", "--model", fixture_model("test"), "--data", data,
-                                           "--resolution", "32", "--steps", "3", "--learning-rate", "1e-2",
+                                           "--resolution", "32", "--steps", "3", "--learning-rate", "1e-4",
                                            "--save-format", "kohya", "--lora-targets", "all", "--seed", "5",
                                            "--quiet", "--threads", "1"};
   const std::string one = temp_dir() + "/dist-one.safetensors";
@@ -642,6 +646,10 @@ TEST(TrainDistributed, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatch) 
   std::vector<at::Tensor> f1, f2;
   for (const auto& [k, v] : w1) {
     ASSERT_TRUE(w2.count(k)) << k;
+    if (k.size() > 6 && k.compare(k.size() - 6, 6, ".alpha") == 0) {
+      EXPECT_TRUE(at::equal(v, w2.at(k))) << k;
+      continue;
+    }
     f1.push_back(v.flatten());
     f2.push_back(w2.at(k).flatten());
   }
@@ -677,4 +685,24 @@ TEST(TrainLoRA, ValidationImagesJsonlLogAndCheckpointRotation) {
   const auto first = nlohmann::json::parse(log.substr(0, log.find('\n')));
   for (const char* k : {"step", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s"})
     EXPECT_TRUE(first.contains(k)) << k;
+}
+
+TEST(TrainCli, DreamBoothLoRAWithPriorPreservationGeneratesClassImages) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string inst = make_image_folder("db-instance", 2);
+  const std::string cls = temp_dir() + "/db-class";  // empty: the base model fills it
+  const std::string out = temp_dir() + "/db-lora.safetensors";
+  const CliRun r = dmx_run({"train", "dreambooth", "--model", fixture_model("test"), "--instance-data", inst,
+                            "--instance-prompt", "a photo of sks dog", "--class-data", cls, "--class-prompt",
+                            "a photo of a dog", "--num-class-images", "3", "--class-inference-steps", "1",
+                            "--prior-loss-weight", "0.5", "--lora-rank", "2", "--resolution", "32", "--steps", "2",
+                            "--batch-size", "2", "--output", out, "--quiet"});
+  if (r.code == 2 && r.output.find("dataset.cpp is missing") != std::string::npos)
+    GTEST_SKIP() << "the image-caption dataset (dist branch) is not in this build";
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(tr::list_images(cls).size(), 3u);
+  auto loaded = fresh_model();
+  const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(out)}, {});
+  EXPECT_TRUE(reps[0].unmatched.empty());
+  EXPECT_GT(reps[0].unet_layers, 0);
 }
