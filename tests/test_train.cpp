@@ -316,8 +316,8 @@ TEST(TrainLoRA, SavedFilesLoadBackAndMatchTheMergeFormula) {
     for (const auto& item : manual->text_encoder->named_parameters(true))
       weights["text_encoder." + item.key()] = item.value();
     for (const auto& L : net.layers()) {
-      const std::string key = std::string(L.component == io::LoRAComponent::UNet ? "unet." : "text_encoder.") +
-                              L.module + ".weight";
+      const std::string key =
+          std::string(L.component == io::LoRAComponent::UNet ? "unet." : "text_encoder.") + L.module + ".weight";
       at::Tensor& w = weights.at(key);
       const at::Tensor d = at::matmul(L.up.detach().reshape({L.out, -1}), L.down.detach().reshape({4, -1}));
       w.add_(d.reshape(w.sizes()) * 2.0);
@@ -337,7 +337,8 @@ TEST(TrainLoRA, SavedFilesLoadBackAndMatchTheMergeFormula) {
       const std::string f = fmt;
       if (f == "kohya") {
         EXPECT_TRUE((k.rfind("lora_unet_", 0) == 0 || k.rfind("lora_te_", 0) == 0) &&
-                    (k.find(".lora_down.weight") != std::string::npos || k.find(".lora_up.weight") != std::string::npos ||
+                    (k.find(".lora_down.weight") != std::string::npos ||
+                     k.find(".lora_up.weight") != std::string::npos ||
                      (k.size() > 6 && k.compare(k.size() - 6, 6, ".alpha") == 0)))
             << k;
       } else if (f == "diffusers") {
@@ -345,7 +346,8 @@ TEST(TrainLoRA, SavedFilesLoadBackAndMatchTheMergeFormula) {
                     (k.rfind("text_encoder.", 0) == 0 && k.find(".lora_linear_layer.") != std::string::npos))
             << k;
       } else {
-        EXPECT_TRUE(k.find(".lora_A.weight") != std::string::npos || k.find(".lora_B.weight") != std::string::npos) << k;
+        EXPECT_TRUE(k.find(".lora_A.weight") != std::string::npos || k.find(".lora_B.weight") != std::string::npos)
+            << k;
       }
     }
     auto loaded = fresh_model();
@@ -591,9 +593,9 @@ TEST(TrainCli, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
     write_bytes_atomic(txt, cap.data(), cap.size());
   }
   const std::string out = temp_dir() + "/cli-lora.safetensors";
-  const CliRun r = dmx_run({"train", "lora", "--model", fixture_model("test"), "--data", data, "--output", out,
-                            "--resolution", "32", "--steps", "2", "--batch-size", "2", "--save-format", "kohya",
-                            "--checkpoint-every", "1", "--quiet"});
+  const CliRun r =
+      dmx_run({"train", "lora", "--model", fixture_model("test"), "--data", data, "--output", out, "--resolution", "32",
+               "--steps", "2", "--batch-size", "2", "--save-format", "kohya", "--checkpoint-every", "1", "--quiet"});
   if (r.code == 2 && r.output.find("dataset.cpp is missing") != std::string::npos)
     GTEST_SKIP() << "the image-caption dataset (dist branch) is not in this build";
   ASSERT_EQ(r.code, 0) << r.output;
@@ -643,10 +645,27 @@ std::string make_image_folder(const std::string& name, int count) {
 TEST(TrainDistributed, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatch) {
   DMX_REQUIRE_FIXTURES();
   const std::string data = make_image_folder("dist-images", 4);
-  const std::vector<std::string> common = {"train", "lora", "--model", fixture_model("test"), "--data", data,
-                                           "--resolution", "32", "--steps", "3", "--learning-rate", "1e-4",
-                                           "--save-format", "kohya", "--lora-targets", "all", "--seed", "5",
-                                           "--quiet", "--threads", "1"};
+  const std::vector<std::string> common = {"train",
+                                           "lora",
+                                           "--model",
+                                           fixture_model("test"),
+                                           "--data",
+                                           data,
+                                           "--resolution",
+                                           "32",
+                                           "--steps",
+                                           "3",
+                                           "--learning-rate",
+                                           "1e-4",
+                                           "--save-format",
+                                           "kohya",
+                                           "--lora-targets",
+                                           "all",
+                                           "--seed",
+                                           "5",
+                                           "--quiet",
+                                           "--threads",
+                                           "1"};
   const std::string one = temp_dir() + "/dist-one.safetensors";
   std::vector<std::string> a1 = common;
   a1.insert(a1.end(), {"--batch-size", "4", "--output", one});
@@ -725,11 +744,35 @@ TEST(TrainCli, DreamBoothLoRAWithPriorPreservationGeneratesClassImages) {
   const std::string inst = make_image_folder("db-instance", 2);
   const std::string cls = temp_dir() + "/db-class";  // empty: the base model fills it
   const std::string out = temp_dir() + "/db-lora.safetensors";
-  const CliRun r = dmx_run({"train", "dreambooth", "--model", fixture_model("test"), "--instance-data", inst,
-                            "--instance-prompt", "a photo of sks dog", "--class-data", cls, "--class-prompt",
-                            "a photo of a dog", "--num-class-images", "3", "--class-inference-steps", "1",
-                            "--prior-loss-weight", "0.5", "--lora-rank", "2", "--resolution", "32", "--steps", "2",
-                            "--batch-size", "2", "--output", out, "--quiet"});
+  const CliRun r = dmx_run({"train",
+                            "dreambooth",
+                            "--model",
+                            fixture_model("test"),
+                            "--instance-data",
+                            inst,
+                            "--instance-prompt",
+                            "a photo of sks dog",
+                            "--class-data",
+                            cls,
+                            "--class-prompt",
+                            "a photo of a dog",
+                            "--num-class-images",
+                            "3",
+                            "--class-inference-steps",
+                            "1",
+                            "--prior-loss-weight",
+                            "0.5",
+                            "--lora-rank",
+                            "2",
+                            "--resolution",
+                            "32",
+                            "--steps",
+                            "2",
+                            "--batch-size",
+                            "2",
+                            "--output",
+                            out,
+                            "--quiet"});
   if (r.code == 2 && r.output.find("dataset.cpp is missing") != std::string::npos)
     GTEST_SKIP() << "the image-caption dataset (dist branch) is not in this build";
   ASSERT_EQ(r.code, 0) << r.output;
