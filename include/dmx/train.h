@@ -12,8 +12,8 @@ struct TrainOptions {
   std::string recipe;  // lora | finetune | dreambooth
   std::string model;   // diffusers folder (finetune / full DreamBooth: required) or single-file checkpoint
   std::string config_dir, tokenizer_dir;  // for a single-file --model
-  std::string data;    // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
-  std::string output;  // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder
+  std::string data;        // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
+  std::string output;      // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder
   std::string output_dir;  // checkpoints, train_log.jsonl, validation images ("" = <output>.train)
 
   // Data
@@ -51,7 +51,7 @@ struct TrainOptions {
 
   // LoRA (lora, and dreambooth with lora_rank > 0)
   int rank = 4;
-  double alpha = 0;                   // 0 = rank
+  double alpha = 0;                        // 0 = rank
   std::string lora_targets = "attention";  // attention | all
   std::string save_format = "diffusers";   // diffusers | peft | kohya
   std::string lora_init = "kaiming";       // kaiming | gaussian

@@ -37,9 +37,7 @@ double default_lr(const TrainOptions& o) {
   return 1e-4;
 }
 
-bool lora_output(const TrainOptions& o) {
-  return o.recipe == "lora" || (o.recipe == "dreambooth" && o.lora_rank > 0);
-}
+bool lora_output(const TrainOptions& o) { return o.recipe == "lora" || (o.recipe == "dreambooth" && o.lora_rank > 0); }
 
 tr::TrainConfig make_config(const TrainOptions& o) {
   tr::TrainConfig c;
@@ -311,8 +309,7 @@ struct BenchRecipe : tr::Recipe {
 
 TrainBenchResult train_bench(const TrainBenchOptions& o) {
   DMX_CHECK_SUPPORTED(o.recipe == "lora", "train bench measures the LoRA recipe (--recipe lora), got '", o.recipe, "'");
-  DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0, "--resolution must be a multiple of 8, got ",
-                o.resolution);
+  DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0, "--resolution must be a multiple of 8, got ", o.resolution);
   DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
   DMX_CHECK_ARG(o.batch_size > 0, "--batch-size must be > 0, got ", o.batch_size);
   DMX_CHECK_ARG(o.rank > 0, "--rank must be > 0, got ", o.rank);
@@ -325,8 +322,8 @@ TrainBenchResult train_bench(const TrainBenchOptions& o) {
   m->unet = models::UNet2DConditionModel(p.unet);
   m->vae = models::AutoencoderKL(p.vae);
   m->scheduler_config = {{"_class_name", "PNDMScheduler"}, {"beta_schedule", "scaled_linear"},
-                         {"beta_start", 0.00085},           {"beta_end", 0.012},
-                         {"num_train_timesteps", 1000},     {"prediction_type", "epsilon"}};
+                         {"beta_start", 0.00085},          {"beta_end", 0.012},
+                         {"num_train_timesteps", 1000},    {"prediction_type", "epsilon"}};
   tr::LoRATrainOptions lo;
   lo.rank = o.rank;
   std::shared_ptr<tr::Recipe> inner = std::make_shared<tr::LoRARecipe>(m, lo, tr::LoRASaveFormat::Diffusers);

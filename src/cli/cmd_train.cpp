@@ -66,15 +66,14 @@ std::vector<OptionSpec> common_specs() {
   };
 }
 
-void add(std::vector<OptionSpec>& v, std::vector<OptionSpec> more) {
-  v.insert(v.end(), more.begin(), more.end());
-}
+void add(std::vector<OptionSpec>& v, std::vector<OptionSpec> more) { v.insert(v.end(), more.begin(), more.end()); }
 
 std::vector<OptionSpec> lora_specs(bool dreambooth) {
   std::vector<OptionSpec> v = {
       {"save-format", "F", "diffusers|peft|kohya (default diffusers)"},
       {"alpha", "A", "LoRA alpha; scale = alpha / rank (default: rank)"},
-      {"lora-targets", "T", "attention (to_q/k/v/out.0) | all (every linear and conv of the blocks) (default attention)"},
+      {"lora-targets", "T",
+       "attention (to_q/k/v/out.0) | all (every linear and conv of the blocks) (default attention)"},
       {"lora-init", "I", "kaiming (peft / kohya default) | gaussian (default kaiming)"},
       {"train-text-encoder", "", "also train the text encoder (LoRA on q/k/v/out_proj, or fully)"},
   };
@@ -84,17 +83,17 @@ std::vector<OptionSpec> lora_specs(bool dreambooth) {
 
 int run_bench(int argc, char** argv) {
   Args a("train bench", {
-      {"preset", "NAME", "tiny|sd15|sd21 architecture with random weights (default tiny)"},
-      {"resolution", "PX", "image side (default 256)"},
-      {"batch-size", "B", "examples per step (default 1)"},
-      {"steps", "N", "timed steps after one warm-up step (default 3)"},
-      {"rank", "R", "LoRA rank (default 4)"},
-      {"dtype", "T", "fp32|bf16 (default fp32)"},
-      {"gradient-checkpointing", "", "recompute UNet block activations in backward"},
-      {"threads", "N", "CPU threads (default: all cores)"},
-      {"verbose", "", "stack traces"},
-      {"help", "", "show this help"},
-  });
+                            {"preset", "NAME", "tiny|sd15|sd21 architecture with random weights (default tiny)"},
+                            {"resolution", "PX", "image side (default 256)"},
+                            {"batch-size", "B", "examples per step (default 1)"},
+                            {"steps", "N", "timed steps after one warm-up step (default 3)"},
+                            {"rank", "R", "LoRA rank (default 4)"},
+                            {"dtype", "T", "fp32|bf16 (default fp32)"},
+                            {"gradient-checkpointing", "", "recompute UNet block activations in backward"},
+                            {"threads", "N", "CPU threads (default: all cores)"},
+                            {"verbose", "", "stack traces"},
+                            {"help", "", "show this help"},
+                        });
   a.parse(argc, argv, 3);
   if (a.has("help")) {
     std::printf("%s", a.help().c_str());

@@ -96,7 +96,9 @@ Batch DreamBoothBatchSource::get(int64_t micro_step) {
 }
 
 DreamBoothRecipe::DreamBoothRecipe(std::shared_ptr<Recipe> inner, bool prior_preservation, double prior_loss_weight)
-    : Recipe(inner->models_ptr()), inner_(std::move(inner)), prior_(prior_preservation),
+    : Recipe(inner->models_ptr()),
+      inner_(std::move(inner)),
+      prior_(prior_preservation),
       prior_loss_weight_(prior_loss_weight) {
   DMX_CHECK_ARG(std::isfinite(prior_loss_weight) && prior_loss_weight >= 0, "--prior-loss-weight must be >= 0, got ",
                 prior_loss_weight);
@@ -104,8 +106,10 @@ DreamBoothRecipe::DreamBoothRecipe(std::shared_ptr<Recipe> inner, bool prior_pre
 
 at::Tensor DreamBoothRecipe::reduce_loss(const at::Tensor& per, const Batch& batch) {
   if (!prior_) return per.mean();
-  DMX_CHECK_ARG(per.size(0) % 2 == 0, "dreambooth: a prior-preservation batch holds instance and class rows in equal "
-                "numbers, got ", per.size(0), " rows");
+  DMX_CHECK_ARG(per.size(0) % 2 == 0,
+                "dreambooth: a prior-preservation batch holds instance and class rows in equal "
+                "numbers, got ",
+                per.size(0), " rows");
   const int64_t b = per.size(0) / 2;
   return per.narrow(0, 0, b).mean() + prior_loss_weight_ * per.narrow(0, b, b).mean();
 }

@@ -72,9 +72,7 @@ at::Tensor& weight_of(const std::shared_ptr<torch::nn::Module>& mod) {
   return std::dynamic_pointer_cast<nn::LoRAConv2dImpl>(mod)->weight;
 }
 
-const char* component_prefix(io::LoRAComponent c) {
-  return c == io::LoRAComponent::UNet ? "unet" : "text_encoder";
-}
+const char* component_prefix(io::LoRAComponent c) { return c == io::LoRAComponent::UNet ? "unet" : "text_encoder"; }
 
 }  // namespace
 
@@ -107,10 +105,10 @@ LoRANetwork::LoRANetwork(pipelines::StableDiffusionModels& m, const LoRATrainOpt
       }
       const int64_t fan_in = L.in * L.kh * L.kw;
       // [r, in] or [r, in, kh, kw]
-      std::vector<int64_t> dshape = L.conv ? std::vector<int64_t>{rank_, L.in, L.kh, L.kw}
-                                           : std::vector<int64_t>{rank_, L.in};
-      std::vector<int64_t> ushape = L.conv ? std::vector<int64_t>{L.out, rank_, 1, 1}
-                                           : std::vector<int64_t>{L.out, rank_};
+      std::vector<int64_t> dshape =
+          L.conv ? std::vector<int64_t>{rank_, L.in, L.kh, L.kw} : std::vector<int64_t>{rank_, L.in};
+      std::vector<int64_t> ushape =
+          L.conv ? std::vector<int64_t>{L.out, rank_, 1, 1} : std::vector<int64_t>{L.out, rank_};
       at::Tensor down = at::empty(dshape, f32);
       if (o.init == "kaiming") {
         const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));  // kaiming_uniform_(a=sqrt(5))
@@ -208,7 +206,8 @@ io::TensorMap LoRANetwork::state_dict(LoRASaveFormat f) const {
     const bool unet = L.component == io::LoRAComponent::UNet;
     switch (f) {
       case LoRASaveFormat::Diffusers: {
-        const std::string base = unet ? "unet." + L.module + ".lora." : "text_encoder." + L.module + ".lora_linear_layer.";
+        const std::string base =
+            unet ? "unet." + L.module + ".lora." : "text_encoder." + L.module + ".lora_linear_layer.";
         t[base + "down.weight"] = down;
         t[base + "up.weight"] = scale == 1.0 ? up : up * scale;
         break;
@@ -288,9 +287,7 @@ void LoRARecipe::setup(const TrainConfig& cfg) {
   net_ = std::make_unique<LoRANetwork>(m, o_, cfg.seed);
 }
 
-std::vector<NamedParameter> LoRARecipe::trainable_parameters() {
-  return net_->parameters();
-}
+std::vector<NamedParameter> LoRARecipe::trainable_parameters() { return net_->parameters(); }
 
 void LoRARecipe::train_mode(bool on) {
   auto& m = models();
@@ -312,8 +309,6 @@ at::Tensor LoRARecipe::predict(const at::Tensor& noisy, const at::Tensor& t, con
   return models().unet->forward(in).to(at::kFloat);
 }
 
-void LoRARecipe::save(const std::string& path) {
-  net_->save(path, fmt_);
-}
+void LoRARecipe::save(const std::string& path) { net_->save(path, fmt_); }
 
 }  // namespace dmx::training

@@ -3,7 +3,6 @@
 // nn/utils/clip_grad.py.
 #include "training/trainer.h"
 
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -39,10 +38,14 @@ LRSchedule parse_lr_schedule(const std::string& s) {
 
 const char* lr_schedule_name(LRSchedule s) {
   switch (s) {
-    case LRSchedule::Constant: return "constant";
-    case LRSchedule::ConstantWithWarmup: return "constant_with_warmup";
-    case LRSchedule::Linear: return "linear";
-    case LRSchedule::Cosine: return "cosine";
+    case LRSchedule::Constant:
+      return "constant";
+    case LRSchedule::ConstantWithWarmup:
+      return "constant_with_warmup";
+    case LRSchedule::Linear:
+      return "linear";
+    case LRSchedule::Cosine:
+      return "cosine";
   }
   return "?";
 }
@@ -95,9 +98,7 @@ std::pair<at::Tensor, at::Tensor> Recipe::encode_images(const Batch& batch) {
   return {d.mean.to(at::kFloat), d.std.to(at::kFloat)};
 }
 
-at::Tensor Recipe::reduce_loss(const at::Tensor& per_example, const Batch&) {
-  return per_example.mean();
-}
+at::Tensor Recipe::reduce_loss(const at::Tensor& per_example, const Batch&) { return per_example.mean(); }
 
 void Recipe::validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir) {
   if (cfg.validation_prompt.empty()) return;
@@ -129,7 +130,8 @@ double lr_lambda(LRSchedule s, int64_t step, int64_t warmup, int64_t total) {
     case LRSchedule::ConstantWithWarmup:
       return 1.0;
     case LRSchedule::Linear:
-      return std::max(0.0, static_cast<double>(total - step) / static_cast<double>(std::max<int64_t>(1, total - warmup)));
+      return std::max(0.0,
+                      static_cast<double>(total - step) / static_cast<double>(std::max<int64_t>(1, total - warmup)));
     case LRSchedule::Cosine: {  // num_cycles = 0.5
       const double progress =
           static_cast<double>(step - warmup) / static_cast<double>(std::max<int64_t>(1, total - warmup));
@@ -199,8 +201,8 @@ void AdamW::load_state_dict(const io::TensorMap& s) {
     const auto& n = params_[i].name;
     const at::Tensor& a = need_entry(s, "exp_avg." + n, "optimizer state");
     const at::Tensor& b = need_entry(s, "exp_avg_sq." + n, "optimizer state");
-    DMX_CHECK_FORMAT(a.sizes() == exp_avg_[i].sizes() && b.sizes() == exp_avg_sq_[i].sizes(),
-                     "optimizer state: '", n, "' has shape ", a.sizes(), ", the parameter ", exp_avg_[i].sizes());
+    DMX_CHECK_FORMAT(a.sizes() == exp_avg_[i].sizes() && b.sizes() == exp_avg_sq_[i].sizes(), "optimizer state: '", n,
+                     "' has shape ", a.sizes(), ", the parameter ", exp_avg_[i].sizes());
     exp_avg_[i].copy_(a);
     exp_avg_sq_[i].copy_(b);
     param_steps_[i] = need_entry(s, "step." + n, "optimizer state").item<int64_t>();
@@ -224,8 +226,7 @@ double clip_grad_norm(const std::vector<NamedParameter>& params, double max_norm
   return total_norm;
 }
 
-EMAModel::EMAModel(const std::vector<NamedParameter>& params, double decay, double min_decay,
-                   int64_t update_after_step)
+EMAModel::EMAModel(const std::vector<NamedParameter>& params, double decay, double min_decay, int64_t update_after_step)
     : decay_(decay), min_decay_(min_decay), update_after_step_(update_after_step) {
   for (const auto& p : params) {
     names_.push_back(p.name);
@@ -342,9 +343,7 @@ std::string find_latest_checkpoint(const std::string& path) {
 
 namespace {
 
-std::string checkpoint_name(int64_t step) {
-  return "checkpoint-" + std::to_string(step);
-}
+std::string checkpoint_name(int64_t step) { return "checkpoint-" + std::to_string(step); }
 
 void prune_checkpoints(const std::string& dir, int keep) {
   if (keep <= 0) return;
@@ -401,9 +400,9 @@ Trainer::Trainer(TrainConfig cfg, std::shared_ptr<Recipe> recipe, std::shared_pt
   DMX_CHECK_ARG(cfg_.noise_offset >= 0, "--noise-offset must be >= 0, got ", cfg_.noise_offset);
   DMX_CHECK_ARG(cfg_.checkpointing_steps >= 0, "--checkpoint-every must be >= 0, got ", cfg_.checkpointing_steps);
   DMX_CHECK_ARG(cfg_.ema_decay >= 0 && cfg_.ema_decay <= 1, "--ema-decay must be in [0, 1], got ", cfg_.ema_decay);
-  DMX_CHECK_ARG(cfg_.prediction_type.empty() || cfg_.prediction_type == "epsilon" ||
-                    cfg_.prediction_type == "v_prediction",
-                "--prediction-type must be epsilon or v_prediction, got '", cfg_.prediction_type, "'");
+  DMX_CHECK_ARG(
+      cfg_.prediction_type.empty() || cfg_.prediction_type == "epsilon" || cfg_.prediction_type == "v_prediction",
+      "--prediction-type must be epsilon or v_prediction, got '", cfg_.prediction_type, "'");
   DMX_CHECK_SUPPORTED(cfg_.validation_steps == 0 || cfg_.mixed_precision == MixedPrecision::No,
                       "--validation-steps with --mixed-precision bf16 is not supported (the pipeline runs one dtype)");
   DMX_CHECK_ARG(cfg_.validation_steps == 0 || !cfg_.validation_prompt.empty(),
@@ -425,11 +424,12 @@ TrainResult Trainer::run() {
   for (const auto& p : st.params)
     DMX_CHECK_ARG(p.tensor.is_leaf() && p.tensor.requires_grad() && p.tensor.scalar_type() == at::kFloat,
                   "trainable parameter '", p.name, "' must be a float32 leaf that requires grad");
-  if (dist_) dist_->broadcast([&] {
-    std::vector<at::Tensor> v;
-    for (auto& p : st.params) v.push_back(p.tensor.detach());
-    return v;
-  }());
+  if (dist_)
+    dist_->broadcast([&] {
+      std::vector<at::Tensor> v;
+      for (auto& p : st.params) v.push_back(p.tensor.detach());
+      return v;
+    }());
 
   // The noise schedule (DDPMScheduler from the model's scheduler config).
   auto& m = recipe_->models();
@@ -488,8 +488,7 @@ TrainResult Trainer::run() {
   if (main) fs::create_directories(cfg_.output_dir);
   const std::string log_path = join_path(cfg_.output_dir, "train_log.jsonl");
   std::ofstream log;
-  if (main && cfg_.write_log)
-    log.open(log_path, res.first_step > 0 ? std::ios::app : std::ios::trunc);
+  if (main && cfg_.write_log) log.open(log_path, res.first_step > 0 ? std::ios::app : std::ios::trunc);
 
   auto save_checkpoint = [&](int64_t step) -> std::string {
     if (dist_) dist_->barrier();
@@ -564,7 +563,8 @@ TrainResult Trainer::run() {
         at::randint(st.num_train_timesteps, {G}, st.gen, at::TensorOptions().dtype(at::kLong)).narrow(0, r0, rows);
     const at::Tensor noisy = ddpm_add_noise(st.alphas_cumprod, latents, noise, t);
     const at::Tensor ehs = recipe_->encode_prompt(batch);
-    const at::Tensor target = st.prediction_type == "epsilon" ? noise : ddpm_velocity(st.alphas_cumprod, latents, noise, t);
+    const at::Tensor target =
+        st.prediction_type == "epsilon" ? noise : ddpm_velocity(st.alphas_cumprod, latents, noise, t);
     const at::Tensor pred = recipe_->predict(noisy, t, ehs, batch).to(at::kFloat);
     at::Tensor per = (pred - target).pow(2).mean(std::vector<int64_t>{1, 2, 3});  // [B]
     if (cfg_.snr_gamma > 0)
@@ -572,7 +572,7 @@ TrainResult Trainer::run() {
     at::Tensor loss = recipe_->reduce_loss(per, batch);
     const double value = loss.item<double>();
     DMX_CHECK_ARG(std::isfinite(value), "training loss is not finite (", value, ") at micro-step ", micro,
-              "; lower --learning-rate or check the data");
+                  "; lower --learning-rate or check the data");
     (loss / static_cast<double>(accum)).backward();
     return value;
   };

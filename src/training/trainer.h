@@ -185,7 +185,7 @@ class AdamW {
   void step(double lr);  // parameters without a gradient are skipped, like PyTorch
   void zero_grad();
   int64_t steps() const { return step_; }
-  io::TensorMap state_dict() const;  // exp_avg.<name>, exp_avg_sq.<name>, step.<name>
+  io::TensorMap state_dict() const;              // exp_avg.<name>, exp_avg_sq.<name>, step.<name>
   void load_state_dict(const io::TensorMap& s);  // FormatError naming a missing / mis-shaped entry
   const std::vector<NamedParameter>& params() const { return params_; }
 
