@@ -21,6 +21,7 @@ struct TrainControlNetOptions {
   std::string lr_scheduler = "constant";
   int64_t lr_warmup_steps = 0;
   double max_grad_norm = 1.0;
+  double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_weight_decay = 1e-2, adam_epsilon = 1e-8;  // the script's
   int resolution = 512;
   uint64_t seed = 0;
   int64_t checkpointing_steps = 0;     // 0: only the final checkpoint

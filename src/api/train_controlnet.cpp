@@ -27,6 +27,10 @@ void validate(const TrainControlNetOptions& o) {
   DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0, "--resolution must be a positive multiple of 8, got ",
                 o.resolution);
   DMX_CHECK_ARG(o.checkpointing_steps >= 0, "--checkpointing-steps must be >= 0, got ", o.checkpointing_steps);
+  DMX_CHECK_ARG(o.adam_beta1 >= 0 && o.adam_beta1 < 1, "--adam-beta1 must be in [0, 1), got ", o.adam_beta1);
+  DMX_CHECK_ARG(o.adam_beta2 >= 0 && o.adam_beta2 < 1, "--adam-beta2 must be in [0, 1), got ", o.adam_beta2);
+  DMX_CHECK_ARG(o.adam_weight_decay >= 0, "--adam-weight-decay must be >= 0, got ", o.adam_weight_decay);
+  DMX_CHECK_ARG(o.adam_epsilon > 0, "--adam-epsilon must be > 0, got ", o.adam_epsilon);
   DMX_CHECK_ARG(o.lr_warmup_steps >= 0, "--lr-warmup-steps must be >= 0, got ", o.lr_warmup_steps);
   DMX_CHECK_ARG(!path_exists(o.output) || is_directory(o.output), "--output must be a folder, got the file '",
                 o.output, "'");
@@ -77,6 +81,10 @@ TrainControlNetResult train_controlnet(const TrainControlNetOptions& o) {
   cfg.lr_scheduler = training::parse_lr_schedule(o.lr_scheduler);
   cfg.lr_warmup_steps = o.lr_warmup_steps;
   cfg.max_grad_norm = o.max_grad_norm;
+  cfg.adam_beta1 = o.adam_beta1;
+  cfg.adam_beta2 = o.adam_beta2;
+  cfg.adam_weight_decay = o.adam_weight_decay;
+  cfg.adam_epsilon = o.adam_epsilon;
   cfg.checkpointing_steps = o.checkpointing_steps;
   cfg.resume_from_checkpoint = o.resume_from_checkpoint;
   cfg.quiet = o.quiet || env.rank != 0;

@@ -22,10 +22,14 @@ int cmd_train_controlnet(int argc, char** argv) {
       {"lr-scheduler", "NAME", "constant|constant_with_warmup|linear|cosine (default constant)"},
       {"lr-warmup-steps", "N", "warm-up steps (default 0)"},
       {"max-grad-norm", "X", "clip the gradient norm; 0 = no clipping (default 1)"},
+      {"adam-beta1", "B", "AdamW beta1 (default 0.9)"},
+      {"adam-beta2", "B", "AdamW beta2 (default 0.999)"},
+      {"adam-weight-decay", "W", "AdamW weight decay (default 1e-2)"},
+      {"adam-epsilon", "E", "AdamW epsilon (default 1e-8)"},
       {"resolution", "PX", "training size, a multiple of 8 (default 512)"},
       {"seed", "N", "random seed (default 0)"},
       {"checkpointing-steps", "N", "write a resumable checkpoint every N steps (default: only at the end)"},
-      {"checkpoint-dir", "DIR", "checkpoints and train_log.jsonl (default <output>.train)"},
+      {"output-dir", "DIR", "checkpoints and train_log.jsonl (default <output>.train)"},
       {"resume-from-checkpoint", "PATH", "a checkpoint folder, or the checkpoint dir (its newest checkpoint)"},
       {"skip-bad-rows", "", "report bad dataset rows and leave them out instead of failing"},
       {"device", "D", "cpu|cuda (default cpu); with WORLD_SIZE > 1: Gloo on cpu, NCCL on cuda"},
@@ -54,10 +58,14 @@ int cmd_train_controlnet(int argc, char** argv) {
   o.lr_scheduler = a.str("lr-scheduler", o.lr_scheduler);
   o.lr_warmup_steps = a.integer("lr-warmup-steps", 0, 0, int64_t(1) << 40);
   o.max_grad_norm = a.real("max-grad-norm", o.max_grad_norm, 0.0, 1e12);
+  o.adam_beta1 = a.real("adam-beta1", o.adam_beta1, 0.0, 0.999999);
+  o.adam_beta2 = a.real("adam-beta2", o.adam_beta2, 0.0, 0.999999);
+  o.adam_weight_decay = a.real("adam-weight-decay", o.adam_weight_decay, 0.0, 1e6);
+  o.adam_epsilon = a.real("adam-epsilon", o.adam_epsilon, 1e-30, 1e6);
   o.resolution = static_cast<int>(a.integer("resolution", o.resolution, 8, 16384));
   if (a.has("seed")) o.seed = a.u64("seed");
   o.checkpointing_steps = a.integer("checkpointing-steps", 0, 0, int64_t(1) << 40);
-  o.output_dir = a.str("checkpoint-dir");
+  o.output_dir = a.str("output-dir");
   o.resume_from_checkpoint = a.str("resume-from-checkpoint");
   o.skip_bad_rows = a.has("skip-bad-rows");
   o.device = a.str("device", o.device);
