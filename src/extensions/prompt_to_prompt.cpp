@@ -249,7 +249,8 @@ at::Tensor get_replacement_mapper(const std::vector<std::string>& prompts, const
   DMX_CHECK_ARG(prompts.size() >= 2, "Prompt-to-Prompt needs a source and at least one edit prompt, got ",
                 prompts.size(), " prompts");
   std::vector<at::Tensor> mappers;
-  for (size_t i = 1; i < prompts.size(); ++i) mappers.push_back(replacement_mapper(prompts[0], prompts[i], tok, max_len));
+  for (size_t i = 1; i < prompts.size(); ++i)
+    mappers.push_back(replacement_mapper(prompts[0], prompts[i], tok, max_len));
   return at::stack(mappers);
 }
 
@@ -398,10 +399,10 @@ at::Tensor LocalBlend::operator()(const at::Tensor& x_t, const AttentionStore& s
     DMX_CHECK_ARG(e.second.sum.size(3) == L, "local blend: maps have ", e.second.sum.size(3), " tokens, expected ", L);
     maps.push_back(e.second.sum.reshape({P, -1, 1, r, r, L}));
   }
-  at::Tensor m = at::cat(maps, 1);                                                       // [P, S*H, 1, r, r, L]
-  m = (m * alpha_layers_.view({P, 1, 1, 1, 1, L})).sum(-1).mean(1);                    // [P, 1, r, r]
+  at::Tensor m = at::cat(maps, 1);                                   // [P, S*H, 1, r, r, L]
+  m = (m * alpha_layers_.view({P, 1, 1, 1, 1, L})).sum(-1).mean(1);  // [P, 1, r, r]
   at::Tensor mask = at::max_pool2d(m, {3, 3}, {1, 1}, {1, 1});
-  mask = at::upsample_nearest2d(mask, {x_t.size(2), x_t.size(3)});                      // [P, 1, h, w]
+  mask = at::upsample_nearest2d(mask, {x_t.size(2), x_t.size(3)});  // [P, 1, h, w]
   mask = mask / std::get<0>(std::get<0>(mask.max(2, true)).max(3, true));
   mask = mask.gt(threshold_);
   mask = at::logical_or(mask.narrow(0, 0, 1), mask.narrow(0, 1, P - 1)).to(at::kFloat);  // [P-1, 1, h, w]
@@ -423,6 +424,13 @@ AttentionEdit::AttentionEdit(int num_prompts, int num_steps, double cross_replac
   cross_replace_alpha_ = get_time_words_attention_alpha(num_prompts, num_steps, cross_replace_steps, max_len);
   num_self_replace_ = {static_cast<int>(num_steps * self_replace_steps.first),
                        static_cast<int>(num_steps * self_replace_steps.second)};
+}
+
+bool AttentionEdit::wants_call(const nn::AttentionSite& site, const nn::AttentionContext& ctx,
+                               int64_t num_queries) const {
+  if (site.is_cross) return true;
+  return num_self_replace_.first <= ctx.step && ctx.step < num_self_replace_.second &&
+         num_queries <= self_replace_max_tokens_;
 }
 
 at::Tensor AttentionEdit::on_probs(const nn::AttentionSite& site, const nn::AttentionContext& ctx,
@@ -492,7 +500,7 @@ AttentionReweight::AttentionReweight(int num_prompts, int num_steps, double cros
 
 at::Tensor AttentionReweight::replace_cross_attention(const at::Tensor& base, const at::Tensor& edit) const {
   const at::Tensor eq = equalizer_.to(base.scalar_type());
-  const at::Tensor w = eq.view({eq.size(0), 1, 1, eq.size(1)});  // [1 or P-1, 1, 1, L]
+  const at::Tensor w = eq.view({eq.size(0), 1, 1, eq.size(1)});      // [1 or P-1, 1, 1, L]
   if (prev_) return prev_->replace_cross_attention(base, edit) * w;  // [P-1, H, Nq, L]
   return base.unsqueeze(0) * w;
 }

@@ -56,6 +56,9 @@ at::Tensor get_time_words_attention_alpha(int num_prompts, int num_steps, double
 class AttentionStore : public nn::AttentionController {
  public:
   explicit AttentionStore(int64_t max_query_tokens = 32 * 32) : max_query_tokens_(max_query_tokens) {}
+  bool wants_call(const nn::AttentionSite& site, const nn::AttentionContext& ctx, int64_t num_queries) const override {
+    return num_queries <= max_query_tokens_;
+  }
   at::Tensor on_probs(const nn::AttentionSite& site, const nn::AttentionContext& ctx, const at::Tensor& probs) override;
 
   struct Entry {
@@ -104,8 +107,10 @@ class LocalBlend {
 // self_replace_steps.second)) for sites with at most 16x16 queries.
 class AttentionEdit : public nn::AttentionController {
  public:
-  AttentionEdit(int num_prompts, int num_steps, double cross_replace_steps, std::pair<double, double> self_replace_steps,
-                int max_len);
+  AttentionEdit(int num_prompts, int num_steps, double cross_replace_steps,
+                std::pair<double, double> self_replace_steps, int max_len);
+  // Every cross-attention call; self attention only where it is replaced.
+  bool wants_call(const nn::AttentionSite& site, const nn::AttentionContext& ctx, int64_t num_queries) const override;
   at::Tensor on_probs(const nn::AttentionSite& site, const nn::AttentionContext& ctx, const at::Tensor& probs) override;
   // base: [H, Nq, L] source probs; edit: [P-1, H, Nq, L] -> [P-1, H, Nq, L].
   virtual at::Tensor replace_cross_attention(const at::Tensor& base, const at::Tensor& edit) const = 0;
