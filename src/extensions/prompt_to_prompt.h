@@ -52,12 +52,14 @@ at::Tensor get_time_words_attention_alpha(int num_prompts, int num_steps, double
 // ---------------------------------------------------------------------------------------------------
 // Sums the conditional rows' attention probabilities over steps, per site (the reference's AttentionStore,
 // keyed by site instead of by call order). Observes only; stores sites with at most max_query_tokens queries
-// (the reference's 32**2).
+// (the reference's 32**2), and only cross attention unless store_self (local blend and the maps use cross
+// attention only; the reference also keeps self attention).
 class AttentionStore : public nn::AttentionController {
  public:
-  explicit AttentionStore(int64_t max_query_tokens = 32 * 32) : max_query_tokens_(max_query_tokens) {}
+  explicit AttentionStore(int64_t max_query_tokens = 32 * 32, bool store_self = false)
+      : max_query_tokens_(max_query_tokens), store_self_(store_self) {}
   bool wants_call(const nn::AttentionSite& site, const nn::AttentionContext& ctx, int64_t num_queries) const override {
-    return num_queries <= max_query_tokens_;
+    return (site.is_cross || store_self_) && num_queries <= max_query_tokens_;
   }
   at::Tensor on_probs(const nn::AttentionSite& site, const nn::AttentionContext& ctx, const at::Tensor& probs) override;
 
@@ -73,6 +75,7 @@ class AttentionStore : public nn::AttentionController {
 
  private:
   int64_t max_query_tokens_;
+  bool store_self_;
   std::map<int, Entry> entries_;
   std::set<int> steps_;
 };

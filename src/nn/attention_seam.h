@@ -9,7 +9,8 @@
 //   - AttentionControllers observe or edit the attention probabilities of the sites they want;
 //   - an AttentionProcessor replaces the whole q, k, v -> output computation of the sites it wants;
 //   - RAII guards install them on one model and restore the previous state, also on exceptions.
-// With nothing installed the layers take the fast path (nn::attention) unchanged.
+// With nothing installed the layers take the fast path (nn::attention) unchanged. The seam belongs to one
+// model: guards on a model assume one run at a time on it (as the model's forward itself does).
 // Internal header of the nn layer.
 #pragma once
 #include <ATen/core/Tensor.h>
