@@ -173,8 +173,8 @@ TEST(P2PPipeline, FixtureRanWithTheCommunityDefaultReplaceSteps) {
   p.num_inference_steps = 8;
   p.latents = ref["input.latents"];
   p.show_progress = false;
-  const double rel06 = check_close("sd15/p2p refine with 0.6 (expected to differ)", pipe.run(p).images,
-                                   ref["refine.image"], 1e-5);
+  const double rel06 =
+      check_close("sd15/p2p refine with 0.6 (expected to differ)", pipe.run(p).images, ref["refine.image"], 1e-5);
   p.cross_replace_steps = 0.4;
   const double rel04 = check_close("sd15/p2p refine with 0.4", pipe.run(p).images, ref["refine.image"], 1e-5);
   EXPECT_LT(rel04, 1e-5);
@@ -291,12 +291,14 @@ TEST(NullTextInversion, ReconstructsBetterThanPlainDDIMInversion) {
   auto latent_mse = [&](const at::Tensor& z) { return (z - inv.z0).pow(2).mean().item<double>(); };
   const at::Tensor plain = sd.decode_latents(z_plain), g1 = sd.decode_latents(z_g1), nti = sd.decode_latents(z_nti);
   std::printf("[null-text] sd15 tiny, 10 steps, guidance 7.5 (inversion + optimisation %.2f s)\n", secs);
-  std::printf("[null-text]   PSNR vs decode(z0): DDIM inversion + guided sampling %.2f dB, null-text %.2f dB, "
-              "DDIM inversion + guidance 1 %.2f dB\n",
-              pipelines::psnr(plain, vae_only), pipelines::psnr(nti, vae_only), pipelines::psnr(g1, vae_only));
-  std::printf("[null-text]   PSNR vs the image: VAE round trip %.2f dB, DDIM inversion + guided %.2f dB, null-text "
-              "%.2f dB\n",
-              pipelines::psnr(vae_only, target), pipelines::psnr(plain, target), pipelines::psnr(nti, target));
+  std::printf(
+      "[null-text]   PSNR vs decode(z0): DDIM inversion + guided sampling %.2f dB, null-text %.2f dB, "
+      "DDIM inversion + guidance 1 %.2f dB\n",
+      pipelines::psnr(plain, vae_only), pipelines::psnr(nti, vae_only), pipelines::psnr(g1, vae_only));
+  std::printf(
+      "[null-text]   PSNR vs the image: VAE round trip %.2f dB, DDIM inversion + guided %.2f dB, null-text "
+      "%.2f dB\n",
+      pipelines::psnr(vae_only, target), pipelines::psnr(plain, target), pipelines::psnr(nti, target));
   std::printf("[null-text]   latent MSE vs z0: guided %.3e, null-text %.3e, guidance 1 %.3e\n", latent_mse(z_plain),
               latent_mse(z_nti), latent_mse(z_g1));
   std::printf("[null-text]   per step (inner steps, first -> last loss):");
@@ -324,14 +326,16 @@ TEST(P2PCli, HelpNamesTheOutputs) {
 TEST(P2PCli, BadInputExitsTwoAndWritesNothing) {
   DMX_REQUIRE_FIXTURES();
   const std::string out = temp_dir() + "/p2p-bad.png";
-  const std::vector<std::string> base{"p2p", "--model", fixture_model("sd15"), "--prompt", "a cat wearing a red hat",
-                                      "--output", out, "--steps", "2", "--quiet"};
+  const std::vector<std::string> base{
+      "p2p", "--model", fixture_model("sd15"), "--prompt", "a cat wearing a red hat", "--output", out, "--steps",
+      "2",   "--quiet"};
   struct Case {
     std::vector<std::string> extra;
     std::string message;
   };
   const std::vector<Case> cases = {
-      {{"--edit-prompt", "a dog wearing a red hat", "--mode", "swap"}, "--mode must be one of replace, refine, reweight"},
+      {{"--edit-prompt", "a dog wearing a red hat", "--mode", "swap"},
+       "--mode must be one of replace, refine, reweight"},
       {{"--edit-prompt", "a cat wearing a red hat", "--mode", "reweight", "--reweight", "red3"},
        "--reweight must be WORD=SCALE, got 'red3'"},
       {{"--edit-prompt", "a cat wearing a red hat", "--mode", "reweight", "--reweight", "red=lots"},

@@ -12,11 +12,11 @@
 namespace dmx {
 
 struct P2POptions {
-  std::string model;          // diffusers folder or single-file .safetensors
-  std::string config_dir;     // diffusers folder with configs (+ tokenizer) for a single file
-  std::string tokenizer_dir;  // folder with vocab.json + merges.txt
-  std::string prompt;         // the source prompt
-  std::string edit_prompt;    // the edited prompt
+  std::string model;             // diffusers folder or single-file .safetensors
+  std::string config_dir;        // diffusers folder with configs (+ tokenizer) for a single file
+  std::string tokenizer_dir;     // folder with vocab.json + merges.txt
+  std::string prompt;            // the source prompt
+  std::string edit_prompt;       // the edited prompt
   std::string mode = "replace";  // replace | refine | reweight
   double cross_replace_steps = 0.4;
   double self_replace_steps = 0.4;
@@ -44,9 +44,9 @@ struct P2POptions {
 struct P2PResult {
   std::string output, source, edit, attention_maps;  // written files ("" when not written)
   uint64_t seed = 0;
-  double seconds = 0.0;            // whole call
-  double edit_seconds = 0.0;       // the Prompt-to-Prompt denoising + decoding
-  double inversion_seconds = 0.0;  // DDIM / null-text inversion, when --image was given
+  double seconds = 0.0;              // whole call
+  double edit_seconds = 0.0;         // the Prompt-to-Prompt denoising + decoding
+  double inversion_seconds = 0.0;    // DDIM / null-text inversion, when --image was given
   double reconstruction_psnr = 0.0;  // PSNR (dB) of the source image against --image, when given
 };
 

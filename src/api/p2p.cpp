@@ -66,7 +66,8 @@ Image side_by_side(const Image& a, const Image& b) {
   o.channels = 3;
   o.data.resize(static_cast<size_t>(o.width) * o.height * 3);
   for (int y = 0; y < o.height; ++y) {
-    std::copy_n(&a.data[static_cast<size_t>(y) * a.width * 3], a.width * 3, &o.data[static_cast<size_t>(y) * o.width * 3]);
+    std::copy_n(&a.data[static_cast<size_t>(y) * a.width * 3], a.width * 3,
+                &o.data[static_cast<size_t>(y) * o.width * 3]);
     std::copy_n(&b.data[static_cast<size_t>(y) * b.width * 3], b.width * 3,
                 &o.data[(static_cast<size_t>(y) * o.width + a.width) * 3]);
   }
@@ -82,8 +83,8 @@ std::pair<std::string, double> parse_reweight(const std::string& arg) {
   DMX_CHECK_ARG(word.find(' ') == std::string::npos, "--reweight WORD must be one word (no spaces), got '", word, "'");
   char* end = nullptr;
   const double v = num.empty() ? NAN : std::strtod(num.c_str(), &end);
-  DMX_CHECK_ARG(!num.empty() && end && *end == '\0' && std::isfinite(v), "--reweight SCALE must be a finite number, got '",
-                num, "' in '", arg, "'");
+  DMX_CHECK_ARG(!num.empty() && end && *end == '\0' && std::isfinite(v),
+                "--reweight SCALE must be a finite number, got '", num, "' in '", arg, "'");
   DMX_CHECK_ARG(v >= -100 && v <= 100, "--reweight SCALE must be in [-100, 100], got ", v, " in '", arg, "'");
   return {word, v};
 }
@@ -106,10 +107,11 @@ P2PResult p2p(const P2POptions& o) {
   pipelines::PromptToPromptParams p;
   for (const auto& r : o.reweight) p.reweight.push_back(parse_reweight(r));
   DMX_CHECK_ARG(o.mode == "reweight" || p.reweight.empty(), "--reweight needs --mode reweight, got --mode ", o.mode);
-  DMX_CHECK_ARG(o.mode != "reweight" || !p.reweight.empty(), "--mode reweight needs at least one --reweight WORD=SCALE");
+  DMX_CHECK_ARG(o.mode != "reweight" || !p.reweight.empty(),
+                "--mode reweight needs at least one --reweight WORD=SCALE");
   for (const auto& ws : p.reweight)
-    DMX_CHECK_ARG(has_word(o.edit_prompt, ws.first), "--reweight word '", ws.first, "' is not a word of --edit-prompt '",
-                  o.edit_prompt, "' (words are split at spaces)");
+    DMX_CHECK_ARG(has_word(o.edit_prompt, ws.first), "--reweight word '", ws.first,
+                  "' is not a word of --edit-prompt '", o.edit_prompt, "' (words are split at spaces)");
   for (const auto& w : o.local_blend) {
     DMX_CHECK_ARG(!w.empty(), "--local-blend: empty word");
     DMX_CHECK_ARG(has_word(o.prompt, w) || has_word(o.edit_prompt, w), "--local-blend word '", w,
@@ -123,8 +125,8 @@ P2PResult p2p(const P2POptions& o) {
   DMX_CHECK_ARG(std::isfinite(o.guidance_scale) && o.guidance_scale >= 0 && o.guidance_scale <= 100,
                 "--guidance-scale must be in [0, 100], got ", o.guidance_scale);
   DMX_CHECK_ARG(!o.null_text_inversion || !o.image.empty(), "--null-text-inversion needs --image");
-  DMX_CHECK_ARG(!o.null_text_inversion || o.guidance_scale > 1, "--null-text-inversion needs --guidance-scale > 1, got ",
-                o.guidance_scale);
+  DMX_CHECK_ARG(!o.null_text_inversion || o.guidance_scale > 1,
+                "--null-text-inversion needs --guidance-scale > 1, got ", o.guidance_scale);
   DMX_CHECK_ARG(o.null_text_inner_steps >= 1 && o.null_text_inner_steps <= 1000,
                 "--null-text-inner-steps must be in [1, 1000], got ", o.null_text_inner_steps);
   if (o.mode == "replace") {
@@ -225,7 +227,8 @@ P2PResult p2p(const P2POptions& o) {
   meta.scheduler = "ddim";
   std::ostringstream extra;
   extra << ", P2P edit prompt: " << quoted(o.edit_prompt) << ", P2P mode: " << o.mode
-        << ", P2P cross replace steps: " << o.cross_replace_steps << ", P2P self replace steps: " << o.self_replace_steps;
+        << ", P2P cross replace steps: " << o.cross_replace_steps
+        << ", P2P self replace steps: " << o.self_replace_steps;
   for (const auto& ws : p.reweight) extra << ", P2P reweight: " << quoted(ws.first + "=" + std::to_string(ws.second));
   if (!o.local_blend.empty()) {
     std::string words;

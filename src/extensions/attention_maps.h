@@ -1,7 +1,7 @@
 // Cross-attention maps as pictures (Hertz et al. 2022, Fig. 4; the reference notebooks' show_cross_attention):
 // per-token heat maps of each prompt, averaged over the denoising steps, the heads and the cross-attention
 // layers at a quarter of the latent side (16x16 for 64x64 latents; the stored resolution closest to that for
-// smaller models), each normalised to its maximum, laid out one row per prompt with the token under each map.
+// smaller models), each stretched to [0, 1], laid out one row per prompt with the token under each map.
 #pragma once
 #include <ATen/core/Tensor.h>
 

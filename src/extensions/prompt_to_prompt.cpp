@@ -249,7 +249,8 @@ at::Tensor get_replacement_mapper(const std::vector<std::string>& prompts, const
   DMX_CHECK_ARG(prompts.size() >= 2, "Prompt-to-Prompt needs a source and at least one edit prompt, got ",
                 prompts.size(), " prompts");
   std::vector<at::Tensor> mappers;
-  for (size_t i = 1; i < prompts.size(); ++i) mappers.push_back(replacement_mapper(prompts[0], prompts[i], tok, max_len));
+  for (size_t i = 1; i < prompts.size(); ++i)
+    mappers.push_back(replacement_mapper(prompts[0], prompts[i], tok, max_len));
   return at::stack(mappers);
 }
 
@@ -333,7 +334,9 @@ at::Tensor AttentionStore::on_probs(const nn::AttentionSite& site, const nn::Att
   if (num_prompts == 0) return probs;
   const auto idx = conditional_rows(ctx, num_prompts);
   at::NoGradGuard no_grad;
-  at::Tensor cond = probs.detach().index_select(0, at::tensor(idx, at::kLong)).to(at::kFloat);  // [P, H, Nq, Nk]
+  // [P, H, Nq, Nk], kept on the CPU in float32
+  at::Tensor cond =
+      probs.detach().index_select(0, at::tensor(idx, at::kLong).to(probs.device())).to(at::kCPU, at::kFloat);
   auto it = entries_.find(site.index);
   if (it == entries_.end())
     entries_[site.index] = Entry{site, cond.clone()};
@@ -398,10 +401,10 @@ at::Tensor LocalBlend::operator()(const at::Tensor& x_t, const AttentionStore& s
     DMX_CHECK_ARG(e.second.sum.size(3) == L, "local blend: maps have ", e.second.sum.size(3), " tokens, expected ", L);
     maps.push_back(e.second.sum.reshape({P, -1, 1, r, r, L}));
   }
-  at::Tensor m = at::cat(maps, 1);                                                       // [P, S*H, 1, r, r, L]
-  m = (m * alpha_layers_.view({P, 1, 1, 1, 1, L})).sum(-1).mean(1);                    // [P, 1, r, r]
+  at::Tensor m = at::cat(maps, 1);                                   // [P, S*H, 1, r, r, L]
+  m = (m * alpha_layers_.view({P, 1, 1, 1, 1, L})).sum(-1).mean(1);  // [P, 1, r, r]
   at::Tensor mask = at::max_pool2d(m, {3, 3}, {1, 1}, {1, 1});
-  mask = at::upsample_nearest2d(mask, {x_t.size(2), x_t.size(3)});                      // [P, 1, h, w]
+  mask = at::upsample_nearest2d(mask, {x_t.size(2), x_t.size(3)});  // [P, 1, h, w]
   mask = mask / std::get<0>(std::get<0>(mask.max(2, true)).max(3, true));
   mask = mask.gt(threshold_);
   mask = at::logical_or(mask.narrow(0, 0, 1), mask.narrow(0, 1, P - 1)).to(at::kFloat);  // [P-1, 1, h, w]
@@ -425,6 +428,13 @@ AttentionEdit::AttentionEdit(int num_prompts, int num_steps, double cross_replac
                        static_cast<int>(num_steps * self_replace_steps.second)};
 }
 
+bool AttentionEdit::wants_call(const nn::AttentionSite& site, const nn::AttentionContext& ctx,
+                               int64_t num_queries) const {
+  if (site.is_cross) return true;
+  return num_self_replace_.first <= ctx.step && ctx.step < num_self_replace_.second &&
+         num_queries <= self_replace_max_tokens_;
+}
+
 at::Tensor AttentionEdit::on_probs(const nn::AttentionSite& site, const nn::AttentionContext& ctx,
                                    const at::Tensor& probs) {
   const int step = ctx.step;
@@ -433,13 +443,14 @@ at::Tensor AttentionEdit::on_probs(const nn::AttentionSite& site, const nn::Atte
   DMX_CHECK_ARG(step >= 0 && step <= num_steps_, "Prompt-to-Prompt: the attention context's step must be in [0, ",
                 num_steps_, "], got ", step, " (set it with ScopedAttentionContext)");
   const std::vector<int64_t> rows = conditional_rows(ctx, num_prompts_);
-  const at::Tensor idx = at::tensor(rows, at::kLong);
+  const at::Tensor idx = at::tensor(rows, at::kLong).to(probs.device());
   at::Tensor attn = probs.index_select(0, idx);  // [P, H, Nq, Nk]
   const at::Tensor base = attn[0];               // [H, Nq, Nk]
   const at::Tensor edit = attn.narrow(0, 1, num_prompts_ - 1);
   at::Tensor edited;
   if (cross) {
-    const at::Tensor alpha_words = cross_replace_alpha_[step].to(probs.scalar_type());  // [P-1, 1, 1, L]
+    const at::Tensor alpha_words =
+        cross_replace_alpha_[step].to(probs.device(), probs.scalar_type());  // [P-1, 1, 1, L]
     DMX_CHECK_ARG(probs.size(3) == alpha_words.size(3), "Prompt-to-Prompt: cross attention over ", probs.size(3),
                   " tokens, but the controller was built for ", alpha_words.size(3));
     edited = replace_cross_attention(base, edit) * alpha_words + (1 - alpha_words) * edit;
@@ -457,7 +468,7 @@ AttentionReplace::AttentionReplace(const std::vector<std::string>& prompts, cons
       mapper_(get_replacement_mapper(prompts, tok, max_len)) {}
 
 at::Tensor AttentionReplace::replace_cross_attention(const at::Tensor& base, const at::Tensor& edit) const {
-  return at::einsum("hpw,bwn->bhpn", {base, mapper_.to(base.scalar_type())});
+  return at::einsum("hpw,bwn->bhpn", {base, mapper_.to(base.device(), base.scalar_type())});
 }
 
 AttentionRefine::AttentionRefine(const std::vector<std::string>& prompts, const models::CLIPTokenizer& tok,
@@ -473,9 +484,10 @@ AttentionRefine::AttentionRefine(const std::vector<std::string>& prompts, const 
 at::Tensor AttentionRefine::replace_cross_attention(const at::Tensor& base, const at::Tensor& edit) const {
   // base[:, :, mapper] -> [H, Nq, P-1, L] -> [P-1, H, Nq, L]
   const int64_t B = mapper_.size(0), L = mapper_.size(1);
-  at::Tensor gathered = base.index_select(2, mapper_.reshape({-1})).reshape({base.size(0), base.size(1), B, L});
+  at::Tensor gathered =
+      base.index_select(2, mapper_.reshape({-1}).to(base.device())).reshape({base.size(0), base.size(1), B, L});
   gathered = gathered.permute({2, 0, 1, 3});
-  const at::Tensor a = alphas_.to(base.scalar_type());
+  const at::Tensor a = alphas_.to(base.device(), base.scalar_type());
   return gathered * a + edit * (1 - a);
 }
 
@@ -491,8 +503,8 @@ AttentionReweight::AttentionReweight(int num_prompts, int num_steps, double cros
 }
 
 at::Tensor AttentionReweight::replace_cross_attention(const at::Tensor& base, const at::Tensor& edit) const {
-  const at::Tensor eq = equalizer_.to(base.scalar_type());
-  const at::Tensor w = eq.view({eq.size(0), 1, 1, eq.size(1)});  // [1 or P-1, 1, 1, L]
+  const at::Tensor eq = equalizer_.to(base.device(), base.scalar_type());
+  const at::Tensor w = eq.view({eq.size(0), 1, 1, eq.size(1)});      // [1 or P-1, 1, 1, L]
   if (prev_) return prev_->replace_cross_attention(base, edit) * w;  // [P-1, H, Nq, L]
   return base.unsqueeze(0) * w;
 }

@@ -52,10 +52,15 @@ at::Tensor get_time_words_attention_alpha(int num_prompts, int num_steps, double
 // ---------------------------------------------------------------------------------------------------
 // Sums the conditional rows' attention probabilities over steps, per site (the reference's AttentionStore,
 // keyed by site instead of by call order). Observes only; stores sites with at most max_query_tokens queries
-// (the reference's 32**2).
+// (the reference's 32**2), and only cross attention unless store_self (local blend and the maps use cross
+// attention only; the reference also keeps self attention).
 class AttentionStore : public nn::AttentionController {
  public:
-  explicit AttentionStore(int64_t max_query_tokens = 32 * 32) : max_query_tokens_(max_query_tokens) {}
+  explicit AttentionStore(int64_t max_query_tokens = 32 * 32, bool store_self = false)
+      : max_query_tokens_(max_query_tokens), store_self_(store_self) {}
+  bool wants_call(const nn::AttentionSite& site, const nn::AttentionContext& ctx, int64_t num_queries) const override {
+    return (site.is_cross || store_self_) && num_queries <= max_query_tokens_;
+  }
   at::Tensor on_probs(const nn::AttentionSite& site, const nn::AttentionContext& ctx, const at::Tensor& probs) override;
 
   struct Entry {
@@ -70,6 +75,7 @@ class AttentionStore : public nn::AttentionController {
 
  private:
   int64_t max_query_tokens_;
+  bool store_self_;
   std::map<int, Entry> entries_;
   std::set<int> steps_;
 };
@@ -104,8 +110,10 @@ class LocalBlend {
 // self_replace_steps.second)) for sites with at most 16x16 queries.
 class AttentionEdit : public nn::AttentionController {
  public:
-  AttentionEdit(int num_prompts, int num_steps, double cross_replace_steps, std::pair<double, double> self_replace_steps,
-                int max_len);
+  AttentionEdit(int num_prompts, int num_steps, double cross_replace_steps,
+                std::pair<double, double> self_replace_steps, int max_len);
+  // Every cross-attention call; self attention only where it is replaced.
+  bool wants_call(const nn::AttentionSite& site, const nn::AttentionContext& ctx, int64_t num_queries) const override;
   at::Tensor on_probs(const nn::AttentionSite& site, const nn::AttentionContext& ctx, const at::Tensor& probs) override;
   // base: [H, Nq, L] source probs; edit: [P-1, H, Nq, L] -> [P-1, H, Nq, L].
   virtual at::Tensor replace_cross_attention(const at::Tensor& base, const at::Tensor& edit) const = 0;

@@ -5,16 +5,21 @@
 #include <cstdlib>
 
 #include "dmx/error.h"
+#include "nn/attention.h"
 #include "nn/layers.h"
 
 namespace dmx::nn {
 
 const char* place_name(AttentionPlace place) {
   switch (place) {
-    case AttentionPlace::Down: return "down";
-    case AttentionPlace::Mid: return "mid";
-    case AttentionPlace::Up: return "up";
-    case AttentionPlace::Other: break;
+    case AttentionPlace::Down:
+      return "down";
+    case AttentionPlace::Mid:
+      return "mid";
+    case AttentionPlace::Up:
+      return "up";
+    case AttentionPlace::Other:
+      break;
   }
   return "other";
 }
@@ -119,16 +124,21 @@ at::Tensor attention_with_probs(const AttentionSite& site, const AttentionSeam* 
   if (probs.scalar_type() != dtype) probs = probs.to(dtype);
   if (seam) {
     for (const auto& c : seam->controllers)
-      if (c->wants(site)) probs = c->on_probs(site, seam->context, probs);
+      if (c->wants_call(site, seam->context, q.size(2))) probs = c->on_probs(site, seam->context, probs);
   }
   return at::matmul(probs, v);  // [B, H, Nq, d]
 }
 
-at::Tensor attention_through_seam(const AttentionSite& site, const AttentionSeam& seam, const at::Tensor& q,
+at::Tensor attention_through_seam(const AttentionSite& site, const AttentionSeam* seam, const at::Tensor& q,
                                   const at::Tensor& k, const at::Tensor& v, double scale, bool upcast) {
-  if (seam.processor && seam.processor->wants(site))
-    return seam.processor->forward(site, seam.context, q, k, v, scale, upcast);
-  return attention_with_probs(site, &seam, q, k, v, scale, upcast);
+  if (seam && seam->processor && seam->processor->wants(site))
+    return seam->processor->forward(site, seam->context, q, k, v, scale, upcast);
+  bool wanted = false;
+  if (seam)
+    for (const auto& c : seam->controllers) wanted = wanted || c->wants_call(site, seam->context, q.size(2));
+  const bool grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  if (wanted || grad) return attention_with_probs(site, wanted ? seam : nullptr, q, k, v, scale, upcast);
+  return attention(q, k, v, scale, /*causal=*/false, upcast);
 }
 
 ScopedAttentionController::ScopedAttentionController(torch::nn::Module& root,

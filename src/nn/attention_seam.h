@@ -9,7 +9,8 @@
 //   - AttentionControllers observe or edit the attention probabilities of the sites they want;
 //   - an AttentionProcessor replaces the whole q, k, v -> output computation of the sites it wants;
 //   - RAII guards install them on one model and restore the previous state, also on exceptions.
-// With nothing installed the layers take the fast path (nn::attention) unchanged.
+// With nothing installed the layers take the fast path (nn::attention) unchanged. The seam belongs to one
+// model: guards on a model assume one run at a time on it (as the model's forward itself does).
 // Internal header of the nn layer.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -56,6 +57,12 @@ class AttentionController {
  public:
   virtual ~AttentionController() = default;
   virtual bool wants(const AttentionSite& site) const { return true; }
+  // Per call: whether this call (its context and number of queries) needs the probabilities. When no
+  // controller wants a call the layer keeps the memory-lean fast path (the probabilities of a 64x64 latent's
+  // self attention at batch 4 would take 2 GB). Default: wants(site).
+  virtual bool wants_call(const AttentionSite& site, const AttentionContext& ctx, int64_t num_queries) const {
+    return wants(site);
+  }
   // probs: [B, heads, Nq, Nk] after the softmax, in the dtype diffusers casts them to. Returns the
   // probabilities to use (probs itself to only observe). Must not edit probs in place when it requires grad.
   virtual at::Tensor on_probs(const AttentionSite& site, const AttentionContext& ctx, const at::Tensor& probs) = 0;
@@ -87,13 +94,15 @@ std::shared_ptr<AttentionSeam> assign_attention_sites(torch::nn::Module& root);
 std::vector<AttentionSite> attention_sites(torch::nn::Module& root);
 
 // The explicit computation the seam uses (diffusers' get_attention_scores + bmm): scores = scale q k^T in
-// float32 when upcast, softmax, cast to v's dtype, then each controller of `seam` that wants the site, then
+// float32 when upcast, softmax, cast to v's dtype, then each controller of `seam` that wants the call, then
 // probs @ v. Differentiable. q [B, H, Nq, d], k, v [B, H, Nk, d] -> [B, H, Nq, d].
 at::Tensor attention_with_probs(const AttentionSite& site, const AttentionSeam* seam, const at::Tensor& q,
                                 const at::Tensor& k, const at::Tensor& v, double scale, bool upcast);
 
-// What an attention layer runs: the processor when one wants the site, else attention_with_probs.
-at::Tensor attention_through_seam(const AttentionSite& site, const AttentionSeam& seam, const at::Tensor& q,
+// What an attention layer runs when a seam is active or autograd needs a graph (seam may be null): the
+// processor when one wants the site; else attention_with_probs when a controller wants the call or gradients
+// are needed; else the fast path nn::attention.
+at::Tensor attention_through_seam(const AttentionSite& site, const AttentionSeam* seam, const at::Tensor& q,
                                   const at::Tensor& k, const at::Tensor& v, double scale, bool upcast);
 
 // Installs a controller on root's attention layers for the guard's lifetime (after those already there).

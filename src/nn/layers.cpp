@@ -191,9 +191,9 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context
   // The seam path when a controller or processor is installed, or when autograd needs a differentiable
   // graph (nn::attention writes into preallocated outputs); the fast path otherwise.
   const bool grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
-  at::Tensor a = seam_ && seam_->active() ? attention_through_seam(site_, *seam_, q, k, v, scale_, upcast)
-                 : grad                   ? attention_with_probs(site_, nullptr, q, k, v, scale_, upcast)
-                                          : attention(q, k, v, scale_, /*causal=*/false, upcast);
+  at::Tensor a = (seam_ && seam_->active()) || grad
+                     ? attention_through_seam(site_, seam_.get(), q, k, v, scale_, upcast)
+                     : attention(q, k, v, scale_, /*causal=*/false, upcast);
   a = a.permute({0, 2, 1, 3}).reshape({B, Nq, heads * d});  // [B, Nq, inner]
   at::Tensor out = to_out_0->forward(a);
   if (spatial) out = out.transpose(-1, -2).reshape({B, C, Hs, Ws});

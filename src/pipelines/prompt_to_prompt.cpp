@@ -58,8 +58,8 @@ void PromptToPromptPipeline::check_params(const PromptToPromptParams& p) const {
     DMX_CHECK_ARG(p.reweight.empty(), "word=scale re-weighting needs mode reweight, got mode ", p.mode);
   }
   for (const auto& ws : p.reweight) {
-    DMX_CHECK_ARG(std::isfinite(ws.second) && ws.second >= -100 && ws.second <= 100,
-                  "reweight scale of \"", ws.first, "\" must be in [-100, 100], got ", ws.second);
+    DMX_CHECK_ARG(std::isfinite(ws.second) && ws.second >= -100 && ws.second <= 100, "reweight scale of \"", ws.first,
+                  "\" must be in [-100, 100], got ", ws.second);
     DMX_CHECK_ARG(has_word(p.edit_prompt, ws.first), "reweight word \"", ws.first,
                   "\" is not a word of the edit prompt \"", p.edit_prompt, "\" (words are split at spaces)");
   }
@@ -72,15 +72,16 @@ void PromptToPromptPipeline::check_params(const PromptToPromptParams& p) const {
                   " words and the edit prompt has ", b, "; use --mode refine to add words");
   }
   for (size_t i = 0; i < p.uncond_embeddings.size(); ++i)
-    DMX_CHECK_ARG(p.uncond_embeddings[i].defined() && p.uncond_embeddings[i].dim() == 3 &&
-                      p.uncond_embeddings[i].size(0) == 1,
-                  "uncond_embeddings[", i, "] must be [1, tokens, dim]");
+    DMX_CHECK_ARG(
+        p.uncond_embeddings[i].defined() && p.uncond_embeddings[i].dim() == 3 && p.uncond_embeddings[i].size(0) == 1,
+        "uncond_embeddings[", i, "] must be [1, tokens, dim]");
   DMX_CHECK_ARG(p.uncond_embeddings.empty() || static_cast<int>(p.uncond_embeddings.size()) == p.num_inference_steps,
                 "uncond_embeddings must hold one embedding per step (", p.num_inference_steps, "), got ",
                 p.uncond_embeddings.size());
 }
 
-std::shared_ptr<extensions::AttentionEdit> PromptToPromptPipeline::make_controller(const PromptToPromptParams& p) const {
+std::shared_ptr<extensions::AttentionEdit> PromptToPromptPipeline::make_controller(
+    const PromptToPromptParams& p) const {
   const std::vector<std::string> prompts{p.prompt, p.edit_prompt};
   const auto& tok = *m_->tokenizer;
   const int L = tok.model_max_length();
@@ -93,8 +94,8 @@ std::shared_ptr<extensions::AttentionEdit> PromptToPromptPipeline::make_controll
                                                          L);
   DMX_CHECK_ARG(p.mode == "reweight", "mode must be one of replace, refine, reweight, got \"", p.mode, "\"");
   at::Tensor eq = extensions::get_equalizer(p.edit_prompt, p.reweight, tok, L);
-  return std::make_shared<extensions::AttentionReweight>(2, n, p.cross_replace_steps, p.self_replace_steps, eq,
-                                                         nullptr, L);
+  return std::make_shared<extensions::AttentionReweight>(2, n, p.cross_replace_steps, p.self_replace_steps, eq, nullptr,
+                                                         L);
 }
 
 PromptToPromptOutput PromptToPromptPipeline::run(const PromptToPromptParams& p_in) {

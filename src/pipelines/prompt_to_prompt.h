@@ -21,9 +21,9 @@
 namespace dmx::pipelines {
 
 struct PromptToPromptParams {
-  std::string prompt;       // the source prompt
-  std::string edit_prompt;  // the edited prompt
-  std::string mode = "replace";  // replace (word swap) | refine (added words) | reweight (per-word scale)
+  std::string prompt;                // the source prompt
+  std::string edit_prompt;           // the edited prompt
+  std::string mode = "replace";      // replace (word swap) | refine (added words) | reweight (per-word scale)
   double cross_replace_steps = 0.4;  // fraction of steps whose cross attention follows the source
   double self_replace_steps = 0.4;   // fraction of steps whose self attention (<= 16x16 maps) is the source's
   // reweight: (word of the edit prompt, scale); several words each get their own scale.
@@ -48,8 +48,8 @@ struct PromptToPromptParams {
 };
 
 struct PromptToPromptOutput {
-  at::Tensor images;                                  // [2, H, W, 3] float32 in [0, 1]: source, edit
-  at::Tensor latents;                                 // [2, 4, h, w] after the last step
+  at::Tensor images;   // [2, H, W, 3] float32 in [0, 1]: source, edit
+  at::Tensor latents;  // [2, 4, h, w] after the last step
   std::vector<double> timesteps;
   std::vector<std::string> prompts;                   // {prompt, edit_prompt}
   std::shared_ptr<extensions::AttentionStore> store;  // when store_attention or local blend
