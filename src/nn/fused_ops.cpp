@@ -2,6 +2,7 @@
 #include "nn/fused_ops.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <cmath>
 #include <vector>
@@ -67,6 +68,7 @@ T* mptr(at::Tensor& t) {
 
 at::Tensor group_norm_act_fused(const at::Tensor& x, int64_t G, const at::Tensor& weight, const at::Tensor& bias,
                                 double eps, bool silu) {
+  RECORD_FUNCTION("dmx::group_norm_act_fused", std::vector<c10::IValue>());  // named in profiles
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), cpg = C / G;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const Layout layout = layout_of(x);
