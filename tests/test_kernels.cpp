@@ -222,6 +222,42 @@ TEST(Kernels, GroupNormGradientsFallBackToComposite) {
                    at::silu(at::group_norm(x, 4, w, b, 1e-5)), 1e-5);
 }
 
+TEST(Kernels, FusedGegluBf16MatchesFloat32) {
+  DMX_REQUIRE_FUSED();
+  at::manual_seed(6);
+  for (const auto& shape : {std::vector<int64_t>{2, 7, 2 * 40}, std::vector<int64_t>{3, 2 * 17}, std::vector<int64_t>{1, 5, 2 * 640}}) {
+    const at::Tensor p = (at::randn(shape) * 3).to(at::kBFloat16);
+    at::Tensor fused;
+    {
+      FusedGuard g(true);
+      fused = nn::geglu(p);
+    }
+    ASSERT_EQ(fused.scalar_type(), at::kBFloat16);
+    const at::Tensor ref = nn::geglu_composite(p.to(at::kFloat));
+    ASSERT_EQ(fused.sizes(), ref.sizes());
+    DMX_EXPECT_CLOSE("geglu bf16 vs fp32 n=" + std::to_string(shape.back() / 2), fused.to(at::kFloat), ref, 8e-3);
+  }
+  // float32 keeps the composite exactly
+  const at::Tensor p = at::randn({2, 3, 16});
+  FusedGuard g(true);
+  EXPECT_TRUE(at::equal(nn::geglu(p), nn::geglu_composite(p)));
+}
+
+TEST(Kernels, GegluGradientsFallBackToComposite) {
+  at::manual_seed(7);
+  at::Tensor p = at::randn({4, 12}).to(at::kBFloat16).requires_grad_(true);
+  at::Tensor y;
+  {
+    FusedGuard g(true);
+    y = nn::geglu(p);
+  }
+  ASSERT_TRUE(y.requires_grad());
+  y.to(at::kFloat).sum().backward();
+  at::Tensor p2 = p.detach().clone().requires_grad_(true);
+  nn::geglu_composite(p2).to(at::kFloat).sum().backward();
+  EXPECT_TRUE(at::equal(p.grad(), p2.grad()));
+}
+
 TEST(Kernels, GroupNormRejectsBadGroups) {
   const at::Tensor x = at::randn({1, 6, 4, 4});
   try {
@@ -276,6 +312,13 @@ TEST(DISABLED_KernelBench, AttentionSd15) {
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.d));
     ab(std::string("attention bf16 ") + c.name, [&] { nn::attention(q, k, v, scale, false, c.upcast); });
   }
+}
+
+TEST(DISABLED_KernelBench, GegluSd15) {
+  DMX_REQUIRE_FUSED();
+  c10::InferenceMode im;
+  const at::Tensor p = at::randn({2, 4096, 2 * 1280}).to(at::kBFloat16);  // sd15 64^2 feed-forward projection
+  ab("geglu bf16 [2, 4096, 2x1280]", [&] { nn::geglu(p); });
 }
 
 TEST(DISABLED_KernelBench, GroupNormSiluVae) {

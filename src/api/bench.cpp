@@ -291,7 +291,9 @@ BenchResult bench(const BenchOptions& o) {
     ~LayoutGuard() { set_channels_last(prev); }
   } layout_guard;
   set_channels_last(o.channels_last);
-  r.channels_last = o.channels_last && dtype != at::kFloat;  // float32 always runs NCHW (nn::to_compute_layout)
+  // float32 runs NCHW (nn::to_compute_layout), except the VAE decode where the fused GroupNorm is available
+  // (models/autoencoder_kl.cpp decode_layout; DMX_VAE_FP32_NHWC=0 turns it off).
+  r.channels_last = o.channels_last && dtype != at::kFloat;
   r.dtype = o.dtype;
   r.device = o.device;
   r.threads = runtime_threads();

@@ -17,16 +17,17 @@ const char* kWhat = "AutoencoderKL config";
 constexpr double kVaeEps = 1e-6;  // diffusers' Encoder/Decoder fix resnet and norm eps at 1e-6
 
 // The decoder's activation layout: nn::to_compute_layout (channels-last for bf16/fp16), and channels-last for
-// float32 too where the fused GroupNorm runs (libtorch 1.13's own channels-last GroupNorm rounds too
-// differently for the 1e-5 golden tolerance; the fused one keeps double statistics). Experimental switch:
-// DMX_VAE_FP32_NHWC=1.
+// float32 too where the fused GroupNorm runs: libtorch 1.13's own channels-last GroupNorm rounds too
+// differently for the 1e-5 golden tolerance (5e-5), the fused one keeps double statistics (decode error
+// 6.7e-6 vs 3.6e-6 NCHW on the sd15 fixture, ~9% less CPU time: docs/performance.md). The encoder stays
+// NCHW in float32. DMX_VAE_FP32_NHWC=0 turns this off.
 at::Tensor decode_layout(const at::Tensor& z) {
   static const bool fp32_nhwc = [] {
     const char* e = std::getenv("DMX_VAE_FP32_NHWC");
-    return e && std::string(e) == "1";
+    return !(e && std::string(e) == "0");
   }();
-  if (fp32_nhwc && z.scalar_type() == at::kFloat && z.dim() == 4 && dmx::channels_last() &&
-      dmx::fused_kernels() && nn::fused_kernels_available())
+  if (fp32_nhwc && z.scalar_type() == at::kFloat && z.dim() == 4 && dmx::channels_last() && dmx::fused_kernels() &&
+      nn::fused_kernels_available())
     return z.contiguous(at::MemoryFormat::ChannelsLast);
   return nn::to_compute_layout(z);
 }

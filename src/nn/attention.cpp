@@ -2,6 +2,7 @@
 #include "nn/attention.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -54,6 +55,7 @@ bool fused_attention_applies(const at::Tensor& q, const at::Tensor& k, const at:
 // bf16 inputs: float32 scores and softmax, bf16 probabilities times v with float32 accumulation, one
 // rounding of the output (the composite rounds scores, probabilities and output to bf16 unless upcast).
 at::Tensor fused_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  RECORD_FUNCTION("dmx::fused_attention", std::vector<c10::IValue>());  // named in profiles
   kernels::AttnArgs a;
   a.q = reinterpret_cast<const uint16_t*>(q.data_ptr());
   a.k = reinterpret_cast<const uint16_t*>(k.data_ptr());

@@ -2,6 +2,7 @@
 #include "nn/fused_ops.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <cmath>
 #include <vector>
@@ -67,6 +68,7 @@ T* mptr(at::Tensor& t) {
 
 at::Tensor group_norm_act_fused(const at::Tensor& x, int64_t G, const at::Tensor& weight, const at::Tensor& bias,
                                 double eps, bool silu) {
+  RECORD_FUNCTION("dmx::group_norm_act_fused", std::vector<c10::IValue>());  // named in profiles
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), cpg = C / G;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const Layout layout = layout_of(x);
@@ -152,6 +154,35 @@ at::Tensor group_norm_act_fused(const at::Tensor& x, int64_t G, const at::Tensor
 }
 }  // namespace
 #endif
+
+at::Tensor geglu_composite(const at::Tensor& proj) {
+  auto parts = proj.chunk(2, -1);  // hidden, gate: [..., n] each
+  return parts[0] * at::gelu(parts[1]);
+}
+
+at::Tensor geglu(const at::Tensor& proj) {
+  DMX_CHECK_ARG(proj.dim() >= 1 && proj.size(-1) % 2 == 0, "geglu: the last dimension must be even, got shape ",
+                proj.sizes());
+#if defined(DMX_AVX512_KERNELS)
+  const bool fused = dmx::fused_kernels() && fused_kernels_available() && proj.device().is_cpu() &&
+                     proj.scalar_type() == at::kBFloat16 && proj.is_contiguous() && proj.numel() > 0 &&
+                     !(at::GradMode::is_enabled() && proj.requires_grad());
+  if (fused) {
+    RECORD_FUNCTION("dmx::geglu_fused", std::vector<c10::IValue>());
+    const int64_t n = proj.size(-1) / 2, rows = proj.numel() / (2 * n);
+    std::vector<int64_t> shape = proj.sizes().vec();
+    shape.back() = n;
+    at::Tensor out = at::empty(shape, proj.options());
+    const uint16_t* x = cptr<uint16_t>(proj);
+    uint16_t* y = mptr<uint16_t>(out);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      kernels::geglu_bf16(x + begin * 2 * n, y + begin * n, end - begin, n);
+    });
+    return out;
+  }
+#endif
+  return geglu_composite(proj);
+}
 
 at::Tensor group_norm_act(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                           double eps, bool silu) {

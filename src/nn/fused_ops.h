@@ -22,4 +22,10 @@ at::Tensor group_norm_act(const at::Tensor& x, int64_t groups, const at::Tensor&
 // The composite the fused path replaces (kept for tests and A/B measurements).
 at::Tensor group_norm_act_composite(const at::Tensor& x, int64_t groups, const at::Tensor& weight,
                                     const at::Tensor& bias, double eps, bool silu);
+
+// diffusers' GEGLU after its projection: h, gate = proj.chunk(2, -1); h * gelu(gate) (exact GELU).
+// proj: [..., 2 n] -> [..., n]. bf16 CPU inference runs one fused pass (float32 math, one rounding; the
+// composite rounds the GELU and the product); everything else runs the composite.
+at::Tensor geglu(const at::Tensor& proj);
+at::Tensor geglu_composite(const at::Tensor& proj);
 }  // namespace dmx::nn

@@ -484,6 +484,41 @@ void channel_affine_act_bf16(const uint16_t* x, uint16_t* y, int64_t rows, int64
   silu ? channel_affine_act<true, true>(x, y, rows, C, scale, shift)
        : channel_affine_act<true, false>(x, y, rows, C, scale, shift);
 }
+
+// ---- GEGLU ---------------------------------------------------------------------------------------------
+namespace {
+// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7): 1 - t (a1 + t (a2 + ...)) e^(-x^2),
+// t = 1 / (1 + p |x|), odd extension.
+inline __m512 erf_ps(__m512 x) {
+  const __m512 ax = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = exp2_ps(_mm512_mul_ps(_mm512_mul_ps(ax, ax), _mm512_set1_ps(-1.4426950408889634f)));
+  const __m512 r = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));  // erf(|x|)
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), _mm512_and_si512(_mm512_castps_si512(x),
+                                                                                      _mm512_set1_epi32(INT32_MIN))));
+}
+}  // namespace
+
+void geglu_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t n) {
+  const __m512 half = _mm512_set1_ps(0.5f), rsqrt2 = _mm512_set1_ps(0.70710678118654752f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* a = x + r * 2 * n;
+    const uint16_t* g = a + n;
+    uint16_t* o = out + r * n;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = tail_mask(n - i);
+      const __m512 gv = maskz_load_bf16(mk, g + i);
+      const __m512 gelu = _mm512_mul_ps(_mm512_mul_ps(half, gv), _mm512_add_ps(_mm512_set1_ps(1.f), erf_ps(_mm512_mul_ps(gv, rsqrt2))));
+      mask_store_bf16(o + i, mk, _mm512_mul_ps(maskz_load_bf16(mk, a + i), gelu));
+    }
+  }
+}
 }  // namespace dmx::nn::kernels
 
 #else  // no AVX-512 kernels in this build: callers take the composite path

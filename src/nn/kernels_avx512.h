@@ -59,4 +59,9 @@ void channel_affine_act_f32(const float* x, float* y, int64_t rows, int64_t C, c
                             const float* shift, bool silu);
 void channel_affine_act_bf16(const uint16_t* x, uint16_t* y, int64_t rows, int64_t C, const float* scale,
                              const float* shift, bool silu);
+
+// ---- GEGLU ---------------------------------------------------------------------------------------------
+// out[r, :] = x[r, 0:n] * gelu(x[r, n:2n]) (exact, erf-based GELU) for `rows` rows of 2n contiguous bf16
+// values; computed in float32, rounded once.
+void geglu_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t n);
 }  // namespace dmx::nn::kernels
