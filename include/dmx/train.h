@@ -40,6 +40,7 @@ struct TrainOptions {
   double ema_decay = 0.9999;
   std::string mixed_precision = "no";  // no | bf16 (frozen parts in bf16, trained weights float32)
   bool gradient_checkpointing = false;
+  bool cache_latents = false;  // encode each image once (needs center crop and no random flip)
   int64_t checkpoint_every = 0;  // 0: only the final checkpoint
   int checkpoints_total_limit = 0;
   std::string resume;  // a checkpoint folder or an output_dir (its newest checkpoint)

@@ -62,6 +62,7 @@ tr::TrainConfig make_config(const TrainOptions& o) {
   c.ema_decay = o.ema_decay;
   c.mixed_precision = tr::parse_mixed_precision(o.mixed_precision);
   c.gradient_checkpointing = o.gradient_checkpointing;
+  c.cache_latents = o.cache_latents;
   c.checkpointing_steps = o.checkpoint_every;
   c.checkpoints_total_limit = o.checkpoints_total_limit;
   c.resume_from_checkpoint = o.resume;

@@ -53,6 +53,7 @@ std::vector<OptionSpec> common_specs() {
       {"ema-decay", "D", "EMA decay (default 0.9999)"},
       {"mixed-precision", "P", "no|bf16: frozen parts in bf16, trained weights in float32 (default no)"},
       {"gradient-checkpointing", "", "recompute UNet block activations in backward (less memory)"},
+      {"cache-latents", "", "encode each image with the VAE once (needs center crop, no --random-flip)"},
       {"checkpoint-every", "N", "write a checkpoint every N steps (default: only at the end)"},
       {"checkpoints-total-limit", "N", "keep only the newest N checkpoints"},
       {"resume", "DIR", "continue from a checkpoint folder, or the newest checkpoint of an output dir"},
@@ -182,6 +183,7 @@ int cmd_train(int argc, char** argv) {
   o.ema_decay = a.real("ema-decay", o.ema_decay, 0, 1);
   o.mixed_precision = a.str("mixed-precision", o.mixed_precision);
   o.gradient_checkpointing = a.has("gradient-checkpointing");
+  o.cache_latents = a.has("cache-latents");
   o.checkpoint_every = a.integer("checkpoint-every", 0, 0, INT64_MAX);
   o.checkpoints_total_limit = static_cast<int>(a.integer("checkpoints-total-limit", 0, 0, 1 << 20));
   o.resume = a.str("resume");

@@ -539,6 +539,31 @@ TrainResult Trainer::run() {
   const bool tty = isatty(STDERR_FILENO) && !cfg_.quiet && log_level() != LogLevel::kQuiet && main;
   const auto t_loop = std::chrono::steady_clock::now();
   recipe_->train_mode(true);
+  DMX_CHECK_ARG(!cfg_.cache_latents || data_->latents_cacheable(),
+                "--cache-latents needs a dataset whose images never change: center crop and no random flip "
+                "(and not DreamBooth's mixed instance/class batches)");
+  // Latent cache: row index -> VAE posterior (mean, std), each row encoded alone so that the values do not
+  // depend on which batch first met the row (a resumed run computes the same values).
+  std::map<int64_t, std::pair<at::Tensor, at::Tensor>> latent_cache;
+  auto cached_posterior = [&](const Batch& batch) {
+    std::vector<at::Tensor> means, stds;
+    for (size_t i = 0; i < batch.indices.size(); ++i) {
+      auto it = latent_cache.find(batch.indices[i]);
+      if (it == latent_cache.end()) {
+        Batch one;
+        one.pixel_values = batch.pixel_values.narrow(0, static_cast<int64_t>(i), 1);
+        if (batch.conditioning.defined()) one.conditioning = batch.conditioning.narrow(0, static_cast<int64_t>(i), 1);
+        one.captions = {batch.captions.at(i)};
+        one.indices = {batch.indices[i]};
+        at::NoGradGuard no_grad;
+        auto [m, s] = recipe_->encode_images(one);
+        it = latent_cache.emplace(batch.indices[i], std::make_pair(m.detach().clone(), s.detach().clone())).first;
+      }
+      means.push_back(it->second.first);
+      stds.push_back(it->second.second);
+    }
+    return std::make_pair(at::cat(means, 0), at::cat(stds, 0));
+  };
 
   // One micro-step: the scalar loss (already divided by the accumulation steps) after backward.
   auto micro_step = [&](int64_t micro) -> double {
@@ -550,7 +575,9 @@ TrainResult Trainer::run() {
                   "batch of micro-step ", micro, ": pixel_values must be [B, 3, H, W] with one caption per row");
     const int64_t rows = batch.pixel_values.size(0);
     const int64_t G = rows * world, r0 = rank * rows;
-    auto [mean, stdv] = recipe_->encode_images(batch);  // [B, 4, h, w]
+    DMX_CHECK_ARG(!cfg_.cache_latents || batch.indices.size() == batch.captions.size(),
+                  "--cache-latents: the batch source gives no row indices");
+    auto [mean, stdv] = cfg_.cache_latents ? cached_posterior(batch) : recipe_->encode_images(batch);  // [B, 4, h, w]
     std::vector<int64_t> gshape(mean.sizes().begin(), mean.sizes().end());
     gshape[0] = G;
     const auto f32 = at::TensorOptions().dtype(at::kFloat);

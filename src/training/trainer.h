@@ -80,6 +80,9 @@ struct TrainConfig {
 
   MixedPrecision mixed_precision = MixedPrecision::No;
   bool gradient_checkpointing = false;
+  // Encode each training image with the VAE once and keep its posterior (mean, std) in memory; the posterior
+  // sample is still drawn every step. Needs a source whose examples never change (center crop, no flip).
+  bool cache_latents = false;
 
   int64_t checkpointing_steps = 0;  // 0: only the final checkpoint
   int checkpoints_total_limit = 0;  // > 0: keep the newest N checkpoints
@@ -113,6 +116,8 @@ class BatchSource {
   virtual ~BatchSource() = default;
   virtual Batch get(int64_t micro_step) = 0;
   virtual size_t size() const = 0;  // examples in one epoch (for messages)
+  // True when Batch::indices name fixed examples (same pixels every time), so latents can be cached.
+  virtual bool latents_cacheable() const { return false; }
 };
 
 // ImageCaptionDataset + BatchSampler (the CLI's source).
@@ -122,6 +127,9 @@ class DatasetBatchSource : public BatchSource {
                      uint64_t seed, bool shuffle = true);
   Batch get(int64_t micro_step) override;
   size_t size() const override { return ds_->size(); }
+  bool latents_cacheable() const override {
+    return ds_->options().center_crop && !ds_->options().random_flip;
+  }
 
  private:
   std::shared_ptr<ImageCaptionDataset> ds_;
