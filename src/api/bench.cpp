@@ -18,63 +18,11 @@
 #include "models/clip_text_model.h"
 #include "models/unet_2d_condition.h"
 #include "nn/fused_ops.h"
+#include "api/presets.h"
 
 namespace dmx {
 
 namespace {
-
-struct Preset {
-  models::CLIPTextConfig text;
-  models::UNet2DConditionConfig unet;
-  models::AutoencoderKLConfig vae;
-  int native_size = 512;
-};
-
-// The fixture-sized "tiny" model (the test variant of the fixtures: diffusers' tiny test pipeline shapes).
-Preset tiny_preset() {
-  Preset p;
-  p.text.vocab_size = 1000;
-  p.text.hidden_size = 32;
-  p.text.intermediate_size = 37;
-  p.text.num_hidden_layers = 5;
-  p.text.num_attention_heads = 4;
-  p.text.projection_dim = 512;
-  p.unet.sample_size = 32;
-  p.unet.block_out_channels = {32, 64};
-  p.unet.down_block_types = {"DownBlock2D", "CrossAttnDownBlock2D"};
-  p.unet.up_block_types = {"CrossAttnUpBlock2D", "UpBlock2D"};
-  p.unet.attention_head_dim = {8, 8};
-  p.unet.norm_num_groups = 8;
-  p.unet.cross_attention_dim = 32;
-  p.vae.block_out_channels = {32, 64};
-  p.vae.down_block_types = {"DownEncoderBlock2D", "DownEncoderBlock2D"};
-  p.vae.up_block_types = {"UpDecoderBlock2D", "UpDecoderBlock2D"};
-  p.vae.layers_per_block = 1;
-  p.vae.norm_num_groups = 8;
-  p.vae.sample_size = 64;
-  p.native_size = 64;
-  return p;
-}
-
-Preset make_preset(const std::string& name) {
-  Preset p;
-  if (name == "sd15") {
-    p.text = models::CLIPTextConfig::sd15();
-    p.unet = models::UNet2DConditionConfig::sd15();
-    p.vae = models::AutoencoderKLConfig::sd15();
-    p.native_size = 512;
-  } else if (name == "sd21") {
-    p.text = models::CLIPTextConfig::sd21();
-    p.unet = models::UNet2DConditionConfig::sd21();
-    p.vae = models::AutoencoderKLConfig::sd21();
-    p.native_size = 768;
-  } else if (name == "tiny") {
-    p = tiny_preset();
-  } else {
-    throw InvalidArgument("--preset must be one of sd15, sd21, tiny, got '" + name + "'");
-  }
-  return p;
-}
 
 // ---------------------------------------------------------------------------------------------------
 // FLOP model. conv: 2*Cin*Cout*k*k*Hout*Wout; linear: 2*in*out*tokens; attention: 4*N*M*d per head
@@ -255,7 +203,7 @@ std::string env_or_empty(const char* name) {
 }  // namespace
 
 BenchFlops bench_flops(const std::string& preset, int width, int height) {
-  const Preset p = make_preset(preset);
+  const ModelPreset p = model_preset(preset);
   if (width == 0) width = p.native_size;
   if (height == 0) height = p.native_size;
   const int f = p.vae.downscale_factor();
@@ -274,7 +222,7 @@ BenchResult bench(const BenchOptions& o) {
   BenchResult r;
   r.preset = o.preset;
   r.flops = bench_flops(o.preset, o.width, o.height);  // validates preset and size
-  Preset p = make_preset(o.preset);
+  ModelPreset p = model_preset(o.preset);
   r.width = o.width ? o.width : p.native_size;
   r.height = o.height ? o.height : p.native_size;
   DMX_CHECK_ARG(o.runs >= 1 && o.runs <= 1000, "--runs must be in [1, 1000], got ", o.runs);

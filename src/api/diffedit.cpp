@@ -144,18 +144,7 @@ DiffEditResult diffedit(const DiffEditOptions& o) {
   const int f = models->vae_scale_factor();
   DMX_CHECK_ARG(rgb.width % f == 0 && rgb.height % f == 0, "--image: width and height must be multiples of ", f,
                 " for this model's VAE, got ", rgb.width, "x", rgb.height);
-  std::atomic<bool> cancel_hash{false};
-  std::future<std::string> hash = std::async(std::launch::async, [path = o.model, &cancel_hash] {
-    try {
-      return model_hash(path, &cancel_hash);
-    } catch (const IoError&) {
-      return std::string();
-    }
-  });
-  struct CancelGuard {
-    std::atomic<bool>& flag;
-    ~CancelGuard() { flag = true; }
-  } cancel_guard{cancel_hash};
+  BackgroundModelHash hash(o.model);
 
   const at::Tensor image = image_to_tensor(rgb);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);

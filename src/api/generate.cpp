@@ -226,20 +226,7 @@ GenerateResult generate(const GenerateOptions& o) {
   PhaseTimer load_timer("load");
   auto models = pipelines::load_stable_diffusion(o.model, lo);
   load_timer.stop();
-  // The model hash streams a file of up to a few GB: hashed on a thread while the pipeline runs.
-  // If the run fails, the guard cancels the hashing before the future's destructor waits for it.
-  std::atomic<bool> cancel_hash{false};
-  std::future<std::string> hash = std::async(std::launch::async, [path = o.model, &cancel_hash] {
-    try {
-      return model_hash(path, &cancel_hash);
-    } catch (const IoError&) {
-      return std::string();
-    }
-  });
-  struct CancelGuard {
-    std::atomic<bool>& flag;
-    ~CancelGuard() { flag = true; }
-  } cancel_guard{cancel_hash};
+  BackgroundModelHash hash(o.model);
   std::unique_ptr<pipelines::ScopedLoRAs> loras;
   if (!lora_specs.empty()) {
     loras = std::make_unique<pipelines::ScopedLoRAs>(models, lora_specs, lora_opts);

@@ -26,4 +26,20 @@ std::string model_hash(const std::string& model, const std::atomic<bool>* cancel
 }
 
 std::string model_hash(const std::string& model) { return model_hash(model, nullptr); }
+BackgroundModelHash::BackgroundModelHash(std::string model) {
+  result_ = std::async(std::launch::async, [path = std::move(model), this] {
+    try {
+      return model_hash(path, &cancel_);
+    } catch (const IoError&) {
+      return std::string();
+    }
+  });
+}
+
+BackgroundModelHash::~BackgroundModelHash() {
+  cancel_ = true;
+  if (result_.valid()) result_.wait();
+}
+
+std::string BackgroundModelHash::get() { return result_.valid() ? result_.get() : std::string(); }
 }  // namespace dmx

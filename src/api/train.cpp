@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "api/presets.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/runtime.h"
@@ -231,48 +232,6 @@ TrainReport train(const TrainOptions& o) {
 
 namespace {
 
-struct BenchModels {
-  models::CLIPTextConfig text;
-  models::UNet2DConditionConfig unet;
-  models::AutoencoderKLConfig vae;
-};
-
-BenchModels bench_configs(const std::string& preset) {
-  BenchModels p;
-  if (preset == "sd15") {
-    p.text = models::CLIPTextConfig::sd15();
-    p.unet = models::UNet2DConditionConfig::sd15();
-    p.vae = models::AutoencoderKLConfig::sd15();
-  } else if (preset == "sd21") {
-    p.text = models::CLIPTextConfig::sd21();
-    p.unet = models::UNet2DConditionConfig::sd21();
-    p.vae = models::AutoencoderKLConfig::sd21();
-  } else if (preset == "tiny") {  // the fixtures' test variant (diffusers' tiny test pipeline), as dmx bench
-    p.text.vocab_size = 1000;
-    p.text.hidden_size = 32;
-    p.text.intermediate_size = 37;
-    p.text.num_hidden_layers = 5;
-    p.text.num_attention_heads = 4;
-    p.text.projection_dim = 512;
-    p.unet.sample_size = 32;
-    p.unet.block_out_channels = {32, 64};
-    p.unet.down_block_types = {"DownBlock2D", "CrossAttnDownBlock2D"};
-    p.unet.up_block_types = {"CrossAttnUpBlock2D", "UpBlock2D"};
-    p.unet.attention_head_dim = {8, 8};
-    p.unet.norm_num_groups = 8;
-    p.unet.cross_attention_dim = 32;
-    p.vae.block_out_channels = {32, 64};
-    p.vae.down_block_types = {"DownEncoderBlock2D", "DownEncoderBlock2D"};
-    p.vae.up_block_types = {"UpDecoderBlock2D", "UpDecoderBlock2D"};
-    p.vae.layers_per_block = 1;
-    p.vae.norm_num_groups = 8;
-    p.vae.sample_size = 64;
-  } else {
-    throw InvalidArgument("--preset must be one of sd15, sd21, tiny, got '" + preset + "'");
-  }
-  return p;
-}
-
 // Random pixels and fixed token ids (no tokenizer needed).
 struct RandomSource : tr::BatchSource {
   int b, res;
@@ -314,7 +273,7 @@ TrainBenchResult train_bench(const TrainBenchOptions& o) {
   DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
   DMX_CHECK_ARG(o.batch_size > 0, "--batch-size must be > 0, got ", o.batch_size);
   DMX_CHECK_ARG(o.rank > 0, "--rank must be > 0, got ", o.rank);
-  const BenchModels p = bench_configs(o.preset);
+  const ModelPreset p = model_preset(o.preset);
   configure_threads(o.threads);
   auto m = std::make_shared<pipelines::StableDiffusionModels>();
   at::manual_seed(0);
