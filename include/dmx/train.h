@@ -9,7 +9,7 @@
 namespace dmx {
 
 struct TrainOptions {
-  std::string recipe;  // lora | finetune | dreambooth
+  std::string recipe;  // lora | finetune | dreambooth | controlnet
   std::string model;   // diffusers folder (finetune / full DreamBooth: required) or single-file checkpoint
   std::string config_dir, tokenizer_dir;  // for a single-file --model
   std::string data;        // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
@@ -22,6 +22,7 @@ struct TrainOptions {
   bool random_flip = false;
   std::string image_column = "file_name";
   std::string caption_column = "text";
+  bool skip_bad_rows = false;  // report bad dataset rows and leave them out instead of failing
 
   // Loop
   int64_t steps = 100;
@@ -40,7 +41,7 @@ struct TrainOptions {
   double ema_decay = 0.9999;
   std::string mixed_precision = "no";  // no | bf16 (frozen parts in bf16, trained weights float32)
   bool gradient_checkpointing = false;
-  bool cache_latents = false;  // encode each image once (needs center crop and no random flip)
+  bool cache_latents = false;    // encode each image once (needs center crop and no random flip)
   int64_t checkpoint_every = 0;  // 0: only the final checkpoint
   int checkpoints_total_limit = 0;
   std::string resume;  // a checkpoint folder or an output_dir (its newest checkpoint)
@@ -57,6 +58,11 @@ struct TrainOptions {
   std::string save_format = "diffusers";   // diffusers | peft | kohya
   std::string lora_init = "kaiming";       // kaiming | gaussian
   bool train_text_encoder = false;
+
+  // ControlNet (metadata.jsonl rows also name a conditioning image); output: a diffusers folder plus
+  // controlnet_original.safetensors
+  std::string controlnet;  // start from this ControlNet instead of a fresh copy of the UNet encoder
+  std::string conditioning_column = "conditioning_image";
 
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;

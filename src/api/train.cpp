@@ -13,7 +13,10 @@
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/runtime.h"
+#include "pipelines/controlnet.h"
 #include "pipelines/model_bundle.h"
+#include "training/controlnet_init.h"
+#include "training/controlnet_train.h"
 #include "training/dataset.h"
 #include "training/distributed.h"
 #include "training/dreambooth.h"
@@ -35,6 +38,7 @@ bool has_parent_dir(const std::string& path) {
 double default_lr(const TrainOptions& o) {
   if (o.learning_rate > 0) return o.learning_rate;
   if (o.recipe == "dreambooth") return o.lora_rank > 0 ? 5e-4 : 5e-6;
+  if (o.recipe == "controlnet") return 5e-6;  // train_controlnet.py's default
   return 1e-4;
 }
 
@@ -87,8 +91,8 @@ tr::LoRATrainOptions lora_options(const TrainOptions& o) {
 }  // namespace
 
 void validate_train_options(const TrainOptions& o) {
-  DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth",
-                "recipe must be lora, finetune or dreambooth, got '", o.recipe, "'");
+  DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet",
+                "recipe must be lora, finetune, dreambooth or controlnet, got '", o.recipe, "'");
   DMX_CHECK_ARG(!o.model.empty(), "--model must be given");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
   DMX_CHECK_ARG(!o.output.empty(), "--output must be given");
@@ -110,6 +114,11 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(is_directory(o.data), "--data: no such folder: ", o.data);
   }
   if (o.recipe == "lora") DMX_CHECK_ARG(o.rank > 0, "--rank must be > 0, got ", o.rank);
+  if (o.recipe == "controlnet") {
+    DMX_CHECK_ARG(!path_exists(o.output) || is_directory(o.output), "--output must be a folder, got the file '",
+                  o.output, "'");
+    DMX_CHECK_ARG(o.controlnet.empty() || path_exists(o.controlnet), "--controlnet: path not found: ", o.controlnet);
+  }
   if (lora_output(o)) {
     (void)tr::parse_lora_save_format(o.save_format);
     lora_options(o).validate();
@@ -173,9 +182,23 @@ TrainReport train(const TrainOptions& o) {
     d.require_captions = captions;
     d.image_column = o.image_column;
     d.caption_column = o.caption_column;
+    d.conditioning_column = o.conditioning_column;
+    d.require_conditioning = o.recipe == "controlnet";
+    d.bad_rows = o.skip_bad_rows ? tr::BadRows::Skip : tr::BadRows::Reject;
     return d;
   };
-  if (o.recipe == "lora" || o.recipe == "finetune") {
+  if (o.recipe == "controlnet") {
+    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, true));
+    source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
+    models::ControlNetModel cn{nullptr};
+    if (!o.controlnet.empty()) {
+      cn = pipelines::load_controlnet(o.controlnet, lo);
+    } else {
+      torch::manual_seed(o.seed);  // the hint encoder's fresh convolutions (rank 0's are broadcast anyway)
+      cn = tr::controlnet_from_unet(models->unet);
+    }
+    recipe = std::make_shared<tr::ControlNetRecipe>(models, cn);
+  } else if (o.recipe == "lora" || o.recipe == "finetune") {
     auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, true));
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
     if (o.recipe == "lora")

@@ -19,6 +19,7 @@ const char* kTrainUsage =
     "  finetune    full fine-tuning of the UNet (optionally the text encoder); writes a diffusers folder\n"
     "  dreambooth  subject-driven fine-tuning with prior preservation, full or LoRA (--lora-rank)\n"
     "  controlnet  a ControlNet initialised from the UNet, base locked; writes a diffusers folder\n"
+    "              plus controlnet_original.safetensors (control_model.*)\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
 
@@ -34,6 +35,7 @@ std::vector<OptionSpec> common_specs() {
       {"random-flip", "", "random horizontal flips"},
       {"caption-column", "NAME", "metadata.jsonl caption field (default text)"},
       {"image-column", "NAME", "metadata.jsonl image field (default file_name)"},
+      {"skip-bad-rows", "", "report bad dataset rows and leave them out instead of failing"},
       {"steps", "N", "optimizer steps (default 100)"},
       {"batch-size", "B", "examples per process and micro-step (default 1)"},
       {"gradient-accumulation-steps", "N", "micro-steps per optimizer step (default 1)"},
@@ -123,13 +125,17 @@ int cmd_train(int argc, char** argv) {
   }
   const std::string recipe = argv[2];
   if (recipe == "bench") return run_bench(argc, argv);
-  if (recipe == "controlnet") return cmd_train_controlnet(argc, argv);
-  DMX_CHECK_ARG(recipe == "lora" || recipe == "finetune" || recipe == "dreambooth",
+  DMX_CHECK_ARG(recipe == "lora" || recipe == "finetune" || recipe == "dreambooth" || recipe == "controlnet",
                 "dmx train: recipe must be lora, finetune, dreambooth, controlnet or bench, got '", recipe, "'");
   std::vector<OptionSpec> specs = common_specs();
   if (recipe == "lora") {
     add(specs, {{"data", "DIR", "images with captions: name.png + name.txt, or metadata.jsonl (required)"}});
     add(specs, lora_specs(false));
+  } else if (recipe == "controlnet") {
+    add(specs,
+        {{"data", "DIR", "metadata.jsonl rows {file_name, text, conditioning_image} (required)"},
+         {"controlnet", "PATH", "start from this ControlNet instead of a copy of the UNet encoder"},
+         {"conditioning-column", "NAME", "metadata.jsonl conditioning image field (default conditioning_image)"}});
   } else if (recipe == "finetune") {
     add(specs, {{"data", "DIR", "images with captions: name.png + name.txt, or metadata.jsonl (required)"},
                 {"train-text-encoder", "", "also train the text encoder"}});
@@ -158,6 +164,9 @@ int cmd_train(int argc, char** argv) {
   o.config_dir = a.str("config");
   o.tokenizer_dir = a.str("tokenizer");
   o.data = a.str("data");
+  o.skip_bad_rows = a.has("skip-bad-rows");
+  o.controlnet = a.str("controlnet");
+  o.conditioning_column = a.str("conditioning-column", o.conditioning_column);
   o.resolution = static_cast<int>(a.integer("resolution", o.resolution, 8, 4096));
   o.center_crop = !a.has("random-crop");
   o.random_flip = a.has("random-flip");

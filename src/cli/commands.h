@@ -7,6 +7,4 @@ int cmd_data(int argc, char** argv);      // dmx data emoji
 int cmd_p2p(int argc, char** argv);       // Prompt-to-Prompt editing
 int cmd_diffedit(int argc, char** argv);  // DiffEdit
 int cmd_train(int argc, char** argv);     // dmx train <lora|finetune|dreambooth|controlnet|bench>
-// dmx train controlnet [options]: argv[1] == "train", argv[2] == "controlnet", options from argv[3].
-int cmd_train_controlnet(int argc, char** argv);
 }  // namespace dmx::cli
