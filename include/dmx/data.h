@@ -17,6 +17,8 @@ struct EmojiDataOptions {
   double heldout_fraction = 0.02;  // share of concepts never seen in training, in [0, 0.05]
   std::string caption_format =
       "{name}, {category}, {style} style";   // {name} {short_name} {category} {subcategory} {style}
+  // Each adds one more metadata row per image, with the caption this format gives (e.g. "{name}").
+  std::vector<std::string> extra_caption_formats;
   double canny_low = 100, canny_high = 200;  // edge maps for ControlNet
   bool overwrite = false;
   bool progress = true;
@@ -42,4 +44,25 @@ std::string default_emoji_source();
 // The folder is built under out + ".partial" and renamed at the end. Held-out concepts are the same for every
 // style, chosen deterministically (every k-th concept in emoji.json's sort order, k = round(1 / fraction)).
 EmojiDataReport build_emoji_dataset(const EmojiDataOptions& o);
+}  // namespace dmx
+
+namespace dmx {
+// `dmx data tokenizer`: learns a CLIP byte-level BPE tokenizer (vocab.json, merges.txt, tokenizer_config.json,
+// special_tokens_map.json) from the captions of image-caption folders (metadata.jsonl rows or name.txt files).
+struct TokenizerTrainOptions {
+  std::vector<std::string> data;  // folders with metadata.jsonl (caption_column) or *.txt captions
+  std::string output;             // tokenizer folder to write
+  std::string caption_column = "text";
+  int vocab_size = 4096;  // >= 514
+  int min_frequency = 1;
+  int model_max_length = 77;
+};
+struct TokenizerTrainReport {
+  size_t texts = 0;
+  size_t vocab_size = 0, merges = 0;
+  size_t longest_tokens = 0;  // most tokens of any caption, with BOS and EOS
+  std::string longest;        // that caption
+  size_t truncated = 0;       // captions longer than model_max_length
+};
+TokenizerTrainReport train_tokenizer(const TokenizerTrainOptions& o);
 }  // namespace dmx

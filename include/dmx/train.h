@@ -9,7 +9,7 @@
 namespace dmx {
 
 struct TrainOptions {
-  std::string recipe;  // lora | finetune | dreambooth | controlnet
+  std::string recipe;  // lora | finetune | dreambooth | controlnet | vae
   std::string model;   // diffusers folder (finetune / full DreamBooth: required) or single-file checkpoint
   std::string config_dir, tokenizer_dir;  // for a single-file --model
   std::string data;        // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
@@ -37,6 +37,7 @@ struct TrainOptions {
   std::string prediction_type;  // "" = the scheduler's
   double snr_gamma = 0;
   double noise_offset = 0;
+  double proportion_empty_prompts = 0;  // share of captions replaced by "" (classifier-free guidance)
   bool use_ema = false;
   double ema_decay = 0.9999;
   std::string mixed_precision = "no";  // no | bf16 (frozen parts in bf16, trained weights float32)
@@ -63,6 +64,10 @@ struct TrainOptions {
   // controlnet_original.safetensors
   std::string controlnet;  // start from this ControlNet instead of a fresh copy of the UNet encoder
   std::string conditioning_column = "conditioning_image";
+
+  // VAE (recipe vae): L1 + mse_weight * L2 + kl_weight * KL per pixel value; random crops of vae_crop px
+  double kl_weight = 1e-6, mse_weight = 0;
+  int vae_crop = 0;
 
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;
@@ -112,5 +117,24 @@ struct TrainBenchResult {
   size_t peak_rss_bytes = 0;
 };
 TrainBenchResult train_bench(const TrainBenchOptions& o);
+
+// `dmx init`: a diffusers folder with freshly initialised weights (the start of training from scratch), built
+// from a folder of configs (model_index.json, unet/, vae/, text_encoder/ config.json, scheduler/) and a
+// tokenizer folder. UNet and VAE get PyTorch's default initialisation (what diffusers' constructors do); the
+// CLIP text encoder gets transformers' CLIPPreTrainedModel._init_weights. Seeded: the same seed gives the same
+// weights. The tokenizer's ids must fit the text encoder's vocab_size and its model_max_length its
+// max_position_embeddings (InvalidArgument naming the field otherwise). Written into a temporary folder and
+// renamed.
+struct InitModelOptions {
+  std::string config;     // folder of configs
+  std::string tokenizer;  // tokenizer folder ("" = <config>/tokenizer)
+  std::string output;     // diffusers folder to create
+  uint64_t seed = 0;
+  bool overwrite = false;
+};
+struct InitModelReport {
+  int64_t unet_parameters = 0, vae_parameters = 0, text_encoder_parameters = 0;
+};
+InitModelReport init_model(const InitModelOptions& o);
 std::string train_bench_json(const TrainBenchResult& r);
 }  // namespace dmx

@@ -171,6 +171,7 @@ EmojiDataReport build_emoji_dataset(const EmojiDataOptions& in) {
   DMX_CHECK_ARG(o.overwrite || !path_exists(o.out), "--out '", o.out,
                 "' already exists (choose a new folder or pass --overwrite)");
   caption(o.caption_format, Concept{}, "x");  // validate the format before any work
+  for (const auto& f : o.extra_caption_formats) caption(f, Concept{}, "x");
 
   std::vector<Concept> concepts = read_concepts(o);
   DMX_CHECK_FORMAT(!concepts.empty(), "--source: emoji.json lists no emoji with images for the chosen styles");
@@ -228,6 +229,10 @@ EmojiDataReport build_emoji_dataset(const EmojiDataOptions& in) {
                               {"subcategory", c.subcategory},
                               {"style", style}};
         jsonl += row.dump() + "\n";
+        for (const auto& f : o.extra_caption_formats) {  // the same image again under another caption
+          row["text"] = caption(f, c, style);
+          jsonl += row.dump() + "\n";
+        }
         (c.heldout ? rep.heldout_images : rep.train_images) += 1;
         bar.tick();
       }

@@ -23,6 +23,7 @@
 #include "training/finetune.h"
 #include "training/lora_train.h"
 #include "training/trainer.h"
+#include "training/vae_train.h"
 
 namespace dmx {
 
@@ -63,6 +64,7 @@ tr::TrainConfig make_config(const TrainOptions& o) {
   c.prediction_type = o.prediction_type;
   c.snr_gamma = o.snr_gamma;
   c.noise_offset = o.noise_offset;
+  c.proportion_empty_prompts = o.proportion_empty_prompts;
   c.use_ema = o.use_ema;
   c.ema_decay = o.ema_decay;
   c.mixed_precision = tr::parse_mixed_precision(o.mixed_precision);
@@ -73,6 +75,8 @@ tr::TrainConfig make_config(const TrainOptions& o) {
   c.resume_from_checkpoint = o.resume;
   c.validation_steps = o.validation_steps;
   c.validation_prompt = o.validation_prompt;
+  // The VAE's validation pictures are reconstructions: no prompt needed.
+  if (o.recipe == "vae" && c.validation_prompt.empty()) c.validation_prompt = "(reconstructions)";
   c.num_validation_images = o.num_validation_images;
   c.quiet = o.quiet;
   return c;
@@ -91,8 +95,9 @@ tr::LoRATrainOptions lora_options(const TrainOptions& o) {
 }  // namespace
 
 void validate_train_options(const TrainOptions& o) {
-  DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet",
-                "recipe must be lora, finetune, dreambooth or controlnet, got '", o.recipe, "'");
+  DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" ||
+                    o.recipe == "controlnet" || o.recipe == "vae",
+                "recipe must be lora, finetune, dreambooth, controlnet or vae, got '", o.recipe, "'");
   DMX_CHECK_ARG(!o.model.empty(), "--model must be given");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
   DMX_CHECK_ARG(!o.output.empty(), "--output must be given");
@@ -195,9 +200,17 @@ TrainReport train(const TrainOptions& o) {
       cn = pipelines::load_controlnet(o.controlnet, lo);
     } else {
       torch::manual_seed(o.seed);  // the hint encoder's fresh convolutions (rank 0's are broadcast anyway)
-      cn = tr::controlnet_from_unet(models->unet);
+      cn = tr::controlnet_from_unet(models->unet, 3, models->vae_scale_factor());
     }
     recipe = std::make_shared<tr::ControlNetRecipe>(models, cn);
+  } else if (o.recipe == "vae") {
+    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, false));
+    source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
+    tr::VAETrainOptions vo;
+    vo.kl_weight = o.kl_weight;
+    vo.mse_weight = o.mse_weight;
+    vo.crop = o.vae_crop;
+    recipe = std::make_shared<tr::VAERecipe>(models, vo);
   } else if (o.recipe == "lora" || o.recipe == "finetune") {
     auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, true));
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);

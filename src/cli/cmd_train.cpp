@@ -20,6 +20,7 @@ const char* kTrainUsage =
     "  dreambooth  subject-driven fine-tuning with prior preservation, full or LoRA (--lora-rank)\n"
     "  controlnet  a ControlNet initialised from the UNet, base locked; writes a diffusers folder\n"
     "              plus controlnet_original.safetensors (control_model.*)\n"
+    "  vae         the autoencoder (encoder and decoder) of a diffusers folder; writes a diffusers folder\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
 
@@ -51,6 +52,7 @@ std::vector<OptionSpec> common_specs() {
       {"prediction-type", "T", "epsilon|v_prediction (default: the model's scheduler)"},
       {"snr-gamma", "G", "min-SNR-gamma loss weighting, e.g. 5 (default off)"},
       {"noise-offset", "X", "noise offset (default 0)"},
+      {"proportion-empty-prompts", "P", "share of captions replaced by \"\" (for guidance; default 0)"},
       {"use-ema", "", "keep an EMA of the trained weights and save it"},
       {"ema-decay", "D", "EMA decay (default 0.9999)"},
       {"mixed-precision", "P", "no|bf16: frozen parts in bf16, trained weights in float32 (default no)"},
@@ -125,8 +127,9 @@ int cmd_train(int argc, char** argv) {
   }
   const std::string recipe = argv[2];
   if (recipe == "bench") return run_bench(argc, argv);
-  DMX_CHECK_ARG(recipe == "lora" || recipe == "finetune" || recipe == "dreambooth" || recipe == "controlnet",
-                "dmx train: recipe must be lora, finetune, dreambooth, controlnet or bench, got '", recipe, "'");
+  DMX_CHECK_ARG(recipe == "lora" || recipe == "finetune" || recipe == "dreambooth" || recipe == "controlnet" ||
+                    recipe == "vae",
+                "dmx train: recipe must be lora, finetune, dreambooth, controlnet, vae or bench, got '", recipe, "'");
   std::vector<OptionSpec> specs = common_specs();
   if (recipe == "lora") {
     add(specs, {{"data", "DIR", "images with captions: name.png + name.txt, or metadata.jsonl (required)"}});
@@ -136,6 +139,11 @@ int cmd_train(int argc, char** argv) {
         {{"data", "DIR", "metadata.jsonl rows {file_name, text, conditioning_image} (required)"},
          {"controlnet", "PATH", "start from this ControlNet instead of a copy of the UNet encoder"},
          {"conditioning-column", "NAME", "metadata.jsonl conditioning image field (default conditioning_image)"}});
+  } else if (recipe == "vae") {
+    add(specs, {{"data", "DIR", "images (captions are not used): metadata.jsonl or a folder of images (required)"},
+                {"kl-weight", "W", "weight of the KL term per pixel value (default 1e-6)"},
+                {"mse-weight", "W", "weight of an added squared-error term (default 0)"},
+                {"vae-crop", "PX", "train on random crops of this side (default 0: whole images)"}});
   } else if (recipe == "finetune") {
     add(specs, {{"data", "DIR", "images with captions: name.png + name.txt, or metadata.jsonl (required)"},
                 {"train-text-encoder", "", "also train the text encoder"}});
@@ -188,6 +196,10 @@ int cmd_train(int argc, char** argv) {
   o.prediction_type = a.str("prediction-type");
   o.snr_gamma = a.real("snr-gamma", o.snr_gamma, 0, 1e6);
   o.noise_offset = a.real("noise-offset", o.noise_offset, 0, 1e3);
+  o.proportion_empty_prompts = a.real("proportion-empty-prompts", o.proportion_empty_prompts, 0, 1);
+  o.kl_weight = a.real("kl-weight", o.kl_weight, 0, 1e6);
+  o.mse_weight = a.real("mse-weight", o.mse_weight, 0, 1e6);
+  o.vae_crop = static_cast<int>(a.integer("vae-crop", o.vae_crop, 0, 4096));
   o.use_ema = a.has("use-ema");
   o.ema_decay = a.real("ema-decay", o.ema_decay, 0, 1);
   o.mixed_precision = a.str("mixed-precision", o.mixed_precision);

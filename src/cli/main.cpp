@@ -34,7 +34,9 @@ const char* kUsage =
     "  generate   text-to-image and image-to-image with a Stable Diffusion model\n"
     "  info       print the generation parameters stored in a PNG\n"
     "  bench      time text encoding, a denoising step and VAE decoding (random weights)\n"
-    "  data       build training folders (dmx data emoji: the emoji set from npm)\n"
+    "  data       build training folders (dmx data emoji: the emoji set from npm; dmx data tokenizer)\n"
+    "  init       a diffusers folder with fresh weights from configs (to train from scratch)\n"
+    "  convert    store a model's weights as fp16/bf16/fp32\n"
     "  p2p        Prompt-to-Prompt editing of a generated or real image\n"
     "  diffedit   edit a real image from a source and a target prompt (DiffEdit)\n"
     "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train <lora|finetune|dreambooth|controlnet|bench>)\n"
@@ -246,6 +248,8 @@ int main(int argc, char** argv) {
     if (cmd == "info") return cmd_info(argc, argv);
     if (cmd == "bench") return cmd_bench(argc, argv);
     if (cmd == "data") return dmx::cli::cmd_data(argc, argv);
+    if (cmd == "init") return dmx::cli::cmd_init(argc, argv);
+    if (cmd == "convert") return dmx::cli::cmd_convert(argc, argv);
     if (cmd == "p2p") return dmx::cli::cmd_p2p(argc, argv);
     if (cmd == "diffedit") return dmx::cli::cmd_diffedit(argc, argv);
     if (cmd == "train") return dmx::cli::cmd_train(argc, argv);

@@ -27,8 +27,10 @@ constexpr size_t kMaxMerges = 49152 - 256 - 2;
 // Bound on the BPE word cache, so a long-running server does not grow without limit.
 constexpr size_t kMaxCacheEntries = 1 << 16;
 
+}  // namespace
+
 // bytes_to_unicode(): printable bytes map to themselves, the others to U+0100 + n, as UTF-8 strings.
-const std::vector<std::string>& byte_symbols() {
+const std::vector<std::string>& clip_byte_symbols() {
   static const std::vector<std::string> table = [] {
     std::vector<std::string> t(256);
     int n = 0;
@@ -41,6 +43,9 @@ const std::vector<std::string>& byte_symbols() {
   }();
   return table;
 }
+
+namespace {
+const std::vector<std::string>& byte_symbols() { return clip_byte_symbols(); }
 
 std::string printable_prompt(const std::string& text) {
   std::string out;

@@ -18,6 +18,9 @@
 
 namespace dmx::models {
 
+// CLIP's bytes_to_unicode(): the symbol (UTF-8) that stands for each byte in vocab.json and merges.txt.
+const std::vector<std::string>& clip_byte_symbols();
+
 // An added token (tokenizer_config.json "added_tokens_decoder", or a special token), never split by BPE.
 struct CLIPAddedToken {
   std::string content;

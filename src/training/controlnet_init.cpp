@@ -90,7 +90,8 @@ nlohmann::json controlnet_config_json(const models::ControlNetConfig& c) {
   return j;
 }
 
-models::ControlNetModel controlnet_from_unet(models::UNet2DConditionModel& unet, int conditioning_channels) {
+models::ControlNetModel controlnet_from_unet(models::UNet2DConditionModel& unet, int conditioning_channels,
+                                             int vae_scale_factor) {
   const models::UNet2DConditionConfig& u = unet->config();
   DMX_CHECK_ARG(conditioning_channels >= 1, "conditioning_channels must be >= 1, got ", conditioning_channels);
   DMX_CHECK_SUPPORTED(u.mid_block_type == "UNetMidBlock2DCrossAttn",
@@ -119,7 +120,12 @@ models::ControlNetModel controlnet_from_unet(models::UNet2DConditionModel& unet,
   c.use_linear_projection = u.use_linear_projection;
   c.upcast_attention = u.upcast_attention;
   c.controlnet_conditioning_channel_order = "rgb";
-  c.conditioning_embedding_out_channels = {16, 32, 96, 256};  // from_unet's default
+  // from_unet's default (16, 32, 96, 256) downsamples the control image 8x, as far as SD's VAE; a VAE with
+  // another factor keeps the first log2(factor) + 1 widths so the hint lands on the latent grid.
+  DMX_CHECK_ARG(vae_scale_factor == 2 || vae_scale_factor == 4 || vae_scale_factor == 8,
+                "ControlNet from a UNet: the VAE factor must be 2, 4 or 8, got ", vae_scale_factor);
+  c.conditioning_embedding_out_channels = {16, 32, 96, 256};
+  c.conditioning_embedding_out_channels.resize(vae_scale_factor == 8 ? 4 : vae_scale_factor == 4 ? 3 : 2);
   c.validate();
 
   models::ControlNetModel net(c);

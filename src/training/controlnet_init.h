@@ -13,7 +13,10 @@
 
 namespace dmx::training {
 
-models::ControlNetModel controlnet_from_unet(models::UNet2DConditionModel& unet, int conditioning_channels = 3);
+// vae_scale_factor sets how far the hint encoder downsamples the control image (diffusers' default widths
+// (16, 32, 96, 256) are the factor 8 of SD's VAE).
+models::ControlNetModel controlnet_from_unet(models::UNet2DConditionModel& unet, int conditioning_channels = 3,
+                                             int vae_scale_factor = 8);
 
 // diffusers' ControlNetModel config.json for `cfg`: every field diffusers 0.27.2 writes, with its names, plus
 // "_class_name": "ControlNetModel" and "_diffusers_version": "0.27.2" (keys sorted, as diffusers writes them).

@@ -75,7 +75,7 @@ bool is_weight_file(const std::string& name) {
 }  // namespace
 
 void save_diffusers_folder(const std::string& source, const std::string& dir, torch::nn::Module& unet,
-                           torch::nn::Module* text_encoder) {
+                           torch::nn::Module* text_encoder, torch::nn::Module* vae, const std::string& vae_config) {
   DMX_CHECK_SUPPORTED(is_directory(source) && path_exists(join_path(source, "unet/config.json")),
                       "saving a diffusers folder needs a diffusers folder as the source model, got ", source);
   std::string out = dir;
@@ -96,6 +96,7 @@ void save_diffusers_folder(const std::string& source, const std::string& dir, to
       const std::string name = it->path().filename().string();
       if (top == "unet" && is_weight_file(name)) continue;
       if (top == "text_encoder" && text_encoder && is_weight_file(name)) continue;
+      if (top == "vae" && vae && (is_weight_file(name) || (name == "config.json" && !vae_config.empty()))) continue;
       fs::copy_file(it->path(), fs::path(tmp) / rel, fs::copy_options::overwrite_existing);
     }
     io::save_safetensors(join_path(tmp, "unet/diffusion_pytorch_model.safetensors"), float_state(unet),
@@ -103,6 +104,11 @@ void save_diffusers_folder(const std::string& source, const std::string& dir, to
     if (text_encoder)
       io::save_safetensors(join_path(tmp, "text_encoder/model.safetensors"), float_state(*text_encoder),
                            {{"format", "pt"}});
+    if (vae) {
+      io::save_safetensors(join_path(tmp, "vae/diffusion_pytorch_model.safetensors"), float_state(*vae),
+                           {{"format", "pt"}});
+      if (!vae_config.empty()) write_bytes_atomic(join_path(tmp, "vae/config.json"), vae_config.data(), vae_config.size());
+    }
     fs::remove_all(out, ec);
     fs::rename(tmp, out);
   } catch (const fs::filesystem_error& e) {

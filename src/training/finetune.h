@@ -29,7 +29,9 @@ class FinetuneRecipe : public Recipe {
 };
 
 // Writes a diffusers folder at `dir` from the diffusers folder `source`, replacing the UNet weights (and the
-// text encoder's when given) by the module's. Unsupported when `source` is not a diffusers folder.
+// text encoder's and VAE's when given; vae_config, when not empty, replaces vae/config.json) by the module's.
+// Unsupported when `source` is not a diffusers folder.
 void save_diffusers_folder(const std::string& source, const std::string& dir, torch::nn::Module& unet,
-                           torch::nn::Module* text_encoder);
+                           torch::nn::Module* text_encoder, torch::nn::Module* vae = nullptr,
+                           const std::string& vae_config = "");
 }  // namespace dmx::training

@@ -398,6 +398,8 @@ Trainer::Trainer(TrainConfig cfg, std::shared_ptr<Recipe> recipe, std::shared_pt
   DMX_CHECK_ARG(cfg_.lr_warmup_steps >= 0, "--lr-warmup-steps must be >= 0, got ", cfg_.lr_warmup_steps);
   DMX_CHECK_ARG(cfg_.snr_gamma >= 0, "--snr-gamma must be >= 0, got ", cfg_.snr_gamma);
   DMX_CHECK_ARG(cfg_.noise_offset >= 0, "--noise-offset must be >= 0, got ", cfg_.noise_offset);
+  DMX_CHECK_ARG(cfg_.proportion_empty_prompts >= 0 && cfg_.proportion_empty_prompts <= 1,
+                "--proportion-empty-prompts must be in [0, 1], got ", cfg_.proportion_empty_prompts);
   DMX_CHECK_ARG(cfg_.checkpointing_steps >= 0, "--checkpoint-every must be >= 0, got ", cfg_.checkpointing_steps);
   DMX_CHECK_ARG(cfg_.ema_decay >= 0 && cfg_.ema_decay <= 1, "--ema-decay must be in [0, 1], got ", cfg_.ema_decay);
   DMX_CHECK_ARG(
@@ -575,6 +577,15 @@ TrainResult Trainer::run() {
                   "batch of micro-step ", micro, ": pixel_values must be [B, 3, H, W] with one caption per row");
     const int64_t rows = batch.pixel_values.size(0);
     const int64_t G = rows * world, r0 = rank * rows;
+    const at::Tensor custom = recipe_->custom_loss(batch, st.gen, r0, G);
+    if (custom.defined()) {
+      at::Tensor loss = recipe_->reduce_loss(custom, batch);
+      const double value = loss.item<double>();
+      DMX_CHECK_ARG(std::isfinite(value), "training loss is not finite (", value, ") at micro-step ", micro,
+                    "; lower --learning-rate or check the data");
+      (loss / static_cast<double>(accum)).backward();
+      return value;
+    }
     DMX_CHECK_ARG(!cfg_.cache_latents || batch.indices.size() == batch.captions.size(),
                   "--cache-latents: the batch source gives no row indices");
     auto [mean, stdv] = cfg_.cache_latents ? cached_posterior(batch) : recipe_->encode_images(batch);  // [B, 4, h, w]
@@ -589,7 +600,16 @@ TrainResult Trainer::run() {
     const at::Tensor t =
         at::randint(st.num_train_timesteps, {G}, st.gen, at::TensorOptions().dtype(at::kLong)).narrow(0, r0, rows);
     const at::Tensor noisy = ddpm_add_noise(st.alphas_cumprod, latents, noise, t);
-    const at::Tensor ehs = recipe_->encode_prompt(batch);
+    at::Tensor ehs;
+    if (cfg_.proportion_empty_prompts > 0) {
+      const at::Tensor u = at::rand({G}, st.gen, f32).narrow(0, r0, rows);
+      Batch dropped = batch;
+      for (int64_t i = 0; i < rows; ++i)
+        if (u[i].item<double>() < cfg_.proportion_empty_prompts) dropped.captions[static_cast<size_t>(i)].clear();
+      ehs = recipe_->encode_prompt(dropped);
+    } else {
+      ehs = recipe_->encode_prompt(batch);
+    }
     const at::Tensor target =
         st.prediction_type == "epsilon" ? noise : ddpm_velocity(st.alphas_cumprod, latents, noise, t);
     const at::Tensor pred = recipe_->predict(noisy, t, ehs, batch).to(at::kFloat);

@@ -17,6 +17,7 @@
 //   2. noise                [G, 4, h, w]
 //   3. offset noise         [G, 4, 1, 1]   (only when noise_offset > 0)
 //   4. timesteps            [G]            (randint, int64)
+//   4b. caption dropout     [G]            (rand, only when proportion_empty_prompts > 0)
 //   5. whatever the recipe's hooks draw, from the same generator (none of the built-in recipes draw)
 // The generator state, AdamW state, LR step, EMA weights and the step counters go into every checkpoint,
 // so a resumed run equals an uninterrupted one bit for bit (same machine and thread count).
@@ -71,6 +72,9 @@ struct TrainConfig {
   std::string prediction_type;  // "" = the scheduler config's; epsilon | v_prediction
   double snr_gamma = 0.0;       // > 0: min-SNR-gamma weighting
   double noise_offset = 0.0;    // > 0: noise += noise_offset * randn(B, C, 1, 1)
+  // > 0: each caption is replaced by "" with this probability (diffusers' --proportion_empty_prompts), so the
+  // model also learns the unconditional prediction classifier-free guidance needs. Drawn after the timesteps.
+  double proportion_empty_prompts = 0.0;
 
   // EMA of the trainable parameters (the saved result uses the EMA weights).
   bool use_ema = false;
@@ -163,6 +167,12 @@ class Recipe {
   // The model prediction: [B, 4, h, w] (float32 for the loss).
   virtual at::Tensor predict(const at::Tensor& noisy_latents, const at::Tensor& timesteps,
                              const at::Tensor& encoder_hidden_states, const Batch& batch) = 0;
+  // Recipes that do not denoise (the VAE) compute their own per-example loss [rows] here; the default returns an
+  // undefined tensor and the loop runs the diffusion loss. Random draws come from `gen` and cover the global
+  // batch (global_rows = rows * world size; this rank keeps rows [r0, r0 + rows)), like the loop's own draws.
+  virtual at::Tensor custom_loss(const Batch& batch, at::Generator& gen, int64_t r0, int64_t global_rows) {
+    return {};
+  }
   // Reduces per-example losses [B] (already min-SNR weighted) to the scalar to minimise. Default: mean.
   // DreamBooth's prior preservation overrides this.
   virtual at::Tensor reduce_loss(const at::Tensor& per_example, const Batch& batch);

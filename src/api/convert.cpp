@@ -1,0 +1,82 @@
+// `dmx convert` (include/dmx/convert.h).
+#include "dmx/convert.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "core/fs.h"
+#include "dmx/error.h"
+#include "io/safetensors.h"
+
+namespace dmx {
+namespace fs = std::filesystem;
+namespace {
+bool is_safetensors(const fs::path& p) { return p.extension() == ".safetensors"; }
+
+void convert_file(const std::string& in, const std::string& out, at::ScalarType dt, ConvertReport* r) {
+  auto f = io::SafeTensorsFile::open(in);
+  io::TensorMap t = f->load_all();
+  for (auto& [k, v] : t)
+    if (at::isFloatingType(v.scalar_type()) && v.scalar_type() != dt) {
+      v = v.to(dt);
+      ++r->tensors;
+    }
+  io::save_safetensors(out, t, f->metadata());
+  ++r->files;
+  r->bytes_in += fs::file_size(in);
+  r->bytes_out += fs::file_size(out);
+}
+}  // namespace
+
+ConvertReport convert_weights(const ConvertOptions& o) {
+  DMX_CHECK_ARG(!o.input.empty(), "--input is required (a model folder or a .safetensors file)");
+  DMX_CHECK_ARG(!o.output.empty(), "--output is required");
+  DMX_CHECK_ARG(path_exists(o.input), "--input: path not found: '", o.input, "'");
+  DMX_CHECK_ARG(o.overwrite || !path_exists(o.output), "--output '", o.output,
+                "' already exists (choose a new path or pass --overwrite)");
+  at::ScalarType dt;
+  if (o.dtype == "fp16")
+    dt = at::kHalf;
+  else if (o.dtype == "bf16")
+    dt = at::kBFloat16;
+  else if (o.dtype == "fp32")
+    dt = at::kFloat;
+  else
+    throw InvalidArgument("--dtype must be fp16, bf16 or fp32, got '" + o.dtype + "'");
+  ConvertReport r;
+  if (!is_directory(o.input)) {
+    DMX_CHECK_ARG(is_safetensors(o.input), "--input must be a folder or a .safetensors file, got '", o.input, "'");
+    convert_file(o.input, o.output, dt, &r);  // save_safetensors writes atomically
+    return r;
+  }
+  std::string out = o.output;
+  while (out.size() > 1 && out.back() == '/') out.pop_back();
+  const std::string tmp = out + ".tmp." + std::to_string(getpid());
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  try {
+    fs::create_directories(tmp);
+    const fs::path src(o.input);
+    for (auto it = fs::recursive_directory_iterator(src); it != fs::recursive_directory_iterator(); ++it) {
+      const fs::path rel = fs::relative(it->path(), src);
+      const fs::path dst = fs::path(tmp) / rel;
+      if (it->is_directory())
+        fs::create_directories(dst);
+      else if (is_safetensors(it->path()))
+        convert_file(it->path().string(), dst.string(), dt, &r);
+      else
+        fs::copy_file(it->path(), dst, fs::copy_options::overwrite_existing);
+    }
+    fs::remove_all(out, ec);
+    fs::rename(tmp, out);
+  } catch (const fs::filesystem_error& e) {
+    fs::remove_all(tmp, ec);
+    throw IoError(std::string("writing ") + out + ": " + e.what());
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  return r;
+}
+}  // namespace dmx
