@@ -7,4 +7,6 @@ int cmd_data(int argc, char** argv);      // dmx data emoji
 int cmd_p2p(int argc, char** argv);       // Prompt-to-Prompt editing
 int cmd_diffedit(int argc, char** argv);  // DiffEdit
 int cmd_train(int argc, char** argv);     // dmx train <lora|finetune|dreambooth|controlnet|bench>
+int cmd_train_classifier(int argc, char** argv);  // dmx train classifier (the emoji classifier)
+int cmd_eval(int argc, char** argv);      // dmx eval
 }  // namespace dmx::cli
