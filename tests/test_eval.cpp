@@ -308,16 +308,20 @@ TEST(EvalCli, BadInput) {
   EXPECT_NE(r.output.find("--steps"), std::string::npos) << r.output;
   const std::string data = synthetic_emoji_data();
   const std::string bad = write_text("cli_bad_prompts.txt", "thing number 1\n\nno such emoji\n");
-  r = dmx::test::dmx_run({"eval", "--model", dmx::test::temp_dir(), "--data", data, "--prompts", bad});
+  // (the classifier folder is checked first, loaded after the prompts)
+  r = dmx::test::dmx_run(
+      {"eval", "--model", dmx::test::temp_dir(), "--data", data, "--prompts", bad, "--classifier", dmx::test::temp_dir()});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("cli_bad_prompts.txt:3: 'no such emoji'"), std::string::npos) << r.output;
-  r = dmx::test::dmx_run({"eval", "--model", dmx::test::temp_dir(), "--data", data, "--prompts", "/nonexistent.txt"});
+  r = dmx::test::dmx_run({"eval", "--model", dmx::test::temp_dir(), "--data", data, "--prompts", "/nonexistent.txt",
+                          "--classifier", dmx::test::temp_dir()});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("--prompts: file not found"), std::string::npos) << r.output;
   r = dmx::test::dmx_run({"eval", "--model", dmx::test::temp_dir(), "--data", data, "--classifier", "/nonexistent"});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("--classifier: not a folder"), std::string::npos) << r.output;
-  r = dmx::test::dmx_run({"eval", "--model", dmx::test::temp_dir(), "--data", "/nonexistent"});
+  r = dmx::test::dmx_run(
+      {"eval", "--model", dmx::test::temp_dir(), "--data", "/nonexistent", "--classifier", dmx::test::temp_dir()});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("--data"), std::string::npos) << r.output;
   r = dmx::test::dmx_run({"train", "classifier", "--output", "/tmp/x"});

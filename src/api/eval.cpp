@@ -290,6 +290,8 @@ EvalResult evaluate(const EvalOptions& o) {
     std::filesystem::create_directories(o.out_dir, ec);
     DMX_CHECK_ARG(is_directory(o.out_dir), "--out: cannot create the folder ", o.out_dir, ": ", ec.message());
   }
+  DMX_CHECK_ARG(is_directory(o.classifier), "--classifier: not a folder: ", o.classifier,
+                " (train one with `dmx train classifier --data DIR --output DIR`)");
   const std::string data_dir = resolve_data_dir(o.data);
   const training::EmojiData data(data_dir, "--data");
   std::vector<std::string> prompts =
