@@ -88,6 +88,7 @@ std::string synthetic_classifier() {
   o.output = join_path(dmx::test::temp_dir(), "eval_clf");
   o.steps = 6;
   o.batch_size = 8;
+  o.threads = 1;  // no OpenMP pool: the test binary keeps OpenMP's spin-waiting default
   o.progress = false;
   train_classifier(o);
   out = o.output;
@@ -244,6 +245,7 @@ TEST(EmojiClassifier, TrainsOnSyntheticDataDeterministically) {
   o.data = synthetic_emoji_data();
   o.steps = 4;
   o.batch_size = 8;
+  o.threads = 1;
   o.progress = false;
   o.output = join_path(dmx::test::temp_dir(), "clf_a");
   const ClassifierTrainResult r = train_classifier(o);
