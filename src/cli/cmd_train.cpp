@@ -21,6 +21,7 @@ const char* kTrainUsage =
     "  controlnet  a ControlNet initialised from the UNet, base locked; writes a diffusers folder\n"
     "              plus controlnet_original.safetensors (control_model.*)\n"
     "  vae         the autoencoder (encoder and decoder) of a diffusers folder; writes a diffusers folder\n"
+    "  classifier  the emoji classifier of `dmx eval` (docs/evaluation.md)\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
 
@@ -126,6 +127,7 @@ int cmd_train(int argc, char** argv) {
     return argc < 3 ? 2 : 0;
   }
   const std::string recipe = argv[2];
+  if (recipe == "classifier") return cmd_train_classifier(argc, argv);  // the emoji classifier (dmx eval)
   if (recipe == "bench") return run_bench(argc, argv);
   DMX_CHECK_ARG(recipe == "lora" || recipe == "finetune" || recipe == "dreambooth" || recipe == "controlnet" ||
                     recipe == "vae",

@@ -9,4 +9,6 @@ int cmd_diffedit(int argc, char** argv);  // DiffEdit
 int cmd_train(int argc, char** argv);     // dmx train <lora|finetune|dreambooth|controlnet|vae|bench>
 int cmd_init(int argc, char** argv);      // dmx init: fresh weights from configs
 int cmd_convert(int argc, char** argv);   // dmx convert: weights stored in another dtype
+int cmd_train_classifier(int argc, char** argv);  // dmx train classifier (the emoji classifier)
+int cmd_eval(int argc, char** argv);      // dmx eval
 }  // namespace dmx::cli

@@ -40,6 +40,7 @@ const char* kUsage =
     "  p2p        Prompt-to-Prompt editing of a generated or real image\n"
     "  diffedit   edit a real image from a source and a target prompt (DiffEdit)\n"
     "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train <lora|finetune|dreambooth|controlnet|bench>)\n"
+    "  eval       score an emoji model with the emoji classifier (dmx train classifier)\n"
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
 
@@ -253,6 +254,7 @@ int main(int argc, char** argv) {
     if (cmd == "p2p") return dmx::cli::cmd_p2p(argc, argv);
     if (cmd == "diffedit") return dmx::cli::cmd_diffedit(argc, argv);
     if (cmd == "train") return dmx::cli::cmd_train(argc, argv);
+    if (cmd == "eval") return dmx::cli::cmd_eval(argc, argv);
     if (cmd == "version" || cmd == "--version") {
       std::printf("dmx %s\n", dmx::version().c_str());
       return 0;

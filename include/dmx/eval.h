@@ -1,0 +1,118 @@
+// dmx public evaluation API (docs/evaluation.md): the emoji classifier (`dmx train classifier`) and the
+// scores of a text-to-image model, its ControlNet, LoRA and DreamBooth adapters and of edits (`dmx eval`).
+// Torch-free.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dmx/error.h"
+
+namespace dmx {
+
+// ---------------------------------------------------------------------------------------------------
+// `dmx train classifier`: trains the emoji classifier on the real images of every style (train + heldout
+// splits) of a `dmx data emoji` folder, with augmentations (random affine, blur, noise, colour jitter).
+struct ClassifierTrainOptions {
+  std::string data;    // `dmx data emoji` folder (concepts.json, google/, twitter/)
+  std::string output;  // folder: config.json + model.safetensors (fp16)
+  int64_t steps = 2000;
+  int batch_size = 64;
+  double learning_rate = 2e-3;  // AdamW peak; 100 warm-up steps, cosine decay to 0
+  double weight_decay = 0.05;
+  uint64_t seed = 0;
+  int threads = 0;  // 0 = all cores
+  bool progress = true;
+};
+
+struct ClassifierTrainResult {
+  int64_t steps = 0;
+  int num_classes = 0;
+  int num_images = 0;
+  double seconds = 0;  // training loop wall time
+  double final_loss = 0;
+  // Accuracy on the clean (un-augmented) real images, per style, after training.
+  std::vector<std::string> styles;
+  std::vector<double> top1, top5, style_accuracy;
+};
+
+ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o);
+
+// ---------------------------------------------------------------------------------------------------
+// `dmx eval`: generates one image per prompt (seed + i for prompt i) and scores it with the classifier.
+struct EvalOptions {
+  std::string model;                     // diffusers folder of the text-to-image model
+  std::string prompts_file;              // one prompt per line; "" = default_eval_prompts()
+  std::string classifier = "models/emoji-classifier";
+  std::string data;                      // `dmx data emoji` folder; "" = default_emoji_data_dir()
+  int steps = 25;
+  double guidance_scale = 7.5;
+  std::string scheduler;                 // "" = the model's own
+  uint64_t seed = 0;
+  int limit = 0;                         // > 0: score only the first `limit` prompts
+  int threads = 0;
+  std::string out_dir;                   // when set: generated images (and grids) are written here
+  // ControlNet: edge F1 with and without the net (same prompts and seeds), on the first aux_prompts prompts.
+  std::string controlnet;
+  // LoRA: style accuracy (share classified twitter) with and without the LoRA, first aux_prompts prompts.
+  std::string lora;
+  double lora_scale = 1.0;
+  int aux_prompts = 50;
+  // DreamBooth LoRA: subject similarity of `dreambooth_images` images of dreambooth_prompt, with and without
+  // the LoRA, to the real image(s) of dreambooth_concept.
+  std::string dreambooth;
+  std::string dreambooth_prompt;
+  std::string dreambooth_concept;
+  int dreambooth_images = 8;
+  bool progress = true;
+};
+
+struct EvalResult {
+  int n = 0;          // prompts scored
+  double top1 = 0;    // fraction of images whose top-1 concept is the prompt's
+  double top5 = 0;
+  double frechet = 0;       // classifier-feature Fréchet distance: generated vs real (google) of the same concepts
+  double frechet_real = 0;  // the same between real images of those concepts and of a disjoint set
+  double twitter_fraction = 0;  // share of the base images the style head calls twitter
+  // ControlNet (when EvalOptions::controlnet is set; -1 otherwise)
+  int controlnet_n = 0;
+  double edge_f1 = -1, edge_f1_without = -1;
+  // LoRA
+  int lora_n = 0;
+  double lora_style_accuracy = -1, lora_style_accuracy_without = -1;
+  // DreamBooth
+  int dreambooth_n = 0;
+  double dreambooth_similarity = -1, dreambooth_similarity_without = -1;
+  double dreambooth_top5 = -1, dreambooth_top5_without = -1;  // share recognised as the concept (top-5)
+  double seconds = 0;
+  std::vector<std::string> prompts;   // the prompts scored
+  std::vector<std::string> top1_names;  // the classifier's top-1 concept for each
+  std::string to_json() const;        // one line: every field above except the per-prompt lists
+};
+
+EvalResult evaluate(const EvalOptions& o);
+
+// The built-in prompt list: 300 prompts from the *train* concepts of data's concepts.json (never a
+// held-out concept), picked deterministically (every k-th train concept in concepts.json order, k =
+// floor(#train / 300)); one in five (i % 5 == 4) is "composed": "<name>, <category lower-cased>, google style",
+// the others the bare name. Throws InvalidArgument when fewer than 300 train concepts exist.
+std::vector<std::string> default_eval_prompts(const std::string& data_dir, int count = 300);
+
+// $DMX_EMOJI_DATA, else ~/.cache/dmx/emoji-data, else /tmp/emoji_ds: the first that holds concepts.json
+// ("" when none does).
+std::string default_emoji_data_dir();
+
+// Reads a prompt file: one prompt per line (blank lines and lines starting with '#' skipped). Each must start
+// with a concept name of concepts.json, optionally followed by ", <category>" and/or ", <style> style".
+// InvalidArgument naming the file, the line number and the text when a line names no known concept.
+std::vector<std::string> read_eval_prompts(const std::string& path, const std::string& data_dir);
+
+// Editing metrics on 8-bit images (paths). IoU of two masks thresholded at 128 (gray or RGB; white = inside).
+double mask_iou(const std::string& mask_a, const std::string& mask_b);
+// Mean absolute difference in [0, 1] of two RGB images over the pixels where `mask` is black (outside the
+// edited region).
+double background_error(const std::string& image_a, const std::string& image_b, const std::string& mask);
+// Edge F1 between Canny(image, 100, 200) and an edge map (white = edge), with a 1-pixel tolerance.
+double edge_f1_files(const std::string& image, const std::string& edge_map);
+}  // namespace dmx
