@@ -18,6 +18,9 @@ struct EmojiDataOptions {
   std::string caption_format =
       "{name}, {category}, {style} style";   // {name} {short_name} {category} {subcategory} {style}
   double canny_low = 100, canny_high = 200;  // edge maps for ControlNet
+  // Only these concepts (emoji.json short_name, e.g. "grinning", "pizza"); empty = all. Held-out concepts
+  // stay held out (the split is chosen on the full list), so a subset has the same layout as a full build.
+  std::vector<std::string> only;
   bool overwrite = false;
   bool progress = true;
 };
