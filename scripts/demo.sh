@@ -13,7 +13,8 @@
 #   DMX_DREAMBOOTH_PROMPT [first line of ${DMX_DREAMBOOTH%.safetensors}.txt]  its instance prompt
 #   DMX_CLASSIFIER   [models/emoji-classifier]               classifier of `dmx eval`
 #   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER]  arguments of `dmx eval` (+ --json)
-#   DMX_DEMO_OUT [demo]  DMX_DEMO_STEPS [20]  DMX_DEMO_SEED [42]  DMX_DEMO_SIZE [64]
+#   DMX_DEMO_OUT [demo]  DMX_DEMO_STEPS [20]  DMX_DEMO_SEED [42]
+#   DMX_DEMO_SIZE [the model's native size: unet sample_size x VAE factor]  side of the real inputs and outputs
 #   DMX_DEMO_SKIP_SETUP=1  use the existing build (no setup.sh, no build.sh)
 #   DMX_BUILD_DIR [build]  DMX_BIN [$DMX_BUILD_DIR/dmx]
 # A section whose optional model (ControlNet, LoRA, DreamBooth, classifier) is missing is skipped with a
@@ -31,7 +32,6 @@ CLASSIFIER="${DMX_CLASSIFIER:-models/emoji-classifier}"
 OUT="${DMX_DEMO_OUT:-demo}"
 STEPS="${DMX_DEMO_STEPS:-20}"
 SEED="${DMX_DEMO_SEED:-42}"
-SIZE="${DMX_DEMO_SIZE:-64}"
 BUILD_DIR="${DMX_BUILD_DIR:-build}"
 DMX="${DMX_BIN:-$BUILD_DIR/dmx}"
 # The real emoji the demo edits (emoji.json short names).
@@ -44,6 +44,16 @@ if [ ! -f "$MODEL/model_index.json" ]; then
   echo "demo: DMX_MODEL=/path/to/diffusers-folder (and DMX_CONTROLNET, DMX_LORA, DMX_DREAMBOOTH)." >&2
   exit 2
 fi
+
+# The model's native image side: UNet sample_size x 2^(VAE levels - 1), read with coreutils only.
+json_compact() { tr -d ' \n\t\r' <"$1"; }
+native_size() {
+  local s levels
+  s=$(json_compact "$MODEL/unet/config.json" | grep -o '"sample_size":[0-9]*' | head -n 1 | cut -d: -f2)
+  levels=$(json_compact "$MODEL/vae/config.json" | grep -o '"block_out_channels":\[[0-9,]*\]' | head -n 1 | tr -cd ',' | wc -c)
+  if [ -n "$s" ] && [ -n "$levels" ]; then echo $((s << levels)); else echo 64; fi
+}
+SIZE="${DMX_DEMO_SIZE:-$(native_size)}"
 
 # ---- 1. install what is missing, build ----------------------------------------------------------------
 if [ "${DMX_DEMO_SKIP_SETUP:-0}" != 1 ]; then
@@ -164,8 +174,8 @@ COMMON_PARAMS="steps $STEPS, seed $SEED, guidance 7.5, scheduler: the model's"
 
 # ---- 2. real inputs: a handful of emoji built from the npm packages ----------------------------------
 sec_t0
-run data_emoji "$DMX" data emoji --only "$EMOJI" --style google --style twitter --out "$OUT/inputs/emoji" \
-  --overwrite --quiet
+run data_emoji "$DMX" data emoji --only "$EMOJI" --style google --style twitter --size "$SIZE" \
+  --out "$OUT/inputs/emoji" --overwrite --quiet
 emoji() {  # emoji STYLE KIND SHORT -> path relative to $OUT of images|edges|masks/SHORT.png
   local split
   for split in train heldout; do
@@ -186,9 +196,9 @@ body+=$(row "Twitter" "$figs")
 figs=""
 for e in ${EMOJI//,/ }; do figs+=$(fig "$(emoji google edges "$e")" "edges"); figs+=$(fig "$(emoji google masks "$e")" "mask"); done
 body+=$(row "Canny edges, alpha masks" "$figs")
-body+=$(runs_table "data_emoji=emoji.json short names $EMOJI, both styles")
+body+=$(runs_table "data_emoji=emoji.json short names $EMOJI, both styles, ${SIZE}&times;${SIZE}")
 section inputs "Real inputs: <code>dmx data emoji --only</code>" \
-  "A few real emoji from the npm packages emoji-datasource-google (Apache-2.0) and emoji-datasource-twitter (CC-BY 4.0), built exactly like the training set (64&times;64 RGB on white, Canny edges, alpha masks); the edits below start from these." \
+  "A few real emoji from the npm packages emoji-datasource-google (Apache-2.0) and emoji-datasource-twitter (CC-BY 4.0), built exactly like the training set (${SIZE}&times;${SIZE} RGB on white, Canny edges, alpha masks); the edits below start from these." \
   "$body" "$(sec_ms)"
 
 # ---- 3. text to image ----------------------------------------------------------------------------------
@@ -440,7 +450,7 @@ nav ul { columns: 2; }
 <code>dmx</code> command line on this machine. Model: <code>$(esc "$MODEL")</code>; $(esc "$("$DMX" version 2>/dev/null || echo dmx)");
 $(nproc) cores ($(esc "${cpu:-unknown CPU}")); $(date -u '+%Y-%m-%d %H:%M UTC').
 The demo took <b>$(secs "$TOTAL_MS")&nbsp;s</b> after the build ($(secs "$ALL_MS")&nbsp;s including setup and build).
-64-pixel images are shown enlarged without smoothing.</p>
+Images of ${SIZE}&times;${SIZE} pixels (the model's size) are shown enlarged without smoothing.</p>
 $skip_note
 <nav><ul>$TOC</ul></nav>
 $SECTIONS_HTML
