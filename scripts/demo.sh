@@ -12,7 +12,8 @@
 #   DMX_DREAMBOOTH   [models/emoji-dreambooth.safetensors]   DreamBooth LoRA of a held-out emoji
 #   DMX_DREAMBOOTH_PROMPT [first line of ${DMX_DREAMBOOTH%.safetensors}.txt]  its instance prompt
 #   DMX_CLASSIFIER   [models/emoji-classifier]               classifier of `dmx eval`
-#   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER]  arguments of `dmx eval` (+ --json)
+#   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER --limit $DMX_DEMO_EVAL_LIMIT --steps N
+#                     --seed N --out $DMX_DEMO_OUT/eval]  arguments of `dmx eval` (+ --json); DMX_DEMO_EVAL_LIMIT [32] prompts
 #   DMX_DEMO_OUT [demo]  DMX_DEMO_STEPS [20]  DMX_DEMO_SEED [42]
 #   DMX_DEMO_SIZE [the model's native size: unet sample_size x VAE factor]  side of the real inputs and outputs
 #   DMX_DEMO_SKIP_SETUP=1  use the existing build (no setup.sh, no build.sh)
@@ -168,6 +169,22 @@ sec_t0() { SEC_T0=${EPOCHREALTIME//[.,]/}; SEC_CPU0=$CPU_TOTAL_MS; }
 sec_ms() { echo $(( (${EPOCHREALTIME//[.,]/} - SEC_T0) / 1000 )); }
 have_file() { [ -e "$1" ]; }
 
+# Per-image measurements of `dmx eval` (when this build has it), else nothing.
+HAVE_EVAL=0
+"$DMX" eval --help >/dev/null 2>&1 && HAVE_EVAL=1
+file_metric() {  # dmx eval prints "name value": the value of its last line
+  [ "$HAVE_EVAL" = 1 ] || return 0
+  local v
+  v=$("$DMX" eval "$@" 2>/dev/null | tail -n 1 || true)
+  v=${v##*[[:space:]]}
+  [[ $v =~ ^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$ ]] && printf '%s' "$v"
+  return 0
+}
+with_metric() {  # with_metric LABEL VALUE -> "<br>LABEL VALUE" or nothing
+  [ -n "$2" ] && printf '<br>%s %s' "$1" "$2"
+  return 0
+}
+
 GEN=("$DMX" generate --model "$MODEL" --steps "$STEPS" --seed "$SEED" --quiet)
 SIZE_ARGS=(--width "$SIZE" --height "$SIZE")
 COMMON_PARAMS="steps $STEPS, seed $SEED, guidance 7.5, scheduler: the model's"
@@ -249,7 +266,8 @@ if [ -e "$CONTROLNET" ]; then
   for p in "grinning face" "cat face" "red apple"; do
     run "controlnet_$i" "${GEN[@]}" "${SIZE_ARGS[@]}" --controlnet "$CONTROLNET" --control-image "$OUT/$edges" \
       --save-control-image "$OUT/controlnet/control.png" --prompt "$p" --output "$OUT/controlnet/$i.png"
-    figs+=$(fig "controlnet/$i.png" "$(q "$p")")
+    f1=$(file_metric --edge-f1 "$OUT/controlnet/$i.png" --reference "$OUT/$edges")
+    figs+=$(fig "controlnet/$i.png" "$(q "$p")$(with_metric "edge F1" "$f1")")
     ids+=("controlnet_$i=$(q "$p"); control scale 1.0; $COMMON_PARAMS")
     i=$((i + 1))
   done
@@ -257,7 +275,7 @@ if [ -e "$CONTROLNET" ]; then
   body+=$(row "outputs" "$figs")
   body+=$(runs_table "${ids[@]}")
   section controlnet "ControlNet (Canny edges)" \
-    "<code>$(esc "$CONTROLNET")</code> conditions the model on the Canny edges of a real emoji; different prompts keep the outline." \
+    "<code>$(esc "$CONTROLNET")</code> conditions the model on the Canny edges of a real emoji; different prompts keep the outline. Edge F1 (when shown): <code>dmx eval --edge-f1 OUTPUT --reference EDGES</code>, Canny edges of the output against the control edges." \
     "$body" "$(sec_ms)"
 else
   skipped controlnet "ControlNet (Canny edges)" "no ControlNet at $CONTROLNET (set DMX_CONTROLNET)"
@@ -298,14 +316,15 @@ ids=()
 for bg in latent pixel poisson optimize-latents finetune-decoder; do
   run "blended_$bg" "${GEN[@]}" --init-image "$OUT/$init" --mask "$OUT/$mask" --background "$bg" --prompt "$p" \
     --output "$OUT/blended/$bg.png"
-  figs+=$(fig "blended/$bg.png" "--background $bg")
+  be=$(file_metric --background-error "$OUT/blended/$bg.png" --reference "$OUT/$init" --mask "$OUT/$mask")
+  figs+=$(fig "blended/$bg.png" "--background $bg$(with_metric "background error" "$be")")
   ids+=("blended_$bg=$(q "$p"); strength 1.0; background $bg; $COMMON_PARAMS")
 done
 body=$(row "inputs" "$(fig "$init" "real: grinning face")$(fig "$mask" "mask (white = edit)")")
 body+=$(row "$(q "$p")" "$figs")
 body+=$(runs_table "${ids[@]}")
 section blended "Blended edit (Blended Latent Diffusion)" \
-  "<code>dmx generate --init-image --mask</code>: only the masked region follows the prompt; one output per <code>--background</code> reconstruction (latent blending only, pixel stitching, Poisson blending, optimised latents, a decoder fine-tuned for this image)." \
+  "<code>dmx generate --init-image --mask</code>: only the masked region follows the prompt; one output per <code>--background</code> reconstruction (latent blending only, pixel stitching, Poisson blending, optimised latents, a decoder fine-tuned for this image). Background error (when shown): <code>dmx eval --background-error OUTPUT --reference INPUT --mask MASK</code>, the mean absolute change outside the mask, in [0, 1]." \
   "$body" "$(sec_ms)"
 
 # ---- 8. DiffEdit ---------------------------------------------------------------------------------------
@@ -315,7 +334,8 @@ run diffedit "$DMX" diffedit --model "$MODEL" --image "$OUT/$img" --source-promp
   --target-prompt "dog face" --steps "$STEPS" --seed "$SEED" --mask-output "$OUT/diffedit/mask.png" \
   --output "$OUT/diffedit/edit.png" --quiet
 body=$(row "input" "$(fig "$img" "real: cat face")")
-body+=$(row "outputs" "$(fig diffedit/mask.png "estimated mask")$(fig diffedit/edit.png "$(q "dog face")")")
+iou=$(file_metric --mask-iou "$OUT/diffedit/mask.png" --reference "$OUT/$(emoji google masks cat)")
+body+=$(row "outputs" "$(fig diffedit/mask.png "estimated mask$(with_metric "IoU with the emoji's alpha mask" "$iou")")$(fig diffedit/edit.png "$(q "dog face")")")
 body+=$(runs_table "diffedit=source $(q "cat face"), target $(q "dog face"); encode ratio 0.8, 10 noise maps; $COMMON_PARAMS")
 section diffedit "DiffEdit" \
   "<code>dmx diffedit</code> estimates where the source and target prompts disagree (the mask), DDIM-inverts the real image and regenerates only inside the mask." \
@@ -385,7 +405,7 @@ elif [ ! -e "$CLASSIFIER" ]; then
 else
   sec_t0
   # shellcheck disable=SC2206  # DMX_EVAL_ARGS is a word list on purpose
-  EVAL_ARGS=(${DMX_EVAL_ARGS:---model $MODEL --classifier $CLASSIFIER})
+  EVAL_ARGS=(${DMX_EVAL_ARGS:---model $MODEL --classifier $CLASSIFIER --limit ${DMX_DEMO_EVAL_LIMIT:-32} --steps $STEPS --seed $SEED --out $OUT/eval})
   json=""
   if RUN_SOFT=1 run eval "$DMX" eval "${EVAL_ARGS[@]}" --json; then
     json=$(grep '^{' "$OUT/logs/eval.log" | tail -n 1 || true)
@@ -401,7 +421,7 @@ else
       rows+="<tr><th>$(esc "${k//\"/}")</th><td class=\"num\">$(esc "${v//\"/}")</td></tr>"
     done < <(printf '%s' "$json" | tr -d '{}' | tr ',' '\n')
     body="<table class=\"metrics\">$rows</table>"
-    body+=$(runs_table "eval=classifier $(esc "$CLASSIFIER")")
+    body+=$(runs_table "eval=classifier $(esc "$CLASSIFIER"), the first ${DMX_DEMO_EVAL_LIMIT:-32} prompts of dmx eval's built-in list")
     section eval "Metrics: <code>dmx eval</code>" \
       "Top-1/top-5 accuracy of the evaluation classifier on generated images of the prompted emoji, and the Fr&eacute;chet distance between generated and real images in the classifier's feature space (<code>frechet_real</code>: real against real, the floor)." \
       "$body" "$(sec_ms)"
