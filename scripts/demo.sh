@@ -68,6 +68,7 @@ fi
 [ -x "$DMX" ] || { echo "demo: $DMX not found (build it with scripts/build.sh dmx_cli)" >&2; exit 2; }
 
 SECTIONS=(inputs txt2img img2img controlnet lora blended diffedit p2p nulltext dreambooth eval logs)
+rm -f "${OUT:?}/index.html"  # no page pointing at the images removed next
 for s in "${SECTIONS[@]}"; do rm -rf "${OUT:?}/$s"; done
 mkdir -p "$OUT"
 for s in "${SECTIONS[@]}"; do mkdir -p "$OUT/$s"; done
