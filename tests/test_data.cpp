@@ -175,6 +175,63 @@ TEST(DataEmoji, CliExitCodes) {
   EXPECT_TRUE(path_exists(tmp + "/cli_out/google/train/metadata.jsonl"));
 }
 
+// --only builds the named concepts with the layout of a full build; held-out concepts stay held out.
+TEST(DataEmoji, OnlyBuildsTheNamedConcepts) {
+  EmojiDataOptions o;
+  o.source = make_source("src_only", 40);
+  o.out = join_path(dmx::test::temp_dir(), "emoji_only");
+  o.heldout_fraction = 0.05;  // sorted positions 10 and 30: thing29 and thing9
+  o.styles = {"google"};
+  o.only = {"thing1", "thing29"};
+  o.progress = false;
+  const EmojiDataReport r = build_emoji_dataset(o);
+  EXPECT_EQ(r.concepts, 2);
+  EXPECT_EQ(r.train_images, 1);
+  EXPECT_EQ(r.heldout_images, 1);
+  ASSERT_EQ(r.heldout.size(), 1u);
+  EXPECT_EQ(r.heldout[0], "thing number 29");
+  const auto train = read_jsonl(o.out + "/google/train/metadata.jsonl");
+  const auto held = read_jsonl(o.out + "/google/heldout/metadata.jsonl");
+  ASSERT_EQ(train.size(), 1u);
+  ASSERT_EQ(held.size(), 1u);
+  EXPECT_EQ(train[0]["short_name"], "thing1");
+  EXPECT_EQ(held[0]["short_name"], "thing29");
+  EXPECT_TRUE(path_exists(o.out + "/google/train/images/thing1.png"));
+  EXPECT_TRUE(path_exists(o.out + "/google/train/edges/thing1.png"));
+  EXPECT_TRUE(path_exists(o.out + "/google/heldout/masks/thing29.png"));
+}
+
+TEST(DataEmoji, OnlyWithUnknownNamesFailsNamingThem) {
+  EmojiDataOptions o;
+  o.source = make_source("src_only_bad", 4);
+  o.out = join_path(dmx::test::temp_dir(), "emoji_only_bad");
+  o.progress = false;
+  o.only = {"thing1", "no_such_emoji", "pizzza"};
+  try {
+    build_emoji_dataset(o);
+    FAIL() << "unknown short names must be rejected";
+  } catch (const InvalidArgument& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("--only"), std::string::npos) << m;
+    EXPECT_NE(m.find("'no_such_emoji'"), std::string::npos) << m;
+    EXPECT_NE(m.find("'pizzza'"), std::string::npos) << m;
+    EXPECT_EQ(m.find("'thing1'"), std::string::npos) << m;
+  }
+  EXPECT_FALSE(path_exists(o.out));
+  EXPECT_FALSE(path_exists(o.out + ".partial"));
+  // The CLI: exit 2 naming the bad name, nothing written; an empty item is an error too.
+  auto r = dmx::test::dmx_run({"data", "emoji", "--source", o.source, "--out", o.out, "--only", "thing2,nope"});
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("'nope'"), std::string::npos) << r.output;
+  EXPECT_FALSE(path_exists(o.out));
+  r = dmx::test::dmx_run({"data", "emoji", "--source", o.source, "--out", o.out, "--only", "thing2,"});
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("empty short name"), std::string::npos) << r.output;
+  r = dmx::test::dmx_run({"data", "emoji", "--source", o.source, "--out", o.out, "--only", "thing2,thing3", "--quiet"});
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(read_jsonl(o.out + "/google/train/metadata.jsonl").size(), 2u);
+}
+
 // The real npm packages, when scripts/setup.sh --emoji has installed them.
 TEST(DataEmoji, RealPackagesWhenInstalled) {
   const std::string src = default_emoji_source();

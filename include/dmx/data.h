@@ -20,6 +20,9 @@ struct EmojiDataOptions {
   // Each adds one more metadata row per image, with the caption this format gives (e.g. "{name}").
   std::vector<std::string> extra_caption_formats;
   double canny_low = 100, canny_high = 200;  // edge maps for ControlNet
+  // Only these concepts (emoji.json short_name, e.g. "grinning", "pizza"); empty = all. Held-out concepts
+  // stay held out (the split is chosen on the full list), so a subset has the same layout as a full build.
+  std::vector<std::string> only;
   bool overwrite = false;
   bool progress = true;
 };

@@ -147,6 +147,28 @@ std::string file_name_for(const Concept& c) {
     s += (std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_') ? ch : '_';
   return s + ".png";
 }
+// --only: the concepts with these short names, in emoji.json's order; every unknown name is reported.
+std::vector<Concept> select_only(const std::vector<Concept>& all, const std::vector<std::string>& only) {
+  std::set<std::string> want, found;
+  for (const auto& n : only) {
+    DMX_CHECK_ARG(!n.empty(), "--only: empty short name in the list (comma-separated short names, e.g. grinning,pizza)");
+    want.insert(n);
+  }
+  std::vector<Concept> out;
+  for (const auto& c : all)
+    if (want.count(c.short_name)) {
+      out.push_back(c);
+      found.insert(c.short_name);
+    }
+  std::string missing;
+  for (const auto& n : only)
+    if (!found.count(n) && missing.find("'" + n + "'") == std::string::npos)
+      missing += (missing.empty() ? "'" : ", '") + n + "'";
+  DMX_CHECK_ARG(missing.empty(), "--only: no emoji with short name ", missing,
+                " in emoji.json with an image in the chosen styles (short names are emoji.json's short_name, "
+                "e.g. grinning, pizza, cat)");
+  return out;
+}
 }  // namespace
 
 std::string default_emoji_source() {
@@ -179,6 +201,7 @@ EmojiDataReport build_emoji_dataset(const EmojiDataOptions& in) {
     const size_t k = static_cast<size_t>(std::lround(1.0 / o.heldout_fraction));
     for (size_t i = k / 2; i < concepts.size(); i += k) concepts[i].heldout = true;
   }
+  if (!o.only.empty()) concepts = select_only(concepts, o.only);
 
   const std::string tmp = o.out + ".partial";
   std::error_code ec;

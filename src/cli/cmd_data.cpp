@@ -24,6 +24,7 @@ int cmd_data_emoji(int argc, char** argv) {
              {"extra-caption-format", "FMT", "one more row per image with this caption; repeatable", true},
              {"canny-low", "L", "Canny low threshold for the edge maps (default 100)"},
              {"canny-high", "H", "Canny high threshold (default 200)"},
+             {"only", "NAMES", "build only these concepts: comma-separated short names (e.g. grinning,pizza,cat)"},
              {"overwrite", "", "replace --out if it exists"},
              {"quiet", "", "no progress output"},
              {"verbose", "", "stack traces"},
@@ -46,6 +47,15 @@ int cmd_data_emoji(int argc, char** argv) {
   if (a.has("extra-caption-format")) o.extra_caption_formats = a.all("extra-caption-format");
   o.canny_low = a.real("canny-low", o.canny_low, 0, 2040);
   o.canny_high = a.real("canny-high", o.canny_high, 0, 2040);
+  if (a.has("only")) {
+    const std::string list = a.str("only");
+    for (size_t i = 0; i <= list.size();) {
+      size_t j = list.find(',', i);
+      if (j == std::string::npos) j = list.size();
+      o.only.push_back(list.substr(i, j - i));
+      i = j + 1;
+    }
+  }
   o.overwrite = a.has("overwrite");
   o.progress = !a.has("quiet");
   const EmojiDataReport r = build_emoji_dataset(o);
