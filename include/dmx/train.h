@@ -63,6 +63,9 @@ struct TrainOptions {
   // controlnet_original.safetensors
   std::string controlnet;  // start from this ControlNet instead of a fresh copy of the UNet encoder
   std::string conditioning_column = "conditioning_image";
+  // Conditioning image of the validation images (at its own size rounded down to a multiple of 8, as
+  // diffusers' log_validation); "" = the first dataset row's, as training sees it (--resolution, center crop).
+  std::string validation_image;
 
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;
