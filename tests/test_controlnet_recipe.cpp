@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -22,6 +24,7 @@
 #include "io/safetensors.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/model_bundle.h"
+#include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "training/controlnet_init.h"
 #include "training/controlnet_train.h"
@@ -316,4 +319,148 @@ TEST(ControlNetRecipe, BatchGradientIsTheMeanOfRowGradients) {
   }
   const at::Tensor both = grads(0, 2), r0 = grads(0, 1), r1 = grads(1, 1);
   DMX_EXPECT_CLOSE("batch-of-2 gradient vs mean of the 2 row gradients", (r0 + r1) / 2, both, 1e-5);
+}
+
+// --gradient-checkpointing recomputes the ControlNet's and the UNet's blocks in backward: the same gradients.
+TEST(ControlNetRecipe, GradientCheckpointingGivesTheSameGradients) {
+  DMX_REQUIRE_FIXTURES();
+  auto m = fresh_models();
+  torch::manual_seed(0);
+  auto recipe = std::make_shared<training::ControlNetRecipe>(m, training::controlnet_from_unet(m->unet));
+  training::TrainConfig cfg;
+  recipe->setup(cfg);
+  {  // non-zero zero-convs so that every part of the net gets a gradient
+    at::NoGradGuard ng;
+    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(8);
+    for (auto& p : recipe->trainable_parameters()) p.tensor.add_(at::randn(p.tensor.sizes(), g) * 0.02);
+  }
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(6);
+  const at::Tensor noisy = at::randn({2, 4, 16, 16}, g), ehs = at::randn({2, 77, 32}, g), eps = at::randn({2, 4, 16, 16}, g);
+  const at::Tensor t = at::tensor({700, 30}, at::kLong);
+  training::Batch b;
+  b.conditioning = at::rand({2, 3, 128, 128}, g);
+  auto grads = [&](bool ckpt) {
+    recipe->controlnet()->set_gradient_checkpointing(ckpt);
+    m->unet->set_gradient_checkpointing(ckpt);
+    for (auto& p : recipe->trainable_parameters()) p.tensor.mutable_grad() = at::Tensor();
+    at::mse_loss(recipe->predict(noisy, t, ehs, b), eps).backward();
+    std::vector<at::Tensor> v;
+    for (auto& p : recipe->trainable_parameters()) v.push_back(p.tensor.grad().reshape({-1}).clone());
+    return at::cat(v);
+  };
+  const at::Tensor plain = grads(false), ckpt = grads(true);
+  EXPECT_GT(plain.abs().min().item<double>() + plain.abs().max().item<double>(), 0.0);
+  DMX_EXPECT_CLOSE("ControlNet gradients with gradient checkpointing vs without", ckpt, plain, 1e-6);
+  // setup() switches it on for both nets.
+  cfg.gradient_checkpointing = true;
+  recipe->setup(cfg);
+  EXPECT_TRUE(recipe->controlnet()->gradient_checkpointing());
+  EXPECT_TRUE(m->unet->gradient_checkpointing());
+}
+
+namespace {
+// Mean loss of 4 fixed draws (latent sample, noise, timesteps) on one batch, without grad.
+double fixed_draw_loss(training::Recipe& r, const training::Batch& b, uint64_t seed) {
+  at::NoGradGuard no_grad;
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
+  auto& m = r.models();
+  const auto scfg = schedulers::SchedulerConfig::for_class("DDPMScheduler", m.scheduler_config);
+  const at::Tensor ac = at::cumprod(1.0 - schedulers::make_betas(scfg), 0);
+  auto [mean, stdv] = r.encode_images(b);
+  double total = 0;
+  for (int rep = 0; rep < 4; ++rep) {
+    const at::Tensor lat = (mean + stdv * at::randn(mean.sizes(), g, mean.options())) * m.vae->config().scaling_factor;
+    const at::Tensor noise = at::randn(lat.sizes(), g, lat.options());
+    const at::Tensor t = at::randint(1000, {lat.size(0)}, g, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor pred = r.predict(training::ddpm_add_noise(ac, lat, noise, t), t, r.encode_prompt(b), b);
+    total += (pred - noise).pow(2).mean().item<double>();
+  }
+  return total / 4;
+}
+}  // namespace
+
+// --mixed-precision bf16: frozen UNet / VAE / text encoder in bf16, the ControlNet's float32 weights train and the
+// loss on a fixed batch goes down; validation images (float32 pipeline) are written in the middle of the run.
+TEST(ControlNetRecipe, BF16FrozenModelTrainsFloat32ControlNetAndWritesValidationImages) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string data = make_cn_data("cn_bf16_data", 2);
+  auto m = fresh_models();
+  torch::manual_seed(0);
+  auto recipe = std::make_shared<training::ControlNetRecipe>(m, training::controlnet_from_unet(m->unet));
+  training::DatasetOptions d;
+  d.dir = data;
+  d.resolution = 128;
+  d.require_conditioning = true;
+  auto ds = std::make_shared<training::ImageCaptionDataset>(d);
+  auto source = std::make_shared<training::DatasetBatchSource>(ds, 2, 0, 1, 0, /*shuffle=*/false);
+  training::TrainConfig cfg;
+  cfg.output_dir = test::temp_dir() + "/cn_bf16";
+  fs::remove_all(cfg.output_dir);
+  cfg.max_train_steps = 8;
+  cfg.train_batch_size = 2;
+  cfg.learning_rate = 2e-3;
+  cfg.mixed_precision = training::MixedPrecision::BF16;
+  cfg.gradient_checkpointing = true;
+  cfg.save_final_checkpoint = false;
+  cfg.validation_steps = 4;
+  cfg.validation_prompt = "a striped thing";
+  cfg.validation_inference_steps = 2;
+  cfg.quiet = true;
+  EXPECT_THROW(training::Trainer(cfg, recipe, source).run(), InvalidArgument);  // no validation image yet
+  recipe->set_validation_image(ds->get(0, 0).conditioning.unsqueeze(0));
+  EXPECT_THROW(recipe->set_validation_image(at::rand({1, 3, 60, 64})), InvalidArgument);
+  const training::Batch b = source->get(0);
+  recipe->setup(cfg);
+  const double before = fixed_draw_loss(*recipe, b, 99);
+  training::Trainer trainer(cfg, recipe, source);
+  const training::TrainResult r = trainer.run();
+  const double after = fixed_draw_loss(*recipe, b, 99);
+  std::printf("[controlnet bf16] fixed-draw loss before %.5f after %.5f; step losses:", before, after);
+  for (const auto& h : r.history) std::printf(" %.4f", h.loss);
+  std::printf("\n");
+  EXPECT_EQ(r.steps, 8);
+  EXPECT_LT(after, before);
+  for (const auto& h : r.history) EXPECT_TRUE(std::isfinite(h.loss));
+  EXPECT_EQ(m->unet->parameters().front().scalar_type(), at::kBFloat16);
+  EXPECT_EQ(m->vae->parameters().front().scalar_type(), at::kBFloat16);
+  EXPECT_EQ(m->text_encoder->parameters().front().scalar_type(), at::kBFloat16);
+  for (const auto& p : recipe->trainable_parameters()) EXPECT_EQ(p.tensor.scalar_type(), at::kFloat) << p.name;
+  EXPECT_GT(recipe->controlnet()->named_parameters()["controlnet_mid_block.weight"].abs().max().item<float>(), 0.0f);
+  for (const char* f : {"/validation-000004-0.png", "/validation-000008-0.png"}) {
+    ASSERT_TRUE(fs::exists(cfg.output_dir + f)) << f;
+    const Image img = load_image(cfg.output_dir + f, "validation image");
+    EXPECT_EQ(img.width, 128);
+    EXPECT_EQ(img.height, 128);
+  }
+}
+
+// dmx train controlnet --validation-image (at its own size) and the default (the first row's conditioning image at
+// --resolution), with bf16 and gradient checkpointing.
+TEST(ControlNetTrainCli, ValidationImagesWithBF16AndCheckpointing) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string model = test::fixture_model("sd15");
+  const std::string data = make_cn_data("cn_cli_val_data", 2);
+  const std::string vimg = test::temp_dir() + "/cn_val_cond.png";
+  save_png(vimg, stripes(100, 84, 3));  // -> 96 x 80
+  for (const bool given : {true, false}) {
+    const std::string out = test::temp_dir() + (given ? "/cn_cli_val_given" : "/cn_cli_val_default");
+    fs::remove_all(out);
+    fs::remove_all(out + ".train");
+    std::vector<std::string> args{"train", "controlnet", "--model", model, "--data", data, "--output", out,
+                                  "--steps", "1", "--batch-size", "1", "--resolution", "64", "--mixed-precision",
+                                  "bf16", "--gradient-checkpointing", "--validation-steps", "1",
+                                  "--validation-prompt", "stripes", "--quiet"};
+    if (given) args.insert(args.end(), {"--validation-image", vimg});
+    const auto r = test::dmx_run(args);
+    ASSERT_EQ(r.code, 0) << r.output;
+    const Image img = load_image(out + ".train/validation-000001-0.png", "validation image");
+    EXPECT_EQ(img.width, given ? 96 : 64);
+    EXPECT_EQ(img.height, given ? 80 : 64);
+    EXPECT_TRUE(fs::exists(out + "/diffusion_pytorch_model.safetensors"));
+  }
+  const auto bad = test::dmx_run({"train", "controlnet", "--model", model, "--data", data, "--output",
+                                  test::temp_dir() + "/cn_cli_val_bad", "--validation-steps", "1",
+                                  "--validation-prompt", "x", "--validation-image", "/nonexistent.png"});
+  EXPECT_EQ(bad.code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("--validation-image"), std::string::npos) << bad.output;
 }

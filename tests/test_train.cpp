@@ -5,10 +5,12 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 
 #include "core/fs.h"
+#include "core/image.h"
 #include "dmx/train.h"
 #include "io/safetensors.h"
 #include "models/unet_2d_condition.h"
@@ -681,6 +683,63 @@ TEST(TrainLoRA, CachedLatentsTrainExactlyLikeUncached) {
 // divides by sqrt(v) + 1e-8, which turns rounding noise in near-zero gradient components (|g| ~ 1e-9) into
 // updates of up to lr. The small learning rate keeps that below the 1e-5 tolerance (at lr 1e-2 the same runs
 // differ by 3e-4 in a handful of such components, not by a systematic error).
+namespace {
+// Runs `dmx <common> --batch-size 2*per_rank --output one` in one process and `dmx <common> --batch-size per_rank
+// --output two` as 2 ranks on loopback; returns false (after GTEST_SKIP) when this build lacks the pieces.
+bool run_one_and_two_processes(const std::vector<std::string>& common, int per_rank, const std::string& one,
+                               const std::string& two) {
+  std::vector<std::string> a1 = common;
+  a1.insert(a1.end(), {"--batch-size", std::to_string(2 * per_rank), "--output", one});
+  const CliRun r1 = dmx_run(a1);
+  if (r1.code == 2 && r1.output.find("dataset.cpp is missing") != std::string::npos) {
+    ADD_FAILURE() << "the image-caption dataset is not in this build";
+    return false;
+  }
+  EXPECT_EQ(r1.code, 0) << r1.output;
+  if (r1.code != 0) return false;
+  const std::string tag = fs::path(two).stem().string();
+  const int port = 20000 + static_cast<int>((getpid() + 7919 * tag.size()) % 20000);
+  std::string cmd;
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string base = temp_dir() + "/" + tag + "-rank" + std::to_string(rank);
+    cmd += "( env WORLD_SIZE=2 RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) +
+           " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " '" + DMX_CLI_PATH + "'";
+    for (const auto& x : common) cmd += " '" + x + "'";
+    cmd += " --batch-size " + std::to_string(per_rank) + " --output '" + two + "' > '" + base + ".log' 2>&1; echo $? > '" +
+           base + ".rc' ) & ";
+  }
+  cmd += "wait";
+  EXPECT_EQ(std::system(cmd.c_str()), 0);
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string base = temp_dir() + "/" + tag + "-rank" + std::to_string(rank);
+    const std::string log = read_text_file(base + ".log", "log");
+    const std::string rc = read_text_file(base + ".rc", "rc");
+    EXPECT_EQ(std::atoi(rc.c_str()), 0) << "rank " << rank << ": " << log;
+    if (std::atoi(rc.c_str()) != 0) return false;
+  }
+  return true;
+}
+
+// Two LoRA files as one flat vector each (kohya .alpha entries must be equal and are left out).
+void expect_same_lora_weights(const std::string& what, const std::string& one, const std::string& two, double tol) {
+  const io::TensorMap w1 = io::load_safetensors(one), w2 = io::load_safetensors(two);
+  ASSERT_EQ(w1.size(), w2.size());
+  std::vector<at::Tensor> f1, f2;
+  for (const auto& [k, v] : w1) {
+    ASSERT_TRUE(w2.count(k)) << k;
+    if (k.size() > 6 && k.compare(k.size() - 6, 6, ".alpha") == 0) {
+      EXPECT_TRUE(at::equal(v, w2.at(k))) << k;
+      continue;
+    }
+    f1.push_back(v.flatten());
+    f2.push_back(w2.at(k).flatten());
+  }
+  DMX_EXPECT_CLOSE(what, at::cat(f2), at::cat(f1), tol);
+  // The run moved the weights (lora_up starts at zero).
+  EXPECT_GT(at::cat(f1).abs().max().item<double>(), 0.0);
+}
+}  // namespace
+
 TEST(TrainDistributed, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatch) {
   DMX_REQUIRE_FIXTURES();
   const std::string data = make_image_folder("dist-images", 4);
@@ -705,47 +764,30 @@ TEST(TrainDistributed, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatch) 
                                            "--quiet",
                                            "--threads",
                                            "1"};
-  const std::string one = temp_dir() + "/dist-one.safetensors";
-  std::vector<std::string> a1 = common;
-  a1.insert(a1.end(), {"--batch-size", "4", "--output", one});
-  const CliRun r1 = dmx_run(a1);
-  if (r1.code == 2 && r1.output.find("dataset.cpp is missing") != std::string::npos)
-    GTEST_SKIP() << "the image-caption dataset (dist branch) is not in this build";
-  ASSERT_EQ(r1.code, 0) << r1.output;
+  const std::string one = temp_dir() + "/dist-one.safetensors", two = temp_dir() + "/dist-two.safetensors";
+  if (!run_one_and_two_processes(common, 2, one, two)) return;
+  expect_same_lora_weights("2 processes x batch 2 vs 1 process x batch 4 (LoRA weights after 3 steps)", one, two,
+                           1e-5);
+}
 
-  const std::string two = temp_dir() + "/dist-two.safetensors";
-  const int port = 20000 + static_cast<int>(getpid() % 20000);
-  std::string cmd;
-  for (int rank = 0; rank < 2; ++rank) {
-    cmd += "( env WORLD_SIZE=2 RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) +
-           " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " '" + DMX_CLI_PATH + "'";
-    for (const auto& x : common) cmd += " '" + x + "'";
-    cmd += " --batch-size 2 --output '" + two + "' > '" + temp_dir() + "/dist-rank" + std::to_string(rank) +
-           ".log' 2>&1; echo $? > '" + temp_dir() + "/dist-rank" + std::to_string(rank) + ".rc' ) & ";
-  }
-  cmd += "wait";
-  ASSERT_EQ(std::system(cmd.c_str()), 0);
-  for (int rank = 0; rank < 2; ++rank) {
-    const std::string log = read_text_file(temp_dir() + "/dist-rank" + std::to_string(rank) + ".log", "log");
-    const std::string rc = read_text_file(temp_dir() + "/dist-rank" + std::to_string(rank) + ".rc", "rc");
-    if (log.find("distributed.cpp is missing") != std::string::npos)
-      GTEST_SKIP() << "distributed training (dist branch) is not in this build";
-    ASSERT_EQ(std::atoi(rc.c_str()), 0) << "rank " << rank << ": " << log;
-  }
-  const io::TensorMap w1 = io::load_safetensors(one), w2 = io::load_safetensors(two);
-  ASSERT_EQ(w1.size(), w2.size());
-  std::vector<at::Tensor> f1, f2;
-  for (const auto& [k, v] : w1) {
-    ASSERT_TRUE(w2.count(k)) << k;
-    if (k.size() > 6 && k.compare(k.size() - 6, 6, ".alpha") == 0) {
-      EXPECT_TRUE(at::equal(v, w2.at(k))) << k;
-      continue;
-    }
-    f1.push_back(v.flatten());
-    f2.push_back(w2.at(k).flatten());
-  }
-  DMX_EXPECT_CLOSE("2 processes x batch 2 vs 1 process x batch 4 (LoRA weights after 3 steps)", at::cat(f2),
-                   at::cat(f1), 1e-5);
+// DreamBooth with prior preservation: the global batch is the single-process one (4 instance rows, then 4 class
+// rows); with 2 ranks x 2 rank 0 holds the 4 instance rows and rank 1 the 4 class rows, and reduce_loss weighs each
+// share so that the mean over ranks is mean(instance) + w * mean(class). Random flips check that every row keeps its
+// single-process augmentation.
+TEST(TrainDistributed, DreamBoothPriorPreservationTwoProcessesEqualOneProcess) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string inst = make_image_folder("dist-db-instance", 3);
+  const std::string cls = make_image_folder("dist-db-class", 5);
+  const std::vector<std::string> common = {"train", "dreambooth", "--model", fixture_model("test"), "--instance-data",
+                                           inst, "--instance-prompt", "a photo of sks dog", "--class-data", cls,
+                                           "--class-prompt", "a photo of a dog", "--num-class-images", "5",
+                                           "--prior-loss-weight", "0.5", "--lora-rank", "2", "--lora-targets", "all",
+                                           "--save-format", "kohya", "--resolution", "32", "--random-flip", "--steps", "3", "--learning-rate", "1e-4", "--seed", "9",
+                                           "--quiet", "--threads", "1"};
+  const std::string one = temp_dir() + "/dist-db-one.safetensors", two = temp_dir() + "/dist-db-two.safetensors";
+  if (!run_one_and_two_processes(common, 2, one, two)) return;
+  expect_same_lora_weights("DreamBooth + prior: 2 processes x batch 2 vs 1 process x batch 4 (3 steps)", one, two,
+                           1e-5);
 }
 
 TEST(TrainLoRA, ValidationImagesJsonlLogAndCheckpointRotation) {
@@ -820,4 +862,117 @@ TEST(TrainCli, DreamBoothLoRAWithPriorPreservationGeneratesClassImages) {
   const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(out)}, {});
   EXPECT_TRUE(reps[0].unmatched.empty());
   EXPECT_GT(reps[0].unet_layers, 0);
+}
+
+// The shards of DreamBooth's global batch: for any world size, the ranks' rows in rank order are the single-process
+// batch (pixels with their crops and flips, captions, instance / class marks), and the mean over ranks of the
+// per-rank reduce_loss is the single-process loss.
+TEST(TrainDreamBooth, RankShardsAreTheSingleProcessBatch) {
+  auto folder = [](const std::string& name, int n, int seed) {
+    const std::string d = temp_dir() + "/" + name;
+    fs::remove_all(d);
+    fs::create_directories(d);
+    for (int i = 0; i < n; ++i) {
+      Image img;
+      img.width = 20 + 4 * i;
+      img.height = 16;
+      img.channels = 3;
+      img.data.resize(static_cast<size_t>(img.width) * img.height * 3);
+      for (size_t k = 0; k < img.data.size(); ++k) img.data[k] = static_cast<uint8_t>((k * 31 + i * 97 + seed) % 251);
+      save_png(d + "/im" + std::to_string(i) + ".png", img);
+    }
+    tr::DatasetOptions o;
+    o.dir = d;
+    o.resolution = 16;
+    o.center_crop = false;
+    o.random_flip = true;
+    o.require_captions = false;
+    return std::make_shared<tr::ImageCaptionDataset>(o);
+  };
+  const auto inst = folder("shard-instance", 3, 1), cls = folder("shard-class", 4, 2);
+  auto db = std::make_shared<tr::DreamBoothRecipe>(std::make_shared<tr::LoRARecipe>(nullptr, tr::LoRATrainOptions{},
+                                                                                     tr::LoRASaveFormat::Kohya),
+                                                   true, 0.5);
+  for (const int world : {2, 3}) {
+    for (const int per_rank : {1, 2}) {
+      tr::DreamBoothBatchSource single(inst, "sks", cls, "dog", per_rank * world, 0, 1, 4);
+      for (int64_t step = 0; step < 3; ++step) {
+        const tr::Batch whole = single.get(step);
+        ASSERT_EQ(whole.pixel_values.size(0), 2 * per_rank * world);
+        std::vector<at::Tensor> px;
+        std::vector<std::string> caps;
+        std::vector<bool> prior;
+        at::Generator g = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(step));
+        const at::Tensor per = at::rand({whole.pixel_values.size(0)}, g);
+        double ranks_loss = 0;
+        for (int r = 0; r < world; ++r) {
+          tr::DreamBoothBatchSource shard(inst, "sks", cls, "dog", per_rank, r, world, 4);
+          const tr::Batch b = shard.get(step);
+          ASSERT_EQ(b.pixel_values.size(0), 2 * per_rank);
+          px.push_back(b.pixel_values);
+          caps.insert(caps.end(), b.captions.begin(), b.captions.end());
+          prior.insert(prior.end(), b.prior_rows.begin(), b.prior_rows.end());
+          ranks_loss += db->reduce_loss(per.narrow(0, 2 * per_rank * r, 2 * per_rank), b).item<double>() / world;
+        }
+        const std::string what = "world " + std::to_string(world) + " x " + std::to_string(per_rank) + " step " +
+                                 std::to_string(step);
+        EXPECT_TRUE(at::equal(at::cat(px), whole.pixel_values)) << what;
+        EXPECT_EQ(caps, whole.captions) << what;
+        EXPECT_EQ(prior, whole.prior_rows) << what;
+        const int64_t G = per_rank * world;
+        const double expect = per.narrow(0, 0, G).mean().item<double>() + 0.5 * per.narrow(0, G, G).mean().item<double>();
+        EXPECT_NEAR(db->reduce_loss(per, whole).item<double>(), expect, 1e-6) << what;
+        EXPECT_NEAR(ranks_loss, expect, 1e-6) << what;
+      }
+    }
+  }
+}
+
+// --mixed-precision bf16 with validation images: the pipeline runs in float32 (the frozen bf16 modules are cast
+// back for the call and to bf16 again), images are written, and the run's weights are bit for bit those of the
+// same run without validation.
+TEST(TrainLoRA, BF16ValidationImagesLeaveTrainingUnchanged) {
+  DMX_REQUIRE_FIXTURES();
+  auto run = [&](const std::string& name, bool validate) {
+    auto m = fresh_model();
+    tr::LoRATrainOptions o;
+    o.rank = 2;
+    o.train_text_encoder = true;
+    auto recipe = std::make_shared<tr::LoRARecipe>(m, o, tr::LoRASaveFormat::Diffusers);
+    tr::TrainConfig c = base_config(name, 3);
+    fs::remove_all(c.output_dir);
+    c.mixed_precision = tr::MixedPrecision::BF16;
+    if (validate) {
+      c.validation_steps = 1;
+      c.validation_prompt = "a cat";
+      c.validation_inference_steps = 2;
+    }
+    tr::Trainer t(c, recipe, std::make_shared<MemorySource>(2, 32, 2));
+    t.run();
+    EXPECT_EQ(m->unet->parameters().front().scalar_type(), at::kBFloat16);
+    EXPECT_EQ(m->vae->parameters().front().scalar_type(), at::kBFloat16);
+    EXPECT_EQ(m->text_encoder->parameters().front().scalar_type(), at::kBFloat16);
+    return params_of(*recipe);
+  };
+  const io::TensorMap with = run("bf16-val", true), without = run("bf16-noval", false);
+  for (int step = 1; step <= 3; ++step) {
+    char name[64];
+    std::snprintf(name, sizeof name, "/validation-%06d-0.png", step);
+    EXPECT_TRUE(fs::exists(temp_dir() + "/bf16-val" + name)) << name;
+  }
+  ASSERT_EQ(with.size(), without.size());
+  for (const auto& [k, v] : with) EXPECT_TRUE(at::equal(v, without.at(k))) << k;
+  // Fine-tuning in bf16 (UNet float32, VAE and text encoder bf16) writes validation images too.
+  auto m = fresh_model();
+  auto ft = std::make_shared<tr::FinetuneRecipe>(m, false);
+  tr::TrainConfig c = base_config("bf16-ft-val", 1);
+  c.learning_rate = 1e-5;
+  c.mixed_precision = tr::MixedPrecision::BF16;
+  c.validation_steps = 1;
+  c.validation_prompt = "a cat";
+  c.validation_inference_steps = 2;
+  tr::Trainer(c, ft, std::make_shared<MemorySource>(2, 32, 2)).run();
+  EXPECT_TRUE(fs::exists(c.output_dir + "/validation-000001-0.png"));
+  EXPECT_EQ(m->vae->parameters().front().scalar_type(), at::kBFloat16);
+  EXPECT_EQ(m->unet->parameters().front().scalar_type(), at::kFloat);
 }

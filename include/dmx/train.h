@@ -64,6 +64,9 @@ struct TrainOptions {
   // controlnet_original.safetensors
   std::string controlnet;  // start from this ControlNet instead of a fresh copy of the UNet encoder
   std::string conditioning_column = "conditioning_image";
+  // Conditioning image of the validation images (at its own size rounded down to a multiple of 8, as
+  // diffusers' log_validation); "" = the first dataset row's, as training sees it (--resolution, center crop).
+  std::string validation_image;
 
   // VAE (recipe vae): L1 + mse_weight * L2 + kl_weight * KL per pixel value; random crops of vae_crop px
   double kl_weight = 1e-6, mse_weight = 0;

@@ -123,6 +123,11 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(!path_exists(o.output) || is_directory(o.output), "--output must be a folder, got the file '",
                   o.output, "'");
     DMX_CHECK_ARG(o.controlnet.empty() || path_exists(o.controlnet), "--controlnet: path not found: ", o.controlnet);
+    DMX_CHECK_ARG(o.validation_image.empty() || path_exists(o.validation_image),
+                  "--validation-image: file not found: ", o.validation_image);
+  } else {
+    DMX_CHECK_ARG(o.validation_image.empty(), "--validation-image is for dmx train controlnet only, got it for ",
+                  o.recipe);
   }
   if (lora_output(o)) {
     (void)tr::parse_lora_save_format(o.save_format);
@@ -202,7 +207,21 @@ TrainReport train(const TrainOptions& o) {
       torch::manual_seed(o.seed);  // the hint encoder's fresh convolutions (rank 0's are broadcast anyway)
       cn = tr::controlnet_from_unet(models->unet, 3, models->vae_scale_factor());
     }
-    recipe = std::make_shared<tr::ControlNetRecipe>(models, cn);
+    auto cn_recipe = std::make_shared<tr::ControlNetRecipe>(models, cn);
+    if (o.validation_steps > 0) {
+      at::Tensor image;  // [1, 3, H, W] in [0, 1]
+      if (!o.validation_image.empty()) {
+        const Image img = load_image(o.validation_image, "--validation-image");
+        const auto [w, h] = pipelines::default_control_size(img, models->vae_scale_factor());
+        DMX_CHECK_ARG(w > 0 && h > 0, "--validation-image must be at least ", models->vae_scale_factor(),
+                      " pixels on each side, got ", img.width, "x", img.height);
+        image = pipelines::prepare_control_image(img, w, h);
+      } else {
+        image = ds->get(0, 0).conditioning.unsqueeze(0);
+      }
+      cn_recipe->set_validation_image(image);
+    }
+    recipe = cn_recipe;
   } else if (o.recipe == "vae") {
     auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, false));
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);

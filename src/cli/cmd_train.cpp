@@ -140,7 +140,9 @@ int cmd_train(int argc, char** argv) {
     add(specs,
         {{"data", "DIR", "metadata.jsonl rows {file_name, text, conditioning_image} (required)"},
          {"controlnet", "PATH", "start from this ControlNet instead of a copy of the UNet encoder"},
-         {"conditioning-column", "NAME", "metadata.jsonl conditioning image field (default conditioning_image)"}});
+         {"conditioning-column", "NAME", "metadata.jsonl conditioning image field (default conditioning_image)"},
+         {"validation-image", "PATH",
+          "conditioning image of the validation images (default: the first row's, at --resolution)"}});
   } else if (recipe == "vae") {
     add(specs, {{"data", "DIR", "images (captions are not used): metadata.jsonl or a folder of images (required)"},
                 {"kl-weight", "W", "weight of the KL term per pixel value (default 1e-6)"},
@@ -177,6 +179,7 @@ int cmd_train(int argc, char** argv) {
   o.skip_bad_rows = a.has("skip-bad-rows");
   o.controlnet = a.str("controlnet");
   o.conditioning_column = a.str("conditioning-column", o.conditioning_column);
+  o.validation_image = a.str("validation-image");
   o.resolution = static_cast<int>(a.integer("resolution", o.resolution, 8, 4096));
   o.center_crop = !a.has("random-crop");
   o.random_flip = a.has("random-flip");

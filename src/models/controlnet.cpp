@@ -8,6 +8,7 @@
 #include "dmx/error.h"
 #include "models/config_json.h"
 #include "models/unet_block_options.h"
+#include "nn/checkpoint.h"
 #include "nn/layers.h"
 
 namespace dmx::models {
@@ -251,15 +252,39 @@ ControlNetOutput ControlNetModelImpl::forward(const ControlNetInputs& in) {
                 " (the control image must be the output size: latent size x 8)");
   h = h + ce;
 
+  const bool ckpt = gradient_checkpointing_ && at::GradMode::is_enabled();
+
   // 3. down
   std::vector<at::Tensor> res{h};
   for (auto& block : p.down_blocks) {
-    nn::DownBlockOutput o = block->forward(h, emb, ctx);
+    nn::DownBlockOutput o;
+    if (ckpt) {  // outputs: hidden_states, res_samples...
+      auto out = nn::checkpoint(
+          [blk = block.ptr()](const std::vector<at::Tensor>& x) {
+            nn::DownBlockOutput r = blk->forward(x[0], x[1], x[2]);
+            std::vector<at::Tensor> v{r.hidden_states};
+            v.insert(v.end(), r.res_samples.begin(), r.res_samples.end());
+            return v;
+          },
+          {h, emb, ctx});
+      o.hidden_states = out[0];
+      o.res_samples.assign(out.begin() + 1, out.end());
+    } else {
+      o = block->forward(h, emb, ctx);
+    }
     h = o.hidden_states;
     res.insert(res.end(), o.res_samples.begin(), o.res_samples.end());
   }
   // 4. mid
-  h = p.mid_block->forward(h, emb, ctx);
+  if (ckpt) {
+    h = nn::checkpoint(
+        [blk = p.mid_block.ptr()](const std::vector<at::Tensor>& x) {
+          return std::vector<at::Tensor>{blk->forward(x[0], x[1], x[2])};
+        },
+        {h, emb, ctx})[0];
+  } else {
+    h = p.mid_block->forward(h, emb, ctx);
+  }
 
   // 5. zero convs
   ControlNetOutput out;

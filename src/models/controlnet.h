@@ -71,9 +71,14 @@ class ControlNetModelImpl : public torch::nn::Module {
   explicit ControlNetModelImpl(const ControlNetConfig& cfg);
   ControlNetOutput forward(const ControlNetInputs& in);
   const ControlNetConfig& config() const { return cfg_; }
+  // Training: recompute the activations of each down block and the mid block in backward instead of keeping
+  // them (diffusers' ControlNetModel gradient checkpointing). Only acts while grad mode is on.
+  void set_gradient_checkpointing(bool on) { gradient_checkpointing_ = on; }
+  bool gradient_checkpointing() const { return gradient_checkpointing_; }
 
  private:
   ControlNetConfig cfg_;
+  bool gradient_checkpointing_ = false;
   struct Parts;
   std::shared_ptr<Parts> parts_;
 };

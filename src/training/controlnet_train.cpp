@@ -3,7 +3,9 @@
 
 #include "core/fs.h"
 #include "dmx/error.h"
+#include "pipelines/stable_diffusion.h"
 #include "training/controlnet_init.h"
+#include "training/lora_train.h"
 
 namespace dmx::training {
 
@@ -15,22 +17,21 @@ ControlNetRecipe::ControlNetRecipe(std::shared_ptr<pipelines::StableDiffusionMod
 }
 
 void ControlNetRecipe::setup(const TrainConfig& cfg) {
-  DMX_CHECK_SUPPORTED(cfg.mixed_precision == MixedPrecision::No,
-                      "--mixed-precision bf16 is not implemented for ControlNet training; use fp32");
-  DMX_CHECK_SUPPORTED(!cfg.gradient_checkpointing,
-                      "--gradient-checkpointing is not implemented for ControlNet training");
-  DMX_CHECK_SUPPORTED(cfg.validation_steps == 0,
-                      "validation images during ControlNet training need a conditioning image and are not "
-                      "implemented; leave --validation-steps at 0");
+  DMX_CHECK_ARG(cfg.validation_steps == 0 || validation_image_.defined(),
+                "validation images during ControlNet training need a conditioning image (--validation-image)");
   auto& m = models();
-  for (auto& p : m.unet->parameters()) p.set_requires_grad(false);
-  if (!m.vae.is_empty())
-    for (auto& p : m.vae->parameters()) p.set_requires_grad(false);
-  if (!m.text_encoder.is_empty())
-    for (auto& p : m.text_encoder->parameters()) p.set_requires_grad(false);
+  freeze(*m.unet);
+  if (!m.vae.is_empty()) freeze(*m.vae);
+  if (!m.text_encoder.is_empty()) freeze(*m.text_encoder);
   m.unet->eval();
+  if (cfg.mixed_precision == MixedPrecision::BF16) {
+    cast_frozen_for_mixed_precision(m, /*unet=*/true, /*text_encoder=*/true);
+    unet_dtype_ = at::kBFloat16;
+  }
   controlnet_->to(m.device, at::kFloat);
   for (auto& p : controlnet_->parameters()) p.set_requires_grad(true);
+  controlnet_->set_gradient_checkpointing(cfg.gradient_checkpointing);
+  m.unet->set_gradient_checkpointing(cfg.gradient_checkpointing);
   controlnet_->train();
 }
 
@@ -49,19 +50,19 @@ at::Tensor ControlNetRecipe::predict(const at::Tensor& noisy_latents, const at::
                 "'conditioning_image')");
   DMX_CHECK_ARG(batch.conditioning.size(0) == noisy_latents.size(0), "ControlNet training: ",
                 batch.conditioning.size(0), " conditioning images for a batch of ", noisy_latents.size(0));
-  models::ControlNetInputs ci;  // [B, 4, h, w], [B], [B, 77, D], [B, 3, 8h, 8w] in [0, 1]
-  ci.sample = noisy_latents;
+  models::ControlNetInputs ci;  // [B, 4, h, w], [B], [B, 77, D], [B, 3, 8h, 8w] in [0, 1], all float32
+  ci.sample = noisy_latents.to(at::kFloat);
   ci.timestep = timesteps;
-  ci.encoder_hidden_states = encoder_hidden_states;
+  ci.encoder_hidden_states = encoder_hidden_states.to(at::kFloat);
   ci.controlnet_cond = batch.conditioning.to(noisy_latents.device(), at::kFloat);
   const models::ControlNetOutput res = controlnet_->forward(ci);
-  models::UNetInputs ui;
-  ui.sample = noisy_latents;
+  models::UNetInputs ui;  // in the UNet's dtype (bf16 with mixed precision)
+  ui.sample = noisy_latents.to(unet_dtype_);
   ui.timestep = timesteps;
-  ui.encoder_hidden_states = encoder_hidden_states;
-  ui.down_block_additional_residuals = res.down_block_res_samples;
-  ui.mid_block_additional_residual = res.mid_block_res_sample;
-  return models().unet->forward(ui);  // [B, 4, h, w]
+  ui.encoder_hidden_states = encoder_hidden_states.to(unet_dtype_);
+  for (const auto& r : res.down_block_res_samples) ui.down_block_additional_residuals.push_back(r.to(unet_dtype_));
+  ui.mid_block_additional_residual = res.mid_block_res_sample.to(unet_dtype_);
+  return models().unet->forward(ui).to(at::kFloat);  // [B, 4, h, w]
 }
 
 void ControlNetRecipe::save(const std::string& path) {
@@ -69,7 +70,33 @@ void ControlNetRecipe::save(const std::string& path) {
   save_controlnet_original(controlnet_, join_path(path, kControlNetOriginalFile));
 }
 
-void ControlNetRecipe::validate(const TrainConfig&, int64_t, const std::string&) {
-  throw Unsupported("validation images during ControlNet training are not implemented");
+void ControlNetRecipe::set_validation_image(const at::Tensor& image) {
+  const int f = models().vae_scale_factor();
+  DMX_CHECK_ARG(image.defined() && image.dim() == 4 && image.size(0) == 1 &&
+                    image.size(1) == controlnet_->config().conditioning_channels && image.size(2) % f == 0 &&
+                    image.size(3) % f == 0 && image.size(2) > 0 && image.size(3) > 0,
+                "--validation-image must be [1, ", controlnet_->config().conditioning_channels,
+                ", H, W] with H and W multiples of ", f, ", got ", image.sizes());
+  validation_image_ = image.to(at::kFloat).contiguous();
+}
+
+void ControlNetRecipe::validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir) {
+  if (cfg.validation_prompt.empty()) return;
+  DMX_CHECK_ARG(validation_image_.defined(),
+                "validation images during ControlNet training need a conditioning image (--validation-image)");
+  at::NoGradGuard no_grad;
+  pipelines::StableDiffusionPipeline pipe(models_);
+  pipelines::StableDiffusionParams p;
+  p.prompt = cfg.validation_prompt;
+  p.num_inference_steps = cfg.validation_inference_steps;
+  p.num_images_per_prompt = cfg.num_validation_images;
+  p.seed = cfg.seed;
+  p.show_progress = false;
+  pipelines::ControlNetUnit u;
+  u.model = controlnet_;
+  u.image = validation_image_;
+  u.name = "validation image";
+  p.controlnets.push_back(u);
+  save_validation_images(pipe.run(p).images, cfg, step, out_dir);
 }
 }  // namespace dmx::training

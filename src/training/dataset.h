@@ -54,6 +54,8 @@ struct Batch {
   at::Tensor conditioning;  // [B, 3, R, R] or undefined
   std::vector<std::string> captions;
   std::vector<int64_t> indices;
+  // DreamBooth with prior preservation: true for the class (prior) rows; empty when the batch has none.
+  std::vector<bool> prior_rows;
 };
 
 class ImageCaptionDataset {

@@ -6,11 +6,17 @@
 // "/worker/attempt_<TORCHELASTIC_RESTART_COUNT>", as torch.distributed.rendezvous._create_c10d_store does.
 // Gloo picks its network device as torch does: GLOO_SOCKET_IFNAME when set, the loopback address when
 // MASTER_ADDR is a loopback address (single machine), else the address this host's name resolves to.
+// CUDA: ProcessGroupNCCL (one GPU per rank, LOCAL_RANK's), compiled only when CMake found NCCL in libtorch
+// (USE_C10D_NCCL); otherwise a CUDA device with more than one rank is Unsupported.
 #include "training/distributed.h"
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#if defined(USE_C10D_NCCL)  // set by CMake when this libtorch has NCCL (see CMakeLists.txt)
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <chrono>
 #include <cerrno>
@@ -66,8 +72,21 @@ DistributedEnv DistributedEnv::from_environment() {
 struct Distributed::Impl {
   DistributedEnv env;
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;  // CPU
+#if defined(USE_C10D_NCCL)
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl;  // CUDA
+#endif
+  at::Device device = at::kCPU;  // where the collectives' tensors live
   bool active() const { return env.world_size > 1; }
+  // Runs f on the process group in use (Gloo or NCCL: the same collective calls, no common base class across
+  // libtorch versions).
+  template <class F>
+  c10::intrusive_ptr<c10d::Work> call(F&& f) {
+#if defined(USE_C10D_NCCL)
+    if (nccl) return f(*nccl);
+#endif
+    return f(*pg);
+  }
   void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) {
     try {
       work->wait();
@@ -96,10 +115,12 @@ std::shared_ptr<Distributed> Distributed::create(const DistributedEnv& env, cons
   std::shared_ptr<Distributed> d(new Distributed());
   d->impl_->env = env;
   if (env.world_size == 1) return d;
+#if !defined(USE_C10D_NCCL)
   DMX_CHECK_SUPPORTED(device == "cpu",
                       "distributed training on ", device,
                       " needs NCCL, and this libtorch was built without it (Debian's libtorch is CPU-only); "
                       "train with --device cpu (Gloo) or build dmx against a CUDA libtorch with NCCL");
+#endif
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
   const std::string where = env.master_addr + ":" + std::to_string(env.master_port);
   const char* agent = env_or_null("TORCHELASTIC_USE_AGENT_STORE");
@@ -125,6 +146,30 @@ std::shared_ptr<Distributed> Distributed::create(const DistributedEnv& env, cons
                   std::to_string(env.rank) + " of " + std::to_string(env.world_size) +
                   " (is the port free on rank 0, reachable from the others, and did all ranks start?): " + e.what());
   }
+#if defined(USE_C10D_NCCL)
+  if (device != "cpu") {
+    // One GPU per rank: LOCAL_RANK's unless the device names one (torchrun's convention).
+    int index = env.local_rank;
+    if (device != "cuda") {
+      const std::string n = device.substr(5);
+      DMX_CHECK_ARG(!n.empty() && n.size() < 4 && n.find_first_not_of("0123456789") == std::string::npos,
+                    "--device must be cpu or cuda[:N], got '", device, "'");
+      index = std::stoi(n);
+    }
+    try {
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(index));
+      d->impl_->device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index));
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      d->impl_->nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(d->impl_->store, env.rank, env.world_size, opts);
+    } catch (const std::exception& e) {
+      throw IoError("distributed: NCCL could not set up rank " + std::to_string(env.rank) + " of " +
+                    std::to_string(env.world_size) + " on cuda:" + std::to_string(index) + " (rendezvous " + where +
+                    "): " + e.what());
+    }
+    return d;
+  }
+#endif
   try {
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     if (const char* ifname = env_or_null("GLOO_SOCKET_IFNAME"))
@@ -198,7 +243,7 @@ void Distributed::broadcast(const std::vector<at::Tensor>& tensors, int root) {
     std::vector<at::Tensor> flat{flatten(tensors, bucket)};
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
-    impl_->wait(impl_->pg->broadcast(flat, opts), "broadcast");
+    impl_->wait(impl_->call([&](auto& pg) { return pg.broadcast(flat, opts); }), "broadcast");
     if (rank() != root) unflatten_into(flat[0], tensors, bucket);
   }
 }
@@ -222,7 +267,7 @@ void Distributed::all_reduce_mean_gradients(const std::vector<at::Tensor>& param
     std::vector<at::Tensor> flat{flatten(grads, bucket)};
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
-    impl_->wait(impl_->pg->allreduce(flat, opts), "gradient all-reduce");
+    impl_->wait(impl_->call([&](auto& pg) { return pg.allreduce(flat, opts); }), "gradient all-reduce");
     flat[0].div_(ws);
     unflatten_into(flat[0], grads, bucket);
   }
@@ -230,13 +275,13 @@ void Distributed::all_reduce_mean_gradients(const std::vector<at::Tensor>& param
 
 double Distributed::all_reduce_mean(double v) {
   if (!impl_->active()) return v;
-  std::vector<at::Tensor> t{at::full({1}, v, at::kDouble)};
-  impl_->wait(impl_->pg->allreduce(t), "all-reduce");
+  std::vector<at::Tensor> t{at::full({1}, v, at::TensorOptions().dtype(at::kDouble).device(impl_->device))};
+  impl_->wait(impl_->call([&](auto& pg) { return pg.allreduce(t); }), "all-reduce");
   return t[0].item<double>() / world_size();
 }
 
 void Distributed::barrier() {
   if (!impl_->active()) return;
-  impl_->wait(impl_->pg->barrier(), "barrier");
+  impl_->wait(impl_->call([&](auto& pg) { return pg.barrier(); }), "barrier");
 }
 }  // namespace dmx::training

@@ -79,19 +79,45 @@ DreamBoothBatchSource::DreamBoothBatchSource(std::shared_ptr<ImageCaptionDataset
 }
 
 Batch DreamBoothBatchSource::get(int64_t micro_step) {
-  const std::vector<size_t> pos = sampler_.indices(micro_step);
-  const uint64_t aug = sampler_.augment_seed(micro_step) + static_cast<uint64_t>(rank_) * batch_size_;
-  std::vector<size_t> ii;
-  for (size_t p : pos) ii.push_back(p % inst_->size());
-  Batch b = inst_->collate(ii, aug);
-  b.captions.assign(ii.size(), inst_prompt_);
-  if (!cls_) return b;
-  std::vector<size_t> ci;
-  for (size_t p : pos) ci.push_back(p % cls_->size());
-  Batch c = cls_->collate(ci, aug + (uint64_t{1} << 32));
-  b.pixel_values = at::cat({b.pixel_values, c.pixel_values}, 0);  // [2B, 3, R, R]
-  b.captions.insert(b.captions.end(), ci.size(), cls_prompt_);
-  b.indices.insert(b.indices.end(), c.indices.begin(), c.indices.end());
+  const uint64_t aug = sampler_.augment_seed(micro_step);
+  if (!cls_) {
+    std::vector<size_t> ii;
+    for (size_t p : sampler_.indices(micro_step)) ii.push_back(p % inst_->size());
+    Batch b = inst_->collate(ii, aug + static_cast<uint64_t>(rank_) * batch_size_);
+    b.captions.assign(ii.size(), inst_prompt_);
+    return b;
+  }
+  // The single-process batch: global row j < G is instance position j (augmentation seed aug + j), row G + j
+  // class position j (seed aug + 2^32 + j). This rank takes rows [lo, hi).
+  const std::vector<size_t> pos = sampler_.global_indices(micro_step);
+  const size_t G = pos.size();
+  const size_t lo = 2 * static_cast<size_t>(batch_size_) * static_cast<size_t>(rank_);
+  const size_t hi = lo + 2 * static_cast<size_t>(batch_size_);
+  std::vector<Batch> parts;
+  std::vector<bool> prior;
+  if (lo < G) {  // instance rows [lo, min(hi, G))
+    std::vector<size_t> ii;
+    for (size_t j = lo; j < std::min(hi, G); ++j) ii.push_back(pos[j] % inst_->size());
+    parts.push_back(inst_->collate(ii, aug + lo));
+    parts.back().captions.assign(ii.size(), inst_prompt_);
+    prior.insert(prior.end(), ii.size(), false);
+  }
+  if (hi > G) {  // class rows [max(lo, G), hi) - G
+    const size_t c0 = std::max(lo, G) - G;
+    std::vector<size_t> ci;
+    for (size_t j = c0; j < hi - G; ++j) ci.push_back(pos[j] % cls_->size());
+    parts.push_back(cls_->collate(ci, aug + (uint64_t{1} << 32) + c0));
+    parts.back().captions.assign(ci.size(), cls_prompt_);
+    prior.insert(prior.end(), ci.size(), true);
+  }
+  Batch b = std::move(parts.front());
+  if (parts.size() == 2) {
+    const Batch& c = parts[1];
+    b.pixel_values = at::cat({b.pixel_values, c.pixel_values}, 0);  // [2B, 3, R, R]
+    b.captions.insert(b.captions.end(), c.captions.begin(), c.captions.end());
+    b.indices.insert(b.indices.end(), c.indices.begin(), c.indices.end());
+  }
+  b.prior_rows = std::move(prior);
   return b;
 }
 
@@ -106,12 +132,23 @@ DreamBoothRecipe::DreamBoothRecipe(std::shared_ptr<Recipe> inner, bool prior_pre
 
 at::Tensor DreamBoothRecipe::reduce_loss(const at::Tensor& per, const Batch& batch) {
   if (!prior_) return per.mean();
-  DMX_CHECK_ARG(per.size(0) % 2 == 0,
-                "dreambooth: a prior-preservation batch holds instance and class rows in equal "
-                "numbers, got ",
-                per.size(0), " rows");
-  const int64_t b = per.size(0) / 2;
-  return per.narrow(0, 0, b).mean() + prior_loss_weight_ * per.narrow(0, b, b).mean();
+  const int64_t rows = per.size(0);
+  DMX_CHECK_ARG(rows % 2 == 0,
+                "dreambooth: a prior-preservation batch holds instance and class rows in equal numbers, got ", rows,
+                " rows");
+  std::vector<bool> prior = batch.prior_rows;
+  if (prior.empty()) {  // a source that does not mark its rows: instance rows, then as many class rows
+    prior.assign(static_cast<size_t>(rows), false);
+    std::fill(prior.begin() + rows / 2, prior.end(), true);
+  }
+  DMX_CHECK_ARG(static_cast<int64_t>(prior.size()) == rows, "dreambooth: the batch marks ", prior.size(),
+                " rows as instance or class rows, the loss has ", rows);
+  std::vector<int64_t> inst, cls;
+  for (int64_t i = 0; i < rows; ++i) (prior[static_cast<size_t>(i)] ? cls : inst).push_back(i);
+  const auto sum_of = [&](const std::vector<int64_t>& idx) {
+    return idx.empty() ? at::zeros({}, per.options()) : per.index_select(0, at::tensor(idx, at::kLong)).sum();
+  };
+  return (sum_of(inst) + prior_loss_weight_ * sum_of(cls)) / static_cast<double>(rows / 2);
 }
 
 }  // namespace dmx::training

@@ -35,6 +35,11 @@ int generate_class_images(std::shared_ptr<pipelines::StableDiffusionModels> m, c
 // Instance rows (instance prompt) followed, with prior preservation, by as many class rows (class prompt).
 // Micro-step s takes positions of a BatchSampler over max(#instance, #class); position i uses instance
 // image i % #instance and class image i % #class (DreamBoothDataset's indexing).
+// With prior preservation the global batch is the single-process one: the G = world_size * batch_size
+// instance rows, then the G class rows; rank r takes its rows [2 B r, 2 B (r + 1)) (B = batch_size), the
+// same slice of the global batch the trainer takes of the random draws. A rank's share may thus hold only
+// instance or only class rows; Batch::prior_rows says which are which, and DreamBoothRecipe::reduce_loss
+// weighs them so that the mean over ranks is the single-process loss.
 class DreamBoothBatchSource : public BatchSource {
  public:
   DreamBoothBatchSource(std::shared_ptr<ImageCaptionDataset> instance, std::string instance_prompt,
@@ -51,7 +56,8 @@ class DreamBoothBatchSource : public BatchSource {
   int batch_size_, rank_;
 };
 
-// Wraps the full or LoRA recipe; rows [0, B) of a batch are instance rows, [B, 2B) class rows.
+// Wraps the full or LoRA recipe. With prior preservation Batch::prior_rows marks the class rows (a batch
+// without it: the first half instance rows, the second half class rows).
 class DreamBoothRecipe : public Recipe {
  public:
   DreamBoothRecipe(std::shared_ptr<Recipe> inner, bool prior_preservation, double prior_loss_weight);
@@ -66,7 +72,8 @@ class DreamBoothRecipe : public Recipe {
                      const at::Tensor& encoder_hidden_states, const Batch& batch) override {
     return inner_->predict(noisy_latents, timesteps, encoder_hidden_states, batch);
   }
-  // mean(instance rows) + prior_loss_weight * mean(class rows)
+  // mean(instance rows) + prior_loss_weight * mean(class rows) over the global batch, which holds as many
+  // instance as class rows; this rank's share: (sum(instance) + prior_loss_weight * sum(class)) / (rows / 2).
   at::Tensor reduce_loss(const at::Tensor& per_example, const Batch& batch) override;
   void save(const std::string& path) override { inner_->save(path); }
   void validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir) override {

@@ -311,4 +311,9 @@ at::Tensor LoRARecipe::predict(const at::Tensor& noisy, const at::Tensor& t, con
 
 void LoRARecipe::save(const std::string& path) { net_->save(path, fmt_); }
 
+void LoRARecipe::validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir) {
+  net_->refresh(at::kFloat, at::kFloat);  // predict / encode_prompt refresh to the training dtypes again
+  Recipe::validate(cfg, step, out_dir);
+}
+
 }  // namespace dmx::training

@@ -104,6 +104,8 @@ class LoRARecipe : public Recipe {
   at::Tensor predict(const at::Tensor& noisy_latents, const at::Tensor& timesteps,
                      const at::Tensor& encoder_hidden_states, const Batch& batch) override;
   void save(const std::string& path) override;
+  // The base model with the adapters' float32 masters (the trainer runs validation in float32).
+  void validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir) override;
   LoRANetwork& network() { return *net_; }
 
  private:

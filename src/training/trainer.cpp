@@ -110,14 +110,53 @@ void Recipe::validate(const TrainConfig& cfg, int64_t step, const std::string& o
   p.num_images_per_prompt = cfg.num_validation_images;
   p.seed = cfg.seed;
   p.show_progress = false;
-  const auto out = pipe.run(p);
-  for (int64_t i = 0; i < out.images.size(0); ++i) {
+  save_validation_images(pipe.run(p).images, cfg, step, out_dir);
+}
+
+void save_validation_images(const at::Tensor& images, const TrainConfig& cfg, int64_t step, const std::string& out_dir) {
+  for (int64_t i = 0; i < images.size(0); ++i) {
     char name[96];
     std::snprintf(name, sizeof name, "validation-%06lld-%lld.png", static_cast<long long>(step),
                   static_cast<long long>(i));
-    save_png(join_path(out_dir, name), tensor_to_image(out.images[i]), {{"parameters", cfg.validation_prompt}});
+    save_png(join_path(out_dir, name), tensor_to_image(images[i]), {{"parameters", cfg.validation_prompt}});
   }
 }
+
+namespace {
+// Validation with --mixed-precision bf16: the pipelines run one dtype (the models' float32), so the modules
+// cast to bf16 for training (text encoder, VAE, UNet) are float32 for the life of the scope and bf16 again
+// afterwards. bf16 -> float32 -> bf16 is exact: training continues bit for bit.
+class Float32Scope {
+ public:
+  explicit Float32Scope(pipelines::StableDiffusionModels& m) {
+    for (torch::nn::Module* mod : {as_module(m.text_encoder), as_module(m.vae), as_module(m.unet)}) {
+      if (!mod || mod->parameters().empty()) continue;
+      const at::ScalarType dt = mod->parameters().front().scalar_type();
+      if (dt == at::kFloat) continue;
+      mod->to(at::kFloat);
+      cast_.emplace_back(mod, dt);
+    }
+  }
+  ~Float32Scope() {
+    for (auto& [mod, dt] : cast_) {
+      try {
+        mod->to(dt);
+      } catch (const std::exception& e) {
+        log_warn(std::string("could not cast a module back to its training dtype after validation: ") + e.what());
+      }
+    }
+  }
+  Float32Scope(const Float32Scope&) = delete;
+  Float32Scope& operator=(const Float32Scope&) = delete;
+
+ private:
+  template <class Holder>
+  static torch::nn::Module* as_module(Holder& h) {
+    return h.is_empty() ? nullptr : h.get();
+  }
+  std::vector<std::pair<torch::nn::Module*, at::ScalarType>> cast_;
+};
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------------
 // Math pieces
@@ -405,8 +444,6 @@ Trainer::Trainer(TrainConfig cfg, std::shared_ptr<Recipe> recipe, std::shared_pt
   DMX_CHECK_ARG(
       cfg_.prediction_type.empty() || cfg_.prediction_type == "epsilon" || cfg_.prediction_type == "v_prediction",
       "--prediction-type must be epsilon or v_prediction, got '", cfg_.prediction_type, "'");
-  DMX_CHECK_SUPPORTED(cfg_.validation_steps == 0 || cfg_.mixed_precision == MixedPrecision::No,
-                      "--validation-steps with --mixed-precision bf16 is not supported (the pipeline runs one dtype)");
   DMX_CHECK_ARG(cfg_.validation_steps == 0 || !cfg_.validation_prompt.empty(),
                 "--validation-steps needs --validation-prompt");
   DMX_CHECK_ARG(!cfg_.output.empty() || !cfg_.output_dir.empty(), "--output must be given");
@@ -687,7 +724,11 @@ TrainResult Trainer::run() {
       last_ck = save_checkpoint(st.global_step);
     if (cfg_.validation_steps > 0 && st.global_step % cfg_.validation_steps == 0 && main) {
       recipe_->train_mode(false);
-      recipe_->validate(cfg_, st.global_step, cfg_.output_dir);
+      {
+        std::unique_ptr<Float32Scope> fp32;
+        if (cfg_.mixed_precision == MixedPrecision::BF16) fp32 = std::make_unique<Float32Scope>(recipe_->models());
+        recipe_->validate(cfg_, st.global_step, cfg_.output_dir);
+      }
       recipe_->train_mode(true);
     }
   }

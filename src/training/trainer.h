@@ -178,7 +178,8 @@ class Recipe {
   virtual at::Tensor reduce_loss(const at::Tensor& per_example, const Batch& batch);
   // Writes the result (called on rank 0 only; with EMA the EMA weights are in place during the call).
   virtual void save(const std::string& path) = 0;
-  // Validation images into out_dir (rank 0 only). Default: txt2img of cfg.validation_prompt.
+  // Validation images into out_dir (rank 0 only). Default: txt2img of cfg.validation_prompt. Runs in float32:
+  // with --mixed-precision bf16 the trainer casts the frozen bf16 modules to float32 around the call.
   virtual void validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir);
   // Recipe state beyond the trainable parameters for checkpoints (none for the built-in recipes).
   virtual io::TensorMap extra_state() { return {}; }
@@ -189,6 +190,9 @@ class Recipe {
 };
 
 // ---- pieces of the loop, exposed for tests and other recipes ----
+
+// Writes images ([N, H, W, 3] in [0, 1]) as <out_dir>/validation-<step>-<i>.png with the prompt as metadata.
+void save_validation_images(const at::Tensor& images, const TrainConfig& cfg, int64_t step, const std::string& out_dir);
 
 // diffusers get_scheduler multipliers of the base learning rate at optimizer step `step` (0-based).
 double lr_lambda(LRSchedule s, int64_t step, int64_t warmup_steps, int64_t total_steps);
