@@ -204,7 +204,8 @@ P2PResult p2p(const P2POptions& o) {
   extra << ", P2P edit prompt: " << api::quoted(o.edit_prompt) << ", P2P mode: " << o.mode
         << ", P2P cross replace steps: " << o.cross_replace_steps
         << ", P2P self replace steps: " << o.self_replace_steps;
-  for (const auto& ws : p.reweight) extra << ", P2P reweight: " << api::quoted(ws.first + "=" + std::to_string(ws.second));
+  for (const auto& ws : p.reweight)
+    extra << ", P2P reweight: " << api::quoted(ws.first + "=" + std::to_string(ws.second));
   if (!o.local_blend.empty()) {
     std::string words;
     for (const auto& wd : o.local_blend) words += (words.empty() ? "" : " ") + wd;
