@@ -8,7 +8,9 @@
 #include <fstream>
 
 #include "core/fs.h"
+#include "api/blended.h"
 #include "core/image.h"
+#include "core/resize.h"
 #include "dmx/dmx.h"
 #include "dmx/error.h"
 #include "extensions/latent_blend.h"
@@ -381,6 +383,68 @@ TEST(BlendedLatentCli, SeededMaskRunMatchesPipelineAndRanks) {
   EXPECT_NE(r.output.find("rank 1: sample"), std::string::npos) << r.output;
   EXPECT_TRUE(path_exists(dir + "/bld-ranked-0.png"));
   EXPECT_TRUE(path_exists(dir + "/bld-ranked-1.png"));
+}
+
+// --width/--height with --mask resize the image and the mask as diffusers' StableDiffusionInpaintPipeline(height=,
+// width=) does: VaeImageProcessor.preprocess, PIL Lanczos in each one's own mode to the size rounded down to the VAE
+// factor (70 -> 64 here), the mask binarised after. The run equals the pipeline fed the resized inputs. Without a
+// size dmx keeps the input's (diffusers would resize to unet.sample_size * factor): docs/editing-blended.md.
+TEST(BlendedLatentCli, WidthHeightResizeLikeDiffusersInpaint) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("sd15", "inpaint_blend");
+  const CliFiles f = write_inputs(ref);
+  const std::string dir = temp_dir();
+  const std::string out = dir + "/bld-resized.png", lat = dir + "/bld-resized.safetensors";
+  const std::vector<std::string> base = {"generate", "--model", fixture_model("sd15"), "--prompt",
+                                         ref.meta["prompt"].get<std::string>(), "--strength", "0.75", "--steps", "4",
+                                         "--scheduler", "ddim", "--seed", "5", "--quiet"};
+  auto args = base;
+  args.insert(args.end(), {"--init-image", f.image, "--mask", f.mask, "--width", "70", "--height", "64",
+                           "--save-latents", lat, "--output", out});
+  CliRun r = dmx_run(args);
+  ASSERT_EQ(r.code, 0) << r.output;
+  const Image png = load_image(out, "output");
+  EXPECT_EQ(png.width, 64);
+  EXPECT_EQ(png.height, 64);
+
+  BlendedLatentDiffusionPipeline pipe(load_model("sd15"));
+  BlendedLatentDiffusionParams p = case_params(ref, BlendVariant::kInpaint);
+  p.init_image = image_to_tensor(resize_lanczos(u8_image(ref["input.image_u8"]), 64, 64));
+  p.mask = extensions::mask_to_tensor(resize_lanczos(u8_image(ref["input.mask_u8"]), 64, 64));
+  p.negative_prompt.clear();
+  p.strength = 0.75;
+  p.num_inference_steps = 4;
+  p.seed = 5;
+  auto expected = pipe.run(p);
+  DMX_EXPECT_CLOSE("cli --mask --width 70 --height 64 latents", io::load_safetensors(lat).at("latents"),
+                   expected.latents, 1e-5);
+
+  // With a size, a mask of another size is accepted (both are resized), as diffusers does.
+  args = base;
+  args.insert(args.end(), {"--init-image", f.image, "--mask", f.small_mask, "--width", "128", "--height", "128",
+                           "--output", dir + "/bld-resized2.png"});
+  r = dmx_run(args);
+  EXPECT_EQ(r.code, 0) << r.output;
+
+  // A mask with transparency cannot be resized exactly (PIL premultiplies alpha): refused, naming the flag.
+  Image rgba = u8_image(ref["input.mask_u8"]);
+  Image with_alpha;
+  with_alpha.width = rgba.width;
+  with_alpha.height = rgba.height;
+  with_alpha.channels = 4;
+  for (size_t i = 0; i < rgba.data.size(); ++i) {
+    for (int c = 0; c < 3; ++c) with_alpha.data.push_back(rgba.data[i]);
+    with_alpha.data.push_back(i == 0 ? 0 : 255);
+  }
+  Image init = u8_image(ref["input.image_u8"]);
+  GenerateOptions o;
+  o.width = 64;
+  try {
+    api::resize_inpaint_inputs(o, 8, init, with_alpha);
+    ADD_FAILURE() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("--mask: resizing a mask with transparency"), std::string::npos) << e.what();
+  }
 }
 
 TEST(BlendedLatentCli, BadInputExit2WithNoOutput) {

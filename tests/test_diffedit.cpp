@@ -13,6 +13,7 @@
 #include "pipelines/diffedit.h"
 #include "pipelines/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
+#include "schedulers/scheduler.h"
 #include "test_util.h"
 
 namespace dmx::test {
@@ -207,14 +208,75 @@ TEST_P(DiffEditGolden, MatchesReference) {
   }
   c.invert.on_step_end = nullptr;
 
+  // The reference's own posterior sample z0, recovered from its first inversion step: that step is
+  // x1 = a z0 + b eps(z0) with b = 0.012, so z0 = (x1 - b eps(z0)) / a converges in a few iterations (the
+  // recovered z0 reproduces the reference's x1 to ~1e-7 relative). The posterior noise that makes our encode
+  // give it: (z0 / scaling - mean) / std.
+  const at::Tensor ref_posterior_noise = [&] {
+    at::NoGradGuard g;
+    auto m = model(v);
+    pipelines::StableDiffusionPipeline sd(m);
+    const at::Tensor cond = sd.encode_prompt(c.invert.prompt);
+    auto sched = schedulers::create_scheduler("ddim_inverse", m->scheduler_config);
+    sched->set_timesteps(c.invert.num_inference_steps);
+    const at::Tensor x1 = ref_inv[0][K - 1].unsqueeze(0).to(at::kDouble);
+    const at::Tensor one = at::ones({1, 1, 1, 1}), zero = at::zeros({1, 1, 1, 1});
+    const double a = sched->step(zero, 0, one).prev_sample.item<double>();
+    const double b = sched->step(one, 0, zero).prev_sample.item<double>();
+    at::Tensor z0 = pipelines::encode_image_latents(*m, c.invert.image, nullptr, ref["invert_rng.0"]).to(at::kDouble);
+    for (int it = 0; it < 4; ++it) {
+      models::UNetInputs in;
+      in.sample = z0.to(at::kFloat);
+      in.timestep = at::scalar_tensor(sched->timesteps()[0], at::kFloat);
+      in.encoder_hidden_states = cond;
+      z0 = (x1 - b * m->unet->forward(in).to(at::kDouble)) / a;
+    }
+    auto dist = m->vae->encode(c.invert.image);
+    const double sf = m->vae->config().scaling_factor;
+    return ((z0 / sf - dist.mean.to(at::kDouble)) / dist.std.to(at::kDouble)).to(at::kFloat);
+  }();
+  {
+    at::NoGradGuard g;
+    auto m = model(v);
+    const at::Tensor ours = pipelines::encode_image_latents(*m, c.invert.image, nullptr, ref["invert_rng.0"]);
+    const at::Tensor theirs = pipelines::encode_image_latents(*m, c.invert.image, nullptr, ref_posterior_noise);
+    // Printed, not asserted: sd15 1.5e-5 (our float32 encode is within 8e-7 of a float64 one; the reference's is
+    // 1.5e-5 away from both), test 7e-7.
+    check_close(v + "/diffedit invert posterior sample vs the reference's (recovered)", ours, theirs, 1.0);
+  }
+
   // edit: per step from the reference's mask, inverted latents and previous step (1e-5), the decoder on the
   // reference's last latents (1e-5), then chained (1e-4 on latents, 1e-3 on the image).
   // mode 0: per step from the reference's inputs; 1: the edit chained from the reference's mask and inverted
-  // latents; 2: everything chained from our own mask and inversion.
-  for (int mode_i : {0, 1, 2}) {
+  // latents; 2: everything chained from our own mask and inversion, the inversion starting from the reference's
+  // posterior sample (recovered above); 3: the same from our own posterior sample of the recorded noise.
+  //
+  // Mode 3 on sd15 is looser, and why (investigated, not hidden): the reference's VAE posterior sample of this
+  // image is 1.5e-5 (relative) away from ours. Not a draw, order, mode()/mean or preprocessing difference: (a) a
+  // float64 run of our encoder agrees with our float32 one to 8e-7 and with the reference's to 1.5e-5 only, so the
+  // departure is inside the reference's float32 encode of this image (where exactly is not identified: its encode
+  // of the vae fixture's image matches ours to 1e-6); (b) the difference is uncorrelated with the noise term
+  // std * eps (0.002) and with the mean (0.06), and the noise it implies equals invert_rng.0 to 1.9e-5; (c) the
+  // same image is encoded: noise of +-0.5/255 on it (uint8 quantisation) would move the sample by 8.8e-3, of
+  // +-0.005/255 still by 9e-5; the invert phase encodes batch 1 (generate_mask's batch of num_maps only feeds the
+  // mask, which is exact). Eight inversion steps at guidance 1 grow the 1.5e-5 to 7e-5, the
+  // guided (7.5) edit to 5.2e-4 on the latents and 2.0e-3 on the image. Mode 2, the same chain from the reference's
+  // own posterior sample, meets 1e-4 / 1e-3, so every phase after the encode matches. The test variant's mode 3
+  // meets 1e-4 / 1e-3 as it is.
+  const double full_latent_tol = v == "sd15" ? 1e-3 : kChainTol;  // measured 5.2e-4
+  const double full_image_tol = v == "sd15" ? 4e-3 : 1e-3;        // measured 2.0e-3
+  for (int mode_i : {0, 1, 2, 3}) {
     const bool forced = mode_i == 0;
-    const std::string mode = forced ? " (per step)" : mode_i == 1 ? " (edit chain)" : " (full chain)";
-    const double tol = forced ? kTol : kChainTol;
+    const std::string mode = forced        ? " (per step)"
+                             : mode_i == 1 ? " (edit chain)"
+                             : mode_i == 2 ? " (full chain, reference's posterior sample)"
+                                           : " (full chain)";
+    const double tol = forced ? kTol : mode_i == 3 ? full_latent_tol : kChainTol;
+    const double image_tol = forced ? kTol : mode_i == 3 ? full_image_tol : 1e-3;
+    if (mode_i >= 2) {
+      c.invert.posterior_noise = mode_i == 2 ? ref_posterior_noise : ref["invert_rng.0"];
+      inv = pipe.invert(c.invert);
+    }
     c.edit.mask_image = mode_i < 2 ? ref["mask"] : mask.mask;
     c.edit.image_latents = mode_i < 2 ? ref_inv : inv.latents;
     std::vector<at::Tensor> steps;
@@ -229,18 +291,11 @@ TEST_P(DiffEditGolden, MatchesReference) {
       const std::string key = "edit.step." + std::to_string(k) + ".latents";
       worst = std::max(worst, check_close(v + "/diffedit " + key + mode, steps[k], ref[key], tol));
     }
-    const double image_err = check_close(v + "/diffedit image" + mode, out.images, ref["image"], forced ? kTol : 1e-3);
-    if (mode_i == 2 && v == "sd15") {
-      // Known gap, reported rather than hidden (cause not found): our VAE posterior sample of this image
-      // differs from the reference's by up to 8.4e-6 (1.5e-5 relative, spread over the image); every step fed
-      // the reference's input passes 1e-5 above. Eight inversion steps grow it to 7e-5 and the guided (7.5)
-      // edit to ~5e-4 on the latents and ~2e-3 on the image. The test variant's full chain meets 1e-4 / 1e-3.
-      std::printf("[note] sd15/diffedit full chain: worst latents rel %.3e, image rel %.3e (not asserted, see comment)\n",
-                  worst, image_err);
-      continue;
-    }
+    const double image_err = check_close(v + "/diffedit image" + mode, out.images, ref["image"], image_tol);
+    std::printf("[check] %s/diffedit worst%s: latents rel %.3e (tol %.0e), image rel %.3e (tol %.0e)\n", v.c_str(),
+                mode.c_str(), worst, tol, image_err, image_tol);
     EXPECT_LE(worst, tol) << "edit steps" << mode;
-    EXPECT_LE(image_err, forced ? kTol : 1e-3) << "image" << mode;
+    EXPECT_LE(image_err, image_tol) << "image" << mode;
   }
 }
 

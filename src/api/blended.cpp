@@ -1,6 +1,9 @@
 #include "api/blended.h"
 
+#include <algorithm>
 #include <cmath>
+
+#include "core/resize.h"
 
 #include "pipelines/blended_latent_diffusion.h"
 
@@ -32,10 +35,38 @@ void check_blended_options(const GenerateOptions& o) {
 
 Image load_mask(const GenerateOptions& o, const Image& init_rgb) {
   Image mask = load_image(o.mask, "--mask");
+  if (o.width || o.height) return mask;  // both are resized to the requested size (resize_inpaint_inputs)
   DMX_CHECK_ARG(mask.width == init_rgb.width && mask.height == init_rgb.height, "--mask is ", mask.width, "x",
                 mask.height, " but --init-image is ", init_rgb.width, "x", init_rgb.height,
                 " (the mask must have the image's size)");
   return mask;
+}
+
+void resize_inpaint_inputs(const GenerateOptions& o, int vae_scale_factor, Image& init_rgb, Image& mask) {
+  const int f = std::max(1, vae_scale_factor);
+  const int w = (o.width ? o.width : init_rgb.width) / f * f, h = (o.height ? o.height : init_rgb.height) / f * f;
+  DMX_CHECK_ARG(w > 0 && h > 0, "--width/--height: ", o.width, "x", o.height, " rounds down to ", w, "x", h,
+                " (multiples of the VAE factor ", f, "); give at least ", f, " pixels");
+  init_rgb = resize_lanczos(init_rgb, w, h);
+  if (mask.channels == 2 || mask.channels == 4) {
+    // PIL resizes LA/RGBA with premultiplied alpha before convert("L") drops it; exact only for an opaque mask.
+    const int c = mask.channels;
+    bool opaque = true;
+    for (size_t i = static_cast<size_t>(c - 1); i < mask.data.size() && opaque; i += static_cast<size_t>(c))
+      opaque = mask.data[i] == 255;
+    DMX_CHECK_ARG(opaque, "--mask: resizing a mask with transparency (--width/--height) is not supported; save it ",
+                  "without an alpha channel or at the image's size");
+    Image solid;
+    solid.width = mask.width;
+    solid.height = mask.height;
+    solid.channels = c - 1;
+    solid.data.reserve(mask.data.size() / static_cast<size_t>(c) * static_cast<size_t>(c - 1));
+    for (size_t i = 0; i < mask.data.size(); i += static_cast<size_t>(c))
+      solid.data.insert(solid.data.end(), mask.data.begin() + static_cast<long>(i),
+                        mask.data.begin() + static_cast<long>(i) + c - 1);
+    mask = std::move(solid);
+  }
+  mask = resize_lanczos(mask, w, h);
 }
 
 BlendedRun run_blended(std::shared_ptr<pipelines::StableDiffusionModels> models, const pipelines::StableDiffusionParams& sp,

@@ -8,10 +8,10 @@
 #include <chrono>
 #include <cmath>
 #include <future>
-#include <random>
 #include <sstream>
 
 #include "api/model_hash.h"
+#include "api/options_util.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
@@ -33,31 +33,6 @@ std::string fmt_number(double v) {
   return os.str();
 }
 
-std::string quoted(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    out += c == '\n' ? ' ' : c;
-  }
-  return out + "\"";
-}
-
-void check_output(const std::string& path, const std::string& param, const std::string& ext) {
-  DMX_CHECK_ARG(path.size() > ext.size() && path.compare(path.size() - ext.size(), ext.size(), ext) == 0, param,
-                " must end in ", ext, ", got '", path, "'");
-  const size_t slash = path.find_last_of('/');
-  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  DMX_CHECK_ARG(is_directory(dir), param, ": output directory does not exist: ", dir);
-  DMX_CHECK_ARG(!is_directory(path), param, ": is a directory: ", path);
-}
-
-at::ScalarType parse_dtype(const std::string& s) {
-  if (s == "fp32" || s == "float32") return at::kFloat;
-  if (s == "bf16" || s == "bfloat16") return at::kBFloat16;
-  if (s == "fp16" || s == "float16") return at::kHalf;
-  throw InvalidArgument("--dtype must be one of fp32, bf16, fp16, got '" + s + "'");
-}
-
 // Every check that needs no model, so bad input fails before anything is loaded or written.
 void check_options(const DiffEditOptions& o) {
   DMX_CHECK_ARG(!o.model.empty(), "--model is required");
@@ -69,9 +44,9 @@ void check_options(const DiffEditOptions& o) {
   check_text(o.target_prompt, "--target-prompt");
   check_text(o.negative_prompt, "--negative-prompt");
   DMX_CHECK_ARG(!o.output.empty(), "--output is required (a .png path)");
-  check_output(o.output, "--output", ".png");
-  if (!o.mask_output.empty()) check_output(o.mask_output, "--mask-output", ".png");
-  if (!o.save_latents.empty()) check_output(o.save_latents, "--save-latents", ".safetensors");
+  api::check_output_path(o.output, "--output", ".png");
+  if (!o.mask_output.empty()) api::check_output_path(o.mask_output, "--mask-output", ".png");
+  if (!o.save_latents.empty()) api::check_output_path(o.save_latents, "--save-latents", ".safetensors");
   DMX_CHECK_ARG(o.steps >= 1 && o.steps <= 1000, "--steps must be in [1, 1000], got ", o.steps);
   DMX_CHECK_ARG(std::isfinite(o.encode_ratio) && o.encode_ratio > 0 && o.encode_ratio <= 1,
                 "--encode-ratio must be in (0, 1], got ", o.encode_ratio);
@@ -92,7 +67,7 @@ void check_options(const DiffEditOptions& o) {
                 "--inversion-guidance-scale must be in [0, 100], got ", o.inversion_guidance_scale);
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
                 o.device, "'");
-  parse_dtype(o.dtype);
+  api::parse_dtype(o.dtype);
 }
 
 }  // namespace
@@ -107,7 +82,7 @@ std::string format_diffedit_parameters(const DiffEditOptions& o, uint64_t seed, 
   if (!model_hash.empty()) os << ", Model hash: " << model_hash;
   if (!model_name.empty()) os << ", Model: " << model_name;
   os << ", Denoising strength: " << fmt_number(o.encode_ratio) << ", DiffEdit source prompt: "
-     << quoted(o.source_prompt) << ", DiffEdit mask threshold: " << fmt_number(o.mask_threshold)
+     << api::quoted(o.source_prompt) << ", DiffEdit mask threshold: " << fmt_number(o.mask_threshold)
      << ", DiffEdit noise maps: " << o.num_maps << ", DiffEdit mask encode strength: "
      << fmt_number(o.mask_encode_strength) << ", DiffEdit inversion CFG scale: "
      << fmt_number(o.inversion_guidance_scale) << ", Version: dmx " << version();
@@ -125,18 +100,12 @@ DiffEditResult diffedit(const DiffEditOptions& o) {
   DMX_CHECK_ARG(rgb.width <= 4096 && rgb.height <= 4096, "--image: width and height must be at most 4096, got ",
                 rgb.width, "x", rgb.height);
   configure_threads(o.threads);
-  uint64_t seed = 0;
-  if (o.seed) {
-    seed = *o.seed;
-  } else {
-    std::random_device rd;
-    seed = (static_cast<uint64_t>(rd()) << 32 | rd()) & 0xFFFFFFFFull;
-  }
+  const uint64_t seed = api::resolve_seed(o.seed);
 
   pipelines::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
-  lo.dtype = parse_dtype(o.dtype);
+  lo.dtype = api::parse_dtype(o.dtype);
   lo.device = o.device;
   PhaseTimer load_timer("load");
   auto models = pipelines::load_stable_diffusion(o.model, lo);

@@ -3,12 +3,12 @@
 #include <chrono>
 #include <future>
 #include <map>
-#include <random>
 #include <sstream>
 
 #include "core/canny.h"
 #include "api/blended.h"
 #include "api/model_hash.h"
+#include "api/options_util.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
@@ -33,12 +33,8 @@ void install_signal_cleanup() { install_temp_file_cleanup(); }
 
 namespace {
 
-at::ScalarType parse_dtype(const std::string& s) {
-  if (s == "fp32" || s == "float32") return at::kFloat;
-  if (s == "bf16" || s == "bfloat16") return at::kBFloat16;
-  if (s == "fp16" || s == "float16") return at::kHalf;
-  throw InvalidArgument("--dtype must be one of fp32, bf16, fp16, got '" + s + "'");
-}
+using api::check_output_path;
+using api::parse_dtype;
 
 std::vector<std::string> output_paths(const std::string& out, int n) {
   if (n == 1) return {out};
@@ -46,16 +42,6 @@ std::vector<std::string> output_paths(const std::string& out, int n) {
   std::vector<std::string> paths;
   for (int i = 0; i < n; ++i) paths.push_back(out.substr(0, dot) + "-" + std::to_string(i) + out.substr(dot));
   return paths;
-}
-
-void check_output_path(const std::string& path, const std::string& param, const std::string& ext) {
-  DMX_CHECK_ARG(!path.empty(), param, ": no output path given");
-  DMX_CHECK_ARG(path.size() > ext.size() && path.compare(path.size() - ext.size(), ext.size(), ext) == 0, param,
-                " must end in ", ext, ", got '", path, "'");
-  const size_t slash = path.find_last_of('/');
-  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  DMX_CHECK_ARG(is_directory(dir), param, ": output directory does not exist: ", dir);
-  DMX_CHECK_ARG(!is_directory(path), param, ": is a directory: ", path);
 }
 
 // ControlNet options: count rules and ranges, checked before anything is loaded.
@@ -188,25 +174,19 @@ GenerateResult generate(const GenerateOptions& o) {
   p.strength = o.strength;
   p.show_progress = o.progress;
   DMX_CHECK_ARG(o.width >= 0 && o.height >= 0, "--width/--height must be positive, got ", o.width, "x", o.height);
-  uint64_t seed = 0;
-  if (o.seed) {
-    seed = *o.seed;
-  } else {
-    std::random_device rd;
-    seed = (static_cast<uint64_t>(rd()) << 32 | rd()) & 0xFFFFFFFFull;  // A1111-style 32-bit seeds
-  }
+  const uint64_t seed = api::resolve_seed(o.seed);
   p.seed = seed;
   Image init_rgb;
   if (!o.init_image.empty()) {
     init_rgb = to_rgb(load_image(o.init_image, "--init-image"));
-    if (o.width || o.height) {
+    if ((o.width || o.height) && o.mask.empty()) {  // with --mask they resize (resize_inpaint_inputs)
       DMX_CHECK_ARG(o.width == init_rgb.width && o.height == init_rgb.height, "--width/--height (", o.width, "x",
                     o.height, ") must match the --init-image size (", init_rgb.width, "x", init_rgb.height,
                     ") or be left out");
     }
     p.init_image = image_to_tensor(init_rgb);
   }
-  const Image mask = o.mask.empty() ? Image() : api::load_mask(o, init_rgb);
+  Image mask = o.mask.empty() ? Image() : api::load_mask(o, init_rgb);
   if (!o.init_latents.empty()) {
     io::TensorMap lat;
     try {
@@ -227,6 +207,10 @@ GenerateResult generate(const GenerateOptions& o) {
   auto models = pipelines::load_stable_diffusion(o.model, lo);
   load_timer.stop();
   BackgroundModelHash hash(o.model);
+  if (!o.mask.empty() && (o.width || o.height)) {
+    api::resize_inpaint_inputs(o, models->vae_scale_factor(), init_rgb, mask);
+    p.init_image = image_to_tensor(init_rgb);
+  }
   std::unique_ptr<pipelines::ScopedLoRAs> loras;
   if (!lora_specs.empty()) {
     loras = std::make_unique<pipelines::ScopedLoRAs>(models, lora_specs, lora_opts);

@@ -6,9 +6,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
-#include <random>
 #include <sstream>
 
+#include "api/options_util.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
@@ -25,27 +25,8 @@
 namespace dmx {
 
 namespace {
-void check_png_output(const std::string& path, const std::string& param) {
-  DMX_CHECK_ARG(!path.empty(), param, ": no output path given");
-  DMX_CHECK_ARG(path.size() > 4 && path.compare(path.size() - 4, 4, ".png") == 0, param, " must end in .png, got '",
-                path, "'");
-  const size_t slash = path.find_last_of('/');
-  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  DMX_CHECK_ARG(is_directory(dir), param, ": output directory does not exist: ", dir);
-  DMX_CHECK_ARG(!is_directory(path), param, ": is a directory: ", path);
-}
-
 std::string with_suffix(const std::string& png, const std::string& suffix) {
   return png.substr(0, png.size() - 4) + suffix + ".png";
-}
-
-std::string quoted(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    out += c;
-  }
-  return out + "\"";
 }
 
 bool has_word(const std::string& text, const std::string& word) {
@@ -100,8 +81,8 @@ P2PResult p2p(const P2POptions& o) {
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
   DMX_CHECK_ARG(!o.prompt.empty(), "--prompt is required");
   DMX_CHECK_ARG(!o.edit_prompt.empty(), "--edit-prompt is required");
-  check_png_output(o.output, "--output");
-  if (!o.save_attention_maps.empty()) check_png_output(o.save_attention_maps, "--save-attention-maps");
+  api::check_output_path(o.output, "--output", ".png");
+  if (!o.save_attention_maps.empty()) api::check_output_path(o.save_attention_maps, "--save-attention-maps", ".png");
   DMX_CHECK_ARG(o.mode == "replace" || o.mode == "refine" || o.mode == "reweight",
                 "--mode must be one of replace, refine, reweight, got '", o.mode, "'");
   pipelines::PromptToPromptParams p;
@@ -158,13 +139,7 @@ P2PResult p2p(const P2POptions& o) {
   p.guidance_scale = o.guidance_scale;
   p.store_attention = !o.save_attention_maps.empty();
   p.show_progress = o.progress;
-  uint64_t seed = 0;
-  if (o.seed) {
-    seed = *o.seed;
-  } else {
-    std::random_device rd;
-    seed = (static_cast<uint64_t>(rd()) << 32 | rd()) & 0xFFFFFFFFull;
-  }
+  const uint64_t seed = api::resolve_seed(o.seed);
   p.seed = seed;
 
   // 2. Load.
@@ -226,14 +201,15 @@ P2PResult p2p(const P2POptions& o) {
   meta.guidance_scale = o.guidance_scale;
   meta.scheduler = "ddim";
   std::ostringstream extra;
-  extra << ", P2P edit prompt: " << quoted(o.edit_prompt) << ", P2P mode: " << o.mode
+  extra << ", P2P edit prompt: " << api::quoted(o.edit_prompt) << ", P2P mode: " << o.mode
         << ", P2P cross replace steps: " << o.cross_replace_steps
         << ", P2P self replace steps: " << o.self_replace_steps;
-  for (const auto& ws : p.reweight) extra << ", P2P reweight: " << quoted(ws.first + "=" + std::to_string(ws.second));
+  for (const auto& ws : p.reweight)
+    extra << ", P2P reweight: " << api::quoted(ws.first + "=" + std::to_string(ws.second));
   if (!o.local_blend.empty()) {
     std::string words;
     for (const auto& wd : o.local_blend) words += (words.empty() ? "" : " ") + wd;
-    extra << ", P2P local blend: " << quoted(words);
+    extra << ", P2P local blend: " << api::quoted(words);
   }
   if (!o.image.empty()) extra << ", P2P inversion: " << (o.null_text_inversion ? "null-text" : "ddim");
   const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name) + extra.str()}};

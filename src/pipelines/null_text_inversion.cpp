@@ -6,6 +6,7 @@
 #include "core/phase_timer.h"
 #include "core/progress.h"
 #include "dmx/error.h"
+#include "pipelines/ddim_inversion.h"
 #include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
 
@@ -43,20 +44,17 @@ at::Tensor unet_eps(StableDiffusionModels& m, const at::Tensor& latents, double 
 
 std::vector<at::Tensor> ddim_inversion_path(StableDiffusionModels& m, const at::Tensor& z0, const at::Tensor& cond,
                                             int num_inference_steps, bool show_progress) {
-  at::NoGradGuard no_grad;
-  auto inv = schedulers::create_scheduler("ddim_inverse", m.scheduler_config);
-  inv->set_timesteps(num_inference_steps);
-  const auto& ts = inv->timesteps();  // ascending
+  // The whole schedule (inpaint_strength 1) at guidance 1: the same loop DiffEdit inverts with.
+  DDIMInversionParams ip;
+  ip.latents = z0;
+  ip.prompt_embeds = cond;
+  ip.num_inference_steps = num_inference_steps;
+  ip.guidance_scale = 1.0;
+  ip.inpaint_strength = 1.0;
+  ip.show_progress = show_progress;
+  DDIMInversionOutput inv = ddim_invert(m, ip);
   std::vector<at::Tensor> path{z0.to(at::kFloat)};
-  at::Tensor z = path.back();
-  ProgressBar bar("invert", show_progress ? static_cast<int>(ts.size()) : 0);
-  for (size_t k = 0; k < ts.size(); ++k) {
-    const at::Tensor eps = unet_eps(m, z, ts[k], cond);
-    z = inv->step(eps, static_cast<int>(k), z).prev_sample;
-    path.push_back(z);
-    bar.tick();
-  }
-  bar.finish();
+  path.insert(path.end(), inv.latents.begin(), inv.latents.end());
   return path;
 }
 

@@ -1,0 +1,41 @@
+#include "api/options_util.h"
+
+#include <random>
+
+#include "core/fs.h"
+#include "dmx/error.h"
+
+namespace dmx::api {
+
+uint64_t resolve_seed(const std::optional<uint64_t>& seed) {
+  if (seed) return *seed;
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32 | rd()) & 0xFFFFFFFFull;
+}
+
+void check_output_path(const std::string& path, const std::string& param, const std::string& ext) {
+  DMX_CHECK_ARG(!path.empty(), param, ": no output path given");
+  DMX_CHECK_ARG(path.size() > ext.size() && path.compare(path.size() - ext.size(), ext.size(), ext) == 0, param,
+                " must end in ", ext, ", got '", path, "'");
+  const size_t slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  DMX_CHECK_ARG(is_directory(dir), param, ": output directory does not exist: ", dir);
+  DMX_CHECK_ARG(!is_directory(path), param, ": is a directory: ", path);
+}
+
+at::ScalarType parse_dtype(const std::string& s) {
+  if (s == "fp32" || s == "float32") return at::kFloat;
+  if (s == "bf16" || s == "bfloat16") return at::kBFloat16;
+  if (s == "fp16" || s == "float16") return at::kHalf;
+  throw InvalidArgument("--dtype must be one of fp32, bf16, fp16, got '" + s + "'");
+}
+
+std::string quoted(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c == '\n' ? ' ' : c;
+  }
+  return out + "\"";
+}
+}  // namespace dmx::api

@@ -1,0 +1,24 @@
+// Option helpers shared by the public API entry points (generate, p2p, diffedit): seed resolution, output
+// path checks, --dtype parsing and quoting for the PNG "parameters" text.
+#pragma once
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace dmx::api {
+
+// The given seed, else a random A1111-style 32-bit one (reported back to the user, so a run can be repeated).
+uint64_t resolve_seed(const std::optional<uint64_t>& seed);
+
+// An output path: not empty, ends in ext (".png", ".safetensors"), its directory exists, it is not a directory.
+// Messages name param.
+void check_output_path(const std::string& path, const std::string& param, const std::string& ext);
+
+// --dtype: fp32/float32, bf16/bfloat16, fp16/float16.
+at::ScalarType parse_dtype(const std::string& s);
+
+// A value for the "parameters" text: in double quotes, '"' and '\' escaped, newlines as spaces (one line).
+std::string quoted(const std::string& s);
+}  // namespace dmx::api
