@@ -5,6 +5,7 @@
 
 #include <filesystem>
 
+#include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "dmx/error.h"
 #include "io/safetensors.h"
@@ -50,13 +51,7 @@ ConvertReport convert_weights(const ConvertOptions& o) {
     convert_file(o.input, o.output, dt, &r);  // save_safetensors writes atomically
     return r;
   }
-  std::string out = o.output;
-  while (out.size() > 1 && out.back() == '/') out.pop_back();
-  const std::string tmp = out + ".tmp." + std::to_string(getpid());
-  std::error_code ec;
-  fs::remove_all(tmp, ec);
-  try {
-    fs::create_directories(tmp);
+  write_directory_atomic(o.output, "the converted model", [&](const std::string& tmp) {
     const fs::path src(o.input);
     for (auto it = fs::recursive_directory_iterator(src); it != fs::recursive_directory_iterator(); ++it) {
       const fs::path rel = fs::relative(it->path(), src);
@@ -68,15 +63,7 @@ ConvertReport convert_weights(const ConvertOptions& o) {
       else
         fs::copy_file(it->path(), dst, fs::copy_options::overwrite_existing);
     }
-    fs::remove_all(out, ec);
-    fs::rename(tmp, out);
-  } catch (const fs::filesystem_error& e) {
-    fs::remove_all(tmp, ec);
-    throw IoError(std::string("writing ") + out + ": " + e.what());
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
-  }
+  });
   return r;
 }
 }  // namespace dmx

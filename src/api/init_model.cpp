@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "dmx/error.h"
 #include "dmx/train.h"
@@ -106,13 +107,7 @@ InitModelReport init_model(const InitModelOptions& o) {
   models::CLIPTextModel te(text_cfg);
   init_clip_text(te, text_cfg);
 
-  std::string out = o.output;
-  while (out.size() > 1 && out.back() == '/') out.pop_back();
-  const std::string tmp = out + ".tmp." + std::to_string(getpid());
-  std::error_code ec;
-  fs::remove_all(tmp, ec);
-  try {
-    fs::create_directories(tmp);
+  write_directory_atomic(o.output, "the model folder", [&](const std::string& tmp) {
     for (const char* sub : {"unet", "vae", "text_encoder", "scheduler", "tokenizer"})
       fs::create_directories(join_path(tmp, sub));
     for (const char* f : {"model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
@@ -123,15 +118,7 @@ InitModelReport init_model(const InitModelOptions& o) {
     io::save_safetensors(join_path(tmp, "unet/diffusion_pytorch_model.safetensors"), state_of(*unet), {{"format", "pt"}});
     io::save_safetensors(join_path(tmp, "vae/diffusion_pytorch_model.safetensors"), state_of(*vae), {{"format", "pt"}});
     io::save_safetensors(join_path(tmp, "text_encoder/model.safetensors"), state_of(*te), {{"format", "pt"}});
-    fs::remove_all(out, ec);
-    fs::rename(tmp, out);
-  } catch (const fs::filesystem_error& e) {
-    fs::remove_all(tmp, ec);
-    throw IoError(std::string("writing the model folder ") + out + ": " + e.what());
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
-  }
+  });
   InitModelReport r;
   r.unet_parameters = count(*unet);
   r.vae_parameters = count(*vae);

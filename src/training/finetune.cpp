@@ -5,6 +5,7 @@
 
 #include <filesystem>
 
+#include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "dmx/error.h"
 #include "io/safetensors.h"
@@ -78,13 +79,7 @@ void save_diffusers_folder(const std::string& source, const std::string& dir, to
                            torch::nn::Module* text_encoder, torch::nn::Module* vae, const std::string& vae_config) {
   DMX_CHECK_SUPPORTED(is_directory(source) && path_exists(join_path(source, "unet/config.json")),
                       "saving a diffusers folder needs a diffusers folder as the source model, got ", source);
-  std::string out = dir;
-  while (out.size() > 1 && out.back() == '/') out.pop_back();
-  const std::string tmp = out + ".tmp." + std::to_string(getpid());
-  std::error_code ec;
-  fs::remove_all(tmp, ec);
-  try {
-    fs::create_directories(tmp);
+  write_directory_atomic(dir, "the diffusers folder", [&](const std::string& tmp) {
     const fs::path src(source);
     for (auto it = fs::recursive_directory_iterator(src); it != fs::recursive_directory_iterator(); ++it) {
       const fs::path rel = fs::relative(it->path(), src);
@@ -109,15 +104,7 @@ void save_diffusers_folder(const std::string& source, const std::string& dir, to
                            {{"format", "pt"}});
       if (!vae_config.empty()) write_bytes_atomic(join_path(tmp, "vae/config.json"), vae_config.data(), vae_config.size());
     }
-    fs::remove_all(out, ec);
-    fs::rename(tmp, out);
-  } catch (const fs::filesystem_error& e) {
-    fs::remove_all(tmp, ec);
-    throw IoError(std::string("writing the diffusers folder ") + out + ": " + e.what());
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
-  }
+  });
 }
 
 }  // namespace dmx::training
