@@ -10,6 +10,7 @@
 #include "dmx/train.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
+#include "io/state_dict.h"
 #include "models/autoencoder_kl.h"
 #include "models/clip_text_model.h"
 #include "models/clip_tokenizer.h"
@@ -19,13 +20,6 @@
 namespace dmx {
 namespace fs = std::filesystem;
 namespace {
-
-io::TensorMap state_of(torch::nn::Module& m) {
-  io::TensorMap t;
-  for (const auto& p : m.named_parameters(true)) t[p.key()] = p.value().detach().contiguous();
-  for (const auto& b : m.named_buffers(true)) t[b.key()] = b.value().detach().contiguous();
-  return t;
-}
 
 int64_t count(torch::nn::Module& m) {
   int64_t n = 0;
@@ -115,9 +109,12 @@ InitModelReport init_model(const InitModelOptions& o) {
       fs::copy_file(join_path(o.config, f), join_path(tmp, f));
     for (const auto& e : fs::directory_iterator(tok_dir))
       if (e.is_regular_file()) fs::copy_file(e.path(), fs::path(join_path(tmp, "tokenizer")) / e.path().filename());
-    io::save_safetensors(join_path(tmp, "unet/diffusion_pytorch_model.safetensors"), state_of(*unet), {{"format", "pt"}});
-    io::save_safetensors(join_path(tmp, "vae/diffusion_pytorch_model.safetensors"), state_of(*vae), {{"format", "pt"}});
-    io::save_safetensors(join_path(tmp, "text_encoder/model.safetensors"), state_of(*te), {{"format", "pt"}});
+    io::save_safetensors(join_path(tmp, "unet/diffusion_pytorch_model.safetensors"), io::module_state(*unet),
+                         {{"format", "pt"}});
+    io::save_safetensors(join_path(tmp, "vae/diffusion_pytorch_model.safetensors"), io::module_state(*vae),
+                         {{"format", "pt"}});
+    io::save_safetensors(join_path(tmp, "text_encoder/model.safetensors"), io::module_state(*te),
+                         {{"format", "pt"}});
   });
   InitModelReport r;
   r.unet_parameters = count(*unet);

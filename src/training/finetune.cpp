@@ -9,6 +9,7 @@
 #include "core/fs.h"
 #include "dmx/error.h"
 #include "io/safetensors.h"
+#include "io/state_dict.h"
 #include "models/unet_2d_condition.h"
 #include "training/lora_train.h"
 
@@ -62,10 +63,10 @@ void FinetuneRecipe::save(const std::string& dir) {
 }
 
 namespace {
+// The module's state with floating parameters in float32 (bf16 training keeps frozen copies in bf16).
 io::TensorMap float_state(torch::nn::Module& m) {
-  io::TensorMap t;
-  for (const auto& p : m.named_parameters(true)) t[p.key()] = p.value().detach().to(at::kFloat).contiguous();
-  for (const auto& b : m.named_buffers(true)) t[b.key()] = b.value().detach().contiguous();
+  io::TensorMap t = io::module_state(m);
+  for (const auto& p : m.named_parameters(true)) t[p.key()] = p.value().detach().to(at::kFloat);
   return t;
 }
 
