@@ -1,5 +1,6 @@
 // Trainer, LoRA / fine-tune / DreamBooth recipes and `dmx train` (docs/training.md), on the tiny fixture model.
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
 #include <torch/optim/adamw.h>
 
 #include <unistd.h>
@@ -435,6 +436,31 @@ TEST(TrainLoRA, BF16FrozenModelTrainsFloat32Adapters) {
 
 // ---------------------------------------------------------------------------------------------------
 // Fine-tune and DreamBooth
+
+// --mixed-precision bf16 fine-tuning: the UNet's weights stay float32 masters, its forward runs under bf16
+// autocast (so the first loss differs from float32's by bf16 rounding, and only by that), and autocast is off
+// again after the step.
+TEST(TrainFinetune, BF16AutocastForwardFloat32Masters) {
+  DMX_REQUIRE_FIXTURES();
+  auto run = [](const char* name, bool bf16) {
+    auto m = fresh_model();
+    auto recipe = std::make_shared<tr::FinetuneRecipe>(m, false);
+    tr::TrainConfig c = base_config(name, 2);
+    c.learning_rate = 1e-4;
+    if (bf16) c.mixed_precision = tr::MixedPrecision::BF16;
+    const at::Tensor before = m->unet->parameters().front().detach().clone();
+    const tr::TrainResult r = tr::Trainer(c, recipe, std::make_shared<MemorySource>(2, 32, 2)).run();
+    EXPECT_EQ(m->unet->parameters().front().scalar_type(), at::kFloat);
+    EXPECT_FALSE(at::equal(before, m->unet->parameters().front().detach()));  // the masters moved
+    EXPECT_FALSE(at::autocast::is_cpu_enabled());
+    return r.history.front().loss;
+  };
+  const double l32 = run("ft-fp32", false), l16 = run("ft-bf16", true);
+  std::printf("[check] first fine-tuning loss: float32 %.6f, bf16 autocast %.6f\n", l32, l16);
+  ASSERT_TRUE(std::isfinite(l16));
+  EXPECT_NE(l16, l32);                              // the forward did run in bf16
+  EXPECT_NEAR(l16, l32, 0.05 * std::abs(l32));      // ... and bf16 rounding is all that changed
+}
 
 TEST(TrainFinetune, SavesADiffusersFolderThatLoads) {
   DMX_REQUIRE_FIXTURES();

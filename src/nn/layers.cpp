@@ -240,10 +240,19 @@ BasicTransformerBlockImpl::BasicTransformerBlockImpl(int64_t dim, const Transfor
   ff = register_module("ff", FeedForward(dim, dim * 4));
 }
 
+namespace {
+// Under bf16 autocast (mixed-precision training) the activations arrive in bf16 while the norm's parameters
+// are float32, and torch 1.13's CPU autocast has no rule for layer_norm: normalise in the parameters' dtype.
+at::Tensor layer_norm_(tnn::LayerNorm& n, const at::Tensor& x) {
+  const at::Tensor& w = n->weight;
+  return n->forward(w.defined() && x.scalar_type() != w.scalar_type() ? x.to(w.scalar_type()) : x);
+}
+}  // namespace
+
 at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const at::Tensor& context) {
-  at::Tensor h = attn1->forward(norm1->forward(x), only_cross_attention_ ? context : at::Tensor()) + x;
-  h = attn2->forward(norm2->forward(h), context) + h;
-  return ff->forward(norm3->forward(h)) + h;
+  at::Tensor h = attn1->forward(layer_norm_(norm1, x), only_cross_attention_ ? context : at::Tensor()) + x;
+  h = attn2->forward(layer_norm_(norm2, h), context) + h;
+  return ff->forward(layer_norm_(norm3, h)) + h;
 }
 
 Transformer2DModelImpl::Transformer2DModelImpl(const TransformerOptions& o) : o_(o) {

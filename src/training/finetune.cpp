@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <ATen/autocast_mode.h>
 #include <filesystem>
 
 #include "core/atomic_dir.h"
@@ -17,6 +18,45 @@ namespace dmx::training {
 
 namespace fs = std::filesystem;
 
+namespace {
+// Enables bf16 autocast on the device's autocast key for the life of the scope, restoring the previous state
+// (and dropping autocast's cache of cast weights, which would otherwise go stale after the optimizer step).
+class AutocastBF16 {
+ public:
+  explicit AutocastBF16(const at::Device& d) : cuda_(d.is_cuda()) {
+    if (cuda_) {
+      prev_enabled_ = at::autocast::is_enabled();
+      prev_dtype_ = at::autocast::get_autocast_gpu_dtype();
+      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+      at::autocast::set_enabled(true);
+    } else {
+      prev_enabled_ = at::autocast::is_cpu_enabled();
+      prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
+      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+      at::autocast::set_cpu_enabled(true);
+    }
+    at::autocast::increment_nesting();
+  }
+  ~AutocastBF16() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    if (cuda_) {
+      at::autocast::set_enabled(prev_enabled_);
+      at::autocast::set_autocast_gpu_dtype(prev_dtype_);
+    } else {
+      at::autocast::set_cpu_enabled(prev_enabled_);
+      at::autocast::set_autocast_cpu_dtype(prev_dtype_);
+    }
+  }
+  AutocastBF16(const AutocastBF16&) = delete;
+  AutocastBF16& operator=(const AutocastBF16&) = delete;
+
+ private:
+  bool cuda_;
+  bool prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+}  // namespace
+
 FinetuneRecipe::FinetuneRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, bool train_text_encoder)
     : Recipe(std::move(m)), train_text_encoder_(train_text_encoder) {}
 
@@ -29,9 +69,13 @@ void FinetuneRecipe::setup(const TrainConfig& cfg) {
   for (auto& p : m.unet->parameters()) p.set_requires_grad(true);
   if (train_text_encoder_)
     for (auto& p : m.text_encoder->parameters()) p.set_requires_grad(true);
-  // bf16: only the frozen parts (the trained weights stay float32 masters and run in float32).
-  if (cfg.mixed_precision == MixedPrecision::BF16)
+  // bf16: the frozen parts are cast to bf16; the trained weights stay float32 masters and the UNet's forward
+  // runs under autocast (convolutions and matrix products in bf16, normalisations and the loss in float32),
+  // as accelerate's mixed precision does in the reference script.
+  if (cfg.mixed_precision == MixedPrecision::BF16) {
     cast_frozen_for_mixed_precision(m, /*unet=*/false, /*text_encoder=*/!train_text_encoder_);
+    autocast_bf16_ = true;
+  }
   if (cfg.gradient_checkpointing) m.unet->set_gradient_checkpointing(true);
 }
 
@@ -54,7 +98,9 @@ at::Tensor FinetuneRecipe::predict(const at::Tensor& noisy, const at::Tensor& t,
   in.sample = noisy;
   in.timestep = t;
   in.encoder_hidden_states = ehs.to(at::kFloat);
-  return models().unet->forward(in);
+  if (!autocast_bf16_) return models().unet->forward(in);
+  AutocastBF16 scope(noisy.device());
+  return models().unet->forward(in).to(at::kFloat);
 }
 
 void FinetuneRecipe::save(const std::string& dir) {

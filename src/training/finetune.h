@@ -26,6 +26,7 @@ class FinetuneRecipe : public Recipe {
 
  private:
   bool train_text_encoder_;
+  bool autocast_bf16_ = false;  // --mixed-precision bf16: the trained UNet's forward runs under bf16 autocast
 };
 
 // Writes a diffusers folder at `dir` from the diffusers folder `source`, replacing the UNet weights (and the
