@@ -186,6 +186,16 @@ TEST(EvalEdgeF1, SyntheticMaps) {
   EXPECT_THROW(api::edge_f1(target, target.slice(0, 0, 4)), InvalidArgument);
 }
 
+TEST(EvalEdgeF1, ToleranceIsBsdsShareOfTheDiagonal) {
+  // 0.0075 of the diagonal, rounded: exact matching at emoji sizes, a few pixels at SD sizes.
+  EXPECT_EQ(api::edge_tolerance(32, 32), 0);
+  EXPECT_EQ(api::edge_tolerance(47, 47), 0);
+  EXPECT_EQ(api::edge_tolerance(64, 64), 1);
+  EXPECT_EQ(api::edge_tolerance(128, 128), 1);
+  EXPECT_EQ(api::edge_tolerance(512, 512), 5);
+  EXPECT_EQ(api::edge_tolerance(768, 512), 7);
+}
+
 TEST(EvalEdgeF1, MaskIoU) {
   at::Tensor a = at::zeros({10, 10}, at::kBool), b = at::zeros({10, 10}, at::kBool);
   a.slice(0, 0, 5).fill_(true);  // 50 pixels
@@ -374,7 +384,8 @@ TEST(EvalEndToEnd, TinyModelJson) {
   const auto j = nlohmann::json::parse(r.output.substr(r.output.find('{')));
   std::printf("[check] dmx eval on the tiny model: %s\n", j.dump().c_str());
   EXPECT_EQ(j["n"], 4);
-  for (const char* k : {"top1", "top5", "twitter_fraction", "edge_f1", "edge_f1_without", "lora_style_accuracy",
+  for (const char* k : {"top1", "top5", "twitter_fraction", "edge_f1", "edge_f1_without", "edge_f1_empty",
+                        "edge_f1_empty_without", "lora_style_accuracy",
                         "lora_style_accuracy_without", "dreambooth_top5", "dreambooth_top5_without"}) {
     ASSERT_TRUE(j.contains(k)) << k;
     EXPECT_GE(j[k].get<double>(), 0.0) << k;
@@ -386,9 +397,13 @@ TEST(EvalEndToEnd, TinyModelJson) {
   EXPECT_GE(j["dreambooth_similarity"].get<double>(), -1.0);
   EXPECT_LE(j["dreambooth_similarity"].get<double>(), 1.0 + 1e-6);
   EXPECT_EQ(j["controlnet_n"], 2);
+  EXPECT_GE(j["edge_tolerance"].get<int>(), 0);  // the fixture model's outputs are small: 0 or 1 pixel
+  EXPECT_LE(j["edge_tolerance"].get<int>(), 1);
   EXPECT_TRUE(path_exists(out + "/base/0003.png"));
   EXPECT_TRUE(path_exists(out + "/base_grid.png"));
   EXPECT_TRUE(path_exists(out + "/controlnet/0001.png"));
+  EXPECT_TRUE(path_exists(out + "/controlnet-empty-prompt/0001.png"));
+  EXPECT_TRUE(path_exists(out + "/empty-prompt/0001.png"));
   // Same seed, same numbers.
   auto r2 = dmx::test::dmx_run({"eval", "--model", model, "--classifier", clf, "--data", data, "--prompts", prompts,
                                 "--steps", "2", "--json", "--quiet", "--threads", "2"});

@@ -47,7 +47,7 @@ struct EvalOptions {
   std::string classifier = "models/emoji-classifier";
   std::string data;                      // `dmx data emoji` folder; "" = default_emoji_data_dir()
   int steps = 25;
-  double guidance_scale = 7.5;
+  double guidance_scale = 3.0;  // picked for the bundled emoji model on prompts disjoint from the built-in list
   std::string scheduler;                 // "" = the model's own
   uint64_t seed = 0;
   int limit = 0;                         // > 0: score only the first `limit` prompts
@@ -77,7 +77,11 @@ struct EvalResult {
   double twitter_fraction = 0;  // share of the base images the style head calls twitter
   // ControlNet (when EvalOptions::controlnet is set; -1 otherwise)
   int controlnet_n = 0;
+  // Each prompt's concept's edge map as control; with the prompt, and again with an empty prompt (the map alone
+  // carries the shape), each with the ControlNet and without it (same seeds).
   double edge_f1 = -1, edge_f1_without = -1;
+  double edge_f1_empty = -1, edge_f1_empty_without = -1;
+  int edge_tolerance = -1;  // pixels of tolerance used (BSDS's 0.0075 of the image diagonal, rounded)
   // LoRA
   int lora_n = 0;
   double lora_style_accuracy = -1, lora_style_accuracy_without = -1;

@@ -98,6 +98,10 @@ double mask_iou(const at::Tensor& a, const at::Tensor& b) {
   return uni == 0 ? 1.0 : x.logical_and(y).sum().item<double>() / uni;
 }
 
+int edge_tolerance(int64_t height, int64_t width) {
+  return static_cast<int>(std::lround(0.0075 * std::hypot(static_cast<double>(height), static_cast<double>(width))));
+}
+
 }  // namespace api
 
 namespace {
@@ -233,7 +237,8 @@ double edge_f1_files(const std::string& image, const std::string& edge_map) {
   const Image img = to_rgb(load_image(image, "--edge-f1"));
   const Image e = load_image(edge_map, "--edge-f1");
   check_image_size("--edge-f1", e, img.width, img.height);
-  return api::edge_f1(binary_map(canny_edges(img, 100.0, 200.0)), binary_map(to_rgb(e)), 1);
+  return api::edge_f1(binary_map(canny_edges(img, 100.0, 200.0)), binary_map(to_rgb(e)),
+                      api::edge_tolerance(img.height, img.width));
 }
 
 ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o) { return training::train_emoji_classifier(o); }
@@ -246,6 +251,9 @@ std::string EvalResult::to_json() const {
     j["controlnet_n"] = controlnet_n;
     j["edge_f1"] = edge_f1;
     j["edge_f1_without"] = edge_f1_without;
+    j["edge_f1_empty"] = edge_f1_empty;
+    j["edge_f1_empty_without"] = edge_f1_empty_without;
+    j["edge_tolerance"] = edge_tolerance;
   }
   if (lora_n > 0) {
     j["lora_n"] = lora_n;
@@ -323,7 +331,7 @@ EvalResult evaluate(const EvalOptions& o) {
   pipelines::StableDiffusionPipeline pipe(models);
   const int n = static_cast<int>(prompts.size());
   const int n_aux = std::min(n, o.aux_prompts);
-  int total = n + (o.controlnet.empty() ? 0 : n_aux) + (o.lora.empty() ? 0 : n_aux) +
+  int total = n + (o.controlnet.empty() ? 0 : 3 * n_aux) + (o.lora.empty() ? 0 : n_aux) +
               (o.dreambooth.empty() ? 0 : 2 * o.dreambooth_images);
   ProgressBar bar("eval", total);
   auto generate = [&](const std::string& prompt, uint64_t seed, const std::vector<pipelines::ControlNetUnit>& cn) {
@@ -390,29 +398,41 @@ EvalResult evaluate(const EvalOptions& o) {
   r.frechet = api::frechet_distance(out.features, fa);
   r.frechet_real = api::frechet_distance(fb, fa);
 
-  // 4. ControlNet: edge F1 of Canny(output) against the control map, with and without the net.
+  // 4. ControlNet: edge F1 of Canny(output) against the control map, with and without the net; with the
+  // prompt, and with an empty prompt (where only the control map can carry the concept's shape).
   if (!o.controlnet.empty()) {
     pipelines::ControlNetUnit unit;
     unit.name = o.controlnet;
     unit.model = pipelines::load_controlnet(o.controlnet, {}, "--controlnet");
-    double f1 = 0, f1_without = 0;
-    std::vector<at::Tensor> imgs;
+    double f1 = 0, f1_without = 0, f1_empty = 0, f1_empty_without = 0;
+    std::vector<at::Tensor> imgs, imgs_empty, imgs_empty_without;
+    const int64_t H = base[0].size(1), W = base[0].size(2);
+    const int tol = api::edge_tolerance(H, W);
     for (int i = 0; i < n_aux; ++i) {
       const int c = concept_of[static_cast<size_t>(i)];
+      const uint64_t seed = o.seed + static_cast<uint64_t>(i);
       const Image map = to_rgb(load_image(data.files("google", c).edges, "control map"));
-      const int64_t H = base[static_cast<size_t>(i)].size(1), W = base[static_cast<size_t>(i)].size(2);
       DMX_CHECK_SUPPORTED(map.width == W && map.height == H, "edge F1 needs control maps of the output size (",
                           W, "x", H, "), got ", map.width, "x", map.height);
       unit.image = pipelines::prepare_control_image(map, static_cast<int>(W), static_cast<int>(H));
-      imgs.push_back(generate(prompts[static_cast<size_t>(i)], o.seed + static_cast<uint64_t>(i), {unit}));
+      imgs.push_back(generate(prompts[static_cast<size_t>(i)], seed, {unit}));
+      imgs_empty.push_back(generate("", seed, {unit}));
+      imgs_empty_without.push_back(generate("", seed, {}));
       const at::Tensor target = binary_map(map);
-      f1 += api::edge_f1(canny_of(imgs.back()), target, 1);
-      f1_without += api::edge_f1(canny_of(base[static_cast<size_t>(i)]), target, 1);
+      f1 += api::edge_f1(canny_of(imgs.back()), target, tol);
+      f1_without += api::edge_f1(canny_of(base[static_cast<size_t>(i)]), target, tol);
+      f1_empty += api::edge_f1(canny_of(imgs_empty.back()), target, tol);
+      f1_empty_without += api::edge_f1(canny_of(imgs_empty_without.back()), target, tol);
     }
     save_all("controlnet", imgs);
+    save_all("controlnet-empty-prompt", imgs_empty);
+    save_all("empty-prompt", imgs_empty_without);
     r.controlnet_n = n_aux;
+    r.edge_tolerance = tol;
     r.edge_f1 = f1 / n_aux;
     r.edge_f1_without = f1_without / n_aux;
+    r.edge_f1_empty = f1_empty / n_aux;
+    r.edge_f1_empty_without = f1_empty_without / n_aux;
   }
 
   // 5. LoRA: share of images the style head calls twitter, with and without (the base images).

@@ -21,6 +21,10 @@ double frechet_distance(const at::Tensor& mu1, const at::Tensor& sigma1, const a
 
 // pred, target: [H, W] bool edge maps. Both empty: 1. One empty: 0.
 double edge_f1(const at::Tensor& pred, const at::Tensor& target, int tolerance = 1);
+// The matching tolerance in pixels for an H x W image: the BSDS benchmark's default maxDist, 0.0075 of the
+// image diagonal, rounded to whole pixels (0 up to 47 x 47, so exact matching for the
+// 32-px emoji; 1 up to 141 x 141; 5 at 512 x 512).
+int edge_tolerance(int64_t height, int64_t width);
 
 // masks [H, W] bool: |A and B| / |A or B| (both empty: 1).
 double mask_iou(const at::Tensor& a, const at::Tensor& b);

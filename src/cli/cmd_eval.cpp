@@ -17,7 +17,7 @@ int cmd_eval(int argc, char** argv) {
       {"classifier", "DIR", "emoji classifier folder (default models/emoji-classifier)"},
       {"data", "DIR", "`dmx data emoji` folder (default $DMX_EMOJI_DATA, ~/.cache/dmx/emoji-data, /tmp/emoji_ds)"},
       {"steps", "N", "denoising steps (default 25)"},
-      {"guidance-scale", "G", "classifier-free guidance scale (default 7.5)"},
+      {"guidance-scale", "G", "classifier-free guidance scale (default 3)"},
       {"scheduler", "NAME", "scheduler (default: the model's)"},
       {"seed", "N", "prompt i uses seed + i (default 0)"},
       {"limit", "N", "score only the first N prompts"},
@@ -99,8 +99,9 @@ int cmd_eval(int argc, char** argv) {
               r.frechet_real > 0 ? r.frechet / r.frechet_real : 0.0);
   std::printf("classified twitter    %.4f\n", r.twitter_fraction);
   if (r.controlnet_n > 0)
-    std::printf("edge F1 (%d prompts)  %.4f with ControlNet, %.4f without\n", r.controlnet_n, r.edge_f1,
-                r.edge_f1_without);
+    std::printf("edge F1 (%d prompts)  %.4f with ControlNet, %.4f without; empty prompts: %.4f with, %.4f without "
+                "(tolerance %d px)\n", r.controlnet_n, r.edge_f1, r.edge_f1_without, r.edge_f1_empty,
+                r.edge_f1_empty_without, r.edge_tolerance);
   if (r.lora_n > 0)
     std::printf("LoRA style accuracy   %.4f with the LoRA, %.4f without (%d prompts)\n", r.lora_style_accuracy,
                 r.lora_style_accuracy_without, r.lora_n);
