@@ -56,7 +56,7 @@ std::vector<OptionSpec> common_specs() {
       {"proportion-empty-prompts", "P", "share of captions replaced by \"\" (for guidance; default 0)"},
       {"use-ema", "", "keep an EMA of the trained weights and save it"},
       {"ema-decay", "D", "EMA decay (default 0.9999)"},
-      {"mixed-precision", "P", "no|bf16: frozen parts in bf16, trained weights in float32 (default no)"},
+      {"mixed-precision", "P", "no|bf16: frozen parts in bf16, trained weights float32 masters (finetune: the UNet runs under bf16 autocast) (default no)"},
       {"gradient-checkpointing", "", "recompute UNet block activations in backward (less memory)"},
       {"cache-latents", "", "encode each image with the VAE once (needs center crop, no --random-flip)"},
       {"checkpoint-every", "N", "write a checkpoint every N steps (default: only at the end)"},
