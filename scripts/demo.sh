@@ -14,7 +14,7 @@
 #   DMX_CLASSIFIER   [models/emoji-classifier]               classifier of `dmx eval`
 #   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER --limit $DMX_DEMO_EVAL_LIMIT --steps N
 #                     --seed N --out $DMX_DEMO_OUT/eval]  arguments of `dmx eval` (+ --json); DMX_DEMO_EVAL_LIMIT [32] prompts
-#   DMX_DEMO_OUT [demo]  DMX_DEMO_STEPS [20]  DMX_DEMO_SEED [42]
+#   DMX_DEMO_OUT [demo]  DMX_DEMO_STEPS [20]  DMX_DEMO_SEED [42]  DMX_DEMO_GUIDANCE [3] (not for P2P, null-text)
 #   DMX_DEMO_SIZE [the model's native size: unet sample_size x VAE factor]  side of the real inputs and outputs
 #   DMX_DEMO_SKIP_SETUP=1  use the existing build (no setup.sh, no build.sh)
 #   DMX_BUILD_DIR [build]  DMX_BIN [$DMX_BUILD_DIR/dmx]
@@ -186,9 +186,12 @@ with_metric() {  # with_metric LABEL VALUE -> "<br>LABEL VALUE" or nothing
   return 0
 }
 
-GEN=("$DMX" generate --model "$MODEL" --steps "$STEPS" --seed "$SEED" --quiet)
+# Guidance 3 (not SD's 7.5) for the emoji model's own generations: at 7.5 it over-saturates and loses identity
+# (docs/evaluation.md measures it); Prompt-to-Prompt and null-text inversion keep 7.5, as their papers do.
+GUIDANCE=${DMX_DEMO_GUIDANCE:-3}
+GEN=("$DMX" generate --model "$MODEL" --steps "$STEPS" --seed "$SEED" --guidance-scale "$GUIDANCE" --quiet)
 SIZE_ARGS=(--width "$SIZE" --height "$SIZE")
-COMMON_PARAMS="steps $STEPS, seed $SEED, guidance 7.5, scheduler: the model's"
+COMMON_PARAMS="steps $STEPS, seed $SEED, guidance $GUIDANCE, scheduler: the model's"
 
 # ---- 2. real inputs: a handful of emoji built from the npm packages ----------------------------------
 sec_t0
@@ -382,12 +385,12 @@ if [ -f "$DREAMBOOTH" ] && { [ -n "${DMX_DREAMBOOTH_PROMPT:-}" ] || [ -f "$DREAM
   figs=""
   ids=()
   for s in "$SEED" $((SEED + 1)); do
-    run "dreambooth_base_$s" "$DMX" generate --model "$MODEL" --steps "$STEPS" --seed "$s" --quiet "${SIZE_ARGS[@]}" \
-      --prompt "$IP" --output "$OUT/dreambooth/base_$s.png"
-    run "dreambooth_$s" "$DMX" generate --model "$MODEL" --steps "$STEPS" --seed "$s" --quiet "${SIZE_ARGS[@]}" \
-      --lora "$DREAMBOOTH" --prompt "$IP" --output "$OUT/dreambooth/db_$s.png"
+    run "dreambooth_base_$s" "$DMX" generate --model "$MODEL" --steps "$STEPS" --seed "$s" --guidance-scale "$GUIDANCE" \
+      --quiet "${SIZE_ARGS[@]}" --prompt "$IP" --output "$OUT/dreambooth/base_$s.png"
+    run "dreambooth_$s" "$DMX" generate --model "$MODEL" --steps "$STEPS" --seed "$s" --guidance-scale "$GUIDANCE" \
+      --quiet "${SIZE_ARGS[@]}" --lora "$DREAMBOOTH" --prompt "$IP" --output "$OUT/dreambooth/db_$s.png"
     figs+=$(fig "dreambooth/base_$s.png" "seed $s, no LoRA")$(fig "dreambooth/db_$s.png" "seed $s, DreamBooth LoRA")
-    ids+=("dreambooth_base_$s=$(q "$IP"); no LoRA; steps $STEPS, seed $s" "dreambooth_$s=$(q "$IP"); DreamBooth LoRA; steps $STEPS, seed $s")
+    ids+=("dreambooth_base_$s=$(q "$IP"); no LoRA; steps $STEPS, seed $s, guidance $GUIDANCE" "dreambooth_$s=$(q "$IP"); DreamBooth LoRA; steps $STEPS, seed $s, guidance $GUIDANCE")
   done
   body=$(row "$(q "$IP")" "$figs")
   body+=$(runs_table "${ids[@]}")
