@@ -79,19 +79,6 @@ std::string u32_to_utf8(const std::u32string& s) {
 
 bool is_py_space(char32_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 
-// Python's text.split(" ") (single spaces: consecutive ones give empty words).
-std::vector<std::string> split_space(const std::string& text) {
-  std::vector<std::string> words;
-  size_t start = 0;
-  while (true) {
-    const size_t sp = text.find(' ', start);
-    words.push_back(text.substr(start, sp == std::string::npos ? std::string::npos : sp - start));
-    if (sp == std::string::npos) break;
-    start = sp + 1;
-  }
-  return words;
-}
-
 size_t py_len(const std::string& s) { return utf8_to_u32(s).size(); }
 
 std::vector<int64_t> word_inds_at(const models::CLIPTokenizer& tok, const std::string& text,
@@ -207,6 +194,18 @@ std::vector<int64_t> align_y_to_x(const std::vector<int64_t>& x, const std::vect
   return out;
 }
 }  // namespace
+
+std::vector<std::string> split_space(const std::string& text) {
+  std::vector<std::string> words;
+  size_t start = 0;
+  while (true) {
+    const size_t sp = text.find(' ', start);
+    words.push_back(text.substr(start, sp == std::string::npos ? std::string::npos : sp - start));
+    if (sp == std::string::npos) break;
+    start = sp + 1;
+  }
+  return words;
+}
 
 // ---------------------------------------------------------------------------------------------------
 std::vector<std::string> token_texts(const models::CLIPTokenizer& tok, const std::string& text) {

@@ -14,20 +14,8 @@
 namespace dmx::pipelines {
 
 namespace {
-std::vector<std::string> split_words(const std::string& text) {
-  std::vector<std::string> words;
-  size_t start = 0;
-  while (true) {
-    const size_t sp = text.find(' ', start);
-    words.push_back(text.substr(start, sp == std::string::npos ? std::string::npos : sp - start));
-    if (sp == std::string::npos) break;
-    start = sp + 1;
-  }
-  return words;
-}
-
 bool has_word(const std::string& text, const std::string& word) {
-  for (const auto& w : split_words(text))
+  for (const auto& w : extensions::split_space(text))
     if (w == word) return true;
   return false;
 }
@@ -67,7 +55,7 @@ void PromptToPromptPipeline::check_params(const PromptToPromptParams& p) const {
     DMX_CHECK_ARG(has_word(p.prompt, w) || has_word(p.edit_prompt, w), "local blend word \"", w,
                   "\" is in neither prompt (\"", p.prompt, "\", \"", p.edit_prompt, "\")");
   if (p.mode == "replace") {
-    const size_t a = split_words(p.prompt).size(), b = split_words(p.edit_prompt).size();
+    const size_t a = extensions::split_space(p.prompt).size(), b = extensions::split_space(p.edit_prompt).size();
     DMX_CHECK_ARG(a == b, "replace edits need prompts with the same number of words, but the prompt has ", a,
                   " words and the edit prompt has ", b, "; use --mode refine to add words");
   }
