@@ -12,8 +12,9 @@
 #   DMX_DREAMBOOTH   [models/emoji-dreambooth.safetensors]   DreamBooth LoRA of a held-out emoji
 #   DMX_DREAMBOOTH_PROMPT [first line of ${DMX_DREAMBOOTH%.safetensors}.txt]  its instance prompt
 #   DMX_CLASSIFIER   [models/emoji-classifier]               classifier of `dmx eval`
-#   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER --limit $DMX_DEMO_EVAL_LIMIT --steps N
-#                     --seed N --out $DMX_DEMO_OUT/eval]  arguments of `dmx eval` (+ --json); DMX_DEMO_EVAL_LIMIT [32] prompts
+#   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER --data $DMX_EMOJI_DATA --limit $DMX_DEMO_EVAL_LIMIT
+#                     --steps N --seed N --out $DMX_DEMO_OUT/eval]  arguments of `dmx eval` (+ --json); DMX_DEMO_EVAL_LIMIT [32] prompts
+#   DMX_EMOJI_DATA   [~/.cache/dmx/emoji-data]  the real emoji `dmx eval` compares against (built there when missing)
 #   DMX_DEMO_OUT [demo]  DMX_DEMO_STEPS [20]  DMX_DEMO_SEED [42]  DMX_DEMO_GUIDANCE [3] (not for P2P, null-text)
 #   DMX_DEMO_SIZE [the model's native size: unet sample_size x VAE factor]  side of the real inputs and outputs
 #   DMX_DEMO_SKIP_SETUP=1  use the existing build (no setup.sh, no build.sh)
@@ -262,12 +263,12 @@ section img2img "Image to image" \
 # ---- 5. ControlNet -------------------------------------------------------------------------------------
 if [ -e "$CONTROLNET" ]; then
   sec_t0
-  src=$(emoji google images grinning)
-  edges=$(emoji google edges grinning)
+  src=$(emoji google images cat)
+  edges=$(emoji google edges cat)
   figs=""
   ids=()
   i=0
-  for p in "grinning face" "cat face" "red apple"; do
+  for p in "" "grinning face" "red apple"; do
     run "controlnet_$i" "${GEN[@]}" "${SIZE_ARGS[@]}" --controlnet "$CONTROLNET" --control-image "$OUT/$edges" \
       --save-control-image "$OUT/controlnet/control.png" --prompt "$p" --output "$OUT/controlnet/$i.png"
     f1=$(file_metric --edge-f1 "$OUT/controlnet/$i.png" --reference "$OUT/$edges")
@@ -275,11 +276,15 @@ if [ -e "$CONTROLNET" ]; then
     ids+=("controlnet_$i=$(q "$p"); control scale 1.0; $COMMON_PARAMS")
     i=$((i + 1))
   done
-  body=$(row "input" "$(fig "$src" "real: grinning face")$(fig "$edges" "its Canny edges")$(fig controlnet/control.png "control map as fed (--save-control-image)")")
-  body+=$(row "outputs" "$figs")
+  run controlnet_without "${GEN[@]}" "${SIZE_ARGS[@]}" --prompt "" --output "$OUT/controlnet/without.png"
+  f1=$(file_metric --edge-f1 "$OUT/controlnet/without.png" --reference "$OUT/$edges")
+  ids+=("controlnet_without=$(q ""); no ControlNet; $COMMON_PARAMS")
+  body=$(row "input" "$(fig "$src" "real: cat face")$(fig "$edges" "its Canny edges")$(fig controlnet/control.png "control map as fed (--save-control-image)")")
+  body+=$(row "with the ControlNet" "$figs")
+  body+=$(row "without" "$(fig controlnet/without.png "$(q "")$(with_metric "edge F1" "$f1")")")
   body+=$(runs_table "${ids[@]}")
   section controlnet "ControlNet (Canny edges)" \
-    "<code>$(esc "$CONTROLNET")</code> conditions the model on the Canny edges of a real emoji; different prompts keep the outline. Edge F1 (when shown): <code>dmx eval --edge-f1 OUTPUT --reference EDGES</code>, Canny edges of the output against the control edges." \
+    "<code>$(esc "$CONTROLNET")</code> conditions the model on the Canny edges of a real emoji. With an empty prompt the edge map alone gives the picture its shape (compare the same seed without the ControlNet). With an emoji's name as the prompt, this small model draws that emoji and the map loses: each caption of its training set has exactly one image, so the caption alone fixes the shape (models/MODEL_CARD.md measures both). Edge F1 (when shown): <code>dmx eval --edge-f1 OUTPUT --reference EDGES</code>, Canny edges of the output against the control edges, exact pixels at this size." \
     "$body" "$(sec_ms)"
 else
   skipped controlnet "ControlNet (Canny edges)" "no ControlNet at $CONTROLNET (set DMX_CONTROLNET)"
@@ -288,12 +293,12 @@ fi
 # ---- 6. LoRA -------------------------------------------------------------------------------------------
 if [ -f "$LORA" ]; then
   sec_t0
-  body=$(row "real references" "$(fig "$(emoji google images pizza)" "google")$(fig "$(emoji twitter images pizza)" "twitter")$(fig "$(emoji google images cat)" "google")$(fig "$(emoji twitter images cat)" "twitter")")
+  body=$(row "real references" "$(fig "$(emoji google images grinning)" "google")$(fig "$(emoji twitter images grinning)" "twitter")$(fig "$(emoji google images apple)" "google")$(fig "$(emoji twitter images apple)" "twitter")")
   ids=()
   for with in 0 1; do
     figs=""
     i=0
-    for p in "slice of pizza, twitter style" "cat face, twitter style"; do
+    for p in "grinning face" "red apple"; do
       extra=()
       [ "$with" = 1 ] && extra=(--lora "$LORA")
       run "lora_${with}_$i" "${GEN[@]}" "${SIZE_ARGS[@]}" "${extra[@]}" --prompt "$p" --output "$OUT/lora/${with}_$i.png"
@@ -408,8 +413,14 @@ elif [ ! -e "$CLASSIFIER" ]; then
   skipped eval "Metrics: <code>dmx eval</code>" "no evaluation classifier at $CLASSIFIER (set DMX_CLASSIFIER)"
 else
   sec_t0
+  # The real images `dmx eval` compares against: the whole emoji set at the model's size (about 10 s), built
+  # once into the cache folder it looks in.
+  EMOJI_DATA="${DMX_EMOJI_DATA:-$HOME/.cache/dmx/emoji-data}"
+  if [ ! -f "$EMOJI_DATA/concepts.json" ]; then
+    RUN_SOFT=1 run eval_data "$DMX" data emoji --out "$EMOJI_DATA" --size "$SIZE" --quiet || true
+  fi
   # shellcheck disable=SC2206  # DMX_EVAL_ARGS is a word list on purpose
-  EVAL_ARGS=(${DMX_EVAL_ARGS:---model $MODEL --classifier $CLASSIFIER --limit ${DMX_DEMO_EVAL_LIMIT:-32} --steps $STEPS --seed $SEED --out $OUT/eval})
+  EVAL_ARGS=(${DMX_EVAL_ARGS:---model $MODEL --classifier $CLASSIFIER --data $EMOJI_DATA --limit ${DMX_DEMO_EVAL_LIMIT:-32} --steps $STEPS --seed $SEED --out $OUT/eval})
   json=""
   if RUN_SOFT=1 run eval "$DMX" eval "${EVAL_ARGS[@]}" --json; then
     json=$(grep '^{' "$OUT/logs/eval.log" | tail -n 1 || true)

@@ -37,26 +37,38 @@ $DMX train vae --model "$W/init" --data "$D" --output "$W/vae" --resolution 32 -
   --seed 0 --quiet --threads $T
 
 step "UNet + text encoder, jointly, on the Google images (captions dropped 10% of the time for guidance)"
-$DMX train finetune --model "$W/vae" --data "$D/google/train" --output "$W/base" --train-text-encoder \
+$DMX train finetune --model "$W/vae" --data "$D/google/train" --output "$W/base1" --train-text-encoder \
   --resolution 32 --batch-size 64 --steps 3500 --learning-rate 5e-4 --lr-scheduler cosine --lr-warmup-steps 100 \
   --snr-gamma 5 --proportion-empty-prompts 0.1 --cache-latents --checkpoint-every 100 --checkpoints-total-limit 3 \
   --validation-steps 250 --validation-prompt "grinning face" --num-validation-images 2 --seed 0 --quiet --threads $T
+# Second phase, continued from the first: 5,000 more steps at half the rate. (The bundled model's second phase
+# started from the fp16 copy in models/ of the first, the float32 folder having been lost; fp16 rounding of the
+# starting weights is the only difference.)
+$DMX train finetune --model "$W/base1" --data "$D/google/train" --output "$W/base" --train-text-encoder \
+  --resolution 32 --batch-size 64 --steps 5000 --learning-rate 2.5e-4 --lr-scheduler cosine --lr-warmup-steps 50 \
+  --snr-gamma 5 --proportion-empty-prompts 0.1 --cache-latents --checkpoint-every 250 --checkpoints-total-limit 3 \
+  --validation-steps 1000 --validation-prompt "grinning face" --num-validation-images 2 --seed 7 --quiet --threads $T
 
 step "ControlNet on the Canny edge maps (copy of the UNet encoder, zero convolutions, base locked)"
-$DMX train controlnet --model "$W/base" --data "$D/google/train" --output "$W/controlnet" --resolution 32 \
+# Phases 1 and 2 ran against the first-phase UNet (base1), phase 3 continues them against the final one.
+$DMX train controlnet --model "$W/base1" --data "$D/google/train" --output "$W/controlnet" --resolution 32 \
   --batch-size 32 --steps 800 --learning-rate 5e-4 --lr-scheduler cosine --lr-warmup-steps 50 --cache-latents \
   --proportion-empty-prompts 0.1 --checkpoint-every 200 --seed 0 --quiet --threads $T
 # Second phase from the first: half the prompts empty (as the ControlNet paper trains), so that the edges,
 # not the caption, have to carry the shape; a higher constant rate.
-$DMX train controlnet --model "$W/base" --controlnet "$W/controlnet" --data "$D/google/train" \
+$DMX train controlnet --model "$W/base1" --controlnet "$W/controlnet" --data "$D/google/train" \
   --output "$W/controlnet2" --resolution 32 --batch-size 32 --steps 1000 --learning-rate 1e-3 \
   --lr-scheduler constant_with_warmup --lr-warmup-steps 20 --cache-latents --proportion-empty-prompts 0.5 \
   --checkpoint-every 250 --seed 1 --quiet --threads $T
+$DMX train controlnet --model "$W/base" --controlnet "$W/controlnet2" --data "$D/google/train" \
+  --output "$W/controlnet3" --resolution 32 --batch-size 32 --steps 2000 --learning-rate 5e-4 \
+  --lr-scheduler constant_with_warmup --lr-warmup-steps 20 --cache-latents --proportion-empty-prompts 0.5 \
+  --checkpoint-every 250 --seed 2 --quiet --threads $T --mixed-precision bf16
 
 step "LoRA: Google style -> Twitter style, trained on the Twitter images"
 $DMX train lora --model "$W/base" --data "$D/twitter/train" --output "$W/lora-twitter.safetensors" --rank 8 \
-  --lora-targets all --resolution 32 --batch-size 32 --steps 600 --learning-rate 1e-3 --lr-scheduler cosine \
-  --cache-latents --snr-gamma 5 --checkpoint-every 200 --seed 0 --quiet --threads $T
+  --lora-targets all --resolution 32 --batch-size 32 --steps 1200 --learning-rate 1e-3 --lr-scheduler cosine \
+  --cache-latents --snr-gamma 5 --checkpoint-every 200 --seed 0 --quiet --threads $T --mixed-precision bf16
 
 step "DreamBooth LoRA: the held-out 'donkey' taught as 'zqx donkey' from its one Google image"
 mkdir -p "$W/dreambooth-instance"
@@ -71,7 +83,7 @@ $DMX train classifier --data "$D" --output "$W/classifier" --seed 0 --threads $T
 step "fp16 copies into models/"
 mkdir -p models
 $DMX convert --input "$W/base" --output models/emoji --dtype fp16 --overwrite --quiet
-$DMX convert --input "$W/controlnet2" --output models/emoji-controlnet-canny --dtype fp16 --overwrite --quiet
+$DMX convert --input "$W/controlnet3" --output models/emoji-controlnet-canny --dtype fp16 --overwrite --quiet
 rm -f models/emoji-controlnet-canny/controlnet_original.safetensors  # the same weights in the original layout
 $DMX convert --input "$W/lora-twitter.safetensors" --output models/emoji-lora-twitter.safetensors --dtype fp16 \
   --overwrite --quiet
