@@ -3,6 +3,7 @@
 
 #include "core/fs.h"
 #include "core/image.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "test_util.h"
 
@@ -107,6 +108,14 @@ TEST(CoreErrors, CheckMacrosNameTheValue) {
   } catch (const InvalidArgument& e) {
     EXPECT_STREQ(e.what(), "strength must be in [0, 1], got 1.3");
   }
+}
+
+TEST(CoreText, SplitKeepsEmptyFieldsLikePython) {
+  using V = std::vector<std::string>;
+  EXPECT_EQ(split("a cat  face", ' '), (V{"a", "cat", "", "face"}));
+  EXPECT_EQ(split("down_blocks.1.attentions", '.'), (V{"down_blocks", "1", "attentions"}));
+  EXPECT_EQ(split("", '_'), (V{""}));
+  EXPECT_EQ(split("_x_", '_'), (V{"", "x", ""}));
 }
 }  // namespace
 }  // namespace dmx::test

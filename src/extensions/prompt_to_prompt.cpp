@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 
+#include "core/text.h"
 #include "dmx/error.h"
 
 namespace dmx::extensions {
@@ -195,17 +196,7 @@ std::vector<int64_t> align_y_to_x(const std::vector<int64_t>& x, const std::vect
 }
 }  // namespace
 
-std::vector<std::string> split_space(const std::string& text) {
-  std::vector<std::string> words;
-  size_t start = 0;
-  while (true) {
-    const size_t sp = text.find(' ', start);
-    words.push_back(text.substr(start, sp == std::string::npos ? std::string::npos : sp - start));
-    if (sp == std::string::npos) break;
-    start = sp + 1;
-  }
-  return words;
-}
+std::vector<std::string> split_space(const std::string& text) { return split(text, ' '); }
 
 // ---------------------------------------------------------------------------------------------------
 std::vector<std::string> token_texts(const models::CLIPTokenizer& tok, const std::string& text) {

@@ -5,6 +5,7 @@
 #include <array>
 #include <vector>
 
+#include "core/text.h"
 #include "dmx/error.h"
 
 namespace dmx::io {
@@ -153,14 +154,7 @@ std::string kohya_flatten(const std::string& module_path) {
 }
 
 std::string unflatten_ldm_unet_name(const std::string& flat) {
-  std::vector<std::string> tok;
-  size_t start = 0;
-  while (true) {
-    const size_t u = flat.find('_', start);
-    tok.push_back(flat.substr(start, u == std::string::npos ? std::string::npos : u - start));
-    if (u == std::string::npos) break;
-    start = u + 1;
-  }
+  const std::vector<std::string> tok = split(flat, '_');
   std::vector<std::string> parts;
   for (size_t i = 0; i < tok.size(); ++i) {
     bool merged = false;

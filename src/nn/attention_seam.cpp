@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "core/text.h"
 #include "dmx/error.h"
 #include "nn/attention.h"
 #include "nn/layers.h"
@@ -32,18 +33,6 @@ std::vector<int64_t> AttentionContext::rows_where(bool conditional) const {
 }
 
 namespace {
-std::vector<std::string> split_path(const std::string& path) {
-  std::vector<std::string> parts;
-  size_t start = 0;
-  while (true) {
-    const size_t dot = path.find('.', start);
-    parts.push_back(path.substr(start, dot == std::string::npos ? std::string::npos : dot - start));
-    if (dot == std::string::npos) break;
-    start = dot + 1;
-  }
-  return parts;
-}
-
 int index_after(const std::vector<std::string>& parts, const std::string& name) {
   for (size_t i = 0; i + 1 < parts.size(); ++i)
     if (parts[i] == name) return std::atoi(parts[i + 1].c_str());
@@ -53,7 +42,7 @@ int index_after(const std::vector<std::string>& parts, const std::string& name) 
 AttentionSite site_from_path(const std::string& path, const AttentionImpl& attn, int index) {
   AttentionSite s;
   s.path = path;
-  const auto parts = split_path(path);
+  const auto parts = split(path, '.');
   if (!parts.empty() && parts[0] == "down_blocks") {
     s.place = AttentionPlace::Down;
     s.block = index_after(parts, "down_blocks");
