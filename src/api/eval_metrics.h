@@ -20,7 +20,7 @@ double frechet_distance(const at::Tensor& mu1, const at::Tensor& sigma1, const a
                         const at::Tensor& sigma2);
 
 // pred, target: [H, W] bool edge maps. Both empty: 1. One empty: 0.
-double edge_f1(const at::Tensor& pred, const at::Tensor& target, int tolerance = 1);
+double edge_f1(const at::Tensor& pred, const at::Tensor& target, int tolerance);
 // The matching tolerance in pixels for an H x W image: the BSDS benchmark's default maxDist, 0.0075 of the
 // image diagonal, rounded to whole pixels (0 up to 47 x 47, so exact matching for the
 // 32-px emoji; 1 up to 141 x 141; 5 at 512 x 512).

@@ -86,7 +86,7 @@ std::vector<int64_t> word_inds_at(const models::CLIPTokenizer& tok, const std::s
                                   const std::vector<int>& word_place) {
   std::vector<int64_t> out;
   if (word_place.empty()) return out;
-  const std::vector<std::string> split_text = split_space(text);
+  const std::vector<std::string> split_text = split(text, ' ');
   const std::vector<std::string> words_encode = token_texts(tok, text);
   size_t cur_len = 0, ptr = 0;
   for (size_t i = 0; i < words_encode.size() && ptr < split_text.size(); ++i) {
@@ -113,7 +113,7 @@ std::vector<int64_t> checked_word_inds(const models::CLIPTokenizer& tok, const s
 
 at::Tensor replacement_mapper(const std::string& x, const std::string& y, const models::CLIPTokenizer& tok,
                               int max_len) {
-  const auto words_x = split_space(x), words_y = split_space(y);
+  const auto words_x = split(x, ' '), words_y = split(y, ' ');
   DMX_CHECK_ARG(words_x.size() == words_y.size(),
                 "replace edits need prompts with the same number of words, but the prompt has ", words_x.size(),
                 " words and the edit prompt has ", words_y.size(), " (\"", x, "\" vs \"", y,
@@ -196,8 +196,6 @@ std::vector<int64_t> align_y_to_x(const std::vector<int64_t>& x, const std::vect
 }
 }  // namespace
 
-std::vector<std::string> split_space(const std::string& text) { return split(text, ' '); }
-
 // ---------------------------------------------------------------------------------------------------
 std::vector<std::string> token_texts(const models::CLIPTokenizer& tok, const std::string& text) {
   const auto& dec = byte_decoder();
@@ -224,7 +222,7 @@ std::vector<std::string> token_texts(const models::CLIPTokenizer& tok, const std
 
 std::vector<int64_t> get_word_inds(const models::CLIPTokenizer& tok, const std::string& text, const std::string& word) {
   std::vector<int> places;
-  const auto split_text = split_space(text);
+  const auto split_text = split(text, ' ');
   for (size_t i = 0; i < split_text.size(); ++i)
     if (split_text[i] == word) places.push_back(static_cast<int>(i));
   return word_inds_at(tok, text, places);

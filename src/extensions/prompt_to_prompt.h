@@ -27,8 +27,6 @@ namespace dmx::extensions {
 // Token helpers (ptp_utils.get_word_inds and seq_aligner). Positions are in the padded id sequence
 // (BOS at 0, so the first word's first token is 1).
 
-// Python's text.split(" "): single spaces separate, so consecutive ones give empty words.
-std::vector<std::string> split_space(const std::string& text);
 // The decoded text of each token of tokenizer.encode(text) without BOS/EOS (tokenizer.decode([id]).strip("#")).
 std::vector<std::string> token_texts(const models::CLIPTokenizer& tok, const std::string& text);
 // Token positions of every occurrence of `word` among text.split(" "), or of the word at index word_place.

@@ -7,6 +7,7 @@
 
 #include "core/phase_timer.h"
 #include "core/progress.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "nn/attention_seam.h"
 #include "schedulers/scheduler.h"
@@ -15,7 +16,7 @@ namespace dmx::pipelines {
 
 namespace {
 bool has_word(const std::string& text, const std::string& word) {
-  for (const auto& w : extensions::split_space(text))
+  for (const auto& w : split(text, ' '))
     if (w == word) return true;
   return false;
 }
@@ -55,7 +56,7 @@ void PromptToPromptPipeline::check_params(const PromptToPromptParams& p) const {
     DMX_CHECK_ARG(has_word(p.prompt, w) || has_word(p.edit_prompt, w), "local blend word \"", w,
                   "\" is in neither prompt (\"", p.prompt, "\", \"", p.edit_prompt, "\")");
   if (p.mode == "replace") {
-    const size_t a = extensions::split_space(p.prompt).size(), b = extensions::split_space(p.edit_prompt).size();
+    const size_t a = split(p.prompt, ' ').size(), b = split(p.edit_prompt, ' ').size();
     DMX_CHECK_ARG(a == b, "replace edits need prompts with the same number of words, but the prompt has ", a,
                   " words and the edit prompt has ", b, "; use --mode refine to add words");
   }

@@ -100,7 +100,7 @@ at::Tensor FinetuneRecipe::predict(const at::Tensor& noisy, const at::Tensor& t,
   in.encoder_hidden_states = ehs.to(at::kFloat);
   if (!autocast_bf16_) return models().unet->forward(in);
   AutocastBF16 scope(noisy.device());
-  return models().unet->forward(in).to(at::kFloat);
+  return models().unet->forward(in);  // bf16 out of autocast; the trainer takes the loss in float32
 }
 
 void FinetuneRecipe::save(const std::string& dir) {
