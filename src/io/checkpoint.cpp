@@ -4,6 +4,8 @@
 // fp16 variants, sharded *.safetensors.index.json). The name tables live in ldm_names.cpp.
 #include "io/checkpoint.h"
 
+#include <unistd.h>
+
 #include <cctype>
 #include <cstdio>
 #include <functional>
@@ -45,11 +47,11 @@ std::string directory_of(const std::string& path) {
 
 // Zip (torch.save since 1.6) or a raw pickle stream (protocol 2..5).
 bool looks_like_pickle(const std::string& path) {
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) return false;
+  const int fd = open_regular_file(path, "checkpoint", nullptr);
   unsigned char b[4] = {0, 0, 0, 0};
-  const size_t n = std::fread(b, 1, 4, f);
-  std::fclose(f);
+  const ssize_t got = ::read(fd, b, 4);
+  ::close(fd);
+  const size_t n = got > 0 ? static_cast<size_t>(got) : 0;
   if (n >= 4 && b[0] == 'P' && b[1] == 'K' && b[2] == 3 && b[3] == 4) return true;
   return n >= 2 && b[0] == 0x80 && b[1] >= 2 && b[1] <= 5;
 }
@@ -59,7 +61,7 @@ json find_ldm_yaml(const std::string& path) {
   const std::string base = join_path(directory_of(path), file_stem(path));
   for (const std::string& candidate : {base + ".yaml", base + "-inference.yaml"}) {
     if (path_exists(candidate) && !is_directory(candidate))
-      return parse_ldm_yaml(read_text_file(candidate, "LDM config"), candidate);
+      return parse_ldm_yaml(read_text_file(candidate, "LDM config", kMaxJsonFileBytes), candidate);
   }
   return nullptr;
 }
@@ -111,7 +113,7 @@ json component_config(const std::string& config_dir, const std::string& componen
 }  // namespace
 
 json load_json_file(const std::string& path, const std::string& what) {
-  const std::string text = read_text_file(path, what);
+  const std::string text = read_text_file(path, what, kMaxJsonFileBytes);
   try {
     return json::parse(text);
   } catch (const json::exception& e) {
@@ -120,9 +122,9 @@ json load_json_file(const std::string& path, const std::string& what) {
 }
 
 TensorMap load_diffusers_component(const std::string& dir, const std::string& component) {
-  DMX_CHECK_IO(is_directory(dir), component, ": diffusers model folder not found: ", dir);
+  DMX_CHECK_ARG(is_directory(dir), component, ": diffusers model folder not found: ", dir);
   const std::string folder = join_path(dir, component);
-  DMX_CHECK_IO(is_directory(folder), component, ": folder not found: ", folder, " (expected a diffusers layout with ",
+  DMX_CHECK_FORMAT(is_directory(folder), component, ": folder not found: ", folder, " (expected a diffusers layout with ",
                component, "/ inside ", dir, ")");
   // Plain weights first; sharded; then the fp16 variant when it is the only one there.
   const std::vector<std::string> candidates = {
@@ -140,7 +142,7 @@ TensorMap load_diffusers_component(const std::string& dir, const std::string& co
   std::string pickles;
   for (const char* name : {"diffusion_pytorch_model.bin", "pytorch_model.bin", "model.bin"})
     if (path_exists(join_path(folder, name))) pickles += std::string(pickles.empty() ? "" : ", ") + name;
-  throw IoError(detail::concat(component, ": no weights found in ", folder, ": looked for ", list_keys(candidates, 99),
+  throw FormatError(detail::concat(component, ": no weights found in ", folder, ": looked for ", list_keys(candidates, 99),
                                pickles.empty() ? std::string()
                                                : "; found " + pickles +
                                                      ", a pickle file dmx does not load (it can execute code): "
@@ -148,14 +150,14 @@ TensorMap load_diffusers_component(const std::string& dir, const std::string& co
 }
 
 SingleFileCheckpoint load_single_file(const std::string& path, const std::string& config_dir) {
-  DMX_CHECK_IO(path_exists(path), "checkpoint not found: ", path);
-  DMX_CHECK_IO(!is_directory(path), "expected a single-file checkpoint, got a directory: ", path,
+  DMX_CHECK_ARG(path_exists(path), "checkpoint not found: ", path);
+  DMX_CHECK_ARG(!is_directory(path), "expected a single-file checkpoint, got a directory: ", path,
                " (a diffusers folder is loaded as a folder, not with a single-file loader)");
   const std::string ext = lower_extension(path);
   if (ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin" || ext == ".pkl") throw_pickle(path);
   if (ext != ".safetensors" && looks_like_pickle(path)) throw_pickle(path);
   if (!config_dir.empty())
-    DMX_CHECK_IO(is_directory(config_dir), "--config must be a diffusers model folder, not found: ", config_dir);
+    DMX_CHECK_ARG(is_directory(config_dir), "--config must be a diffusers model folder, not found: ", config_dir);
 
   const TensorMap ckpt = SafeTensorsFile::open(path)->load_all();
 
