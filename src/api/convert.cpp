@@ -15,12 +15,25 @@ namespace fs = std::filesystem;
 namespace {
 bool is_safetensors(const fs::path& p) { return p.extension() == ".safetensors"; }
 
-void convert_file(const std::string& in, const std::string& out, at::ScalarType dt, ConvertReport* r) {
+void convert_file(const std::string& in, const std::string& out, at::ScalarType dt, const std::string& dtype_name,
+                  ConvertReport* r) {
   auto f = io::SafeTensorsFile::open(in);
   io::TensorMap t = f->load_all();
   for (auto& [k, v] : t)
     if (at::isFloatingType(v.scalar_type()) && v.scalar_type() != dt) {
-      v = v.to(dt);
+      at::Tensor cast = v.to(dt);
+      // A finite value the target type cannot hold would become Inf (fp16 tops out at 65504): refused,
+      // naming the tensor, instead of a file that draws black pictures.
+      const at::Tensor lost = at::logical_and(at::isfinite(v), at::logical_not(at::isfinite(cast)));
+      if (lost.any().item<bool>()) {
+        const double worst = v.masked_select(lost).abs().max().item<double>();
+        throw InvalidArgument(detail::concat("--dtype ", dtype_name, ": tensor '", k, "' of ", in, " holds ",
+                                             lost.sum().item<int64_t>(), " value(s) beyond ", dtype_name,
+                                             "'s range (largest magnitude ", worst, ", the most ", dtype_name,
+                                             " can hold is ", at::isFloatingType(dt) && dt == at::kHalf ? "65504" : "about 3.4e38",
+                                             "); they would become Inf: keep fp32 or use bf16"));
+      }
+      v = cast;
       ++r->tensors;
     }
   io::save_safetensors(out, t, f->metadata());
@@ -48,7 +61,7 @@ ConvertReport convert_weights(const ConvertOptions& o) {
   ConvertReport r;
   if (!is_directory(o.input)) {
     DMX_CHECK_ARG(is_safetensors(o.input), "--input must be a folder or a .safetensors file, got '", o.input, "'");
-    convert_file(o.input, o.output, dt, &r);  // save_safetensors writes atomically
+    convert_file(o.input, o.output, dt, o.dtype, &r);  // save_safetensors writes atomically
     return r;
   }
   write_directory_atomic(o.output, "the converted model", [&](const std::string& tmp) {
@@ -59,9 +72,12 @@ ConvertReport convert_weights(const ConvertOptions& o) {
       if (it->is_directory())
         fs::create_directories(dst);
       else if (is_safetensors(it->path()))
-        convert_file(it->path().string(), dst.string(), dt, &r);
-      else
+        convert_file(it->path().string(), dst.string(), dt, o.dtype, &r);
+      else if (it->is_regular_file())  // follows symlinks: a link to a regular file is copied as that file
         fs::copy_file(it->path(), dst, fs::copy_options::overwrite_existing);
+      else  // a device, FIFO or socket (or a link to one) would be read forever or block
+        throw InvalidArgument(detail::concat("--input: ", it->path().string(),
+                                             " is not a regular file or folder (a device, FIFO, socket or broken link)"));
     }
   });
   return r;
