@@ -43,7 +43,7 @@ RefCase load_ref(const std::string& variant, const std::string& name) {
   RefCase r;
   const std::string base = fixtures_dir() + "/ref/" + variant + "/" + name;
   // Python's json writes -Infinity (DPM-Solver configs): parse with the scheduler config reader.
-  r.meta = schedulers::parse_scheduler_config(read_text_file(base + ".json", "reference metadata"));
+  r.meta = schedulers::parse_scheduler_config(read_text_file(base + ".json", "reference metadata", dmx::kMaxJsonFileBytes));
   r.tensors = io::load_safetensors(base + ".safetensors");
   return r;
 }
