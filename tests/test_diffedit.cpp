@@ -540,8 +540,7 @@ TEST(DiffEditCli, SeededRunMatchesPipelineAndWritesOutputs) {
   pipelines::DiffEditInvertParams ip;
   ip.image = img;
   ip.prompt = mp.source_prompt;
-  ip.num_inference_steps = 4;
-  ip.guidance_scale = 1.0;
+  ip.num_inference_steps = 4;  // guidance: DiffEditInvertParams' default, diffusers' 7.5, as the CLI's
   ip.generator = &gen;
   ip.show_progress = false;
   auto inv = pipe.invert(ip);
