@@ -23,7 +23,7 @@ int cmd_diffedit(int argc, char** argv) {
       {"save-latents", "F.safetensors", "write the latents after the last edit step (tensor 'latents')"},
       {"negative-prompt", "TEXT", "negative prompt of the mask and the edit (default: none)"},
       {"guidance-scale", "G", "guidance of the mask and the edit (default 7.5)"},
-      {"inversion-guidance-scale", "G", "guidance of the inversion (default 1: conditional branch only)"},
+      {"inversion-guidance-scale", "G", "guidance of the inversion (default 7.5 as diffusers' invert; 1: cond. only)"},
       {"num-maps", "N", "num_maps_per_mask: noise maps averaged for the mask (default 10)"},
       {"mask-encode-strength", "S", "noise level of the mask estimate, in (0, 1] (default 0.5)"},
       {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
