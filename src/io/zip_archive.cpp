@@ -166,6 +166,8 @@ const ZipEntry* ZipArchive::find(const std::string& name) const {
 }
 
 const uint8_t* ZipArchive::bytes(const ZipEntry& e, bool verify) const {
+  DMX_CHECK_FORMAT(e.data_offset <= size_ && e.size <= size_ - e.data_offset, what_, ": zip entry '", e.name,
+                   "' lies outside the archive");
   const uint8_t* p = data_ + e.data_offset;
   if (verify) {
     uLong crc = ::crc32(0L, Z_NULL, 0);
