@@ -621,6 +621,26 @@ TEST(PickleZip, TruncatedAndCorruptedArchivesAreErrors) {
       io::load_torch_file(corpus("valid_dtypes.pt"))->root().at("int16").as_tensor()));
 }
 
+// The fuzz seeds: the corpus files (identical) and the bare data.pkl streams, which must load on their own.
+TEST(PickleZip, FuzzSeeds) {
+  const std::string dir = std::string(DMX_SOURCE_DIR) + "/fuzz/corpus/pickle";
+  size_t bare_seeds = 0, files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    SCOPED_TRACE(name);
+    if (name.rfind("pkl_", 0) == 0) {
+      const auto f = bare(read_bytes(e.path().string()));
+      EXPECT_GT(f->tensor_count(), 0u);
+      ++bare_seeds;
+    } else {
+      EXPECT_EQ(read_bytes(e.path().string()), read_bytes(corpus(name))) << "stale seed: run make_corpus.py";
+      ++files;
+    }
+  }
+  EXPECT_EQ(bare_seeds, 4u);
+  EXPECT_EQ(files, valid_files().size() + evil_cases().size());
+}
+
 TEST(PickleZip, Detection) {
   EXPECT_TRUE(io::looks_like_torch_file(corpus("valid_dtypes.pt")));
   EXPECT_TRUE(io::looks_like_torch_file(corpus("valid_legacy.pt")));
