@@ -10,7 +10,7 @@ namespace dmx::cli {
 
 int cmd_diffedit(int argc, char** argv) {
   Args a("diffedit", {
-      {"model", "PATH", "diffusers folder or single-file .safetensors checkpoint (required)"},
+      {"model", "PATH", "diffusers folder or single-file checkpoint (.safetensors, or a .ckpt pickle read weights-only) (required)"},
       {"image", "IMG", "the image to edit, PNG or JPEG, sides multiples of 8 (required)"},
       {"source-prompt", "TEXT", "what the image shows (required)"},
       {"target-prompt", "TEXT", "what the edited image should show (required)"},
@@ -41,7 +41,7 @@ int cmd_diffedit(int argc, char** argv) {
     return 0;
   }
   DiffEditOptions o;
-  DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a .safetensors file)");
+  DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a single-file .safetensors or .ckpt checkpoint)");
   DMX_CHECK_ARG(a.has("image"), "--image is required (the image to edit)");
   DMX_CHECK_ARG(a.has("source-prompt"), "--source-prompt is required (what the image shows)");
   DMX_CHECK_ARG(a.has("target-prompt"), "--target-prompt is required (what the edited image should show)");
