@@ -2,13 +2,13 @@
 # Builds the libFuzzer targets (clang, ASan + UBSan) in build-fuzz/ and runs each for N seconds
 # on its committed corpus. New interesting inputs go to build-fuzz/corpus/<target> (not to the
 # repo); crashes to build-fuzz/artifacts/<target>/. See fuzz/README.md.
-#   scripts/fuzz.sh [SECONDS=300] [TARGET...]       targets: safetensors image parameters
+#   scripts/fuzz.sh [SECONDS=300] [TARGET...]       targets: safetensors image parameters pickle
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${1:-300}
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(safetensors image parameters)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(safetensors image parameters pickle)
 
 # clang and the libFuzzer runtime are needed here only, not for normal builds.
 need=()

@@ -10,6 +10,7 @@
 #include "core/fs.h"
 #include "dmx/error.h"
 #include "schedulers/scheduler.h"
+#include "test_ref_cases.h"
 
 namespace dmx::test {
 
@@ -40,8 +41,13 @@ const at::Tensor& RefCase::operator[](const std::string& name) const {
 }
 
 RefCase load_ref(const std::string& variant, const std::string& name) {
+  return load_ref_file(fixtures_dir() + "/ref/" + variant + "/" + name);
+}
+
+std::string repo_ref_dir() { return std::string(DMX_SOURCE_DIR) + "/tests/ref"; }
+
+RefCase load_ref_file(const std::string& base) {
   RefCase r;
-  const std::string base = fixtures_dir() + "/ref/" + variant + "/" + name;
   // Python's json writes -Infinity (DPM-Solver configs): parse with the scheduler config reader.
   r.meta = schedulers::parse_scheduler_config(read_text_file(base + ".json", "reference metadata", dmx::kMaxJsonFileBytes));
   r.tensors = io::load_safetensors(base + ".safetensors");
@@ -80,6 +86,66 @@ double check_close(const std::string& what, const at::Tensor& actual, const at::
   std::fflush(stdout);
   return rel;
 }
+std::vector<std::string> split_command_line(const std::string& line) {
+  std::vector<std::string> words;
+  std::string cur;
+  bool in_word = false, quoted = false;
+  for (char c : line) {
+    if (quoted) {
+      if (c == '\'') {
+        quoted = false;
+      } else {
+        cur += c;
+      }
+    } else if (c == '\'') {
+      quoted = in_word = true;
+    } else if (c == ' ') {
+      if (in_word) words.push_back(cur);
+      cur.clear();
+      in_word = false;
+    } else {
+      cur += c;
+      in_word = true;
+    }
+  }
+  if (quoted) throw FormatError("unterminated quote in command line: " + line);
+  if (in_word) words.push_back(cur);
+  return words;
+}
+
+CliRun run_recorded_command(const std::string& line, const std::string& command,
+                            const std::map<std::string, std::string>& paths) {
+  const std::vector<std::string> words = split_command_line(line);
+  if (words.size() < 2 || words[0] != "dmx" || words[1] != command)
+    throw FormatError("recorded command line is not 'dmx " + command + " ...': " + line);
+  std::vector<std::string> args(words.begin() + 1, words.end());
+  size_t replaced = 0;
+  for (size_t i = 0; i + 1 < args.size(); ++i)
+    if (auto it = paths.find(args[i]); it != paths.end()) {
+      args[i + 1] = it->second;
+      ++replaced;
+    }
+  if (replaced != paths.size()) throw FormatError("recorded command line lacks a replaced flag: " + line);
+  args.push_back("--quiet");
+  return dmx_run(args);
+}
+
+int max_u8_diff(const Image& img, const at::Tensor& hwc_u8) {
+  if (hwc_u8.dim() != 3 || hwc_u8.size(0) != img.height || hwc_u8.size(1) != img.width ||
+      hwc_u8.size(2) != img.channels) {
+    std::ostringstream os;
+    os << hwc_u8.sizes();
+    std::printf("[check] picture shape %dx%dx%d vs reference %s\n", img.height, img.width, img.channels,
+                os.str().c_str());
+    return 255;
+  }
+  const at::Tensor e = hwc_u8.contiguous().to(at::kInt);
+  const at::Tensor a =
+      at::from_blob(const_cast<uint8_t*>(img.data.data()), {img.height, img.width, img.channels}, at::kByte)
+          .to(at::kInt);
+  return (a - e).abs().max().item<int>();
+}
+
 namespace {
 std::string shell_quote(const std::string& s) {
   std::string q = "'";

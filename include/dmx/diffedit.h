@@ -28,7 +28,7 @@ struct DiffEditOptions {
   int num_maps = 10;                   // num_maps_per_mask
   double mask_encode_strength = 0.5;   // in (0, 1]
   double guidance_scale = 7.5;         // generate_mask and the edit
-  double inversion_guidance_scale = 1.0;
+  double inversion_guidance_scale = 7.5;  // invert: diffusers' default (its conditional and unconditional branches)
   std::optional<uint64_t> seed;  // none = a random seed, reported in the result
   int threads = 0;
   std::string dtype = "fp32";

@@ -10,7 +10,7 @@ namespace dmx::cli {
 
 int cmd_diffedit(int argc, char** argv) {
   Args a("diffedit", {
-      {"model", "PATH", "diffusers folder or single-file .safetensors checkpoint (required)"},
+      {"model", "PATH", "diffusers folder or single-file checkpoint (.safetensors, or a .ckpt pickle read weights-only) (required)"},
       {"image", "IMG", "the image to edit, PNG or JPEG, sides multiples of 8 (required)"},
       {"source-prompt", "TEXT", "what the image shows (required)"},
       {"target-prompt", "TEXT", "what the edited image should show (required)"},
@@ -23,7 +23,7 @@ int cmd_diffedit(int argc, char** argv) {
       {"save-latents", "F.safetensors", "write the latents after the last edit step (tensor 'latents')"},
       {"negative-prompt", "TEXT", "negative prompt of the mask and the edit (default: none)"},
       {"guidance-scale", "G", "guidance of the mask and the edit (default 7.5)"},
-      {"inversion-guidance-scale", "G", "guidance of the inversion (default 1: conditional branch only)"},
+      {"inversion-guidance-scale", "G", "guidance of the inversion (default 7.5 as diffusers' invert; 1: cond. only)"},
       {"num-maps", "N", "num_maps_per_mask: noise maps averaged for the mask (default 10)"},
       {"mask-encode-strength", "S", "noise level of the mask estimate, in (0, 1] (default 0.5)"},
       {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
@@ -41,7 +41,7 @@ int cmd_diffedit(int argc, char** argv) {
     return 0;
   }
   DiffEditOptions o;
-  DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a .safetensors file)");
+  DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a single-file .safetensors or .ckpt checkpoint)");
   DMX_CHECK_ARG(a.has("image"), "--image is required (the image to edit)");
   DMX_CHECK_ARG(a.has("source-prompt"), "--source-prompt is required (what the image shows)");
   DMX_CHECK_ARG(a.has("target-prompt"), "--target-prompt is required (what the edited image should show)");

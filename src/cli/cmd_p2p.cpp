@@ -12,7 +12,7 @@ int cmd_p2p(int argc, char** argv) {
   Args a(
       "p2p",
       {
-          {"model", "PATH", "diffusers folder or single-file .safetensors checkpoint (required)"},
+          {"model", "PATH", "diffusers folder or single-file checkpoint (.safetensors, or a .ckpt pickle read weights-only) (required)"},
           {"prompt", "A", "the source prompt (required; with --image: what the image shows)"},
           {"edit-prompt", "B", "the edited prompt (required)"},
           {"mode", "MODE", "replace (swap words; same word count) | refine (add words) | reweight (default replace)"},
@@ -48,7 +48,7 @@ int cmd_p2p(int argc, char** argv) {
     return 0;
   }
   P2POptions o;
-  DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a .safetensors file)");
+  DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a single-file .safetensors or .ckpt checkpoint)");
   DMX_CHECK_ARG(a.has("prompt"), "--prompt is required");
   DMX_CHECK_ARG(a.has("edit-prompt"), "--edit-prompt is required");
   DMX_CHECK_ARG(a.has("output"), "--output is required (a .png path)");

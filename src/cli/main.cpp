@@ -36,7 +36,7 @@ const char* kUsage =
     "  bench      time text encoding, a denoising step and VAE decoding (random weights)\n"
     "  data       build training folders (dmx data emoji: the emoji set from npm; dmx data tokenizer)\n"
     "  init       a diffusers folder with fresh weights from configs (to train from scratch)\n"
-    "  convert    store a model's weights as fp16/bf16/fp32\n"
+    "  convert    store a model's weights as fp16/bf16/fp32; a .ckpt/.pt/.pth/.bin pickle as .safetensors\n"
     "  p2p        Prompt-to-Prompt editing of a generated or real image\n"
     "  diffedit   edit a real image from a source and a target prompt (DiffEdit)\n"
     "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train <lora|finetune|dreambooth|controlnet|bench>)\n"
@@ -47,7 +47,7 @@ const char* kUsage =
 int cmd_generate(int argc, char** argv) {
   using dmx::cli::OptionSpec;
   dmx::cli::Args a("generate", {
-      {"model", "PATH", "diffusers folder or single-file .safetensors checkpoint (required)"},
+      {"model", "PATH", "diffusers folder or single-file checkpoint (.safetensors, or a .ckpt pickle read weights-only) (required)"},
       {"prompt", "TEXT", "what to draw (required)"},
       {"output", "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)"},
       {"negative-prompt", "TEXT", "what to steer away from (default: empty)"},
@@ -102,7 +102,7 @@ int cmd_generate(int argc, char** argv) {
   g_verbose = a.has("verbose");
   dmx::GenerateOptions o;
   if (a.has("from")) o = dmx::parse_parameters(dmx::read_image_parameters(a.str("from")));
-  DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a .safetensors file)");
+  DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a single-file .safetensors or .ckpt checkpoint)");
   DMX_CHECK_ARG(a.has("prompt") || a.has("from"), "--prompt is required");
   DMX_CHECK_ARG(a.has("output"), "--output is required (a .png path)");
   o.model = a.str("model");

@@ -4,8 +4,6 @@
 // fp16 variants, sharded *.safetensors.index.json). The name tables live in ldm_names.cpp.
 #include "io/checkpoint.h"
 
-#include <unistd.h>
-
 #include <cctype>
 #include <cstdio>
 #include <functional>
@@ -15,6 +13,7 @@
 #include "core/fs.h"
 #include "dmx/error.h"
 #include "io/ldm_names.h"
+#include "io/torch_pickle.h"
 
 namespace dmx::io {
 namespace {
@@ -36,24 +35,6 @@ std::string directory_of(const std::string& path) {
   const size_t slash = path.find_last_of('/');
   if (slash == std::string::npos) return ".";
   return slash == 0 ? "/" : path.substr(0, slash);
-}
-
-[[noreturn]] void throw_pickle(const std::string& path) {
-  throw Unsupported(detail::concat(
-      path, ": pickle checkpoints (.ckpt/.pt/.bin) are not loaded, because unpickling can execute arbitrary code. "
-            "Convert it to .safetensors first (for example with the safetensors Python package: "
-            "safetensors.torch.save_file(torch.load(path)[\"state_dict\"], \"model.safetensors\"))."));
-}
-
-// Zip (torch.save since 1.6) or a raw pickle stream (protocol 2..5).
-bool looks_like_pickle(const std::string& path) {
-  const int fd = open_regular_file(path, "checkpoint", nullptr);
-  unsigned char b[4] = {0, 0, 0, 0};
-  const ssize_t got = ::read(fd, b, 4);
-  ::close(fd);
-  const size_t n = got > 0 ? static_cast<size_t>(got) : 0;
-  if (n >= 4 && b[0] == 'P' && b[1] == 'K' && b[2] == 3 && b[3] == 4) return true;
-  return n >= 2 && b[0] == 0x80 && b[1] >= 2 && b[1] <= 5;
 }
 
 // The LDM .yaml beside a checkpoint: <stem>.yaml or <stem>-inference.yaml.
@@ -87,7 +68,7 @@ TensorMap load_sharded(const std::string& folder, const std::string& index_path,
   }
   TensorMap out;
   for (const auto& [file, names] : by_file) {
-    TensorMap shard = load_safetensors(join_path(folder, file));
+    TensorMap shard = load_weights_file(join_path(folder, file));
     for (const auto& name : names) {
       auto t = shard.find(name);
       DMX_CHECK_FORMAT(t != shard.end(), index_path, ": '", name, "' is listed in ", file, " but not stored there");
@@ -112,6 +93,16 @@ json component_config(const std::string& config_dir, const std::string& componen
 
 }  // namespace
 
+TensorMap load_weights_file(const std::string& path) {
+  DMX_CHECK_ARG(path_exists(path), "weights file not found: ", path);
+  DMX_CHECK_ARG(!is_directory(path), "expected a weights file, got a directory: ", path);
+  const std::string ext = lower_extension(path);
+  if (ext == ".safetensors") return load_safetensors(path);
+  if (ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin" || ext == ".pkl" || looks_like_torch_file(path))
+    return torch_state_dict(*load_torch_file(path));
+  return load_safetensors(path);
+}
+
 json load_json_file(const std::string& path, const std::string& what) {
   const std::string text = read_text_file(path, what, kMaxJsonFileBytes);
   try {
@@ -126,40 +117,36 @@ TensorMap load_diffusers_component(const std::string& dir, const std::string& co
   const std::string folder = join_path(dir, component);
   DMX_CHECK_FORMAT(is_directory(folder), component, ": folder not found: ", folder, " (expected a diffusers layout with ",
                component, "/ inside ", dir, ")");
-  // Plain weights first; sharded; then the fp16 variant when it is the only one there.
+  // Plain weights first; sharded; then the fp16 variant when it is the only one there; then the same as
+  // torch.save pickles (read by the weights-only loader), as diffusers falls back to them.
   const std::vector<std::string> candidates = {
       "diffusion_pytorch_model.safetensors",       "model.safetensors",
       "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
       "diffusion_pytorch_model.fp16.safetensors",  "model.fp16.safetensors",
+      "diffusion_pytorch_model.bin",               "pytorch_model.bin",
+      "diffusion_pytorch_model.bin.index.json",    "pytorch_model.bin.index.json",
+      "diffusion_pytorch_model.fp16.bin",          "pytorch_model.fp16.bin",
   };
   for (const auto& name : candidates) {
     const std::string p = join_path(folder, name);
     if (!path_exists(p)) continue;
     if (name.size() > 11 && name.compare(name.size() - 11, 11, ".index.json") == 0)
       return load_sharded(folder, p, component);
-    return load_safetensors(p);
+    return load_weights_file(p);
   }
-  std::string pickles;
-  for (const char* name : {"diffusion_pytorch_model.bin", "pytorch_model.bin", "model.bin"})
-    if (path_exists(join_path(folder, name))) pickles += std::string(pickles.empty() ? "" : ", ") + name;
-  throw FormatError(detail::concat(component, ": no weights found in ", folder, ": looked for ", list_keys(candidates, 99),
-                               pickles.empty() ? std::string()
-                                               : "; found " + pickles +
-                                                     ", a pickle file dmx does not load (it can execute code): "
-                                                     "convert it to .safetensors"));
+  // A folder without its weights is a malformed model (invalid input), not an I/O failure.
+  throw FormatError(detail::concat(component, ": no weights found in ", folder, ": looked for ", list_keys(candidates, 99)));
 }
 
 SingleFileCheckpoint load_single_file(const std::string& path, const std::string& config_dir) {
   DMX_CHECK_ARG(path_exists(path), "checkpoint not found: ", path);
   DMX_CHECK_ARG(!is_directory(path), "expected a single-file checkpoint, got a directory: ", path,
                " (a diffusers folder is loaded as a folder, not with a single-file loader)");
-  const std::string ext = lower_extension(path);
-  if (ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin" || ext == ".pkl") throw_pickle(path);
-  if (ext != ".safetensors" && looks_like_pickle(path)) throw_pickle(path);
   if (!config_dir.empty())
     DMX_CHECK_ARG(is_directory(config_dir), "--config must be a diffusers model folder, not found: ", config_dir);
 
-  const TensorMap ckpt = SafeTensorsFile::open(path)->load_all();
+  // .safetensors, or a torch.save pickle (.ckpt/.pt/.pth/.bin) through the weights-only loader.
+  const TensorMap ckpt = load_weights_file(path);
 
   // Sort every key into a component, or report it.
   size_t n_unet = 0, n_vae = 0, n_text = 0;

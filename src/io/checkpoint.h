@@ -24,7 +24,13 @@ TensorMap convert_ldm_unet(const TensorMap& ckpt, const nlohmann::json& unet_con
 TensorMap convert_ldm_vae(const TensorMap& ckpt, const nlohmann::json& vae_config);
 TensorMap convert_ldm_clip(const TensorMap& ckpt, const nlohmann::json& text_config);
 
-// Weights of one component of a diffusers folder: <dir>/<component>/{diffusion_pytorch_model,model}.safetensors.
+// The tensors of one weights file, by content: safetensors, or a torch.save pickle (.ckpt/.pt/.pth/.bin, zip
+// or legacy) read by the weights-only loader (io/torch_pickle.h), whose state dict is returned flat (the
+// dict under "state_dict" keys when there is one, as in .ckpt files).
+TensorMap load_weights_file(const std::string& path);
+
+// Weights of one component of a diffusers folder: <dir>/<component>/{diffusion_pytorch_model,model}.safetensors,
+// else the .bin pickles diffusers and transformers wrote before safetensors.
 TensorMap load_diffusers_component(const std::string& dir, const std::string& component);
 nlohmann::json load_json_file(const std::string& path, const std::string& what);
 }  // namespace dmx::io
