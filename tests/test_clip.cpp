@@ -34,7 +34,7 @@ void expect_throw_with(F&& f, const std::string& needle) {
 
 CLIPTextConfig fixture_config(const std::string& variant) {
   const std::string path = fixture_model(variant) + "/text_encoder/config.json";
-  return CLIPTextConfig::from_json(nlohmann::json::parse(read_text_file(path, "text encoder config")));
+  return CLIPTextConfig::from_json(nlohmann::json::parse(read_text_file(path, "text encoder config", dmx::kMaxJsonFileBytes)));
 }
 
 CLIPTextModel load_fixture_model(const std::string& variant) {
@@ -176,7 +176,7 @@ TEST(ClipTextUnit, ConfigFromJson) {
   expect_throw_with<FormatError>([&] { CLIPTextConfig::from_json(j); }, "num_attention_heads");
   j["num_attention_heads"] = 4;
   j["num_hidden_layers"] = 0;
-  expect_throw_with<FormatError>([&] { CLIPTextConfig::from_json(j); }, "num_hidden_layers must be > 0, got 0");
+  expect_throw_with<FormatError>([&] { CLIPTextConfig::from_json(j); }, "num_hidden_layers must be in [1, 128], got 0");
   j["num_hidden_layers"] = "two";
   expect_throw_with<FormatError>([&] { CLIPTextConfig::from_json(j); }, "num_hidden_layers must be an integer");
   expect_throw_with<FormatError>([&] { CLIPTextConfig::from_json(nlohmann::json::array()); }, "JSON object");

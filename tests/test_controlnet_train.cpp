@@ -129,7 +129,7 @@ TEST(ControlNetInitTables, ConfigJsonIsWhatDiffusersWrites) {
   DMX_REQUIRE_FIXTURES();
   for (const std::string variant : {"test", "sd15"}) {
     const std::string dir = test::fixture_model(variant) + "/controlnet";
-    const std::string text = read_text_file(dir + "/config.json", "fixture");
+    const std::string text = read_text_file(dir + "/config.json", "fixture", dmx::kMaxJsonFileBytes);
     const nlohmann::json expected = nlohmann::json::parse(text);
     const nlohmann::json actual =
         training::controlnet_config_json(models::ControlNetConfig::from_json(expected));

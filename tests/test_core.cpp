@@ -96,8 +96,8 @@ TEST(CoreFs, AtomicWriteLeavesNothingOnFailure) {
   EXPECT_FALSE(path_exists(path));
   EXPECT_FALSE(path_exists(path + ".tmp." + std::to_string(::getpid())));
   write_bytes_atomic(path, "abc", 3);
-  EXPECT_EQ(read_text_file(path, "test"), "abc");
-  EXPECT_THROW(write_bytes_atomic("/nonexistent-dir/x.bin", "a", 1), IoError);
+  EXPECT_EQ(read_text_file(path, "test", dmx::kMaxJsonFileBytes), "abc");
+  EXPECT_THROW(write_bytes_atomic("/nonexistent-dir/x.bin", "a", 1), InvalidArgument);  // a bad output path
 }
 
 TEST(CoreErrors, CheckMacrosNameTheValue) {

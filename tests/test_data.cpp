@@ -137,7 +137,7 @@ TEST(DataEmoji, BadInputIsRejectedAndNothingIsLeftBehind) {
   o.progress = false;
   o.source = join_path(tmp, "no_such_source");
   o.out = join_path(tmp, "emoji_bad");
-  EXPECT_THROW(build_emoji_dataset(o), IoError);
+  EXPECT_THROW(build_emoji_dataset(o), InvalidArgument);
   o.source = make_source("src_bad", 3, /*corrupt_one=*/true);
   try {
     build_emoji_dataset(o);

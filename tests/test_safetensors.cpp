@@ -208,12 +208,14 @@ TEST(Safetensors, EveryStructuralRuleIsAFormatError) {
   EXPECT_NO_THROW(parse_exact(make_file(R"({"t":{"dtype":"F32","shape":[0,1000000],"data_offsets":[0,0]}})", 0)));
 }
 
-TEST(Safetensors, MissingPathAndDirectoryAreIoErrors) {
-  EXPECT_THROW(SafeTensorsFile::open(tmp_path("does_not_exist.safetensors")), IoError);
-  EXPECT_THROW(load_safetensors(dmx::test::temp_dir()), IoError);
+// A bad input path is invalid input (exit 2), not an I/O failure.
+TEST(Safetensors, MissingPathAndDirectoryAreInvalidArguments) {
+  EXPECT_THROW(SafeTensorsFile::open(tmp_path("does_not_exist.safetensors")), InvalidArgument);
+  EXPECT_THROW(load_safetensors(dmx::test::temp_dir()), InvalidArgument);
   try {
     SafeTensorsFile::open(dmx::test::temp_dir());
-  } catch (const IoError& e) {
+    ADD_FAILURE() << "a directory opened";
+  } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("directory"), std::string::npos) << e.what();
   }
 }
@@ -329,7 +331,7 @@ TEST(Safetensors, WriterIsAtomic) {
   TensorMap undefined;
   undefined["u"] = at::Tensor();
   EXPECT_THROW(save_safetensors(path, undefined), InvalidArgument);
-  EXPECT_THROW(save_safetensors(dir + "/no/such/dir/x.safetensors", good), IoError);
+  EXPECT_THROW(save_safetensors(dir + "/no/such/dir/x.safetensors", good), InvalidArgument);
   EXPECT_EQ(read_bytes(path), before);
 }
 

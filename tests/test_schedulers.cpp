@@ -78,7 +78,7 @@ const SchedulerRef& load_scheduler_ref(const std::string& variant) {
   if (it != cache.end()) return it->second;
   const std::string base = dmx::test::fixtures_dir() + "/ref/" + variant + "/schedulers";
   SchedulerRef ref;
-  ref.meta = S::parse_scheduler_config(dmx::read_text_file(base + ".json", "scheduler reference metadata"));
+  ref.meta = S::parse_scheduler_config(dmx::read_text_file(base + ".json", "scheduler reference metadata", dmx::kMaxJsonFileBytes));
   ref.tensors = dmx::io::load_safetensors(base + ".safetensors");
   return cache.emplace(variant, std::move(ref)).first->second;
 }
@@ -233,11 +233,11 @@ TEST(SchedulerGoldenPipelines, ShortNamesMatchPipelineCases) {
                                                     {"txt2img_pndm", "pndm"},       {"img2img", "ddim"}};
   for (const std::string variant : {"sd15", "test"}) {
     const json model_cfg = S::parse_scheduler_config(dmx::read_text_file(
-        dmx::test::fixture_model(variant) + "/scheduler/scheduler_config.json", "scheduler config"));
+        dmx::test::fixture_model(variant) + "/scheduler/scheduler_config.json", "scheduler config", dmx::kMaxJsonFileBytes));
     for (const auto& [case_name, short_name] : cases) {
       SCOPED_TRACE(variant + "/" + case_name);
       const json meta = S::parse_scheduler_config(dmx::read_text_file(
-          dmx::test::fixtures_dir() + "/ref/" + variant + "/" + case_name + ".json", "case metadata"));
+          dmx::test::fixtures_dir() + "/ref/" + variant + "/" + case_name + ".json", "case metadata", dmx::kMaxJsonFileBytes));
       const json& rec = meta["scheduler"];
       const json recorded = rec.is_string() ? S::parse_scheduler_config(rec.get<std::string>()) : rec;
       auto ours = S::create_scheduler(short_name, model_cfg);
@@ -332,7 +332,8 @@ TEST(SchedulerConfig, RejectsBadValues) {
       {"DDIMScheduler", {{"prediction_type", "noise"}}, {"prediction_type", "noise", "v_prediction"}},
       {"EulerDiscreteScheduler", {{"timestep_spacing", "random"}}, {"timestep_spacing", "random"}},
       {"DDIMInverseScheduler", {{"timestep_spacing", "linspace"}}, {"timestep_spacing", "linspace", "trailing"}},
-      {"DDPMScheduler", {{"num_train_timesteps", 0}}, {"num_train_timesteps", "> 0", "0"}},
+      {"DDPMScheduler", {{"num_train_timesteps", 0}}, {"num_train_timesteps", "must be in [1, 100000]", "0"}},
+      {"DDPMScheduler", {{"num_train_timesteps", 2000000000}}, {"num_train_timesteps", "must be in [1, 100000]"}},
       {"DDPMScheduler", {{"beta_start", "abc"}}, {"beta_start", "number", "abc"}},
       {"DDPMScheduler", {{"beta_end", 1.5}}, {"beta_end", "[0, 1)", "1.5"}},
       {"DDPMScheduler", {{"variance_type", "huge"}}, {"variance_type", "huge"}},
@@ -467,7 +468,7 @@ TEST(SchedulerFactory, EveryNameRunsDummyModelFromFixtureConfig) {
   DMX_REQUIRE_FIXTURES();
   for (const std::string variant : {"sd15", "test"}) {
     const std::string path = dmx::test::fixture_model(variant) + "/scheduler/scheduler_config.json";
-    run_dummy_steps(S::parse_scheduler_config(dmx::read_text_file(path, "scheduler config")), path);
+    run_dummy_steps(S::parse_scheduler_config(dmx::read_text_file(path, "scheduler config", dmx::kMaxJsonFileBytes)), path);
   }
 }
 

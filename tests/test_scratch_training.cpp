@@ -220,7 +220,7 @@ TEST(TrainVAE, LowersTheReconstructionLossAndSetsTheScalingFactor) {
   const TrainReport r = train(o);
   std::printf("[vae] loss %.4f -> %.4f\n", r.first_loss, r.final_loss);
   EXPECT_LT(r.final_loss, r.first_loss * 0.8);
-  const auto cfg = nlohmann::json::parse(read_text_file(o.output + "/vae/config.json", "vae config"));
+  const auto cfg = nlohmann::json::parse(read_text_file(o.output + "/vae/config.json", "vae config", dmx::kMaxJsonFileBytes));
   const double sf = cfg.at("scaling_factor").get<double>();
   EXPECT_GT(sf, 0);
   EXPECT_TRUE(std::isfinite(sf));

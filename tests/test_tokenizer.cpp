@@ -232,7 +232,7 @@ TEST(ClipTokenizerUnit, SpecialTokensAndPadFromConfig) {
   DMX_REQUIRE_FIXTURES();
   // SD 2.x tokenizers pad with "!" (id 0); transformers then also treats "!" as an added token.
   const std::string dir = copy_tokenizer("pad_bang");
-  auto cfg = nlohmann::json::parse(read_text_file(dir + "/tokenizer_config.json", "test"));
+  auto cfg = nlohmann::json::parse(read_text_file(dir + "/tokenizer_config.json", "test", dmx::kMaxJsonFileBytes));
   cfg["pad_token"] = "!";
   write_file(dir + "/tokenizer_config.json", cfg.dump());
   const CLIPTokenizer tok = CLIPTokenizer::from_folder(dir);
@@ -262,12 +262,12 @@ TEST(ClipTokenizerUnit, MergesHeaderIsSkippedAndRanksApply) {
 
 TEST(ClipTokenizerUnit, FileErrorsNameThePath) {
   const std::string missing = temp_dir() + "/no_such_tokenizer";
-  expect_throw_with<IoError>([&] { CLIPTokenizer::from_folder(missing); }, missing + "/vocab.json");
+  expect_throw_with<InvalidArgument>([&] { CLIPTokenizer::from_folder(missing); }, missing + "/vocab.json");
   if (!fixtures_available()) return;
   {
     const std::string dir = copy_tokenizer("no_merges");
     std::remove((dir + "/merges.txt").c_str());
-    expect_throw_with<IoError>([&] { CLIPTokenizer::from_folder(dir); }, dir + "/merges.txt");
+    expect_throw_with<InvalidArgument>([&] { CLIPTokenizer::from_folder(dir); }, dir + "/merges.txt");
   }
   {
     const std::string dir = copy_tokenizer("bad_vocab");

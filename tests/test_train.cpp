@@ -738,8 +738,8 @@ bool run_one_and_two_processes(const std::vector<std::string>& common, int per_r
   EXPECT_EQ(std::system(cmd.c_str()), 0);
   for (int rank = 0; rank < 2; ++rank) {
     const std::string base = temp_dir() + "/" + tag + "-rank" + std::to_string(rank);
-    const std::string log = read_text_file(base + ".log", "log");
-    const std::string rc = read_text_file(base + ".rc", "rc");
+    const std::string log = read_text_file(base + ".log", "log", dmx::kMaxJsonFileBytes);
+    const std::string rc = read_text_file(base + ".rc", "rc", dmx::kMaxJsonFileBytes);
     EXPECT_EQ(std::atoi(rc.c_str()), 0) << "rank " << rank << ": " << log;
     if (std::atoi(rc.c_str()) != 0) return false;
   }
@@ -837,7 +837,7 @@ TEST(TrainLoRA, ValidationImagesJsonlLogAndCheckpointRotation) {
   EXPECT_TRUE(fs::exists(c.output_dir + "/checkpoint-3/trainable.safetensors"));
   EXPECT_TRUE(fs::exists(c.output));
   EXPECT_TRUE(fs::exists(temp_dir() + "/validation/adapter_config.json"));
-  const std::string log = read_text_file(c.output_dir + "/train_log.jsonl", "log");
+  const std::string log = read_text_file(c.output_dir + "/train_log.jsonl", "log", dmx::kMaxJsonFileBytes);
   int lines = 0;
   for (size_t p = 0; (p = log.find('\n', p)) != std::string::npos; ++p) ++lines;
   EXPECT_EQ(lines, 3);

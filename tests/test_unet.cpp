@@ -21,7 +21,7 @@ namespace {
 constexpr double kTol = 1e-5;
 
 nlohmann::json unet_config_json(const std::string& variant) {
-  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/unet/config.json", "unet config"));
+  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/unet/config.json", "unet config", dmx::kMaxJsonFileBytes));
 }
 
 std::string unet_weights(const std::string& variant) {
@@ -165,7 +165,7 @@ TEST(UNetConfig, FromJsonRejectsUnsupportedAndInvalid) {
       [] {
         UNet2DConditionConfig::from_json({{"layers_per_block", 0}});
       },
-      "layers_per_block must be > 0");
+      "layers_per_block must be in [1, 16], got 0");
   expect_throw_with<FormatError>([] { UNet2DConditionConfig::from_json({{"in_channels", "four"}}); }, "in_channels");
   expect_throw_with<FormatError>(
       [] {
@@ -185,7 +185,7 @@ TEST(UNetConfig, FromJsonRejectsUnsupportedAndInvalid) {
   // Constructing from an invalid struct is an InvalidArgument.
   UNet2DConditionConfig bad;
   bad.norm_num_groups = 0;
-  expect_throw_with<InvalidArgument>([&] { UNet2DConditionModel m(bad); }, "norm_num_groups must be > 0");
+  expect_throw_with<InvalidArgument>([&] { UNet2DConditionModel m(bad); }, "norm_num_groups must be in [1, 8192], got 0");
 }
 
 TEST(UNetConfig, FixtureConfigsParse) {

@@ -20,7 +20,7 @@ constexpr double kTol = 1e-5;
 constexpr double kBf16Tol = 6e-2;  // see VAEGolden.BFloat16StaysCloseToFloat32
 
 nlohmann::json vae_config_json(const std::string& variant) {
-  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/vae/config.json", "vae config"));
+  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/vae/config.json", "vae config", dmx::kMaxJsonFileBytes));
 }
 std::string vae_weights(const std::string& variant) {
   return test::fixture_model(variant) + "/vae/diffusion_pytorch_model.safetensors";
@@ -77,7 +77,7 @@ TEST(VAEConfig, FromJsonRejectsUnsupportedAndInvalid) {
       [] {
         AutoencoderKLConfig::from_json({{"latent_channels", -4}});
       },
-      "latent_channels must be > 0");
+      "latent_channels must be in [1, 64], got -4");
   expect_throw_with<FormatError>(
       [] {
         AutoencoderKLConfig::from_json({{"layers_per_block", "2"}});

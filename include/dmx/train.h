@@ -90,6 +90,7 @@ struct TrainReport {
   int64_t trainable_parameters = 0;
   std::string output;  // what was written ("" on ranks other than 0)
   std::string last_checkpoint;
+  int64_t skipped_rows = 0;  // bad dataset rows left out (--skip-bad-rows; each is named in a warning)
 };
 
 // Validates every option first (InvalidArgument naming the flag, the rule and the value: nothing is written),

@@ -106,11 +106,11 @@ std::vector<Concept> read_concepts(const EmojiDataOptions& o) {
       break;
     }
   }
-  DMX_CHECK_IO(!json_path.empty(), "--source: no emoji-datasource-<style>/package/emoji.json under '", o.source,
+  DMX_CHECK_ARG(!json_path.empty(), "--source: no emoji-datasource-<style>/package/emoji.json under '", o.source,
                "' (run scripts/setup.sh --emoji, or set --source / DMX_EMOJI_DIR)");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(read_text_file(json_path, "emoji.json"));
+    j = nlohmann::json::parse(read_text_file(json_path, "emoji.json", kMaxJsonFileBytes));
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(json_path + ": not valid JSON: " + e.what());
   }
@@ -121,20 +121,22 @@ std::vector<Concept> read_concepts(const EmojiDataOptions& o) {
     DMX_CHECK_FORMAT(e.is_object() && e.contains("name") && e.contains("image") && e.contains("category"), json_path,
                      ": every entry needs name, image and category");
     Concept c;
-    c.name = e["name"].is_string() ? lower(e["name"].get<std::string>()) : "";
-    c.short_name = e.value("short_name", "");
-    c.category = e.value("category", "");
-    c.subcategory = e.value("subcategory", "");
-    c.image = e["image"].get<std::string>();
-    c.sort_order = e.value("sort_order", 0);
+    try {  // a field of another type is the file's fault: FormatError, not a raw JSON error
+      c.name = e["name"].is_string() ? lower(e["name"].get<std::string>()) : "";
+      c.short_name = e.value("short_name", "");
+      c.category = e.value("category", "");
+      c.subcategory = e.value("subcategory", "");
+      c.image = e["image"].get<std::string>();
+      c.sort_order = e.value("sort_order", 0);
+      for (const auto& s : o.styles) c.has[s] = e.value("has_img_" + s, false);
+    } catch (const nlohmann::json::exception& ex) {
+      throw FormatError(json_path + ": entry '" + e.value("name", nlohmann::json()).dump() + "': " + ex.what());
+    }
     if (c.name.empty() || c.category == "Component" || !seen.insert(c.name).second) continue;
     DMX_CHECK_FORMAT(c.image.find('/') == std::string::npos && c.image.find("..") == std::string::npos, json_path,
                      ": image file name must be a plain name, got '", c.image, "'");
     bool any = false;
-    for (const auto& s : o.styles) {
-      c.has[s] = e.value("has_img_" + s, false);
-      any = any || c.has[s];
-    }
+    for (const auto& s : o.styles) any = any || c.has[s];
     if (any) out.push_back(std::move(c));
   }
   std::sort(out.begin(), out.end(), [](const Concept& a, const Concept& b) { return a.sort_order < b.sort_order; });
@@ -226,7 +228,7 @@ EmojiDataReport build_emoji_dataset(const EmojiDataOptions& in) {
   ProgressBar bar("emoji", o.progress ? total : 0);
   for (const auto& style : o.styles) {
     const std::string img_dir = join_path(join_path(join_path(package_dir(o.source, style), "img"), style), "64");
-    DMX_CHECK_IO(is_directory(img_dir), "--source: missing image folder '", img_dir,
+    DMX_CHECK_ARG(is_directory(img_dir), "--source: missing image folder '", img_dir,
                  "' (install the npm package emoji-datasource-", style, ")");
     for (const char* split : {"train", "heldout"}) {
       const std::string dir = join_path(join_path(tmp, style), split);

@@ -1,6 +1,7 @@
 // `dmx data tokenizer` (include/dmx/data.h): captions -> a CLIP BPE tokenizer folder.
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "core/fs.h"
@@ -16,8 +17,7 @@ void read_captions(const std::string& dir, const std::string& column, std::vecto
   DMX_CHECK_ARG(is_directory(dir), "--data: not a folder: '", dir, "'");
   const std::string meta = join_path(dir, "metadata.jsonl");
   if (path_exists(meta)) {
-    std::ifstream in(meta);
-    DMX_CHECK_IO(in.good(), "--data: cannot read ", meta);
+    std::istringstream in(read_text_file(meta, "--data metadata.jsonl", kMaxMetadataFileBytes));
     std::string line;
     int n = 0;
     while (std::getline(in, line)) {
@@ -40,7 +40,7 @@ void read_captions(const std::string& dir, const std::string& column, std::vecto
     if (e.is_regular_file() && e.path().extension() == ".txt") files.push_back(e.path().string());
   DMX_CHECK_ARG(!files.empty(), "--data: '", dir, "' has neither metadata.jsonl nor *.txt captions");
   std::sort(files.begin(), files.end());
-  for (const auto& f : files) out->push_back(read_text_file(f, "caption"));
+  for (const auto& f : files) out->push_back(read_text_file(f, "caption", kMaxTextFileBytes));
 }
 }  // namespace
 

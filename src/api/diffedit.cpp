@@ -67,7 +67,7 @@ void check_options(const DiffEditOptions& o) {
                 "--inversion-guidance-scale must be in [0, 100], got ", o.inversion_guidance_scale);
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
                 o.device, "'");
-  api::parse_dtype(o.dtype);
+  api::parse_dtype(o.dtype, o.device);
 }
 
 }  // namespace

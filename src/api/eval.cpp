@@ -196,8 +196,7 @@ std::vector<std::string> default_eval_prompts(const std::string& data_dir, int c
 std::vector<std::string> read_eval_prompts(const std::string& path, const std::string& data_dir) {
   DMX_CHECK_ARG(path_exists(path) && !is_directory(path), "--prompts: file not found: ", path);
   const training::EmojiData data(resolve_data_dir(data_dir), "--data");
-  std::ifstream in(path);
-  DMX_CHECK_IO(in.good(), "--prompts: cannot read ", path);
+  std::istringstream in(read_text_file(path, "--prompts", kMaxMetadataFileBytes));
   std::vector<std::string> out;
   std::string line;
   int line_no = 0;

@@ -47,6 +47,8 @@ std::vector<std::string> output_paths(const std::string& out, int n) {
 // ControlNet options: count rules and ranges, checked before anything is loaded.
 void check_controlnet_options(const GenerateOptions& o) {
   const size_t n = o.controlnets.size();
+  // Each net is a model of its own in memory (docs/limits.md).
+  DMX_CHECK_ARG(n <= 8, "--controlnet may be given at most 8 times, got ", n);
   if (n == 0) {
     DMX_CHECK_ARG(o.control_images.empty(), "--control-image needs --controlnet (got ", o.control_images.size(),
                   " image(s) and no net)");
@@ -95,16 +97,27 @@ std::vector<Image> load_control_maps(const GenerateOptions& o) {
 // sampler that `--from` can re-run (a short name runs the model's config with the class swapped,
 // which is the model's own scheduler again). Unknown classes keep their diffusers name.
 std::string short_scheduler_name(const nlohmann::json& cfg) {
-  const std::string cls = cfg.value("_class_name", std::string());
+  // Only names: a field of another type (the config is the model's file) is no reason to fail after the run.
+  const auto field = [&](const char* key, const auto& def) {
+    using T = std::decay_t<decltype(def)>;
+    auto it = cfg.find(key);
+    if (it == cfg.end()) return T(def);
+    try {
+      return it->template get<T>();
+    } catch (const nlohmann::json::exception&) {
+      return T(def);
+    }
+  };
+  const std::string cls = field("_class_name", std::string());
   static const std::map<std::string, std::string> one_to_one = {
       {"DDIMScheduler", "ddim"},   {"DDPMScheduler", "ddpm"}, {"PNDMScheduler", "pndm"},
       {"EulerDiscreteScheduler", "euler"}, {"EulerAncestralDiscreteScheduler", "euler_a"},
       {"HeunDiscreteScheduler", "heun"},   {"LMSDiscreteScheduler", "lms"}};
   auto it = one_to_one.find(cls);
   if (it != one_to_one.end()) return it->second;
-  if (cls == "DPMSolverMultistepScheduler" && cfg.value("algorithm_type", std::string("dpmsolver++")) == "dpmsolver++" &&
-      cfg.value("solver_order", 2) == 2)
-    return cfg.value("use_karras_sigmas", false) ? "dpmpp_2m_karras" : "dpmpp_2m";
+  if (cls == "DPMSolverMultistepScheduler" && field("algorithm_type", std::string("dpmsolver++")) == "dpmsolver++" &&
+      field("solver_order", 2) == 2)
+    return field("use_karras_sigmas", false) ? "dpmpp_2m_karras" : "dpmpp_2m";
   return cls;
 }
 
@@ -124,7 +137,7 @@ GenerateResult generate(const GenerateOptions& o) {
   if (!o.save_latents.empty()) check_output_path(o.save_latents, "--save-latents", ".safetensors");
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
                 o.device, "'");
-  const at::ScalarType dtype = parse_dtype(o.dtype);
+  const at::ScalarType dtype = parse_dtype(o.dtype, o.device);
   if (!o.scheduler.empty()) {
     auto names = schedulers::scheduler_names();
     if (std::find(names.begin(), names.end(), o.scheduler) == names.end()) {
@@ -159,6 +172,8 @@ GenerateResult generate(const GenerateOptions& o) {
     lora_specs.push_back(t);
   }
   for (const auto& l : lora_specs) DMX_CHECK_ARG(path_exists(l.path), "--lora: file not found: ", l.path);
+  DMX_CHECK_ARG(lora_specs.size() <= 64, "at most 64 LoRAs (--lora and <lora:...> tags together), got ",
+                lora_specs.size());
 
   pipelines::StableDiffusionParams p;
   p.prompt = prompt;
@@ -191,11 +206,13 @@ GenerateResult generate(const GenerateOptions& o) {
     io::TensorMap lat;
     try {
       lat = io::load_safetensors(o.init_latents);
-    } catch (const IoError& e) {
+    } catch (const InvalidArgument& e) {
       throw InvalidArgument(std::string("--init-latents: ") + e.what());
     }
     DMX_CHECK_ARG(lat.count("latents") == 1, "--init-latents: ", o.init_latents, " has no tensor named 'latents'");
     p.latents = lat["latents"].to(at::kFloat);
+    DMX_CHECK_ARG(at::isfinite(p.latents).all().item<bool>(), "--init-latents: ", o.init_latents,
+                  ": 'latents' holds non-finite values (NaN or Inf), which give a black picture");
   }
 
   pipelines::LoadOptions lo;
@@ -218,18 +235,17 @@ GenerateResult generate(const GenerateOptions& o) {
       for (const auto& r : loras->reports()) log_info("lora: " + r.summary() + " (" + r.source + ")");
   }
   if (!o.controlnets.empty()) {
-    // Output size: --width/--height, else the first map's size rounded down to the VAE factor (diffusers'
+    // Output size: --width/--height, else the first map's size rounded down to the VAE factor and at least 8 (diffusers'
     // VaeImageProcessor); every map is resized to it with PIL's Lanczos, as the reference does.
     // Given sizes are rounded down to the VAE factor too (get_default_height_width), as diffusers does.
-    const int f = models->vae_scale_factor();
+    const int f = pipelines::control_size_multiple(models->vae_scale_factor());
     int w = o.width - o.width % f, h = o.height - o.height % f;
     if (o.width == 0 || o.height == 0) {
       const auto d = pipelines::default_control_size(control_maps[0], f);
       if (o.width == 0) w = d.first;
       if (o.height == 0) h = d.second;
     }
-    DMX_CHECK_ARG(w > 0 && h > 0, "--control-image: the image is smaller than ", models->vae_scale_factor(),
-                  " pixels; give --width/--height");
+    DMX_CHECK_ARG(w > 0 && h > 0, "--control-image: the image is smaller than ", f, " pixels; give --width/--height");
     p.width = w;
     p.height = h;
     for (size_t i = 0; i < o.controlnets.size(); ++i) {

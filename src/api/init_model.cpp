@@ -13,6 +13,7 @@
 #include "io/state_dict.h"
 #include "models/autoencoder_kl.h"
 #include "models/clip_text_model.h"
+#include "models/config_json.h"
 #include "models/clip_tokenizer.h"
 #include "models/unet_2d_condition.h"
 #include "schedulers/scheduler.h"
@@ -81,7 +82,7 @@ InitModelReport init_model(const InitModelOptions& o) {
   const auto text_cfg = models::CLIPTextConfig::from_json(
       io::load_json_file(join_path(o.config, "text_encoder/config.json"), "text encoder config"));
   (void)schedulers::parse_scheduler_config(
-      read_text_file(join_path(o.config, "scheduler/scheduler_config.json"), "scheduler config"));
+      read_text_file(join_path(o.config, "scheduler/scheduler_config.json"), "scheduler config", kMaxJsonFileBytes));
   const auto tok = models::CLIPTokenizer::from_folder(tok_dir);
   DMX_CHECK_ARG(static_cast<int64_t>(tok.vocab_size()) <= text_cfg.vocab_size,
                 "text_encoder/config.json: vocab_size ", text_cfg.vocab_size, " is smaller than the tokenizer's ",
@@ -93,6 +94,11 @@ InitModelReport init_model(const InitModelOptions& o) {
                 unet_cfg.cross_attention_dim, " must equal the text encoder's hidden_size ", text_cfg.hidden_size);
   DMX_CHECK_ARG(unet_cfg.in_channels == vae_cfg.latent_channels, "unet/config.json: in_channels ",
                 unet_cfg.in_channels, " must equal the VAE's latent_channels ", vae_cfg.latent_channels);
+
+  // Each config is bounded by from_json; the three together too, before anything is allocated.
+  models::cfgjson::check_parameter_count(
+      "--config: the UNet, VAE and text encoder configs together",
+      unet_cfg.parameter_count() + vae_cfg.parameter_count() + text_cfg.parameter_count());
 
   // Seeded construction: each module in a fixed order from the global generator.
   torch::manual_seed(o.seed);

@@ -56,20 +56,15 @@ std::map<std::string, std::string> split_fields(const std::string& line) {
   return out;
 }
 
+// The numbers of the metadata follow the command line's syntax (dmx/error.h parse_integer / parse_number):
+// "Steps: 1e3" is refused like `--steps 1e3`, and a value outside int is an error, not a cast with undefined
+// behaviour ("Steps: 1e300" comes from whatever PNG --from is given).
 double to_double(const std::string& key, const std::string& v) {
-  char* end = nullptr;
-  const double d = std::strtod(v.c_str(), &end);
-  DMX_CHECK_ARG(!v.empty() && end && *end == '\0', "parameters: field '", key, "' must be a number, got '", v, "'");
-  return d;
+  return parse_number(v, "parameters: field '" + key + "'");
 }
 
-// Integral fields: a value outside int (or with a fraction) is an error, not a cast with undefined
-// behaviour ("Steps: 1e300" comes from whatever PNG --from is given).
 int to_int(const std::string& key, const std::string& v) {
-  const double d = to_double(key, v);
-  DMX_CHECK_ARG(std::isfinite(d) && d == std::floor(d) && d >= -2147483648.0 && d <= 2147483647.0, "parameters: field '",
-                key, "' must be an integer, got '", v, "'");
-  return static_cast<int>(d);
+  return static_cast<int>(parse_integer(v, "parameters: field '" + key + "'", -2147483648ll, 2147483647ll));
 }
 
 }  // namespace
@@ -135,14 +130,7 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
   };
   if (auto v = get("Steps")) o.steps = to_int("Steps", *v);
   if (auto v = get("CFG scale")) o.guidance_scale = to_double("CFG scale", *v);
-  if (auto v = get("Seed")) {
-    char* end = nullptr;
-    errno = 0;
-    const unsigned long long s = std::strtoull(v->c_str(), &end, 10);
-    DMX_CHECK_ARG(!v->empty() && *end == '\0' && (*v)[0] != '-' && (*v)[0] != '+' && errno == 0,
-                  "parameters: Seed must be an integer in [0, 2^64-1], got '", *v, "'");
-    o.seed = s;
-  }
+  if (auto v = get("Seed")) o.seed = parse_unsigned(*v, "parameters: Seed");
   if (auto v = get("Size")) {
     const size_t x = v->find('x');
     DMX_CHECK_ARG(x != std::string::npos, "parameters: Size must be WxH, got '", *v, "'");

@@ -4,6 +4,7 @@
 
 #include "core/fs.h"
 #include "dmx/error.h"
+#include "pipelines/model_bundle.h"
 
 namespace dmx::api {
 
@@ -28,6 +29,12 @@ at::ScalarType parse_dtype(const std::string& s) {
   if (s == "bf16" || s == "bfloat16") return at::kBFloat16;
   if (s == "fp16" || s == "float16") return at::kHalf;
   throw InvalidArgument("--dtype must be one of fp32, bf16, fp16, got '" + s + "'");
+}
+
+at::ScalarType parse_dtype(const std::string& s, const std::string& device) {
+  const at::ScalarType t = parse_dtype(s);
+  pipelines::check_dtype_device(t, device);
+  return t;
 }
 
 std::string quoted(const std::string& s) {

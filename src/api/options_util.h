@@ -18,6 +18,8 @@ void check_output_path(const std::string& path, const std::string& param, const 
 
 // --dtype: fp32/float32, bf16/bfloat16, fp16/float16.
 at::ScalarType parse_dtype(const std::string& s);
+// --dtype for --device: as parse_dtype, and fp16 only on CUDA (pipelines::check_dtype_device says why).
+at::ScalarType parse_dtype(const std::string& s, const std::string& device);
 
 // A value for the "parameters" text: in double quotes, '"' and '\' escaped, newlines as spaces (one line).
 std::string quoted(const std::string& s);

@@ -113,12 +113,15 @@ void validate_train_options(const TrainOptions& o) {
                   "--prior-loss-weight must be >= 0, got ", o.prior_loss_weight);
     DMX_CHECK_ARG(o.num_class_images > 0, "--num-class-images must be > 0, got ", o.num_class_images);
     DMX_CHECK_ARG(o.class_inference_steps > 0, "--class-inference-steps must be > 0, got ", o.class_inference_steps);
-    DMX_CHECK_ARG(o.lora_rank >= 0, "--lora-rank must be >= 0 (0 = full fine-tuning), got ", o.lora_rank);
+    DMX_CHECK_ARG(o.lora_rank >= 0 && o.lora_rank <= tr::kMaxLoRARank, "--lora-rank must be in [0, ", tr::kMaxLoRARank,
+                  "] (0 = full fine-tuning), got ", o.lora_rank);
   } else {
     DMX_CHECK_ARG(!o.data.empty(), "--data must be given (a folder of images with captions)");
     DMX_CHECK_ARG(is_directory(o.data), "--data: no such folder: ", o.data);
   }
-  if (o.recipe == "lora") DMX_CHECK_ARG(o.rank > 0, "--rank must be > 0, got ", o.rank);
+  if (o.recipe == "lora")
+    DMX_CHECK_ARG(o.rank > 0 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ",
+                  o.rank);
   if (o.recipe == "controlnet") {
     DMX_CHECK_ARG(!path_exists(o.output) || is_directory(o.output), "--output must be a folder, got the file '",
                   o.output, "'");
@@ -134,11 +137,11 @@ void validate_train_options(const TrainOptions& o) {
     lora_options(o).validate();
   }
   DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
-  DMX_CHECK_ARG(o.batch_size > 0, "--batch-size must be > 0, got ", o.batch_size);
-  DMX_CHECK_ARG(o.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be > 0, got ",
-                o.gradient_accumulation_steps);
   DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0 && o.resolution <= 4096,
                 "--resolution must be a multiple of 8 in [8, 4096], got ", o.resolution);
+  tr::check_batch_size(o.batch_size, o.resolution);
+  DMX_CHECK_ARG(o.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be > 0, got ",
+                o.gradient_accumulation_steps);
   DMX_CHECK_ARG(std::isfinite(o.learning_rate) && o.learning_rate >= 0,
                 "--learning-rate must be > 0 (0 = the recipe's default), got ", o.learning_rate);
   DMX_CHECK_ARG(std::isfinite(o.max_grad_norm), "--max-grad-norm must be a number, got ", o.max_grad_norm);
@@ -197,8 +200,14 @@ TrainReport train(const TrainOptions& o) {
     d.bad_rows = o.skip_bad_rows ? tr::BadRows::Skip : tr::BadRows::Reject;
     return d;
   };
+  int64_t skipped_rows = 0;  // --skip-bad-rows: the dataset warns with the rows; the report counts them
+  auto open_dataset = [&](const std::string& dir, bool captions) {
+    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(dir, captions));
+    skipped_rows += static_cast<int64_t>(ds->skipped().size());
+    return ds;
+  };
   if (o.recipe == "controlnet") {
-    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, true));
+    auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
     models::ControlNetModel cn{nullptr};
     if (!o.controlnet.empty()) {
@@ -213,7 +222,8 @@ TrainReport train(const TrainOptions& o) {
       if (!o.validation_image.empty()) {
         const Image img = load_image(o.validation_image, "--validation-image");
         const auto [w, h] = pipelines::default_control_size(img, models->vae_scale_factor());
-        DMX_CHECK_ARG(w > 0 && h > 0, "--validation-image must be at least ", models->vae_scale_factor(),
+        DMX_CHECK_ARG(w > 0 && h > 0, "--validation-image must be at least ",
+                      pipelines::control_size_multiple(models->vae_scale_factor()),
                       " pixels on each side, got ", img.width, "x", img.height);
         image = pipelines::prepare_control_image(img, w, h);
       } else {
@@ -223,7 +233,7 @@ TrainReport train(const TrainOptions& o) {
     }
     recipe = cn_recipe;
   } else if (o.recipe == "vae") {
-    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, false));
+    auto ds = open_dataset(o.data, false);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
     tr::VAETrainOptions vo;
     vo.kl_weight = o.kl_weight;
@@ -231,7 +241,7 @@ TrainReport train(const TrainOptions& o) {
     vo.crop = o.vae_crop;
     recipe = std::make_shared<tr::VAERecipe>(models, vo);
   } else if (o.recipe == "lora" || o.recipe == "finetune") {
-    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, true));
+    auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
     if (o.recipe == "lora")
       recipe = std::make_shared<tr::LoRARecipe>(models, lora_options(o), fmt);
@@ -252,9 +262,9 @@ TrainReport train(const TrainOptions& o) {
         tr::generate_class_images(models, ci);
       }
       if (dist) dist->barrier();
-      cls = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.class_data, false));
+      cls = open_dataset(o.class_data, false);
     }
-    auto inst = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.instance_data, false));
+    auto inst = open_dataset(o.instance_data, false);
     source = std::make_shared<tr::DreamBoothBatchSource>(inst, o.instance_prompt, cls, o.class_prompt, o.batch_size,
                                                          rank, world, o.seed);
     std::shared_ptr<tr::Recipe> inner;
@@ -279,6 +289,7 @@ TrainReport train(const TrainOptions& o) {
   for (const auto& p : recipe->trainable_parameters()) rep.trainable_parameters += p.tensor.numel();
   rep.output = rank == 0 ? o.output : "";
   rep.last_checkpoint = r.last_checkpoint;
+  rep.skipped_rows = skipped_rows;
   return rep;
 }
 
@@ -324,10 +335,11 @@ struct BenchRecipe : tr::Recipe {
 
 TrainBenchResult train_bench(const TrainBenchOptions& o) {
   DMX_CHECK_SUPPORTED(o.recipe == "lora", "train bench measures the LoRA recipe (--recipe lora), got '", o.recipe, "'");
-  DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0, "--resolution must be a multiple of 8, got ", o.resolution);
+  DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0 && o.resolution <= 4096,
+                "--resolution must be a multiple of 8 in [8, 4096], got ", o.resolution);
   DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
-  DMX_CHECK_ARG(o.batch_size > 0, "--batch-size must be > 0, got ", o.batch_size);
-  DMX_CHECK_ARG(o.rank > 0, "--rank must be > 0, got ", o.rank);
+  tr::check_batch_size(o.batch_size, o.resolution);
+  DMX_CHECK_ARG(o.rank > 0 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ", o.rank);
   const ModelPreset p = model_preset(o.preset);
   configure_threads(o.threads);
   auto m = std::make_shared<pipelines::StableDiffusionModels>();

@@ -29,7 +29,7 @@ int cmd_diffedit(int argc, char** argv) {
       {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
       {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
       {"threads", "N", "CPU threads (default: all cores)"},
-      {"dtype", "T", "fp32|bf16|fp16 (default fp32)"},
+      {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
       {"device", "D", "cpu|cuda (default cpu)"},
       {"quiet", "", "no progress output"},
       {"verbose", "", "timings and stack traces"},

@@ -73,7 +73,7 @@ int cmd_generate(int argc, char** argv) {
       {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
       {"clip-skip", "N", "skip the last N text-encoder layers (default 0)"},
       {"threads", "N", "CPU threads (default: all cores)"},
-      {"dtype", "T", "fp32|bf16|fp16 (default fp32)"},
+      {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
       {"device", "D", "cpu|cuda (default cpu)"},
       {"lora", "FILE[:SCALE]", "apply a LoRA (diffusers, PEFT, kohya/A1111, LyCORIS); repeatable; scale default 1", true},
       {"lora-mode", "MODE", "runtime|merged (default merged; both give the same result)"},
@@ -157,13 +157,7 @@ int cmd_generate(int argc, char** argv) {
   o.control_images = a.all("control-image");
   auto reals = [&](const std::string& name) {
     std::vector<double> out;
-    for (const std::string& s : a.all(name)) {
-      char* end = nullptr;
-      const double v = std::strtod(s.c_str(), &end);
-      DMX_CHECK_ARG(!s.empty() && end && *end == '\0' && std::isfinite(v), "--", name, " must be a number, got '", s,
-                    "'");
-      out.push_back(v);
-    }
+    for (const std::string& s : a.all(name)) out.push_back(dmx::parse_number(s, "--" + name));
     return out;
   };
   o.control_scales = reals("control-scale");
@@ -228,7 +222,8 @@ int cmd_bench(int argc, char** argv) {
 
 int cmd_info(int argc, char** argv) {
   DMX_CHECK_ARG(argc == 3, "usage: dmx info IMAGE.png");
-  std::printf("%s\n", dmx::read_image_parameters(argv[2]).c_str());
+  // The text comes from a file: control characters are escaped, never sent to the terminal.
+  std::printf("%s\n", dmx::terminal_safe(dmx::read_image_parameters(argv[2])).c_str());
   return 0;
 }
 
@@ -259,22 +254,25 @@ int main(int argc, char** argv) {
       std::printf("dmx %s\n", dmx::version().c_str());
       return 0;
     }
-    std::fprintf(stderr, "error: unknown command '%s'\n%s", cmd.c_str(), kUsage);
+    std::fprintf(stderr, "error: unknown command '%s'\n%s", dmx::terminal_safe(cmd).c_str(), kUsage);
     return 2;
   } catch (const dmx::InvalidArgument& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
     return 2;
   } catch (const dmx::FormatError& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 2;
-  } catch (const dmx::IoError& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
     return 2;
   } catch (const dmx::Unsupported& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
     return 2;
+  } catch (const dmx::IoError& e) {
+    // A file that cannot be written or read (a full disk, an I/O error) is not the input's fault: 1, like
+    // every other failure. A missing or unreadable input path is an InvalidArgument (2).
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
+    return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", g_verbose ? e.what() : std::string(e.what()).substr(0, std::string(e.what()).find('\n')).c_str());
+    const std::string what = e.what();
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(g_verbose ? what : what.substr(0, what.find('\n'))).c_str());
     return 1;
   }
 }

@@ -8,6 +8,7 @@ namespace dmx {
 // Returns the byte offset of the first invalid sequence, or std::string::npos if s is valid.
 size_t find_invalid_utf8(const std::string& s);
 // InvalidArgument naming `param`, the rule, the offset and the offending byte, e.g.
-// "--prompt must be valid UTF-8 text; invalid byte 0xff at offset 3".
+// "--prompt must be valid UTF-8 text; invalid byte 0xff at offset 3". Longer than kMaxPromptBytes
+// (core/text.h): InvalidArgument stating the limit.
 void check_text(const std::string& s, const std::string& param);
 }  // namespace dmx

@@ -42,7 +42,7 @@ json find_ldm_yaml(const std::string& path) {
   const std::string base = join_path(directory_of(path), file_stem(path));
   for (const std::string& candidate : {base + ".yaml", base + "-inference.yaml"}) {
     if (path_exists(candidate) && !is_directory(candidate))
-      return parse_ldm_yaml(read_text_file(candidate, "LDM config"), candidate);
+      return parse_ldm_yaml(read_text_file(candidate, "LDM config", kMaxJsonFileBytes), candidate);
   }
   return nullptr;
 }
@@ -94,8 +94,8 @@ json component_config(const std::string& config_dir, const std::string& componen
 }  // namespace
 
 TensorMap load_weights_file(const std::string& path) {
-  DMX_CHECK_IO(path_exists(path), "weights file not found: ", path);
-  DMX_CHECK_IO(!is_directory(path), "expected a weights file, got a directory: ", path);
+  DMX_CHECK_ARG(path_exists(path), "weights file not found: ", path);
+  DMX_CHECK_ARG(!is_directory(path), "expected a weights file, got a directory: ", path);
   const std::string ext = lower_extension(path);
   if (ext == ".safetensors") return load_safetensors(path);
   if (ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin" || ext == ".pkl" || looks_like_torch_file(path))
@@ -104,7 +104,7 @@ TensorMap load_weights_file(const std::string& path) {
 }
 
 json load_json_file(const std::string& path, const std::string& what) {
-  const std::string text = read_text_file(path, what);
+  const std::string text = read_text_file(path, what, kMaxJsonFileBytes);
   try {
     return json::parse(text);
   } catch (const json::exception& e) {
@@ -113,9 +113,9 @@ json load_json_file(const std::string& path, const std::string& what) {
 }
 
 TensorMap load_diffusers_component(const std::string& dir, const std::string& component) {
-  DMX_CHECK_IO(is_directory(dir), component, ": diffusers model folder not found: ", dir);
+  DMX_CHECK_ARG(is_directory(dir), component, ": diffusers model folder not found: ", dir);
   const std::string folder = join_path(dir, component);
-  DMX_CHECK_IO(is_directory(folder), component, ": folder not found: ", folder, " (expected a diffusers layout with ",
+  DMX_CHECK_FORMAT(is_directory(folder), component, ": folder not found: ", folder, " (expected a diffusers layout with ",
                component, "/ inside ", dir, ")");
   // Plain weights first; sharded; then the fp16 variant when it is the only one there; then the same as
   // torch.save pickles (read by the weights-only loader), as diffusers falls back to them.
@@ -134,15 +134,16 @@ TensorMap load_diffusers_component(const std::string& dir, const std::string& co
       return load_sharded(folder, p, component);
     return load_weights_file(p);
   }
-  throw IoError(detail::concat(component, ": no weights found in ", folder, ": looked for ", list_keys(candidates, 99)));
+  // A folder without its weights is a malformed model (invalid input), not an I/O failure.
+  throw FormatError(detail::concat(component, ": no weights found in ", folder, ": looked for ", list_keys(candidates, 99)));
 }
 
 SingleFileCheckpoint load_single_file(const std::string& path, const std::string& config_dir) {
-  DMX_CHECK_IO(path_exists(path), "checkpoint not found: ", path);
-  DMX_CHECK_IO(!is_directory(path), "expected a single-file checkpoint, got a directory: ", path,
+  DMX_CHECK_ARG(path_exists(path), "checkpoint not found: ", path);
+  DMX_CHECK_ARG(!is_directory(path), "expected a single-file checkpoint, got a directory: ", path,
                " (a diffusers folder is loaded as a folder, not with a single-file loader)");
   if (!config_dir.empty())
-    DMX_CHECK_IO(is_directory(config_dir), "--config must be a diffusers model folder, not found: ", config_dir);
+    DMX_CHECK_ARG(is_directory(config_dir), "--config must be a diffusers model folder, not found: ", config_dir);
 
   // .safetensors, or a torch.save pickle (.ckpt/.pt/.pth/.bin) through the weights-only loader.
   const TensorMap ckpt = load_weights_file(path);

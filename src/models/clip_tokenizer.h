@@ -64,11 +64,18 @@ class CLIPTokenizer {
   size_t vocab_size() const { return vocab_.size(); }
   int64_t token_to_id(const std::string& token) const;  // -1 if absent
 
+  // The BPE merges of one byte-mapped word. transformers' loop (linear_scan) is quadratic in the word's length;
+  // words longer than 64 symbols use an equivalent heap-based loop (O(n log n)). Public for the test that
+  // compares the two.
+  std::vector<std::string> bpe_merge(const std::string& word, bool linear_scan) const;
+
  private:
   struct Cache;
   std::vector<std::string> bpe(const std::string& word) const;
-  void tokenize_chunk(const std::string& chunk, std::vector<std::string>* out) const;
-  std::vector<std::string> tokenize_checked(const std::string& text) const;
+  // Stop once `limit` tokens are out (truncation): the rest of the text is never scanned.
+  void tokenize_chunk(const std::string& chunk, std::vector<std::string>* out, size_t limit) const;
+  // Texts longer than kMaxPromptBytes (core/text.h) are an InvalidArgument stating the limit.
+  std::vector<std::string> tokenize_checked(const std::string& text, size_t limit) const;
   int64_t id_of(const std::string& token) const;
 
   std::unordered_map<std::string, int64_t> vocab_;

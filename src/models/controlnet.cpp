@@ -3,6 +3,8 @@
 // (or guess mode's logspace ramp).
 #include "models/controlnet.h"
 
+#include <cmath>
+
 #include <ATen/ATen.h>
 
 #include "dmx/error.h"
@@ -46,22 +48,28 @@ void ControlNetConfig::validate() const {
     DMX_CHECK_SUPPORTED(t == "CrossAttnDownBlock2D" || t == "DownBlock2D", "down_block_types: unsupported block type '",
                         t, "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
   nn::parse_act(act_fn, "act_fn");
-  DMX_CHECK_ARG(in_channels > 0, "in_channels must be > 0, got ", in_channels);
-  DMX_CHECK_ARG(conditioning_channels > 0, "conditioning_channels must be > 0, got ", conditioning_channels);
-  DMX_CHECK_ARG(layers_per_block > 0, "layers_per_block must be > 0, got ", layers_per_block);
-  DMX_CHECK_ARG(norm_num_groups > 0, "norm_num_groups must be > 0, got ", norm_num_groups);
-  DMX_CHECK_ARG(norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
-  DMX_CHECK_ARG(cross_attention_dim > 0, "cross_attention_dim must be > 0, got ", cross_attention_dim);
-  DMX_CHECK_ARG(transformer_layers_per_block > 0, "transformer_layers_per_block must be > 0, got ",
-                transformer_layers_per_block);
+  // Ranges (docs/limits.md), as the UNet's.
+  using cfgjson::check_range;
+  check_range("number of down blocks", static_cast<int64_t>(n), 1, 8);
+  check_range("in_channels", in_channels, 1, 64);
+  check_range("conditioning_channels", conditioning_channels, 1, 64);
+  check_range("layers_per_block", layers_per_block, 1, 16);
+  check_range("norm_num_groups", norm_num_groups, 1, 8192);
+  DMX_CHECK_ARG(std::isfinite(norm_eps) && norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
+  check_range("cross_attention_dim", cross_attention_dim, 1, 8192);
+  check_range("transformer_layers_per_block", transformer_layers_per_block, 1, 32);
+  check_range("downsample_padding", downsample_padding, 0, 1);
+  check_range("freq_shift", freq_shift, -1024, 1024);
+  check_range("number of conditioning_embedding_out_channels", static_cast<int64_t>(conditioning_embedding_out_channels.size()), 1, 8);
   DMX_CHECK_ARG(controlnet_conditioning_channel_order == "rgb" || controlnet_conditioning_channel_order == "bgr",
                 "controlnet_conditioning_channel_order must be 'rgb' or 'bgr', got '",
                 controlnet_conditioning_channel_order, "'");
   DMX_CHECK_ARG(!conditioning_embedding_out_channels.empty(), "conditioning_embedding_out_channels must not be empty");
   for (size_t i = 0; i < conditioning_embedding_out_channels.size(); ++i)
-    DMX_CHECK_ARG(conditioning_embedding_out_channels[i] > 0, "conditioning_embedding_out_channels[", i,
-                  "] must be > 0, got ", conditioning_embedding_out_channels[i]);
+    check_range("conditioning_embedding_out_channels[" + std::to_string(i) + "]", conditioning_embedding_out_channels[i],
+                1, 8192);
   for (size_t i = 0; i < n; ++i) {
+    check_range("block_out_channels[" + std::to_string(i) + "]", block_out_channels[i], 1, 8192);
     DMX_CHECK_ARG(block_out_channels[i] > 0 && block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i,
                   "] (", block_out_channels[i], ") must be > 0 and divisible by norm_num_groups (", norm_num_groups,
                   ")");
@@ -72,6 +80,34 @@ void ControlNetConfig::validate() const {
   for (size_t i = 0; i < n; ++i)
     DMX_CHECK_ARG(heads[i] > 0 && block_out_channels[i] % heads[i] == 0, "attention heads[", i, "] (", heads[i],
                   ") must divide block_out_channels[", i, "] (", block_out_channels[i], ")");
+  cfgjson::check_parameter_count("the ControlNet config", parameter_count());
+}
+
+double ControlNetConfig::parameter_count() const {
+  namespace pc = nn::param_count;
+  const auto& ch = block_out_channels;
+  const int n = static_cast<int>(ch.size());
+  const std::vector<int> heads = heads_per_block();
+  const auto& ce = conditioning_embedding_out_channels;
+  double total = pc::conv2d(in_channels, ch[0], 3) + pc::timestep_embedding(ch[0], time_embed_dim());
+  total += pc::conv2d(conditioning_channels, ce[0], 3) + pc::conv2d(ce.back(), ch[0], 3);
+  for (size_t i = 0; i + 1 < ce.size(); ++i) total += pc::conv2d(ce[i], ce[i], 3) + pc::conv2d(ce[i], ce[i + 1], 3);
+  total += pc::conv2d(ch[0], ch[0], 1);  // the first zero convolution
+  int output_channel = ch[0];
+  for (int i = 0; i < n; ++i) {
+    nn::BlockOptions o = unet_block_options(*this, heads[i], nn::Act::SiLU);
+    o.in_channels = output_channel;
+    output_channel = ch[i];
+    o.out_channels = output_channel;
+    o.add_sampler = i != n - 1;
+    o.cross_attention = down_block_types[i] == "CrossAttnDownBlock2D";
+    total += pc::down_block(o) + (layers_per_block + (i != n - 1 ? 1 : 0)) * pc::conv2d(output_channel, output_channel, 1);
+  }
+  nn::BlockOptions mid = unet_block_options(*this, heads.back(), nn::Act::SiLU);
+  mid.num_layers = 1;
+  mid.in_channels = mid.out_channels = ch.back();
+  mid.transformer.only_cross_attention = false;
+  return total + pc::mid_block_cross_attn(mid) + pc::conv2d(ch.back(), ch.back(), 1);
 }
 
 ControlNetConfig ControlNetConfig::from_json(const nlohmann::json& j) {

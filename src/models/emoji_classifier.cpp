@@ -29,7 +29,7 @@ nlohmann::json EmojiClassifierConfig::to_json() const {
 EmojiClassifierConfig EmojiClassifierConfig::from_json(const nlohmann::json& j) {
   const std::string what = "emoji classifier config.json";
   DMX_CHECK_FORMAT(j.is_object(), what, ": must be a JSON object");
-  DMX_CHECK_FORMAT(j.value("_class_name", std::string()) == "EmojiClassifier", what,
+  DMX_CHECK_FORMAT(j.is_object() && j.value("_class_name", nlohmann::json()) == "EmojiClassifier", what,
                    ": _class_name must be EmojiClassifier, got ", j.value("_class_name", nlohmann::json()).dump());
   EmojiClassifierConfig c;
   cfgjson::get(j, what, "image_size", c.image_size);
@@ -133,7 +133,7 @@ EmojiClassifier load_emoji_classifier(const std::string& dir) {
   DMX_CHECK_ARG(path_exists(w_path), "--classifier: ", w_path, " not found");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(read_text_file(cfg_path, "--classifier config"));
+    j = nlohmann::json::parse(read_text_file(cfg_path, "--classifier config", kMaxJsonFileBytes));
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(cfg_path + ": invalid JSON: " + e.what());
   }

@@ -3,6 +3,8 @@
 // the mid block exactly where diffusers adds them.
 #include "models/unet_2d_condition.h"
 
+#include <cmath>
+
 #include "dmx/error.h"
 #include "models/config_json.h"
 #include "models/unet_block_options.h"
@@ -73,19 +75,23 @@ void UNet2DConditionConfig::validate() const {
   DMX_CHECK_SUPPORTED(resnet_time_scale_shift == "default", "resnet_time_scale_shift '", resnet_time_scale_shift,
                       "' is not supported (only 'default')");
   nn::parse_act(act_fn, "act_fn");
-  DMX_CHECK_ARG(sample_size > 0, "sample_size must be > 0, got ", sample_size);
-  DMX_CHECK_ARG(in_channels > 0, "in_channels must be > 0, got ", in_channels);
-  DMX_CHECK_ARG(out_channels > 0, "out_channels must be > 0, got ", out_channels);
-  DMX_CHECK_ARG(layers_per_block > 0, "layers_per_block must be > 0, got ", layers_per_block);
-  DMX_CHECK_ARG(norm_num_groups > 0, "norm_num_groups must be > 0, got ", norm_num_groups);
-  DMX_CHECK_ARG(norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
-  DMX_CHECK_ARG(cross_attention_dim > 0, "cross_attention_dim must be > 0, got ", cross_attention_dim);
-  DMX_CHECK_ARG(transformer_layers_per_block > 0, "transformer_layers_per_block must be > 0, got ",
-                transformer_layers_per_block);
-  DMX_CHECK_ARG(downsample_padding >= 0, "downsample_padding must be >= 0, got ", downsample_padding);
-  DMX_CHECK_ARG(mid_block_scale_factor > 0, "mid_block_scale_factor must be > 0, got ", mid_block_scale_factor);
+  // Ranges (docs/limits.md): well above every Stable Diffusion family model, far below what would exhaust memory.
+  using cfgjson::check_range;
+  check_range("number of down blocks", static_cast<int64_t>(n), 1, 8);
+  check_range("sample_size", sample_size, 1, 1024);
+  check_range("in_channels", in_channels, 1, 64);
+  check_range("out_channels", out_channels, 1, 64);
+  check_range("layers_per_block", layers_per_block, 1, 16);
+  check_range("norm_num_groups", norm_num_groups, 1, 8192);
+  DMX_CHECK_ARG(std::isfinite(norm_eps) && norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
+  check_range("cross_attention_dim", cross_attention_dim, 1, 8192);
+  check_range("transformer_layers_per_block", transformer_layers_per_block, 1, 32);
+  check_range("downsample_padding", downsample_padding, 0, 1);
+  check_range("freq_shift", freq_shift, -1024, 1024);
+  DMX_CHECK_ARG(std::isfinite(mid_block_scale_factor) && mid_block_scale_factor > 0,
+                "mid_block_scale_factor must be > 0, got ", mid_block_scale_factor);
   for (size_t i = 0; i < n; ++i) {
-    DMX_CHECK_ARG(block_out_channels[i] > 0, "block_out_channels[", i, "] must be > 0, got ", block_out_channels[i]);
+    check_range("block_out_channels[" + std::to_string(i) + "]", block_out_channels[i], 1, 8192);
     DMX_CHECK_ARG(block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i, "] (", block_out_channels[i],
                   ") must be divisible by norm_num_groups (", norm_num_groups, ")");
   }
@@ -93,11 +99,49 @@ void UNet2DConditionConfig::validate() const {
   const std::vector<int> heads = heads_per_block();
   DMX_CHECK_ARG(heads.size() == n, heads_field, " must have one entry per down block (", n, "), got ", heads.size());
   for (size_t i = 0; i < n; ++i) {
-    DMX_CHECK_ARG(heads[i] > 0, heads_field, "[", i, "] must be > 0, got ", heads[i]);
+    check_range(std::string(heads_field) + "[" + std::to_string(i) + "]", heads[i], 1, block_out_channels[i]);
     // Down block i, the mirrored up block and (for the last) the mid block split these channels into heads.
     DMX_CHECK_ARG(block_out_channels[i] % heads[i] == 0, heads_field, "[", i, "] (", heads[i],
                   " heads) must divide block_out_channels[", i, "] (", block_out_channels[i], ")");
   }
+  cfgjson::check_parameter_count("the UNet config", parameter_count());
+}
+
+double UNet2DConditionConfig::parameter_count() const {
+  namespace pc = nn::param_count;
+  const auto& ch = block_out_channels;
+  const int n = static_cast<int>(ch.size());
+  const std::vector<int> heads = heads_per_block();
+  double total = pc::conv2d(in_channels, ch[0], 3) + pc::timestep_embedding(ch[0], time_embed_dim());
+  int output_channel = ch[0];
+  for (int i = 0; i < n; ++i) {
+    nn::BlockOptions o = unet_block_options(*this, heads[i], nn::Act::SiLU);
+    o.in_channels = output_channel;
+    output_channel = ch[i];
+    o.out_channels = output_channel;
+    o.add_sampler = i != n - 1;
+    o.cross_attention = down_block_types[i] == "CrossAttnDownBlock2D";
+    total += pc::down_block(o);
+  }
+  nn::BlockOptions mid = unet_block_options(*this, heads.back(), nn::Act::SiLU);
+  mid.num_layers = 1;
+  mid.in_channels = mid.out_channels = ch.back();
+  mid.transformer.only_cross_attention = false;
+  total += pc::mid_block_cross_attn(mid);
+  output_channel = ch[n - 1];
+  for (int i = 0; i < n; ++i) {
+    const int rev = n - 1 - i;
+    nn::BlockOptions o = unet_block_options(*this, heads[rev], nn::Act::SiLU);
+    o.num_layers = layers_per_block + 1;
+    o.prev_output_channel = output_channel;
+    output_channel = ch[rev];
+    o.out_channels = output_channel;
+    o.in_channels = ch[std::max(rev - 1, 0)];
+    o.add_sampler = i != n - 1;
+    o.cross_attention = up_block_types[i] == "CrossAttnUpBlock2D";
+    total += pc::up_block(o);
+  }
+  return total + pc::norm(ch[0]) + pc::conv2d(ch[0], out_channels, 3);
 }
 
 UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) {

@@ -4,14 +4,18 @@
 #include "pipelines/lora_loader.h"
 
 #include <cctype>
+#include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <optional>
 #include <sstream>
 
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "io/checkpoint.h"
 #include "io/ldm_names.h"
@@ -129,6 +133,14 @@ std::shared_ptr<nn::LoRAAdapter> build_adapter(const Group& g, const Target& tar
     DMX_CHECK_FORMAT(g.get(LoRARole::Alpha).numel() == 1, where, ": alpha must be a scalar, got shape ",
                      g.get(LoRARole::Alpha).sizes());
     alpha = g.get(LoRARole::Alpha).to(at::kDouble).item<double>();
+    DMX_CHECK_FORMAT(std::isfinite(*alpha), where, ": alpha ('", g.t.at(LoRARole::Alpha).first, "') must be finite, got ",
+                     *alpha);
+  }
+  // Every weight of the group must be finite: one NaN would turn the whole picture black.
+  for (const auto& [role, kt] : g.t) {
+    if (role == LoRARole::Alpha || kt.second.numel() == 0) continue;
+    DMX_CHECK_FORMAT(at::isfinite(kt.second).all().item<bool>(), where, ": '", kt.first,
+                     "' holds non-finite values (NaN or Inf)");
   }
   const bool lora = g.has(LoRARole::Down) || g.has(LoRARole::Up) || g.has(LoRARole::Mid);
   const bool loha = g.has(LoRARole::HadaW1A) || g.has(LoRARole::HadaW1B) || g.has(LoRARole::HadaW2A) ||
@@ -148,6 +160,8 @@ std::shared_ptr<nn::LoRAAdapter> build_adapter(const Group& g, const Target& tar
   if (lora) {
     a->kind = nn::LoRAKind::LoRA;
     const at::Tensor down = need(LoRARole::Down), up = need(LoRARole::Up);
+    DMX_CHECK_FORMAT(down.dim() >= 1 && down.size(0) >= 1, where, ": '", g.t.at(LoRARole::Down).first,
+                     "' has shape ", down.sizes(), ": the rank (its first dimension) must be at least 1");
     const int64_t r = down.size(0);
     const std::string kd = g.t.at(LoRARole::Down).first, ku = g.t.at(LoRARole::Up).first;
     if (!conv) {
@@ -167,8 +181,16 @@ std::shared_ptr<nn::LoRAAdapter> build_adapter(const Group& g, const Target& tar
     if (alpha) {
       a->alpha_scale = *alpha / static_cast<double>(r);
     } else if (g.format == LoRAKeyFormat::PEFT && !peft_config.is_null()) {
-      const double la = peft_config.value("lora_alpha", static_cast<double>(r));
-      const double pr = peft_config.value("r", static_cast<double>(r));
+      // adapter_config.json is user input: numbers are checked, not cast (a string raised a raw JSON error).
+      auto number = [&](const char* key) {
+        auto it = peft_config.find(key);
+        if (it == peft_config.end() || it->is_null()) return static_cast<double>(r);
+        DMX_CHECK_FORMAT(it->is_number() && std::isfinite(it->get<double>()), where, ": adapter_config.json '", key,
+                         "' must be a finite number, got ", it->dump());
+        return it->get<double>();
+      };
+      const double la = number("lora_alpha");
+      const double pr = number("r");
       DMX_CHECK_FORMAT(pr == static_cast<double>(r), where, ": adapter_config.json says r = ", pr,
                        " but the weights have rank ", r);
       a->alpha_scale = la / pr;
@@ -185,6 +207,8 @@ std::shared_ptr<nn::LoRAAdapter> build_adapter(const Group& g, const Target& tar
       a->t1 = cast(g.get(LoRARole::HadaT1));
       a->t2 = cast(g.get(LoRARole::HadaT2));
     }
+    DMX_CHECK_FORMAT(a->w1b.dim() >= 1 && a->w1b.size(0) >= 1, where, ": hada_w1_b has shape ", a->w1b.sizes(),
+                     ": the rank must be at least 1");
     if (alpha) a->alpha_scale = *alpha / static_cast<double>(a->w1b.size(0));
   } else if (lokr) {
     a->kind = nn::LoRAKind::LoKr;
@@ -204,6 +228,7 @@ std::shared_ptr<nn::LoRAAdapter> build_adapter(const Group& g, const Target& tar
       if (g.has(LoRARole::LokrT2)) a->t2 = cast(g.get(LoRARole::LokrT2));
       dim = a->w2b.size(0);
     }
+    DMX_CHECK_FORMAT(!dim || *dim >= 1, where, ": a LoKr factor has rank 0 (its first dimension must be at least 1)");
     if (alpha && dim) a->alpha_scale = *alpha / static_cast<double>(*dim);  // both full: alpha is unused
   } else {
     a->kind = nn::LoRAKind::Full;
@@ -223,6 +248,9 @@ std::shared_ptr<nn::LoRAAdapter> build_adapter(const Group& g, const Target& tar
     DMX_CHECK_FORMAT(on_out || on_in, where, ": dora_scale has shape ", m.sizes(), ", needs [", out,
                      ", 1, ...] or [1, ", in, ", ...]");
   }
+  DMX_CHECK_FORMAT(std::isfinite(a->alpha_scale), where, ": alpha / rank = ", a->alpha_scale, " is not finite");
+  DMX_CHECK_ARG(std::isfinite(a->scale * a->alpha_scale), where, ": scale ", a->scale, " x alpha / rank ",
+                a->alpha_scale, " is not finite");
   // The full weight difference must have the layer's shape (checked here, before anything is attached).
   if (a->kind != nn::LoRAKind::LoRA) (void)nn::lora_delta_weight(*a, w.sizes());
   return a;
@@ -320,9 +348,24 @@ std::string extract_prompt_loras(const std::string& prompt, std::vector<LoRASpec
 std::string resolve_lora_name(const std::string& lora_dir, const std::string& name) {
   DMX_CHECK_ARG(!lora_dir.empty(), "prompt: <lora:", name, ":...> needs --lora-dir (the folder holding ", name,
                 ".safetensors)");
+  // A tag names a file inside --lora-dir (prompts also come from --from metadata, i.e. from any PNG): no
+  // absolute path, no '..' component, and no symlink that leads outside the folder.
+  DMX_CHECK_ARG(!name.empty() && name[0] != '/' && name.find('\\') == std::string::npos, "prompt: LoRA name '", name,
+                "' must be a relative name inside --lora-dir (no absolute path)");
+  for (const std::string& part : split(name, '/'))
+    DMX_CHECK_ARG(part != ".." && part != ".", "prompt: LoRA name '", name,
+                  "' must stay inside --lora-dir (no '.' or '..' components)");
   const bool has_ext = name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0;
   const std::string path = join_path(lora_dir, has_ext ? name : name + ".safetensors");
   DMX_CHECK_ARG(path_exists(path), "prompt: LoRA '", name, "' not found: no file ", path);
+  char dir_real[PATH_MAX], file_real[PATH_MAX];
+  DMX_CHECK_ARG(::realpath(lora_dir.c_str(), dir_real) != nullptr, "--lora-dir: cannot resolve ", lora_dir, ": ",
+                std::strerror(errno));
+  DMX_CHECK_ARG(::realpath(path.c_str(), file_real) != nullptr, "prompt: LoRA '", name, "': cannot resolve ", path,
+                ": ", std::strerror(errno));
+  const std::string d = dir_real, f = file_real;
+  DMX_CHECK_ARG(f.size() > d.size() && f.compare(0, d.size(), d) == 0 && (d == "/" || f[d.size()] == '/'),
+                "prompt: LoRA '", name, "' resolves to ", f, ", outside --lora-dir ", d, " (a symlink leads out)");
   return path;
 }
 
@@ -412,8 +455,8 @@ std::vector<LoRAReport> apply_loras(StableDiffusionModels& m, const std::vector<
     io::TensorMap t;
     try {
       t = io::load_safetensors(s.path);
-    } catch (const IoError& e) {
-      throw FormatError(std::string("--lora: ") + e.what());
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument(std::string("--lora: ") + e.what());
     }
     nlohmann::json peft_config;
     const size_t slash = s.path.find_last_of('/');
@@ -435,7 +478,17 @@ void set_lora_mode(StableDiffusionModels& m, LoRAMode mode) {
   for (const auto* root : roots(m))
     for (auto& [path, t] : index_of(*root).by_path) {
       if (mode == LoRAMode::Merged) {
+        const bool adapted = !t.state().adapters.empty() && !t.state().merged();
         nn::lora_merge(t.state(), t.weight());
+        // A huge scale or alpha overflows the patched weight: say so here rather than draw a black picture.
+        if (adapted && !at::isfinite(t.weight()).all().item<bool>()) {
+          std::string srcs;
+          for (const auto& a : t.state().adapters)
+            srcs += detail::concat(srcs.empty() ? "" : ", ", a->source, " (scale ", a->scale, ", alpha / rank ",
+                                   a->alpha_scale, ")");
+          throw InvalidArgument(detail::concat("LoRA: merging ", srcs, " into layer '", path,
+                                               "' gives non-finite weights (overflow): lower the LoRA scale"));
+        }
       } else {
         nn::lora_unmerge(t.state(), t.weight());
       }

@@ -35,6 +35,11 @@ struct StableDiffusionModels {
   int default_sample_size() const;  // unet.sample_size * vae_scale_factor
 };
 
+// fp16 runs on CUDA only: libtorch 1.13 has no float16 CPU kernels for convolution, matmul, softmax, GroupNorm,
+// LayerNorm or SiLU (every layer of the model), so upcasting a few ops would not make it work, and computing in
+// float32 from fp16 storage is what --dtype fp32 does. Unsupported naming --dtype and the alternatives otherwise.
+void check_dtype_device(at::ScalarType dtype, const std::string& device);
+
 // path: a diffusers folder (model_index.json) or a .safetensors single file.
 std::shared_ptr<StableDiffusionModels> load_stable_diffusion(const std::string& path, const LoadOptions& opts = {});
 }  // namespace dmx::pipelines

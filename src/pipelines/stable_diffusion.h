@@ -60,6 +60,12 @@ struct StableDiffusionOutput {
 at::Tensor encode_image_latents(const StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
                                 const at::Tensor& noise = {});
 
+// NaN or Inf in the final latents or the decoded picture would save a black image: checked once per run (in
+// decode_latents, which every pipeline decodes through). On failure the models are scanned to name the likely
+// source: non-finite weights (FormatError, naming the tensors), LoRA adapters attached (InvalidArgument naming
+// them and their scales), else a numerical overflow (Error, exit 1) with the settings that can cause it.
+void check_finite_output(const StableDiffusionModels& m, const at::Tensor& t, const std::string& what);
+
 class StableDiffusionPipeline {
  public:
   explicit StableDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models);

@@ -46,10 +46,11 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
     return original * static_cast<double>(v.alpha) + noise * static_cast<double>(v.sigma);
   }
 
-  void set_timesteps(int num_inference_steps) override {
-    check_num_inference_steps(num_inference_steps);
+  std::vector<double> base_timesteps(int n) const override { return spaced(n); }
+
+  // diffusers' spacing for DPM-Solver: over [0, last_timestep), n + 1 points with the last dropped.
+  std::vector<double> spaced(int n) const {
     const int T = config_.num_train_timesteps;
-    const int n = num_inference_steps;
     // Clip the minimum λ(t) for numerical stability (critical for the cosine schedule):
     // last_timestep = T - searchsorted(flip(λ), lambda_min_clipped).
     int64_t clipped_idx = 0;
@@ -77,6 +78,13 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
       for (double t : detail::np_arange(static_cast<double>(last_timestep), 0, -static_cast<double>(T) / n))
         ts.push_back(detail::np_round(t) - 1);
     }
+    return ts;
+  }
+
+  void set_timesteps(int num_inference_steps) override {
+    check_num_inference_steps(num_inference_steps);
+    const int n = num_inference_steps;
+    std::vector<double> ts = spaced(n);
 
     const std::vector<float> train_sigmas = training_sigmas();
     std::vector<float> log_sigmas(train_sigmas.size());

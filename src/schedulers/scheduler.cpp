@@ -2,6 +2,8 @@
 // and the numeric helpers every scheduler shares. Mirrors diffusers 0.27.2 (src/diffusers/schedulers).
 #include "schedulers/scheduler.h"
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -269,8 +271,9 @@ void check_one_of(const std::string& field, const std::string& value, const std:
 void validate(const SchedulerConfig& c, const ClassSpec& spec) {
   const auto has = [&](const char* p) { return contains(spec.params, p); };
   const std::string& cls = spec.name;
-  DMX_CHECK_ARG(c.num_train_timesteps > 0, "scheduler config field 'num_train_timesteps' must be > 0, got ",
-                c.num_train_timesteps);
+  // Bounded (docs/limits.md): the beta, alpha and sigma tables hold num_train_timesteps values each.
+  DMX_CHECK_ARG(c.num_train_timesteps > 0 && c.num_train_timesteps <= 100000,
+                "scheduler config field 'num_train_timesteps' must be in [1, 100000], got ", c.num_train_timesteps);
   if (c.trained_betas.empty()) {
     check_one_of("beta_schedule", c.beta_schedule, spec.beta_schedules, cls);
     DMX_CHECK_ARG(std::isfinite(c.beta_start) && c.beta_start >= 0 && c.beta_start < 1,
@@ -654,9 +657,37 @@ at::Tensor alphas_cumprod_of(const at::Tensor& betas) { return at::cumprod(at::r
 // ---------------------------------------------------------------------------------------------------
 // Family bases.
 
+std::vector<double> SchedulerBase::base_timesteps(int n) const {
+  return detail::spaced_timesteps(config_, n, /*integer_linspace=*/true);
+}
+
+namespace {
+// "" when the timesteps are distinct training timesteps, else what is wrong with them.
+std::string timestep_problem(std::vector<double> ts, int T) {
+  for (double t : ts)
+    if (!(t >= 0 && t <= T - 1))
+      return dmx::detail::concat("would reach timestep ", t, ", outside the training timesteps [0, ", T - 1, "]");
+  std::sort(ts.begin(), ts.end());
+  for (size_t i = 1; i < ts.size(); ++i)
+    if (ts[i] == ts[i - 1]) return dmx::detail::concat("would repeat timestep ", ts[i]);
+  return "";
+}
+}  // namespace
+
 void SchedulerBase::check_num_inference_steps(int n) const {
-  DMX_CHECK_ARG(n > 0 && n <= config_.num_train_timesteps, "num_inference_steps must be in [1, ",
-                config_.num_train_timesteps, "] (num_train_timesteps) for ", class_name(), ", got ", n);
+  const int T = config_.num_train_timesteps;
+  DMX_CHECK_ARG(n > 0 && n <= T, "num_inference_steps must be in [1, ", T, "] (num_train_timesteps) for ", class_name(),
+                ", got ", n);
+  const std::string problem = timestep_problem(base_timesteps(n), T);
+  if (problem.empty()) return;
+  int most = n - 1;
+  while (most >= 1 && !timestep_problem(base_timesteps(most), T).empty()) --most;
+  DMX_CHECK_ARG(most >= 1, class_name(), ": this scheduler config gives no valid timesteps for any number of steps (",
+                problem, ")");
+  throw InvalidArgument(dmx::detail::concat(
+      "steps must be at most ", most, " for ", class_name(), " with this model's scheduler config (timestep_spacing \"",
+      config_.timestep_spacing, "\", steps_offset ", config_.steps_offset, ", num_train_timesteps ", T, "): ", n,
+      " steps ", problem, "; got ", n));
 }
 
 void SchedulerBase::check_step_index(int step_index, const char* what) const {

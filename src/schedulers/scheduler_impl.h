@@ -61,6 +61,14 @@ at::Tensor alphas_cumprod_of(const at::Tensor& betas);
 class SchedulerBase : public Scheduler {
  protected:
   explicit SchedulerBase(const SchedulerConfig& cfg) { config_ = cfg; }
+  // The timesteps set_timesteps(n) spaces out (diffusers' timestep_spacing), before any interleaving or
+  // karras resampling. Default: detail::spaced_timesteps; schedulers with their own spacing override it.
+  virtual std::vector<double> base_timesteps(int n) const;
+  // n in [1, num_train_timesteps], and n steps must give distinct training timesteps in [0, T - 1]: with
+  // "leading" spacing and steps_offset 1 (Stable Diffusion's configs), 1000 steps reach timestep 1000 (an
+  // index past the tables of the DDPM family, a clamped duplicate sigma that divides by zero in LMS and
+  // DPM-Solver). InvalidArgument stating the most steps this configuration accepts; set_timesteps calls it
+  // first, so a run fails before any denoising.
   void check_num_inference_steps(int n) const;
   // Throws InvalidArgument unless set_timesteps ran and 0 <= step_index < timesteps().size().
   void check_step_index(int step_index, const char* what) const;

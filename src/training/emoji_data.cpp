@@ -2,6 +2,7 @@
 #include "training/emoji_data.h"
 
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "core/fs.h"
@@ -22,7 +23,7 @@ EmojiData::EmojiData(const std::string& root, const std::string& param) : root_(
                 "`");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(read_text_file(cpath, param));
+    j = nlohmann::json::parse(read_text_file(cpath, param, kMaxJsonFileBytes));
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(cpath + ": invalid JSON: " + e.what());
   }
@@ -33,10 +34,14 @@ EmojiData::EmojiData(const std::string& root, const std::string& param) : root_(
                      " has no string field 'name'");
     EmojiConcept c;
     c.name = e["name"].get<std::string>();
-    c.short_name = e.value("short_name", std::string());
-    c.category = e.value("category", std::string());
-    c.subcategory = e.value("subcategory", std::string());
-    c.split = e.value("split", std::string("train"));
+    try {  // a field of another type is the file's fault: FormatError, not a raw JSON error
+      c.short_name = e.value("short_name", std::string());
+      c.category = e.value("category", std::string());
+      c.subcategory = e.value("subcategory", std::string());
+      c.split = e.value("split", std::string("train"));
+    } catch (const nlohmann::json::exception& ex) {
+      throw FormatError(detail::concat(cpath, ": entry ", i, ": ", ex.what()));
+    }
     DMX_CHECK_FORMAT(index_.emplace(c.name, static_cast<int>(concepts_.size())).second, cpath,
                      ": duplicate concept name '", c.name, "'");
     concepts_.push_back(c);
@@ -46,8 +51,7 @@ EmojiData::EmojiData(const std::string& root, const std::string& param) : root_(
       const std::string dir = join_path(join_path(root, style), split);
       const std::string meta = join_path(dir, "metadata.jsonl");
       if (!path_exists(meta)) continue;
-      std::ifstream in(meta);
-      DMX_CHECK_IO(in.good(), "cannot read ", meta);
+      std::istringstream in(read_text_file(meta, "metadata.jsonl", kMaxMetadataFileBytes));
       std::string line;
       int line_no = 0;
       while (std::getline(in, line)) {

@@ -14,8 +14,9 @@
 namespace dmx::training {
 
 void LoRATrainOptions::validate() const {
-  DMX_CHECK_ARG(rank > 0, "--rank must be > 0, got ", rank);
-  DMX_CHECK_ARG(std::isfinite(alpha) && alpha >= 0, "--alpha must be >= 0 (0 = rank), got ", alpha);
+  DMX_CHECK_ARG(rank > 0 && rank <= kMaxLoRARank, "--rank must be in [1, ", kMaxLoRARank, "], got ", rank);
+  DMX_CHECK_ARG(std::isfinite(alpha) && alpha >= 0 && alpha <= 1e6, "--alpha must be in [0, 1e6] (0 = rank), got ",
+                alpha);
   DMX_CHECK_ARG(targets == "attention" || targets == "all", "--lora-targets must be attention or all, got '", targets,
                 "'");
   DMX_CHECK_ARG(text_encoder_targets == "attention" || text_encoder_targets == "all",

@@ -34,6 +34,9 @@
 
 namespace dmx::training {
 
+// LoRA rank limit (docs/limits.md): the adapters' size grows with rank x (in + out) per layer.
+constexpr int kMaxLoRARank = 1024;
+
 struct LoRATrainOptions {
   int rank = 4;
   double alpha = 0.0;                 // 0 = rank (scale 1, as diffusers' scripts)

@@ -360,8 +360,17 @@ size_t peak_rss_bytes() {
 // ---------------------------------------------------------------------------------------------------
 // Checkpoints
 
+void check_batch_size(int64_t batch_size, int64_t resolution) {
+  DMX_CHECK_ARG(batch_size >= 1 && batch_size <= kMaxBatchSize, "--batch-size must be in [1, ", kMaxBatchSize,
+                "], got ", batch_size, " (use --gradient-accumulation-steps for larger batches)");
+  const int64_t pixels = batch_size * resolution * resolution;
+  DMX_CHECK_ARG(pixels <= kMaxBatchPixels, "--batch-size x --resolution^2 must be at most ", kMaxBatchPixels,
+                " pixels per step (e.g. 16 images at 512, 1024 at 64), got ", batch_size, " x ", resolution, "^2 = ",
+                pixels, " (use --gradient-accumulation-steps for larger batches)");
+}
+
 std::string find_latest_checkpoint(const std::string& path) {
-  DMX_CHECK_IO(is_directory(path), "--resume: no such folder: ", path);
+  DMX_CHECK_ARG(is_directory(path), "--resume: no such folder: ", path);
   if (path_exists(join_path(path, "trainer_state.json"))) return path;
   int64_t best = -1;
   std::string best_path;
@@ -376,7 +385,7 @@ std::string find_latest_checkpoint(const std::string& path) {
       best_path = e.path().string();
     }
   }
-  DMX_CHECK_IO(best >= 0, "--resume: ", path, " holds no checkpoint-N folder with trainer_state.json");
+  DMX_CHECK_ARG(best >= 0, "--resume: ", path, " holds no checkpoint-N folder with trainer_state.json");
   return best_path;
 }
 
@@ -494,13 +503,50 @@ TrainResult Trainer::run() {
   TrainResult res;
   if (!cfg_.resume_from_checkpoint.empty()) {
     const std::string ck = find_latest_checkpoint(cfg_.resume_from_checkpoint);
-    const nlohmann::json js = nlohmann::json::parse(read_text_file(join_path(ck, "trainer_state.json"), "--resume"));
-    DMX_CHECK_FORMAT(js.value("recipe", "") == recipe_->name(), "--resume: ", ck, " is a checkpoint of recipe '",
-                     js.value("recipe", ""), "', this run is '", recipe_->name(), "'");
-    DMX_CHECK_FORMAT(js.value("world_size", 1) * js.value("train_batch_size", 1) == world * cfg_.train_batch_size,
-                     "--resume: ", ck, " was trained with a global batch of ",
-                     js.value("world_size", 1) * js.value("train_batch_size", 1), ", this run has ",
+    const std::string state_path = join_path(ck, "trainer_state.json");
+    nlohmann::json js;
+    try {
+      js = nlohmann::json::parse(read_text_file(state_path, "--resume", kMaxJsonFileBytes));
+    } catch (const nlohmann::json::exception& e) {
+      throw FormatError(detail::concat("--resume: ", state_path, " is not valid JSON: ", e.what()));
+    }
+    DMX_CHECK_FORMAT(js.is_object(), "--resume: ", state_path, " must be a JSON object");
+    // Every field read is checked for its type and range: a malformed file is a FormatError naming it.
+    auto integer = [&](const char* key, int64_t def, int64_t lo, int64_t hi) -> int64_t {
+      auto it = js.find(key);
+      if (it == js.end()) {
+        DMX_CHECK_FORMAT(def >= lo, "--resume: ", state_path, " has no '", key, "'");
+        return def;
+      }
+      DMX_CHECK_FORMAT(it->is_number_integer() && (it->is_number_unsigned() ? it->get<uint64_t>() <= uint64_t(hi)
+                                                                           : it->get<int64_t>() >= lo &&
+                                                                                 it->get<int64_t>() <= hi),
+                       "--resume: ", state_path, ": '", key, "' must be an integer in [", lo, ", ", hi, "], got ",
+                       it->dump());
+      return it->get<int64_t>();
+    };
+    auto text = [&](const char* key) -> std::string {
+      auto it = js.find(key);
+      if (it == js.end()) return "";
+      DMX_CHECK_FORMAT(it->is_string(), "--resume: ", state_path, ": '", key, "' must be a string, got ", it->dump());
+      return it->get<std::string>();
+    };
+    DMX_CHECK_FORMAT(text("recipe") == recipe_->name(), "--resume: ", ck, " is a checkpoint of recipe '",
+                     text("recipe"), "', this run is '", recipe_->name(), "'");
+    const int64_t ck_world = integer("world_size", 1, 1, 1 << 20), ck_batch = integer("train_batch_size", 1, 1, 1 << 20);
+    DMX_CHECK_FORMAT(ck_world * ck_batch == world * cfg_.train_batch_size, "--resume: ", ck,
+                     " was trained with a global batch of ", ck_world * ck_batch, ", this run has ",
                      world * cfg_.train_batch_size);
+    // The random stream continues from the checkpoint: another seed would match neither run.
+    if (auto it = js.find("seed"); it != js.end()) {
+      DMX_CHECK_FORMAT(it->is_number_unsigned() || (it->is_number_integer() && it->get<int64_t>() >= 0),
+                       "--resume: ", state_path, ": 'seed' must be an integer >= 0, got ", it->dump());
+      const uint64_t ck_seed = it->get<uint64_t>();
+      DMX_CHECK_ARG(ck_seed == cfg_.seed, "--resume: ", ck, " was trained with --seed ", ck_seed, ", this run has --seed ",
+                    cfg_.seed, ": resume with --seed ", ck_seed, " (a resumed run continues the checkpoint's random "
+                    "stream; another seed would match neither run)");
+    }
+    const int64_t ck_step = integer("global_step", -1, 0, int64_t(1) << 40);
     const io::TensorMap tp = io::load_safetensors(join_path(ck, "trainable.safetensors"));
     {
       at::NoGradGuard no_grad;
@@ -519,7 +565,7 @@ TrainResult Trainer::run() {
       if (k.rfind("recipe.", 0) == 0) extra[k.substr(7)] = v;
     recipe_->load_extra_state(extra);
     st.gen.set_state(need_entry(os, "rng_state", "--resume " + ck));
-    st.global_step = js.at("global_step").get<int64_t>();
+    st.global_step = ck_step;
     if (main) log_info("resumed from " + ck + " at step " + std::to_string(st.global_step));
   }
   res.first_step = st.global_step;

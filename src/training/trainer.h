@@ -47,6 +47,14 @@ const char* lr_schedule_name(LRSchedule s);
 enum class MixedPrecision { No, BF16 };
 MixedPrecision parse_mixed_precision(const std::string& s);  // no | fp32 | bf16
 
+// Size limits of a training step (docs/limits.md), checked with the options before anything loads: the
+// per-process batch of --batch-size images at --resolution^2 pixels holds at most kMaxBatchPixels pixels
+// (16 images at 512, 1024 at 64); larger effective batches come from --gradient-accumulation-steps.
+constexpr int kMaxBatchSize = 1024;
+constexpr int64_t kMaxBatchPixels = 2048ll * 2048;
+// InvalidArgument naming --batch-size, the rule and the limits.
+void check_batch_size(int64_t batch_size, int64_t resolution);
+
 struct TrainConfig {
   // Where the recipe writes its result (file or folder) and where checkpoints, the JSONL log and
   // validation images go (default: "<output>.train").
@@ -273,7 +281,7 @@ struct TrainResult {
 // A checkpoint folder's files: trainable.safetensors (parameters), optimizer.safetensors (AdamW + EMA +
 // recipe state + RNG state), trainer_state.json (counters, config summary). Written into a temporary
 // folder and renamed, so a checkpoint is complete or absent.
-std::string find_latest_checkpoint(const std::string& dir_or_checkpoint);  // IoError when none
+std::string find_latest_checkpoint(const std::string& dir_or_checkpoint);  // InvalidArgument when none
 
 class Trainer {
  public:

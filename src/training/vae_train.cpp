@@ -85,7 +85,7 @@ at::Tensor VAERecipe::predict(const at::Tensor&, const at::Tensor&, const at::Te
 void VAERecipe::save(const std::string& dir) {
   auto& m = models();
   nlohmann::ordered_json cfg =
-      nlohmann::ordered_json::parse(read_text_file(join_path(m.source_path, "vae/config.json"), "vae config"));
+      nlohmann::ordered_json::parse(read_text_file(join_path(m.source_path, "vae/config.json"), "vae config", kMaxJsonFileBytes));
   cfg["scaling_factor"] = 1.0 / latent_std();
   const std::string text = cfg.dump(2) + "\n";
   save_diffusers_folder(m.source_path, dir, *m.unet, nullptr, m.vae.get(), text);
