@@ -5,6 +5,7 @@
 
 #include <filesystem>
 
+#include "api/options_util.h"
 #include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "dmx/error.h"
@@ -34,8 +35,6 @@ ConvertReport convert_weights(const ConvertOptions& o) {
   DMX_CHECK_ARG(!o.input.empty(), "--input is required (a model folder or a .safetensors file)");
   DMX_CHECK_ARG(!o.output.empty(), "--output is required");
   DMX_CHECK_ARG(path_exists(o.input), "--input: path not found: '", o.input, "'");
-  DMX_CHECK_ARG(o.overwrite || !path_exists(o.output), "--output '", o.output,
-                "' already exists (choose a new path or pass --overwrite)");
   at::ScalarType dt;
   if (o.dtype == "fp16")
     dt = at::kHalf;
@@ -45,6 +44,18 @@ ConvertReport convert_weights(const ConvertOptions& o) {
     dt = at::kFloat;
   else
     throw InvalidArgument("--dtype must be fp16, bf16 or fp32, got '" + o.dtype + "'");
+  {
+    // A file becomes a file, a folder a folder of the same kind; never over or inside the input.
+    api::OutputPlan plan(o.overwrite);
+    plan.input(o.input, "--input");
+    std::string out = o.output;
+    while (out.size() > 1 && out.back() == '/') out.pop_back();
+    if (is_directory(o.input))
+      plan.folder(out, "--output", {"model_index.json", "config.json"}, "model folder");
+    else
+      plan.file(out, "--output", ".safetensors");
+    plan.prepare();
+  }
   ConvertReport r;
   if (!is_directory(o.input)) {
     DMX_CHECK_ARG(is_safetensors(o.input), "--input must be a folder or a .safetensors file, got '", o.input, "'");

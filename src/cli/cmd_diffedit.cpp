@@ -9,32 +9,36 @@
 namespace dmx::cli {
 
 int cmd_diffedit(int argc, char** argv) {
-  Args a("diffedit", {
-      {"model", "PATH", "diffusers folder or single-file .safetensors checkpoint (required)"},
-      {"image", "IMG", "the image to edit, PNG or JPEG, sides multiples of 8 (required)"},
-      {"source-prompt", "TEXT", "what the image shows (required)"},
-      {"target-prompt", "TEXT", "what the edited image should show (required)"},
-      {"output", "OUT.png", "edited image (required)"},
-      {"mask-output", "MASK.png", "also write the mask, at image size (latent size x VAE factor); white = edited"},
-      {"steps", "N", "DDIM steps of the mask, inversion and edit schedules (default 50)"},
-      {"encode-ratio", "R", "share of the schedule inverted and re-generated, in (0, 1] (default 0.8)"},
-      {"mask-threshold", "T", "mask_thresholding_ratio: clip the difference map at T x its mean, > 0 (default 3)"},
-      {"seed", "N", "random seed; draws like diffusers with torch.Generator(seed) through the 3 phases (default: random)"},
-      {"save-latents", "F.safetensors", "write the latents after the last edit step (tensor 'latents')"},
-      {"negative-prompt", "TEXT", "negative prompt of the mask and the edit (default: none)"},
-      {"guidance-scale", "G", "guidance of the mask and the edit (default 7.5)"},
-      {"inversion-guidance-scale", "G", "guidance of the inversion (default 1: conditional branch only)"},
-      {"num-maps", "N", "num_maps_per_mask: noise maps averaged for the mask (default 10)"},
-      {"mask-encode-strength", "S", "noise level of the mask estimate, in (0, 1] (default 0.5)"},
-      {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
-      {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
-      {"threads", "N", "CPU threads (default: all cores)"},
-      {"dtype", "T", "fp32|bf16|fp16 (default fp32)"},
-      {"device", "D", "cpu|cuda (default cpu)"},
-      {"quiet", "", "no progress output"},
-      {"verbose", "", "timings and stack traces"},
-      {"help", "", "show this help"},
-  });
+  Args a(
+      "diffedit",
+      {
+          {"model", "PATH", "diffusers folder or single-file .safetensors checkpoint (required)"},
+          {"image", "IMG", "the image to edit, PNG or JPEG, sides multiples of 8 (required)"},
+          {"source-prompt", "TEXT", "what the image shows (required)"},
+          {"target-prompt", "TEXT", "what the edited image should show (required)"},
+          {"output", "OUT.png", "edited image (required)"},
+          {"mask-output", "MASK.png", "also write the mask, at image size (latent size x VAE factor); white = edited"},
+          {"steps", "N", "DDIM steps of the mask, inversion and edit schedules (default 50)"},
+          {"encode-ratio", "R", "share of the schedule inverted and re-generated, in (0, 1] (default 0.8)"},
+          {"mask-threshold", "T", "mask_thresholding_ratio: clip the difference map at T x its mean, > 0 (default 3)"},
+          {"seed", "N",
+           "random seed; draws like diffusers with torch.Generator(seed) through the 3 phases (default: random)"},
+          {"save-latents", "F.safetensors", "write the latents after the last edit step (tensor 'latents')"},
+          {"negative-prompt", "TEXT", "negative prompt of the mask and the edit (default: none)"},
+          {"guidance-scale", "G", "guidance of the mask and the edit (default 7.5)"},
+          {"inversion-guidance-scale", "G", "guidance of the inversion (default 1: conditional branch only)"},
+          {"num-maps", "N", "num_maps_per_mask: noise maps averaged for the mask (default 10)"},
+          {"mask-encode-strength", "S", "noise level of the mask estimate, in (0, 1] (default 0.5)"},
+          {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
+          {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
+          {"threads", "N", "CPU threads (default: all cores)"},
+          {"dtype", "T", "fp32|bf16|fp16 (default fp32)"},
+          {"device", "D", "cpu|cuda (default cpu)"},
+          {"overwrite", "", "replace outputs that already exist (never an input)"},
+          {"quiet", "", "no progress output"},
+          {"verbose", "", "timings and stack traces"},
+          {"help", "", "show this help"},
+      });
   a.parse(argc, argv, 2);
   if (a.has("help")) {
     std::printf("%s", a.help().c_str());
@@ -75,6 +79,7 @@ int cmd_diffedit(int argc, char** argv) {
   o.device = a.str("device", o.device);
   o.progress = !a.has("quiet");
   o.verbose = a.has("verbose");
+  o.overwrite = a.has("overwrite");
   DMX_CHECK_ARG(!(a.has("quiet") && o.verbose), "--quiet and --verbose cannot be used together");
   const DiffEditResult r = diffedit(o);
   if (o.progress) {

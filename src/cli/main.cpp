@@ -46,54 +46,61 @@ const char* kUsage =
 
 int cmd_generate(int argc, char** argv) {
   using dmx::cli::OptionSpec;
-  dmx::cli::Args a("generate", {
-      {"model", "PATH", "diffusers folder or single-file .safetensors checkpoint (required)"},
-      {"prompt", "TEXT", "what to draw (required)"},
-      {"output", "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)"},
-      {"negative-prompt", "TEXT", "what to steer away from (default: empty)"},
-      {"width", "W", "image width, a multiple of 8 (default: the model's size)"},
-      {"height", "H", "image height, a multiple of 8 (default: the model's size)"},
-      {"steps", "N", "denoising steps (default 50)"},
-      {"guidance-scale", "G", "classifier-free guidance scale; <= 1 disables guidance (default 7.5)"},
-      {"scheduler", "NAME", "ddim|ddpm|pndm|euler|euler_a|heun|lms|dpmpp_2m|dpmpp_2m_karras (default: the model's)"},
-      {"eta", "E", "DDIM eta in [0, 1] (default 0)"},
-      {"seed", "N", "random seed, any 64-bit value; same seed = same image as diffusers (default: random)"},
-      {"num-images", "N", "images per prompt (default 1)"},
-      {"init-image", "IMG", "start from this image (img2img)"},
-      {"strength", "S", "img2img: how much to change the image, in [0, 1] (default 0.8; with --mask 1.0)"},
-      {"mask", "MASK", "edit only inside this mask of --init-image (8-bit gray/RGB, white = edit): blended latents"},
-      {"background", "MODE", "with --mask: latent|pixel|poisson|optimize-latents|finetune-decoder (default latent)"},
-      {"blend-start", "F", "with --mask: fraction of steps before blending starts, in [0, 1) (default 0)"},
-      {"mask-dilation", "N", "with --mask: progressive mask shrinking from N dilations (default 0)"},
-      {"blend-variant", "V", "with --mask: inpaint (diffusers' inpaint) | legacy (InpaintPipelineLegacy)"},
-      {"rank", "", "with --mask: write the samples best first by a diffusion-classifier score"},
-      {"init-latents", "F.safetensors", "initial noise (tensor 'latents', before init_noise_sigma)"},
-      {"save-latents", "F.safetensors", "write the final latents (tensor 'latents')"},
-      {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
-      {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
-      {"clip-skip", "N", "skip the last N text-encoder layers (default 0)"},
-      {"threads", "N", "CPU threads (default: all cores)"},
-      {"dtype", "T", "fp32|bf16|fp16 (default fp32)"},
-      {"device", "D", "cpu|cuda (default cpu)"},
-      {"lora", "FILE[:SCALE]", "apply a LoRA (diffusers, PEFT, kohya/A1111, LyCORIS); repeatable; scale default 1", true},
-      {"lora-mode", "MODE", "runtime|merged (default merged; both give the same result)"},
-      {"lora-dir", "DIR", "folder for <lora:NAME:WEIGHT> tags in the prompt (NAME.safetensors)"},
-      {"lora-allow-unmatched", "", "skip LoRA keys that match no layer (counted warning) instead of failing"},
-      {"controlnet", "PATH", "ControlNet: diffusers folder or control_model.* .safetensors (repeatable)", true},
-      {"control-image", "IMG", "conditioning map for the n-th --controlnet (repeatable, one per net)", true},
-      {"control-scale", "X", "conditioning scale per net (repeatable; default 1.0)", true},
-      {"control-start", "A", "fraction of steps before which the net is off (repeatable; default 0)", true},
-      {"control-end", "B", "fraction of steps after which the net is off (repeatable; default 1)", true},
-      {"control-preprocess", "MODE", "none|canny: turn --control-image into the map (once, or per net)", true},
-      {"canny-low", "L", "Canny low threshold (default 100)"},
-      {"canny-high", "H", "Canny high threshold (default 200)"},
-      {"guess-mode", "", "ControlNet guess mode (nets see the conditional half only)"},
-      {"save-control-image", "OUT.png", "write the prepared control map(s) (several nets: OUT-0.png ...)"},
-      {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
-      {"quiet", "", "no progress output"},
-      {"verbose", "", "timings and stack traces"},
-      {"help", "", "show this help"},
-  });
+  dmx::cli::Args a(
+      "generate",
+      {
+          {"model", "PATH", "diffusers folder or single-file .safetensors checkpoint (required)"},
+          {"prompt", "TEXT", "what to draw (required)"},
+          {"output", "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)"},
+          {"negative-prompt", "TEXT", "what to steer away from (default: empty)"},
+          {"width", "W", "image width, a multiple of 8 (default: the model's size)"},
+          {"height", "H", "image height, a multiple of 8 (default: the model's size)"},
+          {"steps", "N", "denoising steps (default 50)"},
+          {"guidance-scale", "G", "classifier-free guidance scale; <= 1 disables guidance (default 7.5)"},
+          {"scheduler", "NAME",
+           "ddim|ddpm|pndm|euler|euler_a|heun|lms|dpmpp_2m|dpmpp_2m_karras (default: the model's)"},
+          {"eta", "E", "DDIM eta in [0, 1] (default 0)"},
+          {"seed", "N", "random seed, any 64-bit value; same seed = same image as diffusers (default: random)"},
+          {"num-images", "N", "images per prompt (default 1)"},
+          {"init-image", "IMG", "start from this image (img2img)"},
+          {"strength", "S", "img2img: how much to change the image, in [0, 1] (default 0.8; with --mask 1.0)"},
+          {"mask", "MASK",
+           "edit only inside this mask of --init-image (8-bit gray/RGB, white = edit): blended latents"},
+          {"background", "MODE",
+           "with --mask: latent|pixel|poisson|optimize-latents|finetune-decoder (default latent)"},
+          {"blend-start", "F", "with --mask: fraction of steps before blending starts, in [0, 1) (default 0)"},
+          {"mask-dilation", "N", "with --mask: progressive mask shrinking from N dilations (default 0)"},
+          {"blend-variant", "V", "with --mask: inpaint (diffusers' inpaint) | legacy (InpaintPipelineLegacy)"},
+          {"rank", "", "with --mask: write the samples best first by a diffusion-classifier score"},
+          {"init-latents", "F.safetensors", "initial noise (tensor 'latents', before init_noise_sigma)"},
+          {"save-latents", "F.safetensors", "write the final latents (tensor 'latents')"},
+          {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
+          {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
+          {"clip-skip", "N", "skip the last N text-encoder layers (default 0)"},
+          {"threads", "N", "CPU threads (default: all cores)"},
+          {"dtype", "T", "fp32|bf16|fp16 (default fp32)"},
+          {"device", "D", "cpu|cuda (default cpu)"},
+          {"lora", "FILE[:SCALE]", "apply a LoRA (diffusers, PEFT, kohya/A1111, LyCORIS); repeatable; scale default 1",
+           true},
+          {"lora-mode", "MODE", "runtime|merged (default merged; both give the same result)"},
+          {"lora-dir", "DIR", "folder for <lora:NAME:WEIGHT> tags in the prompt (NAME.safetensors)"},
+          {"lora-allow-unmatched", "", "skip LoRA keys that match no layer (counted warning) instead of failing"},
+          {"controlnet", "PATH", "ControlNet: diffusers folder or control_model.* .safetensors (repeatable)", true},
+          {"control-image", "IMG", "conditioning map for the n-th --controlnet (repeatable, one per net)", true},
+          {"control-scale", "X", "conditioning scale per net (repeatable; default 1.0)", true},
+          {"control-start", "A", "fraction of steps before which the net is off (repeatable; default 0)", true},
+          {"control-end", "B", "fraction of steps after which the net is off (repeatable; default 1)", true},
+          {"control-preprocess", "MODE", "none|canny: turn --control-image into the map (once, or per net)", true},
+          {"canny-low", "L", "Canny low threshold (default 100)"},
+          {"canny-high", "H", "Canny high threshold (default 200)"},
+          {"guess-mode", "", "ControlNet guess mode (nets see the conditional half only)"},
+          {"save-control-image", "OUT.png", "write the prepared control map(s) (several nets: OUT-0.png ...)"},
+          {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
+          {"overwrite", "", "replace outputs that already exist (never an input)"},
+          {"quiet", "", "no progress output"},
+          {"verbose", "", "timings and stack traces"},
+          {"help", "", "show this help"},
+      });
   a.parse(argc, argv, 2);
   if (a.has("help")) {
     std::printf("%s", a.help().c_str());
@@ -101,7 +108,10 @@ int cmd_generate(int argc, char** argv) {
   }
   g_verbose = a.has("verbose");
   dmx::GenerateOptions o;
-  if (a.has("from")) o = dmx::parse_parameters(dmx::read_image_parameters(a.str("from")));
+  if (a.has("from")) {
+    o = dmx::parse_parameters(dmx::read_image_parameters(a.str("from")));
+    o.from = a.str("from");
+  }
   DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a .safetensors file)");
   DMX_CHECK_ARG(a.has("prompt") || a.has("from"), "--prompt is required");
   DMX_CHECK_ARG(a.has("output"), "--output is required (a .png path)");
@@ -175,6 +185,7 @@ int cmd_generate(int argc, char** argv) {
   o.guess_mode = a.has("guess-mode");
   o.save_control_image = a.str("save-control-image");
   o.verbose = a.has("verbose");
+  o.overwrite = a.has("overwrite");
   DMX_CHECK_ARG(!(o.progress == false && o.verbose), "--quiet and --verbose cannot be used together");
   dmx::GenerateResult r = dmx::generate(o);
   if (!a.has("quiet")) {
@@ -189,20 +200,23 @@ int cmd_generate(int argc, char** argv) {
 }
 
 int cmd_bench(int argc, char** argv) {
-  dmx::cli::Args a("bench", {
-      {"preset", "NAME", "sd15|sd21|tiny: architecture to build with random weights (default sd15)"},
-      {"width", "W", "image width (default: the preset's size)"},
-      {"height", "H", "image height (default: the preset's size)"},
-      {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
-      {"device", "D", "cpu|cuda[:N] (default cpu)"},
-      {"threads", "N", "CPU threads (default: all cores)"},
-      {"runs", "N", "timed runs per stage after one warm-up; the median is reported (default 3)"},
-      {"json", "", "print one JSON object on one line"},
-      {"nchw", "", "run convolutions NCHW instead of the default channels-last (for comparison)"},
-      {"profile", "PREFIX", "also write op traces of one step and one decode: PREFIX.unet.json, PREFIX.vae.json"},
-      {"verbose", "", "stack traces"},
-      {"help", "", "show this help"},
-  });
+  dmx::cli::Args a(
+      "bench",
+      {
+          {"preset", "NAME", "sd15|sd21|tiny: architecture to build with random weights (default sd15)"},
+          {"width", "W", "image width (default: the preset's size)"},
+          {"height", "H", "image height (default: the preset's size)"},
+          {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
+          {"device", "D", "cpu|cuda[:N] (default cpu)"},
+          {"threads", "N", "CPU threads (default: all cores)"},
+          {"runs", "N", "timed runs per stage after one warm-up; the median is reported (default 3)"},
+          {"json", "", "print one JSON object on one line"},
+          {"nchw", "", "run convolutions NCHW instead of the default channels-last (for comparison)"},
+          {"profile", "PREFIX", "also write op traces of one step and one decode: PREFIX.unet.json, PREFIX.vae.json"},
+          {"overwrite", "", "replace existing --profile traces"},
+          {"verbose", "", "stack traces"},
+          {"help", "", "show this help"},
+      });
   a.parse(argc, argv, 2);
   if (a.has("help")) {
     std::printf("%s", a.help().c_str());
@@ -217,6 +231,7 @@ int cmd_bench(int argc, char** argv) {
   o.threads = static_cast<int>(a.integer("threads", 0, 1, 1024));
   o.runs = static_cast<int>(a.integer("runs", o.runs, 1, 1000));
   o.profile = a.str("profile");
+  o.overwrite = a.has("overwrite");
   o.channels_last = !a.has("nchw");
   const dmx::BenchResult r = dmx::bench(o);
   if (a.has("json"))
@@ -261,6 +276,9 @@ int main(int argc, char** argv) {
     }
     std::fprintf(stderr, "error: unknown command '%s'\n%s", cmd.c_str(), kUsage);
     return 2;
+  } catch (const dmx::SystemError& e) {  // a full disk, a quota, an I/O error: not the input's fault
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
   } catch (const dmx::InvalidArgument& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;
