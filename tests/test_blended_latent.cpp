@@ -338,7 +338,7 @@ struct CliFiles {
 };
 
 CliFiles write_inputs(const RefCase& ref) {
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("blended-cli-inputs");
   CliFiles f{dir + "/bld-image.png", dir + "/bld-mask.png", dir + "/bld-mask-small.png", dir + "/bld-mask-bad.png"};
   save_png(f.image, u8_image(ref["input.image_u8"]));
   Image m = u8_image(ref["input.mask_u8"]);
@@ -356,7 +356,7 @@ TEST(BlendedLatentCli, SeededMaskRunMatchesPipelineAndRanks) {
   DMX_REQUIRE_FIXTURES();
   RefCase ref = load_ref("sd15", "inpaint_blend");
   const CliFiles f = write_inputs(ref);
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("BlendedLatentCli-SeededMaskRunMatchesPipelineAndRanks");
   const std::string out = dir + "/bld-out.png", lat = dir + "/bld-out.safetensors";
   CliRun r = dmx_run({"generate", "--model", fixture_model("sd15"), "--prompt", ref.meta["prompt"].get<std::string>(),
                       "--negative-prompt", ref.meta["negative_prompt"].get<std::string>(), "--init-image", f.image,
@@ -395,7 +395,7 @@ TEST(BlendedLatentCli, WidthHeightResizeLikeDiffusersInpaint) {
   DMX_REQUIRE_FIXTURES();
   RefCase ref = load_ref("sd15", "inpaint_blend");
   const CliFiles f = write_inputs(ref);
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("BlendedLatentCli-WidthHeightResizeLikeDiffusersInpaint");
   const std::string out = dir + "/bld-resized.png", lat = dir + "/bld-resized.safetensors";
   const std::vector<std::string> base = {"generate", "--model", fixture_model("sd15"), "--prompt",
                                          ref.meta["prompt"].get<std::string>(), "--strength", "0.75", "--steps", "4",

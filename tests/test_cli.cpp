@@ -61,7 +61,7 @@ TEST(Cli, BadArgumentsExit2WithNoOutput) {
 
 TEST(Cli, BadFilesExit2WithNoOutput) {
   DMX_REQUIRE_FIXTURES();
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("Cli-BadFilesExit2WithNoOutput");
   const std::string out = dir + "/cli-badfile.png";
   std::ofstream(dir + "/notimage.png") << "garbage";
   expect_error({"generate", "--model", model(), "--prompt", "x", "--output", out, "--init-image", dir + "/notimage.png"},
@@ -79,7 +79,7 @@ TEST(Cli, BadFilesExit2WithNoOutput) {
 
 TEST(Cli, SeededRunReproducesAndWritesMetadata) {
   DMX_REQUIRE_FIXTURES();
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("Cli-SeededRunReproducesAndWritesMetadata");
   const std::vector<std::string> args = {"generate", "--model", model(), "--prompt", "a café ☕ at night",
                                          "--steps", "3", "--seed", "2718281828", "--width", "48", "--height", "32",
                                          "--scheduler", "euler_a", "--quiet"};
@@ -106,7 +106,7 @@ TEST(Cli, SeededRunReproducesAndWritesMetadata) {
 
 TEST(Cli, InitLatentsRoundTripAndNumImages) {
   DMX_REQUIRE_FIXTURES();
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("Cli-InitLatentsRoundTripAndNumImages");
   io::save_safetensors(dir + "/noise.safetensors", {{"latents", at::randn({2, 4, 8, 8})}});
   CliRun r = dmx_run({"generate", "--model", model(), "--prompt", "x", "--steps", "2", "--num-images", "2", "--width", "64",
                    "--height", "64", "--init-latents", dir + "/noise.safetensors", "--output", dir + "/multi.png",
@@ -122,7 +122,7 @@ namespace dmx::test {
 namespace {
 TEST(Cli, SingleFileCheckpointMatchesDiffusersFolder) {
   DMX_REQUIRE_FIXTURES();
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("Cli-SingleFileCheckpointMatchesDiffusersFolder");
   const std::string folder = fixture_model("sd15");
   const std::string single = folder + "/ldm/sd15.safetensors";
   const std::vector<std::string> common = {"--prompt", "a lighthouse", "--steps", "3", "--seed", "7", "--quiet"};
@@ -175,7 +175,7 @@ TEST(Metadata, ParsesA1111Parameters) {
 
 TEST(Cli, InfoAndFromReproduceTheImage) {
   DMX_REQUIRE_FIXTURES();
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("Cli-InfoAndFromReproduceTheImage");
   CliRun r = dmx_run({"generate", "--model", model(), "--prompt", "a blue bird", "--negative-prompt", "fog", "--steps",
                    "3", "--seed", "99", "--scheduler", "dpmpp_2m_karras", "--width", "40", "--height", "56",
                    "--output", dir + "/orig.png", "--quiet"});

@@ -436,7 +436,7 @@ std::string write_control_png(const std::string& dir, const std::string& variant
 
 TEST(ControlNetCli, GenerateWithControlNetAndCanny) {
   DMX_REQUIRE_FIXTURES();
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("ControlNetCli-GenerateWithControlNetAndCanny");
   const std::string control = write_control_png(dir, "sd15");
   const std::vector<std::string> base = {"generate", "--model", fixture_model("sd15"), "--prompt", "a house",
                                          "--steps", "3", "--seed", "5", "--quiet"};
@@ -503,7 +503,7 @@ TEST(ControlNetCli, GenerateWithControlNetAndCanny) {
 
 TEST(ControlNetCli, ErrorsExit2) {
   DMX_REQUIRE_FIXTURES();
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("ControlNetCli-ErrorsExit2");
   const std::string control = write_control_png(dir, "sd15");
   const std::string out = dir + "/never.png";
   std::ofstream(dir + "/bad.png") << "garbage";

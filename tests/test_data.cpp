@@ -1,6 +1,7 @@
 // `dmx data emoji` on a small emoji-datasource package built here in the real format (emoji.json + 64-px
 // RGBA PNGs), and on the installed npm packages when they are present.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -146,14 +147,15 @@ TEST(DataEmoji, BadInputIsRejectedAndNothingIsLeftBehind) {
     EXPECT_NE(std::string(e.what()).find("emoji image"), std::string::npos) << e.what();
   }
   EXPECT_FALSE(path_exists(o.out));
-  EXPECT_FALSE(path_exists(o.out + ".partial"));
+  EXPECT_FALSE(path_exists(o.out + ".tmp." + std::to_string(::getpid())));
   o.heldout_fraction = 0.5;
   EXPECT_THROW(build_emoji_dataset(o), InvalidArgument);
   o.heldout_fraction = 0.02;
   o.caption_format = "{nam}";
   EXPECT_THROW(build_emoji_dataset(o), InvalidArgument);
   o.caption_format = "{name}";
-  o.out = tmp;  // exists
+  o.out = join_path(tmp, "emoji_exists");  // exists
+  std::filesystem::create_directories(o.out);
   try {
     build_emoji_dataset(o);
     FAIL();
@@ -218,7 +220,7 @@ TEST(DataEmoji, OnlyWithUnknownNamesFailsNamingThem) {
     EXPECT_EQ(m.find("'thing1'"), std::string::npos) << m;
   }
   EXPECT_FALSE(path_exists(o.out));
-  EXPECT_FALSE(path_exists(o.out + ".partial"));
+  EXPECT_FALSE(path_exists(o.out + ".tmp." + std::to_string(::getpid())));
   // The CLI: exit 2 naming the bad name, nothing written; an empty item is an error too.
   auto r = dmx::test::dmx_run({"data", "emoji", "--source", o.source, "--out", o.out, "--only", "thing2,nope"});
   EXPECT_EQ(r.code, 2) << r.output;

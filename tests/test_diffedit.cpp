@@ -511,7 +511,7 @@ TEST(DiffEditCli, BadInputExitsTwoNamingTheFlag) {
 TEST(DiffEditCli, SeededRunMatchesPipelineAndWritesOutputs) {
   DMX_REQUIRE_FIXTURES();
   const std::string image = write_input_png("diffedit-in2.png");
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("DiffEditCli-SeededRunMatchesPipelineAndWritesOutputs");
   auto args = diffedit_args(image, dir + "/de.png");
   for (const char* extra : {"--seed", "77", "--mask-output", "", "--save-latents", ""}) args.push_back(extra);
   args[args.size() - 3] = dir + "/de-mask.png";

@@ -490,7 +490,8 @@ TEST(HardeningCli, ModelPaths) {
   const std::string dir = fresh_dir("paths");
   const std::string out = dir + "/o.png";
   expect_rejected(gen(out, {}, "/nonexistent/model"), {"--model", "not found", "/nonexistent/model"}, dir);
-  expect_rejected(gen(out, {}, dir), {"--model", "is not a diffusers folder"}, dir);
+  const std::string not_a_model = fresh_dir("paths-not-a-model");  // beside the output: outputs never go into inputs
+  expect_rejected(gen(out, {}, not_a_model), {"--model", "is not a diffusers folder"}, dir);
   expect_rejected(gen(out, {"--config", model()}), {"--config applies to a single-file checkpoint"}, dir);
   expect_rejected(gen(out, {"--config", "/nonexistent/cfg"}, model() + "/ldm/sd15.safetensors"),
                   {"--config", "/nonexistent/cfg"}, dir);

@@ -568,7 +568,7 @@ TEST(LoRACli, KohyaAtScale07MatchesIndependentManualMerge) {
   DMX_REQUIRE_FIXTURES();
   const std::string variant = "sd15";
   RefCase ref = load_ref(variant, "lora");
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("LoRACli-KohyaAtScale07MatchesIndependentManualMerge");
   io::save_safetensors(dir + "/noise.safetensors", {{"latents", ref["scale1.0.txt2img.input.latents"]}});
   const auto& meta = ref.meta["txt2img_scale1.0"];
   const std::string prompt = meta["prompt"].get<std::string>(), neg = meta["negative_prompt"].get<std::string>();
@@ -646,7 +646,7 @@ TEST(LoRACli, KohyaAtScale07MatchesIndependentManualMerge) {
 
 TEST(LoRACli, BadLoRAInputsExit2) {
   DMX_REQUIRE_FIXTURES();
-  const std::string dir = temp_dir();
+  const std::string dir = temp_subdir("LoRACli-BadLoRAInputsExit2");
   io::TensorMap t = io::load_safetensors(lora_file("test", "kohya"));
   t["lora_unet_not_a_layer.lora_up.weight"] = at::zeros({4, 4});
   io::save_safetensors(dir + "/extra.safetensors", t);

@@ -1,5 +1,6 @@
 #include "test_util.h"
 
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -32,6 +33,12 @@ std::string temp_dir() {
     dir = p;
   }
   return dir;
+}
+
+std::string temp_subdir(const std::string& name) {
+  const std::string d = temp_dir() + "/" + name;
+  ::mkdir(d.c_str(), 0755);
+  return d;
 }
 
 const at::Tensor& RefCase::operator[](const std::string& name) const {

@@ -17,6 +17,9 @@ bool fixtures_available();
 std::string fixtures_dir();                              // <shared>/fixtures/sd-tiny
 std::string fixture_model(const std::string& variant);   // <fixtures>/models/<variant>
 std::string temp_dir();                                  // a fresh per-process scratch folder
+// temp_dir()/name, created: a test's own folder, so that outputs of different tests never meet (an existing
+// output is an error without --overwrite).
+std::string temp_subdir(const std::string& name);
 
 struct RefCase {
   nlohmann::json meta;

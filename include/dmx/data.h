@@ -44,7 +44,7 @@ std::string default_emoji_source();
 //      "name": ..., "short_name": ..., "category": ..., "subcategory": ...}
 //   images/ (RGB on the plain background), edges/ (Canny of the image), masks/ (alpha >= 128 -> 255)
 // plus out/concepts.json (every concept, its split and styles) and out/README.md (sources, licences).
-// The folder is built under out + ".partial" and renamed at the end. Held-out concepts are the same for every
+// The folder is built under out + ".tmp.<pid>" and renamed at the end. Held-out concepts are the same for every
 // style, chosen deterministically (every k-th concept in emoji.json's sort order, k = round(1 / fraction)).
 EmojiDataReport build_emoji_dataset(const EmojiDataOptions& o);
 }  // namespace dmx
@@ -54,7 +54,8 @@ namespace dmx {
 // special_tokens_map.json) from the captions of image-caption folders (metadata.jsonl rows or name.txt files).
 struct TokenizerTrainOptions {
   std::vector<std::string> data;  // folders with metadata.jsonl (caption_column) or *.txt captions
-  std::string output;             // tokenizer folder to write
+  std::string output;             // tokenizer folder to write (written whole, then renamed)
+  bool overwrite = false;         // replace an existing tokenizer folder
   std::string caption_column = "text";
   int vocab_size = 4096;  // >= 514
   int min_frequency = 1;

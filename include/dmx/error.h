@@ -31,6 +31,12 @@ class Unsupported : public Error {
  public:
   using Error::Error;
 };
+// The system failed an operation the input did not cause: the disk or a quota is full, a file grew past
+// the process's size limit, an I/O error. Not invalid input: the CLI exits 1 for it (2 is for bad input).
+class SystemError : public Error {
+ public:
+  using Error::Error;
+};
 
 // `s` made safe to print on a terminal: valid UTF-8 text stays as it is, but control characters (other than
 // newline and tab: ESC, CR, DEL, the C1 range) and bidirectional overrides are written as \xNN / \uNNNN and

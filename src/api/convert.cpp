@@ -6,6 +6,7 @@
 #include <cctype>
 #include <filesystem>
 
+#include "api/options_util.h"
 #include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "dmx/error.h"
@@ -83,8 +84,6 @@ ConvertReport convert_weights(const ConvertOptions& o) {
                 "file: .ckpt, .pt, .pth, .bin)");
   DMX_CHECK_ARG(!o.output.empty(), "--output is required");
   DMX_CHECK_ARG(path_exists(o.input), "--input: path not found: '", o.input, "'");
-  DMX_CHECK_ARG(o.overwrite || !path_exists(o.output), "--output '", o.output,
-                "' already exists (choose a new path or pass --overwrite)");
   at::ScalarType dt;
   if (o.dtype == "fp16")
     dt = at::kHalf;
@@ -96,19 +95,33 @@ ConvertReport convert_weights(const ConvertOptions& o) {
     dt = at::ScalarType::Undefined;
   else
     throw InvalidArgument("--dtype must be fp16, bf16, fp32 or keep, got '" + o.dtype + "'");
+  const bool folder_in = is_directory(o.input);
+  const bool pickle_in =
+      !folder_in && !is_safetensors(o.input) && (is_pickle_name(o.input) || io::looks_like_torch_file(o.input));
+  if (!folder_in && !is_safetensors(o.input) && !pickle_in)
+    throw InvalidArgument(detail::concat("--input must be a folder, a .safetensors file or a torch.save file "
+                                         "(.ckpt, .pt, .pth, .bin), got '", o.input, "'"));
+  if (pickle_in)
+    DMX_CHECK_ARG(is_safetensors(o.output), "--output must name a .safetensors file when --input is a torch.save "
+                  "file, got '", o.output, "'");
+  {
+    // A file becomes a file, a folder a folder of the same kind; never over or inside the input.
+    api::OutputPlan plan(o.overwrite);
+    plan.input(o.input, "--input");
+    std::string out = o.output;
+    while (out.size() > 1 && out.back() == '/') out.pop_back();
+    if (folder_in)
+      plan.folder(out, "--output", {"model_index.json", "config.json"}, "model folder");
+    else
+      plan.file(out, "--output", ".safetensors");
+    plan.prepare();
+  }
   ConvertReport r;
-  if (!is_directory(o.input)) {
-    // save_safetensors writes atomically
-    if (is_safetensors(o.input)) {
-      convert_file(o.input, o.output, dt, o.dtype, &r);
-    } else if (is_pickle_name(o.input) || io::looks_like_torch_file(o.input)) {
-      DMX_CHECK_ARG(is_safetensors(o.output), "--output must name a .safetensors file when --input is a torch.save "
-                    "file, got '", o.output, "'");
+  if (!folder_in) {  // save_safetensors writes atomically
+    if (pickle_in)
       convert_pickle(o.input, o.output, dt, o.dtype, &r);
-    } else {
-      throw InvalidArgument(detail::concat("--input must be a folder, a .safetensors file or a torch.save file "
-                                           "(.ckpt, .pt, .pth, .bin), got '", o.input, "'"));
-    }
+    else
+      convert_file(o.input, o.output, dt, o.dtype, &r);
     return r;
   }
   write_directory_atomic(o.output, "the converted model", [&](const std::string& tmp) {

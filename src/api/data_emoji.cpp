@@ -11,6 +11,8 @@
 #include <map>
 #include <set>
 
+#include "api/options_util.h"
+#include "core/atomic_dir.h"
 #include "core/canny.h"
 #include "core/fs.h"
 #include "core/image.h"
@@ -192,8 +194,14 @@ EmojiDataReport build_emoji_dataset(const EmojiDataOptions& in) {
   for (const auto& s : o.styles)
     DMX_CHECK_ARG(s == "google" || s == "twitter" || s == "apple" || s == "facebook",
                   "--style must be google, twitter, apple or facebook, got '", s, "'");
-  DMX_CHECK_ARG(o.overwrite || !path_exists(o.out), "--out '", o.out,
-                "' already exists (choose a new folder or pass --overwrite)");
+  {
+    api::OutputPlan plan(o.overwrite);
+    plan.input(o.source, "--source");
+    std::string out = o.out;
+    while (out.size() > 1 && out.back() == '/') out.pop_back();
+    plan.folder(out, "--out", {"concepts.json"}, "emoji data folder");
+    plan.prepare();
+  }
   caption(o.caption_format, Concept{}, "x");  // validate the format before any work
   for (const auto& f : o.extra_caption_formats) caption(f, Concept{}, "x");
 
@@ -205,96 +213,83 @@ EmojiDataReport build_emoji_dataset(const EmojiDataOptions& in) {
   }
   if (!o.only.empty()) concepts = select_only(concepts, o.only);
 
-  const std::string tmp = o.out + ".partial";
-  std::error_code ec;
-  fs::remove_all(tmp, ec);
   EmojiDataReport rep;
   rep.out = o.out;
   rep.concepts = static_cast<int>(concepts.size());
   for (const auto& c : concepts)
     if (c.heldout) rep.heldout.push_back(c.name);
 
-  struct RemoveOnFailure {
-    std::string dir;
-    bool armed = true;
-    ~RemoveOnFailure() {
-      std::error_code e;
-      if (armed) fs::remove_all(dir, e);
-    }
-  } cleanup{tmp};
-  int total = 0;
-  for (const auto& s : o.styles)
-    for (const auto& c : concepts) total += c.has.at(s) ? 1 : 0;
-  ProgressBar bar("emoji", o.progress ? total : 0);
-  for (const auto& style : o.styles) {
-    const std::string img_dir = join_path(join_path(join_path(package_dir(o.source, style), "img"), style), "64");
-    DMX_CHECK_ARG(is_directory(img_dir), "--source: missing image folder '", img_dir,
-                 "' (install the npm package emoji-datasource-", style, ")");
-    for (const char* split : {"train", "heldout"}) {
-      const std::string dir = join_path(join_path(tmp, style), split);
-      for (const char* sub : {"images", "edges", "masks"}) fs::create_directories(join_path(dir, sub));
-      std::string jsonl;
-      for (const auto& c : concepts) {
-        if (!c.has.at(style) || c.heldout != (std::string(split) == "heldout")) continue;
-        const Image src = load_image(join_path(img_dir, c.image), "emoji image");
-        Image rgb, mask;
-        prepare(src, o.size, o.background, rgb, mask);
-        const Image edges = canny_edges(rgb, o.canny_low, o.canny_high);
-        const std::string fn = file_name_for(c);
-        save_png(join_path(join_path(dir, "images"), fn), rgb);
-        save_png(join_path(join_path(dir, "edges"), fn), to_gray(edges));
-        save_png(join_path(join_path(dir, "masks"), fn), mask);
-        nlohmann::json row = {{"file_name", "images/" + fn},
-                              {"text", caption(o.caption_format, c, style)},
-                              {"conditioning_image", "edges/" + fn},
-                              {"mask", "masks/" + fn},
-                              {"name", c.name},
-                              {"short_name", c.short_name},
-                              {"category", c.category},
-                              {"subcategory", c.subcategory},
-                              {"style", style}};
-        jsonl += row.dump() + "\n";
-        for (const auto& f : o.extra_caption_formats) {  // the same image again under another caption
-          row["text"] = caption(f, c, style);
+  // Built in <out>.tmp.<pid> (removed on failure or a signal) and renamed at the end.
+  write_directory_atomic(o.out, "the emoji data folder", [&](const std::string& tmp) {
+    int total = 0;
+    for (const auto& s : o.styles)
+      for (const auto& c : concepts) total += c.has.at(s) ? 1 : 0;
+    ProgressBar bar("emoji", o.progress ? total : 0);
+    for (const auto& style : o.styles) {
+      const std::string img_dir = join_path(join_path(join_path(package_dir(o.source, style), "img"), style), "64");
+      DMX_CHECK_ARG(is_directory(img_dir), "--source: missing image folder '", img_dir,
+                    "' (install the npm package emoji-datasource-", style, ")");
+      for (const char* split : {"train", "heldout"}) {
+        const std::string dir = join_path(join_path(tmp, style), split);
+        for (const char* sub : {"images", "edges", "masks"}) fs::create_directories(join_path(dir, sub));
+        std::string jsonl;
+        for (const auto& c : concepts) {
+          if (!c.has.at(style) || c.heldout != (std::string(split) == "heldout")) continue;
+          const Image src = load_image(join_path(img_dir, c.image), "emoji image");
+          Image rgb, mask;
+          prepare(src, o.size, o.background, rgb, mask);
+          const Image edges = canny_edges(rgb, o.canny_low, o.canny_high);
+          const std::string fn = file_name_for(c);
+          save_png(join_path(join_path(dir, "images"), fn), rgb);
+          save_png(join_path(join_path(dir, "edges"), fn), to_gray(edges));
+          save_png(join_path(join_path(dir, "masks"), fn), mask);
+          nlohmann::json row = {{"file_name", "images/" + fn},
+                                {"text", caption(o.caption_format, c, style)},
+                                {"conditioning_image", "edges/" + fn},
+                                {"mask", "masks/" + fn},
+                                {"name", c.name},
+                                {"short_name", c.short_name},
+                                {"category", c.category},
+                                {"subcategory", c.subcategory},
+                                {"style", style}};
           jsonl += row.dump() + "\n";
+          for (const auto& f : o.extra_caption_formats) {  // the same image again under another caption
+            row["text"] = caption(f, c, style);
+            jsonl += row.dump() + "\n";
+          }
+          (c.heldout ? rep.heldout_images : rep.train_images) += 1;
+          bar.tick();
         }
-        (c.heldout ? rep.heldout_images : rep.train_images) += 1;
-        bar.tick();
+        write_bytes_atomic(join_path(dir, "metadata.jsonl"), jsonl.data(), jsonl.size());
       }
-      write_bytes_atomic(join_path(dir, "metadata.jsonl"), jsonl.data(), jsonl.size());
     }
-  }
-  bar.finish();
+    bar.finish();
 
-  nlohmann::json cj = nlohmann::json::array();
-  for (const auto& c : concepts) {
-    nlohmann::json styles = nlohmann::json::array();
-    for (const auto& [s, h] : c.has)
-      if (h) styles.push_back(s);
-    cj.push_back({{"name", c.name},
-                  {"short_name", c.short_name},
-                  {"category", c.category},
-                  {"subcategory", c.subcategory},
-                  {"split", c.heldout ? "heldout" : "train"},
-                  {"styles", styles}});
-  }
-  const std::string cjs = cj.dump(1) + "\n";
-  write_bytes_atomic(join_path(tmp, "concepts.json"), cjs.data(), cjs.size());
-  std::string readme =
-      "# emoji training data built by `dmx data emoji`\n\n"
-      "Images from the npm packages emoji-datasource-<style> (names and categories from emoji.json,\n"
-      "https://github.com/iamcal/emoji-data, MIT). Google's Noto emoji images: Apache License 2.0\n"
-      "(https://github.com/googlefonts/noto-emoji). Twemoji images: Copyright Twitter, Inc. and other contributors,\n"
-      "CC-BY 4.0 (https://github.com/twitter/twemoji).\n\n"
-      "Layout per style: train/ and heldout/ with metadata.jsonl (file_name, text, conditioning_image = Canny\n"
-      "edges, mask = alpha mask), images/, edges/, masks/. Held-out concepts (never in train/):\n\n";
-  for (const auto& n : rep.heldout) readme += "- " + n + "\n";
-  write_bytes_atomic(join_path(tmp, "README.md"), readme.data(), readme.size());
-
-  if (o.overwrite) fs::remove_all(o.out, ec);
-  fs::rename(tmp, o.out, ec);
-  DMX_CHECK_IO(!ec, "--out: cannot rename '", tmp, "' to '", o.out, "': ", ec.message());
-  cleanup.armed = false;
+    nlohmann::json cj = nlohmann::json::array();
+    for (const auto& c : concepts) {
+      nlohmann::json styles = nlohmann::json::array();
+      for (const auto& [s, h] : c.has)
+        if (h) styles.push_back(s);
+      cj.push_back({{"name", c.name},
+                    {"short_name", c.short_name},
+                    {"category", c.category},
+                    {"subcategory", c.subcategory},
+                    {"split", c.heldout ? "heldout" : "train"},
+                    {"styles", styles}});
+    }
+    const std::string cjs = cj.dump(1) + "\n";
+    write_bytes_atomic(join_path(tmp, "concepts.json"), cjs.data(), cjs.size());
+    std::string readme =
+        "# emoji training data built by `dmx data emoji`\n\n"
+        "Images from the npm packages emoji-datasource-<style> (names and categories from emoji.json,\n"
+        "https://github.com/iamcal/emoji-data, MIT). Google's Noto emoji images: Apache License 2.0\n"
+        "(https://github.com/googlefonts/noto-emoji). Twemoji images: Copyright Twitter, Inc. and other contributors,\n"
+        "CC-BY 4.0 (https://github.com/twitter/twemoji).\n\n"
+        "Layout per style: train/ and heldout/ with metadata.jsonl (file_name, text, conditioning_image = Canny\n"
+        "edges, mask = alpha mask), images/, edges/, masks/. Held-out concepts (never in train/):\n\n";
+    for (const auto& n : rep.heldout) readme += "- " + n + "\n";
+    write_bytes_atomic(join_path(tmp, "README.md"), readme.data(), readme.size());
+  });
   return rep;
 }
 }  // namespace dmx

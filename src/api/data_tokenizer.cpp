@@ -4,6 +4,8 @@
 #include <sstream>
 #include <nlohmann/json.hpp>
 
+#include "api/options_util.h"
+#include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "dmx/data.h"
 #include "dmx/error.h"
@@ -49,6 +51,14 @@ TokenizerTrainReport train_tokenizer(const TokenizerTrainOptions& o) {
   DMX_CHECK_ARG(!o.output.empty(), "--output is required (the tokenizer folder to write)");
   DMX_CHECK_ARG(o.model_max_length >= 2 && o.model_max_length <= 4096,
                 "--model-max-length must be in [2, 4096], got ", o.model_max_length);
+  {
+    api::OutputPlan plan(o.overwrite);
+    for (const auto& d : o.data) plan.input(d, "--data");
+    std::string out = o.output;
+    while (out.size() > 1 && out.back() == '/') out.pop_back();
+    plan.folder(out, "--output", {"vocab.json", "merges.txt"}, "tokenizer folder");
+    plan.prepare();
+  }
   std::vector<std::string> texts;
   for (const auto& d : o.data) read_captions(d, o.caption_column, &texts);
   models::BPETrainOptions bo;
@@ -56,7 +66,8 @@ TokenizerTrainReport train_tokenizer(const TokenizerTrainOptions& o) {
   bo.min_frequency = o.min_frequency;
   bo.model_max_length = o.model_max_length;
   const models::BPEVocabulary v = models::learn_clip_bpe(texts, bo);
-  models::save_clip_tokenizer(v, o.output, o.model_max_length);
+  write_directory_atomic(o.output, "the tokenizer folder",
+                         [&](const std::string& tmp) { models::save_clip_tokenizer(v, tmp, o.model_max_length); });
 
   TokenizerTrainReport r;
   r.texts = texts.size();

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "api/eval_metrics.h"
+#include "api/options_util.h"
 #include "core/canny.h"
 #include "core/fs.h"
 #include "core/image.h"
@@ -240,7 +241,17 @@ double edge_f1_files(const std::string& image, const std::string& edge_map) {
                       api::edge_tolerance(img.height, img.width));
 }
 
-ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o) { return training::train_emoji_classifier(o); }
+ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o) {
+  if (!o.output.empty()) {
+    api::OutputPlan plan(o.overwrite);
+    plan.input(o.data, "--data");
+    std::string out = o.output;
+    while (out.size() > 1 && out.back() == '/') out.pop_back();
+    plan.folder(out, "--output", {"config.json", "model.safetensors"}, "emoji classifier folder");
+    plan.prepare();
+  }
+  return training::train_emoji_classifier(o);
+}
 
 std::string EvalResult::to_json() const {
   nlohmann::json j = {{"n", n}, {"top1", top1}, {"top5", top5}, {"frechet", frechet}, {"frechet_real", frechet_real},
@@ -291,6 +302,36 @@ EvalResult evaluate(const EvalOptions& o) {
   } else {
     DMX_CHECK_ARG(o.dreambooth_prompt.empty() && o.dreambooth_concept.empty(),
                   "--dreambooth-prompt/--dreambooth-concept need --dreambooth");
+  }
+  {
+    // --out holds what dmx eval writes (a folder per image set and its grid); an existing one may hold nothing
+    // else, so an earlier evaluation is all that is replaced.
+    api::OutputPlan plan(false);
+    plan.input(o.model, "--model");
+    plan.input(o.classifier, "--classifier");
+    plan.input(o.data, "--data");
+    plan.input(o.prompts_file, "--prompts");
+    plan.input(o.controlnet, "--controlnet");
+    plan.input(o.lora, "--lora");
+    plan.input(o.dreambooth, "--dreambooth");
+    if (!o.out_dir.empty())
+      plan.work_folder(o.out_dir, "--out", [](const std::string& dir) -> std::string {
+        static const std::vector<std::string> sets = {"base", "controlnet", "controlnet-empty-prompt", "empty-prompt",
+                                                      "lora", "dreambooth", "dreambooth_without"};
+        std::error_code ec;
+        for (auto it = std::filesystem::directory_iterator(dir, ec); !ec && it != std::filesystem::directory_iterator();
+             it.increment(ec)) {
+          const std::string n = it->path().filename().string();
+          bool ours = false;
+          for (const auto& s : sets) ours = ours || n == s || n == s + "_grid.png";
+          if (!ours)
+            return "holds '" + n +
+                   "', which dmx eval does not write: give a new or empty folder, or one an earlier "
+                   "dmx eval wrote";
+        }
+        return "";
+      });
+    plan.prepare();
   }
   if (!o.out_dir.empty()) {
     std::error_code ec;

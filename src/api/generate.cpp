@@ -33,16 +33,7 @@ void install_signal_cleanup() { install_temp_file_cleanup(); }
 
 namespace {
 
-using api::check_output_path;
 using api::parse_dtype;
-
-std::vector<std::string> output_paths(const std::string& out, int n) {
-  if (n == 1) return {out};
-  const size_t dot = out.find_last_of('.');
-  std::vector<std::string> paths;
-  for (int i = 0; i < n; ++i) paths.push_back(out.substr(0, dot) + "-" + std::to_string(i) + out.substr(dot));
-  return paths;
-}
 
 // ControlNet options: count rules and ranges, checked before anything is loaded.
 void check_controlnet_options(const GenerateOptions& o) {
@@ -76,7 +67,6 @@ void check_controlnet_options(const GenerateOptions& o) {
   for (const auto& m : o.control_preprocess)
     DMX_CHECK_ARG(m == "none" || m == "canny", "--control-preprocess must be one of none, canny, got '", m, "'");
   DMX_CHECK_ARG(o.init_image.empty(), "--controlnet with --init-image (ControlNet img2img) is not supported yet");
-  if (!o.save_control_image.empty()) check_output_path(o.save_control_image, "--save-control-image", ".png");
 }
 
 // Loads, preprocesses (Canny) each control image; sizes are settled once the model is known.
@@ -133,8 +123,6 @@ GenerateResult generate(const GenerateOptions& o) {
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
   DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model), "--config applies to a single-file checkpoint; --model ",
                 o.model, " is a diffusers folder with its own configs (leave --config out)");
-  check_output_path(o.output, "--output", ".png");
-  if (!o.save_latents.empty()) check_output_path(o.save_latents, "--save-latents", ".safetensors");
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
                 o.device, "'");
   const at::ScalarType dtype = parse_dtype(o.dtype, o.device);
@@ -156,8 +144,6 @@ GenerateResult generate(const GenerateOptions& o) {
     DMX_CHECK_ARG(o.canny_low <= o.canny_high, "--canny-low (", o.canny_low, ") must be <= --canny-high (",
                   o.canny_high, ")");
   }
-  const std::vector<Image> control_maps = load_control_maps(o);
-  configure_threads(o.threads);
   // LoRA: --lora entries, then the prompts' <lora:NAME:WEIGHT> tags (removed from the text encoded).
   pipelines::LoRAApplyOptions lora_opts;
   lora_opts.mode = pipelines::parse_lora_mode(o.lora_mode);
@@ -174,6 +160,31 @@ GenerateResult generate(const GenerateOptions& o) {
   for (const auto& l : lora_specs) DMX_CHECK_ARG(path_exists(l.path), "--lora: file not found: ", l.path);
   DMX_CHECK_ARG(lora_specs.size() <= 64, "at most 64 LoRAs (--lora and <lora:...> tags together), got ",
                 lora_specs.size());
+  // Every output, derived ones included, against every input and each other, before any work.
+  const std::vector<std::string> image_paths = api::numbered_paths(o.output, o.num_images);
+  const std::vector<std::string> control_paths =
+      o.save_control_image.empty() ? std::vector<std::string>{}
+                                   : api::numbered_paths(o.save_control_image, static_cast<int>(o.controlnets.size()));
+  {
+    api::OutputPlan plan(o.overwrite);
+    plan.input(o.model, "--model");
+    plan.input(o.config_dir, "--config");
+    plan.input(o.tokenizer_dir, "--tokenizer");
+    plan.input(o.from, "--from");
+    plan.input(o.init_image, "--init-image");
+    plan.input(o.mask, "--mask");
+    plan.input(o.init_latents, "--init-latents");
+    plan.input(o.lora_dir, "--lora-dir");
+    for (const auto& l : lora_specs) plan.input(l.path, "--lora");
+    for (const auto& c : o.controlnets) plan.input(c, "--controlnet");
+    for (const auto& c : o.control_images) plan.input(c, "--control-image");
+    for (const auto& path : image_paths) plan.file(path, "--output", ".png");
+    if (!o.save_latents.empty()) plan.file(o.save_latents, "--save-latents", ".safetensors");
+    for (const auto& path : control_paths) plan.file(path, "--save-control-image", ".png");
+    plan.prepare();
+  }
+  const std::vector<Image> control_maps = load_control_maps(o);
+  configure_threads(o.threads);
 
   pipelines::StableDiffusionParams p;
   p.prompt = prompt;
@@ -262,11 +273,6 @@ GenerateResult generate(const GenerateOptions& o) {
     }
     p.guess_mode = o.guess_mode;
     pipelines::StableDiffusionPipeline(models).check_params(p);
-    if (!o.save_control_image.empty()) {
-      const auto paths = output_paths(o.save_control_image, static_cast<int>(p.controlnets.size()));
-      for (size_t i = 0; i < paths.size(); ++i)
-        save_png(paths[i], tensor_to_image(p.controlnets[i].image[0].permute({1, 2, 0})));
-    }
   }
   pipelines::StableDiffusionOutput out;
   GenerateResult r;
@@ -288,12 +294,17 @@ GenerateResult generate(const GenerateOptions& o) {
   if (meta.scheduler.empty()) meta.scheduler = short_scheduler_name(models->scheduler_config);
   const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name, hash.get())}};
   PhaseTimer write_timer("write");
-  if (!o.save_latents.empty()) io::save_safetensors(o.save_latents, {{"latents", out.latents.to(at::kFloat).contiguous()}});
-  const auto paths = output_paths(o.output, o.num_images);
-  for (size_t i = 0; i < paths.size(); ++i) {
-    save_png(paths[i], tensor_to_image(out.images[static_cast<int64_t>(i)]), text);
-    r.images.push_back(paths[i]);
-  }
+  // All outputs or none (a full disk at the third image leaves nothing).
+  std::vector<PendingFile> files;
+  for (size_t i = 0; i < control_paths.size(); ++i)
+    files.push_back({control_paths[i], encode_png(tensor_to_image(p.controlnets[i].image[0].permute({1, 2, 0})))});
+  if (!o.save_latents.empty())
+    files.push_back(
+        {o.save_latents, io::serialize_safetensors({{"latents", out.latents.to(at::kFloat).contiguous()}}, {})});
+  for (size_t i = 0; i < image_paths.size(); ++i)
+    files.push_back({image_paths[i], encode_png(tensor_to_image(out.images[static_cast<int64_t>(i)]), text)});
+  write_files_atomic(files);
+  r.images = image_paths;
   write_timer.stop();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;

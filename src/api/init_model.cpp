@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "api/options_util.h"
 #include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "dmx/error.h"
@@ -66,12 +67,19 @@ InitModelReport init_model(const InitModelOptions& o) {
   DMX_CHECK_ARG(!o.config.empty(), "--config is required (a folder of diffusers configs)");
   DMX_CHECK_ARG(is_directory(o.config), "--config: not a folder: '", o.config, "'");
   DMX_CHECK_ARG(!o.output.empty(), "--output is required (the diffusers folder to create)");
-  DMX_CHECK_ARG(o.overwrite || !path_exists(o.output), "--output '", o.output,
-                "' already exists (choose a new folder or pass --overwrite)");
   for (const char* f : {"model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                         "scheduler/scheduler_config.json"})
     DMX_CHECK_ARG(path_exists(join_path(o.config, f)), "--config: '", o.config, "' has no ", f);
   const std::string tok_dir = o.tokenizer.empty() ? join_path(o.config, "tokenizer") : o.tokenizer;
+  {
+    api::OutputPlan plan(o.overwrite);
+    plan.input(o.config, "--config");
+    plan.input(tok_dir, "--tokenizer");
+    std::string out = o.output;
+    while (out.size() > 1 && out.back() == '/') out.pop_back();
+    plan.folder(out, "--output", {"model_index.json"}, "diffusers folder");
+    plan.prepare();
+  }
   DMX_CHECK_ARG(path_exists(join_path(tok_dir, "vocab.json")), "--tokenizer: '", tok_dir,
                 "' has no vocab.json (build one with dmx data tokenizer)");
 

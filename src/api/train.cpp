@@ -9,10 +9,12 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "api/options_util.h"
 #include "api/presets.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/runtime.h"
+#include "core/utf8.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/model_bundle.h"
 #include "training/controlnet_init.h"
@@ -36,6 +38,88 @@ bool has_parent_dir(const std::string& path) {
   return slash == std::string::npos || slash == 0 || is_directory(path.substr(0, slash));
 }
 
+std::string strip_slashes(std::string p) {
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  return p;
+}
+
+std::string output_dir_of(const TrainOptions& o) {
+  return o.output_dir.empty() ? strip_slashes(o.output) + ".train" : o.output_dir;
+}
+
+// The checkpoint --resume names and its step, and whether it lies in the output dir (the run goes on there).
+struct ResumePoint {
+  std::string checkpoint;
+  int64_t step = -1;
+  bool in_output_dir = false;
+};
+
+ResumePoint resume_point(const TrainOptions& o) {
+  ResumePoint r;
+  if (o.resume.empty() || !is_directory(o.resume)) return r;
+  r.checkpoint = tr::find_latest_checkpoint(o.resume);
+  r.step = tr::checkpoint_global_step(r.checkpoint);
+  const std::string out_dir = output_dir_of(o);
+  r.in_output_dir =
+      is_directory(out_dir) && path_within(identify_path(r.checkpoint, true), identify_path(out_dir, true));
+  return r;
+}
+
+bool lora_output(const TrainOptions& o);
+
+// Every path a training run writes, checked against its inputs before anything is loaded (README "Outputs and
+// overwriting"): the result (a LoRA file, with adapter_config.json beside it for PEFT, or a folder), the training
+// folder (--output-dir: checkpoints, log, validation images) and DreamBooth's class images.
+api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resume) {
+  api::OutputPlan plan(o.overwrite);
+  plan.input(o.model, "--model");
+  plan.input(o.config_dir, "--config");
+  plan.input(o.tokenizer_dir, "--tokenizer");
+  plan.input(o.data, "--data");
+  plan.input(o.instance_data, "--instance-data");
+  plan.input(o.controlnet, "--controlnet");
+  plan.input(o.validation_image, "--validation-image");
+  plan.input(o.resume, "--resume", /*may_be_in_work_folder=*/true);
+  if (lora_output(o)) {
+    plan.file(o.output, "--output", ".safetensors");
+    if (o.save_format == "peft") {
+      const size_t slash = o.output.find_last_of('/');
+      const std::string dir = slash == std::string::npos ? "" : o.output.substr(0, slash + 1);
+      plan.file(dir + "adapter_config.json", "--output (its adapter_config.json, --save-format peft)");
+    }
+  } else if (o.recipe == "controlnet") {
+    plan.folder(strip_slashes(o.output), "--output", {"config.json", "controlnet_original.safetensors"},
+                "ControlNet folder");
+  } else {
+    plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "diffusers folder");
+  }
+  const bool overwrite = o.overwrite;
+  plan.work_folder(output_dir_of(o), o.output_dir.empty() ? "--output-dir (default <output>.train)" : "--output-dir",
+                   [resume, overwrite](const std::string& dir) -> std::string {
+                     std::string earlier;
+                     std::error_code ec;
+                     for (auto it = std::filesystem::directory_iterator(dir, ec);
+                          !ec && it != std::filesystem::directory_iterator() && earlier.empty(); it.increment(ec))
+                       if (tr::is_training_entry(it->path().filename().string()))
+                         earlier = it->path().filename().string();
+                     if (earlier.empty()) return "";
+                     if (resume.in_output_dir) {
+                       const auto steps = tr::checkpoint_steps(dir);
+                       if (!steps.empty() && steps.back() > resume.step && !overwrite)
+                         return detail::concat("holds checkpoint-", steps.back(), ", newer than the resumed step ",
+                                               resume.step, ": resume from the newest (--resume ", dir,
+                                               "), or pass --overwrite to delete the newer checkpoints");
+                       return "";
+                     }
+                     if (overwrite) return "";
+                     return "holds the checkpoints and log of an earlier run (" + earlier + "): pass --resume " + dir +
+                            " to continue it, or --overwrite to start over (its checkpoints, train_log.jsonl and "
+                            "validation images are deleted; other files are kept)";
+                   });
+  if (!o.class_data.empty()) plan.work_folder(o.class_data, "--class-data", nullptr);  // class images are added
+  return plan;
+}
+
 double default_lr(const TrainOptions& o) {
   if (o.learning_rate > 0) return o.learning_rate;
   if (o.recipe == "dreambooth") return o.lora_rank > 0 ? 5e-4 : 5e-6;
@@ -45,10 +129,16 @@ double default_lr(const TrainOptions& o) {
 
 bool lora_output(const TrainOptions& o) { return o.recipe == "lora" || (o.recipe == "dreambooth" && o.lora_rank > 0); }
 
+void check_captions(const TrainOptions& o) {
+  check_text(o.instance_prompt, "--instance-prompt");
+  check_text(o.class_prompt, "--class-prompt");
+  check_text(o.validation_prompt, "--validation-prompt");
+}
+
 tr::TrainConfig make_config(const TrainOptions& o) {
   tr::TrainConfig c;
-  c.output = o.output;
-  c.output_dir = o.output_dir;
+  c.output = strip_slashes(o.output);
+  c.output_dir = output_dir_of(o);
   c.max_train_steps = o.steps;
   c.train_batch_size = o.batch_size;
   c.gradient_accumulation_steps = o.gradient_accumulation_steps;
@@ -147,6 +237,12 @@ void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(std::isfinite(o.max_grad_norm), "--max-grad-norm must be a number, got ", o.max_grad_norm);
   DMX_CHECK_ARG(o.checkpoint_every >= 0, "--checkpoint-every must be >= 0, got ", o.checkpoint_every);
   DMX_CHECK_ARG(o.resume.empty() || is_directory(o.resume), "--resume: no such folder: ", o.resume);
+  check_captions(o);
+  // Outputs against inputs and each other, existing ones, writability and name lengths; resuming past --steps.
+  const ResumePoint resume = resume_point(o);
+  DMX_CHECK_ARG(resume.step <= o.steps, "--resume: ", resume.checkpoint, " is at step ", resume.step, ", past --steps ",
+                o.steps, "; give --steps ", resume.step, " or more");
+  train_output_plan(o, resume).check();
   (void)tr::parse_lr_schedule(o.lr_scheduler);
   (void)tr::parse_mixed_precision(o.mixed_precision);
   // The remaining numeric rules are the trainer's (same messages).
@@ -274,6 +370,15 @@ TrainReport train(const TrainOptions& o) {
       inner = std::make_shared<tr::FinetuneRecipe>(models, o.train_text_encoder);
     recipe = std::make_shared<tr::DreamBoothRecipe>(inner, prior, o.prior_loss_weight);
   }
+  if (rank == 0) {
+    // Just before the first write: what killed runs left of these outputs, then what --overwrite discards of an
+    // earlier run in the output dir (all of it, or the checkpoints after the resumed step).
+    const ResumePoint resume = resume_point(o);
+    train_output_plan(o, resume).prepare();
+    if (o.overwrite && is_directory(cfg.output_dir))
+      tr::remove_training_entries(cfg.output_dir, resume.in_output_dir ? resume.step : -1);
+  }
+  if (dist) dist->barrier();
   tr::Trainer trainer(cfg, recipe, source, dist);
   const tr::TrainResult r = trainer.run();
   TrainReport rep;
@@ -287,7 +392,7 @@ TrainReport train(const TrainOptions& o) {
   rep.seconds = r.seconds;
   rep.peak_rss_bytes = r.peak_rss_bytes;
   for (const auto& p : recipe->trainable_parameters()) rep.trainable_parameters += p.tensor.numel();
-  rep.output = rank == 0 ? o.output : "";
+  rep.output = r.wrote_output ? o.output : "";
   rep.last_checkpoint = r.last_checkpoint;
   rep.skipped_rows = skipped_rows;
   return rep;

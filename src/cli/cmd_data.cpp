@@ -67,18 +67,18 @@ int cmd_data_emoji(int argc, char** argv) {
 }
 
 int cmd_data_tokenizer(int argc, char** argv) {
-  Args a("data tokenizer",
-         {
-             {"data", "DIR", "caption folder (metadata.jsonl or *.txt); repeatable (required)", true},
-             {"output", "DIR", "tokenizer folder to write (required)"},
-             {"vocab-size", "N", "tokens in all, 514..49408 (default 4096)"},
-             {"min-frequency", "N", "merge only pairs seen at least N times (default 1)"},
-             {"model-max-length", "N", "tokens per prompt with BOS/EOS, 2..4096 (default 77)"},
-             {"caption-column", "NAME", "metadata.jsonl field holding the caption (default text)"},
-             {"quiet", "", "print nothing on success"},
-             {"verbose", "", "stack traces"},
-             {"help", "", "show this help"},
-         });
+  Args a("data tokenizer", {
+                               {"data", "DIR", "caption folder (metadata.jsonl or *.txt); repeatable (required)", true},
+                               {"output", "DIR", "tokenizer folder to write (required)"},
+                               {"vocab-size", "N", "tokens in all, 514..49408 (default 4096)"},
+                               {"min-frequency", "N", "merge only pairs seen at least N times (default 1)"},
+                               {"model-max-length", "N", "tokens per prompt with BOS/EOS, 2..4096 (default 77)"},
+                               {"caption-column", "NAME", "metadata.jsonl field holding the caption (default text)"},
+                               {"overwrite", "", "replace --output if it exists"},
+                               {"quiet", "", "print nothing on success"},
+                               {"verbose", "", "stack traces"},
+                               {"help", "", "show this help"},
+                           });
   a.parse(argc, argv, 3);
   if (a.has("help")) {
     std::printf("%s", a.help().c_str());
@@ -89,6 +89,7 @@ int cmd_data_tokenizer(int argc, char** argv) {
   DMX_CHECK_ARG(a.has("output"), "--output is required (the tokenizer folder to write)");
   o.data = a.all("data");
   o.output = a.str("output");
+  o.overwrite = a.has("overwrite");
   o.vocab_size = static_cast<int>(a.integer("vocab-size", o.vocab_size, 514, 49408));
   o.min_frequency = static_cast<int>(a.integer("min-frequency", o.min_frequency, 1, 1 << 30));
   o.model_max_length = static_cast<int>(a.integer("model-max-length", o.model_max_length, 2, 4096));

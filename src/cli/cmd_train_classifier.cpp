@@ -9,19 +9,21 @@
 namespace dmx::cli {
 
 int cmd_train_classifier(int argc, char** argv) {
-  Args a("train classifier", {
-      {"data", "DIR", "`dmx data emoji` folder: every real image of every style is used (required)"},
-      {"output", "DIR", "folder for config.json + model.safetensors (required)"},
-      {"steps", "N", "optimizer steps (default 2000)"},
-      {"batch-size", "B", "images per step (default 64)"},
-      {"learning-rate", "LR", "AdamW peak learning rate, cosine decay (default 2e-3)"},
-      {"seed", "N", "seed of every random draw (default 0)"},
-      {"threads", "N", "CPU threads (default: all cores)"},
-      {"json", "", "print the result as one JSON line"},
-      {"quiet", "", "no progress output"},
-      {"verbose", "", "stack traces"},
-      {"help", "", "show this help"},
-  });
+  Args a("train classifier",
+         {
+             {"data", "DIR", "`dmx data emoji` folder: every real image of every style is used (required)"},
+             {"output", "DIR", "folder for config.json + model.safetensors (required)"},
+             {"steps", "N", "optimizer steps (default 2000)"},
+             {"batch-size", "B", "images per step (default 64)"},
+             {"learning-rate", "LR", "AdamW peak learning rate, cosine decay (default 2e-3)"},
+             {"seed", "N", "seed of every random draw (default 0)"},
+             {"threads", "N", "CPU threads (default: all cores)"},
+             {"json", "", "print the result as one JSON line"},
+             {"overwrite", "", "replace an existing classifier folder"},
+             {"quiet", "", "no progress output"},
+             {"verbose", "", "stack traces"},
+             {"help", "", "show this help"},
+         });
   a.parse(argc, argv, 3);
   if (a.has("help")) {
     std::printf("%s", a.help().c_str());
@@ -32,6 +34,7 @@ int cmd_train_classifier(int argc, char** argv) {
   ClassifierTrainOptions o;
   o.data = a.str("data");
   o.output = a.str("output");
+  o.overwrite = a.has("overwrite");
   o.steps = a.integer("steps", o.steps, 1, 10000000);
   o.batch_size = static_cast<int>(a.integer("batch-size", o.batch_size, 1, 4096));
   o.learning_rate = a.real("learning-rate", o.learning_rate, 1e-8, 1.0);

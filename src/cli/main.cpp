@@ -90,6 +90,7 @@ int cmd_generate(int argc, char** argv) {
       {"guess-mode", "", "ControlNet guess mode (nets see the conditional half only)"},
       {"save-control-image", "OUT.png", "write the prepared control map(s) (several nets: OUT-0.png ...)"},
       {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
+      {"overwrite", "", "replace outputs that already exist (never an input)"},
       {"quiet", "", "no progress output"},
       {"verbose", "", "timings and stack traces"},
       {"help", "", "show this help"},
@@ -101,7 +102,10 @@ int cmd_generate(int argc, char** argv) {
   }
   g_verbose = a.has("verbose");
   dmx::GenerateOptions o;
-  if (a.has("from")) o = dmx::parse_parameters(dmx::read_image_parameters(a.str("from")));
+  if (a.has("from")) {
+    o = dmx::parse_parameters(dmx::read_image_parameters(a.str("from")));
+    o.from = a.str("from");
+  }
   DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a single-file .safetensors or .ckpt checkpoint)");
   DMX_CHECK_ARG(a.has("prompt") || a.has("from"), "--prompt is required");
   DMX_CHECK_ARG(a.has("output"), "--output is required (a .png path)");
@@ -169,6 +173,7 @@ int cmd_generate(int argc, char** argv) {
   o.guess_mode = a.has("guess-mode");
   o.save_control_image = a.str("save-control-image");
   o.verbose = a.has("verbose");
+  o.overwrite = a.has("overwrite");
   DMX_CHECK_ARG(!(o.progress == false && o.verbose), "--quiet and --verbose cannot be used together");
   dmx::GenerateResult r = dmx::generate(o);
   if (!a.has("quiet")) {
@@ -183,20 +188,23 @@ int cmd_generate(int argc, char** argv) {
 }
 
 int cmd_bench(int argc, char** argv) {
-  dmx::cli::Args a("bench", {
-      {"preset", "NAME", "sd15|sd21|tiny: architecture to build with random weights (default sd15)"},
-      {"width", "W", "image width (default: the preset's size)"},
-      {"height", "H", "image height (default: the preset's size)"},
-      {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
-      {"device", "D", "cpu|cuda[:N] (default cpu)"},
-      {"threads", "N", "CPU threads (default: all cores)"},
-      {"runs", "N", "timed runs per stage after one warm-up; the median is reported (default 3)"},
-      {"json", "", "print one JSON object on one line"},
-      {"nchw", "", "run convolutions NCHW instead of the default channels-last (for comparison)"},
-      {"profile", "PREFIX", "also write op traces of one step and one decode: PREFIX.unet.json, PREFIX.vae.json"},
-      {"verbose", "", "stack traces"},
-      {"help", "", "show this help"},
-  });
+  dmx::cli::Args a(
+      "bench",
+      {
+          {"preset", "NAME", "sd15|sd21|tiny: architecture to build with random weights (default sd15)"},
+          {"width", "W", "image width (default: the preset's size)"},
+          {"height", "H", "image height (default: the preset's size)"},
+          {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
+          {"device", "D", "cpu|cuda[:N] (default cpu)"},
+          {"threads", "N", "CPU threads (default: all cores)"},
+          {"runs", "N", "timed runs per stage after one warm-up; the median is reported (default 3)"},
+          {"json", "", "print one JSON object on one line"},
+          {"nchw", "", "run convolutions NCHW instead of the default channels-last (for comparison)"},
+          {"profile", "PREFIX", "also write op traces of one step and one decode: PREFIX.unet.json, PREFIX.vae.json"},
+          {"overwrite", "", "replace existing --profile traces"},
+          {"verbose", "", "stack traces"},
+          {"help", "", "show this help"},
+      });
   a.parse(argc, argv, 2);
   if (a.has("help")) {
     std::printf("%s", a.help().c_str());
@@ -211,6 +219,7 @@ int cmd_bench(int argc, char** argv) {
   o.threads = static_cast<int>(a.integer("threads", 0, 1, 1024));
   o.runs = static_cast<int>(a.integer("runs", o.runs, 1, 1000));
   o.profile = a.str("profile");
+  o.overwrite = a.has("overwrite");
   o.channels_last = !a.has("nchw");
   const dmx::BenchResult r = dmx::bench(o);
   if (a.has("json"))
@@ -256,6 +265,9 @@ int main(int argc, char** argv) {
     }
     std::fprintf(stderr, "error: unknown command '%s'\n%s", dmx::terminal_safe(cmd).c_str(), kUsage);
     return 2;
+  } catch (const dmx::SystemError& e) {  // a full disk, a quota, an I/O error: not the input's fault
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
+    return 1;
   } catch (const dmx::InvalidArgument& e) {
     std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
     return 2;

@@ -1,6 +1,7 @@
 // The ControlNet recipe (diffusers 0.27.2 examples/controlnet/train_controlnet.py). See controlnet_train.h.
 #include "training/controlnet_train.h"
 
+#include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "dmx/error.h"
 #include "pipelines/stable_diffusion.h"
@@ -66,8 +67,10 @@ at::Tensor ControlNetRecipe::predict(const at::Tensor& noisy_latents, const at::
 }
 
 void ControlNetRecipe::save(const std::string& path) {
-  save_controlnet_diffusers(controlnet_, path);
-  save_controlnet_original(controlnet_, join_path(path, kControlNetOriginalFile));
+  write_directory_atomic(path, "the ControlNet folder", [&](const std::string& tmp) {
+    save_controlnet_diffusers(controlnet_, tmp);
+    save_controlnet_original(controlnet_, join_path(tmp, kControlNetOriginalFile));
+  });
 }
 
 void ControlNetRecipe::set_validation_image(const at::Tensor& image) {

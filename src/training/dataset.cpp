@@ -24,6 +24,7 @@
 #include "core/image.h"
 #include "core/log.h"
 #include "core/resize.h"
+#include "core/utf8.h"
 #include "dmx/error.h"
 
 namespace dmx::training {
@@ -92,6 +93,19 @@ at::Tensor crop_to_tensor(const Image& img, int top, int left, int res, bool fli
   return t.contiguous();
 }
 
+// Captions are checked when the dataset is opened, so that a bad one is found before training and not at the
+// step that draws it: "" when the text is valid UTF-8 without NUL bytes, else what is wrong.
+std::string caption_problem(const std::string& caption) {
+  try {
+    check_text(caption, "");
+  } catch (const InvalidArgument& e) {
+    std::string why = e.what();
+    while (!why.empty() && why.front() == ' ') why.erase(0, 1);
+    return why;
+  }
+  return "";
+}
+
 int center_offset(int size, int res) {
   return static_cast<int>(std::nearbyint((size - res) / 2.0));  // Python round: half to even (default FE mode)
 }
@@ -157,6 +171,10 @@ ImageCaptionDataset::ImageCaptionDataset(DatasetOptions o) : o_(std::move(o)) {
         fail("empty or missing caption (column '" + o_.caption_column + "')");
         continue;
       }
+      if (const std::string why = caption_problem(row.caption); o_.require_captions && !why.empty()) {
+        fail("caption (column '" + o_.caption_column + "') " + why);
+        continue;
+      }
       it = j.find(o_.conditioning_column);
       if (it != j.end() && !it->is_null()) {
         if (!it->is_string() || it->get<std::string>().empty()) {
@@ -203,6 +221,10 @@ ImageCaptionDataset::ImageCaptionDataset(DatasetOptions o) : o_(std::move(o)) {
       if (o_.require_captions && row.caption.empty()) {
         bad.push_back(origin + ": " + (fs::is_regular_file(txt) ? "empty caption in " : "no caption file ") +
                       txt.filename().string());
+        continue;
+      }
+      if (const std::string why = caption_problem(row.caption); o_.require_captions && !why.empty()) {
+        bad.push_back(origin + ": caption " + txt.filename().string() + " " + why);
         continue;
       }
       rows_.push_back(std::move(row));

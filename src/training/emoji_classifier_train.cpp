@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/progress.h"
@@ -171,7 +172,9 @@ ClassifierTrainResult train_emoji_classifier(const ClassifierTrainOptions& o) {
     r.top5.push_back(hit5.logical_and(m).sum().item<double>() / cnt);
     r.style_accuracy.push_back(style_hit.logical_and(m).sum().item<double>() / cnt);
   }
-  models::save_emoji_classifier(model, o.output, true);
+  // Both files or neither: written into a temporary folder and renamed.
+  write_directory_atomic(o.output, "the emoji classifier",
+                         [&](const std::string& tmp) { models::save_emoji_classifier(model, tmp, true); });
   return r;
 }
 }  // namespace dmx::training

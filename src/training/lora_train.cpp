@@ -243,7 +243,8 @@ void LoRANetwork::save(const std::string& path, LoRASaveFormat f) const {
   } else {
     meta["format"] = "pt";
   }
-  io::save_safetensors(path, state_dict(f), meta);
+  // The weights and (PEFT) adapter_config.json beside them are written together or not at all.
+  std::vector<PendingFile> files = {{path, io::serialize_safetensors(state_dict(f), meta)}};
   if (f == LoRASaveFormat::PEFT) {
     nlohmann::json cfg;
     std::set<std::string> targets;
@@ -263,8 +264,9 @@ void LoRANetwork::save(const std::string& path, LoRASaveFormat f) const {
     const size_t slash = path.find_last_of('/');
     const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash);
     const std::string text = cfg.dump(2) + "\n";
-    write_bytes_atomic(join_path(dir, "adapter_config.json"), text.data(), text.size());
+    files.push_back({join_path(dir, "adapter_config.json"), std::vector<uint8_t>(text.begin(), text.end())});
   }
+  write_files_atomic(files);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -8,13 +8,16 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
+#include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
@@ -389,22 +392,93 @@ std::string find_latest_checkpoint(const std::string& path) {
   return best_path;
 }
 
+int64_t checkpoint_global_step(const std::string& ck) {
+  const std::string path = join_path(ck, "trainer_state.json");
+  const std::string text = read_text_file(path, "--resume", kMaxJsonFileBytes);
+  nlohmann::json js;
+  try {
+    js = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError("--resume: " + path + " is not valid JSON: " + e.what());
+  }
+  DMX_CHECK_FORMAT(js.is_object(), "--resume: ", path, " must be a JSON object");
+  const auto it = js.find("global_step");
+  DMX_CHECK_FORMAT(it != js.end(), "--resume: ", path, " has no 'global_step'");
+  // The same rule as Trainer::run's reading of the file.
+  DMX_CHECK_FORMAT(it->is_number_integer() && (it->is_number_unsigned() ? it->get<uint64_t>() <= (uint64_t(1) << 40)
+                                                                       : it->get<int64_t>() >= 0 &&
+                                                                             it->get<int64_t>() <= (int64_t(1) << 40)),
+                   "--resume: ", path, ": 'global_step' must be an integer in [0, ", int64_t(1) << 40, "], got ",
+                   it->dump());
+  return it->get<int64_t>();
+}
+
 namespace {
 
 std::string checkpoint_name(int64_t step) { return "checkpoint-" + std::to_string(step); }
 
+// "<prefix><digits><suffix>" -> digits (-1 when the name is not of that form).
+int64_t step_in_name(const std::string& n, const std::string& prefix, const std::string& suffix) {
+  if (n.size() <= prefix.size() + suffix.size() || n.compare(0, prefix.size(), prefix) != 0 ||
+      n.compare(n.size() - suffix.size(), suffix.size(), suffix) != 0)
+    return -1;
+  const std::string digits = n.substr(prefix.size(), n.size() - prefix.size() - suffix.size());
+  if (digits.empty() || digits.size() > 18 || digits.find_first_not_of("0123456789") != std::string::npos) return -1;
+  return std::stoll(digits);
+}
+
+int64_t checkpoint_step_of(const std::string& n) { return step_in_name(n, "checkpoint-", ""); }
+
+// Step of a validation picture: validation-<step>-<i>.png or reconstruction-<step>.png (-1 otherwise).
+int64_t picture_step_of(const std::string& n) {
+  if (const int64_t s = step_in_name(n, "reconstruction-", ".png"); s >= 0) return s;
+  if (n.rfind("validation-", 0) != 0) return -1;
+  const size_t dash = n.find('-', 11);
+  if (dash == std::string::npos || step_in_name(n.substr(dash), "-", ".png") < 0) return -1;
+  return step_in_name(n.substr(0, dash), "validation-", "");
+}
+
+// Removes a folder by renaming it to a registered temporary first: interrupted, it leaves a temporary that the
+// next start removes, never a half-deleted checkpoint.
+void remove_folder_via_temporary(const std::string& dir) {
+  const std::string tmp = temp_path_for(dir);
+  ScopedTemporary registration(tmp, true);
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  fs::rename(dir, tmp, ec);
+  fs::remove_all(ec ? dir : tmp, ec);
+}
+
 void prune_checkpoints(const std::string& dir, int keep) {
   if (keep <= 0) return;
-  std::vector<std::pair<int64_t, fs::path>> found;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    const std::string n = e.path().filename().string();
-    if (n.rfind("checkpoint-", 0) != 0 || !e.is_directory()) continue;
-    char* end = nullptr;
-    const long long v = std::strtoll(n.c_str() + 11, &end, 10);
-    if (*end == '\0') found.emplace_back(v, e.path());
-  }
-  std::sort(found.begin(), found.end());
-  for (size_t i = 0; i + static_cast<size_t>(keep) < found.size(); ++i) fs::remove_all(found[i].second);
+  std::vector<int64_t> steps = checkpoint_steps(dir);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i)
+    remove_folder_via_temporary(join_path(dir, checkpoint_name(steps[i])));
+}
+
+// After a resume at `step`, the log keeps the lines of steps <= step (and no torn last line), so that no step
+// appears twice when the run goes on.
+void truncate_log(const std::string& path, int64_t step) {
+  if (!path_exists(path)) return;
+  // Read line by line (the log grows with the run: no whole-file read and no size cap here).
+  write_file_atomic(path, [&](const std::string& tmp) {
+    std::ifstream in(path, std::ios::binary);
+    DMX_CHECK_IO(in.good(), "train_log.jsonl: cannot open ", path, ": ", std::strerror(errno));
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    DMX_CHECK_IO(out.good(), "train_log.jsonl: cannot write ", tmp, ": ", std::strerror(errno));
+    std::string line;
+    while (std::getline(in, line)) {
+      if (in.eof()) break;  // no newline: a line torn by a kill
+      try {
+        const nlohmann::json j = nlohmann::json::parse(line);
+        if (j.is_object() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= step)
+          out << line << '\n';
+      } catch (const nlohmann::json::exception&) {
+      }
+    }
+    out.flush();
+    if (!out.good()) throw_write_error("cannot write " + tmp, errno);
+  });
 }
 
 std::string format_duration(double s) {
@@ -419,6 +493,43 @@ std::string format_duration(double s) {
 }
 
 }  // namespace
+
+std::vector<int64_t> checkpoint_steps(const std::string& dir) {
+  std::vector<int64_t> steps;
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    const int64_t s = checkpoint_step_of(it->path().filename().string());
+    if (s >= 0 && it->is_directory(ec)) steps.push_back(s);
+  }
+  std::sort(steps.begin(), steps.end());
+  return steps;
+}
+
+bool is_training_entry(const std::string& name) {
+  std::string n = name;
+  const size_t t = n.rfind(".tmp.");
+  if (t != std::string::npos && t > 0 && n.find_first_not_of("0123456789", t + 5) == std::string::npos &&
+      n.size() > t + 5)
+    n = n.substr(0, t);
+  return n == "train_log.jsonl" || checkpoint_step_of(n) >= 0 || picture_step_of(n) >= 0;
+}
+
+void remove_training_entries(const std::string& dir, int64_t after_step) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec))
+    names.push_back(it->path().filename().string());
+  for (const auto& n : names) {
+    const std::string path = join_path(dir, n);
+    if (const int64_t s = checkpoint_step_of(n); s >= 0 && s > after_step && is_directory(path)) {
+      remove_folder_via_temporary(path);
+    } else if (const int64_t p = picture_step_of(n); p >= 0 && p > after_step) {
+      fs::remove(path, ec);
+    } else if (n == "train_log.jsonl" && after_step < 0) {
+      fs::remove(path, ec);
+    }
+  }
+}
 
 struct Trainer::State {
   std::vector<NamedParameter> params;
@@ -501,6 +612,7 @@ TrainResult Trainer::run() {
   st.gen = at::make_generator<at::CPUGeneratorImpl>(cfg_.seed);
 
   TrainResult res;
+  std::string last_ck_resumed;
   if (!cfg_.resume_from_checkpoint.empty()) {
     const std::string ck = find_latest_checkpoint(cfg_.resume_from_checkpoint);
     const std::string state_path = join_path(ck, "trainer_state.json");
@@ -547,6 +659,8 @@ TrainResult Trainer::run() {
                     "stream; another seed would match neither run)");
     }
     const int64_t ck_step = integer("global_step", -1, 0, int64_t(1) << 40);
+    DMX_CHECK_ARG(ck_step <= cfg_.max_train_steps, "--resume: ", ck, " is at step ", ck_step, ", past --steps ",
+                  cfg_.max_train_steps, "; give --steps ", ck_step, " or more");
     const io::TensorMap tp = io::load_safetensors(join_path(ck, "trainable.safetensors"));
     {
       at::NoGradGuard no_grad;
@@ -566,23 +680,33 @@ TrainResult Trainer::run() {
     recipe_->load_extra_state(extra);
     st.gen.set_state(need_entry(os, "rng_state", "--resume " + ck));
     st.global_step = ck_step;
+    last_ck_resumed = ck;
     if (main) log_info("resumed from " + ck + " at step " + std::to_string(st.global_step));
   }
   res.first_step = st.global_step;
 
-  if (main) fs::create_directories(cfg_.output_dir);
   const std::string log_path = join_path(cfg_.output_dir, "train_log.jsonl");
+  if (main) {
+    fs::create_directories(cfg_.output_dir);
+    // What killed runs left (checkpoint-N.tmp.<pid> of processes that no longer run), then the log cut back to
+    // the resumed step.
+    for (const auto& p : remove_stale_temporaries(cfg_.output_dir, is_training_entry))
+      log_info("removed " + p + " (left by an interrupted run)");
+    if (cfg_.write_log && res.first_step > 0) truncate_log(log_path, res.first_step);
+  }
   std::ofstream log;
-  if (main && cfg_.write_log) log.open(log_path, res.first_step > 0 ? std::ios::app : std::ios::trunc);
+  if (main && cfg_.write_log) {
+    log.open(log_path, res.first_step > 0 ? std::ios::app : std::ios::trunc);
+    if (!log.is_open()) throw_write_error("cannot open " + log_path, errno);
+  }
 
   auto save_checkpoint = [&](int64_t step) -> std::string {
     if (dist_) dist_->barrier();
     if (!main) return "";
     const std::string final_dir = join_path(cfg_.output_dir, checkpoint_name(step));
-    const std::string tmp = final_dir + ".tmp." + std::to_string(getpid());
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
-    try {
+    // Written into checkpoint-N.tmp.<pid> (registered: SIGINT/SIGTERM remove the whole folder, not only the file
+    // being written) and renamed into place, so a checkpoint is complete or absent.
+    write_directory_atomic(final_dir, "the checkpoint", [&](const std::string& tmp) {
       io::TensorMap tp;
       for (const auto& p : st.params) tp[p.name] = p.tensor.detach();
       io::save_safetensors(join_path(tmp, "trainable.safetensors"), tp);
@@ -608,13 +732,7 @@ TrainResult Trainer::run() {
       js["use_ema"] = cfg_.use_ema;
       const std::string text = js.dump(2) + "\n";
       write_bytes_atomic(join_path(tmp, "trainer_state.json"), text.data(), text.size());
-      fs::remove_all(final_dir);
-      fs::rename(tmp, final_dir);
-    } catch (...) {
-      std::error_code ec;
-      fs::remove_all(tmp, ec);
-      throw;
-    }
+    });
     prune_checkpoints(cfg_.output_dir, cfg_.checkpoints_total_limit);
     return final_dir;
   };
@@ -751,6 +869,7 @@ TrainResult Trainer::run() {
       j["elapsed_s"] = elapsed;
       log << j.dump() << "\n";
       log.flush();
+      if (!log.good()) throw_write_error("cannot write " + log_path, errno);
     }
     if (tty) {
       const int64_t done = st.global_step, total = cfg_.max_train_steps;
@@ -784,7 +903,9 @@ TrainResult Trainer::run() {
   res.samples_per_s = res.seconds > 0 ? samples / res.seconds : 0.0;
   recipe_->train_mode(false);
   st.opt->zero_grad();
-  if (cfg_.save_final_checkpoint) last_ck = save_checkpoint(st.global_step);
+  // A resumed run that had no step left to do keeps the checkpoint it resumed from.
+  if (cfg_.save_final_checkpoint && st.global_step > res.first_step) last_ck = save_checkpoint(st.global_step);
+  if (last_ck.empty() && st.global_step == res.first_step) last_ck = last_ck_resumed;
   res.last_checkpoint = last_ck;
   if (main && !cfg_.output.empty() && st.global_step == cfg_.max_train_steps) {
     if (st.ema) {
@@ -798,6 +919,7 @@ TrainResult Trainer::run() {
     } else {
       recipe_->save(cfg_.output);
     }
+    res.wrote_output = true;
   }
   if (dist_) dist_->barrier();
   res.peak_rss_bytes = peak_rss_bytes();

@@ -57,7 +57,9 @@ void check_batch_size(int64_t batch_size, int64_t resolution);
 
 struct TrainConfig {
   // Where the recipe writes its result (file or folder) and where checkpoints, the JSONL log and
-  // validation images go (default: "<output>.train").
+  // validation images go (default: "<output>.train"). At the start, rank 0 removes what killed runs left there
+  // (checkpoint-N.tmp.<pid> of dead processes) and, on resume, cuts train_log.jsonl back to the resumed step.
+  // Whether output and output_dir may be written at all is the caller's check (api::OutputPlan).
   std::string output;
   std::string output_dir;
 
@@ -276,12 +278,26 @@ struct TrainResult {
   double samples_per_s = 0;   // global examples per second over the loop
   size_t peak_rss_bytes = 0;  // VmHWM of this process
   std::string last_checkpoint;
+  bool wrote_output = false;  // cfg.output was written (rank 0, all steps done)
 };
 
 // A checkpoint folder's files: trainable.safetensors (parameters), optimizer.safetensors (AdamW + EMA +
 // recipe state + RNG state), trainer_state.json (counters, config summary). Written into a temporary
 // folder and renamed, so a checkpoint is complete or absent.
 std::string find_latest_checkpoint(const std::string& dir_or_checkpoint);  // InvalidArgument when none
+// The global step a checkpoint folder records (FormatError naming the file when trainer_state.json is malformed).
+int64_t checkpoint_global_step(const std::string& checkpoint_dir);
+
+// ---- the training folder (output_dir) ----
+// Steps of the checkpoint-N folders of dir, ascending (complete or not).
+std::vector<int64_t> checkpoint_steps(const std::string& dir);
+// Whether a name in a training folder is one the trainer writes: checkpoint-N, train_log.jsonl,
+// validation-<step>-<i>.png, reconstruction-<step>.png, or a temporary of one of these ("<name>.tmp.<pid>").
+bool is_training_entry(const std::string& name);
+// Removes the trainer's own entries of dir that belong to steps after `after_step`; with after_step < 0 all of
+// them, train_log.jsonl included. Anything else in dir is left alone. A folder is renamed to a temporary first,
+// so an interruption leaves a temporary (removed at the next start) and never a half-deleted checkpoint.
+void remove_training_entries(const std::string& dir, int64_t after_step);
 
 class Trainer {
  public:
