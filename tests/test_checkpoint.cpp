@@ -296,7 +296,7 @@ TEST(CheckpointGolden, ConfigMismatchIsCaughtByTheTables) {
 // ---------------------------------------------------------------------------------------------
 // Diffusers folders and JSON.
 
-TEST(Checkpoint, DiffusersComponentLookup) {
+TEST(CheckpointUnit, DiffusersComponentLookup) {
   const std::string dir = tmp_path("folder");
   ::mkdir(dir.c_str(), 0755);
   ::mkdir((dir + "/unet").c_str(), 0755);
@@ -336,7 +336,7 @@ TEST(Checkpoint, DiffusersComponentLookup) {
                             "bad index");
 }
 
-TEST(Checkpoint, JsonFiles) {
+TEST(CheckpointUnit, JsonFiles) {
   expect_error<InvalidArgument>([] { load_json_file(tmp_path("none.json"), "unet config"); },
                                 {"unet config", "not found"}, "missing json");
   write_text(tmp_path("bad.json"), "{\"a\": 1,");
@@ -349,7 +349,7 @@ TEST(Checkpoint, JsonFiles) {
 // ---------------------------------------------------------------------------------------------
 // YAML subset.
 
-TEST(Checkpoint, LdmYamlSubset) {
+TEST(CheckpointUnit, LdmYamlSubset) {
   const std::string text = R"(# comment
 model:
   base_learning_rate: 1.0e-04
@@ -433,7 +433,7 @@ TensorMap fake_open_clip(int64_t width, int64_t layers, int64_t vocab = 100, int
   return m;
 }
 
-TEST(Checkpoint, OpenClipTextEncoderSplitAndNames) {
+TEST(CheckpointUnit, OpenClipTextEncoderSplitAndNames) {
   const int64_t W = 128, N = 3;
   const TensorMap ckpt = fake_open_clip(W, N);
   EXPECT_EQ(ldm_text_encoder_kind(ckpt), LdmTextEncoder::OpenClip);

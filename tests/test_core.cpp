@@ -24,7 +24,7 @@ void write_raw(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
 }
 
-TEST(CoreImage, PngRoundTripWithText) {
+TEST(CoreImageUnit, PngRoundTripWithText) {
   const std::string path = temp_dir() + "/rt.png";
   Image img = gradient(13, 7, 3);
   save_png(path, img, {{"parameters", "a cat\nSteps: 5"}, {"unicode", "caf\xC3\xA9 \xF0\x9F\x90\xB1"}});
@@ -39,7 +39,7 @@ TEST(CoreImage, PngRoundTripWithText) {
   EXPECT_EQ(text[1].second, "caf\xC3\xA9 \xF0\x9F\x90\xB1");
 }
 
-TEST(CoreImage, RgbaAndGrayConvertLikePil) {
+TEST(CoreImageUnit, RgbaAndGrayConvertLikePil) {
   const std::string path = temp_dir() + "/rgba.png";
   Image rgba = gradient(4, 3, 4);
   save_png(path, rgba);
@@ -54,7 +54,7 @@ TEST(CoreImage, RgbaAndGrayConvertLikePil) {
   EXPECT_EQ(to_gray(white).data[0], 255);
 }
 
-TEST(CoreImage, CorruptAndUnsupportedImagesAreInvalidArgument) {
+TEST(CoreImageUnit, CorruptAndUnsupportedImagesAreInvalidArgument) {
   const std::string dir = temp_dir();
   write_raw(dir + "/garbage.png", "this is not an image");
   write_raw(dir + "/empty.png", "");
@@ -72,7 +72,7 @@ TEST(CoreImage, CorruptAndUnsupportedImagesAreInvalidArgument) {
   EXPECT_THROW(load_image(dir, "--mask"), InvalidArgument);
 }
 
-TEST(CoreImage, TensorConversionsMatchDiffusers) {
+TEST(CoreImageUnit, TensorConversionsMatchDiffusers) {
   Image img = gradient(8, 8, 3);
   at::Tensor t = image_to_tensor(img);
   EXPECT_EQ(t.sizes(), (std::vector<int64_t>{1, 3, 8, 8}));
@@ -86,7 +86,7 @@ TEST(CoreImage, TensorConversionsMatchDiffusers) {
   EXPECT_EQ(back.data[3], 2);
 }
 
-TEST(CoreFs, AtomicWriteLeavesNothingOnFailure) {
+TEST(CoreFsUnit, AtomicWriteLeavesNothingOnFailure) {
   const std::string path = temp_dir() + "/atomic.bin";
   EXPECT_THROW(write_file_atomic(path, [](const std::string& tmp) {
                  std::ofstream(tmp) << "partial";
@@ -100,7 +100,7 @@ TEST(CoreFs, AtomicWriteLeavesNothingOnFailure) {
   EXPECT_THROW(write_bytes_atomic("/nonexistent-dir/x.bin", "a", 1), InvalidArgument);  // a bad output path
 }
 
-TEST(CoreErrors, CheckMacrosNameTheValue) {
+TEST(CoreErrorsUnit, CheckMacrosNameTheValue) {
   try {
     const double strength = 1.3;
     DMX_CHECK_ARG(strength <= 1, "strength must be in [0, 1], got ", strength);
@@ -110,7 +110,7 @@ TEST(CoreErrors, CheckMacrosNameTheValue) {
   }
 }
 
-TEST(CoreText, SplitKeepsEmptyFieldsLikePython) {
+TEST(CoreTextUnit, SplitKeepsEmptyFieldsLikePython) {
   using V = std::vector<std::string>;
   EXPECT_EQ(split("a cat  face", ' '), (V{"a", "cat", "", "face"}));
   EXPECT_EQ(split("down_blocks.1.attentions", '.'), (V{"down_blocks", "1", "attentions"}));

@@ -31,6 +31,7 @@
 #include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
+#include "tiny_models.h"
 #include "training/dataset.h"
 #include "training/lora_train.h"
 #include "training/trainer.h"
@@ -74,7 +75,7 @@ std::string quote(const std::string& s) {
 CliOut run(const std::vector<std::string>& args, const std::string& prefix = "") {
   static int counter = 0;
   const std::string base = temp_dir() + "/limits-run" + std::to_string(counter++);
-  std::string cmd = "timeout 300 " + quote(DMX_CLI_PATH);
+  std::string cmd = "timeout 300 " + quote(cli_path());
   for (const auto& a : args) cmd += " " + quote(a);
   cmd += " >" + base + ".out 2>" + base + ".err </dev/null";
   if (!prefix.empty()) cmd = prefix + "; " + cmd;
@@ -102,11 +103,12 @@ void expect_throw(F f, const std::vector<std::string>& needles) {
   }
 }
 
-std::string model() { return fixture_model("sd15"); }
+// The tiny random sd15 model (tests/tiny_models.h): every case here needs a model, not the reference numbers.
+std::string model() { return tiny_model_dir("sd15"); }
 
-// A copy of a fixture model made of symlinks, leaving out `replace` (relative paths) for the caller to fill.
+// A copy of a tiny model made of symlinks, leaving out `replace` (relative paths) for the caller to fill.
 std::string model_copy(const std::string& name, const std::vector<std::string>& replace, const std::string& variant = "sd15") {
-  const std::string src = fixture_model(variant), dst = fresh(name);
+  const std::string src = tiny_model_dir(variant), dst = fresh(name);
   auto replaced = [&](const std::string& rel) { return std::find(replace.begin(), replace.end(), rel) != replace.end(); };
   for (const auto& e : fs::directory_iterator(src)) {
     const std::string entry = e.path().filename().string();
@@ -123,7 +125,7 @@ std::string model_copy(const std::string& name, const std::vector<std::string>& 
   return dst;
 }
 
-// `dmx generate` on the fixture with small defaults; an option given in `extra` replaces its default.
+// `dmx generate` on the tiny model with small defaults; an option given in `extra` replaces its default.
 std::vector<std::string> gen(const std::string& out, std::vector<std::string> extra = {}, const std::string& m = "") {
   auto given = [&](const char* flag) { return std::find(extra.begin(), extra.end(), flag) != extra.end(); };
   std::vector<std::string> v = {"generate", "--model", m.empty() ? model() : m, "--prompt", "x", "--output", out};
@@ -186,15 +188,19 @@ double module_parameters(const torch::nn::Module& m) {
   return n;
 }
 
-nlohmann::json fixture_json(const std::string& variant, const std::string& rel) {
-  return nlohmann::json::parse(read_text_file(fixture_model(variant) + "/" + rel, "fixture", kMaxJsonFileBytes));
+// A config of the tiny models (tests/data/tiny-sd: the fixtures' architectures); the ControlNet's is the one
+// tiny_controlnet_dir wrote.
+nlohmann::json tiny_json(const std::string& variant, const std::string& rel) {
+  const std::string path = rel == "controlnet/config.json" ? tiny_controlnet_dir(variant) + "/config.json"
+                                                           : tiny_config_dir(variant) + "/" + rel;
+  return nlohmann::json::parse(read_text_file(path, "config", kMaxJsonFileBytes));
 }
 
 }  // namespace
 
 // ================================================================= item 6: non-regular files
 
-TEST(LimitsFs, OnlyRegularFilesAreReadAndWithinTheirCap) {
+TEST(LimitsFsUnit, OnlyRegularFilesAreReadAndWithinTheirCap) {
   const std::string d = fresh("fs");
   expect_throw<InvalidArgument>([] { read_text_file("/dev/urandom", "--from", kMaxJsonFileBytes); },
                                 {"--from", "character device", "/dev/urandom"});
@@ -215,7 +221,6 @@ TEST(LimitsFs, OnlyRegularFilesAreReadAndWithinTheirCap) {
 }
 
 TEST(LimitsCli, DevicesFifosAndLinksToThemExit2WithoutBlocking) {
-  DMX_REQUIRE_FIXTURES();
   const std::string d = fresh("cli-fs");
   ASSERT_EQ(::mkfifo((d + "/fifo.png").c_str(), 0644), 0);
   expect_exit(run({"info", "/dev/urandom"}), 2, {"/dev/urandom", "character device"});
@@ -235,7 +240,7 @@ TEST(LimitsCli, DevicesFifosAndLinksToThemExit2WithoutBlocking) {
 
 // ================================================================= item 5: image headers first
 
-TEST(LimitsImage, HeaderIsReadAndCheckedBeforeDecoding) {
+TEST(LimitsImageUnit, HeaderIsReadAndCheckedBeforeDecoding) {
   const Image small{40, 30, 3, std::vector<uint8_t>(40 * 30 * 3, 9)};
   const std::vector<uint8_t> png = encode_png(small);
   const ImageHeader h = read_image_header(png.data(), png.size(), "x");
@@ -264,11 +269,10 @@ TEST(LimitsImage, HeaderIsReadAndCheckedBeforeDecoding) {
 }
 
 TEST(LimitsCli, OversizedControlAndTrainingImagesAreRefused) {
-  DMX_REQUIRE_FIXTURES();
   const std::string d = fresh("big-images");
   write(d + "/big.png", real_png(5000, 5000));  // 25 megapixels, a real picture of ~100 KB
   // Resized to the output size it used to be accepted (decoded in full first).
-  expect_exit(run(gen(d + "/o.png", {"--controlnet", model() + "/controlnet", "--control-image", d + "/big.png"})), 2,
+  expect_exit(run(gen(d + "/o.png", {"--controlnet", tiny_controlnet_dir("sd15"), "--control-image", d + "/big.png"})), 2,
               {"--control-image", "5000x5000", "limit of 16.8 megapixels"});
   EXPECT_FALSE(fs::exists(d + "/o.png"));
   // Training images have their own, larger limit (8192 x 8192), also read from the header: a 9000 x 9000 row is
@@ -286,9 +290,8 @@ TEST(LimitsCli, OversizedControlAndTrainingImagesAreRefused) {
 
 // ================================================================= item 7: model configs
 
-TEST(LimitsConfig, IntegersAreExactAndEveryFieldIsBounded) {
-  DMX_REQUIRE_FIXTURES();
-  const auto unet = fixture_json("sd15", "unet/config.json");
+TEST(LimitsConfigTiny, IntegersAreExactAndEveryFieldIsBounded) {
+  const auto unet = tiny_json("sd15", "unet/config.json");
   auto with = [](nlohmann::json j, const char* k, const nlohmann::json& v) {
     j[k] = v;
     return j;
@@ -306,15 +309,15 @@ TEST(LimitsConfig, IntegersAreExactAndEveryFieldIsBounded) {
       {"block_out_channels[3]", "must be an integer in"});
   expect_throw<FormatError>([&] { UNet2DConditionConfig::from_json(with(unet, "attention_head_dim", 8.5)); },
                             {"attention_head_dim", "must be an integer"});
-  const auto vae = fixture_json("sd15", "vae/config.json");
+  const auto vae = tiny_json("sd15", "vae/config.json");
   expect_throw<FormatError>([&] { models::AutoencoderKLConfig::from_json(with(vae, "latent_channels", 100000)); },
                             {"latent_channels must be in [1, 64]"});
-  const auto te = fixture_json("sd15", "text_encoder/config.json");
+  const auto te = tiny_json("sd15", "text_encoder/config.json");
   expect_throw<FormatError>([&] { models::CLIPTextConfig::from_json(with(te, "vocab_size", 4294967297ll)); },
                             {"vocab_size", "must be an integer in"});
   expect_throw<FormatError>([&] { models::CLIPTextConfig::from_json(with(te, "num_hidden_layers", 100000)); },
                             {"num_hidden_layers must be in [1, 128]"});
-  const auto cn = fixture_json("sd15", "controlnet/config.json");
+  const auto cn = tiny_json("sd15", "controlnet/config.json");
   expect_throw<FormatError>(
       [&] { models::ControlNetConfig::from_json(with(cn, "conditioning_embedding_out_channels", {16, 1 << 20})); },
       {"conditioning_embedding_out_channels[1] must be in [1, 8192]"});
@@ -329,10 +332,9 @@ TEST(LimitsConfig, IntegersAreExactAndEveryFieldIsBounded) {
 
 // The parameter count computed from a config equals the constructed module's, for every family and option
 // that changes the layout (the check before building relies on it).
-TEST(LimitsConfig, ParameterCountsFromConfigsEqualTheModules) {
-  DMX_REQUIRE_FIXTURES();
+TEST(LimitsConfigTiny, ParameterCountsFromConfigsEqualTheModules) {
   for (const std::string variant : {"sd15", "test"}) {
-    auto u = models::UNet2DConditionConfig::from_json(fixture_json(variant, "unet/config.json"));
+    auto u = models::UNet2DConditionConfig::from_json(tiny_json(variant, "unet/config.json"));
     std::vector<models::UNet2DConditionConfig> unets{u};
     auto v1 = u;
     v1.use_linear_projection = true;
@@ -349,7 +351,7 @@ TEST(LimitsConfig, ParameterCountsFromConfigsEqualTheModules) {
       models::UNet2DConditionModel m(c);
       EXPECT_EQ(c.parameter_count(), module_parameters(*m)) << variant;
     }
-    auto a = models::AutoencoderKLConfig::from_json(fixture_json(variant, "vae/config.json"));
+    auto a = models::AutoencoderKLConfig::from_json(tiny_json(variant, "vae/config.json"));
     auto a2 = a;
     a2.mid_block_add_attention = false;
     a2.layers_per_block = 1;
@@ -358,11 +360,11 @@ TEST(LimitsConfig, ParameterCountsFromConfigsEqualTheModules) {
       models::AutoencoderKL m(c);
       EXPECT_EQ(c.parameter_count(), module_parameters(*m)) << variant;
     }
-    auto t = models::CLIPTextConfig::from_json(fixture_json(variant, "text_encoder/config.json"));
+    auto t = models::CLIPTextConfig::from_json(tiny_json(variant, "text_encoder/config.json"));
     models::CLIPTextModel tm(t);
     EXPECT_EQ(t.parameter_count(), module_parameters(*tm)) << variant;
   }
-  auto cn = models::ControlNetConfig::from_json(fixture_json("sd15", "controlnet/config.json"));
+  auto cn = models::ControlNetConfig::from_json(tiny_json("sd15", "controlnet/config.json"));
   auto cn2 = cn;
   cn2.layers_per_block = 1;
   cn2.use_linear_projection = true;
@@ -378,9 +380,8 @@ TEST(LimitsConfig, ParameterCountsFromConfigsEqualTheModules) {
 }
 
 TEST(LimitsCli, ConfigsAreCheckedAgainstTheWeightsBeforeBuilding) {
-  DMX_REQUIRE_FIXTURES();
   const std::string d = fresh("cfg-cli");
-  auto unet = fixture_json("sd15", "unet/config.json");
+  auto unet = tiny_json("sd15", "unet/config.json");
   unet["layers_per_block"] = 16;  // in range, but 8x the layers the weights hold
   const std::string m = model_copy("cfg-mismatch", {"unet/config.json"});
   write(m + "/unet/config.json", unet.dump());
@@ -400,9 +401,8 @@ TEST(LimitsCli, ConfigsAreCheckedAgainstTheWeightsBeforeBuilding) {
 
 // ================================================================= item 8: the tokenizer
 
-TEST(LimitsTokenizer, TruncationStopsEarlyAndMatchesTheFullTokenization) {
-  DMX_REQUIRE_FIXTURES();
-  const auto tok = models::CLIPTokenizer::from_folder(model() + "/tokenizer");
+TEST(LimitsTokenizerUnit, TruncationStopsEarlyAndMatchesTheFullTokenization) {
+  const auto tok = models::CLIPTokenizer::from_folder(tiny_tokenizer_dir());
   std::mt19937 rng(7);
   const std::string alphabet = "aeiourstlnmkdhxyz";
   // The heap-based BPE of long words equals transformers' loop.
@@ -436,7 +436,6 @@ TEST(LimitsTokenizer, TruncationStopsEarlyAndMatchesTheFullTokenization) {
 }
 
 TEST(LimitsCli, HugePromptsFromMetadataAreRefused) {
-  DMX_REQUIRE_FIXTURES();
   const std::string d = fresh("prompt");
   const std::string params = std::string(3 << 20, 'a') + "\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 32x32";
   save_png(d + "/src.png", Image{8, 8, 3, std::vector<uint8_t>(192, 1)}, {{"parameters", params}});
@@ -447,12 +446,11 @@ TEST(LimitsCli, HugePromptsFromMetadataAreRefused) {
 
 // ================================================================= item 4: training sizes
 
-TEST(LimitsTraining, RankAndBatchAreBoundedBeforeLoading) {
-  DMX_REQUIRE_FIXTURES();
+TEST(LimitsTrainingCli, RankAndBatchAreBoundedBeforeLoading) {
   const std::string data = fresh("train-sizes");
   const std::string out = data + "/o.safetensors";
   auto args = [&](std::vector<std::string> extra) {
-    std::vector<std::string> v{"train", "lora", "--model", fixture_model("test"), "--data", data, "--output", out};
+    std::vector<std::string> v{"train", "lora", "--model", tiny_model_dir("test"), "--data", data, "--output", out};
     v.insert(v.end(), extra.begin(), extra.end());
     return v;
   };
@@ -460,7 +458,7 @@ TEST(LimitsTraining, RankAndBatchAreBoundedBeforeLoading) {
   expect_exit(run(args({"--batch-size", "100000"})), 2, {"--batch-size must be in [1, 1024], got 100000"});
   expect_exit(run(args({"--batch-size", "64", "--resolution", "512"})), 2,
               {"--batch-size x --resolution^2 must be at most 4194304 pixels", "64 x 512^2"});
-  expect_exit(run({"train", "dreambooth", "--model", fixture_model("test"), "--instance-data", data,
+  expect_exit(run({"train", "dreambooth", "--model", tiny_model_dir("test"), "--instance-data", data,
                    "--instance-prompt", "sks", "--output", out, "--lora-rank", "5000"}),
               2, {"--lora-rank must be in [0, 1024]"});
   EXPECT_FALSE(fs::exists(out));
@@ -469,21 +467,19 @@ TEST(LimitsTraining, RankAndBatchAreBoundedBeforeLoading) {
 }
 
 TEST(LimitsCli, NetAndLoRACountsAreBounded) {
-  DMX_REQUIRE_FIXTURES();
   const std::string d = fresh("counts");
   std::vector<std::string> nets;
   for (int i = 0; i < 9; ++i)
-    nets.insert(nets.end(), {"--controlnet", model() + "/controlnet", "--control-image", d + "/none.png"});
+    nets.insert(nets.end(), {"--controlnet", tiny_controlnet_dir("sd15"), "--control-image", d + "/none.png"});
   expect_exit(run(gen(d + "/o.png", nets)), 2, {"--controlnet may be given at most 8 times, got 9"});
   std::vector<std::string> loras;
-  for (int i = 0; i < 65; ++i) loras.insert(loras.end(), {"--lora", model() + "/lora/lora_kohya.safetensors"});
+  for (int i = 0; i < 65; ++i) loras.insert(loras.end(), {"--lora", tiny_lora_file("sd15", "kohya")});
   expect_exit(run(gen(d + "/o.png", loras)), 2, {"at most 64 LoRAs", "got 65"});
 }
 
 // ================================================================= item 9: NaN / Inf
 
-TEST(LimitsFinite, NonFiniteWeightsLatentsAndScalesFailLoudly) {
-  DMX_REQUIRE_FIXTURES();
+TEST(LimitsFiniteCli, NonFiniteWeightsLatentsAndScalesFailLoudly) {
   const std::string d = fresh("finite");
   // A NaN in one UNet weight: the run fails naming it, and writes nothing.
   io::TensorMap unet = io::load_safetensors(model() + "/unet/diffusion_pytorch_model.safetensors");
@@ -498,7 +494,7 @@ TEST(LimitsFinite, NonFiniteWeightsLatentsAndScalesFailLoudly) {
   io::save_safetensors(d + "/lat.safetensors", {{"latents", lat}});
   expect_exit(run(gen(d + "/o.png", {"--init-latents", d + "/lat.safetensors"})), 2, {"--init-latents", "non-finite"});
   // A LoRA scale of 1e30 overflows the merged weights; in runtime mode the latents.
-  const std::string lora = model() + "/lora/lora_kohya.safetensors";
+  const std::string lora = tiny_lora_file("sd15", "kohya");
   expect_exit(run(gen(d + "/o.png", {"--lora", lora + ":1e30"})), 2, {"LoRA", "non-finite", "scale"});
   expect_exit(run(gen(d + "/o.png", {"--lora", lora + ":1e30", "--lora-mode", "runtime"})), 2,
               {"non-finite", "LoRA"});
@@ -512,9 +508,8 @@ TEST(LimitsFinite, NonFiniteWeightsLatentsAndScalesFailLoudly) {
                       {"the latents hold 1 non-finite value(s)", "weights are finite"});
 }
 
-TEST(LimitsFinite, LoRAFilesWithNaNOrRankZeroOrBadPeftConfigAreFormatErrors) {
-  DMX_REQUIRE_FIXTURES();
-  auto m = pipelines::load_stable_diffusion(fixture_model("test"));
+TEST(LimitsFiniteTiny, LoRAFilesWithNaNOrRankZeroOrBadPeftConfigAreFormatErrors) {
+  auto m = pipelines::load_stable_diffusion(tiny_model_dir("test"));
   const std::string k = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
   const at::Tensor down = at::randn({4, 32}) * 0.1, up = at::randn({32, 4}) * 0.1;
   auto apply = [&](io::TensorMap t, const nlohmann::json& peft = nullptr, double scale = 1.0) {
@@ -537,7 +532,7 @@ TEST(LimitsFinite, LoRAFilesWithNaNOrRankZeroOrBadPeftConfigAreFormatErrors) {
   EXPECT_EQ(pipelines::count_lora_layers(*m), 0);  // nothing was attached by the refused files
 }
 
-TEST(LimitsFinite, ConvertRefusesValuesTheTargetTypeCannotHold) {
+TEST(LimitsFiniteUnit, ConvertRefusesValuesTheTargetTypeCannotHold) {
   const std::string d = fresh("convert");
   io::save_safetensors(d + "/ok.safetensors", {{"w", at::full({3}, 60000.0f)}});
   io::save_safetensors(d + "/big.safetensors", {{"w", at::ones({4})}, {"v", at::full({2, 2}, 1e6f)}});
@@ -556,7 +551,6 @@ TEST(LimitsFinite, ConvertRefusesValuesTheTargetTypeCannotHold) {
 // ================================================================= item 12: errors and exit codes
 
 TEST(LimitsCli, ExitCodesNameTheCause) {
-  DMX_REQUIRE_FIXTURES();
   const std::string d = fresh("exit");
   // fp16 on the CPU: refused up front (libtorch 1.13 has no fp16 CPU kernels), not a LayerNorm error.
   expect_exit(run(gen(d + "/o.png", {"--dtype", "fp16"})), 2, {"--dtype fp16 needs --device cuda", "bf16"});
@@ -569,7 +563,6 @@ TEST(LimitsCli, ExitCodesNameTheCause) {
 }
 
 TEST(LimitsCli, ResumeChecksItsStateAndSeed) {
-  DMX_REQUIRE_FIXTURES();
   const std::string data = fresh("resume-data");
   for (int i = 0; i < 2; ++i) {
     std::vector<uint8_t> px(32 * 32 * 3);
@@ -579,7 +572,7 @@ TEST(LimitsCli, ResumeChecksItsStateAndSeed) {
   }
   const std::string out = fresh("resume") + "/lora.safetensors";
   auto train = [&](std::vector<std::string> extra) {
-    std::vector<std::string> v{"train", "lora", "--model", fixture_model("test"), "--data", data, "--output", out,
+    std::vector<std::string> v{"train", "lora", "--model", tiny_model_dir("test"), "--data", data, "--output", out,
                                "--resolution", "32", "--batch-size", "1", "--checkpoint-every", "1", "--quiet"};
     v.insert(v.end(), extra.begin(), extra.end());
     return run(v);
@@ -602,7 +595,7 @@ TEST(LimitsCli, ResumeChecksItsStateAndSeed) {
 
 // ================================================================= item 13
 
-TEST(LimitsText, TerminalSafeEscapesControlsAndKeepsText) {
+TEST(LimitsTextUnit, TerminalSafeEscapesControlsAndKeepsText) {
   EXPECT_EQ(terminal_safe("plain, \xc3\xa9t\xc3\xa9 \xf0\x9f\x90\x88\nnext\tcol"),
             "plain, \xc3\xa9t\xc3\xa9 \xf0\x9f\x90\x88\nnext\tcol");
   EXPECT_EQ(terminal_safe("a\x1b[31mred\x1b]0;title\x07"), "a\\x1B[31mred\\x1B]0;title\\x07");
@@ -611,7 +604,6 @@ TEST(LimitsText, TerminalSafeEscapesControlsAndKeepsText) {
 }
 
 TEST(LimitsCli, FileTextNeverReachesTheTerminalRaw) {
-  DMX_REQUIRE_FIXTURES();
   const std::string d = fresh("escapes");
   save_png(d + "/e.png", Image{8, 8, 3, std::vector<uint8_t>(192, 1)},
            {{"parameters", "a \x1b[2J\x1b]0;owned\x07 cat\nSteps: 2, Seed: 1, Size: 8x8"}});
@@ -625,7 +617,7 @@ TEST(LimitsCli, FileTextNeverReachesTheTerminalRaw) {
   EXPECT_NE(err.err.find("\\x1B[2Jmissing.png"), std::string::npos) << err.err;
 }
 
-TEST(LimitsLoRA, TagNamesStayInsideTheLoraDir) {
+TEST(LimitsLoRAUnit, TagNamesStayInsideTheLoraDir) {
   const std::string root = fresh("lora-dir"), dir = root + "/loras";
   fs::create_directories(dir + "/sub");
   write(root + "/outside.safetensors", "x");
@@ -641,10 +633,9 @@ TEST(LimitsLoRA, TagNamesStayInsideTheLoraDir) {
 }
 
 TEST(LimitsCli, LoraTagsFromMetadataStayInsideTheLoraDir) {
-  DMX_REQUIRE_FIXTURES();
   const std::string d = fresh("lora-from");
   fs::create_directories(d + "/loras");
-  fs::copy_file(model() + "/lora/lora_kohya.safetensors", d + "/secret.safetensors");
+  fs::copy_file(tiny_lora_file("sd15", "kohya"), d + "/secret.safetensors");
   save_png(d + "/src.png", Image{8, 8, 3, std::vector<uint8_t>(192, 1)},
            {{"parameters", "a cat <lora:../secret:1>\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 32x32"}});
   expect_exit(run({"generate", "--model", model(), "--from", d + "/src.png", "--lora-dir", d + "/loras", "--output",
@@ -653,7 +644,7 @@ TEST(LimitsCli, LoraTagsFromMetadataStayInsideTheLoraDir) {
   EXPECT_FALSE(fs::exists(d + "/o.png"));
 }
 
-TEST(LimitsData, SkippedRowsAreReported) {
+TEST(LimitsDataUnit, SkippedRowsAreReported) {
   const std::string data = fresh("skip");
   save_png(data + "/a.png", Image{32, 32, 3, std::vector<uint8_t>(32 * 32 * 3, 50)});
   write(data + "/metadata.jsonl", "{\"file_name\": \"a.png\", \"text\": \"ok\"}\n"
@@ -672,10 +663,9 @@ TEST(LimitsData, SkippedRowsAreReported) {
   EXPECT_NE(err.find("metadata.jsonl:3"), std::string::npos) << err;
 }
 
-TEST(LimitsScheduler, StepsAreCheckedPerSchedulerBeforeDenoising) {
-  DMX_REQUIRE_FIXTURES();
+TEST(LimitsSchedulerUnit, StepsAreCheckedPerScheduler) {
   const auto cfg = schedulers::parse_scheduler_config(
-      read_text_file(model() + "/scheduler/scheduler_config.json", "scheduler", kMaxJsonFileBytes));
+      read_text_file(tiny_config_dir("sd15") + "/scheduler/scheduler_config.json", "scheduler", kMaxJsonFileBytes));
   for (const auto& name : schedulers::scheduler_names()) {
     SCOPED_TRACE(name);
     auto s = schedulers::create_scheduler(name, cfg);
@@ -702,12 +692,16 @@ TEST(LimitsScheduler, StepsAreCheckedPerSchedulerBeforeDenoising) {
     }
     EXPECT_TRUE(at::isfinite(x).all().item<bool>());
   }
+}
+
+// The command checks the steps before anything is loaded or denoised.
+TEST(LimitsSchedulerCli, StepsAreCheckedBeforeDenoising) {
   const std::string d = fresh("steps");
   expect_exit(run(gen(d + "/o.png", {"--steps", "1000", "--scheduler", "pndm"})), 2, {"steps must be at most 999"});
   EXPECT_FALSE(fs::exists(d + "/o.png"));
 }
 
-TEST(LimitsNumbers, OneIntegerSyntaxForOptionsAndMetadata) {
+TEST(LimitsNumbersUnit, OneIntegerSyntaxForOptionsAndMetadata) {
   EXPECT_EQ(parse_integer("20", "x", 1, 1000), 20);
   EXPECT_EQ(parse_integer("-3", "x", -5, 5), -3);
   for (const char* bad : {"1e3", "20.0", "+5", " 5", "5 ", "0x10", "", "-", "1_000"})
@@ -721,18 +715,24 @@ TEST(LimitsNumbers, OneIntegerSyntaxForOptionsAndMetadata) {
   expect_throw<InvalidArgument>([] { parse_parameters("a cat\nSteps: 1e3, Seed: 1, Size: 64x64"); },
                                 {"parameters: field 'Steps' must be an integer, got '1e3'"});
   EXPECT_EQ(parse_parameters("a cat\nSteps: 20, Seed: 1, Size: 64x64").steps, 20);
-  DMX_REQUIRE_FIXTURES();
+}
+
+TEST(LimitsNumbersCli, StepsOfAnotherSyntaxExit2) {
   const CliOut r = run(gen(temp_dir() + "/limits-n.png", {"--steps", "1e3"}));
   expect_exit(r, 2, {"--steps must be an integer, got '1e3'"});
 }
 
-TEST(LimitsControlNet, MapSizeRoundsDownToAMultipleOf8) {
+TEST(LimitsControlNetUnit, MapSizeRoundsDownToAMultipleOf8) {
   EXPECT_EQ(pipelines::control_size_multiple(4), 8);
   EXPECT_EQ(pipelines::control_size_multiple(8), 8);
   EXPECT_EQ(pipelines::control_size_multiple(16), 16);
   const Image map{100, 60, 3, std::vector<uint8_t>(100 * 60 * 3, 0)};
   EXPECT_EQ(pipelines::default_control_size(map, 4), std::make_pair(96, 56));
   EXPECT_EQ(pipelines::default_control_size(map, 8), std::make_pair(96, 56));
+}
+
+TEST(LimitsControlNetCli, MapSizeRoundsDownOnTheEmojiModel) {
+  const Image map{100, 60, 3, std::vector<uint8_t>(100 * 60 * 3, 0)};
   // The emoji model's VAE has factor 4: a 100 x 60 map used to give a 100 x 60 size the size check refused.
   const std::string emoji = std::string(DMX_SOURCE_DIR) + "/models/emoji";
   const std::string net = std::string(DMX_SOURCE_DIR) + "/models/emoji-controlnet-canny";

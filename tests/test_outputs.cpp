@@ -26,6 +26,7 @@
 #include "dmx/train.h"
 #include "pipelines/model_bundle.h"
 #include "test_util.h"
+#include "tiny_models.h"
 #include "training/dataset.h"
 #include "training/lora_train.h"
 #include "training/trainer.h"
@@ -87,8 +88,9 @@ struct CliResult {
 
 // The dmx binary under test: this build's, or $DMX_TEST_CLI (to show what another build does with these cases).
 std::string cli() {
+  const std::string built = cli_path();
   const char* env = std::getenv("DMX_TEST_CLI");
-  return env && *env ? env : DMX_CLI_PATH;
+  return env && *env ? env : built;
 }
 
 // Runs dmx (or `prefix` + dmx, for a shell around it) with stderr captured.
@@ -111,10 +113,10 @@ void expect_refused(const CliResult& r, const std::vector<std::string>& needles)
   for (const auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "expected '" << n << "' in: " << r.err;
 }
 
-// A real copy of a fixture model (the tests may try to write into it: it must never be the shared one).
+// A real copy of a tiny model (the tests may try to write into it: it must never be the shared one).
 std::string model_copy(const std::string& variant) {
   const std::string dst = temp_dir() + "/outputs-model-" + variant;
-  if (!is_directory(dst)) fs::copy(fixture_model(variant), dst, fs::copy_options::recursive);
+  if (!is_directory(dst)) fs::copy(tiny_model_dir(variant), dst, fs::copy_options::recursive);
   for (auto& e : fs::recursive_directory_iterator(dst))
     fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
   return dst;
@@ -125,7 +127,7 @@ std::string model_copy(const std::string& variant) {
 std::string broken_model() {
   const std::string dst = temp_dir() + "/outputs-broken-model";
   if (!is_directory(dst)) {
-    fs::copy(fixture_model("test"), dst, fs::copy_options::recursive);
+    fs::copy(tiny_model_dir("test"), dst, fs::copy_options::recursive);
     for (auto& e : fs::recursive_directory_iterator(dst))
       fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
     fs::remove(dst + "/unet/diffusion_pytorch_model.safetensors");
@@ -186,7 +188,7 @@ CliResult dmx_on_tmpfs(const std::string& mount_dir, const std::string& options,
 
 // ---------------------------------------------------------------- the output plan (unit)
 
-TEST(OutputPlan, OutputsThatAreOrTouchInputsAreRefused) {
+TEST(OutputPlanUnit, OutputsThatAreOrTouchInputsAreRefused) {
   const std::string d = fresh("plan");
   fs::create_directories(d + "/model/unet");
   write_file(d + "/model/unet/w.safetensors", "weights");
@@ -254,7 +256,7 @@ TEST(OutputPlan, OutputsThatAreOrTouchInputsAreRefused) {
   EXPECT_TRUE(path_exists(d + "/other.png.tmp." + std::to_string(dead)));
 }
 
-TEST(OutputPlan, ExistingOutputsNeedOverwriteAndFoldersOfTheirKind) {
+TEST(OutputPlanUnit, ExistingOutputsNeedOverwriteAndFoldersOfTheirKind) {
   const std::string d = fresh("plan-existing");
   write_file(d + "/old.png", "an image the user keeps");
   fs::create_directories(d + "/docs/sub");
@@ -292,9 +294,9 @@ TEST(OutputPlan, ExistingOutputsNeedOverwriteAndFoldersOfTheirKind) {
 
 // ---------------------------------------------------------------- atomic writes, signals, full disk (unit)
 
-// The folder counterpart of HardeningFs.SignalDuringWriteRemovesTemporary: the temporary folder is registered
+// The folder counterpart of HardeningFsUnit.SignalDuringWriteRemovesTemporary: the temporary folder is registered
 // as a whole (before, only the file being written was, and the folder stayed behind: issue 13 item 10).
-TEST(OutputsFs, SignalDuringFolderWriteRemovesTheFolder) {
+TEST(OutputsFsUnit, SignalDuringFolderWriteRemovesTheFolder) {
   for (int sig : {SIGINT, SIGTERM}) {
     const std::string d = fresh("sigdir" + std::to_string(sig));
     const pid_t pid = fork();
@@ -321,7 +323,7 @@ TEST(OutputsFs, SignalDuringFolderWriteRemovesTheFolder) {
 
 // Several files are all written or none: a write that fails at the third file (the file size limit, as a full
 // disk would) removes the first two, and the error is a SystemError (exit 1: not invalid input).
-TEST(OutputsFs, MultiFileWriteIsAllOrNothing) {
+TEST(OutputsFsUnit, MultiFileWriteIsAllOrNothing) {
   const std::string d = fresh("allornothing");
   write_file(d + "/c.png", "an older c, replaced only when all are written");
   const pid_t pid = fork();
@@ -393,14 +395,14 @@ tr::TrainConfig small_config(const std::string& dir, int64_t steps) {
   return c;
 }
 
-// The child half of TrainCheckpointSignal (run in a fresh process: forking a process whose OpenMP pool is up is
+// The child half of OutputsTrainTiny.SignalDuringCheckpoint (run in a fresh process: forking a process whose OpenMP pool is up is
 // not safe). Trains 3 steps, raising $DMX_TEST_SIGNAL during the 2nd checkpoint.
-TEST(OutputsTrainChild, RaiseDuringCheckpoint) {
+TEST(OutputsTrainChildTiny, RaiseDuringCheckpoint) {
   const char* dir = std::getenv("DMX_TEST_CHILD_DIR");
-  if (!dir) GTEST_SKIP() << "run by OutputsTrain.SignalDuringCheckpoint";
+  if (!dir) GTEST_SKIP() << "run by OutputsTrainTiny.SignalDuringCheckpoint";
   install_temp_file_cleanup();
   const int sig = std::atoi(std::getenv("DMX_TEST_SIGNAL"));
-  auto recipe = std::make_shared<SignalInCheckpoint>(pipelines::load_stable_diffusion(fixture_model("test")), sig, 2);
+  auto recipe = std::make_shared<SignalInCheckpoint>(pipelines::load_stable_diffusion(tiny_model_dir("test")), sig, 2);
   tr::Trainer t(small_config(dir, 3), recipe, std::make_shared<MemorySource>());
   t.run();
 }
@@ -408,7 +410,7 @@ TEST(OutputsTrainChild, RaiseDuringCheckpoint) {
 int run_child(const std::string& dir, int sig) {
   const std::string cmd = "DMX_TEST_CHILD_DIR=" + quote(dir) + " DMX_TEST_SIGNAL=" + std::to_string(sig) + " " +
                           quote(fs::read_symlink("/proc/self/exe").string()) +
-                          " --gtest_filter=OutputsTrainChild.RaiseDuringCheckpoint >/dev/null 2>&1";
+                          " --gtest_filter=OutputsTrainChildTiny.RaiseDuringCheckpoint >/dev/null 2>&1";
   const int status = std::system(cmd.c_str());
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
@@ -416,8 +418,7 @@ int run_child(const std::string& dir, int sig) {
 // Issue 13 item 10: SIGTERM/SIGINT while a checkpoint is written left checkpoint-N.tmp.<pid>/ behind (the handler
 // knew only the file being written, not its folder); after a SIGKILL nothing removed it. Now the folder goes with
 // the signal, and what a SIGKILL leaves is removed when training starts again (only our names, only dead pids).
-TEST(OutputsTrain, SignalDuringCheckpoint) {
-  DMX_REQUIRE_FIXTURES();
+TEST(OutputsTrainTiny, SignalDuringCheckpoint) {
   for (int sig : {SIGTERM, SIGINT}) {
     const std::string d = fresh("ckpt-signal" + std::to_string(sig));
     const int code = run_child(d, sig);
@@ -436,7 +437,7 @@ TEST(OutputsTrain, SignalDuringCheckpoint) {
   write_file(d + "/notes.tmp.999999", "not a name the trainer writes");
   fs::create_directories(d + "/checkpoint-7.tmp.1");  // pid 1 runs: not stale
   // Resuming removes the dead run's temporary, keeps the rest, and goes on from checkpoint-1.
-  auto recipe = std::make_shared<tr::LoRARecipe>(pipelines::load_stable_diffusion(fixture_model("test")),
+  auto recipe = std::make_shared<tr::LoRARecipe>(pipelines::load_stable_diffusion(tiny_model_dir("test")),
                                                  tr::LoRATrainOptions{}, tr::LoRASaveFormat::Diffusers);
   tr::TrainConfig c = small_config(d, 2);
   c.resume_from_checkpoint = d;
@@ -458,11 +459,10 @@ std::vector<int64_t> logged_steps(const std::string& dir) {
 }
 
 // Issue 13 item 10: after a resume, train_log.jsonl held the steps after the checkpoint twice.
-TEST(OutputsTrain, ResumeCutsTheLogBackToTheCheckpoint) {
-  DMX_REQUIRE_FIXTURES();
+TEST(OutputsTrainTiny, ResumeCutsTheLogBackToTheCheckpoint) {
   const std::string d = fresh("log");
   auto run = [&](int64_t steps, const std::string& resume) {
-    auto recipe = std::make_shared<tr::LoRARecipe>(pipelines::load_stable_diffusion(fixture_model("test")),
+    auto recipe = std::make_shared<tr::LoRARecipe>(pipelines::load_stable_diffusion(tiny_model_dir("test")),
                                                    tr::LoRATrainOptions{}, tr::LoRASaveFormat::Diffusers);
     tr::TrainConfig c = small_config(d, steps);
     c.resume_from_checkpoint = resume;
@@ -486,7 +486,7 @@ TEST(OutputsTrain, ResumeCutsTheLogBackToTheCheckpoint) {
 
 // Issue 13 item 11: a caption with invalid UTF-8 (or a NUL byte) was found by the tokenizer in the middle of
 // training; the dataset now reports it when it is opened, with the other bad rows.
-TEST(OutputsData, InvalidCaptionsAreFoundWhenTheDatasetOpens) {
+TEST(OutputsDataUnit, InvalidCaptionsAreFoundWhenTheDatasetOpens) {
   const std::string d = image_folder("bad-captions");
   write_file(d + "/img1.txt", std::string("a red \xff square"));
   tr::DatasetOptions o;
@@ -513,8 +513,7 @@ TEST(OutputsData, InvalidCaptionsAreFoundWhenTheDatasetOpens) {
 // Issue 13 item 1: training replaced an existing --output folder and everything in it (exit 0), and with
 // --output equal to --data the training set was gone.
 TEST(OutputsCli, TrainingNeverReplacesWhatItDidNotWrite) {
-  DMX_REQUIRE_FIXTURES();
-  const std::string model = fixture_model("test");
+  const std::string model = tiny_model_dir("test");
   const std::string data = image_folder("train-data");
   const auto data_before = tree(data);
   const std::string h = fresh("train-h");
@@ -555,7 +554,6 @@ TEST(OutputsCli, TrainingNeverReplacesWhatItDidNotWrite) {
 // given as a LoRA output) and each other (--save-control-image / --save-attention-maps / --mask-output equal to
 // --output). Every such case is refused before anything is loaded.
 TEST(OutputsCli, OutputsThatAreInputsOrEachOtherAreRefused) {
-  DMX_REQUIRE_FIXTURES();
   const std::string m = model_copy("test");
   const std::string weights = m + "/unet/diffusion_pytorch_model.safetensors";
   const std::string weights_before = read_file(weights);
@@ -619,12 +617,11 @@ TEST(OutputsCli, OutputsThatAreInputsOrEachOtherAreRefused) {
 
 // Issue 13 item 3: resuming a checkpoint at or past --steps printed "wrote X" and exited 0 without writing X.
 TEST(OutputsCli, ResumeAtOrPastTheLastStep) {
-  DMX_REQUIRE_FIXTURES();
   const std::string data = image_folder("resume-data");
   const std::string d = fresh("resume");
   const std::string out = d + "/l.safetensors";
   const std::vector<std::string> base = {
-      "train", "lora",     "--model", fixture_model("test"), "--data", data, "--resolution",
+      "train", "lora",     "--model", tiny_model_dir("test"), "--data", data, "--resolution",
       "32",    "--output", out,       "--checkpoint-every",  "1"};
   auto train = [&](std::vector<std::string> more) {
     std::vector<std::string> a = base;
@@ -652,7 +649,6 @@ TEST(OutputsCli, ResumeAtOrPastTheLastStep) {
 // Issue 13 item 11: failures that could be known up front came after the work. With a model that cannot load,
 // the error about the output proves it is found first.
 TEST(OutputsCli, ImpossibleOutputsAreFoundBeforeLoading) {
-  DMX_REQUIRE_FIXTURES();
   const std::string bad = broken_model();
   const std::string d = fresh("upfront");
   const std::string data = image_folder("upfront-data");
@@ -678,9 +674,8 @@ TEST(OutputsCli, ImpossibleOutputsAreFoundBeforeLoading) {
 // -edit.png failed. A full disk is not invalid input: exit 1, nothing partial. Tested on a private tmpfs sized
 // to hold less than all the files.
 TEST(OutputsCli, FullDiskLeavesNothingAndExits1) {
-  DMX_REQUIRE_FIXTURES();
   if (!tmpfs_available()) GTEST_SKIP() << "no user namespaces (unshare -rm): cannot make a small tmpfs";
-  const std::string m = fixture_model("test");
+  const std::string m = tiny_model_dir("test");
   // The sizes of the three images, from a run on the real disk.
   const std::string d = fresh("fulldisk-ref");
   ASSERT_EQ(dmx_cmd(gen_args(m, d + "/o.png", {"--num-images", "3"})).code, 0);

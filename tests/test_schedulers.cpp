@@ -1,8 +1,8 @@
 // Scheduler tests: step-by-step golden comparison with diffusers 0.27.2 (ref/<variant>/schedulers.*),
 // config parsing and validation (from_config semantics), the factory, runtime errors, and
-// hand-computed v-prediction steps. Suites: SchedulerGolden (golden), SchedulerConfig, SchedulerFactory,
-// SchedulerStep (unit; SchedulerFactory.*Fixture* needs the fixtures). Golden cases are
-// SchedulerGolden/SchedulerGoldenCase.*/<variant>_<case>.
+// hand-computed v-prediction steps. Suites: SchedulerCaseGolden, SchedulerCoverageGolden, SchedulerPipelinesGolden
+// (fixtures); SchedulerConfigUnit, SchedulerFactoryUnit, SchedulerStepUnit. Golden cases are
+// SchedulerGolden/SchedulerCaseGolden.*/<variant>_<case>.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -19,6 +19,7 @@
 #include "schedulers/scheduler.h"
 #include "schedulers/scheduler_impl.h"
 #include "test_util.h"
+#include "tiny_models.h"
 
 namespace S = dmx::schedulers;
 using json = nlohmann::json;
@@ -94,9 +95,9 @@ std::map<std::string, double>& worst_errors() {
 
 using GoldenParam = std::tuple<std::string, std::string>;  // variant, case
 
-class SchedulerGoldenCase : public ::testing::TestWithParam<GoldenParam> {};
+class SchedulerCaseGolden : public ::testing::TestWithParam<GoldenParam> {};
 
-TEST_P(SchedulerGoldenCase, MatchesDiffusersStepByStep) {
+TEST_P(SchedulerCaseGolden, MatchesDiffusersStepByStep) {
   DMX_REQUIRE_FIXTURES();
   const auto& [variant, name] = GetParam();
   const SchedulerRef& ref = load_scheduler_ref(variant);
@@ -205,11 +206,11 @@ std::string golden_name(const ::testing::TestParamInfo<GoldenParam>& info) {
   return s;
 }
 
-INSTANTIATE_TEST_SUITE_P(SchedulerGolden, SchedulerGoldenCase,
+INSTANTIATE_TEST_SUITE_P(SchedulerGolden, SchedulerCaseGolden,
                          ::testing::Combine(::testing::Values("sd15", "test"), ::testing::ValuesIn(kGoldenCases)),
                          golden_name);
 
-TEST(SchedulerGoldenCoverage, EveryReferenceCaseIsTested) {
+TEST(SchedulerCoverageGolden, EveryReferenceCaseIsTested) {
   DMX_REQUIRE_FIXTURES();
   for (const std::string variant : {"sd15", "test"}) {
     const SchedulerRef& ref = load_scheduler_ref(variant);
@@ -225,7 +226,7 @@ TEST(SchedulerGoldenCoverage, EveryReferenceCaseIsTested) {
 
 // The pipeline cases record the scheduler each run used: the short names built from the model's
 // scheduler_config.json give the same class, config and timesteps.
-TEST(SchedulerGoldenPipelines, ShortNamesMatchPipelineCases) {
+TEST(SchedulerPipelinesGolden, ShortNamesMatchPipelineCases) {
   DMX_REQUIRE_FIXTURES();
   const std::map<std::string, std::string> cases = {{"txt2img_ddim", "ddim"},       {"txt2img_ddim_eta", "ddim"},
                                                     {"txt2img_dpm2m", "dpmpp_2m"},  {"txt2img_euler", "euler"},
@@ -262,7 +263,7 @@ TEST(SchedulerGoldenPipelines, ShortNamesMatchPipelineCases) {
 // ---------------------------------------------------------------------------------------------------
 // Config: from_config semantics and validation.
 
-TEST(SchedulerConfig, ClassDefaultsThenJsonFields) {
+TEST(SchedulerConfigUnit, ClassDefaultsThenJsonFields) {
   const auto ddim_default = S::SchedulerConfig::for_class("DDIMScheduler", json::object());
   EXPECT_TRUE(ddim_default.clip_sample);
   EXPECT_TRUE(ddim_default.set_alpha_to_one);
@@ -311,7 +312,7 @@ TEST(SchedulerConfig, ClassDefaultsThenJsonFields) {
   EXPECT_DOUBLE_EQ(*euler.sigma_max, 10.0);
 }
 
-TEST(SchedulerConfig, PythonJsonLiterals) {
+TEST(SchedulerConfigUnit, PythonJsonLiterals) {
   const json j = S::parse_scheduler_config(
       R"({"lambda_min_clipped": -Infinity, "note": "NaN and -Infinity stay text", "sample_max_value": 1.5})");
   EXPECT_EQ(j["note"], "NaN and -Infinity stay text");
@@ -321,7 +322,7 @@ TEST(SchedulerConfig, PythonJsonLiterals) {
   expect_throws<dmx::FormatError>([] { S::parse_scheduler_config("{\"a\": }"); }, {"malformed"}, "bad json");
 }
 
-TEST(SchedulerConfig, RejectsBadValues) {
+TEST(SchedulerConfigUnit, RejectsBadValues) {
   struct Case {
     std::string cls;
     json fields;
@@ -366,7 +367,7 @@ TEST(SchedulerConfig, RejectsBadValues) {
   EXPECT_NO_THROW(S::SchedulerConfig::for_class("HeunDiscreteScheduler", {{"beta_schedule", "exp"}}));
 }
 
-TEST(SchedulerConfig, BetaSchedules) {
+TEST(SchedulerConfigUnit, BetaSchedules) {
   S::SchedulerConfig c;
   c.beta_schedule = "linear";
   at::Tensor b = S::make_betas(c);
@@ -406,7 +407,7 @@ TEST(SchedulerConfig, BetaSchedules) {
 // ---------------------------------------------------------------------------------------------------
 // Factory.
 
-TEST(SchedulerFactory, Names) {
+TEST(SchedulerFactoryUnit, Names) {
   EXPECT_EQ(S::scheduler_names(), (std::vector<std::string>{"ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms",
                                                             "dpmpp_2m", "dpmpp_2m_karras", "ddim_inverse"}));
   expect_throws<dmx::InvalidArgument>(
@@ -462,12 +463,12 @@ void run_dummy_steps(const json& base_config, const std::string& source) {
   }
 }
 
-TEST(SchedulerFactory, EveryNameRunsDummyModel) { run_dummy_steps(sd_scheduler_config(), "SD config"); }
+TEST(SchedulerFactoryUnit, EveryNameRunsDummyModel) { run_dummy_steps(sd_scheduler_config(), "SD config"); }
 
-TEST(SchedulerFactory, EveryNameRunsDummyModelFromFixtureConfig) {
-  DMX_REQUIRE_FIXTURES();
+// The fixture models' scheduler_config.json, as diffusers wrote it (copied into tests/data/tiny-sd).
+TEST(SchedulerFactoryUnit, EveryNameRunsDummyModelFromFixtureConfig) {
   for (const std::string variant : {"sd15", "test"}) {
-    const std::string path = dmx::test::fixture_model(variant) + "/scheduler/scheduler_config.json";
+    const std::string path = dmx::test::tiny_config_dir(variant) + "/scheduler/scheduler_config.json";
     run_dummy_steps(S::parse_scheduler_config(dmx::read_text_file(path, "scheduler config", dmx::kMaxJsonFileBytes)), path);
   }
 }
@@ -480,7 +481,7 @@ std::vector<double> alphas_cumprod_double(const S::SchedulerConfig& c) {
   return std::vector<double>(ac.data_ptr<double>(), ac.data_ptr<double>() + ac.numel());
 }
 
-TEST(SchedulerStep, DDIMVPrediction) {
+TEST(SchedulerStepUnit, DDIMVPrediction) {
   json j = sd_scheduler_config();
   j["prediction_type"] = "v_prediction";
   auto sched = S::create_scheduler("ddim", j);
@@ -501,7 +502,7 @@ TEST(SchedulerStep, DDIMVPrediction) {
   }
 }
 
-TEST(SchedulerStep, EulerVPrediction) {
+TEST(SchedulerStepUnit, EulerVPrediction) {
   json j = sd_scheduler_config();
   j["prediction_type"] = "v_prediction";
   auto sched = S::create_scheduler("euler", j);
@@ -526,7 +527,7 @@ TEST(SchedulerStep, EulerVPrediction) {
   }
 }
 
-TEST(SchedulerStep, RuntimeErrors) {
+TEST(SchedulerStepUnit, RuntimeErrors) {
   auto ddim = S::create_scheduler("ddim", sd_scheduler_config());
   const at::Tensor x = at::zeros({1, 4, 4, 4});
   expect_throws<dmx::InvalidArgument>([&] { ddim->step(x, 0, x); }, {"set_timesteps"}, "step before set_timesteps");
@@ -560,7 +561,7 @@ TEST(SchedulerStep, RuntimeErrors) {
   }
 }
 
-TEST(SchedulerStep, Img2ImgStartAndReset) {
+TEST(SchedulerStepUnit, Img2ImgStartAndReset) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
   const at::Tensor x = at::randn({1, 4, 4, 4}, gen, at::TensorOptions().dtype(at::kFloat));
   for (const auto& name : S::scheduler_names()) {
@@ -582,7 +583,7 @@ TEST(SchedulerStep, Img2ImgStartAndReset) {
   }
 }
 
-TEST(SchedulerStep, FirstStepOfStatefulSchedulersIsFirstOrder) {
+TEST(SchedulerStepUnit, FirstStepOfStatefulSchedulersIsFirstOrder) {
   // DPM-Solver++ with no history takes the DDIM-equivalent first-order step from any start index.
   auto dpm = S::create_scheduler("dpmpp_2m", sd_scheduler_config());
   dpm->set_timesteps(10);
@@ -602,7 +603,7 @@ TEST(SchedulerStep, FirstStepOfStatefulSchedulersIsFirstOrder) {
   EXPECT_LE(dmx::test::check_close("dpm first-order from index 3", out.prev_sample, expected, kTol), kTol);
 }
 
-TEST(SchedulerStep, TimestepLayouts) {
+TEST(SchedulerStepUnit, TimestepLayouts) {
   auto heun = S::create_scheduler("heun", sd_scheduler_config());
   heun->set_timesteps(10);
   EXPECT_EQ(heun->order(), 2);
@@ -655,7 +656,7 @@ TEST(SchedulerStep, TimestepLayouts) {
   EXPECT_TRUE(fractional);
 }
 
-TEST(SchedulerStep, DDPMDrawsFromDefaultGeneratorWithoutOne) {
+TEST(SchedulerStepUnit, DDPMDrawsFromDefaultGeneratorWithoutOne) {
   auto ddpm = S::create_scheduler("ddpm", sd_scheduler_config());
   ddpm->set_timesteps(10);
   const at::Tensor x = at::ones({1, 4, 4, 4});
