@@ -23,7 +23,7 @@
 #include "dmx/error.h"
 #include "io/safetensors.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "training/controlnet_init.h"
@@ -69,8 +69,8 @@ std::string make_cn_data(const std::string& name, int rows, bool with_cond = tru
   return d;
 }
 
-std::shared_ptr<pipelines::StableDiffusionModels> fresh_models() {
-  return pipelines::load_stable_diffusion(test::fixture_model("sd15"));
+std::shared_ptr<loaders::StableDiffusionModels> fresh_models() {
+  return loaders::load_stable_diffusion(test::fixture_model("sd15"));
 }
 
 io::TensorMap params_of(torch::nn::Module& m) {

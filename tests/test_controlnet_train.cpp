@@ -13,7 +13,7 @@
 #include "io/ldm_names.h"
 #include "io/safetensors.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "test_util.h"
 #include "training/controlnet_init.h"
 
@@ -22,10 +22,10 @@ using namespace dmx;
 
 namespace {
 
-std::shared_ptr<pipelines::StableDiffusionModels> load_model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+std::shared_ptr<loaders::StableDiffusionModels> load_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(test::fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(test::fixture_model(variant));
   return m;
 }
 

@@ -12,22 +12,22 @@
 #include "io/lora_names.h"
 #include "io/safetensors.h"
 #include "nn/lora.h"
-#include "pipelines/lora_loader.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/lora_loader.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "test_util.h"
 
 namespace dmx::test {
 namespace {
 
-using pipelines::LoRAMode;
-using pipelines::LoRASpec;
-using pipelines::StableDiffusionModels;
+using loaders::LoRAMode;
+using loaders::LoRASpec;
+using loaders::StableDiffusionModels;
 
 std::shared_ptr<StableDiffusionModels> load_model(const std::string& variant) {
   static std::map<std::string, std::shared_ptr<StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 
@@ -124,22 +124,22 @@ TEST_P(LoRAGolden, MatchesReferenceInBothModes) {
     for (LoRAMode mode : {LoRAMode::Runtime, LoRAMode::Merged}) {
       const bool merged = mode == LoRAMode::Merged;
       const std::string what = variant + "/" + format + " " + sk + (merged ? " merged" : " runtime");
-      pipelines::LoRAApplyOptions o;
+      loaders::LoRAApplyOptions o;
       o.mode = mode;
-      auto reps = pipelines::apply_loras(*m, {{lora_file(variant, format), s, s}}, o);
+      auto reps = loaders::apply_loras(*m, {{lora_file(variant, format), s, s}}, o);
       ASSERT_EQ(reps.size(), 1u);
       EXPECT_EQ(reps[0].unet_layers + reps[0].text_encoder_layers, ntargets) << what;
       EXPECT_EQ(reps[0].format, format == "peft" ? "peft" : format) << what;
-      EXPECT_EQ(pipelines::count_lora_layers(*m), ntargets);
+      EXPECT_EQ(loaders::count_lora_layers(*m), ntargets);
       EXPECT_EQ(count_changed(*m, before) > 0, merged) << what << ": weights patched only when merged";
       Outputs out = run_components(*m, ref, sk);
       DMX_EXPECT_CLOSE(what + " text_encoder_out", out.te, ref[sk + ".text_encoder_out"], 1e-5);
       DMX_EXPECT_CLOSE(what + " unet_out", out.unet, ref[sk + ".unet_out"], 1e-5);
       if (format == "kohya" || (format == "diffusers" && merged)) check_txt2img(m, ref, scale_name(s), what);
       mode_out[merged ? 1 : 0] = out;
-      pipelines::remove_loras(*m);
+      loaders::remove_loras(*m);
       EXPECT_EQ(count_changed(*m, before), 0) << what << ": removal restores every weight bit for bit";
-      EXPECT_EQ(pipelines::count_lora_layers(*m), 0);
+      EXPECT_EQ(loaders::count_lora_layers(*m), 0);
     }
     DMX_EXPECT_CLOSE(variant + "/" + format + " " + sk + " runtime vs merged text_encoder_out", mode_out[0].te,
                      mode_out[1].te, 1e-5);
@@ -163,14 +163,14 @@ TEST(LoRAGoldenMulti, TwoFilesScalesAdd) {
     for (LoRAMode mode : {LoRAMode::Runtime, LoRAMode::Merged}) {
       const std::string what =
           variant + " diffusers@0.3+kohya@0.7" + (mode == LoRAMode::Merged ? " merged" : " runtime");
-      pipelines::LoRAApplyOptions o;
+      loaders::LoRAApplyOptions o;
       o.mode = mode;
-      pipelines::apply_loras(*m, {{lora_file(variant, "diffusers"), 0.3, 0.3}, {lora_file(variant, "kohya"), 0.7, 0.7}},
+      loaders::apply_loras(*m, {{lora_file(variant, "diffusers"), 0.3, 0.3}, {lora_file(variant, "kohya"), 0.7, 0.7}},
                              o);
       Outputs out = run_components(*m, ref, "scale1.0");
       DMX_EXPECT_CLOSE(what + " text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
       DMX_EXPECT_CLOSE(what + " unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
-      pipelines::remove_loras(*m);
+      loaders::remove_loras(*m);
       EXPECT_EQ(count_changed(*m, before), 0) << what;
     }
   }
@@ -206,11 +206,11 @@ TEST(LoRAGoldenMulti, KohyaWithLdmNames) {
     ldm[key] = v;
   }
   EXPECT_EQ(renamed, 576);
-  auto rep = pipelines::apply_lora_tensors(*m, ldm, {"ldm-named kohya", 1.0, 1.0}, false);
+  auto rep = loaders::apply_lora_tensors(*m, ldm, {"ldm-named kohya", 1.0, 1.0}, false);
   EXPECT_EQ(rep.unet_tensors, 576);
   EXPECT_EQ(rep.text_encoder_tensors, 72);
   Outputs out = run_components(*m, ref, "scale1.0");
-  pipelines::remove_loras(*m);
+  loaders::remove_loras(*m);
   DMX_EXPECT_CLOSE("sd15 kohya-ldm scale1.0 runtime unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
   DMX_EXPECT_CLOSE("sd15 kohya-ldm scale1.0 runtime text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
 }
@@ -313,7 +313,7 @@ TEST(LoRAFormulas, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
     ex.push_back(
         {"unet", "down_blocks.0.resnets.1.conv2.weight", w0 + s * at::einsum("or,rihw->oihw", {up.flatten(1), down})});
   }
-  auto rep = pipelines::apply_lora_tensors(*m, t, {"synthetic", s, s}, false);
+  auto rep = loaders::apply_lora_tensors(*m, t, {"synthetic", s, s}, false);
   EXPECT_EQ(rep.unet_tensors + rep.text_encoder_tensors, static_cast<int>(t.size()));
   EXPECT_EQ(rep.text_encoder_layers, 1);
   EXPECT_EQ(rep.unet_layers, 5);
@@ -332,7 +332,7 @@ TEST(LoRAFormulas, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
     at::Tensor wc = w0 + s * 2.0 * at::matmul(B, A);
     peft_ex = {"te", "text_model.encoder.layers.1.self_attn.q_proj.weight", (mag.unsqueeze(1) / row_norm(wc)) * wc};
   }
-  auto rep2 = pipelines::apply_lora_tensors(*m, tp, {"synthetic-peft", s, s}, false, {{"lora_alpha", 8}, {"r", 4}});
+  auto rep2 = loaders::apply_lora_tensors(*m, tp, {"synthetic-peft", s, s}, false, {{"lora_alpha", 8}, {"r", 4}});
   EXPECT_EQ(rep2.format, "peft");
   EXPECT_EQ(rep2.text_encoder_tensors, 3);
   ex.push_back(peft_ex);
@@ -340,7 +340,7 @@ TEST(LoRAFormulas, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
   // Runtime outputs, then merged weights against the formulas, then merged outputs against runtime.
   RefCase ref = load_ref("test", "lora");
   Outputs rt = run_components(*m, ref, "scale1.0");
-  pipelines::set_lora_mode(*m, LoRAMode::Merged);
+  loaders::set_lora_mode(*m, LoRAMode::Merged);
   for (const auto& e : ex) {
     at::Tensor got =
         param(e.component == "unet" ? static_cast<torch::nn::Module&>(*m->unet) : *m->text_encoder, e.param);
@@ -350,7 +350,7 @@ TEST(LoRAFormulas, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
   DMX_EXPECT_CLOSE("LoHa/LoKr/DoRA runtime vs merged unet_out", rt.unet, mg.unet, 1e-5);
   DMX_EXPECT_CLOSE("LoHa/LoKr/DoRA runtime vs merged text_encoder_out", rt.te, mg.te, 1e-5);
   EXPECT_GT(at::abs(mg.unet - ref["scale0.unet_out"]).max().item<double>(), 1e-4) << "the adapters change the UNet";
-  pipelines::remove_loras(*m);
+  loaders::remove_loras(*m);
   EXPECT_EQ(count_changed(*m, before), 0) << "unmerge restores the weights bit for bit";
 }
 
@@ -380,16 +380,16 @@ TEST(LoRAFormulas, TuckerLoConAndLoHa) {
   t[k2 + ".alpha"] = at::scalar_tensor(2.0);
   at::Tensor e2 = w02 + s * (2.0 / r) * at::einsum("ijkl,jr,ip->prkl", {t1, b1, a1}) *
                             at::einsum("ijkl,jr,ip->prkl", {t2, b2, a2});
-  auto rep = pipelines::apply_lora_tensors(*m, t, {"tucker", s, s}, false);
+  auto rep = loaders::apply_lora_tensors(*m, t, {"tucker", s, s}, false);
   EXPECT_EQ(rep.unet_tensors, static_cast<int>(t.size()));
   RefCase ref = load_ref("test", "lora");
   Outputs rt = run_components(*m, ref, "scale0");
-  pipelines::set_lora_mode(*m, LoRAMode::Merged);
+  loaders::set_lora_mode(*m, LoRAMode::Merged);
   DMX_EXPECT_CLOSE("formula LoCon Tucker " + p1, param(*m->unet, p1), e1, 1e-6);
   DMX_EXPECT_CLOSE("formula LoHa Tucker " + p2, param(*m->unet, p2), e2, 1e-6);
   Outputs mg = run_components(*m, ref, "scale0");
   DMX_EXPECT_CLOSE("Tucker runtime vs merged unet_out", rt.unet, mg.unet, 1e-5);
-  pipelines::remove_loras(*m);
+  loaders::remove_loras(*m);
   EXPECT_EQ(count_changed(*m, before), 0);
 }
 
@@ -415,13 +415,13 @@ TEST(LoRAGoldenMulti, PeftAdapterConfigAlpha) {
     std::fputs("{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8}", f);
     std::fclose(f);
   }
-  pipelines::LoRAApplyOptions o;
-  auto reps = pipelines::apply_loras(*m, {{dir + "/adapter_model.safetensors", 1.0, 1.0}}, o);
+  loaders::LoRAApplyOptions o;
+  auto reps = loaders::apply_loras(*m, {{dir + "/adapter_model.safetensors", 1.0, 1.0}}, o);
   EXPECT_EQ(reps[0].format, "peft");
   EXPECT_EQ(reps[0].unet_tensors, 384);
   EXPECT_EQ(reps[0].text_encoder_tensors, 48);
   Outputs out = run_components(*m, ref, "scale1.0");
-  pipelines::remove_loras(*m);
+  loaders::remove_loras(*m);
   DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
   DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
 }
@@ -436,7 +436,7 @@ TEST(LoRAErrors, UnmatchedKeysNameTheFirstFewOrWarnWhenAllowed) {
   t["lora_unet_no_such_layer.lora_down.weight"] = at::zeros({4, 4});
   t["something.else"] = at::zeros({1});
   try {
-    pipelines::apply_lora_tensors(*m, t, {"bad.safetensors", 1.0, 1.0}, false);
+    loaders::apply_lora_tensors(*m, t, {"bad.safetensors", 1.0, 1.0}, false);
     ADD_FAILURE() << "expected FormatError";
   } catch (const FormatError& e) {
     const std::string msg = e.what();
@@ -445,12 +445,12 @@ TEST(LoRAErrors, UnmatchedKeysNameTheFirstFewOrWarnWhenAllowed) {
     EXPECT_NE(msg.find("something.else"), std::string::npos) << msg;
     EXPECT_NE(msg.find("--lora-allow-unmatched"), std::string::npos) << msg;
   }
-  EXPECT_EQ(pipelines::count_lora_layers(*m), 0) << "nothing attached after an error";
-  auto rep = pipelines::apply_lora_tensors(*m, t, {"bad.safetensors", 1.0, 1.0}, true);
+  EXPECT_EQ(loaders::count_lora_layers(*m), 0) << "nothing attached after an error";
+  auto rep = loaders::apply_lora_tensors(*m, t, {"bad.safetensors", 1.0, 1.0}, true);
   EXPECT_EQ(rep.unmatched.size(), 2u);
   EXPECT_EQ(rep.unet_tensors + rep.text_encoder_tensors, static_cast<int>(t.size()) - 2);
   EXPECT_NE(rep.summary().find("2 unmatched"), std::string::npos) << rep.summary();
-  pipelines::remove_loras(*m);
+  loaders::remove_loras(*m);
   EXPECT_EQ(count_changed(*m, before), 0);
 }
 
@@ -458,20 +458,20 @@ TEST(LoRAErrors, IncompleteAndMisShapedAdaptersAreFormatErrors) {
   DMX_REQUIRE_FIXTURES();
   auto m = load_model("test");
   const std::string k = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
-  EXPECT_THROW(pipelines::apply_lora_tensors(*m, {{k + ".lora_down.weight", at::zeros({4, 32})}}, {"x", 1, 1}, false),
+  EXPECT_THROW(loaders::apply_lora_tensors(*m, {{k + ".lora_down.weight", at::zeros({4, 32})}}, {"x", 1, 1}, false),
                FormatError);
   try {
-    pipelines::apply_lora_tensors(
+    loaders::apply_lora_tensors(
         *m, {{k + ".lora_down.weight", at::zeros({4, 31})}, {k + ".lora_up.weight", at::zeros({32, 4})}}, {"x", 1, 1},
         false);
     ADD_FAILURE() << "expected FormatError";
   } catch (const FormatError& e) {
     EXPECT_NE(std::string(e.what()).find("lora_down.weight' has shape"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(pipelines::apply_lora_tensors(*m, {{"lora_te1_text_model_x.lora_down.weight", at::zeros({1})}},
+  EXPECT_THROW(loaders::apply_lora_tensors(*m, {{"lora_te1_text_model_x.lora_down.weight", at::zeros({1})}},
                                              {"x", 1, 1}, false),
                Unsupported);
-  EXPECT_EQ(pipelines::count_lora_layers(*m), 0);
+  EXPECT_EQ(loaders::count_lora_layers(*m), 0);
 }
 
 TEST(LoRANames, TableParsesEveryLayout) {
@@ -518,7 +518,7 @@ TEST(LoRANames, TableParsesEveryLayout) {
 
 TEST(LoRAPrompt, A1111TagsAreParsedAndStripped) {
   std::vector<LoRASpec> v;
-  EXPECT_EQ(pipelines::extract_prompt_loras("a <lora:foo:0.7> cat <lora:bar>, <hypernet:x:1> <lyco:baz:0.5:0.25>", v),
+  EXPECT_EQ(loaders::extract_prompt_loras("a <lora:foo:0.7> cat <lora:bar>, <hypernet:x:1> <lyco:baz:0.5:0.25>", v),
             "a  cat , <hypernet:x:1> ");
   ASSERT_EQ(v.size(), 3u);
   EXPECT_EQ(v[0].path, "foo");
@@ -529,34 +529,34 @@ TEST(LoRAPrompt, A1111TagsAreParsedAndStripped) {
   EXPECT_DOUBLE_EQ(v[2].text_encoder_scale, 0.5);
   EXPECT_DOUBLE_EQ(v[2].unet_scale, 0.25);
   v.clear();
-  pipelines::extract_prompt_loras("<lora:n:unet=0.2:te=0.4>", v);
+  loaders::extract_prompt_loras("<lora:n:unet=0.2:te=0.4>", v);
   ASSERT_EQ(v.size(), 1u);
   EXPECT_DOUBLE_EQ(v[0].unet_scale, 0.2);
   EXPECT_DOUBLE_EQ(v[0].text_encoder_scale, 0.4);
-  EXPECT_THROW(pipelines::extract_prompt_loras("x <lora:foo:abc>", v), InvalidArgument);
-  EXPECT_THROW(pipelines::extract_prompt_loras("x <lora:>", v), InvalidArgument);
+  EXPECT_THROW(loaders::extract_prompt_loras("x <lora:foo:abc>", v), InvalidArgument);
+  EXPECT_THROW(loaders::extract_prompt_loras("x <lora:>", v), InvalidArgument);
   try {
-    pipelines::resolve_lora_name(temp_dir(), "missing_one");
+    loaders::resolve_lora_name(temp_dir(), "missing_one");
     ADD_FAILURE() << "expected InvalidArgument";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("missing_one"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(pipelines::resolve_lora_name("", "x"), InvalidArgument);
+  EXPECT_THROW(loaders::resolve_lora_name("", "x"), InvalidArgument);
 
-  auto s = pipelines::parse_lora_arg("dir/file.safetensors:0.7");
+  auto s = loaders::parse_lora_arg("dir/file.safetensors:0.7");
   EXPECT_EQ(s.path, "dir/file.safetensors");
   EXPECT_DOUBLE_EQ(s.unet_scale, 0.7);
-  s = pipelines::parse_lora_arg("dir/file.safetensors");
+  s = loaders::parse_lora_arg("dir/file.safetensors");
   EXPECT_EQ(s.path, "dir/file.safetensors");
   EXPECT_DOUBLE_EQ(s.unet_scale, 1.0);
-  s = pipelines::parse_lora_arg("C:/x.safetensors");
+  s = loaders::parse_lora_arg("C:/x.safetensors");
   EXPECT_EQ(s.path, "C:/x.safetensors");
-  s = pipelines::parse_lora_arg("a:b/x.safetensors:-1.5");
+  s = loaders::parse_lora_arg("a:b/x.safetensors:-1.5");
   EXPECT_EQ(s.path, "a:b/x.safetensors");
   EXPECT_DOUBLE_EQ(s.text_encoder_scale, -1.5);
-  EXPECT_THROW(pipelines::parse_lora_arg(":0.5"), InvalidArgument);
-  EXPECT_EQ(pipelines::parse_lora_mode("runtime"), LoRAMode::Runtime);
-  EXPECT_THROW(pipelines::parse_lora_mode("fused"), InvalidArgument);
+  EXPECT_THROW(loaders::parse_lora_arg(":0.5"), InvalidArgument);
+  EXPECT_EQ(loaders::parse_lora_mode("runtime"), LoRAMode::Runtime);
+  EXPECT_THROW(loaders::parse_lora_mode("fused"), InvalidArgument);
 }
 
 // ------------------------------------------------------------------------------------------------ CLI
@@ -602,7 +602,7 @@ TEST(LoRACli, KohyaAtScale07MatchesIndependentManualMerge) {
   ASSERT_EQ(rb.code, 0) << rb.output;
 
   // Independent: a fresh model patched by hand from the diffusers file.
-  auto fresh = pipelines::load_stable_diffusion(fixture_model(variant));
+  auto fresh = loaders::load_stable_diffusion(fixture_model(variant));
   {
     at::NoGradGuard ng;
     const io::TensorMap d = io::load_safetensors(lora_file(variant, "diffusers"));

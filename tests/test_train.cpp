@@ -16,8 +16,8 @@
 #include "io/safetensors.h"
 #include "models/unet_2d_condition.h"
 #include "nn/lora.h"
-#include "pipelines/lora_loader.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/lora_loader.h"
+#include "loaders/model_bundle.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "training/dreambooth.h"
@@ -32,8 +32,8 @@ namespace tr = dmx::training;
 
 namespace {
 
-std::shared_ptr<pipelines::StableDiffusionModels> fresh_model(const std::string& variant = "test") {
-  return pipelines::load_stable_diffusion(fixture_model(variant));
+std::shared_ptr<loaders::StableDiffusionModels> fresh_model(const std::string& variant = "test") {
+  return loaders::load_stable_diffusion(fixture_model(variant));
 }
 
 // A small fixed set of random images with captions (a private in-memory source for the tests).
@@ -99,7 +99,7 @@ io::TensorMap params_of(tr::Recipe& r) {
   return m;
 }
 
-at::Tensor unet_out(pipelines::StableDiffusionModels& m, uint64_t seed = 11) {
+at::Tensor unet_out(loaders::StableDiffusionModels& m, uint64_t seed = 11) {
   at::NoGradGuard no_grad;
   at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
   models::UNetInputs in;
@@ -354,16 +354,16 @@ TEST(TrainLoRA, SavedFilesLoadBackAndMatchTheMergeFormula) {
       }
     }
     auto loaded = fresh_model();
-    pipelines::LoRAApplyOptions ao;
-    ao.mode = pipelines::LoRAMode::Merged;
-    const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(path)}, ao);  // strict
+    loaders::LoRAApplyOptions ao;
+    ao.mode = loaders::LoRAMode::Merged;
+    const auto reps = loaders::apply_loras(*loaded, {loaders::parse_lora_arg(path)}, ao);  // strict
     ASSERT_EQ(reps.size(), 1u);
     EXPECT_TRUE(reps[0].unmatched.empty());
     EXPECT_EQ(reps[0].unet_layers + reps[0].text_encoder_layers, n_layers) << fmt;
     EXPECT_EQ(reps[0].format, fmt);
     DMX_EXPECT_CLOSE(std::string("loaded ") + fmt + " LoRA (merged) vs W + alpha/r * B@A", unet_out(*loaded),
                      manual_out, 1e-5);
-    pipelines::set_lora_mode(*loaded, pipelines::LoRAMode::Runtime);
+    loaders::set_lora_mode(*loaded, loaders::LoRAMode::Runtime);
     DMX_EXPECT_CLOSE(std::string("loaded ") + fmt + " LoRA (runtime) vs W + alpha/r * B@A", unet_out(*loaded),
                      manual_out, 1e-5);
   }
@@ -473,7 +473,7 @@ TEST(TrainFinetune, SavesADiffusersFolderThatLoads) {
   tr::Trainer t(c, recipe, std::make_shared<MemorySource>(2, 32, 2));
   const tr::TrainResult r = t.run();
   EXPECT_EQ(r.steps, 2);
-  auto loaded = pipelines::load_stable_diffusion(c.output);
+  auto loaded = loaders::load_stable_diffusion(c.output);
   // The saved UNet holds the EMA weights: compare with the EMA of the last checkpoint... the saved folder
   // must differ from the base model and load strictly.
   const at::Tensor base = unet_out(*fresh_model());
@@ -488,7 +488,7 @@ TEST(TrainFinetune, SavesADiffusersFolderThatLoads) {
   c2.output = temp_dir() + "/finetuned2";
   tr::Trainer t2(c2, recipe2, std::make_shared<MemorySource>(2, 32, 2));
   t2.run();
-  auto loaded2 = pipelines::load_stable_diffusion(c2.output);
+  auto loaded2 = loaders::load_stable_diffusion(c2.output);
   DMX_EXPECT_CLOSE("finetuned UNet reloaded from the diffusers folder", unet_out(*loaded2), unet_out(*m2), 0.0);
 }
 
@@ -632,7 +632,7 @@ TEST(TrainCli, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
   EXPECT_TRUE(fs::exists(out + ".train/checkpoint-2/optimizer.safetensors"));
   EXPECT_TRUE(fs::exists(out + ".train/train_log.jsonl"));
   auto loaded = fresh_model();
-  const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(out)}, {});
+  const auto reps = loaders::apply_loras(*loaded, {loaders::parse_lora_arg(out)}, {});
   EXPECT_TRUE(reps[0].unmatched.empty());
   EXPECT_GT(reps[0].unet_layers, 0);
 }
@@ -885,7 +885,7 @@ TEST(TrainCli, DreamBoothLoRAWithPriorPreservationGeneratesClassImages) {
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_EQ(tr::list_images(cls).size(), 3u);
   auto loaded = fresh_model();
-  const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(out)}, {});
+  const auto reps = loaders::apply_loras(*loaded, {loaders::parse_lora_arg(out)}, {});
   EXPECT_TRUE(reps[0].unmatched.empty());
   EXPECT_GT(reps[0].unet_layers, 0);
 }

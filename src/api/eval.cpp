@@ -24,8 +24,8 @@
 #include "dmx/eval.h"
 #include "models/emoji_classifier.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/lora_loader.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/lora_loader.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "training/emoji_classifier_train.h"
 #include "training/emoji_data.h"
@@ -327,7 +327,7 @@ EvalResult evaluate(const EvalOptions& o) {
   configure_threads(o.threads);
 
   // 2. The model and one generation helper (prompt i always gets seed + i).
-  auto models = pipelines::load_stable_diffusion(o.model);
+  auto models = loaders::load_stable_diffusion(o.model);
   pipelines::StableDiffusionPipeline pipe(models);
   const int n = static_cast<int>(prompts.size());
   const int n_aux = std::min(n, o.aux_prompts);
@@ -439,8 +439,8 @@ EvalResult evaluate(const EvalOptions& o) {
   if (!o.lora.empty()) {
     std::vector<at::Tensor> imgs;
     {
-      pipelines::LoRASpec spec{o.lora, o.lora_scale, o.lora_scale};
-      pipelines::ScopedLoRAs scoped(models, {spec}, pipelines::LoRAApplyOptions{});
+      loaders::LoRASpec spec{o.lora, o.lora_scale, o.lora_scale};
+      loaders::ScopedLoRAs scoped(models, {spec}, loaders::LoRAApplyOptions{});
       for (int i = 0; i < n_aux; ++i)
         imgs.push_back(generate(prompts[static_cast<size_t>(i)], o.seed + static_cast<uint64_t>(i), {}));
     }
@@ -472,7 +472,7 @@ EvalResult evaluate(const EvalOptions& o) {
     for (int k = 0; k < o.dreambooth_images; ++k)
       without.push_back(generate(o.dreambooth_prompt, db_seed + static_cast<uint64_t>(k), {}));
     {
-      pipelines::ScopedLoRAs scoped(models, {pipelines::LoRASpec{o.dreambooth, 1.0, 1.0}}, pipelines::LoRAApplyOptions{});
+      loaders::ScopedLoRAs scoped(models, {loaders::LoRASpec{o.dreambooth, 1.0, 1.0}}, loaders::LoRAApplyOptions{});
       for (int k = 0; k < o.dreambooth_images; ++k)
         with.push_back(generate(o.dreambooth_prompt, db_seed + static_cast<uint64_t>(k), {}));
     }

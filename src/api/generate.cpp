@@ -17,9 +17,9 @@
 #include "core/utf8.h"
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
-#include "pipelines/lora_loader.h"
+#include "loaders/lora_loader.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
 
@@ -146,16 +146,16 @@ GenerateResult generate(const GenerateOptions& o) {
   const std::vector<Image> control_maps = load_control_maps(o);
   configure_threads(o.threads);
   // LoRA: --lora entries, then the prompts' <lora:NAME:WEIGHT> tags (removed from the text encoded).
-  pipelines::LoRAApplyOptions lora_opts;
-  lora_opts.mode = pipelines::parse_lora_mode(o.lora_mode);
+  loaders::LoRAApplyOptions lora_opts;
+  lora_opts.mode = loaders::parse_lora_mode(o.lora_mode);
   lora_opts.allow_unmatched = o.lora_allow_unmatched;
-  std::vector<pipelines::LoRASpec> lora_specs;
-  for (const auto& l : o.loras) lora_specs.push_back(pipelines::parse_lora_arg(l));
-  std::vector<pipelines::LoRASpec> tagged;
-  const std::string prompt = pipelines::extract_prompt_loras(o.prompt, tagged);
-  const std::string negative_prompt = pipelines::extract_prompt_loras(o.negative_prompt, tagged);
+  std::vector<loaders::LoRASpec> lora_specs;
+  for (const auto& l : o.loras) lora_specs.push_back(loaders::parse_lora_arg(l));
+  std::vector<loaders::LoRASpec> tagged;
+  const std::string prompt = loaders::extract_prompt_loras(o.prompt, tagged);
+  const std::string negative_prompt = loaders::extract_prompt_loras(o.negative_prompt, tagged);
   for (auto& t : tagged) {
-    t.path = pipelines::resolve_lora_name(o.lora_dir, t.path);
+    t.path = loaders::resolve_lora_name(o.lora_dir, t.path);
     lora_specs.push_back(t);
   }
   for (const auto& l : lora_specs) DMX_CHECK_ARG(path_exists(l.path), "--lora: file not found: ", l.path);
@@ -198,22 +198,22 @@ GenerateResult generate(const GenerateOptions& o) {
     p.latents = lat["latents"].to(at::kFloat);
   }
 
-  pipelines::LoadOptions lo;
+  loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
   lo.dtype = dtype;
   lo.device = o.device;
   PhaseTimer load_timer("load");
-  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  auto models = loaders::load_stable_diffusion(o.model, lo);
   load_timer.stop();
   BackgroundModelHash hash(o.model);
   if (!o.mask.empty() && (o.width || o.height)) {
     api::resize_inpaint_inputs(o, models->vae_scale_factor(), init_rgb, mask);
     p.init_image = image_to_tensor(init_rgb);
   }
-  std::unique_ptr<pipelines::ScopedLoRAs> loras;
+  std::unique_ptr<loaders::ScopedLoRAs> loras;
   if (!lora_specs.empty()) {
-    loras = std::make_unique<pipelines::ScopedLoRAs>(models, lora_specs, lora_opts);
+    loras = std::make_unique<loaders::ScopedLoRAs>(models, lora_specs, lora_opts);
     if (o.progress)
       for (const auto& r : loras->reports()) log_info("lora: " + r.summary() + " (" + r.source + ")");
   }

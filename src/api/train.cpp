@@ -14,7 +14,7 @@
 #include "core/log.h"
 #include "core/runtime.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "training/controlnet_init.h"
 #include "training/controlnet_train.h"
 #include "training/dataset.h"
@@ -174,10 +174,10 @@ TrainReport train(const TrainOptions& o) {
   if (env.world_size > 1) dist = tr::Distributed::create(env, "cpu");
   const int rank = dist ? dist->rank() : 0, world = dist ? dist->world_size() : 1;
 
-  pipelines::LoadOptions lo;
+  loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
-  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  auto models = loaders::load_stable_diffusion(o.model, lo);
 
   tr::TrainConfig cfg = make_config(o);
   std::shared_ptr<tr::Recipe> recipe;
@@ -330,7 +330,7 @@ TrainBenchResult train_bench(const TrainBenchOptions& o) {
   DMX_CHECK_ARG(o.rank > 0, "--rank must be > 0, got ", o.rank);
   const ModelPreset p = model_preset(o.preset);
   configure_threads(o.threads);
-  auto m = std::make_shared<pipelines::StableDiffusionModels>();
+  auto m = std::make_shared<loaders::StableDiffusionModels>();
   at::manual_seed(0);
   m->name = o.preset;
   m->text_encoder = models::CLIPTextModel(p.text);

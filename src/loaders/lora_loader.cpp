@@ -1,7 +1,7 @@
 // LoRA application (see lora_loader.h): diffusers 0.27.2 loaders/lora.py (load_lora_weights, fuse_lora),
 // peft 0.10 tuners/lora (scaling = lora_alpha / r, scaled by the user's scale), kohya sd-scripts
 // networks/lora.py (alpha / rank) and LyCORIS (LoHa, LoKr, DoRA).
-#include "pipelines/lora_loader.h"
+#include "loaders/lora_loader.h"
 
 #include <cctype>
 #include <cmath>
@@ -18,7 +18,7 @@
 #include "io/lora_names.h"
 #include "nn/lora.h"
 
-namespace dmx::pipelines {
+namespace dmx::loaders {
 
 namespace {
 
@@ -472,4 +472,4 @@ ScopedLoRAs::~ScopedLoRAs() {
   }
 }
 
-}  // namespace dmx::pipelines
+}  // namespace dmx::loaders

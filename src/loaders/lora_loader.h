@@ -11,9 +11,9 @@
 #include <vector>
 
 #include "io/safetensors.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 
-namespace dmx::pipelines {
+namespace dmx::loaders {
 
 enum class LoRAMode {
   Runtime,  // adapted layers compute W x + b + scale * B A x; weights untouched
@@ -84,4 +84,4 @@ class ScopedLoRAs {
   std::shared_ptr<StableDiffusionModels> m_;
   std::vector<LoRAReport> reports_;
 };
-}  // namespace dmx::pipelines
+}  // namespace dmx::loaders

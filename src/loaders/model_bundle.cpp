@@ -1,4 +1,4 @@
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 
 #include "core/fs.h"
 #include "core/log.h"
@@ -7,7 +7,7 @@
 #include "io/state_dict.h"
 #include "schedulers/scheduler.h"
 
-namespace dmx::pipelines {
+namespace dmx::loaders {
 
 int StableDiffusionModels::vae_scale_factor() const { return vae->config().downscale_factor(); }
 int StableDiffusionModels::default_sample_size() const { return unet->config().sample_size * vae_scale_factor(); }
@@ -80,4 +80,4 @@ std::shared_ptr<StableDiffusionModels> load_stable_diffusion(const std::string& 
   finish(*m, opts);
   return m;
 }
-}  // namespace dmx::pipelines
+}  // namespace dmx::loaders

@@ -12,7 +12,7 @@
 #include "models/clip_tokenizer.h"
 #include "models/unet_2d_condition.h"
 
-namespace dmx::pipelines {
+namespace dmx::loaders {
 
 struct LoadOptions {
   std::string config_dir;     // diffusers folder supplying configs (and tokenizer) for a single file
@@ -37,4 +37,4 @@ struct StableDiffusionModels {
 
 // path: a diffusers folder (model_index.json) or a .safetensors single file.
 std::shared_ptr<StableDiffusionModels> load_stable_diffusion(const std::string& path, const LoadOptions& opts = {});
-}  // namespace dmx::pipelines
+}  // namespace dmx::loaders

@@ -15,7 +15,7 @@ namespace dmx::pipelines {
 namespace {
 constexpr int kMaxSide = 4096;
 
-void check_controlnet_params(const StableDiffusionParams& p, const StableDiffusionModels& m) {
+void check_controlnet_params(const StableDiffusionParams& p, const loaders::StableDiffusionModels& m) {
   if (p.controlnets.empty()) return;
   DMX_CHECK_SUPPORTED(!p.init_image.defined(), "ControlNet with an init image (img2img) is not supported yet");
   for (size_t c = 0; c < p.controlnets.size(); ++c) {
@@ -39,7 +39,7 @@ void check_controlnet_params(const StableDiffusionParams& p, const StableDiffusi
 }
 }
 
-at::Tensor encode_image_latents(const StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
+at::Tensor encode_image_latents(const loaders::StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
                                 const at::Tensor& noise) {
   at::NoGradGuard no_grad;
   models::AutoencoderKL vae = m.vae;  // shared handle (forward is non-const)
@@ -57,7 +57,7 @@ at::Tensor encode_image_latents(const StableDiffusionModels& m, const at::Tensor
   return (mean + std * eps) * m.vae->config().scaling_factor;
 }
 
-StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models)
+StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<loaders::StableDiffusionModels> models)
     : m_(std::move(models)) {
   DMX_CHECK_ARG(m_ != nullptr, "StableDiffusionPipeline: models must not be null");
 }

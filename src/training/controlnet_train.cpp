@@ -9,7 +9,7 @@
 
 namespace dmx::training {
 
-ControlNetRecipe::ControlNetRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m,
+ControlNetRecipe::ControlNetRecipe(std::shared_ptr<loaders::StableDiffusionModels> m,
                                    models::ControlNetModel controlnet)
     : Recipe(std::move(m)), controlnet_(std::move(controlnet)) {
   DMX_CHECK_ARG(!controlnet_.is_empty(), "ControlNetRecipe: no ControlNet given");

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "models/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "training/trainer.h"
 
 namespace dmx::training {
@@ -27,7 +27,7 @@ namespace dmx::training {
 class ControlNetRecipe : public Recipe {
  public:
   // controlnet: the net to train (from controlnet_from_unet or pipelines::load_controlnet); it must fit the UNet.
-  ControlNetRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, models::ControlNetModel controlnet);
+  ControlNetRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, models::ControlNetModel controlnet);
   std::string name() const override { return "controlnet"; }
   // Freezes UNet, VAE and text encoder (bf16 with --mixed-precision bf16); the ControlNet's parameters
   // require grad. validation_steps > 0 needs set_validation_image first.

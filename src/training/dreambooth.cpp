@@ -28,7 +28,7 @@ std::vector<std::string> list_images(const std::string& dir) {
   return v;
 }
 
-int generate_class_images(std::shared_ptr<pipelines::StableDiffusionModels> m, const ClassImageOptions& o) {
+int generate_class_images(std::shared_ptr<loaders::StableDiffusionModels> m, const ClassImageOptions& o) {
   DMX_CHECK_ARG(!o.dir.empty(), "--class-data must be given with prior preservation");
   DMX_CHECK_ARG(!o.prompt.empty(), "--class-prompt must be given with --class-data");
   DMX_CHECK_ARG(o.num_class_images > 0, "--num-class-images must be > 0, got ", o.num_class_images);

@@ -30,7 +30,7 @@ struct ClassImageOptions {
 };
 // Fills `dir` up to num_class_images images with txt2img of the base model (class-NNNNN.png, written
 // atomically; the folder is created). Returns how many were generated.
-int generate_class_images(std::shared_ptr<pipelines::StableDiffusionModels> m, const ClassImageOptions& o);
+int generate_class_images(std::shared_ptr<loaders::StableDiffusionModels> m, const ClassImageOptions& o);
 
 // Instance rows (instance prompt) followed, with prior preservation, by as many class rows (class prompt).
 // Micro-step s takes positions of a BatchSampler over max(#instance, #class); position i uses instance

@@ -34,7 +34,7 @@ void freeze(torch::nn::Module& m) {
   for (auto& p : m.parameters()) p.set_requires_grad(false);
 }
 
-void cast_frozen_for_mixed_precision(pipelines::StableDiffusionModels& m, bool unet, bool text_encoder) {
+void cast_frozen_for_mixed_precision(loaders::StableDiffusionModels& m, bool unet, bool text_encoder) {
   if (!m.vae.is_empty()) m.vae->to(at::kBFloat16);
   if (text_encoder && !m.text_encoder.is_empty()) m.text_encoder->to(at::kBFloat16);
   if (unet && !m.unet.is_empty()) m.unet->to(at::kBFloat16);
@@ -76,7 +76,7 @@ const char* component_prefix(io::LoRAComponent c) { return c == io::LoRAComponen
 
 }  // namespace
 
-LoRANetwork::LoRANetwork(pipelines::StableDiffusionModels& m, const LoRATrainOptions& o, uint64_t seed)
+LoRANetwork::LoRANetwork(loaders::StableDiffusionModels& m, const LoRATrainOptions& o, uint64_t seed)
     : m_(&m), rank_(o.rank), alpha_(o.alpha > 0 ? o.alpha : o.rank), o_(o) {
   o.validate();
   DMX_CHECK_ARG(!m.unet.is_empty(), "LoRA training needs a UNet");
@@ -268,7 +268,7 @@ void LoRANetwork::save(const std::string& path, LoRASaveFormat f) const {
 
 // ---------------------------------------------------------------------------------------------------
 
-LoRARecipe::LoRARecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, LoRATrainOptions o, LoRASaveFormat fmt)
+LoRARecipe::LoRARecipe(std::shared_ptr<loaders::StableDiffusionModels> m, LoRATrainOptions o, LoRASaveFormat fmt)
     : Recipe(std::move(m)), o_(std::move(o)), fmt_(fmt) {
   o_.validate();
 }

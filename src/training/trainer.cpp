@@ -128,7 +128,7 @@ namespace {
 // afterwards. bf16 -> float32 -> bf16 is exact: training continues bit for bit.
 class Float32Scope {
  public:
-  explicit Float32Scope(pipelines::StableDiffusionModels& m) {
+  explicit Float32Scope(loaders::StableDiffusionModels& m) {
     for (torch::nn::Module* mod : {as_module(m.text_encoder), as_module(m.vae), as_module(m.unet)}) {
       if (!mod || mod->parameters().empty()) continue;
       const at::ScalarType dt = mod->parameters().front().scalar_type();

@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "io/safetensors.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "training/dataset.h"
 
 namespace dmx::training {
@@ -144,11 +144,11 @@ class DatasetBatchSource : public BatchSource {
 // What a recipe provides to the loop. The default hooks do what train_text_to_image.py does.
 class Recipe {
  public:
-  explicit Recipe(std::shared_ptr<pipelines::StableDiffusionModels> models) : models_(std::move(models)) {}
+  explicit Recipe(std::shared_ptr<loaders::StableDiffusionModels> models) : models_(std::move(models)) {}
   virtual ~Recipe() = default;
   virtual std::string name() const = 0;
-  pipelines::StableDiffusionModels& models() { return *models_; }
-  std::shared_ptr<pipelines::StableDiffusionModels> models_ptr() { return models_; }
+  loaders::StableDiffusionModels& models() { return *models_; }
+  std::shared_ptr<loaders::StableDiffusionModels> models_ptr() { return models_; }
 
   // Called once before the loop: freeze what is frozen, cast frozen parts for mixed precision, enable
   // gradient checkpointing, create adapters.
@@ -186,7 +186,7 @@ class Recipe {
   virtual void load_extra_state(const io::TensorMap& s) {}
 
  protected:
-  std::shared_ptr<pipelines::StableDiffusionModels> models_;
+  std::shared_ptr<loaders::StableDiffusionModels> models_;
 };
 
 // ---- pieces of the loop, exposed for tests and other recipes ----
