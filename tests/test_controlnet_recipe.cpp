@@ -19,6 +19,7 @@
 #include <fstream>
 #include <thread>
 
+#include "api/train_sampler.h"
 #include "core/image.h"
 #include "dmx/error.h"
 #include "io/safetensors.h"
@@ -405,6 +406,7 @@ TEST(ControlNetRecipe, BF16FrozenModelTrainsFloat32ControlNetAndWritesValidation
   cfg.validation_steps = 4;
   cfg.validation_prompt = "a striped thing";
   cfg.validation_inference_steps = 2;
+  cfg.sample_images = api::pipeline_sampler();
   cfg.quiet = true;
   EXPECT_THROW(training::Trainer(cfg, recipe, source).run(), InvalidArgument);  // no validation image yet
   recipe->set_validation_image(ds->get(0, 0).conditioning.unsqueeze(0));

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "api/train_sampler.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "dmx/train.h"
@@ -502,11 +503,11 @@ TEST(TrainDreamBooth, PriorPreservationGeneratesClassImagesAndTrains) {
   ci.num_class_images = 2;
   ci.resolution = 32;
   ci.num_inference_steps = 2;
-  EXPECT_EQ(tr::generate_class_images(m, ci), 2);
+  EXPECT_EQ(tr::generate_class_images(m, ci, api::pipeline_sampler()), 2);
   EXPECT_EQ(tr::list_images(cls).size(), 2u);
-  EXPECT_EQ(tr::generate_class_images(m, ci), 0);  // folder already full
+  EXPECT_EQ(tr::generate_class_images(m, ci, api::pipeline_sampler()), 0);  // folder already full
   ci.num_class_images = 3;
-  EXPECT_EQ(tr::generate_class_images(m, ci), 1);  // short by one
+  EXPECT_EQ(tr::generate_class_images(m, ci, api::pipeline_sampler()), 1);  // short by one
 
   // Prior loss: instance rows then class rows.
   tr::LoRATrainOptions o;
@@ -614,7 +615,7 @@ TEST(TrainCli, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
   ci.num_class_images = 2;
   ci.resolution = 32;
   ci.num_inference_steps = 1;
-  tr::generate_class_images(m, ci);
+  tr::generate_class_images(m, ci, api::pipeline_sampler());
   for (const auto& img : tr::list_images(data)) {
     const std::string txt = img.substr(0, img.size() - 4) + ".txt";
     const std::string cap = "a red square";
@@ -652,7 +653,7 @@ std::string make_image_folder(const std::string& name, int count) {
     ci.resolution = 32;
     ci.num_inference_steps = 1;
     ci.seed = static_cast<uint64_t>(k);
-    tr::generate_class_images(m, ci);
+    tr::generate_class_images(m, ci, api::pipeline_sampler());
   }
   const auto imgs = tr::list_images(data);
   for (size_t k = 0; k < imgs.size(); ++k) {
@@ -825,6 +826,7 @@ TEST(TrainLoRA, ValidationImagesJsonlLogAndCheckpointRotation) {
   c.validation_steps = 2;
   c.validation_prompt = "a cat";
   c.validation_inference_steps = 2;
+  c.sample_images = api::pipeline_sampler();
   c.checkpointing_steps = 1;
   c.checkpoints_total_limit = 2;
   c.save_final_checkpoint = true;

@@ -10,11 +10,13 @@
 #include <filesystem>
 
 #include "api/presets.h"
+#include "api/train_sampler.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/runtime.h"
-#include "pipelines/controlnet.h"
 #include "loaders/model_bundle.h"
+#include "pipelines/controlnet.h"
+#include "pipelines/stable_diffusion.h"
 #include "training/controlnet_init.h"
 #include "training/controlnet_train.h"
 #include "training/dataset.h"
@@ -28,6 +30,29 @@
 namespace dmx {
 
 namespace tr = dmx::training;
+
+training::SampleImages api::pipeline_sampler() {
+  return [](std::shared_ptr<loaders::StableDiffusionModels> models, const tr::SampleRequest& r) {
+    pipelines::StableDiffusionPipeline pipe(std::move(models));
+    pipelines::StableDiffusionParams p;
+    p.prompt = r.prompt;
+    p.width = r.width;
+    p.height = r.height;
+    p.num_inference_steps = r.num_inference_steps;
+    p.num_images_per_prompt = r.num_images;
+    p.guidance_scale = r.guidance_scale;
+    p.seed = r.seed;
+    p.show_progress = false;
+    if (!r.controlnet.is_empty()) {
+      pipelines::ControlNetUnit u;
+      u.model = r.controlnet;
+      u.image = r.control_image;
+      u.name = "validation image";
+      p.controlnets.push_back(u);
+    }
+    return pipe.run(p).images;
+  };
+}
 
 namespace {
 
@@ -78,6 +103,7 @@ tr::TrainConfig make_config(const TrainOptions& o) {
   // The VAE's validation pictures are reconstructions: no prompt needed.
   if (o.recipe == "vae" && c.validation_prompt.empty()) c.validation_prompt = "(reconstructions)";
   c.num_validation_images = o.num_validation_images;
+  c.sample_images = api::pipeline_sampler();
   c.quiet = o.quiet;
   return c;
 }
@@ -249,7 +275,7 @@ TrainReport train(const TrainOptions& o) {
         ci.resolution = o.resolution;
         ci.num_inference_steps = o.class_inference_steps;
         ci.seed = o.seed;
-        tr::generate_class_images(models, ci);
+        tr::generate_class_images(models, ci, api::pipeline_sampler());
       }
       if (dist) dist->barrier();
       cls = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.class_data, false));

@@ -19,7 +19,6 @@
 #include "core/image.h"
 #include "core/log.h"
 #include "dmx/error.h"
-#include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
 #include "training/distributed.h"
 
@@ -102,15 +101,23 @@ at::Tensor Recipe::reduce_loss(const at::Tensor& per_example, const Batch&) { re
 
 void Recipe::validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir) {
   if (cfg.validation_prompt.empty()) return;
+  save_validation_images(sample_validation_images(models_, cfg), cfg, step, out_dir);
+}
+
+at::Tensor sample_validation_images(const std::shared_ptr<loaders::StableDiffusionModels>& models,
+                                    const TrainConfig& cfg, const models::ControlNetModel& controlnet,
+                                    const at::Tensor& control_image) {
+  DMX_CHECK_ARG(cfg.sample_images != nullptr,
+                "validation images need a text-to-image callback (TrainConfig::sample_images)");
   at::NoGradGuard no_grad;
-  pipelines::StableDiffusionPipeline pipe(models_);
-  pipelines::StableDiffusionParams p;
-  p.prompt = cfg.validation_prompt;
-  p.num_inference_steps = cfg.validation_inference_steps;
-  p.num_images_per_prompt = cfg.num_validation_images;
-  p.seed = cfg.seed;
-  p.show_progress = false;
-  save_validation_images(pipe.run(p).images, cfg, step, out_dir);
+  SampleRequest r;
+  r.prompt = cfg.validation_prompt;
+  r.num_inference_steps = cfg.validation_inference_steps;
+  r.num_images = cfg.num_validation_images;
+  r.seed = cfg.seed;
+  r.controlnet = controlnet;
+  r.control_image = control_image;
+  return cfg.sample_images(models, r);
 }
 
 void save_validation_images(const at::Tensor& images, const TrainConfig& cfg, int64_t step, const std::string& out_dir) {

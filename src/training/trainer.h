@@ -35,6 +35,7 @@
 
 #include "io/safetensors.h"
 #include "loaders/model_bundle.h"
+#include "models/controlnet.h"
 #include "training/dataset.h"
 
 namespace dmx::training {
@@ -46,6 +47,24 @@ LRSchedule parse_lr_schedule(const std::string& s);  // constant | constant_with
 const char* lr_schedule_name(LRSchedule s);
 enum class MixedPrecision { No, BF16 };
 MixedPrecision parse_mixed_precision(const std::string& s);  // no | fp32 | bf16
+
+// Text-to-image for validation images and DreamBooth's class images. Training never runs a pipeline itself:
+// the caller passes this callback (api/train.cpp: the Stable Diffusion pipeline), so the training layer
+// depends on loaders and models only.
+struct SampleRequest {
+  std::string prompt;
+  int width = 0, height = 0;  // 0 = the model's default size
+  int num_inference_steps = 20;
+  int num_images = 1;
+  double guidance_scale = 7.5;
+  uint64_t seed = 0;
+  // Optional ControlNet at scale 1 on control_image ([1, C, H, W] float32 in [0, 1], the output size).
+  models::ControlNetModel controlnet{nullptr};
+  at::Tensor control_image;
+};
+// Returns the images: [N, H, W, 3] float32 in [0, 1].
+using SampleImages =
+    std::function<at::Tensor(std::shared_ptr<loaders::StableDiffusionModels> models, const SampleRequest& request)>;
 
 struct TrainConfig {
   // Where the recipe writes its result (file or folder) and where checkpoints, the JSONL log and
@@ -101,6 +120,8 @@ struct TrainConfig {
   std::string validation_prompt;
   int num_validation_images = 1;
   int validation_inference_steps = 20;
+  // Draws the validation images of the recipes that sample (all but the VAE's reconstructions).
+  SampleImages sample_images;
 
   bool quiet = false;
   bool write_log = true;  // <output_dir>/train_log.jsonl, one line per optimizer step
@@ -178,7 +199,8 @@ class Recipe {
   virtual at::Tensor reduce_loss(const at::Tensor& per_example, const Batch& batch);
   // Writes the result (called on rank 0 only; with EMA the EMA weights are in place during the call).
   virtual void save(const std::string& path) = 0;
-  // Validation images into out_dir (rank 0 only). Default: txt2img of cfg.validation_prompt. Runs in float32:
+  // Validation images into out_dir (rank 0 only). Default: txt2img of cfg.validation_prompt through
+  // cfg.sample_images. Runs in float32:
   // with --mixed-precision bf16 the trainer casts the frozen bf16 modules to float32 around the call.
   virtual void validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir);
   // Recipe state beyond the trainable parameters for checkpoints (none for the built-in recipes).
@@ -191,6 +213,10 @@ class Recipe {
 
 // ---- pieces of the loop, exposed for tests and other recipes ----
 
+// cfg.sample_images with the validation settings (InvalidArgument when the callback is missing).
+at::Tensor sample_validation_images(const std::shared_ptr<loaders::StableDiffusionModels>& models,
+                                    const TrainConfig& cfg, const models::ControlNetModel& controlnet = nullptr,
+                                    const at::Tensor& control_image = {});
 // Writes images ([N, H, W, 3] in [0, 1]) as <out_dir>/validation-<step>-<i>.png with the prompt as metadata.
 void save_validation_images(const at::Tensor& images, const TrainConfig& cfg, int64_t step, const std::string& out_dir);
 
