@@ -22,7 +22,6 @@
 #include <vector>
 
 #include "dmx/error.h"
-#include "io/checkpoint.h"
 
 namespace dmx::io {
 namespace {
