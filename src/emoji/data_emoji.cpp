@@ -16,7 +16,7 @@
 #include "core/image.h"
 #include "core/progress.h"
 #include "core/resize.h"
-#include "dmx/data.h"
+#include "dmx/emoji_data.h"
 #include "dmx/error.h"
 
 namespace dmx {

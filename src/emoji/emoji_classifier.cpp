@@ -1,5 +1,5 @@
 // Emoji classifier (see the header): ResNet basic blocks with GroupNorm, two linear heads.
-#include "models/emoji_classifier.h"
+#include "emoji/emoji_classifier.h"
 
 #include <algorithm>
 #include <filesystem>
@@ -10,7 +10,7 @@
 #include "io/state_dict.h"
 #include "models/config_json.h"
 
-namespace dmx::models {
+namespace dmx::emoji {
 
 nlohmann::json EmojiClassifierConfig::to_json() const {
   return {{"_class_name", "EmojiClassifier"},
@@ -157,4 +157,4 @@ void save_emoji_classifier(EmojiClassifier& model, const std::string& dir, bool 
   const std::string text = model->config().to_json().dump(2) + "\n";
   write_bytes_atomic(join_path(dir, "config.json"), text.data(), text.size());
 }
-}  // namespace dmx::models
+}  // namespace dmx::emoji

@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-namespace dmx::models {
+namespace dmx::emoji {
 
 struct EmojiClassifierConfig {
   int image_size = 64;
@@ -81,4 +81,4 @@ EmojiClassifierOutput classify(EmojiClassifier& model, const at::Tensor& images,
 EmojiClassifier load_emoji_classifier(const std::string& dir);
 // Writes the folder atomically (files first as temporaries); weights stored as fp16 when `fp16`.
 void save_emoji_classifier(EmojiClassifier& model, const std::string& dir, bool fp16 = true);
-}  // namespace dmx::models
+}  // namespace dmx::emoji

@@ -1,5 +1,5 @@
 // Training of the emoji classifier (see the header).
-#include "training/emoji_classifier_train.h"
+#include "emoji/emoji_classifier_train.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -10,11 +10,11 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "core/runtime.h"
-#include "models/emoji_classifier.h"
-#include "training/emoji_data.h"
+#include "emoji/emoji_classifier.h"
+#include "emoji/emoji_data.h"
 #include "training/trainer.h"
 
-namespace dmx::training {
+namespace dmx::emoji {
 
 namespace {
 
@@ -80,7 +80,7 @@ ClassifierTrainResult train_emoji_classifier(const ClassifierTrainOptions& o) {
   EmojiData data(o.data, "--data");
 
   // 1. Every real image of every style (train + heldout): X [N, 3, S, S] in [0, 1], concept and style labels.
-  models::EmojiClassifierConfig cfg;
+  EmojiClassifierConfig cfg;
   for (const auto& c : data.concepts()) {
     cfg.class_names.push_back(c.name);
     cfg.class_categories.push_back(c.category);
@@ -108,13 +108,13 @@ ClassifierTrainResult train_emoji_classifier(const ClassifierTrainOptions& o) {
   // 2. Model, optimizer, generator (every random draw comes from it: initialisation included).
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   at::manual_seed(o.seed);  // torch::nn's default initialisers draw from the global generator
-  models::EmojiClassifier model(cfg);
-  std::vector<NamedParameter> params;
+  EmojiClassifier model(cfg);
+  std::vector<training::NamedParameter> params;
   for (const auto& kv : model->named_parameters()) params.push_back({kv.key(), kv.value()});
-  AdamWOptions ao;
+  training::AdamWOptions ao;
   ao.lr = o.learning_rate;
   ao.weight_decay = o.weight_decay;
-  AdamW opt(params, ao);
+  training::AdamW opt(params, ao);
   const int64_t warmup = std::min<int64_t>(100, o.steps / 10);
 
   // 3. Loop: epochs of a seeded permutation.
@@ -134,14 +134,14 @@ ClassifierTrainResult train_emoji_classifier(const ClassifierTrainOptions& o) {
     at::Tensor idx = perm.slice(0, pos, pos + b);
     pos += b;
     at::Tensor x = augment_emoji_batch(X.index_select(0, idx), gen) * 2.0 - 1.0;  // [B, 3, S, S] in [-1, 1]
-    models::EmojiClassifierOutput out = model->forward(x);
+    EmojiClassifierOutput out = model->forward(x);
     at::Tensor loss = at::cross_entropy_loss(out.concept_logits, Yc.index_select(0, idx), {}, at::Reduction::Mean,
                                              -100, 0.1) +
                       0.5 * at::cross_entropy_loss(out.style_logits, Ys.index_select(0, idx));
     opt.zero_grad();
     loss.backward();
-    clip_grad_norm(params, 1.0);
-    opt.step(o.learning_rate * lr_lambda(LRSchedule::Cosine, step, warmup, o.steps));
+    training::clip_grad_norm(params, 1.0);
+    opt.step(o.learning_rate * training::lr_lambda(training::LRSchedule::Cosine, step, warmup, o.steps));
     const double l = loss.item<double>();
     DMX_CHECK_T(Error, std::isfinite(l), "classifier training diverged at step ", step, " (loss ", l,
                 "); lower --learning-rate");
@@ -157,7 +157,7 @@ ClassifierTrainResult train_emoji_classifier(const ClassifierTrainOptions& o) {
 
   // 4. Accuracy on the clean images, per style.
   model->eval();
-  models::EmojiClassifierOutput all = models::classify(model, X * 2.0 - 1.0, 128);
+  EmojiClassifierOutput all = classify(model, X * 2.0 - 1.0, 128);
   const at::Tensor top5 = std::get<1>(all.concept_logits.topk(std::min<int64_t>(5, all.concept_logits.size(1)), 1));
   const at::Tensor hit1 = top5.select(1, 0).eq(Yc);
   const at::Tensor hit5 = top5.eq(Yc.unsqueeze(1)).any(1);
@@ -171,7 +171,7 @@ ClassifierTrainResult train_emoji_classifier(const ClassifierTrainOptions& o) {
     r.top5.push_back(hit5.logical_and(m).sum().item<double>() / cnt);
     r.style_accuracy.push_back(style_hit.logical_and(m).sum().item<double>() / cnt);
   }
-  models::save_emoji_classifier(model, o.output, true);
+  save_emoji_classifier(model, o.output, true);
   return r;
 }
-}  // namespace dmx::training
+}  // namespace dmx::emoji

@@ -1,4 +1,4 @@
-// Training of the emoji classifier (models/emoji_classifier.h) on real emoji images: cross-entropy on the
+// Training of the emoji classifier (emoji/emoji_classifier.h) on real emoji images: cross-entropy on the
 // concept (label smoothing 0.1) + 0.5 x cross-entropy on the style, AdamW (training/trainer.h) with linear
 // warm-up and cosine decay, gradient clipping at 1. Augmentations make it robust to generated images.
 // Internal header.
@@ -8,7 +8,7 @@
 
 #include "dmx/eval.h"
 
-namespace dmx::training {
+namespace dmx::emoji {
 
 // x: [B, 3, H, W] in [0, 1] on a white background. Per image, from `gen`: random affine (scale 0.85-1.15,
 // shift up to 10% of the side, rotation up to 10 degrees; the uncovered border is white), Gaussian blur
@@ -17,4 +17,4 @@ namespace dmx::training {
 at::Tensor augment_emoji_batch(const at::Tensor& x, at::Generator& gen);
 
 ClassifierTrainResult train_emoji_classifier(const ClassifierTrainOptions& o);
-}  // namespace dmx::training
+}  // namespace dmx::emoji

@@ -1,5 +1,5 @@
 // Reading the `dmx data emoji` folders (see the header).
-#include "training/emoji_data.h"
+#include "emoji/emoji_data.h"
 
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -7,7 +7,7 @@
 #include "core/fs.h"
 #include "dmx/error.h"
 
-namespace dmx::training {
+namespace dmx::emoji {
 
 at::Tensor image_to_tensor01(const Image& rgb) {
   DMX_CHECK_ARG(rgb.channels == 3, "image_to_tensor01 needs an RGB image, got ", rgb.channels, " channels");
@@ -106,4 +106,4 @@ at::Tensor EmojiData::image01(const std::string& style, int concept) const {
   cache_[key] = t;
   return t;
 }
-}  // namespace dmx::training
+}  // namespace dmx::emoji

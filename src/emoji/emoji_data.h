@@ -1,4 +1,4 @@
-// The emoji folders written by `dmx data emoji` (src/api/data_emoji.cpp), read back for the emoji classifier
+// The emoji folders written by `dmx data emoji` (src/emoji/data_emoji.cpp), read back for the emoji classifier
 // and `dmx eval`: concepts.json (every concept, the class order of the classifier) and, per style and split,
 // metadata.jsonl rows {file_name, conditioning_image, mask, name, ...}. Internal header.
 #pragma once
@@ -10,7 +10,7 @@
 
 #include "core/image.h"
 
-namespace dmx::training {
+namespace dmx::emoji {
 
 struct EmojiConcept {
   std::string name;  // lower-cased emoji name (the prompt), unique
@@ -46,4 +46,4 @@ class EmojiData {
 
 // RGB image -> [3, H, W] float32 in [0, 1].
 at::Tensor image_to_tensor01(const Image& rgb);
-}  // namespace dmx::training
+}  // namespace dmx::emoji

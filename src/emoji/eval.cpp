@@ -1,5 +1,5 @@
 // `dmx eval` and `dmx train classifier` (include/dmx/eval.h, docs/evaluation.md): scores of generated emoji
-// measured with the emoji classifier (models/emoji_classifier.h).
+// measured with the emoji classifier (emoji/emoji_classifier.h).
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -13,7 +13,6 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
-#include "api/eval_metrics.h"
 #include "core/canny.h"
 #include "core/fs.h"
 #include "core/image.h"
@@ -22,87 +21,16 @@
 #include "core/runtime.h"
 #include "core/utf8.h"
 #include "dmx/eval.h"
-#include "models/emoji_classifier.h"
-#include "pipelines/controlnet.h"
+#include "emoji/emoji_classifier.h"
+#include "emoji/emoji_classifier_train.h"
+#include "emoji/emoji_data.h"
 #include "loaders/lora_loader.h"
 #include "loaders/model_bundle.h"
+#include "metrics/metrics.h"
+#include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
-#include "training/emoji_classifier_train.h"
-#include "training/emoji_data.h"
 
 namespace dmx {
-
-namespace api {
-
-double frechet_distance(const at::Tensor& mu1, const at::Tensor& sigma1, const at::Tensor& mu2,
-                        const at::Tensor& sigma2) {
-  DMX_CHECK_ARG(mu1.dim() == 1 && mu1.sizes() == mu2.sizes() && sigma1.dim() == 2 &&
-                    sigma1.size(0) == mu1.size(0) && sigma1.sizes() == sigma2.sizes(),
-                "frechet_distance: mu [D] and sigma [D, D] of both sets must agree, got ", mu1.sizes(), ", ",
-                sigma1.sizes(), ", ", mu2.sizes(), ", ", sigma2.sizes());
-  const at::Tensor m1 = mu1.to(at::kDouble), m2 = mu2.to(at::kDouble);
-  at::Tensor s1 = sigma1.to(at::kDouble), s2 = sigma2.to(at::kDouble);
-  s1 = (s1 + s1.t()) / 2;
-  s2 = (s2 + s2.t()) / 2;
-  // A = S1^(1/2) (symmetric), then tr((S1 S2)^(1/2)) = sum sqrt(eig(A S2 A)).
-  auto e1 = at::linalg_eigh(s1);
-  const at::Tensor v1 = std::get<1>(e1);
-  const at::Tensor a = at::matmul(v1 * std::get<0>(e1).clamp_min(0).sqrt().unsqueeze(0), v1.t());  // [D, D]
-  at::Tensor m = at::matmul(at::matmul(a, s2), a);
-  m = (m + m.t()) / 2;
-  const double tr_covmean = at::linalg_eigvalsh(m).clamp_min(0).sqrt().sum().item<double>();
-  const double diff = (m1 - m2).pow(2).sum().item<double>();
-  return diff + s1.trace().item<double>() + s2.trace().item<double>() - 2.0 * tr_covmean;
-}
-
-double frechet_distance(const at::Tensor& a, const at::Tensor& b) {
-  DMX_CHECK_ARG(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1),
-                "frechet_distance: feature sets must be [N, D] and [M, D], got ", a.sizes(), " and ", b.sizes());
-  DMX_CHECK_ARG(a.size(0) >= 2 && b.size(0) >= 2, "frechet_distance needs at least 2 samples per set, got ",
-                a.size(0), " and ", b.size(0));
-  auto moments = [](const at::Tensor& x) {
-    const at::Tensor xd = x.to(at::kDouble);
-    const at::Tensor mu = xd.mean(0);
-    const at::Tensor c = xd - mu;
-    return std::make_pair(mu, at::matmul(c.t(), c) / static_cast<double>(x.size(0) - 1));  // np.cov(rowvar=False)
-  };
-  const auto ma = moments(a), mb = moments(b);
-  return frechet_distance(ma.first, ma.second, mb.first, mb.second);
-}
-
-double edge_f1(const at::Tensor& pred, const at::Tensor& target, int tolerance) {
-  DMX_CHECK_ARG(pred.dim() == 2 && pred.sizes() == target.sizes(), "edge_f1: edge maps must be [H, W] of one size, got ",
-                pred.sizes(), " and ", target.sizes());
-  DMX_CHECK_ARG(tolerance >= 0, "edge_f1: tolerance must be >= 0, got ", tolerance);
-  const at::Tensor p = pred.to(at::kBool), t = target.to(at::kBool);
-  const double np = p.sum().item<double>(), nt = t.sum().item<double>();
-  if (np == 0 && nt == 0) return 1.0;
-  if (np == 0 || nt == 0) return 0.0;
-  auto dilate = [&](const at::Tensor& m) {  // Chebyshev neighbourhood of radius `tolerance`
-    const int k = 2 * tolerance + 1;
-    return at::max_pool2d(m.to(at::kFloat).unsqueeze(0).unsqueeze(0), {k, k}, {1, 1}, {tolerance, tolerance})
-        .squeeze(0)
-        .squeeze(0)
-        .gt(0.5);
-  };
-  const double precision = p.logical_and(dilate(t)).sum().item<double>() / np;
-  const double recall = t.logical_and(dilate(p)).sum().item<double>() / nt;
-  return precision + recall > 0 ? 2 * precision * recall / (precision + recall) : 0.0;
-}
-
-double mask_iou(const at::Tensor& a, const at::Tensor& b) {
-  DMX_CHECK_ARG(a.dim() == 2 && a.sizes() == b.sizes(), "mask_iou: masks must be [H, W] of one size, got ", a.sizes(),
-                " and ", b.sizes());
-  const at::Tensor x = a.to(at::kBool), y = b.to(at::kBool);
-  const double uni = x.logical_or(y).sum().item<double>();
-  return uni == 0 ? 1.0 : x.logical_and(y).sum().item<double>() / uni;
-}
-
-int edge_tolerance(int64_t height, int64_t width) {
-  return static_cast<int>(std::lround(0.0075 * std::hypot(static_cast<double>(height), static_cast<double>(width))));
-}
-
-}  // namespace api
 
 namespace {
 
@@ -131,7 +59,7 @@ std::string trim(const std::string& s) {
 }
 
 // The concept a prompt names: the longest concept name equal to the prompt or followed by ", ". -1 if none.
-int prompt_concept(const std::string& prompt, const training::EmojiData& data) {
+int prompt_concept(const std::string& prompt, const emoji::EmojiData& data) {
   int best = data.index_of(prompt);
   if (best >= 0) return best;
   size_t best_len = 0;
@@ -178,8 +106,8 @@ std::string default_emoji_data_dir() {
 }
 
 std::vector<std::string> default_eval_prompts(const std::string& data_dir, int count) {
-  const training::EmojiData data(resolve_data_dir(data_dir), "--data");
-  std::vector<const training::EmojiConcept*> train;
+  const emoji::EmojiData data(resolve_data_dir(data_dir), "--data");
+  std::vector<const emoji::EmojiConcept*> train;
   for (const auto& c : data.concepts())
     if (c.split == "train") train.push_back(&c);
   DMX_CHECK_ARG(count >= 1 && static_cast<int>(train.size()) >= count, "the built-in prompt list needs ", count,
@@ -195,7 +123,7 @@ std::vector<std::string> default_eval_prompts(const std::string& data_dir, int c
 
 std::vector<std::string> read_eval_prompts(const std::string& path, const std::string& data_dir) {
   DMX_CHECK_ARG(path_exists(path) && !is_directory(path), "--prompts: file not found: ", path);
-  const training::EmojiData data(resolve_data_dir(data_dir), "--data");
+  const emoji::EmojiData data(resolve_data_dir(data_dir), "--data");
   std::ifstream in(path);
   DMX_CHECK_IO(in.good(), "--prompts: cannot read ", path);
   std::vector<std::string> out;
@@ -218,7 +146,7 @@ std::vector<std::string> read_eval_prompts(const std::string& path, const std::s
 double mask_iou(const std::string& a, const std::string& b) {
   const Image ia = load_image(a, "--mask-iou"), ib = load_image(b, "--mask-iou");
   check_image_size("--mask-iou", ib, ia.width, ia.height);
-  return api::mask_iou(binary_map(to_rgb(ia)), binary_map(to_rgb(ib)));
+  return metrics::mask_iou(binary_map(to_rgb(ia)), binary_map(to_rgb(ib)));
 }
 
 double background_error(const std::string& image_a, const std::string& image_b, const std::string& mask) {
@@ -226,7 +154,7 @@ double background_error(const std::string& image_a, const std::string& image_b, 
   const Image m = to_rgb(load_image(mask, "--background-error mask"));
   check_image_size("--background-error", b, a.width, a.height);
   check_image_size("--background-error mask", m, a.width, a.height);
-  const at::Tensor ta = training::image_to_tensor01(a), tb = training::image_to_tensor01(b);
+  const at::Tensor ta = emoji::image_to_tensor01(a), tb = emoji::image_to_tensor01(b);
   const at::Tensor outside = binary_map(m).logical_not();  // [H, W]
   const double n = outside.sum().item<double>();
   DMX_CHECK_ARG(n > 0, "--background-error: the mask ", mask, " covers the whole image (no background to compare)");
@@ -237,11 +165,11 @@ double edge_f1_files(const std::string& image, const std::string& edge_map) {
   const Image img = to_rgb(load_image(image, "--edge-f1"));
   const Image e = load_image(edge_map, "--edge-f1");
   check_image_size("--edge-f1", e, img.width, img.height);
-  return api::edge_f1(binary_map(canny_edges(img, 100.0, 200.0)), binary_map(to_rgb(e)),
-                      api::edge_tolerance(img.height, img.width));
+  return metrics::edge_f1(binary_map(canny_edges(img, 100.0, 200.0)), binary_map(to_rgb(e)),
+                      metrics::edge_tolerance(img.height, img.width));
 }
 
-ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o) { return training::train_emoji_classifier(o); }
+ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o) { return emoji::train_emoji_classifier(o); }
 
 std::string EvalResult::to_json() const {
   nlohmann::json j = {{"n", n}, {"top1", top1}, {"top5", top5}, {"frechet", frechet}, {"frechet_real", frechet_real},
@@ -301,7 +229,7 @@ EvalResult evaluate(const EvalOptions& o) {
   DMX_CHECK_ARG(is_directory(o.classifier), "--classifier: not a folder: ", o.classifier,
                 " (train one with `dmx train classifier --data DIR --output DIR`)");
   const std::string data_dir = resolve_data_dir(o.data);
-  const training::EmojiData data(data_dir, "--data");
+  const emoji::EmojiData data(data_dir, "--data");
   std::vector<std::string> prompts =
       o.prompts_file.empty() ? default_eval_prompts(data_dir) : read_eval_prompts(o.prompts_file, data_dir);
   if (o.limit > 0 && static_cast<int>(prompts.size()) > o.limit) prompts.resize(static_cast<size_t>(o.limit));
@@ -313,7 +241,7 @@ EvalResult evaluate(const EvalOptions& o) {
     DMX_CHECK_ARG(db_concept >= 0, "--dreambooth-concept: '", o.dreambooth_concept, "' is not an emoji name of ",
                   join_path(data_dir, "concepts.json"));
   }
-  models::EmojiClassifier clf = models::load_emoji_classifier(o.classifier);
+  emoji::EmojiClassifier clf = emoji::load_emoji_classifier(o.classifier);
   const auto& names = clf->config().class_names;
   DMX_CHECK_FORMAT(names.size() == data.concepts().size(), "--classifier ", o.classifier, " knows ", names.size(),
                    " concepts, --data ", data_dir, " has ", data.concepts().size(), "; train it on that data");
@@ -359,7 +287,7 @@ EvalResult evaluate(const EvalOptions& o) {
     write_grid(join_path(o.out_dir, sub + "_grid.png"), imgs);
   };
   auto features = [&](const std::vector<at::Tensor>& imgs) {
-    return models::classify(clf, at::stack(imgs) * 2.0 - 1.0, 64);
+    return emoji::classify(clf, at::stack(imgs) * 2.0 - 1.0, 64);
   };
   auto twitter_share = [&](const at::Tensor& style_logits) {
     return style_logits.argmax(1).eq(twitter).to(at::kDouble).mean().item<double>();
@@ -372,7 +300,7 @@ EvalResult evaluate(const EvalOptions& o) {
   std::vector<at::Tensor> base;
   for (int i = 0; i < n; ++i) base.push_back(generate(prompts[static_cast<size_t>(i)], o.seed + static_cast<uint64_t>(i), {}));
   save_all("base", base);
-  const models::EmojiClassifierOutput out = features(base);
+  const emoji::EmojiClassifierOutput out = features(base);
   const at::Tensor labels = at::tensor(std::vector<int64_t>(concept_of.begin(), concept_of.end()), at::kLong);
   const at::Tensor top5 = std::get<1>(out.concept_logits.topk(std::min<int64_t>(5, out.concept_logits.size(1)), 1));
   r.top1 = top5.select(1, 0).eq(labels).to(at::kDouble).mean().item<double>();
@@ -395,8 +323,8 @@ EvalResult evaluate(const EvalOptions& o) {
   DMX_CHECK_ARG(n >= 2 && real_b.size() >= 2, "the Fréchet distance needs at least 2 prompts and 2 other train "
                 "concepts, got ", n, " prompt(s) and ", real_b.size(), " other concept(s)");
   const at::Tensor fa = features(real_a).features, fb = features(real_b).features;
-  r.frechet = api::frechet_distance(out.features, fa);
-  r.frechet_real = api::frechet_distance(fb, fa);
+  r.frechet = metrics::frechet_distance(out.features, fa);
+  r.frechet_real = metrics::frechet_distance(fb, fa);
 
   // 4. ControlNet: edge F1 of Canny(output) against the control map, with and without the net; with the
   // prompt, and with an empty prompt (where only the control map can carry the concept's shape).
@@ -407,7 +335,7 @@ EvalResult evaluate(const EvalOptions& o) {
     double f1 = 0, f1_without = 0, f1_empty = 0, f1_empty_without = 0;
     std::vector<at::Tensor> imgs, imgs_empty, imgs_empty_without;
     const int64_t H = base[0].size(1), W = base[0].size(2);
-    const int tol = api::edge_tolerance(H, W);
+    const int tol = metrics::edge_tolerance(H, W);
     for (int i = 0; i < n_aux; ++i) {
       const int c = concept_of[static_cast<size_t>(i)];
       const uint64_t seed = o.seed + static_cast<uint64_t>(i);
@@ -419,10 +347,10 @@ EvalResult evaluate(const EvalOptions& o) {
       imgs_empty.push_back(generate("", seed, {unit}));
       imgs_empty_without.push_back(generate("", seed, {}));
       const at::Tensor target = binary_map(map);
-      f1 += api::edge_f1(canny_of(imgs.back()), target, tol);
-      f1_without += api::edge_f1(canny_of(base[static_cast<size_t>(i)]), target, tol);
-      f1_empty += api::edge_f1(canny_of(imgs_empty.back()), target, tol);
-      f1_empty_without += api::edge_f1(canny_of(imgs_empty_without.back()), target, tol);
+      f1 += metrics::edge_f1(canny_of(imgs.back()), target, tol);
+      f1_without += metrics::edge_f1(canny_of(base[static_cast<size_t>(i)]), target, tol);
+      f1_empty += metrics::edge_f1(canny_of(imgs_empty.back()), target, tol);
+      f1_empty_without += metrics::edge_f1(canny_of(imgs_empty_without.back()), target, tol);
     }
     save_all("controlnet", imgs);
     save_all("controlnet-empty-prompt", imgs_empty);
@@ -461,7 +389,7 @@ EvalResult evaluate(const EvalOptions& o) {
     auto normalize = [](const at::Tensor& x) { return x / x.norm(2, {1}, true).clamp_min(1e-12); };
     const at::Tensor ref = normalize(features(real).features.mean(0, true));  // [1, D]
     auto score = [&](const std::vector<at::Tensor>& imgs, double& sim, double& top5_share) {
-      const models::EmojiClassifierOutput f = features(imgs);
+      const emoji::EmojiClassifierOutput f = features(imgs);
       const at::Tensor fn = normalize(f.features);
       sim = at::matmul(fn, ref.t()).mean().item<double>();
       const at::Tensor t5 = std::get<1>(f.concept_logits.topk(std::min<int64_t>(5, f.concept_logits.size(1)), 1));

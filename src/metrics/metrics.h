@@ -1,4 +1,5 @@
-// Numerical pieces of `dmx eval` (internal; tests use them directly).
+// Evaluation metrics on tensors, for the engine and the emoji module alike (`dmx eval`, tests). Internal
+// header of the metrics layer (core only below it).
 //  - Fréchet distance between Gaussians fitted to feature sets (Heusel et al. 2017, "GANs Trained by a Two
 //    Time-Scale Update Rule...", the FID formula; pytorch-fid's calculate_frechet_distance):
 //      d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))
@@ -11,7 +12,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
-namespace dmx::api {
+namespace dmx::metrics {
 
 // a: [N, D], b: [M, D] (N, M >= 2). Returns the Fréchet distance squared (FID's convention).
 double frechet_distance(const at::Tensor& a, const at::Tensor& b);
@@ -28,4 +29,4 @@ int edge_tolerance(int64_t height, int64_t width);
 
 // masks [H, W] bool: |A and B| / |A or B| (both empty: 1).
 double mask_iou(const at::Tensor& a, const at::Tensor& b);
-}  // namespace dmx::api
+}  // namespace dmx::metrics
