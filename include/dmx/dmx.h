@@ -96,7 +96,8 @@ std::string model_hash_file(const std::string& model);
 // written before the process ends, so an interrupted run leaves no partial or temporary file.
 void install_signal_cleanup();
 
-// Names accepted by GenerateOptions::scheduler.
+// Names accepted by GenerateOptions::scheduler: the samplers of the scheduler registry
+// (src/schedulers/registry.cpp), in its order.
 std::vector<std::string> scheduler_names();
 
 // ---------------------------------------------------------------------------------------------------

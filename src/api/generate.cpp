@@ -21,13 +21,13 @@
 #include "pipelines/controlnet.h"
 #include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
-#include "schedulers/scheduler.h"
+#include "schedulers/registry.h"
 
 namespace dmx {
 
 std::string version() { return "0.1.0"; }
 
-std::vector<std::string> scheduler_names() { return schedulers::scheduler_names(); }
+std::vector<std::string> scheduler_names() { return schedulers::sampler_names(); }
 
 void install_signal_cleanup() { install_temp_file_cleanup(); }
 
@@ -91,23 +91,6 @@ std::vector<Image> load_control_maps(const GenerateOptions& o) {
   return maps;
 }
 
-// The dmx name of the model's own scheduler (scheduler_config.json), so that the metadata names a
-// sampler that `--from` can re-run (a short name runs the model's config with the class swapped,
-// which is the model's own scheduler again). Unknown classes keep their diffusers name.
-std::string short_scheduler_name(const nlohmann::json& cfg) {
-  const std::string cls = cfg.value("_class_name", std::string());
-  static const std::map<std::string, std::string> one_to_one = {
-      {"DDIMScheduler", "ddim"},   {"DDPMScheduler", "ddpm"}, {"PNDMScheduler", "pndm"},
-      {"EulerDiscreteScheduler", "euler"}, {"EulerAncestralDiscreteScheduler", "euler_a"},
-      {"HeunDiscreteScheduler", "heun"},   {"LMSDiscreteScheduler", "lms"}};
-  auto it = one_to_one.find(cls);
-  if (it != one_to_one.end()) return it->second;
-  if (cls == "DPMSolverMultistepScheduler" && cfg.value("algorithm_type", std::string("dpmsolver++")) == "dpmsolver++" &&
-      cfg.value("solver_order", 2) == 2)
-    return cfg.value("use_karras_sigmas", false) ? "dpmpp_2m_karras" : "dpmpp_2m";
-  return cls;
-}
-
 }  // namespace
 
 GenerateResult generate(const GenerateOptions& o) {
@@ -126,7 +109,7 @@ GenerateResult generate(const GenerateOptions& o) {
                 o.device, "'");
   const at::ScalarType dtype = parse_dtype(o.dtype);
   if (!o.scheduler.empty()) {
-    auto names = schedulers::scheduler_names();
+    auto names = schedulers::sampler_names();
     if (std::find(names.begin(), names.end(), o.scheduler) == names.end()) {
       std::string list;
       for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
@@ -269,7 +252,7 @@ GenerateResult generate(const GenerateOptions& o) {
   r.seed = seed;
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
   GenerateOptions meta = o;
-  if (meta.scheduler.empty()) meta.scheduler = short_scheduler_name(models->scheduler_config);
+  if (meta.scheduler.empty()) meta.scheduler = schedulers::scheduler_name_for_config(models->scheduler_config);
   const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name, hash.get())}};
   PhaseTimer write_timer("write");
   if (!o.save_latents.empty()) io::save_safetensors(o.save_latents, {{"latents", out.latents.to(at::kFloat).contiguous()}});

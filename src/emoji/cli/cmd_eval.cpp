@@ -18,7 +18,7 @@ int cmd_eval(int argc, char** argv) {
       {"data", "DIR", "`dmx data emoji` folder (default $DMX_EMOJI_DATA, ~/.cache/dmx/emoji-data, /tmp/emoji_ds)"},
       {"steps", "N", "denoising steps (default 25)"},
       {"guidance-scale", "G", "classifier-free guidance scale (default 3)"},
-      {"scheduler", "NAME", "scheduler (default: the model's)"},
+      {"scheduler", "NAME", "a sampler of dmx generate --scheduler (default: the model's)"},
       {"seed", "N", "prompt i uses seed + i (default 0)"},
       {"limit", "N", "score only the first N prompts"},
       {"threads", "N", "CPU threads (default: all cores)"},
