@@ -6,10 +6,11 @@
 #include <array>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 
 #include "core/fs.h"
 #include "dmx/error.h"
-#include "io/lora_names.h"
+#include "loaders/lora_formats.h"
 #include "io/safetensors.h"
 #include "nn/lora.h"
 #include "loaders/lora_loader.h"
@@ -475,45 +476,80 @@ TEST(LoRAErrors, IncompleteAndMisShapedAdaptersAreFormatErrors) {
 }
 
 TEST(LoRANames, TableParsesEveryLayout) {
-  using io::LoRARole;
-  auto k = io::parse_lora_key("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight");
+  using loaders::LoRARole;
+  auto k = loaders::parse_lora_key("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight");
   ASSERT_TRUE(k);
   EXPECT_TRUE(k->flat);
   EXPECT_EQ(k->module, "down_blocks_0_attentions_0_proj_in");
   EXPECT_EQ(k->role, LoRARole::Down);
-  EXPECT_EQ(k->format, io::LoRAKeyFormat::Kohya);
-  k = io::parse_lora_key("unet.mid_block.attentions.0.proj_in.lora.up.weight");
+  EXPECT_EQ(k->format, loaders::LoRAKeyFormat::Kohya);
+  k = loaders::parse_lora_key("unet.mid_block.attentions.0.proj_in.lora.up.weight");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->module, "mid_block.attentions.0.proj_in");
   EXPECT_EQ(k->role, LoRARole::Up);
-  EXPECT_EQ(k->format, io::LoRAKeyFormat::Diffusers);
-  k = io::parse_lora_key("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight");
+  EXPECT_EQ(k->format, loaders::LoRAKeyFormat::Diffusers);
+  k = loaders::parse_lora_key("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight");
   ASSERT_TRUE(k);
-  EXPECT_EQ(k->component, io::LoRAComponent::TextEncoder);
+  EXPECT_EQ(k->component, loaders::LoRAComponent::TextEncoder);
   EXPECT_EQ(k->module, "text_model.encoder.layers.0.mlp.fc1");
-  k = io::parse_lora_key("base_model.model.text_model.encoder.layers.1.self_attn.k_proj.lora_B.weight");
+  k = loaders::parse_lora_key("base_model.model.text_model.encoder.layers.1.self_attn.k_proj.lora_B.weight");
   ASSERT_TRUE(k);
-  EXPECT_EQ(k->component, io::LoRAComponent::TextEncoder);
-  EXPECT_EQ(k->format, io::LoRAKeyFormat::PEFT);
-  k = io::parse_lora_key(
+  EXPECT_EQ(k->component, loaders::LoRAComponent::TextEncoder);
+  EXPECT_EQ(k->format, loaders::LoRAKeyFormat::PEFT);
+  k = loaders::parse_lora_key(
       "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->module, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0");
-  k = io::parse_lora_key("text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.up.weight");
+  k = loaders::parse_lora_key("text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.up.weight");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->module, "text_model.encoder.layers.0.self_attn.k_proj");
-  k = io::parse_lora_key("lora_unet_x.lokr_w1_a");
+  k = loaders::parse_lora_key("lora_unet_x.lokr_w1_a");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->role, LoRARole::LokrW1A);
-  k = io::parse_lora_key("lora_unet_x.hada_t2");
+  k = loaders::parse_lora_key("lora_unet_x.hada_t2");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->role, LoRARole::HadaT2);
-  EXPECT_FALSE(io::parse_lora_key("model.diffusion_model.input_blocks.0.0.weight"));
-  EXPECT_THROW(io::parse_lora_key("lora_unet_x.diff_b"), Unsupported);
-  EXPECT_EQ(io::unflatten_ldm_unet_name("input_blocks_4_1_transformer_blocks_0_attn2_to_out_0"),
+  EXPECT_FALSE(loaders::parse_lora_key("model.diffusion_model.input_blocks.0.0.weight"));
+  EXPECT_THROW(loaders::parse_lora_key("lora_unet_x.diff_b"), Unsupported);
+  EXPECT_EQ(loaders::unflatten_ldm_unet_name("input_blocks_4_1_transformer_blocks_0_attn2_to_out_0"),
             "input_blocks.4.1.transformer_blocks.0.attn2.to_out.0");
-  EXPECT_EQ(io::unflatten_ldm_unet_name("output_blocks_2_0_skip_connection"), "output_blocks.2.0.skip_connection");
-  EXPECT_EQ(io::unflatten_ldm_unet_name("down_blocks_0_resnets_0_conv1"), "");
+  EXPECT_EQ(loaders::unflatten_ldm_unet_name("output_blocks_2_0_skip_connection"), "output_blocks.2.0.skip_connection");
+  EXPECT_EQ(loaders::unflatten_ldm_unet_name("down_blocks_0_resnets_0_conv1"), "");
+}
+
+// One row per layout: every supported row's keys are recognised, every refused row's keys are an Unsupported
+// error naming the key.
+TEST(LoRANames, EveryRowOfTheLayoutTableIsRecognised) {
+  const std::map<std::string, std::string> sample = {
+      {"diffusers LoRA", "unet.mid_block.attentions.0.proj_in.lora.down.weight"},
+      {"PEFT LoRA", "base_model.model.mid_block.attentions.0.proj_in.lora_A.weight"},
+      {"kohya/A1111 LoRA and LoCon", "lora_unet_mid_block_attentions_0_proj_in.lora_mid.weight"},
+      {"LyCORIS LoHa", "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a"},
+      {"LyCORIS LoKr", "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w2"},
+      {"LyCORIS full", "lora_unet_mid_block_attentions_0_proj_in.diff"},
+      {"DoRA (PEFT)", "base_model.model.mid_block.attentions.0.proj_in.lora_magnitude_vector"},
+      {"DoRA (LyCORIS / kohya)", "lora_unet_mid_block_attentions_0_proj_in.dora_scale"},
+      {"SDXL text encoders", "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"},
+      {"bias, norm, OFT and embedding adapters", "lora_unet_mid_block_attentions_0_proj_in.oft_blocks"},
+  };
+  const auto rows = loaders::lora_layouts();
+  EXPECT_EQ(rows.size(), sample.size());
+  for (const auto& row : rows) {
+    SCOPED_TRACE(row.name);
+    ASSERT_TRUE(sample.count(row.name)) << "a new row needs a sample key here";
+    EXPECT_FALSE(row.reference.empty());
+    const std::string& key = sample.at(row.name);
+    if (row.supported) {
+      EXPECT_TRUE(loaders::parse_lora_key(key).has_value()) << key;
+    } else {
+      try {
+        loaders::parse_lora_key(key);
+        ADD_FAILURE() << key << ": expected Unsupported";
+      } catch (const Unsupported& e) {
+        EXPECT_NE(std::string(e.what()).find(key), std::string::npos) << e.what();
+      }
+    }
+  }
 }
 
 TEST(LoRAPrompt, A1111TagsAreParsedAndStripped) {

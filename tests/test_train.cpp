@@ -197,7 +197,7 @@ TEST(TrainLoRA, ParameterCountEqualsFormula) {
     int unet_layers = 0, te_layers = 0;
     for (const auto& L : net.layers()) {
       formula += L.conv ? 3 * (L.in * L.kh * L.kw + L.out) : 3 * (L.in + L.out);
-      (L.component == io::LoRAComponent::UNet ? unet_layers : te_layers)++;
+      (L.component == loaders::LoRAComponent::UNet ? unet_layers : te_layers)++;
     }
     EXPECT_EQ(net.num_parameters(), formula) << targets;
     EXPECT_EQ(tr::lora_parameter_formula(net.layers(), 3), formula);
@@ -321,7 +321,7 @@ TEST(TrainLoRA, SavedFilesLoadBackAndMatchTheMergeFormula) {
       weights["text_encoder." + item.key()] = item.value();
     for (const auto& L : net.layers()) {
       const std::string key =
-          std::string(L.component == io::LoRAComponent::UNet ? "unet." : "text_encoder.") + L.module + ".weight";
+          std::string(L.component == loaders::LoRAComponent::UNet ? "unet." : "text_encoder.") + L.module + ".weight";
       at::Tensor& w = weights.at(key);
       const at::Tensor d = at::matmul(L.up.detach().reshape({L.out, -1}), L.down.detach().reshape({4, -1}));
       w.add_(d.reshape(w.sizes()) * 2.0);

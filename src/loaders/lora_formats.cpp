@@ -1,87 +1,274 @@
-// LoRA key tables (see lora_names.h): diffusers 0.27.2 loaders/lora.py + lora_conversion_utils.py
-// (_convert_kohya_lora_to_diffusers), peft 0.10 save layout, kohya sd-scripts networks/lora.py and LyCORIS.
-#include "io/lora_names.h"
+// LoRA layouts (see lora_formats.h): diffusers 0.27.2 loaders/lora.py + lora_conversion_utils.py
+// (_convert_kohya_lora_to_diffusers), peft 0.10 tuners/lora (scaling = lora_alpha / r), kohya sd-scripts
+// networks/lora.py (alpha / rank) and LyCORIS (LoHa, LoKr, full, DoRA).
+#include "loaders/lora_formats.h"
 
-#include <array>
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <set>
+#include <sstream>
 #include <vector>
 
 #include "core/text.h"
 #include "dmx/error.h"
 
-namespace dmx::io {
+namespace dmx::loaders {
 
 namespace {
 
 struct PrefixRule {
   const char* prefix;
   LoRAComponent component;
-  bool flat;          // kohya '_'-joined module names
-  bool by_module;     // PEFT base_model.model.: the component follows from the module path
-  const char* unsupported;  // non-null: a recognised layout dmx cannot apply
-};
-
-const PrefixRule kPrefixes[] = {
-    {"lora_unet_", LoRAComponent::UNet, true, false, nullptr},
-    {"lora_te_", LoRAComponent::TextEncoder, true, false, nullptr},
-    {"lora_te1_", LoRAComponent::TextEncoder, true, false, "SDXL text encoder 1 (lora_te1_)"},
-    {"lora_te2_", LoRAComponent::TextEncoder, true, false, "SDXL text encoder 2 (lora_te2_)"},
-    {"unet.", LoRAComponent::UNet, false, false, nullptr},
-    {"text_encoder.", LoRAComponent::TextEncoder, false, false, nullptr},
-    {"text_encoder_2.", LoRAComponent::TextEncoder, false, false, "SDXL text encoder 2 (text_encoder_2.)"},
-    {"base_model.model.", LoRAComponent::UNet, false, true, nullptr},
+  bool flat;                // kohya '_'-joined module names
+  bool by_module;           // PEFT base_model.model.: the component follows from the module path
+  const char* what = "";    // for a refused layout: what it is
 };
 
 struct SuffixRule {
   const char* suffix;
   LoRARole role;
   LoRAKeyFormat format;
+  const char* what = "";  // for a refused layout: what it is
 };
 
-// Longest match wins.
-const SuffixRule kSuffixes[] = {
-    {".lora_down.weight", LoRARole::Down, LoRAKeyFormat::Kohya},
-    {".lora_up.weight", LoRARole::Up, LoRAKeyFormat::Kohya},
-    {".lora_mid.weight", LoRARole::Mid, LoRAKeyFormat::Kohya},
-    {".alpha", LoRARole::Alpha, LoRAKeyFormat::Kohya},
-    {".lora.down.weight", LoRARole::Down, LoRAKeyFormat::Diffusers},
-    {".lora.up.weight", LoRARole::Up, LoRAKeyFormat::Diffusers},
-    {".lora_linear_layer.down.weight", LoRARole::Down, LoRAKeyFormat::Diffusers},
-    {".lora_linear_layer.up.weight", LoRARole::Up, LoRAKeyFormat::Diffusers},
-    {"_lora.down.weight", LoRARole::Down, LoRAKeyFormat::Diffusers},  // attention-processor names
-    {"_lora.up.weight", LoRARole::Up, LoRAKeyFormat::Diffusers},
-    {".lora_A.weight", LoRARole::Down, LoRAKeyFormat::PEFT},
-    {".lora_B.weight", LoRARole::Up, LoRAKeyFormat::PEFT},
-    {".lora_magnitude_vector", LoRARole::Magnitude, LoRAKeyFormat::PEFT},
-    {".lora_magnitude_vector.weight", LoRARole::Magnitude, LoRAKeyFormat::PEFT},
-    {".dora_scale", LoRARole::DoraScale, LoRAKeyFormat::Kohya},
-    {".hada_w1_a", LoRARole::HadaW1A, LoRAKeyFormat::Kohya},
-    {".hada_w1_b", LoRARole::HadaW1B, LoRAKeyFormat::Kohya},
-    {".hada_w2_a", LoRARole::HadaW2A, LoRAKeyFormat::Kohya},
-    {".hada_w2_b", LoRARole::HadaW2B, LoRAKeyFormat::Kohya},
-    {".hada_t1", LoRARole::HadaT1, LoRAKeyFormat::Kohya},
-    {".hada_t2", LoRARole::HadaT2, LoRAKeyFormat::Kohya},
-    {".lokr_w1", LoRARole::LokrW1, LoRAKeyFormat::Kohya},
-    {".lokr_w1_a", LoRARole::LokrW1A, LoRAKeyFormat::Kohya},
-    {".lokr_w1_b", LoRARole::LokrW1B, LoRAKeyFormat::Kohya},
-    {".lokr_w2", LoRARole::LokrW2, LoRAKeyFormat::Kohya},
-    {".lokr_w2_a", LoRARole::LokrW2A, LoRAKeyFormat::Kohya},
-    {".lokr_w2_b", LoRARole::LokrW2B, LoRAKeyFormat::Kohya},
-    {".lokr_t2", LoRARole::LokrT2, LoRAKeyFormat::Kohya},
-    {".diff", LoRARole::Diff, LoRAKeyFormat::Kohya},
+// What the conversion of a layer works with.
+struct BuildContext {
+  std::vector<int64_t> ws;  // the layer's weight shape
+  int64_t out = 0, in = 0;
+  bool conv = false;
+  at::TensorOptions opts;
+  std::string where;  // "LoRA <file>: layer '<path>'"
+  std::optional<double> alpha;
+  const nlohmann::json* peft_config = nullptr;
+  at::Tensor cast(const at::Tensor& t) const { return t.to(opts.dtype()).to(opts.device()).contiguous(); }
+  const at::Tensor& need(const LoRALayerTensors& g, LoRARole r) const {
+    DMX_CHECK_FORMAT(g.has(r), where, ": '", lora_role_name(r), "' is missing (first key '", g.first_key(), "')");
+    return g.get(r);
+  }
+};
+using BuildFn = void (*)(const LoRALayerTensors&, const BuildContext&, nn::LoRAAdapter&);
+
+// One layout: how its keys are recognised (prefixes of module names, suffixes of tensor names and their
+// roles) and how its tensors become an adapter (`build` for the weights of one kind of update, at most one per
+// layer; `modify` applied on top). A refused layout has no conversion: its keys are an Unsupported error.
+struct Layout {
+  const char* name;
+  const char* reference;
+  std::vector<PrefixRule> prefixes;
+  std::vector<SuffixRule> suffixes;
+  BuildFn build = nullptr;
+  BuildFn modify = nullptr;
+  bool refused = false;
 };
 
-// Suffixes of layouts recognised but not applied.
-const std::pair<const char*, const char*> kUnsupportedSuffixes[] = {
-    {".diff_b", "bias differences (.diff_b)"},
-    {".bias_indices", "LyCORIS bias adapters"},
-    {".bias_values", "LyCORIS bias adapters"},
-    {".w_norm", "LyCORIS norm adapters"},
-    {".b_norm", "LyCORIS norm adapters"},
-    {".oft_blocks", "OFT / BOFT adapters"},
-    {".oft_diag", "OFT / BOFT adapters"},
-    {".lora_embedding_A", "embedding LoRA"},
-    {".lora_embedding_B", "embedding LoRA"},
-};
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << s;
+  return o.str();
+}
+
+// Reshapes a low-rank factor to `shape` when only trailing 1-sized dims differ (conv 1x1 vs linear).
+at::Tensor fit(const at::Tensor& t, std::vector<int64_t> shape, const std::string& key, const std::string& layer) {
+  DMX_CHECK_FORMAT(
+      t.numel() == c10::multiply_integers(shape) && t.size(0) == shape[0] && (t.dim() < 2 || t.size(1) == shape[1]),
+      "LoRA key '", key, "' has shape ", t.sizes(), ", layer '", layer, "' needs ", shape_str(shape));
+  return t.reshape(shape);
+}
+
+// ---- Conversions ----
+
+// LoRA / LoCon: up @ down (+ Tucker mid for convolutions); alpha / rank (PEFT: lora_alpha / r).
+void build_low_rank(const LoRALayerTensors& g, const BuildContext& c, nn::LoRAAdapter& a) {
+  a.kind = nn::LoRAKind::LoRA;
+  const at::Tensor down = c.need(g, LoRARole::Down), up = c.need(g, LoRARole::Up);
+  const int64_t r = down.size(0);
+  const std::string kd = g.t.at(LoRARole::Down).first, ku = g.t.at(LoRARole::Up).first;
+  if (!c.conv) {
+    DMX_CHECK_FORMAT(!g.has(LoRARole::Mid), c.where, ": lora_mid (Tucker) needs a convolution layer");
+    a.down = c.cast(fit(down, {r, c.in}, kd, g.path));
+    a.up = c.cast(fit(up, {c.out, r}, ku, g.path));
+  } else if (g.has(LoRARole::Mid)) {
+    a.down = c.cast(fit(down, {r, c.in, 1, 1}, kd, g.path));
+    a.mid = c.cast(fit(g.get(LoRARole::Mid), {r, r, c.ws[2], c.ws[3]}, g.t.at(LoRARole::Mid).first, g.path));
+    a.up = c.cast(fit(up, {c.out, r, 1, 1}, ku, g.path));
+  } else {
+    DMX_CHECK_FORMAT(down.dim() == 4 || (c.ws[2] == 1 && c.ws[3] == 1), "LoRA key '", kd, "' has shape ",
+                     down.sizes(), ", layer '", g.path, "' is a ", c.ws[2], "x", c.ws[3],
+                     " convolution (needs [r, in, kh, kw])");
+    a.down = c.cast(fit(down, {r, c.in, c.ws[2], c.ws[3]}, kd, g.path));
+    a.up = c.cast(fit(up, {c.out, r, 1, 1}, ku, g.path));
+  }
+  if (c.alpha) {
+    a.alpha_scale = *c.alpha / static_cast<double>(r);
+  } else if (g.format == LoRAKeyFormat::PEFT && c.peft_config && !c.peft_config->is_null()) {
+    const double la = c.peft_config->value("lora_alpha", static_cast<double>(r));
+    const double pr = c.peft_config->value("r", static_cast<double>(r));
+    DMX_CHECK_FORMAT(pr == static_cast<double>(r), c.where, ": adapter_config.json says r = ", pr,
+                     " but the weights have rank ", r);
+    a.alpha_scale = la / pr;
+  }
+}
+
+// LoHa: (w1a @ w1b) * (w2a @ w2b), optional Tucker cores; alpha / rank of w1b.
+void build_loha(const LoRALayerTensors& g, const BuildContext& c, nn::LoRAAdapter& a) {
+  a.kind = nn::LoRAKind::LoHa;
+  a.w1a = c.cast(c.need(g, LoRARole::HadaW1A));
+  a.w1b = c.cast(c.need(g, LoRARole::HadaW1B));
+  a.w2a = c.cast(c.need(g, LoRARole::HadaW2A));
+  a.w2b = c.cast(c.need(g, LoRARole::HadaW2B));
+  DMX_CHECK_FORMAT(g.has(LoRARole::HadaT1) == g.has(LoRARole::HadaT2), c.where,
+                   ": hada_t1 and hada_t2 (Tucker cores) come together");
+  if (g.has(LoRARole::HadaT1)) {
+    a.t1 = c.cast(g.get(LoRARole::HadaT1));
+    a.t2 = c.cast(g.get(LoRARole::HadaT2));
+  }
+  if (c.alpha) a.alpha_scale = *c.alpha / static_cast<double>(a.w1b.size(0));
+}
+
+// LoKr: kron(w1, w2), each full or factorised; alpha / the factorised rank (unused when both are full).
+void build_lokr(const LoRALayerTensors& g, const BuildContext& c, nn::LoRAAdapter& a) {
+  a.kind = nn::LoRAKind::LoKr;
+  std::optional<int64_t> dim;
+  if (g.has(LoRARole::LokrW1)) {
+    a.w1a = c.cast(g.get(LoRARole::LokrW1));
+  } else {
+    a.w1a = c.cast(c.need(g, LoRARole::LokrW1A));
+    a.w1b = c.cast(c.need(g, LoRARole::LokrW1B));
+    dim = a.w1b.size(0);
+  }
+  if (g.has(LoRARole::LokrW2)) {
+    a.w2a = c.cast(g.get(LoRARole::LokrW2));
+  } else {
+    a.w2a = c.cast(c.need(g, LoRARole::LokrW2A));
+    a.w2b = c.cast(c.need(g, LoRARole::LokrW2B));
+    if (g.has(LoRARole::LokrT2)) a.t2 = c.cast(g.get(LoRARole::LokrT2));
+    dim = a.w2b.size(0);
+  }
+  if (c.alpha && dim) a.alpha_scale = *c.alpha / static_cast<double>(*dim);
+}
+
+// A full weight difference.
+void build_full(const LoRALayerTensors& g, const BuildContext& c, nn::LoRAAdapter& a) {
+  a.kind = nn::LoRAKind::Full;
+  a.diff = c.cast(g.get(LoRARole::Diff));
+}
+
+// DoRA magnitude, PEFT: one entry per output feature.
+void dora_peft(const LoRALayerTensors& g, const BuildContext& c, nn::LoRAAdapter& a) {
+  a.dora = nn::DoRAStyle::PEFT;
+  a.magnitude = c.cast(g.get(LoRARole::Magnitude));
+  DMX_CHECK_FORMAT(a.magnitude.numel() == c.out, c.where, ": lora_magnitude_vector has shape ", a.magnitude.sizes(),
+                   ", needs ", c.out, " entries (one per output feature)");
+}
+
+// DoRA magnitude, LyCORIS / kohya: [out, 1, ...] or [1, in, ...].
+void dora_lycoris(const LoRALayerTensors& g, const BuildContext& c, nn::LoRAAdapter& a) {
+  a.dora = nn::DoRAStyle::LyCORIS;
+  a.magnitude = c.cast(g.get(LoRARole::DoraScale));
+  const auto& m = a.magnitude;
+  const bool on_out = m.size(0) == c.out && m.numel() == c.out;
+  const bool on_in = m.dim() >= 2 && m.size(0) == 1 && m.size(1) == c.in && m.numel() == c.in;
+  DMX_CHECK_FORMAT(on_out || on_in, c.where, ": dora_scale has shape ", m.sizes(), ", needs [", c.out, ", 1, ...] or [1, ",
+                   c.in, ", ...]");
+}
+
+// ---- The table ----
+
+constexpr LoRAComponent kUNet = LoRAComponent::UNet;
+constexpr LoRAComponent kTE = LoRAComponent::TextEncoder;
+constexpr LoRAKeyFormat kDiffusers = LoRAKeyFormat::Diffusers;
+constexpr LoRAKeyFormat kPEFT = LoRAKeyFormat::PEFT;
+constexpr LoRAKeyFormat kKohya = LoRAKeyFormat::Kohya;
+
+const std::vector<Layout>& layouts() {
+  static const std::vector<Layout> rows = {
+      {"diffusers LoRA",
+       "diffusers 0.27.2 loaders/lora.py (network alphas: <module>.alpha)",
+       {{"unet.", kUNet, false, false}, {"text_encoder.", kTE, false, false}},
+       {{".lora.down.weight", LoRARole::Down, kDiffusers},
+        {".lora.up.weight", LoRARole::Up, kDiffusers},
+        {".lora_linear_layer.down.weight", LoRARole::Down, kDiffusers},
+        {".lora_linear_layer.up.weight", LoRARole::Up, kDiffusers},
+        {"_lora.down.weight", LoRARole::Down, kDiffusers},  // attention-processor names
+        {"_lora.up.weight", LoRARole::Up, kDiffusers}},
+       build_low_rank},
+      {"PEFT LoRA",
+       "peft 0.10 tuners/lora (alpha: lora_alpha / r of adapter_config.json)",
+       {{"base_model.model.", kUNet, false, true}},
+       {{".lora_A.weight", LoRARole::Down, kPEFT}, {".lora_B.weight", LoRARole::Up, kPEFT}},
+       build_low_rank},
+      {"kohya/A1111 LoRA and LoCon",
+       "kohya sd-scripts networks/lora.py (alpha / rank; LoCon: convolutions, Tucker lora_mid)",
+       {{"lora_unet_", kUNet, true, false}, {"lora_te_", kTE, true, false}},
+       {{".lora_down.weight", LoRARole::Down, kKohya},
+        {".lora_up.weight", LoRARole::Up, kKohya},
+        {".lora_mid.weight", LoRARole::Mid, kKohya},
+        {".alpha", LoRARole::Alpha, kKohya}},
+       build_low_rank},
+      {"LyCORIS LoHa",
+       "LyCORIS modules/loha.py (alpha / rank of hada_w1_b)",
+       {},
+       {{".hada_w1_a", LoRARole::HadaW1A, kKohya},
+        {".hada_w1_b", LoRARole::HadaW1B, kKohya},
+        {".hada_w2_a", LoRARole::HadaW2A, kKohya},
+        {".hada_w2_b", LoRARole::HadaW2B, kKohya},
+        {".hada_t1", LoRARole::HadaT1, kKohya},
+        {".hada_t2", LoRARole::HadaT2, kKohya}},
+       build_loha},
+      {"LyCORIS LoKr",
+       "LyCORIS modules/lokr.py (alpha / rank of the factorised side)",
+       {},
+       {{".lokr_w1", LoRARole::LokrW1, kKohya},
+        {".lokr_w1_a", LoRARole::LokrW1A, kKohya},
+        {".lokr_w1_b", LoRARole::LokrW1B, kKohya},
+        {".lokr_w2", LoRARole::LokrW2, kKohya},
+        {".lokr_w2_a", LoRARole::LokrW2A, kKohya},
+        {".lokr_w2_b", LoRARole::LokrW2B, kKohya},
+        {".lokr_t2", LoRARole::LokrT2, kKohya}},
+       build_lokr},
+      {"LyCORIS full", "LyCORIS modules/full.py (a weight difference)", {}, {{".diff", LoRARole::Diff, kKohya}},
+       build_full},
+      {"DoRA (PEFT)",
+       "peft 0.10 tuners/lora/layer.py DoRA: m / ||W + s dW|| (W + s dW)",
+       {},
+       {{".lora_magnitude_vector", LoRARole::Magnitude, kPEFT},
+        {".lora_magnitude_vector.weight", LoRARole::Magnitude, kPEFT}},
+       nullptr,
+       dora_peft},
+      {"DoRA (LyCORIS / kohya)",
+       "LyCORIS weight-decomposed update: dora_scale",
+       {},
+       {{".dora_scale", LoRARole::DoraScale, kKohya}},
+       nullptr,
+       dora_lycoris},
+      {"SDXL text encoders",
+       "kohya / diffusers SDXL names",
+       {{"lora_te1_", kTE, true, false, "SDXL text encoder 1 (lora_te1_)"},
+        {"lora_te2_", kTE, true, false, "SDXL text encoder 2 (lora_te2_)"},
+        {"text_encoder_2.", kTE, false, false, "SDXL text encoder 2 (text_encoder_2.)"}},
+       {},
+       nullptr,
+       nullptr,
+       true},
+      {"bias, norm, OFT and embedding adapters",
+       "LyCORIS / peft",
+       {},
+       {{".diff_b", LoRARole::Diff, kKohya, "bias differences (.diff_b)"},
+        {".bias_indices", LoRARole::Diff, kKohya, "LyCORIS bias adapters"},
+        {".bias_values", LoRARole::Diff, kKohya, "LyCORIS bias adapters"},
+        {".w_norm", LoRARole::Diff, kKohya, "LyCORIS norm adapters"},
+        {".b_norm", LoRARole::Diff, kKohya, "LyCORIS norm adapters"},
+        {".oft_blocks", LoRARole::Diff, kKohya, "OFT / BOFT adapters"},
+        {".oft_diag", LoRARole::Diff, kKohya, "OFT / BOFT adapters"},
+        {".lora_embedding_A", LoRARole::Diff, kPEFT, "embedding LoRA"},
+        {".lora_embedding_B", LoRARole::Diff, kPEFT, "embedding LoRA"}},
+       nullptr,
+       nullptr,
+       true},
+  };
+  return rows;
+}
 
 // diffusers' attention-processor module names -> layer paths (module path before "_lora").
 const std::pair<const char*, const char*> kProcessorRewrites[] = {
@@ -91,33 +278,41 @@ const std::pair<const char*, const char*> kProcessorRewrites[] = {
     {".self_attn.to_v", ".self_attn.v_proj"}, {".self_attn.to_out", ".self_attn.out_proj"},
 };
 
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
-bool ends_with(const std::string& s, const std::string& p) {
-  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
-}
-
 // Compound LDM name parts that contain '_' themselves.
 const char* const kLdmCompounds[] = {"input_blocks", "middle_block",    "output_blocks", "transformer_blocks",
                                      "proj_in",      "proj_out",        "to_q",          "to_k",
                                      "to_v",         "to_out",          "in_layers",     "out_layers",
                                      "emb_layers",   "skip_connection", "time_embed"};
 
+bool has_role_of(const LoRALayerTensors& g, const Layout& l) {
+  for (const auto& s : l.suffixes)
+    if (s.role != LoRARole::Alpha && g.has(s.role)) return true;
+  return false;
+}
+
 }  // namespace
 
 std::optional<LoRAKeyInfo> parse_lora_key(const std::string& key) {
-  for (const auto& [suffix, what] : kUnsupportedSuffixes)
-    DMX_CHECK_SUPPORTED(!ends_with(key, suffix), "LoRA key '", key, "': ", what, " are not supported");
+  for (const Layout& l : layouts())
+    if (l.refused)
+      for (const SuffixRule& r : l.suffixes)
+        DMX_CHECK_SUPPORTED(!ends_with(key, r.suffix), "LoRA key '", key, "': ", r.what, " are not supported");
   const PrefixRule* pre = nullptr;
-  for (const auto& r : kPrefixes)
-    if (starts_with(key, r.prefix) && (!pre || std::string(r.prefix).size() > std::string(pre->prefix).size()))
-      pre = &r;
+  bool pre_refused = false;
+  for (const Layout& l : layouts())
+    for (const PrefixRule& r : l.prefixes)
+      if (starts_with(key, r.prefix) && (!pre || std::string(r.prefix).size() > std::string(pre->prefix).size())) {
+        pre = &r;
+        pre_refused = l.refused;
+      }
   if (!pre) return std::nullopt;
-  DMX_CHECK_SUPPORTED(pre->unsupported == nullptr, "LoRA key '", key, "': ", pre->unsupported,
-                      " is not supported (dmx runs SD 1.x / 2.x)");
+  DMX_CHECK_SUPPORTED(!pre_refused, "LoRA key '", key, "': ", pre->what, " is not supported (dmx runs SD 1.x / 2.x)");
   const SuffixRule* suf = nullptr;
-  for (const auto& r : kSuffixes)
-    if (ends_with(key, r.suffix) && (!suf || std::string(r.suffix).size() > std::string(suf->suffix).size()))
-      suf = &r;
+  for (const Layout& l : layouts())
+    if (!l.refused)
+      for (const SuffixRule& r : l.suffixes)
+        if (ends_with(key, r.suffix) && (!suf || std::string(r.suffix).size() > std::string(suf->suffix).size()))
+          suf = &r;
   if (!suf) return std::nullopt;
   const size_t begin = std::string(pre->prefix).size(), end = key.size() - std::string(suf->suffix).size();
   if (end <= begin) return std::nullopt;
@@ -144,6 +339,50 @@ std::optional<LoRAKeyInfo> parse_lora_key(const std::string& key) {
     if (!rewritten) return std::nullopt;
   }
   return info;
+}
+
+std::shared_ptr<nn::LoRAAdapter> build_lora_adapter(const LoRALayerTensors& g, const at::Tensor& w, bool conv,
+                                                    double scale, const nlohmann::json& peft_config,
+                                                    const std::string& source) {
+  auto a = std::make_shared<nn::LoRAAdapter>();
+  a->source = source;
+  a->scale = scale;
+  BuildContext c;
+  c.ws.assign(w.sizes().begin(), w.sizes().end());
+  c.out = c.ws[0];
+  c.in = c.ws[1];
+  c.conv = conv;
+  c.opts = w.options().requires_grad(false);
+  c.where = "LoRA " + source + ": layer '" + g.path + "'";
+  c.peft_config = &peft_config;
+  if (g.has(LoRARole::Alpha)) {
+    DMX_CHECK_FORMAT(g.get(LoRARole::Alpha).numel() == 1, c.where, ": alpha must be a scalar, got shape ",
+                     g.get(LoRARole::Alpha).sizes());
+    c.alpha = g.get(LoRARole::Alpha).to(at::kDouble).item<double>();
+  }
+  // Detection: the rows whose tensors the layer holds; exactly one kind of weight update.
+  std::set<BuildFn> kinds;
+  for (const Layout& l : layouts())
+    if (l.build && has_role_of(g, l)) kinds.insert(l.build);
+  DMX_CHECK_FORMAT(kinds.size() == 1, c.where,
+                   kinds.empty() ? ": has no weights (only alpha / DoRA scale), first key '"
+                                 : ": mixes LoRA / LoHa / LoKr / diff weights, first key '",
+                   g.first_key(), "'");
+  (*kinds.begin())(g, c, *a);
+  for (const Layout& l : layouts())
+    if (l.modify && has_role_of(g, l)) {
+      l.modify(g, c, *a);
+      break;  // one magnitude (PEFT's first)
+    }
+  // The full weight difference must have the layer's shape (checked here, before anything is attached).
+  if (a->kind != nn::LoRAKind::LoRA) (void)nn::lora_delta_weight(*a, w.sizes());
+  return a;
+}
+
+std::vector<LoRALayoutInfo> lora_layouts() {
+  std::vector<LoRALayoutInfo> out;
+  for (const Layout& l : layouts()) out.push_back({l.name, l.reference, !l.refused});
+  return out;
 }
 
 std::string kohya_flatten(const std::string& module_path) {
@@ -215,4 +454,4 @@ const char* lora_format_name(LoRAKeyFormat f) {
   return "?";
 }
 
-}  // namespace dmx::io
+}  // namespace dmx::loaders

@@ -1,6 +1,6 @@
-// LoRA application (see lora_loader.h): diffusers 0.27.2 loaders/lora.py (load_lora_weights, fuse_lora),
-// peft 0.10 tuners/lora (scaling = lora_alpha / r, scaled by the user's scale), kohya sd-scripts
-// networks/lora.py (alpha / rank) and LyCORIS (LoHa, LoKr, DoRA).
+// LoRA application (see lora_loader.h): diffusers 0.27.2 loaders/lora.py (load_lora_weights, fuse_lora): keys
+// are sorted onto the model's layers, and each layer's tensors become an adapter by the layout table of
+// lora_formats.h (diffusers, PEFT, kohya, LyCORIS, DoRA).
 #include "loaders/lora_loader.h"
 
 #include <cctype>
@@ -15,16 +15,12 @@
 #include "dmx/error.h"
 #include "io/checkpoint.h"
 #include "io/ldm_names.h"
-#include "io/lora_names.h"
+#include "loaders/lora_formats.h"
 #include "nn/lora.h"
 
 namespace dmx::loaders {
 
 namespace {
-
-using io::LoRAComponent;
-using io::LoRAKeyFormat;
-using io::LoRARole;
 
 // One LoRA-capable layer of the model.
 struct Target {
@@ -47,7 +43,7 @@ ComponentIndex index_of(const torch::nn::Module& root) {
     if (!t.linear) t.conv = std::dynamic_pointer_cast<nn::LoRAConv2dImpl>(item.value());
     if (!t.linear && !t.conv) continue;
     ix.by_path.emplace(item.key(), t);
-    const std::string flat = io::kohya_flatten(item.key());
+    const std::string flat = kohya_flatten(item.key());
     auto it = ix.by_flat.find(flat);
     if (it == ix.by_flat.end()) {
       ix.by_flat.emplace(flat, item.key());
@@ -75,7 +71,7 @@ nlohmann::json unet_ldm_config(const models::UNet2DConditionConfig& c) {
 
 // kohya names written with original LDM UNet module names (lora_unet_input_blocks_1_1_...).
 std::string resolve_ldm(const std::string& flat, const nlohmann::json& cfg) {
-  const std::string ldm = io::unflatten_ldm_unet_name(flat);
+  const std::string ldm = unflatten_ldm_unet_name(flat);
   if (ldm.empty()) return "";
   io::TensorMap one{{std::string(io::kLdmUnetPrefix) + ldm + ".weight", at::zeros({1})}};
   try {
@@ -86,146 +82,6 @@ std::string resolve_ldm(const std::string& flat, const nlohmann::json& cfg) {
   } catch (const std::exception&) {
     return "";
   }
-}
-
-struct Group {
-  LoRAComponent component = LoRAComponent::UNet;
-  LoRAKeyFormat format = LoRAKeyFormat::Diffusers;
-  std::string path;
-  std::map<LoRARole, std::pair<std::string, at::Tensor>> t;  // role -> (key, tensor)
-  bool has(LoRARole r) const { return t.count(r) != 0; }
-  const at::Tensor& get(LoRARole r) const { return t.at(r).second; }
-  std::string first_key() const { return t.begin()->second.first; }
-};
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << s;
-  return o.str();
-}
-
-// Reshapes a low-rank factor to `shape` when only trailing 1-sized dims differ (conv 1x1 vs linear).
-at::Tensor fit(const at::Tensor& t, std::vector<int64_t> shape, const std::string& key, const std::string& layer) {
-  DMX_CHECK_FORMAT(
-      t.numel() == c10::multiply_integers(shape) && t.size(0) == shape[0] && (t.dim() < 2 || t.size(1) == shape[1]),
-      "LoRA key '", key, "' has shape ", t.sizes(), ", layer '", layer, "' needs ", shape_str(shape));
-  return t.reshape(shape);
-}
-
-std::shared_ptr<nn::LoRAAdapter> build_adapter(const Group& g, const Target& target, const LoRASpec& spec,
-                                               const nlohmann::json& peft_config, const std::string& source) {
-  auto a = std::make_shared<nn::LoRAAdapter>();
-  a->source = source;
-  a->scale = g.component == LoRAComponent::UNet ? spec.unet_scale : spec.text_encoder_scale;
-  const at::Tensor& w = target.weight();
-  const auto opts = w.options().requires_grad(false);
-  auto cast = [&](const at::Tensor& t) { return t.to(opts.dtype()).to(opts.device()).contiguous(); };
-  const std::vector<int64_t> ws(w.sizes().begin(), w.sizes().end());
-  const int64_t out = ws[0], in = ws[1];
-  const bool conv = target.conv != nullptr;
-  const std::string where = "LoRA " + source + ": layer '" + g.path + "'";
-  std::optional<double> alpha;
-  if (g.has(LoRARole::Alpha)) {
-    DMX_CHECK_FORMAT(g.get(LoRARole::Alpha).numel() == 1, where, ": alpha must be a scalar, got shape ",
-                     g.get(LoRARole::Alpha).sizes());
-    alpha = g.get(LoRARole::Alpha).to(at::kDouble).item<double>();
-  }
-  const bool lora = g.has(LoRARole::Down) || g.has(LoRARole::Up) || g.has(LoRARole::Mid);
-  const bool loha = g.has(LoRARole::HadaW1A) || g.has(LoRARole::HadaW1B) || g.has(LoRARole::HadaW2A) ||
-                    g.has(LoRARole::HadaW2B) || g.has(LoRARole::HadaT1) || g.has(LoRARole::HadaT2);
-  const bool lokr = g.has(LoRARole::LokrW1) || g.has(LoRARole::LokrW1A) || g.has(LoRARole::LokrW1B) ||
-                    g.has(LoRARole::LokrW2) || g.has(LoRARole::LokrW2A) || g.has(LoRARole::LokrW2B) ||
-                    g.has(LoRARole::LokrT2);
-  const bool full = g.has(LoRARole::Diff);
-  DMX_CHECK_FORMAT(int(lora) + int(loha) + int(lokr) + int(full) == 1, where,
-                   lora + loha + lokr + full == 0 ? ": has no weights (only alpha / DoRA scale), first key '"
-                                                  : ": mixes LoRA / LoHa / LoKr / diff weights, first key '",
-                   g.first_key(), "'");
-  auto need = [&](LoRARole r) {
-    DMX_CHECK_FORMAT(g.has(r), where, ": '", io::lora_role_name(r), "' is missing (first key '", g.first_key(), "')");
-    return g.get(r);
-  };
-  if (lora) {
-    a->kind = nn::LoRAKind::LoRA;
-    const at::Tensor down = need(LoRARole::Down), up = need(LoRARole::Up);
-    const int64_t r = down.size(0);
-    const std::string kd = g.t.at(LoRARole::Down).first, ku = g.t.at(LoRARole::Up).first;
-    if (!conv) {
-      DMX_CHECK_FORMAT(!g.has(LoRARole::Mid), where, ": lora_mid (Tucker) needs a convolution layer");
-      a->down = cast(fit(down, {r, in}, kd, g.path));
-      a->up = cast(fit(up, {out, r}, ku, g.path));
-    } else if (g.has(LoRARole::Mid)) {
-      a->down = cast(fit(down, {r, in, 1, 1}, kd, g.path));
-      a->mid = cast(fit(g.get(LoRARole::Mid), {r, r, ws[2], ws[3]}, g.t.at(LoRARole::Mid).first, g.path));
-      a->up = cast(fit(up, {out, r, 1, 1}, ku, g.path));
-    } else {
-      DMX_CHECK_FORMAT(down.dim() == 4 || (ws[2] == 1 && ws[3] == 1), "LoRA key '", kd, "' has shape ", down.sizes(),
-                       ", layer '", g.path, "' is a ", ws[2], "x", ws[3], " convolution (needs [r, in, kh, kw])");
-      a->down = cast(fit(down, {r, in, ws[2], ws[3]}, kd, g.path));
-      a->up = cast(fit(up, {out, r, 1, 1}, ku, g.path));
-    }
-    if (alpha) {
-      a->alpha_scale = *alpha / static_cast<double>(r);
-    } else if (g.format == LoRAKeyFormat::PEFT && !peft_config.is_null()) {
-      const double la = peft_config.value("lora_alpha", static_cast<double>(r));
-      const double pr = peft_config.value("r", static_cast<double>(r));
-      DMX_CHECK_FORMAT(pr == static_cast<double>(r), where, ": adapter_config.json says r = ", pr,
-                       " but the weights have rank ", r);
-      a->alpha_scale = la / pr;
-    }
-  } else if (loha) {
-    a->kind = nn::LoRAKind::LoHa;
-    a->w1a = cast(need(LoRARole::HadaW1A));
-    a->w1b = cast(need(LoRARole::HadaW1B));
-    a->w2a = cast(need(LoRARole::HadaW2A));
-    a->w2b = cast(need(LoRARole::HadaW2B));
-    DMX_CHECK_FORMAT(g.has(LoRARole::HadaT1) == g.has(LoRARole::HadaT2), where,
-                     ": hada_t1 and hada_t2 (Tucker cores) come together");
-    if (g.has(LoRARole::HadaT1)) {
-      a->t1 = cast(g.get(LoRARole::HadaT1));
-      a->t2 = cast(g.get(LoRARole::HadaT2));
-    }
-    if (alpha) a->alpha_scale = *alpha / static_cast<double>(a->w1b.size(0));
-  } else if (lokr) {
-    a->kind = nn::LoRAKind::LoKr;
-    std::optional<int64_t> dim;
-    if (g.has(LoRARole::LokrW1)) {
-      a->w1a = cast(g.get(LoRARole::LokrW1));
-    } else {
-      a->w1a = cast(need(LoRARole::LokrW1A));
-      a->w1b = cast(need(LoRARole::LokrW1B));
-      dim = a->w1b.size(0);
-    }
-    if (g.has(LoRARole::LokrW2)) {
-      a->w2a = cast(g.get(LoRARole::LokrW2));
-    } else {
-      a->w2a = cast(need(LoRARole::LokrW2A));
-      a->w2b = cast(need(LoRARole::LokrW2B));
-      if (g.has(LoRARole::LokrT2)) a->t2 = cast(g.get(LoRARole::LokrT2));
-      dim = a->w2b.size(0);
-    }
-    if (alpha && dim) a->alpha_scale = *alpha / static_cast<double>(*dim);  // both full: alpha is unused
-  } else {
-    a->kind = nn::LoRAKind::Full;
-    a->diff = cast(g.get(LoRARole::Diff));
-  }
-  if (g.has(LoRARole::Magnitude)) {
-    a->dora = nn::DoRAStyle::PEFT;
-    a->magnitude = cast(g.get(LoRARole::Magnitude));
-    DMX_CHECK_FORMAT(a->magnitude.numel() == out, where, ": lora_magnitude_vector has shape ", a->magnitude.sizes(),
-                     ", needs ", out, " entries (one per output feature)");
-  } else if (g.has(LoRARole::DoraScale)) {
-    a->dora = nn::DoRAStyle::LyCORIS;
-    a->magnitude = cast(g.get(LoRARole::DoraScale));
-    const auto& m = a->magnitude;
-    const bool on_out = m.size(0) == out && m.numel() == out;
-    const bool on_in = m.dim() >= 2 && m.size(0) == 1 && m.size(1) == in && m.numel() == in;
-    DMX_CHECK_FORMAT(on_out || on_in, where, ": dora_scale has shape ", m.sizes(), ", needs [", out,
-                     ", 1, ...] or [1, ", in, ", ...]");
-  }
-  // The full weight difference must have the layer's shape (checked here, before anything is attached).
-  if (a->kind != nn::LoRAKind::LoRA) (void)nn::lora_delta_weight(*a, w.sizes());
-  return a;
 }
 
 }  // namespace
@@ -337,10 +193,10 @@ LoRAReport apply_lora_tensors(StableDiffusionModels& m, const io::TensorMap& ten
   nlohmann::json ldm_cfg;
   if (!m.unet.is_empty()) ldm_cfg = unet_ldm_config(m.unet->config());
 
-  std::map<std::pair<int, std::string>, Group> groups;
+  std::map<std::pair<int, std::string>, LoRALayerTensors> groups;
   std::vector<std::string> unmatched;
   for (const auto& [key, t] : tensors) {
-    const auto info = io::parse_lora_key(key);
+    const auto info = parse_lora_key(key);
     if (!info) {
       unmatched.push_back(key);
       continue;
@@ -363,7 +219,7 @@ LoRAReport apply_lora_tensors(StableDiffusionModels& m, const io::TensorMap& ten
       unmatched.push_back(key);
       continue;
     }
-    Group& g = groups[{c, path}];
+    LoRALayerTensors& g = groups[{c, path}];
     if (g.t.empty()) {
       g.component = info->component;
       g.path = path;
@@ -372,7 +228,7 @@ LoRAReport apply_lora_tensors(StableDiffusionModels& m, const io::TensorMap& ten
       if (g.has(LoRARole::Alpha) && g.t.size() == 1) g.format = info->format;
     }
     DMX_CHECK_FORMAT(g.t.count(info->role) == 0, "LoRA ", src, ": keys '", g.t[info->role].first, "' and '", key,
-                     "' both give the ", io::lora_role_name(info->role), " of layer '", path, "'");
+                     "' both give the ", lora_role_name(info->role), " of layer '", path, "'");
     g.t[info->role] = {key, t};
   }
   if (!unmatched.empty()) {
@@ -389,9 +245,10 @@ LoRAReport apply_lora_tensors(StableDiffusionModels& m, const io::TensorMap& ten
   std::vector<std::pair<Target, std::shared_ptr<nn::LoRAAdapter>>> todo;
   for (const auto& [id, g] : groups) {
     const Target& target = ix[id.first].by_path.at(id.second);
-    if (todo.empty()) rep.format = io::lora_format_name(g.format);
-    todo.emplace_back(target,
-                      build_adapter(g, target, spec, g.format == LoRAKeyFormat::PEFT ? peft_config : nullptr, src));
+    if (todo.empty()) rep.format = lora_format_name(g.format);
+    const double scale = g.component == LoRAComponent::UNet ? spec.unet_scale : spec.text_encoder_scale;
+    todo.emplace_back(target, build_lora_adapter(g, target.weight(), target.conv != nullptr, scale,
+                                                 g.format == LoRAKeyFormat::PEFT ? peft_config : nullptr, src));
     if (id.first == 0) {
       rep.unet_tensors += static_cast<int>(g.t.size());
       ++rep.unet_layers;

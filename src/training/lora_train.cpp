@@ -72,7 +72,7 @@ at::Tensor& weight_of(const std::shared_ptr<torch::nn::Module>& mod) {
   return std::dynamic_pointer_cast<nn::LoRAConv2dImpl>(mod)->weight;
 }
 
-const char* component_prefix(io::LoRAComponent c) { return c == io::LoRAComponent::UNet ? "unet" : "text_encoder"; }
+const char* component_prefix(loaders::LoRAComponent c) { return c == loaders::LoRAComponent::UNet ? "unet" : "text_encoder"; }
 
 }  // namespace
 
@@ -83,11 +83,11 @@ LoRANetwork::LoRANetwork(loaders::StableDiffusionModels& m, const LoRATrainOptio
   DMX_CHECK_ARG(!o.train_text_encoder || !m.text_encoder.is_empty(), "--train-text-encoder needs a text encoder");
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  auto add = [&](torch::nn::Module& root, io::LoRAComponent comp, const std::string& targets) {
+  auto add = [&](torch::nn::Module& root, loaders::LoRAComponent comp, const std::string& targets) {
     for (const auto& item : root.named_modules("", /*include_self=*/false)) {
       nn::LoRAState* s = state_of(item.value());
       if (!s) continue;
-      const bool sel = comp == io::LoRAComponent::UNet ? unet_selected(item.key(), targets)
+      const bool sel = comp == loaders::LoRAComponent::UNet ? unet_selected(item.key(), targets)
                                                        : text_encoder_selected(item.key(), targets);
       if (!sel) continue;
       DMX_CHECK_ARG(s->adapters.empty(), "LoRA training: layer '", item.key(),
@@ -127,9 +127,9 @@ LoRANetwork::LoRANetwork(loaders::StableDiffusionModels& m, const LoRATrainOptio
       layers_.push_back(std::move(L));
     }
   };
-  add(*m.unet, io::LoRAComponent::UNet, o.targets);
+  add(*m.unet, loaders::LoRAComponent::UNet, o.targets);
   attached_ = true;
-  if (o.train_text_encoder) add(*m.text_encoder, io::LoRAComponent::TextEncoder, o.text_encoder_targets);
+  if (o.train_text_encoder) add(*m.text_encoder, loaders::LoRAComponent::TextEncoder, o.text_encoder_targets);
   DMX_CHECK_ARG(!layers_.empty(), "LoRA training: no layer of the model matches --lora-targets ", o.targets);
 }
 
@@ -186,7 +186,7 @@ int64_t lora_parameter_formula(const std::vector<TrainableLoRALayer>& layers, in
 
 void LoRANetwork::refresh(at::ScalarType unet_dtype, at::ScalarType te_dtype) {
   for (auto& L : layers_) {
-    const at::ScalarType dt = L.component == io::LoRAComponent::UNet ? unet_dtype : te_dtype;
+    const at::ScalarType dt = L.component == loaders::LoRAComponent::UNet ? unet_dtype : te_dtype;
     if (dt == at::kFloat) {
       L.adapter->down = L.down;
       L.adapter->up = L.up;
@@ -203,7 +203,7 @@ io::TensorMap LoRANetwork::state_dict(LoRASaveFormat f) const {
   for (const auto& L : layers_) {
     const at::Tensor down = L.down.detach().clone();
     const at::Tensor up = L.up.detach().clone();
-    const bool unet = L.component == io::LoRAComponent::UNet;
+    const bool unet = L.component == loaders::LoRAComponent::UNet;
     switch (f) {
       case LoRASaveFormat::Diffusers: {
         const std::string base =
@@ -219,7 +219,7 @@ io::TensorMap LoRANetwork::state_dict(LoRASaveFormat f) const {
         break;
       }
       case LoRASaveFormat::Kohya: {
-        const std::string base = std::string(unet ? "lora_unet_" : "lora_te_") + io::kohya_flatten(L.module);
+        const std::string base = std::string(unet ? "lora_unet_" : "lora_te_") + loaders::kohya_flatten(L.module);
         t[base + ".lora_down.weight"] = down;
         t[base + ".lora_up.weight"] = up;
         t[base + ".alpha"] = at::scalar_tensor(alpha_, at::kFloat);

@@ -26,7 +26,7 @@
 #include <string>
 #include <vector>
 
-#include "io/lora_names.h"
+#include "loaders/lora_formats.h"
 #include "io/safetensors.h"
 #include "nn/lora.h"
 #include "loaders/model_bundle.h"
@@ -49,7 +49,7 @@ LoRASaveFormat parse_lora_save_format(const std::string& s);  // diffusers | pef
 
 // One adapted layer.
 struct TrainableLoRALayer {
-  io::LoRAComponent component = io::LoRAComponent::UNet;
+  loaders::LoRAComponent component = loaders::LoRAComponent::UNet;
   std::string module;  // diffusers module path inside its component
   bool conv = false;
   int64_t in = 0, out = 0, kh = 1, kw = 1;
