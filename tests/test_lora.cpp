@@ -177,6 +177,50 @@ TEST(LoRAGoldenMulti, TwoFilesScalesAdd) {
   }
 }
 
+// ScopedLoRAs restores exactly the state it found: adapters attached before the scope are still attached after
+// it, in their mode (merged weights bit for bit, runtime ones untouched), and compute what they computed before;
+// only the scope's own adapters are gone. (It used to detach every adapter of the model.)
+TEST(LoRAScoped, AdaptersActiveBeforeTheScopeAreActiveAfterIt) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("test", "lora");
+  auto m = loaders::load_stable_diffusion(fixture_model("test"));
+  const io::TensorMap loaded = snapshot(*m);
+  for (LoRAMode before_mode : {LoRAMode::Runtime, LoRAMode::Merged})
+    for (LoRAMode scope_mode : {LoRAMode::Runtime, LoRAMode::Merged}) {
+      const std::string what = std::string("before ") + (before_mode == LoRAMode::Merged ? "merged" : "runtime") +
+                               ", scope " + (scope_mode == LoRAMode::Merged ? "merged" : "runtime");
+      loaders::LoRAApplyOptions before_o;
+      before_o.mode = before_mode;
+      loaders::apply_loras(*m, {{lora_file("test", "diffusers"), 0.5, 0.5}}, before_o);
+      const int layers = loaders::count_lora_layers(*m);
+      ASSERT_GT(layers, 0) << what;
+      const io::TensorMap weights = snapshot(*m);
+      const Outputs out = run_components(*m, ref, "scale0.5");
+      {
+        loaders::LoRAApplyOptions o;
+        o.mode = scope_mode;
+        loaders::ScopedLoRAs scoped(m, {{lora_file("test", "kohya"), 0.7, 0.7}}, o);
+        const Outputs inside = run_components(*m, ref, "scale0.5");
+        EXPECT_FALSE(at::equal(inside.unet, out.unet)) << what << ": the scope's LoRA acts inside it";
+      }
+      EXPECT_EQ(loaders::count_lora_layers(*m), layers) << what;
+      EXPECT_EQ(count_changed(*m, weights), 0) << what << ": weights as before the scope";
+      const Outputs after = run_components(*m, ref, "scale0.5");
+      EXPECT_TRUE(at::equal(after.te, out.te)) << what;
+      EXPECT_TRUE(at::equal(after.unet, out.unet)) << what;
+      loaders::remove_loras(*m);
+      EXPECT_EQ(count_changed(*m, loaded), 0) << what << ": only the earlier adapter was left to remove";
+    }
+  // A scope whose file fails to load leaves the earlier adapters as they were too.
+  loaders::apply_loras(*m, {{lora_file("test", "diffusers"), 1.0, 1.0}}, {});
+  const int layers = loaders::count_lora_layers(*m);
+  EXPECT_THROW(loaders::ScopedLoRAs(m, {{lora_file("test", "kohya"), 1, 1}, {"/nonexistent.safetensors", 1, 1}}, {}),
+               InvalidArgument);
+  EXPECT_EQ(loaders::count_lora_layers(*m), layers);
+  loaders::remove_loras(*m);
+  EXPECT_EQ(count_changed(*m, loaded), 0);
+}
+
 // kohya keys written with the original LDM UNet names (lora_unet_input_blocks_1_1_...) land on the same layers.
 TEST(LoRAGoldenMulti, KohyaWithLdmNames) {
   DMX_REQUIRE_FIXTURES();

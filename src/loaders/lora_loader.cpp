@@ -311,20 +311,45 @@ int count_lora_layers(const StableDiffusionModels& m) {
   return n;
 }
 
+struct ScopedLoRAs::Saved {
+  struct Layer {
+    Target target;
+    std::vector<std::shared_ptr<const nn::LoRAAdapter>> adapters;
+    bool merged = false;
+  };
+  std::vector<Layer> layers;
+
+  explicit Saved(const StableDiffusionModels& m) {
+    for (const auto* root : roots(m))
+      for (auto& [path, t] : index_of(*root).by_path) layers.push_back({t, t.state().adapters, t.state().merged()});
+  }
+  // Every layer the scope changed gets its adapters and mode back. Unmerging restores the original weight bit
+  // for bit; merging the same adapters again computes the same merged weight.
+  void restore() const {
+    for (const Layer& l : layers) {
+      nn::LoRAState& s = l.target.state();
+      if (s.adapters == l.adapters && s.merged() == l.merged) continue;
+      nn::lora_clear(s, l.target.weight());
+      for (const auto& a : l.adapters) nn::lora_attach(s, l.target.weight(), a);
+      if (l.merged) nn::lora_merge(s, l.target.weight());
+    }
+  }
+};
+
 ScopedLoRAs::ScopedLoRAs(std::shared_ptr<StableDiffusionModels> m, const std::vector<LoRASpec>& specs,
                          const LoRAApplyOptions& o)
-    : m_(std::move(m)) {
+    : m_(std::move(m)), saved_(std::make_shared<Saved>(*m_)) {
   try {
     reports_ = apply_loras(*m_, specs, o);
   } catch (...) {
-    remove_loras(*m_);
+    saved_->restore();
     throw;
   }
 }
 
 ScopedLoRAs::~ScopedLoRAs() {
   try {
-    remove_loras(*m_);
+    saved_->restore();
   } catch (...) {
   }
 }

@@ -70,8 +70,8 @@ void remove_loras(StableDiffusionModels& m);
 // Number of layers with adapters attached (UNet + text encoder).
 int count_lora_layers(const StableDiffusionModels& m);
 
-// Applies on construction, and on destruction unmerges and detaches every adapter of the model (those
-// attached before it too): after the scope the model is exactly as loaded.
+// Applies on construction; on destruction restores exactly the state it found: the adapters it attached are
+// detached, adapters attached before the scope stay (in their order and mode, merged weights bit for bit).
 class ScopedLoRAs {
  public:
   ScopedLoRAs(std::shared_ptr<StableDiffusionModels> m, const std::vector<LoRASpec>& specs, const LoRAApplyOptions& o);
@@ -81,7 +81,9 @@ class ScopedLoRAs {
   const std::vector<LoRAReport>& reports() const { return reports_; }
 
  private:
+  struct Saved;  // every LoRA-capable layer's adapters and mode before the scope
   std::shared_ptr<StableDiffusionModels> m_;
+  std::shared_ptr<Saved> saved_;
   std::vector<LoRAReport> reports_;
 };
 }  // namespace dmx::loaders
