@@ -16,6 +16,7 @@
 #include "core/image.h"
 #include "core/progress.h"
 #include "core/resize.h"
+#include "core/text.h"
 #include "dmx/emoji_data.h"
 #include "dmx/error.h"
 
@@ -29,11 +30,6 @@ struct Concept {
   std::map<std::string, bool> has;  // style -> has image
   bool heldout = false;
 };
-
-std::string lower(std::string s) {
-  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
 
 std::string package_dir(const std::string& source, const std::string& style) {
   return join_path(join_path(source, "emoji-datasource-" + style), "package");
@@ -51,7 +47,7 @@ std::string caption(const std::string& fmt, const Concept& c, const std::string&
       else if (key == "short_name")
         out += c.short_name;
       else if (key == "category")
-        out += lower(c.category);
+        out += to_lower_ascii(c.category);
       else if (key == "subcategory")
         out += c.subcategory;
       else if (key == "style")
@@ -121,7 +117,7 @@ std::vector<Concept> read_concepts(const EmojiDataOptions& o) {
     DMX_CHECK_FORMAT(e.is_object() && e.contains("name") && e.contains("image") && e.contains("category"), json_path,
                      ": every entry needs name, image and category");
     Concept c;
-    c.name = e["name"].is_string() ? lower(e["name"].get<std::string>()) : "";
+    c.name = e["name"].is_string() ? to_lower_ascii(e["name"].get<std::string>()) : "";
     c.short_name = e.value("short_name", "");
     c.category = e.value("category", "");
     c.subcategory = e.value("subcategory", "");

@@ -19,6 +19,7 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "core/runtime.h"
+#include "core/text.h"
 #include "core/utf8.h"
 #include "dmx/eval.h"
 #include "emoji/emoji_classifier.h"
@@ -44,18 +45,6 @@ at::Tensor binary_map(const Image& img) {
 at::Tensor canny_of(const at::Tensor& chw01) {
   const Image rgb = tensor_to_image(chw01.permute({1, 2, 0}).contiguous());
   return binary_map(canny_edges(rgb, 100.0, 200.0));
-}
-
-std::string lower(std::string s) {
-  for (char& c : s)
-    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
-  return s;
-}
-
-std::string trim(const std::string& s) {
-  const size_t a = s.find_first_not_of(" \t\r\n");
-  if (a == std::string::npos) return "";
-  return s.substr(a, s.find_last_not_of(" \t\r\n") - a + 1);
 }
 
 // The concept a prompt names: the longest concept name equal to the prompt or followed by ", ". -1 if none.
@@ -116,7 +105,7 @@ std::vector<std::string> default_eval_prompts(const std::string& data_dir, int c
   std::vector<std::string> out;
   for (int j = 0; j < count; ++j) {
     const auto& c = *train[static_cast<size_t>(j) * k];
-    out.push_back(j % 5 == 4 ? c.name + ", " + lower(c.category) + ", google style" : c.name);
+    out.push_back(j % 5 == 4 ? c.name + ", " + to_lower_ascii(c.category) + ", google style" : c.name);
   }
   return out;
 }

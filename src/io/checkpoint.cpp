@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/fs.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "io/ldm_names.h"
 
@@ -18,8 +19,6 @@ namespace dmx::io {
 namespace {
 
 using nlohmann::json;
-
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
 std::string lower_extension(const std::string& path) {
   const size_t slash = path.find_last_of('/');

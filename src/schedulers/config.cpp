@@ -10,6 +10,7 @@
 #include <limits>
 #include <map>
 
+#include "core/text.h"
 #include "dmx/error.h"
 #include "schedulers/scheduler_impl.h"
 
@@ -21,12 +22,6 @@ const std::vector<std::string> kBetaSchedules = {"linear", "scaled_linear", "squ
 const std::vector<std::string> kPredictionTypes = {"epsilon", "sample", "v_prediction"};
 const std::vector<std::string> kSpacings = {"linspace", "leading", "trailing"};
 
-std::string join(const std::vector<std::string>& items, const char* sep) {
-  std::string out;
-  for (size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
-  return out;
-}
-
 bool contains(const std::vector<std::string>& items, const std::string& s) {
   return std::find(items.begin(), items.end(), s) != items.end();
 }
@@ -34,7 +29,7 @@ bool contains(const std::vector<std::string>& items, const std::string& s) {
 void check_one_of(const std::string& field, const std::string& value, const std::vector<std::string>& allowed,
                   const std::string& class_name) {
   if (!contains(allowed, value))
-    throw InvalidArgument("scheduler config field '" + field + "' must be one of " + join(allowed) + " for " +
+    throw InvalidArgument("scheduler config field '" + field + "' must be one of " + join(allowed, ", ") + " for " +
                           class_name + ", got '" + value + "'");
 }
 
@@ -54,7 +49,6 @@ namespace {
 using json = nlohmann::json;
 using detail::check_one_of;
 using detail::contains;
-using detail::join;
 
 // ---- JSON field readers: type errors name the field and show the value. ----
 

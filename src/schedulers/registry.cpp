@@ -3,6 +3,7 @@
 
 #include <sstream>
 
+#include "core/text.h"
 #include "dmx/error.h"
 #include "schedulers/scheduler.h"
 #include "schedulers/scheduler_impl.h"
@@ -71,7 +72,7 @@ const SchedulerClass& find_scheduler_class(const std::string& class_name) {
   for (const auto& e : scheduler_registry())
     if (e.class_name() == class_name) return e.cls();
   throw InvalidArgument("unknown scheduler class '" + class_name +
-                        "'; supported classes: " + detail::join(scheduler_class_names()));
+                        "'; supported classes: " + join(scheduler_class_names(), ", "));
 }
 
 std::unique_ptr<Scheduler> create_scheduler(const std::string& name, const nlohmann::json& base_config) {
@@ -82,8 +83,8 @@ std::unique_ptr<Scheduler> create_scheduler(const std::string& name, const nlohm
   }
   for (const auto& cls : scheduler_class_names())
     if (name == cls) return find_scheduler_class(cls).make(SchedulerConfig::for_class(cls, cfg));
-  throw InvalidArgument("unknown scheduler '" + name + "'; valid names: " + detail::join(scheduler_names()) +
-                        " (or a diffusers class: " + detail::join(scheduler_class_names()) + ")");
+  throw InvalidArgument("unknown scheduler '" + name + "'; valid names: " + join(scheduler_names(), ", ") +
+                        " (or a diffusers class: " + join(scheduler_class_names(), ", ") + ")");
 }
 
 std::string sampler_label(const std::string& name) {

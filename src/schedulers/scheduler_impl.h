@@ -46,7 +46,6 @@ SchedulerConfig neutral_config();
 // InvalidArgument "scheduler config field 'F' must be one of A, B for CLASS, got 'V'" unless value is allowed.
 void check_one_of(const std::string& field, const std::string& value, const std::vector<std::string>& allowed,
                   const std::string& class_name);
-std::string join(const std::vector<std::string>& items, const char* sep = ", ");
 bool contains(const std::vector<std::string>& items, const std::string& s);
 
 // numpy.linspace(start, stop, num) in float64.

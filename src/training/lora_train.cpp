@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "core/fs.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "models/unet_2d_condition.h"
 
@@ -41,10 +42,6 @@ void cast_frozen_for_mixed_precision(loaders::StableDiffusionModels& m, bool une
 }
 
 namespace {
-
-bool ends_with(const std::string& s, const std::string& suf) {
-  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
-}
 
 bool unet_selected(const std::string& path, const std::string& targets) {
   if (targets == "attention")
