@@ -19,6 +19,13 @@ std::string join(const std::vector<std::string>& items, const std::string& sep) 
   return out;
 }
 
+std::string join_abbreviated(const std::vector<std::string>& items, size_t max) {
+  std::string out;
+  for (size_t i = 0; i < items.size() && i < max; ++i) out += (i ? ", " : "") + items[i];
+  if (items.size() > max) out += ", ... (" + std::to_string(items.size()) + " in all)";
+  return out;
+}
+
 bool starts_with(const std::string& s, const std::string& prefix) { return s.compare(0, prefix.size(), prefix) == 0; }
 
 bool ends_with(const std::string& s, const std::string& suffix) {

@@ -9,6 +9,8 @@ namespace dmx {
 std::vector<std::string> split(const std::string& s, char sep);
 // sep.join(items).
 std::string join(const std::vector<std::string>& items, const std::string& sep);
+// The first `max` items joined with ", ", then ", ... (N in all)" when there are more: lists in messages.
+std::string join_abbreviated(const std::vector<std::string>& items, size_t max = 8);
 bool starts_with(const std::string& s, const std::string& prefix);
 bool ends_with(const std::string& s, const std::string& suffix);
 // ASCII lower case (A-Z only, whatever the locale): file extensions, names, keys.

@@ -63,13 +63,6 @@ json find_ldm_yaml(const std::string& path) {
   return nullptr;
 }
 
-std::string list_keys(const std::vector<std::string>& keys, size_t max = 8) {
-  std::string out;
-  for (size_t i = 0; i < keys.size() && i < max; ++i) out += (i ? ", " : "") + keys[i];
-  if (keys.size() > max) out += ", ... (" + std::to_string(keys.size()) + " in all)";
-  return out;
-}
-
 TensorMap load_sharded(const std::string& folder, const std::string& index_path, const std::string& component) {
   const json index = load_json_file(index_path, component + " weight index");
   DMX_CHECK_FORMAT(index.contains("weight_map") && index["weight_map"].is_object(), index_path,
@@ -139,7 +132,7 @@ TensorMap load_diffusers_component(const std::string& dir, const std::string& co
   std::string pickles;
   for (const char* name : {"diffusion_pytorch_model.bin", "pytorch_model.bin", "model.bin"})
     if (path_exists(join_path(folder, name))) pickles += std::string(pickles.empty() ? "" : ", ") + name;
-  throw IoError(detail::concat(component, ": no weights found in ", folder, ": looked for ", list_keys(candidates, 99),
+  throw IoError(detail::concat(component, ": no weights found in ", folder, ": looked for ", join_abbreviated(candidates, 99),
                                pickles.empty() ? std::string()
                                                : "; found " + pickles +
                                                      ", a pickle file dmx does not load (it can execute code): "
@@ -181,11 +174,11 @@ SingleFileCheckpoint load_single_file(const std::string& path, const std::string
   if (!n_text)
     missing.push_back(std::string("text encoder (") + kLdmClipPrefix + "* or " + kLdmOpenClipPrefix + "*)");
   DMX_CHECK_FORMAT(missing.empty(), path, ": not a complete Stable Diffusion 1.x/2.x single-file checkpoint: no ",
-                   list_keys(missing), " weights");
+                   join_abbreviated(missing), " weights");
   DMX_CHECK_FORMAT(unknown.empty(), path, ": ", unknown.size(),
                    " key(s) belong to no known component (model.diffusion_model, first_stage_model, "
                    "cond_stage_model): ",
-                   list_keys(unknown));
+                   join_abbreviated(unknown));
 
   // The .yaml is read only when some component config is detected (config_dir may supply all of them).
   json yaml_cache;

@@ -1,4 +1,6 @@
-// Original (CompVis/LDM, Stability-AI) single-file checkpoints: key-name tables and config detection.
+// Original (CompVis/LDM, Stability-AI) single-file checkpoints: key-name tables (ldm_tables.cpp, with the
+// shared machinery in ldm_tables.h), config detection (ldm_detect.cpp), the LDM .yaml subset (ldm_yaml.cpp) and
+// ControlNet single files (ldm_controlnet.cpp).
 // Mirrors diffusers 0.27.2 pipelines/stable_diffusion/convert_from_ckpt.py (convert_ldm_unet_checkpoint,
 // convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint,
 // create_unet_diffusers_config, create_vae_diffusers_config) and loaders/single_file_utils.py.
