@@ -315,6 +315,18 @@ class Trainer {
 
  private:
   struct State;
+  // The steps of run(), in order (trainer.cpp).
+  void prepare(State& st);
+  void resume(State& st);
+  void open_log(State& st, bool append);
+  StepRecord optimizer_step(State& st, int64_t step);
+  double micro_step(State& st, int64_t micro);
+  std::pair<at::Tensor, at::Tensor> cached_posterior(State& st, const Batch& batch);
+  void report(State& st, const StepRecord& rec);
+  void validate(State& st);
+  std::string save_checkpoint(State& st, int64_t step);
+  void save_result(State& st);
+
   TrainConfig cfg_;
   std::shared_ptr<Recipe> recipe_;
   std::shared_ptr<BatchSource> data_;
