@@ -110,7 +110,8 @@ std::string scheduler_name_for_config(const nlohmann::json& cfg) {
   for (const auto& e : scheduler_registry()) {
     if (e.class_name() != cls) continue;
     bool match = true;
-    for (const auto& [key, value] : e.overrides.items()) match = match && effective.value(key, nlohmann::json()) == value;
+    for (const auto& [key, value] : e.overrides.items())
+      match = match && effective.contains(key) && effective.at(key) == value;
     if (match && (!best || e.overrides.size() > best->overrides.size())) best = &e;
   }
   return best ? best->name : cls;
