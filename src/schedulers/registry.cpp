@@ -1,6 +1,7 @@
 // The scheduler registry (registry.h): the one table of scheduler names.
 #include "schedulers/registry.h"
 
+#include <memory>
 #include <sstream>
 
 #include "core/text.h"

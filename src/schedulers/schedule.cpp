@@ -3,8 +3,11 @@
 // (schedulers/scheduling_*.py and utils/torch_utils.py) and numpy 1.x.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
+#include <vector>
 
 #include "dmx/error.h"
 #include "schedulers/scheduler.h"
