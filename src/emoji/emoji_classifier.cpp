@@ -32,16 +32,16 @@ EmojiClassifierConfig EmojiClassifierConfig::from_json(const nlohmann::json& j) 
   DMX_CHECK_FORMAT(j.value("_class_name", std::string()) == "EmojiClassifier", what,
                    ": _class_name must be EmojiClassifier, got ", j.value("_class_name", nlohmann::json()).dump());
   EmojiClassifierConfig c;
-  cfgjson::get(j, what, "image_size", c.image_size);
-  cfgjson::get(j, what, "stem_channels", c.stem_channels);
-  cfgjson::get(j, what, "stem_stride", c.stem_stride);
+  models::cfgjson::get(j, what, "image_size", c.image_size);
+  models::cfgjson::get(j, what, "stem_channels", c.stem_channels);
+  models::cfgjson::get(j, what, "stem_stride", c.stem_stride);
   DMX_CHECK_FORMAT(c.stem_stride == 1 || c.stem_stride == 2, what, ": stem_stride must be 1 or 2, got ", c.stem_stride);
-  cfgjson::get(j, what, "block_out_channels", c.block_out_channels);
-  cfgjson::get(j, what, "norm_num_groups", c.norm_num_groups);
-  cfgjson::get(j, what, "styles", c.styles);
-  cfgjson::get(j, what, "class_names", c.class_names);
-  cfgjson::get(j, what, "class_categories", c.class_categories);
-  cfgjson::get(j, what, "class_splits", c.class_splits);
+  models::cfgjson::get(j, what, "block_out_channels", c.block_out_channels);
+  models::cfgjson::get(j, what, "norm_num_groups", c.norm_num_groups);
+  models::cfgjson::get(j, what, "styles", c.styles);
+  models::cfgjson::get(j, what, "class_names", c.class_names);
+  models::cfgjson::get(j, what, "class_categories", c.class_categories);
+  models::cfgjson::get(j, what, "class_splits", c.class_splits);
   DMX_CHECK_FORMAT(c.image_size >= 16 && c.image_size <= 1024, what, ": image_size must be in [16, 1024], got ",
                    c.image_size);
   DMX_CHECK_FORMAT(!c.block_out_channels.empty(), what, ": block_out_channels must not be empty");
