@@ -19,7 +19,7 @@
 #include "extensions/latent_blend.h"
 #include "io/safetensors.h"
 #include "pipelines/blended_latent_diffusion.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "test_ref_cases.h"
 #include "test_util.h"
 #include "tiny_models.h"
@@ -31,10 +31,10 @@ using pipelines::BlendedLatentDiffusionParams;
 using pipelines::BlendedLatentDiffusionPipeline;
 using pipelines::BlendVariant;
 
-std::shared_ptr<pipelines::StableDiffusionModels> load_model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+std::shared_ptr<loaders::StableDiffusionModels> load_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 

@@ -46,10 +46,10 @@ void expect_throw_with(const std::function<void()>& f, const std::string& needle
   }
 }
 
-std::shared_ptr<pipelines::StableDiffusionModels> load_model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+std::shared_ptr<loaders::StableDiffusionModels> load_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 

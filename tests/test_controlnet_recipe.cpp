@@ -20,12 +20,13 @@
 #include <functional>
 #include <thread>
 
+#include "api/train_sampler.h"
 #include "core/image.h"
 #include "dmx/error.h"
 #include "io/safetensors.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
 #include "dmx/train.h"
+#include "loaders/model_bundle.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "tiny_models.h"
@@ -72,7 +73,7 @@ std::string make_cn_data(const std::string& name, int rows, bool with_cond = tru
   return d;
 }
 
-std::shared_ptr<pipelines::StableDiffusionModels> fresh_models() { return test::load_tiny_model("sd15"); }
+std::shared_ptr<loaders::StableDiffusionModels> fresh_models() { return test::load_tiny_model("sd15"); }
 
 io::TensorMap params_of(torch::nn::Module& m) {
   io::TensorMap out;
@@ -407,6 +408,7 @@ TEST(ControlNetRecipeTiny, BF16FrozenModelTrainsFloat32ControlNetAndWritesValida
   cfg.validation_steps = 4;
   cfg.validation_prompt = "a striped thing";
   cfg.validation_inference_steps = 2;
+  cfg.sample_images = api::pipeline_sampler();
   cfg.quiet = true;
   EXPECT_THROW(training::Trainer(cfg, recipe, source).run(), InvalidArgument);  // no validation image yet
   recipe->set_validation_image(ds->get(0, 0).conditioning.unsqueeze(0));

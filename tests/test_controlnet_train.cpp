@@ -14,7 +14,7 @@
 #include "io/ldm_names.h"
 #include "io/safetensors.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "test_util.h"
 #include "tiny_models.h"
 #include "training/controlnet_init.h"
@@ -24,7 +24,7 @@ using namespace dmx;
 
 namespace {
 
-std::shared_ptr<pipelines::StableDiffusionModels> load_model(const std::string& variant) {
+std::shared_ptr<loaders::StableDiffusionModels> load_model(const std::string& variant) {
   return test::shared_tiny_model(variant);
 }
 

@@ -4,6 +4,7 @@
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/text.h"
+#include "core/utf8.h"
 #include "dmx/error.h"
 #include "test_util.h"
 
@@ -116,6 +117,45 @@ TEST(CoreTextUnit, SplitKeepsEmptyFieldsLikePython) {
   EXPECT_EQ(split("down_blocks.1.attentions", '.'), (V{"down_blocks", "1", "attentions"}));
   EXPECT_EQ(split("", '_'), (V{""}));
   EXPECT_EQ(split("_x_", '_'), (V{"", "x", ""}));
+}
+
+TEST(CoreText, TheSharedHelpers) {
+  EXPECT_EQ(join({"a", "b", "c"}, ", "), "a, b, c");
+  EXPECT_EQ(join({}, "|"), "");
+  EXPECT_EQ(join_abbreviated({"a", "b", "c"}, 2), "a, b, ... (3 in all)");
+  EXPECT_EQ(join_abbreviated({"a", "b"}), "a, b");
+  EXPECT_TRUE(starts_with("lora_unet_x", "lora_unet_"));
+  EXPECT_FALSE(starts_with("lora", "lora_unet_"));
+  EXPECT_TRUE(ends_with("x.lora_down.weight", ".weight"));
+  EXPECT_FALSE(ends_with("t", ".weight"));
+  EXPECT_EQ(to_lower_ascii("Smileys & Emotion .PNG \xc3\x89"), "smileys & emotion .png \xc3\x89");  // ASCII only
+  EXPECT_EQ(trim(" \t a b \r\n\v\f"), "a b");
+  EXPECT_EQ(trim(" \n "), "");
+}
+
+// Python's bytes.decode("utf-8", errors="replace"): one U+FFFD per maximal ill-formed subpart (values from
+// CPython 3.11).
+TEST(CoreUtf8, LossyDecodingMatchesPython) {
+  const std::vector<std::pair<std::string, std::u32string>> cases = {
+      {"\xf0\x9f\x98", U"\uFFFD"},                          // a truncated 4-byte sequence: one
+      {"\xf0\x9f", U"\uFFFD"},
+      {"\x9f\x98\x80", U"\uFFFD\uFFFD\uFFFD"},             // continuation bytes alone: one each
+      {"\xf0" "A", U"\uFFFDA"},
+      {"a\xe2\x82", U"a\uFFFD"},
+      {"\xed\xa0\x80", U"\uFFFD\uFFFD\uFFFD"},             // a surrogate
+      {"\xc0\xaf", U"\uFFFD\uFFFD"},                        // overlong
+      {"\xf4\x90\x80\x80", U"\uFFFD\uFFFD\uFFFD\uFFFD"},  // above U+10FFFF
+      {"caf\xc3\xa9 \xf0\x9f\x98\x80", U"caf\u00e9 \U0001F600"},
+  };
+  for (const auto& [in, want] : cases) EXPECT_TRUE(decode_utf8_replace(in) == want) << in;
+  std::u32string out;
+  size_t bad = 0;
+  EXPECT_FALSE(decode_utf8("ab\xed\xa0\x80", &out, &bad));
+  EXPECT_EQ(bad, 2u);
+  EXPECT_EQ(find_invalid_utf8("ab\xed\xa0\x80"), 2u);
+  ASSERT_TRUE(decode_utf8("caf\xc3\xa9 \xf0\x9f\x98\x80", &out, &bad));
+  EXPECT_EQ(encode_utf8(out), "caf\xc3\xa9 \xf0\x9f\x98\x80");
+  EXPECT_EQ(utf8_length("caf\xc3\xa9 \xf0\x9f\x98\x80"), 6u);
 }
 }  // namespace
 }  // namespace dmx::test

@@ -8,7 +8,7 @@
 
 #include "core/fs.h"
 #include "core/image.h"
-#include "dmx/data.h"
+#include "dmx/emoji_data.h"
 #include "dmx/error.h"
 #include "test_util.h"
 

@@ -14,7 +14,7 @@
 #include "dmx/error.h"
 #include "pipelines/ddim_inversion.h"
 #include "pipelines/diffedit.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
 #include "test_ref_cases.h"
@@ -27,10 +27,10 @@ namespace {
 
 constexpr double kTol = 1e-5;
 
-std::shared_ptr<pipelines::StableDiffusionModels> model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+std::shared_ptr<loaders::StableDiffusionModels> model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 

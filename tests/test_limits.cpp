@@ -26,8 +26,8 @@
 #include "models/controlnet.h"
 #include "models/unet_2d_condition.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/lora_loader.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/lora_loader.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
@@ -500,7 +500,7 @@ TEST(LimitsFiniteCli, NonFiniteWeightsLatentsAndScalesFailLoudly) {
               {"non-finite", "LoRA"});
   EXPECT_FALSE(fs::exists(d + "/o.png"));
   // The check itself: finite output passes, NaN output with clean weights is a plain failure (exit 1).
-  auto models = pipelines::load_stable_diffusion(model());
+  auto models = loaders::load_stable_diffusion(model());
   EXPECT_NO_THROW(pipelines::check_finite_output(*models, at::zeros({1, 4, 4, 4}), "latents"));
   at::Tensor bad = at::zeros({1, 4, 4, 4});
   bad[0][1][2][3] = std::nanf("");
@@ -509,11 +509,11 @@ TEST(LimitsFiniteCli, NonFiniteWeightsLatentsAndScalesFailLoudly) {
 }
 
 TEST(LimitsFiniteTiny, LoRAFilesWithNaNOrRankZeroOrBadPeftConfigAreFormatErrors) {
-  auto m = pipelines::load_stable_diffusion(tiny_model_dir("test"));
+  auto m = loaders::load_stable_diffusion(tiny_model_dir("test"));
   const std::string k = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
   const at::Tensor down = at::randn({4, 32}) * 0.1, up = at::randn({32, 4}) * 0.1;
   auto apply = [&](io::TensorMap t, const nlohmann::json& peft = nullptr, double scale = 1.0) {
-    pipelines::apply_lora_tensors(*m, t, {"x.safetensors", scale, scale}, false, peft);
+    loaders::apply_lora_tensors(*m, t, {"x.safetensors", scale, scale}, false, peft);
   };
   expect_throw<FormatError>([&] {
     apply({{k + ".lora_down.weight", down}, {k + ".lora_up.weight", up}, {k + ".alpha", at::scalar_tensor(NAN)}});
@@ -529,7 +529,7 @@ TEST(LimitsFiniteTiny, LoRAFilesWithNaNOrRankZeroOrBadPeftConfigAreFormatErrors)
   expect_throw<FormatError>([&] {
     apply({{pk + ".lora_A.weight", down}, {pk + ".lora_B.weight", up}}, {{"lora_alpha", "eight"}, {"r", 4}});
   }, {"lora_alpha", "must be a finite number", "\"eight\""});
-  EXPECT_EQ(pipelines::count_lora_layers(*m), 0);  // nothing was attached by the refused files
+  EXPECT_EQ(loaders::count_lora_layers(*m), 0);  // nothing was attached by the refused files
 }
 
 TEST(LimitsFiniteUnit, ConvertRefusesValuesTheTargetTypeCannotHold) {
@@ -624,12 +624,12 @@ TEST(LimitsLoRAUnit, TagNamesStayInsideTheLoraDir) {
   write(dir + "/in.safetensors", "x");
   write(dir + "/sub/deep.safetensors", "x");
   fs::create_symlink(root + "/outside.safetensors", dir + "/link.safetensors");
-  EXPECT_EQ(pipelines::resolve_lora_name(dir, "in"), dir + "/in.safetensors");
-  EXPECT_EQ(pipelines::resolve_lora_name(dir, "sub/deep"), dir + "/sub/deep.safetensors");
-  expect_throw<InvalidArgument>([&] { pipelines::resolve_lora_name(dir, "../outside"); }, {"inside --lora-dir"});
-  expect_throw<InvalidArgument>([&] { pipelines::resolve_lora_name(dir, "sub/../../outside"); }, {"'..'"});
-  expect_throw<InvalidArgument>([&] { pipelines::resolve_lora_name(dir, root + "/outside"); }, {"no absolute path"});
-  expect_throw<InvalidArgument>([&] { pipelines::resolve_lora_name(dir, "link"); }, {"outside --lora-dir"});
+  EXPECT_EQ(loaders::resolve_lora_name(dir, "in"), dir + "/in.safetensors");
+  EXPECT_EQ(loaders::resolve_lora_name(dir, "sub/deep"), dir + "/sub/deep.safetensors");
+  expect_throw<InvalidArgument>([&] { loaders::resolve_lora_name(dir, "../outside"); }, {"inside --lora-dir"});
+  expect_throw<InvalidArgument>([&] { loaders::resolve_lora_name(dir, "sub/../../outside"); }, {"'..'"});
+  expect_throw<InvalidArgument>([&] { loaders::resolve_lora_name(dir, root + "/outside"); }, {"no absolute path"});
+  expect_throw<InvalidArgument>([&] { loaders::resolve_lora_name(dir, "link"); }, {"outside --lora-dir"});
 }
 
 TEST(LimitsCli, LoraTagsFromMetadataStayInsideTheLoraDir) {

@@ -10,14 +10,15 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <map>
 
 #include "core/fs.h"
 #include "dmx/error.h"
-#include "io/lora_names.h"
+#include "loaders/lora_formats.h"
 #include "io/safetensors.h"
 #include "nn/lora.h"
-#include "pipelines/lora_loader.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/lora_loader.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "dmx/dmx.h"
 #include "test_util.h"
@@ -26,14 +27,14 @@
 namespace dmx::test {
 namespace {
 
-using pipelines::LoRAMode;
-using pipelines::LoRASpec;
-using pipelines::StableDiffusionModels;
+using loaders::LoRAMode;
+using loaders::LoRASpec;
+using loaders::StableDiffusionModels;
 
 std::shared_ptr<StableDiffusionModels> load_model(const std::string& variant) {
   static std::map<std::string, std::shared_ptr<StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 
@@ -159,22 +160,22 @@ TEST_P(LoRAGolden, MatchesReferenceInBothModes) {
     for (LoRAMode mode : {LoRAMode::Runtime, LoRAMode::Merged}) {
       const bool merged = mode == LoRAMode::Merged;
       const std::string what = variant + "/" + format + " " + sk + (merged ? " merged" : " runtime");
-      pipelines::LoRAApplyOptions o;
+      loaders::LoRAApplyOptions o;
       o.mode = mode;
-      auto reps = pipelines::apply_loras(*m, {{lora_file(variant, format), s, s}}, o);
+      auto reps = loaders::apply_loras(*m, {{lora_file(variant, format), s, s}}, o);
       ASSERT_EQ(reps.size(), 1u);
       EXPECT_EQ(reps[0].unet_layers + reps[0].text_encoder_layers, ntargets) << what;
       EXPECT_EQ(reps[0].format, format == "peft" ? "peft" : format) << what;
-      EXPECT_EQ(pipelines::count_lora_layers(*m), ntargets);
+      EXPECT_EQ(loaders::count_lora_layers(*m), ntargets);
       EXPECT_EQ(count_changed(*m, before) > 0, merged) << what << ": weights patched only when merged";
       Outputs out = run_components(*m, ref, sk);
       DMX_EXPECT_CLOSE(what + " text_encoder_out", out.te, ref[sk + ".text_encoder_out"], 1e-5);
       DMX_EXPECT_CLOSE(what + " unet_out", out.unet, ref[sk + ".unet_out"], 1e-5);
       if (format == "kohya" || (format == "diffusers" && merged)) check_txt2img(m, ref, scale_name(s), what);
       mode_out[merged ? 1 : 0] = out;
-      pipelines::remove_loras(*m);
+      loaders::remove_loras(*m);
       EXPECT_EQ(count_changed(*m, before), 0) << what << ": removal restores every weight bit for bit";
-      EXPECT_EQ(pipelines::count_lora_layers(*m), 0);
+      EXPECT_EQ(loaders::count_lora_layers(*m), 0);
     }
     DMX_EXPECT_CLOSE(variant + "/" + format + " " + sk + " runtime vs merged text_encoder_out", mode_out[0].te,
                      mode_out[1].te, 1e-5);
@@ -198,17 +199,60 @@ TEST(LoRAMultiGolden, TwoFilesScalesAdd) {
     for (LoRAMode mode : {LoRAMode::Runtime, LoRAMode::Merged}) {
       const std::string what =
           variant + " diffusers@0.3+kohya@0.7" + (mode == LoRAMode::Merged ? " merged" : " runtime");
-      pipelines::LoRAApplyOptions o;
+      loaders::LoRAApplyOptions o;
       o.mode = mode;
-      pipelines::apply_loras(*m, {{lora_file(variant, "diffusers"), 0.3, 0.3}, {lora_file(variant, "kohya"), 0.7, 0.7}},
+      loaders::apply_loras(*m, {{lora_file(variant, "diffusers"), 0.3, 0.3}, {lora_file(variant, "kohya"), 0.7, 0.7}},
                              o);
       Outputs out = run_components(*m, ref, "scale1.0");
       DMX_EXPECT_CLOSE(what + " text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
       DMX_EXPECT_CLOSE(what + " unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
-      pipelines::remove_loras(*m);
+      loaders::remove_loras(*m);
       EXPECT_EQ(count_changed(*m, before), 0) << what;
     }
   }
+}
+
+// ScopedLoRAs restores exactly the state it found: adapters attached before the scope are still attached after
+// it, in their mode (merged weights bit for bit, runtime ones untouched), and compute what they computed before;
+// only the scope's own adapters are gone. (It used to detach every adapter of the model.)
+TEST(LoRAScopedTiny, AdaptersActiveBeforeTheScopeAreActiveAfterIt) {
+  auto m = load_tiny_model("test");
+  const ComponentInputs inputs = component_inputs(*m);
+  const io::TensorMap loaded = snapshot(*m);
+  for (LoRAMode before_mode : {LoRAMode::Runtime, LoRAMode::Merged})
+    for (LoRAMode scope_mode : {LoRAMode::Runtime, LoRAMode::Merged}) {
+      const std::string what = std::string("before ") + (before_mode == LoRAMode::Merged ? "merged" : "runtime") +
+                               ", scope " + (scope_mode == LoRAMode::Merged ? "merged" : "runtime");
+      loaders::LoRAApplyOptions before_o;
+      before_o.mode = before_mode;
+      loaders::apply_loras(*m, {{tiny_lora_file("test", "diffusers"), 0.5, 0.5}}, before_o);
+      const int layers = loaders::count_lora_layers(*m);
+      ASSERT_GT(layers, 0) << what;
+      const io::TensorMap weights = snapshot(*m);
+      const Outputs out = run_components(*m, inputs);
+      {
+        loaders::LoRAApplyOptions o;
+        o.mode = scope_mode;
+        loaders::ScopedLoRAs scoped(m, {{tiny_lora_file("test", "kohya"), 0.7, 0.7}}, o);
+        const Outputs inside = run_components(*m, inputs);
+        EXPECT_FALSE(at::equal(inside.unet, out.unet)) << what << ": the scope's LoRA acts inside it";
+      }
+      EXPECT_EQ(loaders::count_lora_layers(*m), layers) << what;
+      EXPECT_EQ(count_changed(*m, weights), 0) << what << ": weights as before the scope";
+      const Outputs after = run_components(*m, inputs);
+      EXPECT_TRUE(at::equal(after.te, out.te)) << what;
+      EXPECT_TRUE(at::equal(after.unet, out.unet)) << what;
+      loaders::remove_loras(*m);
+      EXPECT_EQ(count_changed(*m, loaded), 0) << what << ": only the earlier adapter was left to remove";
+    }
+  // A scope whose file fails to load leaves the earlier adapters as they were too.
+  loaders::apply_loras(*m, {{tiny_lora_file("test", "diffusers"), 1.0, 1.0}}, {});
+  const int layers = loaders::count_lora_layers(*m);
+  EXPECT_THROW(loaders::ScopedLoRAs(m, {{tiny_lora_file("test", "kohya"), 1, 1}, {"/nonexistent.safetensors", 1, 1}}, {}),
+               InvalidArgument);
+  EXPECT_EQ(loaders::count_lora_layers(*m), layers);
+  loaders::remove_loras(*m);
+  EXPECT_EQ(count_changed(*m, loaded), 0);
 }
 
 // kohya keys written with the original LDM UNet names (lora_unet_input_blocks_1_1_...) land on the same layers.
@@ -241,11 +285,11 @@ TEST(LoRAMultiGolden, KohyaWithLdmNames) {
     ldm[key] = v;
   }
   EXPECT_EQ(renamed, 576);
-  auto rep = pipelines::apply_lora_tensors(*m, ldm, {"ldm-named kohya", 1.0, 1.0}, false);
+  auto rep = loaders::apply_lora_tensors(*m, ldm, {"ldm-named kohya", 1.0, 1.0}, false);
   EXPECT_EQ(rep.unet_tensors, 576);
   EXPECT_EQ(rep.text_encoder_tensors, 72);
   Outputs out = run_components(*m, ref, "scale1.0");
-  pipelines::remove_loras(*m);
+  loaders::remove_loras(*m);
   DMX_EXPECT_CLOSE("sd15 kohya-ldm scale1.0 runtime unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
   DMX_EXPECT_CLOSE("sd15 kohya-ldm scale1.0 runtime text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
 }
@@ -349,7 +393,7 @@ TEST(LoRAFormulasTiny, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
     ex.push_back(
         {"unet", "down_blocks.0.resnets.1.conv2.weight", w0 + s * at::einsum("or,rihw->oihw", {up.flatten(1), down})});
   }
-  auto rep = pipelines::apply_lora_tensors(*m, t, {"synthetic", s, s}, false);
+  auto rep = loaders::apply_lora_tensors(*m, t, {"synthetic", s, s}, false);
   EXPECT_EQ(rep.unet_tensors + rep.text_encoder_tensors, static_cast<int>(t.size()));
   EXPECT_EQ(rep.text_encoder_layers, 1);
   EXPECT_EQ(rep.unet_layers, 5);
@@ -368,14 +412,14 @@ TEST(LoRAFormulasTiny, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
     at::Tensor wc = w0 + s * 2.0 * at::matmul(B, A);
     peft_ex = {"te", "text_model.encoder.layers.1.self_attn.q_proj.weight", (mag.unsqueeze(1) / row_norm(wc)) * wc};
   }
-  auto rep2 = pipelines::apply_lora_tensors(*m, tp, {"synthetic-peft", s, s}, false, {{"lora_alpha", 8}, {"r", 4}});
+  auto rep2 = loaders::apply_lora_tensors(*m, tp, {"synthetic-peft", s, s}, false, {{"lora_alpha", 8}, {"r", 4}});
   EXPECT_EQ(rep2.format, "peft");
   EXPECT_EQ(rep2.text_encoder_tensors, 3);
   ex.push_back(peft_ex);
 
   // Runtime outputs, then merged weights against the formulas, then merged outputs against runtime.
   Outputs rt = run_components(*m, inputs);
-  pipelines::set_lora_mode(*m, LoRAMode::Merged);
+  loaders::set_lora_mode(*m, LoRAMode::Merged);
   for (const auto& e : ex) {
     at::Tensor got =
         param(e.component == "unet" ? static_cast<torch::nn::Module&>(*m->unet) : *m->text_encoder, e.param);
@@ -385,7 +429,7 @@ TEST(LoRAFormulasTiny, LoHaLoKrDoRAMergedEqualsFormulaAndRuntimeEqualsMerged) {
   DMX_EXPECT_CLOSE("LoHa/LoKr/DoRA runtime vs merged unet_out", rt.unet, mg.unet, 1e-5);
   DMX_EXPECT_CLOSE("LoHa/LoKr/DoRA runtime vs merged text_encoder_out", rt.te, mg.te, 1e-5);
   EXPECT_GT(at::abs(mg.unet - base.unet).max().item<double>(), 1e-4) << "the adapters change the UNet";
-  pipelines::remove_loras(*m);
+  loaders::remove_loras(*m);
   EXPECT_EQ(count_changed(*m, before), 0) << "unmerge restores the weights bit for bit";
 }
 
@@ -414,16 +458,16 @@ TEST(LoRAFormulasTiny, TuckerLoConAndLoHa) {
   t[k2 + ".alpha"] = at::scalar_tensor(2.0);
   at::Tensor e2 = w02 + s * (2.0 / r) * at::einsum("ijkl,jr,ip->prkl", {t1, b1, a1}) *
                             at::einsum("ijkl,jr,ip->prkl", {t2, b2, a2});
-  auto rep = pipelines::apply_lora_tensors(*m, t, {"tucker", s, s}, false);
+  auto rep = loaders::apply_lora_tensors(*m, t, {"tucker", s, s}, false);
   EXPECT_EQ(rep.unet_tensors, static_cast<int>(t.size()));
   const ComponentInputs inputs = component_inputs(*m);
   Outputs rt = run_components(*m, inputs);
-  pipelines::set_lora_mode(*m, LoRAMode::Merged);
+  loaders::set_lora_mode(*m, LoRAMode::Merged);
   DMX_EXPECT_CLOSE("formula LoCon Tucker " + p1, param(*m->unet, p1), e1, 1e-6);
   DMX_EXPECT_CLOSE("formula LoHa Tucker " + p2, param(*m->unet, p2), e2, 1e-6);
   Outputs mg = run_components(*m, inputs);
   DMX_EXPECT_CLOSE("Tucker runtime vs merged unet_out", rt.unet, mg.unet, 1e-5);
-  pipelines::remove_loras(*m);
+  loaders::remove_loras(*m);
   EXPECT_EQ(count_changed(*m, before), 0);
 }
 
@@ -449,13 +493,13 @@ TEST(LoRAMultiGolden, PeftAdapterConfigAlpha) {
     std::fputs("{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8}", f);
     std::fclose(f);
   }
-  pipelines::LoRAApplyOptions o;
-  auto reps = pipelines::apply_loras(*m, {{dir + "/adapter_model.safetensors", 1.0, 1.0}}, o);
+  loaders::LoRAApplyOptions o;
+  auto reps = loaders::apply_loras(*m, {{dir + "/adapter_model.safetensors", 1.0, 1.0}}, o);
   EXPECT_EQ(reps[0].format, "peft");
   EXPECT_EQ(reps[0].unet_tensors, 384);
   EXPECT_EQ(reps[0].text_encoder_tensors, 48);
   Outputs out = run_components(*m, ref, "scale1.0");
-  pipelines::remove_loras(*m);
+  loaders::remove_loras(*m);
   DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
   DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
 }
@@ -469,7 +513,7 @@ TEST(LoRAErrorsTiny, UnmatchedKeysNameTheFirstFewOrWarnWhenAllowed) {
   t["lora_unet_no_such_layer.lora_down.weight"] = at::zeros({4, 4});
   t["something.else"] = at::zeros({1});
   try {
-    pipelines::apply_lora_tensors(*m, t, {"bad.safetensors", 1.0, 1.0}, false);
+    loaders::apply_lora_tensors(*m, t, {"bad.safetensors", 1.0, 1.0}, false);
     ADD_FAILURE() << "expected FormatError";
   } catch (const FormatError& e) {
     const std::string msg = e.what();
@@ -478,79 +522,114 @@ TEST(LoRAErrorsTiny, UnmatchedKeysNameTheFirstFewOrWarnWhenAllowed) {
     EXPECT_NE(msg.find("something.else"), std::string::npos) << msg;
     EXPECT_NE(msg.find("--lora-allow-unmatched"), std::string::npos) << msg;
   }
-  EXPECT_EQ(pipelines::count_lora_layers(*m), 0) << "nothing attached after an error";
-  auto rep = pipelines::apply_lora_tensors(*m, t, {"bad.safetensors", 1.0, 1.0}, true);
+  EXPECT_EQ(loaders::count_lora_layers(*m), 0) << "nothing attached after an error";
+  auto rep = loaders::apply_lora_tensors(*m, t, {"bad.safetensors", 1.0, 1.0}, true);
   EXPECT_EQ(rep.unmatched.size(), 2u);
   EXPECT_EQ(rep.unet_tensors + rep.text_encoder_tensors, static_cast<int>(t.size()) - 2);
   EXPECT_NE(rep.summary().find("2 unmatched"), std::string::npos) << rep.summary();
-  pipelines::remove_loras(*m);
+  loaders::remove_loras(*m);
   EXPECT_EQ(count_changed(*m, before), 0);
 }
 
 TEST(LoRAErrorsTiny, IncompleteAndMisShapedAdaptersAreFormatErrors) {
   auto m = load_tiny_model("test");
   const std::string k = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
-  EXPECT_THROW(pipelines::apply_lora_tensors(*m, {{k + ".lora_down.weight", at::zeros({4, 32})}}, {"x", 1, 1}, false),
+  EXPECT_THROW(loaders::apply_lora_tensors(*m, {{k + ".lora_down.weight", at::zeros({4, 32})}}, {"x", 1, 1}, false),
                FormatError);
   try {
-    pipelines::apply_lora_tensors(
+    loaders::apply_lora_tensors(
         *m, {{k + ".lora_down.weight", at::zeros({4, 31})}, {k + ".lora_up.weight", at::zeros({32, 4})}}, {"x", 1, 1},
         false);
     ADD_FAILURE() << "expected FormatError";
   } catch (const FormatError& e) {
     EXPECT_NE(std::string(e.what()).find("lora_down.weight' has shape"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(pipelines::apply_lora_tensors(*m, {{"lora_te1_text_model_x.lora_down.weight", at::zeros({1})}},
+  EXPECT_THROW(loaders::apply_lora_tensors(*m, {{"lora_te1_text_model_x.lora_down.weight", at::zeros({1})}},
                                              {"x", 1, 1}, false),
                Unsupported);
-  EXPECT_EQ(pipelines::count_lora_layers(*m), 0);
+  EXPECT_EQ(loaders::count_lora_layers(*m), 0);
 }
 
 TEST(LoRANamesUnit, TableParsesEveryLayout) {
-  using io::LoRARole;
-  auto k = io::parse_lora_key("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight");
+  using loaders::LoRARole;
+  auto k = loaders::parse_lora_key("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight");
   ASSERT_TRUE(k);
   EXPECT_TRUE(k->flat);
   EXPECT_EQ(k->module, "down_blocks_0_attentions_0_proj_in");
   EXPECT_EQ(k->role, LoRARole::Down);
-  EXPECT_EQ(k->format, io::LoRAKeyFormat::Kohya);
-  k = io::parse_lora_key("unet.mid_block.attentions.0.proj_in.lora.up.weight");
+  EXPECT_EQ(k->format, loaders::LoRAKeyFormat::Kohya);
+  k = loaders::parse_lora_key("unet.mid_block.attentions.0.proj_in.lora.up.weight");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->module, "mid_block.attentions.0.proj_in");
   EXPECT_EQ(k->role, LoRARole::Up);
-  EXPECT_EQ(k->format, io::LoRAKeyFormat::Diffusers);
-  k = io::parse_lora_key("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight");
+  EXPECT_EQ(k->format, loaders::LoRAKeyFormat::Diffusers);
+  k = loaders::parse_lora_key("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight");
   ASSERT_TRUE(k);
-  EXPECT_EQ(k->component, io::LoRAComponent::TextEncoder);
+  EXPECT_EQ(k->component, loaders::LoRAComponent::TextEncoder);
   EXPECT_EQ(k->module, "text_model.encoder.layers.0.mlp.fc1");
-  k = io::parse_lora_key("base_model.model.text_model.encoder.layers.1.self_attn.k_proj.lora_B.weight");
+  k = loaders::parse_lora_key("base_model.model.text_model.encoder.layers.1.self_attn.k_proj.lora_B.weight");
   ASSERT_TRUE(k);
-  EXPECT_EQ(k->component, io::LoRAComponent::TextEncoder);
-  EXPECT_EQ(k->format, io::LoRAKeyFormat::PEFT);
-  k = io::parse_lora_key(
+  EXPECT_EQ(k->component, loaders::LoRAComponent::TextEncoder);
+  EXPECT_EQ(k->format, loaders::LoRAKeyFormat::PEFT);
+  k = loaders::parse_lora_key(
       "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->module, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0");
-  k = io::parse_lora_key("text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.up.weight");
+  k = loaders::parse_lora_key("text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.up.weight");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->module, "text_model.encoder.layers.0.self_attn.k_proj");
-  k = io::parse_lora_key("lora_unet_x.lokr_w1_a");
+  k = loaders::parse_lora_key("lora_unet_x.lokr_w1_a");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->role, LoRARole::LokrW1A);
-  k = io::parse_lora_key("lora_unet_x.hada_t2");
+  k = loaders::parse_lora_key("lora_unet_x.hada_t2");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->role, LoRARole::HadaT2);
-  EXPECT_FALSE(io::parse_lora_key("model.diffusion_model.input_blocks.0.0.weight"));
-  EXPECT_THROW(io::parse_lora_key("lora_unet_x.diff_b"), Unsupported);
-  EXPECT_EQ(io::unflatten_ldm_unet_name("input_blocks_4_1_transformer_blocks_0_attn2_to_out_0"),
+  EXPECT_FALSE(loaders::parse_lora_key("model.diffusion_model.input_blocks.0.0.weight"));
+  EXPECT_THROW(loaders::parse_lora_key("lora_unet_x.diff_b"), Unsupported);
+  EXPECT_EQ(loaders::unflatten_ldm_unet_name("input_blocks_4_1_transformer_blocks_0_attn2_to_out_0"),
             "input_blocks.4.1.transformer_blocks.0.attn2.to_out.0");
-  EXPECT_EQ(io::unflatten_ldm_unet_name("output_blocks_2_0_skip_connection"), "output_blocks.2.0.skip_connection");
-  EXPECT_EQ(io::unflatten_ldm_unet_name("down_blocks_0_resnets_0_conv1"), "");
+  EXPECT_EQ(loaders::unflatten_ldm_unet_name("output_blocks_2_0_skip_connection"), "output_blocks.2.0.skip_connection");
+  EXPECT_EQ(loaders::unflatten_ldm_unet_name("down_blocks_0_resnets_0_conv1"), "");
+}
+
+// One row per layout: every supported row's keys are recognised, every refused row's keys are an Unsupported
+// error naming the key.
+TEST(LoRANamesUnit, EveryRowOfTheLayoutTableIsRecognised) {
+  const std::map<std::string, std::string> sample = {
+      {"diffusers LoRA", "unet.mid_block.attentions.0.proj_in.lora.down.weight"},
+      {"PEFT LoRA", "base_model.model.mid_block.attentions.0.proj_in.lora_A.weight"},
+      {"kohya/A1111 LoRA and LoCon", "lora_unet_mid_block_attentions_0_proj_in.lora_mid.weight"},
+      {"LyCORIS LoHa", "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a"},
+      {"LyCORIS LoKr", "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w2"},
+      {"LyCORIS full", "lora_unet_mid_block_attentions_0_proj_in.diff"},
+      {"DoRA (PEFT)", "base_model.model.mid_block.attentions.0.proj_in.lora_magnitude_vector"},
+      {"DoRA (LyCORIS / kohya)", "lora_unet_mid_block_attentions_0_proj_in.dora_scale"},
+      {"SDXL text encoders", "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"},
+      {"bias, norm, OFT and embedding adapters", "lora_unet_mid_block_attentions_0_proj_in.oft_blocks"},
+  };
+  const auto rows = loaders::lora_layouts();
+  EXPECT_EQ(rows.size(), sample.size());
+  for (const auto& row : rows) {
+    SCOPED_TRACE(row.name);
+    ASSERT_TRUE(sample.count(row.name)) << "a new row needs a sample key here";
+    EXPECT_FALSE(row.reference.empty());
+    const std::string& key = sample.at(row.name);
+    if (row.supported) {
+      EXPECT_TRUE(loaders::parse_lora_key(key).has_value()) << key;
+    } else {
+      try {
+        loaders::parse_lora_key(key);
+        ADD_FAILURE() << key << ": expected Unsupported";
+      } catch (const Unsupported& e) {
+        EXPECT_NE(std::string(e.what()).find(key), std::string::npos) << e.what();
+      }
+    }
+  }
 }
 
 TEST(LoRAPromptUnit, A1111TagsAreParsedAndStripped) {
   std::vector<LoRASpec> v;
-  EXPECT_EQ(pipelines::extract_prompt_loras("a <lora:foo:0.7> cat <lora:bar>, <hypernet:x:1> <lyco:baz:0.5:0.25>", v),
+  EXPECT_EQ(loaders::extract_prompt_loras("a <lora:foo:0.7> cat <lora:bar>, <hypernet:x:1> <lyco:baz:0.5:0.25>", v),
             "a  cat , <hypernet:x:1> ");
   ASSERT_EQ(v.size(), 3u);
   EXPECT_EQ(v[0].path, "foo");
@@ -561,34 +640,34 @@ TEST(LoRAPromptUnit, A1111TagsAreParsedAndStripped) {
   EXPECT_DOUBLE_EQ(v[2].text_encoder_scale, 0.5);
   EXPECT_DOUBLE_EQ(v[2].unet_scale, 0.25);
   v.clear();
-  pipelines::extract_prompt_loras("<lora:n:unet=0.2:te=0.4>", v);
+  loaders::extract_prompt_loras("<lora:n:unet=0.2:te=0.4>", v);
   ASSERT_EQ(v.size(), 1u);
   EXPECT_DOUBLE_EQ(v[0].unet_scale, 0.2);
   EXPECT_DOUBLE_EQ(v[0].text_encoder_scale, 0.4);
-  EXPECT_THROW(pipelines::extract_prompt_loras("x <lora:foo:abc>", v), InvalidArgument);
-  EXPECT_THROW(pipelines::extract_prompt_loras("x <lora:>", v), InvalidArgument);
+  EXPECT_THROW(loaders::extract_prompt_loras("x <lora:foo:abc>", v), InvalidArgument);
+  EXPECT_THROW(loaders::extract_prompt_loras("x <lora:>", v), InvalidArgument);
   try {
-    pipelines::resolve_lora_name(temp_dir(), "missing_one");
+    loaders::resolve_lora_name(temp_dir(), "missing_one");
     ADD_FAILURE() << "expected InvalidArgument";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("missing_one"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(pipelines::resolve_lora_name("", "x"), InvalidArgument);
+  EXPECT_THROW(loaders::resolve_lora_name("", "x"), InvalidArgument);
 
-  auto s = pipelines::parse_lora_arg("dir/file.safetensors:0.7");
+  auto s = loaders::parse_lora_arg("dir/file.safetensors:0.7");
   EXPECT_EQ(s.path, "dir/file.safetensors");
   EXPECT_DOUBLE_EQ(s.unet_scale, 0.7);
-  s = pipelines::parse_lora_arg("dir/file.safetensors");
+  s = loaders::parse_lora_arg("dir/file.safetensors");
   EXPECT_EQ(s.path, "dir/file.safetensors");
   EXPECT_DOUBLE_EQ(s.unet_scale, 1.0);
-  s = pipelines::parse_lora_arg("C:/x.safetensors");
+  s = loaders::parse_lora_arg("C:/x.safetensors");
   EXPECT_EQ(s.path, "C:/x.safetensors");
-  s = pipelines::parse_lora_arg("a:b/x.safetensors:-1.5");
+  s = loaders::parse_lora_arg("a:b/x.safetensors:-1.5");
   EXPECT_EQ(s.path, "a:b/x.safetensors");
   EXPECT_DOUBLE_EQ(s.text_encoder_scale, -1.5);
-  EXPECT_THROW(pipelines::parse_lora_arg(":0.5"), InvalidArgument);
-  EXPECT_EQ(pipelines::parse_lora_mode("runtime"), LoRAMode::Runtime);
-  EXPECT_THROW(pipelines::parse_lora_mode("fused"), InvalidArgument);
+  EXPECT_THROW(loaders::parse_lora_arg(":0.5"), InvalidArgument);
+  EXPECT_EQ(loaders::parse_lora_mode("runtime"), LoRAMode::Runtime);
+  EXPECT_THROW(loaders::parse_lora_mode("fused"), InvalidArgument);
 }
 
 // ------------------------------------------------------------------ dmx::generate with LoRAs (what the CLI runs)

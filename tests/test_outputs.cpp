@@ -24,7 +24,7 @@
 #include "core/image.h"
 #include "dmx/dmx.h"
 #include "dmx/train.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "test_util.h"
 #include "tiny_models.h"
 #include "training/dataset.h"
@@ -376,7 +376,7 @@ struct MemorySource : tr::BatchSource {
 // trainable.safetensors is in the temporary folder).
 struct SignalInCheckpoint : tr::LoRARecipe {
   int sig, at, calls = 0;
-  SignalInCheckpoint(std::shared_ptr<pipelines::StableDiffusionModels> m, int sig_, int at_)
+  SignalInCheckpoint(std::shared_ptr<loaders::StableDiffusionModels> m, int sig_, int at_)
       : tr::LoRARecipe(std::move(m), tr::LoRATrainOptions{}, tr::LoRASaveFormat::Diffusers), sig(sig_), at(at_) {}
   io::TensorMap extra_state() override {
     if (++calls == at) ::raise(sig);
@@ -402,7 +402,7 @@ TEST(OutputsTrainChildTiny, RaiseDuringCheckpoint) {
   if (!dir) GTEST_SKIP() << "run by OutputsTrainTiny.SignalDuringCheckpoint";
   install_temp_file_cleanup();
   const int sig = std::atoi(std::getenv("DMX_TEST_SIGNAL"));
-  auto recipe = std::make_shared<SignalInCheckpoint>(pipelines::load_stable_diffusion(tiny_model_dir("test")), sig, 2);
+  auto recipe = std::make_shared<SignalInCheckpoint>(loaders::load_stable_diffusion(tiny_model_dir("test")), sig, 2);
   tr::Trainer t(small_config(dir, 3), recipe, std::make_shared<MemorySource>());
   t.run();
 }
@@ -437,7 +437,7 @@ TEST(OutputsTrainTiny, SignalDuringCheckpoint) {
   write_file(d + "/notes.tmp.999999", "not a name the trainer writes");
   fs::create_directories(d + "/checkpoint-7.tmp.1");  // pid 1 runs: not stale
   // Resuming removes the dead run's temporary, keeps the rest, and goes on from checkpoint-1.
-  auto recipe = std::make_shared<tr::LoRARecipe>(pipelines::load_stable_diffusion(tiny_model_dir("test")),
+  auto recipe = std::make_shared<tr::LoRARecipe>(loaders::load_stable_diffusion(tiny_model_dir("test")),
                                                  tr::LoRATrainOptions{}, tr::LoRASaveFormat::Diffusers);
   tr::TrainConfig c = small_config(d, 2);
   c.resume_from_checkpoint = d;
@@ -462,7 +462,7 @@ std::vector<int64_t> logged_steps(const std::string& dir) {
 TEST(OutputsTrainTiny, ResumeCutsTheLogBackToTheCheckpoint) {
   const std::string d = fresh("log");
   auto run = [&](int64_t steps, const std::string& resume) {
-    auto recipe = std::make_shared<tr::LoRARecipe>(pipelines::load_stable_diffusion(tiny_model_dir("test")),
+    auto recipe = std::make_shared<tr::LoRARecipe>(loaders::load_stable_diffusion(tiny_model_dir("test")),
                                                    tr::LoRATrainOptions{}, tr::LoRASaveFormat::Diffusers);
     tr::TrainConfig c = small_config(d, steps);
     c.resume_from_checkpoint = resume;

@@ -14,7 +14,7 @@
 #include "dmx/error.h"
 #include "extensions/attention_maps.h"
 #include "extensions/prompt_to_prompt.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/null_text_inversion.h"
 #include "pipelines/prompt_to_prompt.h"
 #include "test_ref_cases.h"
@@ -27,10 +27,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::shared_ptr<pipelines::StableDiffusionModels> p2p_model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+std::shared_ptr<loaders::StableDiffusionModels> p2p_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 

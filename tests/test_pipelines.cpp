@@ -4,7 +4,7 @@
 
 #include "core/image.h"
 #include "dmx/error.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "test_util.h"
 #include "tiny_models.h"
@@ -20,10 +20,10 @@ std::string short_scheduler(const std::string& cls) {
   return m.at(cls);
 }
 
-std::shared_ptr<pipelines::StableDiffusionModels> load_model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+std::shared_ptr<loaders::StableDiffusionModels> load_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 

@@ -1,7 +1,8 @@
 // Scheduler tests: step-by-step golden comparison with diffusers 0.27.2 (ref/<variant>/schedulers.*),
 // config parsing and validation (from_config semantics), the factory, runtime errors, and
-// hand-computed v-prediction steps. Suites: SchedulerCaseGolden, SchedulerCoverageGolden, SchedulerPipelinesGolden
-// (fixtures); SchedulerConfigUnit, SchedulerFactoryUnit, SchedulerStepUnit. Golden cases are
+// hand-computed v-prediction steps, and the registry (every row round-trips; the README's table is the
+// registry). Suites: SchedulerCaseGolden, SchedulerCoverageGolden, SchedulerPipelinesGolden (fixtures);
+// SchedulerConfigUnit, SchedulerFactoryUnit, SchedulerRegistryUnit, SchedulerStepUnit. Golden cases are
 // SchedulerGolden/SchedulerCaseGolden.*/<variant>_<case>.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -14,8 +15,10 @@
 #include <set>
 
 #include "core/fs.h"
+#include "dmx/dmx.h"
 #include "dmx/error.h"
 #include "io/safetensors.h"
+#include "schedulers/registry.h"
 #include "schedulers/scheduler.h"
 #include "schedulers/scheduler_impl.h"
 #include "test_util.h"
@@ -436,6 +439,72 @@ TEST(SchedulerFactoryUnit, Names) {
   EXPECT_EQ(k->config().algorithm_type, "dpmsolver++");
   EXPECT_TRUE(k->config().use_karras_sigmas);
   EXPECT_FALSE(S::create_scheduler("dpmpp_2m", dpm3)->config().use_karras_sigmas);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Registry: every row goes name -> scheduler -> class name -> A1111 label -> name, through the factory, the
+// PNG metadata (format_parameters / parse_parameters, what --from reads) and the name of a model's own
+// scheduler config.
+
+TEST(SchedulerRegistry, EveryRowRoundTrips) {
+  std::set<std::string> names, labels;
+  for (const auto& row : S::scheduler_registry()) {
+    SCOPED_TRACE(row.name);
+    EXPECT_TRUE(names.insert(row.name).second) << "duplicate name";
+    EXPECT_TRUE(row.overrides.is_object());
+    const auto sched = S::create_scheduler(row.name, sd_scheduler_config());
+    EXPECT_EQ(sched->class_name(), row.class_name());
+    for (const auto& [key, value] : row.overrides.items())
+      EXPECT_EQ(sched->config().to_json().at(key), value) << key;
+    // A model whose own config is what the row produces is named by the row (the metadata of its images).
+    json own = sd_scheduler_config();
+    own["_class_name"] = row.class_name();
+    for (const auto& [key, value] : row.overrides.items()) own[key] = value;
+    EXPECT_EQ(S::scheduler_name_for_config(own), row.name);
+    if (row.a1111_label.empty()) {  // not a sampler: generation does not offer it
+      EXPECT_EQ(S::sampler_for_label(row.name), "");
+      const std::vector<std::string> offered = dmx::scheduler_names();
+      EXPECT_EQ(std::count(offered.begin(), offered.end(), row.name), 0);
+      continue;
+    }
+    EXPECT_TRUE(labels.insert(row.a1111_label).second) << "duplicate label " << row.a1111_label;
+    EXPECT_EQ(S::sampler_label(row.name), row.a1111_label);
+    EXPECT_EQ(S::sampler_for_label(row.a1111_label), row.name);
+    EXPECT_EQ(S::sampler_for_label(row.name), row.name);
+    dmx::GenerateOptions o;
+    o.prompt = "a lighthouse";
+    o.scheduler = row.name;
+    const std::string text = dmx::format_parameters(o, 7, 64, 64, "model", "");
+    EXPECT_NE(text.find("Sampler: " + row.a1111_label + ","), std::string::npos) << text;
+    EXPECT_EQ(dmx::parse_parameters(text).scheduler, row.name) << text;
+  }
+  EXPECT_EQ(S::scheduler_names().size(), S::scheduler_registry().size());
+  // A config no row reproduces keeps its class name; one that no class accepts too.
+  json dpm3 = sd_scheduler_config();
+  dpm3["_class_name"] = "DPMSolverMultistepScheduler";
+  dpm3["solver_order"] = 3;
+  EXPECT_EQ(S::scheduler_name_for_config(dpm3), "DPMSolverMultistepScheduler");
+  json unknown = sd_scheduler_config();
+  unknown["_class_name"] = "UniPCMultistepScheduler";
+  EXPECT_EQ(S::scheduler_name_for_config(unknown), "UniPCMultistepScheduler");
+  EXPECT_EQ(S::sampler_for_label("DPM++ SDE Karras"), "");
+}
+
+// The README's scheduler table and the --scheduler choices of its synopsis are the registry.
+TEST(SchedulerRegistry, ReadmeTableIsTheRegistry) {
+  const std::string readme = dmx::read_text_file(std::string(DMX_SOURCE_DIR) + "/README.md", "README");
+  const size_t begin = readme.find("<!-- schedulers:begin");
+  const size_t end = readme.find("<!-- schedulers:end -->");
+  ASSERT_NE(begin, std::string::npos) << "README.md has no <!-- schedulers:begin ... --> marker";
+  ASSERT_NE(end, std::string::npos) << "README.md has no <!-- schedulers:end --> marker";
+  const size_t first = readme.find('\n', begin) + 1;
+  EXPECT_EQ(readme.substr(first, end - first), S::scheduler_table_markdown())
+      << "README.md's scheduler table differs from the registry; paste this between the markers:\n"
+      << S::scheduler_table_markdown();
+  std::string choices;
+  for (const auto& n : dmx::scheduler_names()) choices += (choices.empty() ? "" : "|") + n;
+  EXPECT_NE(readme.find("[--scheduler " + choices + "]"), std::string::npos)
+      << "README.md's generate synopsis should read [--scheduler " << choices << "]";
 }
 
 // Every short name from a model's scheduler_config.json runs 3 steps of the dummy model.

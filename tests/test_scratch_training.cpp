@@ -15,7 +15,7 @@
 #include "io/safetensors.h"
 #include "models/clip_bpe_trainer.h"
 #include "models/clip_tokenizer.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -177,7 +177,7 @@ TEST(InitModelTiny, SeededFreshWeightsThatLoad) {
   ASSERT_EQ(ta.size(), tb.size());
   for (const auto& [k, v] : ta) EXPECT_TRUE(at::equal(v, tb.at(k))) << k;
   EXPECT_FALSE(at::equal(ta.at("conv_in.weight"), tc.at("conv_in.weight")));
-  auto m = pipelines::load_stable_diffusion(a);
+  auto m = loaders::load_stable_diffusion(a);
   EXPECT_EQ(m->unet->config().sample_size, 8);
   // transformers' CLIP initialisation: token embeddings N(0, 0.02), layer norms at identity.
   auto te = io::load_safetensors(a + "/text_encoder/model.safetensors");
@@ -290,7 +290,7 @@ TEST(ConvertWeightsTiny, Fp16CopyLoadsWithinRounding) {
     EXPECT_TRUE(at::allclose(b.at(k).to(at::kFloat), v, 1e-3, 1e-4)) << k;
   }
   EXPECT_TRUE(path_exists(o.output + "/tokenizer/vocab.json"));
-  auto m = pipelines::load_stable_diffusion(o.output);  // fp16 storage loads into the float32 model
+  auto m = loaders::load_stable_diffusion(o.output);  // fp16 storage loads into the float32 model
   EXPECT_EQ(m->vae->parameters().front().scalar_type(), at::kFloat);
   o.dtype = "int8";
   o.output = test::temp_dir() + "/convert_bad";

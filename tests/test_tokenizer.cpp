@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "core/fs.h"
+#include "core/utf8.h"
 #include "dmx/error.h"
 #include "models/clip_tokenizer.h"
 #include "models/clip_unicode.h"
@@ -205,7 +206,7 @@ TEST(ClipTokenizerUnit, AllCodePointsNeverCrash) {
     if (cp >= 0xD800 && cp < 0xE000) continue;
     chunk.push_back(cp);
     if (chunk.size() == 4096 || cp == 0x10FFFF) {
-      n_tokens += tok.encode(models::unicode::encode_utf8(chunk)).size();
+      n_tokens += tok.encode(dmx::encode_utf8(chunk)).size();
       chunk.clear();
     }
   }
@@ -257,6 +258,22 @@ TEST(ClipTokenizerUnit, MergesHeaderIsSkippedAndRanksApply) {
   write_file(dir + "/vocab.json", nlohmann::json(vocab).dump());
   write_file(dir + "/merges.txt", "a b\nb c</w>\r\n");
   EXPECT_EQ(CLIPTokenizer::from_folder(dir).tokenize("abc"), (std::vector<std::string>{"a", "bc</w>"}));
+}
+
+// decode / convert_tokens_to_string: transformers' byte-level decoding, "</w>" -> " ", strip; a token that holds
+// part of a character decodes to U+FFFD as Python's errors="replace" does ("Ã" is the symbol of byte 0xC3,
+// "©" of 0xA9: "Ã©" is "é").
+TEST(ClipTokenizerUnit, DecodeInvertsTheByteLevelBpe) {
+  std::unordered_map<std::string, int64_t> vocab{{"<|startoftext|>", 0}, {"<|endoftext|>", 1}, {"a", 2},
+                                                 {"b", 3},  {"c</w>", 4}, {"ab", 5}, {"bc</w>", 6}};
+  const CLIPTokenizer t(vocab, {{"b", "c</w>"}, {"a", "b"}});
+  EXPECT_EQ(t.decode(t.encode("abc"), /*skip_special_tokens=*/true), "abc");
+  EXPECT_EQ(t.decode({2, 4, 3, 4}), "ac bc");
+  EXPECT_EQ(t.id_to_token(6), "bc</w>");
+  expect_throw_with<InvalidArgument>([&] { t.id_to_token(99); }, "99");
+  EXPECT_EQ(t.convert_tokens_to_string({"\xc3\x83\xc2\xa9</w>"}), "\xc3\xa9");  // "Ã©</w>" -> "é"
+  EXPECT_EQ(t.convert_tokens_to_string({"\xc3\x83"}), "\xef\xbf\xbd");          // "Ã" alone -> U+FFFD
+  EXPECT_EQ(t.convert_tokens_to_string({"a</w>", "bc</w>"}), "a bc");
 }
 
 TEST(ClipTokenizerUnit, FileErrorsNameThePath) {

@@ -11,14 +11,15 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "api/train_sampler.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "dmx/train.h"
 #include "io/safetensors.h"
 #include "models/unet_2d_condition.h"
 #include "nn/lora.h"
-#include "pipelines/lora_loader.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/lora_loader.h"
+#include "loaders/model_bundle.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "tiny_models.h"
@@ -34,7 +35,7 @@ namespace tr = dmx::training;
 
 namespace {
 
-std::shared_ptr<pipelines::StableDiffusionModels> fresh_model(const std::string& variant = "test") {
+std::shared_ptr<loaders::StableDiffusionModels> fresh_model(const std::string& variant = "test") {
   return load_tiny_model(variant);
 }
 
@@ -73,6 +74,7 @@ tr::TrainConfig base_config(const std::string& name, int64_t steps) {
   c.quiet = true;
   c.save_final_checkpoint = false;
   c.seed = 3;
+  c.sample_images = api::pipeline_sampler();  // validation images, when a test asks for them
   return c;
 }
 
@@ -101,7 +103,7 @@ io::TensorMap params_of(tr::Recipe& r) {
   return m;
 }
 
-at::Tensor unet_out(pipelines::StableDiffusionModels& m, uint64_t seed = 11) {
+at::Tensor unet_out(loaders::StableDiffusionModels& m, uint64_t seed = 11) {
   at::NoGradGuard no_grad;
   at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
   models::UNetInputs in;
@@ -197,7 +199,7 @@ TEST(TrainLoRATiny, ParameterCountEqualsFormula) {
     int unet_layers = 0, te_layers = 0;
     for (const auto& L : net.layers()) {
       formula += L.conv ? 3 * (L.in * L.kh * L.kw + L.out) : 3 * (L.in + L.out);
-      (L.component == io::LoRAComponent::UNet ? unet_layers : te_layers)++;
+      (L.component == loaders::LoRAComponent::UNet ? unet_layers : te_layers)++;
     }
     EXPECT_EQ(net.num_parameters(), formula) << targets;
     EXPECT_EQ(tr::lora_parameter_formula(net.layers(), 3), formula);
@@ -318,7 +320,7 @@ TEST(TrainLoRATiny, SavedFilesLoadBackAndMatchTheMergeFormula) {
       weights["text_encoder." + item.key()] = item.value();
     for (const auto& L : net.layers()) {
       const std::string key =
-          std::string(L.component == io::LoRAComponent::UNet ? "unet." : "text_encoder.") + L.module + ".weight";
+          std::string(L.component == loaders::LoRAComponent::UNet ? "unet." : "text_encoder.") + L.module + ".weight";
       at::Tensor& w = weights.at(key);
       const at::Tensor d = at::matmul(L.up.detach().reshape({L.out, -1}), L.down.detach().reshape({4, -1}));
       w.add_(d.reshape(w.sizes()) * 2.0);
@@ -352,16 +354,16 @@ TEST(TrainLoRATiny, SavedFilesLoadBackAndMatchTheMergeFormula) {
       }
     }
     auto loaded = fresh_model();
-    pipelines::LoRAApplyOptions ao;
-    ao.mode = pipelines::LoRAMode::Merged;
-    const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(path)}, ao);  // strict
+    loaders::LoRAApplyOptions ao;
+    ao.mode = loaders::LoRAMode::Merged;
+    const auto reps = loaders::apply_loras(*loaded, {loaders::parse_lora_arg(path)}, ao);  // strict
     ASSERT_EQ(reps.size(), 1u);
     EXPECT_TRUE(reps[0].unmatched.empty());
     EXPECT_EQ(reps[0].unet_layers + reps[0].text_encoder_layers, n_layers) << fmt;
     EXPECT_EQ(reps[0].format, fmt);
     DMX_EXPECT_CLOSE(std::string("loaded ") + fmt + " LoRA (merged) vs W + alpha/r * B@A", unet_out(*loaded),
                      manual_out, 1e-5);
-    pipelines::set_lora_mode(*loaded, pipelines::LoRAMode::Runtime);
+    loaders::set_lora_mode(*loaded, loaders::LoRAMode::Runtime);
     DMX_EXPECT_CLOSE(std::string("loaded ") + fmt + " LoRA (runtime) vs W + alpha/r * B@A", unet_out(*loaded),
                      manual_out, 1e-5);
   }
@@ -467,7 +469,7 @@ TEST(TrainFinetuneTiny, SavesADiffusersFolderThatLoads) {
   tr::Trainer t(c, recipe, std::make_shared<MemorySource>(2, 32, 2));
   const tr::TrainResult r = t.run();
   EXPECT_EQ(r.steps, 2);
-  auto loaded = pipelines::load_stable_diffusion(c.output);
+  auto loaded = loaders::load_stable_diffusion(c.output);
   // The saved UNet holds the EMA weights: compare with the EMA of the last checkpoint... the saved folder
   // must differ from the base model and load strictly.
   const at::Tensor base = unet_out(*fresh_model());
@@ -482,7 +484,7 @@ TEST(TrainFinetuneTiny, SavesADiffusersFolderThatLoads) {
   c2.output = temp_dir() + "/finetuned2";
   tr::Trainer t2(c2, recipe2, std::make_shared<MemorySource>(2, 32, 2));
   t2.run();
-  auto loaded2 = pipelines::load_stable_diffusion(c2.output);
+  auto loaded2 = loaders::load_stable_diffusion(c2.output);
   DMX_EXPECT_CLOSE("finetuned UNet reloaded from the diffusers folder", unet_out(*loaded2), unet_out(*m2), 0.0);
 }
 
@@ -495,11 +497,11 @@ TEST(TrainDreamBoothTiny, PriorPreservationGeneratesClassImagesAndTrains) {
   ci.num_class_images = 2;
   ci.resolution = 32;
   ci.num_inference_steps = 2;
-  EXPECT_EQ(tr::generate_class_images(m, ci), 2);
+  EXPECT_EQ(tr::generate_class_images(m, ci, api::pipeline_sampler()), 2);
   EXPECT_EQ(tr::list_images(cls).size(), 2u);
-  EXPECT_EQ(tr::generate_class_images(m, ci), 0);  // folder already full
+  EXPECT_EQ(tr::generate_class_images(m, ci, api::pipeline_sampler()), 0);  // folder already full
   ci.num_class_images = 3;
-  EXPECT_EQ(tr::generate_class_images(m, ci), 1);  // short by one
+  EXPECT_EQ(tr::generate_class_images(m, ci, api::pipeline_sampler()), 1);  // short by one
 
   // Prior loss: instance rows then class rows.
   tr::LoRATrainOptions o;
@@ -620,7 +622,7 @@ TEST(TrainTiny, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
   ci.num_class_images = 2;
   ci.resolution = 32;
   ci.num_inference_steps = 1;
-  tr::generate_class_images(m, ci);
+  tr::generate_class_images(m, ci, api::pipeline_sampler());
   for (const auto& img : tr::list_images(data)) {
     const std::string txt = img.substr(0, img.size() - 4) + ".txt";
     const std::string cap = "a red square";
@@ -646,7 +648,7 @@ TEST(TrainTiny, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
   EXPECT_TRUE(fs::exists(out + ".train/checkpoint-2/optimizer.safetensors"));
   EXPECT_TRUE(fs::exists(out + ".train/train_log.jsonl"));
   auto loaded = fresh_model();
-  const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(out)}, {});
+  const auto reps = loaders::apply_loras(*loaded, {loaders::parse_lora_arg(out)}, {});
   EXPECT_TRUE(reps[0].unmatched.empty());
   EXPECT_GT(reps[0].unet_layers, 0);
 }
@@ -666,7 +668,7 @@ std::string make_image_folder(const std::string& name, int count) {
     ci.resolution = 32;
     ci.num_inference_steps = 1;
     ci.seed = static_cast<uint64_t>(k);
-    tr::generate_class_images(m, ci);
+    tr::generate_class_images(m, ci, api::pipeline_sampler());
   }
   const auto imgs = tr::list_images(data);
   for (size_t k = 0; k < imgs.size(); ++k) {
@@ -879,7 +881,7 @@ TEST(TrainTiny, DreamBoothLoRAWithPriorPreservationGeneratesClassImages) {
   EXPECT_EQ(train(o).output, out);
   EXPECT_EQ(tr::list_images(cls).size(), 3u);
   auto loaded = fresh_model();
-  const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(out)}, {});
+  const auto reps = loaders::apply_loras(*loaded, {loaders::parse_lora_arg(out)}, {});
   EXPECT_TRUE(reps[0].unmatched.empty());
   EXPECT_GT(reps[0].unet_layers, 0);
 }

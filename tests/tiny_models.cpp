@@ -52,13 +52,13 @@ std::string tiny_model_dir(const std::string& variant, uint64_t seed) {
   return dir;
 }
 
-std::shared_ptr<pipelines::StableDiffusionModels> load_tiny_model(const std::string& variant) {
-  return pipelines::load_stable_diffusion(tiny_model_dir(variant));
+std::shared_ptr<loaders::StableDiffusionModels> load_tiny_model(const std::string& variant) {
+  return loaders::load_stable_diffusion(tiny_model_dir(variant));
 }
 
-std::shared_ptr<pipelines::StableDiffusionModels> shared_tiny_model(const std::string& variant) {
+std::shared_ptr<loaders::StableDiffusionModels> shared_tiny_model(const std::string& variant) {
   note_use(kUsedTinyModel);
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
   if (!m) m = load_tiny_model(variant);
   return m;
@@ -71,7 +71,7 @@ std::string tiny_controlnet_dir(const std::string& variant, uint64_t seed) {
   static std::map<std::pair<std::string, uint64_t>, std::string> made;
   std::string& dir = made[{variant, seed}];
   if (dir.empty()) {
-    auto m = pipelines::load_stable_diffusion(model_dir);
+    auto m = loaders::load_stable_diffusion(model_dir);
     models::ControlNetModel net = training::controlnet_from_unet(m->unet, 3, m->vae_scale_factor());
     at::NoGradGuard no_grad;
     at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
@@ -100,7 +100,7 @@ std::string tiny_lora_file(const std::string& variant, const std::string& format
   static std::map<std::tuple<std::string, std::string, uint64_t>, std::string> made;
   std::string& path = made[{variant, format, seed}];
   if (path.empty()) {
-    auto m = pipelines::load_stable_diffusion(model_dir);
+    auto m = loaders::load_stable_diffusion(model_dir);
     training::LoRATrainOptions o;
     o.train_text_encoder = true;
     training::LoRANetwork net(*m, o, seed);

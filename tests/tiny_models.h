@@ -12,7 +12,7 @@
 #include <string>
 
 #include "models/clip_tokenizer.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 
 namespace dmx::test {
 
@@ -25,9 +25,9 @@ std::string tiny_config_dir(const std::string& variant);  // tests/data/tiny-sd/
 std::string tiny_model_dir(const std::string& variant = "test", uint64_t seed = 0);
 
 // That folder loaded: a fresh copy on every call (tests may modify it).
-std::shared_ptr<pipelines::StableDiffusionModels> load_tiny_model(const std::string& variant = "test");
+std::shared_ptr<loaders::StableDiffusionModels> load_tiny_model(const std::string& variant = "test");
 // Loaded once per process and shared: for tests that leave the model as they found it.
-std::shared_ptr<pipelines::StableDiffusionModels> shared_tiny_model(const std::string& variant = "test");
+std::shared_ptr<loaders::StableDiffusionModels> shared_tiny_model(const std::string& variant = "test");
 
 // A ControlNet folder (config.json + diffusion_pytorch_model.safetensors) for tiny_model_dir(variant): the
 // UNet's encoder copied as training starts (training::init_controlnet), then every zero convolution (the

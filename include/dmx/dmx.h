@@ -101,7 +101,8 @@ std::string model_hash_file(const std::string& model);
 // ignored, so a write past `ulimit -f` fails like a full disk (SystemError) instead of killing the process.
 void install_signal_cleanup();
 
-// Names accepted by GenerateOptions::scheduler.
+// Names accepted by GenerateOptions::scheduler: the samplers of the scheduler registry
+// (src/schedulers/registry.cpp), in its order.
 std::vector<std::string> scheduler_names();
 
 // ---------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
 #include "pipelines/diffedit.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 
 namespace dmx {
 namespace {
@@ -109,13 +109,13 @@ DiffEditResult diffedit(const DiffEditOptions& o) {
   configure_threads(o.threads);
   const uint64_t seed = api::resolve_seed(o.seed);
 
-  pipelines::LoadOptions lo;
+  loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
   lo.dtype = api::parse_dtype(o.dtype);
   lo.device = o.device;
   PhaseTimer load_timer("load");
-  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  auto models = loaders::load_stable_diffusion(o.model, lo);
   load_timer.stop();
   const int f = models->vae_scale_factor();
   DMX_CHECK_ARG(rgb.width % f == 0 && rgb.height % f == 0, "--image: width and height must be multiples of ", f,

@@ -17,17 +17,17 @@
 #include "core/utf8.h"
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
-#include "pipelines/lora_loader.h"
+#include "loaders/lora_loader.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
-#include "schedulers/scheduler.h"
+#include "schedulers/registry.h"
 
 namespace dmx {
 
 std::string version() { return "0.1.0"; }
 
-std::vector<std::string> scheduler_names() { return schedulers::scheduler_names(); }
+std::vector<std::string> scheduler_names() { return schedulers::sampler_names(); }
 
 void install_signal_cleanup() { install_temp_file_cleanup(); }
 
@@ -83,34 +83,6 @@ std::vector<Image> load_control_maps(const GenerateOptions& o) {
   return maps;
 }
 
-// The dmx name of the model's own scheduler (scheduler_config.json), so that the metadata names a
-// sampler that `--from` can re-run (a short name runs the model's config with the class swapped,
-// which is the model's own scheduler again). Unknown classes keep their diffusers name.
-std::string short_scheduler_name(const nlohmann::json& cfg) {
-  // Only names: a field of another type (the config is the model's file) is no reason to fail after the run.
-  const auto field = [&](const char* key, const auto& def) {
-    using T = std::decay_t<decltype(def)>;
-    auto it = cfg.find(key);
-    if (it == cfg.end()) return T(def);
-    try {
-      return it->template get<T>();
-    } catch (const nlohmann::json::exception&) {
-      return T(def);
-    }
-  };
-  const std::string cls = field("_class_name", std::string());
-  static const std::map<std::string, std::string> one_to_one = {
-      {"DDIMScheduler", "ddim"},   {"DDPMScheduler", "ddpm"}, {"PNDMScheduler", "pndm"},
-      {"EulerDiscreteScheduler", "euler"}, {"EulerAncestralDiscreteScheduler", "euler_a"},
-      {"HeunDiscreteScheduler", "heun"},   {"LMSDiscreteScheduler", "lms"}};
-  auto it = one_to_one.find(cls);
-  if (it != one_to_one.end()) return it->second;
-  if (cls == "DPMSolverMultistepScheduler" && field("algorithm_type", std::string("dpmsolver++")) == "dpmsolver++" &&
-      field("solver_order", 2) == 2)
-    return field("use_karras_sigmas", false) ? "dpmpp_2m_karras" : "dpmpp_2m";
-  return cls;
-}
-
 }  // namespace
 
 GenerateResult generate(const GenerateOptions& o) {
@@ -127,7 +99,7 @@ GenerateResult generate(const GenerateOptions& o) {
                 o.device, "'");
   const at::ScalarType dtype = parse_dtype(o.dtype, o.device);
   if (!o.scheduler.empty()) {
-    auto names = schedulers::scheduler_names();
+    auto names = schedulers::sampler_names();
     if (std::find(names.begin(), names.end(), o.scheduler) == names.end()) {
       std::string list;
       for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
@@ -145,16 +117,16 @@ GenerateResult generate(const GenerateOptions& o) {
                   o.canny_high, ")");
   }
   // LoRA: --lora entries, then the prompts' <lora:NAME:WEIGHT> tags (removed from the text encoded).
-  pipelines::LoRAApplyOptions lora_opts;
-  lora_opts.mode = pipelines::parse_lora_mode(o.lora_mode);
+  loaders::LoRAApplyOptions lora_opts;
+  lora_opts.mode = loaders::parse_lora_mode(o.lora_mode);
   lora_opts.allow_unmatched = o.lora_allow_unmatched;
-  std::vector<pipelines::LoRASpec> lora_specs;
-  for (const auto& l : o.loras) lora_specs.push_back(pipelines::parse_lora_arg(l));
-  std::vector<pipelines::LoRASpec> tagged;
-  const std::string prompt = pipelines::extract_prompt_loras(o.prompt, tagged);
-  const std::string negative_prompt = pipelines::extract_prompt_loras(o.negative_prompt, tagged);
+  std::vector<loaders::LoRASpec> lora_specs;
+  for (const auto& l : o.loras) lora_specs.push_back(loaders::parse_lora_arg(l));
+  std::vector<loaders::LoRASpec> tagged;
+  const std::string prompt = loaders::extract_prompt_loras(o.prompt, tagged);
+  const std::string negative_prompt = loaders::extract_prompt_loras(o.negative_prompt, tagged);
   for (auto& t : tagged) {
-    t.path = pipelines::resolve_lora_name(o.lora_dir, t.path);
+    t.path = loaders::resolve_lora_name(o.lora_dir, t.path);
     lora_specs.push_back(t);
   }
   for (const auto& l : lora_specs) DMX_CHECK_ARG(path_exists(l.path), "--lora: file not found: ", l.path);
@@ -226,22 +198,22 @@ GenerateResult generate(const GenerateOptions& o) {
                   ": 'latents' holds non-finite values (NaN or Inf), which give a black picture");
   }
 
-  pipelines::LoadOptions lo;
+  loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
   lo.dtype = dtype;
   lo.device = o.device;
   PhaseTimer load_timer("load");
-  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  auto models = loaders::load_stable_diffusion(o.model, lo);
   load_timer.stop();
   BackgroundModelHash hash(o.model);
   if (!o.mask.empty() && (o.width || o.height)) {
     api::resize_inpaint_inputs(o, models->vae_scale_factor(), init_rgb, mask);
     p.init_image = image_to_tensor(init_rgb);
   }
-  std::unique_ptr<pipelines::ScopedLoRAs> loras;
+  std::unique_ptr<loaders::ScopedLoRAs> loras;
   if (!lora_specs.empty()) {
-    loras = std::make_unique<pipelines::ScopedLoRAs>(models, lora_specs, lora_opts);
+    loras = std::make_unique<loaders::ScopedLoRAs>(models, lora_specs, lora_opts);
     if (o.progress)
       for (const auto& r : loras->reports()) log_info("lora: " + r.summary() + " (" + r.source + ")");
   }
@@ -291,7 +263,7 @@ GenerateResult generate(const GenerateOptions& o) {
   r.seed = seed;
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
   GenerateOptions meta = o;
-  if (meta.scheduler.empty()) meta.scheduler = short_scheduler_name(models->scheduler_config);
+  if (meta.scheduler.empty()) meta.scheduler = schedulers::scheduler_name_for_config(models->scheduler_config);
   const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name, hash.get())}};
   PhaseTimer write_timer("write");
   // All outputs or none (a full disk at the third image leaves nothing).

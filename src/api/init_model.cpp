@@ -7,6 +7,7 @@
 #include "api/options_util.h"
 #include "core/atomic_dir.h"
 #include "core/fs.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "dmx/train.h"
 #include "io/checkpoint.h"
@@ -27,10 +28,6 @@ int64_t count(torch::nn::Module& m) {
   int64_t n = 0;
   for (const auto& p : m.parameters()) n += p.numel();
   return n;
-}
-
-bool ends_with(const std::string& s, const std::string& tail) {
-  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
 // transformers' CLIPPreTrainedModel._init_weights for the text tower (initializer_factor 1): embeddings

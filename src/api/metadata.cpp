@@ -8,17 +8,10 @@
 
 #include "core/image.h"
 #include "dmx/dmx.h"
+#include "schedulers/registry.h"
 
 namespace dmx {
 namespace {
-
-const std::map<std::string, std::string>& sampler_labels() {
-  static const std::map<std::string, std::string> labels = {
-      {"ddim", "DDIM"},       {"ddpm", "DDPM"}, {"pndm", "PLMS"}, {"euler", "Euler"},
-      {"euler_a", "Euler a"}, {"heun", "Heun"}, {"lms", "LMS"},   {"dpmpp_2m", "DPM++ 2M"},
-      {"dpmpp_2m_karras", "DPM++ 2M Karras"}};
-  return labels;
-}
 
 std::string fmt_number(double v) {
   std::ostringstream os;
@@ -74,9 +67,8 @@ std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width
   std::ostringstream os;
   os << o.prompt << "\n";
   if (!o.negative_prompt.empty()) os << "Negative prompt: " << o.negative_prompt << "\n";
-  std::string sampler = o.scheduler;
-  auto it = sampler_labels().find(o.scheduler);
-  if (it != sampler_labels().end()) sampler = it->second;
+  std::string sampler = schedulers::sampler_label(o.scheduler);  // the registry's A1111 label
+  if (sampler.empty()) sampler = o.scheduler;
   os << "Steps: " << o.steps;
   if (!sampler.empty()) os << ", Sampler: " << sampler;
   os << ", CFG scale: " << fmt_number(o.guidance_scale) << ", Seed: " << seed << ", Size: " << width << "x" << height;
@@ -138,9 +130,7 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
     o.height = to_int("Size", v->substr(x + 1));
   }
   if (auto v = get("Sampler")) {
-    std::string name;
-    for (const auto& kv : sampler_labels())
-      if (kv.second == *v || kv.first == *v) name = kv.first;
+    const std::string name = schedulers::sampler_for_label(*v);
     DMX_CHECK_ARG(!name.empty(), "parameters: Sampler '", *v, "' is not one dmx implements");
     o.scheduler = name;
   }

@@ -17,7 +17,7 @@
 #include "core/utf8.h"
 #include "dmx/dmx.h"
 #include "extensions/attention_maps.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/null_text_inversion.h"
 #include "pipelines/prompt_to_prompt.h"
 #include "pipelines/stable_diffusion.h"
@@ -154,11 +154,11 @@ P2PResult p2p(const P2POptions& o) {
   p.seed = seed;
 
   // 2. Load.
-  pipelines::LoadOptions lo;
+  loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
   PhaseTimer load_timer("load");
-  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  auto models = loaders::load_stable_diffusion(o.model, lo);
   load_timer.stop();
   pipelines::PromptToPromptPipeline pipe(models);
   pipe.check_params(p);  // word lookups need the tokenizer only; still before any denoising

@@ -11,12 +11,14 @@
 
 #include "api/options_util.h"
 #include "api/presets.h"
+#include "api/train_sampler.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/runtime.h"
 #include "core/utf8.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "pipelines/stable_diffusion.h"
 #include "training/controlnet_init.h"
 #include "training/controlnet_train.h"
 #include "training/dataset.h"
@@ -30,6 +32,29 @@
 namespace dmx {
 
 namespace tr = dmx::training;
+
+training::SampleImages api::pipeline_sampler() {
+  return [](std::shared_ptr<loaders::StableDiffusionModels> models, const tr::SampleRequest& r) {
+    pipelines::StableDiffusionPipeline pipe(std::move(models));
+    pipelines::StableDiffusionParams p;
+    p.prompt = r.prompt;
+    p.width = r.width;
+    p.height = r.height;
+    p.num_inference_steps = r.num_inference_steps;
+    p.num_images_per_prompt = r.num_images;
+    p.guidance_scale = r.guidance_scale;
+    p.seed = r.seed;
+    p.show_progress = false;
+    if (!r.controlnet.is_empty()) {
+      pipelines::ControlNetUnit u;
+      u.model = r.controlnet;
+      u.image = r.control_image;
+      u.name = "validation image";
+      p.controlnets.push_back(u);
+    }
+    return pipe.run(p).images;
+  };
+}
 
 namespace {
 
@@ -168,6 +193,7 @@ tr::TrainConfig make_config(const TrainOptions& o) {
   // The VAE's validation pictures are reconstructions: no prompt needed.
   if (o.recipe == "vae" && c.validation_prompt.empty()) c.validation_prompt = "(reconstructions)";
   c.num_validation_images = o.num_validation_images;
+  c.sample_images = api::pipeline_sampler();
   c.quiet = o.quiet;
   return c;
 }
@@ -273,10 +299,10 @@ TrainReport train(const TrainOptions& o) {
   if (env.world_size > 1) dist = tr::Distributed::create(env, "cpu");
   const int rank = dist ? dist->rank() : 0, world = dist ? dist->world_size() : 1;
 
-  pipelines::LoadOptions lo;
+  loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
-  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  auto models = loaders::load_stable_diffusion(o.model, lo);
 
   tr::TrainConfig cfg = make_config(o);
   std::shared_ptr<tr::Recipe> recipe;
@@ -355,7 +381,7 @@ TrainReport train(const TrainOptions& o) {
         ci.resolution = o.resolution;
         ci.num_inference_steps = o.class_inference_steps;
         ci.seed = o.seed;
-        tr::generate_class_images(models, ci);
+        tr::generate_class_images(models, ci, api::pipeline_sampler());
       }
       if (dist) dist->barrier();
       cls = open_dataset(o.class_data, false);
@@ -447,7 +473,7 @@ TrainBenchResult train_bench(const TrainBenchOptions& o) {
   DMX_CHECK_ARG(o.rank > 0 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ", o.rank);
   const ModelPreset p = model_preset(o.preset);
   configure_threads(o.threads);
-  auto m = std::make_shared<pipelines::StableDiffusionModels>();
+  auto m = std::make_shared<loaders::StableDiffusionModels>();
   at::manual_seed(0);
   m->name = o.preset;
   m->text_encoder = models::CLIPTextModel(p.text);

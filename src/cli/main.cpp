@@ -44,6 +44,13 @@ const char* kUsage =
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
 
+// "ddim|ddpm|...": the scheduler registry's samplers.
+std::string scheduler_choices() {
+  std::string s;
+  for (const auto& n : dmx::scheduler_names()) s += (s.empty() ? "" : "|") + n;
+  return s;
+}
+
 int cmd_generate(int argc, char** argv) {
   using dmx::cli::OptionSpec;
   dmx::cli::Args a("generate", {
@@ -55,7 +62,7 @@ int cmd_generate(int argc, char** argv) {
       {"height", "H", "image height, a multiple of 8 (default: the model's size)"},
       {"steps", "N", "denoising steps (default 50)"},
       {"guidance-scale", "G", "classifier-free guidance scale; <= 1 disables guidance (default 7.5)"},
-      {"scheduler", "NAME", "ddim|ddpm|pndm|euler|euler_a|heun|lms|dpmpp_2m|dpmpp_2m_karras (default: the model's)"},
+      {"scheduler", "NAME", scheduler_choices() + " (default: the model's)"},
       {"eta", "E", "DDIM eta in [0, 1] (default 0)"},
       {"seed", "N", "random seed, any 64-bit value; same seed = same image as diffusers (default: random)"},
       {"num-images", "N", "images per prompt (default 1)"},

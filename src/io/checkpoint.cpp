@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/fs.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "io/ldm_names.h"
 #include "io/torch_pickle.h"
@@ -19,8 +20,6 @@ namespace dmx::io {
 namespace {
 
 using nlohmann::json;
-
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
 std::string lower_extension(const std::string& path) {
   const size_t slash = path.find_last_of('/');
@@ -45,13 +44,6 @@ json find_ldm_yaml(const std::string& path) {
       return parse_ldm_yaml(read_text_file(candidate, "LDM config", kMaxJsonFileBytes), candidate);
   }
   return nullptr;
-}
-
-std::string list_keys(const std::vector<std::string>& keys, size_t max = 8) {
-  std::string out;
-  for (size_t i = 0; i < keys.size() && i < max; ++i) out += (i ? ", " : "") + keys[i];
-  if (keys.size() > max) out += ", ... (" + std::to_string(keys.size()) + " in all)";
-  return out;
 }
 
 TensorMap load_sharded(const std::string& folder, const std::string& index_path, const std::string& component) {
@@ -135,7 +127,7 @@ TensorMap load_diffusers_component(const std::string& dir, const std::string& co
     return load_weights_file(p);
   }
   // A folder without its weights is a malformed model (invalid input), not an I/O failure.
-  throw FormatError(detail::concat(component, ": no weights found in ", folder, ": looked for ", list_keys(candidates, 99)));
+  throw FormatError(detail::concat(component, ": no weights found in ", folder, ": looked for ", join_abbreviated(candidates, 99)));
 }
 
 SingleFileCheckpoint load_single_file(const std::string& path, const std::string& config_dir) {
@@ -171,11 +163,11 @@ SingleFileCheckpoint load_single_file(const std::string& path, const std::string
   if (!n_text)
     missing.push_back(std::string("text encoder (") + kLdmClipPrefix + "* or " + kLdmOpenClipPrefix + "*)");
   DMX_CHECK_FORMAT(missing.empty(), path, ": not a complete Stable Diffusion 1.x/2.x single-file checkpoint: no ",
-                   list_keys(missing), " weights");
+                   join_abbreviated(missing), " weights");
   DMX_CHECK_FORMAT(unknown.empty(), path, ": ", unknown.size(),
                    " key(s) belong to no known component (model.diffusion_model, first_stage_model, "
                    "cond_stage_model): ",
-                   list_keys(unknown));
+                   join_abbreviated(unknown));
 
   // The .yaml is read only when some component config is detected (config_dir may supply all of them).
   json yaml_cache;

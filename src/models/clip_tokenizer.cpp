@@ -12,6 +12,7 @@
 
 #include "core/fs.h"
 #include "core/text.h"
+#include "core/utf8.h"
 #include "dmx/error.h"
 #include "models/clip_unicode.h"
 
@@ -40,7 +41,7 @@ const std::vector<std::string>& clip_byte_symbols() {
     int n = 0;
     for (int b = 0; b < 256; ++b) {
       const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-      u::append_utf8(&t[static_cast<size_t>(b)],
+      append_utf8(&t[static_cast<size_t>(b)],
                      printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++));
     }
     return t;
@@ -70,7 +71,7 @@ std::string printable_prompt(const std::string& text) {
 std::u32string decode_prompt(const std::string& text) {
   std::u32string out;
   size_t bad = 0;
-  if (!u::decode_utf8(text, &out, &bad)) {
+  if (!decode_utf8(text, &out, &bad)) {
     char buf[8];
     std::snprintf(buf, sizeof(buf), "0x%02X", static_cast<unsigned char>(text[bad]));
     throw InvalidArgument(detail::concat("prompt must be valid UTF-8, got byte ", buf, " at offset ", bad, " in \"",
@@ -194,8 +195,8 @@ std::u32string py_strip(const std::u32string& s, bool left, bool right) {
 std::string strip_utf8(const std::string& s, bool left, bool right) {
   std::u32string w;
   size_t bad = 0;
-  if (!u::decode_utf8(s, &w, &bad)) return s;
-  return u::encode_utf8(py_strip(w, left, right));
+  if (!decode_utf8(s, &w, &bad)) return s;
+  return encode_utf8(py_strip(w, left, right));
 }
 
 // ---- files ----
@@ -249,7 +250,7 @@ CLIPTokenizer CLIPTokenizer::from_folder(const std::string& dir) {
   const std::string raw = read_text_file(merges_path, "CLIP tokenizer merges", kMaxJsonFileBytes);
   std::u32string text;
   size_t bad = 0;
-  DMX_CHECK_FORMAT(u::decode_utf8(raw, &text, &bad), "CLIP tokenizer merges ", merges_path,
+  DMX_CHECK_FORMAT(decode_utf8(raw, &text, &bad), "CLIP tokenizer merges ", merges_path,
                    " is not valid UTF-8 (byte offset ", bad, ")");
   text = py_strip(text, true, true);
   std::vector<std::pair<std::string, std::string>> merges;
@@ -269,7 +270,7 @@ CLIPTokenizer CLIPTokenizer::from_folder(const std::string& dir) {
       }
       // A line that is not exactly two symbols still takes a rank in transformers but can never match.
       if (parts.size() == 2)
-        merges.emplace_back(u::encode_utf8(parts[0]), u::encode_utf8(parts[1]));
+        merges.emplace_back(encode_utf8(parts[0]), encode_utf8(parts[1]));
       else
         merges.emplace_back(std::string(), std::string());
     }
@@ -340,6 +341,7 @@ CLIPTokenizer::CLIPTokenizer(std::unordered_map<std::string, int64_t> vocab,
                              std::vector<std::pair<std::string, std::string>> merges, CLIPTokenizerOptions options)
     : vocab_(std::move(vocab)), model_max_length_(options.model_max_length), cache_(std::make_shared<Cache>()) {
   DMX_CHECK_FORMAT(!vocab_.empty(), "CLIP tokenizer vocabulary is empty");
+  for (const auto& [token, id] : vocab_) tokens_by_id_.emplace(id, token);
   DMX_CHECK_ARG(options.model_max_length >= 2, "model_max_length must be >= 2 (BOS + EOS), got ",
                 options.model_max_length);
   ranks_.reserve(merges.size());
@@ -370,6 +372,41 @@ CLIPTokenizer::CLIPTokenizer(std::unordered_map<std::string, int64_t> vocab,
   eos_id_ = resolve(options.eos_token, "eos_token", true);
   unk_id_ = resolve(options.unk_token, "unk_token", false);
   pad_id_ = resolve(options.pad_token, "pad_token", true);
+}
+
+std::string CLIPTokenizer::id_to_token(int64_t id) const {
+  for (const auto& a : no_split_)
+    if (a.id == id) return a.content;
+  auto it = tokens_by_id_.find(id);
+  DMX_CHECK_ARG(it != tokens_by_id_.end(), "token id ", id, " is not in the CLIP tokenizer's vocabulary (",
+                vocab_.size(), " tokens)");
+  return it->second;
+}
+
+std::string CLIPTokenizer::convert_tokens_to_string(const std::vector<std::string>& tokens) const {
+  static const std::unordered_map<char32_t, unsigned char> byte_of = [] {
+    std::unordered_map<char32_t, unsigned char> m;
+    const auto& sym = clip_byte_symbols();
+    for (size_t b = 0; b < sym.size(); ++b) m[decode_utf8_replace(sym[b]).at(0)] = static_cast<unsigned char>(b);
+    return m;
+  }();
+  std::string bytes;
+  for (const std::string& t : tokens)
+    for (char32_t c : decode_utf8_replace(t)) {
+      auto it = byte_of.find(c);
+      if (it != byte_of.end()) bytes += static_cast<char>(it->second);  // a symbol outside the table: dropped
+    }
+  for (size_t pos; (pos = bytes.find("</w>")) != std::string::npos;) bytes.replace(pos, 4, " ");
+  return encode_utf8(py_strip(decode_utf8_replace(bytes), true, true));
+}
+
+std::string CLIPTokenizer::decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const {
+  std::vector<std::string> tokens;
+  for (int64_t id : ids) {
+    if (skip_special_tokens && (id == bos_id_ || id == eos_id_ || id == pad_id_ || id == unk_id_)) continue;
+    tokens.push_back(id_to_token(id));
+  }
+  return convert_tokens_to_string(tokens);
 }
 
 int64_t CLIPTokenizer::token_to_id(const std::string& token) const {
@@ -509,7 +546,7 @@ void CLIPTokenizer::tokenize_chunk(const std::string& chunk, std::vector<std::st
   // Pieces are tokenized one at a time, in order: once `limit` tokens are out the rest of the text is never
   // looked at (truncation keeps only the first ones; a piece's tokens do not depend on the pieces after it).
   clip_split(text, [&](const std::u32string& piece) {
-    std::string bytes = u::encode_utf8(piece), mapped;
+    std::string bytes = encode_utf8(piece), mapped;
     for (unsigned char b : bytes) mapped += sym[b];
     for (auto& t : bpe(mapped)) out->push_back(std::move(t));
     return out->size() < limit;

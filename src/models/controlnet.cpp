@@ -9,8 +9,7 @@
 
 #include "dmx/error.h"
 #include "models/config_json.h"
-#include "models/unet_block_options.h"
-#include "nn/checkpoint.h"
+#include "models/unet_encoder.h"
 #include "nn/layers.h"
 
 namespace dmx::models {
@@ -18,16 +17,6 @@ namespace dmx::models {
 namespace {
 const char* kWhat = "ControlNetModel config";
 
-void get_uniform_int(const nlohmann::json& j, const char* key, size_t n, int& out) {
-  std::vector<int> v;
-  if (!cfgjson::get_int_or_list(j, kWhat, key, n, v)) return;
-  if (v.empty()) throw FormatError(std::string(kWhat) + ": field '" + key + "' is an empty list");
-  for (int x : v)
-    if (x != v.front())
-      throw Unsupported(std::string(kWhat) + ": per-block " + key + " " + j.at(key).dump() +
-                        " is not supported (one value for all blocks only)");
-  out = v.front();
-}
 }  // namespace
 
 std::vector<int> ControlNetConfig::heads_per_block() const {
@@ -131,14 +120,14 @@ ControlNetConfig ControlNetConfig::from_json(const nlohmann::json& j) {
   } else {
     get(j, kWhat, "only_cross_attention", c.only_cross_attention);
   }
-  get_uniform_int(j, "layers_per_block", n, c.layers_per_block);
+  get_uniform_int(j, kWhat, "layers_per_block", n, c.layers_per_block);
   get(j, kWhat, "downsample_padding", c.downsample_padding);
   get(j, kWhat, "mid_block_scale_factor", c.mid_block_scale_factor);
   get(j, kWhat, "act_fn", c.act_fn);
   get(j, kWhat, "norm_num_groups", c.norm_num_groups);
   get(j, kWhat, "norm_eps", c.norm_eps);
-  get_uniform_int(j, "cross_attention_dim", n, c.cross_attention_dim);
-  get_uniform_int(j, "transformer_layers_per_block", n, c.transformer_layers_per_block);
+  get_uniform_int(j, kWhat, "cross_attention_dim", n, c.cross_attention_dim);
+  get_uniform_int(j, kWhat, "transformer_layers_per_block", n, c.transformer_layers_per_block);
   cfgjson::get_int_or_list(j, kWhat, "attention_head_dim", n, c.attention_head_dim);
   cfgjson::get_int_or_list(j, kWhat, "num_attention_heads", n, c.num_attention_heads);
   get(j, kWhat, "use_linear_projection", c.use_linear_projection);
@@ -205,7 +194,6 @@ ControlNetModelImpl::ControlNetModelImpl(const ControlNetConfig& cfg) : cfg_(cfg
   using torch::nn::Conv2dOptions;
   const auto& ch = cfg_.block_out_channels;
   const int n = static_cast<int>(ch.size());
-  const std::vector<int> heads = cfg_.heads_per_block();
   p.act = nn::parse_act(cfg_.act_fn, "act_fn");
 
   p.conv_in = register_module("conv_in", Conv2d(Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
@@ -214,35 +202,23 @@ ControlNetModelImpl::ControlNetModelImpl(const ControlNetConfig& cfg) : cfg_(cfg
       "controlnet_cond_embedding",
       ControlNetConditioningEmbedding(ch[0], cfg_.conditioning_channels, cfg_.conditioning_embedding_out_channels));
 
-  auto block_options = [&](int heads_i) { return unet_block_options(cfg_, heads_i, p.act); };
-
-  auto downs = nn::make_container(*this, "down_blocks");
-  auto zero_convs = nn::make_container(*this, "controlnet_down_blocks");
+  // The UNet's encoder, with a 1x1 zero convolution on every skip connection (created in diffusers' order).
+  std::shared_ptr<torch::nn::Module> zero_convs;
   auto add_zero_conv = [&](int64_t c) {
     p.controlnet_down_blocks.push_back(zero_convs->register_module(std::to_string(p.controlnet_down_blocks.size()),
                                                                    Conv2d(Conv2dOptions(c, c, 1))));
   };
-  add_zero_conv(ch[0]);
-  int output_channel = ch[0];
-  for (int i = 0; i < n; ++i) {
-    nn::BlockOptions o = block_options(heads[i]);
-    o.in_channels = output_channel;
-    output_channel = ch[i];
-    o.out_channels = output_channel;
-    o.add_sampler = i != n - 1;
-    o.downsample_padding = cfg_.downsample_padding;
-    o.cross_attention = cfg_.down_block_types[i] == "CrossAttnDownBlock2D";
-    p.down_blocks.push_back(downs->register_module(std::to_string(i), nn::DownBlock2D(o)));
-    for (int j = 0; j < cfg_.layers_per_block; ++j) add_zero_conv(output_channel);
-    if (i != n - 1) add_zero_conv(output_channel);
-  }
-
-  nn::BlockOptions o = block_options(heads.back());
-  o.num_layers = 1;
-  o.in_channels = o.out_channels = ch.back();
-  o.output_scale_factor = cfg_.mid_block_scale_factor;
-  o.transformer.only_cross_attention = false;
-  p.mid_block = register_module("mid_block", nn::UNetMidBlock2DCrossAttn(o));
+  p.down_blocks = build_down_blocks(
+      *this, cfg_, p.act,
+      [&] {
+        zero_convs = nn::make_container(*this, "controlnet_down_blocks");
+        add_zero_conv(ch[0]);
+      },
+      [&](int i, int output_channel) {
+        for (int j = 0; j < cfg_.layers_per_block; ++j) add_zero_conv(output_channel);
+        if (i != n - 1) add_zero_conv(output_channel);
+      });
+  p.mid_block = build_mid_block(*this, cfg_, p.act);
   p.controlnet_mid_block = register_module("controlnet_mid_block", Conv2d(Conv2dOptions(ch.back(), ch.back(), 1)));
 }
 
@@ -264,20 +240,14 @@ ControlNetOutput ControlNetModelImpl::forward(const ControlNetInputs& in) {
                     in.controlnet_cond.size(1) == cfg_.conditioning_channels,
                 "controlnet_cond must be [", B, ", ", cfg_.conditioning_channels, ", H, W], got ",
                 shape_string(in.controlnet_cond));
-  DMX_CHECK_ARG(in.timestep.defined(), "timestep must be given (0-d or [B])");
-  at::Tensor t = in.timestep.dim() == 0 ? in.timestep.unsqueeze(0) : in.timestep;
-  DMX_CHECK_ARG(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == B), "timestep must be 0-d, [1] or [", B, "], got ",
-                shape_string(in.timestep));
+  const at::Tensor t = batch_timesteps(in.timestep, B);  // [B]
 
   at::Tensor cond = in.controlnet_cond;
   if (cfg_.controlnet_conditioning_channel_order == "bgr") cond = at::flip(cond, {1});
 
   // 1. time
-  t = t.expand({B});
-  at::Tensor t_emb =
-      nn::get_timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
-          .to(in.sample.scalar_type());                  // [B, C0]
-  at::Tensor emb = p.time_embedding->forward(t_emb);  // [B, 4 C0]
+  const at::Tensor t_emb = timestep_features(cfg_, t, in.sample.scalar_type());  // [B, C0]
+  at::Tensor emb = p.time_embedding->forward(t_emb);                             // [B, 4 C0]
 
   // 2. pre-process: latent features + hint embedding
   at::Tensor h = p.conv_in->forward(in.sample);  // [B, C0, h, w]
@@ -292,35 +262,9 @@ ControlNetOutput ControlNetModelImpl::forward(const ControlNetInputs& in) {
 
   // 3. down
   std::vector<at::Tensor> res{h};
-  for (auto& block : p.down_blocks) {
-    nn::DownBlockOutput o;
-    if (ckpt) {  // outputs: hidden_states, res_samples...
-      auto out = nn::checkpoint(
-          [blk = block.ptr()](const std::vector<at::Tensor>& x) {
-            nn::DownBlockOutput r = blk->forward(x[0], x[1], x[2]);
-            std::vector<at::Tensor> v{r.hidden_states};
-            v.insert(v.end(), r.res_samples.begin(), r.res_samples.end());
-            return v;
-          },
-          {h, emb, ctx});
-      o.hidden_states = out[0];
-      o.res_samples.assign(out.begin() + 1, out.end());
-    } else {
-      o = block->forward(h, emb, ctx);
-    }
-    h = o.hidden_states;
-    res.insert(res.end(), o.res_samples.begin(), o.res_samples.end());
-  }
+  h = run_down_blocks(p.down_blocks, h, emb, ctx, ckpt, res);
   // 4. mid
-  if (ckpt) {
-    h = nn::checkpoint(
-        [blk = p.mid_block.ptr()](const std::vector<at::Tensor>& x) {
-          return std::vector<at::Tensor>{blk->forward(x[0], x[1], x[2])};
-        },
-        {h, emb, ctx})[0];
-  } else {
-    h = p.mid_block->forward(h, emb, ctx);
-  }
+  h = run_mid_block(p.mid_block, h, emb, ctx, ckpt);
 
   // 5. zero convs
   ControlNetOutput out;

@@ -45,7 +45,7 @@ void fill_hint_channels_from_shapes(nlohmann::json& cfg, const io::TensorMap& w)
 }
 }  // namespace
 
-models::ControlNetModel load_controlnet(const std::string& path, const LoadOptions& opts, const std::string& param) {
+models::ControlNetModel load_controlnet(const std::string& path, const loaders::LoadOptions& opts, const std::string& param) {
   DMX_CHECK_ARG(!path.empty(), param, ": no path given");
   DMX_CHECK_ARG(path_exists(path), param, ": path not found: ", path);
   nlohmann::json cfg;

@@ -10,7 +10,7 @@
 
 #include "core/image.h"
 #include "models/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 
 namespace dmx::pipelines {
 
@@ -29,7 +29,7 @@ struct ControlNetUnit {
 // with a controlnet/ subfolder, or a .safetensors single file with control_model.* keys (ControlNet 1.0 /
 // 1.1; a <stem>.yaml beside it supplies heads). Moved to opts.device / opts.dtype, in eval mode.
 // `param` names the option in messages ("--controlnet").
-models::ControlNetModel load_controlnet(const std::string& path, const LoadOptions& opts = {},
+models::ControlNetModel load_controlnet(const std::string& path, const loaders::LoadOptions& opts = {},
                                         const std::string& param = "--controlnet");
 
 // The multiple the output size of a ControlNet run is rounded down to: the VAE factor

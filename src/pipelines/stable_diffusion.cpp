@@ -7,7 +7,7 @@
 #include "core/phase_timer.h"
 #include "core/progress.h"
 #include "dmx/error.h"
-#include "pipelines/lora_loader.h"
+#include "loaders/lora_loader.h"
 #include "pipelines/memory_estimate.h"
 #include "schedulers/scheduler.h"
 
@@ -16,7 +16,7 @@ namespace dmx::pipelines {
 namespace {
 constexpr int kMaxSide = 4096;
 
-void check_controlnet_params(const StableDiffusionParams& p, const StableDiffusionModels& m) {
+void check_controlnet_params(const StableDiffusionParams& p, const loaders::StableDiffusionModels& m) {
   if (p.controlnets.empty()) return;
   DMX_CHECK_SUPPORTED(!p.init_image.defined(), "ControlNet with an init image (img2img) is not supported yet");
   for (size_t c = 0; c < p.controlnets.size(); ++c) {
@@ -40,7 +40,7 @@ void check_controlnet_params(const StableDiffusionParams& p, const StableDiffusi
 }
 }
 
-at::Tensor encode_image_latents(const StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
+at::Tensor encode_image_latents(const loaders::StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
                                 const at::Tensor& noise) {
   at::NoGradGuard no_grad;
   models::AutoencoderKL vae = m.vae;  // shared handle (forward is non-const)
@@ -58,7 +58,7 @@ at::Tensor encode_image_latents(const StableDiffusionModels& m, const at::Tensor
   return (mean + std * eps) * m.vae->config().scaling_factor;
 }
 
-StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models)
+StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<loaders::StableDiffusionModels> models)
     : m_(std::move(models)) {
   DMX_CHECK_ARG(m_ != nullptr, "StableDiffusionPipeline: models must not be null");
 }

@@ -88,8 +88,23 @@ class DDIMInverseScheduler final : public AlphaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_ddim_inverse(const SchedulerConfig& cfg) {
-  return std::make_unique<DDIMInverseScheduler>(cfg);
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& ddim_inverse_class() {
+  static const SchedulerClass c = {
+      "DDIMInverseScheduler",
+      {"clip_sample", "set_alpha_to_one", "steps_offset", "prediction_type", "clip_sample_range", "timestep_spacing",
+       "rescale_betas_zero_snr"},
+      detail::kBetaSchedules,
+      detail::kPredictionTypes,
+      {"leading", "trailing"},
+      [](SchedulerConfig& c) {
+        c.clip_sample = true;
+        c.set_alpha_to_one = true;
+        c.timestep_spacing = "leading";
+      },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<DDIMInverseScheduler>(c); },
+  };
+  return c;
 }
 
 }  // namespace dmx::schedulers

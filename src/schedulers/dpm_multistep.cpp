@@ -289,8 +289,42 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_dpm_multistep(const SchedulerConfig& cfg) {
-  return std::make_unique<DPMSolverMultistepScheduler>(cfg);
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& dpm_multistep_class() {
+  static const SchedulerClass c = {
+      "DPMSolverMultistepScheduler",
+      {"solver_order", "prediction_type", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+       "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_karras_sigmas", "use_lu_lambdas",
+       "final_sigmas_type", "lambda_min_clipped", "variance_type", "timestep_spacing", "steps_offset",
+       "rescale_betas_zero_snr"},
+      detail::kBetaSchedules,
+      detail::kPredictionTypes,
+      detail::kSpacings,
+      [](SchedulerConfig& c) { c.timestep_spacing = "linspace"; },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> {
+        return std::make_unique<DPMSolverMultistepScheduler>(c);
+      },
+      [](SchedulerConfig& c) {  // deprecated names diffusers maps on load
+        if (c.algorithm_type == "deis") c.algorithm_type = "dpmsolver++";
+        if (c.solver_type == "logrho" || c.solver_type == "bh1" || c.solver_type == "bh2") c.solver_type = "midpoint";
+      },
+      [](const SchedulerConfig& c) {
+        const char* cls = "DPMSolverMultistepScheduler";
+        DMX_CHECK_ARG(c.solver_order >= 1 && c.solver_order <= 3,
+                      "scheduler config field 'solver_order' must be 1, 2 or 3, got ", c.solver_order);
+        detail::check_one_of("algorithm_type", c.algorithm_type,
+                             {"dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++"}, cls);
+        detail::check_one_of("solver_type", c.solver_type, {"midpoint", "heun"}, cls);
+        detail::check_one_of("final_sigmas_type", c.final_sigmas_type, {"zero", "sigma_min"}, cls);
+        if (c.final_sigmas_type == "zero")
+          DMX_CHECK_ARG(c.algorithm_type == "dpmsolver++" || c.algorithm_type == "sde-dpmsolver++",
+                        "scheduler config field 'final_sigmas_type' 'zero' is not supported with algorithm_type '",
+                        c.algorithm_type, "'; use 'sigma_min'");
+        DMX_CHECK_ARG(!std::isnan(c.lambda_min_clipped),
+                      "scheduler config field 'lambda_min_clipped' must be a number");
+      },
+  };
+  return c;
 }
 
 }  // namespace dmx::schedulers

@@ -205,6 +205,18 @@ class PNDMScheduler final : public AlphaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_pndm(const SchedulerConfig& cfg) { return std::make_unique<PNDMScheduler>(cfg); }
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& pndm_class() {
+  static const SchedulerClass c = {
+      "PNDMScheduler",
+      {"skip_prk_steps", "set_alpha_to_one", "prediction_type", "timestep_spacing", "steps_offset"},
+      detail::kBetaSchedules,
+      {"epsilon", "v_prediction"},
+      detail::kSpacings,
+      [](SchedulerConfig& c) { c.timestep_spacing = "leading"; },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<PNDMScheduler>(c); },
+  };
+  return c;
+}
 
 }  // namespace dmx::schedulers

@@ -24,6 +24,7 @@
 #include "core/image.h"
 #include "core/log.h"
 #include "core/resize.h"
+#include "core/text.h"
 #include "core/utf8.h"
 #include "dmx/error.h"
 
@@ -32,20 +33,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string lower(std::string s) {
-  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
-std::string trim(const std::string& s) {
-  size_t b = 0, e = s.size();
-  while (b < e && std::isspace(static_cast<unsigned char>(s[b]))) ++b;
-  while (e > b && std::isspace(static_cast<unsigned char>(s[e - 1]))) --e;
-  return s.substr(b, e - b);
-}
-
 bool is_image_extension(const std::string& ext) {
-  const std::string e = lower(ext);
+  const std::string e = to_lower_ascii(ext);
   return e == ".png" || e == ".jpg" || e == ".jpeg" || e == ".webp";
 }
 

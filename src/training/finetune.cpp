@@ -58,7 +58,7 @@ class AutocastBF16 {
 };
 }  // namespace
 
-FinetuneRecipe::FinetuneRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, bool train_text_encoder)
+FinetuneRecipe::FinetuneRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, bool train_text_encoder)
     : Recipe(std::move(m)), train_text_encoder_(train_text_encoder) {}
 
 void FinetuneRecipe::setup(const TrainConfig& cfg) {

@@ -11,7 +11,7 @@
 
 namespace dmx::training {
 
-VAERecipe::VAERecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, VAETrainOptions o)
+VAERecipe::VAERecipe(std::shared_ptr<loaders::StableDiffusionModels> m, VAETrainOptions o)
     : Recipe(std::move(m)), o_(o) {
   DMX_CHECK_ARG(std::isfinite(o_.kl_weight) && o_.kl_weight >= 0, "--kl-weight must be >= 0, got ", o_.kl_weight);
   DMX_CHECK_ARG(std::isfinite(o_.mse_weight) && o_.mse_weight >= 0, "--mse-weight must be >= 0, got ", o_.mse_weight);
