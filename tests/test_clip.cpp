@@ -125,7 +125,7 @@ TEST(ClipTextKeysGolden, StateDictKeysMatchTheFileExactly) {
 
 TEST(ClipTextTiny, PositionIdsKeyIsCleanedNotRegistered) {
   CLIPTextModel model(CLIPTextConfig::from_json(
-      nlohmann::json::parse(read_text_file(tiny_config_dir("sd15") + "/text_encoder/config.json", "config"))));
+      nlohmann::json::parse(read_text_file(tiny_config_dir("sd15") + "/text_encoder/config.json", "config", kMaxJsonFileBytes))));
   auto state = io::load_safetensors(tiny_model_dir("sd15") + "/text_encoder/model.safetensors");
   state["text_model.embeddings.position_ids"] = at::arange(77, at::kLong).unsqueeze(0);
   expect_throw_with<FormatError>([&] { io::load_state_dict(*model, state, "text_encoder"); },

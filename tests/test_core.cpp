@@ -119,7 +119,7 @@ TEST(CoreTextUnit, SplitKeepsEmptyFieldsLikePython) {
   EXPECT_EQ(split("_x_", '_'), (V{"", "x", ""}));
 }
 
-TEST(CoreText, TheSharedHelpers) {
+TEST(CoreTextUnit, TheSharedHelpers) {
   EXPECT_EQ(join({"a", "b", "c"}, ", "), "a, b, c");
   EXPECT_EQ(join({}, "|"), "");
   EXPECT_EQ(join_abbreviated({"a", "b", "c"}, 2), "a, b, ... (3 in all)");
@@ -135,7 +135,7 @@ TEST(CoreText, TheSharedHelpers) {
 
 // Python's bytes.decode("utf-8", errors="replace"): one U+FFFD per maximal ill-formed subpart (values from
 // CPython 3.11).
-TEST(CoreUtf8, LossyDecodingMatchesPython) {
+TEST(CoreUtf8Unit, LossyDecodingMatchesPython) {
   const std::vector<std::pair<std::string, std::u32string>> cases = {
       {"\xf0\x9f\x98", U"\uFFFD"},                          // a truncated 4-byte sequence: one
       {"\xf0\x9f", U"\uFFFD"},

@@ -446,7 +446,7 @@ TEST(SchedulerFactoryUnit, Names) {
 // PNG metadata (format_parameters / parse_parameters, what --from reads) and the name of a model's own
 // scheduler config.
 
-TEST(SchedulerRegistry, EveryRowRoundTrips) {
+TEST(SchedulerRegistryUnit, EveryRowRoundTrips) {
   std::set<std::string> names, labels;
   for (const auto& row : S::scheduler_registry()) {
     SCOPED_TRACE(row.name);
@@ -491,8 +491,8 @@ TEST(SchedulerRegistry, EveryRowRoundTrips) {
 }
 
 // The README's scheduler table and the --scheduler choices of its synopsis are the registry.
-TEST(SchedulerRegistry, ReadmeTableIsTheRegistry) {
-  const std::string readme = dmx::read_text_file(std::string(DMX_SOURCE_DIR) + "/README.md", "README");
+TEST(SchedulerRegistryUnit, ReadmeTableIsTheRegistry) {
+  const std::string readme = dmx::read_text_file(std::string(DMX_SOURCE_DIR) + "/README.md", "README", dmx::kMaxTextFileBytes);
   const size_t begin = readme.find("<!-- schedulers:begin");
   const size_t end = readme.find("<!-- schedulers:end -->");
   ASSERT_NE(begin, std::string::npos) << "README.md has no <!-- schedulers:begin ... --> marker";

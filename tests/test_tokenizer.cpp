@@ -98,7 +98,8 @@ TEST(TokenizerCopyGolden, InRepoCopyIsTheFixtureTokenizer) {
   DMX_REQUIRE_FIXTURES();
   for (const std::string variant : {"sd15", "test"})
     for (const char* f : {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"})
-      EXPECT_EQ(read_text_file(tiny_tokenizer_dir() + "/" + f, f), read_text_file(tokenizer_dir(variant) + "/" + f, f))
+      EXPECT_EQ(read_text_file(tiny_tokenizer_dir() + "/" + f, f, kMaxJsonFileBytes),
+                read_text_file(tokenizer_dir(variant) + "/" + f, f, kMaxJsonFileBytes))
           << variant << "/tokenizer/" << f;
 }
 

@@ -38,7 +38,7 @@ UNet2DConditionModel load_unet(const std::string& variant) {
 
 // The same architectures with seeded random weights (tests/tiny_models.h).
 nlohmann::json tiny_unet_config_json(const std::string& variant) {
-  return nlohmann::json::parse(read_text_file(test::tiny_config_dir(variant) + "/unet/config.json", "unet config"));
+  return nlohmann::json::parse(read_text_file(test::tiny_config_dir(variant) + "/unet/config.json", "unet config", kMaxJsonFileBytes));
 }
 
 std::string tiny_unet_weights(const std::string& variant) {

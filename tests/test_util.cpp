@@ -213,7 +213,7 @@ std::string capture_stderr(const std::function<void()>& f) {
   ::dup2(saved, 2);
   ::close(saved);
   std::fclose(file);
-  const std::string text = read_text_file(path, "captured stderr");
+  const std::string text = read_text_file(path, "captured stderr", kMaxMetadataFileBytes);
   if (error) std::rethrow_exception(error);
   return text;
 }

@@ -35,7 +35,7 @@ AutoencoderKL load_vae(const std::string& variant) {
 
 // The same architectures with seeded random weights (tests/tiny_models.h).
 nlohmann::json tiny_vae_config_json(const std::string& variant) {
-  return nlohmann::json::parse(read_text_file(test::tiny_config_dir(variant) + "/vae/config.json", "vae config"));
+  return nlohmann::json::parse(read_text_file(test::tiny_config_dir(variant) + "/vae/config.json", "vae config", kMaxJsonFileBytes));
 }
 std::string tiny_vae_weights(const std::string& variant) {
   return test::tiny_model_dir(variant) + "/vae/diffusion_pytorch_model.safetensors";

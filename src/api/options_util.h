@@ -23,20 +23,6 @@ void check_output_path(const std::string& path, const std::string& param, const 
 
 // The output plan: core/output_plan.h (dmx::OutputPlan); the api names it here too.
 using ::dmx::OutputPlan;
-  struct Input {
-    std::string path, param;
-    bool may_be_in_work_folder;
-  };
-  struct Output {
-    std::string path, param, ext, kind_name;
-    Kind kind;
-    std::vector<std::string> markers;
-    ExistingRule rule;
-  };
-  bool overwrite_;
-  std::vector<Input> inputs_;
-  std::vector<Output> outputs_;
-};
 
 // OUT.png -> OUT<suffix>.png (the last extension kept).
 std::string with_suffix(const std::string& path, const std::string& suffix);

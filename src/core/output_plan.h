@@ -43,4 +43,18 @@ class OutputPlan {
 
  private:
   enum class Kind { File, Folder, Work };
+  struct Input {
+    std::string path, param;
+    bool may_be_in_work_folder;
+  };
+  struct Output {
+    std::string path, param, ext, kind_name;
+    Kind kind;
+    std::vector<std::string> markers;
+    ExistingRule rule;
+  };
+  bool overwrite_;
+  std::vector<Input> inputs_;
+  std::vector<Output> outputs_;
+};
 }  // namespace dmx

@@ -118,7 +118,7 @@ at::Tensor StableDiffusionPipeline::encode_prompt(const std::string& prompt, int
   return m_->text_encoder->encode(input, clip_skip);
 }
 
-void check_finite_output(const StableDiffusionModels& m, const at::Tensor& t, const std::string& what) {
+void check_finite_output(const loaders::StableDiffusionModels& m, const at::Tensor& t, const std::string& what) {
   at::NoGradGuard no_grad;
   const int64_t bad = t.numel() - at::isfinite(t).sum().item<int64_t>();
   if (bad == 0) return;
@@ -141,7 +141,7 @@ void check_finite_output(const StableDiffusionModels& m, const at::Tensor& t, co
   std::string list;
   for (const auto& w : weights) list += (list.empty() ? "" : ", ") + w;
   if (count > weights.size()) list += ", ... (" + std::to_string(count) + " tensors in all)";
-  const int loras = count_lora_layers(m);
+  const int loras = loaders::count_lora_layers(m);
   if (loras > 0)
     throw InvalidArgument(detail::concat(
         head, "Likely source: the LoRA(s) applied to ", loras, " layer(s) (a non-finite or huge alpha or scale, or "

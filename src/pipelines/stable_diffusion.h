@@ -64,7 +64,7 @@ at::Tensor encode_image_latents(const loaders::StableDiffusionModels& m, const a
 // decode_latents, which every pipeline decodes through). On failure the models are scanned to name the likely
 // source: non-finite weights (FormatError, naming the tensors), LoRA adapters attached (InvalidArgument naming
 // them and their scales), else a numerical overflow (Error, exit 1) with the settings that can cause it.
-void check_finite_output(const StableDiffusionModels& m, const at::Tensor& t, const std::string& what);
+void check_finite_output(const loaders::StableDiffusionModels& m, const at::Tensor& t, const std::string& what);
 
 class StableDiffusionPipeline {
  public:
