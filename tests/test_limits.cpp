@@ -580,6 +580,7 @@ TEST(LimitsCli, ResumeChecksItsStateAndSeed) {
   ASSERT_EQ(train({"--steps", "1", "--seed", "7"}).code, 0);
   const std::string ck = out + ".train/checkpoint-1";
   ASSERT_TRUE(fs::exists(ck + "/trainer_state.json"));
+  fs::remove(out);  // the resumed runs write it again (an existing --output would need --overwrite)
   expect_exit(train({"--steps", "2", "--seed", "8", "--resume", ck}), 2,
               {"--resume", "was trained with --seed 7", "this run has --seed 8"});
   const std::string state = slurp(ck + "/trainer_state.json");
