@@ -2,6 +2,7 @@
 // parts of PreTrainedTokenizer.tokenize / BasicTokenizer it runs through when ftfy is not installed.
 #include "models/clip_tokenizer.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <limits>
 #include <mutex>
@@ -548,11 +549,20 @@ std::vector<int64_t> CLIPTokenizer::encode(const std::string& text) const {
 }
 
 std::vector<int64_t> CLIPTokenizer::encode_padded(const std::string& text, int max_length) const {
+  return encode_padded(text, max_length, nullptr);
+}
+
+std::vector<int64_t> CLIPTokenizer::encode_padded(const std::string& text, int max_length,
+                                                  std::vector<int64_t>* attention_mask) const {
   DMX_CHECK_ARG(max_length >= 2, "max_length must be >= 2 (BOS + EOS), got ", max_length);
   std::vector<int64_t> ids = encode(text);
   if (ids.size() > static_cast<size_t>(max_length)) {
     ids.resize(static_cast<size_t>(max_length));
     ids.back() = eos_id_;
+  }
+  if (attention_mask) {
+    attention_mask->assign(static_cast<size_t>(max_length), 0);
+    std::fill(attention_mask->begin(), attention_mask->begin() + static_cast<std::ptrdiff_t>(ids.size()), 1);
   }
   ids.resize(static_cast<size_t>(max_length), pad_id_);
   return ids;
