@@ -102,7 +102,7 @@ TEST(UnCLIPGolden, PriorTextEncoderWithProjection) {
   const auto& tok = *f.txt2img->prior_tokenizer;
   // The tokenizer pads with <|endoftext|>; its attention mask covers BOS .. the first EOS.
   std::vector<int64_t> ids, mask;
-  for (const std::string p : {kPrompt, std::string()}) {
+  for (const std::string& p : {kPrompt, std::string()}) {
     std::vector<int64_t> m;
     const auto row = tok.encode_padded(p, 77, &m);
     ids.insert(ids.end(), row.begin(), row.end());
@@ -350,7 +350,9 @@ TEST(UnCLIPSchedulerGolden, TimestepsAndRunsMatchDiffusers) {
         worst = std::max(worst, check_close(tag + " prev", out.prev_sample, r[k + "prev_sample." + std::to_string(i)], kTol));
         x = r[k + "prev_sample." + std::to_string(i)];  // each step from the reference's input
       }
-      if (replay) EXPECT_EQ(draw, run.at("draws").get<int>());
+      if (replay) {
+        EXPECT_EQ(draw, run.at("draws").get<int>());
+      }
     }
   }
   EXPECT_LE(worst, kTol);
@@ -591,6 +593,10 @@ std::string folder_copy(const std::string& variant, const std::string& name,
   const fs::path dst = fs::path(temp_dir()) / ("unclip-" + name);
   fs::remove_all(dst);
   fs::copy(fixture_model(variant), dst, fs::copy_options::recursive);
+  // The fixtures are read-only and the copy keeps their modes: make it writable before editing it.
+  fs::permissions(dst, fs::perms::owner_write, fs::perm_options::add);
+  for (const auto& e : fs::recursive_directory_iterator(dst))
+    fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
   edit(dst);
   return dst.string();
 }
