@@ -311,7 +311,7 @@ TEST(ClipImageProcessorGolden, PicturesAndConfigsTheFixturesLack) {
     check_close("clip processor " + name, pv, expected, 0.0);
     ++checked;
   }
-  EXPECT_EQ(checked, 7);  // portrait, rgba, gray, other_config, padded, padded_odd, exact_lanczos
+  EXPECT_EQ(checked, 8);  // portrait, rgba, gray, other_config, padded, padded_odd, padded_both, exact_lanczos
 }
 
 TEST(UnCLIPSchedulerGolden, TimestepsAndRunsMatchDiffusers) {
@@ -499,6 +499,12 @@ TEST(UnCLIPUnit, ClipImageProcessorConfigAndInputErrors) {
   EXPECT_DOUBLE_EQ(c.image_mean[0], 0.48145466);
   EXPECT_EQ((models::clip_resize_output_size(c, 100, 50)), (std::array<int, 2>{40, 80}));
   EXPECT_EQ((models::clip_resize_output_size(c, 33, 100)), (std::array<int, 2>{121, 40}));  // int(40*100/33)
+  // use_square_size (Kosmos-2's old kwarg) squares the size only when true, as transformers 4.44 does.
+  const auto square = models::CLIPImageProcessorConfig::from_json(json::parse(R"({"size": 40, "use_square_size": true})"));
+  EXPECT_EQ((models::clip_resize_output_size(square, 100, 50)), (std::array<int, 2>{40, 40}));
+  const auto not_square =
+      models::CLIPImageProcessorConfig::from_json(json::parse(R"({"size": 40, "use_square_size": false})"));
+  EXPECT_EQ((models::clip_resize_output_size(not_square, 100, 50)), (std::array<int, 2>{40, 80}));
   expect_throw_with<Unsupported>(
       [] { models::CLIPImageProcessorConfig::from_json(json::parse(R"({"image_processor_type": "ViTImageProcessor"})")); },
       {"ViTImageProcessor"});

@@ -1,4 +1,4 @@
-// transformers 4.37 CLIPImageProcessor.preprocess (see clip_image_processor.h), step by step.
+// transformers 4.44 CLIPImageProcessor.preprocess (see clip_image_processor.h), step by step.
 #include "models/clip_image_processor.h"
 
 #include <ATen/ATen.h>
@@ -25,18 +25,11 @@ int size_field(const nlohmann::json& d, const char* param, const char* key) {
 
 int floordiv(int a, int b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0)) ? 1 : 0); }
 
-// transformers' center_crop along one axis of length n, crop c: {output length, source index of output 0}.
-// Inside the picture: c rows from (n - c) // 2. When the crop is larger, transformers pads the picture with zeros
-// to c, centred at (c - n) // 2, and slices [max(0, top'), min(c, top' + c)) with top' = (n - c) // 2 + (c - n) // 2:
-// for an odd c - n that is c - 1 rows (what the reference returns; the image encoder then refuses the size).
-std::array<int, 2> center_crop_axis(int n, int c) {
-  const int top = floordiv(n - c, 2);
-  if (top >= 0) return {c, top};
-  const int pad = floordiv(c - n, 2);
-  const int t = top + pad;
-  const int lo = std::max(0, t), hi = std::min(c, t + c);
-  return {hi - lo, lo - pad};
-}
+// transformers' center_crop along one axis of length n, crop c: the source index of output 0, top = (n - c) // 2.
+// Inside the picture that is all. When the crop is larger, transformers (4.44, since PR #30934) pads the picture
+// with zeros to c, centred at ceil((c - n) / 2), and slices [top + pad, top + pad + c) = [0, c): output y is source
+// y + top again, zeros outside. (Before that fix the pad was (c - n) // 2 and an odd shortfall gave c - 1 rows.)
+int center_crop_offset(int n, int c) { return floordiv(n - c, 2); }
 
 // image_mean / image_std: a number (every channel) or a list of 3.
 std::array<double, 3> channel_values(const nlohmann::json& j, const char* key, std::array<double, 3> fallback) {
@@ -90,8 +83,8 @@ CLIPImageProcessorConfig CLIPImageProcessorConfig::from_json(const nlohmann::jso
                         "{\"height\": H, \"width\": W}, got " + it->dump());
     }
   }
-  // use_square_size (an old kwarg transformers still honours): size becomes shortest_edge x shortest_edge.
-  if (auto it = j.find("use_square_size"); it != j.end() && !it->is_null() && c.shortest_edge > 0) {
+  // use_square_size (an old kwarg transformers still honours when true): size becomes shortest_edge x shortest_edge.
+  if (auto it = j.find("use_square_size"); it != j.end() && it->is_boolean() && it->get<bool>() && c.shortest_edge > 0) {
     c.size_height = c.size_width = c.shortest_edge;
     c.shortest_edge = 0;
   }
@@ -168,12 +161,11 @@ at::Tensor clip_preprocess(const CLIPImageProcessorConfig& cfg, const Image& ima
     const auto hw = clip_resize_output_size(cfg, img.width, img.height);
     img = resize_pil(img, hw[1], hw[0], cfg.resample);
   }
-  // 3. center crop on uint8 (image_transforms.center_crop), per axis: output length and source offset.
+  // 3. center crop on uint8 (image_transforms.center_crop): crop_size, zeros where it reaches past the picture.
   int H = img.height, W = img.width, top = 0, left = 0;
   if (cfg.do_center_crop) {
-    const auto axis = center_crop_axis(img.height, cfg.crop_height);
-    const auto axis_w = center_crop_axis(img.width, cfg.crop_width);
-    H = axis[0], top = axis[1], W = axis_w[0], left = axis_w[1];
+    H = cfg.crop_height, top = center_crop_offset(img.height, cfg.crop_height);
+    W = cfg.crop_width, left = center_crop_offset(img.width, cfg.crop_width);
   }
   // 4-5. rescale (uint8 * factor in float64, stored float32) and normalise in float32, HWC -> CHW.
   std::vector<float> px(static_cast<size_t>(3) * H * W, 0.0f);

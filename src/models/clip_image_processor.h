@@ -1,7 +1,7 @@
-// CLIP's image preprocessing as transformers 4.37 CLIPImageProcessor.preprocess computes it (image_processing_clip.py,
+// CLIP's image preprocessing as transformers 4.44 CLIPImageProcessor.preprocess computes it (image_processing_clip.py,
 // image_transforms.py): convert to RGB, resize the shortest side to size.shortest_edge (the longer side to
 // int(shortest_edge * long / short)) with Pillow's resampling on the uint8 picture (core/resize.h: bicubic by
-// default, exactly), center crop crop_size at top = (h - ch) // 2, left = (w - cw) // 2 (zero padding where the
+// default, exactly), center crop crop_size at top = (h - ch) // 2, left = (w - cw) // 2 (zeros where the
 // picture is smaller), rescale (x * rescale_factor in double, stored float32), normalise (x - mean) / std in
 // float32 per channel. A float bicubic instead of Pillow's moves CLIP embeddings measurably (FIXTURES.md).
 #pragma once

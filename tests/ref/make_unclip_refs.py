@@ -6,9 +6,10 @@ torch 1.13.1, CPU, float32):
     pil_resize        Pillow's Image.resize on uint8 pictures (RGB and L; up, down, extreme down, one-axis),
                       BICUBIC on every case and the other filters (LANCZOS, BILINEAR, BOX, HAMMING) on some
     clip_processor    transformers' CLIPImageProcessor on pictures the fixtures do not have: portrait, RGBA,
-                      gray, a crop larger than the resized picture (zero padding; by an odd amount transformers
-                      returns crop - 1 rows), another size/crop/mean/std,
-                      an exact {"height","width"} resize with LANCZOS
+                      gray, a crop larger than the resized picture (zero padding, by an even and an odd amount),
+                      another size/crop/mean/std, an exact {"height","width"} resize with LANCZOS; with
+                      transformers 4.44's center_crop (see center_crop_444: the harness pins the v4.37 branch point,
+                      whose center_crop returned crop - 1 rows for an odd shortfall; PR #30934 fixed it)
     unclip_scheduler  diffusers' UnCLIPScheduler: timesteps for several step counts, and whole runs as Karlo's
                       UnCLIPPipeline and the Kandinsky prior pipelines drive it (prev_timestep = the next
                       timestep, None after the last): the Karlo prior (sample, clip 5, fixed_small_log), the
@@ -72,15 +73,56 @@ def pil_resize(T, J):
         J["pil_resize"][name] = {"width": w, "height": h, "filters": names}
 
 
+def center_crop_444(image, size, data_format=None, input_data_format=None, return_numpy=None):
+    """transformers 4.44's image_transforms.center_crop (after PR #30934: the padding is ceil((new - orig) / 2),
+    so a crop larger than the picture by an odd amount has the crop's size), on the harness's helpers."""
+    from math import ceil
+
+    from transformers.image_transforms import to_channel_dimension_format
+    from transformers.image_utils import ChannelDimension, get_image_size, infer_channel_dimension_format
+
+    if input_data_format is None:
+        input_data_format = infer_channel_dimension_format(image)
+    output_data_format = data_format if data_format is not None else input_data_format
+    image = to_channel_dimension_format(image, ChannelDimension.FIRST, input_data_format)
+    orig_height, orig_width = get_image_size(image, ChannelDimension.FIRST)
+    crop_height, crop_width = int(size[0]), int(size[1])
+    top = (orig_height - crop_height) // 2
+    bottom = top + crop_height
+    left = (orig_width - crop_width) // 2
+    right = left + crop_width
+    if top >= 0 and bottom <= orig_height and left >= 0 and right <= orig_width:
+        image = image[..., top:bottom, left:right]
+        return to_channel_dimension_format(image, output_data_format, ChannelDimension.FIRST)
+    new_height = max(crop_height, orig_height)
+    new_width = max(crop_width, orig_width)
+    new_shape = image.shape[:-2] + (new_height, new_width)
+    new_image = np.zeros_like(image, shape=new_shape)
+    top_pad = ceil((new_height - orig_height) / 2)
+    bottom_pad = top_pad + orig_height
+    left_pad = ceil((new_width - orig_width) / 2)
+    right_pad = left_pad + orig_width
+    new_image[..., top_pad:bottom_pad, left_pad:right_pad] = image
+    top += top_pad
+    bottom += top_pad
+    left += left_pad
+    right += left_pad
+    new_image = new_image[..., max(0, top) : min(new_height, bottom), max(0, left) : min(new_width, right)]
+    return to_channel_dimension_format(new_image, output_data_format, ChannelDimension.FIRST)
+
+
 def clip_processor(T, J):
     import PIL.Image
+    import transformers.image_processing_utils as ipu
     from transformers import CLIPImageProcessor
 
+    ipu.center_crop = center_crop_444  # what BaseImageProcessor.center_crop calls
     fixture = dict(crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32}, resample=3)
     other = dict(crop_size={"height": 20, "width": 16}, size={"shortest_edge": 24}, resample=3,
                  image_mean=[0.5, 0.25, 0.75], image_std=[0.2, 0.3, 0.4], rescale_factor=0.004)
     padded = dict(crop_size={"height": 30, "width": 30}, size={"shortest_edge": 26}, resample=3)
     padded_odd = dict(crop_size={"height": 30, "width": 30}, size={"shortest_edge": 27}, resample=3)
+    padded_both = dict(crop_size={"height": 28, "width": 30}, size={"shortest_edge": 25}, resample=3)
     exact = dict(crop_size={"height": 32, "width": 32}, size={"height": 36, "width": 40}, resample=1)
     rgba = np.concatenate([R.make_image(50, 38, seed=9), noise_picture(50, 38, 1, 10)[..., None]], axis=2)
     cases = {
@@ -89,8 +131,10 @@ def clip_processor(T, J):
         "gray": (PIL.Image.fromarray(noise_picture(33, 47, 1, 11)), fixture),
         "other_config": (PIL.Image.fromarray(R.make_image(48, 64, seed=12)), other),
         "padded": (PIL.Image.fromarray(R.make_image(26, 52, seed=13)), padded),
-        # an odd shortfall: transformers' center_crop returns crop - 1 rows (29 x 30)
+        # an odd shortfall (27 -> 30): 30 x 30 with 4.44's center_crop (29 x 30 with the v4.37 one)
         "padded_odd": (PIL.Image.fromarray(R.make_image(27, 54, seed=15)), padded_odd),
+        # both sides short, by 3 rows and 5 columns
+        "padded_both": (PIL.Image.fromarray(R.make_image(25, 25, seed=16)), padded_both),
         "exact_lanczos": (PIL.Image.fromarray(R.make_image(30, 44, seed=14)), exact),
     }
     J["clip_processor"] = {}
