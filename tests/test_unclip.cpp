@@ -182,6 +182,10 @@ TEST(UnCLIPGolden, PriorSamplingRun) {
   p.on_step_end = nullptr;
   DMX_EXPECT_CLOSE("prior_run.image_embeds (seed 605)", pipelines::run_prior(f.txt2img->prior, *scheduler, p),
                    ref["prior_run.image_embeds"], kTol);
+  // StableUnCLIPPipeline would step an UnCLIPScheduler to t - 1 every time: refused rather than run differently.
+  auto unclip = schedulers::create_scheduler("unclip", json::object());
+  expect_throw_with<Unsupported>([&] { pipelines::run_prior(f.txt2img->prior, *unclip, p); },
+                                 {"UnCLIPScheduler", "DDPMScheduler"});
 }
 
 TEST(UnCLIPGolden, NoiseAugmentedImageEmbeddings) {
@@ -638,6 +642,25 @@ TEST(UnCLIPUnit, LoaderIsStrict) {
     write_bytes_atomic((d / "prior_scheduler/scheduler_config.json").string(), text.data(), text.size());
   });
   expect_throw_with<FormatError>([&] { loaders::load_unclip_components(bad_sched); }, {"prior_scheduler", "flow"});
+  const std::string unclip_sched = folder_copy("unclip", "unclip-sched", [](const fs::path& d) {
+    json cfg = io::load_json_file((d / "prior_scheduler/scheduler_config.json").string(), "c");
+    cfg["_class_name"] = "UnCLIPScheduler";
+    const std::string text = cfg.dump();
+    write_bytes_atomic((d / "prior_scheduler/scheduler_config.json").string(), text.data(), text.size());
+  });
+  expect_throw_with<Unsupported>([&] { loaders::load_unclip_components(unclip_sched); },
+                                 {"prior_scheduler", "UnCLIPScheduler", "t - 1"});
+  for (const auto& [key, value] : std::vector<std::pair<std::string, json>>{
+           {"projection_class_embeddings_input_dim", 32}, {"class_embed_type", nullptr}}) {
+    const std::string unet = folder_copy("unclip_img2img", "unet-" + key, [&](const fs::path& d) {
+      json cfg = io::load_json_file((d / "unet/config.json").string(), "c");
+      cfg[key] = value;
+      const std::string text = cfg.dump();
+      write_bytes_atomic((d / "unet/config.json").string(), text.data(), text.size());
+    });
+    expect_throw_with<FormatError>([&] { loaders::load_unclip_components(unet); },
+                                   {"do not fit together", "projection_class_embeddings_input_dim 64"});
+  }
   expect_throw_with<Unsupported>([&] { loaders::load_unclip_components(fixture_model("sd15")); },
                                  {"StableDiffusionPipeline"});
   expect_throw_with<InvalidArgument>([&] { loaders::load_unclip_components(temp_dir() + "/nowhere"); }, {"not found"});

@@ -98,6 +98,23 @@ void to_device(M& module, const LoadOptions& opts) {
 void check_size(bool ok, const std::string& path, const std::string& what) {
   if (!ok) throw FormatError(path + ": the components do not fit together: " + what);
 }
+
+// The decoder UNet takes the noised image embedding and its noise-level sinusoids as class labels: class_embed_type
+// "projection" with projection_class_embeddings_input_dim = 2 x the embedding width.
+void check_decoder_class_embedding(const std::string& path, int embedding_dim) {
+  const nlohmann::json unet = io::load_json_file(join_path(path, "unet/config.json"), "unet config");
+  DMX_CHECK_FORMAT(unet.is_object(), path, "/unet/config.json must be a JSON object");
+  const auto type = unet.find("class_embed_type");
+  const auto dim = unet.find("projection_class_embeddings_input_dim");
+  const bool projection = type != unet.end() && type->is_string() && type->get<std::string>() == "projection";
+  check_size(projection && dim != unet.end() && dim->is_number_integer() && dim->get<int64_t>() == 2 * embedding_dim,
+             path,
+             "unet/config.json must have class_embed_type \"projection\" and projection_class_embeddings_input_dim " +
+                 std::to_string(2 * embedding_dim) + " (2 x the image_normalizer's embedding_dim " +
+                 std::to_string(embedding_dim) + "), got class_embed_type " +
+                 (type == unet.end() ? std::string("(none)") : type->dump()) + " and projection_class_embeddings_input_dim " +
+                 (dim == unet.end() ? std::string("(none)") : dim->dump()));
+}
 }  // namespace
 
 std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path, const LoadOptions& opts) {
@@ -127,22 +144,29 @@ std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path
     }
   }
   const int E = m->image_normalizer->config().embedding_dim;
+  check_decoder_class_embedding(path, E);
 
   if (m->pipeline_class == "StableUnCLIPPipeline") {
     m->prior_tokenizer =
         std::make_shared<models::CLIPTokenizer>(models::CLIPTokenizer::from_folder(join_path(path, "prior_tokenizer")));
     const auto text_cfg = models::CLIPTextConfig::from_json(
         io::load_json_file(join_path(path, "prior_text_encoder/config.json"), "prior_text_encoder config"));
-    m->prior_text_encoder = models::CLIPTextModel(text_cfg, /*with_projection=*/true);
     auto te = io::load_diffusers_component(path, "prior_text_encoder");
     models::clean_clip_state_dict(te);
+    m->prior_text_encoder = models::CLIPTextModel(text_cfg, /*with_projection=*/true);
     io::load_state_dict(*m->prior_text_encoder, te, path + "/prior_text_encoder");
     const auto prior_cfg = models::PriorTransformerConfig::from_json(
         io::load_json_file(join_path(path, "prior/config.json"), "prior config"));
+    const auto prior_weights = io::load_diffusers_component(path, "prior");
     m->prior = models::PriorTransformer(prior_cfg);
-    io::load_state_dict(*m->prior, io::load_diffusers_component(path, "prior"), path + "/prior");
+    io::load_state_dict(*m->prior, prior_weights, path + "/prior");
     m->prior_scheduler_config = scheduler_config(path, "prior_scheduler");
-    (void)check_scheduler(path, "prior_scheduler", m->prior_scheduler_config);
+    const auto prior_scheduler = check_scheduler(path, "prior_scheduler", m->prior_scheduler_config);
+    DMX_CHECK_SUPPORTED(prior_scheduler->class_name() != "UnCLIPScheduler", path,
+                        "/prior_scheduler: UnCLIPScheduler is not supported as a StableUnCLIPPipeline prior_scheduler ",
+                        "(the pipeline steps it without prev_timestep, i.e. to t - 1 whatever the step count; dmx's "
+                        "UnCLIPScheduler steps to the run's next timestep, as Karlo's pipeline drives it). Stable "
+                        "unCLIP folders ship a DDPMScheduler here");
     check_size(text_cfg.hidden_size == prior_cfg.embedding_dim, path,
                "prior_text_encoder hidden_size " + std::to_string(text_cfg.hidden_size) + " != prior embedding_dim " +
                    std::to_string(prior_cfg.embedding_dim));
@@ -163,9 +187,9 @@ std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path
         join_path(path, "feature_extractor/preprocessor_config.json"), "feature_extractor config"));
     const auto vision_cfg = models::CLIPVisionConfig::from_json(
         io::load_json_file(join_path(path, "image_encoder/config.json"), "image_encoder config"));
-    m->image_encoder = models::CLIPVisionModelWithProjection(vision_cfg);
     auto ie = io::load_diffusers_component(path, "image_encoder");
     models::clean_clip_vision_state_dict(ie);
+    m->image_encoder = models::CLIPVisionModelWithProjection(vision_cfg);
     io::load_state_dict(*m->image_encoder, ie, path + "/image_encoder");
     check_size(vision_cfg.projection_dim == E, path,
                "image_encoder projection_dim " + std::to_string(vision_cfg.projection_dim) +

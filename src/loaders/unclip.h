@@ -38,7 +38,10 @@ struct UnCLIPComponents {
 // path: a diffusers folder whose model_index.json names StableUnCLIPPipeline or StableUnCLIPImg2ImgPipeline.
 // Every component that pipeline needs is required: a missing one is a FormatError naming the folder and each
 // missing component; a malformed config or weight file a FormatError naming the file (strict state-dict loading);
-// another pipeline class, or a component class dmx does not run, Unsupported. Modules are in eval mode, on
-// opts.device in opts.dtype.
+// components whose sizes do not fit together (the prior's widths against its text encoder's and the normalizer's,
+// the image encoder's projection and input size against the normalizer and the feature extractor, the decoder
+// UNet's class embedding against 2 x the embedding width) a FormatError naming both sizes; another pipeline class,
+// a component class dmx does not run, or an UnCLIPScheduler prior_scheduler (StableUnCLIPPipeline steps it to t - 1
+// whatever the step count), Unsupported. Modules are in eval mode, on opts.device in opts.dtype.
 std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path, const LoadOptions& opts = {});
 }  // namespace dmx::loaders

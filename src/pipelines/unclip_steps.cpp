@@ -55,6 +55,13 @@ PriorPromptEmbeddings encode_prior_prompt(const models::CLIPTokenizer& tokenizer
 
 at::Tensor run_prior(models::PriorTransformer& prior, schedulers::Scheduler& scheduler, const PriorRunParams& p) {
   at::NoGradGuard no_grad;
+  // StableUnCLIPPipeline calls prior_scheduler.step(output, t, latents) with no prev_timestep: an UnCLIPScheduler
+  // there steps to t - 1 at every step. dmx's UnCLIPScheduler steps to the next timestep of the run (Karlo's and
+  // Kandinsky's pipelines pass it), so this loop would not be diffusers' loop with it.
+  DMX_CHECK_SUPPORTED(scheduler.class_name() != "UnCLIPScheduler",
+                      "run_prior: UnCLIPScheduler is not supported as the Stable unCLIP prior scheduler (diffusers' ",
+                      "StableUnCLIPPipeline steps it to t - 1 whatever the step count); use a DDPMScheduler, as Stable ",
+                      "unCLIP folders do");
   const bool cfg = p.guidance_scale > 1.0;
   DMX_CHECK_ARG(std::isfinite(p.guidance_scale), "prior_guidance_scale must be finite, got ", p.guidance_scale);
   DMX_CHECK_ARG(p.prompt.text_embeds.defined() && p.prompt.last_hidden_state.defined() &&

@@ -46,9 +46,10 @@ struct PriorRunParams {
   // After each step: index, timestep, the guided prediction the scheduler consumed, the new latents.
   std::function<void(int step, double t, const at::Tensor& guided_prediction, const at::Tensor& latents)> on_step_end;
 };
-// Runs the loop with `scheduler` (the folder's prior_scheduler: DDPMScheduler or UnCLIPScheduler; set_timesteps is
-// called here) and returns image_embeds = prior.post_process_latents(final latents) [B, clip_embed_dim].
-// InvalidArgument naming the parameter for inconsistent shapes or values.
+// Runs the loop with `scheduler` (the folder's prior_scheduler, a DDPMScheduler in Stable unCLIP folders; set_timesteps
+// is called here) and returns image_embeds = prior.post_process_latents(final latents) [B, clip_embed_dim].
+// InvalidArgument naming the parameter for inconsistent shapes or values; Unsupported for an UnCLIPScheduler, which
+// StableUnCLIPPipeline steps to t - 1 at every step (dmx's steps to the run's next timestep, as Karlo does).
 at::Tensor run_prior(models::PriorTransformer& prior, schedulers::Scheduler& scheduler, const PriorRunParams& p);
 
 // StableUnCLIPImg2ImgPipeline._encode_image: CLIPImageProcessor then the image encoder -> image_embeds [1, E].
