@@ -452,6 +452,49 @@ TEST(UnCLIPUnit, PriorConfigRefusesOtherTokenLayouts) {
   expect_throw_with<FormatError>([&] { models::PriorTransformerConfig::from_json(bad); }, {"embedding_dim"});
 }
 
+double module_parameters(const torch::nn::Module& m) {
+  double n = 0;
+  for (const auto& p : m.parameters()) n += static_cast<double>(p.numel());
+  return n;
+}
+
+// The loader compares these counts with the weight file before building a model: they must be exact.
+TEST(UnCLIPUnit, ParameterCountsAreTheModulesOwn) {
+  json all_apart = stable_unclip_prior_config();
+  all_apart["time_embed_dim"] = 24;
+  all_apart["embedding_proj_dim"] = 10;
+  all_apart["clip_embed_dim"] = 14;
+  all_apart["num_layers"] = 3;
+  for (const json& j : {stable_unclip_prior_config(), all_apart}) {
+    const auto cfg = models::PriorTransformerConfig::from_json(j);
+    models::PriorTransformer prior(cfg);
+    EXPECT_EQ(cfg.parameter_count(), module_parameters(*prior)) << j.dump();
+  }
+  const auto vcfg = models::CLIPVisionConfig::from_json(json::parse(
+      R"({"hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "image_size": 12, "patch_size": 4, "projection_dim": 6, "num_channels": 3})"));
+  models::CLIPVisionModelWithProjection vision(vcfg);
+  EXPECT_EQ(vcfg.parameter_count(), module_parameters(*vision));
+  models::CLIPTextConfig tcfg;
+  tcfg.vocab_size = 50;
+  tcfg.hidden_size = 8;
+  tcfg.intermediate_size = 12;
+  tcfg.num_hidden_layers = 2;
+  tcfg.num_attention_heads = 2;
+  tcfg.max_position_embeddings = 10;
+  tcfg.projection_dim = 6;
+  for (const bool projection : {false, true}) {
+    models::CLIPTextModel text(tcfg, projection);
+    EXPECT_EQ(tcfg.parameter_count(projection), module_parameters(*text)) << "with_projection " << projection;
+  }
+  // A hostile config describes more than any file holds (and more than int64 counts).
+  json huge = stable_unclip_prior_config();
+  huge["num_attention_heads"] = 256;
+  huge["attention_head_dim"] = 256;
+  huge["num_layers"] = 1024;
+  EXPECT_GT(models::PriorTransformerConfig::from_json(huge).parameter_count(), 8e11);
+}
+
 TEST(UnCLIPUnit, PriorInputErrorsNameTheInput) {
   at::NoGradGuard no_grad;
   models::PriorTransformer prior(models::PriorTransformerConfig::from_json(stable_unclip_prior_config()));
@@ -627,7 +670,19 @@ TEST(UnCLIPUnit, LoaderIsStrict) {
     fs::copy_file(d / "image_normalizer/diffusion_pytorch_model.safetensors",
                   d / "prior/diffusion_pytorch_model.safetensors", fs::copy_options::overwrite_existing);
   });
-  expect_throw_with<FormatError>([&] { loaders::load_unclip_components(bad_weights); }, {"prior", "missing"});
+  expect_throw_with<FormatError>([&] { loaders::load_unclip_components(bad_weights); },
+                                 {"prior/config.json describes a model of 34496 parameters", "hold 64 values"});
+  // Weights of the right size under a wrong name: strict loading names the missing and the unexpected key.
+  const std::string renamed = folder_copy("unclip", "renamed-key", [](const fs::path& d) {
+    const std::string file = (d / "prior/diffusion_pytorch_model.safetensors").string();
+    io::TensorMap t = io::load_safetensors(file);
+    for (auto& kv : t) kv.second = kv.second.clone();  // off the file's mapping before it is rewritten
+    t["prd_embeddings"] = t.at("prd_embedding");
+    t.erase("prd_embedding");
+    io::save_safetensors(file, t);
+  });
+  expect_throw_with<FormatError>([&] { loaders::load_unclip_components(renamed); },
+                                 {"/prior", "missing", "prd_embedding", "unexpected", "prd_embeddings"});
   const std::string shape_e = folder_copy("unclip", "shape-e", [](const fs::path& d) {
     json cfg = io::load_json_file((d / "prior/config.json").string(), "c");
     cfg["added_emb_type"] = nullptr;
@@ -661,6 +716,40 @@ TEST(UnCLIPUnit, LoaderIsStrict) {
     expect_throw_with<FormatError>([&] { loaders::load_unclip_components(unet); },
                                    {"do not fit together", "projection_class_embeddings_input_dim 64"});
   }
+  // Configs that describe far more than their weights: refused before any allocation, naming the file.
+  const std::string big_prior = folder_copy("unclip", "big-prior", [](const fs::path& d) {
+    json cfg = io::load_json_file((d / "prior/config.json").string(), "c");
+    cfg["num_layers"] = 1000;
+    cfg["num_attention_heads"] = 256;
+    const std::string text = cfg.dump();
+    write_bytes_atomic((d / "prior/config.json").string(), text.data(), text.size());
+  });
+  expect_throw_with<FormatError>([&] { loaders::load_unclip_components(big_prior); },
+                                 {"prior/config.json describes a model of", "the config does not match the weights"});
+  const std::string big_encoder = folder_copy("unclip_img2img", "big-encoder", [](const fs::path& d) {
+    json cfg = io::load_json_file((d / "image_encoder/config.json").string(), "c");
+    cfg["image_size"] = 16384;
+    cfg["patch_size"] = 1;
+    const std::string text = cfg.dump();
+    write_bytes_atomic((d / "image_encoder/config.json").string(), text.data(), text.size());
+  });
+  expect_throw_with<FormatError>([&] { loaders::load_unclip_components(big_encoder); },
+                                 {"image_encoder/config.json describes a model of"});
+  // A config one token short of its weights: strict loading names the tensor and both shapes.
+  const std::string short_prior = folder_copy("unclip", "short-prior", [](const fs::path& d) {
+    json cfg = io::load_json_file((d / "prior/config.json").string(), "c");
+    cfg["num_embeddings"] = 76;
+    const std::string text = cfg.dump();
+    write_bytes_atomic((d / "prior/config.json").string(), text.data(), text.size());
+  });
+  expect_throw_with<FormatError>([&] { loaders::load_unclip_components(short_prior); },
+                                 {"positional_embedding", "[1, 81, 32]", "[1, 80, 32]"});
+  // A truncated weight file.
+  const std::string truncated = folder_copy("unclip_img2img", "truncated", [](const fs::path& d) {
+    const fs::path w = d / "image_encoder/model.safetensors";
+    fs::resize_file(w, fs::file_size(w) / 2);
+  });
+  expect_throw_with<FormatError>([&] { loaders::load_unclip_components(truncated); }, {"image_encoder"});
   expect_throw_with<Unsupported>([&] { loaders::load_unclip_components(fixture_model("sd15")); },
                                  {"StableDiffusionPipeline"});
   expect_throw_with<InvalidArgument>([&] { loaders::load_unclip_components(temp_dir() + "/nowhere"); }, {"not found"});

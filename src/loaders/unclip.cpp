@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <sstream>
 #include <utility>
 #include <vector>
 
@@ -99,6 +100,21 @@ void check_size(bool ok, const std::string& path, const std::string& what) {
   if (!ok) throw FormatError(path + ": the components do not fit together: " + what);
 }
 
+// A config that describes more parameters than its weight file holds cannot load strictly; refusing it before the
+// model is built keeps a hostile config from allocating what it likes.
+void check_fits_weights(const std::string& path, const std::string& component, double config_parameters,
+                        const io::TensorMap& weights) {
+  double held = 0;
+  for (const auto& kv : weights) held += static_cast<double>(kv.second.numel());
+  if (config_parameters > held) {
+    std::ostringstream os;
+    os.precision(15);
+    os << path << "/" << component << "/config.json describes a model of " << config_parameters
+       << " parameters but its weights hold " << held << " values: the config does not match the weights";
+    throw FormatError(os.str());
+  }
+}
+
 // The decoder UNet takes the noised image embedding and its noise-level sinusoids as class labels: class_embed_type
 // "projection" with projection_class_embeddings_input_dim = 2 x the embedding width.
 void check_decoder_class_embedding(const std::string& path, int embedding_dim) {
@@ -153,11 +169,13 @@ std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path
         io::load_json_file(join_path(path, "prior_text_encoder/config.json"), "prior_text_encoder config"));
     auto te = io::load_diffusers_component(path, "prior_text_encoder");
     models::clean_clip_state_dict(te);
+    check_fits_weights(path, "prior_text_encoder", text_cfg.parameter_count(/*with_projection=*/true), te);
     m->prior_text_encoder = models::CLIPTextModel(text_cfg, /*with_projection=*/true);
     io::load_state_dict(*m->prior_text_encoder, te, path + "/prior_text_encoder");
     const auto prior_cfg = models::PriorTransformerConfig::from_json(
         io::load_json_file(join_path(path, "prior/config.json"), "prior config"));
     const auto prior_weights = io::load_diffusers_component(path, "prior");
+    check_fits_weights(path, "prior", prior_cfg.parameter_count(), prior_weights);
     m->prior = models::PriorTransformer(prior_cfg);
     io::load_state_dict(*m->prior, prior_weights, path + "/prior");
     m->prior_scheduler_config = scheduler_config(path, "prior_scheduler");
@@ -189,6 +207,7 @@ std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path
         io::load_json_file(join_path(path, "image_encoder/config.json"), "image_encoder config"));
     auto ie = io::load_diffusers_component(path, "image_encoder");
     models::clean_clip_vision_state_dict(ie);
+    check_fits_weights(path, "image_encoder", vision_cfg.parameter_count(), ie);
     m->image_encoder = models::CLIPVisionModelWithProjection(vision_cfg);
     io::load_state_dict(*m->image_encoder, ie, path + "/image_encoder");
     check_size(vision_cfg.projection_dim == E, path,

@@ -26,6 +26,13 @@ void validate_clip_encoder(const CLIPEncoderOptions& o, const std::string& what)
   DMX_CHECK_ARG(o.layer_norm_eps > 0, what, ": layer_norm_eps must be > 0, got ", o.layer_norm_eps);
 }
 
+double clip_encoder_parameter_count(const CLIPEncoderOptions& o) {
+  const double h = o.hidden_size, i = o.intermediate_size;
+  // q, k, v, out projections with biases; fc1, fc2 with biases; two layer norms.
+  const double layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * (2 * h);
+  return o.num_hidden_layers * layer;
+}
+
 CLIPAttentionImpl::CLIPAttentionImpl(int hidden, int heads) : heads(heads), head_dim(hidden / heads) {
   scale = std::pow(static_cast<double>(head_dim), -0.5);
   k_proj = register_module("k_proj", nn::LoRALinear(hidden, hidden));

@@ -66,4 +66,8 @@ TORCH_MODULE(CLIPEncoder);
 // InvalidArgument naming the field (prefixed by `what`) when a size is not positive, hidden_size is not
 // divisible by num_attention_heads, hidden_act is unknown or layer_norm_eps is not positive.
 void validate_clip_encoder(const CLIPEncoderOptions& o, const std::string& what);
+
+// The number of parameters of the encoder's layers (a double: a malformed config may describe more than int64 holds;
+// exact below 2^53).
+double clip_encoder_parameter_count(const CLIPEncoderOptions& o);
 }  // namespace dmx::models

@@ -98,6 +98,12 @@ CLIPEncoderOptions CLIPTextConfig::encoder_options() const {
   return o;
 }
 
+double CLIPTextConfig::parameter_count(bool with_projection) const {
+  const double h = hidden_size;
+  return static_cast<double>(vocab_size) * h + static_cast<double>(max_position_embeddings) * h +
+         clip_encoder_parameter_count(encoder_options()) + 2 * h + (with_projection ? h * projection_dim : 0.0);
+}
+
 void CLIPTextConfig::validate() const {
   auto positive = [](const char* name, int v) {
     DMX_CHECK_ARG(v > 0, "CLIP text config: ", name, " must be > 0, got ", v);

@@ -47,6 +47,9 @@ struct CLIPTextConfig {
   // num_attention_heads, or hidden_act is unknown.
   void validate() const;
   CLIPEncoderOptions encoder_options() const;
+  // The number of parameters the model has (with_projection: and text_projection); a double, exact below 2^53. A
+  // loader compares it with the weight file before allocating anything.
+  double parameter_count(bool with_projection) const;
 };
 
 struct CLIPTextOutput {

@@ -50,6 +50,13 @@ CLIPEncoderOptions CLIPVisionConfig::encoder_options() const {
   return o;
 }
 
+double CLIPVisionConfig::parameter_count() const {
+  const double h = hidden_size, grid = static_cast<double>(image_size / patch_size);
+  // class token, bias-free patch convolution, positions, pre/post layer norms, the encoder, visual_projection.
+  return h + h * num_channels * patch_size * patch_size + (grid * grid + 1) * h + 2 * (2 * h) +
+         clip_encoder_parameter_count(encoder_options()) + h * projection_dim;
+}
+
 void CLIPVisionConfig::validate() const {
   const char* what = "CLIP vision config";
   auto positive = [&](const char* name, int v) { DMX_CHECK_ARG(v > 0, what, ": ", name, " must be > 0, got ", v); };

@@ -41,6 +41,9 @@ struct CLIPVisionConfig {
   void validate() const;
   CLIPEncoderOptions encoder_options() const;
   int num_positions() const { return (image_size / patch_size) * (image_size / patch_size) + 1; }
+  // The number of parameters the model has (a double, exact below 2^53): compared with the weight file before
+  // anything is allocated.
+  double parameter_count() const;
 };
 
 struct CLIPVisionOutput {

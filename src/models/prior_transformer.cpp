@@ -66,6 +66,17 @@ PriorTransformerConfig PriorTransformerConfig::from_json(const nlohmann::json& j
   return c;
 }
 
+double PriorTransformerConfig::parameter_count() const {
+  const double i = inner_dim(), t = resolved_time_embed_dim(), p = resolved_embedding_proj_dim(),
+               c = resolved_clip_embed_dim(), e = embedding_dim;
+  const double time = (i * t + t) + (t * i + i);
+  const double inputs = (e * i + i) + (p * i + i) + (e * i + i);  // proj_in, embedding_proj, encoder_hidden_states_proj
+  const double tokens = static_cast<double>(sequence_length()) * i + i;  // positional_embedding, prd_embedding
+  // norm1, attn1 (q, k, v and out with biases), norm3, ff (gelu proj i -> 4i, out 4i -> i)
+  const double block = 2 * i + 4 * (i * i + i) + 2 * i + (i * 4 * i + 4 * i) + (4 * i * i + i);
+  return time + inputs + tokens + num_layers * block + 2 * i + (i * c + c) + 2 * c;
+}
+
 void PriorTransformerConfig::validate() const {
   auto positive = [](const char* name, int v) { DMX_CHECK_ARG(v > 0, kWhat, ": ", name, " must be > 0, got ", v); };
   positive("num_attention_heads", num_attention_heads);

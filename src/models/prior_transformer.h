@@ -42,6 +42,9 @@ struct PriorTransformerConfig {
   int resolved_embedding_proj_dim() const { return embedding_proj_dim > 0 ? embedding_proj_dim : embedding_dim; }
   int resolved_clip_embed_dim() const { return clip_embed_dim > 0 ? clip_embed_dim : embedding_dim; }
   int sequence_length() const { return num_embeddings + additional_embeddings; }
+  // The number of parameters the model has (a double, exact below 2^53): compared with the weight file before
+  // anything is allocated.
+  double parameter_count() const;
 };
 
 // Forward inputs (a struct, per the house conventions).
