@@ -235,6 +235,72 @@ TEST(UnCLIPGolden, ClipVisionEmbeddingWithoutAndWithResize) {
   EXPECT_EQ((models::clip_resize_output_size(fe, 56, 40)), (std::array<int, 2>{32, 44}));
 }
 
+// The pipeline cases (seed-driven, not run by these component tests before): the prior phase of StableUnCLIPPipeline
+// from the seed alone (prior latents and step noises from one generator), the noise augmentation with the next draw,
+// and that the generator then stands where the decoder's latents are drawn.
+TEST(UnCLIPGolden, SeededPriorAndNoiseAugmentationOfTheTxt2ImgCases) {
+  DMX_REQUIRE_FIXTURES();
+  at::NoGradGuard no_grad;
+  const auto& f = fixture();
+  for (const std::string name : {"unclip_nl0", "unclip_nl100"}) {
+    SCOPED_TRACE(name);
+    const RefCase ref = load_ref("unclip", name);
+    const auto& meta = ref.meta;
+    const auto& cfg = f.txt2img->prior_scheduler_config;
+    auto scheduler = schedulers::create_scheduler(cfg.at("_class_name").get<std::string>(), cfg);
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(meta.at("seed").get<uint64_t>());
+    pipelines::PriorRunParams p;
+    p.prompt = pipelines::encode_prior_prompt(*f.txt2img->prior_tokenizer, f.txt2img->prior_text_encoder,
+                                              {meta.at("prompt").get<std::string>()}, true);
+    p.num_inference_steps = meta.at("prior_steps");
+    p.guidance_scale = meta.at("prior_guidance_scale");
+    p.generator = &gen;
+    double worst = 0;
+    std::vector<double> ts;
+    p.on_step_end = [&](int i, double t, const at::Tensor&, const at::Tensor& latents) {
+      ts.push_back(t);
+      const std::string s = "prior.step." + std::to_string(i) + ".latents";
+      worst = std::max(worst, check_close(name + " " + s, latents, ref[s], kTol));
+    };
+    const at::Tensor image_embeds = pipelines::run_prior(f.txt2img->prior, *scheduler, p);
+    EXPECT_EQ(ts, meta.at("prior_timesteps").get<std::vector<double>>());
+    EXPECT_LE(worst, kTol);
+    DMX_EXPECT_CLOSE(name + " prior.image_embeds", image_embeds, ref["prior.image_embeds"], kTol);
+    const auto& ncfg = f.txt2img->image_noising_scheduler_config;
+    auto noising = schedulers::create_scheduler(ncfg.at("_class_name").get<std::string>(), ncfg);
+    const at::Tensor noised = pipelines::noise_image_embeddings(f.txt2img->image_normalizer, *noising, image_embeds,
+                                                                meta.at("noise_level").get<int64_t>(), {}, &gen);
+    DMX_EXPECT_CLOSE(name + " noised_image_embeds", noised, ref["noised_image_embeds"], kTol);
+    // 7 draws: prior latents, 4 step noises, the embedding noise; the next one is the decoder's latents.
+    const at::Tensor next = at::randn({1, 4, 8, 8}, gen, at::TensorOptions().dtype(at::kFloat));
+    EXPECT_EQ(max_abs(next, ref["rng.6"]), 0.0) << "the generator is not where diffusers draws the decoder latents";
+  }
+}
+
+TEST(UnCLIPGolden, ImageVariationEmbeddingsOfTheImg2ImgCases) {
+  DMX_REQUIRE_FIXTURES();
+  at::NoGradGuard no_grad;
+  const auto& f = fixture();
+  for (const std::string name : {"variations_nl0", "variations_nl50"}) {
+    SCOPED_TRACE(name);
+    const RefCase ref = load_ref("unclip", name);
+    const Image img = u8_image(ref["input.image_u8"]);
+    const at::Tensor pv = models::clip_preprocess(f.img2img->feature_extractor, img);
+    check_close(name + " pixel_values", pv, ref["pixel_values"], 0.0);
+    EXPECT_EQ(max_abs(pv, ref["pixel_values"]), 0.0) << name << " pixel_values (Pillow's bicubic, bit for bit)";
+    const at::Tensor embeds = pipelines::clip_image_embeds(f.img2img->feature_extractor, f.img2img->image_encoder, img);
+    DMX_EXPECT_CLOSE(name + " clip_image_embeds", embeds, ref["clip_image_embeds"], kTol);
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(ref.meta.at("seed").get<uint64_t>());
+    const auto& ncfg = f.img2img->image_noising_scheduler_config;
+    auto noising = schedulers::create_scheduler(ncfg.at("_class_name").get<std::string>(), ncfg);
+    const at::Tensor noised = pipelines::noise_image_embeddings(f.img2img->image_normalizer, *noising, embeds,
+                                                                ref.meta.at("noise_level").get<int64_t>(), {}, &gen);
+    DMX_EXPECT_CLOSE(name + " noised_image_embeds", noised, ref["noised_image_embeds"], kTol);
+    const at::Tensor next = at::randn({1, 4, 8, 8}, gen, at::TensorOptions().dtype(at::kFloat));
+    EXPECT_EQ(max_abs(next, ref["rng.1"]), 0.0) << "the generator is not where diffusers draws the decoder latents";
+  }
+}
+
 TEST(UnCLIPGolden, LoaderReadsBothFolders) {
   DMX_REQUIRE_FIXTURES();
   const auto& f = fixture();
