@@ -55,7 +55,7 @@ struct UNet2DConditionConfig {
   int time_embed_dim() const { return block_out_channels.at(0) * 4; }
 };
 
-// Forward inputs (a struct, per CONVENTIONS): ControlNet residuals arrive here as data.
+// Forward inputs (a struct, per docs/architecture.md): ControlNet residuals arrive here as data.
 struct UNetInputs {
   at::Tensor sample;                                        // [B, C, h, w]
   at::Tensor timestep;                                      // 0-d or [B]; float or int
