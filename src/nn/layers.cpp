@@ -184,9 +184,16 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context
   if (group_norm) h = nn::group_norm(group_norm, h.transpose(1, 2)).transpose(1, 2);
   const at::Tensor& ctx = context.defined() ? context : h;
   const int64_t Nq = h.size(1), Nk = ctx.size(1), heads = o_.heads, d = o_.dim_head;
-  at::Tensor q = to_q->forward(h).view({B, Nq, heads, d}).permute({0, 2, 1, 3});    // [B, heads, Nq, d]
-  at::Tensor k = to_k->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nk, d]
-  at::Tensor v = to_v->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});
+  at::Tensor q = to_q->forward(h).view({B, Nq, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nq, d]
+  at::Tensor k, v;
+  if (seam_ && !seam_->input_hooks.empty()) {  // hypernetworks: k = to_k(f_k(ctx)), v = to_v(f_v(ctx))
+    const KeyValueInputs kv = apply_input_hooks(site_, seam_.get(), ctx);
+    k = to_k->forward(kv.key).view({B, Nk, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nk, d]
+    v = to_v->forward(kv.value).view({B, Nk, heads, d}).permute({0, 2, 1, 3});
+  } else {
+    k = to_k->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nk, d]
+    v = to_v->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});
+  }
   const bool upcast = o_.upcast_attention || o_.upcast_softmax;
   // The seam path when a controller or processor is installed, or when autograd needs a differentiable
   // graph (nn::attention writes into preallocated outputs); the fast path otherwise.
