@@ -324,7 +324,7 @@ static Transformer2DModel make_transformer(const BlockOptions& o, int64_t channe
   return Transformer2DModel(t);
 }
 
-DownBlock2DImpl::DownBlock2DImpl(const BlockOptions& o) {
+DownBlock2DImpl::DownBlock2DImpl(const BlockOptions& o) : out_channels_(o.out_channels) {
   auto rs = make_container(*this, "resnets");
   std::shared_ptr<tnn::Module> as = o.cross_attention ? make_container(*this, "attentions") : nullptr;
   for (int64_t i = 0; i < o.num_layers; ++i) {
@@ -339,12 +339,16 @@ DownBlock2DImpl::DownBlock2DImpl(const BlockOptions& o) {
   }
 }
 
-DownBlockOutput DownBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context) {
+DownBlockOutput DownBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context,
+                                         const at::Tensor& additional_residual) {
+  DMX_CHECK_ARG(!additional_residual.defined() || has_cross_attention(),
+                "DownBlock2D: an additional residual goes inside cross-attention blocks only");
   DownBlockOutput r;
   at::Tensor h = x;
   for (size_t i = 0; i < resnets.size(); ++i) {
     h = resnets[i]->forward(h, temb);
     if (!attentions.empty()) h = attentions[i]->forward(h, context);
+    if (i + 1 == resnets.size() && additional_residual.defined()) h = h + additional_residual;
     r.res_samples.push_back(h);
   }
   if (downsampler) {

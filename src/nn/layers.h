@@ -221,10 +221,19 @@ struct DownBlockOutput {
 class DownBlock2DImpl : public torch::nn::Module {
  public:
   explicit DownBlock2DImpl(const BlockOptions& o);
-  DownBlockOutput forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context);
+  // additional_residual (CrossAttnDownBlock2D's T2I-Adapter input, optional): added after the last (resnet,
+  // attention) pair, before the downsampler, so the last skip and the downsampler both see the sum. Blocks
+  // without attention take none (diffusers adds it to their output instead: the UNet's job).
+  DownBlockOutput forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context,
+                          const at::Tensor& additional_residual = {});
+  bool has_cross_attention() const { return !attentions.empty(); }
+  int64_t out_channels() const { return out_channels_; }
   std::vector<ResnetBlock2D> resnets;
   std::vector<Transformer2DModel> attentions;
   Downsample2D downsampler{nullptr};
+
+ private:
+  int64_t out_channels_ = 0;
 };
 TORCH_MODULE(DownBlock2D);
 
