@@ -1,0 +1,26 @@
+// Loading T2I-Adapters (models/t2i_adapter.h): diffusers folders and original TencentARC checkpoints.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "io/safetensors.h"
+#include "models/t2i_adapter.h"
+
+namespace dmx::loaders {
+
+// path: a diffusers T2IAdapter folder (config.json + diffusion_pytorch_model.safetensors, what
+// T2IAdapter.save_pretrained writes), or a single .safetensors file with an original TencentARC state dict
+// (conv_in / body.<n>.block1 ...: converted at load, config detected from shapes; num_res_blocks splits a full
+// adapter's flat body, 2 for TencentARC's releases). Original .pth / .pt files are torch.save pickles: they
+// load through the weights-only reader into a state dict, then t2i_adapter_from_state_dict (until that reader is
+// in, Unsupported naming the file). The model is in eval mode, in `dtype`.
+models::T2IAdapter load_t2i_adapter(const std::string& path, at::ScalarType dtype = at::kFloat,
+                                    int num_res_blocks = 2);
+
+// The seam for any source of an adapter state dict: diffusers names (adapter.*, needs `config`, the folder's
+// config.json) or original names (converted; config detected unless given). Strict loading.
+models::T2IAdapter t2i_adapter_from_state_dict(const io::TensorMap& state, const std::string& what,
+                                               const nlohmann::json& config = nullptr, int num_res_blocks = 2);
+}  // namespace dmx::loaders
