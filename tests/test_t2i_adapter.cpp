@@ -14,6 +14,7 @@
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "io/t2i_adapter_names.h"
+#include "io/torch_pickle.h"
 #include "loaders/t2i_adapter_loader.h"
 #include "models/t2i_adapter.h"
 #include "models/unet_2d_condition.h"
@@ -252,8 +253,47 @@ TEST(T2IAdapterGolden, OriginalLayoutConvertsToTheDiffusersWeights) {
   expect_throw_with<InvalidArgument>([&] { loaders::load_t2i_adapter(adapter_dir("sketch") + "/config.json"); },
                                      "neither a diffusers T2IAdapter folder nor");
   const std::string pth = test::temp_dir() + "/t2iadapter_sketch_sd15v2.pth";
-  { std::ofstream(pth) << "not read"; }
-  expect_throw_with<Unsupported>([&] { loaders::load_t2i_adapter(pth); }, "weights-only torch.save reader");
+  { std::ofstream(pth) << "not a pickle"; }
+  expect_throw_with<FormatError>([&] { loaders::load_t2i_adapter(pth); }, "not a torch.save file");
+}
+
+// TencentARC's own .pth files (tests/data/t2i_adapter, made by make_original.py with TencentARC's Adapter and
+// Adapter_light classes as their get_adapters builds the released adapters): read by the weights-only torch.save
+// reader (the zip format and the legacy one), the config detected from the shapes, the names converted; the
+// features equal what TencentARC's own forward computed.
+TEST(T2IAdapterGolden, TencentARCPthFilesGiveTheOriginalCodesFeatures) {
+  at::NoGradGuard no_grad;
+  const std::string dir = std::string(DMX_SOURCE_DIR) + "/tests/data/t2i_adapter";
+  const io::TensorMap ref = io::load_safetensors(dir + "/original_adapters.safetensors");
+  struct Case {
+    std::string name, type;
+    int in_channels;
+    std::vector<int> channels;
+    int num_res_blocks;
+  };
+  double worst = 0;
+  for (const Case& c : {Case{"full_sketch", "full_adapter", 1, {8, 16, 16, 16}, 2},
+                        Case{"light_color", "light_adapter", 3, {8, 16, 16}, 4}}) {
+    const std::string path = dir + "/" + c.name + ".pth";
+    T2IAdapter a = loaders::load_t2i_adapter(path);
+    EXPECT_EQ(a->config().adapter_type, c.type);
+    EXPECT_EQ(a->config().in_channels, c.in_channels);
+    EXPECT_EQ(a->config().channels, c.channels);
+    EXPECT_EQ(a->config().num_res_blocks, c.num_res_blocks);
+    EXPECT_EQ(a->config().downscale_factor, 8);
+    const std::vector<at::Tensor> f = a->forward(ref.at("x." + c.name));
+    ASSERT_EQ(f.size(), 4u) << c.name;
+    for (size_t k = 0; k < f.size(); ++k) {
+      const std::string key = c.name + ".feature." + std::to_string(k);
+      worst = std::max(worst, test::check_close("t2i original " + key, f[k], ref.at(key), kTol));
+    }
+    // The same keys with TencentARC's training prefix "adapter." (their loader drops it).
+    io::TensorMap prefixed;
+    for (const auto& [k, t] : io::torch_state_dict(*io::load_torch_file(path))) prefixed.emplace("adapter." + k, t);
+    T2IAdapter b = loaders::t2i_adapter_from_state_dict(prefixed, c.name + " (prefixed)");
+    EXPECT_TRUE(b->forward(ref.at("x." + c.name)).back().equal(f.back())) << c.name;
+  }
+  EXPECT_LE(worst, kTol);
 }
 
 // Features of each adapter, the MultiAdapter sums (weights 0.6 / 0.4 and the 1/N default), and the UNet with

@@ -9,6 +9,7 @@
 #include "io/checkpoint.h"
 #include "io/state_dict.h"
 #include "io/t2i_adapter_names.h"
+#include "io/torch_pickle.h"
 
 namespace dmx::loaders {
 
@@ -16,15 +17,28 @@ models::T2IAdapter t2i_adapter_from_state_dict(const io::TensorMap& state, const
                                                const nlohmann::json& config, int num_res_blocks) {
   nlohmann::json cfg = config;
   io::TensorMap weights;
-  switch (io::t2i_adapter_layout(state)) {
+  // TencentARC's get_adapters strips an "adapter." prefix from original keys (training checkpoints carry it).
+  io::TensorMap unprefixed;
+  const io::TensorMap* src = &state;
+  io::T2IAdapterLayout layout = io::t2i_adapter_layout(state);
+  if (layout == io::T2IAdapterLayout::None && !state.empty() &&
+      std::all_of(state.begin(), state.end(), [](const auto& kv) { return starts_with(kv.first, "adapter."); })) {
+    for (const auto& [k, t] : state) unprefixed.emplace(k.substr(8), t);
+    layout = io::t2i_adapter_layout(unprefixed);
+    if (layout == io::T2IAdapterLayout::OriginalFull || layout == io::T2IAdapterLayout::OriginalLight)
+      src = &unprefixed;
+    else
+      layout = io::T2IAdapterLayout::None;
+  }
+  switch (layout) {
     case io::T2IAdapterLayout::Diffusers:
       DMX_CHECK_FORMAT(!cfg.is_null(), what, ": diffusers T2IAdapter weights need their config.json");
       weights = state;
       break;
     case io::T2IAdapterLayout::OriginalFull:
     case io::T2IAdapterLayout::OriginalLight:
-      if (cfg.is_null()) cfg = io::detect_original_t2i_adapter_config(state, num_res_blocks);
-      weights = io::convert_original_t2i_adapter(state, cfg);
+      if (cfg.is_null()) cfg = io::detect_original_t2i_adapter_config(*src, num_res_blocks);
+      weights = io::convert_original_t2i_adapter(*src, cfg);
       break;
     case io::T2IAdapterLayout::None:
       throw FormatError(what + ": not a T2I-Adapter (neither diffusers' adapter.* names nor TencentARC's conv_in / "
@@ -68,16 +82,14 @@ models::T2IAdapter load_t2i_adapter(const std::string& path, at::ScalarType dtyp
   } else if (ends_with(to_lower_ascii(path), ".safetensors")) {
     adapter = t2i_adapter_from_state_dict(io::load_safetensors(path), path, nullptr, num_res_blocks);
   } else {
+    // TencentARC's .pth (and any torch.save state dict): read by the weights-only reader, nothing in it runs.
     const std::string lower = to_lower_ascii(path);
-    DMX_CHECK_ARG(ends_with(lower, ".pth") || ends_with(lower, ".pt") || ends_with(lower, ".bin") ||
-                      ends_with(lower, ".ckpt"),
-                  "--adapter: ", path,
+    const bool pickle_name = ends_with(lower, ".pth") || ends_with(lower, ".pt") || ends_with(lower, ".bin") ||
+                             ends_with(lower, ".ckpt");
+    DMX_CHECK_ARG(pickle_name || io::looks_like_torch_file(path), "--adapter: ", path,
                   " is neither a diffusers T2IAdapter folder nor a .safetensors / .pth adapter checkpoint");
-    // .pth / .pt / .bin: torch.save pickles. They load through the weights-only reader (io/torch_pickle.h,
-    // being written): io::torch_state_dict(*io::load_torch_file(path)) -> t2i_adapter_from_state_dict.
-    throw Unsupported("--adapter " + path +
-                      ": pickled checkpoints (.pth/.pt/.bin) need dmx's weights-only torch.save reader, which this "
-                      "build does not have yet; convert the file to .safetensors, or use the diffusers folder");
+    adapter = t2i_adapter_from_state_dict(io::torch_state_dict(*io::load_torch_file(path)), path, nullptr,
+                                          num_res_blocks);
   }
   adapter->to(dtype);
   return adapter;
