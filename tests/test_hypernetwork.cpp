@@ -1,8 +1,9 @@
 // AUTOMATIC1111 hypernetworks: the module built from A1111's fields (layer_structure, activation names with
-// "swish" = Hardswish, is_layer_norm, activate_output, dropout structure, old linear1/linear2 keys), loading from
-// the .safetensors layout and from the flattened .pt form, and the attention seam's input hook applying them to
+// "swish" = Hardswish, is_layer_norm, activate_output, dropout structure, old linear1/linear2 keys), loading A1111's
+// .pt (weights-only torch.save reader), its .safetensors copy and the flattened form, refusing malformed dicts, and
+// the attention seam's input hook applying them to
 // the keys and values of every attention whose context width matches. Golden: ref/hypernet/components.
-// Suites: HypernetworkUnit (fields, modules), HypernetworkGolden (golden).
+// Suites: HypernetworkUnit (fields, modules, malformed files), HypernetworkGolden (golden).
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -13,6 +14,7 @@
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "io/torch_pickle.h"
 #include "loaders/hypernetwork_loader.h"
 #include "models/hypernetwork.h"
 #include "models/unet_2d_condition.h"
@@ -175,29 +177,13 @@ TEST(HypernetworkUnit, HooksChainInOrder) {
 }
 
 // ------------------------------------------------------------------------------------------------------
+// A1111's own .pt (read by the weights-only torch.save reader: BINFLOAT lists, OrderedDict state dicts with
+// _metadata) and its .safetensors copy give the same modules, and both match the reference: each module at
+// multipliers 1.0 and 0.8, and the UNet with the hypernetwork in every attention layer (then gone with the scope).
 TEST(HypernetworkGolden, ModulesAndUNetMatchA1111OnDiffusers) {
   DMX_REQUIRE_FIXTURES();
   at::NoGradGuard no_grad;
   const test::RefCase ref = test::load_ref("hypernet", "components");
-  Hypernetwork hn = loaders::load_hypernetwork(hn_path(".safetensors"));
-  EXPECT_EQ(hn->widths(), (std::vector<int64_t>{32, 64}));
-  EXPECT_EQ(hn->config().name, "tiny_hypernet");
-  EXPECT_EQ(hn->config().activation_func, "swish");
-  for (const std::string w : {"32", "64"})
-    EXPECT_EQ(json(hn->k(std::stoll(w))->layer_kinds()), ref.meta.at("sequential").at(w)) << w;
-
-  double worst = 0;
-  for (const std::string w : {"32", "64"}) {
-    const int64_t dim = std::stoll(w);
-    for (const std::string m : {"1.0", "0.8"}) {
-      const double mult = std::stod(m);
-      worst = std::max(worst, test::check_close("hypernet k." + w + ".m" + m, hn->k(dim)->forward(ref["x." + w], mult),
-                                                ref["k." + w + ".m" + m], kTol));
-      worst = std::max(worst, test::check_close("hypernet v." + w + ".m" + m, hn->v(dim)->forward(ref["x." + w], mult),
-                                                ref["v." + w + ".m" + m], kTol));
-    }
-  }
-
   models::UNet2DConditionModel unet(models::UNet2DConditionConfig::from_json(
       io::load_json_file(test::fixture_model("sd15") + "/unet/config.json", "unet config")));
   io::load_state_dict(*unet, io::load_diffusers_component(test::fixture_model("sd15"), "unet"), "unet");
@@ -211,22 +197,44 @@ TEST(HypernetworkGolden, ModulesAndUNetMatchA1111OnDiffusers) {
   in.sample = ref["unet.latents"];
   in.timestep = at::scalar_tensor(500, at::kLong);
   in.encoder_hidden_states = ref["unet.prompt_embeds"];
-  {
-    models::ScopedHypernetworks scope(*unet, {{hn, 0.8}});
-    worst = std::max(worst, test::check_close("hypernet unet.out.m0.8", unet->forward(in), ref["unet.out.m0.8"], kTol));
+
+  double worst = 0;
+  for (const std::string ext : {".pt", ".safetensors"}) {
+    Hypernetwork hn = loaders::load_hypernetwork(hn_path(ext));
+    EXPECT_EQ(hn->widths(), (std::vector<int64_t>{32, 64})) << ext;
+    EXPECT_EQ(hn->config().name, "tiny_hypernet") << ext;
+    EXPECT_EQ(hn->config().activation_func, "swish") << ext;
+    EXPECT_EQ(hn->config().step, 1000) << ext;
+    EXPECT_EQ(hn->config().dropout_structure, (std::vector<double>{0.0, 0.3, 0.0})) << ext;
+    for (const std::string w : {"32", "64"})
+      EXPECT_EQ(json(hn->k(std::stoll(w))->layer_kinds()), ref.meta.at("sequential").at(w)) << w << ext;
+    for (const std::string w : {"32", "64"}) {
+      const int64_t dim = std::stoll(w);
+      for (const std::string m : {"1.0", "0.8"}) {
+        const double mult = std::stod(m);
+        const std::string tag = "hypernet" + ext + " ";
+        worst = std::max(worst, test::check_close(tag + "k." + w + ".m" + m, hn->k(dim)->forward(ref["x." + w], mult),
+                                                  ref["k." + w + ".m" + m], kTol));
+        worst = std::max(worst, test::check_close(tag + "v." + w + ".m" + m, hn->v(dim)->forward(ref["x." + w], mult),
+                                                  ref["v." + w + ".m" + m], kTol));
+      }
+    }
+    {
+      models::ScopedHypernetworks scope(*unet, {{hn, 0.8}});
+      worst = std::max(worst, test::check_close("hypernet" + ext + " unet.out.m0.8", unet->forward(in),
+                                                ref["unet.out.m0.8"], kTol));
+    }
+    // Gone with the scope.
+    worst = std::max(worst, test::check_close("hypernet" + ext + " unet.out.none", unet->forward(in),
+                                              ref["unet.out.none"], kTol));
   }
-  // Gone with the scope.
-  worst = std::max(worst, test::check_close("hypernet unet.out.none", unet->forward(in), ref["unet.out.none"], kTol));
   EXPECT_LE(worst, kTol) << "worst relative error over the hypernet components";
 }
 
-// The .pt and the .safetensors copy: the .pt (A1111's own file) needs the weights-only torch.save reader, which
-// this build lacks: a clear Unsupported. Its flattened form (what that reader gives: "<dim>.0/1" tensors and the
-// fields as JSON text) loads through the same seam as the .safetensors.
-TEST(HypernetworkGolden, PtIsRefusedClearlyAndItsFlattenedFormLoads) {
+// The .pt and its .safetensors copy hold the same tensors and fields; the flattened form (what `dmx convert`
+// makes of a .pt: "<dim>.0/1" tensors, the fields as JSON text) loads through the same seam.
+TEST(HypernetworkGolden, PtSafetensorsAndFlattenedFormAgree) {
   DMX_REQUIRE_FIXTURES();
-  expect_throw_with<Unsupported>([] { loaders::load_hypernetwork(hn_path(".pt")); },
-                                 "weights-only torch.save reader");
   auto f = io::SafeTensorsFile::open(hn_path(".safetensors"));
   io::TensorMap flat;
   for (const auto& name : f->names()) {
@@ -239,8 +247,61 @@ TEST(HypernetworkGolden, PtIsRefusedClearlyAndItsFlattenedFormLoads) {
   fields.erase("format");
   Hypernetwork a = loaders::hypernetwork_from_flat(flat, fields, "flattened .pt", "x");
   Hypernetwork b = loaders::load_hypernetwork(hn_path(".safetensors"));
-  const io::TensorMap sa = io::module_state(*a), sb = io::module_state(*b);
+  Hypernetwork c = loaders::load_hypernetwork(hn_path(".pt"));
+  const io::TensorMap sa = io::module_state(*a), sb = io::module_state(*b), sc = io::module_state(*c);
   ASSERT_EQ(sa.size(), sb.size());
-  for (const auto& [k, v] : sb) EXPECT_TRUE(sa.at(k).equal(v)) << k;
+  ASSERT_EQ(sc.size(), sb.size());
+  for (const auto& [k, v] : sb) {
+    EXPECT_TRUE(sa.at(k).equal(v)) << k;
+    EXPECT_TRUE(sc.at(k).equal(v)) << k;
+  }
   EXPECT_EQ(a->config().dropout_structure, b->config().dropout_structure);
+  EXPECT_EQ(c->config().layer_structure, b->config().layer_structure);
+  EXPECT_EQ(c->config().is_layer_norm, b->config().is_layer_norm);
+  EXPECT_EQ(c->config().activate_output, b->config().activate_output);
+  EXPECT_EQ(c->config().sd_checkpoint_name, "sd15");
+}
+
+// Malformed and hostile A1111 dicts (bare pickles through the weights-only machine) are FormatErrors naming the
+// value; files that are not torch.save files are refused before anything is parsed.
+TEST(HypernetworkUnit, MalformedPickledDictsNameTheValue) {
+  auto load = [](const std::string& bytes) {
+    auto file = io::parse_bare_pickle(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "evil.pt");
+    return loaders::hypernetwork_from_torch_file(*file, "evil");
+  };
+  const std::string proto = std::string("\x80\x02", 2);
+  auto s = [](std::initializer_list<int> b) {
+    std::string out;
+    for (int c : b) out.push_back(static_cast<char>(c));
+    return out;
+  };
+  // [] : not a dict
+  expect_throw_with<FormatError>([&] { load(proto + "]."); }, "must be an A1111 hypernetwork dict");
+  // {32: 'x'}
+  expect_throw_with<FormatError>([&] { load(proto + "}K " + s({'X', 1, 0, 0, 0}) + "xs."); },
+                                 "must be a pair (k state dict, v state dict), got a str");
+  // {32: ({}, 5)}
+  expect_throw_with<FormatError>([&] { load(proto + "}K }K" + s({5, 0x86}) + "s."); },
+                                 "must be a state dict, got an int");
+  // {-1: ({}, {})}
+  expect_throw_with<FormatError>([&] { load(proto + "}J" + s({0xff, 0xff, 0xff, 0xff}) + "}}" + s({0x86}) + "s."); },
+                                 "module width must be > 0, got -1");
+  // {32: ({'linear.0.weight': 3}, {})}
+  expect_throw_with<FormatError>(
+      [&] { load(proto + "}K }X" + s({15, 0, 0, 0}) + "linear.0.weight" + "K" + s({3}) + "s}" + s({0x86}) + "s."); },
+      "must be a tensor");
+  // {'layer_structure': 'abc'}
+  expect_throw_with<FormatError>(
+      [&] { load(proto + "}X" + s({15, 0, 0, 0}) + "layer_structure" + "X" + s({3, 0, 0, 0}) + "abcs."); },
+      "evil.pt: hypernetwork: field 'layer_structure' must be a list of numbers");
+  // {} : no modules
+  expect_throw_with<FormatError>([&] { load(proto + "}."); }, "no hypernetwork modules");
+
+  const std::string junk = test::temp_dir() + "/junk.hypernet";
+  { std::ofstream(junk) << "plain text"; }
+  expect_throw_with<InvalidArgument>([&] { loaders::load_hypernetwork(junk); },
+                                     "neither a .safetensors file nor a torch.save file");
+  const std::string bad_pt = test::temp_dir() + "/bad.pt";
+  { std::ofstream(bad_pt) << "plain text"; }
+  expect_throw_with<FormatError>([&] { loaders::load_hypernetwork(bad_pt); }, "not a torch.save file");
 }
