@@ -70,21 +70,32 @@ TEST(HypernetworkUnit, FieldsAndDefaultsAsA1111LoadsThem) {
   EXPECT_TRUE(s.use_dropout);
   EXPECT_EQ(s.effective_dropout_structure(), (std::vector<double>{0, 0, 0.1, 0}));
 
-  expect_throw_with<FormatError>([] { HypernetworkConfig::from_json({{"layer_structure", {2, 1}}}); },
-                                 "must start and end with 1");
-  expect_throw_with<FormatError>([] { HypernetworkConfig::from_json({{"layer_structure", "1,2,1"}}); },
-                                 "layer_structure");
+  expect_throw_with<FormatError>(
+      [] {
+        HypernetworkConfig::from_json({{"layer_structure", {2, 1}}});
+      },
+      "must start and end with 1");
+  expect_throw_with<FormatError>(
+      [] {
+        HypernetworkConfig::from_json({{"layer_structure", "1,2,1"}});
+      },
+      "layer_structure");
   expect_throw_with<FormatError>([] { HypernetworkConfig::from_json({{"is_layer_norm", "yes"}}); }, "is_layer_norm");
   expect_throw_with<FormatError>(
-      [] { HypernetworkConfig::from_json({{"layer_structure", {1, 2, 1}}, {"dropout_structure", {0, 1.5, 0}}}); },
+      [] {
+        HypernetworkConfig::from_json({{"layer_structure", {1, 2, 1}}, {"dropout_structure", {0, 1.5, 0}}});
+      },
       "dropout_structure entries must be in [0, 1)");
 }
 
 // The Sequential's indices (activations and dropouts take one without parameters), the activation choice
 // (none after the last Linear unless activate_output; "swish" is Hardswish), int(dim * ratio) widths.
 TEST(HypernetworkUnit, ModulesAreBuiltWithA1111sIndices) {
-  auto m = module(32, {{"layer_structure", {1, 2, 1}}, {"activation_func", "swish"}, {"is_layer_norm", true},
-                       {"activate_output", false}, {"dropout_structure", {0, 0.3, 0}}});
+  auto m = module(32, {{"layer_structure", {1, 2, 1}},
+                       {"activation_func", "swish"},
+                       {"is_layer_norm", true},
+                       {"activate_output", false},
+                       {"dropout_structure", {0, 0.3, 0}}});
   EXPECT_EQ(m->layer_kinds(),
             (std::vector<std::string>{"Linear", "Hardswish", "LayerNorm", "Dropout", "Linear", "LayerNorm"}));
   std::vector<std::string> keys;
@@ -133,16 +144,24 @@ TEST(HypernetworkUnit, OldKeysAndFlattenedPtNames) {
   EXPECT_EQ(again->config().name, "again");
   for (const auto& [k, v] : io::module_state(*again)) EXPECT_TRUE(v.equal(sd.at(k))) << k;
 
-  expect_throw_with<FormatError>([&] { loaders::hypernetwork_from_flat({{"16.q.linear.0.weight", at::zeros({1})}}, {}, "f", "f"); },
-                                 "16.q.linear.0.weight");
+  expect_throw_with<FormatError>(
+      [&] {
+        loaders::hypernetwork_from_flat({{"16.q.linear.0.weight", at::zeros({1})}}, {}, "f", "f");
+      },
+      "16.q.linear.0.weight");
   io::TensorMap missing = t;
   missing.erase("16.v.linear2.bias");
   expect_throw_with<FormatError>([&] { loaders::hypernetwork_from_flat(missing, {}, "f", "f"); }, "16.v.linear.1.bias");
-  expect_throw_with<FormatError>([&] { loaders::hypernetwork_from_flat(t, {{"layer_structure", "[1, 2"}}, "f", "f"); },
-                                 "field 'layer_structure' is not JSON");
+  expect_throw_with<FormatError>(
+      [&] {
+        loaders::hypernetwork_from_flat(t, {{"layer_structure", "[1, 2"}}, "f", "f");
+      },
+      "field 'layer_structure' is not JSON");
   // A width or layer_structure describing far more than the file holds is refused before any module is built.
   expect_throw_with<FormatError>(
-      [&] { loaders::hypernetwork_from_flat({{"999999.k.linear.0.weight", at::zeros({1})}}, {}, "wide", "f"); },
+      [&] {
+        loaders::hypernetwork_from_flat({{"999999.k.linear.0.weight", at::zeros({1})}}, {}, "wide", "f");
+      },
       "wide: layer_structure [1.0,2.0,1.0] at widths [999999] describes 7999990000002 parameters, but the file "
       "holds 1");
   expect_throw_with<FormatError>(
@@ -221,12 +240,12 @@ TEST(HypernetworkGolden, ModulesAndUNetMatchA1111OnDiffusers) {
     }
     {
       models::ScopedHypernetworks scope(*unet, {{hn, 0.8}});
-      worst = std::max(worst, test::check_close("hypernet" + ext + " unet.out.m0.8", unet->forward(in),
-                                                ref["unet.out.m0.8"], kTol));
+      worst = std::max(
+          worst, test::check_close("hypernet" + ext + " unet.out.m0.8", unet->forward(in), ref["unet.out.m0.8"], kTol));
     }
     // Gone with the scope.
-    worst = std::max(worst, test::check_close("hypernet" + ext + " unet.out.none", unet->forward(in),
-                                              ref["unet.out.none"], kTol));
+    worst = std::max(
+        worst, test::check_close("hypernet" + ext + " unet.out.none", unet->forward(in), ref["unet.out.none"], kTol));
   }
   EXPECT_LE(worst, kTol) << "worst relative error over the hypernet components";
 }
@@ -278,21 +297,34 @@ TEST(HypernetworkUnit, MalformedPickledDictsNameTheValue) {
   // [] : not a dict
   expect_throw_with<FormatError>([&] { load(proto + "]."); }, "must be an A1111 hypernetwork dict");
   // {32: 'x'}
-  expect_throw_with<FormatError>([&] { load(proto + "}K " + s({'X', 1, 0, 0, 0}) + "xs."); },
-                                 "must be a pair (k state dict, v state dict), got a str");
+  expect_throw_with<FormatError>(
+      [&] {
+        load(proto + "}K " + s({'X', 1, 0, 0, 0}) + "xs.");
+      },
+      "must be a pair (k state dict, v state dict), got a str");
   // {32: ({}, 5)}
-  expect_throw_with<FormatError>([&] { load(proto + "}K }K" + s({5, 0x86}) + "s."); },
-                                 "must be a state dict, got an int");
+  expect_throw_with<FormatError>(
+      [&] {
+        load(proto + "}K }K" + s({5, 0x86}) + "s.");
+      },
+      "must be a state dict, got an int");
   // {-1: ({}, {})}
-  expect_throw_with<FormatError>([&] { load(proto + "}J" + s({0xff, 0xff, 0xff, 0xff}) + "}}" + s({0x86}) + "s."); },
-                                 "module width must be > 0, got -1");
+  expect_throw_with<FormatError>(
+      [&] {
+        load(proto + "}J" + s({0xff, 0xff, 0xff, 0xff}) + "}}" + s({0x86}) + "s.");
+      },
+      "module width must be > 0, got -1");
   // {32: ({'linear.0.weight': 3}, {})}
   expect_throw_with<FormatError>(
-      [&] { load(proto + "}K }X" + s({15, 0, 0, 0}) + "linear.0.weight" + "K" + s({3}) + "s}" + s({0x86}) + "s."); },
+      [&] {
+        load(proto + "}K }X" + s({15, 0, 0, 0}) + "linear.0.weight" + "K" + s({3}) + "s}" + s({0x86}) + "s.");
+      },
       "must be a tensor");
   // {'layer_structure': 'abc'}
   expect_throw_with<FormatError>(
-      [&] { load(proto + "}X" + s({15, 0, 0, 0}) + "layer_structure" + "X" + s({3, 0, 0, 0}) + "abcs."); },
+      [&] {
+        load(proto + "}X" + s({15, 0, 0, 0}) + "layer_structure" + "X" + s({3, 0, 0, 0}) + "abcs.");
+      },
       "evil.pt: hypernetwork: field 'layer_structure' must be a list of numbers");
   // {} : no modules
   expect_throw_with<FormatError>([&] { load(proto + "}."); }, "no hypernetwork modules");

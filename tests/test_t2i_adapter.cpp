@@ -71,7 +71,8 @@ io::TensorMap to_original(const io::TensorMap& diffusers, bool light, int nrb) {
         key = light ? "body." + p[2] + ".body." + p[4] + "." + p[5] + "." + p[6]
                     : "body." + std::to_string(k * nrb + j) + "." + p[5] + "." + p[6];
       } else {  // in_conv / out_conv
-        key = light ? "body." + p[2] + "." + p[3] + "." + p[4] : "body." + std::to_string(k * nrb) + "." + p[3] + "." + p[4];
+        key = light ? "body." + p[2] + "." + p[3] + "." + p[4]
+                    : "body." + std::to_string(k * nrb) + "." + p[3] + "." + p[4];
       }
     }
     out[key] = t;
@@ -82,8 +83,10 @@ io::TensorMap to_original(const io::TensorMap& diffusers, bool light, int nrb) {
 
 // ------------------------------------------------------------------------------------------------------
 TEST(T2IAdapterUnit, ConfigFromJsonAndItsRules) {
-  auto c = T2IAdapterConfig::from_json({{"in_channels", 1}, {"channels", {320, 640, 1280, 1280}},
-                                        {"num_res_blocks", 2}, {"downscale_factor", 8},
+  auto c = T2IAdapterConfig::from_json({{"in_channels", 1},
+                                        {"channels", {320, 640, 1280, 1280}},
+                                        {"num_res_blocks", 2},
+                                        {"downscale_factor", 8},
                                         {"adapter_type", "full_adapter"}});
   EXPECT_EQ(c.num_features(), 4u);
   EXPECT_EQ(c.total_downscale_factor(), 64);
@@ -91,15 +94,23 @@ TEST(T2IAdapterUnit, ConfigFromJsonAndItsRules) {
   EXPECT_EQ(T2IAdapterConfig::sd14_color().total_downscale_factor(), 64);
   auto xl = T2IAdapterConfig::from_json({{"adapter_type", "full_adapter_xl"}, {"downscale_factor", 16}});
   EXPECT_EQ(xl.total_downscale_factor(), 32);
-  expect_throw_with<Unsupported>([] { T2IAdapterConfig::from_json({{"adapter_type", "coadapter"}}); },
-                                 "adapter_type 'coadapter'");
+  expect_throw_with<Unsupported>(
+      [] {
+        T2IAdapterConfig::from_json({{"adapter_type", "coadapter"}});
+      },
+      "adapter_type 'coadapter'");
   expect_throw_with<FormatError>([] { T2IAdapterConfig::from_json({{"channels", json::array()}}); }, "channels");
   expect_throw_with<FormatError>([] { T2IAdapterConfig::from_json({{"in_channels", "rgb"}}); }, "in_channels");
-  expect_throw_with<FormatError>([] { T2IAdapterConfig::from_json({{"num_res_blocks", 0}}); },
-                                 "num_res_blocks must be in [1, 64]");
+  expect_throw_with<FormatError>(
+      [] {
+        T2IAdapterConfig::from_json({{"num_res_blocks", 0}});
+      },
+      "num_res_blocks must be in [1, 64]");
   // FullAdapterXL's blocks after the third read the block before them at their own width.
   expect_throw_with<FormatError>(
-      [] { T2IAdapterConfig::from_json({{"adapter_type", "full_adapter_xl"}, {"channels", {8, 16, 32, 64}}}); },
+      [] {
+        T2IAdapterConfig::from_json({{"adapter_type", "full_adapter_xl"}, {"channels", {8, 16, 32, 64}}});
+      },
       "channels[3] must equal channels[2] for full_adapter_xl");
   // The parameter count is diffusers' (sum of T2IAdapter(...).parameters() numel for these configs).
   T2IAdapterConfig tiny;
@@ -117,7 +128,10 @@ TEST(T2IAdapterUnit, ConfigLargerThanItsWeightsIsRefusedBeforeBuilding) {
   expect_throw_with<FormatError>([&] { loaders::t2i_adapter_from_state_dict(one, "hostile", huge); },
                                  "parameters, but the weights hold 1");
   expect_throw_with<FormatError>(
-      [&] { loaders::t2i_adapter_from_state_dict(one, "bad", {{"channels", "many"}}); }, "bad: T2IAdapter config");
+      [&] {
+        loaders::t2i_adapter_from_state_dict(one, "bad", {{"channels", "many"}});
+      },
+      "bad: T2IAdapter config");
 }
 
 // Every layer of diffusers' T2IAdapter, by name and shape, for the three types (keys as T2IAdapter.state_dict()
@@ -233,8 +247,8 @@ TEST(T2IAdapterGolden, OriginalLayoutConvertsToTheDiffusersWeights) {
     for (size_t k = 0; k < fa.size(); ++k) EXPECT_TRUE(fa[k].equal(fb[k])) << name << " feature " << k;
   }
 
-  const io::TensorMap sketch = to_original(
-      io::load_safetensors(adapter_dir("sketch") + "/diffusion_pytorch_model.safetensors"), false, 2);
+  const io::TensorMap sketch =
+      to_original(io::load_safetensors(adapter_dir("sketch") + "/diffusion_pytorch_model.safetensors"), false, 2);
   io::TensorMap skep = sketch;
   skep["body.2.skep.weight"] = at::zeros({64, 32, 1, 1});
   expect_throw_with<Unsupported>([&] { io::detect_original_t2i_adapter_config(skep); }, "skep");
@@ -248,8 +262,11 @@ TEST(T2IAdapterGolden, OriginalLayoutConvertsToTheDiffusersWeights) {
   // 8 blocks read as levels of 3: not a whole number of levels.
   expect_throw_with<FormatError>([&] { io::detect_original_t2i_adapter_config(sketch, 3); },
                                  "8 body blocks are not levels of 3");
-  expect_throw_with<FormatError>([&] { loaders::t2i_adapter_from_state_dict({{"foo.weight", at::zeros({1})}}, "x"); },
-                                 "not a T2I-Adapter");
+  expect_throw_with<FormatError>(
+      [&] {
+        loaders::t2i_adapter_from_state_dict({{"foo.weight", at::zeros({1})}}, "x");
+      },
+      "not a T2I-Adapter");
   expect_throw_with<InvalidArgument>([&] { loaders::load_t2i_adapter(adapter_dir("sketch") + "/config.json"); },
                                      "neither a diffusers T2IAdapter folder nor");
   const std::string pth = test::temp_dir() + "/t2iadapter_sketch_sd15v2.pth";

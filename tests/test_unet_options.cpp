@@ -256,7 +256,7 @@ TEST(UNetOptionsTiny, OnlyCrossAttentionPerBlockAndSevenInputChannels) {
   EXPECT_EQ(sd.at("down_blocks.1" + tb).size(1), 64);  // self-attention
   EXPECT_EQ(sd.at("up_blocks.0" + tb).size(1), 64);    // up block 0 mirrors down block 1
   EXPECT_EQ(sd.at("up_blocks.1" + tb).size(1), 16);
-  EXPECT_EQ(sd.at("mid_block" + tb).size(1), 64);      // UNetMidBlock2DCrossAttn keeps self-attention
+  EXPECT_EQ(sd.at("mid_block" + tb).size(1), 64);  // UNetMidBlock2DCrossAttn keeps self-attention
   EXPECT_EQ(sd.at("conv_in.weight").size(1), 7);
   // One bool for every block: the mid block still attends to itself (UNetMidBlock2DCrossAttn has no such option).
   j["only_cross_attention"] = true;
@@ -277,7 +277,8 @@ TEST(UNetOptionsTiny, ClassLabelsAreCheckedNamingTheRule) {
   UNetInputs in = tiny_inputs();
   expect_throw_with<InvalidArgument>([&] { m->forward(in); }, "class_labels must be given");
   in.class_labels = at::tensor({3, 10}, at::kLong);
-  expect_throw_with<InvalidArgument>([&] { m->forward(in); }, "class_labels must be in [0, 9] (num_class_embeds 10), got 10");
+  expect_throw_with<InvalidArgument>([&] { m->forward(in); },
+                                     "class_labels must be in [0, 9] (num_class_embeds 10), got 10");
   in.class_labels = at::tensor({-1, 2}, at::kLong);
   expect_throw_with<InvalidArgument>([&] { m->forward(in); }, "got -1");
   in.class_labels = at::tensor({1.0f, 2.0f});

@@ -114,8 +114,8 @@ nlohmann::json detect_original_t2i_adapter_config(const TensorMap& state, int nu
                          ".in_conv is not at the start of a level of ", nrb,
                          " res blocks (pass the adapter's num_res_blocks if it is not TencentARC's 2)");
       const at::Tensor& b2 = need(state, "body." + s(k * nrb) + ".block2.weight", kWhat);
-      DMX_CHECK_SUPPORTED(b2.dim() == 4 && b2.size(2) == 1 && b2.size(3) == 1, kWhat,
-                          ": block2 is a ", b2.dim() == 4 ? b2.size(2) : 0,
+      DMX_CHECK_SUPPORTED(b2.dim() == 4 && b2.size(2) == 1 && b2.size(3) == 1, kWhat, ": block2 is a ",
+                          b2.dim() == 4 ? b2.size(2) : 0,
                           "x-kernel convolution (TencentARC's ksize 3 variant); diffusers' T2IAdapter has 1x1");
     }
     cfg["channels"] = channels;
@@ -132,8 +132,8 @@ nlohmann::json detect_original_t2i_adapter_config(const TensorMap& state, int nu
   cfg["in_channels"] = in_channels_of(need(state, "body.0.in_conv.weight", kWhat), "body.0.in_conv.weight");
   std::vector<int64_t> widths;
   for (int64_t k = 0; k < n; ++k) {
-    DMX_CHECK_FORMAT(static_cast<int64_t>(indices(state, "body." + s(k) + ".body.").size()) == nrb, kWhat,
-                     ": body.", k, " has another number of res blocks than body.0 (", nrb, ")");
+    DMX_CHECK_FORMAT(static_cast<int64_t>(indices(state, "body." + s(k) + ".body.").size()) == nrb, kWhat, ": body.", k,
+                     " has another number of res blocks than body.0 (", nrb, ")");
     widths.push_back(conv_out(state, "body." + s(k) + ".out_conv.weight"));
   }
   DMX_CHECK_SUPPORTED(widths[n - 1] == widths[n - 2], kWhat, ": the last light block widens from ", widths[n - 2],
@@ -159,7 +159,8 @@ TensorMap convert_original_t2i_adapter(const TensorMap& state, const nlohmann::j
   else
     throw Unsupported(std::string(kWhat) + ": original checkpoints come as full_adapter or light_adapter, not '" +
                       type + "'");
-  Converted c = convert_with(state, "", t, [](const std::string&) { return false; }, [](std::string k) { return k; });
+  Converted c = convert_with(
+      state, "", t, [](const std::string&) { return false; }, [](std::string k) { return k; });
   DMX_CHECK_FORMAT(c.unmatched.empty(), kWhat, ": ", c.unmatched.size(),
                    " key(s) match no layer of an original TencentARC ", type, " with ", nch, " channel entries and ",
                    nrb, " res blocks: ", join_abbreviated(c.unmatched));

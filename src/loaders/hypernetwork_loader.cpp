@@ -86,8 +86,8 @@ models::Hypernetwork load_hypernetwork(const std::string& path) {
   }
   // A1111's own .pt: a torch.save pickle, read by the weights-only reader (nothing in it runs).
   const std::string lower = to_lower_ascii(path);
-  const bool pickle_name = ends_with(lower, ".pt") || ends_with(lower, ".pth") || ends_with(lower, ".bin") ||
-                           ends_with(lower, ".ckpt");
+  const bool pickle_name =
+      ends_with(lower, ".pt") || ends_with(lower, ".pth") || ends_with(lower, ".bin") || ends_with(lower, ".ckpt");
   DMX_CHECK_ARG(pickle_name || io::looks_like_torch_file(path), "--hypernetwork ", path,
                 ": neither a .safetensors file nor a torch.save file (A1111's .pt)");
   return hypernetwork_from_torch_file(*io::load_torch_file(path), file_stem(path));

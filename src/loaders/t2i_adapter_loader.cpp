@@ -41,8 +41,9 @@ models::T2IAdapter t2i_adapter_from_state_dict(const io::TensorMap& state, const
       weights = io::convert_original_t2i_adapter(*src, cfg);
       break;
     case io::T2IAdapterLayout::None:
-      throw FormatError(what + ": not a T2I-Adapter (neither diffusers' adapter.* names nor TencentARC's conv_in / "
-                               "body.<n>.* names)");
+      throw FormatError(what +
+                        ": not a T2I-Adapter (neither diffusers' adapter.* names nor TencentARC's conv_in / "
+                        "body.<n>.* names)");
   }
   models::T2IAdapterConfig c;
   try {
@@ -54,9 +55,9 @@ models::T2IAdapter t2i_adapter_from_state_dict(const io::TensorMap& state, const
   // the model's construction allocate without bound); anything else wrong is the strict load's report.
   double held = 0;
   for (const auto& kv : weights) held += static_cast<double>(kv.second.numel());
-  DMX_CHECK_FORMAT(c.num_parameters() <= held + io::kLoadSlackParameters, what, ": the config (", c.adapter_type, ", in_channels ", c.in_channels,
-                   ", channels ", nlohmann::json(c.channels).dump(), ", num_res_blocks ", c.num_res_blocks,
-                   ", downscale_factor ", c.downscale_factor, ") describes ",
+  DMX_CHECK_FORMAT(c.num_parameters() <= held + io::kLoadSlackParameters, what, ": the config (", c.adapter_type,
+                   ", in_channels ", c.in_channels, ", channels ", nlohmann::json(c.channels).dump(),
+                   ", num_res_blocks ", c.num_res_blocks, ", downscale_factor ", c.downscale_factor, ") describes ",
                    static_cast<int64_t>(std::min(c.num_parameters(), 9e18)), " parameters, but the weights hold ",
                    static_cast<int64_t>(held));
   models::T2IAdapter adapter(c);
@@ -84,12 +85,12 @@ models::T2IAdapter load_t2i_adapter(const std::string& path, at::ScalarType dtyp
   } else {
     // TencentARC's .pth (and any torch.save state dict): read by the weights-only reader, nothing in it runs.
     const std::string lower = to_lower_ascii(path);
-    const bool pickle_name = ends_with(lower, ".pth") || ends_with(lower, ".pt") || ends_with(lower, ".bin") ||
-                             ends_with(lower, ".ckpt");
+    const bool pickle_name =
+        ends_with(lower, ".pth") || ends_with(lower, ".pt") || ends_with(lower, ".bin") || ends_with(lower, ".ckpt");
     DMX_CHECK_ARG(pickle_name || io::looks_like_torch_file(path), "--adapter: ", path,
                   " is neither a diffusers T2IAdapter folder nor a .safetensors / .pth adapter checkpoint");
-    adapter = t2i_adapter_from_state_dict(io::torch_state_dict(*io::load_torch_file(path)), path, nullptr,
-                                          num_res_blocks);
+    adapter =
+        t2i_adapter_from_state_dict(io::torch_state_dict(*io::load_torch_file(path)), path, nullptr, num_res_blocks);
   }
   adapter->to(dtype);
   return adapter;

@@ -15,8 +15,7 @@ namespace dmx::loaders {
 // body.<n>.block1 ...: converted at load, config detected from shapes; num_res_blocks splits a full adapter's
 // flat body, 2 for TencentARC's releases): their own .pth (a torch.save pickle, read by the weights-only reader
 // of io/torch_pickle.h, nothing in it runs) or a .safetensors copy. The model is in eval mode, in `dtype`.
-models::T2IAdapter load_t2i_adapter(const std::string& path, at::ScalarType dtype = at::kFloat,
-                                    int num_res_blocks = 2);
+models::T2IAdapter load_t2i_adapter(const std::string& path, at::ScalarType dtype = at::kFloat, int num_res_blocks = 2);
 
 // The seam for any source of an adapter state dict: diffusers names (adapter.*, needs `config`, the folder's
 // config.json) or original names (converted; config detected unless given; an "adapter." prefix on every key,

@@ -110,8 +110,9 @@ double module_parameters(int64_t dim, const HypernetworkConfig& cfg) {
   const auto& ls = cfg.layer_structure;
   double total = 0;
   for (size_t i = 0; i + 1 < ls.size(); ++i) {
-    const double in = std::trunc(static_cast<double>(dim) * ls[i]), out = std::trunc(static_cast<double>(dim) * ls[i + 1]);
-    total += in * out + out;                   // Linear
+    const double in = std::trunc(static_cast<double>(dim) * ls[i]),
+                 out = std::trunc(static_cast<double>(dim) * ls[i + 1]);
+    total += in * out + out;                  // Linear
     if (cfg.is_layer_norm) total += 2 * out;  // LayerNorm
     if (cfg.activation_func == "prelu" && !(i + 2 >= ls.size() && !cfg.activate_output)) total += 1;
   }
@@ -131,8 +132,8 @@ HypernetworkConfig HypernetworkConfig::from_json(const nlohmann::json& j) {
   c.activate_output = flag(j, "activate_output", true);
   c.dropout_structure = numbers(j, "dropout_structure", {});
   // Hypernetwork.load: use_dropout is true when a stored dropout_structure has a non-zero entry.
-  const bool any_dropout = std::any_of(c.dropout_structure.begin(), c.dropout_structure.end(),
-                                       [](double d) { return d != 0; });
+  const bool any_dropout =
+      std::any_of(c.dropout_structure.begin(), c.dropout_structure.end(), [](double d) { return d != 0; });
   c.use_dropout = any_dropout ? true : flag(j, "use_dropout", false);
   c.last_layer_dropout = flag(j, "last_layer_dropout", false);
   c.name = field<std::string>(j, "name", "");
@@ -169,8 +170,10 @@ void HypernetworkConfig::validate() const {
     DMX_CHECK_ARG(std::isfinite(l) && l > 0 && l <= 64, kWhat, ": layer_structure entries must be in (0, 64], got ",
                   list_string(layer_structure));
   const std::vector<double> d = effective_dropout_structure();
-  DMX_CHECK_ARG(d.size() >= layer_structure.size(), kWhat, ": dropout_structure needs one entry per layer_structure "
-                "entry (", layer_structure.size(), "), got ", list_string(d));
+  DMX_CHECK_ARG(d.size() >= layer_structure.size(), kWhat,
+                ": dropout_structure needs one entry per layer_structure "
+                "entry (",
+                layer_structure.size(), "), got ", list_string(d));
   for (double p : d)
     DMX_CHECK_ARG(std::isfinite(p) && p >= 0 && p < 1, kWhat, ": dropout_structure entries must be in [0, 1), got ",
                   list_string(d));
@@ -207,20 +210,18 @@ HypernetworkModuleImpl::HypernetworkModuleImpl(int64_t dim, const HypernetworkCo
     const bool skip = act.empty() || act == "linear" || (i + 2 >= n && !cfg.activate_output);
     if (!skip) {
       const ActivationRow* row = find_activation(act);
-      DMX_CHECK_SUPPORTED(row != nullptr, kWhat, ": activation_func '", act, "' is not supported (supported: ",
-                          join(hypernetwork_activation_names(), ", "), ")");
+      DMX_CHECK_SUPPORTED(row != nullptr, kWhat, ": activation_func '", act,
+                          "' is not supported (supported: ", join(hypernetwork_activation_names(), ", "), ")");
       add(row->class_name, row->fn ? nullptr : PReLU().ptr());
       fns_.back() = row->fn;
     }
-    if (cfg.is_layer_norm)
-      add("LayerNorm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({out}).eps(1e-5)).ptr());
+    if (cfg.is_layer_norm) add("LayerNorm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({out}).eps(1e-5)).ptr());
     if (dropout[i + 1] > 0) add("Dropout", nullptr);  // off at inference; it still takes an index
   }
 }
 
 at::Tensor HypernetworkModuleImpl::forward(const at::Tensor& x, double multiplier) {
-  DMX_CHECK_ARG(x.dim() >= 1 && x.size(-1) == dim_, kWhat, ": module of width ", dim_, " got input ",
-                x.sizes());
+  DMX_CHECK_ARG(x.dim() >= 1 && x.size(-1) == dim_, kWhat, ": module of width ", dim_, " got input ", x.sizes());
   at::Tensor h = x;
   for (size_t i = 0; i < kinds_.size(); ++i) {
     const std::string& kind = kinds_[i];
@@ -314,9 +315,10 @@ Hypernetwork hypernetwork_from_state_dict(const io::TensorMap& tensors, const Hy
     described += 2 * module_parameters(w, cfg);
   }
   for (const auto& kv : state) held += static_cast<double>(kv.second.numel());
-  DMX_CHECK_FORMAT(described <= held + io::kLoadSlackParameters, what, ": layer_structure ", list_string(cfg.layer_structure), " at widths ",
-                   nlohmann::json(std::vector<int64_t>(widths.begin(), widths.end())).dump(), " describes ", static_cast<int64_t>(std::min(described, 9e18)),
-                   " parameters, but the file holds ", static_cast<int64_t>(held));
+  DMX_CHECK_FORMAT(
+      described <= held + io::kLoadSlackParameters, what, ": layer_structure ", list_string(cfg.layer_structure),
+      " at widths ", nlohmann::json(std::vector<int64_t>(widths.begin(), widths.end())).dump(), " describes ",
+      static_cast<int64_t>(std::min(described, 9e18)), " parameters, but the file holds ", static_cast<int64_t>(held));
   Hypernetwork hn(cfg, std::vector<int64_t>(widths.begin(), widths.end()));
   io::load_state_dict(*hn, state, what);
   hn->eval();

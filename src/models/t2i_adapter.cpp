@@ -83,9 +83,8 @@ T2IAdapterConfig T2IAdapterConfig::from_json(const nlohmann::json& j) {
 }
 
 nlohmann::json T2IAdapterConfig::to_json() const {
-  return {{"_class_name", "T2IAdapter"},         {"adapter_type", adapter_type},
-          {"channels", channels},                {"downscale_factor", downscale_factor},
-          {"in_channels", in_channels},          {"num_res_blocks", num_res_blocks}};
+  return {{"_class_name", "T2IAdapter"},          {"adapter_type", adapter_type}, {"channels", channels},
+          {"downscale_factor", downscale_factor}, {"in_channels", in_channels},   {"num_res_blocks", num_res_blocks}};
 }
 
 T2IAdapterConfig T2IAdapterConfig::sd15_full(int in_channels) {
@@ -105,14 +104,13 @@ T2IAdapterConfig T2IAdapterConfig::sd14_color() {
 }
 
 void T2IAdapterConfig::validate() const {
-  DMX_CHECK_SUPPORTED(adapter_type == "full_adapter" || adapter_type == "light_adapter" ||
-                          adapter_type == "full_adapter_xl",
-                      "adapter_type '", adapter_type, "' is not supported (full_adapter, light_adapter, full_adapter_xl)");
+  DMX_CHECK_SUPPORTED(
+      adapter_type == "full_adapter" || adapter_type == "light_adapter" || adapter_type == "full_adapter_xl",
+      "adapter_type '", adapter_type, "' is not supported (full_adapter, light_adapter, full_adapter_xl)");
   DMX_CHECK_ARG(in_channels > 0 && in_channels <= 64, "in_channels must be in [1, 64], got ", in_channels);
   DMX_CHECK_ARG(downscale_factor > 0 && downscale_factor <= 64, "downscale_factor must be in [1, 64], got ",
                 downscale_factor);
-  DMX_CHECK_ARG(num_res_blocks > 0 && num_res_blocks <= 64, "num_res_blocks must be in [1, 64], got ",
-                num_res_blocks);
+  DMX_CHECK_ARG(num_res_blocks > 0 && num_res_blocks <= 64, "num_res_blocks must be in [1, 64], got ", num_res_blocks);
   DMX_CHECK_ARG(!channels.empty() && channels.size() <= 16, "channels must have 1 to 16 entries, got ",
                 channels.size());
   if (adapter_type == "full_adapter_xl") {
@@ -129,8 +127,10 @@ void T2IAdapterConfig::validate() const {
     DMX_CHECK_ARG(channels[i] > 0 && channels[i] <= 16384, "channels[", i, "] must be in [1, 16384], got ",
                   channels[i]);
     if (adapter_type == "light_adapter")
-      DMX_CHECK_ARG(channels[i] >= 4, "channels[", i, "] must be >= 4 for light_adapter (it works at a quarter "
-                    "of the width), got ", channels[i]);
+      DMX_CHECK_ARG(channels[i] >= 4, "channels[", i,
+                    "] must be >= 4 for light_adapter (it works at a quarter "
+                    "of the width), got ",
+                    channels[i]);
   }
 }
 
@@ -141,9 +141,7 @@ int T2IAdapterConfig::total_downscale_factor() const {
   return downscale_factor * (1 << (n - 1));
 }
 
-size_t T2IAdapterConfig::num_features() const {
-  return channels.size() + (adapter_type == "light_adapter" ? 1 : 0);
-}
+size_t T2IAdapterConfig::num_features() const { return channels.size() + (adapter_type == "light_adapter" ? 1 : 0); }
 
 double T2IAdapterConfig::num_parameters() const {
   auto conv = [](double in, double out, double k) { return in * out * k * k + out; };
@@ -239,8 +237,7 @@ std::vector<at::Tensor> multi_adapter_features(std::vector<T2IAdapter>& adapters
     DMX_CHECK_ARG(weights->size() == n, "MultiAdapter: one weight per adapter (", n, "), got ", weights->size());
   for (size_t i = 1; i < n; ++i) {
     const T2IAdapterConfig &a = adapters[0]->config(), &b = adapters[i]->config();
-    DMX_CHECK_ARG(a.total_downscale_factor() == b.total_downscale_factor() &&
-                      a.downscale_factor == b.downscale_factor,
+    DMX_CHECK_ARG(a.total_downscale_factor() == b.total_downscale_factor() && a.downscale_factor == b.downscale_factor,
                   "MultiAdapter: every adapter must downscale alike; adapter 0 has downscale_factor ",
                   a.downscale_factor, " (total ", a.total_downscale_factor(), "), adapter ", i, " has ",
                   b.downscale_factor, " (total ", b.total_downscale_factor(), ")");
