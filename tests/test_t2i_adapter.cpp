@@ -215,6 +215,18 @@ TEST(T2IAdapterTiny, UNetIntrablockResidualsAreCheckedAndConsumed) {
   in.down_intrablock_additional_residuals = {at::zeros({2, 32, 8, 8}), at::zeros({2, 64, 4, 4}),
                                              at::zeros({2, 64, 4, 4})};
   DMX_EXPECT_CLOSE("zero features incl. mid", unet->forward(in), plain, 0.0);
+  in.down_intrablock_additional_residuals = {at::zeros({2, 32, 8, 8}), at::zeros({2, 64, 4, 4}), at::Tensor()};
+  expect_throw_with<InvalidArgument>([&] { unet->forward(in); }, "feature 2 is undefined");
+
+  // Features are added in the UNet's dtype: float64 features on a float32 UNet keep it float32 throughout (a
+  // promoted sum would reach the next convolution as float64, which has float32 weights).
+  const std::vector<at::Tensor> features{at::randn({2, 32, 8, 8}), at::randn({1, 64, 4, 4})};
+  in.down_intrablock_additional_residuals = features;
+  const at::Tensor out32 = unet->forward(in);
+  in.down_intrablock_additional_residuals = {features[0].to(at::kDouble), features[1].to(at::kDouble)};
+  const at::Tensor out64 = unet->forward(in);
+  EXPECT_EQ(out64.scalar_type(), at::kFloat);
+  DMX_EXPECT_CLOSE("float64 features on a float32 UNet", out64, out32, 0.0);
 }
 
 // ------------------------------------------------------------------------------------------------------

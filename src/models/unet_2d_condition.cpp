@@ -378,11 +378,15 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   record(in.recorder, "mid_block", h);
   // diffusers (T2I-Adapter-XL): a feature left after the down blocks goes to the mid block's output when its
   // shape equals it exactly; any other leftover would be silently dropped there, so it is an error here.
-  if (adapter.pending() && (*adapter.features)[adapter.next].sizes().equals(h.sizes())) h = h + adapter.take(h.sizes());
+  if (adapter.pending()) {
+    const at::Tensor& left = (*adapter.features)[adapter.next];
+    if (left.defined() && left.sizes().equals(h.sizes())) h = h + adapter.take(h.sizes(), h.scalar_type());
+  }
   DMX_CHECK_ARG(!adapter.pending(), "down_intrablock_additional_residuals: ",
                 in.down_intrablock_additional_residuals.size(), " features given, but only ", adapter.next,
                 " fit this UNet (one per down block, then one of the mid block's shape ", h.sizes(),
-                "); feature ", adapter.next, " is ", shape_string(in.down_intrablock_additional_residuals[adapter.next]));
+                "); feature ", adapter.next, " is ",
+                shape_string(in.down_intrablock_additional_residuals[adapter.next]));
   if (controlnet) {
     DMX_CHECK_ARG(in.mid_block_additional_residual.sizes().equals(h.sizes()), "mid_block_additional_residual must be ",
                   shape_string(h), ", got ", shape_string(in.mid_block_additional_residual));

@@ -25,12 +25,12 @@ bool IntrablockResiduals::next_fits(at::IntArrayRef hidden) const {
          (r.size(0) == hidden[0] || r.size(0) == 1) && r.sizes().slice(1).equals(hidden.slice(1));
 }
 
-const at::Tensor& IntrablockResiduals::take(at::IntArrayRef hidden) {
+at::Tensor IntrablockResiduals::take(at::IntArrayRef hidden, at::ScalarType dtype) {
   DMX_CHECK_ARG(pending(), "down_intrablock_additional_residuals: no feature left");
   DMX_CHECK_ARG(next_fits(hidden), "down_intrablock_additional_residuals[", next,
                 "] must match the hidden states it is added to, ", hidden, " (batch 1 is broadcast), got ",
                 shape_string((*features)[next]));
-  return (*features)[next++];
+  return (*features)[next++].to(dtype);
 }
 
 at::Tensor run_down_blocks(std::vector<nn::DownBlock2D>& blocks, at::Tensor h, const at::Tensor& emb,
@@ -42,7 +42,7 @@ at::Tensor run_down_blocks(std::vector<nn::DownBlock2D>& blocks, at::Tensor h, c
     // pair, before the downsampler); any other block gets it added to its output afterwards.
     const bool inside = block->has_cross_attention() && intrablock && intrablock->pending();
     at::Tensor extra;
-    if (inside) extra = intrablock->take({h.size(0), block->out_channels(), h.size(2), h.size(3)});
+    if (inside) extra = intrablock->take({h.size(0), block->out_channels(), h.size(2), h.size(3)}, h.scalar_type());
     nn::DownBlockOutput o;
     if (checkpoint) {  // inputs: h, emb, ctx[, extra]; outputs: hidden_states, res_samples...
       std::vector<at::Tensor> args{h, emb, ctx};
@@ -62,7 +62,7 @@ at::Tensor run_down_blocks(std::vector<nn::DownBlock2D>& blocks, at::Tensor h, c
     }
     if (!block->has_cross_attention() && intrablock && intrablock->pending()) {
       // diffusers adds in place to the block's output, which is the same tensor as its last skip.
-      o.hidden_states = o.hidden_states + intrablock->take(o.hidden_states.sizes());
+      o.hidden_states = o.hidden_states + intrablock->take(o.hidden_states.sizes(), o.hidden_states.scalar_type());
       o.res_samples.back() = o.hidden_states;
     }
     h = o.hidden_states;

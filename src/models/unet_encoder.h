@@ -93,8 +93,8 @@ struct IntrablockResiduals {
   // Whether the next feature fits hidden states of these sizes ([B or 1, C, h, w]).
   bool next_fits(at::IntArrayRef hidden_sizes) const;
   // The next feature, checked against the hidden states it will be added to (InvalidArgument naming its
-  // index otherwise).
-  const at::Tensor& take(at::IntArrayRef hidden_sizes);
+  // index otherwise), in their dtype.
+  at::Tensor take(at::IntArrayRef hidden_sizes, at::ScalarType dtype);
 };
 
 // The down path: h through every block; `res` (holding h on entry) receives every skip connection. With
