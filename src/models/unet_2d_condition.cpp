@@ -166,16 +166,14 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
     throw FormatError(std::string(kWhat) + ": num_class_embeds must be > 0 (or null), got " +
                       std::to_string(c.num_class_embeds));
   if (j.contains("projection_class_embeddings_input_dim") &&
-      j.at("projection_class_embeddings_input_dim").is_number_integer() &&
-      c.projection_class_embeddings_input_dim <= 0)
+      j.at("projection_class_embeddings_input_dim").is_number_integer() && c.projection_class_embeddings_input_dim <= 0)
     throw FormatError(std::string(kWhat) + ": projection_class_embeddings_input_dim must be > 0 (or null), got " +
                       std::to_string(c.projection_class_embeddings_input_dim));
 
   // Features of UNet2DConditionModel that dmx does not implement.
-  for (const char* key :
-       {"addition_embed_type", "addition_time_embed_dim", "encoder_hid_dim", "encoder_hid_dim_type",
-        "time_cond_proj_dim", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act",
-        "cross_attention_norm", "reverse_transformer_layers_per_block"})
+  for (const char* key : {"addition_embed_type", "addition_time_embed_dim", "encoder_hid_dim", "encoder_hid_dim_type",
+                          "time_cond_proj_dim", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act",
+                          "cross_attention_norm", "reverse_transformer_layers_per_block"})
     cfgjson::require_default(j, kWhat, key, nullptr);
   cfgjson::require_default(j, kWhat, "time_embedding_type", "positional");
   cfgjson::require_default(j, kWhat, "conv_in_kernel", 3);
@@ -234,8 +232,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
         "class_embedding", nn::TimestepEmbedding(cfg_.projection_class_embeddings_input_dim, temb, nn::Act::SiLU));
   else if (p.class_kind == "simple_projection")
     p.class_linear = register_module(
-        "class_embedding",
-        nn::LoRALinear(torch::nn::LinearOptions(cfg_.projection_class_embeddings_input_dim, temb)));
+        "class_embedding", nn::LoRALinear(torch::nn::LinearOptions(cfg_.projection_class_embeddings_input_dim, temb)));
 
   auto block_options = [&](int heads_i, int level) {
     return unet_block_options(cfg_, heads_i, p.act, static_cast<size_t>(level));
@@ -276,8 +273,8 @@ at::Tensor UNet2DConditionModelImpl::class_embedding(const at::Tensor& labels, i
   at::Tensor emb;
   if (kind == "embedding" || kind == "timestep") {
     const at::Tensor l = labels.dim() == 0 ? labels.reshape({1}) : labels;
-    DMX_CHECK_ARG(l.dim() == 1 && (l.size(0) == 1 || l.size(0) == batch), "class_labels must be 0-d, [1] or [",
-                  batch, "] for class embedding '", kind, "', got ", shape_string(labels));
+    DMX_CHECK_ARG(l.dim() == 1 && (l.size(0) == 1 || l.size(0) == batch), "class_labels must be 0-d, [1] or [", batch,
+                  "] for class embedding '", kind, "', got ", shape_string(labels));
     const at::Tensor lb = l.expand({batch});
     if (kind == "embedding") {
       DMX_CHECK_ARG(!at::isFloatingType(lb.scalar_type()) && !at::isComplexType(lb.scalar_type()) &&
@@ -285,9 +282,8 @@ at::Tensor UNet2DConditionModelImpl::class_embedding(const at::Tensor& labels, i
                     "class_labels must be integers (class indices) for num_class_embeds, got ", lb.scalar_type());
       const at::Tensor idx = lb.to(at::kLong);
       const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-      DMX_CHECK_ARG(lo >= 0 && hi < cfg_.num_class_embeds, "class_labels must be in [0, ",
-                    cfg_.num_class_embeds - 1, "] (num_class_embeds ", cfg_.num_class_embeds, "), got ",
-                    lo < 0 ? lo : hi);
+      DMX_CHECK_ARG(lo >= 0 && hi < cfg_.num_class_embeds, "class_labels must be in [0, ", cfg_.num_class_embeds - 1,
+                    "] (num_class_embeds ", cfg_.num_class_embeds, "), got ", lo < 0 ? lo : hi);
       emb = p.class_table->forward(idx);
     } else {
       // The labels go through the same sinusoids as the timesteps (time_proj), cast to the sample's dtype.
@@ -298,8 +294,8 @@ at::Tensor UNet2DConditionModelImpl::class_embedding(const at::Tensor& labels, i
     DMX_CHECK_ARG(labels.dim() == 2 && (labels.size(0) == 1 || labels.size(0) == batch) && labels.size(1) == d,
                   "class_labels must be [", batch, ", ", d, "] (or [1, ", d, "]) for class_embed_type '", kind,
                   "', got ", shape_string(labels));
-    DMX_CHECK_ARG(at::isFloatingType(labels.scalar_type()), "class_labels must be floating point for class_embed_type '",
-                  kind, "', got ", labels.scalar_type());
+    DMX_CHECK_ARG(at::isFloatingType(labels.scalar_type()),
+                  "class_labels must be floating point for class_embed_type '", kind, "', got ", labels.scalar_type());
     const at::Tensor lb = labels.expand({batch, d});
     if (kind == "identity") {
       emb = lb;
@@ -382,11 +378,11 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
     const at::Tensor& left = (*adapter.features)[adapter.next];
     if (left.defined() && left.sizes().equals(h.sizes())) h = h + adapter.take(h.sizes(), h.scalar_type());
   }
-  DMX_CHECK_ARG(!adapter.pending(), "down_intrablock_additional_residuals: ",
-                in.down_intrablock_additional_residuals.size(), " features given, but only ", adapter.next,
-                " fit this UNet (one per down block, then one of the mid block's shape ", h.sizes(),
-                "); feature ", adapter.next, " is ",
-                shape_string(in.down_intrablock_additional_residuals[adapter.next]));
+  DMX_CHECK_ARG(!adapter.pending(),
+                "down_intrablock_additional_residuals: ", in.down_intrablock_additional_residuals.size(),
+                " features given, but only ", adapter.next,
+                " fit this UNet (one per down block, then one of the mid block's shape ", h.sizes(), "); feature ",
+                adapter.next, " is ", shape_string(in.down_intrablock_additional_residuals[adapter.next]));
   if (controlnet) {
     DMX_CHECK_ARG(in.mid_block_additional_residual.sizes().equals(h.sizes()), "mid_block_additional_residual must be ",
                   shape_string(h), ", got ", shape_string(in.mid_block_additional_residual));

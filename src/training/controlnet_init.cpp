@@ -102,8 +102,9 @@ models::ControlNetModel controlnet_from_unet(models::UNet2DConditionModel& unet,
                       u.class_embedding_kind(), "'): dmx's ControlNet has none");
   const bool only_cross = u.only_cross_attention_at(0);
   for (size_t i = 0; i < u.down_block_types.size(); ++i)
-    DMX_CHECK_SUPPORTED(u.only_cross_attention_at(i) == only_cross,
-                        "ControlNet from a UNet with per-block only_cross_attention (dmx's ControlNet takes one value)");
+    DMX_CHECK_SUPPORTED(
+        u.only_cross_attention_at(i) == only_cross,
+        "ControlNet from a UNet with per-block only_cross_attention (dmx's ControlNet takes one value)");
   models::ControlNetConfig c;
   c.in_channels = u.in_channels;
   c.conditioning_channels = conditioning_channels;
