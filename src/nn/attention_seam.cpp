@@ -56,7 +56,8 @@ AttentionSite site_from_path(const std::string& path, const AttentionImpl& attn,
   s.layer = index_after(parts, "attentions");
   s.transformer_block = index_after(parts, "transformer_blocks");
   const AttentionOptions& o = attn.options();
-  s.is_cross = parts.back() == "attn2" || o.cross_attention_dim != o.query_dim;
+  // attn1 of an only_cross_attention block attends to the text too, even when the text has the block's width.
+  s.is_cross = parts.back() == "attn2" || attn.is_cross_attention();
   s.heads = o.heads;
   s.index = index;
   return s;

@@ -158,7 +158,7 @@ at::Tensor Upsample2DImpl::forward(const at::Tensor& x, std::optional<std::vecto
 }
 
 // ---------------------------------------------------------------------------------------------------
-AttentionImpl::AttentionImpl(const AttentionOptions& o) : o_(o) {
+AttentionImpl::AttentionImpl(const AttentionOptions& o) : o_(o), cross_(o.cross_attention_dim != 0) {
   if (o_.cross_attention_dim == 0) o_.cross_attention_dim = o_.query_dim;
   DMX_CHECK_ARG(o_.heads > 0 && o_.dim_head > 0, "Attention: heads and dim_head must be > 0, got ", o_.heads, " and ",
                 o_.dim_head);

@@ -129,6 +129,9 @@ class AttentionImpl : public torch::nn::Module {
   // context: [B, M, cross_attention_dim] or undefined for self-attention.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& context = {});
   const AttentionOptions& options() const { return o_; }
+  // Whether keys and values come from a context (cross_attention_dim given: attn2, and attn1 of
+  // only_cross_attention blocks), whatever its width.
+  bool is_cross_attention() const { return cross_; }
   LoRALinear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out_0{nullptr};
   torch::nn::GroupNorm group_norm{nullptr};
   // The attention seam (nn/attention_seam.h): set once by assign_attention_sites.
@@ -138,6 +141,7 @@ class AttentionImpl : public torch::nn::Module {
 
  private:
   AttentionOptions o_;
+  bool cross_ = false;
   double scale_;
   AttentionSite site_;
   std::shared_ptr<AttentionSeam> seam_;
