@@ -72,6 +72,7 @@ tr::TrainConfig base_config(const std::string& name, int64_t steps) {
   c.quiet = true;
   c.save_final_checkpoint = false;
   c.seed = 3;
+  c.sample_images = api::pipeline_sampler();  // validation images, when a test asks for them
   return c;
 }
 
@@ -826,7 +827,6 @@ TEST(TrainLoRA, ValidationImagesJsonlLogAndCheckpointRotation) {
   c.validation_steps = 2;
   c.validation_prompt = "a cat";
   c.validation_inference_steps = 2;
-  c.sample_images = api::pipeline_sampler();
   c.checkpointing_steps = 1;
   c.checkpoints_total_limit = 2;
   c.save_final_checkpoint = true;

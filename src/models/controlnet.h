@@ -52,7 +52,7 @@ struct ControlNetConfig {
   size_t num_down_residuals() const;
 };
 
-// Forward inputs (a struct, per CONVENTIONS).
+// Forward inputs (a struct, per docs/architecture.md).
 struct ControlNetInputs {
   at::Tensor sample;                 // [B, in_channels, h, w] (scaled model input)
   at::Tensor timestep;               // 0-d or [B]

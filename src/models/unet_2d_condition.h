@@ -79,7 +79,7 @@ struct UNet2DConditionConfig {
   std::string class_embedding_kind() const;
 };
 
-// Forward inputs (a struct, per CONVENTIONS): ControlNet and T2I-Adapter residuals arrive here as data.
+// Forward inputs (a struct, per docs/architecture.md): ControlNet and T2I-Adapter residuals arrive here as data.
 struct UNetInputs {
   at::Tensor sample;                                        // [B, C, h, w]
   at::Tensor timestep;                                      // 0-d or [B]; float or int
