@@ -159,7 +159,7 @@ at::Tensor Upsample2DImpl::forward(const at::Tensor& x, std::optional<std::vecto
 }
 
 // ---------------------------------------------------------------------------------------------------
-AttentionImpl::AttentionImpl(const AttentionOptions& o) : o_(o) {
+AttentionImpl::AttentionImpl(const AttentionOptions& o) : o_(o), cross_(o.cross_attention_dim != 0) {
   if (o_.cross_attention_dim == 0) o_.cross_attention_dim = o_.query_dim;
   DMX_CHECK_ARG(o_.heads > 0 && o_.dim_head > 0, "Attention: heads and dim_head must be > 0, got ", o_.heads, " and ",
                 o_.dim_head);
@@ -185,9 +185,16 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context
   if (group_norm) h = nn::group_norm(group_norm, h.transpose(1, 2)).transpose(1, 2);
   const at::Tensor& ctx = context.defined() ? context : h;
   const int64_t Nq = h.size(1), Nk = ctx.size(1), heads = o_.heads, d = o_.dim_head;
-  at::Tensor q = to_q->forward(h).view({B, Nq, heads, d}).permute({0, 2, 1, 3});    // [B, heads, Nq, d]
-  at::Tensor k = to_k->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nk, d]
-  at::Tensor v = to_v->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});
+  at::Tensor q = to_q->forward(h).view({B, Nq, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nq, d]
+  at::Tensor k, v;
+  if (seam_ && !seam_->input_hooks.empty()) {  // hypernetworks: k = to_k(f_k(ctx)), v = to_v(f_v(ctx))
+    const KeyValueInputs kv = apply_input_hooks(site_, seam_.get(), ctx);
+    k = to_k->forward(kv.key).view({B, Nk, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nk, d]
+    v = to_v->forward(kv.value).view({B, Nk, heads, d}).permute({0, 2, 1, 3});
+  } else {
+    k = to_k->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nk, d]
+    v = to_v->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});
+  }
   const bool upcast = o_.upcast_attention || o_.upcast_softmax;
   // The seam path when a controller or processor is installed, or when autograd needs a differentiable
   // graph (nn::attention writes into preallocated outputs); the fast path otherwise.
@@ -329,7 +336,7 @@ static Transformer2DModel make_transformer(const BlockOptions& o, int64_t channe
   return Transformer2DModel(t);
 }
 
-DownBlock2DImpl::DownBlock2DImpl(const BlockOptions& o) {
+DownBlock2DImpl::DownBlock2DImpl(const BlockOptions& o) : out_channels_(o.out_channels) {
   auto rs = make_container(*this, "resnets");
   std::shared_ptr<tnn::Module> as = o.cross_attention ? make_container(*this, "attentions") : nullptr;
   for (int64_t i = 0; i < o.num_layers; ++i) {
@@ -344,12 +351,16 @@ DownBlock2DImpl::DownBlock2DImpl(const BlockOptions& o) {
   }
 }
 
-DownBlockOutput DownBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context) {
+DownBlockOutput DownBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context,
+                                         const at::Tensor& additional_residual) {
+  DMX_CHECK_ARG(!additional_residual.defined() || has_cross_attention(),
+                "DownBlock2D: an additional residual goes inside cross-attention blocks only");
   DownBlockOutput r;
   at::Tensor h = x;
   for (size_t i = 0; i < resnets.size(); ++i) {
     h = resnets[i]->forward(h, temb);
     if (!attentions.empty()) h = attentions[i]->forward(h, context);
+    if (i + 1 == resnets.size() && additional_residual.defined()) h = h + additional_residual;
     r.res_samples.push_back(h);
   }
   if (downsampler) {

@@ -132,6 +132,9 @@ class AttentionImpl : public torch::nn::Module {
   // a controller or processor is installed).
   at::Tensor forward(const at::Tensor& x, const at::Tensor& context = {}, const at::Tensor& attn_bias = {});
   const AttentionOptions& options() const { return o_; }
+  // Whether keys and values come from a context (cross_attention_dim given: attn2, and attn1 of
+  // only_cross_attention blocks), whatever its width.
+  bool is_cross_attention() const { return cross_; }
   LoRALinear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out_0{nullptr};
   torch::nn::GroupNorm group_norm{nullptr};
   // The attention seam (nn/attention_seam.h): set once by assign_attention_sites.
@@ -141,6 +144,7 @@ class AttentionImpl : public torch::nn::Module {
 
  private:
   AttentionOptions o_;
+  bool cross_ = false;
   double scale_;
   AttentionSite site_;
   std::shared_ptr<AttentionSeam> seam_;
@@ -234,10 +238,19 @@ struct DownBlockOutput {
 class DownBlock2DImpl : public torch::nn::Module {
  public:
   explicit DownBlock2DImpl(const BlockOptions& o);
-  DownBlockOutput forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context);
+  // additional_residual (CrossAttnDownBlock2D's T2I-Adapter input, optional): added after the last (resnet,
+  // attention) pair, before the downsampler, so the last skip and the downsampler both see the sum. Blocks
+  // without attention take none (diffusers adds it to their output instead: the UNet's job).
+  DownBlockOutput forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context,
+                          const at::Tensor& additional_residual = {});
+  bool has_cross_attention() const { return !attentions.empty(); }
+  int64_t out_channels() const { return out_channels_; }
   std::vector<ResnetBlock2D> resnets;
   std::vector<Transformer2DModel> attentions;
   Downsample2D downsampler{nullptr};
+
+ private:
+  int64_t out_channels_ = 0;
 };
 TORCH_MODULE(DownBlock2D);
 
