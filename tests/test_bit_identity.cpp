@@ -25,9 +25,9 @@ std::string dump_dir() {
   return d ? d : "";
 }
 
-#define DMX_REQUIRE_DUMP_DIR()                                                                    \
-  do {                                                                                            \
-    DMX_REQUIRE_FIXTURES();                                                                       \
+#define DMX_REQUIRE_DUMP_DIR()                                                                                \
+  do {                                                                                                        \
+    DMX_REQUIRE_FIXTURES();                                                                                   \
     if (dump_dir().empty()) GTEST_SKIP() << "DMX_BIT_IDENTITY_DIR not set (scripts/bit_identity.py sets it)"; \
   } while (0)
 
@@ -51,10 +51,12 @@ void save(const std::string& name, io::TensorMap t) {
   io::save_safetensors(dump_dir() + "/" + name + ".safetensors", t);
 }
 
-// The seed convention of the pipelines: one CPU generator per run.
+// The seed convention of the pipelines: one CPU generator per run (kept alive until the runs are done).
 template <typename P>
 void seed(P& p, uint64_t s) {
-  p.seed = s;
+  static std::vector<std::unique_ptr<at::Generator>> generators;
+  generators.push_back(std::make_unique<at::Generator>(pipelines::make_generator(s)));
+  p.generator = generators.back().get();
 }
 
 io::TensorMap steps_of(const std::vector<at::Tensor>& steps) {
@@ -136,7 +138,8 @@ TEST(BitIdentityDump, PromptToPrompt) {
   np.show_progress = false;
   auto inv = pipelines::null_text_invert(*m, np);
   io::TensorMap nt;
-  for (size_t i = 0; i < inv.uncond_embeddings.size(); ++i) nt["uncond." + std::to_string(i)] = inv.uncond_embeddings[i];
+  for (size_t i = 0; i < inv.uncond_embeddings.size(); ++i)
+    nt["uncond." + std::to_string(i)] = inv.uncond_embeddings[i];
   for (size_t i = 0; i < inv.ddim_latents.size(); ++i) nt["ddim." + std::to_string(i)] = inv.ddim_latents[i];
   nt["losses"] = at::tensor(inv.losses, at::kDouble);
   nt["first_losses"] = at::tensor(inv.first_losses, at::kDouble);
@@ -184,10 +187,8 @@ TEST(BitIdentityDump, DiffEdit) {
   ep.generator = &gen;
   ep.show_progress = false;
   auto out = pipe.run(ep);
-  save("diffedit", {{"mask", mask.mask},
-                    {"guidance_map", mask.guidance_map},
-                    {"inverted", inv.latents},
-                    {"latents", out.latents}});
+  save("diffedit",
+       {{"mask", mask.mask}, {"guidance_map", mask.guidance_map}, {"inverted", inv.latents}, {"latents", out.latents}});
 }
 
 TEST(BitIdentityDump, Blended) {

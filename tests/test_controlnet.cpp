@@ -300,12 +300,11 @@ void run_pipe_golden(const std::string& variant, const std::string& cn_path) {
   const Image control = u8_image(ref["input.control_u8"]);
   for (const char* scale : {"1", "0.5"}) {
     pipelines::StableDiffusionParams p = pipe_params(ref);
-    p.guess_mode = ref.meta.value("guess_mode", false);
     pipelines::ControlNetUnit u;
     u.model = net;
     u.image = pipelines::prepare_control_image(control, control.width, control.height);
     u.scale = std::stod(scale);
-    p.controlnets.push_back(u);
+    p.residual_providers = pipelines::controlnet_providers({u}, ref.meta.value("guess_mode", false));
     std::vector<at::Tensor> steps;
     p.on_step_end = [&](int, double, at::Tensor& lat) { steps.push_back(lat.clone()); };
     auto out = pipe.run(p);
@@ -355,8 +354,7 @@ TEST(ControlNetTiny, PipelineMultiAndSchedule) {
   auto run = [&](std::vector<pipelines::ControlNetUnit> units, bool guess = false) {
     pipelines::StableDiffusionParams p = pipe_params(ref);
     p.num_inference_steps = 4;
-    p.controlnets = std::move(units);
-    p.guess_mode = guess;
+    p.residual_providers = pipelines::controlnet_providers(units, guess);
     return pipe.run(p).latents;
   };
   at::Tensor one = run({unit(1.0)});
@@ -385,12 +383,13 @@ TEST(ControlNetTiny, SeededRunDrawsLatentsLikeTxt2Img) {
   u.image = pipelines::prepare_control_image(control, control.width, control.height);
   pipelines::StableDiffusionParams p = pipe_params(ref);
   p.num_inference_steps = 3;
-  p.controlnets = {u};
+  p.residual_providers = pipelines::controlnet_providers({u});
   p.latents = at::Tensor();
-  p.seed = 1234;
+  at::Generator seeded_gen = pipelines::make_generator(1234);
+  p.generator = &seeded_gen;
   at::Tensor seeded = pipe.run(p).latents;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
-  p.seed.reset();
+  p.generator = nullptr;
   p.latents = at::randn(ref["input.latents"].sizes(), gen, at::TensorOptions().dtype(at::kFloat));
   EXPECT_TRUE(at::equal(seeded, pipe.run(p).latents));
 }
@@ -407,17 +406,18 @@ TEST(ControlNetTiny, PipelineErrors) {
   u.image = pipelines::prepare_control_image(control, control.width, control.height);
   u.start = 0.6;
   u.end = 0.4;
-  p.controlnets = {u};
+  p.residual_providers = pipelines::controlnet_providers({u});
   expect_throw_with<InvalidArgument>([&] { pipe.run(p); }, "control start");
-  p.controlnets[0].start = 0.0;
-  p.controlnets[0].end = 1.0;
+  u.start = 0.0;
+  u.end = 1.0;
+  p.residual_providers = pipelines::controlnet_providers({u});
   p.width = control.width + 8;
   expect_throw_with<InvalidArgument>([&] { pipe.run(p); }, "control image is");
   // A ControlNet built for another UNet: both values named.
   pipelines::StableDiffusionPipeline sd15(load_model("sd15"));
   pipelines::StableDiffusionParams q = pipe_params(load_ref("sd15", "controlnet_pipe"));
-  q.controlnets = {u};
-  q.controlnets[0].image = pipelines::prepare_control_image(control, 128, 128);
+  u.image = pipelines::prepare_control_image(control, 128, 128);
+  q.residual_providers = pipelines::controlnet_providers({u});
   expect_throw_with<InvalidArgument>([&] { sd15.run(q); }, "block_out_channels");
   expect_throw_with<InvalidArgument>([&] { pipelines::load_controlnet("/nonexistent/cn"); }, "--controlnet");
   expect_throw_with<FormatError>([&] { pipelines::load_controlnet(fixture_model("sd15") + "/unet"); },

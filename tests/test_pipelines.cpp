@@ -103,7 +103,8 @@ TEST(PipelineSeed, DdimEtaDrawsMatchSeed52) {
   p.num_inference_steps = 8;
   p.scheduler = "ddim";
   p.eta = 1.0;
-  p.seed = 52;
+  at::Generator gen52 = pipelines::make_generator(52);
+  p.generator = &gen52;
   p.latents = ref["input.latents"];
   p.show_progress = false;
   auto out = pipe.run(p);
@@ -143,13 +144,15 @@ TEST(PipelineSeed, SameSeedSameImageDifferentSeedDifferentImage) {
   p.width = 48;
   p.height = 64;
   p.show_progress = false;
-  p.seed = 2718281828ull;
+  at::Generator gen = pipelines::make_generator(2718281828ull);
+  p.generator = &gen;
   auto a = pipe.run(p);
+  gen = pipelines::make_generator(2718281828ull);
   auto b = pipe.run(p);
   EXPECT_TRUE(at::equal(a.latents, b.latents));
   EXPECT_EQ(a.images.size(1), 64);
   EXPECT_EQ(a.images.size(2), 48);
-  p.seed = 1;
+  gen = pipelines::make_generator(1);
   auto c = pipe.run(p);
   EXPECT_FALSE(at::allclose(a.latents, c.latents));
 }
@@ -183,3 +186,4 @@ TEST(PipelineErrors, BadParamsNameTheRule) {
 }
 }  // namespace
 }  // namespace dmx::test
+

@@ -158,7 +158,8 @@ GenerateResult generate(const GenerateOptions& o) {
   p.show_progress = o.progress;
   DMX_CHECK_ARG(o.width >= 0 && o.height >= 0, "--width/--height must be positive, got ", o.width, "x", o.height);
   const uint64_t seed = api::resolve_seed(o.seed);
-  p.seed = seed;
+  at::Generator generator = pipelines::make_generator(seed);  // every draw of the run
+  p.generator = &generator;
   Image init_rgb;
   if (!o.init_image.empty()) {
     init_rgb = to_rgb(load_image(o.init_image, "--init-image"));
@@ -215,6 +216,7 @@ GenerateResult generate(const GenerateOptions& o) {
                   " pixels; give --width/--height");
     p.width = w;
     p.height = h;
+    std::vector<pipelines::ControlNetUnit> units;
     for (size_t i = 0; i < o.controlnets.size(); ++i) {
       pipelines::ControlNetUnit u;
       u.name = o.controlnets[i];
@@ -225,20 +227,20 @@ GenerateResult generate(const GenerateOptions& o) {
       u.end = o.control_ends.empty() ? 1.0 : o.control_ends[i];
       DMX_CHECK_ARG(u.start < u.end, "--control-start/--control-end of net ", i, ": control start (", u.start,
                     ") must be smaller than control end (", u.end, ")");
-      p.controlnets.push_back(u);
+      units.push_back(u);
     }
-    p.guess_mode = o.guess_mode;
+    p.residual_providers = pipelines::controlnet_providers(units, o.guess_mode);
     pipelines::StableDiffusionPipeline(models).check_params(p);
     if (!o.save_control_image.empty()) {
-      const auto paths = output_paths(o.save_control_image, static_cast<int>(p.controlnets.size()));
+      const auto paths = output_paths(o.save_control_image, static_cast<int>(units.size()));
       for (size_t i = 0; i < paths.size(); ++i)
-        save_png(paths[i], tensor_to_image(p.controlnets[i].image[0].permute({1, 2, 0})));
+        save_png(paths[i], tensor_to_image(units[i].image[0].permute({1, 2, 0})));
     }
   }
   pipelines::StableDiffusionOutput out;
   GenerateResult r;
   if (!o.mask.empty()) {
-    api::BlendedRun b = api::run_blended(models, p, o, mask);  // best first with --rank
+    api::BlendedRun b = api::run_blended(models, p, o, mask, seed);  // best first with --rank
     out.images = b.images;
     out.latents = b.latents;
     r.scores = b.scores;
