@@ -372,6 +372,53 @@ TEST(ControlNetTiny, PipelineMultiAndSchedule) {
   EXPECT_TRUE(at::isfinite(guess).all().item<bool>());
 }
 
+// The residual-provider seam: the core checks and prepares every provider of a run once and applies them in
+// order at every UNet call, each seeing what the earlier ones added. A second provider after a ControlNet that
+// adds zeros (and records what it is shown) leaves the run bit for bit as the ControlNet alone made it.
+class RecordingZeros : public pipelines::ResidualProvider {
+ public:
+  std::string name() const override { return "recording zeros"; }
+  void check(const pipelines::ResidualRun& run) const override { checks.push_back(run.batch); }
+  void prepare(const pipelines::ResidualRun& run) override { prepared.push_back(run.guided); }
+  void apply(const pipelines::ResidualStep& step, models::UNetInputs& in) override {
+    indices.push_back(step.index);
+    rows.push_back(in.sample.size(0));
+    ASSERT_FALSE(in.down_block_additional_residuals.empty());  // the ControlNet's, added before
+    std::vector<at::Tensor> zeros;
+    for (const auto& d : in.down_block_additional_residuals) zeros.push_back(at::zeros_like(d));
+    pipelines::add_unet_residuals(in, zeros, at::zeros_like(in.mid_block_additional_residual));
+  }
+  mutable std::vector<int> checks;
+  std::vector<bool> prepared;
+  std::vector<int> indices;
+  std::vector<int64_t> rows;
+};
+
+TEST(ControlNetTiny, ResidualProvidersComposeInOrder) {
+  DMX_REQUIRE_FIXTURES();
+  RefCase ref = load_ref("test", "controlnet_pipe");
+  pipelines::StableDiffusionPipeline pipe(load_model("test"));
+  const Image control = u8_image(ref["input.control_u8"]);
+  pipelines::ControlNetUnit u;
+  u.model = pipelines::load_controlnet(cn_folder("test"));
+  u.image = pipelines::prepare_control_image(control, control.width, control.height);
+  pipelines::StableDiffusionParams p = pipe_params(ref);
+  p.num_inference_steps = 3;
+  p.residual_providers = pipelines::controlnet_providers({u});
+  const at::Tensor alone = pipe.run(p).latents;
+  auto recorder = std::make_shared<RecordingZeros>();
+  p.residual_providers.push_back(recorder);
+  const at::Tensor both = pipe.run(p).latents;
+  EXPECT_TRUE(at::equal(alone, both));
+  EXPECT_EQ(recorder->checks, std::vector<int>{1});
+  EXPECT_EQ(recorder->prepared, std::vector<bool>{true});
+  EXPECT_EQ(recorder->indices, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(recorder->rows, (std::vector<int64_t>{2, 2, 2}));  // [uncond; cond]
+  // A provider's check stops the run before anything is drawn: ControlNet refuses img2img.
+  p.init_image = at::zeros({1, 3, control.height, control.width});
+  expect_throw_with<Unsupported>([&] { pipe.run(p); }, "ControlNet with an init image");
+}
+
 // A seeded run draws its latents first, exactly like txt2img (the control image draws nothing).
 TEST(ControlNetTiny, SeededRunDrawsLatentsLikeTxt2Img) {
   DMX_REQUIRE_FIXTURES();
