@@ -332,7 +332,7 @@ struct RepoRef {
 const RepoRef& repo_refs() {
   static RepoRef r = [] {
     RepoRef x;
-    x.meta = json::parse(read_text_file(repo_ref("unclip_refs.json"), "unclip_refs.json"));
+    x.meta = json::parse(read_text_file(repo_ref("unclip_refs.json"), "unclip_refs.json", kMaxJsonFileBytes));
     x.tensors = io::load_safetensors(repo_ref("unclip_refs.safetensors"));
     return x;
   }();

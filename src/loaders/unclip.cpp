@@ -75,7 +75,7 @@ void check_components(const std::string& path, const nlohmann::json& index, cons
 
 nlohmann::json scheduler_config(const std::string& path, const std::string& component) {
   const std::string file = join_path(join_path(path, component), "scheduler_config.json");
-  return schedulers::parse_scheduler_config(read_text_file(file, component + " config"));
+  return schedulers::parse_scheduler_config(read_text_file(file, component + " config", kMaxJsonFileBytes));
 }
 
 // Builds the scheduler once so a config no class accepts fails at load time, naming the folder.
