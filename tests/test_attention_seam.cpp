@@ -102,7 +102,7 @@ class ExplicitProcessor : public nn::AttentionProcessor {
   }
 };
 
-TEST(AttentionSeam, SitesComeFromModulePaths) {
+TEST(AttentionSeamTiny, SitesComeFromModulePaths) {
   auto unet = tiny_unet();
   const auto sites = nn::attention_sites(*unet);
   // down_blocks.0 (1 transformer) + mid (1) + up_blocks.1 (2 layers: layers_per_block + 1): 4 transformers x 2.
@@ -131,7 +131,7 @@ TEST(AttentionSeam, SitesComeFromModulePaths) {
   EXPECT_EQ(seam, nn::assign_attention_sites(*unet));
 }
 
-TEST(AttentionSeam, ObservingControllerKeepsTheOutputAndSeesEveryCallOnce) {
+TEST(AttentionSeamTiny, ObservingControllerKeepsTheOutputAndSeesEveryCallOnce) {
   auto unet = tiny_unet();
   const auto in = tiny_inputs();
   at::NoGradGuard no_grad;
@@ -158,7 +158,7 @@ TEST(AttentionSeam, ObservingControllerKeepsTheOutputAndSeesEveryCallOnce) {
   EXPECT_TRUE(unet->forward(in).equal(plain));
 }
 
-TEST(AttentionSeam, EditingControllerAndProcessorChangeTheOutputOnlyWhileInstalled) {
+TEST(AttentionSeamTiny, EditingControllerAndProcessorChangeTheOutputOnlyWhileInstalled) {
   auto unet = tiny_unet();
   const auto in = tiny_inputs();
   at::NoGradGuard no_grad;
@@ -184,7 +184,7 @@ TEST(AttentionSeam, EditingControllerAndProcessorChangeTheOutputOnlyWhileInstall
   EXPECT_TRUE(unet->forward(in).equal(plain));
 }
 
-TEST(AttentionSeam, GuardsRestoreOnExceptionsAndNestInAnyOrder) {
+TEST(AttentionSeamTiny, GuardsRestoreOnExceptionsAndNestInAnyOrder) {
   auto unet = tiny_unet();
   auto seam = nn::assign_attention_sites(*unet);
   auto a = std::make_shared<RecordingController>();
@@ -217,7 +217,7 @@ TEST(AttentionSeam, GuardsRestoreOnExceptionsAndNestInAnyOrder) {
   EXPECT_FALSE(seam->active());
 }
 
-TEST(AttentionSeam, AutogradFlowsThroughTheSeam) {
+TEST(AttentionSeamTiny, AutogradFlowsThroughTheSeam) {
   auto unet = tiny_unet();
   for (auto& p : unet->parameters()) p.set_requires_grad(false);
   auto in = tiny_inputs();
@@ -236,7 +236,7 @@ TEST(AttentionSeam, AutogradFlowsThroughTheSeam) {
   }
 }
 
-TEST(AttentionSeam, ContextRowsAndErrors) {
+TEST(AttentionSeamTiny, ContextRowsAndErrors) {
   auto ctx = two_rows(0);
   EXPECT_EQ(ctx.rows_where(true), (std::vector<int64_t>{1}));
   EXPECT_EQ(ctx.rows_where(false), (std::vector<int64_t>{0}));

@@ -16,7 +16,7 @@ namespace {
 
 std::string run_cli(const std::string& args, int& code) {
   std::string out;
-  FILE* f = popen((std::string(DMX_CLI_PATH) + " " + args + " 2>&1").c_str(), "r");
+  FILE* f = popen((cli_path() + " " + args + " 2>&1").c_str(), "r");
   std::array<char, 4096> buf;
   size_t n;
   while ((n = fread(buf.data(), 1, buf.size(), f)) > 0) out.append(buf.data(), n);
@@ -25,7 +25,7 @@ std::string run_cli(const std::string& args, int& code) {
   return out;
 }
 
-TEST(Bench, FlopModelMatchesSd15UNet) {
+TEST(BenchUnit, FlopModelMatchesSd15UNet) {
   // One SD 1.5 UNet pass at 64x64 latents is ~803 GFLOP (one guided step at batch 2: ~1.61 TFLOP).
   const BenchFlops f = bench_flops("sd15", 512, 512);
   EXPECT_NEAR(f.unet_pass / 1e9, 803, 8);
@@ -36,7 +36,7 @@ TEST(Bench, FlopModelMatchesSd15UNet) {
   EXPECT_GT(bench_flops("sd15", 768, 768).unet_pass, 2.25 * f.unet_pass);
 }
 
-TEST(Bench, TinyPresetRunsAndReports) {
+TEST(BenchTiny, TinyPresetRunsAndReports) {
   BenchOptions o;
   o.preset = "tiny";
   o.runs = 1;
@@ -53,7 +53,7 @@ TEST(Bench, TinyPresetRunsAndReports) {
   EXPECT_NE(bench_table(r).find("unet guided step"), std::string::npos);
 }
 
-TEST(Bench, TinyPresetBf16) {
+TEST(BenchTiny, TinyPresetBf16) {
   BenchOptions o;
   o.preset = "tiny";
   o.dtype = "bf16";
@@ -64,7 +64,7 @@ TEST(Bench, TinyPresetBf16) {
   EXPECT_GT(r.unet_step_s, 0);
 }
 
-TEST(Bench, BadOptions) {
+TEST(BenchUnit, BadOptions) {
   BenchOptions o;
   o.preset = "sd3";
   EXPECT_THROW(bench(o), InvalidArgument);
@@ -86,9 +86,10 @@ TEST(Bench, BadOptions) {
   EXPECT_THROW(bench(o), InvalidArgument);
 }
 
-TEST(Bench, CliJsonOneLine) {
+// The command's exit codes and its two output formats (what they hold is checked in-process by BenchTiny).
+TEST(BenchCli, JsonOneLineTableAndExitCodes) {
   int code = -1;
-  const std::string out = run_cli("bench --preset tiny --runs 1 --threads 1 --json", code);
+  std::string out = run_cli("bench --preset tiny --runs 1 --threads 1 --json", code);
   ASSERT_EQ(code, 0) << out;
   ASSERT_FALSE(out.empty());
   EXPECT_EQ(out.find('\n'), out.size() - 1) << out;  // exactly one line
@@ -99,11 +100,7 @@ TEST(Bench, CliJsonOneLine) {
   }
   EXPECT_EQ(j["threads"], 1);
   EXPECT_EQ(j["preset"], "tiny");
-}
-
-TEST(Bench, CliTableAndErrors) {
-  int code = -1;
-  std::string out = run_cli("bench --preset tiny --runs 1", code);
+  out = run_cli("bench --preset tiny --runs 1", code);
   ASSERT_EQ(code, 0) << out;
   EXPECT_NE(out.find("vae decode"), std::string::npos) << out;
   EXPECT_NE(out.find("GFLOP/s"), std::string::npos) << out;
@@ -119,7 +116,7 @@ namespace dmx::test {
 namespace {
 // Timing probe for the attention shapes of SD 1.5 at 512x512 (batch 2, 8 heads): prints, never asserts
 // on time. Run with --gtest_also_run_disabled_tests --gtest_filter='*AttentionProbe*'.
-TEST(Bench, DISABLED_AttentionProbe) {
+TEST(BenchSlow, DISABLED_AttentionProbe) {
   struct Shape {
     int64_t n, m, d;
   };

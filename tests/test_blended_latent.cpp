@@ -1,12 +1,14 @@
 // Blended Latent Diffusion: golden tests against diffusers 0.27.2's inpaint pipelines with a 4-channel UNet
 // (inpaint_blend) and the legacy inpaint pipeline (inpaint_legacy), seeded draws, masks, background options,
-// ranking, the CLI, and the measured figures of docs/editing-blended.md.
+// ranking, dmx::generate with a mask (what the CLI runs) on a tiny random model, and the measured figures of
+// docs/editing-blended.md.
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "core/fs.h"
 #include "api/blended.h"
@@ -17,9 +19,10 @@
 #include "extensions/latent_blend.h"
 #include "io/safetensors.h"
 #include "pipelines/blended_latent_diffusion.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "test_ref_cases.h"
 #include "test_util.h"
+#include "tiny_models.h"
 
 namespace dmx::test {
 namespace {
@@ -28,10 +31,10 @@ using pipelines::BlendedLatentDiffusionParams;
 using pipelines::BlendedLatentDiffusionPipeline;
 using pipelines::BlendVariant;
 
-std::shared_ptr<pipelines::StableDiffusionModels> load_model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+std::shared_ptr<loaders::StableDiffusionModels> load_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 
@@ -43,6 +46,51 @@ Image u8_image(const at::Tensor& u8) {  // [H, W] or [H, W, 3] uint8
   at::Tensor c = u8.contiguous();
   img.data.assign(c.data_ptr<uint8_t>(), c.data_ptr<uint8_t>() + c.numel());
   return img;
+}
+
+// An image and a mask of our own, side x side: colour gradients with a disc; a white rectangle (edit) on black.
+Image picture(int side) {
+  Image img;
+  img.width = img.height = side;
+  img.channels = 3;
+  img.data.resize(static_cast<size_t>(side * side * 3));
+  for (int y = 0; y < side; ++y)
+    for (int x = 0; x < side; ++x) {
+      const bool disc = (x - side / 3) * (x - side / 3) + (y - side / 2) * (y - side / 2) < side * side / 25;
+      uint8_t* px = &img.data[static_cast<size_t>((y * side + x) * 3)];
+      px[0] = static_cast<uint8_t>(disc ? 230 : x * 255 / side);
+      px[1] = static_cast<uint8_t>(disc ? 30 : y * 255 / side);
+      px[2] = static_cast<uint8_t>(disc ? 40 : 120);
+    }
+  return img;
+}
+
+Image rectangle_mask(int side) {
+  Image m;
+  m.width = m.height = side;
+  m.channels = 1;
+  m.data.assign(static_cast<size_t>(side * side), 0);
+  for (int y = side / 4; y < 3 * side / 4; ++y)
+    for (int x = side / 2; x < 7 * side / 8; ++x) m.data[static_cast<size_t>(y * side + x)] = 255;
+  return m;
+}
+
+// The fixture cases' settings (DDIM 8 steps, guidance 7.5; strength 1 for inpaint, 0.75 for legacy) on our own
+// image and mask, at the tiny model's size (test: 64, sd15: 128).
+BlendedLatentDiffusionParams tiny_params(const std::string& model_variant, BlendVariant variant) {
+  const int side = model_variant == "sd15" ? 128 : 64;
+  BlendedLatentDiffusionParams p;
+  p.prompt = "a red apple on a wooden table";
+  p.negative_prompt = "blurry";
+  p.num_inference_steps = 8;
+  p.guidance_scale = 7.5;
+  p.strength = variant == BlendVariant::kLegacy ? 0.75 : 1.0;
+  p.scheduler = "ddim";
+  p.variant = variant;
+  p.show_progress = false;
+  p.init_image = image_to_tensor(picture(side));
+  p.mask = extensions::mask_to_tensor(rectangle_mask(side));
+  return p;
 }
 
 // The case's settings, image and mask; draws replayed from the recorded rng.
@@ -121,12 +169,10 @@ INSTANTIATE_TEST_SUITE_P(Golden, BlendedLatentGolden,
 
 // With a seed the pipeline draws what diffusers draws, in its order: the image's posterior noise, the
 // initial noise, the masked image's posterior noise (unused), then the scheduler's per-step noise.
-TEST(BlendedLatentSeed, SeededRunEqualsReplayOfTheSameDraws) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("test", "inpaint_blend");
-  BlendedLatentDiffusionPipeline pipe(load_model("test"));
+TEST(BlendedLatentSeedTiny, SeededRunEqualsReplayOfTheSameDraws) {
+  BlendedLatentDiffusionPipeline pipe(shared_tiny_model("test"));
   for (const std::string sched : {"euler_a", "ddim"}) {
-    BlendedLatentDiffusionParams p = case_params(ref, BlendVariant::kInpaint);
+    BlendedLatentDiffusionParams p = tiny_params("test", BlendVariant::kInpaint);
     p.num_inference_steps = 4;
     p.scheduler = sched;
     p.eta = 1.0;  // DDIM with eta = 1 draws per step too
@@ -136,7 +182,7 @@ TEST(BlendedLatentSeed, SeededRunEqualsReplayOfTheSameDraws) {
 
     auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
     auto draw = [&](at::IntArrayRef s) { return at::randn(s, gen, at::TensorOptions().dtype(at::kFloat)); };
-    const std::vector<int64_t> one = {1, 4, ref["rng.0"].size(2), ref["rng.0"].size(3)};
+    const std::vector<int64_t> one = {1, 4, p.init_image.size(2) / 2, p.init_image.size(3) / 2};  // VAE factor 2
     const std::vector<int64_t> two = {2, 4, one[2], one[3]};
     BlendedLatentDiffusionParams r = p;
     r.seed.reset();
@@ -149,7 +195,7 @@ TEST(BlendedLatentSeed, SeededRunEqualsReplayOfTheSameDraws) {
     DMX_EXPECT_CLOSE("seeded vs replay " + sched, seeded.latents, replay.latents, 0.0);
   }
   // strength < 1 starts from add_noise(z_init, noise, timesteps[start]): the same seed, another result.
-  BlendedLatentDiffusionParams p = case_params(ref, BlendVariant::kInpaint);
+  BlendedLatentDiffusionParams p = tiny_params("test", BlendVariant::kInpaint);
   p.num_inference_steps = 4;
   p.seed = 5;
   auto full = pipe.run(p);
@@ -162,25 +208,24 @@ TEST(BlendedLatentSeed, SeededRunEqualsReplayOfTheSameDraws) {
 }
 
 // The legacy variant draws the posterior noise, then the noise for add_noise.
-TEST(BlendedLatentSeed, LegacySeededRunEqualsReplay) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("test", "inpaint_legacy");
-  BlendedLatentDiffusionPipeline pipe(load_model("test"));
-  BlendedLatentDiffusionParams p = case_params(ref, BlendVariant::kLegacy);
+TEST(BlendedLatentSeedTiny, LegacySeededRunEqualsReplay) {
+  BlendedLatentDiffusionPipeline pipe(shared_tiny_model("test"));
+  BlendedLatentDiffusionParams p = tiny_params("test", BlendVariant::kLegacy);
   p.num_inference_steps = 4;
   p.seed = 99;
   auto seeded = pipe.run(p);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(99);
   BlendedLatentDiffusionParams r = p;
   r.seed.reset();
-  r.posterior_noise = at::randn(ref["rng.0"].sizes(), gen, at::TensorOptions().dtype(at::kFloat));
-  r.latents = at::randn(ref["rng.1"].sizes(), gen, at::TensorOptions().dtype(at::kFloat));
+  const std::vector<int64_t> latent = {1, 4, p.init_image.size(2) / 2, p.init_image.size(3) / 2};
+  r.posterior_noise = at::randn(latent, gen, at::TensorOptions().dtype(at::kFloat));
+  r.latents = at::randn(latent, gen, at::TensorOptions().dtype(at::kFloat));
   auto replay = pipe.run(r);
   DMX_EXPECT_CLOSE("legacy seeded vs replay", seeded.latents, replay.latents, 0.0);
 }
 
 // The mask settings go into the PNG's parameters and come back with --from.
-TEST(BlendedLatentMetadata, SettingsRoundTrip) {
+TEST(BlendedLatentMetadataUnit, SettingsRoundTrip) {
   GenerateOptions o;
   o.prompt = "a cat";
   o.steps = 12;
@@ -207,7 +252,7 @@ TEST(BlendedLatentMetadata, SettingsRoundTrip) {
   EXPECT_EQ(format_parameters(o, 5, 128, 128, "m").find("Mask blend"), std::string::npos);
 }
 
-TEST(BlendedLatentMask, NearestModesAndProgressiveShrinking) {
+TEST(BlendedLatentMaskUnit, NearestModesAndProgressiveShrinking) {
   // 8 -> 2: torch picks rows 0, 4; PIL picks pixel centres 2, 6.
   at::Tensor m = at::arange(64, at::kFloat).reshape({1, 1, 8, 8});
   at::Tensor t = extensions::resize_mask_nearest(m, 2, 2, extensions::NearestMode::kTorch);
@@ -240,10 +285,8 @@ TEST(BlendedLatentMask, NearestModesAndProgressiveShrinking) {
   EXPECT_TRUE(at::equal(extensions::binarize_mask(g).flatten(), at::tensor({1.f, 0.f})));
 }
 
-TEST(BlendedLatentErrors, BadInputNamesTheRule) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("test", "inpaint_blend");
-  BlendedLatentDiffusionPipeline pipe(load_model("test"));
+TEST(BlendedLatentErrorsTiny, BadInputNamesTheRule) {
+  BlendedLatentDiffusionPipeline pipe(shared_tiny_model("test"));
   auto expect = [&](BlendedLatentDiffusionParams p, const std::string& needle) {
     try {
       pipe.run(p);
@@ -252,7 +295,7 @@ TEST(BlendedLatentErrors, BadInputNamesTheRule) {
       EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
     }
   };
-  BlendedLatentDiffusionParams p = case_params(ref, BlendVariant::kInpaint);
+  BlendedLatentDiffusionParams p = tiny_params("test", BlendVariant::kInpaint);
   p.num_inference_steps = 2;
   BlendedLatentDiffusionParams q = p;
   const int64_t H = p.mask.size(2), W = p.mask.size(3);
@@ -275,8 +318,9 @@ TEST(BlendedLatentErrors, BadInputNamesTheRule) {
   EXPECT_EQ(extensions::parse_background("poisson"), extensions::Background::kPoisson);
 }
 
-// Each background option on the sd15 fixture image; prints the figures docs/editing-blended.md reports.
-TEST(BlendedLatentBackground, OptionsKeepTheBackground) {
+// Each background option on the sd15 fixture image; prints the figures docs/editing-blended.md reports (measured
+// on the fixture's model, image and mask: golden).
+TEST(BlendedLatentBackgroundGolden, OptionsKeepTheBackground) {
   DMX_REQUIRE_FIXTURES();
   RefCase ref = load_ref("sd15", "inpaint_blend");
   auto models = load_model("sd15");
@@ -309,11 +353,9 @@ TEST(BlendedLatentBackground, OptionsKeepTheBackground) {
   EXPECT_TRUE(at::equal(before, models->vae->named_parameters()["decoder.conv_out.weight"]));
 }
 
-TEST(BlendedLatentRank, ScoresAndOrder) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("test", "inpaint_blend");
-  BlendedLatentDiffusionPipeline pipe(load_model("test"));
-  BlendedLatentDiffusionParams p = case_params(ref, BlendVariant::kInpaint);
+TEST(BlendedLatentRankTiny, ScoresAndOrder) {
+  BlendedLatentDiffusionPipeline pipe(shared_tiny_model("test"));
+  BlendedLatentDiffusionParams p = tiny_params("test", BlendVariant::kInpaint);
   p.num_inference_steps = 3;
   p.num_images_per_prompt = 3;
   p.seed = 11;
@@ -331,19 +373,18 @@ TEST(BlendedLatentRank, ScoresAndOrder) {
   for (size_t i = 0; i < 3; ++i) EXPECT_DOUBLE_EQ(again[i], out.scores[i]);
 }
 
-// ---- CLI ------------------------------------------------------------------------------------------------
+// ---- dmx::generate with --mask (what the CLI runs) ---------------------------------------------------------
 
-struct CliFiles {
+struct InputFiles {
   std::string image, mask, small_mask, bad_mask;
 };
 
-CliFiles write_inputs(const RefCase& ref) {
-  const std::string dir = temp_dir();
-  CliFiles f{dir + "/bld-image.png", dir + "/bld-mask.png", dir + "/bld-mask-small.png", dir + "/bld-mask-bad.png"};
-  save_png(f.image, u8_image(ref["input.image_u8"]));
-  Image m = u8_image(ref["input.mask_u8"]);
-  save_png(f.mask, m);
-  Image small = m;
+InputFiles write_inputs() {
+  const std::string dir = temp_subdir("blended-inputs");
+  InputFiles f{dir + "/bld-image.png", dir + "/bld-mask.png", dir + "/bld-mask-small.png", dir + "/bld-mask-bad.png"};
+  save_png(f.image, picture(128));
+  save_png(f.mask, rectangle_mask(128));
+  Image small = rectangle_mask(128);
   small.width = 64;
   small.height = 64;
   small.data.assign(64 * 64, 255);
@@ -352,126 +393,149 @@ CliFiles write_inputs(const RefCase& ref) {
   return f;
 }
 
-TEST(BlendedLatentCli, SeededMaskRunMatchesPipelineAndRanks) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("sd15", "inpaint_blend");
-  const CliFiles f = write_inputs(ref);
-  const std::string dir = temp_dir();
+GenerateOptions tiny_generate(const InputFiles& f, const std::string& output) {
+  GenerateOptions o;
+  o.model = tiny_model_dir("sd15");
+  o.prompt = "a red apple on a wooden table";
+  o.init_image = f.image;
+  o.mask = f.mask;
+  o.strength = 1.0;  // the command's default with --mask (diffusers' inpaint default)
+  o.output = output;
+  o.progress = false;
+  return o;
+}
+
+TEST(BlendedLatentGenerateTiny, SeededMaskRunMatchesPipelineAndRanks) {
+  const InputFiles f = write_inputs();
+  const std::string dir = temp_subdir("BlendedLatentGenerateTiny-SeededMaskRunMatchesPipelineAndRanks");
   const std::string out = dir + "/bld-out.png", lat = dir + "/bld-out.safetensors";
-  CliRun r = dmx_run({"generate", "--model", fixture_model("sd15"), "--prompt", ref.meta["prompt"].get<std::string>(),
-                      "--negative-prompt", ref.meta["negative_prompt"].get<std::string>(), "--init-image", f.image,
-                      "--mask", f.mask, "--strength", "0.75", "--steps", "8", "--scheduler", "ddim", "--seed", "42",
-                      "--save-latents", lat, "--output", out, "--quiet"});
-  ASSERT_EQ(r.code, 0) << r.output;
+  GenerateOptions o = tiny_generate(f, out);
+  o.negative_prompt = "blurry";
+  o.strength = 0.75;
+  o.steps = 8;
+  o.scheduler = "ddim";
+  o.seed = 42;
+  o.save_latents = lat;
+  generate(o);
   // The same run through the pipeline.
-  BlendedLatentDiffusionPipeline pipe(load_model("sd15"));
-  BlendedLatentDiffusionParams p = case_params(ref, BlendVariant::kInpaint);
+  BlendedLatentDiffusionPipeline pipe(shared_tiny_model("sd15"));
+  BlendedLatentDiffusionParams p = tiny_params("sd15", BlendVariant::kInpaint);
   p.strength = 0.75;
   p.seed = 42;
   auto expected = pipe.run(p);
   at::Tensor saved = io::load_safetensors(lat).at("latents");
-  // Same draws; the binary runs its own thread settings, so float32 rounding differs (~2e-6).
-  DMX_EXPECT_CLOSE("cli --save-latents", saved, expected.latents, 1e-5);
+  DMX_EXPECT_CLOSE("generate --save-latents", saved, expected.latents, 1e-5);
   const std::string params = read_image_parameters(out);
   EXPECT_NE(params.find("Mask blend: latent"), std::string::npos) << params;
   EXPECT_NE(params.find("Denoising strength: 0.75"), std::string::npos) << params;
 
   // Several ranked samples: written best first, scores reported.
-  const std::string ranked = dir + "/bld-ranked.png";
-  r = dmx_run({"generate", "--model", fixture_model("sd15"), "--prompt", "a red apple", "--init-image", f.image, "--mask",
-               f.mask, "--steps", "3", "--scheduler", "ddim", "--seed", "3", "--num-images", "2", "--rank",
-               "--background", "pixel", "--mask-dilation", "1", "--blend-start", "0.3", "--output", ranked});
-  ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_NE(r.output.find("rank 1: sample"), std::string::npos) << r.output;
+  GenerateOptions r = tiny_generate(f, dir + "/bld-ranked.png");
+  r.prompt = "a red apple";
+  r.steps = 3;
+  r.scheduler = "ddim";
+  r.seed = 3;
+  r.num_images = 2;
+  r.rank = true;
+  r.background = "pixel";
+  r.mask_dilation = 1;
+  r.blend_start = 0.3;
+  const GenerateResult res = generate(r);
+  ASSERT_EQ(res.scores.size(), 2u);
+  ASSERT_EQ(res.samples.size(), 2u);
+  EXPECT_GE(res.scores[0], res.scores[1]);
+  EXPECT_EQ(res.images, (std::vector<std::string>{dir + "/bld-ranked-0.png", dir + "/bld-ranked-1.png"}));
   EXPECT_TRUE(path_exists(dir + "/bld-ranked-0.png"));
   EXPECT_TRUE(path_exists(dir + "/bld-ranked-1.png"));
 }
 
-// --width/--height with --mask resize the image and the mask as diffusers' StableDiffusionInpaintPipeline(height=,
+// width/height with a mask resize the image and the mask as diffusers' StableDiffusionInpaintPipeline(height=,
 // width=) does: VaeImageProcessor.preprocess, PIL Lanczos in each one's own mode to the size rounded down to the VAE
 // factor (70 -> 64 here), the mask binarised after. The run equals the pipeline fed the resized inputs. Without a
 // size dmx keeps the input's (diffusers would resize to unet.sample_size * factor): docs/editing-blended.md.
-TEST(BlendedLatentCli, WidthHeightResizeLikeDiffusersInpaint) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("sd15", "inpaint_blend");
-  const CliFiles f = write_inputs(ref);
-  const std::string dir = temp_dir();
+TEST(BlendedLatentGenerateTiny, WidthHeightResizeLikeDiffusersInpaint) {
+  const InputFiles f = write_inputs();
+  const std::string dir = temp_subdir("BlendedLatentGenerateTiny-WidthHeightResizeLikeDiffusersInpaint");
   const std::string out = dir + "/bld-resized.png", lat = dir + "/bld-resized.safetensors";
-  const std::vector<std::string> base = {"generate", "--model", fixture_model("sd15"), "--prompt",
-                                         ref.meta["prompt"].get<std::string>(), "--strength", "0.75", "--steps", "4",
-                                         "--scheduler", "ddim", "--seed", "5", "--quiet"};
-  auto args = base;
-  args.insert(args.end(), {"--init-image", f.image, "--mask", f.mask, "--width", "70", "--height", "64",
-                           "--save-latents", lat, "--output", out});
-  CliRun r = dmx_run(args);
-  ASSERT_EQ(r.code, 0) << r.output;
+  GenerateOptions o = tiny_generate(f, out);
+  o.strength = 0.75;
+  o.steps = 4;
+  o.scheduler = "ddim";
+  o.seed = 5;
+  o.width = 70;
+  o.height = 64;
+  o.save_latents = lat;
+  generate(o);
   const Image png = load_image(out, "output");
   EXPECT_EQ(png.width, 64);
   EXPECT_EQ(png.height, 64);
 
-  BlendedLatentDiffusionPipeline pipe(load_model("sd15"));
-  BlendedLatentDiffusionParams p = case_params(ref, BlendVariant::kInpaint);
-  p.init_image = image_to_tensor(resize_lanczos(u8_image(ref["input.image_u8"]), 64, 64));
-  p.mask = extensions::mask_to_tensor(resize_lanczos(u8_image(ref["input.mask_u8"]), 64, 64));
+  BlendedLatentDiffusionPipeline pipe(shared_tiny_model("sd15"));
+  BlendedLatentDiffusionParams p = tiny_params("sd15", BlendVariant::kInpaint);
+  p.init_image = image_to_tensor(resize_lanczos(picture(128), 64, 64));
+  p.mask = extensions::mask_to_tensor(resize_lanczos(rectangle_mask(128), 64, 64));
   p.negative_prompt.clear();
   p.strength = 0.75;
   p.num_inference_steps = 4;
   p.seed = 5;
   auto expected = pipe.run(p);
-  DMX_EXPECT_CLOSE("cli --mask --width 70 --height 64 latents", io::load_safetensors(lat).at("latents"),
+  DMX_EXPECT_CLOSE("generate mask + width 70 height 64 latents", io::load_safetensors(lat).at("latents"),
                    expected.latents, 1e-5);
 
   // With a size, a mask of another size is accepted (both are resized), as diffusers does.
-  args = base;
-  args.insert(args.end(), {"--init-image", f.image, "--mask", f.small_mask, "--width", "128", "--height", "128",
-                           "--output", dir + "/bld-resized2.png"});
-  r = dmx_run(args);
-  EXPECT_EQ(r.code, 0) << r.output;
+  GenerateOptions o2 = tiny_generate(f, dir + "/bld-resized2.png");
+  o2.mask = f.small_mask;
+  o2.strength = 0.75;
+  o2.steps = 4;
+  o2.width = o2.height = 128;
+  EXPECT_NO_THROW(generate(o2));
 
   // A mask with transparency cannot be resized exactly (PIL premultiplies alpha): refused, naming the flag.
-  Image rgba = u8_image(ref["input.mask_u8"]);
+  Image gray = rectangle_mask(128);
   Image with_alpha;
-  with_alpha.width = rgba.width;
-  with_alpha.height = rgba.height;
+  with_alpha.width = gray.width;
+  with_alpha.height = gray.height;
   with_alpha.channels = 4;
-  for (size_t i = 0; i < rgba.data.size(); ++i) {
-    for (int c = 0; c < 3; ++c) with_alpha.data.push_back(rgba.data[i]);
+  for (size_t i = 0; i < gray.data.size(); ++i) {
+    for (int c = 0; c < 3; ++c) with_alpha.data.push_back(gray.data[i]);
     with_alpha.data.push_back(i == 0 ? 0 : 255);
   }
-  Image init = u8_image(ref["input.image_u8"]);
-  GenerateOptions o;
-  o.width = 64;
+  Image init = picture(128);
+  GenerateOptions w;
+  w.width = 64;
   try {
-    api::resize_inpaint_inputs(o, 8, init, with_alpha);
+    api::resize_inpaint_inputs(w, 8, init, with_alpha);
     ADD_FAILURE() << "expected InvalidArgument";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("--mask: resizing a mask with transparency"), std::string::npos) << e.what();
   }
 }
 
-TEST(BlendedLatentCli, BadInputExit2WithNoOutput) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("sd15", "inpaint_blend");
-  const CliFiles f = write_inputs(ref);
+TEST(BlendedLatentGenerateTiny, BadInputNamesTheFlagAndWritesNothing) {
+  const InputFiles f = write_inputs();
   const std::string out = temp_dir() + "/bld-bad.png";
-  auto expect = [&](std::vector<std::string> extra, const std::string& needle) {
-    std::vector<std::string> args = {"generate", "--model", fixture_model("sd15"), "--prompt", "x", "--output", out,
-                                     "--steps", "2", "--quiet"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    CliRun r = dmx_run(args);
-    EXPECT_EQ(r.code, 2) << r.output;
-    EXPECT_NE(r.output.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.output;
+  auto expect = [&](const std::function<void(GenerateOptions&)>& edit, const std::string& needle) {
+    GenerateOptions o = tiny_generate(f, out);
+    o.prompt = "x";
+    o.steps = 2;
+    edit(o);
+    try {
+      generate(o);
+      ADD_FAILURE() << "expected InvalidArgument mentioning '" << needle << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
     EXPECT_FALSE(path_exists(out));
   };
-  expect({"--init-image", f.image, "--mask", f.small_mask}, "--mask is 64x64 but --init-image is 128x128");
-  expect({"--init-image", f.image, "--mask", f.bad_mask}, "--mask");
-  expect({"--init-image", f.image, "--mask", temp_dir() + "/missing.png"}, "--mask");
-  expect({"--init-image", f.image, "--mask", f.mask, "--strength", "1.5"}, "--strength");
-  expect({"--init-image", f.image, "--mask", f.mask, "--blend-start", "1"}, "--blend-start");
-  expect({"--init-image", f.image, "--mask", f.mask, "--blend-start", "-0.1"}, "--blend-start");
-  expect({"--init-image", f.image, "--mask", f.mask, "--background", "median"}, "--background must be one of");
-  expect({"--mask", f.mask}, "--mask needs --init-image");
-  expect({"--init-image", f.image, "--background", "pixel"}, "needs --mask");
+  expect([&](GenerateOptions& o) { o.mask = f.small_mask; }, "--mask is 64x64 but --init-image is 128x128");
+  expect([&](GenerateOptions& o) { o.mask = f.bad_mask; }, "--mask");
+  expect([&](GenerateOptions& o) { o.mask = temp_dir() + "/missing.png"; }, "--mask");
+  expect([&](GenerateOptions& o) { o.strength = 1.5; }, "--strength");
+  expect([&](GenerateOptions& o) { o.blend_start = 1; }, "--blend-start");
+  expect([&](GenerateOptions& o) { o.blend_start = -0.1; }, "--blend-start");
+  expect([&](GenerateOptions& o) { o.background = "median"; }, "--background must be one of");
+  expect([&](GenerateOptions& o) { o.init_image.clear(); }, "--mask needs --init-image");
+  expect([&](GenerateOptions& o) { o.mask.clear(), o.background = "pixel"; }, "need --mask");
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ TEST(CheckpointGolden, Sd15SingleFileEqualsDiffusersFolder) {
 TEST(CheckpointGolden, Sd15DetectedConfigsMatchDiffusers) {
   DMX_REQUIRE_FIXTURES();
   const TensorMap ckpt = load_safetensors(sd15_ldm());
-  const json yaml = parse_ldm_yaml(read_text_file(sd15() + "/ldm/sd15-inference.yaml", "yaml"), "sd15-inference.yaml");
+  const json yaml = parse_ldm_yaml(read_text_file(sd15() + "/ldm/sd15-inference.yaml", "yaml", dmx::kMaxJsonFileBytes), "sd15-inference.yaml");
   const json unet_ref = load_json_file(sd15() + "/unet/config.json", "unet config");
   const json vae_ref = load_json_file(sd15() + "/vae/config.json", "vae config");
   const json text_ref = load_json_file(sd15() + "/text_encoder/config.json", "text config");
@@ -150,7 +150,7 @@ TEST(CheckpointGolden, Sd15WithoutConfigDirNeedsConfigForTextWidth) {
   const std::string dir = tmp_path("text_only_config");
   ::mkdir(dir.c_str(), 0755);
   ::mkdir((dir + "/text_encoder").c_str(), 0755);
-  write_text(dir + "/text_encoder/config.json", read_text_file(sd15() + "/text_encoder/config.json", "text config"));
+  write_text(dir + "/text_encoder/config.json", read_text_file(sd15() + "/text_encoder/config.json", "text config", dmx::kMaxJsonFileBytes));
   const SingleFileCheckpoint ck = load_single_file(sd15_ldm(), dir);
   expect_same_tensors(ck.unet, load_diffusers_component(sd15(), "unet"), "unet (detected)");
   expect_fields(ck.unet_config, load_json_file(sd15() + "/unet/config.json", "unet"), kUnetFields, "unet");
@@ -274,10 +274,12 @@ TEST(CheckpointGolden, UnknownKeysAreReportedIgnorableOnesDropped) {
     expect_error<Unsupported>([&] { load_single_file(tmp_path("with_control.safetensors"), sd15()); },
                               {"control_model"}, "control_model");
   }
-  expect_error<IoError>([] { load_single_file(tmp_path("no_such.safetensors")); }, {"not found"}, "missing file");
-  expect_error<IoError>([] { load_single_file(dmx::test::temp_dir()); }, {"directory"}, "directory");
-  expect_error<IoError>([] { load_single_file(sd15_ldm(), tmp_path("no_such_config_dir")); }, {"--config"},
-                        "missing config dir");
+  // A bad input path is invalid input (exit 2); IoError is for reads and writes that fail.
+  expect_error<InvalidArgument>([] { load_single_file(tmp_path("no_such.safetensors")); }, {"not found"},
+                                "missing file");
+  expect_error<InvalidArgument>([] { load_single_file(dmx::test::temp_dir()); }, {"directory"}, "directory");
+  expect_error<InvalidArgument>([] { load_single_file(sd15_ldm(), tmp_path("no_such_config_dir")); }, {"--config"},
+                                "missing config dir");
 }
 
 TEST(CheckpointGolden, ConfigMismatchIsCaughtByTheTables) {
@@ -294,14 +296,17 @@ TEST(CheckpointGolden, ConfigMismatchIsCaughtByTheTables) {
 // ---------------------------------------------------------------------------------------------
 // Diffusers folders and JSON.
 
-TEST(Checkpoint, DiffusersComponentLookup) {
+TEST(CheckpointUnit, DiffusersComponentLookup) {
   const std::string dir = tmp_path("folder");
   ::mkdir(dir.c_str(), 0755);
   ::mkdir((dir + "/unet").c_str(), 0755);
-  expect_error<IoError>([&] { load_diffusers_component(dir, "unet"); },
-                        {"diffusion_pytorch_model.safetensors", "model.safetensors", dir + "/unet"}, "empty folder");
-  expect_error<IoError>([&] { load_diffusers_component(dir, "vae"); }, {"vae", "not found"}, "no component folder");
-  expect_error<IoError>([&] { load_diffusers_component(tmp_path("nowhere"), "unet"); }, {"not found"}, "no dir");
+  // A folder without its weights is a malformed model (FormatError); a missing folder a bad path (InvalidArgument).
+  expect_error<FormatError>([&] { load_diffusers_component(dir, "unet"); },
+                            {"diffusion_pytorch_model.safetensors", "model.safetensors", dir + "/unet"}, "empty folder");
+  expect_error<FormatError>([&] { load_diffusers_component(dir, "vae"); }, {"vae", "not found"},
+                            "no component folder");
+  expect_error<InvalidArgument>([&] { load_diffusers_component(tmp_path("nowhere"), "unet"); }, {"not found"},
+                                "no dir");
   write_text(dir + "/unet/diffusion_pytorch_model.bin", "pickle");
   expect_error<FormatError>([&] { load_diffusers_component(dir, "unet"); },
                             {"diffusion_pytorch_model.bin", "not a torch.save file"}, "only a broken .bin");
@@ -331,9 +336,9 @@ TEST(Checkpoint, DiffusersComponentLookup) {
                             "bad index");
 }
 
-TEST(Checkpoint, JsonFiles) {
-  expect_error<IoError>([] { load_json_file(tmp_path("none.json"), "unet config"); }, {"unet config", "not found"},
-                        "missing json");
+TEST(CheckpointUnit, JsonFiles) {
+  expect_error<InvalidArgument>([] { load_json_file(tmp_path("none.json"), "unet config"); },
+                                {"unet config", "not found"}, "missing json");
   write_text(tmp_path("bad.json"), "{\"a\": 1,");
   expect_error<FormatError>([] { load_json_file(tmp_path("bad.json"), "unet config"); },
                             {"unet config", tmp_path("bad.json"), "not valid JSON"}, "bad json");
@@ -344,7 +349,7 @@ TEST(Checkpoint, JsonFiles) {
 // ---------------------------------------------------------------------------------------------
 // YAML subset.
 
-TEST(Checkpoint, LdmYamlSubset) {
+TEST(CheckpointUnit, LdmYamlSubset) {
   const std::string text = R"(# comment
 model:
   base_learning_rate: 1.0e-04
@@ -428,7 +433,7 @@ TensorMap fake_open_clip(int64_t width, int64_t layers, int64_t vocab = 100, int
   return m;
 }
 
-TEST(Checkpoint, OpenClipTextEncoderSplitAndNames) {
+TEST(CheckpointUnit, OpenClipTextEncoderSplitAndNames) {
   const int64_t W = 128, N = 3;
   const TensorMap ckpt = fake_open_clip(W, N);
   EXPECT_EQ(ldm_text_encoder_kind(ckpt), LdmTextEncoder::OpenClip);

@@ -1,7 +1,8 @@
 // ControlNet: golden residuals and UNet output against diffusers 0.27.2 (ref/<variant>/controlnet), the
 // StableDiffusionControlNetPipeline (ref/<variant>/controlnet_pipe, both scales), original control_model.*
 // layout == diffusers layout, keep schedule, guess mode, MultiControlNet sums, image preparation, Canny,
-// errors, and the CLI. Suites: ControlNetUnit (unit), ControlNetTiny, ControlNetGolden (golden), ControlNetCli.
+// errors, dmx::generate with ControlNets (what the CLI runs). Suites: ControlNetUnit, ControlNetTiny and
+// ControlNetGenerateTiny (tiny random models), ControlNetGolden (fixtures), ControlNetCli (the command's flags).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -9,7 +10,9 @@
 
 #include <array>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "core/canny.h"
 #include "core/fs.h"
@@ -22,7 +25,9 @@
 #include "models/controlnet.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
+#include "dmx/dmx.h"
 #include "test_util.h"
+#include "tiny_models.h"
 
 namespace dmx::test {
 namespace {
@@ -41,15 +46,45 @@ void expect_throw_with(const std::function<void()>& f, const std::string& needle
   }
 }
 
-std::shared_ptr<pipelines::StableDiffusionModels> load_model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+std::shared_ptr<loaders::StableDiffusionModels> load_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 
 std::string cn_folder(const std::string& variant) { return fixture_model(variant) + "/controlnet"; }
 std::string cn_single() { return fixture_model("sd15") + "/ldm/control_sd15.safetensors"; }
+
+// A control map of our own: a disc and a bar on black, w x h RGB.
+Image control_picture(int w, int h) {
+  Image img;
+  img.width = w;
+  img.height = h;
+  img.channels = 3;
+  img.data.assign(static_cast<size_t>(w * h * 3), 0);
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x) {
+      const bool disc = (x - w / 3) * (x - w / 3) + (y - h / 2) * (y - h / 2) < (w / 5) * (w / 5);
+      const bool bar = x > 2 * w / 3 && x < 2 * w / 3 + w / 8 && y > h / 6 && y < 5 * h / 6;
+      if (disc || bar)
+        for (int c = 0; c < 3; ++c) img.data[static_cast<size_t>((y * w + x) * 3 + c)] = disc ? 255 : 160;
+    }
+  return img;
+}
+
+// The sampling settings of the pipeline tests (DDIM, guidance 7.5) with seeded latents for the tiny "test" model.
+pipelines::StableDiffusionParams tiny_params() {
+  pipelines::StableDiffusionParams p;
+  p.prompt = "a house on a hill";
+  p.negative_prompt = "blurry";
+  p.num_inference_steps = 8;
+  p.guidance_scale = 7.5;
+  p.scheduler = "ddim";
+  p.show_progress = false;
+  p.latents = at::randn({1, 4, 32, 32}, at::make_generator<at::CPUGeneratorImpl>(17));
+  return p;
+}
 
 Image u8_image(const at::Tensor& u8) {  // [H, W, 3] uint8
   Image img;
@@ -249,15 +284,14 @@ TEST(ControlNetGolden, UnprefixedOriginalKeysAndUnmatchedKeyErrors) {
 
 // Several ControlNets add up: two copies at scales a and b == one at a + b (residual sum, up to rounding).
 TEST(ControlNetTiny, MultiControlNetSumsResiduals) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("test", "controlnet");
-  auto net = pipelines::load_controlnet(cn_folder("test"));
+  auto net = pipelines::load_controlnet(tiny_controlnet_dir("test"));
   at::NoGradGuard ng;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(4);
   models::ControlNetInputs ci;
-  ci.sample = ref["input.sample"];
-  ci.timestep = ref["input.timestep"];
-  ci.encoder_hidden_states = ref["input.encoder_hidden_states"];
-  ci.controlnet_cond = ref["input.cond"];
+  ci.sample = at::randn({2, 4, 16, 16}, gen, at::TensorOptions().dtype(at::kFloat));
+  ci.timestep = at::tensor(500.0f);
+  ci.encoder_hidden_states = at::randn({2, 77, 32}, gen, at::TensorOptions().dtype(at::kFloat));
+  ci.controlnet_cond = at::rand({2, 3, 32, 32}, gen, at::TensorOptions().dtype(at::kFloat));
   models::ControlNetOutput sum;
   ci.conditioning_scale = 0.3;
   pipelines::add_residuals(sum, net->forward(ci));
@@ -338,11 +372,9 @@ TEST(ControlNetGolden, PipelineWithOriginalLayoutFile) {
 // Multi-ControlNet in the pipeline: two copies at 0.5 each == one at 1.0; a net switched off by start/end
 // changes nothing; guess mode and the keep schedule run.
 TEST(ControlNetTiny, PipelineMultiAndSchedule) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("test", "controlnet_pipe");
-  pipelines::StableDiffusionPipeline pipe(load_model("test"));
-  auto net = pipelines::load_controlnet(cn_folder("test"));
-  const Image control = u8_image(ref["input.control_u8"]);
+  pipelines::StableDiffusionPipeline pipe(shared_tiny_model("test"));
+  auto net = pipelines::load_controlnet(tiny_controlnet_dir("test"));
+  const Image control = control_picture(64, 64);
   auto unit = [&](double scale, double start = 0.0, double end = 1.0) {
     pipelines::ControlNetUnit u;
     u.model = net;
@@ -353,7 +385,7 @@ TEST(ControlNetTiny, PipelineMultiAndSchedule) {
     return u;
   };
   auto run = [&](std::vector<pipelines::ControlNetUnit> units, bool guess = false) {
-    pipelines::StableDiffusionParams p = pipe_params(ref);
+    pipelines::StableDiffusionParams p = tiny_params();
     p.num_inference_steps = 4;
     p.controlnets = std::move(units);
     p.guess_mode = guess;
@@ -376,14 +408,13 @@ TEST(ControlNetTiny, PipelineMultiAndSchedule) {
 
 // A seeded run draws its latents first, exactly like txt2img (the control image draws nothing).
 TEST(ControlNetTiny, SeededRunDrawsLatentsLikeTxt2Img) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("test", "controlnet_pipe");
-  pipelines::StableDiffusionPipeline pipe(load_model("test"));
-  const Image control = u8_image(ref["input.control_u8"]);
+  pipelines::StableDiffusionPipeline pipe(shared_tiny_model("test"));
+  const Image control = control_picture(64, 64);
   pipelines::ControlNetUnit u;
-  u.model = pipelines::load_controlnet(cn_folder("test"));
+  u.model = pipelines::load_controlnet(tiny_controlnet_dir("test"));
   u.image = pipelines::prepare_control_image(control, control.width, control.height);
-  pipelines::StableDiffusionParams p = pipe_params(ref);
+  pipelines::StableDiffusionParams p = tiny_params();
+  const auto latent_sizes = p.latents.sizes().vec();
   p.num_inference_steps = 3;
   p.controlnets = {u};
   p.latents = at::Tensor();
@@ -391,17 +422,15 @@ TEST(ControlNetTiny, SeededRunDrawsLatentsLikeTxt2Img) {
   at::Tensor seeded = pipe.run(p).latents;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
   p.seed.reset();
-  p.latents = at::randn(ref["input.latents"].sizes(), gen, at::TensorOptions().dtype(at::kFloat));
+  p.latents = at::randn(latent_sizes, gen, at::TensorOptions().dtype(at::kFloat));
   EXPECT_TRUE(at::equal(seeded, pipe.run(p).latents));
 }
 
 TEST(ControlNetTiny, PipelineErrors) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("test", "controlnet_pipe");
-  pipelines::StableDiffusionPipeline pipe(load_model("test"));
-  auto net = pipelines::load_controlnet(cn_folder("test"));
-  const Image control = u8_image(ref["input.control_u8"]);
-  pipelines::StableDiffusionParams p = pipe_params(ref);
+  pipelines::StableDiffusionPipeline pipe(shared_tiny_model("test"));
+  auto net = pipelines::load_controlnet(tiny_controlnet_dir("test"));
+  const Image control = control_picture(64, 64);
+  pipelines::StableDiffusionParams p = tiny_params();
   pipelines::ControlNetUnit u;
   u.model = net;
   u.image = pipelines::prepare_control_image(control, control.width, control.height);
@@ -414,59 +443,68 @@ TEST(ControlNetTiny, PipelineErrors) {
   p.width = control.width + 8;
   expect_throw_with<InvalidArgument>([&] { pipe.run(p); }, "control image is");
   // A ControlNet built for another UNet: both values named.
-  pipelines::StableDiffusionPipeline sd15(load_model("sd15"));
-  pipelines::StableDiffusionParams q = pipe_params(load_ref("sd15", "controlnet_pipe"));
+  pipelines::StableDiffusionPipeline sd15(shared_tiny_model("sd15"));
+  pipelines::StableDiffusionParams q = tiny_params();
+  q.latents = at::randn({1, 4, 16, 16});
   q.controlnets = {u};
   q.controlnets[0].image = pipelines::prepare_control_image(control, 128, 128);
   expect_throw_with<InvalidArgument>([&] { sd15.run(q); }, "block_out_channels");
   expect_throw_with<InvalidArgument>([&] { pipelines::load_controlnet("/nonexistent/cn"); }, "--controlnet");
-  expect_throw_with<FormatError>([&] { pipelines::load_controlnet(fixture_model("sd15") + "/unet"); },
+  expect_throw_with<FormatError>([&] { pipelines::load_controlnet(tiny_model_dir("sd15") + "/unet"); },
                                  "not a ControlNetModel");
 }
 
 // -------------------------------------------------------------------------------------------------
-// CLI end to end.
+// dmx::generate with ControlNets (what `dmx generate --controlnet ...` runs).
 
-std::string write_control_png(const std::string& dir, const std::string& variant) {
-  RefCase ref = load_ref(variant, "controlnet_pipe");
-  const std::string path = dir + "/control-" + variant + ".png";
-  save_png(path, u8_image(ref["input.control_u8"]));
-  return path;
+GenerateOptions tiny_generate(const std::string& output) {
+  GenerateOptions o;
+  o.model = tiny_model_dir("sd15");
+  o.prompt = "a house";
+  o.steps = 3;
+  o.seed = 5;
+  o.progress = false;
+  o.output = output;
+  return o;
 }
 
-TEST(ControlNetCli, GenerateWithControlNetAndCanny) {
-  DMX_REQUIRE_FIXTURES();
-  const std::string dir = temp_dir();
-  const std::string control = write_control_png(dir, "sd15");
-  const std::vector<std::string> base = {"generate", "--model", fixture_model("sd15"), "--prompt", "a house",
-                                         "--steps", "3", "--seed", "5", "--quiet"};
-  auto a = base;
-  a.insert(a.end(), {"--controlnet", cn_folder("sd15"), "--control-image", control, "--output", dir + "/a.png"});
-  CliRun ra = dmx_run(a);
-  ASSERT_EQ(ra.code, 0) << ra.output;
+TEST(ControlNetGenerateTiny, WithControlNetAndCanny) {
+  const std::string dir = temp_dir() + "/cn-generate";
+  ASSERT_TRUE(std::filesystem::create_directories(dir));
+  const std::string control = dir + "/control.png";
+  save_png(control, control_picture(128, 128));
+  const std::string cn = tiny_controlnet_dir("sd15"), cn_file = tiny_controlnet_file("sd15");
+  GenerateOptions a = tiny_generate(dir + "/a.png");
+  a.controlnets = {cn};
+  a.control_images = {control};
+  generate(a);
   Image ia = load_image(dir + "/a.png", "a");
   EXPECT_EQ(ia.width, 128);
   EXPECT_EQ(ia.height, 128);
   // The original single file gives the same image.
-  auto b = base;
-  b.insert(b.end(), {"--controlnet", cn_single(), "--control-image", control, "--output", dir + "/b.png"});
-  CliRun rb = dmx_run(b);
-  ASSERT_EQ(rb.code, 0) << rb.output;
+  GenerateOptions b = a;
+  b.controlnets = {cn_file};
+  b.output = dir + "/b.png";
+  generate(b);
   EXPECT_EQ(load_image(dir + "/b.png", "b").data, ia.data);
   // Without the ControlNet the image differs.
-  auto c = base;
-  c.insert(c.end(), {"--width", "128", "--height", "128", "--output", dir + "/c.png"});
-  ASSERT_EQ(dmx_run(c).code, 0);
+  GenerateOptions c = tiny_generate(dir + "/c.png");
+  c.width = c.height = 128;
+  generate(c);
   EXPECT_NE(load_image(dir + "/c.png", "c").data, ia.data);
   // Canny preprocessing, saved map, two nets with scales / start / end, guess mode.
-  auto d = base;
-  d.insert(d.end(), {"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-scale", "0.7",
-                     "--controlnet", cn_single(), "--control-image", control, "--control-scale", "0.4",
-                     "--control-start", "0", "--control-start", "0.3", "--control-end", "1", "--control-end", "0.8",
-                     "--control-preprocess", "canny", "--canny-low", "50", "--canny-high", "150", "--guess-mode",
-                     "--save-control-image", dir + "/map.png", "--output", dir + "/d.png"});
-  CliRun rd = dmx_run(d);
-  ASSERT_EQ(rd.code, 0) << rd.output;
+  GenerateOptions d = tiny_generate(dir + "/d.png");
+  d.controlnets = {cn, cn_file};
+  d.control_images = {control, control};
+  d.control_scales = {0.7, 0.4};
+  d.control_starts = {0, 0.3};
+  d.control_ends = {1, 0.8};
+  d.control_preprocess = {"canny"};
+  d.canny_low = 50;
+  d.canny_high = 150;
+  d.guess_mode = true;
+  d.save_control_image = dir + "/map.png";
+  generate(d);
   EXPECT_TRUE(path_exists(dir + "/d.png"));
   // Two nets: one saved map each (the Canny edges, exactly 0 / 255), equal here.
   Image map = load_image(dir + "/map-0.png", "map");
@@ -477,67 +515,131 @@ TEST(ControlNetCli, GenerateWithControlNetAndCanny) {
   // a given width is rounded down the same way.
   Image odd = resize_lanczos(load_image(control, "c"), 100, 70);
   save_png(dir + "/odd.png", odd);
-  auto f = base;
-  f.insert(f.end(), {"--controlnet", cn_folder("sd15"), "--control-image", dir + "/odd.png", "--save-control-image",
-                     dir + "/odd-map.png", "--output", dir + "/f.png"});
-  CliRun rf = dmx_run(f);
-  ASSERT_EQ(rf.code, 0) << rf.output;
+  GenerateOptions f = tiny_generate(dir + "/f.png");
+  f.controlnets = {cn};
+  f.control_images = {dir + "/odd.png"};
+  f.save_control_image = dir + "/odd-map.png";
+  generate(f);
   Image fi = load_image(dir + "/f.png", "f");
   EXPECT_EQ(fi.width, 96);
   EXPECT_EQ(fi.height, 64);
   EXPECT_EQ(load_image(dir + "/odd-map.png", "m").data, resize_lanczos(odd, 96, 64).data);
-  auto g = base;
-  g.insert(g.end(), {"--controlnet", cn_folder("sd15"), "--control-image", dir + "/odd.png", "--width", "100",
-                     "--height", "52", "--output", dir + "/g.png"});
-  CliRun rg = dmx_run(g);
-  ASSERT_EQ(rg.code, 0) << rg.output;
+  GenerateOptions g = tiny_generate(dir + "/g.png");
+  g.controlnets = {cn};
+  g.control_images = {dir + "/odd.png"};
+  g.width = 100;
+  g.height = 52;
+  generate(g);
   EXPECT_EQ(load_image(dir + "/g.png", "g").width, 96);
   EXPECT_EQ(load_image(dir + "/g.png", "g").height, 48);
   // One net: the map is written under the given name.
-  auto e = base;
-  e.insert(e.end(), {"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-preprocess", "canny",
-                     "--save-control-image", dir + "/one.png", "--output", dir + "/e.png"});
-  ASSERT_EQ(dmx_run(e).code, 0);
+  GenerateOptions e = tiny_generate(dir + "/e.png");
+  e.controlnets = {cn};
+  e.control_images = {control};
+  e.control_preprocess = {"canny"};
+  e.save_control_image = dir + "/one.png";
+  generate(e);
   EXPECT_EQ(load_image(dir + "/one.png", "one").data, map.data);
 }
 
-TEST(ControlNetCli, ErrorsExit2) {
-  DMX_REQUIRE_FIXTURES();
-  const std::string dir = temp_dir();
-  const std::string control = write_control_png(dir, "sd15");
+TEST(ControlNetGenerateTiny, BadInputNamesTheFlagAndWritesNothing) {
+  const std::string dir = temp_dir() + "/cn-errors";
+  ASSERT_TRUE(std::filesystem::create_directories(dir));
+  const std::string control = dir + "/control.png";
+  save_png(control, control_picture(128, 128));
   const std::string out = dir + "/never.png";
   std::ofstream(dir + "/bad.png") << "garbage";
-  auto expect_error = [&](std::vector<std::string> extra, const std::string& needle) {
-    std::vector<std::string> args = {"generate", "--model", fixture_model("sd15"), "--prompt", "x", "--steps", "2",
-                                     "--output", out, "--quiet"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    CliRun r = dmx_run(args);
-    EXPECT_EQ(r.code, 2) << r.output;
-    EXPECT_NE(r.output.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.output;
+  const std::string cn = tiny_controlnet_dir("sd15");
+  auto expect_error = [&](const std::function<void(GenerateOptions&)>& edit, const std::string& needle) {
+    GenerateOptions o = tiny_generate(out);
+    o.steps = 2;
+    edit(o);
+    try {
+      generate(o);
+      ADD_FAILURE() << "expected an error mentioning '" << needle << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    } catch (const Error& e) {  // FormatError / Unsupported: exit 2 as well, but say which
+      ADD_FAILURE() << "expected InvalidArgument, got " << e.what();
+    }
     EXPECT_FALSE(path_exists(out));
   };
-  expect_error({"--controlnet", cn_folder("sd15")}, "--control-image");
-  expect_error({"--control-image", control}, "--controlnet");
-  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", dir + "/bad.png"}, "--control-image");
-  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", dir + "/missing.png"}, "--control-image");
-  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-scale", "1",
-                "--control-scale", "2"},
+  expect_error([&](GenerateOptions& o) { o.controlnets = {cn}; }, "--control-image");
+  expect_error([&](GenerateOptions& o) { o.control_images = {control}; }, "--controlnet");
+  expect_error([&](GenerateOptions& o) { o.controlnets = {cn}, o.control_images = {dir + "/bad.png"}; },
+               "--control-image");
+  expect_error([&](GenerateOptions& o) { o.controlnets = {cn}, o.control_images = {dir + "/missing.png"}; },
+               "--control-image");
+  expect_error([&](GenerateOptions& o) { o.controlnets = {cn}, o.control_images = {control}, o.control_scales = {1, 2}; },
                "--control-scale");
-  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-start", "0.9",
-                "--control-end", "0.2"},
-               "control start");
-  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-preprocess", "hed"},
-               "--control-preprocess");
-  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--control-preprocess", "canny",
-                "--canny-low", "300", "--canny-high", "100"},
-               "--canny-low");
-  expect_error({"--controlnet", cn_folder("test"), "--control-image", control}, "block_out_channels");
-  expect_error({"--controlnet", dir + "/nothing", "--control-image", control}, "--controlnet");
+  expect_error(
+      [&](GenerateOptions& o) {
+        o.controlnets = {cn}, o.control_images = {control}, o.control_starts = {0.9}, o.control_ends = {0.2};
+      },
+      "control start");
+  expect_error(
+      [&](GenerateOptions& o) { o.controlnets = {cn}, o.control_images = {control}, o.control_preprocess = {"hed"}; },
+      "--control-preprocess");
+  expect_error(
+      [&](GenerateOptions& o) {
+        o.controlnets = {cn}, o.control_images = {control}, o.control_preprocess = {"canny"}, o.canny_low = 300,
+        o.canny_high = 100;
+      },
+      "--canny-low");
+  expect_error([&](GenerateOptions& o) { o.controlnets = {tiny_controlnet_dir("test")}, o.control_images = {control}; },
+               "block_out_channels");
+  expect_error([&](GenerateOptions& o) { o.controlnets = {dir + "/nothing"}, o.control_images = {control}; },
+               "--controlnet");
   std::ofstream(dir + "/control_v11p_sd15_canny.pth") << "PK\x03\x04 not really";
-  expect_error({"--controlnet", dir + "/control_v11p_sd15_canny.pth", "--control-image", control}, "pickle");
-  expect_error({"--guess-mode"}, "--guess-mode");
-  expect_error({"--controlnet", cn_folder("sd15"), "--control-image", control, "--init-image", control},
+  try {
+    GenerateOptions o = tiny_generate(out);
+    o.controlnets = {dir + "/control_v11p_sd15_canny.pth"};
+    o.control_images = {control};
+    generate(o);
+    ADD_FAILURE() << "a pickle ControlNet was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("pickle"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(path_exists(out));
+  expect_error([&](GenerateOptions& o) { o.guess_mode = true; }, "--guess-mode");
+  expect_error([&](GenerateOptions& o) { o.controlnets = {cn}, o.control_images = {control}, o.init_image = control; },
                "img2img");
+}
+
+// The command line's ControlNet flags (repeatable, one per net) reach GenerateOptions as the API takes them:
+// the CLI's image and maps equal the in-process run's.
+TEST(ControlNetCli, FlagsMapOntoGenerateOptions) {
+  const std::string dir = temp_dir() + "/cn-cli";
+  ASSERT_TRUE(std::filesystem::create_directories(dir));
+  const std::string control = dir + "/control.png";
+  save_png(control, control_picture(128, 128));
+  const std::string cn = tiny_controlnet_dir("sd15"), cn_file = tiny_controlnet_file("sd15");
+  CliRun r = dmx_run({"generate", "--model", tiny_model_dir("sd15"), "--prompt", "a house", "--steps", "3", "--seed",
+                      "5", "--quiet", "--controlnet", cn, "--control-image", control, "--control-scale", "0.7",
+                      "--controlnet", cn_file, "--control-image", control, "--control-scale", "0.4",
+                      "--control-start", "0", "--control-start", "0.3", "--control-end", "1", "--control-end", "0.8",
+                      "--control-preprocess", "canny", "--canny-low", "50", "--canny-high", "150", "--guess-mode",
+                      "--save-control-image", dir + "/cli-map.png", "--output", dir + "/cli.png"});
+  ASSERT_EQ(r.code, 0) << r.output;
+  GenerateOptions d = tiny_generate(dir + "/api.png");
+  d.controlnets = {cn, cn_file};
+  d.control_images = {control, control};
+  d.control_scales = {0.7, 0.4};
+  d.control_starts = {0, 0.3};
+  d.control_ends = {1, 0.8};
+  d.control_preprocess = {"canny"};
+  d.canny_low = 50;
+  d.canny_high = 150;
+  d.guess_mode = true;
+  d.save_control_image = dir + "/api-map.png";
+  generate(d);
+  EXPECT_EQ(load_image(dir + "/cli.png", "cli").data, load_image(dir + "/api.png", "api").data);
+  EXPECT_EQ(load_image(dir + "/cli-map-1.png", "cli").data, load_image(dir + "/api-map-1.png", "api").data);
+  r = dmx_run({"generate", "--model", tiny_model_dir("sd15"), "--prompt", "x", "--output", dir + "/never.png",
+               "--controlnet", cn, "--control-image", control, "--control-scale", "lots"});
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("--control-scale must be a number, got 'lots'"), std::string::npos) << r.output;
+  EXPECT_FALSE(path_exists(dir + "/never.png"));
 }
 }  // namespace
 }  // namespace dmx::test

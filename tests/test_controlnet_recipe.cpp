@@ -1,7 +1,7 @@
-// The ControlNet recipe on the shared training loop and `dmx train controlnet`: a fresh ControlNet predicts what
-// the UNet alone does, a short run writes both layouts and they load back, bad input exits 2 with nothing written,
-// and 2 ranks on loopback end with the weights of 1 process with the same global batch.
-// Suites: ControlNetRecipe (tiny), ControlNetTrainCli.
+// The ControlNet recipe on the shared training loop and `dmx train controlnet`, on a tiny random model of the sd15
+// architecture: a fresh ControlNet predicts what the UNet alone does, a short run writes both layouts and they load
+// back, bad input is rejected with nothing written, and 2 ranks on loopback end with the weights of 1 process with
+// the same global batch. Suites: ControlNetRecipeTiny, ControlNetTrainCli (the processes).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -17,15 +17,19 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <thread>
 
+#include "api/train_sampler.h"
 #include "core/image.h"
 #include "dmx/error.h"
 #include "io/safetensors.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "dmx/train.h"
+#include "loaders/model_bundle.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
+#include "tiny_models.h"
 #include "training/controlnet_init.h"
 #include "training/controlnet_train.h"
 #include "training/dataset.h"
@@ -69,9 +73,7 @@ std::string make_cn_data(const std::string& name, int rows, bool with_cond = tru
   return d;
 }
 
-std::shared_ptr<pipelines::StableDiffusionModels> fresh_models() {
-  return pipelines::load_stable_diffusion(test::fixture_model("sd15"));
-}
+std::shared_ptr<loaders::StableDiffusionModels> fresh_models() { return test::load_tiny_model("sd15"); }
 
 io::TensorMap params_of(torch::nn::Module& m) {
   io::TensorMap out;
@@ -112,13 +114,14 @@ pid_t spawn_dmx(const std::vector<std::string>& args, const std::vector<std::str
   std::vector<char*> envp;
   for (auto& s : env_s) envp.push_back(s.data());
   envp.push_back(nullptr);
-  std::vector<std::string> argv_s{DMX_CLI_PATH};
+  const std::string cli = test::cli_path();
+  std::vector<std::string> argv_s{cli};
   argv_s.insert(argv_s.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& s : argv_s) argv.push_back(s.data());
   argv.push_back(nullptr);
   pid_t pid = -1;
-  EXPECT_EQ(posix_spawn(&pid, DMX_CLI_PATH, nullptr, nullptr, argv.data(), envp.data()), 0);
+  EXPECT_EQ(posix_spawn(&pid, cli.c_str(), nullptr, nullptr, argv.data(), envp.data()), 0);
   return pid;
 }
 
@@ -137,8 +140,7 @@ int wait_for(pid_t pid, double timeout_s) {
 }
 }  // namespace
 
-TEST(ControlNetRecipe, FreshControlNetPredictsWhatTheUNetDoes) {
-  DMX_REQUIRE_FIXTURES();
+TEST(ControlNetRecipeTiny, FreshControlNetPredictsWhatTheUNetDoes) {
   auto m = fresh_models();
   auto recipe = std::make_shared<training::ControlNetRecipe>(m, training::controlnet_from_unet(m->unet));
   training::TrainConfig cfg;
@@ -161,8 +163,7 @@ TEST(ControlNetRecipe, FreshControlNetPredictsWhatTheUNetDoes) {
   EXPECT_THROW(recipe->predict(noisy, t, ehs, no_cond), InvalidArgument);
 }
 
-TEST(ControlNetRecipe, ShortRunWritesBothLayoutsThatLoadBack) {
-  DMX_REQUIRE_FIXTURES();
+TEST(ControlNetRecipeTiny, ShortRunWritesBothLayoutsThatLoadBack) {
   const std::string data = make_cn_data("cn_recipe_data", 3);
   const std::string out = test::temp_dir() + "/cn_recipe_out";
   fs::remove_all(out);
@@ -201,30 +202,36 @@ TEST(ControlNetRecipe, ShortRunWritesBothLayoutsThatLoadBack) {
   }
 }
 
-TEST(ControlNetTrainCli, BadInputExits2AndWritesNothing) {
-  DMX_REQUIRE_FIXTURES();
-  const std::string model = test::fixture_model("sd15");
-  const std::string no_cond = make_cn_data("cn_cli_nocond", 2, false);
-  const std::string good = make_cn_data("cn_cli_good", 2);
-  const std::string out = test::temp_dir() + "/cn_cli_bad_out";
+// dmx::train with recipe controlnet (what `dmx train controlnet` runs) rejects bad input before writing anything.
+TEST(ControlNetRecipeTiny, BadInputNamesTheFlagAndWritesNothing) {
+  const std::string no_cond = make_cn_data("cn_api_nocond", 2, false);
+  const std::string good = make_cn_data("cn_api_good", 2);
+  const std::string out = test::temp_dir() + "/cn_api_bad_out";
   fs::remove_all(out);
-  auto r = test::dmx_run({"train", "controlnet", "--model", model, "--data", no_cond, "--output", out, "--steps", "1",
-                          "--resolution", "64", "--quiet"});
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("metadata.jsonl:1"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("conditioning_image"), std::string::npos) << r.output;
-  EXPECT_FALSE(fs::exists(out));
-  r = test::dmx_run({"train", "controlnet", "--model", model, "--data", good, "--output", out, "--steps", "0"});
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("--steps"), std::string::npos) << r.output;
-  EXPECT_FALSE(fs::exists(out));
-  EXPECT_FALSE(fs::exists(out + ".train"));
-  r = test::dmx_run({"train", "controlnet", "--model", model, "--data", good, "--output", out, "--resolution", "60"});
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_FALSE(fs::exists(out));
-  r = test::dmx_run({"train", "controlnet", "--data", good, "--output", out});
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("--model"), std::string::npos) << r.output;
+  TrainOptions base;
+  base.recipe = "controlnet";
+  base.model = test::tiny_model_dir("sd15");
+  base.data = good;
+  base.output = out;
+  base.steps = 1;
+  base.resolution = 64;
+  base.quiet = true;
+  auto expect_invalid = [&](const std::function<void(TrainOptions&)>& edit, const std::vector<std::string>& needles) {
+    TrainOptions o = base;
+    edit(o);
+    try {
+      train(o);
+      ADD_FAILURE() << "expected InvalidArgument naming " << needles[0];
+    } catch (const InvalidArgument& e) {
+      for (const auto& n : needles) EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(fs::exists(out));
+    EXPECT_FALSE(fs::exists(out + ".train"));
+  };
+  expect_invalid([&](TrainOptions& o) { o.data = no_cond; }, {"metadata.jsonl:1", "conditioning_image"});
+  expect_invalid([](TrainOptions& o) { o.steps = 0; }, {"--steps"});
+  expect_invalid([](TrainOptions& o) { o.resolution = 60; }, {"--resolution"});
+  expect_invalid([](TrainOptions& o) { o.model.clear(); }, {"--model"});
 }
 
 // Two notes on the settings. Resolution 128, not 64: at 64 px the tiny UNet's deepest blocks are 1x1 with two
@@ -234,8 +241,7 @@ TEST(ControlNetTrainCli, BadInputExits2AndWritesNothing) {
 // at rounding level (those just behind the zero convolutions at step 2) would flip with the summation order; an
 // epsilon above that level keeps the comparison about the gradients. Measured: 6e-8 with 1e-4, 6e-5 with 1e-8.
 TEST(ControlNetTrainCli, TwoRanksOnLoopbackEqualOneProcess) {
-  DMX_REQUIRE_FIXTURES();
-  const std::string model = test::fixture_model("sd15");
+  const std::string model = test::tiny_model_dir("sd15");
   const std::string data = make_cn_data("cn_cli_dist_data", 5);
   const std::string one = test::temp_dir() + "/cn_cli_one", two = test::temp_dir() + "/cn_cli_two";
   for (const auto& p : {one, two, one + ".train", two + ".train"}) fs::remove_all(p);
@@ -265,8 +271,7 @@ TEST(ControlNetTrainCli, TwoRanksOnLoopbackEqualOneProcess) {
 // Data parallelism rests on this: the gradient of a batch's mean loss is the mean of the per-row gradients.
 // (At 8x8 latents the tiny UNet's deepest GroupNorms see 2 numbers each and the check fails at 2e-3 from float
 // rounding alone; 16x16 latents are well conditioned.)
-TEST(ControlNetRecipe, BatchGradientIsTheMeanOfRowGradients) {
-  DMX_REQUIRE_FIXTURES();
+TEST(ControlNetRecipeTiny, BatchGradientIsTheMeanOfRowGradients) {
   auto m = fresh_models();
   torch::manual_seed(0);
   auto recipe = std::make_shared<training::ControlNetRecipe>(m, training::controlnet_from_unet(m->unet));
@@ -322,8 +327,7 @@ TEST(ControlNetRecipe, BatchGradientIsTheMeanOfRowGradients) {
 }
 
 // --gradient-checkpointing recomputes the ControlNet's and the UNet's blocks in backward: the same gradients.
-TEST(ControlNetRecipe, GradientCheckpointingGivesTheSameGradients) {
-  DMX_REQUIRE_FIXTURES();
+TEST(ControlNetRecipeTiny, GradientCheckpointingGivesTheSameGradients) {
   auto m = fresh_models();
   torch::manual_seed(0);
   auto recipe = std::make_shared<training::ControlNetRecipe>(m, training::controlnet_from_unet(m->unet));
@@ -381,8 +385,7 @@ double fixed_draw_loss(training::Recipe& r, const training::Batch& b, uint64_t s
 
 // --mixed-precision bf16: frozen UNet / VAE / text encoder in bf16, the ControlNet's float32 weights train and the
 // loss on a fixed batch goes down; validation images (float32 pipeline) are written in the middle of the run.
-TEST(ControlNetRecipe, BF16FrozenModelTrainsFloat32ControlNetAndWritesValidationImages) {
-  DMX_REQUIRE_FIXTURES();
+TEST(ControlNetRecipeTiny, BF16FrozenModelTrainsFloat32ControlNetAndWritesValidationImages) {
   const std::string data = make_cn_data("cn_bf16_data", 2);
   auto m = fresh_models();
   torch::manual_seed(0);
@@ -405,6 +408,7 @@ TEST(ControlNetRecipe, BF16FrozenModelTrainsFloat32ControlNetAndWritesValidation
   cfg.validation_steps = 4;
   cfg.validation_prompt = "a striped thing";
   cfg.validation_inference_steps = 2;
+  cfg.sample_images = api::pipeline_sampler();
   cfg.quiet = true;
   EXPECT_THROW(training::Trainer(cfg, recipe, source).run(), InvalidArgument);  // no validation image yet
   recipe->set_validation_image(ds->get(0, 0).conditioning.unsqueeze(0));
@@ -434,33 +438,50 @@ TEST(ControlNetRecipe, BF16FrozenModelTrainsFloat32ControlNetAndWritesValidation
   }
 }
 
-// dmx train controlnet --validation-image (at its own size) and the default (the first row's conditioning image at
-// --resolution), with bf16 and gradient checkpointing.
-TEST(ControlNetTrainCli, ValidationImagesWithBF16AndCheckpointing) {
-  DMX_REQUIRE_FIXTURES();
-  const std::string model = test::fixture_model("sd15");
-  const std::string data = make_cn_data("cn_cli_val_data", 2);
+// dmx::train controlnet with validation_image (at its own size) and the default (the first row's conditioning image
+// at the training resolution), with bf16 and gradient checkpointing.
+TEST(ControlNetRecipeTiny, ValidationImagesWithBF16AndCheckpointing) {
+  const std::string model = test::tiny_model_dir("sd15");
+  const std::string data = make_cn_data("cn_api_val_data", 2);
   const std::string vimg = test::temp_dir() + "/cn_val_cond.png";
   save_png(vimg, stripes(100, 84, 3));  // -> 96 x 80
   for (const bool given : {true, false}) {
-    const std::string out = test::temp_dir() + (given ? "/cn_cli_val_given" : "/cn_cli_val_default");
+    const std::string out = test::temp_dir() + (given ? "/cn_api_val_given" : "/cn_api_val_default");
     fs::remove_all(out);
     fs::remove_all(out + ".train");
-    std::vector<std::string> args{"train", "controlnet", "--model", model, "--data", data, "--output", out,
-                                  "--steps", "1", "--batch-size", "1", "--resolution", "64", "--mixed-precision",
-                                  "bf16", "--gradient-checkpointing", "--validation-steps", "1",
-                                  "--validation-prompt", "stripes", "--quiet"};
-    if (given) args.insert(args.end(), {"--validation-image", vimg});
-    const auto r = test::dmx_run(args);
-    ASSERT_EQ(r.code, 0) << r.output;
+    TrainOptions o;
+    o.recipe = "controlnet";
+    o.model = model;
+    o.data = data;
+    o.output = out;
+    o.steps = 1;
+    o.batch_size = 1;
+    o.resolution = 64;
+    o.mixed_precision = "bf16";
+    o.gradient_checkpointing = true;
+    o.validation_steps = 1;
+    o.validation_prompt = "stripes";
+    o.quiet = true;
+    if (given) o.validation_image = vimg;
+    train(o);
     const Image img = load_image(out + ".train/validation-000001-0.png", "validation image");
     EXPECT_EQ(img.width, given ? 96 : 64);
     EXPECT_EQ(img.height, given ? 80 : 64);
     EXPECT_TRUE(fs::exists(out + "/diffusion_pytorch_model.safetensors"));
   }
-  const auto bad = test::dmx_run({"train", "controlnet", "--model", model, "--data", data, "--output",
-                                  test::temp_dir() + "/cn_cli_val_bad", "--validation-steps", "1",
-                                  "--validation-prompt", "x", "--validation-image", "/nonexistent.png"});
-  EXPECT_EQ(bad.code, 2) << bad.output;
-  EXPECT_NE(bad.output.find("--validation-image"), std::string::npos) << bad.output;
+  TrainOptions bad;
+  bad.recipe = "controlnet";
+  bad.model = model;
+  bad.data = data;
+  bad.output = test::temp_dir() + "/cn_api_val_bad";
+  bad.validation_steps = 1;
+  bad.validation_prompt = "x";
+  bad.validation_image = "/nonexistent.png";
+  try {
+    train(bad);
+    ADD_FAILURE() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("--validation-image"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(bad.output));
 }

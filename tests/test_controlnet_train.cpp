@@ -1,6 +1,7 @@
 // ControlNet training pieces: a fresh ControlNet from a UNet (diffusers' ControlNetModel.from_unet) leaves the
 // UNet output exactly unchanged; saved diffusers folders and original single files load back with the existing
-// strict loaders; the control_model.* inverse tables round-trip. Suites: ControlNetInit, ControlNetTrain*.
+// strict loaders (on tiny random models); the control_model.* inverse tables round-trip on the fixture files.
+// Suites: ControlNetInitTiny, ControlNetTablesGolden.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -13,8 +14,9 @@
 #include "io/ldm_names.h"
 #include "io/safetensors.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "test_util.h"
+#include "tiny_models.h"
 #include "training/controlnet_init.h"
 
 namespace fs = std::filesystem;
@@ -22,11 +24,8 @@ using namespace dmx;
 
 namespace {
 
-std::shared_ptr<pipelines::StableDiffusionModels> load_model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
-  auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(test::fixture_model(variant));
-  return m;
+std::shared_ptr<loaders::StableDiffusionModels> load_model(const std::string& variant) {
+  return test::shared_tiny_model(variant);
 }
 
 io::TensorMap params_of(torch::nn::Module& m) {
@@ -45,10 +44,9 @@ void expect_same_weights(const io::TensorMap& a, const io::TensorMap& b, const s
 }
 }  // namespace
 
-class ControlNetInit : public ::testing::TestWithParam<std::string> {};
+class ControlNetInitTiny : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(ControlNetInit, FreshControlNetLeavesUNetOutputUnchanged) {
-  DMX_REQUIRE_FIXTURES();
+TEST_P(ControlNetInitTiny, FreshControlNetLeavesUNetOutputUnchanged) {
   auto m = load_model(GetParam());
   models::ControlNetModel cn = training::controlnet_from_unet(m->unet);
   const auto& uc = m->unet->config();
@@ -97,8 +95,7 @@ TEST_P(ControlNetInit, FreshControlNetLeavesUNetOutputUnchanged) {
   EXPECT_TRUE(at::equal(a, b)) << "max diff " << (a - b).abs().max().item<float>();
 }
 
-TEST_P(ControlNetInit, SavedFolderAndSingleFileLoadBack) {
-  DMX_REQUIRE_FIXTURES();
+TEST_P(ControlNetInitTiny, SavedFolderAndSingleFileLoadBack) {
   auto m = load_model(GetParam());
   models::ControlNetModel cn = training::controlnet_from_unet(m->unet);
   {  // make every weight distinct from its initial value so the round trip is meaningful
@@ -123,13 +120,13 @@ TEST_P(ControlNetInit, SavedFolderAndSingleFileLoadBack) {
   expect_same_weights(params_of(*cn), params_of(*back2), "original file reload");
 }
 
-INSTANTIATE_TEST_SUITE_P(Variants, ControlNetInit, ::testing::Values("test", "sd15"));
+INSTANTIATE_TEST_SUITE_P(Variants, ControlNetInitTiny, ::testing::Values("test", "sd15"));
 
-TEST(ControlNetInitTables, ConfigJsonIsWhatDiffusersWrites) {
+TEST(ControlNetTablesGolden, ConfigJsonIsWhatDiffusersWrites) {
   DMX_REQUIRE_FIXTURES();
   for (const std::string variant : {"test", "sd15"}) {
     const std::string dir = test::fixture_model(variant) + "/controlnet";
-    const std::string text = read_text_file(dir + "/config.json", "fixture");
+    const std::string text = read_text_file(dir + "/config.json", "fixture", dmx::kMaxJsonFileBytes);
     const nlohmann::json expected = nlohmann::json::parse(text);
     const nlohmann::json actual =
         training::controlnet_config_json(models::ControlNetConfig::from_json(expected));
@@ -138,7 +135,7 @@ TEST(ControlNetInitTables, ConfigJsonIsWhatDiffusersWrites) {
   }
 }
 
-TEST(ControlNetInitTables, OriginalLayoutRoundTrips) {
+TEST(ControlNetTablesGolden, OriginalLayoutRoundTrips) {
   DMX_REQUIRE_FIXTURES();
   const io::TensorMap ckpt = io::load_safetensors(test::fixture_model("sd15") + "/ldm/control_sd15.safetensors");
   const nlohmann::json cfg = io::detect_ldm_controlnet_config(ckpt);

@@ -4,6 +4,7 @@
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/text.h"
+#include "core/utf8.h"
 #include "dmx/error.h"
 #include "test_util.h"
 
@@ -24,7 +25,7 @@ void write_raw(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
 }
 
-TEST(CoreImage, PngRoundTripWithText) {
+TEST(CoreImageUnit, PngRoundTripWithText) {
   const std::string path = temp_dir() + "/rt.png";
   Image img = gradient(13, 7, 3);
   save_png(path, img, {{"parameters", "a cat\nSteps: 5"}, {"unicode", "caf\xC3\xA9 \xF0\x9F\x90\xB1"}});
@@ -39,7 +40,7 @@ TEST(CoreImage, PngRoundTripWithText) {
   EXPECT_EQ(text[1].second, "caf\xC3\xA9 \xF0\x9F\x90\xB1");
 }
 
-TEST(CoreImage, RgbaAndGrayConvertLikePil) {
+TEST(CoreImageUnit, RgbaAndGrayConvertLikePil) {
   const std::string path = temp_dir() + "/rgba.png";
   Image rgba = gradient(4, 3, 4);
   save_png(path, rgba);
@@ -54,7 +55,7 @@ TEST(CoreImage, RgbaAndGrayConvertLikePil) {
   EXPECT_EQ(to_gray(white).data[0], 255);
 }
 
-TEST(CoreImage, CorruptAndUnsupportedImagesAreInvalidArgument) {
+TEST(CoreImageUnit, CorruptAndUnsupportedImagesAreInvalidArgument) {
   const std::string dir = temp_dir();
   write_raw(dir + "/garbage.png", "this is not an image");
   write_raw(dir + "/empty.png", "");
@@ -72,7 +73,7 @@ TEST(CoreImage, CorruptAndUnsupportedImagesAreInvalidArgument) {
   EXPECT_THROW(load_image(dir, "--mask"), InvalidArgument);
 }
 
-TEST(CoreImage, TensorConversionsMatchDiffusers) {
+TEST(CoreImageUnit, TensorConversionsMatchDiffusers) {
   Image img = gradient(8, 8, 3);
   at::Tensor t = image_to_tensor(img);
   EXPECT_EQ(t.sizes(), (std::vector<int64_t>{1, 3, 8, 8}));
@@ -86,7 +87,7 @@ TEST(CoreImage, TensorConversionsMatchDiffusers) {
   EXPECT_EQ(back.data[3], 2);
 }
 
-TEST(CoreFs, AtomicWriteLeavesNothingOnFailure) {
+TEST(CoreFsUnit, AtomicWriteLeavesNothingOnFailure) {
   const std::string path = temp_dir() + "/atomic.bin";
   EXPECT_THROW(write_file_atomic(path, [](const std::string& tmp) {
                  std::ofstream(tmp) << "partial";
@@ -96,11 +97,11 @@ TEST(CoreFs, AtomicWriteLeavesNothingOnFailure) {
   EXPECT_FALSE(path_exists(path));
   EXPECT_FALSE(path_exists(path + ".tmp." + std::to_string(::getpid())));
   write_bytes_atomic(path, "abc", 3);
-  EXPECT_EQ(read_text_file(path, "test"), "abc");
-  EXPECT_THROW(write_bytes_atomic("/nonexistent-dir/x.bin", "a", 1), IoError);
+  EXPECT_EQ(read_text_file(path, "test", dmx::kMaxJsonFileBytes), "abc");
+  EXPECT_THROW(write_bytes_atomic("/nonexistent-dir/x.bin", "a", 1), InvalidArgument);  // a bad output path
 }
 
-TEST(CoreErrors, CheckMacrosNameTheValue) {
+TEST(CoreErrorsUnit, CheckMacrosNameTheValue) {
   try {
     const double strength = 1.3;
     DMX_CHECK_ARG(strength <= 1, "strength must be in [0, 1], got ", strength);
@@ -110,12 +111,51 @@ TEST(CoreErrors, CheckMacrosNameTheValue) {
   }
 }
 
-TEST(CoreText, SplitKeepsEmptyFieldsLikePython) {
+TEST(CoreTextUnit, SplitKeepsEmptyFieldsLikePython) {
   using V = std::vector<std::string>;
   EXPECT_EQ(split("a cat  face", ' '), (V{"a", "cat", "", "face"}));
   EXPECT_EQ(split("down_blocks.1.attentions", '.'), (V{"down_blocks", "1", "attentions"}));
   EXPECT_EQ(split("", '_'), (V{""}));
   EXPECT_EQ(split("_x_", '_'), (V{"", "x", ""}));
+}
+
+TEST(CoreTextUnit, TheSharedHelpers) {
+  EXPECT_EQ(join({"a", "b", "c"}, ", "), "a, b, c");
+  EXPECT_EQ(join({}, "|"), "");
+  EXPECT_EQ(join_abbreviated({"a", "b", "c"}, 2), "a, b, ... (3 in all)");
+  EXPECT_EQ(join_abbreviated({"a", "b"}), "a, b");
+  EXPECT_TRUE(starts_with("lora_unet_x", "lora_unet_"));
+  EXPECT_FALSE(starts_with("lora", "lora_unet_"));
+  EXPECT_TRUE(ends_with("x.lora_down.weight", ".weight"));
+  EXPECT_FALSE(ends_with("t", ".weight"));
+  EXPECT_EQ(to_lower_ascii("Smileys & Emotion .PNG \xc3\x89"), "smileys & emotion .png \xc3\x89");  // ASCII only
+  EXPECT_EQ(trim(" \t a b \r\n\v\f"), "a b");
+  EXPECT_EQ(trim(" \n "), "");
+}
+
+// Python's bytes.decode("utf-8", errors="replace"): one U+FFFD per maximal ill-formed subpart (values from
+// CPython 3.11).
+TEST(CoreUtf8Unit, LossyDecodingMatchesPython) {
+  const std::vector<std::pair<std::string, std::u32string>> cases = {
+      {"\xf0\x9f\x98", U"\uFFFD"},                          // a truncated 4-byte sequence: one
+      {"\xf0\x9f", U"\uFFFD"},
+      {"\x9f\x98\x80", U"\uFFFD\uFFFD\uFFFD"},             // continuation bytes alone: one each
+      {"\xf0" "A", U"\uFFFDA"},
+      {"a\xe2\x82", U"a\uFFFD"},
+      {"\xed\xa0\x80", U"\uFFFD\uFFFD\uFFFD"},             // a surrogate
+      {"\xc0\xaf", U"\uFFFD\uFFFD"},                        // overlong
+      {"\xf4\x90\x80\x80", U"\uFFFD\uFFFD\uFFFD\uFFFD"},  // above U+10FFFF
+      {"caf\xc3\xa9 \xf0\x9f\x98\x80", U"caf\u00e9 \U0001F600"},
+  };
+  for (const auto& [in, want] : cases) EXPECT_TRUE(decode_utf8_replace(in) == want) << in;
+  std::u32string out;
+  size_t bad = 0;
+  EXPECT_FALSE(decode_utf8("ab\xed\xa0\x80", &out, &bad));
+  EXPECT_EQ(bad, 2u);
+  EXPECT_EQ(find_invalid_utf8("ab\xed\xa0\x80"), 2u);
+  ASSERT_TRUE(decode_utf8("caf\xc3\xa9 \xf0\x9f\x98\x80", &out, &bad));
+  EXPECT_EQ(encode_utf8(out), "caf\xc3\xa9 \xf0\x9f\x98\x80");
+  EXPECT_EQ(utf8_length("caf\xc3\xa9 \xf0\x9f\x98\x80"), 6u);
 }
 }  // namespace
 }  // namespace dmx::test

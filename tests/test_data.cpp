@@ -1,13 +1,14 @@
 // `dmx data emoji` on a small emoji-datasource package built here in the real format (emoji.json + 64-px
 // RGBA PNGs), and on the installed npm packages when they are present.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 
 #include "core/fs.h"
 #include "core/image.h"
-#include "dmx/data.h"
+#include "dmx/emoji_data.h"
 #include "dmx/error.h"
 #include "test_util.h"
 
@@ -70,7 +71,7 @@ std::vector<nlohmann::json> read_jsonl(const std::string& path) {
 }
 }  // namespace
 
-TEST(DataEmoji, BuildsTrainAndHeldoutFolders) {
+TEST(DataEmojiUnit, BuildsTrainAndHeldoutFolders) {
   EmojiDataOptions o;
   o.source = make_source("src_ok", 10);
   o.out = join_path(dmx::test::temp_dir(), "emoji_ok");
@@ -114,7 +115,7 @@ TEST(DataEmoji, BuildsTrainAndHeldoutFolders) {
   EXPECT_FALSE(path_exists(o.out + ".partial"));
 }
 
-TEST(DataEmoji, HeldOutConceptsAreNeverInTraining) {
+TEST(DataEmojiUnit, HeldOutConceptsAreNeverInTraining) {
   EmojiDataOptions o;
   o.source = make_source("src_held", 40);
   o.out = join_path(dmx::test::temp_dir(), "emoji_held");
@@ -131,13 +132,13 @@ TEST(DataEmoji, HeldOutConceptsAreNeverInTraining) {
     for (const auto& h : r.heldout) EXPECT_NE(row["name"].get<std::string>(), h);
 }
 
-TEST(DataEmoji, BadInputIsRejectedAndNothingIsLeftBehind) {
+TEST(DataEmojiUnit, BadInputIsRejectedAndNothingIsLeftBehind) {
   const std::string tmp = dmx::test::temp_dir();
   EmojiDataOptions o;
   o.progress = false;
   o.source = join_path(tmp, "no_such_source");
   o.out = join_path(tmp, "emoji_bad");
-  EXPECT_THROW(build_emoji_dataset(o), IoError);
+  EXPECT_THROW(build_emoji_dataset(o), InvalidArgument);
   o.source = make_source("src_bad", 3, /*corrupt_one=*/true);
   try {
     build_emoji_dataset(o);
@@ -146,14 +147,15 @@ TEST(DataEmoji, BadInputIsRejectedAndNothingIsLeftBehind) {
     EXPECT_NE(std::string(e.what()).find("emoji image"), std::string::npos) << e.what();
   }
   EXPECT_FALSE(path_exists(o.out));
-  EXPECT_FALSE(path_exists(o.out + ".partial"));
+  EXPECT_FALSE(path_exists(o.out + ".tmp." + std::to_string(::getpid())));
   o.heldout_fraction = 0.5;
   EXPECT_THROW(build_emoji_dataset(o), InvalidArgument);
   o.heldout_fraction = 0.02;
   o.caption_format = "{nam}";
   EXPECT_THROW(build_emoji_dataset(o), InvalidArgument);
   o.caption_format = "{name}";
-  o.out = tmp;  // exists
+  o.out = join_path(tmp, "emoji_exists");  // exists
+  std::filesystem::create_directories(o.out);
   try {
     build_emoji_dataset(o);
     FAIL();
@@ -162,7 +164,8 @@ TEST(DataEmoji, BadInputIsRejectedAndNothingIsLeftBehind) {
   }
 }
 
-TEST(DataEmoji, CliExitCodes) {
+// The command's exit codes, and --only's comma-separated list (the names are checked in-process above).
+TEST(DataEmojiCli, ExitCodes) {
   const std::string tmp = dmx::test::temp_dir();
   auto r = dmx::test::dmx_run({"data", "emoji", "--out", tmp + "/cli_out", "--size", "4"});
   EXPECT_EQ(r.code, 2);
@@ -173,10 +176,17 @@ TEST(DataEmoji, CliExitCodes) {
   r = dmx::test::dmx_run({"data", "emoji", "--source", src, "--out", tmp + "/cli_out", "--quiet"});
   EXPECT_EQ(r.code, 0) << r.output;
   EXPECT_TRUE(path_exists(tmp + "/cli_out/google/train/metadata.jsonl"));
+  r = dmx::test::dmx_run({"data", "emoji", "--source", src, "--out", tmp + "/cli_only", "--only", "thing2,nope"});
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("'nope'"), std::string::npos) << r.output;
+  EXPECT_FALSE(path_exists(tmp + "/cli_only"));
+  r = dmx::test::dmx_run({"data", "emoji", "--source", src, "--out", tmp + "/cli_only", "--only", "thing2,thing3", "--quiet"});
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(read_jsonl(tmp + "/cli_only/google/train/metadata.jsonl").size(), 2u);
 }
 
 // --only builds the named concepts with the layout of a full build; held-out concepts stay held out.
-TEST(DataEmoji, OnlyBuildsTheNamedConcepts) {
+TEST(DataEmojiUnit, OnlyBuildsTheNamedConcepts) {
   EmojiDataOptions o;
   o.source = make_source("src_only", 40);
   o.out = join_path(dmx::test::temp_dir(), "emoji_only");
@@ -201,7 +211,7 @@ TEST(DataEmoji, OnlyBuildsTheNamedConcepts) {
   EXPECT_TRUE(path_exists(o.out + "/google/heldout/masks/thing29.png"));
 }
 
-TEST(DataEmoji, OnlyWithUnknownNamesFailsNamingThem) {
+TEST(DataEmojiUnit, OnlyWithUnknownNamesFailsNamingThem) {
   EmojiDataOptions o;
   o.source = make_source("src_only_bad", 4);
   o.out = join_path(dmx::test::temp_dir(), "emoji_only_bad");
@@ -218,22 +228,20 @@ TEST(DataEmoji, OnlyWithUnknownNamesFailsNamingThem) {
     EXPECT_EQ(m.find("'thing1'"), std::string::npos) << m;
   }
   EXPECT_FALSE(path_exists(o.out));
-  EXPECT_FALSE(path_exists(o.out + ".partial"));
-  // The CLI: exit 2 naming the bad name, nothing written; an empty item is an error too.
-  auto r = dmx::test::dmx_run({"data", "emoji", "--source", o.source, "--out", o.out, "--only", "thing2,nope"});
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("'nope'"), std::string::npos) << r.output;
+  EXPECT_FALSE(path_exists(o.out + ".tmp." + std::to_string(::getpid())));
+  // An empty item is an error too (the CLI's "thing2," splits into "thing2" and "").
+  o.only = {"thing2", ""};
+  try {
+    build_emoji_dataset(o);
+    FAIL() << "an empty short name must be rejected";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("--only: empty short name"), std::string::npos) << e.what();
+  }
   EXPECT_FALSE(path_exists(o.out));
-  r = dmx::test::dmx_run({"data", "emoji", "--source", o.source, "--out", o.out, "--only", "thing2,"});
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("empty short name"), std::string::npos) << r.output;
-  r = dmx::test::dmx_run({"data", "emoji", "--source", o.source, "--out", o.out, "--only", "thing2,thing3", "--quiet"});
-  EXPECT_EQ(r.code, 0) << r.output;
-  EXPECT_EQ(read_jsonl(o.out + "/google/train/metadata.jsonl").size(), 2u);
 }
 
 // The real npm packages, when scripts/setup.sh --emoji has installed them.
-TEST(DataEmoji, RealPackagesWhenInstalled) {
+TEST(DataEmojiUnit, RealPackagesWhenInstalled) {
   const std::string src = default_emoji_source();
   if (!path_exists(src + "/emoji-datasource-google/package/emoji.json"))
     GTEST_SKIP() << "emoji packages not installed in " << src << " (scripts/setup.sh --emoji)";

@@ -1,10 +1,12 @@
 // DDIM inversion and DiffEdit against diffusers 0.27.2 (fixture cases ddim_inversion and diffedit), the
-// seeded draw order of the three DiffEdit phases, and argument checks.
+// seeded draw order of the three DiffEdit phases, argument checks, and dmx::diffedit (what the CLI runs) on a
+// tiny random model.
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "core/image.h"
 #include "dmx/dmx.h"
@@ -12,21 +14,23 @@
 #include "dmx/error.h"
 #include "pipelines/ddim_inversion.h"
 #include "pipelines/diffedit.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
 #include "test_ref_cases.h"
+#include "dmx/diffedit.h"
 #include "test_util.h"
+#include "tiny_models.h"
 
 namespace dmx::test {
 namespace {
 
 constexpr double kTol = 1e-5;
 
-std::shared_ptr<pipelines::StableDiffusionModels> model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+std::shared_ptr<loaders::StableDiffusionModels> model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 
@@ -305,7 +309,7 @@ INSTANTIATE_TEST_SUITE_P(DiffEdit, DiffEditGolden, ::testing::Values("sd15", "te
 
 // A seeded generator through the three phases draws what a replay of the same draws, in diffusers' order
 // (mask posterior [maps], mask noise [maps], invert posterior [1]), reproduces.
-TEST(DiffEditSeed, GeneratorRunEqualsReplayOfItsDraws) {
+TEST(DiffEditSeedGolden, GeneratorRunEqualsReplayOfItsDraws) {
   DMX_REQUIRE_FIXTURES();
   RefCase ref = load_ref("test", "diffedit");
   pipelines::DiffEditPipeline pipe(model("test"));
@@ -352,9 +356,8 @@ void expect_invalid(F&& f, const std::string& substr) {
   }
 }
 
-TEST(DiffEditArgs, BadInputsNameTheRule) {
-  DMX_REQUIRE_FIXTURES();
-  auto m = model("test");
+TEST(DiffEditArgsTiny, BadInputsNameTheRule) {
+  auto m = shared_tiny_model("test");
   pipelines::DiffEditPipeline pipe(m);
   const at::Tensor image = at::zeros({1, 3, 64, 64});
   pipelines::DiffEditMaskParams mp;
@@ -426,72 +429,62 @@ TEST(DiffEditUnit, StepCounts) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// dmx diffedit
+// dmx::diffedit (what `dmx diffedit` runs) on the tiny "test" model.
+
+// A 64x64 picture of our own: colour gradients with a disc.
 std::string write_input_png(const std::string& name) {
-  RefCase ref = load_ref("test", "diffedit");
-  at::Tensor u8 = ref["input.image_u8"].contiguous();
   Image img;
-  img.height = static_cast<int>(u8.size(0));
-  img.width = static_cast<int>(u8.size(1));
+  img.width = img.height = 64;
   img.channels = 3;
-  img.data.assign(u8.data_ptr<uint8_t>(), u8.data_ptr<uint8_t>() + u8.numel());
+  img.data.resize(64 * 64 * 3);
+  for (int y = 0; y < 64; ++y)
+    for (int x = 0; x < 64; ++x) {
+      const bool disc = (x - 28) * (x - 28) + (y - 36) * (y - 36) < 16 * 16;
+      uint8_t* px = &img.data[static_cast<size_t>((y * 64 + x) * 3)];
+      px[0] = static_cast<uint8_t>(disc ? 200 : x * 4);
+      px[1] = static_cast<uint8_t>(disc ? 150 : y * 4);
+      px[2] = static_cast<uint8_t>(disc ? 20 : 100);
+    }
   const std::string path = temp_dir() + "/" + name;
   save_png(path, img);
   return path;
 }
 
-std::vector<std::string> diffedit_args(const std::string& image, const std::string& out) {
-  return {"diffedit", "--model", fixture_model("test"), "--image", image, "--source-prompt", "a bowl of fruit",
-          "--target-prompt", "a basket of pears", "--output", out, "--steps", "4", "--num-maps", "2", "--quiet"};
+DiffEditOptions diffedit_options(const std::string& image, const std::string& out) {
+  DiffEditOptions o;
+  o.model = tiny_model_dir("test");
+  o.image = image;
+  o.source_prompt = "a bowl of fruit";
+  o.target_prompt = "a basket of pears";
+  o.output = out;
+  o.steps = 4;
+  o.num_maps = 2;
+  o.progress = false;
+  return o;
 }
 
-void expect_cli_error(std::vector<std::string> args, const std::string& substr, const std::string& out) {
-  CliRun r = dmx_run(args);
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find(substr), std::string::npos) << r.output;
-  EXPECT_FALSE(std::ifstream(out).good()) << "no output on error: " << out;
-}
-
-TEST(DiffEditCli, BadInputExitsTwoNamingTheFlag) {
-  DMX_REQUIRE_FIXTURES();
+TEST(DiffEditTiny, BadInputNamesTheFlagAndWritesNothing) {
   const std::string image = write_input_png("diffedit-in.png");
   const std::string out = temp_dir() + "/diffedit-bad.png";
-  auto with = [&](std::vector<std::string> extra) {  // sets (or adds) one option
-    auto a = diffedit_args(image, out);
-    auto it = std::find(a.begin(), a.end(), extra[0]);
-    if (it != a.end()) {
-      *(it + 1) = extra[1];
-    } else {
-      a.insert(a.end(), extra.begin(), extra.end());
-    }
-    return a;
+  auto expect = [&](const std::function<void(DiffEditOptions&)>& edit, const std::string& substr) {
+    DiffEditOptions o = diffedit_options(image, out);
+    edit(o);
+    expect_invalid([&] { diffedit(o); }, substr);
+    EXPECT_FALSE(std::ifstream(out).good()) << "no output on error: " << out;
   };
-  auto without = [&](const std::string& flag) {
-    auto a = diffedit_args(image, out);
-    for (size_t i = 0; i < a.size(); ++i)
-      if (a[i] == flag) {
-        a.erase(a.begin() + static_cast<long>(i), a.begin() + static_cast<long>(i) + 2);
-        break;
-      }
-    return a;
-  };
-  expect_cli_error(without("--source-prompt"), "--source-prompt is required", out);
-  expect_cli_error(without("--target-prompt"), "--target-prompt is required", out);
-  expect_cli_error(without("--image"), "--image is required", out);
-  auto empty_prompt = diffedit_args(image, out);
-  empty_prompt[6] = "";  // --source-prompt ""
-  expect_cli_error(empty_prompt, "--source-prompt is required", out);
+  expect([](DiffEditOptions& o) { o.source_prompt.clear(); }, "--source-prompt is required");
+  expect([](DiffEditOptions& o) { o.target_prompt.clear(); }, "--target-prompt is required");
+  expect([](DiffEditOptions& o) { o.image.clear(); }, "--image is required");
   const std::string junk = temp_dir() + "/diffedit-junk.png";
   { std::ofstream(junk) << "not an image"; }
-  auto unreadable = diffedit_args(junk, out);
-  expect_cli_error(unreadable, "--image", out);
-  expect_cli_error(diffedit_args(temp_dir() + "/missing.png", out), "--image", out);
-  expect_cli_error(with({"--steps", "0"}), "--steps must be in [1, 1000], got 0", out);
-  expect_cli_error(with({"--encode-ratio", "0"}), "--encode-ratio must be in (0, 1], got 0", out);
-  expect_cli_error(with({"--encode-ratio", "1.5"}), "--encode-ratio must be in (0, 1], got 1.5", out);
-  expect_cli_error(with({"--encode-ratio", "0.1"}), "--encode-ratio 0.1 with --steps 4 runs no step", out);
-  expect_cli_error(with({"--mask-threshold", "0"}), "--mask-threshold must be > 0, got 0", out);
-  expect_cli_error(with({"--mask-output", temp_dir() + "/m.jpg"}), "--mask-output must end in .png", out);
+  expect([&](DiffEditOptions& o) { o.image = junk; }, "--image");
+  expect([&](DiffEditOptions& o) { o.image = temp_dir() + "/missing.png"; }, "--image");
+  expect([](DiffEditOptions& o) { o.steps = 0; }, "--steps must be in [1, 1000], got 0");
+  expect([](DiffEditOptions& o) { o.encode_ratio = 0; }, "--encode-ratio must be in (0, 1], got 0");
+  expect([](DiffEditOptions& o) { o.encode_ratio = 1.5; }, "--encode-ratio must be in (0, 1], got 1.5");
+  expect([](DiffEditOptions& o) { o.encode_ratio = 0.1; }, "--encode-ratio 0.1 with --steps 4 runs no step");
+  expect([](DiffEditOptions& o) { o.mask_threshold = 0; }, "--mask-threshold must be > 0, got 0");
+  expect([](DiffEditOptions& o) { o.mask_output = temp_dir() + "/m.jpg"; }, "--mask-output must end in .png");
   // An image whose sides are not multiples of 8.
   Image odd;
   odd.width = 60;
@@ -500,35 +493,14 @@ TEST(DiffEditCli, BadInputExitsTwoNamingTheFlag) {
   odd.data.assign(60 * 64 * 3, 128);
   const std::string odd_path = temp_dir() + "/diffedit-odd.png";
   save_png(odd_path, odd);
-  expect_cli_error(diffedit_args(odd_path, out), "--image: width and height must be multiples of 8", out);
-  CliRun help = dmx_run({"diffedit", "--help"});
-  EXPECT_EQ(help.code, 0);
-  EXPECT_NE(help.output.find("--encode-ratio"), std::string::npos);
+  expect([&](DiffEditOptions& o) { o.image = odd_path; }, "--image: width and height must be multiples of 8");
 }
 
-// A seeded CLI run writes the image, the mask (image size, white = edit) and the latents, with metadata, and its
-// latents equal the pipeline's with a torch-style generator of that seed run through the three phases.
-TEST(DiffEditCli, SeededRunMatchesPipelineAndWritesOutputs) {
-  DMX_REQUIRE_FIXTURES();
-  const std::string image = write_input_png("diffedit-in2.png");
-  const std::string dir = temp_dir();
-  auto args = diffedit_args(image, dir + "/de.png");
-  for (const char* extra : {"--seed", "77", "--mask-output", "", "--save-latents", ""}) args.push_back(extra);
-  args[args.size() - 3] = dir + "/de-mask.png";
-  args[args.size() - 1] = dir + "/de.safetensors";
-  CliRun r = dmx_run(args);
-  ASSERT_EQ(r.code, 0) << r.output;
-  Image mask_png = load_image(dir + "/de-mask.png", "mask");
-  EXPECT_EQ(mask_png.width, 64);
-  EXPECT_EQ(mask_png.height, 64);
-  EXPECT_EQ(mask_png.channels, 1);
-  const std::string params = read_image_parameters(dir + "/de.png");
-  EXPECT_NE(params.find("a basket of pears\n"), std::string::npos) << params;
-  EXPECT_NE(params.find("Seed: 77"), std::string::npos) << params;
-  EXPECT_NE(params.find("DiffEdit source prompt: \"a bowl of fruit\""), std::string::npos) << params;
-  at::Tensor cli_latents = io::load_safetensors(dir + "/de.safetensors").at("latents");
-
-  pipelines::DiffEditPipeline pipe(model("test"));
+// The three phases through the public API with one seed: writes the image, the mask (image size, white = edit) and
+// the latents, with metadata, and its latents equal the pipeline's with a torch-style generator of that seed run
+// through the three phases.
+at::Tensor pipeline_latents(const std::string& image, pipelines::DiffEditMaskOutput* mask_out) {
+  pipelines::DiffEditPipeline pipe(shared_tiny_model("test"));
   const at::Tensor img = image_to_tensor(load_image(image, "image"));
   auto gen = at::make_generator<at::CPUGeneratorImpl>(77);
   pipelines::DiffEditMaskParams mp;
@@ -553,9 +525,32 @@ TEST(DiffEditCli, SeededRunMatchesPipelineAndWritesOutputs) {
   ep.num_inference_steps = 4;
   ep.generator = &gen;
   ep.show_progress = false;
-  auto out = pipe.run(ep);
-  // Same draws, different thread count: rounding only (a different draw order changes everything).
-  DMX_EXPECT_CLOSE("diffedit CLI seed 77 latents vs pipeline", cli_latents, out.latents, 1e-4);
+  if (mask_out) *mask_out = mask;
+  return pipe.run(ep).latents;
+}
+
+TEST(DiffEditTiny, SeededRunMatchesPipelineAndWritesOutputs) {
+  const std::string image = write_input_png("diffedit-in2.png");
+  const std::string dir = temp_subdir("DiffEditTiny-SeededRunMatchesPipelineAndWritesOutputs");
+  DiffEditOptions o = diffedit_options(image, dir + "/de.png");
+  o.seed = 77;
+  o.mask_output = dir + "/de-mask.png";
+  o.save_latents = dir + "/de.safetensors";
+  const DiffEditResult r = diffedit(o);
+  EXPECT_EQ(r.seed, 77u);
+  EXPECT_EQ(r.mask, dir + "/de-mask.png");
+  Image mask_png = load_image(dir + "/de-mask.png", "mask");
+  EXPECT_EQ(mask_png.width, 64);
+  EXPECT_EQ(mask_png.height, 64);
+  EXPECT_EQ(mask_png.channels, 1);
+  const std::string params = read_image_parameters(dir + "/de.png");
+  EXPECT_NE(params.find("a basket of pears\n"), std::string::npos) << params;
+  EXPECT_NE(params.find("Seed: 77"), std::string::npos) << params;
+  EXPECT_NE(params.find("DiffEdit source prompt: \"a bowl of fruit\""), std::string::npos) << params;
+  at::Tensor api_latents = io::load_safetensors(dir + "/de.safetensors").at("latents");
+  pipelines::DiffEditMaskOutput mask;
+  const at::Tensor expected = pipeline_latents(image, &mask);
+  DMX_EXPECT_CLOSE("diffedit seed 77 latents vs pipeline", api_latents, expected, 1e-4);
   // The mask PNG is the latent mask scaled up by the VAE factor (2 for this model).
   at::Tensor m = at::from_blob(mask_png.data.data(), {64, 64}, at::kByte).to(at::kFloat) / 255;
   EXPECT_TRUE(at::equal(m.index({at::indexing::Slice(0, at::indexing::None, 2), at::indexing::Slice(0, at::indexing::None, 2)}),
@@ -742,6 +737,29 @@ TEST_P(DiffEditSeededGolden, CommandLineMatchesReference) {
 INSTANTIATE_TEST_SUITE_P(Seeded, DiffEditSeededGolden,
                          ::testing::Values("diffedit_seeded", "diffedit_seeded_sd15_square_neg",
                                            "diffedit_seeded_test_wide_neg", "diffedit_seeded_test_square"));
+
+// The command: help, a missing flag (exit 2, nothing written), and a seeded run (exit 0) equal to the API's.
+TEST(DiffEditCli, HelpAndExitCodes) {
+  CliRun help = dmx_run({"diffedit", "--help"});
+  EXPECT_EQ(help.code, 0);
+  EXPECT_NE(help.output.find("--encode-ratio"), std::string::npos);
+  const std::string image = write_input_png("diffedit-cli.png");
+  const std::string dir = temp_subdir("DiffEditCli-HelpAndExitCodes");
+  const std::vector<std::string> args = {"diffedit", "--model", tiny_model_dir("test"), "--source-prompt",
+                                         "a bowl of fruit", "--target-prompt", "a basket of pears", "--output",
+                                         dir + "/cli.png", "--steps", "4", "--num-maps", "2", "--quiet"};
+  CliRun r = dmx_run(args);
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("error: --image is required"), std::string::npos) << r.output;
+  EXPECT_FALSE(std::ifstream(dir + "/cli.png").good());
+  auto ok = args;
+  ok.insert(ok.end(), {"--image", image, "--seed", "77", "--save-latents", dir + "/cli.safetensors"});
+  r = dmx_run(ok);
+  ASSERT_EQ(r.code, 0) << r.output;
+  // Same draws, another thread count: rounding only (a different draw order changes everything).
+  DMX_EXPECT_CLOSE("diffedit CLI seed 77 latents vs pipeline", io::load_safetensors(dir + "/cli.safetensors").at("latents"),
+                   pipeline_latents(image, nullptr), 1e-4);
+}
 
 }  // namespace
 }  // namespace dmx::test

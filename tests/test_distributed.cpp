@@ -1,6 +1,6 @@
 // Data-parallel training over c10d/Gloo: environment validation, and real 2-process runs on loopback. The
 // parent test re-executes this test binary twice (RANK 0 and 1) with a gtest filter selecting
-// DistributedWorker.*, which does nothing unless DMX_DIST_WORKER is set.
+// DistributedWorkerTiny.*, which does nothing unless DMX_DIST_WORKER is set.
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -104,7 +104,7 @@ std::vector<int> run_ranks(int world, const std::string& mode, const std::string
     std::vector<char*> envp;
     for (auto& s : env_s) envp.push_back(s.data());
     envp.push_back(nullptr);
-    std::string filter = "--gtest_filter=DistributedWorker.Run";
+    std::string filter = "--gtest_filter=DistributedWorkerTiny.Run";
     std::vector<char*> argv{const_cast<char*>(self.c_str()), filter.data(), nullptr};
     pid_t pid = 0;
     const int rc = posix_spawn(&pid, self.c_str(), nullptr, nullptr, argv.data(), envp.data());
@@ -209,7 +209,7 @@ std::string make_data(const std::string& name) {
 }
 }  // namespace
 
-TEST(Distributed, EnvironmentDefaultsAndValidation) {
+TEST(DistributedUnit, EnvironmentDefaultsAndValidation) {
   {
     EnvGuard g;
     for (const char* k : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}) g.set(k, nullptr);
@@ -241,7 +241,7 @@ TEST(Distributed, EnvironmentDefaultsAndValidation) {
   expect_env_error({{"WORLD_SIZE", "2"}, {"RANK", "0"}, {"LOCAL_RANK", "1"}}, "LOCAL_RANK must be <= RANK");
 }
 
-TEST(Distributed, SingleProcessIsLocalNoOp) {
+TEST(DistributedUnit, SingleProcessIsLocalNoOp) {
   auto d = Distributed::create(DistributedEnv{});
   EXPECT_EQ(d->world_size(), 1);
   EXPECT_TRUE(d->is_main());
@@ -258,7 +258,7 @@ TEST(Distributed, SingleProcessIsLocalNoOp) {
   EXPECT_THROW(Distributed::create(bad, "tpu"), InvalidArgument);
 }
 
-TEST(Distributed, RendezvousTimeoutNamesTheAddress) {
+TEST(DistributedUnit, RendezvousTimeoutNamesTheAddress) {
   DistributedEnv env;  // rank 1 of 2 with nobody hosting the store
   env.world_size = 2;
   env.rank = 1;
@@ -273,9 +273,9 @@ TEST(Distributed, RendezvousTimeoutNamesTheAddress) {
 }
 
 // The worker half of the tests below (skipped unless launched by them).
-TEST(DistributedWorker, Run) {
+TEST(DistributedWorkerTiny, Run) {
   const char* mode = std::getenv("DMX_DIST_WORKER");
-  if (!mode) GTEST_SKIP() << "only runs as a rank launched by the Distributed.* tests";
+  if (!mode) GTEST_SKIP() << "only runs as a rank launched by the DistributedTiny.* tests";
   const std::string out = std::getenv("DMX_DIST_OUT");
   auto d = Distributed::create(DistributedEnv::from_environment(), "cpu", 60);
   const int r = d->rank();
@@ -309,7 +309,7 @@ TEST(DistributedWorker, Run) {
   io::save_safetensors(out + "/rank" + std::to_string(r) + ".safetensors", result);
 }
 
-TEST(Distributed, TwoProcessCollectivesOnLoopback) {
+TEST(DistributedTiny, TwoProcessCollectivesOnLoopback) {
   const std::string out = test::temp_dir() + "/dist_collectives";
   fs::remove_all(out);
   fs::create_directories(out);
@@ -327,7 +327,7 @@ TEST(Distributed, TwoProcessCollectivesOnLoopback) {
   }
 }
 
-TEST(Distributed, TwoProcessTrainingEqualsOneProcess) {
+TEST(DistributedTiny, TwoProcessTrainingEqualsOneProcess) {
   const std::string data = make_data("dist_train_data");
   const std::string out = test::temp_dir() + "/dist_train";
   fs::remove_all(out);

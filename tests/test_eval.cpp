@@ -1,6 +1,6 @@
 // Evaluation (docs/evaluation.md): Fréchet distance and edge F1 against closed forms, the emoji classifier
 // (shapes, batch invariance, save/load), `dmx train classifier` and `dmx eval` on a small synthetic emoji set
-// built with `dmx data emoji`'s builder, and the fixture's tiny random model end to end.
+// built with `dmx data emoji`'s builder, and a tiny random model (tests/tiny_models.h) end to end.
 #include <gtest/gtest.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -8,15 +8,16 @@
 #include <filesystem>
 #include <fstream>
 
-#include "api/eval_metrics.h"
 #include "core/fs.h"
 #include "core/image.h"
-#include "dmx/data.h"
+#include "dmx/emoji_data.h"
 #include "dmx/error.h"
 #include "dmx/eval.h"
-#include "models/emoji_classifier.h"
+#include "emoji/emoji_classifier.h"
+#include "emoji/emoji_classifier_train.h"
+#include "metrics/metrics.h"
 #include "test_util.h"
-#include "training/emoji_classifier_train.h"
+#include "tiny_models.h"
 
 namespace fs = std::filesystem;
 using namespace dmx;
@@ -95,8 +96,8 @@ std::string synthetic_classifier() {
   return out;
 }
 
-models::EmojiClassifierConfig small_config(int classes) {
-  models::EmojiClassifierConfig c;
+emoji::EmojiClassifierConfig small_config(int classes) {
+  emoji::EmojiClassifierConfig c;
   c.block_out_channels = {16, 16, 32, 32};
   c.stem_channels = 16;
   for (int i = 0; i < classes; ++i) {
@@ -116,7 +117,7 @@ std::string write_text(const std::string& name, const std::string& text) {
 
 // ---- Fréchet distance ----
 
-TEST(EvalFrechet, DiagonalClosedForm) {
+TEST(EvalFrechetUnit, DiagonalClosedForm) {
   // Commuting covariances Q D Q^T: d = |mu1 - mu2|^2 + sum (sqrt(d1) - sqrt(d2))^2.
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
   const int D = 6;
@@ -124,15 +125,15 @@ TEST(EvalFrechet, DiagonalClosedForm) {
   const at::Tensor d1 = at::rand({D}, gen, at::kDouble) * 3 + 0.1, d2 = at::rand({D}, gen, at::kDouble) * 2 + 0.05;
   const at::Tensor mu1 = at::randn({D}, gen, at::kDouble), mu2 = at::randn({D}, gen, at::kDouble);
   const double expected = (mu1 - mu2).pow(2).sum().item<double>() + (d1.sqrt() - d2.sqrt()).pow(2).sum().item<double>();
-  const double diag = api::frechet_distance(mu1, at::diag(d1), mu2, at::diag(d2));
+  const double diag = metrics::frechet_distance(mu1, at::diag(d1), mu2, at::diag(d2));
   const double rotated =
-      api::frechet_distance(mu1, at::matmul(q * d1, q.t()), mu2, at::matmul(q * d2, q.t()));
+      metrics::frechet_distance(mu1, at::matmul(q * d1, q.t()), mu2, at::matmul(q * d2, q.t()));
   std::printf("[check] frechet diagonal: %.12f rotated: %.12f expected: %.12f\n", diag, rotated, expected);
   EXPECT_NEAR(diag, expected, 1e-6 * expected);
   EXPECT_NEAR(rotated, expected, 1e-6 * expected);
 }
 
-TEST(EvalFrechet, NonCommuting2x2ClosedForm) {
+TEST(EvalFrechetUnit, NonCommuting2x2ClosedForm) {
   // For 2x2 S1 S2 with positive eigenvalues: tr(sqrt(S1 S2)) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2)).
   const at::Tensor s1 = at::tensor({2.0, 0.7, 0.7, 1.0}, at::kDouble).view({2, 2});
   const at::Tensor s2 = at::tensor({0.5, -0.2, -0.2, 1.5}, at::kDouble).view({2, 2});
@@ -141,116 +142,116 @@ TEST(EvalFrechet, NonCommuting2x2ClosedForm) {
                                    2 * std::sqrt(at::det(s1).item<double>() * at::det(s2).item<double>()));
   const double expected = (mu1 - mu2).pow(2).sum().item<double>() + s1.trace().item<double>() +
                           s2.trace().item<double>() - 2 * tr_sqrt;
-  const double got = api::frechet_distance(mu1, s1, mu2, s2);
+  const double got = metrics::frechet_distance(mu1, s1, mu2, s2);
   std::printf("[check] frechet 2x2: %.12f expected %.12f\n", got, expected);
   EXPECT_NEAR(got, expected, 1e-9);
 }
 
-TEST(EvalFrechet, IdenticalSetsAreZeroAndShiftIsMeanTerm) {
+TEST(EvalFrechetUnit, IdenticalSetsAreZeroAndShiftIsMeanTerm) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(5);
   const at::Tensor a = at::randn({200, 16}, gen, at::kFloat);
-  const double same = api::frechet_distance(a, a);
+  const double same = metrics::frechet_distance(a, a);
   std::printf("[check] frechet identical sets: %.3g\n", same);
   EXPECT_NEAR(same, 0.0, 1e-6);
   // Shifting every sample by v changes only the mean term: |v|^2.
   const at::Tensor v = at::full({16}, 0.5);
-  EXPECT_NEAR(api::frechet_distance(a, a + v), 16 * 0.25, 1e-5);
-  EXPECT_THROW(api::frechet_distance(a.slice(0, 0, 1), a), InvalidArgument);
-  EXPECT_THROW(api::frechet_distance(a, a.slice(1, 0, 3)), InvalidArgument);
+  EXPECT_NEAR(metrics::frechet_distance(a, a + v), 16 * 0.25, 1e-5);
+  EXPECT_THROW(metrics::frechet_distance(a.slice(0, 0, 1), a), InvalidArgument);
+  EXPECT_THROW(metrics::frechet_distance(a, a.slice(1, 0, 3)), InvalidArgument);
 }
 
 // ---- edge F1, IoU ----
 
-TEST(EvalEdgeF1, SyntheticMaps) {
+TEST(EvalEdgeF1Unit, SyntheticMaps) {
   at::Tensor target = at::zeros({32, 32}, at::kBool);
   target.slice(0, 8, 9).slice(1, 8, 24).fill_(true);   // top side of a square outline
   target.slice(0, 23, 24).slice(1, 8, 24).fill_(true);
   target.slice(1, 8, 9).slice(0, 8, 24).fill_(true);
   target.slice(1, 23, 24).slice(0, 8, 24).fill_(true);
-  EXPECT_DOUBLE_EQ(api::edge_f1(target, target, 0), 1.0);
+  EXPECT_DOUBLE_EQ(metrics::edge_f1(target, target, 0), 1.0);
   const at::Tensor shift1 = at::roll(target, {1}, {1});
-  EXPECT_DOUBLE_EQ(api::edge_f1(shift1, target, 1), 1.0);  // within the 1-pixel tolerance
-  EXPECT_LT(api::edge_f1(shift1, target, 0), 0.6);
+  EXPECT_DOUBLE_EQ(metrics::edge_f1(shift1, target, 1), 1.0);  // within the 1-pixel tolerance
+  EXPECT_LT(metrics::edge_f1(shift1, target, 0), 0.6);
   const at::Tensor shift3 = at::roll(target, {3, 3}, {0, 1});
-  EXPECT_LT(api::edge_f1(shift3, target, 1), 0.2);
+  EXPECT_LT(metrics::edge_f1(shift3, target, 1), 0.2);
   // Half the edges found, nothing wrong: P = 1, R = 0.5 -> F1 = 2/3.
   at::Tensor half = target.clone();
   half.slice(1, 16, 32).fill_(false);
   const double r = half.sum().item<double>() / target.sum().item<double>();
   // recall counts target pixels within 1 px of a prediction (the cut column adds one)
-  const double f1 = api::edge_f1(half, target, 1);
+  const double f1 = metrics::edge_f1(half, target, 1);
   EXPECT_GT(f1, 2 * r / (1 + r) - 1e-9);
   EXPECT_LT(f1, 0.75);
-  EXPECT_DOUBLE_EQ(api::edge_f1(at::zeros({32, 32}, at::kBool), target, 1), 0.0);
-  EXPECT_DOUBLE_EQ(api::edge_f1(at::zeros({32, 32}, at::kBool), at::zeros({32, 32}, at::kBool), 1), 1.0);
-  EXPECT_THROW(api::edge_f1(target, target.slice(0, 0, 4), 1), InvalidArgument);
+  EXPECT_DOUBLE_EQ(metrics::edge_f1(at::zeros({32, 32}, at::kBool), target, 1), 0.0);
+  EXPECT_DOUBLE_EQ(metrics::edge_f1(at::zeros({32, 32}, at::kBool), at::zeros({32, 32}, at::kBool), 1), 1.0);
+  EXPECT_THROW(metrics::edge_f1(target, target.slice(0, 0, 4), 1), InvalidArgument);
 }
 
-TEST(EvalEdgeF1, ToleranceIsBsdsShareOfTheDiagonal) {
+TEST(EvalEdgeF1Unit, ToleranceIsBsdsShareOfTheDiagonal) {
   // 0.0075 of the diagonal, rounded: exact matching at emoji sizes, a few pixels at SD sizes.
-  EXPECT_EQ(api::edge_tolerance(32, 32), 0);
-  EXPECT_EQ(api::edge_tolerance(47, 47), 0);
-  EXPECT_EQ(api::edge_tolerance(64, 64), 1);
-  EXPECT_EQ(api::edge_tolerance(128, 128), 1);
-  EXPECT_EQ(api::edge_tolerance(512, 512), 5);
-  EXPECT_EQ(api::edge_tolerance(768, 512), 7);
+  EXPECT_EQ(metrics::edge_tolerance(32, 32), 0);
+  EXPECT_EQ(metrics::edge_tolerance(47, 47), 0);
+  EXPECT_EQ(metrics::edge_tolerance(64, 64), 1);
+  EXPECT_EQ(metrics::edge_tolerance(128, 128), 1);
+  EXPECT_EQ(metrics::edge_tolerance(512, 512), 5);
+  EXPECT_EQ(metrics::edge_tolerance(768, 512), 7);
 }
 
-TEST(EvalEdgeF1, MaskIoU) {
+TEST(EvalEdgeF1Unit, MaskIoU) {
   at::Tensor a = at::zeros({10, 10}, at::kBool), b = at::zeros({10, 10}, at::kBool);
   a.slice(0, 0, 5).fill_(true);  // 50 pixels
   b.slice(0, 2, 7).fill_(true);  // 50 pixels, 30 shared
-  EXPECT_DOUBLE_EQ(api::mask_iou(a, b), 30.0 / 70.0);
-  EXPECT_DOUBLE_EQ(api::mask_iou(a, a), 1.0);
+  EXPECT_DOUBLE_EQ(metrics::mask_iou(a, b), 30.0 / 70.0);
+  EXPECT_DOUBLE_EQ(metrics::mask_iou(a, a), 1.0);
 }
 
 // ---- classifier ----
 
-TEST(EmojiClassifier, ShapesBatchInvarianceAndSaveLoad) {
+TEST(EmojiClassifierTiny, ShapesBatchInvarianceAndSaveLoad) {
   at::manual_seed(0);
-  models::EmojiClassifier m(small_config(7));
+  emoji::EmojiClassifier m(small_config(7));
   m->eval();
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1);
   const at::Tensor x = at::rand({4, 3, 64, 64}, gen) * 2 - 1;
-  const models::EmojiClassifierOutput o = models::classify(m, x, 4);
+  const emoji::EmojiClassifierOutput o = emoji::classify(m, x, 4);
   EXPECT_EQ(o.features.sizes(), (at::IntArrayRef{4, 32}));
   EXPECT_EQ(o.concept_logits.sizes(), (at::IntArrayRef{4, 7}));
   EXPECT_EQ(o.style_logits.sizes(), (at::IntArrayRef{4, 2}));
   for (int i = 0; i < 4; ++i) {
-    const models::EmojiClassifierOutput one = models::classify(m, x.slice(0, i, i + 1), 1);
+    const emoji::EmojiClassifierOutput one = emoji::classify(m, x.slice(0, i, i + 1), 1);
     DMX_EXPECT_CLOSE("batch 1 vs batch 4, features " + std::to_string(i), one.features, o.features.slice(0, i, i + 1), 1e-5);
     DMX_EXPECT_CLOSE("batch 1 vs batch 4, logits " + std::to_string(i), one.concept_logits,
                      o.concept_logits.slice(0, i, i + 1), 1e-5);
   }
   // Other sizes are resized to 64.
-  EXPECT_EQ(models::classify(m, at::zeros({1, 3, 32, 32}), 1).features.size(1), 32);
+  EXPECT_EQ(emoji::classify(m, at::zeros({1, 3, 32, 32}), 1).features.size(1), 32);
   EXPECT_THROW(m->forward(at::zeros({1, 1, 64, 64})), InvalidArgument);
   // fp32 round trip is exact.
   const std::string dir = join_path(dmx::test::temp_dir(), "clf_roundtrip");
-  models::save_emoji_classifier(m, dir, false);
-  models::EmojiClassifier back = models::load_emoji_classifier(dir);
-  DMX_EXPECT_CLOSE("reloaded classifier logits", models::classify(back, x, 4).concept_logits, o.concept_logits, 1e-6);
+  emoji::save_emoji_classifier(m, dir, false);
+  emoji::EmojiClassifier back = emoji::load_emoji_classifier(dir);
+  DMX_EXPECT_CLOSE("reloaded classifier logits", emoji::classify(back, x, 4).concept_logits, o.concept_logits, 1e-6);
   EXPECT_EQ(back->config().class_names, m->config().class_names);
   // Malformed config.
   std::ofstream(dir + "/config.json") << R"({"_class_name": "Nope"})";
-  EXPECT_THROW(models::load_emoji_classifier(dir), FormatError);
-  EXPECT_THROW(models::load_emoji_classifier(dir + "/missing"), InvalidArgument);
+  EXPECT_THROW(emoji::load_emoji_classifier(dir), FormatError);
+  EXPECT_THROW(emoji::load_emoji_classifier(dir + "/missing"), InvalidArgument);
 }
 
-TEST(EmojiClassifier, AugmentationIsSeededAndInRange) {
+TEST(EmojiAugmentUnit, AugmentationIsSeededAndInRange) {
   const at::Tensor x = at::rand({3, 3, 64, 64});
   at::Generator g1 = at::make_generator<at::CPUGeneratorImpl>(9), g2 = at::make_generator<at::CPUGeneratorImpl>(9);
-  const at::Tensor a = training::augment_emoji_batch(x, g1), b = training::augment_emoji_batch(x, g2);
+  const at::Tensor a = emoji::augment_emoji_batch(x, g1), b = emoji::augment_emoji_batch(x, g2);
   EXPECT_TRUE(at::equal(a, b));
   EXPECT_EQ(a.sizes(), x.sizes());
   EXPECT_GE(a.min().item<float>(), 0.0f);
   EXPECT_LE(a.max().item<float>(), 1.0f);
   // A white image stays nearly white (white border fill; only noise and jitter).
-  const at::Tensor w = training::augment_emoji_batch(at::ones({2, 3, 64, 64}), g1);
+  const at::Tensor w = emoji::augment_emoji_batch(at::ones({2, 3, 64, 64}), g1);
   EXPECT_GT(w.mean().item<float>(), 0.85f);
 }
 
-TEST(EmojiClassifier, TrainsOnSyntheticDataDeterministically) {
+TEST(EmojiClassifierTiny, TrainsOnSyntheticDataDeterministically) {
   ClassifierTrainOptions o;
   o.data = synthetic_emoji_data();
   o.steps = 4;
@@ -274,7 +275,7 @@ TEST(EmojiClassifier, TrainsOnSyntheticDataDeterministically) {
   ASSERT_EQ(a.size(), b.size());
   for (const auto& kv : a) EXPECT_TRUE(at::equal(kv.second, b.at(kv.first))) << kv.first;
   EXPECT_EQ(a.at("concept_head.weight").scalar_type(), at::kHalf);
-  models::EmojiClassifier m = models::load_emoji_classifier(join_path(dmx::test::temp_dir(), "clf_a"));
+  emoji::EmojiClassifier m = emoji::load_emoji_classifier(join_path(dmx::test::temp_dir(), "clf_a"));
   EXPECT_EQ(m->config().class_splits.size(), 20u);
   o.data = join_path(dmx::test::temp_dir(), "no_such_data");
   EXPECT_THROW(train_classifier(o), InvalidArgument);
@@ -282,7 +283,7 @@ TEST(EmojiClassifier, TrainsOnSyntheticDataDeterministically) {
 
 // ---- prompts ----
 
-TEST(EvalPrompts, DefaultListAndFileParsing) {
+TEST(EvalPromptsUnit, DefaultListAndFileParsing) {
   const std::string data = synthetic_emoji_data();
   const auto p = default_eval_prompts(data, 10);
   ASSERT_EQ(p.size(), 10u);
@@ -306,9 +307,64 @@ TEST(EvalPrompts, DefaultListAndFileParsing) {
   EXPECT_THROW(read_eval_prompts(join_path(dmx::test::temp_dir(), "missing.txt"), data), InvalidArgument);
 }
 
-// ---- CLI ----
+// ---- bad input, file metrics ----
 
-TEST(EvalCli, BadInput) {
+TEST(EvalUnit, BadInputNamesTheFlag) {
+  const std::string tmp = dmx::test::temp_dir();
+  auto expect_invalid = [](const EvalOptions& o, const std::string& needle) {
+    try {
+      evaluate(o);
+      ADD_FAILURE() << "expected InvalidArgument mentioning '" << needle << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  EvalOptions o;
+  expect_invalid(o, "--model is required");
+  o.model = "/nonexistent/model";
+  expect_invalid(o, "--model: path not found");
+  o.model = tmp;
+  o.steps = 0;
+  expect_invalid(o, "--steps must be in [1, 1000], got 0");
+  o.steps = 2;
+  o.data = synthetic_emoji_data();
+  o.classifier = tmp;
+  // (the classifier folder is checked first, loaded after the prompts)
+  o.prompts_file = write_text("api_bad_prompts.txt", "thing number 1\n\nno such emoji\n");
+  expect_invalid(o, "api_bad_prompts.txt:3: 'no such emoji'");
+  o.prompts_file = "/nonexistent.txt";
+  expect_invalid(o, "--prompts: file not found");
+  o.prompts_file.clear();
+  o.classifier = "/nonexistent";
+  expect_invalid(o, "--classifier: not a folder");
+  o.classifier = tmp;
+  o.data = "/nonexistent";
+  expect_invalid(o, "--data");
+  EXPECT_THROW(mask_iou("/nonexistent.png", "/nonexistent.png"), InvalidArgument);
+  ClassifierTrainOptions c;
+  c.output = "/tmp/x";
+  try {
+    train_classifier(c);
+    ADD_FAILURE() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("--data is required"), std::string::npos) << e.what();
+  }
+}
+
+TEST(EvalUnit, FileMetrics) {
+  const std::string data = synthetic_emoji_data();
+  const std::string img = data + "/google/train/images/thing3.png";
+  const std::string mask = data + "/google/train/masks/thing3.png";
+  const std::string edges = data + "/google/train/edges/thing3.png";
+  EXPECT_DOUBLE_EQ(mask_iou(mask, mask), 1.0);
+  EXPECT_DOUBLE_EQ(edge_f1_files(img, edges), 1.0);  // the map is Canny(image)
+  EXPECT_DOUBLE_EQ(background_error(img, img, mask), 0.0);
+  const std::string other = data + "/google/train/images/thing4.png";
+  EXPECT_GT(background_error(img, other, mask), 0.0);
+}
+
+// The commands' exit codes, the options only the command line has, and one file metric as JSON.
+TEST(EvalCli, ExitCodes) {
   auto r = dmx::test::dmx_run({"eval"});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("--model is required"), std::string::npos) << r.output;
@@ -318,70 +374,46 @@ TEST(EvalCli, BadInput) {
   r = dmx::test::dmx_run({"eval", "--model", dmx::test::temp_dir(), "--steps", "zero"});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("--steps"), std::string::npos) << r.output;
-  const std::string data = synthetic_emoji_data();
-  const std::string bad = write_text("cli_bad_prompts.txt", "thing number 1\n\nno such emoji\n");
-  // (the classifier folder is checked first, loaded after the prompts)
-  r = dmx::test::dmx_run(
-      {"eval", "--model", dmx::test::temp_dir(), "--data", data, "--prompts", bad, "--classifier", dmx::test::temp_dir()});
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("cli_bad_prompts.txt:3: 'no such emoji'"), std::string::npos) << r.output;
-  r = dmx::test::dmx_run({"eval", "--model", dmx::test::temp_dir(), "--data", data, "--prompts", "/nonexistent.txt",
-                          "--classifier", dmx::test::temp_dir()});
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("--prompts: file not found"), std::string::npos) << r.output;
-  r = dmx::test::dmx_run({"eval", "--model", dmx::test::temp_dir(), "--data", data, "--classifier", "/nonexistent"});
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("--classifier: not a folder"), std::string::npos) << r.output;
-  r = dmx::test::dmx_run(
-      {"eval", "--model", dmx::test::temp_dir(), "--data", "/nonexistent", "--classifier", dmx::test::temp_dir()});
-  EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("--data"), std::string::npos) << r.output;
   r = dmx::test::dmx_run({"train", "classifier", "--output", "/tmp/x"});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("--data is required"), std::string::npos) << r.output;
-  r = dmx::test::dmx_run({"eval", "--mask-iou", "/nonexistent.png", "--reference", "/nonexistent.png"});
-  EXPECT_EQ(r.code, 2) << r.output;
   r = dmx::test::dmx_run({"eval", "--mask-iou", "a.png"});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("--reference"), std::string::npos) << r.output;
-}
-
-TEST(EvalCli, FileMetrics) {
-  const std::string data = synthetic_emoji_data();
-  const std::string img = data + "/google/train/images/thing3.png";
-  const std::string mask = data + "/google/train/masks/thing3.png";
-  const std::string edges = data + "/google/train/edges/thing3.png";
-  auto r = dmx::test::dmx_run({"eval", "--mask-iou", mask, "--reference", mask, "--json"});
+  const std::string mask = synthetic_emoji_data() + "/google/train/masks/thing3.png";
+  r = dmx::test::dmx_run({"eval", "--mask-iou", mask, "--reference", mask, "--json"});
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_DOUBLE_EQ(nlohmann::json::parse(r.output)["mask_iou"].get<double>(), 1.0);
-  r = dmx::test::dmx_run({"eval", "--edge-f1", img, "--reference", edges, "--json"});
-  ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_DOUBLE_EQ(nlohmann::json::parse(r.output)["edge_f1"].get<double>(), 1.0);  // the map is Canny(image)
-  r = dmx::test::dmx_run({"eval", "--background-error", img, "--reference", img, "--mask", mask, "--json"});
-  ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_DOUBLE_EQ(nlohmann::json::parse(r.output)["background_error"].get<double>(), 0.0);
-  const std::string other = data + "/google/train/images/thing4.png";
-  EXPECT_GT(background_error(img, other, mask), 0.0);
 }
 
-// ---- end to end on the fixture's tiny random model ----
+// ---- end to end on a tiny random model ----
 
-TEST(EvalEndToEnd, TinyModelJson) {
-  DMX_REQUIRE_FIXTURES();
-  const std::string model = dmx::test::fixture_model("test");
+TEST(EvalTiny, EndToEndJson) {
+  const std::string model = dmx::test::tiny_model_dir("test");
+  const std::string lora = dmx::test::tiny_lora_file("test", "diffusers");
   const std::string data = synthetic_emoji_data();
   const std::string clf = synthetic_classifier();
   const std::string prompts =
       write_text("e2e_prompts.txt", "thing number 1\nthing number 2, objects, google style\nthing number 5\nthing number 6\n");
   const std::string out = join_path(dmx::test::temp_dir(), "e2e_out");
-  auto r = dmx::test::dmx_run({"eval", "--model", model, "--classifier", clf, "--data", data, "--prompts", prompts,
-                               "--steps", "2", "--json", "--quiet", "--out", out, "--controlnet",
-                               model + "/controlnet", "--lora", model + "/lora/lora_diffusers.safetensors",
-                               "--aux-prompts", "2", "--dreambooth", model + "/lora/lora_diffusers.safetensors",
-                               "--dreambooth-prompt", "sks emoji", "--dreambooth-concept", "thing number 0",
-                               "--dreambooth-images", "2", "--threads", "2"});
-  ASSERT_EQ(r.code, 0) << r.output;
-  const auto j = nlohmann::json::parse(r.output.substr(r.output.find('{')));
+  EvalOptions o;
+  o.model = model;
+  o.classifier = clf;
+  o.data = data;
+  o.prompts_file = prompts;
+  o.steps = 2;
+  o.progress = false;
+  o.threads = 2;
+  EvalOptions plain = o;
+  o.out_dir = out;
+  o.controlnet = dmx::test::tiny_controlnet_dir("test");
+  o.lora = lora;
+  o.aux_prompts = 2;
+  o.dreambooth = lora;
+  o.dreambooth_prompt = "sks emoji";
+  o.dreambooth_concept = "thing number 0";
+  o.dreambooth_images = 2;
+  const auto j = nlohmann::json::parse(evaluate(o).to_json());
   std::printf("[check] dmx eval on the tiny model: %s\n", j.dump().c_str());
   EXPECT_EQ(j["n"], 4);
   for (const char* k : {"top1", "top5", "twitter_fraction", "edge_f1", "edge_f1_without", "edge_f1_empty",
@@ -403,12 +435,9 @@ TEST(EvalEndToEnd, TinyModelJson) {
   EXPECT_TRUE(path_exists(out + "/controlnet-empty-prompt/0001.png"));
   EXPECT_TRUE(path_exists(out + "/empty-prompt/0001.png"));
   const Image cn_out = load_image(out + "/controlnet/0001.png", "controlnet output");
-  EXPECT_EQ(j["edge_tolerance"].get<int>(), api::edge_tolerance(cn_out.height, cn_out.width));
+  EXPECT_EQ(j["edge_tolerance"].get<int>(), metrics::edge_tolerance(cn_out.height, cn_out.width));
   // Same seed, same numbers.
-  auto r2 = dmx::test::dmx_run({"eval", "--model", model, "--classifier", clf, "--data", data, "--prompts", prompts,
-                                "--steps", "2", "--json", "--quiet", "--threads", "2"});
-  ASSERT_EQ(r2.code, 0) << r2.output;
-  const auto j2 = nlohmann::json::parse(r2.output.substr(r2.output.find('{')));
+  const auto j2 = nlohmann::json::parse(evaluate(plain).to_json());
   EXPECT_EQ(j2["top1"], j["top1"]);
   EXPECT_NEAR(j2["frechet"].get<double>(), j["frechet"].get<double>(), 1e-9);
   EXPECT_FALSE(j2.contains("edge_f1"));

@@ -40,9 +40,9 @@ at::Tensor attention_ref(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return at::matmul(at::softmax(s, -1), v.to(at::kFloat));
 }
 
-class KernelsAttention : public ::testing::TestWithParam<bool> {};  // param: AMX tiles allowed
+class KernelsAttentionUnit : public ::testing::TestWithParam<bool> {};  // param: AMX tiles allowed
 
-TEST_P(KernelsAttention, FusedBf16MatchesFloat32) {
+TEST_P(KernelsAttentionUnit, FusedBf16MatchesFloat32) {
   DMX_REQUIRE_FUSED();
   nn::set_attention_amx(GetParam());
   struct AmxReset {
@@ -83,10 +83,10 @@ TEST_P(KernelsAttention, FusedBf16MatchesFloat32) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, KernelsAttention, ::testing::Values(true, false),
+INSTANTIATE_TEST_SUITE_P(Kernels, KernelsAttentionUnit, ::testing::Values(true, false),
                          [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "Amx" : "Avx512Bf16"; });
 
-TEST(Kernels, AttentionFloat32AndCausalKeepTheComposite) {
+TEST(KernelsUnit, AttentionFloat32AndCausalKeepTheComposite) {
   at::manual_seed(1);
   const at::Tensor q = heads_view(1, 12, 2, 16, at::kFloat), k = heads_view(1, 12, 2, 16, at::kFloat),
                    v = heads_view(1, 12, 2, 16, at::kFloat);
@@ -113,7 +113,7 @@ TEST(Kernels, AttentionFloat32AndCausalKeepTheComposite) {
 }
 
 // Gradients flow through attention() whatever the dtype: with inputs requiring grad the composite runs.
-TEST(Kernels, AttentionGradientsMatchComposite) {
+TEST(KernelsUnit, AttentionGradientsMatchComposite) {
   at::manual_seed(2);
   for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
     std::vector<at::Tensor> grads[2];
@@ -162,7 +162,7 @@ at::Tensor make_input(const GnCase& c, at::ScalarType dt) {
   return x;
 }
 
-TEST(Kernels, FusedGroupNormSiluMatchesComposite) {
+TEST(KernelsUnit, FusedGroupNormSiluMatchesComposite) {
   DMX_REQUIRE_FUSED();
   at::manual_seed(4);
   const std::vector<GnCase> cases = {{{2, 64, 13, 7}, 32, false}, {{2, 64, 13, 7}, 32, true}, {{1, 96, 5, 3}, 32, true},
@@ -198,7 +198,7 @@ TEST(Kernels, FusedGroupNormSiluMatchesComposite) {
   }
 }
 
-TEST(Kernels, GroupNormGradientsFallBackToComposite) {
+TEST(KernelsUnit, GroupNormGradientsFallBackToComposite) {
   at::manual_seed(5);
   at::Tensor x = at::randn({2, 8, 5, 5}).requires_grad_(true);
   at::Tensor w = at::randn({8}).requires_grad_(true), b = at::randn({8}).requires_grad_(true);
@@ -222,7 +222,7 @@ TEST(Kernels, GroupNormGradientsFallBackToComposite) {
                    at::silu(at::group_norm(x, 4, w, b, 1e-5)), 1e-5);
 }
 
-TEST(Kernels, FusedGegluBf16MatchesFloat32) {
+TEST(KernelsUnit, FusedGegluBf16MatchesFloat32) {
   DMX_REQUIRE_FUSED();
   at::manual_seed(6);
   for (const auto& shape : {std::vector<int64_t>{2, 7, 2 * 40}, std::vector<int64_t>{3, 2 * 17}, std::vector<int64_t>{1, 5, 2 * 640}}) {
@@ -243,7 +243,7 @@ TEST(Kernels, FusedGegluBf16MatchesFloat32) {
   EXPECT_TRUE(at::equal(nn::geglu(p), nn::geglu_composite(p)));
 }
 
-TEST(Kernels, GegluGradientsFallBackToComposite) {
+TEST(KernelsUnit, GegluGradientsFallBackToComposite) {
   at::manual_seed(7);
   at::Tensor p = at::randn({4, 12}).to(at::kBFloat16).requires_grad_(true);
   at::Tensor y;
@@ -258,7 +258,7 @@ TEST(Kernels, GegluGradientsFallBackToComposite) {
   EXPECT_TRUE(at::equal(p.grad(), p2.grad()));
 }
 
-TEST(Kernels, GroupNormRejectsBadGroups) {
+TEST(KernelsUnit, GroupNormRejectsBadGroups) {
   const at::Tensor x = at::randn({1, 6, 4, 4});
   try {
     nn::group_norm_act(x, 4, at::ones({6}), at::zeros({6}), 1e-5, false);
@@ -294,7 +294,7 @@ void ab(const std::string& what, const std::function<void()>& f, int rounds = 3,
   std::printf("[ab] %-44s composite %8.4f s  fused %8.4f s  x%.2f\n", what.c_str(), off, on, off / on);
 }
 
-TEST(DISABLED_KernelBench, AttentionSd15) {
+TEST(DISABLED_KernelBenchSlow, AttentionSd15) {
   DMX_REQUIRE_FUSED();
   c10::InferenceMode im;
   struct Case {
@@ -314,14 +314,14 @@ TEST(DISABLED_KernelBench, AttentionSd15) {
   }
 }
 
-TEST(DISABLED_KernelBench, GegluSd15) {
+TEST(DISABLED_KernelBenchSlow, GegluSd15) {
   DMX_REQUIRE_FUSED();
   c10::InferenceMode im;
   const at::Tensor p = at::randn({2, 4096, 2 * 1280}).to(at::kBFloat16);  // sd15 64^2 feed-forward projection
   ab("geglu bf16 [2, 4096, 2x1280]", [&] { nn::geglu(p); });
 }
 
-TEST(DISABLED_KernelBench, GroupNormSiluVae) {
+TEST(DISABLED_KernelBenchSlow, GroupNormSiluVae) {
   DMX_REQUIRE_FUSED();
   c10::InferenceMode im;
   // sd15 VAE decoder's largest activations: 128 and 256 channels at 512^2 and 256^2, 32 groups.

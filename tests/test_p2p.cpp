@@ -1,6 +1,6 @@
 // Prompt-to-Prompt: token helpers, controllers, golden runs against diffusers' community
 // pipeline_prompt2prompt.py (fixture case p2p), null-text inversion's reconstruction, attention-map pictures,
-// and the `dmx p2p` command.
+// dmx::p2p (the API the command calls) on a tiny random model, and the `dmx p2p` command's exit codes.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -8,34 +8,53 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "core/image.h"
 #include "dmx/error.h"
 #include "extensions/attention_maps.h"
 #include "extensions/prompt_to_prompt.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/null_text_inversion.h"
 #include "pipelines/prompt_to_prompt.h"
 #include "test_ref_cases.h"
+#include "dmx/p2p.h"
 #include "test_util.h"
+#include "tiny_models.h"
 
 namespace dmx::test {
 namespace {
 
 namespace fs = std::filesystem;
 
-std::shared_ptr<pipelines::StableDiffusionModels> p2p_model(const std::string& variant) {
-  static std::map<std::string, std::shared_ptr<pipelines::StableDiffusionModels>> cache;
+std::shared_ptr<loaders::StableDiffusionModels> p2p_model(const std::string& variant) {
+  static std::map<std::string, std::shared_ptr<loaders::StableDiffusionModels>> cache;
   auto& m = cache[variant];
-  if (!m) m = pipelines::load_stable_diffusion(fixture_model(variant));
+  if (!m) m = loaders::load_stable_diffusion(fixture_model(variant));
   return m;
 }
 
-const models::CLIPTokenizer& tokenizer() { return *p2p_model("sd15")->tokenizer; }
+const models::CLIPTokenizer& tokenizer() { return tiny_tokenizer(); }
+
+// A 64x64 picture (colour gradients and a disc) standing in for a real photograph.
+Image test_picture() {
+  Image img;
+  img.width = img.height = 64;
+  img.channels = 3;
+  img.data.resize(64 * 64 * 3);
+  for (int y = 0; y < 64; ++y)
+    for (int x = 0; x < 64; ++x) {
+      const bool disc = (x - 30) * (x - 30) + (y - 34) * (y - 34) < 15 * 15;
+      uint8_t* px = &img.data[static_cast<size_t>((y * 64 + x) * 3)];
+      px[0] = static_cast<uint8_t>(disc ? 220 : x * 4);
+      px[1] = static_cast<uint8_t>(disc ? 40 : y * 4);
+      px[2] = static_cast<uint8_t>(disc ? 60 : 128);
+    }
+  return img;
+}
 
 // ---------------------------------------------------------------------------------------------------
-TEST(P2PTokens, WordIndicesFollowTheTokens) {
-  DMX_REQUIRE_FIXTURES();
+TEST(P2PTokensUnit, WordIndicesFollowTheTokens) {
   const auto& tok = tokenizer();
   const std::string text = "a cat wearing a red hat";
   const auto texts = extensions::token_texts(tok, text);
@@ -55,8 +74,7 @@ TEST(P2PTokens, WordIndicesFollowTheTokens) {
   EXPECT_TRUE(extensions::get_word_inds(tok, text, "dog").empty());
 }
 
-TEST(P2PTokens, ReplacementMapperSwapsTheChangedWord) {
-  DMX_REQUIRE_FIXTURES();
+TEST(P2PTokensUnit, ReplacementMapperSwapsTheChangedWord) {
   const auto& tok = tokenizer();
   const std::vector<std::string> same{"a cat wearing a red hat", "a cat wearing a red hat"};
   EXPECT_TRUE(extensions::get_replacement_mapper(same, tok)[0].equal(at::eye(77)));
@@ -81,8 +99,7 @@ TEST(P2PTokens, ReplacementMapperSwapsTheChangedWord) {
   }
 }
 
-TEST(P2PTokens, RefinementMapperAlignsTokensAndMarksInsertions) {
-  DMX_REQUIRE_FIXTURES();
+TEST(P2PTokensUnit, RefinementMapperAlignsTokensAndMarksInsertions) {
   const auto& tok = tokenizer();
   const std::vector<std::string> prompts{"a cat wearing a hat", "a cat wearing a red hat"};
   auto [mapper, alphas] = extensions::get_refinement_mapper(prompts, tok);
@@ -101,8 +118,7 @@ TEST(P2PTokens, RefinementMapperAlignsTokensAndMarksInsertions) {
   EXPECT_EQ(alphas.sum().item<float>(), 77.f - static_cast<float>(red.size()));
 }
 
-TEST(P2PTokens, EqualizerAndTimeAlphas) {
-  DMX_REQUIRE_FIXTURES();
+TEST(P2PTokensUnit, EqualizerAndTimeAlphas) {
   const auto& tok = tokenizer();
   const std::string text = "a cat wearing a red hat";
   const at::Tensor eq = extensions::get_equalizer(text, {{"red", 3.0}, {"cat", 0.5}}, tok);
@@ -161,7 +177,7 @@ INSTANTIATE_TEST_SUITE_P(Golden, P2PGolden,
 // The fixture's refine case asks for cross_replace_steps 0.6, which the community pipeline at v0.27.2 does not
 // read (it reads n_cross_replace): 0.6 must not match the reference, 0.4 does (above). Also shows that the
 // controller changes the result.
-TEST(P2PPipeline, FixtureRanWithTheCommunityDefaultReplaceSteps) {
+TEST(P2PPipelineGolden, FixtureRanWithTheCommunityDefaultReplaceSteps) {
   DMX_REQUIRE_FIXTURES();
   RefCase ref = load_ref("sd15", "p2p");
   pipelines::PromptToPromptPipeline pipe(p2p_model("sd15"));
@@ -183,9 +199,8 @@ TEST(P2PPipeline, FixtureRanWithTheCommunityDefaultReplaceSteps) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-TEST(P2PPipeline, RejectsBadParameters) {
-  DMX_REQUIRE_FIXTURES();
-  pipelines::PromptToPromptPipeline pipe(p2p_model("sd15"));
+TEST(P2PPipelineTiny, RejectsBadParameters) {
+  pipelines::PromptToPromptPipeline pipe(shared_tiny_model("sd15"));
   pipelines::PromptToPromptParams p;
   p.prompt = "a cat wearing a red hat";
   p.edit_prompt = "a dog wearing a red hat";
@@ -218,9 +233,8 @@ TEST(P2PPipeline, RejectsBadParameters) {
   expect_msg(q, "local blend word \"horse\" is in neither prompt");
 }
 
-TEST(P2PPipeline, ModelIsLeftUnmodifiedAndLocalBlendKeepsTheSourceOutside) {
-  DMX_REQUIRE_FIXTURES();
-  auto m = p2p_model("sd15");
+TEST(P2PPipelineTiny, ModelIsLeftUnmodifiedAndLocalBlendKeepsTheSourceOutside) {
+  auto m = shared_tiny_model("sd15");
   pipelines::PromptToPromptPipeline pipe(m);
   pipelines::PromptToPromptParams p;
   p.prompt = "a cat wearing a red hat";
@@ -250,7 +264,7 @@ TEST(P2PPipeline, ModelIsLeftUnmodifiedAndLocalBlendKeepsTheSourceOutside) {
 // Null-text inversion on the ddim_inversion fixture image: DDIM inversion matches the reference's path, the
 // per-step optimisation lowers each step's loss, and the guided reconstruction from the optimised null-text
 // embeddings lands closer to z0 than guided sampling from plain DDIM inversion. Prints the PSNR figures.
-TEST(NullTextInversion, ReconstructsBetterThanPlainDDIMInversion) {
+TEST(NullTextInversionGolden, ReconstructsBetterThanPlainDDIMInversion) {
   DMX_REQUIRE_FIXTURES();
   auto m = p2p_model("sd15");
   RefCase ref = load_ref("sd15", "ddim_inversion");
@@ -316,59 +330,68 @@ TEST(NullTextInversion, ReconstructsBetterThanPlainDDIMInversion) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-TEST(P2PCli, HelpNamesTheOutputs) {
-  CliRun r = dmx_run({"p2p", "--help"});
-  EXPECT_EQ(r.code, 0);
-  EXPECT_NE(r.output.find("OUT-source.png"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("--null-text-inversion"), std::string::npos);
-  EXPECT_NE(dmx_run({"--help"}).output.find("p2p"), std::string::npos);
-}
-
-TEST(P2PCli, BadInputExitsTwoAndWritesNothing) {
-  DMX_REQUIRE_FIXTURES();
+// dmx::p2p is what `dmx p2p` runs: every input is checked before anything is loaded or written.
+TEST(P2PTiny, BadInputNamesTheRuleAndWritesNothing) {
   const std::string out = temp_dir() + "/p2p-bad.png";
-  const std::vector<std::string> base{
-      "p2p", "--model", fixture_model("sd15"), "--prompt", "a cat wearing a red hat", "--output", out, "--steps",
-      "2",   "--quiet"};
+  P2POptions base;
+  base.model = tiny_model_dir("sd15");
+  base.prompt = "a cat wearing a red hat";
+  base.output = out;
+  base.steps = 2;
+  base.progress = false;
   struct Case {
-    std::vector<std::string> extra;
+    std::function<void(P2POptions&)> edit;
     std::string message;
   };
   const std::vector<Case> cases = {
-      {{"--edit-prompt", "a dog wearing a red hat", "--mode", "swap"},
+      {[](P2POptions& o) { o.edit_prompt = "a dog wearing a red hat", o.mode = "swap"; },
        "--mode must be one of replace, refine, reweight"},
-      {{"--edit-prompt", "a cat wearing a red hat", "--mode", "reweight", "--reweight", "red3"},
+      {[](P2POptions& o) { o.edit_prompt = "a cat wearing a red hat", o.mode = "reweight", o.reweight = {"red3"}; },
        "--reweight must be WORD=SCALE, got 'red3'"},
-      {{"--edit-prompt", "a cat wearing a red hat", "--mode", "reweight", "--reweight", "red=lots"},
+      {[](P2POptions& o) { o.edit_prompt = "a cat wearing a red hat", o.mode = "reweight", o.reweight = {"red=lots"}; },
        "--reweight SCALE must be a finite number, got 'lots'"},
-      {{"--edit-prompt", "a cat wearing a red hat", "--mode", "reweight", "--reweight", "blue=2"},
+      {[](P2POptions& o) { o.edit_prompt = "a cat wearing a red hat", o.mode = "reweight", o.reweight = {"blue=2"}; },
        "--reweight word 'blue' is not a word of --edit-prompt"},
-      {{"--edit-prompt", "a big dog wearing a red hat"}, "same number of words"},
-      {{"--edit-prompt", "a dog wearing a red hat", "--local-blend", "horse"}, "--local-blend word 'horse'"},
-      {{"--edit-prompt", "a dog wearing a red hat", "--cross-replace-steps", "2"}, "--cross-replace-steps"},
-      {{"--edit-prompt", "a dog wearing a red hat", "--null-text-inversion"}, "--null-text-inversion needs --image"},
-      {{"--edit-prompt", "a dog wearing a red hat", "--image", "/nonexistent.png"}, "--image"},
-      {{"--mode", "replace"}, "--edit-prompt is required"},
+      {[](P2POptions& o) { o.edit_prompt = "a big dog wearing a red hat"; }, "same number of words"},
+      {[](P2POptions& o) { o.edit_prompt = "a dog wearing a red hat", o.local_blend = {"horse"}; },
+       "--local-blend word 'horse'"},
+      {[](P2POptions& o) { o.edit_prompt = "a dog wearing a red hat", o.cross_replace_steps = 2; },
+       "--cross-replace-steps"},
+      {[](P2POptions& o) { o.edit_prompt = "a dog wearing a red hat", o.null_text_inversion = true; },
+       "--null-text-inversion needs --image"},
+      {[](P2POptions& o) { o.edit_prompt = "a dog wearing a red hat", o.image = "/nonexistent.png"; }, "--image"},
+      {[](P2POptions& o) { o.mode = "replace"; }, "--edit-prompt is required"},
   };
   for (const auto& c : cases) {
-    std::vector<std::string> args = base;
-    args.insert(args.end(), c.extra.begin(), c.extra.end());
-    CliRun r = dmx_run(args);
-    EXPECT_EQ(r.code, 2) << c.message << "\n" << r.output;
-    EXPECT_NE(r.output.find("error: "), std::string::npos) << r.output;
-    EXPECT_NE(r.output.find(c.message), std::string::npos) << "expected '" << c.message << "' in: " << r.output;
+    P2POptions o = base;
+    c.edit(o);
+    try {
+      p2p(o);
+      ADD_FAILURE() << "no exception for " << c.message;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(c.message), std::string::npos) << "expected '" << c.message << "' in: "
+                                                                          << e.what();
+    }
     EXPECT_FALSE(fs::exists(out)) << c.message;
     EXPECT_FALSE(fs::exists(temp_dir() + "/p2p-bad-source.png"));
   }
 }
 
-TEST(P2PCli, WritesSideBySideSourceEditAndMaps) {
-  DMX_REQUIRE_FIXTURES();
+TEST(P2PTiny, WritesSideBySideSourceEditAndMaps) {
   const std::string out = temp_dir() + "/p2p-ok.png", maps = temp_dir() + "/p2p-maps.png";
-  CliRun r = dmx_run({"p2p", "--model", fixture_model("sd15"), "--prompt", "a cat wearing a hat", "--edit-prompt",
-                      "a cat wearing a red hat", "--mode", "refine", "--steps", "3", "--seed", "5",
-                      "--save-attention-maps", maps, "--output", out, "--quiet"});
-  ASSERT_EQ(r.code, 0) << r.output;
+  P2POptions o;
+  o.model = tiny_model_dir("sd15");
+  o.prompt = "a cat wearing a hat";
+  o.edit_prompt = "a cat wearing a red hat";
+  o.mode = "refine";
+  o.steps = 3;
+  o.seed = 5;
+  o.save_attention_maps = maps;
+  o.output = out;
+  o.progress = false;
+  const P2PResult r = p2p(o);
+  EXPECT_EQ(r.output, out);
+  EXPECT_EQ(r.source, temp_dir() + "/p2p-ok-source.png");
   const Image both = load_image(out, "out");
   const Image src = load_image(temp_dir() + "/p2p-ok-source.png", "src");
   const Image edit = load_image(temp_dir() + "/p2p-ok-edit.png", "edit");
@@ -381,23 +404,47 @@ TEST(P2PCli, WritesSideBySideSourceEditAndMaps) {
   EXPECT_NE(text[0].second.find("P2P mode: refine"), std::string::npos) << text[0].second;
 }
 
-TEST(P2PCli, RealImageWithNullTextInversion) {
-  DMX_REQUIRE_FIXTURES();
-  RefCase ref = load_ref("sd15", "ddim_inversion");
-  at::Tensor u8 = ref["input.image_u8"];
-  Image img;
-  img.height = static_cast<int>(u8.size(0));
-  img.width = static_cast<int>(u8.size(1));
-  img.channels = 3;
-  img.data.assign(u8.data_ptr<uint8_t>(), u8.data_ptr<uint8_t>() + u8.numel());
+TEST(P2PTiny, RealImageWithNullTextInversion) {
   const std::string in = temp_dir() + "/p2p-real-in.png", out = temp_dir() + "/p2p-real.png";
-  save_png(in, img);
-  CliRun r = dmx_run({"p2p", "--model", fixture_model("sd15"), "--image", in, "--null-text-inversion", "--prompt",
-                      "a bowl of fruit on a blue table", "--edit-prompt", "a bowl of fruit on a red table", "--steps",
-                      "4", "--null-text-inner-steps", "3", "--output", out, "--quiet"});
-  ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_NE(r.output.find("PSNR"), std::string::npos) << r.output;
+  save_png(in, test_picture());
+  P2POptions o;
+  o.model = tiny_model_dir("sd15");
+  o.image = in;
+  o.null_text_inversion = true;
+  o.prompt = "a bowl of fruit on a blue table";
+  o.edit_prompt = "a bowl of fruit on a red table";
+  o.steps = 4;
+  o.null_text_inner_steps = 3;
+  o.output = out;
+  o.progress = false;
+  const P2PResult r = p2p(o);
+  EXPECT_TRUE(std::isfinite(r.reconstruction_psnr)) << r.reconstruction_psnr;
+  EXPECT_GT(r.reconstruction_psnr, 0.0);
+  EXPECT_GT(r.inversion_seconds, 0.0);
   EXPECT_TRUE(fs::exists(temp_dir() + "/p2p-real-edit.png"));
+  EXPECT_EQ(load_image(temp_dir() + "/p2p-real-edit.png", "edit").width, 64);
+}
+
+// The command: help, one rejected input (exit 2, nothing written), one run (exit 0, the three files).
+TEST(P2PCli, HelpAndExitCodes) {
+  CliRun r = dmx_run({"p2p", "--help"});
+  EXPECT_EQ(r.code, 0);
+  EXPECT_NE(r.output.find("OUT-source.png"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--null-text-inversion"), std::string::npos);
+  EXPECT_NE(dmx_run({"--help"}).output.find("p2p"), std::string::npos);
+  const std::string model = tiny_model_dir("sd15");
+  const std::string out = temp_dir() + "/p2p-cli.png";
+  r = dmx_run({"p2p", "--model", model, "--prompt", "a cat wearing a red hat", "--output", out, "--steps", "2",
+               "--quiet", "--edit-prompt", "a dog wearing a red hat", "--mode", "swap"});
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_EQ(r.output.rfind("error: --mode must be one of replace, refine, reweight", 0), 0u) << r.output;
+  EXPECT_FALSE(fs::exists(out));
+  r = dmx_run({"p2p", "--model", model, "--prompt", "a cat wearing a hat", "--edit-prompt", "a cat wearing a red hat",
+               "--mode", "refine", "--steps", "2", "--seed", "5", "--output", out, "--quiet"});
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(out));
+  EXPECT_TRUE(fs::exists(temp_dir() + "/p2p-cli-source.png"));
+  EXPECT_TRUE(fs::exists(temp_dir() + "/p2p-cli-edit.png"));
 }
 
 // ---------------------------------------------------------------------------------------------------

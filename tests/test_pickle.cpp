@@ -168,7 +168,7 @@ std::vector<std::string> valid_files() {
 
 // ---------------------------------------------------------------- real torch.save files
 
-TEST(PickleLoad, RealTorchFilesMatchPython) {
+TEST(PickleLoadUnit, RealTorchFilesMatchPython) {
   const auto files = valid_files();
   ASSERT_GE(files.size(), 8u);
   for (const auto& name : files) {
@@ -182,7 +182,7 @@ TEST(PickleLoad, RealTorchFilesMatchPython) {
   }
 }
 
-TEST(PickleLoad, ViewsShareTheirStorage) {
+TEST(PickleLoadUnit, ViewsShareTheirStorage) {
   auto f = io::load_torch_file(corpus("valid_views.pth"));
   const PickleValue r = f->root();
   const at::Tensor base = r.at("base").as_tensor(), t = r.at("t").as_tensor(), rows = r.at("rows").as_tensor();
@@ -200,7 +200,7 @@ TEST(PickleLoad, ViewsShareTheirStorage) {
   EXPECT_TRUE(lf->root().at("w").as_tensor().storage().is_alias_of(lf->root().at("wt").as_tensor().storage()));
 }
 
-TEST(PickleLoad, StateDictAndAccessors) {
+TEST(PickleLoadUnit, StateDictAndAccessors) {
   auto f = io::load_torch_file(corpus("valid_nested.ckpt"));
   const io::TensorMap sd = io::torch_state_dict(*f);
   ASSERT_EQ(sd.size(), 2u);
@@ -302,7 +302,7 @@ TEST(PickleGolden, A1111HypernetworkMatchesItsSafetensorsCopy) {
 
 // ---------------------------------------------------------------- dmx convert
 
-TEST(PickleConvert, CkptToSafetensors) {
+TEST(PickleConvertGolden, CkptToSafetensors) {
   DMX_REQUIRE_FIXTURES();
   const std::string model = fixture_model("sd15");
   const std::string dir = fresh("convert");
@@ -328,7 +328,7 @@ TEST(PickleConvert, CkptToSafetensors) {
   EXPECT_EQ(r.code, 0) << r.output;
 }
 
-TEST(PickleConvert, HypernetworkAndErrors) {
+TEST(PickleConvertGolden, HypernetworkAndErrors) {
   DMX_REQUIRE_FIXTURES();
   const std::string hn = fixture_model("hypernet");
   const std::string dir = fresh("convert_hn");
@@ -356,7 +356,7 @@ TEST(PickleConvert, HypernetworkAndErrors) {
   EXPECT_EQ(count_files(dir), 2u);
 }
 
-TEST(PickleLoad, DiffusersFolderWithBinWeights) {
+TEST(PickleLoadUnit, DiffusersFolderWithBinWeights) {
   const std::string dir = fresh("binfolder");
   ::mkdir((dir + "/unet").c_str(), 0755);
   write_bytes(dir + "/unet/diffusion_pytorch_model.bin", read_bytes(corpus("valid_protocol4.bin")));
@@ -387,7 +387,7 @@ std::vector<EvilCase> evil_cases() {
   return out;
 }
 
-TEST(PickleEvil, CorpusIsRefusedByTheLoader) {
+TEST(PickleEvilUnit, CorpusIsRefusedByTheLoader) {
   const auto cases = evil_cases();
   ASSERT_GE(cases.size(), 40u);
   size_t code_running = 0;
@@ -448,8 +448,8 @@ void run_cli_corpus(bool generate) {
     }
   }
 }
-TEST(PickleEvil, ConvertRefusesTheCorpus) { run_cli_corpus(false); }
-TEST(PickleEvil, GenerateRefusesTheCorpus) { run_cli_corpus(true); }
+TEST(PickleEvilCli, ConvertRefusesTheCorpus) { run_cli_corpus(false); }
+TEST(PickleEvilCli, GenerateRefusesTheCorpus) { run_cli_corpus(true); }
 
 // ---------------------------------------------------------------- limits and malformed pickles
 
@@ -479,7 +479,7 @@ std::string tensor_pickle(int64_t numel, const std::vector<int64_t>& size, const
   return p;
 }
 
-TEST(PickleLimits, MalformedPicklesNameTheRule) {
+TEST(PickleLimitsUnit, MalformedPicklesNameTheRule) {
   struct Case {
     std::string bytes;
     std::vector<std::string> needles;
@@ -548,7 +548,7 @@ TEST(PickleLimits, MalformedPicklesNameTheRule) {
   EXPECT_EQ(bare(P2 + "\x8a\x02\x00\x80."s)->root().as_int(), -32768);
 }
 
-TEST(PickleLimits, ResourceLimits) {
+TEST(PickleLimitsUnit, ResourceLimits) {
   // objects: 2^21 ints (each BININT1 creates one)
   expect_error<FormatError>([&] { bare(P2 + repeat("K\x01" "0", (1u << 21) + 1) + "N."); },
                             {"creates more than 2097152 values (limit)"}, "objects");
@@ -589,7 +589,7 @@ TEST(PickleLimits, ResourceLimits) {
 
 // ---------------------------------------------------------------- archives
 
-TEST(PickleZip, TruncatedAndCorruptedArchivesAreErrors) {
+TEST(PickleZipUnit, TruncatedAndCorruptedArchivesAreErrors) {
   const std::string good = read_bytes(corpus("valid_dtypes.pt"));
   ASSERT_NO_THROW(parse(good));
   size_t refused = 0;
@@ -622,7 +622,7 @@ TEST(PickleZip, TruncatedAndCorruptedArchivesAreErrors) {
 }
 
 // The fuzz seeds: the corpus files (identical) and the bare data.pkl streams, which must load on their own.
-TEST(PickleZip, FuzzSeeds) {
+TEST(PickleZipUnit, FuzzSeeds) {
   const std::string dir = std::string(DMX_SOURCE_DIR) + "/fuzz/corpus/pickle";
   size_t bare_seeds = 0, files = 0;
   for (const auto& e : std::filesystem::directory_iterator(dir)) {
@@ -641,7 +641,7 @@ TEST(PickleZip, FuzzSeeds) {
   EXPECT_EQ(files, valid_files().size() + evil_cases().size());
 }
 
-TEST(PickleZip, Detection) {
+TEST(PickleZipUnit, Detection) {
   EXPECT_TRUE(io::looks_like_torch_file(corpus("valid_dtypes.pt")));
   EXPECT_TRUE(io::looks_like_torch_file(corpus("valid_legacy.pt")));
   EXPECT_FALSE(io::looks_like_torch_file(corpus("corpus.json")));

@@ -1,8 +1,9 @@
 // Scheduler tests: step-by-step golden comparison with diffusers 0.27.2 (ref/<variant>/schedulers.*),
 // config parsing and validation (from_config semantics), the factory, runtime errors, and
-// hand-computed v-prediction steps. Suites: SchedulerGolden (golden), SchedulerConfig, SchedulerFactory,
-// SchedulerStep (unit; SchedulerFactory.*Fixture* needs the fixtures). Golden cases are
-// SchedulerGolden/SchedulerGoldenCase.*/<variant>_<case>.
+// hand-computed v-prediction steps, and the registry (every row round-trips; the README's table is the
+// registry). Suites: SchedulerCaseGolden, SchedulerCoverageGolden, SchedulerPipelinesGolden (fixtures);
+// SchedulerConfigUnit, SchedulerFactoryUnit, SchedulerRegistryUnit, SchedulerStepUnit. Golden cases are
+// SchedulerGolden/SchedulerCaseGolden.*/<variant>_<case>.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -14,11 +15,14 @@
 #include <set>
 
 #include "core/fs.h"
+#include "dmx/dmx.h"
 #include "dmx/error.h"
 #include "io/safetensors.h"
+#include "schedulers/registry.h"
 #include "schedulers/scheduler.h"
 #include "schedulers/scheduler_impl.h"
 #include "test_util.h"
+#include "tiny_models.h"
 
 namespace S = dmx::schedulers;
 using json = nlohmann::json;
@@ -78,7 +82,7 @@ const SchedulerRef& load_scheduler_ref(const std::string& variant) {
   if (it != cache.end()) return it->second;
   const std::string base = dmx::test::fixtures_dir() + "/ref/" + variant + "/schedulers";
   SchedulerRef ref;
-  ref.meta = S::parse_scheduler_config(dmx::read_text_file(base + ".json", "scheduler reference metadata"));
+  ref.meta = S::parse_scheduler_config(dmx::read_text_file(base + ".json", "scheduler reference metadata", dmx::kMaxJsonFileBytes));
   ref.tensors = dmx::io::load_safetensors(base + ".safetensors");
   return cache.emplace(variant, std::move(ref)).first->second;
 }
@@ -94,9 +98,9 @@ std::map<std::string, double>& worst_errors() {
 
 using GoldenParam = std::tuple<std::string, std::string>;  // variant, case
 
-class SchedulerGoldenCase : public ::testing::TestWithParam<GoldenParam> {};
+class SchedulerCaseGolden : public ::testing::TestWithParam<GoldenParam> {};
 
-TEST_P(SchedulerGoldenCase, MatchesDiffusersStepByStep) {
+TEST_P(SchedulerCaseGolden, MatchesDiffusersStepByStep) {
   DMX_REQUIRE_FIXTURES();
   const auto& [variant, name] = GetParam();
   const SchedulerRef& ref = load_scheduler_ref(variant);
@@ -205,11 +209,11 @@ std::string golden_name(const ::testing::TestParamInfo<GoldenParam>& info) {
   return s;
 }
 
-INSTANTIATE_TEST_SUITE_P(SchedulerGolden, SchedulerGoldenCase,
+INSTANTIATE_TEST_SUITE_P(SchedulerGolden, SchedulerCaseGolden,
                          ::testing::Combine(::testing::Values("sd15", "test"), ::testing::ValuesIn(kGoldenCases)),
                          golden_name);
 
-TEST(SchedulerGoldenCoverage, EveryReferenceCaseIsTested) {
+TEST(SchedulerCoverageGolden, EveryReferenceCaseIsTested) {
   DMX_REQUIRE_FIXTURES();
   for (const std::string variant : {"sd15", "test"}) {
     const SchedulerRef& ref = load_scheduler_ref(variant);
@@ -225,7 +229,7 @@ TEST(SchedulerGoldenCoverage, EveryReferenceCaseIsTested) {
 
 // The pipeline cases record the scheduler each run used: the short names built from the model's
 // scheduler_config.json give the same class, config and timesteps.
-TEST(SchedulerGoldenPipelines, ShortNamesMatchPipelineCases) {
+TEST(SchedulerPipelinesGolden, ShortNamesMatchPipelineCases) {
   DMX_REQUIRE_FIXTURES();
   const std::map<std::string, std::string> cases = {{"txt2img_ddim", "ddim"},       {"txt2img_ddim_eta", "ddim"},
                                                     {"txt2img_dpm2m", "dpmpp_2m"},  {"txt2img_euler", "euler"},
@@ -233,11 +237,11 @@ TEST(SchedulerGoldenPipelines, ShortNamesMatchPipelineCases) {
                                                     {"txt2img_pndm", "pndm"},       {"img2img", "ddim"}};
   for (const std::string variant : {"sd15", "test"}) {
     const json model_cfg = S::parse_scheduler_config(dmx::read_text_file(
-        dmx::test::fixture_model(variant) + "/scheduler/scheduler_config.json", "scheduler config"));
+        dmx::test::fixture_model(variant) + "/scheduler/scheduler_config.json", "scheduler config", dmx::kMaxJsonFileBytes));
     for (const auto& [case_name, short_name] : cases) {
       SCOPED_TRACE(variant + "/" + case_name);
       const json meta = S::parse_scheduler_config(dmx::read_text_file(
-          dmx::test::fixtures_dir() + "/ref/" + variant + "/" + case_name + ".json", "case metadata"));
+          dmx::test::fixtures_dir() + "/ref/" + variant + "/" + case_name + ".json", "case metadata", dmx::kMaxJsonFileBytes));
       const json& rec = meta["scheduler"];
       const json recorded = rec.is_string() ? S::parse_scheduler_config(rec.get<std::string>()) : rec;
       auto ours = S::create_scheduler(short_name, model_cfg);
@@ -262,7 +266,7 @@ TEST(SchedulerGoldenPipelines, ShortNamesMatchPipelineCases) {
 // ---------------------------------------------------------------------------------------------------
 // Config: from_config semantics and validation.
 
-TEST(SchedulerConfig, ClassDefaultsThenJsonFields) {
+TEST(SchedulerConfigUnit, ClassDefaultsThenJsonFields) {
   const auto ddim_default = S::SchedulerConfig::for_class("DDIMScheduler", json::object());
   EXPECT_TRUE(ddim_default.clip_sample);
   EXPECT_TRUE(ddim_default.set_alpha_to_one);
@@ -311,7 +315,7 @@ TEST(SchedulerConfig, ClassDefaultsThenJsonFields) {
   EXPECT_DOUBLE_EQ(*euler.sigma_max, 10.0);
 }
 
-TEST(SchedulerConfig, PythonJsonLiterals) {
+TEST(SchedulerConfigUnit, PythonJsonLiterals) {
   const json j = S::parse_scheduler_config(
       R"({"lambda_min_clipped": -Infinity, "note": "NaN and -Infinity stay text", "sample_max_value": 1.5})");
   EXPECT_EQ(j["note"], "NaN and -Infinity stay text");
@@ -321,7 +325,7 @@ TEST(SchedulerConfig, PythonJsonLiterals) {
   expect_throws<dmx::FormatError>([] { S::parse_scheduler_config("{\"a\": }"); }, {"malformed"}, "bad json");
 }
 
-TEST(SchedulerConfig, RejectsBadValues) {
+TEST(SchedulerConfigUnit, RejectsBadValues) {
   struct Case {
     std::string cls;
     json fields;
@@ -332,7 +336,8 @@ TEST(SchedulerConfig, RejectsBadValues) {
       {"DDIMScheduler", {{"prediction_type", "noise"}}, {"prediction_type", "noise", "v_prediction"}},
       {"EulerDiscreteScheduler", {{"timestep_spacing", "random"}}, {"timestep_spacing", "random"}},
       {"DDIMInverseScheduler", {{"timestep_spacing", "linspace"}}, {"timestep_spacing", "linspace", "trailing"}},
-      {"DDPMScheduler", {{"num_train_timesteps", 0}}, {"num_train_timesteps", "> 0", "0"}},
+      {"DDPMScheduler", {{"num_train_timesteps", 0}}, {"num_train_timesteps", "must be in [1, 100000]", "0"}},
+      {"DDPMScheduler", {{"num_train_timesteps", 2000000000}}, {"num_train_timesteps", "must be in [1, 100000]"}},
       {"DDPMScheduler", {{"beta_start", "abc"}}, {"beta_start", "number", "abc"}},
       {"DDPMScheduler", {{"beta_end", 1.5}}, {"beta_end", "[0, 1)", "1.5"}},
       {"DDPMScheduler", {{"variance_type", "huge"}}, {"variance_type", "huge"}},
@@ -365,7 +370,7 @@ TEST(SchedulerConfig, RejectsBadValues) {
   EXPECT_NO_THROW(S::SchedulerConfig::for_class("HeunDiscreteScheduler", {{"beta_schedule", "exp"}}));
 }
 
-TEST(SchedulerConfig, BetaSchedules) {
+TEST(SchedulerConfigUnit, BetaSchedules) {
   S::SchedulerConfig c;
   c.beta_schedule = "linear";
   at::Tensor b = S::make_betas(c);
@@ -405,7 +410,7 @@ TEST(SchedulerConfig, BetaSchedules) {
 // ---------------------------------------------------------------------------------------------------
 // Factory.
 
-TEST(SchedulerFactory, Names) {
+TEST(SchedulerFactoryUnit, Names) {
   EXPECT_EQ(S::scheduler_names(), (std::vector<std::string>{"ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms",
                                                             "dpmpp_2m", "dpmpp_2m_karras", "ddim_inverse"}));
   expect_throws<dmx::InvalidArgument>(
@@ -436,6 +441,72 @@ TEST(SchedulerFactory, Names) {
   EXPECT_FALSE(S::create_scheduler("dpmpp_2m", dpm3)->config().use_karras_sigmas);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Registry: every row goes name -> scheduler -> class name -> A1111 label -> name, through the factory, the
+// PNG metadata (format_parameters / parse_parameters, what --from reads) and the name of a model's own
+// scheduler config.
+
+TEST(SchedulerRegistryUnit, EveryRowRoundTrips) {
+  std::set<std::string> names, labels;
+  for (const auto& row : S::scheduler_registry()) {
+    SCOPED_TRACE(row.name);
+    EXPECT_TRUE(names.insert(row.name).second) << "duplicate name";
+    EXPECT_TRUE(row.overrides.is_object());
+    const auto sched = S::create_scheduler(row.name, sd_scheduler_config());
+    EXPECT_EQ(sched->class_name(), row.class_name());
+    for (const auto& [key, value] : row.overrides.items())
+      EXPECT_EQ(sched->config().to_json().at(key), value) << key;
+    // A model whose own config is what the row produces is named by the row (the metadata of its images).
+    json own = sd_scheduler_config();
+    own["_class_name"] = row.class_name();
+    for (const auto& [key, value] : row.overrides.items()) own[key] = value;
+    EXPECT_EQ(S::scheduler_name_for_config(own), row.name);
+    if (row.a1111_label.empty()) {  // not a sampler: generation does not offer it
+      EXPECT_EQ(S::sampler_for_label(row.name), "");
+      const std::vector<std::string> offered = dmx::scheduler_names();
+      EXPECT_EQ(std::count(offered.begin(), offered.end(), row.name), 0);
+      continue;
+    }
+    EXPECT_TRUE(labels.insert(row.a1111_label).second) << "duplicate label " << row.a1111_label;
+    EXPECT_EQ(S::sampler_label(row.name), row.a1111_label);
+    EXPECT_EQ(S::sampler_for_label(row.a1111_label), row.name);
+    EXPECT_EQ(S::sampler_for_label(row.name), row.name);
+    dmx::GenerateOptions o;
+    o.prompt = "a lighthouse";
+    o.scheduler = row.name;
+    const std::string text = dmx::format_parameters(o, 7, 64, 64, "model", "");
+    EXPECT_NE(text.find("Sampler: " + row.a1111_label + ","), std::string::npos) << text;
+    EXPECT_EQ(dmx::parse_parameters(text).scheduler, row.name) << text;
+  }
+  EXPECT_EQ(S::scheduler_names().size(), S::scheduler_registry().size());
+  // A config no row reproduces keeps its class name; one that no class accepts too.
+  json dpm3 = sd_scheduler_config();
+  dpm3["_class_name"] = "DPMSolverMultistepScheduler";
+  dpm3["solver_order"] = 3;
+  EXPECT_EQ(S::scheduler_name_for_config(dpm3), "DPMSolverMultistepScheduler");
+  json unknown = sd_scheduler_config();
+  unknown["_class_name"] = "UniPCMultistepScheduler";
+  EXPECT_EQ(S::scheduler_name_for_config(unknown), "UniPCMultistepScheduler");
+  EXPECT_EQ(S::sampler_for_label("DPM++ SDE Karras"), "");
+}
+
+// The README's scheduler table and the --scheduler choices of its synopsis are the registry.
+TEST(SchedulerRegistryUnit, ReadmeTableIsTheRegistry) {
+  const std::string readme = dmx::read_text_file(std::string(DMX_SOURCE_DIR) + "/README.md", "README", dmx::kMaxTextFileBytes);
+  const size_t begin = readme.find("<!-- schedulers:begin");
+  const size_t end = readme.find("<!-- schedulers:end -->");
+  ASSERT_NE(begin, std::string::npos) << "README.md has no <!-- schedulers:begin ... --> marker";
+  ASSERT_NE(end, std::string::npos) << "README.md has no <!-- schedulers:end --> marker";
+  const size_t first = readme.find('\n', begin) + 1;
+  EXPECT_EQ(readme.substr(first, end - first), S::scheduler_table_markdown())
+      << "README.md's scheduler table differs from the registry; paste this between the markers:\n"
+      << S::scheduler_table_markdown();
+  std::string choices;
+  for (const auto& n : dmx::scheduler_names()) choices += (choices.empty() ? "" : "|") + n;
+  EXPECT_NE(readme.find("[--scheduler " + choices + "]"), std::string::npos)
+      << "README.md's generate synopsis should read [--scheduler " << choices << "]";
+}
+
 // Every short name from a model's scheduler_config.json runs 3 steps of the dummy model.
 void run_dummy_steps(const json& base_config, const std::string& source) {
   for (const auto& name : S::scheduler_names()) {
@@ -461,13 +532,13 @@ void run_dummy_steps(const json& base_config, const std::string& source) {
   }
 }
 
-TEST(SchedulerFactory, EveryNameRunsDummyModel) { run_dummy_steps(sd_scheduler_config(), "SD config"); }
+TEST(SchedulerFactoryUnit, EveryNameRunsDummyModel) { run_dummy_steps(sd_scheduler_config(), "SD config"); }
 
-TEST(SchedulerFactory, EveryNameRunsDummyModelFromFixtureConfig) {
-  DMX_REQUIRE_FIXTURES();
+// The fixture models' scheduler_config.json, as diffusers wrote it (copied into tests/data/tiny-sd).
+TEST(SchedulerFactoryUnit, EveryNameRunsDummyModelFromFixtureConfig) {
   for (const std::string variant : {"sd15", "test"}) {
-    const std::string path = dmx::test::fixture_model(variant) + "/scheduler/scheduler_config.json";
-    run_dummy_steps(S::parse_scheduler_config(dmx::read_text_file(path, "scheduler config")), path);
+    const std::string path = dmx::test::tiny_config_dir(variant) + "/scheduler/scheduler_config.json";
+    run_dummy_steps(S::parse_scheduler_config(dmx::read_text_file(path, "scheduler config", dmx::kMaxJsonFileBytes)), path);
   }
 }
 
@@ -479,7 +550,7 @@ std::vector<double> alphas_cumprod_double(const S::SchedulerConfig& c) {
   return std::vector<double>(ac.data_ptr<double>(), ac.data_ptr<double>() + ac.numel());
 }
 
-TEST(SchedulerStep, DDIMVPrediction) {
+TEST(SchedulerStepUnit, DDIMVPrediction) {
   json j = sd_scheduler_config();
   j["prediction_type"] = "v_prediction";
   auto sched = S::create_scheduler("ddim", j);
@@ -500,7 +571,7 @@ TEST(SchedulerStep, DDIMVPrediction) {
   }
 }
 
-TEST(SchedulerStep, EulerVPrediction) {
+TEST(SchedulerStepUnit, EulerVPrediction) {
   json j = sd_scheduler_config();
   j["prediction_type"] = "v_prediction";
   auto sched = S::create_scheduler("euler", j);
@@ -525,7 +596,7 @@ TEST(SchedulerStep, EulerVPrediction) {
   }
 }
 
-TEST(SchedulerStep, RuntimeErrors) {
+TEST(SchedulerStepUnit, RuntimeErrors) {
   auto ddim = S::create_scheduler("ddim", sd_scheduler_config());
   const at::Tensor x = at::zeros({1, 4, 4, 4});
   expect_throws<dmx::InvalidArgument>([&] { ddim->step(x, 0, x); }, {"set_timesteps"}, "step before set_timesteps");
@@ -559,7 +630,7 @@ TEST(SchedulerStep, RuntimeErrors) {
   }
 }
 
-TEST(SchedulerStep, Img2ImgStartAndReset) {
+TEST(SchedulerStepUnit, Img2ImgStartAndReset) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
   const at::Tensor x = at::randn({1, 4, 4, 4}, gen, at::TensorOptions().dtype(at::kFloat));
   for (const auto& name : S::scheduler_names()) {
@@ -581,7 +652,7 @@ TEST(SchedulerStep, Img2ImgStartAndReset) {
   }
 }
 
-TEST(SchedulerStep, FirstStepOfStatefulSchedulersIsFirstOrder) {
+TEST(SchedulerStepUnit, FirstStepOfStatefulSchedulersIsFirstOrder) {
   // DPM-Solver++ with no history takes the DDIM-equivalent first-order step from any start index.
   auto dpm = S::create_scheduler("dpmpp_2m", sd_scheduler_config());
   dpm->set_timesteps(10);
@@ -601,7 +672,7 @@ TEST(SchedulerStep, FirstStepOfStatefulSchedulersIsFirstOrder) {
   EXPECT_LE(dmx::test::check_close("dpm first-order from index 3", out.prev_sample, expected, kTol), kTol);
 }
 
-TEST(SchedulerStep, TimestepLayouts) {
+TEST(SchedulerStepUnit, TimestepLayouts) {
   auto heun = S::create_scheduler("heun", sd_scheduler_config());
   heun->set_timesteps(10);
   EXPECT_EQ(heun->order(), 2);
@@ -654,7 +725,7 @@ TEST(SchedulerStep, TimestepLayouts) {
   EXPECT_TRUE(fractional);
 }
 
-TEST(SchedulerStep, DDPMDrawsFromDefaultGeneratorWithoutOne) {
+TEST(SchedulerStepUnit, DDPMDrawsFromDefaultGeneratorWithoutOne) {
   auto ddpm = S::create_scheduler("ddpm", sd_scheduler_config());
   ddpm->set_timesteps(10);
   const at::Tensor x = at::ones({1, 4, 4, 4});

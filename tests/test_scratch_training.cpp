@@ -15,7 +15,7 @@
 #include "io/safetensors.h"
 #include "models/clip_bpe_trainer.h"
 #include "models/clip_tokenizer.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -120,7 +120,7 @@ std::string make_model(const std::string& name, uint64_t seed = 0) {
 }
 }  // namespace
 
-TEST(BPETrainer, LearnsWholeWordsDeterministically) {
+TEST(BPETrainerUnit, LearnsWholeWordsDeterministically) {
   models::BPETrainOptions o;
   o.vocab_size = 2000;
   const auto a = models::learn_clip_bpe(kCaptions, o), b = models::learn_clip_bpe(kCaptions, o);
@@ -142,7 +142,7 @@ TEST(BPETrainer, LearnsWholeWordsDeterministically) {
   EXPECT_FALSE(tok.tokenize("zebra").empty());
 }
 
-TEST(BPETrainer, VocabSizeCapsTheMergesAndBadSizesAreRejected) {
+TEST(BPETrainerUnit, VocabSizeCapsTheMergesAndBadSizesAreRejected) {
   models::BPETrainOptions o;
   o.vocab_size = 530;
   EXPECT_EQ(models::learn_clip_bpe(kCaptions, o).tokens.size(), 530u);
@@ -156,7 +156,7 @@ TEST(BPETrainer, VocabSizeCapsTheMergesAndBadSizesAreRejected) {
   }
 }
 
-TEST(BPETrainer, CliWritesATokenizerFolder) {
+TEST(BPETrainerCli, CliWritesATokenizerFolder) {
   const std::string data = make_data("tok_cli");
   const std::string out = test::temp_dir() + "/tok_cli_out";
   auto r = test::dmx_run({"data", "tokenizer", "--data", data, "--output", out, "--vocab-size", "700",
@@ -169,7 +169,7 @@ TEST(BPETrainer, CliWritesATokenizerFolder) {
   EXPECT_NE(r.output.find("--data"), std::string::npos) << r.output;
 }
 
-TEST(InitModel, SeededFreshWeightsThatLoad) {
+TEST(InitModelTiny, SeededFreshWeightsThatLoad) {
   const std::string a = make_model("init_a", 7), b = make_model("init_b", 7), c = make_model("init_c", 8);
   auto ta = io::load_safetensors(a + "/unet/diffusion_pytorch_model.safetensors");
   auto tb = io::load_safetensors(b + "/unet/diffusion_pytorch_model.safetensors");
@@ -177,7 +177,7 @@ TEST(InitModel, SeededFreshWeightsThatLoad) {
   ASSERT_EQ(ta.size(), tb.size());
   for (const auto& [k, v] : ta) EXPECT_TRUE(at::equal(v, tb.at(k))) << k;
   EXPECT_FALSE(at::equal(ta.at("conv_in.weight"), tc.at("conv_in.weight")));
-  auto m = pipelines::load_stable_diffusion(a);
+  auto m = loaders::load_stable_diffusion(a);
   EXPECT_EQ(m->unet->config().sample_size, 8);
   // transformers' CLIP initialisation: token embeddings N(0, 0.02), layer norms at identity.
   auto te = io::load_safetensors(a + "/text_encoder/model.safetensors");
@@ -187,7 +187,7 @@ TEST(InitModel, SeededFreshWeightsThatLoad) {
                         at::ones_like(te.at("text_model.final_layer_norm.weight"))));
 }
 
-TEST(InitModel, InconsistentConfigsAreRejected) {
+TEST(InitModelTiny, InconsistentConfigsAreRejected) {
   InitModelOptions o;
   o.config = make_config("init_small_vocab", /*text_vocab=*/100);
   o.tokenizer = make_tokenizer("init_small_vocab_tok", 600);
@@ -203,7 +203,7 @@ TEST(InitModel, InconsistentConfigsAreRejected) {
   EXPECT_THROW(init_model(o), InvalidArgument);
 }
 
-TEST(TrainVAE, LowersTheReconstructionLossAndSetsTheScalingFactor) {
+TEST(TrainVAETiny, LowersTheReconstructionLossAndSetsTheScalingFactor) {
   const std::string model = make_model("vae_model");
   const std::string data = make_data("vae_data");
   TrainOptions o;
@@ -220,7 +220,7 @@ TEST(TrainVAE, LowersTheReconstructionLossAndSetsTheScalingFactor) {
   const TrainReport r = train(o);
   std::printf("[vae] loss %.4f -> %.4f\n", r.first_loss, r.final_loss);
   EXPECT_LT(r.final_loss, r.first_loss * 0.8);
-  const auto cfg = nlohmann::json::parse(read_text_file(o.output + "/vae/config.json", "vae config"));
+  const auto cfg = nlohmann::json::parse(read_text_file(o.output + "/vae/config.json", "vae config", dmx::kMaxJsonFileBytes));
   const double sf = cfg.at("scaling_factor").get<double>();
   EXPECT_GT(sf, 0);
   EXPECT_TRUE(std::isfinite(sf));
@@ -237,7 +237,7 @@ TEST(TrainVAE, LowersTheReconstructionLossAndSetsTheScalingFactor) {
   EXPECT_THROW(train(o), InvalidArgument);
 }
 
-TEST(TrainFromScratch, CaptionDropoutTrainsTheTextEncoderJointly) {
+TEST(TrainFromScratchTiny, CaptionDropoutTrainsTheTextEncoderJointly) {
   const std::string model = make_model("scratch_model");
   const std::string data = make_data("scratch_data");
   auto run = [&](double p, const std::string& out) {
@@ -275,7 +275,7 @@ TEST(TrainFromScratch, CaptionDropoutTrainsTheTextEncoderJointly) {
   }
 }
 
-TEST(ConvertWeights, Fp16CopyLoadsWithinRounding) {
+TEST(ConvertWeightsTiny, Fp16CopyLoadsWithinRounding) {
   const std::string model = make_model("convert_model");
   ConvertOptions o;
   o.input = model;
@@ -290,14 +290,28 @@ TEST(ConvertWeights, Fp16CopyLoadsWithinRounding) {
     EXPECT_TRUE(at::allclose(b.at(k).to(at::kFloat), v, 1e-3, 1e-4)) << k;
   }
   EXPECT_TRUE(path_exists(o.output + "/tokenizer/vocab.json"));
-  auto m = pipelines::load_stable_diffusion(o.output);  // fp16 storage loads into the float32 model
+  auto m = loaders::load_stable_diffusion(o.output);  // fp16 storage loads into the float32 model
   EXPECT_EQ(m->vae->parameters().front().scalar_type(), at::kFloat);
   o.dtype = "int8";
   o.output = test::temp_dir() + "/convert_bad";
-  EXPECT_THROW(convert_weights(o), InvalidArgument);
+  try {
+    convert_weights(o);
+    ADD_FAILURE() << "dtype int8 accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("--dtype"), std::string::npos) << e.what();
+  }
   EXPECT_FALSE(path_exists(o.output));
+}
+
+// The command: a bad --dtype exits 2 naming the flag; a good one exits 0.
+TEST(ConvertCli, ExitCodes) {
+  const std::string model = make_model("convert_cli_model");
   auto cli = test::dmx_run({"convert", "--input", model, "--output", test::temp_dir() + "/convert_cli", "--dtype",
                             "fp8"});
   EXPECT_EQ(cli.code, 2) << cli.output;
   EXPECT_NE(cli.output.find("--dtype"), std::string::npos) << cli.output;
+  EXPECT_FALSE(path_exists(test::temp_dir() + "/convert_cli"));
+  cli = test::dmx_run({"convert", "--input", model, "--output", test::temp_dir() + "/convert_cli", "--dtype", "bf16"});
+  EXPECT_EQ(cli.code, 0) << cli.output;
+  EXPECT_TRUE(path_exists(test::temp_dir() + "/convert_cli/unet/diffusion_pytorch_model.safetensors"));
 }

@@ -1,6 +1,7 @@
 // Tests for the CLIP BPE tokenizer (models/clip_tokenizer.h): golden ids and BPE strings from the
 // reference fixtures (transformers CLIPTokenizer), plus unit tests on Unicode, normalisation, truncation
-// and errors. Expected ids in ClipTokenizerUnit.UnicodeAndNormalisation were produced with transformers'
+// and errors. The unit tests use tests/data/tiny-tokenizer, a copy of the fixtures' vocabulary (checked by
+// TokenizerCopyGolden). Expected ids in ClipTokenizerUnit.UnicodeAndNormalisation were produced with transformers'
 // slow CLIPTokenizer algorithm (no ftfy; Python 3.11 unicodedata and the `regex` module) on the fixture
 // vocabulary. During development the C++ tokenizer was also compared with that algorithm on 60,000 random
 // prompts (all assigned code points, combining sequences, special tokens, contractions): no differences.
@@ -13,10 +14,12 @@
 #include <thread>
 
 #include "core/fs.h"
+#include "core/utf8.h"
 #include "dmx/error.h"
 #include "models/clip_tokenizer.h"
 #include "models/clip_unicode.h"
 #include "test_util.h"
+#include "tiny_models.h"
 
 namespace dmx::test {
 namespace {
@@ -29,10 +32,6 @@ std::string S(const char (&lit)[N]) {
 
 std::string tokenizer_dir(const std::string& variant) { return fixture_model(variant) + "/tokenizer"; }
 
-const CLIPTokenizer& fixture_tokenizer() {
-  static const CLIPTokenizer tok = CLIPTokenizer::from_folder(tokenizer_dir("sd15"));
-  return tok;
-}
 
 std::vector<int64_t> ids_of(const at::Tensor& t) {
   at::Tensor c = t.to(at::kLong).contiguous().flatten();
@@ -54,10 +53,10 @@ void write_file(const std::string& path, const std::string& text) {
   out << text;
 }
 
-// A scratch copy of the fixture tokenizer folder, for variations on its files.
+// A scratch copy of the in-repo tokenizer folder, for variations on its files.
 std::string copy_tokenizer(const std::string& name) {
   const std::string dir = temp_dir() + "/" + name;
-  const std::string cmd = "mkdir -p '" + dir + "' && cp '" + tokenizer_dir("sd15") + "'/* '" + dir + "'/";
+  const std::string cmd = "mkdir -p '" + dir + "' && cp '" + tiny_tokenizer_dir() + "'/* '" + dir + "'/";
   EXPECT_EQ(std::system(cmd.c_str()), 0);
   return dir;
 }
@@ -94,9 +93,18 @@ TEST_P(ClipTokenizerGolden, MatchesReference) {
 }
 INSTANTIATE_TEST_SUITE_P(Variants, ClipTokenizerGolden, ::testing::Values("sd15", "test"));
 
-TEST(ClipTokenizerUnit, EmptyPrompt) {
+// The unit tests' expected ids hold for the in-repo copy because it is the fixtures' tokenizer, byte for byte.
+TEST(TokenizerCopyGolden, InRepoCopyIsTheFixtureTokenizer) {
   DMX_REQUIRE_FIXTURES();
-  const auto& tok = fixture_tokenizer();
+  for (const std::string variant : {"sd15", "test"})
+    for (const char* f : {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"})
+      EXPECT_EQ(read_text_file(tiny_tokenizer_dir() + "/" + f, f, kMaxJsonFileBytes),
+                read_text_file(tokenizer_dir(variant) + "/" + f, f, kMaxJsonFileBytes))
+          << variant << "/tokenizer/" << f;
+}
+
+TEST(ClipTokenizerUnit, EmptyPrompt) {
+  const auto& tok = tiny_tokenizer();
   EXPECT_TRUE(tok.tokenize("").empty());
   EXPECT_TRUE(tok.tokenize(" \t\n ").empty());
   EXPECT_EQ(tok.encode(""), (std::vector<int64_t>{998, 999}));
@@ -107,8 +115,7 @@ TEST(ClipTokenizerUnit, EmptyPrompt) {
 }
 
 TEST(ClipTokenizerUnit, LongPromptTruncatesKeepingEos) {
-  DMX_REQUIRE_FIXTURES();
-  const auto& tok = fixture_tokenizer();
+  const auto& tok = tiny_tokenizer();
   std::string p;
   for (int i = 0; i < 200; ++i) p += "a cat ";
   const auto full = tok.encode(p);
@@ -130,8 +137,7 @@ struct UnicodeCase {
 };
 
 TEST(ClipTokenizerUnit, UnicodeAndNormalisation) {
-  DMX_REQUIRE_FIXTURES();
-  const auto& tok = fixture_tokenizer();
+  const auto& tok = tiny_tokenizer();
   // clang-format off
   const std::vector<UnicodeCase> cases = {
     {"accents", S("café crème brûlée"), {540, 69, 127, 358, 66, 81, 127, 101, 76, 324, 593, 127, 119, 75, 127, 102, 324}},
@@ -164,8 +170,7 @@ TEST(ClipTokenizerUnit, UnicodeAndNormalisation) {
 }
 
 TEST(ClipTokenizerUnit, WhitespaceCaseAndNfcAreNormalised) {
-  DMX_REQUIRE_FIXTURES();
-  const auto& tok = fixture_tokenizer();
+  const auto& tok = tiny_tokenizer();
   EXPECT_EQ(tok.tokenize("  A   Photo\tOF\n a   CAT  "), tok.tokenize("a photo of a cat"));
   EXPECT_EQ(tok.tokenize("a photo of a cat"),
             (std::vector<std::string>{"a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>"}));
@@ -175,8 +180,7 @@ TEST(ClipTokenizerUnit, WhitespaceCaseAndNfcAreNormalised) {
 }
 
 TEST(ClipTokenizerUnit, Contractions) {
-  DMX_REQUIRE_FIXTURES();
-  const auto& tok = fixture_tokenizer();
+  const auto& tok = tiny_tokenizer();
   EXPECT_EQ(tok.tokenize("it's"), (std::vector<std::string>{"it</w>", "'", "s</w>"}));
   EXPECT_EQ(tok.tokenize("IT'S"), tok.tokenize("it's"));
   EXPECT_EQ(tok.tokenize("we're"), (std::vector<std::string>{"w", "e</w>", "'", "r", "e</w>"}));
@@ -185,8 +189,7 @@ TEST(ClipTokenizerUnit, Contractions) {
 }
 
 TEST(ClipTokenizerUnit, InvalidUtf8IsRejected) {
-  DMX_REQUIRE_FIXTURES();
-  const auto& tok = fixture_tokenizer();
+  const auto& tok = tiny_tokenizer();
   expect_throw_with<InvalidArgument>([&] { tok.encode(S("caf\xE9 au lait")); }, "byte 0xE9 at offset 3");
   expect_throw_with<InvalidArgument>([&] { tok.encode(S("bad \xFF prompt")); }, "bad \\xFF prompt");
   EXPECT_THROW(tok.tokenize(S("\xC0\xAF")), InvalidArgument);          // overlong '/'
@@ -196,8 +199,7 @@ TEST(ClipTokenizerUnit, InvalidUtf8IsRejected) {
 }
 
 TEST(ClipTokenizerUnit, AllCodePointsNeverCrash) {
-  DMX_REQUIRE_FIXTURES();
-  const auto& tok = fixture_tokenizer();
+  const auto& tok = tiny_tokenizer();
   // Every scalar value, in chunks, goes through clean-up, NFC, lower-casing, the split and BPE.
   std::u32string chunk;
   size_t n_tokens = 0;
@@ -205,7 +207,7 @@ TEST(ClipTokenizerUnit, AllCodePointsNeverCrash) {
     if (cp >= 0xD800 && cp < 0xE000) continue;
     chunk.push_back(cp);
     if (chunk.size() == 4096 || cp == 0x10FFFF) {
-      n_tokens += tok.encode(models::unicode::encode_utf8(chunk)).size();
+      n_tokens += tok.encode(dmx::encode_utf8(chunk)).size();
       chunk.clear();
     }
   }
@@ -229,10 +231,9 @@ TEST(ClipTokenizerUnit, UnicodeHelpersMatchPython) {
 }
 
 TEST(ClipTokenizerUnit, SpecialTokensAndPadFromConfig) {
-  DMX_REQUIRE_FIXTURES();
   // SD 2.x tokenizers pad with "!" (id 0); transformers then also treats "!" as an added token.
   const std::string dir = copy_tokenizer("pad_bang");
-  auto cfg = nlohmann::json::parse(read_text_file(dir + "/tokenizer_config.json", "test"));
+  auto cfg = nlohmann::json::parse(read_text_file(dir + "/tokenizer_config.json", "test", dmx::kMaxJsonFileBytes));
   cfg["pad_token"] = "!";
   write_file(dir + "/tokenizer_config.json", cfg.dump());
   const CLIPTokenizer tok = CLIPTokenizer::from_folder(dir);
@@ -260,14 +261,29 @@ TEST(ClipTokenizerUnit, MergesHeaderIsSkippedAndRanksApply) {
   EXPECT_EQ(CLIPTokenizer::from_folder(dir).tokenize("abc"), (std::vector<std::string>{"a", "bc</w>"}));
 }
 
+// decode / convert_tokens_to_string: transformers' byte-level decoding, "</w>" -> " ", strip; a token that holds
+// part of a character decodes to U+FFFD as Python's errors="replace" does ("Ã" is the symbol of byte 0xC3,
+// "©" of 0xA9: "Ã©" is "é").
+TEST(ClipTokenizerUnit, DecodeInvertsTheByteLevelBpe) {
+  std::unordered_map<std::string, int64_t> vocab{{"<|startoftext|>", 0}, {"<|endoftext|>", 1}, {"a", 2},
+                                                 {"b", 3},  {"c</w>", 4}, {"ab", 5}, {"bc</w>", 6}};
+  const CLIPTokenizer t(vocab, {{"b", "c</w>"}, {"a", "b"}});
+  EXPECT_EQ(t.decode(t.encode("abc"), /*skip_special_tokens=*/true), "abc");
+  EXPECT_EQ(t.decode({2, 4, 3, 4}), "ac bc");
+  EXPECT_EQ(t.id_to_token(6), "bc</w>");
+  expect_throw_with<InvalidArgument>([&] { t.id_to_token(99); }, "99");
+  EXPECT_EQ(t.convert_tokens_to_string({"\xc3\x83\xc2\xa9</w>"}), "\xc3\xa9");  // "Ã©</w>" -> "é"
+  EXPECT_EQ(t.convert_tokens_to_string({"\xc3\x83"}), "\xef\xbf\xbd");          // "Ã" alone -> U+FFFD
+  EXPECT_EQ(t.convert_tokens_to_string({"a</w>", "bc</w>"}), "a bc");
+}
+
 TEST(ClipTokenizerUnit, FileErrorsNameThePath) {
   const std::string missing = temp_dir() + "/no_such_tokenizer";
-  expect_throw_with<IoError>([&] { CLIPTokenizer::from_folder(missing); }, missing + "/vocab.json");
-  if (!fixtures_available()) return;
+  expect_throw_with<InvalidArgument>([&] { CLIPTokenizer::from_folder(missing); }, missing + "/vocab.json");
   {
     const std::string dir = copy_tokenizer("no_merges");
     std::remove((dir + "/merges.txt").c_str());
-    expect_throw_with<IoError>([&] { CLIPTokenizer::from_folder(dir); }, dir + "/merges.txt");
+    expect_throw_with<InvalidArgument>([&] { CLIPTokenizer::from_folder(dir); }, dir + "/merges.txt");
   }
   {
     const std::string dir = copy_tokenizer("bad_vocab");
@@ -285,8 +301,7 @@ TEST(ClipTokenizerUnit, FileErrorsNameThePath) {
 }
 
 TEST(ClipTokenizerUnit, ThreadSafeCache) {
-  DMX_REQUIRE_FIXTURES();
-  const auto& tok = fixture_tokenizer();
+  const auto& tok = tiny_tokenizer();
   const std::string p = "a castle on a hill under a starry night sky, fantasy art";
   const auto expected = tok.encode(p);
   std::vector<std::thread> threads;

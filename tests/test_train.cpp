@@ -1,4 +1,5 @@
-// Trainer, LoRA / fine-tune / DreamBooth recipes and `dmx train` (docs/training.md), on the tiny fixture model.
+// Trainer, LoRA / fine-tune / DreamBooth recipes, dmx::train and `dmx train` (docs/training.md), on a tiny random
+// model (tests/tiny_models.h: the fixtures' "test" architecture).
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 #include <torch/optim/adamw.h>
@@ -10,16 +11,18 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "api/train_sampler.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "dmx/train.h"
 #include "io/safetensors.h"
 #include "models/unet_2d_condition.h"
 #include "nn/lora.h"
-#include "pipelines/lora_loader.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/lora_loader.h"
+#include "loaders/model_bundle.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
+#include "tiny_models.h"
 #include "training/dreambooth.h"
 #include "training/finetune.h"
 #include "training/lora_train.h"
@@ -32,8 +35,8 @@ namespace tr = dmx::training;
 
 namespace {
 
-std::shared_ptr<pipelines::StableDiffusionModels> fresh_model(const std::string& variant = "test") {
-  return pipelines::load_stable_diffusion(fixture_model(variant));
+std::shared_ptr<loaders::StableDiffusionModels> fresh_model(const std::string& variant = "test") {
+  return load_tiny_model(variant);
 }
 
 // A small fixed set of random images with captions (a private in-memory source for the tests).
@@ -71,6 +74,7 @@ tr::TrainConfig base_config(const std::string& name, int64_t steps) {
   c.quiet = true;
   c.save_final_checkpoint = false;
   c.seed = 3;
+  c.sample_images = api::pipeline_sampler();  // validation images, when a test asks for them
   return c;
 }
 
@@ -99,7 +103,7 @@ io::TensorMap params_of(tr::Recipe& r) {
   return m;
 }
 
-at::Tensor unet_out(pipelines::StableDiffusionModels& m, uint64_t seed = 11) {
+at::Tensor unet_out(loaders::StableDiffusionModels& m, uint64_t seed = 11) {
   at::NoGradGuard no_grad;
   at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
   models::UNetInputs in;
@@ -114,7 +118,7 @@ at::Tensor unet_out(pipelines::StableDiffusionModels& m, uint64_t seed = 11) {
 // ---------------------------------------------------------------------------------------------------
 // The pieces against their definitions.
 
-TEST(TrainMath, LRSchedulesMatchDiffusersGetScheduler) {
+TEST(TrainMathUnit, LRSchedulesMatchDiffusersGetScheduler) {
   using tr::LRSchedule;
   EXPECT_DOUBLE_EQ(tr::lr_lambda(LRSchedule::Constant, 0, 10, 100), 1.0);
   EXPECT_DOUBLE_EQ(tr::lr_lambda(LRSchedule::ConstantWithWarmup, 0, 10, 100), 0.0);
@@ -127,7 +131,7 @@ TEST(TrainMath, LRSchedulesMatchDiffusersGetScheduler) {
   EXPECT_THROW(tr::parse_lr_schedule("exp"), InvalidArgument);
 }
 
-TEST(TrainMath, AdamWEqualsLibtorchAdamW) {
+TEST(TrainMathUnit, AdamWEqualsLibtorchAdamW) {
   at::Generator g = at::make_generator<at::CPUGeneratorImpl>(1);
   at::Tensor a = at::randn({5, 3}, g, at::TensorOptions()).set_requires_grad(true);
   at::Tensor b = a.detach().clone().set_requires_grad(true);
@@ -147,7 +151,7 @@ TEST(TrainMath, AdamWEqualsLibtorchAdamW) {
   DMX_EXPECT_CLOSE("AdamW after 5 steps vs torch::optim::AdamW", a.detach(), b.detach(), 1e-6);
 }
 
-TEST(TrainMath, ClipGradNormEMAAndSNR) {
+TEST(TrainMathUnit, ClipGradNormEMAAndSNR) {
   at::Tensor p = at::zeros({4}).set_requires_grad(true);
   p.mutable_grad() = at::tensor({3.0f, 4.0f, 0.0f, 0.0f});
   const double n = tr::clip_grad_norm({{"p", p}}, 1.0);
@@ -183,8 +187,7 @@ TEST(TrainMath, ClipGradNormEMAAndSNR) {
 // ---------------------------------------------------------------------------------------------------
 // LoRA
 
-TEST(TrainLoRA, ParameterCountEqualsFormula) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainLoRATiny, ParameterCountEqualsFormula) {
   for (const char* targets : {"attention", "all"}) {
     auto m = fresh_model();
     tr::LoRATrainOptions o;
@@ -196,7 +199,7 @@ TEST(TrainLoRA, ParameterCountEqualsFormula) {
     int unet_layers = 0, te_layers = 0;
     for (const auto& L : net.layers()) {
       formula += L.conv ? 3 * (L.in * L.kh * L.kw + L.out) : 3 * (L.in + L.out);
-      (L.component == io::LoRAComponent::UNet ? unet_layers : te_layers)++;
+      (L.component == loaders::LoRAComponent::UNet ? unet_layers : te_layers)++;
     }
     EXPECT_EQ(net.num_parameters(), formula) << targets;
     EXPECT_EQ(tr::lora_parameter_formula(net.layers(), 3), formula);
@@ -216,8 +219,7 @@ TEST(TrainLoRA, ParameterCountEqualsFormula) {
   }
 }
 
-TEST(TrainLoRA, FewStepsLowerTheLossOnAFixedBatch) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainLoRATiny, FewStepsLowerTheLossOnAFixedBatch) {
   auto m = fresh_model();
   tr::LoRATrainOptions o;
   o.rank = 4;
@@ -241,8 +243,7 @@ TEST(TrainLoRA, FewStepsLowerTheLossOnAFixedBatch) {
   EXPECT_TRUE(fs::exists(c.output_dir + "/train_log.jsonl"));
 }
 
-TEST(TrainLoRA, ResumeEqualsUninterruptedBitForBit) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainLoRATiny, ResumeEqualsUninterruptedBitForBit) {
   tr::LoRATrainOptions o;
   o.rank = 2;
   o.targets = "all";
@@ -292,8 +293,7 @@ TEST(TrainLoRA, ResumeEqualsUninterruptedBitForBit) {
   EXPECT_TRUE(moved);
 }
 
-TEST(TrainLoRA, SavedFilesLoadBackAndMatchTheMergeFormula) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainLoRATiny, SavedFilesLoadBackAndMatchTheMergeFormula) {
   auto m = fresh_model();
   tr::LoRATrainOptions o;
   o.rank = 4;
@@ -320,7 +320,7 @@ TEST(TrainLoRA, SavedFilesLoadBackAndMatchTheMergeFormula) {
       weights["text_encoder." + item.key()] = item.value();
     for (const auto& L : net.layers()) {
       const std::string key =
-          std::string(L.component == io::LoRAComponent::UNet ? "unet." : "text_encoder.") + L.module + ".weight";
+          std::string(L.component == loaders::LoRAComponent::UNet ? "unet." : "text_encoder.") + L.module + ".weight";
       at::Tensor& w = weights.at(key);
       const at::Tensor d = at::matmul(L.up.detach().reshape({L.out, -1}), L.down.detach().reshape({4, -1}));
       w.add_(d.reshape(w.sizes()) * 2.0);
@@ -354,23 +354,22 @@ TEST(TrainLoRA, SavedFilesLoadBackAndMatchTheMergeFormula) {
       }
     }
     auto loaded = fresh_model();
-    pipelines::LoRAApplyOptions ao;
-    ao.mode = pipelines::LoRAMode::Merged;
-    const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(path)}, ao);  // strict
+    loaders::LoRAApplyOptions ao;
+    ao.mode = loaders::LoRAMode::Merged;
+    const auto reps = loaders::apply_loras(*loaded, {loaders::parse_lora_arg(path)}, ao);  // strict
     ASSERT_EQ(reps.size(), 1u);
     EXPECT_TRUE(reps[0].unmatched.empty());
     EXPECT_EQ(reps[0].unet_layers + reps[0].text_encoder_layers, n_layers) << fmt;
     EXPECT_EQ(reps[0].format, fmt);
     DMX_EXPECT_CLOSE(std::string("loaded ") + fmt + " LoRA (merged) vs W + alpha/r * B@A", unet_out(*loaded),
                      manual_out, 1e-5);
-    pipelines::set_lora_mode(*loaded, pipelines::LoRAMode::Runtime);
+    loaders::set_lora_mode(*loaded, loaders::LoRAMode::Runtime);
     DMX_EXPECT_CLOSE(std::string("loaded ") + fmt + " LoRA (runtime) vs W + alpha/r * B@A", unet_out(*loaded),
                      manual_out, 1e-5);
   }
 }
 
-TEST(TrainLoRA, GradientCheckpointingGivesTheSameGradients) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainLoRATiny, GradientCheckpointingGivesTheSameGradients) {
   auto grads = [&](bool ckpt) {
     auto m = fresh_model();
     tr::LoRATrainOptions o;
@@ -414,8 +413,7 @@ TEST(TrainLoRA, GradientCheckpointingGivesTheSameGradients) {
   DMX_EXPECT_CLOSE("LoRA gradients with gradient checkpointing vs without", fb, fa, 1e-5);
 }
 
-TEST(TrainLoRA, BF16FrozenModelTrainsFloat32Adapters) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainLoRATiny, BF16FrozenModelTrainsFloat32Adapters) {
   auto m = fresh_model();
   tr::LoRATrainOptions o;
   auto recipe = std::make_shared<tr::LoRARecipe>(m, o, tr::LoRASaveFormat::Diffusers);
@@ -440,8 +438,7 @@ TEST(TrainLoRA, BF16FrozenModelTrainsFloat32Adapters) {
 // --mixed-precision bf16 fine-tuning: the UNet's weights stay float32 masters, its forward runs under bf16
 // autocast (so the first loss differs from float32's by bf16 rounding, and only by that), and autocast is off
 // again after the step.
-TEST(TrainFinetune, BF16AutocastForwardFloat32Masters) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainFinetuneTiny, BF16AutocastForwardFloat32Masters) {
   auto run = [](const char* name, bool bf16) {
     auto m = fresh_model();
     auto recipe = std::make_shared<tr::FinetuneRecipe>(m, false);
@@ -462,8 +459,7 @@ TEST(TrainFinetune, BF16AutocastForwardFloat32Masters) {
   EXPECT_NEAR(l16, l32, 0.05 * std::abs(l32));      // ... and bf16 rounding is all that changed
 }
 
-TEST(TrainFinetune, SavesADiffusersFolderThatLoads) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainFinetuneTiny, SavesADiffusersFolderThatLoads) {
   auto m = fresh_model();
   auto recipe = std::make_shared<tr::FinetuneRecipe>(m, /*train_text_encoder=*/true);
   tr::TrainConfig c = base_config("finetune", 2);
@@ -473,7 +469,7 @@ TEST(TrainFinetune, SavesADiffusersFolderThatLoads) {
   tr::Trainer t(c, recipe, std::make_shared<MemorySource>(2, 32, 2));
   const tr::TrainResult r = t.run();
   EXPECT_EQ(r.steps, 2);
-  auto loaded = pipelines::load_stable_diffusion(c.output);
+  auto loaded = loaders::load_stable_diffusion(c.output);
   // The saved UNet holds the EMA weights: compare with the EMA of the last checkpoint... the saved folder
   // must differ from the base model and load strictly.
   const at::Tensor base = unet_out(*fresh_model());
@@ -488,12 +484,11 @@ TEST(TrainFinetune, SavesADiffusersFolderThatLoads) {
   c2.output = temp_dir() + "/finetuned2";
   tr::Trainer t2(c2, recipe2, std::make_shared<MemorySource>(2, 32, 2));
   t2.run();
-  auto loaded2 = pipelines::load_stable_diffusion(c2.output);
+  auto loaded2 = loaders::load_stable_diffusion(c2.output);
   DMX_EXPECT_CLOSE("finetuned UNet reloaded from the diffusers folder", unet_out(*loaded2), unet_out(*m2), 0.0);
 }
 
-TEST(TrainDreamBooth, PriorPreservationGeneratesClassImagesAndTrains) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainDreamBoothTiny, PriorPreservationGeneratesClassImagesAndTrains) {
   auto m = fresh_model();
   const std::string cls = temp_dir() + "/class";
   tr::ClassImageOptions ci;
@@ -502,11 +497,11 @@ TEST(TrainDreamBooth, PriorPreservationGeneratesClassImagesAndTrains) {
   ci.num_class_images = 2;
   ci.resolution = 32;
   ci.num_inference_steps = 2;
-  EXPECT_EQ(tr::generate_class_images(m, ci), 2);
+  EXPECT_EQ(tr::generate_class_images(m, ci, api::pipeline_sampler()), 2);
   EXPECT_EQ(tr::list_images(cls).size(), 2u);
-  EXPECT_EQ(tr::generate_class_images(m, ci), 0);  // folder already full
+  EXPECT_EQ(tr::generate_class_images(m, ci, api::pipeline_sampler()), 0);  // folder already full
   ci.num_class_images = 3;
-  EXPECT_EQ(tr::generate_class_images(m, ci), 1);  // short by one
+  EXPECT_EQ(tr::generate_class_images(m, ci, api::pipeline_sampler()), 1);  // short by one
 
   // Prior loss: instance rows then class rows.
   tr::LoRATrainOptions o;
@@ -532,27 +527,15 @@ TEST(TrainDreamBooth, PriorPreservationGeneratesClassImagesAndTrains) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// CLI
+// dmx::train (what `dmx train` runs) and the command
 
-TEST(TrainCli, BadInputExits2AndWritesNothing) {
-  DMX_REQUIRE_FIXTURES();
-  const std::string model = fixture_model("test");
+TEST(TrainTiny, BadInputNamesTheFlagAndWritesNothing) {
+  const std::string model = tiny_model_dir("test");
   const std::string data = temp_dir() + "/cli-data";
   fs::create_directories(data);
   const std::string out = temp_dir() + "/cli-out.safetensors";
-  struct Case {
-    std::vector<std::string> args;
-    std::string needle;
-  };
-  // Through the binary: the contract's own checks (exit 2, message names the flag, nothing written).
-  const std::vector<Case> cases = {
-      {{"train", "lora", "--model", model, "--output", out}, "--data"},
-      {{"train", "lora", "--model", model, "--data", data, "--output", out, "--rank", "0"}, "--rank"},
-      {{"train", "lora", "--model", model, "--data", data, "--output", out, "--steps", "0"}, "--steps"},
-      {{"train", "lora", "--model", model, "--data", data, "--output", out, "--save-format", "ckpt"}, "--save-format"},
-      {{"train", "sdxl"}, "recipe"},
-  };
-  // Through the API (the CLI maps every InvalidArgument to exit 2): the other rules.
+  // Through the API (the CLI maps every InvalidArgument to exit 2; TrainCli.ExitCodes checks that once):
+  // validate_train_options, and train() itself, which validates before it loads or writes anything.
   auto expect_invalid = [&](TrainOptions o, const std::string& needle) {
     try {
       validate_train_options(o);
@@ -560,6 +543,14 @@ TEST(TrainCli, BadInputExits2AndWritesNothing) {
     } catch (const InvalidArgument& e) {
       EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
     }
+    try {
+      train(o);
+      ADD_FAILURE() << "train: expected InvalidArgument naming " << needle;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(fs::exists(out));
+    EXPECT_FALSE(fs::exists(out + ".train"));
   };
   TrainOptions lo;
   lo.recipe = "lora";
@@ -572,6 +563,11 @@ TEST(TrainCli, BadInputExits2AndWritesNothing) {
     f(o);
     return o;
   };
+  expect_invalid(with([](TrainOptions& o) { o.data.clear(); }), "--data");
+  expect_invalid(with([](TrainOptions& o) { o.rank = 0; }), "--rank");
+  expect_invalid(with([](TrainOptions& o) { o.steps = 0; }), "--steps");
+  expect_invalid(with([](TrainOptions& o) { o.save_format = "ckpt"; }), "--save-format");
+  expect_invalid(with([](TrainOptions& o) { o.recipe = "sdxl"; }), "recipe");
   expect_invalid(with([](TrainOptions& o) { o.rank = -3; }), "--rank");
   expect_invalid(with([](TrainOptions& o) { o.lr_scheduler = "exp"; }), "--lr-scheduler");
   expect_invalid(with([&](TrainOptions& o) { o.data = data + "/missing"; }), "--data");
@@ -593,17 +589,29 @@ TEST(TrainCli, BadInputExits2AndWritesNothing) {
   db.class_prompt = "a photo of a dog";
   db.lora_rank = -1;
   expect_invalid(db, "--lora-rank");
-  for (const auto& c : cases) {
-    const CliRun r = dmx_run(c.args);
+}
+
+// The command: an unknown recipe and a rule the API checks both exit 2 and write nothing. (Runs that exit 0:
+// TrainDistributedCli.)
+TEST(TrainCli, ExitCodes) {
+  const std::string data = temp_dir() + "/cli-data";
+  fs::create_directories(data);
+  const std::string out = temp_dir() + "/cli-out.safetensors";
+  for (const auto& [args, needle] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"train", "sdxl"}, "recipe"},
+           {{"train", "lora", "--model", tiny_model_dir("test"), "--data", data, "--output", out, "--rank", "0"},
+            "--rank"}}) {
+    const CliRun r = dmx_run(args);
     EXPECT_EQ(r.code, 2) << r.output;
-    EXPECT_NE(r.output.find(c.needle), std::string::npos) << "expected '" << c.needle << "' in: " << r.output;
+    EXPECT_EQ(r.output.rfind("error: ", 0), 0u) << r.output;
+    EXPECT_NE(r.output.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.output;
     EXPECT_FALSE(fs::exists(out));
     EXPECT_FALSE(fs::exists(out + ".train"));
   }
 }
 
-TEST(TrainCli, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
-  DMX_REQUIRE_FIXTURES();
+
+TEST(TrainTiny, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
   const std::string data = temp_dir() + "/cli-images";
   fs::create_directories(data);
   // Two images with captions, drawn with the tiny model itself.
@@ -614,25 +622,33 @@ TEST(TrainCli, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
   ci.num_class_images = 2;
   ci.resolution = 32;
   ci.num_inference_steps = 1;
-  tr::generate_class_images(m, ci);
+  tr::generate_class_images(m, ci, api::pipeline_sampler());
   for (const auto& img : tr::list_images(data)) {
     const std::string txt = img.substr(0, img.size() - 4) + ".txt";
     const std::string cap = "a red square";
     write_bytes_atomic(txt, cap.data(), cap.size());
   }
   const std::string out = temp_dir() + "/cli-lora.safetensors";
-  const CliRun r =
-      dmx_run({"train", "lora", "--model", fixture_model("test"), "--data", data, "--output", out, "--resolution", "32",
-               "--steps", "2", "--batch-size", "2", "--save-format", "kohya", "--checkpoint-every", "1", "--quiet"});
-  if (r.code == 2 && r.output.find("dataset.cpp is missing") != std::string::npos)
-    GTEST_SKIP() << "the image-caption dataset (dist branch) is not in this build";
-  ASSERT_EQ(r.code, 0) << r.output;
+  TrainOptions o;
+  o.recipe = "lora";
+  o.model = tiny_model_dir("test");
+  o.data = data;
+  o.output = out;
+  o.resolution = 32;
+  o.steps = 2;
+  o.batch_size = 2;
+  o.save_format = "kohya";
+  o.checkpoint_every = 1;
+  o.quiet = true;
+  const TrainReport rep = train(o);
+  EXPECT_EQ(rep.steps, 2);
+  EXPECT_EQ(rep.output, out);
   EXPECT_TRUE(fs::exists(out));
   EXPECT_TRUE(fs::exists(out + ".train/checkpoint-1/trainer_state.json"));
   EXPECT_TRUE(fs::exists(out + ".train/checkpoint-2/optimizer.safetensors"));
   EXPECT_TRUE(fs::exists(out + ".train/train_log.jsonl"));
   auto loaded = fresh_model();
-  const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(out)}, {});
+  const auto reps = loaders::apply_loras(*loaded, {loaders::parse_lora_arg(out)}, {});
   EXPECT_TRUE(reps[0].unmatched.empty());
   EXPECT_GT(reps[0].unet_layers, 0);
 }
@@ -652,7 +668,7 @@ std::string make_image_folder(const std::string& name, int count) {
     ci.resolution = 32;
     ci.num_inference_steps = 1;
     ci.seed = static_cast<uint64_t>(k);
-    tr::generate_class_images(m, ci);
+    tr::generate_class_images(m, ci, api::pipeline_sampler());
   }
   const auto imgs = tr::list_images(data);
   for (size_t k = 0; k < imgs.size(); ++k) {
@@ -666,8 +682,7 @@ std::string make_image_folder(const std::string& name, int count) {
 
 // --cache-latents: each image is encoded once, alone; with one image per batch that is exactly what the
 // uncached loop computes, so the trained weights are bitwise equal. Random flips make the cache invalid.
-TEST(TrainLoRA, CachedLatentsTrainExactlyLikeUncached) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainLoRATiny, CachedLatentsTrainExactlyLikeUncached) {
   const std::string data = make_image_folder("cache-images", 3);
   auto run = [&](const std::string& dir, bool cache, bool flip) {
     auto m = fresh_model();
@@ -729,7 +744,7 @@ bool run_one_and_two_processes(const std::vector<std::string>& common, int per_r
   for (int rank = 0; rank < 2; ++rank) {
     const std::string base = temp_dir() + "/" + tag + "-rank" + std::to_string(rank);
     cmd += "( env WORLD_SIZE=2 RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) +
-           " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " '" + DMX_CLI_PATH + "'";
+           " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " '" + cli_path() + "'";
     for (const auto& x : common) cmd += " '" + x + "'";
     cmd += " --batch-size " + std::to_string(per_rank) + " --output '" + two + "' > '" + base + ".log' 2>&1; echo $? > '" +
            base + ".rc' ) & ";
@@ -738,8 +753,8 @@ bool run_one_and_two_processes(const std::vector<std::string>& common, int per_r
   EXPECT_EQ(std::system(cmd.c_str()), 0);
   for (int rank = 0; rank < 2; ++rank) {
     const std::string base = temp_dir() + "/" + tag + "-rank" + std::to_string(rank);
-    const std::string log = read_text_file(base + ".log", "log");
-    const std::string rc = read_text_file(base + ".rc", "rc");
+    const std::string log = read_text_file(base + ".log", "log", dmx::kMaxJsonFileBytes);
+    const std::string rc = read_text_file(base + ".rc", "rc", dmx::kMaxJsonFileBytes);
     EXPECT_EQ(std::atoi(rc.c_str()), 0) << "rank " << rank << ": " << log;
     if (std::atoi(rc.c_str()) != 0) return false;
   }
@@ -766,13 +781,12 @@ void expect_same_lora_weights(const std::string& what, const std::string& one, c
 }
 }  // namespace
 
-TEST(TrainDistributed, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatch) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainDistributedCli, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatch) {
   const std::string data = make_image_folder("dist-images", 4);
   const std::vector<std::string> common = {"train",
                                            "lora",
                                            "--model",
-                                           fixture_model("test"),
+                                           tiny_model_dir("test"),
                                            "--data",
                                            data,
                                            "--resolution",
@@ -800,11 +814,10 @@ TEST(TrainDistributed, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatch) 
 // rows); with 2 ranks x 2 rank 0 holds the 4 instance rows and rank 1 the 4 class rows, and reduce_loss weighs each
 // share so that the mean over ranks is mean(instance) + w * mean(class). Random flips check that every row keeps its
 // single-process augmentation.
-TEST(TrainDistributed, DreamBoothPriorPreservationTwoProcessesEqualOneProcess) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainDistributedCli, DreamBoothPriorPreservationTwoProcessesEqualOneProcess) {
   const std::string inst = make_image_folder("dist-db-instance", 3);
   const std::string cls = make_image_folder("dist-db-class", 5);
-  const std::vector<std::string> common = {"train", "dreambooth", "--model", fixture_model("test"), "--instance-data",
+  const std::vector<std::string> common = {"train", "dreambooth", "--model", tiny_model_dir("test"), "--instance-data",
                                            inst, "--instance-prompt", "a photo of sks dog", "--class-data", cls,
                                            "--class-prompt", "a photo of a dog", "--num-class-images", "5",
                                            "--prior-loss-weight", "0.5", "--lora-rank", "2", "--lora-targets", "all",
@@ -816,8 +829,7 @@ TEST(TrainDistributed, DreamBoothPriorPreservationTwoProcessesEqualOneProcess) {
                            1e-5);
 }
 
-TEST(TrainLoRA, ValidationImagesJsonlLogAndCheckpointRotation) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainLoRATiny, ValidationImagesJsonlLogAndCheckpointRotation) {
   auto m = fresh_model();
   auto recipe = std::make_shared<tr::LoRARecipe>(m, tr::LoRATrainOptions{}, tr::LoRASaveFormat::PEFT);
   tr::TrainConfig c = base_config("validation", 3);
@@ -837,7 +849,7 @@ TEST(TrainLoRA, ValidationImagesJsonlLogAndCheckpointRotation) {
   EXPECT_TRUE(fs::exists(c.output_dir + "/checkpoint-3/trainable.safetensors"));
   EXPECT_TRUE(fs::exists(c.output));
   EXPECT_TRUE(fs::exists(temp_dir() + "/validation/adapter_config.json"));
-  const std::string log = read_text_file(c.output_dir + "/train_log.jsonl", "log");
+  const std::string log = read_text_file(c.output_dir + "/train_log.jsonl", "log", dmx::kMaxJsonFileBytes);
   int lines = 0;
   for (size_t p = 0; (p = log.find('\n', p)) != std::string::npos; ++p) ++lines;
   EXPECT_EQ(lines, 3);
@@ -846,46 +858,30 @@ TEST(TrainLoRA, ValidationImagesJsonlLogAndCheckpointRotation) {
     EXPECT_TRUE(first.contains(k)) << k;
 }
 
-TEST(TrainCli, DreamBoothLoRAWithPriorPreservationGeneratesClassImages) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainTiny, DreamBoothLoRAWithPriorPreservationGeneratesClassImages) {
   const std::string inst = make_image_folder("db-instance", 2);
   const std::string cls = temp_dir() + "/db-class";  // empty: the base model fills it
   const std::string out = temp_dir() + "/db-lora.safetensors";
-  const CliRun r = dmx_run({"train",
-                            "dreambooth",
-                            "--model",
-                            fixture_model("test"),
-                            "--instance-data",
-                            inst,
-                            "--instance-prompt",
-                            "a photo of sks dog",
-                            "--class-data",
-                            cls,
-                            "--class-prompt",
-                            "a photo of a dog",
-                            "--num-class-images",
-                            "3",
-                            "--class-inference-steps",
-                            "1",
-                            "--prior-loss-weight",
-                            "0.5",
-                            "--lora-rank",
-                            "2",
-                            "--resolution",
-                            "32",
-                            "--steps",
-                            "2",
-                            "--batch-size",
-                            "2",
-                            "--output",
-                            out,
-                            "--quiet"});
-  if (r.code == 2 && r.output.find("dataset.cpp is missing") != std::string::npos)
-    GTEST_SKIP() << "the image-caption dataset (dist branch) is not in this build";
-  ASSERT_EQ(r.code, 0) << r.output;
+  TrainOptions o;
+  o.recipe = "dreambooth";
+  o.model = tiny_model_dir("test");
+  o.instance_data = inst;
+  o.instance_prompt = "a photo of sks dog";
+  o.class_data = cls;
+  o.class_prompt = "a photo of a dog";
+  o.num_class_images = 3;
+  o.class_inference_steps = 1;
+  o.prior_loss_weight = 0.5;
+  o.lora_rank = 2;
+  o.resolution = 32;
+  o.steps = 2;
+  o.batch_size = 2;
+  o.output = out;
+  o.quiet = true;
+  EXPECT_EQ(train(o).output, out);
   EXPECT_EQ(tr::list_images(cls).size(), 3u);
   auto loaded = fresh_model();
-  const auto reps = pipelines::apply_loras(*loaded, {pipelines::parse_lora_arg(out)}, {});
+  const auto reps = loaders::apply_loras(*loaded, {loaders::parse_lora_arg(out)}, {});
   EXPECT_TRUE(reps[0].unmatched.empty());
   EXPECT_GT(reps[0].unet_layers, 0);
 }
@@ -893,7 +889,7 @@ TEST(TrainCli, DreamBoothLoRAWithPriorPreservationGeneratesClassImages) {
 // The shards of DreamBooth's global batch: for any world size, the ranks' rows in rank order are the single-process
 // batch (pixels with their crops and flips, captions, instance / class marks), and the mean over ranks of the
 // per-rank reduce_loss is the single-process loss.
-TEST(TrainDreamBooth, RankShardsAreTheSingleProcessBatch) {
+TEST(TrainDreamBoothUnit, RankShardsAreTheSingleProcessBatch) {
   auto folder = [](const std::string& name, int n, int seed) {
     const std::string d = temp_dir() + "/" + name;
     fs::remove_all(d);
@@ -957,8 +953,7 @@ TEST(TrainDreamBooth, RankShardsAreTheSingleProcessBatch) {
 // --mixed-precision bf16 with validation images: the pipeline runs in float32 (the frozen bf16 modules are cast
 // back for the call and to bf16 again), images are written, and the run's weights are bit for bit those of the
 // same run without validation.
-TEST(TrainLoRA, BF16ValidationImagesLeaveTrainingUnchanged) {
-  DMX_REQUIRE_FIXTURES();
+TEST(TrainLoRATiny, BF16ValidationImagesLeaveTrainingUnchanged) {
   auto run = [&](const std::string& name, bool validate) {
     auto m = fresh_model();
     tr::LoRATrainOptions o;

@@ -62,7 +62,7 @@ std::string make_controlnet_folder(const std::string& name) {
 }
 }  // namespace
 
-TEST(TrainingData, ResizeBilinearMatchesPillowByHand) {
+TEST(TrainingDataUnit, ResizeBilinearMatchesPillowByHand) {
   // Pillow's BILINEAR at scale 2: support 2, weights (3, 3, 1) / 7 and (1, 3, 3) / 7.
   Image row;
   row.width = 4;
@@ -79,7 +79,7 @@ TEST(TrainingData, ResizeBilinearMatchesPillowByHand) {
   for (uint8_t v : up.data) ASSERT_EQ(v, 77);
 }
 
-TEST(TrainingData, TxtPairsLayout) {
+TEST(TrainingDataUnit, TxtPairsLayout) {
   const std::string d = fresh_dir("txt_pairs");
   save_png(d + "/b.png", gradient_image(32, 16, 1));
   write_text(d + "/b.txt", "  a red cube\n");
@@ -109,7 +109,7 @@ TEST(TrainingData, TxtPairsLayout) {
   EXPECT_EQ(b.indices, (std::vector<int64_t>{1, 0, 1}));
 }
 
-TEST(TrainingData, MetadataJsonlWithConditioning) {
+TEST(TrainingDataUnit, MetadataJsonlWithConditioning) {
   const std::string d = make_controlnet_folder("meta_cond");
   DatasetOptions o;
   o.dir = d;
@@ -129,7 +129,7 @@ TEST(TrainingData, MetadataJsonlWithConditioning) {
   EXPECT_EQ(b.conditioning.sizes(), (at::IntArrayRef{2, 3, 8, 8}));
 }
 
-TEST(TrainingData, ControlNetNeedsConditioningColumn) {
+TEST(TrainingDataUnit, ControlNetNeedsConditioningColumn) {
   const std::string d = fresh_dir("no_cond");
   save_png(d + "/a.png", gradient_image(16, 16, 0));
   write_text(d + "/metadata.jsonl", "{\"file_name\": \"a.png\", \"text\": \"x\"}\n");
@@ -152,7 +152,7 @@ TEST(TrainingData, ControlNetNeedsConditioningColumn) {
   EXPECT_THROW(ImageCaptionDataset{o}, InvalidArgument);
 }
 
-TEST(TrainingData, BadRowsRejectListsEveryRowElseSkip) {
+TEST(TrainingDataUnit, BadRowsRejectListsEveryRowElseSkip) {
   const std::string d = fresh_dir("bad_rows");
   save_png(d + "/ok.png", gradient_image(16, 16, 0));
   write_text(d + "/broken.png", "this is not a png");
@@ -186,7 +186,7 @@ TEST(TrainingData, BadRowsRejectListsEveryRowElseSkip) {
   EXPECT_EQ(ImageCaptionDataset(o).size(), 2u);
 }
 
-TEST(TrainingData, FolderErrors) {
+TEST(TrainingDataUnit, FolderErrors) {
   DatasetOptions o;
   o.dir = test::temp_dir() + "/does_not_exist";
   try {
@@ -206,7 +206,7 @@ TEST(TrainingData, FolderErrors) {
   }
 }
 
-TEST(TrainingData, RandomCropAndFlipDeterministicPerSeed) {
+TEST(TrainingDataUnit, RandomCropAndFlipDeterministicPerSeed) {
   const std::string d = make_controlnet_folder("augment");
   DatasetOptions o;
   o.dir = d;
@@ -235,7 +235,7 @@ TEST(TrainingData, RandomCropAndFlipDeterministicPerSeed) {
   EXPECT_LT(flips, 16);
 }
 
-TEST(TrainingData, SamplerUnionOverRanksIsTheGlobalBatch) {
+TEST(TrainingDataUnit, SamplerUnionOverRanksIsTheGlobalBatch) {
   const size_t n = 7;
   const BatchSampler single(n, 6, 0, 1, 42);
   for (int64_t step = 0; step < 5; ++step) {

@@ -1,6 +1,6 @@
 // UNet2DConditionModel and the shared attention function: golden forward against diffusers 0.27.2
 // (ref/<variant>/unet), config parsing and validation, strict loading, non-square latents, bf16.
-// Suites: Attention (unit), UNetConfig (unit), UNetTiny (tiny models), UNetGolden (golden).
+// Suites: AttentionUnit, UNetConfigUnit, UNetTiny (tiny random models), UNetGolden and UNetKeysGolden (fixtures).
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -11,6 +11,7 @@
 #include "models/unet_2d_condition.h"
 #include "nn/attention.h"
 #include "test_util.h"
+#include "tiny_models.h"
 
 using namespace dmx;
 using dmx::models::UNet2DConditionConfig;
@@ -21,7 +22,7 @@ namespace {
 constexpr double kTol = 1e-5;
 
 nlohmann::json unet_config_json(const std::string& variant) {
-  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/unet/config.json", "unet config"));
+  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/unet/config.json", "unet config", dmx::kMaxJsonFileBytes));
 }
 
 std::string unet_weights(const std::string& variant) {
@@ -31,6 +32,22 @@ std::string unet_weights(const std::string& variant) {
 UNet2DConditionModel load_unet(const std::string& variant) {
   UNet2DConditionModel m(UNet2DConditionConfig::from_json(unet_config_json(variant)));
   io::load_state_dict(*m, io::load_safetensors(unet_weights(variant)), "unet");
+  m->eval();
+  return m;
+}
+
+// The same architectures with seeded random weights (tests/tiny_models.h).
+nlohmann::json tiny_unet_config_json(const std::string& variant) {
+  return nlohmann::json::parse(read_text_file(test::tiny_config_dir(variant) + "/unet/config.json", "unet config", kMaxJsonFileBytes));
+}
+
+std::string tiny_unet_weights(const std::string& variant) {
+  return test::tiny_model_dir(variant) + "/unet/diffusion_pytorch_model.safetensors";
+}
+
+UNet2DConditionModel load_tiny_unet(const std::string& variant) {
+  UNet2DConditionModel m(UNet2DConditionConfig::from_json(tiny_unet_config_json(variant)));
+  io::load_state_dict(*m, io::load_safetensors(tiny_unet_weights(variant)), "unet");
   m->eval();
   return m;
 }
@@ -57,7 +74,7 @@ void expect_throw_with(const std::function<void()>& f, const std::string& needle
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------------
-TEST(Attention, MatchesNaiveAndIsChunkInvariant) {
+TEST(AttentionUnit, MatchesNaiveAndIsChunkInvariant) {
   at::manual_seed(0);
   at::Tensor q = at::randn({2, 3, 37, 8}), k = at::randn({2, 3, 29, 8}), v = at::randn({2, 3, 29, 8});
   const double scale = 1.0 / std::sqrt(8.0);
@@ -74,7 +91,7 @@ TEST(Attention, MatchesNaiveAndIsChunkInvariant) {
   DMX_EXPECT_CLOSE("attention 1-query chunks", tiny, full, 1e-6);
 }
 
-TEST(Attention, CausalMaskMatchesNaiveWhenChunked) {
+TEST(AttentionUnit, CausalMaskMatchesNaiveWhenChunked) {
   at::manual_seed(1);
   at::Tensor q = at::randn({1, 2, 13, 4}), k = at::randn({1, 2, 13, 4}), v = at::randn({1, 2, 13, 4});
   at::Tensor ref = naive_attention(q, k, v, 0.5, true);
@@ -86,7 +103,7 @@ TEST(Attention, CausalMaskMatchesNaiveWhenChunked) {
   DMX_EXPECT_CLOSE("causal chunked", chunked, ref, 1e-6);
 }
 
-TEST(Attention, UpcastComputesScoresInFloat32) {
+TEST(AttentionUnit, UpcastComputesScoresInFloat32) {
   at::manual_seed(2);
   at::Tensor q = at::randn({1, 2, 16, 8}), k = at::randn({1, 2, 16, 8}), v = at::randn({1, 2, 16, 8});
   at::Tensor ref = naive_attention(q, k, v, 0.35, false);
@@ -95,14 +112,14 @@ TEST(Attention, UpcastComputesScoresInFloat32) {
   EXPECT_LE(test::check_close("upcast bf16 attention", out.to(at::kFloat), ref, 2e-2), 2e-2);
 }
 
-TEST(Attention, RejectsBadShapesAndBudget) {
+TEST(AttentionUnit, RejectsBadShapesAndBudget) {
   at::Tensor q = at::randn({2, 16, 8});
   expect_throw_with<InvalidArgument>([&] { nn::attention(q, q, q, 1.0); }, "[B, H, N, d]");
   expect_throw_with<InvalidArgument>([&] { nn::set_max_score_elements(0); }, "max_score_elements");
 }
 
 // ------------------------------------------------------------------------------------------------------
-TEST(UNetConfig, PresetsMirrorDiffusersConfigs) {
+TEST(UNetConfigUnit, PresetsMirrorDiffusersConfigs) {
   auto a = UNet2DConditionConfig::sd15();
   EXPECT_EQ(a.cross_attention_dim, 768);
   EXPECT_EQ(a.heads_per_block(), (std::vector<int>{8, 8, 8, 8}));
@@ -117,7 +134,7 @@ TEST(UNetConfig, PresetsMirrorDiffusersConfigs) {
   EXPECT_EQ(b.time_embed_dim(), 1280);
 }
 
-TEST(UNetConfig, FromJsonIntOrListHeadsAndNullNumHeads) {
+TEST(UNetConfigUnit, FromJsonIntOrListHeadsAndNullNumHeads) {
   nlohmann::json j = {{"attention_head_dim", 8}, {"num_attention_heads", nullptr}};
   auto c = UNet2DConditionConfig::from_json(j);
   EXPECT_EQ(c.heads_per_block(), (std::vector<int>{8, 8, 8, 8}));
@@ -133,7 +150,7 @@ TEST(UNetConfig, FromJsonIntOrListHeadsAndNullNumHeads) {
   EXPECT_EQ(c.heads_per_block(), (std::vector<int>{4, 4, 4, 4}));
 }
 
-TEST(UNetConfig, FromJsonRejectsUnsupportedAndInvalid) {
+TEST(UNetConfigUnit, FromJsonRejectsUnsupportedAndInvalid) {
   expect_throw_with<Unsupported>(
       [] {
         UNet2DConditionConfig::from_json(
@@ -165,7 +182,7 @@ TEST(UNetConfig, FromJsonRejectsUnsupportedAndInvalid) {
       [] {
         UNet2DConditionConfig::from_json({{"layers_per_block", 0}});
       },
-      "layers_per_block must be > 0");
+      "layers_per_block must be in [1, 16], got 0");
   expect_throw_with<FormatError>([] { UNet2DConditionConfig::from_json({{"in_channels", "four"}}); }, "in_channels");
   expect_throw_with<FormatError>(
       [] {
@@ -185,24 +202,23 @@ TEST(UNetConfig, FromJsonRejectsUnsupportedAndInvalid) {
   // Constructing from an invalid struct is an InvalidArgument.
   UNet2DConditionConfig bad;
   bad.norm_num_groups = 0;
-  expect_throw_with<InvalidArgument>([&] { UNet2DConditionModel m(bad); }, "norm_num_groups must be > 0");
+  expect_throw_with<InvalidArgument>([&] { UNet2DConditionModel m(bad); }, "norm_num_groups must be in [1, 8192], got 0");
 }
 
-TEST(UNetConfig, FixtureConfigsParse) {
-  DMX_REQUIRE_FIXTURES();
-  auto c = UNet2DConditionConfig::from_json(unet_config_json("sd15"));
+TEST(UNetConfigUnit, FixtureConfigsParse) {
+  // tests/data/tiny-sd holds the fixtures' config.json files as diffusers wrote them.
+  auto c = UNet2DConditionConfig::from_json(tiny_unet_config_json("sd15"));
   EXPECT_EQ(c.block_out_channels, (std::vector<int>{32, 64, 64, 64}));
   EXPECT_EQ(c.cross_attention_dim, 32);
-  auto t = UNet2DConditionConfig::from_json(unet_config_json("test"));
+  auto t = UNet2DConditionConfig::from_json(tiny_unet_config_json("test"));
   EXPECT_EQ(t.down_block_types, (std::vector<std::string>{"DownBlock2D", "CrossAttnDownBlock2D"}));
   EXPECT_EQ(t.norm_num_groups, 8);
 }
 
 // ------------------------------------------------------------------------------------------------------
 TEST(UNetTiny, StrictLoadRejectsMissingUnexpectedAndMisShapedKeys) {
-  DMX_REQUIRE_FIXTURES();
-  UNet2DConditionModel m(UNet2DConditionConfig::from_json(unet_config_json("test")));
-  const io::TensorMap good = io::load_safetensors(unet_weights("test"));
+  UNet2DConditionModel m(UNet2DConditionConfig::from_json(tiny_unet_config_json("test")));
+  const io::TensorMap good = io::load_safetensors(tiny_unet_weights("test"));
   EXPECT_NO_THROW(io::load_state_dict(*m, good, "unet"));
 
   const std::string key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight";
@@ -222,7 +238,8 @@ TEST(UNetTiny, StrictLoadRejectsMissingUnexpectedAndMisShapedKeys) {
                                  "conv_in.weight: file [32, 4, 1, 1] vs model [32, 4, 3, 3]");
 }
 
-TEST(UNetTiny, KeyNamesMatchDiffusersFilesExactly) {
+// Against the files diffusers wrote: golden.
+TEST(UNetKeysGolden, KeyNamesMatchDiffusersFilesExactly) {
   DMX_REQUIRE_FIXTURES();
   for (const std::string variant : {"sd15", "test"}) {
     UNet2DConditionModel m(UNet2DConditionConfig::from_json(unet_config_json(variant)));
@@ -233,10 +250,9 @@ TEST(UNetTiny, KeyNamesMatchDiffusersFilesExactly) {
 }
 
 TEST(UNetTiny, NonSquareLatentsRun) {
-  DMX_REQUIRE_FIXTURES();
   at::NoGradGuard no_grad;
   for (const std::string variant : {"sd15", "test"}) {
-    auto m = load_unet(variant);
+    auto m = load_tiny_unet(variant);
     // 16x24 divides the up factor; 13x22 does not (forward_upsample_size path on sd15, factor 8).
     for (auto hw : {std::pair<int64_t, int64_t>{16, 24}, {13, 22}}) {
       at::manual_seed(3);
@@ -252,9 +268,8 @@ TEST(UNetTiny, NonSquareLatentsRun) {
 }
 
 TEST(UNetTiny, RejectsBadInputs) {
-  DMX_REQUIRE_FIXTURES();
   at::NoGradGuard no_grad;
-  auto m = load_unet("test");
+  auto m = load_tiny_unet("test");
   UNetInputs in;
   in.sample = at::randn({2, 4, 8, 8});
   in.timestep = at::tensor({1.0f, 2.0f, 3.0f});

@@ -1,5 +1,6 @@
 #include "test_util.h"
 
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -19,8 +20,21 @@ std::string shared_dir() {
   return std::string(DMX_SOURCE_DIR) + "/../shared";
 }
 
-std::string fixtures_dir() { return shared_dir() + "/fixtures/sd-tiny"; }
-bool fixtures_available() { return is_directory(fixtures_dir() + "/ref"); }
+namespace {
+unsigned g_uses = 0;
+}  // namespace
+void note_use(Use u) { g_uses |= u; }
+unsigned uses_of_current_test() { return g_uses; }
+void reset_uses() { g_uses = 0; }
+
+std::string fixtures_dir() {
+  note_use(kUsedFixtures);
+  return shared_dir() + "/fixtures/sd-tiny";
+}
+bool fixtures_available() {
+  note_use(kAskedFixtures);
+  return is_directory(shared_dir() + "/fixtures/sd-tiny/ref");
+}
 std::string fixture_model(const std::string& variant) { return fixtures_dir() + "/models/" + variant; }
 
 std::string temp_dir() {
@@ -32,6 +46,12 @@ std::string temp_dir() {
     dir = p;
   }
   return dir;
+}
+
+std::string temp_subdir(const std::string& name) {
+  const std::string d = temp_dir() + "/" + name;
+  ::mkdir(d.c_str(), 0755);
+  return d;
 }
 
 const at::Tensor& RefCase::operator[](const std::string& name) const {
@@ -49,7 +69,7 @@ std::string repo_ref_dir() { return std::string(DMX_SOURCE_DIR) + "/tests/ref"; 
 RefCase load_ref_file(const std::string& base) {
   RefCase r;
   // Python's json writes -Infinity (DPM-Solver configs): parse with the scheduler config reader.
-  r.meta = schedulers::parse_scheduler_config(read_text_file(base + ".json", "reference metadata"));
+  r.meta = schedulers::parse_scheduler_config(read_text_file(base + ".json", "reference metadata", dmx::kMaxJsonFileBytes));
   r.tensors = io::load_safetensors(base + ".safetensors");
   return r;
 }
@@ -154,8 +174,15 @@ std::string shell_quote(const std::string& s) {
 }
 }  // namespace
 
+std::string cli_path() {
+  note_use(kUsedCli);
+  return DMX_CLI_PATH;
+}
+
 CliRun dmx_run(const std::vector<std::string>& args) {
-  std::string cmd = shell_quote(DMX_CLI_PATH);
+  // As a user starts it: without the OpenMP policy ctest gives the test processes (tests/labels.cmake), so that
+  // the binary sets it and re-executes itself (src/cli/main.cpp).
+  std::string cmd = "env -u OMP_WAIT_POLICY -u DMX_OMP_CONFIGURED " + shell_quote(cli_path());
   for (const auto& a : args) cmd += " " + shell_quote(a);
   cmd += " 2>&1";
   CliRun r;
@@ -167,5 +194,27 @@ CliRun dmx_run(const std::vector<std::string>& args) {
   const int status = pclose(f);
   r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return r;
+}
+std::string capture_stderr(const std::function<void()>& f) {
+  static int counter = 0;
+  const std::string path = temp_dir() + "/stderr-" + std::to_string(counter++) + ".txt";
+  std::fflush(stderr);
+  const int saved = ::dup(2);
+  FILE* file = std::fopen(path.c_str(), "w");
+  if (saved < 0 || !file) throw IoError("capture_stderr: cannot redirect stderr to " + path);
+  ::dup2(::fileno(file), 2);
+  std::exception_ptr error;
+  try {
+    f();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  std::fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  std::fclose(file);
+  const std::string text = read_text_file(path, "captured stderr", kMaxMetadataFileBytes);
+  if (error) std::rethrow_exception(error);
+  return text;
 }
 }  // namespace dmx::test

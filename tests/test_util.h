@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -11,12 +12,22 @@
 
 namespace dmx::test {
 
-// ../shared next to the checkout (or $DMX_SHARED_DIR).
+// ../shared next to the checkout (or $DMX_SHARED_DIR). Every function below that looks at the fixtures marks
+// the running test as a fixture user: only suites named *Golden (or *Slow) may call them (docs/testing.md).
 std::string shared_dir();
 bool fixtures_available();
 std::string fixtures_dir();                              // <shared>/fixtures/sd-tiny
 std::string fixture_model(const std::string& variant);   // <fixtures>/models/<variant>
 std::string temp_dir();                                  // a fresh per-process scratch folder
+// temp_dir()/name, created: a test's own folder, so that outputs of different tests never meet (an existing
+// output is an error without --overwrite).
+std::string temp_subdir(const std::string& name);
+
+// What the running test used, checked against its label after it ends (tests/test_labels.cpp).
+enum Use : unsigned { kUsedFixtures = 1, kAskedFixtures = 2, kUsedCli = 4, kUsedTinyModel = 8 };
+void note_use(Use u);
+unsigned uses_of_current_test();
+void reset_uses();
 
 struct RefCase {
   nlohmann::json meta;
@@ -26,12 +37,19 @@ struct RefCase {
 };
 RefCase load_ref(const std::string& variant, const std::string& name);
 
+// The built dmx binary. Tests that start it (here or with fork/exec) are `cli` tests: their suites end in Cli.
+std::string cli_path();
+
 // Runs the built dmx binary with args (no shell expansion); output = stdout + stderr.
 struct CliRun {
   int code = -1;
   std::string output;
 };
 CliRun dmx_run(const std::vector<std::string>& args);
+
+// Runs f with this process's stderr (file descriptor 2) sent to a file, and returns what f wrote there (what
+// the CLI would print for a call of the API it makes); an exception from f is rethrown after stderr is restored.
+std::string capture_stderr(const std::function<void()>& f);
 
 // Relative error = max|a - e| / max(max|e|, 1e-12). Prints "[check] what: rel=... max_abs=..." always,
 // and the first values on failure. Returns the relative error.
@@ -41,7 +59,8 @@ double check_close(const std::string& what, const at::Tensor& actual, const at::
 #define DMX_REQUIRE_FIXTURES()                                                                      \
   do {                                                                                              \
     if (!::dmx::test::fixtures_available())                                                         \
-      GTEST_SKIP() << "reference fixtures not found at " << ::dmx::test::fixtures_dir()             \
+      GTEST_SKIP() << "reference fixtures not found at " << ::dmx::test::shared_dir()               \
+                   << "/fixtures/sd-tiny"                                                           \
                    << " (golden tests need ../shared beside the checkout, or DMX_SHARED_DIR)";      \
   } while (0)
 

@@ -1,5 +1,5 @@
 // AutoencoderKL: golden encode / sample / decode against diffusers 0.27.2 (ref/<variant>/vae), config parsing,
-// strict loading, seeded sampling, bf16. Suites: VAEConfig (unit), VAETiny (tiny models), VAEGolden (golden).
+// strict loading, seeded sampling, bf16. Suites: VAEConfigUnit, VAETiny (tiny random models), VAEGolden (fixtures).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -10,6 +10,7 @@
 #include "io/state_dict.h"
 #include "models/autoencoder_kl.h"
 #include "test_util.h"
+#include "tiny_models.h"
 
 using namespace dmx;
 using dmx::models::AutoencoderKL;
@@ -20,7 +21,7 @@ constexpr double kTol = 1e-5;
 constexpr double kBf16Tol = 6e-2;  // see VAEGolden.BFloat16StaysCloseToFloat32
 
 nlohmann::json vae_config_json(const std::string& variant) {
-  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/vae/config.json", "vae config"));
+  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/vae/config.json", "vae config", dmx::kMaxJsonFileBytes));
 }
 std::string vae_weights(const std::string& variant) {
   return test::fixture_model(variant) + "/vae/diffusion_pytorch_model.safetensors";
@@ -28,6 +29,20 @@ std::string vae_weights(const std::string& variant) {
 AutoencoderKL load_vae(const std::string& variant) {
   AutoencoderKL m(AutoencoderKLConfig::from_json(vae_config_json(variant)));
   io::load_state_dict(*m, io::load_safetensors(vae_weights(variant)), "vae");
+  m->eval();
+  return m;
+}
+
+// The same architectures with seeded random weights (tests/tiny_models.h).
+nlohmann::json tiny_vae_config_json(const std::string& variant) {
+  return nlohmann::json::parse(read_text_file(test::tiny_config_dir(variant) + "/vae/config.json", "vae config", kMaxJsonFileBytes));
+}
+std::string tiny_vae_weights(const std::string& variant) {
+  return test::tiny_model_dir(variant) + "/vae/diffusion_pytorch_model.safetensors";
+}
+AutoencoderKL load_tiny_vae(const std::string& variant) {
+  AutoencoderKL m(AutoencoderKLConfig::from_json(tiny_vae_config_json(variant)));
+  io::load_state_dict(*m, io::load_safetensors(tiny_vae_weights(variant)), "vae");
   m->eval();
   return m;
 }
@@ -43,7 +58,7 @@ void expect_throw_with(const std::function<void()>& f, const std::string& needle
 }
 }  // namespace
 
-TEST(VAEConfig, PresetsAndFromJson) {
+TEST(VAEConfigUnit, PresetsAndFromJson) {
   auto a = AutoencoderKLConfig::sd15();
   EXPECT_EQ(a.block_out_channels, (std::vector<int>{128, 256, 512, 512}));
   EXPECT_EQ(a.downscale_factor(), 8);
@@ -60,7 +75,7 @@ TEST(VAEConfig, PresetsAndFromJson) {
   EXPECT_EQ(c.norm_num_groups, 8);
 }
 
-TEST(VAEConfig, FromJsonRejectsUnsupportedAndInvalid) {
+TEST(VAEConfigUnit, FromJsonRejectsUnsupportedAndInvalid) {
   expect_throw_with<Unsupported>(
       [] {
         AutoencoderKLConfig::from_json(
@@ -77,7 +92,7 @@ TEST(VAEConfig, FromJsonRejectsUnsupportedAndInvalid) {
       [] {
         AutoencoderKLConfig::from_json({{"latent_channels", -4}});
       },
-      "latent_channels must be > 0");
+      "latent_channels must be in [1, 64], got -4");
   expect_throw_with<FormatError>(
       [] {
         AutoencoderKLConfig::from_json({{"layers_per_block", "2"}});
@@ -91,9 +106,8 @@ TEST(VAEConfig, FromJsonRejectsUnsupportedAndInvalid) {
 }
 
 TEST(VAETiny, StrictLoadRejectsMissingUnexpectedAndMisShapedKeys) {
-  DMX_REQUIRE_FIXTURES();
-  AutoencoderKL m(AutoencoderKLConfig::from_json(vae_config_json("test")));
-  const io::TensorMap good = io::load_safetensors(vae_weights("test"));
+  AutoencoderKL m(AutoencoderKLConfig::from_json(tiny_vae_config_json("test")));
+  const io::TensorMap good = io::load_safetensors(tiny_vae_weights("test"));
   io::LoadReport r = io::load_state_dict(*m, good, "vae");
   EXPECT_EQ(r.loaded, good.size());
 
@@ -114,9 +128,8 @@ TEST(VAETiny, StrictLoadRejectsMissingUnexpectedAndMisShapedKeys) {
 }
 
 TEST(VAETiny, SeededSampleDrawsRandnLikeDiffusers) {
-  DMX_REQUIRE_FIXTURES();
   at::NoGradGuard no_grad;
-  auto m = load_vae("test");
+  auto m = load_tiny_vae("test");
   at::manual_seed(0);
   auto d = m->encode(at::rand({1, 3, 16, 24}) * 2 - 1);
   EXPECT_EQ(d.mean.sizes(), (at::IntArrayRef{1, 4, 8, 12}));  // non-square works
@@ -130,8 +143,7 @@ TEST(VAETiny, SeededSampleDrawsRandnLikeDiffusers) {
 }
 
 TEST(VAETiny, RejectsBadInputs) {
-  DMX_REQUIRE_FIXTURES();
-  auto m = load_vae("test");
+  auto m = load_tiny_vae("test");
   expect_throw_with<InvalidArgument>([&] { m->encode(at::zeros({1, 4, 8, 8})); }, "VAE encode input must be [B, 3");
   expect_throw_with<InvalidArgument>([&] { m->decode(at::zeros({1, 3, 8, 8})); }, "VAE decode input must be [B, 4");
 }

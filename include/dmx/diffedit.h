@@ -22,6 +22,7 @@ struct DiffEditOptions {
   std::string output;           // edited image, PNG
   std::string mask_output;      // optional PNG of the mask at image size (white = edited)
   std::string save_latents;     // optional .safetensors with "latents" after the last edit step
+  bool overwrite = false;       // replace existing outputs (README "Outputs and overwriting")
   int steps = 50;                      // num_inference_steps of all three phases
   double encode_ratio = 0.8;           // inpaint_strength of invert and edit, in (0, 1]
   double mask_threshold = 3.0;         // mask_thresholding_ratio, > 0

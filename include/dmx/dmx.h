@@ -31,6 +31,10 @@ struct GenerateOptions {
   std::string init_latents;  // safetensors with one tensor "latents" (initial noise)
   std::string save_latents;  // write the final latents here
   std::string output;        // PNG path; with num_images > 1: <stem>-<i>.png
+  // Replace outputs that already exist (README "Outputs and overwriting"); without it an existing output is an
+  // error found before any work. Outputs are never allowed to be, or lie inside, an input.
+  bool overwrite = false;
+  std::string from;          // the PNG the parameters were read from (`--from`): an input, never written
   int threads = 0;           // 0 = all cores
   std::string dtype = "fp32";
   std::string device = "cpu";
@@ -92,11 +96,13 @@ std::string read_image_parameters(const std::string& png_path);
 std::string model_hash(const std::string& model);
 std::string model_hash_file(const std::string& model);
 
-// Programs (the CLI) call this once: SIGINT/SIGTERM/SIGHUP then delete any output temporary being
-// written before the process ends, so an interrupted run leaves no partial or temporary file.
+// Programs (the CLI) call this once: SIGINT/SIGTERM/SIGHUP then delete any output temporary (file or folder)
+// being written before the process ends, so an interrupted run leaves no partial or temporary file; SIGXFSZ is
+// ignored, so a write past `ulimit -f` fails like a full disk (SystemError) instead of killing the process.
 void install_signal_cleanup();
 
-// Names accepted by GenerateOptions::scheduler.
+// Names accepted by GenerateOptions::scheduler: the samplers of the scheduler registry
+// (src/schedulers/registry.cpp), in its order.
 std::vector<std::string> scheduler_names();
 
 // ---------------------------------------------------------------------------------------------------
@@ -114,6 +120,7 @@ struct BenchOptions {
   bool measure_peak = true;     // time a 2048^3 GEMM in the dtype for the "share of peak" column
   bool channels_last = true;    // activations in NHWC (the product's default; false: NCHW, for comparison)
   std::string profile;          // when set: op traces of one UNet step and one decode, <profile>.{unet,vae}.json
+  bool overwrite = false;       // replace existing trace files
 };
 
 // Analytic FLOP counts (multiply-add = 2 FLOP; convolutions, linears and attention products only).

@@ -17,6 +17,7 @@ namespace dmx {
 struct ClassifierTrainOptions {
   std::string data;    // `dmx data emoji` folder (concepts.json, google/, twitter/)
   std::string output;  // folder: config.json + model.safetensors (fp16)
+  bool overwrite = false;  // replace an existing classifier folder (README "Outputs and overwriting")
   int64_t steps = 2000;
   int batch_size = 64;
   double learning_rate = 2e-3;  // AdamW peak; 100 warm-up steps, cosine decay to 0

@@ -36,6 +36,7 @@ struct P2POptions {
   int null_text_inner_steps = 10;
   std::string save_attention_maps;  // PNG grid of per-token cross-attention maps (both prompts)
   std::string output;               // OUT.png: source | edit side by side; also OUT-source.png, OUT-edit.png
+  bool overwrite = false;           // replace existing outputs (README "Outputs and overwriting")
   int threads = 0;                  // 0 = all cores
   bool progress = true;
   bool verbose = false;

@@ -15,6 +15,9 @@ struct TrainOptions {
   std::string data;        // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
   std::string output;      // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder
   std::string output_dir;  // checkpoints, train_log.jsonl, validation images ("" = <output>.train)
+  // Replace an existing --output, and start over in an --output-dir that holds an earlier run (its checkpoints,
+  // log and validation images are deleted; other files kept). README "Outputs and overwriting".
+  bool overwrite = false;
 
   // Data
   int resolution = 512;
@@ -88,8 +91,9 @@ struct TrainReport {
   double seconds = 0;
   size_t peak_rss_bytes = 0;
   int64_t trainable_parameters = 0;
-  std::string output;  // what was written ("" on ranks other than 0)
+  std::string output;  // what was written ("" when nothing was: ranks other than 0, a run stopped early)
   std::string last_checkpoint;
+  int64_t skipped_rows = 0;  // bad dataset rows left out (--skip-bad-rows; each is named in a warning)
 };
 
 // Validates every option first (InvalidArgument naming the flag, the rule and the value: nothing is written),

@@ -12,13 +12,15 @@
 #include <fstream>
 #include <sstream>
 
+#include "api/options_util.h"
+#include "api/presets.h"
+#include "core/fs.h"
 #include "core/runtime.h"
 #include "dmx/dmx.h"
 #include "models/autoencoder_kl.h"
 #include "models/clip_text_model.h"
 #include "models/unet_2d_condition.h"
 #include "nn/fused_ops.h"
-#include "api/presets.h"
 
 namespace dmx {
 
@@ -230,6 +232,12 @@ BenchResult bench(const BenchOptions& o) {
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
                 o.device, "'");
   const at::ScalarType dtype = parse_dtype(o.dtype);
+  if (!o.profile.empty()) {
+    api::OutputPlan plan(o.overwrite);
+    plan.file(o.profile + ".unet.json", "--profile (its .unet.json)");
+    plan.file(o.profile + ".vae.json", "--profile (its .vae.json)");
+    plan.prepare();
+  }
   const at::Device dev(o.device);
   if (dtype == at::kHalf && dev.is_cpu())
     throw Unsupported("--dtype fp16 is for CUDA (libtorch 1.13 has no fp16 CPU convolutions); use bf16 on CPU");
@@ -299,15 +307,16 @@ BenchResult bench(const BenchOptions& o) {
   r.unet_step_cpu_s = unet_cpu;
   r.vae_decode_cpu_s = vae_cpu;
   if (!o.profile.empty()) {
-    // Chrome-trace files of one run each (scripts/profile_summary.py sums the time per op).
-    {
-      torch::autograd::profiler::RecordProfile guard(o.profile + ".unet.json");
+    // Chrome-trace files of one run each (scripts/profile_summary.py sums the time per op), each written to a
+    // temporary and renamed.
+    write_file_atomic(o.profile + ".unet.json", [&](const std::string& tmp) {
+      torch::autograd::profiler::RecordProfile guard(tmp);
       sync(unet_step());
-    }
-    {
-      torch::autograd::profiler::RecordProfile guard(o.profile + ".vae.json");
+    });
+    write_file_atomic(o.profile + ".vae.json", [&](const std::string& tmp) {
+      torch::autograd::profiler::RecordProfile guard(tmp);
       sync(decode());
-    }
+    });
   }
   if (o.measure_peak) r.matmul_peak_gflops = matmul_peak_gflops(dtype, dev);
   r.peak_rss_mb = peak_rss_mb();

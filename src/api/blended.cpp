@@ -69,7 +69,7 @@ void resize_inpaint_inputs(const GenerateOptions& o, int vae_scale_factor, Image
   mask = resize_lanczos(mask, w, h);
 }
 
-BlendedRun run_blended(std::shared_ptr<pipelines::StableDiffusionModels> models, const pipelines::StableDiffusionParams& sp,
+BlendedRun run_blended(std::shared_ptr<loaders::StableDiffusionModels> models, const pipelines::StableDiffusionParams& sp,
                        const GenerateOptions& o, const Image& mask) {
   pipelines::BlendedLatentDiffusionParams p;
   p.prompt = sp.prompt;

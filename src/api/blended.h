@@ -7,7 +7,7 @@
 
 #include "core/image.h"
 #include "dmx/dmx.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 
 namespace dmx::api {
@@ -32,6 +32,6 @@ struct BlendedRun {
 };
 // Runs the edit with the settings of `p` (prompt, steps, guidance, scheduler, eta, seed, images, clip skip,
 // init image, strength, given latents) and the mask options of `o`.
-BlendedRun run_blended(std::shared_ptr<pipelines::StableDiffusionModels> models, const pipelines::StableDiffusionParams& p,
+BlendedRun run_blended(std::shared_ptr<loaders::StableDiffusionModels> models, const pipelines::StableDiffusionParams& p,
                        const GenerateOptions& o, const Image& mask);
 }  // namespace dmx::api

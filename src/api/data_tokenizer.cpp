@@ -1,8 +1,11 @@
 // `dmx data tokenizer` (include/dmx/data.h): captions -> a CLIP BPE tokenizer folder.
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
+#include "api/options_util.h"
+#include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "dmx/data.h"
 #include "dmx/error.h"
@@ -16,8 +19,7 @@ void read_captions(const std::string& dir, const std::string& column, std::vecto
   DMX_CHECK_ARG(is_directory(dir), "--data: not a folder: '", dir, "'");
   const std::string meta = join_path(dir, "metadata.jsonl");
   if (path_exists(meta)) {
-    std::ifstream in(meta);
-    DMX_CHECK_IO(in.good(), "--data: cannot read ", meta);
+    std::istringstream in(read_text_file(meta, "--data metadata.jsonl", kMaxMetadataFileBytes));
     std::string line;
     int n = 0;
     while (std::getline(in, line)) {
@@ -40,7 +42,7 @@ void read_captions(const std::string& dir, const std::string& column, std::vecto
     if (e.is_regular_file() && e.path().extension() == ".txt") files.push_back(e.path().string());
   DMX_CHECK_ARG(!files.empty(), "--data: '", dir, "' has neither metadata.jsonl nor *.txt captions");
   std::sort(files.begin(), files.end());
-  for (const auto& f : files) out->push_back(read_text_file(f, "caption"));
+  for (const auto& f : files) out->push_back(read_text_file(f, "caption", kMaxTextFileBytes));
 }
 }  // namespace
 
@@ -49,6 +51,14 @@ TokenizerTrainReport train_tokenizer(const TokenizerTrainOptions& o) {
   DMX_CHECK_ARG(!o.output.empty(), "--output is required (the tokenizer folder to write)");
   DMX_CHECK_ARG(o.model_max_length >= 2 && o.model_max_length <= 4096,
                 "--model-max-length must be in [2, 4096], got ", o.model_max_length);
+  {
+    api::OutputPlan plan(o.overwrite);
+    for (const auto& d : o.data) plan.input(d, "--data");
+    std::string out = o.output;
+    while (out.size() > 1 && out.back() == '/') out.pop_back();
+    plan.folder(out, "--output", {"vocab.json", "merges.txt"}, "tokenizer folder");
+    plan.prepare();
+  }
   std::vector<std::string> texts;
   for (const auto& d : o.data) read_captions(d, o.caption_column, &texts);
   models::BPETrainOptions bo;
@@ -56,7 +66,8 @@ TokenizerTrainReport train_tokenizer(const TokenizerTrainOptions& o) {
   bo.min_frequency = o.min_frequency;
   bo.model_max_length = o.model_max_length;
   const models::BPEVocabulary v = models::learn_clip_bpe(texts, bo);
-  models::save_clip_tokenizer(v, o.output, o.model_max_length);
+  write_directory_atomic(o.output, "the tokenizer folder",
+                         [&](const std::string& tmp) { models::save_clip_tokenizer(v, tmp, o.model_max_length); });
 
   TokenizerTrainReport r;
   r.texts = texts.size();

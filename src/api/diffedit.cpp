@@ -21,7 +21,7 @@
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
 #include "pipelines/diffedit.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 
 namespace dmx {
 namespace {
@@ -44,9 +44,6 @@ void check_options(const DiffEditOptions& o) {
   check_text(o.target_prompt, "--target-prompt");
   check_text(o.negative_prompt, "--negative-prompt");
   DMX_CHECK_ARG(!o.output.empty(), "--output is required (a .png path)");
-  api::check_output_path(o.output, "--output", ".png");
-  if (!o.mask_output.empty()) api::check_output_path(o.mask_output, "--mask-output", ".png");
-  if (!o.save_latents.empty()) api::check_output_path(o.save_latents, "--save-latents", ".safetensors");
   DMX_CHECK_ARG(o.steps >= 1 && o.steps <= 1000, "--steps must be in [1, 1000], got ", o.steps);
   DMX_CHECK_ARG(std::isfinite(o.encode_ratio) && o.encode_ratio > 0 && o.encode_ratio <= 1,
                 "--encode-ratio must be in (0, 1], got ", o.encode_ratio);
@@ -67,7 +64,17 @@ void check_options(const DiffEditOptions& o) {
                 "--inversion-guidance-scale must be in [0, 100], got ", o.inversion_guidance_scale);
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
                 o.device, "'");
-  api::parse_dtype(o.dtype);
+  api::parse_dtype(o.dtype, o.device);
+  // The outputs, written together or not at all, against the inputs and each other.
+  api::OutputPlan plan(o.overwrite);
+  plan.input(o.model, "--model");
+  plan.input(o.config_dir, "--config");
+  plan.input(o.tokenizer_dir, "--tokenizer");
+  plan.input(o.image, "--image");
+  plan.file(o.output, "--output", ".png");
+  if (!o.mask_output.empty()) plan.file(o.mask_output, "--mask-output", ".png");
+  if (!o.save_latents.empty()) plan.file(o.save_latents, "--save-latents", ".safetensors");
+  plan.prepare();
 }
 
 }  // namespace
@@ -102,13 +109,13 @@ DiffEditResult diffedit(const DiffEditOptions& o) {
   configure_threads(o.threads);
   const uint64_t seed = api::resolve_seed(o.seed);
 
-  pipelines::LoadOptions lo;
+  loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
   lo.dtype = api::parse_dtype(o.dtype);
   lo.device = o.device;
   PhaseTimer load_timer("load");
-  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  auto models = loaders::load_stable_diffusion(o.model, lo);
   load_timer.stop();
   const int f = models->vae_scale_factor();
   DMX_CHECK_ARG(rgb.width % f == 0 && rgb.height % f == 0, "--image: width and height must be multiples of ", f,
@@ -172,8 +179,10 @@ DiffEditResult diffedit(const DiffEditOptions& o) {
   PhaseTimer write_timer("write");
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
   const TextChunks text = {{"parameters", format_diffedit_parameters(o, seed, w, h, models->name, hash.get())}};
+  std::vector<PendingFile> files;
   if (!o.save_latents.empty()) {
-    io::save_safetensors(o.save_latents, {{"latents", out.latents.to(at::kFloat).contiguous()}});
+    files.push_back(
+        {o.save_latents, io::serialize_safetensors({{"latents", out.latents.to(at::kFloat).contiguous()}}, {})});
     r.latents = o.save_latents;
   }
   if (!o.mask_output.empty()) {
@@ -185,10 +194,11 @@ DiffEditResult diffedit(const DiffEditOptions& o) {
     m.channels = 1;
     at::Tensor u8 = (up * 255).to(at::kByte).contiguous();
     m.data.assign(u8.data_ptr<uint8_t>(), u8.data_ptr<uint8_t>() + u8.numel());
-    save_png(o.mask_output, m, text);
+    files.push_back({o.mask_output, encode_png(m, text)});
     r.mask = o.mask_output;
   }
-  save_png(o.output, tensor_to_image(out.images[0]), text);
+  files.push_back({o.output, encode_png(tensor_to_image(out.images[0]), text)});
+  write_files_atomic(files);  // all or nothing
   r.image = o.output;
   write_timer.stop();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -17,36 +17,29 @@
 #include "core/utf8.h"
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
-#include "pipelines/lora_loader.h"
+#include "loaders/lora_loader.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
-#include "schedulers/scheduler.h"
+#include "schedulers/registry.h"
 
 namespace dmx {
 
 std::string version() { return "0.1.0"; }
 
-std::vector<std::string> scheduler_names() { return schedulers::scheduler_names(); }
+std::vector<std::string> scheduler_names() { return schedulers::sampler_names(); }
 
 void install_signal_cleanup() { install_temp_file_cleanup(); }
 
 namespace {
 
-using api::check_output_path;
 using api::parse_dtype;
-
-std::vector<std::string> output_paths(const std::string& out, int n) {
-  if (n == 1) return {out};
-  const size_t dot = out.find_last_of('.');
-  std::vector<std::string> paths;
-  for (int i = 0; i < n; ++i) paths.push_back(out.substr(0, dot) + "-" + std::to_string(i) + out.substr(dot));
-  return paths;
-}
 
 // ControlNet options: count rules and ranges, checked before anything is loaded.
 void check_controlnet_options(const GenerateOptions& o) {
   const size_t n = o.controlnets.size();
+  // Each net is a model of its own in memory (docs/limits.md).
+  DMX_CHECK_ARG(n <= 8, "--controlnet may be given at most 8 times, got ", n);
   if (n == 0) {
     DMX_CHECK_ARG(o.control_images.empty(), "--control-image needs --controlnet (got ", o.control_images.size(),
                   " image(s) and no net)");
@@ -74,7 +67,6 @@ void check_controlnet_options(const GenerateOptions& o) {
   for (const auto& m : o.control_preprocess)
     DMX_CHECK_ARG(m == "none" || m == "canny", "--control-preprocess must be one of none, canny, got '", m, "'");
   DMX_CHECK_ARG(o.init_image.empty(), "--controlnet with --init-image (ControlNet img2img) is not supported yet");
-  if (!o.save_control_image.empty()) check_output_path(o.save_control_image, "--save-control-image", ".png");
 }
 
 // Loads, preprocesses (Canny) each control image; sizes are settled once the model is known.
@@ -91,23 +83,6 @@ std::vector<Image> load_control_maps(const GenerateOptions& o) {
   return maps;
 }
 
-// The dmx name of the model's own scheduler (scheduler_config.json), so that the metadata names a
-// sampler that `--from` can re-run (a short name runs the model's config with the class swapped,
-// which is the model's own scheduler again). Unknown classes keep their diffusers name.
-std::string short_scheduler_name(const nlohmann::json& cfg) {
-  const std::string cls = cfg.value("_class_name", std::string());
-  static const std::map<std::string, std::string> one_to_one = {
-      {"DDIMScheduler", "ddim"},   {"DDPMScheduler", "ddpm"}, {"PNDMScheduler", "pndm"},
-      {"EulerDiscreteScheduler", "euler"}, {"EulerAncestralDiscreteScheduler", "euler_a"},
-      {"HeunDiscreteScheduler", "heun"},   {"LMSDiscreteScheduler", "lms"}};
-  auto it = one_to_one.find(cls);
-  if (it != one_to_one.end()) return it->second;
-  if (cls == "DPMSolverMultistepScheduler" && cfg.value("algorithm_type", std::string("dpmsolver++")) == "dpmsolver++" &&
-      cfg.value("solver_order", 2) == 2)
-    return cfg.value("use_karras_sigmas", false) ? "dpmpp_2m_karras" : "dpmpp_2m";
-  return cls;
-}
-
 }  // namespace
 
 GenerateResult generate(const GenerateOptions& o) {
@@ -120,13 +95,11 @@ GenerateResult generate(const GenerateOptions& o) {
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
   DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model), "--config applies to a single-file checkpoint; --model ",
                 o.model, " is a diffusers folder with its own configs (leave --config out)");
-  check_output_path(o.output, "--output", ".png");
-  if (!o.save_latents.empty()) check_output_path(o.save_latents, "--save-latents", ".safetensors");
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
                 o.device, "'");
-  const at::ScalarType dtype = parse_dtype(o.dtype);
+  const at::ScalarType dtype = parse_dtype(o.dtype, o.device);
   if (!o.scheduler.empty()) {
-    auto names = schedulers::scheduler_names();
+    auto names = schedulers::sampler_names();
     if (std::find(names.begin(), names.end(), o.scheduler) == names.end()) {
       std::string list;
       for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
@@ -143,22 +116,47 @@ GenerateResult generate(const GenerateOptions& o) {
     DMX_CHECK_ARG(o.canny_low <= o.canny_high, "--canny-low (", o.canny_low, ") must be <= --canny-high (",
                   o.canny_high, ")");
   }
-  const std::vector<Image> control_maps = load_control_maps(o);
-  configure_threads(o.threads);
   // LoRA: --lora entries, then the prompts' <lora:NAME:WEIGHT> tags (removed from the text encoded).
-  pipelines::LoRAApplyOptions lora_opts;
-  lora_opts.mode = pipelines::parse_lora_mode(o.lora_mode);
+  loaders::LoRAApplyOptions lora_opts;
+  lora_opts.mode = loaders::parse_lora_mode(o.lora_mode);
   lora_opts.allow_unmatched = o.lora_allow_unmatched;
-  std::vector<pipelines::LoRASpec> lora_specs;
-  for (const auto& l : o.loras) lora_specs.push_back(pipelines::parse_lora_arg(l));
-  std::vector<pipelines::LoRASpec> tagged;
-  const std::string prompt = pipelines::extract_prompt_loras(o.prompt, tagged);
-  const std::string negative_prompt = pipelines::extract_prompt_loras(o.negative_prompt, tagged);
+  std::vector<loaders::LoRASpec> lora_specs;
+  for (const auto& l : o.loras) lora_specs.push_back(loaders::parse_lora_arg(l));
+  std::vector<loaders::LoRASpec> tagged;
+  const std::string prompt = loaders::extract_prompt_loras(o.prompt, tagged);
+  const std::string negative_prompt = loaders::extract_prompt_loras(o.negative_prompt, tagged);
   for (auto& t : tagged) {
-    t.path = pipelines::resolve_lora_name(o.lora_dir, t.path);
+    t.path = loaders::resolve_lora_name(o.lora_dir, t.path);
     lora_specs.push_back(t);
   }
   for (const auto& l : lora_specs) DMX_CHECK_ARG(path_exists(l.path), "--lora: file not found: ", l.path);
+  DMX_CHECK_ARG(lora_specs.size() <= 64, "at most 64 LoRAs (--lora and <lora:...> tags together), got ",
+                lora_specs.size());
+  // Every output, derived ones included, against every input and each other, before any work.
+  const std::vector<std::string> image_paths = api::numbered_paths(o.output, o.num_images);
+  const std::vector<std::string> control_paths =
+      o.save_control_image.empty() ? std::vector<std::string>{}
+                                   : api::numbered_paths(o.save_control_image, static_cast<int>(o.controlnets.size()));
+  {
+    api::OutputPlan plan(o.overwrite);
+    plan.input(o.model, "--model");
+    plan.input(o.config_dir, "--config");
+    plan.input(o.tokenizer_dir, "--tokenizer");
+    plan.input(o.from, "--from");
+    plan.input(o.init_image, "--init-image");
+    plan.input(o.mask, "--mask");
+    plan.input(o.init_latents, "--init-latents");
+    plan.input(o.lora_dir, "--lora-dir");
+    for (const auto& l : lora_specs) plan.input(l.path, "--lora");
+    for (const auto& c : o.controlnets) plan.input(c, "--controlnet");
+    for (const auto& c : o.control_images) plan.input(c, "--control-image");
+    for (const auto& path : image_paths) plan.file(path, "--output", ".png");
+    if (!o.save_latents.empty()) plan.file(o.save_latents, "--save-latents", ".safetensors");
+    for (const auto& path : control_paths) plan.file(path, "--save-control-image", ".png");
+    plan.prepare();
+  }
+  const std::vector<Image> control_maps = load_control_maps(o);
+  configure_threads(o.threads);
 
   pipelines::StableDiffusionParams p;
   p.prompt = prompt;
@@ -191,45 +189,46 @@ GenerateResult generate(const GenerateOptions& o) {
     io::TensorMap lat;
     try {
       lat = io::load_safetensors(o.init_latents);
-    } catch (const IoError& e) {
+    } catch (const InvalidArgument& e) {
       throw InvalidArgument(std::string("--init-latents: ") + e.what());
     }
     DMX_CHECK_ARG(lat.count("latents") == 1, "--init-latents: ", o.init_latents, " has no tensor named 'latents'");
     p.latents = lat["latents"].to(at::kFloat);
+    DMX_CHECK_ARG(at::isfinite(p.latents).all().item<bool>(), "--init-latents: ", o.init_latents,
+                  ": 'latents' holds non-finite values (NaN or Inf), which give a black picture");
   }
 
-  pipelines::LoadOptions lo;
+  loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
   lo.dtype = dtype;
   lo.device = o.device;
   PhaseTimer load_timer("load");
-  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  auto models = loaders::load_stable_diffusion(o.model, lo);
   load_timer.stop();
   BackgroundModelHash hash(o.model);
   if (!o.mask.empty() && (o.width || o.height)) {
     api::resize_inpaint_inputs(o, models->vae_scale_factor(), init_rgb, mask);
     p.init_image = image_to_tensor(init_rgb);
   }
-  std::unique_ptr<pipelines::ScopedLoRAs> loras;
+  std::unique_ptr<loaders::ScopedLoRAs> loras;
   if (!lora_specs.empty()) {
-    loras = std::make_unique<pipelines::ScopedLoRAs>(models, lora_specs, lora_opts);
+    loras = std::make_unique<loaders::ScopedLoRAs>(models, lora_specs, lora_opts);
     if (o.progress)
       for (const auto& r : loras->reports()) log_info("lora: " + r.summary() + " (" + r.source + ")");
   }
   if (!o.controlnets.empty()) {
-    // Output size: --width/--height, else the first map's size rounded down to the VAE factor (diffusers'
+    // Output size: --width/--height, else the first map's size rounded down to the VAE factor and at least 8 (diffusers'
     // VaeImageProcessor); every map is resized to it with PIL's Lanczos, as the reference does.
     // Given sizes are rounded down to the VAE factor too (get_default_height_width), as diffusers does.
-    const int f = models->vae_scale_factor();
+    const int f = pipelines::control_size_multiple(models->vae_scale_factor());
     int w = o.width - o.width % f, h = o.height - o.height % f;
     if (o.width == 0 || o.height == 0) {
       const auto d = pipelines::default_control_size(control_maps[0], f);
       if (o.width == 0) w = d.first;
       if (o.height == 0) h = d.second;
     }
-    DMX_CHECK_ARG(w > 0 && h > 0, "--control-image: the image is smaller than ", models->vae_scale_factor(),
-                  " pixels; give --width/--height");
+    DMX_CHECK_ARG(w > 0 && h > 0, "--control-image: the image is smaller than ", f, " pixels; give --width/--height");
     p.width = w;
     p.height = h;
     for (size_t i = 0; i < o.controlnets.size(); ++i) {
@@ -246,11 +245,6 @@ GenerateResult generate(const GenerateOptions& o) {
     }
     p.guess_mode = o.guess_mode;
     pipelines::StableDiffusionPipeline(models).check_params(p);
-    if (!o.save_control_image.empty()) {
-      const auto paths = output_paths(o.save_control_image, static_cast<int>(p.controlnets.size()));
-      for (size_t i = 0; i < paths.size(); ++i)
-        save_png(paths[i], tensor_to_image(p.controlnets[i].image[0].permute({1, 2, 0})));
-    }
   }
   pipelines::StableDiffusionOutput out;
   GenerateResult r;
@@ -269,15 +263,20 @@ GenerateResult generate(const GenerateOptions& o) {
   r.seed = seed;
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
   GenerateOptions meta = o;
-  if (meta.scheduler.empty()) meta.scheduler = short_scheduler_name(models->scheduler_config);
+  if (meta.scheduler.empty()) meta.scheduler = schedulers::scheduler_name_for_config(models->scheduler_config);
   const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name, hash.get())}};
   PhaseTimer write_timer("write");
-  if (!o.save_latents.empty()) io::save_safetensors(o.save_latents, {{"latents", out.latents.to(at::kFloat).contiguous()}});
-  const auto paths = output_paths(o.output, o.num_images);
-  for (size_t i = 0; i < paths.size(); ++i) {
-    save_png(paths[i], tensor_to_image(out.images[static_cast<int64_t>(i)]), text);
-    r.images.push_back(paths[i]);
-  }
+  // All outputs or none (a full disk at the third image leaves nothing).
+  std::vector<PendingFile> files;
+  for (size_t i = 0; i < control_paths.size(); ++i)
+    files.push_back({control_paths[i], encode_png(tensor_to_image(p.controlnets[i].image[0].permute({1, 2, 0})))});
+  if (!o.save_latents.empty())
+    files.push_back(
+        {o.save_latents, io::serialize_safetensors({{"latents", out.latents.to(at::kFloat).contiguous()}}, {})});
+  for (size_t i = 0; i < image_paths.size(); ++i)
+    files.push_back({image_paths[i], encode_png(tensor_to_image(out.images[static_cast<int64_t>(i)]), text)});
+  write_files_atomic(files);
+  r.images = image_paths;
   write_timer.stop();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;

@@ -4,8 +4,10 @@
 #include <cmath>
 #include <filesystem>
 
+#include "api/options_util.h"
 #include "core/atomic_dir.h"
 #include "core/fs.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "dmx/train.h"
 #include "io/checkpoint.h"
@@ -13,6 +15,7 @@
 #include "io/state_dict.h"
 #include "models/autoencoder_kl.h"
 #include "models/clip_text_model.h"
+#include "models/config_json.h"
 #include "models/clip_tokenizer.h"
 #include "models/unet_2d_condition.h"
 #include "schedulers/scheduler.h"
@@ -25,10 +28,6 @@ int64_t count(torch::nn::Module& m) {
   int64_t n = 0;
   for (const auto& p : m.parameters()) n += p.numel();
   return n;
-}
-
-bool ends_with(const std::string& s, const std::string& tail) {
-  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
 // transformers' CLIPPreTrainedModel._init_weights for the text tower (initializer_factor 1): embeddings
@@ -65,12 +64,19 @@ InitModelReport init_model(const InitModelOptions& o) {
   DMX_CHECK_ARG(!o.config.empty(), "--config is required (a folder of diffusers configs)");
   DMX_CHECK_ARG(is_directory(o.config), "--config: not a folder: '", o.config, "'");
   DMX_CHECK_ARG(!o.output.empty(), "--output is required (the diffusers folder to create)");
-  DMX_CHECK_ARG(o.overwrite || !path_exists(o.output), "--output '", o.output,
-                "' already exists (choose a new folder or pass --overwrite)");
   for (const char* f : {"model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                         "scheduler/scheduler_config.json"})
     DMX_CHECK_ARG(path_exists(join_path(o.config, f)), "--config: '", o.config, "' has no ", f);
   const std::string tok_dir = o.tokenizer.empty() ? join_path(o.config, "tokenizer") : o.tokenizer;
+  {
+    api::OutputPlan plan(o.overwrite);
+    plan.input(o.config, "--config");
+    plan.input(tok_dir, "--tokenizer");
+    std::string out = o.output;
+    while (out.size() > 1 && out.back() == '/') out.pop_back();
+    plan.folder(out, "--output", {"model_index.json"}, "diffusers folder");
+    plan.prepare();
+  }
   DMX_CHECK_ARG(path_exists(join_path(tok_dir, "vocab.json")), "--tokenizer: '", tok_dir,
                 "' has no vocab.json (build one with dmx data tokenizer)");
 
@@ -81,7 +87,7 @@ InitModelReport init_model(const InitModelOptions& o) {
   const auto text_cfg = models::CLIPTextConfig::from_json(
       io::load_json_file(join_path(o.config, "text_encoder/config.json"), "text encoder config"));
   (void)schedulers::parse_scheduler_config(
-      read_text_file(join_path(o.config, "scheduler/scheduler_config.json"), "scheduler config"));
+      read_text_file(join_path(o.config, "scheduler/scheduler_config.json"), "scheduler config", kMaxJsonFileBytes));
   const auto tok = models::CLIPTokenizer::from_folder(tok_dir);
   DMX_CHECK_ARG(static_cast<int64_t>(tok.vocab_size()) <= text_cfg.vocab_size,
                 "text_encoder/config.json: vocab_size ", text_cfg.vocab_size, " is smaller than the tokenizer's ",
@@ -93,6 +99,11 @@ InitModelReport init_model(const InitModelOptions& o) {
                 unet_cfg.cross_attention_dim, " must equal the text encoder's hidden_size ", text_cfg.hidden_size);
   DMX_CHECK_ARG(unet_cfg.in_channels == vae_cfg.latent_channels, "unet/config.json: in_channels ",
                 unet_cfg.in_channels, " must equal the VAE's latent_channels ", vae_cfg.latent_channels);
+
+  // Each config is bounded by from_json; the three together too, before anything is allocated.
+  models::cfgjson::check_parameter_count(
+      "--config: the UNet, VAE and text encoder configs together",
+      unet_cfg.parameter_count() + vae_cfg.parameter_count() + text_cfg.parameter_count());
 
   // Seeded construction: each module in a fixed order from the global generator.
   torch::manual_seed(o.seed);

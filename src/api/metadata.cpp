@@ -8,17 +8,10 @@
 
 #include "core/image.h"
 #include "dmx/dmx.h"
+#include "schedulers/registry.h"
 
 namespace dmx {
 namespace {
-
-const std::map<std::string, std::string>& sampler_labels() {
-  static const std::map<std::string, std::string> labels = {
-      {"ddim", "DDIM"},       {"ddpm", "DDPM"}, {"pndm", "PLMS"}, {"euler", "Euler"},
-      {"euler_a", "Euler a"}, {"heun", "Heun"}, {"lms", "LMS"},   {"dpmpp_2m", "DPM++ 2M"},
-      {"dpmpp_2m_karras", "DPM++ 2M Karras"}};
-  return labels;
-}
 
 std::string fmt_number(double v) {
   std::ostringstream os;
@@ -56,20 +49,15 @@ std::map<std::string, std::string> split_fields(const std::string& line) {
   return out;
 }
 
+// The numbers of the metadata follow the command line's syntax (dmx/error.h parse_integer / parse_number):
+// "Steps: 1e3" is refused like `--steps 1e3`, and a value outside int is an error, not a cast with undefined
+// behaviour ("Steps: 1e300" comes from whatever PNG --from is given).
 double to_double(const std::string& key, const std::string& v) {
-  char* end = nullptr;
-  const double d = std::strtod(v.c_str(), &end);
-  DMX_CHECK_ARG(!v.empty() && end && *end == '\0', "parameters: field '", key, "' must be a number, got '", v, "'");
-  return d;
+  return parse_number(v, "parameters: field '" + key + "'");
 }
 
-// Integral fields: a value outside int (or with a fraction) is an error, not a cast with undefined
-// behaviour ("Steps: 1e300" comes from whatever PNG --from is given).
 int to_int(const std::string& key, const std::string& v) {
-  const double d = to_double(key, v);
-  DMX_CHECK_ARG(std::isfinite(d) && d == std::floor(d) && d >= -2147483648.0 && d <= 2147483647.0, "parameters: field '",
-                key, "' must be an integer, got '", v, "'");
-  return static_cast<int>(d);
+  return static_cast<int>(parse_integer(v, "parameters: field '" + key + "'", -2147483648ll, 2147483647ll));
 }
 
 }  // namespace
@@ -79,9 +67,8 @@ std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width
   std::ostringstream os;
   os << o.prompt << "\n";
   if (!o.negative_prompt.empty()) os << "Negative prompt: " << o.negative_prompt << "\n";
-  std::string sampler = o.scheduler;
-  auto it = sampler_labels().find(o.scheduler);
-  if (it != sampler_labels().end()) sampler = it->second;
+  std::string sampler = schedulers::sampler_label(o.scheduler);  // the registry's A1111 label
+  if (sampler.empty()) sampler = o.scheduler;
   os << "Steps: " << o.steps;
   if (!sampler.empty()) os << ", Sampler: " << sampler;
   os << ", CFG scale: " << fmt_number(o.guidance_scale) << ", Seed: " << seed << ", Size: " << width << "x" << height;
@@ -135,14 +122,7 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
   };
   if (auto v = get("Steps")) o.steps = to_int("Steps", *v);
   if (auto v = get("CFG scale")) o.guidance_scale = to_double("CFG scale", *v);
-  if (auto v = get("Seed")) {
-    char* end = nullptr;
-    errno = 0;
-    const unsigned long long s = std::strtoull(v->c_str(), &end, 10);
-    DMX_CHECK_ARG(!v->empty() && *end == '\0' && (*v)[0] != '-' && (*v)[0] != '+' && errno == 0,
-                  "parameters: Seed must be an integer in [0, 2^64-1], got '", *v, "'");
-    o.seed = s;
-  }
+  if (auto v = get("Seed")) o.seed = parse_unsigned(*v, "parameters: Seed");
   if (auto v = get("Size")) {
     const size_t x = v->find('x');
     DMX_CHECK_ARG(x != std::string::npos, "parameters: Size must be WxH, got '", *v, "'");
@@ -150,9 +130,7 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
     o.height = to_int("Size", v->substr(x + 1));
   }
   if (auto v = get("Sampler")) {
-    std::string name;
-    for (const auto& kv : sampler_labels())
-      if (kv.second == *v || kv.first == *v) name = kv.first;
+    const std::string name = schedulers::sampler_for_label(*v);
     DMX_CHECK_ARG(!name.empty(), "parameters: Sampler '", *v, "' is not one dmx implements");
     o.scheduler = name;
   }

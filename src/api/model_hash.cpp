@@ -30,7 +30,7 @@ BackgroundModelHash::BackgroundModelHash(std::string model) {
   result_ = std::async(std::launch::async, [path = std::move(model), this] {
     try {
       return model_hash(path, &cancel_);
-    } catch (const IoError&) {
+    } catch (const Error&) {  // unreadable: the metadata goes without a hash
       return std::string();
     }
   });

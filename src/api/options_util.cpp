@@ -1,11 +1,22 @@
 #include "api/options_util.h"
 
+#include <limits.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
 #include <random>
 
 #include "core/fs.h"
 #include "dmx/error.h"
+#include "loaders/model_bundle.h"
 
 namespace dmx::api {
+
+namespace fs = std::filesystem;
 
 uint64_t resolve_seed(const std::optional<uint64_t>& seed) {
   if (seed) return *seed;
@@ -23,11 +34,31 @@ void check_output_path(const std::string& path, const std::string& param, const 
   DMX_CHECK_ARG(!is_directory(path), param, ": is a directory: ", path);
 }
 
+std::string with_suffix(const std::string& path, const std::string& suffix) {
+  const size_t slash = path.find_last_of('/');
+  const size_t dot = path.find_last_of('.');
+  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return path + suffix;
+  return path.substr(0, dot) + suffix + path.substr(dot);
+}
+
+std::vector<std::string> numbered_paths(const std::string& out, int n) {
+  if (n == 1) return {out};
+  std::vector<std::string> paths;
+  for (int i = 0; i < n; ++i) paths.push_back(with_suffix(out, "-" + std::to_string(i)));
+  return paths;
+}
+
 at::ScalarType parse_dtype(const std::string& s) {
   if (s == "fp32" || s == "float32") return at::kFloat;
   if (s == "bf16" || s == "bfloat16") return at::kBFloat16;
   if (s == "fp16" || s == "float16") return at::kHalf;
   throw InvalidArgument("--dtype must be one of fp32, bf16, fp16, got '" + s + "'");
+}
+
+at::ScalarType parse_dtype(const std::string& s, const std::string& device) {
+  const at::ScalarType t = parse_dtype(s);
+  loaders::check_dtype_device(t, device);
+  return t;
 }
 
 std::string quoted(const std::string& s) {

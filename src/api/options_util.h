@@ -1,11 +1,16 @@
-// Option helpers shared by the public API entry points (generate, p2p, diffedit): seed resolution, output
-// path checks, --dtype parsing and quoting for the PNG "parameters" text.
+// Option helpers shared by the public API entry points (generate, p2p, diffedit, train, ...): seed resolution,
+// the output plan every command runs before any work, --dtype parsing and quoting for the PNG "parameters" text.
 #pragma once
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
+#include <vector>
+
+#include "core/fs.h"
+#include "core/output_plan.h"
 
 namespace dmx::api {
 
@@ -16,8 +21,18 @@ uint64_t resolve_seed(const std::optional<uint64_t>& seed);
 // Messages name param.
 void check_output_path(const std::string& path, const std::string& param, const std::string& ext);
 
+// The output plan: core/output_plan.h (dmx::OutputPlan); the api names it here too.
+using ::dmx::OutputPlan;
+
+// OUT.png -> OUT<suffix>.png (the last extension kept).
+std::string with_suffix(const std::string& path, const std::string& suffix);
+// OUT.png with n > 1: OUT-0.png ... OUT-(n-1).png; n == 1: OUT.png.
+std::vector<std::string> numbered_paths(const std::string& out, int n);
+
 // --dtype: fp32/float32, bf16/bfloat16, fp16/float16.
 at::ScalarType parse_dtype(const std::string& s);
+// --dtype for --device: as parse_dtype, and fp16 only on CUDA (loaders::check_dtype_device says why).
+at::ScalarType parse_dtype(const std::string& s, const std::string& device);
 
 // A value for the "parameters" text: in double quotes, '"' and '\' escaped, newlines as spaces (one line).
 std::string quoted(const std::string& s);

@@ -17,7 +17,7 @@
 #include "core/utf8.h"
 #include "dmx/dmx.h"
 #include "extensions/attention_maps.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/null_text_inversion.h"
 #include "pipelines/prompt_to_prompt.h"
 #include "pipelines/stable_diffusion.h"
@@ -25,9 +25,7 @@
 namespace dmx {
 
 namespace {
-std::string with_suffix(const std::string& png, const std::string& suffix) {
-  return png.substr(0, png.size() - 4) + suffix + ".png";
-}
+using api::with_suffix;
 
 bool has_word(const std::string& text, const std::string& word) {
   size_t start = 0;
@@ -81,8 +79,6 @@ P2PResult p2p(const P2POptions& o) {
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
   DMX_CHECK_ARG(!o.prompt.empty(), "--prompt is required");
   DMX_CHECK_ARG(!o.edit_prompt.empty(), "--edit-prompt is required");
-  api::check_output_path(o.output, "--output", ".png");
-  if (!o.save_attention_maps.empty()) api::check_output_path(o.save_attention_maps, "--save-attention-maps", ".png");
   DMX_CHECK_ARG(o.mode == "replace" || o.mode == "refine" || o.mode == "reweight",
                 "--mode must be one of replace, refine, reweight, got '", o.mode, "'");
   pipelines::PromptToPromptParams p;
@@ -116,6 +112,21 @@ P2PResult p2p(const P2POptions& o) {
                   "words, but --prompt has ", count(o.prompt), " words and --edit-prompt has ", count(o.edit_prompt),
                   "; use --mode refine to add words");
   }
+  {
+    // The three pictures and the maps are written together or not at all; none may be an input.
+    api::OutputPlan plan(o.overwrite);
+    plan.input(o.model, "--model");
+    plan.input(o.config_dir, "--config");
+    plan.input(o.tokenizer_dir, "--tokenizer");
+    plan.input(o.image, "--image");
+    plan.file(o.output, "--output", ".png");
+    if (o.output.size() > 4) {
+      plan.file(with_suffix(o.output, "-source"), "--output (its -source.png)", ".png");
+      plan.file(with_suffix(o.output, "-edit"), "--output (its -edit.png)", ".png");
+    }
+    if (!o.save_attention_maps.empty()) plan.file(o.save_attention_maps, "--save-attention-maps", ".png");
+    plan.prepare();
+  }
   Image init;
   if (!o.image.empty()) {
     init = to_rgb(load_image(o.image, "--image"));
@@ -143,11 +154,11 @@ P2PResult p2p(const P2POptions& o) {
   p.seed = seed;
 
   // 2. Load.
-  pipelines::LoadOptions lo;
+  loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
   PhaseTimer load_timer("load");
-  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  auto models = loaders::load_stable_diffusion(o.model, lo);
   load_timer.stop();
   pipelines::PromptToPromptPipeline pipe(models);
   pipe.check_params(p);  // word lookups need the tokenizer only; still before any denoising
@@ -216,16 +227,17 @@ P2PResult p2p(const P2POptions& o) {
   const Image src = tensor_to_image(out.images[0]), edit = tensor_to_image(out.images[1]);
   r.source = with_suffix(o.output, "-source");
   r.edit = with_suffix(o.output, "-edit");
-  save_png(r.source, src, text);
-  save_png(r.edit, edit, text);
-  save_png(o.output, side_by_side(src, edit), text);
-  r.output = o.output;
+  std::vector<PendingFile> files = {{r.source, encode_png(src, text)},
+                                    {r.edit, encode_png(edit, text)},
+                                    {o.output, encode_png(side_by_side(src, edit), text)}};
   if (!o.save_attention_maps.empty()) {
     const int f = models->vae_scale_factor();
     const Image grid = extensions::attention_map_grid(*out.store, out.prompts, *models->tokenizer, h / f, w / f);
-    save_png(o.save_attention_maps, grid);
-    r.attention_maps = o.save_attention_maps;
+    files.push_back({o.save_attention_maps, encode_png(grid)});
   }
+  write_files_atomic(files);  // all or nothing
+  r.output = o.output;
+  if (!o.save_attention_maps.empty()) r.attention_maps = o.save_attention_maps;
   write_timer.stop();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;

@@ -9,12 +9,16 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "api/options_util.h"
 #include "api/presets.h"
+#include "api/train_sampler.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/runtime.h"
+#include "core/utf8.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "pipelines/stable_diffusion.h"
 #include "training/controlnet_init.h"
 #include "training/controlnet_train.h"
 #include "training/dataset.h"
@@ -29,11 +33,116 @@ namespace dmx {
 
 namespace tr = dmx::training;
 
+training::SampleImages api::pipeline_sampler() {
+  return [](std::shared_ptr<loaders::StableDiffusionModels> models, const tr::SampleRequest& r) {
+    pipelines::StableDiffusionPipeline pipe(std::move(models));
+    pipelines::StableDiffusionParams p;
+    p.prompt = r.prompt;
+    p.width = r.width;
+    p.height = r.height;
+    p.num_inference_steps = r.num_inference_steps;
+    p.num_images_per_prompt = r.num_images;
+    p.guidance_scale = r.guidance_scale;
+    p.seed = r.seed;
+    p.show_progress = false;
+    if (!r.controlnet.is_empty()) {
+      pipelines::ControlNetUnit u;
+      u.model = r.controlnet;
+      u.image = r.control_image;
+      u.name = "validation image";
+      p.controlnets.push_back(u);
+    }
+    return pipe.run(p).images;
+  };
+}
+
 namespace {
 
 bool has_parent_dir(const std::string& path) {
   const size_t slash = path.find_last_of('/');
   return slash == std::string::npos || slash == 0 || is_directory(path.substr(0, slash));
+}
+
+std::string strip_slashes(std::string p) {
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  return p;
+}
+
+std::string output_dir_of(const TrainOptions& o) {
+  return o.output_dir.empty() ? strip_slashes(o.output) + ".train" : o.output_dir;
+}
+
+// The checkpoint --resume names and its step, and whether it lies in the output dir (the run goes on there).
+struct ResumePoint {
+  std::string checkpoint;
+  int64_t step = -1;
+  bool in_output_dir = false;
+};
+
+ResumePoint resume_point(const TrainOptions& o) {
+  ResumePoint r;
+  if (o.resume.empty() || !is_directory(o.resume)) return r;
+  r.checkpoint = tr::find_latest_checkpoint(o.resume);
+  r.step = tr::checkpoint_global_step(r.checkpoint);
+  const std::string out_dir = output_dir_of(o);
+  r.in_output_dir =
+      is_directory(out_dir) && path_within(identify_path(r.checkpoint, true), identify_path(out_dir, true));
+  return r;
+}
+
+bool lora_output(const TrainOptions& o);
+
+// Every path a training run writes, checked against its inputs before anything is loaded (README "Outputs and
+// overwriting"): the result (a LoRA file, with adapter_config.json beside it for PEFT, or a folder), the training
+// folder (--output-dir: checkpoints, log, validation images) and DreamBooth's class images.
+api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resume) {
+  api::OutputPlan plan(o.overwrite);
+  plan.input(o.model, "--model");
+  plan.input(o.config_dir, "--config");
+  plan.input(o.tokenizer_dir, "--tokenizer");
+  plan.input(o.data, "--data");
+  plan.input(o.instance_data, "--instance-data");
+  plan.input(o.controlnet, "--controlnet");
+  plan.input(o.validation_image, "--validation-image");
+  plan.input(o.resume, "--resume", /*may_be_in_work_folder=*/true);
+  if (lora_output(o)) {
+    plan.file(o.output, "--output", ".safetensors");
+    if (o.save_format == "peft") {
+      const size_t slash = o.output.find_last_of('/');
+      const std::string dir = slash == std::string::npos ? "" : o.output.substr(0, slash + 1);
+      plan.file(dir + "adapter_config.json", "--output (its adapter_config.json, --save-format peft)");
+    }
+  } else if (o.recipe == "controlnet") {
+    plan.folder(strip_slashes(o.output), "--output", {"config.json", "controlnet_original.safetensors"},
+                "ControlNet folder");
+  } else {
+    plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "diffusers folder");
+  }
+  const bool overwrite = o.overwrite;
+  plan.work_folder(output_dir_of(o), o.output_dir.empty() ? "--output-dir (default <output>.train)" : "--output-dir",
+                   [resume, overwrite](const std::string& dir) -> std::string {
+                     std::string earlier;
+                     std::error_code ec;
+                     for (auto it = std::filesystem::directory_iterator(dir, ec);
+                          !ec && it != std::filesystem::directory_iterator() && earlier.empty(); it.increment(ec))
+                       if (tr::is_training_entry(it->path().filename().string()))
+                         earlier = it->path().filename().string();
+                     if (earlier.empty()) return "";
+                     if (resume.in_output_dir) {
+                       const auto steps = tr::checkpoint_steps(dir);
+                       if (!steps.empty() && steps.back() > resume.step && !overwrite)
+                         return detail::concat("holds checkpoint-", steps.back(), ", newer than the resumed step ",
+                                               resume.step, ": resume from the newest (--resume ", dir,
+                                               "), or pass --overwrite to delete the newer checkpoints");
+                       return "";
+                     }
+                     if (overwrite) return "";
+                     return "holds the checkpoints and log of an earlier run (" + earlier + "): pass --resume " + dir +
+                            " to continue it, or --overwrite to start over (its checkpoints, train_log.jsonl and "
+                            "validation images are deleted; other files are kept)";
+                   });
+  if (!o.class_data.empty()) plan.work_folder(o.class_data, "--class-data", nullptr);  // class images are added
+  return plan;
 }
 
 double default_lr(const TrainOptions& o) {
@@ -45,10 +154,16 @@ double default_lr(const TrainOptions& o) {
 
 bool lora_output(const TrainOptions& o) { return o.recipe == "lora" || (o.recipe == "dreambooth" && o.lora_rank > 0); }
 
+void check_captions(const TrainOptions& o) {
+  check_text(o.instance_prompt, "--instance-prompt");
+  check_text(o.class_prompt, "--class-prompt");
+  check_text(o.validation_prompt, "--validation-prompt");
+}
+
 tr::TrainConfig make_config(const TrainOptions& o) {
   tr::TrainConfig c;
-  c.output = o.output;
-  c.output_dir = o.output_dir;
+  c.output = strip_slashes(o.output);
+  c.output_dir = output_dir_of(o);
   c.max_train_steps = o.steps;
   c.train_batch_size = o.batch_size;
   c.gradient_accumulation_steps = o.gradient_accumulation_steps;
@@ -78,6 +193,7 @@ tr::TrainConfig make_config(const TrainOptions& o) {
   // The VAE's validation pictures are reconstructions: no prompt needed.
   if (o.recipe == "vae" && c.validation_prompt.empty()) c.validation_prompt = "(reconstructions)";
   c.num_validation_images = o.num_validation_images;
+  c.sample_images = api::pipeline_sampler();
   c.quiet = o.quiet;
   return c;
 }
@@ -113,12 +229,15 @@ void validate_train_options(const TrainOptions& o) {
                   "--prior-loss-weight must be >= 0, got ", o.prior_loss_weight);
     DMX_CHECK_ARG(o.num_class_images > 0, "--num-class-images must be > 0, got ", o.num_class_images);
     DMX_CHECK_ARG(o.class_inference_steps > 0, "--class-inference-steps must be > 0, got ", o.class_inference_steps);
-    DMX_CHECK_ARG(o.lora_rank >= 0, "--lora-rank must be >= 0 (0 = full fine-tuning), got ", o.lora_rank);
+    DMX_CHECK_ARG(o.lora_rank >= 0 && o.lora_rank <= tr::kMaxLoRARank, "--lora-rank must be in [0, ", tr::kMaxLoRARank,
+                  "] (0 = full fine-tuning), got ", o.lora_rank);
   } else {
     DMX_CHECK_ARG(!o.data.empty(), "--data must be given (a folder of images with captions)");
     DMX_CHECK_ARG(is_directory(o.data), "--data: no such folder: ", o.data);
   }
-  if (o.recipe == "lora") DMX_CHECK_ARG(o.rank > 0, "--rank must be > 0, got ", o.rank);
+  if (o.recipe == "lora")
+    DMX_CHECK_ARG(o.rank > 0 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ",
+                  o.rank);
   if (o.recipe == "controlnet") {
     DMX_CHECK_ARG(!path_exists(o.output) || is_directory(o.output), "--output must be a folder, got the file '",
                   o.output, "'");
@@ -134,16 +253,22 @@ void validate_train_options(const TrainOptions& o) {
     lora_options(o).validate();
   }
   DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
-  DMX_CHECK_ARG(o.batch_size > 0, "--batch-size must be > 0, got ", o.batch_size);
-  DMX_CHECK_ARG(o.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be > 0, got ",
-                o.gradient_accumulation_steps);
   DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0 && o.resolution <= 4096,
                 "--resolution must be a multiple of 8 in [8, 4096], got ", o.resolution);
+  tr::check_batch_size(o.batch_size, o.resolution);
+  DMX_CHECK_ARG(o.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be > 0, got ",
+                o.gradient_accumulation_steps);
   DMX_CHECK_ARG(std::isfinite(o.learning_rate) && o.learning_rate >= 0,
                 "--learning-rate must be > 0 (0 = the recipe's default), got ", o.learning_rate);
   DMX_CHECK_ARG(std::isfinite(o.max_grad_norm), "--max-grad-norm must be a number, got ", o.max_grad_norm);
   DMX_CHECK_ARG(o.checkpoint_every >= 0, "--checkpoint-every must be >= 0, got ", o.checkpoint_every);
   DMX_CHECK_ARG(o.resume.empty() || is_directory(o.resume), "--resume: no such folder: ", o.resume);
+  check_captions(o);
+  // Outputs against inputs and each other, existing ones, writability and name lengths; resuming past --steps.
+  const ResumePoint resume = resume_point(o);
+  DMX_CHECK_ARG(resume.step <= o.steps, "--resume: ", resume.checkpoint, " is at step ", resume.step, ", past --steps ",
+                o.steps, "; give --steps ", resume.step, " or more");
+  train_output_plan(o, resume).check();
   (void)tr::parse_lr_schedule(o.lr_scheduler);
   (void)tr::parse_mixed_precision(o.mixed_precision);
   // The remaining numeric rules are the trainer's (same messages).
@@ -174,10 +299,10 @@ TrainReport train(const TrainOptions& o) {
   if (env.world_size > 1) dist = tr::Distributed::create(env, "cpu");
   const int rank = dist ? dist->rank() : 0, world = dist ? dist->world_size() : 1;
 
-  pipelines::LoadOptions lo;
+  loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
-  auto models = pipelines::load_stable_diffusion(o.model, lo);
+  auto models = loaders::load_stable_diffusion(o.model, lo);
 
   tr::TrainConfig cfg = make_config(o);
   std::shared_ptr<tr::Recipe> recipe;
@@ -197,8 +322,14 @@ TrainReport train(const TrainOptions& o) {
     d.bad_rows = o.skip_bad_rows ? tr::BadRows::Skip : tr::BadRows::Reject;
     return d;
   };
+  int64_t skipped_rows = 0;  // --skip-bad-rows: the dataset warns with the rows; the report counts them
+  auto open_dataset = [&](const std::string& dir, bool captions) {
+    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(dir, captions));
+    skipped_rows += static_cast<int64_t>(ds->skipped().size());
+    return ds;
+  };
   if (o.recipe == "controlnet") {
-    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, true));
+    auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
     models::ControlNetModel cn{nullptr};
     if (!o.controlnet.empty()) {
@@ -213,7 +344,8 @@ TrainReport train(const TrainOptions& o) {
       if (!o.validation_image.empty()) {
         const Image img = load_image(o.validation_image, "--validation-image");
         const auto [w, h] = pipelines::default_control_size(img, models->vae_scale_factor());
-        DMX_CHECK_ARG(w > 0 && h > 0, "--validation-image must be at least ", models->vae_scale_factor(),
+        DMX_CHECK_ARG(w > 0 && h > 0, "--validation-image must be at least ",
+                      pipelines::control_size_multiple(models->vae_scale_factor()),
                       " pixels on each side, got ", img.width, "x", img.height);
         image = pipelines::prepare_control_image(img, w, h);
       } else {
@@ -223,7 +355,7 @@ TrainReport train(const TrainOptions& o) {
     }
     recipe = cn_recipe;
   } else if (o.recipe == "vae") {
-    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, false));
+    auto ds = open_dataset(o.data, false);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
     tr::VAETrainOptions vo;
     vo.kl_weight = o.kl_weight;
@@ -231,7 +363,7 @@ TrainReport train(const TrainOptions& o) {
     vo.crop = o.vae_crop;
     recipe = std::make_shared<tr::VAERecipe>(models, vo);
   } else if (o.recipe == "lora" || o.recipe == "finetune") {
-    auto ds = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.data, true));
+    auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
     if (o.recipe == "lora")
       recipe = std::make_shared<tr::LoRARecipe>(models, lora_options(o), fmt);
@@ -249,12 +381,12 @@ TrainReport train(const TrainOptions& o) {
         ci.resolution = o.resolution;
         ci.num_inference_steps = o.class_inference_steps;
         ci.seed = o.seed;
-        tr::generate_class_images(models, ci);
+        tr::generate_class_images(models, ci, api::pipeline_sampler());
       }
       if (dist) dist->barrier();
-      cls = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.class_data, false));
+      cls = open_dataset(o.class_data, false);
     }
-    auto inst = std::make_shared<tr::ImageCaptionDataset>(dataset_options(o.instance_data, false));
+    auto inst = open_dataset(o.instance_data, false);
     source = std::make_shared<tr::DreamBoothBatchSource>(inst, o.instance_prompt, cls, o.class_prompt, o.batch_size,
                                                          rank, world, o.seed);
     std::shared_ptr<tr::Recipe> inner;
@@ -264,6 +396,15 @@ TrainReport train(const TrainOptions& o) {
       inner = std::make_shared<tr::FinetuneRecipe>(models, o.train_text_encoder);
     recipe = std::make_shared<tr::DreamBoothRecipe>(inner, prior, o.prior_loss_weight);
   }
+  if (rank == 0) {
+    // Just before the first write: what killed runs left of these outputs, then what --overwrite discards of an
+    // earlier run in the output dir (all of it, or the checkpoints after the resumed step).
+    const ResumePoint resume = resume_point(o);
+    train_output_plan(o, resume).prepare();
+    if (o.overwrite && is_directory(cfg.output_dir))
+      tr::remove_training_entries(cfg.output_dir, resume.in_output_dir ? resume.step : -1);
+  }
+  if (dist) dist->barrier();
   tr::Trainer trainer(cfg, recipe, source, dist);
   const tr::TrainResult r = trainer.run();
   TrainReport rep;
@@ -277,8 +418,9 @@ TrainReport train(const TrainOptions& o) {
   rep.seconds = r.seconds;
   rep.peak_rss_bytes = r.peak_rss_bytes;
   for (const auto& p : recipe->trainable_parameters()) rep.trainable_parameters += p.tensor.numel();
-  rep.output = rank == 0 ? o.output : "";
+  rep.output = r.wrote_output ? o.output : "";
   rep.last_checkpoint = r.last_checkpoint;
+  rep.skipped_rows = skipped_rows;
   return rep;
 }
 
@@ -324,13 +466,14 @@ struct BenchRecipe : tr::Recipe {
 
 TrainBenchResult train_bench(const TrainBenchOptions& o) {
   DMX_CHECK_SUPPORTED(o.recipe == "lora", "train bench measures the LoRA recipe (--recipe lora), got '", o.recipe, "'");
-  DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0, "--resolution must be a multiple of 8, got ", o.resolution);
+  DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0 && o.resolution <= 4096,
+                "--resolution must be a multiple of 8 in [8, 4096], got ", o.resolution);
   DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
-  DMX_CHECK_ARG(o.batch_size > 0, "--batch-size must be > 0, got ", o.batch_size);
-  DMX_CHECK_ARG(o.rank > 0, "--rank must be > 0, got ", o.rank);
+  tr::check_batch_size(o.batch_size, o.resolution);
+  DMX_CHECK_ARG(o.rank > 0 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ", o.rank);
   const ModelPreset p = model_preset(o.preset);
   configure_threads(o.threads);
-  auto m = std::make_shared<pipelines::StableDiffusionModels>();
+  auto m = std::make_shared<loaders::StableDiffusionModels>();
   at::manual_seed(0);
   m->name = o.preset;
   m->text_encoder = models::CLIPTextModel(p.text);

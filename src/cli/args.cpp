@@ -58,35 +58,17 @@ std::vector<std::string> Args::all(const std::string& name) const {
   return it == values_.end() ? std::vector<std::string>{} : it->second;
 }
 
+// One syntax for numbers everywhere (dmx/error.h): `--steps 1e3` and `Steps: 1e3` from --from are both refused.
 int64_t Args::integer(const std::string& name, int64_t def, int64_t min, int64_t max) const {
   if (!has(name)) return def;
-  const std::string s = str(name);
-  errno = 0;
-  char* end = nullptr;
-  const long long v = std::strtoll(s.c_str(), &end, 10);
-  DMX_CHECK_ARG(!s.empty() && end && *end == '\0' && errno == 0, "--", name, " must be an integer, got '", s, "'");
-  DMX_CHECK_ARG(v >= min && v <= max, "--", name, " must be in [", min, ", ", max, "], got ", v);
-  return v;
+  return parse_integer(str(name), "--" + name, min, max);
 }
 
-uint64_t Args::u64(const std::string& name) const {
-  const std::string s = str(name);
-  errno = 0;
-  char* end = nullptr;
-  DMX_CHECK_ARG(!s.empty() && s[0] != '-' && s[0] != '+', "--", name, " must be an integer in [0, 2^64-1], got '", s, "'");
-  const unsigned long long v = std::strtoull(s.c_str(), &end, 10);
-  DMX_CHECK_ARG(end && *end == '\0' && errno == 0, "--", name, " must be an integer in [0, 2^64-1], got '", s, "'");
-  return v;
-}
+uint64_t Args::u64(const std::string& name) const { return parse_unsigned(str(name), "--" + name); }
 
 double Args::real(const std::string& name, double def, double min, double max) const {
   if (!has(name)) return def;
-  const std::string s = str(name);
-  errno = 0;
-  char* end = nullptr;
-  const double v = std::strtod(s.c_str(), &end);
-  DMX_CHECK_ARG(!s.empty() && end && *end == '\0' && errno == 0 && std::isfinite(v), "--", name,
-                " must be a number, got '", s, "'");
+  const double v = parse_number(str(name), "--" + name);
   DMX_CHECK_ARG(v >= min && v <= max, "--", name, " must be in [", min, ", ", max, "], got ", v);
   return v;
 }

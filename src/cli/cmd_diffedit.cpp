@@ -29,8 +29,9 @@ int cmd_diffedit(int argc, char** argv) {
       {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
       {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
       {"threads", "N", "CPU threads (default: all cores)"},
-      {"dtype", "T", "fp32|bf16|fp16 (default fp32)"},
+      {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
       {"device", "D", "cpu|cuda (default cpu)"},
+      {"overwrite", "", "replace outputs that already exist (never an input)"},
       {"quiet", "", "no progress output"},
       {"verbose", "", "timings and stack traces"},
       {"help", "", "show this help"},
@@ -75,6 +76,7 @@ int cmd_diffedit(int argc, char** argv) {
   o.device = a.str("device", o.device);
   o.progress = !a.has("quiet");
   o.verbose = a.has("verbose");
+  o.overwrite = a.has("overwrite");
   DMX_CHECK_ARG(!(a.has("quiet") && o.verbose), "--quiet and --verbose cannot be used together");
   const DiffEditResult r = diffedit(o);
   if (o.progress) {

@@ -38,6 +38,7 @@ int cmd_p2p(int argc, char** argv) {
           {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint"},
           {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
           {"threads", "N", "CPU threads (default: all cores)"},
+          {"overwrite", "", "replace outputs that already exist (never an input)"},
           {"quiet", "", "no progress output"},
           {"verbose", "", "timings and stack traces"},
           {"help", "", "show this help"},
@@ -88,6 +89,7 @@ int cmd_p2p(int argc, char** argv) {
   o.threads = static_cast<int>(a.integer("threads", 0, 1, 1024));
   o.progress = !a.has("quiet");
   o.verbose = a.has("verbose");
+  o.overwrite = a.has("overwrite");
   const P2PResult r = p2p(o);
   std::printf("wrote %s (source | edit), %s, %s", r.output.c_str(), r.source.c_str(), r.edit.c_str());
   if (!r.attention_maps.empty()) std::printf(", %s", r.attention_maps.c_str());

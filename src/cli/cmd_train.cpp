@@ -30,6 +30,7 @@ std::vector<OptionSpec> common_specs() {
       {"model", "PATH", "diffusers folder (or single-file checkpoint for lora) to start from (required)"},
       {"output", "PATH", "lora: FILE.safetensors; finetune / full dreambooth: a diffusers folder (required)"},
       {"output-dir", "DIR", "checkpoints, train_log.jsonl, validation images (default: <output>.train)"},
+      {"overwrite", "", "replace an existing --output; start over in an --output-dir holding an earlier run"},
       {"config", "DIR", "diffusers folder supplying configs and tokenizer for a single-file --model"},
       {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
       {"resolution", "PX", "training resolution, a multiple of 8 (default 512)"},
@@ -56,7 +57,9 @@ std::vector<OptionSpec> common_specs() {
       {"proportion-empty-prompts", "P", "share of captions replaced by \"\" (for guidance; default 0)"},
       {"use-ema", "", "keep an EMA of the trained weights and save it"},
       {"ema-decay", "D", "EMA decay (default 0.9999)"},
-      {"mixed-precision", "P", "no|bf16: frozen parts in bf16, trained weights float32 masters (finetune: the UNet runs under bf16 autocast) (default no)"},
+      {"mixed-precision", "P",
+       "no|bf16: frozen parts in bf16, trained weights float32 masters (finetune: the UNet runs under bf16 autocast) "
+       "(default no)"},
       {"gradient-checkpointing", "", "recompute UNet block activations in backward (less memory)"},
       {"cache-latents", "", "encode each image with the VAE once (needs center crop, no --random-flip)"},
       {"checkpoint-every", "N", "write a checkpoint every N steps (default: only at the end)"},
@@ -173,6 +176,7 @@ int cmd_train(int argc, char** argv) {
   o.model = a.str("model");
   o.output = a.str("output");
   o.output_dir = a.str("output-dir");
+  o.overwrite = a.has("overwrite");
   o.config_dir = a.str("config");
   o.tokenizer_dir = a.str("tokenizer");
   o.data = a.str("data");
@@ -233,7 +237,10 @@ int cmd_train(int argc, char** argv) {
   o.class_inference_steps = static_cast<int>(a.integer("class-inference-steps", o.class_inference_steps, 1, 10000));
   o.lora_rank = static_cast<int>(a.integer("lora-rank", o.lora_rank, INT32_MIN, INT32_MAX));
   const TrainReport r = train(o);
-  if (!r.output.empty())
+  if (!r.output.empty() && r.steps == r.first_step)
+    std::printf("resumed %s at step %lld, which is --steps: nothing left to train; wrote %s\n", recipe.c_str(),
+                static_cast<long long>(r.steps), r.output.c_str());
+  else if (!r.output.empty())
     std::printf("trained %s: %lld steps, loss %.4f -> %.4f, %.3f samples/s, peak RSS %.0f MiB; wrote %s\n",
                 recipe.c_str(), static_cast<long long>(r.steps), r.first_loss, r.final_loss, r.samples_per_s,
                 static_cast<double>(r.peak_rss_bytes) / (1024.0 * 1024.0), r.output.c_str());

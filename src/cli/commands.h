@@ -1,14 +1,17 @@
-// The CLI's subcommands that live in their own files (src/cli/cmd_<name>.cpp). Each returns the exit code
-// and lets dmx errors propagate to main(), which maps them to exit codes.
+// The CLI's subcommands that live in their own files (src/cli/cmd_<name>.cpp; the emoji module's in
+// src/emoji/cli/). Each returns the exit code and lets dmx errors propagate to main(), which maps them to exit
+// codes.
 #pragma once
 
 namespace dmx::cli {
-int cmd_data(int argc, char** argv);      // dmx data emoji
+int cmd_data(int argc, char** argv);      // dmx data <emoji|tokenizer>
 int cmd_p2p(int argc, char** argv);       // Prompt-to-Prompt editing
 int cmd_diffedit(int argc, char** argv);  // DiffEdit
 int cmd_train(int argc, char** argv);     // dmx train <lora|finetune|dreambooth|controlnet|vae|bench>
 int cmd_init(int argc, char** argv);      // dmx init: fresh weights from configs
 int cmd_convert(int argc, char** argv);   // dmx convert: weights stored in another dtype
+// The emoji module's commands (src/emoji/cli/).
+int cmd_data_emoji(int argc, char** argv);        // dmx data emoji
 int cmd_train_classifier(int argc, char** argv);  // dmx train classifier (the emoji classifier)
-int cmd_eval(int argc, char** argv);      // dmx eval
+int cmd_eval(int argc, char** argv);              // dmx eval
 }  // namespace dmx::cli

@@ -44,6 +44,13 @@ const char* kUsage =
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
 
+// "ddim|ddpm|...": the scheduler registry's samplers.
+std::string scheduler_choices() {
+  std::string s;
+  for (const auto& n : dmx::scheduler_names()) s += (s.empty() ? "" : "|") + n;
+  return s;
+}
+
 int cmd_generate(int argc, char** argv) {
   using dmx::cli::OptionSpec;
   dmx::cli::Args a("generate", {
@@ -55,7 +62,7 @@ int cmd_generate(int argc, char** argv) {
       {"height", "H", "image height, a multiple of 8 (default: the model's size)"},
       {"steps", "N", "denoising steps (default 50)"},
       {"guidance-scale", "G", "classifier-free guidance scale; <= 1 disables guidance (default 7.5)"},
-      {"scheduler", "NAME", "ddim|ddpm|pndm|euler|euler_a|heun|lms|dpmpp_2m|dpmpp_2m_karras (default: the model's)"},
+      {"scheduler", "NAME", scheduler_choices() + " (default: the model's)"},
       {"eta", "E", "DDIM eta in [0, 1] (default 0)"},
       {"seed", "N", "random seed, any 64-bit value; same seed = same image as diffusers (default: random)"},
       {"num-images", "N", "images per prompt (default 1)"},
@@ -73,7 +80,7 @@ int cmd_generate(int argc, char** argv) {
       {"tokenizer", "DIR", "folder with vocab.json and merges.txt"},
       {"clip-skip", "N", "skip the last N text-encoder layers (default 0)"},
       {"threads", "N", "CPU threads (default: all cores)"},
-      {"dtype", "T", "fp32|bf16|fp16 (default fp32)"},
+      {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
       {"device", "D", "cpu|cuda (default cpu)"},
       {"lora", "FILE[:SCALE]", "apply a LoRA (diffusers, PEFT, kohya/A1111, LyCORIS); repeatable; scale default 1", true},
       {"lora-mode", "MODE", "runtime|merged (default merged; both give the same result)"},
@@ -90,6 +97,7 @@ int cmd_generate(int argc, char** argv) {
       {"guess-mode", "", "ControlNet guess mode (nets see the conditional half only)"},
       {"save-control-image", "OUT.png", "write the prepared control map(s) (several nets: OUT-0.png ...)"},
       {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
+      {"overwrite", "", "replace outputs that already exist (never an input)"},
       {"quiet", "", "no progress output"},
       {"verbose", "", "timings and stack traces"},
       {"help", "", "show this help"},
@@ -101,7 +109,10 @@ int cmd_generate(int argc, char** argv) {
   }
   g_verbose = a.has("verbose");
   dmx::GenerateOptions o;
-  if (a.has("from")) o = dmx::parse_parameters(dmx::read_image_parameters(a.str("from")));
+  if (a.has("from")) {
+    o = dmx::parse_parameters(dmx::read_image_parameters(a.str("from")));
+    o.from = a.str("from");
+  }
   DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder or a single-file .safetensors or .ckpt checkpoint)");
   DMX_CHECK_ARG(a.has("prompt") || a.has("from"), "--prompt is required");
   DMX_CHECK_ARG(a.has("output"), "--output is required (a .png path)");
@@ -157,13 +168,7 @@ int cmd_generate(int argc, char** argv) {
   o.control_images = a.all("control-image");
   auto reals = [&](const std::string& name) {
     std::vector<double> out;
-    for (const std::string& s : a.all(name)) {
-      char* end = nullptr;
-      const double v = std::strtod(s.c_str(), &end);
-      DMX_CHECK_ARG(!s.empty() && end && *end == '\0' && std::isfinite(v), "--", name, " must be a number, got '", s,
-                    "'");
-      out.push_back(v);
-    }
+    for (const std::string& s : a.all(name)) out.push_back(dmx::parse_number(s, "--" + name));
     return out;
   };
   o.control_scales = reals("control-scale");
@@ -175,6 +180,7 @@ int cmd_generate(int argc, char** argv) {
   o.guess_mode = a.has("guess-mode");
   o.save_control_image = a.str("save-control-image");
   o.verbose = a.has("verbose");
+  o.overwrite = a.has("overwrite");
   DMX_CHECK_ARG(!(o.progress == false && o.verbose), "--quiet and --verbose cannot be used together");
   dmx::GenerateResult r = dmx::generate(o);
   if (!a.has("quiet")) {
@@ -189,20 +195,23 @@ int cmd_generate(int argc, char** argv) {
 }
 
 int cmd_bench(int argc, char** argv) {
-  dmx::cli::Args a("bench", {
-      {"preset", "NAME", "sd15|sd21|tiny: architecture to build with random weights (default sd15)"},
-      {"width", "W", "image width (default: the preset's size)"},
-      {"height", "H", "image height (default: the preset's size)"},
-      {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
-      {"device", "D", "cpu|cuda[:N] (default cpu)"},
-      {"threads", "N", "CPU threads (default: all cores)"},
-      {"runs", "N", "timed runs per stage after one warm-up; the median is reported (default 3)"},
-      {"json", "", "print one JSON object on one line"},
-      {"nchw", "", "run convolutions NCHW instead of the default channels-last (for comparison)"},
-      {"profile", "PREFIX", "also write op traces of one step and one decode: PREFIX.unet.json, PREFIX.vae.json"},
-      {"verbose", "", "stack traces"},
-      {"help", "", "show this help"},
-  });
+  dmx::cli::Args a(
+      "bench",
+      {
+          {"preset", "NAME", "sd15|sd21|tiny: architecture to build with random weights (default sd15)"},
+          {"width", "W", "image width (default: the preset's size)"},
+          {"height", "H", "image height (default: the preset's size)"},
+          {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
+          {"device", "D", "cpu|cuda[:N] (default cpu)"},
+          {"threads", "N", "CPU threads (default: all cores)"},
+          {"runs", "N", "timed runs per stage after one warm-up; the median is reported (default 3)"},
+          {"json", "", "print one JSON object on one line"},
+          {"nchw", "", "run convolutions NCHW instead of the default channels-last (for comparison)"},
+          {"profile", "PREFIX", "also write op traces of one step and one decode: PREFIX.unet.json, PREFIX.vae.json"},
+          {"overwrite", "", "replace existing --profile traces"},
+          {"verbose", "", "stack traces"},
+          {"help", "", "show this help"},
+      });
   a.parse(argc, argv, 2);
   if (a.has("help")) {
     std::printf("%s", a.help().c_str());
@@ -217,6 +226,7 @@ int cmd_bench(int argc, char** argv) {
   o.threads = static_cast<int>(a.integer("threads", 0, 1, 1024));
   o.runs = static_cast<int>(a.integer("runs", o.runs, 1, 1000));
   o.profile = a.str("profile");
+  o.overwrite = a.has("overwrite");
   o.channels_last = !a.has("nchw");
   const dmx::BenchResult r = dmx::bench(o);
   if (a.has("json"))
@@ -228,7 +238,8 @@ int cmd_bench(int argc, char** argv) {
 
 int cmd_info(int argc, char** argv) {
   DMX_CHECK_ARG(argc == 3, "usage: dmx info IMAGE.png");
-  std::printf("%s\n", dmx::read_image_parameters(argv[2]).c_str());
+  // The text comes from a file: control characters are escaped, never sent to the terminal.
+  std::printf("%s\n", dmx::terminal_safe(dmx::read_image_parameters(argv[2])).c_str());
   return 0;
 }
 
@@ -259,22 +270,28 @@ int main(int argc, char** argv) {
       std::printf("dmx %s\n", dmx::version().c_str());
       return 0;
     }
-    std::fprintf(stderr, "error: unknown command '%s'\n%s", cmd.c_str(), kUsage);
+    std::fprintf(stderr, "error: unknown command '%s'\n%s", dmx::terminal_safe(cmd).c_str(), kUsage);
     return 2;
+  } catch (const dmx::SystemError& e) {  // a full disk, a quota, an I/O error: not the input's fault
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
+    return 1;
   } catch (const dmx::InvalidArgument& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
     return 2;
   } catch (const dmx::FormatError& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 2;
-  } catch (const dmx::IoError& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
     return 2;
   } catch (const dmx::Unsupported& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
     return 2;
+  } catch (const dmx::IoError& e) {
+    // A file that cannot be written or read (a full disk, an I/O error) is not the input's fault: 1, like
+    // every other failure. A missing or unreadable input path is an InvalidArgument (2).
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(e.what()).c_str());
+    return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", g_verbose ? e.what() : std::string(e.what()).substr(0, std::string(e.what()).find('\n')).c_str());
+    const std::string what = e.what();
+    std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(g_verbose ? what : what.substr(0, what.find('\n'))).c_str());
     return 1;
   }
 }

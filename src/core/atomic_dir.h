@@ -6,8 +6,10 @@
 #include <string>
 
 namespace dmx {
-// Calls fill(tmp) on an empty temporary folder and renames it to `dir` (replacing an existing one). On any
-// exception the temporary folder is removed; filesystem errors become IoError("writing <what> <dir>: ...").
+// Calls fill(tmp) on an empty temporary folder and renames it to `dir`; an existing `dir` is swapped out
+// atomically (renameat2 RENAME_EXCHANGE) and then removed: callers decide beforehand whether it may be
+// replaced (api::OutputPlan). The temporary is registered for the signal cleanup; on any exception it is
+// removed; filesystem errors become IoError / SystemError ("writing <what> <dir>: ...").
 void write_directory_atomic(const std::string& dir, const std::string& what,
                             const std::function<void(const std::string& tmp)>& fill);
 }  // namespace dmx

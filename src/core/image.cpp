@@ -5,9 +5,14 @@
 #include <jerror.h>
 #include <png.h>
 
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
 #include <csetjmp>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 
 #include "core/fs.h"
 #include "dmx/error.h"
@@ -192,25 +197,143 @@ Image decode_jpeg(const uint8_t* bytes, size_t size, const std::string& param) {
 
 }  // namespace
 
-Image decode_image(const uint8_t* bytes, size_t size, const std::string& param) {
-  static const uint8_t kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-  if (size >= 8 && std::memcmp(bytes, kPng, 8) == 0) return decode_png(bytes, size, param);
-  if (size >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF) return decode_jpeg(bytes, size, param);
+namespace {
+// Reads n bytes at offset into out; false when the source ends first.
+using ByteReader = std::function<bool(uint64_t offset, size_t n, uint8_t* out)>;
+
+const uint8_t kPngSignature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+
+ImageHeader parse_image_header(const ByteReader& read, const std::string& param) {
+  uint8_t b[32];
+  ImageHeader h;
+  if (read(0, 8, b) && std::memcmp(b, kPngSignature, 8) == 0) {
+    // The IHDR chunk comes first: length 13, "IHDR", width, height, depth, color type.
+    DMX_CHECK_ARG(read(8, 18, b) && read_be32(b) == 13 && std::memcmp(b + 4, "IHDR", 4) == 0, param,
+                  ": corrupt PNG: no IHDR chunk first (truncated or not a PNG)");
+    h.format = "PNG";
+    const uint32_t w = read_be32(b + 8), hh = read_be32(b + 12);
+    const int color_type = b[17];
+    DMX_CHECK_ARG(w <= 0x7fffffffu && hh <= 0x7fffffffu, param, ": corrupt PNG: the header declares ", w, "x", hh,
+                  " pixels");
+    h.width = static_cast<int>(w);
+    h.height = static_cast<int>(hh);
+    // What decode_png asks libpng for: gray, gray + alpha, RGB or RGBA (palettes may carry alpha).
+    h.channels = color_type == 0 ? 1 : color_type == 4 ? 2 : color_type == 2 ? 3 : 4;
+    return h;
+  }
+  if (read(0, 3, b) && b[0] == 0xFF && b[1] == 0xD8 && b[2] == 0xFF) {
+    h.format = "JPEG";
+    uint64_t pos = 2;
+    // Markers up to the frame header (SOFn); real files have a few dozen segments before it.
+    for (int segments = 0; segments < 4096; ++segments) {
+      DMX_CHECK_ARG(read(pos, 2, b), param, ": corrupt JPEG: the file ends before the frame header (truncated)");
+      if (b[0] != 0xFF) throw InvalidArgument(detail::concat(param, ": corrupt JPEG: no marker at byte ", pos));
+      uint8_t m = b[1];
+      ++pos;
+      while (m == 0xFF) {  // fill bytes
+        DMX_CHECK_ARG(read(pos, 2, b), param, ": corrupt JPEG: the file ends before the frame header (truncated)");
+        m = b[1];
+        ++pos;
+      }
+      ++pos;  // past the marker code
+      if (m == 0x01 || (m >= 0xD0 && m <= 0xD8)) continue;  // markers without a length
+      DMX_CHECK_ARG(m != 0xD9 && m != 0xDA, param, ": corrupt JPEG: no frame header (SOF) before ",
+                    m == 0xD9 ? "the end of the image" : "the scan data");
+      DMX_CHECK_ARG(read(pos, 2, b), param, ": corrupt JPEG: the file ends inside a segment header (truncated)");
+      const unsigned len = (unsigned(b[0]) << 8) | b[1];
+      DMX_CHECK_ARG(len >= 2, param, ": corrupt JPEG: segment length ", len, " at byte ", pos);
+      const bool sof = m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC;
+      if (sof) {
+        DMX_CHECK_ARG(len >= 8 && read(pos + 2, 6, b), param, ": corrupt JPEG: truncated frame header");
+        h.height = (int(b[1]) << 8) | b[2];
+        h.width = (int(b[3]) << 8) | b[4];
+        h.channels = b[5] == 1 ? 1 : 3;  // gray stays gray, everything else is decoded to RGB
+        // A height of 0 (defined later by a DNL marker) is refused below like any empty size.
+        return h;
+      }
+      pos += len;
+    }
+    throw InvalidArgument(detail::concat(param, ": corrupt JPEG: no frame header in the first 4096 segments"));
+  }
+  if (read(0, 12, b) && std::memcmp(b, "RIFF", 4) == 0 && std::memcmp(b + 8, "WEBP", 4) == 0)
+    throw InvalidArgument(detail::concat(param, ": WebP images are not supported (PNG and JPEG are)"));
   throw InvalidArgument(detail::concat(param, ": unsupported or unreadable image format (expected PNG or JPEG)"));
 }
 
-Image load_image(const std::string& path, const std::string& param) {
-  DMX_CHECK_ARG(path_exists(path), param, ": file not found: ", path);
-  DMX_CHECK_ARG(!is_directory(path), param, ": expected an image file, got a directory: ", path);
-  std::string bytes;
+std::string megapixels(double px) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1f", px / 1e6);
+  return buf;
+}
+}  // namespace
+
+ImageHeader read_image_header(const uint8_t* bytes, size_t size, const std::string& param) {
+  return parse_image_header(
+      [&](uint64_t off, size_t n, uint8_t* out) {
+        if (off > size || n > size - off) return false;
+        std::memcpy(out, bytes + off, n);
+        return true;
+      },
+      param);
+}
+
+ImageHeader read_image_header(const std::string& path, const std::string& param) {
+  uint64_t size = 0;
+  const int fd = open_regular_file(path, param, &size);
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  DMX_CHECK_ARG(size <= kMaxImageFileBytes, param, ": ", path, " is ", size, " bytes, more than the ",
+                format_byte_limit(kMaxImageFileBytes), " limit for image files");
   try {
-    bytes = read_text_file(path, param);
-  } catch (const IoError& e) {
-    throw InvalidArgument(e.what());
+    return parse_image_header(
+        [&](uint64_t off, size_t n, uint8_t* out) {
+          size_t got = 0;
+          while (got < n) {
+            const ssize_t r = ::pread(fd, out + got, n - got, static_cast<off_t>(off + got));
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) return false;
+            got += static_cast<size_t>(r);
+          }
+          return true;
+        },
+        param);
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(detail::concat(e.what(), " (", path, ")"));
   }
+}
+
+void check_image_header(const ImageHeader& h, const std::string& param, int64_t max_pixels) {
+  check_dims(h.width, h.height, param);
+  const double px = static_cast<double>(h.width) * h.height;
+  if (px <= static_cast<double>(max_pixels)) return;
+  const int side = static_cast<int>(std::sqrt(static_cast<double>(max_pixels)));
+  const bool square = static_cast<int64_t>(side) * side == max_pixels;
+  throw InvalidArgument(detail::concat(
+      param, ": ", h.format, " image is ", h.width, "x", h.height, " (", megapixels(px), " megapixels; decoding it would take ",
+      format_size(static_cast<double>(h.decoded_bytes())), "), more than the limit of ", megapixels(static_cast<double>(max_pixels)),
+      " megapixels", square ? detail::concat(" (", side, "x", side, ")") : std::string(), ": resize it first"));
+}
+
+Image decode_image(const uint8_t* bytes, size_t size, const std::string& param, int64_t max_pixels) {
+  check_image_header(read_image_header(bytes, size, param), param, max_pixels);
+  if (bytes[0] == 0x89) return decode_png(bytes, size, param);
+  return decode_jpeg(bytes, size, param);
+}
+
+Image load_image(const std::string& path, const std::string& param, int64_t max_pixels) {
+  // The header first: an oversized picture is refused before its file is even read whole.
+  const ImageHeader header = read_image_header(path, param);
+  try {
+    check_image_header(header, param, max_pixels);
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(detail::concat(e.what(), " (", path, ")"));
+  }
+  const std::string bytes = read_text_file(path, param, kMaxImageFileBytes);
   DMX_CHECK_ARG(!bytes.empty(), param, ": image file is empty: ", path);
   try {
-    return decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), param);
+    return decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), param, max_pixels);
   } catch (const InvalidArgument& e) {
     throw InvalidArgument(detail::concat(e.what(), " (", path, ")"));
   }
@@ -361,7 +484,7 @@ TextChunks read_png_text(const uint8_t* bytes, size_t size, const std::string& w
 }
 
 TextChunks read_png_text(const std::string& path) {
-  std::string bytes = read_text_file(path, "PNG");
+  std::string bytes = read_text_file(path, "PNG", kMaxImageFileBytes);
   return read_png_text(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), path);
 }
 

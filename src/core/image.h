@@ -18,12 +18,36 @@ struct Image {
   std::vector<uint8_t> data;  // HWC, row-major
 };
 
+// Image size limits (docs/limits.md), checked on the header before anything is decoded.
 constexpr int kMaxImageSide = 16384;
+// Pictures a pipeline takes at the output size (init images, masks, control maps, edits): 4096 x 4096.
+constexpr int64_t kMaxImagePixels = 4096ll * 4096;
+// Training images (resized to --resolution after decoding): 8192 x 8192, so that camera photos load.
+constexpr int64_t kMaxDatasetImagePixels = 8192ll * 8192;
+
+// What the header says, before decoding: size and the channels the decoder will produce.
+struct ImageHeader {
+  std::string format;  // "PNG" | "JPEG"
+  int width = 0, height = 0;
+  int channels = 0;  // decoded channels (PNG: 1, 2, 3 or 4; JPEG: 1 or 3)
+  uint64_t decoded_bytes() const { return static_cast<uint64_t>(width) * height * channels; }
+};
+// Reads the PNG IHDR or the JPEG frame header (SOFn) without decoding pixel data. Not PNG/JPEG, or a
+// corrupt header: InvalidArgument naming `param`. The path form reads only the header bytes, from a
+// regular file (core/fs.h open_regular_file).
+ImageHeader read_image_header(const uint8_t* bytes, size_t size, const std::string& param);
+ImageHeader read_image_header(const std::string& path, const std::string& param);
+// Sides in [1, kMaxImageSide] and width x height <= max_pixels, else InvalidArgument stating the limit and
+// the memory decoding would take.
+void check_image_header(const ImageHeader& h, const std::string& param, int64_t max_pixels);
 
 // Decodes PNG or JPEG (by content, not extension). `param` names the option in errors
-// ("--init-image"). Unreadable, corrupt or unsupported files are InvalidArgument.
-Image load_image(const std::string& path, const std::string& param);
-Image decode_image(const uint8_t* bytes, size_t size, const std::string& param);
+// ("--init-image"). The header is checked against max_pixels first (check_image_header); unreadable,
+// corrupt, oversized or unsupported files are InvalidArgument. The file must be a regular file of at
+// most kMaxImageFileBytes (core/fs.h).
+Image load_image(const std::string& path, const std::string& param, int64_t max_pixels = kMaxImagePixels);
+Image decode_image(const uint8_t* bytes, size_t size, const std::string& param,
+                   int64_t max_pixels = kMaxImagePixels);
 // Masks, control images and init images must have the size of the output: InvalidArgument naming
 // `param`, the rule and both sizes otherwise ("--mask-image must be 512x512 to match the output size,
 // got 640x480").

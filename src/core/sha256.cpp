@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/fs.h"
 #include "dmx/error.h"
 
 namespace dmx {
@@ -103,7 +104,7 @@ std::string sha256_hex(const void* data, size_t size) {
 }
 
 std::string sha256_file(const std::string& path, const std::atomic<bool>* cancel) {
-  FILE* f = std::fopen(path.c_str(), "rb");
+  FILE* f = ::fdopen(open_regular_file(path, "file to hash", nullptr), "rb");
   DMX_CHECK_IO(f != nullptr, "cannot open ", path, " to hash it: ", std::strerror(errno));
   Sha256 h;
   std::vector<uint8_t> buf(1 << 20);

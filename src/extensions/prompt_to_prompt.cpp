@@ -6,81 +6,13 @@
 #include <cmath>
 
 #include "core/text.h"
+#include "core/utf8.h"
 #include "dmx/error.h"
 
 namespace dmx::extensions {
 
 namespace {
-// Inverse of GPT-2/CLIP bytes_to_unicode(): printable bytes stand for themselves, the others for U+0100 + n.
-const std::map<char32_t, uint8_t>& byte_decoder() {
-  static const std::map<char32_t, uint8_t> m = [] {
-    std::map<char32_t, uint8_t> d;
-    std::array<bool, 256> printable{};
-    for (int b = '!'; b <= '~'; ++b) printable[b] = true;
-    for (int b = 0xA1; b <= 0xAC; ++b) printable[b] = true;
-    for (int b = 0xAE; b <= 0xFF; ++b) printable[b] = true;
-    int n = 0;
-    for (int b = 0; b < 256; ++b) {
-      if (printable[b])
-        d[static_cast<char32_t>(b)] = static_cast<uint8_t>(b);
-      else
-        d[static_cast<char32_t>(256 + n++)] = static_cast<uint8_t>(b);
-    }
-    return d;
-  }();
-  return m;
-}
-
-// UTF-8 -> code points; an invalid byte becomes U+FFFD (Python's errors="replace", one per bad byte).
-std::u32string utf8_to_u32(const std::string& s) {
-  std::u32string out;
-  size_t i = 0;
-  while (i < s.size()) {
-    const unsigned char c = static_cast<unsigned char>(s[i]);
-    int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
-    bool ok = len > 0 && i + len <= s.size();
-    char32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
-    for (int k = 1; ok && k < len; ++k) {
-      const unsigned char cc = static_cast<unsigned char>(s[i + k]);
-      if ((cc >> 6) != 0x2) ok = false;
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    if (!ok) {
-      out.push_back(0xFFFD);
-      ++i;
-    } else {
-      out.push_back(cp);
-      i += len;
-    }
-  }
-  return out;
-}
-
-std::string u32_to_utf8(const std::u32string& s) {
-  std::string out;
-  for (char32_t cp : s) {
-    if (cp < 0x80) {
-      out += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-      out += static_cast<char>(0xC0 | (cp >> 6));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      out += static_cast<char>(0xE0 | (cp >> 12));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else {
-      out += static_cast<char>(0xF0 | (cp >> 18));
-      out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    }
-  }
-  return out;
-}
-
-bool is_py_space(char32_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
-
-size_t py_len(const std::string& s) { return utf8_to_u32(s).size(); }
+size_t py_len(const std::string& s) { return utf8_length(s); }  // len() of the Python str
 
 std::vector<int64_t> word_inds_at(const models::CLIPTokenizer& tok, const std::string& text,
                                   const std::vector<int>& word_place) {
@@ -198,24 +130,13 @@ std::vector<int64_t> align_y_to_x(const std::vector<int64_t>& x, const std::vect
 
 // ---------------------------------------------------------------------------------------------------
 std::vector<std::string> token_texts(const models::CLIPTokenizer& tok, const std::string& text) {
-  const auto& dec = byte_decoder();
   std::vector<std::string> out;
   for (const std::string& t : tok.tokenize(text)) {
-    std::string bytes;
-    for (char32_t c : utf8_to_u32(t)) {
-      auto it = dec.find(c);
-      if (it != dec.end()) bytes += static_cast<char>(it->second);
-    }
-    // convert_tokens_to_string: "</w>" -> " ", strip(); then the reference's strip("#").
-    size_t pos;
-    while ((pos = bytes.find("</w>")) != std::string::npos) bytes.replace(pos, 4, " ");
-    std::u32string s = utf8_to_u32(bytes);
-    size_t b = 0, e = s.size();
-    while (b < e && is_py_space(s[b])) ++b;
-    while (e > b && is_py_space(s[e - 1])) --e;
-    while (b < e && s[b] == U'#') ++b;
-    while (e > b && s[e - 1] == U'#') --e;
-    out.push_back(u32_to_utf8(s.substr(b, e - b)));
+    // tokenizer.decode([id]) (stripped), then the reference's strip("#").
+    std::string s = tok.convert_tokens_to_string({t});
+    const size_t b = s.find_first_not_of('#');
+    s = b == std::string::npos ? "" : s.substr(b, s.find_last_not_of('#') - b + 1);
+    out.push_back(s);
   }
   return out;
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/fs.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "io/ldm_names.h"
 #include "io/torch_pickle.h"
@@ -19,8 +20,6 @@ namespace dmx::io {
 namespace {
 
 using nlohmann::json;
-
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
 std::string lower_extension(const std::string& path) {
   const size_t slash = path.find_last_of('/');
@@ -42,16 +41,9 @@ json find_ldm_yaml(const std::string& path) {
   const std::string base = join_path(directory_of(path), file_stem(path));
   for (const std::string& candidate : {base + ".yaml", base + "-inference.yaml"}) {
     if (path_exists(candidate) && !is_directory(candidate))
-      return parse_ldm_yaml(read_text_file(candidate, "LDM config"), candidate);
+      return parse_ldm_yaml(read_text_file(candidate, "LDM config", kMaxJsonFileBytes), candidate);
   }
   return nullptr;
-}
-
-std::string list_keys(const std::vector<std::string>& keys, size_t max = 8) {
-  std::string out;
-  for (size_t i = 0; i < keys.size() && i < max; ++i) out += (i ? ", " : "") + keys[i];
-  if (keys.size() > max) out += ", ... (" + std::to_string(keys.size()) + " in all)";
-  return out;
 }
 
 TensorMap load_sharded(const std::string& folder, const std::string& index_path, const std::string& component) {
@@ -94,8 +86,8 @@ json component_config(const std::string& config_dir, const std::string& componen
 }  // namespace
 
 TensorMap load_weights_file(const std::string& path) {
-  DMX_CHECK_IO(path_exists(path), "weights file not found: ", path);
-  DMX_CHECK_IO(!is_directory(path), "expected a weights file, got a directory: ", path);
+  DMX_CHECK_ARG(path_exists(path), "weights file not found: ", path);
+  DMX_CHECK_ARG(!is_directory(path), "expected a weights file, got a directory: ", path);
   const std::string ext = lower_extension(path);
   if (ext == ".safetensors") return load_safetensors(path);
   if (ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin" || ext == ".pkl" || looks_like_torch_file(path))
@@ -104,7 +96,7 @@ TensorMap load_weights_file(const std::string& path) {
 }
 
 json load_json_file(const std::string& path, const std::string& what) {
-  const std::string text = read_text_file(path, what);
+  const std::string text = read_text_file(path, what, kMaxJsonFileBytes);
   try {
     return json::parse(text);
   } catch (const json::exception& e) {
@@ -113,9 +105,9 @@ json load_json_file(const std::string& path, const std::string& what) {
 }
 
 TensorMap load_diffusers_component(const std::string& dir, const std::string& component) {
-  DMX_CHECK_IO(is_directory(dir), component, ": diffusers model folder not found: ", dir);
+  DMX_CHECK_ARG(is_directory(dir), component, ": diffusers model folder not found: ", dir);
   const std::string folder = join_path(dir, component);
-  DMX_CHECK_IO(is_directory(folder), component, ": folder not found: ", folder, " (expected a diffusers layout with ",
+  DMX_CHECK_FORMAT(is_directory(folder), component, ": folder not found: ", folder, " (expected a diffusers layout with ",
                component, "/ inside ", dir, ")");
   // Plain weights first; sharded; then the fp16 variant when it is the only one there; then the same as
   // torch.save pickles (read by the weights-only loader), as diffusers falls back to them.
@@ -134,15 +126,16 @@ TensorMap load_diffusers_component(const std::string& dir, const std::string& co
       return load_sharded(folder, p, component);
     return load_weights_file(p);
   }
-  throw IoError(detail::concat(component, ": no weights found in ", folder, ": looked for ", list_keys(candidates, 99)));
+  // A folder without its weights is a malformed model (invalid input), not an I/O failure.
+  throw FormatError(detail::concat(component, ": no weights found in ", folder, ": looked for ", join_abbreviated(candidates, 99)));
 }
 
 SingleFileCheckpoint load_single_file(const std::string& path, const std::string& config_dir) {
-  DMX_CHECK_IO(path_exists(path), "checkpoint not found: ", path);
-  DMX_CHECK_IO(!is_directory(path), "expected a single-file checkpoint, got a directory: ", path,
+  DMX_CHECK_ARG(path_exists(path), "checkpoint not found: ", path);
+  DMX_CHECK_ARG(!is_directory(path), "expected a single-file checkpoint, got a directory: ", path,
                " (a diffusers folder is loaded as a folder, not with a single-file loader)");
   if (!config_dir.empty())
-    DMX_CHECK_IO(is_directory(config_dir), "--config must be a diffusers model folder, not found: ", config_dir);
+    DMX_CHECK_ARG(is_directory(config_dir), "--config must be a diffusers model folder, not found: ", config_dir);
 
   // .safetensors, or a torch.save pickle (.ckpt/.pt/.pth/.bin) through the weights-only loader.
   const TensorMap ckpt = load_weights_file(path);
@@ -170,11 +163,11 @@ SingleFileCheckpoint load_single_file(const std::string& path, const std::string
   if (!n_text)
     missing.push_back(std::string("text encoder (") + kLdmClipPrefix + "* or " + kLdmOpenClipPrefix + "*)");
   DMX_CHECK_FORMAT(missing.empty(), path, ": not a complete Stable Diffusion 1.x/2.x single-file checkpoint: no ",
-                   list_keys(missing), " weights");
+                   join_abbreviated(missing), " weights");
   DMX_CHECK_FORMAT(unknown.empty(), path, ": ", unknown.size(),
                    " key(s) belong to no known component (model.diffusion_model, first_stage_model, "
                    "cond_stage_model): ",
-                   list_keys(unknown));
+                   join_abbreviated(unknown));
 
   // The .yaml is read only when some component config is detected (config_dir may supply all of them).
   json yaml_cache;

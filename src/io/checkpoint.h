@@ -1,5 +1,6 @@
 // Checkpoint formats: diffusers folders and original (CompVis/LDM) single-file checkpoints.
-// Canonical names are diffusers names; every conversion lives in ldm_names.cpp as tables.
+// Canonical names are diffusers names; every conversion lives in ldm_names.h (tables), which this loader
+// uses and which never uses it.
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>
@@ -17,12 +18,6 @@ struct SingleFileCheckpoint {
   std::string family;  // "sd1" | "sd2" (what detection found)
 };
 SingleFileCheckpoint load_single_file(const std::string& path, const std::string& config_dir = "");
-
-// Key conversions (original -> diffusers) for each component; input keys carry their prefixes
-// (model.diffusion_model., first_stage_model., cond_stage_model.transformer. / cond_stage_model.model.).
-TensorMap convert_ldm_unet(const TensorMap& ckpt, const nlohmann::json& unet_config);
-TensorMap convert_ldm_vae(const TensorMap& ckpt, const nlohmann::json& vae_config);
-TensorMap convert_ldm_clip(const TensorMap& ckpt, const nlohmann::json& text_config);
 
 // The tensors of one weights file, by content: safetensors, or a torch.save pickle (.ckpt/.pt/.pth/.bin, zip
 // or legacy) read by the weights-only loader (io/torch_pickle.h), whose state dict is returned flat (the

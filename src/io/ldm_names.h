@@ -1,8 +1,9 @@
-// Original (CompVis/LDM, Stability-AI) single-file checkpoints: key-name tables and config detection.
+// Original (CompVis/LDM, Stability-AI) single-file checkpoints: key-name tables (ldm_tables.cpp, with the
+// shared machinery in ldm_tables.h), config detection (ldm_detect.cpp), the LDM .yaml subset (ldm_yaml.cpp) and
+// ControlNet single files (ldm_controlnet.cpp).
 // Mirrors diffusers 0.27.2 pipelines/stable_diffusion/convert_from_ckpt.py (convert_ldm_unet_checkpoint,
 // convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint,
 // create_unet_diffusers_config, create_vae_diffusers_config) and loaders/single_file_utils.py.
-// The conversions themselves (convert_ldm_unet/vae/clip) are declared in io/checkpoint.h.
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>
@@ -26,6 +27,12 @@ LdmTextEncoder ldm_text_encoder_kind(const TensorMap& ckpt);
 // schedule buffers (betas, alphas_cumprod, ...), the VAE training loss, CLIP position_ids, OpenCLIP
 // text_projection / logit_scale / attn_mask.
 bool is_ignorable_ldm_key(const std::string& key);
+
+// Key conversions (original -> diffusers) for each component; input keys carry their prefixes
+// (model.diffusion_model., first_stage_model., cond_stage_model.transformer. / cond_stage_model.model.).
+TensorMap convert_ldm_unet(const TensorMap& ckpt, const nlohmann::json& unet_config);
+TensorMap convert_ldm_vae(const TensorMap& ckpt, const nlohmann::json& vae_config);
+TensorMap convert_ldm_clip(const TensorMap& ckpt, const nlohmann::json& text_config);
 
 // Config detection from tensor shapes, in diffusers config.json form. ldm_yaml is the parsed LDM .yaml
 // (parse_ldm_yaml) or null; when given, unet_config.params num_heads / num_head_channels, scale_factor,

@@ -147,18 +147,13 @@ void parse_safetensors(const uint8_t* bytes, size_t file_size, std::map<std::str
 }
 
 std::shared_ptr<SafeTensorsFile> SafeTensorsFile::open(const std::string& path) {
-  DMX_CHECK_IO(path_exists(path), "safetensors file not found: ", path);
-  DMX_CHECK_IO(!is_directory(path), "expected a .safetensors file, got a directory: ", path);
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  DMX_CHECK_IO(fd >= 0, "cannot open ", path, ": ", std::strerror(errno));
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    throw IoError(detail::concat("cannot stat ", path));
-  }
+  // A regular file only (no device, FIFO or directory: those are refused without blocking); mapped, so
+  // its size costs address space, not memory.
+  uint64_t size = 0;
+  const int fd = open_regular_file(path, "safetensors file", &size);
   std::shared_ptr<SafeTensorsFile> f(new SafeTensorsFile());
   f->path_ = path;
-  f->map_size_ = static_cast<size_t>(st.st_size);
+  f->map_size_ = static_cast<size_t>(size);
   if (f->map_size_ > 0) {
     // Private, writable mapping: views handed out are copy-on-write, never writing to the file.
     void* p = ::mmap(nullptr, f->map_size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);

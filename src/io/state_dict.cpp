@@ -67,4 +67,12 @@ LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, co
   }
   return r;
 }
+void check_weights_cover_config(double params, const TensorMap& state, const std::string& what) {
+  double stored = 0;
+  for (const auto& kv : state) stored += static_cast<double>(kv.second.numel());
+  if (params <= stored) return;
+  throw FormatError(detail::concat(what, ": the config describes a model of ", static_cast<int64_t>(params),
+                                   " parameters, but the weights hold only ", static_cast<int64_t>(stored),
+                                   " values: the config does not match the weights (nothing was built)"));
+}
 }  // namespace dmx::io

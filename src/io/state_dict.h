@@ -24,6 +24,11 @@ struct LoadReport {
 // Copies matching tensors into module parameters and buffers. With strict, any problem throws.
 LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, const std::string& what,
                            bool strict = true);
+// Before a module is built from its config: the weights must hold at least the `params` values the config
+// describes (a strict load needs every one), else FormatError naming both counts, so that a config that
+// does not match its weights (layers_per_block 1000 beside a small model) is refused before the memory for
+// the module is spent.
+void check_weights_cover_config(double params, const TensorMap& state, const std::string& what);
 // All parameters and buffers by their dotted names.
 TensorMap module_state(const torch::nn::Module& module);
 }  // namespace dmx::io

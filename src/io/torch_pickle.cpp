@@ -1364,12 +1364,12 @@ bool looks_like_torch_file(const uint8_t* data, size_t size) {
 }
 
 bool looks_like_torch_file(const std::string& path) {
-  FILE* fp = std::fopen(path.c_str(), "rb");
-  if (!fp) return false;
+  // Regular files only (core/fs.h): a FIFO or device given as a model is refused, never read or waited on.
+  const int fd = open_regular_file(path, "checkpoint", nullptr);
   uint8_t b[4] = {0, 0, 0, 0};
-  const size_t n = std::fread(b, 1, 4, fp);
-  std::fclose(fp);
-  return looks_like_torch_file(b, n);
+  const ssize_t got = ::read(fd, b, 4);
+  ::close(fd);
+  return looks_like_torch_file(b, got > 0 ? static_cast<size_t>(got) : 0);
 }
 
 std::shared_ptr<const TorchFile> parse_torch_bytes(const uint8_t* data, size_t size, const std::string& what,
@@ -1398,17 +1398,12 @@ std::shared_ptr<const TorchFile> parse_bare_pickle(const uint8_t* data, size_t s
 }
 
 std::shared_ptr<const TorchFile> load_torch_file(const std::string& path) {
-  DMX_CHECK_IO(path_exists(path), "file not found: ", path);
-  DMX_CHECK_IO(!is_directory(path), "expected a file, got a directory: ", path);
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  DMX_CHECK_IO(fd >= 0, "cannot open ", path, ": ", std::strerror(errno));
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    throw IoError(detail::concat("cannot stat ", path));
-  }
+  // A regular file only (no device, FIFO or directory, refused without blocking); mapped, so its size costs
+  // address space, not memory.
+  uint64_t file_size = 0;
+  const int fd = open_regular_file(path, "torch.save file", &file_size);
   auto map = std::make_shared<Mapping>();
-  map->size = static_cast<size_t>(st.st_size);
+  map->size = static_cast<size_t>(file_size);
   if (map->size > 0) {
     // Private and writable: tensors over it are copy-on-write, never writing to the file.
     void* p = ::mmap(nullptr, map->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);

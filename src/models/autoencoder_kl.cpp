@@ -3,6 +3,8 @@
 // norm/act/conv_out).
 #include "models/autoencoder_kl.h"
 
+#include <cmath>
+
 #include "core/runtime.h"
 #include "core/tensor_util.h"
 #include "dmx/error.h"
@@ -168,18 +170,60 @@ void AutoencoderKLConfig::validate() const {
     DMX_CHECK_SUPPORTED(t == "UpDecoderBlock2D", "up_block_types: unsupported block type '", t,
                         "' (supported: UpDecoderBlock2D)");
   nn::parse_act(act_fn, "act_fn");
-  DMX_CHECK_ARG(in_channels > 0, "in_channels must be > 0, got ", in_channels);
-  DMX_CHECK_ARG(out_channels > 0, "out_channels must be > 0, got ", out_channels);
-  DMX_CHECK_ARG(latent_channels > 0, "latent_channels must be > 0, got ", latent_channels);
-  DMX_CHECK_ARG(layers_per_block > 0, "layers_per_block must be > 0, got ", layers_per_block);
-  DMX_CHECK_ARG(norm_num_groups > 0, "norm_num_groups must be > 0, got ", norm_num_groups);
-  DMX_CHECK_ARG(sample_size > 0, "sample_size must be > 0, got ", sample_size);
-  DMX_CHECK_ARG(scaling_factor > 0, "scaling_factor must be > 0, got ", scaling_factor);
+  // Ranges (docs/limits.md).
+  using cfgjson::check_range;
+  check_range("number of down blocks", static_cast<int64_t>(n), 1, 8);
+  check_range("in_channels", in_channels, 1, 64);
+  check_range("out_channels", out_channels, 1, 64);
+  check_range("latent_channels", latent_channels, 1, 64);
+  check_range("layers_per_block", layers_per_block, 1, 16);
+  check_range("norm_num_groups", norm_num_groups, 1, 8192);
+  check_range("sample_size", sample_size, 1, 16384);
+  DMX_CHECK_ARG(std::isfinite(scaling_factor) && scaling_factor > 0, "scaling_factor must be > 0, got ",
+                scaling_factor);
   for (size_t i = 0; i < n; ++i) {
-    DMX_CHECK_ARG(block_out_channels[i] > 0, "block_out_channels[", i, "] must be > 0, got ", block_out_channels[i]);
+    check_range("block_out_channels[" + std::to_string(i) + "]", block_out_channels[i], 1, 8192);
     DMX_CHECK_ARG(block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i, "] (", block_out_channels[i],
                   ") must be divisible by norm_num_groups (", norm_num_groups, ")");
   }
+  cfgjson::check_parameter_count("the VAE config", parameter_count());
+}
+
+double AutoencoderKLConfig::parameter_count() const {
+  namespace pc = nn::param_count;
+  const auto& ch = block_out_channels;
+  const int n = static_cast<int>(ch.size());
+  const nn::BlockOptions base = vae_block_options(*this, nn::Act::SiLU);
+  nn::BlockOptions mid = base;
+  mid.num_layers = 1;
+  mid.in_channels = mid.out_channels = ch.back();
+  // Encoder.
+  double total = pc::conv2d(in_channels, ch[0], 3);
+  int output_channel = ch[0];
+  for (int i = 0; i < n; ++i) {
+    nn::BlockOptions o = base;
+    o.in_channels = output_channel;
+    output_channel = ch[i];
+    o.out_channels = output_channel;
+    o.add_sampler = i != n - 1;
+    total += pc::down_block(o);
+  }
+  total += pc::mid_block(mid, mid_block_add_attention) + pc::norm(ch.back()) + pc::conv2d(ch.back(), 2 * latent_channels, 3);
+  // Decoder.
+  total += pc::conv2d(latent_channels, ch.back(), 3) + pc::mid_block(mid, mid_block_add_attention);
+  output_channel = ch.back();
+  for (int i = 0; i < n; ++i) {
+    nn::BlockOptions o = base;
+    o.num_layers = layers_per_block + 1;
+    o.in_channels = output_channel;
+    output_channel = ch[n - 1 - i];
+    o.out_channels = output_channel;
+    o.add_sampler = i != n - 1;
+    total += pc::up_decoder_block(o);
+  }
+  total += pc::norm(ch[0]) + pc::conv2d(ch[0], out_channels, 3);
+  // quant_conv, post_quant_conv.
+  return total + pc::conv2d(2 * latent_channels, 2 * latent_channels, 1) + pc::conv2d(latent_channels, latent_channels, 1);
 }
 
 AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& j) {

@@ -35,6 +35,9 @@ struct AutoencoderKLConfig {
   static AutoencoderKLConfig sd21();  // stabilityai/stable-diffusion-2-1 vae/config.json
   void validate() const;              // InvalidArgument naming the field; Unsupported for unknown block types
   int downscale_factor() const { return 1 << (static_cast<int>(block_out_channels.size()) - 1); }
+  // The number of parameters the model has, from the config alone (nothing is allocated). validate() bounds
+  // every field (docs/limits.md) and this count by cfgjson::kMaxModelParameters.
+  double parameter_count() const;
 };
 
 // diffusers' DiagonalGaussianDistribution: logvar clamped to [-30, 20], std = exp(0.5 logvar).

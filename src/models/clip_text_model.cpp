@@ -2,9 +2,13 @@
 // CLIPMLP, CLIPEncoderLayer, CLIPEncoder, CLIPTextTransformer, CLIPTextModel).
 #include "models/clip_text_model.h"
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "dmx/error.h"
+#include "models/config_json.h"
+#include "nn/layers.h"
 #include "nn/lora.h"
 
 namespace dmx::models {
@@ -25,10 +29,7 @@ T json_field(const nlohmann::json& j, const char* key, T fallback) {
     return v.get<T>();
   } else {
     DMX_CHECK_FORMAT(v.is_number_integer(), "CLIP text config: ", key, " must be an integer, got ", v.dump());
-    const int64_t x = v.get<int64_t>();
-    DMX_CHECK_FORMAT(x >= std::numeric_limits<T>::min() && x <= std::numeric_limits<T>::max(),
-                     "CLIP text config: ", key, " is out of range: ", x);
-    return static_cast<T>(x);
+    return cfgjson::exact_int<T>(v, "CLIP text config", key);  // within T's range, no silent wrap
   }
 }
 }  // namespace
@@ -87,20 +88,32 @@ CLIPTextConfig CLIPTextConfig::sd21() {
 }
 
 void CLIPTextConfig::validate() const {
-  auto positive = [](const char* name, int v) {
-    DMX_CHECK_ARG(v > 0, "CLIP text config: ", name, " must be > 0, got ", v);
+  // Ranges (docs/limits.md): every CLIP text encoder of the Stable Diffusion family fits well inside.
+  auto range = [](const char* name, int v, int lo, int hi) {
+    DMX_CHECK_ARG(v >= lo && v <= hi, "CLIP text config: ", name, " must be in [", lo, ", ", hi, "], got ", v,
+                  v < lo ? "" : " (limits: docs/limits.md)");
   };
-  positive("vocab_size", vocab_size);
-  positive("hidden_size", hidden_size);
-  positive("intermediate_size", intermediate_size);
-  positive("num_hidden_layers", num_hidden_layers);
-  positive("num_attention_heads", num_attention_heads);
-  positive("max_position_embeddings", max_position_embeddings);
+  range("vocab_size", vocab_size, 1, 1000000);
+  range("hidden_size", hidden_size, 1, 8192);
+  range("intermediate_size", intermediate_size, 1, 32768);
+  range("num_hidden_layers", num_hidden_layers, 1, 128);
+  range("num_attention_heads", num_attention_heads, 1, std::max(1, hidden_size));
+  range("max_position_embeddings", max_position_embeddings, 1, 8192);
+  range("projection_dim", projection_dim, 0, 8192);
   DMX_CHECK_ARG(hidden_size % num_attention_heads == 0, "CLIP text config: hidden_size must be divisible by ",
                 "num_attention_heads, got hidden_size ", hidden_size, " and num_attention_heads ", num_attention_heads);
   DMX_CHECK_ARG(hidden_act == "quick_gelu" || hidden_act == "gelu",
                 "CLIP text config: hidden_act must be \"quick_gelu\" or \"gelu\", got \"", hidden_act, "\"");
-  DMX_CHECK_ARG(layer_norm_eps > 0, "CLIP text config: layer_norm_eps must be > 0, got ", layer_norm_eps);
+  DMX_CHECK_ARG(std::isfinite(layer_norm_eps) && layer_norm_eps > 0, "CLIP text config: layer_norm_eps must be > 0, got ",
+                layer_norm_eps);
+  cfgjson::check_parameter_count("the CLIP text config", parameter_count());
+}
+
+double CLIPTextConfig::parameter_count() const {
+  namespace pc = dmx::nn::param_count;
+  const double h = hidden_size, i = intermediate_size;
+  const double layer = 4 * pc::linear(h, h) + 2 * pc::norm(h) + pc::linear(h, i) + pc::linear(i, h);
+  return (static_cast<double>(vocab_size) + max_position_embeddings) * h + num_hidden_layers * layer + pc::norm(h);
 }
 
 // ---------------------------------------------------------------- modules

@@ -40,9 +40,12 @@ struct CLIPTextConfig {
   // stabilityai/stable-diffusion-2-1 text_encoder/config.json (OpenCLIP ViT-H/14 text tower, 23 of its 24
   // layers as diffusers stores it).
   static CLIPTextConfig sd21();
-  // InvalidArgument naming the field when a size is not positive, hidden_size is not divisible by
-  // num_attention_heads, or hidden_act is unknown.
+  // InvalidArgument naming the field when a size is outside its range (docs/limits.md), hidden_size is not
+  // divisible by num_attention_heads, hidden_act is unknown or the parameter count exceeds
+  // cfgjson::kMaxModelParameters.
   void validate() const;
+  // The number of parameters of the text model, from the config alone (nothing is allocated).
+  double parameter_count() const;
 };
 
 struct CLIPTextOutput {

@@ -2,12 +2,17 @@
 // parts of PreTrainedTokenizer.tokenize / BasicTokenizer it runs through when ftfy is not installed.
 #include "models/clip_tokenizer.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <queue>
 
 #include "core/fs.h"
+#include "core/text.h"
+#include "core/utf8.h"
 #include "dmx/error.h"
 #include "models/clip_unicode.h"
 
@@ -36,7 +41,7 @@ const std::vector<std::string>& clip_byte_symbols() {
     int n = 0;
     for (int b = 0; b < 256; ++b) {
       const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-      u::append_utf8(&t[static_cast<size_t>(b)],
+      append_utf8(&t[static_cast<size_t>(b)],
                      printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++));
     }
     return t;
@@ -66,7 +71,7 @@ std::string printable_prompt(const std::string& text) {
 std::u32string decode_prompt(const std::string& text) {
   std::u32string out;
   size_t bad = 0;
-  if (!u::decode_utf8(text, &out, &bad)) {
+  if (!decode_utf8(text, &out, &bad)) {
     char buf[8];
     std::snprintf(buf, sizeof(buf), "0x%02X", static_cast<unsigned char>(text[bad]));
     throw InvalidArgument(detail::concat("prompt must be valid UTF-8, got byte ", buf, " at offset ", bad, " in \"",
@@ -143,10 +148,11 @@ bool split_skips(char32_t c) { return c == 0x345 || u::re_space(c); }
 
 // re.findall(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
 // text, re.IGNORECASE): the first alternative that matches at a position wins.
-std::vector<std::u32string> clip_split(const std::u32string& s) {
+// Calls emit(piece) for each match in order; stops early when emit returns false.
+template <typename Emit>
+void clip_split(const std::u32string& s, Emit&& emit) {
   static const char* const kLiterals[] = {
       "<|startoftext|>", "<|endoftext|>", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d"};
-  std::vector<std::u32string> out;
   size_t pos = 0;
   while (pos < s.size()) {
     size_t len = 0;
@@ -172,10 +178,9 @@ std::vector<std::u32string> clip_split(const std::u32string& s) {
       ++pos;  // whitespace (or U+0345): not part of any match
       continue;
     }
-    out.push_back(s.substr(pos, len));
+    if (!emit(s.substr(pos, len))) return;
     pos += len;
   }
-  return out;
 }
 
 std::u32string py_strip(const std::u32string& s, bool left, bool right) {
@@ -190,14 +195,14 @@ std::u32string py_strip(const std::u32string& s, bool left, bool right) {
 std::string strip_utf8(const std::string& s, bool left, bool right) {
   std::u32string w;
   size_t bad = 0;
-  if (!u::decode_utf8(s, &w, &bad)) return s;
-  return u::encode_utf8(py_strip(w, left, right));
+  if (!decode_utf8(s, &w, &bad)) return s;
+  return encode_utf8(py_strip(w, left, right));
 }
 
 // ---- files ----
 
 nlohmann::json parse_json_file(const std::string& path, const std::string& what) {
-  const std::string text = read_text_file(path, what);
+  const std::string text = read_text_file(path, what, kMaxJsonFileBytes);
   try {
     return nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception& e) {
@@ -242,10 +247,10 @@ CLIPTokenizer CLIPTokenizer::from_folder(const std::string& dir) {
   }
 
   // merges.txt as Python reads it: universal newlines, strip(), split("\n"), lines [1, 1 + kMaxMerges).
-  const std::string raw = read_text_file(merges_path, "CLIP tokenizer merges");
+  const std::string raw = read_text_file(merges_path, "CLIP tokenizer merges", kMaxJsonFileBytes);
   std::u32string text;
   size_t bad = 0;
-  DMX_CHECK_FORMAT(u::decode_utf8(raw, &text, &bad), "CLIP tokenizer merges ", merges_path,
+  DMX_CHECK_FORMAT(decode_utf8(raw, &text, &bad), "CLIP tokenizer merges ", merges_path,
                    " is not valid UTF-8 (byte offset ", bad, ")");
   text = py_strip(text, true, true);
   std::vector<std::pair<std::string, std::string>> merges;
@@ -265,7 +270,7 @@ CLIPTokenizer CLIPTokenizer::from_folder(const std::string& dir) {
       }
       // A line that is not exactly two symbols still takes a rank in transformers but can never match.
       if (parts.size() == 2)
-        merges.emplace_back(u::encode_utf8(parts[0]), u::encode_utf8(parts[1]));
+        merges.emplace_back(encode_utf8(parts[0]), encode_utf8(parts[1]));
       else
         merges.emplace_back(std::string(), std::string());
     }
@@ -336,6 +341,7 @@ CLIPTokenizer::CLIPTokenizer(std::unordered_map<std::string, int64_t> vocab,
                              std::vector<std::pair<std::string, std::string>> merges, CLIPTokenizerOptions options)
     : vocab_(std::move(vocab)), model_max_length_(options.model_max_length), cache_(std::make_shared<Cache>()) {
   DMX_CHECK_FORMAT(!vocab_.empty(), "CLIP tokenizer vocabulary is empty");
+  for (const auto& [token, id] : vocab_) tokens_by_id_.emplace(id, token);
   DMX_CHECK_ARG(options.model_max_length >= 2, "model_max_length must be >= 2 (BOS + EOS), got ",
                 options.model_max_length);
   ranks_.reserve(merges.size());
@@ -368,6 +374,41 @@ CLIPTokenizer::CLIPTokenizer(std::unordered_map<std::string, int64_t> vocab,
   pad_id_ = resolve(options.pad_token, "pad_token", true);
 }
 
+std::string CLIPTokenizer::id_to_token(int64_t id) const {
+  for (const auto& a : no_split_)
+    if (a.id == id) return a.content;
+  auto it = tokens_by_id_.find(id);
+  DMX_CHECK_ARG(it != tokens_by_id_.end(), "token id ", id, " is not in the CLIP tokenizer's vocabulary (",
+                vocab_.size(), " tokens)");
+  return it->second;
+}
+
+std::string CLIPTokenizer::convert_tokens_to_string(const std::vector<std::string>& tokens) const {
+  static const std::unordered_map<char32_t, unsigned char> byte_of = [] {
+    std::unordered_map<char32_t, unsigned char> m;
+    const auto& sym = clip_byte_symbols();
+    for (size_t b = 0; b < sym.size(); ++b) m[decode_utf8_replace(sym[b]).at(0)] = static_cast<unsigned char>(b);
+    return m;
+  }();
+  std::string bytes;
+  for (const std::string& t : tokens)
+    for (char32_t c : decode_utf8_replace(t)) {
+      auto it = byte_of.find(c);
+      if (it != byte_of.end()) bytes += static_cast<char>(it->second);  // a symbol outside the table: dropped
+    }
+  for (size_t pos; (pos = bytes.find("</w>")) != std::string::npos;) bytes.replace(pos, 4, " ");
+  return encode_utf8(py_strip(decode_utf8_replace(bytes), true, true));
+}
+
+std::string CLIPTokenizer::decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const {
+  std::vector<std::string> tokens;
+  for (int64_t id : ids) {
+    if (skip_special_tokens && (id == bos_id_ || id == eos_id_ || id == pad_id_ || id == unk_id_)) continue;
+    tokens.push_back(id_to_token(id));
+  }
+  return convert_tokens_to_string(tokens);
+}
+
 int64_t CLIPTokenizer::token_to_id(const std::string& token) const {
   for (const auto& a : no_split_)
     if (a.content == token) return a.id;
@@ -391,6 +432,15 @@ std::vector<std::string> CLIPTokenizer::bpe(const std::string& token) const {
     auto it = cache_->words.find(token);
     if (it != cache_->words.end()) return it->second;
   }
+  std::vector<std::string> word = bpe_merge(token, /*linear_scan=*/false);
+  if (token.size() > 1024) return word;  // long words (a hostile prompt) are not worth a cache entry
+  std::lock_guard<std::mutex> lock(cache_->mutex);
+  if (cache_->words.size() >= kMaxCacheEntries) cache_->words.clear();
+  cache_->words.emplace(token, word);
+  return word;
+}
+
+std::vector<std::string> CLIPTokenizer::bpe_merge(const std::string& token, bool linear_scan) const {
   // One symbol per byte-level character; the last one carries "</w>".
   std::vector<std::string> word;
   for (size_t i = 0; i < token.size();) {
@@ -408,47 +458,105 @@ std::vector<std::string> CLIPTokenizer::bpe(const std::string& token) const {
   if (word.empty()) return {};
   word.back() += "</w>";
   std::string key;
-  while (word.size() > 1) {
-    // The pair with the lowest merge rank; all its occurrences merge left to right.
-    int best = std::numeric_limits<int>::max();
-    size_t best_i = 0;
-    for (size_t i = 0; i + 1 < word.size(); ++i) {
-      key.assign(word[i]).append(" ").append(word[i + 1]);
-      auto it = ranks_.find(key);
-      if (it != ranks_.end() && it->second < best) best = it->second, best_i = i;
-    }
-    if (best == std::numeric_limits<int>::max()) break;
-    const std::string first = word[best_i], second = word[best_i + 1];
-    std::vector<std::string> merged;
-    merged.reserve(word.size());
-    for (size_t i = 0; i < word.size();) {
-      if (i + 1 < word.size() && word[i] == first && word[i + 1] == second) {
-        merged.push_back(first + second);
-        i += 2;
-      } else {
-        merged.push_back(word[i]);
-        ++i;
+  auto rank_of = [&](const std::string& a, const std::string& b) {
+    key.assign(a).append(" ").append(b);
+    auto it = ranks_.find(key);
+    return it == ranks_.end() ? std::numeric_limits<int>::max() : it->second;
+  };
+  if (linear_scan || word.size() <= 64) {
+    // transformers' loop: the pair with the lowest merge rank; all its occurrences merge left to right.
+    // O(n^2) in the word's length, so only for ordinary words.
+    while (word.size() > 1) {
+      int best = std::numeric_limits<int>::max();
+      size_t best_i = 0;
+      for (size_t i = 0; i + 1 < word.size(); ++i) {
+        const int r = rank_of(word[i], word[i + 1]);
+        if (r < best) best = r, best_i = i;
       }
+      if (best == std::numeric_limits<int>::max()) break;
+      const std::string first = word[best_i], second = word[best_i + 1];
+      std::vector<std::string> merged;
+      merged.reserve(word.size());
+      for (size_t i = 0; i < word.size();) {
+        if (i + 1 < word.size() && word[i] == first && word[i + 1] == second) {
+          merged.push_back(first + second);
+          i += 2;
+        } else {
+          merged.push_back(word[i]);
+          ++i;
+        }
+      }
+      word.swap(merged);
     }
-    word.swap(merged);
+    return word;
   }
-  std::lock_guard<std::mutex> lock(cache_->mutex);
-  if (cache_->words.size() >= kMaxCacheEntries) cache_->words.clear();
-  cache_->words.emplace(token, word);
-  return word;
+  // The same merges in O(n log n) for long words: a linked list of symbols and a heap of (rank, position) of
+  // adjacent pairs. Each round takes every occurrence of the lowest-ranked pair (one pair has one rank) and
+  // merges them left to right before any pair the round creates is considered, which is what the loop above
+  // does (a merged symbol first+second can never form the same pair again within the round).
+  const int n = static_cast<int>(word.size());
+  std::vector<int> next(n), prev(n);
+  std::vector<char> alive(n, 1);
+  for (int i = 0; i < n; ++i) {
+    next[i] = i + 1 < n ? i + 1 : -1;
+    prev[i] = i - 1;
+  }
+  using Entry = std::pair<int, int>;  // (rank, left position)
+  std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap;
+  auto push = [&](int left) {
+    if (left < 0 || next[left] < 0) return;
+    const int r = rank_of(word[left], word[next[left]]);
+    if (r != std::numeric_limits<int>::max()) heap.emplace(r, left);
+  };
+  for (int i = 0; i + 1 < n; ++i) push(i);
+  std::vector<int> round;
+  while (!heap.empty()) {
+    const int r = heap.top().first;
+    round.clear();
+    while (!heap.empty() && heap.top().first == r) {
+      round.push_back(heap.top().second);
+      heap.pop();
+    }
+    std::sort(round.begin(), round.end());
+    round.erase(std::unique(round.begin(), round.end()), round.end());
+    std::vector<int> touched;
+    for (int left : round) {
+      if (!alive[left] || next[left] < 0 || rank_of(word[left], word[next[left]]) != r) continue;  // stale
+      const int right = next[left];
+      word[left] += word[right];
+      alive[right] = 0;
+      next[left] = next[right];
+      if (next[right] >= 0) prev[next[right]] = left;
+      touched.push_back(left);
+    }
+    for (int left : touched) {
+      if (!alive[left]) continue;
+      push(prev[left]);
+      push(left);
+    }
+  }
+  std::vector<std::string> out;
+  for (int i = 0; i >= 0; i = next[i]) out.push_back(std::move(word[i]));
+  return out;
 }
 
-void CLIPTokenizer::tokenize_chunk(const std::string& chunk, std::vector<std::string>* out) const {
+void CLIPTokenizer::tokenize_chunk(const std::string& chunk, std::vector<std::string>* out, size_t limit) const {
   const std::u32string text = basic_clean(decode_prompt(chunk));
   const auto& sym = byte_symbols();
-  for (const std::u32string& piece : clip_split(text)) {
-    std::string bytes = u::encode_utf8(piece), mapped;
+  // Pieces are tokenized one at a time, in order: once `limit` tokens are out the rest of the text is never
+  // looked at (truncation keeps only the first ones; a piece's tokens do not depend on the pieces after it).
+  clip_split(text, [&](const std::u32string& piece) {
+    std::string bytes = encode_utf8(piece), mapped;
     for (unsigned char b : bytes) mapped += sym[b];
     for (auto& t : bpe(mapped)) out->push_back(std::move(t));
-  }
+    return out->size() < limit;
+  });
 }
 
-std::vector<std::string> CLIPTokenizer::tokenize_checked(const std::string& text) const {
+std::vector<std::string> CLIPTokenizer::tokenize_checked(const std::string& text, size_t limit) const {
+  DMX_CHECK_ARG(text.size() <= kMaxPromptBytes, "prompt is ", text.size(), " bytes, more than the ",
+                kMaxPromptBytes / 1024, " KiB limit for prompts and captions (the text encoder reads the first ",
+                model_max_length_, " tokens only)");
   decode_prompt(text);  // reject invalid UTF-8 up front, naming the whole prompt
 
   // Split out added/special tokens (leftmost, longest), as PreTrainedTokenizer.tokenize does with its trie.
@@ -492,27 +600,35 @@ std::vector<std::string> CLIPTokenizer::tokenize_checked(const std::string& text
   }
   std::vector<std::string> out;
   for (const auto& p : pieces) {
+    if (out.size() >= limit) break;
     if (p.text.empty()) continue;
     if (p.added)
       out.push_back(p.text);
     else
-      tokenize_chunk(p.text, &out);
+      tokenize_chunk(p.text, &out, limit);
   }
+  if (out.size() > limit) out.resize(limit);
   return out;
 }
 
-std::vector<std::string> CLIPTokenizer::tokenize(const std::string& text) const { return tokenize_checked(text); }
+std::vector<std::string> CLIPTokenizer::tokenize(const std::string& text) const {
+  return tokenize_checked(text, std::numeric_limits<size_t>::max());
+}
 
 std::vector<int64_t> CLIPTokenizer::encode(const std::string& text) const {
   std::vector<int64_t> ids{bos_id_};
-  for (const auto& t : tokenize_checked(text)) ids.push_back(id_of(t));
+  for (const auto& t : tokenize_checked(text, std::numeric_limits<size_t>::max())) ids.push_back(id_of(t));
   ids.push_back(eos_id_);
   return ids;
 }
 
 std::vector<int64_t> CLIPTokenizer::encode_padded(const std::string& text, int max_length) const {
   DMX_CHECK_ARG(max_length >= 2, "max_length must be >= 2 (BOS + EOS), got ", max_length);
-  std::vector<int64_t> ids = encode(text);
+  // Only the tokens that survive truncation are produced (max_length - 2 between BOS and EOS); one more
+  // tells that the text was truncated.
+  std::vector<int64_t> ids{bos_id_};
+  for (const auto& t : tokenize_checked(text, static_cast<size_t>(max_length) - 1)) ids.push_back(id_of(t));
+  ids.push_back(eos_id_);
   if (ids.size() > static_cast<size_t>(max_length)) {
     ids.resize(static_cast<size_t>(max_length));
     ids.back() = eos_id_;

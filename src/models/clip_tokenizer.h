@@ -63,15 +63,32 @@ class CLIPTokenizer {
   int model_max_length() const { return model_max_length_; }
   size_t vocab_size() const { return vocab_.size(); }
   int64_t token_to_id(const std::string& token) const;  // -1 if absent
+  // The token string of an id (vocabulary or added token); InvalidArgument naming the id when there is none.
+  std::string id_to_token(int64_t id) const;
+  // transformers' CLIPTokenizer.convert_tokens_to_string: the tokens' bytes (the inverse of bytes_to_unicode)
+  // decoded as UTF-8 with errors="replace", "</w>" -> " ", then str.strip(). A token that splits a character
+  // decodes to U+FFFD, as in Python.
+  std::string convert_tokens_to_string(const std::vector<std::string>& tokens) const;
+  // The text of ids: convert_tokens_to_string of their tokens (skip_special_tokens drops BOS, EOS, PAD and UNK).
+  // Added tokens are decoded like the others; no clean_up_tokenization_spaces.
+  std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens = false) const;
+
+  // The BPE merges of one byte-mapped word. transformers' loop (linear_scan) is quadratic in the word's length;
+  // words longer than 64 symbols use an equivalent heap-based loop (O(n log n)). Public for the test that
+  // compares the two.
+  std::vector<std::string> bpe_merge(const std::string& word, bool linear_scan) const;
 
  private:
   struct Cache;
   std::vector<std::string> bpe(const std::string& word) const;
-  void tokenize_chunk(const std::string& chunk, std::vector<std::string>* out) const;
-  std::vector<std::string> tokenize_checked(const std::string& text) const;
+  // Stop once `limit` tokens are out (truncation): the rest of the text is never scanned.
+  void tokenize_chunk(const std::string& chunk, std::vector<std::string>* out, size_t limit) const;
+  // Texts longer than kMaxPromptBytes (core/text.h) are an InvalidArgument stating the limit.
+  std::vector<std::string> tokenize_checked(const std::string& text, size_t limit) const;
   int64_t id_of(const std::string& token) const;
 
   std::unordered_map<std::string, int64_t> vocab_;
+  std::unordered_map<int64_t, std::string> tokens_by_id_;  // vocab_ inverted
   std::unordered_map<std::string, int> ranks_;  // "first second" -> merge rank
   std::vector<CLIPAddedToken> no_split_;        // added and special tokens, ids resolved
   int64_t bos_id_ = -1, eos_id_ = -1, pad_id_ = -1, unk_id_ = -1;

@@ -3,12 +3,13 @@
 // (or guess mode's logspace ramp).
 #include "models/controlnet.h"
 
+#include <cmath>
+
 #include <ATen/ATen.h>
 
 #include "dmx/error.h"
 #include "models/config_json.h"
-#include "models/unet_block_options.h"
-#include "nn/checkpoint.h"
+#include "models/unet_encoder.h"
 #include "nn/layers.h"
 
 namespace dmx::models {
@@ -16,16 +17,6 @@ namespace dmx::models {
 namespace {
 const char* kWhat = "ControlNetModel config";
 
-void get_uniform_int(const nlohmann::json& j, const char* key, size_t n, int& out) {
-  std::vector<int> v;
-  if (!cfgjson::get_int_or_list(j, kWhat, key, n, v)) return;
-  if (v.empty()) throw FormatError(std::string(kWhat) + ": field '" + key + "' is an empty list");
-  for (int x : v)
-    if (x != v.front())
-      throw Unsupported(std::string(kWhat) + ": per-block " + key + " " + j.at(key).dump() +
-                        " is not supported (one value for all blocks only)");
-  out = v.front();
-}
 }  // namespace
 
 std::vector<int> ControlNetConfig::heads_per_block() const {
@@ -46,22 +37,28 @@ void ControlNetConfig::validate() const {
     DMX_CHECK_SUPPORTED(t == "CrossAttnDownBlock2D" || t == "DownBlock2D", "down_block_types: unsupported block type '",
                         t, "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
   nn::parse_act(act_fn, "act_fn");
-  DMX_CHECK_ARG(in_channels > 0, "in_channels must be > 0, got ", in_channels);
-  DMX_CHECK_ARG(conditioning_channels > 0, "conditioning_channels must be > 0, got ", conditioning_channels);
-  DMX_CHECK_ARG(layers_per_block > 0, "layers_per_block must be > 0, got ", layers_per_block);
-  DMX_CHECK_ARG(norm_num_groups > 0, "norm_num_groups must be > 0, got ", norm_num_groups);
-  DMX_CHECK_ARG(norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
-  DMX_CHECK_ARG(cross_attention_dim > 0, "cross_attention_dim must be > 0, got ", cross_attention_dim);
-  DMX_CHECK_ARG(transformer_layers_per_block > 0, "transformer_layers_per_block must be > 0, got ",
-                transformer_layers_per_block);
+  // Ranges (docs/limits.md), as the UNet's.
+  using cfgjson::check_range;
+  check_range("number of down blocks", static_cast<int64_t>(n), 1, 8);
+  check_range("in_channels", in_channels, 1, 64);
+  check_range("conditioning_channels", conditioning_channels, 1, 64);
+  check_range("layers_per_block", layers_per_block, 1, 16);
+  check_range("norm_num_groups", norm_num_groups, 1, 8192);
+  DMX_CHECK_ARG(std::isfinite(norm_eps) && norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
+  check_range("cross_attention_dim", cross_attention_dim, 1, 8192);
+  check_range("transformer_layers_per_block", transformer_layers_per_block, 1, 32);
+  check_range("downsample_padding", downsample_padding, 0, 1);
+  check_range("freq_shift", freq_shift, -1024, 1024);
+  check_range("number of conditioning_embedding_out_channels", static_cast<int64_t>(conditioning_embedding_out_channels.size()), 1, 8);
   DMX_CHECK_ARG(controlnet_conditioning_channel_order == "rgb" || controlnet_conditioning_channel_order == "bgr",
                 "controlnet_conditioning_channel_order must be 'rgb' or 'bgr', got '",
                 controlnet_conditioning_channel_order, "'");
   DMX_CHECK_ARG(!conditioning_embedding_out_channels.empty(), "conditioning_embedding_out_channels must not be empty");
   for (size_t i = 0; i < conditioning_embedding_out_channels.size(); ++i)
-    DMX_CHECK_ARG(conditioning_embedding_out_channels[i] > 0, "conditioning_embedding_out_channels[", i,
-                  "] must be > 0, got ", conditioning_embedding_out_channels[i]);
+    check_range("conditioning_embedding_out_channels[" + std::to_string(i) + "]", conditioning_embedding_out_channels[i],
+                1, 8192);
   for (size_t i = 0; i < n; ++i) {
+    check_range("block_out_channels[" + std::to_string(i) + "]", block_out_channels[i], 1, 8192);
     DMX_CHECK_ARG(block_out_channels[i] > 0 && block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i,
                   "] (", block_out_channels[i], ") must be > 0 and divisible by norm_num_groups (", norm_num_groups,
                   ")");
@@ -72,6 +69,34 @@ void ControlNetConfig::validate() const {
   for (size_t i = 0; i < n; ++i)
     DMX_CHECK_ARG(heads[i] > 0 && block_out_channels[i] % heads[i] == 0, "attention heads[", i, "] (", heads[i],
                   ") must divide block_out_channels[", i, "] (", block_out_channels[i], ")");
+  cfgjson::check_parameter_count("the ControlNet config", parameter_count());
+}
+
+double ControlNetConfig::parameter_count() const {
+  namespace pc = nn::param_count;
+  const auto& ch = block_out_channels;
+  const int n = static_cast<int>(ch.size());
+  const std::vector<int> heads = heads_per_block();
+  const auto& ce = conditioning_embedding_out_channels;
+  double total = pc::conv2d(in_channels, ch[0], 3) + pc::timestep_embedding(ch[0], time_embed_dim());
+  total += pc::conv2d(conditioning_channels, ce[0], 3) + pc::conv2d(ce.back(), ch[0], 3);
+  for (size_t i = 0; i + 1 < ce.size(); ++i) total += pc::conv2d(ce[i], ce[i], 3) + pc::conv2d(ce[i], ce[i + 1], 3);
+  total += pc::conv2d(ch[0], ch[0], 1);  // the first zero convolution
+  int output_channel = ch[0];
+  for (int i = 0; i < n; ++i) {
+    nn::BlockOptions o = unet_block_options(*this, heads[i], nn::Act::SiLU);
+    o.in_channels = output_channel;
+    output_channel = ch[i];
+    o.out_channels = output_channel;
+    o.add_sampler = i != n - 1;
+    o.cross_attention = down_block_types[i] == "CrossAttnDownBlock2D";
+    total += pc::down_block(o) + (layers_per_block + (i != n - 1 ? 1 : 0)) * pc::conv2d(output_channel, output_channel, 1);
+  }
+  nn::BlockOptions mid = unet_block_options(*this, heads.back(), nn::Act::SiLU);
+  mid.num_layers = 1;
+  mid.in_channels = mid.out_channels = ch.back();
+  mid.transformer.only_cross_attention = false;
+  return total + pc::mid_block_cross_attn(mid) + pc::conv2d(ch.back(), ch.back(), 1);
 }
 
 ControlNetConfig ControlNetConfig::from_json(const nlohmann::json& j) {
@@ -95,14 +120,14 @@ ControlNetConfig ControlNetConfig::from_json(const nlohmann::json& j) {
   } else {
     get(j, kWhat, "only_cross_attention", c.only_cross_attention);
   }
-  get_uniform_int(j, "layers_per_block", n, c.layers_per_block);
+  get_uniform_int(j, kWhat, "layers_per_block", n, c.layers_per_block);
   get(j, kWhat, "downsample_padding", c.downsample_padding);
   get(j, kWhat, "mid_block_scale_factor", c.mid_block_scale_factor);
   get(j, kWhat, "act_fn", c.act_fn);
   get(j, kWhat, "norm_num_groups", c.norm_num_groups);
   get(j, kWhat, "norm_eps", c.norm_eps);
-  get_uniform_int(j, "cross_attention_dim", n, c.cross_attention_dim);
-  get_uniform_int(j, "transformer_layers_per_block", n, c.transformer_layers_per_block);
+  get_uniform_int(j, kWhat, "cross_attention_dim", n, c.cross_attention_dim);
+  get_uniform_int(j, kWhat, "transformer_layers_per_block", n, c.transformer_layers_per_block);
   cfgjson::get_int_or_list(j, kWhat, "attention_head_dim", n, c.attention_head_dim);
   cfgjson::get_int_or_list(j, kWhat, "num_attention_heads", n, c.num_attention_heads);
   get(j, kWhat, "use_linear_projection", c.use_linear_projection);
@@ -169,7 +194,6 @@ ControlNetModelImpl::ControlNetModelImpl(const ControlNetConfig& cfg) : cfg_(cfg
   using torch::nn::Conv2dOptions;
   const auto& ch = cfg_.block_out_channels;
   const int n = static_cast<int>(ch.size());
-  const std::vector<int> heads = cfg_.heads_per_block();
   p.act = nn::parse_act(cfg_.act_fn, "act_fn");
 
   p.conv_in = register_module("conv_in", Conv2d(Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
@@ -178,35 +202,23 @@ ControlNetModelImpl::ControlNetModelImpl(const ControlNetConfig& cfg) : cfg_(cfg
       "controlnet_cond_embedding",
       ControlNetConditioningEmbedding(ch[0], cfg_.conditioning_channels, cfg_.conditioning_embedding_out_channels));
 
-  auto block_options = [&](int heads_i) { return unet_block_options(cfg_, heads_i, p.act); };
-
-  auto downs = nn::make_container(*this, "down_blocks");
-  auto zero_convs = nn::make_container(*this, "controlnet_down_blocks");
+  // The UNet's encoder, with a 1x1 zero convolution on every skip connection (created in diffusers' order).
+  std::shared_ptr<torch::nn::Module> zero_convs;
   auto add_zero_conv = [&](int64_t c) {
     p.controlnet_down_blocks.push_back(zero_convs->register_module(std::to_string(p.controlnet_down_blocks.size()),
                                                                    Conv2d(Conv2dOptions(c, c, 1))));
   };
-  add_zero_conv(ch[0]);
-  int output_channel = ch[0];
-  for (int i = 0; i < n; ++i) {
-    nn::BlockOptions o = block_options(heads[i]);
-    o.in_channels = output_channel;
-    output_channel = ch[i];
-    o.out_channels = output_channel;
-    o.add_sampler = i != n - 1;
-    o.downsample_padding = cfg_.downsample_padding;
-    o.cross_attention = cfg_.down_block_types[i] == "CrossAttnDownBlock2D";
-    p.down_blocks.push_back(downs->register_module(std::to_string(i), nn::DownBlock2D(o)));
-    for (int j = 0; j < cfg_.layers_per_block; ++j) add_zero_conv(output_channel);
-    if (i != n - 1) add_zero_conv(output_channel);
-  }
-
-  nn::BlockOptions o = block_options(heads.back());
-  o.num_layers = 1;
-  o.in_channels = o.out_channels = ch.back();
-  o.output_scale_factor = cfg_.mid_block_scale_factor;
-  o.transformer.only_cross_attention = false;
-  p.mid_block = register_module("mid_block", nn::UNetMidBlock2DCrossAttn(o));
+  p.down_blocks = build_down_blocks(
+      *this, cfg_, p.act,
+      [&] {
+        zero_convs = nn::make_container(*this, "controlnet_down_blocks");
+        add_zero_conv(ch[0]);
+      },
+      [&](int i, int output_channel) {
+        for (int j = 0; j < cfg_.layers_per_block; ++j) add_zero_conv(output_channel);
+        if (i != n - 1) add_zero_conv(output_channel);
+      });
+  p.mid_block = build_mid_block(*this, cfg_, p.act);
   p.controlnet_mid_block = register_module("controlnet_mid_block", Conv2d(Conv2dOptions(ch.back(), ch.back(), 1)));
 }
 
@@ -228,20 +240,14 @@ ControlNetOutput ControlNetModelImpl::forward(const ControlNetInputs& in) {
                     in.controlnet_cond.size(1) == cfg_.conditioning_channels,
                 "controlnet_cond must be [", B, ", ", cfg_.conditioning_channels, ", H, W], got ",
                 shape_string(in.controlnet_cond));
-  DMX_CHECK_ARG(in.timestep.defined(), "timestep must be given (0-d or [B])");
-  at::Tensor t = in.timestep.dim() == 0 ? in.timestep.unsqueeze(0) : in.timestep;
-  DMX_CHECK_ARG(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == B), "timestep must be 0-d, [1] or [", B, "], got ",
-                shape_string(in.timestep));
+  const at::Tensor t = batch_timesteps(in.timestep, B);  // [B]
 
   at::Tensor cond = in.controlnet_cond;
   if (cfg_.controlnet_conditioning_channel_order == "bgr") cond = at::flip(cond, {1});
 
   // 1. time
-  t = t.expand({B});
-  at::Tensor t_emb =
-      nn::get_timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
-          .to(in.sample.scalar_type());                  // [B, C0]
-  at::Tensor emb = p.time_embedding->forward(t_emb);  // [B, 4 C0]
+  const at::Tensor t_emb = timestep_features(cfg_, t, in.sample.scalar_type());  // [B, C0]
+  at::Tensor emb = p.time_embedding->forward(t_emb);                             // [B, 4 C0]
 
   // 2. pre-process: latent features + hint embedding
   at::Tensor h = p.conv_in->forward(in.sample);  // [B, C0, h, w]
@@ -256,35 +262,9 @@ ControlNetOutput ControlNetModelImpl::forward(const ControlNetInputs& in) {
 
   // 3. down
   std::vector<at::Tensor> res{h};
-  for (auto& block : p.down_blocks) {
-    nn::DownBlockOutput o;
-    if (ckpt) {  // outputs: hidden_states, res_samples...
-      auto out = nn::checkpoint(
-          [blk = block.ptr()](const std::vector<at::Tensor>& x) {
-            nn::DownBlockOutput r = blk->forward(x[0], x[1], x[2]);
-            std::vector<at::Tensor> v{r.hidden_states};
-            v.insert(v.end(), r.res_samples.begin(), r.res_samples.end());
-            return v;
-          },
-          {h, emb, ctx});
-      o.hidden_states = out[0];
-      o.res_samples.assign(out.begin() + 1, out.end());
-    } else {
-      o = block->forward(h, emb, ctx);
-    }
-    h = o.hidden_states;
-    res.insert(res.end(), o.res_samples.begin(), o.res_samples.end());
-  }
+  h = run_down_blocks(p.down_blocks, h, emb, ctx, ckpt, res);
   // 4. mid
-  if (ckpt) {
-    h = nn::checkpoint(
-        [blk = p.mid_block.ptr()](const std::vector<at::Tensor>& x) {
-          return std::vector<at::Tensor>{blk->forward(x[0], x[1], x[2])};
-        },
-        {h, emb, ctx})[0];
-  } else {
-    h = p.mid_block->forward(h, emb, ctx);
-  }
+  h = run_mid_block(p.mid_block, h, emb, ctx, ckpt);
 
   // 5. zero convs
   ControlNetOutput out;

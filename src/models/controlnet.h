@@ -44,13 +44,16 @@ struct ControlNetConfig {
   // features dmx does not implement (class / addition embeddings, other blocks): Unsupported.
   static ControlNetConfig from_json(const nlohmann::json& j);
   void validate() const;  // InvalidArgument naming the field
+  // The number of parameters the model has, from the config alone (nothing is allocated); validate() bounds
+  // every field (docs/limits.md) and this count by cfgjson::kMaxModelParameters.
+  double parameter_count() const;
   std::vector<int> heads_per_block() const;
   int time_embed_dim() const { return block_out_channels.at(0) * 4; }
   // Residuals the model returns: conv_in + layers_per_block per block + one per downsampler.
   size_t num_down_residuals() const;
 };
 
-// Forward inputs (a struct, per CONVENTIONS).
+// Forward inputs (a struct, per docs/architecture.md).
 struct ControlNetInputs {
   at::Tensor sample;                 // [B, in_channels, h, w] (scaled model input)
   at::Tensor timestep;               // 0-d or [B]

@@ -3,9 +3,11 @@
 // the mid block exactly where diffusers adds them.
 #include "models/unet_2d_condition.h"
 
+#include <cmath>
+
 #include "dmx/error.h"
 #include "models/config_json.h"
-#include "models/unet_block_options.h"
+#include "models/unet_encoder.h"
 #include "nn/checkpoint.h"
 #include "nn/layers.h"
 
@@ -14,20 +16,6 @@ namespace dmx::models {
 namespace {
 const char* kWhat = "UNet2DConditionModel config";
 
-bool all_equal(const std::vector<int>& v) {
-  return std::all_of(v.begin(), v.end(), [&](int x) { return x == v.front(); });
-}
-
-// Per-block int setting that dmx keeps as one value: accepts an int or a list of equal ints.
-void get_uniform_int(const nlohmann::json& j, const char* key, size_t n, int& out) {
-  std::vector<int> v;
-  if (!cfgjson::get_int_or_list(j, kWhat, key, n, v)) return;
-  if (v.empty()) throw FormatError(std::string(kWhat) + ": field '" + key + "' is an empty list");
-  if (!all_equal(v))
-    throw Unsupported(std::string(kWhat) + ": per-block " + key + " " + j.at(key).dump() +
-                      " is not supported (one value for all blocks only)");
-  out = v.front();
-}
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
@@ -73,19 +61,23 @@ void UNet2DConditionConfig::validate() const {
   DMX_CHECK_SUPPORTED(resnet_time_scale_shift == "default", "resnet_time_scale_shift '", resnet_time_scale_shift,
                       "' is not supported (only 'default')");
   nn::parse_act(act_fn, "act_fn");
-  DMX_CHECK_ARG(sample_size > 0, "sample_size must be > 0, got ", sample_size);
-  DMX_CHECK_ARG(in_channels > 0, "in_channels must be > 0, got ", in_channels);
-  DMX_CHECK_ARG(out_channels > 0, "out_channels must be > 0, got ", out_channels);
-  DMX_CHECK_ARG(layers_per_block > 0, "layers_per_block must be > 0, got ", layers_per_block);
-  DMX_CHECK_ARG(norm_num_groups > 0, "norm_num_groups must be > 0, got ", norm_num_groups);
-  DMX_CHECK_ARG(norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
-  DMX_CHECK_ARG(cross_attention_dim > 0, "cross_attention_dim must be > 0, got ", cross_attention_dim);
-  DMX_CHECK_ARG(transformer_layers_per_block > 0, "transformer_layers_per_block must be > 0, got ",
-                transformer_layers_per_block);
-  DMX_CHECK_ARG(downsample_padding >= 0, "downsample_padding must be >= 0, got ", downsample_padding);
-  DMX_CHECK_ARG(mid_block_scale_factor > 0, "mid_block_scale_factor must be > 0, got ", mid_block_scale_factor);
+  // Ranges (docs/limits.md): well above every Stable Diffusion family model, far below what would exhaust memory.
+  using cfgjson::check_range;
+  check_range("number of down blocks", static_cast<int64_t>(n), 1, 8);
+  check_range("sample_size", sample_size, 1, 1024);
+  check_range("in_channels", in_channels, 1, 64);
+  check_range("out_channels", out_channels, 1, 64);
+  check_range("layers_per_block", layers_per_block, 1, 16);
+  check_range("norm_num_groups", norm_num_groups, 1, 8192);
+  DMX_CHECK_ARG(std::isfinite(norm_eps) && norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
+  check_range("cross_attention_dim", cross_attention_dim, 1, 8192);
+  check_range("transformer_layers_per_block", transformer_layers_per_block, 1, 32);
+  check_range("downsample_padding", downsample_padding, 0, 1);
+  check_range("freq_shift", freq_shift, -1024, 1024);
+  DMX_CHECK_ARG(std::isfinite(mid_block_scale_factor) && mid_block_scale_factor > 0,
+                "mid_block_scale_factor must be > 0, got ", mid_block_scale_factor);
   for (size_t i = 0; i < n; ++i) {
-    DMX_CHECK_ARG(block_out_channels[i] > 0, "block_out_channels[", i, "] must be > 0, got ", block_out_channels[i]);
+    check_range("block_out_channels[" + std::to_string(i) + "]", block_out_channels[i], 1, 8192);
     DMX_CHECK_ARG(block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i, "] (", block_out_channels[i],
                   ") must be divisible by norm_num_groups (", norm_num_groups, ")");
   }
@@ -93,11 +85,49 @@ void UNet2DConditionConfig::validate() const {
   const std::vector<int> heads = heads_per_block();
   DMX_CHECK_ARG(heads.size() == n, heads_field, " must have one entry per down block (", n, "), got ", heads.size());
   for (size_t i = 0; i < n; ++i) {
-    DMX_CHECK_ARG(heads[i] > 0, heads_field, "[", i, "] must be > 0, got ", heads[i]);
+    check_range(std::string(heads_field) + "[" + std::to_string(i) + "]", heads[i], 1, block_out_channels[i]);
     // Down block i, the mirrored up block and (for the last) the mid block split these channels into heads.
     DMX_CHECK_ARG(block_out_channels[i] % heads[i] == 0, heads_field, "[", i, "] (", heads[i],
                   " heads) must divide block_out_channels[", i, "] (", block_out_channels[i], ")");
   }
+  cfgjson::check_parameter_count("the UNet config", parameter_count());
+}
+
+double UNet2DConditionConfig::parameter_count() const {
+  namespace pc = nn::param_count;
+  const auto& ch = block_out_channels;
+  const int n = static_cast<int>(ch.size());
+  const std::vector<int> heads = heads_per_block();
+  double total = pc::conv2d(in_channels, ch[0], 3) + pc::timestep_embedding(ch[0], time_embed_dim());
+  int output_channel = ch[0];
+  for (int i = 0; i < n; ++i) {
+    nn::BlockOptions o = unet_block_options(*this, heads[i], nn::Act::SiLU);
+    o.in_channels = output_channel;
+    output_channel = ch[i];
+    o.out_channels = output_channel;
+    o.add_sampler = i != n - 1;
+    o.cross_attention = down_block_types[i] == "CrossAttnDownBlock2D";
+    total += pc::down_block(o);
+  }
+  nn::BlockOptions mid = unet_block_options(*this, heads.back(), nn::Act::SiLU);
+  mid.num_layers = 1;
+  mid.in_channels = mid.out_channels = ch.back();
+  mid.transformer.only_cross_attention = false;
+  total += pc::mid_block_cross_attn(mid);
+  output_channel = ch[n - 1];
+  for (int i = 0; i < n; ++i) {
+    const int rev = n - 1 - i;
+    nn::BlockOptions o = unet_block_options(*this, heads[rev], nn::Act::SiLU);
+    o.num_layers = layers_per_block + 1;
+    o.prev_output_channel = output_channel;
+    output_channel = ch[rev];
+    o.out_channels = output_channel;
+    o.in_channels = ch[std::max(rev - 1, 0)];
+    o.add_sampler = i != n - 1;
+    o.cross_attention = up_block_types[i] == "CrossAttnUpBlock2D";
+    total += pc::up_block(o);
+  }
+  return total + pc::norm(ch[0]) + pc::conv2d(ch[0], out_channels, 3);
 }
 
 UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) {
@@ -127,7 +157,7 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
   } else {
     get(j, kWhat, "only_cross_attention", c.only_cross_attention);
   }
-  get_uniform_int(j, "layers_per_block", n, c.layers_per_block);
+  get_uniform_int(j, kWhat, "layers_per_block", n, c.layers_per_block);
   get(j, kWhat, "downsample_padding", c.downsample_padding);
   get(j, kWhat, "mid_block_scale_factor", c.mid_block_scale_factor);
   get(j, kWhat, "act_fn", c.act_fn);
@@ -135,8 +165,8 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
     throw Unsupported(std::string(kWhat) + ": norm_num_groups null (no output norm) is not supported");
   get(j, kWhat, "norm_num_groups", c.norm_num_groups);
   get(j, kWhat, "norm_eps", c.norm_eps);
-  get_uniform_int(j, "cross_attention_dim", n, c.cross_attention_dim);
-  get_uniform_int(j, "transformer_layers_per_block", n, c.transformer_layers_per_block);
+  get_uniform_int(j, kWhat, "cross_attention_dim", n, c.cross_attention_dim);
+  get_uniform_int(j, kWhat, "transformer_layers_per_block", n, c.transformer_layers_per_block);
   cfgjson::get_int_or_list(j, kWhat, "attention_head_dim", n, c.attention_head_dim);
   cfgjson::get_int_or_list(j, kWhat, "num_attention_heads", n, c.num_attention_heads);
   get(j, kWhat, "use_linear_projection", c.use_linear_projection);
@@ -193,30 +223,11 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
 
   auto block_options = [&](int heads_i) { return unet_block_options(cfg_, heads_i, p.act); };
 
-  auto downs = nn::make_container(*this, "down_blocks");
-  int output_channel = ch[0];
-  for (int i = 0; i < n; ++i) {
-    nn::BlockOptions o = block_options(heads[i]);
-    o.in_channels = output_channel;
-    output_channel = ch[i];
-    o.out_channels = output_channel;
-    o.add_sampler = i != n - 1;
-    o.downsample_padding = cfg_.downsample_padding;
-    o.cross_attention = cfg_.down_block_types[i] == "CrossAttnDownBlock2D";
-    p.down_blocks.push_back(downs->register_module(std::to_string(i), nn::DownBlock2D(o)));
-  }
-
-  {
-    nn::BlockOptions o = block_options(heads.back());
-    o.num_layers = 1;
-    o.in_channels = o.out_channels = ch.back();
-    o.output_scale_factor = cfg_.mid_block_scale_factor;
-    o.transformer.only_cross_attention = false;  // diffusers' UNetMidBlock2DCrossAttn has no such option
-    p.mid_block = register_module("mid_block", nn::UNetMidBlock2DCrossAttn(o));
-  }
+  p.down_blocks = build_down_blocks(*this, cfg_, p.act);
+  p.mid_block = build_mid_block(*this, cfg_, p.act);
 
   auto ups = nn::make_container(*this, "up_blocks");
-  output_channel = ch[n - 1];
+  int output_channel = ch[n - 1];
   for (int i = 0; i < n; ++i) {
     const int rev = n - 1 - i;  // reversed_block_out_channels[i] = ch[rev]
     nn::BlockOptions o = block_options(heads[rev]);
@@ -248,10 +259,7 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   const int64_t B = in.sample.size(0);
   DMX_CHECK_ARG(ctx.defined() && ctx.dim() == 3 && ctx.size(0) == B && ctx.size(2) == cfg_.cross_attention_dim,
                 "encoder_hidden_states must be [", B, ", N, ", cfg_.cross_attention_dim, "], got ", shape_string(ctx));
-  DMX_CHECK_ARG(in.timestep.defined(), "timestep must be given (0-d or [B])");
-  at::Tensor t = in.timestep.dim() == 0 ? in.timestep.unsqueeze(0) : in.timestep;
-  DMX_CHECK_ARG(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == B), "timestep must be 0-d, [1] or [", B, "], got ",
-                shape_string(in.timestep));
+  const at::Tensor t = batch_timesteps(in.timestep, B);  // [B]
   const bool controlnet = !in.down_block_additional_residuals.empty() || in.mid_block_additional_residual.defined();
   if (controlnet)
     DMX_CHECK_ARG(!in.down_block_additional_residuals.empty() && in.mid_block_additional_residual.defined(),
@@ -264,11 +272,8 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   const bool forward_upsample_size = in.sample.size(2) % up_factor != 0 || in.sample.size(3) % up_factor != 0;
 
   // 1. time
-  t = t.expand({B});
-  at::Tensor t_emb = nn::get_timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos,
-                                                cfg_.freq_shift)
-                         .to(in.sample.scalar_type());  // [B, C0]
-  at::Tensor emb = p.time_embedding->forward(t_emb);    // [B, 4 C0]
+  const at::Tensor t_emb = timestep_features(cfg_, t, in.sample.scalar_type());  // [B, C0]
+  at::Tensor emb = p.time_embedding->forward(t_emb);                             // [B, 4 C0]
   record(in.recorder, "time_embedding", emb);
 
   // 2. pre-process
@@ -280,26 +285,7 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
 
   // 3. down
   std::vector<at::Tensor> res{h};
-  for (size_t i = 0; i < p.down_blocks.size(); ++i) {
-    nn::DownBlockOutput o;
-    if (ckpt) {  // outputs: hidden_states, res_samples...
-      auto out = nn::checkpoint(
-          [blk = p.down_blocks[i].ptr()](const std::vector<at::Tensor>& x) {
-            nn::DownBlockOutput r = blk->forward(x[0], x[1], x[2]);
-            std::vector<at::Tensor> v{r.hidden_states};
-            v.insert(v.end(), r.res_samples.begin(), r.res_samples.end());
-            return v;
-          },
-          {h, emb, ctx});
-      o.hidden_states = out[0];
-      o.res_samples.assign(out.begin() + 1, out.end());
-    } else {
-      o = p.down_blocks[i]->forward(h, emb, ctx);
-    }
-    h = o.hidden_states;
-    res.insert(res.end(), o.res_samples.begin(), o.res_samples.end());
-    record(in.recorder, "down_blocks." + std::to_string(i), h);
-  }
+  h = run_down_blocks(p.down_blocks, h, emb, ctx, ckpt, res, in.recorder);
   if (controlnet) {
     const auto& extra = in.down_block_additional_residuals;
     DMX_CHECK_ARG(extra.size() == res.size(), "down_block_additional_residuals must have ", res.size(),
@@ -312,15 +298,7 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   }
 
   // 4. mid
-  if (ckpt) {
-    h = nn::checkpoint(
-        [blk = p.mid_block.ptr()](const std::vector<at::Tensor>& x) {
-          return std::vector<at::Tensor>{blk->forward(x[0], x[1], x[2])};
-        },
-        {h, emb, ctx})[0];
-  } else {
-    h = p.mid_block->forward(h, emb, ctx);
-  }
+  h = run_mid_block(p.mid_block, h, emb, ctx, ckpt);
   record(in.recorder, "mid_block", h);
   if (controlnet) {
     DMX_CHECK_ARG(in.mid_block_additional_residual.sizes().equals(h.sizes()), "mid_block_additional_residual must be ",

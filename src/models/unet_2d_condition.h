@@ -48,14 +48,17 @@ struct UNet2DConditionConfig {
   static UNet2DConditionConfig from_json(const nlohmann::json& j);
   static UNet2DConditionConfig sd15();  // runwayml/stable-diffusion-v1-5 unet/config.json
   static UNet2DConditionConfig sd21();  // stabilityai/stable-diffusion-2-1 unet/config.json
-  // Checks sizes and divisibility (InvalidArgument naming the field) and block types (Unsupported).
+  // Checks every size against its documented range (docs/limits.md) and divisibility (InvalidArgument naming
+  // the field), block types (Unsupported), then the parameter count against cfgjson::kMaxModelParameters.
   void validate() const;
+  // The number of parameters the model has, from the config alone (nothing is allocated).
+  double parameter_count() const;
   // Heads per down block after diffusers' defaulting (num_attention_heads or else attention_head_dim).
   std::vector<int> heads_per_block() const;
   int time_embed_dim() const { return block_out_channels.at(0) * 4; }
 };
 
-// Forward inputs (a struct, per CONVENTIONS): ControlNet residuals arrive here as data.
+// Forward inputs (a struct, per docs/architecture.md): ControlNet residuals arrive here as data.
 struct UNetInputs {
   at::Tensor sample;                                        // [B, C, h, w]
   at::Tensor timestep;                                      // 0-d or [B]; float or int

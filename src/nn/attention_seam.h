@@ -1,4 +1,4 @@
-// The attention seam (CONVENTIONS.md section 3): what extensions such as Prompt-to-Prompt (Hertz et al. 2022,
+// The attention seam (docs/architecture.md section 3): what extensions such as Prompt-to-Prompt (Hertz et al. 2022,
 // "Prompt-to-Prompt Image Editing with Cross Attention Control") need from attention layers, without counting
 // calls or assuming batch halves. It plays the role of diffusers' attention processors
 // (models/attention_processor.py, set_attn_processor) and of the community pipeline_prompt2prompt.py's

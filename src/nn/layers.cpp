@@ -448,4 +448,101 @@ at::Tensor UNetMidBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& te
   return h;
 }
 
+// ---------------------------------------------------------------------------------------------------
+namespace param_count {
+double linear(double in, double out, bool bias) { return in * out + (bias ? out : 0); }
+double conv2d(double in, double out, double k) { return in * out * k * k + out; }
+double norm(double channels) { return 2 * channels; }
+
+double resnet(double in, double out, double temb_channels) {
+  return norm(in) + conv2d(in, out, 3) + (temb_channels > 0 ? linear(temb_channels, out) : 0) + norm(out) +
+         conv2d(out, out, 3) + (in != out ? conv2d(in, out, 1) : 0);
+}
+
+double attention(const AttentionOptions& o) {
+  const double q = static_cast<double>(o.query_dim);
+  const double kv = static_cast<double>(o.cross_attention_dim == 0 ? o.query_dim : o.cross_attention_dim);
+  const double inner = static_cast<double>(o.heads) * static_cast<double>(o.dim_head);
+  return (o.norm_num_groups > 0 ? norm(q) : 0) + linear(q, inner, o.bias) + 2 * linear(kv, inner, o.bias) +
+         linear(inner, q, o.out_bias);
+}
+
+double transformer(const TransformerOptions& o) {
+  const double c = static_cast<double>(o.in_channels);
+  const double inner = static_cast<double>(o.num_attention_heads) * static_cast<double>(o.attention_head_dim);
+  AttentionOptions a;
+  a.query_dim = static_cast<int64_t>(inner);
+  a.heads = o.num_attention_heads;
+  a.dim_head = o.attention_head_dim;
+  a.bias = false;
+  a.cross_attention_dim = o.only_cross_attention ? o.cross_attention_dim : 0;
+  const double attn1 = attention(a);
+  a.cross_attention_dim = o.cross_attention_dim;
+  const double attn2 = attention(a);
+  const double ff = linear(inner, inner * 4 * 2) + linear(inner * 4, inner);
+  const double block = 3 * norm(inner) + attn1 + attn2 + ff;
+  const double proj = o.use_linear_projection ? linear(c, inner) + linear(inner, c) : conv2d(c, inner, 1) + conv2d(inner, c, 1);
+  return norm(c) + proj + static_cast<double>(o.num_layers) * block;
+}
+
+double timestep_embedding(double in, double dim) { return linear(in, dim) + linear(dim, dim); }
+
+namespace {
+// make_transformer's options for a block of `channels` channels.
+double block_transformer(const BlockOptions& o, int64_t channels) {
+  TransformerOptions t = o.transformer;
+  t.in_channels = channels;
+  t.attention_head_dim = t.num_attention_heads > 0 ? channels / t.num_attention_heads : 0;
+  return transformer(t);
+}
+}  // namespace
+
+double down_block(const BlockOptions& o) {
+  double n = 0;
+  for (int64_t i = 0; i < o.num_layers; ++i) {
+    n += resnet(static_cast<double>(i == 0 ? o.in_channels : o.out_channels), static_cast<double>(o.out_channels),
+                static_cast<double>(o.temb_channels));
+    if (o.cross_attention) n += block_transformer(o, o.out_channels);
+  }
+  if (o.add_sampler) n += conv2d(static_cast<double>(o.out_channels), static_cast<double>(o.out_channels), 3);
+  return n;
+}
+
+double up_block(const BlockOptions& o) {
+  double n = 0;
+  for (int64_t i = 0; i < o.num_layers; ++i) {
+    const double skip = static_cast<double>(i == o.num_layers - 1 ? o.in_channels : o.out_channels);
+    const double in = static_cast<double>(i == 0 ? o.prev_output_channel : o.out_channels);
+    n += resnet(in + skip, static_cast<double>(o.out_channels), static_cast<double>(o.temb_channels));
+    if (o.cross_attention) n += block_transformer(o, o.out_channels);
+  }
+  if (o.add_sampler) n += conv2d(static_cast<double>(o.out_channels), static_cast<double>(o.out_channels), 3);
+  return n;
+}
+
+double up_decoder_block(const BlockOptions& o) {
+  double n = 0;
+  for (int64_t i = 0; i < o.num_layers; ++i)
+    n += resnet(static_cast<double>(i == 0 ? o.in_channels : o.out_channels), static_cast<double>(o.out_channels),
+                static_cast<double>(o.temb_channels));
+  if (o.add_sampler) n += conv2d(static_cast<double>(o.out_channels), static_cast<double>(o.out_channels), 3);
+  return n;
+}
+
+double mid_block_cross_attn(const BlockOptions& o) {
+  const double c = static_cast<double>(o.in_channels), temb = static_cast<double>(o.temb_channels);
+  return resnet(c, c, temb) + static_cast<double>(o.num_layers) * (block_transformer(o, o.in_channels) + resnet(c, c, temb));
+}
+
+double mid_block(const BlockOptions& o, bool add_attention) {
+  const double c = static_cast<double>(o.in_channels), temb = static_cast<double>(o.temb_channels);
+  AttentionOptions a;
+  a.query_dim = o.in_channels;
+  a.heads = 1;
+  a.dim_head = o.in_channels;
+  a.bias = true;
+  a.norm_num_groups = o.resnet_groups;
+  return resnet(c, c, temb) + static_cast<double>(o.num_layers) * ((add_attention ? attention(a) : 0) + resnet(c, c, temb));
+}
+}  // namespace param_count
 }  // namespace dmx::nn

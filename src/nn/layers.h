@@ -272,4 +272,24 @@ class UNetMidBlock2DImpl : public torch::nn::Module {
 };
 TORCH_MODULE(UNetMidBlock2D);
 
+// ---------------------------------------------------------------------------------------------------
+// Parameter counts of the blocks above from their options alone, nothing allocated (in double: exact far
+// beyond any size a model may have, and no overflow for absurd configs). Models estimate their size from a
+// config before constructing anything (UNet2DConditionConfig::parameter_count(), ...); each function mirrors
+// its constructor (tests compare every count with the constructed module's).
+namespace param_count {
+double linear(double in, double out, bool bias = true);
+double conv2d(double in, double out, double k);  // with bias
+double norm(double channels);                    // GroupNorm / LayerNorm with affine weights
+double resnet(double in, double out, double temb_channels);
+double attention(const AttentionOptions& o);
+double transformer(const TransformerOptions& o);  // in_channels and attention_head_dim set
+double timestep_embedding(double in, double dim);
+double down_block(const BlockOptions& o);
+double up_block(const BlockOptions& o);
+double up_decoder_block(const BlockOptions& o);
+double mid_block_cross_attn(const BlockOptions& o);
+double mid_block(const BlockOptions& o, bool add_attention);
+}  // namespace param_count
+
 }  // namespace dmx::nn

@@ -15,7 +15,7 @@ namespace dmx::pipelines {
 
 using extensions::Background;
 
-BlendedLatentDiffusionPipeline::BlendedLatentDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models)
+BlendedLatentDiffusionPipeline::BlendedLatentDiffusionPipeline(std::shared_ptr<loaders::StableDiffusionModels> models)
     : m_(models), sd_(models) {}
 
 void BlendedLatentDiffusionPipeline::check_params(const BlendedLatentDiffusionParams& p) const {

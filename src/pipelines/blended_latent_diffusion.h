@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "extensions/latent_blend.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 
 namespace dmx::pipelines {
@@ -76,7 +76,7 @@ struct BlendedLatentDiffusionOutput {
 
 class BlendedLatentDiffusionPipeline {
  public:
-  explicit BlendedLatentDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models);
+  explicit BlendedLatentDiffusionPipeline(std::shared_ptr<loaders::StableDiffusionModels> models);
   BlendedLatentDiffusionOutput run(const BlendedLatentDiffusionParams& p);
 
   void check_params(const BlendedLatentDiffusionParams& p) const;
@@ -88,7 +88,7 @@ class BlendedLatentDiffusionPipeline {
                                   int clip_skip, const RankOptions& o);
 
  private:
-  std::shared_ptr<StableDiffusionModels> m_;
+  std::shared_ptr<loaders::StableDiffusionModels> m_;
   StableDiffusionPipeline sd_;
 };
 }  // namespace dmx::pipelines

@@ -45,7 +45,7 @@ void fill_hint_channels_from_shapes(nlohmann::json& cfg, const io::TensorMap& w)
 }
 }  // namespace
 
-models::ControlNetModel load_controlnet(const std::string& path, const LoadOptions& opts, const std::string& param) {
+models::ControlNetModel load_controlnet(const std::string& path, const loaders::LoadOptions& opts, const std::string& param) {
   DMX_CHECK_ARG(!path.empty(), param, ": no path given");
   DMX_CHECK_ARG(path_exists(path), param, ": path not found: ", path);
   nlohmann::json cfg;
@@ -57,8 +57,9 @@ models::ControlNetModel load_controlnet(const std::string& path, const LoadOptio
     DMX_CHECK_ARG(path_exists(join_path(dir, "config.json")), param, ": ", path,
                   " is not a diffusers ControlNet folder (no config.json, no controlnet/config.json)");
     cfg = io::load_json_file(join_path(dir, "config.json"), "ControlNet config");
-    DMX_CHECK_FORMAT(cfg.is_object() && cfg.value("_class_name", std::string("ControlNetModel")) == "ControlNetModel",
-                     param, ": ", dir, "/config.json describes a ", cfg.value("_class_name", std::string("?")),
+    DMX_CHECK_FORMAT(cfg.is_object(), param, ": ", dir, "/config.json must be a JSON object");
+    const nlohmann::json cls = cfg.value("_class_name", nlohmann::json("ControlNetModel"));
+    DMX_CHECK_FORMAT(cls == "ControlNetModel", param, ": ", dir, "/config.json describes a ", cls.dump(),
                      ", not a ControlNetModel");
     weights = io::load_diffusers_component(parent_of(dir), base_of(dir));
     fill_hint_channels_from_shapes(cfg, weights);
@@ -71,25 +72,30 @@ models::ControlNetModel load_controlnet(const std::string& path, const LoadOptio
     io::TensorMap ckpt;
     try {
       ckpt = io::load_safetensors(path);
-    } catch (const IoError& e) {
+    } catch (const InvalidArgument& e) {
       throw InvalidArgument(param + ": " + e.what());
     }
     nlohmann::json yaml;
     const std::string stem_yaml = join_path(parent_of(path), file_stem(path)) + ".yaml";
     if (path_exists(stem_yaml) && !is_directory(stem_yaml))
-      yaml = io::parse_ldm_yaml(read_text_file(stem_yaml, "ControlNet .yaml"), stem_yaml);
+      yaml = io::parse_ldm_yaml(read_text_file(stem_yaml, "ControlNet .yaml", kMaxJsonFileBytes), stem_yaml);
     cfg = io::detect_ldm_controlnet_config(ckpt, yaml);
     weights = io::convert_ldm_controlnet(ckpt, cfg);
   }
-  models::ControlNetModel net(models::ControlNetConfig::from_json(cfg));
+  const auto config = models::ControlNetConfig::from_json(cfg);
+  io::check_weights_cover_config(config.parameter_count(), weights, path);  // before anything is built
+  models::ControlNetModel net(config);
   io::load_state_dict(*net, weights, path);
   net->eval();
   net->to(at::Device(opts.device), opts.dtype);
   return net;
 }
 
-std::pair<int, int> default_control_size(const Image& img, int f) {
-  return {img.width - img.width % f, img.height - img.height % f};
+int control_size_multiple(int vae_scale_factor) { return std::max(8, vae_scale_factor); }
+
+std::pair<int, int> default_control_size(const Image& img, int vae_scale_factor) {
+  const int m = control_size_multiple(vae_scale_factor);
+  return {img.width - img.width % m, img.height - img.height % m};
 }
 
 at::Tensor prepare_control_image(const Image& img, int width, int height) {

@@ -10,7 +10,7 @@
 
 #include "core/image.h"
 #include "models/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 
 namespace dmx::pipelines {
 
@@ -29,11 +29,15 @@ struct ControlNetUnit {
 // with a controlnet/ subfolder, or a .safetensors single file with control_model.* keys (ControlNet 1.0 /
 // 1.1; a <stem>.yaml beside it supplies heads). Moved to opts.device / opts.dtype, in eval mode.
 // `param` names the option in messages ("--controlnet").
-models::ControlNetModel load_controlnet(const std::string& path, const LoadOptions& opts = {},
+models::ControlNetModel load_controlnet(const std::string& path, const loaders::LoadOptions& opts = {},
                                         const std::string& param = "--controlnet");
 
-// The output size diffusers uses for a control image when width/height are not given: the image size
-// rounded down to a multiple of vae_scale_factor (VaeImageProcessor.get_default_height_width).
+// The multiple the output size of a ControlNet run is rounded down to: the VAE factor
+// (VaeImageProcessor.get_default_height_width), and at least 8, which the pipeline requires of every size
+// (a VAE with factor 4 would otherwise give sizes like 100x60 that the size check refuses).
+int control_size_multiple(int vae_scale_factor);
+// The output size for a control image when width/height are not given: the image size rounded down to a
+// multiple of control_size_multiple(vae_scale_factor) (docs/controlnet.md).
 std::pair<int, int> default_control_size(const Image& img, int vae_scale_factor);
 
 // VaeImageProcessor(do_convert_rgb=True, do_normalize=False).preprocess(image, height, width): convert to RGB,

@@ -18,7 +18,7 @@ int inverse_step_count(int num_inference_steps, double inpaint_strength) {
   return num_inference_steps - t_start;
 }
 
-DDIMInversionOutput ddim_invert(const StableDiffusionModels& m, const DDIMInversionParams& p) {
+DDIMInversionOutput ddim_invert(const loaders::StableDiffusionModels& m, const DDIMInversionParams& p) {
   at::NoGradGuard no_grad;
   // 1. Check inputs.
   DMX_CHECK_ARG(p.latents.defined() && p.latents.dim() == 4 && p.latents.size(1) == m.unet->config().in_channels,

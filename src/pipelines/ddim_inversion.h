@@ -8,7 +8,7 @@
 #include <functional>
 #include <vector>
 
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 
 namespace dmx::pipelines {
 
@@ -34,5 +34,5 @@ struct DDIMInversionOutput {
 // Steps the inversion runs: get_inverse_timesteps' num_inference_steps - t_start, t_start = steps - int(steps * strength).
 int inverse_step_count(int num_inference_steps, double inpaint_strength);
 
-DDIMInversionOutput ddim_invert(const StableDiffusionModels& m, const DDIMInversionParams& p);
+DDIMInversionOutput ddim_invert(const loaders::StableDiffusionModels& m, const DDIMInversionParams& p);
 }  // namespace dmx::pipelines

@@ -26,7 +26,7 @@ void check_guidance(double g, const char* what) {
 }
 }  // namespace
 
-DiffEditPipeline::DiffEditPipeline(std::shared_ptr<StableDiffusionModels> models) : m_(models), sd_(models) {}
+DiffEditPipeline::DiffEditPipeline(std::shared_ptr<loaders::StableDiffusionModels> models) : m_(models), sd_(models) {}
 
 void DiffEditPipeline::check_image(const at::Tensor& image, const char* what) const {
   DMX_CHECK_ARG(image.defined() && image.dim() == 4 && image.size(0) == 1 && image.size(1) == 3, what,

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 
 namespace dmx::pipelines {
@@ -85,17 +85,17 @@ struct DiffEditParams {
 
 class DiffEditPipeline {
  public:
-  explicit DiffEditPipeline(std::shared_ptr<StableDiffusionModels> models);
+  explicit DiffEditPipeline(std::shared_ptr<loaders::StableDiffusionModels> models);
 
   DiffEditMaskOutput generate_mask(const DiffEditMaskParams& p);
   DiffEditInvertOutput invert(const DiffEditInvertParams& p);
   StableDiffusionOutput run(const DiffEditParams& p);  // images [1, H, W, 3] in [0, 1], latents after the last step
 
-  const StableDiffusionModels& models() const { return *m_; }
+  const loaders::StableDiffusionModels& models() const { return *m_; }
 
  private:
   void check_image(const at::Tensor& image, const char* what) const;
-  std::shared_ptr<StableDiffusionModels> m_;
+  std::shared_ptr<loaders::StableDiffusionModels> m_;
   StableDiffusionPipeline sd_;
 };
 

@@ -33,7 +33,7 @@ class FrozenParameters {
   std::vector<std::pair<at::Tensor, bool>> saved_;
 };
 
-at::Tensor unet_eps(StableDiffusionModels& m, const at::Tensor& latents, double t, const at::Tensor& embeds) {
+at::Tensor unet_eps(loaders::StableDiffusionModels& m, const at::Tensor& latents, double t, const at::Tensor& embeds) {
   models::UNetInputs in;
   in.sample = latents.to(m.device, m.dtype);
   in.timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kFloat)).to(m.device);
@@ -42,7 +42,7 @@ at::Tensor unet_eps(StableDiffusionModels& m, const at::Tensor& latents, double 
 }
 }  // namespace
 
-std::vector<at::Tensor> ddim_inversion_path(StableDiffusionModels& m, const at::Tensor& z0, const at::Tensor& cond,
+std::vector<at::Tensor> ddim_inversion_path(loaders::StableDiffusionModels& m, const at::Tensor& z0, const at::Tensor& cond,
                                             int num_inference_steps, bool show_progress) {
   // The whole schedule (inpaint_strength 1) at guidance 1: the same loop DiffEdit inverts with.
   DDIMInversionParams ip;
@@ -58,7 +58,7 @@ std::vector<at::Tensor> ddim_inversion_path(StableDiffusionModels& m, const at::
   return path;
 }
 
-at::Tensor ddim_sample(StableDiffusionModels& m, const at::Tensor& x_T, const at::Tensor& cond,
+at::Tensor ddim_sample(loaders::StableDiffusionModels& m, const at::Tensor& x_T, const at::Tensor& cond,
                        const std::vector<at::Tensor>& uncond, int num_inference_steps, double guidance_scale) {
   at::NoGradGuard no_grad;
   auto sched = schedulers::create_scheduler("ddim", m.scheduler_config);
@@ -77,7 +77,7 @@ at::Tensor ddim_sample(StableDiffusionModels& m, const at::Tensor& x_T, const at
   return z;
 }
 
-NullTextInversionOutput null_text_invert(StableDiffusionModels& m, const NullTextInversionParams& p) {
+NullTextInversionOutput null_text_invert(loaders::StableDiffusionModels& m, const NullTextInversionParams& p) {
   DMX_CHECK_ARG(p.image.defined() && p.image.dim() == 4 && p.image.size(0) == 1 && p.image.size(1) == 3,
                 "null-text inversion: image must be [1, 3, H, W], got ",
                 p.image.defined() ? p.image.sizes() : at::IntArrayRef{});
@@ -94,7 +94,7 @@ NullTextInversionOutput null_text_invert(StableDiffusionModels& m, const NullTex
                 p.learning_rate);
   DMX_CHECK_ARG(std::isfinite(p.early_stop_epsilon) && p.early_stop_epsilon >= 0,
                 "early_stop_epsilon must be >= 0, got ", p.early_stop_epsilon);
-  auto models = std::shared_ptr<StableDiffusionModels>(&m, [](StableDiffusionModels*) {});
+  auto models = std::shared_ptr<loaders::StableDiffusionModels>(&m, [](loaders::StableDiffusionModels*) {});
   StableDiffusionPipeline sd(models);
   NullTextInversionOutput out;
 

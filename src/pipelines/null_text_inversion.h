@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 
 namespace dmx::pipelines {
 
@@ -39,14 +39,14 @@ struct NullTextInversionOutput {
 // Plain DDIM inversion (DDIMInverseScheduler, guidance 1, conditional branch only) of scaled latents z0 under
 // cond [1, 77, D]: returns z0 followed by the latent after each of the num_inference_steps steps
 // (pipelines::ddim_invert over the whole schedule).
-std::vector<at::Tensor> ddim_inversion_path(StableDiffusionModels& m, const at::Tensor& z0, const at::Tensor& cond,
+std::vector<at::Tensor> ddim_inversion_path(loaders::StableDiffusionModels& m, const at::Tensor& z0, const at::Tensor& cond,
                                             int num_inference_steps, bool show_progress = false);
 
-NullTextInversionOutput null_text_invert(StableDiffusionModels& m, const NullTextInversionParams& p);
+NullTextInversionOutput null_text_invert(loaders::StableDiffusionModels& m, const NullTextInversionParams& p);
 
 // DDIM sampling from x_T with guidance: uncond is one [1, 77, D] embedding for all steps or one per step.
 // Returns the final latents [1, 4, h, w].
-at::Tensor ddim_sample(StableDiffusionModels& m, const at::Tensor& x_T, const at::Tensor& cond,
+at::Tensor ddim_sample(loaders::StableDiffusionModels& m, const at::Tensor& x_T, const at::Tensor& cond,
                        const std::vector<at::Tensor>& uncond, int num_inference_steps, double guidance_scale);
 
 // Peak signal-to-noise ratio in dB of two images in [0, 1] (any equal shapes): 10 log10(1 / MSE).

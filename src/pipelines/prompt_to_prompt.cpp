@@ -22,7 +22,7 @@ bool has_word(const std::string& text, const std::string& word) {
 }
 }  // namespace
 
-PromptToPromptPipeline::PromptToPromptPipeline(std::shared_ptr<StableDiffusionModels> models) : m_(std::move(models)) {
+PromptToPromptPipeline::PromptToPromptPipeline(std::shared_ptr<loaders::StableDiffusionModels> models) : m_(std::move(models)) {
   DMX_CHECK_ARG(m_ != nullptr, "PromptToPromptPipeline: models must not be null");
 }
 

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "extensions/prompt_to_prompt.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 
 namespace dmx::pipelines {
@@ -58,7 +58,7 @@ struct PromptToPromptOutput {
 
 class PromptToPromptPipeline {
  public:
-  explicit PromptToPromptPipeline(std::shared_ptr<StableDiffusionModels> models);
+  explicit PromptToPromptPipeline(std::shared_ptr<loaders::StableDiffusionModels> models);
   PromptToPromptOutput run(const PromptToPromptParams& p);
   // InvalidArgument naming the parameter for bad modes, steps, words, scales or prompt shapes.
   void check_params(const PromptToPromptParams& p) const;
@@ -66,6 +66,6 @@ class PromptToPromptPipeline {
   std::shared_ptr<extensions::AttentionEdit> make_controller(const PromptToPromptParams& p) const;
 
  private:
-  std::shared_ptr<StableDiffusionModels> m_;
+  std::shared_ptr<loaders::StableDiffusionModels> m_;
 };
 }  // namespace dmx::pipelines

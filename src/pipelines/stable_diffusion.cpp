@@ -7,6 +7,7 @@
 #include "core/phase_timer.h"
 #include "core/progress.h"
 #include "dmx/error.h"
+#include "loaders/lora_loader.h"
 #include "pipelines/memory_estimate.h"
 #include "schedulers/scheduler.h"
 
@@ -15,7 +16,7 @@ namespace dmx::pipelines {
 namespace {
 constexpr int kMaxSide = 4096;
 
-void check_controlnet_params(const StableDiffusionParams& p, const StableDiffusionModels& m) {
+void check_controlnet_params(const StableDiffusionParams& p, const loaders::StableDiffusionModels& m) {
   if (p.controlnets.empty()) return;
   DMX_CHECK_SUPPORTED(!p.init_image.defined(), "ControlNet with an init image (img2img) is not supported yet");
   for (size_t c = 0; c < p.controlnets.size(); ++c) {
@@ -39,7 +40,7 @@ void check_controlnet_params(const StableDiffusionParams& p, const StableDiffusi
 }
 }
 
-at::Tensor encode_image_latents(const StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
+at::Tensor encode_image_latents(const loaders::StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
                                 const at::Tensor& noise) {
   at::NoGradGuard no_grad;
   models::AutoencoderKL vae = m.vae;  // shared handle (forward is non-const)
@@ -57,7 +58,7 @@ at::Tensor encode_image_latents(const StableDiffusionModels& m, const at::Tensor
   return (mean + std * eps) * m.vae->config().scaling_factor;
 }
 
-StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models)
+StableDiffusionPipeline::StableDiffusionPipeline(std::shared_ptr<loaders::StableDiffusionModels> models)
     : m_(std::move(models)) {
   DMX_CHECK_ARG(m_ != nullptr, "StableDiffusionPipeline: models must not be null");
 }
@@ -117,8 +118,45 @@ at::Tensor StableDiffusionPipeline::encode_prompt(const std::string& prompt, int
   return m_->text_encoder->encode(input, clip_skip);
 }
 
+void check_finite_output(const loaders::StableDiffusionModels& m, const at::Tensor& t, const std::string& what) {
+  at::NoGradGuard no_grad;
+  const int64_t bad = t.numel() - at::isfinite(t).sum().item<int64_t>();
+  if (bad == 0) return;
+  const std::string head = detail::concat(what, " hold ", bad, " non-finite value(s) (NaN or Inf) of ", t.numel(),
+                                          ": the picture would be black, so nothing is written. ");
+  // Which weights are not finite (merged LoRAs show here too)?
+  std::vector<std::string> weights;
+  size_t count = 0;
+  const std::pair<const char*, const torch::nn::Module*> parts[] = {
+      {"unet", m.unet.is_empty() ? nullptr : m.unet.get()},
+      {"vae", m.vae.is_empty() ? nullptr : m.vae.get()},
+      {"text_encoder", m.text_encoder.is_empty() ? nullptr : m.text_encoder.get()}};
+  for (const auto& [name, mod] : parts) {
+    if (!mod) continue;
+    for (const auto& kv : mod->named_parameters(true)) {
+      if (at::isfinite(kv.value()).all().item<bool>()) continue;
+      if (++count <= 5) weights.push_back(std::string(name) + "." + kv.key());
+    }
+  }
+  std::string list;
+  for (const auto& w : weights) list += (list.empty() ? "" : ", ") + w;
+  if (count > weights.size()) list += ", ... (" + std::to_string(count) + " tensors in all)";
+  const int loras = loaders::count_lora_layers(m);
+  if (loras > 0)
+    throw InvalidArgument(detail::concat(
+        head, "Likely source: the LoRA(s) applied to ", loras, " layer(s) (a non-finite or huge alpha or scale, or "
+        "non-finite LoRA weights)", count ? "; non-finite weights after merging: " + list : std::string(),
+        ". Check the --lora scales and the LoRA files."));
+  if (count > 0)
+    throw FormatError(detail::concat(head, "Likely source: the model's weights hold non-finite values: ", list, " (",
+                                     m.source_path, ")."));
+  throw Error(detail::concat(head, "The weights are finite: a numerical overflow, e.g. from --init-latents with huge "
+                                   "values, an extreme --guidance-scale, or a reduced --dtype (try fp32)."));
+}
+
 at::Tensor StableDiffusionPipeline::decode_latents(const at::Tensor& latents, bool show_progress) {
   at::NoGradGuard no_grad;
+  check_finite_output(*m_, latents, "the denoised latents");
   const double sf = m_->vae->config().scaling_factor;
   std::vector<at::Tensor> out;
   ProgressBar bar("decode", show_progress && latents.size(0) > 1 ? static_cast<int>(latents.size(0)) : 0);
@@ -126,6 +164,7 @@ at::Tensor StableDiffusionPipeline::decode_latents(const at::Tensor& latents, bo
   for (int64_t i = 0; i < latents.size(0); ++i) {
     at::Tensor z = (latents.narrow(0, i, 1) / sf).to(m_->device, m_->dtype);
     at::Tensor x = m_->vae->decode(z).to(at::kFloat);
+    check_finite_output(*m_, x, "the decoded image");  // before the clamp, which would hide an Inf
     out.push_back((x / 2 + 0.5).clamp(0, 1).permute({0, 2, 3, 1}).to(at::kCPU));
     bar.tick();
   }
@@ -149,6 +188,9 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
   }
   // 1. Check inputs.
   check_params(p);
+  DMX_CHECK_ARG(!p.latents.defined() || at::isfinite(p.latents).all().item<bool>(),
+                "init latents hold non-finite values (NaN or Inf): every step would propagate them into a black "
+                "picture");
   const int n = p.num_images_per_prompt;
   const bool cfg = p.guidance_scale > 1.0;
   std::optional<at::Generator> gen;
@@ -158,17 +200,7 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
                : at::randn(shape, at::TensorOptions().dtype(at::kFloat));
   };
 
-  // 2. Encode the prompt (and the negative prompt for guidance); uncond first, as diffusers.
-  PhaseTimer encode_timer("text encode");
-  at::Tensor cond = encode_prompt(p.prompt, p.clip_skip);
-  at::Tensor embeds = cond.repeat({n, 1, 1});
-  if (cfg) {
-    at::Tensor uncond = encode_prompt(p.negative_prompt, p.clip_skip).repeat({n, 1, 1});
-    embeds = at::cat({uncond, embeds}, 0);
-  }
-  encode_timer.stop();
-
-  // 3. Timesteps.
+  // 2. Timesteps (before the text encoder: a step count this scheduler refuses fails before any work).
   const std::string sched_name =
       p.scheduler.empty() ? m_->scheduler_config.value("_class_name", std::string("PNDMScheduler")) : p.scheduler;
   auto sched = schedulers::create_scheduler(sched_name, m_->scheduler_config);
@@ -182,6 +214,16 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
                   p.num_inference_steps, " steps leaves no denoising step; raise strength or steps");
   }
   const std::vector<double>& ts = sched->timesteps();
+
+  // 3. Encode the prompt (and the negative prompt for guidance); uncond first, as diffusers.
+  PhaseTimer encode_timer("text encode");
+  at::Tensor cond = encode_prompt(p.prompt, p.clip_skip);
+  at::Tensor embeds = cond.repeat({n, 1, 1});
+  if (cfg) {
+    at::Tensor uncond = encode_prompt(p.negative_prompt, p.clip_skip).repeat({n, 1, 1});
+    embeds = at::cat({uncond, embeds}, 0);
+  }
+  encode_timer.stop();
 
   // 3b. ControlNet images: repeated per image, doubled for guidance unless in guess mode.
   const bool guess = p.guess_mode || (!p.controlnets.empty() && p.controlnets[0].model &&

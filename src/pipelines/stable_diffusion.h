@@ -11,7 +11,7 @@
 #include <string>
 
 #include "pipelines/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 
 namespace dmx::pipelines {
 
@@ -57,12 +57,18 @@ struct StableDiffusionOutput {
 // * scaling_factor): image [N, 3, H, W] in [-1, 1] -> [N, 4, H/f, W/f] float32 on the CPU. The posterior
 // noise [N, 4, H/f, W/f] is `noise` when given (replay), else one draw of that shape from `generator` (on
 // the CPU, float32, like diffusers' randn_tensor; nullptr = the global generator).
-at::Tensor encode_image_latents(const StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
+at::Tensor encode_image_latents(const loaders::StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
                                 const at::Tensor& noise = {});
+
+// NaN or Inf in the final latents or the decoded picture would save a black image: checked once per run (in
+// decode_latents, which every pipeline decodes through). On failure the models are scanned to name the likely
+// source: non-finite weights (FormatError, naming the tensors), LoRA adapters attached (InvalidArgument naming
+// them and their scales), else a numerical overflow (Error, exit 1) with the settings that can cause it.
+void check_finite_output(const loaders::StableDiffusionModels& m, const at::Tensor& t, const std::string& what);
 
 class StableDiffusionPipeline {
  public:
-  explicit StableDiffusionPipeline(std::shared_ptr<StableDiffusionModels> models);
+  explicit StableDiffusionPipeline(std::shared_ptr<loaders::StableDiffusionModels> models);
   StableDiffusionOutput run(const StableDiffusionParams& p);
 
   // Phases, exposed for other pipelines and tests.
@@ -71,9 +77,9 @@ class StableDiffusionPipeline {
   void check_params(const StableDiffusionParams& p) const;
   // width/height (or the init image size) at most 4096: InvalidArgument with the memory it would need.
   void check_max_size(const StableDiffusionParams& p) const;
-  const StableDiffusionModels& models() const { return *m_; }
+  const loaders::StableDiffusionModels& models() const { return *m_; }
 
  private:
-  std::shared_ptr<StableDiffusionModels> m_;
+  std::shared_ptr<loaders::StableDiffusionModels> m_;
 };
 }  // namespace dmx::pipelines

@@ -88,6 +88,24 @@ class DDIMScheduler final : public AlphaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_ddim(const SchedulerConfig& cfg) { return std::make_unique<DDIMScheduler>(cfg); }
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& ddim_class() {
+  static const SchedulerClass c = {
+      "DDIMScheduler",
+      {"clip_sample", "set_alpha_to_one", "steps_offset", "prediction_type", "thresholding",
+       "dynamic_thresholding_ratio", "clip_sample_range", "sample_max_value", "timestep_spacing",
+       "rescale_betas_zero_snr"},
+      detail::kBetaSchedules,
+      detail::kPredictionTypes,
+      detail::kSpacings,
+      [](SchedulerConfig& c) {
+        c.clip_sample = true;
+        c.set_alpha_to_one = true;
+        c.timestep_spacing = "leading";
+      },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<DDIMScheduler>(c); },
+  };
+  return c;
+}
 
 }  // namespace dmx::schedulers

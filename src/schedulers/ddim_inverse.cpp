@@ -19,20 +19,24 @@ class DDIMInverseScheduler final : public AlphaScheduler {
   }
   std::string class_name() const override { return "DDIMInverseScheduler"; }
 
+  std::vector<double> base_timesteps(int n) const override {
+    const int T = config_.num_train_timesteps;
+    std::vector<double> out;
+    if (config_.timestep_spacing == "leading") {  // ascending: 0, r, 2r, ... + steps_offset
+      const int ratio = T / n;
+      for (int i = 0; i < n; ++i) out.push_back(static_cast<double>(i) * ratio + config_.steps_offset);
+    } else {  // trailing, ascending
+      std::vector<double> ts = detail::np_arange(T, 0, -static_cast<double>(T) / n);
+      std::reverse(ts.begin(), ts.end());
+      for (double t : ts) out.push_back(detail::np_round(t) - 1);
+    }
+    return out;
+  }
+
   void set_timesteps(int num_inference_steps) override {
     check_num_inference_steps(num_inference_steps);
     num_inference_steps_ = num_inference_steps;
-    const int T = config_.num_train_timesteps;
-    timesteps_.clear();
-    if (config_.timestep_spacing == "leading") {  // ascending: 0, r, 2r, ... + steps_offset
-      const int ratio = T / num_inference_steps;
-      for (int i = 0; i < num_inference_steps; ++i)
-        timesteps_.push_back(static_cast<double>(i) * ratio + config_.steps_offset);
-    } else {  // trailing, ascending
-      std::vector<double> ts = detail::np_arange(T, 0, -static_cast<double>(T) / num_inference_steps);
-      std::reverse(ts.begin(), ts.end());
-      for (double t : ts) timesteps_.push_back(detail::np_round(t) - 1);
-    }
+    timesteps_ = base_timesteps(num_inference_steps);
   }
 
   StepOutput step(const at::Tensor& model_output, int step_index, const at::Tensor& sample,
@@ -84,8 +88,23 @@ class DDIMInverseScheduler final : public AlphaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_ddim_inverse(const SchedulerConfig& cfg) {
-  return std::make_unique<DDIMInverseScheduler>(cfg);
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& ddim_inverse_class() {
+  static const SchedulerClass c = {
+      "DDIMInverseScheduler",
+      {"clip_sample", "set_alpha_to_one", "steps_offset", "prediction_type", "clip_sample_range", "timestep_spacing",
+       "rescale_betas_zero_snr"},
+      detail::kBetaSchedules,
+      detail::kPredictionTypes,
+      {"leading", "trailing"},
+      [](SchedulerConfig& c) {
+        c.clip_sample = true;
+        c.set_alpha_to_one = true;
+        c.timestep_spacing = "leading";
+      },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<DDIMInverseScheduler>(c); },
+  };
+  return c;
 }
 
 }  // namespace dmx::schedulers

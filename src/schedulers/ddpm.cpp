@@ -133,6 +133,30 @@ class DDPMScheduler final : public AlphaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_ddpm(const SchedulerConfig& cfg) { return std::make_unique<DDPMScheduler>(cfg); }
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& ddpm_class() {
+  static const SchedulerClass c = {
+      "DDPMScheduler",
+      {"variance_type", "clip_sample", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
+       "clip_sample_range", "sample_max_value", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr"},
+      {"linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"},
+      detail::kPredictionTypes,
+      detail::kSpacings,
+      [](SchedulerConfig& c) {
+        c.variance_type = "fixed_small";
+        c.clip_sample = true;
+        c.timestep_spacing = "leading";
+      },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<DDPMScheduler>(c); },
+      nullptr,
+      [](const SchedulerConfig& c) {
+        detail::check_one_of("variance_type", c.variance_type,
+                             {"fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+                              "learned_range"},
+                             "DDPMScheduler");
+      },
+  };
+  return c;
+}
 
 }  // namespace dmx::schedulers

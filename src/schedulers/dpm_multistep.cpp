@@ -46,10 +46,11 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
     return original * static_cast<double>(v.alpha) + noise * static_cast<double>(v.sigma);
   }
 
-  void set_timesteps(int num_inference_steps) override {
-    check_num_inference_steps(num_inference_steps);
+  std::vector<double> base_timesteps(int n) const override { return spaced(n); }
+
+  // diffusers' spacing for DPM-Solver: over [0, last_timestep), n + 1 points with the last dropped.
+  std::vector<double> spaced(int n) const {
     const int T = config_.num_train_timesteps;
-    const int n = num_inference_steps;
     // Clip the minimum λ(t) for numerical stability (critical for the cosine schedule):
     // last_timestep = T - searchsorted(flip(λ), lambda_min_clipped).
     int64_t clipped_idx = 0;
@@ -77,6 +78,13 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
       for (double t : detail::np_arange(static_cast<double>(last_timestep), 0, -static_cast<double>(T) / n))
         ts.push_back(detail::np_round(t) - 1);
     }
+    return ts;
+  }
+
+  void set_timesteps(int num_inference_steps) override {
+    check_num_inference_steps(num_inference_steps);
+    const int n = num_inference_steps;
+    std::vector<double> ts = spaced(n);
 
     const std::vector<float> train_sigmas = training_sigmas();
     std::vector<float> log_sigmas(train_sigmas.size());
@@ -281,8 +289,42 @@ class DPMSolverMultistepScheduler final : public SigmaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_dpm_multistep(const SchedulerConfig& cfg) {
-  return std::make_unique<DPMSolverMultistepScheduler>(cfg);
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& dpm_multistep_class() {
+  static const SchedulerClass c = {
+      "DPMSolverMultistepScheduler",
+      {"solver_order", "prediction_type", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+       "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_karras_sigmas", "use_lu_lambdas",
+       "final_sigmas_type", "lambda_min_clipped", "variance_type", "timestep_spacing", "steps_offset",
+       "rescale_betas_zero_snr"},
+      detail::kBetaSchedules,
+      detail::kPredictionTypes,
+      detail::kSpacings,
+      [](SchedulerConfig& c) { c.timestep_spacing = "linspace"; },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> {
+        return std::make_unique<DPMSolverMultistepScheduler>(c);
+      },
+      [](SchedulerConfig& c) {  // deprecated names diffusers maps on load
+        if (c.algorithm_type == "deis") c.algorithm_type = "dpmsolver++";
+        if (c.solver_type == "logrho" || c.solver_type == "bh1" || c.solver_type == "bh2") c.solver_type = "midpoint";
+      },
+      [](const SchedulerConfig& c) {
+        const char* cls = "DPMSolverMultistepScheduler";
+        DMX_CHECK_ARG(c.solver_order >= 1 && c.solver_order <= 3,
+                      "scheduler config field 'solver_order' must be 1, 2 or 3, got ", c.solver_order);
+        detail::check_one_of("algorithm_type", c.algorithm_type,
+                             {"dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++"}, cls);
+        detail::check_one_of("solver_type", c.solver_type, {"midpoint", "heun"}, cls);
+        detail::check_one_of("final_sigmas_type", c.final_sigmas_type, {"zero", "sigma_min"}, cls);
+        if (c.final_sigmas_type == "zero")
+          DMX_CHECK_ARG(c.algorithm_type == "dpmsolver++" || c.algorithm_type == "sde-dpmsolver++",
+                        "scheduler config field 'final_sigmas_type' 'zero' is not supported with algorithm_type '",
+                        c.algorithm_type, "'; use 'sigma_min'");
+        DMX_CHECK_ARG(!std::isnan(c.lambda_min_clipped),
+                      "scheduler config field 'lambda_min_clipped' must be a number");
+      },
+  };
+  return c;
 }
 
 }  // namespace dmx::schedulers

@@ -88,8 +88,29 @@ class EulerDiscreteScheduler final : public SigmaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_euler(const SchedulerConfig& cfg) {
-  return std::make_unique<EulerDiscreteScheduler>(cfg);
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& euler_class() {
+  static const SchedulerClass c = {
+      "EulerDiscreteScheduler",
+      {"prediction_type", "interpolation_type", "use_karras_sigmas", "sigma_min", "sigma_max", "timestep_spacing",
+       "timestep_type", "steps_offset", "rescale_betas_zero_snr"},
+      detail::kBetaSchedules,
+      {"epsilon", "sample", "v_prediction", "original_sample"},
+      detail::kSpacings,
+      [](SchedulerConfig& c) { c.timestep_spacing = "linspace"; },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<EulerDiscreteScheduler>(c); },
+      nullptr,
+      [](const SchedulerConfig& c) {
+        const char* cls = "EulerDiscreteScheduler";
+        detail::check_one_of("interpolation_type", c.interpolation_type, {"linear", "log_linear"}, cls);
+        detail::check_one_of("timestep_type", c.timestep_type, {"discrete", "continuous"}, cls);
+        if (c.sigma_min)
+          DMX_CHECK_ARG(*c.sigma_min > 0, "scheduler config field 'sigma_min' must be > 0, got ", *c.sigma_min);
+        if (c.sigma_max)
+          DMX_CHECK_ARG(*c.sigma_max > 0, "scheduler config field 'sigma_max' must be > 0, got ", *c.sigma_max);
+      },
+  };
+  return c;
 }
 
 }  // namespace dmx::schedulers

@@ -65,8 +65,27 @@ class EulerAncestralDiscreteScheduler final : public SigmaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_euler_ancestral(const SchedulerConfig& cfg) {
-  return std::make_unique<EulerAncestralDiscreteScheduler>(cfg);
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& euler_ancestral_class() {
+  static const SchedulerClass c = {
+      "EulerAncestralDiscreteScheduler",
+      {"prediction_type", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr"},
+      detail::kBetaSchedules,
+      detail::kPredictionTypes,
+      detail::kSpacings,
+      [](SchedulerConfig& c) { c.timestep_spacing = "linspace"; },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> {
+        return std::make_unique<EulerAncestralDiscreteScheduler>(c);
+      },
+      nullptr,
+      [](const SchedulerConfig& c) {
+        if (c.prediction_type == "sample")
+          throw Unsupported(
+              "EulerAncestralDiscreteScheduler does not implement prediction_type 'sample' "
+              "(diffusers 0.27 raises NotImplementedError); use epsilon or v_prediction");
+      },
+  };
+  return c;
 }
 
 }  // namespace dmx::schedulers

@@ -126,8 +126,22 @@ class HeunDiscreteScheduler final : public SigmaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_heun(const SchedulerConfig& cfg) {
-  return std::make_unique<HeunDiscreteScheduler>(cfg);
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& heun_class() {
+  static const SchedulerClass c = {
+      "HeunDiscreteScheduler",
+      {"prediction_type", "use_karras_sigmas", "clip_sample", "clip_sample_range", "timestep_spacing", "steps_offset"},
+      {"linear", "scaled_linear", "squaredcos_cap_v2", "exp"},
+      detail::kPredictionTypes,
+      detail::kSpacings,
+      [](SchedulerConfig& c) {
+        c.beta_start = 0.00085;
+        c.beta_end = 0.012;
+        c.timestep_spacing = "linspace";
+      },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<HeunDiscreteScheduler>(c); },
+  };
+  return c;
 }
 
 }  // namespace dmx::schedulers

@@ -137,6 +137,18 @@ class LMSDiscreteScheduler final : public SigmaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_lms(const SchedulerConfig& cfg) { return std::make_unique<LMSDiscreteScheduler>(cfg); }
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& lms_class() {
+  static const SchedulerClass c = {
+      "LMSDiscreteScheduler",
+      {"use_karras_sigmas", "prediction_type", "timestep_spacing", "steps_offset"},
+      detail::kBetaSchedules,
+      detail::kPredictionTypes,
+      detail::kSpacings,
+      [](SchedulerConfig& c) { c.timestep_spacing = "linspace"; },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<LMSDiscreteScheduler>(c); },
+  };
+  return c;
+}
 
 }  // namespace dmx::schedulers

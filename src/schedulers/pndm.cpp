@@ -19,12 +19,10 @@ class PNDMScheduler final : public AlphaScheduler {
   }
   std::string class_name() const override { return "PNDMScheduler"; }
 
-  void set_timesteps(int num_inference_steps) override {
-    check_num_inference_steps(num_inference_steps);
-    num_inference_steps_ = num_inference_steps;
+  // Ascending, diffusers' _timesteps.
+  std::vector<int64_t> pndm_timesteps(int n) const {
     const int T = config_.num_train_timesteps;
-    const int n = num_inference_steps;
-    std::vector<int64_t> base;  // ascending, diffusers' _timesteps
+    std::vector<int64_t> base;
     if (config_.timestep_spacing == "linspace") {
       for (double t : detail::np_linspace(0, T - 1, n)) base.push_back(static_cast<int64_t>(detail::np_round(t)));
     } else if (config_.timestep_spacing == "leading") {
@@ -35,6 +33,25 @@ class PNDMScheduler final : public AlphaScheduler {
       std::reverse(ts.begin(), ts.end());
       for (double t : ts) base.push_back(static_cast<int64_t>(detail::np_round(t)) - 1);
     }
+    return base;
+  }
+
+  // The Runge-Kutta warm-up also visits the last four timesteps plus half a step: that one must be a training
+  // timestep too.
+  std::vector<double> base_timesteps(int n) const override {
+    const std::vector<int64_t> base = pndm_timesteps(n);
+    std::vector<double> out(base.begin(), base.end());
+    const int64_t half = config_.num_train_timesteps / n / 2;
+    if (!config_.skip_prk_steps && half > 0 && !base.empty()) out.push_back(static_cast<double>(base.back() + half));
+    return out;
+  }
+
+  void set_timesteps(int num_inference_steps) override {
+    check_num_inference_steps(num_inference_steps);
+    num_inference_steps_ = num_inference_steps;
+    const int T = config_.num_train_timesteps;
+    const int n = num_inference_steps;
+    const std::vector<int64_t> base = pndm_timesteps(n);
 
     prk_timesteps_.clear();
     std::vector<int64_t> plms;
@@ -188,6 +205,18 @@ class PNDMScheduler final : public AlphaScheduler {
 
 }  // namespace
 
-std::unique_ptr<Scheduler> make_pndm(const SchedulerConfig& cfg) { return std::make_unique<PNDMScheduler>(cfg); }
+// The diffusers class: __init__ fields besides the beta ones, allowed values, defaults (diffusers 0.27.2), constructor.
+const SchedulerClass& pndm_class() {
+  static const SchedulerClass c = {
+      "PNDMScheduler",
+      {"skip_prk_steps", "set_alpha_to_one", "prediction_type", "timestep_spacing", "steps_offset"},
+      detail::kBetaSchedules,
+      {"epsilon", "v_prediction"},
+      detail::kSpacings,
+      [](SchedulerConfig& c) { c.timestep_spacing = "leading"; },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<PNDMScheduler>(c); },
+  };
+  return c;
+}
 
 }  // namespace dmx::schedulers

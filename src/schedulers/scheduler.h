@@ -52,6 +52,8 @@ struct SchedulerConfig {
 
   // class_name is diffusers' class (DDIMScheduler, ...). Unknown json fields are ignored.
   static SchedulerConfig for_class(const std::string& class_name, const nlohmann::json& config);
+  // Every field by its diffusers name (unset optionals and empty trained_betas as null).
+  nlohmann::json to_json() const;
 };
 
 struct StepArgs {
@@ -93,11 +95,12 @@ class Scheduler {
   std::vector<double> timesteps_;
 };
 
-// name: ddim | ddpm | pndm | euler | euler_a | heun | lms | dpmpp_2m | dpmpp_2m_karras | ddim_inverse,
-// or a diffusers class name. base_config is the model's scheduler_config.json (any class): the
-// class is swapped as diffusers' from_config does. Unknown name: InvalidArgument listing the choices.
+// name: a name of the scheduler registry (schedulers/registry.h: ddim, euler_a, dpmpp_2m_karras, ...) or a
+// diffusers class name. base_config is the model's scheduler_config.json (any class): the class is swapped,
+// and the row's config overrides set, as diffusers' from_config does. Unknown name: InvalidArgument listing the
+// choices.
 std::unique_ptr<Scheduler> create_scheduler(const std::string& name, const nlohmann::json& base_config);
-std::vector<std::string> scheduler_names();
+std::vector<std::string> scheduler_names();  // every row of the registry, in table order
 
 // Shared math (scheduler.cpp): betas for a config, alphas_cumprod as float32 like diffusers.
 at::Tensor make_betas(const SchedulerConfig& cfg);

@@ -1,5 +1,6 @@
-// Private to src/schedulers (and the scheduler tests): the two scheduler families' shared state,
-// numpy emulation for set_timesteps, and the factories create_scheduler uses.
+// Private to src/schedulers (and the scheduler tests): the description of a diffusers scheduler class (each
+// scheduler's file defines its own; registry.cpp lists them), the two scheduler families' shared state and
+// numpy emulation for set_timesteps.
 //
 // Numerics follow diffusers 0.27.2 on the CPU: schedule tables are float32 tensors built with the same
 // ATen ops; per-step scalars (alphas_cumprod[t], sigmas[i], ...) are float32 0-d tensors in diffusers,
@@ -8,6 +9,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,7 +17,36 @@
 #include "schedulers/scheduler.h"
 
 namespace dmx::schedulers {
+
+// A diffusers scheduler class as from_config sees it (diffusers 0.27.2): the __init__ fields it reads besides
+// the beta ones (other fields of a config are ignored), the values it accepts, its defaults and constructor.
+struct SchedulerClass {
+  std::string name;                   // DDIMScheduler, ...
+  std::vector<std::string> params;    // __init__ fields besides num_train_timesteps and the beta schedule
+  std::vector<std::string> beta_schedules;
+  std::vector<std::string> prediction_types;
+  std::vector<std::string> spacings;  // timestep_spacing values
+  std::function<void(SchedulerConfig&)> defaults;  // applied over detail::neutral_config()
+  std::function<std::unique_ptr<Scheduler>(const SchedulerConfig&)> make;
+  std::function<void(SchedulerConfig&)> normalize = nullptr;       // deprecated values diffusers maps on load
+  std::function<void(const SchedulerConfig&)> validate = nullptr;  // class rules after the common ones
+};
+
+// The classes of the registry's rows, by diffusers name (InvalidArgument listing them when unknown).
+const SchedulerClass& find_scheduler_class(const std::string& class_name);
+std::vector<std::string> scheduler_class_names();
+
 namespace detail {
+
+extern const std::vector<std::string> kBetaSchedules;    // linear, scaled_linear, squaredcos_cap_v2
+extern const std::vector<std::string> kPredictionTypes;  // epsilon, sample, v_prediction
+extern const std::vector<std::string> kSpacings;         // linspace, leading, trailing
+// SchedulerConfig with the fields a class may not have at neutral values (no clipping, ...).
+SchedulerConfig neutral_config();
+// InvalidArgument "scheduler config field 'F' must be one of A, B for CLASS, got 'V'" unless value is allowed.
+void check_one_of(const std::string& field, const std::string& value, const std::vector<std::string>& allowed,
+                  const std::string& class_name);
+bool contains(const std::vector<std::string>& items, const std::string& s);
 
 // numpy.linspace(start, stop, num) in float64.
 std::vector<double> np_linspace(double start, double stop, int64_t num);
@@ -61,6 +92,14 @@ at::Tensor alphas_cumprod_of(const at::Tensor& betas);
 class SchedulerBase : public Scheduler {
  protected:
   explicit SchedulerBase(const SchedulerConfig& cfg) { config_ = cfg; }
+  // The timesteps set_timesteps(n) spaces out (diffusers' timestep_spacing), before any interleaving or
+  // karras resampling. Default: detail::spaced_timesteps; schedulers with their own spacing override it.
+  virtual std::vector<double> base_timesteps(int n) const;
+  // n in [1, num_train_timesteps], and n steps must give distinct training timesteps in [0, T - 1]: with
+  // "leading" spacing and steps_offset 1 (Stable Diffusion's configs), 1000 steps reach timestep 1000 (an
+  // index past the tables of the DDPM family, a clamped duplicate sigma that divides by zero in LMS and
+  // DPM-Solver). InvalidArgument stating the most steps this configuration accepts; set_timesteps calls it
+  // first, so a run fails before any denoising.
   void check_num_inference_steps(int n) const;
   // Throws InvalidArgument unless set_timesteps ran and 0 <= step_index < timesteps().size().
   void check_step_index(int step_index, const char* what) const;
@@ -100,15 +139,5 @@ class SigmaScheduler : public SchedulerBase {
   std::vector<float> alphas_cumprod_;
   std::vector<float> sigmas_;
 };
-
-std::unique_ptr<Scheduler> make_ddpm(const SchedulerConfig& cfg);
-std::unique_ptr<Scheduler> make_ddim(const SchedulerConfig& cfg);
-std::unique_ptr<Scheduler> make_ddim_inverse(const SchedulerConfig& cfg);
-std::unique_ptr<Scheduler> make_pndm(const SchedulerConfig& cfg);
-std::unique_ptr<Scheduler> make_euler(const SchedulerConfig& cfg);
-std::unique_ptr<Scheduler> make_euler_ancestral(const SchedulerConfig& cfg);
-std::unique_ptr<Scheduler> make_heun(const SchedulerConfig& cfg);
-std::unique_ptr<Scheduler> make_lms(const SchedulerConfig& cfg);
-std::unique_ptr<Scheduler> make_dpm_multistep(const SchedulerConfig& cfg);
 
 }  // namespace dmx::schedulers

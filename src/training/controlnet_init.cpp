@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "core/fs.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "io/ldm_names.h"
 #include "io/safetensors.h"
@@ -14,8 +15,6 @@
 namespace dmx::training {
 
 namespace {
-
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
 // The blocks from_unet copies (time_proj has no weights).
 const char* const kCopiedPrefixes[] = {"conv_in.", "time_embedding.", "down_blocks.", "mid_block."};

@@ -1,15 +1,15 @@
 // The ControlNet recipe (diffusers 0.27.2 examples/controlnet/train_controlnet.py). See controlnet_train.h.
 #include "training/controlnet_train.h"
 
+#include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "dmx/error.h"
-#include "pipelines/stable_diffusion.h"
 #include "training/controlnet_init.h"
 #include "training/lora_train.h"
 
 namespace dmx::training {
 
-ControlNetRecipe::ControlNetRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m,
+ControlNetRecipe::ControlNetRecipe(std::shared_ptr<loaders::StableDiffusionModels> m,
                                    models::ControlNetModel controlnet)
     : Recipe(std::move(m)), controlnet_(std::move(controlnet)) {
   DMX_CHECK_ARG(!controlnet_.is_empty(), "ControlNetRecipe: no ControlNet given");
@@ -66,8 +66,10 @@ at::Tensor ControlNetRecipe::predict(const at::Tensor& noisy_latents, const at::
 }
 
 void ControlNetRecipe::save(const std::string& path) {
-  save_controlnet_diffusers(controlnet_, path);
-  save_controlnet_original(controlnet_, join_path(path, kControlNetOriginalFile));
+  write_directory_atomic(path, "the ControlNet folder", [&](const std::string& tmp) {
+    save_controlnet_diffusers(controlnet_, tmp);
+    save_controlnet_original(controlnet_, join_path(tmp, kControlNetOriginalFile));
+  });
 }
 
 void ControlNetRecipe::set_validation_image(const at::Tensor& image) {
@@ -84,19 +86,6 @@ void ControlNetRecipe::validate(const TrainConfig& cfg, int64_t step, const std:
   if (cfg.validation_prompt.empty()) return;
   DMX_CHECK_ARG(validation_image_.defined(),
                 "validation images during ControlNet training need a conditioning image (--validation-image)");
-  at::NoGradGuard no_grad;
-  pipelines::StableDiffusionPipeline pipe(models_);
-  pipelines::StableDiffusionParams p;
-  p.prompt = cfg.validation_prompt;
-  p.num_inference_steps = cfg.validation_inference_steps;
-  p.num_images_per_prompt = cfg.num_validation_images;
-  p.seed = cfg.seed;
-  p.show_progress = false;
-  pipelines::ControlNetUnit u;
-  u.model = controlnet_;
-  u.image = validation_image_;
-  u.name = "validation image";
-  p.controlnets.push_back(u);
-  save_validation_images(pipe.run(p).images, cfg, step, out_dir);
+  save_validation_images(sample_validation_images(models_, cfg, controlnet_, validation_image_), cfg, step, out_dir);
 }
 }  // namespace dmx::training

@@ -19,15 +19,15 @@
 #include <vector>
 
 #include "models/controlnet.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "training/trainer.h"
 
 namespace dmx::training {
 
 class ControlNetRecipe : public Recipe {
  public:
-  // controlnet: the net to train (from controlnet_from_unet or pipelines::load_controlnet); it must fit the UNet.
-  ControlNetRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, models::ControlNetModel controlnet);
+  // controlnet: the net to train (from controlnet_from_unet or a loaded one); it must fit the UNet.
+  ControlNetRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, models::ControlNetModel controlnet);
   std::string name() const override { return "controlnet"; }
   // Freezes UNet, VAE and text encoder (bf16 with --mixed-precision bf16); the ControlNet's parameters
   // require grad. validation_steps > 0 needs set_validation_image first.
@@ -39,7 +39,8 @@ class ControlNetRecipe : public Recipe {
   // path: the output folder. Writes the diffusers layout (config.json + diffusion_pytorch_model.safetensors)
   // and the original single file <path>/controlnet_original.safetensors (control_model.* keys).
   void save(const std::string& path) override;
-  // txt2img with the ControlNet (num_validation_images images of validation_prompt, seed cfg.seed).
+  // txt2img with the ControlNet through cfg.sample_images (num_validation_images images of validation_prompt,
+  // seed cfg.seed).
   void validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir) override;
   // The conditioning image of the validation images: [1, 3, H, W] float32 in [0, 1] (H, W multiples of the
   // VAE scale factor); the images are H x W.

@@ -16,14 +16,16 @@
 #include <cctype>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "core/fs.h"
 #include "core/image.h"
+#include "core/log.h"
 #include "core/resize.h"
+#include "core/text.h"
+#include "core/utf8.h"
 #include "dmx/error.h"
 
 namespace dmx::training {
@@ -31,70 +33,23 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string lower(std::string s) {
-  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
-std::string trim(const std::string& s) {
-  size_t b = 0, e = s.size();
-  while (b < e && std::isspace(static_cast<unsigned char>(s[b]))) ++b;
-  while (e > b && std::isspace(static_cast<unsigned char>(s[e - 1]))) --e;
-  return s.substr(b, e - b);
-}
-
 bool is_image_extension(const std::string& ext) {
-  const std::string e = lower(ext);
+  const std::string e = to_lower_ascii(ext);
   return e == ".png" || e == ".jpg" || e == ".jpeg" || e == ".webp";
 }
 
-// Reads enough of an image to know it is a PNG or JPEG with a sane size. Returns "" when fine, else why not.
-// Pixel data is decoded later, in get().
+// Reads the image header (core/image.h) to know it is a PNG or JPEG within the training image limit.
+// Returns "" when fine, else why not. Pixel data is decoded later, in get().
 std::string probe_image(const std::string& path) {
-  std::error_code ec;
-  if (!fs::is_regular_file(path, ec)) return "file not found: " + path;
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return "cannot open " + path;
-  std::vector<uint8_t> head(32);
-  f.read(reinterpret_cast<char*>(head.data()), static_cast<std::streamsize>(head.size()));
-  head.resize(static_cast<size_t>(f.gcount()));
-  auto be32 = [&](size_t o) {
-    return (uint32_t(head[o]) << 24) | (uint32_t(head[o + 1]) << 16) | (uint32_t(head[o + 2]) << 8) | head[o + 3];
-  };
-  static const uint8_t png_sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-  if (head.size() >= 24 && std::equal(png_sig, png_sig + 8, head.begin())) {
-    const uint32_t w = be32(16), h = be32(20);
-    if (w == 0 || h == 0 || w > uint32_t(kMaxImageSide) || h > uint32_t(kMaxImageSide))
-      return "PNG size " + std::to_string(w) + "x" + std::to_string(h) + " out of range: " + path;
+  try {
+    check_image_header(read_image_header(path, "image"), "image", kMaxDatasetImagePixels);
     return "";
+  } catch (const InvalidArgument& e) {
+    std::string why = e.what();
+    if (why.rfind("image: ", 0) == 0) why = why.substr(7);
+    if (why.find(path) == std::string::npos) why += " (" + path + ")";
+    return why;
   }
-  if (head.size() >= 3 && head[0] == 0xFF && head[1] == 0xD8 && head[2] == 0xFF) {
-    // Walk the JPEG segments to a start-of-frame marker.
-    f.clear();
-    f.seekg(2);
-    for (;;) {
-      uint8_t m[4];
-      if (!f.read(reinterpret_cast<char*>(m), 4)) return "truncated JPEG (no frame header): " + path;
-      if (m[0] != 0xFF) return "corrupt JPEG (bad marker): " + path;
-      const int marker = m[1];
-      const int len = (m[2] << 8) | m[3];
-      if (len < 2) return "corrupt JPEG (bad segment length): " + path;
-      const bool sof = marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC;
-      if (sof) {
-        uint8_t s[5];
-        if (!f.read(reinterpret_cast<char*>(s), 5)) return "truncated JPEG frame header: " + path;
-        const int h = (s[1] << 8) | s[2], w = (s[3] << 8) | s[4];
-        if (w == 0 || h == 0 || w > kMaxImageSide || h > kMaxImageSide)
-          return "JPEG size " + std::to_string(w) + "x" + std::to_string(h) + " out of range: " + path;
-        return "";
-      }
-      f.seekg(len - 2, std::ios::cur);
-    }
-  }
-  if (head.size() >= 12 && std::equal(head.begin(), head.begin() + 4, "RIFF") &&
-      std::equal(head.begin() + 8, head.begin() + 12, "WEBP"))
-    return "WebP images are not supported (PNG and JPEG are): " + path;
-  return "not a PNG or JPEG image: " + path;
 }
 
 std::string resolve(const std::string& dir, const std::string& rel) {
@@ -127,6 +82,19 @@ at::Tensor crop_to_tensor(const Image& img, int top, int left, int res, bool fli
   return t.contiguous();
 }
 
+// Captions are checked when the dataset is opened, so that a bad one is found before training and not at the
+// step that draws it: "" when the text is valid UTF-8 without NUL bytes, else what is wrong.
+std::string caption_problem(const std::string& caption) {
+  try {
+    check_text(caption, "");
+  } catch (const InvalidArgument& e) {
+    std::string why = e.what();
+    while (!why.empty() && why.front() == ' ') why.erase(0, 1);
+    return why;
+  }
+  return "";
+}
+
 int center_offset(int size, int res) {
   return static_cast<int>(std::nearbyint((size - res) / 2.0));  // Python round: half to even (default FE mode)
 }
@@ -141,7 +109,7 @@ ImageCaptionDataset::ImageCaptionDataset(DatasetOptions o) : o_(std::move(o)) {
   std::vector<std::string> bad;
   const std::string meta = join_path(o_.dir, "metadata.jsonl");
   if (path_exists(meta)) {
-    std::istringstream in(read_text_file(meta, "--data metadata.jsonl"));
+    std::istringstream in(read_text_file(meta, "--data metadata.jsonl", kMaxMetadataFileBytes));
     std::string line;
     int line_no = 0;
     while (std::getline(in, line)) {
@@ -183,8 +151,17 @@ ImageCaptionDataset::ImageCaptionDataset(DatasetOptions o) : o_(std::move(o)) {
           continue;
         }
       }
+      if (row.caption.size() > kMaxTextFileBytes) {
+        fail("caption is " + std::to_string(row.caption.size()) + " bytes, more than the " +
+             format_byte_limit(kMaxTextFileBytes) + " limit for prompts and captions");
+        continue;
+      }
       if (o_.require_captions && trim(row.caption).empty()) {
         fail("empty or missing caption (column '" + o_.caption_column + "')");
+        continue;
+      }
+      if (const std::string why = caption_problem(row.caption); o_.require_captions && !why.empty()) {
+        fail("caption (column '" + o_.caption_column + "') " + why);
         continue;
       }
       it = j.find(o_.conditioning_column);
@@ -222,10 +199,21 @@ ImageCaptionDataset::ImageCaptionDataset(DatasetOptions o) : o_(std::move(o)) {
       }
       fs::path txt = p;
       txt.replace_extension(".txt");
-      if (fs::is_regular_file(txt)) row.caption = trim(read_text_file(txt.string(), "--data caption"));
+      if (path_exists(txt.string())) {
+        try {
+          row.caption = trim(read_text_file(txt.string(), "caption", kMaxTextFileBytes));
+        } catch (const InvalidArgument& e) {
+          bad.push_back(origin + ": " + e.what());
+          continue;
+        }
+      }
       if (o_.require_captions && row.caption.empty()) {
         bad.push_back(origin + ": " + (fs::is_regular_file(txt) ? "empty caption in " : "no caption file ") +
                       txt.filename().string());
+        continue;
+      }
+      if (const std::string why = caption_problem(row.caption); o_.require_captions && !why.empty()) {
+        bad.push_back(origin + ": caption " + txt.filename().string() + " " + why);
         continue;
       }
       rows_.push_back(std::move(row));
@@ -241,6 +229,15 @@ ImageCaptionDataset::ImageCaptionDataset(DatasetOptions o) : o_(std::move(o)) {
     throw InvalidArgument(msg.str());
   }
   skipped_ = std::move(bad);
+  if (!skipped_.empty()) {  // --skip-bad-rows: say how many and which (the first few)
+    std::ostringstream msg;
+    msg << "--data: skipped " << skipped_.size() << " bad row" << (skipped_.size() == 1 ? "" : "s") << " of "
+        << skipped_.size() + rows_.size() << " in '" << o_.dir << "' (--skip-bad-rows):";
+    const size_t shown = std::min<size_t>(skipped_.size(), 5);
+    for (size_t i = 0; i < shown; ++i) msg << "\n  " << skipped_[i];
+    if (shown < skipped_.size()) msg << "\n  ... and " << skipped_.size() - shown << " more";
+    log_warn(msg.str());
+  }
   DMX_CHECK_ARG(!rows_.empty(), "--data: no usable image in '", o_.dir, "'",
                 skipped_.empty() ? " (expected name.png + name.txt pairs or metadata.jsonl)"
                                  : " (every row was skipped as bad)");
@@ -252,7 +249,7 @@ Example ImageCaptionDataset::get(size_t i, uint64_t augment_seed) const {
   const int R = o_.resolution;
   auto load = [&](const std::string& path) {
     try {
-      return resize_shorter_side(to_rgb(load_image(path, "--data")), R);
+      return resize_shorter_side(to_rgb(load_image(path, "--data", kMaxDatasetImagePixels)), R);
     } catch (const InvalidArgument& e) {
       throw InvalidArgument(row.origin + ": " + e.what());
     }

@@ -9,7 +9,6 @@
 #include "core/image.h"
 #include "core/log.h"
 #include "dmx/error.h"
-#include "pipelines/stable_diffusion.h"
 
 namespace dmx::training {
 
@@ -28,27 +27,27 @@ std::vector<std::string> list_images(const std::string& dir) {
   return v;
 }
 
-int generate_class_images(std::shared_ptr<pipelines::StableDiffusionModels> m, const ClassImageOptions& o) {
+int generate_class_images(std::shared_ptr<loaders::StableDiffusionModels> m, const ClassImageOptions& o,
+                          const SampleImages& sample) {
   DMX_CHECK_ARG(!o.dir.empty(), "--class-data must be given with prior preservation");
   DMX_CHECK_ARG(!o.prompt.empty(), "--class-prompt must be given with --class-data");
   DMX_CHECK_ARG(o.num_class_images > 0, "--num-class-images must be > 0, got ", o.num_class_images);
+  DMX_CHECK_ARG(sample != nullptr, "class images need a text-to-image callback");
   fs::create_directories(o.dir);
   const int have = static_cast<int>(list_images(o.dir).size());
   if (have >= o.num_class_images) return 0;
   log_info(detail::concat("dreambooth: generating ", o.num_class_images - have, " class images for '", o.prompt,
                           "' into ", o.dir));
   at::NoGradGuard no_grad;
-  pipelines::StableDiffusionPipeline pipe(m);
   int made = 0;
   for (int k = have; k < o.num_class_images; ++k) {
-    pipelines::StableDiffusionParams p;
-    p.prompt = o.prompt;
-    p.width = p.height = o.resolution;
-    p.num_inference_steps = o.num_inference_steps;
-    p.guidance_scale = o.guidance_scale;
-    p.seed = o.seed + static_cast<uint64_t>(k);
-    p.show_progress = false;
-    const auto out = pipe.run(p);
+    SampleRequest r;
+    r.prompt = o.prompt;
+    r.width = r.height = o.resolution;
+    r.num_inference_steps = o.num_inference_steps;
+    r.guidance_scale = o.guidance_scale;
+    r.seed = o.seed + static_cast<uint64_t>(k);
+    const at::Tensor images = sample(m, r);
     char name[64];
     std::snprintf(name, sizeof name, "class-%05d.png", k);
     std::string path = join_path(o.dir, name);
@@ -56,7 +55,7 @@ int generate_class_images(std::shared_ptr<pipelines::StableDiffusionModels> m, c
       std::snprintf(name, sizeof name, "class-%05d-%d.png", k, extra);
       path = join_path(o.dir, name);
     }
-    save_png(path, tensor_to_image(out.images[0]), {{"parameters", o.prompt}});
+    save_png(path, tensor_to_image(images[0]), {{"parameters", o.prompt}});
     ++made;
   }
   return made;

@@ -28,9 +28,10 @@ struct ClassImageOptions {
   double guidance_scale = 7.5;
   uint64_t seed = 0;  // image k of the folder is generated with seed + k
 };
-// Fills `dir` up to num_class_images images with txt2img of the base model (class-NNNNN.png, written
-// atomically; the folder is created). Returns how many were generated.
-int generate_class_images(std::shared_ptr<pipelines::StableDiffusionModels> m, const ClassImageOptions& o);
+// Fills `dir` up to num_class_images images with txt2img of the base model through `sample` (class-NNNNN.png,
+// written atomically; the folder is created). Returns how many were generated.
+int generate_class_images(std::shared_ptr<loaders::StableDiffusionModels> m, const ClassImageOptions& o,
+                          const SampleImages& sample);
 
 // Instance rows (instance prompt) followed, with prior preservation, by as many class rows (class prompt).
 // Micro-step s takes positions of a BatchSampler over max(#instance, #class); position i uses instance

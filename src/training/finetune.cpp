@@ -8,6 +8,7 @@
 
 #include "core/atomic_dir.h"
 #include "core/fs.h"
+#include "core/log.h"
 #include "dmx/error.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
@@ -57,7 +58,7 @@ class AutocastBF16 {
 };
 }  // namespace
 
-FinetuneRecipe::FinetuneRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, bool train_text_encoder)
+FinetuneRecipe::FinetuneRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, bool train_text_encoder)
     : Recipe(std::move(m)), train_text_encoder_(train_text_encoder) {}
 
 void FinetuneRecipe::setup(const TrainConfig& cfg) {
@@ -139,6 +140,10 @@ void save_diffusers_folder(const std::string& source, const std::string& dir, to
       if (top == "unet" && is_weight_file(name)) continue;
       if (top == "text_encoder" && text_encoder && is_weight_file(name)) continue;
       if (top == "vae" && vae && (is_weight_file(name) || (name == "config.json" && !vae_config.empty()))) continue;
+      if (!it->is_regular_file()) {  // a device or FIFO (or a link to one) would be read forever or block
+        log_warn("not copied into " + dir + ": " + it->path().string() + " is not a regular file");
+        continue;
+      }
       fs::copy_file(it->path(), fs::path(tmp) / rel, fs::copy_options::overwrite_existing);
     }
     io::save_safetensors(join_path(tmp, "unet/diffusion_pytorch_model.safetensors"), float_state(unet),

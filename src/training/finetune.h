@@ -14,7 +14,7 @@ namespace dmx::training {
 
 class FinetuneRecipe : public Recipe {
  public:
-  FinetuneRecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, bool train_text_encoder);
+  FinetuneRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, bool train_text_encoder);
   std::string name() const override { return "finetune"; }
   void setup(const TrainConfig& cfg) override;
   std::vector<NamedParameter> trainable_parameters() override;

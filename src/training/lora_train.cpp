@@ -8,14 +8,16 @@
 #include <cmath>
 
 #include "core/fs.h"
+#include "core/text.h"
 #include "dmx/error.h"
 #include "models/unet_2d_condition.h"
 
 namespace dmx::training {
 
 void LoRATrainOptions::validate() const {
-  DMX_CHECK_ARG(rank > 0, "--rank must be > 0, got ", rank);
-  DMX_CHECK_ARG(std::isfinite(alpha) && alpha >= 0, "--alpha must be >= 0 (0 = rank), got ", alpha);
+  DMX_CHECK_ARG(rank > 0 && rank <= kMaxLoRARank, "--rank must be in [1, ", kMaxLoRARank, "], got ", rank);
+  DMX_CHECK_ARG(std::isfinite(alpha) && alpha >= 0 && alpha <= 1e6, "--alpha must be in [0, 1e6] (0 = rank), got ",
+                alpha);
   DMX_CHECK_ARG(targets == "attention" || targets == "all", "--lora-targets must be attention or all, got '", targets,
                 "'");
   DMX_CHECK_ARG(text_encoder_targets == "attention" || text_encoder_targets == "all",
@@ -34,17 +36,13 @@ void freeze(torch::nn::Module& m) {
   for (auto& p : m.parameters()) p.set_requires_grad(false);
 }
 
-void cast_frozen_for_mixed_precision(pipelines::StableDiffusionModels& m, bool unet, bool text_encoder) {
+void cast_frozen_for_mixed_precision(loaders::StableDiffusionModels& m, bool unet, bool text_encoder) {
   if (!m.vae.is_empty()) m.vae->to(at::kBFloat16);
   if (text_encoder && !m.text_encoder.is_empty()) m.text_encoder->to(at::kBFloat16);
   if (unet && !m.unet.is_empty()) m.unet->to(at::kBFloat16);
 }
 
 namespace {
-
-bool ends_with(const std::string& s, const std::string& suf) {
-  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
-}
 
 bool unet_selected(const std::string& path, const std::string& targets) {
   if (targets == "attention")
@@ -72,22 +70,22 @@ at::Tensor& weight_of(const std::shared_ptr<torch::nn::Module>& mod) {
   return std::dynamic_pointer_cast<nn::LoRAConv2dImpl>(mod)->weight;
 }
 
-const char* component_prefix(io::LoRAComponent c) { return c == io::LoRAComponent::UNet ? "unet" : "text_encoder"; }
+const char* component_prefix(loaders::LoRAComponent c) { return c == loaders::LoRAComponent::UNet ? "unet" : "text_encoder"; }
 
 }  // namespace
 
-LoRANetwork::LoRANetwork(pipelines::StableDiffusionModels& m, const LoRATrainOptions& o, uint64_t seed)
+LoRANetwork::LoRANetwork(loaders::StableDiffusionModels& m, const LoRATrainOptions& o, uint64_t seed)
     : m_(&m), rank_(o.rank), alpha_(o.alpha > 0 ? o.alpha : o.rank), o_(o) {
   o.validate();
   DMX_CHECK_ARG(!m.unet.is_empty(), "LoRA training needs a UNet");
   DMX_CHECK_ARG(!o.train_text_encoder || !m.text_encoder.is_empty(), "--train-text-encoder needs a text encoder");
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  auto add = [&](torch::nn::Module& root, io::LoRAComponent comp, const std::string& targets) {
+  auto add = [&](torch::nn::Module& root, loaders::LoRAComponent comp, const std::string& targets) {
     for (const auto& item : root.named_modules("", /*include_self=*/false)) {
       nn::LoRAState* s = state_of(item.value());
       if (!s) continue;
-      const bool sel = comp == io::LoRAComponent::UNet ? unet_selected(item.key(), targets)
+      const bool sel = comp == loaders::LoRAComponent::UNet ? unet_selected(item.key(), targets)
                                                        : text_encoder_selected(item.key(), targets);
       if (!sel) continue;
       DMX_CHECK_ARG(s->adapters.empty(), "LoRA training: layer '", item.key(),
@@ -127,9 +125,9 @@ LoRANetwork::LoRANetwork(pipelines::StableDiffusionModels& m, const LoRATrainOpt
       layers_.push_back(std::move(L));
     }
   };
-  add(*m.unet, io::LoRAComponent::UNet, o.targets);
+  add(*m.unet, loaders::LoRAComponent::UNet, o.targets);
   attached_ = true;
-  if (o.train_text_encoder) add(*m.text_encoder, io::LoRAComponent::TextEncoder, o.text_encoder_targets);
+  if (o.train_text_encoder) add(*m.text_encoder, loaders::LoRAComponent::TextEncoder, o.text_encoder_targets);
   DMX_CHECK_ARG(!layers_.empty(), "LoRA training: no layer of the model matches --lora-targets ", o.targets);
 }
 
@@ -186,7 +184,7 @@ int64_t lora_parameter_formula(const std::vector<TrainableLoRALayer>& layers, in
 
 void LoRANetwork::refresh(at::ScalarType unet_dtype, at::ScalarType te_dtype) {
   for (auto& L : layers_) {
-    const at::ScalarType dt = L.component == io::LoRAComponent::UNet ? unet_dtype : te_dtype;
+    const at::ScalarType dt = L.component == loaders::LoRAComponent::UNet ? unet_dtype : te_dtype;
     if (dt == at::kFloat) {
       L.adapter->down = L.down;
       L.adapter->up = L.up;
@@ -203,7 +201,7 @@ io::TensorMap LoRANetwork::state_dict(LoRASaveFormat f) const {
   for (const auto& L : layers_) {
     const at::Tensor down = L.down.detach().clone();
     const at::Tensor up = L.up.detach().clone();
-    const bool unet = L.component == io::LoRAComponent::UNet;
+    const bool unet = L.component == loaders::LoRAComponent::UNet;
     switch (f) {
       case LoRASaveFormat::Diffusers: {
         const std::string base =
@@ -219,7 +217,7 @@ io::TensorMap LoRANetwork::state_dict(LoRASaveFormat f) const {
         break;
       }
       case LoRASaveFormat::Kohya: {
-        const std::string base = std::string(unet ? "lora_unet_" : "lora_te_") + io::kohya_flatten(L.module);
+        const std::string base = std::string(unet ? "lora_unet_" : "lora_te_") + loaders::kohya_flatten(L.module);
         t[base + ".lora_down.weight"] = down;
         t[base + ".lora_up.weight"] = up;
         t[base + ".alpha"] = at::scalar_tensor(alpha_, at::kFloat);
@@ -242,7 +240,8 @@ void LoRANetwork::save(const std::string& path, LoRASaveFormat f) const {
   } else {
     meta["format"] = "pt";
   }
-  io::save_safetensors(path, state_dict(f), meta);
+  // The weights and (PEFT) adapter_config.json beside them are written together or not at all.
+  std::vector<PendingFile> files = {{path, io::serialize_safetensors(state_dict(f), meta)}};
   if (f == LoRASaveFormat::PEFT) {
     nlohmann::json cfg;
     std::set<std::string> targets;
@@ -262,13 +261,14 @@ void LoRANetwork::save(const std::string& path, LoRASaveFormat f) const {
     const size_t slash = path.find_last_of('/');
     const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash);
     const std::string text = cfg.dump(2) + "\n";
-    write_bytes_atomic(join_path(dir, "adapter_config.json"), text.data(), text.size());
+    files.push_back({join_path(dir, "adapter_config.json"), std::vector<uint8_t>(text.begin(), text.end())});
   }
+  write_files_atomic(files);
 }
 
 // ---------------------------------------------------------------------------------------------------
 
-LoRARecipe::LoRARecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, LoRATrainOptions o, LoRASaveFormat fmt)
+LoRARecipe::LoRARecipe(std::shared_ptr<loaders::StableDiffusionModels> m, LoRATrainOptions o, LoRASaveFormat fmt)
     : Recipe(std::move(m)), o_(std::move(o)), fmt_(fmt) {
   o_.validate();
 }

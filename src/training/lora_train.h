@@ -26,13 +26,16 @@
 #include <string>
 #include <vector>
 
-#include "io/lora_names.h"
+#include "loaders/lora_formats.h"
 #include "io/safetensors.h"
 #include "nn/lora.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
 #include "training/trainer.h"
 
 namespace dmx::training {
+
+// LoRA rank limit (docs/limits.md): the adapters' size grows with rank x (in + out) per layer.
+constexpr int kMaxLoRARank = 1024;
 
 struct LoRATrainOptions {
   int rank = 4;
@@ -49,7 +52,7 @@ LoRASaveFormat parse_lora_save_format(const std::string& s);  // diffusers | pef
 
 // One adapted layer.
 struct TrainableLoRALayer {
-  io::LoRAComponent component = io::LoRAComponent::UNet;
+  loaders::LoRAComponent component = loaders::LoRAComponent::UNet;
   std::string module;  // diffusers module path inside its component
   bool conv = false;
   int64_t in = 0, out = 0, kh = 1, kw = 1;
@@ -61,7 +64,7 @@ class LoRANetwork {
  public:
   // Attaches fresh adapters to the selected layers of m (UNet, and the text encoder when asked).
   // Layers that already carry adapters: InvalidArgument.
-  LoRANetwork(pipelines::StableDiffusionModels& m, const LoRATrainOptions& o, uint64_t seed);
+  LoRANetwork(loaders::StableDiffusionModels& m, const LoRATrainOptions& o, uint64_t seed);
   ~LoRANetwork();  // detaches the adapters
   LoRANetwork(const LoRANetwork&) = delete;
   LoRANetwork& operator=(const LoRANetwork&) = delete;
@@ -79,7 +82,7 @@ class LoRANetwork {
   void detach();
 
  private:
-  pipelines::StableDiffusionModels* m_;
+  loaders::StableDiffusionModels* m_;
   std::vector<TrainableLoRALayer> layers_;
   int rank_;
   double alpha_;
@@ -94,7 +97,7 @@ int64_t lora_parameter_formula(const std::vector<TrainableLoRALayer>& layers, in
 // `dmx train lora` (and DreamBooth's LoRA mode).
 class LoRARecipe : public Recipe {
  public:
-  LoRARecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, LoRATrainOptions o, LoRASaveFormat fmt);
+  LoRARecipe(std::shared_ptr<loaders::StableDiffusionModels> m, LoRATrainOptions o, LoRASaveFormat fmt);
   std::string name() const override { return "lora"; }
   void setup(const TrainConfig& cfg) override;
   std::vector<NamedParameter> trainable_parameters() override;
@@ -119,5 +122,5 @@ class LoRARecipe : public Recipe {
 // Freezes every parameter of a module (requires_grad false).
 void freeze(torch::nn::Module& m);
 // Casts the frozen parts for --mixed-precision bf16 (VAE and text encoder; the UNet too when `unet`).
-void cast_frozen_for_mixed_precision(pipelines::StableDiffusionModels& m, bool unet, bool text_encoder);
+void cast_frozen_for_mixed_precision(loaders::StableDiffusionModels& m, bool unet, bool text_encoder);
 }  // namespace dmx::training

@@ -8,18 +8,21 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
+#include "core/atomic_dir.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
 #include "dmx/error.h"
-#include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
 #include "training/distributed.h"
 
@@ -102,15 +105,23 @@ at::Tensor Recipe::reduce_loss(const at::Tensor& per_example, const Batch&) { re
 
 void Recipe::validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir) {
   if (cfg.validation_prompt.empty()) return;
+  save_validation_images(sample_validation_images(models_, cfg), cfg, step, out_dir);
+}
+
+at::Tensor sample_validation_images(const std::shared_ptr<loaders::StableDiffusionModels>& models,
+                                    const TrainConfig& cfg, const models::ControlNetModel& controlnet,
+                                    const at::Tensor& control_image) {
+  DMX_CHECK_ARG(cfg.sample_images != nullptr,
+                "validation images need a text-to-image callback (TrainConfig::sample_images)");
   at::NoGradGuard no_grad;
-  pipelines::StableDiffusionPipeline pipe(models_);
-  pipelines::StableDiffusionParams p;
-  p.prompt = cfg.validation_prompt;
-  p.num_inference_steps = cfg.validation_inference_steps;
-  p.num_images_per_prompt = cfg.num_validation_images;
-  p.seed = cfg.seed;
-  p.show_progress = false;
-  save_validation_images(pipe.run(p).images, cfg, step, out_dir);
+  SampleRequest r;
+  r.prompt = cfg.validation_prompt;
+  r.num_inference_steps = cfg.validation_inference_steps;
+  r.num_images = cfg.num_validation_images;
+  r.seed = cfg.seed;
+  r.controlnet = controlnet;
+  r.control_image = control_image;
+  return cfg.sample_images(models, r);
 }
 
 void save_validation_images(const at::Tensor& images, const TrainConfig& cfg, int64_t step, const std::string& out_dir) {
@@ -128,7 +139,7 @@ namespace {
 // afterwards. bf16 -> float32 -> bf16 is exact: training continues bit for bit.
 class Float32Scope {
  public:
-  explicit Float32Scope(pipelines::StableDiffusionModels& m) {
+  explicit Float32Scope(loaders::StableDiffusionModels& m) {
     for (torch::nn::Module* mod : {as_module(m.text_encoder), as_module(m.vae), as_module(m.unet)}) {
       if (!mod || mod->parameters().empty()) continue;
       const at::ScalarType dt = mod->parameters().front().scalar_type();
@@ -360,8 +371,17 @@ size_t peak_rss_bytes() {
 // ---------------------------------------------------------------------------------------------------
 // Checkpoints
 
+void check_batch_size(int64_t batch_size, int64_t resolution) {
+  DMX_CHECK_ARG(batch_size >= 1 && batch_size <= kMaxBatchSize, "--batch-size must be in [1, ", kMaxBatchSize,
+                "], got ", batch_size, " (use --gradient-accumulation-steps for larger batches)");
+  const int64_t pixels = batch_size * resolution * resolution;
+  DMX_CHECK_ARG(pixels <= kMaxBatchPixels, "--batch-size x --resolution^2 must be at most ", kMaxBatchPixels,
+                " pixels per step (e.g. 16 images at 512, 1024 at 64), got ", batch_size, " x ", resolution, "^2 = ",
+                pixels, " (use --gradient-accumulation-steps for larger batches)");
+}
+
 std::string find_latest_checkpoint(const std::string& path) {
-  DMX_CHECK_IO(is_directory(path), "--resume: no such folder: ", path);
+  DMX_CHECK_ARG(is_directory(path), "--resume: no such folder: ", path);
   if (path_exists(join_path(path, "trainer_state.json"))) return path;
   int64_t best = -1;
   std::string best_path;
@@ -376,26 +396,97 @@ std::string find_latest_checkpoint(const std::string& path) {
       best_path = e.path().string();
     }
   }
-  DMX_CHECK_IO(best >= 0, "--resume: ", path, " holds no checkpoint-N folder with trainer_state.json");
+  DMX_CHECK_ARG(best >= 0, "--resume: ", path, " holds no checkpoint-N folder with trainer_state.json");
   return best_path;
+}
+
+int64_t checkpoint_global_step(const std::string& ck) {
+  const std::string path = join_path(ck, "trainer_state.json");
+  const std::string text = read_text_file(path, "--resume", kMaxJsonFileBytes);
+  nlohmann::json js;
+  try {
+    js = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError("--resume: " + path + " is not valid JSON: " + e.what());
+  }
+  DMX_CHECK_FORMAT(js.is_object(), "--resume: ", path, " must be a JSON object");
+  const auto it = js.find("global_step");
+  DMX_CHECK_FORMAT(it != js.end(), "--resume: ", path, " has no 'global_step'");
+  // The same rule as Trainer::run's reading of the file.
+  DMX_CHECK_FORMAT(it->is_number_integer() && (it->is_number_unsigned() ? it->get<uint64_t>() <= (uint64_t(1) << 40)
+                                                                       : it->get<int64_t>() >= 0 &&
+                                                                             it->get<int64_t>() <= (int64_t(1) << 40)),
+                   "--resume: ", path, ": 'global_step' must be an integer in [0, ", int64_t(1) << 40, "], got ",
+                   it->dump());
+  return it->get<int64_t>();
 }
 
 namespace {
 
 std::string checkpoint_name(int64_t step) { return "checkpoint-" + std::to_string(step); }
 
+// "<prefix><digits><suffix>" -> digits (-1 when the name is not of that form).
+int64_t step_in_name(const std::string& n, const std::string& prefix, const std::string& suffix) {
+  if (n.size() <= prefix.size() + suffix.size() || n.compare(0, prefix.size(), prefix) != 0 ||
+      n.compare(n.size() - suffix.size(), suffix.size(), suffix) != 0)
+    return -1;
+  const std::string digits = n.substr(prefix.size(), n.size() - prefix.size() - suffix.size());
+  if (digits.empty() || digits.size() > 18 || digits.find_first_not_of("0123456789") != std::string::npos) return -1;
+  return std::stoll(digits);
+}
+
+int64_t checkpoint_step_of(const std::string& n) { return step_in_name(n, "checkpoint-", ""); }
+
+// Step of a validation picture: validation-<step>-<i>.png or reconstruction-<step>.png (-1 otherwise).
+int64_t picture_step_of(const std::string& n) {
+  if (const int64_t s = step_in_name(n, "reconstruction-", ".png"); s >= 0) return s;
+  if (n.rfind("validation-", 0) != 0) return -1;
+  const size_t dash = n.find('-', 11);
+  if (dash == std::string::npos || step_in_name(n.substr(dash), "-", ".png") < 0) return -1;
+  return step_in_name(n.substr(0, dash), "validation-", "");
+}
+
+// Removes a folder by renaming it to a registered temporary first: interrupted, it leaves a temporary that the
+// next start removes, never a half-deleted checkpoint.
+void remove_folder_via_temporary(const std::string& dir) {
+  const std::string tmp = temp_path_for(dir);
+  ScopedTemporary registration(tmp, true);
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  fs::rename(dir, tmp, ec);
+  fs::remove_all(ec ? dir : tmp, ec);
+}
+
 void prune_checkpoints(const std::string& dir, int keep) {
   if (keep <= 0) return;
-  std::vector<std::pair<int64_t, fs::path>> found;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    const std::string n = e.path().filename().string();
-    if (n.rfind("checkpoint-", 0) != 0 || !e.is_directory()) continue;
-    char* end = nullptr;
-    const long long v = std::strtoll(n.c_str() + 11, &end, 10);
-    if (*end == '\0') found.emplace_back(v, e.path());
-  }
-  std::sort(found.begin(), found.end());
-  for (size_t i = 0; i + static_cast<size_t>(keep) < found.size(); ++i) fs::remove_all(found[i].second);
+  std::vector<int64_t> steps = checkpoint_steps(dir);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i)
+    remove_folder_via_temporary(join_path(dir, checkpoint_name(steps[i])));
+}
+
+// After a resume at `step`, the log keeps the lines of steps <= step (and no torn last line), so that no step
+// appears twice when the run goes on.
+void truncate_log(const std::string& path, int64_t step) {
+  if (!path_exists(path)) return;
+  // Read line by line (the log grows with the run: no whole-file read and no size cap here).
+  write_file_atomic(path, [&](const std::string& tmp) {
+    std::ifstream in(path, std::ios::binary);
+    DMX_CHECK_IO(in.good(), "train_log.jsonl: cannot open ", path, ": ", std::strerror(errno));
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    DMX_CHECK_IO(out.good(), "train_log.jsonl: cannot write ", tmp, ": ", std::strerror(errno));
+    std::string line;
+    while (std::getline(in, line)) {
+      if (in.eof()) break;  // no newline: a line torn by a kill
+      try {
+        const nlohmann::json j = nlohmann::json::parse(line);
+        if (j.is_object() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= step)
+          out << line << '\n';
+      } catch (const nlohmann::json::exception&) {
+      }
+    }
+    out.flush();
+    if (!out.good()) throw_write_error("cannot write " + tmp, errno);
+  });
 }
 
 std::string format_duration(double s) {
@@ -411,7 +502,46 @@ std::string format_duration(double s) {
 
 }  // namespace
 
+std::vector<int64_t> checkpoint_steps(const std::string& dir) {
+  std::vector<int64_t> steps;
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    const int64_t s = checkpoint_step_of(it->path().filename().string());
+    if (s >= 0 && it->is_directory(ec)) steps.push_back(s);
+  }
+  std::sort(steps.begin(), steps.end());
+  return steps;
+}
+
+bool is_training_entry(const std::string& name) {
+  std::string n = name;
+  const size_t t = n.rfind(".tmp.");
+  if (t != std::string::npos && t > 0 && n.find_first_not_of("0123456789", t + 5) == std::string::npos &&
+      n.size() > t + 5)
+    n = n.substr(0, t);
+  return n == "train_log.jsonl" || checkpoint_step_of(n) >= 0 || picture_step_of(n) >= 0;
+}
+
+void remove_training_entries(const std::string& dir, int64_t after_step) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec))
+    names.push_back(it->path().filename().string());
+  for (const auto& n : names) {
+    const std::string path = join_path(dir, n);
+    if (const int64_t s = checkpoint_step_of(n); s >= 0 && s > after_step && is_directory(path)) {
+      remove_folder_via_temporary(path);
+    } else if (const int64_t p = picture_step_of(n); p >= 0 && p > after_step) {
+      fs::remove(path, ec);
+    } else if (n == "train_log.jsonl" && after_step < 0) {
+      fs::remove(path, ec);
+    }
+  }
+}
+
 struct Trainer::State {
+  int rank = 0, world = 1;
+  bool main = true;  // rank 0: writes checkpoints, the log, validation images and the result
   std::vector<NamedParameter> params;
   std::unique_ptr<AdamW> opt;
   std::unique_ptr<EMAModel> ema;
@@ -421,6 +551,14 @@ struct Trainer::State {
   int num_train_timesteps = 1000;
   double scaling_factor = 0.18215;
   int64_t global_step = 0;
+  int64_t first_step = 0;  // optimizer steps done before this run (resume)
+  std::string resumed_from;  // the checkpoint resumed from ("" = a fresh run)
+  std::ofstream log;  // <output_dir>/train_log.jsonl (rank 0)
+  bool tty = false;   // progress line on stderr
+  std::chrono::steady_clock::time_point t_loop;
+  // Latent cache: row index -> VAE posterior (mean, std), each row encoded alone so that the values do not
+  // depend on which batch first met the row (a resumed run computes the same values).
+  std::map<int64_t, std::pair<at::Tensor, at::Tensor>> latent_cache;
 };
 
 Trainer::Trainer(TrainConfig cfg, std::shared_ptr<Recipe> recipe, std::shared_ptr<BatchSource> data,
@@ -452,11 +590,59 @@ Trainer::Trainer(TrainConfig cfg, std::shared_ptr<Recipe> recipe, std::shared_pt
 
 Trainer::~Trainer() = default;
 
+// The loop, in named steps: prepare (parameters, noise schedule, optimizer, EMA, generator), resume, then per
+// optimizer step the micro-steps (data, draws, loss, backward), the update, the report, checkpoints and
+// validation; at the end the final checkpoint and the result.
 TrainResult Trainer::run() {
-  const int rank = dist_ ? dist_->rank() : 0;
-  const int world = dist_ ? dist_->world_size() : 1;
-  const bool main = rank == 0;
   State st;
+  prepare(st);
+  TrainResult res;
+  resume(st);
+  res.first_step = st.first_step = st.global_step;
+  open_log(st, res.first_step > 0);
+  recipe_->train_mode(true);
+  DMX_CHECK_ARG(!cfg_.cache_latents || data_->latents_cacheable(),
+                "--cache-latents needs a dataset whose images never change: center crop and no random flip "
+                "(and not DreamBooth's mixed instance/class batches)");
+  std::string last_ck;
+  const int64_t end_step =
+      cfg_.stop_at_step > 0 ? std::min(cfg_.stop_at_step, cfg_.max_train_steps) : cfg_.max_train_steps;
+  st.t_loop = std::chrono::steady_clock::now();
+  for (int64_t step = st.global_step; step < end_step; ++step) {
+    const StepRecord rec = optimizer_step(st, step);
+    res.history.push_back(rec);
+    report(st, rec);
+    const bool last = st.global_step == end_step;
+    if (cfg_.checkpointing_steps > 0 && st.global_step % cfg_.checkpointing_steps == 0 && !last)
+      last_ck = save_checkpoint(st, st.global_step);
+    if (cfg_.validation_steps > 0 && st.global_step % cfg_.validation_steps == 0 && st.main) validate(st);
+  }
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - st.t_loop).count();
+  res.steps = st.global_step;
+  const double samples =
+      static_cast<double>((res.steps - res.first_step) * cfg_.train_batch_size * st.world * cfg_.gradient_accumulation_steps);
+  res.samples_per_s = res.seconds > 0 ? samples / res.seconds : 0.0;
+  recipe_->train_mode(false);
+  st.opt->zero_grad();
+  // A resumed run that had no step left to do keeps the checkpoint it resumed from (not rewritten).
+  if (cfg_.save_final_checkpoint && st.global_step > res.first_step) last_ck = save_checkpoint(st, st.global_step);
+  if (last_ck.empty() && st.global_step == res.first_step) last_ck = st.resumed_from;
+  res.last_checkpoint = last_ck;
+  if (st.main && !cfg_.output.empty() && st.global_step == cfg_.max_train_steps) {
+    save_result(st);
+    res.wrote_output = true;
+  }
+  if (dist_) dist_->barrier();
+  res.peak_rss_bytes = peak_rss_bytes();
+  return res;
+}
+
+// 1. The recipe's trainable parameters (the same on every rank), the noise schedule (DDPMScheduler from the
+// model's scheduler config), AdamW, EMA and the one generator every draw comes from.
+void Trainer::prepare(State& st) {
+  st.rank = dist_ ? dist_->rank() : 0;
+  st.world = dist_ ? dist_->world_size() : 1;
+  st.main = st.rank == 0;
   recipe_->setup(cfg_);
   st.params = recipe_->trainable_parameters();
   DMX_CHECK_ARG(!st.params.empty(), "recipe ", recipe_->name(), " has no trainable parameters");
@@ -470,7 +656,6 @@ TrainResult Trainer::run() {
       return v;
     }());
 
-  // The noise schedule (DDPMScheduler from the model's scheduler config).
   auto& m = recipe_->models();
   const auto scfg = schedulers::SchedulerConfig::for_class("DDPMScheduler", m.scheduler_config);
   st.alphas_cumprod = at::cumprod(1.0 - schedulers::make_betas(scfg), 0);  // float32 [T]
@@ -490,272 +675,304 @@ TrainResult Trainer::run() {
   if (cfg_.use_ema)
     st.ema = std::make_unique<EMAModel>(st.params, cfg_.ema_decay, cfg_.ema_min_decay, cfg_.ema_update_after_step);
   st.gen = at::make_generator<at::CPUGeneratorImpl>(cfg_.seed);
+}
 
-  TrainResult res;
-  if (!cfg_.resume_from_checkpoint.empty()) {
-    const std::string ck = find_latest_checkpoint(cfg_.resume_from_checkpoint);
-    const nlohmann::json js = nlohmann::json::parse(read_text_file(join_path(ck, "trainer_state.json"), "--resume"));
-    DMX_CHECK_FORMAT(js.value("recipe", "") == recipe_->name(), "--resume: ", ck, " is a checkpoint of recipe '",
-                     js.value("recipe", ""), "', this run is '", recipe_->name(), "'");
-    DMX_CHECK_FORMAT(js.value("world_size", 1) * js.value("train_batch_size", 1) == world * cfg_.train_batch_size,
-                     "--resume: ", ck, " was trained with a global batch of ",
-                     js.value("world_size", 1) * js.value("train_batch_size", 1), ", this run has ",
-                     world * cfg_.train_batch_size);
-    const io::TensorMap tp = io::load_safetensors(join_path(ck, "trainable.safetensors"));
-    {
-      at::NoGradGuard no_grad;
-      for (auto& p : st.params) {
-        const at::Tensor& v = need_entry(tp, p.name, "--resume " + ck);
-        DMX_CHECK_FORMAT(v.sizes() == p.tensor.sizes(), "--resume: '", p.name, "' has shape ", v.sizes(),
-                         " in the checkpoint, ", p.tensor.sizes(), " in the model");
-        p.tensor.copy_(v);
-      }
-    }
-    const io::TensorMap os = io::load_safetensors(join_path(ck, "optimizer.safetensors"));
-    st.opt->load_state_dict(os);
-    if (st.ema) st.ema->load_state_dict(os);
-    io::TensorMap extra;
-    for (const auto& [k, v] : os)
-      if (k.rfind("recipe.", 0) == 0) extra[k.substr(7)] = v;
-    recipe_->load_extra_state(extra);
-    st.gen.set_state(need_entry(os, "rng_state", "--resume " + ck));
-    st.global_step = js.at("global_step").get<int64_t>();
-    if (main) log_info("resumed from " + ck + " at step " + std::to_string(st.global_step));
+// 2. --resume: parameters, optimizer, EMA, recipe state, generator state and the step counter of a checkpoint.
+void Trainer::resume(State& st) {
+  if (cfg_.resume_from_checkpoint.empty()) return;
+  const std::string ck = find_latest_checkpoint(cfg_.resume_from_checkpoint);
+  const std::string state_path = join_path(ck, "trainer_state.json");
+  nlohmann::json js;
+  try {
+    js = nlohmann::json::parse(read_text_file(state_path, "--resume", kMaxJsonFileBytes));
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError(detail::concat("--resume: ", state_path, " is not valid JSON: ", e.what()));
   }
-  res.first_step = st.global_step;
+  DMX_CHECK_FORMAT(js.is_object(), "--resume: ", state_path, " must be a JSON object");
+  // Every field read is checked for its type and range: a malformed file is a FormatError naming it.
+  auto integer = [&](const char* key, int64_t def, int64_t lo, int64_t hi) -> int64_t {
+    auto it = js.find(key);
+    if (it == js.end()) {
+      DMX_CHECK_FORMAT(def >= lo, "--resume: ", state_path, " has no '", key, "'");
+      return def;
+    }
+    DMX_CHECK_FORMAT(it->is_number_integer() && (it->is_number_unsigned() ? it->get<uint64_t>() <= uint64_t(hi)
+                                                                         : it->get<int64_t>() >= lo &&
+                                                                               it->get<int64_t>() <= hi),
+                     "--resume: ", state_path, ": '", key, "' must be an integer in [", lo, ", ", hi, "], got ",
+                     it->dump());
+    return it->get<int64_t>();
+  };
+  auto text = [&](const char* key) -> std::string {
+    auto it = js.find(key);
+    if (it == js.end()) return "";
+    DMX_CHECK_FORMAT(it->is_string(), "--resume: ", state_path, ": '", key, "' must be a string, got ", it->dump());
+    return it->get<std::string>();
+  };
+  DMX_CHECK_FORMAT(text("recipe") == recipe_->name(), "--resume: ", ck, " is a checkpoint of recipe '",
+                   text("recipe"), "', this run is '", recipe_->name(), "'");
+  const int64_t ck_world = integer("world_size", 1, 1, 1 << 20), ck_batch = integer("train_batch_size", 1, 1, 1 << 20);
+  DMX_CHECK_FORMAT(ck_world * ck_batch == st.world * cfg_.train_batch_size, "--resume: ", ck,
+                   " was trained with a global batch of ", ck_world * ck_batch, ", this run has ",
+                   st.world * cfg_.train_batch_size);
+  // The random stream continues from the checkpoint: another seed would match neither run.
+  if (auto it = js.find("seed"); it != js.end()) {
+    DMX_CHECK_FORMAT(it->is_number_unsigned() || (it->is_number_integer() && it->get<int64_t>() >= 0),
+                     "--resume: ", state_path, ": 'seed' must be an integer >= 0, got ", it->dump());
+    const uint64_t ck_seed = it->get<uint64_t>();
+    DMX_CHECK_ARG(ck_seed == cfg_.seed, "--resume: ", ck, " was trained with --seed ", ck_seed, ", this run has --seed ",
+                  cfg_.seed, ": resume with --seed ", ck_seed, " (a resumed run continues the checkpoint's random "
+                  "stream; another seed would match neither run)");
+  }
+  const int64_t ck_step = integer("global_step", -1, 0, int64_t(1) << 40);
+  DMX_CHECK_ARG(ck_step <= cfg_.max_train_steps, "--resume: ", ck, " is at step ", ck_step, ", past --steps ",
+                cfg_.max_train_steps, "; give --steps ", ck_step, " or more");
+  const io::TensorMap tp = io::load_safetensors(join_path(ck, "trainable.safetensors"));
+  {
+    at::NoGradGuard no_grad;
+    for (auto& p : st.params) {
+      const at::Tensor& v = need_entry(tp, p.name, "--resume " + ck);
+      DMX_CHECK_FORMAT(v.sizes() == p.tensor.sizes(), "--resume: '", p.name, "' has shape ", v.sizes(),
+                       " in the checkpoint, ", p.tensor.sizes(), " in the model");
+      p.tensor.copy_(v);
+    }
+  }
+  const io::TensorMap os = io::load_safetensors(join_path(ck, "optimizer.safetensors"));
+  st.opt->load_state_dict(os);
+  if (st.ema) st.ema->load_state_dict(os);
+  io::TensorMap extra;
+  for (const auto& [k, v] : os)
+    if (k.rfind("recipe.", 0) == 0) extra[k.substr(7)] = v;
+  recipe_->load_extra_state(extra);
+  st.gen.set_state(need_entry(os, "rng_state", "--resume " + ck));
+  st.global_step = ck_step;
+  st.resumed_from = ck;
+  if (st.main) log_info("resumed from " + ck + " at step " + std::to_string(st.global_step));
+}
 
-  if (main) fs::create_directories(cfg_.output_dir);
+void Trainer::open_log(State& st, bool append) {
   const std::string log_path = join_path(cfg_.output_dir, "train_log.jsonl");
-  std::ofstream log;
-  if (main && cfg_.write_log) log.open(log_path, res.first_step > 0 ? std::ios::app : std::ios::trunc);
+  if (st.main) {
+    fs::create_directories(cfg_.output_dir);
+    // What killed runs left (checkpoint-N.tmp.<pid> of processes that no longer run), then the log cut back to
+    // the resumed step.
+    for (const auto& p : remove_stale_temporaries(cfg_.output_dir, is_training_entry))
+      log_info("removed " + p + " (left by an interrupted run)");
+    if (cfg_.write_log && append) truncate_log(log_path, st.first_step);
+  }
+  if (st.main && cfg_.write_log) {
+    st.log.open(log_path, append ? std::ios::app : std::ios::trunc);
+    if (!st.log.is_open()) throw_write_error("cannot open " + log_path, errno);
+  }
+  st.tty = isatty(STDERR_FILENO) && !cfg_.quiet && log_level() != LogLevel::kQuiet && st.main;
+}
 
-  auto save_checkpoint = [&](int64_t step) -> std::string {
-    if (dist_) dist_->barrier();
-    if (!main) return "";
-    const std::string final_dir = join_path(cfg_.output_dir, checkpoint_name(step));
-    const std::string tmp = final_dir + ".tmp." + std::to_string(getpid());
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
-    try {
-      io::TensorMap tp;
-      for (const auto& p : st.params) tp[p.name] = p.tensor.detach();
-      io::save_safetensors(join_path(tmp, "trainable.safetensors"), tp);
-      io::TensorMap os = st.opt->state_dict();
-      if (st.ema)
-        for (auto& [k, v] : st.ema->state_dict()) os[k] = v;
-      for (auto& [k, v] : recipe_->extra_state()) os["recipe." + k] = v;
-      os["rng_state"] = st.gen.get_state();
-      io::save_safetensors(join_path(tmp, "optimizer.safetensors"), os);
-      nlohmann::json js;
-      js["recipe"] = recipe_->name();
-      js["global_step"] = step;
-      js["micro_step"] = step * cfg_.gradient_accumulation_steps;
-      js["max_train_steps"] = cfg_.max_train_steps;
-      js["seed"] = cfg_.seed;
-      js["train_batch_size"] = cfg_.train_batch_size;
-      js["world_size"] = world;
-      js["gradient_accumulation_steps"] = cfg_.gradient_accumulation_steps;
-      js["learning_rate"] = cfg_.learning_rate;
-      js["lr_scheduler"] = lr_schedule_name(cfg_.lr_scheduler);
-      js["lr_step"] = step;
-      js["prediction_type"] = st.prediction_type;
-      js["use_ema"] = cfg_.use_ema;
-      const std::string text = js.dump(2) + "\n";
-      write_bytes_atomic(join_path(tmp, "trainer_state.json"), text.data(), text.size());
-      fs::remove_all(final_dir);
-      fs::rename(tmp, final_dir);
-    } catch (...) {
-      std::error_code ec;
-      fs::remove_all(tmp, ec);
-      throw;
+// A checkpoint of the state after `step` optimizer steps: written into a temporary folder and renamed, so a
+// checkpoint is complete or absent (rank 0; every rank meets at the barrier).
+std::string Trainer::save_checkpoint(State& st, int64_t step) {
+  if (dist_) dist_->barrier();
+  if (!st.main) return "";
+  const std::string final_dir = join_path(cfg_.output_dir, checkpoint_name(step));
+  // Written into checkpoint-N.tmp.<pid> (registered: SIGINT/SIGTERM remove the whole folder, not only the file
+  // being written) and renamed into place, so a checkpoint is complete or absent.
+  write_directory_atomic(final_dir, "the checkpoint", [&](const std::string& tmp) {
+    io::TensorMap tp;
+    for (const auto& p : st.params) tp[p.name] = p.tensor.detach();
+    io::save_safetensors(join_path(tmp, "trainable.safetensors"), tp);
+    io::TensorMap os = st.opt->state_dict();
+    if (st.ema)
+      for (auto& [k, v] : st.ema->state_dict()) os[k] = v;
+    for (auto& [k, v] : recipe_->extra_state()) os["recipe." + k] = v;
+    os["rng_state"] = st.gen.get_state();
+    io::save_safetensors(join_path(tmp, "optimizer.safetensors"), os);
+    nlohmann::json js;
+    js["recipe"] = recipe_->name();
+    js["global_step"] = step;
+    js["micro_step"] = step * cfg_.gradient_accumulation_steps;
+    js["max_train_steps"] = cfg_.max_train_steps;
+    js["seed"] = cfg_.seed;
+    js["train_batch_size"] = cfg_.train_batch_size;
+    js["world_size"] = st.world;
+    js["gradient_accumulation_steps"] = cfg_.gradient_accumulation_steps;
+    js["learning_rate"] = cfg_.learning_rate;
+    js["lr_scheduler"] = lr_schedule_name(cfg_.lr_scheduler);
+    js["lr_step"] = step;
+    js["prediction_type"] = st.prediction_type;
+    js["use_ema"] = cfg_.use_ema;
+    const std::string text = js.dump(2) + "\n";
+    write_bytes_atomic(join_path(tmp, "trainer_state.json"), text.data(), text.size());
+  });
+  prune_checkpoints(cfg_.output_dir, cfg_.checkpoints_total_limit);
+  return final_dir;
+}
+
+// The VAE posterior of a batch from the latent cache (each new row encoded alone).
+std::pair<at::Tensor, at::Tensor> Trainer::cached_posterior(State& st, const Batch& batch) {
+  std::vector<at::Tensor> means, stds;
+  for (size_t i = 0; i < batch.indices.size(); ++i) {
+    auto it = st.latent_cache.find(batch.indices[i]);
+    if (it == st.latent_cache.end()) {
+      Batch one;
+      one.pixel_values = batch.pixel_values.narrow(0, static_cast<int64_t>(i), 1);
+      if (batch.conditioning.defined()) one.conditioning = batch.conditioning.narrow(0, static_cast<int64_t>(i), 1);
+      one.captions = {batch.captions.at(i)};
+      one.indices = {batch.indices[i]};
+      at::NoGradGuard no_grad;
+      auto [m, s] = recipe_->encode_images(one);
+      it = st.latent_cache.emplace(batch.indices[i], std::make_pair(m.detach().clone(), s.detach().clone())).first;
     }
-    prune_checkpoints(cfg_.output_dir, cfg_.checkpoints_total_limit);
-    return final_dir;
-  };
+    means.push_back(it->second.first);
+    stds.push_back(it->second.second);
+  }
+  return std::make_pair(at::cat(means, 0), at::cat(stds, 0));
+}
 
-  const int B = cfg_.train_batch_size;
+// 3. One micro-step: the batch, the draws (in the documented order), the loss and its backward. Returns the
+// loss (backward ran on loss / accumulation steps).
+double Trainer::micro_step(State& st, int64_t micro) {
   const int accum = cfg_.gradient_accumulation_steps;
-  const bool tty = isatty(STDERR_FILENO) && !cfg_.quiet && log_level() != LogLevel::kQuiet && main;
-  const auto t_loop = std::chrono::steady_clock::now();
-  recipe_->train_mode(true);
-  DMX_CHECK_ARG(!cfg_.cache_latents || data_->latents_cacheable(),
-                "--cache-latents needs a dataset whose images never change: center crop and no random flip "
-                "(and not DreamBooth's mixed instance/class batches)");
-  // Latent cache: row index -> VAE posterior (mean, std), each row encoded alone so that the values do not
-  // depend on which batch first met the row (a resumed run computes the same values).
-  std::map<int64_t, std::pair<at::Tensor, at::Tensor>> latent_cache;
-  auto cached_posterior = [&](const Batch& batch) {
-    std::vector<at::Tensor> means, stds;
-    for (size_t i = 0; i < batch.indices.size(); ++i) {
-      auto it = latent_cache.find(batch.indices[i]);
-      if (it == latent_cache.end()) {
-        Batch one;
-        one.pixel_values = batch.pixel_values.narrow(0, static_cast<int64_t>(i), 1);
-        if (batch.conditioning.defined()) one.conditioning = batch.conditioning.narrow(0, static_cast<int64_t>(i), 1);
-        one.captions = {batch.captions.at(i)};
-        one.indices = {batch.indices[i]};
-        at::NoGradGuard no_grad;
-        auto [m, s] = recipe_->encode_images(one);
-        it = latent_cache.emplace(batch.indices[i], std::make_pair(m.detach().clone(), s.detach().clone())).first;
-      }
-      means.push_back(it->second.first);
-      stds.push_back(it->second.second);
-    }
-    return std::make_pair(at::cat(means, 0), at::cat(stds, 0));
-  };
-
-  // One micro-step: the scalar loss (already divided by the accumulation steps) after backward.
-  auto micro_step = [&](int64_t micro) -> double {
-    const Batch batch = data_->get(micro);
-    // Rows of this rank's batch: train_batch_size, or more when the recipe's source adds rows (DreamBooth's
-    // class images). The draws cover the rows of every rank.
-    DMX_CHECK_ARG(batch.pixel_values.defined() && batch.pixel_values.dim() == 4 && batch.pixel_values.size(0) > 0 &&
-                      batch.pixel_values.size(0) == static_cast<int64_t>(batch.captions.size()),
-                  "batch of micro-step ", micro, ": pixel_values must be [B, 3, H, W] with one caption per row");
-    const int64_t rows = batch.pixel_values.size(0);
-    const int64_t G = rows * world, r0 = rank * rows;
-    const at::Tensor custom = recipe_->custom_loss(batch, st.gen, r0, G);
-    if (custom.defined()) {
-      at::Tensor loss = recipe_->reduce_loss(custom, batch);
-      const double value = loss.item<double>();
-      DMX_CHECK_ARG(std::isfinite(value), "training loss is not finite (", value, ") at micro-step ", micro,
-                    "; lower --learning-rate or check the data");
-      (loss / static_cast<double>(accum)).backward();
-      return value;
-    }
-    DMX_CHECK_ARG(!cfg_.cache_latents || batch.indices.size() == batch.captions.size(),
-                  "--cache-latents: the batch source gives no row indices");
-    auto [mean, stdv] = cfg_.cache_latents ? cached_posterior(batch) : recipe_->encode_images(batch);  // [B, 4, h, w]
-    std::vector<int64_t> gshape(mean.sizes().begin(), mean.sizes().end());
-    gshape[0] = G;
-    const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    const at::Tensor post = at::randn(gshape, st.gen, f32).narrow(0, r0, rows);
-    const at::Tensor latents = (mean + stdv * post) * st.scaling_factor;
-    at::Tensor noise = at::randn(gshape, st.gen, f32).narrow(0, r0, rows);
-    if (cfg_.noise_offset > 0)
-      noise = noise + cfg_.noise_offset * at::randn({G, gshape[1], 1, 1}, st.gen, f32).narrow(0, r0, rows);
-    const at::Tensor t =
-        at::randint(st.num_train_timesteps, {G}, st.gen, at::TensorOptions().dtype(at::kLong)).narrow(0, r0, rows);
-    const at::Tensor noisy = ddpm_add_noise(st.alphas_cumprod, latents, noise, t);
-    at::Tensor ehs;
-    if (cfg_.proportion_empty_prompts > 0) {
-      const at::Tensor u = at::rand({G}, st.gen, f32).narrow(0, r0, rows);
-      Batch dropped = batch;
-      for (int64_t i = 0; i < rows; ++i)
-        if (u[i].item<double>() < cfg_.proportion_empty_prompts) dropped.captions[static_cast<size_t>(i)].clear();
-      ehs = recipe_->encode_prompt(dropped);
-    } else {
-      ehs = recipe_->encode_prompt(batch);
-    }
-    const at::Tensor target =
-        st.prediction_type == "epsilon" ? noise : ddpm_velocity(st.alphas_cumprod, latents, noise, t);
-    const at::Tensor pred = recipe_->predict(noisy, t, ehs, batch).to(at::kFloat);
-    at::Tensor per = (pred - target).pow(2).mean(std::vector<int64_t>{1, 2, 3});  // [B]
-    if (cfg_.snr_gamma > 0)
-      per = per * min_snr_weights(compute_snr(st.alphas_cumprod, t), cfg_.snr_gamma, st.prediction_type);
-    at::Tensor loss = recipe_->reduce_loss(per, batch);
+  const Batch batch = data_->get(micro);
+  // Rows of this rank's batch: train_batch_size, or more when the recipe's source adds rows (DreamBooth's
+  // class images). The draws cover the rows of every rank.
+  DMX_CHECK_ARG(batch.pixel_values.defined() && batch.pixel_values.dim() == 4 && batch.pixel_values.size(0) > 0 &&
+                    batch.pixel_values.size(0) == static_cast<int64_t>(batch.captions.size()),
+                "batch of micro-step ", micro, ": pixel_values must be [B, 3, H, W] with one caption per row");
+  const int64_t rows = batch.pixel_values.size(0);
+  const int64_t G = rows * st.world, r0 = st.rank * rows;
+  const at::Tensor custom = recipe_->custom_loss(batch, st.gen, r0, G);
+  if (custom.defined()) {
+    at::Tensor loss = recipe_->reduce_loss(custom, batch);
     const double value = loss.item<double>();
     DMX_CHECK_ARG(std::isfinite(value), "training loss is not finite (", value, ") at micro-step ", micro,
                   "; lower --learning-rate or check the data");
     (loss / static_cast<double>(accum)).backward();
     return value;
-  };
-
-  std::string last_ck;
-  const int64_t end_step =
-      cfg_.stop_at_step > 0 ? std::min(cfg_.stop_at_step, cfg_.max_train_steps) : cfg_.max_train_steps;
-  for (int64_t step = st.global_step; step < end_step; ++step) {
-    const auto t0 = std::chrono::steady_clock::now();
-    st.opt->zero_grad();
-    double loss_sum = 0;
-    for (int k = 0; k < accum; ++k) loss_sum += micro_step(step * accum + k);
-    double loss = loss_sum / accum;
-    if (dist_) {
-      dist_->all_reduce_mean_gradients([&] {
-        std::vector<at::Tensor> v;
-        for (auto& p : st.params) v.push_back(p.tensor);
-        return v;
-      }());
-      loss = dist_->all_reduce_mean(loss);
-    }
-    const double grad_norm = clip_grad_norm(st.params, cfg_.max_grad_norm);
-    const double lr =
-        cfg_.learning_rate * lr_lambda(cfg_.lr_scheduler, step, cfg_.lr_warmup_steps, cfg_.max_train_steps);
-    st.opt->step(lr);
-    if (st.ema) st.ema->step(st.params);
-    st.global_step = step + 1;
-
-    StepRecord rec;
-    rec.step = st.global_step;
-    rec.loss = loss;
-    rec.lr = lr;
-    rec.grad_norm = grad_norm;
-    rec.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    res.history.push_back(rec);
-    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
-    const double its = static_cast<double>(st.global_step - res.first_step) / std::max(elapsed, 1e-9);
-    if (log.is_open()) {
-      nlohmann::json j;
-      j["step"] = rec.step;
-      j["loss"] = rec.loss;
-      j["lr"] = rec.lr;
-      j["grad_norm"] = rec.grad_norm;
-      j["step_seconds"] = rec.seconds;
-      j["samples_per_s"] = its * static_cast<double>(B * world * accum);
-      j["elapsed_s"] = elapsed;
-      log << j.dump() << "\n";
-      log.flush();
-    }
-    if (tty) {
-      const int64_t done = st.global_step, total = cfg_.max_train_steps;
-      const int width = 24;
-      const int filled = static_cast<int>(width * done / total);
-      std::string bar(static_cast<size_t>(filled), '#');
-      bar.resize(width, '.');
-      std::fprintf(stderr, "\rtrain %s [%s] %lld/%lld loss %.4f lr %.2e %.2f it/s ETA %s   ", recipe_->name().c_str(),
-                   bar.c_str(), static_cast<long long>(done), static_cast<long long>(total), loss, lr, its,
-                   format_duration(static_cast<double>(total - done) / its).c_str());
-      if (done == total) std::fprintf(stderr, "\n");
-      std::fflush(stderr);
-    }
-    if (on_step) on_step(rec);
-    const bool last = st.global_step == end_step;
-    if (cfg_.checkpointing_steps > 0 && st.global_step % cfg_.checkpointing_steps == 0 && !last)
-      last_ck = save_checkpoint(st.global_step);
-    if (cfg_.validation_steps > 0 && st.global_step % cfg_.validation_steps == 0 && main) {
-      recipe_->train_mode(false);
-      {
-        std::unique_ptr<Float32Scope> fp32;
-        if (cfg_.mixed_precision == MixedPrecision::BF16) fp32 = std::make_unique<Float32Scope>(recipe_->models());
-        recipe_->validate(cfg_, st.global_step, cfg_.output_dir);
-      }
-      recipe_->train_mode(true);
-    }
   }
-  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
-  res.steps = st.global_step;
-  const double samples = static_cast<double>((res.steps - res.first_step) * B * world * accum);
-  res.samples_per_s = res.seconds > 0 ? samples / res.seconds : 0.0;
-  recipe_->train_mode(false);
+  DMX_CHECK_ARG(!cfg_.cache_latents || batch.indices.size() == batch.captions.size(),
+                "--cache-latents: the batch source gives no row indices");
+  auto [mean, stdv] = cfg_.cache_latents ? cached_posterior(st, batch) : recipe_->encode_images(batch);  // [B, 4, h, w]
+  std::vector<int64_t> gshape(mean.sizes().begin(), mean.sizes().end());
+  gshape[0] = G;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor post = at::randn(gshape, st.gen, f32).narrow(0, r0, rows);
+  const at::Tensor latents = (mean + stdv * post) * st.scaling_factor;
+  at::Tensor noise = at::randn(gshape, st.gen, f32).narrow(0, r0, rows);
+  if (cfg_.noise_offset > 0)
+    noise = noise + cfg_.noise_offset * at::randn({G, gshape[1], 1, 1}, st.gen, f32).narrow(0, r0, rows);
+  const at::Tensor t =
+      at::randint(st.num_train_timesteps, {G}, st.gen, at::TensorOptions().dtype(at::kLong)).narrow(0, r0, rows);
+  const at::Tensor noisy = ddpm_add_noise(st.alphas_cumprod, latents, noise, t);
+  at::Tensor ehs;
+  if (cfg_.proportion_empty_prompts > 0) {
+    const at::Tensor u = at::rand({G}, st.gen, f32).narrow(0, r0, rows);
+    Batch dropped = batch;
+    for (int64_t i = 0; i < rows; ++i)
+      if (u[i].item<double>() < cfg_.proportion_empty_prompts) dropped.captions[static_cast<size_t>(i)].clear();
+    ehs = recipe_->encode_prompt(dropped);
+  } else {
+    ehs = recipe_->encode_prompt(batch);
+  }
+  const at::Tensor target =
+      st.prediction_type == "epsilon" ? noise : ddpm_velocity(st.alphas_cumprod, latents, noise, t);
+  const at::Tensor pred = recipe_->predict(noisy, t, ehs, batch).to(at::kFloat);
+  at::Tensor per = (pred - target).pow(2).mean(std::vector<int64_t>{1, 2, 3});  // [B]
+  if (cfg_.snr_gamma > 0)
+    per = per * min_snr_weights(compute_snr(st.alphas_cumprod, t), cfg_.snr_gamma, st.prediction_type);
+  at::Tensor loss = recipe_->reduce_loss(per, batch);
+  const double value = loss.item<double>();
+  DMX_CHECK_ARG(std::isfinite(value), "training loss is not finite (", value, ") at micro-step ", micro,
+                "; lower --learning-rate or check the data");
+  (loss / static_cast<double>(accum)).backward();
+  return value;
+}
+
+// 4. One optimizer step: the accumulated micro-steps, the mean over ranks, clipping, the LR schedule, AdamW and
+// EMA.
+StepRecord Trainer::optimizer_step(State& st, int64_t step) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const int accum = cfg_.gradient_accumulation_steps;
   st.opt->zero_grad();
-  if (cfg_.save_final_checkpoint) last_ck = save_checkpoint(st.global_step);
-  res.last_checkpoint = last_ck;
-  if (main && !cfg_.output.empty() && st.global_step == cfg_.max_train_steps) {
-    if (st.ema) {
-      // The result carries the EMA weights; the live weights are put back afterwards.
-      std::vector<at::Tensor> live;
-      for (auto& p : st.params) live.push_back(p.tensor.detach().clone());
-      st.ema->copy_to(st.params);
-      recipe_->save(cfg_.output);
-      at::NoGradGuard no_grad;
-      for (size_t i = 0; i < live.size(); ++i) st.params[i].tensor.copy_(live[i]);
-    } else {
-      recipe_->save(cfg_.output);
-    }
+  double loss_sum = 0;
+  for (int k = 0; k < accum; ++k) loss_sum += micro_step(st, step * accum + k);
+  double loss = loss_sum / accum;
+  if (dist_) {
+    dist_->all_reduce_mean_gradients([&] {
+      std::vector<at::Tensor> v;
+      for (auto& p : st.params) v.push_back(p.tensor);
+      return v;
+    }());
+    loss = dist_->all_reduce_mean(loss);
   }
-  if (dist_) dist_->barrier();
-  res.peak_rss_bytes = peak_rss_bytes();
-  return res;
+  const double grad_norm = clip_grad_norm(st.params, cfg_.max_grad_norm);
+  const double lr = cfg_.learning_rate * lr_lambda(cfg_.lr_scheduler, step, cfg_.lr_warmup_steps, cfg_.max_train_steps);
+  st.opt->step(lr);
+  if (st.ema) st.ema->step(st.params);
+  st.global_step = step + 1;
+
+  StepRecord rec;
+  rec.step = st.global_step;
+  rec.loss = loss;
+  rec.lr = lr;
+  rec.grad_norm = grad_norm;
+  rec.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return rec;
+}
+
+// 5. The log line, the progress line and the on_step observer.
+void Trainer::report(State& st, const StepRecord& rec) {
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - st.t_loop).count();
+  const double its = static_cast<double>(st.global_step - st.first_step) / std::max(elapsed, 1e-9);
+  if (st.log.is_open()) {
+    nlohmann::json j;
+    j["step"] = rec.step;
+    j["loss"] = rec.loss;
+    j["lr"] = rec.lr;
+    j["grad_norm"] = rec.grad_norm;
+    j["step_seconds"] = rec.seconds;
+    j["samples_per_s"] = its * static_cast<double>(cfg_.train_batch_size * st.world * cfg_.gradient_accumulation_steps);
+    j["elapsed_s"] = elapsed;
+    st.log << j.dump() << "\n";
+    st.log.flush();
+    if (!st.log.good()) throw_write_error("cannot write " + join_path(cfg_.output_dir, "train_log.jsonl"), errno);
+  }
+  if (st.tty) {
+    const int64_t done = st.global_step, total = cfg_.max_train_steps;
+    const int width = 24;
+    const int filled = static_cast<int>(width * done / total);
+    std::string bar(static_cast<size_t>(filled), '#');
+    bar.resize(width, '.');
+    std::fprintf(stderr, "\rtrain %s [%s] %lld/%lld loss %.4f lr %.2e %.2f it/s ETA %s   ", recipe_->name().c_str(),
+                 bar.c_str(), static_cast<long long>(done), static_cast<long long>(total), rec.loss, rec.lr, its,
+                 format_duration(static_cast<double>(total - done) / its).c_str());
+    if (done == total) std::fprintf(stderr, "\n");
+    std::fflush(stderr);
+  }
+  if (on_step) on_step(rec);
+}
+
+// 6. Validation images (rank 0), in eval mode and, with --mixed-precision bf16, in float32.
+void Trainer::validate(State& st) {
+  recipe_->train_mode(false);
+  {
+    std::unique_ptr<Float32Scope> fp32;
+    if (cfg_.mixed_precision == MixedPrecision::BF16) fp32 = std::make_unique<Float32Scope>(recipe_->models());
+    recipe_->validate(cfg_, st.global_step, cfg_.output_dir);
+  }
+  recipe_->train_mode(true);
+}
+
+// 7. The result (rank 0). With EMA it carries the EMA weights; the live weights are put back afterwards.
+void Trainer::save_result(State& st) {
+  if (!st.ema) {
+    recipe_->save(cfg_.output);
+    return;
+  }
+  std::vector<at::Tensor> live;
+  for (auto& p : st.params) live.push_back(p.tensor.detach().clone());
+  st.ema->copy_to(st.params);
+  recipe_->save(cfg_.output);
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < live.size(); ++i) st.params[i].tensor.copy_(live[i]);
 }
 
 }  // namespace dmx::training

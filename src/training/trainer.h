@@ -34,7 +34,8 @@
 #include <vector>
 
 #include "io/safetensors.h"
-#include "pipelines/model_bundle.h"
+#include "loaders/model_bundle.h"
+#include "models/controlnet.h"
 #include "training/dataset.h"
 
 namespace dmx::training {
@@ -47,9 +48,37 @@ const char* lr_schedule_name(LRSchedule s);
 enum class MixedPrecision { No, BF16 };
 MixedPrecision parse_mixed_precision(const std::string& s);  // no | fp32 | bf16
 
+// Size limits of a training step (docs/limits.md), checked with the options before anything loads: the
+// per-process batch of --batch-size images at --resolution^2 pixels holds at most kMaxBatchPixels pixels
+// (16 images at 512, 1024 at 64); larger effective batches come from --gradient-accumulation-steps.
+constexpr int kMaxBatchSize = 1024;
+constexpr int64_t kMaxBatchPixels = 2048ll * 2048;
+// InvalidArgument naming --batch-size, the rule and the limits.
+void check_batch_size(int64_t batch_size, int64_t resolution);
+
+// Text-to-image for validation images and DreamBooth's class images. Training never runs a pipeline itself:
+// the caller passes this callback (api/train.cpp: the Stable Diffusion pipeline), so the training layer
+// depends on loaders and models only.
+struct SampleRequest {
+  std::string prompt;
+  int width = 0, height = 0;  // 0 = the model's default size
+  int num_inference_steps = 20;
+  int num_images = 1;
+  double guidance_scale = 7.5;
+  uint64_t seed = 0;
+  // Optional ControlNet at scale 1 on control_image ([1, C, H, W] float32 in [0, 1], the output size).
+  models::ControlNetModel controlnet{nullptr};
+  at::Tensor control_image;
+};
+// Returns the images: [N, H, W, 3] float32 in [0, 1].
+using SampleImages =
+    std::function<at::Tensor(std::shared_ptr<loaders::StableDiffusionModels> models, const SampleRequest& request)>;
+
 struct TrainConfig {
   // Where the recipe writes its result (file or folder) and where checkpoints, the JSONL log and
-  // validation images go (default: "<output>.train").
+  // validation images go (default: "<output>.train"). At the start, rank 0 removes what killed runs left there
+  // (checkpoint-N.tmp.<pid> of dead processes) and, on resume, cuts train_log.jsonl back to the resumed step.
+  // Whether output and output_dir may be written at all is the caller's check (api::OutputPlan).
   std::string output;
   std::string output_dir;
 
@@ -101,6 +130,8 @@ struct TrainConfig {
   std::string validation_prompt;
   int num_validation_images = 1;
   int validation_inference_steps = 20;
+  // Draws the validation images of the recipes that sample (all but the VAE's reconstructions).
+  SampleImages sample_images;
 
   bool quiet = false;
   bool write_log = true;  // <output_dir>/train_log.jsonl, one line per optimizer step
@@ -144,11 +175,11 @@ class DatasetBatchSource : public BatchSource {
 // What a recipe provides to the loop. The default hooks do what train_text_to_image.py does.
 class Recipe {
  public:
-  explicit Recipe(std::shared_ptr<pipelines::StableDiffusionModels> models) : models_(std::move(models)) {}
+  explicit Recipe(std::shared_ptr<loaders::StableDiffusionModels> models) : models_(std::move(models)) {}
   virtual ~Recipe() = default;
   virtual std::string name() const = 0;
-  pipelines::StableDiffusionModels& models() { return *models_; }
-  std::shared_ptr<pipelines::StableDiffusionModels> models_ptr() { return models_; }
+  loaders::StableDiffusionModels& models() { return *models_; }
+  std::shared_ptr<loaders::StableDiffusionModels> models_ptr() { return models_; }
 
   // Called once before the loop: freeze what is frozen, cast frozen parts for mixed precision, enable
   // gradient checkpointing, create adapters.
@@ -178,7 +209,8 @@ class Recipe {
   virtual at::Tensor reduce_loss(const at::Tensor& per_example, const Batch& batch);
   // Writes the result (called on rank 0 only; with EMA the EMA weights are in place during the call).
   virtual void save(const std::string& path) = 0;
-  // Validation images into out_dir (rank 0 only). Default: txt2img of cfg.validation_prompt. Runs in float32:
+  // Validation images into out_dir (rank 0 only). Default: txt2img of cfg.validation_prompt through
+  // cfg.sample_images. Runs in float32:
   // with --mixed-precision bf16 the trainer casts the frozen bf16 modules to float32 around the call.
   virtual void validate(const TrainConfig& cfg, int64_t step, const std::string& out_dir);
   // Recipe state beyond the trainable parameters for checkpoints (none for the built-in recipes).
@@ -186,11 +218,15 @@ class Recipe {
   virtual void load_extra_state(const io::TensorMap& s) {}
 
  protected:
-  std::shared_ptr<pipelines::StableDiffusionModels> models_;
+  std::shared_ptr<loaders::StableDiffusionModels> models_;
 };
 
 // ---- pieces of the loop, exposed for tests and other recipes ----
 
+// cfg.sample_images with the validation settings (InvalidArgument when the callback is missing).
+at::Tensor sample_validation_images(const std::shared_ptr<loaders::StableDiffusionModels>& models,
+                                    const TrainConfig& cfg, const models::ControlNetModel& controlnet = nullptr,
+                                    const at::Tensor& control_image = {});
 // Writes images ([N, H, W, 3] in [0, 1]) as <out_dir>/validation-<step>-<i>.png with the prompt as metadata.
 void save_validation_images(const at::Tensor& images, const TrainConfig& cfg, int64_t step, const std::string& out_dir);
 
@@ -268,12 +304,26 @@ struct TrainResult {
   double samples_per_s = 0;   // global examples per second over the loop
   size_t peak_rss_bytes = 0;  // VmHWM of this process
   std::string last_checkpoint;
+  bool wrote_output = false;  // cfg.output was written (rank 0, all steps done)
 };
 
 // A checkpoint folder's files: trainable.safetensors (parameters), optimizer.safetensors (AdamW + EMA +
 // recipe state + RNG state), trainer_state.json (counters, config summary). Written into a temporary
 // folder and renamed, so a checkpoint is complete or absent.
-std::string find_latest_checkpoint(const std::string& dir_or_checkpoint);  // IoError when none
+std::string find_latest_checkpoint(const std::string& dir_or_checkpoint);  // InvalidArgument when none
+// The global step a checkpoint folder records (FormatError naming the file when trainer_state.json is malformed).
+int64_t checkpoint_global_step(const std::string& checkpoint_dir);
+
+// ---- the training folder (output_dir) ----
+// Steps of the checkpoint-N folders of dir, ascending (complete or not).
+std::vector<int64_t> checkpoint_steps(const std::string& dir);
+// Whether a name in a training folder is one the trainer writes: checkpoint-N, train_log.jsonl,
+// validation-<step>-<i>.png, reconstruction-<step>.png, or a temporary of one of these ("<name>.tmp.<pid>").
+bool is_training_entry(const std::string& name);
+// Removes the trainer's own entries of dir that belong to steps after `after_step`; with after_step < 0 all of
+// them, train_log.jsonl included. Anything else in dir is left alone. A folder is renamed to a temporary first,
+// so an interruption leaves a temporary (removed at the next start) and never a half-deleted checkpoint.
+void remove_training_entries(const std::string& dir, int64_t after_step);
 
 class Trainer {
  public:
@@ -289,6 +339,18 @@ class Trainer {
 
  private:
   struct State;
+  // The steps of run(), in order (trainer.cpp).
+  void prepare(State& st);
+  void resume(State& st);
+  void open_log(State& st, bool append);
+  StepRecord optimizer_step(State& st, int64_t step);
+  double micro_step(State& st, int64_t micro);
+  std::pair<at::Tensor, at::Tensor> cached_posterior(State& st, const Batch& batch);
+  void report(State& st, const StepRecord& rec);
+  void validate(State& st);
+  std::string save_checkpoint(State& st, int64_t step);
+  void save_result(State& st);
+
   TrainConfig cfg_;
   std::shared_ptr<Recipe> recipe_;
   std::shared_ptr<BatchSource> data_;

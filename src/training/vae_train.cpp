@@ -11,7 +11,7 @@
 
 namespace dmx::training {
 
-VAERecipe::VAERecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, VAETrainOptions o)
+VAERecipe::VAERecipe(std::shared_ptr<loaders::StableDiffusionModels> m, VAETrainOptions o)
     : Recipe(std::move(m)), o_(o) {
   DMX_CHECK_ARG(std::isfinite(o_.kl_weight) && o_.kl_weight >= 0, "--kl-weight must be >= 0, got ", o_.kl_weight);
   DMX_CHECK_ARG(std::isfinite(o_.mse_weight) && o_.mse_weight >= 0, "--mse-weight must be >= 0, got ", o_.mse_weight);
@@ -85,7 +85,7 @@ at::Tensor VAERecipe::predict(const at::Tensor&, const at::Tensor&, const at::Te
 void VAERecipe::save(const std::string& dir) {
   auto& m = models();
   nlohmann::ordered_json cfg =
-      nlohmann::ordered_json::parse(read_text_file(join_path(m.source_path, "vae/config.json"), "vae config"));
+      nlohmann::ordered_json::parse(read_text_file(join_path(m.source_path, "vae/config.json"), "vae config", kMaxJsonFileBytes));
   cfg["scaling_factor"] = 1.0 / latent_std();
   const std::string text = cfg.dump(2) + "\n";
   save_diffusers_folder(m.source_path, dir, *m.unet, nullptr, m.vae.get(), text);

@@ -26,7 +26,7 @@ struct VAETrainOptions {
 
 class VAERecipe : public Recipe {
  public:
-  VAERecipe(std::shared_ptr<pipelines::StableDiffusionModels> m, VAETrainOptions o);
+  VAERecipe(std::shared_ptr<loaders::StableDiffusionModels> m, VAETrainOptions o);
   std::string name() const override { return "vae"; }
   void setup(const TrainConfig& cfg) override;
   std::vector<NamedParameter> trainable_parameters() override;

@@ -1,0 +1,2 @@
+#pragma once
+#include "io/b.h"  // up: core uses nothing

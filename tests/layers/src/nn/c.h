@@ -1,0 +1,3 @@
+#pragma once
+#include "core/d.h"  // down: allowed
+#include "io/b.h"  // sideways: nn does not use io
