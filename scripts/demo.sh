@@ -269,8 +269,10 @@ if [ -e "$CONTROLNET" ]; then
   ids=()
   i=0
   for p in "" "grinning face" "red apple"; do
+    save=()  # the control map is the same for every prompt: saved once (dmx never overwrites without --overwrite)
+    [ "$i" = 0 ] && save=(--save-control-image "$OUT/controlnet/control.png")
     run "controlnet_$i" "${GEN[@]}" "${SIZE_ARGS[@]}" --controlnet "$CONTROLNET" --control-image "$OUT/$edges" \
-      --save-control-image "$OUT/controlnet/control.png" --prompt "$p" --output "$OUT/controlnet/$i.png"
+      "${save[@]}" --prompt "$p" --output "$OUT/controlnet/$i.png"
     f1=$(file_metric --edge-f1 "$OUT/controlnet/$i.png" --reference "$OUT/$edges")
     figs+=$(fig "controlnet/$i.png" "$(q "$p")$(with_metric "edge F1" "$f1")")
     ids+=("controlnet_$i=$(q "$p"); control scale 1.0; $COMMON_PARAMS")

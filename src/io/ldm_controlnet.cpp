@@ -42,32 +42,15 @@ json detect_ldm_controlnet_config(const TensorMap& ckpt, const json& yaml) {
   auto s = [](auto v) { return std::to_string(v); };
   const at::Tensor& conv_in = need(ckpt, p + "input_blocks.0.0.weight", what);  // [C0, in, 3, 3]
   DMX_CHECK_FORMAT(conv_in.dim() == 4, "ControlNet: conv_in weight must be 4-D, got ", conv_in.sizes());
-  std::set<int64_t> inputs = indices(ckpt, p + "input_blocks.");
-  inputs.erase(0);
-  DMX_CHECK_FORMAT(!inputs.empty(), "ControlNet: checkpoint has no ", p, "input_blocks.1.*");
-  const int64_t M = *inputs.rbegin();
-  std::vector<int64_t> ops;
-  for (int64_t i : inputs)
-    if (has(ckpt, p + "input_blocks." + s(i) + ".0.op.weight")) ops.push_back(i);
-  const int64_t L = ops.empty() ? M : ops[0] - 1;
-  const int64_t nb = static_cast<int64_t>(ops.size()) + 1;
-  bool layout_ok = L >= 1 && M == nb * (L + 1) - 1 && contiguous_from(inputs, 1, M);
-  for (size_t k = 0; layout_ok && k < ops.size(); ++k) layout_ok = ops[k] == static_cast<int64_t>(k + 1) * (L + 1);
-  layout_ok = layout_ok && contiguous_from(indices(ckpt, p + "zero_convs."), 0, M + 1);
+  InputBlocks in = input_blocks(ckpt, p, what);
+  const int64_t M = in.M, L = in.L;
+  const bool layout_ok = in.layout_ok && contiguous_from(indices(ckpt, p + "zero_convs."), 0, M + 1);
   DMX_CHECK_FORMAT(layout_ok, "ControlNet: unrecognised input_blocks/zero_convs layout (", M, " input blocks, ",
-                   ops.size(), " downsamplers)");
+                   in.ops.size(), " downsamplers)");
 
-  json block_out = json::array(), down = json::array();
-  std::vector<int64_t> channels, depth;
-  for (int64_t b = 0; b < nb; ++b) {
-    const std::string first = "input_blocks." + s(1 + b * (L + 1));
-    const int64_t c = need(ckpt, p + first + ".0.out_layers.3.weight", what).size(0);
-    channels.push_back(c);
-    block_out.push_back(c);
-    const bool attn = has(ckpt, p + first + ".1.proj_in.weight");
-    down.push_back(attn ? "CrossAttnDownBlock2D" : "DownBlock2D");
-    if (attn) depth.push_back(static_cast<int64_t>(indices(ckpt, p + first + ".1.transformer_blocks.").size()));
-  }
+  json block_out = std::move(in.block_out), down = std::move(in.down);
+  std::vector<int64_t> channels = std::move(in.channels), depth = std::move(in.depth);
+
   DMX_CHECK_FORMAT(has(ckpt, p + "middle_block.1.proj_in.weight"), "ControlNet: checkpoint has no mid-block "
                    "attention (", p, "middle_block.1.*)");
   if (depth.empty()) depth.push_back(static_cast<int64_t>(indices(ckpt, p + "middle_block.1.transformer_blocks.").size()));

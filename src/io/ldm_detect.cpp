@@ -28,34 +28,16 @@ json detect_ldm_unet_config(const TensorMap& ckpt, const json& yaml) {
                    conv_in.sizes(), " and ", conv_out.sizes());
 
   // Layout: input_blocks 1..M are nb blocks of L layers, with a downsampler (…0.op) after all but the last.
-  std::set<int64_t> inputs = indices(ckpt, p + "input_blocks.");
-  inputs.erase(0);
-  DMX_CHECK_FORMAT(!inputs.empty(), "UNet: checkpoint has no ", p, "input_blocks.1.*");
-  const int64_t M = *inputs.rbegin();
-  std::vector<int64_t> ops;
-  for (int64_t i : inputs)
-    if (has(ckpt, p + "input_blocks." + s(i) + ".0.op.weight")) ops.push_back(i);
-  const int64_t L = ops.empty() ? M : ops[0] - 1;
-  const int64_t nb = static_cast<int64_t>(ops.size()) + 1;
-  bool layout_ok = L >= 1 && M == nb * (L + 1) - 1 && contiguous_from(inputs, 1, M);
-  for (size_t k = 0; layout_ok && k < ops.size(); ++k) layout_ok = ops[k] == static_cast<int64_t>(k + 1) * (L + 1);
+  InputBlocks in = input_blocks(ckpt, p, what);
+  const int64_t M = in.M, L = in.L, nb = in.nb;
   const std::set<int64_t> outputs = indices(ckpt, p + "output_blocks.");
-  layout_ok = layout_ok && contiguous_from(outputs, 0, nb * (L + 1));
+  const bool layout_ok = in.layout_ok && contiguous_from(outputs, 0, nb * (L + 1));
   DMX_CHECK_FORMAT(layout_ok, "UNet: unrecognised input_blocks/output_blocks layout (", M, " input blocks, ",
-                   ops.size(), " downsamplers, ", outputs.size(), " output blocks)");
+                   in.ops.size(), " downsamplers, ", outputs.size(), " output blocks)");
 
-  json block_out = json::array(), down = json::array(), up = json::array();
-  std::vector<int64_t> channels;
-  std::vector<int64_t> depth;  // transformer blocks per attention, per down block with attention
-  for (int64_t b = 0; b < nb; ++b) {
-    const std::string first = "input_blocks." + s(1 + b * (L + 1));
-    const int64_t c = need(ckpt, p + first + ".0.out_layers.3.weight", what).size(0);
-    channels.push_back(c);
-    block_out.push_back(c);
-    const bool attn = has(ckpt, p + first + ".1.proj_in.weight");
-    down.push_back(attn ? "CrossAttnDownBlock2D" : "DownBlock2D");
-    if (attn) depth.push_back(static_cast<int64_t>(indices(ckpt, p + first + ".1.transformer_blocks.").size()));
-  }
+  json block_out = std::move(in.block_out), down = std::move(in.down), up = json::array();
+  std::vector<int64_t> channels = std::move(in.channels);
+  std::vector<int64_t> depth = std::move(in.depth);  // transformer blocks per attention block
   for (int64_t u = 0; u < nb; ++u)
     up.push_back(has(ckpt, p + "output_blocks." + s(u * (L + 1)) + ".1.proj_in.weight") ? "CrossAttnUpBlock2D"
                                                                                         : "UpBlock2D");

@@ -268,6 +268,33 @@ bool is_v_model(const TensorMap& ckpt, const json& yaml) {
 
 int64_t image_size(const TensorMap& ckpt, const json& yaml) { return is_v_model(ckpt, yaml) ? 768 : 512; }
 
+InputBlocks input_blocks(const TensorMap& ckpt, const std::string& p, const char* component) {
+  auto s = [](int64_t v) { return std::to_string(v); };
+  InputBlocks b;
+  std::set<int64_t> inputs = indices(ckpt, p + "input_blocks.");
+  inputs.erase(0);
+  DMX_CHECK_FORMAT(!inputs.empty(), component, ": checkpoint has no ", p, "input_blocks.1.*");
+  b.M = *inputs.rbegin();
+  for (int64_t i : inputs)
+    if (has(ckpt, p + "input_blocks." + s(i) + ".0.op.weight")) b.ops.push_back(i);
+  b.L = b.ops.empty() ? b.M : b.ops[0] - 1;
+  b.nb = static_cast<int64_t>(b.ops.size()) + 1;
+  b.layout_ok = b.L >= 1 && b.M == b.nb * (b.L + 1) - 1 && contiguous_from(inputs, 1, b.M);
+  for (size_t k = 0; b.layout_ok && k < b.ops.size(); ++k)
+    b.layout_ok = b.ops[k] == static_cast<int64_t>(k + 1) * (b.L + 1);
+  if (!b.layout_ok) return b;
+  for (int64_t k = 0; k < b.nb; ++k) {
+    const std::string first = "input_blocks." + s(1 + k * (b.L + 1));
+    const int64_t c = need(ckpt, p + first + ".0.out_layers.3.weight", component).size(0);
+    b.channels.push_back(c);
+    b.block_out.push_back(c);
+    const bool attn = has(ckpt, p + first + ".1.proj_in.weight");
+    b.down.push_back(attn ? "CrossAttnDownBlock2D" : "DownBlock2D");
+    if (attn) b.depth.push_back(static_cast<int64_t>(indices(ckpt, p + first + ".1.transformer_blocks.").size()));
+  }
+  return b;
+}
+
 }  // namespace ldm
 
 using namespace ldm;

@@ -148,6 +148,19 @@ bool yaml_says_v(const json& yaml);
 bool is_v_model(const TensorMap& ckpt, const json& yaml);
 int64_t image_size(const TensorMap& ckpt, const json& yaml);
 
+// The down path of an LDM UNet or ControlNet under `prefix`: input_blocks 1..M are nb blocks of L layers, with a
+// downsampler (…0.op) after all but the last; per block its channels and whether it has attention (and its
+// transformer depth). `layout_ok` says whether the input_blocks follow that layout (callers add their own
+// output/zero-conv checks and the error).
+struct InputBlocks {
+  int64_t M = 0, L = 0, nb = 0;
+  std::vector<int64_t> ops;
+  bool layout_ok = false;
+  json block_out = json::array(), down = json::array();
+  std::vector<int64_t> channels, depth;
+};
+InputBlocks input_blocks(const TensorMap& ckpt, const std::string& prefix, const char* component);
+
 inline constexpr std::string_view kConfigHint =
     " Pass `--config DIR`, a diffusers folder whose <component>/config.json describes this model.";
 
