@@ -5,7 +5,7 @@ A refactor of the generation core must not change what a seed produces. This rec
 (--save-latents) and the PNGs of a fixed set of `dmx` runs on the tiny sd15 fixture model (txt2img with
 several schedulers, LoRA, one and two ControlNets, img2img, blended editing, Prompt-to-Prompt with and
 without (null-text) inversion, DiffEdit), plus, when the test binary is given, the in-process tensors of
-`BitIdentityDump.*` (Prompt-to-Prompt latents and null-text embeddings, which the CLI does not write),
+`BitIdentityDumpGolden.*` (Prompt-to-Prompt latents and null-text embeddings, which the CLI does not write),
 then compares two such recordings: every tensor must have max abs diff 0 and every PNG the same bytes.
 
   scripts/bit_identity.py record OUT_DIR [--dmx build/dmx] [--tests build/dmx_tests]
@@ -139,9 +139,9 @@ def record(args):
     if args.tests:
         dump = os.path.join(out, "inprocess")
         os.makedirs(dump, exist_ok=True)
-        r = subprocess.run([args.tests, "--gtest_filter=BitIdentityDump.*"], capture_output=True, text=True,
+        r = subprocess.run([args.tests, "--gtest_filter=BitIdentityDumpGolden.*"], capture_output=True, text=True,
                            env=dict(env, DMX_BIT_IDENTITY_DIR=dump))
-        print(f"{'in-process (BitIdentityDump.*)':32s} {'ok' if r.returncode == 0 else 'FAILED'}", flush=True)
+        print(f"{'in-process (BitIdentityDumpGolden.*)':32s} {'ok' if r.returncode == 0 else 'FAILED'}", flush=True)
         if r.returncode != 0 or not os.listdir(dump):
             sys.exit(r.stdout + r.stderr)
 
@@ -229,7 +229,7 @@ def main():
     r = sub.add_parser("record")
     r.add_argument("out")
     r.add_argument("--dmx", default=os.path.join(REPO, "build", "dmx"))
-    r.add_argument("--tests", default="", help="dmx_tests binary: also record BitIdentityDump.* (in-process)")
+    r.add_argument("--tests", default="", help="dmx_tests binary: also record BitIdentityDumpGolden.* (in-process)")
     c = sub.add_parser("compare")
     c.add_argument("before")
     c.add_argument("after")

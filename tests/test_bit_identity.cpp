@@ -65,7 +65,7 @@ io::TensorMap steps_of(const std::vector<at::Tensor>& steps) {
   return t;
 }
 
-TEST(BitIdentityDump, StableDiffusion) {
+TEST(BitIdentityDumpGolden, StableDiffusion) {
   DMX_REQUIRE_DUMP_DIR();
   pipelines::StableDiffusionPipeline pipe(sd15());
   for (const std::string sched : {"ddim", "euler_a", "dpmpp_2m", "pndm", "lms"}) {
@@ -99,7 +99,7 @@ TEST(BitIdentityDump, StableDiffusion) {
   save("sd_img2img", {{"latents", pipe.run(p).latents}});
 }
 
-TEST(BitIdentityDump, PromptToPrompt) {
+TEST(BitIdentityDumpGolden, PromptToPrompt) {
   DMX_REQUIRE_DUMP_DIR();
   auto m = sd15();
   pipelines::PromptToPromptPipeline pipe(m);
@@ -157,7 +157,7 @@ TEST(BitIdentityDump, PromptToPrompt) {
   save("null_text", nt);
 }
 
-TEST(BitIdentityDump, DiffEdit) {
+TEST(BitIdentityDumpGolden, DiffEdit) {
   DMX_REQUIRE_DUMP_DIR();
   pipelines::DiffEditPipeline pipe(sd15());
   auto gen = at::make_generator<at::CPUGeneratorImpl>(300);
@@ -191,7 +191,7 @@ TEST(BitIdentityDump, DiffEdit) {
        {{"mask", mask.mask}, {"guidance_map", mask.guidance_map}, {"inverted", inv.latents}, {"latents", out.latents}});
 }
 
-TEST(BitIdentityDump, Blended) {
+TEST(BitIdentityDumpGolden, Blended) {
   DMX_REQUIRE_DUMP_DIR();
   pipelines::BlendedLatentDiffusionPipeline pipe(sd15());
   for (auto variant : {pipelines::BlendVariant::kInpaint, pipelines::BlendVariant::kLegacy}) {

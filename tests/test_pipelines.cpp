@@ -202,7 +202,7 @@ void expect_message(const std::function<void()>& f, const std::string& needle) {
 }
 
 // The generation core's rules: one function per shared parameter, naming the parameter as the caller spells it.
-TEST(GenerationCore, OneRulePerSharedParameter) {
+TEST(GenerationCoreUnit, OneRulePerSharedParameter) {
   using namespace pipelines;
   expect_message<InvalidArgument>([] { check_guidance_scale(101); }, "guidance_scale must be in [0, 100], got 101");
   expect_message<InvalidArgument>([] { check_guidance_scale(-1, "--guidance-scale"); },
@@ -218,7 +218,7 @@ TEST(GenerationCore, OneRulePerSharedParameter) {
 }
 
 // diffusers' get_timesteps: t_start = steps - int(steps * strength), times the scheduler order.
-TEST(GenerationCore, StrengthFirstStep) {
+TEST(GenerationCoreUnit, StrengthFirstStep) {
   using namespace pipelines;
   EXPECT_EQ(strength_start_index(10, 0.6), 4);
   EXPECT_EQ(strength_start_index(10, 1.0), 0);
@@ -236,10 +236,9 @@ TEST(GenerationCore, StrengthFirstStep) {
 
 // Prompt batching for guidance (negative rows first, repeated per image) and the one guided prediction:
 // eps_u + g (eps_c - eps_u) over one UNet batch, the conditional prediction alone without guidance.
-TEST(GenerationCore, PromptBatchAndGuidedNoisePrediction) {
-  DMX_REQUIRE_FIXTURES();
+TEST(GenerationCoreTiny, PromptBatchAndGuidedNoisePrediction) {
   using namespace pipelines;
-  auto m = load_model("test");
+  auto m = shared_tiny_model("test");
   GenerationParams p;
   p.prompt = "a red apple";
   p.negative_prompt = "blurry";
