@@ -1,6 +1,6 @@
-// The attention seam (nn/attention_seam.h): sites known from the module paths, per-call context, controllers
-// and processors installed by RAII guards that restore the model, the fast path untouched when nothing is
-// installed, and autograd through the seam.
+// The attention seam (nn/attention_seam.h): sites known from the module paths, per-call context, controllers,
+// processors and key/value input hooks installed by RAII guards that restore the model, the fast path untouched
+// when nothing is installed, and autograd through the seam.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -234,6 +234,85 @@ TEST(AttentionSeamTiny, AutogradFlowsThroughTheSeam) {
     EXPECT_GT(g.abs().max().item<double>(), 0.0);
     EXPECT_TRUE(at::isfinite(g).all().item<bool>());
   }
+}
+
+// Input hooks see what each layer's key and value projections read (the text for cross-attention, the layer's
+// own normalised input for self-attention), chain in installation order, change only what they return, and are
+// gone with their guard; a hook returning another shape is an error naming the site.
+class KeyValueHook : public nn::AttentionInputHook {
+ public:
+  KeyValueHook(bool cross_only, double value_scale) : cross_only_(cross_only), value_scale_(value_scale) {}
+  bool wants(const nn::AttentionSite& s) const override { return !cross_only_ || s.is_cross; }
+  nn::KeyValueInputs on_key_value_inputs(const nn::AttentionSite& s, const nn::AttentionContext&,
+                                         nn::KeyValueInputs in) override {
+    seen.emplace_back(s.path, in.key.size(-1));
+    if (wrong_shape) return {in.key.narrow(-1, 0, 1), in.value};
+    return {in.key, in.value * value_scale_};
+  }
+  std::vector<std::pair<std::string, int64_t>> seen;
+  bool wrong_shape = false;
+
+ private:
+  bool cross_only_;
+  double value_scale_;
+};
+
+TEST(AttentionSeamTiny, InputHooksSeeKeyValueInputsAndRestore) {
+  auto unet = tiny_unet();
+  const auto in = tiny_inputs();
+  at::NoGradGuard no_grad;
+  const at::Tensor plain = unet->forward(in);
+  auto seam = nn::assign_attention_sites(*unet);
+  auto identity = std::make_shared<KeyValueHook>(false, 1.0);
+  auto zero_cross = std::make_shared<KeyValueHook>(true, 0.0);
+  {
+    nn::ScopedAttentionInputHook g(*unet, identity);
+    EXPECT_FALSE(seam->active());  // input hooks keep the fast score computation
+    EXPECT_TRUE(unet->forward(in).equal(plain));
+    ASSERT_EQ(identity->seen.size(), 8u);
+    EXPECT_EQ(identity->seen[0], std::make_pair(std::string("down_blocks.0.attentions.0.transformer_blocks.0.attn1"),
+                                                int64_t{32}));  // self-attention reads the block's own width
+    EXPECT_EQ(identity->seen[1].second, 16);                    // cross-attention reads the text
+    EXPECT_EQ(identity->seen[2].second, 64);                    // mid block self-attention
+    {
+      nn::ScopedAttentionInputHook z(*unet, zero_cross);
+      ASSERT_EQ(seam->input_hooks.size(), 2u);
+      EXPECT_EQ(seam->input_hooks[0], identity);  // installation order
+      EXPECT_GT((unet->forward(in) - plain).abs().max().item<double>(), 1e-4);
+      EXPECT_EQ(zero_cross->seen.size(), 4u);  // cross sites only
+    }
+    EXPECT_TRUE(unet->forward(in).equal(plain));
+    identity->wrong_shape = true;
+    try {
+      unet->forward(in);
+      ADD_FAILURE() << "expected InvalidArgument";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("attention input hook at down_blocks.0.attentions.0.transformer_blocks.0."
+                                           "attn1: must return key and value inputs of the shapes it got"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  EXPECT_TRUE(seam->input_hooks.empty());
+  EXPECT_TRUE(unet->forward(in).equal(plain));
+  EXPECT_THROW(nn::ScopedAttentionInputHook(*unet, nullptr), InvalidArgument);
+}
+
+// attn1 of an only_cross_attention block attends to the text: a cross-attention site even when the text has the
+// block's width.
+TEST(AttentionSeamTiny, OnlyCrossAttentionAttn1IsACrossSite) {
+  models::UNet2DConditionConfig c = tiny_config();
+  c.cross_attention_dim = 32;  // the first block's width
+  c.only_cross_attention = {true, false};
+  at::manual_seed(0);
+  models::UNet2DConditionModel unet(c);
+  const auto sites = nn::attention_sites(*unet);
+  ASSERT_EQ(sites[0].path, "down_blocks.0.attentions.0.transformer_blocks.0.attn1");
+  EXPECT_TRUE(sites[0].is_cross);
+  EXPECT_EQ(sites[2].path, "mid_block.attentions.0.transformer_blocks.0.attn1");
+  EXPECT_FALSE(sites[2].is_cross);
+  EXPECT_EQ(sites[6].path, "up_blocks.1.attentions.1.transformer_blocks.0.attn1");
+  EXPECT_TRUE(sites[6].is_cross);  // up block 1 mirrors down block 0
 }
 
 TEST(AttentionSeamTiny, ContextRowsAndErrors) {

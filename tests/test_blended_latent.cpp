@@ -177,7 +177,8 @@ TEST(BlendedLatentSeedTiny, SeededRunEqualsReplayOfTheSameDraws) {
     p.scheduler = sched;
     p.eta = 1.0;  // DDIM with eta = 1 draws per step too
     p.num_images_per_prompt = 2;
-    p.seed = 1234;
+    at::Generator seeded_gen = pipelines::make_generator(1234);
+    p.generator = &seeded_gen;
     auto seeded = pipe.run(p);
 
     auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
@@ -185,7 +186,7 @@ TEST(BlendedLatentSeedTiny, SeededRunEqualsReplayOfTheSameDraws) {
     const std::vector<int64_t> one = {1, 4, p.init_image.size(2) / 2, p.init_image.size(3) / 2};  // VAE factor 2
     const std::vector<int64_t> two = {2, 4, one[2], one[3]};
     BlendedLatentDiffusionParams r = p;
-    r.seed.reset();
+    r.generator = nullptr;
     r.posterior_noise = draw(one);
     r.latents = draw(two);  // strength 1: start = noise * init_noise_sigma, as with given latents
     (void)draw(one);        // masked_image_latents
@@ -197,12 +198,15 @@ TEST(BlendedLatentSeedTiny, SeededRunEqualsReplayOfTheSameDraws) {
   // strength < 1 starts from add_noise(z_init, noise, timesteps[start]): the same seed, another result.
   BlendedLatentDiffusionParams p = tiny_params("test", BlendVariant::kInpaint);
   p.num_inference_steps = 4;
-  p.seed = 5;
+  at::Generator gen = pipelines::make_generator(5);
+  p.generator = &gen;
   auto full = pipe.run(p);
   p.strength = 0.5;
+  gen = pipelines::make_generator(5);
   auto half = pipe.run(p);
   EXPECT_EQ(half.timesteps.size(), 2u);
   EXPECT_FALSE(at::allclose(full.latents, half.latents));
+  gen = pipelines::make_generator(5);
   auto again = pipe.run(p);
   EXPECT_TRUE(at::equal(half.latents, again.latents));
 }
@@ -212,11 +216,12 @@ TEST(BlendedLatentSeedTiny, LegacySeededRunEqualsReplay) {
   BlendedLatentDiffusionPipeline pipe(shared_tiny_model("test"));
   BlendedLatentDiffusionParams p = tiny_params("test", BlendVariant::kLegacy);
   p.num_inference_steps = 4;
-  p.seed = 99;
+  at::Generator seeded_gen = pipelines::make_generator(99);
+  p.generator = &seeded_gen;
   auto seeded = pipe.run(p);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(99);
   BlendedLatentDiffusionParams r = p;
-  r.seed.reset();
+  r.generator = nullptr;
   const std::vector<int64_t> latent = {1, 4, p.init_image.size(2) / 2, p.init_image.size(3) / 2};
   r.posterior_noise = at::randn(latent, gen, at::TensorOptions().dtype(at::kFloat));
   r.latents = at::randn(latent, gen, at::TensorOptions().dtype(at::kFloat));
@@ -330,7 +335,8 @@ TEST(BlendedLatentBackgroundGolden, OptionsKeepTheBackground) {
   for (const std::string& name : extensions::background_names()) {
     BlendedLatentDiffusionParams p = case_params(ref, BlendVariant::kInpaint);
     p.strength = 0.75;
-    p.seed = 7;
+    at::Generator gen = pipelines::make_generator(7);
+    p.generator = &gen;
     p.background = extensions::parse_background(name);
     const auto t0 = std::chrono::steady_clock::now();
     auto out = pipe.run(p);
@@ -358,7 +364,8 @@ TEST(BlendedLatentRankTiny, ScoresAndOrder) {
   BlendedLatentDiffusionParams p = tiny_params("test", BlendVariant::kInpaint);
   p.num_inference_steps = 3;
   p.num_images_per_prompt = 3;
-  p.seed = 11;
+  at::Generator gen = pipelines::make_generator(11);
+  p.generator = &gen;
   p.rank = true;
   p.mask_dilation = 2;
   p.blend_start = 0.25;
@@ -421,7 +428,8 @@ TEST(BlendedLatentGenerateTiny, SeededMaskRunMatchesPipelineAndRanks) {
   BlendedLatentDiffusionPipeline pipe(shared_tiny_model("sd15"));
   BlendedLatentDiffusionParams p = tiny_params("sd15", BlendVariant::kInpaint);
   p.strength = 0.75;
-  p.seed = 42;
+  at::Generator gen = pipelines::make_generator(42);
+  p.generator = &gen;
   auto expected = pipe.run(p);
   at::Tensor saved = io::load_safetensors(lat).at("latents");
   DMX_EXPECT_CLOSE("generate --save-latents", saved, expected.latents, 1e-5);
@@ -477,7 +485,8 @@ TEST(BlendedLatentGenerateTiny, WidthHeightResizeLikeDiffusersInpaint) {
   p.negative_prompt.clear();
   p.strength = 0.75;
   p.num_inference_steps = 4;
-  p.seed = 5;
+  at::Generator gen = pipelines::make_generator(5);
+  p.generator = &gen;
   auto expected = pipe.run(p);
   DMX_EXPECT_CLOSE("generate mask + width 70 height 64 latents", io::load_safetensors(lat).at("latents"),
                    expected.latents, 1e-5);

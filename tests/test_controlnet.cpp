@@ -334,12 +334,11 @@ void run_pipe_golden(const std::string& variant, const std::string& cn_path) {
   const Image control = u8_image(ref["input.control_u8"]);
   for (const char* scale : {"1", "0.5"}) {
     pipelines::StableDiffusionParams p = pipe_params(ref);
-    p.guess_mode = ref.meta.value("guess_mode", false);
     pipelines::ControlNetUnit u;
     u.model = net;
     u.image = pipelines::prepare_control_image(control, control.width, control.height);
     u.scale = std::stod(scale);
-    p.controlnets.push_back(u);
+    p.residual_providers = pipelines::controlnet_providers({u}, ref.meta.value("guess_mode", false));
     std::vector<at::Tensor> steps;
     p.on_step_end = [&](int, double, at::Tensor& lat) { steps.push_back(lat.clone()); };
     auto out = pipe.run(p);
@@ -387,8 +386,7 @@ TEST(ControlNetTiny, PipelineMultiAndSchedule) {
   auto run = [&](std::vector<pipelines::ControlNetUnit> units, bool guess = false) {
     pipelines::StableDiffusionParams p = tiny_params();
     p.num_inference_steps = 4;
-    p.controlnets = std::move(units);
-    p.guess_mode = guess;
+    p.residual_providers = pipelines::controlnet_providers(units, guess);
     return pipe.run(p).latents;
   };
   at::Tensor one = run({unit(1.0)});
@@ -406,6 +404,51 @@ TEST(ControlNetTiny, PipelineMultiAndSchedule) {
   EXPECT_TRUE(at::isfinite(guess).all().item<bool>());
 }
 
+// The residual-provider seam: the core checks and prepares every provider of a run once and applies them in
+// order at every UNet call, each seeing what the earlier ones added. A second provider after a ControlNet that
+// adds zeros (and records what it is shown) leaves the run bit for bit as the ControlNet alone made it.
+class RecordingZeros : public pipelines::ResidualProvider {
+ public:
+  std::string name() const override { return "recording zeros"; }
+  void check(const pipelines::ResidualRun& run) const override { checks.push_back(run.batch); }
+  void prepare(const pipelines::ResidualRun& run) override { prepared.push_back(run.guided); }
+  void apply(const pipelines::ResidualStep& step, models::UNetInputs& in) override {
+    indices.push_back(step.index);
+    rows.push_back(in.sample.size(0));
+    ASSERT_FALSE(in.down_block_additional_residuals.empty());  // the ControlNet's, added before
+    std::vector<at::Tensor> zeros;
+    for (const auto& d : in.down_block_additional_residuals) zeros.push_back(at::zeros_like(d));
+    pipelines::add_unet_residuals(in, zeros, at::zeros_like(in.mid_block_additional_residual));
+  }
+  mutable std::vector<int> checks;
+  std::vector<bool> prepared;
+  std::vector<int> indices;
+  std::vector<int64_t> rows;
+};
+
+TEST(ControlNetTiny, ResidualProvidersComposeInOrder) {
+  pipelines::StableDiffusionPipeline pipe(shared_tiny_model("test"));
+  const Image control = control_picture(64, 64);
+  pipelines::ControlNetUnit u;
+  u.model = pipelines::load_controlnet(tiny_controlnet_dir("test"));
+  u.image = pipelines::prepare_control_image(control, control.width, control.height);
+  pipelines::StableDiffusionParams p = tiny_params();
+  p.num_inference_steps = 3;
+  p.residual_providers = pipelines::controlnet_providers({u});
+  const at::Tensor alone = pipe.run(p).latents;
+  auto recorder = std::make_shared<RecordingZeros>();
+  p.residual_providers.push_back(recorder);
+  const at::Tensor both = pipe.run(p).latents;
+  EXPECT_TRUE(at::equal(alone, both));
+  EXPECT_EQ(recorder->checks, std::vector<int>{1});
+  EXPECT_EQ(recorder->prepared, std::vector<bool>{true});
+  EXPECT_EQ(recorder->indices, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(recorder->rows, (std::vector<int64_t>{2, 2, 2}));  // [uncond; cond]
+  // A provider's check stops the run before anything is drawn: ControlNet refuses img2img.
+  p.init_image = at::zeros({1, 3, control.height, control.width});
+  expect_throw_with<Unsupported>([&] { pipe.run(p); }, "ControlNet with an init image");
+}
+
 // A seeded run draws its latents first, exactly like txt2img (the control image draws nothing).
 TEST(ControlNetTiny, SeededRunDrawsLatentsLikeTxt2Img) {
   pipelines::StableDiffusionPipeline pipe(shared_tiny_model("test"));
@@ -416,12 +459,13 @@ TEST(ControlNetTiny, SeededRunDrawsLatentsLikeTxt2Img) {
   pipelines::StableDiffusionParams p = tiny_params();
   const auto latent_sizes = p.latents.sizes().vec();
   p.num_inference_steps = 3;
-  p.controlnets = {u};
+  p.residual_providers = pipelines::controlnet_providers({u});
   p.latents = at::Tensor();
-  p.seed = 1234;
+  at::Generator seeded_gen = pipelines::make_generator(1234);
+  p.generator = &seeded_gen;
   at::Tensor seeded = pipe.run(p).latents;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
-  p.seed.reset();
+  p.generator = nullptr;
   p.latents = at::randn(latent_sizes, gen, at::TensorOptions().dtype(at::kFloat));
   EXPECT_TRUE(at::equal(seeded, pipe.run(p).latents));
 }
@@ -436,18 +480,19 @@ TEST(ControlNetTiny, PipelineErrors) {
   u.image = pipelines::prepare_control_image(control, control.width, control.height);
   u.start = 0.6;
   u.end = 0.4;
-  p.controlnets = {u};
+  p.residual_providers = pipelines::controlnet_providers({u});
   expect_throw_with<InvalidArgument>([&] { pipe.run(p); }, "control start");
-  p.controlnets[0].start = 0.0;
-  p.controlnets[0].end = 1.0;
+  u.start = 0.0;
+  u.end = 1.0;
+  p.residual_providers = pipelines::controlnet_providers({u});
   p.width = control.width + 8;
   expect_throw_with<InvalidArgument>([&] { pipe.run(p); }, "control image is");
   // A ControlNet built for another UNet: both values named.
   pipelines::StableDiffusionPipeline sd15(shared_tiny_model("sd15"));
   pipelines::StableDiffusionParams q = tiny_params();
   q.latents = at::randn({1, 4, 16, 16});
-  q.controlnets = {u};
-  q.controlnets[0].image = pipelines::prepare_control_image(control, 128, 128);
+  u.image = pipelines::prepare_control_image(control, 128, 128);
+  q.residual_providers = pipelines::controlnet_providers({u});
   expect_throw_with<InvalidArgument>([&] { sd15.run(q); }, "block_out_channels");
   expect_throw_with<InvalidArgument>([&] { pipelines::load_controlnet("/nonexistent/cn"); }, "--controlnet");
   expect_throw_with<FormatError>([&] { pipelines::load_controlnet(tiny_model_dir("sd15") + "/unet"); },

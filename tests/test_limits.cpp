@@ -342,11 +342,23 @@ TEST(LimitsConfigTiny, ParameterCountsFromConfigsEqualTheModules) {
     v1.layers_per_block = 1;
     unets.push_back(v1);
     auto v2 = u;
-    v2.only_cross_attention = true;
+    v2.only_cross_attention.assign(u.down_block_types.size(), true);
     v2.layers_per_block = 3;
     v2.in_channels = 9;
     v2.out_channels = 8;
     unets.push_back(v2);
+    // models-a's options: per-block only_cross_attention and every class embedding (with and without concat).
+    for (const std::string kind : {"", "timestep", "identity", "projection", "simple_projection"}) {
+      auto v = u;
+      v.only_cross_attention.assign(u.down_block_types.size(), false);
+      v.only_cross_attention[0] = true;
+      v.class_embed_type = kind;
+      if (kind.empty()) v.num_class_embeds = 7;
+      if (kind == "projection" || kind == "simple_projection") v.projection_class_embeddings_input_dim = 12;
+      unets.push_back(v);
+      v.class_embeddings_concat = true;
+      unets.push_back(v);
+    }
     for (const auto& c : unets) {
       models::UNet2DConditionModel m(c);
       EXPECT_EQ(c.parameter_count(), module_parameters(*m)) << variant;
@@ -669,7 +681,9 @@ TEST(LimitsSchedulerUnit, StepsAreCheckedPerScheduler) {
       read_text_file(tiny_config_dir("sd15") + "/scheduler/scheduler_config.json", "scheduler", kMaxJsonFileBytes));
   for (const auto& name : schedulers::scheduler_names()) {
     SCOPED_TRACE(name);
-    auto s = schedulers::create_scheduler(name, cfg);
+    auto own = cfg;  // the unCLIP prior's scheduler only takes its own beta schedule
+    if (name == "unclip") own["beta_schedule"] = "squaredcos_cap_v2";
+    auto s = schedulers::create_scheduler(name, own);
     // With "leading" spacing and steps_offset 1, 1000 steps reach timestep 1000 (or, for DPM-Solver's spacing,
     // repeat one): refused, stating the most steps that work, which must then run to the end.
     int most = 1000;

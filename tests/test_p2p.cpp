@@ -240,7 +240,8 @@ TEST(P2PPipelineTiny, ModelIsLeftUnmodifiedAndLocalBlendKeepsTheSourceOutside) {
   p.prompt = "a cat wearing a red hat";
   p.edit_prompt = "a dog wearing a red hat";
   p.num_inference_steps = 4;
-  p.seed = 3;
+  at::Generator gen = pipelines::make_generator(3);
+  p.generator = &gen;
   p.local_blend_words = {"cat", "dog"};
   p.store_attention = true;
   p.show_progress = false;

@@ -2,6 +2,9 @@
 // batches and errors on a tiny random model.
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cmath>
+#include <functional>
+
 #include "core/image.h"
 #include "dmx/error.h"
 #include "loaders/model_bundle.h"
@@ -105,7 +108,8 @@ TEST(PipelineSeedGolden, DdimEtaDrawsMatchSeed52) {
   p.num_inference_steps = 8;
   p.scheduler = "ddim";
   p.eta = 1.0;
-  p.seed = 52;
+  at::Generator gen52 = pipelines::make_generator(52);
+  p.generator = &gen52;
   p.latents = ref["input.latents"];
   p.show_progress = false;
   auto out = pipe.run(p);
@@ -142,13 +146,15 @@ TEST(PipelineTiny, SameSeedSameImageDifferentSeedDifferentImage) {
   p.width = 48;
   p.height = 64;
   p.show_progress = false;
-  p.seed = 2718281828ull;
+  at::Generator gen = pipelines::make_generator(2718281828ull);
+  p.generator = &gen;
   auto a = pipe.run(p);
+  gen = pipelines::make_generator(2718281828ull);
   auto b = pipe.run(p);
   EXPECT_TRUE(at::equal(a.latents, b.latents));
   EXPECT_EQ(a.images.size(1), 64);
   EXPECT_EQ(a.images.size(2), 48);
-  p.seed = 1;
+  gen = pipelines::make_generator(1);
   auto c = pipe.run(p);
   EXPECT_FALSE(at::allclose(a.latents, c.latents));
 }
@@ -178,6 +184,84 @@ TEST(PipelineTiny, BadParamsNameTheRule) {
   p.init_image = at::Tensor();
   p.scheduler = "nope";
   EXPECT_THROW(pipe.run(p), InvalidArgument);
+}
+}  // namespace
+}  // namespace dmx::test
+
+namespace dmx::test {
+namespace {
+
+template <typename E>
+void expect_message(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an exception mentioning '" << needle << "'";
+  } catch (const E& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+// The generation core's rules: one function per shared parameter, naming the parameter as the caller spells it.
+TEST(GenerationCoreUnit, OneRulePerSharedParameter) {
+  using namespace pipelines;
+  expect_message<InvalidArgument>([] { check_guidance_scale(101); }, "guidance_scale must be in [0, 100], got 101");
+  expect_message<InvalidArgument>([] { check_guidance_scale(-1, "--guidance-scale"); },
+                                  "--guidance-scale must be in [0, 100], got -1");
+  EXPECT_THROW(check_guidance_scale(std::nan("")), InvalidArgument);
+  EXPECT_NO_THROW(check_guidance_scale(0));
+  EXPECT_NO_THROW(check_guidance_scale(100));
+  expect_message<InvalidArgument>([] { check_num_inference_steps(0); }, "steps must be in [1, 1000], got 0");
+  expect_message<InvalidArgument>([] { check_num_inference_steps(1001, "--steps"); },
+                                  "--steps must be in [1, 1000], got 1001");
+  expect_message<InvalidArgument>([] { check_eta(1.5); }, "eta must be in [0, 1], got 1.5");
+  expect_message<InvalidArgument>([] { check_num_images(65); }, "num_images must be in [1, 64], got 65");
+}
+
+// diffusers' get_timesteps: t_start = steps - int(steps * strength), times the scheduler order.
+TEST(GenerationCoreUnit, StrengthFirstStep) {
+  using namespace pipelines;
+  EXPECT_EQ(strength_start_index(10, 0.6), 4);
+  EXPECT_EQ(strength_start_index(10, 1.0), 0);
+  EXPECT_EQ(strength_start_index(10, 0.0), 10);
+  const nlohmann::json cfg = {{"_class_name", "DDIMScheduler"}};
+  auto ddim = schedulers::create_scheduler("ddim", cfg);
+  ddim->set_timesteps(10);
+  EXPECT_EQ(strength_first_step(*ddim, 10, 0.6), 4);
+  auto heun = schedulers::create_scheduler("heun", cfg);  // order 2
+  heun->set_timesteps(10);
+  EXPECT_EQ(strength_first_step(*heun, 10, 0.6), 8);
+  EXPECT_EQ(strength_first_step(*heun, 10, 0.6, /*by_order=*/false), 4);
+  expect_message<InvalidArgument>([&] { strength_first_step(*ddim, 10, 0.05); }, "leaves no denoising step");
+}
+
+// Prompt batching for guidance (negative rows first, repeated per image) and the one guided prediction:
+// eps_u + g (eps_c - eps_u) over one UNet batch, the conditional prediction alone without guidance.
+TEST(GenerationCoreTiny, PromptBatchAndGuidedNoisePrediction) {
+  using namespace pipelines;
+  auto m = shared_tiny_model("test");
+  GenerationParams p;
+  p.prompt = "a red apple";
+  p.negative_prompt = "blurry";
+  p.num_images_per_prompt = 2;
+  p.guidance_scale = 5.0;
+  const at::Tensor embeds = encode_prompts(*m, p);
+  const at::Tensor cond = encode_prompt(*m, p.prompt), uncond = encode_prompt(*m, p.negative_prompt);
+  ASSERT_EQ(embeds.size(0), 4);
+  for (int64_t i = 0; i < 2; ++i) {
+    EXPECT_TRUE(at::equal(embeds[i], uncond[0]));
+    EXPECT_TRUE(at::equal(embeds[2 + i], cond[0]));
+  }
+  auto sched = make_scheduler(*m, "euler", 4);  // scales its input
+  const at::Tensor latents = at::randn({2, 4, 16, 16}, make_generator(3));
+  const at::Tensor guided = guided_noise_prediction(*m, *sched, latents, 1, embeds, p.guidance_scale);
+  const double t = sched->timesteps()[1];
+  const auto both = predict_noise(*m, sched->scale_model_input(at::cat({latents, latents}, 0), 1), t, embeds).chunk(2);
+  EXPECT_TRUE(at::equal(guided, both[0] + p.guidance_scale * (both[1] - both[0])));
+  p.guidance_scale = 1.0;
+  const at::Tensor cond_only = encode_prompts(*m, p);
+  ASSERT_EQ(cond_only.size(0), 2);
+  EXPECT_TRUE(at::equal(guided_noise_prediction(*m, *sched, latents, 1, cond_only, 1.0),
+                        predict_noise(*m, sched->scale_model_input(latents, 1), t, cond_only)));
 }
 }  // namespace
 }  // namespace dmx::test

@@ -41,6 +41,16 @@ const json& sd_scheduler_config() {
   return cfg;
 }
 
+// A model's config as a row's class accepts it: a class with one beta schedule (UnCLIPScheduler: the cosine
+// one; diffusers raises for any other) gets that schedule, every other field stays the model's.
+json config_for_row(const std::string& name, json cfg) {
+  const S::SchedulerEntry* row = S::find_scheduler(name);
+  const auto& schedules = row ? row->cls().beta_schedules : std::vector<std::string>{};
+  if (schedules.size() == 1 && cfg.value("beta_schedule", std::string()) != schedules[0])
+    cfg["beta_schedule"] = schedules[0];
+  return cfg;
+}
+
 template <typename E>
 void expect_throws(const std::function<void()>& fn, const std::vector<std::string>& substrings,
                    const std::string& what) {
@@ -412,7 +422,7 @@ TEST(SchedulerConfigUnit, BetaSchedules) {
 
 TEST(SchedulerFactoryUnit, Names) {
   EXPECT_EQ(S::scheduler_names(), (std::vector<std::string>{"ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms",
-                                                            "dpmpp_2m", "dpmpp_2m_karras", "ddim_inverse"}));
+                                                            "dpmpp_2m", "dpmpp_2m_karras", "ddim_inverse", "unclip"}));
   expect_throws<dmx::InvalidArgument>(
       [] { S::create_scheduler("dpm_fast", sd_scheduler_config()); },
       {"unknown scheduler", "dpm_fast", "ddim", "euler_a", "dpmpp_2m_karras", "DPMSolverMultistepScheduler"},
@@ -452,16 +462,17 @@ TEST(SchedulerRegistryUnit, EveryRowRoundTrips) {
     SCOPED_TRACE(row.name);
     EXPECT_TRUE(names.insert(row.name).second) << "duplicate name";
     EXPECT_TRUE(row.overrides.is_object());
-    const auto sched = S::create_scheduler(row.name, sd_scheduler_config());
+    const auto sched = S::create_scheduler(row.name, config_for_row(row.name, sd_scheduler_config()));
     EXPECT_EQ(sched->class_name(), row.class_name());
     for (const auto& [key, value] : row.overrides.items())
       EXPECT_EQ(sched->config().to_json().at(key), value) << key;
     // A model whose own config is what the row produces is named by the row (the metadata of its images).
-    json own = sd_scheduler_config();
+    json own = config_for_row(row.name, sd_scheduler_config());
     own["_class_name"] = row.class_name();
     for (const auto& [key, value] : row.overrides.items()) own[key] = value;
     EXPECT_EQ(S::scheduler_name_for_config(own), row.name);
-    if (row.a1111_label.empty()) {  // not a sampler: generation does not offer it
+    if (row.a1111_label.empty()) {  // not a sampler: generation does not offer it; the README says what it is for
+      EXPECT_FALSE(row.use.empty());
       EXPECT_EQ(S::sampler_for_label(row.name), "");
       const std::vector<std::string> offered = dmx::scheduler_names();
       EXPECT_EQ(std::count(offered.begin(), offered.end(), row.name), 0);
@@ -511,7 +522,7 @@ TEST(SchedulerRegistryUnit, ReadmeTableIsTheRegistry) {
 void run_dummy_steps(const json& base_config, const std::string& source) {
   for (const auto& name : S::scheduler_names()) {
     SCOPED_TRACE(name + " from " + source);
-    auto sched = S::create_scheduler(name, base_config);
+    auto sched = S::create_scheduler(name, config_for_row(name, base_config));
     sched->set_timesteps(10);
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(7);
     at::Tensor x = at::randn({1, 4, 8, 8}, gen, at::TensorOptions().dtype(at::kFloat)) * sched->init_noise_sigma();
@@ -635,7 +646,7 @@ TEST(SchedulerStepUnit, Img2ImgStartAndReset) {
   const at::Tensor x = at::randn({1, 4, 4, 4}, gen, at::TensorOptions().dtype(at::kFloat));
   for (const auto& name : S::scheduler_names()) {
     SCOPED_TRACE(name);
-    auto sched = S::create_scheduler(name, sd_scheduler_config());
+    auto sched = S::create_scheduler(name, config_for_row(name, sd_scheduler_config()));
     sched->set_timesteps(10);
     const int start = 4 * sched->order();
     const at::Tensor noisy = sched->add_noise(x, x * 0.5, start);

@@ -165,9 +165,9 @@ TEST(UNetConfigUnit, FromJsonRejectsUnsupportedAndInvalid) {
       "UNetMidBlock2DSimpleCrossAttn");
   expect_throw_with<Unsupported>(
       [] {
-        UNet2DConditionConfig::from_json({{"class_embed_type", "timestep"}});
+        UNet2DConditionConfig::from_json({{"encoder_hid_dim_type", "text_proj"}});
       },
-      "class_embed_type");
+      "encoder_hid_dim_type");
   expect_throw_with<Unsupported>(
       [] {
         UNet2DConditionConfig::from_json({{"addition_embed_type", "text_time"}});

@@ -70,21 +70,12 @@ void resize_inpaint_inputs(const GenerateOptions& o, int vae_scale_factor, Image
 }
 
 BlendedRun run_blended(std::shared_ptr<loaders::StableDiffusionModels> models, const pipelines::StableDiffusionParams& sp,
-                       const GenerateOptions& o, const Image& mask) {
+                       const GenerateOptions& o, const Image& mask, uint64_t seed) {
   pipelines::BlendedLatentDiffusionParams p;
-  p.prompt = sp.prompt;
-  p.negative_prompt = sp.negative_prompt;
-  p.num_inference_steps = sp.num_inference_steps;
-  p.guidance_scale = sp.guidance_scale;
-  p.scheduler = sp.scheduler;
-  p.eta = sp.eta;
-  p.num_images_per_prompt = sp.num_images_per_prompt;
-  p.clip_skip = sp.clip_skip;
-  p.seed = sp.seed;
+  static_cast<pipelines::GenerationParams&>(p) = sp;
   p.init_image = sp.init_image;
   p.latents = sp.latents;
   p.strength = sp.strength;
-  p.show_progress = sp.show_progress;
   p.mask = extensions::mask_to_tensor(mask);
   p.blend_start = o.blend_start;
   p.mask_dilation = o.mask_dilation;
@@ -92,7 +83,7 @@ BlendedRun run_blended(std::shared_ptr<loaders::StableDiffusionModels> models, c
   p.background = extensions::parse_background(o.background);
   p.reconstruction.show_progress = sp.show_progress;
   p.rank = o.rank;
-  if (sp.seed) p.rank_options.seed = *sp.seed;
+  p.rank_options.seed = seed;
   pipelines::BlendedLatentDiffusionPipeline pipe(std::move(models));
   auto out = pipe.run(p);
   BlendedRun r;

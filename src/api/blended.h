@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -30,8 +31,8 @@ struct BlendedRun {
   std::vector<double> scores;  // with rank, same order
   std::vector<int> samples;    // with rank, sample index of each
 };
-// Runs the edit with the settings of `p` (prompt, steps, guidance, scheduler, eta, seed, images, clip skip,
-// init image, strength, given latents) and the mask options of `o`.
+// Runs the edit with the settings of `p` (the shared generation parameters with the run's generator, init
+// image, strength, given latents) and the mask options of `o`; `seed` seeds the ranking's own noise.
 BlendedRun run_blended(std::shared_ptr<loaders::StableDiffusionModels> models, const pipelines::StableDiffusionParams& p,
-                       const GenerateOptions& o, const Image& mask);
+                       const GenerateOptions& o, const Image& mask, uint64_t seed);
 }  // namespace dmx::api

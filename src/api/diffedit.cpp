@@ -2,8 +2,6 @@
 // seeded CPU generator (diffusers: the same torch.Generator passed to generate_mask, invert and __call__).
 #include "dmx/diffedit.h"
 
-#include <ATen/CPUGeneratorImpl.h>
-
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -20,8 +18,9 @@
 #include "core/utf8.h"
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
-#include "pipelines/diffedit.h"
 #include "loaders/model_bundle.h"
+#include "pipelines/diffedit.h"
+#include "pipelines/generation.h"
 
 namespace dmx {
 namespace {
@@ -44,7 +43,7 @@ void check_options(const DiffEditOptions& o) {
   check_text(o.target_prompt, "--target-prompt");
   check_text(o.negative_prompt, "--negative-prompt");
   DMX_CHECK_ARG(!o.output.empty(), "--output is required (a .png path)");
-  DMX_CHECK_ARG(o.steps >= 1 && o.steps <= 1000, "--steps must be in [1, 1000], got ", o.steps);
+  pipelines::check_num_inference_steps(o.steps, "--steps");
   DMX_CHECK_ARG(std::isfinite(o.encode_ratio) && o.encode_ratio > 0 && o.encode_ratio <= 1,
                 "--encode-ratio must be in (0, 1], got ", o.encode_ratio);
   DMX_CHECK_ARG(static_cast<int>(o.steps * o.encode_ratio) >= 1, "--encode-ratio ", o.encode_ratio, " with --steps ",
@@ -57,11 +56,8 @@ void check_options(const DiffEditOptions& o) {
   DMX_CHECK_ARG(static_cast<int>(o.steps * o.mask_encode_strength) >= 1, "--mask-encode-strength ",
                 o.mask_encode_strength, " with --steps ", o.steps,
                 " leaves no timestep (int(steps * strength) must be >= 1)");
-  DMX_CHECK_ARG(std::isfinite(o.guidance_scale) && o.guidance_scale >= 0 && o.guidance_scale <= 100,
-                "--guidance-scale must be in [0, 100], got ", o.guidance_scale);
-  DMX_CHECK_ARG(std::isfinite(o.inversion_guidance_scale) && o.inversion_guidance_scale >= 0 &&
-                    o.inversion_guidance_scale <= 100,
-                "--inversion-guidance-scale must be in [0, 100], got ", o.inversion_guidance_scale);
+  pipelines::check_guidance_scale(o.guidance_scale, "--guidance-scale");
+  pipelines::check_guidance_scale(o.inversion_guidance_scale, "--inversion-guidance-scale");
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
                 o.device, "'");
   api::parse_dtype(o.dtype, o.device);
@@ -123,7 +119,7 @@ DiffEditResult diffedit(const DiffEditOptions& o) {
   BackgroundModelHash hash(o.model);
 
   const at::Tensor image = image_to_tensor(rgb);
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::Generator gen = pipelines::make_generator(seed);  // every draw of the three phases
   pipelines::DiffEditPipeline pipe(models);
   DiffEditResult r;
   r.seed = seed;

@@ -173,7 +173,8 @@ GenerateResult generate(const GenerateOptions& o) {
   p.show_progress = o.progress;
   DMX_CHECK_ARG(o.width >= 0 && o.height >= 0, "--width/--height must be positive, got ", o.width, "x", o.height);
   const uint64_t seed = api::resolve_seed(o.seed);
-  p.seed = seed;
+  at::Generator generator = pipelines::make_generator(seed);  // every draw of the run
+  p.generator = &generator;
   Image init_rgb;
   if (!o.init_image.empty()) {
     init_rgb = to_rgb(load_image(o.init_image, "--init-image"));
@@ -217,6 +218,7 @@ GenerateResult generate(const GenerateOptions& o) {
     if (o.progress)
       for (const auto& r : loras->reports()) log_info("lora: " + r.summary() + " (" + r.source + ")");
   }
+  std::vector<pipelines::ControlNetUnit> units;  // kept for --save-control-image
   if (!o.controlnets.empty()) {
     // Output size: --width/--height, else the first map's size rounded down to the VAE factor and at least 8 (diffusers'
     // VaeImageProcessor); every map is resized to it with PIL's Lanczos, as the reference does.
@@ -241,15 +243,15 @@ GenerateResult generate(const GenerateOptions& o) {
       u.end = o.control_ends.empty() ? 1.0 : o.control_ends[i];
       DMX_CHECK_ARG(u.start < u.end, "--control-start/--control-end of net ", i, ": control start (", u.start,
                     ") must be smaller than control end (", u.end, ")");
-      p.controlnets.push_back(u);
+      units.push_back(u);
     }
-    p.guess_mode = o.guess_mode;
+    p.residual_providers = pipelines::controlnet_providers(units, o.guess_mode);
     pipelines::StableDiffusionPipeline(models).check_params(p);
   }
   pipelines::StableDiffusionOutput out;
   GenerateResult r;
   if (!o.mask.empty()) {
-    api::BlendedRun b = api::run_blended(models, p, o, mask);  // best first with --rank
+    api::BlendedRun b = api::run_blended(models, p, o, mask, seed);  // best first with --rank
     out.images = b.images;
     out.latents = b.latents;
     r.scores = b.scores;
@@ -269,7 +271,7 @@ GenerateResult generate(const GenerateOptions& o) {
   // All outputs or none (a full disk at the third image leaves nothing).
   std::vector<PendingFile> files;
   for (size_t i = 0; i < control_paths.size(); ++i)
-    files.push_back({control_paths[i], encode_png(tensor_to_image(p.controlnets[i].image[0].permute({1, 2, 0})))});
+    files.push_back({control_paths[i], encode_png(tensor_to_image(units[i].image[0].permute({1, 2, 0})))});
   if (!o.save_latents.empty())
     files.push_back(
         {o.save_latents, io::serialize_safetensors({{"latents", out.latents.to(at::kFloat).contiguous()}}, {})});

@@ -20,7 +20,7 @@
 #include "loaders/model_bundle.h"
 #include "pipelines/null_text_inversion.h"
 #include "pipelines/prompt_to_prompt.h"
-#include "pipelines/stable_diffusion.h"
+#include "pipelines/generation.h"
 
 namespace dmx {
 
@@ -98,9 +98,8 @@ P2PResult p2p(const P2POptions& o) {
                 "--cross-replace-steps must be in [0, 1], got ", o.cross_replace_steps);
   DMX_CHECK_ARG(std::isfinite(o.self_replace_steps) && o.self_replace_steps >= 0 && o.self_replace_steps <= 1,
                 "--self-replace-steps must be in [0, 1], got ", o.self_replace_steps);
-  DMX_CHECK_ARG(o.steps >= 1 && o.steps <= 1000, "--steps must be in [1, 1000], got ", o.steps);
-  DMX_CHECK_ARG(std::isfinite(o.guidance_scale) && o.guidance_scale >= 0 && o.guidance_scale <= 100,
-                "--guidance-scale must be in [0, 100], got ", o.guidance_scale);
+  pipelines::check_num_inference_steps(o.steps, "--steps");
+  pipelines::check_guidance_scale(o.guidance_scale, "--guidance-scale");
   DMX_CHECK_ARG(!o.null_text_inversion || !o.image.empty(), "--null-text-inversion needs --image");
   DMX_CHECK_ARG(!o.null_text_inversion || o.guidance_scale > 1,
                 "--null-text-inversion needs --guidance-scale > 1, got ", o.guidance_scale);
@@ -151,7 +150,8 @@ P2PResult p2p(const P2POptions& o) {
   p.store_attention = !o.save_attention_maps.empty();
   p.show_progress = o.progress;
   const uint64_t seed = api::resolve_seed(o.seed);
-  p.seed = seed;
+  at::Generator generator = pipelines::make_generator(seed);  // every draw of the run
+  p.generator = &generator;
 
   // 2. Load.
   loaders::LoadOptions lo;
@@ -186,8 +186,7 @@ P2PResult p2p(const P2POptions& o) {
       p.latents = inv.x_T();
       p.uncond_embeddings = inv.uncond_embeddings;
     } else {
-      pipelines::StableDiffusionPipeline sd(models);
-      const at::Tensor cond = sd.encode_prompt(o.prompt);
+      const at::Tensor cond = pipelines::encode_prompt(*models, o.prompt);
       at::NoGradGuard no_grad;
       const at::Tensor z0 = models->vae->encode(image.to(models->device, models->dtype)).mean.to(at::kFloat) *
                             models->vae->config().scaling_factor;

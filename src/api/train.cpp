@@ -43,14 +43,15 @@ training::SampleImages api::pipeline_sampler() {
     p.num_inference_steps = r.num_inference_steps;
     p.num_images_per_prompt = r.num_images;
     p.guidance_scale = r.guidance_scale;
-    p.seed = r.seed;
+    at::Generator generator = pipelines::make_generator(r.seed);
+    p.generator = &generator;
     p.show_progress = false;
     if (!r.controlnet.is_empty()) {
       pipelines::ControlNetUnit u;
       u.model = r.controlnet;
       u.image = r.control_image;
       u.name = "validation image";
-      p.controlnets.push_back(u);
+      p.residual_providers = pipelines::controlnet_providers({u});
     }
     return pipe.run(p).images;
   };

@@ -1,8 +1,9 @@
-// Pillow's Lanczos resampling (libImaging/Resample.c, Pillow 9/10), reimplemented for dmx::Image.
+// Pillow's resampling filters (libImaging/Resample.c, Pillow 9/10), reimplemented for dmx::Image.
 #include "core/resize.h"
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "dmx/error.h"
@@ -24,12 +25,34 @@ double bilinear(double x) {
   return x < 1.0 ? 1.0 - x : 0.0;
 }
 
+// Pillow's bicubic_filter: Keys' cubic convolution kernel with a = -0.5.
+double bicubic(double x) {
+  constexpr double a = -0.5;
+  if (x < 0.0) x = -x;
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0.0;
+}
+// Pillow's box_filter.
+double box(double x) { return (x > -0.5 && x <= 0.5) ? 1.0 : 0.0; }
+// Pillow's hamming_filter.
+double hamming(double x) {
+  if (x < 0.0) x = -x;
+  if (x == 0.0) return 1.0;
+  if (x >= 1.0) return 0.0;
+  x = x * M_PI;
+  return std::sin(x) / x * (0.54 + 0.46 * std::cos(x));
+}
+
 struct Filter {
   double (*fn)(double);
   double support;
 };
 constexpr Filter kLanczos{lanczos, 3.0};
 constexpr Filter kBilinear{bilinear, 1.0};
+constexpr Filter kBicubic{bicubic, 2.0};
+constexpr Filter kBox{box, 0.5};
+constexpr Filter kHamming{hamming, 1.0};
 
 struct Coeffs {
   int ksize = 0;
@@ -117,4 +140,26 @@ Image resize_with(const Image& img, int width, int height, const Filter& f) {
 
 Image resize_lanczos(const Image& img, int width, int height) { return resize_with(img, width, height, kLanczos); }
 Image resize_bilinear(const Image& img, int width, int height) { return resize_with(img, width, height, kBilinear); }
+Image resize_bicubic(const Image& img, int width, int height) { return resize_with(img, width, height, kBicubic); }
+Image resize_box(const Image& img, int width, int height) { return resize_with(img, width, height, kBox); }
+Image resize_hamming(const Image& img, int width, int height) { return resize_with(img, width, height, kHamming); }
+
+Image resize_pil(const Image& img, int width, int height, int resample) {
+  switch (resample) {
+    case 1:
+      return resize_lanczos(img, width, height);
+    case 2:
+      return resize_bilinear(img, width, height);
+    case 3:
+      return resize_bicubic(img, width, height);
+    case 4:
+      return resize_box(img, width, height);
+    case 5:
+      return resize_hamming(img, width, height);
+    default:
+      throw Unsupported("resample = " + std::to_string(resample) +
+                        " is not supported (Pillow's 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX or 5 HAMMING; "
+                        "0 NEAREST is not implemented)");
+  }
+}
 }  // namespace dmx

@@ -203,9 +203,8 @@ EvalResult evaluate(const EvalOptions& o) {
   // 1. Check every cheap input before loading anything.
   DMX_CHECK_ARG(!o.model.empty(), "--model is required (a diffusers folder)");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
-  DMX_CHECK_ARG(o.steps >= 1 && o.steps <= 1000, "--steps must be in [1, 1000], got ", o.steps);
-  DMX_CHECK_ARG(std::isfinite(o.guidance_scale) && o.guidance_scale >= 0 && o.guidance_scale <= 100,
-                "--guidance-scale must be in [0, 100], got ", o.guidance_scale);
+  pipelines::check_num_inference_steps(o.steps, "--steps");
+  pipelines::check_guidance_scale(o.guidance_scale, "--guidance-scale");
   DMX_CHECK_ARG(o.limit >= 0, "--limit must be >= 0, got ", o.limit);
   DMX_CHECK_ARG(o.aux_prompts >= 1, "--aux-prompts must be >= 1, got ", o.aux_prompts);
   DMX_CHECK_ARG(o.dreambooth_images >= 2, "--dreambooth-images must be >= 2, got ", o.dreambooth_images);
@@ -297,9 +296,10 @@ EvalResult evaluate(const EvalOptions& o) {
     p.num_inference_steps = o.steps;
     p.guidance_scale = o.guidance_scale;
     p.scheduler = o.scheduler;
-    p.seed = seed;
+    at::Generator generator = pipelines::make_generator(seed);
+    p.generator = &generator;
     p.show_progress = false;
-    p.controlnets = cn;
+    p.residual_providers = pipelines::controlnet_providers(cn);
     at::Tensor img = pipe.run(p).images[0].permute({2, 0, 1}).contiguous();  // [3, H, W] in [0, 1]
     bar.tick();
     return img;

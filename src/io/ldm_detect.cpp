@@ -4,6 +4,7 @@
 // and loaders/single_file_utils.py.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <set>
 #include <string>
 #include <vector>
@@ -88,6 +89,50 @@ json detect_ldm_unet_config(const TensorMap& ckpt, const json& yaml) {
     heads = 8;
   }
 
+  // Per-block only_cross_attention (the LDM yaml's disable_self_attentions): from the yaml when given, else from
+  // the shapes: attn1 reading another width than its block's (the text's) attends to the text. A block whose
+  // width equals the text's cannot be told apart by shape and counts as self-attention.
+  json only_cross = false;
+  const json* dsa = up_params ? yaml_at(*up_params, {"disable_self_attentions"}) : nullptr;
+  if (dsa && dsa->is_array()) {
+    DMX_CHECK_FORMAT(dsa->size() == static_cast<size_t>(nb) &&
+                         std::all_of(dsa->begin(), dsa->end(), [](const json& v) { return v.is_boolean(); }),
+                     "UNet: the .yaml's disable_self_attentions must be one boolean per level (", nb, "), got ",
+                     dsa->dump());
+    only_cross = *dsa;
+  } else {
+    json flags = json::array();
+    bool any = false;
+    for (int64_t b = 0; b < nb; ++b) {
+      const std::string k = p + "input_blocks." + s(1 + b * (L + 1)) + ".1.transformer_blocks.0.attn1.to_k.weight";
+      const bool cross = has(ckpt, k) && ckpt.at(k).dim() == 2 && ckpt.at(k).size(1) != channels[b];
+      any = any || cross;
+      flags.push_back(cross);
+    }
+    if (any) only_cross = flags;
+  }
+
+  // Class conditioning (openaimodel.py's label_emb): an nn.Embedding for an int num_classes (the x4 upscaler's
+  // noise level), or "sequential" Linear-SiLU-Linear over adm_in_channels (Stable unCLIP: class_embed_type
+  // projection; SDXL's, with a 2048/1280-wide text, is addition_embed_type text_time, as diffusers reads it).
+  json class_embed_type = nullptr, num_class_embeds = nullptr, projection_dim = nullptr;
+  json addition_embed_type = nullptr, addition_time_embed_dim = nullptr;
+  if (has(ckpt, p + "label_emb.weight")) {
+    const at::Tensor& e = ckpt.at(p + "label_emb.weight");  // [num_classes, time_embed_dim]
+    DMX_CHECK_FORMAT(e.dim() == 2, "UNet: label_emb.weight must be a 2-D embedding table, got ", e.sizes());
+    num_class_embeds = e.size(0);
+  } else if (has(ckpt, p + "label_emb.0.0.weight")) {
+    const at::Tensor& w = ckpt.at(p + "label_emb.0.0.weight");  // [time_embed_dim, adm_in_channels]
+    DMX_CHECK_FORMAT(w.dim() == 2, "UNet: label_emb.0.0.weight must be a 2-D linear weight, got ", w.sizes());
+    projection_dim = w.size(1);
+    if (cross_dim == 2048 || cross_dim == 1280) {
+      addition_embed_type = "text_time";
+      addition_time_embed_dim = 256;
+    } else {
+      class_embed_type = "projection";
+    }
+  }
+
   json depth_json = depth[0];
   if (std::any_of(depth.begin(), depth.end(), [&](int64_t d) { return d != depth[0]; }))
     depth_json = depth;  // per down block (diffusers accepts a list)
@@ -101,7 +146,9 @@ json detect_ldm_unet_config(const TensorMap& ckpt, const json& yaml) {
       {"attention_head_dim", heads},
       {"block_out_channels", block_out},
       {"center_input_sample", false},
-      {"class_embed_type", nullptr},
+      {"addition_embed_type", addition_embed_type},
+      {"addition_time_embed_dim", addition_time_embed_dim},
+      {"class_embed_type", class_embed_type},
       {"cross_attention_dim", cross_dim},
       {"down_block_types", down},
       {"downsample_padding", 1},
@@ -115,8 +162,10 @@ json detect_ldm_unet_config(const TensorMap& ckpt, const json& yaml) {
       {"norm_eps", 1e-5},
       {"norm_num_groups", 32},
       {"num_attention_heads", nullptr},
-      {"only_cross_attention", false},
+      {"num_class_embeds", num_class_embeds},
+      {"only_cross_attention", only_cross},
       {"out_channels", conv_out.size(0)},
+      {"projection_class_embeddings_input_dim", projection_dim},
       {"sample_size", image_size(ckpt, yaml) / vae_scale},
       {"transformer_layers_per_block", depth_json},
       {"up_block_types", up},

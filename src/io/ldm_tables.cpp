@@ -353,6 +353,18 @@ TensorMap convert_ldm_unet(const TensorMap& ckpt, const json& cfg) {
 
   BlockTable t;
   add_unet_encoder_blocks(t, L, nb, down_types);
+  // Class conditioning: openaimodel.py's label_emb (nn.Embedding, or Sequential(Sequential(Linear, SiLU,
+  // Linear))) -> class_embedding (convert_ldm_unet_checkpoint).
+  auto is_set = [&](const char* key) { return cfg.contains(key) && !cfg[key].is_null(); };
+  const std::string class_type = is_set("class_embed_type") && cfg["class_embed_type"].is_string()
+                                     ? cfg["class_embed_type"].get<std::string>()
+                                     : "";
+  if (class_type == "timestep" || class_type == "projection") {
+    t["label_emb.0.0"] = {"class_embedding.linear_1", &kParamsOnly};
+    t["label_emb.0.2"] = {"class_embedding.linear_2", &kParamsOnly};
+  } else if (class_type.empty() && is_set("num_class_embeds")) {
+    t["label_emb"] = {"class_embedding", &kParamsOnly};
+  }
   t["out.0"] = {"conv_norm_out", &kParamsOnly};
   t["out.2"] = {"conv_out", &kParamsOnly};
   // output_blocks hold, per up block, L + 1 (resnet[, attention]) pairs; the last one also the

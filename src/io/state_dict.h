@@ -31,4 +31,9 @@ LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, co
 void check_weights_cover_config(double params, const TensorMap& state, const std::string& what);
 // All parameters and buffers by their dotted names.
 TensorMap module_state(const torch::nn::Module& module);
+
+// How many more parameters than a file holds a loader may build a model with before it refuses the file's
+// config (16 MiB of float32): enough for the strict load to report small differences key by key, far too
+// little for a hostile config to make the model's construction allocate without bound.
+constexpr double kLoadSlackParameters = 4.0 * 1024 * 1024;
 }  // namespace dmx::io

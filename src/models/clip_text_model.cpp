@@ -1,14 +1,13 @@
-// CLIP text encoder: mirrors transformers 4.37 modeling_clip.py (CLIPTextEmbeddings, CLIPAttention,
-// CLIPMLP, CLIPEncoderLayer, CLIPEncoder, CLIPTextTransformer, CLIPTextModel).
+// CLIP text encoder: mirrors transformers 4.37 modeling_clip.py (CLIPTextEmbeddings, CLIPTextTransformer,
+// CLIPTextModel, CLIPTextModelWithProjection); the encoder layers are models/clip_encoder.h, which the vision
+// tower shares.
 #include "models/clip_text_model.h"
 
-#include <algorithm>
-#include <cmath>
 #include <limits>
 
 #include "dmx/error.h"
+#include "models/clip_encoder.h"
 #include "models/config_json.h"
-#include "nn/layers.h"
 #include "nn/lora.h"
 
 namespace dmx::models {
@@ -87,6 +86,23 @@ CLIPTextConfig CLIPTextConfig::sd21() {
   return c;
 }
 
+CLIPEncoderOptions CLIPTextConfig::encoder_options() const {
+  CLIPEncoderOptions o;
+  o.hidden_size = hidden_size;
+  o.intermediate_size = intermediate_size;
+  o.num_hidden_layers = num_hidden_layers;
+  o.num_attention_heads = num_attention_heads;
+  o.hidden_act = hidden_act;
+  o.layer_norm_eps = layer_norm_eps;
+  return o;
+}
+
+double CLIPTextConfig::parameter_count(bool with_projection) const {
+  const double h = hidden_size;
+  return static_cast<double>(vocab_size) * h + static_cast<double>(max_position_embeddings) * h +
+         clip_encoder_parameter_count(encoder_options()) + 2 * h + (with_projection ? h * projection_dim : 0.0);
+}
+
 void CLIPTextConfig::validate() const {
   // Ranges (docs/limits.md): every CLIP text encoder of the Stable Diffusion family fits well inside.
   auto range = [](const char* name, int v, int lo, int hi) {
@@ -94,106 +110,15 @@ void CLIPTextConfig::validate() const {
                   v < lo ? "" : " (limits: docs/limits.md)");
   };
   range("vocab_size", vocab_size, 1, 1000000);
-  range("hidden_size", hidden_size, 1, 8192);
-  range("intermediate_size", intermediate_size, 1, 32768);
-  range("num_hidden_layers", num_hidden_layers, 1, 128);
-  range("num_attention_heads", num_attention_heads, 1, std::max(1, hidden_size));
   range("max_position_embeddings", max_position_embeddings, 1, 8192);
   range("projection_dim", projection_dim, 0, 8192);
-  DMX_CHECK_ARG(hidden_size % num_attention_heads == 0, "CLIP text config: hidden_size must be divisible by ",
-                "num_attention_heads, got hidden_size ", hidden_size, " and num_attention_heads ", num_attention_heads);
-  DMX_CHECK_ARG(hidden_act == "quick_gelu" || hidden_act == "gelu",
-                "CLIP text config: hidden_act must be \"quick_gelu\" or \"gelu\", got \"", hidden_act, "\"");
-  DMX_CHECK_ARG(std::isfinite(layer_norm_eps) && layer_norm_eps > 0, "CLIP text config: layer_norm_eps must be > 0, got ",
-                layer_norm_eps);
+  validate_clip_encoder(encoder_options(), "CLIP text config");
   cfgjson::check_parameter_count("the CLIP text config", parameter_count());
-}
-
-double CLIPTextConfig::parameter_count() const {
-  namespace pc = dmx::nn::param_count;
-  const double h = hidden_size, i = intermediate_size;
-  const double layer = 4 * pc::linear(h, h) + 2 * pc::norm(h) + pc::linear(h, i) + pc::linear(i, h);
-  return (static_cast<double>(vocab_size) + max_position_embeddings) * h + num_hidden_layers * layer + pc::norm(h);
 }
 
 // ---------------------------------------------------------------- modules
 
 namespace {
-
-struct CLIPAttentionImpl : nn::Module {
-  CLIPAttentionImpl(int hidden, int heads) : heads(heads), head_dim(hidden / heads) {
-    scale = std::pow(static_cast<double>(head_dim), -0.5);
-    k_proj = register_module("k_proj", dmx::nn::LoRALinear(hidden, hidden));
-    v_proj = register_module("v_proj", dmx::nn::LoRALinear(hidden, hidden));
-    q_proj = register_module("q_proj", dmx::nn::LoRALinear(hidden, hidden));
-    out_proj = register_module("out_proj", dmx::nn::LoRALinear(hidden, hidden));
-  }
-  // x: [B, N, C]; causal_mask: [N, N], 0 on and below the diagonal, the dtype's lowest value above.
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& causal_mask) {
-    const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-    auto heads_first = [&](const at::Tensor& t) { return t.view({B, N, heads, head_dim}).transpose(1, 2); };
-    at::Tensor q = heads_first(q_proj(x) * scale);  // [B, H, N, d]; scaled before the product, like transformers
-    at::Tensor k = heads_first(k_proj(x));
-    at::Tensor v = heads_first(v_proj(x));
-    at::Tensor w = at::matmul(q, k.transpose(-1, -2)) + causal_mask;  // [B, H, N, N]
-    at::Tensor p = at::softmax(w, -1);
-    at::Tensor o = at::matmul(p, v);           // [B, H, N, d]
-    o = o.transpose(1, 2).reshape({B, N, C});  // [B, N, C]
-    return out_proj(o);
-  }
-  int64_t heads, head_dim;
-  double scale;
-  dmx::nn::LoRALinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
-};
-TORCH_MODULE(CLIPAttention);
-
-struct CLIPMLPImpl : nn::Module {
-  CLIPMLPImpl(int hidden, int intermediate, bool quick_gelu) : quick_gelu(quick_gelu) {
-    fc1 = register_module("fc1", dmx::nn::LoRALinear(hidden, intermediate));
-    fc2 = register_module("fc2", dmx::nn::LoRALinear(intermediate, hidden));
-  }
-  at::Tensor forward(const at::Tensor& x) {
-    at::Tensor h = fc1(x);  // [B, N, intermediate]
-    h = quick_gelu ? h * at::sigmoid(h * 1.702) : at::gelu(h);
-    return fc2(h);
-  }
-  bool quick_gelu;
-  dmx::nn::LoRALinear fc1{nullptr}, fc2{nullptr};
-};
-TORCH_MODULE(CLIPMLP);
-
-struct CLIPEncoderLayerImpl : nn::Module {
-  explicit CLIPEncoderLayerImpl(const CLIPTextConfig& c) {
-    self_attn = register_module("self_attn", CLIPAttention(c.hidden_size, c.num_attention_heads));
-    layer_norm1 =
-        register_module("layer_norm1", nn::LayerNorm(nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
-    mlp = register_module("mlp", CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act == "quick_gelu"));
-    layer_norm2 =
-        register_module("layer_norm2", nn::LayerNorm(nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
-  }
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& causal_mask) {
-    at::Tensor h = x + self_attn(layer_norm1(x), causal_mask);  // pre-LN residual blocks
-    return h + mlp(layer_norm2(h));
-  }
-  CLIPAttention self_attn{nullptr};
-  nn::LayerNorm layer_norm1{nullptr}, layer_norm2{nullptr};
-  CLIPMLP mlp{nullptr};
-};
-TORCH_MODULE(CLIPEncoderLayer);
-
-struct CLIPEncoderImpl : nn::Module {
-  explicit CLIPEncoderImpl(const CLIPTextConfig& c) {
-    layers = register_module("layers", nn::ModuleList());
-    for (int i = 0; i < c.num_hidden_layers; ++i) {
-      auto layer = CLIPEncoderLayer(c);
-      layers->push_back(layer);
-      list.push_back(layer);
-    }
-  }
-  nn::ModuleList layers{nullptr};
-  std::vector<CLIPEncoderLayer> list;
-};
-TORCH_MODULE(CLIPEncoder);
 
 struct CLIPTextEmbeddingsImpl : nn::Module {
   explicit CLIPTextEmbeddingsImpl(const CLIPTextConfig& c) {
@@ -208,7 +133,7 @@ TORCH_MODULE(CLIPTextEmbeddings);
 struct CLIPTextTransformerImpl : nn::Module {
   explicit CLIPTextTransformerImpl(const CLIPTextConfig& c) {
     embeddings = register_module("embeddings", CLIPTextEmbeddings(c));
-    encoder = register_module("encoder", CLIPEncoder(c));
+    encoder = register_module("encoder", CLIPEncoder(c.encoder_options()));
     final_layer_norm =
         register_module("final_layer_norm", nn::LayerNorm(nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps)));
   }
@@ -231,12 +156,21 @@ at::Tensor causal_mask(int64_t n, const at::TensorOptions& opts) {
 
 struct CLIPTextModelImpl::Parts {
   CLIPTextTransformer text_model{nullptr};
+  torch::nn::Linear text_projection{nullptr};
 };
 
-CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& cfg) : cfg_(cfg), parts_(std::make_shared<Parts>()) {
+CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& cfg, bool with_projection)
+    : cfg_(cfg), parts_(std::make_shared<Parts>()) {
   cfg_.validate();
   parts_->text_model = register_module("text_model", CLIPTextTransformer(cfg_));
+  if (with_projection) {
+    DMX_CHECK_ARG(cfg_.projection_dim > 0, "CLIP text config: projection_dim must be > 0, got ", cfg_.projection_dim);
+    parts_->text_projection = register_module(
+        "text_projection", torch::nn::Linear(torch::nn::LinearOptions(cfg_.hidden_size, cfg_.projection_dim).bias(false)));
+  }
 }
+
+bool CLIPTextModelImpl::has_projection() const { return !parts_->text_projection.is_empty(); }
 
 at::Tensor CLIPTextModelImpl::embed(const at::Tensor& input_ids) {
   DMX_CHECK_ARG(input_ids.defined() && input_ids.dim() == 2, "input_ids must be a [batch, tokens] tensor, got ",
@@ -274,6 +208,7 @@ CLIPTextOutput CLIPTextModelImpl::forward(const at::Tensor& input_ids, bool outp
       cfg_.eos_token_id == 2 ? ids.argmax(-1) : ids.eq(cfg_.eos_token_id).to(at::kInt).argmax(-1);
   const at::Tensor rows = at::arange(h.size(0), eos_pos.options().dtype(at::kLong));
   out.pooler_output = out.last_hidden_state.index({rows, eos_pos.to(at::kLong)});  // [B, C]
+  if (has_projection()) out.text_embeds = parts_->text_projection(out.pooler_output);  // [B, projection_dim]
   return out;
 }
 

@@ -1,7 +1,8 @@
-// CLIP text encoder (transformers 4.37 CLIPTextModel, "Learning Transferable Visual Models From Natural
-// Language Supervision", Radford et al. 2021), with its state-dict key names
-// (text_model.embeddings..., text_model.encoder.layers.N..., text_model.final_layer_norm), so a
-// diffusers text_encoder/model.safetensors loads by a strict name match.
+// CLIP text encoder (transformers 4.37 CLIPTextModel and CLIPTextModelWithProjection, "Learning Transferable
+// Visual Models From Natural Language Supervision", Radford et al. 2021), with its state-dict key names
+// (text_model.embeddings..., text_model.encoder.layers.N..., text_model.final_layer_norm, text_projection), so a
+// diffusers text_encoder/model.safetensors (or an unCLIP prior_text_encoder/) loads by a strict name match. The
+// encoder layers are shared with the vision tower (models/clip_encoder.h, models/clip_vision_model.h).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
@@ -14,6 +15,8 @@
 #include "io/safetensors.h"
 
 namespace dmx::models {
+
+struct CLIPEncoderOptions;  // models/clip_encoder.h
 
 // transformers' CLIPTextConfig fields. The member defaults are sd15()'s; from_json starts from
 // transformers' own defaults (hidden 512, 12 layers, 8 heads, intermediate 2048, projection 512).
@@ -44,19 +47,26 @@ struct CLIPTextConfig {
   // divisible by num_attention_heads, hidden_act is unknown or the parameter count exceeds
   // cfgjson::kMaxModelParameters.
   void validate() const;
-  // The number of parameters of the text model, from the config alone (nothing is allocated).
-  double parameter_count() const;
+  CLIPEncoderOptions encoder_options() const;
+  // The number of parameters the model has (with_projection: and text_projection); a double, exact below 2^53. A
+  // loader compares it with the weight file before allocating anything.
+  double parameter_count(bool with_projection = false) const;
 };
 
 struct CLIPTextOutput {
   at::Tensor last_hidden_state;           // [B, N, hidden] = final_layer_norm(hidden_states.back())
   at::Tensor pooler_output;               // [B, hidden] at the EOS position
+  at::Tensor text_embeds;                 // [B, projection_dim] = text_projection(pooler_output), not normalised
+                                          // (only with the projection)
   std::vector<at::Tensor> hidden_states;  // embeddings + each layer (only if requested), [B, N, hidden]
 };
 
 class CLIPTextModelImpl : public torch::nn::Module {
  public:
-  explicit CLIPTextModelImpl(const CLIPTextConfig& cfg);
+  // with_projection: transformers' CLIPTextModelWithProjection (an unCLIP prior_text_encoder/): adds the
+  // bias-free text_projection [projection_dim, hidden] and fills text_embeds.
+  explicit CLIPTextModelImpl(const CLIPTextConfig& cfg, bool with_projection = false);
+  bool has_projection() const;
   // input_ids: int64 (or int32) [B, N], N <= max_position_embeddings; causal mask only (no padding
   // mask), as SD pipelines run it. Computes in the dtype of the weights.
   CLIPTextOutput forward(const at::Tensor& input_ids, bool output_hidden_states = false);

@@ -623,6 +623,11 @@ std::vector<int64_t> CLIPTokenizer::encode(const std::string& text) const {
 }
 
 std::vector<int64_t> CLIPTokenizer::encode_padded(const std::string& text, int max_length) const {
+  return encode_padded(text, max_length, nullptr);
+}
+
+std::vector<int64_t> CLIPTokenizer::encode_padded(const std::string& text, int max_length,
+                                                  std::vector<int64_t>* attention_mask) const {
   DMX_CHECK_ARG(max_length >= 2, "max_length must be >= 2 (BOS + EOS), got ", max_length);
   // Only the tokens that survive truncation are produced (max_length - 2 between BOS and EOS); one more
   // tells that the text was truncated.
@@ -632,6 +637,10 @@ std::vector<int64_t> CLIPTokenizer::encode_padded(const std::string& text, int m
   if (ids.size() > static_cast<size_t>(max_length)) {
     ids.resize(static_cast<size_t>(max_length));
     ids.back() = eos_id_;
+  }
+  if (attention_mask) {
+    attention_mask->assign(static_cast<size_t>(max_length), 0);
+    std::fill(attention_mask->begin(), attention_mask->begin() + static_cast<std::ptrdiff_t>(ids.size()), 1);
   }
   ids.resize(static_cast<size_t>(max_length), pad_id_);
   return ids;

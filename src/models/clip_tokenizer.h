@@ -55,6 +55,8 @@ class CLIPTokenizer {
   // Ids truncated to max_length (keeping EOS last) and padded with pad_id: what SD pipelines feed
   // (tokenizer(text, padding="max_length", max_length=..., truncation=True)).
   std::vector<int64_t> encode_padded(const std::string& text, int max_length = 77) const;
+  // The same, with the tokenizer's attention_mask: 1 for the encoded tokens (BOS, words, EOS), 0 for the padding.
+  std::vector<int64_t> encode_padded(const std::string& text, int max_length, std::vector<int64_t>* attention_mask) const;
 
   int64_t bos_id() const { return bos_id_; }
   int64_t eos_id() const { return eos_id_; }

@@ -84,7 +84,7 @@ double ControlNetConfig::parameter_count() const {
   total += pc::conv2d(ch[0], ch[0], 1);  // the first zero convolution
   int output_channel = ch[0];
   for (int i = 0; i < n; ++i) {
-    nn::BlockOptions o = unet_block_options(*this, heads[i], nn::Act::SiLU);
+    nn::BlockOptions o = unet_block_options(*this, heads[i], nn::Act::SiLU, static_cast<size_t>(i));
     o.in_channels = output_channel;
     output_channel = ch[i];
     o.out_channels = output_channel;
@@ -92,7 +92,7 @@ double ControlNetConfig::parameter_count() const {
     o.cross_attention = down_block_types[i] == "CrossAttnDownBlock2D";
     total += pc::down_block(o) + (layers_per_block + (i != n - 1 ? 1 : 0)) * pc::conv2d(output_channel, output_channel, 1);
   }
-  nn::BlockOptions mid = unet_block_options(*this, heads.back(), nn::Act::SiLU);
+  nn::BlockOptions mid = unet_block_options(*this, heads.back(), nn::Act::SiLU, static_cast<size_t>(n - 1));
   mid.num_layers = 1;
   mid.in_channels = mid.out_channels = ch.back();
   mid.transformer.only_cross_attention = false;

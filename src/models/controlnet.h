@@ -49,6 +49,8 @@ struct ControlNetConfig {
   double parameter_count() const;
   std::vector<int> heads_per_block() const;
   int time_embed_dim() const { return block_out_channels.at(0) * 4; }
+  int blocks_time_embed_dim() const { return time_embed_dim(); }  // no class embedding to concatenate
+  bool only_cross_attention_at(size_t) const { return only_cross_attention; }
   // Residuals the model returns: conv_in + layers_per_block per block + one per downsampler.
   size_t num_down_residuals() const;
 };

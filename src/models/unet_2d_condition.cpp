@@ -3,6 +3,9 @@
 // the mid block exactly where diffusers adds them.
 #include "models/unet_2d_condition.h"
 
+#include <ATen/ATen.h>
+#include <torch/nn/modules/embedding.h>
+
 #include <cmath>
 
 #include "dmx/error.h"
@@ -81,6 +84,25 @@ void UNet2DConditionConfig::validate() const {
     DMX_CHECK_ARG(block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i, "] (", block_out_channels[i],
                   ") must be divisible by norm_num_groups (", norm_num_groups, ")");
   }
+  DMX_CHECK_ARG(only_cross_attention.empty() || only_cross_attention.size() == n,
+                "only_cross_attention must have one entry per down block (", n, "), got ", only_cross_attention.size());
+  // Upper bounds far above any released model (x4 upscaler: 1000 classes; SDXL-size projections: 2816), so a
+  // config cannot make the class embedding allocate without bound.
+  DMX_CHECK_ARG(num_class_embeds >= 0 && num_class_embeds <= 100000,
+                "num_class_embeds must be in [1, 100000] (or absent), got ", num_class_embeds);
+  DMX_CHECK_ARG(projection_class_embeddings_input_dim >= 0 && projection_class_embeddings_input_dim <= 65536,
+                "projection_class_embeddings_input_dim must be in [1, 65536] (or absent), got ",
+                projection_class_embeddings_input_dim);
+  DMX_CHECK_SUPPORTED(class_embed_type.empty() || class_embed_type == "timestep" || class_embed_type == "identity" ||
+                          class_embed_type == "projection" || class_embed_type == "simple_projection",
+                      "class_embed_type '", class_embed_type,
+                      "' is not supported (supported: null, timestep, identity, projection, simple_projection)");
+  if (class_embed_type == "projection" || class_embed_type == "simple_projection")
+    DMX_CHECK_ARG(projection_class_embeddings_input_dim > 0, "class_embed_type '", class_embed_type,
+                  "' requires projection_class_embeddings_input_dim");
+  DMX_CHECK_ARG(!class_embeddings_concat || !class_embedding_kind().empty(),
+                "class_embeddings_concat is true but the model has no class embedding (class_embed_type and "
+                "num_class_embeds are both null)");
   const char* heads_field = num_attention_heads.empty() ? "attention_head_dim" : "num_attention_heads";
   const std::vector<int> heads = heads_per_block();
   DMX_CHECK_ARG(heads.size() == n, heads_field, " must have one entry per down block (", n, "), got ", heads.size());
@@ -98,10 +120,23 @@ double UNet2DConditionConfig::parameter_count() const {
   const auto& ch = block_out_channels;
   const int n = static_cast<int>(ch.size());
   const std::vector<int> heads = heads_per_block();
-  double total = pc::conv2d(in_channels, ch[0], 3) + pc::timestep_embedding(ch[0], time_embed_dim());
+  const double temb = time_embed_dim();
+  double total = pc::conv2d(in_channels, ch[0], 3) + pc::timestep_embedding(ch[0], temb);
+  // The class embedding (the module's class_embedding; "identity" has no parameters). With
+  // class_embeddings_concat the blocks' time projections read twice time_embed_dim (blocks_time_embed_dim,
+  // through unet_block_options).
+  const std::string kind = class_embedding_kind();
+  if (kind == "embedding")
+    total += static_cast<double>(num_class_embeds) * temb;
+  else if (kind == "timestep")
+    total += pc::timestep_embedding(ch[0], temb);
+  else if (kind == "projection")
+    total += pc::timestep_embedding(projection_class_embeddings_input_dim, temb);
+  else if (kind == "simple_projection")
+    total += pc::linear(projection_class_embeddings_input_dim, temb);
   int output_channel = ch[0];
   for (int i = 0; i < n; ++i) {
-    nn::BlockOptions o = unet_block_options(*this, heads[i], nn::Act::SiLU);
+    nn::BlockOptions o = unet_block_options(*this, heads[i], nn::Act::SiLU, static_cast<size_t>(i));
     o.in_channels = output_channel;
     output_channel = ch[i];
     o.out_channels = output_channel;
@@ -109,7 +144,7 @@ double UNet2DConditionConfig::parameter_count() const {
     o.cross_attention = down_block_types[i] == "CrossAttnDownBlock2D";
     total += pc::down_block(o);
   }
-  nn::BlockOptions mid = unet_block_options(*this, heads.back(), nn::Act::SiLU);
+  nn::BlockOptions mid = unet_block_options(*this, heads.back(), nn::Act::SiLU, static_cast<size_t>(n - 1));
   mid.num_layers = 1;
   mid.in_channels = mid.out_channels = ch.back();
   mid.transformer.only_cross_attention = false;
@@ -117,7 +152,7 @@ double UNet2DConditionConfig::parameter_count() const {
   output_channel = ch[n - 1];
   for (int i = 0; i < n; ++i) {
     const int rev = n - 1 - i;
-    nn::BlockOptions o = unet_block_options(*this, heads[rev], nn::Act::SiLU);
+    nn::BlockOptions o = unet_block_options(*this, heads[rev], nn::Act::SiLU, static_cast<size_t>(rev));
     o.num_layers = layers_per_block + 1;
     o.prev_output_channel = output_channel;
     output_channel = ch[rev];
@@ -128,6 +163,12 @@ double UNet2DConditionConfig::parameter_count() const {
     total += pc::up_block(o);
   }
   return total + pc::norm(ch[0]) + pc::conv2d(ch[0], out_channels, 3);
+}
+
+std::string UNet2DConditionConfig::class_embedding_kind() const {
+  // diffusers' _set_class_embedding: class_embed_type decides; num_class_embeds counts only without it.
+  if (!class_embed_type.empty()) return class_embed_type;
+  return num_class_embeds > 0 ? "embedding" : "";
 }
 
 UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) {
@@ -148,15 +189,16 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
     throw Unsupported(std::string(kWhat) + ": mid_block_type null (no mid block) is not supported");
   get(j, kWhat, "mid_block_type", c.mid_block_type);
   if (j.contains("only_cross_attention") && j.at("only_cross_attention").is_array()) {
-    std::vector<bool> v;
-    get(j, kWhat, "only_cross_attention", v);
-    if (!v.empty() && !std::all_of(v.begin(), v.end(), [&](bool b) { return b == v.front(); }))
-      throw Unsupported(std::string(kWhat) + ": per-block only_cross_attention " + j.at("only_cross_attention").dump() +
-                        " is not supported");
-    c.only_cross_attention = !v.empty() && v.front();
+    get(j, kWhat, "only_cross_attention", c.only_cross_attention);  // one per down block (checked by validate)
   } else {
-    get(j, kWhat, "only_cross_attention", c.only_cross_attention);
+    bool all = false;
+    get(j, kWhat, "only_cross_attention", all);
+    c.only_cross_attention.assign(n, all);
   }
+  // mid_block_only_cross_attention: read by diffusers' UNetMidBlock2DSimpleCrossAttn only, not by the
+  // UNetMidBlock2DCrossAttn dmx has (whose attn1 is always self-attention); type-checked, without effect.
+  bool mid_only_cross = false;
+  get(j, kWhat, "mid_block_only_cross_attention", mid_only_cross);
   get_uniform_int(j, kWhat, "layers_per_block", n, c.layers_per_block);
   get(j, kWhat, "downsample_padding", c.downsample_padding);
   get(j, kWhat, "mid_block_scale_factor", c.mid_block_scale_factor);
@@ -173,11 +215,22 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
   get(j, kWhat, "upcast_attention", c.upcast_attention);
   get(j, kWhat, "resnet_time_scale_shift", c.resnet_time_scale_shift);
 
-  // Features of UNet2DConditionModel that SD 1.x / 2.x do not use and dmx does not implement.
-  for (const char* key :
-       {"class_embed_type", "addition_embed_type", "addition_time_embed_dim", "encoder_hid_dim", "encoder_hid_dim_type",
-        "time_cond_proj_dim", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act", "num_class_embeds",
-        "projection_class_embeddings_input_dim", "cross_attention_norm", "reverse_transformer_layers_per_block"})
+  get(j, kWhat, "class_embed_type", c.class_embed_type);
+  get(j, kWhat, "num_class_embeds", c.num_class_embeds);
+  get(j, kWhat, "projection_class_embeddings_input_dim", c.projection_class_embeddings_input_dim);
+  get(j, kWhat, "class_embeddings_concat", c.class_embeddings_concat);
+  if (j.contains("num_class_embeds") && j.at("num_class_embeds").is_number_integer() && c.num_class_embeds <= 0)
+    throw FormatError(std::string(kWhat) + ": num_class_embeds must be > 0 (or null), got " +
+                      std::to_string(c.num_class_embeds));
+  if (j.contains("projection_class_embeddings_input_dim") &&
+      j.at("projection_class_embeddings_input_dim").is_number_integer() && c.projection_class_embeddings_input_dim <= 0)
+    throw FormatError(std::string(kWhat) + ": projection_class_embeddings_input_dim must be > 0 (or null), got " +
+                      std::to_string(c.projection_class_embeddings_input_dim));
+
+  // Features of UNet2DConditionModel that dmx does not implement.
+  for (const char* key : {"addition_embed_type", "addition_time_embed_dim", "encoder_hid_dim", "encoder_hid_dim_type",
+                          "time_cond_proj_dim", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act",
+                          "cross_attention_norm", "reverse_transformer_layers_per_block"})
     cfgjson::require_default(j, kWhat, key, nullptr);
   cfgjson::require_default(j, kWhat, "time_embedding_type", "positional");
   cfgjson::require_default(j, kWhat, "conv_in_kernel", 3);
@@ -186,7 +239,6 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
   cfgjson::require_default(j, kWhat, "dual_cross_attention", false);
   cfgjson::require_default(j, kWhat, "resnet_skip_time_act", false);
   cfgjson::require_default(j, kWhat, "resnet_out_scale_factor", 1.0);
-  cfgjson::require_default(j, kWhat, "class_embeddings_concat", false);
 
   try {
     c.validate();
@@ -200,6 +252,11 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
 struct UNet2DConditionModelImpl::Parts {
   nn::LoRAConv2d conv_in{nullptr}, conv_out{nullptr};
   nn::TimestepEmbedding time_embedding{nullptr};
+  // class_embedding: one of these, by cfg.class_embedding_kind() ("identity" has no parameters).
+  torch::nn::Embedding class_table{nullptr};  // "embedding"
+  nn::TimestepEmbedding class_mlp{nullptr};   // "timestep", "projection"
+  nn::LoRALinear class_linear{nullptr};       // "simple_projection"
+  std::string class_kind;
   std::vector<nn::DownBlock2D> down_blocks;
   nn::UNetMidBlock2DCrossAttn mid_block{nullptr};
   std::vector<nn::UpBlock2D> up_blocks;
@@ -220,8 +277,23 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
   p.conv_in =
       register_module("conv_in", nn::LoRAConv2d(torch::nn::Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
   p.time_embedding = register_module("time_embedding", nn::TimestepEmbedding(ch[0], cfg_.time_embed_dim(), p.act));
+  // After the time embedding, before the blocks: diffusers' creation order (seeded initial weights).
+  p.class_kind = cfg_.class_embedding_kind();
+  const int temb = cfg_.time_embed_dim();
+  if (p.class_kind == "embedding")
+    p.class_table = register_module("class_embedding", torch::nn::Embedding(cfg_.num_class_embeds, temb));
+  else if (p.class_kind == "timestep")
+    p.class_mlp = register_module("class_embedding", nn::TimestepEmbedding(ch[0], temb, p.act));
+  else if (p.class_kind == "projection")  // diffusers builds it with TimestepEmbedding's default act, SiLU
+    p.class_mlp = register_module(
+        "class_embedding", nn::TimestepEmbedding(cfg_.projection_class_embeddings_input_dim, temb, nn::Act::SiLU));
+  else if (p.class_kind == "simple_projection")
+    p.class_linear = register_module(
+        "class_embedding", nn::LoRALinear(torch::nn::LinearOptions(cfg_.projection_class_embeddings_input_dim, temb)));
 
-  auto block_options = [&](int heads_i) { return unet_block_options(cfg_, heads_i, p.act); };
+  auto block_options = [&](int heads_i, int level) {
+    return unet_block_options(cfg_, heads_i, p.act, static_cast<size_t>(level));
+  };
 
   p.down_blocks = build_down_blocks(*this, cfg_, p.act);
   p.mid_block = build_mid_block(*this, cfg_, p.act);
@@ -230,7 +302,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
   int output_channel = ch[n - 1];
   for (int i = 0; i < n; ++i) {
     const int rev = n - 1 - i;  // reversed_block_out_channels[i] = ch[rev]
-    nn::BlockOptions o = block_options(heads[rev]);
+    nn::BlockOptions o = block_options(heads[rev], rev);
     o.num_layers = cfg_.layers_per_block + 1;
     o.prev_output_channel = output_channel;
     output_channel = ch[rev];
@@ -251,6 +323,48 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
   nn::assign_attention_sites(*this);
 }
 
+at::Tensor UNet2DConditionModelImpl::class_embedding(const at::Tensor& labels, int64_t batch, at::ScalarType dtype) {
+  // diffusers' get_class_embed, with the labels' shapes checked and a batch of 1 broadcast.
+  Parts& p = *parts_;
+  const std::string& kind = p.class_kind;
+  at::Tensor emb;
+  if (kind == "embedding" || kind == "timestep") {
+    const at::Tensor l = labels.dim() == 0 ? labels.reshape({1}) : labels;
+    DMX_CHECK_ARG(l.dim() == 1 && (l.size(0) == 1 || l.size(0) == batch), "class_labels must be 0-d, [1] or [", batch,
+                  "] for class embedding '", kind, "', got ", shape_string(labels));
+    const at::Tensor lb = l.expand({batch});
+    if (kind == "embedding") {
+      DMX_CHECK_ARG(!at::isFloatingType(lb.scalar_type()) && !at::isComplexType(lb.scalar_type()) &&
+                        lb.scalar_type() != at::kBool,
+                    "class_labels must be integers (class indices) for num_class_embeds, got ", lb.scalar_type());
+      const at::Tensor idx = lb.to(at::kLong);
+      const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+      DMX_CHECK_ARG(lo >= 0 && hi < cfg_.num_class_embeds, "class_labels must be in [0, ", cfg_.num_class_embeds - 1,
+                    "] (num_class_embeds ", cfg_.num_class_embeds, "), got ", lo < 0 ? lo : hi);
+      emb = p.class_table->forward(idx);
+    } else {
+      // The labels go through the same sinusoids as the timesteps (time_proj), cast to the sample's dtype.
+      emb = p.class_mlp->forward(timestep_features(cfg_, lb, dtype));
+    }
+  } else {
+    const int64_t d = kind == "identity" ? cfg_.time_embed_dim() : cfg_.projection_class_embeddings_input_dim;
+    DMX_CHECK_ARG(labels.dim() == 2 && (labels.size(0) == 1 || labels.size(0) == batch) && labels.size(1) == d,
+                  "class_labels must be [", batch, ", ", d, "] (or [1, ", d, "]) for class_embed_type '", kind,
+                  "', got ", shape_string(labels));
+    DMX_CHECK_ARG(at::isFloatingType(labels.scalar_type()),
+                  "class_labels must be floating point for class_embed_type '", kind, "', got ", labels.scalar_type());
+    const at::Tensor lb = labels.expand({batch, d});
+    if (kind == "identity") {
+      emb = lb;
+    } else {
+      const at::Tensor& w = kind == "projection" ? p.class_mlp->linear_1->weight : p.class_linear->weight;
+      const at::Tensor x = lb.to(w.scalar_type());
+      emb = kind == "projection" ? p.class_mlp->forward(x) : p.class_linear->forward(x);
+    }
+  }
+  return emb.to(dtype);  // [B, time_embed_dim]
+}
+
 at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   Parts& p = *parts_;
   const at::Tensor& ctx = in.encoder_hidden_states;
@@ -260,6 +374,15 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   DMX_CHECK_ARG(ctx.defined() && ctx.dim() == 3 && ctx.size(0) == B && ctx.size(2) == cfg_.cross_attention_dim,
                 "encoder_hidden_states must be [", B, ", N, ", cfg_.cross_attention_dim, "], got ", shape_string(ctx));
   const at::Tensor t = batch_timesteps(in.timestep, B);  // [B]
+  if (p.class_kind.empty())
+    DMX_CHECK_ARG(!in.class_labels.defined(),
+                  "class_labels given, but this UNet has no class embedding (class_embed_type and num_class_embeds "
+                  "are null in its config)");
+  else
+    DMX_CHECK_ARG(in.class_labels.defined(), "class_labels must be given: this UNet has a class embedding (",
+                  p.class_kind == "embedding" ? "num_class_embeds " + std::to_string(cfg_.num_class_embeds)
+                                              : "class_embed_type " + p.class_kind,
+                  ")");
   const bool controlnet = !in.down_block_additional_residuals.empty() || in.mid_block_additional_residual.defined();
   if (controlnet)
     DMX_CHECK_ARG(!in.down_block_additional_residuals.empty() && in.mid_block_additional_residual.defined(),
@@ -275,6 +398,11 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   const at::Tensor t_emb = timestep_features(cfg_, t, in.sample.scalar_type());  // [B, C0]
   at::Tensor emb = p.time_embedding->forward(t_emb);                             // [B, 4 C0]
   record(in.recorder, "time_embedding", emb);
+  if (!p.class_kind.empty()) {
+    const at::Tensor class_emb = class_embedding(in.class_labels, B, in.sample.scalar_type());  // [B, 4 C0]
+    record(in.recorder, "class_embedding", class_emb);
+    emb = cfg_.class_embeddings_concat ? at::cat({emb, class_emb}, -1) : emb + class_emb;
+  }
 
   // 2. pre-process
   at::Tensor h = cfg_.center_input_sample ? in.sample * 2.0 - 1.0 : in.sample;
@@ -285,7 +413,8 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
 
   // 3. down
   std::vector<at::Tensor> res{h};
-  h = run_down_blocks(p.down_blocks, h, emb, ctx, ckpt, res, in.recorder);
+  IntrablockResiduals adapter{&in.down_intrablock_additional_residuals};
+  h = run_down_blocks(p.down_blocks, h, emb, ctx, ckpt, res, in.recorder, &adapter);
   if (controlnet) {
     const auto& extra = in.down_block_additional_residuals;
     DMX_CHECK_ARG(extra.size() == res.size(), "down_block_additional_residuals must have ", res.size(),
@@ -300,6 +429,17 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
   // 4. mid
   h = run_mid_block(p.mid_block, h, emb, ctx, ckpt);
   record(in.recorder, "mid_block", h);
+  // diffusers (T2I-Adapter-XL): a feature left after the down blocks goes to the mid block's output when its
+  // shape equals it exactly; any other leftover would be silently dropped there, so it is an error here.
+  if (adapter.pending()) {
+    const at::Tensor& left = (*adapter.features)[adapter.next];
+    if (left.defined() && left.sizes().equals(h.sizes())) h = h + adapter.take(h.sizes(), h.scalar_type());
+  }
+  DMX_CHECK_ARG(!adapter.pending(),
+                "down_intrablock_additional_residuals: ", in.down_intrablock_additional_residuals.size(),
+                " features given, but only ", adapter.next,
+                " fit this UNet (one per down block, then one of the mid block's shape ", h.sizes(), "); feature ",
+                adapter.next, " is ", shape_string(in.down_intrablock_additional_residuals[adapter.next]));
   if (controlnet) {
     DMX_CHECK_ARG(in.mid_block_additional_residual.sizes().equals(h.sizes()), "mid_block_additional_residual must be ",
                   shape_string(h), ", got ", shape_string(in.mid_block_additional_residual));

@@ -16,12 +16,13 @@
 
 namespace dmx::models {
 
-// Options of one resnet/transformer block of a UNet-family config with heads_i attention heads.
+// Options of one resnet/transformer block of a UNet-family config with heads_i attention heads, at the
+// level of down block `level` (up block i is level n-1-i).
 template <typename Config>
-nn::BlockOptions unet_block_options(const Config& cfg, int heads_i, nn::Act act) {
+nn::BlockOptions unet_block_options(const Config& cfg, int heads_i, nn::Act act, size_t level) {
   nn::BlockOptions o;
   o.num_layers = cfg.layers_per_block;
-  o.temb_channels = cfg.time_embed_dim();
+  o.temb_channels = cfg.blocks_time_embed_dim();
   o.resnet_eps = cfg.norm_eps;
   o.resnet_groups = cfg.norm_num_groups;
   o.act = act;
@@ -29,7 +30,7 @@ nn::BlockOptions unet_block_options(const Config& cfg, int heads_i, nn::Act act)
   o.transformer.num_layers = cfg.transformer_layers_per_block;
   o.transformer.cross_attention_dim = cfg.cross_attention_dim;
   o.transformer.use_linear_projection = cfg.use_linear_projection;
-  o.transformer.only_cross_attention = cfg.only_cross_attention;
+  o.transformer.only_cross_attention = cfg.only_cross_attention_at(level);
   o.transformer.upcast_attention = cfg.upcast_attention;
   return o;
 }
@@ -50,7 +51,7 @@ std::vector<nn::DownBlock2D> build_down_blocks(torch::nn::Module& owner, const C
   std::vector<nn::DownBlock2D> blocks;
   int output_channel = ch[0];
   for (int i = 0; i < n; ++i) {
-    nn::BlockOptions o = unet_block_options(cfg, heads[i], act);
+    nn::BlockOptions o = unet_block_options(cfg, heads[i], act, static_cast<size_t>(i));
     o.in_channels = output_channel;
     output_channel = ch[i];
     o.out_channels = output_channel;
@@ -66,7 +67,7 @@ std::vector<nn::DownBlock2D> build_down_blocks(torch::nn::Module& owner, const C
 // Registers `mid_block` (UNetMidBlock2DCrossAttn at the last width) on `owner`.
 template <typename Config>
 nn::UNetMidBlock2DCrossAttn build_mid_block(torch::nn::Module& owner, const Config& cfg, nn::Act act) {
-  nn::BlockOptions o = unet_block_options(cfg, cfg.heads_per_block().back(), act);
+  nn::BlockOptions o = unet_block_options(cfg, cfg.heads_per_block().back(), act, cfg.block_out_channels.size() - 1);
   o.num_layers = 1;
   o.in_channels = o.out_channels = cfg.block_out_channels.back();
   o.output_scale_factor = cfg.mid_block_scale_factor;
@@ -83,12 +84,26 @@ at::Tensor timestep_features(const Config& cfg, const at::Tensor& t, at::ScalarT
   return nn::get_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to(dtype);
 }
 
+// T2I-Adapter features on their way through the down path (UNetInputs::down_intrablock_additional_residuals):
+// taken in order, one per down block, and the next one by the mid block when its shape matches.
+struct IntrablockResiduals {
+  const std::vector<at::Tensor>* features = nullptr;
+  size_t next = 0;
+  bool pending() const { return features && next < features->size(); }
+  // Whether the next feature fits hidden states of these sizes ([B or 1, C, h, w]).
+  bool next_fits(at::IntArrayRef hidden_sizes) const;
+  // The next feature, checked against the hidden states it will be added to (InvalidArgument naming its
+  // index otherwise), in their dtype.
+  at::Tensor take(at::IntArrayRef hidden_sizes, at::ScalarType dtype);
+};
+
 // The down path: h through every block; `res` (holding h on entry) receives every skip connection. With
 // `checkpoint` each block's activations are recomputed in backward. Records down_blocks.<i> when a recorder is
-// given. Returns the last block's hidden states.
+// given. `intrablock` (may be null) adds T2I-Adapter features where diffusers adds them. Returns the last block's
+// hidden states.
 at::Tensor run_down_blocks(std::vector<nn::DownBlock2D>& blocks, at::Tensor h, const at::Tensor& emb,
                            const at::Tensor& ctx, bool checkpoint, std::vector<at::Tensor>& res,
-                           TensorRecorder* recorder = nullptr);
+                           TensorRecorder* recorder = nullptr, IntrablockResiduals* intrablock = nullptr);
 at::Tensor run_mid_block(nn::UNetMidBlock2DCrossAttn& mid, const at::Tensor& h, const at::Tensor& emb,
                          const at::Tensor& ctx, bool checkpoint);
 

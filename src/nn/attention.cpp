@@ -9,6 +9,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/runtime.h"
 #include "dmx/error.h"
@@ -103,9 +104,10 @@ void set_max_score_elements(int64_t n) {
 // Training: the same formula without out= products or in-place ops, so that autograd records it (all
 // scores at once: backward needs the probabilities anyway).
 static at::Tensor attention_differentiable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           double scale, bool causal, bool upcast) {
+                                           double scale, bool causal, bool upcast, const at::Tensor& bias) {
   const at::ScalarType score_dtype = upcast ? at::kFloat : q.scalar_type();
   at::Tensor scores = at::matmul(q.to(score_dtype) * scale, k.to(score_dtype).transpose(-1, -2));  // [B, H, Nq, Nk]
+  if (bias.defined()) scores = scores + bias.to(score_dtype);
   if (causal) {
     const int64_t Nq = q.size(2), Nk = k.size(2);
     const at::Tensor mask = at::ones({Nq, Nk}, scores.options().dtype(at::kBool)).triu(1);
@@ -118,7 +120,7 @@ static at::Tensor attention_differentiable(const at::Tensor& q, const at::Tensor
 // at the default budget): scores = (scale q) k^T into a reused buffer, softmax in place, then probs @ v
 // straight into the output rows. No tensor of all scores is ever formed.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal,
-                     bool upcast) {
+                     bool upcast, const at::Tensor& bias) {
   DMX_CHECK_ARG(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention expects q, k, v of shape [B, H, N, d], got ",
                 q.dim(), "-d, ", k.dim(), "-d, ", v.dim(), "-d tensors");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3);
@@ -127,11 +129,21 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 "attention: q, k, v must share batch and heads");
   DMX_CHECK_ARG(k.size(3) == d && v.size(2) == Nk, "attention: k must have q's head width and v k's length");
   const int64_t BH = B * H, dv = v.size(3);
+  if (bias.defined()) {
+    DMX_CHECK_ARG(bias.dim() <= 4, "attention: the bias must broadcast to [B, H, Nq, Nk], got shape ", bias.sizes());
+    std::vector<int64_t> padded(4 - bias.dim(), 1);
+    for (int64_t s : bias.sizes()) padded.push_back(s);
+    const int64_t full[4] = {B, H, Nq, Nk};
+    for (int i = 0; i < 4; ++i)
+      DMX_CHECK_ARG(padded[i] == 1 || padded[i] == full[i], "attention: the bias must broadcast to [", B, ", ", H,
+                    ", ", Nq, ", ", Nk, "], got shape ", bias.sizes());
+  }
 #if defined(DMX_AVX512_KERNELS)
-  if (fused_attention_applies(q, k, v, causal)) return fused_attention(q, k, v, scale);
+  if (!bias.defined() && fused_attention_applies(q, k, v, causal)) return fused_attention(q, k, v, scale);
 #endif
-  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad()))
-    return attention_differentiable(q, k, v, scale, causal, upcast);
+  if (at::GradMode::is_enabled() &&
+      (q.requires_grad() || k.requires_grad() || v.requires_grad() || (bias.defined() && bias.requires_grad())))
+    return attention_differentiable(q, k, v, scale, causal, upcast, bias);
 
   const at::ScalarType out_dtype = v.scalar_type();
   const at::ScalarType score_dtype = upcast ? at::kFloat : q.scalar_type();
@@ -143,6 +155,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (kt.scalar_type() != score_dtype) kt = kt.to(score_dtype);
   kt = kt.transpose(1, 2);  // [BH, d, Nk]
   const at::Tensor vf = v.reshape({BH, Nk, dv});
+  at::Tensor bias_bh;  // [BH, Nq, Nk] (a view where the bias is already complete)
+  if (bias.defined()) bias_bh = bias.to(score_dtype).expand({B, H, Nq, Nk}).reshape({BH, Nq, Nk});
 
   const int64_t budget = max_score_elements();
   int64_t groups = 1, rows = Nq;
@@ -163,6 +177,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         at::Tensor mask = at::ones({rc, Nk}, scores.options().dtype(at::kBool)).triu(s + 1);
         scores.masked_fill_(mask, -std::numeric_limits<double>::infinity());
       }
+      if (bias_bh.defined()) scores.add_(bias_bh.narrow(0, g, gc).narrow(1, s, rc));
       at::_softmax_out(scores, scores, -1, false);  // in place
       const at::Tensor probs = scores.scalar_type() == out_dtype ? scores : scores.to(out_dtype);
       at::Tensor dst = out.narrow(0, g, gc).narrow(1, s, rc);  // [gc, rc, dv]

@@ -56,7 +56,8 @@ AttentionSite site_from_path(const std::string& path, const AttentionImpl& attn,
   s.layer = index_after(parts, "attentions");
   s.transformer_block = index_after(parts, "transformer_blocks");
   const AttentionOptions& o = attn.options();
-  s.is_cross = parts.back() == "attn2" || o.cross_attention_dim != o.query_dim;
+  // attn1 of an only_cross_attention block attends to the text too, even when the text has the block's width.
+  s.is_cross = parts.back() == "attn2" || attn.is_cross_attention();
   s.heads = o.heads;
   s.index = index;
   return s;
@@ -141,6 +142,33 @@ ScopedAttentionController::~ScopedAttentionController() {
   auto& cs = seam_->controllers;
   auto it = std::find(cs.rbegin(), cs.rend(), controller_);
   if (it != cs.rend()) cs.erase(std::next(it).base());
+}
+
+KeyValueInputs apply_input_hooks(const AttentionSite& site, const AttentionSeam* seam, const at::Tensor& context) {
+  KeyValueInputs kv{context, context};
+  if (!seam) return kv;
+  for (const auto& h : seam->input_hooks) {
+    if (!h->wants(site)) continue;
+    KeyValueInputs out = h->on_key_value_inputs(site, seam->context, kv);
+    DMX_CHECK_ARG(out.key.defined() && out.value.defined() && out.key.sizes().equals(kv.key.sizes()) &&
+                      out.value.sizes().equals(kv.value.sizes()),
+                  "attention input hook at ", site.path, ": must return key and value inputs of the shapes it got (",
+                  kv.key.sizes(), ")");
+    kv = std::move(out);
+  }
+  return kv;
+}
+
+ScopedAttentionInputHook::ScopedAttentionInputHook(torch::nn::Module& root, std::shared_ptr<AttentionInputHook> hook)
+    : seam_(seam_of(root)), hook_(std::move(hook)) {
+  DMX_CHECK_ARG(hook_ != nullptr, "ScopedAttentionInputHook: hook must not be null");
+  seam_->input_hooks.push_back(hook_);
+}
+
+ScopedAttentionInputHook::~ScopedAttentionInputHook() {
+  auto& hs = seam_->input_hooks;
+  auto it = std::find(hs.rbegin(), hs.rend(), hook_);
+  if (it != hs.rend()) hs.erase(std::next(it).base());
 }
 
 ScopedAttentionProcessor::ScopedAttentionProcessor(torch::nn::Module& root,

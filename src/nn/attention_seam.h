@@ -8,6 +8,8 @@
 //     each row carries), set by the pipeline;
 //   - AttentionControllers observe or edit the attention probabilities of the sites they want;
 //   - an AttentionProcessor replaces the whole q, k, v -> output computation of the sites it wants;
+//   - AttentionInputHooks transform what the key and value projections read (AUTOMATIC1111 hypernetworks:
+//     k = to_k(f_k(c)), v = to_v(f_v(c))), chained in installation order; queries never change;
 //   - RAII guards install them on one model and restore the previous state, also on exceptions.
 // With nothing installed the layers take the fast path (nn::attention) unchanged. The seam belongs to one
 // model: guards on a model assume one run at a time on it (as the model's forward itself does).
@@ -79,13 +81,35 @@ class AttentionProcessor {
                              const at::Tensor& k, const at::Tensor& v, double scale, bool upcast) = 0;
 };
 
+// The inputs of an attention layer's key and value projections: [B, M, C] each (to_k reads `key`, to_v reads
+// `value`). Before any hook both are the layer's context: the encoder states for cross-attention (attn2, and
+// attn1 in only_cross_attention blocks), the layer's own normalised input for self-attention.
+struct KeyValueInputs {
+  at::Tensor key;
+  at::Tensor value;
+};
+
+class AttentionInputHook {
+ public:
+  virtual ~AttentionInputHook() = default;
+  virtual bool wants(const AttentionSite& site) const { return true; }
+  // Returns the inputs to use (same shapes); `in` holds the previous hook's outputs.
+  virtual KeyValueInputs on_key_value_inputs(const AttentionSite& site, const AttentionContext& ctx,
+                                             KeyValueInputs in) = 0;
+};
+
 // The state shared by the attention layers of one model.
 struct AttentionSeam {
   std::vector<std::shared_ptr<AttentionController>> controllers;  // applied in installation order
   std::shared_ptr<AttentionProcessor> processor;
+  std::vector<std::shared_ptr<AttentionInputHook>> input_hooks;  // chained in installation order
   AttentionContext context;
+  // Whether the score computation leaves the fast path (input hooks do not need that).
   bool active() const { return !controllers.empty() || processor != nullptr; }
 };
+
+// The key / value inputs after every input hook of `seam` that wants the site (seam may be null).
+KeyValueInputs apply_input_hooks(const AttentionSite& site, const AttentionSeam* seam, const at::Tensor& context);
 
 // Walks root's sub-modules once and gives every attention layer its site (from its path) and root's shared
 // seam; idempotent. UNet2DConditionModel calls it at the end of its constructor. Returns the seam.
@@ -129,6 +153,19 @@ class ScopedAttentionProcessor {
  private:
   std::shared_ptr<AttentionSeam> seam_;
   std::shared_ptr<AttentionProcessor> previous_;
+};
+
+// Installs an input hook on root's attention layers for the guard's lifetime (after those already there).
+class ScopedAttentionInputHook {
+ public:
+  ScopedAttentionInputHook(torch::nn::Module& root, std::shared_ptr<AttentionInputHook> hook);
+  ~ScopedAttentionInputHook();
+  ScopedAttentionInputHook(const ScopedAttentionInputHook&) = delete;
+  ScopedAttentionInputHook& operator=(const ScopedAttentionInputHook&) = delete;
+
+ private:
+  std::shared_ptr<AttentionSeam> seam_;
+  std::shared_ptr<AttentionInputHook> hook_;
 };
 
 // Sets the per-call context for the guard's lifetime (one UNet call); the previous one comes back after.

@@ -92,9 +92,10 @@ at::Tensor get_timestep_embedding(const at::Tensor& timesteps, int64_t embedding
   return emb;  // [B, embedding_dim]
 }
 
-TimestepEmbeddingImpl::TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim, Act act) : act_(act) {
+TimestepEmbeddingImpl::TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim, Act act, int64_t out_dim)
+    : act_(act) {
   linear_1 = register_module("linear_1", linear(in_channels, time_embed_dim));
-  linear_2 = register_module("linear_2", linear(time_embed_dim, time_embed_dim));
+  linear_2 = register_module("linear_2", linear(time_embed_dim, out_dim > 0 ? out_dim : time_embed_dim));
 }
 
 at::Tensor TimestepEmbeddingImpl::forward(const at::Tensor& sample) {
@@ -158,7 +159,7 @@ at::Tensor Upsample2DImpl::forward(const at::Tensor& x, std::optional<std::vecto
 }
 
 // ---------------------------------------------------------------------------------------------------
-AttentionImpl::AttentionImpl(const AttentionOptions& o) : o_(o) {
+AttentionImpl::AttentionImpl(const AttentionOptions& o) : o_(o), cross_(o.cross_attention_dim != 0) {
   if (o_.cross_attention_dim == 0) o_.cross_attention_dim = o_.query_dim;
   DMX_CHECK_ARG(o_.heads > 0 && o_.dim_head > 0, "Attention: heads and dim_head must be > 0, got ", o_.heads, " and ",
                 o_.dim_head);
@@ -173,7 +174,7 @@ AttentionImpl::AttentionImpl(const AttentionOptions& o) : o_(o) {
   to_out_0 = to_out->register_module("0", linear(inner, o_.query_dim, o_.out_bias));
 }
 
-at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context) {
+at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context, const at::Tensor& attn_bias) {
   const bool spatial = x.dim() == 4;
   int64_t B = x.size(0), C = 0, Hs = 0, Ws = 0;
   at::Tensor h = x;
@@ -184,16 +185,26 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context
   if (group_norm) h = nn::group_norm(group_norm, h.transpose(1, 2)).transpose(1, 2);
   const at::Tensor& ctx = context.defined() ? context : h;
   const int64_t Nq = h.size(1), Nk = ctx.size(1), heads = o_.heads, d = o_.dim_head;
-  at::Tensor q = to_q->forward(h).view({B, Nq, heads, d}).permute({0, 2, 1, 3});    // [B, heads, Nq, d]
-  at::Tensor k = to_k->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nk, d]
-  at::Tensor v = to_v->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});
+  at::Tensor q = to_q->forward(h).view({B, Nq, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nq, d]
+  at::Tensor k, v;
+  if (seam_ && !seam_->input_hooks.empty()) {  // hypernetworks: k = to_k(f_k(ctx)), v = to_v(f_v(ctx))
+    const KeyValueInputs kv = apply_input_hooks(site_, seam_.get(), ctx);
+    k = to_k->forward(kv.key).view({B, Nk, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nk, d]
+    v = to_v->forward(kv.value).view({B, Nk, heads, d}).permute({0, 2, 1, 3});
+  } else {
+    k = to_k->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});  // [B, heads, Nk, d]
+    v = to_v->forward(ctx).view({B, Nk, heads, d}).permute({0, 2, 1, 3});
+  }
   const bool upcast = o_.upcast_attention || o_.upcast_softmax;
   // The seam path when a controller or processor is installed, or when autograd needs a differentiable
   // graph (nn::attention writes into preallocated outputs); the fast path otherwise.
   const bool grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
-  at::Tensor a = (seam_ && seam_->active()) || grad
-                     ? attention_through_seam(site_, seam_.get(), q, k, v, scale_, upcast)
-                     : attention(q, k, v, scale_, /*causal=*/false, upcast);
+  const bool seam_active = seam_ && seam_->active();
+  if (attn_bias.defined() && seam_active)
+    throw Unsupported("attention controllers and processors do not support masked attention (" + site_.path + ")");
+  at::Tensor a = attn_bias.defined() ? attention(q, k, v, scale_, /*causal=*/false, upcast, attn_bias)
+                 : seam_active || grad ? attention_through_seam(site_, seam_.get(), q, k, v, scale_, upcast)
+                                       : attention(q, k, v, scale_, /*causal=*/false, upcast);
   a = a.permute({0, 2, 1, 3}).reshape({B, Nq, heads * d});  // [B, Nq, inner]
   at::Tensor out = to_out_0->forward(a);
   if (spatial) out = out.transpose(-1, -2).reshape({B, C, Hs, Ws});
@@ -208,14 +219,18 @@ void AttentionImpl::set_site(AttentionSite site, std::shared_ptr<AttentionSeam> 
 }
 
 // ---------------------------------------------------------------------------------------------------
-FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t inner_dim) {
+FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t inner_dim, const std::string& activation_fn) {
+  DMX_CHECK_ARG(activation_fn == "geglu" || activation_fn == "gelu",
+                "FeedForward: activation_fn must be \"geglu\" or \"gelu\", got \"", activation_fn, "\"");
+  geglu_ = activation_fn == "geglu";
   auto net = make_container(*this, "net");
-  auto geglu = net->register_module("0", std::make_shared<tnn::Module>());
-  proj = geglu->register_module("proj", linear(dim, inner_dim * 2));
+  auto act = net->register_module("0", std::make_shared<tnn::Module>());
+  proj = act->register_module("proj", linear(dim, geglu_ ? inner_dim * 2 : inner_dim));
   out = net->register_module("2", linear(inner_dim, dim));
 }
 
 at::Tensor FeedForwardImpl::forward(const at::Tensor& x) {
+  if (!geglu_) return out->forward(at::gelu(proj->forward(x)));
   return out->forward(geglu(proj->forward(x)));  // hidden * gelu(gate), fused for bf16 (nn/fused_ops.h)
 }
 
@@ -228,16 +243,18 @@ BasicTransformerBlockImpl::BasicTransformerBlockImpl(int64_t dim, const Transfor
   a.query_dim = dim;
   a.heads = o.num_attention_heads;
   a.dim_head = o.attention_head_dim;
-  a.bias = false;
+  a.bias = o.attention_bias;
   a.upcast_attention = o.upcast_attention;
   norm1 = ln("norm1");
   a.cross_attention_dim = o.only_cross_attention ? o.cross_attention_dim : 0;
   attn1 = register_module("attn1", Attention(a));
-  norm2 = ln("norm2");
-  a.cross_attention_dim = o.cross_attention_dim;
-  attn2 = register_module("attn2", Attention(a));
+  if (o.cross_attention) {
+    norm2 = ln("norm2");
+    a.cross_attention_dim = o.cross_attention_dim;
+    attn2 = register_module("attn2", Attention(a));
+  }
   norm3 = ln("norm3");
-  ff = register_module("ff", FeedForward(dim, dim * 4));
+  ff = register_module("ff", FeedForward(dim, dim * 4, o.activation_fn));
 }
 
 namespace {
@@ -249,9 +266,11 @@ at::Tensor layer_norm_(tnn::LayerNorm& n, const at::Tensor& x) {
 }
 }  // namespace
 
-at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const at::Tensor& context) {
-  at::Tensor h = attn1->forward(layer_norm_(norm1, x), only_cross_attention_ ? context : at::Tensor()) + x;
-  h = attn2->forward(layer_norm_(norm2, h), context) + h;
+at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const at::Tensor& context,
+                                             const at::Tensor& attn_bias) {
+  at::Tensor h =
+      attn1->forward(layer_norm_(norm1, x), only_cross_attention_ ? context : at::Tensor(), attn_bias) + x;
+  if (attn2) h = attn2->forward(layer_norm_(norm2, h), context) + h;
   return ff->forward(layer_norm_(norm3, h)) + h;
 }
 
@@ -317,7 +336,7 @@ static Transformer2DModel make_transformer(const BlockOptions& o, int64_t channe
   return Transformer2DModel(t);
 }
 
-DownBlock2DImpl::DownBlock2DImpl(const BlockOptions& o) {
+DownBlock2DImpl::DownBlock2DImpl(const BlockOptions& o) : out_channels_(o.out_channels) {
   auto rs = make_container(*this, "resnets");
   std::shared_ptr<tnn::Module> as = o.cross_attention ? make_container(*this, "attentions") : nullptr;
   for (int64_t i = 0; i < o.num_layers; ++i) {
@@ -332,12 +351,16 @@ DownBlock2DImpl::DownBlock2DImpl(const BlockOptions& o) {
   }
 }
 
-DownBlockOutput DownBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context) {
+DownBlockOutput DownBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context,
+                                         const at::Tensor& additional_residual) {
+  DMX_CHECK_ARG(!additional_residual.defined() || has_cross_attention(),
+                "DownBlock2D: an additional residual goes inside cross-attention blocks only");
   DownBlockOutput r;
   at::Tensor h = x;
   for (size_t i = 0; i < resnets.size(); ++i) {
     h = resnets[i]->forward(h, temb);
     if (!attentions.empty()) h = attentions[i]->forward(h, context);
+    if (i + 1 == resnets.size() && additional_residual.defined()) h = h + additional_residual;
     r.res_samples.push_back(h);
   }
   if (downsampler) {

@@ -46,11 +46,11 @@ std::shared_ptr<torch::nn::Module> make_container(torch::nn::Module& parent, con
 at::Tensor get_timestep_embedding(const at::Tensor& timesteps, int64_t embedding_dim, bool flip_sin_to_cos,
                                   double downscale_freq_shift, double scale = 1.0, double max_period = 10000.0);
 
-// TimestepEmbedding: linear_1 -> act -> linear_2.
+// TimestepEmbedding: linear_1 -> act -> linear_2. out_dim 0 = time_embed_dim (the PriorTransformer sets it).
 class TimestepEmbeddingImpl : public torch::nn::Module {
  public:
-  TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim, Act act);
-  at::Tensor forward(const at::Tensor& sample);  // [B, in] -> [B, time_embed_dim]
+  TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim, Act act, int64_t out_dim = 0);
+  at::Tensor forward(const at::Tensor& sample);  // [B, in] -> [B, out_dim]
   LoRALinear linear_1{nullptr}, linear_2{nullptr};
 
  private:
@@ -126,9 +126,15 @@ struct AttentionOptions {
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const AttentionOptions& o);
-  // context: [B, M, cross_attention_dim] or undefined for self-attention.
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& context = {});
+  // context: [B, M, cross_attention_dim] or undefined for self-attention. attn_bias: an additive mask
+  // broadcastable to [B, heads, N, M] (diffusers' attention_mask after prepare_attention_mask, the
+  // PriorTransformer's causal + padding mask); layers with a bias bypass the attention seam (Unsupported when
+  // a controller or processor is installed).
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& context = {}, const at::Tensor& attn_bias = {});
   const AttentionOptions& options() const { return o_; }
+  // Whether keys and values come from a context (cross_attention_dim given: attn2, and attn1 of
+  // only_cross_attention blocks), whatever its width.
+  bool is_cross_attention() const { return cross_; }
   LoRALinear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out_0{nullptr};
   torch::nn::GroupNorm group_norm{nullptr};
   // The attention seam (nn/attention_seam.h): set once by assign_attention_sites.
@@ -138,18 +144,23 @@ class AttentionImpl : public torch::nn::Module {
 
  private:
   AttentionOptions o_;
+  bool cross_ = false;
   double scale_;
   AttentionSite site_;
   std::shared_ptr<AttentionSeam> seam_;
 };
 TORCH_MODULE(Attention);
 
-// FeedForward with GEGLU: net.0.proj (dim -> 2*inner), x * gelu(gate), net.2 (inner -> dim).
+// FeedForward (diffusers' attention.py): activation_fn "geglu": net.0.proj (dim -> 2*inner), x * gelu(gate);
+// "gelu": net.0.proj (dim -> inner), gelu (exact); then net.2 (inner -> dim).
 class FeedForwardImpl : public torch::nn::Module {
  public:
-  FeedForwardImpl(int64_t dim, int64_t inner_dim);
+  FeedForwardImpl(int64_t dim, int64_t inner_dim, const std::string& activation_fn = "geglu");
   at::Tensor forward(const at::Tensor& x);  // [B, N, dim] -> [B, N, dim]
   LoRALinear proj{nullptr}, out{nullptr};
+
+ private:
+  bool geglu_ = true;
 };
 TORCH_MODULE(FeedForward);
 
@@ -163,13 +174,19 @@ struct TransformerOptions {
   bool use_linear_projection = false;
   bool only_cross_attention = false;
   bool upcast_attention = false;
+  // BasicTransformerBlock settings the UNet leaves at their defaults and the PriorTransformer sets:
+  bool cross_attention = true;          // false: no norm2/attn2 (diffusers' cross_attention_dim None)
+  bool attention_bias = false;          // biases on to_q / to_k / to_v
+  std::string activation_fn = "geglu";  // the feed-forward: geglu | gelu
 };
 
-// norm1 + attn1 (self, or cross when only_cross_attention), norm2 + attn2 (cross), norm3 + ff, residuals.
+// norm1 + attn1 (self, or cross when only_cross_attention), norm2 + attn2 (cross; absent without
+// cross_attention), norm3 + ff, residuals. attn_bias: attn1's additive mask (see AttentionImpl::forward).
 class BasicTransformerBlockImpl : public torch::nn::Module {
  public:
   BasicTransformerBlockImpl(int64_t dim, const TransformerOptions& o);
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& context);  // [B, N, dim]
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& context,
+                     const at::Tensor& attn_bias = {});  // [B, N, dim]
   torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr}, norm3{nullptr};
   Attention attn1{nullptr}, attn2{nullptr};
   FeedForward ff{nullptr};
@@ -221,10 +238,19 @@ struct DownBlockOutput {
 class DownBlock2DImpl : public torch::nn::Module {
  public:
   explicit DownBlock2DImpl(const BlockOptions& o);
-  DownBlockOutput forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context);
+  // additional_residual (CrossAttnDownBlock2D's T2I-Adapter input, optional): added after the last (resnet,
+  // attention) pair, before the downsampler, so the last skip and the downsampler both see the sum. Blocks
+  // without attention take none (diffusers adds it to their output instead: the UNet's job).
+  DownBlockOutput forward(const at::Tensor& x, const at::Tensor& temb, const at::Tensor& context,
+                          const at::Tensor& additional_residual = {});
+  bool has_cross_attention() const { return !attentions.empty(); }
+  int64_t out_channels() const { return out_channels_; }
   std::vector<ResnetBlock2D> resnets;
   std::vector<Transformer2DModel> attentions;
   Downsample2D downsampler{nullptr};
+
+ private:
+  int64_t out_channels_ = 0;
 };
 TORCH_MODULE(DownBlock2D);
 

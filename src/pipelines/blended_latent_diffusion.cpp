@@ -1,13 +1,10 @@
 #include "pipelines/blended_latent_diffusion.h"
 
-#include <ATen/CPUGeneratorImpl.h>
-
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 
 #include "core/phase_timer.h"
-#include "core/progress.h"
 #include "dmx/error.h"
 #include "schedulers/scheduler.h"
 
@@ -36,13 +33,9 @@ void BlendedLatentDiffusionPipeline::check_params(const BlendedLatentDiffusionPa
   DMX_CHECK_SUPPORTED(m_->unet->config().in_channels == 4, "blended latent diffusion needs a 4-channel UNet; this one has ",
                       m_->unet->config().in_channels,
                       " input channels (a dedicated inpainting model, whose 9-channel path dmx does not implement yet)");
-  // The remaining rules (steps, guidance, eta, sizes, clip skip) are StableDiffusionPipeline's.
+  // The remaining rules (steps, guidance, eta, sizes, clip skip) are StableDiffusionPipeline's img2img ones.
   StableDiffusionParams sp;
-  sp.num_inference_steps = p.num_inference_steps;
-  sp.guidance_scale = p.guidance_scale;
-  sp.eta = p.eta;
-  sp.num_images_per_prompt = p.num_images_per_prompt;
-  sp.clip_skip = p.clip_skip;
+  static_cast<GenerationParams&>(sp) = p;
   sp.init_image = p.init_image;
   sp.strength = p.strength;
   sd_.check_params(sp);
@@ -63,46 +56,24 @@ BlendedLatentDiffusionOutput BlendedLatentDiffusionPipeline::run(const BlendedLa
   // 1. Check inputs.
   check_params(p);
   const int n = p.num_images_per_prompt;
-  const bool cfg = p.guidance_scale > 1.0;
   const bool legacy = p.variant == BlendVariant::kLegacy;
-  std::optional<at::Generator> gen;
-  if (p.seed) gen = at::make_generator<at::CPUGeneratorImpl>(*p.seed);
-  auto randn = [&](at::IntArrayRef shape) {
-    return gen ? at::randn(shape, *gen, at::TensorOptions().dtype(at::kFloat))
-               : at::randn(shape, at::TensorOptions().dtype(at::kFloat));
-  };
 
   // 2. Encode the prompt (uncond first).
   PhaseTimer encode_timer("text encode");
-  at::Tensor embeds = sd_.encode_prompt(p.prompt, p.clip_skip).repeat({n, 1, 1});
-  if (cfg) embeds = at::cat({sd_.encode_prompt(p.negative_prompt, p.clip_skip).repeat({n, 1, 1}), embeds}, 0);
+  const at::Tensor embeds = encode_prompts(*m_, p);
   encode_timer.stop();
 
-  // 3. Timesteps, cut by strength (get_timesteps).
-  const std::string sched_name =
-      p.scheduler.empty() ? m_->scheduler_config.value("_class_name", std::string("PNDMScheduler")) : p.scheduler;
-  auto sched = schedulers::create_scheduler(sched_name, m_->scheduler_config);
-  sched->set_timesteps(p.num_inference_steps);
-  const int init_timestep = std::min(static_cast<int>(p.num_inference_steps * p.strength), p.num_inference_steps);
-  const int t_start = std::max(p.num_inference_steps - init_timestep, 0);
-  // The legacy pipeline slices without the scheduler order.
-  const int start = legacy ? t_start : t_start * sched->order();
+  // 3. Timesteps, cut by strength (get_timesteps); the legacy pipeline slices without the scheduler order.
+  auto sched = make_scheduler(*m_, p.scheduler, p.num_inference_steps);
+  const int start = strength_first_step(*sched, p.num_inference_steps, p.strength, !legacy);
   const std::vector<double>& ts = sched->timesteps();
-  DMX_CHECK_ARG(init_timestep >= 1 && start < static_cast<int>(ts.size()), "strength ", p.strength, " with ",
-                p.num_inference_steps, " steps leaves no denoising step; raise strength or steps");
   const int total = static_cast<int>(ts.size()) - start;
 
   // 4. Latents, drawing as the reference does: the image's posterior sample, then the noise, then (inpaint)
   //    the masked image's posterior sample, which a 4-channel UNet never uses.
   PhaseTimer latents_timer("encode image");
-  at::Tensor image = p.init_image.to(m_->device, m_->dtype);
-  auto dist = m_->vae->encode(image);
-  const auto latent_shape = dist.mean.sizes().vec();  // [1, 4, h, w]
-  at::Tensor eps = p.posterior_noise.defined() ? p.posterior_noise.to(at::kFloat) : randn(latent_shape);
-  DMX_CHECK_ARG(eps.sizes().equals(latent_shape), "posterior noise must have shape ", dist.mean.sizes(), ", got ",
-                eps.sizes());
-  at::Tensor image_latents =
-      ((dist.mean.to(at::kFloat) + dist.std.to(at::kFloat) * eps) * m_->vae->config().scaling_factor).to(at::kCPU);
+  at::Tensor image_latents = encode_image_latents(*m_, p.init_image, p.generator, p.posterior_noise);  // [1, 4, h, w]
+  const auto latent_shape = image_latents.sizes().vec();
   image_latents = image_latents.repeat({n, 1, 1, 1});  // [N, 4, h, w]
   at::Tensor noise;
   at::Tensor latents;
@@ -112,13 +83,13 @@ BlendedLatentDiffusionOutput BlendedLatentDiffusionPipeline::run(const BlendedLa
     noise = p.latents.to(at::kFloat);
     latents = legacy ? sched->add_noise(image_latents, noise, start) : noise * sched->init_noise_sigma();
   } else {
-    noise = randn(image_latents.sizes());
+    noise = randn_tensor(image_latents.sizes(), p.generator);
     if (legacy)
       latents = sched->add_noise(image_latents, noise, start);
     else
       latents = p.strength == 1.0 ? noise * sched->init_noise_sigma() : sched->add_noise(image_latents, noise, start);
   }
-  if (!legacy && !p.posterior_noise.defined()) (void)randn(latent_shape);  // masked_image_latents' draw
+  if (!legacy && !p.posterior_noise.defined()) (void)randn_tensor(latent_shape, p.generator);  // masked image's
   latents_timer.stop();
 
   // 5. Masks at latent size; progressive shrinking puts the dilated ones first.
@@ -138,32 +109,14 @@ BlendedLatentDiffusionOutput BlendedLatentDiffusionPipeline::run(const BlendedLa
   bc.blend_start_step = static_cast<int>(total * p.blend_start);
   const extensions::LatentBlend blender(*sched, bc);
 
-  // 6. Denoising loop with the blend after each step.
+  // 6. Denoising: the Stable Diffusion loop, with the blend as its step callback (before the caller's).
   PhaseTimer denoise_timer("denoise");
-  schedulers::StepArgs args;
-  args.eta = p.eta;
-  args.generator = gen ? &*gen : nullptr;
-  ProgressBar bar("steps", p.show_progress ? total : 0);
-  for (int i = start; i < static_cast<int>(ts.size()); ++i) {
-    const double t = ts[i];
-    at::Tensor model_in = sched->scale_model_input(cfg ? at::cat({latents, latents}, 0) : latents, i);
-    models::UNetInputs in;
-    in.sample = model_in.to(m_->device, m_->dtype);
-    in.timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kFloat)).to(m_->device);
-    in.encoder_hidden_states = embeds.to(m_->dtype);
-    at::Tensor noise_pred = m_->unet->forward(in).to(at::kFloat).to(at::kCPU);
-    if (cfg) {
-      auto c = noise_pred.chunk(2, 0);
-      noise_pred = c[0] + p.guidance_scale * (c[1] - c[0]);
-    }
-    const size_t k = static_cast<size_t>(i - start);
-    args.variance_noise = k < p.step_noises.size() ? p.step_noises[k] : at::Tensor();
-    latents = sched->step(noise_pred, i, latents, args).prev_sample;
-    blender.on_step_end(i - start, latents);
-    if (p.on_step_end) p.on_step_end(i - start, t, latents);
-    bar.tick();
-  }
-  bar.finish();
+  GenerationParams loop = p;
+  loop.on_step_end = [&](int step, double t, at::Tensor& l) {
+    blender.on_step_end(step, l);
+    if (p.on_step_end) p.on_step_end(step, t, l);
+  };
+  latents = sd_.denoise(*sched, latents, start, embeds, loop);
   denoise_timer.stop();
 
   // 7. Final blend: z_init outside the mask.
@@ -225,24 +178,20 @@ std::vector<double> BlendedLatentDiffusionPipeline::rank_scores(const at::Tensor
   // Noise levels of the training schedule (the model's betas).
   const auto cfg = schedulers::SchedulerConfig::for_class("DDPMScheduler", m_->scheduler_config);
   const at::Tensor ac = at::cumprod(1 - schedulers::make_betas(cfg).to(at::kDouble), 0);
-  const at::Tensor cond = sd_.encode_prompt(prompt, clip_skip), uncond = sd_.encode_prompt("", clip_skip);
+  const at::Tensor cond = encode_prompt(*m_, prompt, clip_skip), uncond = encode_prompt(*m_, "", clip_skip);
   const at::Tensor embeds = at::cat({uncond, cond}, 0).to(m_->dtype);  // [2, 77, D]
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  auto gen = make_generator(o.seed);
   const at::Tensor m = latent_mask.to(at::kFloat);
   const double area = std::max(m.sum().item<double>(), 1.0) * latents.size(1);
   std::vector<double> scores(static_cast<size_t>(n), 0.0);
   for (int t : o.timesteps) {
     DMX_CHECK_ARG(t >= 0 && t < ac.size(0), "rank timesteps must be in [0, ", ac.size(0), "), got ", t);
-    const at::Tensor eps = at::randn(latents.sizes().slice(1), gen, at::TensorOptions().dtype(at::kFloat)).unsqueeze(0);
+    const at::Tensor eps = randn_tensor(latents.sizes().slice(1), &gen).unsqueeze(0);
     const double a = ac[t].item<double>();
     for (int64_t i = 0; i < n; ++i) {
       const at::Tensor z0 = latents.narrow(0, i, 1).to(at::kFloat);
       const at::Tensor zt = z0 * std::sqrt(a) + eps * std::sqrt(1 - a);
-      models::UNetInputs in;
-      in.sample = at::cat({zt, zt}, 0).to(m_->device, m_->dtype);
-      in.timestep = at::scalar_tensor(static_cast<double>(t), at::TensorOptions().dtype(at::kFloat)).to(m_->device);
-      in.encoder_hidden_states = embeds;
-      const auto pr = m_->unet->forward(in).to(at::kFloat).to(at::kCPU).chunk(2, 0);
+      const auto pr = predict_noise(*m_, at::cat({zt, zt}, 0), static_cast<double>(t), embeds).chunk(2, 0);
       const double err_u = ((pr[0] - eps).pow(2) * m).sum().item<double>() / area;
       const double err_c = ((pr[1] - eps).pow(2) * m).sum().item<double>() / area;
       scores[static_cast<size_t>(i)] += (err_u - err_c) / static_cast<double>(o.timesteps.size());

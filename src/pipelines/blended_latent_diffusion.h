@@ -2,18 +2,19 @@
 // on a normal 4-channel Stable Diffusion model. With the defaults it is diffusers 0.27.2's
 // StableDiffusionInpaintPipeline with a 4-channel UNet (masked latent blending, the same seeded draws);
 // variant kLegacy is the deprecated StableDiffusionInpaintPipelineLegacy. On top: the paper's blending start,
-// progressive mask shrinking, background reconstruction and several ranked samples.
+// progressive mask shrinking, background reconstruction and several ranked samples. The denoising is
+// StableDiffusionPipeline's loop with the blend as its step callback.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
 #include "extensions/latent_blend.h"
 #include "loaders/model_bundle.h"
+#include "pipelines/generation.h"
 #include "pipelines/stable_diffusion.h"
 
 namespace dmx::pipelines {
@@ -27,21 +28,14 @@ enum class BlendVariant {
 // for each sample z0 and each t in `timesteps`, z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps with one fixed seeded
 // eps shared by all samples; score = mean_t [ ||eps_uncond - eps||^2_m - ||eps_prompt - eps||^2_m ], the
 // squared errors averaged over the latent mask. Higher = the edited region is better explained by the prompt.
+// The scores are a function of the latents: their noise comes from their own generator seeded with `seed`
+// (the api passes the run's seed), not from the run's, so rank_scores gives the same scores when called again.
 struct RankOptions {
   std::vector<int> timesteps = {100, 250, 400, 550, 700};
   uint64_t seed = 0;
 };
 
-struct BlendedLatentDiffusionParams {
-  std::string prompt;
-  std::string negative_prompt;
-  int num_inference_steps = 50;
-  double guidance_scale = 7.5;
-  std::string scheduler;  // "" = the model's own
-  double eta = 0.0;
-  int num_images_per_prompt = 1;
-  int clip_skip = 0;
-  std::optional<uint64_t> seed;
+struct BlendedLatentDiffusionParams : GenerationParams {
   at::Tensor init_image;  // [1, 3, H, W] in [-1, 1]
   at::Tensor mask;        // [1, 1, H, W] in [0, 1] (L / 255), 1 = edit
   double strength = 1.0;  // diffusers' inpaint default
@@ -52,14 +46,12 @@ struct BlendedLatentDiffusionParams {
   extensions::ReconstructionOptions reconstruction;
   bool rank = false;
   RankOptions rank_options;
-  StepCallback on_step_end;  // after the blend of each step
+  // on_step_end (GenerationParams) runs after the blend of each step.
   // Replay of draws (tests): the VAE posterior noise of the image; the initial noise (kInpaint: diffusers'
   // `latents` argument, start = latents * init_noise_sigma whatever the strength; kLegacy: the noise that
-  // add_noise uses); per-step scheduler noise.
+  // add_noise uses); GenerationParams::step_noises replays the scheduler's.
   at::Tensor posterior_noise;
   at::Tensor latents;
-  std::vector<at::Tensor> step_noises;
-  bool show_progress = true;
 };
 
 struct BlendedLatentDiffusionOutput {

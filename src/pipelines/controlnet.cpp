@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cctype>
+#include <cmath>
 
 #include "core/fs.h"
 #include "core/resize.h"
@@ -122,5 +123,73 @@ void add_residuals(models::ControlNetOutput& acc, const models::ControlNetOutput
   for (size_t k = 0; k < acc.down_block_res_samples.size(); ++k)
     acc.down_block_res_samples[k] = acc.down_block_res_samples[k] + add.down_block_res_samples[k];
   acc.mid_block_res_sample = acc.mid_block_res_sample + add.mid_block_res_sample;
+}
+
+ControlNetProvider::ControlNetProvider(ControlNetUnit unit, int index, bool guess_mode)
+    : unit_(std::move(unit)),
+      name_("controlnet[" + std::to_string(index) + "]" + (unit_.name.empty() ? "" : " (" + unit_.name + ")")),
+      guess_(guess_mode) {}
+
+void ControlNetProvider::check(const ResidualRun& run) const {
+  const ControlNetUnit& u = unit_;
+  const std::string& what = name_;
+  DMX_CHECK_SUPPORTED(!run.img2img, "ControlNet with an init image (img2img) is not supported yet");
+  DMX_CHECK_ARG(static_cast<bool>(u.model), what, ": no model loaded");
+  models::check_controlnet_matches_unet(u.model->config(), run.models.unet->config(), what);
+  DMX_CHECK_ARG(std::isfinite(u.scale), what, ": control scale must be finite, got ", u.scale);
+  DMX_CHECK_ARG(u.start >= 0 && u.start <= 1, what, ": control start must be in [0, 1], got ", u.start);
+  DMX_CHECK_ARG(u.end >= 0 && u.end <= 1, what, ": control end must be in [0, 1], got ", u.end);
+  DMX_CHECK_ARG(u.start < u.end, what, ": control start (", u.start, ") must be smaller than control end (", u.end,
+                ")");
+  DMX_CHECK_ARG(u.image.defined() && u.image.dim() == 4 && u.image.size(0) == 1 &&
+                    u.image.size(1) == u.model->config().conditioning_channels,
+                what, ": control image must be [1, ", u.model->config().conditioning_channels, ", H, W], got ",
+                u.image.defined() ? u.image.sizes() : at::IntArrayRef{});
+  DMX_CHECK_ARG(u.image.size(2) == run.height && u.image.size(3) == run.width, what, ": control image is ",
+                u.image.size(3), "x", u.image.size(2), " but the output is ", run.width, "x", run.height,
+                " (prepare it with prepare_control_image at the output size)");
+}
+
+void ControlNetProvider::prepare(const ResidualRun& run) {
+  // Repeated per image, doubled for guidance unless in guess mode (the net then sees the conditional half).
+  at::Tensor img = unit_.image.repeat_interleave(run.batch, 0);
+  image_ = (run.guided && !guess_ ? at::cat({img, img}, 0) : img).to(run.models.device, run.models.dtype);
+}
+
+void ControlNetProvider::apply(const ResidualStep& step, models::UNetInputs& in) {
+  DMX_CHECK_ARG(image_.defined(), name_, ": prepare() was not called for this run");
+  const double cond_scale = unit_.scale * controlnet_keep(step.index, step.num_timesteps, unit_.start, unit_.end);
+  if (cond_scale == 0.0) return;  // its residuals would be exact zeros
+  const bool cond_half = guess_ && step.guided;
+  models::ControlNetInputs ci;
+  ci.sample = cond_half ? step.scheduler.scale_model_input(step.latents, step.index).to(in.sample.device(),
+                                                                                         in.sample.scalar_type())
+                        : in.sample;
+  ci.timestep = in.timestep;
+  ci.encoder_hidden_states = cond_half ? in.encoder_hidden_states.chunk(2, 0)[1] : in.encoder_hidden_states;
+  ci.controlnet_cond = image_;
+  ci.conditioning_scale = cond_scale;
+  ci.guess_mode = guess_;
+  models::ControlNetModel net = unit_.model;  // shared handle (forward is non-const)
+  models::ControlNetOutput res = net->forward(ci);
+  if (cond_half) {  // the unconditional rows get no residuals
+    for (auto& d : res.down_block_res_samples) d = at::cat({at::zeros_like(d), d}, 0);
+    res.mid_block_res_sample = at::cat({at::zeros_like(res.mid_block_res_sample), res.mid_block_res_sample}, 0);
+  }
+  add_unet_residuals(in, res.down_block_res_samples, res.mid_block_res_sample);
+}
+
+std::optional<std::pair<int, int>> ControlNetProvider::default_size() const {
+  if (!unit_.image.defined() || unit_.image.dim() != 4) return std::nullopt;
+  return std::make_pair(static_cast<int>(unit_.image.size(3)), static_cast<int>(unit_.image.size(2)));
+}
+
+ResidualProviders controlnet_providers(const std::vector<ControlNetUnit>& units, bool guess_mode) {
+  const bool guess =
+      guess_mode || (!units.empty() && units[0].model && units[0].model->config().global_pool_conditions);
+  ResidualProviders out;
+  for (size_t i = 0; i < units.size(); ++i)
+    out.push_back(std::make_shared<ControlNetProvider>(units[i], static_cast<int>(i), guess));
+  return out;
 }
 }  // namespace dmx::pipelines

@@ -1,16 +1,21 @@
-// ControlNet for the Stable Diffusion pipeline (diffusers 0.27.2 StableDiffusionControlNetPipeline and
+// ControlNet as a residual provider (diffusers 0.27.2 StableDiffusionControlNetPipeline and
 // MultiControlNetModel): loading (diffusers folders and original `control_model.*` single files), control
-// image preparation (VaeImageProcessor(do_convert_rgb=True, do_normalize=False)), and the per-step keep
-// schedule of control_guidance_start / control_guidance_end.
+// image preparation (VaeImageProcessor(do_convert_rgb=True, do_normalize=False)), the per-step keep
+// schedule of control_guidance_start / control_guidance_end, guess mode, and the provider that adds a net's
+// residuals to the UNet inputs (several nets = several providers: MultiControlNet).
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/image.h"
-#include "models/controlnet.h"
 #include "loaders/model_bundle.h"
+#include "models/controlnet.h"
+#include "pipelines/residual_provider.h"
 
 namespace dmx::pipelines {
 
@@ -49,4 +54,30 @@ double controlnet_keep(int i, int num_timesteps, double start, double end);
 
 // Sum of the residuals of several ControlNets (MultiControlNetModel). Empty `acc` takes `add`.
 void add_residuals(models::ControlNetOutput& acc, const models::ControlNetOutput& add);
+
+// One ControlNet of a run. Per UNet evaluation: conditioning scale = scale x keep(step) (a net switched off
+// by its start/end adds nothing); the net sees the UNet's sample and prompt embeddings, or in guess mode
+// with guidance only the conditional half (its residuals then padded with zeros for the unconditional rows).
+class ControlNetProvider : public ResidualProvider {
+ public:
+  // index: the net's position among the run's ControlNets (messages: "controlnet[1] (PATH)").
+  ControlNetProvider(ControlNetUnit unit, int index, bool guess_mode);
+  std::string name() const override { return name_; }
+  void check(const ResidualRun& run) const override;  // img2img: Unsupported; model and image against the run
+  void prepare(const ResidualRun& run) override;      // the image repeated per image, doubled for guidance
+  void apply(const ResidualStep& step, models::UNetInputs& in) override;
+  std::optional<std::pair<int, int>> default_size() const override;  // the image's size
+  const ControlNetUnit& unit() const { return unit_; }
+  bool guess_mode() const { return guess_; }
+
+ private:
+  ControlNetUnit unit_;
+  std::string name_;
+  bool guess_;
+  at::Tensor image_;  // prepared for the run: [N or 2N, C, H, W] on the device, in the model dtype
+};
+
+// The providers of a MultiControlNet run, one per unit in order. Guess mode applies to every net: given, or
+// read from the first net's config (global_pool_conditions), as diffusers' pipeline decides it.
+ResidualProviders controlnet_providers(const std::vector<ControlNetUnit>& units, bool guess_mode = false);
 }  // namespace dmx::pipelines

@@ -7,6 +7,7 @@
 
 #include "core/progress.h"
 #include "dmx/error.h"
+#include "pipelines/generation.h"
 #include "schedulers/scheduler.h"
 
 namespace dmx::pipelines {
@@ -25,10 +26,8 @@ DDIMInversionOutput ddim_invert(const loaders::StableDiffusionModels& m, const D
                 "ddim_invert: latents must be [N, ", m.unet->config().in_channels, ", h, w], got ",
                 p.latents.defined() ? p.latents.sizes() : at::IntArrayRef{});
   const int64_t n = p.latents.size(0);
-  DMX_CHECK_ARG(p.num_inference_steps >= 1 && p.num_inference_steps <= 1000,
-                "ddim_invert: num_inference_steps must be in [1, 1000], got ", p.num_inference_steps);
-  DMX_CHECK_ARG(std::isfinite(p.guidance_scale) && p.guidance_scale >= 0 && p.guidance_scale <= 100,
-                "ddim_invert: guidance_scale must be in [0, 100], got ", p.guidance_scale);
+  check_num_inference_steps(p.num_inference_steps, "ddim_invert: num_inference_steps");
+  check_guidance_scale(p.guidance_scale, "ddim_invert: guidance_scale");
   DMX_CHECK_ARG(std::isfinite(p.inpaint_strength) && p.inpaint_strength > 0 && p.inpaint_strength <= 1,
                 "ddim_invert: inpaint_strength must be in (0, 1], got ", p.inpaint_strength);
   const int count = inverse_step_count(p.num_inference_steps, p.inpaint_strength);
@@ -48,28 +47,16 @@ DDIMInversionOutput ddim_invert(const loaders::StableDiffusionModels& m, const D
   embeds = embeds.to(m.device, m.dtype);
 
   // 2. Timesteps: DDIMInverseScheduler from the model's scheduler config (from_config swaps the class).
-  auto sched = schedulers::create_scheduler("ddim_inverse", m.scheduler_config);
-  sched->set_timesteps(p.num_inference_steps);
+  auto sched = make_scheduler(m, "ddim_inverse", p.num_inference_steps);
   const std::vector<double>& ts = sched->timesteps();
 
   // 3. Noising loop: z_{t} -> z_{t+Δ} with ε_θ(z_t, t).
-  models::UNet2DConditionModel unet = m.unet;  // shared handle (forward is non-const)
   DDIMInversionOutput out;
   at::Tensor latents = p.latents.to(at::kFloat).to(at::kCPU);
   ProgressBar bar("invert", p.show_progress ? count : 0);
   for (int i = 0; i < count; ++i) {
     const double t = ts[static_cast<size_t>(i)];
-    at::Tensor model_in = cfg ? at::cat({latents, latents}, 0) : latents;
-    model_in = sched->scale_model_input(model_in, i);
-    models::UNetInputs in;
-    in.sample = model_in.to(m.device, m.dtype);
-    in.timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kFloat)).to(m.device);
-    in.encoder_hidden_states = embeds;
-    at::Tensor noise_pred = unet->forward(in).to(at::kFloat).to(at::kCPU);
-    if (cfg) {
-      auto chunks = noise_pred.chunk(2, 0);
-      noise_pred = chunks[0] + p.guidance_scale * (chunks[1] - chunks[0]);
-    }
+    const at::Tensor noise_pred = guided_noise_prediction(m, *sched, latents, i, embeds, p.guidance_scale);
     latents = sched->step(noise_pred, i, latents).prev_sample;
     if (p.on_step_end) p.on_step_end(i, t, latents, noise_pred);
     out.latents.push_back(latents.clone());

@@ -3,27 +3,14 @@
 
 #include <cmath>
 
-#include "core/progress.h"
 #include "dmx/error.h"
 #include "pipelines/ddim_inversion.h"
 #include "schedulers/scheduler.h"
 
 namespace dmx::pipelines {
 
-int strength_start_index(int num_inference_steps, double strength) {
-  const int init_timestep = std::min(static_cast<int>(num_inference_steps * strength), num_inference_steps);
-  return std::max(num_inference_steps - init_timestep, 0);
-}
-
 namespace {
 at::IntArrayRef sizes_of(const at::Tensor& t) { return t.defined() ? t.sizes() : at::IntArrayRef{}; }
-
-void check_steps(int steps, const char* what) {
-  DMX_CHECK_ARG(steps >= 1 && steps <= 1000, what, ": num_inference_steps must be in [1, 1000], got ", steps);
-}
-void check_guidance(double g, const char* what) {
-  DMX_CHECK_ARG(std::isfinite(g) && g >= 0 && g <= 100, what, ": guidance_scale must be in [0, 100], got ", g);
-}
 }  // namespace
 
 DiffEditPipeline::DiffEditPipeline(std::shared_ptr<loaders::StableDiffusionModels> models) : m_(models), sd_(models) {}
@@ -42,8 +29,8 @@ DiffEditMaskOutput DiffEditPipeline::generate_mask(const DiffEditMaskParams& p) 
   at::NoGradGuard no_grad;
   // 1. Check inputs.
   check_image(p.image, "generate_mask");
-  check_steps(p.num_inference_steps, "generate_mask");
-  check_guidance(p.guidance_scale, "generate_mask");
+  check_num_inference_steps(p.num_inference_steps, "generate_mask: num_inference_steps");
+  check_guidance_scale(p.guidance_scale, "generate_mask: guidance_scale");
   DMX_CHECK_ARG(p.num_maps_per_mask >= 1 && p.num_maps_per_mask <= 1000,
                 "generate_mask: num_maps_per_mask must be in [1, 1000], got ", p.num_maps_per_mask);
   DMX_CHECK_ARG(std::isfinite(p.mask_encode_strength) && p.mask_encode_strength >= 0 && p.mask_encode_strength <= 1,
@@ -59,17 +46,16 @@ DiffEditMaskOutput DiffEditPipeline::generate_mask(const DiffEditMaskParams& p) 
   // ε_c + g (ε_u - ε_c). Kept as the reference computes it; with equal negative prompts for source and target
   // the uncond terms cancel and the thresholded mask equals the paper's (the scale normalises out).
   auto embeds_of = [&](const std::string& prompt, const std::string& negative) {
-    at::Tensor cond = sd_.encode_prompt(prompt).repeat({n, 1, 1});
+    at::Tensor cond = encode_prompt(*m_, prompt).repeat({n, 1, 1});
     if (!cfg) return cond;
-    return at::cat({cond, sd_.encode_prompt(negative).repeat({n, 1, 1})}, 0);
+    return at::cat({cond, encode_prompt(*m_, negative).repeat({n, 1, 1})}, 0);
   };
   const at::Tensor source_embeds = embeds_of(p.source_prompt, p.source_negative_prompt);
   const at::Tensor target_embeds = embeds_of(p.target_prompt, p.target_negative_prompt);
   const at::Tensor prompt_embeds = at::cat({source_embeds, target_embeds}, 0).to(m_->device, m_->dtype);
 
   // 5. Timesteps: the encode timestep is the first one img2img would run at mask_encode_strength.
-  auto sched = schedulers::create_scheduler(p.scheduler, m_->scheduler_config);
-  sched->set_timesteps(p.num_inference_steps);
+  auto sched = make_scheduler(*m_, p.scheduler, p.num_inference_steps);
   const int start = strength_start_index(p.num_inference_steps, p.mask_encode_strength) * sched->order();
   DMX_CHECK_ARG(start < static_cast<int>(sched->timesteps().size()), "generate_mask: mask_encode_strength ",
                 p.mask_encode_strength, " with ", p.num_inference_steps,
@@ -77,36 +63,20 @@ DiffEditMaskOutput DiffEditPipeline::generate_mask(const DiffEditMaskParams& p) 
   const double encode_timestep = sched->timesteps()[static_cast<size_t>(start)];
 
   // 6. Image latents (the image repeated num_maps times: one posterior draw of that batch), then noise.
-  // The encoder runs once; every copy has the same mean and std.
-  auto dist = m_->vae->encode(p.image.to(m_->device, m_->dtype));
-  const at::Tensor mean = dist.mean.to(at::kFloat).to(at::kCPU).repeat({n, 1, 1, 1});  // [n, 4, h, w]
-  const at::Tensor stdev = dist.std.to(at::kFloat).to(at::kCPU).repeat({n, 1, 1, 1});
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  auto draw = [&](const at::Tensor& given, const char* what) {
-    if (given.defined()) {
-      DMX_CHECK_ARG(given.sizes().equals(mean.sizes()), "generate_mask: ", what, " must have shape ", mean.sizes(),
-                    ", got ", given.sizes());
-      return given.to(at::kFloat).to(at::kCPU);
-    }
-    return p.generator ? at::randn(mean.sizes(), *p.generator, f32) : at::randn(mean.sizes(), f32);
-  };
-  const at::Tensor posterior_eps = draw(p.posterior_noise, "posterior_noise");
-  at::Tensor image_latents = (mean + stdev * posterior_eps) * m_->vae->config().scaling_factor;
-  const at::Tensor noise = draw(p.noise, "noise");
+  at::Tensor image_latents = encode_image_latents(*m_, p.image, p.generator, p.posterior_noise, n);  // [n, 4, h, w]
+  DMX_CHECK_ARG(!p.noise.defined() || p.noise.sizes().equals(image_latents.sizes()),
+                "generate_mask: noise must have shape ", image_latents.sizes(), ", got ", sizes_of(p.noise));
+  const at::Tensor noise =
+      p.noise.defined() ? p.noise.to(at::kFloat).to(at::kCPU) : randn_tensor(image_latents.sizes(), p.generator);
   image_latents = sched->add_noise(image_latents, noise, start);
 
   // 7. Noise estimates under both prompts at the encode timestep.
   at::Tensor model_in = at::cat(std::vector<at::Tensor>(cfg ? 4 : 2, image_latents), 0);
   model_in = sched->scale_model_input(model_in, start).to(m_->device, m_->dtype);
-  const at::Tensor timestep = at::scalar_tensor(encode_timestep, f32).to(m_->device);
   std::vector<at::Tensor> preds;
   for (int64_t b = 0; b < model_in.size(0); b += p.max_unet_batch) {
     const int64_t len = std::min<int64_t>(p.max_unet_batch, model_in.size(0) - b);
-    models::UNetInputs in;
-    in.sample = model_in.narrow(0, b, len);
-    in.timestep = timestep;
-    in.encoder_hidden_states = prompt_embeds.narrow(0, b, len);
-    preds.push_back(m_->unet->forward(in).to(at::kFloat).to(at::kCPU));
+    preds.push_back(predict_noise(*m_, model_in.narrow(0, b, len), encode_timestep, prompt_embeds.narrow(0, b, len)));
   }
   const at::Tensor noise_pred = at::cat(preds, 0);
   at::Tensor pred_source, pred_target;
@@ -135,15 +105,15 @@ DiffEditInvertOutput DiffEditPipeline::invert(const DiffEditInvertParams& p) {
   at::NoGradGuard no_grad;
   // 1. Check inputs.
   check_image(p.image, "invert");
-  check_steps(p.num_inference_steps, "invert");
-  check_guidance(p.guidance_scale, "invert");
+  check_num_inference_steps(p.num_inference_steps, "invert: num_inference_steps");
+  check_guidance_scale(p.guidance_scale, "invert: guidance_scale");
   DMX_CHECK_ARG(std::isfinite(p.inpaint_strength) && p.inpaint_strength > 0 && p.inpaint_strength <= 1,
                 "invert: inpaint_strength must be in (0, 1], got ", p.inpaint_strength);
   // 4. Image latents: one posterior draw. 5. Prompt.
   DDIMInversionParams ip;
   ip.latents = encode_image_latents(*m_, p.image, p.generator, p.posterior_noise);
-  ip.prompt_embeds = sd_.encode_prompt(p.prompt);
-  if (p.guidance_scale > 1.0) ip.negative_prompt_embeds = sd_.encode_prompt(p.negative_prompt);
+  ip.prompt_embeds = encode_prompt(*m_, p.prompt);
+  if (p.guidance_scale > 1.0) ip.negative_prompt_embeds = encode_prompt(*m_, p.negative_prompt);
   ip.num_inference_steps = p.num_inference_steps;
   ip.guidance_scale = p.guidance_scale;
   ip.inpaint_strength = p.inpaint_strength;
@@ -162,24 +132,18 @@ DiffEditInvertOutput DiffEditPipeline::invert(const DiffEditInvertParams& p) {
 StableDiffusionOutput DiffEditPipeline::run(const DiffEditParams& p) {
   at::NoGradGuard no_grad;
   // 1. Check inputs.
-  check_steps(p.num_inference_steps, "diffedit");
-  check_guidance(p.guidance_scale, "diffedit");
+  check_generation_params(p, *m_);
+  DMX_CHECK_SUPPORTED(p.num_images_per_prompt == 1, "diffedit: one edit per image (num_images_per_prompt 1), got ",
+                      p.num_images_per_prompt);
   DMX_CHECK_ARG(std::isfinite(p.inpaint_strength) && p.inpaint_strength >= 0 && p.inpaint_strength <= 1,
                 "diffedit: inpaint_strength must be in [0, 1], got ", p.inpaint_strength);
-  DMX_CHECK_ARG(std::isfinite(p.eta) && p.eta >= 0 && p.eta <= 1, "diffedit: eta must be in [0, 1], got ", p.eta);
-  DMX_CHECK_ARG(p.clip_skip >= 0 && p.clip_skip < m_->text_encoder->config().num_hidden_layers,
-                "diffedit: clip_skip must be in [0, ", m_->text_encoder->config().num_hidden_layers - 1, "], got ",
-                p.clip_skip);
   DMX_CHECK_ARG(p.mask_image.defined(),
                 "diffedit: mask_image is required (use generate_mask() to compute it from text prompts)");
   DMX_CHECK_ARG(p.image_latents.defined(),
                 "diffedit: image_latents is required (use invert() to compute them from the input image)");
-  const bool cfg = p.guidance_scale > 1.0;
 
   // 3. Prompt (uncond first).
-  at::Tensor embeds = sd_.encode_prompt(p.prompt, p.clip_skip);
-  if (cfg) embeds = at::cat({sd_.encode_prompt(p.negative_prompt, p.clip_skip), embeds}, 0);
-  embeds = embeds.to(m_->device, m_->dtype);
+  const at::Tensor embeds = encode_prompts(*m_, p);
 
   // 4. Mask (preprocess_mask): [1, 1, h, w], values in [0, 1], binarised at 0.5.
   at::Tensor mask = p.mask_image.to(at::kFloat).to(at::kCPU);
@@ -194,8 +158,7 @@ StableDiffusionOutput DiffEditPipeline::run(const DiffEditParams& p) {
   const int64_t lh = mask.size(2), lw = mask.size(3);
 
   // 5. Timesteps.
-  auto sched = schedulers::create_scheduler(p.scheduler, m_->scheduler_config);
-  sched->set_timesteps(p.num_inference_steps);
+  auto sched = make_scheduler(*m_, p.scheduler, p.num_inference_steps);
   const std::vector<double>& ts = sched->timesteps();
   const int start = strength_start_index(p.num_inference_steps, p.inpaint_strength) * sched->order();
   const int64_t count = static_cast<int64_t>(ts.size()) - start;
@@ -213,35 +176,15 @@ StableDiffusionOutput DiffEditPipeline::run(const DiffEditParams& p) {
                 il.sizes());
   const at::Tensor inverted = il.transpose(0, 1).to(at::kFloat).to(at::kCPU);
 
-  // 8. Denoising loop with the background taken from the inversion path.
-  schedulers::StepArgs args;
-  args.eta = p.eta;
-  args.generator = p.generator;
-  at::Tensor latents = inverted[0].clone();
-  ProgressBar bar("edit", p.show_progress ? static_cast<int>(count) : 0);
-  for (int64_t k = 0; k < count; ++k) {
-    const int i = start + static_cast<int>(k);
-    const double t = ts[static_cast<size_t>(i)];
-    at::Tensor model_in = cfg ? at::cat({latents, latents}, 0) : latents;
-    model_in = sched->scale_model_input(model_in, i);
-    models::UNetInputs in;
-    in.sample = model_in.to(m_->device, m_->dtype);
-    in.timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kFloat)).to(m_->device);
-    in.encoder_hidden_states = embeds;
-    at::Tensor noise_pred = m_->unet->forward(in).to(at::kFloat).to(at::kCPU);
-    if (cfg) {
-      auto chunks = noise_pred.chunk(2, 0);
-      noise_pred = chunks[0] + p.guidance_scale * (chunks[1] - chunks[0]);
-    }
-    args.variance_noise = static_cast<size_t>(k) < p.step_noises.size() ? p.step_noises[static_cast<size_t>(k)]
-                                                                       : at::Tensor();
-    latents = sched->step(noise_pred, i, latents, args).prev_sample;
+  // 8. Denoising: the Stable Diffusion loop, with the background taken from the inversion path as its step
+  //    callback (before the caller's).
+  GenerationParams loop = p;
+  loop.on_step_end = [&](int k, double t, at::Tensor& latents) {
     // The reference blends with the inverted latent of the level it came from (index k, not k + 1).
     latents = latents * mask + inverted[k] * (1 - mask);
-    if (p.on_step_end) p.on_step_end(static_cast<int>(k), t, latents);
-    bar.tick();
-  }
-  bar.finish();
+    if (p.on_step_end) p.on_step_end(k, t, latents);
+  };
+  const at::Tensor latents = sd_.denoise(*sched, inverted[0].clone(), start, embeds, loop);
 
   StableDiffusionOutput out;
   out.latents = latents.contiguous();

@@ -3,7 +3,8 @@
 //   generate_mask: noise the image to mask_encode_strength, contrast the guided noise estimates under the
 //                  source and target prompts over num_maps_per_mask noise maps, clip, normalise, threshold;
 //   invert:        DDIM inversion of the image (ddim_invert) up to inpaint_strength;
-//   run:           DDIM decoding from the inverted latents, keeping the unmasked region on the inversion path.
+//   run:           DDIM decoding from the inverted latents, keeping the unmasked region on the inversion path
+//                  (Stable Diffusion's denoising loop, the background blend as its step callback).
 // One generator may run through the phases in this order (diffusers' generator passed to all three).
 #pragma once
 #include <ATen/core/Generator.h>
@@ -65,22 +66,14 @@ struct DiffEditInvertOutput {
   std::vector<double> timesteps;  // the inversion timestep of each entry of latents (descending)
 };
 
-// __call__(...) arguments.
-struct DiffEditParams {
-  std::string prompt;
-  std::string negative_prompt;
+// __call__(...) arguments: the shared ones (GenerationParams; scheduler DDIM, one image) and the edit's.
+// generator draws only when the scheduler does (DDIM eta > 0); on_step_end runs after the mask blend of each
+// step.
+struct DiffEditParams : GenerationParams {
+  DiffEditParams() { scheduler = "ddim"; }
   at::Tensor mask_image;     // [h, w], [1, h, w] or [1, 1, h, w] in [0, 1] at latent size; >= 0.5 = edit
   at::Tensor image_latents;  // [1, K, 4, h, w] from invert()
   double inpaint_strength = 0.8;
-  int num_inference_steps = 50;
-  double guidance_scale = 7.5;
-  double eta = 0.0;
-  int clip_skip = 0;
-  std::string scheduler = "ddim";
-  at::Generator* generator = nullptr;   // draws only when the scheduler does (DDIM eta > 0)
-  std::vector<at::Tensor> step_noises;  // replay of those draws, in loop order
-  StepCallback on_step_end;             // after the mask blend of each step
-  bool show_progress = true;
 };
 
 class DiffEditPipeline {
@@ -98,7 +91,4 @@ class DiffEditPipeline {
   std::shared_ptr<loaders::StableDiffusionModels> m_;
   StableDiffusionPipeline sd_;
 };
-
-// diffusers' get_timesteps: the index of the first denoising timestep for a strength (t_start * order).
-int strength_start_index(int num_inference_steps, double strength);
 }  // namespace dmx::pipelines

@@ -7,7 +7,7 @@
 #include "core/progress.h"
 #include "dmx/error.h"
 #include "pipelines/ddim_inversion.h"
-#include "pipelines/stable_diffusion.h"
+#include "pipelines/generation.h"
 #include "schedulers/scheduler.h"
 
 namespace dmx::pipelines {
@@ -33,13 +33,6 @@ class FrozenParameters {
   std::vector<std::pair<at::Tensor, bool>> saved_;
 };
 
-at::Tensor unet_eps(loaders::StableDiffusionModels& m, const at::Tensor& latents, double t, const at::Tensor& embeds) {
-  models::UNetInputs in;
-  in.sample = latents.to(m.device, m.dtype);
-  in.timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kFloat)).to(m.device);
-  in.encoder_hidden_states = embeds.to(m.device, m.dtype);
-  return m.unet->forward(in).to(at::kFloat).to(at::kCPU);
-}
 }  // namespace
 
 std::vector<at::Tensor> ddim_inversion_path(loaders::StableDiffusionModels& m, const at::Tensor& z0, const at::Tensor& cond,
@@ -61,18 +54,17 @@ std::vector<at::Tensor> ddim_inversion_path(loaders::StableDiffusionModels& m, c
 at::Tensor ddim_sample(loaders::StableDiffusionModels& m, const at::Tensor& x_T, const at::Tensor& cond,
                        const std::vector<at::Tensor>& uncond, int num_inference_steps, double guidance_scale) {
   at::NoGradGuard no_grad;
-  auto sched = schedulers::create_scheduler("ddim", m.scheduler_config);
-  sched->set_timesteps(num_inference_steps);
+  check_guidance_scale(guidance_scale, "ddim_sample: guidance_scale");
+  auto sched = make_scheduler(m, "ddim", num_inference_steps);
   const auto& ts = sched->timesteps();
   DMX_CHECK_ARG(uncond.size() == 1 || uncond.size() == ts.size(), "ddim_sample: uncond must hold 1 or ", ts.size(),
                 " embeddings, got ", uncond.size());
   at::Tensor z = x_T.to(at::kFloat);
   for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor un = uncond.size() == 1 ? uncond[0] : uncond[i];
-    const at::Tensor eps2 = unet_eps(m, at::cat({z, z}, 0), ts[i], at::cat({un, cond}, 0));
-    auto ch = eps2.chunk(2, 0);
-    const at::Tensor eps = ch[0] + guidance_scale * (ch[1] - ch[0]);
-    z = sched->step(eps, static_cast<int>(i), z).prev_sample;
+    const int k = static_cast<int>(i);
+    const at::Tensor& un = uncond.size() == 1 ? uncond[0] : uncond[i];
+    const at::Tensor embeds = guidance_scale > 1.0 ? at::cat({un, cond}, 0) : cond;
+    z = sched->step(guided_noise_prediction(m, *sched, z, k, embeds, guidance_scale), k, z).prev_sample;
   }
   return z;
 }
@@ -84,18 +76,16 @@ NullTextInversionOutput null_text_invert(loaders::StableDiffusionModels& m, cons
   const int f = m.vae_scale_factor();
   DMX_CHECK_ARG(p.image.size(2) % f == 0 && p.image.size(3) % f == 0, "null-text inversion: image size must be a ",
                 "multiple of ", f, ", got ", p.image.size(3), "x", p.image.size(2));
-  DMX_CHECK_ARG(p.num_inference_steps >= 1 && p.num_inference_steps <= 1000, "steps must be in [1, 1000], got ",
-                p.num_inference_steps);
+  check_num_inference_steps(p.num_inference_steps);
   DMX_CHECK_ARG(p.num_inner_steps >= 1 && p.num_inner_steps <= 1000, "num_inner_steps must be in [1, 1000], got ",
                 p.num_inner_steps);
-  DMX_CHECK_ARG(std::isfinite(p.guidance_scale) && p.guidance_scale > 1 && p.guidance_scale <= 100,
-                "null-text inversion needs guidance_scale in (1, 100], got ", p.guidance_scale);
+  check_guidance_scale(p.guidance_scale);
+  DMX_CHECK_ARG(p.guidance_scale > 1, "null-text inversion needs guidance_scale > 1 (it optimises the ",
+                "unconditional embedding of classifier-free guidance), got ", p.guidance_scale);
   DMX_CHECK_ARG(std::isfinite(p.learning_rate) && p.learning_rate > 0, "learning_rate must be > 0, got ",
                 p.learning_rate);
   DMX_CHECK_ARG(std::isfinite(p.early_stop_epsilon) && p.early_stop_epsilon >= 0,
                 "early_stop_epsilon must be >= 0, got ", p.early_stop_epsilon);
-  auto models = std::shared_ptr<loaders::StableDiffusionModels>(&m, [](loaders::StableDiffusionModels*) {});
-  StableDiffusionPipeline sd(models);
   NullTextInversionOutput out;
 
   // 1. Encode: image -> z0 (posterior mean, as the paper's image2latent), prompt and "".
@@ -103,8 +93,8 @@ NullTextInversionOutput null_text_invert(loaders::StableDiffusionModels& m, cons
   at::Tensor cond, uncond;
   {
     at::NoGradGuard no_grad;
-    cond = sd.encode_prompt(p.prompt).to(at::kFloat);
-    uncond = sd.encode_prompt("").to(at::kFloat);
+    cond = encode_prompt(m, p.prompt).to(at::kFloat);
+    uncond = encode_prompt(m, "").to(at::kFloat);
     auto dist = m.vae->encode(p.image.to(m.device, m.dtype));
     out.z0 = dist.mean.to(at::kFloat).to(at::kCPU) * m.vae->config().scaling_factor;
   }
@@ -117,8 +107,7 @@ NullTextInversionOutput null_text_invert(loaders::StableDiffusionModels& m, cons
 
   // 3. Null-text optimisation, from the noisiest latent down.
   PhaseTimer optimise_timer("null-text optimisation");
-  auto sched = schedulers::create_scheduler("ddim", m.scheduler_config);
-  sched->set_timesteps(p.num_inference_steps);
+  auto sched = make_scheduler(m, "ddim", p.num_inference_steps);
   out.timesteps = sched->timesteps();
   const int N = static_cast<int>(out.timesteps.size());
   DMX_CHECK_ARG(static_cast<int>(out.ddim_latents.size()) == N + 1, "null-text inversion: the inversion made ",
@@ -133,14 +122,14 @@ NullTextInversionOutput null_text_invert(loaders::StableDiffusionModels& m, cons
     at::Tensor eps_cond;
     {
       at::NoGradGuard no_grad;
-      eps_cond = unet_eps(m, latent_cur, t, cond);
+      eps_cond = predict_noise(m, latent_cur, t, cond);
     }
     at::Tensor emb = uncond_cur.clone().detach().set_requires_grad(true);
     torch::optim::Adam opt({emb}, torch::optim::AdamOptions(p.learning_rate * (1.0 - i / 100.0)));
     int used = 0;
     double loss_item = 0;
     for (int j = 0; j < p.num_inner_steps; ++j) {
-      const at::Tensor eps_uncond = unet_eps(m, latent_cur, t, emb);
+      const at::Tensor eps_uncond = predict_noise(m, latent_cur, t, emb);
       const at::Tensor eps = eps_uncond + p.guidance_scale * (eps_cond - eps_uncond);
       const at::Tensor prev = sched->step(eps, i, latent_cur).prev_sample;
       at::Tensor loss = at::mse_loss(prev, target);
@@ -159,9 +148,8 @@ NullTextInversionOutput null_text_invert(loaders::StableDiffusionModels& m, cons
     at::NoGradGuard no_grad;
     uncond_cur = emb.detach();
     out.uncond_embeddings.push_back(uncond_cur.clone());
-    const at::Tensor eps2 = unet_eps(m, at::cat({latent_cur, latent_cur}, 0), t, at::cat({uncond_cur, cond}, 0));
-    auto ch = eps2.chunk(2, 0);
-    const at::Tensor eps = ch[0] + p.guidance_scale * (ch[1] - ch[0]);
+    const at::Tensor embeds = at::cat({uncond_cur, cond}, 0);
+    const at::Tensor eps = guided_noise_prediction(m, *sched, latent_cur, i, embeds, p.guidance_scale);
     latent_cur = sched->step(eps, i, latent_cur).prev_sample;
   }
   bar.finish();

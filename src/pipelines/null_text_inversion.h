@@ -44,8 +44,9 @@ std::vector<at::Tensor> ddim_inversion_path(loaders::StableDiffusionModels& m, c
 
 NullTextInversionOutput null_text_invert(loaders::StableDiffusionModels& m, const NullTextInversionParams& p);
 
-// DDIM sampling from x_T with guidance: uncond is one [1, 77, D] embedding for all steps or one per step.
-// Returns the final latents [1, 4, h, w].
+// DDIM sampling from x_T with guidance: uncond is one [1, 77, D] embedding for all steps or one per step
+// (the generation core's guided noise prediction; guidance_scale <= 1 runs the conditional branch only, as
+// every pipeline does). Returns the final latents [1, 4, h, w].
 at::Tensor ddim_sample(loaders::StableDiffusionModels& m, const at::Tensor& x_T, const at::Tensor& cond,
                        const std::vector<at::Tensor>& uncond, int num_inference_steps, double guidance_scale);
 

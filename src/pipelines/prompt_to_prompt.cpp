@@ -1,9 +1,8 @@
 // Prompt-to-Prompt pipeline (see prompt_to_prompt.h).
 #include "pipelines/prompt_to_prompt.h"
 
-#include <ATen/CPUGeneratorImpl.h>
-
 #include <cmath>
+#include <optional>
 
 #include "core/phase_timer.h"
 #include "core/progress.h"
@@ -31,10 +30,10 @@ void PromptToPromptPipeline::check_params(const PromptToPromptParams& p) const {
                 "mode must be one of replace, refine, reweight, got \"", p.mode, "\"");
   DMX_CHECK_ARG(!p.prompt.empty(), "prompt must not be empty");
   DMX_CHECK_ARG(!p.edit_prompt.empty(), "edit_prompt must not be empty");
-  DMX_CHECK_ARG(p.num_inference_steps >= 1 && p.num_inference_steps <= 1000, "steps must be in [1, 1000], got ",
-                p.num_inference_steps);
-  DMX_CHECK_ARG(std::isfinite(p.guidance_scale) && p.guidance_scale >= 0 && p.guidance_scale <= 100,
-                "guidance_scale must be in [0, 100], got ", p.guidance_scale);
+  check_generation_params(p, *m_);
+  DMX_CHECK_SUPPORTED(p.num_images_per_prompt == 1, "Prompt-to-Prompt makes one image per prompt ",
+                      "(num_images_per_prompt 1), got ", p.num_images_per_prompt);
+  check_output_size(*m_, p.width, p.height, 2, p.guided());
   DMX_CHECK_ARG(std::isfinite(p.cross_replace_steps) && p.cross_replace_steps >= 0 && p.cross_replace_steps <= 1,
                 "cross_replace_steps must be in [0, 1], got ", p.cross_replace_steps);
   DMX_CHECK_ARG(std::isfinite(p.self_replace_steps) && p.self_replace_steps >= 0 && p.self_replace_steps <= 1,
@@ -95,13 +94,6 @@ PromptToPromptOutput PromptToPromptPipeline::run(const PromptToPromptParams& p_i
 
   // 1. Check inputs; build the controller (and local blend) from the prompts' tokens.
   check_params(p);
-  StableDiffusionPipeline sd(m_);
-  StableDiffusionParams sp;
-  sp.width = p.width;
-  sp.height = p.height;
-  sp.num_inference_steps = p.num_inference_steps;
-  sp.guidance_scale = p.guidance_scale;
-  sd.check_params(sp);
   const std::vector<std::string> prompts{p.prompt, p.edit_prompt};
   const int P = static_cast<int>(prompts.size());
   std::shared_ptr<extensions::AttentionEdit> controller = make_controller(p);
@@ -117,21 +109,21 @@ PromptToPromptOutput PromptToPromptPipeline::run(const PromptToPromptParams& p_i
   std::shared_ptr<extensions::AttentionStore> store;
   if (blend || p.store_attention) store = std::make_shared<extensions::AttentionStore>();
 
-  const bool cfg = p.guidance_scale > 1.0;
+  const bool cfg = p.guided();
   DMX_CHECK_ARG(cfg || p.uncond_embeddings.empty(), "uncond_embeddings need guidance_scale > 1, got ",
                 p.guidance_scale);
 
   // 2. Encode the prompts; the unconditional rows come first, as in the reference.
   PhaseTimer encode_timer("text encode");
   std::vector<at::Tensor> conds;
-  for (const auto& s : prompts) conds.push_back(sd.encode_prompt(s));
+  for (const auto& s : prompts) conds.push_back(encode_prompt(*m_, s, p.clip_skip));
   const at::Tensor cond = at::cat(conds, 0);  // [P, 77, D]
-  const at::Tensor uncond_default = cfg ? sd.encode_prompt(p.negative_prompt).repeat({P, 1, 1}) : at::Tensor();
+  const at::Tensor uncond_default =
+      cfg ? encode_prompt(*m_, p.negative_prompt, p.clip_skip).repeat({P, 1, 1}) : at::Tensor();
   encode_timer.stop();
 
   // 3. Timesteps.
-  auto sched = schedulers::create_scheduler(p.scheduler, m_->scheduler_config);
-  sched->set_timesteps(p.num_inference_steps);
+  auto sched = make_scheduler(*m_, p.scheduler, p.num_inference_steps);
   const std::vector<double>& ts = sched->timesteps();
   const int num_steps = static_cast<int>(ts.size());
 
@@ -145,10 +137,7 @@ PromptToPromptOutput PromptToPromptPipeline::run(const PromptToPromptParams& p_i
                   "init latents must have shape [1, ", c, ", ", h, ", ", w, "], got ", p.latents.sizes());
     latents = p.latents.to(at::kFloat).expand({P, c, h, w}).contiguous();
   } else {
-    at::Tensor noise = p.seed ? at::randn({1, c, h, w}, at::make_generator<at::CPUGeneratorImpl>(*p.seed),
-                                          at::TensorOptions().dtype(at::kFloat))
-                              : at::randn({1, c, h, w}, at::TensorOptions().dtype(at::kFloat));
-    latents = noise.expand({P, c, h, w}).contiguous();
+    latents = randn_tensor({1, c, h, w}, p.generator).expand({P, c, h, w}).contiguous();
   }
   latents = latents * sched->init_noise_sigma();
 
@@ -163,11 +152,13 @@ PromptToPromptOutput PromptToPromptPipeline::run(const PromptToPromptParams& p_i
   if (store) store_guard.emplace(unet_module, store);
 
   PhaseTimer denoise_timer("denoise");
+  schedulers::StepArgs args;
+  args.eta = p.eta;
+  args.generator = p.generator;
   ProgressBar bar("steps", p.show_progress ? num_steps : 0);
   for (int i = 0; i < num_steps; ++i) {
     const double t = ts[i];
-    at::Tensor model_in = cfg ? at::cat({latents, latents}, 0) : latents;
-    model_in = sched->scale_model_input(model_in, i);
+    // Null-text inversion: this step's unconditional embedding.
     at::Tensor embeds = cond;
     if (cfg) {
       const at::Tensor un = p.uncond_embeddings.empty()
@@ -175,20 +166,14 @@ PromptToPromptOutput PromptToPromptPipeline::run(const PromptToPromptParams& p_i
                                 : p.uncond_embeddings[static_cast<size_t>(i)].to(at::kFloat).expand(cond.sizes());
       embeds = at::cat({un, cond}, 0);
     }
-    models::UNetInputs in;
-    in.sample = model_in.to(m_->device, m_->dtype);
-    in.timestep = at::scalar_tensor(t, at::TensorOptions().dtype(at::kFloat)).to(m_->device);
-    in.encoder_hidden_states = embeds.to(m_->device, m_->dtype);
     at::Tensor noise_pred;
     {
       nn::ScopedAttentionContext ctx(unet_module, nn::AttentionContext{i, num_steps, t, rows});
-      noise_pred = m_->unet->forward(in).to(at::kFloat).to(at::kCPU);
+      noise_pred = guided_noise_prediction(*m_, *sched, latents, i, embeds, p.guidance_scale);
     }
-    if (cfg) {
-      auto chunks = noise_pred.chunk(2, 0);
-      noise_pred = chunks[0] + p.guidance_scale * (chunks[1] - chunks[0]);
-    }
-    latents = sched->step(noise_pred, i, latents).prev_sample;
+    args.variance_noise = static_cast<size_t>(i) < p.step_noises.size() ? p.step_noises[static_cast<size_t>(i)]
+                                                                        : at::Tensor();
+    latents = sched->step(noise_pred, i, latents, args).prev_sample;
     if (blend) latents = (*blend)(latents, *store);
     if (p.on_step_end) p.on_step_end(i, t, latents);
     bar.tick();
@@ -204,7 +189,7 @@ PromptToPromptOutput PromptToPromptPipeline::run(const PromptToPromptParams& p_i
   out.prompts = prompts;
   out.store = store;
   if (blend) out.local_blend_mask = blend->last_mask();
-  out.images = sd.decode_latents(latents, false);
+  out.images = StableDiffusionPipeline(m_).decode_latents(latents, false);
   return out;
 }
 }  // namespace dmx::pipelines

@@ -7,21 +7,23 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
-#include <cstdint>
 #include <memory>
-#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "extensions/prompt_to_prompt.h"
 #include "loaders/model_bundle.h"
+#include "pipelines/generation.h"
 #include "pipelines/stable_diffusion.h"
 
 namespace dmx::pipelines {
 
-struct PromptToPromptParams {
-  std::string prompt;                // the source prompt
+// The shared parameters (GenerationParams: prompt = the source prompt, negative prompt, steps, guidance,
+// scheduler DDIM, eta, clip skip, generator, on_step_end with latents [2, 4, h, w] after each step and after
+// the local blend) and the edit's. One image per prompt.
+struct PromptToPromptParams : GenerationParams {
+  PromptToPromptParams() { scheduler = "ddim"; }
   std::string edit_prompt;           // the edited prompt
   std::string mode = "replace";      // replace (word swap) | refine (added words) | reweight (per-word scale)
   double cross_replace_steps = 0.4;  // fraction of steps whose cross attention follows the source
@@ -32,19 +34,12 @@ struct PromptToPromptParams {
   // that contains it (at least one must). Empty = edit the whole image.
   std::vector<std::string> local_blend_words;
   double local_blend_threshold = 0.3;
-  std::string negative_prompt;  // "" = unconditional
-  int width = 0;                // 0 = model default
+  int width = 0;  // 0 = model default
   int height = 0;
-  int num_inference_steps = 50;
-  double guidance_scale = 7.5;
-  std::string scheduler = "ddim";
-  std::optional<uint64_t> seed;
   at::Tensor latents;  // initial noise [1, 4, h, w] shared by both prompts (before init_noise_sigma)
   // Null-text inversion: one unconditional embedding [1, 77, D] per step, replacing the negative prompt's.
   std::vector<at::Tensor> uncond_embeddings;
   bool store_attention = false;  // keep the averaged cross-attention maps (output.store)
-  bool show_progress = true;
-  StepCallback on_step_end;  // latents [2, 4, h, w] after each step (and after local blend)
 };
 
 struct PromptToPromptOutput {

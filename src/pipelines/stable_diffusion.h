@@ -1,50 +1,33 @@
 // Stable Diffusion text-to-image and image-to-image (diffusers' StableDiffusionPipeline and
-// StableDiffusionImg2ImgPipeline, 0.27.2), with classifier-free guidance (Ho & Salimans 2022).
+// StableDiffusionImg2ImgPipeline, 0.27.2), with classifier-free guidance (Ho & Salimans 2022) and residual
+// providers (ControlNet: StableDiffusionControlNetPipeline). Its denoising loop is the one other pipelines
+// run their per-step edits through (denoise + a step callback).
 #pragma once
-#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
-#include <cstdint>
-#include <functional>
 #include <memory>
-#include <optional>
 #include <string>
+#include <vector>
 
-#include "pipelines/controlnet.h"
 #include "loaders/model_bundle.h"
+#include "pipelines/generation.h"
+#include "pipelines/residual_provider.h"
 
 namespace dmx::pipelines {
 
-// Per-step callback: may edit latents in place (latent blending etc.).
-using StepCallback = std::function<void(int step, double t, at::Tensor& latents)>;
-
-struct StableDiffusionParams {
-  std::string prompt;
-  std::string negative_prompt;  // "" = unconditional
-  int width = 0;                // 0 = model default (unet.sample_size * vae scale)
-  int height = 0;
-  int num_inference_steps = 50;
-  double guidance_scale = 7.5;
-  std::string scheduler;  // short name (ddim, euler, ...) or "" = the model's own scheduler
-  double eta = 0.0;
-  int num_images_per_prompt = 1;
-  int clip_skip = 0;
-  std::optional<uint64_t> seed;  // one CPU generator per run, drawn in the reference's order
-  at::Tensor latents;            // given initial noise [N, 4, h, w] (before init_noise_sigma)
+struct StableDiffusionParams : GenerationParams {
+  int width = 0;   // 0 = the first residual provider's size (a ControlNet's image), else the model default
+  int height = 0;  //     (unet.sample_size * vae scale)
+  at::Tensor latents;  // given initial noise [N, 4, h, w] (before init_noise_sigma)
   // img2img: [1, 3, H, W] in [-1, 1]; strength in [0, 1].
   at::Tensor init_image;
   double strength = 0.8;
-  StepCallback on_step_end;
-  // Replay of recorded random draws (tests, debugging): the VAE posterior noise for img2img, and
-  // per-step scheduler noise (DDIM eta > 0, DDPM, Euler, Euler a) in loop order.
+  // Replay of the VAE posterior noise of img2img (tests, debugging); GenerationParams::step_noises replays the
+  // scheduler's.
   at::Tensor posterior_noise;
-  std::vector<at::Tensor> step_noises;
-  bool show_progress = true;
-  // ControlNet (diffusers' StableDiffusionControlNetPipeline / MultiControlNetModel): one unit per net, each
-  // with its own prepared image, scale and start/end; their residuals add up. txt2img only. With no
-  // width/height given, the first image's size is the output size.
-  std::vector<ControlNetUnit> controlnets;
-  bool guess_mode = false;  // nets see only the conditional half; the unconditional half gets zeros
+  // Residuals added to the UNet at every step: ControlNets (controlnet_providers: one per net, their residuals
+  // add up; txt2img only), and later T2I-Adapters and layout conditioners.
+  ResidualProviders residual_providers;
 };
 
 struct StableDiffusionOutput {
@@ -53,12 +36,9 @@ struct StableDiffusionOutput {
   std::vector<double> timesteps;  // the timesteps the loop ran
 };
 
-// Image latents as the reference pipelines prepare them (retrieve_latents(vae.encode(image)).sample(generator)
-// * scaling_factor): image [N, 3, H, W] in [-1, 1] -> [N, 4, H/f, W/f] float32 on the CPU. The posterior
-// noise [N, 4, H/f, W/f] is `noise` when given (replay), else one draw of that shape from `generator` (on
-// the CPU, float32, like diffusers' randn_tensor; nullptr = the global generator).
-at::Tensor encode_image_latents(const loaders::StableDiffusionModels& m, const at::Tensor& image, at::Generator* generator,
-                                const at::Tensor& noise = {});
+// Output size rules of a run from noise: width and height non-negative multiples of max(8, VAE factor), at
+// most 4096 (InvalidArgument with the memory the size would need for `batch` images, guided or not).
+void check_output_size(const loaders::StableDiffusionModels& m, int width, int height, int batch, bool guided);
 
 // NaN or Inf in the final latents or the decoded picture would save a black image: checked once per run (in
 // decode_latents, which every pipeline decodes through). On failure the models are scanned to name the likely
@@ -73,6 +53,12 @@ class StableDiffusionPipeline {
 
   // Phases, exposed for other pipelines and tests.
   at::Tensor encode_prompt(const std::string& prompt, int clip_skip = 0);  // [1, 77, D]
+  // 5. The denoising loop from loop index `start` (img2img: the strength's) to the end of the schedule: the
+  // guided noise prediction (with the residual providers, prepared for the run), the scheduler step (p.eta,
+  // p.generator, p.step_noises), then p.on_step_end, which may edit the latents. Other pipelines run their
+  // edits through this loop as a step callback (Blended Latent Diffusion's blend, DiffEdit's background).
+  at::Tensor denoise(schedulers::Scheduler& sched, at::Tensor latents, int start, const at::Tensor& embeds,
+                     const GenerationParams& p, const ResidualProviders& residuals = {});
   at::Tensor decode_latents(const at::Tensor& latents, bool show_progress = false);  // -> [N, H, W, 3] in [0, 1]
   void check_params(const StableDiffusionParams& p) const;
   // width/height (or the init image size) at most 4096: InvalidArgument with the memory it would need.

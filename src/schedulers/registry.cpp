@@ -21,10 +21,12 @@ const SchedulerClass& euler_ancestral_class();
 const SchedulerClass& heun_class();
 const SchedulerClass& lms_class();
 const SchedulerClass& dpm_multistep_class();
+const SchedulerClass& unclip_class();
 
 const std::vector<SchedulerEntry>& scheduler_registry() {
   using json = nlohmann::json;
-  // name, diffusers class, A1111 sampler label, config over the model's (diffusers' from_config + the row's)
+  // name, diffusers class, A1111 sampler label, config over the model's (diffusers' from_config + the row's),
+  // and for rows that are no sampler what they are for
   static const std::vector<SchedulerEntry> rows = {
       {"ddim", ddim_class, "DDIM", json::object()},
       {"ddpm", ddpm_class, "DDPM", json::object()},
@@ -36,7 +38,8 @@ const std::vector<SchedulerEntry>& scheduler_registry() {
       {"dpmpp_2m", dpm_multistep_class, "DPM++ 2M", {{"algorithm_type", "dpmsolver++"}, {"solver_order", 2}}},
       {"dpmpp_2m_karras", dpm_multistep_class, "DPM++ 2M Karras",
        {{"algorithm_type", "dpmsolver++"}, {"solver_order", 2}, {"use_karras_sigmas", true}}},
-      {"ddim_inverse", ddim_inverse_class, "", json::object()},
+      {"ddim_inverse", ddim_inverse_class, "", json::object(), "inversion only"},
+      {"unclip", unclip_class, "", json::object(), "unCLIP priors: Karlo, Kandinsky"},
   };
   return rows;
 }
@@ -132,7 +135,7 @@ std::string scheduler_table_markdown() {
     for (const auto& [key, value] : e.overrides.items())
       overrides += (overrides.empty() ? "`" : ", `") + key + ": " + value.dump() + "`";
     os << "| `" << e.name << "` | `" << e.class_name() << "` | "
-       << (e.a1111_label.empty() ? "— (inversion only)" : e.a1111_label) << " | "
+       << (e.a1111_label.empty() ? "— (" + e.use + ")" : e.a1111_label) << " | "
        << (overrides.empty() ? "—" : overrides) << " |\n";
   }
   return os.str();

@@ -89,6 +89,11 @@ class Scheduler {
                           const StepArgs& args = {}) = 0;
   // Noise original to the level of timesteps()[step_index] (sigma-based schedulers use their sigmas).
   virtual at::Tensor add_noise(const at::Tensor& original, const at::Tensor& noise, int step_index) const = 0;
+  // diffusers' add_noise(original, noise, timesteps=[timestep]) at a training timestep that need not be a step of
+  // the run (a noise level: Stable unCLIP's image-embedding noising). The DDPM family (DDPM, DDIM, PNDM, UnCLIP);
+  // Unsupported for the others. InvalidArgument unless 0 <= timestep < num_train_timesteps. No set_timesteps needed.
+  virtual at::Tensor add_noise_at_timestep(const at::Tensor& original, const at::Tensor& noise,
+                                           int64_t timestep) const;
 
  protected:
   SchedulerConfig config_;

@@ -65,9 +65,20 @@ float AlphaScheduler::alpha_prod(int64_t t) const {
   return alphas_cumprod_[t];
 }
 
+at::Tensor Scheduler::add_noise_at_timestep(const at::Tensor& original, const at::Tensor& noise,
+                                            int64_t timestep) const {
+  throw Unsupported(class_name() + " adds noise at the steps of a run only (add_noise by step index); noising at a "
+                    "training timestep needs a DDPM-family scheduler (DDPMScheduler, DDIMScheduler, PNDMScheduler)");
+}
+
 at::Tensor AlphaScheduler::add_noise(const at::Tensor& original, const at::Tensor& noise, int step_index) const {
   check_step_index(step_index, "add_noise()");
-  const float a = alpha_prod(static_cast<int64_t>(timesteps_[step_index]));
+  return add_noise_at_timestep(original, noise, static_cast<int64_t>(timesteps_[step_index]));
+}
+
+at::Tensor AlphaScheduler::add_noise_at_timestep(const at::Tensor& original, const at::Tensor& noise,
+                                                 int64_t timestep) const {
+  const float a = alpha_prod(timestep);
   const float sqrt_alpha_prod = std::sqrt(a);
   const float sqrt_one_minus_alpha_prod = std::sqrt(1.0f - a);
   return original * static_cast<double>(sqrt_alpha_prod) + noise * static_cast<double>(sqrt_one_minus_alpha_prod);

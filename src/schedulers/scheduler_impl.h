@@ -111,6 +111,8 @@ class AlphaScheduler : public SchedulerBase {
  public:
   // sqrt(alphas_cumprod[t]) * original + sqrt(1 - alphas_cumprod[t]) * noise, t = timesteps()[step_index].
   at::Tensor add_noise(const at::Tensor& original, const at::Tensor& noise, int step_index) const override;
+  at::Tensor add_noise_at_timestep(const at::Tensor& original, const at::Tensor& noise,
+                                   int64_t timestep) const override;
   const std::vector<float>& alphas_cumprod() const { return alphas_cumprod_; }
 
  protected:

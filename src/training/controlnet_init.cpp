@@ -98,13 +98,20 @@ models::ControlNetModel controlnet_from_unet(models::UNet2DConditionModel& unet,
                       "' (dmx's ControlNet has UNetMidBlock2DCrossAttn)");
   DMX_CHECK_SUPPORTED(u.resnet_time_scale_shift == "default", "ControlNet from a UNet with resnet_time_scale_shift '",
                       u.resnet_time_scale_shift, "'");
+  DMX_CHECK_SUPPORTED(u.class_embedding_kind().empty(), "ControlNet from a UNet with a class embedding ('",
+                      u.class_embedding_kind(), "'): dmx's ControlNet has none");
+  const bool only_cross = u.only_cross_attention_at(0);
+  for (size_t i = 0; i < u.down_block_types.size(); ++i)
+    DMX_CHECK_SUPPORTED(
+        u.only_cross_attention_at(i) == only_cross,
+        "ControlNet from a UNet with per-block only_cross_attention (dmx's ControlNet takes one value)");
   models::ControlNetConfig c;
   c.in_channels = u.in_channels;
   c.conditioning_channels = conditioning_channels;
   c.flip_sin_to_cos = u.flip_sin_to_cos;
   c.freq_shift = u.freq_shift;
   c.down_block_types = u.down_block_types;
-  c.only_cross_attention = u.only_cross_attention;
+  c.only_cross_attention = only_cross;
   c.block_out_channels = u.block_out_channels;
   c.layers_per_block = u.layers_per_block;
   c.downsample_padding = u.downsample_padding;

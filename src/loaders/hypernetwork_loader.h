@@ -1,0 +1,32 @@
+// Loading AUTOMATIC1111 hypernetworks (models/hypernetwork.h).
+#pragma once
+#include <map>
+#include <string>
+
+#include "io/safetensors.h"
+#include "models/hypernetwork.h"
+
+namespace dmx::io {
+class TorchFile;
+}
+
+namespace dmx::loaders {
+
+// path: A1111's own .pt (a torch.save of {width: (k_state_dict, v_state_dict), 'layer_structure': ..., ...},
+// read by the weights-only torch.save reader: nothing in the file runs), or a .safetensors copy (FIXTURES.md's
+// layout: tensors "<dim>.k.linear.<i>.*" / "<dim>.v.*", A1111's other fields JSON-encoded in the metadata; also
+// what `dmx convert` makes of a .pt, "<dim>.0.*" / "<dim>.1.*"). The name is the file's stem unless the file
+// names itself ("name" field). Malformed or hostile files: FormatError naming the key or value.
+models::Hypernetwork load_hypernetwork(const std::string& path);
+
+// A1111's dict as the torch.save reader returns it (Hypernetwork.load): int keys are widths holding a (k, v) pair
+// of state dicts, str keys the fields; keys of other kinds are ignored, as A1111 does.
+models::Hypernetwork hypernetwork_from_torch_file(const io::TorchFile& file, const std::string& default_name);
+
+// The seam for any flat source: tensors named "<dim>.<k|v|0|1>.<module key>" and the other fields of A1111's dict
+// as JSON text by key (safetensors metadata, or a flattened torch.save). A field that is not JSON is a
+// FormatError naming it; "format" (the safetensors file's own tag) is skipped.
+models::Hypernetwork hypernetwork_from_flat(const io::TensorMap& tensors,
+                                            const std::map<std::string, std::string>& fields, const std::string& what,
+                                            const std::string& default_name);
+}  // namespace dmx::loaders
