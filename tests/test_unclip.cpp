@@ -4,9 +4,9 @@
 // Suites:
 //   UnCLIPGolden            against ../shared/fixtures/sd-tiny/ref/unclip/components (skipped without it), 1e-5
 //                           relative (the CLIP pixel values exactly)
-//   PilResizeGolden, ClipImageProcessorGolden, UnCLIPSchedulerGolden, PriorTransformerGolden, ClipTowersGolden
+//   PilResizeUnit, ClipImageProcessorUnit, UnCLIPSchedulerUnit, PriorTransformerUnit, ClipTowersUnit
 //                           against tests/ref/unclip_refs.* (made by tests/ref/make_unclip_refs.py with the harness)
-//   UnCLIPUnit              configs, refusals and input errors (the loader's need the fixtures)
+//   UnCLIPUnit              configs, refusals and input errors; UnCLIPLoaderGolden the loader on fixture folders
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -339,7 +339,7 @@ const RepoRef& repo_refs() {
   return r;
 }
 
-TEST(PilResizeGolden, EveryFilterEqualsPillowByteForByte) {
+TEST(PilResizeUnit, EveryFilterEqualsPillowByteForByte) {
   const auto& r = repo_refs();
   const std::map<std::string, std::function<Image(const Image&, int, int)>> filters = {
       {"bicubic", resize_bicubic}, {"lanczos", resize_lanczos}, {"bilinear", resize_bilinear},
@@ -369,7 +369,7 @@ TEST(PilResizeGolden, EveryFilterEqualsPillowByteForByte) {
   expect_throw_with<Unsupported>([&] { resize_pil(in, 44, 32, 0); }, {"resample = 0", "NEAREST"});
 }
 
-TEST(ClipImageProcessorGolden, PicturesAndConfigsTheFixturesLack) {
+TEST(ClipImageProcessorUnit, PicturesAndConfigsTheFixturesLack) {
   const auto& r = repo_refs();
   int checked = 0;
   for (const auto& [name, c] : r.meta.at("clip_processor").items()) {
@@ -384,7 +384,7 @@ TEST(ClipImageProcessorGolden, PicturesAndConfigsTheFixturesLack) {
   EXPECT_EQ(checked, 8);  // portrait, rgba, gray, other_config, padded, padded_odd, padded_both, exact_lanczos
 }
 
-TEST(UnCLIPSchedulerGolden, TimestepsAndRunsMatchDiffusers) {
+TEST(UnCLIPSchedulerUnit, TimestepsAndRunsMatchDiffusers) {
   const auto& r = repo_refs();
   const auto& u = r.meta.at("unclip_scheduler");
   for (const auto& [n, expected] : u.at("timesteps").items()) {
@@ -434,7 +434,7 @@ TEST(UnCLIPSchedulerGolden, TimestepsAndRunsMatchDiffusers) {
                      r["sched.add_noise.t" + std::to_string(t)], kTol);
 }
 
-TEST(PriorTransformerGolden, EverySizeSetApart) {
+TEST(PriorTransformerUnit, EverySizeSetApart) {
   const auto& r = repo_refs();
   at::NoGradGuard no_grad;
   const std::string folder = repo_ref(r.meta.at("tiny_prior").at("folder").get<std::string>());
@@ -461,7 +461,7 @@ TEST(PriorTransformerGolden, EverySizeSetApart) {
                    r["prior.post_process"], kTol);
 }
 
-TEST(ClipTowersGolden, GeluVisionAndNonLegacyEosText) {
+TEST(ClipTowersUnit, GeluVisionAndNonLegacyEosText) {
   const auto& r = repo_refs();
   at::NoGradGuard no_grad;
   const std::string folder = repo_ref(r.meta.at("tiny_clip").at("folder").get<std::string>());
