@@ -290,7 +290,8 @@ TEST_P(StableUnCLIPSeededGolden, CommandLineEqualsDiffusers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Seeded, StableUnCLIPSeededGolden,
-                         ::testing::Values("unclip_seeded_neg_n2_euler_a", "unclip_seeded_unguided_default",
+                         ::testing::Values("unclip_seeded_defaults", "unclip_seeded_neg_n2_euler_a",
+                                           "unclip_seeded_unguided_default",
                                            "variations_seeded_crop_n2_dpm"));
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -89,6 +89,27 @@ void refuse_non_unclip_options(const GenerateOptions& o) {
                                        "(image variations: dmx variations)"));
 }
 
+// --noise-level against the folder's image_noising_scheduler before anything is loaded (a real folder takes a while
+// to load); a missing or malformed config is left to the loader, which names it.
+void check_noise_level_early(const std::string& model, int noise_level) {
+  nlohmann::json cfg;
+  try {
+    cfg = schedulers::parse_scheduler_config(read_text_file(
+        join_path(join_path(model, "image_noising_scheduler"), "scheduler_config.json"), "scheduler config",
+        kMaxJsonFileBytes));
+    if (!cfg.contains("_class_name") || !cfg.at("_class_name").is_string()) return;
+  } catch (const std::exception&) {
+    return;
+  }
+  std::unique_ptr<schedulers::Scheduler> noising;
+  try {
+    noising = schedulers::create_scheduler(cfg.at("_class_name").get<std::string>(), cfg);
+  } catch (const std::exception&) {
+    return;
+  }
+  pipelines::check_noise_level(noise_level, *noising, "--noise-level");
+}
+
 struct UnCLIPModels {
   std::shared_ptr<loaders::UnCLIPComponents> unclip;
   std::shared_ptr<loaders::StableDiffusionModels> decoder;
@@ -144,6 +165,7 @@ GenerateResult generate_unclip(const GenerateOptions& o) {
   pipelines::check_guidance_scale(prior_guidance, "--prior-guidance-scale");
   DMX_CHECK_ARG(noise_level >= 0, "--noise-level must be >= 0 (and below the image_noising_scheduler's "
                                   "num_train_timesteps), got ", noise_level);
+  check_noise_level_early(o.model, noise_level);
   const std::vector<std::string> image_paths = numbered_paths(o.output, o.num_images);
   {
     OutputPlan plan(o.overwrite);
@@ -228,6 +250,7 @@ VariationsResult variations(const VariationsOptions& o) {
   pipelines::check_num_images(o.num_images, "--num-images");
   DMX_CHECK_ARG(o.noise_level >= 0, "--noise-level must be >= 0 (and below the image_noising_scheduler's "
                                     "num_train_timesteps), got ", o.noise_level);
+  api::check_noise_level_early(o.model, o.noise_level);
   const std::vector<std::string> image_paths = api::numbered_paths(o.output, o.num_images);
   {
     api::OutputPlan plan(o.overwrite);

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "core/phase_timer.h"
+#include "core/progress.h"
 #include "dmx/error.h"
 #include "pipelines/stable_diffusion.h"
 #include "pipelines/unclip_steps.h"
@@ -99,11 +100,15 @@ at::Tensor StableUnCLIPPipeline::prior(const StableUnCLIPParams& p, std::vector<
   prior.latents = p.prior_latents;
   prior.generator = p.generator;
   prior.step_noises = p.prior_step_noises;
+  ProgressBar bar("prior", p.show_progress ? p.prior_num_inference_steps : 0);
   prior.on_step_end = [&](int i, double t, const at::Tensor&, const at::Tensor& latents) {
     if (timesteps) timesteps->push_back(t);
     if (p.on_prior_step_end) p.on_prior_step_end(i, t, latents);
+    bar.tick();
   };
-  return run_prior(unclip_->prior, *scheduler, prior);
+  at::Tensor image_embeds = run_prior(unclip_->prior, *scheduler, prior);
+  bar.finish();
+  return image_embeds;
 }
 
 at::Tensor StableUnCLIPPipeline::encode_image(const Image& image, const std::string& param) {

@@ -402,6 +402,31 @@ def unclip_seeded_unguided_default(out):
                          999, 4, 1.0, 1, 7302, None)
 
 
+@case
+def unclip_seeded_defaults(out):
+    """Nothing but the prompt and the seed: diffusers' defaults (64x64, 25 prior steps, prior guidance 4, noise level
+    0, 20 steps of the folder's DDIM, guidance 10), which `dmx generate` must use on an unCLIP folder."""
+    from diffusers import StableUnCLIPPipeline
+
+    name, prompt, seed = "unclip_seeded_defaults", "a small blue boat", 9001
+    pipe = StableUnCLIPPipeline.from_pretrained(os.path.join(FIXTURES, "models", "unclip"))
+    pipe.set_progress_bar_config(disable=True)
+    cap, T, J = {}, {}, {}
+    _unclip_capture(pipe, cap)
+    rec = R.RngRecorder()
+    with rec, torch.no_grad():
+        latents = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+    _unclip_finish(pipe, rec, latents, T, J)
+    T["prior.image_embeds"] = cap["image_embeds"]
+    T["noised_image_embeds"] = cap["noised_image_embeds"]
+    J.update(case=name, model_dir="models/unclip", prompt=prompt, num_images=1, seed=seed,
+             calls=f"StableUnCLIPPipeline(prompt, generator=torch.Generator('cpu').manual_seed({seed})) (all defaults)",
+             dmx=f"dmx generate --model models/unclip --prompt '{prompt}' --seed {seed} --save-latents L.safetensors "
+                 f"--output O.png",
+             notes="every other setting is the pipeline's default; draws: 1 + 24 prior, 1 embedding, 1 decoder latents")
+    return T, J
+
+
 def variations_seeded(out, name, img_w, img_h, prompt, neg, noise_level, steps, cfg, n, seed, scheduler):
     from diffusers import StableUnCLIPImg2ImgPipeline
 
