@@ -4,8 +4,9 @@
 // Suites:
 //   UnCLIPGolden            against ../shared/fixtures/sd-tiny/ref/unclip/components (skipped without it), 1e-5
 //                           relative (the CLIP pixel values exactly)
-//   PilResizeGolden, ClipImageProcessorGolden, UnCLIPSchedulerGolden, PriorTransformerGolden, ClipTowersGolden
-//                           against tests/ref/unclip_refs.* (made by tests/ref/make_unclip_refs.py with the harness)
+//   PilResizeUnit, ClipImageProcessorUnit, UnCLIPSchedulerUnit (pure functions), PriorTransformerTiny, ClipTowersTiny
+//                           (the small models in tests/ref) against tests/ref/unclip_refs.* (made by
+//                           tests/ref/make_unclip_refs.py with the harness; no ../shared needed, so not *Golden)
 //   UnCLIPUnit              configs, refusals and input errors (the loader's need the fixtures)
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -339,7 +340,7 @@ const RepoRef& repo_refs() {
   return r;
 }
 
-TEST(PilResizeGolden, EveryFilterEqualsPillowByteForByte) {
+TEST(PilResizeUnit, EveryFilterEqualsPillowByteForByte) {
   const auto& r = repo_refs();
   const std::map<std::string, std::function<Image(const Image&, int, int)>> filters = {
       {"bicubic", resize_bicubic}, {"lanczos", resize_lanczos}, {"bilinear", resize_bilinear},
@@ -369,7 +370,7 @@ TEST(PilResizeGolden, EveryFilterEqualsPillowByteForByte) {
   expect_throw_with<Unsupported>([&] { resize_pil(in, 44, 32, 0); }, {"resample = 0", "NEAREST"});
 }
 
-TEST(ClipImageProcessorGolden, PicturesAndConfigsTheFixturesLack) {
+TEST(ClipImageProcessorUnit, PicturesAndConfigsTheFixturesLack) {
   const auto& r = repo_refs();
   int checked = 0;
   for (const auto& [name, c] : r.meta.at("clip_processor").items()) {
@@ -384,7 +385,7 @@ TEST(ClipImageProcessorGolden, PicturesAndConfigsTheFixturesLack) {
   EXPECT_EQ(checked, 8);  // portrait, rgba, gray, other_config, padded, padded_odd, padded_both, exact_lanczos
 }
 
-TEST(UnCLIPSchedulerGolden, TimestepsAndRunsMatchDiffusers) {
+TEST(UnCLIPSchedulerUnit, TimestepsAndRunsMatchDiffusers) {
   const auto& r = repo_refs();
   const auto& u = r.meta.at("unclip_scheduler");
   for (const auto& [n, expected] : u.at("timesteps").items()) {
@@ -434,7 +435,7 @@ TEST(UnCLIPSchedulerGolden, TimestepsAndRunsMatchDiffusers) {
                      r["sched.add_noise.t" + std::to_string(t)], kTol);
 }
 
-TEST(PriorTransformerGolden, EverySizeSetApart) {
+TEST(PriorTransformerTiny, EverySizeSetApart) {
   const auto& r = repo_refs();
   at::NoGradGuard no_grad;
   const std::string folder = repo_ref(r.meta.at("tiny_prior").at("folder").get<std::string>());
@@ -461,7 +462,7 @@ TEST(PriorTransformerGolden, EverySizeSetApart) {
                    r["prior.post_process"], kTol);
 }
 
-TEST(ClipTowersGolden, GeluVisionAndNonLegacyEosText) {
+TEST(ClipTowersTiny, GeluVisionAndNonLegacyEosText) {
   const auto& r = repo_refs();
   at::NoGradGuard no_grad;
   const std::string folder = repo_ref(r.meta.at("tiny_clip").at("folder").get<std::string>());
