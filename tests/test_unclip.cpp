@@ -4,9 +4,10 @@
 // Suites:
 //   UnCLIPGolden            against ../shared/fixtures/sd-tiny/ref/unclip/components (skipped without it), 1e-5
 //                           relative (the CLIP pixel values exactly)
-//   PilResizeUnit, ClipImageProcessorUnit, UnCLIPSchedulerUnit, PriorTransformerUnit, ClipTowersUnit
-//                           against tests/ref/unclip_refs.* (made by tests/ref/make_unclip_refs.py with the harness)
-//   UnCLIPUnit              configs, refusals and input errors; UnCLIPLoaderGolden the loader on fixture folders
+//   PilResizeUnit, ClipImageProcessorUnit, UnCLIPSchedulerUnit (pure functions), PriorTransformerTiny, ClipTowersTiny
+//                           (the small models in tests/ref) against tests/ref/unclip_refs.* (made by
+//                           tests/ref/make_unclip_refs.py with the harness; no ../shared needed, so not *Golden)
+//   UnCLIPUnit              configs, refusals and input errors (the loader's need the fixtures)
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -434,7 +435,7 @@ TEST(UnCLIPSchedulerUnit, TimestepsAndRunsMatchDiffusers) {
                      r["sched.add_noise.t" + std::to_string(t)], kTol);
 }
 
-TEST(PriorTransformerUnit, EverySizeSetApart) {
+TEST(PriorTransformerTiny, EverySizeSetApart) {
   const auto& r = repo_refs();
   at::NoGradGuard no_grad;
   const std::string folder = repo_ref(r.meta.at("tiny_prior").at("folder").get<std::string>());
@@ -461,7 +462,7 @@ TEST(PriorTransformerUnit, EverySizeSetApart) {
                    r["prior.post_process"], kTol);
 }
 
-TEST(ClipTowersUnit, GeluVisionAndNonLegacyEosText) {
+TEST(ClipTowersTiny, GeluVisionAndNonLegacyEosText) {
   const auto& r = repo_refs();
   at::NoGradGuard no_grad;
   const std::string folder = repo_ref(r.meta.at("tiny_clip").at("folder").get<std::string>());

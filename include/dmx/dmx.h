@@ -68,7 +68,21 @@ struct GenerateOptions {
   int mask_dilation = 0;              // progressive mask shrinking: dilated masks first, in [0, 64]
   bool rank = false;                  // write samples best first by their diffusion-classifier score
   std::string blend_variant = "inpaint";  // inpaint (diffusers 0.27.2) | legacy (StableDiffusionInpaintPipelineLegacy)
+  // Stable unCLIP (docs/unclip.md): --model a StableUnCLIPPipeline folder (text -> prior -> CLIP image embedding ->
+  // decoder). Unset = diffusers' defaults (25 prior steps, prior guidance 4, noise level 0); set for another model:
+  // InvalidArgument. The decoder's own defaults there are kUnCLIPSteps and kUnCLIPGuidanceScale.
+  std::optional<int> prior_steps;
+  std::optional<double> prior_guidance_scale;
+  std::optional<int> noise_level;  // in [0, the image_noising_scheduler's num_train_timesteps - 1]
 };
+
+// StableUnCLIPPipeline.__call__'s decoder defaults (num_inference_steps, guidance_scale), which `dmx generate`
+// uses on an unCLIP folder when --steps / --guidance-scale are not given.
+constexpr int kUnCLIPSteps = 20;
+constexpr double kUnCLIPGuidanceScale = 10.0;
+// Whether `model` is a diffusers Stable unCLIP folder (model_index.json's _class_name StableUnCLIPPipeline or
+// StableUnCLIPImg2ImgPipeline); false for anything else, unreadable folders included (the loaders say why).
+bool is_unclip_model(const std::string& model);
 
 struct GenerateResult {
   std::vector<std::string> images;  // written files

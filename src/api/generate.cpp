@@ -9,6 +9,7 @@
 #include "api/blended.h"
 #include "api/model_hash.h"
 #include "api/options_util.h"
+#include "api/unclip.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
@@ -93,6 +94,9 @@ GenerateResult generate(const GenerateOptions& o) {
   // Check every cheap input before loading anything.
   DMX_CHECK_ARG(!o.model.empty(), "--model is required");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
+  // Stable unCLIP folders: text -> prior -> image embedding -> decoder (api/unclip.cpp, docs/unclip.md).
+  if (!api::unclip_pipeline_class(o.model).empty()) return api::generate_unclip(o);
+  api::check_no_unclip_options(o);
   DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model), "--config applies to a single-file checkpoint; --model ",
                 o.model, " is a diffusers folder with its own configs (leave --config out)");
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",

@@ -85,6 +85,10 @@ std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width
     if (o.blend_variant != "inpaint") os << ", Blend variant: " << o.blend_variant;
     if (o.rank) os << ", Rank: diffusion-classifier";
   }
+  // Stable unCLIP (docs/unclip.md)
+  if (o.prior_steps) os << ", Prior steps: " << *o.prior_steps;
+  if (o.prior_guidance_scale) os << ", Prior CFG scale: " << fmt_number(*o.prior_guidance_scale);
+  if (o.noise_level) os << ", Noise level: " << *o.noise_level;
   os << ", Version: dmx " << version();
   return os.str();
 }
@@ -148,6 +152,9 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
   if (auto v = get("Mask dilation")) o.mask_dilation = to_int("Mask dilation", *v);
   if (auto v = get("Blend variant")) o.blend_variant = *v;
   if (get("Rank")) o.rank = true;
+  if (auto v = get("Prior steps")) o.prior_steps = to_int("Prior steps", *v);
+  if (auto v = get("Prior CFG scale")) o.prior_guidance_scale = to_double("Prior CFG scale", *v);
+  if (auto v = get("Noise level")) o.noise_level = to_int("Noise level", *v);
   return o;
 }
 

@@ -31,7 +31,7 @@ void ensure_openmp_policy(char** argv) {
 const char* kUsage =
     "usage: dmx <command> [options]\n\n"
     "commands:\n"
-    "  generate   text-to-image and image-to-image with a Stable Diffusion model\n"
+    "  generate   text-to-image and image-to-image with a Stable Diffusion model (or Stable unCLIP)\n"
     "  info       print the generation parameters stored in a PNG\n"
     "  bench      time text encoding, a denoising step and VAE decoding (random weights)\n"
     "  data       build training folders (dmx data emoji: the emoji set from npm; dmx data tokenizer)\n"
@@ -39,6 +39,8 @@ const char* kUsage =
     "  convert    store a model's weights as fp16/bf16/fp32; a .ckpt/.pt/.pth/.bin pickle as .safetensors\n"
     "  p2p        Prompt-to-Prompt editing of a generated or real image\n"
     "  diffedit   edit a real image from a source and a target prompt (DiffEdit)\n"
+    "  variations image variations with a Stable unCLIP (StableUnCLIPImg2ImgPipeline) folder\n"
+    "  embed      CLIP embeddings of pictures and texts, and their cosine similarities\n"
     "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train <lora|finetune|dreambooth|controlnet|bench>)\n"
     "  eval       score an emoji model with the emoji classifier (dmx train classifier)\n"
     "  version    print the version\n\n"
@@ -96,6 +98,10 @@ int cmd_generate(int argc, char** argv) {
       {"canny-high", "H", "Canny high threshold (default 200)"},
       {"guess-mode", "", "ControlNet guess mode (nets see the conditional half only)"},
       {"save-control-image", "OUT.png", "write the prepared control map(s) (several nets: OUT-0.png ...)"},
+      // Stable unCLIP (docs/unclip.md): --model a StableUnCLIPPipeline folder.
+      {"prior-steps", "N", "unCLIP: prior denoising steps (default 25)"},
+      {"prior-guidance-scale", "G", "unCLIP: the prior's classifier-free guidance; <= 1 disables it (default 4)"},
+      {"noise-level", "N", "unCLIP: noise added to the image embedding, in [0, T-1] of its scheduler (default 0)"},
       {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
       {"overwrite", "", "replace outputs that already exist (never an input)"},
       {"quiet", "", "no progress output"},
@@ -117,6 +123,14 @@ int cmd_generate(int argc, char** argv) {
   DMX_CHECK_ARG(a.has("prompt") || a.has("from"), "--prompt is required");
   DMX_CHECK_ARG(a.has("output"), "--output is required (a .png path)");
   o.model = a.str("model");
+  // Stable unCLIP: diffusers' StableUnCLIPPipeline defaults (20 steps, guidance 10) and its own options.
+  if (!a.has("from") && dmx::is_unclip_model(o.model)) {
+    o.steps = dmx::kUnCLIPSteps;
+    o.guidance_scale = dmx::kUnCLIPGuidanceScale;
+  }
+  if (a.has("prior-steps")) o.prior_steps = static_cast<int>(a.integer("prior-steps", 25, 1, 1000));
+  if (a.has("prior-guidance-scale")) o.prior_guidance_scale = a.real("prior-guidance-scale", 4.0, 0, 100);
+  if (a.has("noise-level")) o.noise_level = static_cast<int>(a.integer("noise-level", 0, -1000000, 1000000));
   o.prompt = a.str("prompt", o.prompt);
   o.output = a.str("output");
   o.negative_prompt = a.str("negative-prompt", o.negative_prompt);
@@ -264,6 +278,8 @@ int main(int argc, char** argv) {
     if (cmd == "convert") return dmx::cli::cmd_convert(argc, argv);
     if (cmd == "p2p") return dmx::cli::cmd_p2p(argc, argv);
     if (cmd == "diffedit") return dmx::cli::cmd_diffedit(argc, argv);
+    if (cmd == "variations") return dmx::cli::cmd_variations(argc, argv);
+    if (cmd == "embed") return dmx::cli::cmd_embed(argc, argv);
     if (cmd == "train") return dmx::cli::cmd_train(argc, argv);
     if (cmd == "eval") return dmx::cli::cmd_eval(argc, argv);
     if (cmd == "version" || cmd == "--version") {
