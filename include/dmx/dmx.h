@@ -68,6 +68,13 @@ struct GenerateOptions {
   int mask_dilation = 0;              // progressive mask shrinking: dilated masks first, in [0, 64]
   bool rank = false;                  // write samples best first by their diffusion-classifier score
   std::string blend_variant = "inpaint";  // inpaint (diffusers 0.27.2) | legacy (StableDiffusionInpaintPipelineLegacy)
+  // Cascade (docs/upscale.md): after the base model, Stable Diffusion's x4 upscaler (a StableDiffusionUpscalePipeline
+  // folder) on each picture with the same prompts, drawing from the same generator after the base run. The PNG
+  // and --save-latents hold the upscaled result ("upscale_latents"; "latents" stays the base run's).
+  std::string upscale_model;
+  int upscale_noise_level = 20;  // in [0, the upscaler's max_noise_level]
+  int upscale_steps = 75;        // diffusers' defaults for the upscaler
+  double upscale_guidance_scale = 9.0;
 };
 
 struct GenerateResult {

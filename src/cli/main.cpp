@@ -39,6 +39,7 @@ const char* kUsage =
     "  convert    store a model's weights as fp16/bf16/fp32; a .ckpt/.pt/.pth/.bin pickle as .safetensors\n"
     "  p2p        Prompt-to-Prompt editing of a generated or real image\n"
     "  diffedit   edit a real image from a source and a target prompt (DiffEdit)\n"
+    "  upscale    x4 super-resolution of a picture with Stable Diffusion's x4 upscaler\n"
     "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train <lora|finetune|dreambooth|controlnet|bench>)\n"
     "  eval       score an emoji model with the emoji classifier (dmx train classifier)\n"
     "  version    print the version\n\n"
@@ -96,6 +97,11 @@ int cmd_generate(int argc, char** argv) {
       {"canny-high", "H", "Canny high threshold (default 200)"},
       {"guess-mode", "", "ControlNet guess mode (nets see the conditional half only)"},
       {"save-control-image", "OUT.png", "write the prepared control map(s) (several nets: OUT-0.png ...)"},
+      // Cascade: the x4 upscaler after the base model (docs/upscale.md).
+      {"upscale-model", "DIR", "then upscale each picture 4x with this StableDiffusionUpscalePipeline folder (same prompts, same seed)"},
+      {"upscale-noise-level", "N", "with --upscale-model: noise added to the base picture (default 20)"},
+      {"upscale-steps", "N", "with --upscale-model: the upscaler's steps (default 75)"},
+      {"upscale-guidance-scale", "G", "with --upscale-model: the upscaler's guidance (default 9)"},
       {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
       {"overwrite", "", "replace outputs that already exist (never an input)"},
       {"quiet", "", "no progress output"},
@@ -153,6 +159,14 @@ int cmd_generate(int argc, char** argv) {
   DMX_CHECK_ARG(!a.has("strength") || a.has("init-image"), "--strength needs --init-image");
   o.init_latents = a.str("init-latents");
   o.save_latents = a.str("save-latents");
+  // Cascade (docs/upscale.md).
+  o.upscale_model = a.str("upscale-model");
+  o.upscale_noise_level = static_cast<int>(a.integer("upscale-noise-level", o.upscale_noise_level, 0, 1 << 30));
+  o.upscale_steps = static_cast<int>(a.integer("upscale-steps", o.upscale_steps, 1, 1000));
+  o.upscale_guidance_scale = a.real("upscale-guidance-scale", o.upscale_guidance_scale, 0, 100);
+  DMX_CHECK_ARG(a.has("upscale-model") || !(a.has("upscale-noise-level") || a.has("upscale-steps") ||
+                                            a.has("upscale-guidance-scale")),
+                "--upscale-noise-level/--upscale-steps/--upscale-guidance-scale need --upscale-model");
   o.config_dir = a.str("config");
   o.tokenizer_dir = a.str("tokenizer");
   o.clip_skip = static_cast<int>(a.integer("clip-skip", o.clip_skip, 0, 64));
@@ -264,6 +278,7 @@ int main(int argc, char** argv) {
     if (cmd == "convert") return dmx::cli::cmd_convert(argc, argv);
     if (cmd == "p2p") return dmx::cli::cmd_p2p(argc, argv);
     if (cmd == "diffedit") return dmx::cli::cmd_diffedit(argc, argv);
+    if (cmd == "upscale") return dmx::cli::cmd_upscale(argc, argv);
     if (cmd == "train") return dmx::cli::cmd_train(argc, argv);
     if (cmd == "eval") return dmx::cli::cmd_eval(argc, argv);
     if (cmd == "version" || cmd == "--version") {
