@@ -155,6 +155,31 @@ TEST(UpscaleGolden, NoisedLowResInputMatchesDiffusers) {
                                      {"noise_level must be in [0, 350]", "351"});
 }
 
+TEST(UpscaleGolden, RunParametersAreCheckedBeforeAnyDraw) {
+  DMX_REQUIRE_FIXTURES();
+  (void)fixture_model("upscale_x4");
+  pipelines::UpscalePipeline pipe(fixture_upscaler());
+  pipelines::UpscaleParams p;
+  p.prompt = "x";
+  p.image = at::zeros({1, 3, 8, 12});
+  EXPECT_EQ(p.num_inference_steps, 75);  // diffusers' defaults
+  EXPECT_EQ(p.guidance_scale, 9.0);
+  EXPECT_EQ(p.noise_level, 20);
+  pipe.check_params(p);
+  auto refused = [&](const std::function<void(pipelines::UpscaleParams&)>& edit, const std::string& needle) {
+    pipelines::UpscaleParams q = p;
+    edit(q);
+    expect_throw_with<InvalidArgument>([&] { pipe.check_params(q); }, {needle});
+  };
+  refused([](auto& q) { q.noise_level = 351; }, "noise_level must be in [0, 350]");
+  refused([](auto& q) { q.noise_level = -1; }, "noise_level must be in [0, 350]");
+  refused([](auto& q) { q.image = at::zeros({1, 4, 8, 12}); }, "image must be [1, 3, h, w]");
+  refused([](auto& q) { q.image = at::zeros({1, 3, 8, 1028}); }, "at most 4096x4096");
+  refused([](auto& q) { q.latents = at::zeros({1, 4, 8, 8}); }, "latents must have shape [1, 4, 8, 12]");
+  refused([](auto& q) { q.image_noise = at::zeros({1, 3, 4, 4}); }, "image_noise must have shape");
+  refused([](auto& q) { q.image = at::full({1, 3, 8, 12}, NAN); }, "non-finite");
+}
+
 // The UNet input is built by the pipeline's conditioning provider: the latents first, then the noised picture for
 // both CFG halves, and the noise level as class label; the output is diffusers'.
 TEST(UpscaleGolden, UNetThroughTheConditioningProviderMatchesDiffusers) {

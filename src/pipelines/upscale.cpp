@@ -97,8 +97,9 @@ void UpscalePipeline::check_params(const UpscaleParams& p) const {
   DMX_CHECK_ARG(p.image.size(2) >= 1 && p.image.size(3) >= 1, "image must not be empty");
   DMX_CHECK_ARG(at::isfinite(p.image).all().item<bool>(), "image holds non-finite values");
   const int64_t h = p.image.size(2), w = p.image.size(3);
-  // The output is f x the picture (the latents keep the picture's size): the usual output rule applies to it.
-  check_output_size(sd, static_cast<int>(w * f), static_cast<int>(h * f), p.num_images_per_prompt, p.guided());
+  // The output is f x the picture (the latents keep the picture's size), at most 4096 on each side as every output.
+  DMX_CHECK_ARG(w * f <= 4096 && h * f <= 4096, "the output (", f, "x the ", w, "x", h,
+                " picture) must be at most 4096x4096: the picture's sides at most ", 4096 / f);
   const int64_t c = sd.vae->config().latent_channels;
   if (p.latents.defined())
     DMX_CHECK_ARG(p.latents.dim() == 4 && p.latents.size(0) == p.num_images_per_prompt && p.latents.size(1) == c &&
