@@ -535,8 +535,13 @@ TEST(UpscaleCliGolden, FixtureCommandLineSavesTheReferenceLatents) {
     if (kv.first == "parameters") params = kv.second;
   for (const char* s : {"a photograph of an astronaut riding a horse\nNegative prompt: low quality, blurry\n",
                         "Steps: 6", "Sampler: DDIM", "CFG scale: 7.5", "Seed: 1201", "Size: 128x192",
-                        "Noise level: 20", "Upscale source size: 32x48"})
+                        "Upscale noise level: 20", "Upscale source size: 32x48"})
     EXPECT_NE(params.find(s), std::string::npos) << s << " not in: " << params;
+  // --from re-runs those settings (prompts, steps, sampler, guidance, seed, noise level) on the picture given again.
+  const CliRun again = dmx_run({"upscale", "--model", args[2], "--image", args[4], "--from", dir + "/up.png", "--output",
+                                dir + "/again.png", "--save-latents", dir + "/again.safetensors", "--quiet"});
+  ASSERT_EQ(again.code, 0) << again.output;
+  EXPECT_TRUE(io::load_safetensors(dir + "/again.safetensors").at("latents").equal(saved.at("latents")));
 }
 
 TEST(UpscaleCli, ExitCodes) {

@@ -25,6 +25,7 @@ struct UpscaleOptions {
   std::string save_latents;  // write the final latents (tensor "latents") here
   std::string output;        // PNG path; with num_images > 1: <stem>-<i>.png
   bool overwrite = false;    // replace outputs that already exist (never an input)
+  std::string from;          // the PNG the settings were read from (--from): an input, never written
   // Tiled VAE decoding (diffusers' enable_vae_tiling): "auto" tiles when the untiled decode would need more than
   // the memory budget below, "on" always (when the latents exceed a tile), "off" never.
   std::string vae_tiling = "auto";
@@ -55,7 +56,7 @@ struct UpscaleResult {
 UpscaleResult upscale(const UpscaleOptions& opts);
 
 // The PNG "parameters" text (A1111 layout, as generate writes it, with the upscale settings as extra fields:
-// "Noise level", "Upscale source size").
+// "Upscale noise level" (the cascade's name, so parse_parameters reads it back), "Upscale source size").
 std::string format_upscale_parameters(const UpscaleOptions& o, uint64_t seed, int width, int height,
                                       int low_res_width, int low_res_height, const std::string& sampler,
                                       const std::string& model_name, const std::string& model_hash = "");

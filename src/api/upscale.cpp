@@ -80,6 +80,7 @@ void check_options(const UpscaleOptions& o) {
   plan.input(o.model, "--model");
   plan.input(o.tokenizer_dir, "--tokenizer");
   plan.input(o.image, "--image");
+  plan.input(o.from, "--from");
   for (const auto& path : api::numbered_paths(o.output, o.num_images)) plan.file(path, "--output", ".png");
   if (!o.save_latents.empty()) plan.file(o.save_latents, "--save-latents", ".safetensors");
   plan.prepare();
@@ -101,7 +102,8 @@ std::string format_upscale_parameters(const UpscaleOptions& o, uint64_t seed, in
   if (!model_name.empty()) os << ", Model: " << model_name;
   if (o.eta != 0) os << ", Eta: " << fmt_number(o.eta);
   if (o.num_images > 1) os << ", Batch size: " << o.num_images;
-  os << ", Noise level: " << o.noise_level << ", Upscale source size: " << low_res_width << "x" << low_res_height
+  // The cascade's field name (metadata.cpp): parse_parameters reads it back as upscale_noise_level (--from).
+  os << ", Upscale noise level: " << o.noise_level << ", Upscale source size: " << low_res_width << "x" << low_res_height
      << ", Version: dmx " << version();
   return os.str();
 }

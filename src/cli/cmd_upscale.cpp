@@ -34,6 +34,7 @@ int cmd_upscale(int argc, char** argv) {
       {"threads", "N", "CPU threads (default: all cores)"},
       {"dtype", "T", "fp32|bf16|fp16 (fp16: CUDA only; default fp32)"},
       {"device", "D", "cpu|cuda (default cpu)"},
+      {"from", "IMAGE", "re-run the settings stored in a PNG made by dmx upscale (prompts, steps, sampler, guidance, seed, noise level); flags given override"},
       {"overwrite", "", "replace outputs that already exist (never an input)"},
       {"quiet", "", "no progress output"},
       {"verbose", "", "timings and stack traces"},
@@ -45,23 +46,36 @@ int cmd_upscale(int argc, char** argv) {
     return 0;
   }
   UpscaleOptions o;
+  if (a.has("from")) {  // the settings of an earlier run; the picture and the model are given again
+    const GenerateOptions g = parse_parameters(read_image_parameters(a.str("from")));
+    o.from = a.str("from");
+    o.prompt = g.prompt;
+    o.negative_prompt = g.negative_prompt;
+    o.steps = g.steps;
+    o.guidance_scale = g.guidance_scale;
+    o.scheduler = g.scheduler;
+    o.eta = g.eta;
+    o.seed = g.seed;
+    o.num_images = g.num_images;
+    o.noise_level = g.upscale_noise_level;
+  }
   DMX_CHECK_ARG(a.has("model"), "--model is required (a StableDiffusionUpscalePipeline folder)");
   DMX_CHECK_ARG(a.has("image"), "--image is required (the low-resolution picture)");
-  DMX_CHECK_ARG(a.has("prompt"), "--prompt is required (what the picture shows)");
+  DMX_CHECK_ARG(a.has("prompt") || a.has("from"), "--prompt is required (what the picture shows)");
   DMX_CHECK_ARG(a.has("output"), "--output is required (a .png path)");
   o.model = a.str("model");
   o.image = a.str("image");
-  o.prompt = a.str("prompt");
+  o.prompt = a.str("prompt", o.prompt);
   o.output = a.str("output");
-  o.negative_prompt = a.str("negative-prompt");
+  o.negative_prompt = a.str("negative-prompt", o.negative_prompt);
   // The upper bound is the model's max_noise_level, checked against model_index.json before anything loads.
   o.noise_level = static_cast<int>(a.integer("noise-level", o.noise_level, 0, std::numeric_limits<int>::max()));
   o.steps = static_cast<int>(a.integer("steps", o.steps, 1, 1000));
   o.guidance_scale = a.real("guidance-scale", o.guidance_scale, 0, 100);
-  o.scheduler = a.str("scheduler");
+  o.scheduler = a.str("scheduler", o.scheduler);
   o.eta = a.real("eta", o.eta, 0, 1);
   if (a.has("seed")) o.seed = a.u64("seed");
-  o.num_images = static_cast<int>(a.integer("num-images", 1, 1, 64));
+  o.num_images = static_cast<int>(a.integer("num-images", o.num_images, 1, 64));
   o.save_latents = a.str("save-latents");
   o.vae_tiling = a.str("vae-tiling", o.vae_tiling);
   o.vae_tile_size = static_cast<int>(a.integer("vae-tile-size", 0, 16, 4096));
