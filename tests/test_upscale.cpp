@@ -491,6 +491,18 @@ TEST(UpscaleErrorsGolden, BadInputIsRefusedBeforeAnythingIsWritten) {
     o.scheduler = "nope";
     expect_throw_with<InvalidArgument>([&] { upscale(o); }, {"--scheduler must be one of"});
   }
+  {  // an output that is an input, or that exists (without --overwrite)
+    const std::string low = dir + "-low.png";
+    fs::copy_file(fixtures_dir() + "/ref/upscale_x4/upscale_ddim_nl20.low.png", low, fs::copy_options::overwrite_existing);
+    UpscaleOptions o = fixture_options(dir);
+    o.image = low;
+    o.output = low;
+    expect_throw_with<InvalidArgument>([&] { upscale(o); }, {"is the input --image"});
+    o.output = dir + "/out.png";
+    o.save_latents = low;
+    o.image = fixtures_dir() + "/ref/upscale_x4/upscale_ddim_nl20.low.png";
+    expect_throw_with<InvalidArgument>([&] { upscale(o); }, {"--save-latents"});
+  }
   expect_nothing_written(dir);
 }
 
