@@ -74,6 +74,13 @@ struct GenerateOptions {
   std::optional<int> prior_steps;
   std::optional<double> prior_guidance_scale;
   std::optional<int> noise_level;  // in [0, the image_noising_scheduler's num_train_timesteps - 1]
+  // Cascade (docs/upscale.md): after the base model, Stable Diffusion's x4 upscaler (a StableDiffusionUpscalePipeline
+  // folder) on each picture with the same prompts, drawing from the same generator after the base run. The PNG
+  // and --save-latents hold the upscaled result ("upscale_latents"; "latents" stays the base run's).
+  std::string upscale_model;
+  int upscale_noise_level = 20;  // in [0, the upscaler's max_noise_level]
+  int upscale_steps = 75;        // diffusers' defaults for the upscaler
+  double upscale_guidance_scale = 9.0;
 };
 
 // StableUnCLIPPipeline.__call__'s decoder defaults (num_inference_steps, guidance_scale), which `dmx generate`

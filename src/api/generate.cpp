@@ -10,6 +10,7 @@
 #include "api/model_hash.h"
 #include "api/options_util.h"
 #include "api/unclip.h"
+#include "api/upscale_stage.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
@@ -21,7 +22,9 @@
 #include "loaders/lora_loader.h"
 #include "pipelines/controlnet.h"
 #include "loaders/model_bundle.h"
+#include "loaders/upscale.h"
 #include "pipelines/stable_diffusion.h"
+#include "pipelines/upscale.h"
 #include "schedulers/registry.h"
 
 namespace dmx {
@@ -112,6 +115,19 @@ GenerateResult generate(const GenerateOptions& o) {
   }
   check_controlnet_options(o);
   api::check_blended_options(o);
+  // Cascade: the upscaler's options and folder kind before anything is loaded.
+  api::UpscaleStageOptions up_stage;
+  loaders::UpscaleFolderInfo up_info;
+  if (!o.upscale_model.empty()) {
+    DMX_CHECK_SUPPORTED(o.mask.empty(), "--upscale-model with --mask is not supported (upscale the edited picture "
+                        "with dmx upscale)");
+    up_stage.model = o.upscale_model;
+    up_stage.noise_level = o.upscale_noise_level;
+    up_stage.steps = o.upscale_steps;
+    up_stage.guidance_scale = o.upscale_guidance_scale;
+    up_stage.flag_prefix = "--upscale-";
+    up_info = api::check_upscale_stage(up_stage);
+  }
   if (!o.control_preprocess.empty() || o.canny_low != 100.0 || o.canny_high != 200.0) {
     DMX_CHECK_ARG(std::isfinite(o.canny_low) && o.canny_low >= 0 && o.canny_low <= 2040,
                   "--canny-low must be in [0, 2040], got ", o.canny_low);
@@ -151,6 +167,7 @@ GenerateResult generate(const GenerateOptions& o) {
     plan.input(o.mask, "--mask");
     plan.input(o.init_latents, "--init-latents");
     plan.input(o.lora_dir, "--lora-dir");
+    plan.input(o.upscale_model, "--upscale-model");
     for (const auto& l : lora_specs) plan.input(l.path, "--lora");
     for (const auto& c : o.controlnets) plan.input(c, "--controlnet");
     for (const auto& c : o.control_images) plan.input(c, "--control-image");
@@ -252,6 +269,23 @@ GenerateResult generate(const GenerateOptions& o) {
     p.residual_providers = pipelines::controlnet_providers(units, o.guess_mode);
     pipelines::StableDiffusionPipeline(models).check_params(p);
   }
+  // Cascade: the base picture's size is known now; the upscaler is loaded and its memory planned before any work.
+  std::shared_ptr<loaders::UpscaleModels> upscaler;
+  pipelines::VaeTiling up_tiling;
+  if (!o.upscale_model.empty()) {
+    const int bw = p.init_image.defined() ? static_cast<int>(p.init_image.size(3))
+                                          : (p.width ? p.width : models->default_sample_size());
+    const int bh = p.init_image.defined() ? static_cast<int>(p.init_image.size(2))
+                                          : (p.height ? p.height : models->default_sample_size());
+    const int f = up_info.vae_scale_factor;
+    api::check_upscale_size(bw, bh, f, "--upscale-model", "the base picture");
+    loaders::LoadOptions up_lo;  // its own tokenizer and configs; the base's --config/--tokenizer are not its
+    up_lo.dtype = lo.dtype;
+    up_lo.device = lo.device;
+    upscaler = loaders::load_upscale(o.upscale_model, up_lo);
+    const auto [lw, lh] = pipelines::low_res_size(bw, bh, f);
+    up_tiling = api::plan_upscale_memory(*upscaler, up_stage, lw, lh, 1, o.device == "cpu", "--upscale-model");
+  }
   pipelines::StableDiffusionOutput out;
   GenerateResult r;
   if (!o.mask.empty()) {
@@ -267,7 +301,33 @@ GenerateResult generate(const GenerateOptions& o) {
   loras.reset();
 
   r.seed = seed;
+  // The metadata's Size is the base run's (what --from re-runs); the cascade's fields say the rest.
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
+  at::Tensor upscale_latents;
+  if (upscaler) {
+    // Each picture as the base model wrote it (8-bit, as a PIL picture handed to the upscale pipeline), in order,
+    // with the run's generator: its draws follow the base run's (picture noise, then latents, per picture).
+    PhaseTimer upscale_timer("upscale");
+    pipelines::UpscalePipeline up(upscaler);
+    std::vector<at::Tensor> images, latents;
+    for (int64_t i = 0; i < out.images.size(0); ++i) {
+      pipelines::UpscaleParams q;
+      q.prompt = prompt;
+      q.negative_prompt = negative_prompt;
+      q.noise_level = o.upscale_noise_level;
+      q.num_inference_steps = o.upscale_steps;
+      q.guidance_scale = o.upscale_guidance_scale;
+      q.generator = &generator;
+      q.show_progress = o.progress;
+      q.tiling = up_tiling;
+      q.image = pipelines::preprocess_low_res(tensor_to_image(out.images[i]), upscaler->sd->vae_scale_factor());
+      const auto res = up.run(q);
+      images.push_back(res.images);
+      latents.push_back(res.latents);
+    }
+    out.images = at::cat(images, 0);
+    upscale_latents = at::cat(latents, 0).contiguous();
+  }
   GenerateOptions meta = o;
   if (meta.scheduler.empty()) meta.scheduler = schedulers::scheduler_name_for_config(models->scheduler_config);
   const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name, hash.get())}};
@@ -276,9 +336,11 @@ GenerateResult generate(const GenerateOptions& o) {
   std::vector<PendingFile> files;
   for (size_t i = 0; i < control_paths.size(); ++i)
     files.push_back({control_paths[i], encode_png(tensor_to_image(units[i].image[0].permute({1, 2, 0})))});
-  if (!o.save_latents.empty())
-    files.push_back(
-        {o.save_latents, io::serialize_safetensors({{"latents", out.latents.to(at::kFloat).contiguous()}}, {})});
+  if (!o.save_latents.empty()) {
+    io::TensorMap saved = {{"latents", out.latents.to(at::kFloat).contiguous()}};
+    if (upscale_latents.defined()) saved["upscale_latents"] = upscale_latents;
+    files.push_back({o.save_latents, io::serialize_safetensors(saved, {})});
+  }
   for (size_t i = 0; i < image_paths.size(); ++i)
     files.push_back({image_paths[i], encode_png(tensor_to_image(out.images[static_cast<int64_t>(i)]), text)});
   write_files_atomic(files);

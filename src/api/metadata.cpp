@@ -89,6 +89,13 @@ std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width
   if (o.prior_steps) os << ", Prior steps: " << *o.prior_steps;
   if (o.prior_guidance_scale) os << ", Prior CFG scale: " << fmt_number(*o.prior_guidance_scale);
   if (o.noise_level) os << ", Noise level: " << *o.noise_level;
+  if (!o.upscale_model.empty()) {  // the cascade's upscaler (docs/upscale.md); Size stays the base size
+    std::string name = o.upscale_model;
+    while (name.size() > 1 && name.back() == '/') name.pop_back();
+    name = name.substr(name.find_last_of('/') + 1);
+    os << ", Upscale model: " << name << ", Upscale noise level: " << o.upscale_noise_level
+       << ", Upscale steps: " << o.upscale_steps << ", Upscale CFG scale: " << fmt_number(o.upscale_guidance_scale);
+  }
   os << ", Version: dmx " << version();
   return os.str();
 }
@@ -155,6 +162,10 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
   if (auto v = get("Prior steps")) o.prior_steps = to_int("Prior steps", *v);
   if (auto v = get("Prior CFG scale")) o.prior_guidance_scale = to_double("Prior CFG scale", *v);
   if (auto v = get("Noise level")) o.noise_level = to_int("Noise level", *v);
+  // The cascade's settings; the upscaler itself is given again with --upscale-model.
+  if (auto v = get("Upscale noise level")) o.upscale_noise_level = to_int("Upscale noise level", *v);
+  if (auto v = get("Upscale steps")) o.upscale_steps = to_int("Upscale steps", *v);
+  if (auto v = get("Upscale CFG scale")) o.upscale_guidance_scale = to_double("Upscale CFG scale", *v);
   return o;
 }
 

@@ -81,6 +81,7 @@ void refuse_non_unclip_options(const GenerateOptions& o) {
   if (!o.config_dir.empty()) given.push_back("--config");
   if (!o.tokenizer_dir.empty()) given.push_back("--tokenizer");
   if (o.rank) given.push_back("--rank");
+  if (!o.upscale_model.empty()) given.push_back("--upscale-model");
   if (given.empty()) return;
   std::string list;
   for (const auto& g : given) list += (list.empty() ? "" : ", ") + g;

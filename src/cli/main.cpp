@@ -41,6 +41,7 @@ const char* kUsage =
     "  diffedit   edit a real image from a source and a target prompt (DiffEdit)\n"
     "  variations image variations with a Stable unCLIP (StableUnCLIPImg2ImgPipeline) folder\n"
     "  embed      CLIP embeddings of pictures and texts, and their cosine similarities\n"
+    "  upscale    x4 super-resolution of a picture with Stable Diffusion's x4 upscaler\n"
     "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train <lora|finetune|dreambooth|controlnet|bench>)\n"
     "  eval       score an emoji model with the emoji classifier (dmx train classifier)\n"
     "  version    print the version\n\n"
@@ -102,6 +103,11 @@ int cmd_generate(int argc, char** argv) {
       {"prior-steps", "N", "unCLIP: prior denoising steps (default 25)"},
       {"prior-guidance-scale", "G", "unCLIP: the prior's classifier-free guidance; <= 1 disables it (default 4)"},
       {"noise-level", "N", "unCLIP: noise added to the image embedding, in [0, T-1] of its scheduler (default 0)"},
+      // Cascade: the x4 upscaler after the base model (docs/upscale.md).
+      {"upscale-model", "DIR", "then upscale each picture 4x with this StableDiffusionUpscalePipeline folder (same prompts, same seed)"},
+      {"upscale-noise-level", "N", "with --upscale-model: noise added to the base picture (default 20)"},
+      {"upscale-steps", "N", "with --upscale-model: the upscaler's steps (default 75)"},
+      {"upscale-guidance-scale", "G", "with --upscale-model: the upscaler's guidance (default 9)"},
       {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
       {"overwrite", "", "replace outputs that already exist (never an input)"},
       {"quiet", "", "no progress output"},
@@ -167,6 +173,14 @@ int cmd_generate(int argc, char** argv) {
   DMX_CHECK_ARG(!a.has("strength") || a.has("init-image"), "--strength needs --init-image");
   o.init_latents = a.str("init-latents");
   o.save_latents = a.str("save-latents");
+  // Cascade (docs/upscale.md).
+  o.upscale_model = a.str("upscale-model");
+  o.upscale_noise_level = static_cast<int>(a.integer("upscale-noise-level", o.upscale_noise_level, 0, 1 << 30));
+  o.upscale_steps = static_cast<int>(a.integer("upscale-steps", o.upscale_steps, 1, 1000));
+  o.upscale_guidance_scale = a.real("upscale-guidance-scale", o.upscale_guidance_scale, 0, 100);
+  DMX_CHECK_ARG(a.has("upscale-model") || !(a.has("upscale-noise-level") || a.has("upscale-steps") ||
+                                            a.has("upscale-guidance-scale")),
+                "--upscale-noise-level/--upscale-steps/--upscale-guidance-scale need --upscale-model");
   o.config_dir = a.str("config");
   o.tokenizer_dir = a.str("tokenizer");
   o.clip_skip = static_cast<int>(a.integer("clip-skip", o.clip_skip, 0, 64));
@@ -280,6 +294,7 @@ int main(int argc, char** argv) {
     if (cmd == "diffedit") return dmx::cli::cmd_diffedit(argc, argv);
     if (cmd == "variations") return dmx::cli::cmd_variations(argc, argv);
     if (cmd == "embed") return dmx::cli::cmd_embed(argc, argv);
+    if (cmd == "upscale") return dmx::cli::cmd_upscale(argc, argv);
     if (cmd == "train") return dmx::cli::cmd_train(argc, argv);
     if (cmd == "eval") return dmx::cli::cmd_eval(argc, argv);
     if (cmd == "version" || cmd == "--version") {
