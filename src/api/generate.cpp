@@ -103,6 +103,23 @@ void check_adapter_options(const GenerateOptions& o) {
                 "(diffusers 0.27.2 has no adapter img2img pipeline)");
 }
 
+// A malformed or hostile file named by an option: the message starts with the option (the loaders name the file).
+template <typename F>
+auto with_option(const std::string& option, F&& load) -> decltype(load()) {
+  auto prefixed = [&](const std::string& what) {
+    return what.rfind(option, 0) == 0 ? what : option + ": " + what;
+  };
+  try {
+    return load();
+  } catch (const FormatError& e) {
+    throw FormatError(prefixed(e.what()));
+  } catch (const Unsupported& e) {
+    throw Unsupported(prefixed(e.what()));
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(prefixed(e.what()));
+  }
+}
+
 // The i-th entry of a per-adapter list that may also hold one value for all, or nothing.
 template <typename T>
 T per_adapter(const std::vector<T>& v, size_t i, const T& fallback) {
@@ -229,14 +246,16 @@ GenerateResult generate(const GenerateOptions& o) {
   for (size_t i = 0; i < o.adapters.size(); ++i) {
     pipelines::T2IAdapterUnit u;
     u.name = o.adapters[i];
-    u.model = loaders::load_t2i_adapter(o.adapters[i], dtype);
+    u.model = with_option("--adapter", [&] { return loaders::load_t2i_adapter(o.adapters[i], dtype); });
     u.image = adapter_maps[i];
     u.scale = o.adapter_scales.empty() ? 1.0 : o.adapter_scales[i];
     u.end = per_adapter(o.adapter_ends, i, 1.0);
     adapter_units.push_back(std::move(u));
   }
   std::vector<std::pair<models::Hypernetwork, double>> hypernetworks;
-  for (const auto& h : hn_specs) hypernetworks.emplace_back(loaders::load_hypernetwork(h.path), h.multiplier);
+  for (const auto& h : hn_specs)
+    hypernetworks.emplace_back(with_option("--hypernetwork", [&] { return loaders::load_hypernetwork(h.path); }),
+                               h.multiplier);
   configure_threads(o.threads);
 
   pipelines::StableDiffusionParams p;
