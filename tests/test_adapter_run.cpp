@@ -26,6 +26,8 @@
 #include "pipelines/generation.h"
 #include "pipelines/stable_diffusion.h"
 #include "pipelines/t2i_adapter_provider.h"
+#include "schedulers/registry.h"
+#include "schedulers/scheduler.h"
 #include "test_ref_cases.h"
 #include "test_util.h"
 
@@ -163,6 +165,62 @@ TEST(AdapterRunUnit, MetadataRecordsAdaptersAndHypernetworks) {
   EXPECT_EQ(back.prompt, o.prompt);
   EXPECT_EQ(back.seed, 7u);
   EXPECT_EQ(back.height, 192);
+}
+
+// The provider on two small random adapters (no UNet): features batched per image and doubled for guidance, the
+// sum of scale_i x features_i equal to MultiAdapter's with the scales as weights, an adapter past its end adding
+// nothing, and features added to those an earlier provider gave.
+TEST(AdapterProviderTiny, BatchesSumsAndSwitchesOffAsThePipeline) {
+  at::NoGradGuard no_grad;
+  at::manual_seed(3);
+  models::T2IAdapterConfig ca, cb;
+  ca.in_channels = 1;
+  cb.in_channels = 3;
+  for (auto* c : {&ca, &cb}) {
+    c->channels = {8, 16};
+    c->num_res_blocks = 1;
+    c->downscale_factor = 2;
+  }
+  models::T2IAdapter a(ca), b(cb);
+  a->eval();
+  b->eval();
+  const Image ga = gradient(16, 12, 1), gb = gradient(16, 12, 3);
+  std::vector<pipelines::T2IAdapterUnit> units(2);
+  units[0].model = a;
+  units[0].image = ga;
+  units[0].scale = 0.6;
+  units[1].model = b;
+  units[1].image = gb;
+  units[1].scale = 0.4;
+  units[1].end = 0.01;  // 6 steps: only step 0
+  pipelines::T2IAdapterProvider provider(units);
+  EXPECT_EQ(provider.default_size(), std::make_optional(std::make_pair(16, 12)));
+  loaders::StableDiffusionModels none;
+  provider.prepare({none, 16, 12, 2, true, false});
+  std::vector<models::T2IAdapter> both{a, b};
+  const std::vector<at::Tensor> xs{pipelines::prepare_adapter_image(ga, 1, 16, 12),
+                                   pipelines::prepare_adapter_image(gb, 3, 16, 12)};
+  const auto multi = models::multi_adapter_features(both, xs, std::vector<double>{0.6, 0.4});
+  auto sched = schedulers::create_scheduler("ddim", nlohmann::json::object());
+  sched->set_timesteps(6);
+  const at::Tensor lat = at::zeros({2, 4, 6, 8});
+  auto at_step = [&](int i) {
+    models::UNetInputs in;
+    provider.apply({i, 6, 0.0, lat, *sched, true}, in);
+    return in.down_intrablock_additional_residuals;
+  };
+  const auto s0 = at_step(0), s1 = at_step(1);
+  ASSERT_EQ(s0.size(), 2u);
+  for (size_t k = 0; k < 2; ++k) {
+    ASSERT_EQ(s0[k].size(0), 4);  // [uncond x 2 images; cond x 2 images]
+    for (int64_t r = 0; r < 4; ++r) EXPECT_TRUE(at::equal(s0[k][r], multi[k][0])) << k << " row " << r;
+    EXPECT_TRUE(at::equal(s1[k][0], (at::scalar_tensor(0.6, at::kFloat) * a->forward(xs[0])[k])[0])) << k;
+  }
+  // Added to what an earlier provider put there.
+  models::UNetInputs in;
+  for (const auto& f : s0) in.down_intrablock_additional_residuals.push_back(at::ones_like(f));
+  provider.apply({0, 6, 0.0, lat, *sched, true}, in);
+  EXPECT_TRUE(at::allclose(in.down_intrablock_additional_residuals[1], s0[1] + 1));
 }
 
 // ------------------------------------------------------------------------------------------------ golden
