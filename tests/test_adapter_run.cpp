@@ -57,7 +57,8 @@ Image gradient(int w, int h, int channels) {
   for (int y = 0; y < h; ++y)
     for (int x = 0; x < w; ++x)
       for (int c = 0; c < channels; ++c)
-        img.data[(static_cast<size_t>(y) * w + x) * channels + c] = static_cast<uint8_t>((x * 7 + y * 3 + c * 50) % 256);
+        img.data[(static_cast<size_t>(y) * w + x) * channels + c] =
+            static_cast<uint8_t>((x * 7 + y * 3 + c * 50) % 256);
   return img;
 }
 
@@ -140,8 +141,7 @@ TEST(AdapterRunUnit, HypernetworkArgumentsAndPromptTags) {
   expect_throw_with<InvalidArgument>([&] { loaders::resolve_hypernetwork_name("", "anime"); }, "--hypernetwork-dir");
   expect_throw_with<InvalidArgument>([&] { loaders::resolve_hypernetwork_name(dir, "../hypernet_outside/evil"); },
                                      "'..'");
-  expect_throw_with<InvalidArgument>([&] { loaders::resolve_hypernetwork_name(dir, outside + "/evil"); },
-                                     "absolute");
+  expect_throw_with<InvalidArgument>([&] { loaders::resolve_hypernetwork_name(dir, outside + "/evil"); }, "absolute");
   expect_throw_with<InvalidArgument>([&] { loaders::resolve_hypernetwork_name(dir, "missing"); }, "not found");
   ASSERT_EQ(::symlink((outside + "/evil.pt").c_str(), (dir + "/link.pt").c_str()), 0);
   expect_throw_with<InvalidArgument>([&] { loaders::resolve_hypernetwork_name(dir, "link"); }, "symlink");
@@ -365,25 +365,44 @@ TEST(AdapterSeededGolden, ApiRunsMatchTheReference) {
     for (size_t i = 2; i + 1 < words.size(); i += 2) {
       const std::string& f = words[i];
       const std::string& v = words[i + 1];
-      if (f == "--model") o.model = path(v);
-      else if (f == "--prompt") o.prompt = v;
-      else if (f == "--negative-prompt") o.negative_prompt = v;
-      else if (f == "--width") o.width = std::stoi(v);
-      else if (f == "--height") o.height = std::stoi(v);
-      else if (f == "--steps") o.steps = std::stoi(v);
-      else if (f == "--guidance-scale") o.guidance_scale = std::stod(v);
-      else if (f == "--scheduler") o.scheduler = v;
-      else if (f == "--seed") o.seed = std::stoull(v);
-      else if (f == "--adapter") o.adapters.push_back(path(v));
-      else if (f == "--adapter-image") o.adapter_images.push_back(path(v));
-      else if (f == "--adapter-scale") o.adapter_scales.push_back(std::stod(v));
-      else if (f == "--controlnet") o.controlnets.push_back(path(v));
-      else if (f == "--control-image") o.control_images.push_back(path(v));
-      else if (f == "--control-scale") o.control_scales.push_back(std::stod(v));
-      else if (f == "--lora" || f == "--hypernetwork") (f == "--lora" ? o.loras : o.hypernetworks).push_back(path(v));
-      else if (f == "--save-latents") o.save_latents = dir + "/L.safetensors";
-      else if (f == "--output") o.output = dir + "/O.png";
-      else ADD_FAILURE() << name << ": flag " << f << " not mapped";
+      if (f == "--model")
+        o.model = path(v);
+      else if (f == "--prompt")
+        o.prompt = v;
+      else if (f == "--negative-prompt")
+        o.negative_prompt = v;
+      else if (f == "--width")
+        o.width = std::stoi(v);
+      else if (f == "--height")
+        o.height = std::stoi(v);
+      else if (f == "--steps")
+        o.steps = std::stoi(v);
+      else if (f == "--guidance-scale")
+        o.guidance_scale = std::stod(v);
+      else if (f == "--scheduler")
+        o.scheduler = v;
+      else if (f == "--seed")
+        o.seed = std::stoull(v);
+      else if (f == "--adapter")
+        o.adapters.push_back(path(v));
+      else if (f == "--adapter-image")
+        o.adapter_images.push_back(path(v));
+      else if (f == "--adapter-scale")
+        o.adapter_scales.push_back(std::stod(v));
+      else if (f == "--controlnet")
+        o.controlnets.push_back(path(v));
+      else if (f == "--control-image")
+        o.control_images.push_back(path(v));
+      else if (f == "--control-scale")
+        o.control_scales.push_back(std::stod(v));
+      else if (f == "--lora" || f == "--hypernetwork")
+        (f == "--lora" ? o.loras : o.hypernetworks).push_back(path(v));
+      else if (f == "--save-latents")
+        o.save_latents = dir + "/L.safetensors";
+      else if (f == "--output")
+        o.output = dir + "/O.png";
+      else
+        ADD_FAILURE() << name << ": flag " << f << " not mapped";
     }
     o.progress = false;
     generate(o);
@@ -436,8 +455,8 @@ TEST(AdapterCliGolden, RecordedCommandLinesGiveTheReferenceLatents) {
            {"t2i_adapter", "adapter_sketch"}, {"t2i_adapter", "adapter_multi"}, {"hypernet", "hypernet_txt2img"}}) {
     Case c{family + "/" + name, test::load_ref(family, name), {}};
     const nlohmann::json& recorded = c.ref.meta["dmx_args"];  // a list of words (or its Python repr)
-    const std::vector<std::string> words = recorded.is_array() ? recorded.get<std::vector<std::string>>()
-                                                               : python_str_list(recorded.get<std::string>());
+    const std::vector<std::string> words =
+        recorded.is_array() ? recorded.get<std::vector<std::string>>() : python_str_list(recorded.get<std::string>());
     for (std::string w : words) {
       if (w.rfind("data:", 0) == 0) w = fx + "/" + w.substr(5);
       c.args.push_back(w);
@@ -491,8 +510,8 @@ TEST(AdapterCliGolden, BadInputIsRefusedWithExit2) {
   const std::string pic = fx + "/ref/t2i_adapter/adapter_sketch.sketch.png";
   const std::string hn = fx + "/models/hypernet/tiny_hypernet.pt";
   const std::string dir = test::temp_subdir("adapter_cli_bad");
-  const std::vector<std::string> base{"generate", "--model", model, "--steps", "1", "--width", "128",
-                                      "--height", "128", "--output", dir + "/o.png", "--quiet"};
+  const std::vector<std::string> base{"generate", "--model", model,      "--steps",      "1",      "--width", "128",
+                                      "--height", "128",     "--output", dir + "/o.png", "--quiet"};
   struct Bad {
     std::vector<std::string> extra;
     std::string needle;
@@ -500,7 +519,8 @@ TEST(AdapterCliGolden, BadInputIsRefusedWithExit2) {
   const std::vector<Bad> bad{
       {{"--adapter-image", pic}, "--adapter-image needs --adapter"},
       {{"--adapter", sketch}, "--adapter-image must be given once per --adapter"},
-      {{"--adapter", sketch, "--adapter-image", pic, "--adapter-scale", "1", "--adapter-scale", "2"}, "--adapter-scale"},
+      {{"--adapter", sketch, "--adapter-image", pic, "--adapter-scale", "1", "--adapter-scale", "2"},
+       "--adapter-scale"},
       {{"--adapter", sketch, "--adapter-image", pic, "--adapter-end", "0"}, "--adapter-end must be in (0, 1]"},
       {{"--adapter", sketch, "--adapter-image", pic, "--adapter-preprocess", "depth"}, "--adapter-preprocess"},
       {{"--adapter", sketch, "--adapter-image", pic, "--init-image", pic}, "img2img"},
@@ -533,9 +553,22 @@ TEST(AdapterCliGolden, HypernetTagEqualsTheFlag) {
   ::setenv("OMP_WAIT_POLICY", "PASSIVE", 0);
   const std::string fx = test::fixtures_dir();
   const std::string dir = test::temp_subdir("hypernet_tag");
-  const std::vector<std::string> base{"generate", "--model", fx + "/models/sd15", "--negative-prompt", "blurry",
-                                      "--steps", "2", "--width", "128", "--height", "128", "--seed", "5",
-                                      "--scheduler", "ddim", "--quiet"};
+  const std::vector<std::string> base{"generate",
+                                      "--model",
+                                      fx + "/models/sd15",
+                                      "--negative-prompt",
+                                      "blurry",
+                                      "--steps",
+                                      "2",
+                                      "--width",
+                                      "128",
+                                      "--height",
+                                      "128",
+                                      "--seed",
+                                      "5",
+                                      "--scheduler",
+                                      "ddim",
+                                      "--quiet"};
   auto run = [&](const std::vector<std::string>& extra, const std::string& tag) {
     std::vector<std::string> a = base;
     a.insert(a.end(), extra.begin(), extra.end());
@@ -546,11 +579,10 @@ TEST(AdapterCliGolden, HypernetTagEqualsTheFlag) {
     EXPECT_EQ(r.code, 0) << r.output;
     return io::load_safetensors(dir + "/" + tag + ".safetensors").at("latents");
   };
-  const at::Tensor flag = run({"--prompt", "an old man", "--hypernetwork", fx + "/models/hypernet/tiny_hypernet.pt:0.6"},
-                              "flag");
-  const at::Tensor tag = run({"--prompt", "an old man<hypernet:tiny_hypernet:0.6>", "--hypernetwork-dir",
-                              fx + "/models/hypernet"},
-                             "tag");
+  const at::Tensor flag =
+      run({"--prompt", "an old man", "--hypernetwork", fx + "/models/hypernet/tiny_hypernet.pt:0.6"}, "flag");
+  const at::Tensor tag =
+      run({"--prompt", "an old man<hypernet:tiny_hypernet:0.6>", "--hypernetwork-dir", fx + "/models/hypernet"}, "tag");
   const at::Tensor none = run({"--prompt", "an old man"}, "none");
   EXPECT_TRUE(at::equal(flag, tag));
   EXPECT_GT((flag - none).abs().max().item<double>(), 1e-3);

@@ -5,10 +5,10 @@
 #include <map>
 #include <sstream>
 
-#include "core/canny.h"
 #include "api/blended.h"
 #include "api/model_hash.h"
 #include "api/options_util.h"
+#include "core/canny.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
@@ -19,11 +19,11 @@
 #include "io/safetensors.h"
 #include "loaders/hypernetwork_loader.h"
 #include "loaders/lora_loader.h"
+#include "loaders/model_bundle.h"
 #include "loaders/t2i_adapter_loader.h"
 #include "pipelines/controlnet.h"
-#include "pipelines/t2i_adapter_provider.h"
-#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
+#include "pipelines/t2i_adapter_provider.h"
 #include "schedulers/registry.h"
 
 namespace dmx {
@@ -85,8 +85,9 @@ void check_adapter_options(const GenerateOptions& o) {
   }
   DMX_CHECK_ARG(o.adapter_images.size() == n, "--adapter-image must be given once per --adapter (", n,
                 " adapter(s)), got ", o.adapter_images.size());
-  DMX_CHECK_ARG(o.adapter_scales.empty() || o.adapter_scales.size() == n, "--adapter-scale must be given once per "
-                "--adapter (", n, " adapter(s)) or not at all, got ", o.adapter_scales.size());
+  DMX_CHECK_ARG(o.adapter_scales.empty() || o.adapter_scales.size() == n,
+                "--adapter-scale must be given once per --adapter (", n, " adapter(s)) or not at all, got ",
+                o.adapter_scales.size());
   auto count = [&](size_t k, const char* name) {
     DMX_CHECK_ARG(k == 0 || k == 1 || k == n, name, " must be given once per --adapter (", n,
                   " adapter(s)), once for all, or not at all, got ", k);
@@ -99,16 +100,15 @@ void check_adapter_options(const GenerateOptions& o) {
     DMX_CHECK_ARG(std::isfinite(v) && v > 0 && v <= 1, "--adapter-end must be in (0, 1], got ", v);
   for (const auto& m : o.adapter_preprocess)
     DMX_CHECK_ARG(m == "none" || m == "canny", "--adapter-preprocess must be one of none, canny, got '", m, "'");
-  DMX_CHECK_ARG(o.init_image.empty(), "--adapter with --init-image (T2I-Adapter img2img) is not supported "
+  DMX_CHECK_ARG(o.init_image.empty(),
+                "--adapter with --init-image (T2I-Adapter img2img) is not supported "
                 "(diffusers 0.27.2 has no adapter img2img pipeline)");
 }
 
 // A malformed or hostile file named by an option: the message starts with the option (the loaders name the file).
 template <typename F>
 auto with_option(const std::string& option, F&& load) -> decltype(load()) {
-  auto prefixed = [&](const std::string& what) {
-    return what.rfind(option, 0) == 0 ? what : option + ": " + what;
-  };
+  auto prefixed = [&](const std::string& what) { return what.rfind(option, 0) == 0 ? what : option + ": " + what; };
   try {
     return load();
   } catch (const FormatError& e) {
@@ -166,8 +166,7 @@ GenerateResult generate(const GenerateOptions& o) {
   check_controlnet_options(o);
   check_adapter_options(o);
   api::check_blended_options(o);
-  if (!o.control_preprocess.empty() || !o.adapter_preprocess.empty() || o.canny_low != 100.0 ||
-      o.canny_high != 200.0) {
+  if (!o.control_preprocess.empty() || !o.adapter_preprocess.empty() || o.canny_low != 100.0 || o.canny_high != 200.0) {
     DMX_CHECK_ARG(std::isfinite(o.canny_low) && o.canny_low >= 0 && o.canny_low <= 2040,
                   "--canny-low must be in [0, 2040], got ", o.canny_low);
     DMX_CHECK_ARG(std::isfinite(o.canny_high) && o.canny_high >= 0 && o.canny_high <= 2040,
@@ -204,8 +203,8 @@ GenerateResult generate(const GenerateOptions& o) {
   }
   for (const auto& h : hn_specs)
     DMX_CHECK_ARG(path_exists(h.path) && !is_directory(h.path), "--hypernetwork: file not found: ", h.path);
-  DMX_CHECK_ARG(hn_specs.size() <= 16, "at most 16 hypernetworks (--hypernetwork and <hypernet:...> tags together), got ",
-                hn_specs.size());
+  DMX_CHECK_ARG(hn_specs.size() <= 16,
+                "at most 16 hypernetworks (--hypernetwork and <hypernet:...> tags together), got ", hn_specs.size());
   // Every output, derived ones included, against every input and each other, before any work.
   const std::vector<std::string> image_paths = api::numbered_paths(o.output, o.num_images);
   const std::vector<std::string> control_paths =
@@ -361,7 +360,8 @@ GenerateResult generate(const GenerateOptions& o) {
       if (p.height == 0) p.height = size->second;
       break;
     }
-    DMX_CHECK_ARG(p.width > 0 && p.height > 0, "--adapter-image: the picture is smaller than the adapter's downscale "
+    DMX_CHECK_ARG(p.width > 0 && p.height > 0,
+                  "--adapter-image: the picture is smaller than the adapter's downscale "
                   "factor; give --width/--height");
     pipelines::StableDiffusionPipeline(models).check_params(p);
   }

@@ -112,7 +112,9 @@ std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width
   // T2I-Adapters (docs/t2i-adapter.md) and hypernetworks given as files (docs/hypernetworks.md): names and
   // settings, for the record; the pictures and files themselves are not stored (tags stay in the prompt).
   for (size_t i = 0; i < o.adapters.size(); ++i) {
-    auto pick = [&](const auto& v, size_t k, auto fallback) { return v.empty() ? fallback : v.size() == 1 ? v[0] : v[k]; };
+    auto pick = [&](const auto& v, size_t k, auto fallback) {
+      return v.empty() ? fallback : v.size() == 1 ? v[0] : v[k];
+    };
     os << ", T2I-Adapter " << i << ": \"Model: " << quoted_safe(display_name(o.adapters[i]))
        << ", Weight: " << fmt_number(o.adapter_scales.empty() ? 1.0 : o.adapter_scales[i]);
     const std::string pre = pick(o.adapter_preprocess, i, std::string("none"));

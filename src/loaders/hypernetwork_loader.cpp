@@ -1,8 +1,8 @@
 // Loading AUTOMATIC1111 hypernetworks (see hypernetwork_loader.h).
 #include "loaders/hypernetwork_loader.h"
 
-#include <climits>
 #include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -118,8 +118,8 @@ HypernetworkSpec parse_hypernetwork_arg(const std::string& arg) {
   const size_t colon = arg.find_last_of(':');
   if (colon != std::string::npos && !path_exists(arg)) {
     const std::string num = arg.substr(colon + 1);
-    DMX_CHECK_ARG(parse_multiplier(num, s.multiplier), "--hypernetwork needs FILE[:MULT] with MULT a finite number, got '",
-                  arg, "'");
+    DMX_CHECK_ARG(parse_multiplier(num, s.multiplier),
+                  "--hypernetwork needs FILE[:MULT] with MULT a finite number, got '", arg, "'");
     s.path = arg.substr(0, colon);
   }
   DMX_CHECK_ARG(!s.path.empty(), "--hypernetwork needs FILE[:MULT], got '", arg, "'");
@@ -141,7 +141,8 @@ std::string extract_prompt_hypernetworks(const std::string& prompt, std::vector<
     const std::string tag = prompt.substr(lt, gt - lt + 1);
     const std::vector<std::string> parts = split(prompt.substr(lt + kOpen.size(), gt - lt - kOpen.size()), ':');
     DMX_CHECK_ARG(!parts.empty() && !parts[0].empty(), "prompt: hypernetwork tag ", tag, " has no name");
-    DMX_CHECK_ARG(parts.size() <= 2, "prompt: hypernetwork tag ", tag, " must be <hypernet:NAME> or <hypernet:NAME:MULT>");
+    DMX_CHECK_ARG(parts.size() <= 2, "prompt: hypernetwork tag ", tag,
+                  " must be <hypernet:NAME> or <hypernet:NAME:MULT>");
     HypernetworkSpec s;
     s.path = s.name = parts[0];
     if (parts.size() == 2)

@@ -52,8 +52,9 @@ std::string T2IAdapterProvider::name() const {
 
 void T2IAdapterProvider::check(const ResidualRun& run) const {
   DMX_CHECK_ARG(!units_.empty(), "T2I-Adapter provider without adapters");
-  DMX_CHECK_SUPPORTED(!run.img2img, "T2I-Adapters with an init image (img2img) are not supported "
-                                    "(diffusers 0.27.2 has no adapter img2img pipeline)");
+  DMX_CHECK_SUPPORTED(!run.img2img,
+                      "T2I-Adapters with an init image (img2img) are not supported "
+                      "(diffusers 0.27.2 has no adapter img2img pipeline)");
   const auto& ucfg = run.models.unet->config();
   const int vae_f = run.models.vae_scale_factor();
   const auto& first = units_[0].model->config();
@@ -77,17 +78,17 @@ void T2IAdapterProvider::check(const ResidualRun& run) const {
                       " (an adapter made for another model)");
     }
     if (i > 0) {  // MultiAdapter's rules
-      DMX_CHECK_ARG(c.downscale_factor == first.downscale_factor &&
-                        c.total_downscale_factor() == first.total_downscale_factor(),
-                    "--adapter: every adapter must downscale alike (MultiAdapter); ", what(0), " has downscale_factor ",
-                    first.downscale_factor, " (total ", first.total_downscale_factor(), "), ", w, " has ",
-                    c.downscale_factor, " (total ", c.total_downscale_factor(), ")");
+      DMX_CHECK_ARG(
+          c.downscale_factor == first.downscale_factor && c.total_downscale_factor() == first.total_downscale_factor(),
+          "--adapter: every adapter must downscale alike (MultiAdapter); ", what(0), " has downscale_factor ",
+          first.downscale_factor, " (total ", first.total_downscale_factor(), "), ", w, " has ", c.downscale_factor,
+          " (total ", c.total_downscale_factor(), ")");
       DMX_CHECK_ARG(c.num_features() == first.num_features(), "--adapter: every adapter must give as many features; ",
                     what(0), " gives ", first.num_features(), ", ", w, " gives ", c.num_features());
     }
   }
-  DMX_CHECK_ARG(run.width % first.downscale_factor == 0 && run.height % first.downscale_factor == 0,
-                "the output size ", run.width, "x", run.height, " must be a multiple of the adapter's downscale_factor ",
+  DMX_CHECK_ARG(run.width % first.downscale_factor == 0 && run.height % first.downscale_factor == 0, "the output size ",
+                run.width, "x", run.height, " must be a multiple of the adapter's downscale_factor ",
                 first.downscale_factor);
 }
 
@@ -98,9 +99,9 @@ void T2IAdapterProvider::prepare(const ResidualRun& run) {
     T2IAdapterUnit& u = units_[i];
     models::T2IAdapter net = u.model;
     const at::Tensor p = net->parameters().empty() ? at::Tensor() : net->parameters().front();
-    const at::Tensor x = prepare_adapter_image(u.image, u.model->config().in_channels, run.width, run.height)
-                             .to(p.defined() ? p.device() : at::Device(at::kCPU),
-                                 p.defined() ? p.scalar_type() : at::kFloat);
+    const at::Tensor x =
+        prepare_adapter_image(u.image, u.model->config().in_channels, run.width, run.height)
+            .to(p.defined() ? p.device() : at::Device(at::kCPU), p.defined() ? p.scalar_type() : at::kFloat);
     std::vector<at::Tensor> f = net->forward(x);
     // One adapter: v * adapter_conditioning_scale. MultiAdapter: w_i * features with w = torch.tensor(scales)
     // (float32), summed in order in apply(); both multiply in the features' dtype by the float32 scale.

@@ -23,10 +23,10 @@ namespace dmx::pipelines {
 // One adapter of a run with its control picture and settings.
 struct T2IAdapterUnit {
   models::T2IAdapter model{nullptr};
-  Image image;          // the control picture as read (gray, RGB or RGBA; 8 bits), preprocessed if asked
-  double scale = 1.0;   // adapter_conditioning_scale for this adapter
-  double end = 1.0;     // cond_tau: the fraction of the steps (from the first) during which the features apply
-  std::string name;     // for messages (the path)
+  Image image;         // the control picture as read (gray, RGB or RGBA; 8 bits), preprocessed if asked
+  double scale = 1.0;  // adapter_conditioning_scale for this adapter
+  double end = 1.0;    // cond_tau: the fraction of the steps (from the first) during which the features apply
+  std::string name;    // for messages (the path)
 };
 
 // _preprocess_adapter_image for one picture: converted to the adapter's channels (1: PIL's convert("L") luma
