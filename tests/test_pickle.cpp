@@ -528,6 +528,10 @@ TEST(PickleLimitsUnit, MalformedPicklesNameTheRule) {
       {P2 + "c_codecs\nencode\n(" + uni("x") + uni("utf-8") + "tR.", {"only the 'latin1' encoding"}},
       {P2 + "NQ.", {"BINPERSID", "a persistent id must be a 5-tuple"}},
       {P2 + "(" + uni("storage") + "ctorch\nload\n", {"global 'torch.load' is not allowed"}},
+      // Code-running globals of other platforms' modules, refused by name like any global off the allowlist.
+      {P2 + "cnt\nsystem\n(" + uni("calc.exe") + "tR.", {"global 'nt.system' is not allowed"}},
+      {P2 + "cposix\nsystem\n(" + uni("id") + "tR.", {"global 'posix.system' is not allowed"}},
+      {P2 + "cbuiltins\neval\n(" + uni("1") + "tR.", {"global 'builtins.eval' is not allowed"}},
       {P2 + "(" + uni("storage") + "N" + uni("0") + uni("cpu") + "K\x01tQ.", {"storage type must be one of torch's"}},
       {P2 + "(" + uni("storage") + "ctorch\nFloatStorage\n" + uni("0") + uni("cpu") + "K\x01tQ.",
        {"returns a bare storage"}},
