@@ -356,7 +356,7 @@ TEST(AdapterSeededGolden, ApiRunsMatchTheReference) {
   DMX_REQUIRE_FIXTURES();
   const std::string fx = test::fixtures_dir(), here = test::repo_ref_dir();
   for (const std::string name : {"adapter_seeded_color_resized", "adapter_seeded_multi_scales", "adapter_seeded_lora",
-                                 "adapter_seeded_controlnet", "hypernet_seeded_chain"}) {
+                                 "adapter_seeded_controlnet", "adapter_seeded_two_images", "hypernet_seeded_chain"}) {
     const test::RefCase ref = test::load_ref_file(here + "/" + name);
     const auto words = test::split_command_line(ref.meta["dmx"].get<std::string>());
     GenerateOptions o;
@@ -383,6 +383,8 @@ TEST(AdapterSeededGolden, ApiRunsMatchTheReference) {
         o.scheduler = v;
       else if (f == "--seed")
         o.seed = std::stoull(v);
+      else if (f == "--num-images")
+        o.num_images = std::stoi(v);
       else if (f == "--adapter")
         o.adapters.push_back(path(v));
       else if (f == "--adapter-image")
@@ -408,7 +410,14 @@ TEST(AdapterSeededGolden, ApiRunsMatchTheReference) {
     generate(o);
     const at::Tensor lat = io::load_safetensors(o.save_latents).at("latents");
     const double e = (lat - ref["latents"]).abs().max().item<double>();
-    const int px = test::max_u8_diff(load_image(o.output, "out"), ref["image_u8"]);
+    int px = 0;
+    if (o.num_images == 1) {
+      px = test::max_u8_diff(load_image(o.output, "out"), ref["image_u8"]);
+    } else {  // OUT-<i>.png
+      ASSERT_EQ(lat.size(0), 2) << name;
+      px = std::max(test::max_u8_diff(load_image(dir + "/O-0.png", "out"), ref["image_u8"]),
+                    test::max_u8_diff(load_image(dir + "/O-1.png", "out"), ref["image_u8.1"]));
+    }
     std::printf("[parity] %s: final latents max abs %.3g, picture max %d/255\n", name.c_str(), e, px);
     EXPECT_LE(e, 1e-3) << name;
     EXPECT_LE(px, 3) << name;

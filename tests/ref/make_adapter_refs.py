@@ -13,6 +13,7 @@ folder for the input pictures and hypernetworks made here).
                                    MultiAdapter's adapter_weights
     adapter_seeded_lora            the sketch adapter at 0.8 with the fixtures' LoRA merged at 0.7 (UNet and text
                                    encoder, W += 0.7 B A)
+    adapter_seeded_two_images      the sketch adapter with num_images_per_prompt=2 (features per image)
     adapter_seeded_controlnet      the fixtures' ControlNet (0.7) and the sketch adapter (0.8) in one run (the
                                    ControlNet pipeline with the adapter's features given to its UNet calls)
     hypernet_seeded_chain          tiny_hypernet.pt at 0.5, then hypernet_second.pt (made here: layer_structure
@@ -124,6 +125,34 @@ def adapter_seeded_multi_scales(out):
 def adapter_seeded_lora(out):
     return adapter_run(out, "adapter_seeded_lora", ["sketch"], [("sketch", E.make_sketch(128, 128, seed=5))], [0.8],
                        5103, 128, 128, lora_scale=0.7)
+
+
+@case
+def adapter_seeded_two_images(out):
+    """The sketch adapter (0.8) with num_images_per_prompt=2: one draw of [2, 4, h, w], the features repeated per
+    image and doubled for guidance (the pipeline's repeat then cat)."""
+    name, seed, W, H, scale = "adapter_seeded_two_images", 5106, 128, 128, 0.8
+    M = models()
+    sketch = png(out, f"{name}.sketch.png", E.make_sketch(H, W, seed=8))
+    pipe = E.adapter_pipe(M, ["sketch"])
+    T, J = {}, {}
+    steps_ = []
+    rec = R.RngRecorder()
+    with rec, torch.no_grad():
+        o = pipe(PROMPT, image=sketch, negative_prompt=NEG, width=W, height=H, num_inference_steps=6,
+                 guidance_scale=7.5, generator=E.gen(seed), output_type="np", adapter_conditioning_scale=scale,
+                 num_images_per_prompt=2, callback=E.old_callback(steps_))
+    E.finish(T, J, steps_, o.images, rec)
+    T["image_u8.1"] = (torch.from_numpy(np.ascontiguousarray(o.images[1])) * 255).round().to(torch.uint8)
+    J.update(case=name, model_dir="models/sd15", prompt=PROMPT, negative_prompt=NEG, width=W, height=H, steps=6,
+             guidance_scale=7.5, seed=seed, num_images=2, adapters=["sketch"], adapter_scales=[scale],
+             **E.sched_info(pipe.scheduler),
+             dmx=(f"dmx generate --model models/sd15 --prompt '{PROMPT}' --negative-prompt '{NEG}' --width {W} "
+                  f"--height {H} --steps 6 --guidance-scale 7.5 --scheduler ddim --seed {seed} --num-images 2 "
+                  f"--adapter models/t2i_adapter/sketch --adapter-image {name}.sketch.png --adapter-scale {scale} "
+                  "--save-latents L.safetensors --output O.png"),
+             notes="latents [2, 4, 16, 16]; image_u8 = the first picture (O-0.png), image_u8.1 the second (O-1.png)")
+    return T, J
 
 
 @case
@@ -246,8 +275,8 @@ def main():
         torch.manual_seed(0)
         T, J = CASES[name](a.out)
         # kept small: the pictures are the PNGs beside the case
-        T = {k: v.contiguous() for k, v in T.items() if k == "latents" or k == "image_u8" or k.startswith("step.")
-             or k.startswith("rng.")}
+        T = {k: v.contiguous() for k, v in T.items() if k == "latents" or k.startswith("image_u8")
+             or k.startswith("step.") or k.startswith("rng.")}
         save_file(T, os.path.join(a.out, name + ".safetensors"))
         J["made_by"] = "tests/ref/make_adapter_refs.py " + name
         J["tolerance"] = {"latents": 1e-3, "image": 3}
