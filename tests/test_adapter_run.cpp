@@ -12,6 +12,7 @@
 #include <fstream>
 #include <map>
 
+#include "core/canny.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/resize.h"
@@ -427,6 +428,36 @@ TEST(AdapterSeededGolden, ApiRunsMatchTheReference) {
         EXPECT_GT(ref.meta[k].get<double>(), 10 * 1e-3) << name << " " << k;
       }
   }
+}
+
+// --adapter-preprocess canny = the Canny map (cv2.Canny of the RGB picture, as for ControlNet) given as the picture.
+TEST(AdapterSeededGolden, CannyPreprocessEqualsTheCannyMapAsPicture) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string fx = test::fixtures_dir(), dir = test::temp_subdir("adapter_canny");
+  const std::string photo = test::repo_ref_dir() + "/adapter_seeded_multi_scales.color.png";
+  save_png(dir + "/edges.png", to_gray(canny_edges(to_rgb(load_image(photo, "photo")), 100, 200)));
+  auto run = [&](const std::string& picture, bool canny, const std::string& tag) {
+    GenerateOptions o;
+    o.model = fx + "/models/sd15";
+    o.prompt = "a house";
+    o.width = o.height = 128;
+    o.steps = 3;
+    o.scheduler = "ddim";
+    o.seed = 9;
+    o.adapters = {fx + "/models/t2i_adapter/sketch"};
+    o.adapter_images = {picture};
+    if (canny) o.adapter_preprocess = {"canny"};
+    o.save_latents = dir + "/" + tag + ".safetensors";
+    o.output = dir + "/" + tag + ".png";
+    o.progress = false;
+    generate(o);
+    return io::load_safetensors(o.save_latents).at("latents");
+  };
+  const at::Tensor a = run(photo, true, "pre"), b = run(dir + "/edges.png", false, "map"),
+                   c = run(photo, false, "raw");
+  EXPECT_TRUE(at::equal(a, b));
+  EXPECT_GT((a - c).abs().max().item<double>(), 1e-3);
+  EXPECT_NE(read_image_parameters(dir + "/pre.png").find("Preprocess: canny"), std::string::npos);
 }
 
 // ------------------------------------------------------------------------------------------------ cli
