@@ -453,8 +453,7 @@ TEST(AdapterSeededGolden, CannyPreprocessEqualsTheCannyMapAsPicture) {
     generate(o);
     return io::load_safetensors(o.save_latents).at("latents");
   };
-  const at::Tensor a = run(photo, true, "pre"), b = run(dir + "/edges.png", false, "map"),
-                   c = run(photo, false, "raw");
+  const at::Tensor a = run(photo, true, "pre"), b = run(dir + "/edges.png", false, "map"), c = run(photo, false, "raw");
   EXPECT_TRUE(at::equal(a, b));
   EXPECT_GT((a - c).abs().max().item<double>(), 1e-3);
   EXPECT_NE(read_image_parameters(dir + "/pre.png").find("Preprocess: canny"), std::string::npos);
