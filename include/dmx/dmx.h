@@ -58,6 +58,19 @@ struct GenerateOptions {
   double canny_high = 200.0;
   bool guess_mode = false;
   std::string save_control_image;  // PNG of the prepared map(s); with several nets: <stem>-<i>.png
+  // T2I-Adapters (docs/t2i-adapter.md; diffusers' StableDiffusionAdapterPipeline, txt2img). The n-th image,
+  // scale, end and preprocess belong to the n-th adapter; scales are one per adapter or empty (1.0 each);
+  // ends and preprocess one per adapter, one for all, or empty (1.0 / none). Several adapters: feature_k =
+  // sum_i scale_i * adapter_i(image_i)_k (the pipeline's scale list is MultiAdapter's adapter_weights).
+  std::vector<std::string> adapters;            // diffusers T2IAdapter folder, TencentARC .pth or .safetensors
+  std::vector<std::string> adapter_images;      // the control pictures (gray or RGB)
+  std::vector<double> adapter_scales;           // adapter_conditioning_scale
+  std::vector<double> adapter_ends;             // cond_tau: fraction of the steps the features apply, in (0, 1]
+  std::vector<std::string> adapter_preprocess;  // "none" | "canny" (--canny-low / --canny-high)
+  // A1111 hypernetworks (docs/hypernetworks.md): "FILE[:MULT]" entries applied in order, then the prompts'
+  // `<hypernet:NAME:MULT>` tags (hypernetwork_dir/NAME.pt or .safetensors), removed from the text encoded.
+  std::vector<std::string> hypernetworks;
+  std::string hypernetwork_dir;
   bool verbose = false;  // per-phase timings on stderr
   // Blended latent diffusion (docs/editing-blended.md): a text-guided edit of --init-image inside --mask
   // (8-bit gray or RGB PNG/JPEG of the image's size, white = edit) on a normal 4-channel model. With the

@@ -82,6 +82,8 @@ void refuse_non_unclip_options(const GenerateOptions& o) {
   if (!o.tokenizer_dir.empty()) given.push_back("--tokenizer");
   if (o.rank) given.push_back("--rank");
   if (!o.upscale_model.empty()) given.push_back("--upscale-model");
+  if (!o.adapters.empty() || !o.adapter_images.empty()) given.push_back("--adapter/--adapter-image");
+  if (!o.hypernetworks.empty() || !o.hypernetwork_dir.empty()) given.push_back("--hypernetwork/--hypernetwork-dir");
   if (given.empty()) return;
   std::string list;
   for (const auto& g : given) list += (list.empty() ? "" : ", ") + g;

@@ -108,6 +108,14 @@ int cmd_generate(int argc, char** argv) {
       {"upscale-noise-level", "N", "with --upscale-model: noise added to the base picture (default 20)"},
       {"upscale-steps", "N", "with --upscale-model: the upscaler's steps (default 75)"},
       {"upscale-guidance-scale", "G", "with --upscale-model: the upscaler's guidance (default 9)"},
+      // T2I-Adapters and hypernetworks (issue 17): docs/t2i-adapter.md, docs/hypernetworks.md.
+      {"adapter", "PATH", "T2I-Adapter: diffusers folder, TencentARC .pth or .safetensors (repeatable)", true},
+      {"adapter-image", "IMG", "control picture of the n-th --adapter (repeatable, one per adapter)", true},
+      {"adapter-scale", "X", "scale per adapter (repeatable; default 1; several: sum of scale x features)", true},
+      {"adapter-end", "F", "cond_tau: features only during the first fraction F of the steps (default 1)", true},
+      {"adapter-preprocess", "MODE", "none|canny: turn --adapter-image into the map (once, or per adapter)", true},
+      {"hypernetwork", "FILE[:MULT]", "A1111 hypernetwork (.pt or .safetensors); repeatable, chained in order", true},
+      {"hypernetwork-dir", "DIR", "folder for <hypernet:NAME:MULT> tags in the prompt (NAME.pt / .safetensors)"},
       {"from", "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override"},
       {"overwrite", "", "replace outputs that already exist (never an input)"},
       {"quiet", "", "no progress output"},
@@ -207,6 +215,14 @@ int cmd_generate(int argc, char** argv) {
   o.canny_high = a.real("canny-high", 200.0, 0, 2040);
   o.guess_mode = a.has("guess-mode");
   o.save_control_image = a.str("save-control-image");
+  // T2I-Adapters and hypernetworks (issue 17).
+  o.adapters = a.all("adapter");
+  o.adapter_images = a.all("adapter-image");
+  o.adapter_scales = reals("adapter-scale");
+  o.adapter_ends = reals("adapter-end");
+  o.adapter_preprocess = a.all("adapter-preprocess");
+  for (const auto& h : a.all("hypernetwork")) o.hypernetworks.push_back(h);
+  o.hypernetwork_dir = a.str("hypernetwork-dir", o.hypernetwork_dir);
   o.verbose = a.has("verbose");
   o.overwrite = a.has("overwrite");
   DMX_CHECK_ARG(!(o.progress == false && o.verbose), "--quiet and --verbose cannot be used together");
