@@ -6,24 +6,19 @@
 #include <vector>
 
 #include "dmx/error.h"
+#include "dmx/options.h"
 
 namespace dmx {
 
 std::string version();
 
-struct GenerateOptions {
-  std::string model;          // diffusers folder or single-file .safetensors
-  std::string config_dir;     // diffusers folder with component configs (+ tokenizer) for a single file
-  std::string tokenizer_dir;  // folder with vocab.json + merges.txt
+// The model, device, sampling and run settings are the shared groups of dmx/options.h.
+struct GenerateOptions : ModelOptions, DeviceOptions, SamplingOptions, RunOptions {
   std::string prompt;
-  std::string negative_prompt;
   int width = 0;   // 0 = the model's default size
   int height = 0;
-  int steps = 50;
-  double guidance_scale = 7.5;
   std::string scheduler;  // "" = the model's own (scheduler/scheduler_config.json)
   double eta = 0.0;
-  std::optional<uint64_t> seed;  // none = a random seed, reported in the result
   int num_images = 1;
   int clip_skip = 0;
   std::string init_image;  // img2img when set
@@ -31,14 +26,7 @@ struct GenerateOptions {
   std::string init_latents;  // safetensors with one tensor "latents" (initial noise)
   std::string save_latents;  // write the final latents here
   std::string output;        // PNG path; with num_images > 1: <stem>-<i>.png
-  // Replace outputs that already exist (README "Outputs and overwriting"); without it an existing output is an
-  // error found before any work. Outputs are never allowed to be, or lie inside, an input.
-  bool overwrite = false;
   std::string from;          // the PNG the parameters were read from (`--from`): an input, never written
-  int threads = 0;           // 0 = all cores
-  std::string dtype = "fp32";
-  std::string device = "cpu";
-  bool progress = true;
   // LoRA (docs/lora.md): "FILE[:SCALE]" entries, the scale acting on the UNet and the text encoder alike
   // (default 1); `<lora:NAME:WEIGHT>` tags in the prompts load lora_dir/NAME.safetensors and are removed.
   std::vector<std::string> loras;
@@ -71,7 +59,6 @@ struct GenerateOptions {
   // `<hypernet:NAME:MULT>` tags (hypernetwork_dir/NAME.pt or .safetensors), removed from the text encoded.
   std::vector<std::string> hypernetworks;
   std::string hypernetwork_dir;
-  bool verbose = false;  // per-phase timings on stderr
   // Blended latent diffusion (docs/editing-blended.md): a text-guided edit of --init-image inside --mask
   // (8-bit gray or RGB PNG/JPEG of the image's size, white = edit) on a normal 4-channel model. With the
   // defaults it reproduces diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet.
@@ -120,7 +107,8 @@ GenerateResult generate(const GenerateOptions& opts);
 std::string format_parameters(const GenerateOptions& opts, uint64_t seed, int width, int height,
                               const std::string& model_name, const std::string& model_hash = "");
 // Parses that text; fields it does not know are ignored. Throws InvalidArgument on unparsable text.
-GenerateOptions parse_parameters(const std::string& text, const GenerateOptions& base = {});
+GenerateOptions parse_parameters(const std::string& text, const GenerateOptions& base);
+GenerateOptions parse_parameters(const std::string& text);  // on a default GenerateOptions
 // The "parameters" text chunk of a PNG (InvalidArgument if the file has none).
 std::string read_image_parameters(const std::string& png_path);
 
@@ -142,12 +130,10 @@ std::vector<std::string> scheduler_names();
 // ---------------------------------------------------------------------------------------------------
 // Benchmark (`dmx bench`): models built from a preset with random weights in memory (no download), timed
 // after warm-up; medians of `runs` runs. See docs/performance.md.
-struct BenchOptions {
+struct BenchOptions : DeviceOptions {  // dtype fp32 | bf16 | fp16 (CUDA only), device cpu | cuda[:N]
   std::string preset = "sd15";  // sd15 | sd21 | tiny
   int width = 0;                // 0 = the preset's native size (sd15 512, sd21 768, tiny 64)
   int height = 0;
-  std::string dtype = "fp32";   // fp32 | bf16 | fp16 (fp16: CUDA only)
-  std::string device = "cpu";   // cpu | cuda[:N]
   int threads = 0;              // 0 = all cores
   int runs = 3;                 // timed runs per stage (after one warm-up run)
   int warmup = 1;

@@ -232,9 +232,7 @@ GenerateResult generate(const GenerateOptions& o) {
                                    : api::numbered_paths(o.save_control_image, static_cast<int>(o.controlnets.size()));
   {
     api::OutputPlan plan(o.overwrite);
-    plan.input(o.model, "--model");
-    plan.input(o.config_dir, "--config");
-    plan.input(o.tokenizer_dir, "--tokenizer");
+    api::add_model_inputs(plan, o);
     plan.input(o.from, "--from");
     plan.input(o.init_image, "--init-image");
     plan.input(o.mask, "--mask");

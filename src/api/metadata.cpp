@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "core/fs.h"
+#include "api/options_util.h"
 #include "core/image.h"
 #include "dmx/dmx.h"
 #include "schedulers/registry.h"
@@ -14,12 +15,7 @@
 namespace dmx {
 namespace {
 
-std::string fmt_number(double v) {
-  std::ostringstream os;
-  os.precision(10);
-  os << v;
-  return os.str();
-}
+using api::fmt_number;
 
 // "Steps: 20, Sampler: Euler a, Size: 512x512, Lora hashes: \"a: 1, b: 2\"" -> pairs (values may be quoted).
 std::map<std::string, std::string> split_fields(const std::string& line) {
@@ -143,6 +139,8 @@ std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width
   os << ", Version: dmx " << version();
   return os.str();
 }
+
+GenerateOptions parse_parameters(const std::string& text) { return parse_parameters(text, GenerateOptions()); }
 
 GenerateOptions parse_parameters(const std::string& text, const GenerateOptions& base) {
   GenerateOptions o = base;

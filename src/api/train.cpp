@@ -98,9 +98,7 @@ bool lora_output(const TrainOptions& o);
 // folder (--output-dir: checkpoints, log, validation images) and DreamBooth's class images.
 api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resume) {
   api::OutputPlan plan(o.overwrite);
-  plan.input(o.model, "--model");
-  plan.input(o.config_dir, "--config");
-  plan.input(o.tokenizer_dir, "--tokenizer");
+  api::add_model_inputs(plan, o);
   plan.input(o.data, "--data");
   plan.input(o.instance_data, "--instance-data");
   plan.input(o.controlnet, "--controlnet");

@@ -29,46 +29,17 @@ size_t ControlNetConfig::num_down_residuals() const {
 }
 
 void ControlNetConfig::validate() const {
-  const size_t n = down_block_types.size();
-  DMX_CHECK_ARG(n >= 1, "down_block_types must not be empty");
-  DMX_CHECK_ARG(block_out_channels.size() == n, "block_out_channels must have one entry per down block (", n,
-                "), got ", block_out_channels.size());
-  for (const auto& t : down_block_types)
-    DMX_CHECK_SUPPORTED(t == "CrossAttnDownBlock2D" || t == "DownBlock2D", "down_block_types: unsupported block type '",
-                        t, "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
-  nn::parse_act(act_fn, "act_fn");
-  // Ranges (docs/limits.md), as the UNet's.
+  check_encoder_config(*this, num_attention_heads.empty() ? "attention_head_dim" : "num_attention_heads");
+  // The ControlNet's own fields (docs/limits.md).
   using cfgjson::check_range;
-  check_range("number of down blocks", static_cast<int64_t>(n), 1, 8);
-  check_range("in_channels", in_channels, 1, 64);
   check_range("conditioning_channels", conditioning_channels, 1, 64);
-  check_range("layers_per_block", layers_per_block, 1, 16);
-  check_range("norm_num_groups", norm_num_groups, 1, 8192);
-  DMX_CHECK_ARG(std::isfinite(norm_eps) && norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
-  check_range("cross_attention_dim", cross_attention_dim, 1, 8192);
-  check_range("transformer_layers_per_block", transformer_layers_per_block, 1, 32);
-  check_range("downsample_padding", downsample_padding, 0, 1);
-  check_range("freq_shift", freq_shift, -1024, 1024);
   check_range("number of conditioning_embedding_out_channels", static_cast<int64_t>(conditioning_embedding_out_channels.size()), 1, 8);
   DMX_CHECK_ARG(controlnet_conditioning_channel_order == "rgb" || controlnet_conditioning_channel_order == "bgr",
                 "controlnet_conditioning_channel_order must be 'rgb' or 'bgr', got '",
                 controlnet_conditioning_channel_order, "'");
-  DMX_CHECK_ARG(!conditioning_embedding_out_channels.empty(), "conditioning_embedding_out_channels must not be empty");
   for (size_t i = 0; i < conditioning_embedding_out_channels.size(); ++i)
     check_range("conditioning_embedding_out_channels[" + std::to_string(i) + "]", conditioning_embedding_out_channels[i],
                 1, 8192);
-  for (size_t i = 0; i < n; ++i) {
-    check_range("block_out_channels[" + std::to_string(i) + "]", block_out_channels[i], 1, 8192);
-    DMX_CHECK_ARG(block_out_channels[i] > 0 && block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i,
-                  "] (", block_out_channels[i], ") must be > 0 and divisible by norm_num_groups (", norm_num_groups,
-                  ")");
-  }
-  const std::vector<int> heads = heads_per_block();
-  DMX_CHECK_ARG(heads.size() == n, "attention_head_dim / num_attention_heads must have one entry per down block (", n,
-                "), got ", heads.size());
-  for (size_t i = 0; i < n; ++i)
-    DMX_CHECK_ARG(heads[i] > 0 && block_out_channels[i] % heads[i] == 0, "attention heads[", i, "] (", heads[i],
-                  ") must divide block_out_channels[", i, "] (", block_out_channels[i], ")");
   cfgjson::check_parameter_count("the ControlNet config", parameter_count());
 }
 
