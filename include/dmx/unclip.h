@@ -9,31 +9,28 @@
 #include <vector>
 
 #include "dmx/error.h"
+#include "dmx/options.h"
 
 namespace dmx {
 
-struct VariationsOptions {
+// The shared groups (dmx/options.h): DeviceOptions, SamplingOptions (negative_prompt, steps, guidance_scale, seed;
+// diffusers' defaults here: 20 steps, guidance 10), RunOptions (threads, progress, verbose, overwrite).
+struct VariationsOptions : DeviceOptions, SamplingOptions, RunOptions {
+  VariationsOptions() {
+    steps = 20;
+    guidance_scale = 10.0;
+  }
   std::string model;            // a diffusers StableUnCLIPImg2ImgPipeline folder
   std::string image;            // the picture (PNG/JPEG, any size: CLIPImageProcessor resizes and crops it)
   std::string prompt;           // "" = diffusers' default (an empty prompt)
-  std::string negative_prompt;  // "" = unconditional
   int width = 0;                // 0 = unet.sample_size x VAE factor (diffusers' default)
   int height = 0;
-  int steps = 20;               // diffusers' defaults
-  double guidance_scale = 10.0;
   std::string scheduler;        // "" = the folder's own
   double eta = 0.0;
   int noise_level = 0;          // in [0, image_noising_scheduler's num_train_timesteps - 1]
   int num_images = 1;
-  std::optional<uint64_t> seed;  // none = a random seed, reported in the result
   std::string save_latents;      // optional .safetensors with "latents" after the last step
   std::string output;            // PNG; with num_images > 1: <stem>-<i>.png
-  bool overwrite = false;
-  int threads = 0;
-  std::string dtype = "fp32";
-  std::string device = "cpu";
-  bool progress = true;
-  bool verbose = false;
 };
 
 struct VariationsResult {
@@ -47,17 +44,14 @@ VariationsResult variations(const VariationsOptions& opts);
 
 // `dmx embed`: CLIP embeddings of pictures (the image encoder with projection: image_embeds) and texts (the prior's
 // text encoder with projection: text_embeds), not normalised, and the cosine similarity of every pair.
-struct EmbedOptions {
+struct EmbedOptions : RunOptions {  // threads, progress, verbose, overwrite (of --output)
   // Stable unCLIP folders (at most 2): pictures need one with an image encoder (StableUnCLIPImg2ImgPipeline),
   // texts one with a prior text encoder (StableUnCLIPPipeline).
   std::vector<std::string> models;
   std::vector<std::string> images;   // rows first, in order
   std::vector<std::string> prompts;  // then these
   std::string output;                // optional: .safetensors (image_embeds, text_embeds, cosine) or .json
-  bool overwrite = false;
-  int threads = 0;
   std::string device = "cpu";
-  bool progress = true;
 };
 
 struct EmbedResult {

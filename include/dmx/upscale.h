@@ -7,24 +7,27 @@
 #include <vector>
 
 #include "dmx/error.h"
+#include "dmx/options.h"
 
 namespace dmx {
 
-struct UpscaleOptions {
+// The shared groups (dmx/options.h): DeviceOptions (dtype, device), SamplingOptions (negative_prompt, steps,
+// guidance_scale, seed; diffusers' defaults for this pipeline: 75 steps, guidance 9), RunOptions (threads,
+// progress, verbose, overwrite).
+struct UpscaleOptions : DeviceOptions, SamplingOptions, RunOptions {
+  UpscaleOptions() {
+    steps = 75;
+    guidance_scale = 9.0;
+  }
   std::string model;  // a diffusers StableDiffusionUpscalePipeline folder (stabilityai/stable-diffusion-x4-upscaler)
   std::string image;  // the low-resolution picture (PNG/JPEG); sides rounded down to multiples of the VAE factor
   std::string prompt;
-  std::string negative_prompt;  // "" = unconditional
   int noise_level = 20;         // noise augmentation of the picture, in [0, max_noise_level] (350 for the x4 model)
-  int steps = 75;               // diffusers' defaults for this pipeline: 75 steps, guidance 9
-  double guidance_scale = 9.0;
   std::string scheduler;  // "" = the folder's own (scheduler/scheduler_config.json); else a sampler name
   double eta = 0.0;
-  std::optional<uint64_t> seed;  // none = a random seed, reported in the result
   int num_images = 1;
   std::string save_latents;  // write the final latents (tensor "latents") here
   std::string output;        // PNG path; with num_images > 1: <stem>-<i>.png
-  bool overwrite = false;    // replace outputs that already exist (never an input)
   std::string from;          // the PNG the settings were read from (--from): an input, never written
   // Tiled VAE decoding (diffusers' enable_vae_tiling): "auto" tiles when the untiled decode would need more than
   // the memory budget below, "on" always (when the latents exceed a tile), "off" never.
@@ -34,11 +37,6 @@ struct UpscaleOptions {
   // UNet activations, VAE decode, tiled or not) exceeds it is refused before any work.
   int64_t memory_limit_mb = 0;
   std::string tokenizer_dir;  // folder with vocab.json + merges.txt instead of the folder's tokenizer/
-  int threads = 0;            // 0 = all cores
-  std::string dtype = "fp32";
-  std::string device = "cpu";
-  bool progress = true;
-  bool verbose = false;
 };
 
 struct UpscaleResult {

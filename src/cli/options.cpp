@@ -15,6 +15,8 @@
 #include "dmx/eval.h"
 #include "dmx/p2p.h"
 #include "dmx/train.h"
+#include "dmx/unclip.h"
+#include "dmx/upscale.h"
 
 namespace dmx::cli {
 
@@ -36,6 +38,9 @@ const std::vector<CommandInfo>& commands() {
       {kTrainBench, "train bench", 3},
       {kTrainClassifier, "train classifier", 3},
       {kEval, "eval", 2},
+      {kUpscale, "upscale", 2},
+      {kVariations, "variations", 2},
+      {kEmbed, "embed", 2},
   };
   return list;
 }
@@ -263,6 +268,12 @@ constexpr Commands kSampling = kGenerate | kP2P | kDiffEdit;  // embed ModelOpti
 constexpr Commands kModel = kSampling | kTrainRecipes;         // embed ModelOptions
 constexpr Commands kDevice = kGenerate | kDiffEdit | kBench;    // embed DeviceOptions
 constexpr Commands kLoraRecipes = kTrainLora | kTrainDreambooth;
+constexpr Commands kImage = kUpscale | kVariations;                // model, image, prompt, output of their own
+constexpr Commands kSamplingGroup = kSampling | kImage;            // embed SamplingOptions
+constexpr Commands kRunGroup = kSampling | kImage | kEmbed;        // embed RunOptions
+constexpr Commands kDeviceGroup = kDevice | kImage;                // embed DeviceOptions
+using UO = UpscaleOptions;
+using VO = VariationsOptions;
 
 const char* kModelHelp = "diffusers folder or single-file checkpoint (.safetensors, or a .ckpt pickle read weights-only) (required)";
 const char* kCaptionFolder = "images with captions: name.png + name.txt, or metadata.jsonl (required)";
@@ -288,7 +299,15 @@ std::vector<Option> build_table() {
         text(kTrainRecipes, "PATH", "diffusers folder (or single-file checkpoint for lora) to start from (required)", "",
              &ModelOptions::model),
         text(kEval, "DIR", "diffusers folder of the text-to-image model (required unless a file metric is asked)", "",
-             &EO::model)}},
+             &EO::model),
+        text(kUpscale, "DIR", "a diffusers StableDiffusionUpscalePipeline folder (stabilityai/stable-diffusion-x4-upscaler) (required)",
+             "", &UO::model),
+        text(kVariations, "DIR", "a diffusers StableUnCLIPImg2ImgPipeline folder (feature_extractor + image_encoder) (required)",
+             "", &VO::model),
+        texts(kEmbed, "DIR",
+              "Stable unCLIP folder; give it twice to take the image encoder from a StableUnCLIPImg2ImgPipeline folder "
+              "and the text encoder from a StableUnCLIPPipeline one (required)",
+              &EmbedOptions::models)}},
       {"config",
        {text(kModel, "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint", "",
              &ModelOptions::config_dir),
@@ -296,9 +315,10 @@ std::vector<Option> build_table() {
              &InitModelOptions::config)}},
       {"tokenizer",
        {text(kModel, "DIR", "folder with vocab.json and merges.txt", "", &ModelOptions::tokenizer_dir),
-        text(kInit, "DIR", "tokenizer folder", "<config>/tokenizer", &InitModelOptions::tokenizer)}},
+        text(kInit, "DIR", "tokenizer folder", "<config>/tokenizer", &InitModelOptions::tokenizer),
+        text(kUpscale, "DIR", "folder with vocab.json and merges.txt", "the folder's tokenizer/", &UO::tokenizer_dir)}},
       {"dtype",
-       {text(kDevice, "T", "fp32|bf16|fp16 (fp16: CUDA only)", "", &DeviceOptions::dtype),
+       {text(kDeviceGroup, "T", "fp32|bf16|fp16 (fp16: CUDA only)", "", &DeviceOptions::dtype),
         text(kConvert, "T", "fp16|bf16|fp32|keep", "", &ConvertOptions::dtype),
         [] {
           Use u = text(kTrainBench, "T", "fp32|bf16", "", &TrainBenchOptions::dtype);
@@ -310,7 +330,9 @@ std::vector<Option> build_table() {
           };
           return u;
         }()}},
-      {"device", {text(kDevice, "D", "cpu|cuda[:N]", "", &DeviceOptions::device)}},
+      {"device",
+       {text(kDeviceGroup, "D", "cpu|cuda[:N]", "", &DeviceOptions::device),
+        text(kEmbed, "D", "cpu|cuda[:N]", "", &EmbedOptions::device)}},
       {"preset",
        {text(kBench | kTrainBench, "NAME", "sd15|sd21|tiny: architecture built with random weights", "",
              &BenchOptions::preset, &TrainBenchOptions::preset)}},
@@ -318,13 +340,16 @@ std::vector<Option> build_table() {
       // ---------------------------------------------------------------- prompts, inputs and outputs
       {"prompt",
        {text(kGenerate, "TEXT", "what to draw (required)", "", &GO::prompt),
-        text(kP2P, "A", "the source prompt (required; with --image: what the image shows)", "", &P2POptions::prompt)}},
+        text(kP2P, "A", "the source prompt (required; with --image: what the image shows)", "", &P2POptions::prompt),
+        text(kUpscale, "TEXT", "what the picture shows (required)", "", &UO::prompt),
+        text(kVariations, "TEXT", "text to steer the variations", "empty, as diffusers", &VO::prompt),
+        texts(kEmbed, "TEXT", "a text to embed with the prior's text encoder (repeatable)", &EmbedOptions::prompts)}},
       {"edit-prompt", {text(kP2P, "B", "the edited prompt (required)", "", &P2POptions::edit_prompt)}},
       {"source-prompt", {text(kDiffEdit, "TEXT", "what the image shows (required)", "", &DiffEditOptions::source_prompt)}},
       {"target-prompt",
        {text(kDiffEdit, "TEXT", "what the edited image should show (required)", "", &DiffEditOptions::target_prompt)}},
       {"negative-prompt",
-       {text(kSampling, "TEXT", "what to steer away from", "none", &SamplingOptions::negative_prompt)}},
+       {text(kSamplingGroup, "TEXT", "what to steer away from", "none", &SamplingOptions::negative_prompt)}},
       {"input",
        {text(kConvert, "PATH",
              "diffusers / ControlNet folder, .safetensors file, or torch.save file (.ckpt .pt .pth .bin, read without "
@@ -333,9 +358,16 @@ std::vector<Option> build_table() {
       {"image",
        {text(kP2P, "IMG", "edit this real image: DDIM-invert it under --prompt first", "", &P2POptions::image),
         text(kDiffEdit, "IMG", "the image to edit, PNG or JPEG, sides multiples of 8 (required)", "",
-             &DiffEditOptions::image)}},
+             &DiffEditOptions::image),
+        text(kUpscale, "LOW.png", "the low-resolution picture, PNG or JPEG; the output is 4x its size (required)", "",
+             &UO::image),
+        text(kVariations, "IMG", "the picture to make variations of, PNG or JPEG, any size (required)", "",
+             &VO::image),
+        texts(kEmbed, "IMG", "a picture (PNG/JPEG) to embed with the image encoder (repeatable)",
+              &EmbedOptions::images)}},
       {"from",
-       {own(kGenerate, "IMAGE", "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override")}},
+       {own(kGenerate | kUpscale, "IMAGE",
+            "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override")}},
       {"data",
        {texts(kDataTokenizer, "DIR", "caption folder (metadata.jsonl or *.txt); repeatable (required)",
               &TokenizerTrainOptions::data),
@@ -353,6 +385,10 @@ std::vector<Option> build_table() {
         text(kP2P, "OUT.png", "writes OUT.png (source | edit side by side), OUT-source.png and OUT-edit.png (required)",
              "", &P2POptions::output),
         text(kDiffEdit, "OUT.png", "edited image (required)", "", &DiffEditOptions::output),
+        text(kImage, "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)", "", &UO::output,
+             &VO::output),
+        text(kEmbed, "F", "also write the embeddings and the matrix: .safetensors (image_embeds, text_embeds, cosine) or .json",
+             "", &EmbedOptions::output),
         text(kInit, "DIR", "diffusers folder to create (required)", "", &InitModelOptions::output),
         text(kConvert, "PATH", "where to write the converted copy (required)", "", &ConvertOptions::output),
         text(kDataTokenizer, "DIR", "tokenizer folder to write (required)", "", &TokenizerTrainOptions::output),
@@ -372,31 +408,38 @@ std::vector<Option> build_table() {
        {num<int>(kGenerate, "W", "image width, a multiple of 8", "the model's size", 8, 1 << 20, &GO::width),
         num<int>(kP2P, "W", "image width, a multiple of 8", "the model's size, or the --image size", 8, 1 << 20,
                  &P2POptions::width),
-        num<int>(kBench, "W", "image width", "the preset's size", 8, 1 << 14, &BenchOptions::width)}},
+        num<int>(kBench, "W", "image width", "the preset's size", 8, 1 << 14, &BenchOptions::width),
+        num<int>(kVariations, "W", "image width, a multiple of 8", "the model's size", 8, 1 << 20, &VO::width)}},
       {"height",
        {num<int>(kGenerate, "H", "image height, a multiple of 8", "the model's size", 8, 1 << 20, &GO::height),
         num<int>(kP2P, "H", "image height, a multiple of 8", "the model's size, or the --image size", 8, 1 << 20,
                  &P2POptions::height),
-        num<int>(kBench, "H", "image height", "the preset's size", 8, 1 << 14, &BenchOptions::height)}},
+        num<int>(kBench, "H", "image height", "the preset's size", 8, 1 << 14, &BenchOptions::height),
+        num<int>(kVariations, "H", "image height, a multiple of 8", "the model's size", 8, 1 << 20, &VO::height)}},
       {"steps",
-       {num<int>(kSampling | kEval, "N", "denoising steps", "", 1, 1000, &SamplingOptions::steps, &EO::steps),
+       {num<int>(kSamplingGroup | kEval, "N", "denoising steps", "", 1, 1000, &SamplingOptions::steps, &EO::steps),
         num<I64>(kTrainRecipes, "N", "optimizer steps", "", kI64Min, kI64Max, &TO::steps),
         num<I64>(kTrainClassifier, "N", "optimizer steps", "", 1, 10000000, &ClassifierTrainOptions::steps),
         num<int>(kTrainBench, "N", "timed steps after one warm-up step", "", 1, 100000, &TrainBenchOptions::steps)}},
       {"guidance-scale",
-       {num<double>(kSampling | kEval, "G", "classifier-free guidance scale; <= 1 disables guidance", "", 0, 100,
+       {num<double>(kSamplingGroup | kEval, "G", "classifier-free guidance scale; <= 1 disables guidance", "", 0, 100,
                     &SamplingOptions::guidance_scale, &EO::guidance_scale)}},
       {"scheduler",
-       {text(kGenerate | kEval, "NAME", scheduler_choices(), "the model's", &GO::scheduler, &EO::scheduler)}},
-      {"eta", {num<double>(kGenerate, "E", "DDIM eta in [0, 1]", "", 0.0, 1.0, &GO::eta)}},
+       {text(kGenerate | kEval | kImage, "NAME", scheduler_choices(), "the model's", &GO::scheduler, &EO::scheduler,
+             &UO::scheduler, &VO::scheduler)}},
+      {"eta",
+       {num<double>(kGenerate | kImage, "E", "DDIM eta in [0, 1]", "", 0.0, 1.0, &GO::eta, &UO::eta, &VO::eta)}},
       {"seed",
-       {seed(kSampling, "random seed, any 64-bit value; same seed = same draws as diffusers' torch.Generator(seed)",
+       {seed(kSamplingGroup, "random seed, any 64-bit value; same seed = same draws as diffusers' torch.Generator(seed)",
              "random", &SamplingOptions::seed),
         seed(kTrainRecipes | kTrainClassifier, "seed of every random draw", "", &TO::seed,
              &ClassifierTrainOptions::seed),
         seed(kInit, "seed of the initialisation", "", &InitModelOptions::seed),
         seed(kEval, "prompt i uses seed + i", "", &EO::seed)}},
-      {"num-images", {num<int>(kGenerate, "N", "images per prompt", "", 1, 64, &GO::num_images)}},
+      {"num-images",
+       {num<int>(kGenerate, "N", "images per prompt", "", 1, 64, &GO::num_images),
+        num<int>(kUpscale, "N", "pictures to make from the one low-res picture", "", 1, 64, &UO::num_images),
+        num<int>(kVariations, "N", "variations to make", "", 1, 64, &VO::num_images)}},
       {"clip-skip", {num<int>(kGenerate, "N", "skip the last N text-encoder layers", "", 0, 64, &GO::clip_skip)}},
 
       // ---------------------------------------------------------------- generate: img2img and blended editing
@@ -431,8 +474,8 @@ std::vector<Option> build_table() {
        {text(kGenerate, "F.safetensors", "initial noise (tensor 'latents', before init_noise_sigma)", "",
              &GO::init_latents)}},
       {"save-latents",
-       {text(kGenerate | kDiffEdit, "F.safetensors", "write the final latents (tensor 'latents')", "",
-             &GO::save_latents, &DiffEditOptions::save_latents)}},
+       {text(kGenerate | kDiffEdit | kImage, "F.safetensors", "write the final latents (tensor 'latents')", "",
+             &GO::save_latents, &DiffEditOptions::save_latents, &UO::save_latents, &VO::save_latents)}},
 
       // ---------------------------------------------------------------- generate: LoRA and ControlNet
       {"lora",
@@ -535,7 +578,24 @@ std::vector<Option> build_table() {
             t.part<GO>()->noise_level = static_cast<int>(a.integer(name, 0, -1000000, 1000000));
           };
           return u;
-        }()}},
+        }(),
+        // The upper bound is the model's max_noise_level, checked against model_index.json before anything loads.
+        num<int>(kUpscale, "N", "noise added to the picture before upscaling, 0 .. the model's max_noise_level", "",
+                 0, kI32Max, &UO::noise_level),
+        num<int>(kVariations, "N", "noise added to the image embedding, in [0, T-1] of its scheduler", "",
+                 -1000000, 1000000, &VO::noise_level)}},
+
+      // ---------------------------------------------------------------- upscale: the VAE decode and memory
+      {"vae-tiling",
+       {text(kUpscale, "MODE",
+             "auto|on|off: decode the output in overlapping tiles (diffusers' enable_vae_tiling); auto = when the "
+             "whole picture would not fit in memory",
+             "", &UO::vae_tiling)}},
+      {"vae-tile-size",
+       {num<int>(kUpscale, "PX", "output pixels per tile", "the VAE's sample_size", 16, 4096, &UO::vae_tile_size)}},
+      {"memory-limit",
+       {num<I64>(kUpscale, "MIB", "memory the run may plan for, MiB", "the machine's physical memory", 1,
+                 I64{1} << 30, &UO::memory_limit_mb)}},
 
       // ---------------------------------------------------------------- generate: the x4 upscaler after it
       {"upscale-model",
@@ -801,11 +861,11 @@ std::vector<Option> build_table() {
 
       // ---------------------------------------------------------------- how a run behaves (RunOptions and the like)
       {"threads",
-       {num<int>(kSampling | kBench | kTrainRecipes | kTrainBench | kTrainClassifier | kEval, "N", "CPU threads",
+       {num<int>(kRunGroup | kBench | kTrainRecipes | kTrainBench | kTrainClassifier | kEval, "N", "CPU threads",
                  "all cores", 1, 1024, &RunOptions::threads, &BenchOptions::threads, &TO::threads,
                  &TrainBenchOptions::threads, &ClassifierTrainOptions::threads, &EO::threads)}},
       {"overwrite",
-       {flag(kSampling | kInit | kConvert | kDataTokenizer | kDataEmoji | kTrainClassifier,
+       {flag(kRunGroup | kInit | kConvert | kDataTokenizer | kDataEmoji | kTrainClassifier,
              "replace outputs that already exist (never an input)", true, &RunOptions::overwrite,
              &InitModelOptions::overwrite, &ConvertOptions::overwrite, &TokenizerTrainOptions::overwrite,
              &DE::overwrite, &ClassifierTrainOptions::overwrite),
@@ -813,13 +873,13 @@ std::vector<Option> build_table() {
         flag(kTrainRecipes, "replace an existing --output; start over in an --output-dir holding an earlier run", true,
              &TO::overwrite)}},
       {"quiet",
-       {flag(kSampling | kDataEmoji | kTrainClassifier | kEval, "no progress output", false, &RunOptions::progress,
+       {flag(kRunGroup | kDataEmoji | kTrainClassifier | kEval, "no progress output", false, &RunOptions::progress,
              &DE::progress, &ClassifierTrainOptions::progress, &EO::progress),
         flag(kTrainRecipes, "no progress bar", true, &TO::quiet),
         own(kInit | kConvert | kDataTokenizer, "", "print nothing on success")}},
       {"verbose",
-       {flag(kSampling, "timings and stack traces", true, &RunOptions::verbose),
-        own(kAllCommands & ~kSampling, "", "stack traces")}},
+       {flag(kRunGroup, "timings and stack traces", true, &RunOptions::verbose),
+        own(kAllCommands & ~kRunGroup, "", "stack traces")}},
       {"help", {own(kAllCommands, "", "show this help")}},
   };
 }
@@ -905,6 +965,9 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
     case kTrainBench: return run_on_default<TrainBenchOptions>(c, fn);
     case kTrainClassifier: return run_on_default<ClassifierTrainOptions>(c, fn);
     case kEval: return run_on_default<EvalOptions>(c, fn);
+    case kUpscale: return run_on_default<UpscaleOptions>(c, fn);
+    case kVariations: return run_on_default<VariationsOptions>(c, fn);
+    case kEmbed: return run_on_default<EmbedOptions>(c, fn);
   }
   throw std::logic_error("cli: unknown command id");
 }

@@ -35,10 +35,13 @@ enum Command : uint32_t {
   kTrainBench = 1u << 13,
   kTrainClassifier = 1u << 14,
   kEval = 1u << 15,
+  kUpscale = 1u << 16,
+  kVariations = 1u << 17,
+  kEmbed = 1u << 18,
 };
 using Commands = uint32_t;
 constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae;
-constexpr Commands kAllCommands = (1u << 16) - 1;
+constexpr Commands kAllCommands = (1u << 19) - 1;
 
 struct CommandInfo {
   Command id;
