@@ -92,7 +92,8 @@ TEST(CliOptionsUnit, HelpDefaultsAreTheStructDefaults) {
         const std::string shown = u->show(defaults);
         const std::string line = help_line(*u, defaults);
         if (!shown.empty()) {
-          EXPECT_NE(line.find("(default " + shown + ")"), std::string::npos) << c.name << " --" << o.name << ": " << line;
+          EXPECT_NE(line.find("(default " + shown + ")"), std::string::npos)
+              << c.name << " --" << o.name << ": " << line;
         } else if (!u->unset.empty()) {
           EXPECT_NE(line.find("(default: " + u->unset + ")"), std::string::npos) << c.name << " --" << o.name;
         }
@@ -168,8 +169,11 @@ TEST(CliOptionsUnit, EveryHandlerWritesTheCommandsStruct) {
   expect_invalid([&] { parse_options(kP2P, bad.argc(), bad.ptrs.data(), p); },
                  "--guidance-scale must be in [0, 100], got 101");
   Argv missing(command_info(kP2P), {"--prompt", "x"});
-  expect_invalid([&] { parse_options(kP2P, missing.argc(), missing.ptrs.data(), p, {{"model", "a folder"}}); },
-                 "--model is required (a folder)");
+  expect_invalid(
+      [&] {
+        parse_options(kP2P, missing.argc(), missing.ptrs.data(), p, {{"model", "a folder"}});
+      },
+      "--model is required (a folder)");
 }
 
 // Every command lists the options it shares with the others: --help and --verbose everywhere; --threads, --quiet,
@@ -194,7 +198,8 @@ TEST(CliOptionsUnit, EveryCommandsHelpListsTheSharedOptions) {
       for (const char* o : shared) EXPECT_TRUE(lists(help, o)) << c.name << " --" << o;
     });
     // Every row that names the command is in its help, and only those.
-    for (const Option& o : option_table()) EXPECT_EQ(lists(help, o.name), use_for(o, c.id) != nullptr) << c.name << " --" << o.name;
+    for (const Option& o : option_table())
+      EXPECT_EQ(lists(help, o.name), use_for(o, c.id) != nullptr) << c.name << " --" << o.name;
   }
   for (Command c : {kGenerate, kP2P, kDiffEdit, kBench, kTrainLora, kTrainBench, kTrainClassifier, kEval})
     EXPECT_TRUE(lists(help_text(c), "threads")) << command_info(c).name;

@@ -283,16 +283,15 @@ TEST_P(StableUnCLIPSeededGolden, CommandLineEqualsDiffusers) {
                                               {"--save-latents", dir + "/latents.safetensors"},
                                               {"--output", dir + "/out.png"}};
   if (variations) paths["--image"] = repo_ref_dir() + "/" + ref.meta.at("image").get<std::string>();
-  const CliRun r = run_recorded_command(ref.meta.at("dmx").get<std::string>(), variations ? "variations" : "generate",
-                                        paths);
+  const CliRun r =
+      run_recorded_command(ref.meta.at("dmx").get<std::string>(), variations ? "variations" : "generate", paths);
   ASSERT_EQ(r.code, 0) << r.output;
   check_command_outputs(name, ref, dir, ref.meta.at("num_images").get<int>());
 }
 
 INSTANTIATE_TEST_SUITE_P(Seeded, StableUnCLIPSeededGolden,
                          ::testing::Values("unclip_seeded_defaults", "unclip_seeded_neg_n2_euler_a",
-                                           "unclip_seeded_unguided_default",
-                                           "variations_seeded_crop_n2_dpm"));
+                                           "unclip_seeded_unguided_default", "variations_seeded_crop_n2_dpm"));
 
 // ---------------------------------------------------------------------------------------------------------------
 // Bad input: exit-2 errors (InvalidArgument, FormatError, Unsupported) naming the parameter, nothing written.
@@ -328,18 +327,22 @@ TEST(UnCLIPInputGolden, BadInputIsRefusedAndNothingWritten) {
     return [o] { generate(o); };
   };
   // Noise levels outside the image-noising scheduler's range [0, 999].
-  expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.noise_level = 1000; }), "--noise-level must be in [0, 999]", out);
+  expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.noise_level = 1000; }),
+                                  "--noise-level must be in [0, 999]", out);
   expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.noise_level = -1; }), "--noise-level", out);
   expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.prior_steps = 0; }), "--prior-steps", out);
-  expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.prior_guidance_scale = -1; }), "--prior-guidance-scale", out);
+  expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.prior_guidance_scale = -1; }),
+                                  "--prior-guidance-scale", out);
   expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.width = 60; }), "width must be a multiple of 8", out);
   // Options a Stable unCLIP run does not take.
   expect_refused<InvalidArgument>(gen([&](GenerateOptions& o) { o.init_image = dir + "/x.png"; }), "--init-image", out);
   expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.controlnets = {"cn"}; }), "--controlnet", out);
   expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.loras = {"l.safetensors"}; }), "--lora", out);
   // unCLIP options on another model; the variations folder given to generate, and the other way round.
-  expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.model = fixture_model("sd15"); }), "--prior-steps applies to Stable unCLIP", out);
-  expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.model = fixture_model("unclip_img2img"); }), "dmx variations", out);
+  expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.model = fixture_model("sd15"); }),
+                                  "--prior-steps applies to Stable unCLIP", out);
+  expect_refused<InvalidArgument>(gen([](GenerateOptions& o) { o.model = fixture_model("unclip_img2img"); }),
+                                  "dmx variations", out);
   // A folder missing the prior.
   const std::string broken = dir + "/unclip-no-prior";
   fs::copy(fixture_model("unclip"), broken, fs::copy_options::recursive);
@@ -361,8 +364,10 @@ TEST(UnCLIPInputGolden, BadInputIsRefusedAndNothingWritten) {
   std::ofstream(garbage) << "not a picture";
   expect_refused<InvalidArgument>(var([&](VariationsOptions& o) { o.image = garbage; }), "--image", out);
   expect_refused<InvalidArgument>(var([&](VariationsOptions& o) { o.image = dir + "/missing.png"; }), "--image", out);
-  expect_refused<InvalidArgument>(var([](VariationsOptions& o) { o.noise_level = 1000; }), "--noise-level must be in [0, 999]", out);
-  expect_refused<InvalidArgument>(var([](VariationsOptions& o) { o.model = fixture_model("unclip"); }), "StableUnCLIPImg2ImgPipeline", out);
+  expect_refused<InvalidArgument>(var([](VariationsOptions& o) { o.noise_level = 1000; }),
+                                  "--noise-level must be in [0, 999]", out);
+  expect_refused<InvalidArgument>(var([](VariationsOptions& o) { o.model = fixture_model("unclip"); }),
+                                  "StableUnCLIPImg2ImgPipeline", out);
   expect_refused<InvalidArgument>(var([](VariationsOptions& o) { o.scheduler = "warp"; }), "--scheduler", out);
   const std::string no_encoder = dir + "/img2img-no-encoder";
   fs::copy(fixture_model("unclip_img2img"), no_encoder, fs::copy_options::recursive);

@@ -82,7 +82,8 @@ std::string folder_variant(const std::string& name, const std::function<void(jso
   const std::string src = fixture_model("upscale_x4");
   const std::string dir = temp_subdir("upscale-" + name);
   for (const char* c : {"tokenizer", "text_encoder", "unet", "vae", "scheduler", "low_res_scheduler"})
-    if (std::find(drop.begin(), drop.end(), c) == drop.end()) fs::create_directory_symlink(src + "/" + c, dir + "/" + c);
+    if (std::find(drop.begin(), drop.end(), c) == drop.end())
+      fs::create_directory_symlink(src + "/" + c, dir + "/" + c);
   json index = io::load_json_file(src + "/model_index.json", "model_index.json");
   edit(index);
   std::ofstream(dir + "/model_index.json") << index.dump(1);
@@ -120,8 +121,8 @@ TEST(UpscaleLoaderGolden, RefusesOtherFoldersAndMissingOrMismatchedParts) {
                                      {"StableDiffusionUpscalePipeline", "StableDiffusionPipeline", "dmx generate"});
   expect_throw_with<InvalidArgument>([] { loaders::load_upscale(fixture_model("upscale_x4") + "/unet"); },
                                      {"no model_index.json"});
-  expect_throw_with<InvalidArgument>(
-      [] { loaders::load_upscale(fixture_model("upscale_x4") + "/model_index.json"); }, {"got a file"});
+  expect_throw_with<InvalidArgument>([] { loaders::load_upscale(fixture_model("upscale_x4") + "/model_index.json"); },
+                                     {"got a file"});
   // Missing parts, all named at once.
   const std::string no_parts = folder_variant("missing", [](json& j) { j.erase("low_res_scheduler"); }, {"vae"});
   expect_throw_with<FormatError>([&] { loaders::load_upscale(no_parts); },
@@ -340,14 +341,16 @@ TEST(UpscaleTilingGolden, TiledVaeDecodeIsDiffusersTiledDecode) {
   const double err_tiled = max_abs(tiled, ref["tiled.decode"]);
   const double err_whole = max_abs(whole, ref["untiled.decode"]);
   const double seam = max_abs(tiled, whole);
-  std::printf("[check] tiled decode vs diffusers' tiled: %.3g; whole vs diffusers': %.3g; tiled vs whole (seams): "
-              "%.3g (diffusers: %.3g)\n", err_tiled, err_whole, seam,
-              ref.meta.at("tiling").at("seam_max_abs").get<double>());
+  std::printf(
+      "[check] tiled decode vs diffusers' tiled: %.3g; whole vs diffusers': %.3g; tiled vs whole (seams): "
+      "%.3g (diffusers: %.3g)\n",
+      err_tiled, err_whole, seam, ref.meta.at("tiling").at("seam_max_abs").get<double>());
   EXPECT_LE(err_tiled, 1e-4);
   EXPECT_LE(err_whole, 1e-4);
   EXPECT_GT(seam, 1e-3);  // tiling is not the whole decode (a tiled path that decoded whole would pass the rest)
   // Latents within one tile are decoded whole.
-  EXPECT_TRUE(pipe.decode_raw(z.slice(2, 0, 16).slice(3, 0, 16), tiling).equal(pipe.decode_raw(z.slice(2, 0, 16).slice(3, 0, 16), {})));
+  EXPECT_TRUE(pipe.decode_raw(z.slice(2, 0, 16).slice(3, 0, 16), tiling)
+                  .equal(pipe.decode_raw(z.slice(2, 0, 16).slice(3, 0, 16), {})));
 }
 
 // The cascade (dmx generate --upscale-model) through the public API: the base run, then the upscaler on its
@@ -458,7 +461,8 @@ TEST(UpscaleErrorsGolden, BadInputIsRefusedBeforeAnythingIsWritten) {
     big.data.assign(static_cast<size_t>(big.width) * big.height * 3, 128);
     const std::string path = dir + "-big.png";
     const auto png = encode_png(big);
-    std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(png.data()), static_cast<long>(png.size()));
+    std::ofstream(path, std::ios::binary)
+        .write(reinterpret_cast<const char*>(png.data()), static_cast<long>(png.size()));
     UpscaleOptions o = fixture_options(dir);
     o.image = path;
     expect_throw_with<InvalidArgument>([&] { upscale(o); }, {"--image", "1100x1000"});
@@ -471,7 +475,8 @@ TEST(UpscaleErrorsGolden, BadInputIsRefusedBeforeAnythingIsWritten) {
     wide.data.assign(static_cast<size_t>(wide.width) * wide.height * 3, 128);
     const std::string path = dir + "-wide.png";
     const auto png = encode_png(wide);
-    std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(png.data()), static_cast<long>(png.size()));
+    std::ofstream(path, std::ios::binary)
+        .write(reinterpret_cast<const char*>(png.data()), static_cast<long>(png.size()));
     UpscaleOptions o = fixture_options(dir);
     o.image = path;
     expect_throw_with<InvalidArgument>([&] { upscale(o); }, {"at most 1024", "1040x8"});
@@ -493,7 +498,8 @@ TEST(UpscaleErrorsGolden, BadInputIsRefusedBeforeAnythingIsWritten) {
   }
   {  // an output that is an input, or that exists (without --overwrite)
     const std::string low = dir + "-low.png";
-    fs::copy_file(fixtures_dir() + "/ref/upscale_x4/upscale_ddim_nl20.low.png", low, fs::copy_options::overwrite_existing);
+    fs::copy_file(fixtures_dir() + "/ref/upscale_x4/upscale_ddim_nl20.low.png", low,
+                  fs::copy_options::overwrite_existing);
     UpscaleOptions o = fixture_options(dir);
     o.image = low;
     o.output = low;
@@ -550,8 +556,9 @@ TEST(UpscaleCliGolden, FixtureCommandLineSavesTheReferenceLatents) {
                         "Upscale noise level: 20", "Upscale source size: 32x48"})
     EXPECT_NE(params.find(s), std::string::npos) << s << " not in: " << params;
   // --from re-runs those settings (prompts, steps, sampler, guidance, seed, noise level) on the picture given again.
-  const CliRun again = dmx_run({"upscale", "--model", args[2], "--image", args[4], "--from", dir + "/up.png", "--output",
-                                dir + "/again.png", "--save-latents", dir + "/again.safetensors", "--quiet"});
+  const CliRun again =
+      dmx_run({"upscale", "--model", args[2], "--image", args[4], "--from", dir + "/up.png", "--output",
+               dir + "/again.png", "--save-latents", dir + "/again.safetensors", "--quiet"});
   ASSERT_EQ(again.code, 0) << again.output;
   EXPECT_TRUE(io::load_safetensors(dir + "/again.safetensors").at("latents").equal(saved.at("latents")));
 }
@@ -565,8 +572,8 @@ TEST(UpscaleCli, ExitCodes) {
   CliRun missing = dmx_run({"upscale", "--model", model, "--prompt", "x", "--output", dir + "/o.png"});
   EXPECT_EQ(missing.code, 2);
   EXPECT_NE(missing.output.find("--image is required"), std::string::npos) << missing.output;
-  CliRun not_folder = dmx_run({"upscale", "--model", model, "--image", dir + "/none.png", "--prompt", "x", "--output",
-                               dir + "/o.png"});
+  CliRun not_folder =
+      dmx_run({"upscale", "--model", model, "--image", dir + "/none.png", "--prompt", "x", "--output", dir + "/o.png"});
   EXPECT_EQ(not_folder.code, 2) << not_folder.output;
   CliRun negative = dmx_run({"upscale", "--model", model, "--image", dir + "/none.png", "--prompt", "x",
                              "--noise-level", "-1", "--output", dir + "/o.png"});

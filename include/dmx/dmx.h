@@ -15,7 +15,7 @@ std::string version();
 // The model, device, sampling and run settings are the shared groups of dmx/options.h.
 struct GenerateOptions : ModelOptions, DeviceOptions, SamplingOptions, RunOptions {
   std::string prompt;
-  int width = 0;   // 0 = the model's default size
+  int width = 0;  // 0 = the model's default size
   int height = 0;
   std::string scheduler;  // "" = the model's own (scheduler/scheduler_config.json)
   double eta = 0.0;
@@ -36,13 +36,13 @@ struct GenerateOptions : ModelOptions, DeviceOptions, SamplingOptions, RunOption
   // ControlNet (txt2img; diffusers' StableDiffusionControlNetPipeline). The n-th control image, scale, start,
   // end and preprocess belong to the n-th net; scales/starts/ends/preprocess are either one per net or empty
   // (defaults 1.0 / 0.0 / 1.0 / none); a single preprocess value applies to every image.
-  std::vector<std::string> controlnets;     // diffusers ControlNet folder or control_model.* .safetensors
-  std::vector<std::string> control_images;  // the maps (edges, depth, segmentation, pose drawn as an image)
-  std::vector<double> control_scales;       // controlnet_conditioning_scale
-  std::vector<double> control_starts;       // control_guidance_start, in [0, 1)
-  std::vector<double> control_ends;         // control_guidance_end, in (0, 1]
+  std::vector<std::string> controlnets;         // diffusers ControlNet folder or control_model.* .safetensors
+  std::vector<std::string> control_images;      // the maps (edges, depth, segmentation, pose drawn as an image)
+  std::vector<double> control_scales;           // controlnet_conditioning_scale
+  std::vector<double> control_starts;           // control_guidance_start, in [0, 1)
+  std::vector<double> control_ends;             // control_guidance_end, in (0, 1]
   std::vector<std::string> control_preprocess;  // "none" | "canny"
-  double canny_low = 100.0;                 // cv2.Canny thresholds (diffusers' docs use 100 / 200)
+  double canny_low = 100.0;                     // cv2.Canny thresholds (diffusers' docs use 100 / 200)
   double canny_high = 200.0;
   bool guess_mode = false;
   std::string save_control_image;  // PNG of the prepared map(s); with several nets: <stem>-<i>.png
@@ -63,10 +63,10 @@ struct GenerateOptions : ModelOptions, DeviceOptions, SamplingOptions, RunOption
   // (8-bit gray or RGB PNG/JPEG of the image's size, white = edit) on a normal 4-channel model. With the
   // defaults it reproduces diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet.
   std::string mask;
-  std::string background = "latent";  // latent | pixel | poisson | optimize-latents | finetune-decoder
-  double blend_start = 0.0;           // fraction of the steps before blending starts, in [0, 1)
-  int mask_dilation = 0;              // progressive mask shrinking: dilated masks first, in [0, 64]
-  bool rank = false;                  // write samples best first by their diffusion-classifier score
+  std::string background = "latent";      // latent | pixel | poisson | optimize-latents | finetune-decoder
+  double blend_start = 0.0;               // fraction of the steps before blending starts, in [0, 1)
+  int mask_dilation = 0;                  // progressive mask shrinking: dilated masks first, in [0, 64]
+  bool rank = false;                      // write samples best first by their diffusion-classifier score
   std::string blend_variant = "inpaint";  // inpaint (diffusers 0.27.2) | legacy (StableDiffusionInpaintPipelineLegacy)
   // Stable unCLIP (docs/unclip.md): --model a StableUnCLIPPipeline folder (text -> prior -> CLIP image embedding ->
   // decoder). Unset = diffusers' defaults (25 prior steps, prior guidance 4, noise level 0); set for another model:
@@ -131,16 +131,16 @@ std::vector<std::string> scheduler_names();
 // Benchmark (`dmx bench`): models built from a preset with random weights in memory (no download), timed
 // after warm-up; medians of `runs` runs. See docs/performance.md.
 struct BenchOptions : DeviceOptions {  // dtype fp32 | bf16 | fp16 (CUDA only), device cpu | cuda[:N]
-  std::string preset = "sd15";  // sd15 | sd21 | tiny
-  int width = 0;                // 0 = the preset's native size (sd15 512, sd21 768, tiny 64)
+  std::string preset = "sd15";         // sd15 | sd21 | tiny
+  int width = 0;                       // 0 = the preset's native size (sd15 512, sd21 768, tiny 64)
   int height = 0;
-  int threads = 0;              // 0 = all cores
-  int runs = 3;                 // timed runs per stage (after one warm-up run)
+  int threads = 0;  // 0 = all cores
+  int runs = 3;     // timed runs per stage (after one warm-up run)
   int warmup = 1;
-  bool measure_peak = true;     // time a 2048^3 GEMM in the dtype for the "share of peak" column
-  bool channels_last = true;    // activations in NHWC (the product's default; false: NCHW, for comparison)
-  std::string profile;          // when set: op traces of one UNet step and one decode, <profile>.{unet,vae}.json
-  bool overwrite = false;       // replace existing trace files
+  bool measure_peak = true;   // time a 2048^3 GEMM in the dtype for the "share of peak" column
+  bool channels_last = true;  // activations in NHWC (the product's default; false: NCHW, for comparison)
+  std::string profile;        // when set: op traces of one UNet step and one decode, <profile>.{unet,vae}.json
+  bool overwrite = false;     // replace existing trace files
 };
 
 // Analytic FLOP counts (multiply-add = 2 FLOP; convolutions, linears and attention products only).
@@ -155,8 +155,8 @@ BenchFlops bench_flops(const std::string& preset, int width, int height);
 struct BenchResult {
   std::string preset, dtype, device;
   int width = 0, height = 0, threads = 0, runs = 0;
-  bool channels_last = true;  // NHWC activations were used (bf16/fp16 only)
-  std::string omp_wait_policy, omp_proc_bind;  // as the process saw them ("" = unset)
+  bool channels_last = true;                                    // NHWC activations were used (bf16/fp16 only)
+  std::string omp_wait_policy, omp_proc_bind;                   // as the process saw them ("" = unset)
   double text_encode_s = 0, unet_step_s = 0, vae_decode_s = 0;  // medians, seconds
   double text_encode_cpu_s = 0, unet_step_cpu_s = 0, vae_decode_cpu_s = 0;  // medians of process CPU seconds
   BenchFlops flops;

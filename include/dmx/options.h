@@ -33,9 +33,9 @@ struct SamplingOptions {
 
 // How a run behaves: threads, progress and outputs.
 struct RunOptions {
-  int threads = 0;         // 0 = all cores
-  bool progress = true;    // progress and summaries on stderr (--quiet: false)
-  bool verbose = false;    // per-phase timings on stderr
+  int threads = 0;       // 0 = all cores
+  bool progress = true;  // progress and summaries on stderr (--quiet: false)
+  bool verbose = false;  // per-phase timings on stderr
   // Replace outputs that already exist (README "Outputs and overwriting"); without it an existing output is an
   // error found before any work. Outputs are never allowed to be, or lie inside, an input.
   bool overwrite = false;

@@ -12,7 +12,7 @@ namespace dmx {
 // model (a diffusers folder for finetune / full DreamBooth, else also a single-file checkpoint), config_dir and
 // tokenizer_dir (for a single-file model): the ModelOptions group of dmx/options.h.
 struct TrainOptions : ModelOptions {
-  std::string recipe;  // lora | finetune | dreambooth | controlnet | vae
+  std::string recipe;      // lora | finetune | dreambooth | controlnet | vae
   std::string data;        // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
   std::string output;      // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder
   std::string output_dir;  // checkpoints, train_log.jsonl, validation images ("" = <output>.train)

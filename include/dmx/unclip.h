@@ -20,17 +20,17 @@ struct VariationsOptions : DeviceOptions, SamplingOptions, RunOptions {
     steps = 20;
     guidance_scale = 10.0;
   }
-  std::string model;            // a diffusers StableUnCLIPImg2ImgPipeline folder
-  std::string image;            // the picture (PNG/JPEG, any size: CLIPImageProcessor resizes and crops it)
-  std::string prompt;           // "" = diffusers' default (an empty prompt)
-  int width = 0;                // 0 = unet.sample_size x VAE factor (diffusers' default)
+  std::string model;   // a diffusers StableUnCLIPImg2ImgPipeline folder
+  std::string image;   // the picture (PNG/JPEG, any size: CLIPImageProcessor resizes and crops it)
+  std::string prompt;  // "" = diffusers' default (an empty prompt)
+  int width = 0;       // 0 = unet.sample_size x VAE factor (diffusers' default)
   int height = 0;
-  std::string scheduler;        // "" = the folder's own
+  std::string scheduler;  // "" = the folder's own
   double eta = 0.0;
-  int noise_level = 0;          // in [0, image_noising_scheduler's num_train_timesteps - 1]
+  int noise_level = 0;  // in [0, image_noising_scheduler's num_train_timesteps - 1]
   int num_images = 1;
-  std::string save_latents;      // optional .safetensors with "latents" after the last step
-  std::string output;            // PNG; with num_images > 1: <stem>-<i>.png
+  std::string save_latents;  // optional .safetensors with "latents" after the last step
+  std::string output;        // PNG; with num_images > 1: <stem>-<i>.png
 };
 
 struct VariationsResult {
@@ -55,10 +55,10 @@ struct EmbedOptions : RunOptions {  // threads, progress, verbose, overwrite (of
 };
 
 struct EmbedResult {
-  std::vector<std::string> labels;              // "image:PATH" / "text:PROMPT", in row order
-  std::vector<std::vector<float>> embeddings;   // one per label
-  std::vector<std::vector<double>> cosine;      // [N][N]
-  std::string output;                           // the file written ("" = none)
+  std::vector<std::string> labels;             // "image:PATH" / "text:PROMPT", in row order
+  std::vector<std::vector<float>> embeddings;  // one per label
+  std::vector<std::vector<double>> cosine;     // [N][N]
+  std::string output;                          // the file written ("" = none)
 };
 
 EmbedResult embed(const EmbedOptions& opts);

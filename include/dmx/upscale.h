@@ -22,7 +22,7 @@ struct UpscaleOptions : DeviceOptions, SamplingOptions, RunOptions {
   std::string model;  // a diffusers StableDiffusionUpscalePipeline folder (stabilityai/stable-diffusion-x4-upscaler)
   std::string image;  // the low-resolution picture (PNG/JPEG); sides rounded down to multiples of the VAE factor
   std::string prompt;
-  int noise_level = 20;         // noise augmentation of the picture, in [0, max_noise_level] (350 for the x4 model)
+  int noise_level = 20;   // noise augmentation of the picture, in [0, max_noise_level] (350 for the x4 model)
   std::string scheduler;  // "" = the folder's own (scheduler/scheduler_config.json); else a sampler name
   double eta = 0.0;
   int num_images = 1;
@@ -43,9 +43,9 @@ struct UpscaleResult {
   std::vector<std::string> images;  // written files
   std::string latents;              // the --save-latents file, if any
   uint64_t seed = 0;
-  int width = 0, height = 0;              // of the output
+  int width = 0, height = 0;                  // of the output
   int low_res_width = 0, low_res_height = 0;  // of the picture the model saw (after rounding to the VAE factor)
-  bool tiled = false;                     // the VAE decoded in tiles
+  bool tiled = false;                         // the VAE decoded in tiles
   double seconds = 0.0;
 };
 
@@ -55,7 +55,7 @@ UpscaleResult upscale(const UpscaleOptions& opts);
 
 // The PNG "parameters" text (A1111 layout, as generate writes it, with the upscale settings as extra fields:
 // "Upscale noise level" (the cascade's name, so parse_parameters reads it back), "Upscale source size").
-std::string format_upscale_parameters(const UpscaleOptions& o, uint64_t seed, int width, int height,
-                                      int low_res_width, int low_res_height, const std::string& sampler,
-                                      const std::string& model_name, const std::string& model_hash = "");
+std::string format_upscale_parameters(const UpscaleOptions& o, uint64_t seed, int width, int height, int low_res_width,
+                                      int low_res_height, const std::string& sampler, const std::string& model_name,
+                                      const std::string& model_hash = "");
 }  // namespace dmx

@@ -77,11 +77,11 @@ std::string format_diffedit_parameters(const DiffEditOptions& o, uint64_t seed, 
      << ", Size: " << width << "x" << height;
   if (!model_hash.empty()) os << ", Model hash: " << model_hash;
   if (!model_name.empty()) os << ", Model: " << model_name;
-  os << ", Denoising strength: " << fmt_number(o.encode_ratio) << ", DiffEdit source prompt: "
-     << api::quoted(o.source_prompt) << ", DiffEdit mask threshold: " << fmt_number(o.mask_threshold)
-     << ", DiffEdit noise maps: " << o.num_maps << ", DiffEdit mask encode strength: "
-     << fmt_number(o.mask_encode_strength) << ", DiffEdit inversion CFG scale: "
-     << fmt_number(o.inversion_guidance_scale) << ", Version: dmx " << version();
+  os << ", Denoising strength: " << fmt_number(o.encode_ratio)
+     << ", DiffEdit source prompt: " << api::quoted(o.source_prompt)
+     << ", DiffEdit mask threshold: " << fmt_number(o.mask_threshold) << ", DiffEdit noise maps: " << o.num_maps
+     << ", DiffEdit mask encode strength: " << fmt_number(o.mask_encode_strength)
+     << ", DiffEdit inversion CFG scale: " << fmt_number(o.inversion_guidance_scale) << ", Version: dmx " << version();
   return os.str();
 }
 

@@ -22,12 +22,12 @@
 #include "loaders/hypernetwork_loader.h"
 #include "loaders/lora_loader.h"
 #include "loaders/model_bundle.h"
-#include "loaders/upscale.h"
-#include "pipelines/stable_diffusion.h"
-#include "pipelines/upscale.h"
 #include "loaders/t2i_adapter_loader.h"
+#include "loaders/upscale.h"
 #include "pipelines/controlnet.h"
+#include "pipelines/stable_diffusion.h"
 #include "pipelines/t2i_adapter_provider.h"
+#include "pipelines/upscale.h"
 #include "schedulers/registry.h"
 
 namespace dmx {
@@ -157,8 +157,9 @@ GenerateResult generate(const GenerateOptions& o) {
   // Stable unCLIP folders: text -> prior -> image embedding -> decoder (api/unclip.cpp, docs/unclip.md).
   if (!api::unclip_pipeline_class(o.model).empty()) return api::generate_unclip(o);
   api::check_no_unclip_options(o);
-  DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model), "--config applies to a single-file checkpoint; --model ",
-                o.model, " is a diffusers folder with its own configs (leave --config out)");
+  DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model),
+                "--config applies to a single-file checkpoint; --model ", o.model,
+                " is a diffusers folder with its own configs (leave --config out)");
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
                 o.device, "'");
   const at::ScalarType dtype = parse_dtype(o.dtype, o.device);
@@ -177,7 +178,8 @@ GenerateResult generate(const GenerateOptions& o) {
   api::UpscaleStageOptions up_stage;
   loaders::UpscaleFolderInfo up_info;
   if (!o.upscale_model.empty()) {
-    DMX_CHECK_SUPPORTED(o.mask.empty(), "--upscale-model with --mask is not supported (upscale the edited picture "
+    DMX_CHECK_SUPPORTED(o.mask.empty(),
+                        "--upscale-model with --mask is not supported (upscale the edited picture "
                         "with dmx upscale)");
     up_stage.model = o.upscale_model;
     up_stage.noise_level = o.upscale_noise_level;
@@ -338,9 +340,9 @@ GenerateResult generate(const GenerateOptions& o) {
   }
   std::vector<pipelines::ControlNetUnit> units;  // kept for --save-control-image
   if (!o.controlnets.empty()) {
-    // Output size: --width/--height, else the first map's size rounded down to the VAE factor and at least 8 (diffusers'
-    // VaeImageProcessor); every map is resized to it with PIL's Lanczos, as the reference does.
-    // Given sizes are rounded down to the VAE factor too (get_default_height_width), as diffusers does.
+    // Output size: --width/--height, else the first map's size rounded down to the VAE factor and at least 8
+    // (diffusers' VaeImageProcessor); every map is resized to it with PIL's Lanczos, as the reference does. Given sizes
+    // are rounded down to the VAE factor too (get_default_height_width), as diffusers does.
     const int f = pipelines::control_size_multiple(models->vae_scale_factor());
     int w = o.width - o.width % f, h = o.height - o.height % f;
     if (o.width == 0 || o.height == 0) {

@@ -6,8 +6,8 @@
 #include <map>
 #include <sstream>
 
-#include "core/fs.h"
 #include "api/options_util.h"
+#include "core/fs.h"
 #include "core/image.h"
 #include "dmx/dmx.h"
 #include "schedulers/registry.h"

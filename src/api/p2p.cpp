@@ -18,9 +18,9 @@
 #include "dmx/dmx.h"
 #include "extensions/attention_maps.h"
 #include "loaders/model_bundle.h"
+#include "pipelines/generation.h"
 #include "pipelines/null_text_inversion.h"
 #include "pipelines/prompt_to_prompt.h"
-#include "pipelines/generation.h"
 
 namespace dmx {
 

@@ -97,9 +97,9 @@ void refuse_non_unclip_options(const GenerateOptions& o) {
 void check_noise_level_early(const std::string& model, int noise_level) {
   nlohmann::json cfg;
   try {
-    cfg = schedulers::parse_scheduler_config(read_text_file(
-        join_path(join_path(model, "image_noising_scheduler"), "scheduler_config.json"), "scheduler config",
-        kMaxJsonFileBytes));
+    cfg = schedulers::parse_scheduler_config(
+        read_text_file(join_path(join_path(model, "image_noising_scheduler"), "scheduler_config.json"),
+                       "scheduler config", kMaxJsonFileBytes));
     if (!cfg.contains("_class_name") || !cfg.at("_class_name").is_string()) return;
   } catch (const std::exception&) {
     return;
@@ -166,8 +166,10 @@ GenerateResult generate_unclip(const GenerateOptions& o) {
   const int noise_level = o.noise_level.value_or(0);
   pipelines::check_num_inference_steps(prior_steps, "--prior-steps");
   pipelines::check_guidance_scale(prior_guidance, "--prior-guidance-scale");
-  DMX_CHECK_ARG(noise_level >= 0, "--noise-level must be >= 0 (and below the image_noising_scheduler's "
-                                  "num_train_timesteps), got ", noise_level);
+  DMX_CHECK_ARG(noise_level >= 0,
+                "--noise-level must be >= 0 (and below the image_noising_scheduler's "
+                "num_train_timesteps), got ",
+                noise_level);
   check_noise_level_early(o.model, noise_level);
   const std::vector<std::string> image_paths = numbered_paths(o.output, o.num_images);
   {
@@ -235,9 +237,11 @@ VariationsResult variations(const VariationsOptions& o) {
   DMX_CHECK_ARG(!o.model.empty(), "--model is required (a StableUnCLIPImg2ImgPipeline folder)");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
   const std::string cls = api::unclip_pipeline_class(o.model);
-  DMX_CHECK_ARG(cls == "StableUnCLIPImg2ImgPipeline", "--model ", o.model, " must be a diffusers "
-                "StableUnCLIPImg2ImgPipeline folder (feature_extractor + image_encoder), got ",
-                cls.empty() ? std::string("another kind of model") : "a " + cls + " folder (text to image: dmx generate)");
+  DMX_CHECK_ARG(
+      cls == "StableUnCLIPImg2ImgPipeline", "--model ", o.model,
+      " must be a diffusers "
+      "StableUnCLIPImg2ImgPipeline folder (feature_extractor + image_encoder), got ",
+      cls.empty() ? std::string("another kind of model") : "a " + cls + " folder (text to image: dmx generate)");
   DMX_CHECK_ARG(!o.image.empty(), "--image is required (the picture to make variations of)");
   DMX_CHECK_ARG(!o.output.empty(), "--output is required (a .png path)");
   check_text(o.prompt, "--prompt");
@@ -251,8 +255,10 @@ VariationsResult variations(const VariationsOptions& o) {
   pipelines::check_guidance_scale(o.guidance_scale, "--guidance-scale");
   pipelines::check_eta(o.eta, "--eta");
   pipelines::check_num_images(o.num_images, "--num-images");
-  DMX_CHECK_ARG(o.noise_level >= 0, "--noise-level must be >= 0 (and below the image_noising_scheduler's "
-                                    "num_train_timesteps), got ", o.noise_level);
+  DMX_CHECK_ARG(o.noise_level >= 0,
+                "--noise-level must be >= 0 (and below the image_noising_scheduler's "
+                "num_train_timesteps), got ",
+                o.noise_level);
   api::check_noise_level_early(o.model, o.noise_level);
   const std::vector<std::string> image_paths = api::numbered_paths(o.output, o.num_images);
   {
@@ -298,8 +304,8 @@ VariationsResult variations(const VariationsOptions& o) {
   meta.negative_prompt = o.negative_prompt;
   meta.steps = o.steps;
   meta.guidance_scale = o.guidance_scale;
-  meta.scheduler = o.scheduler.empty() ? schedulers::scheduler_name_for_config(m.decoder->scheduler_config)
-                                       : o.scheduler;
+  meta.scheduler =
+      o.scheduler.empty() ? schedulers::scheduler_name_for_config(m.decoder->scheduler_config) : o.scheduler;
   meta.eta = o.eta;
   meta.num_images = o.num_images;
   meta.noise_level = o.noise_level;
@@ -354,10 +360,12 @@ EmbedResult embed(const EmbedOptions& o) {
     if (c->has_image_encoder() && !vision) vision = c;
     if (c->has_prior() && !text) text = c;
   }
-  DMX_CHECK_ARG(o.images.empty() || vision, "--image needs a StableUnCLIPImg2ImgPipeline folder (image_encoder) "
-                                            "among --model");
-  DMX_CHECK_ARG(o.prompts.empty() || text, "--prompt needs a StableUnCLIPPipeline folder (prior_text_encoder) "
-                                           "among --model");
+  DMX_CHECK_ARG(o.images.empty() || vision,
+                "--image needs a StableUnCLIPImg2ImgPipeline folder (image_encoder) "
+                "among --model");
+  DMX_CHECK_ARG(o.prompts.empty() || text,
+                "--prompt needs a StableUnCLIPPipeline folder (prior_text_encoder) "
+                "among --model");
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> rows;
   EmbedResult r;

@@ -87,9 +87,9 @@ void check_options(const UpscaleOptions& o) {
 }
 }  // namespace
 
-std::string format_upscale_parameters(const UpscaleOptions& o, uint64_t seed, int width, int height,
-                                      int low_res_width, int low_res_height, const std::string& sampler,
-                                      const std::string& model_name, const std::string& model_hash) {
+std::string format_upscale_parameters(const UpscaleOptions& o, uint64_t seed, int width, int height, int low_res_width,
+                                      int low_res_height, const std::string& sampler, const std::string& model_name,
+                                      const std::string& model_hash) {
   std::ostringstream os;
   os << o.prompt << "\n";
   if (!o.negative_prompt.empty()) os << "Negative prompt: " << o.negative_prompt << "\n";
@@ -103,8 +103,8 @@ std::string format_upscale_parameters(const UpscaleOptions& o, uint64_t seed, in
   if (o.eta != 0) os << ", Eta: " << fmt_number(o.eta);
   if (o.num_images > 1) os << ", Batch size: " << o.num_images;
   // The cascade's field name (metadata.cpp): parse_parameters reads it back as upscale_noise_level (--from).
-  os << ", Upscale noise level: " << o.noise_level << ", Upscale source size: " << low_res_width << "x" << low_res_height
-     << ", Version: dmx " << version();
+  os << ", Upscale noise level: " << o.noise_level << ", Upscale source size: " << low_res_width << "x"
+     << low_res_height << ", Version: dmx " << version();
   return os.str();
 }
 

@@ -14,11 +14,11 @@ int cmd_convert(int argc, char** argv) {
   const ConvertReport r = convert_weights(o);
   if (!a->has("quiet")) {
     if (!r.source_format.empty())
-      std::printf("wrote %s from a torch.save %s file: %lld tensors (%lld cast to %s), %d metadata entries, "
-                  "%.1f MB -> %.1f MB\n",
-                  o.output.c_str(), r.source_format.c_str(), static_cast<long long>(r.tensors_written),
-                  static_cast<long long>(r.tensors), o.dtype.c_str(), r.metadata_entries, r.bytes_in / 1e6,
-                  r.bytes_out / 1e6);
+      std::printf(
+          "wrote %s from a torch.save %s file: %lld tensors (%lld cast to %s), %d metadata entries, "
+          "%.1f MB -> %.1f MB\n",
+          o.output.c_str(), r.source_format.c_str(), static_cast<long long>(r.tensors_written),
+          static_cast<long long>(r.tensors), o.dtype.c_str(), r.metadata_entries, r.bytes_in / 1e6, r.bytes_out / 1e6);
     else
       std::printf("wrote %s: %d files, %lld tensors cast to %s, %.1f MB -> %.1f MB\n", o.output.c_str(), r.files,
                   static_cast<long long>(r.tensors), o.dtype.c_str(), r.bytes_in / 1e6, r.bytes_out / 1e6);

@@ -13,9 +13,8 @@ namespace dmx::cli {
 namespace {
 int cmd_data_tokenizer(int argc, char** argv) {
   TokenizerTrainOptions o;
-  const std::optional<Args> a = parse_options(kDataTokenizer, argc, argv, o,
-                                              {{"data", "a folder with captions"},
-                                               {"output", "the tokenizer folder to write"}});
+  const std::optional<Args> a = parse_options(
+      kDataTokenizer, argc, argv, o, {{"data", "a folder with captions"}, {"output", "the tokenizer folder to write"}});
   if (!a) return 0;  // --help
   const TokenizerTrainReport r = train_tokenizer(o);
   if (!a->has("quiet"))

@@ -39,8 +39,8 @@ int cmd_generate(int argc, char** argv) {
     o.steps = kUnCLIPSteps;
     o.guidance_scale = kUnCLIPGuidanceScale;
   }
-  DMX_CHECK_ARG(a.has("upscale-model") || !(a.has("upscale-noise-level") || a.has("upscale-steps") ||
-                                            a.has("upscale-guidance-scale")),
+  DMX_CHECK_ARG(a.has("upscale-model") ||
+                    !(a.has("upscale-noise-level") || a.has("upscale-steps") || a.has("upscale-guidance-scale")),
                 "--upscale-noise-level/--upscale-steps/--upscale-guidance-scale need --upscale-model");
   apply_options(a, target(kGenerate, o));
   if (a.has("mask") && !a.has("strength") && !a.has("from")) o.strength = 1.0;  // diffusers' inpaint default

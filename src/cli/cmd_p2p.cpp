@@ -10,11 +10,8 @@ namespace dmx::cli {
 
 int cmd_p2p(int argc, char** argv) {
   P2POptions o;
-  const std::optional<Args> a = parse_options(kP2P, argc, argv, o,
-                                              {kModelRequired,
-                                               {"prompt"},
-                                               {"edit-prompt"},
-                                               kPngOutputRequired});
+  const std::optional<Args> a =
+      parse_options(kP2P, argc, argv, o, {kModelRequired, {"prompt"}, {"edit-prompt"}, kPngOutputRequired});
   if (!a) return 0;  // --help
   const P2PResult r = p2p(o);
   std::printf("wrote %s (source | edit), %s, %s", r.output.c_str(), r.source.c_str(), r.edit.c_str());

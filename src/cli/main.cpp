@@ -41,7 +41,8 @@ const char* kUsage =
     "  upscale    x4 super-resolution of a picture with Stable Diffusion's x4 upscaler\n"
     "  variations image variations with a Stable unCLIP (StableUnCLIPImg2ImgPipeline) folder\n"
     "  embed      CLIP embeddings of pictures and texts, and their cosine similarities\n"
-    "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train <lora|finetune|dreambooth|controlnet|bench>)\n"
+    "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train "
+    "<lora|finetune|dreambooth|controlnet|bench>)\n"
     "  eval       score an emoji model with the emoji classifier (dmx train classifier)\n"
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
@@ -52,10 +53,12 @@ struct Entry {
   int (*run)(int, char**);
 };
 const Entry kCommands[] = {
-    {"generate", dmx::cli::cmd_generate}, {"info", dmx::cli::cmd_info},       {"bench", dmx::cli::cmd_bench},
-    {"data", dmx::cli::cmd_data},         {"init", dmx::cli::cmd_init},       {"convert", dmx::cli::cmd_convert},
-    {"p2p", dmx::cli::cmd_p2p},           {"diffedit", dmx::cli::cmd_diffedit}, {"train", dmx::cli::cmd_train},
-    {"eval", dmx::cli::cmd_eval},         {"upscale", dmx::cli::cmd_upscale}, {"variations", dmx::cli::cmd_variations},
+    {"generate", dmx::cli::cmd_generate}, {"info", dmx::cli::cmd_info},
+    {"bench", dmx::cli::cmd_bench},       {"data", dmx::cli::cmd_data},
+    {"init", dmx::cli::cmd_init},         {"convert", dmx::cli::cmd_convert},
+    {"p2p", dmx::cli::cmd_p2p},           {"diffedit", dmx::cli::cmd_diffedit},
+    {"train", dmx::cli::cmd_train},       {"eval", dmx::cli::cmd_eval},
+    {"upscale", dmx::cli::cmd_upscale},   {"variations", dmx::cli::cmd_variations},
     {"embed", dmx::cli::cmd_embed},
 };
 
@@ -87,8 +90,8 @@ int main(int argc, char** argv) {
     // whole; others their first line unless --verbose.
     const bool invalid_input = dynamic_cast<const dmx::InvalidArgument*>(&e) ||
                                dynamic_cast<const dmx::FormatError*>(&e) || dynamic_cast<const dmx::Unsupported*>(&e);
-    const bool dmx_error = invalid_input || dynamic_cast<const dmx::SystemError*>(&e) ||
-                           dynamic_cast<const dmx::IoError*>(&e);
+    const bool dmx_error =
+        invalid_input || dynamic_cast<const dmx::SystemError*>(&e) || dynamic_cast<const dmx::IoError*>(&e);
     const std::string what = e.what();
     const std::string shown = dmx_error || g_verbose ? what : what.substr(0, what.find('\n'));
     std::fprintf(stderr, "error: %s\n", dmx::terminal_safe(shown).c_str());

@@ -71,8 +71,10 @@ std::string format_number(double v) {
   const size_t e = s.find('e');
   if (e != std::string::npos) {
     size_t d = e + 1;
-    if (s[d] == '+') s.erase(d, 1);
-    else if (s[d] == '-') ++d;
+    if (s[d] == '+')
+      s.erase(d, 1);
+    else if (s[d] == '-')
+      ++d;
     while (d + 1 < s.size() && s[d] == '0') s.erase(d, 1);
   }
   return s;
@@ -120,7 +122,8 @@ std::string show_member(const Target& t, const std::string& unset, T S::*... m) 
     if (s) out = (!unset.empty() && s->*m == T{}) ? std::string() : show_value(s->*m);
     return s != nullptr;
   }() || ...);
-  if (!found) throw std::logic_error("cli option table: a row names no field of " + std::string(command_info(t.command).name));
+  if (!found)
+    throw std::logic_error("cli option table: a row names no field of " + std::string(command_info(t.command).name));
   return out;
 }
 
@@ -265,17 +268,18 @@ std::string scheduler_choices() {
 
 // Command sets.
 constexpr Commands kSampling = kGenerate | kP2P | kDiffEdit;  // embed ModelOptions, SamplingOptions, RunOptions
-constexpr Commands kModel = kSampling | kTrainRecipes;         // embed ModelOptions
-constexpr Commands kDevice = kGenerate | kDiffEdit | kBench;    // embed DeviceOptions
+constexpr Commands kModel = kSampling | kTrainRecipes;        // embed ModelOptions
+constexpr Commands kDevice = kGenerate | kDiffEdit | kBench;  // embed DeviceOptions
 constexpr Commands kLoraRecipes = kTrainLora | kTrainDreambooth;
-constexpr Commands kImage = kUpscale | kVariations;                // model, image, prompt, output of their own
-constexpr Commands kSamplingGroup = kSampling | kImage;            // embed SamplingOptions
-constexpr Commands kRunGroup = kSampling | kImage | kEmbed;        // embed RunOptions
-constexpr Commands kDeviceGroup = kDevice | kImage;                // embed DeviceOptions
+constexpr Commands kImage = kUpscale | kVariations;          // model, image, prompt, output of their own
+constexpr Commands kSamplingGroup = kSampling | kImage;      // embed SamplingOptions
+constexpr Commands kRunGroup = kSampling | kImage | kEmbed;  // embed RunOptions
+constexpr Commands kDeviceGroup = kDevice | kImage;          // embed DeviceOptions
 using UO = UpscaleOptions;
 using VO = VariationsOptions;
 
-const char* kModelHelp = "diffusers folder or single-file checkpoint (.safetensors, or a .ckpt pickle read weights-only) (required)";
+const char* kModelHelp =
+    "diffusers folder or single-file checkpoint (.safetensors, or a .ckpt pickle read weights-only) (required)";
 const char* kCaptionFolder = "images with captions: name.png + name.txt, or metadata.jsonl (required)";
 
 using TO = TrainOptions;
@@ -296,14 +300,16 @@ std::vector<Option> build_table() {
       // ---------------------------------------------------------------- the model (ModelOptions, DeviceOptions)
       {"model",
        {text(kSampling, "PATH", kModelHelp, "", &ModelOptions::model),
-        text(kTrainRecipes, "PATH", "diffusers folder (or single-file checkpoint for lora) to start from (required)", "",
-             &ModelOptions::model),
+        text(kTrainRecipes, "PATH", "diffusers folder (or single-file checkpoint for lora) to start from (required)",
+             "", &ModelOptions::model),
         text(kEval, "DIR", "diffusers folder of the text-to-image model (required unless a file metric is asked)", "",
              &EO::model),
-        text(kUpscale, "DIR", "a diffusers StableDiffusionUpscalePipeline folder (stabilityai/stable-diffusion-x4-upscaler) (required)",
+        text(kUpscale, "DIR",
+             "a diffusers StableDiffusionUpscalePipeline folder (stabilityai/stable-diffusion-x4-upscaler) (required)",
              "", &UO::model),
-        text(kVariations, "DIR", "a diffusers StableUnCLIPImg2ImgPipeline folder (feature_extractor + image_encoder) (required)",
-             "", &VO::model),
+        text(kVariations, "DIR",
+             "a diffusers StableUnCLIPImg2ImgPipeline folder (feature_extractor + image_encoder) (required)", "",
+             &VO::model),
         texts(kEmbed, "DIR",
               "Stable unCLIP folder; give it twice to take the image encoder from a StableUnCLIPImg2ImgPipeline folder "
               "and the text encoder from a StableUnCLIPPipeline one (required)",
@@ -345,7 +351,8 @@ std::vector<Option> build_table() {
         text(kVariations, "TEXT", "text to steer the variations", "empty, as diffusers", &VO::prompt),
         texts(kEmbed, "TEXT", "a text to embed with the prior's text encoder (repeatable)", &EmbedOptions::prompts)}},
       {"edit-prompt", {text(kP2P, "B", "the edited prompt (required)", "", &P2POptions::edit_prompt)}},
-      {"source-prompt", {text(kDiffEdit, "TEXT", "what the image shows (required)", "", &DiffEditOptions::source_prompt)}},
+      {"source-prompt",
+       {text(kDiffEdit, "TEXT", "what the image shows (required)", "", &DiffEditOptions::source_prompt)}},
       {"target-prompt",
        {text(kDiffEdit, "TEXT", "what the edited image should show (required)", "", &DiffEditOptions::target_prompt)}},
       {"negative-prompt",
@@ -361,8 +368,7 @@ std::vector<Option> build_table() {
              &DiffEditOptions::image),
         text(kUpscale, "LOW.png", "the low-resolution picture, PNG or JPEG; the output is 4x its size (required)", "",
              &UO::image),
-        text(kVariations, "IMG", "the picture to make variations of, PNG or JPEG, any size (required)", "",
-             &VO::image),
+        text(kVariations, "IMG", "the picture to make variations of, PNG or JPEG, any size (required)", "", &VO::image),
         texts(kEmbed, "IMG", "a picture (PNG/JPEG) to embed with the image encoder (repeatable)",
               &EmbedOptions::images)}},
       {"from",
@@ -376,8 +382,8 @@ std::vector<Option> build_table() {
              &TO::data),
         text(kTrainVae, "DIR", "images (captions are not used): metadata.jsonl or a folder of images (required)", "",
              &TO::data),
-        text(kTrainClassifier, "DIR", "`dmx data emoji` folder: every real image of every style is used (required)",
-             "", &ClassifierTrainOptions::data),
+        text(kTrainClassifier, "DIR", "`dmx data emoji` folder: every real image of every style is used (required)", "",
+             &ClassifierTrainOptions::data),
         text(kEval, "DIR", "`dmx data emoji` folder", "$DMX_EMOJI_DATA, ~/.cache/dmx/emoji-data, /tmp/emoji_ds",
              &EO::data)}},
       {"output",
@@ -387,8 +393,9 @@ std::vector<Option> build_table() {
         text(kDiffEdit, "OUT.png", "edited image (required)", "", &DiffEditOptions::output),
         text(kImage, "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)", "", &UO::output,
              &VO::output),
-        text(kEmbed, "F", "also write the embeddings and the matrix: .safetensors (image_embeds, text_embeds, cosine) or .json",
-             "", &EmbedOptions::output),
+        text(kEmbed, "F",
+             "also write the embeddings and the matrix: .safetensors (image_embeds, text_embeds, cosine) or .json", "",
+             &EmbedOptions::output),
         text(kInit, "DIR", "diffusers folder to create (required)", "", &InitModelOptions::output),
         text(kConvert, "PATH", "where to write the converted copy (required)", "", &ConvertOptions::output),
         text(kDataTokenizer, "DIR", "tokenizer folder to write (required)", "", &TokenizerTrainOptions::output),
@@ -427,11 +434,11 @@ std::vector<Option> build_table() {
       {"scheduler",
        {text(kGenerate | kEval | kImage, "NAME", scheduler_choices(), "the model's", &GO::scheduler, &EO::scheduler,
              &UO::scheduler, &VO::scheduler)}},
-      {"eta",
-       {num<double>(kGenerate | kImage, "E", "DDIM eta in [0, 1]", "", 0.0, 1.0, &GO::eta, &UO::eta, &VO::eta)}},
+      {"eta", {num<double>(kGenerate | kImage, "E", "DDIM eta in [0, 1]", "", 0.0, 1.0, &GO::eta, &UO::eta, &VO::eta)}},
       {"seed",
-       {seed(kSamplingGroup, "random seed, any 64-bit value; same seed = same draws as diffusers' torch.Generator(seed)",
-             "random", &SamplingOptions::seed),
+       {seed(kSamplingGroup,
+             "random seed, any 64-bit value; same seed = same draws as diffusers' torch.Generator(seed)", "random",
+             &SamplingOptions::seed),
         seed(kTrainRecipes | kTrainClassifier, "seed of every random draw", "", &TO::seed,
              &ClassifierTrainOptions::seed),
         seed(kInit, "seed of the initialisation", "", &InitModelOptions::seed),
@@ -490,8 +497,7 @@ std::vector<Option> build_table() {
         }(),
         text(kEval, "FILE", "also score this style LoRA: share of images classified twitter, with and without it", "",
              &EO::lora)}},
-      {"lora-mode",
-       {text(kGenerate, "MODE", "runtime|merged (both give the same result)", "", &GO::lora_mode)}},
+      {"lora-mode", {text(kGenerate, "MODE", "runtime|merged (both give the same result)", "", &GO::lora_mode)}},
       {"lora-dir",
        {text(kGenerate, "DIR", "folder for <lora:NAME:WEIGHT> tags in the prompt (NAME.safetensors)", "",
              &GO::lora_dir)}},
@@ -524,7 +530,8 @@ std::vector<Option> build_table() {
       {"canny-high",
        {num<double>(kGenerate | kDataEmoji, "H", "Canny high threshold", "", 0, 2040, &GO::canny_high,
                     &DE::canny_high)}},
-      {"guess-mode", {flag(kGenerate, "ControlNet guess mode (nets see the conditional half only)", true, &GO::guess_mode)}},
+      {"guess-mode",
+       {flag(kGenerate, "ControlNet guess mode (nets see the conditional half only)", true, &GO::guess_mode)}},
       {"save-control-image",
        {text(kGenerate, "OUT.png", "write the prepared control map(s) (several nets: OUT-0.png ...)", "",
              &GO::save_control_image)}},
@@ -540,7 +547,8 @@ std::vector<Option> build_table() {
        {reals(kGenerate, "X", "scale per adapter (repeatable; default 1; several: sum of scale x features)",
               &GO::adapter_scales)}},
       {"adapter-end",
-       {reals(kGenerate, "F", "cond_tau: features only during the first fraction F of the steps (repeatable; default 1)",
+       {reals(kGenerate, "F",
+              "cond_tau: features only during the first fraction F of the steps (repeatable; default 1)",
               &GO::adapter_ends)}},
       {"adapter-preprocess",
        {texts(kGenerate, "MODE", "none|canny: turn --adapter-image into the map (once, or per adapter)",
@@ -553,37 +561,37 @@ std::vector<Option> build_table() {
              &GO::hypernetwork_dir)}},
 
       // ---------------------------------------------------------------- generate: Stable unCLIP folders
-      {"prior-steps",
-       {[] {
-          Use u = own(kGenerate, "N", "unCLIP: prior denoising steps (default: diffusers' 25)");
-          u.set = [](const Target& t, const Args& a, const std::string& name) {
-            t.part<GO>()->prior_steps = static_cast<int>(a.integer(name, 0, 1, 1000));
-          };
-          return u;
-        }()}},
-      {"prior-guidance-scale",
-       {[] {
-          Use u = own(kGenerate, "G", "unCLIP: the prior's classifier-free guidance; <= 1 disables it (default: "
-                                      "diffusers' 4)");
-          u.set = [](const Target& t, const Args& a, const std::string& name) {
-            t.part<GO>()->prior_guidance_scale = a.real(name, 0, 0, 100);
-          };
-          return u;
-        }()}},
+      {"prior-steps", {[] {
+         Use u = own(kGenerate, "N", "unCLIP: prior denoising steps (default: diffusers' 25)");
+         u.set = [](const Target& t, const Args& a, const std::string& name) {
+           t.part<GO>()->prior_steps = static_cast<int>(a.integer(name, 0, 1, 1000));
+         };
+         return u;
+       }()}},
+      {"prior-guidance-scale", {[] {
+         Use u = own(kGenerate, "G",
+                     "unCLIP: the prior's classifier-free guidance; <= 1 disables it (default: "
+                     "diffusers' 4)");
+         u.set = [](const Target& t, const Args& a, const std::string& name) {
+           t.part<GO>()->prior_guidance_scale = a.real(name, 0, 0, 100);
+         };
+         return u;
+       }()}},
       {"noise-level",
        {[] {
-          Use u = own(kGenerate, "N", "unCLIP: noise added to the image embedding, in [0, T-1] of its scheduler "
-                                      "(default 0)");
+          Use u = own(kGenerate, "N",
+                      "unCLIP: noise added to the image embedding, in [0, T-1] of its scheduler "
+                      "(default 0)");
           u.set = [](const Target& t, const Args& a, const std::string& name) {
             t.part<GO>()->noise_level = static_cast<int>(a.integer(name, 0, -1000000, 1000000));
           };
           return u;
         }(),
         // The upper bound is the model's max_noise_level, checked against model_index.json before anything loads.
-        num<int>(kUpscale, "N", "noise added to the picture before upscaling, 0 .. the model's max_noise_level", "",
-                 0, kI32Max, &UO::noise_level),
-        num<int>(kVariations, "N", "noise added to the image embedding, in [0, T-1] of its scheduler", "",
-                 -1000000, 1000000, &VO::noise_level)}},
+        num<int>(kUpscale, "N", "noise added to the picture before upscaling, 0 .. the model's max_noise_level", "", 0,
+                 kI32Max, &UO::noise_level),
+        num<int>(kVariations, "N", "noise added to the image embedding, in [0, T-1] of its scheduler", "", -1000000,
+                 1000000, &VO::noise_level)}},
 
       // ---------------------------------------------------------------- upscale: the VAE decode and memory
       {"vae-tiling",
@@ -594,8 +602,8 @@ std::vector<Option> build_table() {
       {"vae-tile-size",
        {num<int>(kUpscale, "PX", "output pixels per tile", "the VAE's sample_size", 16, 4096, &UO::vae_tile_size)}},
       {"memory-limit",
-       {num<I64>(kUpscale, "MIB", "memory the run may plan for, MiB", "the machine's physical memory", 1,
-                 I64{1} << 30, &UO::memory_limit_mb)}},
+       {num<I64>(kUpscale, "MIB", "memory the run may plan for, MiB", "the machine's physical memory", 1, I64{1} << 30,
+                 &UO::memory_limit_mb)}},
 
       // ---------------------------------------------------------------- generate: the x4 upscaler after it
       {"upscale-model",
@@ -624,18 +632,17 @@ std::vector<Option> build_table() {
       {"reweight",
        {texts(kP2P, "WORD=SCALE", "mode reweight: scale the attention to a word of the edit prompt (repeatable)",
               &P2POptions::reweight)}},
-      {"local-blend",
-       {[] {
-          Use u = own(kP2P, "WORDS", "comma-separated words whose attention maps bound the edited region");
-          u.set = [](const Target& t, const Args& a, const std::string& name) {
-            const std::string words = a.str(name);
-            std::vector<std::string> list = split_commas(words);
-            for (const auto& w : list)
-              DMX_CHECK_ARG(!w.empty(), "--local-blend must be comma-separated words, got '", words, "'");
-            t.part<P2POptions>()->local_blend = list;
-          };
-          return u;
-        }()}},
+      {"local-blend", {[] {
+         Use u = own(kP2P, "WORDS", "comma-separated words whose attention maps bound the edited region");
+         u.set = [](const Target& t, const Args& a, const std::string& name) {
+           const std::string words = a.str(name);
+           std::vector<std::string> list = split_commas(words);
+           for (const auto& w : list)
+             DMX_CHECK_ARG(!w.empty(), "--local-blend must be comma-separated words, got '", words, "'");
+           t.part<P2POptions>()->local_blend = list;
+         };
+         return u;
+       }()}},
       {"local-blend-threshold",
        {num<double>(kP2P, "T", "local blend mask threshold in [0, 1]", "", 0.0, 1.0,
                     &P2POptions::local_blend_threshold)}},
@@ -651,8 +658,8 @@ std::vector<Option> build_table() {
 
       // ---------------------------------------------------------------- diffedit
       {"mask-output",
-       {text(kDiffEdit, "MASK.png", "also write the mask, at image size (latent size x VAE factor); white = edited",
-             "", &DiffEditOptions::mask_output)}},
+       {text(kDiffEdit, "MASK.png", "also write the mask, at image size (latent size x VAE factor); white = edited", "",
+             &DiffEditOptions::mask_output)}},
       {"encode-ratio",
        {checked(kDiffEdit, "R", "share of the schedule inverted and re-generated, in (0, 1]",
                 &DiffEditOptions::encode_ratio, unit_ratio)}},
@@ -684,7 +691,8 @@ std::vector<Option> build_table() {
 
       // ---------------------------------------------------------------- data tokenizer, data emoji
       {"vocab-size",
-       {num<int>(kDataTokenizer, "N", "tokens in all, 514..49408", "", 514, 49408, &TokenizerTrainOptions::vocab_size)}},
+       {num<int>(kDataTokenizer, "N", "tokens in all, 514..49408", "", 514, 49408,
+                 &TokenizerTrainOptions::vocab_size)}},
       {"min-frequency",
        {num<int>(kDataTokenizer, "N", "merge only pairs seen at least N times", "", 1, 1 << 30,
                  &TokenizerTrainOptions::min_frequency)}},
@@ -697,16 +705,15 @@ std::vector<Option> build_table() {
       {"source",
        {text(kDataEmoji, "DIR", "folder with emoji-datasource-<style>/package", "$DMX_EMOJI_DIR or ~/.cache/dmx/emoji",
              &DE::source)}},
-      {"style",
-       {[] {
-          Use u = texts(kDataEmoji, "NAME", "google|twitter|apple|facebook; repeatable", &DE::styles);
-          u.show = [](const Target& t) {
-            std::string s;
-            for (const auto& st : t.part<DE>()->styles) s += (s.empty() ? "" : ",") + st;
-            return s;
-          };
-          return u;
-        }()}},
+      {"style", {[] {
+         Use u = texts(kDataEmoji, "NAME", "google|twitter|apple|facebook; repeatable", &DE::styles);
+         u.show = [](const Target& t) {
+           std::string s;
+           for (const auto& st : t.part<DE>()->styles) s += (s.empty() ? "" : ",") + st;
+           return s;
+         };
+         return u;
+       }()}},
       {"size", {num<int>(kDataEmoji, "PX", "output side in pixels, 8..1024", "", 8, 1024, &DE::size)}},
       {"heldout-fraction",
        {num<double>(kDataEmoji, "F", "share of concepts kept out of training, 0..0.05", "", 0.0, 0.05,
@@ -716,15 +723,14 @@ std::vector<Option> build_table() {
              &DE::caption_format)}},
       {"extra-caption-format",
        {texts(kDataEmoji, "FMT", "one more row per image with this caption; repeatable", &DE::extra_caption_formats)}},
-      {"only",
-       {[] {
-          Use u = own(kDataEmoji, "NAMES",
-                      "build only these concepts: comma-separated short names (e.g. grinning,pizza,cat)");
-          u.set = [](const Target& t, const Args& a, const std::string& name) {
-            t.part<DE>()->only = split_commas(a.str(name));
-          };
-          return u;
-        }()}},
+      {"only", {[] {
+         Use u = own(kDataEmoji, "NAMES",
+                     "build only these concepts: comma-separated short names (e.g. grinning,pizza,cat)");
+         u.set = [](const Target& t, const Args& a, const std::string& name) {
+           t.part<DE>()->only = split_commas(a.str(name));
+         };
+         return u;
+       }()}},
 
       // ---------------------------------------------------------------- train
       {"resolution",
@@ -734,7 +740,8 @@ std::vector<Option> build_table() {
       {"random-flip", {flag(kTrainRecipes, "random horizontal flips", true, &TO::random_flip)}},
       {"image-column", {text(kTrainRecipes, "NAME", "metadata.jsonl image field", "", &TO::image_column)}},
       {"skip-bad-rows",
-       {flag(kTrainRecipes, "report bad dataset rows and leave them out instead of failing", true, &TO::skip_bad_rows)}},
+       {flag(kTrainRecipes, "report bad dataset rows and leave them out instead of failing", true,
+             &TO::skip_bad_rows)}},
       {"batch-size",
        {num<int>(kTrainRecipes, "B", "examples per process and micro-step", "", kI32Min, kI32Max, &TO::batch_size),
         num<int>(kTrainBench | kTrainClassifier, "B", "examples per step", "", 1, 4096, &TrainBenchOptions::batch_size,
@@ -790,7 +797,8 @@ std::vector<Option> build_table() {
       {"validation-steps",
        {num<I64>(kTrainRecipes, "N", "write validation images every N steps", "none", 0, kI64Max,
                  &TO::validation_steps)}},
-      {"validation-prompt", {text(kTrainRecipes, "TEXT", "prompt of the validation images", "", &TO::validation_prompt)}},
+      {"validation-prompt",
+       {text(kTrainRecipes, "TEXT", "prompt of the validation images", "", &TO::validation_prompt)}},
       {"num-validation-images",
        {num<int>(kTrainRecipes, "N", "validation images per run", "", 1, 64, &TO::num_validation_images)}},
       {"conditioning-column",
@@ -820,7 +828,8 @@ std::vector<Option> build_table() {
        {text(kTrainDreambooth, "DIR", "class images for prior preservation (generated when short)", "",
              &TO::class_data)}},
       {"class-prompt",
-       {text(kTrainDreambooth, "TEXT", "prompt of the class images, e.g. \"a photo of a dog\"", "", &TO::class_prompt)}},
+       {text(kTrainDreambooth, "TEXT", "prompt of the class images, e.g. \"a photo of a dog\"", "",
+             &TO::class_prompt)}},
       {"prior-loss-weight",
        {num<double>(kTrainDreambooth, "W", "weight of the prior-preservation loss", "", 0, 1e6,
                     &TO::prior_loss_weight)}},
@@ -830,8 +839,8 @@ std::vector<Option> build_table() {
        {num<int>(kTrainDreambooth, "N", "denoising steps of generated class images", "", 1, 10000,
                  &TO::class_inference_steps)}},
       {"lora-rank",
-       {num<int>(kTrainDreambooth, "R", "train LoRA adapters of this rank instead of the full UNet (0: full)", "", kI32Min,
-                 kI32Max, &TO::lora_rank)}},
+       {num<int>(kTrainDreambooth, "R", "train LoRA adapters of this rank instead of the full UNet (0: full)", "",
+                 kI32Min, kI32Max, &TO::lora_rank)}},
 
       // ---------------------------------------------------------------- eval
       {"prompts",
@@ -841,7 +850,8 @@ std::vector<Option> build_table() {
       {"limit", {num<int>(kEval, "N", "score only the first N prompts", "all", 1, 1 << 20, &EO::limit)}},
       {"lora-scale", {num<double>(kEval, "S", "scale of --lora", "", -100, 100, &EO::lora_scale)}},
       {"aux-prompts",
-       {num<int>(kEval, "N", "prompts used for --controlnet and --lora: the first N", "", 1, 1 << 20, &EO::aux_prompts)}},
+       {num<int>(kEval, "N", "prompts used for --controlnet and --lora: the first N", "", 1, 1 << 20,
+                 &EO::aux_prompts)}},
       {"dreambooth",
        {text(kEval, "FILE", "also score this DreamBooth LoRA: subject similarity with and without it", "",
              &EO::dreambooth)}},
@@ -856,7 +866,8 @@ std::vector<Option> build_table() {
       {"mask-iou", {own(kEval, "MASK", "print the IoU of MASK and --reference MASK (white = inside), then exit")}},
       {"background-error",
        {own(kEval, "IMAGE", "print the mean |IMAGE - --reference| outside --mask (in [0, 1]), then exit")}},
-      {"edge-f1", {own(kEval, "IMAGE", "print the edge F1 of Canny(IMAGE) against the edge map --reference, then exit")}},
+      {"edge-f1",
+       {own(kEval, "IMAGE", "print the edge F1 of Canny(IMAGE) against the edge map --reference, then exit")}},
       {"reference", {own(kEval, "FILE", "second file of --mask-iou, --background-error, --edge-f1")}},
 
       // ---------------------------------------------------------------- how a run behaves (RunOptions and the like)
@@ -949,25 +960,40 @@ void run_on_default(Command c, const std::function<void(const Target&)>& fn) {
 
 void with_default_target(Command c, const std::function<void(const Target&)>& fn) {
   switch (c) {
-    case kGenerate: return run_on_default<GenerateOptions>(c, fn);
-    case kBench: return run_on_default<BenchOptions>(c, fn);
-    case kP2P: return run_on_default<P2POptions>(c, fn);
-    case kDiffEdit: return run_on_default<DiffEditOptions>(c, fn);
-    case kInit: return run_on_default<InitModelOptions>(c, fn);
-    case kConvert: return run_on_default<ConvertOptions>(c, fn);
-    case kDataTokenizer: return run_on_default<TokenizerTrainOptions>(c, fn);
-    case kDataEmoji: return run_on_default<EmojiDataOptions>(c, fn);
+    case kGenerate:
+      return run_on_default<GenerateOptions>(c, fn);
+    case kBench:
+      return run_on_default<BenchOptions>(c, fn);
+    case kP2P:
+      return run_on_default<P2POptions>(c, fn);
+    case kDiffEdit:
+      return run_on_default<DiffEditOptions>(c, fn);
+    case kInit:
+      return run_on_default<InitModelOptions>(c, fn);
+    case kConvert:
+      return run_on_default<ConvertOptions>(c, fn);
+    case kDataTokenizer:
+      return run_on_default<TokenizerTrainOptions>(c, fn);
+    case kDataEmoji:
+      return run_on_default<EmojiDataOptions>(c, fn);
     case kTrainLora:
     case kTrainFinetune:
     case kTrainDreambooth:
     case kTrainControlnet:
-    case kTrainVae: return run_on_default<TrainOptions>(c, fn);
-    case kTrainBench: return run_on_default<TrainBenchOptions>(c, fn);
-    case kTrainClassifier: return run_on_default<ClassifierTrainOptions>(c, fn);
-    case kEval: return run_on_default<EvalOptions>(c, fn);
-    case kUpscale: return run_on_default<UpscaleOptions>(c, fn);
-    case kVariations: return run_on_default<VariationsOptions>(c, fn);
-    case kEmbed: return run_on_default<EmbedOptions>(c, fn);
+    case kTrainVae:
+      return run_on_default<TrainOptions>(c, fn);
+    case kTrainBench:
+      return run_on_default<TrainBenchOptions>(c, fn);
+    case kTrainClassifier:
+      return run_on_default<ClassifierTrainOptions>(c, fn);
+    case kEval:
+      return run_on_default<EvalOptions>(c, fn);
+    case kUpscale:
+      return run_on_default<UpscaleOptions>(c, fn);
+    case kVariations:
+      return run_on_default<VariationsOptions>(c, fn);
+    case kEmbed:
+      return run_on_default<EmbedOptions>(c, fn);
   }
   throw std::logic_error("cli: unknown command id");
 }

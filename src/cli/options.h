@@ -67,11 +67,16 @@ struct Target {
   // The part of the target of type S: a group it embeds, or its own struct; nullptr when it has none.
   template <class S>
   S* part() const {
-    if constexpr (std::is_same_v<S, ModelOptions>) return model;
-    else if constexpr (std::is_same_v<S, DeviceOptions>) return device;
-    else if constexpr (std::is_same_v<S, SamplingOptions>) return sampling;
-    else if constexpr (std::is_same_v<S, RunOptions>) return run;
-    else return type == std::type_index(typeid(S)) ? static_cast<S*>(options) : nullptr;
+    if constexpr (std::is_same_v<S, ModelOptions>)
+      return model;
+    else if constexpr (std::is_same_v<S, DeviceOptions>)
+      return device;
+    else if constexpr (std::is_same_v<S, SamplingOptions>)
+      return sampling;
+    else if constexpr (std::is_same_v<S, RunOptions>)
+      return run;
+    else
+      return type == std::type_index(typeid(S)) ? static_cast<S*>(options) : nullptr;
   }
 };
 

@@ -50,8 +50,7 @@ void check_components(const std::string& path, const nlohmann::json& index) {
     else if (!is_directory(join_path(path, c)))
       missing.push_back(std::string(c) + "/ (no such folder)");
   }
-  if (!missing.empty())
-    throw FormatError(path + " is a " + kPipelineClass + " folder missing " + join(missing, ", "));
+  if (!missing.empty()) throw FormatError(path + " is a " + kPipelineClass + " folder missing " + join(missing, ", "));
 }
 
 int read_max_noise_level(const std::string& path, const nlohmann::json& index) {
@@ -65,9 +64,7 @@ int read_max_noise_level(const std::string& path, const nlohmann::json& index) {
 }
 }  // namespace
 
-int UpscaleModels::image_channels() const {
-  return sd->unet->config().in_channels - sd->vae->config().latent_channels;
-}
+int UpscaleModels::image_channels() const { return sd->unet->config().in_channels - sd->vae->config().latent_channels; }
 
 std::unique_ptr<schedulers::Scheduler> UpscaleModels::make_low_res_scheduler() const {
   const std::string cls = low_res_scheduler_config.value("_class_name", std::string());
@@ -147,11 +144,11 @@ std::shared_ptr<UpscaleModels> load_upscale(const std::string& path_in, const Lo
                    kind.empty() ? std::string("no class embedding") : "class_embed_type \"" + kind + "\"");
   int limit = lr_train_steps - 1;
   if (kind == "embedding") limit = std::min(limit, unet.num_class_embeds - 1);
-  DMX_CHECK_FORMAT(m->max_noise_level <= limit, path, "/model_index.json: max_noise_level ", m->max_noise_level,
-                   " must be at most ", limit, " (the low_res_scheduler has ", lr_train_steps, " training timesteps",
-                   kind == "embedding" ? ", the UNet " + std::to_string(unet.num_class_embeds) + " class embeddings"
-                                       : std::string(),
-                   ")");
+  DMX_CHECK_FORMAT(
+      m->max_noise_level <= limit, path, "/model_index.json: max_noise_level ", m->max_noise_level, " must be at most ",
+      limit, " (the low_res_scheduler has ", lr_train_steps, " training timesteps",
+      kind == "embedding" ? ", the UNet " + std::to_string(unet.num_class_embeds) + " class embeddings" : std::string(),
+      ")");
   if (vae.scaling_factor != kUpscaleVaeScalingFactor)
     log_warn("vae/config.json of " + path + " has scaling_factor " + std::to_string(vae.scaling_factor) +
              "; the upscale pipeline uses 0.08333, as diffusers' StableDiffusionUpscalePipeline sets it");

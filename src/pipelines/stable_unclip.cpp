@@ -23,11 +23,12 @@ ImageEmbeddingConditioning::ImageEmbeddingConditioning(at::Tensor noised_image_e
 
 void ImageEmbeddingConditioning::check(const ResidualRun& run) const {
   const auto& cfg = run.models.unet->config();
-  DMX_CHECK_ARG(cfg.class_embedding_kind() == "projection",
-                "the decoder UNet of ", run.models.source_path, " has class embedding '", cfg.class_embedding_kind(),
+  DMX_CHECK_ARG(cfg.class_embedding_kind() == "projection", "the decoder UNet of ", run.models.source_path,
+                " has class embedding '", cfg.class_embedding_kind(),
                 "'; Stable unCLIP needs class_embed_type \"projection\"");
-  DMX_CHECK_ARG(cfg.projection_class_embeddings_input_dim == noised_.size(1), "the decoder UNet's class embedding takes ",
-                cfg.projection_class_embeddings_input_dim, " values, the noised image embedding has ", noised_.size(1));
+  DMX_CHECK_ARG(cfg.projection_class_embeddings_input_dim == noised_.size(1),
+                "the decoder UNet's class embedding takes ", cfg.projection_class_embeddings_input_dim,
+                " values, the noised image embedding has ", noised_.size(1));
   DMX_CHECK_ARG(noised_.size(0) == run.batch, "noised_image_embeds has ", noised_.size(0), " rows, the run makes ",
                 run.batch, " image(s)");
 }
@@ -73,8 +74,8 @@ void StableUnCLIPPipeline::check_params(const StableUnCLIPParams& p) const {
   } else {
     DMX_CHECK_ARG(!p.image.data.empty() || p.image_embeds.defined(),
                   "image variations need the picture (image) or its CLIP embedding (image_embeds)");
-    DMX_CHECK_ARG(!p.image_embeds.defined() || (p.image_embeds.dim() == 2 && p.image_embeds.size(0) == 1 &&
-                                                p.image_embeds.size(1) == E),
+    DMX_CHECK_ARG(!p.image_embeds.defined() ||
+                      (p.image_embeds.dim() == 2 && p.image_embeds.size(0) == 1 && p.image_embeds.size(1) == E),
                   "image_embeds must be [1, ", E, "], got ", p.image_embeds.sizes());
     DMX_CHECK_ARG(p.prior_latents.defined() == false && p.prior_step_noises.empty(),
                   "prior_latents / prior_step_noises: image variations run no prior");
@@ -112,8 +113,9 @@ at::Tensor StableUnCLIPPipeline::prior(const StableUnCLIPParams& p, std::vector<
 }
 
 at::Tensor StableUnCLIPPipeline::encode_image(const Image& image, const std::string& param) {
-  DMX_CHECK_ARG(unclip_->has_image_encoder(), "the picture's CLIP embedding needs a StableUnCLIPImg2ImgPipeline "
-                                              "folder (feature_extractor + image_encoder)");
+  DMX_CHECK_ARG(unclip_->has_image_encoder(),
+                "the picture's CLIP embedding needs a StableUnCLIPImg2ImgPipeline "
+                "folder (feature_extractor + image_encoder)");
   return clip_image_embeds(unclip_->feature_extractor, unclip_->image_encoder, image, param);
 }
 

@@ -31,7 +31,7 @@ struct StableUnCLIPParams : GenerationParams {
     num_inference_steps = 20;
     guidance_scale = 10.0;
   }
-  int width = 0;   // 0 = unet.sample_size x VAE factor
+  int width = 0;  // 0 = unet.sample_size x VAE factor
   int height = 0;
   int noise_level = 0;  // the image embedding's noise augmentation, in [0, image_noising_scheduler's T - 1]
   // Text to image (StableUnCLIPPipeline): the prior.
@@ -50,9 +50,9 @@ struct StableUnCLIPParams : GenerationParams {
 };
 
 struct StableUnCLIPOutput {
-  at::Tensor images;               // [N, H, W, 3] float32 in [0, 1]
-  at::Tensor latents;              // [N, 4, h, w] after the last decoder step
-  std::vector<double> timesteps;   // the decoder's
+  at::Tensor images;              // [N, H, W, 3] float32 in [0, 1]
+  at::Tensor latents;             // [N, 4, h, w] after the last decoder step
+  std::vector<double> timesteps;  // the decoder's
   std::vector<double> prior_timesteps;
   at::Tensor image_embeds;         // the prior's output or the picture's CLIP embedding, before the noise [B, E]
   at::Tensor noised_image_embeds;  // the decoder's class labels (conditional half) [N, 2E]

@@ -42,8 +42,8 @@ void LowResConditioning::check(const ResidualRun& run) const {
                 " input channels, the latents (", latent_c, ") and the picture (", image_.size(1), ") make ",
                 latent_c + image_.size(1));
   DMX_CHECK_ARG(image_.size(2) * f == run.height && image_.size(3) * f == run.width, "the low-res picture (",
-                image_.size(3), "x", image_.size(2), ") must have the latents' size for a ", run.width, "x",
-                run.height, " output");
+                image_.size(3), "x", image_.size(2), ") must have the latents' size for a ", run.width, "x", run.height,
+                " output");
 }
 
 void LowResConditioning::prepare(const ResidualRun& run) {
@@ -90,10 +90,10 @@ void UpscalePipeline::check_params(const UpscaleParams& p) const {
   DMX_CHECK_ARG(p.noise_level >= 0 && p.noise_level <= m_->max_noise_level, "noise_level must be in [0, ",
                 m_->max_noise_level, "] (the model's max_noise_level), got ", p.noise_level);
   const int f = sd.vae_scale_factor();
-  DMX_CHECK_ARG(p.image.defined() && p.image.dim() == 4 && p.image.size(0) == 1 &&
-                    p.image.size(1) == m_->image_channels(),
-                "image must be [1, ", m_->image_channels(), ", h, w], got ",
-                p.image.defined() ? p.image.sizes() : at::IntArrayRef{});
+  DMX_CHECK_ARG(
+      p.image.defined() && p.image.dim() == 4 && p.image.size(0) == 1 && p.image.size(1) == m_->image_channels(),
+      "image must be [1, ", m_->image_channels(), ", h, w], got ",
+      p.image.defined() ? p.image.sizes() : at::IntArrayRef{});
   DMX_CHECK_ARG(p.image.size(2) >= 1 && p.image.size(3) >= 1, "image must not be empty");
   DMX_CHECK_ARG(at::isfinite(p.image).all().item<bool>(), "image holds non-finite values");
   const int64_t h = p.image.size(2), w = p.image.size(3);
@@ -142,7 +142,8 @@ at::Tensor UpscalePipeline::decode_raw(const at::Tensor& z_in, const VaeTiling& 
   for (int64_t i = 0; i < z.size(2); i += step) {
     std::vector<at::Tensor> row;
     for (int64_t j = 0; j < z.size(3); j += step) {
-      const at::Tensor tile = z.slice(2, i, std::min(i + tile_latent, z.size(2))).slice(3, j, std::min(j + tile_latent, z.size(3)));
+      const at::Tensor tile =
+          z.slice(2, i, std::min(i + tile_latent, z.size(2))).slice(3, j, std::min(j + tile_latent, z.size(3)));
       row.push_back(vae->decode(tile).to(at::kFloat).to(at::kCPU).contiguous());
     }
     rows.push_back(std::move(row));
@@ -210,7 +211,8 @@ UpscaleOutput UpscalePipeline::run(const UpscaleParams& p) {
   auto sched = make_scheduler(*sd, p.scheduler, p.num_inference_steps);
 
   // 4. Noise augmentation of the picture: the run's first draw.
-  const at::Tensor noise = p.image_noise.defined() ? p.image_noise.to(at::kFloat) : randn_tensor(p.image.sizes(), p.generator);
+  const at::Tensor noise =
+      p.image_noise.defined() ? p.image_noise.to(at::kFloat) : randn_tensor(p.image.sizes(), p.generator);
   UpscaleOutput out;
   out.noised_image = noise_image(p.image, noise, p.noise_level);
 

@@ -39,7 +39,7 @@ struct UpscaleParams : GenerationParams {
   // The low-resolution picture [1, 3, h, w] in [-1, 1]; h and w multiples of the VAE factor
   // (preprocess_low_res makes it so from a picture).
   at::Tensor image;
-  int noise_level = 20;  // in [0, max_noise_level]
+  int noise_level = 20;    // in [0, max_noise_level]
   at::Tensor latents;      // given initial latents [N, C, h, w] (before init_noise_sigma); replaces the 2nd draw
   at::Tensor image_noise;  // given noise for the picture [1, 3, h, w]; replaces the 1st draw
   VaeTiling tiling;

@@ -30,9 +30,11 @@ int cmd_eval(int argc, char** argv) {
     if (a.has("mask-iou")) return print_metric("mask_iou", mask_iou(a.str("mask-iou"), a.str("reference")));
     if (a.has("edge-f1")) return print_metric("edge_f1", edge_f1_files(a.str("edge-f1"), a.str("reference")));
     DMX_CHECK_ARG(a.has("mask"), "--background-error needs --mask MASK");
-    return print_metric("background_error", background_error(a.str("background-error"), a.str("reference"), a.str("mask")));
+    return print_metric("background_error",
+                        background_error(a.str("background-error"), a.str("reference"), a.str("mask")));
   }
-  DMX_CHECK_ARG(!a.has("reference") && !a.has("mask"), "--reference/--mask apply to --mask-iou, --background-error, --edge-f1");
+  DMX_CHECK_ARG(!a.has("reference") && !a.has("mask"),
+                "--reference/--mask apply to --mask-iou, --background-error, --edge-f1");
   DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder)");
   apply_options(a, target(kEval, o));
   const EvalResult r = evaluate(o);
@@ -48,16 +50,18 @@ int cmd_eval(int argc, char** argv) {
               r.frechet_real > 0 ? r.frechet / r.frechet_real : 0.0);
   std::printf("classified twitter    %.4f\n", r.twitter_fraction);
   if (r.controlnet_n > 0)
-    std::printf("edge F1 (%d prompts)  %.4f with ControlNet, %.4f without; empty prompts: %.4f with, %.4f without "
-                "(tolerance %d px)\n", r.controlnet_n, r.edge_f1, r.edge_f1_without, r.edge_f1_empty,
-                r.edge_f1_empty_without, r.edge_tolerance);
+    std::printf(
+        "edge F1 (%d prompts)  %.4f with ControlNet, %.4f without; empty prompts: %.4f with, %.4f without "
+        "(tolerance %d px)\n",
+        r.controlnet_n, r.edge_f1, r.edge_f1_without, r.edge_f1_empty, r.edge_f1_empty_without, r.edge_tolerance);
   if (r.lora_n > 0)
     std::printf("LoRA style accuracy   %.4f with the LoRA, %.4f without (%d prompts)\n", r.lora_style_accuracy,
                 r.lora_style_accuracy_without, r.lora_n);
   if (r.dreambooth_n > 0)
-    std::printf("DreamBooth similarity %.4f with, %.4f without; recognised (top-5) %.4f with, %.4f without (%d images)\n",
-                r.dreambooth_similarity, r.dreambooth_similarity_without, r.dreambooth_top5,
-                r.dreambooth_top5_without, r.dreambooth_n);
+    std::printf(
+        "DreamBooth similarity %.4f with, %.4f without; recognised (top-5) %.4f with, %.4f without (%d images)\n",
+        r.dreambooth_similarity, r.dreambooth_similarity_without, r.dreambooth_top5, r.dreambooth_top5_without,
+        r.dreambooth_n);
   std::printf("seconds               %.1f\n", r.seconds);
   return 0;
 }

@@ -10,17 +10,17 @@ namespace dmx::cli {
 
 int cmd_train_classifier(int argc, char** argv) {
   ClassifierTrainOptions o;
-  const std::optional<Args> a = parse_options(kTrainClassifier, argc, argv, o,
-                                              {{"data", "a `dmx data emoji` folder"},
-                                               {"output", "a folder"}});
+  const std::optional<Args> a =
+      parse_options(kTrainClassifier, argc, argv, o, {{"data", "a `dmx data emoji` folder"}, {"output", "a folder"}});
   if (!a) return 0;  // --help
   const ClassifierTrainResult r = train_classifier(o);
   std::string json = "{\"steps\": " + std::to_string(r.steps) + ", \"seconds\": " + std::to_string(r.seconds) +
-                     ", \"images\": " + std::to_string(r.num_images) + ", \"classes\": " + std::to_string(r.num_classes);
+                     ", \"images\": " + std::to_string(r.num_images) +
+                     ", \"classes\": " + std::to_string(r.num_classes);
   for (size_t i = 0; i < r.styles.size(); ++i) {
     json += ", \"top1_" + r.styles[i] + "\": " + std::to_string(r.top1[i]) + ", \"top5_" + r.styles[i] +
-            "\": " + std::to_string(r.top5[i]) + ", \"style_accuracy_" + r.styles[i] + "\": " +
-            std::to_string(r.style_accuracy[i]);
+            "\": " + std::to_string(r.top5[i]) + ", \"style_accuracy_" + r.styles[i] +
+            "\": " + std::to_string(r.style_accuracy[i]);
     if (!a->has("json") && o.progress)
       std::fprintf(stderr, "%s: top-1 %.4f, top-5 %.4f, style %.4f (clean real images)\n", r.styles[i].c_str(),
                    r.top1[i], r.top5[i], r.style_accuracy[i]);
