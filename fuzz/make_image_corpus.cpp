@@ -1,11 +1,11 @@
 // Writes the seed corpus for fuzz_image: small PNGs of every color type and bit depth (plain,
 // interlaced, with text chunks) and JPEGs (baseline, progressive, gray, 4:2:0, 4:4:4, restart
 // markers), plus a few malformed files. Build and run: see fuzz/README.md.
+#include <jpeglib.h>
+#include <png.h>
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
-#include <jpeglib.h>
-#include <png.h>
 
 #include <cstdio>
 #include <cstring>
@@ -48,7 +48,8 @@ void png(const std::string& name, int w, int h, int color_type, int depth, bool 
   if (text) {
     t[0].compression = PNG_TEXT_COMPRESSION_NONE;
     t[0].key = const_cast<char*>("parameters");
-    t[0].text = const_cast<char*>("a cat\nNegative prompt: fog\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 8x8");
+    t[0].text =
+        const_cast<char*>("a cat\nNegative prompt: fog\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 8x8");
     t[1].compression = PNG_ITXT_COMPRESSION_zTXt;
     t[1].key = const_cast<char*>("Comment");
     t[1].text = const_cast<char*>("caf\xc3\xa9 \xe2\x98\x95");

@@ -12,6 +12,8 @@
 #   DMX_DREAMBOOTH   [models/emoji-dreambooth.safetensors]   DreamBooth LoRA of a held-out emoji
 #   DMX_DREAMBOOTH_PROMPT [first line of ${DMX_DREAMBOOTH%.safetensors}.txt]  its instance prompt
 #   DMX_CLASSIFIER   [models/emoji-classifier]               classifier of `dmx eval`
+#   DMX_UPSCALER     [models/emoji-sr]                       StableDiffusionUpscalePipeline folder (dmx upscale,
+#                                                            generate --upscale-model; e.g. stabilityai's x4 upscaler)
 #   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER --data $DMX_EMOJI_DATA --limit $DMX_DEMO_EVAL_LIMIT
 #                     --steps N --seed N --out $DMX_DEMO_OUT/eval]  arguments of `dmx eval` (+ --json); DMX_DEMO_EVAL_LIMIT [32] prompts
 #   DMX_EMOJI_DATA   [~/.cache/dmx/emoji-data]  the real emoji `dmx eval` compares against (built there when missing)
@@ -19,7 +21,7 @@
 #   DMX_DEMO_SIZE [the model's native size: unet sample_size x VAE factor]  side of the real inputs and outputs
 #   DMX_DEMO_SKIP_SETUP=1  use the existing build (no setup.sh, no build.sh)
 #   DMX_BUILD_DIR [build]  DMX_BIN [$DMX_BUILD_DIR/dmx]
-# A section whose optional model (ControlNet, LoRA, DreamBooth, classifier) is missing is skipped with a
+# A section whose optional model (ControlNet, LoRA, DreamBooth, upscaler, classifier) is missing is skipped with a
 # visible note in the page and on stderr; a missing DMX_MODEL is an error (exit 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,7 @@ LORA="${DMX_LORA:-models/emoji-lora-twitter.safetensors}"
 DREAMBOOTH="${DMX_DREAMBOOTH:-models/emoji-dreambooth.safetensors}"
 DREAMBOOTH_TXT="${DREAMBOOTH%.safetensors}.txt"
 CLASSIFIER="${DMX_CLASSIFIER:-models/emoji-classifier}"
+UPSCALER="${DMX_UPSCALER:-models/emoji-sr}"
 OUT="${DMX_DEMO_OUT:-demo}"
 STEPS="${DMX_DEMO_STEPS:-20}"
 SEED="${DMX_DEMO_SEED:-42}"
@@ -68,7 +71,7 @@ if [ "${DMX_DEMO_SKIP_SETUP:-0}" != 1 ]; then
 fi
 [ -x "$DMX" ] || { echo "demo: $DMX not found (build it with scripts/build.sh dmx_cli)" >&2; exit 2; }
 
-SECTIONS=(inputs txt2img img2img controlnet lora blended diffedit p2p nulltext dreambooth eval logs)
+SECTIONS=(inputs txt2img img2img controlnet lora blended diffedit p2p nulltext dreambooth upscale eval logs)
 rm -f "${OUT:?}/index.html"  # no page pointing at the images removed next
 for s in "${SECTIONS[@]}"; do rm -rf "${OUT:?}/$s"; done
 mkdir -p "$OUT"
@@ -413,6 +416,27 @@ if [ -f "$DREAMBOOTH" ] && { [ -n "${DMX_DREAMBOOTH_PROMPT:-}" ] || [ -f "$DREAM
     "$body" "$(sec_ms)"
 else
   skipped dreambooth "DreamBooth" "no DreamBooth LoRA at $DREAMBOOTH with its instance prompt in $DREAMBOOTH_TXT (set DMX_DREAMBOOTH, DMX_DREAMBOOTH_PROMPT)"
+fi
+
+# ---- 11b. x4 super-resolution: dmx upscale and the cascade ----------------------------------------------
+if grep -q '"StableDiffusionUpscalePipeline"' "$UPSCALER/model_index.json" 2>/dev/null; then
+  sec_t0
+  ids=()
+  UP_PROMPT="${PROMPTS[0]}"
+  run upscale_x4 "$DMX" upscale --model "$UPSCALER" --image "$OUT/txt2img/0.png" --prompt "$UP_PROMPT" \
+    --steps "$STEPS" --seed "$SEED" --quiet --output "$OUT/upscale/x4.png"
+  run upscale_cascade "${GEN[@]}" "${SIZE_ARGS[@]}" --prompt "$UP_PROMPT" --upscale-model "$UPSCALER" \
+    --upscale-steps "$STEPS" --output "$OUT/upscale/cascade.png"
+  figs=$(fig "txt2img/0.png" "input: $(q "$UP_PROMPT")" 4)$(fig "upscale/x4.png" "dmx upscale" 1)$(fig "upscale/cascade.png" "generate --upscale-model" 1)
+  body=$(row "$(q "$UP_PROMPT")" "$figs")
+  ids+=("upscale_x4=$(q "$UP_PROMPT"); noise level 20, guidance 9 (diffusers' defaults); steps $STEPS, seed $SEED")
+  ids+=("upscale_cascade=$(q "$UP_PROMPT"); the base run above, then the upscaler on its picture with the same seed's generator; upscaler steps $STEPS")
+  body+=$(runs_table "${ids[@]}")
+  section upscale "Super-resolution: <code>dmx upscale</code> and the cascade" \
+    "The x4 upscaler <code>$(esc "$UPSCALER")</code> (a StableDiffusionUpscalePipeline folder) on the first text-to-image output, and the same prompt as one cascaded command (docs/upscale.md)." \
+    "$body" "$(sec_ms)"
+else
+  skipped upscale "Super-resolution: <code>dmx upscale</code>" "no StableDiffusionUpscalePipeline folder at $UPSCALER (set DMX_UPSCALER, e.g. to stabilityai/stable-diffusion-x4-upscaler)"
 fi
 
 # ---- 12. metrics: dmx eval -----------------------------------------------------------------------------

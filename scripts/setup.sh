@@ -5,7 +5,8 @@ PKGS=(cmake ninja-build g++ ccache pkg-config libtorch-dev libopenblas0-openmp n
       libpng-dev libjpeg62-turbo-dev libgtest-dev
       libopencv-core-dev libopencv-imgproc-dev  # OpenCV: Canny preprocessor (ControlNet)
       libopencv-photo-dev  # OpenCV photo: seamlessClone (Poisson background, blended latent diffusion)
-      libgloo-dev)  # Gloo headers + library for data-parallel training (c10d ProcessGroupGloo)
+      libgloo-dev  # Gloo headers + library for data-parallel training (c10d ProcessGroupGloo)
+      clang-format-14)  # the formatting check (scripts/check_format.sh, ctest format.check)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

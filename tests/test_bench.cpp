@@ -49,7 +49,8 @@ TEST(BenchTiny, TinyPresetRunsAndReports) {
   EXPECT_GT(r.text_encode_s, 0);
   EXPECT_GT(r.peak_rss_mb, 0);
   const nlohmann::json j = nlohmann::json::parse(bench_json(r));
-  for (const char* key : {"text_encode_s", "unet_step_s", "vae_decode_s", "peak_rss_mb"}) EXPECT_TRUE(j.contains(key)) << key;
+  for (const char* key : {"text_encode_s", "unet_step_s", "vae_decode_s", "peak_rss_mb"})
+    EXPECT_TRUE(j.contains(key)) << key;
   EXPECT_NE(bench_table(r).find("unet guided step"), std::string::npos);
 }
 

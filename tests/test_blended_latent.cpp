@@ -10,16 +10,16 @@
 #include <fstream>
 #include <functional>
 
-#include "core/fs.h"
 #include "api/blended.h"
+#include "core/fs.h"
 #include "core/image.h"
 #include "core/resize.h"
 #include "dmx/dmx.h"
 #include "dmx/error.h"
 #include "extensions/latent_blend.h"
 #include "io/safetensors.h"
-#include "pipelines/blended_latent_diffusion.h"
 #include "loaders/model_bundle.h"
+#include "pipelines/blended_latent_diffusion.h"
 #include "test_ref_cases.h"
 #include "test_util.h"
 #include "tiny_models.h"

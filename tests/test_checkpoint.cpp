@@ -82,18 +82,36 @@ void expect_fields(const json& got, const json& want, const std::vector<std::str
   }
 }
 
-const std::vector<std::string> kUnetFields = {
-    "block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim", "use_linear_projection",
-    "down_block_types", "up_block_types", "in_channels", "out_channels", "mid_block_type",
-    "transformer_layers_per_block", "norm_num_groups", "norm_eps", "act_fn", "flip_sin_to_cos", "freq_shift",
-    "downsample_padding", "center_input_sample", "mid_block_scale_factor", "upcast_attention",
-    "only_cross_attention", "dual_cross_attention", "class_embed_type"};
+const std::vector<std::string> kUnetFields = {"block_out_channels",
+                                              "layers_per_block",
+                                              "cross_attention_dim",
+                                              "attention_head_dim",
+                                              "use_linear_projection",
+                                              "down_block_types",
+                                              "up_block_types",
+                                              "in_channels",
+                                              "out_channels",
+                                              "mid_block_type",
+                                              "transformer_layers_per_block",
+                                              "norm_num_groups",
+                                              "norm_eps",
+                                              "act_fn",
+                                              "flip_sin_to_cos",
+                                              "freq_shift",
+                                              "downsample_padding",
+                                              "center_input_sample",
+                                              "mid_block_scale_factor",
+                                              "upcast_attention",
+                                              "only_cross_attention",
+                                              "dual_cross_attention",
+                                              "class_embed_type"};
 const std::vector<std::string> kVaeFields = {
     "block_out_channels", "layers_per_block", "latent_channels", "in_channels", "out_channels", "down_block_types",
-    "up_block_types", "scaling_factor", "norm_num_groups", "act_fn", "force_upcast"};
+    "up_block_types",     "scaling_factor",   "norm_num_groups", "act_fn",      "force_upcast"};
 const std::vector<std::string> kTextFields = {
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
-    "vocab_size", "hidden_act", "layer_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id"};
+    "vocab_size",  "hidden_act",        "layer_norm_eps",    "bos_token_id",        "eos_token_id",
+    "pad_token_id"};
 
 // ---------------------------------------------------------------------------------------------
 // Golden: the tiny sd15 single-file checkpoint converts to exactly the diffusers folder's tensors.
@@ -116,7 +134,8 @@ TEST(CheckpointGolden, Sd15SingleFileEqualsDiffusersFolder) {
 TEST(CheckpointGolden, Sd15DetectedConfigsMatchDiffusers) {
   DMX_REQUIRE_FIXTURES();
   const TensorMap ckpt = load_safetensors(sd15_ldm());
-  const json yaml = parse_ldm_yaml(read_text_file(sd15() + "/ldm/sd15-inference.yaml", "yaml", dmx::kMaxJsonFileBytes), "sd15-inference.yaml");
+  const json yaml = parse_ldm_yaml(read_text_file(sd15() + "/ldm/sd15-inference.yaml", "yaml", dmx::kMaxJsonFileBytes),
+                                   "sd15-inference.yaml");
   const json unet_ref = load_json_file(sd15() + "/unet/config.json", "unet config");
   const json vae_ref = load_json_file(sd15() + "/vae/config.json", "vae config");
   const json text_ref = load_json_file(sd15() + "/text_encoder/config.json", "text config");
@@ -150,7 +169,8 @@ TEST(CheckpointGolden, Sd15WithoutConfigDirNeedsConfigForTextWidth) {
   const std::string dir = tmp_path("text_only_config");
   ::mkdir(dir.c_str(), 0755);
   ::mkdir((dir + "/text_encoder").c_str(), 0755);
-  write_text(dir + "/text_encoder/config.json", read_text_file(sd15() + "/text_encoder/config.json", "text config", dmx::kMaxJsonFileBytes));
+  write_text(dir + "/text_encoder/config.json",
+             read_text_file(sd15() + "/text_encoder/config.json", "text config", dmx::kMaxJsonFileBytes));
   const SingleFileCheckpoint ck = load_single_file(sd15_ldm(), dir);
   expect_same_tensors(ck.unet, load_diffusers_component(sd15(), "unet"), "unet (detected)");
   expect_fields(ck.unet_config, load_json_file(sd15() + "/unet/config.json", "unet"), kUnetFields, "unet");
@@ -164,8 +184,10 @@ TEST(CheckpointGolden, TextEncoderWithoutTextModelLevel) {
   TensorMap old;
   const std::string p = kLdmClipPrefix;
   for (const auto& [k, t] : ckpt) {
-    if (k.compare(0, p.size() + 11, p + "text_model.") == 0) old[p + k.substr(p.size() + 11)] = t;
-    else old[k] = t;
+    if (k.compare(0, p.size() + 11, p + "text_model.") == 0)
+      old[p + k.substr(p.size() + 11)] = t;
+    else
+      old[k] = t;
   }
   const json cfg = load_json_file(sd15() + "/text_encoder/config.json", "text config");
   expect_same_tensors(convert_ldm_clip(old, cfg), load_diffusers_component(sd15(), "text_encoder"), "text (old)",
@@ -186,9 +208,9 @@ TEST(CheckpointGolden, PickleCheckpointMatchesSafetensors) {
     EXPECT_EQ(pk.unet_config, st.unet_config);
     EXPECT_EQ(pk.vae_config, st.vae_config);
     EXPECT_EQ(pk.text_encoder_config, st.text_encoder_config);
-    for (const auto& [a, b, what] : {std::make_tuple(&pk.unet, &st.unet, "unet"),
-                                     std::make_tuple(&pk.vae, &st.vae, "vae"),
-                                     std::make_tuple(&pk.text_encoder, &st.text_encoder, "text_encoder")}) {
+    for (const auto& [a, b, what] :
+         {std::make_tuple(&pk.unet, &st.unet, "unet"), std::make_tuple(&pk.vae, &st.vae, "vae"),
+          std::make_tuple(&pk.text_encoder, &st.text_encoder, "text_encoder")}) {
       ASSERT_EQ(a->size(), b->size()) << what;
       for (const auto& [k, t] : *b) {
         ASSERT_TRUE(a->count(k)) << what << ": " << k;
@@ -302,9 +324,9 @@ TEST(CheckpointUnit, DiffusersComponentLookup) {
   ::mkdir((dir + "/unet").c_str(), 0755);
   // A folder without its weights is a malformed model (FormatError); a missing folder a bad path (InvalidArgument).
   expect_error<FormatError>([&] { load_diffusers_component(dir, "unet"); },
-                            {"diffusion_pytorch_model.safetensors", "model.safetensors", dir + "/unet"}, "empty folder");
-  expect_error<FormatError>([&] { load_diffusers_component(dir, "vae"); }, {"vae", "not found"},
-                            "no component folder");
+                            {"diffusion_pytorch_model.safetensors", "model.safetensors", dir + "/unet"},
+                            "empty folder");
+  expect_error<FormatError>([&] { load_diffusers_component(dir, "vae"); }, {"vae", "not found"}, "no component folder");
   expect_error<InvalidArgument>([&] { load_diffusers_component(tmp_path("nowhere"), "unet"); }, {"not found"},
                                 "no dir");
   write_text(dir + "/unet/diffusion_pytorch_model.bin", "pickle");
@@ -439,7 +461,7 @@ TEST(CheckpointUnit, OpenClipTextEncoderSplitAndNames) {
   EXPECT_EQ(ldm_text_encoder_kind(ckpt), LdmTextEncoder::OpenClip);
   const json cfg = detect_ldm_clip_config(ckpt);
   EXPECT_EQ(cfg["hidden_size"], W);
-  EXPECT_EQ(cfg["num_attention_heads"], 2);  // 128 / 64
+  EXPECT_EQ(cfg["num_attention_heads"], 2);    // 128 / 64
   EXPECT_EQ(cfg["num_hidden_layers"], N - 1);  // penultimate layer, as diffusers' 23-layer SD2 encoder
   EXPECT_EQ(cfg["intermediate_size"], 4 * W);
   EXPECT_EQ(cfg["vocab_size"], 100);
@@ -448,8 +470,8 @@ TEST(CheckpointUnit, OpenClipTextEncoderSplitAndNames) {
 
   const TensorMap out = convert_ldm_clip(ckpt, cfg);
   std::set<std::string> want = {"text_model.embeddings.token_embedding.weight",
-                                "text_model.embeddings.position_embedding.weight",
-                                "text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias"};
+                                "text_model.embeddings.position_embedding.weight", "text_model.final_layer_norm.weight",
+                                "text_model.final_layer_norm.bias"};
   for (int64_t i = 0; i < N - 1; ++i) {
     const std::string l = "text_model.encoder.layers." + std::to_string(i) + ".";
     for (const char* s : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
@@ -509,8 +531,7 @@ TEST(CheckpointGolden, Sd2StyleSingleFileWithYaml) {
   TensorMap m;
   for (const auto& [k, t] : load_safetensors(sd15_ldm())) {
     if (k.rfind("cond_stage_model.", 0) == 0) continue;
-    const bool proj =
-        k.find(".proj_in.weight") != std::string::npos || k.find(".proj_out.weight") != std::string::npos;
+    const bool proj = k.find(".proj_in.weight") != std::string::npos || k.find(".proj_out.weight") != std::string::npos;
     m[k] = proj && t.dim() == 4 ? t.reshape({t.size(0), t.size(1)}) : t;
   }
   for (const auto& kv : fake_open_clip(64, 3, 1000)) m[kv.first] = kv.second;

@@ -203,8 +203,8 @@ TEST(GenerateCli, UsageArgumentsAndExitCodes) {
   EXPECT_EQ(bad.code, 2);
   EXPECT_NE(bad.output.find("unknown command 'frobnicate'"), std::string::npos);
   const std::string out = temp_subdir("GenerateCli-UsageArgumentsAndExitCodes") + "/cli-gen.png";
-  const std::vector<std::string> base = {"generate", "--model", model(), "--prompt", "x", "--output", out,
-                                         "--steps", "2"};
+  const std::vector<std::string> base = {"generate", "--model", model(),   "--prompt", "x",
+                                         "--output", out,       "--steps", "2"};
   auto with_args = [&](std::vector<std::string> extra) {
     auto v = base;
     v.insert(v.end(), extra.begin(), extra.end());
@@ -233,17 +233,34 @@ TEST(GenerateCli, UsageArgumentsAndExitCodes) {
 // `dmx info` prints the parameters of a PNG dmx wrote, and `--from` re-runs them to the same pixels.
 TEST(InfoCli, InfoAndFromReproduceTheImage) {
   const std::string dir = temp_subdir("InfoCli-InfoAndFromReproduceTheImage");
-  CliRun r = dmx_run({"generate", "--model", model(), "--prompt", "a blue bird", "--negative-prompt", "fog", "--steps",
-                      "3", "--seed", "99", "--scheduler", "dpmpp_2m_karras", "--width", "40", "--height", "56",
-                      "--output", dir + "/orig.png", "--quiet"});
+  CliRun r = dmx_run({"generate",
+                      "--model",
+                      model(),
+                      "--prompt",
+                      "a blue bird",
+                      "--negative-prompt",
+                      "fog",
+                      "--steps",
+                      "3",
+                      "--seed",
+                      "99",
+                      "--scheduler",
+                      "dpmpp_2m_karras",
+                      "--width",
+                      "40",
+                      "--height",
+                      "56",
+                      "--output",
+                      dir + "/orig.png",
+                      "--quiet"});
   ASSERT_EQ(r.code, 0) << r.output;
   CliRun info = dmx_run({"info", dir + "/orig.png"});
   ASSERT_EQ(info.code, 0) << info.output;
   EXPECT_NE(info.output.find("Negative prompt: fog"), std::string::npos) << info.output;
   EXPECT_NE(info.output.find("Sampler: DPM++ 2M Karras"), std::string::npos) << info.output;
   EXPECT_NE(info.output.find("Model hash: " + model_hash(model())), std::string::npos) << info.output;
-  CliRun again = dmx_run({"generate", "--model", model(), "--from", dir + "/orig.png", "--output", dir + "/again.png",
-                          "--quiet"});
+  CliRun again =
+      dmx_run({"generate", "--model", model(), "--from", dir + "/orig.png", "--output", dir + "/again.png", "--quiet"});
   ASSERT_EQ(again.code, 0) << again.output;
   EXPECT_EQ(load_image(dir + "/orig.png", "a").data, load_image(dir + "/again.png", "b").data);
   CliRun noinfo = dmx_run({"info", dir + "/nothing.png"});

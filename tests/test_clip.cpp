@@ -35,7 +35,8 @@ void expect_throw_with(F&& f, const std::string& needle) {
 
 CLIPTextConfig fixture_config(const std::string& variant) {
   const std::string path = fixture_model(variant) + "/text_encoder/config.json";
-  return CLIPTextConfig::from_json(nlohmann::json::parse(read_text_file(path, "text encoder config", dmx::kMaxJsonFileBytes)));
+  return CLIPTextConfig::from_json(
+      nlohmann::json::parse(read_text_file(path, "text encoder config", dmx::kMaxJsonFileBytes)));
 }
 
 CLIPTextModel load_fixture_model(const std::string& variant) {
@@ -124,8 +125,8 @@ TEST(ClipTextKeysGolden, StateDictKeysMatchTheFileExactly) {
 }
 
 TEST(ClipTextTiny, PositionIdsKeyIsCleanedNotRegistered) {
-  CLIPTextModel model(CLIPTextConfig::from_json(
-      nlohmann::json::parse(read_text_file(tiny_config_dir("sd15") + "/text_encoder/config.json", "config", kMaxJsonFileBytes))));
+  CLIPTextModel model(CLIPTextConfig::from_json(nlohmann::json::parse(
+      read_text_file(tiny_config_dir("sd15") + "/text_encoder/config.json", "config", kMaxJsonFileBytes))));
   auto state = io::load_safetensors(tiny_model_dir("sd15") + "/text_encoder/model.safetensors");
   state["text_model.embeddings.position_ids"] = at::arange(77, at::kLong).unsqueeze(0);
   expect_throw_with<FormatError>([&] { io::load_state_dict(*model, state, "text_encoder"); },

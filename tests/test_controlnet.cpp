@@ -18,6 +18,7 @@
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/resize.h"
+#include "dmx/dmx.h"
 #include "dmx/error.h"
 #include "io/ldm_names.h"
 #include "io/safetensors.h"
@@ -25,7 +26,6 @@
 #include "models/controlnet.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
-#include "dmx/dmx.h"
 #include "test_util.h"
 #include "tiny_models.h"
 
@@ -235,8 +235,8 @@ void run_controlnet_golden(const std::string& variant, models::ControlNetModel n
     }
     ASSERT_EQ(out.down_block_res_samples.size(), ref.meta["n_down_residuals"].get<size_t>());
     for (size_t k = 0; k < out.down_block_res_samples.size(); ++k)
-      worst = std::max(worst, check_close(label + " " + pre + "down." + std::to_string(k), out.down_block_res_samples[k],
-                                          ref[pre + "down." + std::to_string(k)], kTol));
+      worst = std::max(worst, check_close(label + " " + pre + "down." + std::to_string(k),
+                                          out.down_block_res_samples[k], ref[pre + "down." + std::to_string(k)], kTol));
     DMX_EXPECT_CLOSE(label + " " + pre + "mid", out.mid_block_res_sample, ref[pre + "mid"], kTol);
     models::UNetInputs ui = plain;
     ui.down_block_additional_residuals = out.down_block_res_samples;
@@ -278,8 +278,11 @@ TEST(ControlNetGolden, UnprefixedOriginalKeysAndUnmatchedKeyErrors) {
   EXPECT_EQ(io::convert_ldm_controlnet(bare, cfg).size(), io::convert_ldm_controlnet(ck, cfg).size());
   ck["control_model.zero_convs.99.0.weight"] = at::zeros({1});
   expect_throw_with<FormatError>([&] { io::convert_ldm_controlnet(ck, cfg); }, "zero_convs.99");
-  expect_throw_with<FormatError>([&] { io::ldm_controlnet_prefix(io::TensorMap{{"x", at::zeros({1})}}); },
-                                 "ControlNet");
+  expect_throw_with<FormatError>(
+      [&] {
+        io::ldm_controlnet_prefix(io::TensorMap{{"x", at::zeros({1})}});
+      },
+      "ControlNet");
 }
 
 // Several ControlNets add up: two copies at scales a and b == one at a + b (residual sum, up to rounding).
@@ -615,8 +618,11 @@ TEST(ControlNetGenerateTiny, BadInputNamesTheFlagAndWritesNothing) {
                "--control-image");
   expect_error([&](GenerateOptions& o) { o.controlnets = {cn}, o.control_images = {dir + "/missing.png"}; },
                "--control-image");
-  expect_error([&](GenerateOptions& o) { o.controlnets = {cn}, o.control_images = {control}, o.control_scales = {1, 2}; },
-               "--control-scale");
+  expect_error(
+      [&](GenerateOptions& o) {
+        o.controlnets = {cn}, o.control_images = {control}, o.control_scales = {1, 2};
+      },
+      "--control-scale");
   expect_error(
       [&](GenerateOptions& o) {
         o.controlnets = {cn}, o.control_images = {control}, o.control_starts = {0.9}, o.control_ends = {0.2};
@@ -659,12 +665,47 @@ TEST(ControlNetCli, FlagsMapOntoGenerateOptions) {
   const std::string control = dir + "/control.png";
   save_png(control, control_picture(128, 128));
   const std::string cn = tiny_controlnet_dir("sd15"), cn_file = tiny_controlnet_file("sd15");
-  CliRun r = dmx_run({"generate", "--model", tiny_model_dir("sd15"), "--prompt", "a house", "--steps", "3", "--seed",
-                      "5", "--quiet", "--controlnet", cn, "--control-image", control, "--control-scale", "0.7",
-                      "--controlnet", cn_file, "--control-image", control, "--control-scale", "0.4",
-                      "--control-start", "0", "--control-start", "0.3", "--control-end", "1", "--control-end", "0.8",
-                      "--control-preprocess", "canny", "--canny-low", "50", "--canny-high", "150", "--guess-mode",
-                      "--save-control-image", dir + "/cli-map.png", "--output", dir + "/cli.png"});
+  CliRun r = dmx_run({"generate",
+                      "--model",
+                      tiny_model_dir("sd15"),
+                      "--prompt",
+                      "a house",
+                      "--steps",
+                      "3",
+                      "--seed",
+                      "5",
+                      "--quiet",
+                      "--controlnet",
+                      cn,
+                      "--control-image",
+                      control,
+                      "--control-scale",
+                      "0.7",
+                      "--controlnet",
+                      cn_file,
+                      "--control-image",
+                      control,
+                      "--control-scale",
+                      "0.4",
+                      "--control-start",
+                      "0",
+                      "--control-start",
+                      "0.3",
+                      "--control-end",
+                      "1",
+                      "--control-end",
+                      "0.8",
+                      "--control-preprocess",
+                      "canny",
+                      "--canny-low",
+                      "50",
+                      "--canny-high",
+                      "150",
+                      "--guess-mode",
+                      "--save-control-image",
+                      dir + "/cli-map.png",
+                      "--output",
+                      dir + "/cli.png"});
   ASSERT_EQ(r.code, 0) << r.output;
   GenerateOptions d = tiny_generate(dir + "/api.png");
   d.controlnets = {cn, cn_file};

@@ -23,10 +23,10 @@
 #include "api/train_sampler.h"
 #include "core/image.h"
 #include "dmx/error.h"
-#include "io/safetensors.h"
-#include "pipelines/controlnet.h"
 #include "dmx/train.h"
+#include "io/safetensors.h"
 #include "loaders/model_bundle.h"
+#include "pipelines/controlnet.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "tiny_models.h"
@@ -246,19 +246,20 @@ TEST(ControlNetTrainCli, TwoRanksOnLoopbackEqualOneProcess) {
   const std::string one = test::temp_dir() + "/cn_cli_one", two = test::temp_dir() + "/cn_cli_two";
   for (const auto& p : {one, two, one + ".train", two + ".train"}) fs::remove_all(p);
   auto args = [&](const std::string& out, int batch) {
-    return std::vector<std::string>{"train", "controlnet", "--model", model, "--data", data, "--output", out,
-                                    "--steps", "2", "--batch-size", std::to_string(batch), "--resolution", "128",
-                                    "--learning-rate", "1e-3", "--adam-epsilon", "1e-4", "--seed", "11",
-                                    "--threads", "1", "--quiet"};
+    return std::vector<std::string>{
+        "train",        "controlnet", "--model",         model,  "--data",         data,
+        "--output",     out,          "--steps",         "2",    "--batch-size",   std::to_string(batch),
+        "--resolution", "128",        "--learning-rate", "1e-3", "--adam-epsilon", "1e-4",
+        "--seed",       "11",         "--threads",       "1",    "--quiet"};
   };
   const pid_t single = spawn_dmx(args(one, 2), {"OMP_NUM_THREADS=1"});
   ASSERT_EQ(wait_for(single, 120), 0);
   const std::string port = std::to_string(free_port());
   std::vector<pid_t> ranks;
   for (int r = 0; r < 2; ++r)
-    ranks.push_back(spawn_dmx(args(two, 1), {"RANK=" + std::to_string(r), "LOCAL_RANK=" + std::to_string(r),
-                                             "WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port,
-                                             "OMP_NUM_THREADS=1"}));
+    ranks.push_back(
+        spawn_dmx(args(two, 1), {"RANK=" + std::to_string(r), "LOCAL_RANK=" + std::to_string(r), "WORLD_SIZE=2",
+                                 "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port, "OMP_NUM_THREADS=1"}));
   for (pid_t p : ranks) EXPECT_EQ(wait_for(p, 120), 0);
   const io::TensorMap a = io::load_safetensors(one + "/diffusion_pytorch_model.safetensors");
   const io::TensorMap b = io::load_safetensors(two + "/diffusion_pytorch_model.safetensors");
@@ -283,7 +284,8 @@ TEST(ControlNetRecipeTiny, BatchGradientIsTheMeanOfRowGradients) {
     for (auto& p : recipe->trainable_parameters()) p.tensor.add_(at::randn(p.tensor.sizes(), g) * 0.02);
   }
   at::Generator g = at::make_generator<at::CPUGeneratorImpl>(6);
-  const at::Tensor noisy = at::randn({2, 4, 16, 16}, g), ehs = at::randn({2, 77, 32}, g), eps = at::randn({2, 4, 16, 16}, g);
+  const at::Tensor noisy = at::randn({2, 4, 16, 16}, g), ehs = at::randn({2, 77, 32}, g),
+                   eps = at::randn({2, 4, 16, 16}, g);
   const at::Tensor t = at::tensor({700, 30}, at::kLong);
   training::Batch b;
   b.conditioning = at::rand({2, 3, 128, 128}, g);
@@ -291,7 +293,8 @@ TEST(ControlNetRecipeTiny, BatchGradientIsTheMeanOfRowGradients) {
     for (auto& p : recipe->trainable_parameters()) p.tensor.mutable_grad() = at::Tensor();
     training::Batch part;
     part.conditioning = b.conditioning.narrow(0, first, n);
-    const at::Tensor pred = recipe->predict(noisy.narrow(0, first, n), t.narrow(0, first, n), ehs.narrow(0, first, n), part);
+    const at::Tensor pred =
+        recipe->predict(noisy.narrow(0, first, n), t.narrow(0, first, n), ehs.narrow(0, first, n), part);
     at::mse_loss(pred, eps.narrow(0, first, n)).backward();
     std::vector<at::Tensor> v;
     for (auto& p : recipe->trainable_parameters()) v.push_back(p.tensor.grad().reshape({-1}).clone());
@@ -303,8 +306,9 @@ TEST(ControlNetRecipeTiny, BatchGradientIsTheMeanOfRowGradients) {
     p0.conditioning = b.conditioning.narrow(0, 0, 1);
     p1.conditioning = b.conditioning.narrow(0, 1, 1);
     const at::Tensor full = recipe->predict(noisy, t, ehs, b);
-    const at::Tensor rows = at::cat({recipe->predict(noisy.narrow(0, 0, 1), t.narrow(0, 0, 1), ehs.narrow(0, 0, 1), p0),
-                                     recipe->predict(noisy.narrow(0, 1, 1), t.narrow(0, 1, 1), ehs.narrow(0, 1, 1), p1)});
+    const at::Tensor rows =
+        at::cat({recipe->predict(noisy.narrow(0, 0, 1), t.narrow(0, 0, 1), ehs.narrow(0, 0, 1), p0),
+                 recipe->predict(noisy.narrow(0, 1, 1), t.narrow(0, 1, 1), ehs.narrow(0, 1, 1), p1)});
     DMX_EXPECT_CLOSE("prediction of a batch of 2 vs its rows", rows, full, 1e-5);
     models::ControlNetInputs ci;
     ci.sample = noisy;
@@ -339,7 +343,8 @@ TEST(ControlNetRecipeTiny, GradientCheckpointingGivesTheSameGradients) {
     for (auto& p : recipe->trainable_parameters()) p.tensor.add_(at::randn(p.tensor.sizes(), g) * 0.02);
   }
   at::Generator g = at::make_generator<at::CPUGeneratorImpl>(6);
-  const at::Tensor noisy = at::randn({2, 4, 16, 16}, g), ehs = at::randn({2, 77, 32}, g), eps = at::randn({2, 4, 16, 16}, g);
+  const at::Tensor noisy = at::randn({2, 4, 16, 16}, g), ehs = at::randn({2, 77, 32}, g),
+                   eps = at::randn({2, 4, 16, 16}, g);
   const at::Tensor t = at::tensor({700, 30}, at::kLong);
   training::Batch b;
   b.conditioning = at::rand({2, 3, 128, 128}, g);

@@ -13,8 +13,8 @@
 #include "dmx/error.h"
 #include "io/ldm_names.h"
 #include "io/safetensors.h"
-#include "pipelines/controlnet.h"
 #include "loaders/model_bundle.h"
+#include "pipelines/controlnet.h"
 #include "test_util.h"
 #include "tiny_models.h"
 #include "training/controlnet_init.h"
@@ -128,8 +128,7 @@ TEST(ControlNetTablesGolden, ConfigJsonIsWhatDiffusersWrites) {
     const std::string dir = test::fixture_model(variant) + "/controlnet";
     const std::string text = read_text_file(dir + "/config.json", "fixture", dmx::kMaxJsonFileBytes);
     const nlohmann::json expected = nlohmann::json::parse(text);
-    const nlohmann::json actual =
-        training::controlnet_config_json(models::ControlNetConfig::from_json(expected));
+    const nlohmann::json actual = training::controlnet_config_json(models::ControlNetConfig::from_json(expected));
     EXPECT_EQ(actual, expected) << variant << "\nactual:\n" << actual.dump(2) << "\nexpected:\n" << expected.dump(2);
     EXPECT_EQ(actual.dump(2) + "\n", text) << variant << ": not byte-identical to diffusers' file";
   }

@@ -21,9 +21,7 @@ Image gradient(int w, int h, int c) {
   return img;
 }
 
-void write_raw(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary) << bytes;
-}
+void write_raw(const std::string& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
 
 TEST(CoreImageUnit, PngRoundTripWithText) {
   const std::string path = temp_dir() + "/rt.png";
@@ -89,10 +87,11 @@ TEST(CoreImageUnit, TensorConversionsMatchDiffusers) {
 
 TEST(CoreFsUnit, AtomicWriteLeavesNothingOnFailure) {
   const std::string path = temp_dir() + "/atomic.bin";
-  EXPECT_THROW(write_file_atomic(path, [](const std::string& tmp) {
-                 std::ofstream(tmp) << "partial";
-                 throw IoError("interrupted");
-               }),
+  EXPECT_THROW(write_file_atomic(path,
+                                 [](const std::string& tmp) {
+                                   std::ofstream(tmp) << "partial";
+                                   throw IoError("interrupted");
+                                 }),
                IoError);
   EXPECT_FALSE(path_exists(path));
   EXPECT_FALSE(path_exists(path + ".tmp." + std::to_string(::getpid())));
@@ -137,13 +136,15 @@ TEST(CoreTextUnit, TheSharedHelpers) {
 // CPython 3.11).
 TEST(CoreUtf8Unit, LossyDecodingMatchesPython) {
   const std::vector<std::pair<std::string, std::u32string>> cases = {
-      {"\xf0\x9f\x98", U"\uFFFD"},                          // a truncated 4-byte sequence: one
+      {"\xf0\x9f\x98", U"\uFFFD"},  // a truncated 4-byte sequence: one
       {"\xf0\x9f", U"\uFFFD"},
-      {"\x9f\x98\x80", U"\uFFFD\uFFFD\uFFFD"},             // continuation bytes alone: one each
-      {"\xf0" "A", U"\uFFFDA"},
+      {"\x9f\x98\x80", U"\uFFFD\uFFFD\uFFFD"},  // continuation bytes alone: one each
+      {"\xf0"
+       "A",
+       U"\uFFFDA"},
       {"a\xe2\x82", U"a\uFFFD"},
-      {"\xed\xa0\x80", U"\uFFFD\uFFFD\uFFFD"},             // a surrogate
-      {"\xc0\xaf", U"\uFFFD\uFFFD"},                        // overlong
+      {"\xed\xa0\x80", U"\uFFFD\uFFFD\uFFFD"},            // a surrogate
+      {"\xc0\xaf", U"\uFFFD\uFFFD"},                      // overlong
       {"\xf4\x90\x80\x80", U"\uFFFD\uFFFD\uFFFD\uFFFD"},  // above U+10FFFF
       {"caf\xc3\xa9 \xf0\x9f\x98\x80", U"caf\u00e9 \U0001F600"},
   };

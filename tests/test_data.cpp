@@ -180,7 +180,8 @@ TEST(DataEmojiCli, ExitCodes) {
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("'nope'"), std::string::npos) << r.output;
   EXPECT_FALSE(path_exists(tmp + "/cli_only"));
-  r = dmx::test::dmx_run({"data", "emoji", "--source", src, "--out", tmp + "/cli_only", "--only", "thing2,thing3", "--quiet"});
+  r = dmx::test::dmx_run(
+      {"data", "emoji", "--source", src, "--out", tmp + "/cli_only", "--only", "thing2,thing3", "--quiet"});
   EXPECT_EQ(r.code, 0) << r.output;
   EXPECT_EQ(read_jsonl(tmp + "/cli_only/google/train/metadata.jsonl").size(), 2u);
 }

@@ -9,16 +9,16 @@
 #include <functional>
 
 #include "core/image.h"
+#include "dmx/diffedit.h"
 #include "dmx/dmx.h"
-#include "io/safetensors.h"
 #include "dmx/error.h"
+#include "io/safetensors.h"
+#include "loaders/model_bundle.h"
 #include "pipelines/ddim_inversion.h"
 #include "pipelines/diffedit.h"
-#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
 #include "test_ref_cases.h"
-#include "dmx/diffedit.h"
 #include "test_util.h"
 #include "tiny_models.h"
 
@@ -94,9 +94,10 @@ TEST_P(DDIMInversionGolden, MatchesReference) {
     double worst = 0;
     for (size_t k = 0; k < lat.size(); ++k) {
       const std::string key = "inv." + std::to_string(k);
-      worst = std::max(worst, check_close(v + "/ddim_inversion " + key + ".eps" + mode, eps[k], ref[key + ".eps"], tol));
-      worst = std::max(worst,
-                       check_close(v + "/ddim_inversion " + key + ".latents" + mode, lat[k], ref[key + ".latents"], tol));
+      worst =
+          std::max(worst, check_close(v + "/ddim_inversion " + key + ".eps" + mode, eps[k], ref[key + ".eps"], tol));
+      worst = std::max(
+          worst, check_close(v + "/ddim_inversion " + key + ".latents" + mode, lat[k], ref[key + ".latents"], tol));
     }
     EXPECT_LE(worst, tol) << "inversion steps" << mode;
     if (!forced) {
@@ -553,8 +554,9 @@ TEST(DiffEditTiny, SeededRunMatchesPipelineAndWritesOutputs) {
   DMX_EXPECT_CLOSE("diffedit seed 77 latents vs pipeline", api_latents, expected, 1e-4);
   // The mask PNG is the latent mask scaled up by the VAE factor (2 for this model).
   at::Tensor m = at::from_blob(mask_png.data.data(), {64, 64}, at::kByte).to(at::kFloat) / 255;
-  EXPECT_TRUE(at::equal(m.index({at::indexing::Slice(0, at::indexing::None, 2), at::indexing::Slice(0, at::indexing::None, 2)}),
-                        mask.mask[0]));
+  EXPECT_TRUE(
+      at::equal(m.index({at::indexing::Slice(0, at::indexing::None, 2), at::indexing::Slice(0, at::indexing::None, 2)}),
+                mask.mask[0]));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -745,9 +747,20 @@ TEST(DiffEditCli, HelpAndExitCodes) {
   EXPECT_NE(help.output.find("--encode-ratio"), std::string::npos);
   const std::string image = write_input_png("diffedit-cli.png");
   const std::string dir = temp_subdir("DiffEditCli-HelpAndExitCodes");
-  const std::vector<std::string> args = {"diffedit", "--model", tiny_model_dir("test"), "--source-prompt",
-                                         "a bowl of fruit", "--target-prompt", "a basket of pears", "--output",
-                                         dir + "/cli.png", "--steps", "4", "--num-maps", "2", "--quiet"};
+  const std::vector<std::string> args = {"diffedit",
+                                         "--model",
+                                         tiny_model_dir("test"),
+                                         "--source-prompt",
+                                         "a bowl of fruit",
+                                         "--target-prompt",
+                                         "a basket of pears",
+                                         "--output",
+                                         dir + "/cli.png",
+                                         "--steps",
+                                         "4",
+                                         "--num-maps",
+                                         "2",
+                                         "--quiet"};
   CliRun r = dmx_run(args);
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("error: --image is required"), std::string::npos) << r.output;
@@ -757,8 +770,9 @@ TEST(DiffEditCli, HelpAndExitCodes) {
   r = dmx_run(ok);
   ASSERT_EQ(r.code, 0) << r.output;
   // Same draws, another thread count: rounding only (a different draw order changes everything).
-  DMX_EXPECT_CLOSE("diffedit CLI seed 77 latents vs pipeline", io::load_safetensors(dir + "/cli.safetensors").at("latents"),
-                   pipeline_latents(image, nullptr), 1e-4);
+  DMX_EXPECT_CLOSE("diffedit CLI seed 77 latents vs pipeline",
+                   io::load_safetensors(dir + "/cli.safetensors").at("latents"), pipeline_latents(image, nullptr),
+                   1e-4);
 }
 
 }  // namespace

@@ -78,8 +78,8 @@ int free_port() {
 }
 
 // Runs `world` copies of this binary as ranks of one job; returns their exit codes (-1 on timeout).
-std::vector<int> run_ranks(int world, const std::string& mode, const std::string& out_dir,
-                           const std::string& data = "", double timeout_s = 90) {
+std::vector<int> run_ranks(int world, const std::string& mode, const std::string& out_dir, const std::string& data = "",
+                           double timeout_s = 90) {
   const std::string self = fs::read_symlink("/proc/self/exe").string();
   const std::string port = std::to_string(free_port());
   std::vector<pid_t> pids;

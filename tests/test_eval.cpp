@@ -56,8 +56,9 @@ std::string synthetic_emoji_data() {
     const std::string img = root + "/emoji-datasource-" + style + "/package/img/" + style + "/64";
     fs::create_directories(img);
     for (int i = 0; i < n; ++i)
-      save_png(img + "/e" + std::to_string(i) + ".png",
-               shape(i, static_cast<uint8_t>(12 * i), style == "google" ? 200 : 40, static_cast<uint8_t>(250 - 11 * i)));
+      save_png(
+          img + "/e" + std::to_string(i) + ".png",
+          shape(i, static_cast<uint8_t>(12 * i), style == "google" ? 200 : 40, static_cast<uint8_t>(250 - 11 * i)));
   }
   for (int i = 0; i < n; ++i)
     j.push_back({{"name", "Thing Number " + std::to_string(i)},
@@ -126,8 +127,7 @@ TEST(EvalFrechetUnit, DiagonalClosedForm) {
   const at::Tensor mu1 = at::randn({D}, gen, at::kDouble), mu2 = at::randn({D}, gen, at::kDouble);
   const double expected = (mu1 - mu2).pow(2).sum().item<double>() + (d1.sqrt() - d2.sqrt()).pow(2).sum().item<double>();
   const double diag = metrics::frechet_distance(mu1, at::diag(d1), mu2, at::diag(d2));
-  const double rotated =
-      metrics::frechet_distance(mu1, at::matmul(q * d1, q.t()), mu2, at::matmul(q * d2, q.t()));
+  const double rotated = metrics::frechet_distance(mu1, at::matmul(q * d1, q.t()), mu2, at::matmul(q * d2, q.t()));
   std::printf("[check] frechet diagonal: %.12f rotated: %.12f expected: %.12f\n", diag, rotated, expected);
   EXPECT_NEAR(diag, expected, 1e-6 * expected);
   EXPECT_NEAR(rotated, expected, 1e-6 * expected);
@@ -140,8 +140,8 @@ TEST(EvalFrechetUnit, NonCommuting2x2ClosedForm) {
   const at::Tensor mu1 = at::tensor({0.3, -1.0}, at::kDouble), mu2 = at::tensor({1.0, 0.5}, at::kDouble);
   const double tr_sqrt = std::sqrt(at::matmul(s1, s2).trace().item<double>() +
                                    2 * std::sqrt(at::det(s1).item<double>() * at::det(s2).item<double>()));
-  const double expected = (mu1 - mu2).pow(2).sum().item<double>() + s1.trace().item<double>() +
-                          s2.trace().item<double>() - 2 * tr_sqrt;
+  const double expected =
+      (mu1 - mu2).pow(2).sum().item<double>() + s1.trace().item<double>() + s2.trace().item<double>() - 2 * tr_sqrt;
   const double got = metrics::frechet_distance(mu1, s1, mu2, s2);
   std::printf("[check] frechet 2x2: %.12f expected %.12f\n", got, expected);
   EXPECT_NEAR(got, expected, 1e-9);
@@ -164,7 +164,7 @@ TEST(EvalFrechetUnit, IdenticalSetsAreZeroAndShiftIsMeanTerm) {
 
 TEST(EvalEdgeF1Unit, SyntheticMaps) {
   at::Tensor target = at::zeros({32, 32}, at::kBool);
-  target.slice(0, 8, 9).slice(1, 8, 24).fill_(true);   // top side of a square outline
+  target.slice(0, 8, 9).slice(1, 8, 24).fill_(true);  // top side of a square outline
   target.slice(0, 23, 24).slice(1, 8, 24).fill_(true);
   target.slice(1, 8, 9).slice(0, 8, 24).fill_(true);
   target.slice(1, 23, 24).slice(0, 8, 24).fill_(true);
@@ -219,7 +219,8 @@ TEST(EmojiClassifierTiny, ShapesBatchInvarianceAndSaveLoad) {
   EXPECT_EQ(o.style_logits.sizes(), (at::IntArrayRef{4, 2}));
   for (int i = 0; i < 4; ++i) {
     const emoji::EmojiClassifierOutput one = emoji::classify(m, x.slice(0, i, i + 1), 1);
-    DMX_EXPECT_CLOSE("batch 1 vs batch 4, features " + std::to_string(i), one.features, o.features.slice(0, i, i + 1), 1e-5);
+    DMX_EXPECT_CLOSE("batch 1 vs batch 4, features " + std::to_string(i), one.features, o.features.slice(0, i, i + 1),
+                     1e-5);
     DMX_EXPECT_CLOSE("batch 1 vs batch 4, logits " + std::to_string(i), one.concept_logits,
                      o.concept_logits.slice(0, i, i + 1), 1e-5);
   }
@@ -293,7 +294,8 @@ TEST(EvalPromptsUnit, DefaultListAndFileParsing) {
   EXPECT_EQ(p[0].find(','), std::string::npos);
   for (const auto& s : p) EXPECT_NE(s.find("thing number"), std::string::npos);
   EXPECT_THROW(default_eval_prompts(data, 300), InvalidArgument);  // 19 train concepts only
-  const std::string good = write_text("good_prompts.txt", "# comment\nthing number 3\n\nthing number 4, objects, twitter style\n");
+  const std::string good =
+      write_text("good_prompts.txt", "# comment\nthing number 3\n\nthing number 4, objects, twitter style\n");
   EXPECT_EQ(read_eval_prompts(good, data).size(), 2u);
   const std::string bad = write_text("bad_prompts.txt", "thing number 3\nslice of unicorn\n");
   try {
@@ -393,8 +395,8 @@ TEST(EvalTiny, EndToEndJson) {
   const std::string lora = dmx::test::tiny_lora_file("test", "diffusers");
   const std::string data = synthetic_emoji_data();
   const std::string clf = synthetic_classifier();
-  const std::string prompts =
-      write_text("e2e_prompts.txt", "thing number 1\nthing number 2, objects, google style\nthing number 5\nthing number 6\n");
+  const std::string prompts = write_text(
+      "e2e_prompts.txt", "thing number 1\nthing number 2, objects, google style\nthing number 5\nthing number 6\n");
   const std::string out = join_path(dmx::test::temp_dir(), "e2e_out");
   EvalOptions o;
   o.model = model;
@@ -416,9 +418,9 @@ TEST(EvalTiny, EndToEndJson) {
   const auto j = nlohmann::json::parse(evaluate(o).to_json());
   std::printf("[check] dmx eval on the tiny model: %s\n", j.dump().c_str());
   EXPECT_EQ(j["n"], 4);
-  for (const char* k : {"top1", "top5", "twitter_fraction", "edge_f1", "edge_f1_without", "edge_f1_empty",
-                        "edge_f1_empty_without", "lora_style_accuracy",
-                        "lora_style_accuracy_without", "dreambooth_top5", "dreambooth_top5_without"}) {
+  for (const char* k :
+       {"top1", "top5", "twitter_fraction", "edge_f1", "edge_f1_without", "edge_f1_empty", "edge_f1_empty_without",
+        "lora_style_accuracy", "lora_style_accuracy_without", "dreambooth_top5", "dreambooth_top5_without"}) {
     ASSERT_TRUE(j.contains(k)) << k;
     EXPECT_GE(j[k].get<double>(), 0.0) << k;
     EXPECT_LE(j[k].get<double>(), 1.0) << k;

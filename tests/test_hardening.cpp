@@ -38,9 +38,7 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-void write_file(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary) << bytes;
-}
+void write_file(const std::string& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
 
 std::vector<std::string> list_dir(const std::string& dir) {
   std::vector<std::string> out;
@@ -164,7 +162,8 @@ TEST(HardeningSha256Unit, NistVectors) {
   EXPECT_EQ(sha256_hex(two_blocks.data(), two_blocks.size()),
             "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
   const std::string long_msg =
-      "abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmnoijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrstu";
+      "abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmnoijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrst"
+      "u";
   EXPECT_EQ(sha256_hex(long_msg.data(), long_msg.size()),
             "cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1");
   const std::string million(1000000, 'a');
@@ -207,9 +206,9 @@ TEST(HardeningSha256Unit, FileStreamsAndModelHash) {
 
 TEST(HardeningTextUnit, Utf8Validation) {
   for (const std::string ok : {"", "plain ascii", "caf\xc3\xa9", "\xe4\xb8\x80\xe5\x8f\xaa\xe7\x8c\xab",  // CJK
-                               "\xf0\x9f\x90\x88\xe2\x80\x8d\xe2\xac\x9b",                                 // emoji ZWJ
-                               "\xd7\xa9\xd7\x9c\xd7\x95\xd7\x9d \xd8\xb3\xd9\x84\xd8\xa7\xd9\x85",         // Hebrew, Arabic
-                               "e\xcc\x81\xcc\xa7", "\xf4\x8f\xbf\xbf"}) {                                  // combining, U+10FFFF
+                               "\xf0\x9f\x90\x88\xe2\x80\x8d\xe2\xac\x9b",                                // emoji ZWJ
+                               "\xd7\xa9\xd7\x9c\xd7\x95\xd7\x9d \xd8\xb3\xd9\x84\xd8\xa7\xd9\x85",  // Hebrew, Arabic
+                               "e\xcc\x81\xcc\xa7", "\xf4\x8f\xbf\xbf"}) {  // combining, U+10FFFF
     EXPECT_EQ(find_invalid_utf8(ok), std::string::npos) << ok;
     EXPECT_NO_THROW(check_text(ok, "--prompt"));
   }
@@ -238,11 +237,11 @@ TEST(HardeningTextUnit, Utf8Validation) {
 // with undefined behaviour.
 TEST(HardeningTextUnit, ParametersWithAbsurdNumbers) {
   const std::string head = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, ";
-  for (const std::string tail : {"Seed: 1, Size: 1e300x64", "Seed: 1, Size: 64x-1e10", "Seed: 1, Size: 64.5x64",
-                                 "Seed: 1, Size: nanx64", "Seed: 99999999999999999999999, Size: 64x64",
-                                 "Seed: -1, Size: 64x64", "Seed: 1, Size: 64x64, Clip skip: 1e40",
-                                 "Seed: 1, Size: 64x64, Batch size: inf", "Seed: 1, Size: 64x64, Clip skip: -2147483648",
-                                 "Seed: 1, Size: 64x64, Clip skip: 0"}) {
+  for (const std::string tail :
+       {"Seed: 1, Size: 1e300x64", "Seed: 1, Size: 64x-1e10", "Seed: 1, Size: 64.5x64", "Seed: 1, Size: nanx64",
+        "Seed: 99999999999999999999999, Size: 64x64", "Seed: -1, Size: 64x64", "Seed: 1, Size: 64x64, Clip skip: 1e40",
+        "Seed: 1, Size: 64x64, Batch size: inf", "Seed: 1, Size: 64x64, Clip skip: -2147483648",
+        "Seed: 1, Size: 64x64, Clip skip: 0"}) {
     EXPECT_THROW(parse_parameters(head + tail), InvalidArgument) << tail;
   }
   EXPECT_THROW(parse_parameters("p\nSteps: 1e300, Seed: 1"), InvalidArgument);
@@ -457,7 +456,8 @@ GenerateOptions opts(const std::string& out, const std::string& model_path = "")
 // Rejected in-process: an error of type E (the CLI prints it after "error: " and exits 2) whose message holds
 // every needle, and nothing written into out_dir.
 template <typename E = InvalidArgument>
-void expect_api_rejected(const GenerateOptions& o, const std::vector<std::string>& needles, const std::string& out_dir) {
+void expect_api_rejected(const GenerateOptions& o, const std::vector<std::string>& needles,
+                         const std::string& out_dir) {
   const auto before = list_dir(out_dir);
   try {
     generate(o);
@@ -496,8 +496,8 @@ TEST(HardeningTiny, BadNumbersAndNames) {
   expect_api_rejected(with(o, [](auto& x) { x.num_images = 0; }), {"num_images must be in [1, 64], got 0"}, dir);
   expect_api_rejected(with(o, [](auto& x) { x.scheduler = "euler-ancestral"; }),
                       {"--scheduler must be one of", "got 'euler-ancestral'"}, dir);
-  expect_api_rejected(with(o, [](auto& x) { x.dtype = "int8"; }), {"--dtype must be one of fp32, bf16, fp16, got 'int8'"},
-                      dir);
+  expect_api_rejected(with(o, [](auto& x) { x.dtype = "int8"; }),
+                      {"--dtype must be one of fp32, bf16, fp16, got 'int8'"}, dir);
   expect_api_rejected(with(o, [](auto& x) { x.clip_skip = 40; }), {"clip_skip must be in [0, "}, dir);
 }
 
@@ -513,8 +513,7 @@ TEST(HardeningCli, ArgumentParsing) {
   expect_rejected(gen(out, {"--guidance-scale", "inf"}), {"--guidance-scale must be a number, got 'inf'"}, dir);
   expect_rejected(gen(out, {"--seed", "18446744073709551616"}), {"--seed must be an integer in [0, 2^64-1]"}, dir);
   expect_rejected(gen(out, {"--quiet", "--verbose"}), {"--quiet and --verbose cannot be used together"}, dir);
-  expect_rejected(gen(out, {"--strength", "1.5", "--init-image", out}), {"--strength must be in [0, 1], got 1.5"},
-                  dir);
+  expect_rejected(gen(out, {"--strength", "1.5", "--init-image", out}), {"--strength must be in [0, 1], got 1.5"}, dir);
 }
 
 TEST(HardeningTiny, StrengthNeedsRangeAndImage) {
@@ -580,8 +579,7 @@ TEST(HardeningTiny, BrokenSafetensors) {
       {"header_past_end", le64(good.size()) + good.substr(8, 100), "runs past the end of the file"},
       {"header_only", good.substr(0, 8 + n), "lies outside the data area"},
       {"short", good.substr(0, 5), "shorter than the 8-byte header length"},
-      {"offsets_outside",
-       safetensors_bytes(R"({"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,4096]}})", 16),
+      {"offsets_outside", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,4096]}})", 16),
        "lies outside the data area"},
       {"shape_mismatch", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[3,3],"data_offsets":[0,16]}})", 16),
        "holds 16 bytes but shape x dtype F32 needs 36"},
@@ -617,12 +615,13 @@ TEST(HardeningTiny, BrokenSafetensors) {
   // The same inside a diffusers folder: the UNet, the VAE and the text encoder weights.
   for (const std::string comp : {"unet", "vae", "text_encoder"}) {
     for (const auto& c : {cases[0], cases[1], cases[5]}) {
-      const std::string folder = model_copy("folder_" + comp + "_" + c.name, {comp + "/model.safetensors",
-                                                                            comp + "/diffusion_pytorch_model.safetensors"});
-      const std::string file =
-          folder + "/" + comp + (comp == "text_encoder" && path_exists(model() + "/text_encoder/model.safetensors")
-                                     ? "/model.safetensors"
-                                     : "/diffusion_pytorch_model.safetensors");
+      const std::string folder =
+          model_copy("folder_" + comp + "_" + c.name,
+                     {comp + "/model.safetensors", comp + "/diffusion_pytorch_model.safetensors"});
+      const std::string file = folder + "/" + comp +
+                               (comp == "text_encoder" && path_exists(model() + "/text_encoder/model.safetensors")
+                                    ? "/model.safetensors"
+                                    : "/diffusion_pytorch_model.safetensors");
       write_file(file, c.bytes);
       SCOPED_TRACE(comp + " " + c.name);
       expect_api_rejected<FormatError>(opts(out, folder), {c.needle}, dir);
@@ -687,7 +686,8 @@ TEST(HardeningTiny, CorruptInitImages) {
     expect_api_rejected(with(i2i, [&](auto& x) { x.init_image = src + "/" + name; }), {"--init-image"}, dir);
   }
   expect_api_rejected(with(i2i, [&](auto& x) { x.init_image = src; }), {"--init-image", "directory"}, dir);
-  expect_api_rejected(with(i2i, [&](auto& x) { x.init_image = src + "/none.png"; }), {"--init-image", "not found"}, dir);
+  expect_api_rejected(with(i2i, [&](auto& x) { x.init_image = src + "/none.png"; }), {"--init-image", "not found"},
+                      dir);
   // A valid image whose size breaks the rules.
   Image odd;
   odd.width = 36;
@@ -703,13 +703,17 @@ TEST(HardeningTiny, CorruptInitImages) {
 
 TEST(HardeningTiny, UnicodePrompts) {
   const std::string dir = fresh_dir("unicode");
+  // emoji with ZWJ and skin tone; CJK; RTL with a mark; combining marks and a ligature; escapes; a long word.
+  // clang-format off
   const std::vector<std::string> prompts = {
-      "\xf0\x9f\x90\x88\xe2\x80\x8d\xe2\xac\x9b on a \xf0\x9f\x9b\xb8, \xf0\x9f\x91\x8d\xf0\x9f\x8f\xbd",  // emoji, ZWJ, skin tone
+      "\xf0\x9f\x90\x88\xe2\x80\x8d\xe2\xac\x9b on a \xf0\x9f\x9b\xb8, \xf0\x9f\x91\x8d\xf0\x9f\x8f\xbd",
       "\xe4\xb8\x80\xe5\x8f\xaa\xe7\x8c\xab\xe5\x9d\x90\xe5\x9c\xa8\xe5\xb1\x8b\xe9\xa1\xb6 \xe3\x81\xad\xe3\x81\x93",
       "\xd7\x97\xd7\xaa\xd7\x95\xd7\x9c \xd8\xb9\xd9\x84\xd9\x89 \xd8\xa7\xd9\x84\xd8\xb3\xd8\xb7\xd8\xad \xe2\x80\x8f",
-      "Z\xcd\x91\xcd\x97" "a\xcc\x8a\xcd\x8el\xcd\x9fg\xcc\x9bo e\xcc\x81 \xef\xac\x81",  // combining marks, ligature
+      "Z\xcd\x91\xcd\x97"
+      "a\xcc\x8a\xcd\x8el\xcd\x9fg\xcc\x9bo e\xcc\x81 \xef\xac\x81",  // combining marks, ligature
       "tab\tnew\nline \"quotes\" 'single' \\back, comma: colon",
       std::string(2000, 'a') + " long"};
+  // clang-format on
   int i = 0;
   for (const auto& prompt : prompts) {
     GenerateOptions o = opts(dir + "/u" + std::to_string(i++) + ".png");
@@ -845,7 +849,8 @@ TEST(HardeningCli, KilledRunLeavesNoFile) {
   const std::string cli = cli_path();
   for (int sig : {SIGINT, SIGTERM}) {
     const std::string dir = fresh_dir("killed" + std::to_string(sig));
-    auto args = gen(dir + "/k.png", {"--steps", "999", "--scheduler", "euler", "--save-latents", dir + "/k.safetensors"});
+    auto args =
+        gen(dir + "/k.png", {"--steps", "999", "--scheduler", "euler", "--save-latents", dir + "/k.safetensors"});
     const pid_t pid = fork();
     ASSERT_GE(pid, 0);
     if (pid == 0) {

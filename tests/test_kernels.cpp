@@ -24,8 +24,8 @@ struct FusedGuard {
   ~FusedGuard() { dmx::set_fused_kernels(prev); }
 };
 
-#define DMX_REQUIRE_FUSED()                                                                       \
-  do {                                                                                            \
+#define DMX_REQUIRE_FUSED()                                                                                \
+  do {                                                                                                     \
     if (!::dmx::nn::fused_kernels_available()) GTEST_SKIP() << "no AVX512-BF16 kernels on this CPU/build"; \
   } while (0)
 
@@ -165,9 +165,9 @@ at::Tensor make_input(const GnCase& c, at::ScalarType dt) {
 TEST(KernelsUnit, FusedGroupNormSiluMatchesComposite) {
   DMX_REQUIRE_FUSED();
   at::manual_seed(4);
-  const std::vector<GnCase> cases = {{{2, 64, 13, 7}, 32, false}, {{2, 64, 13, 7}, 32, true}, {{1, 96, 5, 3}, 32, true},
-                                     {{3, 6, 17}, 3, false},      {{2, 40, 33}, 8, true},       {{1, 512, 9, 9}, 32, false},
-                                     {{1, 20, 1, 1}, 4, true}};
+  const std::vector<GnCase> cases = {
+      {{2, 64, 13, 7}, 32, false}, {{2, 64, 13, 7}, 32, true},  {{1, 96, 5, 3}, 32, true}, {{3, 6, 17}, 3, false},
+      {{2, 40, 33}, 8, true},      {{1, 512, 9, 9}, 32, false}, {{1, 20, 1, 1}, 4, true}};
   for (const GnCase& c : cases) {
     const int64_t C = c.shape[1];
     const at::Tensor w = at::randn({C}), b = at::randn({C});
@@ -191,8 +191,8 @@ TEST(KernelsUnit, FusedGroupNormSiluMatchesComposite) {
         fused = nn::group_norm_act(xb, c.groups, wb, bb, 1e-6, silu);
       }
       ASSERT_EQ(fused.scalar_type(), at::kBFloat16);
-      const at::Tensor ref = nn::group_norm_act_composite(xb.to(at::kFloat), c.groups, wb.to(at::kFloat),
-                                                          bb.to(at::kFloat), 1e-6, silu);
+      const at::Tensor ref =
+          nn::group_norm_act_composite(xb.to(at::kFloat), c.groups, wb.to(at::kFloat), bb.to(at::kFloat), 1e-6, silu);
       DMX_EXPECT_CLOSE(what + " bf16 vs fp32", fused.to(at::kFloat), ref, 8e-3);  // one bf16 rounding: 2^-8
     }
   }
@@ -225,7 +225,8 @@ TEST(KernelsUnit, GroupNormGradientsFallBackToComposite) {
 TEST(KernelsUnit, FusedGegluBf16MatchesFloat32) {
   DMX_REQUIRE_FUSED();
   at::manual_seed(6);
-  for (const auto& shape : {std::vector<int64_t>{2, 7, 2 * 40}, std::vector<int64_t>{3, 2 * 17}, std::vector<int64_t>{1, 5, 2 * 640}}) {
+  for (const auto& shape :
+       {std::vector<int64_t>{2, 7, 2 * 40}, std::vector<int64_t>{3, 2 * 17}, std::vector<int64_t>{1, 5, 2 * 640}}) {
     const at::Tensor p = (at::randn(shape) * 3).to(at::kBFloat16);
     at::Tensor fused;
     {
@@ -303,9 +304,10 @@ TEST(DISABLED_KernelBenchSlow, AttentionSd15) {
     bool upcast;
   };
   // sd15 512x512, batch 2: self / cross attention per resolution, and the VAE mid block (1 head of 512).
-  for (const Case c : {Case{"self 64^2 (8x40)", 4096, 4096, 8, 40, false}, Case{"cross 64^2", 4096, 77, 8, 40, false},
-                       Case{"self 32^2 (8x80)", 1024, 1024, 8, 80, false}, Case{"self 16^2 (8x160)", 256, 256, 8, 160, false},
-                       Case{"vae mid (1x512, upcast, B=1)", 4096, 4096, 1, 512, true}}) {
+  for (const Case c :
+       {Case{"self 64^2 (8x40)", 4096, 4096, 8, 40, false}, Case{"cross 64^2", 4096, 77, 8, 40, false},
+        Case{"self 32^2 (8x80)", 1024, 1024, 8, 80, false}, Case{"self 16^2 (8x160)", 256, 256, 8, 160, false},
+        Case{"vae mid (1x512, upcast, B=1)", 4096, 4096, 1, 512, true}}) {
     const int64_t B = c.upcast ? 1 : 2;
     const at::Tensor q = heads_view(B, c.Nq, c.H, c.d, at::kBFloat16), k = heads_view(B, c.Nk, c.H, c.d, at::kBFloat16),
                      v = heads_view(B, c.Nk, c.H, c.d, at::kBFloat16);

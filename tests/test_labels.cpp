@@ -50,8 +50,7 @@ std::string label_mismatch(const std::string& suite, unsigned uses, bool skipped
     return where + "labelled " + label + " but starts the dmx binary: name it *Cli, or call the API in-process";
   if (label == "cli" && !skipped && !(uses & kUsedCli))
     return where + "named *Cli but never started the dmx binary: label it by what it uses";
-  if ((uses & kUsedTinyModel) && label == "unit")
-    return where + "labelled unit but builds a tiny model: name it *Tiny";
+  if ((uses & kUsedTinyModel) && label == "unit") return where + "labelled unit but builds a tiny model: name it *Tiny";
   return "";
 }
 
@@ -60,8 +59,8 @@ class LabelCheck : public ::testing::EmptyTestEventListener {
   // Runs before the result printer's OnTestEnd (end events go to listeners in reverse order), so a failure
   // added here is reported with the test.
   void OnTestEnd(const ::testing::TestInfo& info) override {
-    const std::string problem = label_mismatch(info.test_suite_name(), uses_of_current_test(),
-                                               info.result()->Skipped());
+    const std::string problem =
+        label_mismatch(info.test_suite_name(), uses_of_current_test(), info.result()->Skipped());
     if (!problem.empty()) ADD_FAILURE() << "[label] " << problem;
   }
 };

@@ -20,14 +20,14 @@
 #include "dmx/dmx.h"
 #include "dmx/train.h"
 #include "io/safetensors.h"
+#include "loaders/lora_loader.h"
+#include "loaders/model_bundle.h"
 #include "models/autoencoder_kl.h"
 #include "models/clip_text_model.h"
 #include "models/clip_tokenizer.h"
 #include "models/controlnet.h"
 #include "models/unet_2d_condition.h"
 #include "pipelines/controlnet.h"
-#include "loaders/lora_loader.h"
-#include "loaders/model_bundle.h"
 #include "pipelines/stable_diffusion.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
@@ -107,9 +107,12 @@ void expect_throw(F f, const std::vector<std::string>& needles) {
 std::string model() { return tiny_model_dir("sd15"); }
 
 // A copy of a tiny model made of symlinks, leaving out `replace` (relative paths) for the caller to fill.
-std::string model_copy(const std::string& name, const std::vector<std::string>& replace, const std::string& variant = "sd15") {
+std::string model_copy(const std::string& name, const std::vector<std::string>& replace,
+                       const std::string& variant = "sd15") {
   const std::string src = tiny_model_dir(variant), dst = fresh(name);
-  auto replaced = [&](const std::string& rel) { return std::find(replace.begin(), replace.end(), rel) != replace.end(); };
+  auto replaced = [&](const std::string& rel) {
+    return std::find(replace.begin(), replace.end(), rel) != replace.end();
+  };
   for (const auto& e : fs::directory_iterator(src)) {
     const std::string entry = e.path().filename().string();
     if (replaced(entry)) continue;
@@ -177,7 +180,8 @@ std::string jpeg_bytes(uint16_t w, uint16_t h) {
   std::string s = "\xFF\xD8";
   s += std::string("\xFF\xE0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00", 18);
   s += std::string("\xFF\xC0\x00\x11\x08", 5) + static_cast<char>(h >> 8) + static_cast<char>(h & 0xFF) +
-       static_cast<char>(w >> 8) + static_cast<char>(w & 0xFF) + std::string("\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01", 10);
+       static_cast<char>(w >> 8) + static_cast<char>(w & 0xFF) +
+       std::string("\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01", 10);
   s += std::string(64, '\x55') + "\xFF\xD9";
   return s;
 }
@@ -272,8 +276,8 @@ TEST(LimitsCli, OversizedControlAndTrainingImagesAreRefused) {
   const std::string d = fresh("big-images");
   write(d + "/big.png", real_png(5000, 5000));  // 25 megapixels, a real picture of ~100 KB
   // Resized to the output size it used to be accepted (decoded in full first).
-  expect_exit(run(gen(d + "/o.png", {"--controlnet", tiny_controlnet_dir("sd15"), "--control-image", d + "/big.png"})), 2,
-              {"--control-image", "5000x5000", "limit of 16.8 megapixels"});
+  expect_exit(run(gen(d + "/o.png", {"--controlnet", tiny_controlnet_dir("sd15"), "--control-image", d + "/big.png"})),
+              2, {"--control-image", "5000x5000", "limit of 16.8 megapixels"});
   EXPECT_FALSE(fs::exists(d + "/o.png"));
   // Training images have their own, larger limit (8192 x 8192), also read from the header: a 9000 x 9000 row is
   // a bad row.
@@ -305,7 +309,9 @@ TEST(LimitsConfigTiny, IntegersAreExactAndEveryFieldIsBounded) {
   expect_throw<FormatError>([&] { UNet2DConditionConfig::from_json(with(unet, "cross_attention_dim", 4294967328ll)); },
                             {"cross_attention_dim", "must be an integer in"});
   expect_throw<FormatError>(
-      [&] { UNet2DConditionConfig::from_json(with(unet, "block_out_channels", {32, 64, 64, 4294967360ll})); },
+      [&] {
+        UNet2DConditionConfig::from_json(with(unet, "block_out_channels", {32, 64, 64, 4294967360ll}));
+      },
       {"block_out_channels[3]", "must be an integer in"});
   expect_throw<FormatError>([&] { UNet2DConditionConfig::from_json(with(unet, "attention_head_dim", 8.5)); },
                             {"attention_head_dim", "must be an integer"});
@@ -319,7 +325,9 @@ TEST(LimitsConfigTiny, IntegersAreExactAndEveryFieldIsBounded) {
                             {"num_hidden_layers must be in [1, 128]"});
   const auto cn = tiny_json("sd15", "controlnet/config.json");
   expect_throw<FormatError>(
-      [&] { models::ControlNetConfig::from_json(with(cn, "conditioning_embedding_out_channels", {16, 1 << 20})); },
+      [&] {
+        models::ControlNetConfig::from_json(with(cn, "conditioning_embedding_out_channels", {16, 1 << 20}));
+      },
       {"conditioning_embedding_out_channels[1] must be in [1, 8192]"});
   // Every field within its range, but together more parameters than the limit: refused from the numbers alone.
   nlohmann::json huge = unet;
@@ -449,7 +457,8 @@ TEST(LimitsTokenizerUnit, TruncationStopsEarlyAndMatchesTheFullTokenization) {
 
 TEST(LimitsCli, HugePromptsFromMetadataAreRefused) {
   const std::string d = fresh("prompt");
-  const std::string params = std::string(3 << 20, 'a') + "\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 32x32";
+  const std::string params =
+      std::string(3 << 20, 'a') + "\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 32x32";
   save_png(d + "/src.png", Image{8, 8, 3, std::vector<uint8_t>(192, 1)}, {{"parameters", params}});
   expect_exit(run({"generate", "--model", model(), "--from", d + "/src.png", "--output", d + "/o.png"}), 2,
               {"--prompt is 3145728 bytes", "256 KiB limit"});
@@ -508,8 +517,7 @@ TEST(LimitsFiniteCli, NonFiniteWeightsLatentsAndScalesFailLoudly) {
   // A LoRA scale of 1e30 overflows the merged weights; in runtime mode the latents.
   const std::string lora = tiny_lora_file("sd15", "kohya");
   expect_exit(run(gen(d + "/o.png", {"--lora", lora + ":1e30"})), 2, {"LoRA", "non-finite", "scale"});
-  expect_exit(run(gen(d + "/o.png", {"--lora", lora + ":1e30", "--lora-mode", "runtime"})), 2,
-              {"non-finite", "LoRA"});
+  expect_exit(run(gen(d + "/o.png", {"--lora", lora + ":1e30", "--lora-mode", "runtime"})), 2, {"non-finite", "LoRA"});
   EXPECT_FALSE(fs::exists(d + "/o.png"));
   // The check itself: finite output passes, NaN output with clean weights is a plain failure (exit 1).
   auto models = loaders::load_stable_diffusion(model());
@@ -527,20 +535,29 @@ TEST(LimitsFiniteTiny, LoRAFilesWithNaNOrRankZeroOrBadPeftConfigAreFormatErrors)
   auto apply = [&](io::TensorMap t, const nlohmann::json& peft = nullptr, double scale = 1.0) {
     loaders::apply_lora_tensors(*m, t, {"x.safetensors", scale, scale}, false, peft);
   };
-  expect_throw<FormatError>([&] {
-    apply({{k + ".lora_down.weight", down}, {k + ".lora_up.weight", up}, {k + ".alpha", at::scalar_tensor(NAN)}});
-  }, {"alpha", "must be finite"});
+  expect_throw<FormatError>(
+      [&] {
+        apply({{k + ".lora_down.weight", down}, {k + ".lora_up.weight", up}, {k + ".alpha", at::scalar_tensor(NAN)}});
+      },
+      {"alpha", "must be finite"});
   at::Tensor nan_up = up.clone();
   nan_up[3][1] = std::numeric_limits<float>::infinity();
-  expect_throw<FormatError>([&] { apply({{k + ".lora_down.weight", down}, {k + ".lora_up.weight", nan_up}}); },
-                            {"lora_up.weight", "non-finite"});
   expect_throw<FormatError>(
-      [&] { apply({{k + ".lora_down.weight", at::zeros({0, 32})}, {k + ".lora_up.weight", at::zeros({32, 0})}}); },
+      [&] {
+        apply({{k + ".lora_down.weight", down}, {k + ".lora_up.weight", nan_up}});
+      },
+      {"lora_up.weight", "non-finite"});
+  expect_throw<FormatError>(
+      [&] {
+        apply({{k + ".lora_down.weight", at::zeros({0, 32})}, {k + ".lora_up.weight", at::zeros({32, 0})}});
+      },
       {"rank", "at least 1"});
   const std::string pk = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj";
-  expect_throw<FormatError>([&] {
-    apply({{pk + ".lora_A.weight", down}, {pk + ".lora_B.weight", up}}, {{"lora_alpha", "eight"}, {"r", 4}});
-  }, {"lora_alpha", "must be a finite number", "\"eight\""});
+  expect_throw<FormatError>(
+      [&] {
+        apply({{pk + ".lora_A.weight", down}, {pk + ".lora_B.weight", up}}, {{"lora_alpha", "eight"}, {"r", 4}});
+      },
+      {"lora_alpha", "must be a finite number", "\"eight\""});
   EXPECT_EQ(loaders::count_lora_layers(*m), 0);  // nothing was attached by the refused files
 }
 
@@ -554,7 +571,8 @@ TEST(LimitsFiniteUnit, ConvertRefusesValuesTheTargetTypeCannotHold) {
   EXPECT_NO_THROW(convert_weights(o));
   o.input = d + "/big.safetensors";
   o.output = d + "/big16.safetensors";
-  expect_throw<InvalidArgument>([&] { convert_weights(o); }, {"tensor 'v'", "4 value(s) beyond fp16", "1e+06", "65504"});
+  expect_throw<InvalidArgument>([&] { convert_weights(o); },
+                                {"tensor 'v'", "4 value(s) beyond fp16", "1e+06", "65504"});
   EXPECT_FALSE(fs::exists(o.output));
   o.dtype = "bf16";
   EXPECT_NO_THROW(convert_weights(o));  // bf16 holds 1e6
@@ -584,8 +602,9 @@ TEST(LimitsCli, ResumeChecksItsStateAndSeed) {
   }
   const std::string out = fresh("resume") + "/lora.safetensors";
   auto train = [&](std::vector<std::string> extra) {
-    std::vector<std::string> v{"train", "lora", "--model", tiny_model_dir("test"), "--data", data, "--output", out,
-                               "--resolution", "32", "--batch-size", "1", "--checkpoint-every", "1", "--quiet"};
+    std::vector<std::string> v{
+        "train", "lora",         "--model", tiny_model_dir("test"), "--data", data,     "--output", out, "--resolution",
+        "32",    "--batch-size", "1",       "--checkpoint-every",   "1",      "--quiet"};
     v.insert(v.end(), extra.begin(), extra.end());
     return run(v);
   };
@@ -660,9 +679,10 @@ TEST(LimitsCli, LoraTagsFromMetadataStayInsideTheLoraDir) {
 TEST(LimitsDataUnit, SkippedRowsAreReported) {
   const std::string data = fresh("skip");
   save_png(data + "/a.png", Image{32, 32, 3, std::vector<uint8_t>(32 * 32 * 3, 50)});
-  write(data + "/metadata.jsonl", "{\"file_name\": \"a.png\", \"text\": \"ok\"}\n"
-                                  "{\"file_name\": \"missing.png\", \"text\": \"gone\"}\n"
-                                  "not json\n");
+  write(data + "/metadata.jsonl",
+        "{\"file_name\": \"a.png\", \"text\": \"ok\"}\n"
+        "{\"file_name\": \"missing.png\", \"text\": \"gone\"}\n"
+        "not json\n");
   training::DatasetOptions o;
   o.dir = data;
   o.resolution = 32;
@@ -755,8 +775,8 @@ TEST(LimitsControlNetCli, MapSizeRoundsDownOnTheEmojiModel) {
     GTEST_SKIP() << "models/emoji is not in this checkout";
   const std::string d = fresh("cn-size");
   save_png(d + "/map.png", map);
-  const CliOut r = run({"generate", "--model", emoji, "--prompt", "x", "--steps", "1", "--seed", "1", "--controlnet", net,
-                     "--control-image", d + "/map.png", "--output", d + "/o.png", "--quiet"});
+  const CliOut r = run({"generate", "--model", emoji, "--prompt", "x", "--steps", "1", "--seed", "1", "--controlnet",
+                        net, "--control-image", d + "/map.png", "--output", d + "/o.png", "--quiet"});
   ASSERT_EQ(r.code, 0) << r.err;
   const Image out = load_image(d + "/o.png", "o");
   EXPECT_EQ(out.width, 96);

@@ -13,14 +13,14 @@
 #include <map>
 
 #include "core/fs.h"
+#include "dmx/dmx.h"
 #include "dmx/error.h"
-#include "loaders/lora_formats.h"
 #include "io/safetensors.h"
-#include "nn/lora.h"
+#include "loaders/lora_formats.h"
 #include "loaders/lora_loader.h"
 #include "loaders/model_bundle.h"
+#include "nn/lora.h"
 #include "pipelines/stable_diffusion.h"
-#include "dmx/dmx.h"
 #include "test_util.h"
 #include "tiny_models.h"
 
@@ -42,9 +42,7 @@ std::string lora_file(const std::string& variant, const std::string& format) {
   return fixture_model(variant) + "/lora/lora_" + format + ".safetensors";
 }
 
-std::string scale_name(double s) {
-  return s == 0.5 ? "0.5" : "1.0";
-}
+std::string scale_name(double s) { return s == 0.5 ? "0.5" : "1.0"; }
 
 io::TensorMap snapshot(const StableDiffusionModels& m) {
   io::TensorMap s;
@@ -87,8 +85,8 @@ struct ComponentInputs {
 ComponentInputs component_inputs(const StableDiffusionModels& m) {
   at::Generator g = at::make_generator<at::CPUGeneratorImpl>(5);
   ComponentInputs in;
-  in.input_ids = at::tensor(m.tokenizer->encode_padded("a photograph of an astronaut riding a horse"), at::kLong)
-                     .unsqueeze(0);
+  in.input_ids =
+      at::tensor(m.tokenizer->encode_padded("a photograph of an astronaut riding a horse"), at::kLong).unsqueeze(0);
   in.sample = at::randn({1, 4, 16, 16}, g, at::TensorOptions().dtype(at::kFloat));
   in.timestep = at::tensor({500}, at::kLong);
   in.encoder_hidden_states =
@@ -202,7 +200,7 @@ TEST(LoRAMultiGolden, TwoFilesScalesAdd) {
       loaders::LoRAApplyOptions o;
       o.mode = mode;
       loaders::apply_loras(*m, {{lora_file(variant, "diffusers"), 0.3, 0.3}, {lora_file(variant, "kohya"), 0.7, 0.7}},
-                             o);
+                           o);
       Outputs out = run_components(*m, ref, "scale1.0");
       DMX_EXPECT_CLOSE(what + " text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
       DMX_EXPECT_CLOSE(what + " unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
@@ -248,8 +246,9 @@ TEST(LoRAScopedTiny, AdaptersActiveBeforeTheScopeAreActiveAfterIt) {
   // A scope whose file fails to load leaves the earlier adapters as they were too.
   loaders::apply_loras(*m, {{tiny_lora_file("test", "diffusers"), 1.0, 1.0}}, {});
   const int layers = loaders::count_lora_layers(*m);
-  EXPECT_THROW(loaders::ScopedLoRAs(m, {{tiny_lora_file("test", "kohya"), 1, 1}, {"/nonexistent.safetensors", 1, 1}}, {}),
-               InvalidArgument);
+  EXPECT_THROW(
+      loaders::ScopedLoRAs(m, {{tiny_lora_file("test", "kohya"), 1, 1}, {"/nonexistent.safetensors", 1, 1}}, {}),
+      InvalidArgument);
   EXPECT_EQ(loaders::count_lora_layers(*m), layers);
   loaders::remove_loras(*m);
   EXPECT_EQ(count_changed(*m, loaded), 0);
@@ -456,8 +455,8 @@ TEST(LoRAFormulasTiny, TuckerLoConAndLoHa) {
   t[k2 + ".hada_w1_a"] = a1, t[k2 + ".hada_w1_b"] = b1, t[k2 + ".hada_t1"] = t1;
   t[k2 + ".hada_w2_a"] = a2, t[k2 + ".hada_w2_b"] = b2, t[k2 + ".hada_t2"] = t2;
   t[k2 + ".alpha"] = at::scalar_tensor(2.0);
-  at::Tensor e2 = w02 + s * (2.0 / r) * at::einsum("ijkl,jr,ip->prkl", {t1, b1, a1}) *
-                            at::einsum("ijkl,jr,ip->prkl", {t2, b2, a2});
+  at::Tensor e2 =
+      w02 + s * (2.0 / r) * at::einsum("ijkl,jr,ip->prkl", {t1, b1, a1}) * at::einsum("ijkl,jr,ip->prkl", {t2, b2, a2});
   auto rep = loaders::apply_lora_tensors(*m, t, {"tucker", s, s}, false);
   EXPECT_EQ(rep.unet_tensors, static_cast<int>(t.size()));
   const ComponentInputs inputs = component_inputs(*m);
@@ -500,7 +499,8 @@ TEST(LoRAMultiGolden, PeftAdapterConfigAlpha) {
   EXPECT_EQ(reps[0].text_encoder_tensors, 48);
   Outputs out = run_components(*m, ref, "scale1.0");
   loaders::remove_loras(*m);
-  DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged text_encoder_out", out.te, ref["scale1.0.text_encoder_out"], 1e-5);
+  DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged text_encoder_out", out.te, ref["scale1.0.text_encoder_out"],
+                   1e-5);
   DMX_EXPECT_CLOSE("sd15 raw peft + adapter_config merged unet_out", out.unet, ref["scale1.0.unet_out"], 1e-5);
 }
 
@@ -544,9 +544,9 @@ TEST(LoRAErrorsTiny, IncompleteAndMisShapedAdaptersAreFormatErrors) {
   } catch (const FormatError& e) {
     EXPECT_NE(std::string(e.what()).find("lora_down.weight' has shape"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(loaders::apply_lora_tensors(*m, {{"lora_te1_text_model_x.lora_down.weight", at::zeros({1})}},
-                                             {"x", 1, 1}, false),
-               Unsupported);
+  EXPECT_THROW(
+      loaders::apply_lora_tensors(*m, {{"lora_te1_text_model_x.lora_down.weight", at::zeros({1})}}, {"x", 1, 1}, false),
+      Unsupported);
   EXPECT_EQ(loaders::count_lora_layers(*m), 0);
 }
 
@@ -789,7 +789,8 @@ TEST(LoRAGenerateTiny, BadLoRAInputsNameTheFileOrKeyAndWriteNothing) {
     }
     EXPECT_FALSE(path_exists(dir + "/o.png"));
   };
-  run([&](GenerateOptions& o) { o.loras = {dir + "/extra.safetensors"}; }, "lora_unet_not_a_layer.lora_up.weight", true);
+  run([&](GenerateOptions& o) { o.loras = {dir + "/extra.safetensors"}; }, "lora_unet_not_a_layer.lora_up.weight",
+      true);
   run([&](GenerateOptions& o) { o.loras = {dir + "/nope.safetensors:0.5"}; }, "nope.safetensors", false);
   run([&](GenerateOptions& o) { o.prompt = "x <lora:ghost:1>", o.lora_dir = dir; }, "ghost", false);
   run([&](GenerateOptions& o) { o.lora_mode = "fused"; }, "--lora-mode", false);

@@ -395,8 +395,8 @@ tr::TrainConfig small_config(const std::string& dir, int64_t steps) {
   return c;
 }
 
-// The child half of OutputsTrainTiny.SignalDuringCheckpoint (run in a fresh process: forking a process whose OpenMP pool is up is
-// not safe). Trains 3 steps, raising $DMX_TEST_SIGNAL during the 2nd checkpoint.
+// The child half of OutputsTrainTiny.SignalDuringCheckpoint (run in a fresh process: forking a process whose OpenMP
+// pool is up is not safe). Trains 3 steps, raising $DMX_TEST_SIGNAL during the 2nd checkpoint.
 TEST(OutputsTrainChildTiny, RaiseDuringCheckpoint) {
   const char* dir = std::getenv("DMX_TEST_CHILD_DIR");
   if (!dir) GTEST_SKIP() << "run by OutputsTrainTiny.SignalDuringCheckpoint";
@@ -622,7 +622,7 @@ TEST(OutputsCli, ResumeAtOrPastTheLastStep) {
   const std::string out = d + "/l.safetensors";
   const std::vector<std::string> base = {
       "train", "lora",     "--model", tiny_model_dir("test"), "--data", data, "--resolution",
-      "32",    "--output", out,       "--checkpoint-every",  "1"};
+      "32",    "--output", out,       "--checkpoint-every",   "1"};
   auto train = [&](std::vector<std::string> more) {
     std::vector<std::string> a = base;
     a.insert(a.end(), more.begin(), more.end());

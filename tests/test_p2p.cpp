@@ -12,13 +12,13 @@
 
 #include "core/image.h"
 #include "dmx/error.h"
+#include "dmx/p2p.h"
 #include "extensions/attention_maps.h"
 #include "extensions/prompt_to_prompt.h"
 #include "loaders/model_bundle.h"
 #include "pipelines/null_text_inversion.h"
 #include "pipelines/prompt_to_prompt.h"
 #include "test_ref_cases.h"
-#include "dmx/p2p.h"
 #include "test_util.h"
 #include "tiny_models.h"
 
@@ -370,8 +370,8 @@ TEST(P2PTiny, BadInputNamesTheRuleAndWritesNothing) {
       p2p(o);
       ADD_FAILURE() << "no exception for " << c.message;
     } catch (const InvalidArgument& e) {
-      EXPECT_NE(std::string(e.what()).find(c.message), std::string::npos) << "expected '" << c.message << "' in: "
-                                                                          << e.what();
+      EXPECT_NE(std::string(e.what()).find(c.message), std::string::npos)
+          << "expected '" << c.message << "' in: " << e.what();
     }
     EXPECT_FALSE(fs::exists(out)) << c.message;
     EXPECT_FALSE(fs::exists(temp_dir() + "/p2p-bad-source.png"));

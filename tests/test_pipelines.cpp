@@ -16,10 +16,14 @@ namespace dmx::test {
 namespace {
 
 std::string short_scheduler(const std::string& cls) {
-  static const std::map<std::string, std::string> m = {
-      {"DDIMScheduler", "ddim"},       {"PNDMScheduler", "pndm"}, {"EulerDiscreteScheduler", "euler"},
-      {"EulerAncestralDiscreteScheduler", "euler_a"}, {"DPMSolverMultistepScheduler", "dpmpp_2m"},
-      {"LMSDiscreteScheduler", "lms"}, {"DDPMScheduler", "ddpm"}, {"HeunDiscreteScheduler", "heun"}};
+  static const std::map<std::string, std::string> m = {{"DDIMScheduler", "ddim"},
+                                                       {"PNDMScheduler", "pndm"},
+                                                       {"EulerDiscreteScheduler", "euler"},
+                                                       {"EulerAncestralDiscreteScheduler", "euler_a"},
+                                                       {"DPMSolverMultistepScheduler", "dpmpp_2m"},
+                                                       {"LMSDiscreteScheduler", "lms"},
+                                                       {"DDPMScheduler", "ddpm"},
+                                                       {"HeunDiscreteScheduler", "heun"}};
   return m.at(cls);
 }
 
@@ -85,12 +89,12 @@ TEST_P(PipelineGolden, MatchesReference) {
   run_case(std::get<0>(GetParam()), std::get<1>(GetParam()));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Golden, PipelineGolden,
-    ::testing::Combine(::testing::Values("sd15", "test"),
-                       ::testing::Values("txt2img_ddim", "txt2img_pndm", "txt2img_euler", "txt2img_euler_a",
-                                         "txt2img_dpm2m", "txt2img_lms", "txt2img_ddim_eta", "img2img")),
-    [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
+INSTANTIATE_TEST_SUITE_P(Golden, PipelineGolden,
+                         ::testing::Combine(::testing::Values("sd15", "test"),
+                                            ::testing::Values("txt2img_ddim", "txt2img_pndm", "txt2img_euler",
+                                                              "txt2img_euler_a", "txt2img_dpm2m", "txt2img_lms",
+                                                              "txt2img_ddim_eta", "img2img")),
+                         [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
 
 // The seeded path draws exactly what the reference drew: DDIM eta=1 with generator seed 52.
 TEST(PipelineSeedGolden, DdimEtaDrawsMatchSeed52) {

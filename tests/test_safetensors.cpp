@@ -83,8 +83,8 @@ TensorMap all_dtypes() {
   m["i8"] = at::randint(-128, 127, {9}, at::kChar);
   m["u8"] = at::randint(0, 255, {2, 5}, at::kByte);
   m["bool"] = at::randint(0, 2, {11}, at::kLong).to(at::kBool);
-  m["scalar"] = at::scalar_tensor(3.5, at::kFloat);         // shape []
-  m["empty"] = at::empty({0, 4}, at::kFloat);               // no bytes
+  m["scalar"] = at::scalar_tensor(3.5, at::kFloat);            // shape []
+  m["empty"] = at::empty({0, 4}, at::kFloat);                  // no bytes
   m["strided"] = at::arange(24, at::kFloat).view({4, 6}).t();  // not contiguous
   return m;
 }
@@ -97,10 +97,9 @@ TEST(SafetensorsUnit, RoundTripEveryDtypeWithMetadata) {
   auto f = SafeTensorsFile::open(path);
   EXPECT_EQ(f->metadata(), meta);
   EXPECT_EQ(f->names().size(), in.size());
-  const std::map<std::string, std::string> spelled = {{"f32", "F32"}, {"f16", "F16"}, {"bf16", "BF16"},
-                                                      {"f64", "F64"}, {"i64", "I64"}, {"i32", "I32"},
-                                                      {"i16", "I16"}, {"i8", "I8"},   {"u8", "U8"},
-                                                      {"bool", "BOOL"}};
+  const std::map<std::string, std::string> spelled = {{"f32", "F32"}, {"f16", "F16"},  {"bf16", "BF16"}, {"f64", "F64"},
+                                                      {"i64", "I64"}, {"i32", "I32"},  {"i16", "I16"},   {"i8", "I8"},
+                                                      {"u8", "U8"},   {"bool", "BOOL"}};
   for (const auto& [name, dt] : spelled) EXPECT_EQ(f->info(name).dtype, dt) << name;
   const TensorMap out = f->load_all();
   for (const auto& [name, t] : in) {
@@ -193,8 +192,7 @@ TEST(SafetensorsUnit, EveryStructuralRuleIsAFormatError) {
                       "overlap", "overlap_behind_empty");
   expect_format_error(make_file(R"({"__metadata__":[1],"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8),
                       "__metadata__", "metadata_not_object");
-  expect_format_error(make_file(R"({"__metadata__":{"k":1},"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
-                                8),
+  expect_format_error(make_file(R"({"__metadata__":{"k":1},"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8),
                       "__metadata__", "metadata_not_string");
   expect_format_error(make_file(ok, 8, int64_t{1} << 40), "exceeds", "huge_header");
   expect_format_error(make_file("{}", 0, 1), "header length must be >= 2", "tiny_header");
@@ -245,14 +243,24 @@ TEST(SafetensorsUnit, MutatedFilesNeverCrash) {
       // Most edits land in the length field and the header, where the parser works.
       const size_t where = rng() % 4 == 0 ? rng() % b.size() : rng() % std::min<size_t>(b.size(), 8 + header);
       switch (rng() % 7) {
-        case 0: b[where] ^= static_cast<uint8_t>(1u << (rng() % 8)); break;
-        case 1: b[where] = static_cast<uint8_t>(rng()); break;
-        case 2: b.resize(rng() % (b.size() + 1)); break;
-        case 3: b[where] = static_cast<uint8_t>("0123456789[]{},:\"-.eE"[rng() % 21]); break;
+        case 0:
+          b[where] ^= static_cast<uint8_t>(1u << (rng() % 8));
+          break;
+        case 1:
+          b[where] = static_cast<uint8_t>(rng());
+          break;
+        case 2:
+          b.resize(rng() % (b.size() + 1));
+          break;
+        case 3:
+          b[where] = static_cast<uint8_t>("0123456789[]{},:\"-.eE"[rng() % 21]);
+          break;
         case 4:  // the length field
           if (b.size() >= 8) b[rng() % 8] = static_cast<uint8_t>(rng());
           break;
-        case 5: b.insert(b.begin() + static_cast<std::ptrdiff_t>(where), static_cast<uint8_t>(rng())); break;
+        case 5:
+          b.insert(b.begin() + static_cast<std::ptrdiff_t>(where), static_cast<uint8_t>(rng()));
+          break;
         case 6:  // another digit in a number of the header: JSON stays valid, the rules get tested
           if (b[where] >= '0' && b[where] <= '9') b[where] = static_cast<uint8_t>('0' + rng() % 10);
           break;

@@ -92,7 +92,8 @@ const SchedulerRef& load_scheduler_ref(const std::string& variant) {
   if (it != cache.end()) return it->second;
   const std::string base = dmx::test::fixtures_dir() + "/ref/" + variant + "/schedulers";
   SchedulerRef ref;
-  ref.meta = S::parse_scheduler_config(dmx::read_text_file(base + ".json", "scheduler reference metadata", dmx::kMaxJsonFileBytes));
+  ref.meta = S::parse_scheduler_config(
+      dmx::read_text_file(base + ".json", "scheduler reference metadata", dmx::kMaxJsonFileBytes));
   ref.tensors = dmx::io::load_safetensors(base + ".safetensors");
   return cache.emplace(variant, std::move(ref)).first->second;
 }
@@ -246,12 +247,14 @@ TEST(SchedulerPipelinesGolden, ShortNamesMatchPipelineCases) {
                                                     {"txt2img_euler_a", "euler_a"}, {"txt2img_lms", "lms"},
                                                     {"txt2img_pndm", "pndm"},       {"img2img", "ddim"}};
   for (const std::string variant : {"sd15", "test"}) {
-    const json model_cfg = S::parse_scheduler_config(dmx::read_text_file(
-        dmx::test::fixture_model(variant) + "/scheduler/scheduler_config.json", "scheduler config", dmx::kMaxJsonFileBytes));
+    const json model_cfg = S::parse_scheduler_config(
+        dmx::read_text_file(dmx::test::fixture_model(variant) + "/scheduler/scheduler_config.json", "scheduler config",
+                            dmx::kMaxJsonFileBytes));
     for (const auto& [case_name, short_name] : cases) {
       SCOPED_TRACE(variant + "/" + case_name);
-      const json meta = S::parse_scheduler_config(dmx::read_text_file(
-          dmx::test::fixtures_dir() + "/ref/" + variant + "/" + case_name + ".json", "case metadata", dmx::kMaxJsonFileBytes));
+      const json meta = S::parse_scheduler_config(
+          dmx::read_text_file(dmx::test::fixtures_dir() + "/ref/" + variant + "/" + case_name + ".json",
+                              "case metadata", dmx::kMaxJsonFileBytes));
       const json& rec = meta["scheduler"];
       const json recorded = rec.is_string() ? S::parse_scheduler_config(rec.get<std::string>()) : rec;
       auto ours = S::create_scheduler(short_name, model_cfg);
@@ -464,8 +467,7 @@ TEST(SchedulerRegistryUnit, EveryRowRoundTrips) {
     EXPECT_TRUE(row.overrides.is_object());
     const auto sched = S::create_scheduler(row.name, config_for_row(row.name, sd_scheduler_config()));
     EXPECT_EQ(sched->class_name(), row.class_name());
-    for (const auto& [key, value] : row.overrides.items())
-      EXPECT_EQ(sched->config().to_json().at(key), value) << key;
+    for (const auto& [key, value] : row.overrides.items()) EXPECT_EQ(sched->config().to_json().at(key), value) << key;
     // A model whose own config is what the row produces is named by the row (the metadata of its images).
     json own = config_for_row(row.name, sd_scheduler_config());
     own["_class_name"] = row.class_name();
@@ -503,7 +505,8 @@ TEST(SchedulerRegistryUnit, EveryRowRoundTrips) {
 
 // The README's scheduler table and the --scheduler choices of its synopsis are the registry.
 TEST(SchedulerRegistryUnit, ReadmeTableIsTheRegistry) {
-  const std::string readme = dmx::read_text_file(std::string(DMX_SOURCE_DIR) + "/README.md", "README", dmx::kMaxTextFileBytes);
+  const std::string readme =
+      dmx::read_text_file(std::string(DMX_SOURCE_DIR) + "/README.md", "README", dmx::kMaxTextFileBytes);
   const size_t begin = readme.find("<!-- schedulers:begin");
   const size_t end = readme.find("<!-- schedulers:end -->");
   ASSERT_NE(begin, std::string::npos) << "README.md has no <!-- schedulers:begin ... --> marker";
@@ -549,7 +552,8 @@ TEST(SchedulerFactoryUnit, EveryNameRunsDummyModel) { run_dummy_steps(sd_schedul
 TEST(SchedulerFactoryUnit, EveryNameRunsDummyModelFromFixtureConfig) {
   for (const std::string variant : {"sd15", "test"}) {
     const std::string path = dmx::test::tiny_config_dir(variant) + "/scheduler/scheduler_config.json";
-    run_dummy_steps(S::parse_scheduler_config(dmx::read_text_file(path, "scheduler config", dmx::kMaxJsonFileBytes)), path);
+    run_dummy_steps(S::parse_scheduler_config(dmx::read_text_file(path, "scheduler config", dmx::kMaxJsonFileBytes)),
+                    path);
   }
 }
 

@@ -13,19 +13,19 @@
 #include "dmx/error.h"
 #include "dmx/train.h"
 #include "io/safetensors.h"
+#include "loaders/model_bundle.h"
 #include "models/clip_bpe_trainer.h"
 #include "models/clip_tokenizer.h"
-#include "loaders/model_bundle.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace dmx;
 
 namespace {
-const std::vector<std::string> kCaptions = {
-    "grinning face, smileys & emotion, google style", "grinning face", "slice of pizza, food & drink, google style",
-    "slice of pizza", "cat face, animals & nature, google style", "cat face", "red apple, food & drink, google style",
-    "red apple"};
+const std::vector<std::string> kCaptions = {"grinning face, smileys & emotion, google style", "grinning face",
+                                            "slice of pizza, food & drink, google style",     "slice of pizza",
+                                            "cat face, animals & nature, google style",       "cat face",
+                                            "red apple, food & drink, google style",          "red apple"};
 
 // A folder of 8 small images with metadata.jsonl captions.
 std::string make_data(const std::string& name, int size = 16) {
@@ -63,16 +63,15 @@ std::string make_config(const std::string& name, int text_vocab = 1024) {
                                          {"tokenizer", {"transformers", "CLIPTokenizer"}},
                                          {"unet", {"diffusers", "UNet2DConditionModel"}},
                                          {"vae", {"diffusers", "AutoencoderKL"}}});
-  write_json(dir + "/unet/config.json",
-             {{"_class_name", "UNet2DConditionModel"},
-              {"sample_size", 8},
-              {"block_out_channels", {16, 32}},
-              {"layers_per_block", 1},
-              {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
-              {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}},
-              {"attention_head_dim", {2, 2}},
-              {"norm_num_groups", 8},
-              {"cross_attention_dim", 32}});
+  write_json(dir + "/unet/config.json", {{"_class_name", "UNet2DConditionModel"},
+                                         {"sample_size", 8},
+                                         {"block_out_channels", {16, 32}},
+                                         {"layers_per_block", 1},
+                                         {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
+                                         {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}},
+                                         {"attention_head_dim", {2, 2}},
+                                         {"norm_num_groups", 8},
+                                         {"cross_attention_dim", 32}});
   write_json(dir + "/vae/config.json", {{"_class_name", "AutoencoderKL"},
                                         {"block_out_channels", {16, 32}},
                                         {"down_block_types", {"DownEncoderBlock2D", "DownEncoderBlock2D"}},
@@ -159,8 +158,8 @@ TEST(BPETrainerUnit, VocabSizeCapsTheMergesAndBadSizesAreRejected) {
 TEST(BPETrainerCli, CliWritesATokenizerFolder) {
   const std::string data = make_data("tok_cli");
   const std::string out = test::temp_dir() + "/tok_cli_out";
-  auto r = test::dmx_run({"data", "tokenizer", "--data", data, "--output", out, "--vocab-size", "700",
-                          "--model-max-length", "16"});
+  auto r = test::dmx_run(
+      {"data", "tokenizer", "--data", data, "--output", out, "--vocab-size", "700", "--model-max-length", "16"});
   ASSERT_EQ(r.code, 0) << r.output;
   for (const char* f : {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"})
     EXPECT_TRUE(path_exists(out + "/" + f)) << f;
@@ -220,7 +219,8 @@ TEST(TrainVAETiny, LowersTheReconstructionLossAndSetsTheScalingFactor) {
   const TrainReport r = train(o);
   std::printf("[vae] loss %.4f -> %.4f\n", r.first_loss, r.final_loss);
   EXPECT_LT(r.final_loss, r.first_loss * 0.8);
-  const auto cfg = nlohmann::json::parse(read_text_file(o.output + "/vae/config.json", "vae config", dmx::kMaxJsonFileBytes));
+  const auto cfg =
+      nlohmann::json::parse(read_text_file(o.output + "/vae/config.json", "vae config", dmx::kMaxJsonFileBytes));
   const double sf = cfg.at("scaling_factor").get<double>();
   EXPECT_GT(sf, 0);
   EXPECT_TRUE(std::isfinite(sf));
@@ -306,8 +306,8 @@ TEST(ConvertWeightsTiny, Fp16CopyLoadsWithinRounding) {
 // The command: a bad --dtype exits 2 naming the flag; a good one exits 0.
 TEST(ConvertCli, ExitCodes) {
   const std::string model = make_model("convert_cli_model");
-  auto cli = test::dmx_run({"convert", "--input", model, "--output", test::temp_dir() + "/convert_cli", "--dtype",
-                            "fp8"});
+  auto cli =
+      test::dmx_run({"convert", "--input", model, "--output", test::temp_dir() + "/convert_cli", "--dtype", "fp8"});
   EXPECT_EQ(cli.code, 2) << cli.output;
   EXPECT_NE(cli.output.find("--dtype"), std::string::npos) << cli.output;
   EXPECT_FALSE(path_exists(test::temp_dir() + "/convert_cli"));

@@ -290,7 +290,7 @@ TEST(T2IAdapterGolden, OriginalLayoutConvertsToTheDiffusersWeights) {
 // Adapter_light classes as their get_adapters builds the released adapters): read by the weights-only torch.save
 // reader (the zip format and the legacy one), the config detected from the shapes, the names converted; the
 // features equal what TencentARC's own forward computed.
-TEST(T2IAdapterUnit, TencentARCPthFilesGiveTheOriginalCodesFeatures) {
+TEST(T2IAdapterTiny, TencentARCPthFilesGiveTheOriginalCodesFeatures) {
   at::NoGradGuard no_grad;
   const std::string dir = std::string(DMX_SOURCE_DIR) + "/tests/data/t2i_adapter";
   const io::TensorMap ref = io::load_safetensors(dir + "/original_adapters.safetensors");

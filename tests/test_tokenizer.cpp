@@ -32,7 +32,6 @@ std::string S(const char (&lit)[N]) {
 
 std::string tokenizer_dir(const std::string& variant) { return fixture_model(variant) + "/tokenizer"; }
 
-
 std::vector<int64_t> ids_of(const at::Tensor& t) {
   at::Tensor c = t.to(at::kLong).contiguous().flatten();
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
@@ -265,8 +264,8 @@ TEST(ClipTokenizerUnit, MergesHeaderIsSkippedAndRanksApply) {
 // part of a character decodes to U+FFFD as Python's errors="replace" does ("Ã" is the symbol of byte 0xC3,
 // "©" of 0xA9: "Ã©" is "é").
 TEST(ClipTokenizerUnit, DecodeInvertsTheByteLevelBpe) {
-  std::unordered_map<std::string, int64_t> vocab{{"<|startoftext|>", 0}, {"<|endoftext|>", 1}, {"a", 2},
-                                                 {"b", 3},  {"c</w>", 4}, {"ab", 5}, {"bc</w>", 6}};
+  std::unordered_map<std::string, int64_t> vocab{
+      {"<|startoftext|>", 0}, {"<|endoftext|>", 1}, {"a", 2}, {"b", 3}, {"c</w>", 4}, {"ab", 5}, {"bc</w>", 6}};
   const CLIPTokenizer t(vocab, {{"b", "c</w>"}, {"a", "b"}});
   EXPECT_EQ(t.decode(t.encode("abc"), /*skip_special_tokens=*/true), "abc");
   EXPECT_EQ(t.decode({2, 4, 3, 4}), "ac bc");

@@ -16,10 +16,10 @@
 #include "core/image.h"
 #include "dmx/train.h"
 #include "io/safetensors.h"
-#include "models/unet_2d_condition.h"
-#include "nn/lora.h"
 #include "loaders/lora_loader.h"
 #include "loaders/model_bundle.h"
+#include "models/unet_2d_condition.h"
+#include "nn/lora.h"
 #include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "tiny_models.h"
@@ -455,8 +455,8 @@ TEST(TrainFinetuneTiny, BF16AutocastForwardFloat32Masters) {
   const double l32 = run("ft-fp32", false), l16 = run("ft-bf16", true);
   std::printf("[check] first fine-tuning loss: float32 %.6f, bf16 autocast %.6f\n", l32, l16);
   ASSERT_TRUE(std::isfinite(l16));
-  EXPECT_NE(l16, l32);                              // the forward did run in bf16
-  EXPECT_NEAR(l16, l32, 0.05 * std::abs(l32));      // ... and bf16 rounding is all that changed
+  EXPECT_NE(l16, l32);                          // the forward did run in bf16
+  EXPECT_NEAR(l16, l32, 0.05 * std::abs(l32));  // ... and bf16 rounding is all that changed
 }
 
 TEST(TrainFinetuneTiny, SavesADiffusersFolderThatLoads) {
@@ -610,7 +610,6 @@ TEST(TrainCli, ExitCodes) {
   }
 }
 
-
 TEST(TrainTiny, LoRAOnAnImageFolderWritesAFileTheLoaderTakes) {
   const std::string data = temp_dir() + "/cli-images";
   fs::create_directories(data);
@@ -746,8 +745,8 @@ bool run_one_and_two_processes(const std::vector<std::string>& common, int per_r
     cmd += "( env WORLD_SIZE=2 RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) +
            " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " '" + cli_path() + "'";
     for (const auto& x : common) cmd += " '" + x + "'";
-    cmd += " --batch-size " + std::to_string(per_rank) + " --output '" + two + "' > '" + base + ".log' 2>&1; echo $? > '" +
-           base + ".rc' ) & ";
+    cmd += " --batch-size " + std::to_string(per_rank) + " --output '" + two + "' > '" + base +
+           ".log' 2>&1; echo $? > '" + base + ".rc' ) & ";
   }
   cmd += "wait";
   EXPECT_EQ(std::system(cmd.c_str()), 0);
@@ -806,8 +805,7 @@ TEST(TrainDistributedCli, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatc
                                            "1"};
   const std::string one = temp_dir() + "/dist-one.safetensors", two = temp_dir() + "/dist-two.safetensors";
   if (!run_one_and_two_processes(common, 2, one, two)) return;
-  expect_same_lora_weights("2 processes x batch 2 vs 1 process x batch 4 (LoRA weights after 3 steps)", one, two,
-                           1e-5);
+  expect_same_lora_weights("2 processes x batch 2 vs 1 process x batch 4 (LoRA weights after 3 steps)", one, two, 1e-5);
 }
 
 // DreamBooth with prior preservation: the global batch is the single-process one (4 instance rows, then 4 class
@@ -817,12 +815,40 @@ TEST(TrainDistributedCli, TwoProcessesOnLoopbackEqualOneProcessWithTheGlobalBatc
 TEST(TrainDistributedCli, DreamBoothPriorPreservationTwoProcessesEqualOneProcess) {
   const std::string inst = make_image_folder("dist-db-instance", 3);
   const std::string cls = make_image_folder("dist-db-class", 5);
-  const std::vector<std::string> common = {"train", "dreambooth", "--model", tiny_model_dir("test"), "--instance-data",
-                                           inst, "--instance-prompt", "a photo of sks dog", "--class-data", cls,
-                                           "--class-prompt", "a photo of a dog", "--num-class-images", "5",
-                                           "--prior-loss-weight", "0.5", "--lora-rank", "2", "--lora-targets", "all",
-                                           "--save-format", "kohya", "--resolution", "32", "--random-flip", "--steps", "3", "--learning-rate", "1e-4", "--seed", "9",
-                                           "--quiet", "--threads", "1"};
+  const std::vector<std::string> common = {"train",
+                                           "dreambooth",
+                                           "--model",
+                                           tiny_model_dir("test"),
+                                           "--instance-data",
+                                           inst,
+                                           "--instance-prompt",
+                                           "a photo of sks dog",
+                                           "--class-data",
+                                           cls,
+                                           "--class-prompt",
+                                           "a photo of a dog",
+                                           "--num-class-images",
+                                           "5",
+                                           "--prior-loss-weight",
+                                           "0.5",
+                                           "--lora-rank",
+                                           "2",
+                                           "--lora-targets",
+                                           "all",
+                                           "--save-format",
+                                           "kohya",
+                                           "--resolution",
+                                           "32",
+                                           "--random-flip",
+                                           "--steps",
+                                           "3",
+                                           "--learning-rate",
+                                           "1e-4",
+                                           "--seed",
+                                           "9",
+                                           "--quiet",
+                                           "--threads",
+                                           "1"};
   const std::string one = temp_dir() + "/dist-db-one.safetensors", two = temp_dir() + "/dist-db-two.safetensors";
   if (!run_one_and_two_processes(common, 2, one, two)) return;
   expect_same_lora_weights("DreamBooth + prior: 2 processes x batch 2 vs 1 process x batch 4 (3 steps)", one, two,
@@ -912,9 +938,8 @@ TEST(TrainDreamBoothUnit, RankShardsAreTheSingleProcessBatch) {
     return std::make_shared<tr::ImageCaptionDataset>(o);
   };
   const auto inst = folder("shard-instance", 3, 1), cls = folder("shard-class", 4, 2);
-  auto db = std::make_shared<tr::DreamBoothRecipe>(std::make_shared<tr::LoRARecipe>(nullptr, tr::LoRATrainOptions{},
-                                                                                     tr::LoRASaveFormat::Kohya),
-                                                   true, 0.5);
+  auto db = std::make_shared<tr::DreamBoothRecipe>(
+      std::make_shared<tr::LoRARecipe>(nullptr, tr::LoRATrainOptions{}, tr::LoRASaveFormat::Kohya), true, 0.5);
   for (const int world : {2, 3}) {
     for (const int per_rank : {1, 2}) {
       tr::DreamBoothBatchSource single(inst, "sks", cls, "dog", per_rank * world, 0, 1, 4);
@@ -936,13 +961,14 @@ TEST(TrainDreamBoothUnit, RankShardsAreTheSingleProcessBatch) {
           prior.insert(prior.end(), b.prior_rows.begin(), b.prior_rows.end());
           ranks_loss += db->reduce_loss(per.narrow(0, 2 * per_rank * r, 2 * per_rank), b).item<double>() / world;
         }
-        const std::string what = "world " + std::to_string(world) + " x " + std::to_string(per_rank) + " step " +
-                                 std::to_string(step);
+        const std::string what =
+            "world " + std::to_string(world) + " x " + std::to_string(per_rank) + " step " + std::to_string(step);
         EXPECT_TRUE(at::equal(at::cat(px), whole.pixel_values)) << what;
         EXPECT_EQ(caps, whole.captions) << what;
         EXPECT_EQ(prior, whole.prior_rows) << what;
         const int64_t G = per_rank * world;
-        const double expect = per.narrow(0, 0, G).mean().item<double>() + 0.5 * per.narrow(0, G, G).mean().item<double>();
+        const double expect =
+            per.narrow(0, 0, G).mean().item<double>() + 0.5 * per.narrow(0, G, G).mean().item<double>();
         EXPECT_NEAR(db->reduce_loss(per, whole).item<double>(), expect, 1e-6) << what;
         EXPECT_NEAR(ranks_loss, expect, 1e-6) << what;
       }

@@ -1,11 +1,11 @@
 // Datasets for training: folder layouts, bad rows, transforms, and the sampler's sharding over ranks.
 #include <gtest/gtest.h>
 
-#include <filesystem>
 #include <algorithm>
-#include <sstream>
+#include <filesystem>
 #include <fstream>
 #include <set>
+#include <sstream>
 
 #include "core/image.h"
 #include "core/resize.h"
@@ -92,7 +92,7 @@ TEST(TrainingDataUnit, TxtPairsLayout) {
   ImageCaptionDataset ds(o);
   ASSERT_EQ(ds.size(), 2u);
   EXPECT_EQ(ds.rows()[0].caption, "a blue ball");  // sorted by file name
-  EXPECT_EQ(ds.rows()[1].caption, "a red cube");    // trimmed
+  EXPECT_EQ(ds.rows()[1].caption, "a red cube");   // trimmed
   EXPECT_EQ(ds.rows()[1].origin, "b.png");
   // 32x16 at resolution 16: no resize, center crop at left = round((32 - 16) / 2) = 8; ToTensor + Normalize.
   const Example ex = ds.get(1, 0);

@@ -4,9 +4,10 @@
 // Suites:
 //   UnCLIPGolden            against ../shared/fixtures/sd-tiny/ref/unclip/components (skipped without it), 1e-5
 //                           relative (the CLIP pixel values exactly)
-//   PilResizeUnit, ClipImageProcessorUnit, UnCLIPSchedulerUnit, PriorTransformerUnit, ClipTowersUnit
-//                           against tests/ref/unclip_refs.* (made by tests/ref/make_unclip_refs.py with the harness)
-//   UnCLIPUnit              configs, refusals and input errors; UnCLIPLoaderGolden the loader on fixture folders
+//   PilResizeUnit, ClipImageProcessorUnit, UnCLIPSchedulerUnit (pure functions), PriorTransformerTiny, ClipTowersTiny
+//                           (the small models in tests/ref) against tests/ref/unclip_refs.* (made by
+//                           tests/ref/make_unclip_refs.py with the harness; no ../shared needed, so not *Golden)
+//   UnCLIPUnit              configs, refusals and input errors (the loader's need the fixtures)
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -157,7 +158,8 @@ TEST(UnCLIPGolden, PriorSamplingRun) {
   EXPECT_EQ(scheduler->config().prediction_type, "sample");
   EXPECT_EQ(scheduler->config().variance_type, "fixed_small_log");
   pipelines::PriorRunParams p;
-  p.prompt = pipelines::encode_prior_prompt(*f.txt2img->prior_tokenizer, f.txt2img->prior_text_encoder, {kPrompt}, true);
+  p.prompt =
+      pipelines::encode_prior_prompt(*f.txt2img->prior_tokenizer, f.txt2img->prior_text_encoder, {kPrompt}, true);
   p.num_inference_steps = 5;
   p.guidance_scale = 4.0;
   p.latents = ref["prior_run.initial_latents"];
@@ -167,7 +169,8 @@ TEST(UnCLIPGolden, PriorSamplingRun) {
   p.on_step_end = [&](int i, double t, const at::Tensor& guided, const at::Tensor& latents) {
     ts.push_back(t);
     const std::string s = "prior_run.step." + std::to_string(i);
-    worst_pred = std::max(worst_pred, check_close(s + ".guided_prediction", guided, ref[s + ".guided_prediction"], kTol));
+    worst_pred =
+        std::max(worst_pred, check_close(s + ".guided_prediction", guided, ref[s + ".guided_prediction"], kTol));
     worst_lat = std::max(worst_lat, check_close(s + ".latents", latents, ref[s + ".latents"], kTol));
   };
   const at::Tensor embeds = pipelines::run_prior(f.txt2img->prior, *scheduler, p);
@@ -203,8 +206,8 @@ TEST(UnCLIPGolden, NoiseAugmentedImageEmbeddings) {
   DMX_EXPECT_CLOSE("image_normalizer.mean", f.txt2img->image_normalizer->mean, ref["image_normalizer.mean"], 0.0);
   for (int nl : {0, 50, 100}) {
     const std::string name = "noise_embeds.nl" + std::to_string(nl);
-    const at::Tensor out = pipelines::noise_image_embeddings(f.txt2img->image_normalizer, *noising,
-                                                             ref["noise_embeds.image_embeds"], nl, ref["noise_embeds.noise"]);
+    const at::Tensor out = pipelines::noise_image_embeddings(
+        f.txt2img->image_normalizer, *noising, ref["noise_embeds.image_embeds"], nl, ref["noise_embeds.noise"]);
     DMX_EXPECT_CLOSE(name, out, ref[name], kTol);
   }
 }
@@ -341,9 +344,11 @@ const RepoRef& repo_refs() {
 
 TEST(PilResizeUnit, EveryFilterEqualsPillowByteForByte) {
   const auto& r = repo_refs();
-  const std::map<std::string, std::function<Image(const Image&, int, int)>> filters = {
-      {"bicubic", resize_bicubic}, {"lanczos", resize_lanczos}, {"bilinear", resize_bilinear},
-      {"box", resize_box},         {"hamming", resize_hamming}};
+  const std::map<std::string, std::function<Image(const Image&, int, int)>> filters = {{"bicubic", resize_bicubic},
+                                                                                       {"lanczos", resize_lanczos},
+                                                                                       {"bilinear", resize_bilinear},
+                                                                                       {"box", resize_box},
+                                                                                       {"hamming", resize_hamming}};
   int checked = 0;
   for (const auto& [name, c] : r.meta.at("pil_resize").items()) {
     const Image in = u8_image(r["resize." + name + ".input"]);
@@ -356,8 +361,7 @@ TEST(PilResizeUnit, EveryFilterEqualsPillowByteForByte) {
       const int64_t differing = image_tensor(out).ne(expected).sum().item<int64_t>();
       std::printf("[check] pil resize %-16s %-8s %dx%d -> %dx%d: %ld of %ld bytes differ\n", name.c_str(), f.c_str(),
                   in.width, in.height, w, h, static_cast<long>(differing), static_cast<long>(expected.numel()));
-      EXPECT_EQ(differing, 0) << name << " " << f << " (max diff "
-                              << max_abs(image_tensor(out), expected) << ")";
+      EXPECT_EQ(differing, 0) << name << " " << f << " (max diff " << max_abs(image_tensor(out), expected) << ")";
       ++checked;
     }
   }
@@ -417,7 +421,8 @@ TEST(UnCLIPSchedulerUnit, TimestepsAndRunsMatchDiffusers) {
         const std::string tag = name + (replay ? " replay" : " seeded") + " step " + std::to_string(i);
         worst = std::max(worst, check_close(tag + " x0", out.pred_original_sample,
                                             r[k + "pred_original_sample." + std::to_string(i)], kTol));
-        worst = std::max(worst, check_close(tag + " prev", out.prev_sample, r[k + "prev_sample." + std::to_string(i)], kTol));
+        worst = std::max(worst,
+                         check_close(tag + " prev", out.prev_sample, r[k + "prev_sample." + std::to_string(i)], kTol));
         x = r[k + "prev_sample." + std::to_string(i)];  // each step from the reference's input
       }
       if (replay) {
@@ -434,7 +439,7 @@ TEST(UnCLIPSchedulerUnit, TimestepsAndRunsMatchDiffusers) {
                      r["sched.add_noise.t" + std::to_string(t)], kTol);
 }
 
-TEST(PriorTransformerUnit, EverySizeSetApart) {
+TEST(PriorTransformerTiny, EverySizeSetApart) {
   const auto& r = repo_refs();
   at::NoGradGuard no_grad;
   const std::string folder = repo_ref(r.meta.at("tiny_prior").at("folder").get<std::string>());
@@ -461,7 +466,7 @@ TEST(PriorTransformerUnit, EverySizeSetApart) {
                    r["prior.post_process"], kTol);
 }
 
-TEST(ClipTowersUnit, GeluVisionAndNonLegacyEosText) {
+TEST(ClipTowersTiny, GeluVisionAndNonLegacyEosText) {
   const auto& r = repo_refs();
   at::NoGradGuard no_grad;
   const std::string folder = repo_ref(r.meta.at("tiny_clip").at("folder").get<std::string>());
@@ -503,8 +508,8 @@ TEST(UnCLIPUnit, PriorConfigRefusesOtherTokenLayouts) {
   EXPECT_EQ(c.sequence_length(), 10);
   EXPECT_EQ(c.resolved_clip_embed_dim(), 16);
   const std::vector<std::pair<std::string, json>> refused = {
-      {"added_emb_type", nullptr},       {"encoder_hid_proj_type", nullptr}, {"norm_in_type", "layer"},
-      {"embedding_proj_norm_type", "layer"}, {"additional_embeddings", 0},   {"time_embed_act_fn", "tanh"}};
+      {"added_emb_type", nullptr},           {"encoder_hid_proj_type", nullptr}, {"norm_in_type", "layer"},
+      {"embedding_proj_norm_type", "layer"}, {"additional_embeddings", 0},       {"time_embed_act_fn", "tanh"}};
   for (const auto& [key, value] : refused) {
     json j = stable_unclip_prior_config();
     j[key] = value;
@@ -599,8 +604,11 @@ TEST(UnCLIPUnit, AttentionBiasIsAddedToTheScaledScores) {
   nn::set_max_score_elements(8);
   DMX_EXPECT_CLOSE("attention with bias, tiled", nn::attention(q, k, v, 0.5, false, false, bias), expected, 1e-6);
   nn::set_max_score_elements(budget);
-  expect_throw_with<InvalidArgument>([&] { nn::attention(q, k, v, 0.5, false, false, at::zeros({2, 2, 5, 7})); },
-                                     {"bias must broadcast"});
+  expect_throw_with<InvalidArgument>(
+      [&] {
+        nn::attention(q, k, v, 0.5, false, false, at::zeros({2, 2, 5, 7}));
+      },
+      {"bias must broadcast"});
 }
 
 TEST(UnCLIPUnit, ClipImageProcessorConfigAndInputErrors) {
@@ -613,13 +621,16 @@ TEST(UnCLIPUnit, ClipImageProcessorConfigAndInputErrors) {
   EXPECT_EQ((models::clip_resize_output_size(c, 100, 50)), (std::array<int, 2>{40, 80}));
   EXPECT_EQ((models::clip_resize_output_size(c, 33, 100)), (std::array<int, 2>{121, 40}));  // int(40*100/33)
   // use_square_size (Kosmos-2's old kwarg) squares the size only when true, as transformers 4.44 does.
-  const auto square = models::CLIPImageProcessorConfig::from_json(json::parse(R"({"size": 40, "use_square_size": true})"));
+  const auto square =
+      models::CLIPImageProcessorConfig::from_json(json::parse(R"({"size": 40, "use_square_size": true})"));
   EXPECT_EQ((models::clip_resize_output_size(square, 100, 50)), (std::array<int, 2>{40, 40}));
   const auto not_square =
       models::CLIPImageProcessorConfig::from_json(json::parse(R"({"size": 40, "use_square_size": false})"));
   EXPECT_EQ((models::clip_resize_output_size(not_square, 100, 50)), (std::array<int, 2>{40, 80}));
   expect_throw_with<Unsupported>(
-      [] { models::CLIPImageProcessorConfig::from_json(json::parse(R"({"image_processor_type": "ViTImageProcessor"})")); },
+      [] {
+        models::CLIPImageProcessorConfig::from_json(json::parse(R"({"image_processor_type": "ViTImageProcessor"})"));
+      },
       {"ViTImageProcessor"});
   expect_throw_with<Unsupported>([] { models::CLIPImageProcessorConfig::from_json(json::parse(R"({"resample": 0})")); },
                                  {"resample = 0"});
@@ -628,8 +639,8 @@ TEST(UnCLIPUnit, ClipImageProcessorConfigAndInputErrors) {
       {"image_mean"});
   expect_throw_with<FormatError>(
       [] { models::CLIPImageProcessorConfig::from_json(json::parse(R"({"size": {"longest_edge": 3}})")); }, {"size"});
-  expect_throw_with<FormatError>([] { models::CLIPImageProcessorConfig::from_json(json::parse(R"({"image_std": 0})")); },
-                                 {"image_std"});
+  expect_throw_with<FormatError>(
+      [] { models::CLIPImageProcessorConfig::from_json(json::parse(R"({"image_std": 0})")); }, {"image_std"});
   // A 1 x 4000 strip would become 40 x 160000: refused before any allocation.
   Image strip;
   strip.width = 4000;
@@ -669,7 +680,8 @@ TEST(UnCLIPUnit, SchedulerRowsAndRefusals) {
   json bad = json::parse(R"({"_class_name": "UnCLIPScheduler", "variance_type": "fixed_small"})");
   expect_throw_with<InvalidArgument>([&] { schedulers::create_scheduler("unclip", bad); }, {"variance_type"});
   bad = json::parse(R"({"_class_name": "UnCLIPScheduler", "prediction_type": "v_prediction"})");
-  expect_throw_with<InvalidArgument>([&] { schedulers::create_scheduler("UnCLIPScheduler", bad); }, {"prediction_type"});
+  expect_throw_with<InvalidArgument>([&] { schedulers::create_scheduler("UnCLIPScheduler", bad); },
+                                     {"prediction_type"});
   auto s = schedulers::create_scheduler("unclip", json::object());
   expect_throw_with<InvalidArgument>([&] { s->set_timesteps(1); }, {"num_inference_steps", ">= 2"});
   EXPECT_EQ(schedulers::scheduler_name_for_config(json::parse(
@@ -695,14 +707,17 @@ TEST(UnCLIPUnit, NoiseLevelOutOfRangeAndNormalizerShape) {
   const at::Tensor out = pipelines::noise_image_embeddings(norm, *noising, e, 0, at::zeros({2, 8}));
   const float a0 = dynamic_cast<const schedulers::AlphaScheduler&>(*noising).alphas_cumprod()[0];
   DMX_EXPECT_CLOSE("nl0 embedding", out.narrow(1, 0, 8), e * std::sqrt(a0), 1e-7);
-  DMX_EXPECT_CLOSE("nl0 sinusoids (cos first)", out.narrow(1, 8, 8),
-                   at::cat({at::ones({2, 4}), at::zeros({2, 4})}, 1), 0.0);
+  DMX_EXPECT_CLOSE("nl0 sinusoids (cos first)", out.narrow(1, 8, 8), at::cat({at::ones({2, 4}), at::zeros({2, 4})}, 1),
+                   0.0);
   expect_throw_with<InvalidArgument>([&] { pipelines::noise_image_embeddings(norm, *noising, e, 1000); },
                                      {"noise_level must be in [0, 999]", "1000"});
   expect_throw_with<InvalidArgument>([&] { pipelines::noise_image_embeddings(norm, *noising, e, -1); },
                                      {"noise_level", "-1"});
-  expect_throw_with<InvalidArgument>([&] { pipelines::noise_image_embeddings(norm, *noising, e, 5, at::zeros({2, 7})); },
-                                     {"noise must have the shape"});
+  expect_throw_with<InvalidArgument>(
+      [&] {
+        pipelines::noise_image_embeddings(norm, *noising, e, 5, at::zeros({2, 7}));
+      },
+      {"noise must have the shape"});
   expect_throw_with<InvalidArgument>([&] { norm->scale(at::randn({2, 9})); }, {"embedding_dim"});
 }
 
@@ -728,9 +743,8 @@ TEST(UnCLIPLoaderGolden, LoaderIsStrict) {
   });
   expect_throw_with<FormatError>([&] { loaders::load_unclip_components(no_prior); },
                                  {no_prior, "StableUnCLIPPipeline", "missing prior/", "image_normalizer/"});
-  const std::string no_encoder = folder_copy("unclip_img2img", "no-encoder", [](const fs::path& d) {
-    fs::remove_all(d / "image_encoder");
-  });
+  const std::string no_encoder =
+      folder_copy("unclip_img2img", "no-encoder", [](const fs::path& d) { fs::remove_all(d / "image_encoder"); });
   expect_throw_with<FormatError>([&] { loaders::load_unclip_components(no_encoder); }, {no_encoder, "image_encoder/"});
   const std::string bad_weights = folder_copy("unclip", "bad-weights", [](const fs::path& d) {
     fs::copy_file(d / "image_normalizer/diffusion_pytorch_model.safetensors",

@@ -22,7 +22,8 @@ namespace {
 constexpr double kTol = 1e-5;
 
 nlohmann::json unet_config_json(const std::string& variant) {
-  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/unet/config.json", "unet config", dmx::kMaxJsonFileBytes));
+  return nlohmann::json::parse(
+      read_text_file(test::fixture_model(variant) + "/unet/config.json", "unet config", dmx::kMaxJsonFileBytes));
 }
 
 std::string unet_weights(const std::string& variant) {
@@ -38,7 +39,8 @@ UNet2DConditionModel load_unet(const std::string& variant) {
 
 // The same architectures with seeded random weights (tests/tiny_models.h).
 nlohmann::json tiny_unet_config_json(const std::string& variant) {
-  return nlohmann::json::parse(read_text_file(test::tiny_config_dir(variant) + "/unet/config.json", "unet config", kMaxJsonFileBytes));
+  return nlohmann::json::parse(
+      read_text_file(test::tiny_config_dir(variant) + "/unet/config.json", "unet config", kMaxJsonFileBytes));
 }
 
 std::string tiny_unet_weights(const std::string& variant) {
@@ -202,7 +204,8 @@ TEST(UNetConfigUnit, FromJsonRejectsUnsupportedAndInvalid) {
   // Constructing from an invalid struct is an InvalidArgument.
   UNet2DConditionConfig bad;
   bad.norm_num_groups = 0;
-  expect_throw_with<InvalidArgument>([&] { UNet2DConditionModel m(bad); }, "norm_num_groups must be in [1, 8192], got 0");
+  expect_throw_with<InvalidArgument>([&] { UNet2DConditionModel m(bad); },
+                                     "norm_num_groups must be in [1, 8192], got 0");
 }
 
 TEST(UNetConfigUnit, FixtureConfigsParse) {

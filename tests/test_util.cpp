@@ -69,7 +69,8 @@ std::string repo_ref_dir() { return std::string(DMX_SOURCE_DIR) + "/tests/ref"; 
 RefCase load_ref_file(const std::string& base) {
   RefCase r;
   // Python's json writes -Infinity (DPM-Solver configs): parse with the scheduler config reader.
-  r.meta = schedulers::parse_scheduler_config(read_text_file(base + ".json", "reference metadata", dmx::kMaxJsonFileBytes));
+  r.meta =
+      schedulers::parse_scheduler_config(read_text_file(base + ".json", "reference metadata", dmx::kMaxJsonFileBytes));
   r.tensors = io::load_safetensors(base + ".safetensors");
   return r;
 }

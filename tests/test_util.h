@@ -3,8 +3,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include <nlohmann/json.hpp>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -16,9 +16,9 @@ namespace dmx::test {
 // the running test as a fixture user: only suites named *Golden (or *Slow) may call them (docs/testing.md).
 std::string shared_dir();
 bool fixtures_available();
-std::string fixtures_dir();                              // <shared>/fixtures/sd-tiny
-std::string fixture_model(const std::string& variant);   // <fixtures>/models/<variant>
-std::string temp_dir();                                  // a fresh per-process scratch folder
+std::string fixtures_dir();                             // <shared>/fixtures/sd-tiny
+std::string fixture_model(const std::string& variant);  // <fixtures>/models/<variant>
+std::string temp_dir();                                 // a fresh per-process scratch folder
 // temp_dir()/name, created: a test's own folder, so that outputs of different tests never meet (an existing
 // output is an error without --overwrite).
 std::string temp_subdir(const std::string& name);
@@ -56,12 +56,11 @@ std::string capture_stderr(const std::function<void()>& f);
 double check_close(const std::string& what, const at::Tensor& actual, const at::Tensor& expected, double rel_tol);
 }  // namespace dmx::test
 
-#define DMX_REQUIRE_FIXTURES()                                                                      \
-  do {                                                                                              \
-    if (!::dmx::test::fixtures_available())                                                         \
-      GTEST_SKIP() << "reference fixtures not found at " << ::dmx::test::shared_dir()               \
-                   << "/fixtures/sd-tiny"                                                           \
-                   << " (golden tests need ../shared beside the checkout, or DMX_SHARED_DIR)";      \
+#define DMX_REQUIRE_FIXTURES()                                                                               \
+  do {                                                                                                       \
+    if (!::dmx::test::fixtures_available())                                                                  \
+      GTEST_SKIP() << "reference fixtures not found at " << ::dmx::test::shared_dir() << "/fixtures/sd-tiny" \
+                   << " (golden tests need ../shared beside the checkout, or DMX_SHARED_DIR)";               \
   } while (0)
 
 // EXPECT-style wrapper.

@@ -21,7 +21,8 @@ constexpr double kTol = 1e-5;
 constexpr double kBf16Tol = 6e-2;  // see VAEGolden.BFloat16StaysCloseToFloat32
 
 nlohmann::json vae_config_json(const std::string& variant) {
-  return nlohmann::json::parse(read_text_file(test::fixture_model(variant) + "/vae/config.json", "vae config", dmx::kMaxJsonFileBytes));
+  return nlohmann::json::parse(
+      read_text_file(test::fixture_model(variant) + "/vae/config.json", "vae config", dmx::kMaxJsonFileBytes));
 }
 std::string vae_weights(const std::string& variant) {
   return test::fixture_model(variant) + "/vae/diffusion_pytorch_model.safetensors";
@@ -35,7 +36,8 @@ AutoencoderKL load_vae(const std::string& variant) {
 
 // The same architectures with seeded random weights (tests/tiny_models.h).
 nlohmann::json tiny_vae_config_json(const std::string& variant) {
-  return nlohmann::json::parse(read_text_file(test::tiny_config_dir(variant) + "/vae/config.json", "vae config", kMaxJsonFileBytes));
+  return nlohmann::json::parse(
+      read_text_file(test::tiny_config_dir(variant) + "/vae/config.json", "vae config", kMaxJsonFileBytes));
 }
 std::string tiny_vae_weights(const std::string& variant) {
   return test::tiny_model_dir(variant) + "/vae/diffusion_pytorch_model.safetensors";

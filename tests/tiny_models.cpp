@@ -5,8 +5,8 @@
 
 #include <filesystem>
 #include <map>
-#include <tuple>
 #include <mutex>
+#include <tuple>
 
 #include "core/fs.h"
 #include "dmx/error.h"

@@ -11,8 +11,8 @@
 #include <memory>
 #include <string>
 
-#include "models/clip_tokenizer.h"
 #include "loaders/model_bundle.h"
+#include "models/clip_tokenizer.h"
 
 namespace dmx::test {
 

@@ -17,11 +17,11 @@ struct ConvertOptions {
   bool overwrite = false;
 };
 struct ConvertReport {
-  int files = 0;             // .safetensors files converted
-  int64_t tensors = 0;       // floating tensors cast
+  int files = 0;        // .safetensors files converted
+  int64_t tensors = 0;  // floating tensors cast
   int64_t tensors_written = 0;
-  int metadata_entries = 0;  // non-tensor values of a pickle, stored as JSON metadata
-  std::string source_format;  // a pickle's container: "zip" | "legacy"
+  int metadata_entries = 0;              // non-tensor values of a pickle, stored as JSON metadata
+  std::string source_format;             // a pickle's container: "zip" | "legacy"
   uint64_t bytes_in = 0, bytes_out = 0;  // total size of the input and output weight files
 };
 ConvertReport convert_weights(const ConvertOptions& o);

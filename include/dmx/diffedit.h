@@ -7,35 +7,26 @@
 #include <string>
 
 #include "dmx/error.h"
+#include "dmx/options.h"
 
 namespace dmx {
 
-struct DiffEditOptions {
-  std::string model;          // diffusers folder or single-file .safetensors
-  std::string config_dir;     // configs (+ tokenizer) for a single-file checkpoint
-  std::string tokenizer_dir;
-  std::string image;          // the image to edit (PNG/JPEG); width and height multiples of 8
-  std::string source_prompt;  // what the image shows (mask + inversion)
-  std::string target_prompt;  // what it should show (mask + edit)
-  std::string negative_prompt;  // "" = none (the reference default); used by the mask (both prompts), the edit
-                                // and, when inversion_guidance_scale > 1, the inversion
-  std::string output;           // edited image, PNG
-  std::string mask_output;      // optional PNG of the mask at image size (white = edited)
-  std::string save_latents;     // optional .safetensors with "latents" after the last edit step
-  bool overwrite = false;       // replace existing outputs (README "Outputs and overwriting")
-  int steps = 50;                      // num_inference_steps of all three phases
-  double encode_ratio = 0.8;           // inpaint_strength of invert and edit, in (0, 1]
-  double mask_threshold = 3.0;         // mask_thresholding_ratio, > 0
-  int num_maps = 10;                   // num_maps_per_mask
-  double mask_encode_strength = 0.5;   // in (0, 1]
-  double guidance_scale = 7.5;         // generate_mask and the edit
+// The model, device, sampling and run settings are the shared groups of dmx/options.h: negative_prompt (""
+// = none, the reference default) is used by the mask (both prompts), the edit and, when inversion_guidance_scale
+// > 1, the inversion; steps are num_inference_steps of all three phases; guidance_scale is generate_mask's and
+// the edit's.
+struct DiffEditOptions : ModelOptions, DeviceOptions, SamplingOptions, RunOptions {
+  std::string image;                      // the image to edit (PNG/JPEG); width and height multiples of 8
+  std::string source_prompt;              // what the image shows (mask + inversion)
+  std::string target_prompt;              // what it should show (mask + edit)
+  std::string output;                     // edited image, PNG
+  std::string mask_output;                // optional PNG of the mask at image size (white = edited)
+  std::string save_latents;               // optional .safetensors with "latents" after the last edit step
+  double encode_ratio = 0.8;              // inpaint_strength of invert and edit, in (0, 1]
+  double mask_threshold = 3.0;            // mask_thresholding_ratio, > 0
+  int num_maps = 10;                      // num_maps_per_mask
+  double mask_encode_strength = 0.5;      // in (0, 1]
   double inversion_guidance_scale = 7.5;  // invert: diffusers' default (its conditional and unconditional branches)
-  std::optional<uint64_t> seed;  // none = a random seed, reported in the result
-  int threads = 0;
-  std::string dtype = "fp32";
-  std::string device = "cpu";
-  bool progress = true;
-  bool verbose = false;
 };
 
 struct DiffEditResult {
@@ -43,9 +34,9 @@ struct DiffEditResult {
   std::string mask;
   std::string latents;
   uint64_t seed = 0;
-  double mask_fraction = 0;  // share of latent pixels the mask edits
+  double mask_fraction = 0;                                       // share of latent pixels the mask edits
   double mask_seconds = 0, invert_seconds = 0, edit_seconds = 0;  // the three phases (with decode in edit)
-  double seconds = 0;  // the whole call, loading included
+  double seconds = 0;                                             // the whole call, loading included
 };
 
 // Validates every input first (InvalidArgument naming the option), then loads, runs the three phases and

@@ -6,24 +6,19 @@
 #include <vector>
 
 #include "dmx/error.h"
+#include "dmx/options.h"
 
 namespace dmx {
 
 std::string version();
 
-struct GenerateOptions {
-  std::string model;          // diffusers folder or single-file .safetensors
-  std::string config_dir;     // diffusers folder with component configs (+ tokenizer) for a single file
-  std::string tokenizer_dir;  // folder with vocab.json + merges.txt
+// The model, device, sampling and run settings are the shared groups of dmx/options.h.
+struct GenerateOptions : ModelOptions, DeviceOptions, SamplingOptions, RunOptions {
   std::string prompt;
-  std::string negative_prompt;
-  int width = 0;   // 0 = the model's default size
+  int width = 0;  // 0 = the model's default size
   int height = 0;
-  int steps = 50;
-  double guidance_scale = 7.5;
   std::string scheduler;  // "" = the model's own (scheduler/scheduler_config.json)
   double eta = 0.0;
-  std::optional<uint64_t> seed;  // none = a random seed, reported in the result
   int num_images = 1;
   int clip_skip = 0;
   std::string init_image;  // img2img when set
@@ -31,14 +26,7 @@ struct GenerateOptions {
   std::string init_latents;  // safetensors with one tensor "latents" (initial noise)
   std::string save_latents;  // write the final latents here
   std::string output;        // PNG path; with num_images > 1: <stem>-<i>.png
-  // Replace outputs that already exist (README "Outputs and overwriting"); without it an existing output is an
-  // error found before any work. Outputs are never allowed to be, or lie inside, an input.
-  bool overwrite = false;
   std::string from;          // the PNG the parameters were read from (`--from`): an input, never written
-  int threads = 0;           // 0 = all cores
-  std::string dtype = "fp32";
-  std::string device = "cpu";
-  bool progress = true;
   // LoRA (docs/lora.md): "FILE[:SCALE]" entries, the scale acting on the UNet and the text encoder alike
   // (default 1); `<lora:NAME:WEIGHT>` tags in the prompts load lora_dir/NAME.safetensors and are removed.
   std::vector<std::string> loras;
@@ -48,27 +36,60 @@ struct GenerateOptions {
   // ControlNet (txt2img; diffusers' StableDiffusionControlNetPipeline). The n-th control image, scale, start,
   // end and preprocess belong to the n-th net; scales/starts/ends/preprocess are either one per net or empty
   // (defaults 1.0 / 0.0 / 1.0 / none); a single preprocess value applies to every image.
-  std::vector<std::string> controlnets;     // diffusers ControlNet folder or control_model.* .safetensors
-  std::vector<std::string> control_images;  // the maps (edges, depth, segmentation, pose drawn as an image)
-  std::vector<double> control_scales;       // controlnet_conditioning_scale
-  std::vector<double> control_starts;       // control_guidance_start, in [0, 1)
-  std::vector<double> control_ends;         // control_guidance_end, in (0, 1]
+  std::vector<std::string> controlnets;         // diffusers ControlNet folder or control_model.* .safetensors
+  std::vector<std::string> control_images;      // the maps (edges, depth, segmentation, pose drawn as an image)
+  std::vector<double> control_scales;           // controlnet_conditioning_scale
+  std::vector<double> control_starts;           // control_guidance_start, in [0, 1)
+  std::vector<double> control_ends;             // control_guidance_end, in (0, 1]
   std::vector<std::string> control_preprocess;  // "none" | "canny"
-  double canny_low = 100.0;                 // cv2.Canny thresholds (diffusers' docs use 100 / 200)
+  double canny_low = 100.0;                     // cv2.Canny thresholds (diffusers' docs use 100 / 200)
   double canny_high = 200.0;
   bool guess_mode = false;
   std::string save_control_image;  // PNG of the prepared map(s); with several nets: <stem>-<i>.png
-  bool verbose = false;  // per-phase timings on stderr
+  // T2I-Adapters (docs/t2i-adapter.md; diffusers' StableDiffusionAdapterPipeline, txt2img). The n-th image,
+  // scale, end and preprocess belong to the n-th adapter; scales are one per adapter or empty (1.0 each);
+  // ends and preprocess one per adapter, one for all, or empty (1.0 / none). Several adapters: feature_k =
+  // sum_i scale_i * adapter_i(image_i)_k (the pipeline's scale list is MultiAdapter's adapter_weights).
+  std::vector<std::string> adapters;            // diffusers T2IAdapter folder, TencentARC .pth or .safetensors
+  std::vector<std::string> adapter_images;      // the control pictures (gray or RGB)
+  std::vector<double> adapter_scales;           // adapter_conditioning_scale
+  std::vector<double> adapter_ends;             // cond_tau: fraction of the steps the features apply, in (0, 1]
+  std::vector<std::string> adapter_preprocess;  // "none" | "canny" (--canny-low / --canny-high)
+  // A1111 hypernetworks (docs/hypernetworks.md): "FILE[:MULT]" entries applied in order, then the prompts'
+  // `<hypernet:NAME:MULT>` tags (hypernetwork_dir/NAME.pt or .safetensors), removed from the text encoded.
+  std::vector<std::string> hypernetworks;
+  std::string hypernetwork_dir;
   // Blended latent diffusion (docs/editing-blended.md): a text-guided edit of --init-image inside --mask
   // (8-bit gray or RGB PNG/JPEG of the image's size, white = edit) on a normal 4-channel model. With the
   // defaults it reproduces diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet.
   std::string mask;
-  std::string background = "latent";  // latent | pixel | poisson | optimize-latents | finetune-decoder
-  double blend_start = 0.0;           // fraction of the steps before blending starts, in [0, 1)
-  int mask_dilation = 0;              // progressive mask shrinking: dilated masks first, in [0, 64]
-  bool rank = false;                  // write samples best first by their diffusion-classifier score
+  std::string background = "latent";      // latent | pixel | poisson | optimize-latents | finetune-decoder
+  double blend_start = 0.0;               // fraction of the steps before blending starts, in [0, 1)
+  int mask_dilation = 0;                  // progressive mask shrinking: dilated masks first, in [0, 64]
+  bool rank = false;                      // write samples best first by their diffusion-classifier score
   std::string blend_variant = "inpaint";  // inpaint (diffusers 0.27.2) | legacy (StableDiffusionInpaintPipelineLegacy)
+  // Stable unCLIP (docs/unclip.md): --model a StableUnCLIPPipeline folder (text -> prior -> CLIP image embedding ->
+  // decoder). Unset = diffusers' defaults (25 prior steps, prior guidance 4, noise level 0); set for another model:
+  // InvalidArgument. The decoder's own defaults there are kUnCLIPSteps and kUnCLIPGuidanceScale.
+  std::optional<int> prior_steps;
+  std::optional<double> prior_guidance_scale;
+  std::optional<int> noise_level;  // in [0, the image_noising_scheduler's num_train_timesteps - 1]
+  // Cascade (docs/upscale.md): after the base model, Stable Diffusion's x4 upscaler (a StableDiffusionUpscalePipeline
+  // folder) on each picture with the same prompts, drawing from the same generator after the base run. The PNG
+  // and --save-latents hold the upscaled result ("upscale_latents"; "latents" stays the base run's).
+  std::string upscale_model;
+  int upscale_noise_level = 20;  // in [0, the upscaler's max_noise_level]
+  int upscale_steps = 75;        // diffusers' defaults for the upscaler
+  double upscale_guidance_scale = 9.0;
 };
+
+// StableUnCLIPPipeline.__call__'s decoder defaults (num_inference_steps, guidance_scale), which `dmx generate`
+// uses on an unCLIP folder when --steps / --guidance-scale are not given.
+constexpr int kUnCLIPSteps = 20;
+constexpr double kUnCLIPGuidanceScale = 10.0;
+// Whether `model` is a diffusers Stable unCLIP folder (model_index.json's _class_name StableUnCLIPPipeline or
+// StableUnCLIPImg2ImgPipeline); false for anything else, unreadable folders included (the loaders say why).
+bool is_unclip_model(const std::string& model);
 
 struct GenerateResult {
   std::vector<std::string> images;  // written files
@@ -86,7 +107,8 @@ GenerateResult generate(const GenerateOptions& opts);
 std::string format_parameters(const GenerateOptions& opts, uint64_t seed, int width, int height,
                               const std::string& model_name, const std::string& model_hash = "");
 // Parses that text; fields it does not know are ignored. Throws InvalidArgument on unparsable text.
-GenerateOptions parse_parameters(const std::string& text, const GenerateOptions& base = {});
+GenerateOptions parse_parameters(const std::string& text, const GenerateOptions& base);
+GenerateOptions parse_parameters(const std::string& text);  // on a default GenerateOptions
 // The "parameters" text chunk of a PNG (InvalidArgument if the file has none).
 std::string read_image_parameters(const std::string& png_path);
 
@@ -108,19 +130,17 @@ std::vector<std::string> scheduler_names();
 // ---------------------------------------------------------------------------------------------------
 // Benchmark (`dmx bench`): models built from a preset with random weights in memory (no download), timed
 // after warm-up; medians of `runs` runs. See docs/performance.md.
-struct BenchOptions {
-  std::string preset = "sd15";  // sd15 | sd21 | tiny
-  int width = 0;                // 0 = the preset's native size (sd15 512, sd21 768, tiny 64)
+struct BenchOptions : DeviceOptions {  // dtype fp32 | bf16 | fp16 (CUDA only), device cpu | cuda[:N]
+  std::string preset = "sd15";         // sd15 | sd21 | tiny
+  int width = 0;                       // 0 = the preset's native size (sd15 512, sd21 768, tiny 64)
   int height = 0;
-  std::string dtype = "fp32";   // fp32 | bf16 | fp16 (fp16: CUDA only)
-  std::string device = "cpu";   // cpu | cuda[:N]
-  int threads = 0;              // 0 = all cores
-  int runs = 3;                 // timed runs per stage (after one warm-up run)
+  int threads = 0;  // 0 = all cores
+  int runs = 3;     // timed runs per stage (after one warm-up run)
   int warmup = 1;
-  bool measure_peak = true;     // time a 2048^3 GEMM in the dtype for the "share of peak" column
-  bool channels_last = true;    // activations in NHWC (the product's default; false: NCHW, for comparison)
-  std::string profile;          // when set: op traces of one UNet step and one decode, <profile>.{unet,vae}.json
-  bool overwrite = false;       // replace existing trace files
+  bool measure_peak = true;   // time a 2048^3 GEMM in the dtype for the "share of peak" column
+  bool channels_last = true;  // activations in NHWC (the product's default; false: NCHW, for comparison)
+  std::string profile;        // when set: op traces of one UNet step and one decode, <profile>.{unet,vae}.json
+  bool overwrite = false;     // replace existing trace files
 };
 
 // Analytic FLOP counts (multiply-add = 2 FLOP; convolutions, linears and attention products only).
@@ -135,8 +155,8 @@ BenchFlops bench_flops(const std::string& preset, int width, int height);
 struct BenchResult {
   std::string preset, dtype, device;
   int width = 0, height = 0, threads = 0, runs = 0;
-  bool channels_last = true;  // NHWC activations were used (bf16/fp16 only)
-  std::string omp_wait_policy, omp_proc_bind;  // as the process saw them ("" = unset)
+  bool channels_last = true;                                    // NHWC activations were used (bf16/fp16 only)
+  std::string omp_wait_policy, omp_proc_bind;                   // as the process saw them ("" = unset)
   double text_encode_s = 0, unet_step_s = 0, vae_decode_s = 0;  // medians, seconds
   double text_encode_cpu_s = 0, unet_step_cpu_s = 0, vae_decode_cpu_s = 0;  // medians of process CPU seconds
   BenchFlops flops;

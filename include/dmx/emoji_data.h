@@ -17,7 +17,7 @@ struct EmojiDataOptions {
   int background = 255;            // gray level of the plain background, 0..255
   double heldout_fraction = 0.02;  // share of concepts never seen in training, in [0, 0.05]
   std::string caption_format =
-      "{name}, {category}, {style} style";   // {name} {short_name} {category} {subcategory} {style}
+      "{name}, {category}, {style} style";  // {name} {short_name} {category} {subcategory} {style}
   // Each adds one more metadata row per image, with the caption this format gives (e.g. "{name}").
   std::vector<std::string> extra_caption_formats;
   double canny_low = 100, canny_high = 200;  // edge maps for ControlNet

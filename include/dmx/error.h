@@ -63,8 +63,8 @@ std::string concat(const Args&... args) {
 }  // namespace dmx
 
 // TORCH_CHECK-style macros: DMX_CHECK_ARG(steps > 0, "steps must be > 0, got ", steps);
-#define DMX_CHECK_T(type, cond, ...) \
-  do {                               \
+#define DMX_CHECK_T(type, cond, ...)                             \
+  do {                                                           \
     if (!(cond)) throw type(::dmx::detail::concat(__VA_ARGS__)); \
   } while (0)
 #define DMX_CHECK_ARG(cond, ...) DMX_CHECK_T(::dmx::InvalidArgument, cond, __VA_ARGS__)

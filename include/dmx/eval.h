@@ -15,8 +15,8 @@ namespace dmx {
 // `dmx train classifier`: trains the emoji classifier on the real images of every style (train + heldout
 // splits) of a `dmx data emoji` folder, with augmentations (random affine, blur, noise, colour jitter).
 struct ClassifierTrainOptions {
-  std::string data;    // `dmx data emoji` folder (concepts.json, google/, twitter/)
-  std::string output;  // folder: config.json + model.safetensors (fp16)
+  std::string data;        // `dmx data emoji` folder (concepts.json, google/, twitter/)
+  std::string output;      // folder: config.json + model.safetensors (fp16)
   bool overwrite = false;  // replace an existing classifier folder (README "Outputs and overwriting")
   int64_t steps = 2000;
   int batch_size = 64;
@@ -43,17 +43,17 @@ ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o);
 // ---------------------------------------------------------------------------------------------------
 // `dmx eval`: generates one image per prompt (seed + i for prompt i) and scores it with the classifier.
 struct EvalOptions {
-  std::string model;                     // diffusers folder of the text-to-image model
-  std::string prompts_file;              // one prompt per line; "" = default_eval_prompts()
+  std::string model;         // diffusers folder of the text-to-image model
+  std::string prompts_file;  // one prompt per line; "" = default_eval_prompts()
   std::string classifier = "models/emoji-classifier";
-  std::string data;                      // `dmx data emoji` folder; "" = default_emoji_data_dir()
+  std::string data;  // `dmx data emoji` folder; "" = default_emoji_data_dir()
   int steps = 25;
   double guidance_scale = 3.0;  // picked for the bundled emoji model on prompts disjoint from the built-in list
-  std::string scheduler;                 // "" = the model's own
+  std::string scheduler;        // "" = the model's own
   uint64_t seed = 0;
-  int limit = 0;                         // > 0: score only the first `limit` prompts
+  int limit = 0;  // > 0: score only the first `limit` prompts
   int threads = 0;
-  std::string out_dir;                   // when set: generated images (and grids) are written here
+  std::string out_dir;  // when set: generated images (and grids) are written here
   // ControlNet: edge F1 with and without the net (same prompts and seeds), on the first aux_prompts prompts.
   std::string controlnet;
   // LoRA: style accuracy (share classified twitter) with and without the LoRA, first aux_prompts prompts.
@@ -70,11 +70,11 @@ struct EvalOptions {
 };
 
 struct EvalResult {
-  int n = 0;          // prompts scored
-  double top1 = 0;    // fraction of images whose top-1 concept is the prompt's
+  int n = 0;        // prompts scored
+  double top1 = 0;  // fraction of images whose top-1 concept is the prompt's
   double top5 = 0;
-  double frechet = 0;       // classifier-feature Fréchet distance: generated vs real (google) of the same concepts
-  double frechet_real = 0;  // the same between real images of those concepts and of a disjoint set
+  double frechet = 0;           // classifier-feature Fréchet distance: generated vs real (google) of the same concepts
+  double frechet_real = 0;      // the same between real images of those concepts and of a disjoint set
   double twitter_fraction = 0;  // share of the base images the style head calls twitter
   // ControlNet (when EvalOptions::controlnet is set; -1 otherwise)
   int controlnet_n = 0;
@@ -91,9 +91,9 @@ struct EvalResult {
   double dreambooth_similarity = -1, dreambooth_similarity_without = -1;
   double dreambooth_top5 = -1, dreambooth_top5_without = -1;  // share recognised as the concept (top-5)
   double seconds = 0;
-  std::vector<std::string> prompts;   // the prompts scored
+  std::vector<std::string> prompts;     // the prompts scored
   std::vector<std::string> top1_names;  // the classifier's top-1 concept for each
-  std::string to_json() const;        // one line: every field above except the per-prompt lists
+  std::string to_json() const;          // one line: every field above except the per-prompt lists
 };
 
 EvalResult evaluate(const EvalOptions& o);

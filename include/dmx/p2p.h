@@ -8,13 +8,12 @@
 #include <vector>
 
 #include "dmx/error.h"
+#include "dmx/options.h"
 
 namespace dmx {
 
-struct P2POptions {
-  std::string model;             // diffusers folder or single-file .safetensors
-  std::string config_dir;        // diffusers folder with configs (+ tokenizer) for a single file
-  std::string tokenizer_dir;     // folder with vocab.json + merges.txt
+// The model, sampling and run settings are the shared groups of dmx/options.h.
+struct P2POptions : ModelOptions, SamplingOptions, RunOptions {
   std::string prompt;            // the source prompt
   std::string edit_prompt;       // the edited prompt
   std::string mode = "replace";  // replace | refine | reweight
@@ -23,12 +22,8 @@ struct P2POptions {
   std::vector<std::string> reweight;     // "WORD=SCALE" entries (words of the edit prompt); mode reweight
   std::vector<std::string> local_blend;  // words whose attention bounds the edited region ("" = none)
   double local_blend_threshold = 0.3;
-  std::string negative_prompt;
   int width = 0;  // 0 = the model's default size (or the --image size)
   int height = 0;
-  int steps = 50;
-  double guidance_scale = 7.5;
-  std::optional<uint64_t> seed;  // none = a random seed, reported in the result
   // Real images: DDIM-invert this image under `prompt` (guidance 1); with null_text_inversion, then optimise
   // the per-step unconditional embeddings so the guided source reconstructs it.
   std::string image;
@@ -36,10 +31,6 @@ struct P2POptions {
   int null_text_inner_steps = 10;
   std::string save_attention_maps;  // PNG grid of per-token cross-attention maps (both prompts)
   std::string output;               // OUT.png: source | edit side by side; also OUT-source.png, OUT-edit.png
-  bool overwrite = false;           // replace existing outputs (README "Outputs and overwriting")
-  int threads = 0;                  // 0 = all cores
-  bool progress = true;
-  bool verbose = false;
 };
 
 struct P2PResult {

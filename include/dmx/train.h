@@ -5,13 +5,14 @@
 #include <string>
 
 #include "dmx/error.h"
+#include "dmx/options.h"
 
 namespace dmx {
 
-struct TrainOptions {
-  std::string recipe;  // lora | finetune | dreambooth | controlnet | vae
-  std::string model;   // diffusers folder (finetune / full DreamBooth: required) or single-file checkpoint
-  std::string config_dir, tokenizer_dir;  // for a single-file --model
+// model (a diffusers folder for finetune / full DreamBooth, else also a single-file checkpoint), config_dir and
+// tokenizer_dir (for a single-file model): the ModelOptions group of dmx/options.h.
+struct TrainOptions : ModelOptions {
+  std::string recipe;      // lora | finetune | dreambooth | controlnet | vae
   std::string data;        // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
   std::string output;      // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder
   std::string output_dir;  // checkpoints, train_log.jsonl, validation images ("" = <output>.train)

@@ -43,9 +43,9 @@ double resnet_flops(double in, double out, double temb, double hw) {
 // Transformer2DModel with one BasicTransformerBlock per layer: proj_in, self-attention, cross-attention over
 // m context tokens of width ctx, GEGLU feed-forward (C -> 8C, 4C -> C), proj_out.
 double transformer_flops(double c, double n, double m, double ctx, int layers) {
-  double block = linear_flops(c, 3 * c, n) + attn_flops(n, n, c) + linear_flops(c, c, n);            // attn1
+  double block = linear_flops(c, 3 * c, n) + attn_flops(n, n, c) + linear_flops(c, c, n);                      // attn1
   block += linear_flops(c, c, n) + linear_flops(ctx, 2 * c, m) + attn_flops(n, m, c) + linear_flops(c, c, n);  // attn2
-  block += linear_flops(c, 8 * c, n) + linear_flops(4 * c, c, n);                                  // ff
+  block += linear_flops(c, 8 * c, n) + linear_flops(4 * c, c, n);                                              // ff
   return linear_flops(c, c, n) * 2 + layers * block;
 }
 
@@ -126,9 +126,7 @@ at::ScalarType parse_dtype(const std::string& s) {
   throw InvalidArgument("--dtype must be one of fp32, bf16, fp16, got '" + s + "'");
 }
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -288,7 +286,8 @@ BenchResult bench(const BenchOptions& o) {
   const double guidance = 7.5;
 
   double text_cpu = 0, unet_cpu = 0, vae_cpu = 0;
-  r.text_encode_s = time_median(o.warmup, o.runs, [&] { return text->encode(ids); }, &text_cpu);
+  r.text_encode_s = time_median(
+      o.warmup, o.runs, [&] { return text->encode(ids); }, &text_cpu);
   auto unet_step = [&] {
     // One guided step as the pipeline runs it: [uncond, cond] batch, guidance on the float32 result.
     models::UNetInputs in;
@@ -356,7 +355,8 @@ std::string bench_table(const BenchResult& r) {
   row("text encode (batch 2)", r.text_encode_s, r.flops.text_encode);
   row("unet guided step (batch 2)", r.unet_step_s, r.flops.unet_step);
   row("vae decode (batch 1)", r.vae_decode_s, r.flops.vae_decode);
-  std::snprintf(buf, sizeof buf, "process CPU seconds (all threads; on a shared machine the wall time above also "
+  std::snprintf(buf, sizeof buf,
+                "process CPU seconds (all threads; on a shared machine the wall time above also "
                 "counts other processes): text %.4f, unet step %.4f, vae decode %.4f\n",
                 r.text_encode_cpu_s, r.unet_step_cpu_s, r.vae_decode_cpu_s);
   s << buf;

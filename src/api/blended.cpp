@@ -69,8 +69,9 @@ void resize_inpaint_inputs(const GenerateOptions& o, int vae_scale_factor, Image
   mask = resize_lanczos(mask, w, h);
 }
 
-BlendedRun run_blended(std::shared_ptr<loaders::StableDiffusionModels> models, const pipelines::StableDiffusionParams& sp,
-                       const GenerateOptions& o, const Image& mask, uint64_t seed) {
+BlendedRun run_blended(std::shared_ptr<loaders::StableDiffusionModels> models,
+                       const pipelines::StableDiffusionParams& sp, const GenerateOptions& o, const Image& mask,
+                       uint64_t seed) {
   pipelines::BlendedLatentDiffusionParams p;
   static_cast<pipelines::GenerationParams&>(p) = sp;
   p.init_image = sp.init_image;

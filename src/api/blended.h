@@ -26,13 +26,14 @@ Image load_mask(const GenerateOptions& o, const Image& init_rgb);
 void resize_inpaint_inputs(const GenerateOptions& o, int vae_scale_factor, Image& init_rgb, Image& mask);
 
 struct BlendedRun {
-  at::Tensor images;   // [N, H, W, 3] in [0, 1], in the order to write (best first with rank)
-  at::Tensor latents;  // [N, 4, h, w] after the final blend, same order
+  at::Tensor images;           // [N, H, W, 3] in [0, 1], in the order to write (best first with rank)
+  at::Tensor latents;          // [N, 4, h, w] after the final blend, same order
   std::vector<double> scores;  // with rank, same order
   std::vector<int> samples;    // with rank, sample index of each
 };
 // Runs the edit with the settings of `p` (the shared generation parameters with the run's generator, init
 // image, strength, given latents) and the mask options of `o`; `seed` seeds the ranking's own noise.
-BlendedRun run_blended(std::shared_ptr<loaders::StableDiffusionModels> models, const pipelines::StableDiffusionParams& p,
-                       const GenerateOptions& o, const Image& mask, uint64_t seed);
+BlendedRun run_blended(std::shared_ptr<loaders::StableDiffusionModels> models,
+                       const pipelines::StableDiffusionParams& p, const GenerateOptions& o, const Image& mask,
+                       uint64_t seed);
 }  // namespace dmx::api

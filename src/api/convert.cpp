@@ -80,7 +80,8 @@ void convert_pickle(const std::string& in, const std::string& out, at::ScalarTyp
 }  // namespace
 
 ConvertReport convert_weights(const ConvertOptions& o) {
-  DMX_CHECK_ARG(!o.input.empty(), "--input is required (a model folder, a .safetensors file or a torch.save "
+  DMX_CHECK_ARG(!o.input.empty(),
+                "--input is required (a model folder, a .safetensors file or a torch.save "
                 "file: .ckpt, .pt, .pth, .bin)");
   DMX_CHECK_ARG(!o.output.empty(), "--output is required");
   DMX_CHECK_ARG(path_exists(o.input), "--input: path not found: '", o.input, "'");
@@ -99,11 +100,15 @@ ConvertReport convert_weights(const ConvertOptions& o) {
   const bool pickle_in =
       !folder_in && !is_safetensors(o.input) && (is_pickle_name(o.input) || io::looks_like_torch_file(o.input));
   if (!folder_in && !is_safetensors(o.input) && !pickle_in)
-    throw InvalidArgument(detail::concat("--input must be a folder, a .safetensors file or a torch.save file "
-                                         "(.ckpt, .pt, .pth, .bin), got '", o.input, "'"));
+    throw InvalidArgument(
+        detail::concat("--input must be a folder, a .safetensors file or a torch.save file "
+                       "(.ckpt, .pt, .pth, .bin), got '",
+                       o.input, "'"));
   if (pickle_in)
-    DMX_CHECK_ARG(is_safetensors(o.output), "--output must name a .safetensors file when --input is a torch.save "
-                  "file, got '", o.output, "'");
+    DMX_CHECK_ARG(is_safetensors(o.output),
+                  "--output must name a .safetensors file when --input is a torch.save "
+                  "file, got '",
+                  o.output, "'");
   {
     // A file becomes a file, a folder a folder of the same kind; never over or inside the input.
     api::OutputPlan plan(o.overwrite);
@@ -136,8 +141,9 @@ ConvertReport convert_weights(const ConvertOptions& o) {
       else if (it->is_regular_file())  // follows symlinks: a link to a regular file is copied as that file
         fs::copy_file(it->path(), dst, fs::copy_options::overwrite_existing);
       else  // a device, FIFO or socket (or a link to one) would be read forever or block
-        throw InvalidArgument(detail::concat("--input: ", it->path().string(),
-                                             " is not a regular file or folder (a device, FIFO, socket or broken link)"));
+        throw InvalidArgument(
+            detail::concat("--input: ", it->path().string(),
+                           " is not a regular file or folder (a device, FIFO, socket or broken link)"));
     }
   });
   return r;

@@ -1,8 +1,8 @@
 // `dmx data tokenizer` (include/dmx/data.h): captions -> a CLIP BPE tokenizer folder.
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "api/options_util.h"
 #include "core/atomic_dir.h"
@@ -49,8 +49,8 @@ void read_captions(const std::string& dir, const std::string& column, std::vecto
 TokenizerTrainReport train_tokenizer(const TokenizerTrainOptions& o) {
   DMX_CHECK_ARG(!o.data.empty(), "--data is required (a folder with captions; repeatable)");
   DMX_CHECK_ARG(!o.output.empty(), "--output is required (the tokenizer folder to write)");
-  DMX_CHECK_ARG(o.model_max_length >= 2 && o.model_max_length <= 4096,
-                "--model-max-length must be in [2, 4096], got ", o.model_max_length);
+  DMX_CHECK_ARG(o.model_max_length >= 2 && o.model_max_length <= 4096, "--model-max-length must be in [2, 4096], got ",
+                o.model_max_length);
   {
     api::OutputPlan plan(o.overwrite);
     for (const auto& d : o.data) plan.input(d, "--data");

@@ -25,12 +25,7 @@
 namespace dmx {
 namespace {
 
-std::string fmt_number(double v) {
-  std::ostringstream os;
-  os.precision(10);
-  os << v;
-  return os.str();
-}
+using api::fmt_number;
 
 // Every check that needs no model, so bad input fails before anything is loaded or written.
 void check_options(const DiffEditOptions& o) {
@@ -63,9 +58,7 @@ void check_options(const DiffEditOptions& o) {
   api::parse_dtype(o.dtype, o.device);
   // The outputs, written together or not at all, against the inputs and each other.
   api::OutputPlan plan(o.overwrite);
-  plan.input(o.model, "--model");
-  plan.input(o.config_dir, "--config");
-  plan.input(o.tokenizer_dir, "--tokenizer");
+  api::add_model_inputs(plan, o);
   plan.input(o.image, "--image");
   plan.file(o.output, "--output", ".png");
   if (!o.mask_output.empty()) plan.file(o.mask_output, "--mask-output", ".png");
@@ -84,11 +77,11 @@ std::string format_diffedit_parameters(const DiffEditOptions& o, uint64_t seed, 
      << ", Size: " << width << "x" << height;
   if (!model_hash.empty()) os << ", Model hash: " << model_hash;
   if (!model_name.empty()) os << ", Model: " << model_name;
-  os << ", Denoising strength: " << fmt_number(o.encode_ratio) << ", DiffEdit source prompt: "
-     << api::quoted(o.source_prompt) << ", DiffEdit mask threshold: " << fmt_number(o.mask_threshold)
-     << ", DiffEdit noise maps: " << o.num_maps << ", DiffEdit mask encode strength: "
-     << fmt_number(o.mask_encode_strength) << ", DiffEdit inversion CFG scale: "
-     << fmt_number(o.inversion_guidance_scale) << ", Version: dmx " << version();
+  os << ", Denoising strength: " << fmt_number(o.encode_ratio)
+     << ", DiffEdit source prompt: " << api::quoted(o.source_prompt)
+     << ", DiffEdit mask threshold: " << fmt_number(o.mask_threshold) << ", DiffEdit noise maps: " << o.num_maps
+     << ", DiffEdit mask encode strength: " << fmt_number(o.mask_encode_strength)
+     << ", DiffEdit inversion CFG scale: " << fmt_number(o.inversion_guidance_scale) << ", Version: dmx " << version();
   return os.str();
 }
 

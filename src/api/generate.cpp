@@ -5,10 +5,12 @@
 #include <map>
 #include <sstream>
 
-#include "core/canny.h"
 #include "api/blended.h"
 #include "api/model_hash.h"
 #include "api/options_util.h"
+#include "api/unclip.h"
+#include "api/upscale_stage.h"
+#include "core/canny.h"
 #include "core/fs.h"
 #include "core/image.h"
 #include "core/log.h"
@@ -17,10 +19,15 @@
 #include "core/utf8.h"
 #include "dmx/dmx.h"
 #include "io/safetensors.h"
+#include "loaders/hypernetwork_loader.h"
 #include "loaders/lora_loader.h"
-#include "pipelines/controlnet.h"
 #include "loaders/model_bundle.h"
+#include "loaders/t2i_adapter_loader.h"
+#include "loaders/upscale.h"
+#include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
+#include "pipelines/t2i_adapter_provider.h"
+#include "pipelines/upscale.h"
 #include "schedulers/registry.h"
 
 namespace dmx {
@@ -69,6 +76,60 @@ void check_controlnet_options(const GenerateOptions& o) {
   DMX_CHECK_ARG(o.init_image.empty(), "--controlnet with --init-image (ControlNet img2img) is not supported yet");
 }
 
+// T2I-Adapter options (docs/t2i-adapter.md): count rules and ranges, checked before anything is loaded.
+void check_adapter_options(const GenerateOptions& o) {
+  const size_t n = o.adapters.size();
+  DMX_CHECK_ARG(n <= 8, "--adapter may be given at most 8 times, got ", n);
+  if (n == 0) {
+    DMX_CHECK_ARG(o.adapter_images.empty(), "--adapter-image needs --adapter (got ", o.adapter_images.size(),
+                  " image(s) and no adapter)");
+    DMX_CHECK_ARG(o.adapter_scales.empty() && o.adapter_ends.empty() && o.adapter_preprocess.empty(),
+                  "--adapter-scale/--adapter-end/--adapter-preprocess need --adapter");
+    return;
+  }
+  DMX_CHECK_ARG(o.adapter_images.size() == n, "--adapter-image must be given once per --adapter (", n,
+                " adapter(s)), got ", o.adapter_images.size());
+  DMX_CHECK_ARG(o.adapter_scales.empty() || o.adapter_scales.size() == n,
+                "--adapter-scale must be given once per --adapter (", n, " adapter(s)) or not at all, got ",
+                o.adapter_scales.size());
+  auto count = [&](size_t k, const char* name) {
+    DMX_CHECK_ARG(k == 0 || k == 1 || k == n, name, " must be given once per --adapter (", n,
+                  " adapter(s)), once for all, or not at all, got ", k);
+  };
+  count(o.adapter_ends.size(), "--adapter-end");
+  count(o.adapter_preprocess.size(), "--adapter-preprocess");
+  for (double v : o.adapter_scales)
+    DMX_CHECK_ARG(std::isfinite(v) && v >= -100 && v <= 100, "--adapter-scale must be in [-100, 100], got ", v);
+  for (double v : o.adapter_ends)
+    DMX_CHECK_ARG(std::isfinite(v) && v > 0 && v <= 1, "--adapter-end must be in (0, 1], got ", v);
+  for (const auto& m : o.adapter_preprocess)
+    DMX_CHECK_ARG(m == "none" || m == "canny", "--adapter-preprocess must be one of none, canny, got '", m, "'");
+  DMX_CHECK_ARG(o.init_image.empty(),
+                "--adapter with --init-image (T2I-Adapter img2img) is not supported "
+                "(diffusers 0.27.2 has no adapter img2img pipeline)");
+}
+
+// A malformed or hostile file named by an option: the message starts with the option (the loaders name the file).
+template <typename F>
+auto with_option(const std::string& option, F&& load) -> decltype(load()) {
+  auto prefixed = [&](const std::string& what) { return what.rfind(option, 0) == 0 ? what : option + ": " + what; };
+  try {
+    return load();
+  } catch (const FormatError& e) {
+    throw FormatError(prefixed(e.what()));
+  } catch (const Unsupported& e) {
+    throw Unsupported(prefixed(e.what()));
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(prefixed(e.what()));
+  }
+}
+
+// The i-th entry of a per-adapter list that may also hold one value for all, or nothing.
+template <typename T>
+T per_adapter(const std::vector<T>& v, size_t i, const T& fallback) {
+  return v.empty() ? fallback : v.size() == 1 ? v[0] : v[i];
+}
+
 // Loads, preprocesses (Canny) each control image; sizes are settled once the model is known.
 std::vector<Image> load_control_maps(const GenerateOptions& o) {
   std::vector<Image> maps;
@@ -93,8 +154,12 @@ GenerateResult generate(const GenerateOptions& o) {
   // Check every cheap input before loading anything.
   DMX_CHECK_ARG(!o.model.empty(), "--model is required");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
-  DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model), "--config applies to a single-file checkpoint; --model ",
-                o.model, " is a diffusers folder with its own configs (leave --config out)");
+  // Stable unCLIP folders: text -> prior -> image embedding -> decoder (api/unclip.cpp, docs/unclip.md).
+  if (!api::unclip_pipeline_class(o.model).empty()) return api::generate_unclip(o);
+  api::check_no_unclip_options(o);
+  DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model),
+                "--config applies to a single-file checkpoint; --model ", o.model,
+                " is a diffusers folder with its own configs (leave --config out)");
   DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
                 o.device, "'");
   const at::ScalarType dtype = parse_dtype(o.dtype, o.device);
@@ -107,8 +172,23 @@ GenerateResult generate(const GenerateOptions& o) {
     }
   }
   check_controlnet_options(o);
+  check_adapter_options(o);
   api::check_blended_options(o);
-  if (!o.control_preprocess.empty() || o.canny_low != 100.0 || o.canny_high != 200.0) {
+  // Cascade: the upscaler's options and folder kind before anything is loaded.
+  api::UpscaleStageOptions up_stage;
+  loaders::UpscaleFolderInfo up_info;
+  if (!o.upscale_model.empty()) {
+    DMX_CHECK_SUPPORTED(o.mask.empty(),
+                        "--upscale-model with --mask is not supported (upscale the edited picture "
+                        "with dmx upscale)");
+    up_stage.model = o.upscale_model;
+    up_stage.noise_level = o.upscale_noise_level;
+    up_stage.steps = o.upscale_steps;
+    up_stage.guidance_scale = o.upscale_guidance_scale;
+    up_stage.flag_prefix = "--upscale-";
+    up_info = api::check_upscale_stage(up_stage);
+  }
+  if (!o.control_preprocess.empty() || !o.adapter_preprocess.empty() || o.canny_low != 100.0 || o.canny_high != 200.0) {
     DMX_CHECK_ARG(std::isfinite(o.canny_low) && o.canny_low >= 0 && o.canny_low <= 2040,
                   "--canny-low must be in [0, 2040], got ", o.canny_low);
     DMX_CHECK_ARG(std::isfinite(o.canny_high) && o.canny_high >= 0 && o.canny_high <= 2040,
@@ -123,8 +203,8 @@ GenerateResult generate(const GenerateOptions& o) {
   std::vector<loaders::LoRASpec> lora_specs;
   for (const auto& l : o.loras) lora_specs.push_back(loaders::parse_lora_arg(l));
   std::vector<loaders::LoRASpec> tagged;
-  const std::string prompt = loaders::extract_prompt_loras(o.prompt, tagged);
-  const std::string negative_prompt = loaders::extract_prompt_loras(o.negative_prompt, tagged);
+  const std::string lora_prompt = loaders::extract_prompt_loras(o.prompt, tagged);
+  const std::string lora_negative_prompt = loaders::extract_prompt_loras(o.negative_prompt, tagged);
   for (auto& t : tagged) {
     t.path = loaders::resolve_lora_name(o.lora_dir, t.path);
     lora_specs.push_back(t);
@@ -132,6 +212,21 @@ GenerateResult generate(const GenerateOptions& o) {
   for (const auto& l : lora_specs) DMX_CHECK_ARG(path_exists(l.path), "--lora: file not found: ", l.path);
   DMX_CHECK_ARG(lora_specs.size() <= 64, "at most 64 LoRAs (--lora and <lora:...> tags together), got ",
                 lora_specs.size());
+  // Hypernetworks: --hypernetwork entries, then the prompts' <hypernet:NAME:MULT> tags (removed from the text
+  // encoded), chained in that order as A1111 chains them.
+  std::vector<loaders::HypernetworkSpec> hn_specs;
+  for (const auto& h : o.hypernetworks) hn_specs.push_back(loaders::parse_hypernetwork_arg(h));
+  std::vector<loaders::HypernetworkSpec> hn_tagged;
+  const std::string prompt = loaders::extract_prompt_hypernetworks(lora_prompt, hn_tagged);
+  const std::string negative_prompt = loaders::extract_prompt_hypernetworks(lora_negative_prompt, hn_tagged);
+  for (auto& t : hn_tagged) {
+    t.path = loaders::resolve_hypernetwork_name(o.hypernetwork_dir, t.path);
+    hn_specs.push_back(t);
+  }
+  for (const auto& h : hn_specs)
+    DMX_CHECK_ARG(path_exists(h.path) && !is_directory(h.path), "--hypernetwork: file not found: ", h.path);
+  DMX_CHECK_ARG(hn_specs.size() <= 16,
+                "at most 16 hypernetworks (--hypernetwork and <hypernet:...> tags together), got ", hn_specs.size());
   // Every output, derived ones included, against every input and each other, before any work.
   const std::vector<std::string> image_paths = api::numbered_paths(o.output, o.num_images);
   const std::vector<std::string> control_paths =
@@ -139,23 +234,48 @@ GenerateResult generate(const GenerateOptions& o) {
                                    : api::numbered_paths(o.save_control_image, static_cast<int>(o.controlnets.size()));
   {
     api::OutputPlan plan(o.overwrite);
-    plan.input(o.model, "--model");
-    plan.input(o.config_dir, "--config");
-    plan.input(o.tokenizer_dir, "--tokenizer");
+    api::add_model_inputs(plan, o);
     plan.input(o.from, "--from");
     plan.input(o.init_image, "--init-image");
     plan.input(o.mask, "--mask");
     plan.input(o.init_latents, "--init-latents");
     plan.input(o.lora_dir, "--lora-dir");
+    plan.input(o.upscale_model, "--upscale-model");
     for (const auto& l : lora_specs) plan.input(l.path, "--lora");
     for (const auto& c : o.controlnets) plan.input(c, "--controlnet");
     for (const auto& c : o.control_images) plan.input(c, "--control-image");
+    for (const auto& a : o.adapters) plan.input(a, "--adapter");
+    for (const auto& a : o.adapter_images) plan.input(a, "--adapter-image");
+    plan.input(o.hypernetwork_dir, "--hypernetwork-dir");
+    for (const auto& h : hn_specs) plan.input(h.path, "--hypernetwork");
     for (const auto& path : image_paths) plan.file(path, "--output", ".png");
     if (!o.save_latents.empty()) plan.file(o.save_latents, "--save-latents", ".safetensors");
     for (const auto& path : control_paths) plan.file(path, "--save-control-image", ".png");
     plan.prepare();
   }
   const std::vector<Image> control_maps = load_control_maps(o);
+  std::vector<Image> adapter_maps;  // decoded (and Canny-preprocessed) before any model is loaded
+  for (size_t i = 0; i < o.adapter_images.size(); ++i) {
+    Image img = load_image(o.adapter_images[i], "--adapter-image");
+    if (per_adapter(o.adapter_preprocess, i, std::string("none")) == "canny")
+      img = canny_edges(to_rgb(img), o.canny_low, o.canny_high);
+    adapter_maps.push_back(std::move(img));
+  }
+  // Adapters and hypernetworks are small: loaded (and a malformed or hostile file refused) before the model.
+  std::vector<pipelines::T2IAdapterUnit> adapter_units;
+  for (size_t i = 0; i < o.adapters.size(); ++i) {
+    pipelines::T2IAdapterUnit u;
+    u.name = o.adapters[i];
+    u.model = with_option("--adapter", [&] { return loaders::load_t2i_adapter(o.adapters[i], dtype); });
+    u.image = adapter_maps[i];
+    u.scale = o.adapter_scales.empty() ? 1.0 : o.adapter_scales[i];
+    u.end = per_adapter(o.adapter_ends, i, 1.0);
+    adapter_units.push_back(std::move(u));
+  }
+  std::vector<std::pair<models::Hypernetwork, double>> hypernetworks;
+  for (const auto& h : hn_specs)
+    hypernetworks.emplace_back(with_option("--hypernetwork", [&] { return loaders::load_hypernetwork(h.path); }),
+                               h.multiplier);
   configure_threads(o.threads);
 
   pipelines::StableDiffusionParams p;
@@ -220,9 +340,9 @@ GenerateResult generate(const GenerateOptions& o) {
   }
   std::vector<pipelines::ControlNetUnit> units;  // kept for --save-control-image
   if (!o.controlnets.empty()) {
-    // Output size: --width/--height, else the first map's size rounded down to the VAE factor and at least 8 (diffusers'
-    // VaeImageProcessor); every map is resized to it with PIL's Lanczos, as the reference does.
-    // Given sizes are rounded down to the VAE factor too (get_default_height_width), as diffusers does.
+    // Output size: --width/--height, else the first map's size rounded down to the VAE factor and at least 8
+    // (diffusers' VaeImageProcessor); every map is resized to it with PIL's Lanczos, as the reference does. Given sizes
+    // are rounded down to the VAE factor too (get_default_height_width), as diffusers does.
     const int f = pipelines::control_size_multiple(models->vae_scale_factor());
     int w = o.width - o.width % f, h = o.height - o.height % f;
     if (o.width == 0 || o.height == 0) {
@@ -246,8 +366,46 @@ GenerateResult generate(const GenerateOptions& o) {
       units.push_back(u);
     }
     p.residual_providers = pipelines::controlnet_providers(units, o.guess_mode);
+  }
+  if (!o.adapters.empty()) {
+    // Sizes: --width/--height (or the ControlNet's), else the first picture's rounded down to the adapter's
+    // downscale factor (the pipeline's _default_height_width); every picture is resized to it with Lanczos.
+    for (auto& u : adapter_units) u.model->to(models->device, dtype);
+    p.residual_providers.push_back(std::make_shared<pipelines::T2IAdapterProvider>(std::move(adapter_units)));
+  }
+  if (!p.residual_providers.empty()) {
+    for (const auto& r : p.residual_providers) {  // the size a provider implies, as run() settles it
+      const auto size = r->default_size();
+      if (!size) continue;
+      if (p.width == 0) p.width = size->first;
+      if (p.height == 0) p.height = size->second;
+      break;
+    }
+    DMX_CHECK_ARG(p.width > 0 && p.height > 0,
+                  "--adapter-image: the picture is smaller than the adapter's downscale "
+                  "factor; give --width/--height");
     pipelines::StableDiffusionPipeline(models).check_params(p);
   }
+  // Cascade: the base picture's size is known now; the upscaler is loaded and its memory planned before any work.
+  std::shared_ptr<loaders::UpscaleModels> upscaler;
+  pipelines::VaeTiling up_tiling;
+  if (!o.upscale_model.empty()) {
+    const int bw = p.init_image.defined() ? static_cast<int>(p.init_image.size(3))
+                                          : (p.width ? p.width : models->default_sample_size());
+    const int bh = p.init_image.defined() ? static_cast<int>(p.init_image.size(2))
+                                          : (p.height ? p.height : models->default_sample_size());
+    const int f = up_info.vae_scale_factor;
+    api::check_upscale_size(bw, bh, f, "--upscale-model", "the base picture");
+    loaders::LoadOptions up_lo;  // its own tokenizer and configs; the base's --config/--tokenizer are not its
+    up_lo.dtype = lo.dtype;
+    up_lo.device = lo.device;
+    upscaler = loaders::load_upscale(o.upscale_model, up_lo);
+    const auto [lw, lh] = pipelines::low_res_size(bw, bh, f);
+    up_tiling = api::plan_upscale_memory(*upscaler, up_stage, lw, lh, 1, o.device == "cpu", "--upscale-model");
+  }
+  for (auto& h : hypernetworks) h.first->to(models->device);
+  std::unique_ptr<models::ScopedHypernetworks> hn_guard;
+  if (!hypernetworks.empty()) hn_guard = std::make_unique<models::ScopedHypernetworks>(*models->unet, hypernetworks);
   pipelines::StableDiffusionOutput out;
   GenerateResult r;
   if (!o.mask.empty()) {
@@ -260,10 +418,37 @@ GenerateResult generate(const GenerateOptions& o) {
     pipelines::StableDiffusionPipeline pipe(models);
     out = pipe.run(p);
   }
+  hn_guard.reset();
   loras.reset();
 
   r.seed = seed;
+  // The metadata's Size is the base run's (what --from re-runs); the cascade's fields say the rest.
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
+  at::Tensor upscale_latents;
+  if (upscaler) {
+    // Each picture as the base model wrote it (8-bit, as a PIL picture handed to the upscale pipeline), in order,
+    // with the run's generator: its draws follow the base run's (picture noise, then latents, per picture).
+    PhaseTimer upscale_timer("upscale");
+    pipelines::UpscalePipeline up(upscaler);
+    std::vector<at::Tensor> images, latents;
+    for (int64_t i = 0; i < out.images.size(0); ++i) {
+      pipelines::UpscaleParams q;
+      q.prompt = prompt;
+      q.negative_prompt = negative_prompt;
+      q.noise_level = o.upscale_noise_level;
+      q.num_inference_steps = o.upscale_steps;
+      q.guidance_scale = o.upscale_guidance_scale;
+      q.generator = &generator;
+      q.show_progress = o.progress;
+      q.tiling = up_tiling;
+      q.image = pipelines::preprocess_low_res(tensor_to_image(out.images[i]), upscaler->sd->vae_scale_factor());
+      const auto res = up.run(q);
+      images.push_back(res.images);
+      latents.push_back(res.latents);
+    }
+    out.images = at::cat(images, 0);
+    upscale_latents = at::cat(latents, 0).contiguous();
+  }
   GenerateOptions meta = o;
   if (meta.scheduler.empty()) meta.scheduler = schedulers::scheduler_name_for_config(models->scheduler_config);
   const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name, hash.get())}};
@@ -272,9 +457,11 @@ GenerateResult generate(const GenerateOptions& o) {
   std::vector<PendingFile> files;
   for (size_t i = 0; i < control_paths.size(); ++i)
     files.push_back({control_paths[i], encode_png(tensor_to_image(units[i].image[0].permute({1, 2, 0})))});
-  if (!o.save_latents.empty())
-    files.push_back(
-        {o.save_latents, io::serialize_safetensors({{"latents", out.latents.to(at::kFloat).contiguous()}}, {})});
+  if (!o.save_latents.empty()) {
+    io::TensorMap saved = {{"latents", out.latents.to(at::kFloat).contiguous()}};
+    if (upscale_latents.defined()) saved["upscale_latents"] = upscale_latents;
+    files.push_back({o.save_latents, io::serialize_safetensors(saved, {})});
+  }
   for (size_t i = 0; i < image_paths.size(); ++i)
     files.push_back({image_paths[i], encode_png(tensor_to_image(out.images[static_cast<int64_t>(i)]), text)});
   write_files_atomic(files);

@@ -15,8 +15,8 @@
 #include "io/state_dict.h"
 #include "models/autoencoder_kl.h"
 #include "models/clip_text_model.h"
-#include "models/config_json.h"
 #include "models/clip_tokenizer.h"
+#include "models/config_json.h"
 #include "models/unet_2d_condition.h"
 #include "schedulers/scheduler.h"
 
@@ -89,16 +89,19 @@ InitModelReport init_model(const InitModelOptions& o) {
   (void)schedulers::parse_scheduler_config(
       read_text_file(join_path(o.config, "scheduler/scheduler_config.json"), "scheduler config", kMaxJsonFileBytes));
   const auto tok = models::CLIPTokenizer::from_folder(tok_dir);
-  DMX_CHECK_ARG(static_cast<int64_t>(tok.vocab_size()) <= text_cfg.vocab_size,
-                "text_encoder/config.json: vocab_size ", text_cfg.vocab_size, " is smaller than the tokenizer's ",
-                tok.vocab_size(), " tokens");
-  DMX_CHECK_ARG(tok.model_max_length() <= text_cfg.max_position_embeddings, "text_encoder/config.json: "
-                "max_position_embeddings ", text_cfg.max_position_embeddings, " is smaller than the tokenizer's "
-                "model_max_length ", tok.model_max_length());
+  DMX_CHECK_ARG(static_cast<int64_t>(tok.vocab_size()) <= text_cfg.vocab_size, "text_encoder/config.json: vocab_size ",
+                text_cfg.vocab_size, " is smaller than the tokenizer's ", tok.vocab_size(), " tokens");
+  DMX_CHECK_ARG(tok.model_max_length() <= text_cfg.max_position_embeddings,
+                "text_encoder/config.json: "
+                "max_position_embeddings ",
+                text_cfg.max_position_embeddings,
+                " is smaller than the tokenizer's "
+                "model_max_length ",
+                tok.model_max_length());
   DMX_CHECK_ARG(unet_cfg.cross_attention_dim == text_cfg.hidden_size, "unet/config.json: cross_attention_dim ",
                 unet_cfg.cross_attention_dim, " must equal the text encoder's hidden_size ", text_cfg.hidden_size);
-  DMX_CHECK_ARG(unet_cfg.in_channels == vae_cfg.latent_channels, "unet/config.json: in_channels ",
-                unet_cfg.in_channels, " must equal the VAE's latent_channels ", vae_cfg.latent_channels);
+  DMX_CHECK_ARG(unet_cfg.in_channels == vae_cfg.latent_channels, "unet/config.json: in_channels ", unet_cfg.in_channels,
+                " must equal the VAE's latent_channels ", vae_cfg.latent_channels);
 
   // Each config is bounded by from_json; the three together too, before anything is allocated.
   models::cfgjson::check_parameter_count(
@@ -124,8 +127,7 @@ InitModelReport init_model(const InitModelOptions& o) {
                          {{"format", "pt"}});
     io::save_safetensors(join_path(tmp, "vae/diffusion_pytorch_model.safetensors"), io::module_state(*vae),
                          {{"format", "pt"}});
-    io::save_safetensors(join_path(tmp, "text_encoder/model.safetensors"), io::module_state(*te),
-                         {{"format", "pt"}});
+    io::save_safetensors(join_path(tmp, "text_encoder/model.safetensors"), io::module_state(*te), {{"format", "pt"}});
   });
   InitModelReport r;
   r.unet_parameters = count(*unet);

@@ -6,6 +6,8 @@
 #include <map>
 #include <sstream>
 
+#include "api/options_util.h"
+#include "core/fs.h"
 #include "core/image.h"
 #include "dmx/dmx.h"
 #include "schedulers/registry.h"
@@ -13,12 +15,7 @@
 namespace dmx {
 namespace {
 
-std::string fmt_number(double v) {
-  std::ostringstream os;
-  os.precision(10);
-  os << v;
-  return os.str();
-}
+using api::fmt_number;
 
 // "Steps: 20, Sampler: Euler a, Size: 512x512, Lora hashes: \"a: 1, b: 2\"" -> pairs (values may be quoted).
 std::map<std::string, std::string> split_fields(const std::string& line) {
@@ -60,6 +57,29 @@ int to_int(const std::string& key, const std::string& v) {
   return static_cast<int>(parse_integer(v, "parameters: field '" + key + "'", -2147483648ll, 2147483647ll));
 }
 
+// A value inside a quoted field: '"' and '\\' escaped as split_fields reads them back.
+std::string quoted_safe(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += (c == '\n' || c == '\r') ? ' ' : c;
+  }
+  return out;
+}
+
+// The name a model file or folder is known by: its stem ("models/t2i_adapter/sketch/" -> "sketch").
+std::string display_name(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  return file_stem(path);
+}
+
+// "FILE[:MULT]" as written on the command line -> "stem: mult" (the number as given; 1 when absent).
+std::string hypernetwork_label(const std::string& arg) {
+  const size_t colon = arg.find_last_of(':');
+  if (colon == std::string::npos || path_exists(arg)) return display_name(arg) + ": 1";
+  return display_name(arg.substr(0, colon)) + ": " + arg.substr(colon + 1);
+}
+
 }  // namespace
 
 std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width, int height,
@@ -85,9 +105,42 @@ std::string format_parameters(const GenerateOptions& o, uint64_t seed, int width
     if (o.blend_variant != "inpaint") os << ", Blend variant: " << o.blend_variant;
     if (o.rank) os << ", Rank: diffusion-classifier";
   }
+  // Stable unCLIP (docs/unclip.md)
+  if (o.prior_steps) os << ", Prior steps: " << *o.prior_steps;
+  if (o.prior_guidance_scale) os << ", Prior CFG scale: " << fmt_number(*o.prior_guidance_scale);
+  if (o.noise_level) os << ", Noise level: " << *o.noise_level;
+  if (!o.upscale_model.empty()) {  // the cascade's upscaler (docs/upscale.md); Size stays the base size
+    std::string name = o.upscale_model;
+    while (name.size() > 1 && name.back() == '/') name.pop_back();
+    name = name.substr(name.find_last_of('/') + 1);
+    os << ", Upscale model: " << name << ", Upscale noise level: " << o.upscale_noise_level
+       << ", Upscale steps: " << o.upscale_steps << ", Upscale CFG scale: " << fmt_number(o.upscale_guidance_scale);
+  }
+  // T2I-Adapters (docs/t2i-adapter.md) and hypernetworks given as files (docs/hypernetworks.md): names and
+  // settings, for the record; the pictures and files themselves are not stored (tags stay in the prompt).
+  for (size_t i = 0; i < o.adapters.size(); ++i) {
+    auto pick = [&](const auto& v, size_t k, auto fallback) {
+      return v.empty() ? fallback : v.size() == 1 ? v[0] : v[k];
+    };
+    os << ", T2I-Adapter " << i << ": \"Model: " << quoted_safe(display_name(o.adapters[i]))
+       << ", Weight: " << fmt_number(o.adapter_scales.empty() ? 1.0 : o.adapter_scales[i]);
+    const std::string pre = pick(o.adapter_preprocess, i, std::string("none"));
+    if (pre != "none") os << ", Preprocess: " << quoted_safe(pre);
+    const double end = pick(o.adapter_ends, i, 1.0);
+    if (end != 1.0) os << ", End: " << fmt_number(end);
+    os << "\"";
+  }
+  if (!o.hypernetworks.empty()) {
+    os << ", Hypernet: \"";
+    for (size_t i = 0; i < o.hypernetworks.size(); ++i)
+      os << (i ? ", " : "") << quoted_safe(hypernetwork_label(o.hypernetworks[i]));
+    os << "\"";
+  }
   os << ", Version: dmx " << version();
   return os.str();
 }
+
+GenerateOptions parse_parameters(const std::string& text) { return parse_parameters(text, GenerateOptions()); }
 
 GenerateOptions parse_parameters(const std::string& text, const GenerateOptions& base) {
   GenerateOptions o = base;
@@ -148,6 +201,13 @@ GenerateOptions parse_parameters(const std::string& text, const GenerateOptions&
   if (auto v = get("Mask dilation")) o.mask_dilation = to_int("Mask dilation", *v);
   if (auto v = get("Blend variant")) o.blend_variant = *v;
   if (get("Rank")) o.rank = true;
+  if (auto v = get("Prior steps")) o.prior_steps = to_int("Prior steps", *v);
+  if (auto v = get("Prior CFG scale")) o.prior_guidance_scale = to_double("Prior CFG scale", *v);
+  if (auto v = get("Noise level")) o.noise_level = to_int("Noise level", *v);
+  // The cascade's settings; the upscaler itself is given again with --upscale-model.
+  if (auto v = get("Upscale noise level")) o.upscale_noise_level = to_int("Upscale noise level", *v);
+  if (auto v = get("Upscale steps")) o.upscale_steps = to_int("Upscale steps", *v);
+  if (auto v = get("Upscale CFG scale")) o.upscale_guidance_scale = to_double("Upscale CFG scale", *v);
   return o;
 }
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <random>
+#include <sstream>
 
 #include "core/fs.h"
 #include "dmx/error.h"
@@ -32,6 +33,12 @@ void check_output_path(const std::string& path, const std::string& param, const 
   const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   DMX_CHECK_ARG(is_directory(dir), param, ": output directory does not exist: ", dir);
   DMX_CHECK_ARG(!is_directory(path), param, ": is a directory: ", path);
+}
+
+void add_model_inputs(OutputPlan& plan, const ModelOptions& m) {
+  plan.input(m.model, "--model");
+  plan.input(m.config_dir, "--config");
+  plan.input(m.tokenizer_dir, "--tokenizer");
 }
 
 std::string with_suffix(const std::string& path, const std::string& suffix) {
@@ -59,6 +66,13 @@ at::ScalarType parse_dtype(const std::string& s, const std::string& device) {
   const at::ScalarType t = parse_dtype(s);
   loaders::check_dtype_device(t, device);
   return t;
+}
+
+std::string fmt_number(double v) {
+  std::ostringstream os;
+  os.precision(10);
+  os << v;
+  return os.str();
 }
 
 std::string quoted(const std::string& s) {

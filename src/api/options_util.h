@@ -11,6 +11,7 @@
 
 #include "core/fs.h"
 #include "core/output_plan.h"
+#include "dmx/options.h"
 
 namespace dmx::api {
 
@@ -24,6 +25,10 @@ void check_output_path(const std::string& path, const std::string& param, const 
 // The output plan: core/output_plan.h (dmx::OutputPlan); the api names it here too.
 using ::dmx::OutputPlan;
 
+// The model's inputs of an output plan: --model, --config and --tokenizer (each "" is ignored), so no output may
+// be, or lie inside, one of them.
+void add_model_inputs(OutputPlan& plan, const ModelOptions& m);
+
 // OUT.png -> OUT<suffix>.png (the last extension kept).
 std::string with_suffix(const std::string& path, const std::string& suffix);
 // OUT.png with n > 1: OUT-0.png ... OUT-(n-1).png; n == 1: OUT.png.
@@ -33,6 +38,9 @@ std::vector<std::string> numbered_paths(const std::string& out, int n);
 at::ScalarType parse_dtype(const std::string& s);
 // --dtype for --device: as parse_dtype, and fp16 only on CUDA (loaders::check_dtype_device says why).
 at::ScalarType parse_dtype(const std::string& s, const std::string& device);
+
+// A number for the "parameters" text: up to 10 significant digits ("7.5", "0.8").
+std::string fmt_number(double v);
 
 // A value for the "parameters" text: in double quotes, '"' and '\' escaped, newlines as spaces (one line).
 std::string quoted(const std::string& s);

@@ -18,9 +18,9 @@
 #include "dmx/dmx.h"
 #include "extensions/attention_maps.h"
 #include "loaders/model_bundle.h"
+#include "pipelines/generation.h"
 #include "pipelines/null_text_inversion.h"
 #include "pipelines/prompt_to_prompt.h"
-#include "pipelines/generation.h"
 
 namespace dmx {
 
@@ -114,9 +114,7 @@ P2PResult p2p(const P2POptions& o) {
   {
     // The three pictures and the maps are written together or not at all; none may be an input.
     api::OutputPlan plan(o.overwrite);
-    plan.input(o.model, "--model");
-    plan.input(o.config_dir, "--config");
-    plan.input(o.tokenizer_dir, "--tokenizer");
+    api::add_model_inputs(plan, o);
     plan.input(o.image, "--image");
     plan.file(o.output, "--output", ".png");
     if (o.output.size() > 4) {

@@ -98,9 +98,7 @@ bool lora_output(const TrainOptions& o);
 // folder (--output-dir: checkpoints, log, validation images) and DreamBooth's class images.
 api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resume) {
   api::OutputPlan plan(o.overwrite);
-  plan.input(o.model, "--model");
-  plan.input(o.config_dir, "--config");
-  plan.input(o.tokenizer_dir, "--tokenizer");
+  api::add_model_inputs(plan, o);
   plan.input(o.data, "--data");
   plan.input(o.instance_data, "--instance-data");
   plan.input(o.controlnet, "--controlnet");
@@ -212,8 +210,8 @@ tr::LoRATrainOptions lora_options(const TrainOptions& o) {
 }  // namespace
 
 void validate_train_options(const TrainOptions& o) {
-  DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" ||
-                    o.recipe == "controlnet" || o.recipe == "vae",
+  DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet" ||
+                    o.recipe == "vae",
                 "recipe must be lora, finetune, dreambooth, controlnet or vae, got '", o.recipe, "'");
   DMX_CHECK_ARG(!o.model.empty(), "--model must be given");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
@@ -346,8 +344,8 @@ TrainReport train(const TrainOptions& o) {
         const Image img = load_image(o.validation_image, "--validation-image");
         const auto [w, h] = pipelines::default_control_size(img, models->vae_scale_factor());
         DMX_CHECK_ARG(w > 0 && h > 0, "--validation-image must be at least ",
-                      pipelines::control_size_multiple(models->vae_scale_factor()),
-                      " pixels on each side, got ", img.width, "x", img.height);
+                      pipelines::control_size_multiple(models->vae_scale_factor()), " pixels on each side, got ",
+                      img.width, "x", img.height);
         image = pipelines::prepare_control_image(img, w, h);
       } else {
         image = ds->get(0, 0).conditioning.unsqueeze(0);
@@ -471,7 +469,8 @@ TrainBenchResult train_bench(const TrainBenchOptions& o) {
                 "--resolution must be a multiple of 8 in [8, 4096], got ", o.resolution);
   DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
   tr::check_batch_size(o.batch_size, o.resolution);
-  DMX_CHECK_ARG(o.rank > 0 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ", o.rank);
+  DMX_CHECK_ARG(o.rank > 0 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ",
+                o.rank);
   const ModelPreset p = model_preset(o.preset);
   configure_threads(o.threads);
   auto m = std::make_shared<loaders::StableDiffusionModels>();

@@ -21,8 +21,8 @@ const OptionSpec* Args::find(const std::string& name) const {
 void Args::parse(int argc, char** argv, int first) {
   for (int i = first; i < argc; ++i) {
     std::string a = argv[i];
-    DMX_CHECK_ARG(a.size() > 2 && a.compare(0, 2, "--") == 0, "unexpected argument '", a, "' (options start with --; see dmx ",
-                  command_, " --help)");
+    DMX_CHECK_ARG(a.size() > 2 && a.compare(0, 2, "--") == 0, "unexpected argument '", a,
+                  "' (options start with --; see dmx ", command_, " --help)");
     std::string name = a.substr(2), value;
     bool inline_value = false;
     const size_t eq = name.find('=');

@@ -9,7 +9,7 @@
 namespace dmx::cli {
 
 struct OptionSpec {
-  std::string name;  // without dashes: "steps"
+  std::string name;        // without dashes: "steps"
   std::string value_name;  // empty = a flag without a value
   std::string help;
   bool repeatable = false;

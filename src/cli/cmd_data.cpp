@@ -4,43 +4,20 @@
 #include <cstring>
 #include <string>
 
-#include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/options.h"
 #include "dmx/data.h"
 #include "dmx/error.h"
 
 namespace dmx::cli {
 namespace {
 int cmd_data_tokenizer(int argc, char** argv) {
-  Args a("data tokenizer", {
-                               {"data", "DIR", "caption folder (metadata.jsonl or *.txt); repeatable (required)", true},
-                               {"output", "DIR", "tokenizer folder to write (required)"},
-                               {"vocab-size", "N", "tokens in all, 514..49408 (default 4096)"},
-                               {"min-frequency", "N", "merge only pairs seen at least N times (default 1)"},
-                               {"model-max-length", "N", "tokens per prompt with BOS/EOS, 2..4096 (default 77)"},
-                               {"caption-column", "NAME", "metadata.jsonl field holding the caption (default text)"},
-                               {"overwrite", "", "replace --output if it exists"},
-                               {"quiet", "", "print nothing on success"},
-                               {"verbose", "", "stack traces"},
-                               {"help", "", "show this help"},
-                           });
-  a.parse(argc, argv, 3);
-  if (a.has("help")) {
-    std::printf("%s", a.help().c_str());
-    return 0;
-  }
   TokenizerTrainOptions o;
-  DMX_CHECK_ARG(a.has("data"), "--data is required (a folder with captions)");
-  DMX_CHECK_ARG(a.has("output"), "--output is required (the tokenizer folder to write)");
-  o.data = a.all("data");
-  o.output = a.str("output");
-  o.overwrite = a.has("overwrite");
-  o.vocab_size = static_cast<int>(a.integer("vocab-size", o.vocab_size, 514, 49408));
-  o.min_frequency = static_cast<int>(a.integer("min-frequency", o.min_frequency, 1, 1 << 30));
-  o.model_max_length = static_cast<int>(a.integer("model-max-length", o.model_max_length, 2, 4096));
-  o.caption_column = a.str("caption-column", o.caption_column);
+  const std::optional<Args> a = parse_options(
+      kDataTokenizer, argc, argv, o, {{"data", "a folder with captions"}, {"output", "the tokenizer folder to write"}});
+  if (!a) return 0;  // --help
   const TokenizerTrainReport r = train_tokenizer(o);
-  if (!a.has("quiet"))
+  if (!a->has("quiet"))
     std::fprintf(stderr,
                  "wrote %s: %zu tokens (%zu merges) from %zu captions; longest caption %zu tokens (\"%s\"), "
                  "%zu longer than %d\n",

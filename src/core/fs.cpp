@@ -8,13 +8,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -59,11 +59,16 @@ int open_regular_file(const std::string& path, const std::string& what, uint64_t
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
     const int err = errno;
-    throw InvalidArgument(detail::concat(what, ": ", err == ENOENT ? "file not found" : std::strerror(err), ": ", path));
+    throw InvalidArgument(
+        detail::concat(what, ": ", err == ENOENT ? "file not found" : std::strerror(err), ": ", path));
   }
   auto kind = [](mode_t m) {
-    return S_ISDIR(m) ? "a directory" : S_ISFIFO(m) ? "a FIFO" : S_ISCHR(m) ? "a character device"
-           : S_ISBLK(m) ? "a block device" : S_ISSOCK(m) ? "a socket" : "not a regular file";
+    return S_ISDIR(m)    ? "a directory"
+           : S_ISFIFO(m) ? "a FIFO"
+           : S_ISCHR(m)  ? "a character device"
+           : S_ISBLK(m)  ? "a block device"
+           : S_ISSOCK(m) ? "a socket"
+                         : "not a regular file";
   };
   DMX_CHECK_ARG(S_ISREG(st.st_mode), what, ": expected a regular file, got ", kind(st.st_mode), ": ", path);
   // O_NONBLOCK: should the path be swapped for a FIFO after the stat, open must not wait for a writer.
@@ -87,8 +92,8 @@ std::string read_text_file(const std::string& path, const std::string& what, uin
     int fd;
     ~Closer() { ::close(fd); }
   } closer{fd};
-  DMX_CHECK_ARG(size <= max_bytes, what, ": ", path, " is ", size, " bytes, more than the ", format_byte_limit(max_bytes),
-                " limit for this file");
+  DMX_CHECK_ARG(size <= max_bytes, what, ": ", path, " is ", size, " bytes, more than the ",
+                format_byte_limit(max_bytes), " limit for this file");
   std::string out;
   out.resize(static_cast<size_t>(size));
   size_t got = 0;

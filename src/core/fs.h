@@ -14,10 +14,10 @@ bool path_exists(const std::string& path);
 bool is_directory(const std::string& path);
 
 // Caps on whole-file reads (docs/limits.md). Every reader states the cap it applies in its error.
-constexpr uint64_t kMaxJsonFileBytes = 16ull << 20;      // configs, weight indexes, tokenizer files, trainer_state
-constexpr uint64_t kMaxImageFileBytes = 256ull << 20;    // PNG / JPEG files (images, --from, dmx info)
-constexpr uint64_t kMaxMetadataFileBytes = 256ull << 20; // metadata.jsonl / prompt lists of a dataset
-constexpr uint64_t kMaxTextFileBytes = 256ull << 10;     // one caption file (= the prompt limit, core/text.h)
+constexpr uint64_t kMaxJsonFileBytes = 16ull << 20;       // configs, weight indexes, tokenizer files, trainer_state
+constexpr uint64_t kMaxImageFileBytes = 256ull << 20;     // PNG / JPEG files (images, --from, dmx info)
+constexpr uint64_t kMaxMetadataFileBytes = 256ull << 20;  // metadata.jsonl / prompt lists of a dataset
+constexpr uint64_t kMaxTextFileBytes = 256ull << 10;      // one caption file (= the prompt limit, core/text.h)
 
 // Opens `path` for reading after following symlinks, refusing anything that is not a regular file
 // (directories, devices such as /dev/urandom, FIFOs, sockets) without blocking on it: InvalidArgument

@@ -1,8 +1,8 @@
 #include "core/image.h"
 
 #include <ATen/ATen.h>
-#include <jpeglib.h>
 #include <jerror.h>
+#include <jpeglib.h>
 #include <png.h>
 
 #include <unistd.h>
@@ -22,8 +22,8 @@ namespace {
 
 void check_dims(int w, int h, const std::string& param) {
   DMX_CHECK_ARG(w > 0 && h > 0, param, ": image has an empty size ", w, "x", h);
-  DMX_CHECK_ARG(w <= kMaxImageSide && h <= kMaxImageSide, param, ": image is ", w, "x", h,
-                ", larger than the ", kMaxImageSide, "x", kMaxImageSide, " maximum");
+  DMX_CHECK_ARG(w <= kMaxImageSide && h <= kMaxImageSide, param, ": image is ", w, "x", h, ", larger than the ",
+                kMaxImageSide, "x", kMaxImageSide, " maximum");
 }
 
 uint32_t read_be32(const uint8_t* p) {
@@ -141,8 +141,8 @@ constexpr long kJpegMaxMemory = 1l << 30;
 // longjmp from the error handler skips nothing. Returns false with err->message set on failure.
 // Rows are appended to `data` as they are decoded: a lying header costs no more memory than the
 // data that is really there.
-bool jpeg_decode_raw(jpeg_decompress_struct* cinfo, JpegError* err, const uint8_t* bytes, size_t size,
-                     int* width, int* height, int* channels, std::vector<uint8_t>* data, bool* too_large) {
+bool jpeg_decode_raw(jpeg_decompress_struct* cinfo, JpegError* err, const uint8_t* bytes, size_t size, int* width,
+                     int* height, int* channels, std::vector<uint8_t>* data, bool* too_large) {
   if (setjmp(err->jump)) {
     jpeg_destroy_decompress(cinfo);
     return false;
@@ -168,8 +168,7 @@ bool jpeg_decode_raw(jpeg_decompress_struct* cinfo, JpegError* err, const uint8_
     data->resize(data->size() + row_bytes);
     JSAMPROW row = data->data() + data->size() - row_bytes;
     if (jpeg_read_scanlines(cinfo, &row, 1) != 1) {
-      std::snprintf(err->message, sizeof(err->message), "decoder returned no data at row %u",
-                    cinfo->output_scanline);
+      std::snprintf(err->message, sizeof(err->message), "decoder returned no data at row %u", cinfo->output_scanline);
       jpeg_destroy_decompress(cinfo);
       return false;
     }
@@ -235,7 +234,7 @@ ImageHeader parse_image_header(const ByteReader& read, const std::string& param)
         m = b[1];
         ++pos;
       }
-      ++pos;  // past the marker code
+      ++pos;                                                // past the marker code
       if (m == 0x01 || (m >= 0xD0 && m <= 0xD8)) continue;  // markers without a length
       DMX_CHECK_ARG(m != 0xD9 && m != 0xDA, param, ": corrupt JPEG: no frame header (SOF) before ",
                     m == 0xD9 ? "the end of the image" : "the scan data");
@@ -310,10 +309,11 @@ void check_image_header(const ImageHeader& h, const std::string& param, int64_t 
   if (px <= static_cast<double>(max_pixels)) return;
   const int side = static_cast<int>(std::sqrt(static_cast<double>(max_pixels)));
   const bool square = static_cast<int64_t>(side) * side == max_pixels;
-  throw InvalidArgument(detail::concat(
-      param, ": ", h.format, " image is ", h.width, "x", h.height, " (", megapixels(px), " megapixels; decoding it would take ",
-      format_size(static_cast<double>(h.decoded_bytes())), "), more than the limit of ", megapixels(static_cast<double>(max_pixels)),
-      " megapixels", square ? detail::concat(" (", side, "x", side, ")") : std::string(), ": resize it first"));
+  throw InvalidArgument(
+      detail::concat(param, ": ", h.format, " image is ", h.width, "x", h.height, " (", megapixels(px),
+                     " megapixels; decoding it would take ", format_size(static_cast<double>(h.decoded_bytes())),
+                     "), more than the limit of ", megapixels(static_cast<double>(max_pixels)), " megapixels",
+                     square ? detail::concat(" (", side, "x", side, ")") : std::string(), ": resize it first"));
 }
 
 Image decode_image(const uint8_t* bytes, size_t size, const std::string& param, int64_t max_pixels) {
@@ -340,8 +340,8 @@ Image load_image(const std::string& path, const std::string& param, int64_t max_
 }
 
 void check_image_size(const std::string& param, const Image& img, int expected_width, int expected_height) {
-  DMX_CHECK_ARG(img.width == expected_width && img.height == expected_height, param, " must be ", expected_width,
-                "x", expected_height, " to match the output size, got ", img.width, "x", img.height,
+  DMX_CHECK_ARG(img.width == expected_width && img.height == expected_height, param, " must be ", expected_width, "x",
+                expected_height, " to match the output size, got ", img.width, "x", img.height,
                 " (resize it, or set --width/--height to its size)");
 }
 
@@ -354,8 +354,7 @@ Image to_rgb(const Image& img) {
   const size_t n = static_cast<size_t>(img.width) * img.height;
   out.data.resize(n * 3);
   for (size_t i = 0; i < n; ++i)
-    for (int c = 0; c < 3; ++c)
-      out.data[3 * i + c] = img.channels == 1 ? img.data[i] : img.data[img.channels * i + c];
+    for (int c = 0; c < 3; ++c) out.data[3 * i + c] = img.channels == 1 ? img.data[i] : img.data[img.channels * i + c];
   return out;
 }
 
@@ -394,7 +393,7 @@ std::vector<uint8_t> encode_png(const Image& img, const TextChunks& text) {
   png_infop info = png_create_info_struct(png);
   try {
     png_set_write_fn(png, &out, png_write_to_vector, png_flush_noop);
-    const int type = img.channels == 1 ? PNG_COLOR_TYPE_GRAY
+    const int type = img.channels == 1   ? PNG_COLOR_TYPE_GRAY
                      : img.channels == 3 ? PNG_COLOR_TYPE_RGB
                                          : PNG_COLOR_TYPE_RGBA;
     png_set_IHDR(png, info, img.width, img.height, 8, type, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
@@ -463,8 +462,7 @@ TextChunks read_png_text(const uint8_t* bytes, size_t size, const std::string& w
   DMX_CHECK_ARG(size >= 8 && std::memcmp(bytes, kPng, 8) == 0, "not a PNG file: ", what);
   check_png_chunks(bytes, size, what);
   PngReader reader{bytes, size, 0, {0}};
-  png_structp png =
-      png_create_read_struct(PNG_LIBPNG_VER_STRING, &reader, png_error_record, png_warning_silent);
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &reader, png_error_record, png_warning_silent);
   DMX_CHECK_IO(png != nullptr, "PNG decoder: out of memory");
   png_infop info = png_create_info_struct(png);
   // Compressed text (zTXt, iTXt) may expand 1000-fold: bound what one chunk may take.
@@ -477,8 +475,8 @@ TextChunks read_png_text(const uint8_t* bytes, size_t size, const std::string& w
   png_textp text = nullptr;
   const int n = png_get_text(png, info, &text, nullptr);
   for (int i = 0; i < n; ++i)
-    out.emplace_back(text[i].key, std::string(text[i].text, text[i].compression > 0 ? text[i].itxt_length
-                                                                                  : text[i].text_length));
+    out.emplace_back(text[i].key,
+                     std::string(text[i].text, text[i].compression > 0 ? text[i].itxt_length : text[i].text_length));
   png_destroy_read_struct(&png, &info, nullptr);
   return out;
 }
@@ -490,8 +488,8 @@ TextChunks read_png_text(const std::string& path) {
 
 at::Tensor image_to_tensor(const Image& rgb) {
   DMX_CHECK_ARG(rgb.channels == 3, "image_to_tensor: expected an RGB image, got ", rgb.channels, " channels");
-  at::Tensor t = at::from_blob(const_cast<uint8_t*>(rgb.data.data()), {rgb.height, rgb.width, 3}, at::kByte)
-                     .to(at::kFloat);
+  at::Tensor t =
+      at::from_blob(const_cast<uint8_t*>(rgb.data.data()), {rgb.height, rgb.width, 3}, at::kByte).to(at::kFloat);
   // diffusers: numpy uint8 / 255.0 (float32), then 2x - 1.
   t = t / 255.0f;
   t = t * 2.0f - 1.0f;
@@ -499,8 +497,7 @@ at::Tensor image_to_tensor(const Image& rgb) {
 }
 
 Image tensor_to_image(const at::Tensor& hwc01) {
-  DMX_CHECK_ARG(hwc01.dim() == 3 && hwc01.size(2) == 3, "tensor_to_image: expected [H, W, 3], got ",
-                hwc01.sizes());
+  DMX_CHECK_ARG(hwc01.dim() == 3 && hwc01.size(2) == 3, "tensor_to_image: expected [H, W, 3], got ", hwc01.sizes());
   at::Tensor u8 = at::round(hwc01.to(at::kFloat).contiguous() * 255.0f).clamp(0, 255).to(at::kByte).contiguous();
   Image img;
   img.height = static_cast<int>(hwc01.size(0));

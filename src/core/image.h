@@ -46,8 +46,7 @@ void check_image_header(const ImageHeader& h, const std::string& param, int64_t 
 // corrupt, oversized or unsupported files are InvalidArgument. The file must be a regular file of at
 // most kMaxImageFileBytes (core/fs.h).
 Image load_image(const std::string& path, const std::string& param, int64_t max_pixels = kMaxImagePixels);
-Image decode_image(const uint8_t* bytes, size_t size, const std::string& param,
-                   int64_t max_pixels = kMaxImagePixels);
+Image decode_image(const uint8_t* bytes, size_t size, const std::string& param, int64_t max_pixels = kMaxImagePixels);
 // Masks, control images and init images must have the size of the output: InvalidArgument naming
 // `param`, the rule and both sizes otherwise ("--mask-image must be 512x512 to match the output size,
 // got 640x480").

@@ -30,8 +30,7 @@ void ProgressBar::finish() {
 }
 
 void ProgressBar::draw(bool final_line) {
-  const double elapsed =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   const int width = 30;
   const int filled = total_ > 0 ? width * done_ / total_ : 0;
   std::string bar(static_cast<size_t>(filled), '#');
@@ -44,11 +43,9 @@ void ProgressBar::draw(bool final_line) {
       std::snprintf(rate, sizeof(rate), "%.2f s/it", per);
     else
       std::snprintf(rate, sizeof(rate), "%.2f it/s", 1.0 / per);
-    std::snprintf(eta, sizeof(eta), final_line ? "%.1fs" : "ETA %.1fs",
-                  final_line ? elapsed : per * (total_ - done_));
+    std::snprintf(eta, sizeof(eta), final_line ? "%.1fs" : "ETA %.1fs", final_line ? elapsed : per * (total_ - done_));
   }
-  std::fprintf(stderr, "\r%s [%s] %d/%d %s %s\033[K", label_.c_str(), bar.c_str(), done_, total_, rate,
-               eta);
+  std::fprintf(stderr, "\r%s [%s] %d/%d %s %s\033[K", label_.c_str(), bar.c_str(), done_, total_, rate, eta);
   if (final_line) std::fprintf(stderr, "\n");
   std::fflush(stderr);
 }

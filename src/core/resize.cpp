@@ -85,8 +85,8 @@ Coeffs precompute(int in_size, int out_size, const Filter& f) {
     }
     for (int x = 0; x < xmax; ++x) {
       const double v = ww != 0.0 ? w[static_cast<size_t>(x)] / ww : w[static_cast<size_t>(x)];
-      c.k[static_cast<size_t>(xx) * c.ksize + x] =
-          v < 0 ? static_cast<int>(-0.5 + v * (1 << kPrecisionBits)) : static_cast<int>(0.5 + v * (1 << kPrecisionBits));
+      c.k[static_cast<size_t>(xx) * c.ksize + x] = v < 0 ? static_cast<int>(-0.5 + v * (1 << kPrecisionBits))
+                                                         : static_cast<int>(0.5 + v * (1 << kPrecisionBits));
     }
     c.bounds[static_cast<size_t>(xx) * 2] = xmin;
     c.bounds[static_cast<size_t>(xx) * 2 + 1] = xmax;

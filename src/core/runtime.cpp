@@ -16,8 +16,7 @@ int hardware_cores() {
 }
 
 void configure_threads(int threads) {
-  DMX_CHECK_ARG(threads >= 0 && threads <= 1024, "threads must be in [0, 1024] (0 = all cores), got ",
-                threads);
+  DMX_CHECK_ARG(threads >= 0 && threads <= 1024, "threads must be in [0, 1024] (0 = all cores), got ", threads);
   const int n = threads == 0 ? hardware_cores() : threads;
   at::set_num_threads(n);
 }

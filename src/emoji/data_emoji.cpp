@@ -105,7 +105,7 @@ std::vector<Concept> read_concepts(const EmojiDataOptions& o) {
     }
   }
   DMX_CHECK_ARG(!json_path.empty(), "--source: no emoji-datasource-<style>/package/emoji.json under '", o.source,
-               "' (run scripts/setup.sh --emoji, or set --source / DMX_EMOJI_DIR)");
+                "' (run scripts/setup.sh --emoji, or set --source / DMX_EMOJI_DIR)");
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(read_text_file(json_path, "emoji.json", kMaxJsonFileBytes));
@@ -151,7 +151,8 @@ std::string file_name_for(const Concept& c) {
 std::vector<Concept> select_only(const std::vector<Concept>& all, const std::vector<std::string>& only) {
   std::set<std::string> want, found;
   for (const auto& n : only) {
-    DMX_CHECK_ARG(!n.empty(), "--only: empty short name in the list (comma-separated short names, e.g. grinning,pizza)");
+    DMX_CHECK_ARG(!n.empty(),
+                  "--only: empty short name in the list (comma-separated short names, e.g. grinning,pizza)");
     want.insert(n);
   }
   std::vector<Concept> out;

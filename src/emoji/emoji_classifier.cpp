@@ -55,8 +55,8 @@ EmojiClassifierConfig EmojiClassifierConfig::from_json(const nlohmann::json& j) 
   DMX_CHECK_FORMAT(!c.class_names.empty(), what, ": class_names must not be empty");
   DMX_CHECK_FORMAT(c.class_categories.size() == c.class_names.size(), what, ": class_categories has ",
                    c.class_categories.size(), " entries, class_names ", c.class_names.size());
-  DMX_CHECK_FORMAT(c.class_splits.empty() || c.class_splits.size() == c.class_names.size(), what,
-                   ": class_splits has ", c.class_splits.size(), " entries, class_names ", c.class_names.size());
+  DMX_CHECK_FORMAT(c.class_splits.empty() || c.class_splits.size() == c.class_names.size(), what, ": class_splits has ",
+                   c.class_splits.size(), " entries, class_names ", c.class_names.size());
   DMX_CHECK_FORMAT(c.styles.size() >= 2, what, ": styles must name at least 2 styles, got ", c.styles.size());
   if (j.contains("feature_dim"))
     DMX_CHECK_FORMAT(j["feature_dim"] == c.feature_dim(), what, ": feature_dim ", j["feature_dim"].dump(),
@@ -83,7 +83,8 @@ at::Tensor BasicBlockImpl::forward(const at::Tensor& x) {
 EmojiClassifierImpl::EmojiClassifierImpl(EmojiClassifierConfig cfg) : cfg_(std::move(cfg)) {
   using namespace torch::nn;
   const int g = cfg_.norm_num_groups;
-  conv_in = register_module("conv_in", Conv2d(Conv2dOptions(3, cfg_.stem_channels, 3).stride(cfg_.stem_stride).padding(1)));
+  conv_in =
+      register_module("conv_in", Conv2d(Conv2dOptions(3, cfg_.stem_channels, 3).stride(cfg_.stem_stride).padding(1)));
   norm_in = register_module("norm_in", GroupNorm(GroupNormOptions(g, cfg_.stem_channels)));
   stages = register_module("stages", ModuleList());
   int in = cfg_.stem_channels;
@@ -91,8 +92,7 @@ EmojiClassifierImpl::EmojiClassifierImpl(EmojiClassifierConfig cfg) : cfg_(std::
     stages->push_back(BasicBlock(in, out, 2, g));
     in = out;
   }
-  concept_head =
-      register_module("concept_head", Linear(in, static_cast<int64_t>(cfg_.class_names.size())));
+  concept_head = register_module("concept_head", Linear(in, static_cast<int64_t>(cfg_.class_names.size())));
   style_head = register_module("style_head", Linear(in, static_cast<int64_t>(cfg_.styles.size())));
 }
 
@@ -102,8 +102,8 @@ EmojiClassifierOutput EmojiClassifierImpl::forward(const at::Tensor& x_in) {
   at::Tensor x = x_in.to(at::kFloat);
   if (x.size(2) != cfg_.image_size || x.size(3) != cfg_.image_size)
     x = at::upsample_bilinear2d(x, {cfg_.image_size, cfg_.image_size}, false);  // [B, 3, S, S]
-  at::Tensor h = at::silu(norm_in->forward(conv_in->forward(x)));           // [B, c0, S / stem_stride, ...]
-  for (const auto& m : *stages) h = m->as<BasicBlock>()->forward(h);         // [B, c_last, S / (stem_stride 2^n), ...]
+  at::Tensor h = at::silu(norm_in->forward(conv_in->forward(x)));               // [B, c0, S / stem_stride, ...]
+  for (const auto& m : *stages) h = m->as<BasicBlock>()->forward(h);  // [B, c_last, S / (stem_stride 2^n), ...]
   EmojiClassifierOutput o;
   o.features = h.mean({2, 3});  // [B, feature_dim]
   o.concept_logits = concept_head->forward(o.features);

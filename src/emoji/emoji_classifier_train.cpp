@@ -23,12 +23,12 @@ namespace {
 at::Tensor gaussian_blur(const at::Tensor& x, const at::Tensor& sigma) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int r = 2;
-  at::Tensor taps = at::arange(-r, r + 1, x.options()).view({1, 2 * r + 1});             // [1, 5]
+  at::Tensor taps = at::arange(-r, r + 1, x.options()).view({1, 2 * r + 1});  // [1, 5]
   at::Tensor s = sigma.view({B, 1}).clamp_min(1e-3);
-  at::Tensor k = at::exp(-(taps * taps) / (2 * s * s));                                  // [B, 5]
+  at::Tensor k = at::exp(-(taps * taps) / (2 * s * s));  // [B, 5]
   k = k / k.sum(1, true);
-  k = k.repeat_interleave(C, 0);                                                         // [B*C, 5]
-  at::Tensor y = at::replication_pad2d(x.reshape({1, B * C, H, W}), {r, r, r, r});       // [1, B*C, H+4, W+4]
+  k = k.repeat_interleave(C, 0);                                                    // [B*C, 5]
+  at::Tensor y = at::replication_pad2d(x.reshape({1, B * C, H, W}), {r, r, r, r});  // [1, B*C, H+4, W+4]
   const std::vector<int64_t> one = {1, 1}, zero = {0, 0};
   const c10::optional<at::Tensor> no_bias;
   y = at::conv2d(y, k.view({B * C, 1, 1, 2 * r + 1}), no_bias, one, zero, one, B * C);  // along W
@@ -47,7 +47,7 @@ at::Tensor augment_emoji_batch(const at::Tensor& x, at::Generator& gen) {
   at::Tensor tx = u(-0.2, 0.2), ty = u(-0.2, 0.2);  // normalized coordinates span 2: 10% of the side
   at::Tensor c = at::cos(angle) / scale, s = at::sin(angle) / scale;
   at::Tensor theta = at::stack({at::stack({c, -s, tx}, 1), at::stack({s, c, ty}, 1)}, 1);  // [B, 2, 3]
-  at::Tensor grid = at::affine_grid_generator(theta, x.sizes(), false);                   // [B, H, W, 2]
+  at::Tensor grid = at::affine_grid_generator(theta, x.sizes(), false);                    // [B, H, W, 2]
   at::Tensor y = 1.0 - at::grid_sampler(1.0 - x, grid, 0, 0, false);
   // 2. Blur on half the images.
   at::Tensor blur_on = (at::rand({B}, gen, x.options()) < 0.5).to(x.scalar_type());
@@ -74,8 +74,7 @@ ClassifierTrainResult train_emoji_classifier(const ClassifierTrainOptions& o) {
   DMX_CHECK_ARG(o.batch_size >= 1 && o.batch_size <= 4096, "--batch-size must be in [1, 4096], got ", o.batch_size);
   DMX_CHECK_ARG(std::isfinite(o.learning_rate) && o.learning_rate > 0 && o.learning_rate < 1,
                 "--learning-rate must be in (0, 1), got ", o.learning_rate);
-  DMX_CHECK_ARG(!path_exists(o.output) || is_directory(o.output), "--output must be a folder, got the file ",
-                o.output);
+  DMX_CHECK_ARG(!path_exists(o.output) || is_directory(o.output), "--output must be a folder, got the file ", o.output);
   configure_threads(o.threads);
   set_log_level(o.progress ? LogLevel::kInfo : LogLevel::kQuiet);
   EmojiData data(o.data, "--data");
@@ -103,8 +102,8 @@ ClassifierTrainResult train_emoji_classifier(const ClassifierTrainOptions& o) {
   const at::Tensor X = at::stack(xs);  // [N, 3, S, S]
   const at::Tensor Yc = at::tensor(yc, at::kLong), Ys = at::tensor(ys, at::kLong);
   const int64_t N = X.size(0);
-  log_info("classifier: " + std::to_string(N) + " images, " + std::to_string(cfg.class_names.size()) +
-           " concepts, " + std::to_string(o.steps) + " steps of batch " + std::to_string(o.batch_size));
+  log_info("classifier: " + std::to_string(N) + " images, " + std::to_string(cfg.class_names.size()) + " concepts, " +
+           std::to_string(o.steps) + " steps of batch " + std::to_string(o.batch_size));
 
   // 2. Model, optimizer, generator (every random draw comes from it: initialisation included).
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
@@ -136,9 +135,9 @@ ClassifierTrainResult train_emoji_classifier(const ClassifierTrainOptions& o) {
     pos += b;
     at::Tensor x = augment_emoji_batch(X.index_select(0, idx), gen) * 2.0 - 1.0;  // [B, 3, S, S] in [-1, 1]
     EmojiClassifierOutput out = model->forward(x);
-    at::Tensor loss = at::cross_entropy_loss(out.concept_logits, Yc.index_select(0, idx), {}, at::Reduction::Mean,
-                                             -100, 0.1) +
-                      0.5 * at::cross_entropy_loss(out.style_logits, Ys.index_select(0, idx));
+    at::Tensor loss =
+        at::cross_entropy_loss(out.concept_logits, Yc.index_select(0, idx), {}, at::Reduction::Mean, -100, 0.1) +
+        0.5 * at::cross_entropy_loss(out.style_logits, Ys.index_select(0, idx));
     opt.zero_grad();
     loss.backward();
     training::clip_grad_norm(params, 1.0);

@@ -2,8 +2,8 @@
 #include "emoji/emoji_data.h"
 
 #include <fstream>
-#include <sstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "core/fs.h"
 #include "dmx/error.h"
@@ -19,8 +19,7 @@ at::Tensor image_to_tensor01(const Image& rgb) {
 EmojiData::EmojiData(const std::string& root, const std::string& param) : root_(root) {
   const std::string cpath = join_path(root, "concepts.json");
   DMX_CHECK_ARG(is_directory(root) && path_exists(cpath), param, ": ", root,
-                " is not an emoji data folder (no concepts.json); build one with `dmx data emoji --out ", root,
-                "`");
+                " is not an emoji data folder (no concepts.json); build one with `dmx data emoji --out ", root, "`");
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(read_text_file(cpath, param, kMaxJsonFileBytes));

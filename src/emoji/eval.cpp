@@ -5,13 +5,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
-#include <cstdio>
-#include <nlohmann/json.hpp>
 
 #include "core/canny.h"
 #include "core/fs.h"
@@ -66,8 +66,9 @@ int prompt_concept(const std::string& prompt, const emoji::EmojiData& data) {
 std::string resolve_data_dir(const std::string& data) {
   if (!data.empty()) return data;
   const std::string d = default_emoji_data_dir();
-  DMX_CHECK_ARG(!d.empty(), "--data: no emoji data found ($DMX_EMOJI_DATA, ~/.cache/dmx/emoji-data, /tmp/emoji_ds); "
-                            "build it with `dmx data emoji --out ~/.cache/dmx/emoji-data` or pass --data DIR");
+  DMX_CHECK_ARG(!d.empty(),
+                "--data: no emoji data found ($DMX_EMOJI_DATA, ~/.cache/dmx/emoji-data, /tmp/emoji_ds); "
+                "build it with `dmx data emoji --out ~/.cache/dmx/emoji-data` or pass --data DIR");
   return d;
 }
 
@@ -139,7 +140,8 @@ double mask_iou(const std::string& a, const std::string& b) {
 }
 
 double background_error(const std::string& image_a, const std::string& image_b, const std::string& mask) {
-  const Image a = to_rgb(load_image(image_a, "--background-error")), b = to_rgb(load_image(image_b, "--background-error"));
+  const Image a = to_rgb(load_image(image_a, "--background-error")),
+              b = to_rgb(load_image(image_b, "--background-error"));
   const Image m = to_rgb(load_image(mask, "--background-error mask"));
   check_image_size("--background-error", b, a.width, a.height);
   check_image_size("--background-error mask", m, a.width, a.height);
@@ -155,7 +157,7 @@ double edge_f1_files(const std::string& image, const std::string& edge_map) {
   const Image e = load_image(edge_map, "--edge-f1");
   check_image_size("--edge-f1", e, img.width, img.height);
   return metrics::edge_f1(binary_map(canny_edges(img, 100.0, 200.0)), binary_map(to_rgb(e)),
-                         metrics::edge_tolerance(img.height, img.width));
+                          metrics::edge_tolerance(img.height, img.width));
 }
 
 ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o) {
@@ -171,9 +173,14 @@ ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o) {
 }
 
 std::string EvalResult::to_json() const {
-  nlohmann::json j = {{"n", n}, {"top1", top1}, {"top5", top5}, {"frechet", frechet}, {"frechet_real", frechet_real},
+  nlohmann::json j = {{"n", n},
+                      {"top1", top1},
+                      {"top5", top5},
+                      {"frechet", frechet},
+                      {"frechet_real", frechet_real},
                       {"frechet_ratio", frechet_real > 0 ? frechet / frechet_real : 0.0},
-                      {"twitter_fraction", twitter_fraction}, {"seconds", seconds}};
+                      {"twitter_fraction", twitter_fraction},
+                      {"seconds", seconds}};
   if (controlnet_n > 0) {
     j["controlnet_n"] = controlnet_n;
     j["edge_f1"] = edge_f1;
@@ -276,8 +283,8 @@ EvalResult evaluate(const EvalOptions& o) {
   for (size_t i = 0; i < names.size(); ++i)
     DMX_CHECK_FORMAT(names[i] == data.concepts()[i].name, "--classifier ", o.classifier, ": class ", i, " is '",
                      names[i], "', --data has '", data.concepts()[i].name, "'; train it on that data");
-  const int64_t twitter = std::find(clf->config().styles.begin(), clf->config().styles.end(), "twitter") -
-                          clf->config().styles.begin();
+  const int64_t twitter =
+      std::find(clf->config().styles.begin(), clf->config().styles.end(), "twitter") - clf->config().styles.begin();
   DMX_CHECK_FORMAT(twitter < static_cast<int64_t>(clf->config().styles.size()), "--classifier ", o.classifier,
                    " has no 'twitter' style");
   configure_threads(o.threads);
@@ -327,7 +334,8 @@ EvalResult evaluate(const EvalOptions& o) {
   r.prompts = prompts;
   // 3. Base images: prompt accuracy, Fréchet distances, style.
   std::vector<at::Tensor> base;
-  for (int i = 0; i < n; ++i) base.push_back(generate(prompts[static_cast<size_t>(i)], o.seed + static_cast<uint64_t>(i), {}));
+  for (int i = 0; i < n; ++i)
+    base.push_back(generate(prompts[static_cast<size_t>(i)], o.seed + static_cast<uint64_t>(i), {}));
   save_all("base", base);
   const emoji::EmojiClassifierOutput out = features(base);
   const at::Tensor labels = at::tensor(std::vector<int64_t>(concept_of.begin(), concept_of.end()), at::kLong);
@@ -349,8 +357,10 @@ EvalResult evaluate(const EvalOptions& o) {
   for (size_t i = others.size(); i > 1; --i) std::swap(others[i - 1], others[rng() % i]);  // Fisher-Yates
   for (size_t i = 0; i < others.size() && static_cast<int>(real_b.size()) < n; ++i)
     real_b.push_back(data.image01("google", others[i]));
-  DMX_CHECK_ARG(n >= 2 && real_b.size() >= 2, "the Fréchet distance needs at least 2 prompts and 2 other train "
-                "concepts, got ", n, " prompt(s) and ", real_b.size(), " other concept(s)");
+  DMX_CHECK_ARG(n >= 2 && real_b.size() >= 2,
+                "the Fréchet distance needs at least 2 prompts and 2 other train "
+                "concepts, got ",
+                n, " prompt(s) and ", real_b.size(), " other concept(s)");
   const at::Tensor fa = features(real_a).features, fb = features(real_b).features;
   r.frechet = metrics::frechet_distance(out.features, fa);
   r.frechet_real = metrics::frechet_distance(fb, fa);
@@ -369,8 +379,8 @@ EvalResult evaluate(const EvalOptions& o) {
       const int c = concept_of[static_cast<size_t>(i)];
       const uint64_t seed = o.seed + static_cast<uint64_t>(i);
       const Image map = to_rgb(load_image(data.files("google", c).edges, "control map"));
-      DMX_CHECK_SUPPORTED(map.width == W && map.height == H, "edge F1 needs control maps of the output size (",
-                          W, "x", H, "), got ", map.width, "x", map.height);
+      DMX_CHECK_SUPPORTED(map.width == W && map.height == H, "edge F1 needs control maps of the output size (", W, "x",
+                          H, "), got ", map.width, "x", map.height);
       unit.image = pipelines::prepare_control_image(map, static_cast<int>(W), static_cast<int>(H));
       imgs.push_back(generate(prompts[static_cast<size_t>(i)], seed, {unit}));
       imgs_empty.push_back(generate("", seed, {unit}));

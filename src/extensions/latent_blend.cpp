@@ -57,14 +57,15 @@ int progressive_mask_index(int step, int total_steps, int num_masks) {
 LatentBlend::LatentBlend(const schedulers::Scheduler& scheduler, LatentBlendConfig cfg)
     : sched_(scheduler), cfg_(std::move(cfg)) {
   DMX_CHECK_ARG(!cfg_.masks.empty(), "latent blend: no mask");
-  DMX_CHECK_ARG(cfg_.image_latents.defined() && cfg_.noise.defined() &&
-                    cfg_.image_latents.sizes().equals(cfg_.noise.sizes()),
-                "latent blend: image latents and noise must have the same shape");
+  DMX_CHECK_ARG(
+      cfg_.image_latents.defined() && cfg_.noise.defined() && cfg_.image_latents.sizes().equals(cfg_.noise.sizes()),
+      "latent blend: image latents and noise must have the same shape");
   if (!cfg_.final_mask.defined()) cfg_.final_mask = cfg_.masks.back();
 }
 
 const at::Tensor& LatentBlend::mask_at(int step) const {
-  return cfg_.masks[static_cast<size_t>(progressive_mask_index(step, cfg_.num_steps, static_cast<int>(cfg_.masks.size())))];
+  return cfg_
+      .masks[static_cast<size_t>(progressive_mask_index(step, cfg_.num_steps, static_cast<int>(cfg_.masks.size())))];
 }
 
 at::Tensor LatentBlend::blend(const at::Tensor& background, const at::Tensor& latents, const at::Tensor& m) const {
@@ -81,8 +82,8 @@ void LatentBlend::on_step_end(int step, at::Tensor& latents) const {
     if (last) {
       latents = blend(cfg_.image_latents, latents, cfg_.final_mask);
     } else {
-      latents = blend(sched_.add_noise(cfg_.image_latents, cfg_.noise, cfg_.start_index + step + 1), latents,
-                      mask_at(step));
+      latents =
+          blend(sched_.add_noise(cfg_.image_latents, cfg_.noise, cfg_.start_index + step + 1), latents, mask_at(step));
     }
     return;
   }
@@ -239,7 +240,7 @@ at::Tensor finetune_decoder(models::AutoencoderKL& vae, const at::Tensor& latent
   const double sf = vae->config().scaling_factor;
   const at::Tensor fg = to_model_space(edited).to(dev), bg = to_model_space(original).to(dev);
   const at::Tensor m = mask.to(at::kFloat).unsqueeze(0).unsqueeze(0).to(dev);  // [1, 1, H, W]
-  const at::Tensor z = latents.detach().to(dev, at::kFloat) / sf;                 // [1, 4, h, w] unscaled
+  const at::Tensor z = latents.detach().to(dev, at::kFloat) / sf;              // [1, 4, h, w] unscaled
   torch::optim::Adam opt(trainable, torch::optim::AdamOptions(o.decoder_lr));
   ProgressBar bar("fine-tune decoder", o.show_progress ? o.steps : 0);
   for (int i = 0; i < o.steps; ++i) {

@@ -51,9 +51,9 @@ struct LatentBlendConfig {
   std::vector<at::Tensor> masks;  // [1, 1, h, w], 1 = edit; several = progressive shrinking (first = widest)
   at::Tensor final_mask;          // [1, 1, h, w] used by the final blend (default: masks.back())
   BlendSchedule schedule = BlendSchedule::kNextTimestep;
-  int start_index = 0;            // index in scheduler.timesteps() of the loop's first step
-  int num_steps = 0;              // steps the loop runs
-  int blend_start_step = 0;       // steps before blending begins (the paper's blending_start_percentage)
+  int start_index = 0;       // index in scheduler.timesteps() of the loop's first step
+  int num_steps = 0;         // steps the loop runs
+  int blend_start_step = 0;  // steps before blending begins (the paper's blending_start_percentage)
 };
 
 // The step callback (on_step_end) and the final blend. Holds a reference to the scheduler for add_noise.
@@ -87,10 +87,10 @@ at::Tensor pixel_stitch(const at::Tensor& edited, const at::Tensor& original, co
 at::Tensor poisson_blend(const at::Tensor& edited, const at::Tensor& original, const at::Tensor& mask);
 
 struct ReconstructionOptions {
-  int steps = 75;                   // the BLD code's optimization_steps
-  double latents_lr = 0.1;          // Adam lr for "optimize latents" (the BLD code)
-  double decoder_lr = 1e-4;         // Adam lr for "fine-tune decoder" (the paper and code)
-  double background_weight = 100;   // lambda, the BLD code's preservation_ratio
+  int steps = 75;                  // the BLD code's optimization_steps
+  double latents_lr = 0.1;         // Adam lr for "optimize latents" (the BLD code)
+  double decoder_lr = 1e-4;        // Adam lr for "fine-tune decoder" (the paper and code)
+  double background_weight = 100;  // lambda, the BLD code's preservation_ratio
   bool show_progress = false;
 };
 // loss(x) = mse(x * m, edited * m) + lambda * mse(x * (1 - m), original * (1 - m)), images in [-1, 1],

@@ -107,17 +107,23 @@ json load_json_file(const std::string& path, const std::string& what) {
 TensorMap load_diffusers_component(const std::string& dir, const std::string& component) {
   DMX_CHECK_ARG(is_directory(dir), component, ": diffusers model folder not found: ", dir);
   const std::string folder = join_path(dir, component);
-  DMX_CHECK_FORMAT(is_directory(folder), component, ": folder not found: ", folder, " (expected a diffusers layout with ",
-               component, "/ inside ", dir, ")");
+  DMX_CHECK_FORMAT(is_directory(folder), component, ": folder not found: ", folder,
+                   " (expected a diffusers layout with ", component, "/ inside ", dir, ")");
   // Plain weights first; sharded; then the fp16 variant when it is the only one there; then the same as
   // torch.save pickles (read by the weights-only loader), as diffusers falls back to them.
   const std::vector<std::string> candidates = {
-      "diffusion_pytorch_model.safetensors",       "model.safetensors",
-      "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
-      "diffusion_pytorch_model.fp16.safetensors",  "model.fp16.safetensors",
-      "diffusion_pytorch_model.bin",               "pytorch_model.bin",
-      "diffusion_pytorch_model.bin.index.json",    "pytorch_model.bin.index.json",
-      "diffusion_pytorch_model.fp16.bin",          "pytorch_model.fp16.bin",
+      "diffusion_pytorch_model.safetensors",
+      "model.safetensors",
+      "diffusion_pytorch_model.safetensors.index.json",
+      "model.safetensors.index.json",
+      "diffusion_pytorch_model.fp16.safetensors",
+      "model.fp16.safetensors",
+      "diffusion_pytorch_model.bin",
+      "pytorch_model.bin",
+      "diffusion_pytorch_model.bin.index.json",
+      "pytorch_model.bin.index.json",
+      "diffusion_pytorch_model.fp16.bin",
+      "pytorch_model.fp16.bin",
   };
   for (const auto& name : candidates) {
     const std::string p = join_path(folder, name);
@@ -127,13 +133,14 @@ TensorMap load_diffusers_component(const std::string& dir, const std::string& co
     return load_weights_file(p);
   }
   // A folder without its weights is a malformed model (invalid input), not an I/O failure.
-  throw FormatError(detail::concat(component, ": no weights found in ", folder, ": looked for ", join_abbreviated(candidates, 99)));
+  throw FormatError(
+      detail::concat(component, ": no weights found in ", folder, ": looked for ", join_abbreviated(candidates, 99)));
 }
 
 SingleFileCheckpoint load_single_file(const std::string& path, const std::string& config_dir) {
   DMX_CHECK_ARG(path_exists(path), "checkpoint not found: ", path);
   DMX_CHECK_ARG(!is_directory(path), "expected a single-file checkpoint, got a directory: ", path,
-               " (a diffusers folder is loaded as a folder, not with a single-file loader)");
+                " (a diffusers folder is loaded as a folder, not with a single-file loader)");
   if (!config_dir.empty())
     DMX_CHECK_ARG(is_directory(config_dir), "--config must be a diffusers model folder, not found: ", config_dir);
 
@@ -146,12 +153,18 @@ SingleFileCheckpoint load_single_file(const std::string& path, const std::string
   for (const auto& kv : ckpt) {
     const std::string& k = kv.first;
     if (is_ignorable_ldm_key(k)) continue;
-    if (starts_with(k, kLdmUnetPrefix)) ++n_unet;
-    else if (starts_with(k, kLdmVaePrefix)) ++n_vae;
-    else if (starts_with(k, kLdmClipPrefix) || starts_with(k, kLdmOpenClipPrefix)) ++n_text;
-    else if (starts_with(k, "control_model.")) control.push_back(k);
-    else if (starts_with(k, "conditioner.")) sdxl.push_back(k);
-    else unknown.push_back(k);
+    if (starts_with(k, kLdmUnetPrefix))
+      ++n_unet;
+    else if (starts_with(k, kLdmVaePrefix))
+      ++n_vae;
+    else if (starts_with(k, kLdmClipPrefix) || starts_with(k, kLdmOpenClipPrefix))
+      ++n_text;
+    else if (starts_with(k, "control_model."))
+      control.push_back(k);
+    else if (starts_with(k, "conditioner."))
+      sdxl.push_back(k);
+    else
+      unknown.push_back(k);
   }
   DMX_CHECK_SUPPORTED(sdxl.empty(), path, ": SDXL single-file checkpoints (conditioner.* keys) are not supported");
   DMX_CHECK_SUPPORTED(control.empty(), path,
@@ -160,8 +173,7 @@ SingleFileCheckpoint load_single_file(const std::string& path, const std::string
   std::vector<std::string> missing;
   if (!n_unet) missing.push_back(std::string("UNet (") + kLdmUnetPrefix + "*)");
   if (!n_vae) missing.push_back(std::string("VAE (") + kLdmVaePrefix + "*)");
-  if (!n_text)
-    missing.push_back(std::string("text encoder (") + kLdmClipPrefix + "* or " + kLdmOpenClipPrefix + "*)");
+  if (!n_text) missing.push_back(std::string("text encoder (") + kLdmClipPrefix + "* or " + kLdmOpenClipPrefix + "*)");
   DMX_CHECK_FORMAT(missing.empty(), path, ": not a complete Stable Diffusion 1.x/2.x single-file checkpoint: no ",
                    join_abbreviated(missing), " weights");
   DMX_CHECK_FORMAT(unknown.empty(), path, ": ", unknown.size(),

@@ -30,8 +30,10 @@ namespace {
 std::vector<int64_t> hint_convs(const TensorMap& ckpt, const std::string& p) {
   const std::set<int64_t> idx = indices(ckpt, p + "input_hint_block.");
   std::vector<int64_t> v(idx.begin(), idx.end());
-  DMX_CHECK_FORMAT(v.size() >= 2 && v.size() % 2 == 0, "ControlNet: input_hint_block must hold conv_in, pairs of "
-                   "(conv, strided conv) and conv_out, got ", v.size(), " convolutions");
+  DMX_CHECK_FORMAT(v.size() >= 2 && v.size() % 2 == 0,
+                   "ControlNet: input_hint_block must hold conv_in, pairs of "
+                   "(conv, strided conv) and conv_out, got ",
+                   v.size(), " convolutions");
   return v;
 }
 }  // namespace
@@ -51,9 +53,12 @@ json detect_ldm_controlnet_config(const TensorMap& ckpt, const json& yaml) {
   json block_out = std::move(in.block_out), down = std::move(in.down);
   std::vector<int64_t> channels = std::move(in.channels), depth = std::move(in.depth);
 
-  DMX_CHECK_FORMAT(has(ckpt, p + "middle_block.1.proj_in.weight"), "ControlNet: checkpoint has no mid-block "
-                   "attention (", p, "middle_block.1.*)");
-  if (depth.empty()) depth.push_back(static_cast<int64_t>(indices(ckpt, p + "middle_block.1.transformer_blocks.").size()));
+  DMX_CHECK_FORMAT(has(ckpt, p + "middle_block.1.proj_in.weight"),
+                   "ControlNet: checkpoint has no mid-block "
+                   "attention (",
+                   p, "middle_block.1.*)");
+  if (depth.empty())
+    depth.push_back(static_cast<int64_t>(indices(ckpt, p + "middle_block.1.transformer_blocks.").size()));
   int64_t cross_dim = -1;
   for (auto it = ckpt.lower_bound(p); it != ckpt.end() && starts_with(it->first, p) && cross_dim < 0; ++it)
     if (it->first.size() > 18 && it->first.compare(it->first.size() - 18, 18, ".attn2.to_k.weight") == 0)
@@ -79,7 +84,8 @@ json detect_ldm_controlnet_config(const TensorMap& ckpt, const json& yaml) {
   } else if (cross_dim == 1024) {
     heads = json::array();
     for (int64_t c : channels) {
-      DMX_CHECK_ARG(c % 64 == 0, "ControlNet: a block of ", c, " channels is not a multiple of the SD2 head size 64;"
+      DMX_CHECK_ARG(c % 64 == 0, "ControlNet: a block of ", c,
+                    " channels is not a multiple of the SD2 head size 64;"
                     " give a .yaml beside the checkpoint with control_stage_config num_heads");
       heads.push_back(c / 64);
     }
@@ -132,7 +138,8 @@ BlockTable controlnet_table(const json& cfg, const std::vector<int64_t>& hc) {
   const int64_t L = cfg_int(cfg, "layers_per_block", what);
   const size_t nb = cfg_list_size(cfg, "block_out_channels", what);
   const auto down_types = cfg_strings(cfg, "down_block_types", what);
-  DMX_CHECK_FORMAT(down_types.size() == nb, "ControlNet config: down_block_types needs one entry per "
+  DMX_CHECK_FORMAT(down_types.size() == nb,
+                   "ControlNet config: down_block_types needs one entry per "
                    "block_out_channels entry");
   DMX_CHECK_FORMAT(L >= 1, "ControlNet config: layers_per_block must be >= 1, got ", L);
   auto s = [](auto v) { return std::to_string(v); };
@@ -155,7 +162,8 @@ BlockTable controlnet_table(const json& cfg, const std::vector<int64_t>& hc) {
 TensorMap convert_ldm_controlnet(const TensorMap& ckpt, const json& cfg) {
   const std::string p = ldm_controlnet_prefix(ckpt);
   const BlockTable t = controlnet_table(cfg, hint_convs(ckpt, p));
-  return finish(convert_with(ckpt, p, t, [](const std::string&) { return false; }, [](std::string k) { return k; }),
+  return finish(convert_with(
+                    ckpt, p, t, [](const std::string&) { return false; }, [](std::string k) { return k; }),
                 "ControlNet");
 }
 
@@ -182,8 +190,8 @@ TensorMap convert_controlnet_to_ldm(const TensorMap& diffusers, const json& cfg)
     }
     inverse[block.to] = {std::string(kLdmControlNetPrefix) + from, &it->second};
   }
-  return finish(convert_with(diffusers, "", inverse, [](const std::string&) { return false; },
-                             [](std::string k) { return k; }),
+  return finish(convert_with(
+                    diffusers, "", inverse, [](const std::string&) { return false; }, [](std::string k) { return k; }),
                 what);
 }
 

@@ -23,7 +23,7 @@ json detect_ldm_unet_config(const TensorMap& ckpt, const json& yaml) {
   const std::string p = kLdmUnetPrefix;
   auto s = [](auto v) { return std::to_string(v); };
   const at::Tensor& conv_in = need(ckpt, p + "input_blocks.0.0.weight", what);  // [C0, in, 3, 3]
-  const at::Tensor& conv_out = need(ckpt, p + "out.2.weight", what);             // [out, C0, 3, 3]
+  const at::Tensor& conv_out = need(ckpt, p + "out.2.weight", what);            // [out, C0, 3, 3]
   DMX_CHECK_FORMAT(conv_in.dim() == 4 && conv_out.dim() == 4, "UNet: conv_in/conv_out weights must be 4-D, got ",
                    conv_in.sizes(), " and ", conv_out.sizes());
 
@@ -41,8 +41,8 @@ json detect_ldm_unet_config(const TensorMap& ckpt, const json& yaml) {
   for (int64_t u = 0; u < nb; ++u)
     up.push_back(has(ckpt, p + "output_blocks." + s(u * (L + 1)) + ".1.proj_in.weight") ? "CrossAttnUpBlock2D"
                                                                                         : "UpBlock2D");
-  DMX_CHECK_FORMAT(has(ckpt, p + "middle_block.1.proj_in.weight"),
-                   "UNet: checkpoint has no mid-block attention (", p, "middle_block.1.*): not an SD 1.x/2.x UNet");
+  DMX_CHECK_FORMAT(has(ckpt, p + "middle_block.1.proj_in.weight"), "UNet: checkpoint has no mid-block attention (", p,
+                   "middle_block.1.*): not an SD 1.x/2.x UNet");
   if (depth.empty())
     depth.push_back(static_cast<int64_t>(indices(ckpt, p + "middle_block.1.transformer_blocks.").size()));
 
@@ -70,8 +70,8 @@ json detect_ldm_unet_config(const TensorMap& ckpt, const json& yaml) {
     const int64_t d = nhc->get<int64_t>();
     heads = json::array();
     for (int64_t c : channels) {
-      DMX_CHECK_FORMAT(c % d == 0, "UNet: the .yaml gives num_head_channels ", d, ", which does not divide the ",
-                       c, " channels of a UNet block");
+      DMX_CHECK_FORMAT(c % d == 0, "UNet: the .yaml gives num_head_channels ", d, ", which does not divide the ", c,
+                       " channels of a UNet block");
       heads.push_back(c / d);
     }
   } else if (sd2) {

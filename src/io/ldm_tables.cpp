@@ -26,8 +26,8 @@ const LeafTable kParamsOnly = {{"", ""}};
 
 // ResBlock (openaimodel.py) -> ResnetBlock2D.
 const LeafTable kUnetResnet = {
-    {"in_layers.0", "norm1"},   {"in_layers.2", "conv1"},          {"out_layers.0", "norm2"},
-    {"out_layers.3", "conv2"},  {"emb_layers.1", "time_emb_proj"}, {"skip_connection", "conv_shortcut"},
+    {"in_layers.0", "norm1"},  {"in_layers.2", "conv1"},          {"out_layers.0", "norm2"},
+    {"out_layers.3", "conv2"}, {"emb_layers.1", "time_emb_proj"}, {"skip_connection", "conv_shortcut"},
 };
 
 // SpatialTransformer (attention.py) -> Transformer2DModel: same names.
@@ -70,10 +70,14 @@ const LeafTable kClipEmbeddings = {
     {"position_embedding", "position_embedding"},
 };
 const LeafTable kClipLayer = {
-    {"self_attn.q_proj", "self_attn.q_proj"},     {"self_attn.k_proj", "self_attn.k_proj"},
-    {"self_attn.v_proj", "self_attn.v_proj"},     {"self_attn.out_proj", "self_attn.out_proj"},
-    {"layer_norm1", "layer_norm1"},               {"layer_norm2", "layer_norm2"},
-    {"mlp.fc1", "mlp.fc1"},                       {"mlp.fc2", "mlp.fc2"},
+    {"self_attn.q_proj", "self_attn.q_proj"},
+    {"self_attn.k_proj", "self_attn.k_proj"},
+    {"self_attn.v_proj", "self_attn.v_proj"},
+    {"self_attn.out_proj", "self_attn.out_proj"},
+    {"layer_norm1", "layer_norm1"},
+    {"layer_norm2", "layer_norm2"},
+    {"mlp.fc1", "mlp.fc1"},
+    {"mlp.fc2", "mlp.fc2"},
 };
 
 // OpenCLIP text tower (SD2) -> CLIPTextModel.
@@ -83,10 +87,9 @@ const LeafTable kOpenClipRoot = {
     {"ln_final", "text_model.final_layer_norm"},
 };
 const LeafTable kOpenClipLayer = {
-    {"attn.in_proj_weight", "self_attn.q_proj.weight,self_attn.k_proj.weight,self_attn.v_proj.weight",
-     Op::SplitQKV, true},
-    {"attn.in_proj_bias", "self_attn.q_proj.bias,self_attn.k_proj.bias,self_attn.v_proj.bias", Op::SplitQKV,
+    {"attn.in_proj_weight", "self_attn.q_proj.weight,self_attn.k_proj.weight,self_attn.v_proj.weight", Op::SplitQKV,
      true},
+    {"attn.in_proj_bias", "self_attn.q_proj.bias,self_attn.k_proj.bias,self_attn.v_proj.bias", Op::SplitQKV, true},
     {"attn.out_proj", "self_attn.out_proj"},
     {"ln_1", "layer_norm1"},
     {"ln_2", "layer_norm2"},
@@ -188,7 +191,7 @@ void add_unet_encoder_blocks(BlockTable& t, int64_t L, size_t nb, const std::vec
     }
     if (b + 1 < nb)
       t["input_blocks." + s(1 + b * (L + 1) + L) + ".0.op"] = {"down_blocks." + s(b) + ".downsamplers.0.conv",
-                                                                &kParamsOnly};
+                                                               &kParamsOnly};
   }
   t["middle_block.0"] = {"mid_block.resnets.0", &kUnetResnet};
   t["middle_block.1"] = {"mid_block.attentions.0", &kUnetTransformer};
@@ -240,8 +243,8 @@ std::set<int64_t> indices(const TensorMap& m, const std::string& prefix) {
   std::set<int64_t> out;
   for (auto it = m.lower_bound(prefix); it != m.end() && starts_with(it->first, prefix); ++it) {
     const size_t dot = it->first.find('.', prefix.size());
-    const std::string n = it->first.substr(prefix.size(), dot == std::string::npos ? std::string::npos
-                                                                                   : dot - prefix.size());
+    const std::string n =
+        it->first.substr(prefix.size(), dot == std::string::npos ? std::string::npos : dot - prefix.size());
     if (is_number(n) && n.size() < 10) out.insert(std::stoll(n));
   }
   return out;
@@ -316,9 +319,8 @@ bool is_ignorable_ldm_key(const std::string& key) {
   static const std::set<std::string> exact = {
       // LatentDiffusion / DDPM buffers: the schedule lives in the scheduler config.
       "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-      "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-      "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-      "logvar", "lvlb_weights",
+      "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+      "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights",
       // CLIP position ids (a constant arange buffer).
       "cond_stage_model.transformer.text_model.embeddings.position_ids",
       "cond_stage_model.transformer.embeddings.position_ids",
@@ -379,8 +381,8 @@ TensorMap convert_ldm_unet(const TensorMap& ckpt, const json& cfg) {
                                                                  &kParamsOnly};
     }
   }
-  return finish(convert_with(ckpt, kLdmUnetPrefix, t, [](const std::string&) { return false; },
-                             [](std::string k) { return k; }),
+  return finish(convert_with(
+                    ckpt, kLdmUnetPrefix, t, [](const std::string&) { return false; }, [](std::string k) { return k; }),
                 what);
 }
 
@@ -407,22 +409,20 @@ TensorMap convert_ldm_vae(const TensorMap& ckpt, const json& cfg) {
   t["post_quant_conv"] = {"post_quant_conv", &kParamsOnly};
   for (size_t i = 0; i < nb; ++i) {
     for (int64_t j = 0; j < L; ++j)
-      t["encoder.down." + s(i) + ".block." + s(j)] = {"encoder.down_blocks." + s(i) + ".resnets." + s(j),
-                                                      &kVaeResnet};
+      t["encoder.down." + s(i) + ".block." + s(j)] = {"encoder.down_blocks." + s(i) + ".resnets." + s(j), &kVaeResnet};
     if (i + 1 < nb)
       t["encoder.down." + s(i) + ".downsample.conv"] = {"encoder.down_blocks." + s(i) + ".downsamplers.0.conv",
-                                                         &kParamsOnly};
+                                                        &kParamsOnly};
     // The decoder's up.N run from the lowest resolution at N = nb - 1: diffusers numbers them in
     // the order they are applied.
     const size_t u = nb - 1 - i;
     for (int64_t j = 0; j <= L; ++j)
       t["decoder.up." + s(i) + ".block." + s(j)] = {"decoder.up_blocks." + s(u) + ".resnets." + s(j), &kVaeResnet};
     if (i > 0)
-      t["decoder.up." + s(i) + ".upsample.conv"] = {"decoder.up_blocks." + s(u) + ".upsamplers.0.conv",
-                                                     &kParamsOnly};
+      t["decoder.up." + s(i) + ".upsample.conv"] = {"decoder.up_blocks." + s(u) + ".upsamplers.0.conv", &kParamsOnly};
   }
-  return finish(convert_with(ckpt, kLdmVaePrefix, t, [](const std::string&) { return false; },
-                             [](std::string k) { return k; }),
+  return finish(convert_with(
+                    ckpt, kLdmVaePrefix, t, [](const std::string&) { return false; }, [](std::string k) { return k; }),
                 what);
 }
 
@@ -441,8 +441,9 @@ TensorMap convert_ldm_clip(const TensorMap& ckpt, const json& cfg) {
       t["text_model.final_layer_norm"] = {"text_model.final_layer_norm", &kParamsOnly};
       for (int64_t i = 0; i < layers; ++i)
         t["text_model.encoder.layers." + s(i)] = {"text_model.encoder.layers." + s(i), &kClipLayer};
-      return finish(convert_with(ckpt, kLdmClipPrefix, t, [](const std::string&) { return false; },
-                                 [](std::string k) { return starts_with(k, "text_model.") ? k : "text_model." + k; }),
+      return finish(convert_with(
+                        ckpt, kLdmClipPrefix, t, [](const std::string&) { return false; },
+                        [](std::string k) { return starts_with(k, "text_model.") ? k : "text_model." + k; }),
                     what);
     }
     case LdmTextEncoder::OpenClip: {
@@ -457,12 +458,14 @@ TensorMap convert_ldm_clip(const TensorMap& ckpt, const json& cfg) {
       for (int64_t i = 0; i < layers; ++i)
         t["transformer.resblocks." + s(i)] = {"text_model.encoder.layers." + s(i), &kOpenClipLayer};
       const std::string dropped = rb + s(layers) + ".";
-      return finish(convert_with(ckpt, kLdmOpenClipPrefix, t,
-                                 [&](const std::string& k) { return layers < total && starts_with(k, dropped); },
-                                 [](std::string k) { return k; }),
+      return finish(convert_with(
+                        ckpt, kLdmOpenClipPrefix, t,
+                        [&](const std::string& k) { return layers < total && starts_with(k, dropped); },
+                        [](std::string k) { return k; }),
                     what);
     }
-    case LdmTextEncoder::None: break;
+    case LdmTextEncoder::None:
+      break;
   }
   throw FormatError(detail::concat("text encoder: checkpoint has no ", kLdmClipPrefix, "* (SD1 CLIP) or ",
                                    kLdmOpenClipPrefix, "* (SD2 OpenCLIP) weights"));

@@ -45,7 +45,6 @@ struct LeafRule {
 };
 using LeafTable = std::vector<LeafRule>;
 
-
 // The leaf tables (ldm_tables.cpp).
 extern const LeafTable kParamsOnly;
 extern const LeafTable kUnetResnet;
@@ -92,8 +91,7 @@ template <typename Skip, typename Normalize>
 Converted convert_with(const TensorMap& ckpt, const std::string& prefix, const BlockTable& blocks, Skip skip,
                        Normalize normalize) {
   Converted c;
-  for (auto it = ckpt.lower_bound(prefix); it != ckpt.end() && it->first.compare(0, prefix.size(), prefix) == 0;
-       ++it) {
+  for (auto it = ckpt.lower_bound(prefix); it != ckpt.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it) {
     const std::string& key = it->first;
     if (is_ignorable_ldm_key(key) || skip(key)) continue;
     const std::vector<std::string> segs = split_segments(normalize(key.substr(prefix.size())), '.');
@@ -109,11 +107,9 @@ Converted convert_with(const TensorMap& ckpt, const std::string& prefix, const B
           const at::Tensor& t = it->second;
           const std::vector<std::string> names = split_segments(new_rest, ',');
           DMX_CHECK_FORMAT(t.dim() >= 1 && t.size(0) % 3 == 0, "checkpoint tensor '", key,
-                           "' is a fused q/k/v projection and needs a first dimension divisible by 3, got ",
-                           t.sizes());
+                           "' is a fused q/k/v projection and needs a first dimension divisible by 3, got ", t.sizes());
           const int64_t c3 = t.size(0) / 3;  // [3C, ...] -> 3 x [C, ...]
-          for (int64_t k = 0; k < 3; ++k)
-            put(&c.out, dotted(b->second.to, names[k]), t.narrow(0, k * c3, c3), key);
+          for (int64_t k = 0; k < 3; ++k) put(&c.out, dotted(b->second.to, names[k]), t.narrow(0, k * c3, c3), key);
         } else {
           const at::Tensor t = rule.op == Op::ConvToLinear ? conv_to_linear(key, it->second) : it->second;
           put(&c.out, dotted(b->second.to, new_rest), t, key);

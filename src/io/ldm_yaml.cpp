@@ -181,8 +181,10 @@ class YamlReader {
           out[key.is_string() ? key.get<std::string>() : key.dump()] = flow(text, i, number, false);
         }
         while (i < text.size() && text[i] == ' ') ++i;
-        if (i < text.size() && text[i] == ',') ++i;
-        else if (i >= text.size() || text[i] != close) fail(number, std::string("expected ',' or '") + close + "'");
+        if (i < text.size() && text[i] == ',')
+          ++i;
+        else if (i >= text.size() || text[i] != close)
+          fail(number, std::string("expected ',' or '") + close + "'");
       }
       return out;
     }

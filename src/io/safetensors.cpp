@@ -30,11 +30,11 @@ struct DTypeDesc {
 
 const DTypeDesc* find_dtype(const std::string& s) {
   static const DTypeDesc table[] = {
-      {"F64", 8, true, at::kDouble},   {"F32", 4, true, at::kFloat},  {"F16", 2, true, at::kHalf},
-      {"BF16", 2, true, at::kBFloat16}, {"I64", 8, true, at::kLong},   {"I32", 4, true, at::kInt},
-      {"I16", 2, true, at::kShort},    {"I8", 1, true, at::kChar},    {"U8", 1, true, at::kByte},
-      {"BOOL", 1, true, at::kBool},    {"U16", 2, false, at::kByte},  {"U32", 4, false, at::kByte},
-      {"U64", 8, false, at::kByte},    {"F8_E4M3", 1, false, at::kByte}, {"F8_E5M2", 1, false, at::kByte},
+      {"F64", 8, true, at::kDouble},    {"F32", 4, true, at::kFloat},     {"F16", 2, true, at::kHalf},
+      {"BF16", 2, true, at::kBFloat16}, {"I64", 8, true, at::kLong},      {"I32", 4, true, at::kInt},
+      {"I16", 2, true, at::kShort},     {"I8", 1, true, at::kChar},       {"U8", 1, true, at::kByte},
+      {"BOOL", 1, true, at::kBool},     {"U16", 2, false, at::kByte},     {"U32", 4, false, at::kByte},
+      {"U64", 8, false, at::kByte},     {"F8_E4M3", 1, false, at::kByte}, {"F8_E5M2", 1, false, at::kByte},
   };
   for (const auto& d : table)
     if (s == d.name) return &d;
@@ -43,17 +43,28 @@ const DTypeDesc* find_dtype(const std::string& s) {
 
 const char* dtype_name(at::ScalarType t) {
   switch (t) {
-    case at::kDouble: return "F64";
-    case at::kFloat: return "F32";
-    case at::kHalf: return "F16";
-    case at::kBFloat16: return "BF16";
-    case at::kLong: return "I64";
-    case at::kInt: return "I32";
-    case at::kShort: return "I16";
-    case at::kChar: return "I8";
-    case at::kByte: return "U8";
-    case at::kBool: return "BOOL";
-    default: return nullptr;
+    case at::kDouble:
+      return "F64";
+    case at::kFloat:
+      return "F32";
+    case at::kHalf:
+      return "F16";
+    case at::kBFloat16:
+      return "BF16";
+    case at::kLong:
+      return "I64";
+    case at::kInt:
+      return "I32";
+    case at::kShort:
+      return "I16";
+    case at::kChar:
+      return "I8";
+    case at::kByte:
+      return "U8";
+    case at::kBool:
+      return "BOOL";
+    default:
+      return nullptr;
   }
 }
 
@@ -61,15 +72,13 @@ const char* dtype_name(at::ScalarType t) {
 
 void parse_safetensors(const uint8_t* bytes, size_t file_size, std::map<std::string, TensorInfo>* infos,
                        std::map<std::string, std::string>* metadata, uint64_t* data_offset) {
-  DMX_CHECK_FORMAT(file_size >= 8, "safetensors: file is ", file_size,
-                   " bytes, shorter than the 8-byte header length");
+  DMX_CHECK_FORMAT(file_size >= 8, "safetensors: file is ", file_size, " bytes, shorter than the 8-byte header length");
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | bytes[i];
   DMX_CHECK_FORMAT(n >= 2, "safetensors: header length must be >= 2, got ", n);
-  DMX_CHECK_FORMAT(n <= kMaxHeader, "safetensors: header length ", n, " exceeds the ", kMaxHeader,
-                   "-byte limit");
-  DMX_CHECK_FORMAT(n <= file_size - 8, "safetensors: header length ", n, " runs past the end of the file (",
-                   file_size, " bytes)");
+  DMX_CHECK_FORMAT(n <= kMaxHeader, "safetensors: header length ", n, " exceeds the ", kMaxHeader, "-byte limit");
+  DMX_CHECK_FORMAT(n <= file_size - 8, "safetensors: header length ", n, " runs past the end of the file (", file_size,
+                   " bytes)");
   const uint64_t data_size = file_size - 8 - n;
   nlohmann::json j;
   try {
@@ -113,8 +122,8 @@ void parse_safetensors(const uint8_t* bytes, size_t file_size, std::map<std::str
       if (dim == 0) {
         has_zero = true;
       } else {
-        DMX_CHECK_FORMAT(nonzero_numel <= std::numeric_limits<uint64_t>::max() / 16 / dim,
-                         "safetensors: tensor '", key, "' shape overflows");
+        DMX_CHECK_FORMAT(nonzero_numel <= std::numeric_limits<uint64_t>::max() / 16 / dim, "safetensors: tensor '", key,
+                         "' shape overflows");
         nonzero_numel *= dim;
       }
       info.shape.push_back(static_cast<int64_t>(dim));
@@ -125,10 +134,10 @@ void parse_safetensors(const uint8_t* bytes, size_t file_size, std::map<std::str
                        "safetensors: tensor '", key, "' has a negative or non-integer data offset");
     info.begin = v["data_offsets"][0].get<uint64_t>();
     info.end = v["data_offsets"][1].get<uint64_t>();
-    DMX_CHECK_FORMAT(info.begin <= info.end, "safetensors: tensor '", key, "' has begin ", info.begin,
-                     " > end ", info.end);
-    DMX_CHECK_FORMAT(info.end <= data_size, "safetensors: tensor '", key, "' data [", info.begin, ", ",
-                     info.end, ") lies outside the data area of ", data_size, " bytes");
+    DMX_CHECK_FORMAT(info.begin <= info.end, "safetensors: tensor '", key, "' has begin ", info.begin, " > end ",
+                     info.end);
+    DMX_CHECK_FORMAT(info.end <= data_size, "safetensors: tensor '", key, "' data [", info.begin, ", ", info.end,
+                     ") lies outside the data area of ", data_size, " bytes");
     DMX_CHECK_FORMAT(info.end - info.begin == numel * d->size, "safetensors: tensor '", key, "' holds ",
                      info.end - info.begin, " bytes but shape x dtype ", info.dtype, " needs ", numel * d->size);
     ranges.emplace_back(info.begin, info.end);
@@ -202,7 +211,8 @@ at::Tensor SafeTensorsFile::get(const std::string& name) const {
   if (ti.end == ti.begin) return at::empty(ti.shape, opts);
   if (reinterpret_cast<uintptr_t>(p) % d->size == 0) {
     auto keep = self_.lock();
-    return at::from_blob(const_cast<uint8_t*>(p), ti.shape, [keep](void*) {}, opts);
+    return at::from_blob(
+        const_cast<uint8_t*>(p), ti.shape, [keep](void*) {}, opts);
   }
   at::Tensor t = at::empty(ti.shape, opts);
   std::memcpy(t.data_ptr(), p, ti.end - ti.begin);

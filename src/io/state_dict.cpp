@@ -40,8 +40,7 @@ TensorMap module_state(const torch::nn::Module& module) {
   return out;
 }
 
-LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, const std::string& what,
-                           bool strict) {
+LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, const std::string& what, bool strict) {
   LoadReport r;
   TensorMap target = module_state(module);
   for (const auto& kv : target) {

@@ -99,92 +99,173 @@ const char* global_name(const Node& n) {
 // Opcode names (pickletools), for messages.
 const char* opcode_name(uint8_t op) {
   switch (op) {
-    case '(': return "MARK";
-    case '.': return "STOP";
-    case '0': return "POP";
-    case '1': return "POP_MARK";
-    case '2': return "DUP";
-    case 'F': return "FLOAT";
-    case 'I': return "INT";
-    case 'J': return "BININT";
-    case 'K': return "BININT1";
-    case 'L': return "LONG";
-    case 'M': return "BININT2";
-    case 'N': return "NONE";
-    case 'P': return "PERSID";
-    case 'Q': return "BINPERSID";
-    case 'R': return "REDUCE";
-    case 'S': return "STRING";
-    case 'T': return "BINSTRING";
-    case 'U': return "SHORT_BINSTRING";
-    case 'V': return "UNICODE";
-    case 'X': return "BINUNICODE";
-    case 'a': return "APPEND";
-    case 'b': return "BUILD";
-    case 'c': return "GLOBAL";
-    case 'd': return "DICT";
-    case '}': return "EMPTY_DICT";
-    case 'e': return "APPENDS";
-    case 'g': return "GET";
-    case 'h': return "BINGET";
-    case 'i': return "INST";
-    case 'j': return "LONG_BINGET";
-    case 'l': return "LIST";
-    case ']': return "EMPTY_LIST";
-    case 'o': return "OBJ";
-    case 'p': return "PUT";
-    case 'q': return "BINPUT";
-    case 'r': return "LONG_BINPUT";
-    case 's': return "SETITEM";
-    case 't': return "TUPLE";
-    case ')': return "EMPTY_TUPLE";
-    case 'u': return "SETITEMS";
-    case 'G': return "BINFLOAT";
-    case 0x80: return "PROTO";
-    case 0x81: return "NEWOBJ";
-    case 0x82: return "EXT1";
-    case 0x83: return "EXT2";
-    case 0x84: return "EXT4";
-    case 0x85: return "TUPLE1";
-    case 0x86: return "TUPLE2";
-    case 0x87: return "TUPLE3";
-    case 0x88: return "NEWTRUE";
-    case 0x89: return "NEWFALSE";
-    case 0x8a: return "LONG1";
-    case 0x8b: return "LONG4";
-    case 'B': return "BINBYTES";
-    case 'C': return "SHORT_BINBYTES";
-    case 0x8c: return "SHORT_BINUNICODE";
-    case 0x8d: return "BINUNICODE8";
-    case 0x8e: return "BINBYTES8";
-    case 0x8f: return "EMPTY_SET";
-    case 0x90: return "ADDITEMS";
-    case 0x91: return "FROZENSET";
-    case 0x92: return "NEWOBJ_EX";
-    case 0x93: return "STACK_GLOBAL";
-    case 0x94: return "MEMOIZE";
-    case 0x95: return "FRAME";
-    case 0x96: return "BYTEARRAY8";
-    case 0x97: return "NEXT_BUFFER";
-    case 0x98: return "READONLY_BUFFER";
-    default: return nullptr;
+    case '(':
+      return "MARK";
+    case '.':
+      return "STOP";
+    case '0':
+      return "POP";
+    case '1':
+      return "POP_MARK";
+    case '2':
+      return "DUP";
+    case 'F':
+      return "FLOAT";
+    case 'I':
+      return "INT";
+    case 'J':
+      return "BININT";
+    case 'K':
+      return "BININT1";
+    case 'L':
+      return "LONG";
+    case 'M':
+      return "BININT2";
+    case 'N':
+      return "NONE";
+    case 'P':
+      return "PERSID";
+    case 'Q':
+      return "BINPERSID";
+    case 'R':
+      return "REDUCE";
+    case 'S':
+      return "STRING";
+    case 'T':
+      return "BINSTRING";
+    case 'U':
+      return "SHORT_BINSTRING";
+    case 'V':
+      return "UNICODE";
+    case 'X':
+      return "BINUNICODE";
+    case 'a':
+      return "APPEND";
+    case 'b':
+      return "BUILD";
+    case 'c':
+      return "GLOBAL";
+    case 'd':
+      return "DICT";
+    case '}':
+      return "EMPTY_DICT";
+    case 'e':
+      return "APPENDS";
+    case 'g':
+      return "GET";
+    case 'h':
+      return "BINGET";
+    case 'i':
+      return "INST";
+    case 'j':
+      return "LONG_BINGET";
+    case 'l':
+      return "LIST";
+    case ']':
+      return "EMPTY_LIST";
+    case 'o':
+      return "OBJ";
+    case 'p':
+      return "PUT";
+    case 'q':
+      return "BINPUT";
+    case 'r':
+      return "LONG_BINPUT";
+    case 's':
+      return "SETITEM";
+    case 't':
+      return "TUPLE";
+    case ')':
+      return "EMPTY_TUPLE";
+    case 'u':
+      return "SETITEMS";
+    case 'G':
+      return "BINFLOAT";
+    case 0x80:
+      return "PROTO";
+    case 0x81:
+      return "NEWOBJ";
+    case 0x82:
+      return "EXT1";
+    case 0x83:
+      return "EXT2";
+    case 0x84:
+      return "EXT4";
+    case 0x85:
+      return "TUPLE1";
+    case 0x86:
+      return "TUPLE2";
+    case 0x87:
+      return "TUPLE3";
+    case 0x88:
+      return "NEWTRUE";
+    case 0x89:
+      return "NEWFALSE";
+    case 0x8a:
+      return "LONG1";
+    case 0x8b:
+      return "LONG4";
+    case 'B':
+      return "BINBYTES";
+    case 'C':
+      return "SHORT_BINBYTES";
+    case 0x8c:
+      return "SHORT_BINUNICODE";
+    case 0x8d:
+      return "BINUNICODE8";
+    case 0x8e:
+      return "BINBYTES8";
+    case 0x8f:
+      return "EMPTY_SET";
+    case 0x90:
+      return "ADDITEMS";
+    case 0x91:
+      return "FROZENSET";
+    case 0x92:
+      return "NEWOBJ_EX";
+    case 0x93:
+      return "STACK_GLOBAL";
+    case 0x94:
+      return "MEMOIZE";
+    case 0x95:
+      return "FRAME";
+    case 0x96:
+      return "BYTEARRAY8";
+    case 0x97:
+      return "NEXT_BUFFER";
+    case 0x98:
+      return "READONLY_BUFFER";
+    default:
+      return nullptr;
   }
 }
 
 const char* kind_name_of(Kind k) {
   switch (k) {
-    case Kind::None: return "None";
-    case Kind::Bool: return "bool";
-    case Kind::Int: return "int";
-    case Kind::BigInt: return "int";
-    case Kind::Float: return "float";
-    case Kind::String: return "str";
-    case Kind::Bytes: return "bytes";
-    case Kind::List: return "list";
-    case Kind::Tuple: return "tuple";
-    case Kind::Dict: return "dict";
-    case Kind::OrderedDict: return "OrderedDict";
-    case Kind::Tensor: return "tensor";
+    case Kind::None:
+      return "None";
+    case Kind::Bool:
+      return "bool";
+    case Kind::Int:
+      return "int";
+    case Kind::BigInt:
+      return "int";
+    case Kind::Float:
+      return "float";
+    case Kind::String:
+      return "str";
+    case Kind::Bytes:
+      return "bytes";
+    case Kind::List:
+      return "list";
+    case Kind::Tuple:
+      return "tuple";
+    case Kind::Dict:
+      return "dict";
+    case Kind::OrderedDict:
+      return "OrderedDict";
+    case Kind::Tensor:
+      return "tensor";
   }
   return "?";
 }
@@ -291,14 +372,26 @@ class Machine {
           marks_.push_back(stack_.size());
           break;
         case '0':  // POP: the top value, or the mark when nothing sits above it
-          if (stack_.size() > floor()) stack_.pop_back();
-          else pop_mark();
+          if (stack_.size() > floor())
+            stack_.pop_back();
+          else
+            pop_mark();
           break;
-        case '1': pop_mark(); break;  // POP_MARK
-        case '2': push(top()); break;  // DUP
-        case 'N': push(none()); break;
-        case 0x88: push(boolean(true)); break;
-        case 0x89: push(boolean(false)); break;
+        case '1':
+          pop_mark();
+          break;  // POP_MARK
+        case '2':
+          push(top());
+          break;  // DUP
+        case 'N':
+          push(none());
+          break;
+        case 0x88:
+          push(boolean(true));
+          break;
+        case 0x89:
+          push(boolean(false));
+          break;
         case 'J': {  // BININT
           const uint32_t v = u32();
           int32_t s;
@@ -306,10 +399,16 @@ class Machine {
           push(integer(s));
           break;
         }
-        case 'K': push(integer(u8())); break;
-        case 'M': push(integer(u16())); break;
-        case 0x8a: long_op(u8()); break;  // LONG1
-        case 0x8b: {                      // LONG4
+        case 'K':
+          push(integer(u8()));
+          break;
+        case 'M':
+          push(integer(u16()));
+          break;
+        case 0x8a:
+          long_op(u8());
+          break;      // LONG1
+        case 0x8b: {  // LONG4
           const uint32_t v = u32();
           if (v & 0x80000000u) fail("LONG4 with a negative byte count");
           long_op(v);
@@ -326,36 +425,64 @@ class Machine {
           push(idx);
           break;
         }
-        case 'X': push(text(u32(), "BINUNICODE")); break;
-        case 0x8c: push(text(u8(), "SHORT_BINUNICODE")); break;
-        case 0x8d: push(text(u64(), "BINUNICODE8")); break;
+        case 'X':
+          push(text(u32(), "BINUNICODE"));
+          break;
+        case 0x8c:
+          push(text(u8(), "SHORT_BINUNICODE"));
+          break;
+        case 0x8d:
+          push(text(u64(), "BINUNICODE8"));
+          break;
         case 'T': {  // BINSTRING (a Python 2 str, decoded as UTF-8 as torch.load does)
           const uint32_t v = u32();
           if (v & 0x80000000u) fail("BINSTRING with a negative length");
           push(text(v, "BINSTRING"));
           break;
         }
-        case 'U': push(text(u8(), "SHORT_BINSTRING")); break;
-        case 'B': push(bytes(u32(), "BINBYTES")); break;
-        case 'C': push(bytes(u8(), "SHORT_BINBYTES")); break;
-        case 0x8e: push(bytes(u64(), "BINBYTES8")); break;
-        case 0x96: push(bytes(u64(), "BYTEARRAY8")); break;
-        case ')': push(make(Kind::Tuple)); break;
-        case 0x85: tuple_of(1); break;
-        case 0x86: tuple_of(2); break;
-        case 0x87: tuple_of(3); break;
+        case 'U':
+          push(text(u8(), "SHORT_BINSTRING"));
+          break;
+        case 'B':
+          push(bytes(u32(), "BINBYTES"));
+          break;
+        case 'C':
+          push(bytes(u8(), "SHORT_BINBYTES"));
+          break;
+        case 0x8e:
+          push(bytes(u64(), "BINBYTES8"));
+          break;
+        case 0x96:
+          push(bytes(u64(), "BYTEARRAY8"));
+          break;
+        case ')':
+          push(make(Kind::Tuple));
+          break;
+        case 0x85:
+          tuple_of(1);
+          break;
+        case 0x86:
+          tuple_of(2);
+          break;
+        case 0x87:
+          tuple_of(3);
+          break;
         case 't': {  // TUPLE
           std::vector<uint32_t> items = pop_mark();
           push(container(Kind::Tuple, std::move(items)));
           break;
         }
-        case ']': push(make(Kind::List)); break;
+        case ']':
+          push(make(Kind::List));
+          break;
         case 'l': {
           std::vector<uint32_t> items = pop_mark();
           push(container(Kind::List, std::move(items)));
           break;
         }
-        case '}': push(make(Kind::Dict)); break;
+        case '}':
+          push(make(Kind::Dict));
+          break;
         case 'd': {
           std::vector<uint32_t> items = pop_mark();
           const uint32_t d = make(Kind::Dict);
@@ -384,11 +511,21 @@ class Machine {
           set_items(top(), items);
           break;
         }
-        case 'h': get(u8()); break;    // BINGET
-        case 'j': get(u32()); break;   // LONG_BINGET
-        case 'q': put(u8()); break;    // BINPUT
-        case 'r': put(u32()); break;   // LONG_BINPUT
-        case 0x94: put(static_cast<uint64_t>(memo_.size())); break;  // MEMOIZE
+        case 'h':
+          get(u8());
+          break;  // BINGET
+        case 'j':
+          get(u32());
+          break;  // LONG_BINGET
+        case 'q':
+          put(u8());
+          break;  // BINPUT
+        case 'r':
+          put(u32());
+          break;  // LONG_BINPUT
+        case 0x94:
+          put(static_cast<uint64_t>(memo_.size()));
+          break;     // MEMOIZE
         case 'c': {  // GLOBAL module\nname\n
           const std::string module = line("GLOBAL");
           const std::string name = line("GLOBAL");
@@ -415,7 +552,9 @@ class Machine {
           build(top(), state);
           break;
         }
-        case 'Q': push(persistent_load(pop())); break;  // BINPERSID
+        case 'Q':
+          push(persistent_load(pop()));
+          break;     // BINPERSID
         case 'i': {  // INST module\nname\n: name the class it would instantiate
           std::string module, name;
           try {
@@ -508,8 +647,7 @@ class Machine {
 
   // ---- arena
   uint32_t make(Kind k) {
-    if (f_.nodes_.size() >= L::kMaxObjects)
-      fail("the pickle creates more than ", L::kMaxObjects, " values (limit)");
+    if (f_.nodes_.size() >= L::kMaxObjects) fail("the pickle creates more than ", L::kMaxObjects, " values (limit)");
     f_.nodes_.emplace_back();
     f_.nodes_.back().kind = k;
     return static_cast<uint32_t>(f_.nodes_.size() - 1);
@@ -546,8 +684,7 @@ class Machine {
     push(idx);
   }
   uint32_t text(uint64_t len, const char* op) {
-    if (len > n_ - pos_)
-      fail("declares a string of ", len, " bytes but only ", n_ - pos_, " are left in the pickle");
+    if (len > n_ - pos_) fail("declares a string of ", len, " bytes but only ", n_ - pos_, " are left in the pickle");
     const char* p = reinterpret_cast<const char*>(take(len));
     const std::string_view sv(p, len);
     uint32_t sidx;
@@ -567,8 +704,7 @@ class Machine {
     return idx;
   }
   uint32_t bytes(uint64_t len, const char* op) {
-    if (len > n_ - pos_)
-      fail("declares ", len, " bytes but only ", n_ - pos_, " are left in the pickle");
+    if (len > n_ - pos_) fail("declares ", len, " bytes but only ", n_ - pos_, " are left in the pickle");
     const char* p = reinterpret_cast<const char*>(take(len));
     const uint32_t idx = make(Kind::Bytes);
     f_.nodes_[idx].i = static_cast<int64_t>(f_.strings_.size());
@@ -585,8 +721,8 @@ class Machine {
     stack_.push_back(v);
   }
   uint32_t pop() {
-    if (stack_.size() <= floor()) fail(marks_.empty() ? "needs a value but the stack is empty"
-                                                     : "needs a value but only a MARK is on the stack");
+    if (stack_.size() <= floor())
+      fail(marks_.empty() ? "needs a value but the stack is empty" : "needs a value but only a MARK is on the stack");
     const uint32_t v = stack_.back();
     stack_.pop_back();
     return v;
@@ -605,8 +741,7 @@ class Machine {
   }
   void count_elements(size_t k) {
     elements_ += k;
-    if (elements_ > L::kMaxElements)
-      fail("containers hold more than ", L::kMaxElements, " elements in all (limit)");
+    if (elements_ > L::kMaxElements) fail("containers hold more than ", L::kMaxElements, " elements in all (limit)");
   }
   uint32_t container(Kind k, std::vector<uint32_t> items) {
     count_elements(items.size());
@@ -726,8 +861,7 @@ class Machine {
         if (!a.empty()) {
           const uint32_t src = a[0];
           if (!is_value(src, Kind::List) && !is_value(src, Kind::Tuple))
-            fail("collections.OrderedDict: the argument must be a list of (key, value) pairs, got ",
-                 describe(f_, src));
+            fail("collections.OrderedDict: the argument must be a list of (key, value) pairs, got ", describe(f_, src));
           std::vector<uint32_t> kv;
           for (uint32_t pair : f_.nodes_[src].items) {
             if (!(is_value(pair, Kind::Tuple) || is_value(pair, Kind::List)) || f_.nodes_[pair].items.size() != 2)
@@ -739,7 +873,8 @@ class Machine {
         }
         return d;
       }
-      case kRebuildTensorV2: return rebuild_tensor(tuple_args(args, "_rebuild_tensor_v2", 6, 7));
+      case kRebuildTensorV2:
+        return rebuild_tensor(tuple_args(args, "_rebuild_tensor_v2", 6, 7));
       case kRebuildParameter:
       case kRebuildParameterWithState: {
         const bool with_state = g.i == kRebuildParameterWithState;
@@ -758,8 +893,7 @@ class Machine {
           fail("_codecs.encode: needs (str, 'latin1'), got ", describe(f_, a[0]), " and ", describe(f_, a[1]));
         const std::string& enc = str(a[1]);
         if (enc != "latin1" && enc != "latin-1")
-          fail("_codecs.encode: only the 'latin1' encoding (how protocol 2 stores bytes) is allowed, got '", enc,
-               "'");
+          fail("_codecs.encode: only the 'latin1' encoding (how protocol 2 stores bytes) is allowed, got '", enc, "'");
         // UTF-8 (validated) to code points, each below 256.
         const std::string& s = str(a[0]);
         std::string out;
@@ -797,8 +931,8 @@ class Machine {
 
   uint32_t rebuild_tensor(const std::vector<uint32_t>& a) {
     const Node& s = f_.nodes_[a[0]];
-    if (s.special != kSpecialStorage) fail("_rebuild_tensor_v2: the first argument must be a storage, got ",
-                                           describe(f_, a[0]));
+    if (s.special != kSpecialStorage)
+      fail("_rebuild_tensor_v2: the first argument must be a storage, got ", describe(f_, a[0]));
     if (!is_value(a[1], Kind::Int) || f_.nodes_[a[1]].i < 0)
       fail("_rebuild_tensor_v2: the storage offset must be an int >= 0, got ", describe(f_, a[1]));
     std::vector<int64_t> sizes = int_tuple(a[2], "size");
@@ -807,8 +941,8 @@ class Machine {
       fail("_rebuild_tensor_v2: size has ", sizes.size(), " dimensions but stride has ", strides.size());
     if (!is_value(a[4], Kind::Bool)) fail("_rebuild_tensor_v2: requires_grad must be a bool, got ", describe(f_, a[4]));
     if (!empty_hooks(a[5])) fail("_rebuild_tensor_v2: backward hooks are not allowed (they are code)");
-    if (a.size() == 7 && !(is_value(a[6], Kind::None) || is_value(a[6], Kind::Dict) ||
-                           is_value(a[6], Kind::OrderedDict)))
+    if (a.size() == 7 &&
+        !(is_value(a[6], Kind::None) || is_value(a[6], Kind::Dict) || is_value(a[6], Kind::OrderedDict)))
       fail("_rebuild_tensor_v2: tensor metadata must be a dict, got ", describe(f_, a[6]));
     const TorchFile::StorageRecord& view = f_.storages_[static_cast<size_t>(s.i)];
     const int64_t offset = f_.nodes_[a[1]].i;
@@ -817,8 +951,8 @@ class Machine {
     // The view must lie inside its storage: offset + sum((size_i - 1) * stride_i) < storage elements,
     // and may not have more elements than the storage (no zero-stride inflation of the data).
     if (numel > view.numel)
-      fail("_rebuild_tensor_v2: a tensor of size ", shape(sizes), " (", numel, " elements) is larger than its storage '",
-           view.key, "' of ", view.numel, " elements");
+      fail("_rebuild_tensor_v2: a tensor of size ", shape(sizes), " (", numel,
+           " elements) is larger than its storage '", view.key, "' of ", view.numel, " elements");
     if (numel > 0) {
       int64_t last = offset;
       for (size_t k = 0; k < sizes.size(); ++k) {
@@ -1054,8 +1188,9 @@ at::Storage make_storage(const uint8_t* p, uint64_t nbytes, at::ScalarType dtype
   const size_t esize = c10::elementSize(dtype);
   if (f.keep_alive_ && reinterpret_cast<uintptr_t>(p) % esize == 0 && nbytes > 0) {
     auto* ctx = new std::shared_ptr<const void>(f.keep_alive_);
-    c10::DataPtr dp(const_cast<uint8_t*>(p), ctx, [](void* c) { delete static_cast<std::shared_ptr<const void>*>(c); },
-                    at::Device(at::kCPU));
+    c10::DataPtr dp(
+        const_cast<uint8_t*>(p), ctx, [](void* c) { delete static_cast<std::shared_ptr<const void>*>(c); },
+        at::Device(at::kCPU));
     return c10::Storage(c10::Storage::use_byte_size_t(), nbytes, std::move(dp), nullptr, false);
   }
   at::Tensor t = at::empty({static_cast<int64_t>(nbytes)}, at::TensorOptions().dtype(at::kByte));
@@ -1142,14 +1277,15 @@ std::shared_ptr<TorchFile> parse_legacy(const uint8_t* data, size_t size, const 
     return v;
   };
   const uint32_t magic = run("magic number", PidMode::Refuse);
-  static const uint8_t kMagic[] = {0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19};  // 0x1950a86a20f9469cfc6c
+  static const uint8_t kMagic[] = {0x6c, 0xfc, 0x9c, 0x46, 0xf9,
+                                   0x20, 0x6a, 0xa8, 0x50, 0x19};  // 0x1950a86a20f9469cfc6c
   const Node& mg = f->nodes_[magic];
   DMX_CHECK_FORMAT(mg.kind == Kind::BigInt && !mg.special &&
                        f->strings_[static_cast<size_t>(mg.i)] == std::string(reinterpret_cast<const char*>(kMagic), 10),
                    what, ": a pickle stream without torch's legacy magic number: not a torch.save file");
   const uint32_t proto = run("protocol version", PidMode::Refuse);
-  DMX_CHECK_FORMAT(f->nodes_[proto].kind == Kind::Int && f->nodes_[proto].i == 1001 && !f->nodes_[proto].special,
-                   what, ": legacy torch file with protocol version other than 1001");
+  DMX_CHECK_FORMAT(f->nodes_[proto].kind == Kind::Int && f->nodes_[proto].i == 1001 && !f->nodes_[proto].special, what,
+                   ": legacy torch file with protocol version other than 1001");
   const uint32_t info = run("system info", PidMode::Refuse);
   const Node& in = f->nodes_[info];
   DMX_CHECK_FORMAT(!in.special && (in.kind == Kind::Dict), what, ": legacy torch file: system info is not a dict");
@@ -1182,8 +1318,10 @@ std::shared_ptr<TorchFile> parse_legacy(const uint8_t* data, size_t size, const 
     int64_t count = 0;
     std::memcpy(&count, data + pos, 8);  // little-endian, checked above
     pos += 8;
-    DMX_CHECK_FORMAT(count == s.numel, what, ": legacy storage '", key, "' holds ", count, " elements, but the object "
-                     "declares ", s.numel);
+    DMX_CHECK_FORMAT(count == s.numel, what, ": legacy storage '", key, "' holds ", count,
+                     " elements, but the object "
+                     "declares ",
+                     s.numel);
     const uint64_t nbytes = static_cast<uint64_t>(s.numel) * c10::elementSize(s.dtype);
     DMX_CHECK_FORMAT(nbytes <= size - pos, what, ": legacy storage '", key, "' needs ", nbytes, " bytes but only ",
                      size - pos, " are left (truncated)");
@@ -1223,15 +1361,15 @@ struct Budget {
   uint64_t tensor_limit = 0, tensor_left = 0;
   void spend(uint64_t n) {
     if (n > left)
-      throw FormatError(detail::concat(what, ": flattening produces more than ", kMaxOutputBytes,
-                                       " bytes of names/values (limit)"));
+      throw FormatError(
+          detail::concat(what, ": flattening produces more than ", kMaxOutputBytes, " bytes of names/values (limit)"));
     left -= n;
   }
   void spend_tensor(const at::Tensor& t) {
     const uint64_t n = static_cast<uint64_t>(t.numel()) * t.element_size();
     if (n > tensor_left)
-      throw FormatError(detail::concat(what, ": its tensors, counted once per path, add up to more than ",
-                                       tensor_limit, " bytes (", kTensorBytesFactor,
+      throw FormatError(detail::concat(what, ": its tensors, counted once per path, add up to more than ", tensor_limit,
+                                       " bytes (", kTensorBytesFactor,
                                        "x its storages + 16 MiB; limit: one storage repeated many times?)"));
     tensor_left -= n;
   }
@@ -1255,7 +1393,8 @@ void flatten(const TorchFile& f, uint32_t v, const std::string& name, TensorMap*
   if (n.kind == Kind::List || n.kind == Kind::Tuple) {
     for (size_t k = 0; k < n.items.size(); ++k) flatten(f, n.items[k], join(std::to_string(k)), out, b);
   } else if (n.kind == Kind::Dict || n.kind == Kind::OrderedDict) {
-    for (size_t k = 0; k + 1 < n.items.size(); k += 2) flatten(f, n.items[k + 1], join(key_text(f, n.items[k])), out, b);
+    for (size_t k = 0; k + 1 < n.items.size(); k += 2)
+      flatten(f, n.items[k + 1], join(key_text(f, n.items[k])), out, b);
   }
 }
 
@@ -1263,15 +1402,19 @@ nlohmann::json to_json_impl(const TorchFile& f, uint32_t v, Budget* b) {
   const Node& n = f.nodes_[v];
   b->spend(16);
   switch (n.kind) {
-    case Kind::None: return nullptr;
-    case Kind::Bool: return n.i != 0;
-    case Kind::Int: return n.i;
+    case Kind::None:
+      return nullptr;
+    case Kind::Bool:
+      return n.i != 0;
+    case Kind::Int:
+      return n.i;
     case Kind::BigInt: {
       const std::string& s = f.strings_[static_cast<size_t>(n.i)];
       b->spend(s.size() * 3);
       return {{"int", decimal_of(s)}};
     }
-    case Kind::Float: return n.f;
+    case Kind::Float:
+      return n.f;
     case Kind::String: {
       const std::string& s = f.strings_[static_cast<size_t>(n.i)];
       b->spend(s.size());
@@ -1530,9 +1673,8 @@ std::vector<std::pair<PickleValue, PickleValue>> PickleValue::items() const {
   std::vector<std::pair<PickleValue, PickleValue>> out;
   for (size_t k = 0; k + 1 < it.size(); k += 2) {
     const Node& key = file_->nodes_[it[k]];
-    const std::string step = key.kind == Kind::String
-                                 ? "['" + file_->strings_[static_cast<size_t>(key.i)] + "']"
-                                 : "[" + std::to_string(key.i) + "]";
+    const std::string step = key.kind == Kind::String ? "['" + file_->strings_[static_cast<size_t>(key.i)] + "']"
+                                                      : "[" + std::to_string(key.i) + "]";
     out.emplace_back(child(it[k], step + "(key)"), child(it[k + 1], step));
   }
   return out;

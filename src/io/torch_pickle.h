@@ -29,17 +29,17 @@ namespace dmx::io {
 
 // Limits. Each is stated in the error that enforces it.
 struct PickleLimits {
-  static constexpr uint64_t kMaxPickleBytes = 1ull << 30;    // one pickle stream (data.pkl)
-  static constexpr uint64_t kMaxObjects = 1u << 21;          // values created by the machine
-  static constexpr uint64_t kMaxStack = 1u << 21;            // values on the stack at once
-  static constexpr uint64_t kMaxMarks = 1000;                // open MARKs
-  static constexpr uint64_t kMaxMemo = 1u << 21;             // memo entries
-  static constexpr uint64_t kMaxElements = 1u << 24;         // container slots, all containers together
-  static constexpr uint64_t kMaxDepth = 1000;                // nesting of containers
-  static constexpr uint64_t kMaxExpanded = 1u << 22;         // values counted once per path from the root
-  static constexpr uint64_t kMaxIntBytes = 1024;             // LONG1/LONG4 integers
-  static constexpr uint64_t kMaxNameBytes = 1024;            // GLOBAL module/name lines
-  static constexpr uint64_t kMaxDims = 64;                   // tensor dimensions
+  static constexpr uint64_t kMaxPickleBytes = 1ull << 30;  // one pickle stream (data.pkl)
+  static constexpr uint64_t kMaxObjects = 1u << 21;        // values created by the machine
+  static constexpr uint64_t kMaxStack = 1u << 21;          // values on the stack at once
+  static constexpr uint64_t kMaxMarks = 1000;              // open MARKs
+  static constexpr uint64_t kMaxMemo = 1u << 21;           // memo entries
+  static constexpr uint64_t kMaxElements = 1u << 24;       // container slots, all containers together
+  static constexpr uint64_t kMaxDepth = 1000;              // nesting of containers
+  static constexpr uint64_t kMaxExpanded = 1u << 22;       // values counted once per path from the root
+  static constexpr uint64_t kMaxIntBytes = 1024;           // LONG1/LONG4 integers
+  static constexpr uint64_t kMaxNameBytes = 1024;          // GLOBAL module/name lines
+  static constexpr uint64_t kMaxDims = 64;                 // tensor dimensions
 };
 
 class TorchFile;
@@ -115,8 +115,8 @@ class TorchFile : public std::enable_shared_from_this<TorchFile> {
     uint8_t special = 0;  // non-zero: a global, a storage or a mark (not a value of the tree)
     int64_t i = 0;        // Int, Bool; string/bytes/tensor/storage index
     double f = 0;
-    std::vector<uint32_t> items;   // List/Tuple elements; Dict: key, value, key, value, ...
-    uint32_t attrs = UINT32_MAX;   // OrderedDict BUILD state
+    std::vector<uint32_t> items;  // List/Tuple elements; Dict: key, value, key, value, ...
+    uint32_t attrs = UINT32_MAX;  // OrderedDict BUILD state
   };
   struct TensorRecord {
     uint32_t storage = 0;  // index into storages_

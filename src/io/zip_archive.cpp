@@ -74,13 +74,12 @@ ZipArchive::ZipArchive(const uint8_t* data, size_t size, std::string what)
     directory_end = z;
   }
   DMX_CHECK_FORMAT(disk == 0 && cd_disk == 0 && n_disk == n_total, w, ": multi-disk zip archives are not supported");
-  DMX_CHECK_FORMAT(fits(cd_offset, cd_size, directory_end), w, ": zip central directory [", cd_offset, ", +",
-                   cd_size, ") lies outside the ", directory_end, " bytes before the end record");
+  DMX_CHECK_FORMAT(fits(cd_offset, cd_size, directory_end), w, ": zip central directory [", cd_offset, ", +", cd_size,
+                   ") lies outside the ", directory_end, " bytes before the end record");
   DMX_CHECK_FORMAT(n_total <= kMaxEntries, w, ": zip archive declares ", n_total, " entries, more than the limit of ",
                    kMaxEntries);
   DMX_CHECK_FORMAT(n_total <= cd_size / kCentralSize, w, ": zip archive declares ", n_total,
-                   " entries, but its central directory of ", cd_size, " bytes holds at most ",
-                   cd_size / kCentralSize);
+                   " entries, but its central directory of ", cd_size, " bytes holds at most ", cd_size / kCentralSize);
   entries_.reserve(n_total);
   uint64_t pos = cd_offset;
   const uint64_t cd_end = cd_offset + cd_size;

@@ -1,6 +1,12 @@
 // Loading AUTOMATIC1111 hypernetworks (see hypernetwork_loader.h).
 #include "loaders/hypernetwork_loader.h"
 
+#include <cerrno>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
 #include "core/fs.h"
 #include "core/text.h"
 #include "dmx/error.h"
@@ -91,5 +97,91 @@ models::Hypernetwork load_hypernetwork(const std::string& path) {
   DMX_CHECK_ARG(pickle_name || io::looks_like_torch_file(path), "--hypernetwork ", path,
                 ": neither a .safetensors file nor a torch.save file (A1111's .pt)");
   return hypernetwork_from_torch_file(*io::load_torch_file(path), file_stem(path));
+}
+
+namespace {
+// A number as the command line writes it: all of the text, finite.
+bool parse_multiplier(const std::string& text, double& out) {
+  if (text.empty()) return false;
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(text.c_str(), &end);
+  if (end != text.c_str() + text.size() || errno == ERANGE || !std::isfinite(v)) return false;
+  out = v;
+  return true;
+}
+}  // namespace
+
+HypernetworkSpec parse_hypernetwork_arg(const std::string& arg) {
+  HypernetworkSpec s;
+  s.path = arg;
+  const size_t colon = arg.find_last_of(':');
+  if (colon != std::string::npos && !path_exists(arg)) {
+    const std::string num = arg.substr(colon + 1);
+    DMX_CHECK_ARG(parse_multiplier(num, s.multiplier),
+                  "--hypernetwork needs FILE[:MULT] with MULT a finite number, got '", arg, "'");
+    s.path = arg.substr(0, colon);
+  }
+  DMX_CHECK_ARG(!s.path.empty(), "--hypernetwork needs FILE[:MULT], got '", arg, "'");
+  DMX_CHECK_ARG(std::fabs(s.multiplier) <= 100, "--hypernetwork multiplier must be in [-100, 100], got ", s.multiplier,
+                " in '", arg, "'");
+  s.name = file_stem(s.path);
+  return s;
+}
+
+std::string extract_prompt_hypernetworks(const std::string& prompt, std::vector<HypernetworkSpec>& out) {
+  static const std::string kOpen = "<hypernet:";
+  std::string cleaned;
+  size_t i = 0;
+  while (i < prompt.size()) {
+    const size_t lt = prompt.find(kOpen, i);
+    const size_t gt = lt == std::string::npos ? std::string::npos : prompt.find('>', lt);
+    if (gt == std::string::npos) break;
+    cleaned += prompt.substr(i, lt - i);
+    const std::string tag = prompt.substr(lt, gt - lt + 1);
+    const std::vector<std::string> parts = split(prompt.substr(lt + kOpen.size(), gt - lt - kOpen.size()), ':');
+    DMX_CHECK_ARG(!parts.empty() && !parts[0].empty(), "prompt: hypernetwork tag ", tag, " has no name");
+    DMX_CHECK_ARG(parts.size() <= 2, "prompt: hypernetwork tag ", tag,
+                  " must be <hypernet:NAME> or <hypernet:NAME:MULT>");
+    HypernetworkSpec s;
+    s.path = s.name = parts[0];
+    if (parts.size() == 2)
+      DMX_CHECK_ARG(parse_multiplier(parts[1], s.multiplier) && std::fabs(s.multiplier) <= 100,
+                    "prompt: hypernetwork tag ", tag, ": multiplier '", parts[1], "' must be a number in [-100, 100]");
+    out.push_back(s);
+    i = gt + 1;
+  }
+  cleaned += prompt.substr(std::min(i, prompt.size()));
+  return cleaned;
+}
+
+std::string resolve_hypernetwork_name(const std::string& dir, const std::string& name) {
+  DMX_CHECK_ARG(!dir.empty(), "prompt: <hypernet:", name, ":...> needs --hypernetwork-dir (the folder holding ", name,
+                ".pt)");
+  DMX_CHECK_ARG(!name.empty() && name[0] != '/' && name.find('\\') == std::string::npos, "prompt: hypernetwork name '",
+                name, "' must be a relative name inside --hypernetwork-dir (no absolute path)");
+  for (const std::string& part : split(name, '/'))
+    DMX_CHECK_ARG(part != ".." && part != ".", "prompt: hypernetwork name '", name,
+                  "' must stay inside --hypernetwork-dir (no '.' or '..' components)");
+  const std::string lower = to_lower_ascii(name);
+  std::string path;
+  if (ends_with(lower, ".pt") || ends_with(lower, ".safetensors")) {
+    path = join_path(dir, name);
+  } else {
+    path = join_path(dir, name + ".pt");
+    if (!path_exists(path)) path = join_path(dir, name + ".safetensors");
+  }
+  DMX_CHECK_ARG(path_exists(path) && !is_directory(path), "prompt: hypernetwork '", name, "' not found: no file ",
+                join_path(dir, name), "(.pt|.safetensors)");
+  char dir_real[PATH_MAX], file_real[PATH_MAX];
+  DMX_CHECK_ARG(::realpath(dir.c_str(), dir_real) != nullptr, "--hypernetwork-dir: cannot resolve ", dir, ": ",
+                std::strerror(errno));
+  DMX_CHECK_ARG(::realpath(path.c_str(), file_real) != nullptr, "prompt: hypernetwork '", name, "': cannot resolve ",
+                path, ": ", std::strerror(errno));
+  const std::string d = dir_real, f = file_real;
+  DMX_CHECK_ARG(f.size() > d.size() && f.compare(0, d.size(), d) == 0 && (d == "/" || f[d.size()] == '/'),
+                "prompt: hypernetwork '", name, "' resolves to ", f, ", outside --hypernetwork-dir ", d,
+                " (a symlink leads out)");
+  return path;
 }
 }  // namespace dmx::loaders

@@ -2,6 +2,7 @@
 #pragma once
 #include <map>
 #include <string>
+#include <vector>
 
 #include "io/safetensors.h"
 #include "models/hypernetwork.h"
@@ -29,4 +30,25 @@ models::Hypernetwork hypernetwork_from_torch_file(const io::TorchFile& file, con
 models::Hypernetwork hypernetwork_from_flat(const io::TensorMap& tensors,
                                             const std::map<std::string, std::string>& fields, const std::string& what,
                                             const std::string& default_name);
+
+// One hypernetwork of a run: the file and its multiplier (A1111's "strength").
+struct HypernetworkSpec {
+  std::string path;
+  double multiplier = 1.0;
+  std::string name;  // the tag's NAME, or the file's stem (metadata)
+};
+
+// "--hypernetwork FILE[:MULT]": MULT a finite number (default 1); a path that exists as given keeps its colons.
+// InvalidArgument naming --hypernetwork and the value otherwise.
+HypernetworkSpec parse_hypernetwork_arg(const std::string& arg);
+
+// A1111's extra-network syntax: removes every `<hypernet:NAME>` or `<hypernet:NAME:MULT>` tag from `prompt`
+// (appending them to `out` in order, path = NAME, multiplier default 1) and returns the cleaned prompt; other
+// tags (LoRA) stay. A malformed multiplier or a tag without a name: InvalidArgument naming the tag.
+std::string extract_prompt_hypernetworks(const std::string& prompt, std::vector<HypernetworkSpec>& out);
+
+// DIR/NAME.pt, else DIR/NAME.safetensors (NAME may carry either extension), confined to the folder: no absolute
+// name, no '.' or '..' component, no symlink leading out (prompts also come from --from, i.e. any PNG).
+// InvalidArgument naming NAME when --hypernetwork-dir is empty, the file is missing or lies outside.
+std::string resolve_hypernetwork_name(const std::string& dir, const std::string& name);
 }  // namespace dmx::loaders

@@ -21,9 +21,9 @@ namespace {
 struct PrefixRule {
   const char* prefix;
   LoRAComponent component;
-  bool flat;                // kohya '_'-joined module names
-  bool by_module;           // PEFT base_model.model.: the component follows from the module path
-  const char* what = "";    // for a refused layout: what it is
+  bool flat;              // kohya '_'-joined module names
+  bool by_module;         // PEFT base_model.model.: the component follows from the module path
+  const char* what = "";  // for a refused layout: what it is
 };
 
 struct SuffixRule {
@@ -96,9 +96,8 @@ void build_low_rank(const LoRALayerTensors& g, const BuildContext& c, nn::LoRAAd
     a.mid = c.cast(fit(g.get(LoRARole::Mid), {r, r, c.ws[2], c.ws[3]}, g.t.at(LoRARole::Mid).first, g.path));
     a.up = c.cast(fit(up, {c.out, r, 1, 1}, ku, g.path));
   } else {
-    DMX_CHECK_FORMAT(down.dim() == 4 || (c.ws[2] == 1 && c.ws[3] == 1), "LoRA key '", kd, "' has shape ",
-                     down.sizes(), ", layer '", g.path, "' is a ", c.ws[2], "x", c.ws[3],
-                     " convolution (needs [r, in, kh, kw])");
+    DMX_CHECK_FORMAT(down.dim() == 4 || (c.ws[2] == 1 && c.ws[3] == 1), "LoRA key '", kd, "' has shape ", down.sizes(),
+                     ", layer '", g.path, "' is a ", c.ws[2], "x", c.ws[3], " convolution (needs [r, in, kh, kw])");
     a.down = c.cast(fit(down, {r, c.in, c.ws[2], c.ws[3]}, kd, g.path));
     a.up = c.cast(fit(up, {c.out, r, 1, 1}, ku, g.path));
   }
@@ -183,8 +182,8 @@ void dora_lycoris(const LoRALayerTensors& g, const BuildContext& c, nn::LoRAAdap
   const auto& m = a.magnitude;
   const bool on_out = m.size(0) == c.out && m.numel() == c.out;
   const bool on_in = m.dim() >= 2 && m.size(0) == 1 && m.size(1) == c.in && m.numel() == c.in;
-  DMX_CHECK_FORMAT(on_out || on_in, c.where, ": dora_scale has shape ", m.sizes(), ", needs [", c.out, ", 1, ...] or [1, ",
-                   c.in, ", ...]");
+  DMX_CHECK_FORMAT(on_out || on_in, c.where, ": dora_scale has shape ", m.sizes(), ", needs [", c.out,
+                   ", 1, ...] or [1, ", c.in, ", ...]");
 }
 
 // ---- The table ----
@@ -241,7 +240,10 @@ const std::vector<Layout>& layouts() {
         {".lokr_w2_b", LoRARole::LokrW2B, kKohya},
         {".lokr_t2", LoRARole::LokrT2, kKohya}},
        build_lokr},
-      {"LyCORIS full", "LyCORIS modules/full.py (a weight difference)", {}, {{".diff", LoRARole::Diff, kKohya}},
+      {"LyCORIS full",
+       "LyCORIS modules/full.py (a weight difference)",
+       {},
+       {{".diff", LoRARole::Diff, kKohya}},
        build_full},
       {"DoRA (PEFT)",
        "peft 0.10 tuners/lora/layer.py DoRA: m / ||W + s dW|| (W + s dW)",
@@ -286,10 +288,14 @@ const std::vector<Layout>& layouts() {
 
 // diffusers' attention-processor module names -> layer paths (module path before "_lora").
 const std::pair<const char*, const char*> kProcessorRewrites[] = {
-    {".processor.to_q", ".to_q"},   {".processor.to_k", ".to_k"},       {".processor.to_v", ".to_v"},
+    {".processor.to_q", ".to_q"},
+    {".processor.to_k", ".to_k"},
+    {".processor.to_v", ".to_v"},
     {".processor.to_out", ".to_out.0"},
-    {".self_attn.to_q", ".self_attn.q_proj"}, {".self_attn.to_k", ".self_attn.k_proj"},
-    {".self_attn.to_v", ".self_attn.v_proj"}, {".self_attn.to_out", ".self_attn.out_proj"},
+    {".self_attn.to_q", ".self_attn.q_proj"},
+    {".self_attn.to_k", ".self_attn.k_proj"},
+    {".self_attn.to_v", ".self_attn.v_proj"},
+    {".self_attn.to_out", ".self_attn.out_proj"},
 };
 
 // Compound LDM name parts that contain '_' themselves.
@@ -446,35 +452,58 @@ std::string unflatten_ldm_unet_name(const std::string& flat) {
 
 const char* lora_role_name(LoRARole r) {
   switch (r) {
-    case LoRARole::Down: return "lora_down.weight";
-    case LoRARole::Up: return "lora_up.weight";
-    case LoRARole::Mid: return "lora_mid.weight";
-    case LoRARole::Alpha: return "alpha";
-    case LoRARole::HadaW1A: return "hada_w1_a";
-    case LoRARole::HadaW1B: return "hada_w1_b";
-    case LoRARole::HadaW2A: return "hada_w2_a";
-    case LoRARole::HadaW2B: return "hada_w2_b";
-    case LoRARole::HadaT1: return "hada_t1";
-    case LoRARole::HadaT2: return "hada_t2";
-    case LoRARole::LokrW1: return "lokr_w1";
-    case LoRARole::LokrW1A: return "lokr_w1_a";
-    case LoRARole::LokrW1B: return "lokr_w1_b";
-    case LoRARole::LokrW2: return "lokr_w2";
-    case LoRARole::LokrW2A: return "lokr_w2_a";
-    case LoRARole::LokrW2B: return "lokr_w2_b";
-    case LoRARole::LokrT2: return "lokr_t2";
-    case LoRARole::Diff: return "diff";
-    case LoRARole::DoraScale: return "dora_scale";
-    case LoRARole::Magnitude: return "lora_magnitude_vector";
+    case LoRARole::Down:
+      return "lora_down.weight";
+    case LoRARole::Up:
+      return "lora_up.weight";
+    case LoRARole::Mid:
+      return "lora_mid.weight";
+    case LoRARole::Alpha:
+      return "alpha";
+    case LoRARole::HadaW1A:
+      return "hada_w1_a";
+    case LoRARole::HadaW1B:
+      return "hada_w1_b";
+    case LoRARole::HadaW2A:
+      return "hada_w2_a";
+    case LoRARole::HadaW2B:
+      return "hada_w2_b";
+    case LoRARole::HadaT1:
+      return "hada_t1";
+    case LoRARole::HadaT2:
+      return "hada_t2";
+    case LoRARole::LokrW1:
+      return "lokr_w1";
+    case LoRARole::LokrW1A:
+      return "lokr_w1_a";
+    case LoRARole::LokrW1B:
+      return "lokr_w1_b";
+    case LoRARole::LokrW2:
+      return "lokr_w2";
+    case LoRARole::LokrW2A:
+      return "lokr_w2_a";
+    case LoRARole::LokrW2B:
+      return "lokr_w2_b";
+    case LoRARole::LokrT2:
+      return "lokr_t2";
+    case LoRARole::Diff:
+      return "diff";
+    case LoRARole::DoraScale:
+      return "dora_scale";
+    case LoRARole::Magnitude:
+      return "lora_magnitude_vector";
   }
   return "?";
 }
 
 const char* lora_format_name(LoRAKeyFormat f) {
   switch (f) {
-    case LoRAKeyFormat::Diffusers: return "diffusers";
-    case LoRAKeyFormat::PEFT: return "peft";
-    case LoRAKeyFormat::Kohya: return "kohya";
+    case LoRAKeyFormat::Diffusers:
+      return "diffusers";
+    case LoRAKeyFormat::PEFT:
+      return "peft";
+    case LoRAKeyFormat::Kohya:
+      return "kohya";
   }
   return "?";
 }

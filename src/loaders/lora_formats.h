@@ -36,12 +36,26 @@ enum class LoRAComponent { UNet, TextEncoder };
 enum class LoRAKeyFormat { Diffusers, PEFT, Kohya };  // how module names are written
 
 enum class LoRARole {
-  Down, Up, Mid, Alpha,                                        // LoRA / LoCon
-  HadaW1A, HadaW1B, HadaW2A, HadaW2B, HadaT1, HadaT2,          // LoHa
-  LokrW1, LokrW1A, LokrW1B, LokrW2, LokrW2A, LokrW2B, LokrT2,  // LoKr
-  Diff,                                                        // full weight difference
-  DoraScale,                                                   // LyCORIS / kohya DoRA magnitude
-  Magnitude,                                                   // PEFT DoRA magnitude
+  Down,
+  Up,
+  Mid,
+  Alpha,  // LoRA / LoCon
+  HadaW1A,
+  HadaW1B,
+  HadaW2A,
+  HadaW2B,
+  HadaT1,
+  HadaT2,  // LoHa
+  LokrW1,
+  LokrW1A,
+  LokrW1B,
+  LokrW2,
+  LokrW2A,
+  LokrW2B,
+  LokrT2,     // LoKr
+  Diff,       // full weight difference
+  DoraScale,  // LyCORIS / kohya DoRA magnitude
+  Magnitude,  // PEFT DoRA magnitude
 };
 
 struct LoRAKeyInfo {

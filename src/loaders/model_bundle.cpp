@@ -32,9 +32,9 @@ void finish(StableDiffusionModels& m, const LoadOptions& opts) {
                    "scheduler config of ", m.source_path, ": '_class_name' must be a string");
   m.device = at::Device(opts.device);
   m.dtype = opts.dtype;
-  for (torch::nn::Module* mod : {static_cast<torch::nn::Module*>(m.text_encoder.get()),
-                                 static_cast<torch::nn::Module*>(m.vae.get()),
-                                 static_cast<torch::nn::Module*>(m.unet.get())}) {
+  for (torch::nn::Module* mod :
+       {static_cast<torch::nn::Module*>(m.text_encoder.get()), static_cast<torch::nn::Module*>(m.vae.get()),
+        static_cast<torch::nn::Module*>(m.unet.get())}) {
     mod->eval();
     mod->to(m.device, m.dtype);
   }
@@ -105,7 +105,8 @@ std::shared_ptr<StableDiffusionModels> load_stable_diffusion(const std::string& 
     io::load_state_dict(*m->text_encoder, ck.text_encoder, path + " (text encoder)");
     std::string tok = opts.tokenizer_dir;
     if (tok.empty() && !opts.config_dir.empty()) tok = join_path(opts.config_dir, "tokenizer");
-    DMX_CHECK_ARG(!tok.empty(), "--model: a single-file checkpoint carries no tokenizer; pass --config DIR (a "
+    DMX_CHECK_ARG(!tok.empty(),
+                  "--model: a single-file checkpoint carries no tokenizer; pass --config DIR (a "
                   "diffusers folder with a tokenizer/ subfolder) or --tokenizer DIR (a folder with vocab.json and "
                   "merges.txt)");
     m->tokenizer = load_tokenizer(tok, opts.tokenizer_dir.empty() ? "--config" : "--tokenizer");

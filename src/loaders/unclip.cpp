@@ -47,9 +47,10 @@ const std::vector<Component>& components_of(const std::string& pipeline_class) {
   }();
   if (pipeline_class == "StableUnCLIPPipeline") return txt2img;
   if (pipeline_class == "StableUnCLIPImg2ImgPipeline") return img2img;
-  throw Unsupported("load_unclip_components: model_index.json names " +
-                    (pipeline_class.empty() ? std::string("no _class_name") : "_class_name \"" + pipeline_class + "\"") +
-                    "; unCLIP folders are StableUnCLIPPipeline or StableUnCLIPImg2ImgPipeline");
+  throw Unsupported(
+      "load_unclip_components: model_index.json names " +
+      (pipeline_class.empty() ? std::string("no _class_name") : "_class_name \"" + pipeline_class + "\"") +
+      "; unCLIP folders are StableUnCLIPPipeline or StableUnCLIPImg2ImgPipeline");
 }
 
 // Every component the pipeline needs is listed in model_index.json with an accepted class and has its folder;
@@ -68,8 +69,7 @@ void check_components(const std::string& path, const nlohmann::json& index, cons
     if (!c.classes.empty() && std::find(c.classes.begin(), c.classes.end(), cls) == c.classes.end())
       wrong.push_back(std::string(c.name) + " is " + cls + " (expected " + join(c.classes, " or ") + ")");
   }
-  if (!missing.empty())
-    throw FormatError(path + " is a " + pipeline_class + " folder missing " + join(missing, ", "));
+  if (!missing.empty()) throw FormatError(path + " is a " + pipeline_class + " folder missing " + join(missing, ", "));
   if (!wrong.empty()) throw Unsupported(path + ": " + join(wrong, "; "));
 }
 
@@ -123,13 +123,13 @@ void check_decoder_class_embedding(const std::string& path, int embedding_dim) {
   const auto type = unet.find("class_embed_type");
   const auto dim = unet.find("projection_class_embeddings_input_dim");
   const bool projection = type != unet.end() && type->is_string() && type->get<std::string>() == "projection";
-  check_size(projection && dim != unet.end() && dim->is_number_integer() && dim->get<int64_t>() == 2 * embedding_dim,
-             path,
-             "unet/config.json must have class_embed_type \"projection\" and projection_class_embeddings_input_dim " +
-                 std::to_string(2 * embedding_dim) + " (2 x the image_normalizer's embedding_dim " +
-                 std::to_string(embedding_dim) + "), got class_embed_type " +
-                 (type == unet.end() ? std::string("(none)") : type->dump()) + " and projection_class_embeddings_input_dim " +
-                 (dim == unet.end() ? std::string("(none)") : dim->dump()));
+  check_size(
+      projection && dim != unet.end() && dim->is_number_integer() && dim->get<int64_t>() == 2 * embedding_dim, path,
+      "unet/config.json must have class_embed_type \"projection\" and projection_class_embeddings_input_dim " +
+          std::to_string(2 * embedding_dim) + " (2 x the image_normalizer's embedding_dim " +
+          std::to_string(embedding_dim) + "), got class_embed_type " +
+          (type == unet.end() ? std::string("(none)") : type->dump()) + " and projection_class_embeddings_input_dim " +
+          (dim == unet.end() ? std::string("(none)") : dim->dump()));
 }
 }  // namespace
 
@@ -138,7 +138,8 @@ std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path
   DMX_CHECK_ARG(path_exists(path), "--model: path not found: ", path);
   DMX_CHECK_ARG(is_directory(path), "--model: an unCLIP model is a diffusers folder, got a file: ", path);
   const std::string index_path = join_path(path, "model_index.json");
-  DMX_CHECK_FORMAT(path_exists(index_path), "--model: ", path, " is not a diffusers pipeline folder (no model_index.json)");
+  DMX_CHECK_FORMAT(path_exists(index_path), "--model: ", path,
+                   " is not a diffusers pipeline folder (no model_index.json)");
   const nlohmann::json index = io::load_json_file(index_path, "model_index.json");
   DMX_CHECK_FORMAT(index.is_object(), index_path, " must be a JSON object");
   auto m = std::make_shared<UnCLIPComponents>();
@@ -193,16 +194,17 @@ std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path
                    " != prior embedding_proj_dim " + std::to_string(prior_cfg.resolved_embedding_proj_dim()));
     check_size(m->prior_tokenizer->model_max_length() == prior_cfg.num_embeddings &&
                    prior_cfg.num_embeddings <= text_cfg.max_position_embeddings,
-               path, "prior_tokenizer model_max_length " + std::to_string(m->prior_tokenizer->model_max_length()) +
-                         " != prior num_embeddings " + std::to_string(prior_cfg.num_embeddings));
+               path,
+               "prior_tokenizer model_max_length " + std::to_string(m->prior_tokenizer->model_max_length()) +
+                   " != prior num_embeddings " + std::to_string(prior_cfg.num_embeddings));
     check_size(prior_cfg.resolved_clip_embed_dim() == E && prior_cfg.embedding_dim == E, path,
                "prior embedding_dim / clip_embed_dim " + std::to_string(prior_cfg.resolved_clip_embed_dim()) +
                    " != image_normalizer embedding_dim " + std::to_string(E));
     to_device(m->prior_text_encoder, opts);
     to_device(m->prior, opts);
   } else {
-    m->feature_extractor = models::CLIPImageProcessorConfig::from_json(io::load_json_file(
-        join_path(path, "feature_extractor/preprocessor_config.json"), "feature_extractor config"));
+    m->feature_extractor = models::CLIPImageProcessorConfig::from_json(
+        io::load_json_file(join_path(path, "feature_extractor/preprocessor_config.json"), "feature_extractor config"));
     const auto vision_cfg = models::CLIPVisionConfig::from_json(
         io::load_json_file(join_path(path, "image_encoder/config.json"), "image_encoder config"));
     auto ie = io::load_diffusers_component(path, "image_encoder");

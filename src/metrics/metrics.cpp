@@ -12,8 +12,8 @@
 namespace dmx::metrics {
 double frechet_distance(const at::Tensor& mu1, const at::Tensor& sigma1, const at::Tensor& mu2,
                         const at::Tensor& sigma2) {
-  DMX_CHECK_ARG(mu1.dim() == 1 && mu1.sizes() == mu2.sizes() && sigma1.dim() == 2 &&
-                    sigma1.size(0) == mu1.size(0) && sigma1.sizes() == sigma2.sizes(),
+  DMX_CHECK_ARG(mu1.dim() == 1 && mu1.sizes() == mu2.sizes() && sigma1.dim() == 2 && sigma1.size(0) == mu1.size(0) &&
+                    sigma1.sizes() == sigma2.sizes(),
                 "frechet_distance: mu [D] and sigma [D, D] of both sets must agree, got ", mu1.sizes(), ", ",
                 sigma1.sizes(), ", ", mu2.sizes(), ", ", sigma2.sizes());
   const at::Tensor m1 = mu1.to(at::kDouble), m2 = mu2.to(at::kDouble);
@@ -34,8 +34,8 @@ double frechet_distance(const at::Tensor& mu1, const at::Tensor& sigma1, const a
 double frechet_distance(const at::Tensor& a, const at::Tensor& b) {
   DMX_CHECK_ARG(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1),
                 "frechet_distance: feature sets must be [N, D] and [M, D], got ", a.sizes(), " and ", b.sizes());
-  DMX_CHECK_ARG(a.size(0) >= 2 && b.size(0) >= 2, "frechet_distance needs at least 2 samples per set, got ",
-                a.size(0), " and ", b.size(0));
+  DMX_CHECK_ARG(a.size(0) >= 2 && b.size(0) >= 2, "frechet_distance needs at least 2 samples per set, got ", a.size(0),
+                " and ", b.size(0));
   auto moments = [](const at::Tensor& x) {
     const at::Tensor xd = x.to(at::kDouble);
     const at::Tensor mu = xd.mean(0);
@@ -47,8 +47,8 @@ double frechet_distance(const at::Tensor& a, const at::Tensor& b) {
 }
 
 double edge_f1(const at::Tensor& pred, const at::Tensor& target, int tolerance) {
-  DMX_CHECK_ARG(pred.dim() == 2 && pred.sizes() == target.sizes(), "edge_f1: edge maps must be [H, W] of one size, got ",
-                pred.sizes(), " and ", target.sizes());
+  DMX_CHECK_ARG(pred.dim() == 2 && pred.sizes() == target.sizes(),
+                "edge_f1: edge maps must be [H, W] of one size, got ", pred.sizes(), " and ", target.sizes());
   DMX_CHECK_ARG(tolerance >= 0, "edge_f1: tolerance must be >= 0, got ", tolerance);
   const at::Tensor p = pred.to(at::kBool), t = target.to(at::kBool);
   const double np = p.sum().item<double>(), nt = t.sum().item<double>();

@@ -208,7 +208,8 @@ double AutoencoderKLConfig::parameter_count() const {
     o.add_sampler = i != n - 1;
     total += pc::down_block(o);
   }
-  total += pc::mid_block(mid, mid_block_add_attention) + pc::norm(ch.back()) + pc::conv2d(ch.back(), 2 * latent_channels, 3);
+  total +=
+      pc::mid_block(mid, mid_block_add_attention) + pc::norm(ch.back()) + pc::conv2d(ch.back(), 2 * latent_channels, 3);
   // Decoder.
   total += pc::conv2d(latent_channels, ch.back(), 3) + pc::mid_block(mid, mid_block_add_attention);
   output_channel = ch.back();
@@ -223,7 +224,8 @@ double AutoencoderKLConfig::parameter_count() const {
   }
   total += pc::norm(ch[0]) + pc::conv2d(ch[0], out_channels, 3);
   // quant_conv, post_quant_conv.
-  return total + pc::conv2d(2 * latent_channels, 2 * latent_channels, 1) + pc::conv2d(latent_channels, latent_channels, 1);
+  return total + pc::conv2d(2 * latent_channels, 2 * latent_channels, 1) +
+         pc::conv2d(latent_channels, latent_channels, 1);
 }
 
 AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& j) {
@@ -281,7 +283,8 @@ AutoencoderKLImpl::AutoencoderKLImpl(const AutoencoderKLConfig& cfg) : cfg_(cfg)
 DiagonalGaussian AutoencoderKLImpl::encode(const at::Tensor& x) {
   DMX_CHECK_ARG(x.defined() && x.dim() == 4 && x.size(1) == cfg_.in_channels, "VAE encode input must be [B, ",
                 cfg_.in_channels, ", H, W], got ", shape_string(x));
-  at::Tensor moments = parts_->quant_conv->forward(parts_->encoder->forward(nn::to_compute_layout(x))).contiguous();  // [B, 2 latent, H/f, W/f]
+  at::Tensor moments = parts_->quant_conv->forward(parts_->encoder->forward(nn::to_compute_layout(x)))
+                           .contiguous();  // [B, 2 latent, H/f, W/f]
   auto mv = moments.chunk(2, 1);
   DiagonalGaussian d;
   d.mean = mv[0];

@@ -33,8 +33,10 @@ bool ends_word(const std::string& s) { return s.size() >= 4 && s.compare(s.size(
 }  // namespace
 
 BPEVocabulary learn_clip_bpe(const std::vector<std::string>& texts, const BPETrainOptions& o) {
-  DMX_CHECK_ARG(o.vocab_size >= 514, "--vocab-size must be >= 514 (256 byte symbols, the same ending a word, "
-                "and 2 special tokens), got ", o.vocab_size);
+  DMX_CHECK_ARG(o.vocab_size >= 514,
+                "--vocab-size must be >= 514 (256 byte symbols, the same ending a word, "
+                "and 2 special tokens), got ",
+                o.vocab_size);
   DMX_CHECK_ARG(!texts.empty(), "learning a BPE vocabulary needs at least one text");
   DMX_CHECK_ARG(o.min_frequency >= 1, "--min-frequency must be >= 1, got ", o.min_frequency);
   // Word frequencies, each word as its symbol sequence.
@@ -108,24 +110,19 @@ void save_clip_tokenizer(const BPEVocabulary& v, const std::string& dir, int mod
   for (const auto& [a, b] : v.merges) merges += a + " " + b + "\n";
   const int64_t bos = static_cast<int64_t>(v.tokens.size()) - 2, eos = bos + 1;
   auto special = [](const char* content) {
-    return nlohmann::ordered_json{{"content", content}, {"lstrip", false}, {"normalized", true},
-                                  {"rstrip", false},    {"single_word", false}};
+    return nlohmann::ordered_json{
+        {"content", content}, {"lstrip", false}, {"normalized", true}, {"rstrip", false}, {"single_word", false}};
   };
   nlohmann::ordered_json added = nlohmann::ordered_json::object();
   added[std::to_string(bos)] = special(kBos);
   added[std::to_string(bos)]["special"] = true;
   added[std::to_string(eos)] = special(kEos);
   added[std::to_string(eos)]["special"] = true;
-  const nlohmann::ordered_json cfg = {{"add_prefix_space", false},
-                                      {"added_tokens_decoder", added},
-                                      {"bos_token", kBos},
-                                      {"clean_up_tokenization_spaces", true},
-                                      {"do_lower_case", true},
-                                      {"eos_token", kEos},
-                                      {"errors", "replace"},
-                                      {"model_max_length", model_max_length},
-                                      {"pad_token", kEos},
-                                      {"tokenizer_class", "CLIPTokenizer"},
+  const nlohmann::ordered_json cfg = {{"add_prefix_space", false}, {"added_tokens_decoder", added},
+                                      {"bos_token", kBos},         {"clean_up_tokenization_spaces", true},
+                                      {"do_lower_case", true},     {"eos_token", kEos},
+                                      {"errors", "replace"},       {"model_max_length", model_max_length},
+                                      {"pad_token", kEos},         {"tokenizer_class", "CLIPTokenizer"},
                                       {"unk_token", kEos}};
   const nlohmann::ordered_json smap = {
       {"bos_token", special(kBos)}, {"eos_token", special(kEos)}, {"pad_token", kEos}, {"unk_token", special(kEos)}};

@@ -20,7 +20,7 @@ struct BPETrainOptions {
 };
 
 struct BPEVocabulary {
-  std::vector<std::string> tokens;                           // id order
+  std::vector<std::string> tokens;                          // id order
   std::vector<std::pair<std::string, std::string>> merges;  // rank order
 };
 

@@ -72,9 +72,11 @@ at::Tensor CLIPMLPImpl::forward(const at::Tensor& x) {
 
 CLIPEncoderLayerImpl::CLIPEncoderLayerImpl(const CLIPEncoderOptions& o) {
   self_attn = register_module("self_attn", CLIPAttention(o.hidden_size, o.num_attention_heads));
-  layer_norm1 = register_module("layer_norm1", tnn::LayerNorm(tnn::LayerNormOptions({o.hidden_size}).eps(o.layer_norm_eps)));
+  layer_norm1 =
+      register_module("layer_norm1", tnn::LayerNorm(tnn::LayerNormOptions({o.hidden_size}).eps(o.layer_norm_eps)));
   mlp = register_module("mlp", CLIPMLP(o.hidden_size, o.intermediate_size, o.hidden_act == "quick_gelu"));
-  layer_norm2 = register_module("layer_norm2", tnn::LayerNorm(tnn::LayerNormOptions({o.hidden_size}).eps(o.layer_norm_eps)));
+  layer_norm2 =
+      register_module("layer_norm2", tnn::LayerNorm(tnn::LayerNormOptions({o.hidden_size}).eps(o.layer_norm_eps)));
 }
 
 at::Tensor CLIPEncoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& mask) {

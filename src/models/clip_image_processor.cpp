@@ -79,12 +79,15 @@ CLIPImageProcessorConfig CLIPImageProcessorConfig::from_json(const nlohmann::jso
       c.size_height = size_field(*it, "size", "height");
       c.size_width = size_field(*it, "size", "width");
     } else {
-      throw FormatError(std::string(kWhat) + ": size must be an integer, {\"shortest_edge\": N} or "
-                        "{\"height\": H, \"width\": W}, got " + it->dump());
+      throw FormatError(std::string(kWhat) +
+                        ": size must be an integer, {\"shortest_edge\": N} or "
+                        "{\"height\": H, \"width\": W}, got " +
+                        it->dump());
     }
   }
   // use_square_size (an old kwarg transformers still honours when true): size becomes shortest_edge x shortest_edge.
-  if (auto it = j.find("use_square_size"); it != j.end() && it->is_boolean() && it->get<bool>() && c.shortest_edge > 0) {
+  if (auto it = j.find("use_square_size");
+      it != j.end() && it->is_boolean() && it->get<bool>() && c.shortest_edge > 0) {
     c.size_height = c.size_width = c.shortest_edge;
     c.shortest_edge = 0;
   }
@@ -119,7 +122,7 @@ void CLIPImageProcessorConfig::validate() const {
                     size_width);
     }
     DMX_CHECK_SUPPORTED(resample >= 1 && resample <= 5, kWhat, ": resample = ", resample,
-              " is not supported (Pillow's 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX or 5 HAMMING)");
+                        " is not supported (Pillow's 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX or 5 HAMMING)");
   }
   if (do_center_crop)
     DMX_CHECK_ARG(crop_height >= 1 && crop_width >= 1 && crop_height <= kMaxImageSide && crop_width <= kMaxImageSide,
@@ -139,22 +142,25 @@ std::array<int, 2> clip_resize_output_size(const CLIPImageProcessorConfig& cfg, 
   // get_resize_output_image_size(default_to_square=False): Python's int(new_short * long / short).
   const bool portrait = width <= height;
   const int64_t short_side = portrait ? width : height, long_side = portrait ? height : width;
-  const double new_long_d = static_cast<double>(int64_t{cfg.shortest_edge} * long_side) / static_cast<double>(short_side);
+  const double new_long_d =
+      static_cast<double>(int64_t{cfg.shortest_edge} * long_side) / static_cast<double>(short_side);
   DMX_CHECK_ARG(new_long_d <= kMaxImageSide, "CLIP preprocessing: resizing a ", width, "x", height,
-                " picture's shorter side to ", cfg.shortest_edge, " makes the longer side ", static_cast<int64_t>(new_long_d),
-                " pixels, more than ", kMaxImageSide, "; crop the picture to a less extreme aspect ratio");
+                " picture's shorter side to ", cfg.shortest_edge, " makes the longer side ",
+                static_cast<int64_t>(new_long_d), " pixels, more than ", kMaxImageSide,
+                "; crop the picture to a less extreme aspect ratio");
   const int new_long = static_cast<int>(new_long_d);
   return portrait ? std::array<int, 2>{new_long, cfg.shortest_edge} : std::array<int, 2>{cfg.shortest_edge, new_long};
 }
 
 at::Tensor clip_preprocess(const CLIPImageProcessorConfig& cfg, const Image& image, const std::string& param) {
   DMX_CHECK_ARG(image.width >= 1 && image.height >= 1 && image.width <= kMaxImageSide &&
-                    image.height <= kMaxImageSide && (image.channels == 1 || image.channels == 3 || image.channels == 4) &&
+                    image.height <= kMaxImageSide &&
+                    (image.channels == 1 || image.channels == 3 || image.channels == 4) &&
                     image.data.size() == static_cast<size_t>(image.width) * image.height * image.channels,
                 param, ": malformed picture ", image.width, "x", image.height, "x", image.channels);
   // 1. convert_to_rgb: PIL's convert("RGB") (alpha dropped, gray replicated).
-  DMX_CHECK_ARG(cfg.do_convert_rgb || image.channels == 3, param, " must be an RGB picture when do_convert_rgb is false, ",
-                "got ", image.channels, " channels");
+  DMX_CHECK_ARG(cfg.do_convert_rgb || image.channels == 3, param,
+                " must be an RGB picture when do_convert_rgb is false, ", "got ", image.channels, " channels");
   Image img = to_rgb(image);
   // 2. resize with Pillow on the uint8 picture (a copy when the size is unchanged, as Pillow returns).
   if (cfg.do_resize) {

@@ -44,6 +44,5 @@ std::array<int, 2> clip_resize_output_size(const CLIPImageProcessorConfig& cfg, 
 // One picture -> pixel_values [1, 3, H, W] float32 (H, W = the crop size, or the resized size without cropping).
 // InvalidArgument naming `param` for a malformed picture, one that is not RGB when do_convert_rgb is false, or a
 // resize beyond 16384 pixels a side.
-at::Tensor clip_preprocess(const CLIPImageProcessorConfig& cfg, const Image& image,
-                           const std::string& param = "image");
+at::Tensor clip_preprocess(const CLIPImageProcessorConfig& cfg, const Image& image, const std::string& param = "image");
 }  // namespace dmx::models

@@ -165,8 +165,9 @@ CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& cfg, bool with_projec
   parts_->text_model = register_module("text_model", CLIPTextTransformer(cfg_));
   if (with_projection) {
     DMX_CHECK_ARG(cfg_.projection_dim > 0, "CLIP text config: projection_dim must be > 0, got ", cfg_.projection_dim);
-    parts_->text_projection = register_module(
-        "text_projection", torch::nn::Linear(torch::nn::LinearOptions(cfg_.hidden_size, cfg_.projection_dim).bias(false)));
+    parts_->text_projection =
+        register_module("text_projection",
+                        torch::nn::Linear(torch::nn::LinearOptions(cfg_.hidden_size, cfg_.projection_dim).bias(false)));
   }
 }
 
@@ -207,7 +208,7 @@ CLIPTextOutput CLIPTextModelImpl::forward(const at::Tensor& input_ids, bool outp
   const at::Tensor eos_pos =
       cfg_.eos_token_id == 2 ? ids.argmax(-1) : ids.eq(cfg_.eos_token_id).to(at::kInt).argmax(-1);
   const at::Tensor rows = at::arange(h.size(0), eos_pos.options().dtype(at::kLong));
-  out.pooler_output = out.last_hidden_state.index({rows, eos_pos.to(at::kLong)});  // [B, C]
+  out.pooler_output = out.last_hidden_state.index({rows, eos_pos.to(at::kLong)});      // [B, C]
   if (has_projection()) out.text_embeds = parts_->text_projection(out.pooler_output);  // [B, projection_dim]
   return out;
 }

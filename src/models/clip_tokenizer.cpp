@@ -41,8 +41,7 @@ const std::vector<std::string>& clip_byte_symbols() {
     int n = 0;
     for (int b = 0; b < 256; ++b) {
       const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-      append_utf8(&t[static_cast<size_t>(b)],
-                     printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++));
+      append_utf8(&t[static_cast<size_t>(b)], printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++));
     }
     return t;
   }();

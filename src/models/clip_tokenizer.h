@@ -56,7 +56,8 @@ class CLIPTokenizer {
   // (tokenizer(text, padding="max_length", max_length=..., truncation=True)).
   std::vector<int64_t> encode_padded(const std::string& text, int max_length = 77) const;
   // The same, with the tokenizer's attention_mask: 1 for the encoded tokens (BOS, words, EOS), 0 for the padding.
-  std::vector<int64_t> encode_padded(const std::string& text, int max_length, std::vector<int64_t>* attention_mask) const;
+  std::vector<int64_t> encode_padded(const std::string& text, int max_length,
+                                     std::vector<int64_t>* attention_mask) const;
 
   int64_t bos_id() const { return bos_id_; }
   int64_t eos_id() const { return eos_id_; }
@@ -91,8 +92,8 @@ class CLIPTokenizer {
 
   std::unordered_map<std::string, int64_t> vocab_;
   std::unordered_map<int64_t, std::string> tokens_by_id_;  // vocab_ inverted
-  std::unordered_map<std::string, int> ranks_;  // "first second" -> merge rank
-  std::vector<CLIPAddedToken> no_split_;        // added and special tokens, ids resolved
+  std::unordered_map<std::string, int> ranks_;             // "first second" -> merge rank
+  std::vector<CLIPAddedToken> no_split_;                   // added and special tokens, ids resolved
   int64_t bos_id_ = -1, eos_id_ = -1, pad_id_ = -1, unk_id_ = -1;
   int model_max_length_ = 77;
   std::shared_ptr<Cache> cache_;

@@ -23,7 +23,6 @@ bool py_isspace(char32_t cp);         // str.isspace() / str.split() separators
 bool re_space(char32_t cp);           // \s of the `regex` module (White_Space property)
 const char* unicode_version();
 
-
 std::u32string py_lower(const std::u32string& s);  // str.lower(): full mapping plus Final_Sigma
 std::u32string nfc(const std::u32string& s);       // unicodedata.normalize("NFC", s)
 }  // namespace dmx::models::unicode

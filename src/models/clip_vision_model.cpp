@@ -85,9 +85,9 @@ struct CLIPVisionEmbeddingsImpl : tnn::Module {
   at::Tensor forward(const at::Tensor& pixel_values) {
     const int64_t B = pixel_values.size(0);
     const at::Tensor& w = patch_embedding->weight;
-    at::Tensor patches = patch_embedding(pixel_values.to(w.scalar_type()));  // [B, C, grid, grid]
-    patches = patches.flatten(2).transpose(1, 2);                           // [B, grid*grid, C]
-    const at::Tensor cls = class_embedding.expand({B, 1, -1});              // [B, 1, C]
+    at::Tensor patches = patch_embedding(pixel_values.to(w.scalar_type()));       // [B, C, grid, grid]
+    patches = patches.flatten(2).transpose(1, 2);                                 // [B, grid*grid, C]
+    const at::Tensor cls = class_embedding.expand({B, 1, -1});                    // [B, 1, C]
     return at::cat({cls, patches}, 1) + position_embedding->weight.unsqueeze(0);  // [B, 1 + grid*grid, C]
   }
   at::Tensor class_embedding;
@@ -135,11 +135,11 @@ CLIPVisionOutput CLIPVisionModelWithProjectionImpl::forward(const at::Tensor& pi
                 pixel_values.scalar_type());
   auto& vm = *parts_->vision_model;
   const at::Tensor x = pixel_values.to(vm.embeddings->patch_embedding->weight.device());
-  at::Tensor h = vm.pre_layrnorm(vm.embeddings(x));  // [B, 1 + patches, C]
+  at::Tensor h = vm.pre_layrnorm(vm.embeddings(x));                 // [B, 1 + patches, C]
   for (auto& layer : vm.encoder->list) h = layer(h, at::Tensor());  // no mask: every token sees every token
   CLIPVisionOutput out;
   out.last_hidden_state = h;
-  out.pooler_output = vm.post_layernorm(h.select(1, 0));             // [B, C], the class token
+  out.pooler_output = vm.post_layernorm(h.select(1, 0));            // [B, C], the class token
   out.image_embeds = parts_->visual_projection(out.pooler_output);  // [B, projection_dim]
   return out;
 }

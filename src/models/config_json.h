@@ -48,7 +48,8 @@ void get(const nlohmann::json& j, const std::string& what, const char* key, T& o
     if (!it->is_array())
       throw FormatError(what + ": field '" + key + "' must be a list of integers, got " + it->dump());
     std::vector<int> v;
-    for (size_t i = 0; i < it->size(); ++i) v.push_back(exact_int<int>((*it)[i], what, std::string(key) + "[" + std::to_string(i) + "]"));
+    for (size_t i = 0; i < it->size(); ++i)
+      v.push_back(exact_int<int>((*it)[i], what, std::string(key) + "[" + std::to_string(i) + "]"));
     out = v;
   } else {
     try {
@@ -71,7 +72,8 @@ inline bool get_int_or_list(const nlohmann::json& j, const std::string& what, co
   }
   if (it->is_array()) {
     std::vector<int> v;
-    for (size_t i = 0; i < it->size(); ++i) v.push_back(exact_int<int>((*it)[i], what, std::string(key) + "[" + std::to_string(i) + "]"));
+    for (size_t i = 0; i < it->size(); ++i)
+      v.push_back(exact_int<int>((*it)[i], what, std::string(key) + "[" + std::to_string(i) + "]"));
     out = v;
     return true;
   }

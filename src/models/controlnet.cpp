@@ -29,46 +29,18 @@ size_t ControlNetConfig::num_down_residuals() const {
 }
 
 void ControlNetConfig::validate() const {
-  const size_t n = down_block_types.size();
-  DMX_CHECK_ARG(n >= 1, "down_block_types must not be empty");
-  DMX_CHECK_ARG(block_out_channels.size() == n, "block_out_channels must have one entry per down block (", n,
-                "), got ", block_out_channels.size());
-  for (const auto& t : down_block_types)
-    DMX_CHECK_SUPPORTED(t == "CrossAttnDownBlock2D" || t == "DownBlock2D", "down_block_types: unsupported block type '",
-                        t, "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
-  nn::parse_act(act_fn, "act_fn");
-  // Ranges (docs/limits.md), as the UNet's.
+  check_encoder_config(*this, num_attention_heads.empty() ? "attention_head_dim" : "num_attention_heads");
+  // The ControlNet's own fields (docs/limits.md).
   using cfgjson::check_range;
-  check_range("number of down blocks", static_cast<int64_t>(n), 1, 8);
-  check_range("in_channels", in_channels, 1, 64);
   check_range("conditioning_channels", conditioning_channels, 1, 64);
-  check_range("layers_per_block", layers_per_block, 1, 16);
-  check_range("norm_num_groups", norm_num_groups, 1, 8192);
-  DMX_CHECK_ARG(std::isfinite(norm_eps) && norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
-  check_range("cross_attention_dim", cross_attention_dim, 1, 8192);
-  check_range("transformer_layers_per_block", transformer_layers_per_block, 1, 32);
-  check_range("downsample_padding", downsample_padding, 0, 1);
-  check_range("freq_shift", freq_shift, -1024, 1024);
-  check_range("number of conditioning_embedding_out_channels", static_cast<int64_t>(conditioning_embedding_out_channels.size()), 1, 8);
+  check_range("number of conditioning_embedding_out_channels",
+              static_cast<int64_t>(conditioning_embedding_out_channels.size()), 1, 8);
   DMX_CHECK_ARG(controlnet_conditioning_channel_order == "rgb" || controlnet_conditioning_channel_order == "bgr",
                 "controlnet_conditioning_channel_order must be 'rgb' or 'bgr', got '",
                 controlnet_conditioning_channel_order, "'");
-  DMX_CHECK_ARG(!conditioning_embedding_out_channels.empty(), "conditioning_embedding_out_channels must not be empty");
   for (size_t i = 0; i < conditioning_embedding_out_channels.size(); ++i)
-    check_range("conditioning_embedding_out_channels[" + std::to_string(i) + "]", conditioning_embedding_out_channels[i],
-                1, 8192);
-  for (size_t i = 0; i < n; ++i) {
-    check_range("block_out_channels[" + std::to_string(i) + "]", block_out_channels[i], 1, 8192);
-    DMX_CHECK_ARG(block_out_channels[i] > 0 && block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i,
-                  "] (", block_out_channels[i], ") must be > 0 and divisible by norm_num_groups (", norm_num_groups,
-                  ")");
-  }
-  const std::vector<int> heads = heads_per_block();
-  DMX_CHECK_ARG(heads.size() == n, "attention_head_dim / num_attention_heads must have one entry per down block (", n,
-                "), got ", heads.size());
-  for (size_t i = 0; i < n; ++i)
-    DMX_CHECK_ARG(heads[i] > 0 && block_out_channels[i] % heads[i] == 0, "attention heads[", i, "] (", heads[i],
-                  ") must divide block_out_channels[", i, "] (", block_out_channels[i], ")");
+    check_range("conditioning_embedding_out_channels[" + std::to_string(i) + "]",
+                conditioning_embedding_out_channels[i], 1, 8192);
   cfgjson::check_parameter_count("the ControlNet config", parameter_count());
 }
 
@@ -90,7 +62,8 @@ double ControlNetConfig::parameter_count() const {
     o.out_channels = output_channel;
     o.add_sampler = i != n - 1;
     o.cross_attention = down_block_types[i] == "CrossAttnDownBlock2D";
-    total += pc::down_block(o) + (layers_per_block + (i != n - 1 ? 1 : 0)) * pc::conv2d(output_channel, output_channel, 1);
+    total +=
+        pc::down_block(o) + (layers_per_block + (i != n - 1 ? 1 : 0)) * pc::conv2d(output_channel, output_channel, 1);
   }
   nn::BlockOptions mid = unet_block_options(*this, heads.back(), nn::Act::SiLU, static_cast<size_t>(n - 1));
   mid.num_layers = 1;
@@ -114,8 +87,7 @@ ControlNetConfig ControlNetConfig::from_json(const nlohmann::json& j) {
     std::vector<bool> v;
     get(j, kWhat, "only_cross_attention", v);
     for (bool b : v)
-      if (b != v.front())
-        throw Unsupported(std::string(kWhat) + ": per-block only_cross_attention is not supported");
+      if (b != v.front()) throw Unsupported(std::string(kWhat) + ": per-block only_cross_attention is not supported");
     c.only_cross_attention = !v.empty() && v.front();
   } else {
     get(j, kWhat, "only_cross_attention", c.only_cross_attention);
@@ -159,8 +131,8 @@ class ControlNetConditioningEmbeddingImpl : public torch::nn::Module {
     conv_in = register_module("conv_in", Conv2d(Conv2dOptions(conditioning_channels, ch[0], 3).padding(1)));
     auto blocks_c = nn::make_container(*this, "blocks");
     for (size_t i = 0; i + 1 < ch.size(); ++i) {
-      blocks.push_back(blocks_c->register_module(std::to_string(blocks.size()),
-                                                 Conv2d(Conv2dOptions(ch[i], ch[i], 3).padding(1))));
+      blocks.push_back(
+          blocks_c->register_module(std::to_string(blocks.size()), Conv2d(Conv2dOptions(ch[i], ch[i], 3).padding(1))));
       blocks.push_back(blocks_c->register_module(std::to_string(blocks.size()),
                                                  Conv2d(Conv2dOptions(ch[i], ch[i + 1], 3).padding(1).stride(2))));
     }
@@ -205,8 +177,8 @@ ControlNetModelImpl::ControlNetModelImpl(const ControlNetConfig& cfg) : cfg_(cfg
   // The UNet's encoder, with a 1x1 zero convolution on every skip connection (created in diffusers' order).
   std::shared_ptr<torch::nn::Module> zero_convs;
   auto add_zero_conv = [&](int64_t c) {
-    p.controlnet_down_blocks.push_back(zero_convs->register_module(std::to_string(p.controlnet_down_blocks.size()),
-                                                                   Conv2d(Conv2dOptions(c, c, 1))));
+    p.controlnet_down_blocks.push_back(
+        zero_convs->register_module(std::to_string(p.controlnet_down_blocks.size()), Conv2d(Conv2dOptions(c, c, 1))));
   };
   p.down_blocks = build_down_blocks(
       *this, cfg_, p.act,
@@ -253,8 +225,8 @@ ControlNetOutput ControlNetModelImpl::forward(const ControlNetInputs& in) {
   at::Tensor h = p.conv_in->forward(in.sample);  // [B, C0, h, w]
   at::Tensor ce = p.cond_embedding->forward(cond.to(in.sample.scalar_type()));
   record(in.recorder, "cond_embedding", ce);
-  DMX_CHECK_ARG(ce.sizes().equals(h.sizes()), "controlnet_cond of ", shape_string(in.controlnet_cond),
-                " embeds to ", shape_string(ce), ", which does not match the latent features ", shape_string(h),
+  DMX_CHECK_ARG(ce.sizes().equals(h.sizes()), "controlnet_cond of ", shape_string(in.controlnet_cond), " embeds to ",
+                shape_string(ce), ", which does not match the latent features ", shape_string(h),
                 " (the control image must be the output size: latent size x 8)");
   h = h + ce;
 
@@ -268,13 +240,14 @@ ControlNetOutput ControlNetModelImpl::forward(const ControlNetInputs& in) {
 
   // 5. zero convs
   ControlNetOutput out;
-  for (size_t i = 0; i < res.size(); ++i) out.down_block_res_samples.push_back(p.controlnet_down_blocks[i]->forward(res[i]));
+  for (size_t i = 0; i < res.size(); ++i)
+    out.down_block_res_samples.push_back(p.controlnet_down_blocks[i]->forward(res[i]));
   out.mid_block_res_sample = p.controlnet_mid_block->forward(h);
 
   // 6. scaling
   if (in.guess_mode && !cfg_.global_pool_conditions) {
-    at::Tensor scales = guess_mode_scales(static_cast<int64_t>(res.size()) + 1, in.conditioning_scale)
-                            .to(h.device(), h.scalar_type());
+    at::Tensor scales =
+        guess_mode_scales(static_cast<int64_t>(res.size()) + 1, in.conditioning_scale).to(h.device(), h.scalar_type());
     for (size_t i = 0; i < res.size(); ++i)
       out.down_block_res_samples[i] = out.down_block_res_samples[i] * scales[static_cast<int64_t>(i)];
     out.mid_block_res_sample = out.mid_block_res_sample * scales[-1];
@@ -291,10 +264,9 @@ ControlNetOutput ControlNetModelImpl::forward(const ControlNetInputs& in) {
 
 void check_controlnet_matches_unet(const ControlNetConfig& cn, const UNet2DConditionConfig& unet,
                                    const std::string& what) {
-  DMX_CHECK_ARG(cn.cross_attention_dim == unet.cross_attention_dim, what,
-                ": ControlNet cross_attention_dim ", cn.cross_attention_dim,
-                " does not match the base UNet's cross_attention_dim ", unet.cross_attention_dim,
-                " (a ControlNet for another model family?)");
+  DMX_CHECK_ARG(cn.cross_attention_dim == unet.cross_attention_dim, what, ": ControlNet cross_attention_dim ",
+                cn.cross_attention_dim, " does not match the base UNet's cross_attention_dim ",
+                unet.cross_attention_dim, " (a ControlNet for another model family?)");
   auto list = [](const std::vector<int>& v) {
     std::string s = "[";
     for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);

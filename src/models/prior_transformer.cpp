@@ -90,14 +90,16 @@ void PriorTransformerConfig::validate() const {
   DMX_CHECK_ARG(int64_t{num_attention_heads} * attention_head_dim <= (1 << 16) && embedding_dim <= (1 << 16) &&
                     num_embeddings <= (1 << 16) && num_layers <= 1024,
                 kWhat, ": sizes are implausibly large (inner_dim ", int64_t{num_attention_heads} * attention_head_dim,
-                ", embedding_dim ", embedding_dim, ", num_embeddings ", num_embeddings, ", num_layers ", num_layers, ")");
+                ", embedding_dim ", embedding_dim, ", num_embeddings ", num_embeddings, ", num_layers ", num_layers,
+                ")");
   DMX_CHECK_ARG(dropout >= 0 && dropout < 1, kWhat, ": dropout must be in [0, 1), got ", dropout);
   (void)nn::parse_act(time_embed_act_fn, std::string(kWhat) + ": time_embed_act_fn");
   // The token layout of the Karlo / Stable unCLIP / Kandinsky 2.2 priors; Shap-E's (no text tokens, no prd token,
   // layer norms on the inputs) is a different model.
   const std::string supported = " is not supported (dmx runs the priors of Karlo, Stable unCLIP and Kandinsky 2.2: ";
-  DMX_CHECK_SUPPORTED(added_emb_type == "prd", kWhat, ": added_emb_type = ",
-                      added_emb_type.empty() ? "null" : "\"" + added_emb_type + "\"", supported, "\"prd\")");
+  DMX_CHECK_SUPPORTED(added_emb_type == "prd", kWhat,
+                      ": added_emb_type = ", added_emb_type.empty() ? "null" : "\"" + added_emb_type + "\"", supported,
+                      "\"prd\")");
   DMX_CHECK_SUPPORTED(encoder_hid_proj_type == "linear", kWhat, ": encoder_hid_proj_type = ",
                       encoder_hid_proj_type.empty() ? "null" : "\"" + encoder_hid_proj_type + "\"", supported,
                       "\"linear\")");
@@ -119,7 +121,8 @@ struct PriorTransformerImpl::Parts {
   at::Tensor clip_mean, clip_std;
 };
 
-PriorTransformerImpl::PriorTransformerImpl(const PriorTransformerConfig& cfg) : cfg_(cfg), parts_(std::make_shared<Parts>()) {
+PriorTransformerImpl::PriorTransformerImpl(const PriorTransformerConfig& cfg)
+    : cfg_(cfg), parts_(std::make_shared<Parts>()) {
   cfg_.validate();
   auto& p = *parts_;
   const int64_t inner = cfg_.inner_dim();
@@ -166,11 +169,12 @@ at::Tensor PriorTransformerImpl::forward(const PriorTransformerInputs& in) {
                     in.encoder_hidden_states.size(2) == cfg_.embedding_dim,
                 "PriorTransformer: encoder_hidden_states must be [", B, ", ", M, ", ", cfg_.embedding_dim,
                 "] (batch, num_embeddings, embedding_dim), got ", shape(in.encoder_hidden_states));
-  DMX_CHECK_ARG(in.timestep.defined() && (in.timestep.numel() == 1 || (in.timestep.dim() == 1 && in.timestep.size(0) == B)),
-                "PriorTransformer: timestep must be a scalar or hold one value per batch row (", B, "), got shape ",
-                shape(in.timestep));
-  DMX_CHECK_ARG(!in.attention_mask.defined() || (in.attention_mask.dim() == 2 && in.attention_mask.size(0) == B &&
-                                                 in.attention_mask.size(1) == M),
+  DMX_CHECK_ARG(
+      in.timestep.defined() && (in.timestep.numel() == 1 || (in.timestep.dim() == 1 && in.timestep.size(0) == B)),
+      "PriorTransformer: timestep must be a scalar or hold one value per batch row (", B, "), got shape ",
+      shape(in.timestep));
+  DMX_CHECK_ARG(!in.attention_mask.defined() ||
+                    (in.attention_mask.dim() == 2 && in.attention_mask.size(0) == B && in.attention_mask.size(1) == M),
                 "PriorTransformer: attention_mask must be [", B, ", ", M, "] (batch, num_embeddings), got ",
                 shape(in.attention_mask));
   const at::Tensor& w = p.proj_in->weight;
@@ -179,27 +183,28 @@ at::Tensor PriorTransformerImpl::forward(const PriorTransformerInputs& in) {
 
   // Time embedding: timesteps broadcast to the batch, sinusoids (flip_sin_to_cos, shift 0), MLP.
   at::Tensor timesteps = in.timestep.reshape({-1}).to(dev);
-  timesteps = timesteps * at::ones({B}, timesteps.options());                       // [B]
+  timesteps = timesteps * at::ones({B}, timesteps.options());  // [B]
   const at::Tensor t_proj = nn::get_timestep_embedding(timesteps, cfg_.inner_dim(), true, 0.0).to(dtype);
-  const at::Tensor time_embeddings = p.time_embedding->forward(t_proj);             // [B, inner]
+  const at::Tensor time_embeddings = p.time_embedding->forward(t_proj);  // [B, inner]
 
-  const at::Tensor proj_embeddings = p.embedding_proj(in.proj_embedding.to(dev, dtype));               // [B, inner]
-  const at::Tensor text_states = p.encoder_hidden_states_proj(in.encoder_hidden_states.to(dev, dtype));  // [B, M, inner]
-  const at::Tensor image_embedding = p.proj_in(in.hidden_states.to(dev, dtype));                      // [B, inner]
+  const at::Tensor proj_embeddings = p.embedding_proj(in.proj_embedding.to(dev, dtype));  // [B, inner]
+  const at::Tensor text_states =
+      p.encoder_hidden_states_proj(in.encoder_hidden_states.to(dev, dtype));      // [B, M, inner]
+  const at::Tensor image_embedding = p.proj_in(in.hidden_states.to(dev, dtype));  // [B, inner]
 
   // Tokens: [text states, text embedding, time embedding, noisy image embedding, prd] + positional embedding.
   at::Tensor h = at::cat({text_states, proj_embeddings.unsqueeze(1), time_embeddings.unsqueeze(1),
                           image_embedding.unsqueeze(1), p.prd_embedding.to(dtype).expand({B, 1, -1})},
-                         1);                                   // [B, M + 4, inner]
+                         1);  // [B, M + 4, inner]
   h = h + p.positional_embedding.to(dtype);
 
   at::Tensor bias;  // [B, 1, N, N]: causal + text padding, the same for every head
   if (in.attention_mask.defined()) {
     const int64_t N = cfg_.sequence_length();
-    at::Tensor pad = (1 - in.attention_mask.to(dev, dtype)) * -10000.0;                      // [B, M]
-    pad = at::constant_pad_nd(pad, {0, cfg_.additional_embeddings}, 0.0);                     // [B, N]
-    const at::Tensor causal = at::full({N, N}, -10000.0, h.options()).triu(1);                 // [N, N]
-    bias = (pad.unsqueeze(1) + causal.unsqueeze(0)).unsqueeze(1);                              // [B, 1, N, N]
+    at::Tensor pad = (1 - in.attention_mask.to(dev, dtype)) * -10000.0;         // [B, M]
+    pad = at::constant_pad_nd(pad, {0, cfg_.additional_embeddings}, 0.0);       // [B, N]
+    const at::Tensor causal = at::full({N, N}, -10000.0, h.options()).triu(1);  // [N, N]
+    bias = (pad.unsqueeze(1) + causal.unsqueeze(0)).unsqueeze(1);               // [B, 1, N, N]
   }
   for (auto& block : p.transformer_blocks) h = block->forward(h, at::Tensor(), bias);
   h = p.norm_out(h);

@@ -20,17 +20,17 @@ struct PriorTransformerConfig {
   int attention_head_dim = 64;
   int num_layers = 20;
   int embedding_dim = 768;
-  int num_embeddings = 77;         // text tokens
-  int additional_embeddings = 4;   // proj_embedding, time embedding, hidden_states, prd token
-  double dropout = 0.0;            // training only
+  int num_embeddings = 77;        // text tokens
+  int additional_embeddings = 4;  // proj_embedding, time embedding, hidden_states, prd token
+  double dropout = 0.0;           // training only
   std::string time_embed_act_fn = "silu";
-  std::string norm_in_type;             // null; "layer" (Shap-E) is refused
-  std::string embedding_proj_norm_type; // null; "layer" (Shap-E) is refused
+  std::string norm_in_type;                      // null; "layer" (Shap-E) is refused
+  std::string embedding_proj_norm_type;          // null; "layer" (Shap-E) is refused
   std::string encoder_hid_proj_type = "linear";  // null (Shap-E) is refused
   std::string added_emb_type = "prd";            // null (Shap-E) is refused
-  int time_embed_dim = 0;      // 0 = inner_dim
-  int embedding_proj_dim = 0;  // 0 = embedding_dim
-  int clip_embed_dim = 0;      // 0 = embedding_dim
+  int time_embed_dim = 0;                        // 0 = inner_dim
+  int embedding_proj_dim = 0;                    // 0 = embedding_dim
+  int clip_embed_dim = 0;                        // 0 = embedding_dim
 
   // Parses diffusers' prior/config.json. Wrong types and invalid values: FormatError naming the field; the token
   // layouts dmx does not implement (Shap-E's prior): Unsupported naming the field and value.

@@ -48,14 +48,10 @@ std::vector<int> UNet2DConditionConfig::heads_per_block() const {
 
 void UNet2DConditionConfig::validate() const {
   const size_t n = down_block_types.size();
-  DMX_CHECK_ARG(n >= 1, "down_block_types must not be empty");
-  DMX_CHECK_ARG(block_out_channels.size() == n, "block_out_channels must have one entry per down block (", n, "), got ",
-                block_out_channels.size());
+  check_encoder_config(*this, num_attention_heads.empty() ? "attention_head_dim" : "num_attention_heads");
+  // The decoder and the UNet's own fields (docs/limits.md).
   DMX_CHECK_ARG(up_block_types.size() == n, "up_block_types must have one entry per down block (", n, "), got ",
                 up_block_types.size());
-  for (const auto& t : down_block_types)
-    DMX_CHECK_SUPPORTED(t == "CrossAttnDownBlock2D" || t == "DownBlock2D", "down_block_types: unsupported block type '",
-                        t, "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
   for (const auto& t : up_block_types)
     DMX_CHECK_SUPPORTED(t == "CrossAttnUpBlock2D" || t == "UpBlock2D", "up_block_types: unsupported block type '", t,
                         "' (supported: CrossAttnUpBlock2D, UpBlock2D)");
@@ -63,27 +59,9 @@ void UNet2DConditionConfig::validate() const {
                       mid_block_type, "' (supported: UNetMidBlock2DCrossAttn)");
   DMX_CHECK_SUPPORTED(resnet_time_scale_shift == "default", "resnet_time_scale_shift '", resnet_time_scale_shift,
                       "' is not supported (only 'default')");
-  nn::parse_act(act_fn, "act_fn");
-  // Ranges (docs/limits.md): well above every Stable Diffusion family model, far below what would exhaust memory.
   using cfgjson::check_range;
-  check_range("number of down blocks", static_cast<int64_t>(n), 1, 8);
   check_range("sample_size", sample_size, 1, 1024);
-  check_range("in_channels", in_channels, 1, 64);
   check_range("out_channels", out_channels, 1, 64);
-  check_range("layers_per_block", layers_per_block, 1, 16);
-  check_range("norm_num_groups", norm_num_groups, 1, 8192);
-  DMX_CHECK_ARG(std::isfinite(norm_eps) && norm_eps > 0, "norm_eps must be > 0, got ", norm_eps);
-  check_range("cross_attention_dim", cross_attention_dim, 1, 8192);
-  check_range("transformer_layers_per_block", transformer_layers_per_block, 1, 32);
-  check_range("downsample_padding", downsample_padding, 0, 1);
-  check_range("freq_shift", freq_shift, -1024, 1024);
-  DMX_CHECK_ARG(std::isfinite(mid_block_scale_factor) && mid_block_scale_factor > 0,
-                "mid_block_scale_factor must be > 0, got ", mid_block_scale_factor);
-  for (size_t i = 0; i < n; ++i) {
-    check_range("block_out_channels[" + std::to_string(i) + "]", block_out_channels[i], 1, 8192);
-    DMX_CHECK_ARG(block_out_channels[i] % norm_num_groups == 0, "block_out_channels[", i, "] (", block_out_channels[i],
-                  ") must be divisible by norm_num_groups (", norm_num_groups, ")");
-  }
   DMX_CHECK_ARG(only_cross_attention.empty() || only_cross_attention.size() == n,
                 "only_cross_attention must have one entry per down block (", n, "), got ", only_cross_attention.size());
   // Upper bounds far above any released model (x4 upscaler: 1000 classes; SDXL-size projections: 2816), so a
@@ -103,15 +81,6 @@ void UNet2DConditionConfig::validate() const {
   DMX_CHECK_ARG(!class_embeddings_concat || !class_embedding_kind().empty(),
                 "class_embeddings_concat is true but the model has no class embedding (class_embed_type and "
                 "num_class_embeds are both null)");
-  const char* heads_field = num_attention_heads.empty() ? "attention_head_dim" : "num_attention_heads";
-  const std::vector<int> heads = heads_per_block();
-  DMX_CHECK_ARG(heads.size() == n, heads_field, " must have one entry per down block (", n, "), got ", heads.size());
-  for (size_t i = 0; i < n; ++i) {
-    check_range(std::string(heads_field) + "[" + std::to_string(i) + "]", heads[i], 1, block_out_channels[i]);
-    // Down block i, the mirrored up block and (for the last) the mid block split these channels into heads.
-    DMX_CHECK_ARG(block_out_channels[i] % heads[i] == 0, heads_field, "[", i, "] (", heads[i],
-                  " heads) must divide block_out_channels[", i, "] (", block_out_channels[i], ")");
-  }
   cfgjson::check_parameter_count("the UNet config", parameter_count());
 }
 

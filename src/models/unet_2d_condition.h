@@ -84,9 +84,9 @@ struct UNet2DConditionConfig {
 
 // Forward inputs (a struct, per docs/architecture.md): ControlNet and T2I-Adapter residuals arrive here as data.
 struct UNetInputs {
-  at::Tensor sample;                                        // [B, C, h, w]
-  at::Tensor timestep;                                      // 0-d or [B]; float or int
-  at::Tensor encoder_hidden_states;                         // [B, N, cross_attention_dim]
+  at::Tensor sample;                 // [B, C, h, w]
+  at::Tensor timestep;               // 0-d or [B]; float or int
+  at::Tensor encoder_hidden_states;  // [B, N, cross_attention_dim]
   // Required exactly when the model has a class embedding. [B] (or 0-d / [1], broadcast): integer labels for
   // num_class_embeds, labels (timesteps, any dtype) for "timestep"; [B, D] (or [1, D]) for "projection",
   // "simple_projection" (D = projection_class_embeddings_input_dim) and "identity" (D = time_embed_dim).

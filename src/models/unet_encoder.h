@@ -6,15 +6,59 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 
+#include <cmath>
 #include <functional>
 #include <string>
 #include <vector>
 
 #include "core/tensor_util.h"
+#include "dmx/error.h"
 #include "models/config_json.h"
 #include "nn/layers.h"
 
 namespace dmx::models {
+
+// The checks of the fields the UNet and ControlNet configs share (their encoder), one set for both: block lists and
+// types, activation, the ranges of docs/limits.md (well above every Stable Diffusion family model, far below what
+// would exhaust memory), channels divisible by the groups, and the heads per block, which must divide the
+// block's channels. `heads_field` names the heads' field in messages. InvalidArgument / Unsupported naming the
+// field, the rule and the value.
+template <typename Config>
+void check_encoder_config(const Config& cfg, const std::string& heads_field) {
+  const size_t n = cfg.down_block_types.size();
+  DMX_CHECK_ARG(n >= 1, "down_block_types must not be empty");
+  DMX_CHECK_ARG(cfg.block_out_channels.size() == n, "block_out_channels must have one entry per down block (", n,
+                "), got ", cfg.block_out_channels.size());
+  for (const auto& t : cfg.down_block_types)
+    DMX_CHECK_SUPPORTED(t == "CrossAttnDownBlock2D" || t == "DownBlock2D", "down_block_types: unsupported block type '",
+                        t, "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
+  nn::parse_act(cfg.act_fn, "act_fn");
+  using cfgjson::check_range;
+  check_range("number of down blocks", static_cast<int64_t>(n), 1, 8);
+  check_range("in_channels", cfg.in_channels, 1, 64);
+  check_range("layers_per_block", cfg.layers_per_block, 1, 16);
+  check_range("norm_num_groups", cfg.norm_num_groups, 1, 8192);
+  DMX_CHECK_ARG(std::isfinite(cfg.norm_eps) && cfg.norm_eps > 0, "norm_eps must be > 0, got ", cfg.norm_eps);
+  check_range("cross_attention_dim", cfg.cross_attention_dim, 1, 8192);
+  check_range("transformer_layers_per_block", cfg.transformer_layers_per_block, 1, 32);
+  check_range("downsample_padding", cfg.downsample_padding, 0, 1);
+  check_range("freq_shift", cfg.freq_shift, -1024, 1024);
+  DMX_CHECK_ARG(std::isfinite(cfg.mid_block_scale_factor) && cfg.mid_block_scale_factor > 0,
+                "mid_block_scale_factor must be > 0, got ", cfg.mid_block_scale_factor);
+  for (size_t i = 0; i < n; ++i) {
+    check_range("block_out_channels[" + std::to_string(i) + "]", cfg.block_out_channels[i], 1, 8192);
+    DMX_CHECK_ARG(cfg.block_out_channels[i] % cfg.norm_num_groups == 0, "block_out_channels[", i, "] (",
+                  cfg.block_out_channels[i], ") must be divisible by norm_num_groups (", cfg.norm_num_groups, ")");
+  }
+  const std::vector<int> heads = cfg.heads_per_block();
+  DMX_CHECK_ARG(heads.size() == n, heads_field, " must have one entry per down block (", n, "), got ", heads.size());
+  for (size_t i = 0; i < n; ++i) {
+    check_range(heads_field + "[" + std::to_string(i) + "]", heads[i], 1, cfg.block_out_channels[i]);
+    // Down block i, the mirrored up block and (for the last) the mid block split these channels into heads.
+    DMX_CHECK_ARG(cfg.block_out_channels[i] % heads[i] == 0, heads_field, "[", i, "] (", heads[i],
+                  " heads) must divide block_out_channels[", i, "] (", cfg.block_out_channels[i], ")");
+  }
+}
 
 // Options of one resnet/transformer block of a UNet-family config with heads_i attention heads, at the
 // level of down block `level` (up block i is level n-1-i).

@@ -103,8 +103,8 @@ void set_max_score_elements(int64_t n) {
 
 // Training: the same formula without out= products or in-place ops, so that autograd records it (all
 // scores at once: backward needs the probabilities anyway).
-static at::Tensor attention_differentiable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           double scale, bool causal, bool upcast, const at::Tensor& bias) {
+static at::Tensor attention_differentiable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                           bool causal, bool upcast, const at::Tensor& bias) {
   const at::ScalarType score_dtype = upcast ? at::kFloat : q.scalar_type();
   at::Tensor scores = at::matmul(q.to(score_dtype) * scale, k.to(score_dtype).transpose(-1, -2));  // [B, H, Nq, Nk]
   if (bias.defined()) scores = scores + bias.to(score_dtype);
@@ -135,8 +135,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     for (int64_t s : bias.sizes()) padded.push_back(s);
     const int64_t full[4] = {B, H, Nq, Nk};
     for (int i = 0; i < 4; ++i)
-      DMX_CHECK_ARG(padded[i] == 1 || padded[i] == full[i], "attention: the bias must broadcast to [", B, ", ", H,
-                    ", ", Nq, ", ", Nk, "], got shape ", bias.sizes());
+      DMX_CHECK_ARG(padded[i] == 1 || padded[i] == full[i], "attention: the bias must broadcast to [", B, ", ", H, ", ",
+                    Nq, ", ", Nk, "], got shape ", bias.sizes());
   }
 #if defined(DMX_AVX512_KERNELS)
   if (!bias.defined() && fused_attention_applies(q, k, v, causal)) return fused_attention(q, k, v, scale);

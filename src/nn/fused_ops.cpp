@@ -52,8 +52,7 @@ bool fused_applies(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   if (!x.device().is_cpu() || x.dim() < 3 || x.numel() == 0) return false;
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16) return false;
   if (!weight.defined() || !bias.defined()) return false;
-  if (at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad()))
-    return false;
+  if (at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad())) return false;
   return layout_of(x) != Layout::Other;
 }
 

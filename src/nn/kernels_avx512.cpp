@@ -101,11 +101,11 @@ AttnDims dims(const AttnArgs& a) {
   AttnDims m;
   m.P = (a.d + 1) / 2;
   m.d2 = 2 * m.P;
-  m.NkB = round_up(a.Nk, 32);                                 // score columns
-  m.ldp = a.amx ? round_up(a.Nk, 32) : round_up(a.Nk, 16);    // probability row stride
+  m.NkB = round_up(a.Nk, 32);                                     // score columns
+  m.ldp = a.amx ? round_up(a.Nk, 32) : round_up(a.Nk, 16);        // probability row stride
   m.Jv = a.amx ? round_up(a.Nk, 32) / 2 : round_up(a.Nk, 2) / 2;  // key pairs in packed V
   m.dvp = round_up(a.dv, 16);
-  m.ldq = a.amx ? round_up(a.d, 32) : m.d2;                   // packed q row stride
+  m.ldq = a.amx ? round_up(a.d, 32) : m.d2;  // packed q row stride
   return m;
 }
 
@@ -240,8 +240,8 @@ int64_t attn_packed_v_elems(const AttnArgs& a) {
 int64_t attn_workspace_bytes(const AttnArgs& a) {
   const AttnDims m = dims(a);
   const int64_t M = a.block_rows;
-  return round_up(M * m.ldq * 2, 64) + round_up(M * m.NkB * 4, 64) + round_up(M * m.ldp * 2, 64) +
-         round_up(M * 4, 64) + round_up(M * m.dvp * 4, 64);
+  return round_up(M * m.ldq * 2, 64) + round_up(M * m.NkB * 4, 64) + round_up(M * m.ldp * 2, 64) + round_up(M * 4, 64) +
+         round_up(M * m.dvp * 4, 64);
 }
 
 void attn_pack_kv(const AttnArgs& a, int64_t bh, uint16_t* kp, uint16_t* vp) {
@@ -474,8 +474,8 @@ void affine_act_f32(const float* x, float* y, int64_t n, float scale, float shif
 void affine_act_bf16(const uint16_t* x, uint16_t* y, int64_t n, float scale, float shift, bool silu) {
   silu ? affine_act<true, true>(x, y, n, scale, shift) : affine_act<true, false>(x, y, n, scale, shift);
 }
-void channel_affine_act_f32(const float* x, float* y, int64_t rows, int64_t C, const float* scale,
-                            const float* shift, bool silu) {
+void channel_affine_act_f32(const float* x, float* y, int64_t rows, int64_t C, const float* scale, const float* shift,
+                            bool silu) {
   silu ? channel_affine_act<false, true>(x, y, rows, C, scale, shift)
        : channel_affine_act<false, false>(x, y, rows, C, scale, shift);
 }
@@ -491,7 +491,8 @@ namespace {
 // t = 1 / (1 + p |x|), odd extension.
 inline __m512 erf_ps(__m512 x) {
   const __m512 ax = _mm512_abs_ps(x);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  const __m512 t =
+      _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
   __m512 p = _mm512_set1_ps(1.061405429f);
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
@@ -500,8 +501,8 @@ inline __m512 erf_ps(__m512 x) {
   p = _mm512_mul_ps(p, t);
   const __m512 e = exp2_ps(_mm512_mul_ps(_mm512_mul_ps(ax, ax), _mm512_set1_ps(-1.4426950408889634f)));
   const __m512 r = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));  // erf(|x|)
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), _mm512_and_si512(_mm512_castps_si512(x),
-                                                                                      _mm512_set1_epi32(INT32_MIN))));
+  return _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_castps_si512(r), _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN))));
 }
 }  // namespace
 
@@ -514,7 +515,8 @@ void geglu_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
       const __mmask16 mk = tail_mask(n - i);
       const __m512 gv = maskz_load_bf16(mk, g + i);
-      const __m512 gelu = _mm512_mul_ps(_mm512_mul_ps(half, gv), _mm512_add_ps(_mm512_set1_ps(1.f), erf_ps(_mm512_mul_ps(gv, rsqrt2))));
+      const __m512 gelu =
+          _mm512_mul_ps(_mm512_mul_ps(half, gv), _mm512_add_ps(_mm512_set1_ps(1.f), erf_ps(_mm512_mul_ps(gv, rsqrt2))));
       mask_store_bf16(o + i, mk, _mm512_mul_ps(maskz_load_bf16(mk, a + i), gelu));
     }
   }

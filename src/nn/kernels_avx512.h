@@ -55,8 +55,8 @@ void channel_sum_sumsq_bf16(const uint16_t* x, int64_t rows, int64_t C, double* 
 void affine_act_f32(const float* x, float* y, int64_t n, float scale, float shift, bool silu);
 void affine_act_bf16(const uint16_t* x, uint16_t* y, int64_t n, float scale, float shift, bool silu);
 // y[r, c] = act(x[r, c] * scale[c] + shift[c]) over `rows` rows of C channels (NHWC).
-void channel_affine_act_f32(const float* x, float* y, int64_t rows, int64_t C, const float* scale,
-                            const float* shift, bool silu);
+void channel_affine_act_f32(const float* x, float* y, int64_t rows, int64_t C, const float* scale, const float* shift,
+                            bool silu);
 void channel_affine_act_bf16(const uint16_t* x, uint16_t* y, int64_t rows, int64_t C, const float* scale,
                              const float* shift, bool silu);
 

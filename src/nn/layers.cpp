@@ -202,7 +202,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context
   const bool seam_active = seam_ && seam_->active();
   if (attn_bias.defined() && seam_active)
     throw Unsupported("attention controllers and processors do not support masked attention (" + site_.path + ")");
-  at::Tensor a = attn_bias.defined() ? attention(q, k, v, scale_, /*causal=*/false, upcast, attn_bias)
+  at::Tensor a = attn_bias.defined()   ? attention(q, k, v, scale_, /*causal=*/false, upcast, attn_bias)
                  : seam_active || grad ? attention_through_seam(site_, seam_.get(), q, k, v, scale_, upcast)
                                        : attention(q, k, v, scale_, /*causal=*/false, upcast);
   a = a.permute({0, 2, 1, 3}).reshape({B, Nq, heads * d});  // [B, Nq, inner]
@@ -267,9 +267,8 @@ at::Tensor layer_norm_(tnn::LayerNorm& n, const at::Tensor& x) {
 }  // namespace
 
 at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const at::Tensor& context,
-                                             const at::Tensor& attn_bias) {
-  at::Tensor h =
-      attn1->forward(layer_norm_(norm1, x), only_cross_attention_ ? context : at::Tensor(), attn_bias) + x;
+                                              const at::Tensor& attn_bias) {
+  at::Tensor h = attn1->forward(layer_norm_(norm1, x), only_cross_attention_ ? context : at::Tensor(), attn_bias) + x;
   if (attn2) h = attn2->forward(layer_norm_(norm2, h), context) + h;
   return ff->forward(layer_norm_(norm3, h)) + h;
 }
@@ -504,7 +503,8 @@ double transformer(const TransformerOptions& o) {
   const double attn2 = attention(a);
   const double ff = linear(inner, inner * 4 * 2) + linear(inner * 4, inner);
   const double block = 3 * norm(inner) + attn1 + attn2 + ff;
-  const double proj = o.use_linear_projection ? linear(c, inner) + linear(inner, c) : conv2d(c, inner, 1) + conv2d(inner, c, 1);
+  const double proj =
+      o.use_linear_projection ? linear(c, inner) + linear(inner, c) : conv2d(c, inner, 1) + conv2d(inner, c, 1);
   return norm(c) + proj + static_cast<double>(o.num_layers) * block;
 }
 
@@ -554,7 +554,8 @@ double up_decoder_block(const BlockOptions& o) {
 
 double mid_block_cross_attn(const BlockOptions& o) {
   const double c = static_cast<double>(o.in_channels), temb = static_cast<double>(o.temb_channels);
-  return resnet(c, c, temb) + static_cast<double>(o.num_layers) * (block_transformer(o, o.in_channels) + resnet(c, c, temb));
+  return resnet(c, c, temb) +
+         static_cast<double>(o.num_layers) * (block_transformer(o, o.in_channels) + resnet(c, c, temb));
 }
 
 double mid_block(const BlockOptions& o, bool add_attention) {
@@ -565,7 +566,8 @@ double mid_block(const BlockOptions& o, bool add_attention) {
   a.dim_head = o.in_channels;
   a.bias = true;
   a.norm_num_groups = o.resnet_groups;
-  return resnet(c, c, temb) + static_cast<double>(o.num_layers) * ((add_attention ? attention(a) : 0) + resnet(c, c, temb));
+  return resnet(c, c, temb) +
+         static_cast<double>(o.num_layers) * ((add_attention ? attention(a) : 0) + resnet(c, c, temb));
 }
 }  // namespace param_count
 }  // namespace dmx::nn

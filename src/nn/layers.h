@@ -185,8 +185,7 @@ struct TransformerOptions {
 class BasicTransformerBlockImpl : public torch::nn::Module {
  public:
   BasicTransformerBlockImpl(int64_t dim, const TransformerOptions& o);
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& context,
-                     const at::Tensor& attn_bias = {});  // [B, N, dim]
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& context, const at::Tensor& attn_bias = {});  // [B, N, dim]
   torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr}, norm3{nullptr};
   Attention attn1{nullptr}, attn2{nullptr};
   FeedForward ff{nullptr};

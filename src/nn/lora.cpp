@@ -10,18 +10,14 @@ namespace dmx::nn {
 
 namespace {
 
-at::Tensor as_matrix(const at::Tensor& t) {
-  return t.reshape({t.size(0), -1});
-}
+at::Tensor as_matrix(const at::Tensor& t) { return t.reshape({t.size(0), -1}); }
 
 // LyCORIS make_weight_tucker: rebuild = einsum("i j k l, j r, i p -> p r k l", t, wb, wa).
 at::Tensor tucker(const at::Tensor& t, const at::Tensor& wa, const at::Tensor& wb) {
   return at::einsum("ijkl,jr,ip->prkl", {t.to(at::kFloat), as_matrix(wb.to(at::kFloat)), as_matrix(wa.to(at::kFloat))});
 }
 
-at::Tensor f32(const at::Tensor& t) {
-  return t.to(at::kFloat);
-}
+at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
 
 // Norm of w over every dim but `axis` (0: per output row, 1: per input column), keeping dims.
 at::Tensor axis_norm(const at::Tensor& w, int axis) {
@@ -143,9 +139,7 @@ const at::Tensor& runtime_weight(LoRAState& s, size_t i, const at::Tensor& weigh
   return s.runtime_weights[i];
 }
 
-bool low_rank(const LoRAAdapter& a) {
-  return a.kind == LoRAKind::LoRA && a.dora == DoRAStyle::None;
-}
+bool low_rank(const LoRAAdapter& a) { return a.kind == LoRAKind::LoRA && a.dora == DoRAStyle::None; }
 
 }  // namespace
 

@@ -16,9 +16,9 @@ BlendedLatentDiffusionPipeline::BlendedLatentDiffusionPipeline(std::shared_ptr<l
     : m_(models), sd_(models) {}
 
 void BlendedLatentDiffusionPipeline::check_params(const BlendedLatentDiffusionParams& p) const {
-  DMX_CHECK_ARG(p.init_image.defined() && p.init_image.dim() == 4 && p.init_image.size(0) == 1 &&
-                    p.init_image.size(1) == 3,
-                "init_image must be [1, 3, H, W], got ", p.init_image.defined() ? p.init_image.sizes() : at::IntArrayRef{});
+  DMX_CHECK_ARG(
+      p.init_image.defined() && p.init_image.dim() == 4 && p.init_image.size(0) == 1 && p.init_image.size(1) == 3,
+      "init_image must be [1, 3, H, W], got ", p.init_image.defined() ? p.init_image.sizes() : at::IntArrayRef{});
   DMX_CHECK_ARG(p.mask.defined() && p.mask.dim() == 4 && p.mask.size(0) == 1 && p.mask.size(1) == 1,
                 "mask must be [1, 1, H, W], got ", p.mask.defined() ? p.mask.sizes() : at::IntArrayRef{});
   DMX_CHECK_ARG(p.mask.size(2) == p.init_image.size(2) && p.mask.size(3) == p.init_image.size(3), "mask is ",
@@ -30,9 +30,10 @@ void BlendedLatentDiffusionPipeline::check_params(const BlendedLatentDiffusionPa
                 "blend_start must be in [0, 1), got ", p.blend_start);
   DMX_CHECK_ARG(p.mask_dilation >= 0 && p.mask_dilation <= 64, "mask_dilation must be in [0, 64], got ",
                 p.mask_dilation);
-  DMX_CHECK_SUPPORTED(m_->unet->config().in_channels == 4, "blended latent diffusion needs a 4-channel UNet; this one has ",
-                      m_->unet->config().in_channels,
-                      " input channels (a dedicated inpainting model, whose 9-channel path dmx does not implement yet)");
+  DMX_CHECK_SUPPORTED(
+      m_->unet->config().in_channels == 4, "blended latent diffusion needs a 4-channel UNet; this one has ",
+      m_->unet->config().in_channels,
+      " input channels (a dedicated inpainting model, whose 9-channel path dmx does not implement yet)");
   // The remaining rules (steps, guidance, eta, sizes, clip skip) are StableDiffusionPipeline's img2img ones.
   StableDiffusionParams sp;
   static_cast<GenerationParams&>(sp) = p;
@@ -139,8 +140,12 @@ BlendedLatentDiffusionOutput BlendedLatentDiffusionPipeline::run(const BlendedLa
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor edited = out.decoded[i];
     switch (p.background) {
-      case Background::kLatent: images.push_back(edited); break;
-      case Background::kPixel: images.push_back(extensions::pixel_stitch(edited, out.original, out.pixel_mask)); break;
+      case Background::kLatent:
+        images.push_back(edited);
+        break;
+      case Background::kPixel:
+        images.push_back(extensions::pixel_stitch(edited, out.original, out.pixel_mask));
+        break;
       case Background::kPoisson:
         images.push_back(extensions::poisson_blend(edited, out.original, out.pixel_mask));
         break;
@@ -163,13 +168,15 @@ BlendedLatentDiffusionOutput BlendedLatentDiffusionPipeline::run(const BlendedLa
   if (p.rank) {
     PhaseTimer rank_timer("rank");
     out.scores = rank_scores(latents, latent_mask, p.prompt, p.clip_skip, p.rank_options);
-    std::stable_sort(out.order.begin(), out.order.end(),
-                     [&](int a, int b) { return out.scores[static_cast<size_t>(a)] > out.scores[static_cast<size_t>(b)]; });
+    std::stable_sort(out.order.begin(), out.order.end(), [&](int a, int b) {
+      return out.scores[static_cast<size_t>(a)] > out.scores[static_cast<size_t>(b)];
+    });
   }
   return out;
 }
 
-std::vector<double> BlendedLatentDiffusionPipeline::rank_scores(const at::Tensor& latents, const at::Tensor& latent_mask,
+std::vector<double> BlendedLatentDiffusionPipeline::rank_scores(const at::Tensor& latents,
+                                                                const at::Tensor& latent_mask,
                                                                 const std::string& prompt, int clip_skip,
                                                                 const RankOptions& o) {
   at::NoGradGuard no_grad;

@@ -36,9 +36,9 @@ struct RankOptions {
 };
 
 struct BlendedLatentDiffusionParams : GenerationParams {
-  at::Tensor init_image;  // [1, 3, H, W] in [-1, 1]
-  at::Tensor mask;        // [1, 1, H, W] in [0, 1] (L / 255), 1 = edit
-  double strength = 1.0;  // diffusers' inpaint default
+  at::Tensor init_image;     // [1, 3, H, W] in [-1, 1]
+  at::Tensor mask;           // [1, 1, H, W] in [0, 1] (L / 255), 1 = edit
+  double strength = 1.0;     // diffusers' inpaint default
   double blend_start = 0.0;  // fraction of the run's steps before blending starts, in [0, 1)
   int mask_dilation = 0;     // progressive mask shrinking: dilated masks first, the mask itself last
   BlendVariant variant = BlendVariant::kInpaint;
@@ -55,12 +55,12 @@ struct BlendedLatentDiffusionParams : GenerationParams {
 };
 
 struct BlendedLatentDiffusionOutput {
-  at::Tensor images;          // [N, H, W, 3] in [0, 1], after background reconstruction, in sample order
-  at::Tensor decoded;         // [N, H, W, 3] the plain decode of `latents`
-  at::Tensor latents;         // [N, 4, h, w] after the final blend
-  at::Tensor original;        // [H, W, 3] the input image in [0, 1]
-  at::Tensor pixel_mask;      // [H, W] binarised mask, 1 = edit
-  at::Tensor latent_mask;     // [1, 1, h, w] the mask the final blend used
+  at::Tensor images;       // [N, H, W, 3] in [0, 1], after background reconstruction, in sample order
+  at::Tensor decoded;      // [N, H, W, 3] the plain decode of `latents`
+  at::Tensor latents;      // [N, 4, h, w] after the final blend
+  at::Tensor original;     // [H, W, 3] the input image in [0, 1]
+  at::Tensor pixel_mask;   // [H, W] binarised mask, 1 = edit
+  at::Tensor latent_mask;  // [1, 1, h, w] the mask the final blend used
   std::vector<double> timesteps;
   std::vector<double> scores;  // rank scores per sample (empty without rank)
   std::vector<int> order;      // sample indices best first (identity without rank)

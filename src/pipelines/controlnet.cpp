@@ -46,7 +46,8 @@ void fill_hint_channels_from_shapes(nlohmann::json& cfg, const io::TensorMap& w)
 }
 }  // namespace
 
-models::ControlNetModel load_controlnet(const std::string& path, const loaders::LoadOptions& opts, const std::string& param) {
+models::ControlNetModel load_controlnet(const std::string& path, const loaders::LoadOptions& opts,
+                                        const std::string& param) {
   DMX_CHECK_ARG(!path.empty(), param, ": no path given");
   DMX_CHECK_ARG(path_exists(path), param, ": path not found: ", path);
   nlohmann::json cfg;
@@ -162,9 +163,10 @@ void ControlNetProvider::apply(const ResidualStep& step, models::UNetInputs& in)
   if (cond_scale == 0.0) return;  // its residuals would be exact zeros
   const bool cond_half = guess_ && step.guided;
   models::ControlNetInputs ci;
-  ci.sample = cond_half ? step.scheduler.scale_model_input(step.latents, step.index).to(in.sample.device(),
-                                                                                         in.sample.scalar_type())
-                        : in.sample;
+  ci.sample =
+      cond_half
+          ? step.scheduler.scale_model_input(step.latents, step.index).to(in.sample.device(), in.sample.scalar_type())
+          : in.sample;
   ci.timestep = in.timestep;
   ci.encoder_hidden_states = cond_half ? in.encoder_hidden_states.chunk(2, 0)[1] : in.encoder_hidden_states;
   ci.controlnet_cond = image_;

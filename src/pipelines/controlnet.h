@@ -23,7 +23,7 @@ namespace dmx::pipelines {
 // control_guidance_start, control_guidance_end for that net).
 struct ControlNetUnit {
   models::ControlNetModel model{nullptr};
-  at::Tensor image;   // [1, C, H, W] float32 in [0, 1] at the output size (prepare_control_image)
+  at::Tensor image;  // [1, C, H, W] float32 in [0, 1] at the output size (prepare_control_image)
   double scale = 1.0;
   double start = 0.0;  // fraction of the steps before which the net is off
   double end = 1.0;    // fraction of the steps after which the net is off

@@ -39,9 +39,10 @@ DDIMInversionOutput ddim_invert(const loaders::StableDiffusionModels& m, const D
   const bool cfg = p.guidance_scale > 1.0;
   at::Tensor embeds = p.prompt_embeds;
   if (cfg) {
-    DMX_CHECK_ARG(p.negative_prompt_embeds.defined() && p.negative_prompt_embeds.sizes().equals(p.prompt_embeds.sizes()),
-                  "ddim_invert: guidance_scale ", p.guidance_scale, " > 1 needs negative_prompt_embeds of shape ",
-                  p.prompt_embeds.sizes());
+    DMX_CHECK_ARG(
+        p.negative_prompt_embeds.defined() && p.negative_prompt_embeds.sizes().equals(p.prompt_embeds.sizes()),
+        "ddim_invert: guidance_scale ", p.guidance_scale, " > 1 needs negative_prompt_embeds of shape ",
+        p.prompt_embeds.sizes());
     embeds = at::cat({p.negative_prompt_embeds, p.prompt_embeds}, 0);  // uncond first, as diffusers
   }
   embeds = embeds.to(m.device, m.dtype);

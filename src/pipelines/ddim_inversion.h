@@ -31,7 +31,8 @@ struct DDIMInversionOutput {
   std::vector<double> timesteps;    // the timestep of each step, ascending
 };
 
-// Steps the inversion runs: get_inverse_timesteps' num_inference_steps - t_start, t_start = steps - int(steps * strength).
+// Steps the inversion runs: get_inverse_timesteps' num_inference_steps - t_start, t_start = steps - int(steps *
+// strength).
 int inverse_step_count(int num_inference_steps, double inpaint_strength);
 
 DDIMInversionOutput ddim_invert(const loaders::StableDiffusionModels& m, const DDIMInversionParams& p);

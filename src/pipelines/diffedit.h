@@ -32,7 +32,7 @@ struct DiffEditMaskParams {
   double mask_thresholding_ratio = 3.0;
   int num_inference_steps = 50;
   double guidance_scale = 7.5;
-  std::string scheduler = "ddim";  // the pipeline's scheduler (noise level of the encode timestep)
+  std::string scheduler = "ddim";      // the pipeline's scheduler (noise level of the encode timestep)
   at::Generator* generator = nullptr;  // nullptr = the global generator
   // Replay of recorded draws: VAE posterior noise and the noise added at the encode timestep, both
   // [num_maps_per_mask, 4, h, w]. Given ones are used instead of drawing.

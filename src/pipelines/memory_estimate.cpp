@@ -12,7 +12,8 @@ double module_bytes(const torch::nn::Module& mod) {
 }
 }  // namespace
 
-MemoryEstimate estimate_memory(const loaders::StableDiffusionModels& m, int width, int height, int num_images, bool cfg) {
+MemoryEstimate estimate_memory(const loaders::StableDiffusionModels& m, int width, int height, int num_images,
+                               bool cfg) {
   MemoryEstimate e;
   const double elem = static_cast<double>(c10::elementSize(m.dtype));
   e.weights = module_bytes(*m.unet) + module_bytes(*m.vae) + module_bytes(*m.text_encoder);

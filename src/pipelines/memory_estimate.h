@@ -16,7 +16,8 @@ struct MemoryEstimate {
   double total() const { return weights + (unet > vae ? unet : vae); }
 };
 
-MemoryEstimate estimate_memory(const loaders::StableDiffusionModels& m, int width, int height, int num_images, bool cfg);
+MemoryEstimate estimate_memory(const loaders::StableDiffusionModels& m, int width, int height, int num_images,
+                               bool cfg);
 // "12.3 GB", "512 MB", ...
 std::string format_bytes(double bytes);
 }  // namespace dmx::pipelines

@@ -35,8 +35,8 @@ class FrozenParameters {
 
 }  // namespace
 
-std::vector<at::Tensor> ddim_inversion_path(loaders::StableDiffusionModels& m, const at::Tensor& z0, const at::Tensor& cond,
-                                            int num_inference_steps, bool show_progress) {
+std::vector<at::Tensor> ddim_inversion_path(loaders::StableDiffusionModels& m, const at::Tensor& z0,
+                                            const at::Tensor& cond, int num_inference_steps, bool show_progress) {
   // The whole schedule (inpaint_strength 1) at guidance 1: the same loop DiffEdit inverts with.
   DDIMInversionParams ip;
   ip.latents = z0;

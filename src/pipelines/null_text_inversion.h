@@ -39,8 +39,9 @@ struct NullTextInversionOutput {
 // Plain DDIM inversion (DDIMInverseScheduler, guidance 1, conditional branch only) of scaled latents z0 under
 // cond [1, 77, D]: returns z0 followed by the latent after each of the num_inference_steps steps
 // (pipelines::ddim_invert over the whole schedule).
-std::vector<at::Tensor> ddim_inversion_path(loaders::StableDiffusionModels& m, const at::Tensor& z0, const at::Tensor& cond,
-                                            int num_inference_steps, bool show_progress = false);
+std::vector<at::Tensor> ddim_inversion_path(loaders::StableDiffusionModels& m, const at::Tensor& z0,
+                                            const at::Tensor& cond, int num_inference_steps,
+                                            bool show_progress = false);
 
 NullTextInversionOutput null_text_invert(loaders::StableDiffusionModels& m, const NullTextInversionParams& p);
 

@@ -21,7 +21,8 @@ bool has_word(const std::string& text, const std::string& word) {
 }
 }  // namespace
 
-PromptToPromptPipeline::PromptToPromptPipeline(std::shared_ptr<loaders::StableDiffusionModels> models) : m_(std::move(models)) {
+PromptToPromptPipeline::PromptToPromptPipeline(std::shared_ptr<loaders::StableDiffusionModels> models)
+    : m_(std::move(models)) {
   DMX_CHECK_ARG(m_ != nullptr, "PromptToPromptPipeline: models must not be null");
 }
 
@@ -171,8 +172,8 @@ PromptToPromptOutput PromptToPromptPipeline::run(const PromptToPromptParams& p_i
       nn::ScopedAttentionContext ctx(unet_module, nn::AttentionContext{i, num_steps, t, rows});
       noise_pred = guided_noise_prediction(*m_, *sched, latents, i, embeds, p.guidance_scale);
     }
-    args.variance_noise = static_cast<size_t>(i) < p.step_noises.size() ? p.step_noises[static_cast<size_t>(i)]
-                                                                        : at::Tensor();
+    args.variance_noise =
+        static_cast<size_t>(i) < p.step_noises.size() ? p.step_noises[static_cast<size_t>(i)] : at::Tensor();
     latents = sched->step(noise_pred, i, latents, args).prev_sample;
     if (blend) latents = (*blend)(latents, *store);
     if (p.on_step_end) p.on_step_end(i, t, latents);

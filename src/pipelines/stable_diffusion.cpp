@@ -29,12 +29,12 @@ void check_max_side(const loaders::StableDiffusionModels& m, int w, int h, int n
   const MemoryEstimate need = estimate_memory(m, w, h, n, cfg);
   const MemoryEstimate at_max = estimate_memory(m, kMaxSide, kMaxSide, n, cfg);
   const char* dtype = m.dtype == at::kHalf ? "fp16" : m.dtype == at::kBFloat16 ? "bf16" : "fp32";
-  throw InvalidArgument(detail::concat(
-      img2img ? "init image size " : "width x height ", w, "x", h, " exceeds the maximum of ", kMaxSide, "x",
-      kMaxSide, " (width and height must be at most ", kMaxSide, "); it would need about ", format_bytes(need.total()),
-      " of memory in ", dtype, " (weights ", format_bytes(need.weights), ", UNet activations ", format_bytes(need.unet),
-      ", VAE decode ", format_bytes(need.vae), "), against about ", format_bytes(at_max.total()), " at ", kMaxSide,
-      "x", kMaxSide));
+  throw InvalidArgument(
+      detail::concat(img2img ? "init image size " : "width x height ", w, "x", h, " exceeds the maximum of ", kMaxSide,
+                     "x", kMaxSide, " (width and height must be at most ", kMaxSide, "); it would need about ",
+                     format_bytes(need.total()), " of memory in ", dtype, " (weights ", format_bytes(need.weights),
+                     ", UNet activations ", format_bytes(need.unet), ", VAE decode ", format_bytes(need.vae),
+                     "), against about ", format_bytes(at_max.total()), " at ", kMaxSide, "x", kMaxSide));
 }
 }  // namespace
 
@@ -68,12 +68,13 @@ void StableDiffusionPipeline::check_params(const StableDiffusionParams& p) const
   }
   if (img2img) {
     const int f = std::max(8, m_->vae_scale_factor());
-    DMX_CHECK_ARG(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1,
-                  "strength must be in [0, 1], got ", p.strength);
+    DMX_CHECK_ARG(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1, "strength must be in [0, 1], got ",
+                  p.strength);
     DMX_CHECK_ARG(p.init_image.dim() == 4 && p.init_image.size(0) == 1 && p.init_image.size(1) == 3,
                   "init_image must be [1, 3, H, W], got ", p.init_image.sizes());
-    DMX_CHECK_ARG(p.init_image.size(2) % f == 0 && p.init_image.size(3) % f == 0, "init image size must be a multiple of ",
-                  f, ", got ", p.init_image.size(3), "x", p.init_image.size(2));
+    DMX_CHECK_ARG(p.init_image.size(2) % f == 0 && p.init_image.size(3) % f == 0,
+                  "init image size must be a multiple of ", f, ", got ", p.init_image.size(3), "x",
+                  p.init_image.size(2));
   }
 }
 
@@ -106,15 +107,17 @@ void check_finite_output(const loaders::StableDiffusionModels& m, const at::Tens
   if (count > weights.size()) list += ", ... (" + std::to_string(count) + " tensors in all)";
   const int loras = loaders::count_lora_layers(m);
   if (loras > 0)
-    throw InvalidArgument(detail::concat(
-        head, "Likely source: the LoRA(s) applied to ", loras, " layer(s) (a non-finite or huge alpha or scale, or "
-        "non-finite LoRA weights)", count ? "; non-finite weights after merging: " + list : std::string(),
-        ". Check the --lora scales and the LoRA files."));
+    throw InvalidArgument(detail::concat(head, "Likely source: the LoRA(s) applied to ", loras,
+                                         " layer(s) (a non-finite or huge alpha or scale, or "
+                                         "non-finite LoRA weights)",
+                                         count ? "; non-finite weights after merging: " + list : std::string(),
+                                         ". Check the --lora scales and the LoRA files."));
   if (count > 0)
     throw FormatError(detail::concat(head, "Likely source: the model's weights hold non-finite values: ", list, " (",
                                      m.source_path, ")."));
-  throw Error(detail::concat(head, "The weights are finite: a numerical overflow, e.g. from --init-latents with huge "
-                                   "values, an extreme --guidance-scale, or a reduced --dtype (try fp32)."));
+  throw Error(detail::concat(head,
+                             "The weights are finite: a numerical overflow, e.g. from --init-latents with huge "
+                             "values, an extreme --guidance-scale, or a reduced --dtype (try fp32)."));
 }
 
 at::Tensor StableDiffusionPipeline::decode_latents(const at::Tensor& latents, bool show_progress) {

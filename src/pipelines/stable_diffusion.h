@@ -16,8 +16,8 @@
 namespace dmx::pipelines {
 
 struct StableDiffusionParams : GenerationParams {
-  int width = 0;   // 0 = the first residual provider's size (a ControlNet's image), else the model default
-  int height = 0;  //     (unet.sample_size * vae scale)
+  int width = 0;       // 0 = the first residual provider's size (a ControlNet's image), else the model default
+  int height = 0;      //     (unet.sample_size * vae scale)
   at::Tensor latents;  // given initial noise [N, 4, h, w] (before init_noise_sigma)
   // img2img: [1, 3, H, W] in [-1, 1]; strength in [0, 1].
   at::Tensor init_image;
@@ -31,8 +31,8 @@ struct StableDiffusionParams : GenerationParams {
 };
 
 struct StableDiffusionOutput {
-  at::Tensor images;   // [N, H, W, 3] float32 in [0, 1]
-  at::Tensor latents;  // [N, 4, h, w] float32: after the last scheduler step (before 1/scaling)
+  at::Tensor images;              // [N, H, W, 3] float32 in [0, 1]
+  at::Tensor latents;             // [N, 4, h, w] float32: after the last scheduler step (before 1/scaling)
   std::vector<double> timesteps;  // the timesteps the loop ran
 };
 

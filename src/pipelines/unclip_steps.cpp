@@ -58,23 +58,24 @@ at::Tensor run_prior(models::PriorTransformer& prior, schedulers::Scheduler& sch
   // StableUnCLIPPipeline calls prior_scheduler.step(output, t, latents) with no prev_timestep: an UnCLIPScheduler
   // there steps to t - 1 at every step. dmx's UnCLIPScheduler steps to the next timestep of the run (Karlo's and
   // Kandinsky's pipelines pass it), so this loop would not be diffusers' loop with it.
-  DMX_CHECK_SUPPORTED(scheduler.class_name() != "UnCLIPScheduler",
-                      "run_prior: UnCLIPScheduler is not supported as the Stable unCLIP prior scheduler (diffusers' ",
-                      "StableUnCLIPPipeline steps it to t - 1 whatever the step count); use a DDPMScheduler, as Stable ",
-                      "unCLIP folders do");
+  DMX_CHECK_SUPPORTED(
+      scheduler.class_name() != "UnCLIPScheduler",
+      "run_prior: UnCLIPScheduler is not supported as the Stable unCLIP prior scheduler (diffusers' ",
+      "StableUnCLIPPipeline steps it to t - 1 whatever the step count); use a DDPMScheduler, as Stable ",
+      "unCLIP folders do");
   const bool cfg = p.guidance_scale > 1.0;
   DMX_CHECK_ARG(std::isfinite(p.guidance_scale), "prior_guidance_scale must be finite, got ", p.guidance_scale);
-  DMX_CHECK_ARG(p.prompt.text_embeds.defined() && p.prompt.last_hidden_state.defined() &&
-                    p.prompt.attention_mask.defined(),
-                "run_prior: the prompt embeddings are missing (use encode_prior_prompt)");
+  DMX_CHECK_ARG(
+      p.prompt.text_embeds.defined() && p.prompt.last_hidden_state.defined() && p.prompt.attention_mask.defined(),
+      "run_prior: the prompt embeddings are missing (use encode_prior_prompt)");
   const int64_t rows = p.prompt.text_embeds.size(0);
   DMX_CHECK_ARG(!cfg || rows % 2 == 0, "run_prior: with prior_guidance_scale > 1 the prompt embeddings need ",
                 "[uncond; cond] rows (an even count), got ", rows);
   const int64_t B = cfg ? rows / 2 : rows;
   const int64_t E = prior->config().embedding_dim;
-  DMX_CHECK_ARG(prior->config().resolved_clip_embed_dim() == E,
-                "run_prior: the prior predicts ", prior->config().resolved_clip_embed_dim(),
-                "-wide embeddings (clip_embed_dim) but samples ", E, "-wide latents (embedding_dim)");
+  DMX_CHECK_ARG(prior->config().resolved_clip_embed_dim() == E, "run_prior: the prior predicts ",
+                prior->config().resolved_clip_embed_dim(), "-wide embeddings (clip_embed_dim) but samples ", E,
+                "-wide latents (embedding_dim)");
 
   // 1. timesteps
   scheduler.set_timesteps(p.num_inference_steps);
@@ -84,8 +85,8 @@ at::Tensor run_prior(models::PriorTransformer& prior, schedulers::Scheduler& sch
   const at::Tensor& ref = p.prompt.text_embeds;
   at::Tensor latents;
   if (p.latents.defined()) {
-    DMX_CHECK_ARG(p.latents.dim() == 2 && p.latents.size(0) == B && p.latents.size(1) == E,
-                  "prior latents must be [", B, ", ", E, "] (batch, embedding_dim), got ", p.latents.sizes());
+    DMX_CHECK_ARG(p.latents.dim() == 2 && p.latents.size(0) == B && p.latents.size(1) == E, "prior latents must be [",
+                  B, ", ", E, "] (batch, embedding_dim), got ", p.latents.sizes());
     latents = p.latents.to(ref.device(), ref.scalar_type());
   } else {
     const auto opts = at::TensorOptions().dtype(ref.scalar_type());
@@ -101,8 +102,8 @@ at::Tensor run_prior(models::PriorTransformer& prior, schedulers::Scheduler& sch
     model_input = scheduler.scale_model_input(model_input, static_cast<int>(i));
     models::PriorTransformerInputs in;
     in.hidden_states = model_input;
-    in.timestep = t == std::floor(t) ? at::scalar_tensor(static_cast<int64_t>(t), at::kLong)
-                                     : at::scalar_tensor(t, at::kFloat);
+    in.timestep =
+        t == std::floor(t) ? at::scalar_tensor(static_cast<int64_t>(t), at::kLong) : at::scalar_tensor(t, at::kFloat);
     in.proj_embedding = p.prompt.text_embeds;
     in.encoder_hidden_states = p.prompt.last_hidden_state;
     in.attention_mask = p.prompt.attention_mask;
@@ -158,7 +159,8 @@ at::Tensor noise_image_embeddings(models::StableUnCLIPImageNormalizer& image_nor
   e = image_normalizer->unscale(e);
   const at::Tensor levels = at::full({image_embeds.size(0)}, noise_level, at::TensorOptions().dtype(at::kLong));
   const at::Tensor level_embedding =
-      nn::get_timestep_embedding(levels, e.size(1), /*flip_sin_to_cos=*/true, /*shift=*/0.0).to(e.device(), e.scalar_type());
+      nn::get_timestep_embedding(levels, e.size(1), /*flip_sin_to_cos=*/true, /*shift=*/0.0)
+          .to(e.device(), e.scalar_type());
   return at::cat({e, level_embedding}, 1);  // [B, 2E]
 }
 }  // namespace dmx::pipelines

@@ -39,9 +39,9 @@ PriorPromptEmbeddings encode_prior_prompt(const models::CLIPTokenizer& tokenizer
 struct PriorRunParams {
   PriorPromptEmbeddings prompt;  // from encode_prior_prompt; [uncond; cond] rows when guidance_scale > 1
   int num_inference_steps = 25;
-  double guidance_scale = 4.0;  // prior_guidance_scale; > 1 turns classifier-free guidance on
-  at::Tensor latents;           // initial [B, embedding_dim] before init_noise_sigma, or undefined: drawn
-  at::Generator* generator = nullptr;  // the initial latents' and the scheduler's draws (nullptr = global)
+  double guidance_scale = 4.0;          // prior_guidance_scale; > 1 turns classifier-free guidance on
+  at::Tensor latents;                   // initial [B, embedding_dim] before init_noise_sigma, or undefined: drawn
+  at::Generator* generator = nullptr;   // the initial latents' and the scheduler's draws (nullptr = global)
   std::vector<at::Tensor> step_noises;  // replays the scheduler's draws (one per step with t > 0), in order
   // After each step: index, timestep, the guided prediction the scheduler consumed, the new latents.
   std::function<void(int step, double t, const at::Tensor& guided_prediction, const at::Tensor& latents)> on_step_end;
@@ -65,5 +65,6 @@ at::Tensor clip_image_embeds(const models::CLIPImageProcessorConfig& feature_ext
 // num_train_timesteps.
 at::Tensor noise_image_embeddings(models::StableUnCLIPImageNormalizer& image_normalizer,
                                   const schedulers::Scheduler& image_noising_scheduler, const at::Tensor& image_embeds,
-                                  int64_t noise_level, const at::Tensor& noise = {}, at::Generator* generator = nullptr);
+                                  int64_t noise_level, const at::Tensor& noise = {},
+                                  at::Generator* generator = nullptr);
 }  // namespace dmx::pipelines

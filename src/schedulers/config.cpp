@@ -133,7 +133,6 @@ const std::map<std::string, Setter>& field_setters() {
   return setters;
 }
 
-
 const std::vector<std::string> kBetaParams = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
                                               "trained_betas"};
 
@@ -271,6 +270,5 @@ nlohmann::json parse_scheduler_config(const std::string& text) {
     throw FormatError(std::string("malformed scheduler config JSON: ") + e.what());
   }
 }
-
 
 }  // namespace dmx::schedulers

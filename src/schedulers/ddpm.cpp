@@ -150,10 +150,10 @@ const SchedulerClass& ddpm_class() {
       [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<DDPMScheduler>(c); },
       nullptr,
       [](const SchedulerConfig& c) {
-        detail::check_one_of("variance_type", c.variance_type,
-                             {"fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
-                              "learned_range"},
-                             "DDPMScheduler");
+        detail::check_one_of(
+            "variance_type", c.variance_type,
+            {"fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"},
+            "DDPMScheduler");
       },
   };
   return c;

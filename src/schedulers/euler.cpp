@@ -98,7 +98,9 @@ const SchedulerClass& euler_class() {
       {"epsilon", "sample", "v_prediction", "original_sample"},
       detail::kSpacings,
       [](SchedulerConfig& c) { c.timestep_spacing = "linspace"; },
-      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> { return std::make_unique<EulerDiscreteScheduler>(c); },
+      [](const SchedulerConfig& c) -> std::unique_ptr<Scheduler> {
+        return std::make_unique<EulerDiscreteScheduler>(c);
+      },
       nullptr,
       [](const SchedulerConfig& c) {
         const char* cls = "EulerDiscreteScheduler";

@@ -15,12 +15,12 @@ namespace dmx::schedulers {
 struct SchedulerClass;  // scheduler_impl.h
 
 struct SchedulerEntry {
-  std::string name;                   // what --scheduler takes: "euler_a"
-  const SchedulerClass& (*cls)();     // the diffusers class, defined in the scheduler's own file
-  std::string a1111_label;            // A1111's "Sampler:" label; "" = not a sampler (generation does not offer it)
-  nlohmann::json overrides;           // config fields set over the model's config (a JSON object)
-  std::string use = "";               // rows that are no sampler: what they are for (the README table says it)
-  std::string class_name() const;     // the diffusers class name, e.g. "EulerAncestralDiscreteScheduler"
+  std::string name;                // what --scheduler takes: "euler_a"
+  const SchedulerClass& (*cls)();  // the diffusers class, defined in the scheduler's own file
+  std::string a1111_label;         // A1111's "Sampler:" label; "" = not a sampler (generation does not offer it)
+  nlohmann::json overrides;        // config fields set over the model's config (a JSON object)
+  std::string use = "";            // rows that are no sampler: what they are for (the README table says it)
+  std::string class_name() const;  // the diffusers class name, e.g. "EulerAncestralDiscreteScheduler"
 };
 
 // Every row, in table order.

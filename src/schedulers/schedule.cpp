@@ -44,7 +44,6 @@ at::Tensor rescale_zero_terminal_snr(const at::Tensor& betas) {
   return at::rsub(alphas, 1);
 }
 
-
 }  // namespace
 
 at::Tensor make_betas(const SchedulerConfig& cfg) {

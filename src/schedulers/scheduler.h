@@ -22,9 +22,9 @@ struct SchedulerConfig {
   int num_train_timesteps = 1000;
   double beta_start = 0.0001;
   double beta_end = 0.02;
-  std::string beta_schedule = "linear";  // linear | scaled_linear | squaredcos_cap_v2 (+ sigmoid: DDPM, exp: Heun)
-  std::vector<double> trained_betas;     // empty = none
-  std::string prediction_type = "epsilon";  // epsilon | v_prediction | sample
+  std::string beta_schedule = "linear";      // linear | scaled_linear | squaredcos_cap_v2 (+ sigmoid: DDPM, exp: Heun)
+  std::vector<double> trained_betas;         // empty = none
+  std::string prediction_type = "epsilon";   // epsilon | v_prediction | sample
   std::string timestep_spacing = "leading";  // leading | trailing | linspace
   int steps_offset = 0;
   bool set_alpha_to_one = true;
@@ -41,7 +41,7 @@ struct SchedulerConfig {
   std::string timestep_type = "discrete";     // Euler: discrete | continuous
   std::optional<double> sigma_min;            // Euler: Karras range (unset = from the schedule)
   std::optional<double> sigma_max;
-  int solver_order = 2;                       // DPM-Solver
+  int solver_order = 2;  // DPM-Solver
   std::string algorithm_type = "dpmsolver++";
   std::string solver_type = "midpoint";
   bool lower_order_final = true;
@@ -57,8 +57,8 @@ struct SchedulerConfig {
 };
 
 struct StepArgs {
-  double eta = 0.0;                       // DDIM only
-  at::Generator* generator = nullptr;     // for schedulers that draw noise (DDPM, Euler, Euler a, DDIM eta>0)
+  double eta = 0.0;                    // DDIM only
+  at::Generator* generator = nullptr;  // for schedulers that draw noise (DDPM, Euler, Euler a, DDIM eta>0)
   // Explicit noise instead of a draw, for every scheduler that draws (DDIM eta>0, DDPM, Euler, Euler a,
   // SDE DPM-Solver): replays recorded draws. Takes precedence over the generator, which then draws nothing.
   at::Tensor variance_noise;
@@ -92,8 +92,7 @@ class Scheduler {
   // diffusers' add_noise(original, noise, timesteps=[timestep]) at a training timestep that need not be a step of
   // the run (a noise level: Stable unCLIP's image-embedding noising). The DDPM family (DDPM, DDIM, PNDM, UnCLIP);
   // Unsupported for the others. InvalidArgument unless 0 <= timestep < num_train_timesteps. No set_timesteps needed.
-  virtual at::Tensor add_noise_at_timestep(const at::Tensor& original, const at::Tensor& noise,
-                                           int64_t timestep) const;
+  virtual at::Tensor add_noise_at_timestep(const at::Tensor& original, const at::Tensor& noise, int64_t timestep) const;
 
  protected:
   SchedulerConfig config_;

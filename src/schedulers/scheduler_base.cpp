@@ -42,10 +42,10 @@ void SchedulerBase::check_num_inference_steps(int n) const {
   while (most >= 1 && !timestep_problem(base_timesteps(most), T).empty()) --most;
   DMX_CHECK_ARG(most >= 1, class_name(), ": this scheduler config gives no valid timesteps for any number of steps (",
                 problem, ")");
-  throw InvalidArgument(dmx::detail::concat(
-      "steps must be at most ", most, " for ", class_name(), " with this model's scheduler config (timestep_spacing \"",
-      config_.timestep_spacing, "\", steps_offset ", config_.steps_offset, ", num_train_timesteps ", T, "): ", n,
-      " steps ", problem, "; got ", n));
+  throw InvalidArgument(dmx::detail::concat("steps must be at most ", most, " for ", class_name(),
+                                            " with this model's scheduler config (timestep_spacing \"",
+                                            config_.timestep_spacing, "\", steps_offset ", config_.steps_offset,
+                                            ", num_train_timesteps ", T, "): ", n, " steps ", problem, "; got ", n));
 }
 
 void SchedulerBase::check_step_index(int step_index, const char* what) const {
@@ -67,7 +67,8 @@ float AlphaScheduler::alpha_prod(int64_t t) const {
 
 at::Tensor Scheduler::add_noise_at_timestep(const at::Tensor& original, const at::Tensor& noise,
                                             int64_t timestep) const {
-  throw Unsupported(class_name() + " adds noise at the steps of a run only (add_noise by step index); noising at a "
+  throw Unsupported(class_name() +
+                    " adds noise at the steps of a run only (add_noise by step index); noising at a "
                     "training timestep needs a DDPM-family scheduler (DDPMScheduler, DDIMScheduler, PNDMScheduler)");
 }
 
@@ -121,6 +122,5 @@ at::Tensor SigmaScheduler::add_noise(const at::Tensor& original, const at::Tenso
   check_step_index(step_index, "add_noise()");
   return original + noise * static_cast<double>(sigma_at(step_index));
 }
-
 
 }  // namespace dmx::schedulers

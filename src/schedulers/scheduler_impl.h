@@ -21,11 +21,11 @@ namespace dmx::schedulers {
 // A diffusers scheduler class as from_config sees it (diffusers 0.27.2): the __init__ fields it reads besides
 // the beta ones (other fields of a config are ignored), the values it accepts, its defaults and constructor.
 struct SchedulerClass {
-  std::string name;                   // DDIMScheduler, ...
-  std::vector<std::string> params;    // __init__ fields besides num_train_timesteps and the beta schedule
+  std::string name;                 // DDIMScheduler, ...
+  std::vector<std::string> params;  // __init__ fields besides num_train_timesteps and the beta schedule
   std::vector<std::string> beta_schedules;
   std::vector<std::string> prediction_types;
-  std::vector<std::string> spacings;  // timestep_spacing values
+  std::vector<std::string> spacings;               // timestep_spacing values
   std::function<void(SchedulerConfig&)> defaults;  // applied over detail::neutral_config()
   std::function<std::unique_ptr<Scheduler>(const SchedulerConfig&)> make;
   std::function<void(SchedulerConfig&)> normalize = nullptr;       // deprecated values diffusers maps on load

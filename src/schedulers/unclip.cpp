@@ -40,9 +40,8 @@ class UnCLIPScheduler final : public AlphaScheduler {
                   const StepArgs& args) override {
     check_step_index(step_index, "step()");
     const int64_t t = static_cast<int64_t>(timesteps_[step_index]);
-    const int64_t prev_t = step_index + 1 < static_cast<int>(timesteps_.size())
-                               ? static_cast<int64_t>(timesteps_[step_index + 1])
-                               : t - 1;
+    const int64_t prev_t =
+        step_index + 1 < static_cast<int>(timesteps_.size()) ? static_cast<int64_t>(timesteps_[step_index + 1]) : t - 1;
 
     at::Tensor model_output = model_output_in;
     at::Tensor predicted_variance;
@@ -88,7 +87,8 @@ class UnCLIPScheduler final : public AlphaScheduler {
         const float min_log = detail::torch_log(variance);
         const float max_log = detail::torch_log(k.beta);
         const at::Tensor frac = (predicted_variance + 1) / 2;
-        const at::Tensor log_var = frac * static_cast<double>(max_log) + at::rsub(frac, 1) * static_cast<double>(min_log);
+        const at::Tensor log_var =
+            frac * static_cast<double>(max_log) + at::rsub(frac, 1) * static_cast<double>(min_log);
         scaled = (log_var * 0.5).exp() * variance_noise;
       } else {  // fixed_small_log
         const float std_dev = detail::torch_exp(0.5f * detail::torch_log(std::max(variance, 1e-20f)));
@@ -143,8 +143,7 @@ const SchedulerClass& unclip_class() {
       [](SchedulerConfig& c) { c.trained_betas.clear(); },
       [](const SchedulerConfig& c) {
         // diffusers raises at step() for another variance type; dmx refuses the config when it is read.
-        detail::check_one_of("variance_type", c.variance_type, {"fixed_small_log", "learned_range"},
-                             "UnCLIPScheduler");
+        detail::check_one_of("variance_type", c.variance_type, {"fixed_small_log", "learned_range"}, "UnCLIPScheduler");
       },
   };
   return c;

@@ -2,9 +2,9 @@
 // diffusers folder layout and the original control_model.* single-file layout. See controlnet_init.h.
 #include "training/controlnet_init.h"
 
-#include <filesystem>
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 
 #include "core/fs.h"
 #include "core/text.h"
@@ -93,9 +93,8 @@ models::ControlNetModel controlnet_from_unet(models::UNet2DConditionModel& unet,
                                              int vae_scale_factor) {
   const models::UNet2DConditionConfig& u = unet->config();
   DMX_CHECK_ARG(conditioning_channels >= 1, "conditioning_channels must be >= 1, got ", conditioning_channels);
-  DMX_CHECK_SUPPORTED(u.mid_block_type == "UNetMidBlock2DCrossAttn",
-                      "ControlNet from a UNet with mid_block_type '", u.mid_block_type,
-                      "' (dmx's ControlNet has UNetMidBlock2DCrossAttn)");
+  DMX_CHECK_SUPPORTED(u.mid_block_type == "UNetMidBlock2DCrossAttn", "ControlNet from a UNet with mid_block_type '",
+                      u.mid_block_type, "' (dmx's ControlNet has UNetMidBlock2DCrossAttn)");
   DMX_CHECK_SUPPORTED(u.resnet_time_scale_shift == "default", "ControlNet from a UNet with resnet_time_scale_shift '",
                       u.resnet_time_scale_shift, "'");
   DMX_CHECK_SUPPORTED(u.class_embedding_kind().empty(), "ControlNet from a UNet with a class embedding ('",
@@ -158,9 +157,9 @@ models::ControlNetModel controlnet_from_unet(models::UNet2DConditionModel& unet,
   // Every UNet weight of the copied blocks must have found its place too.
   for (const auto& p : unet_params)
     if (is_copied(p.key()) && !net->named_parameters(true).find(p.key())) missing.push_back("unet " + p.key());
-  DMX_CHECK_FORMAT(missing.empty(), "controlnet_from_unet: ", missing.size(),
-                   " weight(s) of the UNet encoder have no same-shaped counterpart in the ControlNet, first: ",
-                   missing.front());
+  DMX_CHECK_FORMAT(
+      missing.empty(), "controlnet_from_unet: ", missing.size(),
+      " weight(s) of the UNet encoder have no same-shaped counterpart in the ControlNet, first: ", missing.front());
   DMX_CHECK_FORMAT(copied > 0, "controlnet_from_unet: no weight copied from the UNet");
   return net;
 }

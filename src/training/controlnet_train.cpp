@@ -48,8 +48,9 @@ at::Tensor ControlNetRecipe::predict(const at::Tensor& noisy_latents, const at::
   DMX_CHECK_ARG(batch.conditioning.defined(),
                 "ControlNet training needs a conditioning image for every row (metadata.jsonl column "
                 "'conditioning_image')");
-  DMX_CHECK_ARG(batch.conditioning.size(0) == noisy_latents.size(0), "ControlNet training: ",
-                batch.conditioning.size(0), " conditioning images for a batch of ", noisy_latents.size(0));
+  DMX_CHECK_ARG(batch.conditioning.size(0) == noisy_latents.size(0),
+                "ControlNet training: ", batch.conditioning.size(0), " conditioning images for a batch of ",
+                noisy_latents.size(0));
   models::ControlNetInputs ci;  // [B, 4, h, w], [B], [B, 77, D], [B, 3, 8h, 8w] in [0, 1], all float32
   ci.sample = noisy_latents.to(at::kFloat);
   ci.timestep = timesteps;

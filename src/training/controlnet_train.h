@@ -18,8 +18,8 @@
 #include <string>
 #include <vector>
 
-#include "models/controlnet.h"
 #include "loaders/model_bundle.h"
+#include "models/controlnet.h"
 #include "training/trainer.h"
 
 namespace dmx::training {

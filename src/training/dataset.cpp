@@ -104,8 +104,8 @@ ImageCaptionDataset::ImageCaptionDataset(DatasetOptions o) : o_(std::move(o)) {
   DMX_CHECK_ARG(o_.resolution >= 8 && o_.resolution % 8 == 0 && o_.resolution <= kMaxImageSide,
                 "--resolution must be a positive multiple of 8 (at most ", kMaxImageSide, "), got ", o_.resolution);
   DMX_CHECK_ARG(!o_.dir.empty(), "--data must name a folder of images, got an empty path");
-  DMX_CHECK_ARG(is_directory(o_.dir), "--data must be a folder of images, got '", o_.dir,
-                "' (", path_exists(o_.dir) ? "not a folder" : "does not exist", ")");
+  DMX_CHECK_ARG(is_directory(o_.dir), "--data must be a folder of images, got '", o_.dir, "' (",
+                path_exists(o_.dir) ? "not a folder" : "does not exist", ")");
   std::vector<std::string> bad;
   const std::string meta = join_path(o_.dir, "metadata.jsonl");
   if (path_exists(meta)) {
@@ -238,9 +238,9 @@ ImageCaptionDataset::ImageCaptionDataset(DatasetOptions o) : o_(std::move(o)) {
     if (shown < skipped_.size()) msg << "\n  ... and " << skipped_.size() - shown << " more";
     log_warn(msg.str());
   }
-  DMX_CHECK_ARG(!rows_.empty(), "--data: no usable image in '", o_.dir, "'",
-                skipped_.empty() ? " (expected name.png + name.txt pairs or metadata.jsonl)"
-                                 : " (every row was skipped as bad)");
+  DMX_CHECK_ARG(
+      !rows_.empty(), "--data: no usable image in '", o_.dir, "'",
+      skipped_.empty() ? " (expected name.png + name.txt pairs or metadata.jsonl)" : " (every row was skipped as bad)");
 }
 
 Example ImageCaptionDataset::get(size_t i, uint64_t augment_seed) const {
@@ -309,7 +309,11 @@ uint64_t splitmix64(uint64_t x) {
 
 BatchSampler::BatchSampler(size_t dataset_size, int batch_size_per_rank, int rank, int world_size, uint64_t seed,
                            bool shuffle)
-    : n_(dataset_size), batch_size_(batch_size_per_rank), rank_(rank), world_size_(world_size), seed_(seed),
+    : n_(dataset_size),
+      batch_size_(batch_size_per_rank),
+      rank_(rank),
+      world_size_(world_size),
+      seed_(seed),
       shuffle_(shuffle) {
   DMX_CHECK_ARG(n_ > 0, "BatchSampler: the dataset is empty");
   DMX_CHECK_ARG(batch_size_ >= 1, "--batch-size must be >= 1, got ", batch_size_);
@@ -351,7 +355,7 @@ std::vector<size_t> BatchSampler::indices(int64_t micro_step) const {
 }
 
 uint64_t BatchSampler::augment_seed(int64_t micro_step) const {
-  return splitmix64(seed_) + static_cast<uint64_t>(micro_step) * static_cast<uint64_t>(world_size_) *
-                                 static_cast<uint64_t>(batch_size_);
+  return splitmix64(seed_) +
+         static_cast<uint64_t>(micro_step) * static_cast<uint64_t>(world_size_) * static_cast<uint64_t>(batch_size_);
 }
 }  // namespace dmx::training

@@ -18,8 +18,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <map>
@@ -44,9 +44,7 @@ int parse_env_int(const char* name, const char* value, long lo, long hi, const c
   return static_cast<int>(v);
 }
 
-bool is_loopback(const std::string& addr) {
-  return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
-}
+bool is_loopback(const std::string& addr) { return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1"; }
 }  // namespace
 
 DistributedEnv DistributedEnv::from_environment() {
@@ -63,9 +61,11 @@ DistributedEnv DistributedEnv::from_environment() {
   }
   const char* lr = env_or_null("LOCAL_RANK");
   env.local_rank = lr ? parse_env_int("LOCAL_RANK", lr, 0, INT_MAX, ">= 0") : env.rank;
-  if (lr) DMX_CHECK_ARG(env.local_rank <= env.rank, "LOCAL_RANK must be <= RANK (", env.rank, "), got ", env.local_rank);
+  if (lr)
+    DMX_CHECK_ARG(env.local_rank <= env.rank, "LOCAL_RANK must be <= RANK (", env.rank, "), got ", env.local_rank);
   if (const char* a = env_or_null("MASTER_ADDR")) env.master_addr = a;
-  if (const char* p = env_or_null("MASTER_PORT")) env.master_port = parse_env_int("MASTER_PORT", p, 1, 65535, "in [1, 65535]");
+  if (const char* p = env_or_null("MASTER_PORT"))
+    env.master_port = parse_env_int("MASTER_PORT", p, 1, 65535, "in [1, 65535]");
   return env;
 }
 
@@ -116,8 +116,7 @@ std::shared_ptr<Distributed> Distributed::create(const DistributedEnv& env, cons
   d->impl_->env = env;
   if (env.world_size == 1) return d;
 #if !defined(USE_C10D_NCCL)
-  DMX_CHECK_SUPPORTED(device == "cpu",
-                      "distributed training on ", device,
+  DMX_CHECK_SUPPORTED(device == "cpu", "distributed training on ", device,
                       " needs NCCL, and this libtorch was built without it (Debian's libtorch is CPU-only); "
                       "train with --device cpu (Gloo) or build dmx against a CUDA libtorch with NCCL");
 #endif
@@ -136,8 +135,8 @@ std::shared_ptr<Distributed> Distributed::create(const DistributedEnv& env, cons
     auto tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
     if (agent_store) {
       const char* attempt = env_or_null("TORCHELASTIC_RESTART_COUNT");
-      d->impl_->store = c10::make_intrusive<c10d::PrefixStore>(
-          std::string("/worker/attempt_") + (attempt ? attempt : "0"), tcp);
+      d->impl_->store =
+          c10::make_intrusive<c10d::PrefixStore>(std::string("/worker/attempt_") + (attempt ? attempt : "0"), tcp);
     } else {
       d->impl_->store = tcp;
     }

@@ -154,7 +154,8 @@ void save_diffusers_folder(const std::string& source, const std::string& dir, to
     if (vae) {
       io::save_safetensors(join_path(tmp, "vae/diffusion_pytorch_model.safetensors"), float_state(*vae),
                            {{"format", "pt"}});
-      if (!vae_config.empty()) write_bytes_atomic(join_path(tmp, "vae/config.json"), vae_config.data(), vae_config.size());
+      if (!vae_config.empty())
+        write_bytes_atomic(join_path(tmp, "vae/config.json"), vae_config.data(), vae_config.size());
     }
   });
 }

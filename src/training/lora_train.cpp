@@ -70,7 +70,9 @@ at::Tensor& weight_of(const std::shared_ptr<torch::nn::Module>& mod) {
   return std::dynamic_pointer_cast<nn::LoRAConv2dImpl>(mod)->weight;
 }
 
-const char* component_prefix(loaders::LoRAComponent c) { return c == loaders::LoRAComponent::UNet ? "unet" : "text_encoder"; }
+const char* component_prefix(loaders::LoRAComponent c) {
+  return c == loaders::LoRAComponent::UNet ? "unet" : "text_encoder";
+}
 
 }  // namespace
 
@@ -86,7 +88,7 @@ LoRANetwork::LoRANetwork(loaders::StableDiffusionModels& m, const LoRATrainOptio
       nn::LoRAState* s = state_of(item.value());
       if (!s) continue;
       const bool sel = comp == loaders::LoRAComponent::UNet ? unet_selected(item.key(), targets)
-                                                       : text_encoder_selected(item.key(), targets);
+                                                            : text_encoder_selected(item.key(), targets);
       if (!sel) continue;
       DMX_CHECK_ARG(s->adapters.empty(), "LoRA training: layer '", item.key(),
                     "' already carries an adapter (train on a model without --lora)");

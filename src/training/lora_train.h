@@ -26,10 +26,10 @@
 #include <string>
 #include <vector>
 
-#include "loaders/lora_formats.h"
 #include "io/safetensors.h"
-#include "nn/lora.h"
+#include "loaders/lora_formats.h"
 #include "loaders/model_bundle.h"
+#include "nn/lora.h"
 #include "training/trainer.h"
 
 namespace dmx::training {

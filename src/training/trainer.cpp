@@ -124,7 +124,8 @@ at::Tensor sample_validation_images(const std::shared_ptr<loaders::StableDiffusi
   return cfg.sample_images(models, r);
 }
 
-void save_validation_images(const at::Tensor& images, const TrainConfig& cfg, int64_t step, const std::string& out_dir) {
+void save_validation_images(const at::Tensor& images, const TrainConfig& cfg, int64_t step,
+                            const std::string& out_dir) {
   for (int64_t i = 0; i < images.size(0); ++i) {
     char name[96];
     std::snprintf(name, sizeof name, "validation-%06lld-%lld.png", static_cast<long long>(step),
@@ -376,8 +377,8 @@ void check_batch_size(int64_t batch_size, int64_t resolution) {
                 "], got ", batch_size, " (use --gradient-accumulation-steps for larger batches)");
   const int64_t pixels = batch_size * resolution * resolution;
   DMX_CHECK_ARG(pixels <= kMaxBatchPixels, "--batch-size x --resolution^2 must be at most ", kMaxBatchPixels,
-                " pixels per step (e.g. 16 images at 512, 1024 at 64), got ", batch_size, " x ", resolution, "^2 = ",
-                pixels, " (use --gradient-accumulation-steps for larger batches)");
+                " pixels per step (e.g. 16 images at 512, 1024 at 64), got ", batch_size, " x ", resolution,
+                "^2 = ", pixels, " (use --gradient-accumulation-steps for larger batches)");
 }
 
 std::string find_latest_checkpoint(const std::string& path) {
@@ -413,9 +414,9 @@ int64_t checkpoint_global_step(const std::string& ck) {
   const auto it = js.find("global_step");
   DMX_CHECK_FORMAT(it != js.end(), "--resume: ", path, " has no 'global_step'");
   // The same rule as Trainer::run's reading of the file.
-  DMX_CHECK_FORMAT(it->is_number_integer() && (it->is_number_unsigned() ? it->get<uint64_t>() <= (uint64_t(1) << 40)
-                                                                       : it->get<int64_t>() >= 0 &&
-                                                                             it->get<int64_t>() <= (int64_t(1) << 40)),
+  DMX_CHECK_FORMAT(it->is_number_integer() &&
+                       (it->is_number_unsigned() ? it->get<uint64_t>() <= (uint64_t(1) << 40)
+                                                 : it->get<int64_t>() >= 0 && it->get<int64_t>() <= (int64_t(1) << 40)),
                    "--resume: ", path, ": 'global_step' must be an integer in [0, ", int64_t(1) << 40, "], got ",
                    it->dump());
   return it->get<int64_t>();
@@ -551,10 +552,10 @@ struct Trainer::State {
   int num_train_timesteps = 1000;
   double scaling_factor = 0.18215;
   int64_t global_step = 0;
-  int64_t first_step = 0;  // optimizer steps done before this run (resume)
+  int64_t first_step = 0;    // optimizer steps done before this run (resume)
   std::string resumed_from;  // the checkpoint resumed from ("" = a fresh run)
-  std::ofstream log;  // <output_dir>/train_log.jsonl (rank 0)
-  bool tty = false;   // progress line on stderr
+  std::ofstream log;         // <output_dir>/train_log.jsonl (rank 0)
+  bool tty = false;          // progress line on stderr
   std::chrono::steady_clock::time_point t_loop;
   // Latent cache: row index -> VAE posterior (mean, std), each row encoded alone so that the values do not
   // depend on which batch first met the row (a resumed run computes the same values).
@@ -619,8 +620,8 @@ TrainResult Trainer::run() {
   }
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - st.t_loop).count();
   res.steps = st.global_step;
-  const double samples =
-      static_cast<double>((res.steps - res.first_step) * cfg_.train_batch_size * st.world * cfg_.gradient_accumulation_steps);
+  const double samples = static_cast<double>((res.steps - res.first_step) * cfg_.train_batch_size * st.world *
+                                             cfg_.gradient_accumulation_steps);
   res.samples_per_s = res.seconds > 0 ? samples / res.seconds : 0.0;
   recipe_->train_mode(false);
   st.opt->zero_grad();
@@ -696,11 +697,10 @@ void Trainer::resume(State& st) {
       DMX_CHECK_FORMAT(def >= lo, "--resume: ", state_path, " has no '", key, "'");
       return def;
     }
-    DMX_CHECK_FORMAT(it->is_number_integer() && (it->is_number_unsigned() ? it->get<uint64_t>() <= uint64_t(hi)
-                                                                         : it->get<int64_t>() >= lo &&
-                                                                               it->get<int64_t>() <= hi),
-                     "--resume: ", state_path, ": '", key, "' must be an integer in [", lo, ", ", hi, "], got ",
-                     it->dump());
+    DMX_CHECK_FORMAT(
+        it->is_number_integer() && (it->is_number_unsigned() ? it->get<uint64_t>() <= uint64_t(hi)
+                                                             : it->get<int64_t>() >= lo && it->get<int64_t>() <= hi),
+        "--resume: ", state_path, ": '", key, "' must be an integer in [", lo, ", ", hi, "], got ", it->dump());
     return it->get<int64_t>();
   };
   auto text = [&](const char* key) -> std::string {
@@ -709,8 +709,8 @@ void Trainer::resume(State& st) {
     DMX_CHECK_FORMAT(it->is_string(), "--resume: ", state_path, ": '", key, "' must be a string, got ", it->dump());
     return it->get<std::string>();
   };
-  DMX_CHECK_FORMAT(text("recipe") == recipe_->name(), "--resume: ", ck, " is a checkpoint of recipe '",
-                   text("recipe"), "', this run is '", recipe_->name(), "'");
+  DMX_CHECK_FORMAT(text("recipe") == recipe_->name(), "--resume: ", ck, " is a checkpoint of recipe '", text("recipe"),
+                   "', this run is '", recipe_->name(), "'");
   const int64_t ck_world = integer("world_size", 1, 1, 1 << 20), ck_batch = integer("train_batch_size", 1, 1, 1 << 20);
   DMX_CHECK_FORMAT(ck_world * ck_batch == st.world * cfg_.train_batch_size, "--resume: ", ck,
                    " was trained with a global batch of ", ck_world * ck_batch, ", this run has ",
@@ -720,8 +720,9 @@ void Trainer::resume(State& st) {
     DMX_CHECK_FORMAT(it->is_number_unsigned() || (it->is_number_integer() && it->get<int64_t>() >= 0),
                      "--resume: ", state_path, ": 'seed' must be an integer >= 0, got ", it->dump());
     const uint64_t ck_seed = it->get<uint64_t>();
-    DMX_CHECK_ARG(ck_seed == cfg_.seed, "--resume: ", ck, " was trained with --seed ", ck_seed, ", this run has --seed ",
-                  cfg_.seed, ": resume with --seed ", ck_seed, " (a resumed run continues the checkpoint's random "
+    DMX_CHECK_ARG(ck_seed == cfg_.seed, "--resume: ", ck, " was trained with --seed ", ck_seed,
+                  ", this run has --seed ", cfg_.seed, ": resume with --seed ", ck_seed,
+                  " (a resumed run continues the checkpoint's random "
                   "stream; another seed would match neither run)");
   }
   const int64_t ck_step = integer("global_step", -1, 0, int64_t(1) << 40);

@@ -162,9 +162,7 @@ class DatasetBatchSource : public BatchSource {
                      uint64_t seed, bool shuffle = true);
   Batch get(int64_t micro_step) override;
   size_t size() const override { return ds_->size(); }
-  bool latents_cacheable() const override {
-    return ds_->options().center_crop && !ds_->options().random_flip;
-  }
+  bool latents_cacheable() const override { return ds_->options().center_crop && !ds_->options().random_flip; }
 
  private:
   std::shared_ptr<ImageCaptionDataset> ds_;
@@ -201,9 +199,7 @@ class Recipe {
   // Recipes that do not denoise (the VAE) compute their own per-example loss [rows] here; the default returns an
   // undefined tensor and the loop runs the diffusion loss. Random draws come from `gen` and cover the global
   // batch (global_rows = rows * world size; this rank keeps rows [r0, r0 + rows)), like the loop's own draws.
-  virtual at::Tensor custom_loss(const Batch& batch, at::Generator& gen, int64_t r0, int64_t global_rows) {
-    return {};
-  }
+  virtual at::Tensor custom_loss(const Batch& batch, at::Generator& gen, int64_t r0, int64_t global_rows) { return {}; }
   // Reduces per-example losses [B] (already min-SNR weighted) to the scalar to minimise. Default: mean.
   // DreamBooth's prior preservation overrides this.
   virtual at::Tensor reduce_loss(const at::Tensor& per_example, const Batch& batch);

@@ -17,8 +17,7 @@ VAERecipe::VAERecipe(std::shared_ptr<loaders::StableDiffusionModels> m, VAETrain
   DMX_CHECK_ARG(std::isfinite(o_.mse_weight) && o_.mse_weight >= 0, "--mse-weight must be >= 0, got ", o_.mse_weight);
   DMX_CHECK_ARG(o_.crop >= 0, "--vae-crop must be >= 0 (0 = whole images), got ", o_.crop);
   const int f = models().vae->config().downscale_factor();
-  DMX_CHECK_ARG(o_.crop % f == 0, "--vae-crop must be a multiple of the VAE's downscale factor ", f, ", got ",
-                o_.crop);
+  DMX_CHECK_ARG(o_.crop % f == 0, "--vae-crop must be a multiple of the VAE's downscale factor ", f, ", got ", o_.crop);
 }
 
 void VAERecipe::setup(const TrainConfig& cfg) {
@@ -84,8 +83,8 @@ at::Tensor VAERecipe::predict(const at::Tensor&, const at::Tensor&, const at::Te
 
 void VAERecipe::save(const std::string& dir) {
   auto& m = models();
-  nlohmann::ordered_json cfg =
-      nlohmann::ordered_json::parse(read_text_file(join_path(m.source_path, "vae/config.json"), "vae config", kMaxJsonFileBytes));
+  nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(
+      read_text_file(join_path(m.source_path, "vae/config.json"), "vae config", kMaxJsonFileBytes));
   cfg["scaling_factor"] = 1.0 / latent_std();
   const std::string text = cfg.dump(2) + "\n";
   save_diffusers_folder(m.source_path, dir, *m.unet, nullptr, m.vae.get(), text);

@@ -9,6 +9,11 @@ folder for the input pictures).
                         (tests/test_diffedit.cpp, DiffEditSeededGolden)
     blended_seeded_*    StableDiffusionInpaintPipeline with a 4-channel UNet (what `dmx generate --init-image
                         --mask` reproduces; tests/test_blended_latent.cpp, BlendedLatentSeededGolden)
+    unclip_seeded_*     StableUnCLIPPipeline (prior -> noise augmentation -> decoder) and
+    variations_seeded_* StableUnCLIPImg2ImgPipeline on the fixtures' models/unclip and models/unclip_img2img,
+                        settings the fixtures lack: other prompts, sizes, noise levels, prior steps and guidance,
+                        a negative prompt, 2 images, an ancestral sampler, no guidance (tests/test_stable_unclip.cpp,
+                        StableUnCLIPSeededGolden)
     p2p_image_*         `dmx p2p --image`: DDIM inversion (DDIMInverseScheduler, guidance 1, posterior mean) or
                         null-text inversion (examples/community/pipeline_null_text_inversion.py, the authors'
                         null_optimization), then examples/community/pipeline_prompt2prompt.py from the inverted
@@ -315,6 +320,154 @@ def p2p_image_ddim_test(out):
 def p2p_image_null_text_test(out):
     """diffusers' test UNet 32x32, null-text inversion (10 inner steps) then a word swap."""
     return p2p_image(out, "p2p_image_null_text_test", "test", 32, 10, 31, True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stable unCLIP: text -> prior -> noised image embedding -> decoder, and image variations, one generator.
+
+DMX_SCHEDULER = {"dpm2m": "dpmpp_2m", "dpm2m_karras": "dpmpp_2m_karras"}  # the harness's names -> dmx's
+
+
+def _unclip_capture(pipe, cap):
+    orig = pipe.noise_image_embeddings
+
+    def hook(image_embeds, noise_level, noise=None, generator=None):
+        cap["image_embeds"] = image_embeds.detach().clone()
+        out = orig(image_embeds=image_embeds, noise_level=noise_level, noise=noise, generator=generator)
+        cap["noised_image_embeds"] = out.detach().clone()
+        return out
+
+    pipe.noise_image_embeddings = hook
+
+
+def _unclip_finish(pipe, rec, latents, T, J):
+    with torch.no_grad():
+        dec = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        picture = pipe.image_processor.postprocess(dec, output_type="np")
+    J["rng_shapes"] = [list(d.shape) for d in rec.draws]
+    T["latents"] = latents
+    T["image_u8"] = u8(picture)
+
+
+def unclip_seeded(out, name, prompt, neg, W, H, prior_steps, prior_cfg, noise_level, steps, cfg, n, seed, scheduler):
+    from diffusers import StableUnCLIPPipeline
+
+    pipe = StableUnCLIPPipeline.from_pretrained(os.path.join(FIXTURES, "models", "unclip"))
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler:
+        pipe.scheduler = R.make_scheduler(scheduler, pipe.scheduler.config)
+    cap, T, J = {}, {}, {}
+    _unclip_capture(pipe, cap)
+    rec = R.RngRecorder()
+    with rec, torch.no_grad():
+        latents = pipe(prompt, negative_prompt=neg or None, height=H, width=W, num_inference_steps=steps,
+                       guidance_scale=cfg, noise_level=noise_level, prior_num_inference_steps=prior_steps,
+                       prior_guidance_scale=prior_cfg, num_images_per_prompt=n,
+                       generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+    _unclip_finish(pipe, rec, latents, T, J)
+    T["prior.image_embeds"] = cap["image_embeds"]
+    T["noised_image_embeds"] = cap["noised_image_embeds"]
+    sched_arg = f" --scheduler {DMX_SCHEDULER.get(scheduler, scheduler)}" if scheduler else ""
+    neg_arg = f" --negative-prompt '{neg}'" if neg else ""
+    J.update(case=name, model_dir="models/unclip", prompt=prompt, negative_prompt=neg, width=W, height=H,
+             prior_steps=prior_steps, prior_guidance_scale=prior_cfg, noise_level=noise_level, steps=steps,
+             guidance_scale=cfg, num_images=n, seed=seed, scheduler=scheduler or type(pipe.scheduler).__name__,
+             calls=(f"StableUnCLIPPipeline({type(pipe.scheduler).__name__})(prompt, negative_prompt, height={H}, "
+                    f"width={W}, num_inference_steps={steps}, guidance_scale={cfg}, noise_level={noise_level}, "
+                    f"prior_num_inference_steps={prior_steps}, prior_guidance_scale={prior_cfg}, "
+                    f"num_images_per_prompt={n}, generator=torch.Generator('cpu').manual_seed({seed}))"),
+             dmx=(f"dmx generate --model models/unclip --prompt '{prompt}'{neg_arg} --width {W} --height {H} "
+                  f"--prior-steps {prior_steps} --prior-guidance-scale {prior_cfg} --noise-level {noise_level} "
+                  f"--steps {steps} --guidance-scale {cfg}{sched_arg} --num-images {n} --seed {seed} "
+                  f"--save-latents L.safetensors --output O.png"),
+             notes=("latents after the last decoder step (what --save-latents holds), image_u8 [n, H, W, 3]; "
+                    "prior.image_embeds [n, 32] after post_process_latents, noised_image_embeds [n, 64] the "
+                    "conditional class labels. Draws: prior latents [n,32], one per prior step with t > 0, the "
+                    "embedding noise [n,32], the decoder latents, then the decoder scheduler's."))
+    return T, J
+
+
+@case
+def unclip_seeded_neg_n2_euler_a(out):
+    """96x64, 7 prior steps (guidance 3), noise level 250, Euler a (a draw per step), negative prompt, 2 images."""
+    return unclip_seeded(out, "unclip_seeded_neg_n2_euler_a", "a lighthouse on a cliff at night, oil painting",
+                         "blurry, low quality", 96, 64, 7, 3.0, 250, 5, 6.0, 2, 7301, "euler_a")
+
+
+@case
+def unclip_seeded_unguided_default(out):
+    """64x96, the folder's scheduler (DDIM), 3 prior steps without prior guidance (1.0), decoder guidance 1
+    (no zeros for an unconditional half), noise level 999 (the last the scheduler takes)."""
+    return unclip_seeded(out, "unclip_seeded_unguided_default", "two red apples on a plate", "", 64, 96, 3, 1.0,
+                         999, 4, 1.0, 1, 7302, None)
+
+
+@case
+def unclip_seeded_defaults(out):
+    """Nothing but the prompt and the seed: diffusers' defaults (64x64, 25 prior steps, prior guidance 4, noise level
+    0, 20 steps of the folder's DDIM, guidance 10), which `dmx generate` must use on an unCLIP folder."""
+    from diffusers import StableUnCLIPPipeline
+
+    name, prompt, seed = "unclip_seeded_defaults", "a small blue boat", 9001
+    pipe = StableUnCLIPPipeline.from_pretrained(os.path.join(FIXTURES, "models", "unclip"))
+    pipe.set_progress_bar_config(disable=True)
+    cap, T, J = {}, {}, {}
+    _unclip_capture(pipe, cap)
+    rec = R.RngRecorder()
+    with rec, torch.no_grad():
+        latents = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+    _unclip_finish(pipe, rec, latents, T, J)
+    T["prior.image_embeds"] = cap["image_embeds"]
+    T["noised_image_embeds"] = cap["noised_image_embeds"]
+    J.update(case=name, model_dir="models/unclip", prompt=prompt, num_images=1, seed=seed,
+             calls=f"StableUnCLIPPipeline(prompt, generator=torch.Generator('cpu').manual_seed({seed})) (all defaults)",
+             dmx=f"dmx generate --model models/unclip --prompt '{prompt}' --seed {seed} --save-latents L.safetensors "
+                 f"--output O.png",
+             notes="every other setting is the pipeline's default; draws: 1 + 24 prior, 1 embedding, 1 decoder latents")
+    return T, J
+
+
+def variations_seeded(out, name, img_w, img_h, prompt, neg, noise_level, steps, cfg, n, seed, scheduler):
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(os.path.join(FIXTURES, "models", "unclip_img2img"))
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler:
+        pipe.scheduler = R.make_scheduler(scheduler, pipe.scheduler.config)
+    img = write_png(os.path.join(out, name + ".image.png"), R.make_image(img_h, img_w, seed=5))
+    cap, T, J = {}, {}, {}
+    _unclip_capture(pipe, cap)
+    rec = R.RngRecorder()
+    with rec, torch.no_grad():
+        latents = pipe(img, prompt=prompt or None, negative_prompt=neg or None, num_inference_steps=steps,
+                       guidance_scale=cfg, noise_level=noise_level, num_images_per_prompt=n,
+                       generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+    _unclip_finish(pipe, rec, latents, T, J)
+    T["clip_image_embeds"] = cap["image_embeds"]
+    T["noised_image_embeds"] = cap["noised_image_embeds"]
+    sched_arg = f" --scheduler {DMX_SCHEDULER.get(scheduler, scheduler)}" if scheduler else ""
+    prompt_arg = f" --prompt '{prompt}'" if prompt else ""
+    neg_arg = f" --negative-prompt '{neg}'" if neg else ""
+    J.update(case=name, model_dir="models/unclip_img2img", image=name + ".image.png", prompt=prompt,
+             negative_prompt=neg, noise_level=noise_level, steps=steps, guidance_scale=cfg, num_images=n, seed=seed,
+             scheduler=scheduler or type(pipe.scheduler).__name__, image_width=img_w, image_height=img_h,
+             calls=(f"StableUnCLIPImg2ImgPipeline({type(pipe.scheduler).__name__})(image, prompt, negative_prompt, "
+                    f"num_inference_steps={steps}, guidance_scale={cfg}, noise_level={noise_level}, "
+                    f"num_images_per_prompt={n}, generator=torch.Generator('cpu').manual_seed({seed}))"),
+             dmx=(f"dmx variations --model models/unclip_img2img --image {name}.image.png{prompt_arg}{neg_arg} "
+                  f"--noise-level {noise_level} --steps {steps} --guidance-scale {cfg}{sched_arg} --num-images {n} "
+                  f"--seed {seed} --save-latents L.safetensors --output O.png"),
+             notes=("the picture's CLIP embedding is noised once ([1,32] noise) and repeated for the n images; "
+                    "draws: the embedding noise, the decoder latents [n,4,8,8], then the scheduler's."))
+    return T, J
+
+
+@case
+def variations_seeded_crop_n2_dpm(out):
+    """An 80x56 picture (resized to 45x32 with PIL bicubic, centre-cropped), prompt and negative prompt, noise
+    level 120, DPM-Solver++ 2M, 2 images."""
+    return variations_seeded(out, "variations_seeded_crop_n2_dpm", 80, 56, "a watercolour of a harbour",
+                             "dark, grainy", 120, 5, 5.0, 2, 7401, "dpm2m")
 
 
 def main():
