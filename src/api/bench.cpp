@@ -227,8 +227,7 @@ BenchResult bench(const BenchOptions& o) {
   r.height = o.height ? o.height : p.native_size;
   DMX_CHECK_ARG(o.runs >= 1 && o.runs <= 1000, "--runs must be in [1, 1000], got ", o.runs);
   DMX_CHECK_ARG(o.warmup >= 0 && o.warmup <= 100, "warmup must be in [0, 100], got ", o.warmup);
-  DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
-                o.device, "'");
+  api::check_device(o.device);
   const at::ScalarType dtype = parse_dtype(o.dtype);
   if (!o.profile.empty()) {
     api::OutputPlan plan(o.overwrite);

@@ -53,8 +53,7 @@ void check_options(const DiffEditOptions& o) {
                 " leaves no timestep (int(steps * strength) must be >= 1)");
   pipelines::check_guidance_scale(o.guidance_scale, "--guidance-scale");
   pipelines::check_guidance_scale(o.inversion_guidance_scale, "--inversion-guidance-scale");
-  DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
-                o.device, "'");
+  api::check_device(o.device);
   api::parse_dtype(o.dtype, o.device);
   // The outputs, written together or not at all, against the inputs and each other.
   api::OutputPlan plan(o.overwrite);

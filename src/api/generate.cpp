@@ -160,8 +160,7 @@ GenerateResult generate(const GenerateOptions& o) {
   DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model),
                 "--config applies to a single-file checkpoint; --model ", o.model,
                 " is a diffusers folder with its own configs (leave --config out)");
-  DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
-                o.device, "'");
+  api::check_device(o.device);
   const at::ScalarType dtype = parse_dtype(o.dtype, o.device);
   if (!o.scheduler.empty()) {
     auto names = schedulers::sampler_names();

@@ -55,6 +55,11 @@ std::vector<std::string> numbered_paths(const std::string& out, int n) {
   return paths;
 }
 
+void check_device(const std::string& device) {
+  DMX_CHECK_ARG(device == "cpu" || device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '", device,
+                "'");
+}
+
 at::ScalarType parse_dtype(const std::string& s) {
   if (s == "fp32" || s == "float32") return at::kFloat;
   if (s == "bf16" || s == "bfloat16") return at::kBFloat16;

@@ -34,6 +34,9 @@ std::string with_suffix(const std::string& path, const std::string& suffix);
 // OUT.png with n > 1: OUT-0.png ... OUT-(n-1).png; n == 1: OUT.png.
 std::vector<std::string> numbered_paths(const std::string& out, int n);
 
+// --device: cpu or cuda[:N] (InvalidArgument naming --device otherwise).
+void check_device(const std::string& device);
+
 // --dtype: fp32/float32, bf16/bfloat16, fp16/float16.
 at::ScalarType parse_dtype(const std::string& s);
 // --dtype for --device: as parse_dtype, and fp16 only on CUDA (loaders::check_dtype_device says why).

@@ -152,8 +152,7 @@ GenerateResult generate_unclip(const GenerateOptions& o) {
                 " folder (image variations): use `dmx variations --model ... --image ...`; `dmx generate` needs a "
                 "StableUnCLIPPipeline folder (with a prior)");
   refuse_non_unclip_options(o);
-  DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
-                o.device, "'");
+  api::check_device(o.device);
   const at::ScalarType dtype = parse_dtype(o.dtype, o.device);
   check_scheduler_name(o.scheduler);
   DMX_CHECK_ARG(o.width >= 0 && o.height >= 0, "--width/--height must be positive, got ", o.width, "x", o.height);
@@ -246,8 +245,7 @@ VariationsResult variations(const VariationsOptions& o) {
   DMX_CHECK_ARG(!o.output.empty(), "--output is required (a .png path)");
   check_text(o.prompt, "--prompt");
   check_text(o.negative_prompt, "--negative-prompt");
-  DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
-                o.device, "'");
+  api::check_device(o.device);
   const at::ScalarType dtype = api::parse_dtype(o.dtype, o.device);
   api::check_scheduler_name(o.scheduler);
   DMX_CHECK_ARG(o.width >= 0 && o.height >= 0, "--width/--height must be positive, got ", o.width, "x", o.height);
@@ -326,8 +324,7 @@ EmbedResult embed(const EmbedOptions& o) {
   DMX_CHECK_ARG(!o.images.empty() || !o.prompts.empty(), "give at least one --image or --prompt");
   DMX_CHECK_ARG(o.images.size() + o.prompts.size() <= 256, "at most 256 --image and --prompt together, got ",
                 o.images.size() + o.prompts.size());
-  DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
-                o.device, "'");
+  api::check_device(o.device);
   for (const auto& m : o.models) {
     DMX_CHECK_ARG(path_exists(m), "--model: path not found: ", m);
     DMX_CHECK_ARG(!api::unclip_pipeline_class(m).empty(), "--model ", m,

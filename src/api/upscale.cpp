@@ -73,8 +73,7 @@ void check_options(const UpscaleOptions& o) {
   check_text(o.negative_prompt, "--negative-prompt");
   DMX_CHECK_ARG(o.noise_level >= 0, "--noise-level must be >= 0, got ", o.noise_level);
   pipelines::check_num_images(o.num_images, "--num-images");
-  DMX_CHECK_ARG(o.device == "cpu" || o.device.rfind("cuda", 0) == 0, "--device must be cpu or cuda[:N], got '",
-                o.device, "'");
+  api::check_device(o.device);
   api::parse_dtype(o.dtype, o.device);
   api::OutputPlan plan(o.overwrite);
   plan.input(o.model, "--model");
