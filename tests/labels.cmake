@@ -1,6 +1,5 @@
 # Included by ctest after the discovered dmx_tests tests (CMakeLists.txt, TEST_INCLUDE_FILES): each test gets
-# the label its suite's name ends in (docs/testing.md): tiny, golden, cli or slow (the unit tests run together
-# as the ctest test "unit"). A suite without one of these suffixes gets "unlabelled" here and fails its label
+# the label its suite's name ends in (docs/testing.md): unit, tiny, golden, cli or slow. A suite without one of these suffixes gets "unlabelled" here and fails its label
 # check (tests/test_labels.cpp).
 #
 # Environment, when ctest runs: DMX_SHARED_DIR, when set, replaces ../shared (an empty folder gives a clone
