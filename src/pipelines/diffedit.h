@@ -53,7 +53,7 @@ struct DiffEditInvertParams {
   std::string negative_prompt;
   int num_inference_steps = 50;
   double inpaint_strength = 0.8;
-  double guidance_scale = 7.5;  // diffusers' invert default (dmx diffedit uses 1.0, the paper's unguided encoding)
+  double guidance_scale = 7.5;  // diffusers' invert default, also dmx diffedit's (--inversion-guidance-scale)
   at::Generator* generator = nullptr;
   at::Tensor posterior_noise;  // replay: [1, 4, h, w]
   bool show_progress = true;
