@@ -424,8 +424,9 @@ TEST(SchedulerConfigUnit, BetaSchedules) {
 // Factory.
 
 TEST(SchedulerFactoryUnit, Names) {
-  EXPECT_EQ(S::scheduler_names(), (std::vector<std::string>{"ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms",
-                                                            "dpmpp_2m", "dpmpp_2m_karras", "ddim_inverse", "unclip"}));
+  EXPECT_EQ(S::scheduler_names(),
+            (std::vector<std::string>{"ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms", "dpmpp_2m",
+                                      "dpmpp_2m_karras", "lcm", "ddim_inverse", "unclip"}));
   expect_throws<dmx::InvalidArgument>(
       [] { S::create_scheduler("dpm_fast", sd_scheduler_config()); },
       {"unknown scheduler", "dpm_fast", "ddim", "euler_a", "dpmpp_2m_karras", "DPMSolverMultistepScheduler"},
@@ -439,6 +440,7 @@ TEST(SchedulerFactoryUnit, Names) {
                                                       {"lms", "LMSDiscreteScheduler"},
                                                       {"dpmpp_2m", "DPMSolverMultistepScheduler"},
                                                       {"dpmpp_2m_karras", "DPMSolverMultistepScheduler"},
+                                                      {"lcm", "LCMScheduler"},
                                                       {"ddim_inverse", "DDIMInverseScheduler"}};
   for (const auto& [name, cls] : classes) {
     EXPECT_EQ(S::create_scheduler(name, sd_scheduler_config())->class_name(), cls) << name;

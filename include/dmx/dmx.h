@@ -141,6 +141,13 @@ struct BenchOptions : DeviceOptions {  // dtype fp32 | bf16 | fp16 (CUDA only), 
   bool channels_last = true;  // activations in NHWC (the product's default; false: NCHW, for comparison)
   std::string profile;        // when set: op traces of one UNet step and one decode, <profile>.{unet,vae}.json
   bool overwrite = false;     // replace existing trace files
+  // The whole-picture figure: `dmx generate` run in-process on a model folder (or single file), each run timed
+  // from loading the model to the written PNG (load, text encoding, every step, decode, PNG). "" = not measured.
+  std::string picture_model;
+  std::string picture_scheduler = "lcm";  // a sampler of the scheduler registry
+  int picture_steps = 4;
+  double picture_guidance = 1.0;  // LCM pictures: 1 (no classifier-free guidance branch)
+  std::string picture_lora;       // FILE[:SCALE] applied to the picture's model (an LCM-LoRA); "" = none
 };
 
 // Analytic FLOP counts (multiply-add = 2 FLOP; convolutions, linears and attention products only).
@@ -163,6 +170,11 @@ struct BenchResult {
   double matmul_peak_gflops = 0;  // 0 when not measured
   double build_s = 0;             // building the random-weight models
   double peak_rss_mb = 0;         // VmHWM of the process (models and inference), MiB
+  // Whole picture (BenchOptions::picture_model); picture_s = 0 when not measured.
+  std::string picture_model, picture_scheduler, picture_lora;
+  int picture_steps = 0, picture_width = 0, picture_height = 0;
+  double picture_guidance = 0;
+  double picture_s = 0, picture_cpu_s = 0;  // medians of `runs` runs after `warmup`: load -> PNG written
 };
 
 BenchResult bench(const BenchOptions& opts);

@@ -197,9 +197,14 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
                       std::to_string(c.projection_class_embeddings_input_dim));
 
   // Features of UNet2DConditionModel that dmx does not implement.
+  if (auto it = j.find("time_cond_proj_dim"); it != j.end() && !it->is_null())
+    throw Unsupported(std::string(kWhat) + ": time_cond_proj_dim = " + it->dump() +
+                      " is not supported (only null): a guidance-embedding UNet (an LCM-distilled model such as "
+                      "LCM_Dreamshaper_v7, run by diffusers' LatentConsistencyModelPipeline) is not implemented; "
+                      "use an SD 1.x checkpoint with an LCM-LoRA and --scheduler lcm (docs/lcm.md)");
   for (const char* key : {"addition_embed_type", "addition_time_embed_dim", "encoder_hid_dim", "encoder_hid_dim_type",
-                          "time_cond_proj_dim", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act",
-                          "cross_attention_norm", "reverse_transformer_layers_per_block"})
+                          "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act", "cross_attention_norm",
+                          "reverse_transformer_layers_per_block"})
     cfgjson::require_default(j, kWhat, key, nullptr);
   cfgjson::require_default(j, kWhat, "time_embedding_type", "positional");
   cfgjson::require_default(j, kWhat, "conv_in_kernel", 3);

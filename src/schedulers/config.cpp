@@ -129,6 +129,8 @@ const std::map<std::string, Setter>& field_setters() {
       {"final_sigmas_type", [](auto& c, auto& k, auto& v) { c.final_sigmas_type = read_string(k, v); }},
       {"use_lu_lambdas", [](auto& c, auto& k, auto& v) { c.use_lu_lambdas = read_bool(k, v); }},
       {"lambda_min_clipped", [](auto& c, auto& k, auto& v) { c.lambda_min_clipped = read_double(k, v); }},
+      {"original_inference_steps", [](auto& c, auto& k, auto& v) { c.original_inference_steps = read_int(k, v); }},
+      {"timestep_scaling", [](auto& c, auto& k, auto& v) { c.timestep_scaling = read_double(k, v); }},
   };
   return setters;
 }
@@ -227,7 +229,9 @@ nlohmann::json SchedulerConfig::to_json() const {
             {"euler_at_final", euler_at_final},
             {"final_sigmas_type", final_sigmas_type},
             {"use_lu_lambdas", use_lu_lambdas},
-            {"lambda_min_clipped", lambda_min_clipped}};
+            {"lambda_min_clipped", lambda_min_clipped},
+            {"original_inference_steps", original_inference_steps},
+            {"timestep_scaling", timestep_scaling}};
   return j;
 }
 

@@ -22,6 +22,7 @@ const SchedulerClass& heun_class();
 const SchedulerClass& lms_class();
 const SchedulerClass& dpm_multistep_class();
 const SchedulerClass& unclip_class();
+const SchedulerClass& lcm_class();
 
 const std::vector<SchedulerEntry>& scheduler_registry() {
   using json = nlohmann::json;
@@ -40,6 +41,7 @@ const std::vector<SchedulerEntry>& scheduler_registry() {
        dpm_multistep_class,
        "DPM++ 2M Karras",
        {{"algorithm_type", "dpmsolver++"}, {"solver_order", 2}, {"use_karras_sigmas", true}}},
+      {"lcm", lcm_class, "LCM", json::object()},
       {"ddim_inverse", ddim_inverse_class, "", json::object(), "inversion only"},
       {"unclip", unclip_class, "", json::object(), "unCLIP priors: Karlo, Kandinsky"},
   };

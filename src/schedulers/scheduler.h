@@ -49,6 +49,8 @@ struct SchedulerConfig {
   std::string final_sigmas_type = "zero";  // zero | sigma_min
   bool use_lu_lambdas = false;
   double lambda_min_clipped = -std::numeric_limits<double>::infinity();
+  int original_inference_steps = 50;  // LCM: the distillation schedule's length
+  double timestep_scaling = 10.0;     // LCM: timestep factor of the boundary-condition scalings c_skip, c_out
 
   // class_name is diffusers' class (DDIMScheduler, ...). Unknown json fields are ignored.
   static SchedulerConfig for_class(const std::string& class_name, const nlohmann::json& config);
@@ -58,9 +60,9 @@ struct SchedulerConfig {
 
 struct StepArgs {
   double eta = 0.0;                    // DDIM only
-  at::Generator* generator = nullptr;  // for schedulers that draw noise (DDPM, Euler, Euler a, DDIM eta>0)
+  at::Generator* generator = nullptr;  // for schedulers that draw noise (DDPM, Euler, Euler a, DDIM eta>0, LCM)
   // Explicit noise instead of a draw, for every scheduler that draws (DDIM eta>0, DDPM, Euler, Euler a,
-  // SDE DPM-Solver): replays recorded draws. Takes precedence over the generator, which then draws nothing.
+  // SDE DPM-Solver, LCM): replays recorded draws. Takes precedence over the generator, which then draws nothing.
   at::Tensor variance_noise;
 };
 
