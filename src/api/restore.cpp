@@ -72,7 +72,8 @@ RestoreResult restore(const RestoreOptions& o) {
   if (degrade::task_has_mask(task)) {
     if (!o.mask.empty()) {
       const Image mi = load_image(o.mask, "--mask");
-      check_image_size("--mask", mi, rgb.width, rgb.height);
+      DMX_CHECK_ARG(mi.width == rgb.width && mi.height == rgb.height, "--mask must be ", rgb.width, "x", rgb.height,
+                    ", the size of --image, got ", mi.width, "x", mi.height);
       const Image g = to_gray(mi);
       mask = at::from_blob(const_cast<uint8_t*>(g.data.data()), {1, 1, h, w}, at::kByte).ge(128).to(at::kFloat);
       DMX_CHECK_ARG(mask.sum().item<double>() > 0, "--mask: no white pixel (white = the region to fill), ", o.mask);
