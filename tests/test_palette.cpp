@@ -13,6 +13,7 @@
 #include "core/degradations.h"
 #include "core/fs.h"
 #include "core/image.h"
+#include "dmx/error.h"
 #include "loaders/palette.h"
 #include "nn/layers.h"
 #include "schedulers/palette.h"
@@ -321,11 +322,12 @@ TEST(PaletteCli, TrainThenRestoreAndResumeEqualsOneRun) {
   }
   EXPECT_NE(load_image(dir + "/r-0.png", "x").data, load_image(dir + "/r-1.png", "x").data);
   EXPECT_TRUE(path_exists(dir + "/in.png"));
-  // The same seed gives the same picture.
+  // The same seed and batch give the same pictures (the draws cover the batch, so one image alone differs).
   const CliRun again = dmx_run({"restore", "--model", dir + "/a", "--image", img, "--steps", "5", "--seed", "1",
-                                "--output", dir + "/again.png", "--quiet"});
+                                "--num-images", "2", "--output", dir + "/again.png", "--quiet"});
   ASSERT_EQ(again.code, 0) << again.output;
-  EXPECT_EQ(load_image(dir + "/again.png", "x").data, load_image(dir + "/r-0.png", "x").data);
+  EXPECT_EQ(load_image(dir + "/again-0.png", "x").data, load_image(dir + "/r-0.png", "x").data);
+  EXPECT_EQ(load_image(dir + "/again-1.png", "x").data, load_image(dir + "/r-1.png", "x").data);
 }
 
 TEST(PaletteCli, RestoreRefusesBadInputAndWritesNothing) {
