@@ -14,6 +14,7 @@
 #   DMX_CLASSIFIER   [models/emoji-classifier]               classifier of `dmx eval`
 #   DMX_UPSCALER     [models/emoji-sr]                       StableDiffusionUpscalePipeline folder (dmx upscale,
 #                                                            generate --upscale-model; e.g. stabilityai's x4 upscaler)
+#   DMX_PALETTE      [models/emoji-palette-inpaint]          Palette folder (dmx train palette; dmx restore)
 #   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER --data $DMX_EMOJI_DATA --limit $DMX_DEMO_EVAL_LIMIT
 #                     --steps N --seed N --out $DMX_DEMO_OUT/eval]  arguments of `dmx eval` (+ --json); DMX_DEMO_EVAL_LIMIT [32] prompts
 #   DMX_EMOJI_DATA   [~/.cache/dmx/emoji-data]  the real emoji `dmx eval` compares against (built there when missing)
@@ -21,7 +22,7 @@
 #   DMX_DEMO_SIZE [the model's native size: unet sample_size x VAE factor]  side of the real inputs and outputs
 #   DMX_DEMO_SKIP_SETUP=1  use the existing build (no setup.sh, no build.sh)
 #   DMX_BUILD_DIR [build]  DMX_BIN [$DMX_BUILD_DIR/dmx]
-# A section whose optional model (ControlNet, LoRA, DreamBooth, upscaler, classifier) is missing is skipped with a
+# A section whose optional model (ControlNet, LoRA, DreamBooth, upscaler, Palette, classifier) is missing is skipped with a
 # visible note in the page and on stderr; a missing DMX_MODEL is an error (exit 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,7 @@ DREAMBOOTH="${DMX_DREAMBOOTH:-models/emoji-dreambooth.safetensors}"
 DREAMBOOTH_TXT="${DREAMBOOTH%.safetensors}.txt"
 CLASSIFIER="${DMX_CLASSIFIER:-models/emoji-classifier}"
 UPSCALER="${DMX_UPSCALER:-models/emoji-sr}"
+PALETTE="${DMX_PALETTE:-models/emoji-palette-inpaint}"
 OUT="${DMX_DEMO_OUT:-demo}"
 STEPS="${DMX_DEMO_STEPS:-20}"
 SEED="${DMX_DEMO_SEED:-42}"
@@ -71,7 +73,7 @@ if [ "${DMX_DEMO_SKIP_SETUP:-0}" != 1 ]; then
 fi
 [ -x "$DMX" ] || { echo "demo: $DMX not found (build it with scripts/build.sh dmx_cli)" >&2; exit 2; }
 
-SECTIONS=(inputs txt2img img2img controlnet lora blended diffedit p2p nulltext dreambooth upscale eval logs)
+SECTIONS=(inputs txt2img img2img controlnet lora blended diffedit p2p nulltext dreambooth upscale palette eval logs)
 rm -f "${OUT:?}/index.html"  # no page pointing at the images removed next
 for s in "${SECTIONS[@]}"; do rm -rf "${OUT:?}/$s"; done
 mkdir -p "$OUT"
@@ -437,6 +439,41 @@ if grep -q '"StableDiffusionUpscalePipeline"' "$UPSCALER/model_index.json" 2>/de
     "$body" "$(sec_ms)"
 else
   skipped upscale "Super-resolution: <code>dmx upscale</code>" "no StableDiffusionUpscalePipeline folder at $UPSCALER (set DMX_UPSCALER, e.g. to stabilityai/stable-diffusion-x4-upscaler)"
+fi
+
+# ---- 11c. Palette: dmx restore -------------------------------------------------------------------------
+if [ -f "$PALETTE/palette.json" ]; then
+  sec_t0
+  ids=()
+  P_TASK=$(json_compact "$PALETTE/palette.json" | grep -o '"task":"[a-z]*"' | head -n 1 | cut -d'"' -f4)
+  P_RES=$(json_compact "$PALETTE/palette.json" | grep -o '"resolution":[0-9]*' | head -n 1 | cut -d: -f2)
+  # The pictures at the model's training size (the model was trained on the Google style's training concepts).
+  run palette_data "$DMX" data emoji --only "$EMOJI" --style google --size "$P_RES" --out "$OUT/palette/emoji" \
+    --overwrite --quiet
+  body=""
+  for e in ${EMOJI//,/ } ; do
+    src=""
+    for split in train heldout; do
+      [ -f "$OUT/palette/emoji/google/$split/images/$e.png" ] && src="palette/emoji/google/$split/images/$e.png"
+    done
+    [ -z "$src" ] && continue
+    run "restore_$e" "$DMX" restore --model "$PALETTE" --image "$OUT/$src" --steps 100 --seed "$SEED" \
+      --num-images 3 --save-input "$OUT/palette/${e}_input.png" --output "$OUT/palette/$e.png" --quiet
+    figs=$(fig "$src" "original")$(fig "palette/${e}_input.png" "input ($P_TASK)")
+    for i in 0 1 2; do figs+=$(fig "palette/$e-$i.png" "sample $i"); done
+    body+=$(row "$e" "$figs")
+    ids+=("restore_$e=task $P_TASK, default mask, 100 steps (the test schedule respaced), seed $SEED, 3 samples")
+  done
+  # The training command itself, for a few steps on these pictures (the model above took 1200 steps, docs/palette.md).
+  run palette_train "$DMX" train palette --task colorize --data "$OUT/palette/emoji/google/train" --resolution "$P_RES" \
+    --steps 3 --batch-size 4 --palette-channels 32 --output "$OUT/palette/train-demo" --overwrite --quiet
+  ids+=("palette_train=a 3-step colorization run on the pictures above: $(esc "$(tail -n 1 "$OUT/logs/palette_train.log")")")
+  body+=$(runs_table "${ids[@]}")
+  section palette "Palette: <code>dmx train palette</code>, <code>dmx restore</code>" \
+    "Palette (Saharia et al. 2022; docs/palette.md) with <code>$(esc "$PALETTE")</code>, a ${P_RES}&times;${P_RES} pixel-space model for the $P_TASK task made by <code>dmx train palette</code>: the original, the degraded input the model is conditioned on, and three samples of one seed's generator." \
+    "$body" "$(sec_ms)"
+else
+  skipped palette "Palette: <code>dmx train palette</code>, <code>dmx restore</code>" "no Palette folder at $PALETTE (make one with dmx train palette, docs/palette.md; set DMX_PALETTE)"
 fi
 
 # ---- 12. metrics: dmx eval -----------------------------------------------------------------------------

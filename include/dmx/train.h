@@ -12,7 +12,7 @@ namespace dmx {
 // model (a diffusers folder for finetune / full DreamBooth, else also a single-file checkpoint), config_dir and
 // tokenizer_dir (for a single-file model): the ModelOptions group of dmx/options.h.
 struct TrainOptions : ModelOptions {
-  std::string recipe;      // lora | finetune | dreambooth | controlnet | vae
+  std::string recipe;      // lora | finetune | dreambooth | controlnet | vae | palette
   std::string data;        // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
   std::string output;      // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder
   std::string output_dir;  // checkpoints, train_log.jsonl, validation images ("" = <output>.train)
@@ -75,6 +75,12 @@ struct TrainOptions : ModelOptions {
   // VAE (recipe vae): L1 + mse_weight * L2 + kl_weight * KL per pixel value; random crops of vae_crop px
   double kl_weight = 1e-6, mse_weight = 0;
   int vae_crop = 0;
+
+  // Palette (recipe palette; docs/palette.md): image-to-image diffusion in pixel space on --data's pictures at
+  // --resolution; --model optional (a Palette folder to continue from; else a new denoiser). Output: a Palette folder.
+  std::string task;           // colorize | inpaint | uncrop | jpeg (required)
+  std::string loss = "l2";    // l1 | l2
+  int palette_channels = 64;  // first block width of a new denoiser (multiple of 32)
 
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;

@@ -26,6 +26,7 @@
 #include "training/dreambooth.h"
 #include "training/finetune.h"
 #include "training/lora_train.h"
+#include "training/palette_train.h"
 #include "training/trainer.h"
 #include "training/vae_train.h"
 
@@ -114,6 +115,8 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
   } else if (o.recipe == "controlnet") {
     plan.folder(strip_slashes(o.output), "--output", {"config.json", "controlnet_original.safetensors"},
                 "ControlNet folder");
+  } else if (o.recipe == "palette") {
+    plan.folder(strip_slashes(o.output), "--output", {"palette.json"}, "Palette folder");
   } else {
     plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "diffusers folder");
   }
@@ -148,6 +151,7 @@ double default_lr(const TrainOptions& o) {
   if (o.learning_rate > 0) return o.learning_rate;
   if (o.recipe == "dreambooth") return o.lora_rank > 0 ? 5e-4 : 5e-6;
   if (o.recipe == "controlnet") return 5e-6;  // train_controlnet.py's default
+  if (o.recipe == "palette") return 1e-4;
   return 1e-4;
 }
 
@@ -191,6 +195,7 @@ tr::TrainConfig make_config(const TrainOptions& o) {
   c.validation_prompt = o.validation_prompt;
   // The VAE's validation pictures are reconstructions: no prompt needed.
   if (o.recipe == "vae" && c.validation_prompt.empty()) c.validation_prompt = "(reconstructions)";
+  if (o.recipe == "palette" && c.validation_prompt.empty()) c.validation_prompt = "(restorations)";
   c.num_validation_images = o.num_validation_images;
   c.sample_images = api::pipeline_sampler();
   c.quiet = o.quiet;
@@ -211,10 +216,22 @@ tr::LoRATrainOptions lora_options(const TrainOptions& o) {
 
 void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet" ||
-                    o.recipe == "vae",
-                "recipe must be lora, finetune, dreambooth, controlnet or vae, got '", o.recipe, "'");
-  DMX_CHECK_ARG(!o.model.empty(), "--model must be given");
-  DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
+                    o.recipe == "vae" || o.recipe == "palette",
+                "recipe must be lora, finetune, dreambooth, controlnet, vae or palette, got '", o.recipe, "'");
+  if (o.recipe == "palette") {
+    DMX_CHECK_ARG(!o.task.empty(), "--task must be given (colorize, inpaint, uncrop or jpeg)");
+    (void)degrade::parse_task(o.task);
+    DMX_CHECK_ARG(o.loss == "l1" || o.loss == "l2", "--loss must be l1 or l2, got '", o.loss, "'");
+    DMX_CHECK_ARG(o.resolution >= 8 && o.resolution <= 256 && o.resolution % 8 == 0,
+                  "--resolution must be a multiple of 8 in [8, 256] for Palette (pixel space), got ", o.resolution);
+    DMX_CHECK_ARG(o.palette_channels >= 32 && o.palette_channels <= 512 && o.palette_channels % 32 == 0,
+                  "--palette-channels must be a multiple of 32 in [32, 512], got ", o.palette_channels);
+    DMX_CHECK_ARG(o.model.empty() || is_directory(o.model), "--model: no such Palette folder: ", o.model);
+  } else {
+    DMX_CHECK_ARG(o.task.empty(), "--task is for dmx train palette only, got it for ", o.recipe);
+    DMX_CHECK_ARG(!o.model.empty(), "--model must be given");
+    DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
+  }
   DMX_CHECK_ARG(!o.output.empty(), "--output must be given");
   DMX_CHECK_ARG(has_parent_dir(o.output), "--output: the folder of ", o.output, " does not exist");
   if (o.recipe == "dreambooth") {
@@ -291,6 +308,7 @@ void validate_train_options(const TrainOptions& o) {
 
 TrainReport train(const TrainOptions& o) {
   validate_train_options(o);
+  loaders::PaletteConfig palette_config;
   configure_threads(o.threads);
   if (o.quiet) set_log_level(LogLevel::kQuiet);
   const tr::DistributedEnv env = tr::DistributedEnv::from_environment();
@@ -301,7 +319,27 @@ TrainReport train(const TrainOptions& o) {
   loaders::LoadOptions lo;
   lo.config_dir = o.config_dir;
   lo.tokenizer_dir = o.tokenizer_dir;
-  auto models = loaders::load_stable_diffusion(o.model, lo);
+  std::shared_ptr<loaders::StableDiffusionModels> models;
+  if (o.recipe == "palette") {
+    loaders::PaletteModel pm;
+    if (!o.model.empty()) {
+      pm = loaders::load_palette(o.model);
+      DMX_CHECK_ARG(pm.config.task == o.task, "--task ", o.task, " differs from the task of --model ", o.model, " (",
+                    pm.config.task, ")");
+      pm.config.loss = o.loss;
+      pm.config.resolution = o.resolution;
+    } else {
+      pm.config.task = o.task;
+      pm.config.loss = o.loss;
+      pm.config.resolution = o.resolution;
+      torch::manual_seed(o.seed);  // the new denoiser's initialisation (rank 0's is broadcast anyway)
+      pm.unet = models::UNet2DConditionModel(loaders::palette_unet_config(o.resolution, o.palette_channels));
+    }
+    models = tr::palette_bundle(pm);
+    palette_config = pm.config;
+  } else {
+    models = loaders::load_stable_diffusion(o.model, lo);
+  }
 
   tr::TrainConfig cfg = make_config(o);
   std::shared_ptr<tr::Recipe> recipe;
@@ -353,6 +391,10 @@ TrainReport train(const TrainOptions& o) {
       cn_recipe->set_validation_image(image);
     }
     recipe = cn_recipe;
+  } else if (o.recipe == "palette") {
+    auto ds = open_dataset(o.data, false);
+    source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
+    recipe = std::make_shared<tr::PaletteRecipe>(models, palette_config);
   } else if (o.recipe == "vae") {
     auto ds = open_dataset(o.data, false);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);

@@ -13,7 +13,8 @@ int cmd_diffedit(int argc, char** argv);    // DiffEdit
 int cmd_variations(int argc, char** argv);  // Stable unCLIP image variations
 int cmd_embed(int argc, char** argv);       // CLIP embeddings and cosine similarities
 int cmd_upscale(int argc, char** argv);     // the x4 upscaler
-int cmd_train(int argc, char** argv);       // dmx train <lora|finetune|dreambooth|controlnet|vae|bench>
+int cmd_restore(int argc, char** argv);     // Palette restoration (colorize, inpaint, uncrop, jpeg)
+int cmd_train(int argc, char** argv);       // dmx train <lora|finetune|dreambooth|controlnet|vae|palette|bench>
 int cmd_init(int argc, char** argv);        // dmx init: fresh weights from configs
 int cmd_convert(int argc, char** argv);     // dmx convert: weights stored in another dtype
 // The emoji module's commands (src/emoji/cli/).

@@ -39,10 +39,11 @@ const char* kUsage =
     "  p2p        Prompt-to-Prompt editing of a generated or real image\n"
     "  diffedit   edit a real image from a source and a target prompt (DiffEdit)\n"
     "  upscale    x4 super-resolution of a picture with Stable Diffusion's x4 upscaler\n"
+    "  restore    colorize, inpaint, uncrop or de-JPEG a picture with a Palette model (dmx train palette)\n"
     "  variations image variations with a Stable unCLIP (StableUnCLIPImg2ImgPipeline) folder\n"
     "  embed      CLIP embeddings of pictures and texts, and their cosine similarities\n"
     "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train "
-    "<lora|finetune|dreambooth|controlnet|bench>)\n"
+    "<lora|finetune|dreambooth|controlnet|vae|palette|bench>)\n"
     "  eval       score an emoji model with the emoji classifier (dmx train classifier)\n"
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
@@ -59,7 +60,7 @@ const Entry kCommands[] = {
     {"p2p", dmx::cli::cmd_p2p},           {"diffedit", dmx::cli::cmd_diffedit},
     {"train", dmx::cli::cmd_train},       {"eval", dmx::cli::cmd_eval},
     {"upscale", dmx::cli::cmd_upscale},   {"variations", dmx::cli::cmd_variations},
-    {"embed", dmx::cli::cmd_embed},
+    {"embed", dmx::cli::cmd_embed},       {"restore", dmx::cli::cmd_restore},
 };
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include "dmx/emoji_data.h"
 #include "dmx/eval.h"
 #include "dmx/p2p.h"
+#include "dmx/restore.h"
 #include "dmx/train.h"
 #include "dmx/unclip.h"
 #include "dmx/upscale.h"
@@ -41,6 +42,8 @@ const std::vector<CommandInfo>& commands() {
       {kUpscale, "upscale", 2},
       {kVariations, "variations", 2},
       {kEmbed, "embed", 2},
+      {kTrainPalette, "train palette", 3},
+      {kRestore, "restore", 2},
   };
   return list;
 }
@@ -271,12 +274,13 @@ constexpr Commands kSampling = kGenerate | kP2P | kDiffEdit;  // embed ModelOpti
 constexpr Commands kModel = kSampling | kTrainRecipes;        // embed ModelOptions
 constexpr Commands kDevice = kGenerate | kDiffEdit | kBench;  // embed DeviceOptions
 constexpr Commands kLoraRecipes = kTrainLora | kTrainDreambooth;
-constexpr Commands kImage = kUpscale | kVariations;          // model, image, prompt, output of their own
-constexpr Commands kSamplingGroup = kSampling | kImage;      // embed SamplingOptions
-constexpr Commands kRunGroup = kSampling | kImage | kEmbed;  // embed RunOptions
-constexpr Commands kDeviceGroup = kDevice | kImage;          // embed DeviceOptions
+constexpr Commands kImage = kUpscale | kVariations;                     // model, image, prompt, output of their own
+constexpr Commands kSamplingGroup = kSampling | kImage;                 // embed SamplingOptions
+constexpr Commands kRunGroup = kSampling | kImage | kEmbed | kRestore;  // embed RunOptions
+constexpr Commands kDeviceGroup = kDevice | kImage;                     // embed DeviceOptions
 using UO = UpscaleOptions;
 using VO = VariationsOptions;
+using RO = RestoreOptions;
 
 const char* kModelHelp =
     "diffusers folder or single-file checkpoint (.safetensors, or a .ckpt pickle read weights-only) (required)";
@@ -300,8 +304,12 @@ std::vector<Option> build_table() {
       // ---------------------------------------------------------------- the model (ModelOptions, DeviceOptions)
       {"model",
        {text(kSampling, "PATH", kModelHelp, "", &ModelOptions::model),
-        text(kTrainRecipes, "PATH", "diffusers folder (or single-file checkpoint for lora) to start from (required)",
-             "", &ModelOptions::model),
+        text(kTrainRecipes & ~kTrainPalette, "PATH",
+             "diffusers folder (or single-file checkpoint for lora) to start from (required)", "",
+             &ModelOptions::model),
+        text(kTrainPalette, "DIR", "a Palette folder to continue training from", "a new denoiser",
+             &ModelOptions::model),
+        text(kRestore, "DIR", "a Palette folder (dmx train palette) (required)", "", &RO::model),
         text(kEval, "DIR", "diffusers folder of the text-to-image model (required unless a file metric is asked)", "",
              &EO::model),
         text(kUpscale, "DIR",
@@ -370,7 +378,9 @@ std::vector<Option> build_table() {
              &UO::image),
         text(kVariations, "IMG", "the picture to make variations of, PNG or JPEG, any size (required)", "", &VO::image),
         texts(kEmbed, "IMG", "a picture (PNG/JPEG) to embed with the image encoder (repeatable)",
-              &EmbedOptions::images)}},
+              &EmbedOptions::images),
+        text(kRestore, "IMG", "the picture to restore, PNG or JPEG, sides multiples of 8 up to 512 (required)", "",
+             &RO::image)}},
       {"from",
        {own(kGenerate | kUpscale, "IMAGE",
             "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override")}},
@@ -380,8 +390,8 @@ std::vector<Option> build_table() {
         text(kTrainLora | kTrainFinetune, "DIR", kCaptionFolder, "", &TO::data),
         text(kTrainControlnet, "DIR", "metadata.jsonl rows {file_name, text, conditioning_image} (required)", "",
              &TO::data),
-        text(kTrainVae, "DIR", "images (captions are not used): metadata.jsonl or a folder of images (required)", "",
-             &TO::data),
+        text(kTrainVae | kTrainPalette, "DIR",
+             "images (captions are not used): metadata.jsonl or a folder of images (required)", "", &TO::data),
         text(kTrainClassifier, "DIR", "`dmx data emoji` folder: every real image of every style is used (required)", "",
              &ClassifierTrainOptions::data),
         text(kEval, "DIR", "`dmx data emoji` folder", "$DMX_EMOJI_DATA, ~/.cache/dmx/emoji-data, /tmp/emoji_ds",
@@ -399,8 +409,11 @@ std::vector<Option> build_table() {
         text(kInit, "DIR", "diffusers folder to create (required)", "", &InitModelOptions::output),
         text(kConvert, "PATH", "where to write the converted copy (required)", "", &ConvertOptions::output),
         text(kDataTokenizer, "DIR", "tokenizer folder to write (required)", "", &TokenizerTrainOptions::output),
-        text(kTrainRecipes, "PATH", "lora: FILE.safetensors; finetune / full dreambooth: a diffusers folder (required)",
-             "", &TO::output),
+        text(kTrainRecipes & ~kTrainPalette, "PATH",
+             "lora: FILE.safetensors; finetune / full dreambooth: a diffusers folder (required)", "", &TO::output),
+        text(kTrainPalette, "DIR", "the Palette folder to write (palette.json, config.json, weights) (required)", "",
+             &TO::output),
+        text(kRestore, "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)", "", &RO::output),
         text(kTrainClassifier, "DIR", "folder for config.json + model.safetensors (required)", "",
              &ClassifierTrainOptions::output)}},
       {"out",
@@ -427,7 +440,9 @@ std::vector<Option> build_table() {
        {num<int>(kSamplingGroup | kEval, "N", "denoising steps", "", 1, 1000, &SamplingOptions::steps, &EO::steps),
         num<I64>(kTrainRecipes, "N", "optimizer steps", "", kI64Min, kI64Max, &TO::steps),
         num<I64>(kTrainClassifier, "N", "optimizer steps", "", 1, 10000000, &ClassifierTrainOptions::steps),
-        num<int>(kTrainBench, "N", "timed steps after one warm-up step", "", 1, 100000, &TrainBenchOptions::steps)}},
+        num<int>(kTrainBench, "N", "timed steps after one warm-up step", "", 1, 100000, &TrainBenchOptions::steps),
+        num<int>(kRestore, "N", "sampling steps: the model's test schedule respaced to N (its length = exact)", "", 1,
+                 100000, &RO::steps)}},
       {"guidance-scale",
        {num<double>(kSamplingGroup | kEval, "G", "classifier-free guidance scale; <= 1 disables guidance", "", 0, 100,
                     &SamplingOptions::guidance_scale, &EO::guidance_scale)}},
@@ -442,11 +457,13 @@ std::vector<Option> build_table() {
         seed(kTrainRecipes | kTrainClassifier, "seed of every random draw", "", &TO::seed,
              &ClassifierTrainOptions::seed),
         seed(kInit, "seed of the initialisation", "", &InitModelOptions::seed),
-        seed(kEval, "prompt i uses seed + i", "", &EO::seed)}},
+        seed(kEval, "prompt i uses seed + i", "", &EO::seed),
+        seed(kRestore, "seed of every random draw (noise, the hole's noise, each step)", "random", &RO::seed)}},
       {"num-images",
        {num<int>(kGenerate, "N", "images per prompt", "", 1, 64, &GO::num_images),
         num<int>(kUpscale, "N", "pictures to make from the one low-res picture", "", 1, 64, &UO::num_images),
-        num<int>(kVariations, "N", "variations to make", "", 1, 64, &VO::num_images)}},
+        num<int>(kVariations, "N", "variations to make", "", 1, 64, &VO::num_images),
+        num<int>(kRestore, "N", "samples of the one picture (Palette is diverse)", "", 1, 64, &RO::num_images)}},
       {"clip-skip", {num<int>(kGenerate, "N", "skip the last N text-encoder layers", "", 0, 64, &GO::clip_skip)}},
 
       // ---------------------------------------------------------------- generate: img2img and blended editing
@@ -459,7 +476,21 @@ std::vector<Option> build_table() {
        {text(kGenerate, "MASK",
              "edit only inside this mask of --init-image (8-bit gray/RGB, white = edit): blended latents", "",
              &GO::mask),
-        own(kEval, "MASK", "mask of --background-error (white = edited region, left out)")}},
+        own(kEval, "MASK", "mask of --background-error (white = edited region, left out)"),
+        text(kRestore, "MASK", "inpaint/uncrop: the region to fill, white = unknown, the picture's size",
+             "a centred box (inpaint), the right half (uncrop)", &RO::mask)}},
+      {"task",
+       {text(kTrainPalette, "T", "colorize|inpaint|uncrop|jpeg (required)", "", &TO::task),
+        text(kRestore, "T", "colorize|inpaint|uncrop|jpeg; must be the model's", "the model's", &RO::task)}},
+      {"loss", {text(kTrainPalette, "L", "l1|l2: the loss on the predicted noise", "", &TO::loss)}},
+      {"palette-channels",
+       {num<int>(kTrainPalette, "C", "first block width of a new denoiser, a multiple of 32", "", 32, 512,
+                 &TO::palette_channels)}},
+      {"jpeg-quality",
+       {num<int>(kRestore, "Q", "jpeg task: compress --image at quality Q first (1..100)", "it already is", 0, 100,
+                 &RO::jpeg_quality)}},
+      {"save-input",
+       {text(kRestore, "IN.png", "also write the degraded picture the model is conditioned on", "", &RO::save_input)}},
       {"background",
        {text(kGenerate, "MODE", "with --mask: latent|pixel|poisson|optimize-latents|finetune-decoder", "",
              &GO::background),
@@ -995,7 +1026,10 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
     case kTrainDreambooth:
     case kTrainControlnet:
     case kTrainVae:
+    case kTrainPalette:
       return run_on_default<TrainOptions>(c, fn);
+    case kRestore:
+      return run_on_default<RestoreOptions>(c, fn);
     case kTrainBench:
       return run_on_default<TrainBenchOptions>(c, fn);
     case kTrainClassifier:

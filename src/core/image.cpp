@@ -11,6 +11,7 @@
 #include <cmath>
 #include <csetjmp>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 
@@ -175,6 +176,32 @@ bool jpeg_decode_raw(jpeg_decompress_struct* cinfo, JpegError* err, const uint8_
   }
   jpeg_finish_decompress(cinfo);
   jpeg_destroy_decompress(cinfo);
+  return true;
+}
+
+// Compression, in the same kind of frame as jpeg_decode_raw: *out is malloc'd by libjpeg (jpeg_mem_dest).
+bool jpeg_encode_raw(jpeg_compress_struct* cinfo, JpegError* err, const uint8_t* data, int width, int height,
+                     int channels, int quality, unsigned char** out, unsigned long* out_size) {
+  if (setjmp(err->jump)) {
+    jpeg_destroy_compress(cinfo);
+    return false;
+  }
+  jpeg_create_compress(cinfo);
+  jpeg_mem_dest(cinfo, out, out_size);
+  cinfo->image_width = static_cast<JDIMENSION>(width);
+  cinfo->image_height = static_cast<JDIMENSION>(height);
+  cinfo->input_components = channels;
+  cinfo->in_color_space = channels == 1 ? JCS_GRAYSCALE : JCS_RGB;
+  jpeg_set_defaults(cinfo);
+  jpeg_set_quality(cinfo, quality, TRUE);
+  jpeg_start_compress(cinfo, TRUE);
+  const size_t row_bytes = static_cast<size_t>(width) * channels;
+  while (cinfo->next_scanline < cinfo->image_height) {
+    JSAMPROW row = const_cast<uint8_t*>(data) + static_cast<size_t>(cinfo->next_scanline) * row_bytes;
+    jpeg_write_scanlines(cinfo, &row, 1);
+  }
+  jpeg_finish_compress(cinfo);
+  jpeg_destroy_compress(cinfo);
   return true;
 }
 
@@ -383,6 +410,28 @@ void png_flush_noop(png_structp) {}
 void png_error_throw(png_structp, png_const_charp msg) { throw IoError(detail::concat("PNG encoder: ", msg)); }
 void png_warning_silent(png_structp, png_const_charp) {}
 }  // namespace
+
+std::vector<uint8_t> encode_jpeg(const Image& img, int quality) {
+  DMX_CHECK_ARG(img.width > 0 && img.height > 0 && (img.channels == 1 || img.channels == 3),
+                "encode_jpeg: the image must be gray or RGB, got ", img.width, "x", img.height, "x", img.channels);
+  DMX_CHECK_ARG(quality >= 1 && quality <= 100, "JPEG quality must be in [1, 100], got ", quality);
+  DMX_CHECK_ARG(img.data.size() == static_cast<size_t>(img.width) * img.height * img.channels,
+                "encode_jpeg: pixel data does not match the size");
+  jpeg_compress_struct cinfo;
+  JpegError err;
+  cinfo.err = jpeg_std_error(&err.mgr);
+  err.mgr.error_exit = jpeg_error_exit;
+  err.message[0] = 0;
+  unsigned char* buf = nullptr;
+  unsigned long size = 0;
+  const bool ok =
+      jpeg_encode_raw(&cinfo, &err, img.data.data(), img.width, img.height, img.channels, quality, &buf, &size);
+  std::vector<uint8_t> out;
+  if (ok && buf) out.assign(buf, buf + size);
+  std::free(buf);
+  DMX_CHECK_IO(ok, "JPEG encoder: ", err.message);
+  return out;
+}
 
 std::vector<uint8_t> encode_png(const Image& img, const TextChunks& text) {
   DMX_CHECK_ARG(img.width > 0 && img.height > 0 && (img.channels == 1 || img.channels == 3 || img.channels == 4),

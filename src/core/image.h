@@ -55,6 +55,10 @@ void check_image_size(const std::string& param, const Image& img, int expected_w
 Image to_rgb(const Image& img);
 Image to_gray(const Image& img);
 
+// Baseline JPEG of a gray or RGB image at quality 1..100 (libjpeg's jpeg_set_quality, 4:2:0 chroma subsampling
+// for RGB, as libjpeg's defaults and PIL's save(quality=...) do).
+std::vector<uint8_t> encode_jpeg(const Image& img, int quality);
+
 using TextChunks = std::vector<std::pair<std::string, std::string>>;
 std::vector<uint8_t> encode_png(const Image& img, const TextChunks& text = {});
 void save_png(const std::string& path, const Image& img, const TextChunks& text = {});  // atomic

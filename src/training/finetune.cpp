@@ -19,44 +19,31 @@ namespace dmx::training {
 
 namespace fs = std::filesystem;
 
-namespace {
-// Enables bf16 autocast on the device's autocast key for the life of the scope, restoring the previous state
-// (and dropping autocast's cache of cast weights, which would otherwise go stale after the optimizer step).
-class AutocastBF16 {
- public:
-  explicit AutocastBF16(const at::Device& d) : cuda_(d.is_cuda()) {
-    if (cuda_) {
-      prev_enabled_ = at::autocast::is_enabled();
-      prev_dtype_ = at::autocast::get_autocast_gpu_dtype();
-      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-      at::autocast::set_enabled(true);
-    } else {
-      prev_enabled_ = at::autocast::is_cpu_enabled();
-      prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
-      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-      at::autocast::set_cpu_enabled(true);
-    }
-    at::autocast::increment_nesting();
+AutocastBF16::AutocastBF16(const at::Device& d) : cuda_(d.is_cuda()) {
+  if (cuda_) {
+    prev_enabled_ = at::autocast::is_enabled();
+    prev_dtype_ = at::autocast::get_autocast_gpu_dtype();
+    at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+    at::autocast::set_enabled(true);
+  } else {
+    prev_enabled_ = at::autocast::is_cpu_enabled();
+    prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    at::autocast::set_cpu_enabled(true);
   }
-  ~AutocastBF16() {
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    if (cuda_) {
-      at::autocast::set_enabled(prev_enabled_);
-      at::autocast::set_autocast_gpu_dtype(prev_dtype_);
-    } else {
-      at::autocast::set_cpu_enabled(prev_enabled_);
-      at::autocast::set_autocast_cpu_dtype(prev_dtype_);
-    }
-  }
-  AutocastBF16(const AutocastBF16&) = delete;
-  AutocastBF16& operator=(const AutocastBF16&) = delete;
+  at::autocast::increment_nesting();
+}
 
- private:
-  bool cuda_;
-  bool prev_enabled_ = false;
-  at::ScalarType prev_dtype_ = at::kBFloat16;
-};
-}  // namespace
+AutocastBF16::~AutocastBF16() {
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  if (cuda_) {
+    at::autocast::set_enabled(prev_enabled_);
+    at::autocast::set_autocast_gpu_dtype(prev_dtype_);
+  } else {
+    at::autocast::set_cpu_enabled(prev_enabled_);
+    at::autocast::set_autocast_cpu_dtype(prev_dtype_);
+  }
+}
 
 FinetuneRecipe::FinetuneRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, bool train_text_encoder)
     : Recipe(std::move(m)), train_text_encoder_(train_text_encoder) {}

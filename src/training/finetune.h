@@ -12,6 +12,21 @@
 
 namespace dmx::training {
 
+// Enables bf16 autocast on the device's autocast key for the life of the scope, restoring the previous state
+// (and dropping autocast's cache of cast weights, which would otherwise go stale after the optimizer step).
+class AutocastBF16 {
+ public:
+  explicit AutocastBF16(const at::Device& d);
+  ~AutocastBF16();
+  AutocastBF16(const AutocastBF16&) = delete;
+  AutocastBF16& operator=(const AutocastBF16&) = delete;
+
+ private:
+  bool cuda_;
+  bool prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
 class FinetuneRecipe : public Recipe {
  public:
   FinetuneRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, bool train_text_encoder);
