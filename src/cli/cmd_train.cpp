@@ -19,6 +19,8 @@ const char* kTrainUsage =
     "  dreambooth  subject-driven fine-tuning with prior preservation, full or LoRA (--lora-rank)\n"
     "  controlnet  a ControlNet initialised from the UNet, base locked; writes a diffusers folder\n"
     "              plus controlnet_original.safetensors (control_model.*)\n"
+    "  adapter     a T2I-Adapter (fresh or continued), base locked, cubic timestep sampling; writes a\n"
+    "              diffusers T2IAdapter folder\n"
     "  vae         the autoencoder (encoder and decoder) of a diffusers folder; writes a diffusers folder\n"
     "  classifier  the emoji classifier of `dmx eval` (docs/evaluation.md)\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
@@ -42,7 +44,8 @@ int cmd_train(int argc, char** argv) {
   if (recipe == "classifier") return cmd_train_classifier(argc, argv);  // the emoji classifier (dmx eval)
   if (recipe == "bench") return run_bench(argc, argv);
   const CommandInfo* c = find_command("train " + recipe);
-  DMX_CHECK_ARG(c != nullptr, "dmx train: recipe must be lora, finetune, dreambooth, controlnet, vae or bench, got '",
+  DMX_CHECK_ARG(c != nullptr,
+                "dmx train: recipe must be lora, finetune, dreambooth, controlnet, adapter, vae or bench, got '",
                 recipe, "'");
   TrainOptions o;
   o.recipe = recipe;
