@@ -8,6 +8,7 @@
 # Environment (default in brackets):
 #   DMX_MODEL        [models/emoji]                          diffusers folder (required)
 #   DMX_CONTROLNET   [models/emoji-controlnet-canny]         Canny ControlNet
+#   DMX_ADAPTER      [models/emoji-adapter-canny]            Canny T2I-Adapter
 #   DMX_LORA         [models/emoji-lora-twitter.safetensors] Google -> Twitter style LoRA
 #   DMX_DREAMBOOTH   [models/emoji-dreambooth.safetensors]   DreamBooth LoRA of a held-out emoji
 #   DMX_DREAMBOOTH_PROMPT [first line of ${DMX_DREAMBOOTH%.safetensors}.txt]  its instance prompt
@@ -30,6 +31,7 @@ T_START=${EPOCHREALTIME//[.,]/}
 
 MODEL="${DMX_MODEL:-models/emoji}"
 CONTROLNET="${DMX_CONTROLNET:-models/emoji-controlnet-canny}"
+ADAPTER="${DMX_ADAPTER:-models/emoji-adapter-canny}"
 LORA="${DMX_LORA:-models/emoji-lora-twitter.safetensors}"
 DREAMBOOTH="${DMX_DREAMBOOTH:-models/emoji-dreambooth.safetensors}"
 DREAMBOOTH_TXT="${DREAMBOOTH%.safetensors}.txt"
@@ -73,7 +75,7 @@ if [ "${DMX_DEMO_SKIP_SETUP:-0}" != 1 ]; then
 fi
 [ -x "$DMX" ] || { echo "demo: $DMX not found (build it with scripts/build.sh dmx_cli)" >&2; exit 2; }
 
-SECTIONS=(inputs txt2img img2img controlnet lora blended diffedit p2p nulltext dreambooth upscale palette eval logs)
+SECTIONS=(inputs txt2img img2img controlnet adapter lora blended diffedit p2p nulltext dreambooth upscale palette eval logs)
 rm -f "${OUT:?}/index.html"  # no page pointing at the images removed next
 for s in "${SECTIONS[@]}"; do rm -rf "${OUT:?}/$s"; done
 mkdir -p "$OUT"
@@ -295,6 +297,31 @@ if [ -e "$CONTROLNET" ]; then
     "$body" "$(sec_ms)"
 else
   skipped controlnet "ControlNet (Canny edges)" "no ControlNet at $CONTROLNET (set DMX_CONTROLNET)"
+fi
+
+# ---- 5b. T2I-Adapter -----------------------------------------------------------------------------------
+if [ -e "$ADAPTER" ]; then
+  sec_t0
+  edges=$(emoji google edges cat)
+  figs=""
+  ids=()
+  i=0
+  for p in "" "grinning face"; do
+    run "adapter_$i" "${GEN[@]}" "${SIZE_ARGS[@]}" --adapter "$ADAPTER" --adapter-image "$OUT/$edges" \
+      --prompt "$p" --output "$OUT/adapter/$i.png"
+    f1=$(file_metric --edge-f1 "$OUT/adapter/$i.png" --reference "$OUT/$edges")
+    figs+=$(fig "adapter/$i.png" "$(q "$p")$(with_metric "edge F1" "$f1")")
+    ids+=("adapter_$i=$(q "$p"); adapter scale 1.0; $COMMON_PARAMS")
+    i=$((i + 1))
+  done
+  body=$(row "input" "$(fig "$edges" "Canny edges of the real cat face")")
+  body+=$(row "with the T2I-Adapter" "$figs")
+  body+=$(runs_table "${ids[@]}")
+  section adapter "T2I-Adapter (Canny edges)" \
+    "<code>$(esc "$ADAPTER")</code>, a T2I-Adapter trained by <code>dmx train adapter</code> (cubic timestep sampling, base frozen), runs once on the edge map and adds its features inside the UNet's down blocks at every step: a fraction of the ControlNet's size and cost (docs/t2i-adapter.md compares the two). Same edge map and seed as the ControlNet section." \
+    "$body" "$(sec_ms)"
+else
+  skipped adapter "T2I-Adapter (Canny edges)" "no adapter at $ADAPTER (set DMX_ADAPTER)"
 fi
 
 # ---- 6. LoRA -------------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ struct EvalOptions {
   std::string out_dir;  // when set: generated images (and grids) are written here
   // ControlNet: edge F1 with and without the net (same prompts and seeds), on the first aux_prompts prompts.
   std::string controlnet;
+  // T2I-Adapter: the same edge F1 with the adapter (scale adapter_scale) instead of the ControlNet, same prompts,
+  // seeds and control maps (converted to the adapter's channels as generate does).
+  std::string adapter;
+  double adapter_scale = 1.0;
   // LoRA: style accuracy (share classified twitter) with and without the LoRA, first aux_prompts prompts.
   std::string lora;
   double lora_scale = 1.0;
@@ -83,6 +87,12 @@ struct EvalResult {
   double edge_f1 = -1, edge_f1_without = -1;
   double edge_f1_empty = -1, edge_f1_empty_without = -1;
   int edge_tolerance = -1;  // pixels of tolerance used (BSDS's 0.0075 of the image diagonal, rounded)
+  // T2I-Adapter (when EvalOptions::adapter is set; -1 otherwise): as the ControlNet's, "without" the same images.
+  int adapter_n = 0;
+  double adapter_edge_f1 = -1, adapter_edge_f1_empty = -1;
+  // Wall seconds per generated picture (mean over the images of each set, same steps and threads): the base images,
+  // with the ControlNet, with the adapter (-1 when not run). Timing of whole pictures, the adapter's one pass included.
+  double seconds_per_image = -1, controlnet_seconds_per_image = -1, adapter_seconds_per_image = -1;
   // LoRA
   int lora_n = 0;
   double lora_style_accuracy = -1, lora_style_accuracy_without = -1;

@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "dmx/error.h"
 #include "dmx/options.h"
@@ -12,7 +13,7 @@ namespace dmx {
 // model (a diffusers folder for finetune / full DreamBooth, else also a single-file checkpoint), config_dir and
 // tokenizer_dir (for a single-file model): the ModelOptions group of dmx/options.h.
 struct TrainOptions : ModelOptions {
-  std::string recipe;      // lora | finetune | dreambooth | controlnet | vae | palette
+  std::string recipe;      // lora | finetune | dreambooth | controlnet | adapter | vae | palette
   std::string data;        // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
   std::string output;      // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder
   std::string output_dir;  // checkpoints, train_log.jsonl, validation images ("" = <output>.train)
@@ -71,6 +72,17 @@ struct TrainOptions : ModelOptions {
   // Conditioning image of the validation images (at its own size rounded down to a multiple of 8, as
   // diffusers' log_validation); "" = the first dataset row's, as training sees it (--resolution, center crop).
   std::string validation_image;
+
+  // T2I-Adapter (recipe adapter; metadata.jsonl rows name a conditioning image, as for controlnet; output: a
+  // diffusers T2IAdapter folder). A fresh adapter unless `adapter` names one to continue from (then the
+  // architecture options are not used). Architecture as diffusers' T2IAdapter config:
+  std::string adapter;                        // start from this adapter (diffusers folder or TencentARC file)
+  std::string adapter_type = "full_adapter";  // full_adapter | light_adapter
+  std::vector<int> adapter_channels;          // empty: the UNet's down-block widths (light: all but the last)
+  int adapter_num_res_blocks = 2;
+  int adapter_downscale_factor = 0;         // 0: the VAE's scale factor (the first feature at the latent size)
+  int adapter_in_channels = 3;              // 1: the luma of the control picture (TencentARC's sketch / canny), 3: RGB
+  std::string timestep_sampling = "cubic";  // cubic (the T2I-Adapter paper's) | uniform
 
   // VAE (recipe vae): L1 + mse_weight * L2 + kl_weight * KL per pixel value; random crops of vae_crop px
   double kl_weight = 1e-6, mse_weight = 0;

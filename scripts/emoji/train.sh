@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Trains dmx's bundled emoji model family from scratch with dmx itself (see models/MODEL_CARD.md):
-#   data -> tokenizer -> fresh weights -> VAE -> UNet + text encoder -> ControlNet (Canny), Twitter-style LoRA,
+#   data -> tokenizer -> fresh weights -> VAE -> UNet + text encoder -> ControlNet (Canny), T2I-Adapter (Canny),
+#   Twitter-style LoRA,
 #   DreamBooth LoRA -> evaluation classifier -> fp16 copies under models/.
 # Every step is a plain dmx command; each training run writes checkpoints (--checkpoint-every) and can be
 # continued with --resume <its .train folder>. Usage: scripts/emoji/train.sh [WORK_DIR]
@@ -65,6 +66,21 @@ $DMX train controlnet --model "$W/base" --controlnet "$W/controlnet2" --data "$D
   --lr-scheduler constant_with_warmup --lr-warmup-steps 20 --cache-latents --proportion-empty-prompts 0.5 \
   --checkpoint-every 250 --seed 2 --quiet --threads $T --mixed-precision bf16
 
+step "T2I-Adapter on the Canny edge maps (fresh full adapter, 1 input channel, cubic timesteps, base locked)"
+# Three phases of 600 steps, each continued from the one before (--adapter): cosine 1e-3, constant 2e-3, cosine 2e-3.
+$DMX train adapter --model "$W/base" --data "$D/google/train" --output "$W/adapter1" --resolution 32 \
+  --batch-size 32 --steps 600 --learning-rate 1e-3 --lr-scheduler cosine --lr-warmup-steps 20 --cache-latents \
+  --proportion-empty-prompts 0.5 --adapter-in-channels 1 --checkpoint-every 100 --seed 0 --quiet --threads $T \
+  --mixed-precision bf16
+$DMX train adapter --model "$W/base" --adapter "$W/adapter1" --data "$D/google/train" --output "$W/adapter2" \
+  --resolution 32 --batch-size 32 --steps 600 --learning-rate 2e-3 --lr-scheduler constant_with_warmup \
+  --lr-warmup-steps 20 --cache-latents --proportion-empty-prompts 0.5 --checkpoint-every 100 --seed 1 --quiet \
+  --threads $T --mixed-precision bf16
+$DMX train adapter --model "$W/base" --adapter "$W/adapter2" --data "$D/google/train" --output "$W/adapter" \
+  --resolution 32 --batch-size 32 --steps 600 --learning-rate 2e-3 --lr-scheduler cosine --lr-warmup-steps 20 \
+  --cache-latents --proportion-empty-prompts 0.5 --checkpoint-every 100 --seed 2 --quiet --threads $T \
+  --mixed-precision bf16
+
 step "LoRA: Google style -> Twitter style, trained on the Twitter images"
 $DMX train lora --model "$W/base" --data "$D/twitter/train" --output "$W/lora-twitter.safetensors" --rank 8 \
   --lora-targets all --resolution 32 --batch-size 32 --steps 1200 --learning-rate 1e-3 --lr-scheduler cosine \
@@ -85,6 +101,7 @@ mkdir -p models
 $DMX convert --input "$W/base" --output models/emoji --dtype fp16 --overwrite --quiet
 $DMX convert --input "$W/controlnet3" --output models/emoji-controlnet-canny --dtype fp16 --overwrite --quiet
 rm -f models/emoji-controlnet-canny/controlnet_original.safetensors  # the same weights in the original layout
+$DMX convert --input "$W/adapter" --output models/emoji-adapter-canny --dtype fp16 --overwrite --quiet
 $DMX convert --input "$W/lora-twitter.safetensors" --output models/emoji-lora-twitter.safetensors --dtype fp16 \
   --overwrite --quiet
 $DMX convert --input "$W/dreambooth.safetensors" --output models/emoji-dreambooth.safetensors --dtype fp16 \

@@ -17,8 +17,11 @@
 #include "core/runtime.h"
 #include "core/utf8.h"
 #include "loaders/model_bundle.h"
+#include "loaders/t2i_adapter_loader.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
+#include "pipelines/t2i_adapter_provider.h"
+#include "training/adapter_train.h"
 #include "training/controlnet_init.h"
 #include "training/controlnet_train.h"
 #include "training/dataset.h"
@@ -53,6 +56,13 @@ training::SampleImages api::pipeline_sampler() {
       u.image = r.control_image;
       u.name = "validation image";
       p.residual_providers = pipelines::controlnet_providers({u});
+    }
+    if (!r.adapter.is_empty()) {
+      pipelines::T2IAdapterUnit u;
+      u.model = r.adapter;
+      u.image = r.adapter_image;
+      u.name = "validation image";
+      p.residual_providers.push_back(std::make_shared<pipelines::T2IAdapterProvider>(std::vector{u}));
     }
     return pipe.run(p).images;
   };
@@ -103,6 +113,7 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
   plan.input(o.data, "--data");
   plan.input(o.instance_data, "--instance-data");
   plan.input(o.controlnet, "--controlnet");
+  plan.input(o.adapter, "--adapter");
   plan.input(o.validation_image, "--validation-image");
   plan.input(o.resume, "--resume", /*may_be_in_work_folder=*/true);
   if (lora_output(o)) {
@@ -117,6 +128,8 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
                 "ControlNet folder");
   } else if (o.recipe == "palette") {
     plan.folder(strip_slashes(o.output), "--output", {"palette.json"}, "Palette folder");
+  } else if (o.recipe == "adapter") {
+    plan.folder(strip_slashes(o.output), "--output", {"config.json"}, "T2I-Adapter folder");
   } else {
     plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "diffusers folder");
   }
@@ -152,6 +165,7 @@ double default_lr(const TrainOptions& o) {
   if (o.recipe == "dreambooth") return o.lora_rank > 0 ? 5e-4 : 5e-6;
   if (o.recipe == "controlnet") return 5e-6;  // train_controlnet.py's default
   if (o.recipe == "palette") return 1e-4;
+  if (o.recipe == "adapter") return 5e-6;     // train_t2i_adapter_sdxl.py's default
   return 1e-4;
 }
 
@@ -202,6 +216,39 @@ tr::TrainConfig make_config(const TrainOptions& o) {
   return c;
 }
 
+// --adapter-type / --adapter-channels / --adapter-num-res-blocks / --adapter-downscale-factor /
+// --adapter-in-channels as diffusers' T2IAdapter config, checked (InvalidArgument naming the flag). Left to the
+// model (unet_channels and vae_factor; absent when checking the options before loading): empty channels = the UNet's
+// down-block widths (a light adapter: all but the last, its extra block repeats the last), downscale factor 0 = the
+// VAE's scale factor.
+models::T2IAdapterConfig adapter_config(const TrainOptions& o, const std::vector<int>& unet_channels = {},
+                                        int vae_factor = 0) {
+  models::T2IAdapterConfig c;
+  c.adapter_type = o.adapter_type;
+  c.num_res_blocks = o.adapter_num_res_blocks;
+  c.in_channels = o.adapter_in_channels;
+  DMX_CHECK_ARG(c.adapter_type == "full_adapter" || c.adapter_type == "light_adapter",
+                "--adapter-type must be full_adapter or light_adapter, got '", c.adapter_type, "'");
+  DMX_CHECK_ARG(c.in_channels == 1 || c.in_channels == 3, "--adapter-in-channels must be 1 or 3, got ", c.in_channels);
+  DMX_CHECK_ARG(o.adapter_num_res_blocks >= 1 && o.adapter_num_res_blocks <= 64,
+                "--adapter-num-res-blocks must be in [1, 64], got ", o.adapter_num_res_blocks);
+  DMX_CHECK_ARG(o.adapter_downscale_factor >= 0 && o.adapter_downscale_factor <= 64,
+                "--adapter-downscale-factor must be in [0, 64] (0: the VAE's), got ", o.adapter_downscale_factor);
+  DMX_CHECK_ARG(o.adapter_channels.size() <= 16, "--adapter-channels must have at most 16 entries, got ",
+                o.adapter_channels.size());
+  for (size_t i = 0; i < o.adapter_channels.size(); ++i)
+    DMX_CHECK_ARG(o.adapter_channels[i] >= 4 && o.adapter_channels[i] <= 16384, "--adapter-channels entry ", i,
+                  " must be in [4, 16384], got ", o.adapter_channels[i]);
+  c.channels = o.adapter_channels;
+  if (c.channels.empty()) {
+    c.channels = unet_channels.empty() ? std::vector<int>{64, 128, 192} : unet_channels;
+    if (c.adapter_type == "light_adapter" && c.channels.size() > 1) c.channels.pop_back();
+  }
+  c.downscale_factor = o.adapter_downscale_factor > 0 ? o.adapter_downscale_factor : vae_factor > 0 ? vae_factor : 8;
+  c.validate();
+  return c;
+}
+
 tr::LoRATrainOptions lora_options(const TrainOptions& o) {
   tr::LoRATrainOptions l;
   l.rank = o.recipe == "dreambooth" ? o.lora_rank : o.rank;
@@ -216,8 +263,8 @@ tr::LoRATrainOptions lora_options(const TrainOptions& o) {
 
 void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet" ||
-                    o.recipe == "vae" || o.recipe == "palette",
-                "recipe must be lora, finetune, dreambooth, controlnet, vae or palette, got '", o.recipe, "'");
+                    o.recipe == "vae" || o.recipe == "adapter" || o.recipe == "palette",
+                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae or palette, got '", o.recipe, "'");
   if (o.recipe == "palette") {
     DMX_CHECK_ARG(!o.task.empty(), "--task must be given (colorize, inpaint, uncrop or jpeg)");
     (void)degrade::parse_task(o.task);
@@ -254,15 +301,20 @@ void validate_train_options(const TrainOptions& o) {
   if (o.recipe == "lora")
     DMX_CHECK_ARG(o.rank > 0 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ",
                   o.rank);
-  if (o.recipe == "controlnet") {
+  if (o.recipe == "controlnet" || o.recipe == "adapter") {
     DMX_CHECK_ARG(!path_exists(o.output) || is_directory(o.output), "--output must be a folder, got the file '",
                   o.output, "'");
     DMX_CHECK_ARG(o.controlnet.empty() || path_exists(o.controlnet), "--controlnet: path not found: ", o.controlnet);
     DMX_CHECK_ARG(o.validation_image.empty() || path_exists(o.validation_image),
                   "--validation-image: file not found: ", o.validation_image);
   } else {
-    DMX_CHECK_ARG(o.validation_image.empty(), "--validation-image is for dmx train controlnet only, got it for ",
-                  o.recipe);
+    DMX_CHECK_ARG(o.validation_image.empty(),
+                  "--validation-image is for dmx train controlnet and adapter only, got it for ", o.recipe);
+  }
+  if (o.recipe == "adapter") {
+    DMX_CHECK_ARG(o.adapter.empty() || path_exists(o.adapter), "--adapter: path not found: ", o.adapter);
+    (void)tr::parse_timestep_sampling(o.timestep_sampling);
+    (void)adapter_config(o);
   }
   if (lora_output(o)) {
     (void)tr::parse_lora_save_format(o.save_format);
@@ -355,7 +407,7 @@ TrainReport train(const TrainOptions& o) {
     d.image_column = o.image_column;
     d.caption_column = o.caption_column;
     d.conditioning_column = o.conditioning_column;
-    d.require_conditioning = o.recipe == "controlnet";
+    d.require_conditioning = o.recipe == "controlnet" || o.recipe == "adapter";
     d.bad_rows = o.skip_bad_rows ? tr::BadRows::Skip : tr::BadRows::Reject;
     return d;
   };
@@ -395,6 +447,29 @@ TrainReport train(const TrainOptions& o) {
     auto ds = open_dataset(o.data, false);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
     recipe = std::make_shared<tr::PaletteRecipe>(models, palette_config);
+  } else if (o.recipe == "adapter") {
+    auto ds = open_dataset(o.data, true);
+    source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
+    models::T2IAdapter adapter{nullptr};
+    if (!o.adapter.empty()) {
+      adapter = loaders::load_t2i_adapter(o.adapter);
+    } else {
+      // PyTorch's default initialisation (diffusers' T2IAdapter constructor), seeded (rank 0's is broadcast anyway).
+      torch::manual_seed(o.seed);
+      adapter =
+          models::T2IAdapter(adapter_config(o, models->unet->config().block_out_channels, models->vae_scale_factor()));
+    }
+    auto ad_recipe =
+        std::make_shared<tr::AdapterRecipe>(models, adapter, tr::parse_timestep_sampling(o.timestep_sampling));
+    if (o.validation_steps > 0) {
+      if (!o.validation_image.empty()) {
+        ad_recipe->set_validation_image(load_image(o.validation_image, "--validation-image"));
+      } else {                                            // the first row's control picture, as training sees it
+        const at::Tensor c = ds->get(0, 0).conditioning;  // [3, H, W] in [0, 1]
+        ad_recipe->set_validation_image(tensor_to_image(c.permute({1, 2, 0}).contiguous()));
+      }
+    }
+    recipe = ad_recipe;
   } else if (o.recipe == "vae") {
     auto ds = open_dataset(o.data, false);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);

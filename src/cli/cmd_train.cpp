@@ -19,6 +19,8 @@ const char* kTrainUsage =
     "  dreambooth  subject-driven fine-tuning with prior preservation, full or LoRA (--lora-rank)\n"
     "  controlnet  a ControlNet initialised from the UNet, base locked; writes a diffusers folder\n"
     "              plus controlnet_original.safetensors (control_model.*)\n"
+    "  adapter     a T2I-Adapter (fresh or continued), base locked, cubic timestep sampling; writes a\n"
+    "              diffusers T2IAdapter folder\n"
     "  vae         the autoencoder (encoder and decoder) of a diffusers folder; writes a diffusers folder\n"
     "  palette     Palette image-to-image diffusion (--task colorize|inpaint|uncrop|jpeg) in pixel space;\n"
     "              writes a Palette folder for dmx restore\n"
@@ -45,7 +47,7 @@ int cmd_train(int argc, char** argv) {
   if (recipe == "bench") return run_bench(argc, argv);
   const CommandInfo* c = find_command("train " + recipe);
   DMX_CHECK_ARG(c != nullptr,
-                "dmx train: recipe must be lora, finetune, dreambooth, controlnet, vae, palette or bench, got '",
+                "dmx train: recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette or bench, got '",
                 recipe, "'");
   TrainOptions o;
   o.recipe = recipe;

@@ -3,7 +3,10 @@
 // reads its help default from the command's default-constructed options struct.
 #include "cli/options.h"
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <stdexcept>
 
@@ -35,6 +38,7 @@ const std::vector<CommandInfo>& commands() {
       {kTrainFinetune, "train finetune", 3},
       {kTrainDreambooth, "train dreambooth", 3},
       {kTrainControlnet, "train controlnet", 3},
+      {kTrainAdapter, "train adapter", 3},
       {kTrainVae, "train vae", 3},
       {kTrainBench, "train bench", 3},
       {kTrainClassifier, "train classifier", 3},
@@ -250,6 +254,42 @@ Use checked(Commands c, std::string value_name, std::string help, double S::*m,
   return u;
 }
 
+// Comma-separated integers ("64,128,192") into a list (each checked by the API).
+Use int_list(Commands c, std::string value_name, std::string help, std::string unset,
+             std::vector<int> TrainOptions::*m) {
+  Use u;
+  u.commands = c;
+  u.value_name = std::move(value_name);
+  u.help = std::move(help);
+  u.unset = std::move(unset);
+  u.set = [=](const Target& t, const Args& a, const std::string& name) {
+    TrainOptions* s = t.part<TrainOptions>();
+    if (!s) no_field(t, name);
+    const std::string text = a.str(name);
+    std::vector<int> out;
+    size_t i = 0;
+    for (;;) {
+      const size_t j = std::min(text.find(',', i), text.size());
+      const std::string w = text.substr(i, j - i);
+      char* end = nullptr;
+      errno = 0;
+      const long v = w.empty() ? 0 : std::strtol(w.c_str(), &end, 10);
+      DMX_CHECK_ARG(!w.empty() && end && *end == '\0' && errno == 0 && v >= 1 && v <= 1 << 20, "--", name,
+                    " must be comma-separated positive integers (e.g. 64,128,192), got '", text, "'");
+      out.push_back(static_cast<int>(v));
+      if (j == text.size()) break;
+      i = j + 1;
+    }
+    s->*m = out;
+  };
+  u.show = [=](const Target& t) {
+    std::string out;
+    for (int v : t.part<TrainOptions>()->*m) out += (out.empty() ? "" : ",") + std::to_string(v);
+    return out;
+  };
+  return u;
+}
+
 // Comma-separated words ("a,b,c") into a list.
 std::vector<std::string> split_commas(const std::string& s) {
   std::vector<std::string> out;
@@ -388,8 +428,8 @@ std::vector<Option> build_table() {
        {texts(kDataTokenizer, "DIR", "caption folder (metadata.jsonl or *.txt); repeatable (required)",
               &TokenizerTrainOptions::data),
         text(kTrainLora | kTrainFinetune, "DIR", kCaptionFolder, "", &TO::data),
-        text(kTrainControlnet, "DIR", "metadata.jsonl rows {file_name, text, conditioning_image} (required)", "",
-             &TO::data),
+        text(kTrainControlnet | kTrainAdapter, "DIR",
+             "metadata.jsonl rows {file_name, text, conditioning_image} (required)", "", &TO::data),
         text(kTrainVae | kTrainPalette, "DIR",
              "images (captions are not used): metadata.jsonl or a folder of images (required)", "", &TO::data),
         text(kTrainClassifier, "DIR", "`dmx data emoji` folder: every real image of every style is used (required)", "",
@@ -570,13 +610,32 @@ std::vector<Option> build_table() {
       // ---------------------------------------------------------------- generate: T2I-Adapters and hypernetworks
       {"adapter",
        {texts(kGenerate, "PATH", "T2I-Adapter: diffusers folder, TencentARC .pth or .safetensors (repeatable)",
-              &GO::adapters)}},
+              &GO::adapters),
+        text(kTrainAdapter, "PATH", "continue training this adapter instead of a fresh one", "", &TO::adapter),
+        text(kEval, "DIR", "also score this Canny T2I-Adapter: edge F1 with and without it", "", &EO::adapter)}},
+      {"adapter-type",
+       {text(kTrainAdapter, "T", "full_adapter|light_adapter (a fresh adapter)", "", &TO::adapter_type)}},
+      {"adapter-channels",
+       {int_list(kTrainAdapter, "C1,C2,...", "widths of the adapter's blocks (a fresh adapter)",
+                 "the UNet's down-block widths", &TO::adapter_channels)}},
+      {"adapter-num-res-blocks",
+       {num<int>(kTrainAdapter, "N", "res blocks per adapter block (a fresh adapter)", "", kI32Min, kI32Max,
+                 &TO::adapter_num_res_blocks)}},
+      {"adapter-downscale-factor",
+       {num<int>(kTrainAdapter, "F", "pixel-unshuffle factor (a fresh adapter)", "the VAE's", kI32Min, kI32Max,
+                 &TO::adapter_downscale_factor)}},
+      {"adapter-in-channels",
+       {num<int>(kTrainAdapter, "C", "1 (gray control picture) or 3 (RGB) (a fresh adapter)", "", kI32Min, kI32Max,
+                 &TO::adapter_in_channels)}},
+      {"timestep-sampling",
+       {text(kTrainAdapter, "S", "cubic (the T2I-Adapter paper's) | uniform", "", &TO::timestep_sampling)}},
       {"adapter-image",
        {texts(kGenerate, "IMG", "control picture of the n-th --adapter (repeatable, one per adapter)",
               &GO::adapter_images)}},
       {"adapter-scale",
        {reals(kGenerate, "X", "scale per adapter (repeatable; default 1; several: sum of scale x features)",
-              &GO::adapter_scales)}},
+              &GO::adapter_scales),
+        num<double>(kEval, "S", "scale of --adapter", "", -100, 100, &EO::adapter_scale)}},
       {"adapter-end",
        {reals(kGenerate, "F",
               "cond_tau: features only during the first fraction F of the steps (repeatable; default 1)",
@@ -847,9 +906,10 @@ std::vector<Option> build_table() {
       {"num-validation-images",
        {num<int>(kTrainRecipes, "N", "validation images per run", "", 1, 64, &TO::num_validation_images)}},
       {"conditioning-column",
-       {text(kTrainControlnet, "NAME", "metadata.jsonl conditioning image field", "", &TO::conditioning_column)}},
+       {text(kTrainControlnet | kTrainAdapter, "NAME", "metadata.jsonl conditioning image field", "",
+             &TO::conditioning_column)}},
       {"validation-image",
-       {text(kTrainControlnet, "PATH", "conditioning image of the validation images",
+       {text(kTrainControlnet | kTrainAdapter, "PATH", "conditioning image of the validation images",
              "the first row's, at --resolution", &TO::validation_image)}},
       {"kl-weight", {num<double>(kTrainVae, "W", "weight of the KL term per pixel value", "", 0, 1e6, &TO::kl_weight)}},
       {"mse-weight",
@@ -895,7 +955,7 @@ std::vector<Option> build_table() {
       {"limit", {num<int>(kEval, "N", "score only the first N prompts", "all", 1, 1 << 20, &EO::limit)}},
       {"lora-scale", {num<double>(kEval, "S", "scale of --lora", "", -100, 100, &EO::lora_scale)}},
       {"aux-prompts",
-       {num<int>(kEval, "N", "prompts used for --controlnet and --lora: the first N", "", 1, 1 << 20,
+       {num<int>(kEval, "N", "prompts used for --controlnet, --adapter and --lora: the first N", "", 1, 1 << 20,
                  &EO::aux_prompts)}},
       {"dreambooth",
        {text(kEval, "FILE", "also score this DreamBooth LoRA: subject similarity with and without it", "",
@@ -1025,6 +1085,7 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
     case kTrainFinetune:
     case kTrainDreambooth:
     case kTrainControlnet:
+    case kTrainAdapter:
     case kTrainVae:
     case kTrainPalette:
       return run_on_default<TrainOptions>(c, fn);

@@ -40,11 +40,12 @@ enum Command : uint32_t {
   kEmbed = 1u << 18,
   kTrainPalette = 1u << 19,
   kRestore = 1u << 20,
+  kTrainAdapter = 1u << 21,
 };
 using Commands = uint32_t;
 constexpr Commands kTrainRecipes =
-    kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae | kTrainPalette;
-constexpr Commands kAllCommands = (1u << 21) - 1;
+    kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae | kTrainPalette | kTrainAdapter;
+constexpr Commands kAllCommands = (1u << 22) - 1;
 
 struct CommandInfo {
   Command id;

@@ -28,9 +28,11 @@
 #include "emoji/emoji_data.h"
 #include "loaders/lora_loader.h"
 #include "loaders/model_bundle.h"
+#include "loaders/t2i_adapter_loader.h"
 #include "metrics/metrics.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
+#include "pipelines/t2i_adapter_provider.h"
 
 namespace dmx {
 
@@ -188,7 +190,18 @@ std::string EvalResult::to_json() const {
     j["edge_f1_empty"] = edge_f1_empty;
     j["edge_f1_empty_without"] = edge_f1_empty_without;
     j["edge_tolerance"] = edge_tolerance;
+    j["controlnet_seconds_per_image"] = controlnet_seconds_per_image;
   }
+  if (adapter_n > 0) {
+    j["adapter_n"] = adapter_n;
+    j["adapter_edge_f1"] = adapter_edge_f1;
+    j["adapter_edge_f1_empty"] = adapter_edge_f1_empty;
+    j["edge_f1_without"] = edge_f1_without;
+    j["edge_f1_empty_without"] = edge_f1_empty_without;
+    j["edge_tolerance"] = edge_tolerance;
+    j["adapter_seconds_per_image"] = adapter_seconds_per_image;
+  }
+  j["seconds_per_image"] = seconds_per_image;
   if (lora_n > 0) {
     j["lora_n"] = lora_n;
     j["lora_style_accuracy"] = lora_style_accuracy;
@@ -216,6 +229,8 @@ EvalResult evaluate(const EvalOptions& o) {
   DMX_CHECK_ARG(o.aux_prompts >= 1, "--aux-prompts must be >= 1, got ", o.aux_prompts);
   DMX_CHECK_ARG(o.dreambooth_images >= 2, "--dreambooth-images must be >= 2, got ", o.dreambooth_images);
   DMX_CHECK_ARG(o.controlnet.empty() || path_exists(o.controlnet), "--controlnet: path not found: ", o.controlnet);
+  DMX_CHECK_ARG(o.adapter.empty() || path_exists(o.adapter), "--adapter: path not found: ", o.adapter);
+  DMX_CHECK_ARG(std::isfinite(o.adapter_scale), "--adapter-scale must be finite, got ", o.adapter_scale);
   DMX_CHECK_ARG(o.lora.empty() || path_exists(o.lora), "--lora: file not found: ", o.lora);
   DMX_CHECK_ARG(std::isfinite(o.lora_scale), "--lora-scale must be finite, got ", o.lora_scale);
   if (!o.dreambooth.empty()) {
@@ -235,12 +250,14 @@ EvalResult evaluate(const EvalOptions& o) {
     plan.input(o.data, "--data");
     plan.input(o.prompts_file, "--prompts");
     plan.input(o.controlnet, "--controlnet");
+    plan.input(o.adapter, "--adapter");
     plan.input(o.lora, "--lora");
     plan.input(o.dreambooth, "--dreambooth");
     if (!o.out_dir.empty())
       plan.work_folder(o.out_dir, "--out", [](const std::string& dir) -> std::string {
-        static const std::vector<std::string> sets = {"base", "controlnet", "controlnet-empty-prompt", "empty-prompt",
-                                                      "lora", "dreambooth", "dreambooth_without"};
+        static const std::vector<std::string> sets = {"base",    "controlnet",           "controlnet-empty-prompt",
+                                                      "adapter", "adapter-empty-prompt", "empty-prompt",
+                                                      "lora",    "dreambooth",           "dreambooth_without"};
         std::error_code ec;
         for (auto it = std::filesystem::directory_iterator(dir, ec); !ec && it != std::filesystem::directory_iterator();
              it.increment(ec)) {
@@ -294,10 +311,15 @@ EvalResult evaluate(const EvalOptions& o) {
   pipelines::StableDiffusionPipeline pipe(models);
   const int n = static_cast<int>(prompts.size());
   const int n_aux = std::min(n, o.aux_prompts);
-  int total = n + (o.controlnet.empty() ? 0 : 3 * n_aux) + (o.lora.empty() ? 0 : n_aux) +
+  int total = n + (o.controlnet.empty() ? 0 : 3 * n_aux) +
+              (o.adapter.empty() ? 0 : (o.controlnet.empty() ? 3 : 2) * n_aux) + (o.lora.empty() ? 0 : n_aux) +
               (o.dreambooth.empty() ? 0 : 2 * o.dreambooth_images);
   ProgressBar bar("eval", total);
-  auto generate = [&](const std::string& prompt, uint64_t seed, const std::vector<pipelines::ControlNetUnit>& cn) {
+  // Wall time of the pictures made with each kind of control (timed_base, timed_cn, timed_ad: [seconds, pictures]).
+  std::pair<double, int> timed_base{0, 0}, timed_cn{0, 0}, timed_ad{0, 0};
+  auto generate = [&](const std::string& prompt, uint64_t seed, const std::vector<pipelines::ControlNetUnit>& cn,
+                      const pipelines::T2IAdapterUnit* adapter = nullptr) {
+    const auto g0 = std::chrono::steady_clock::now();
     pipelines::StableDiffusionParams p;
     p.prompt = prompt;
     p.num_inference_steps = o.steps;
@@ -307,7 +329,11 @@ EvalResult evaluate(const EvalOptions& o) {
     p.generator = &generator;
     p.show_progress = false;
     p.residual_providers = pipelines::controlnet_providers(cn);
+    if (adapter) p.residual_providers.push_back(std::make_shared<pipelines::T2IAdapterProvider>(std::vector{*adapter}));
     at::Tensor img = pipe.run(p).images[0].permute({2, 0, 1}).contiguous();  // [3, H, W] in [0, 1]
+    auto& timed = adapter ? timed_ad : cn.empty() ? timed_base : timed_cn;
+    timed.first += std::chrono::duration<double>(std::chrono::steady_clock::now() - g0).count();
+    timed.second += 1;
     bar.tick();
     return img;
   };
@@ -367,12 +393,13 @@ EvalResult evaluate(const EvalOptions& o) {
 
   // 4. ControlNet: edge F1 of Canny(output) against the control map, with and without the net; with the
   // prompt, and with an empty prompt (where only the control map can carry the concept's shape).
+  std::vector<at::Tensor> imgs_empty_without;  // empty prompt, no control (shared by ControlNet and adapter)
   if (!o.controlnet.empty()) {
     pipelines::ControlNetUnit unit;
     unit.name = o.controlnet;
     unit.model = pipelines::load_controlnet(o.controlnet, {}, "--controlnet");
     double f1 = 0, f1_without = 0, f1_empty = 0, f1_empty_without = 0;
-    std::vector<at::Tensor> imgs, imgs_empty, imgs_empty_without;
+    std::vector<at::Tensor> imgs, imgs_empty;
     const int64_t H = base[0].size(1), W = base[0].size(2);
     const int tol = metrics::edge_tolerance(H, W);
     for (int i = 0; i < n_aux; ++i) {
@@ -401,6 +428,48 @@ EvalResult evaluate(const EvalOptions& o) {
     r.edge_f1_empty = f1_empty / n_aux;
     r.edge_f1_empty_without = f1_empty_without / n_aux;
   }
+
+  // 4b. T2I-Adapter: the same edge F1 with the adapter in the ControlNet's place (same prompts, seeds and maps).
+  if (!o.adapter.empty()) {
+    pipelines::T2IAdapterUnit unit;
+    unit.name = o.adapter;
+    unit.model = loaders::load_t2i_adapter(o.adapter);
+    unit.scale = o.adapter_scale;
+    double f1 = 0, f1_without = 0, f1_empty = 0, f1_empty_without = 0;
+    std::vector<at::Tensor> imgs, imgs_empty;
+    const bool have_without = !imgs_empty_without.empty();
+    const int64_t H = base[0].size(1), W = base[0].size(2);
+    const int tol = metrics::edge_tolerance(H, W);
+    for (int i = 0; i < n_aux; ++i) {
+      const int c = concept_of[static_cast<size_t>(i)];
+      const uint64_t seed = o.seed + static_cast<uint64_t>(i);
+      const Image map = to_rgb(load_image(data.files("google", c).edges, "control map"));
+      DMX_CHECK_SUPPORTED(map.width == W && map.height == H, "edge F1 needs control maps of the output size (", W, "x",
+                          H, "), got ", map.width, "x", map.height);
+      unit.image = map;
+      imgs.push_back(generate(prompts[static_cast<size_t>(i)], seed, {}, &unit));
+      imgs_empty.push_back(generate("", seed, {}, &unit));
+      if (!have_without) imgs_empty_without.push_back(generate("", seed, {}));
+      const at::Tensor target = binary_map(map);
+      f1 += metrics::edge_f1(canny_of(imgs.back()), target, tol);
+      f1_without += metrics::edge_f1(canny_of(base[static_cast<size_t>(i)]), target, tol);
+      f1_empty += metrics::edge_f1(canny_of(imgs_empty.back()), target, tol);
+      f1_empty_without += metrics::edge_f1(canny_of(imgs_empty_without[static_cast<size_t>(i)]), target, tol);
+    }
+    save_all("adapter", imgs);
+    save_all("adapter-empty-prompt", imgs_empty);
+    if (!have_without) save_all("empty-prompt", imgs_empty_without);
+    r.adapter_n = n_aux;
+    r.edge_tolerance = tol;
+    r.adapter_edge_f1 = f1 / n_aux;
+    r.adapter_edge_f1_empty = f1_empty / n_aux;
+    r.edge_f1_without = f1_without / n_aux;
+    r.edge_f1_empty_without = f1_empty_without / n_aux;
+  }
+  auto per_image = [](const std::pair<double, int>& t) { return t.second > 0 ? t.first / t.second : -1.0; };
+  r.seconds_per_image = per_image(timed_base);
+  r.controlnet_seconds_per_image = per_image(timed_cn);
+  r.adapter_seconds_per_image = per_image(timed_ad);
 
   // 5. LoRA: share of images the style head calls twitter, with and without (the base images).
   if (!o.lora.empty()) {

@@ -10,6 +10,7 @@
 #include "core/tensor_util.h"
 #include "dmx/error.h"
 #include "models/config_json.h"
+#include "models/unet_2d_condition.h"
 #include "nn/layers.h"
 
 namespace dmx::models {
@@ -142,6 +143,37 @@ int T2IAdapterConfig::total_downscale_factor() const {
 }
 
 size_t T2IAdapterConfig::num_features() const { return channels.size() + (adapter_type == "light_adapter" ? 1 : 0); }
+
+std::vector<int> T2IAdapterConfig::feature_widths() const {
+  std::vector<int> w = channels;
+  if (adapter_type == "light_adapter" && !w.empty()) w.push_back(w.back());
+  return w;
+}
+
+void check_t2i_adapter_matches_unet(const T2IAdapterConfig& c, const UNet2DConditionConfig& unet, int vae_f,
+                                    const std::string& w) {
+  if (c.adapter_type == "full_adapter_xl") return;
+  DMX_CHECK_ARG(c.downscale_factor == vae_f, w, ": the adapter's downscale_factor is ", c.downscale_factor,
+                " but the model's VAE downscales by ", vae_f, " (features would not fit the latents)");
+  const std::vector<int> fw = c.feature_widths();
+  DMX_CHECK_ARG(fw.size() <= unet.block_out_channels.size(), w, ": the adapter has ", fw.size(),
+                " features but the UNet has ", unet.block_out_channels.size(), " down blocks");
+  for (size_t k = 0; k < fw.size(); ++k)
+    DMX_CHECK_ARG(fw[k] == unet.block_out_channels[k], w, ": feature ", k, " is ", fw[k],
+                  " channels wide but UNet down block ", k, " is ", unet.block_out_channels[k],
+                  " (an adapter made for another model)");
+  // Where feature k is added: inside a cross-attention block, before its downsampler; after a plain block, so after
+  // its downsampler when it has one (every block but the last). Feature k is at 1/2^k of the latents, so a plain
+  // block with a downsampler would get it at twice its size.
+  const size_t nb = unet.down_block_types.size();
+  for (size_t k = 0; k < fw.size() && k < nb; ++k) {
+    const bool cross = unet.down_block_types[k].find("CrossAttn") != std::string::npos;
+    DMX_CHECK_ARG(cross || k + 1 == nb, w, ": feature ", k, " would be added after UNet down block ", k, " (",
+                  unet.down_block_types[k],
+                  ") and its downsampler, at half the feature's size; T2I-Adapters fit UNets whose down blocks "
+                  "before the last have cross-attention (as Stable Diffusion's)");
+  }
+}
 
 double T2IAdapterConfig::num_parameters() const {
   auto conv = [](double in, double out, double k) { return in * out * k * k + out; };

@@ -36,6 +36,8 @@ struct T2IAdapterConfig {
   int total_downscale_factor() const;
   // Features the adapter returns (one per UNet down block it feeds): channels.size(), +1 for the light adapter.
   size_t num_features() const;
+  // The widths of the features, in order (a light adapter adds one block of its last width).
+  std::vector<int> feature_widths() const;
   // The parameters the adapter has (computed, nothing allocated): loaders compare it with the weights before
   // building the model, so a config cannot make dmx allocate more than its weights hold.
   double num_parameters() const;
@@ -60,6 +62,13 @@ class T2IAdapterImpl : public torch::nn::Module {
   std::shared_ptr<Parts> parts_;
 };
 TORCH_MODULE(T2IAdapter);
+
+struct UNet2DConditionConfig;
+// Whether an adapter fits a UNet (not full_adapter_xl, which has its own layout): downscale_factor = the VAE's
+// scale factor (the first feature is at the latent size) and feature k as wide as down block k. InvalidArgument
+// starting with `what` otherwise.
+void check_t2i_adapter_matches_unet(const T2IAdapterConfig& c, const UNet2DConditionConfig& unet, int vae_scale_factor,
+                                    const std::string& what);
 
 // diffusers' MultiAdapter: feature_k = sum_i w_i * adapter_i(x_i)_k, in the order given, with w_i a float32
 // scalar. weights absent: 1/N each (MultiAdapter's default). The adapters must agree on their downscaling

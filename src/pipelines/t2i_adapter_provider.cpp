@@ -9,15 +9,6 @@
 
 namespace dmx::pipelines {
 
-namespace {
-// The widths of an adapter's features, in order (a light adapter adds one block of its last width).
-std::vector<int> feature_widths(const models::T2IAdapterConfig& c) {
-  std::vector<int> w = c.channels;
-  if (c.adapter_type == "light_adapter" && !w.empty()) w.push_back(w.back());
-  return w;
-}
-}  // namespace
-
 at::Tensor prepare_adapter_image(const Image& img, int in_channels, int width, int height) {
   DMX_CHECK_ARG(width >= 1 && height >= 1, "adapter image size must be positive, got ", width, "x", height);
   DMX_CHECK_ARG(in_channels == 1 || in_channels == 3, "adapter in_channels must be 1 or 3, got ", in_channels);
@@ -66,17 +57,7 @@ void T2IAdapterProvider::check(const ResidualRun& run) const {
     DMX_CHECK_ARG(u.end > 0 && u.end <= 1, w, ": --adapter-end must be in (0, 1], got ", u.end);
     DMX_CHECK_ARG(u.image.width >= 1 && u.image.height >= 1, w, ": no --adapter-image");
     const auto& c = u.model->config();
-    if (c.adapter_type != "full_adapter_xl") {
-      DMX_CHECK_ARG(c.downscale_factor == vae_f, w, ": the adapter's downscale_factor is ", c.downscale_factor,
-                    " but the model's VAE downscales by ", vae_f, " (features would not fit the latents)");
-      const std::vector<int> fw = feature_widths(c);
-      DMX_CHECK_ARG(fw.size() <= ucfg.block_out_channels.size(), w, ": the adapter has ", fw.size(),
-                    " features but the UNet has ", ucfg.block_out_channels.size(), " down blocks");
-      for (size_t k = 0; k < fw.size(); ++k)
-        DMX_CHECK_ARG(fw[k] == ucfg.block_out_channels[k], w, ": feature ", k, " is ", fw[k],
-                      " channels wide but UNet down block ", k, " is ", ucfg.block_out_channels[k],
-                      " (an adapter made for another model)");
-    }
+    models::check_t2i_adapter_matches_unet(c, ucfg, vae_f, w);
     if (i > 0) {  // MultiAdapter's rules
       DMX_CHECK_ARG(
           c.downscale_factor == first.downscale_factor && c.total_downscale_factor() == first.total_downscale_factor(),

@@ -328,6 +328,21 @@ at::Tensor gather_t(const at::Tensor& ac, const at::Tensor& t, const at::Tensor&
 }
 }  // namespace
 
+at::Tensor Recipe::sample_timesteps(at::Generator& gen, int64_t global_rows, int64_t num_train_timesteps) {
+  return uniform_timesteps(gen, global_rows, num_train_timesteps);
+}
+
+at::Tensor uniform_timesteps(at::Generator& gen, int64_t n, int64_t num_train_timesteps) {
+  return at::randint(num_train_timesteps, {n}, gen, at::TensorOptions().dtype(at::kLong));
+}
+
+at::Tensor cubic_timesteps(at::Generator& gen, int64_t n, int64_t num_train_timesteps) {
+  const at::Tensor u = at::rand({n}, gen, at::TensorOptions().dtype(at::kFloat));  // [n] in [0, 1)
+  // (1 - u^3) * T in float32 as the script computes it, then .long() (truncation toward zero) and the clamp.
+  const at::Tensor t = ((1 - u.pow(3)) * static_cast<double>(num_train_timesteps)).to(at::kLong);
+  return t.clamp(0, num_train_timesteps - 1);
+}
+
 at::Tensor compute_snr(const at::Tensor& ac, const at::Tensor& timesteps) {
   const at::Tensor sqrt_ac = ac.pow(0.5);
   const at::Tensor sqrt_1m = (1.0 - ac).pow(0.5);
@@ -860,8 +875,12 @@ double Trainer::micro_step(State& st, int64_t micro) {
   at::Tensor noise = at::randn(gshape, st.gen, f32).narrow(0, r0, rows);
   if (cfg_.noise_offset > 0)
     noise = noise + cfg_.noise_offset * at::randn({G, gshape[1], 1, 1}, st.gen, f32).narrow(0, r0, rows);
-  const at::Tensor t =
-      at::randint(st.num_train_timesteps, {G}, st.gen, at::TensorOptions().dtype(at::kLong)).narrow(0, r0, rows);
+  const at::Tensor tg = recipe_->sample_timesteps(st.gen, G, st.num_train_timesteps);
+  DMX_CHECK_ARG(tg.defined() && tg.dim() == 1 && tg.size(0) == G && tg.scalar_type() == at::kLong, "recipe ",
+                recipe_->name(), ": sample_timesteps must return [", G, "] int64 timesteps");
+  DMX_CHECK_ARG(tg.min().item<int64_t>() >= 0 && tg.max().item<int64_t>() < st.num_train_timesteps, "recipe ",
+                recipe_->name(), ": sample_timesteps must return timesteps in [0, ", st.num_train_timesteps, ")");
+  const at::Tensor t = tg.narrow(0, r0, rows);
   const at::Tensor noisy = ddpm_add_noise(st.alphas_cumprod, latents, noise, t);
   at::Tensor ehs;
   if (cfg_.proportion_empty_prompts > 0) {

@@ -16,7 +16,8 @@
 //   1. VAE posterior noise  [G, 4, h, w]
 //   2. noise                [G, 4, h, w]
 //   3. offset noise         [G, 4, 1, 1]   (only when noise_offset > 0)
-//   4. timesteps            [G]            (randint, int64)
+//   4. timesteps            [G]            (int64; Recipe::sample_timesteps: randint by default, the T2I-Adapter
+//                                           recipe's cubic draw with rand, cubic_timesteps)
 //   4b. caption dropout     [G]            (rand, only when proportion_empty_prompts > 0)
 //   5. whatever the recipe's hooks draw, from the same generator (none of the built-in recipes draw)
 // The generator state, AdamW state, LR step, EMA weights and the step counters go into every checkpoint,
@@ -33,9 +34,11 @@
 #include <utility>
 #include <vector>
 
+#include "core/image.h"
 #include "io/safetensors.h"
 #include "loaders/model_bundle.h"
 #include "models/controlnet.h"
+#include "models/t2i_adapter.h"
 #include "training/dataset.h"
 
 namespace dmx::training {
@@ -69,6 +72,9 @@ struct SampleRequest {
   // Optional ControlNet at scale 1 on control_image ([1, C, H, W] float32 in [0, 1], the output size).
   models::ControlNetModel controlnet{nullptr};
   at::Tensor control_image;
+  // Optional T2I-Adapter at scale 1 on adapter_image (8 bits, resized to the output size if it differs).
+  models::T2IAdapter adapter{nullptr};
+  Image adapter_image;
 };
 // Returns the images: [N, H, W, 3] float32 in [0, 1].
 using SampleImages =
@@ -193,6 +199,10 @@ class Recipe {
   // Latent distribution moments of the batch's pixels ([B, 4, h, w] mean and std, float32, no grad).
   // Default: the frozen VAE.
   virtual std::pair<at::Tensor, at::Tensor> encode_images(const Batch& batch);
+  // Draw 4 of the documented order: the timesteps of the global batch, [global_rows] int64 in
+  // [0, num_train_timesteps), from `gen` (the trainer keeps this rank's rows). Default: uniform,
+  // randint(0, num_train_timesteps, (G,)) as train_text_to_image.py.
+  virtual at::Tensor sample_timesteps(at::Generator& gen, int64_t global_rows, int64_t num_train_timesteps);
   // The model prediction: [B, 4, h, w] (float32 for the loss).
   virtual at::Tensor predict(const at::Tensor& noisy_latents, const at::Tensor& timesteps,
                              const at::Tensor& encoder_hidden_states, const Batch& batch) = 0;
@@ -225,6 +235,13 @@ at::Tensor sample_validation_images(const std::shared_ptr<loaders::StableDiffusi
                                     const at::Tensor& control_image = {});
 // Writes images ([N, H, W, 3] in [0, 1]) as <out_dir>/validation-<step>-<i>.png with the prompt as metadata.
 void save_validation_images(const at::Tensor& images, const TrainConfig& cfg, int64_t step, const std::string& out_dir);
+
+// Timestep draws (Recipe::sample_timesteps). uniform_timesteps: randint(0, T, (n,)). cubic_timesteps: the T2I-Adapter
+// paper's cubic sampling (Mou et al. 2023, section 3.4; diffusers 0.27.2 examples/t2i_adapter/
+// train_t2i_adapter_sdxl.py): u = rand(n) (float32), t = long((1 - u^3) * T) (truncation), clamped to [0, T - 1],
+// so late (noisy) timesteps, where the structure of the picture is decided, are drawn more often.
+at::Tensor uniform_timesteps(at::Generator& gen, int64_t n, int64_t num_train_timesteps);
+at::Tensor cubic_timesteps(at::Generator& gen, int64_t n, int64_t num_train_timesteps);
 
 // diffusers get_scheduler multipliers of the base learning rate at optimizer step `step` (0-based).
 double lr_lambda(LRSchedule s, int64_t step, int64_t warmup_steps, int64_t total_steps);

@@ -54,6 +54,16 @@ int cmd_eval(int argc, char** argv) {
         "edge F1 (%d prompts)  %.4f with ControlNet, %.4f without; empty prompts: %.4f with, %.4f without "
         "(tolerance %d px)\n",
         r.controlnet_n, r.edge_f1, r.edge_f1_without, r.edge_f1_empty, r.edge_f1_empty_without, r.edge_tolerance);
+  if (r.adapter_n > 0)
+    std::printf(
+        "edge F1 (%d prompts)  %.4f with the T2I-Adapter, %.4f without; empty prompts: %.4f with, %.4f without "
+        "(tolerance %d px)\n",
+        r.adapter_n, r.adapter_edge_f1, r.edge_f1_without, r.adapter_edge_f1_empty, r.edge_f1_empty_without,
+        r.edge_tolerance);
+  std::printf("seconds per picture   %.3f base", r.seconds_per_image);
+  if (r.controlnet_n > 0) std::printf(", %.3f with the ControlNet", r.controlnet_seconds_per_image);
+  if (r.adapter_n > 0) std::printf(", %.3f with the T2I-Adapter", r.adapter_seconds_per_image);
+  std::printf("\n");
   if (r.lora_n > 0)
     std::printf("LoRA style accuracy   %.4f with the LoRA, %.4f without (%d prompts)\n", r.lora_style_accuracy,
                 r.lora_style_accuracy_without, r.lora_n);
