@@ -20,6 +20,7 @@ const char* kTrainUsage =
     "  controlnet  a ControlNet initialised from the UNet, base locked; writes a diffusers folder\n"
     "              plus controlnet_original.safetensors (control_model.*)\n"
     "  vae         the autoencoder (encoder and decoder) of a diffusers folder; writes a diffusers folder\n"
+    "  hypernetwork  an AUTOMATIC1111 hypernetwork on the frozen model; writes A1111's .pt or a .safetensors\n"
     "  classifier  the emoji classifier of `dmx eval` (docs/evaluation.md)\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
@@ -42,7 +43,8 @@ int cmd_train(int argc, char** argv) {
   if (recipe == "classifier") return cmd_train_classifier(argc, argv);  // the emoji classifier (dmx eval)
   if (recipe == "bench") return run_bench(argc, argv);
   const CommandInfo* c = find_command("train " + recipe);
-  DMX_CHECK_ARG(c != nullptr, "dmx train: recipe must be lora, finetune, dreambooth, controlnet, vae or bench, got '",
+  DMX_CHECK_ARG(c != nullptr,
+                "dmx train: recipe must be lora, finetune, dreambooth, controlnet, vae, hypernetwork or bench, got '",
                 recipe, "'");
   TrainOptions o;
   o.recipe = recipe;

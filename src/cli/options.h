@@ -38,10 +38,12 @@ enum Command : uint32_t {
   kUpscale = 1u << 16,
   kVariations = 1u << 17,
   kEmbed = 1u << 18,
+  kTrainHypernetwork = 1u << 19,
 };
 using Commands = uint32_t;
-constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae;
-constexpr Commands kAllCommands = (1u << 19) - 1;
+constexpr Commands kTrainRecipes =
+    kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae | kTrainHypernetwork;
+constexpr Commands kAllCommands = (1u << 20) - 1;
 
 struct CommandInfo {
   Command id;
