@@ -222,6 +222,7 @@ HypernetworkModuleImpl::HypernetworkModuleImpl(int64_t dim, const HypernetworkCo
       dropout_p_.back() = dropout[i + 1];
     }
   }
+  eval();  // inference unless a trainer asks for train mode (A1111's Hypernetwork.__init__ ends in eval())
 }
 
 at::Tensor HypernetworkModuleImpl::forward(const at::Tensor& x, double multiplier) {
@@ -259,6 +260,7 @@ HypernetworkImpl::HypernetworkImpl(const HypernetworkConfig& cfg, const std::vec
     modules_.emplace(d, std::make_pair(k, v));
     order_.push_back(d);
   }
+  eval();
 }
 
 void HypernetworkImpl::set_record(const std::string& name, int64_t step, const std::string& sd_checkpoint_name) {

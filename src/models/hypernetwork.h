@@ -59,7 +59,8 @@ std::vector<std::string> hypernetwork_activation_names();
 // state-dict keys are linear.<index>.weight/bias, the activation and dropout taking an index without
 // parameters. forward(x) = x + linear(x) * multiplier in eval mode (dropout off: inference); in training mode
 // x + linear(x) with dropout on and the multiplier 1, as A1111's forward
-// (`self.multiplier if not self.training else 1`).
+// (`self.multiplier if not self.training else 1`). Modules are built in eval mode, as A1111's Hypernetwork.__init__
+// leaves them.
 class HypernetworkModuleImpl : public torch::nn::Module {
  public:
   HypernetworkModuleImpl(int64_t dim, const HypernetworkConfig& cfg);
