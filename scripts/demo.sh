@@ -10,6 +10,7 @@
 #   DMX_CONTROLNET   [models/emoji-controlnet-canny]         Canny ControlNet
 #   DMX_ADAPTER      [models/emoji-adapter-canny]            Canny T2I-Adapter
 #   DMX_LORA         [models/emoji-lora-twitter.safetensors] Google -> Twitter style LoRA
+#   DMX_HYPERNETWORK [models/emoji-hypernetwork-twitter.pt]  Google -> Twitter style A1111 hypernetwork
 #   DMX_DREAMBOOTH   [models/emoji-dreambooth.safetensors]   DreamBooth LoRA of a held-out emoji
 #   DMX_DREAMBOOTH_PROMPT [first line of ${DMX_DREAMBOOTH%.safetensors}.txt]  its instance prompt
 #   DMX_CLASSIFIER   [models/emoji-classifier]               classifier of `dmx eval`
@@ -33,6 +34,7 @@ MODEL="${DMX_MODEL:-models/emoji}"
 CONTROLNET="${DMX_CONTROLNET:-models/emoji-controlnet-canny}"
 ADAPTER="${DMX_ADAPTER:-models/emoji-adapter-canny}"
 LORA="${DMX_LORA:-models/emoji-lora-twitter.safetensors}"
+HYPERNET="${DMX_HYPERNETWORK:-models/emoji-hypernetwork-twitter.pt}"
 DREAMBOOTH="${DMX_DREAMBOOTH:-models/emoji-dreambooth.safetensors}"
 DREAMBOOTH_TXT="${DREAMBOOTH%.safetensors}.txt"
 CLASSIFIER="${DMX_CLASSIFIER:-models/emoji-classifier}"
@@ -329,22 +331,27 @@ if [ -f "$LORA" ]; then
   sec_t0
   body=$(row "real references" "$(fig "$(emoji google images grinning)" "google")$(fig "$(emoji twitter images grinning)" "twitter")$(fig "$(emoji google images apple)" "google")$(fig "$(emoji twitter images apple)" "twitter")")
   ids=()
-  for with in 0 1; do
+  withs=(0 1)
+  [ -f "$HYPERNET" ] && withs+=(2)  # the Twitter-style A1111 hypernetwork (dmx train hypernetwork)
+  for with in "${withs[@]}"; do
     figs=""
     i=0
     for p in "grinning face" "red apple"; do
       extra=()
       [ "$with" = 1 ] && extra=(--lora "$LORA")
+      [ "$with" = 2 ] && extra=(--hypernetwork "$HYPERNET")
       run "lora_${with}_$i" "${GEN[@]}" "${SIZE_ARGS[@]}" "${extra[@]}" --prompt "$p" --output "$OUT/lora/${with}_$i.png"
       figs+=$(fig "lora/${with}_$i.png" "$(q "$p")")
-      ids+=("lora_${with}_$i=$(q "$p"); $([ "$with" = 1 ] && echo "LoRA scale 1.0" || echo "no LoRA"); $COMMON_PARAMS")
+      what=("no LoRA" "LoRA scale 1.0" "hypernetwork $(basename "$HYPERNET") at 1.0")
+      ids+=("lora_${with}_$i=$(q "$p"); ${what[$with]}; $COMMON_PARAMS")
       i=$((i + 1))
     done
-    body+=$(row "$([ "$with" = 1 ] && echo "with the Twitter LoRA" || echo "without LoRA")" "$figs")
+    labels=("without LoRA" "with the Twitter LoRA" "with the Twitter hypernetwork (A1111 .pt)")
+    body+=$(row "${labels[$with]}" "$figs")
   done
   body+=$(runs_table "${ids[@]}")
   section lora "LoRA: Google style to Twitter style" \
-    "The same prompts and seed without and with <code>--lora $(esc "$LORA")</code>." "$body" "$(sec_ms)"
+    "The same prompts and seed without and with <code>--lora $(esc "$LORA")</code>$([ -f "$HYPERNET" ] && echo ", and with <code>--hypernetwork $(esc "$HYPERNET")</code> (an A1111 hypernetwork dmx trained)")." "$body" "$(sec_ms)"
 else
   skipped lora "LoRA: Google style to Twitter style" "no LoRA at $LORA (set DMX_LORA)"
 fi

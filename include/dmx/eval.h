@@ -63,6 +63,8 @@ struct EvalOptions {
   // LoRA: style accuracy (share classified twitter) with and without the LoRA, first aux_prompts prompts.
   std::string lora;
   double lora_scale = 1.0;
+  // Hypernetwork (FILE[:MULT], docs/hypernetworks.md): style accuracy with and without it, as for the LoRA.
+  std::string hypernetwork;
   int aux_prompts = 50;
   // DreamBooth LoRA: subject similarity of `dreambooth_images` images of dreambooth_prompt, with and without
   // the LoRA, to the real image(s) of dreambooth_concept.
@@ -96,6 +98,9 @@ struct EvalResult {
   // LoRA
   int lora_n = 0;
   double lora_style_accuracy = -1, lora_style_accuracy_without = -1;
+  // Hypernetwork
+  int hypernetwork_n = 0;
+  double hypernetwork_style_accuracy = -1, hypernetwork_style_accuracy_without = -1;
   // DreamBooth
   int dreambooth_n = 0;
   double dreambooth_similarity = -1, dreambooth_similarity_without = -1;

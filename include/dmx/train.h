@@ -13,9 +13,11 @@ namespace dmx {
 // model (a diffusers folder for finetune / full DreamBooth, else also a single-file checkpoint), config_dir and
 // tokenizer_dir (for a single-file model): the ModelOptions group of dmx/options.h.
 struct TrainOptions : ModelOptions {
-  std::string recipe;      // lora | finetune | dreambooth | controlnet | adapter | vae | palette
-  std::string data;        // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
-  std::string output;      // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder
+  std::string recipe;  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork
+  std::string data;    // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
+  // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder; hypernetwork: FILE.pt (A1111's
+  // torch.save layout) or FILE.safetensors
+  std::string output;
   std::string output_dir;  // checkpoints, train_log.jsonl, validation images ("" = <output>.train)
   // Replace an existing --output, and start over in an --output-dir that holds an earlier run (its checkpoints,
   // log and validation images are deleted; other files kept). README "Outputs and overwriting".
@@ -93,6 +95,16 @@ struct TrainOptions : ModelOptions {
   std::string task;           // colorize | inpaint | uncrop | jpeg (required)
   std::string loss = "l2";    // l1 | l2
   int palette_channels = 64;  // first block width of a new denoiser (multiple of 32)
+  // Hypernetwork (recipe hypernetwork, docs/hypernetworks.md): A1111's options, its defaults
+  std::string layer_structure = "1,2,1";  // comma-separated multiples of the width, first and last 1
+  std::string activation = "linear";      // A1111's activation names
+  std::string weight_init = "Normal";     // Normal | XavierUniform | XavierNormal | KaimingUniform | KaimingNormal
+  bool layer_norm = false;                // LayerNorm after every Linear
+  bool use_dropout = false;               // without --dropout-structure: 0.3 between hidden layers
+  std::string dropout_structure;          // comma-separated, one per layer_structure entry ("" = from use_dropout)
+  bool last_layer_dropout = false;        // with use_dropout: also before the last Linear
+  bool activate_output = false;           // the activation after the last Linear too
+  std::string hypernetwork_widths;        // comma-separated ("" = every attention width of the UNet)
 
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;

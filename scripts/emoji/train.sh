@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains dmx's bundled emoji model family from scratch with dmx itself (see models/MODEL_CARD.md):
 #   data -> tokenizer -> fresh weights -> VAE -> UNet + text encoder -> ControlNet (Canny), T2I-Adapter (Canny),
-#   Twitter-style LoRA,
-#   DreamBooth LoRA -> evaluation classifier -> fp16 copies under models/.
+#   Twitter-style LoRA, Twitter-style A1111 hypernetwork, DreamBooth LoRA -> evaluation classifier -> fp16 copies
+#   under models/.
 # Every step is a plain dmx command; each training run writes checkpoints (--checkpoint-every) and can be
 # continued with --resume <its .train folder>. Usage: scripts/emoji/train.sh [WORK_DIR]
 # (default ~/.cache/dmx/emoji-train). DMX_THREADS sets the threads (default 1: the figures in the model card
@@ -86,6 +86,11 @@ $DMX train lora --model "$W/base" --data "$D/twitter/train" --output "$W/lora-tw
   --lora-targets all --resolution 32 --batch-size 32 --steps 1200 --learning-rate 1e-3 --lr-scheduler cosine \
   --cache-latents --snr-gamma 5 --checkpoint-every 200 --seed 0 --quiet --threads $T --mixed-precision bf16
 
+step "A1111 hypernetwork: Google style -> Twitter style (A1111's defaults; its own .pt)"
+$DMX train hypernetwork --model "$W/base" --data "$D/twitter/train" --output "$W/hypernetwork-twitter.pt" \
+  --resolution 32 --batch-size 32 --steps 500 --learning-rate 1e-3 --lr-scheduler cosine --cache-latents \
+  --snr-gamma 5 --checkpoint-every 100 --seed 0 --quiet --threads $T --mixed-precision bf16
+
 step "DreamBooth LoRA: the held-out 'donkey' taught as 'zqx donkey' from its one Google image"
 mkdir -p "$W/dreambooth-instance"
 cp "$D/google/heldout/images/donkey.png" "$W/dreambooth-instance/"
@@ -107,5 +112,6 @@ $DMX convert --input "$W/lora-twitter.safetensors" --output models/emoji-lora-tw
 $DMX convert --input "$W/dreambooth.safetensors" --output models/emoji-dreambooth.safetensors --dtype fp16 \
   --overwrite --quiet
 echo "zqx donkey" > models/emoji-dreambooth.txt
+cp "$W/hypernetwork-twitter.pt" models/emoji-hypernetwork-twitter.pt  # A1111's float32 .pt, as written
 rm -rf models/emoji-classifier && cp -r "$W/classifier" models/emoji-classifier
 du -sh models/*

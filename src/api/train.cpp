@@ -15,6 +15,7 @@
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/runtime.h"
+#include "core/text.h"
 #include "core/utf8.h"
 #include "loaders/model_bundle.h"
 #include "loaders/t2i_adapter_loader.h"
@@ -28,6 +29,7 @@
 #include "training/distributed.h"
 #include "training/dreambooth.h"
 #include "training/finetune.h"
+#include "training/hypernetwork_train.h"
 #include "training/lora_train.h"
 #include "training/palette_train.h"
 #include "training/trainer.h"
@@ -116,7 +118,13 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
   plan.input(o.adapter, "--adapter");
   plan.input(o.validation_image, "--validation-image");
   plan.input(o.resume, "--resume", /*may_be_in_work_folder=*/true);
-  if (lora_output(o)) {
+  if (o.recipe == "hypernetwork") {
+    const std::string lower = to_lower_ascii(o.output);
+    plan.file(o.output, "--output",
+              ends_with(lower, ".safetensors") ? ".safetensors"
+              : ends_with(lower, ".pth")       ? ".pth"
+                                               : ".pt");
+  } else if (lora_output(o)) {
     plan.file(o.output, "--output", ".safetensors");
     if (o.save_format == "peft") {
       const size_t slash = o.output.find_last_of('/');
@@ -165,7 +173,8 @@ double default_lr(const TrainOptions& o) {
   if (o.recipe == "dreambooth") return o.lora_rank > 0 ? 5e-4 : 5e-6;
   if (o.recipe == "controlnet") return 5e-6;  // train_controlnet.py's default
   if (o.recipe == "palette") return 1e-4;
-  if (o.recipe == "adapter") return 5e-6;     // train_t2i_adapter_sdxl.py's default
+  if (o.recipe == "adapter") return 5e-6;       // train_t2i_adapter_sdxl.py's default
+  if (o.recipe == "hypernetwork") return 1e-5;  // A1111's "Hypernetwork Learning rate" default
   return 1e-4;
 }
 
@@ -249,6 +258,47 @@ models::T2IAdapterConfig adapter_config(const TrainOptions& o, const std::vector
   return c;
 }
 
+// "1, 2, 1": comma-separated numbers (spaces allowed, as A1111's create_hypernetwork parses them with float()).
+std::vector<double> number_list(const std::string& text, const char* flag) {
+  std::vector<double> out;
+  if (text.empty()) return out;
+  size_t i = 0;
+  while (i <= text.size()) {
+    size_t j = text.find(',', i);
+    if (j == std::string::npos) j = text.size();
+    std::string item = text.substr(i, j - i);
+    while (!item.empty() && item.front() == ' ') item.erase(item.begin());
+    while (!item.empty() && item.back() == ' ') item.pop_back();
+    char* end = nullptr;
+    const double v = item.empty() ? 0 : std::strtod(item.c_str(), &end);
+    DMX_CHECK_ARG(!item.empty() && end == item.c_str() + item.size() && std::isfinite(v), flag,
+                  " must be comma-separated numbers, got '", text, "'");
+    DMX_CHECK_ARG(out.size() < 64, flag, " takes at most 64 numbers, got '", text.substr(0, 200), "'");
+    out.push_back(v);
+    i = j + 1;
+  }
+  return out;
+}
+
+tr::HypernetworkTrainOptions hypernetwork_options(const TrainOptions& o) {
+  tr::HypernetworkTrainOptions h;
+  h.layer_structure = number_list(o.layer_structure, "--layer-structure");
+  h.activation = o.activation;
+  h.weight_init = o.weight_init;
+  h.layer_norm = o.layer_norm;
+  h.use_dropout = o.use_dropout;
+  h.dropout_structure = number_list(o.dropout_structure, "--dropout-structure");
+  h.last_layer_dropout = o.last_layer_dropout;
+  h.activate_output = o.activate_output;
+  for (double w : number_list(o.hypernetwork_widths, "--hypernetwork-widths")) {
+    DMX_CHECK_ARG(w == std::floor(w) && w >= 1 && w <= static_cast<double>(tr::kMaxHypernetworkWidth),
+                  "--hypernetwork-widths entries must be whole numbers in [1, ", tr::kMaxHypernetworkWidth, "], got '",
+                  o.hypernetwork_widths, "'");
+    h.widths.push_back(static_cast<int64_t>(w));
+  }
+  return h;
+}
+
 tr::LoRATrainOptions lora_options(const TrainOptions& o) {
   tr::LoRATrainOptions l;
   l.rank = o.recipe == "dreambooth" ? o.lora_rank : o.rank;
@@ -263,8 +313,9 @@ tr::LoRATrainOptions lora_options(const TrainOptions& o) {
 
 void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet" ||
-                    o.recipe == "vae" || o.recipe == "adapter" || o.recipe == "palette",
-                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae or palette, got '", o.recipe, "'");
+                    o.recipe == "vae" || o.recipe == "adapter" || o.recipe == "palette" || o.recipe == "hypernetwork",
+                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette or hypernetwork, got '",
+                o.recipe, "'");
   if (o.recipe == "palette") {
     DMX_CHECK_ARG(!o.task.empty(), "--task must be given (colorize, inpaint, uncrop or jpeg)");
     (void)degrade::parse_task(o.task);
@@ -319,6 +370,13 @@ void validate_train_options(const TrainOptions& o) {
   if (lora_output(o)) {
     (void)tr::parse_lora_save_format(o.save_format);
     lora_options(o).validate();
+  }
+  if (o.recipe == "hypernetwork") {
+    const std::string lower = to_lower_ascii(o.output);
+    DMX_CHECK_ARG(ends_with(lower, ".pt") || ends_with(lower, ".pth") || ends_with(lower, ".safetensors"),
+                  "--output: a hypernetwork is written as A1111's FILE.pt (or .pth) or as FILE.safetensors, got '",
+                  o.output, "'");
+    hypernetwork_options(o).validate();
   }
   DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
   DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0 && o.resolution <= 4096,
@@ -478,10 +536,12 @@ TrainReport train(const TrainOptions& o) {
     vo.mse_weight = o.mse_weight;
     vo.crop = o.vae_crop;
     recipe = std::make_shared<tr::VAERecipe>(models, vo);
-  } else if (o.recipe == "lora" || o.recipe == "finetune") {
+  } else if (o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "hypernetwork") {
     auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
-    if (o.recipe == "lora")
+    if (o.recipe == "hypernetwork")
+      recipe = std::make_shared<tr::HypernetworkRecipe>(models, hypernetwork_options(o));
+    else if (o.recipe == "lora")
       recipe = std::make_shared<tr::LoRARecipe>(models, lora_options(o), fmt);
     else
       recipe = std::make_shared<tr::FinetuneRecipe>(models, o.train_text_encoder);

@@ -24,6 +24,7 @@ const char* kTrainUsage =
     "  vae         the autoencoder (encoder and decoder) of a diffusers folder; writes a diffusers folder\n"
     "  palette     Palette image-to-image diffusion (--task colorize|inpaint|uncrop|jpeg) in pixel space;\n"
     "              writes a Palette folder for dmx restore\n"
+    "  hypernetwork  an AUTOMATIC1111 hypernetwork on the frozen model; writes A1111's .pt or a .safetensors\n"
     "  classifier  the emoji classifier of `dmx eval` (docs/evaluation.md)\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
@@ -46,9 +47,11 @@ int cmd_train(int argc, char** argv) {
   if (recipe == "classifier") return cmd_train_classifier(argc, argv);  // the emoji classifier (dmx eval)
   if (recipe == "bench") return run_bench(argc, argv);
   const CommandInfo* c = find_command("train " + recipe);
-  DMX_CHECK_ARG(c != nullptr,
-                "dmx train: recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette or bench, got '",
-                recipe, "'");
+  DMX_CHECK_ARG(
+      c != nullptr,
+      "dmx train: recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork or "
+      "bench, got '",
+      recipe, "'");
   TrainOptions o;
   o.recipe = recipe;
   if (!parse_options(c->id, argc, argv, o)) return 0;  // --help

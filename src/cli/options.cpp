@@ -40,6 +40,7 @@ const std::vector<CommandInfo>& commands() {
       {kTrainControlnet, "train controlnet", 3},
       {kTrainAdapter, "train adapter", 3},
       {kTrainVae, "train vae", 3},
+      {kTrainHypernetwork, "train hypernetwork", 3},
       {kTrainBench, "train bench", 3},
       {kTrainClassifier, "train classifier", 3},
       {kEval, "eval", 2},
@@ -427,7 +428,7 @@ std::vector<Option> build_table() {
       {"data",
        {texts(kDataTokenizer, "DIR", "caption folder (metadata.jsonl or *.txt); repeatable (required)",
               &TokenizerTrainOptions::data),
-        text(kTrainLora | kTrainFinetune, "DIR", kCaptionFolder, "", &TO::data),
+        text(kTrainLora | kTrainFinetune | kTrainHypernetwork, "DIR", kCaptionFolder, "", &TO::data),
         text(kTrainControlnet | kTrainAdapter, "DIR",
              "metadata.jsonl rows {file_name, text, conditioning_image} (required)", "", &TO::data),
         text(kTrainVae | kTrainPalette, "DIR",
@@ -450,7 +451,9 @@ std::vector<Option> build_table() {
         text(kConvert, "PATH", "where to write the converted copy (required)", "", &ConvertOptions::output),
         text(kDataTokenizer, "DIR", "tokenizer folder to write (required)", "", &TokenizerTrainOptions::output),
         text(kTrainRecipes & ~kTrainPalette, "PATH",
-             "lora: FILE.safetensors; finetune / full dreambooth: a diffusers folder (required)", "", &TO::output),
+             "lora: FILE.safetensors; hypernetwork: FILE.pt (A1111's) or FILE.safetensors; finetune / full "
+             "dreambooth: a diffusers folder; adapter: a T2IAdapter folder (required)",
+             "", &TO::output),
         text(kTrainPalette, "DIR", "the Palette folder to write (palette.json, config.json, weights) (required)", "",
              &TO::output),
         text(kRestore, "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)", "", &RO::output),
@@ -645,7 +648,9 @@ std::vector<Option> build_table() {
               &GO::adapter_preprocess)}},
       {"hypernetwork",
        {texts(kGenerate, "FILE[:MULT]", "A1111 hypernetwork (.pt or .safetensors); repeatable, chained in order",
-              &GO::hypernetworks)}},
+              &GO::hypernetworks),
+        text(kEval, "FILE[:MULT]", "also score this style hypernetwork: share classified twitter, with and without it",
+             "", &EO::hypernetwork)}},
       {"hypernetwork-dir",
        {text(kGenerate, "DIR", "folder for <hypernet:NAME:MULT> tags in the prompt (NAME.pt / .safetensors)", "",
              &GO::hypernetwork_dir)}},
@@ -854,8 +859,9 @@ std::vector<Option> build_table() {
        {num<int>(kTrainRecipes, "N", "micro-steps per optimizer step", "", 1, 1 << 20,
                  &TO::gradient_accumulation_steps)}},
       {"learning-rate",
-       {num<double>(kTrainRecipes, "LR", "AdamW learning rate", "lora 1e-4, finetune 1e-4, dreambooth 5e-6 / LoRA 5e-4",
-                    0, 1e6, &TO::learning_rate),
+       {num<double>(kTrainRecipes, "LR", "AdamW learning rate",
+                    "lora 1e-4, finetune 1e-4, dreambooth 5e-6 / LoRA 5e-4, hypernetwork 1e-5", 0, 1e6,
+                    &TO::learning_rate),
         num<double>(kTrainClassifier, "LR", "AdamW peak learning rate, cosine decay", "", 1e-8, 1.0,
                     &ClassifierTrainOptions::learning_rate)}},
       {"lr-scheduler",
@@ -947,6 +953,33 @@ std::vector<Option> build_table() {
        {num<int>(kTrainDreambooth, "R", "train LoRA adapters of this rank instead of the full UNet (0: full)", "",
                  kI32Min, kI32Max, &TO::lora_rank)}},
 
+      // ---------------------------------------------------------------- train hypernetwork (A1111's options)
+      {"layer-structure",
+       {text(kTrainHypernetwork, "LIST", "module widths as multiples of the context width, first and last 1", "",
+             &TO::layer_structure)}},
+      {"activation",
+       {text(kTrainHypernetwork, "NAME", "linear|relu|leakyrelu|elu|swish (Hardswish)|tanh|sigmoid|gelu|silu|...", "",
+             &TO::activation)}},
+      {"weight-init",
+       {text(kTrainHypernetwork, "NAME",
+             "Normal (std 0.01, zero bias)|XavierUniform|XavierNormal|KaimingUniform|"
+             "KaimingNormal",
+             "", &TO::weight_init)}},
+      {"layer-norm", {flag(kTrainHypernetwork, "LayerNorm after every Linear", true, &TO::layer_norm)}},
+      {"use-dropout",
+       {flag(kTrainHypernetwork, "dropout 0.3 between hidden layers (without --dropout-structure)", true,
+             &TO::use_dropout)}},
+      {"dropout-structure",
+       {text(kTrainHypernetwork, "LIST", "dropout probability per --layer-structure entry, e.g. 0,0.3,0",
+             "from --use-dropout", &TO::dropout_structure)}},
+      {"last-layer-dropout",
+       {flag(kTrainHypernetwork, "with --use-dropout: also before the last Linear", true, &TO::last_layer_dropout)}},
+      {"activate-output",
+       {flag(kTrainHypernetwork, "the activation after the last Linear too", true, &TO::activate_output)}},
+      {"hypernetwork-widths",
+       {text(kTrainHypernetwork, "LIST", "context widths to create module pairs for, e.g. 768,320,640,1280",
+             "every attention width of the UNet", &TO::hypernetwork_widths)}},
+
       // ---------------------------------------------------------------- eval
       {"prompts",
        {text(kEval, "FILE", "one prompt per line, each starting with a lower-cased emoji name", "built-in 300",
@@ -955,8 +988,8 @@ std::vector<Option> build_table() {
       {"limit", {num<int>(kEval, "N", "score only the first N prompts", "all", 1, 1 << 20, &EO::limit)}},
       {"lora-scale", {num<double>(kEval, "S", "scale of --lora", "", -100, 100, &EO::lora_scale)}},
       {"aux-prompts",
-       {num<int>(kEval, "N", "prompts used for --controlnet, --adapter and --lora: the first N", "", 1, 1 << 20,
-                 &EO::aux_prompts)}},
+       {num<int>(kEval, "N", "prompts used for --controlnet, --adapter, --lora and --hypernetwork: the first N", "", 1,
+                 1 << 20, &EO::aux_prompts)}},
       {"dreambooth",
        {text(kEval, "FILE", "also score this DreamBooth LoRA: subject similarity with and without it", "",
              &EO::dreambooth)}},
@@ -1088,6 +1121,7 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
     case kTrainAdapter:
     case kTrainVae:
     case kTrainPalette:
+    case kTrainHypernetwork:
       return run_on_default<TrainOptions>(c, fn);
     case kRestore:
       return run_on_default<RestoreOptions>(c, fn);

@@ -41,11 +41,12 @@ enum Command : uint32_t {
   kTrainPalette = 1u << 19,
   kRestore = 1u << 20,
   kTrainAdapter = 1u << 21,
+  kTrainHypernetwork = 1u << 22,
 };
 using Commands = uint32_t;
-constexpr Commands kTrainRecipes =
-    kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae | kTrainPalette | kTrainAdapter;
-constexpr Commands kAllCommands = (1u << 22) - 1;
+constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae |
+                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork;
+constexpr Commands kAllCommands = (1u << 23) - 1;
 
 struct CommandInfo {
   Command id;

@@ -26,6 +26,7 @@
 #include "emoji/emoji_classifier.h"
 #include "emoji/emoji_classifier_train.h"
 #include "emoji/emoji_data.h"
+#include "loaders/hypernetwork_loader.h"
 #include "loaders/lora_loader.h"
 #include "loaders/model_bundle.h"
 #include "loaders/t2i_adapter_loader.h"
@@ -207,6 +208,11 @@ std::string EvalResult::to_json() const {
     j["lora_style_accuracy"] = lora_style_accuracy;
     j["lora_style_accuracy_without"] = lora_style_accuracy_without;
   }
+  if (hypernetwork_n > 0) {
+    j["hypernetwork_n"] = hypernetwork_n;
+    j["hypernetwork_style_accuracy"] = hypernetwork_style_accuracy;
+    j["hypernetwork_style_accuracy_without"] = hypernetwork_style_accuracy_without;
+  }
   if (dreambooth_n > 0) {
     j["dreambooth_n"] = dreambooth_n;
     j["dreambooth_similarity"] = dreambooth_similarity;
@@ -233,6 +239,12 @@ EvalResult evaluate(const EvalOptions& o) {
   DMX_CHECK_ARG(std::isfinite(o.adapter_scale), "--adapter-scale must be finite, got ", o.adapter_scale);
   DMX_CHECK_ARG(o.lora.empty() || path_exists(o.lora), "--lora: file not found: ", o.lora);
   DMX_CHECK_ARG(std::isfinite(o.lora_scale), "--lora-scale must be finite, got ", o.lora_scale);
+  loaders::HypernetworkSpec hn_spec;
+  if (!o.hypernetwork.empty()) {
+    hn_spec = loaders::parse_hypernetwork_arg(o.hypernetwork);
+    DMX_CHECK_ARG(path_exists(hn_spec.path) && !is_directory(hn_spec.path),
+                  "--hypernetwork: file not found: ", hn_spec.path);
+  }
   if (!o.dreambooth.empty()) {
     DMX_CHECK_ARG(path_exists(o.dreambooth), "--dreambooth: file not found: ", o.dreambooth);
     DMX_CHECK_ARG(!o.dreambooth_prompt.empty(), "--dreambooth needs --dreambooth-prompt (e.g. 'sks emoji')");
@@ -252,12 +264,20 @@ EvalResult evaluate(const EvalOptions& o) {
     plan.input(o.controlnet, "--controlnet");
     plan.input(o.adapter, "--adapter");
     plan.input(o.lora, "--lora");
+    plan.input(hn_spec.path, "--hypernetwork");
     plan.input(o.dreambooth, "--dreambooth");
     if (!o.out_dir.empty())
       plan.work_folder(o.out_dir, "--out", [](const std::string& dir) -> std::string {
-        static const std::vector<std::string> sets = {"base",    "controlnet",           "controlnet-empty-prompt",
-                                                      "adapter", "adapter-empty-prompt", "empty-prompt",
-                                                      "lora",    "dreambooth",           "dreambooth_without"};
+        static const std::vector<std::string> sets = {"base",
+                                                      "controlnet",
+                                                      "controlnet-empty-prompt",
+                                                      "adapter",
+                                                      "adapter-empty-prompt",
+                                                      "empty-prompt",
+                                                      "lora",
+                                                      "hypernetwork",
+                                                      "dreambooth",
+                                                      "dreambooth_without"};
         std::error_code ec;
         for (auto it = std::filesystem::directory_iterator(dir, ec); !ec && it != std::filesystem::directory_iterator();
              it.increment(ec)) {
@@ -307,13 +327,16 @@ EvalResult evaluate(const EvalOptions& o) {
   configure_threads(o.threads);
 
   // 2. The model and one generation helper (prompt i always gets seed + i).
+  // A malformed or hostile hypernetwork file is refused before the model loads.
+  models::Hypernetwork hypernetwork{nullptr};
+  if (!o.hypernetwork.empty()) hypernetwork = loaders::load_hypernetwork(hn_spec.path);
   auto models = loaders::load_stable_diffusion(o.model);
   pipelines::StableDiffusionPipeline pipe(models);
   const int n = static_cast<int>(prompts.size());
   const int n_aux = std::min(n, o.aux_prompts);
   int total = n + (o.controlnet.empty() ? 0 : 3 * n_aux) +
               (o.adapter.empty() ? 0 : (o.controlnet.empty() ? 3 : 2) * n_aux) + (o.lora.empty() ? 0 : n_aux) +
-              (o.dreambooth.empty() ? 0 : 2 * o.dreambooth_images);
+              (o.hypernetwork.empty() ? 0 : n_aux) + (o.dreambooth.empty() ? 0 : 2 * o.dreambooth_images);
   ProgressBar bar("eval", total);
   // Wall time of the pictures made with each kind of control (timed_base, timed_cn, timed_ad: [seconds, pictures]).
   std::pair<double, int> timed_base{0, 0}, timed_cn{0, 0}, timed_ad{0, 0};
@@ -484,6 +507,21 @@ EvalResult evaluate(const EvalOptions& o) {
     r.lora_n = n_aux;
     r.lora_style_accuracy = twitter_share(features(imgs).style_logits);
     r.lora_style_accuracy_without = twitter_share(out.style_logits.slice(0, 0, n_aux));
+  }
+
+  // 5b. Hypernetwork: the same, with the hypernetwork on every attention layer of the UNet at its multiplier.
+  if (!hypernetwork.is_empty()) {
+    std::vector<at::Tensor> imgs;
+    {
+      hypernetwork->to(models->device);
+      models::ScopedHypernetworks scoped(*models->unet, {{hypernetwork, hn_spec.multiplier}});
+      for (int i = 0; i < n_aux; ++i)
+        imgs.push_back(generate(prompts[static_cast<size_t>(i)], o.seed + static_cast<uint64_t>(i), {}));
+    }
+    save_all("hypernetwork", imgs);
+    r.hypernetwork_n = n_aux;
+    r.hypernetwork_style_accuracy = twitter_share(features(imgs).style_logits);
+    r.hypernetwork_style_accuracy_without = twitter_share(out.style_logits.slice(0, 0, n_aux));
   }
 
   // 6. DreamBooth: cosine similarity of classifier features to the real subject, with and without the LoRA.

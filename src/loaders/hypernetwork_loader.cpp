@@ -1,16 +1,19 @@
 // Loading AUTOMATIC1111 hypernetworks (see hypernetwork_loader.h).
 #include "loaders/hypernetwork_loader.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 
 #include "core/fs.h"
 #include "core/text.h"
 #include "dmx/error.h"
 #include "io/torch_pickle.h"
+#include "io/torch_save.h"
 
 namespace dmx::loaders {
 
@@ -97,6 +100,101 @@ models::Hypernetwork load_hypernetwork(const std::string& path) {
   DMX_CHECK_ARG(pickle_name || io::looks_like_torch_file(path), "--hypernetwork ", path,
                 ": neither a .safetensors file nor a torch.save file (A1111's .pt)");
   return hypernetwork_from_torch_file(*io::load_torch_file(path), file_stem(path));
+}
+
+// ---------------------------------------------------------------------------------------------------
+namespace {
+// The module's state dict in Sequential order (weight, then bias), as torch's Module.state_dict() lists it.
+std::vector<std::pair<std::string, at::Tensor>> module_state(models::HypernetworkModule m) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& item : m->named_parameters(/*recurse=*/true)) out.emplace_back(item.key(), item.value().detach());
+  return out;
+}
+
+// The fields Hypernetwork.save writes after the modules, in its order, as JSON (null = None).
+std::vector<std::pair<std::string, nlohmann::json>> save_fields(const models::HypernetworkConfig& c) {
+  const std::vector<double> dropout = c.effective_dropout_structure();
+  const bool any_dropout = std::any_of(dropout.begin(), dropout.end(), [](double d) { return d != 0; });
+  nlohmann::json dropout_json = nlohmann::json::array();
+  for (double d : dropout) dropout_json.push_back(any_dropout ? nlohmann::json(d) : nlohmann::json(0));
+  auto or_null = [](const std::string& s) { return s.empty() ? nlohmann::json(nullptr) : nlohmann::json(s); };
+  return {
+      {"step", c.step},
+      {"name", or_null(c.name)},
+      {"layer_structure", c.layer_structure},
+      {"activation_func", or_null(c.activation_func)},
+      {"is_layer_norm", c.is_layer_norm},
+      {"weight_initialization", or_null(c.weight_initialization)},
+      {"sd_checkpoint", or_null(c.sd_checkpoint)},
+      {"sd_checkpoint_name", or_null(c.sd_checkpoint_name)},
+      {"activate_output", c.activate_output},
+      {"use_dropout", c.use_dropout || any_dropout},
+      {"dropout_structure", dropout_json},
+      {"last_layer_dropout", dropout.size() >= 2 && dropout[dropout.size() - 2] != 0},
+      {"optional_info", nullptr},
+  };
+}
+
+io::PyValue py(const nlohmann::json& j) {
+  using io::PyValue;
+  if (j.is_null()) return PyValue::none();
+  if (j.is_boolean()) return PyValue::boolean(j.get<bool>());
+  if (j.is_number_integer()) return PyValue::integer(j.get<int64_t>());
+  if (j.is_number()) return PyValue::real(j.get<double>());
+  if (j.is_string()) return PyValue::string(j.get<std::string>());
+  if (j.is_array()) {
+    PyValue l = PyValue::list();
+    for (const auto& x : j) l.append(py(x));
+    return l;
+  }
+  throw std::logic_error("hypernetwork fields: unexpected JSON " + j.dump());
+}
+}  // namespace
+
+io::PyValue hypernetwork_torch_value(const models::Hypernetwork& hn) {
+  using io::PyValue;
+  PyValue root = PyValue::dict();
+  auto& m = const_cast<models::HypernetworkImpl&>(*hn);
+  for (int64_t w : m.width_order()) {
+    PyValue pair = PyValue::tuple();
+    for (auto* mod : {&m.k(w), &m.v(w)}) {
+      PyValue sd = PyValue::ordered_dict();
+      for (auto& [key, t] : module_state(*mod)) sd.set(key, PyValue::tensor(t));
+      pair.append(std::move(sd));
+    }
+    root.set(PyValue::integer(w), std::move(pair));
+  }
+  for (const auto& [key, value] : save_fields(hn->config())) root.set(key, py(value));
+  return root;
+}
+
+std::map<std::string, std::string> hypernetwork_metadata(const models::Hypernetwork& hn) {
+  std::map<std::string, std::string> meta;
+  for (const auto& [key, value] : save_fields(hn->config())) meta[key] = value.dump();
+  meta["format"] = "a1111-hypernetwork";
+  return meta;
+}
+
+bool hypernetwork_pickle_output(const std::string& path) {
+  const std::string lower = to_lower_ascii(path);
+  return ends_with(lower, ".pt") || ends_with(lower, ".pth");
+}
+
+void save_hypernetwork(const models::Hypernetwork& hn, const std::string& path) {
+  const std::string lower = to_lower_ascii(path);
+  DMX_CHECK_ARG(hypernetwork_pickle_output(path) || ends_with(lower, ".safetensors"),
+                "--output: a hypernetwork is written as A1111's .pt (or .pth) or as .safetensors, got '", path, "'");
+  if (hypernetwork_pickle_output(path)) {
+    io::torch_save(hypernetwork_torch_value(hn), path);
+    return;
+  }
+  io::TensorMap tensors;
+  auto& m = const_cast<models::HypernetworkImpl&>(*hn);
+  for (int64_t w : m.width_order())
+    for (const char* kv : {"k", "v"})
+      for (auto& [key, t] : module_state(std::string(kv) == "k" ? m.k(w) : m.v(w)))
+        tensors[std::to_string(w) + "." + kv + "." + key] = t.contiguous();
+  io::save_safetensors(path, tensors, hypernetwork_metadata(hn));
 }
 
 namespace {

@@ -9,7 +9,8 @@
 
 namespace dmx::io {
 class TorchFile;
-}
+class PyValue;
+}  // namespace dmx::io
 
 namespace dmx::loaders {
 
@@ -30,6 +31,22 @@ models::Hypernetwork hypernetwork_from_torch_file(const io::TorchFile& file, con
 models::Hypernetwork hypernetwork_from_flat(const io::TensorMap& tensors,
                                             const std::map<std::string, std::string>& fields, const std::string& what,
                                             const std::string& default_name);
+
+// Writing (what `dmx train hypernetwork` saves), by the extension of `path`:
+//   .pt / .pth   A1111's own file: torch.save (io/torch_save.h) of the dict Hypernetwork.save writes,
+//                {width: (k_state_dict, v_state_dict) in hn's width order, 'step', 'name', 'layer_structure',
+//                'activation_func', 'is_layer_norm', 'weight_initialization', 'sd_checkpoint', 'sd_checkpoint_name',
+//                'activate_output', 'use_dropout', 'dropout_structure', 'last_layer_dropout', 'optional_info'},
+//                state dicts as OrderedDicts of float tensors "linear.<i>.weight" / "linear.<i>.bias";
+//   .safetensors tensors "<width>.k.linear.<i>.*" / "<width>.v.linear.<i>.*", the same fields JSON-encoded in the
+//                metadata (plus "format": "a1111-hypernetwork").
+// Written to a temporary and renamed. InvalidArgument naming --output for another extension.
+void save_hypernetwork(const models::Hypernetwork& hn, const std::string& path);
+// The dict A1111's Hypernetwork.save hands to torch.save, and its non-module fields (the .safetensors metadata).
+io::PyValue hypernetwork_torch_value(const models::Hypernetwork& hn);
+std::map<std::string, std::string> hypernetwork_metadata(const models::Hypernetwork& hn);
+// Whether `path` names a file save_hypernetwork writes as a torch.save pickle (.pt / .pth), or as .safetensors.
+bool hypernetwork_pickle_output(const std::string& path);
 
 // One hypernetwork of a run: the file and its multiplier (A1111's "strength").
 struct HypernetworkSpec {

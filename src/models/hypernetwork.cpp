@@ -199,6 +199,7 @@ HypernetworkModuleImpl::HypernetworkModuleImpl(int64_t dim, const HypernetworkCo
     kinds_.push_back(kind);
     layers_.push_back(std::move(m));
     fns_.push_back(nullptr);
+    dropout_p_.push_back(0.0);
   };
   for (size_t i = 0; i + 1 < n; ++i) {
     // Python's int(dim * ls[i]): truncation of the float product.
@@ -216,8 +217,12 @@ HypernetworkModuleImpl::HypernetworkModuleImpl(int64_t dim, const HypernetworkCo
       fns_.back() = row->fn;
     }
     if (cfg.is_layer_norm) add("LayerNorm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({out}).eps(1e-5)).ptr());
-    if (dropout[i + 1] > 0) add("Dropout", nullptr);  // off at inference; it still takes an index
+    if (dropout[i + 1] > 0) {  // off at inference; it still takes an index
+      add("Dropout", nullptr);
+      dropout_p_.back() = dropout[i + 1];
+    }
   }
+  eval();  // inference unless a trainer asks for train mode (A1111's Hypernetwork.__init__ ends in eval())
 }
 
 at::Tensor HypernetworkModuleImpl::forward(const at::Tensor& x, double multiplier) {
@@ -233,9 +238,14 @@ at::Tensor HypernetworkModuleImpl::forward(const at::Tensor& x, double multiplie
       h = std::dynamic_pointer_cast<PReLUImpl>(layers_[i])->forward(h);
     else if (fns_[i])
       h = fns_[i](h);
-    // Dropout: off at inference
+    else if (kind == "Dropout" && is_training()) {  // off at inference
+      const double p = dropout_p_[i];
+      c10::optional<at::Generator> gen;
+      if (dropout_gen_) gen = *dropout_gen_;
+      h = h * at::empty_like(h).bernoulli_(1.0 - p, gen).div_(1.0 - p);
+    }
   }
-  return x + h * multiplier;
+  return x + h * (is_training() ? 1.0 : multiplier);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -248,6 +258,21 @@ HypernetworkImpl::HypernetworkImpl(const HypernetworkConfig& cfg, const std::vec
     HypernetworkModule k = pair->register_module("k", HypernetworkModule(d, cfg_));
     HypernetworkModule v = pair->register_module("v", HypernetworkModule(d, cfg_));
     modules_.emplace(d, std::make_pair(k, v));
+    order_.push_back(d);
+  }
+  eval();
+}
+
+void HypernetworkImpl::set_record(const std::string& name, int64_t step, const std::string& sd_checkpoint_name) {
+  cfg_.name = name;
+  cfg_.step = step;
+  cfg_.sd_checkpoint_name = sd_checkpoint_name;
+}
+
+void HypernetworkImpl::set_dropout_generator(at::Generator* gen) {
+  for (auto& kv : modules_) {
+    kv.second.first->set_dropout_generator(gen);
+    kv.second.second->set_dropout_generator(gen);
   }
 }
 

@@ -7,6 +7,7 @@
 // apply_single_hypernetwork, apply_hypernetworks). diffusers has no hypernetworks; these run on diffusers'
 // UNet through the attention seam (nn/attention_seam.h: an AttentionInputHook), queries untouched.
 #pragma once
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -56,12 +57,18 @@ std::vector<std::string> hypernetwork_activation_names();
 
 // One module (k or v) of one width: A1111's HypernetworkModule. Its Sequential keeps A1111's indices, so the
 // state-dict keys are linear.<index>.weight/bias, the activation and dropout taking an index without
-// parameters. forward(x) = x + linear(x) * multiplier (dropout off: inference).
+// parameters. forward(x) = x + linear(x) * multiplier in eval mode (dropout off: inference); in training mode
+// x + linear(x) with dropout on and the multiplier 1, as A1111's forward
+// (`self.multiplier if not self.training else 1`). Modules are built in eval mode, as A1111's Hypernetwork.__init__
+// leaves them.
 class HypernetworkModuleImpl : public torch::nn::Module {
  public:
   HypernetworkModuleImpl(int64_t dim, const HypernetworkConfig& cfg);
   at::Tensor forward(const at::Tensor& x, double multiplier);  // [.., dim] -> [.., dim]
   int64_t dim() const { return dim_; }
+  // Where training-mode dropout draws its masks (torch.nn.Dropout: keep with probability 1 - p, scale the kept
+  // values by 1 / (1 - p)); null = the default generator. Not owned.
+  void set_dropout_generator(at::Generator* gen) { dropout_gen_ = gen; }
   // The Sequential as A1111 builds it, one torch.nn class name per index ("Linear", "Hardswish", "LayerNorm",
   // "Dropout", ...).
   const std::vector<std::string>& layer_kinds() const { return kinds_; }
@@ -71,6 +78,8 @@ class HypernetworkModuleImpl : public torch::nn::Module {
   std::vector<std::string> kinds_;
   std::vector<std::shared_ptr<torch::nn::Module>> layers_;  // parameterised entries; nullptr otherwise
   std::vector<at::Tensor (*)(const at::Tensor&)> fns_;      // parameterless activations; nullptr otherwise
+  std::vector<double> dropout_p_;                           // Dropout entries: p; 0 otherwise
+  at::Generator* dropout_gen_ = nullptr;
 };
 TORCH_MODULE(HypernetworkModule);
 
@@ -78,9 +87,15 @@ TORCH_MODULE(HypernetworkModule);
 // "<dim>.v.linear.<i>.*" (the .safetensors layout of FIXTURES.md).
 class HypernetworkImpl : public torch::nn::Module {
  public:
+  // The modules in the order of `widths` (A1111's enable_sizes order: the order of the saved dict and of
+  // named_parameters()).
   HypernetworkImpl(const HypernetworkConfig& cfg, const std::vector<int64_t>& widths);
   const HypernetworkConfig& config() const { return cfg_; }
-  std::vector<int64_t> widths() const;
+  std::vector<int64_t> widths() const;  // ascending
+  const std::vector<int64_t>& width_order() const { return order_; }
+  // The informational fields a save records (they never change what the modules compute).
+  void set_record(const std::string& name, int64_t step, const std::string& sd_checkpoint_name);
+  void set_dropout_generator(at::Generator* gen);
   bool has_width(int64_t dim) const { return modules_.count(dim) != 0; }
   HypernetworkModule& k(int64_t dim);
   HypernetworkModule& v(int64_t dim);
@@ -90,6 +105,7 @@ class HypernetworkImpl : public torch::nn::Module {
  private:
   HypernetworkConfig cfg_;
   std::map<int64_t, std::pair<HypernetworkModule, HypernetworkModule>> modules_;
+  std::vector<int64_t> order_;
 };
 TORCH_MODULE(Hypernetwork);
 

@@ -67,6 +67,9 @@ int cmd_eval(int argc, char** argv) {
   if (r.lora_n > 0)
     std::printf("LoRA style accuracy   %.4f with the LoRA, %.4f without (%d prompts)\n", r.lora_style_accuracy,
                 r.lora_style_accuracy_without, r.lora_n);
+  if (r.hypernetwork_n > 0)
+    std::printf("hypernetwork style accuracy %.4f with the hypernetwork, %.4f without (%d prompts)\n",
+                r.hypernetwork_style_accuracy, r.hypernetwork_style_accuracy_without, r.hypernetwork_n);
   if (r.dreambooth_n > 0)
     std::printf(
         "DreamBooth similarity %.4f with, %.4f without; recognised (top-5) %.4f with, %.4f without (%d images)\n",
