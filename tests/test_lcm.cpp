@@ -352,6 +352,25 @@ TEST(LCMBenchTiny, WholePictureFigureKeepsEveryKey) {
   bad = o;
   bad.picture_model = temp_dir() + "/no-such-model";
   EXPECT_THROW(bench(bad), InvalidArgument);
+  bad = o;
+  bad.picture_controlnet = tiny_controlnet_dir("test");  // a control net without its picture
+  EXPECT_THROW(bench(bad), InvalidArgument);
+  bad = o;
+  bad.picture_control_image = temp_dir() + "/control.png";  // a picture without a net
+  EXPECT_THROW(bench(bad), InvalidArgument);
+
+  // A ControlNet picture: timed, named in the table and the JSON.
+  const std::string control = temp_dir() + "/bench-control.png";
+  Image img{32, 32, 3, std::vector<uint8_t>(32 * 32 * 3)};
+  for (size_t i = 0; i < img.data.size(); ++i) img.data[i] = static_cast<uint8_t>((i * 37) % 251);
+  save_png(control, img);
+  BenchOptions cn = o;
+  cn.picture_controlnet = tiny_controlnet_dir("test");
+  cn.picture_control_image = control;
+  const BenchResult rc = bench(cn);
+  EXPECT_GT(rc.picture_s, 0);
+  EXPECT_EQ(json::parse(bench_json(rc)).at("picture_controlnet"), cn.picture_controlnet);
+  EXPECT_NE(bench_table(rc).find("with the ControlNet"), std::string::npos) << bench_table(rc);
 }
 
 }  // namespace

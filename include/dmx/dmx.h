@@ -148,6 +148,11 @@ struct BenchOptions : DeviceOptions {  // dtype fp32 | bf16 | fp16 (CUDA only), 
   int picture_steps = 4;
   double picture_guidance = 1.0;  // LCM pictures: 1 (no classifier-free guidance branch)
   std::string picture_lora;       // FILE[:SCALE] applied to the picture's model (an LCM-LoRA); "" = none
+  std::string picture_prompt = "a smiling face with sunglasses";
+  // A ControlNet or a T2I-Adapter (or both) on picture_control_image, at scale 1: the price of a conditioned picture.
+  std::string picture_controlnet;
+  std::string picture_adapter;
+  std::string picture_control_image;  // required with picture_controlnet / picture_adapter
 };
 
 // Analytic FLOP counts (multiply-add = 2 FLOP; convolutions, linears and attention products only).
@@ -171,7 +176,7 @@ struct BenchResult {
   double build_s = 0;             // building the random-weight models
   double peak_rss_mb = 0;         // VmHWM of the process (models and inference), MiB
   // Whole picture (BenchOptions::picture_model); picture_s = 0 when not measured.
-  std::string picture_model, picture_scheduler, picture_lora;
+  std::string picture_model, picture_scheduler, picture_lora, picture_controlnet, picture_adapter;
   int picture_steps = 0, picture_width = 0, picture_height = 0;
   double picture_guidance = 0;
   double picture_s = 0, picture_cpu_s = 0;  // medians of `runs` runs after `warmup`: load -> PNG written

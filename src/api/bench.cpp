@@ -211,7 +211,7 @@ std::string env_or_empty(const char* name) {
 void bench_whole_picture(const BenchOptions& o, BenchResult& r) {
   GenerateOptions g;
   g.model = o.picture_model;
-  g.prompt = "a smiling face with sunglasses";
+  g.prompt = o.picture_prompt;
   g.scheduler = o.picture_scheduler;
   g.steps = o.picture_steps;
   g.guidance_scale = o.picture_guidance;
@@ -222,6 +222,14 @@ void bench_whole_picture(const BenchOptions& o, BenchResult& r) {
   g.progress = false;
   g.overwrite = true;
   if (!o.picture_lora.empty()) g.loras.push_back(o.picture_lora);
+  if (!o.picture_controlnet.empty()) {
+    g.controlnets.push_back(o.picture_controlnet);
+    g.control_images.push_back(o.picture_control_image);
+  }
+  if (!o.picture_adapter.empty()) {
+    g.adapters.push_back(o.picture_adapter);
+    g.adapter_images.push_back(o.picture_control_image);
+  }
   const std::string dir =
       (std::filesystem::temp_directory_path() / ("dmx-bench-picture-" + std::to_string(getpid()))).string();
   std::filesystem::create_directories(dir);
@@ -250,6 +258,8 @@ void bench_whole_picture(const BenchOptions& o, BenchResult& r) {
   r.picture_steps = o.picture_steps;
   r.picture_guidance = o.picture_guidance;
   r.picture_lora = o.picture_lora;
+  r.picture_controlnet = o.picture_controlnet;
+  r.picture_adapter = o.picture_adapter;
 }
 
 }  // namespace
@@ -289,6 +299,12 @@ BenchResult bench(const BenchOptions& o) {
                   o.picture_steps);
     DMX_CHECK_ARG(std::isfinite(o.picture_guidance) && o.picture_guidance >= 0 && o.picture_guidance <= 100,
                   "--picture-guidance must be in [0, 100], got ", o.picture_guidance);
+    const bool conditioned = !o.picture_controlnet.empty() || !o.picture_adapter.empty();
+    DMX_CHECK_ARG(conditioned == !o.picture_control_image.empty(),
+                  "--picture-control-image is needed with --picture-controlnet or --picture-adapter, and only then");
+    if (conditioned)
+      DMX_CHECK_ARG(path_exists(o.picture_control_image), "--picture-control-image: '", o.picture_control_image,
+                    "' does not exist");
   }
   if (!o.profile.empty()) {
     api::OutputPlan plan(o.overwrite);
@@ -429,6 +445,8 @@ std::string bench_table(const BenchResult& r) {
                   r.picture_lora.empty() ? "" : ", LoRA ", r.picture_lora.c_str(), r.picture_s, r.picture_cpu_s,
                   r.picture_model.c_str());
     s << buf;
+    if (!r.picture_controlnet.empty()) s << "  with the ControlNet " << r.picture_controlnet << "\n";
+    if (!r.picture_adapter.empty()) s << "  with the T2I-Adapter " << r.picture_adapter << "\n";
   } else {
     s << "whole picture: not measured (--picture-model PATH, e.g. models/emoji)\n";
   }
@@ -471,6 +489,8 @@ std::string bench_json(const BenchResult& r) {
     j["picture_steps"] = r.picture_steps;
     j["picture_guidance"] = r.picture_guidance;
     j["picture_lora"] = r.picture_lora;
+    j["picture_controlnet"] = r.picture_controlnet;
+    j["picture_adapter"] = r.picture_adapter;
     j["picture_width"] = r.picture_width;
     j["picture_height"] = r.picture_height;
   }

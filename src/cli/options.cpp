@@ -797,6 +797,16 @@ std::vector<Option> build_table() {
       {"picture-lora",
        {text(kBench, "FILE[:SCALE]", "a LoRA (an LCM-LoRA) for the whole-picture runs", "",
              &BenchOptions::picture_lora)}},
+      {"picture-prompt", {text(kBench, "TEXT", "prompt of the whole-picture runs", "", &BenchOptions::picture_prompt)}},
+      {"picture-controlnet",
+       {text(kBench, "DIR", "a ControlNet (scale 1) on --picture-control-image in the whole-picture runs", "",
+             &BenchOptions::picture_controlnet)}},
+      {"picture-adapter",
+       {text(kBench, "DIR", "a T2I-Adapter (scale 1) on --picture-control-image in the whole-picture runs", "",
+             &BenchOptions::picture_adapter)}},
+      {"picture-control-image",
+       {text(kBench, "IMG", "the control picture of --picture-controlnet / --picture-adapter", "",
+             &BenchOptions::picture_control_image)}},
 
       // ---------------------------------------------------------------- data tokenizer, data emoji
       {"vocab-size",
