@@ -600,4 +600,5 @@ $SECTIONS_HTML
 </html>
 EOF
 mv -f "$page.tmp.$$" "$page"
-echo "demo: done in $(secs "$TOTAL_MS") s after the build (CPU $(secs "$CPU_TOTAL_MS") s) ($(secs "$ALL_MS") s in all); open $(pwd)/$page" >&2
+case "$page" in /*) page_abs="$page" ;; *) page_abs="$(pwd)/$page" ;; esac
+echo "demo: done in $(secs "$TOTAL_MS") s after the build (CPU $(secs "$CPU_TOTAL_MS") s) ($(secs "$ALL_MS") s in all); open $page_abs" >&2
