@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -414,80 +415,70 @@ EvalResult evaluate(const EvalOptions& o) {
   r.frechet = metrics::frechet_distance(out.features, fa);
   r.frechet_real = metrics::frechet_distance(fb, fa);
 
-  // 4. ControlNet: edge F1 of Canny(output) against the control map, with and without the net; with the
-  // prompt, and with an empty prompt (where only the control map can carry the concept's shape).
-  std::vector<at::Tensor> imgs_empty_without;  // empty prompt, no control (shared by ControlNet and adapter)
-  if (!o.controlnet.empty()) {
-    pipelines::ControlNetUnit unit;
-    unit.name = o.controlnet;
-    unit.model = pipelines::load_controlnet(o.controlnet, {}, "--controlnet");
+  // 4. ControlNet and T2I-Adapter: edge F1 of Canny(output) against the control map, with and without the
+  // control; with the prompt, and with an empty prompt (where only the control map can carry the concept's shape).
+  // Both use the same prompts, seeds and maps; the empty-prompt pictures without control are made once.
+  struct EdgeScores {
     double f1 = 0, f1_without = 0, f1_empty = 0, f1_empty_without = 0;
+    int tol = 0;
+  };
+  std::vector<at::Tensor> imgs_empty_without;  // empty prompt, no control (shared by ControlNet and adapter)
+  // `with_control(prompt, seed, map)` makes one picture with the control on `map` (an RGB map of the output size).
+  auto edge_scores = [&](const std::string& set,
+                         const std::function<at::Tensor(const std::string&, uint64_t, const Image&)>& with_control) {
+    EdgeScores s;
     std::vector<at::Tensor> imgs, imgs_empty;
+    const bool have_without = !imgs_empty_without.empty();
     const int64_t H = base[0].size(1), W = base[0].size(2);
-    const int tol = metrics::edge_tolerance(H, W);
+    s.tol = metrics::edge_tolerance(H, W);
     for (int i = 0; i < n_aux; ++i) {
       const int c = concept_of[static_cast<size_t>(i)];
       const uint64_t seed = o.seed + static_cast<uint64_t>(i);
       const Image map = to_rgb(load_image(data.files("google", c).edges, "control map"));
       DMX_CHECK_SUPPORTED(map.width == W && map.height == H, "edge F1 needs control maps of the output size (", W, "x",
                           H, "), got ", map.width, "x", map.height);
-      unit.image = pipelines::prepare_control_image(map, static_cast<int>(W), static_cast<int>(H));
-      imgs.push_back(generate(prompts[static_cast<size_t>(i)], seed, {unit}));
-      imgs_empty.push_back(generate("", seed, {unit}));
-      imgs_empty_without.push_back(generate("", seed, {}));
+      imgs.push_back(with_control(prompts[static_cast<size_t>(i)], seed, map));
+      imgs_empty.push_back(with_control("", seed, map));
+      if (!have_without) imgs_empty_without.push_back(generate("", seed, {}));
       const at::Tensor target = binary_map(map);
-      f1 += metrics::edge_f1(canny_of(imgs.back()), target, tol);
-      f1_without += metrics::edge_f1(canny_of(base[static_cast<size_t>(i)]), target, tol);
-      f1_empty += metrics::edge_f1(canny_of(imgs_empty.back()), target, tol);
-      f1_empty_without += metrics::edge_f1(canny_of(imgs_empty_without.back()), target, tol);
+      s.f1 += metrics::edge_f1(canny_of(imgs.back()), target, s.tol);
+      s.f1_without += metrics::edge_f1(canny_of(base[static_cast<size_t>(i)]), target, s.tol);
+      s.f1_empty += metrics::edge_f1(canny_of(imgs_empty.back()), target, s.tol);
+      s.f1_empty_without += metrics::edge_f1(canny_of(imgs_empty_without[static_cast<size_t>(i)]), target, s.tol);
     }
-    save_all("controlnet", imgs);
-    save_all("controlnet-empty-prompt", imgs_empty);
-    save_all("empty-prompt", imgs_empty_without);
+    save_all(set, imgs);
+    save_all(set + "-empty-prompt", imgs_empty);
+    if (!have_without) save_all("empty-prompt", imgs_empty_without);
+    for (double* v : {&s.f1, &s.f1_without, &s.f1_empty, &s.f1_empty_without}) *v /= n_aux;
+    r.edge_tolerance = s.tol;
+    r.edge_f1_without = s.f1_without;
+    r.edge_f1_empty_without = s.f1_empty_without;
+    return s;
+  };
+  if (!o.controlnet.empty()) {
+    pipelines::ControlNetUnit unit;
+    unit.name = o.controlnet;
+    unit.model = pipelines::load_controlnet(o.controlnet, {}, "--controlnet");
+    const EdgeScores s = edge_scores("controlnet", [&](const std::string& prompt, uint64_t seed, const Image& map) {
+      unit.image = pipelines::prepare_control_image(map, map.width, map.height);
+      return generate(prompt, seed, {unit});
+    });
     r.controlnet_n = n_aux;
-    r.edge_tolerance = tol;
-    r.edge_f1 = f1 / n_aux;
-    r.edge_f1_without = f1_without / n_aux;
-    r.edge_f1_empty = f1_empty / n_aux;
-    r.edge_f1_empty_without = f1_empty_without / n_aux;
+    r.edge_f1 = s.f1;
+    r.edge_f1_empty = s.f1_empty;
   }
-
-  // 4b. T2I-Adapter: the same edge F1 with the adapter in the ControlNet's place (same prompts, seeds and maps).
   if (!o.adapter.empty()) {
     pipelines::T2IAdapterUnit unit;
     unit.name = o.adapter;
     unit.model = loaders::load_t2i_adapter(o.adapter);
     unit.scale = o.adapter_scale;
-    double f1 = 0, f1_without = 0, f1_empty = 0, f1_empty_without = 0;
-    std::vector<at::Tensor> imgs, imgs_empty;
-    const bool have_without = !imgs_empty_without.empty();
-    const int64_t H = base[0].size(1), W = base[0].size(2);
-    const int tol = metrics::edge_tolerance(H, W);
-    for (int i = 0; i < n_aux; ++i) {
-      const int c = concept_of[static_cast<size_t>(i)];
-      const uint64_t seed = o.seed + static_cast<uint64_t>(i);
-      const Image map = to_rgb(load_image(data.files("google", c).edges, "control map"));
-      DMX_CHECK_SUPPORTED(map.width == W && map.height == H, "edge F1 needs control maps of the output size (", W, "x",
-                          H, "), got ", map.width, "x", map.height);
+    const EdgeScores s = edge_scores("adapter", [&](const std::string& prompt, uint64_t seed, const Image& map) {
       unit.image = map;
-      imgs.push_back(generate(prompts[static_cast<size_t>(i)], seed, {}, &unit));
-      imgs_empty.push_back(generate("", seed, {}, &unit));
-      if (!have_without) imgs_empty_without.push_back(generate("", seed, {}));
-      const at::Tensor target = binary_map(map);
-      f1 += metrics::edge_f1(canny_of(imgs.back()), target, tol);
-      f1_without += metrics::edge_f1(canny_of(base[static_cast<size_t>(i)]), target, tol);
-      f1_empty += metrics::edge_f1(canny_of(imgs_empty.back()), target, tol);
-      f1_empty_without += metrics::edge_f1(canny_of(imgs_empty_without[static_cast<size_t>(i)]), target, tol);
-    }
-    save_all("adapter", imgs);
-    save_all("adapter-empty-prompt", imgs_empty);
-    if (!have_without) save_all("empty-prompt", imgs_empty_without);
+      return generate(prompt, seed, {}, &unit);
+    });
     r.adapter_n = n_aux;
-    r.edge_tolerance = tol;
-    r.adapter_edge_f1 = f1 / n_aux;
-    r.adapter_edge_f1_empty = f1_empty / n_aux;
-    r.edge_f1_without = f1_without / n_aux;
-    r.edge_f1_empty_without = f1_empty_without / n_aux;
+    r.adapter_edge_f1 = s.f1;
+    r.adapter_edge_f1_empty = s.f1_empty;
   }
   auto per_image = [](const std::pair<double, int>& t) { return t.second > 0 ? t.first / t.second : -1.0; };
   r.seconds_per_image = per_image(timed_base);
