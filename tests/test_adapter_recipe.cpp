@@ -25,29 +25,18 @@
 #include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "tiny_models.h"
+#include "train_test_util.h"
 #include "training/adapter_train.h"
 #include "training/dataset.h"
 #include "training/trainer.h"
 
 namespace fs = std::filesystem;
 using namespace dmx;
+using dmx::test::checker_image;
+using dmx::test::fixed_draw_loss;
 namespace tr = dmx::training;
 
 namespace {
-
-Image blocks(int w, int h, int seed) {
-  Image img;
-  img.width = w;
-  img.height = h;
-  img.channels = 3;
-  img.data.resize(static_cast<size_t>(w) * h * 3);
-  for (int y = 0; y < h; ++y)
-    for (int x = 0; x < w; ++x)
-      for (int c = 0; c < 3; ++c)
-        img.data[(static_cast<size_t>(y) * w + x) * 3 + c] =
-            static_cast<uint8_t>(((x / 4 + y / 4 + seed) % 2) * 180 + c * 20 + seed * 7);
-  return img;
-}
 
 // An edge-map-like control picture: a white square outline on black (gray values, stored as RGB).
 Image outline(int w, int h, int seed) {
@@ -72,7 +61,7 @@ std::string make_data(const std::string& name, int rows, bool with_cond = true) 
   std::ofstream meta(d + "/metadata.jsonl");
   for (int i = 0; i < rows; ++i) {
     const std::string n = "im" + std::to_string(i) + ".png";
-    save_png(d + "/" + n, blocks(64, 64, i));
+    save_png(d + "/" + n, checker_image(64, 64, i));
     save_png(d + "/cond/" + n, outline(64, 64, i));
     meta << "{\"file_name\": \"" << n << "\", \"text\": \"a boxed thing " << i << "\"";
     if (with_cond) meta << ", \"conditioning_image\": \"cond/" << n << "\"";
@@ -107,24 +96,6 @@ std::shared_ptr<tr::DatasetBatchSource> source_of(const std::string& data, int b
   return std::make_shared<tr::DatasetBatchSource>(ds, batch, 0, 1, 0, /*shuffle=*/false);
 }
 
-// Mean loss of 4 fixed draws (latent sample, noise, cubic timesteps) on one batch, without grad.
-double fixed_draw_loss(tr::Recipe& r, const tr::Batch& b, uint64_t seed) {
-  at::NoGradGuard no_grad;
-  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
-  auto& m = r.models();
-  const auto scfg = schedulers::SchedulerConfig::for_class("DDPMScheduler", m.scheduler_config);
-  const at::Tensor ac = at::cumprod(1.0 - schedulers::make_betas(scfg), 0);
-  auto [mean, stdv] = r.encode_images(b);
-  double total = 0;
-  for (int rep = 0; rep < 4; ++rep) {
-    const at::Tensor lat = (mean + stdv * at::randn(mean.sizes(), g, mean.options())) * m.vae->config().scaling_factor;
-    const at::Tensor noise = at::randn(lat.sizes(), g, lat.options());
-    const at::Tensor t = tr::cubic_timesteps(g, lat.size(0), 1000);
-    const at::Tensor pred = r.predict(tr::ddpm_add_noise(ac, lat, noise, t), t, r.encode_prompt(b), b);
-    total += (pred - noise).pow(2).mean().item<double>();
-  }
-  return total / 4;
-}
 }  // namespace
 
 // u = rand(n) from the generator, t = long((1 - u^3) * T) clamped to [0, T - 1]: element for element (away from
@@ -250,7 +221,7 @@ TEST(AdapterRecipeTiny, FewStepsLowerAFixedDrawLossAndTheFolderLoadsBack) {
 
 // A 1-channel adapter sees PIL's convert("L") of the conditioning picture, what generate feeds it.
 TEST(AdapterInputUnit, GrayInputIsPilLuma) {
-  Image img = blocks(8, 8, 3);
+  Image img = checker_image(8, 8, 3);
   at::Tensor t = at::from_blob(img.data.data(), {8, 8, 3}, at::kByte).to(at::kFloat).div(255).permute({2, 0, 1});
   const at::Tensor got = tr::adapter_input(t.unsqueeze(0), 1);
   const Image gray = to_gray(img);

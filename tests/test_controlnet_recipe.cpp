@@ -30,6 +30,7 @@
 #include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "tiny_models.h"
+#include "train_test_util.h"
 #include "training/controlnet_init.h"
 #include "training/controlnet_train.h"
 #include "training/dataset.h"
@@ -39,22 +40,10 @@ extern char** environ;
 
 namespace fs = std::filesystem;
 using namespace dmx;
+using dmx::test::checker_image;
+using dmx::test::fixed_draw_loss;
 
 namespace {
-
-Image stripes(int w, int h, int seed) {
-  Image img;
-  img.width = w;
-  img.height = h;
-  img.channels = 3;
-  img.data.resize(static_cast<size_t>(w) * h * 3);
-  for (int y = 0; y < h; ++y)
-    for (int x = 0; x < w; ++x)
-      for (int c = 0; c < 3; ++c)
-        img.data[(static_cast<size_t>(y) * w + x) * 3 + c] =
-            static_cast<uint8_t>(((x / 4 + y / 4 + seed) % 2) * 180 + c * 20 + seed * 7);
-  return img;
-}
 
 // metadata.jsonl with conditioning images; `with_cond` false leaves the column out.
 std::string make_cn_data(const std::string& name, int rows, bool with_cond = true) {
@@ -64,8 +53,8 @@ std::string make_cn_data(const std::string& name, int rows, bool with_cond = tru
   std::ofstream meta(d + "/metadata.jsonl");
   for (int i = 0; i < rows; ++i) {
     const std::string n = "im" + std::to_string(i) + ".png";
-    save_png(d + "/" + n, stripes(128 + 8 * (i % 3), 128, i));
-    save_png(d + "/cond/" + n, stripes(128 + 8 * (i % 3), 128, i + 1));
+    save_png(d + "/" + n, checker_image(128 + 8 * (i % 3), 128, i));
+    save_png(d + "/cond/" + n, checker_image(128 + 8 * (i % 3), 128, i + 1));
     meta << "{\"file_name\": \"" << n << "\", \"text\": \"a striped thing " << i << "\"";
     if (with_cond) meta << ", \"conditioning_image\": \"cond/" << n << "\"";
     meta << "}\n";
@@ -367,27 +356,6 @@ TEST(ControlNetRecipeTiny, GradientCheckpointingGivesTheSameGradients) {
   EXPECT_TRUE(m->unet->gradient_checkpointing());
 }
 
-namespace {
-// Mean loss of 4 fixed draws (latent sample, noise, timesteps) on one batch, without grad.
-double fixed_draw_loss(training::Recipe& r, const training::Batch& b, uint64_t seed) {
-  at::NoGradGuard no_grad;
-  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
-  auto& m = r.models();
-  const auto scfg = schedulers::SchedulerConfig::for_class("DDPMScheduler", m.scheduler_config);
-  const at::Tensor ac = at::cumprod(1.0 - schedulers::make_betas(scfg), 0);
-  auto [mean, stdv] = r.encode_images(b);
-  double total = 0;
-  for (int rep = 0; rep < 4; ++rep) {
-    const at::Tensor lat = (mean + stdv * at::randn(mean.sizes(), g, mean.options())) * m.vae->config().scaling_factor;
-    const at::Tensor noise = at::randn(lat.sizes(), g, lat.options());
-    const at::Tensor t = at::randint(1000, {lat.size(0)}, g, at::TensorOptions().dtype(at::kLong));
-    const at::Tensor pred = r.predict(training::ddpm_add_noise(ac, lat, noise, t), t, r.encode_prompt(b), b);
-    total += (pred - noise).pow(2).mean().item<double>();
-  }
-  return total / 4;
-}
-}  // namespace
-
 // --mixed-precision bf16: frozen UNet / VAE / text encoder in bf16, the ControlNet's float32 weights train and the
 // loss on a fixed batch goes down; validation images (float32 pipeline) are written in the middle of the run.
 TEST(ControlNetRecipeTiny, BF16FrozenModelTrainsFloat32ControlNetAndWritesValidationImages) {
@@ -449,7 +417,7 @@ TEST(ControlNetRecipeTiny, ValidationImagesWithBF16AndCheckpointing) {
   const std::string model = test::tiny_model_dir("sd15");
   const std::string data = make_cn_data("cn_api_val_data", 2);
   const std::string vimg = test::temp_dir() + "/cn_val_cond.png";
-  save_png(vimg, stripes(100, 84, 3));  // -> 96 x 80
+  save_png(vimg, checker_image(100, 84, 3));  // -> 96 x 80
   for (const bool given : {true, false}) {
     const std::string out = test::temp_dir() + (given ? "/cn_api_val_given" : "/cn_api_val_default");
     fs::remove_all(out);

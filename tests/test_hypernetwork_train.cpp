@@ -28,6 +28,7 @@
 #include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "tiny_models.h"
+#include "train_test_util.h"
 #include "training/dreambooth.h"
 #include "training/hypernetwork_train.h"
 #include "training/trainer.h"
@@ -464,30 +465,6 @@ TEST(HypernetworkTrainUnit, OptionsAreChecked) {
 // ---------------------------------------------------------------------------------------------------
 // Training on the tiny model.
 namespace {
-struct MemorySource : tr::BatchSource {
-  at::Tensor pixels;
-  std::vector<std::string> captions;
-  int batch;
-  MemorySource(int n, int res, int batch_size, uint64_t seed = 7) : batch(batch_size) {
-    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
-    pixels = at::rand({n, 3, res, res}, g, at::TensorOptions().dtype(at::kFloat)) * 2 - 1;
-    const char* words[] = {"a red square", "a blue circle", "a green cat", "a photo of a dog"};
-    for (int i = 0; i < n; ++i) captions.push_back(words[i % 4]);
-  }
-  tr::Batch get(int64_t step) override {
-    tr::Batch b;
-    std::vector<at::Tensor> rows;
-    for (int k = 0; k < batch; ++k) {
-      const int64_t i = (step * batch + k) % pixels.size(0);
-      rows.push_back(pixels[i]);
-      b.captions.push_back(captions[static_cast<size_t>(i)]);
-      b.indices.push_back(i);
-    }
-    b.pixel_values = at::stack(rows);
-    return b;
-  }
-  size_t size() const override { return static_cast<size_t>(pixels.size(0)); }
-};
 
 tr::TrainConfig config(const std::string& name, int64_t steps) {
   tr::TrainConfig c;
@@ -502,25 +479,6 @@ tr::TrainConfig config(const std::string& name, int64_t steps) {
   return c;
 }
 
-// The denoising loss of a fixed draw on a fixed batch (modules in eval mode: no dropout; multiplier 1).
-double fixed_loss(tr::HypernetworkRecipe& r, const tr::Batch& b, uint64_t seed) {
-  at::NoGradGuard no_grad;
-  r.train_mode(false);
-  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
-  auto& m = r.models();
-  const auto scfg = schedulers::SchedulerConfig::for_class("DDPMScheduler", m.scheduler_config);
-  const at::Tensor ac = at::cumprod(1.0 - schedulers::make_betas(scfg), 0);
-  auto [mean, stdv] = r.encode_images(b);
-  double total = 0;
-  for (int rep = 0; rep < 4; ++rep) {
-    const at::Tensor lat = (mean + stdv * at::randn(mean.sizes(), g, mean.options())) * m.vae->config().scaling_factor;
-    const at::Tensor noise = at::randn(lat.sizes(), g, lat.options());
-    const at::Tensor t = at::randint(1000, {lat.size(0)}, g, at::TensorOptions().dtype(at::kLong));
-    const at::Tensor pred = r.predict(tr::ddpm_add_noise(ac, lat, noise, t), t, r.encode_prompt(b), b);
-    total += (pred - noise).pow(2).mean().item<double>();
-  }
-  return total / 4;
-}
 }  // namespace
 
 // The default widths are every width the UNet's attentions read (the tiny model: cross 32, self 64), and a few
@@ -537,12 +495,14 @@ TEST(TrainHypernetworkTiny, FewStepsLowerTheLossOnAFixedDraw) {
   // The base model's loss (no hypernetwork at all) and the freshly initialised one's differ only a little.
   auto recipe = std::make_shared<tr::HypernetworkRecipe>(m, o);
   recipe->setup(c);
-  const double before = fixed_loss(*recipe, b, 99);
+  recipe->train_mode(false);  // eval mode: no dropout
+  const double before = fixed_draw_loss(*recipe, b, 99);
   auto m2 = load_tiny_model("test");
   auto recipe2 = std::make_shared<tr::HypernetworkRecipe>(m2, o);
   tr::Trainer t2(c, recipe2, src);
   const tr::TrainResult r = t2.run();
-  const double after = fixed_loss(*recipe2, b, 99);
+  recipe2->train_mode(false);
+  const double after = fixed_draw_loss(*recipe2, b, 99);
   std::printf("[hypernetwork] fixed-draw loss before %.5f after %.5f (%lld steps; step losses %.4f .. %.4f)\n", before,
               after, static_cast<long long>(r.steps), r.history.front().loss, r.history.back().loss);
   EXPECT_EQ(r.steps, 12);

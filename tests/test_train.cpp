@@ -23,6 +23,7 @@
 #include "schedulers/scheduler.h"
 #include "test_util.h"
 #include "tiny_models.h"
+#include "train_test_util.h"
 #include "training/dreambooth.h"
 #include "training/finetune.h"
 #include "training/lora_train.h"
@@ -39,32 +40,6 @@ std::shared_ptr<loaders::StableDiffusionModels> fresh_model(const std::string& v
   return load_tiny_model(variant);
 }
 
-// A small fixed set of random images with captions (a private in-memory source for the tests).
-struct MemorySource : tr::BatchSource {
-  at::Tensor pixels;  // [N, 3, R, R]
-  std::vector<std::string> captions;
-  int batch;
-  MemorySource(int n, int res, int batch_size, uint64_t seed = 7) : batch(batch_size) {
-    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
-    pixels = at::rand({n, 3, res, res}, g, at::TensorOptions().dtype(at::kFloat)) * 2 - 1;
-    const char* words[] = {"a red square", "a blue circle", "a green cat", "a photo of a dog"};
-    for (int i = 0; i < n; ++i) captions.push_back(words[i % 4]);
-  }
-  tr::Batch get(int64_t step) override {
-    tr::Batch b;
-    std::vector<at::Tensor> rows;
-    for (int k = 0; k < batch; ++k) {
-      const int64_t i = (step * batch + k) % pixels.size(0);
-      rows.push_back(pixels[i]);
-      b.captions.push_back(captions[static_cast<size_t>(i)]);
-      b.indices.push_back(i);
-    }
-    b.pixel_values = at::stack(rows);
-    return b;
-  }
-  size_t size() const override { return static_cast<size_t>(pixels.size(0)); }
-};
-
 tr::TrainConfig base_config(const std::string& name, int64_t steps) {
   tr::TrainConfig c;
   c.output_dir = temp_dir() + "/" + name;
@@ -76,25 +51,6 @@ tr::TrainConfig base_config(const std::string& name, int64_t steps) {
   c.seed = 3;
   c.sample_images = api::pipeline_sampler();  // validation images, when a test asks for them
   return c;
-}
-
-// The loss of a fixed draw (seed) on a fixed batch, without grad.
-double fixed_loss(tr::Recipe& r, const tr::Batch& b, uint64_t seed) {
-  at::NoGradGuard no_grad;
-  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
-  auto& m = r.models();
-  const auto scfg = schedulers::SchedulerConfig::for_class("DDPMScheduler", m.scheduler_config);
-  const at::Tensor ac = at::cumprod(1.0 - schedulers::make_betas(scfg), 0);
-  auto [mean, stdv] = r.encode_images(b);
-  double total = 0;
-  for (int rep = 0; rep < 4; ++rep) {
-    const at::Tensor lat = (mean + stdv * at::randn(mean.sizes(), g, mean.options())) * m.vae->config().scaling_factor;
-    const at::Tensor noise = at::randn(lat.sizes(), g, lat.options());
-    const at::Tensor t = at::randint(1000, {lat.size(0)}, g, at::TensorOptions().dtype(at::kLong));
-    const at::Tensor pred = r.predict(tr::ddpm_add_noise(ac, lat, noise, t), t, r.encode_prompt(b), b);
-    total += (pred - noise).pow(2).mean().item<double>();
-  }
-  return total / 4;
 }
 
 io::TensorMap params_of(tr::Recipe& r) {
@@ -229,13 +185,13 @@ TEST(TrainLoRATiny, FewStepsLowerTheLossOnAFixedBatch) {
   c.learning_rate = 5e-3;
   recipe->setup(c);  // a fresh network (up = 0): the base model's loss
   const tr::Batch b = src->get(0);
-  const double before = fixed_loss(*recipe, b, 99);
+  const double before = fixed_draw_loss(*recipe, b, 99);
   // A new recipe for the run itself (setup attaches the network).
   auto m2 = fresh_model();
   auto recipe2 = std::make_shared<tr::LoRARecipe>(m2, o, tr::LoRASaveFormat::Diffusers);
   tr::Trainer t2(c, recipe2, src);
   const tr::TrainResult r = t2.run();
-  const double after = fixed_loss(*recipe2, b, 99);
+  const double after = fixed_draw_loss(*recipe2, b, 99);
   std::printf("[lora] fixed-draw loss before %.5f after %.5f (%lld steps; step losses %.4f .. %.4f)\n", before, after,
               static_cast<long long>(r.steps), r.history.front().loss, r.history.back().loss);
   EXPECT_EQ(r.steps, 12);
