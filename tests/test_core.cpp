@@ -1,4 +1,9 @@
 // Unit tests of core: images (PNG/JPEG decode, PNG text chunks), atomic writes, errors.
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <fstream>
 
 #include "core/fs.h"
@@ -160,3 +165,37 @@ TEST(CoreUtf8Unit, LossyDecodingMatchesPython) {
 }
 }  // namespace
 }  // namespace dmx::test
+
+// The tests' scratch folder goes away when the process that made it exits, and only then: every gtest case is
+// its own process, and thousands of left-behind folders once filled the disk and broke CI.
+TEST(TestScratchUnit, RemovedWhenItsOwnProcessExits) {
+  const std::string parent_dir = dmx::test::temp_dir();
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(fds[0]);
+    static dmx::test::ScratchDir own;  // destroyed by exit(), like temp_dir()'s
+    std::ofstream(own.path() + "/file.txt") << "x";
+    ::mkdir((own.path() + "/sub").c_str(), 0755);
+    std::ofstream(own.path() + "/sub/inner.txt") << "y";
+    const std::string p = own.path();
+    if (::write(fds[1], p.data(), p.size()) != static_cast<ssize_t>(p.size())) std::_Exit(3);
+    ::close(fds[1]);
+    std::exit(0);
+  }
+  ::close(fds[1]);
+  std::string child_dir;
+  char buf[256];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) child_dir.append(buf, static_cast<size_t>(n));
+  ::close(fds[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  ASSERT_FALSE(child_dir.empty());
+  EXPECT_NE(child_dir, parent_dir);
+  EXPECT_FALSE(dmx::is_directory(child_dir)) << child_dir << " was left behind";
+  // The child inherited the parent's temp_dir() object too; its exit must not have removed the parent's folder.
+  EXPECT_TRUE(dmx::is_directory(parent_dir));
+}

@@ -6,7 +6,10 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <system_error>
+#include <vector>
 
 #include "core/fs.h"
 #include "dmx/error.h"
@@ -37,15 +40,27 @@ bool fixtures_available() {
 }
 std::string fixture_model(const std::string& variant) { return fixtures_dir() + "/models/" + variant; }
 
+ScratchDir::ScratchDir() : owner_(::getpid()) {
+  const char* base = std::getenv("TMPDIR");
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/dmx-test-XXXXXX";
+  std::vector<char> buf(tmpl.begin(), tmpl.end());
+  buf.push_back('\0');
+  if (!mkdtemp(buf.data())) throw IoError("cannot create a temporary directory from " + tmpl);
+  path_ = buf.data();
+}
+
+ScratchDir::~ScratchDir() {
+  // Every gtest case runs as its own process (one ctest entry each): without this, each left a folder behind,
+  // and a few thousand runs filled the disk. A forked child (death tests, CLI runs) leaves its parent's folder.
+  if (::getpid() != owner_) return;
+  if (const char* keep = std::getenv("DMX_KEEP_TEST_TMP"); keep && *keep && std::string(keep) != "0") return;
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
 std::string temp_dir() {
-  static std::string dir;
-  if (dir.empty()) {
-    char tmpl[] = "/tmp/dmx-test-XXXXXX";
-    char* p = mkdtemp(tmpl);
-    if (!p) throw IoError("cannot create a temporary directory");
-    dir = p;
-  }
-  return dir;
+  static ScratchDir dir;
+  return dir.path();
 }
 
 std::string temp_subdir(const std::string& name) {

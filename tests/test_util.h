@@ -18,7 +18,21 @@ std::string shared_dir();
 bool fixtures_available();
 std::string fixtures_dir();                             // <shared>/fixtures/sd-tiny
 std::string fixture_model(const std::string& variant);  // <fixtures>/models/<variant>
-std::string temp_dir();                                 // a fresh per-process scratch folder
+// A fresh folder under $TMPDIR (or /tmp), removed with everything in it when the process that made it exits
+// normally (set DMX_KEEP_TEST_TMP=1 to keep it for a look).
+class ScratchDir {
+ public:
+  ScratchDir();
+  ~ScratchDir();
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  int owner_;
+};
+std::string temp_dir();  // this process's ScratchDir
 // temp_dir()/name, created: a test's own folder, so that outputs of different tests never meet (an existing
 // output is an error without --overwrite).
 std::string temp_subdir(const std::string& name);
