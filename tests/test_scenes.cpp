@@ -519,3 +519,34 @@ TEST(ScenesCli, ExitCodes) {
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("--layout-method applies to --layouts"), std::string::npos) << r.output;
 }
+
+// The sanity check of docs/layouts.md as a test, on the real emoji set when it is installed: the real canvases of
+// held-out concepts must score a layout IoU near 1 and a high top-5 with the bundled classifier.
+TEST(LayoutEvalTiny, RealEmojiCanvasesPassTheSanityCheck) {
+  const std::string emoji = default_emoji_data_dir();
+  const std::string clf = std::string(DMX_SOURCE_DIR) + "/models/emoji-classifier";
+  if (emoji.empty()) GTEST_SKIP() << "no emoji data (dmx data emoji --out ~/.cache/dmx/emoji-data)";
+  const emoji::EmojiClassifier model = emoji::load_emoji_classifier(clf);
+  if (model->config().class_names.size() != emoji::EmojiData(emoji).concepts().size())
+    GTEST_SKIP() << emoji << " is not the full emoji set the bundled classifier knows";
+  SceneDataOptions so;
+  so.emoji = emoji;
+  so.out = join_path(dmx::test::temp_dir(), "real_scenes");
+  so.split = "heldout";
+  so.count = 20;  // the held-out set of docs/layouts.md's figures
+  so.seed = 1;
+  so.progress = false;
+  build_scene_dataset(so);
+  LayoutEvalOptions o;
+  o.layouts = so.out;
+  o.classifier = clf;
+  o.method = "real";
+  o.threads = 1;
+  o.progress = false;
+  const LayoutEvalResult r = evaluate_layouts(o);
+  std::printf("[check] real held-out canvases: %d regions, top-1 %.3f, top-5 %.3f, region IoU %.3f, layout IoU %.3f\n",
+              r.regions, r.top1, r.top5, r.region_iou, r.layout_iou);
+  EXPECT_GE(r.layout_iou, 0.95);
+  EXPECT_GE(r.region_iou, 0.85);
+  EXPECT_GE(r.top5, 0.85);
+}
