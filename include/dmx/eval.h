@@ -72,6 +72,11 @@ struct EvalOptions {
   std::string dreambooth_prompt;
   std::string dreambooth_concept;
   int dreambooth_images = 8;
+  // `dmx eval --layouts DIR` (include/dmx/scenes.h, docs/layouts.md): scores the pictures made from the layouts of a
+  // `dmx data scenes` folder instead of the prompts; the fields above that apply (model, classifier, steps,
+  // guidance_scale, scheduler, seed, limit, threads, out_dir, progress) are passed on.
+  std::string layouts;
+  std::string layout_method = "text";
   bool progress = true;
 };
 

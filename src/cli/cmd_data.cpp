@@ -30,6 +30,7 @@ int cmd_data_tokenizer(int argc, char** argv) {
 int cmd_data(int argc, char** argv) {
   const char* usage =
       "usage: dmx data emoji --out DIR [options]        (dmx data emoji --help)\n"
+      "       dmx data scenes --out DIR [options]       (dmx data scenes --help)\n"
       "       dmx data tokenizer --data DIR --output DIR (dmx data tokenizer --help)\n";
   if (argc < 3 || !std::strcmp(argv[2], "--help") || !std::strcmp(argv[2], "-h")) {
     std::printf("%s", usage);
@@ -37,7 +38,8 @@ int cmd_data(int argc, char** argv) {
   }
   const std::string what = argv[2];
   if (what == "emoji") return cmd_data_emoji(argc, argv);
+  if (what == "scenes") return cmd_data_scenes(argc, argv);
   if (what == "tokenizer") return cmd_data_tokenizer(argc, argv);
-  throw InvalidArgument("dmx data: unknown builder '" + what + "' (known: emoji, tokenizer)");
+  throw InvalidArgument("dmx data: unknown builder '" + what + "' (known: emoji, scenes, tokenizer)");
 }
 }  // namespace dmx::cli

@@ -19,6 +19,7 @@ int cmd_init(int argc, char** argv);        // dmx init: fresh weights from conf
 int cmd_convert(int argc, char** argv);     // dmx convert: weights stored in another dtype
 // The emoji module's commands (src/emoji/cli/).
 int cmd_data_emoji(int argc, char** argv);        // dmx data emoji
+int cmd_data_scenes(int argc, char** argv);       // dmx data scenes
 int cmd_train_classifier(int argc, char** argv);  // dmx train classifier (the emoji classifier)
 int cmd_eval(int argc, char** argv);              // dmx eval
 }  // namespace dmx::cli

@@ -18,6 +18,7 @@
 #include "dmx/eval.h"
 #include "dmx/p2p.h"
 #include "dmx/restore.h"
+#include "dmx/scenes.h"
 #include "dmx/train.h"
 #include "dmx/unclip.h"
 #include "dmx/upscale.h"
@@ -34,6 +35,7 @@ const std::vector<CommandInfo>& commands() {
       {kConvert, "convert", 2},
       {kDataTokenizer, "data tokenizer", 3},
       {kDataEmoji, "data emoji", 3},
+      {kDataScenes, "data scenes", 3},
       {kTrainLora, "train lora", 3},
       {kTrainFinetune, "train finetune", 3},
       {kTrainDreambooth, "train dreambooth", 3},
@@ -331,6 +333,7 @@ using TO = TrainOptions;
 using GO = GenerateOptions;
 using EO = EvalOptions;
 using DE = EmojiDataOptions;
+using SD = SceneDataOptions;
 using I64 = int64_t;
 constexpr I64 kI64Max = std::numeric_limits<I64>::max();
 constexpr I64 kI64Min = std::numeric_limits<I64>::min();
@@ -461,6 +464,7 @@ std::vector<Option> build_table() {
              &ClassifierTrainOptions::output)}},
       {"out",
        {text(kDataEmoji, "DIR", "folder to create (required)", "", &DE::out),
+        text(kDataScenes, "DIR", "folder to create (required)", "", &SD::out),
         text(kEval, "DIR", "write the generated images and grids here", "", &EO::out_dir)}},
       {"output-dir",
        {text(kTrainRecipes, "DIR", "checkpoints, train_log.jsonl, validation images", "<output>.train",
@@ -501,6 +505,7 @@ std::vector<Option> build_table() {
              &ClassifierTrainOptions::seed),
         seed(kInit, "seed of the initialisation", "", &InitModelOptions::seed),
         seed(kEval, "prompt i uses seed + i", "", &EO::seed),
+        seed(kDataScenes, "seed of the canvases: canvas i depends only on the seed, i and the options", "", &SD::seed),
         seed(kRestore, "seed of every random draw (noise, the hole's noise, each step)", "random", &RO::seed)}},
       {"num-images",
        {num<int>(kGenerate, "N", "images per prompt", "", 1, 64, &GO::num_images),
@@ -824,16 +829,36 @@ std::vector<Option> build_table() {
       {"source",
        {text(kDataEmoji, "DIR", "folder with emoji-datasource-<style>/package", "$DMX_EMOJI_DIR or ~/.cache/dmx/emoji",
              &DE::source)}},
-      {"style", {[] {
-         Use u = texts(kDataEmoji, "NAME", "google|twitter|apple|facebook; repeatable", &DE::styles);
-         u.show = [](const Target& t) {
-           std::string s;
-           for (const auto& st : t.part<DE>()->styles) s += (s.empty() ? "" : ",") + st;
-           return s;
+      {"style",
+       {[] {
+          Use u = texts(kDataEmoji, "NAME", "google|twitter|apple|facebook; repeatable", &DE::styles);
+          u.show = [](const Target& t) {
+            std::string s;
+            for (const auto& st : t.part<DE>()->styles) s += (s.empty() ? "" : ",") + st;
+            return s;
+          };
+          return u;
+        }(),
+        text(kDataScenes, "NAME", "the emoji style drawn (a style folder of --emoji: google|twitter)", "",
+             &SD::style)}},
+      {"size",
+       {num<int>(kDataEmoji, "PX", "output side in pixels, 8..1024", "", 8, 1024, &DE::size),
+        num<int>(kDataScenes, "PX", "canvas side in pixels, 64..1024", "", 64, 1024, &SD::size)}},
+      {"emoji",
+       {text(kDataScenes, "DIR", "a `dmx data emoji` folder (images and alpha masks)",
+             "$DMX_EMOJI_DATA, ~/.cache/dmx/emoji-data, /tmp/emoji_ds", &SD::emoji)}},
+      {"count", {num<int>(kDataScenes, "N", "canvases, 1..100000", "", 1, 100000, &SD::count)}},
+      {"objects", {[] {
+         Use u = own(kDataScenes, "A-B", "objects per canvas: N or A-B, 1 <= A <= B <= 8 (default 1-4)");
+         u.set = [](const Target& t, const Args& a, const std::string& name) {
+           SD* s = t.part<SD>();
+           parse_scene_objects(a.str(name), s->min_objects, s->max_objects);
          };
          return u;
        }()}},
-      {"size", {num<int>(kDataEmoji, "PX", "output side in pixels, 8..1024", "", 8, 1024, &DE::size)}},
+      {"split",
+       {text(kDataScenes, "NAME", "train (train concepts only) or heldout (held-out concepts only)", "", &SD::split)}},
+
       {"heldout-fraction",
        {num<double>(kDataEmoji, "F", "share of concepts kept out of training, 0..0.05", "", 0.0, 0.05,
                     &DE::heldout_fraction)}},
@@ -1017,6 +1042,12 @@ std::vector<Option> build_table() {
       {"edge-f1",
        {own(kEval, "IMAGE", "print the edge F1 of Canny(IMAGE) against the edge map --reference, then exit")}},
       {"reference", {own(kEval, "FILE", "second file of --mask-iou, --background-error, --edge-f1")}},
+      {"layouts",
+       {text(kEval, "DIR", "score pictures made from the layouts of this `dmx data scenes` folder (docs/layouts.md)",
+             "", &EO::layouts)}},
+      {"layout-method",
+       {text(kEval, "NAME", "with --layouts: text (the caption only) or real (the canvases themselves)", "",
+             &EO::layout_method)}},
 
       // ---------------------------------------------------------------- how a run behaves (RunOptions and the like)
       {"threads",
@@ -1024,16 +1055,16 @@ std::vector<Option> build_table() {
                  "all cores", 1, 1024, &RunOptions::threads, &BenchOptions::threads, &TO::threads,
                  &TrainBenchOptions::threads, &ClassifierTrainOptions::threads, &EO::threads)}},
       {"overwrite",
-       {flag(kRunGroup | kInit | kConvert | kDataTokenizer | kDataEmoji | kTrainClassifier,
+       {flag(kRunGroup | kInit | kConvert | kDataTokenizer | kDataEmoji | kDataScenes | kTrainClassifier,
              "replace outputs that already exist (never an input)", true, &RunOptions::overwrite,
              &InitModelOptions::overwrite, &ConvertOptions::overwrite, &TokenizerTrainOptions::overwrite,
-             &DE::overwrite, &ClassifierTrainOptions::overwrite),
+             &DE::overwrite, &SD::overwrite, &ClassifierTrainOptions::overwrite),
         flag(kBench, "replace existing --profile traces", true, &BenchOptions::overwrite),
         flag(kTrainRecipes, "replace an existing --output; start over in an --output-dir holding an earlier run", true,
              &TO::overwrite)}},
       {"quiet",
-       {flag(kRunGroup | kDataEmoji | kTrainClassifier | kEval, "no progress output", false, &RunOptions::progress,
-             &DE::progress, &ClassifierTrainOptions::progress, &EO::progress),
+       {flag(kRunGroup | kDataEmoji | kDataScenes | kTrainClassifier | kEval, "no progress output", false,
+             &RunOptions::progress, &DE::progress, &SD::progress, &ClassifierTrainOptions::progress, &EO::progress),
         flag(kTrainRecipes, "no progress bar", true, &TO::quiet),
         own(kInit | kConvert | kDataTokenizer, "", "print nothing on success")}},
       {"verbose",
@@ -1124,6 +1155,8 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
       return run_on_default<TokenizerTrainOptions>(c, fn);
     case kDataEmoji:
       return run_on_default<EmojiDataOptions>(c, fn);
+    case kDataScenes:
+      return run_on_default<SceneDataOptions>(c, fn);
     case kTrainLora:
     case kTrainFinetune:
     case kTrainDreambooth:

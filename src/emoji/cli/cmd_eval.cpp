@@ -6,8 +6,43 @@
 #include "cli/commands.h"
 #include "cli/options.h"
 #include "dmx/eval.h"
+#include "dmx/scenes.h"
 
 namespace dmx::cli {
+namespace {
+// `dmx eval --layouts DIR`: the layout measures (docs/layouts.md), from the eval options that apply.
+int eval_layouts(const Args& a, EvalOptions& o) {
+  for (const char* other : {"prompts", "controlnet", "adapter", "lora", "hypernetwork", "dreambooth", "data"})
+    DMX_CHECK_ARG(!a.has(other), "--", other, " does not apply to --layouts");
+  apply_options(a, target(kEval, o));
+  LayoutEvalOptions l;
+  l.layouts = o.layouts;
+  l.model = o.model;
+  l.method = o.layout_method;
+  l.classifier = o.classifier;
+  l.steps = o.steps;
+  l.guidance_scale = o.guidance_scale;
+  l.scheduler = o.scheduler;
+  l.seed = o.seed;
+  l.limit = o.limit;
+  l.threads = o.threads;
+  l.out_dir = o.out_dir;
+  l.progress = o.progress;
+  const LayoutEvalResult r = evaluate_layouts(l);
+  if (a.has("json")) {
+    std::printf("%s\n", r.to_json().c_str());
+    return 0;
+  }
+  std::printf("method                %s\n", r.method.c_str());
+  std::printf("canvases, regions     %d, %d\n", r.canvases, r.regions);
+  std::printf("region top-1 / top-5  %.4f / %.4f\n", r.top1, r.top5);
+  std::printf("region IoU            %.4f (layout IoU %.4f)\n", r.region_iou, r.layout_iou);
+  std::printf("frechet (vs real)     %.4f\n", r.frechet);
+  std::printf("seconds per picture   %.3f\n", r.seconds_per_image);
+  std::printf("seconds               %.1f\n", r.seconds);
+  return 0;
+}
+}  // namespace
 
 int cmd_eval(int argc, char** argv) {
   EvalOptions o;
@@ -35,6 +70,8 @@ int cmd_eval(int argc, char** argv) {
   }
   DMX_CHECK_ARG(!a.has("reference") && !a.has("mask"),
                 "--reference/--mask apply to --mask-iou, --background-error, --edge-f1");
+  if (a.has("layouts")) return eval_layouts(a, o);
+  DMX_CHECK_ARG(!a.has("layout-method"), "--layout-method applies to --layouts DIR");
   DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder)");
   apply_options(a, target(kEval, o));
   const EvalResult r = evaluate(o);
