@@ -357,6 +357,14 @@ TEST(RegionalTiny, LayoutChangesTheRunAndScaleZeroIsThePlainRunBitForBit) {
   EXPECT_GT((a - b).abs().max().item<double>(), 1e-4) << "the layout changed nothing";
   EXPECT_TRUE(at::equal(a, z)) << "scale 0 differs from the plain run by " << (a - z).abs().max().item<double>();
   EXPECT_EQ(load_image(plain.output, "a").data, load_image(zero.output, "z").data);
+  // The scale acts through the attention modulation alone (the region embeddings are the same at any scale > 0):
+  // scale 3 differs from scale 1, so the processor is live inside the pipeline's loop.
+  GenerateOptions strong = regional;
+  strong.output = dir + "/strong.png";
+  strong.save_latents = dir + "/strong.safetensors";
+  strong.layout_guidance_scale = 3;
+  generate(strong);
+  EXPECT_GT((latents_of(strong) - b).abs().max().item<double>(), 1e-4) << "the modulation changed nothing";
   // A region text the prompt lacks is appended: scale 0 is then the plain run of the longer caption.
   GenerateOptions extra = zero;
   extra.regions[1].text = "red car";
