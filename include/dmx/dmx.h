@@ -12,6 +12,15 @@ namespace dmx {
 
 std::string version();
 
+// One region of a layout map (`--region COLOR=TEXT`): the pixels of `color` ("#rrggbb") carry `text`.
+struct LayoutRegion {
+  std::string color;
+  std::string text;
+};
+
+// The layout methods `--layout-method` names (docs/regional.md), in order; the built ones first.
+std::vector<std::string> layout_method_names();
+
 // The model, device, sampling and run settings are the shared groups of dmx/options.h.
 struct GenerateOptions : ModelOptions, DeviceOptions, SamplingOptions, RunOptions {
   std::string prompt;
@@ -81,6 +90,15 @@ struct GenerateOptions : ModelOptions, DeviceOptions, SamplingOptions, RunOption
   int upscale_noise_level = 20;  // in [0, the upscaler's max_noise_level]
   int upscale_steps = 75;        // diffusers' defaults for the upscaler
   double upscale_guidance_scale = 9.0;
+  // Layout (docs/regional.md): an RGB PNG whose listed colours are regions, each with its own text; the other
+  // colours are background. The map has the output size or an integer multiple or fraction of it (the same
+  // factor both ways; a downscale only where every block is one colour). txt2img only.
+  std::string layout_path;
+  std::vector<LayoutRegion> regions;
+  std::string layout_method = "regional";  // regional (built) | spatext | scene (not built yet)
+  // regional: multiplies DenseDiffusion's modulation weights (w^c = 1.0 S, w^s = 0.3 S); 0 = the text-only run of
+  // the same caption, bit for bit.
+  double layout_guidance_scale = 1.0;
 };
 
 // StableUnCLIPPipeline.__call__'s decoder defaults (num_inference_steps, guidance_scale), which `dmx generate`

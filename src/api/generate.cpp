@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "api/blended.h"
+#include "api/layout.h"
 #include "api/model_hash.h"
 #include "api/options_util.h"
 #include "api/unclip.h"
@@ -154,8 +155,12 @@ GenerateResult generate(const GenerateOptions& o) {
   // Check every cheap input before loading anything.
   DMX_CHECK_ARG(!o.model.empty(), "--model is required");
   DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
+  api::check_layout_options(o);
   // Stable unCLIP folders: text -> prior -> image embedding -> decoder (api/unclip.cpp, docs/unclip.md).
-  if (!api::unclip_pipeline_class(o.model).empty()) return api::generate_unclip(o);
+  if (!api::unclip_pipeline_class(o.model).empty()) {
+    DMX_CHECK_SUPPORTED(o.layout_path.empty(), "--layout with a Stable unCLIP folder is not supported");
+    return api::generate_unclip(o);
+  }
   api::check_no_unclip_options(o);
   DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model),
                 "--config applies to a single-file checkpoint; --model ", o.model,
@@ -240,6 +245,7 @@ GenerateResult generate(const GenerateOptions& o) {
     plan.input(o.init_latents, "--init-latents");
     plan.input(o.lora_dir, "--lora-dir");
     plan.input(o.upscale_model, "--upscale-model");
+    plan.input(o.layout_path, "--layout");
     for (const auto& l : lora_specs) plan.input(l.path, "--lora");
     for (const auto& c : o.controlnets) plan.input(c, "--controlnet");
     for (const auto& c : o.control_images) plan.input(c, "--control-image");
@@ -253,6 +259,7 @@ GenerateResult generate(const GenerateOptions& o) {
     plan.prepare();
   }
   const std::vector<Image> control_maps = load_control_maps(o);
+  const Image layout_map = o.layout_path.empty() ? Image() : api::load_layout_map(o);
   std::vector<Image> adapter_maps;  // decoded (and Canny-preprocessed) before any model is loaded
   for (size_t i = 0; i < o.adapter_images.size(); ++i) {
     Image img = load_image(o.adapter_images[i], "--adapter-image");
@@ -385,6 +392,20 @@ GenerateResult generate(const GenerateOptions& o) {
                   "factor; give --width/--height");
     pipelines::StableDiffusionPipeline(models).check_params(p);
   }
+  // Layout (docs/regional.md): the method's parts, its provider first (a ControlNet then reads the same text
+  // conditioning as the UNet), its attention processor on the UNet for the run.
+  std::unique_ptr<nn::ScopedAttentionProcessor> layout_guard;
+  if (!o.layout_path.empty()) {
+    if (p.width == 0) p.width = models->default_sample_size();
+    if (p.height == 0) p.height = models->default_sample_size();
+    pipelines::check_output_size(*models, p.width, p.height, p.num_images_per_prompt, p.guided());
+    api::LayoutRun layout = api::make_layout_run(o, layout_map, *models, p.prompt, p.width, p.height);
+    p.prompt = layout.prompt;
+    if (layout.provider) p.residual_providers.insert(p.residual_providers.begin(), layout.provider);
+    pipelines::StableDiffusionPipeline(models).check_params(p);
+    if (layout.processor)
+      layout_guard = std::make_unique<nn::ScopedAttentionProcessor>(*models->unet, layout.processor);
+  }
   // Cascade: the base picture's size is known now; the upscaler is loaded and its memory planned before any work.
   std::shared_ptr<loaders::UpscaleModels> upscaler;
   pipelines::VaeTiling up_tiling;
@@ -417,6 +438,7 @@ GenerateResult generate(const GenerateOptions& o) {
     pipelines::StableDiffusionPipeline pipe(models);
     out = pipe.run(p);
   }
+  layout_guard.reset();
   hn_guard.reset();
   loras.reset();
 

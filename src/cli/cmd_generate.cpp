@@ -42,6 +42,8 @@ int cmd_generate(int argc, char** argv) {
   DMX_CHECK_ARG(a.has("upscale-model") ||
                     !(a.has("upscale-noise-level") || a.has("upscale-steps") || a.has("upscale-guidance-scale")),
                 "--upscale-noise-level/--upscale-steps/--upscale-guidance-scale need --upscale-model");
+  DMX_CHECK_ARG(a.has("layout") || !(a.has("layout-method") || a.has("layout-guidance-scale")),
+                "--layout-method/--layout-guidance-scale need --layout");
   apply_options(a, target(kGenerate, o));
   if (a.has("mask") && !a.has("strength") && !a.has("from")) o.strength = 1.0;  // diffusers' inpaint default
   DMX_CHECK_ARG(o.blend_start < 1.0, "--blend-start must be in [0, 1), got ", o.blend_start);

@@ -660,6 +660,34 @@ std::vector<Option> build_table() {
        {text(kGenerate, "DIR", "folder for <hypernet:NAME:MULT> tags in the prompt (NAME.pt / .safetensors)", "",
              &GO::hypernetwork_dir)}},
 
+      // ---------------------------------------------------------------- generate: layouts (docs/regional.md)
+      {"layout",
+       {text(kGenerate, "MAP.png",
+             "layout map: RGB PNG, each --region colour one region, other colours background; the output size or "
+             "an integer multiple or fraction of it",
+             "", &GO::layout_path)}},
+      {"region", {[] {
+         Use u = own(kGenerate, "COLOR=TEXT", "a region of --layout: #rrggbb=its text (repeatable)");
+         u.repeatable = true;
+         u.set = [](const Target& t, const Args& a, const std::string& name) {
+           std::vector<LayoutRegion> regions;
+           for (const std::string& v : a.all(name)) {
+             const size_t eq = v.find('=');
+             DMX_CHECK_ARG(eq != std::string::npos, "--", name,
+                           " must be COLOR=TEXT (e.g. '#ff0000=a red apple'), got '", v, "'");
+             regions.push_back({v.substr(0, eq), v.substr(eq + 1)});
+           }
+           t.part<GO>()->regions = regions;
+         };
+         return u;
+       }()}},
+      {"layout-method",
+       {text(kGenerate, "M", "regional (DenseDiffusion, training-free) | spatext | scene (not built yet)", "",
+             &GO::layout_method)}},
+      {"layout-guidance-scale",
+       {num<double>(kGenerate, "S", "with --layout: strength of the layout (regional: 0 = text only)", "", 0.0, 10.0,
+                    &GO::layout_guidance_scale)}},
+
       // ---------------------------------------------------------------- generate: Stable unCLIP folders
       {"prior-steps", {[] {
          Use u = own(kGenerate, "N", "unCLIP: prior denoising steps (default: diffusers' 25)");
