@@ -58,6 +58,26 @@ TEST(CoreImageUnit, RgbaAndGrayConvertLikePil) {
   EXPECT_EQ(to_gray(white).data[0], 255);
 }
 
+// An in-memory gray + alpha image (the PNG loader itself keeps the gray only): the gray is the picture, the alpha
+// is never read as a colour (it used to be, and the last pixel read one byte past the data).
+TEST(CoreImageUnit, GrayAlphaConvertsFromItsGray) {
+  Image ga;
+  ga.width = 3;
+  ga.height = 1;
+  ga.channels = 2;
+  ga.data = {10, 200, 20, 0, 30, 255};
+  const Image rgb = to_rgb(ga);
+  ASSERT_EQ(rgb.channels, 3);
+  EXPECT_EQ(rgb.data, (std::vector<uint8_t>{10, 10, 10, 20, 20, 20, 30, 30, 30}));
+  const Image g = to_gray(ga);
+  ASSERT_EQ(g.channels, 1);
+  EXPECT_EQ(g.data, (std::vector<uint8_t>{10, 20, 30}));
+  Image bad = ga;
+  bad.channels = 5;
+  EXPECT_THROW(to_rgb(bad), InvalidArgument);
+  EXPECT_THROW(to_gray(bad), InvalidArgument);
+}
+
 TEST(CoreImageUnit, CorruptAndUnsupportedImagesAreInvalidArgument) {
   const std::string dir = temp_dir();
   write_raw(dir + "/garbage.png", "this is not an image");

@@ -477,8 +477,20 @@ TEST(LayoutEvalTiny, RealCanvasesScoreIouOneAndTheTextBaselineRuns) {
   EXPECT_TRUE(path_exists(o.out_dir + "/layouts-text/0001.png"));
   const auto j2 = nlohmann::json::parse(evaluate_layouts(o).to_json());
   EXPECT_EQ(j2["per_region"], j["per_region"]);
+  // The regional method (DenseDiffusion, regions from the instance maps) runs on the same canvases, and its
+  // pictures differ from the text baseline's.
+  o.method = "regional";
+  const auto jr = nlohmann::json::parse(evaluate_layouts(o).to_json());
+  EXPECT_EQ(jr["canvases"], 2);
+  for (const char* k : {"top1", "top5", "region_iou", "layout_iou"}) {
+    EXPECT_GE(jr[k].get<double>(), 0.0) << k;
+    EXPECT_LE(jr[k].get<double>(), 1.0) << k;
+  }
+  const Image text_pic = load_image(o.out_dir + "/layouts-text/0001.png", "text picture");
+  const Image regional_pic = load_image(o.out_dir + "/layouts-regional/0001.png", "regional picture");
+  EXPECT_NE(text_pic.data, regional_pic.data) << "the layout had no effect";
   // Methods not built here are refused by name; unknown ones too.
-  for (const char* m : {"regional", "spatext", "scene"}) {
+  for (const char* m : {"spatext", "scene"}) {
     o.method = m;
     try {
       evaluate_layouts(o);
@@ -509,7 +521,7 @@ TEST(ScenesCli, ExitCodes) {
       {"data", "scenes", "--emoji", scene_emoji_data(), "--out", out, "--count", "2", "--seed", "1", "--quiet"});
   EXPECT_EQ(r.code, 0) << r.output;
   EXPECT_TRUE(path_exists(out + "/layouts/0001.json"));
-  r = dmx::test::dmx_run({"eval", "--layouts", out, "--layout-method", "regional", "--model", out});
+  r = dmx::test::dmx_run({"eval", "--layouts", out, "--layout-method", "spatext", "--model", out});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("not available in this build"), std::string::npos) << r.output;
   r = dmx::test::dmx_run({"eval", "--layouts", join_path(out, "images"), "--layout-method", "real"});

@@ -683,7 +683,10 @@ std::vector<Option> build_table() {
        }()}},
       {"layout-method",
        {text(kGenerate, "M", "regional (DenseDiffusion, training-free) | spatext | scene (not built yet)", "",
-             &GO::layout_method)}},
+             &GO::layout_method),
+        text(kEval, "NAME",
+             "with --layouts: text (the caption only), regional (DenseDiffusion) or real (the canvases themselves)", "",
+             &EO::layout_method)}},
       {"layout-guidance-scale",
        {num<double>(kGenerate, "S", "with --layout: strength of the layout (regional: 0 = text only)", "", 0.0, 10.0,
                     &GO::layout_guidance_scale)}},
@@ -1073,9 +1076,6 @@ std::vector<Option> build_table() {
       {"layouts",
        {text(kEval, "DIR", "score pictures made from the layouts of this `dmx data scenes` folder (docs/layouts.md)",
              "", &EO::layouts)}},
-      {"layout-method",
-       {text(kEval, "NAME", "with --layouts: text (the caption only) or real (the canvases themselves)", "",
-             &EO::layout_method)}},
 
       // ---------------------------------------------------------------- how a run behaves (RunOptions and the like)
       {"threads",

@@ -374,6 +374,7 @@ void check_image_size(const std::string& param, const Image& img, int expected_w
 
 Image to_rgb(const Image& img) {
   if (img.channels == 3) return img;
+  DMX_CHECK_ARG(img.channels >= 1 && img.channels <= 4, "to_rgb: 1 to 4 channels, got ", img.channels);
   Image out;
   out.width = img.width;
   out.height = img.height;
@@ -381,12 +382,14 @@ Image to_rgb(const Image& img) {
   const size_t n = static_cast<size_t>(img.width) * img.height;
   out.data.resize(n * 3);
   for (size_t i = 0; i < n; ++i)
-    for (int c = 0; c < 3; ++c) out.data[3 * i + c] = img.channels == 1 ? img.data[i] : img.data[img.channels * i + c];
+    for (int c = 0; c < 3; ++c)  // gray (+ alpha): the gray repeated; RGB (+ alpha): the colour
+      out.data[3 * i + c] = img.data[img.channels * i + (img.channels >= 3 ? c : 0)];
   return out;
 }
 
 Image to_gray(const Image& img) {
   if (img.channels == 1) return img;
+  DMX_CHECK_ARG(img.channels >= 2 && img.channels <= 4, "to_gray: 1 to 4 channels, got ", img.channels);
   Image out;
   out.width = img.width;
   out.height = img.height;
@@ -395,6 +398,10 @@ Image to_gray(const Image& img) {
   out.data.resize(n);
   for (size_t i = 0; i < n; ++i) {
     const uint8_t* p = &img.data[img.channels * i];
+    if (img.channels == 2) {  // gray + alpha: the gray
+      out.data[i] = p[0];
+      continue;
+    }
     // PIL's convert("L"): L = R * 299/1000 + G * 587/1000 + B * 114/1000 (rounded).
     out.data[i] = static_cast<uint8_t>((p[0] * 19595 + p[1] * 38470 + p[2] * 7471 + 0x8000) >> 16);
   }

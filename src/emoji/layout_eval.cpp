@@ -25,6 +25,8 @@
 #include "emoji/layout_metrics.h"
 #include "loaders/model_bundle.h"
 #include "metrics/metrics.h"
+#include "nn/attention_seam.h"
+#include "pipelines/regional.h"
 #include "pipelines/stable_diffusion.h"
 
 namespace dmx {
@@ -117,7 +119,8 @@ const std::vector<LayoutMethodInfo>& layout_methods() {
   static const std::vector<LayoutMethodInfo> m = {
       {"text", "the global caption only, plain text-to-image (the baseline)", true, true},
       {"real", "no generation: the scene set's own canvases (the measures' sanity check)", true, false},
-      {"regional", "training-free regional prompts (DenseDiffusion's attention modulation)", false, true},
+      {"regional", "training-free regional prompts (DenseDiffusion's attention modulation, the paper's weights)", true,
+       true},
       {"spatext", "SpaText's spatio-textual map (a trained model)", false, true},
       {"scene", "Make-A-Scene's scene tokens (a trained model)", false, true},
   };
@@ -160,7 +163,7 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
   }
   DMX_CHECK_ARG(method, "--layout-method must be one of ", known, ", got '", o.method, "'");
   DMX_CHECK_SUPPORTED(method->available, "--layout-method ", o.method, " (", method->description,
-                      ") is not available in this build (available: text, real)");
+                      ") is not available in this build (available: text, real, regional)");
   const std::string scenes_json = join_path(o.layouts, "scenes.json");
   DMX_CHECK_ARG(is_directory(o.layouts) && path_exists(scenes_json), "--layouts: ", o.layouts,
                 " is not a scene data folder (no scenes.json); build one with `dmx data scenes --out DIR`");
@@ -246,9 +249,12 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
   configure_threads(o.threads);
 
   // 3. The pictures: made by the method, or the canvases themselves.
+  std::shared_ptr<loaders::StableDiffusionModels> models;
   std::shared_ptr<pipelines::StableDiffusionPipeline> pipe;
-  if (method->needs_model)
-    pipe = std::make_shared<pipelines::StableDiffusionPipeline>(loaders::load_stable_diffusion(o.model));
+  if (method->needs_model) {
+    models = loaders::load_stable_diffusion(o.model);
+    pipe = std::make_shared<pipelines::StableDiffusionPipeline>(models);
+  }
   if (!o.out_dir.empty()) std::filesystem::create_directories(join_path(o.out_dir, set_name));
   LayoutEvalResult r;
   r.method = o.method;
@@ -266,7 +272,7 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
     const at::Tensor inst =
         at::from_blob(const_cast<uint8_t*>(to_gray(inst_img).data.data()), {size, size}, at::kByte).clone();
     at::Tensor picture = real;
-    if (o.method == "text") {
+    if (o.method == "text" || o.method == "regional") {
       const auto g0 = std::chrono::steady_clock::now();
       pipelines::StableDiffusionParams p;
       p.prompt = c.prompt;
@@ -277,6 +283,29 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
       at::Generator generator = pipelines::make_generator(o.seed + i);
       p.generator = &generator;
       p.show_progress = false;
+      std::unique_ptr<nn::ScopedAttentionProcessor> regional_guard;
+      if (o.method == "regional") {
+        // The same parts `dmx generate --layout-method regional` builds (api/layout.cpp), with the regions taken
+        // straight from the instance map (each object's pixels; the rest is the background segment).
+        std::vector<std::string> texts, names;
+        std::vector<at::Tensor> segs;
+        for (const auto& g : c.regions) {
+          texts.push_back(g.text);
+          names.push_back("region " + g.color + " (" + g.text + ")");
+          segs.push_back(inst.eq(g.instance));
+        }
+        const at::Tensor any = at::stack(segs, 0).any(0);
+        if (!any.all().item<bool>()) segs.push_back(any.logical_not());
+        pipelines::RegionalCaption caption =
+            pipelines::regional_caption(*models->tokenizer, c.prompt, texts, "--layouts region");
+        p.prompt = caption.caption;
+        pipelines::RegionalLayout layout{at::stack(segs, 0), texts, names};
+        pipelines::check_regions_cover_latents(layout, models->vae_scale_factor());
+        auto provider = std::make_shared<pipelines::RegionalPromptProvider>(std::move(layout), std::move(caption),
+                                                                            extensions::DenseDiffusionConfig{});
+        p.residual_providers.insert(p.residual_providers.begin(), provider);
+        regional_guard = std::make_unique<nn::ScopedAttentionProcessor>(*models->unet, provider->processor());
+      }
       picture = pipe->run(p).images[0].permute({2, 0, 1}).contiguous();  // [3, H, W] in [0, 1]
       gen_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - g0).count();
     }
