@@ -42,11 +42,12 @@ enum Command : uint32_t {
   kRestore = 1u << 20,
   kTrainAdapter = 1u << 21,
   kTrainHypernetwork = 1u << 22,
+  kServe = 1u << 23,
 };
 using Commands = uint32_t;
 constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae |
                                    kTrainPalette | kTrainAdapter | kTrainHypernetwork;
-constexpr Commands kAllCommands = (1u << 23) - 1;
+constexpr Commands kAllCommands = (1u << 24) - 1;
 
 struct CommandInfo {
   Command id;
