@@ -604,7 +604,7 @@ TEST(ServeCli, FullQueueAnswers503AtOnce) {
   ASSERT_GT(s.port(), 0) << s.startup();
   auto c = client(s.port());
   Background running(s.port(), a1111_txt2img(1, 900));
-  wait_running(c);
+  ASSERT_GT(wait_running(c)["progress"].get<double>(), 0.0) << "the long job did not start";
   Background queued(s.port(), a1111_txt2img(2));
   int st = 0;
   for (int i = 0; i < 200; ++i) {  // until the second job waits in the queue
@@ -654,14 +654,13 @@ TEST(ServeCli, SigtermStopsCleanlyMidJob) {
   ASSERT_GT(s.port(), 0) << s.startup();
   auto c = client(s.port());
   Background job(s.port(), a1111_txt2img(1, 900));
-  wait_running(c);
+  ASSERT_GT(wait_running(c)["progress"].get<double>(), 0.0) << "the long job did not start";
   const auto t0 = Clock::now();
   EXPECT_EQ(s.stop(), 0);
   EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 10.0);
   job.t.join();
-  if (job.status == 200) {
-    EXPECT_TRUE(json::parse(job.body["info"].get<std::string>())["interrupted"].get<bool>());
-  }
+  ASSERT_EQ(job.status, 200) << "the running job's client gets its answer";
+  EXPECT_TRUE(json::parse(job.body["info"].get<std::string>())["interrupted"].get<bool>());
   EXPECT_TRUE(fs::is_empty(tmp)) << "the server's temporary folder was left behind";
   EXPECT_NE(s.rest_of_output().find("stopped"), std::string::npos);
 }
