@@ -35,6 +35,8 @@ std::string models_dir() { return std::string(DMX_SOURCE_DIR) + "/models"; }
 class ServerProcess {
  public:
   explicit ServerProcess(std::vector<std::string> extra, std::string tmpdir = "") {
+    static int servers = 0;  // the server's uploads folder lives in the test's scratch folder, whatever happens
+    if (tmpdir.empty()) tmpdir = temp_subdir("serve-tmp-" + std::to_string(servers++));
     std::vector<std::string> args = {cli_path(), "serve", "--port", "0", "--threads", "1"};
     args.insert(args.end(), extra.begin(), extra.end());
     int out[2];
@@ -46,7 +48,7 @@ class ServerProcess {
       close(out[1]);
       unsetenv("OMP_WAIT_POLICY");
       unsetenv("DMX_OMP_CONFIGURED");
-      if (!tmpdir.empty()) setenv("TMPDIR", tmpdir.c_str(), 1);
+      setenv("TMPDIR", tmpdir.c_str(), 1);
       std::vector<char*> argv;
       for (auto& a : args) argv.push_back(a.data());
       argv.push_back(nullptr);
@@ -68,7 +70,7 @@ class ServerProcess {
     }
   }
   ~ServerProcess() {
-    if (pid_ > 0 && !exited_) {
+    if (pid_ > 0 && !exited_ && stop(10) < 0) {  // a failed test: SIGTERM first, SIGKILL if it hangs
       kill(pid_, SIGKILL);
       waitpid(pid_, nullptr, 0);
     }
