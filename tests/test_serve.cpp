@@ -443,6 +443,75 @@ TEST(ServeCli, Img2ImgAndInpaintWithAMask) {
   EXPECT_EQ(s.stop(), 0);
 }
 
+TEST(ServeCli, ControlNetUnitsAreDmxGeneratesControlNet) {
+  ServerProcess s({});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  const json t = post(c, "/sdapi/v1/txt2img", a1111_txt2img(11), &st);
+  ASSERT_EQ(st, 200) << t.dump();
+  const std::string dir = temp_subdir("serve-controlnet");
+  const std::string map = write_bytes(dir, "map.png", serve::base64_decode(t["images"][0].get<std::string>(), "x"));
+  json req = a1111_txt2img(4);
+  json unit = {
+      {"module", "canny"},   {"model", "emoji-controlnet-canny"}, {"weight", 0.8},        {"guidance_start", 0.0},
+      {"guidance_end", 1.0}, {"image", t["images"][0]},           {"pixel_perfect", true}};
+  req["alwayson_scripts"] = {{"controlnet", {{"args", {unit}}}}};
+  const json r = post(c, "/sdapi/v1/txt2img", req, &st);
+  ASSERT_EQ(st, 200) << r.dump();
+  EXPECT_EQ(json::parse(r["info"].get<std::string>())["ignored_fields"],
+            json::array({"alwayson_scripts.controlnet.args.pixel_perfect"}));
+  const std::string served =
+      write_bytes(dir, "served.png", serve::base64_decode(r["images"][0].get<std::string>(), "x"));
+  const CliRun g = dmx_run({"generate",
+                            "--model",
+                            emoji_model(),
+                            "--prompt",
+                            "grinning face",
+                            "--steps",
+                            "2",
+                            "--width",
+                            "32",
+                            "--height",
+                            "32",
+                            "--guidance-scale",
+                            "3",
+                            "--scheduler",
+                            "ddim",
+                            "--seed",
+                            "4",
+                            "--controlnet",
+                            models_dir() + "/emoji-controlnet-canny",
+                            "--control-image",
+                            map,
+                            "--control-preprocess",
+                            "canny",
+                            "--control-scale",
+                            "0.8",
+                            "--control-start",
+                            "0",
+                            "--control-end",
+                            "1",
+                            "--threads",
+                            "1",
+                            "--quiet",
+                            "--output",
+                            dir + "/cli.png"});
+  ASSERT_EQ(g.code, 0) << g.output;
+  EXPECT_EQ(load_image(served, "a").data, load_image(dir + "/cli.png", "b").data);
+  // Only the server's ControlNets, only the preprocessors dmx has.
+  unit["model"] = "../emoji-controlnet-canny";
+  req["alwayson_scripts"]["controlnet"]["args"] = {unit};
+  EXPECT_EQ(post(c, "/sdapi/v1/txt2img", req, &st)["field"], "alwayson_scripts.controlnet.args.model");
+  EXPECT_EQ(st, 400);
+  unit["model"] = "emoji-controlnet-canny";
+  unit["module"] = "depth_midas";
+  req["alwayson_scripts"]["controlnet"]["args"] = {unit};
+  EXPECT_EQ(post(c, "/sdapi/v1/txt2img", req, &st)["field"], "alwayson_scripts.controlnet.args.module");
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(s.stop(), 0);
+}
+
 TEST(ServeCli, ModelsOptionsSwitchSamplersLorasOpenapi) {
   // Two names for the emoji model: a switch between them loads, a request for the loaded one does not.
   const std::string dir = temp_subdir("serve-models");
