@@ -6,6 +6,7 @@ PKGS=(cmake ninja-build g++ ccache pkg-config libtorch-dev libopenblas0-openmp n
       libopencv-core-dev libopencv-imgproc-dev  # OpenCV: Canny preprocessor (ControlNet)
       libopencv-photo-dev  # OpenCV photo: seamlessClone (Poisson background, blended latent diffusion)
       libgloo-dev  # Gloo headers + library for data-parallel training (c10d ProcessGroupGloo)
+      libcpp-httplib-dev  # cpp-httplib: the HTTP server of dmx serve (docs/serve.md)
       clang-format-14)  # the formatting check (scripts/check_format.sh, ctest format.check)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -3,9 +3,11 @@
 #include <chrono>
 #include <future>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include "api/blended.h"
+#include "api/generate_core.h"
 #include "api/layout.h"
 #include "api/model_hash.h"
 #include "api/options_util.h"
@@ -147,7 +149,10 @@ std::vector<Image> load_control_maps(const GenerateOptions& o) {
 
 }  // namespace
 
-GenerateResult generate(const GenerateOptions& o) {
+GenerateResult generate(const GenerateOptions& o) { return api::generate_core(o, nullptr); }
+
+namespace api {
+GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
   const auto t0 = std::chrono::steady_clock::now();
   set_log_level(o.verbose ? LogLevel::kVerbose : o.progress ? LogLevel::kInfo : LogLevel::kQuiet);
   check_text(o.prompt, "--prompt");
@@ -159,7 +164,13 @@ GenerateResult generate(const GenerateOptions& o) {
   // Stable unCLIP folders: text -> prior -> image embedding -> decoder (api/unclip.cpp, docs/unclip.md).
   if (!api::unclip_pipeline_class(o.model).empty()) {
     DMX_CHECK_SUPPORTED(o.layout_path.empty(), "--layout with a Stable unCLIP folder is not supported");
+    DMX_CHECK_SUPPORTED(!sink, "model ", o.model, ": Stable unCLIP folders are not served yet (use dmx generate)");
     return api::generate_unclip(o);
+  }
+  if (sink) {  // in memory: no file is named, none is written
+    DMX_CHECK_ARG(o.output.empty() && o.save_latents.empty() && o.save_control_image.empty(),
+                  "a session run writes no file: output, save_latents and save_control_image must be empty");
+    DMX_CHECK_ARG(o.upscale_model.empty(), "a session run does not run the upscaler cascade (upscale_model)");
   }
   api::check_no_unclip_options(o);
   DMX_CHECK_ARG(o.config_dir.empty() || !is_directory(o.model),
@@ -232,7 +243,8 @@ GenerateResult generate(const GenerateOptions& o) {
   DMX_CHECK_ARG(hn_specs.size() <= 16,
                 "at most 16 hypernetworks (--hypernetwork and <hypernet:...> tags together), got ", hn_specs.size());
   // Every output, derived ones included, against every input and each other, before any work.
-  const std::vector<std::string> image_paths = api::numbered_paths(o.output, o.num_images);
+  const std::vector<std::string> image_paths =
+      sink ? std::vector<std::string>{} : api::numbered_paths(o.output, o.num_images);
   const std::vector<std::string> control_paths =
       o.save_control_image.empty() ? std::vector<std::string>{}
                                    : api::numbered_paths(o.save_control_image, static_cast<int>(o.controlnets.size()));
@@ -331,9 +343,11 @@ GenerateResult generate(const GenerateOptions& o) {
   lo.dtype = dtype;
   lo.device = o.device;
   PhaseTimer load_timer("load");
-  auto models = loaders::load_stable_diffusion(o.model, lo);
+  std::string session_hash;
+  auto models = sink ? sink->load(o.model, lo, &session_hash) : loaders::load_stable_diffusion(o.model, lo);
   load_timer.stop();
-  BackgroundModelHash hash(o.model);
+  std::optional<BackgroundModelHash> hash;
+  if (!sink) hash.emplace(o.model);
   if (!o.mask.empty() && (o.width || o.height)) {
     api::resize_inpaint_inputs(o, models->vae_scale_factor(), init_rgb, mask);
     p.init_image = image_to_tensor(init_rgb);
@@ -426,6 +440,10 @@ GenerateResult generate(const GenerateOptions& o) {
   for (auto& h : hypernetworks) h.first->to(models->device);
   std::unique_ptr<models::ScopedHypernetworks> hn_guard;
   if (!hypernetworks.empty()) hn_guard = std::make_unique<models::ScopedHypernetworks>(*models->unet, hypernetworks);
+  if (sink && sink->on_step) {
+    p.on_step_end = [&, models](int step, double t, at::Tensor& latents) { sink->on_step(*models, step, t, latents); };
+    p.show_progress = false;
+  }
   pipelines::StableDiffusionOutput out;
   GenerateResult r;
   if (!o.mask.empty()) {
@@ -472,7 +490,28 @@ GenerateResult generate(const GenerateOptions& o) {
   }
   GenerateOptions meta = o;
   if (meta.scheduler.empty()) meta.scheduler = schedulers::scheduler_name_for_config(models->scheduler_config);
-  const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, models->name, hash.get())}};
+  const std::string model_hash = sink ? session_hash : hash->get();
+  const std::string parameters = format_parameters(meta, seed, w, h, models->name, model_hash);
+  const TextChunks text = {{"parameters", parameters}};
+  if (sink) {
+    SessionResult& s = sink->result;
+    s.pngs.clear();
+    for (int64_t i = 0; i < out.images.size(0); ++i) {
+      const std::vector<uint8_t> png = encode_png(tensor_to_image(out.images[i]), text);
+      s.pngs.emplace_back(png.begin(), png.end());
+    }
+    s.parameters = parameters;
+    s.seed = seed;
+    s.width = w;
+    s.height = h;
+    s.model_name = models->name;
+    s.model_hash = model_hash;
+    s.scheduler = meta.scheduler;
+    r.seed = seed;
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    s.seconds = r.seconds;
+    return r;
+  }
   PhaseTimer write_timer("write");
   // All outputs or none (a full disk at the third image leaves nothing).
   std::vector<PendingFile> files;
@@ -491,4 +530,5 @@ GenerateResult generate(const GenerateOptions& o) {
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }
+}  // namespace api
 }  // namespace dmx

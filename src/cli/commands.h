@@ -17,6 +17,7 @@ int cmd_restore(int argc, char** argv);     // Palette restoration (colorize, in
 int cmd_train(int argc, char** argv);       // dmx train <lora|finetune|dreambooth|controlnet|vae|palette|bench>
 int cmd_init(int argc, char** argv);        // dmx init: fresh weights from configs
 int cmd_convert(int argc, char** argv);     // dmx convert: weights stored in another dtype
+int cmd_serve(int argc, char** argv);       // dmx serve: the A1111-compatible HTTP server (src/serve/)
 // The emoji module's commands (src/emoji/cli/).
 int cmd_data_emoji(int argc, char** argv);        // dmx data emoji
 int cmd_data_scenes(int argc, char** argv);       // dmx data scenes

@@ -43,6 +43,7 @@ const char* kUsage =
     "  restore    colorize, inpaint, uncrop or de-JPEG a picture with a Palette model (dmx train palette)\n"
     "  variations image variations with a Stable unCLIP (StableUnCLIPImg2ImgPipeline) folder\n"
     "  embed      CLIP embeddings of pictures and texts, and their cosine similarities\n"
+    "  serve      an HTTP server speaking AUTOMATIC1111's API, with a web page (docs/serve.md)\n"
     "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train "
     "<lora|finetune|dreambooth|controlnet|vae|palette|bench>)\n"
     "  eval       score an emoji model with the emoji classifier (dmx train classifier)\n"
@@ -62,6 +63,7 @@ const Entry kCommands[] = {
     {"train", dmx::cli::cmd_train},       {"eval", dmx::cli::cmd_eval},
     {"upscale", dmx::cli::cmd_upscale},   {"variations", dmx::cli::cmd_variations},
     {"embed", dmx::cli::cmd_embed},       {"restore", dmx::cli::cmd_restore},
+    {"serve", dmx::cli::cmd_serve},
 };
 
 }  // namespace

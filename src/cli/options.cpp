@@ -19,6 +19,7 @@
 #include "dmx/p2p.h"
 #include "dmx/restore.h"
 #include "dmx/scenes.h"
+#include "dmx/serve.h"
 #include "dmx/train.h"
 #include "dmx/unclip.h"
 #include "dmx/upscale.h"
@@ -51,6 +52,7 @@ const std::vector<CommandInfo>& commands() {
       {kEmbed, "embed", 2},
       {kTrainPalette, "train palette", 3},
       {kRestore, "restore", 2},
+      {kServe, "serve", 2},
   };
   return list;
 }
@@ -354,6 +356,8 @@ std::vector<Option> build_table() {
         text(kTrainPalette, "DIR", "a Palette folder to continue training from", "a new denoiser",
              &ModelOptions::model),
         text(kRestore, "DIR", "a Palette folder (dmx train palette) (required)", "", &RO::model),
+        text(kServe, "NAME", "the model of --models to load at start-up (a name of GET /sdapi/v1/sd-models)",
+             "the first one", &ServeOptions::model),
         text(kEval, "DIR", "diffusers folder of the text-to-image model (required unless a file metric is asked)", "",
              &EO::model),
         text(kUpscale, "DIR",
@@ -1081,7 +1085,22 @@ std::vector<Option> build_table() {
       {"threads",
        {num<int>(kRunGroup | kBench | kTrainRecipes | kTrainBench | kTrainClassifier | kEval, "N", "CPU threads",
                  "all cores", 1, 1024, &RunOptions::threads, &BenchOptions::threads, &TO::threads,
-                 &TrainBenchOptions::threads, &ClassifierTrainOptions::threads, &EO::threads)}},
+                 &TrainBenchOptions::threads, &ClassifierTrainOptions::threads, &EO::threads),
+        num<int>(kServe, "N", "CPU threads of a generation", "all cores", 1, 1024, &ServeOptions::threads)}},
+      // ---------------------------------------------------------------- serve (docs/serve.md)
+      {"host",
+       {text(kServe, "ADDR", "address to listen on; anything but 127.0.0.1 / localhost / ::1 requires --token", "",
+             &ServeOptions::host)}},
+      {"port", {num<int>(kServe, "N", "TCP port (0 = any free port, printed)", "", 0, 65535, &ServeOptions::port)}},
+      {"models",
+       {text(kServe, "DIR", "the folder whose diffusers model folders and LoRA files the server offers",
+             "the bundled models/", &ServeOptions::models_dir)}},
+      {"token",
+       {text(kServe, "T", "require 'Authorization: Bearer T' on every request (401 without)", "none",
+             &ServeOptions::token)}},
+      {"max-queue",
+       {num<int>(kServe, "N", "generations that may wait behind the running one; beyond: 503 at once", "", 0, 1024,
+                 &ServeOptions::max_queue)}},
       {"overwrite",
        {flag(kRunGroup | kInit | kConvert | kDataTokenizer | kDataEmoji | kDataScenes | kTrainClassifier,
              "replace outputs that already exist (never an input)", true, &RunOptions::overwrite,
@@ -1094,7 +1113,8 @@ std::vector<Option> build_table() {
        {flag(kRunGroup | kDataEmoji | kDataScenes | kTrainClassifier | kEval, "no progress output", false,
              &RunOptions::progress, &DE::progress, &SD::progress, &ClassifierTrainOptions::progress, &EO::progress),
         flag(kTrainRecipes, "no progress bar", true, &TO::quiet),
-        own(kInit | kConvert | kDataTokenizer, "", "print nothing on success")}},
+        own(kInit | kConvert | kDataTokenizer, "", "print nothing on success"),
+        flag(kServe, "no log line per job on stderr (the start-up lines stay)", true, &ServeOptions::quiet)}},
       {"verbose",
        {flag(kRunGroup, "timings and stack traces", true, &RunOptions::verbose),
         own(kAllCommands & ~kRunGroup, "", "stack traces")}},
@@ -1208,6 +1228,8 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
       return run_on_default<VariationsOptions>(c, fn);
     case kEmbed:
       return run_on_default<EmbedOptions>(c, fn);
+    case kServe:
+      return run_on_default<ServeOptions>(c, fn);
   }
   throw std::logic_error("cli: unknown command id");
 }

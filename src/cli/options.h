@@ -43,11 +43,12 @@ enum Command : uint32_t {
   kTrainAdapter = 1u << 21,
   kTrainHypernetwork = 1u << 22,
   kDataScenes = 1u << 23,
+  kServe = 1u << 24,
 };
 using Commands = uint32_t;
 constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae |
                                    kTrainPalette | kTrainAdapter | kTrainHypernetwork;
-constexpr Commands kAllCommands = (1u << 24) - 1;
+constexpr Commands kAllCommands = (1u << 25) - 1;
 
 struct CommandInfo {
   Command id;

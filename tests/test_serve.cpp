@@ -1,0 +1,843 @@
+// `dmx serve` (docs/serve.md): the A1111 request mapping in-process (ServeUnit), and the server started as a process on
+// a free loopback port with the bundled emoji model, driven with cpp-httplib's client (ServeCli, the load test
+// included), and the session under it (SessionTiny). Generations are 2-step 32-px emoji pictures.
+#include <httplib.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "core/image.h"
+#include "dmx/dmx.h"
+#include "dmx/session.h"
+#include "serve/a1111.h"
+#include "serve/server.h"
+#include "test_util.h"
+#include "tiny_models.h"
+
+namespace dmx::test {
+namespace {
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+std::string emoji_model() { return std::string(DMX_SOURCE_DIR) + "/models/emoji"; }
+std::string models_dir() { return std::string(DMX_SOURCE_DIR) + "/models"; }
+
+// A `dmx serve` process on a free port; SIGTERM and a wait at the end.
+class ServerProcess {
+ public:
+  explicit ServerProcess(std::vector<std::string> extra, std::string tmpdir = "") {
+    static int servers = 0;  // the server's uploads folder lives in the test's scratch folder, whatever happens
+    if (tmpdir.empty()) tmpdir = temp_subdir("serve-tmp-" + std::to_string(servers++));
+    std::vector<std::string> args = {cli_path(), "serve", "--port", "0", "--threads", "1"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    int out[2];
+    if (pipe(out) != 0) throw std::runtime_error("pipe");
+    pid_ = fork();
+    if (pid_ == 0) {
+      dup2(out[1], 1);
+      close(out[0]);
+      close(out[1]);
+      unsetenv("OMP_WAIT_POLICY");
+      unsetenv("DMX_OMP_CONFIGURED");
+      setenv("TMPDIR", tmpdir.c_str(), 1);
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    close(out[1]);
+    out_ = fdopen(out[0], "r");
+    char line[4096];
+    while (std::fgets(line, sizeof line, out_)) {
+      startup_ += line;
+      const std::string s = line;
+      const size_t at = s.find("listening on http://");
+      if (at != std::string::npos) {
+        const size_t colon = s.find(':', at + 20);
+        port_ = std::stoi(s.substr(colon + 1));
+        break;
+      }
+    }
+  }
+  ~ServerProcess() {
+    if (pid_ > 0 && !exited_ && stop(10) < 0) {  // a failed test: SIGTERM first, SIGKILL if it hangs
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (out_) std::fclose(out_);
+  }
+  int port() const { return port_; }
+  pid_t pid() const { return pid_; }
+  const std::string& startup() const { return startup_; }
+  // SIGTERM, then the exit status (-1 if it did not end within `seconds`).
+  int stop(double seconds = 20) {
+    kill(pid_, SIGTERM);
+    return wait_exit(seconds);
+  }
+  int wait_exit(double seconds) {
+    const auto end = Clock::now() + std::chrono::duration<double>(seconds);
+    while (Clock::now() < end) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        exited_ = true;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return -1;
+  }
+  std::string rest_of_output() {
+    std::string s;
+    char line[4096];
+    while (out_ && std::fgets(line, sizeof line, out_)) s += line;
+    return s;
+  }
+  double rss_mib() const {
+    std::ifstream f("/proc/" + std::to_string(pid_) + "/status");
+    std::string line;
+    while (std::getline(f, line))
+      if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+    return 0;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  FILE* out_ = nullptr;
+  int port_ = 0;
+  bool exited_ = false;
+  std::string startup_;
+};
+
+httplib::Client client(int port) {
+  httplib::Client c("127.0.0.1", port);
+  c.set_read_timeout(120, 0);
+  c.set_write_timeout(60, 0);
+  return c;
+}
+
+json post(httplib::Client& c, const std::string& path, const json& body, int* status) {
+  auto r = c.Post(path.c_str(), body.dump(), "application/json");
+  if (!r) {
+    *status = -1;
+    return json();
+  }
+  *status = r->status;
+  return json::parse(r->body, nullptr, false);
+}
+
+json get(httplib::Client& c, const std::string& path, int* status) {
+  auto r = c.Get(path.c_str());
+  if (!r) {
+    *status = -1;
+    return json();
+  }
+  *status = r->status;
+  return json::parse(r->body, nullptr, false);
+}
+
+// A txt2img body with A1111's field names and types, at the emoji model's 2-step 32 px.
+json a1111_txt2img(uint64_t seed, int steps = 2) {
+  return {{"prompt", "grinning face"},
+          {"negative_prompt", ""},
+          {"seed", seed},
+          {"steps", steps},
+          {"width", 32},
+          {"height", 32},
+          {"cfg_scale", 3},
+          {"sampler_name", "DDIM"},
+          {"n_iter", 1},
+          {"batch_size", 1}};
+}
+
+std::string write_bytes(const std::string& dir, const std::string& name, const std::string& bytes) {
+  const std::string path = dir + "/" + name;
+  std::ofstream(path, std::ios::binary) << bytes;
+  return path;
+}
+
+bool is_png(const std::string& b) { return b.size() > 8 && b.compare(0, 8, "\x89PNG\r\n\x1a\n") == 0; }
+
+// A long job in another thread: its response once it ends.
+struct Background {
+  std::thread t;
+  int status = 0;
+  json body;
+  Background(int port, json req) {
+    t = std::thread([this, port, req] {
+      auto c = client(port);
+      body = post(c, "/sdapi/v1/txt2img", req, &status);
+    });
+  }
+  ~Background() {
+    if (t.joinable()) t.join();
+  }
+};
+
+// Waits until the server runs a job (progress > 0).
+json wait_running(httplib::Client& c, double seconds = 30) {
+  const auto end = Clock::now() + std::chrono::duration<double>(seconds);
+  json p;
+  while (Clock::now() < end) {
+    int st = 0;
+    p = get(c, "/sdapi/v1/progress", &st);
+    if (st == 200 && p["progress"].get<double>() > 0) return p;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return p;
+}
+}  // namespace
+
+// ---- in-process: the request mapping ----------------------------------------------------------------------------
+TEST(ServeUnit, Base64RoundTripsAndRefusesGarbage) {
+  for (const std::string& s : std::vector<std::string>{"a", "ab", "abc", "abcd", std::string("\x00\xff\x10", 3)})
+    EXPECT_EQ(serve::base64_decode(serve::base64_encode(s), "x"), s);
+  EXPECT_EQ(serve::base64_decode("data:image/png;base64,YWJj", "x"), "abc");
+  try {
+    serve::base64_decode("ab$c", "init_images");
+    FAIL() << "no error";
+  } catch (const serve::RequestError& e) {
+    EXPECT_EQ(e.field, "init_images");
+    EXPECT_EQ(e.status, 400);
+  }
+}
+
+TEST(ServeUnit, FieldOfMessageNamesTheA1111Field) {
+  EXPECT_EQ(serve::field_of_message("--steps must be in [1, 1000], got 5000"), "steps");
+  EXPECT_EQ(serve::field_of_message("--guidance-scale must be in [0, 100], got 300"), "cfg_scale");
+  EXPECT_EQ(serve::field_of_message("--width/--height must be positive"), "width");
+  EXPECT_EQ(serve::field_of_message("--strength must be in [0, 1], got 2"), "denoising_strength");
+  EXPECT_EQ(serve::field_of_message("no flag here"), "");
+}
+
+TEST(ServeUnit, RequestsGoThroughTheCliOptionTable) {
+  std::vector<serve::ServedModel> models = {{"emoji", emoji_model(), "0123456789", "emoji [0123456789]"}};
+  serve::RequestContext ctx;
+  ctx.models = &models;
+  ctx.current = &models[0];
+  ctx.models_dir = models_dir();
+  auto parse = [&](const json& body) { return serve::parse_generation_request(body, false, ctx); };
+  auto r = parse({{"prompt", "x"},
+                  {"steps", 3},
+                  {"seed", 5},
+                  {"batch_size", 2},
+                  {"n_iter", 2},
+                  {"sampler_name", "Euler a"},
+                  {"unknown_field", 1},
+                  {"restore_faces", true}});
+  ASSERT_EQ(r.runs.size(), 4u);
+  EXPECT_EQ(*r.runs[3].seed, 8u);  // A1111's all_seeds: seed + i
+  EXPECT_EQ(r.runs[0].steps, 3);
+  EXPECT_EQ(r.runs[0].scheduler, "euler_a");
+  EXPECT_EQ(r.runs[0].guidance_scale, 7.0);  // A1111's default cfg_scale
+  EXPECT_EQ(r.ignored_fields, std::vector<std::string>{"restore_faces"});
+  // Refusals name the field, the rule (the CLI's, word for word) and the value.
+  auto refusal = [&](const json& body) -> serve::RequestError {
+    try {
+      parse(body);
+    } catch (const serve::RequestError& e) {
+      return e;
+    }
+    ADD_FAILURE() << "no refusal of " << body.dump();
+    return serve::RequestError(0, "", "", nullptr);
+  };
+  auto e = refusal({{"steps", 5000}});
+  EXPECT_EQ(e.field, "steps");
+  EXPECT_NE(e.rule.find("must be in [1, 1000], got 5000"), std::string::npos) << e.rule;
+  EXPECT_EQ(e.value, 5000);
+  EXPECT_EQ(refusal({{"steps", "ten"}}).rule, "must be an integer");
+  EXPECT_EQ(refusal({{"steps", 2.5}}).field, "steps");
+  EXPECT_EQ(refusal({{"cfg_scale", 1000}}).field, "cfg_scale");
+  EXPECT_EQ(refusal({{"seed", -7}}).field, "seed");
+  EXPECT_EQ(refusal({{"sampler_name", "nope"}}).field, "sampler_name");
+  EXPECT_EQ(refusal({{"prompt", 3}}).field, "prompt");
+  EXPECT_EQ(refusal({{"batch_size", 65}}).field, "batch_size");
+  EXPECT_EQ(refusal({{"override_settings", {{"sd_model_checkpoint", "../../etc"}}}}).field,
+            "override_settings.sd_model_checkpoint");
+  EXPECT_EQ(refusal(json::array()).rule, "the body must be a JSON object");
+}
+
+// ---- in-process: the session under the server ------------------------------------------------------------------
+TEST(SessionTiny, KeepsTheModelLoadedAndMakesDmxGeneratesPicture) {
+  GenerateOptions o;
+  o.model = tiny_model_dir();
+  o.prompt = "a red square";
+  o.steps = 2;
+  o.seed = 7;
+  o.progress = false;
+  Session s;
+  const SessionResult a = s.generate(o);
+  EXPECT_EQ(s.loads(), 1);
+  EXPECT_GT(a.load_seconds, 0.0);
+  const SessionResult b = s.generate(o);
+  EXPECT_EQ(s.loads(), 1) << "the loaded model was loaded again";
+  EXPECT_EQ(b.load_seconds, 0.0);
+  ASSERT_EQ(a.pngs.size(), 1u);
+  EXPECT_EQ(a.pngs, b.pngs);
+  EXPECT_EQ(s.loaded_model(), o.model);
+  // The same bytes as dmx::generate's file (pixels and parameters chunk).
+  GenerateOptions f = o;
+  f.output = temp_subdir("session-tiny") + "/out.png";
+  generate(f);
+  std::ifstream in(f.output, std::ios::binary);
+  const std::string file((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(file, a.pngs[0]);
+  EXPECT_EQ(read_image_parameters(f.output), a.parameters);
+  // A session writes no file.
+  EXPECT_THROW(s.generate(f), InvalidArgument);
+}
+
+TEST(SessionTiny, AHookCancelsTheRunAndTheSessionCarriesOn) {
+  GenerateOptions o;
+  o.model = tiny_model_dir();
+  o.prompt = "a red square";
+  o.steps = 4;
+  o.seed = 1;
+  o.progress = false;
+  Session s;
+  SessionHooks h;
+  std::vector<std::pair<int, int>> steps;
+  int previews = 0;
+  h.on_step = [&](int done, int total) {
+    steps.push_back({done, total});
+    if (done == 2) throw Cancelled("stop");
+  };
+  h.want_preview = [] { return true; };
+  h.on_preview = [&](const std::string& png) {
+    EXPECT_TRUE(is_png(png));
+    ++previews;
+  };
+  EXPECT_THROW(s.generate(o, h), Cancelled);
+  EXPECT_EQ(steps, (std::vector<std::pair<int, int>>{{1, 4}, {2, 4}}));
+  EXPECT_EQ(previews, 2);
+  EXPECT_EQ(s.generate(o).pngs.size(), 1u);
+  EXPECT_EQ(s.loads(), 1);
+}
+
+// ---- the server process -----------------------------------------------------------------------------------------
+TEST(ServeCli, Txt2ImgAsA1111DocumentsItMatchesDmxGenerate) {
+  ServerProcess s({});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  json req = a1111_txt2img(1234);
+  req["batch_size"] = 2;
+  req["some_future_field"] = "ignored as A1111 ignores it";
+  req["tiling"] = true;  // A1111 field dmx does not honour: reported
+  const json r = post(c, "/sdapi/v1/txt2img", req, &st);
+  ASSERT_EQ(st, 200) << r.dump();
+  ASSERT_EQ(r["images"].size(), 2u);
+  const json info = json::parse(r["info"].get<std::string>());
+  EXPECT_EQ(info["all_seeds"], json::array({1234, 1235}));
+  EXPECT_EQ(info["width"], 32);
+  EXPECT_EQ(info["steps"], 2);
+  EXPECT_EQ(info["sampler_name"], "DDIM");
+  EXPECT_EQ(info["sd_model_name"], "emoji");
+  EXPECT_EQ(info["ignored_fields"], json::array({"tiling"}));
+  EXPECT_EQ(r["parameters"]["prompt"], "grinning face");
+  EXPECT_EQ(r["parameters"]["seed"], 1234);
+  const std::string dir = temp_subdir("serve-txt2img");
+  // Each picture is the one `dmx generate` makes with the same settings and seed, metadata included.
+  for (int i = 0; i < 2; ++i) {
+    const std::string png = serve::base64_decode(r["images"][i].get<std::string>(), "images");
+    ASSERT_TRUE(is_png(png));
+    const std::string served = write_bytes(dir, "served-" + std::to_string(i) + ".png", png);
+    const std::string params = read_image_parameters(served);
+    EXPECT_EQ(params, info["infotexts"][i].get<std::string>());
+    EXPECT_NE(params.find("Seed: " + std::to_string(1234 + i)), std::string::npos) << params;
+    EXPECT_NE(params.find("Steps: 2, Sampler: DDIM, CFG scale: 3"), std::string::npos) << params;
+    const std::string cli_png = dir + "/cli-" + std::to_string(i) + ".png";
+    const CliRun g = dmx_run({"generate",
+                              "--model",
+                              emoji_model(),
+                              "--prompt",
+                              "grinning face",
+                              "--steps",
+                              "2",
+                              "--width",
+                              "32",
+                              "--height",
+                              "32",
+                              "--guidance-scale",
+                              "3",
+                              "--scheduler",
+                              "ddim",
+                              "--seed",
+                              std::to_string(1234 + i),
+                              "--threads",
+                              "1",
+                              "--quiet",
+                              "--output",
+                              cli_png});
+    ASSERT_EQ(g.code, 0) << g.output;
+    const Image a = load_image(served, "served"), b = load_image(cli_png, "cli");
+    ASSERT_EQ(a.width, 32);
+    EXPECT_EQ(a.data, b.data) << "picture " << i << " differs from dmx generate's";
+    EXPECT_EQ(read_image_parameters(cli_png), params);
+  }
+  // The API wiki's own example body (github.com/AUTOMATIC1111/stable-diffusion-webui/wiki/API), as it is.
+  const json wiki = post(c, "/sdapi/v1/txt2img", {{"prompt", "maltese puppy"}, {"steps", 5}}, &st);
+  ASSERT_EQ(st, 200) << wiki.dump();
+  EXPECT_EQ(wiki["images"].size(), 1u);
+  EXPECT_EQ(json::parse(wiki["info"].get<std::string>())["cfg_scale"], 7.0);  // A1111's default
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, Img2ImgAndInpaintWithAMask) {
+  ServerProcess s({});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  const json t = post(c, "/sdapi/v1/txt2img", a1111_txt2img(7), &st);
+  ASSERT_EQ(st, 200) << t.dump();
+  const std::string init = t["images"][0];
+  json req = {{"init_images", {"data:image/png;base64," + init}},
+              {"prompt", "grinning face"},
+              {"steps", 4},
+              {"denoising_strength", 0.5},
+              {"cfg_scale", 3},
+              {"seed", 3},
+              {"sampler_name", "DDIM"}};
+  const json r = post(c, "/sdapi/v1/img2img", req, &st);
+  ASSERT_EQ(st, 200) << r.dump();
+  const std::string png = serve::base64_decode(r["images"][0].get<std::string>(), "images");
+  const std::string dir = temp_subdir("serve-img2img");
+  const std::string path = write_bytes(dir, "img2img.png", png);
+  EXPECT_EQ(load_image(path, "x").width, 32);
+  EXPECT_NE(read_image_parameters(path).find("Denoising strength: 0.5"), std::string::npos)
+      << read_image_parameters(path);
+  EXPECT_EQ(json::parse(r["info"].get<std::string>())["denoising_strength"], 0.5);
+  // The same run through `dmx generate --init-image`: the same picture.
+  const std::string init_path = write_bytes(dir, "init.png", serve::base64_decode(init, "init"));
+  const CliRun g = dmx_run({"generate",      "--model",          emoji_model(), "--prompt",
+                            "grinning face", "--steps",          "4",           "--strength",
+                            "0.5",           "--guidance-scale", "3",           "--scheduler",
+                            "ddim",          "--seed",           "3",           "--init-image",
+                            init_path,       "--threads",        "1",           "--quiet",
+                            "--output",      dir + "/cli.png"});
+  ASSERT_EQ(g.code, 0) << g.output;
+  EXPECT_EQ(load_image(path, "a").data, load_image(dir + "/cli.png", "b").data);
+  // Inpainting: a white (repaint) square in a black mask.
+  Image mask{32, 32, 1, std::vector<uint8_t>(32 * 32, 0)};
+  for (int y = 8; y < 24; ++y)
+    for (int x = 8; x < 24; ++x) mask.data[y * 32 + x] = 255;
+  const auto mask_png = encode_png(mask);
+  req["mask"] = serve::base64_encode(std::string(mask_png.begin(), mask_png.end()));
+  const json m = post(c, "/sdapi/v1/img2img", req, &st);
+  ASSERT_EQ(st, 200) << m.dump();
+  // A picture that is no PNG/JPEG is refused by the CLI's loader, naming the field.
+  req["init_images"] = {serve::base64_encode("GIF89a not a picture")};
+  req.erase("mask");
+  const json bad = post(c, "/sdapi/v1/img2img", req, &st);
+  EXPECT_EQ(st, 400) << bad.dump();
+  EXPECT_EQ(bad["field"], "init_images") << bad.dump();
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, ControlNetUnitsAreDmxGeneratesControlNet) {
+  ServerProcess s({});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  const json t = post(c, "/sdapi/v1/txt2img", a1111_txt2img(11), &st);
+  ASSERT_EQ(st, 200) << t.dump();
+  const std::string dir = temp_subdir("serve-controlnet");
+  const std::string map = write_bytes(dir, "map.png", serve::base64_decode(t["images"][0].get<std::string>(), "x"));
+  json req = a1111_txt2img(4);
+  json unit = {
+      {"module", "canny"},   {"model", "emoji-controlnet-canny"}, {"weight", 0.8},        {"guidance_start", 0.0},
+      {"guidance_end", 1.0}, {"image", t["images"][0]},           {"pixel_perfect", true}};
+  req["alwayson_scripts"] = {{"controlnet", {{"args", {unit}}}}};
+  const json r = post(c, "/sdapi/v1/txt2img", req, &st);
+  ASSERT_EQ(st, 200) << r.dump();
+  EXPECT_EQ(json::parse(r["info"].get<std::string>())["ignored_fields"],
+            json::array({"alwayson_scripts.controlnet.args.pixel_perfect"}));
+  const std::string served =
+      write_bytes(dir, "served.png", serve::base64_decode(r["images"][0].get<std::string>(), "x"));
+  const CliRun g = dmx_run({"generate",
+                            "--model",
+                            emoji_model(),
+                            "--prompt",
+                            "grinning face",
+                            "--steps",
+                            "2",
+                            "--width",
+                            "32",
+                            "--height",
+                            "32",
+                            "--guidance-scale",
+                            "3",
+                            "--scheduler",
+                            "ddim",
+                            "--seed",
+                            "4",
+                            "--controlnet",
+                            models_dir() + "/emoji-controlnet-canny",
+                            "--control-image",
+                            map,
+                            "--control-preprocess",
+                            "canny",
+                            "--control-scale",
+                            "0.8",
+                            "--control-start",
+                            "0",
+                            "--control-end",
+                            "1",
+                            "--threads",
+                            "1",
+                            "--quiet",
+                            "--output",
+                            dir + "/cli.png"});
+  ASSERT_EQ(g.code, 0) << g.output;
+  EXPECT_EQ(load_image(served, "a").data, load_image(dir + "/cli.png", "b").data);
+  // Only the server's ControlNets, only the preprocessors dmx has.
+  unit["model"] = "../emoji-controlnet-canny";
+  req["alwayson_scripts"]["controlnet"]["args"] = {unit};
+  EXPECT_EQ(post(c, "/sdapi/v1/txt2img", req, &st)["field"], "alwayson_scripts.controlnet.args.model");
+  EXPECT_EQ(st, 400);
+  unit["model"] = "emoji-controlnet-canny";
+  unit["module"] = "depth_midas";
+  req["alwayson_scripts"]["controlnet"]["args"] = {unit};
+  EXPECT_EQ(post(c, "/sdapi/v1/txt2img", req, &st)["field"], "alwayson_scripts.controlnet.args.module");
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, ModelsOptionsSwitchSamplersLorasOpenapi) {
+  // Two names for the emoji model: a switch between them loads, a request for the loaded one does not.
+  const std::string dir = temp_subdir("serve-models");
+  fs::create_directory_symlink(emoji_model(), dir + "/emoji");
+  fs::create_directory_symlink(emoji_model(), dir + "/emoji-b");
+  fs::copy_file(models_dir() + "/emoji-lora-twitter.safetensors", dir + "/twitter.safetensors");
+  ServerProcess s({"--models", dir, "--model", "emoji-b"});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  const json models = get(c, "/sdapi/v1/sd-models", &st);
+  ASSERT_EQ(st, 200);
+  ASSERT_EQ(models.size(), 2u) << models.dump();
+  EXPECT_EQ(models[0]["model_name"], "emoji");
+  EXPECT_EQ(models[0]["title"], "emoji [" + models[0]["hash"].get<std::string>() + "]");
+  EXPECT_EQ(get(c, "/sdapi/v1/options", &st)["sd_model_checkpoint"], models[1]["title"]);
+  json r = post(c, "/sdapi/v1/options", {{"sd_model_checkpoint", "emoji"}}, &st);
+  ASSERT_EQ(st, 200) << r.dump();
+  EXPECT_GT(r["load_seconds"].get<double>(), 0.0);
+  std::printf("[measure] model switch: %.3f s\n", r["load_seconds"].get<double>());
+  EXPECT_EQ(get(c, "/sdapi/v1/options", &st)["sd_model_checkpoint"], models[0]["title"]);
+  r = post(c, "/sdapi/v1/options", {{"sd_model_checkpoint", models[0]["title"]}, {"samples_format", "jpg"}}, &st);
+  ASSERT_EQ(st, 200) << r.dump();
+  EXPECT_EQ(r["load_seconds"], 0.0);  // already loaded: not reloaded
+  EXPECT_EQ(r["ignored_fields"], json::array({"samples_format"}));
+  // A generation on the loaded model does not reload it either.
+  const json g = post(c, "/sdapi/v1/txt2img", a1111_txt2img(1), &st);
+  ASSERT_EQ(st, 200) << g.dump();
+  EXPECT_EQ(json::parse(g["info"].get<std::string>())["load_seconds"], 0.0);
+  // Names only from the server's list: no paths.
+  for (const std::string& bad : std::vector<std::string>{"../emoji", emoji_model(), "nope"}) {
+    r = post(c, "/sdapi/v1/options", {{"sd_model_checkpoint", bad}}, &st);
+    EXPECT_EQ(st, 400) << bad;
+    EXPECT_EQ(r["field"], "sd_model_checkpoint");
+  }
+  const json samplers = get(c, "/sdapi/v1/samplers", &st);
+  ASSERT_EQ(st, 200);
+  std::vector<std::string> names;
+  for (const auto& x : samplers) names.push_back(x["name"]);
+  for (const char* want : {"Euler a", "DDIM", "DPM++ 2M Karras"})
+    EXPECT_NE(std::find(names.begin(), names.end(), want), names.end()) << want;
+  const json loras = get(c, "/sdapi/v1/loras", &st);
+  ASSERT_EQ(st, 200);
+  ASSERT_EQ(loras.size(), 1u) << loras.dump();
+  EXPECT_EQ(loras[0]["name"], "twitter");
+  // A LoRA by its listed name in the prompt, as A1111's <lora:NAME:WEIGHT>.
+  json req = a1111_txt2img(1);
+  req["prompt"] = "grinning face <lora:twitter:1>";
+  const json lr = post(c, "/sdapi/v1/txt2img", req, &st);
+  EXPECT_EQ(st, 200) << lr.dump();
+  req["prompt"] = "grinning face <lora:../../etc/passwd:1>";
+  EXPECT_EQ(post(c, "/sdapi/v1/txt2img", req, &st)["field"], "prompt");
+  EXPECT_EQ(st, 400);
+  // The OpenAPI document lists every endpoint, and every GET it lists answers.
+  const json api = get(c, "/openapi.json", &st);
+  ASSERT_EQ(st, 200);
+  for (const char* p : {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/sdapi/v1/interrupt",
+                        "/sdapi/v1/sd-models", "/sdapi/v1/options", "/sdapi/v1/samplers", "/sdapi/v1/loras"})
+    EXPECT_TRUE(api["paths"].contains(p)) << p;
+  EXPECT_TRUE(
+      api["paths"]["/sdapi/v1/txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+          .contains("cfg_scale"));
+  for (auto it = api["paths"].begin(); it != api["paths"].end(); ++it)
+    if (it.value().contains("get") && it.key().find('(') == std::string::npos) {
+      auto res = c.Get(it.key().c_str());
+      ASSERT_TRUE(res) << it.key();
+      EXPECT_EQ(res->status, 200) << it.key();
+    }
+  auto page = c.Get("/");
+  ASSERT_TRUE(page);
+  EXPECT_NE(page->body.find("<script src=\"/web/app.js\">"), std::string::npos);
+  EXPECT_EQ(c.Get("/web/app.js")->status, 200);
+  EXPECT_NE(c.Get("/web/../CMakeLists.txt")->status, 200);
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, ProgressPreviewAndInterrupt) {
+  ServerProcess s({});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  json idle = get(c, "/sdapi/v1/progress", &st);
+  ASSERT_EQ(st, 200);
+  EXPECT_EQ(idle["progress"], 0.0);
+  EXPECT_TRUE(idle["current_image"].is_null());
+  Background job(s.port(), a1111_txt2img(5, 900));
+  json p = wait_running(c);
+  ASSERT_GT(p["progress"].get<double>(), 0.0) << p.dump();
+  // The preview comes with the next step after it is asked for.
+  double worst_ms = 0, total_ms = 0;
+  int polls = 0;
+  json with_image;
+  for (int i = 0; i < 400 && (with_image.is_null() || polls < 50); ++i) {
+    const auto t0 = Clock::now();
+    p = get(c, "/sdapi/v1/progress", &st);
+    const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    worst_ms = std::max(worst_ms, ms);
+    total_ms += ms;
+    ++polls;
+    ASSERT_EQ(st, 200);
+    if (p["current_image"].is_string() && with_image.is_null()) with_image = p;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::printf("[measure] /progress latency during a job: mean %.2f ms, max %.2f ms (%d polls)\n", total_ms / polls,
+              worst_ms, polls);
+  ASSERT_FALSE(with_image.is_null()) << p.dump();
+  EXPECT_TRUE(is_png(serve::base64_decode(with_image["current_image"].get<std::string>(), "current_image")));
+  EXPECT_EQ(with_image["state"]["sampling_steps"], 900);
+  EXPECT_GT(with_image["eta_relative"].get<double>(), 0.0);
+  EXPECT_TRUE(get(c, "/sdapi/v1/progress?skip_current_image=true", &st)["current_image"].is_null());
+  const auto t0 = Clock::now();
+  post(c, "/sdapi/v1/interrupt", json::object(), &st);
+  EXPECT_EQ(st, 200);
+  job.t.join();
+  const double stop_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  EXPECT_LT(stop_s, 5.0);
+  ASSERT_EQ(job.status, 200) << job.body.dump();
+  EXPECT_TRUE(json::parse(job.body["info"].get<std::string>())["interrupted"].get<bool>());
+  EXPECT_EQ(job.body["images"].size(), 0u);
+  // The server carries on.
+  EXPECT_EQ(post(c, "/sdapi/v1/txt2img", a1111_txt2img(1), &st)["images"].size(), 1u);
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, BadRequestsNameTheField) {
+  ServerProcess s({});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  auto r = c.Post("/sdapi/v1/txt2img", "{\"prompt\": ", "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 400);
+  EXPECT_NE(r->body.find("malformed JSON"), std::string::npos) << r->body;
+  json req = a1111_txt2img(1);
+  req["steps"] = 5000;
+  json e = post(c, "/sdapi/v1/txt2img", req, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(e["field"], "steps");
+  EXPECT_EQ(e["value"], 5000);
+  EXPECT_NE(e["rule"].get<std::string>().find("[1, 1000]"), std::string::npos) << e.dump();
+  req["steps"] = 2;
+  req["width"] = 33;  // the pipeline's rule, after the model is known
+  e = post(c, "/sdapi/v1/txt2img", req, &st);
+  EXPECT_EQ(st, 400) << e.dump();
+  EXPECT_EQ(e["field"], "width") << e.dump();
+  // Bodies over the limit: 413 (32 MiB + 1).
+  const std::string big(static_cast<size_t>(32 << 20) + 1, ' ');
+  r = c.Post("/sdapi/v1/txt2img", big, "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 413);
+  EXPECT_EQ(json::parse(r->body)["error"], "PayloadTooLarge");
+  r = c.Get("/sdapi/v1/nothing");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 404);
+  EXPECT_EQ(json::parse(r->body)["error"], "NotFound");
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, FullQueueAnswers503AtOnce) {
+  ServerProcess s({"--max-queue", "1"});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  Background running(s.port(), a1111_txt2img(1, 900));
+  ASSERT_GT(wait_running(c)["progress"].get<double>(), 0.0) << "the long job did not start";
+  Background queued(s.port(), a1111_txt2img(2));
+  int st = 0;
+  for (int i = 0; i < 200; ++i) {  // until the second job waits in the queue
+    if (get(c, "/sdapi/v1/progress", &st)["state"]["queue_size"] == 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const auto t0 = Clock::now();
+  const json full = post(c, "/sdapi/v1/txt2img", a1111_txt2img(3), &st);
+  EXPECT_EQ(st, 503) << full.dump();
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 2.0);
+  post(c, "/sdapi/v1/interrupt", json::object(), &st);
+  running.t.join();
+  queued.t.join();
+  EXPECT_EQ(queued.status, 200);
+  EXPECT_EQ(queued.body["images"].size(), 1u);
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, TokenRequiredBeyondLoopback) {
+  {  // another address without a token: refused at start-up, exit 2
+    const CliRun r = dmx_run({"serve", "--host", "0.0.0.0", "--port", "0"});
+    EXPECT_EQ(r.code, 2) << r.output;
+    EXPECT_NE(r.output.find("--token is required"), std::string::npos) << r.output;
+  }
+  ServerProcess s({"--host", "0.0.0.0", "--token", "s3cret"});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  EXPECT_NE(s.startup().find("Authorization: Bearer"), std::string::npos) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  get(c, "/sdapi/v1/sd-models", &st);
+  EXPECT_EQ(st, 401);
+  post(c, "/sdapi/v1/txt2img", a1111_txt2img(1), &st);
+  EXPECT_EQ(st, 401);
+  c.set_bearer_token_auth("wrong");
+  get(c, "/sdapi/v1/sd-models", &st);
+  EXPECT_EQ(st, 401);
+  c.set_bearer_token_auth("s3cret");
+  get(c, "/sdapi/v1/sd-models", &st);
+  EXPECT_EQ(st, 200);
+  EXPECT_EQ(post(c, "/sdapi/v1/txt2img", a1111_txt2img(1), &st)["images"].size(), 1u);
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, SigtermStopsCleanlyMidJob) {
+  const std::string tmp = temp_subdir("serve-sigterm-tmp");
+  ServerProcess s({}, tmp);
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  Background job(s.port(), a1111_txt2img(1, 900));
+  ASSERT_GT(wait_running(c)["progress"].get<double>(), 0.0) << "the long job did not start";
+  const auto t0 = Clock::now();
+  EXPECT_EQ(s.stop(), 0);
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 10.0);
+  job.t.join();
+  ASSERT_EQ(job.status, 200) << "the running job's client gets its answer";
+  EXPECT_TRUE(json::parse(job.body["info"].get<std::string>())["interrupted"].get<bool>());
+  EXPECT_TRUE(fs::is_empty(tmp)) << "the server's temporary folder was left behind";
+  EXPECT_NE(s.rest_of_output().find("stopped"), std::string::npos);
+}
+
+// 200+ mixed requests from 8 concurrent clients: good, malformed, oversized, interrupted, abandoned. The server stays
+// up, every good request gets a valid PNG whose metadata matches it, and memory returns near its baseline. About 10 s
+// on 2 cores: a Cli test, not a Slow one.
+TEST(ServeCli, LoadOfMixedRequestsFrom8Clients) {
+  ServerProcess s({"--max-queue", "64"});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  {  // warm-up: one generation
+    auto c = client(s.port());
+    int st = 0;
+    ASSERT_EQ(post(c, "/sdapi/v1/txt2img", a1111_txt2img(1), &st)["images"].size(), 1u);
+  }
+  const double rss_before = s.rss_mib();
+  {  // the throughput of good requests alone: 8 clients, 8 generations each
+    const auto g0 = Clock::now();
+    std::vector<std::thread> ts;
+    std::atomic<int> ok{0};
+    for (int k = 0; k < 8; ++k)
+      ts.emplace_back([&, k] {
+        auto c = client(s.port());
+        int st = 0;
+        for (int i = 0; i < 8; ++i)
+          if (post(c, "/sdapi/v1/txt2img", a1111_txt2img(static_cast<uint64_t>(100 * k + i)), &st)["images"].size() ==
+              1u)
+            ++ok;
+      });
+    for (auto& t : ts) t.join();
+    const double sec = std::chrono::duration<double>(Clock::now() - g0).count();
+    std::printf("[measure] 64 good 2-step 32-px txt2img requests from 8 clients in %.2f s: %.0f requests/min\n", sec,
+                64 * 60.0 / sec);
+    EXPECT_EQ(ok.load(), 64);
+  }
+  std::atomic<int> good{0}, good_ok{0}, bad{0}, bad_ok{0}, big_ok{0}, other{0}, failures{0};
+  const int kClients = 8, kPerClient = 26;
+  const auto t0 = Clock::now();
+  std::vector<std::thread> clients;
+  for (int k = 0; k < kClients; ++k)
+    clients.emplace_back([&, k] {
+      auto c = client(s.port());
+      for (int i = 0; i < kPerClient; ++i) {
+        const int kind = (k * kPerClient + i) % 10;
+        int st = 0;
+        if (kind <= 5) {  // good
+          const uint64_t seed = static_cast<uint64_t>(k * 1000 + i);
+          const json r = post(c, "/sdapi/v1/txt2img", a1111_txt2img(seed), &st);
+          ++good;
+          if (st == 200 && r["images"].size() == 1u) {
+            const std::string png = serve::base64_decode(r["images"][0].get<std::string>(), "images");
+            const json info = json::parse(r["info"].get<std::string>());
+            if (is_png(png) && info["seed"] == seed &&
+                info["infotexts"][0].get<std::string>().find("Seed: " + std::to_string(seed) + ",") !=
+                    std::string::npos)
+              ++good_ok;
+            else
+              ++failures;
+          } else {
+            ++failures;
+          }
+        } else if (kind == 6) {  // malformed
+          ++bad;
+          auto r = c.Post("/sdapi/v1/txt2img", "{\"steps\": [", "application/json");
+          if (r && r->status == 400) ++bad_ok;
+        } else if (kind == 7) {  // out of range
+          ++bad;
+          json req = a1111_txt2img(1);
+          req["cfg_scale"] = -3;
+          if (post(c, "/sdapi/v1/txt2img", req, &st)["field"] == "cfg_scale" && st == 400) ++bad_ok;
+        } else if (kind == 8) {  // oversized
+          auto r = c.Post("/sdapi/v1/txt2img", std::string((32 << 20) + 16, 'x'), "application/json");
+          if (r && r->status == 413) ++big_ok;
+        } else {  // interrupt someone's job, and abandon a request (the client gives up after 50 ms)
+          post(c, "/sdapi/v1/interrupt", json::object(), &st);
+          httplib::Client quick("127.0.0.1", s.port());
+          quick.set_read_timeout(0, 50000);
+          quick.Post("/sdapi/v1/txt2img", a1111_txt2img(99).dump(), "application/json");
+          ++other;
+        }
+      }
+    });
+  for (auto& t : clients) t.join();
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  // Drain: the abandoned jobs finish; then memory.
+  auto c = client(s.port());
+  int st = 0;
+  for (int i = 0; i < 600; ++i) {
+    const json p = get(c, "/sdapi/v1/progress", &st);
+    if (st == 200 && p["state"]["job_count"] == 0 && p["state"]["queue_size"] == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  const double rss_after = s.rss_mib();
+  std::printf(
+      "[measure] %d requests from %d clients in %.1f s: %d good (%d valid PNGs; %.1f good requests/min, "
+      "interrupts included), %d malformed/out-of-range 400, %d oversized 413, %d interrupt+abandon\n",
+      kClients * kPerClient, kClients, seconds, good.load(), good_ok.load(), good.load() * 60.0 / seconds,
+      bad_ok.load(), big_ok.load(), other.load());
+  std::printf("[measure] RSS before %.1f MiB, after the queue drained %.1f MiB\n", rss_before, rss_after);
+  // An interrupt can hit a good request's job: it then answers 200 with no image and interrupted = true; count those.
+  EXPECT_EQ(good_ok.load() + failures.load(), good.load());
+  EXPECT_GE(good_ok.load(), good.load() - other.load()) << "more good requests failed than interrupts were sent";
+  EXPECT_EQ(bad_ok.load(), bad.load()) << "every malformed or out-of-range request gets 400";
+  EXPECT_GE(big_ok.load(), 1);
+  EXPECT_LT(rss_after, rss_before + 64.0) << "memory did not return near its baseline";
+  EXPECT_EQ(post(c, "/sdapi/v1/txt2img", a1111_txt2img(1), &st)["images"].size(), 1u);  // still up
+  EXPECT_EQ(s.stop(), 0);
+}
+}  // namespace dmx::test
