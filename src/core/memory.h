@@ -13,7 +13,9 @@ int64_t process_peak_rss_bytes();
 
 // While alive, modules are built with their floating parameters created directly in `t` (libtorch's default
 // dtype), so that a bf16 model never exists in float32: its peak memory is that of its own weights. Restores
-// the previous default dtype when it ends.
+// the previous default dtype when it ends. libtorch's default dtype is process-wide: a tensor another thread
+// creates without naming a dtype while the guard lives gets `t` too (the model loaders hold it only while they
+// build a module).
 class DefaultDtypeGuard {
  public:
   explicit DefaultDtypeGuard(at::ScalarType t) : prev_(c10::get_default_dtype()) {
