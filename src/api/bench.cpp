@@ -18,6 +18,7 @@
 #include "api/presets.h"
 #include "core/fs.h"
 #include "core/image.h"
+#include "core/memory.h"
 #include "core/runtime.h"
 #include "core/text.h"
 #include "dmx/dmx.h"
@@ -167,13 +168,7 @@ double time_median(int warmup, int runs, F&& f, double* cpu) {
   return median(t);
 }
 
-double peak_rss_mb() {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;  // kB
-  return 0;
-}
+double peak_rss_mb() { return static_cast<double>(process_peak_rss_bytes()) / (1024.0 * 1024.0); }
 
 double matmul_peak_gflops(at::ScalarType dtype, const at::Device& dev) {
   const int64_t n = 2048;
@@ -189,16 +184,6 @@ double matmul_peak_gflops(at::ScalarType dtype, const at::Device& dev) {
   }
   return 2.0 * n * n * n / best / 1e9;
 }
-
-// Modules are built with their parameters created directly in the target floating dtype (so that a bf16
-// model never exists in float32 and peak memory is that of the bf16 weights); restores float32 after.
-struct DefaultDtypeGuard {
-  explicit DefaultDtypeGuard(at::ScalarType t) : prev_(c10::get_default_dtype()) {
-    c10::set_default_dtype(c10::scalarTypeToTypeMeta(t));
-  }
-  ~DefaultDtypeGuard() { c10::set_default_dtype(prev_); }
-  caffe2::TypeMeta prev_;
-};
 
 std::string env_or_empty(const char* name) {
   const char* v = std::getenv(name);
@@ -364,6 +349,9 @@ BenchResult bench(const BenchOptions& o) {
   double text_cpu = 0, unet_cpu = 0, vae_cpu = 0;
   r.text_encode_s = time_median(
       o.warmup, o.runs, [&] { return text->encode(ids); }, &text_cpu);
+  // The models are held as `dmx generate` holds them (StableDiffusionParams::release_models): the text encoder
+  // is freed after the text encoding and the UNet before the decode, so peak_rss_mb is a generation's peak.
+  text = models::CLIPTextModel(nullptr);
   auto unet_step = [&] {
     // One guided step as the pipeline runs it: [uncond, cond] batch, guidance on the float32 result.
     models::UNetInputs in;
@@ -375,24 +363,26 @@ BenchResult bench(const BenchOptions& o) {
     return parts[0] + guidance * (parts[1] - parts[0]);
   };
   r.unet_step_s = time_median(o.warmup, o.runs, unet_step, &unet_cpu);
+  // Chrome-trace files of one run each (scripts/profile_summary.py sums the time per op), each written to a
+  // temporary and renamed.
+  if (!o.profile.empty())
+    write_file_atomic(o.profile + ".unet.json", [&](const std::string& tmp) {
+      torch::autograd::profiler::RecordProfile guard(tmp);
+      sync(unet_step());
+    });
+  unet = models::UNet2DConditionModel(nullptr);
   at::Tensor z = (latents / p.vae.scaling_factor).to(dtype);
   auto decode = [&] { return vae->decode(z); };
   r.vae_decode_s = time_median(o.warmup, o.runs, decode, &vae_cpu);
   r.text_encode_cpu_s = text_cpu;
   r.unet_step_cpu_s = unet_cpu;
   r.vae_decode_cpu_s = vae_cpu;
-  if (!o.profile.empty()) {
-    // Chrome-trace files of one run each (scripts/profile_summary.py sums the time per op), each written to a
-    // temporary and renamed.
-    write_file_atomic(o.profile + ".unet.json", [&](const std::string& tmp) {
-      torch::autograd::profiler::RecordProfile guard(tmp);
-      sync(unet_step());
-    });
+  if (!o.profile.empty())
     write_file_atomic(o.profile + ".vae.json", [&](const std::string& tmp) {
       torch::autograd::profiler::RecordProfile guard(tmp);
       sync(decode());
     });
-  }
+  vae = models::AutoencoderKL(nullptr);  // the whole picture loads its own models
   if (o.measure_peak) r.matmul_peak_gflops = matmul_peak_gflops(dtype, dev);
   if (!o.picture_model.empty()) bench_whole_picture(o, r);
   r.peak_rss_mb = peak_rss_mb();

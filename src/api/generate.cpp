@@ -453,6 +453,9 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
     r.scores = b.scores;
     r.samples = b.samples;
   } else {
+    // One run per process: the text encoder and the UNet are freed once done (the decode does not hold them),
+    // except under LoRA or hypernetwork scopes, which restore those models' layers when they end.
+    p.release_models = !loras && !hn_guard;
     pipelines::StableDiffusionPipeline pipe(models);
     out = pipe.run(p);
   }

@@ -1,4 +1,4 @@
-// Per-phase wall-clock timings, printed with --verbose ("time: denoise 1.234 s").
+// Per-phase wall-clock timings and resident memory, printed with --verbose ("time: denoise 1.234 s (RSS ...)").
 #pragma once
 #include <chrono>
 #include <string>

@@ -1,5 +1,7 @@
 #include "io/safetensors.h"
 
+#include "io/releasing_load.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -11,6 +13,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <nlohmann/json.hpp>
 
 #include "core/fs.h"
@@ -66,6 +69,16 @@ const char* dtype_name(at::ScalarType t) {
     default:
       return nullptr;
   }
+}
+
+// The live mappings of SafeTensorsFile, [begin, end) by begin, for release_mapped_pages.
+std::mutex& mappings_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<uintptr_t, uintptr_t>& mappings() {
+  static std::map<uintptr_t, uintptr_t> m;
+  return m;
 }
 
 }  // namespace
@@ -171,6 +184,8 @@ std::shared_ptr<SafeTensorsFile> SafeTensorsFile::open(const std::string& path) 
       throw IoError(detail::concat("cannot map ", path, ": ", std::strerror(errno)));
     }
     f->map_ = p;
+    std::lock_guard<std::mutex> lock(mappings_mutex());
+    mappings()[reinterpret_cast<uintptr_t>(p)] = reinterpret_cast<uintptr_t>(p) + f->map_size_;
   }
   ::close(fd);
   uint64_t offset = 0;
@@ -186,7 +201,27 @@ std::shared_ptr<SafeTensorsFile> SafeTensorsFile::open(const std::string& path) 
 }
 
 SafeTensorsFile::~SafeTensorsFile() {
-  if (map_) ::munmap(map_, map_size_);
+  if (!map_) return;
+  std::lock_guard<std::mutex> lock(mappings_mutex());
+  mappings().erase(reinterpret_cast<uintptr_t>(map_));
+  ::munmap(map_, map_size_);
+}
+
+size_t release_mapped_pages(const at::Tensor& t) {
+  if (!t.defined() || !t.device().is_cpu() || !t.has_storage()) return 0;
+  const bool whole = !t.is_contiguous();
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(whole ? t.storage().data() : t.data_ptr());
+  const uintptr_t end = begin + (whole ? t.storage().nbytes() : static_cast<size_t>(t.numel()) * t.element_size());
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
+  if (begin == 0 || last <= first) return 0;
+  std::lock_guard<std::mutex> lock(mappings_mutex());
+  auto it = mappings().upper_bound(begin);  // the first mapping starting after begin; the one before may hold it
+  if (it == mappings().begin()) return 0;
+  --it;
+  if (begin < it->first || end > it->second) return 0;  // not (entirely) inside a live mapping: heap memory
+  if (::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED) != 0) return 0;
+  return last - first;
 }
 
 std::vector<std::string> SafeTensorsFile::names() const {

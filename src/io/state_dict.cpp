@@ -2,10 +2,12 @@
 
 #include <torch/nn/module.h>
 
+#include <algorithm>
 #include <set>
 #include <sstream>
 
 #include "dmx/error.h"
+#include "io/releasing_load.h"
 
 namespace dmx::io {
 
@@ -40,9 +42,9 @@ TensorMap module_state(const torch::nn::Module& module) {
   return out;
 }
 
-LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, const std::string& what, bool strict) {
+namespace {
+LoadReport check_state(const TensorMap& target, const TensorMap& state) {
   LoadReport r;
-  TensorMap target = module_state(module);
   for (const auto& kv : target) {
     auto it = state.find(kv.first);
     if (it == state.end()) {
@@ -56,6 +58,13 @@ LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, co
   }
   for (const auto& kv : state)
     if (!target.count(kv.first)) r.unexpected.push_back(kv.first);
+  return r;
+}
+}  // namespace
+
+LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, const std::string& what, bool strict) {
+  TensorMap target = module_state(module);
+  LoadReport r = check_state(target, state);
   if (strict && !r.ok()) throw FormatError(r.describe(what));
   at::NoGradGuard no_grad;
   for (auto& kv : target) {
@@ -66,6 +75,35 @@ LoadReport load_state_dict(torch::nn::Module& module, const TensorMap& state, co
   }
   return r;
 }
+
+LoadReport load_state_dict_releasing(torch::nn::Module& module, TensorMap& state, const std::string& what,
+                                     size_t chunk_bytes) {
+  TensorMap target = module_state(module);
+  LoadReport r = check_state(target, state);
+  if (!r.ok()) throw FormatError(r.describe(what));
+  at::NoGradGuard no_grad;
+  for (auto& kv : target) {
+    auto it = state.find(kv.first);
+    const at::Tensor& src = it->second;
+    const size_t bytes = static_cast<size_t>(src.numel()) * src.element_size();
+    if (bytes > chunk_bytes && src.dim() > 0 && src.size(0) > 1 && src.is_contiguous()) {
+      // Slices of whole rows: the same element-wise cast, so the same values as one copy.
+      const int64_t rows = std::max<int64_t>(1, static_cast<int64_t>(chunk_bytes / (bytes / src.size(0))));
+      for (int64_t i = 0; i < src.size(0); i += rows) {
+        const int64_t k = std::min(rows, src.size(0) - i);
+        kv.second.narrow(0, i, k).copy_(src.narrow(0, i, k));
+        release_mapped_pages(src.narrow(0, i, k));
+      }
+    } else {
+      kv.second.copy_(src);
+    }
+    release_mapped_pages(src);
+    state.erase(it);
+    ++r.loaded;
+  }
+  return r;
+}
+
 void check_weights_cover_config(double params, const TensorMap& state, const std::string& what) {
   double stored = 0;
   for (const auto& kv : state) stored += static_cast<double>(kv.second.numel());

@@ -2,8 +2,10 @@
 
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/memory.h"
 #include "dmx/error.h"
 #include "io/checkpoint.h"
+#include "io/releasing_load.h"
 #include "io/state_dict.h"
 #include "schedulers/scheduler.h"
 
@@ -17,6 +19,25 @@ namespace {
 std::shared_ptr<models::CLIPTokenizer> load_tokenizer(const std::string& dir, const std::string& how) {
   DMX_CHECK_ARG(is_directory(dir), how, ": tokenizer folder not found: ", dir);
   return std::make_shared<models::CLIPTokenizer>(models::CLIPTokenizer::from_folder(dir));
+}
+
+// Modules are built in the dtype they will run in and loaded tensor by tensor, each cast into its parameter and its
+// mapped file pages released once copied (io::load_state_dict_releasing): a bf16 model never exists in float32 and
+// the file is never resident as a whole, so loading costs the model's own size plus one tensor (it cost the
+// float32 model plus the file, 6 GB for SD 1.5 in bf16: docs/performance.md). float16 (CUDA only) is built in
+// float32 as before and cast by finish(): libtorch's CPU initialisers have no float16 kernels.
+at::ScalarType build_dtype(const LoadOptions& opts) { return opts.dtype == at::kHalf ? at::kFloat : opts.dtype; }
+
+template <class Module, class Config>
+Module build_and_load(const Config& config, io::TensorMap& weights, const LoadOptions& opts, const std::string& what) {
+  Module mod{nullptr};
+  {
+    DefaultDtypeGuard guard(build_dtype(opts));
+    mod = Module(config);
+  }
+  io::load_state_dict_releasing(*mod, weights, what);
+  weights.clear();  // the last views of the file: it is unmapped here
+  return mod;
 }
 
 void finish(StableDiffusionModels& m, const LoadOptions& opts) {
@@ -71,19 +92,16 @@ std::shared_ptr<StableDiffusionModels> load_stable_diffusion(const std::string& 
     const auto unet_config = models::UNet2DConditionConfig::from_json(unet_cfg);
     const auto vae_config = models::AutoencoderKLConfig::from_json(vae_cfg);
     const auto text_config = models::CLIPTextConfig::from_json(text_cfg);
-    const io::TensorMap unet_w = io::load_diffusers_component(path, "unet");
-    const io::TensorMap vae_w = io::load_diffusers_component(path, "vae");
+    io::TensorMap unet_w = io::load_diffusers_component(path, "unet");
+    io::TensorMap vae_w = io::load_diffusers_component(path, "vae");
     io::TensorMap te = io::load_diffusers_component(path, "text_encoder");
     models::clean_clip_state_dict(te);
     io::check_weights_cover_config(unet_config.parameter_count(), unet_w, path + "/unet");
     io::check_weights_cover_config(vae_config.parameter_count(), vae_w, path + "/vae");
     io::check_weights_cover_config(text_config.parameter_count(), te, path + "/text_encoder");
-    m->unet = models::UNet2DConditionModel(unet_config);
-    m->vae = models::AutoencoderKL(vae_config);
-    m->text_encoder = models::CLIPTextModel(text_config);
-    io::load_state_dict(*m->unet, unet_w, path + "/unet");
-    io::load_state_dict(*m->vae, vae_w, path + "/vae");
-    io::load_state_dict(*m->text_encoder, te, path + "/text_encoder");
+    m->unet = build_and_load<models::UNet2DConditionModel>(unet_config, unet_w, opts, path + "/unet");
+    m->vae = build_and_load<models::AutoencoderKL>(vae_config, vae_w, opts, path + "/vae");
+    m->text_encoder = build_and_load<models::CLIPTextModel>(text_config, te, opts, path + "/text_encoder");
     std::string tok = !opts.tokenizer_dir.empty() ? opts.tokenizer_dir : join_path(path, "tokenizer");
     m->tokenizer = load_tokenizer(tok, opts.tokenizer_dir.empty() ? "--model" : "--tokenizer");
   } else {
@@ -96,13 +114,11 @@ std::shared_ptr<StableDiffusionModels> load_stable_diffusion(const std::string& 
     io::check_weights_cover_config(unet_config.parameter_count(), ck.unet, path + " (unet)");
     io::check_weights_cover_config(vae_config.parameter_count(), ck.vae, path + " (vae)");
     io::check_weights_cover_config(text_config.parameter_count(), ck.text_encoder, path + " (text encoder)");
-    m->unet = models::UNet2DConditionModel(unet_config);
-    m->vae = models::AutoencoderKL(vae_config);
-    m->text_encoder = models::CLIPTextModel(text_config);
     m->scheduler_config = ck.scheduler_config;
-    io::load_state_dict(*m->unet, ck.unet, path + " (unet)");
-    io::load_state_dict(*m->vae, ck.vae, path + " (vae)");
-    io::load_state_dict(*m->text_encoder, ck.text_encoder, path + " (text encoder)");
+    m->unet = build_and_load<models::UNet2DConditionModel>(unet_config, ck.unet, opts, path + " (unet)");
+    m->vae = build_and_load<models::AutoencoderKL>(vae_config, ck.vae, opts, path + " (vae)");
+    m->text_encoder =
+        build_and_load<models::CLIPTextModel>(text_config, ck.text_encoder, opts, path + " (text encoder)");
     std::string tok = opts.tokenizer_dir;
     if (tok.empty() && !opts.config_dir.empty()) tok = join_path(opts.config_dir, "tokenizer");
     DMX_CHECK_ARG(!tok.empty(),

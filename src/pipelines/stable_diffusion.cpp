@@ -162,6 +162,9 @@ at::Tensor StableDiffusionPipeline::denoise(schedulers::Scheduler& sched, at::Te
 
 StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& p_in) {
   at::NoGradGuard no_grad;
+  DMX_CHECK_ARG(!m_->text_encoder.is_empty() && !m_->unet.is_empty(),
+                "the model's text encoder and UNet were released by an earlier run with release_models: load the "
+                "model again");
   StableDiffusionParams p = p_in;
   const bool img2img = p.init_image.defined();
   const int f = m_->vae_scale_factor();
@@ -194,6 +197,7 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
   // 3. Encode the prompt (and the negative prompt for guidance); uncond first, as diffusers.
   PhaseTimer encode_timer("text encode");
   const at::Tensor embeds = encode_prompts(*m_, p);
+  if (p.release_models && at::isfinite(embeds).all().item<bool>()) m_->text_encoder = models::CLIPTextModel(nullptr);
   encode_timer.stop();
 
   // 4. Latents: noise x init_noise_sigma, or (img2img) the image's latents noised to the first timestep; the
@@ -223,6 +227,7 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
   // 5. Denoising loop.
   PhaseTimer denoise_timer("denoise");
   latents = denoise(*sched, latents, start, embeds, p, p.residual_providers);
+  if (p.release_models && at::isfinite(latents).all().item<bool>()) m_->unet = models::UNet2DConditionModel(nullptr);
   denoise_timer.stop();
 
   // 6. Decode.

@@ -28,6 +28,11 @@ struct StableDiffusionParams : GenerationParams {
   // Residuals added to the UNet at every step: ControlNets (controlnet_providers: one per net, their residuals
   // add up; txt2img only), and later T2I-Adapters and layout conditioners.
   ResidualProviders residual_providers;
+  // For a one-shot run (dmx generate): the text encoder is released once the prompts are encoded and the UNet
+  // after the last step (the models' text_encoder / unet become empty), so the VAE decode does not hold them
+  // (docs/performance.md, "Peak memory"). Each is kept when what it produced is not finite, for
+  // check_finite_output's diagnosis. The outputs are unchanged; the models cannot run another generation.
+  bool release_models = false;
 };
 
 struct StableDiffusionOutput {
