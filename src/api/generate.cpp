@@ -455,7 +455,7 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
   } else {
     // One run per process: the text encoder and the UNet are freed once done (the decode does not hold them),
     // except under LoRA or hypernetwork scopes, which restore those models' layers when they end.
-    p.release_models = !loras && !hn_guard;
+    p.release_models = !loras && !hn_guard && !sink;  // a Session (dmx serve) keeps its models
     pipelines::StableDiffusionPipeline pipe(models);
     out = pipe.run(p);
   }
