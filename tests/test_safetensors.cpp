@@ -4,6 +4,8 @@
 
 #include <dirent.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -153,6 +155,26 @@ TEST(SafetensorsUnit, ZeroCopyViewsOutliveTheFileAndNeverWriteIt) {
   EXPECT_EQ(a.sum().item<float>(), 42.0f * 64);
   EXPECT_EQ(read_bytes(path), before);
   EXPECT_TRUE(at::equal(load_safetensors(path).at("a"), in["a"]));
+}
+
+// A view kept alive in a static made before the first file was opened outlives the library's own statics at exit;
+// unmapping it then must not touch a destroyed registry (it crashed at exit, after every test had passed).
+TEST(SafetensorsUnit, ViewsHeldInStaticsUnmapCleanlyAtExit) {
+  const std::string path = tmp_path("static_view.safetensors");
+  TensorMap in;
+  in["a"] = at::arange(64, at::kFloat);
+  save_safetensors(path, in);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    static std::vector<at::Tensor> held;  // constructed first, so destroyed after anything the load makes
+    held.push_back(SafeTensorsFile::open(path)->get("a"));
+    std::exit(held[0].sum().item<float>() == 2016.0f ? 0 : 3);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status)) << "the child died of signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  if (WIFEXITED(status)) EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
 TEST(SafetensorsUnit, EveryStructuralRuleIsAFormatError) {

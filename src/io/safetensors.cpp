@@ -71,14 +71,16 @@ const char* dtype_name(at::ScalarType t) {
   }
 }
 
-// The live mappings of SafeTensorsFile, [begin, end) by begin, for release_mapped_pages.
+// The live mappings of SafeTensorsFile, [begin, end) by begin, for release_mapped_pages. Never destroyed: a tensor
+// kept in some other static (a test's cache of reference cases) may unmap its file at exit, after function-local
+// statics made later than that cache are gone (it crashed at exit: SchedulerCoverageGolden).
 std::mutex& mappings_mutex() {
-  static std::mutex m;
-  return m;
+  static auto* m = new std::mutex;
+  return *m;
 }
 std::map<uintptr_t, uintptr_t>& mappings() {
-  static std::map<uintptr_t, uintptr_t> m;
-  return m;
+  static auto* m = new std::map<uintptr_t, uintptr_t>;
+  return *m;
 }
 
 }  // namespace
