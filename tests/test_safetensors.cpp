@@ -174,7 +174,9 @@ TEST(SafetensorsUnit, ViewsHeldInStaticsUnmapCleanlyAtExit) {
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   EXPECT_TRUE(WIFEXITED(status)) << "the child died of signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-  if (WIFEXITED(status)) EXPECT_EQ(WEXITSTATUS(status), 0);
+  if (WIFEXITED(status)) {
+    EXPECT_EQ(WEXITSTATUS(status), 0);
+  }
 }
 
 TEST(SafetensorsUnit, EveryStructuralRuleIsAFormatError) {
