@@ -35,14 +35,8 @@ void AdapterRecipe::setup(const TrainConfig& cfg) {
   DMX_CHECK_ARG(cfg.validation_steps == 0 || validation_image_.width > 0,
                 "validation images during adapter training need a control picture (--validation-image)");
   auto& m = models();
-  freeze(*m.unet);
-  if (!m.vae.is_empty()) freeze(*m.vae);
-  if (!m.text_encoder.is_empty()) freeze(*m.text_encoder);
+  unet_dtype_ = freeze_base_models(m, cfg);
   m.unet->eval();
-  if (cfg.mixed_precision == MixedPrecision::BF16) {
-    cast_frozen_for_mixed_precision(m, /*unet=*/true, /*text_encoder=*/true);
-    unet_dtype_ = at::kBFloat16;
-  }
   adapter_->to(m.device, at::kFloat);
   for (auto& p : adapter_->parameters()) p.set_requires_grad(true);
   m.unet->set_gradient_checkpointing(cfg.gradient_checkpointing);

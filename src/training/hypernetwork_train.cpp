@@ -166,13 +166,7 @@ HypernetworkRecipe::~HypernetworkRecipe() = default;
 
 void HypernetworkRecipe::setup(const TrainConfig& cfg) {
   auto& m = models();
-  freeze(*m.unet);
-  if (!m.vae.is_empty()) freeze(*m.vae);
-  if (!m.text_encoder.is_empty()) freeze(*m.text_encoder);
-  if (cfg.mixed_precision == MixedPrecision::BF16) {
-    cast_frozen_for_mixed_precision(m, /*unet=*/true, /*text_encoder=*/true);
-    unet_dtype_ = at::kBFloat16;  // the modules stay float32: the hook casts (A1111's cond_cast_float)
-  }
+  unet_dtype_ = freeze_base_models(m, cfg);  // the modules stay float32: the hook casts (A1111's cond_cast_float)
   if (cfg.gradient_checkpointing) m.unet->set_gradient_checkpointing(true);
   hn_ = models::Hypernetwork(o_.config(), o_.widths);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(cfg.seed);

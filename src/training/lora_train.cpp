@@ -42,6 +42,15 @@ void cast_frozen_for_mixed_precision(loaders::StableDiffusionModels& m, bool une
   if (unet && !m.unet.is_empty()) m.unet->to(at::kBFloat16);
 }
 
+at::ScalarType freeze_base_models(loaders::StableDiffusionModels& m, const TrainConfig& cfg) {
+  freeze(*m.unet);
+  if (!m.vae.is_empty()) freeze(*m.vae);
+  if (!m.text_encoder.is_empty()) freeze(*m.text_encoder);
+  if (cfg.mixed_precision != MixedPrecision::BF16) return at::kFloat;
+  cast_frozen_for_mixed_precision(m, /*unet=*/true, /*text_encoder=*/true);
+  return at::kBFloat16;
+}
+
 namespace {
 
 bool unet_selected(const std::string& path, const std::string& targets) {
@@ -277,13 +286,7 @@ LoRARecipe::LoRARecipe(std::shared_ptr<loaders::StableDiffusionModels> m, LoRATr
 
 void LoRARecipe::setup(const TrainConfig& cfg) {
   auto& m = models();
-  freeze(*m.unet);
-  if (!m.vae.is_empty()) freeze(*m.vae);
-  if (!m.text_encoder.is_empty()) freeze(*m.text_encoder);
-  if (cfg.mixed_precision == MixedPrecision::BF16) {
-    cast_frozen_for_mixed_precision(m, /*unet=*/true, /*text_encoder=*/true);
-    unet_dtype_ = te_dtype_ = at::kBFloat16;
-  }
+  unet_dtype_ = te_dtype_ = freeze_base_models(m, cfg);
   if (cfg.gradient_checkpointing) m.unet->set_gradient_checkpointing(true);
   checkpointing_ = cfg.gradient_checkpointing;
   net_ = std::make_unique<LoRANetwork>(m, o_, cfg.seed);

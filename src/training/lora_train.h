@@ -123,4 +123,7 @@ class LoRARecipe : public Recipe {
 void freeze(torch::nn::Module& m);
 // Casts the frozen parts for --mixed-precision bf16 (VAE and text encoder; the UNet too when `unet`).
 void cast_frozen_for_mixed_precision(loaders::StableDiffusionModels& m, bool unet, bool text_encoder);
+// The recipes that train an add-on beside a frozen base (LoRA, ControlNet, T2I-Adapter, hypernetwork): freezes the
+// UNet, VAE and text encoder, casts all three to bf16 under --mixed-precision bf16, and returns the UNet's dtype.
+at::ScalarType freeze_base_models(loaders::StableDiffusionModels& m, const TrainConfig& cfg);
 }  // namespace dmx::training
