@@ -33,12 +33,10 @@ class StepObserver {
   StepObserver(const StepObserver&) = delete;
   StepObserver& operator=(const StepObserver&) = delete;
   static bool active();  // one is installed on this thread
-  // Called by the library's loops: phase "steps", "invert", "null-text", ...; done in [0, total].
-  static void report(const std::string& phase, int done, int total);
 
  private:
   Callback cb_;
-  StepObserver* previous_;
+  const Callback* previous_;
 };
 
 struct SessionHooks {

@@ -18,6 +18,7 @@
 #include "core/canny.h"
 #include "core/image.h"
 #include "core/log.h"
+#include "core/progress.h"
 #include "loaders/lora_formats.h"
 #include "loaders/model_bundle.h"
 #include "models/autoencoder_kl.h"
@@ -112,16 +113,9 @@ SessionResult Session::generate(const GenerateOptions& o, const SessionHooks& ho
   return std::move(sink.result);
 }
 
-namespace {
-thread_local StepObserver* g_observer = nullptr;
-}
-
-StepObserver::StepObserver(Callback cb) : cb_(std::move(cb)), previous_(g_observer) { g_observer = this; }
-StepObserver::~StepObserver() { g_observer = previous_; }
-bool StepObserver::active() { return g_observer != nullptr; }
-void StepObserver::report(const std::string& phase, int done, int total) {
-  if (g_observer && g_observer->cb_) g_observer->cb_(phase, done, total);
-}
+StepObserver::StepObserver(Callback cb) : cb_(std::move(cb)), previous_(set_step_observer(&cb_)) {}
+StepObserver::~StepObserver() { set_step_observer(previous_); }
+bool StepObserver::active() { return step_observer() != nullptr; }
 
 std::string control_map_png(const std::string& image_path, const std::string& preprocess, double low, double high) {
   DMX_CHECK_ARG(preprocess == "canny" || preprocess == "none", "--control-preprocess must be canny or none, got '",

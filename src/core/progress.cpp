@@ -5,16 +5,27 @@
 #include <cstdio>
 
 #include "core/log.h"
-#include "dmx/session.h"
 
 namespace dmx {
+namespace {
+thread_local const StepCallback* g_step_observer = nullptr;
+void report(const std::string& label, int done, int total) {
+  if (g_step_observer && *g_step_observer) (*g_step_observer)(label, done, total);
+}
+}  // namespace
+
+const StepCallback* step_observer() { return g_step_observer; }
+const StepCallback* set_step_observer(const StepCallback* cb) {
+  const StepCallback* previous = g_step_observer;
+  g_step_observer = cb;
+  return previous;
+}
 
 ProgressBar::ProgressBar(std::string label, int total, bool visible)
     : label_(std::move(label)), total_(total), start_(std::chrono::steady_clock::now()) {
-  enabled_ =
-      visible && total_ > 0 && isatty(STDERR_FILENO) && log_level() != LogLevel::kQuiet && !StepObserver::active();
+  enabled_ = visible && total_ > 0 && isatty(STDERR_FILENO) && log_level() != LogLevel::kQuiet && !g_step_observer;
   if (enabled_) draw(false);
-  if (total_ > 0) StepObserver::report(label_, 0, total_);
+  if (total_ > 0) report(label_, 0, total_);
 }
 
 ProgressBar::~ProgressBar() {
@@ -24,7 +35,7 @@ ProgressBar::~ProgressBar() {
 void ProgressBar::tick(int n) {
   done_ += n;
   if (enabled_) draw(false);
-  if (total_ > 0) StepObserver::report(label_, done_, total_);
+  if (total_ > 0) report(label_, done_, total_);
 }
 
 void ProgressBar::finish() {

@@ -4,9 +4,16 @@
 // whether it is drawn or not; an observer that throws stops the loop that ticked.
 #pragma once
 #include <chrono>
+#include <functional>
 #include <string>
 
 namespace dmx {
+// The step observer of the calling thread (installed by dmx::StepObserver, include/dmx/session.h): every bar's
+// start and tick call it with (label, done, total). set_step_observer returns the one it replaces.
+using StepCallback = std::function<void(const std::string& phase, int done, int total)>;
+const StepCallback* step_observer();
+const StepCallback* set_step_observer(const StepCallback* cb);
+
 class ProgressBar {
  public:
   // total: the loop's length (0 = unknown: nothing is drawn or reported); visible: draw it on stderr.
