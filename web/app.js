@@ -18,8 +18,9 @@ async function api(method, path, body) {
   const r = await fetch(path, { method, headers: headers(), body: body ? JSON.stringify(body) : undefined });
   const j = await r.json().catch(() => ({}));
   if (!r.ok) {
-    const field = j.field ? j.field + ": " : "";
-    throw new Error(r.status + " " + path + ": " + field + (j.detail || j.error || r.statusText));
+    const detail = j.detail || j.error || r.statusText;
+    const field = j.field && !detail.startsWith(j.field) ? j.field + ": " : "";
+    throw new Error(r.status + " " + path + ": " + field + detail);
   }
   return j;
 }
@@ -121,6 +122,7 @@ async function runJob(label, call) {
   buttons.forEach((b) => (b.disabled = true));
   $("cancel").disabled = false;
   $("progress").value = 0;
+  $("preview").removeAttribute("src");
   status(label + ": queued");
   running = true;
   const timer = setInterval(poll, 250);

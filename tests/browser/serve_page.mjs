@@ -102,8 +102,9 @@ async function runJob(page, button, label, timeout = 30000) {
   return { text, error, added: (await page.locator("#gallery figure").count()) - before };
 }
 
-// How many pixels of two pictures differ (drawn on a canvas in the page at the first one's size).
-async function differingPixels(page, a, b) {
+// How two pictures differ, drawn on a canvas in the page at the first one's size: the number of pixels that
+// differ, and the mean difference (0..255) inside and outside the edit panel's mask.
+async function compare(page, a, b) {
   return page.evaluate(([a, b]) => {
     const load = (src) => new Promise((ok, fail) => {
       const i = new Image();
@@ -121,10 +122,22 @@ async function differingPixels(page, a, b) {
       g.clearRect(0, 0, c.width, c.height);
       g.drawImage(y, 0, 0, c.width, c.height);
       const dy = g.getImageData(0, 0, c.width, c.height).data;
-      let n = 0;
-      for (let i = 0; i < dx.length; i += 4)
-        if (Math.abs(dx[i] - dy[i]) + Math.abs(dx[i + 1] - dy[i + 1]) + Math.abs(dx[i + 2] - dy[i + 2]) > 6) n++;
-      return n;
+      const m = document.getElementById("mask-canvas");
+      const dm = m.getContext("2d").getImageData(0, 0, m.width, m.height).data;
+      const sameSize = m.width === c.width && m.height === c.height;
+      let n = 0, inSum = 0, inN = 0, outSum = 0, outN = 0;
+      for (let i = 0; i < dx.length; i += 4) {
+        const d = (Math.abs(dx[i] - dy[i]) + Math.abs(dx[i + 1] - dy[i + 1]) + Math.abs(dx[i + 2] - dy[i + 2])) / 3;
+        if (d > 2) n++;
+        if (sameSize && dm[i] > 127) {
+          inSum += d;
+          inN++;
+        } else {
+          outSum += d;
+          outN++;
+        }
+      }
+      return { pixels: n, inside: inN ? inSum / inN : 0, outside: outN ? outSum / outN : 0 };
     });
   }, [a, b]);
 }
@@ -224,12 +237,14 @@ async function main(browser, url) {
 
   // Inpaint (A1111 img2img with the mask): a new picture, different from the first.
   await page.fill("#prompt", "a crying face");
-  await page.fill("#strength", "0.9");
+  await page.fill("#strength", "1");
   r = await runJob(page, "#run-inpaint", "inpaint");
   check(!r.error && r.added === 1, `inpaint adds a picture ("${r.text}")`);
   const inpainted = await newestPicture(page);
-  const changed = await differingPixels(page, first, inpainted);
-  check(changed > 0, `the inpainted picture differs from the first (${changed} pixels)`);
+  const changed = await compare(page, first, inpainted);
+  check(changed.pixels > 0, `the inpainted picture differs from the first (${changed.pixels} pixels)`);
+  check(changed.inside > 2 * changed.outside, `it changed mostly inside the mask (mean difference ${
+        changed.inside.toFixed(1)} inside, ${changed.outside.toFixed(1)} outside)`);
 
   // Blended editing (dmx's own endpoint), where this server has it.
   if (hasGenerate) {
@@ -237,8 +252,10 @@ async function main(browser, url) {
     r = await runJob(page, "#run-blended", "blended pixel");
     check(!r.error && r.added === 1, `the blended edit adds a picture ("${r.text}")`);
     const blended = await newestPicture(page);
-    const n = await differingPixels(page, first, blended);
-    check(n > 0, `the blended edit differs from the first (${n} pixels)`);
+    const d = await compare(page, first, blended);
+    check(d.pixels > 0, `the blended edit differs from the first (${d.pixels} pixels)`);
+    check(d.inside > 2 * d.outside, `it changed mostly inside the mask (mean difference ${d.inside.toFixed(1)
+          } inside, ${d.outside.toFixed(1)} outside)`);
   } else {
     log("note: this server has no /dmx/v1/generate: the blended edit is not checked");
   }
