@@ -211,14 +211,25 @@ $("generate").addEventListener("click", () => runJob("txt2img", async () => {
 }));
 
 // ---- edit panel: the picture and its mask --------------------------------------------------------------------------
-// The mask canvas has the picture's own size (white = may change, black = kept); CSS scales it over the picture.
+// The mask canvas has the picture's own size and CSS scales it over the picture. On screen the painted part is red
+// (opaque) over a transparent rest; what is sent is the mask as the server reads it: white = may change, black = kept.
 
 const mask = $("mask-canvas");
 const maskCtx = mask.getContext("2d");
+const MASK_RGB = [244, 63, 94];
 
 function clearMask() {
-  maskCtx.fillStyle = "#000";
-  maskCtx.fillRect(0, 0, mask.width, mask.height);
+  maskCtx.clearRect(0, 0, mask.width, mask.height);
+}
+
+// Replaces the mask by f(painted 0..255) for each pixel (invert, DiffEdit's mask).
+function setMaskAlpha(f) {
+  const d = maskCtx.getImageData(0, 0, mask.width, mask.height);
+  for (let i = 0; i < d.data.length; i += 4) {
+    d.data.set(MASK_RGB, i);
+    d.data[i + 3] = f(d.data[i + 3], i);
+  }
+  maskCtx.putImageData(d, 0, 0);
 }
 
 function setEditPicture(src) {
@@ -235,7 +246,6 @@ function setEditPicture(src) {
   img.src = src;
 }
 readFile($("edit-file"), setEditPicture);
-clearMask();
 
 $("brush").addEventListener("input", () => ($("brush-value").value = $("brush").value));
 
@@ -246,8 +256,8 @@ function maskPoint(e) {
 }
 
 function paintTo(p) {
-  const colour = $("eraser").checked ? "#000" : "#fff";
-  maskCtx.fillStyle = maskCtx.strokeStyle = colour;
+  maskCtx.globalCompositeOperation = $("eraser").checked ? "destination-out" : "source-over";
+  maskCtx.fillStyle = maskCtx.strokeStyle = `rgb(${MASK_RGB})`;
   maskCtx.lineWidth = Number($("brush").value);
   maskCtx.lineCap = "round";
   maskCtx.beginPath();
@@ -259,6 +269,7 @@ function paintTo(p) {
     maskCtx.lineTo(p.x, p.y);
     maskCtx.stroke();
   }
+  maskCtx.globalCompositeOperation = "source-over";
   last = p;
 }
 
@@ -272,22 +283,31 @@ mask.addEventListener("pointerup", () => (last = null));
 mask.addEventListener("pointercancel", () => (last = null));
 
 $("mask-clear").addEventListener("click", clearMask);
-$("mask-invert").addEventListener("click", () => {
+$("mask-invert").addEventListener("click", () => setMaskAlpha((a) => 255 - a));
+
+// The mask as the server reads it: white (painted at least half) on black, the picture's size.
+function maskCanvas() {
+  const out = document.createElement("canvas");
+  out.width = mask.width;
+  out.height = mask.height;
+  const ctx = out.getContext("2d");
   const d = maskCtx.getImageData(0, 0, mask.width, mask.height);
   for (let i = 0; i < d.data.length; i += 4) {
-    for (let c = 0; c < 3; c++) d.data[i + c] = 255 - d.data[i + c];
-    d.data[i + 3] = 255;
+    const v = d.data[i + 3] >= 128 ? 255 : 0;
+    d.data.set([v, v, v, 255], i);
   }
-  maskCtx.putImageData(d, 0, 0);
-});
+  ctx.putImageData(d, 0, 0);
+  return out;
+}
 
 // The mask as base64 PNG; an all-black mask would change nothing, so it is refused here.
 function maskBase64() {
-  const d = maskCtx.getImageData(0, 0, mask.width, mask.height).data;
+  const c = maskCanvas();
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
   let painted = false;
-  for (let i = 0; i < d.length && !painted; i += 4) painted = d[i] > 127;
-  if (!painted) throw new Error("the mask is empty: paint (white) where the picture may change");
-  return toBase64(mask.toDataURL("image/png"));
+  for (let i = 0; i < d.length && !painted; i += 4) painted = d[i] === 255;
+  if (!painted) throw new Error("the mask is empty: paint where the picture may change");
+  return toBase64(c.toDataURL("image/png"));
 }
 
 function editPicture() {
@@ -319,7 +339,14 @@ $("run-diffedit").addEventListener("click", () => runJob("DiffEdit", async () =>
   showResult("DiffEdit", r);
   if (r.mask) {  // DiffEdit's own mask, drawn on the canvas (it can be touched up and used for inpainting)
     const m = new Image();
-    m.onload = () => maskCtx.drawImage(m, 0, 0, mask.width, mask.height);
+    m.onload = () => {  // its gray level becomes the painted amount
+      const c = document.createElement("canvas");
+      c.width = mask.width;
+      c.height = mask.height;
+      c.getContext("2d").drawImage(m, 0, 0, c.width, c.height);
+      const gray = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+      setMaskAlpha((a, i) => gray[i]);
+    };
     m.src = toDataUrl(r.mask);
   }
 }));

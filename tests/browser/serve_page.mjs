@@ -122,7 +122,7 @@ async function compare(page, a, b) {
       g.clearRect(0, 0, c.width, c.height);
       g.drawImage(y, 0, 0, c.width, c.height);
       const dy = g.getImageData(0, 0, c.width, c.height).data;
-      const m = document.getElementById("mask-canvas");
+      const m = maskCanvas();
       const dm = m.getContext("2d").getImageData(0, 0, m.width, m.height).data;
       const sameSize = m.width === c.width && m.height === c.height;
       let n = 0, inSum = 0, inN = 0, outSum = 0, outN = 0;
@@ -215,22 +215,18 @@ async function main(browser, url) {
   await page.mouse.down();
   await page.mouse.move(...at(0.7, 0.75), { steps: 8 });
   await page.mouse.up();
-  const painted = await page.evaluate(() => {
-    const c = document.getElementById("mask-canvas");
+  // The share of white in the mask the page sends (maskCanvas(): white on black at the picture's size).
+  const maskShare = () => page.evaluate(() => {
+    const c = maskCanvas();
     const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
     let white = 0;
     for (let i = 0; i < d.length; i += 4) if (d[i] > 127) white++;
     return white / (c.width * c.height);
   });
+  const painted = await maskShare();
   check(painted > 0.1 && painted < 0.9, `the drags paint the mask (${(painted * 100).toFixed(0)}% white)`);
   await page.click("#mask-invert");
-  const inverted = await page.evaluate(() => {
-    const c = document.getElementById("mask-canvas");
-    const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-    let white = 0;
-    for (let i = 0; i < d.length; i += 4) if (d[i] > 127) white++;
-    return white / (c.width * c.height);
-  });
+  const inverted = await maskShare();
   check(Math.abs(inverted - (1 - painted)) < 0.05, "Invert inverts the mask");
   await page.click("#mask-invert");
   await shot("2-mask.png");
