@@ -255,6 +255,7 @@ async function main(browser, url) {
   } else {
     log("note: this server has no /dmx/v1/generate: the blended edit is not checked");
   }
+  await dmxPanels(page, dmxEndpoints, maskShare);
   await shot("3-edited.png");
   if (process.env.DMX_UPDATE_SCREENSHOT === "1") {
     const docs = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../docs/serve-page.png");
@@ -262,6 +263,36 @@ async function main(browser, url) {
     log("wrote", docs);
   }
   check(pageErrors.length === 0, "no script error on the page " + pageErrors.join("; "));
+}
+
+// The panels on dmx's own endpoints, each checked where the server has its endpoint.
+async function dmxPanels(page, endpoints, maskShare) {
+  const has = (p) => endpoints.includes(p) || (log("note: this server has no " + p + ": its panel is not checked"), false);
+  if (has("/dmx/v1/diffedit")) {
+    await page.click("#mask-clear");
+    await page.fill("#diffedit-source", "a smiling face with sunglasses");
+    const r = await runJob(page, "#run-diffedit", "DiffEdit");
+    check(!r.error && r.added >= 1, `DiffEdit adds its edit to the gallery ("${r.text}")`);
+    await page.waitForTimeout(200);  // the mask is drawn once its picture has loaded
+    log(`DiffEdit's mask on the canvas: ${((await maskShare()) * 100).toFixed(0)}% white`);
+  }
+  if (has("/dmx/v1/canny")) {
+    await page.click("#gallery figure:last-child button:has-text('ControlNet')");
+    const r = await runJob(page, "#cn-preview", "Canny");
+    const w = await page.evaluate(() => document.getElementById("cn-map").naturalWidth);
+    check(!r.error && w > 0, `Preview Canny shows the map (${w} px wide, "${r.text}")`);
+  }
+  if (has("/dmx/v1/p2p")) {
+    await page.click("#p2p-panel summary");
+    await page.fill("#p2p-prompt", "a smiling face with sunglasses");
+    await page.fill("#p2p-edit", "a smiling face with a hat");
+    await page.locator("#p2p-words input[data-word=hat]").fill("2");
+    const r = await runJob(page, "#run-p2p", "Prompt-to-Prompt", 60000);
+    const widths = await page.evaluate(() => ["p2p-source", "p2p-result", "p2p-maps"].map(
+        (id) => document.getElementById(id).naturalWidth));
+    check(!r.error && widths.every((w) => w > 0),
+          `Prompt-to-Prompt shows the source, the edit and the attention maps (${widths.join(", ")} px wide)`);
+  }
 }
 
 let failed = false;
