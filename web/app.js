@@ -140,7 +140,7 @@ async function runJob(label, call) {
 
 // Puts a response's pictures into the gallery and says how it went.
 function showResult(label, r) {
-  const info = r.info ? JSON.parse(r.info) : {};
+  const info = typeof r.info === "string" ? JSON.parse(r.info) : r.info || {};  // A1111's info is a JSON string
   (r.images || []).forEach((b64, i) => {
     const text = (info.infotexts && info.infotexts[i]) || label;
     const seed = info.all_seeds ? info.all_seeds[i] : info.seeds ? info.seeds[i] : info.seed;
