@@ -24,6 +24,8 @@
 #   DMX_DEMO_SIZE [the model's native size: unet sample_size x VAE factor]  side of the real inputs and outputs
 #   DMX_DEMO_SKIP_SETUP=1  use the existing build (no setup.sh, no build.sh)
 #   DMX_BUILD_DIR [build]  DMX_BIN [$DMX_BUILD_DIR/dmx]
+# `scripts/demo.sh --serve [OPTIONS]` installs and builds the same way, then runs `dmx serve --models models OPTIONS`
+# (the web page and the A1111-compatible API on the bundled emoji models) instead of the gallery.
 # A section whose optional model (ControlNet, LoRA, DreamBooth, upscaler, Palette, classifier) is missing is skipped with a
 # visible note in the page and on stderr; a missing DMX_MODEL is an error (exit 2).
 set -euo pipefail
@@ -76,6 +78,14 @@ if [ "${DMX_DEMO_SKIP_SETUP:-0}" != 1 ]; then
   echo "demo: setup $(( (t1 - t0) / 1000000 )) s, build $(( (t2 - t1) / 1000000 )) s" >&2
 fi
 [ -x "$DMX" ] || { echo "demo: $DMX not found (build it with scripts/build.sh dmx_cli)" >&2; exit 2; }
+
+# `scripts/demo.sh --serve [dmx serve options]`: the same install and build, then the server on the bundled emoji
+# models instead of the gallery (the page at http://127.0.0.1:7860/; docs/serve.md). Ctrl-C stops it.
+if [ "${1:-}" = "--serve" ]; then
+  shift
+  echo "demo: starting dmx serve on the bundled models (open the printed address; Ctrl-C stops it)" >&2
+  exec "$DMX" serve --models models "$@"
+fi
 
 SECTIONS=(inputs txt2img img2img controlnet adapter layout lora blended diffedit p2p nulltext dreambooth upscale palette eval logs)
 rm -f "${OUT:?}/index.html"  # no page pointing at the images removed next

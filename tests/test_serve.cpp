@@ -6,18 +6,23 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <thread>
 
+#include "core/canny.h"
 #include "core/image.h"
 #include "dmx/dmx.h"
 #include "dmx/session.h"
 #include "serve/a1111.h"
+#include "serve/dmx_api.h"
 #include "serve/server.h"
 #include "test_util.h"
 #include "tiny_models.h"
@@ -264,6 +269,85 @@ TEST(ServeUnit, RequestsGoThroughTheCliOptionTable) {
   EXPECT_EQ(refusal({{"override_settings", {{"sd_model_checkpoint", "../../etc"}}}}).field,
             "override_settings.sd_model_checkpoint");
   EXPECT_EQ(refusal(json::array()).rule, "the body must be a JSON object");
+}
+
+TEST(ServeUnit, DmxRequestsAreTheCommandsOptions) {
+  serve::ServedLists lists;
+  lists.models = {{"emoji", emoji_model(), "0123456789", "emoji [0123456789]"}};
+  lists.controlnets = {{"emoji-controlnet-canny", models_dir() + "/emoji-controlnet-canny"}};
+  lists.models_dir = models_dir();
+  serve::Uploads uploads;
+  uploads.dir = temp_subdir("serve-dmx-unit");
+  const serve::DmxEndpoint* generate = nullptr;
+  const serve::DmxEndpoint* p2p = nullptr;
+  const serve::DmxEndpoint* upscale = nullptr;
+  for (const auto& e : serve::dmx_endpoints()) {
+    if (std::string(e.name) == "generate") generate = &e;
+    if (std::string(e.name) == "p2p") p2p = &e;
+    if (std::string(e.name) == "upscale") upscale = &e;
+  }
+  ASSERT_TRUE(generate && p2p && upscale);
+  auto parse = [&](const serve::DmxEndpoint& e, const json& body) {
+    return serve::parse_dmx_request(e, body, lists, "emoji", uploads, 1 << 20, 1);
+  };
+  const auto r = parse(*generate, {{"prompt", "x"},
+                                   {"steps", 3},
+                                   {"background", "poisson"},
+                                   {"guess_mode", true},
+                                   {"controlnet", {"emoji-controlnet-canny"}},
+                                   {"blend_start", 0.5},
+                                   {"zzz", 1}});
+  const auto has = [&](const std::vector<std::string>& args, const std::string& a, const std::string& v) {
+    for (size_t i = 0; i + 1 < args.size(); ++i)
+      if (args[i] == a && args[i + 1] == v) return true;
+    return false;
+  };
+  EXPECT_TRUE(has(r.args, "--background", "poisson"));
+  EXPECT_TRUE(has(r.args, "--blend-start", "0.5"));
+  EXPECT_TRUE(has(r.args, "--model", emoji_model()));
+  EXPECT_TRUE(has(r.args, "--controlnet", models_dir() + "/emoji-controlnet-canny"));
+  EXPECT_NE(std::find(r.args.begin(), r.args.end(), "--guess-mode"), r.args.end());
+  EXPECT_TRUE(std::find(r.args.begin(), r.args.end(), "--seed") != r.args.end()) << "a seed is drawn";
+  EXPECT_EQ(r.ignored_fields, std::vector<std::string>{"zzz"});
+  EXPECT_EQ(r.steps, 3);
+  // A picture becomes a file of the job's folder; repeatable options take arrays.
+  const auto pic = encode_png(Image{8, 8, 3, std::vector<uint8_t>(8 * 8 * 3, 200)});
+  const auto q = parse(*p2p, {{"prompt", "a cat"},
+                              {"edit_prompt", "a dog"},
+                              {"reweight", {"dog=2", "a=0.5"}},
+                              {"image", serve::base64_encode(std::string(pic.begin(), pic.end()))}});
+  EXPECT_TRUE(has(q.args, "--reweight", "dog=2"));
+  EXPECT_TRUE(has(q.args, "--reweight", "a=0.5"));
+  EXPECT_TRUE(has(q.args, "--image", uploads.dir + "/upload-0.img"));
+  auto refusal = [&](const serve::DmxEndpoint& e, const json& body) -> serve::RequestError {
+    try {
+      parse(e, body);
+    } catch (const serve::RequestError& err) {
+      return err;
+    }
+    ADD_FAILURE() << "no refusal of " << body.dump();
+    return serve::RequestError(0, "", "", nullptr);
+  };
+  auto e = refusal(*generate, {{"prompt", "x"}, {"mask_dilation", 99}});
+  EXPECT_EQ(e.field, "mask_dilation");
+  EXPECT_EQ(e.value, 99);
+  EXPECT_NE(e.rule.find("99"), std::string::npos) << e.rule;
+  EXPECT_EQ(refusal(*generate, {{"output", "/tmp/x.png"}}).field, "output");
+  EXPECT_EQ(refusal(*generate, {{"save-latents", "/tmp/x"}}).field, "save-latents");
+  EXPECT_EQ(refusal(*generate, {{"guess_mode", "yes"}}).rule, "must be a boolean");
+  EXPECT_EQ(refusal(*generate, {{"model", "/work/models/emoji"}}).field, "model");
+  EXPECT_EQ(refusal(*generate, {{"steps", {{"a", 1}}}}).field, "steps");
+  EXPECT_EQ(refusal(*generate, {{"init_image", "!!"}}).field, "init_image");
+  EXPECT_EQ(refusal(*p2p, {{"prompt", "a"}}).field, "edit_prompt");  // required, as the command line says
+  EXPECT_EQ(refusal(*p2p, {{"prompt", "a"}, {"edit_prompt", "b"}, {"mode", "swap"}}).field, "mode");
+  EXPECT_EQ(refusal(*upscale, {{"prompt", "a"}}).field, "model");  // no upscaler served
+  // The fields of an endpoint: its command's options, without those naming files on the server.
+  std::set<std::string> fields;
+  for (const auto& f : serve::dmx_fields(*generate)) fields.insert(f.field);
+  for (const char* f : {"prompt", "mask", "background", "region", "layout", "control_image", "adapter"})
+    EXPECT_TRUE(fields.count(f)) << f;
+  for (const char* f : {"output", "save_latents", "lora", "lora_dir", "init_latents", "threads", "device", "from"})
+    EXPECT_FALSE(fields.count(f)) << f;
 }
 
 // ---- in-process: the session under the server ------------------------------------------------------------------
@@ -838,6 +922,359 @@ TEST(ServeCli, LoadOfMixedRequestsFrom8Clients) {
   EXPECT_GE(big_ok.load(), 1);
   EXPECT_LT(rss_after, rss_before + 64.0) << "memory did not return near its baseline";
   EXPECT_EQ(post(c, "/sdapi/v1/txt2img", a1111_txt2img(1), &st)["images"].size(), 1u);  // still up
+  EXPECT_EQ(s.stop(), 0);
+}
+// ---- dmx's own endpoints (/dmx/v1) -------------------------------------------------------------------------------
+namespace {
+std::string b64_png(const Image& img) {
+  const auto png = encode_png(img);
+  return serve::base64_encode(std::string(png.begin(), png.end()));
+}
+Image square_mask(int size, int from, int to) {
+  Image mask{size, size, 1, std::vector<uint8_t>(static_cast<size_t>(size) * size, 0)};
+  for (int y = from; y < to; ++y)
+    for (int x = from; x < to; ++x) mask.data[static_cast<size_t>(y) * size + x] = 255;
+  return mask;
+}
+// A served picture written to dir/name, for the loaders and read_image_parameters.
+std::string save_served(const std::string& dir, const std::string& name, const json& b64) {
+  const std::string png = serve::base64_decode(b64.get<std::string>(), name);
+  EXPECT_TRUE(is_png(png)) << name;
+  return write_bytes(dir, name, png);
+}
+}  // namespace
+
+TEST(ServeCli, DmxGenerateBlendedEditIsDmxGenerates) {
+  ServerProcess s({});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  const json t = post(c, "/sdapi/v1/txt2img", a1111_txt2img(11), &st);
+  ASSERT_EQ(st, 200) << t.dump();
+  const std::string dir = temp_subdir("serve-dmx-blend");
+  const std::string init = save_served(dir, "init.png", t["images"][0]);
+  const std::string mask = dir + "/mask.png";
+  save_png(mask, square_mask(32, 8, 24));
+  // Every background option of blended editing: the picture `dmx generate` makes with the same flags.
+  for (const std::string bg : {"latent", "pixel", "poisson"}) {
+    const json req = {{"prompt", "smiling face with sunglasses"},
+                      {"init_image", t["images"][0]},
+                      {"mask", "data:image/png;base64," + b64_png(load_image(mask, "mask"))},
+                      {"background", bg},
+                      {"blend_start", 0.25},
+                      {"strength", 0.75},
+                      {"steps", 4},
+                      {"guidance_scale", 3},
+                      {"scheduler", "ddim"},
+                      {"seed", 5},
+                      {"a_future_field", 1}};
+    const json r = post(c, "/dmx/v1/generate", req, &st);
+    ASSERT_EQ(st, 200) << bg << ": " << r.dump();
+    ASSERT_EQ(r["images"].size(), 1u);
+    const json info = json::parse(r["info"].get<std::string>());
+    EXPECT_EQ(info["seed"], 5);
+    EXPECT_EQ(info["ignored_fields"], json::array({"a_future_field"}));
+    EXPECT_EQ(info["interrupted"], false);
+    const std::string served = save_served(dir, "served-" + bg + ".png", r["images"][0]);
+    const std::string cli_png = dir + "/cli-" + bg + ".png";
+    const CliRun g = dmx_run({"generate",
+                              "--model",
+                              emoji_model(),
+                              "--prompt",
+                              "smiling face with sunglasses",
+                              "--init-image",
+                              init,
+                              "--mask",
+                              mask,
+                              "--background",
+                              bg,
+                              "--blend-start",
+                              "0.25",
+                              "--strength",
+                              "0.75",
+                              "--steps",
+                              "4",
+                              "--guidance-scale",
+                              "3",
+                              "--scheduler",
+                              "ddim",
+                              "--seed",
+                              "5",
+                              "--threads",
+                              "1",
+                              "--quiet",
+                              "--output",
+                              cli_png});
+    ASSERT_EQ(g.code, 0) << g.output;
+    EXPECT_EQ(load_image(served, "a").data, load_image(cli_png, "b").data) << "background " << bg;
+    EXPECT_EQ(read_image_parameters(served), read_image_parameters(cli_png)) << bg;
+    EXPECT_EQ(info["parameters"], read_image_parameters(cli_png)) << bg;
+  }
+  // Refusals name the field, with the command line's rule.
+  json bad = {{"prompt", "x"}, {"steps", 2}, {"background", "sepia"}};
+  json r = post(c, "/dmx/v1/generate", bad, &st);
+  EXPECT_EQ(st, 400) << r.dump();
+  EXPECT_EQ(r["field"], "background") << r.dump();
+  bad = {{"prompt", "x"}, {"steps", 5000}};
+  r = post(c, "/dmx/v1/generate", bad, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(r["field"], "steps") << r.dump();
+  EXPECT_EQ(r["value"], 5000) << r.dump();
+  for (const char* file_field : {"output", "save_latents", "init_latents", "lora_dir", "from"}) {
+    r = post(c, "/dmx/v1/generate", {{"prompt", "x"}, {file_field, "/etc/passwd"}}, &st);
+    EXPECT_EQ(st, 400) << file_field;
+    EXPECT_EQ(r["field"], file_field) << r.dump();
+  }
+  r = post(c, "/dmx/v1/generate", {{"prompt", "x"}, {"model", "../emoji"}}, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(r["field"], "model") << r.dump();
+  r = post(c, "/dmx/v1/generate", {{"prompt", "x"}, {"init_image", "not base64 !"}}, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(r["field"], "init_image") << r.dump();
+  r = post(c, "/dmx/v1/generate", {{"prompt", "x"}, {"steps", 2}, {"controlnet", {"nope"}}, {"control_image", {"x"}}},
+           &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(r["field"], "controlnet") << r.dump();
+  r = post(c, "/dmx/v1/generate", {{"prompt", "x"}, {"steps", "two"}}, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(r["field"], "steps") << r.dump();
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, DmxDiffEditAndPromptToPromptAreTheCommands) {
+  ServerProcess s({});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  const json t = post(c, "/sdapi/v1/txt2img", a1111_txt2img(21), &st);
+  ASSERT_EQ(st, 200) << t.dump();
+  const std::string dir = temp_subdir("serve-dmx-edit");
+  const std::string picture = save_served(dir, "picture.png", t["images"][0]);
+  // DiffEdit: the edited picture and its mask, as `dmx diffedit` writes them.
+  const json d = post(c, "/dmx/v1/diffedit",
+                      {{"image", t["images"][0]},
+                       {"source_prompt", "grinning face"},
+                       {"target_prompt", "smiling face with sunglasses"},
+                       {"steps", 4},
+                       {"num_maps", 2},
+                       {"seed", 9}},
+                      &st);
+  ASSERT_EQ(st, 200) << d.dump();
+  ASSERT_TRUE(d.contains("mask")) << d.dump();
+  const CliRun g = dmx_run({"diffedit",
+                            "--model",
+                            emoji_model(),
+                            "--image",
+                            picture,
+                            "--source-prompt",
+                            "grinning face",
+                            "--target-prompt",
+                            "smiling face with sunglasses",
+                            "--steps",
+                            "4",
+                            "--num-maps",
+                            "2",
+                            "--seed",
+                            "9",
+                            "--threads",
+                            "1",
+                            "--quiet",
+                            "--output",
+                            dir + "/cli-edit.png",
+                            "--mask-output",
+                            dir + "/cli-mask.png"});
+  ASSERT_EQ(g.code, 0) << g.output;
+  EXPECT_EQ(load_image(save_served(dir, "edit.png", d["images"][0]), "a").data,
+            load_image(dir + "/cli-edit.png", "b").data);
+  EXPECT_EQ(load_image(save_served(dir, "mask.png", d["mask"]), "a").data, load_image(dir + "/cli-mask.png", "b").data);
+  // Prompt-to-Prompt reweighting: the source, the edit and the attention maps of `dmx p2p`.
+  const json p = post(c, "/dmx/v1/p2p",
+                      {{"prompt", "grinning face"},
+                       {"edit_prompt", "grinning face"},
+                       {"mode", "reweight"},
+                       {"reweight", {"grinning=2"}},
+                       {"steps", 3},
+                       {"width", 32},
+                       {"height", 32},
+                       {"seed", 4}},
+                      &st);
+  ASSERT_EQ(st, 200) << p.dump();
+  ASSERT_EQ(p["images"].size(), 2u);
+  ASSERT_TRUE(p.contains("attention_maps")) << p.dump();
+  const CliRun q = dmx_run({"p2p",
+                            "--model",
+                            emoji_model(),
+                            "--prompt",
+                            "grinning face",
+                            "--edit-prompt",
+                            "grinning face",
+                            "--mode",
+                            "reweight",
+                            "--reweight",
+                            "grinning=2",
+                            "--steps",
+                            "3",
+                            "--width",
+                            "32",
+                            "--height",
+                            "32",
+                            "--seed",
+                            "4",
+                            "--threads",
+                            "1",
+                            "--quiet",
+                            "--output",
+                            dir + "/p2p.png",
+                            "--save-attention-maps",
+                            dir + "/maps.png"});
+  ASSERT_EQ(q.code, 0) << q.output;
+  EXPECT_EQ(load_image(save_served(dir, "source.png", p["images"][0]), "a").data,
+            load_image(dir + "/p2p-source.png", "b").data);
+  EXPECT_EQ(load_image(save_served(dir, "edit2.png", p["images"][1]), "a").data,
+            load_image(dir + "/p2p-edit.png", "b").data);
+  EXPECT_EQ(load_image(save_served(dir, "maps2.png", p["attention_maps"]), "a").data,
+            load_image(dir + "/maps.png", "b").data);
+  // A real picture through null-text inversion: the reconstruction is measured.
+  const json n = post(c, "/dmx/v1/p2p",
+                      {{"prompt", "grinning face"},
+                       {"edit_prompt", "grinning cat"},
+                       {"image", t["images"][0]},
+                       {"null_text_inversion", true},
+                       {"null_text_inner_steps", 2},
+                       {"steps", 3},
+                       {"seed", 4}},
+                      &st);
+  ASSERT_EQ(st, 200) << n.dump();
+  EXPECT_EQ(n["images"].size(), 2u);
+  EXPECT_GT(json::parse(n["info"].get<std::string>())["reconstruction_psnr"].get<double>(), 5.0);
+  // A rule of the command: null-text inversion needs a picture.
+  const json bad = post(c, "/dmx/v1/p2p", {{"prompt", "a"}, {"edit_prompt", "b"}, {"null_text_inversion", true}}, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(bad["field"], "null_text_inversion") << bad.dump();
+  const json missing = post(c, "/dmx/v1/diffedit", {{"source_prompt", "a"}, {"target_prompt", "b"}}, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(missing["field"], "image") << missing.dump();
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, DmxProgressPhasesAndInterrupt) {
+  ServerProcess s({});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  int status = 0;
+  json body;
+  std::thread job([&] {
+    auto c = client(s.port());
+    body = post(c, "/dmx/v1/p2p",
+                {{"prompt", "grinning face"}, {"edit_prompt", "grinning cat"}, {"steps", 400}, {"seed", 1}}, &status);
+  });
+  auto c = client(s.port());
+  const json p = wait_running(c);
+  EXPECT_GT(p["progress"].get<double>(), 0.0) << p.dump();
+  EXPECT_EQ(p["state"]["job"], "dmx/p2p") << p.dump();
+  EXPECT_NE(p["textinfo"].get<std::string>().find("/400"), std::string::npos) << p.dump();
+  int st = 0;
+  post(c, "/sdapi/v1/interrupt", json::object(), &st);
+  EXPECT_EQ(st, 200);
+  job.join();
+  ASSERT_EQ(status, 200) << body.dump();
+  EXPECT_EQ(json::parse(body["info"].get<std::string>())["interrupted"], true);
+  EXPECT_TRUE(body["images"].empty());
+  // The server carries on.
+  EXPECT_EQ(post(c, "/sdapi/v1/txt2img", a1111_txt2img(1), &st)["images"].size(), 1u);
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeCli, DmxModelsListsAndCannyPreview) {
+  ServerProcess s({});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  const json m = get(c, "/dmx/v1/models", &st);
+  ASSERT_EQ(st, 200) << m.dump();
+  EXPECT_EQ(m["current"], "emoji");
+  bool emoji = false;
+  for (const auto& x : m["models"]) emoji |= x["name"] == "emoji" && x["kind"] == "sd";
+  EXPECT_TRUE(emoji) << m.dump();
+  EXPECT_EQ(m["controlnets"], json::array({{{"name", "emoji-controlnet-canny"}}})) << m.dump();
+  EXPECT_EQ(m["adapters"], json::array({{{"name", "emoji-adapter-canny"}}})) << m.dump();
+  EXPECT_EQ(get(c, "/controlnet/model_list", &st)["model_list"], json::array({"emoji-controlnet-canny"}));
+  // The Canny preview is the map a ControlNet run uses.
+  const json t = post(c, "/sdapi/v1/txt2img", a1111_txt2img(3), &st);
+  ASSERT_EQ(st, 200);
+  const std::string dir = temp_subdir("serve-dmx-canny");
+  const std::string picture = save_served(dir, "picture.png", t["images"][0]);
+  const json e = post(c, "/dmx/v1/canny", {{"image", t["images"][0]}, {"canny_low", 50}, {"canny_high", 120}}, &st);
+  ASSERT_EQ(st, 200) << e.dump();
+  const Image served = load_image(save_served(dir, "edges.png", e["image"]), "edges");
+  EXPECT_EQ(served.data, canny_edges(to_rgb(load_image(picture, "p")), 50, 120).data);
+  const json bad = post(c, "/dmx/v1/canny", {{"image", t["images"][0]}, {"canny_low", -3}}, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(bad["field"], "canny_low") << bad.dump();
+  const json no_pic = post(c, "/dmx/v1/canny", {{"image", serve::base64_encode("plain text")}}, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(no_pic["field"], "image") << no_pic.dump();
+  // The OpenAPI document describes every endpoint, with the fields of its command.
+  const json api = get(c, "/openapi.json", &st);
+  for (const char* path : {"/dmx/v1/generate", "/dmx/v1/diffedit", "/dmx/v1/p2p", "/dmx/v1/upscale",
+                           "/dmx/v1/variations", "/dmx/v1/canny", "/dmx/v1/models"})
+    EXPECT_TRUE(api["paths"].contains(path)) << path;
+  const json props =
+      api["paths"]["/dmx/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"];
+  for (const char* f : {"background", "blend_start", "mask", "region", "layout", "controlnet"})
+    EXPECT_TRUE(props.contains(f)) << f;
+  EXPECT_FALSE(props.contains("output"));
+  EXPECT_FALSE(props.contains("save_latents"));
+  EXPECT_EQ(s.stop(), 0);
+}
+
+TEST(ServeGolden, DmxUpscaleAndVariationsOnTheFixtureModels) {
+  DMX_REQUIRE_FIXTURES();
+  // A models folder with the emoji model, the tiny x4 upscaler and the tiny Stable unCLIP img2img pair.
+  const std::string models = temp_subdir("serve-dmx-models");
+  fs::create_directory_symlink(emoji_model(), models + "/emoji");
+  fs::create_directory_symlink(fixtures_dir() + "/models/upscale_x4", models + "/upscaler");
+  fs::create_directory_symlink(fixtures_dir() + "/models/unclip_img2img", models + "/variations");
+  ServerProcess s({"--models", models});
+  ASSERT_GT(s.port(), 0) << s.startup();
+  auto c = client(s.port());
+  int st = 0;
+  const json m = get(c, "/dmx/v1/models", &st);
+  std::map<std::string, std::string> kinds;
+  for (const auto& x : m["models"]) kinds[x["name"]] = x["kind"];
+  EXPECT_EQ(kinds["upscaler"], "upscaler") << m.dump();
+  EXPECT_EQ(kinds["variations"], "unclip-img2img") << m.dump();
+  // The upscaler is not a txt2img model.
+  for (const auto& x : get(c, "/sdapi/v1/sd-models", &st)) EXPECT_EQ(x["model_name"], "emoji");
+  const std::string dir = temp_subdir("serve-dmx-up");
+  const std::string low = fixtures_dir() + "/ref/upscale_x4/upscale_ddim_nl20.low.png";
+  std::ifstream lf(low, std::ios::binary);
+  const std::string low_bytes((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());
+  const json u = post(
+      c, "/dmx/v1/upscale",
+      {{"image", serve::base64_encode(low_bytes)}, {"prompt", "a cat"}, {"steps", 3}, {"noise_level", 30}, {"seed", 2}},
+      &st);
+  ASSERT_EQ(st, 200) << u.dump();
+  const CliRun g =
+      dmx_run({"upscale", "--model", models + "/upscaler", "--image", low, "--prompt", "a cat", "--steps", "3",
+               "--noise-level", "30", "--seed", "2", "--threads", "1", "--quiet", "--output", dir + "/cli-up.png"});
+  ASSERT_EQ(g.code, 0) << g.output;
+  EXPECT_EQ(load_image(save_served(dir, "up.png", u["images"][0]), "a").data,
+            load_image(dir + "/cli-up.png", "b").data);
+  const json v = post(c, "/dmx/v1/variations",
+                      {{"image", serve::base64_encode(low_bytes)}, {"steps", 2}, {"num_images", 2}, {"seed", 8}}, &st);
+  ASSERT_EQ(st, 200) << v.dump();
+  ASSERT_EQ(v["images"].size(), 2u);
+  const CliRun w =
+      dmx_run({"variations", "--model", models + "/variations", "--image", low, "--steps", "2", "--num-images", "2",
+               "--seed", "8", "--threads", "1", "--quiet", "--output", dir + "/cli-var.png"});
+  ASSERT_EQ(w.code, 0) << w.output;
+  EXPECT_EQ(load_image(save_served(dir, "var1.png", v["images"][1]), "a").data,
+            load_image(dir + "/cli-var-1.png", "b").data);
+  // A model of another kind is refused, naming the field.
+  const json bad = post(c, "/dmx/v1/upscale",
+                        {{"model", "emoji"}, {"image", serve::base64_encode(low_bytes)}, {"prompt", "x"}}, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(bad["field"], "model") << bad.dump();
   EXPECT_EQ(s.stop(), 0);
 }
 }  // namespace dmx::test

@@ -16,5 +16,6 @@ struct ServeOptions {
   int max_queue = 16;                   // generations waiting behind the running one; more: 503 at once
   int64_t max_body_bytes = 32ll << 20;  // request bodies (base64 pictures included); larger: 413
   bool quiet = false;                   // no log line per job on stderr
+  std::string web_dir;                  // serve the page's files from here (web/) instead of the embedded copy
 };
 }  // namespace dmx

@@ -20,6 +20,27 @@ class Cancelled : public Error {
   using Error::Error;
 };
 
+// Every long loop of the library (denoising steps, inversions, null-text optimisation, decoder fine-tuning, the
+// prior) reports each step to the observer installed on the calling thread, whether or not its progress bar is
+// drawn (while one is installed, none is). A server shows it as progress; a callback that throws (Cancelled)
+// stops the run at that step, outputs unwritten. One per thread at a time; installing another replaces it until
+// the newer one is gone.
+class StepObserver {
+ public:
+  using Callback = std::function<void(const std::string& phase, int done, int total)>;
+  explicit StepObserver(Callback cb);
+  ~StepObserver();
+  StepObserver(const StepObserver&) = delete;
+  StepObserver& operator=(const StepObserver&) = delete;
+  static bool active();  // one is installed on this thread
+  // Called by the library's loops: phase "steps", "invert", "null-text", ...; done in [0, total].
+  static void report(const std::string& phase, int done, int total);
+
+ private:
+  Callback cb_;
+  StepObserver* previous_;
+};
+
 struct SessionHooks {
   // After each denoising step: `done` steps of `total` (total is the run's, img2img's strength included). May
   // throw Cancelled to stop the run.
@@ -81,4 +102,17 @@ std::vector<ModelEntry> list_models(const std::string& dir);
 std::vector<ModelEntry> list_loras(const std::string& dir);
 // ControlNet folders (config.json with _class_name ControlNetModel) directly inside `dir`.
 std::vector<ModelEntry> list_controlnets(const std::string& dir);
+// T2I-Adapter folders (config.json with _class_name T2IAdapter or MultiAdapter) directly inside `dir`.
+std::vector<ModelEntry> list_adapters(const std::string& dir);
+// The diffusers pipeline folders of `dir` that are not plain Stable Diffusion (list_models): "upscaler"
+// (StableDiffusionUpscalePipeline, for dmx upscale) and "unclip" (Stable unCLIP; "unclip-img2img" makes variations).
+struct PipelineEntry {
+  std::string name, path, kind;  // kind: "upscaler" | "unclip" | "unclip-img2img"
+};
+std::vector<PipelineEntry> list_pipelines(const std::string& dir);
+
+// The control map a ControlNet or T2I-Adapter run would use for this picture (what `dmx generate
+// --save-control-image` writes), as PNG bytes: preprocess "canny" (cv2.Canny thresholds low/high, the
+// generate flags' ranges) or "none" (the picture as RGB). InvalidArgument naming the option otherwise.
+std::string control_map_png(const std::string& image_path, const std::string& preprocess, double low, double high);
 }  // namespace dmx

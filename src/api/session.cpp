@@ -15,6 +15,7 @@
 #include "api/model_hash.h"
 #include "api/options_util.h"
 #include "api/unclip.h"
+#include "core/canny.h"
 #include "core/image.h"
 #include "core/log.h"
 #include "loaders/lora_formats.h"
@@ -111,6 +112,26 @@ SessionResult Session::generate(const GenerateOptions& o, const SessionHooks& ho
   return std::move(sink.result);
 }
 
+namespace {
+thread_local StepObserver* g_observer = nullptr;
+}
+
+StepObserver::StepObserver(Callback cb) : cb_(std::move(cb)), previous_(g_observer) { g_observer = this; }
+StepObserver::~StepObserver() { g_observer = previous_; }
+bool StepObserver::active() { return g_observer != nullptr; }
+void StepObserver::report(const std::string& phase, int done, int total) {
+  if (g_observer && g_observer->cb_) g_observer->cb_(phase, done, total);
+}
+
+std::string control_map_png(const std::string& image_path, const std::string& preprocess, double low, double high) {
+  DMX_CHECK_ARG(preprocess == "canny" || preprocess == "none", "--control-preprocess must be canny or none, got '",
+                preprocess, "'");
+  Image rgb = to_rgb(load_image(image_path, "--control-image"));
+  if (preprocess == "canny") rgb = canny_edges(rgb, low, high);
+  const std::vector<uint8_t> png = encode_png(rgb);
+  return std::string(png.begin(), png.end());
+}
+
 std::vector<SamplerInfo> samplers() {
   std::vector<SamplerInfo> out;
   for (const auto& n : schedulers::sampler_names()) out.push_back({n, schedulers::sampler_label(n)});
@@ -147,6 +168,12 @@ std::vector<std::string> safetensors_names(const fs::path& p) {
     if (it.key() != "__metadata__") names.push_back(it.key());
   return names;
 }
+// The "_class_name" of a parsed config ("" when it has none or it is not a string).
+std::string class_name(const nlohmann::json& j) {
+  if (!j.is_object()) return "";
+  const auto it = j.find("_class_name");
+  return it != j.end() && it->is_string() ? it->get<std::string>() : "";
+}
 }  // namespace
 
 std::vector<ModelEntry> list_models(const std::string& dir) {
@@ -157,7 +184,8 @@ std::vector<ModelEntry> list_models(const std::string& dir) {
     std::ifstream f(p / "model_index.json");
     const auto j = nlohmann::json::parse(f, nullptr, false);
     if (!j.is_object() || !j.contains("unet") || !j.contains("vae")) continue;  // a Stable Diffusion folder
-    if (!api::unclip_pipeline_class(p.string()).empty()) continue;              // Stable unCLIP: not served yet
+    if (!api::unclip_pipeline_class(p.string()).empty()) continue;              // Stable unCLIP: list_pipelines
+    if (class_name(j) == "StableDiffusionUpscalePipeline") continue;            // an upscaler: list_pipelines
     out.push_back({p.filename().string(), p.string()});
   }
   return out;
@@ -170,8 +198,37 @@ std::vector<ModelEntry> list_controlnets(const std::string& dir) {
     if (!fs::is_directory(p, ec) || !fs::is_regular_file(p / "config.json", ec)) continue;
     std::ifstream f(p / "config.json");
     const auto j = nlohmann::json::parse(f, nullptr, false);
-    if (j.is_object() && j.value("_class_name", "") == "ControlNetModel")
-      out.push_back({p.filename().string(), p.string()});
+    if (class_name(j) == "ControlNetModel") out.push_back({p.filename().string(), p.string()});
+  }
+  return out;
+}
+
+std::vector<ModelEntry> list_adapters(const std::string& dir) {
+  std::vector<ModelEntry> out;
+  for (const auto& p : sorted_entries(dir)) {
+    std::error_code ec;
+    if (!fs::is_directory(p, ec) || !fs::is_regular_file(p / "config.json", ec)) continue;
+    std::ifstream f(p / "config.json");
+    const auto j = nlohmann::json::parse(f, nullptr, false);
+    const std::string cls = class_name(j);
+    if (cls == "T2IAdapter" || cls == "MultiAdapter") out.push_back({p.filename().string(), p.string()});
+  }
+  return out;
+}
+
+std::vector<PipelineEntry> list_pipelines(const std::string& dir) {
+  std::vector<PipelineEntry> out;
+  for (const auto& p : sorted_entries(dir)) {
+    std::error_code ec;
+    if (!fs::is_directory(p, ec) || !fs::is_regular_file(p / "model_index.json", ec)) continue;
+    std::ifstream f(p / "model_index.json");
+    const auto j = nlohmann::json::parse(f, nullptr, false);
+    const std::string cls = class_name(j);
+    const std::string kind = cls == "StableDiffusionUpscalePipeline" ? "upscaler"
+                             : cls == "StableUnCLIPPipeline"         ? "unclip"
+                             : cls == "StableUnCLIPImg2ImgPipeline"  ? "unclip-img2img"
+                                                                     : "";
+    if (!kind.empty()) out.push_back({p.filename().string(), p.string(), kind});
   }
   return out;
 }

@@ -5,13 +5,16 @@
 #include <cstdio>
 
 #include "core/log.h"
+#include "dmx/session.h"
 
 namespace dmx {
 
-ProgressBar::ProgressBar(std::string label, int total)
+ProgressBar::ProgressBar(std::string label, int total, bool visible)
     : label_(std::move(label)), total_(total), start_(std::chrono::steady_clock::now()) {
-  enabled_ = total_ > 0 && isatty(STDERR_FILENO) && log_level() != LogLevel::kQuiet;
+  enabled_ =
+      visible && total_ > 0 && isatty(STDERR_FILENO) && log_level() != LogLevel::kQuiet && !StepObserver::active();
   if (enabled_) draw(false);
+  if (total_ > 0) StepObserver::report(label_, 0, total_);
 }
 
 ProgressBar::~ProgressBar() {
@@ -21,6 +24,7 @@ ProgressBar::~ProgressBar() {
 void ProgressBar::tick(int n) {
   done_ += n;
   if (enabled_) draw(false);
+  if (total_ > 0) StepObserver::report(label_, done_, total_);
 }
 
 void ProgressBar::finish() {

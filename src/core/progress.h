@@ -1,5 +1,7 @@
-// A progress bar on stderr with rate and ETA. Silent when stderr is not a terminal or when
-// logging is quiet, so logs and pipes stay clean.
+// A progress bar on stderr with rate and ETA. Silent when not visible, when stderr is not a terminal or when
+// logging is quiet, so logs and pipes stay clean. Every bar also reports to the step observer of its thread
+// (include/dmx/session.h: dmx::StepObserver, what `dmx serve` shows as progress and how it interrupts a job),
+// whether it is drawn or not; an observer that throws stops the loop that ticked.
 #pragma once
 #include <chrono>
 #include <string>
@@ -7,7 +9,8 @@
 namespace dmx {
 class ProgressBar {
  public:
-  ProgressBar(std::string label, int total);
+  // total: the loop's length (0 = unknown: nothing is drawn or reported); visible: draw it on stderr.
+  ProgressBar(std::string label, int total, bool visible = true);
   ~ProgressBar();
   void tick(int n = 1);
   void finish();

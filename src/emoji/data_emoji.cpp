@@ -221,7 +221,7 @@ EmojiDataReport build_emoji_dataset(const EmojiDataOptions& in) {
     int total = 0;
     for (const auto& s : o.styles)
       for (const auto& c : concepts) total += c.has.at(s) ? 1 : 0;
-    ProgressBar bar("emoji", o.progress ? total : 0);
+    ProgressBar bar("emoji", total, o.progress);
     for (const auto& style : o.styles) {
       const std::string img_dir = join_path(join_path(join_path(package_dir(o.source, style), "img"), style), "64");
       DMX_CHECK_ARG(is_directory(img_dir), "--source: missing image folder '", img_dir,

@@ -189,7 +189,7 @@ SceneDataReport build_scene_dataset(const SceneDataOptions& in) {
   write_directory_atomic(o.out, "the scene data folder", [&](const std::string& tmp) {
     for (const char* sub : {"images", "instances", "categories", "edges", "layouts"})
       std::filesystem::create_directories(join_path(tmp, sub));
-    ProgressBar bar("scenes", o.progress ? o.count : 0);
+    ProgressBar bar("scenes", o.count, o.progress);
     std::string jsonl;
     for (int i = 0; i < o.count; ++i) {
       // 3. One canvas: its own generator, so canvas i does not depend on --count.

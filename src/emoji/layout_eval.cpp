@@ -258,7 +258,7 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
   if (!o.out_dir.empty()) std::filesystem::create_directories(join_path(o.out_dir, set_name));
   LayoutEvalResult r;
   r.method = o.method;
-  ProgressBar bar("layouts", o.progress ? static_cast<int>(canvases.size()) : 0);
+  ProgressBar bar("layouts", static_cast<int>(canvases.size()), o.progress);
   std::vector<at::Tensor> pictures, reals, crops;
   std::vector<int64_t> labels;
   double gen_seconds = 0;

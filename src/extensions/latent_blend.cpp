@@ -190,7 +190,7 @@ at::Tensor optimize_latents(models::AutoencoderKL& vae, const at::Tensor& latent
   // The scaled latent is the variable, as in the BLD code (Adam's step size is in its units).
   at::Tensor z = latents.detach().to(dev, at::kFloat).clone().set_requires_grad(true);
   torch::optim::Adam opt({z}, torch::optim::AdamOptions(o.latents_lr));
-  ProgressBar bar("optimize latents", o.show_progress ? o.steps : 0);
+  ProgressBar bar("optimize latents", o.steps, o.show_progress);
   for (int i = 0; i < o.steps; ++i) {
     opt.zero_grad();
     at::Tensor loss = reconstruction_loss(vae->decode(z / sf), fg, bg, m, o.background_weight);
@@ -242,7 +242,7 @@ at::Tensor finetune_decoder(models::AutoencoderKL& vae, const at::Tensor& latent
   const at::Tensor m = mask.to(at::kFloat).unsqueeze(0).unsqueeze(0).to(dev);  // [1, 1, H, W]
   const at::Tensor z = latents.detach().to(dev, at::kFloat) / sf;              // [1, 4, h, w] unscaled
   torch::optim::Adam opt(trainable, torch::optim::AdamOptions(o.decoder_lr));
-  ProgressBar bar("fine-tune decoder", o.show_progress ? o.steps : 0);
+  ProgressBar bar("fine-tune decoder", o.steps, o.show_progress);
   for (int i = 0; i < o.steps; ++i) {
     opt.zero_grad();
     at::Tensor loss = reconstruction_loss(vae->decode(z), fg, bg, m, o.background_weight);

@@ -54,7 +54,7 @@ DDIMInversionOutput ddim_invert(const loaders::StableDiffusionModels& m, const D
   // 3. Noising loop: z_{t} -> z_{t+Δ} with ε_θ(z_t, t).
   DDIMInversionOutput out;
   at::Tensor latents = p.latents.to(at::kFloat).to(at::kCPU);
-  ProgressBar bar("invert", p.show_progress ? count : 0);
+  ProgressBar bar("invert", count, p.show_progress);
   for (int i = 0; i < count; ++i) {
     const double t = ts[static_cast<size_t>(i)];
     const at::Tensor noise_pred = guided_noise_prediction(m, *sched, latents, i, embeds, p.guidance_scale);

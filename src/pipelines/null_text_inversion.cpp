@@ -115,7 +115,7 @@ NullTextInversionOutput null_text_invert(loaders::StableDiffusionModels& m, cons
   FrozenParameters frozen_unet(*m.unet);
   at::Tensor latent_cur = out.ddim_latents.back();
   at::Tensor uncond_cur = uncond;
-  ProgressBar bar("null-text", p.show_progress ? N * p.num_inner_steps : 0);
+  ProgressBar bar("null-text", N * p.num_inner_steps, p.show_progress);
   for (int i = 0; i < N; ++i) {
     const double t = out.timesteps[static_cast<size_t>(i)];
     const at::Tensor& target = out.ddim_latents[static_cast<size_t>(N - 1 - i)];

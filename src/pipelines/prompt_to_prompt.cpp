@@ -156,7 +156,7 @@ PromptToPromptOutput PromptToPromptPipeline::run(const PromptToPromptParams& p_i
   schedulers::StepArgs args;
   args.eta = p.eta;
   args.generator = p.generator;
-  ProgressBar bar("steps", p.show_progress ? num_steps : 0);
+  ProgressBar bar("steps", num_steps, p.show_progress);
   for (int i = 0; i < num_steps; ++i) {
     const double t = ts[i];
     // Null-text inversion: this step's unconditional embedding.

@@ -125,7 +125,7 @@ at::Tensor StableDiffusionPipeline::decode_latents(const at::Tensor& latents, bo
   check_finite_output(*m_, latents, "the denoised latents");
   const double sf = m_->vae->config().scaling_factor;
   std::vector<at::Tensor> out;
-  ProgressBar bar("decode", show_progress && latents.size(0) > 1 ? static_cast<int>(latents.size(0)) : 0);
+  ProgressBar bar("decode", latents.size(0) > 1 ? static_cast<int>(latents.size(0)) : 0, show_progress);
   // Decoded one image at a time: the VAE decoder dominates peak memory at large sizes.
   for (int64_t i = 0; i < latents.size(0); ++i) {
     at::Tensor z = (latents.narrow(0, i, 1) / sf).to(m_->device, m_->dtype);
@@ -147,7 +147,7 @@ at::Tensor StableDiffusionPipeline::denoise(schedulers::Scheduler& sched, at::Te
   schedulers::StepArgs args;
   args.eta = p.eta;
   args.generator = p.generator;
-  ProgressBar bar("steps", p.show_progress ? end - start : 0);
+  ProgressBar bar("steps", end - start, p.show_progress);
   for (int i = start; i < end; ++i) {
     const size_t k = static_cast<size_t>(i - start);  // steps this run has made
     const at::Tensor noise_pred = guided_noise_prediction(*m_, sched, latents, i, embeds, p.guidance_scale, residuals);

@@ -101,7 +101,7 @@ at::Tensor StableUnCLIPPipeline::prior(const StableUnCLIPParams& p, std::vector<
   prior.latents = p.prior_latents;
   prior.generator = p.generator;
   prior.step_noises = p.prior_step_noises;
-  ProgressBar bar("prior", p.show_progress ? p.prior_num_inference_steps : 0);
+  ProgressBar bar("prior", p.prior_num_inference_steps, p.show_progress);
   prior.on_step_end = [&](int i, double t, const at::Tensor&, const at::Tensor& latents) {
     if (timesteps) timesteps->push_back(t);
     if (p.on_prior_step_end) p.on_prior_step_end(i, t, latents);

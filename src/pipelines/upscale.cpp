@@ -181,7 +181,7 @@ at::Tensor UpscalePipeline::decode_latents(const at::Tensor& latents, const VaeT
   const auto& sd = *m_->sd;
   check_finite_output(sd, latents, "the denoised latents");
   std::vector<at::Tensor> out;
-  ProgressBar bar("decode", show_progress && latents.size(0) > 1 ? static_cast<int>(latents.size(0)) : 0);
+  ProgressBar bar("decode", latents.size(0) > 1 ? static_cast<int>(latents.size(0)) : 0, show_progress);
   for (int64_t i = 0; i < latents.size(0); ++i) {
     const at::Tensor x = decode_raw(latents.narrow(0, i, 1) / m_->vae_scaling_factor, tiling);
     check_finite_output(sd, x, "the decoded image");  // before the clamp, which would hide an Inf

@@ -13,13 +13,16 @@
 #include <cstdlib>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
 #include "dmx/session.h"
 #include "serve/a1111.h"
+#include "serve/dmx_api.h"
 #include "serve/web_assets.h"
 
 namespace dmx::serve {
@@ -59,8 +62,9 @@ struct JobFiles {
 };
 
 struct Job {
-  enum class Kind { kGenerate, kLoad } kind = Kind::kGenerate;
+  enum class Kind { kGenerate, kLoad, kDmx } kind = Kind::kGenerate;
   GenerationRequest request;
+  DmxRequest dmx;                      // kDmx
   const ServedModel* model = nullptr;  // kLoad
   std::unique_ptr<JobFiles> files;
   std::atomic<bool> cancel{false};
@@ -85,10 +89,10 @@ void send_json(httplib::Response& res, int status, const json& body) {
 
 // One route: what the OpenAPI document says about it, and its handler.
 struct Route {
-  const char* method;
-  const char* path;
-  const char* summary;
-  const char* request;  // "" | "txt2img" | "img2img" | "options"
+  std::string method;
+  std::string path;
+  std::string summary;
+  std::string request;  // "" | "txt2img" | "img2img" | "options" | "canny" | "dmx:<endpoint>"
   std::function<void(const httplib::Request&, httplib::Response&)> handler;
 };
 
@@ -106,12 +110,16 @@ class Server {
   std::shared_ptr<Job> submit(std::shared_ptr<Job> job, httplib::Response& res);
   void wait(Job& job, httplib::Response& res);
   void generation(const httplib::Request& req, httplib::Response& res, bool img2img);
+  void dmx_job(const DmxEndpoint& e, const httplib::Request& req, httplib::Response& res);
+  void run_dmx_job(Job& job);
+  void serve_asset(const std::string& name, httplib::Response& res) const;
   json progress_json(bool want_image);
 
   ServeOptions o_;
   std::string models_dir_, temp_root_;
   std::vector<ServedModel> models_;
-  Session session_;  // the worker's
+  ServedLists lists_;  // models_ and the other models of --models, for /dmx/v1
+  Session session_;    // the worker's
   std::vector<Route> routes_;
   httplib::Server http_;
   std::thread worker_;
@@ -124,7 +132,7 @@ class Server {
   bool stopping_ = false;
   int job_no_ = 0, job_count_ = 0, step_ = 0, steps_ = 0;
   Clock::time_point job_start_;
-  std::string job_stamp_, preview_b64_;
+  std::string job_stamp_, preview_b64_, job_kind_, phase_;
   std::atomic<bool> want_preview_{false};
 };
 
@@ -190,6 +198,107 @@ void Server::generation(const httplib::Request& req, httplib::Response& res, boo
   wait(*job, res);
 }
 
+void Server::dmx_job(const DmxEndpoint& e, const httplib::Request& req, httplib::Response& res) {
+  json body;
+  try {
+    body = json::parse(req.body);
+  } catch (const json::exception& ex) {
+    send_json(res, 400,
+              {{"error", "InvalidArgument"},
+               {"field", ""},
+               {"rule", "the body must be JSON"},
+               {"detail", std::string("malformed JSON: ") + ex.what()}});
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->kind = Job::Kind::kDmx;
+  try {
+    job->files = std::make_unique<JobFiles>(temp_root_);
+    std::string current;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (current_) current = current_->name;
+    }
+    job->dmx = parse_dmx_request(e, body, lists_, current, job->files->uploads, o_.max_body_bytes, o_.threads);
+  } catch (const RequestError& ex) {
+    send_json(res, ex.status, ex.body());
+    return;
+  } catch (const InvalidArgument& ex) {
+    send_json(res, 400, error_body("InvalidArgument", ex.what()));
+    return;
+  }
+  if (!submit(job, res)) return;
+  wait(*job, res);
+}
+
+// A /dmx/v1 job: progress from the library's step observer (every phase: mask, inversion, steps, ...) and from the
+// session's hooks (generate), interrupted at the next step.
+void Server::run_dmx_job(Job& job) {
+  const DmxRequest& r = job.dmx;
+  const DmxEndpoint& e = *r.endpoint;
+  SessionHooks hooks;
+  hooks.on_step = [&](int done, int total) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      step_ = done;
+      steps_ = total;
+      phase_ = "steps";
+    }
+    if (job.cancel) throw Cancelled("interrupted");
+  };
+  hooks.want_preview = [&] { return want_preview_.exchange(false); };
+  hooks.on_preview = [&](const std::string& png) {
+    const std::string b64 = base64_encode(png);
+    std::lock_guard<std::mutex> lk(mu_);
+    preview_b64_ = b64;
+  };
+  StepObserver observer([&](const std::string& phase, int done, int total) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      step_ = done;
+      steps_ = total;
+      phase_ = phase;
+    }
+    if (job.cancel) throw Cancelled("interrupted");
+  });
+  const auto t0 = Clock::now();
+  const std::string out_dir = job.files->uploads.dir;
+  try {
+    json body = run_dmx_request(r, session_, out_dir, hooks);
+    if (!o_.quiet)
+      std::fprintf(stderr, "dmx serve: /dmx/v1/%s on %s in %.2f s\n", e.name, r.model_name.c_str(),
+                   std::chrono::duration<double>(Clock::now() - t0).count());
+    if (r.model_kind == "sd" && e.command == cli::kGenerate) {
+      std::lock_guard<std::mutex> lk(mu_);
+      for (const auto& m : models_)
+        if (m.path == session_.loaded_model()) current_ = &m;
+    }
+    job.finish(200, body);
+  } catch (const Cancelled&) {
+    json info = {{"endpoint", std::string("/dmx/v1/") + e.name},
+                 {"model", r.model_name},
+                 {"ignored_fields", r.ignored_fields},
+                 {"interrupted", true}};
+    job.finish(200, {{"images", json::array()}, {"parameters", r.parameters}, {"info", info.dump()}});
+  } catch (const RequestError& ex) {
+    job.finish(ex.status, ex.body());
+  } catch (const InvalidArgument& ex) {
+    json b = error_body("InvalidArgument", ex.what());
+    b["field"] = dmx_field_of_message(e, ex.what());
+    job.finish(400, b);
+  } catch (const FormatError& ex) {
+    json b = error_body("FormatError", ex.what());
+    b["field"] = dmx_field_of_message(e, ex.what());
+    job.finish(400, b);
+  } catch (const Unsupported& ex) {
+    json b = error_body("Unsupported", ex.what());
+    b["field"] = dmx_field_of_message(e, ex.what());
+    job.finish(400, b);
+  } catch (const std::exception& ex) {
+    job.finish(500, error_body("Error", ex.what()));
+  }
+}
+
 json Server::progress_json(bool want_image) {
   std::lock_guard<std::mutex> lk(mu_);
   double progress = 0.0, eta = 0.0;
@@ -201,22 +310,27 @@ json Server::progress_json(bool want_image) {
   if (want_image && running_) want_preview_ = true;
   json state = {{"skipped", false},
                 {"interrupted", running_ ? running_->cancel.load() : false},
-                {"job", running_ ? "txt2img" : ""},
+                {"job", running_ ? job_kind_ : ""},
                 {"job_count", running_ ? job_count_ : 0},
                 {"job_timestamp", job_stamp_},
                 {"job_no", running_ ? job_no_ : 0},
                 {"sampling_step", running_ ? step_ : 0},
                 {"sampling_steps", running_ ? steps_ : 0},
                 {"queue_size", static_cast<int>(queue_.size())}};
-  return {
-      {"progress", progress},
-      {"eta_relative", eta},
-      {"state", state},
-      {"current_image", want_image && running_ && !preview_b64_.empty() ? json(preview_b64_) : json(nullptr)},
-      {"textinfo", running_ ? json("step " + std::to_string(step_) + "/" + std::to_string(steps_)) : json(nullptr)}};
+  return {{"progress", progress},
+          {"eta_relative", eta},
+          {"state", state},
+          {"current_image", want_image && running_ && !preview_b64_.empty() ? json(preview_b64_) : json(nullptr)},
+          {"textinfo", running_ ? json((phase_.empty() || phase_ == "steps" ? std::string("step") : phase_) + " " +
+                                       std::to_string(step_) + "/" + std::to_string(steps_))
+                                : json(nullptr)}};
 }
 
 void Server::run_job(Job& job) {
+  if (job.kind == Job::Kind::kDmx) {
+    run_dmx_job(job);
+    return;
+  }
   if (job.kind == Job::Kind::kLoad) {
     try {
       GenerateOptions g;
@@ -311,8 +425,13 @@ void Server::worker() {
       running_ = job;
       job_no_ = 0;
       job_count_ = job->kind == Job::Kind::kGenerate ? static_cast<int>(job->request.runs.size()) : 1;
+      job_kind_ = job->kind == Job::Kind::kDmx    ? std::string("dmx/") + job->dmx.endpoint->name
+                  : job->kind == Job::Kind::kLoad ? std::string("load")
+                  : job->request.runs.empty() || job->request.runs[0].init_image.empty() ? std::string("txt2img")
+                                                                                         : std::string("img2img");
+      phase_.clear();
       step_ = 0;
-      steps_ = 0;
+      steps_ = job->kind == Job::Kind::kDmx ? job->dmx.steps : 0;
       job_start_ = Clock::now();
       preview_b64_.clear();
       char stamp[32];
@@ -365,6 +484,34 @@ json Server::openapi() const {
       schema = schema_of(txt2img_fields(), kind == "img2img" ? img2img_only_fields() : std::vector<FieldDoc>{});
       op["responses"]["413"] = {{"description", "body larger than the limit"}};
       op["responses"]["503"] = {{"description", "the queue is full"}};
+    } else if (kind.rfind("dmx:", 0) == 0) {
+      for (const auto& e : dmx_endpoints()) {
+        if (kind != std::string("dmx:") + e.name) continue;
+        json props = json::object();
+        for (const auto& f : dmx_fields(e)) {
+          const std::string k = f.kind;
+          json p = {{"description", f.help}};
+          if (k == "flag")
+            p["type"] = "boolean";
+          else if (k == "values" || k == "pictures" || k == "controlnets" || k == "adapters")
+            p["type"] = "array";
+          else
+            p["type"] = "string";
+          if (k == "value") p["description"] = f.help + " (a string or a number)";
+          if (k == "picture" || k == "pictures") p["description"] = f.help + " (base64 PNG/JPEG)";
+          props[f.field] = p;
+        }
+        schema = {{"type", "object"}, {"properties", props}};
+      }
+      op["responses"]["413"] = {{"description", "body larger than the limit"}};
+      op["responses"]["503"] = {{"description", "the queue is full"}};
+    } else if (kind == "canny") {
+      json props = json::object();
+      props["image"] = {{"type", "string"}, {"description", "the picture, base64 PNG/JPEG"}};
+      props["control_preprocess"] = {{"type", "string"}, {"description", "canny (default) or none"}};
+      props["canny_low"] = {{"type", "number"}, {"description", "Canny low threshold (default 100)"}};
+      props["canny_high"] = {{"type", "number"}, {"description", "Canny high threshold (default 200)"}};
+      schema = {{"type", "object"}, {"properties", props}};
     } else if (kind == "options") {
       json props = json::object();
       props["sd_model_checkpoint"] = {{"type", "string"}, {"description", "a model of /sdapi/v1/sd-models to load"}};
@@ -476,29 +623,126 @@ void Server::add_routes() {
            out.push_back({{"name", l.name}, {"alias", l.name}, {"path", l.path}, {"metadata", json::object()}});
          send_json(s, 200, out);
        }},
+      {"GET", "/controlnet/model_list", "the ControlNet folders of --models (sd-webui-controlnet's API)", "",
+       [this](const httplib::Request&, httplib::Response& s) {
+         json out = json::array();
+         for (const auto& c : lists_.controlnets) out.push_back(c.name);
+         send_json(s, 200, {{"model_list", out}});
+       }},
+      {"GET", "/controlnet/module_list", "the preprocessors dmx has (sd-webui-controlnet's API)", "",
+       [](const httplib::Request&, httplib::Response& s) {
+         send_json(s, 200, {{"module_list", json::array({"none", "canny"})}});
+       }},
+      {"GET", "/dmx/v1/models", "every model of --models by kind, the ControlNets, T2I-Adapters and LoRAs", "",
+       [this](const httplib::Request&, httplib::Response& s) {
+         json models = json::array(), cn = json::array(), ad = json::array(), lo = json::array();
+         for (const auto& m : lists_.models) models.push_back({{"name", m.name}, {"title", m.title}, {"kind", "sd"}});
+         for (const auto& p : lists_.pipelines)
+           models.push_back({{"name", p.name}, {"title", p.name}, {"kind", p.kind}});
+         for (const auto& c : lists_.controlnets) cn.push_back({{"name", c.name}});
+         for (const auto& a : lists_.adapters) ad.push_back({{"name", a.name}});
+         for (const auto& l : list_loras(models_dir_)) lo.push_back({{"name", l.name}});
+         json eps = json::array();
+         for (const auto& e : dmx_endpoints())
+           eps.push_back(
+               {{"path", std::string("/dmx/v1/") + e.name}, {"summary", e.summary}, {"model_kinds", e.model_kinds}});
+         std::lock_guard<std::mutex> lk(mu_);
+         send_json(s, 200,
+                   {{"models", models},
+                    {"controlnets", cn},
+                    {"adapters", ad},
+                    {"loras", lo},
+                    {"current", current_ ? current_->name : ""},
+                    {"endpoints", eps}});
+       }},
+      {"POST", "/dmx/v1/canny",
+       "the control map a ControlNet run would use (Canny edges, or the picture itself with none): a preview", "canny",
+       [this](const httplib::Request& q, httplib::Response& s) {
+         json body;
+         try {
+           body = json::parse(q.body);
+         } catch (const json::exception& e) {
+           send_json(
+               s, 400,
+               {{"error", "InvalidArgument"}, {"field", ""}, {"detail", std::string("malformed JSON: ") + e.what()}});
+           return;
+         }
+         try {
+           if (!body.is_object()) throw RequestError(400, "", "the body must be a JSON object", body.type_name());
+           const auto img = body.find("image");
+           if (img == body.end() || !img->is_string())
+             throw RequestError(400, "image", "is required (a base64 picture)", nullptr);
+           auto num = [&](const char* name, double def) {
+             const auto it = body.find(name);
+             if (it == body.end() || it->is_null()) return def;
+             if (!it->is_number()) throw RequestError(400, name, "must be a number", *it);
+             return it->get<double>();
+           };
+           const double low = num("canny_low", 100.0), high = num("canny_high", 200.0);
+           std::string mode = "canny";
+           if (const auto it = body.find("control_preprocess"); it != body.end() && !it->is_null()) {
+             if (!it->is_string()) throw RequestError(400, "control_preprocess", "must be canny or none", *it);
+             mode = it->get<std::string>();
+           }
+           JobFiles files(temp_root_);
+           const std::string path = files.uploads.save(img->get<std::string>(), "image", o_.max_body_bytes);
+           const std::string png = control_map_png(path, mode, low, high);
+           send_json(s, 200, {{"image", base64_encode(png)}});
+         } catch (const RequestError& e) {
+           send_json(s, e.status, e.body());
+         } catch (const InvalidArgument& e) {
+           const std::string msg = e.what();
+           std::string field = msg.find("--canny-low") == 0            ? "canny_low"
+                               : msg.find("--canny-high") == 0         ? "canny_high"
+                               : msg.find("--control-preprocess") == 0 ? "control_preprocess"
+                                                                       : "image";
+           json b = error_body("InvalidArgument", msg);
+           b["field"] = field;
+           send_json(s, 400, b);
+         } catch (const FormatError& e) {
+           json b = error_body("FormatError", e.what());
+           b["field"] = "image";
+           send_json(s, 400, b);
+         }
+       }},
       {"GET", "/openapi.json", "this document", "",
        [this](const httplib::Request&, httplib::Response& s) { send_json(s, 200, openapi()); }},
       {"GET", "/", "the web page", "",
-       [](const httplib::Request&, httplib::Response& s) {
-         const WebAsset* a = find_web_asset("index.html");
-         s.set_content(std::string(a->data, a->size), a->mime);
-       }},
+       [this](const httplib::Request&, httplib::Response& s) { serve_asset("index.html", s); }},
       {"GET", "/web/(.+)", "the page's scripts and styles", "",
-       [](const httplib::Request& q, httplib::Response& s) {
-         const WebAsset* a = find_web_asset(q.matches[1].str());
-         if (!a) {
-           send_json(s, 404, {{"error", "NotFound"}, {"detail", "no such file"}});
-           return;
-         }
-         s.set_content(std::string(a->data, a->size), a->mime);
-       }},
+       [this](const httplib::Request& q, httplib::Response& s) { serve_asset(q.matches[1].str(), s); }},
   };
+  for (const auto& e : dmx_endpoints()) {
+    const DmxEndpoint* ep = &e;
+    routes_.push_back({"POST", std::string("/dmx/v1/") + e.name, e.summary, std::string("dmx:") + e.name,
+                       [this, ep](const httplib::Request& q, httplib::Response& s) { dmx_job(*ep, q, s); }});
+  }
   for (const auto& r : routes_) {
-    if (std::string(r.method) == "GET")
+    if (r.method == "GET")
       http_.Get(r.path, r.handler);
     else
       http_.Post(r.path, r.handler);
   }
+}
+
+// The page's files: from --web DIR when given (page development), else the copy embedded in the binary. Names are
+// the embedded list's only, so no request reaches another file of DIR or anything outside it.
+void Server::serve_asset(const std::string& name, httplib::Response& s) const {
+  const WebAsset* a = find_web_asset(name);
+  if (!a) {
+    send_json(s, 404, {{"error", "NotFound"}, {"detail", "no such file"}});
+    return;
+  }
+  if (!o_.web_dir.empty()) {
+    std::ifstream f(o_.web_dir + "/" + a->name, std::ios::binary);
+    if (f) {
+      std::ostringstream b;
+      b << f.rdbuf();
+      s.set_content(b.str(), a->mime);
+      return;
+    }
+  }
+  s.set_content(std::string(a->data, a->size), a->mime);
 }
 
 int Server::run() {
@@ -522,6 +766,13 @@ int Server::run() {
   }
   DMX_CHECK_ARG(!models_.empty(), "--models ", models_dir_,
                 " holds no Stable Diffusion model folder (a folder with model_index.json)");
+  DMX_CHECK_ARG(o_.web_dir.empty() || std::filesystem::is_regular_file(o_.web_dir + "/index.html"), "--web ",
+                o_.web_dir, " must be a folder holding index.html (the page's files, web/ in the repository)");
+  lists_.models = models_;
+  lists_.pipelines = list_pipelines(models_dir_);
+  lists_.controlnets = list_controlnets(models_dir_);
+  lists_.adapters = list_adapters(models_dir_);
+  lists_.models_dir = models_dir_;
   DMX_CHECK_ARG(is_loopback(o_.host) || !o_.token.empty(), "--host ", o_.host,
                 " is not a loopback address: --token is required to listen on it (every request then needs "
                 "'Authorization: Bearer <token>')");
