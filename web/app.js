@@ -65,7 +65,7 @@ async function loadLists() {
   const ofKind = (k) => dmx.models.filter((m) => m.kind === k).map((m) => m.name);
   fillSelect($("cn-model"), dmx.controlnets.map((c) => c.name), "(no ControlNet in the models folder)");
   fillSelect($("up-model"), ofKind("upscaler"), "(no upscaler in the models folder)");
-  fillSelect($("var-model"), ofKind("unclip"), "(no unCLIP model in the models folder)");
+  fillSelect($("var-model"), ofKind("unclip-img2img"), "(no unCLIP img2img model in the models folder)");
 }
 
 $("model").addEventListener("change", async () => {
@@ -138,11 +138,13 @@ async function runJob(label, call) {
   }
 }
 
-// Puts a response's pictures into the gallery and says how it went.
-function showResult(label, r) {
+// Puts a response's pictures into the gallery (names: a caption line per picture) and says how it went. The caption
+// is A1111's infotext of the picture (/sdapi) or the job's parameters text (/dmx/v1).
+function showResult(label, r, names) {
   const info = typeof r.info === "string" ? JSON.parse(r.info) : r.info || {};  // A1111's info is a JSON string
   (r.images || []).forEach((b64, i) => {
-    const text = (info.infotexts && info.infotexts[i]) || label;
+    const params = (info.infotexts && info.infotexts[i]) || (typeof info.parameters === "string" && info.parameters);
+    const text = (names ? names[i] + "\n" : "") + (params || label);
     const seed = info.all_seeds ? info.all_seeds[i] : info.seeds ? info.seeds[i] : info.seed;
     addToGallery(b64, text, seed);
   });
@@ -362,7 +364,7 @@ $("cn-preview").addEventListener("click", () => runJob("Canny", async () => {
 }));
 
 // ---- Prompt-to-Prompt ------------------------------------------------------------------------------------------------
-// Each word of the edit prompt gets a slider; the words not at 1 are sent as reweight "WORD=SCALE".
+// Each word of the edit prompt gets a slider; in mode reweight the words not at 1 are sent as reweight "WORD=SCALE".
 
 const weights = new Map();
 function buildWords() {
@@ -388,8 +390,9 @@ readFile($("p2p-file"), (url) => (p2pImage = url));
 
 $("run-p2p").addEventListener("click", () => runJob("Prompt-to-Prompt", async () => {
   const p = dmxParams();
-  const reweight = [...$("p2p-words").querySelectorAll("input")].filter((s) => Number(s.value) !== 1)
-                                                               .map((s) => s.dataset.word + "=" + s.value);
+  const reweight = $("p2p-mode").value !== "reweight" ? undefined
+                 : [...$("p2p-words").querySelectorAll("input")].filter((s) => Number(s.value) !== 1)
+                                                                .map((s) => s.dataset.word + "=" + s.value);
   const body = { prompt: $("p2p-prompt").value, edit_prompt: $("p2p-edit").value, mode: $("p2p-mode").value,
                  reweight, cross_replace_steps: numberField("p2p-cross"), self_replace_steps: numberField("p2p-self"),
                  steps: p.steps, guidance_scale: p.guidance_scale, seed: p.seed, width: p.width, height: p.height };
@@ -401,7 +404,7 @@ $("run-p2p").addEventListener("click", () => runJob("Prompt-to-Prompt", async ()
   $("p2p-source").src = toDataUrl(r.images[0]);
   $("p2p-result").src = toDataUrl(r.images[1]);
   if (r.attention_maps) $("p2p-maps").src = toDataUrl(r.attention_maps);
-  showResult("Prompt-to-Prompt", r);
+  showResult("Prompt-to-Prompt", r, ["Prompt-to-Prompt source", "Prompt-to-Prompt edit"]);
 }));
 
 // ---- upscale and variations --------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ async function compare(page, a, b) {
 const newestPicture = (page) => page.getAttribute("#gallery figure:first-child img", "src");
 
 async function main(browser, url) {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  const page = await browser.newPage({ viewport: { width: 1440, height: 900 } });
   const pageErrors = [];
   page.on("pageerror", (e) => pageErrors.push(e.message));
   page.on("console", (m) => { if (m.type() === "error") log("page console:", m.text()); });
@@ -285,8 +285,9 @@ async function dmxPanels(page, endpoints, maskShare) {
   if (has("/dmx/v1/p2p")) {
     await page.click("#p2p-panel summary");
     await page.fill("#p2p-prompt", "a smiling face with sunglasses");
-    await page.fill("#p2p-edit", "a smiling face with a hat");
-    await page.locator("#p2p-words input[data-word=hat]").fill("2");
+    await page.fill("#p2p-edit", "a smiling face with sunglasses");
+    await page.selectOption("#p2p-mode", "reweight");
+    await page.locator("#p2p-words input[data-word=sunglasses]").fill("2");  // sent as reweight sunglasses=2
     const r = await runJob(page, "#run-p2p", "Prompt-to-Prompt", 60000);
     const widths = await page.evaluate(() => ["p2p-source", "p2p-result", "p2p-maps"].map(
         (id) => document.getElementById(id).naturalWidth));
