@@ -281,6 +281,11 @@ async function dmxPanels(page, endpoints, maskShare) {
     const r = await runJob(page, "#cn-preview", "Canny");
     const w = await page.evaluate(() => document.getElementById("cn-map").naturalWidth);
     check(!r.error && w > 0, `Preview Canny shows the map (${w} px wide, "${r.text}")`);
+    // Generate with it: an A1111 ControlNet unit with the model of /dmx/v1/models' list.
+    await page.check("#cn-enabled");
+    const g = await runJob(page, "#generate", "txt2img");
+    await page.uncheck("#cn-enabled");
+    check(!g.error && g.added === 1 && !/ignored/.test(g.text), `Generate with the ControlNet unit adds a picture ("${g.text}")`);
   }
   if (has("/dmx/v1/p2p")) {
     await page.click("#p2p-panel summary");
