@@ -148,7 +148,7 @@ function showResult(label, r, names) {
     const seed = info.all_seeds ? info.all_seeds[i] : info.seeds ? info.seeds[i] : info.seed;
     addToGallery(b64, text, seed);
   });
-  const ignored = info.ignored_fields && info.ignored_fields.length ? " (ignored: " + info.ignored_fields.join(", ") + ")" : "";
+  const ignored = (info.ignored_fields || []).length ? " (ignored: " + info.ignored_fields.join(", ") + ")" : "";
   status(label + ": " + (info.interrupted ? "interrupted" : "done") + ignored);
   $("progress").value = 1;
 }
@@ -357,13 +357,14 @@ $("run-diffedit").addEventListener("click", () => runJob("DiffEdit", async () =>
 
 readFile($("cn-file"), (url) => ($("cn-image").src = url));
 $("cn-preview").addEventListener("click", () => runJob("Canny", async () => {
-  const r = await api("POST", "/dmx/v1/canny", { image: toBase64(pictureOf($("cn-image"), "control picture")),
-                                                 canny_low: numberField("canny_low"), canny_high: numberField("canny_high") });
+  const body = { image: toBase64(pictureOf($("cn-image"), "control picture")), canny_low: numberField("canny_low"),
+                 canny_high: numberField("canny_high") };
+  const r = await api("POST", "/dmx/v1/canny", body);
   $("cn-map").src = toDataUrl(r.image);
   status("Canny: done");
 }));
 
-// ---- Prompt-to-Prompt ------------------------------------------------------------------------------------------------
+// ---- Prompt-to-Prompt -----------------------------------------------------------------------------------------
 // Each word of the edit prompt gets a slider; in mode reweight the words not at 1 are sent as reweight "WORD=SCALE".
 
 const weights = new Map();
@@ -412,8 +413,9 @@ $("run-p2p").addEventListener("click", () => runJob("Prompt-to-Prompt", async ()
 readFile($("up-file"), (url) => ($("up-image").src = url));
 $("run-upscale").addEventListener("click", () => runJob("upscale", async () => {
   const p = dmxParams();
-  const body = { model: $("up-model").value, image: toBase64(pictureOf($("up-image"), "picture to upscale")), prompt: p.prompt,
-                 negative_prompt: p.negative_prompt, steps: p.steps, guidance_scale: p.guidance_scale, seed: p.seed };
+  const body = { model: $("up-model").value, image: toBase64(pictureOf($("up-image"), "picture to upscale")),
+                 prompt: p.prompt, negative_prompt: p.negative_prompt, steps: p.steps,
+                 guidance_scale: p.guidance_scale, seed: p.seed };
   showResult("upscale", await api("POST", "/dmx/v1/upscale", body));
 }));
 

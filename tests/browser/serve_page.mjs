@@ -22,7 +22,8 @@ if (!dmx || !models || !outDir) {
 }
 const chromiumPath = process.env.DMX_CHROMIUM || "/usr/bin/chromium";
 if (!fs.existsSync(chromiumPath)) {
-  console.log(`SKIP: no chromium at ${chromiumPath} (scripts/setup.sh installs Debian's chromium; DMX_CHROMIUM names another)`);
+  console.log(`SKIP: no chromium at ${chromiumPath} (scripts/setup.sh installs Debian's chromium; ` +
+              "DMX_CHROMIUM names another)");
   process.exit(SKIP);
 }
 let chromium;
@@ -33,7 +34,7 @@ try {
   process.exit(SKIP);
 }
 
-// ---- the server: started here, stopped whatever happens --------------------------------------------------------------
+// ---- the server: started here, stopped whatever happens -----------------------------------------------------
 
 let server = null;
 let serverLog = "";
@@ -159,7 +160,8 @@ async function main(browser, url) {
   await page.goto(url);
   await page.waitForFunction(() => document.getElementById("model").options.length > 0, null, { timeout: 10000 });
   check(pageErrors.length === 0, "the page loads without script errors " + pageErrors.join("; "));
-  const dmxEndpoints = await page.evaluate(async () => Object.keys((await (await fetch("/openapi.json")).json()).paths));
+  const dmxEndpoints = await page.evaluate(async () => Object.keys((await (await fetch("/openapi.json")).json())
+                                                                       .paths));
   const hasGenerate = dmxEndpoints.includes("/dmx/v1/generate");
 
   // A refused value is shown, with the server's detail naming the field.
@@ -267,7 +269,8 @@ async function main(browser, url) {
 
 // The panels on dmx's own endpoints, each checked where the server has its endpoint.
 async function dmxPanels(page, endpoints, maskShare) {
-  const has = (p) => endpoints.includes(p) || (log("note: this server has no " + p + ": its panel is not checked"), false);
+  const has = (p) => endpoints.includes(p) ||
+                     (log("note: this server has no " + p + ": its panel is not checked"), false);
   if (has("/dmx/v1/diffedit")) {
     await page.click("#mask-clear");
     await page.fill("#diffedit-source", "a smiling face with sunglasses");
@@ -285,7 +288,8 @@ async function dmxPanels(page, endpoints, maskShare) {
     await page.check("#cn-enabled");
     const g = await runJob(page, "#generate", "txt2img");
     await page.uncheck("#cn-enabled");
-    check(!g.error && g.added === 1 && !/ignored/.test(g.text), `Generate with the ControlNet unit adds a picture ("${g.text}")`);
+    check(!g.error && g.added === 1 && !/ignored/.test(g.text),
+          `Generate with the ControlNet unit adds a picture ("${g.text}")`);
   }
   if (has("/dmx/v1/p2p")) {
     await page.click("#p2p-panel summary");
