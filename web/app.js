@@ -39,10 +39,12 @@ function fillSelect(select, names, empty) {
 }
 
 async function loadLists() {
+  status("");
   try {
     const [models, samplers, options] = await Promise.all([
       api("GET", "/sdapi/v1/sd-models"), api("GET", "/sdapi/v1/samplers"), api("GET", "/sdapi/v1/options")]);
     $("model").innerHTML = "";
+    $("sampler_name").length = 1;  // keeps "model's own"
     for (const m of models) {
       const o = new Option(m.model_name, m.title);
       o.selected = m.title === options.sd_model_checkpoint;
@@ -427,4 +429,6 @@ $("run-variations").addEventListener("click", () => runJob("variations", async (
   showResult("variations", await api("POST", "/dmx/v1/variations", body));
 }));
 
+// With --token the lists need it: they are read again once it is typed.
+$("token").addEventListener("change", loadLists);
 loadLists();
