@@ -7,7 +7,8 @@ PKGS=(cmake ninja-build g++ ccache pkg-config libtorch-dev libopenblas0-openmp n
       libopencv-photo-dev  # OpenCV photo: seamlessClone (Poisson background, blended latent diffusion)
       libgloo-dev  # Gloo headers + library for data-parallel training (c10d ProcessGroupGloo)
       libcpp-httplib-dev  # cpp-httplib: the HTTP server of dmx serve (docs/serve.md)
-      clang-format-14)  # the formatting check (scripts/check_format.sh, ctest format.check)
+      clang-format-14  # the formatting check (scripts/check_format.sh, ctest format.check)
+      chromium)  # the browser test of dmx serve's page (tests/browser, ctest -L browser)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,6 +26,25 @@ case "$blas" in
   *openblas*) ;;
   *) echo "setup: warning: libblas.so.3 points to ${blas:-nothing}, not OpenBLAS; run: update-alternatives --config libblas.so.3-x86_64-linux-gnu" >&2 ;;
 esac
+
+# The browser test's driver: playwright-core at the version pinned in tests/browser/package-lock.json, installed
+# into tests/browser/node_modules (gitignored) when it is missing or another version. Without it the test is skipped.
+browser_dir="$(cd "$(dirname "$0")/.." && pwd)/tests/browser"
+want=$(sed -n 's/^    "playwright-core": "\(.*\)"$/\1/p' "$browser_dir/package.json")
+have=$(sed -n 's/^  "version": "\(.*\)",$/\1/p' "$browser_dir/node_modules/playwright-core/package.json" 2>/dev/null || true)
+if [ "$have" != "$want" ]; then
+  if ! command -v npm >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    { $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends npm; } ||
+      echo "setup: warning: could not install npm: the browser test will be skipped" >&2
+  fi
+  if command -v npm >/dev/null; then
+    echo "setup: installing playwright-core@$want into tests/browser/node_modules"
+    (cd "$browser_dir" && npm ci --silent --no-audit --no-fund) ||
+      echo "setup: warning: npm ci failed in tests/browser: the browser test will be skipped" >&2
+  fi
+fi
 
 # --emoji: the emoji image sets for `dmx data emoji` (npm packages emoji-datasource-google, Apache-2.0, and
 # emoji-datasource-twitter, CC-BY 4.0), unpacked into a cache folder that is never committed.
