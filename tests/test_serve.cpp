@@ -292,18 +292,18 @@ TEST(ServeUnit, DmxRequestsAreTheCommandsOptions) {
   };
   const auto r = parse(*generate, {{"prompt", "x"},
                                    {"steps", 3},
-                                   {"background", "poisson"},
+                                   {"scheduler", "ddim"},
                                    {"guess_mode", true},
                                    {"controlnet", {"emoji-controlnet-canny"}},
-                                   {"blend_start", 0.5},
+                                   {"eta", 0.5},
                                    {"zzz", 1}});
   const auto has = [&](const std::vector<std::string>& args, const std::string& a, const std::string& v) {
     for (size_t i = 0; i + 1 < args.size(); ++i)
       if (args[i] == a && args[i + 1] == v) return true;
     return false;
   };
-  EXPECT_TRUE(has(r.args, "--background", "poisson"));
-  EXPECT_TRUE(has(r.args, "--blend-start", "0.5"));
+  EXPECT_TRUE(has(r.args, "--scheduler", "ddim"));
+  EXPECT_TRUE(has(r.args, "--eta", "0.5"));
   EXPECT_TRUE(has(r.args, "--model", emoji_model()));
   EXPECT_TRUE(has(r.args, "--controlnet", models_dir() + "/emoji-controlnet-canny"));
   EXPECT_NE(std::find(r.args.begin(), r.args.end(), "--guess-mode"), r.args.end());
@@ -328,10 +328,12 @@ TEST(ServeUnit, DmxRequestsAreTheCommandsOptions) {
     ADD_FAILURE() << "no refusal of " << body.dump();
     return serve::RequestError(0, "", "", nullptr);
   };
-  auto e = refusal(*generate, {{"prompt", "x"}, {"mask_dilation", 99}});
-  EXPECT_EQ(e.field, "mask_dilation");
-  EXPECT_EQ(e.value, 99);
-  EXPECT_NE(e.rule.find("99"), std::string::npos) << e.rule;
+  auto e = refusal(*generate, {{"prompt", "x"}, {"steps", 5000}});
+  EXPECT_EQ(e.field, "steps");
+  EXPECT_EQ(e.value, 5000);
+  EXPECT_NE(e.rule.find("must be in [1, 1000], got 5000"), std::string::npos) << e.rule;
+  // The rules between options, as the command line has them.
+  EXPECT_EQ(refusal(*generate, {{"prompt", "x"}, {"mask_dilation", 9}}).rule, "needs --mask");
   EXPECT_EQ(refusal(*generate, {{"output", "/tmp/x.png"}}).field, "output");
   EXPECT_EQ(refusal(*generate, {{"save-latents", "/tmp/x"}}).field, "save-latents");
   EXPECT_EQ(refusal(*generate, {{"guess_mode", "yes"}}).rule, "must be a boolean");
@@ -1009,6 +1011,72 @@ TEST(ServeCli, DmxGenerateBlendedEditIsDmxGenerates) {
     EXPECT_EQ(read_image_parameters(served), read_image_parameters(cli_png)) << bg;
     EXPECT_EQ(info["parameters"], read_image_parameters(cli_png)) << bg;
   }
+  // The command line's rules between options hold too: a mask without a strength repaints from noise (strength 1,
+  // diffusers' inpainting default), not from generate's 0.8.
+  const json ns = post(c, "/dmx/v1/generate",
+                       {{"prompt", "pizza"},
+                        {"init_image", t["images"][0]},
+                        {"mask", b64_png(load_image(mask, "m"))},
+                        {"steps", 3},
+                        {"guidance_scale", 3},
+                        {"seed", 2}},
+                       &st);
+  ASSERT_EQ(st, 200) << ns.dump();
+  const CliRun ng = dmx_run({"generate", "--model",      emoji_model(), "--prompt",
+                             "pizza",    "--init-image", init,          "--mask",
+                             mask,       "--steps",      "3",           "--guidance-scale",
+                             "3",        "--seed",       "2",           "--threads",
+                             "1",        "--quiet",      "--output",    dir + "/cli-nostrength.png"});
+  ASSERT_EQ(ng.code, 0) << ng.output;
+  EXPECT_EQ(load_image(save_served(dir, "nostrength.png", ns["images"][0]), "a").data,
+            load_image(dir + "/cli-nostrength.png", "b").data);
+  EXPECT_NE(json::parse(ns["info"].get<std::string>())["parameters"].get<std::string>().find("Denoising strength: 1"),
+            std::string::npos);
+  const json needs = post(c, "/dmx/v1/generate", {{"prompt", "x"}, {"background", "pixel"}}, &st);
+  EXPECT_EQ(st, 400);
+  EXPECT_EQ(needs["field"], "background") << needs.dump();
+  // A regional layout: a map whose colours carry texts, as `dmx generate --layout --region`.
+  Image layout{32, 32, 3, std::vector<uint8_t>(32 * 32 * 3, 0)};
+  for (int y = 0; y < 32; ++y)
+    for (int x = 0; x < 16; ++x) layout.data[(static_cast<size_t>(y) * 32 + x) * 3] = 255;
+  save_png(dir + "/layout.png", layout);
+  const json lr = post(c, "/dmx/v1/generate",
+                       {{"prompt", "two emoji"},
+                        {"layout", b64_png(layout)},
+                        {"region", {"#ff0000=pizza", "#000000=cat face"}},
+                        {"layout_guidance_scale", 2},
+                        {"steps", 3},
+                        {"guidance_scale", 3},
+                        {"seed", 6}},
+                       &st);
+  ASSERT_EQ(st, 200) << lr.dump();
+  const CliRun lg = dmx_run({"generate",
+                             "--model",
+                             emoji_model(),
+                             "--prompt",
+                             "two emoji",
+                             "--layout",
+                             dir + "/layout.png",
+                             "--region",
+                             "#ff0000=pizza",
+                             "--region",
+                             "#000000=cat face",
+                             "--layout-guidance-scale",
+                             "2",
+                             "--steps",
+                             "3",
+                             "--guidance-scale",
+                             "3",
+                             "--seed",
+                             "6",
+                             "--threads",
+                             "1",
+                             "--quiet",
+                             "--output",
+                             dir + "/cli-layout.png"});
+  ASSERT_EQ(lg.code, 0) << lg.output;
+  EXPECT_EQ(load_image(save_served(dir, "layout-served.png", lr["images"][0]), "a").data,
+            load_image(dir + "/cli-layout.png", "b").data);
   // Refusals name the field, with the command line's rule.
   json bad = {{"prompt", "x"}, {"steps", 2}, {"background", "sepia"}};
   json r = post(c, "/dmx/v1/generate", bad, &st);
@@ -1237,6 +1305,7 @@ TEST(ServeGolden, DmxUpscaleAndVariationsOnTheFixtureModels) {
   fs::create_directory_symlink(emoji_model(), models + "/emoji");
   fs::create_directory_symlink(fixtures_dir() + "/models/upscale_x4", models + "/upscaler");
   fs::create_directory_symlink(fixtures_dir() + "/models/unclip_img2img", models + "/variations");
+  fs::create_directory_symlink(fixtures_dir() + "/models/unclip", models + "/unclip");
   ServerProcess s({"--models", models});
   ASSERT_GT(s.port(), 0) << s.startup();
   auto c = client(s.port());
@@ -1246,6 +1315,7 @@ TEST(ServeGolden, DmxUpscaleAndVariationsOnTheFixtureModels) {
   for (const auto& x : m["models"]) kinds[x["name"]] = x["kind"];
   EXPECT_EQ(kinds["upscaler"], "upscaler") << m.dump();
   EXPECT_EQ(kinds["variations"], "unclip-img2img") << m.dump();
+  EXPECT_EQ(kinds["unclip"], "unclip") << m.dump();
   // The upscaler is not a txt2img model.
   for (const auto& x : get(c, "/sdapi/v1/sd-models", &st)) EXPECT_EQ(x["model_name"], "emoji");
   const std::string dir = temp_subdir("serve-dmx-up");
@@ -1273,6 +1343,16 @@ TEST(ServeGolden, DmxUpscaleAndVariationsOnTheFixtureModels) {
   ASSERT_EQ(w.code, 0) << w.output;
   EXPECT_EQ(load_image(save_served(dir, "var1.png", v["images"][1]), "a").data,
             load_image(dir + "/cli-var-1.png", "b").data);
+  // Stable unCLIP text to image (prior, then decoder): `dmx generate` on the unCLIP folder.
+  const json un = post(c, "/dmx/v1/generate",
+                       {{"model", "unclip"}, {"prompt", "a cat"}, {"steps", 2}, {"prior_steps", 2}, {"seed", 3}}, &st);
+  ASSERT_EQ(st, 200) << un.dump();
+  const CliRun ug =
+      dmx_run({"generate", "--model", models + "/unclip", "--prompt", "a cat", "--steps", "2", "--prior-steps", "2",
+               "--seed", "3", "--threads", "1", "--quiet", "--output", dir + "/cli-unclip.png"});
+  ASSERT_EQ(ug.code, 0) << ug.output;
+  EXPECT_EQ(load_image(save_served(dir, "unclip.png", un["images"][0]), "a").data,
+            load_image(dir + "/cli-unclip.png", "b").data);
   // A model of another kind is refused, naming the field.
   const json bad = post(c, "/dmx/v1/upscale",
                         {{"model", "emoji"}, {"image", serve::base64_encode(low_bytes)}, {"prompt", "x"}}, &st);

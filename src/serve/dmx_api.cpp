@@ -10,7 +10,9 @@
 #include <random>
 #include <set>
 #include <sstream>
+#include <type_traits>
 
+#include "cli/command_rules.h"
 #include "dmx/diffedit.h"
 #include "dmx/dmx.h"
 #include "dmx/p2p.h"
@@ -113,8 +115,6 @@ std::vector<cli::Required> required_of(cli::Command c) {
               {"target-prompt", "what it should show"}};
     case cli::kP2P:
       return {{"prompt", "the source prompt"}, {"edit-prompt", "the edited prompt"}};
-    case cli::kUpscale:
-      return {{"image", "the low-resolution picture"}, {"prompt", "what the picture shows"}};
     case cli::kVariations:
       return {{"image", "the picture to vary"}};
     default:
@@ -132,12 +132,20 @@ T parse_into(cli::Command c, const std::vector<std::string>& args) {
   argv_s.insert(argv_s.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& a : argv_s) argv.push_back(a.data());
-  T defaults, o;
+  T defaults;
   auto a = cli::parse_args(c, static_cast<int>(argv.size()), argv.data(), cli::target(c, defaults));
   if (!a) throw InvalidArgument("--help is not a request");
-  cli::check_required(*a, required_of(c));
-  cli::apply_options(*a, cli::target(c, o));
-  return o;
+  // The rules between options, as the command line applies them (no --output here: the server chooses it).
+  if constexpr (std::is_same_v<T, GenerateOptions>) {
+    return cli::generate_options(*a, false);
+  } else if constexpr (std::is_same_v<T, UpscaleOptions>) {
+    return cli::upscale_options(*a, false);
+  } else {
+    T o;
+    cli::check_required(*a, required_of(c));
+    cli::apply_options(*a, cli::target(c, o));
+    return o;
+  }
 }
 
 std::string read_file_bytes(const std::string& path) {
@@ -407,9 +415,9 @@ json run_dmx_request(const DmxRequest& r, Session& session, const std::string& o
     case cli::kGenerate: {
       GenerateOptions o = parse_into<GenerateOptions>(e.command, r.args);
       common_run_settings(o, threads);
-      o.lora_dir = r.models_dir;  // <lora:NAME:W> and <hypernet:NAME:M> tags name files of --models
-      o.hypernetwork_dir = r.models_dir;
       if (r.model_kind == "sd") {
+        o.lora_dir = r.models_dir;  // <lora:NAME:W> and <hypernet:NAME:M> tags name files of --models
+        o.hypernetwork_dir = r.models_dir;
         const SessionResult s = session.generate(o, hooks);
         for (const auto& png : s.pngs) images.push_back(base64_encode(png));
         info["seed"] = s.seed;
