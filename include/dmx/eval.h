@@ -77,6 +77,9 @@ struct EvalOptions {
   // guidance_scale, scheduler, seed, limit, threads, out_dir, progress) are passed on.
   std::string layouts;
   std::string layout_method = "text";
+  // `dmx eval --clip DIR`: measures a CLIP folder (dmx train clip) on the emoji of `data` instead (evaluate_clip);
+  // the fields that apply are data, threads and progress.
+  std::string clip;
   bool progress = true;
 };
 
@@ -117,6 +120,30 @@ struct EvalResult {
 };
 
 EvalResult evaluate(const EvalOptions& o);
+
+// `dmx eval --clip DIR` (docs/evaluation.md "CLIP"): per style of `data`, every real image embedded with the CLIP's
+// image tower (through its feature extractor, as dmx embed does) and every concept's name with its text tower;
+// cosine similarities rank them.
+struct ClipEvalStyle {
+  std::string style;
+  int heldout = 0, train = 0;  // concepts with an image in this style, per split
+  // Zero-shot classification of the held-out images (concepts no training row showed), prompts = the names:
+  // among the held-out names, and among every concept's name (held-out and train).
+  double zero_shot_top1 = 0, zero_shot_top5 = 0;
+  double zero_shot_all_top1 = 0, zero_shot_all_top5 = 0;
+  // Retrieval recall@1 / @5 over the held-out pairs (image -> text is the zero-shot figure among held-out names) and
+  // over the train pairs.
+  double heldout_i2t_r1 = 0, heldout_i2t_r5 = 0, heldout_t2i_r1 = 0, heldout_t2i_r5 = 0;
+  double train_i2t_r1 = 0, train_i2t_r5 = 0, train_t2i_r1 = 0, train_t2i_r5 = 0;
+};
+struct ClipEvalResult {
+  std::vector<ClipEvalStyle> styles;
+  double logit_scale = 0;  // the model's learned log temperature
+  double seconds = 0;
+  std::string to_json() const;
+};
+// InvalidArgument naming --clip / --data when a folder is missing or not what it should be.
+ClipEvalResult evaluate_clip(const EvalOptions& o);
 
 // The built-in prompt list: 300 prompts from the *train* concepts of data's concepts.json (never a
 // held-out concept), picked deterministically (every k-th train concept in concepts.json order, k =

@@ -13,7 +13,7 @@ namespace dmx {
 // model (a diffusers folder for finetune / full DreamBooth, else also a single-file checkpoint), config_dir and
 // tokenizer_dir (for a single-file model): the ModelOptions group of dmx/options.h.
 struct TrainOptions : ModelOptions {
-  std::string recipe;  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork
+  std::string recipe;  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork | clip
   std::string data;    // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
   // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder; hypernetwork: FILE.pt (A1111's
   // torch.save layout) or FILE.safetensors
@@ -105,6 +105,19 @@ struct TrainOptions : ModelOptions {
   bool last_layer_dropout = false;        // with use_dropout: also before the last Linear
   bool activate_output = false;           // the activation after the last Linear too
   std::string hypernetwork_widths;        // comma-separated ("" = every attention width of the UNet)
+
+  // CLIP (recipe clip, docs/training.md "CLIP"): a new CLIP trained contrastively on the image-caption folders of
+  // clip_data (--data, repeatable, concatenated), or one continued from --model (a CLIP folder; then the architecture
+  // fields are not used). --config: a CLIP folder whose architecture (text_encoder/, image_encoder/ config.json) a new
+  // model takes. --tokenizer: the text tower's tokenizer (default: --config's or --model's tokenizer/). Output: a
+  // CLIP folder (text_encoder/, image_encoder/, tokenizer/, feature_extractor/) for dmx embed and dmx eval --clip.
+  std::vector<std::string> clip_data;
+  int clip_image_size = 32;  // the image tower's input side; the pictures are resized to it
+  int clip_patch_size = 4;
+  int clip_width = 128;  // hidden size of both towers (MLP 4x)
+  int clip_layers = 4;
+  int clip_heads = 4;
+  int clip_projection_dim = 128;
 
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;

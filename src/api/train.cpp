@@ -17,12 +17,14 @@
 #include "core/runtime.h"
 #include "core/text.h"
 #include "core/utf8.h"
+#include "io/checkpoint.h"
 #include "loaders/model_bundle.h"
 #include "loaders/t2i_adapter_loader.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
 #include "pipelines/t2i_adapter_provider.h"
 #include "training/adapter_train.h"
+#include "training/clip_train.h"
 #include "training/controlnet_init.h"
 #include "training/controlnet_train.h"
 #include "training/dataset.h"
@@ -113,6 +115,7 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
   api::OutputPlan plan(o.overwrite);
   api::add_model_inputs(plan, o);
   plan.input(o.data, "--data");
+  for (const auto& d : o.clip_data) plan.input(d, "--data");
   plan.input(o.instance_data, "--instance-data");
   plan.input(o.controlnet, "--controlnet");
   plan.input(o.adapter, "--adapter");
@@ -138,6 +141,8 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
     plan.folder(strip_slashes(o.output), "--output", {"palette.json"}, "Palette folder");
   } else if (o.recipe == "adapter") {
     plan.folder(strip_slashes(o.output), "--output", {"config.json"}, "T2I-Adapter folder");
+  } else if (o.recipe == "clip") {
+    plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "CLIP folder");
   } else {
     plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "diffusers folder");
   }
@@ -173,6 +178,7 @@ double default_lr(const TrainOptions& o) {
   if (o.recipe == "dreambooth") return o.lora_rank > 0 ? 5e-4 : 5e-6;
   if (o.recipe == "controlnet") return 5e-6;  // train_controlnet.py's default
   if (o.recipe == "palette") return 1e-4;
+  if (o.recipe == "clip") return 5e-4;
   if (o.recipe == "adapter") return 5e-6;       // train_t2i_adapter_sdxl.py's default
   if (o.recipe == "hypernetwork") return 1e-5;  // A1111's "Hypernetwork Learning rate" default
   return 1e-4;
@@ -309,12 +315,60 @@ tr::LoRATrainOptions lora_options(const TrainOptions& o) {
   return l;
 }
 
+tr::CLIPArchitecture clip_architecture(const TrainOptions& o) {
+  tr::CLIPArchitecture a;
+  a.width = o.clip_width;
+  a.layers = o.clip_layers;
+  a.heads = o.clip_heads;
+  a.patch_size = o.clip_patch_size;
+  a.projection_dim = o.clip_projection_dim;
+  a.image_size = o.clip_image_size;
+  return a;
+}
+
+// dmx train clip: --data folders, where the model comes from (--model, --config, --tokenizer), the architecture.
+void check_clip_options(const TrainOptions& o) {
+  DMX_CHECK_ARG(o.task.empty(), "--task is for dmx train palette only, got it for clip");
+  DMX_CHECK_ARG(!o.clip_data.empty(), "--data must be given (an image-caption folder; repeatable)");
+  DMX_CHECK_ARG(o.clip_data.size() <= 64, "--data may be given at most 64 times, got ", o.clip_data.size());
+  for (const auto& d : o.clip_data) DMX_CHECK_ARG(is_directory(d), "--data: no such folder: ", d);
+  DMX_CHECK_ARG(o.model.empty() || o.config_dir.empty(),
+                "--model (continue a CLIP folder) and --config (the architecture of a new one) exclude each other");
+  DMX_CHECK_ARG(o.model.empty() || is_directory(o.model), "--model: no such CLIP folder: ", o.model);
+  DMX_CHECK_ARG(o.model.empty() || loaders::is_clip_folder(o.model), "--model ", o.model,
+                " is not a CLIP folder (model_index.json with _class_name CLIPModel, as dmx train clip writes)");
+  DMX_CHECK_ARG(o.config_dir.empty() || is_directory(o.config_dir), "--config: no such folder: ", o.config_dir);
+  DMX_CHECK_ARG(!o.model.empty() || !o.config_dir.empty() || !o.tokenizer_dir.empty(),
+                "--tokenizer must be given for a new CLIP (a folder with vocab.json and merges.txt, e.g. "
+                "models/emoji/tokenizer)");
+  DMX_CHECK_ARG(o.tokenizer_dir.empty() || is_directory(o.tokenizer_dir),
+                "--tokenizer: no such folder: ", o.tokenizer_dir);
+  DMX_CHECK_ARG(o.tokenizer_dir.empty() || o.model.empty(),
+                "--tokenizer applies to a new CLIP; --model continues with its own tokenizer/");
+  clip_architecture(o).validate();
+}
+
+// The CLIP a run trains: --model's, or a new one (--config's architecture, else the --width ... options), seeded.
+std::shared_ptr<loaders::CLIPComponents> clip_model(const TrainOptions& o) {
+  if (!o.model.empty()) return loaders::load_clip(o.model);
+  torch::manual_seed(o.seed);  // the new towers' initialisation
+  if (o.config_dir.empty()) return tr::new_clip_model(clip_architecture(o), o.tokenizer_dir);
+  const auto text = models::CLIPTextConfig::from_json(
+      io::load_json_file(join_path(o.config_dir, "text_encoder/config.json"), "--config text_encoder config"));
+  const auto vision = models::CLIPVisionConfig::from_json(
+      io::load_json_file(join_path(o.config_dir, "image_encoder/config.json"), "--config image_encoder config"));
+  return tr::new_clip_model(text, vision,
+                            o.tokenizer_dir.empty() ? join_path(o.config_dir, "tokenizer") : o.tokenizer_dir);
+}
+
 }  // namespace
 
 void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet" ||
-                    o.recipe == "vae" || o.recipe == "adapter" || o.recipe == "palette" || o.recipe == "hypernetwork",
-                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette or hypernetwork, got '",
+                    o.recipe == "vae" || o.recipe == "adapter" || o.recipe == "palette" || o.recipe == "hypernetwork" ||
+                    o.recipe == "clip",
+                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork or clip, "
+                "got '",
                 o.recipe, "'");
   if (o.recipe == "palette") {
     DMX_CHECK_ARG(!o.task.empty(), "--task must be given (colorize, inpaint, uncrop or jpeg)");
@@ -325,6 +379,8 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(o.palette_channels >= 32 && o.palette_channels <= 512 && o.palette_channels % 32 == 0,
                   "--palette-channels must be a multiple of 32 in [32, 512], got ", o.palette_channels);
     DMX_CHECK_ARG(o.model.empty() || is_directory(o.model), "--model: no such Palette folder: ", o.model);
+  } else if (o.recipe == "clip") {
+    check_clip_options(o);
   } else {
     DMX_CHECK_ARG(o.task.empty(), "--task is for dmx train palette only, got it for ", o.recipe);
     DMX_CHECK_ARG(!o.model.empty(), "--model must be given");
@@ -345,7 +401,7 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(o.class_inference_steps > 0, "--class-inference-steps must be > 0, got ", o.class_inference_steps);
     DMX_CHECK_ARG(o.lora_rank >= 0 && o.lora_rank <= tr::kMaxLoRARank, "--lora-rank must be in [0, ", tr::kMaxLoRARank,
                   "] (0 = full fine-tuning), got ", o.lora_rank);
-  } else {
+  } else if (o.recipe != "clip") {
     DMX_CHECK_ARG(!o.data.empty(), "--data must be given (a folder of images with captions)");
     DMX_CHECK_ARG(is_directory(o.data), "--data: no such folder: ", o.data);
   }
@@ -381,7 +437,7 @@ void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
   DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0 && o.resolution <= 4096,
                 "--resolution must be a multiple of 8 in [8, 4096], got ", o.resolution);
-  tr::check_batch_size(o.batch_size, o.resolution);
+  tr::check_batch_size(o.batch_size, o.recipe == "clip" ? o.clip_image_size : o.resolution);
   DMX_CHECK_ARG(o.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be > 0, got ",
                 o.gradient_accumulation_steps);
   DMX_CHECK_ARG(std::isfinite(o.learning_rate) && o.learning_rate >= 0,
@@ -447,6 +503,12 @@ TrainReport train(const TrainOptions& o) {
     }
     models = tr::palette_bundle(pm);
     palette_config = pm.config;
+  } else if (o.recipe == "clip") {
+    DMX_CHECK_SUPPORTED(world == 1,
+                        "dmx train clip runs in one process (its loss takes every row of the batch as a "
+                        "negative), got WORLD_SIZE ",
+                        world);
+    models = tr::clip_bundle(o.model);
   } else {
     models = loaders::load_stable_diffusion(o.model, lo);
   }
@@ -475,7 +537,21 @@ TrainReport train(const TrainOptions& o) {
     skipped_rows += static_cast<int64_t>(ds->skipped().size());
     return ds;
   };
-  if (o.recipe == "controlnet") {
+  if (o.recipe == "clip") {
+    auto clip = clip_model(o);
+    std::vector<std::shared_ptr<tr::ImageCaptionDataset>> folders;
+    for (const auto& d : o.clip_data) {
+      tr::DatasetOptions dop = dataset_options(d, true);
+      dop.resolution = clip->image_encoder->config().image_size;  // the pictures at the image tower's size
+      dop.center_crop = true;
+      dop.random_flip = false;
+      auto ds = std::make_shared<tr::ImageCaptionDataset>(dop);
+      skipped_rows += static_cast<int64_t>(ds->skipped().size());
+      folders.push_back(ds);
+    }
+    source = std::make_shared<tr::ConcatBatchSource>(folders, o.batch_size, o.seed);
+    recipe = std::make_shared<tr::CLIPRecipe>(clip);
+  } else if (o.recipe == "controlnet") {
     auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
     models::ControlNetModel cn{nullptr};

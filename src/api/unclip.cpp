@@ -21,6 +21,7 @@
 #include "core/utf8.h"
 #include "dmx/unclip.h"
 #include "io/safetensors.h"
+#include "loaders/clip.h"
 #include "loaders/model_bundle.h"
 #include "loaders/unclip.h"
 #include "pipelines/generation.h"
@@ -320,16 +321,16 @@ VariationsResult variations(const VariationsOptions& o) {
 EmbedResult embed(const EmbedOptions& o) {
   set_log_level(o.progress ? LogLevel::kInfo : LogLevel::kQuiet);
   DMX_CHECK_ARG(!o.models.empty() && o.models.size() <= 2,
-                "--model must be given once or twice (Stable unCLIP folders), got ", o.models.size());
+                "--model must be given once or twice (Stable unCLIP or CLIP folders), got ", o.models.size());
   DMX_CHECK_ARG(!o.images.empty() || !o.prompts.empty(), "give at least one --image or --prompt");
   DMX_CHECK_ARG(o.images.size() + o.prompts.size() <= 256, "at most 256 --image and --prompt together, got ",
                 o.images.size() + o.prompts.size());
   api::check_device(o.device);
   for (const auto& m : o.models) {
     DMX_CHECK_ARG(path_exists(m), "--model: path not found: ", m);
-    DMX_CHECK_ARG(!api::unclip_pipeline_class(m).empty(), "--model ", m,
+    DMX_CHECK_ARG(loaders::is_clip_folder(m) || !api::unclip_pipeline_class(m).empty(), "--model ", m,
                   " is not a Stable unCLIP folder (model_index.json StableUnCLIPPipeline or "
-                  "StableUnCLIPImg2ImgPipeline)");
+                  "StableUnCLIPImg2ImgPipeline) or a CLIP folder (CLIPModel, as dmx train clip writes)");
   }
   for (const auto& t : o.prompts) check_text(t, "--prompt");
   std::string ext;
@@ -351,17 +352,43 @@ EmbedResult embed(const EmbedOptions& o) {
   configure_threads(o.threads);
   loaders::LoadOptions lo;
   lo.device = o.device;
-  std::shared_ptr<loaders::UnCLIPComponents> vision, text;
+  // The image tower (feature extractor + image encoder) and the text tower (tokenizer + text encoder with
+  // projection): the first --model that has each. A CLIP folder has both.
+  const models::CLIPImageProcessorConfig* feature_extractor = nullptr;
+  models::CLIPVisionModelWithProjection image_encoder{nullptr};
+  const models::CLIPTokenizer* tokenizer = nullptr;
+  models::CLIPTextModel text_encoder{nullptr};
+  std::vector<std::shared_ptr<void>> keep;  // the loaded components the pointers above point into
   for (const auto& m : o.models) {
+    if (loaders::is_clip_folder(m)) {
+      auto c = loaders::load_clip(m, lo);
+      keep.push_back(c);
+      if (!feature_extractor) {
+        feature_extractor = &c->feature_extractor;
+        image_encoder = c->image_encoder;
+      }
+      if (!tokenizer) {
+        tokenizer = c->tokenizer.get();
+        text_encoder = c->text_encoder;
+      }
+      continue;
+    }
     auto c = loaders::load_unclip_components(m, lo);
-    if (c->has_image_encoder() && !vision) vision = c;
-    if (c->has_prior() && !text) text = c;
+    keep.push_back(c);
+    if (c->has_image_encoder() && !feature_extractor) {
+      feature_extractor = &c->feature_extractor;
+      image_encoder = c->image_encoder;
+    }
+    if (c->has_prior() && !tokenizer) {
+      tokenizer = c->prior_tokenizer.get();
+      text_encoder = c->prior_text_encoder;
+    }
   }
-  DMX_CHECK_ARG(o.images.empty() || vision,
-                "--image needs a StableUnCLIPImg2ImgPipeline folder (image_encoder) "
+  DMX_CHECK_ARG(o.images.empty() || feature_extractor,
+                "--image needs a StableUnCLIPImg2ImgPipeline folder (image_encoder) or a CLIP folder "
                 "among --model");
-  DMX_CHECK_ARG(o.prompts.empty() || text,
-                "--prompt needs a StableUnCLIPPipeline folder (prior_text_encoder) "
+  DMX_CHECK_ARG(o.prompts.empty() || tokenizer,
+                "--prompt needs a StableUnCLIPPipeline folder (prior_text_encoder) or a CLIP folder "
                 "among --model");
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> rows;
@@ -370,13 +397,13 @@ EmbedResult embed(const EmbedOptions& o) {
   if (!o.images.empty()) {
     std::vector<at::Tensor> e;
     for (size_t i = 0; i < pictures.size(); ++i)
-      e.push_back(pipelines::clip_image_embeds(vision->feature_extractor, vision->image_encoder, pictures[i],
-                                               "--image " + o.images[i]));
+      e.push_back(
+          pipelines::clip_image_embeds(*feature_extractor, image_encoder, pictures[i], "--image " + o.images[i]));
     image_embeds = at::cat(e, 0).to(at::kFloat).to(at::kCPU);
     for (const auto& i : o.images) r.labels.push_back("image:" + i);
   }
   if (!o.prompts.empty()) {
-    text_embeds = pipelines::encode_prior_prompt(*text->prior_tokenizer, text->prior_text_encoder, o.prompts, false)
+    text_embeds = pipelines::encode_prior_prompt(*tokenizer, text_encoder, o.prompts, false)
                       .text_embeds.to(at::kFloat)
                       .to(at::kCPU);
     for (const auto& t : o.prompts) r.labels.push_back("text:" + t);

@@ -10,7 +10,7 @@ namespace dmx::cli {
 
 int cmd_embed(int argc, char** argv) {
   EmbedOptions o;
-  if (!parse_options(kEmbed, argc, argv, o, {{"model", "a Stable unCLIP folder"}})) return 0;  // --help
+  if (!parse_options(kEmbed, argc, argv, o, {{"model", "a Stable unCLIP or CLIP folder"}})) return 0;  // --help
   const EmbedResult r = embed(o);
   if (o.progress) {
     std::printf("%s", embed_table(r).c_str());

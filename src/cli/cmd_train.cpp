@@ -25,6 +25,8 @@ const char* kTrainUsage =
     "  palette     Palette image-to-image diffusion (--task colorize|inpaint|uncrop|jpeg) in pixel space;\n"
     "              writes a Palette folder for dmx restore\n"
     "  hypernetwork  an AUTOMATIC1111 hypernetwork on the frozen model; writes A1111's .pt or a .safetensors\n"
+    "  clip        a small CLIP (image and text towers, contrastive loss) from scratch; writes a CLIP folder\n"
+    "              for dmx embed and dmx eval --clip\n"
     "  classifier  the emoji classifier of `dmx eval` (docs/evaluation.md)\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
@@ -49,8 +51,8 @@ int cmd_train(int argc, char** argv) {
   const CommandInfo* c = find_command("train " + recipe);
   DMX_CHECK_ARG(
       c != nullptr,
-      "dmx train: recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork or "
-      "bench, got '",
+      "dmx train: recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip, "
+      "classifier or bench, got '",
       recipe, "'");
   TrainOptions o;
   o.recipe = recipe;

@@ -44,9 +44,9 @@ const char* kUsage =
     "  variations image variations with a Stable unCLIP (StableUnCLIPImg2ImgPipeline) folder\n"
     "  embed      CLIP embeddings of pictures and texts, and their cosine similarities\n"
     "  serve      an HTTP server speaking AUTOMATIC1111's API, with a web page (docs/serve.md)\n"
-    "  train      train LoRA, fine-tune, DreamBooth or ControlNet (dmx train "
-    "<lora|finetune|dreambooth|controlnet|vae|palette|bench>)\n"
-    "  eval       score an emoji model with the emoji classifier (dmx train classifier)\n"
+    "  train      train LoRA, fine-tune, DreamBooth, ControlNet, a CLIP, ... (dmx train "
+    "<lora|finetune|dreambooth|controlnet|adapter|vae|palette|hypernetwork|clip|classifier|bench>)\n"
+    "  eval       score an emoji model with the emoji classifier (dmx train classifier), or a CLIP (--clip)\n"
     "  version    print the version\n\n"
     "Run 'dmx <command> --help' for the options of a command.\n";
 

@@ -44,11 +44,12 @@ enum Command : uint32_t {
   kTrainHypernetwork = 1u << 22,
   kDataScenes = 1u << 23,
   kServe = 1u << 24,
+  kTrainClip = 1u << 25,
 };
 using Commands = uint32_t;
 constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae |
                                    kTrainPalette | kTrainAdapter | kTrainHypernetwork;
-constexpr Commands kAllCommands = (1u << 25) - 1;
+constexpr Commands kAllCommands = (1u << 26) - 1;
 
 struct CommandInfo {
   Command id;

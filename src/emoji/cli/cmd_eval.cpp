@@ -1,5 +1,6 @@
 // `dmx eval`: scores of a text-to-image emoji model measured with the emoji classifier (docs/evaluation.md),
 // and the editing metrics on image files (--mask-iou, --background-error, --edge-f1).
+#include <cmath>
 #include <cstdio>
 #include <string>
 
@@ -42,6 +43,32 @@ int eval_layouts(const Args& a, EvalOptions& o) {
   std::printf("seconds               %.1f\n", r.seconds);
   return 0;
 }
+
+// `dmx eval --clip DIR`: zero-shot classification and retrieval of a CLIP folder on the emoji of --data.
+int eval_clip(const Args& a, EvalOptions& o) {
+  for (const char* other : {"model", "prompts", "controlnet", "adapter", "lora", "hypernetwork", "dreambooth",
+                            "layouts", "layout-method", "steps", "guidance-scale", "scheduler", "limit", "out"})
+    DMX_CHECK_ARG(!a.has(other), "--", other, " does not apply to --clip");
+  apply_options(a, target(kEval, o));
+  const ClipEvalResult r = evaluate_clip(o);
+  if (a.has("json")) {
+    std::printf("%s\n", r.to_json().c_str());
+    return 0;
+  }
+  std::printf("logit scale           %.4f (temperature 1/%.2f)\n", r.logit_scale, std::exp(r.logit_scale));
+  for (const auto& s : r.styles) {
+    std::printf("%s: %d held-out concepts, %d train concepts\n", s.style.c_str(), s.heldout, s.train);
+    std::printf("  zero-shot top-1 / top-5, among held-out names  %.4f / %.4f\n", s.zero_shot_top1, s.zero_shot_top5);
+    std::printf("  zero-shot top-1 / top-5, among every name      %.4f / %.4f\n", s.zero_shot_all_top1,
+                s.zero_shot_all_top5);
+    std::printf("  held-out image->text R@1 / R@5  %.4f / %.4f, text->image R@1 / R@5  %.4f / %.4f\n", s.heldout_i2t_r1,
+                s.heldout_i2t_r5, s.heldout_t2i_r1, s.heldout_t2i_r5);
+    std::printf("  train    image->text R@1 / R@5  %.4f / %.4f, text->image R@1 / R@5  %.4f / %.4f\n", s.train_i2t_r1,
+                s.train_i2t_r5, s.train_t2i_r1, s.train_t2i_r5);
+  }
+  std::printf("seconds               %.1f\n", r.seconds);
+  return 0;
+}
 }  // namespace
 
 int cmd_eval(int argc, char** argv) {
@@ -70,6 +97,7 @@ int cmd_eval(int argc, char** argv) {
   }
   DMX_CHECK_ARG(!a.has("reference") && !a.has("mask"),
                 "--reference/--mask apply to --mask-iou, --background-error, --edge-f1");
+  if (a.has("clip")) return eval_clip(a, o);
   if (a.has("layouts")) return eval_layouts(a, o);
   DMX_CHECK_ARG(!a.has("layout-method"), "--layout-method applies to --layouts DIR");
   DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder)");
