@@ -185,39 +185,37 @@ std::vector<ModelEntry> list_models(const std::string& dir) {
   return out;
 }
 
-std::vector<ModelEntry> list_controlnets(const std::string& dir) {
-  std::vector<ModelEntry> out;
+namespace {
+// The folders directly inside `dir` whose `file` (config.json, model_index.json) parses, with its _class_name.
+std::vector<std::pair<fs::path, std::string>> folders_by_class(const std::string& dir, const char* file) {
+  std::vector<std::pair<fs::path, std::string>> out;
   for (const auto& p : sorted_entries(dir)) {
     std::error_code ec;
-    if (!fs::is_directory(p, ec) || !fs::is_regular_file(p / "config.json", ec)) continue;
-    std::ifstream f(p / "config.json");
-    const auto j = nlohmann::json::parse(f, nullptr, false);
-    if (class_name(j) == "ControlNetModel") out.push_back({p.filename().string(), p.string()});
+    if (!fs::is_directory(p, ec) || !fs::is_regular_file(p / file, ec)) continue;
+    std::ifstream f(p / file);
+    out.emplace_back(p, class_name(nlohmann::json::parse(f, nullptr, false)));
   }
+  return out;
+}
+}  // namespace
+
+std::vector<ModelEntry> list_controlnets(const std::string& dir) {
+  std::vector<ModelEntry> out;
+  for (const auto& [p, cls] : folders_by_class(dir, "config.json"))
+    if (cls == "ControlNetModel") out.push_back({p.filename().string(), p.string()});
   return out;
 }
 
 std::vector<ModelEntry> list_adapters(const std::string& dir) {
   std::vector<ModelEntry> out;
-  for (const auto& p : sorted_entries(dir)) {
-    std::error_code ec;
-    if (!fs::is_directory(p, ec) || !fs::is_regular_file(p / "config.json", ec)) continue;
-    std::ifstream f(p / "config.json");
-    const auto j = nlohmann::json::parse(f, nullptr, false);
-    const std::string cls = class_name(j);
+  for (const auto& [p, cls] : folders_by_class(dir, "config.json"))
     if (cls == "T2IAdapter" || cls == "MultiAdapter") out.push_back({p.filename().string(), p.string()});
-  }
   return out;
 }
 
 std::vector<PipelineEntry> list_pipelines(const std::string& dir) {
   std::vector<PipelineEntry> out;
-  for (const auto& p : sorted_entries(dir)) {
-    std::error_code ec;
-    if (!fs::is_directory(p, ec) || !fs::is_regular_file(p / "model_index.json", ec)) continue;
-    std::ifstream f(p / "model_index.json");
-    const auto j = nlohmann::json::parse(f, nullptr, false);
-    const std::string cls = class_name(j);
+  for (const auto& [p, cls] : folders_by_class(dir, "model_index.json")) {
     const std::string kind = cls == "StableDiffusionUpscalePipeline" ? "upscaler"
                              : cls == "StableUnCLIPPipeline"         ? "unclip"
                              : cls == "StableUnCLIPImg2ImgPipeline"  ? "unclip-img2img"

@@ -182,20 +182,24 @@ GenerateOptions parse_flags(const std::vector<std::pair<std::string, std::string
 }
 }  // namespace
 
+size_t find_flag(const std::string& message, const std::string& name) {
+  const std::string flag = "--" + name;
+  for (size_t pos = message.find(flag); pos != std::string::npos; pos = message.find(flag, pos + 1)) {
+    const size_t end = pos + flag.size();
+    if (end == message.size() || !(std::isalnum(static_cast<unsigned char>(message[end])) || message[end] == '-'))
+      return pos;
+  }
+  return std::string::npos;
+}
+
 std::string field_of_message(const std::string& message) {
   size_t best = std::string::npos;
   std::string field;
   for (const auto& row : kFlags) {
-    const std::string flag = std::string("--") + row.flag;
-    for (size_t pos = message.find(flag); pos != std::string::npos; pos = message.find(flag, pos + 1)) {
-      const size_t end = pos + flag.size();
-      const bool whole =
-          end == message.size() || !(std::isalnum(static_cast<unsigned char>(message[end])) || message[end] == '-');
-      if (whole && pos < best) {
-        best = pos;
-        field = row.field;
-      }
-      if (whole) break;
+    const size_t pos = find_flag(message, row.flag);
+    if (pos < best) {
+      best = pos;
+      field = row.field;
     }
   }
   if (!field.empty()) return field;

@@ -27,6 +27,8 @@ struct RequestError : InvalidArgument {
 // the message names ("--steps must be in [1, 1000], got 5000" -> "steps"), else "".
 nlohmann::json error_body(const std::string& kind, const std::string& message);
 std::string field_of_message(const std::string& message);
+// Where `message` first names the whole flag `--name` (not a longer flag starting with it); npos when it does not.
+size_t find_flag(const std::string& message, const std::string& name);
 
 // A model the server offers (list_models of --models), with its A1111 title "name [hash]".
 struct ServedModel {

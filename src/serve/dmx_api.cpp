@@ -204,16 +204,10 @@ std::string dmx_field_of_message(const DmxEndpoint& e, const std::string& messag
   size_t best = std::string::npos;
   std::string field;
   for (const auto& f : fields) {
-    const std::string flag = "--" + f.flag;
-    for (size_t pos = message.find(flag); pos != std::string::npos; pos = message.find(flag, pos + 1)) {
-      const size_t end = pos + flag.size();
-      const bool whole =
-          end == message.size() || !(std::isalnum(static_cast<unsigned char>(message[end])) || message[end] == '-');
-      if (whole && pos < best) {
-        best = pos;
-        field = f.field;
-      }
-      if (whole) break;
+    const size_t pos = find_flag(message, f.flag);
+    if (pos < best) {
+      best = pos;
+      field = f.field;
     }
   }
   if (!field.empty()) return field;

@@ -87,6 +87,21 @@ void send_json(httplib::Response& res, int status, const json& body) {
   res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
 }
 
+// The request's JSON body; false (after answering 400) when it is not JSON.
+bool parse_body(const httplib::Request& req, httplib::Response& res, json* body) {
+  try {
+    *body = json::parse(req.body);
+    return true;
+  } catch (const json::exception& e) {
+    send_json(res, 400,
+              {{"error", "InvalidArgument"},
+               {"field", ""},
+               {"rule", "the body must be JSON"},
+               {"detail", std::string("malformed JSON: ") + e.what()}});
+    return false;
+  }
+}
+
 // One route: what the OpenAPI document says about it, and its handler.
 struct Route {
   std::string method;
@@ -163,16 +178,7 @@ void Server::wait(Job& job, httplib::Response& res) {
 
 void Server::generation(const httplib::Request& req, httplib::Response& res, bool img2img) {
   json body;
-  try {
-    body = json::parse(req.body);
-  } catch (const json::exception& e) {
-    send_json(res, 400,
-              {{"error", "InvalidArgument"},
-               {"field", ""},
-               {"rule", "the body must be JSON"},
-               {"detail", std::string("malformed JSON: ") + e.what()}});
-    return;
-  }
+  if (!parse_body(req, res, &body)) return;
   auto job = std::make_shared<Job>();
   try {
     job->files = std::make_unique<JobFiles>(temp_root_);
@@ -200,16 +206,7 @@ void Server::generation(const httplib::Request& req, httplib::Response& res, boo
 
 void Server::dmx_job(const DmxEndpoint& e, const httplib::Request& req, httplib::Response& res) {
   json body;
-  try {
-    body = json::parse(req.body);
-  } catch (const json::exception& ex) {
-    send_json(res, 400,
-              {{"error", "InvalidArgument"},
-               {"field", ""},
-               {"rule", "the body must be JSON"},
-               {"detail", std::string("malformed JSON: ") + ex.what()}});
-    return;
-  }
+  if (!parse_body(req, res, &body)) return;
   auto job = std::make_shared<Job>();
   job->kind = Job::Kind::kDmx;
   try {
@@ -568,14 +565,7 @@ void Server::add_routes() {
       {"POST", "/sdapi/v1/options", "change settings: sd_model_checkpoint loads that model (timed)", "options",
        [this](const httplib::Request& q, httplib::Response& s) {
          json body;
-         try {
-           body = json::parse(q.body);
-         } catch (const json::exception& e) {
-           send_json(
-               s, 400,
-               {{"error", "InvalidArgument"}, {"field", ""}, {"detail", std::string("malformed JSON: ") + e.what()}});
-           return;
-         }
+         if (!parse_body(q, s, &body)) return;
          if (!body.is_object()) {
            send_json(s, 400, RequestError(400, "", "the body must be a JSON object", body.type_name()).body());
            return;
@@ -659,14 +649,7 @@ void Server::add_routes() {
        "the control map a ControlNet run would use (Canny edges, or the picture itself with none): a preview", "canny",
        [this](const httplib::Request& q, httplib::Response& s) {
          json body;
-         try {
-           body = json::parse(q.body);
-         } catch (const json::exception& e) {
-           send_json(
-               s, 400,
-               {{"error", "InvalidArgument"}, {"field", ""}, {"detail", std::string("malformed JSON: ") + e.what()}});
-           return;
-         }
+         if (!parse_body(q, s, &body)) return;
          try {
            if (!body.is_object()) throw RequestError(400, "", "the body must be a JSON object", body.type_name());
            const auto img = body.find("image");
