@@ -17,6 +17,7 @@
 #   DMX_UPSCALER     [models/emoji-sr]                       StableDiffusionUpscalePipeline folder (dmx upscale,
 #                                                            generate --upscale-model; e.g. stabilityai's x4 upscaler)
 #   DMX_PALETTE      [models/emoji-palette-inpaint]          Palette folder (dmx train palette; dmx restore)
+#   DMX_CLIP         [models/emoji-clip]                     CLIP folder (dmx train clip; dmx embed)
 #   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER --data $DMX_EMOJI_DATA --limit $DMX_DEMO_EVAL_LIMIT
 #                     --steps N --seed N --out $DMX_DEMO_OUT/eval]  arguments of `dmx eval` (+ --json); DMX_DEMO_EVAL_LIMIT [32] prompts
 #   DMX_EMOJI_DATA   [~/.cache/dmx/emoji-data]  the real emoji `dmx eval` compares against (built there when missing)
@@ -42,6 +43,7 @@ DREAMBOOTH_TXT="${DREAMBOOTH%.safetensors}.txt"
 CLASSIFIER="${DMX_CLASSIFIER:-models/emoji-classifier}"
 UPSCALER="${DMX_UPSCALER:-models/emoji-sr}"
 PALETTE="${DMX_PALETTE:-models/emoji-palette-inpaint}"
+CLIP="${DMX_CLIP:-models/emoji-clip}"
 OUT="${DMX_DEMO_OUT:-demo}"
 STEPS="${DMX_DEMO_STEPS:-20}"
 SEED="${DMX_DEMO_SEED:-42}"
@@ -87,7 +89,7 @@ if [ "${1:-}" = "--serve" ]; then
   exec "$DMX" serve --models models "$@"
 fi
 
-SECTIONS=(inputs txt2img img2img controlnet adapter layout lora blended diffedit p2p nulltext dreambooth upscale palette eval logs)
+SECTIONS=(inputs txt2img img2img controlnet adapter layout lora blended diffedit p2p nulltext dreambooth upscale palette clip eval logs)
 rm -f "${OUT:?}/index.html"  # no page pointing at the images removed next
 for s in "${SECTIONS[@]}"; do rm -rf "${OUT:?}/$s"; done
 mkdir -p "$OUT"
@@ -541,6 +543,48 @@ else
   skipped palette "Palette: <code>dmx train palette</code>, <code>dmx restore</code>" "no Palette folder at $PALETTE (make one with dmx train palette, docs/palette.md; set DMX_PALETTE)"
 fi
 
+# ---- 11d. CLIP: dmx embed ------------------------------------------------------------------------------
+if [ -f "$CLIP/model_index.json" ]; then
+  sec_t0
+  # The real Google emoji of section 2 against their emoji.json names, through dmx's own small CLIP.
+  CLIP_NAMES=("grinning face" "slice of pizza" "cat face" "red apple" "smiling face with open mouth"
+              "smiling face with sunglasses")
+  args=()
+  shorts=(${EMOJI//,/ })
+  for e in "${shorts[@]}"; do args+=(--image "$OUT/$(emoji google images "$e")"); done
+  for n in "${CLIP_NAMES[@]}"; do args+=(--prompt "$n"); done
+  run clip "$DMX" embed --model "$CLIP" "${args[@]}"
+  n=${#shorts[@]}
+  # The matrix rows of `dmx embed` ("  [i]  v0 v1 ..."): images are rows 0..n-1, the names columns n..2n-1.
+  head="<tr><th></th>"
+  for nm in "${CLIP_NAMES[@]}"; do head+="<th>$(esc "$nm")</th>"; done
+  rows=""
+  right=0
+  for ((i = 0; i < n; i++)); do
+    line=$(grep -E "^ +\[$i\] +[-0-9]" "$OUT/logs/clip.log" | tail -n 1)
+    read -r -a vals <<<"${line#*]}"
+    best=$n
+    for ((j = n; j < 2 * n; j++)); do
+      awk -v a="${vals[$j]}" -v b="${vals[$best]}" 'BEGIN { exit !(a > b) }' && best=$j
+    done
+    [ "$best" -eq $((n + i)) ] && right=$((right + 1))
+    rows+="<tr><th>$(fig "$(emoji google images "${shorts[$i]}")" "${shorts[$i]}")</th>"
+    for ((j = n; j < 2 * n; j++)); do
+      cls="num"
+      [ "$j" -eq "$best" ] && cls="num best"
+      rows+="<td class=\"$cls\">${vals[$j]}</td>"
+    done
+    rows+="</tr>"
+  done
+  body="<table class=\"metrics\">$head</tr>$rows</table><p>$right of $n pictures are closest to their own name (bold: each picture's best name).</p>"
+  body+=$(runs_table "clip=the $n real Google emoji of section 2 and their emoji.json names")
+  section clip "CLIP: <code>dmx train clip</code>, <code>dmx embed</code>" \
+    "A small CLIP (2.2 M parameters, 4.4 MB) trained by dmx on both emoji styles' training pictures and their names; <code>dmx embed</code> prints the cosine similarity of every picture and text. Zero-shot on held-out emoji: docs/training.md." \
+    "$body" "$(sec_ms)"
+else
+  skipped clip "CLIP: <code>dmx embed</code>" "no CLIP folder at $CLIP (set DMX_CLIP; dmx train clip makes one)"
+fi
+
 # ---- 12. metrics: dmx eval -----------------------------------------------------------------------------
 if ! "$DMX" eval --help >/dev/null 2>&1; then
   skipped eval "Metrics: <code>dmx eval</code>" "this build has no 'dmx eval' command"
@@ -610,7 +654,7 @@ figure { margin: 0; max-width: 100%; } figcaption { font-size: 13px; color: #444
 img { image-rendering: pixelated; image-rendering: crisp-edges; background: #fff; border: 1px solid #ccc; max-width: 100%; height: auto; display: block; }
 table { border-collapse: collapse; margin: 10px 0; } th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
 table.runs td code { white-space: pre-wrap; word-break: break-all; } table.runs { width: 100%; font-size: 13px; }
-.num { text-align: right; white-space: nowrap; } .skip { color: #a40; font-weight: 600; }
+.num { text-align: right; white-space: nowrap; } .skip { color: #a40; font-weight: 600; } .best { font-weight: 700; background: #e8f4e8; }
 nav ul { columns: 2; }
 </style>
 </head>
