@@ -37,7 +37,7 @@ void check_size(bool ok, const std::string& path, const std::string& what) {
 }  // namespace
 
 nlohmann::json clip_text_config_json(const models::CLIPTextConfig& c) {
-  nlohmann::ordered_json j;
+  nlohmann::json j;
   j["architectures"] = {"CLIPTextModelWithProjection"};
   j["model_type"] = "clip_text_model";
   j["vocab_size"] = c.vocab_size;
@@ -55,7 +55,7 @@ nlohmann::json clip_text_config_json(const models::CLIPTextConfig& c) {
   j["pad_token_id"] = c.pad_token_id;
   j["bos_token_id"] = c.bos_token_id;
   j["eos_token_id"] = c.eos_token_id;
-  return nlohmann::json::parse(j.dump());
+  return j;
 }
 
 nlohmann::json clip_vision_config_json(const models::CLIPVisionConfig& c) {

@@ -166,7 +166,8 @@ void common_run_settings(T& o, int threads) {
 }
 }  // namespace
 
-std::vector<DmxField> dmx_fields(const DmxEndpoint& e) {
+namespace {
+std::vector<DmxField> make_fields(const DmxEndpoint& e) {
   std::vector<DmxField> out;
   cli::with_default_target(e.command, [&](const cli::Target& defaults) {
     for (const auto& opt : cli::option_table()) {
@@ -198,9 +199,20 @@ std::vector<DmxField> dmx_fields(const DmxEndpoint& e) {
                " (default: the loaded model, else the first of that kind)";
   return out;
 }
+}  // namespace
+
+// Made once per endpoint (the option table and its help defaults do not change while the process runs).
+const std::vector<DmxField>& dmx_fields(const DmxEndpoint& e) {
+  static const std::vector<std::vector<DmxField>> fields = [] {
+    std::vector<std::vector<DmxField>> f;
+    for (const auto& x : dmx_endpoints()) f.push_back(make_fields(x));
+    return f;
+  }();
+  return fields.at(static_cast<size_t>(&e - dmx_endpoints().data()));
+}
 
 std::string dmx_field_of_message(const DmxEndpoint& e, const std::string& message) {
-  const std::vector<DmxField> fields = dmx_fields(e);
+  const std::vector<DmxField>& fields = dmx_fields(e);
   size_t best = std::string::npos;
   std::string field;
   for (const auto& f : fields) {
@@ -225,7 +237,7 @@ DmxRequest parse_dmx_request(const DmxEndpoint& e, const json& body, const Serve
   DmxRequest r;
   r.endpoint = &e;
   r.parameters = json::object();
-  const std::vector<DmxField> fields = dmx_fields(e);
+  const std::vector<DmxField>& fields = dmx_fields(e);
   // The model first: a name of the server's lists, of a kind this endpoint takes.
   const std::string kinds = e.model_kinds;
   std::vector<std::string> offered;

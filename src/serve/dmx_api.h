@@ -31,7 +31,7 @@ struct DmxField {
   std::string help;
 };
 // The fields an endpoint accepts (its command's options, less those that name files on the server).
-std::vector<DmxField> dmx_fields(const DmxEndpoint& e);
+const std::vector<DmxField>& dmx_fields(const DmxEndpoint& e);  // e: an entry of dmx_endpoints()
 
 // What the server offers (its --models folder).
 struct ServedLists {

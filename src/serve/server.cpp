@@ -127,6 +127,9 @@ class Server {
   void generation(const httplib::Request& req, httplib::Response& res, bool img2img);
   void dmx_job(const DmxEndpoint& e, const httplib::Request& req, httplib::Response& res);
   void run_dmx_job(Job& job);
+  // A step of the running job (phase "steps", "invert", ...): shown by /progress; an interrupt stops it here.
+  void on_step(Job& job, const std::string& phase, int done, int total);
+  SessionHooks job_hooks(Job& job);  // the session's step and preview hooks of a job
   void serve_asset(const std::string& name, httplib::Response& res) const;
   json progress_json(bool want_image);
 
@@ -228,36 +231,36 @@ void Server::dmx_job(const DmxEndpoint& e, const httplib::Request& req, httplib:
   wait(*job, res);
 }
 
+void Server::on_step(Job& job, const std::string& phase, int done, int total) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    step_ = done;
+    steps_ = total;
+    phase_ = phase;
+  }
+  if (job.cancel) throw Cancelled("interrupted");
+}
+
+SessionHooks Server::job_hooks(Job& job) {
+  SessionHooks hooks;
+  hooks.on_step = [this, &job](int done, int total) { on_step(job, "steps", done, total); };
+  hooks.want_preview = [this] { return want_preview_.exchange(false); };
+  hooks.on_preview = [this](const std::string& png) {
+    const std::string b64 = base64_encode(png);
+    std::lock_guard<std::mutex> lk(mu_);
+    preview_b64_ = b64;
+  };
+  return hooks;
+}
+
 // A /dmx/v1 job: progress from the library's step observer (every phase: mask, inversion, steps, ...) and from the
 // session's hooks (generate), interrupted at the next step.
 void Server::run_dmx_job(Job& job) {
   const DmxRequest& r = job.dmx;
   const DmxEndpoint& e = *r.endpoint;
-  SessionHooks hooks;
-  hooks.on_step = [&](int done, int total) {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      step_ = done;
-      steps_ = total;
-      phase_ = "steps";
-    }
-    if (job.cancel) throw Cancelled("interrupted");
-  };
-  hooks.want_preview = [&] { return want_preview_.exchange(false); };
-  hooks.on_preview = [&](const std::string& png) {
-    const std::string b64 = base64_encode(png);
-    std::lock_guard<std::mutex> lk(mu_);
-    preview_b64_ = b64;
-  };
-  StepObserver observer([&](const std::string& phase, int done, int total) {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      step_ = done;
-      steps_ = total;
-      phase_ = phase;
-    }
-    if (job.cancel) throw Cancelled("interrupted");
-  });
+  const SessionHooks hooks = job_hooks(job);
+  StepObserver observer(
+      [this, &job](const std::string& phase, int done, int total) { on_step(job, phase, done, total); });
   const auto t0 = Clock::now();
   const std::string out_dir = job.files->uploads.dir;
   try {
@@ -351,21 +354,7 @@ void Server::run_job(Job& job) {
   std::vector<SessionResult> results;
   double load_seconds = 0.0;
   bool interrupted = false;
-  SessionHooks hooks;
-  hooks.on_step = [&](int done, int total) {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      step_ = done;
-      steps_ = total;
-    }
-    if (job.cancel) throw Cancelled("interrupted");
-  };
-  hooks.want_preview = [&] { return want_preview_.exchange(false); };
-  hooks.on_preview = [&](const std::string& png) {
-    const std::string b64 = base64_encode(png);
-    std::lock_guard<std::mutex> lk(mu_);
-    preview_b64_ = b64;
-  };
+  const SessionHooks hooks = job_hooks(job);
   const auto t0 = Clock::now();
   try {
     for (size_t i = 0; i < r.runs.size(); ++i) {
