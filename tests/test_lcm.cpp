@@ -7,6 +7,9 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
 
 #include "core/fs.h"
 #include "core/image.h"
@@ -16,6 +19,7 @@
 #include "loaders/lora_loader.h"
 #include "loaders/model_bundle.h"
 #include "models/unet_2d_condition.h"
+#include "pipelines/guidance_embedding.h"
 #include "schedulers/lcm.h"
 #include "schedulers/registry.h"
 #include "schedulers/scheduler.h"
@@ -172,19 +176,96 @@ TEST(LCMSchedulerUnit, RegistryRowAndModelConfig) {
   EXPECT_NE(std::find(names.begin(), names.end(), "lcm"), names.end());
 }
 
-// LCM-distilled UNets (time_cond_proj_dim: a guidance embedding) are refused with a message that says what to use.
-TEST(LCMSchedulerUnit, GuidanceEmbeddingUNetIsRefusedClearly) {
+// time_cond_proj_dim (an LCM-distilled UNet's guidance embedding) is read from the config; out-of-range values are a
+// FormatError naming the field.
+TEST(LCMDistilledUnit, ConfigFieldAndRules) {
   json cfg = json::parse(read_text_file(tiny_config_dir("test") + "/unet/config.json", "unet config", 1 << 20));
-  EXPECT_NO_THROW(models::UNet2DConditionConfig::from_json(cfg));
+  EXPECT_EQ(models::UNet2DConditionConfig::from_json(cfg).time_cond_proj_dim, 0);
   cfg["time_cond_proj_dim"] = 256;
-  try {
-    models::UNet2DConditionConfig::from_json(cfg);
-    ADD_FAILURE() << "time_cond_proj_dim was accepted";
-  } catch (const Unsupported& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find("time_cond_proj_dim = 256"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("LCM-LoRA"), std::string::npos) << msg;
+  EXPECT_EQ(models::UNet2DConditionConfig::from_json(cfg).time_cond_proj_dim, 256);
+  for (const json& bad : {json(0), json(-3), json(1 << 20), json("8")}) {
+    cfg["time_cond_proj_dim"] = bad;
+    try {
+      models::UNet2DConditionConfig::from_json(cfg);
+      ADD_FAILURE() << "time_cond_proj_dim = " << bad.dump() << " was accepted";
+    } catch (const FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find("time_cond_proj_dim"), std::string::npos) << e.what();
+    }
   }
+}
+
+namespace {
+// diffusers' test model made LCM-distilled as tests/ref/make_lcm_refs.py lcm_seeded_test_distilled makes it: the
+// fixture folder with time_cond_proj_dim 8 in the UNet config, the reference's cond_proj weight added to the UNet's
+// weights, LCMScheduler as the folder's scheduler and LatentConsistencyModelPipeline as its class.
+std::string distilled_test_model(const RefCase& ref) {
+  const std::string dir = temp_dir() + "/lcm_distilled_model";
+  if (std::filesystem::exists(dir + "/model_index.json")) return dir;
+  std::filesystem::copy(fixture_model("test"), dir, std::filesystem::copy_options::recursive);
+  auto patch = [&](const std::string& file, const std::function<void(json&)>& f) {
+    json j = json::parse(read_text_file(dir + "/" + file, file, 1 << 20));
+    f(j);
+    std::ofstream(dir + "/" + file) << j.dump(2);
+  };
+  patch("unet/config.json", [](json& j) { j["time_cond_proj_dim"] = 8; });
+  patch("scheduler/scheduler_config.json", [](json& j) { j["_class_name"] = "LCMScheduler"; });
+  patch("model_index.json", [](json& j) {
+    j["_class_name"] = "LatentConsistencyModelPipeline";
+    j["scheduler"] = json::array({"diffusers", "LCMScheduler"});
+  });
+  const std::string weights = dir + "/unet/diffusion_pytorch_model.safetensors";
+  io::TensorMap out = io::load_safetensors(weights);
+  for (auto& [k, v] : out) v = v.clone();  // off the file's mapping before it is replaced
+  out["time_embedding.cond_proj.weight"] = ref["cond_proj_weight"].contiguous();
+  io::save_safetensors(weights + ".tmp", out);
+  std::filesystem::rename(weights + ".tmp", weights);
+  return dir;
+}
+}  // namespace
+
+// get_guidance_scale_embedding of LatentConsistencyModelPipeline, against the reference's values.
+TEST(LCMDistilledUnit, GuidanceEmbeddingMatchesDiffusers) {
+  const RefCase ref = load_ref_file(repo_ref_dir() + "/lcm_seeded_test_distilled");
+  const at::Tensor w = at::tensor(ref.meta["w_embedding_of"].get<std::vector<double>>(), at::kFloat);
+  DMX_EXPECT_CLOSE("w embedding", pipelines::guidance_scale_embedding(w, 8), ref["w_embedding"], 1e-6);
+}
+
+// A seeded `dmx generate` on an LCM-distilled folder against LatentConsistencyModelPipeline (the recorded command
+// line, nothing injected): every step's latents within 1e-4 relative, the picture within 1/255. Without --steps and
+// --guidance-scale the folder gets the pipeline's defaults (4, 8.5): the same picture. A negative prompt is refused
+// (the pipeline has none), exit 2, nothing written.
+TEST(LCMDistilledGolden, CommandLineMatchesLatentConsistencyPipeline) {
+  DMX_REQUIRE_FIXTURES();
+  const RefCase ref = load_ref_file(repo_ref_dir() + "/lcm_seeded_test_distilled");
+  EXPECT_GT(ref.meta["max_abs_latents_diff_guidance_1"].get<double>(), 1e-2);  // the embedding matters
+  const std::string model = distilled_test_model(ref);
+  EXPECT_TRUE(is_lcm_distilled_model(model));
+  EXPECT_FALSE(is_lcm_distilled_model(fixture_model("test")));
+  const std::string dir = temp_dir() + "/lcm_distilled_run";
+  std::filesystem::create_directories(dir);
+  const CliRun r = run_recorded_command(
+      ref.meta["dmx"].get<std::string>(), "generate",
+      {{"--model", model}, {"--save-latents", dir + "/latents.safetensors"}, {"--output", dir + "/out.png"}});
+  ASSERT_EQ(r.code, 0) << r.output;
+  DMX_EXPECT_CLOSE("distilled latents", io::load_safetensors(dir + "/latents.safetensors").at("latents"),
+                   ref["latents"], 1e-4);
+  const int diff = max_u8_diff(load_image(dir + "/out.png", "output"), ref["image_u8"]);
+  std::printf("[check] LCM-distilled picture: max |diff| %d/255 (tol 1)\n", diff);
+  EXPECT_LE(diff, 1);
+
+  const std::string prompt = ref.meta["prompt"].get<std::string>();
+  const std::string seed = std::to_string(ref.meta["seed"].get<int>());
+  const CliRun d = dmx_run({"generate", "--model", model, "--prompt", prompt, "--seed", seed, "--save-latents",
+                            dir + "/defaults.safetensors", "--output", dir + "/defaults.png", "--quiet"});
+  ASSERT_EQ(d.code, 0) << d.output;
+  DMX_EXPECT_CLOSE("distilled latents, default steps and guidance",
+                   io::load_safetensors(dir + "/defaults.safetensors").at("latents"), ref["latents"], 1e-4);
+
+  const CliRun neg = dmx_run({"generate", "--model", model, "--prompt", prompt, "--negative-prompt", "fog", "--output",
+                              dir + "/neg.png", "--quiet"});
+  EXPECT_EQ(neg.code, 2) << neg.output;
+  EXPECT_NE(neg.output.find("negative"), std::string::npos) << neg.output;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/neg.png"));
 }
 
 // ---------------------------------------------------------------------------------------------------

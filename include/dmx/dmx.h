@@ -108,6 +108,12 @@ constexpr double kUnCLIPGuidanceScale = 10.0;
 // Whether `model` is a diffusers Stable unCLIP folder (model_index.json's _class_name StableUnCLIPPipeline or
 // StableUnCLIPImg2ImgPipeline); false for anything else, unreadable folders included (the loaders say why).
 bool is_unclip_model(const std::string& model);
+// LatentConsistencyModelPipeline.__call__'s defaults, which `dmx generate` uses on a diffusers folder whose UNet is
+// LCM-distilled (time_cond_proj_dim set: docs/lcm.md) when --steps / --guidance-scale are not given.
+constexpr int kLCMSteps = 4;
+constexpr double kLCMGuidanceScale = 8.5;
+// Whether `model` is a diffusers folder whose unet/config.json sets time_cond_proj_dim; false for anything else.
+bool is_lcm_distilled_model(const std::string& model);
 
 struct GenerateResult {
   std::vector<std::string> images;  // written files

@@ -21,6 +21,7 @@
 #include "core/runtime.h"
 #include "core/utf8.h"
 #include "dmx/dmx.h"
+#include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "loaders/hypernetwork_loader.h"
 #include "loaders/lora_loader.h"
@@ -534,4 +535,16 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
   return r;
 }
 }  // namespace api
+
+bool is_lcm_distilled_model(const std::string& model) {
+  const std::string cfg = join_path(model, "unet/config.json");
+  if (model.empty() || !is_directory(model) || !path_exists(cfg)) return false;
+  try {
+    const nlohmann::json j = io::load_json_file(cfg, "unet config");
+    const auto it = j.find("time_cond_proj_dim");
+    return it != j.end() && it->is_number_integer() && it->get<int64_t>() > 0;
+  } catch (const Error&) {
+    return false;  // the loader says what is wrong with the file
+  }
+}
 }  // namespace dmx

@@ -31,6 +31,11 @@ GenerateOptions generate_options(const Args& a, bool require_output) {
     o.steps = kUnCLIPSteps;
     o.guidance_scale = kUnCLIPGuidanceScale;
   }
+  // LCM-distilled folders: diffusers' LatentConsistencyModelPipeline defaults (4 steps, guidance 8.5) unless given.
+  if (!a.has("from") && is_lcm_distilled_model(a.str("model"))) {
+    o.steps = kLCMSteps;
+    o.guidance_scale = kLCMGuidanceScale;
+  }
   DMX_CHECK_ARG(a.has("upscale-model") ||
                     !(a.has("upscale-noise-level") || a.has("upscale-steps") || a.has("upscale-guidance-scale")),
                 "--upscale-noise-level/--upscale-steps/--upscale-guidance-scale need --upscale-model");

@@ -196,12 +196,13 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& j) 
     throw FormatError(std::string(kWhat) + ": projection_class_embeddings_input_dim must be > 0 (or null), got " +
                       std::to_string(c.projection_class_embeddings_input_dim));
 
+  get(j, kWhat, "time_cond_proj_dim", c.time_cond_proj_dim);
+  if (j.contains("time_cond_proj_dim") && !j.at("time_cond_proj_dim").is_null() &&
+      (c.time_cond_proj_dim <= 0 || c.time_cond_proj_dim > 65536))
+    throw FormatError(std::string(kWhat) + ": time_cond_proj_dim must be in [1, 65536] (or null), got " +
+                      j.at("time_cond_proj_dim").dump());
+
   // Features of UNet2DConditionModel that dmx does not implement.
-  if (auto it = j.find("time_cond_proj_dim"); it != j.end() && !it->is_null())
-    throw Unsupported(std::string(kWhat) + ": time_cond_proj_dim = " + it->dump() +
-                      " is not supported (only null): a guidance-embedding UNet (an LCM-distilled model such as "
-                      "LCM_Dreamshaper_v7, run by diffusers' LatentConsistencyModelPipeline) is not implemented; "
-                      "use an SD 1.x checkpoint with an LCM-LoRA and --scheduler lcm (docs/lcm.md)");
   for (const char* key : {"addition_embed_type", "addition_time_embed_dim", "encoder_hid_dim", "encoder_hid_dim_type",
                           "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act", "cross_attention_norm",
                           "reverse_transformer_layers_per_block"})
@@ -250,7 +251,8 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
 
   p.conv_in =
       register_module("conv_in", nn::LoRAConv2d(torch::nn::Conv2dOptions(cfg_.in_channels, ch[0], 3).padding(1)));
-  p.time_embedding = register_module("time_embedding", nn::TimestepEmbedding(ch[0], cfg_.time_embed_dim(), p.act));
+  p.time_embedding = register_module(
+      "time_embedding", nn::TimestepEmbedding(ch[0], cfg_.time_embed_dim(), p.act, 0, cfg_.time_cond_proj_dim));
   // After the time embedding, before the blocks: diffusers' creation order (seeded initial weights).
   p.class_kind = cfg_.class_embedding_kind();
   const int temb = cfg_.time_embed_dim();
@@ -370,7 +372,7 @@ at::Tensor UNet2DConditionModelImpl::forward(const UNetInputs& in) {
 
   // 1. time
   const at::Tensor t_emb = timestep_features(cfg_, t, in.sample.scalar_type());  // [B, C0]
-  at::Tensor emb = p.time_embedding->forward(t_emb);                             // [B, 4 C0]
+  at::Tensor emb = p.time_embedding->forward(t_emb, in.timestep_cond);           // [B, 4 C0]
   record(in.recorder, "time_embedding", emb);
   if (!p.class_kind.empty()) {
     const at::Tensor class_emb = class_embedding(in.class_labels, B, in.sample.scalar_type());  // [B, 4 C0]

@@ -59,6 +59,9 @@ struct UNet2DConditionConfig {
   int num_class_embeds = 0;                       // 0 = None
   int projection_class_embeddings_input_dim = 0;  // 0 = None
   bool class_embeddings_concat = false;
+  // diffusers' time_cond_proj_dim (0 = None): the time embedding's cond_proj of UNetInputs::timestep_cond, an
+  // LCM-distilled UNet's guidance embedding (LatentConsistencyModelPipeline; pipelines/guidance_embedding.h).
+  int time_cond_proj_dim = 0;
 
   // Parses diffusers' unet/config.json. Wrong types and invalid values: FormatError naming the field;
   // features dmx does not implement (other block types, class/addition embeddings, ...): Unsupported.
@@ -91,6 +94,9 @@ struct UNetInputs {
   // num_class_embeds, labels (timesteps, any dtype) for "timestep"; [B, D] (or [1, D]) for "projection",
   // "simple_projection" (D = projection_class_embeddings_input_dim) and "identity" (D = time_embed_dim).
   at::Tensor class_labels;
+  // Required exactly when the model has time_cond_proj_dim: [B, time_cond_proj_dim] (or [1, ...]), added through
+  // the time embedding's cond_proj (diffusers' timestep_cond).
+  at::Tensor timestep_cond;
   std::vector<at::Tensor> down_block_additional_residuals;  // optional (ControlNet): added to every skip
   at::Tensor mid_block_additional_residual;                 // optional (ControlNet)
   // Optional (T2I-Adapter), diffusers' rule: feature k goes to the k-th down block, in order. A

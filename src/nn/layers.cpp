@@ -92,14 +92,30 @@ at::Tensor get_timestep_embedding(const at::Tensor& timesteps, int64_t embedding
   return emb;  // [B, embedding_dim]
 }
 
-TimestepEmbeddingImpl::TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim, Act act, int64_t out_dim)
+TimestepEmbeddingImpl::TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim, Act act, int64_t out_dim,
+                                             int64_t cond_proj_dim)
     : act_(act) {
   linear_1 = register_module("linear_1", linear(in_channels, time_embed_dim));
   linear_2 = register_module("linear_2", linear(time_embed_dim, out_dim > 0 ? out_dim : time_embed_dim));
+  if (cond_proj_dim > 0)  // after linear_2: diffusers' creation order
+    cond_proj = register_module("cond_proj",
+                                torch::nn::Linear(torch::nn::LinearOptions(cond_proj_dim, in_channels).bias(false)));
 }
 
-at::Tensor TimestepEmbeddingImpl::forward(const at::Tensor& sample) {
-  return linear_2->forward(apply_act(act_, linear_1->forward(sample)));
+at::Tensor TimestepEmbeddingImpl::forward(const at::Tensor& sample, const at::Tensor& condition) {
+  at::Tensor x = sample;
+  if (!cond_proj.is_empty()) {
+    const int64_t d = cond_proj->options.in_features();
+    DMX_CHECK_ARG(condition.defined() && condition.dim() == 2 && condition.size(1) == d &&
+                      (condition.size(0) == sample.size(0) || condition.size(0) == 1),
+                  "timestep_cond must be [B, ", d, "] (this UNet has time_cond_proj_dim ", d,
+                  ": an LCM-distilled model's guidance embedding), got ",
+                  condition.defined() ? c10::str(condition.sizes()) : std::string("none"));
+    x = x + cond_proj->forward(condition.to(cond_proj->weight.scalar_type()));
+  } else {
+    DMX_CHECK_ARG(!condition.defined(), "timestep_cond was given, but this model has no time_cond_proj_dim");
+  }
+  return linear_2->forward(apply_act(act_, linear_1->forward(x)));
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -47,11 +47,16 @@ at::Tensor get_timestep_embedding(const at::Tensor& timesteps, int64_t embedding
                                   double downscale_freq_shift, double scale = 1.0, double max_period = 10000.0);
 
 // TimestepEmbedding: linear_1 -> act -> linear_2. out_dim 0 = time_embed_dim (the PriorTransformer sets it).
+// cond_proj_dim > 0 (diffusers' cond_proj_dim, a UNet's time_cond_proj_dim): a bias-free Linear cond_proj of a
+// condition [B, cond_proj_dim] is added to the sample before linear_1 (an LCM-distilled UNet's guidance embedding).
 class TimestepEmbeddingImpl : public torch::nn::Module {
  public:
-  TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim, Act act, int64_t out_dim = 0);
-  at::Tensor forward(const at::Tensor& sample);  // [B, in] -> [B, out_dim]
+  TimestepEmbeddingImpl(int64_t in_channels, int64_t time_embed_dim, Act act, int64_t out_dim = 0,
+                        int64_t cond_proj_dim = 0);
+  // [B, in] -> [B, out_dim]; condition [B, cond_proj_dim] or undefined (required exactly when cond_proj exists).
+  at::Tensor forward(const at::Tensor& sample, const at::Tensor& condition = {});
   LoRALinear linear_1{nullptr}, linear_2{nullptr};
+  torch::nn::Linear cond_proj{nullptr};
 
  private:
   Act act_;

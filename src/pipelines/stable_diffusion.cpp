@@ -7,6 +7,7 @@
 #include "core/progress.h"
 #include "dmx/error.h"
 #include "loaders/lora_loader.h"
+#include "pipelines/guidance_embedding.h"
 #include "pipelines/memory_estimate.h"
 #include "schedulers/scheduler.h"
 
@@ -166,6 +167,17 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
                 "the model's text encoder and UNet were released by an earlier run with release_models: load the "
                 "model again");
   StableDiffusionParams p = p_in;
+  if (takes_guidance_embedding(*m_)) {
+    // An LCM-distilled UNet (LatentConsistencyModelPipeline): the guidance scale goes in as an embedding, one UNet
+    // pass per step, no negative prompt.
+    DMX_CHECK_ARG(p.negative_prompt.empty(), "negative_prompt: this model's UNet is LCM-distilled (time_cond_proj_dim ",
+                  m_->unet->config().time_cond_proj_dim,
+                  "): it takes the guidance scale as an input and no negative prompt (diffusers' "
+                  "LatentConsistencyModelPipeline has none), got '",
+                  p.negative_prompt, "'");
+    p.residual_providers.insert(p.residual_providers.begin(), std::make_shared<GuidanceEmbedding>(p.guidance_scale));
+    p.guidance_scale = 1.0;
+  }
   const bool img2img = p.init_image.defined();
   const int f = m_->vae_scale_factor();
   if (!img2img) {

@@ -234,6 +234,66 @@ def lcm_seeded_sd15_img2img(out):
                         strength=0.5)
 
 
+@case
+def lcm_seeded_test_distilled(out):
+    """An LCM-distilled UNet (time_cond_proj_dim 8: the guidance embedding w = guidance - 1 through the time
+    embedding's cond_proj) run by LatentConsistencyModelPipeline: diffusers' test model with cond_proj added
+    (cond_proj_weight below, seeded), LCMScheduler.from_config(model's config), 4 steps, guidance 8.5 (the pipeline's
+    default), no negative prompt and no CFG branch. The test rebuilds the folder from the fixture and this weight."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    ctx = R.Ctx(os.path.join(FIXTURES, "models", "test"))
+    comps = ctx.components(fresh=True)
+    base = comps["unet"]
+    cfg = dict(base.config)
+    cfg["time_cond_proj_dim"] = 8
+    unet = UNet2DConditionModel.from_config(cfg)
+    res = unet.load_state_dict(base.state_dict(), strict=False)
+    assert res.missing_keys == ["time_embedding.cond_proj.weight"] and not res.unexpected_keys, res
+    g = torch.Generator("cpu").manual_seed(8)
+    w = torch.randn(unet.time_embedding.cond_proj.weight.shape, generator=g) * 0.05
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.copy_(w)
+    unet.eval()
+    pipe = LatentConsistencyModelPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"],
+                                          tokenizer=comps["tokenizer"], unet=unet,
+                                          scheduler=LCMScheduler.from_config(ctx.sched_config()),
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompt, steps, guidance, seed = "a paper lantern on a river", 4, 8.5, 2024
+    T, J = {}, {}
+    rec = R.RngRecorder()
+    with rec, torch.no_grad():
+        o = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                 generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=R.step_recorder(T))
+        latents = o.images
+        dec = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        picture = pipe.image_processor.postprocess(dec, output_type="np")
+        # The embedding matters: the same run at guidance 1 (w = 0) ends elsewhere.
+        w0 = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+                  generator=torch.Generator("cpu").manual_seed(seed)).images
+        emb = pipe.get_guidance_scale_embedding(torch.tensor([guidance - 1.0, 0.0, 3.25]), embedding_dim=8)
+    R.finish_steps(T, J)
+    J["rng_shapes"] = [list(d.shape) for d in rec.draws]
+    T["latents"] = latents
+    T["image_u8"] = u8(picture)[0]
+    T["cond_proj_weight"] = w
+    T["w_embedding"] = emb
+    J["w_embedding_of"] = [guidance - 1.0, 0.0, 3.25]
+    J["max_abs_latents_diff_guidance_1"] = float((w0 - latents).abs().max())
+    J.update(case="lcm_seeded_test_distilled", model_dir="models/test", prompt=prompt, steps=steps,
+             guidance_scale=guidance, seed=seed, time_cond_proj_dim=8, scheduler="LCMScheduler",
+             scheduler_config=R.sched_public_config(pipe.scheduler),
+             calls=(f"LatentConsistencyModelPipeline(unet with time_cond_proj_dim 8, LCMScheduler.from_config(model's "
+                    f"config))(prompt, num_inference_steps={steps}, guidance_scale={guidance}, "
+                    f"generator=torch.Generator('cpu').manual_seed({seed}))"),
+             dmx=(f"dmx generate --model M --prompt '{prompt}' --steps {steps} --guidance-scale {guidance} "
+                  f"--seed {seed} --save-latents L.safetensors --output O.png"),
+             notes="step.<i>.latents after step i; latents = the last (the denoised sample); image_u8 = the picture "
+                   "as diffusers writes it; w_embedding = get_guidance_scale_embedding(w_embedding_of, 8)")
+    return T, J
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=HERE)
