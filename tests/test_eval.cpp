@@ -199,6 +199,24 @@ TEST(EvalEdgeF1Unit, ToleranceIsBsdsShareOfTheDiagonal) {
   EXPECT_EQ(metrics::edge_tolerance(768, 512), 7);
 }
 
+// SSIM against hand computations: equal pictures 1; two constant pictures a, b (every local variance 0) give
+// (2ab + C1) / (a^2 + b^2 + C1) everywhere; symmetric; noise lowers it; too small or mismatched pictures refused.
+TEST(EvalSsimUnit, ClosedFormsAndRules) {
+  at::manual_seed(3);
+  const at::Tensor x = at::rand({3, 20, 24});
+  EXPECT_NEAR(metrics::ssim(x, x), 1.0, 1e-12);
+  const double a = 0.3, b = 0.7, c1 = 1e-4;
+  EXPECT_NEAR(metrics::ssim(at::full({3, 16, 16}, a, at::kDouble), at::full({3, 16, 16}, b, at::kDouble)),
+              (2 * a * b + c1) / (a * a + b * b + c1), 1e-9);
+  const at::Tensor y = (x + 0.2 * at::randn({3, 20, 24})).clamp(0, 1);
+  const double xy = metrics::ssim(x, y);
+  EXPECT_NEAR(xy, metrics::ssim(y, x), 1e-12);
+  EXPECT_LT(xy, 0.95);
+  EXPECT_GT(xy, metrics::ssim(x, at::rand({3, 20, 24})));  // a noisy copy is closer than another random picture
+  EXPECT_THROW(metrics::ssim(at::rand({3, 10, 20}), at::rand({3, 10, 20})), InvalidArgument);
+  EXPECT_THROW(metrics::ssim(at::rand({3, 16, 16}), at::rand({3, 16, 17})), InvalidArgument);
+}
+
 TEST(EvalEdgeF1Unit, MaskIoU) {
   at::Tensor a = at::zeros({10, 10}, at::kBool), b = at::zeros({10, 10}, at::kBool);
   a.slice(0, 0, 5).fill_(true);  // 50 pixels
@@ -502,4 +520,76 @@ TEST(EvalTiny, AdapterEdgeF1AndTimings) {
   bad.out_dir.clear();
   bad.adapter = "/nonexistent/adapter";
   EXPECT_THROW(evaluate(bad), InvalidArgument);
+}
+
+// `dmx eval` on Stable unCLIP folders (the tiny fixture pair): base images text -> prior -> decoder, and variations
+// of the real pictures of the first --aux-prompts concepts and of the held-out one, scored by the classifier and SSIM;
+// the same seed gives the same numbers; the options that cannot apply are refused naming the flag.
+TEST(EvalUnclipGolden, ThroughPriorAndVariations) {
+  DMX_REQUIRE_FIXTURES();
+  const std::string prompts =
+      write_text("unclip_prompts.txt", "thing number 1\nthing number 2, objects, google style\nthing number 5\n");
+  const std::string out = join_path(dmx::test::temp_dir(), "unclip_out");
+  EvalOptions o;
+  o.model = dmx::test::fixture_model("unclip");
+  o.variations = dmx::test::fixture_model("unclip_img2img");
+  o.classifier = synthetic_classifier();
+  o.data = synthetic_emoji_data();
+  o.prompts_file = prompts;
+  o.steps = 2;
+  o.prior_steps = 2;
+  o.aux_prompts = 2;
+  o.variations_per_image = 2;
+  o.progress = false;
+  o.threads = 2;
+  EvalOptions again = o;
+  o.out_dir = out;
+  const auto j = nlohmann::json::parse(evaluate(o).to_json());
+  std::printf("[check] dmx eval on the tiny unCLIP pair: %s\n", j.dump().c_str());
+  EXPECT_EQ(j["n"], 3);
+  EXPECT_TRUE(j.value("through_prior", false));
+  EXPECT_EQ(j["variations_n"], 2);
+  EXPECT_EQ(j["variations_heldout_n"], 1);
+  for (const char* k :
+       {"top1", "top5", "variations_top1", "variations_top5", "variations_heldout_top1", "variations_heldout_top5"}) {
+    EXPECT_GE(j[k].get<double>(), 0.0) << k;
+    EXPECT_LE(j[k].get<double>(), 1.0) << k;
+  }
+  EXPECT_LE(j["variations_top1"].get<double>(), j["variations_top5"].get<double>());
+  const double pair = j["variations_pairwise_ssim"].get<double>();
+  EXPECT_GE(pair, -1.0);
+  EXPECT_LT(pair, 1.0);  // two draws of one seed's generator differ
+  EXPECT_TRUE(path_exists(out + "/base/0002.png"));
+  EXPECT_TRUE(path_exists(out + "/variations/0003.png"));  // 2 sources x 2 variations
+  EXPECT_FALSE(path_exists(out + "/variations/0004.png"));
+  EXPECT_TRUE(path_exists(out + "/variations-heldout/0001.png"));
+  EXPECT_TRUE(path_exists(out + "/variations_grid.png"));
+  const auto j2 = nlohmann::json::parse(evaluate(again).to_json());
+  EXPECT_EQ(j2["top1"], j["top1"]);
+  EXPECT_NEAR(j2["variations_pairwise_ssim"].get<double>(), pair, 1e-12);
+  EXPECT_NEAR(j2["frechet"].get<double>(), j["frechet"].get<double>(), 1e-9);
+
+  auto expect_invalid = [](const EvalOptions& bad, const std::string& needle) {
+    try {
+      evaluate(bad);
+      ADD_FAILURE() << "expected InvalidArgument mentioning '" << needle << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  EvalOptions bad = again;
+  bad.controlnet = dmx::test::tiny_controlnet_dir("test");
+  expect_invalid(bad, "--controlnet does not apply to a Stable unCLIP --model");
+  bad = again;
+  bad.model = dmx::test::fixture_model("unclip_img2img");
+  expect_invalid(bad, "give it as --variations");
+  bad = again;
+  bad.variations = dmx::test::fixture_model("unclip");
+  expect_invalid(bad, "--variations");
+  bad = again;
+  bad.variations_per_image = 1;
+  expect_invalid(bad, "--variations-per-image must be in [2, 64]");
+  bad = again;
+  bad.prior_steps = 0;
+  expect_invalid(bad, "--prior-steps");
 }

@@ -80,6 +80,16 @@ struct EvalOptions {
   // `dmx eval --clip DIR`: measures a CLIP folder (dmx train clip) on the emoji of `data` instead (evaluate_clip);
   // the fields that apply are data, threads and progress.
   std::string clip;
+  // Stable unCLIP (docs/unclip.md): `model` may be a StableUnCLIPPipeline folder; its base images then go text ->
+  // prior -> decoder with these settings (the other sets, ControlNet/adapter/LoRA/hypernetwork/DreamBooth, do not
+  // apply). `variations` (a StableUnCLIPImg2ImgPipeline folder) also scores variations of real emoji:
+  // variations_per_image pictures, without a prompt, of the real google picture of the first aux_prompts prompts'
+  // concepts and of every held-out concept.
+  int prior_steps = 25;
+  double prior_guidance_scale = 4.0;
+  int noise_level = 0;
+  std::string variations;
+  int variations_per_image = 4;
   bool progress = true;
 };
 
@@ -113,6 +123,14 @@ struct EvalResult {
   int dreambooth_n = 0;
   double dreambooth_similarity = -1, dreambooth_similarity_without = -1;
   double dreambooth_top5 = -1, dreambooth_top5_without = -1;  // share recognised as the concept (top-5)
+  bool through_prior = false;  // the base images came from a StableUnCLIPPipeline folder (text -> prior -> decoder)
+  // Variations (EvalOptions::variations), over the sources of the prompts' concepts (train) and the held-out ones:
+  // share of the variation pictures whose top-1 / top-5 classifier concept is the source's; mean SSIM between the
+  // variations of one source, pairwise (lower = more diverse), and between each variation and its source.
+  int variations_n = 0, variations_heldout_n = 0;  // source pictures
+  double variations_top1 = -1, variations_top5 = -1;
+  double variations_heldout_top1 = -1, variations_heldout_top5 = -1;
+  double variations_pairwise_ssim = -1, variations_source_ssim = -1;
   double seconds = 0;
   std::vector<std::string> prompts;     // the prompts scored
   std::vector<std::string> top1_names;  // the classifier's top-1 concept for each

@@ -715,22 +715,27 @@ std::vector<Option> build_table() {
                     &GO::layout_guidance_scale)}},
 
       // ---------------------------------------------------------------- generate: Stable unCLIP folders
-      {"prior-steps", {[] {
-         Use u = own(kGenerate, "N", "unCLIP: prior denoising steps (default: diffusers' 25)");
-         u.set = [](const Target& t, const Args& a, const std::string& name) {
-           t.part<GO>()->prior_steps = static_cast<int>(a.integer(name, 0, 1, 1000));
-         };
-         return u;
-       }()}},
-      {"prior-guidance-scale", {[] {
-         Use u = own(kGenerate, "G",
-                     "unCLIP: the prior's classifier-free guidance; <= 1 disables it (default: "
-                     "diffusers' 4)");
-         u.set = [](const Target& t, const Args& a, const std::string& name) {
-           t.part<GO>()->prior_guidance_scale = a.real(name, 0, 0, 100);
-         };
-         return u;
-       }()}},
+      {"prior-steps",
+       {[] {
+          Use u = own(kGenerate, "N", "unCLIP: prior denoising steps (default: diffusers' 25)");
+          u.set = [](const Target& t, const Args& a, const std::string& name) {
+            t.part<GO>()->prior_steps = static_cast<int>(a.integer(name, 0, 1, 1000));
+          };
+          return u;
+        }(),
+        num<int>(kEval, "N", "with an unCLIP --model: prior denoising steps", "", 1, 1000, &EO::prior_steps)}},
+      {"prior-guidance-scale",
+       {[] {
+          Use u = own(kGenerate, "G",
+                      "unCLIP: the prior's classifier-free guidance; <= 1 disables it (default: "
+                      "diffusers' 4)");
+          u.set = [](const Target& t, const Args& a, const std::string& name) {
+            t.part<GO>()->prior_guidance_scale = a.real(name, 0, 0, 100);
+          };
+          return u;
+        }(),
+        num<double>(kEval, "G", "with an unCLIP --model: the prior's guidance", "", 0, 100,
+                    &EO::prior_guidance_scale)}},
       {"noise-level",
        {[] {
           Use u = own(kGenerate, "N",
@@ -745,7 +750,9 @@ std::vector<Option> build_table() {
         num<int>(kUpscale, "N", "noise added to the picture before upscaling, 0 .. the model's max_noise_level", "", 0,
                  kI32Max, &UO::noise_level),
         num<int>(kVariations, "N", "noise added to the image embedding, in [0, T-1] of its scheduler", "", -1000000,
-                 1000000, &VO::noise_level)}},
+                 1000000, &VO::noise_level),
+        num<int>(kEval, "N", "unCLIP --model / --variations: noise added to the image embedding", "", -1000000, 1000000,
+                 &EO::noise_level)}},
 
       // ---------------------------------------------------------------- upscale: the VAE decode and memory
       {"vae-tiling",
@@ -1089,6 +1096,13 @@ std::vector<Option> build_table() {
       {"dreambooth-images",
        {num<int>(kEval, "N", "images generated with and without the DreamBooth LoRA", "", 2, 10000,
                  &EO::dreambooth_images)}},
+      {"variations",
+       {text(kEval, "DIR",
+             "also score image variations of this StableUnCLIPImg2ImgPipeline folder (classifier agreement with the "
+             "source, SSIM diversity)",
+             "", &EO::variations)}},
+      {"variations-per-image",
+       {num<int>(kEval, "N", "with --variations: pictures per source emoji", "", 2, 64, &EO::variations_per_image)}},
       {"mask-iou", {own(kEval, "MASK", "print the IoU of MASK and --reference MASK (white = inside), then exit")}},
       {"background-error",
        {own(kEval, "IMAGE", "print the mean |IMAGE - --reference| outside --mask (in [0, 1]), then exit")}},

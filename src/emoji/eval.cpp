@@ -27,13 +27,16 @@
 #include "emoji/emoji_classifier.h"
 #include "emoji/emoji_classifier_train.h"
 #include "emoji/emoji_data.h"
+#include "io/checkpoint.h"
 #include "loaders/hypernetwork_loader.h"
 #include "loaders/lora_loader.h"
 #include "loaders/model_bundle.h"
 #include "loaders/t2i_adapter_loader.h"
+#include "loaders/unclip.h"
 #include "metrics/metrics.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
+#include "pipelines/stable_unclip.h"
 #include "pipelines/t2i_adapter_provider.h"
 
 namespace dmx {
@@ -176,6 +179,16 @@ ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o) {
   return emoji::train_emoji_classifier(o);
 }
 
+namespace {
+// model_index.json's _class_name of a diffusers folder ("" when there is none).
+std::string pipeline_class_of(const std::string& model) {
+  const std::string index = join_path(model, "model_index.json");
+  if (!is_directory(model) || !path_exists(index)) return "";
+  const nlohmann::json j = io::load_json_file(index, "--model model_index.json");
+  return j.contains("_class_name") && j["_class_name"].is_string() ? j["_class_name"].get<std::string>() : "";
+}
+}  // namespace
+
 std::string EvalResult::to_json() const {
   nlohmann::json j = {{"n", n},
                       {"top1", top1},
@@ -221,6 +234,17 @@ std::string EvalResult::to_json() const {
     j["dreambooth_top5"] = dreambooth_top5;
     j["dreambooth_top5_without"] = dreambooth_top5_without;
   }
+  if (through_prior) j["through_prior"] = true;
+  if (variations_n > 0) {
+    j["variations_n"] = variations_n;
+    j["variations_top1"] = variations_top1;
+    j["variations_top5"] = variations_top5;
+    j["variations_heldout_n"] = variations_heldout_n;
+    j["variations_heldout_top1"] = variations_heldout_top1;
+    j["variations_heldout_top5"] = variations_heldout_top5;
+    j["variations_pairwise_ssim"] = variations_pairwise_ssim;
+    j["variations_source_ssim"] = variations_source_ssim;
+  }
   return j.dump();
 }
 
@@ -254,6 +278,38 @@ EvalResult evaluate(const EvalOptions& o) {
     DMX_CHECK_ARG(o.dreambooth_prompt.empty() && o.dreambooth_concept.empty(),
                   "--dreambooth-prompt/--dreambooth-concept need --dreambooth");
   }
+  // Stable unCLIP: a text-to-image folder is scored through its prior; an image-variation folder is --variations.
+  const std::string model_class = pipeline_class_of(o.model);
+  DMX_CHECK_ARG(model_class != "StableUnCLIPImg2ImgPipeline", "--model ", o.model,
+                " is a StableUnCLIPImg2ImgPipeline folder (image variations): give it as --variations DIR, with a "
+                "text-to-image --model");
+  const bool through_prior = model_class == "StableUnCLIPPipeline";
+  if (through_prior) {
+    const std::pair<const char*, const std::string*> others[] = {{"--controlnet", &o.controlnet},
+                                                                 {"--adapter", &o.adapter},
+                                                                 {"--lora", &o.lora},
+                                                                 {"--hypernetwork", &o.hypernetwork},
+                                                                 {"--dreambooth", &o.dreambooth}};
+    for (const auto& [flag, value] : others)
+      DMX_CHECK_ARG(value->empty(), flag, " does not apply to a Stable unCLIP --model (", o.model,
+                    "): its base images go text -> prior -> decoder");
+  }
+  pipelines::check_num_inference_steps(o.prior_steps, "--prior-steps");
+  pipelines::check_guidance_scale(o.prior_guidance_scale, "--prior-guidance-scale");
+  DMX_CHECK_ARG(o.noise_level >= 0,
+                "--noise-level must be >= 0 (and below the image_noising_scheduler's "
+                "num_train_timesteps), got ",
+                o.noise_level);
+  if (!o.variations.empty()) {
+    DMX_CHECK_ARG(path_exists(o.variations), "--variations: path not found: ", o.variations);
+    const std::string cls = pipeline_class_of(o.variations);
+    DMX_CHECK_ARG(cls == "StableUnCLIPImg2ImgPipeline", "--variations ", o.variations,
+                  " must be a StableUnCLIPImg2ImgPipeline folder (feature_extractor + image_encoder), got ",
+                  cls.empty() ? std::string("another kind of folder") : "a " + cls + " folder");
+  }
+  DMX_CHECK_ARG(o.variations_per_image >= 2 && o.variations_per_image <= 64,
+                "--variations-per-image must be in [2, 64] (pairwise diversity needs two), got ",
+                o.variations_per_image);
   {
     // --out holds what dmx eval writes (a folder per image set and its grid); an existing one may hold nothing
     // else, so an earlier evaluation is all that is replaced.
@@ -267,6 +323,7 @@ EvalResult evaluate(const EvalOptions& o) {
     plan.input(o.lora, "--lora");
     plan.input(hn_spec.path, "--hypernetwork");
     plan.input(o.dreambooth, "--dreambooth");
+    plan.input(o.variations, "--variations");
     if (!o.out_dir.empty())
       plan.work_folder(o.out_dir, "--out", [](const std::string& dir) -> std::string {
         static const std::vector<std::string> sets = {"base",
@@ -278,7 +335,9 @@ EvalResult evaluate(const EvalOptions& o) {
                                                       "lora",
                                                       "hypernetwork",
                                                       "dreambooth",
-                                                      "dreambooth_without"};
+                                                      "dreambooth_without",
+                                                      "variations",
+                                                      "variations-heldout"};
         std::error_code ec;
         for (auto it = std::filesystem::directory_iterator(dir, ec); !ec && it != std::filesystem::directory_iterator();
              it.increment(ec)) {
@@ -331,11 +390,20 @@ EvalResult evaluate(const EvalOptions& o) {
   // A malformed or hostile hypernetwork file is refused before the model loads.
   models::Hypernetwork hypernetwork{nullptr};
   if (!o.hypernetwork.empty()) hypernetwork = loaders::load_hypernetwork(hn_spec.path);
+  std::shared_ptr<loaders::UnCLIPComponents> unclip_parts;
+  if (through_prior) unclip_parts = loaders::load_unclip_components(o.model);  // a missing part says which
   auto models = loaders::load_stable_diffusion(o.model);
   pipelines::StableDiffusionPipeline pipe(models);
+  std::unique_ptr<pipelines::StableUnCLIPPipeline> unclip_pipe;
+  if (through_prior) unclip_pipe = std::make_unique<pipelines::StableUnCLIPPipeline>(models, unclip_parts);
   const int n = static_cast<int>(prompts.size());
   const int n_aux = std::min(n, o.aux_prompts);
-  int total = n + (o.controlnet.empty() ? 0 : 3 * n_aux) +
+  std::vector<int> heldout;  // variation sources besides the prompts' concepts: every held-out concept
+  if (!o.variations.empty())
+    for (int c = 0; c < static_cast<int>(data.concepts().size()); ++c)
+      if (data.concepts()[static_cast<size_t>(c)].split == "heldout" && data.has("google", c)) heldout.push_back(c);
+  int total = n + (o.variations.empty() ? 0 : n_aux + static_cast<int>(heldout.size())) +
+              (o.controlnet.empty() ? 0 : 3 * n_aux) +
               (o.adapter.empty() ? 0 : (o.controlnet.empty() ? 3 : 2) * n_aux) + (o.lora.empty() ? 0 : n_aux) +
               (o.hypernetwork.empty() ? 0 : n_aux) + (o.dreambooth.empty() ? 0 : 2 * o.dreambooth_images);
   ProgressBar bar("eval", total);
@@ -344,6 +412,24 @@ EvalResult evaluate(const EvalOptions& o) {
   auto generate = [&](const std::string& prompt, uint64_t seed, const std::vector<pipelines::ControlNetUnit>& cn,
                       const pipelines::T2IAdapterUnit* adapter = nullptr) {
     const auto g0 = std::chrono::steady_clock::now();
+    if (unclip_pipe) {  // text -> prior -> decoder (the other sets are refused above)
+      pipelines::StableUnCLIPParams q;
+      q.prompt = prompt;
+      q.num_inference_steps = o.steps;
+      q.guidance_scale = o.guidance_scale;
+      q.scheduler = o.scheduler;
+      q.prior_num_inference_steps = o.prior_steps;
+      q.prior_guidance_scale = o.prior_guidance_scale;
+      q.noise_level = o.noise_level;
+      at::Generator generator = pipelines::make_generator(seed);
+      q.generator = &generator;
+      q.show_progress = false;
+      at::Tensor img = unclip_pipe->run(q).images[0].permute({2, 0, 1}).contiguous();
+      timed_base.first += std::chrono::duration<double>(std::chrono::steady_clock::now() - g0).count();
+      timed_base.second += 1;
+      bar.tick();
+      return img;
+    }
     pipelines::StableDiffusionParams p;
     p.prompt = prompt;
     p.num_inference_steps = o.steps;
@@ -382,6 +468,7 @@ EvalResult evaluate(const EvalOptions& o) {
   EvalResult r;
   r.n = n;
   r.prompts = prompts;
+  r.through_prior = through_prior;
   // 3. Base images: prompt accuracy, Fréchet distances, style.
   std::vector<at::Tensor> base;
   for (int i = 0; i < n; ++i)
@@ -546,6 +633,59 @@ EvalResult evaluate(const EvalOptions& o) {
     r.dreambooth_n = o.dreambooth_images;
     score(with, r.dreambooth_similarity, r.dreambooth_top5);
     score(without, r.dreambooth_similarity_without, r.dreambooth_top5_without);
+  }
+  // 7. Variations (Stable unCLIP image variations): per source picture, variations_per_image pictures without a
+  // prompt from one seed; does the classifier see the source's concept, and how alike are they?
+  if (!o.variations.empty()) {
+    const auto vparts = loaders::load_unclip_components(o.variations);
+    const auto vmodels = loaders::load_stable_diffusion(o.variations);
+    pipelines::StableUnCLIPPipeline vpipe(vmodels, vparts);
+    const int k = o.variations_per_image;
+    double pair_ssim = 0, src_ssim = 0;
+    int pairs = 0, compared = 0;
+    auto score = [&](const std::vector<int>& sources, const std::string& set, double& top1, double& top5) {
+      std::vector<at::Tensor> imgs;
+      std::vector<int64_t> labels;
+      for (size_t i = 0; i < sources.size(); ++i) {
+        const int c = sources[i];
+        pipelines::StableUnCLIPParams q;
+        q.image = to_rgb(load_image(data.files("google", c).image, "--data picture"));
+        q.num_images_per_prompt = k;
+        q.num_inference_steps = o.steps;
+        q.guidance_scale = o.guidance_scale;
+        q.scheduler = o.scheduler;
+        q.noise_level = o.noise_level;
+        at::Generator generator = pipelines::make_generator(o.seed + 200000 + (set == "variations" ? 0 : 100000) + i);
+        q.generator = &generator;
+        q.show_progress = false;
+        const at::Tensor out = vpipe.run(q).images.permute({0, 3, 1, 2}).contiguous();  // [k, 3, H, W]
+        const at::Tensor src = data.image01("google", c);
+        for (int a = 0; a < k; ++a) {
+          imgs.push_back(out[a]);
+          labels.push_back(c);
+          if (src.sizes() == out[a].sizes()) {
+            src_ssim += metrics::ssim(out[a], src);
+            ++compared;
+          }
+          for (int b = a + 1; b < k; ++b, ++pairs) pair_ssim += metrics::ssim(out[a], out[b]);
+        }
+        bar.tick();
+      }
+      if (sources.empty()) return;
+      save_all(set, imgs);
+      const at::Tensor logits = features(imgs).concept_logits;
+      const at::Tensor t5 = std::get<1>(logits.topk(std::min<int64_t>(5, logits.size(1)), 1));
+      const at::Tensor lab = at::tensor(labels, at::kLong);
+      top1 = t5.select(1, 0).eq(lab).to(at::kDouble).mean().item<double>();
+      top5 = t5.eq(lab.unsqueeze(1)).any(1).to(at::kDouble).mean().item<double>();
+    };
+    const std::vector<int> train_sources(concept_of.begin(), concept_of.begin() + n_aux);
+    score(train_sources, "variations", r.variations_top1, r.variations_top5);
+    score(heldout, "variations-heldout", r.variations_heldout_top1, r.variations_heldout_top5);
+    r.variations_n = n_aux;
+    r.variations_heldout_n = static_cast<int>(heldout.size());
+    r.variations_pairwise_ssim = pairs > 0 ? pair_ssim / pairs : -1;
+    r.variations_source_ssim = compared > 0 ? src_ssim / compared : -1;
   }
   bar.finish();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

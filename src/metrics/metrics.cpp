@@ -74,6 +74,34 @@ double mask_iou(const at::Tensor& a, const at::Tensor& b) {
   return uni == 0 ? 1.0 : x.logical_and(y).sum().item<double>() / uni;
 }
 
+double ssim(const at::Tensor& a, const at::Tensor& b) {
+  DMX_CHECK_ARG(a.dim() == 3 && a.sizes() == b.sizes(), "ssim: pictures must be [C, H, W] of one size, got ", a.sizes(),
+                " and ", b.sizes());
+  constexpr int64_t kWin = 11;
+  DMX_CHECK_ARG(a.size(1) >= kWin && a.size(2) >= kWin, "ssim: pictures must be at least ", kWin, "x", kWin,
+                " (the Gaussian window), got ", a.size(2), "x", a.size(1));
+  const int64_t c = a.size(0);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor r = at::arange(kWin, f64) - (kWin - 1) / 2.0;
+  at::Tensor g = at::exp(-(r * r) / (2 * 1.5 * 1.5));
+  g = g / g.sum();
+  const at::Tensor w = at::outer(g, g).expand({c, 1, kWin, kWin}).contiguous();
+  auto blur = [&](const at::Tensor& x) {
+    return at::conv2d(x.unsqueeze(0), w, c10::optional<at::Tensor>(), at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0},
+                      at::IntArrayRef{1, 1}, c)
+        .squeeze(0);
+  };
+  const at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
+  const at::Tensor mx = blur(x);
+  const at::Tensor my = blur(y);
+  const at::Tensor sxx = blur(x * x) - mx * mx;
+  const at::Tensor syy = blur(y * y) - my * my;
+  const at::Tensor sxy = blur(x * y) - mx * my;
+  constexpr double c1 = 0.01 * 0.01, c2 = 0.03 * 0.03;
+  const at::Tensor map = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2));
+  return map.mean().item<double>();
+}
+
 int edge_tolerance(int64_t height, int64_t width) {
   return static_cast<int>(std::lround(0.0075 * std::hypot(static_cast<double>(height), static_cast<double>(width))));
 }

@@ -6,6 +6,7 @@
 //    with unbiased covariances (np.cov), computed in float64. tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) with
 //    A = S1^(1/2): A S2 A is symmetric positive semi-definite, so both square roots are symmetric
 //    eigen-decompositions (negative round-off eigenvalues clamped to 0) and no complex sqrtm is needed.
+//  - SSIM (below) for the similarity and diversity of pictures.
 //  - Edge F1 with a pixel tolerance (the BSDS boundary benchmark's idea, with a square neighbourhood instead
 //    of a bipartite matching): precision = predicted edge pixels with a true edge within `tolerance` pixels
 //    (Chebyshev distance), recall = true edge pixels with a predicted edge within `tolerance`.
@@ -26,6 +27,12 @@ double edge_f1(const at::Tensor& pred, const at::Tensor& target, int tolerance);
 // image diagonal, rounded to whole pixels (0 up to 47 x 47, so exact matching for the
 // 32-px emoji; 1 up to 141 x 141; 5 at 512 x 512).
 int edge_tolerance(int64_t height, int64_t width);
+
+// SSIM (Wang et al. 2004, "Image Quality Assessment: From Error Visibility to Structural Similarity"): the
+// paper's 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, dynamic range 1, over the valid region (no
+// padding), each channel separately, averaged over positions and channels. a, b: [C, H, W] in [0, 1], H and W >= 11;
+// computed in float64. 1 for equal pictures.
+double ssim(const at::Tensor& a, const at::Tensor& b);
 
 // masks [H, W] bool: |A and B| / |A or B| (both empty: 1).
 double mask_iou(const at::Tensor& a, const at::Tensor& b);

@@ -13,7 +13,8 @@ namespace dmx::cli {
 namespace {
 // `dmx eval --layouts DIR`: the layout measures (docs/layouts.md), from the eval options that apply.
 int eval_layouts(const Args& a, EvalOptions& o) {
-  for (const char* other : {"prompts", "controlnet", "adapter", "lora", "hypernetwork", "dreambooth", "data"})
+  for (const char* other :
+       {"prompts", "controlnet", "adapter", "lora", "hypernetwork", "dreambooth", "data", "variations"})
     DMX_CHECK_ARG(!a.has(other), "--", other, " does not apply to --layouts");
   apply_options(a, target(kEval, o));
   LayoutEvalOptions l;
@@ -46,8 +47,9 @@ int eval_layouts(const Args& a, EvalOptions& o) {
 
 // `dmx eval --clip DIR`: zero-shot classification and retrieval of a CLIP folder on the emoji of --data.
 int eval_clip(const Args& a, EvalOptions& o) {
-  for (const char* other : {"model", "prompts", "controlnet", "adapter", "lora", "hypernetwork", "dreambooth",
-                            "layouts", "layout-method", "steps", "guidance-scale", "scheduler", "limit", "out"})
+  for (const char* other :
+       {"model", "prompts", "controlnet", "adapter", "lora", "hypernetwork", "dreambooth", "layouts", "layout-method",
+        "steps", "guidance-scale", "scheduler", "limit", "out", "variations"})
     DMX_CHECK_ARG(!a.has(other), "--", other, " does not apply to --clip");
   apply_options(a, target(kEval, o));
   const ClipEvalResult r = evaluate_clip(o);
@@ -107,7 +109,7 @@ int cmd_eval(int argc, char** argv) {
     std::printf("%s\n", r.to_json().c_str());
     return 0;
   }
-  std::printf("prompts scored        %d\n", r.n);
+  std::printf("prompts scored        %d%s\n", r.n, r.through_prior ? " (text -> prior -> decoder)" : "");
   std::printf("top-1 accuracy        %.4f\n", r.top1);
   std::printf("top-5 accuracy        %.4f\n", r.top5);
   std::printf("frechet (gen vs real) %.4f\n", r.frechet);
@@ -140,6 +142,13 @@ int cmd_eval(int argc, char** argv) {
         "DreamBooth similarity %.4f with, %.4f without; recognised (top-5) %.4f with, %.4f without (%d images)\n",
         r.dreambooth_similarity, r.dreambooth_similarity_without, r.dreambooth_top5, r.dreambooth_top5_without,
         r.dreambooth_n);
+  if (r.variations_n > 0) {
+    std::printf("variations top-1/top-5 %.4f / %.4f of %d train emoji, %.4f / %.4f of %d held-out\n", r.variations_top1,
+                r.variations_top5, r.variations_n, r.variations_heldout_top1, r.variations_heldout_top5,
+                r.variations_heldout_n);
+    std::printf("variations SSIM       %.4f pairwise (lower = more diverse), %.4f to the source\n",
+                r.variations_pairwise_ssim, r.variations_source_ssim);
+  }
   std::printf("seconds               %.1f\n", r.seconds);
   return 0;
 }
