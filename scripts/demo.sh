@@ -18,6 +18,8 @@
 #                                                            generate --upscale-model; e.g. stabilityai's x4 upscaler)
 #   DMX_PALETTE      [models/emoji-palette-inpaint]          Palette folder (dmx train palette; dmx restore)
 #   DMX_CLIP         [models/emoji-clip]                     CLIP folder (dmx train clip; dmx embed)
+#   DMX_UNCLIP       [models/emoji-unclip]                   StableUnCLIPPipeline folder (dmx train prior + unclip)
+#   DMX_UNCLIP_IMG2IMG [models/emoji-unclip-img2img]         StableUnCLIPImg2ImgPipeline folder (dmx variations)
 #   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER --data $DMX_EMOJI_DATA --limit $DMX_DEMO_EVAL_LIMIT
 #                     --steps N --seed N --out $DMX_DEMO_OUT/eval]  arguments of `dmx eval` (+ --json); DMX_DEMO_EVAL_LIMIT [32] prompts
 #   DMX_EMOJI_DATA   [~/.cache/dmx/emoji-data]  the real emoji `dmx eval` compares against (built there when missing)
@@ -44,6 +46,8 @@ CLASSIFIER="${DMX_CLASSIFIER:-models/emoji-classifier}"
 UPSCALER="${DMX_UPSCALER:-models/emoji-sr}"
 PALETTE="${DMX_PALETTE:-models/emoji-palette-inpaint}"
 CLIP="${DMX_CLIP:-models/emoji-clip}"
+UNCLIP="${DMX_UNCLIP:-models/emoji-unclip}"
+UNCLIP_I2I="${DMX_UNCLIP_IMG2IMG:-models/emoji-unclip-img2img}"
 OUT="${DMX_DEMO_OUT:-demo}"
 STEPS="${DMX_DEMO_STEPS:-20}"
 SEED="${DMX_DEMO_SEED:-42}"
@@ -89,7 +93,7 @@ if [ "${1:-}" = "--serve" ]; then
   exec "$DMX" serve --models models "$@"
 fi
 
-SECTIONS=(inputs txt2img img2img controlnet adapter layout lora blended diffedit p2p nulltext dreambooth upscale palette clip eval logs)
+SECTIONS=(inputs txt2img img2img controlnet adapter layout lora blended diffedit p2p nulltext dreambooth upscale palette clip unclip eval logs)
 rm -f "${OUT:?}/index.html"  # no page pointing at the images removed next
 for s in "${SECTIONS[@]}"; do rm -rf "${OUT:?}/$s"; done
 mkdir -p "$OUT"
@@ -583,6 +587,46 @@ if [ -f "$CLIP/model_index.json" ]; then
     "$body" "$(sec_ms)"
 else
   skipped clip "CLIP: <code>dmx embed</code>" "no CLIP folder at $CLIP (set DMX_CLIP; dmx train clip makes one)"
+fi
+
+# ---- 11e. the DALL-E 2 stack: text -> prior -> picture, variations, interpolation ---------------------
+if [ -f "$UNCLIP/model_index.json" ] && [ -f "$UNCLIP_I2I/model_index.json" ]; then
+  sec_t0
+  UN=(--steps "$STEPS" --guidance-scale "$GUIDANCE" --seed "$SEED" --quiet)
+  ids=()
+  figs=""
+  for i in 0 1 2 3; do
+    p=${PROMPTS[$i]}
+    run "unclip_t2i_$i" "$DMX" generate --model "$UNCLIP" --prompt "$p" "${UN[@]}" --output "$OUT/unclip/t2i-$i.png"
+    figs+=$(fig "txt2img/$i.png" "$(q "$p")<br>text only ($(esc "$MODEL"))")
+    figs+=$(fig "unclip/t2i-$i.png" "$(q "$p")<br>text &rarr; prior &rarr; decoder")
+    ids+=("unclip_t2i_$i=$(q "$p"); prior 25 steps, prior guidance 4, decoder $STEPS steps, guidance $GUIDANCE, seed $SEED")
+  done
+  body=$(row "text &rarr; prior &rarr; picture" "$figs")
+  for e in cat pizza; do
+    run "unclip_var_$e" "$DMX" variations --model "$UNCLIP_I2I" --image "$OUT/$(emoji google images "$e")" \
+      --num-images 4 "${UN[@]}" --output "$OUT/unclip/var-$e.png"
+    figs=$(fig "$(emoji google images "$e")" "source: $e (real)")
+    for k in 0 1 2 3; do figs+=$(fig "unclip/var-$e-$k.png" "variation $k"); done
+    body+=$(row "variations of $e" "$figs")
+    ids+=("unclip_var_$e=the real google $e, no prompt, 4 pictures of seed $SEED")
+  done
+  INTERP_A=grinning
+  INTERP_B=cat
+  run unclip_interp "$DMX" variations --model "$UNCLIP_I2I" --image "$OUT/$(emoji google images "$INTERP_A")" \
+    --interpolate-to "$OUT/$(emoji google images "$INTERP_B")" --num-images 5 "${UN[@]}" \
+    --output "$OUT/unclip/interp.png"
+  figs=$(fig "$(emoji google images "$INTERP_A")" "$INTERP_A (real)")
+  for k in 0 1 2 3 4; do figs+=$(fig "unclip/interp-$k.png" "t = $k/4"); done
+  figs+=$(fig "$(emoji google images "$INTERP_B")" "$INTERP_B (real)")
+  body+=$(row "interpolation" "$figs")
+  ids+=("unclip_interp=slerp between the CLIP image embeddings of the real $INTERP_A and $INTERP_B, 5 points, one seed")
+  body+=$(runs_table "${ids[@]}")
+  section unclip "The DALL-E 2 stack: <code>dmx train prior</code>, <code>dmx train unclip</code>" \
+    "<code>$(esc "$UNCLIP")</code>: a prior (text to CLIP image embedding) and a decoder (the emoji UNet conditioned on the noise-augmented image embedding), both trained by dmx on emoji with dmx's own CLIP; <code>$(esc "$UNCLIP_I2I")</code> makes variations of a picture from its image embedding. Measures: docs/unclip.md." \
+    "$body" "$(sec_ms)"
+else
+  skipped unclip "The DALL-E 2 stack: <code>dmx train prior</code>, <code>dmx train unclip</code>" "no unCLIP folders at $UNCLIP and $UNCLIP_I2I (set DMX_UNCLIP, DMX_UNCLIP_IMG2IMG; docs/unclip.md makes them)"
 fi
 
 # ---- 12. metrics: dmx eval -----------------------------------------------------------------------------
