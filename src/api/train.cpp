@@ -20,6 +20,7 @@
 #include "io/checkpoint.h"
 #include "loaders/model_bundle.h"
 #include "loaders/t2i_adapter_loader.h"
+#include "loaders/unclip.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
 #include "pipelines/t2i_adapter_provider.h"
@@ -380,6 +381,28 @@ tr::PriorArchitecture prior_architecture(const TrainOptions& o) {
   return a;
 }
 
+// The prior's config: --model's or --config's prior/config.json checked against the CLIP, else a new one of the
+// --layers, --heads, --attention-head-dim architecture.
+models::PriorTransformerConfig prior_config(const TrainOptions& o, const models::CLIPTextConfig& text,
+                                            const models::CLIPVisionConfig& vision, int model_max_length) {
+  const std::string from = !o.model.empty() ? o.model : o.config_dir;
+  if (from.empty()) return tr::prior_config_for_clip(prior_architecture(o), text, vision, model_max_length);
+  const auto c = models::PriorTransformerConfig::from_json(io::load_json_file(
+      join_path(from, "prior/config.json"), (o.model.empty() ? "--config" : "--model") + std::string(" prior config")));
+  tr::PriorArchitecture a;
+  a.layers = c.num_layers;
+  a.heads = c.num_attention_heads;
+  a.head_dim = c.attention_head_dim;
+  const auto want = tr::prior_config_for_clip(a, text, vision, model_max_length);
+  DMX_CHECK_ARG(c.embedding_dim == want.embedding_dim && c.num_embeddings == want.num_embeddings &&
+                    c.resolved_embedding_proj_dim() == want.embedding_dim &&
+                    c.resolved_clip_embed_dim() == want.embedding_dim,
+                from, "/prior/config.json does not fit --clip: embedding_dim ", c.embedding_dim, ", num_embeddings ",
+                c.num_embeddings, " against the CLIP's width ", want.embedding_dim, " and tokenizer length ",
+                want.num_embeddings);
+  return c;
+}
+
 // dmx train prior: --data folders, the CLIP (a folder with both towers and a tokenizer whose sizes fit a Stable unCLIP
 // prior), the architecture. Reads only configs.
 void check_prior_options(const TrainOptions& o) {
@@ -404,7 +427,16 @@ void check_prior_options(const TrainOptions& o) {
   const auto vision = models::CLIPVisionConfig::from_json(
       io::load_json_file(join_path(clip, "image_encoder/config.json"), "--clip image_encoder config"));
   const auto tok = models::CLIPTokenizer::from_folder(join_path(clip, "tokenizer"));
-  (void)tr::prior_config_for_clip(prior_architecture(o), text, vision, tok.model_max_length());
+  DMX_CHECK_ARG(o.tokenizer_dir.empty(),
+                "--tokenizer is not taken by dmx train prior: it tokenizes with the CLIP's own tokenizer/ (--clip ",
+                clip, ")");
+  DMX_CHECK_ARG(o.model.empty() || o.config_dir.empty(),
+                "--model (continue a prior folder) and --config (the architecture of a new one) exclude each other");
+  for (const auto& [flag, dir] :
+       {std::pair<const char*, const std::string&>{"--model", o.model}, {"--config", o.config_dir}})
+    DMX_CHECK_ARG(dir.empty() || path_exists(join_path(dir, "prior/config.json")), flag, " ", dir,
+                  " is not a prior folder (no prior/config.json; dmx train prior writes one)");
+  (void)prior_config(o, text, vision, tok.model_max_length());
 }
 
 }  // namespace
@@ -618,9 +650,9 @@ TrainReport train(const TrainOptions& o) {
     }
     auto features = std::make_shared<tr::PriorFeatures>(tr::compute_prior_features(*clip, paths, captions, "--data"));
     torch::manual_seed(o.seed);
-    models::PriorTransformer prior(tr::prior_config_for_clip(prior_architecture(o), clip->text_encoder->config(),
-                                                             clip->image_encoder->config(),
-                                                             clip->tokenizer->model_max_length()));
+    models::PriorTransformer prior(prior_config(o, clip->text_encoder->config(), clip->image_encoder->config(),
+                                                clip->tokenizer->model_max_length()));
+    if (!o.model.empty()) prior = loaders::load_unclip_prior(o.model)->prior;
     source = std::make_shared<tr::FeatureBatchSource>(captions, o.batch_size, rank, world, o.seed);
     recipe = std::make_shared<tr::PriorRecipe>(prior, features, clip_dir, o.prior_text_drop);
   } else if (o.recipe == "controlnet") {

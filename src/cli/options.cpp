@@ -360,6 +360,10 @@ std::vector<Option> build_table() {
              &ModelOptions::model),
         text(kTrainClip, "DIR", "a CLIP folder (dmx train clip) to continue training from", "a new CLIP",
              &ModelOptions::model),
+        text(kTrainPrior, "DIR",
+             "a prior folder (dmx train prior) to continue training from (its architecture; clip_mean/clip_std are "
+             "recomputed on --data)",
+             "a new prior", &ModelOptions::model),
         text(kRestore, "DIR", "a Palette folder (dmx train palette) (required)", "", &RO::model),
         text(kServe, "NAME", "the model of --models to load at start-up (a name of GET /sdapi/v1/sd-models)",
              "the first one", &ServeOptions::model),
@@ -378,6 +382,8 @@ std::vector<Option> build_table() {
       {"config",
        {text(kModel, "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint", "",
              &ModelOptions::config_dir),
+        text(kTrainPrior, "DIR", "a prior folder whose prior/config.json (the architecture) a new prior takes",
+             "--layers, --heads, --attention-head-dim", &ModelOptions::config_dir),
         text(kTrainClip, "DIR",
              "a CLIP folder whose architecture (text_encoder/, image_encoder/ config.json) and tokenizer a new CLIP "
              "takes",
@@ -386,6 +392,10 @@ std::vector<Option> build_table() {
              &InitModelOptions::config)}},
       {"tokenizer",
        {text(kModel, "DIR", "folder with vocab.json and merges.txt", "", &ModelOptions::tokenizer_dir),
+        text(kTrainPrior, "DIR",
+             "not taken: the prior tokenizes with the CLIP's own tokenizer/ (--clip), whose text tower makes its "
+             "features",
+             "", &ModelOptions::tokenizer_dir),
         text(kTrainClip, "DIR",
              "the text tower's tokenizer: a folder with vocab.json and merges.txt (required for a new CLIP without "
              "--config)",
