@@ -471,6 +471,8 @@ TEST(PriorTrainCli, EvalPriorMeasuresATrainedFolder) {
     EXPECT_TRUE(v >= -1.0 && v <= 1.0 && v != 0.0) << k << " " << v;
   }
   EXPECT_EQ(j.at("google_heldout_top5_text"), 1.0) << "2 pictures: the right one is always in the top 5";
+  for (const char* k : {"google_heldout_norm_true", "google_heldout_norm_sampled", "google_train_norm_text"})
+    EXPECT_GT(j.at(k).get<double>(), 0.0) << k;
   const double top1 = j.at("google_train_top1_text").get<double>();
   EXPECT_TRUE(top1 >= 0 && top1 <= 1);
   // --guidance-scale 1: no unguided second run.

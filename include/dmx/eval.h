@@ -172,6 +172,9 @@ struct PriorEvalSplit {
   // Retrieval among the n pictures' true embeddings of this style and split: top-1 / top-5 of the sampled
   // embedding (guided, unguided) and of the text embedding (CLIP's text -> image recall).
   double top1_sampled = 0, top5_sampled = 0, top1_unguided = -1, top5_unguided = -1, top1_text = 0, top5_text = 0;
+  // Mean L2 norms: of the true image embeddings, the sampled ones (guided) and the text embeddings (the decoder is
+  // trained on image embeddings: how far a conditioning vector is from their scale).
+  double norm_true = 0, norm_sampled = 0, norm_text = 0;
 };
 struct PriorEvalResult {
   std::vector<PriorEvalSplit> splits;

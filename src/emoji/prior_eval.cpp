@@ -50,6 +50,9 @@ std::string PriorEvalResult::to_json() const {
     j[p + "top5_unguided"] = s.top5_unguided;
     j[p + "top1_text"] = s.top1_text;
     j[p + "top5_text"] = s.top5_text;
+    j[p + "norm_true"] = s.norm_true;
+    j[p + "norm_sampled"] = s.norm_sampled;
+    j[p + "norm_text"] = s.norm_text;
   }
   return j.dump();
 }
@@ -141,7 +144,8 @@ PriorEvalResult evaluate_prior(const PriorEvalOptions& o) {
                                               0))
                             .image_embeds.to(at::kFloat));
       }
-      const at::Tensor truth = normalized(at::cat(parts, 0));  // [n, E]
+      const at::Tensor raw = at::cat(parts, 0);  // [n, E]
+      const at::Tensor truth = normalized(raw);
       const at::Tensor sel = at::tensor(rows, at::kLong);
       PriorEvalSplit s;
       s.style = style;
@@ -155,6 +159,9 @@ PriorEvalResult evaluate_prior(const PriorEvalOptions& o) {
       score(guided, &s.cos_sampled, &s.top1_sampled, &s.top5_sampled);
       if (unguided.defined()) score(unguided, &s.cos_unguided, &s.top1_unguided, &s.top5_unguided);
       score(text, &s.cos_text, &s.top1_text, &s.top5_text);
+      s.norm_true = raw.norm(2, {1}).mean().item<double>();
+      s.norm_sampled = guided.index_select(0, sel).norm(2, {1}).mean().item<double>();
+      s.norm_text = text.index_select(0, sel).norm(2, {1}).mean().item<double>();
       r.splits.push_back(s);
     }
   }

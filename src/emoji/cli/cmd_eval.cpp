@@ -98,6 +98,9 @@ int eval_prior(const Args& a, EvalOptions& o) {
     std::printf("%-8s %-8s n %4d  cos %.4f / %.4f / %.4f   top-1 %.3f / %.3f / %.3f   top-5 %.3f / %.3f / %.3f\n",
                 s.style.c_str(), s.split.c_str(), s.n, s.cos_sampled, s.cos_unguided, s.cos_text, s.top1_sampled,
                 s.top1_unguided, s.top1_text, s.top5_sampled, s.top5_unguided, s.top5_text);
+  for (const auto& s : r.splits)
+    std::printf("%-8s %-8s mean norm: true %.3f, sampled %.3f, text %.3f\n", s.style.c_str(), s.split.c_str(),
+                s.norm_true, s.norm_sampled, s.norm_text);
   std::printf("seconds               %.1f\n", r.seconds);
   return 0;
 }
