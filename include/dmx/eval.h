@@ -163,6 +163,47 @@ struct ClipEvalResult {
 // InvalidArgument naming --clip / --data when a folder is missing or not what it should be.
 ClipEvalResult evaluate_clip(const EvalOptions& o);
 
+// `dmx eval --prior DIR` (docs/unclip.md "Training the prior"): a diffusion prior (dmx train prior, or a
+// StableUnCLIPPipeline folder's prior half) measured as Ramesh et al. 2022 do: the CLIP image embedding sampled from
+// each concept's name (the prior's whole sampling loop: its scheduler, prior_steps steps, classifier-free guidance
+// prior_guidance_scale, one generator seeded with `seed` for the whole batch of prompts) against the true image
+// embedding of the concept's picture (the CLIP's image tower through its feature extractor), per style and split
+// (held-out concepts: all; train concepts: at most train_limit, every k-th), with the text embedding itself as the
+// baseline.
+struct PriorEvalOptions {
+  std::string prior;     // the prior folder (prior/, prior_scheduler/, prior_text_encoder/, prior_tokenizer/)
+  std::string clip;      // the CLIP folder of the image tower; "" = models/emoji-clip when it exists
+  std::string data;      // `dmx data emoji` folder; "" = default_emoji_data_dir()
+  int prior_steps = 25;  // StableUnCLIPPipeline's default
+  double prior_guidance_scale = 4.0;  // StableUnCLIPPipeline's default; <= 1: no guidance
+  uint64_t seed = 0;
+  int train_limit = 200;
+  int threads = 0;
+  bool progress = true;
+};
+struct PriorEvalSplit {
+  std::string style, split;  // google | twitter, heldout | train
+  int n = 0;                 // concepts with a picture in this style
+  // Mean cosine similarity to the true image embedding: the sampled embedding (guided; and unguided, -1 when the
+  // guided run is unguided), and the baseline, the prompt's text embedding.
+  double cos_sampled = 0, cos_unguided = -1, cos_text = 0;
+  // Retrieval among the n pictures' true embeddings of this style and split: top-1 / top-5 of the sampled
+  // embedding (guided, unguided) and of the text embedding (CLIP's text -> image recall).
+  double top1_sampled = 0, top5_sampled = 0, top1_unguided = -1, top5_unguided = -1, top1_text = 0, top5_text = 0;
+  // Mean L2 norms: of the true image embeddings, the sampled ones (guided) and the text embeddings (the decoder is
+  // trained on image embeddings: how far a conditioning vector is from their scale).
+  double norm_true = 0, norm_sampled = 0, norm_text = 0;
+};
+struct PriorEvalResult {
+  std::vector<PriorEvalSplit> splits;
+  int prior_steps = 0;
+  double prior_guidance_scale = 0;
+  double seconds = 0;
+  std::string to_json() const;
+};
+// InvalidArgument naming --prior / --clip / --data when a folder is missing or not what it should be.
+PriorEvalResult evaluate_prior(const PriorEvalOptions& o);
+
 // The built-in prompt list: 300 prompts from the *train* concepts of data's concepts.json (never a
 // held-out concept), picked deterministically (every k-th train concept in concepts.json order, k =
 // floor(#train / 300)); one in five (i % 5 == 4) is "composed": "<name>, <category lower-cased>, google style",

@@ -13,8 +13,9 @@ namespace dmx {
 // model (a diffusers folder for finetune / full DreamBooth, else also a single-file checkpoint), config_dir and
 // tokenizer_dir (for a single-file model): the ModelOptions group of dmx/options.h.
 struct TrainOptions : ModelOptions {
-  std::string recipe;  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork | clip
-  std::string data;    // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
+  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork | clip | prior
+  std::string recipe;
+  std::string data;  // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
   // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder; hypernetwork: FILE.pt (A1111's
   // torch.save layout) or FILE.safetensors
   std::string output;
@@ -118,6 +119,17 @@ struct TrainOptions : ModelOptions {
   int clip_layers = 4;
   int clip_heads = 4;
   int clip_projection_dim = 128;
+
+  // Prior (recipe prior, docs/unclip.md "Training the prior"): a new diffusers PriorTransformer trained on the
+  // image-caption folders of clip_data (--data, repeatable) to predict the CLIP image embedding of a caption's picture,
+  // conditioned on the frozen CLIP's text tower (prior_clip: a `dmx train clip` folder; "" = models/emoji-clip when it
+  // exists). Output: the prior half of a StableUnCLIPPipeline folder (prior/, prior_scheduler/, prior_text_encoder/,
+  // prior_tokenizer/).
+  std::string prior_clip;
+  int prior_layers = 6;
+  int prior_heads = 4;
+  int prior_head_dim = 32;       // the prior's inner width is heads x head_dim
+  double prior_text_drop = 0.1;  // share of rows given the empty prompt (classifier-free guidance)
 
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;

@@ -20,6 +20,7 @@
 #include "io/checkpoint.h"
 #include "loaders/model_bundle.h"
 #include "loaders/t2i_adapter_loader.h"
+#include "loaders/unclip.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
 #include "pipelines/t2i_adapter_provider.h"
@@ -34,6 +35,7 @@
 #include "training/hypernetwork_train.h"
 #include "training/lora_train.h"
 #include "training/palette_train.h"
+#include "training/prior_train.h"
 #include "training/trainer.h"
 #include "training/vae_train.h"
 
@@ -108,6 +110,12 @@ ResumePoint resume_point(const TrainOptions& o) {
 
 bool lora_output(const TrainOptions& o);
 
+// dmx train prior: --clip, or models/emoji-clip when it is a CLIP folder ("" when neither).
+std::string prior_clip_dir(const TrainOptions& o) {
+  if (!o.prior_clip.empty()) return strip_slashes(o.prior_clip);
+  return loaders::is_clip_folder("models/emoji-clip") ? "models/emoji-clip" : "";
+}
+
 // Every path a training run writes, checked against its inputs before anything is loaded (README "Outputs and
 // overwriting"): the result (a LoRA file, with adapter_config.json beside it for PEFT, or a folder), the training
 // folder (--output-dir: checkpoints, log, validation images) and DreamBooth's class images.
@@ -116,6 +124,7 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
   api::add_model_inputs(plan, o);
   plan.input(o.data, "--data");
   for (const auto& d : o.clip_data) plan.input(d, "--data");
+  if (o.recipe == "prior") plan.input(prior_clip_dir(o), "--clip");
   plan.input(o.instance_data, "--instance-data");
   plan.input(o.controlnet, "--controlnet");
   plan.input(o.adapter, "--adapter");
@@ -143,6 +152,8 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
     plan.folder(strip_slashes(o.output), "--output", {"config.json"}, "T2I-Adapter folder");
   } else if (o.recipe == "clip") {
     plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "CLIP folder");
+  } else if (o.recipe == "prior") {
+    plan.folder(strip_slashes(o.output), "--output", {"prior/config.json"}, "prior folder");
   } else {
     plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "diffusers folder");
   }
@@ -179,6 +190,7 @@ double default_lr(const TrainOptions& o) {
   if (o.recipe == "controlnet") return 5e-6;  // train_controlnet.py's default
   if (o.recipe == "palette") return 1e-4;
   if (o.recipe == "clip") return 5e-4;
+  if (o.recipe == "prior") return 1e-4;  // diffusers' examples/kandinsky2_2/text_to_image/train_text_to_image_prior.py
   if (o.recipe == "adapter") return 5e-6;       // train_t2i_adapter_sdxl.py's default
   if (o.recipe == "hypernetwork") return 1e-5;  // A1111's "Hypernetwork Learning rate" default
   return 1e-4;
@@ -361,14 +373,80 @@ std::shared_ptr<loaders::CLIPComponents> clip_model(const TrainOptions& o) {
                             o.tokenizer_dir.empty() ? join_path(o.config_dir, "tokenizer") : o.tokenizer_dir);
 }
 
+tr::PriorArchitecture prior_architecture(const TrainOptions& o) {
+  tr::PriorArchitecture a;
+  a.layers = o.prior_layers;
+  a.heads = o.prior_heads;
+  a.head_dim = o.prior_head_dim;
+  return a;
+}
+
+// The prior's config: --model's or --config's prior/config.json checked against the CLIP, else a new one of the
+// --layers, --heads, --attention-head-dim architecture.
+models::PriorTransformerConfig prior_config(const TrainOptions& o, const models::CLIPTextConfig& text,
+                                            const models::CLIPVisionConfig& vision, int model_max_length) {
+  const std::string from = !o.model.empty() ? o.model : o.config_dir;
+  if (from.empty()) return tr::prior_config_for_clip(prior_architecture(o), text, vision, model_max_length);
+  const auto c = models::PriorTransformerConfig::from_json(io::load_json_file(
+      join_path(from, "prior/config.json"), (o.model.empty() ? "--config" : "--model") + std::string(" prior config")));
+  tr::PriorArchitecture a;
+  a.layers = c.num_layers;
+  a.heads = c.num_attention_heads;
+  a.head_dim = c.attention_head_dim;
+  const auto want = tr::prior_config_for_clip(a, text, vision, model_max_length);
+  DMX_CHECK_ARG(c.embedding_dim == want.embedding_dim && c.num_embeddings == want.num_embeddings &&
+                    c.resolved_embedding_proj_dim() == want.embedding_dim &&
+                    c.resolved_clip_embed_dim() == want.embedding_dim,
+                from, "/prior/config.json does not fit --clip: embedding_dim ", c.embedding_dim, ", num_embeddings ",
+                c.num_embeddings, " against the CLIP's width ", want.embedding_dim, " and tokenizer length ",
+                want.num_embeddings);
+  return c;
+}
+
+// dmx train prior: --data folders, the CLIP (a folder with both towers and a tokenizer whose sizes fit a Stable unCLIP
+// prior), the architecture. Reads only configs.
+void check_prior_options(const TrainOptions& o) {
+  DMX_CHECK_ARG(o.task.empty(), "--task is for dmx train palette only, got it for prior");
+  DMX_CHECK_ARG(!o.clip_data.empty(), "--data must be given (an image-caption folder; repeatable)");
+  DMX_CHECK_ARG(o.clip_data.size() <= 64, "--data may be given at most 64 times, got ", o.clip_data.size());
+  for (const auto& d : o.clip_data) DMX_CHECK_ARG(is_directory(d), "--data: no such folder: ", d);
+  const std::string clip = prior_clip_dir(o);
+  DMX_CHECK_ARG(!clip.empty(),
+                "--clip must be given (a CLIP folder written by dmx train clip; the default models/emoji-clip is not "
+                "there)");
+  DMX_CHECK_ARG(is_directory(clip), "--clip: no such folder: ", clip);
+  DMX_CHECK_ARG(loaders::is_clip_folder(clip), "--clip ", clip,
+                " is not a CLIP folder (model_index.json with _class_name CLIPModel, as dmx train clip writes)");
+  for (const char* part : {"text_encoder/config.json", "image_encoder/config.json", "tokenizer/vocab.json"})
+    DMX_CHECK_ARG(path_exists(join_path(clip, part)), "--clip ", clip, " has no ", part,
+                  " (the prior needs the CLIP's text encoder, image encoder and tokenizer)");
+  DMX_CHECK_ARG(std::isfinite(o.prior_text_drop) && o.prior_text_drop >= 0 && o.prior_text_drop <= 1,
+                "--proportion-empty-prompts must be in [0, 1], got ", o.prior_text_drop);
+  const auto text = models::CLIPTextConfig::from_json(
+      io::load_json_file(join_path(clip, "text_encoder/config.json"), "--clip text_encoder config"));
+  const auto vision = models::CLIPVisionConfig::from_json(
+      io::load_json_file(join_path(clip, "image_encoder/config.json"), "--clip image_encoder config"));
+  const auto tok = models::CLIPTokenizer::from_folder(join_path(clip, "tokenizer"));
+  DMX_CHECK_ARG(o.tokenizer_dir.empty(),
+                "--tokenizer is not taken by dmx train prior: it tokenizes with the CLIP's own tokenizer/ (--clip ",
+                clip, ")");
+  DMX_CHECK_ARG(o.model.empty() || o.config_dir.empty(),
+                "--model (continue a prior folder) and --config (the architecture of a new one) exclude each other");
+  for (const auto& [flag, dir] :
+       {std::pair<const char*, const std::string&>{"--model", o.model}, {"--config", o.config_dir}})
+    DMX_CHECK_ARG(dir.empty() || path_exists(join_path(dir, "prior/config.json")), flag, " ", dir,
+                  " is not a prior folder (no prior/config.json; dmx train prior writes one)");
+  (void)prior_config(o, text, vision, tok.model_max_length());
+}
+
 }  // namespace
 
 void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet" ||
                     o.recipe == "vae" || o.recipe == "adapter" || o.recipe == "palette" || o.recipe == "hypernetwork" ||
-                    o.recipe == "clip",
-                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork or clip, "
-                "got '",
+                    o.recipe == "clip" || o.recipe == "prior",
+                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip or "
+                "prior, got '",
                 o.recipe, "'");
   if (o.recipe == "palette") {
     DMX_CHECK_ARG(!o.task.empty(), "--task must be given (colorize, inpaint, uncrop or jpeg)");
@@ -381,6 +459,8 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(o.model.empty() || is_directory(o.model), "--model: no such Palette folder: ", o.model);
   } else if (o.recipe == "clip") {
     check_clip_options(o);
+  } else if (o.recipe == "prior") {
+    check_prior_options(o);
   } else {
     DMX_CHECK_ARG(o.task.empty(), "--task is for dmx train palette only, got it for ", o.recipe);
     DMX_CHECK_ARG(!o.model.empty(), "--model must be given");
@@ -401,7 +481,7 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(o.class_inference_steps > 0, "--class-inference-steps must be > 0, got ", o.class_inference_steps);
     DMX_CHECK_ARG(o.lora_rank >= 0 && o.lora_rank <= tr::kMaxLoRARank, "--lora-rank must be in [0, ", tr::kMaxLoRARank,
                   "] (0 = full fine-tuning), got ", o.lora_rank);
-  } else if (o.recipe != "clip") {
+  } else if (o.recipe != "clip" && o.recipe != "prior") {
     DMX_CHECK_ARG(!o.data.empty(), "--data must be given (a folder of images with captions)");
     DMX_CHECK_ARG(is_directory(o.data), "--data: no such folder: ", o.data);
   }
@@ -437,7 +517,9 @@ void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(o.steps > 0, "--steps must be > 0, got ", o.steps);
   DMX_CHECK_ARG(o.resolution >= 8 && o.resolution % 8 == 0 && o.resolution <= 4096,
                 "--resolution must be a multiple of 8 in [8, 4096], got ", o.resolution);
-  tr::check_batch_size(o.batch_size, o.recipe == "clip" ? o.clip_image_size : o.resolution);
+  tr::check_batch_size(o.batch_size, o.recipe == "clip"    ? o.clip_image_size
+                                     : o.recipe == "prior" ? 8  // no pictures in the loop: embeddings
+                                                           : o.resolution);
   DMX_CHECK_ARG(o.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be > 0, got ",
                 o.gradient_accumulation_steps);
   DMX_CHECK_ARG(std::isfinite(o.learning_rate) && o.learning_rate >= 0,
@@ -509,6 +591,8 @@ TrainReport train(const TrainOptions& o) {
                         "negative), got WORLD_SIZE ",
                         world);
     models = tr::clip_bundle(o.model);
+  } else if (o.recipe == "prior") {
+    models = tr::prior_bundle(prior_clip_dir(o));
   } else {
     models = loaders::load_stable_diffusion(o.model, lo);
   }
@@ -551,6 +635,26 @@ TrainReport train(const TrainOptions& o) {
     }
     source = std::make_shared<tr::ConcatBatchSource>(folders, o.batch_size, o.seed);
     recipe = std::make_shared<tr::CLIPRecipe>(clip);
+  } else if (o.recipe == "prior") {
+    // The frozen CLIP's features of every row, once; then a new prior (PyTorch's default initialisation, as
+    // diffusers' PriorTransformer constructor), seeded.
+    const std::string clip_dir = prior_clip_dir(o);
+    auto clip = loaders::load_clip(clip_dir);
+    std::vector<std::string> paths, captions;
+    for (const auto& d : o.clip_data) {
+      auto ds = open_dataset(d, true);
+      for (const auto& row : ds->rows()) {
+        paths.push_back(row.image);
+        captions.push_back(row.caption);
+      }
+    }
+    auto features = std::make_shared<tr::PriorFeatures>(tr::compute_prior_features(*clip, paths, captions, "--data"));
+    torch::manual_seed(o.seed);
+    models::PriorTransformer prior(prior_config(o, clip->text_encoder->config(), clip->image_encoder->config(),
+                                                clip->tokenizer->model_max_length()));
+    if (!o.model.empty()) prior = loaders::load_unclip_prior(o.model)->prior;
+    source = std::make_shared<tr::FeatureBatchSource>(captions, o.batch_size, rank, world, o.seed);
+    recipe = std::make_shared<tr::PriorRecipe>(prior, features, clip_dir, o.prior_text_drop);
   } else if (o.recipe == "controlnet") {
     auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);

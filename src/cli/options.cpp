@@ -45,6 +45,7 @@ const std::vector<CommandInfo>& commands() {
       {kTrainVae, "train vae", 3},
       {kTrainHypernetwork, "train hypernetwork", 3},
       {kTrainClip, "train clip", 3},
+      {kTrainPrior, "train prior", 3},
       {kTrainBench, "train bench", 3},
       {kTrainClassifier, "train classifier", 3},
       {kEval, "eval", 2},
@@ -320,11 +321,11 @@ constexpr Commands kSampling = kGenerate | kP2P | kDiffEdit;  // embed ModelOpti
 constexpr Commands kModel = kSampling | kTrainRecipes;        // embed ModelOptions
 constexpr Commands kDevice = kGenerate | kDiffEdit | kBench;  // embed DeviceOptions
 constexpr Commands kLoraRecipes = kTrainLora | kTrainDreambooth;
-constexpr Commands kTrainLoop = kTrainRecipes | kTrainClip;             // the trainer's loop options (TrainOptions)
-constexpr Commands kImage = kUpscale | kVariations;                     // model, image, prompt, output of their own
-constexpr Commands kSamplingGroup = kSampling | kImage;                 // embed SamplingOptions
-constexpr Commands kRunGroup = kSampling | kImage | kEmbed | kRestore;  // embed RunOptions
-constexpr Commands kDeviceGroup = kDevice | kImage;                     // embed DeviceOptions
+constexpr Commands kTrainLoop = kTrainRecipes | kTrainClip | kTrainPrior;  // the trainer's loop options (TrainOptions)
+constexpr Commands kImage = kUpscale | kVariations;                        // model, image, prompt, output of their own
+constexpr Commands kSamplingGroup = kSampling | kImage;                    // embed SamplingOptions
+constexpr Commands kRunGroup = kSampling | kImage | kEmbed | kRestore;     // embed RunOptions
+constexpr Commands kDeviceGroup = kDevice | kImage;                        // embed DeviceOptions
 using UO = UpscaleOptions;
 using VO = VariationsOptions;
 using RO = RestoreOptions;
@@ -359,6 +360,10 @@ std::vector<Option> build_table() {
              &ModelOptions::model),
         text(kTrainClip, "DIR", "a CLIP folder (dmx train clip) to continue training from", "a new CLIP",
              &ModelOptions::model),
+        text(kTrainPrior, "DIR",
+             "a prior folder (dmx train prior) to continue training from (its architecture; clip_mean/clip_std are "
+             "recomputed on --data)",
+             "a new prior", &ModelOptions::model),
         text(kRestore, "DIR", "a Palette folder (dmx train palette) (required)", "", &RO::model),
         text(kServe, "NAME", "the model of --models to load at start-up (a name of GET /sdapi/v1/sd-models)",
              "the first one", &ServeOptions::model),
@@ -377,6 +382,8 @@ std::vector<Option> build_table() {
       {"config",
        {text(kModel, "DIR", "diffusers folder supplying configs and tokenizer for a single-file checkpoint", "",
              &ModelOptions::config_dir),
+        text(kTrainPrior, "DIR", "a prior folder whose prior/config.json (the architecture) a new prior takes",
+             "--layers, --heads, --attention-head-dim", &ModelOptions::config_dir),
         text(kTrainClip, "DIR",
              "a CLIP folder whose architecture (text_encoder/, image_encoder/ config.json) and tokenizer a new CLIP "
              "takes",
@@ -385,6 +392,10 @@ std::vector<Option> build_table() {
              &InitModelOptions::config)}},
       {"tokenizer",
        {text(kModel, "DIR", "folder with vocab.json and merges.txt", "", &ModelOptions::tokenizer_dir),
+        text(kTrainPrior, "DIR",
+             "not taken: the prior tokenizes with the CLIP's own tokenizer/ (--clip), whose text tower makes its "
+             "features",
+             "", &ModelOptions::tokenizer_dir),
         text(kTrainClip, "DIR",
              "the text tower's tokenizer: a folder with vocab.json and merges.txt (required for a new CLIP without "
              "--config)",
@@ -460,6 +471,10 @@ std::vector<Option> build_table() {
         texts(kTrainClip, "DIR",
               "image-caption folder (metadata.jsonl or name.png + name.txt); repeatable: the folders are "
               "concatenated (required)",
+              &TO::clip_data),
+        texts(kTrainPrior, "DIR",
+              "image-caption folder (metadata.jsonl or name.png + name.txt): its pictures' CLIP image embeddings are "
+              "the targets of its captions; repeatable: the folders are concatenated (required)",
               &TO::clip_data)}},
       {"output",
        {text(kGenerate, "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)", "", &GO::output),
@@ -483,6 +498,10 @@ std::vector<Option> build_table() {
         text(kTrainClip, "DIR",
              "the CLIP folder to write (text_encoder/, image_encoder/, tokenizer/, feature_extractor/) (required)", "",
              &TO::output),
+        text(kTrainPrior, "DIR",
+             "the prior half of a StableUnCLIPPipeline folder to write (prior/, prior_scheduler/, prior_text_encoder/, "
+             "prior_tokenizer/) (required)",
+             "", &TO::output),
         text(kRestore, "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)", "", &RO::output),
         text(kTrainClassifier, "DIR", "folder for config.json + model.safetensors (required)", "",
              &ClassifierTrainOptions::output)}},
@@ -974,7 +993,11 @@ std::vector<Option> build_table() {
       {"noise-offset", {num<double>(kTrainRecipes, "X", "noise offset", "", 0, 1e3, &TO::noise_offset)}},
       {"proportion-empty-prompts",
        {num<double>(kTrainRecipes, "P", "share of captions replaced by \"\" (for guidance)", "", 0, 1,
-                    &TO::proportion_empty_prompts)}},
+                    &TO::proportion_empty_prompts),
+        num<double>(kTrainPrior, "P",
+                    "share of rows given the empty prompt's text features, the pipeline's unconditional branch (for "
+                    "the prior's guidance)",
+                    "", 0, 1, &TO::prior_text_drop)}},
       {"use-ema", {flag(kTrainLoop, "keep an EMA of the trained weights and save it", true, &TO::use_ema)}},
       {"ema-decay", {num<double>(kTrainLoop, "D", "EMA decay", "", 0, 1, &TO::ema_decay)}},
       {"mixed-precision",
@@ -983,6 +1006,8 @@ std::vector<Option> build_table() {
              "autocast)",
              "", &TO::mixed_precision),
         text(kTrainClip, "P", "no|bf16: both towers run under bf16 autocast, weights float32", "",
+             &TO::mixed_precision),
+        text(kTrainPrior, "P", "no|bf16: the prior runs under bf16 autocast, weights float32", "",
              &TO::mixed_precision)}},
       {"gradient-checkpointing",
        {flag(kTrainRecipes | kTrainBench, "recompute UNet block activations in backward (less memory)", true,
@@ -1116,16 +1141,30 @@ std::vector<Option> build_table() {
        {num<int>(kTrainClip, "PX", "ViT patch side of a new CLIP (divides --image-size)", "", 1, 512,
                  &TO::clip_patch_size)}},
       {"layers",
-       {num<int>(kTrainClip, "N", "transformer layers of each tower of a new CLIP", "", 1, 48, &TO::clip_layers)}},
+       {num<int>(kTrainClip, "N", "transformer layers of each tower of a new CLIP", "", 1, 48, &TO::clip_layers),
+        num<int>(kTrainPrior, "N", "transformer blocks of the prior", "", 1, 48, &TO::prior_layers)}},
       {"heads",
-       {num<int>(kTrainClip, "N", "attention heads of a new CLIP (divide --width)", "", 1, 64, &TO::clip_heads)}},
+       {num<int>(kTrainClip, "N", "attention heads of a new CLIP (divide --width)", "", 1, 64, &TO::clip_heads),
+        num<int>(kTrainPrior, "N", "attention heads of the prior (inner width = heads x --attention-head-dim)", "", 1,
+                 64, &TO::prior_heads)}},
+      {"attention-head-dim",
+       {num<int>(kTrainPrior, "N", "width of each of the prior's attention heads", "", 4, 256, &TO::prior_head_dim)}},
       {"projection-dim",
        {num<int>(kTrainClip, "N", "width of a new CLIP's joint embedding", "", 2, 4096, &TO::clip_projection_dim)}},
       {"clip",
        {text(kEval, "DIR",
              "measure this CLIP folder (dmx train clip) on --data's emoji: zero-shot classification of the held-out "
              "concepts and retrieval (docs/evaluation.md)",
-             "", &EO::clip)}},
+             "", &EO::clip),
+        text(kTrainPrior, "DIR",
+             "the frozen CLIP folder (dmx train clip): its text tower conditions the prior, its image tower gives "
+             "the targets; copied into prior_text_encoder/ and prior_tokenizer/",
+             "models/emoji-clip when it exists", &TO::prior_clip)}},
+      {"prior",
+       {own(kEval, "DIR",
+            "measure this prior folder (dmx train prior) on --data's emoji: cosine of sampled CLIP image embeddings to "
+            "the true ones and retrieval, against the text embedding (docs/unclip.md); --clip names the image tower's "
+            "CLIP (default models/emoji-clip), --steps and --guidance-scale the prior's (default 25 and 4)")}},
       {"layouts",
        {text(kEval, "DIR", "score pictures made from the layouts of this `dmx data scenes` folder (docs/layouts.md)",
              "", &EO::layouts)}},
@@ -1266,6 +1305,7 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
     case kTrainPalette:
     case kTrainHypernetwork:
     case kTrainClip:
+    case kTrainPrior:
       return run_on_default<TrainOptions>(c, fn);
     case kRestore:
       return run_on_default<RestoreOptions>(c, fn);

@@ -133,6 +133,54 @@ void check_decoder_class_embedding(const std::string& path, int embedding_dim) {
 }
 }  // namespace
 
+std::shared_ptr<UnCLIPComponents> load_unclip_prior(const std::string& path, const LoadOptions& opts, int E) {
+  DMX_CHECK_ARG(is_directory(path), "load_unclip_prior: no such folder: ", path);
+  std::vector<std::string> missing;
+  for (const char* c : {"prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler"})
+    if (!is_directory(join_path(path, c))) missing.push_back(std::string(c) + "/");
+  if (!missing.empty()) throw FormatError(path + " is not a prior folder: it has no " + join(missing, ", "));
+  auto m = std::make_shared<UnCLIPComponents>();
+  m->prior_tokenizer =
+      std::make_shared<models::CLIPTokenizer>(models::CLIPTokenizer::from_folder(join_path(path, "prior_tokenizer")));
+  const auto text_cfg = models::CLIPTextConfig::from_json(
+      io::load_json_file(join_path(path, "prior_text_encoder/config.json"), "prior_text_encoder config"));
+  auto te = io::load_diffusers_component(path, "prior_text_encoder");
+  models::clean_clip_state_dict(te);
+  check_fits_weights(path, "prior_text_encoder", text_cfg.parameter_count(/*with_projection=*/true), te);
+  m->prior_text_encoder = models::CLIPTextModel(text_cfg, /*with_projection=*/true);
+  io::load_state_dict(*m->prior_text_encoder, te, path + "/prior_text_encoder");
+  const auto prior_cfg = models::PriorTransformerConfig::from_json(
+      io::load_json_file(join_path(path, "prior/config.json"), "prior config"));
+  const auto prior_weights = io::load_diffusers_component(path, "prior");
+  check_fits_weights(path, "prior", prior_cfg.parameter_count(), prior_weights);
+  m->prior = models::PriorTransformer(prior_cfg);
+  io::load_state_dict(*m->prior, prior_weights, path + "/prior");
+  m->prior_scheduler_config = scheduler_config(path, "prior_scheduler");
+  const auto prior_scheduler = check_scheduler(path, "prior_scheduler", m->prior_scheduler_config);
+  DMX_CHECK_SUPPORTED(prior_scheduler->class_name() != "UnCLIPScheduler", path,
+                      "/prior_scheduler: UnCLIPScheduler is not supported as a StableUnCLIPPipeline prior_scheduler ",
+                      "(the pipeline steps it without prev_timestep, i.e. to t - 1 whatever the step count; dmx's "
+                      "UnCLIPScheduler steps to the run's next timestep, as Karlo's pipeline drives it). Stable "
+                      "unCLIP folders ship a DDPMScheduler here");
+  check_size(text_cfg.hidden_size == prior_cfg.embedding_dim, path,
+             "prior_text_encoder hidden_size " + std::to_string(text_cfg.hidden_size) + " != prior embedding_dim " +
+                 std::to_string(prior_cfg.embedding_dim));
+  check_size(text_cfg.projection_dim == prior_cfg.resolved_embedding_proj_dim(), path,
+             "prior_text_encoder projection_dim " + std::to_string(text_cfg.projection_dim) +
+                 " != prior embedding_proj_dim " + std::to_string(prior_cfg.resolved_embedding_proj_dim()));
+  check_size(m->prior_tokenizer->model_max_length() == prior_cfg.num_embeddings &&
+                 prior_cfg.num_embeddings <= text_cfg.max_position_embeddings,
+             path,
+             "prior_tokenizer model_max_length " + std::to_string(m->prior_tokenizer->model_max_length()) +
+                 " != prior num_embeddings " + std::to_string(prior_cfg.num_embeddings));
+  check_size(E <= 0 || (prior_cfg.resolved_clip_embed_dim() == E && prior_cfg.embedding_dim == E), path,
+             "prior embedding_dim / clip_embed_dim " + std::to_string(prior_cfg.resolved_clip_embed_dim()) +
+                 " != image_normalizer embedding_dim " + std::to_string(E));
+  to_device(m->prior_text_encoder, opts);
+  to_device(m->prior, opts);
+  return m;
+}
+
 std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path, const LoadOptions& opts) {
   DMX_CHECK_ARG(!path.empty(), "--model: no model path given");
   DMX_CHECK_ARG(path_exists(path), "--model: path not found: ", path);
@@ -164,44 +212,11 @@ std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path
   check_decoder_class_embedding(path, E);
 
   if (m->pipeline_class == "StableUnCLIPPipeline") {
-    m->prior_tokenizer =
-        std::make_shared<models::CLIPTokenizer>(models::CLIPTokenizer::from_folder(join_path(path, "prior_tokenizer")));
-    const auto text_cfg = models::CLIPTextConfig::from_json(
-        io::load_json_file(join_path(path, "prior_text_encoder/config.json"), "prior_text_encoder config"));
-    auto te = io::load_diffusers_component(path, "prior_text_encoder");
-    models::clean_clip_state_dict(te);
-    check_fits_weights(path, "prior_text_encoder", text_cfg.parameter_count(/*with_projection=*/true), te);
-    m->prior_text_encoder = models::CLIPTextModel(text_cfg, /*with_projection=*/true);
-    io::load_state_dict(*m->prior_text_encoder, te, path + "/prior_text_encoder");
-    const auto prior_cfg = models::PriorTransformerConfig::from_json(
-        io::load_json_file(join_path(path, "prior/config.json"), "prior config"));
-    const auto prior_weights = io::load_diffusers_component(path, "prior");
-    check_fits_weights(path, "prior", prior_cfg.parameter_count(), prior_weights);
-    m->prior = models::PriorTransformer(prior_cfg);
-    io::load_state_dict(*m->prior, prior_weights, path + "/prior");
-    m->prior_scheduler_config = scheduler_config(path, "prior_scheduler");
-    const auto prior_scheduler = check_scheduler(path, "prior_scheduler", m->prior_scheduler_config);
-    DMX_CHECK_SUPPORTED(prior_scheduler->class_name() != "UnCLIPScheduler", path,
-                        "/prior_scheduler: UnCLIPScheduler is not supported as a StableUnCLIPPipeline prior_scheduler ",
-                        "(the pipeline steps it without prev_timestep, i.e. to t - 1 whatever the step count; dmx's "
-                        "UnCLIPScheduler steps to the run's next timestep, as Karlo's pipeline drives it). Stable "
-                        "unCLIP folders ship a DDPMScheduler here");
-    check_size(text_cfg.hidden_size == prior_cfg.embedding_dim, path,
-               "prior_text_encoder hidden_size " + std::to_string(text_cfg.hidden_size) + " != prior embedding_dim " +
-                   std::to_string(prior_cfg.embedding_dim));
-    check_size(text_cfg.projection_dim == prior_cfg.resolved_embedding_proj_dim(), path,
-               "prior_text_encoder projection_dim " + std::to_string(text_cfg.projection_dim) +
-                   " != prior embedding_proj_dim " + std::to_string(prior_cfg.resolved_embedding_proj_dim()));
-    check_size(m->prior_tokenizer->model_max_length() == prior_cfg.num_embeddings &&
-                   prior_cfg.num_embeddings <= text_cfg.max_position_embeddings,
-               path,
-               "prior_tokenizer model_max_length " + std::to_string(m->prior_tokenizer->model_max_length()) +
-                   " != prior num_embeddings " + std::to_string(prior_cfg.num_embeddings));
-    check_size(prior_cfg.resolved_clip_embed_dim() == E && prior_cfg.embedding_dim == E, path,
-               "prior embedding_dim / clip_embed_dim " + std::to_string(prior_cfg.resolved_clip_embed_dim()) +
-                   " != image_normalizer embedding_dim " + std::to_string(E));
-    to_device(m->prior_text_encoder, opts);
-    to_device(m->prior, opts);
+    const auto prior = load_unclip_prior(path, opts, E);
+    m->prior_tokenizer = prior->prior_tokenizer;
+    m->prior_text_encoder = prior->prior_text_encoder;
+    m->prior = prior->prior;
+    m->prior_scheduler_config = prior->prior_scheduler_config;
   } else {
     m->feature_extractor = models::CLIPImageProcessorConfig::from_json(
         io::load_json_file(join_path(path, "feature_extractor/preprocessor_config.json"), "feature_extractor config"));

@@ -44,4 +44,12 @@ struct UnCLIPComponents {
 // a component class dmx does not run, or an UnCLIPScheduler prior_scheduler (StableUnCLIPPipeline steps it to t - 1
 // whatever the step count), Unsupported. Modules are in eval mode, on opts.device in opts.dtype.
 std::shared_ptr<UnCLIPComponents> load_unclip_components(const std::string& path, const LoadOptions& opts = {});
+
+// The prior half alone (prior_tokenizer/, prior_text_encoder/, prior/, prior_scheduler/ of path, no model_index.json
+// needed): what `dmx train prior` writes and `dmx eval --prior` reads. The same checks as load_unclip_components
+// (strict weights, a config against its weight file, the prior's widths against its text encoder and tokenizer,
+// no UnCLIPScheduler); with embedding_dim > 0, also the prior's embedding_dim and clip_embed_dim against it (the
+// image_normalizer's). Fills the prior fields of a UnCLIPComponents (pipeline_class stays empty).
+std::shared_ptr<UnCLIPComponents> load_unclip_prior(const std::string& path, const LoadOptions& opts = {},
+                                                    int embedding_dim = 0);
 }  // namespace dmx::loaders

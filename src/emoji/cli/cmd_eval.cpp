@@ -71,6 +71,41 @@ int eval_clip(const Args& a, EvalOptions& o) {
   std::printf("seconds               %.1f\n", r.seconds);
   return 0;
 }
+
+// `dmx eval --prior DIR`: a diffusion prior's sampled image embeddings against the true ones (docs/unclip.md).
+int eval_prior(const Args& a, EvalOptions& o) {
+  for (const char* other : {"model", "prompts", "controlnet", "adapter", "lora", "hypernetwork", "dreambooth",
+                            "layouts", "layout-method", "scheduler", "limit", "out"})
+    DMX_CHECK_ARG(!a.has(other), "--", other, " does not apply to --prior");
+  apply_options(a, target(kEval, o));
+  PriorEvalOptions p;
+  p.prior = a.str("prior");
+  p.clip = o.clip;
+  p.data = o.data;
+  if (a.has("steps")) p.prior_steps = o.steps;
+  if (a.has("guidance-scale")) p.prior_guidance_scale = o.guidance_scale;
+  p.seed = o.seed;
+  p.threads = o.threads;
+  p.progress = o.progress;
+  const PriorEvalResult r = evaluate_prior(p);
+  if (a.has("json")) {
+    std::printf("%s\n", r.to_json().c_str());
+    return 0;
+  }
+  std::printf(
+      "prior steps %d, guidance %.2f; cosine to the true image embedding and top-1 / top-5 among the split's\n"
+      "pictures: sampled (guided), sampled (unguided), the text embedding itself\n",
+      r.prior_steps, r.prior_guidance_scale);
+  for (const auto& s : r.splits)
+    std::printf("%-8s %-8s n %4d  cos %.4f / %.4f / %.4f   top-1 %.3f / %.3f / %.3f   top-5 %.3f / %.3f / %.3f\n",
+                s.style.c_str(), s.split.c_str(), s.n, s.cos_sampled, s.cos_unguided, s.cos_text, s.top1_sampled,
+                s.top1_unguided, s.top1_text, s.top5_sampled, s.top5_unguided, s.top5_text);
+  for (const auto& s : r.splits)
+    std::printf("%-8s %-8s mean norm: true %.3f, sampled %.3f, text %.3f\n", s.style.c_str(), s.split.c_str(),
+                s.norm_true, s.norm_sampled, s.norm_text);
+  std::printf("seconds               %.1f\n", r.seconds);
+  return 0;
+}
 }  // namespace
 
 int cmd_eval(int argc, char** argv) {
@@ -99,6 +134,7 @@ int cmd_eval(int argc, char** argv) {
   }
   DMX_CHECK_ARG(!a.has("reference") && !a.has("mask"),
                 "--reference/--mask apply to --mask-iou, --background-error, --edge-f1");
+  if (a.has("prior")) return eval_prior(a, o);
   if (a.has("clip")) return eval_clip(a, o);
   if (a.has("layouts")) return eval_layouts(a, o);
   DMX_CHECK_ARG(!a.has("layout-method"), "--layout-method applies to --layouts DIR");
