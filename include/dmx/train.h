@@ -13,8 +13,9 @@ namespace dmx {
 // model (a diffusers folder for finetune / full DreamBooth, else also a single-file checkpoint), config_dir and
 // tokenizer_dir (for a single-file model): the ModelOptions group of dmx/options.h.
 struct TrainOptions : ModelOptions {
-  std::string recipe;  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork | clip
-  std::string data;    // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
+  std::string
+      recipe;  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork | clip | unclip
+  std::string data;  // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
   // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder; hypernetwork: FILE.pt (A1111's
   // torch.save layout) or FILE.safetensors
   std::string output;
@@ -118,6 +119,14 @@ struct TrainOptions : ModelOptions {
   int clip_layers = 4;
   int clip_heads = 4;
   int clip_projection_dim = 128;
+
+  // unCLIP decoder (recipe unclip, docs/unclip.md "Training the decoder"): --model (a text-to-image diffusers folder,
+  // or a StableUnCLIPImg2ImgPipeline folder to continue) fine-tuned with the noise-augmented CLIP image embedding of
+  // each picture of clip_data (--data, repeatable) as its projection class embedding. Output: a
+  // StableUnCLIPImg2ImgPipeline folder for dmx variations.
+  std::string clip;                              // the image tower's folder ("" = models/emoji-clip, or --model's own)
+  double image_embedding_dropout = 0.1;          // share of image embeddings replaced by zeros (guidance)
+  double unclip_proportion_empty_prompts = 0.5;  // share of captions replaced by "" (--proportion-empty-prompts)
 
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;

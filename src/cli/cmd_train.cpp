@@ -27,6 +27,8 @@ const char* kTrainUsage =
     "  hypernetwork  an AUTOMATIC1111 hypernetwork on the frozen model; writes A1111's .pt or a .safetensors\n"
     "  clip        a small CLIP (image and text towers, contrastive loss) from scratch; writes a CLIP folder\n"
     "              for dmx embed and dmx eval --clip\n"
+    "  unclip      the unCLIP decoder: the UNet fine-tuned on noise-augmented CLIP image embeddings; writes a\n"
+    "              StableUnCLIPImg2ImgPipeline folder for dmx variations\n"
     "  classifier  the emoji classifier of `dmx eval` (docs/evaluation.md)\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
@@ -52,7 +54,7 @@ int cmd_train(int argc, char** argv) {
   DMX_CHECK_ARG(
       c != nullptr,
       "dmx train: recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip, "
-      "classifier or bench, got '",
+      "unclip, classifier or bench, got '",
       recipe, "'");
   TrainOptions o;
   o.recipe = recipe;

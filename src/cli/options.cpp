@@ -45,6 +45,7 @@ const std::vector<CommandInfo>& commands() {
       {kTrainVae, "train vae", 3},
       {kTrainHypernetwork, "train hypernetwork", 3},
       {kTrainClip, "train clip", 3},
+      {kTrainUnclip, "train unclip", 3},
       {kTrainBench, "train bench", 3},
       {kTrainClassifier, "train classifier", 3},
       {kEval, "eval", 2},
@@ -457,7 +458,7 @@ std::vector<Option> build_table() {
              &ClassifierTrainOptions::data),
         text(kEval, "DIR", "`dmx data emoji` folder", "$DMX_EMOJI_DATA, ~/.cache/dmx/emoji-data, /tmp/emoji_ds",
              &EO::data),
-        texts(kTrainClip, "DIR",
+        texts(kTrainClip | kTrainUnclip, "DIR",
               "image-caption folder (metadata.jsonl or name.png + name.txt); repeatable: the folders are "
               "concatenated (required)",
               &TO::clip_data)}},
@@ -474,7 +475,7 @@ std::vector<Option> build_table() {
         text(kInit, "DIR", "diffusers folder to create (required)", "", &InitModelOptions::output),
         text(kConvert, "PATH", "where to write the converted copy (required)", "", &ConvertOptions::output),
         text(kDataTokenizer, "DIR", "tokenizer folder to write (required)", "", &TokenizerTrainOptions::output),
-        text(kTrainRecipes & ~kTrainPalette, "PATH",
+        text(kTrainRecipes & ~kTrainPalette & ~kTrainUnclip, "PATH",
              "lora: FILE.safetensors; hypernetwork: FILE.pt (A1111's) or FILE.safetensors; finetune / full "
              "dreambooth: a diffusers folder; adapter: a T2IAdapter folder (required)",
              "", &TO::output),
@@ -482,6 +483,8 @@ std::vector<Option> build_table() {
              &TO::output),
         text(kTrainClip, "DIR",
              "the CLIP folder to write (text_encoder/, image_encoder/, tokenizer/, feature_extractor/) (required)", "",
+             &TO::output),
+        text(kTrainUnclip, "DIR", "the StableUnCLIPImg2ImgPipeline folder to write (for dmx variations) (required)", "",
              &TO::output),
         text(kRestore, "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)", "", &RO::output),
         text(kTrainClassifier, "DIR", "folder for config.json + model.safetensors (required)", "",
@@ -934,8 +937,8 @@ std::vector<Option> build_table() {
       {"resolution",
        {num<int>(kTrainRecipes | kTrainBench, "PX", "training image side, a multiple of 8", "", 8, 4096,
                  &TO::resolution, &TrainBenchOptions::resolution)}},
-      {"random-crop", {flag(kTrainRecipes, "random instead of center crops", false, &TO::center_crop)}},
-      {"random-flip", {flag(kTrainRecipes, "random horizontal flips", true, &TO::random_flip)}},
+      {"random-crop", {flag(kTrainRecipes & ~kTrainUnclip, "random instead of center crops", false, &TO::center_crop)}},
+      {"random-flip", {flag(kTrainRecipes & ~kTrainUnclip, "random horizontal flips", true, &TO::random_flip)}},
       {"image-column", {text(kTrainLoop, "NAME", "metadata.jsonl image field", "", &TO::image_column)}},
       {"skip-bad-rows",
        {flag(kTrainLoop, "report bad dataset rows and leave them out instead of failing", true, &TO::skip_bad_rows)}},
@@ -966,8 +969,17 @@ std::vector<Option> build_table() {
        {num<double>(kTrainRecipes, "G", "min-SNR-gamma loss weighting, e.g. 5", "off", 0, 1e6, &TO::snr_gamma)}},
       {"noise-offset", {num<double>(kTrainRecipes, "X", "noise offset", "", 0, 1e3, &TO::noise_offset)}},
       {"proportion-empty-prompts",
-       {num<double>(kTrainRecipes, "P", "share of captions replaced by \"\" (for guidance)", "", 0, 1,
-                    &TO::proportion_empty_prompts)}},
+       {num<double>(kTrainRecipes & ~kTrainUnclip, "P", "share of captions replaced by \"\" (for guidance)", "", 0, 1,
+                    &TO::proportion_empty_prompts),
+        num<double>(kTrainUnclip, "P",
+                    "share of captions replaced by \"\", so that the image embedding alone makes the picture (dmx "
+                    "variations without --prompt)",
+                    "", 0, 1, &TO::unclip_proportion_empty_prompts)}},
+      {"image-embedding-dropout",
+       {num<double>(kTrainUnclip, "P",
+                    "share of image embeddings replaced by zeros (the pipelines' unconditional class labels, for "
+                    "guidance)",
+                    "", 0, 1, &TO::image_embedding_dropout)}},
       {"use-ema", {flag(kTrainLoop, "keep an EMA of the trained weights and save it", true, &TO::use_ema)}},
       {"ema-decay", {num<double>(kTrainLoop, "D", "EMA decay", "", 0, 1, &TO::ema_decay)}},
       {"mixed-precision",
@@ -993,12 +1005,13 @@ std::vector<Option> build_table() {
        {text(kTrainLoop, "DIR", "continue from a checkpoint folder, or the newest checkpoint of an output dir", "",
              &TO::resume)}},
       {"validation-steps",
-       {num<I64>(kTrainRecipes, "N", "write validation images every N steps", "none", 0, kI64Max,
+       {num<I64>(kTrainRecipes & ~kTrainUnclip, "N", "write validation images every N steps", "none", 0, kI64Max,
                  &TO::validation_steps)}},
       {"validation-prompt",
-       {text(kTrainRecipes, "TEXT", "prompt of the validation images", "", &TO::validation_prompt)}},
+       {text(kTrainRecipes & ~kTrainUnclip, "TEXT", "prompt of the validation images", "", &TO::validation_prompt)}},
       {"num-validation-images",
-       {num<int>(kTrainRecipes, "N", "validation images per run", "", 1, 64, &TO::num_validation_images)}},
+       {num<int>(kTrainRecipes & ~kTrainUnclip, "N", "validation images per run", "", 1, 64,
+                 &TO::num_validation_images)}},
       {"conditioning-column",
        {text(kTrainControlnet | kTrainAdapter, "NAME", "metadata.jsonl conditioning image field", "",
              &TO::conditioning_column)}},
@@ -1111,7 +1124,11 @@ std::vector<Option> build_table() {
        {text(kEval, "DIR",
              "measure this CLIP folder (dmx train clip) on --data's emoji: zero-shot classification of the held-out "
              "concepts and retrieval (docs/evaluation.md)",
-             "", &EO::clip)}},
+             "", &EO::clip),
+        text(kTrainUnclip, "DIR",
+             "the image tower (feature_extractor + image_encoder): a CLIP folder (dmx train clip) or a "
+             "StableUnCLIPImg2ImgPipeline folder",
+             "models/emoji-clip; an unCLIP --model: its own", &TO::clip)}},
       {"layouts",
        {text(kEval, "DIR", "score pictures made from the layouts of this `dmx data scenes` folder (docs/layouts.md)",
              "", &EO::layouts)}},
@@ -1252,6 +1269,7 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
     case kTrainPalette:
     case kTrainHypernetwork:
     case kTrainClip:
+    case kTrainUnclip:
       return run_on_default<TrainOptions>(c, fn);
     case kRestore:
       return run_on_default<RestoreOptions>(c, fn);

@@ -45,11 +45,12 @@ enum Command : uint32_t {
   kDataScenes = 1u << 23,
   kServe = 1u << 24,
   kTrainClip = 1u << 25,
+  kTrainUnclip = 1u << 27,
 };
 using Commands = uint32_t;
 constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae |
-                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork;
-constexpr Commands kAllCommands = (1u << 26) - 1;
+                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork | kTrainUnclip;
+constexpr Commands kAllCommands = (1u << 28) - 1;
 
 struct CommandInfo {
   Command id;
