@@ -443,6 +443,11 @@ std::vector<Option> build_table() {
               &EmbedOptions::images),
         text(kRestore, "IMG", "the picture to restore, PNG or JPEG, sides multiples of 8 up to 512 (required)", "",
              &RO::image)}},
+      {"interpolate-to",
+       {text(kVariations, "IMG",
+             "a second picture: --num-images N (>= 2) pictures along the slerp from --image's CLIP embedding to this "
+             "one's, one seed; OUT.png is their strip, OUT-0.png ... each",
+             "", &VO::interpolate_to)}},
       {"from",
        {own(kGenerate | kUpscale, "IMAGE",
             "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override")}},
