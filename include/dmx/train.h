@@ -13,7 +13,7 @@ namespace dmx {
 // model (a diffusers folder for finetune / full DreamBooth, else also a single-file checkpoint), config_dir and
 // tokenizer_dir (for a single-file model): the ModelOptions group of dmx/options.h.
 struct TrainOptions : ModelOptions {
-  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork | clip | prior
+  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork | clip | prior | unclip
   std::string recipe;
   std::string data;  // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
   // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder; hypernetwork: FILE.pt (A1111's
@@ -130,6 +130,13 @@ struct TrainOptions : ModelOptions {
   int prior_heads = 4;
   int prior_head_dim = 32;       // the prior's inner width is heads x head_dim
   double prior_text_drop = 0.1;  // share of rows given the empty prompt (classifier-free guidance)
+  // unCLIP decoder (recipe unclip, docs/unclip.md "Training the decoder"): --model (a text-to-image diffusers folder,
+  // or a StableUnCLIPImg2ImgPipeline folder to continue) fine-tuned with the noise-augmented CLIP image embedding of
+  // each picture of clip_data (--data, repeatable) as its projection class embedding. Output: a
+  // StableUnCLIPImg2ImgPipeline folder for dmx variations.
+  std::string clip;                              // the image tower's folder ("" = models/emoji-clip, or --model's own)
+  double image_embedding_dropout = 0.1;          // share of image embeddings replaced by zeros (guidance)
+  double unclip_proportion_empty_prompts = 0.5;  // share of captions replaced by "" (--proportion-empty-prompts)
 
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;

@@ -31,6 +31,9 @@ struct VariationsOptions : DeviceOptions, SamplingOptions, RunOptions {
   int num_images = 1;
   std::string save_latents;  // optional .safetensors with "latents" after the last step
   std::string output;        // PNG; with num_images > 1: <stem>-<i>.png
+  // A second picture: num_images (>= 2) pictures along the slerp from image's CLIP embedding to this one's (t = k /
+  // (num_images - 1)), each with the same seed; output is then the strip of them, <stem>-<k>.png each one.
+  std::string interpolate_to;
 };
 
 struct VariationsResult {

@@ -12,6 +12,7 @@
 #include "api/options_util.h"
 #include "api/presets.h"
 #include "api/train_sampler.h"
+#include "api/unclip.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/runtime.h"
@@ -37,6 +38,7 @@
 #include "training/palette_train.h"
 #include "training/prior_train.h"
 #include "training/trainer.h"
+#include "training/unclip_train.h"
 #include "training/vae_train.h"
 
 namespace dmx {
@@ -128,6 +130,7 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
   plan.input(o.instance_data, "--instance-data");
   plan.input(o.controlnet, "--controlnet");
   plan.input(o.adapter, "--adapter");
+  plan.input(o.clip, "--clip");
   plan.input(o.validation_image, "--validation-image");
   plan.input(o.resume, "--resume", /*may_be_in_work_folder=*/true);
   if (o.recipe == "hypernetwork") {
@@ -223,7 +226,7 @@ tr::TrainConfig make_config(const TrainOptions& o) {
   c.prediction_type = o.prediction_type;
   c.snr_gamma = o.snr_gamma;
   c.noise_offset = o.noise_offset;
-  c.proportion_empty_prompts = o.proportion_empty_prompts;
+  c.proportion_empty_prompts = o.recipe == "unclip" ? o.unclip_proportion_empty_prompts : o.proportion_empty_prompts;
   c.use_ema = o.use_ema;
   c.ema_decay = o.ema_decay;
   c.mixed_precision = tr::parse_mixed_precision(o.mixed_precision);
@@ -437,7 +440,57 @@ void check_prior_options(const TrainOptions& o) {
     DMX_CHECK_ARG(dir.empty() || path_exists(join_path(dir, "prior/config.json")), flag, " ", dir,
                   " is not a prior folder (no prior/config.json; dmx train prior writes one)");
   (void)prior_config(o, text, vision, tok.model_max_length());
-}
+  // dmx train unclip: the image tower's folder: --clip, or --model's own when it is an unCLIP decoder, or the bundled
+  // models/emoji-clip.
+  std::string unclip_tower_dir(const TrainOptions& o) {
+    if (!o.clip.empty()) return o.clip;
+    if (api::unclip_pipeline_class(o.model) == "StableUnCLIPImg2ImgPipeline") return o.model;
+    return "models/emoji-clip";
+  }
+
+  void check_unclip_options(const TrainOptions& o) {
+    DMX_CHECK_ARG(!o.clip_data.empty(), "--data must be given (an image-caption folder; repeatable)");
+    DMX_CHECK_ARG(o.clip_data.size() <= 64, "--data may be given at most 64 times, got ", o.clip_data.size());
+    for (const auto& d : o.clip_data) DMX_CHECK_ARG(is_directory(d), "--data: no such folder: ", d);
+    DMX_CHECK_ARG(is_directory(o.model) && path_exists(join_path(o.model, "unet/config.json")), "--model ", o.model,
+                  " must be a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)");
+    const std::string cls = api::unclip_pipeline_class(o.model);
+    DMX_CHECK_ARG(cls.empty() || cls == "StableUnCLIPImg2ImgPipeline", "--model ", o.model, " is a ", cls,
+                  " folder; dmx train unclip starts from a text-to-image model or continues a "
+                  "StableUnCLIPImg2ImgPipeline folder");
+    DMX_CHECK_ARG(cls.empty() || o.clip.empty(), "--clip: --model ", o.model,
+                  " is an unCLIP decoder and keeps its own image encoder; leave --clip out");
+    const std::string tower = unclip_tower_dir(o);
+    DMX_CHECK_ARG(is_directory(tower), "--clip: no such folder: ", tower,
+                  o.clip.empty() ? " (the default; give --clip DIR, a CLIP folder)" : "");
+    DMX_CHECK_ARG(loaders::is_clip_folder(tower) || api::unclip_pipeline_class(tower) == "StableUnCLIPImg2ImgPipeline",
+                  "--clip ", tower,
+                  " must be a CLIP folder (model_index.json CLIPModel, as dmx train clip writes) or a "
+                  "StableUnCLIPImg2ImgPipeline folder (feature_extractor + image_encoder)");
+    DMX_CHECK_ARG(o.center_crop && !o.random_flip,
+                  "dmx train unclip embeds each whole picture once: random crops and flips are not taken");
+  }
+
+  // The image tower of dmx train unclip (unclip_tower_dir): a CLIP folder's, or an unCLIP folder's (with its
+  // normalizer and noising scheduler when it is --model, the decoder continued).
+  tr::UnCLIPImageTower unclip_image_tower(const TrainOptions& o) {
+    tr::UnCLIPImageTower t;
+    t.source_dir = unclip_tower_dir(o);
+    if (loaders::is_clip_folder(t.source_dir)) {
+      const auto c = loaders::load_clip(t.source_dir);
+      t.feature_extractor = c->feature_extractor;
+      t.image_encoder = c->image_encoder;
+      return t;
+    }
+    const auto c = loaders::load_unclip_components(t.source_dir);
+    t.feature_extractor = c->feature_extractor;
+    t.image_encoder = c->image_encoder;
+    if (t.source_dir == o.model) {
+      t.image_normalizer = c->image_normalizer;
+      t.image_noising_scheduler_config = c->image_noising_scheduler_config;
+    }
+    return t;
+  }
 
 }  // namespace
 
@@ -447,6 +500,9 @@ void validate_train_options(const TrainOptions& o) {
                     o.recipe == "clip" || o.recipe == "prior",
                 "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip or "
                 "prior, got '",
+                o.recipe == "clip" || o.recipe == "unclip",
+                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip or "
+                "unclip, got '",
                 o.recipe, "'");
   if (o.recipe == "palette") {
     DMX_CHECK_ARG(!o.task.empty(), "--task must be given (colorize, inpaint, uncrop or jpeg)");
@@ -465,6 +521,7 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(o.task.empty(), "--task is for dmx train palette only, got it for ", o.recipe);
     DMX_CHECK_ARG(!o.model.empty(), "--model must be given");
     DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
+    if (o.recipe == "unclip") check_unclip_options(o);
   }
   DMX_CHECK_ARG(!o.output.empty(), "--output must be given");
   DMX_CHECK_ARG(has_parent_dir(o.output), "--output: the folder of ", o.output, " does not exist");
@@ -482,6 +539,7 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(o.lora_rank >= 0 && o.lora_rank <= tr::kMaxLoRARank, "--lora-rank must be in [0, ", tr::kMaxLoRARank,
                   "] (0 = full fine-tuning), got ", o.lora_rank);
   } else if (o.recipe != "clip" && o.recipe != "prior") {
+  } else if (o.recipe != "clip" && o.recipe != "unclip") {
     DMX_CHECK_ARG(!o.data.empty(), "--data must be given (a folder of images with captions)");
     DMX_CHECK_ARG(is_directory(o.data), "--data: no such folder: ", o.data);
   }
@@ -655,6 +713,15 @@ TrainReport train(const TrainOptions& o) {
     if (!o.model.empty()) prior = loaders::load_unclip_prior(o.model)->prior;
     source = std::make_shared<tr::FeatureBatchSource>(captions, o.batch_size, rank, world, o.seed);
     recipe = std::make_shared<tr::PriorRecipe>(prior, features, clip_dir, o.prior_text_drop);
+  } else if (o.recipe == "unclip") {
+    std::vector<std::shared_ptr<tr::ImageCaptionDataset>> folders;
+    for (const auto& d : o.clip_data) folders.push_back(open_dataset(d, true));
+    auto concat = std::make_shared<tr::ConcatBatchSource>(folders, o.batch_size, o.seed, rank, world);
+    tr::UnCLIPImageTower tower = unclip_image_tower(o);
+    torch::manual_seed(o.seed);  // the class embedding's linear_1 (rank 0's is broadcast anyway)
+    recipe = std::make_shared<tr::UnCLIPDecoderRecipe>(models, std::move(tower), concat->image_paths(),
+                                                       o.image_embedding_dropout);
+    source = concat;
   } else if (o.recipe == "controlnet") {
     auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -141,6 +142,34 @@ std::vector<PendingFile> output_files(const std::vector<std::string>& image_path
   return files;
 }
 
+// Spherical interpolation of two image embeddings [1, E] at t in [0, 1], as diffusers' UnCLIPImageInterpolationPipeline
+// (community): the angle between the normalised embeddings, the weights applied to the embeddings themselves, so
+// t = 0 and t = 1 give a and b exactly. Parallel embeddings (no angle) interpolate linearly.
+at::Tensor slerp_embeddings(const at::Tensor& a, const at::Tensor& b, double t) {
+  const at::Tensor an = a / a.norm(), bn = b / b.norm();
+  const double omega = std::acos(std::clamp((an * bn).sum().item<double>(), -1.0, 1.0));
+  const double so = std::sin(omega);
+  if (so < 1e-6) return a * (1.0 - t) + b * t;
+  return a * (std::sin((1.0 - t) * omega) / so) + b * (std::sin(t * omega) / so);
+}
+
+// The pictures side by side, left to right (the interpolation strip).
+Image strip_of(const std::vector<Image>& frames) {
+  Image o;
+  o.height = frames.front().height;
+  o.channels = frames.front().channels;
+  for (const auto& f : frames) o.width += f.width;
+  o.data.assign(static_cast<size_t>(o.width) * o.height * o.channels, 0);
+  int x0 = 0;
+  for (const auto& f : frames) {
+    for (int y = 0; y < f.height; ++y)
+      std::copy_n(&f.data[static_cast<size_t>(y) * f.width * f.channels], static_cast<size_t>(f.width) * f.channels,
+                  &o.data[(static_cast<size_t>(y) * o.width + x0) * o.channels]);
+    x0 += f.width;
+  }
+  return o;
+}
+
 }  // namespace
 
 GenerateResult generate_unclip(const GenerateOptions& o) {
@@ -259,16 +288,22 @@ VariationsResult variations(const VariationsOptions& o) {
                 "num_train_timesteps), got ",
                 o.noise_level);
   api::check_noise_level_early(o.model, o.noise_level);
+  const bool interpolate = !o.interpolate_to.empty();
+  DMX_CHECK_ARG(!interpolate || o.num_images >= 2, "--interpolate-to needs --num-images N >= 2 (the pictures along ",
+                "the interpolation, both ends included), got ", o.num_images);
   const std::vector<std::string> image_paths = api::numbered_paths(o.output, o.num_images);
   {
     api::OutputPlan plan(o.overwrite);
     plan.input(o.model, "--model");
     plan.input(o.image, "--image");
+    plan.input(o.interpolate_to, "--interpolate-to");
     for (const auto& path : image_paths) plan.file(path, "--output", ".png");
+    if (interpolate) plan.file(o.output, "--output (the interpolation strip)", ".png");
     if (!o.save_latents.empty()) plan.file(o.save_latents, "--save-latents", ".safetensors");
     plan.prepare();
   }
   const Image picture = to_rgb(load_image(o.image, "--image"));
+  const Image picture_to = interpolate ? to_rgb(load_image(o.interpolate_to, "--interpolate-to")) : Image();
   configure_threads(o.threads);
   const api::UnCLIPModels m = api::load_unclip(o.model, dtype, o.device);
   BackgroundModelHash hash(o.model);
@@ -292,9 +327,33 @@ VariationsResult variations(const VariationsOptions& o) {
     pipelines::check_noise_level(o.noise_level, *noising, "--noise-level");
   }
   const uint64_t seed = api::resolve_seed(o.seed);
-  at::Generator generator = pipelines::make_generator(seed);
-  p.generator = &generator;
-  const pipelines::StableUnCLIPOutput out = pipe.run(p);
+  pipelines::StableUnCLIPOutput out;
+  std::vector<double> interpolation;  // t of each picture
+  if (!interpolate) {
+    at::Generator generator = pipelines::make_generator(seed);
+    p.generator = &generator;
+    out = pipe.run(p);
+  } else {
+    // One picture per point of the slerp, each run with the same seed (the same embedding noise and latents): the
+    // first picture is `dmx variations --image A --seed S`, the last the same of B.
+    const at::Tensor from = pipe.encode_image(picture, "--image"),
+                     to = pipe.encode_image(picture_to, "--interpolate-to");
+    p.image = Image();
+    p.num_images_per_prompt = 1;
+    std::vector<at::Tensor> images, latents;
+    for (int k = 0; k < o.num_images; ++k) {
+      const double t = static_cast<double>(k) / (o.num_images - 1);
+      interpolation.push_back(t);
+      p.image_embeds = api::slerp_embeddings(from, to, t);
+      at::Generator generator = pipelines::make_generator(seed);
+      p.generator = &generator;
+      const pipelines::StableUnCLIPOutput one = pipe.run(p);
+      images.push_back(one.images);
+      latents.push_back(one.latents);
+    }
+    out.images = at::cat(images, 0);
+    out.latents = at::cat(latents, 0);
+  }
 
   VariationsResult r;
   r.seed = seed;
@@ -309,9 +368,24 @@ VariationsResult variations(const VariationsOptions& o) {
   meta.num_images = o.num_images;
   meta.noise_level = o.noise_level;
   const int w = static_cast<int>(out.images.size(2)), h = static_cast<int>(out.images.size(1));
-  const TextChunks text = {{"parameters", format_parameters(meta, seed, w, h, m.decoder->name, hash.get())}};
-  write_files_atomic(api::output_files(image_paths, o.save_latents, out, text));
+  const std::string parameters = format_parameters(meta, seed, w, h, m.decoder->name, hash.get());
+  const TextChunks text = {{"parameters", parameters}};
+  std::vector<PendingFile> files = api::output_files(image_paths, o.save_latents, out, text);
   r.images = image_paths;
+  if (interpolate) {  // each picture says where it lies; the strip of all of them is --output
+    std::vector<Image> frames;
+    for (size_t k = 0; k < image_paths.size(); ++k) {
+      frames.push_back(tensor_to_image(out.images[static_cast<int64_t>(k)]));
+      char t[64];
+      std::snprintf(t, sizeof t, ", Interpolation: %.4g", interpolation[k]);
+      for (auto& f : files)
+        if (f.path == image_paths[k]) f.bytes = encode_png(frames.back(), {{"parameters", parameters + t}});
+    }
+    files.push_back(
+        {o.output, encode_png(api::strip_of(frames), {{"parameters", parameters + ", Interpolation: strip"}})});
+    r.images.push_back(o.output);
+  }
+  write_files_atomic(files);
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }

@@ -29,6 +29,8 @@ const char* kTrainUsage =
     "              for dmx embed and dmx eval --clip\n"
     "  prior       a diffusion prior (PriorTransformer) from a CLIP's text to its image embedding; writes the\n"
     "              prior half of a StableUnCLIPPipeline folder (dmx eval --prior measures it)\n"
+    "  unclip      the unCLIP decoder: the UNet fine-tuned on noise-augmented CLIP image embeddings; writes a\n"
+    "              StableUnCLIPImg2ImgPipeline folder for dmx variations\n"
     "  classifier  the emoji classifier of `dmx eval` (docs/evaluation.md)\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
@@ -54,8 +56,7 @@ int cmd_train(int argc, char** argv) {
   DMX_CHECK_ARG(
       c != nullptr,
       "dmx train: recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip, "
-      "prior, "
-      "classifier or bench, got '",
+      "prior, unclip, classifier or bench, got '",
       recipe, "'");
   TrainOptions o;
   o.recipe = recipe;

@@ -46,6 +46,7 @@ const std::vector<CommandInfo>& commands() {
       {kTrainHypernetwork, "train hypernetwork", 3},
       {kTrainClip, "train clip", 3},
       {kTrainPrior, "train prior", 3},
+      {kTrainUnclip, "train unclip", 3},
       {kTrainBench, "train bench", 3},
       {kTrainClassifier, "train classifier", 3},
       {kEval, "eval", 2},
@@ -453,6 +454,11 @@ std::vector<Option> build_table() {
               &EmbedOptions::images),
         text(kRestore, "IMG", "the picture to restore, PNG or JPEG, sides multiples of 8 up to 512 (required)", "",
              &RO::image)}},
+      {"interpolate-to",
+       {text(kVariations, "IMG",
+             "a second picture: --num-images N (>= 2) pictures along the slerp from --image's CLIP embedding to this "
+             "one's, one seed; OUT.png is their strip, OUT-0.png ... each",
+             "", &VO::interpolate_to)}},
       {"from",
        {own(kGenerate | kUpscale, "IMAGE",
             "re-run the parameters stored in a PNG made by dmx (or A1111); flags given override")}},
@@ -468,7 +474,7 @@ std::vector<Option> build_table() {
              &ClassifierTrainOptions::data),
         text(kEval, "DIR", "`dmx data emoji` folder", "$DMX_EMOJI_DATA, ~/.cache/dmx/emoji-data, /tmp/emoji_ds",
              &EO::data),
-        texts(kTrainClip, "DIR",
+        texts(kTrainClip | kTrainUnclip, "DIR",
               "image-caption folder (metadata.jsonl or name.png + name.txt); repeatable: the folders are "
               "concatenated (required)",
               &TO::clip_data),
@@ -489,7 +495,7 @@ std::vector<Option> build_table() {
         text(kInit, "DIR", "diffusers folder to create (required)", "", &InitModelOptions::output),
         text(kConvert, "PATH", "where to write the converted copy (required)", "", &ConvertOptions::output),
         text(kDataTokenizer, "DIR", "tokenizer folder to write (required)", "", &TokenizerTrainOptions::output),
-        text(kTrainRecipes & ~kTrainPalette, "PATH",
+        text(kTrainRecipes & ~kTrainPalette & ~kTrainUnclip, "PATH",
              "lora: FILE.safetensors; hypernetwork: FILE.pt (A1111's) or FILE.safetensors; finetune / full "
              "dreambooth: a diffusers folder; adapter: a T2IAdapter folder (required)",
              "", &TO::output),
@@ -502,6 +508,8 @@ std::vector<Option> build_table() {
              "the prior half of a StableUnCLIPPipeline folder to write (prior/, prior_scheduler/, prior_text_encoder/, "
              "prior_tokenizer/) (required)",
              "", &TO::output),
+        text(kTrainUnclip, "DIR", "the StableUnCLIPImg2ImgPipeline folder to write (for dmx variations) (required)", "",
+             &TO::output),
         text(kRestore, "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)", "", &RO::output),
         text(kTrainClassifier, "DIR", "folder for config.json + model.safetensors (required)", "",
              &ClassifierTrainOptions::output)}},
@@ -960,8 +968,8 @@ std::vector<Option> build_table() {
       {"resolution",
        {num<int>(kTrainRecipes | kTrainBench, "PX", "training image side, a multiple of 8", "", 8, 4096,
                  &TO::resolution, &TrainBenchOptions::resolution)}},
-      {"random-crop", {flag(kTrainRecipes, "random instead of center crops", false, &TO::center_crop)}},
-      {"random-flip", {flag(kTrainRecipes, "random horizontal flips", true, &TO::random_flip)}},
+      {"random-crop", {flag(kTrainRecipes & ~kTrainUnclip, "random instead of center crops", false, &TO::center_crop)}},
+      {"random-flip", {flag(kTrainRecipes & ~kTrainUnclip, "random horizontal flips", true, &TO::random_flip)}},
       {"image-column", {text(kTrainLoop, "NAME", "metadata.jsonl image field", "", &TO::image_column)}},
       {"skip-bad-rows",
        {flag(kTrainLoop, "report bad dataset rows and leave them out instead of failing", true, &TO::skip_bad_rows)}},
@@ -992,12 +1000,21 @@ std::vector<Option> build_table() {
        {num<double>(kTrainRecipes, "G", "min-SNR-gamma loss weighting, e.g. 5", "off", 0, 1e6, &TO::snr_gamma)}},
       {"noise-offset", {num<double>(kTrainRecipes, "X", "noise offset", "", 0, 1e3, &TO::noise_offset)}},
       {"proportion-empty-prompts",
-       {num<double>(kTrainRecipes, "P", "share of captions replaced by \"\" (for guidance)", "", 0, 1,
+       {num<double>(kTrainRecipes & ~kTrainUnclip, "P", "share of captions replaced by \"\" (for guidance)", "", 0, 1,
                     &TO::proportion_empty_prompts),
         num<double>(kTrainPrior, "P",
                     "share of rows given the empty prompt's text features, the pipeline's unconditional branch (for "
                     "the prior's guidance)",
-                    "", 0, 1, &TO::prior_text_drop)}},
+                    "", 0, 1, &TO::prior_text_drop),
+        num<double>(kTrainUnclip, "P",
+                    "share of captions replaced by \"\", so that the image embedding alone makes the picture (dmx "
+                    "variations without --prompt)",
+                    "", 0, 1, &TO::unclip_proportion_empty_prompts)}},
+      {"image-embedding-dropout",
+       {num<double>(kTrainUnclip, "P",
+                    "share of image embeddings replaced by zeros (the pipelines' unconditional class labels, for "
+                    "guidance)",
+                    "", 0, 1, &TO::image_embedding_dropout)}},
       {"use-ema", {flag(kTrainLoop, "keep an EMA of the trained weights and save it", true, &TO::use_ema)}},
       {"ema-decay", {num<double>(kTrainLoop, "D", "EMA decay", "", 0, 1, &TO::ema_decay)}},
       {"mixed-precision",
@@ -1025,12 +1042,13 @@ std::vector<Option> build_table() {
        {text(kTrainLoop, "DIR", "continue from a checkpoint folder, or the newest checkpoint of an output dir", "",
              &TO::resume)}},
       {"validation-steps",
-       {num<I64>(kTrainRecipes, "N", "write validation images every N steps", "none", 0, kI64Max,
+       {num<I64>(kTrainRecipes & ~kTrainUnclip, "N", "write validation images every N steps", "none", 0, kI64Max,
                  &TO::validation_steps)}},
       {"validation-prompt",
-       {text(kTrainRecipes, "TEXT", "prompt of the validation images", "", &TO::validation_prompt)}},
+       {text(kTrainRecipes & ~kTrainUnclip, "TEXT", "prompt of the validation images", "", &TO::validation_prompt)}},
       {"num-validation-images",
-       {num<int>(kTrainRecipes, "N", "validation images per run", "", 1, 64, &TO::num_validation_images)}},
+       {num<int>(kTrainRecipes & ~kTrainUnclip, "N", "validation images per run", "", 1, 64,
+                 &TO::num_validation_images)}},
       {"conditioning-column",
        {text(kTrainControlnet | kTrainAdapter, "NAME", "metadata.jsonl conditioning image field", "",
              &TO::conditioning_column)}},
@@ -1159,7 +1177,11 @@ std::vector<Option> build_table() {
         text(kTrainPrior, "DIR",
              "the frozen CLIP folder (dmx train clip): its text tower conditions the prior, its image tower gives "
              "the targets; copied into prior_text_encoder/ and prior_tokenizer/",
-             "models/emoji-clip when it exists", &TO::prior_clip)}},
+             "models/emoji-clip when it exists", &TO::prior_clip),
+        text(kTrainUnclip, "DIR",
+             "the image tower (feature_extractor + image_encoder): a CLIP folder (dmx train clip) or a "
+             "StableUnCLIPImg2ImgPipeline folder",
+             "models/emoji-clip; an unCLIP --model: its own", &TO::clip)}},
       {"prior",
        {own(kEval, "DIR",
             "measure this prior folder (dmx train prior) on --data's emoji: cosine of sampled CLIP image embeddings to "
@@ -1306,6 +1328,7 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
     case kTrainHypernetwork:
     case kTrainClip:
     case kTrainPrior:
+    case kTrainUnclip:
       return run_on_default<TrainOptions>(c, fn);
     case kRestore:
       return run_on_default<RestoreOptions>(c, fn);

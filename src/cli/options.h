@@ -46,10 +46,11 @@ enum Command : uint32_t {
   kServe = 1u << 24,
   kTrainClip = 1u << 25,
   kTrainPrior = 1u << 26,
+  kTrainUnclip = 1u << 27,
 };
 using Commands = uint32_t;
 constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae |
-                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork;
+                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork | kTrainUnclip;
 constexpr Commands kAllCommands = (1u << 28) - 1;
 
 struct CommandInfo {

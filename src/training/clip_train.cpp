@@ -132,18 +132,34 @@ std::shared_ptr<loaders::CLIPComponents> new_clip_model(const models::CLIPTextCo
 // ---------------------------------------------------------------------------------------------------
 
 ConcatBatchSource::ConcatBatchSource(std::vector<std::shared_ptr<ImageCaptionDataset>> datasets, int batch_size,
-                                     uint64_t seed)
+                                     uint64_t seed, int rank, int world_size)
     : ds_(std::move(datasets)),
       total_([&] {
         size_t n = 0;
         for (const auto& d : ds_) n += d->size();
         return n;
       }()),
-      sampler_(total_, batch_size, 0, 1, seed) {}
+      sampler_(total_, batch_size, rank, world_size, seed),
+      batch_size_(batch_size),
+      rank_(rank) {}
+
+bool ConcatBatchSource::latents_cacheable() const {
+  for (const auto& d : ds_)
+    if (!d->options().center_crop || d->options().random_flip) return false;
+  return true;
+}
+
+std::vector<std::string> ConcatBatchSource::image_paths() const {
+  std::vector<std::string> out;
+  out.reserve(total_);
+  for (const auto& d : ds_)
+    for (const auto& r : d->rows()) out.push_back(r.image);
+  return out;
+}
 
 Batch ConcatBatchSource::get(int64_t micro_step) {
   const std::vector<size_t> idx = sampler_.indices(micro_step);
-  const uint64_t seed = sampler_.augment_seed(micro_step);
+  const uint64_t seed = sampler_.augment_seed(micro_step) + static_cast<uint64_t>(rank_) * batch_size_;
   Batch b;
   std::vector<at::Tensor> px;
   for (size_t k = 0; k < idx.size(); ++k) {

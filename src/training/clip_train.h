@@ -54,18 +54,24 @@ std::shared_ptr<loaders::CLIPComponents> new_clip_model(const models::CLIPTextCo
 // transformers' CLIPPreTrainedModel._init_weights (initializer_factor 1, initializer_range 0.02) for either tower.
 void init_clip_weights(torch::nn::Module& tower, int hidden_size, int num_layers);
 
-// Batches from several image-caption folders, concatenated (rows of folder 0, then folder 1, ...), with the
-// sampler and the augmentation seeds of DatasetBatchSource (one process).
+// Batches from several image-caption folders, concatenated (rows of folder 0, then folder 1, ...; Batch::indices
+// are indices into that concatenation), with the sampler and the augmentation seeds of DatasetBatchSource: rank r
+// of world_size takes its share of the global batch (dmx train clip runs one process; dmx train unclip any).
 class ConcatBatchSource : public BatchSource {
  public:
-  ConcatBatchSource(std::vector<std::shared_ptr<ImageCaptionDataset>> datasets, int batch_size, uint64_t seed);
+  ConcatBatchSource(std::vector<std::shared_ptr<ImageCaptionDataset>> datasets, int batch_size, uint64_t seed,
+                    int rank = 0, int world_size = 1);
   Batch get(int64_t micro_step) override;
   size_t size() const override { return total_; }
+  bool latents_cacheable() const override;  // every folder center-cropped and unflipped
+  // The image path of each row of the concatenation, in index order.
+  std::vector<std::string> image_paths() const;
 
  private:
   std::vector<std::shared_ptr<ImageCaptionDataset>> ds_;
   size_t total_ = 0;
   BatchSampler sampler_;
+  int batch_size_, rank_;
 };
 
 class CLIPRecipe : public Recipe {

@@ -892,6 +892,7 @@ double Trainer::micro_step(State& st, int64_t micro) {
   } else {
     ehs = recipe_->encode_prompt(batch);
   }
+  recipe_->draw_conditioning(batch, st.gen, r0, G);
   const at::Tensor target =
       st.prediction_type == "epsilon" ? noise : ddpm_velocity(st.alphas_cumprod, latents, noise, t);
   const at::Tensor pred = recipe_->predict(noisy, t, ehs, batch).to(at::kFloat);

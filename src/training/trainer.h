@@ -19,7 +19,8 @@
 //   4. timesteps            [G]            (int64; Recipe::sample_timesteps: randint by default, the T2I-Adapter
 //                                           recipe's cubic draw with rand, cubic_timesteps)
 //   4b. caption dropout     [G]            (rand, only when proportion_empty_prompts > 0)
-//   5. whatever the recipe's hooks draw, from the same generator (none of the built-in recipes draw)
+//   5. whatever the recipe's hooks draw, from the same generator (Recipe::draw_conditioning: the unCLIP decoder's
+//      noise levels, embedding noise and embedding dropout; the other built-in recipes draw nothing)
 // The generator state, AdamW state, LR step, EMA weights and the step counters go into every checkpoint,
 // so a resumed run equals an uninterrupted one bit for bit (same machine and thread count).
 // Internal header of the training layer.
@@ -203,6 +204,10 @@ class Recipe {
   // [0, num_train_timesteps), from `gen` (the trainer keeps this rank's rows). Default: uniform,
   // randint(0, num_train_timesteps, (G,)) as train_text_to_image.py.
   virtual at::Tensor sample_timesteps(at::Generator& gen, int64_t global_rows, int64_t num_train_timesteps);
+  // Draw 5 of the documented order, after the caption dropout and before predict: what the recipe draws for its own
+  // conditioning of this micro-step, for the global batch (global_rows) from `gen`; this rank keeps rows
+  // [r0, r0 + rows of `batch`). Default: nothing drawn (the unCLIP decoder draws its class labels here).
+  virtual void draw_conditioning(const Batch& batch, at::Generator& gen, int64_t r0, int64_t global_rows) {}
   // The model prediction: [B, 4, h, w] (float32 for the loss).
   virtual at::Tensor predict(const at::Tensor& noisy_latents, const at::Tensor& timesteps,
                              const at::Tensor& encoder_hidden_states, const Batch& batch) = 0;
