@@ -440,69 +440,68 @@ void check_prior_options(const TrainOptions& o) {
     DMX_CHECK_ARG(dir.empty() || path_exists(join_path(dir, "prior/config.json")), flag, " ", dir,
                   " is not a prior folder (no prior/config.json; dmx train prior writes one)");
   (void)prior_config(o, text, vision, tok.model_max_length());
-  // dmx train unclip: the image tower's folder: --clip, or --model's own when it is an unCLIP decoder, or the bundled
-  // models/emoji-clip.
-  std::string unclip_tower_dir(const TrainOptions& o) {
-    if (!o.clip.empty()) return o.clip;
-    if (api::unclip_pipeline_class(o.model) == "StableUnCLIPImg2ImgPipeline") return o.model;
-    return "models/emoji-clip";
-  }
+}
 
-  void check_unclip_options(const TrainOptions& o) {
-    DMX_CHECK_ARG(!o.clip_data.empty(), "--data must be given (an image-caption folder; repeatable)");
-    DMX_CHECK_ARG(o.clip_data.size() <= 64, "--data may be given at most 64 times, got ", o.clip_data.size());
-    for (const auto& d : o.clip_data) DMX_CHECK_ARG(is_directory(d), "--data: no such folder: ", d);
-    DMX_CHECK_ARG(is_directory(o.model) && path_exists(join_path(o.model, "unet/config.json")), "--model ", o.model,
-                  " must be a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)");
-    const std::string cls = api::unclip_pipeline_class(o.model);
-    DMX_CHECK_ARG(cls.empty() || cls == "StableUnCLIPImg2ImgPipeline", "--model ", o.model, " is a ", cls,
-                  " folder; dmx train unclip starts from a text-to-image model or continues a "
-                  "StableUnCLIPImg2ImgPipeline folder");
-    DMX_CHECK_ARG(cls.empty() || o.clip.empty(), "--clip: --model ", o.model,
-                  " is an unCLIP decoder and keeps its own image encoder; leave --clip out");
-    const std::string tower = unclip_tower_dir(o);
-    DMX_CHECK_ARG(is_directory(tower), "--clip: no such folder: ", tower,
-                  o.clip.empty() ? " (the default; give --clip DIR, a CLIP folder)" : "");
-    DMX_CHECK_ARG(loaders::is_clip_folder(tower) || api::unclip_pipeline_class(tower) == "StableUnCLIPImg2ImgPipeline",
-                  "--clip ", tower,
-                  " must be a CLIP folder (model_index.json CLIPModel, as dmx train clip writes) or a "
-                  "StableUnCLIPImg2ImgPipeline folder (feature_extractor + image_encoder)");
-    DMX_CHECK_ARG(o.center_crop && !o.random_flip,
-                  "dmx train unclip embeds each whole picture once: random crops and flips are not taken");
-  }
+// dmx train unclip: the image tower's folder: --clip, or --model's own when it is an unCLIP decoder, or the bundled
+// models/emoji-clip.
+std::string unclip_tower_dir(const TrainOptions& o) {
+  if (!o.clip.empty()) return o.clip;
+  if (api::unclip_pipeline_class(o.model) == "StableUnCLIPImg2ImgPipeline") return o.model;
+  return "models/emoji-clip";
+}
 
-  // The image tower of dmx train unclip (unclip_tower_dir): a CLIP folder's, or an unCLIP folder's (with its
-  // normalizer and noising scheduler when it is --model, the decoder continued).
-  tr::UnCLIPImageTower unclip_image_tower(const TrainOptions& o) {
-    tr::UnCLIPImageTower t;
-    t.source_dir = unclip_tower_dir(o);
-    if (loaders::is_clip_folder(t.source_dir)) {
-      const auto c = loaders::load_clip(t.source_dir);
-      t.feature_extractor = c->feature_extractor;
-      t.image_encoder = c->image_encoder;
-      return t;
-    }
-    const auto c = loaders::load_unclip_components(t.source_dir);
+void check_unclip_options(const TrainOptions& o) {
+  DMX_CHECK_ARG(!o.clip_data.empty(), "--data must be given (an image-caption folder; repeatable)");
+  DMX_CHECK_ARG(o.clip_data.size() <= 64, "--data may be given at most 64 times, got ", o.clip_data.size());
+  for (const auto& d : o.clip_data) DMX_CHECK_ARG(is_directory(d), "--data: no such folder: ", d);
+  DMX_CHECK_ARG(is_directory(o.model) && path_exists(join_path(o.model, "unet/config.json")), "--model ", o.model,
+                " must be a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)");
+  const std::string cls = api::unclip_pipeline_class(o.model);
+  DMX_CHECK_ARG(cls.empty() || cls == "StableUnCLIPImg2ImgPipeline", "--model ", o.model, " is a ", cls,
+                " folder; dmx train unclip starts from a text-to-image model or continues a "
+                "StableUnCLIPImg2ImgPipeline folder");
+  DMX_CHECK_ARG(cls.empty() || o.clip.empty(), "--clip: --model ", o.model,
+                " is an unCLIP decoder and keeps its own image encoder; leave --clip out");
+  const std::string tower = unclip_tower_dir(o);
+  DMX_CHECK_ARG(is_directory(tower), "--clip: no such folder: ", tower,
+                o.clip.empty() ? " (the default; give --clip DIR, a CLIP folder)" : "");
+  DMX_CHECK_ARG(loaders::is_clip_folder(tower) || api::unclip_pipeline_class(tower) == "StableUnCLIPImg2ImgPipeline",
+                "--clip ", tower,
+                " must be a CLIP folder (model_index.json CLIPModel, as dmx train clip writes) or a "
+                "StableUnCLIPImg2ImgPipeline folder (feature_extractor + image_encoder)");
+  DMX_CHECK_ARG(o.center_crop && !o.random_flip,
+                "dmx train unclip embeds each whole picture once: random crops and flips are not taken");
+}
+
+// The image tower of dmx train unclip (unclip_tower_dir): a CLIP folder's, or an unCLIP folder's (with its
+// normalizer and noising scheduler when it is --model, the decoder continued).
+tr::UnCLIPImageTower unclip_image_tower(const TrainOptions& o) {
+  tr::UnCLIPImageTower t;
+  t.source_dir = unclip_tower_dir(o);
+  if (loaders::is_clip_folder(t.source_dir)) {
+    const auto c = loaders::load_clip(t.source_dir);
     t.feature_extractor = c->feature_extractor;
     t.image_encoder = c->image_encoder;
-    if (t.source_dir == o.model) {
-      t.image_normalizer = c->image_normalizer;
-      t.image_noising_scheduler_config = c->image_noising_scheduler_config;
-    }
     return t;
   }
+  const auto c = loaders::load_unclip_components(t.source_dir);
+  t.feature_extractor = c->feature_extractor;
+  t.image_encoder = c->image_encoder;
+  if (t.source_dir == o.model) {
+    t.image_normalizer = c->image_normalizer;
+    t.image_noising_scheduler_config = c->image_noising_scheduler_config;
+  }
+  return t;
+}
 
 }  // namespace
 
 void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet" ||
                     o.recipe == "vae" || o.recipe == "adapter" || o.recipe == "palette" || o.recipe == "hypernetwork" ||
-                    o.recipe == "clip" || o.recipe == "prior",
-                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip or "
-                "prior, got '",
-                o.recipe == "clip" || o.recipe == "unclip",
-                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip or "
-                "unclip, got '",
+                    o.recipe == "clip" || o.recipe == "prior" || o.recipe == "unclip",
+                "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip, "
+                "prior or unclip, got '",
                 o.recipe, "'");
   if (o.recipe == "palette") {
     DMX_CHECK_ARG(!o.task.empty(), "--task must be given (colorize, inpaint, uncrop or jpeg)");
@@ -538,8 +537,7 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(o.class_inference_steps > 0, "--class-inference-steps must be > 0, got ", o.class_inference_steps);
     DMX_CHECK_ARG(o.lora_rank >= 0 && o.lora_rank <= tr::kMaxLoRARank, "--lora-rank must be in [0, ", tr::kMaxLoRARank,
                   "] (0 = full fine-tuning), got ", o.lora_rank);
-  } else if (o.recipe != "clip" && o.recipe != "prior") {
-  } else if (o.recipe != "clip" && o.recipe != "unclip") {
+  } else if (o.recipe != "clip" && o.recipe != "prior" && o.recipe != "unclip") {
     DMX_CHECK_ARG(!o.data.empty(), "--data must be given (a folder of images with captions)");
     DMX_CHECK_ARG(is_directory(o.data), "--data: no such folder: ", o.data);
   }
