@@ -321,27 +321,6 @@ std::vector<std::string> prior_args(const std::string& data, const std::string& 
   return args;
 }
 
-// dmx_run in another working folder (where models/emoji-clip, the default --clip, is not).
-CliRun dmx_run_in(const std::string& dir, const std::vector<std::string>& args) {
-  auto quote = [](const std::string& s) {
-    std::string q = "'";
-    for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return q + "'";
-  };
-  std::string cmd = "cd " + quote(dir) + " && env -u OMP_WAIT_POLICY -u DMX_OMP_CONFIGURED " + quote(cli_path());
-  for (const auto& a : args) cmd += " " + quote(a);
-  cmd += " 2>&1";
-  CliRun r;
-  FILE* f = popen(cmd.c_str(), "r");
-  if (!f) throw IoError("cannot run " + cmd);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), f)) > 0) r.output.append(buf, n);
-  const int status = pclose(f);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return r;
-}
-
 std::string file_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());

@@ -195,10 +195,13 @@ std::string cli_path() {
   return DMX_CLI_PATH;
 }
 
-CliRun dmx_run(const std::vector<std::string>& args) {
+CliRun dmx_run(const std::vector<std::string>& args) { return dmx_run_in("", args); }
+
+CliRun dmx_run_in(const std::string& dir, const std::vector<std::string>& args) {
   // As a user starts it: without the OpenMP policy ctest gives the test processes (tests/labels.cmake), so that
   // the binary sets it and re-executes itself (src/cli/main.cpp).
-  std::string cmd = "env -u OMP_WAIT_POLICY -u DMX_OMP_CONFIGURED " + shell_quote(cli_path());
+  std::string cmd = (dir.empty() ? std::string() : "cd " + shell_quote(dir) + " && ") +
+                    "env -u OMP_WAIT_POLICY -u DMX_OMP_CONFIGURED " + shell_quote(cli_path());
   for (const auto& a : args) cmd += " " + shell_quote(a);
   cmd += " 2>&1";
   CliRun r;

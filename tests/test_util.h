@@ -60,6 +60,8 @@ struct CliRun {
   std::string output;
 };
 CliRun dmx_run(const std::vector<std::string>& args);
+// The same, started in the folder `dir` (relative paths and the models/ defaults resolve there).
+CliRun dmx_run_in(const std::string& dir, const std::vector<std::string>& args);
 
 // Runs f with this process's stderr (file descriptor 2) sent to a file, and returns what f wrote there (what
 // the CLI would print for a call of the API it makes); an exception from f is rethrown after stderr is restored.

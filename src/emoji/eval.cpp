@@ -180,6 +180,14 @@ ClassifierTrainResult train_classifier(const ClassifierTrainOptions& o) {
 }
 
 namespace {
+// Shares of rows whose top-1 / top-5 concept (of logits [N, C]) is the row's label [N]; returns the top-5 indices.
+at::Tensor top_shares(const at::Tensor& logits, const at::Tensor& labels, double& top1, double& top5) {
+  const at::Tensor t5 = std::get<1>(logits.topk(std::min<int64_t>(5, logits.size(1)), 1));
+  top1 = t5.select(1, 0).eq(labels).to(at::kDouble).mean().item<double>();
+  top5 = t5.eq(labels.unsqueeze(1)).any(1).to(at::kDouble).mean().item<double>();
+  return t5;
+}
+
 // model_index.json's _class_name of a diffusers folder ("" when there is none).
 std::string pipeline_class_of(const std::string& model) {
   const std::string index = join_path(model, "model_index.json");
@@ -476,9 +484,7 @@ EvalResult evaluate(const EvalOptions& o) {
   save_all("base", base);
   const emoji::EmojiClassifierOutput out = features(base);
   const at::Tensor labels = at::tensor(std::vector<int64_t>(concept_of.begin(), concept_of.end()), at::kLong);
-  const at::Tensor top5 = std::get<1>(out.concept_logits.topk(std::min<int64_t>(5, out.concept_logits.size(1)), 1));
-  r.top1 = top5.select(1, 0).eq(labels).to(at::kDouble).mean().item<double>();
-  r.top5 = top5.eq(labels.unsqueeze(1)).any(1).to(at::kDouble).mean().item<double>();
+  const at::Tensor top5 = top_shares(out.concept_logits, labels, r.top1, r.top5);
   for (int i = 0; i < n; ++i) r.top1_names.push_back(names[static_cast<size_t>(top5[i][0].item<int64_t>())]);
   r.twitter_fraction = twitter_share(out.style_logits);
   // Real reference: the google image of each prompt's concept (A), and of as many other train concepts (B),
@@ -673,11 +679,7 @@ EvalResult evaluate(const EvalOptions& o) {
       }
       if (sources.empty()) return;
       save_all(set, imgs);
-      const at::Tensor logits = features(imgs).concept_logits;
-      const at::Tensor t5 = std::get<1>(logits.topk(std::min<int64_t>(5, logits.size(1)), 1));
-      const at::Tensor lab = at::tensor(labels, at::kLong);
-      top1 = t5.select(1, 0).eq(lab).to(at::kDouble).mean().item<double>();
-      top5 = t5.eq(lab.unsqueeze(1)).any(1).to(at::kDouble).mean().item<double>();
+      top_shares(features(imgs).concept_logits, at::tensor(labels, at::kLong), top1, top5);
     };
     const std::vector<int> train_sources(concept_of.begin(), concept_of.begin() + n_aux);
     score(train_sources, "variations", r.variations_top1, r.variations_top5);
