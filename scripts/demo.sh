@@ -20,6 +20,7 @@
 #   DMX_CLIP         [models/emoji-clip]                     CLIP folder (dmx train clip; dmx embed)
 #   DMX_UNCLIP       [models/emoji-unclip]                   StableUnCLIPPipeline folder (dmx train prior + unclip)
 #   DMX_UNCLIP_IMG2IMG [models/emoji-unclip-img2img]         StableUnCLIPImg2ImgPipeline folder (dmx variations)
+#   DMX_SPATEXT      [models/emoji-spatext]                  SpaText folder (dmx train spatext; --layout-method spatext)
 #   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER --data $DMX_EMOJI_DATA --limit $DMX_DEMO_EVAL_LIMIT
 #                     --steps N --seed N --out $DMX_DEMO_OUT/eval]  arguments of `dmx eval` (+ --json); DMX_DEMO_EVAL_LIMIT [32] prompts
 #   DMX_EMOJI_DATA   [~/.cache/dmx/emoji-data]  the real emoji `dmx eval` compares against (built there when missing)
@@ -48,6 +49,7 @@ PALETTE="${DMX_PALETTE:-models/emoji-palette-inpaint}"
 CLIP="${DMX_CLIP:-models/emoji-clip}"
 UNCLIP="${DMX_UNCLIP:-models/emoji-unclip}"
 UNCLIP_I2I="${DMX_UNCLIP_IMG2IMG:-models/emoji-unclip-img2img}"
+SPATEXT="${DMX_SPATEXT:-models/emoji-spatext}"
 OUT="${DMX_DEMO_OUT:-demo}"
 STEPS="${DMX_DEMO_STEPS:-20}"
 SEED="${DMX_DEMO_SEED:-42}"
@@ -93,7 +95,7 @@ if [ "${1:-}" = "--serve" ]; then
   exec "$DMX" serve --models models "$@"
 fi
 
-SECTIONS=(inputs txt2img img2img controlnet adapter layout lora blended diffedit p2p nulltext dreambooth upscale palette clip unclip eval logs)
+SECTIONS=(inputs txt2img img2img controlnet adapter layout spatext lora blended diffedit p2p nulltext dreambooth upscale palette clip unclip eval logs)
 rm -f "${OUT:?}/index.html"  # no page pointing at the images removed next
 for s in "${SECTIONS[@]}"; do rm -rf "${OUT:?}/$s"; done
 mkdir -p "$OUT"
@@ -362,6 +364,40 @@ body+=$(runs_table "${ids[@]}")
 section layout "Regional prompts (a drawn layout)" \
   "<code>--layout MAP.png --region COLOR=TEXT</code>: DenseDiffusion's training-free attention modulation, for any model. On this small emoji model it barely changes the picture (it never draws two emoji side by side); docs/regional.md measures it per region." \
   "$body" "$(sec_ms)"
+
+# ---- 5d. SpaText: a trained layout model ----------------------------------------------------------------
+if [ -f "$SPATEXT/spatext.json" ]; then
+  sec_t0
+  # The layout: 64 x 64, #e6194b top left, #3cb44b bottom right, black background (174 bytes, inline).
+  base64 -d >"$OUT/layout/spatext-map.png" <<'MAP'
+iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAdUlEQVR42u3YsQ2AIBBAUTQuobOwAY4rGziLrmGLPRejvt9RkZcjFJeSJD3Z0B6OuXS/YDlrKGB8+wQAAAAAAAAAAAAAAAAAAP4KmKIvyFv/Tce+Vk8IAOCTv1DEHjOnYgIAAAAAAAAAAAAAAAAAAAAAkqR7F+UOCKk1yl4oAAAAAElFTkSuQmCC
+MAP
+  ST=("$DMX" generate --model "$SPATEXT" --steps "$STEPS" --seed "$SEED" --guidance-scale "$GUIDANCE" --quiet
+      --prompt "red apple and rocket" --layout "$OUT/layout/spatext-map.png" --region "#e6194b=red apple"
+      --region "#3cb44b=rocket")
+  figs=""
+  ids=()
+  for m in spatext:1 spatext:0 regional:1; do
+    meth=${m%%:*} s=${m##*:}
+    run "spatext_${meth}_$s" "${ST[@]}" --layout-method "$meth" --layout-guidance-scale "$s" \
+      --output "$OUT/layout/spatext-${meth}-$s.png"
+    case $m in
+      spatext:1) cap="SpaText (map guidance 1)" ;;
+      spatext:0) cap="same model, text only (map guidance 0)" ;;
+      *) cap="same model, regional prompts (training-free)" ;;
+    esac
+    figs+=$(fig "layout/spatext-${meth}-$s.png" "$cap")
+    ids+=("spatext_${meth}_$s=\"red apple and rocket\"; regions red apple | rocket; --layout-method $meth, layout guidance $s; $COMMON_PARAMS")
+  done
+  body=$(row "input" "$(fig layout/spatext-map.png "the layout: #e6194b = red apple, #3cb44b = rocket")")
+  body+=$(row "outputs" "$figs")
+  body+=$(runs_table "${ids[@]}")
+  section spatext "SpaText (a layout model trained by dmx)" \
+    "<code>$(esc "$SPATEXT")</code>, trained by <code>dmx train spatext</code> on emoji scenes at 64 px: each region's text goes through the prior to a CLIP image embedding, painted into the region and fed to the UNet as extra channels, with the paper's multi-conditional guidance. Beside it, the same model without the map and with training-free regional prompts; docs/spatext.md measures all three on held-out layouts." \
+    "$body" "$(sec_ms)"
+else
+  skipped spatext "SpaText (a layout model trained by dmx)" "no SpaText folder at $SPATEXT (set DMX_SPATEXT; docs/spatext.md makes one)"
+fi
 
 # ---- 6. LoRA -------------------------------------------------------------------------------------------
 if [ -f "$LORA" ]; then

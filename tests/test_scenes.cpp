@@ -489,8 +489,15 @@ TEST(LayoutEvalTiny, RealCanvasesScoreIouOneAndTheTextBaselineRuns) {
   const Image text_pic = load_image(o.out_dir + "/layouts-text/0001.png", "text picture");
   const Image regional_pic = load_image(o.out_dir + "/layouts-regional/0001.png", "regional picture");
   EXPECT_NE(text_pic.data, regional_pic.data) << "the layout had no effect";
-  // Methods not built here are refused by name; unknown ones too.
-  for (const char* m : {"spatext", "scene"}) {
+  // spatext needs a SpaText folder; methods not built here are refused by name; unknown ones too.
+  o.method = "spatext";
+  try {
+    evaluate_layouts(o);
+    ADD_FAILURE() << "spatext on a plain model";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("needs a SpaText folder"), std::string::npos) << e.what();
+  }
+  for (const char* m : {"scene"}) {
     o.method = m;
     try {
       evaluate_layouts(o);
@@ -521,7 +528,7 @@ TEST(ScenesCli, ExitCodes) {
       {"data", "scenes", "--emoji", scene_emoji_data(), "--out", out, "--count", "2", "--seed", "1", "--quiet"});
   EXPECT_EQ(r.code, 0) << r.output;
   EXPECT_TRUE(path_exists(out + "/layouts/0001.json"));
-  r = dmx::test::dmx_run({"eval", "--layouts", out, "--layout-method", "spatext", "--model", out});
+  r = dmx::test::dmx_run({"eval", "--layouts", out, "--layout-method", "scene", "--model", out});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("not available in this build"), std::string::npos) << r.output;
   r = dmx::test::dmx_run({"eval", "--layouts", join_path(out, "images"), "--layout-method", "real"});

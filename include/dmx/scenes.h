@@ -55,6 +55,7 @@ struct LayoutEvalOptions {
   std::string classifier = "models/emoji-classifier";
   int steps = 25;
   double guidance_scale = 3.0;
+  double layout_guidance_scale = 1.0;  // spatext: the map's scale over guidance_scale (as dmx generate's)
   std::string scheduler;  // "" = the model's own
   uint64_t seed = 0;      // canvas i uses seed + i
   int limit = 0;          // > 0: only the first `limit` canvases

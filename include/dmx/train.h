@@ -13,7 +13,8 @@ namespace dmx {
 // model (a diffusers folder for finetune / full DreamBooth, else also a single-file checkpoint), config_dir and
 // tokenizer_dir (for a single-file model): the ModelOptions group of dmx/options.h.
 struct TrainOptions : ModelOptions {
-  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork | clip | prior | unclip
+  // lora | finetune | dreambooth | controlnet | adapter | vae | palette | hypernetwork | clip | prior | unclip |
+  // spatext
   std::string recipe;
   std::string data;  // lora / finetune: image-caption folder (name.png + name.txt, or metadata.jsonl)
   // lora: FILE.safetensors; finetune / full DreamBooth: a diffusers folder; hypernetwork: FILE.pt (A1111's
@@ -137,6 +138,14 @@ struct TrainOptions : ModelOptions {
   std::string clip;                              // the image tower's folder ("" = models/emoji-clip, or --model's own)
   double image_embedding_dropout = 0.1;          // share of image embeddings replaced by zeros (guidance)
   double unclip_proportion_empty_prompts = 0.5;  // share of captions replaced by "" (--proportion-empty-prompts)
+
+  // SpaText (recipe spatext, docs/spatext.md): --model (a text-to-image diffusers folder) trained on --data (a
+  // `dmx data scenes` folder) with the spatio-textual map as extra input channels: conv_in whole, LoRA adapters of
+  // rank `rank` on every linear and conv of the blocks. The segments' embeddings come from --clip's image tower ("" =
+  // models/emoji-clip); the prior copied for inference from spatext_prior ("" = models/emoji-unclip). Output: a
+  // SpaText folder for dmx generate --layout-method spatext.
+  std::string spatext_prior;
+  double layout_dropout = 0.2;  // share of rows without the map (the caption is dropped independently)
 
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;

@@ -26,6 +26,7 @@
 #include "loaders/hypernetwork_loader.h"
 #include "loaders/lora_loader.h"
 #include "loaders/model_bundle.h"
+#include "loaders/spatext.h"
 #include "loaders/t2i_adapter_loader.h"
 #include "loaders/upscale.h"
 #include "pipelines/controlnet.h"
@@ -167,6 +168,14 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
     DMX_CHECK_SUPPORTED(o.layout_path.empty(), "--layout with a Stable unCLIP folder is not supported");
     DMX_CHECK_SUPPORTED(!sink, "model ", o.model, ": Stable unCLIP folders are not served yet (use dmx generate)");
     return api::generate_unclip(o);
+  }
+  // SpaText folders (docs/spatext.md): the SpaText UNet, with the map of --layout-method spatext or without a map.
+  const bool spatext_folder = loaders::is_spatext_folder(o.model);
+  if (spatext_folder) {
+    DMX_CHECK_SUPPORTED(!sink, "model ", o.model, ": SpaText folders are not served yet (use dmx generate)");
+    DMX_CHECK_SUPPORTED(o.init_image.empty() && o.mask.empty() && o.controlnets.empty() && o.adapters.empty(),
+                        "--model ", o.model, " is a SpaText folder: it generates from noise, without --init-image, "
+                        "--mask, --controlnet or --adapter");
   }
   if (sink) {  // in memory: no file is named, none is written
     DMX_CHECK_ARG(o.output.empty() && o.save_latents.empty() && o.save_control_image.empty(),
@@ -345,7 +354,16 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
   lo.device = o.device;
   PhaseTimer load_timer("load");
   std::string session_hash;
-  auto models = sink ? sink->load(o.model, lo, &session_hash) : loaders::load_stable_diffusion(o.model, lo);
+  std::shared_ptr<loaders::SpaTextModel> spatext;
+  std::shared_ptr<loaders::StableDiffusionModels> models;
+  if (spatext_folder) {
+    spatext = loaders::load_spatext(o.model, lo);
+    models = spatext->models;
+    if (p.width == 0) p.width = spatext->config.resolution;  // the size it was trained at
+    if (p.height == 0) p.height = spatext->config.resolution;
+  } else {
+    models = sink ? sink->load(o.model, lo, &session_hash) : loaders::load_stable_diffusion(o.model, lo);
+  }
   load_timer.stop();
   std::optional<BackgroundModelHash> hash;
   if (!sink) hash.emplace(o.model);
@@ -414,13 +432,16 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
     if (p.width == 0) p.width = models->default_sample_size();
     if (p.height == 0) p.height = models->default_sample_size();
     pipelines::check_output_size(*models, p.width, p.height, p.num_images_per_prompt, p.guided());
-    api::LayoutRun layout = api::make_layout_run(o, layout_map, *models, p.prompt, p.width, p.height);
+    api::LayoutRun layout =
+        api::make_layout_run(o, layout_map, *models, p.prompt, p.width, p.height, spatext.get(), seed);
     p.prompt = layout.prompt;
     if (layout.provider) p.residual_providers.insert(p.residual_providers.begin(), layout.provider);
     pipelines::StableDiffusionPipeline(models).check_params(p);
     if (layout.processor)
       layout_guard = std::make_unique<nn::ScopedAttentionProcessor>(*models->unet, layout.processor);
   }
+  if (spatext && (o.layout_path.empty() || o.layout_method != "spatext"))  // no map: the text-only run (+ regional)
+    p.residual_providers.insert(p.residual_providers.begin(), api::spatext_text_only_provider(*spatext));
   // Cascade: the base picture's size is known now; the upscaler is loaded and its memory planned before any work.
   std::shared_ptr<loaders::UpscaleModels> upscaler;
   pipelines::VaeTiling up_tiling;

@@ -10,6 +10,7 @@
 #include "core/fs.h"
 #include "core/text.h"
 #include "pipelines/regional.h"
+#include "pipelines/spatext.h"
 
 namespace dmx::api {
 
@@ -31,6 +32,8 @@ struct LayoutInputs {
   const loaders::StableDiffusionModels& models;
   const std::string& prompt;
   int width, height;
+  loaders::SpaTextModel* spatext;
+  uint64_t seed;
 };
 
 // regional: DenseDiffusion's attention modulation (pipelines/regional.h), weights scaled by --layout-guidance-scale.
@@ -56,6 +59,34 @@ LayoutRun build_regional(const LayoutInputs& in) {
   return run;
 }
 
+// spatext: the regions' texts through the folder's prior to unit image embeddings, painted into the regions at the
+// latent size (pipelines/spatext.h); guidance eps_0 + s_g (eps(c_g, 0) - eps_0) + s_l (eps(0, c_l) - eps_0) with
+// s_l = --layout-guidance-scale x --guidance-scale.
+LayoutRun build_spatext(const LayoutInputs& in) {
+  DMX_CHECK_ARG(in.spatext != nullptr, "--layout-method spatext needs a SpaText model folder (written by dmx train "
+                "spatext, with spatext.json), got --model ", in.o.model);
+  auto& prior = *in.spatext->prior;
+  std::vector<std::string> texts;
+  for (const auto& r : in.o.regions) {
+    const size_t n = prior.prior_tokenizer->encode(r.text).size();
+    const int max_len = prior.prior_tokenizer->model_max_length();
+    DMX_CHECK_ARG(static_cast<int64_t>(n) <= max_len, region_name(r), ": the region text must fit the prior "
+                  "tokenizer's ", max_len, " tokens (BOS and EOS included), got ", n, " for '", r.text, "'");
+    texts.push_back(r.text);
+  }
+  const at::Tensor segs = layout_segments(in.map, in.o.regions, in.width, in.height)
+                              .narrow(0, 0, static_cast<int64_t>(in.o.regions.size()));
+  const at::Tensor embeds =
+      at::matmul(pipelines::spatext_region_embeddings(prior, texts, in.seed), in.spatext->projection.t());
+  const at::Tensor map = pipelines::spatext_map(segs, embeds, in.models.vae_scale_factor());
+  LayoutRun run;
+  run.prompt = in.prompt;
+  run.provider = std::make_shared<pipelines::SpaTextProvider>(
+      map, in.spatext->base_in_channels, in.spatext->config.map_channels,
+      in.o.layout_guidance_scale * in.o.guidance_scale);
+  return run;
+}
+
 // The layout methods (--layout-method). A method lands as a row with its builder; a row without one is refused
 // as not built yet.
 struct LayoutMethod {
@@ -65,7 +96,7 @@ struct LayoutMethod {
 };
 const LayoutMethod kLayoutMethods[] = {
     {"regional", "DenseDiffusion's training-free attention modulation, any SD 1.x/2.x model", &build_regional},
-    {"spatext", "SpaText's spatio-textual map (a model trained for it)", nullptr},
+    {"spatext", "SpaText's spatio-textual map (a SpaText folder, dmx train spatext)", &build_spatext},
     {"scene", "Make-A-Scene's scene tokens as diffusion (a model trained for it)", nullptr},
 };
 
@@ -199,8 +230,13 @@ at::Tensor layout_segments(const Image& map, const std::vector<LayoutRegion>& re
 }
 
 LayoutRun make_layout_run(const GenerateOptions& o, const Image& map, const loaders::StableDiffusionModels& m,
-                          const std::string& prompt, int width, int height) {
-  return layout_method(o.layout_method).build(LayoutInputs{o, map, m, prompt, width, height});
+                          const std::string& prompt, int width, int height, loaders::SpaTextModel* spatext,
+                          uint64_t seed) {
+  return layout_method(o.layout_method).build(LayoutInputs{o, map, m, prompt, width, height, spatext, seed});
+}
+
+std::shared_ptr<pipelines::ResidualProvider> spatext_text_only_provider(const loaders::SpaTextModel& s) {
+  return std::make_shared<pipelines::SpaTextProvider>(at::Tensor(), s.base_in_channels, s.config.map_channels, 0.0);
 }
 }  // namespace dmx::api
 

@@ -1,7 +1,7 @@
 // Layouts for `dmx generate` (docs/regional.md): the `--layout MAP.png --region COLOR=TEXT ...` options, the map
 // read and resized exactly to the output size, and the table of layout methods (--layout-method), each row a
-// builder of what the run needs. Today: regional (DenseDiffusion, pipelines/regional.h); spatext and scene are rows
-// without a builder ("not built yet").
+// builder of what the run needs. Today: regional (DenseDiffusion, pipelines/regional.h) and spatext (a SpaText model
+// folder, pipelines/spatext.h); scene is a row without a builder ("not built yet").
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -14,6 +14,7 @@
 #include "core/image.h"
 #include "dmx/dmx.h"
 #include "loaders/model_bundle.h"
+#include "loaders/spatext.h"
 #include "nn/attention_seam.h"
 #include "pipelines/residual_provider.h"
 
@@ -46,7 +47,13 @@ struct LayoutRun {
   std::shared_ptr<nn::AttentionProcessor> processor;      // installed on the UNet for the run; may be null
 };
 
-// The method's row of the table builds the run's layout parts for the output size width x height.
+// The method's row of the table builds the run's layout parts for the output size width x height. spatext: the
+// SpaText folder loaded (null when --model is none: spatext is then refused; other methods run on a SpaText folder
+// with its map empty); seed: the run's (the prior's draws for the region texts come from their own generator seeded with it).
 LayoutRun make_layout_run(const GenerateOptions& o, const Image& map, const loaders::StableDiffusionModels& m,
-                          const std::string& prompt, int width, int height);
+                          const std::string& prompt, int width, int height,
+                          loaders::SpaTextModel* spatext = nullptr, uint64_t seed = 0);
+
+// The SpaText provider of a run on a SpaText folder without --layout: no map (the text-only run of the model).
+std::shared_ptr<pipelines::ResidualProvider> spatext_text_only_provider(const loaders::SpaTextModel& s);
 }  // namespace dmx::api

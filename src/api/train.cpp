@@ -21,6 +21,7 @@
 #include "io/checkpoint.h"
 #include "loaders/model_bundle.h"
 #include "loaders/t2i_adapter_loader.h"
+#include "loaders/spatext.h"
 #include "loaders/unclip.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
@@ -38,6 +39,7 @@
 #include "training/palette_train.h"
 #include "training/prior_train.h"
 #include "training/trainer.h"
+#include "training/spatext_train.h"
 #include "training/unclip_train.h"
 #include "training/vae_train.h"
 
@@ -118,6 +120,12 @@ std::string prior_clip_dir(const TrainOptions& o) {
   return loaders::is_clip_folder("models/emoji-clip") ? "models/emoji-clip" : "";
 }
 
+// dmx train spatext: the image tower's CLIP folder and the prior folder copied into the output.
+std::string spatext_clip_dir(const TrainOptions& o) { return o.clip.empty() ? "models/emoji-clip" : strip_slashes(o.clip); }
+std::string spatext_prior_dir(const TrainOptions& o) {
+  return o.spatext_prior.empty() ? "models/emoji-unclip" : strip_slashes(o.spatext_prior);
+}
+
 // Every path a training run writes, checked against its inputs before anything is loaded (README "Outputs and
 // overwriting"): the result (a LoRA file, with adapter_config.json beside it for PEFT, or a folder), the training
 // folder (--output-dir: checkpoints, log, validation images) and DreamBooth's class images.
@@ -157,6 +165,9 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
     plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "CLIP folder");
   } else if (o.recipe == "prior") {
     plan.folder(strip_slashes(o.output), "--output", {"prior/config.json"}, "prior folder");
+  } else if (o.recipe == "spatext") {
+    plan.input(spatext_prior_dir(o), "--prior");
+    plan.folder(strip_slashes(o.output), "--output", {loaders::kSpaTextConfigFile}, "SpaText folder");
   } else {
     plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "diffusers folder");
   }
@@ -196,6 +207,7 @@ double default_lr(const TrainOptions& o) {
   if (o.recipe == "prior") return 1e-4;  // diffusers' examples/kandinsky2_2/text_to_image/train_text_to_image_prior.py
   if (o.recipe == "adapter") return 5e-6;       // train_t2i_adapter_sdxl.py's default
   if (o.recipe == "hypernetwork") return 1e-5;  // A1111's "Hypernetwork Learning rate" default
+  if (o.recipe == "spatext") return 2e-4;       // LoRA adapters and a new conv_in: a LoRA-like rate
   return 1e-4;
 }
 
@@ -450,6 +462,42 @@ std::string unclip_tower_dir(const TrainOptions& o) {
   return "models/emoji-clip";
 }
 
+void check_spatext_options(const TrainOptions& o) {
+  DMX_CHECK_ARG(is_directory(o.model) && path_exists(join_path(o.model, "unet/config.json")), "--model ", o.model,
+                " must be a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)");
+  DMX_CHECK_SUPPORTED(!loaders::is_spatext_folder(o.model), "--model ", o.model,
+                      " is a SpaText folder; dmx train spatext starts from a text-to-image model");
+  DMX_CHECK_ARG(api::unclip_pipeline_class(o.model).empty(), "--model ", o.model,
+                " is a Stable unCLIP folder; dmx train spatext starts from a text-to-image model");
+  DMX_CHECK_ARG(is_directory(o.data) && path_exists(join_path(o.data, "scenes.json")), "--data ", o.data,
+                " must be a scene folder (scenes.json; make one with `dmx data scenes --out DIR`)");
+  int size = 0;
+  try {
+    size = nlohmann::json::parse(read_text_file(join_path(o.data, "scenes.json"), "--data scenes.json",
+                                                kMaxJsonFileBytes))
+               .at("size")
+               .get<int>();
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError(join_path(o.data, "scenes.json") + ": " + e.what());
+  }
+  DMX_CHECK_ARG(o.resolution == size, "--resolution must be the scene folder's size ", size,
+                " (the maps are built from its instance maps at that size), got ", o.resolution);
+  DMX_CHECK_ARG(o.center_crop && !o.random_flip,
+                "dmx train spatext paints each canvas's map from its instance map: random crops and flips are not "
+                "taken");
+  const std::string clip = spatext_clip_dir(o), prior = spatext_prior_dir(o);
+  DMX_CHECK_ARG(loaders::is_clip_folder(clip), "--clip ", clip,
+                " must be a CLIP folder (model_index.json CLIPModel, as dmx train clip writes)",
+                o.clip.empty() ? " (the default; give --clip DIR)" : "");
+  DMX_CHECK_ARG(path_exists(join_path(prior, "prior/config.json")), "--prior ", prior,
+                " must be a prior folder (prior/config.json; dmx train prior writes one)",
+                o.spatext_prior.empty() ? " (the default; give --prior DIR)" : "");
+  DMX_CHECK_ARG(o.rank >= 1 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ",
+                o.rank);
+  DMX_CHECK_ARG(std::isfinite(o.layout_dropout) && o.layout_dropout >= 0 && o.layout_dropout <= 1,
+                "--layout-dropout must be in [0, 1], got ", o.layout_dropout);
+}
+
 void check_unclip_options(const TrainOptions& o) {
   DMX_CHECK_ARG(!o.clip_data.empty(), "--data must be given (an image-caption folder; repeatable)");
   DMX_CHECK_ARG(o.clip_data.size() <= 64, "--data may be given at most 64 times, got ", o.clip_data.size());
@@ -499,9 +547,9 @@ tr::UnCLIPImageTower unclip_image_tower(const TrainOptions& o) {
 void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet" ||
                     o.recipe == "vae" || o.recipe == "adapter" || o.recipe == "palette" || o.recipe == "hypernetwork" ||
-                    o.recipe == "clip" || o.recipe == "prior" || o.recipe == "unclip",
+                    o.recipe == "clip" || o.recipe == "prior" || o.recipe == "unclip" || o.recipe == "spatext",
                 "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip, "
-                "prior or unclip, got '",
+                "prior, unclip or spatext, got '",
                 o.recipe, "'");
   if (o.recipe == "palette") {
     DMX_CHECK_ARG(!o.task.empty(), "--task must be given (colorize, inpaint, uncrop or jpeg)");
@@ -541,6 +589,7 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(!o.data.empty(), "--data must be given (a folder of images with captions)");
     DMX_CHECK_ARG(is_directory(o.data), "--data: no such folder: ", o.data);
   }
+  if (o.recipe == "spatext") check_spatext_options(o);
   if (o.recipe == "lora")
     DMX_CHECK_ARG(o.rank > 0 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ",
                   o.rank);
@@ -720,6 +769,20 @@ TrainReport train(const TrainOptions& o) {
     recipe = std::make_shared<tr::UnCLIPDecoderRecipe>(models, std::move(tower), concat->image_paths(),
                                                        o.image_embedding_dropout);
     source = concat;
+  } else if (o.recipe == "spatext") {
+    auto ds = open_dataset(o.data, true);
+    source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
+    const auto clip = loaders::load_clip(spatext_clip_dir(o));
+    tr::SpaTextTrainOptions so;
+    so.lora.rank = o.rank;
+    so.lora.alpha = o.alpha;
+    so.lora.targets = "all";
+    so.map_dropout = o.layout_dropout;
+    so.prior_dir = spatext_prior_dir(o);
+    so.image_tower_dir = spatext_clip_dir(o);
+    torch::manual_seed(o.seed);  // the widened UNet's construction (its weights are then copied)
+    recipe = std::make_shared<tr::SpaTextRecipe>(models, so, clip->feature_extractor, clip->image_encoder,
+                                                 tr::read_spatext_canvases(o.data, ds->rows()));
   } else if (o.recipe == "controlnet") {
     auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);

@@ -31,6 +31,8 @@ const char* kTrainUsage =
     "              prior half of a StableUnCLIPPipeline folder (dmx eval --prior measures it)\n"
     "  unclip      the unCLIP decoder: the UNet fine-tuned on noise-augmented CLIP image embeddings; writes a\n"
     "              StableUnCLIPImg2ImgPipeline folder for dmx variations\n"
+    "  spatext     SpaText: the UNet given a spatio-textual map of a `dmx data scenes` folder (conv_in widened,\n"
+    "              LoRA on the blocks); writes a SpaText folder for dmx generate --layout-method spatext\n"
     "  classifier  the emoji classifier of `dmx eval` (docs/evaluation.md)\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
@@ -56,7 +58,7 @@ int cmd_train(int argc, char** argv) {
   DMX_CHECK_ARG(
       c != nullptr,
       "dmx train: recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip, "
-      "prior, unclip, classifier or bench, got '",
+      "prior, unclip, spatext, classifier or bench, got '",
       recipe, "'");
   TrainOptions o;
   o.recipe = recipe;

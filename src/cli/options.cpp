@@ -47,6 +47,7 @@ const std::vector<CommandInfo>& commands() {
       {kTrainClip, "train clip", 3},
       {kTrainPrior, "train prior", 3},
       {kTrainUnclip, "train unclip", 3},
+      {kTrainSpatext, "train spatext", 3},
       {kTrainBench, "train bench", 3},
       {kTrainClassifier, "train classifier", 3},
       {kEval, "eval", 2},
@@ -468,6 +469,8 @@ std::vector<Option> build_table() {
         text(kTrainLora | kTrainFinetune | kTrainHypernetwork, "DIR", kCaptionFolder, "", &TO::data),
         text(kTrainControlnet | kTrainAdapter, "DIR",
              "metadata.jsonl rows {file_name, text, conditioning_image} (required)", "", &TO::data),
+        text(kTrainSpatext, "DIR",
+             "a `dmx data scenes` folder: its canvases, captions and instance maps (required)", "", &TO::data),
         text(kTrainVae | kTrainPalette, "DIR",
              "images (captions are not used): metadata.jsonl or a folder of images (required)", "", &TO::data),
         text(kTrainClassifier, "DIR", "`dmx data emoji` folder: every real image of every style is used (required)", "",
@@ -495,7 +498,7 @@ std::vector<Option> build_table() {
         text(kInit, "DIR", "diffusers folder to create (required)", "", &InitModelOptions::output),
         text(kConvert, "PATH", "where to write the converted copy (required)", "", &ConvertOptions::output),
         text(kDataTokenizer, "DIR", "tokenizer folder to write (required)", "", &TokenizerTrainOptions::output),
-        text(kTrainRecipes & ~kTrainPalette & ~kTrainUnclip, "PATH",
+        text(kTrainRecipes & ~kTrainPalette & ~kTrainUnclip & ~kTrainSpatext, "PATH",
              "lora: FILE.safetensors; hypernetwork: FILE.pt (A1111's) or FILE.safetensors; finetune / full "
              "dreambooth: a diffusers folder; adapter: a T2IAdapter folder (required)",
              "", &TO::output),
@@ -510,6 +513,10 @@ std::vector<Option> build_table() {
              "", &TO::output),
         text(kTrainUnclip, "DIR", "the StableUnCLIPImg2ImgPipeline folder to write (for dmx variations) (required)", "",
              &TO::output),
+        text(kTrainSpatext, "DIR",
+             "the SpaText folder to write (the base's parts, spatext.json, spatext.safetensors, the prior's parts) "
+             "(required)",
+             "", &TO::output),
         text(kRestore, "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)", "", &RO::output),
         text(kTrainClassifier, "DIR", "folder for config.json + model.safetensors (required)", "",
              &ClassifierTrainOptions::output)}},
@@ -605,6 +612,8 @@ std::vector<Option> build_table() {
       {"rank",
        {flag(kGenerate, "with --mask: write the samples best first by a diffusion-classifier score", true, &GO::rank),
         num<int>(kTrainLora, "R", "LoRA rank", "", kI32Min, kI32Max, &TO::rank),
+        num<int>(kTrainSpatext, "R", "rank of the LoRA adapters on every linear and conv of the UNet's blocks", "", 1,
+                 1024, &TO::rank),
         num<int>(kTrainBench, "R", "LoRA rank", "", 1, 4096, &TrainBenchOptions::rank)}},
       {"init-latents",
        {text(kGenerate, "F.safetensors", "initial noise (tensor 'latents', before init_noise_sigma)", "",
@@ -732,14 +741,17 @@ std::vector<Option> build_table() {
          return u;
        }()}},
       {"layout-method",
-       {text(kGenerate, "M", "regional (DenseDiffusion, training-free) | spatext | scene (not built yet)", "",
+       {text(kGenerate, "M", "regional (DenseDiffusion, training-free) | spatext (a SpaText folder) | scene (not built yet)", "",
              &GO::layout_method),
         text(kEval, "NAME",
              "with --layouts: text (the caption only), regional (DenseDiffusion) or real (the canvases themselves)", "",
              &EO::layout_method)}},
       {"layout-guidance-scale",
-       {num<double>(kGenerate, "S", "with --layout: strength of the layout (regional: 0 = text only)", "", 0.0, 10.0,
-                    &GO::layout_guidance_scale)}},
+       {num<double>(kGenerate, "S", "with --layout: strength of the layout, 0 = text only (regional: the modulation's weight; spatext: the map's "
+                    "guidance scale over --guidance-scale)", "", 0.0, 10.0,
+                    &GO::layout_guidance_scale),
+        num<double>(kEval, "S", "with --layouts and --layout-method spatext: the map's guidance scale over "
+                    "--guidance-scale", "", 0.0, 10.0, &EO::layout_guidance_scale)}},
 
       // ---------------------------------------------------------------- generate: Stable unCLIP folders
       {"prior-steps",
@@ -968,8 +980,8 @@ std::vector<Option> build_table() {
       {"resolution",
        {num<int>(kTrainRecipes | kTrainBench, "PX", "training image side, a multiple of 8", "", 8, 4096,
                  &TO::resolution, &TrainBenchOptions::resolution)}},
-      {"random-crop", {flag(kTrainRecipes & ~kTrainUnclip, "random instead of center crops", false, &TO::center_crop)}},
-      {"random-flip", {flag(kTrainRecipes & ~kTrainUnclip, "random horizontal flips", true, &TO::random_flip)}},
+      {"random-crop", {flag(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext, "random instead of center crops", false, &TO::center_crop)}},
+      {"random-flip", {flag(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext, "random horizontal flips", true, &TO::random_flip)}},
       {"image-column", {text(kTrainLoop, "NAME", "metadata.jsonl image field", "", &TO::image_column)}},
       {"skip-bad-rows",
        {flag(kTrainLoop, "report bad dataset rows and leave them out instead of failing", true, &TO::skip_bad_rows)}},
@@ -1042,12 +1054,12 @@ std::vector<Option> build_table() {
        {text(kTrainLoop, "DIR", "continue from a checkpoint folder, or the newest checkpoint of an output dir", "",
              &TO::resume)}},
       {"validation-steps",
-       {num<I64>(kTrainRecipes & ~kTrainUnclip, "N", "write validation images every N steps", "none", 0, kI64Max,
+       {num<I64>(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext, "N", "write validation images every N steps", "none", 0, kI64Max,
                  &TO::validation_steps)}},
       {"validation-prompt",
-       {text(kTrainRecipes & ~kTrainUnclip, "TEXT", "prompt of the validation images", "", &TO::validation_prompt)}},
+       {text(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext, "TEXT", "prompt of the validation images", "", &TO::validation_prompt)}},
       {"num-validation-images",
-       {num<int>(kTrainRecipes & ~kTrainUnclip, "N", "validation images per run", "", 1, 64,
+       {num<int>(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext, "N", "validation images per run", "", 1, 64,
                  &TO::num_validation_images)}},
       {"conditioning-column",
        {text(kTrainControlnet | kTrainAdapter, "NAME", "metadata.jsonl conditioning image field", "",
@@ -1061,7 +1073,8 @@ std::vector<Option> build_table() {
       {"vae-crop",
        {num<int>(kTrainVae, "PX", "train on random crops of this side", "whole images", 0, 4096, &TO::vae_crop)}},
       {"save-format", {text(kLoraRecipes, "F", "diffusers|peft|kohya", "", &TO::save_format)}},
-      {"alpha", {num<double>(kLoraRecipes, "A", "LoRA alpha; scale = alpha / rank", "rank", 0, 1e9, &TO::alpha)}},
+      {"alpha",
+       {num<double>(kLoraRecipes | kTrainSpatext, "A", "LoRA alpha; scale = alpha / rank", "rank", 0, 1e9, &TO::alpha)}},
       {"lora-targets",
        {text(kLoraRecipes, "T", "attention (to_q/k/v/out.0) | all (every linear and conv of the blocks)", "",
              &TO::lora_targets)}},
@@ -1181,12 +1194,21 @@ std::vector<Option> build_table() {
         text(kTrainUnclip, "DIR",
              "the image tower (feature_extractor + image_encoder): a CLIP folder (dmx train clip) or a "
              "StableUnCLIPImg2ImgPipeline folder",
-             "models/emoji-clip; an unCLIP --model: its own", &TO::clip)}},
+             "models/emoji-clip; an unCLIP --model: its own", &TO::clip),
+        text(kTrainSpatext, "DIR", "the CLIP folder whose image tower embeds each segment (dmx train clip)",
+             "models/emoji-clip", &TO::clip)}},
       {"prior",
        {own(kEval, "DIR",
             "measure this prior folder (dmx train prior) on --data's emoji: cosine of sampled CLIP image embeddings to "
             "the true ones and retrieval, against the text embedding (docs/unclip.md); --clip names the image tower's "
-            "CLIP (default models/emoji-clip), --steps and --guidance-scale the prior's (default 25 and 4)")}},
+            "CLIP (default models/emoji-clip), --steps and --guidance-scale the prior's (default 25 and 4)"),
+        text(kTrainSpatext, "DIR",
+             "the prior folder (dmx train prior, of the same CLIP) copied into the output: it maps each region's text "
+             "to an image embedding at inference",
+             "models/emoji-unclip", &TO::spatext_prior)}},
+      {"layout-dropout",
+       {num<double>(kTrainSpatext, "P", "share of rows trained without the spatio-textual map (for guidance)", "", 0,
+                    1, &TO::layout_dropout)}},
       {"layouts",
        {text(kEval, "DIR", "score pictures made from the layouts of this `dmx data scenes` folder (docs/layouts.md)",
              "", &EO::layouts)}},
@@ -1329,6 +1351,7 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
     case kTrainClip:
     case kTrainPrior:
     case kTrainUnclip:
+    case kTrainSpatext:
       return run_on_default<TrainOptions>(c, fn);
     case kRestore:
       return run_on_default<RestoreOptions>(c, fn);

@@ -47,11 +47,13 @@ enum Command : uint32_t {
   kTrainClip = 1u << 25,
   kTrainPrior = 1u << 26,
   kTrainUnclip = 1u << 27,
+  kTrainSpatext = 1u << 28,
 };
 using Commands = uint32_t;
 constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae |
-                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork | kTrainUnclip;
-constexpr Commands kAllCommands = (1u << 28) - 1;
+                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork | kTrainUnclip |
+                                   kTrainSpatext;
+constexpr Commands kAllCommands = (1u << 29) - 1;
 
 struct CommandInfo {
   Command id;

@@ -24,9 +24,11 @@
 #include "emoji/emoji_data.h"
 #include "emoji/layout_metrics.h"
 #include "loaders/model_bundle.h"
+#include "loaders/spatext.h"
 #include "metrics/metrics.h"
 #include "nn/attention_seam.h"
 #include "pipelines/regional.h"
+#include "pipelines/spatext.h"
 #include "pipelines/stable_diffusion.h"
 
 namespace dmx {
@@ -121,7 +123,7 @@ const std::vector<LayoutMethodInfo>& layout_methods() {
       {"real", "no generation: the scene set's own canvases (the measures' sanity check)", true, false},
       {"regional", "training-free regional prompts (DenseDiffusion's attention modulation, the paper's weights)", true,
        true},
-      {"spatext", "SpaText's spatio-textual map (a trained model)", false, true},
+      {"spatext", "SpaText's spatio-textual map (a SpaText folder, dmx train spatext)", true, true},
       {"scene", "Make-A-Scene's scene tokens (a trained model)", false, true},
   };
   return m;
@@ -163,7 +165,7 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
   }
   DMX_CHECK_ARG(method, "--layout-method must be one of ", known, ", got '", o.method, "'");
   DMX_CHECK_SUPPORTED(method->available, "--layout-method ", o.method, " (", method->description,
-                      ") is not available in this build (available: text, real, regional)");
+                      ") is not available in this build (available: text, real, regional, spatext)");
   const std::string scenes_json = join_path(o.layouts, "scenes.json");
   DMX_CHECK_ARG(is_directory(o.layouts) && path_exists(scenes_json), "--layouts: ", o.layouts,
                 " is not a scene data folder (no scenes.json); build one with `dmx data scenes --out DIR`");
@@ -250,9 +252,17 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
 
   // 3. The pictures: made by the method, or the canvases themselves.
   std::shared_ptr<loaders::StableDiffusionModels> models;
+  std::shared_ptr<loaders::SpaTextModel> spatext;  // a SpaText folder: every method runs its UNet with a map or none
   std::shared_ptr<pipelines::StableDiffusionPipeline> pipe;
   if (method->needs_model) {
-    models = loaders::load_stable_diffusion(o.model);
+    if (loaders::is_spatext_folder(o.model)) {
+      spatext = loaders::load_spatext(o.model);
+      models = spatext->models;
+    } else {
+      DMX_CHECK_ARG(o.method != "spatext", "--layout-method spatext needs a SpaText folder (dmx train spatext), ",
+                    "got --model ", o.model);
+      models = loaders::load_stable_diffusion(o.model);
+    }
     pipe = std::make_shared<pipelines::StableDiffusionPipeline>(models);
   }
   if (!o.out_dir.empty()) std::filesystem::create_directories(join_path(o.out_dir, set_name));
@@ -272,7 +282,7 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
     const at::Tensor inst =
         at::from_blob(const_cast<uint8_t*>(to_gray(inst_img).data.data()), {size, size}, at::kByte).clone();
     at::Tensor picture = real;
-    if (o.method == "text" || o.method == "regional") {
+    if (o.method == "text" || o.method == "regional" || o.method == "spatext") {
       const auto g0 = std::chrono::steady_clock::now();
       pipelines::StableDiffusionParams p;
       p.prompt = c.prompt;
@@ -305,6 +315,24 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
                                                                             extensions::DenseDiffusionConfig{});
         p.residual_providers.insert(p.residual_providers.begin(), provider);
         regional_guard = std::make_unique<nn::ScopedAttentionProcessor>(*models->unet, provider->processor());
+      }
+      if (spatext) {  // the same map `dmx generate --layout-method spatext` builds (api/layout.cpp), from the objects
+        at::Tensor map;
+        if (o.method == "spatext") {
+          std::vector<std::string> texts;
+          std::vector<at::Tensor> segs;
+          for (const auto& g : c.regions) {
+            texts.push_back(g.text);
+            segs.push_back(inst.eq(g.instance));
+          }
+          const at::Tensor e = at::matmul(pipelines::spatext_region_embeddings(*spatext->prior, texts, o.seed + i),
+                                          spatext->projection.t());
+          map = pipelines::spatext_map(at::stack(segs, 0), e, models->vae_scale_factor());
+        }
+        p.residual_providers.insert(p.residual_providers.begin(),
+                                    std::make_shared<pipelines::SpaTextProvider>(
+                                        map, spatext->base_in_channels, spatext->config.map_channels,
+                                        map.defined() ? o.layout_guidance_scale * o.guidance_scale : 0.0));
       }
       picture = pipe->run(p).images[0].permute({2, 0, 1}).contiguous();  // [3, H, W] in [0, 1]
       gen_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - g0).count();

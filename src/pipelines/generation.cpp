@@ -132,20 +132,46 @@ at::Tensor predict_noise(const loaders::StableDiffusionModels& m, const at::Tens
   return unet->forward(in).to(at::kFloat).to(at::kCPU);
 }
 
+at::Tensor combine_guidance(const at::Tensor& noise_pred, double guidance_scale,
+                            const std::vector<GuidanceBranch>& branches) {
+  const int64_t groups = 2 + static_cast<int64_t>(branches.size());
+  DMX_CHECK_ARG(noise_pred.size(0) % groups == 0, "combine_guidance: ", noise_pred.size(0),
+                " rows are not ", groups, " groups of equal size");
+  const auto chunks = noise_pred.chunk(groups, 0);  // uncond, cond, extra branches
+  at::Tensor out = chunks[0] + guidance_scale * (chunks[1] - chunks[0]);
+  for (size_t k = 0; k < branches.size(); ++k) out = out + branches[k].scale * (chunks[2 + k] - chunks[0]);
+  return out;
+}
+
 at::Tensor guided_noise_prediction(const loaders::StableDiffusionModels& m, schedulers::Scheduler& sched,
                                    const at::Tensor& latents, int index, const at::Tensor& embeds,
                                    double guidance_scale, const ResidualProviders& residuals) {
   const bool guided = guidance_scale > 1.0;
+  std::vector<GuidanceBranch> branches;
+  if (guided)
+    for (const auto& r : residuals) {
+      auto b = r->guidance_branches();
+      branches.insert(branches.end(), b.begin(), b.end());
+    }
+  DMX_CHECK_SUPPORTED(branches.empty() || residuals.size() == 1,
+                      "a provider with its own guidance branches (SpaText's map) runs without other providers "
+                      "(ControlNet, T2I-Adapters, regional prompts), got ",
+                      residuals.size(), " providers");
   const auto& ts = sched.timesteps();
   const double t = ts[static_cast<size_t>(index)];
-  at::Tensor model_in = guided ? at::cat({latents, latents}, 0) : latents;
+  const int groups = guided ? 2 + static_cast<int>(branches.size()) : 1;
+  at::Tensor model_in = groups > 1 ? latents.repeat({groups, 1, 1, 1}) : latents;
   model_in = sched.scale_model_input(model_in, index);
-  const ResidualStep step{index, static_cast<int>(ts.size()), t, latents, sched, guided};
-  at::Tensor noise_pred = predict_noise(m, model_in, t, embeds, residuals, &step);
-  if (guided) {
-    auto chunks = noise_pred.chunk(2, 0);  // uncond, cond
-    noise_pred = chunks[0] + guidance_scale * (chunks[1] - chunks[0]);
+  at::Tensor run_embeds = embeds;
+  if (!branches.empty()) {  // the extra groups' prompt rows: the unconditional or the conditional ones
+    const auto halves = embeds.chunk(2, 0);
+    std::vector<at::Tensor> rows{embeds};
+    for (const auto& b : branches) rows.push_back(b.text ? halves[1] : halves[0]);
+    run_embeds = at::cat(rows, 0);
   }
+  const ResidualStep step{index, static_cast<int>(ts.size()), t, latents, sched, guided, groups};
+  at::Tensor noise_pred = predict_noise(m, model_in, t, run_embeds, residuals, &step);
+  if (guided) noise_pred = combine_guidance(noise_pred, guidance_scale, branches);
   return noise_pred;
 }
 }  // namespace dmx::pipelines

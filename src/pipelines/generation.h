@@ -103,8 +103,13 @@ at::Tensor predict_noise(const loaders::StableDiffusionModels& m, const at::Tens
 // every denoising loop: the latents [N, C, h, w] doubled when guided ([uncond; cond], one UNet batch, as
 // embeds), scaled by the scheduler for timesteps()[index], the UNet with the residual providers, then
 // eps_u + guidance_scale * (eps_c - eps_u). Unguided (guidance_scale <= 1): the conditional prediction.
-// -> [N, C, h, w] float32 on the CPU.
+// Providers that ask for extra guidance branches (ResidualProvider::guidance_branches) add N rows each to the
+// batch and their terms to the sum (combine_guidance). -> [N, C, h, w] float32 on the CPU.
 at::Tensor guided_noise_prediction(const loaders::StableDiffusionModels& m, schedulers::Scheduler& sched,
                                    const at::Tensor& latents, int index, const at::Tensor& embeds,
                                    double guidance_scale, const ResidualProviders& residuals = {});
+// The guidance sum on a UNet batch of groups [uncond; cond; extra_1; ...] of N rows each:
+// eps_u + guidance_scale (eps_c - eps_u) + sum_k branches[k].scale (eps_k - eps_u).
+at::Tensor combine_guidance(const at::Tensor& noise_pred, double guidance_scale,
+                            const std::vector<GuidanceBranch>& branches);
 }  // namespace dmx::pipelines

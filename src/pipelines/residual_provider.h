@@ -31,6 +31,15 @@ struct ResidualRun {
   bool img2img = false;  // the run starts from an image (strength < 1 schedules)
 };
 
+// An extra classifier-free guidance branch (multi-conditional guidance, e.g. SpaText's): N more UNet rows after
+// [uncond (N); cond (N)], whose prompt embeddings are the unconditional ones (text = false) or the conditional ones
+// (text = true); the provider's apply() gives each row its own conditioning. The guided prediction becomes
+//   eps_u + guidance_scale (eps_c - eps_u) + sum_k scale_k (eps_k - eps_u)        (guided_noise_prediction)
+struct GuidanceBranch {
+  bool text = false;
+  double scale = 0.0;
+};
+
 // One UNet evaluation of the loop.
 struct ResidualStep {
   int index = 0;          // position in the scheduler's timesteps()
@@ -39,6 +48,7 @@ struct ResidualStep {
   const at::Tensor& latents;         // [N, C, h, w] float32: the loop's latents, before scaling and batching
   schedulers::Scheduler& scheduler;  // for a provider that needs its own scaled input
   bool guided = false;               // as ResidualRun::guided
+  int branches = 0;                  // the UNet batch's groups of N rows: 1 unguided, 2 + extra branches guided
 };
 
 class ResidualProvider {
@@ -56,6 +66,12 @@ class ResidualProvider {
   virtual void apply(const ResidualStep& step, models::UNetInputs& in) = 0;
   // The output size this provider implies when the run gives none (ControlNet: its image's), as {w, h}.
   virtual std::optional<std::pair<int, int>> default_size() const { return std::nullopt; }
+  // Extra guidance branches this provider asks for (only when the run is guided); none by default. A run whose
+  // providers ask for any runs no other provider (their conditioning is batched for [uncond; cond]).
+  virtual std::vector<GuidanceBranch> guidance_branches() const { return {}; }
+  // Channels this provider concatenates to the UNet's sample (SpaText's map): the latents the loop draws have the
+  // UNet's in_channels less the providers' extra channels.
+  virtual int extra_input_channels() const { return 0; }
 };
 
 using ResidualProviders = std::vector<std::shared_ptr<ResidualProvider>>;

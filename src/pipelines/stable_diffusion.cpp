@@ -217,7 +217,10 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
   at::Tensor latents;
   if (!img2img) {
     const int64_t h = p.height / f, w = p.width / f;
-    const int64_t c = m_->unet->config().in_channels;
+    int64_t c = m_->unet->config().in_channels;  // diffusers' num_channels_latents
+    for (const auto& r : p.residual_providers) c -= r->extra_input_channels();
+    DMX_CHECK_ARG(c > 0, "the residual providers add ", m_->unet->config().in_channels - c,
+                  " input channels, the UNet takes ", m_->unet->config().in_channels);
     if (p.latents.defined()) {
       DMX_CHECK_ARG(p.latents.dim() == 4 && p.latents.size(0) == n && p.latents.size(1) == c &&
                         p.latents.size(2) == h && p.latents.size(3) == w,

@@ -16,6 +16,7 @@
 #include "io/state_dict.h"
 #include "nn/layers.h"
 #include "training/finetune.h"
+#include "training/folder_copy.h"
 #include "training/lora_train.h"
 
 namespace dmx::training {
@@ -243,8 +244,8 @@ void UnCLIPDecoderRecipe::load_extra_state(const io::TensorMap& s) {
   }
 }
 
-namespace {
-void copy_tree(const fs::path& from, const fs::path& to) {
+void copy_folder(const std::string& from_dir, const std::string& to_dir) {
+  const fs::path from(from_dir), to(to_dir);
   fs::create_directories(to);
   for (auto it = fs::recursive_directory_iterator(from, fs::directory_options::follow_directory_symlink);
        it != fs::recursive_directory_iterator(); ++it) {
@@ -257,11 +258,12 @@ void copy_tree(const fs::path& from, const fs::path& to) {
   }
 }
 
-void write_json(const std::string& path, const nlohmann::json& j) {
+void write_json_file(const std::string& path, const nlohmann::json& j) {
   const std::string text = j.dump(2) + "\n";
   write_bytes_atomic(path, text.data(), text.size());
 }
 
+namespace {
 io::TensorMap float32_state(torch::nn::Module& m) {
   io::TensorMap t = io::module_state(m);
   for (auto& [k, v] : t)
@@ -283,28 +285,28 @@ void UnCLIPDecoderRecipe::save(const std::string& dir) {
     // The decoder's text side, VAE and sampling scheduler as the source folder has them.
     for (const char* part : {"tokenizer", "text_encoder", "vae", "scheduler"}) {
       DMX_CHECK_FORMAT(fs::is_directory(src / part), "--model ", src.string(), " has no ", part, "/");
-      copy_tree(src / part, fs::path(tmp) / part);
+      copy_folder((src / part).string(), (fs::path(tmp) / part).string());
     }
     // The image tower, byte for byte from where the embeddings came from.
     for (const char* part : {"feature_extractor", "image_encoder"})
-      copy_tree(fs::path(tower_.source_dir) / part, fs::path(tmp) / part);
+      copy_folder((fs::path(tower_.source_dir) / part).string(), (fs::path(tmp) / part).string());
     fs::create_directories(fs::path(tmp) / "unet");
-    write_json(join_path(tmp, "unet/config.json"), unet_config_);
+    write_json_file(join_path(tmp, "unet/config.json"), unet_config_);
     io::save_safetensors(join_path(tmp, "unet/diffusion_pytorch_model.safetensors"), float32_state(*models().unet),
                          {{"format", "pt"}});
     fs::create_directories(fs::path(tmp) / "image_normalizer");
-    write_json(join_path(tmp, "image_normalizer/config.json"),
+    write_json_file(join_path(tmp, "image_normalizer/config.json"),
                {{"_class_name", "StableUnCLIPImageNormalizer"},
                 {"_diffusers_version", "0.27.2"},
                 {"embedding_dim", normalizer_->config().embedding_dim}});
     io::save_safetensors(join_path(tmp, "image_normalizer/diffusion_pytorch_model.safetensors"),
                          float32_state(*normalizer_), {{"format", "pt"}});
     fs::create_directories(fs::path(tmp) / "image_noising_scheduler");
-    write_json(join_path(tmp, "image_noising_scheduler/scheduler_config.json"), noising_config_);
+    write_json_file(join_path(tmp, "image_noising_scheduler/scheduler_config.json"), noising_config_);
     const nlohmann::json scheduler_entry = src_index.contains("scheduler") && src_index["scheduler"].is_array()
                                                ? src_index["scheduler"]
                                                : nlohmann::json::array({"diffusers", "DDIMScheduler"});
-    write_json(join_path(tmp, "model_index.json"),
+    write_json_file(join_path(tmp, "model_index.json"),
                {{"_class_name", "StableUnCLIPImg2ImgPipeline"},
                 {"_diffusers_version", "0.27.2"},
                 {"_dmx_writer", "dmx train unclip"},

@@ -24,6 +24,7 @@ int eval_layouts(const Args& a, EvalOptions& o) {
   l.classifier = o.classifier;
   l.steps = o.steps;
   l.guidance_scale = o.guidance_scale;
+  l.layout_guidance_scale = o.layout_guidance_scale;
   l.scheduler = o.scheduler;
   l.seed = o.seed;
   l.limit = o.limit;
