@@ -453,6 +453,7 @@ TEST(LayoutEvalTiny, RealCanvasesScoreIouOneAndTheTextBaselineRuns) {
   o.method = "real";
   o.progress = false;
   o.threads = 1;
+  o.clip = "";  // not measured
   const LayoutEvalResult real = evaluate_layouts(o);
   std::printf("[check] real canvases: %s\n", real.to_json().substr(0, 300).c_str());
   EXPECT_EQ(real.canvases, 4);
@@ -461,6 +462,16 @@ TEST(LayoutEvalTiny, RealCanvasesScoreIouOneAndTheTextBaselineRuns) {
   EXPECT_GE(real.layout_iou, 0.98);
   EXPECT_NEAR(real.frechet, 0.0, 1e-3);
   EXPECT_LE(real.top1, real.top5);
+  EXPECT_EQ(real.clip_similarity, -2.0) << "no CLIP folder: not measured";
+  // The global CLIP similarity with the bundled CLIP: a mean cosine, in the JSON; a folder that is no CLIP refused.
+  o.clip = std::string(DMX_SOURCE_DIR) + "/models/emoji-clip";
+  const LayoutEvalResult with_clip = evaluate_layouts(o);
+  EXPECT_GE(with_clip.clip_similarity, -1.0);
+  EXPECT_LE(with_clip.clip_similarity, 1.0);
+  EXPECT_NE(with_clip.to_json().find("\"clip_similarity\""), std::string::npos);
+  o.clip = so.out;
+  EXPECT_THROW(evaluate_layouts(o), InvalidArgument);
+  o.clip = "";
   // The text baseline on the tiny model (2 steps): pictures scored, numbers in range, the same seed the same numbers.
   o.method = "text";
   o.model = dmx::test::tiny_model_dir("test");

@@ -53,6 +53,7 @@ struct LayoutEvalOptions {
   std::string model;            // diffusers folder (not needed for the method "real")
   std::string method = "text";  // a row of layout_methods()
   std::string classifier = "models/emoji-classifier";
+  std::string clip = "models/emoji-clip";  // global CLIP similarity; "" or a missing default: not measured
   int steps = 25;
   double guidance_scale = 3.0;
   double layout_guidance_scale = 1.0;  // spatext: the map's scale over guidance_scale (as dmx generate's)
@@ -87,6 +88,9 @@ struct LayoutEvalResult {
   double region_iou = 0;         // mean over regions
   double layout_iou = 0;         // mean over canvases: IoU of the union of the regions and the foreground mask
   double frechet = -1;           // classifier features, pictures vs the real canvases (-1: fewer than 2 canvases)
+  // Mean cosine of each picture's CLIP image embedding and its global caption's CLIP text embedding (the `clip`
+  // folder's towers); -2 when no CLIP folder was given or found.
+  double clip_similarity = -2;
   double seconds_per_image = 0;  // wall time per picture made (0 for "real")
   double seconds = 0;
   std::vector<LayoutRegionScore> per_region;

@@ -993,7 +993,7 @@ std::vector<Option> build_table() {
        {num<int>(kTrainLoop, "N", "micro-steps per optimizer step", "", 1, 1 << 20, &TO::gradient_accumulation_steps)}},
       {"learning-rate",
        {num<double>(kTrainLoop, "LR", "AdamW learning rate",
-                    "lora 1e-4, finetune 1e-4, dreambooth 5e-6 / LoRA 5e-4, hypernetwork 1e-5, clip 5e-4, unclip 1e-4",
+                    "lora 1e-4, finetune 1e-4, dreambooth 5e-6 / LoRA 5e-4, hypernetwork 1e-5, clip 5e-4, unclip 1e-4, spatext 2e-4",
                     0, 1e6, &TO::learning_rate),
         num<double>(kTrainClassifier, "LR", "AdamW peak learning rate, cosine decay", "", 1e-8, 1.0,
                     &ClassifierTrainOptions::learning_rate)}},
@@ -1031,8 +1031,8 @@ std::vector<Option> build_table() {
       {"ema-decay", {num<double>(kTrainLoop, "D", "EMA decay", "", 0, 1, &TO::ema_decay)}},
       {"mixed-precision",
        {text(kTrainRecipes, "P",
-             "no|bf16: frozen parts in bf16, trained weights float32 masters (finetune, unclip: the UNet runs under "
-             "bf16 autocast)",
+             "no|bf16: frozen parts in bf16, trained weights float32 masters (finetune, unclip, spatext: the UNet "
+             "runs under bf16 autocast)",
              "", &TO::mixed_precision),
         text(kTrainClip, "P", "no|bf16: both towers run under bf16 autocast, weights float32", "",
              &TO::mixed_precision),
@@ -1185,7 +1185,8 @@ std::vector<Option> build_table() {
       {"clip",
        {text(kEval, "DIR",
              "measure this CLIP folder (dmx train clip) on --data's emoji: zero-shot classification of the held-out "
-             "concepts and retrieval (docs/evaluation.md)",
+             "concepts and retrieval (docs/evaluation.md); with --layouts: the CLIP of the global similarity (default "
+             "models/emoji-clip)",
              "", &EO::clip),
         text(kTrainPrior, "DIR",
              "the frozen CLIP folder (dmx train clip): its text tower conditions the prior, its image tower gives "

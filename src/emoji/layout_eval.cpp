@@ -23,9 +23,11 @@
 #include "emoji/emoji_classifier.h"
 #include "emoji/emoji_data.h"
 #include "emoji/layout_metrics.h"
+#include "loaders/clip.h"
 #include "loaders/model_bundle.h"
 #include "loaders/spatext.h"
 #include "metrics/metrics.h"
+#include "models/clip_image_processor.h"
 #include "nn/attention_seam.h"
 #include "pipelines/regional.h"
 #include "pipelines/spatext.h"
@@ -147,6 +149,7 @@ std::string LayoutEvalResult::to_json() const {
                         {"region_iou", region_iou},
                         {"layout_iou", layout_iou},
                         {"frechet", frechet},
+                        {"clip_similarity", clip_similarity},
                         {"seconds_per_image", seconds_per_image},
                         {"seconds", seconds},
                         {"per_region", rows}}
@@ -179,6 +182,8 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
                   " (it scores the scene set's own canvases)");
   }
   DMX_CHECK_ARG(o.limit >= 0, "--limit must be >= 0, got ", o.limit);
+  DMX_CHECK_ARG(o.clip.empty() || o.clip == "models/emoji-clip" || loaders::is_clip_folder(o.clip), "--clip ", o.clip,
+                " is not a CLIP folder (dmx train clip writes one)");
   DMX_CHECK_ARG(is_directory(o.classifier), "--classifier: not a folder: ", o.classifier,
                 " (train one with `dmx train classifier --data DIR --output DIR`)");
   const std::string set_name = "layouts-" + o.method;
@@ -389,6 +394,25 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
     const at::Tensor fg_feat = emoji::classify(clf, at::stack(pictures) * 2.0 - 1.0, 64).features;
     const at::Tensor real_feat = emoji::classify(clf, at::stack(reals) * 2.0 - 1.0, 64).features;
     r.frechet = std::max(0.0, metrics::frechet_distance(fg_feat, real_feat));  // d^2 >= 0 (round-off)
+  }
+  // Global CLIP similarity: each picture against its caption, through the CLIP folder's two towers.
+  if (!o.clip.empty() && loaders::is_clip_folder(o.clip)) {
+    at::NoGradGuard no_grad;
+    const auto clip = loaders::load_clip(o.clip);
+    clip->text_encoder->eval();
+    clip->image_encoder->eval();
+    const int L = clip->tokenizer->model_max_length();
+    double sum = 0;
+    for (size_t i = 0; i < canvases.size(); ++i) {
+      const auto ids = clip->tokenizer->encode_padded(canvases[i].prompt, L);
+      const at::Tensor t = clip->text_encoder->forward(at::tensor(ids, at::kLong).reshape({1, L})).text_embeds;
+      const Image pic = tensor_to_image(pictures[i].permute({1, 2, 0}).contiguous());
+      const at::Tensor v =
+          clip->image_encoder->forward(models::clip_preprocess(clip->feature_extractor, pic, "--layouts picture"))
+              .image_embeds;
+      sum += at::cosine_similarity(t.to(at::kFloat), v.to(at::kFloat), 1).item<double>();
+    }
+    r.clip_similarity = sum / static_cast<double>(canvases.size());
   }
   r.seconds_per_image = method->needs_model ? gen_seconds / r.canvases : 0.0;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -22,6 +22,7 @@ int eval_layouts(const Args& a, EvalOptions& o) {
   l.model = o.model;
   l.method = o.layout_method;
   l.classifier = o.classifier;
+  if (!o.clip.empty()) l.clip = o.clip;  // the global CLIP similarity's towers (default models/emoji-clip)
   l.steps = o.steps;
   l.guidance_scale = o.guidance_scale;
   l.layout_guidance_scale = o.layout_guidance_scale;
@@ -41,6 +42,7 @@ int eval_layouts(const Args& a, EvalOptions& o) {
   std::printf("region top-1 / top-5  %.4f / %.4f\n", r.top1, r.top5);
   std::printf("region IoU            %.4f (layout IoU %.4f)\n", r.region_iou, r.layout_iou);
   std::printf("frechet (vs real)     %.4f\n", r.frechet);
+  if (r.clip_similarity > -2) std::printf("CLIP similarity       %.4f\n", r.clip_similarity);
   std::printf("seconds per picture   %.3f\n", r.seconds_per_image);
   std::printf("seconds               %.1f\n", r.seconds);
   return 0;
@@ -136,8 +138,8 @@ int cmd_eval(int argc, char** argv) {
   DMX_CHECK_ARG(!a.has("reference") && !a.has("mask"),
                 "--reference/--mask apply to --mask-iou, --background-error, --edge-f1");
   if (a.has("prior")) return eval_prior(a, o);
+  if (a.has("layouts")) return eval_layouts(a, o);  // --clip there names the CLIP of the global similarity
   if (a.has("clip")) return eval_clip(a, o);
-  if (a.has("layouts")) return eval_layouts(a, o);
   DMX_CHECK_ARG(!a.has("layout-method"), "--layout-method applies to --layouts DIR");
   DMX_CHECK_ARG(a.has("model"), "--model is required (a diffusers folder)");
   apply_options(a, target(kEval, o));
