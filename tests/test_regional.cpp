@@ -446,8 +446,7 @@ TEST(RegionalCli, LayoutErrorsExit2AndWriteNothing) {
   expect_exit2(with({"--layout-guidance-scale", "2"}), "need --layout", out);
   expect_exit2(with({"--layout", map, "--region", "#ff0000=cat", "--layout-method", "spatext"}),
                "--layout-method spatext needs a SpaText model folder", out);
-  expect_exit2(with({"--layout", map, "--region", "#ff0000=cat", "--layout-method", "scene"}), "is not built yet",
-               out);
+  expect_exit2(with({"--layout", map, "--region", "#ff0000=cat", "--layout-method", "scene"}), "is not built yet", out);
   expect_exit2(with({"--layout", dir + "/garbage.png", "--region", "#ff0000=cat"}), "--layout", out);
   expect_exit2(with({"--layout", dir + "/missing.png", "--region", "#ff0000=cat"}), "--layout: file not found", out);
   std::vector<std::string> wide = with({"--layout", map, "--region", "#ff0000=cat"});

@@ -37,8 +37,8 @@ TEST(SpaTextUnit, MapIsEachRegionsShareOfEveryLatentCell) {
   // 4 x 4 pixels, factor 2: region 0 = the left column pair of the top row of cells, region 1 = one pixel.
   at::Tensor seg = at::zeros({2, 4, 4}, at::kBool);
   seg[0].narrow(0, 0, 2).narrow(1, 0, 2).fill_(true);  // cell (0, 0) whole
-  seg[0][2][1] = true;                                  // a quarter of cell (1, 0)
-  seg[1][3][3] = true;                                  // a quarter of cell (1, 1)
+  seg[0][2][1] = true;                                 // a quarter of cell (1, 0)
+  seg[1][3][3] = true;                                 // a quarter of cell (1, 1)
   const at::Tensor e = at::tensor({1.0f, 2.0f, 3.0f, -1.0f, 0.5f, 4.0f}).view({2, 3});
   const at::Tensor map = pipelines::spatext_map(seg, e, 2);
   ASSERT_EQ(map.sizes(), (std::vector<int64_t>{3, 2, 2}));
@@ -49,8 +49,9 @@ TEST(SpaTextUnit, MapIsEachRegionsShareOfEveryLatentCell) {
     EXPECT_FLOAT_EQ(map[d][1][0].item<float>(), 0.25f * e0);
     EXPECT_FLOAT_EQ(map[d][1][1].item<float>(), 0.25f * e1);
   }
-  EXPECT_TRUE(pipelines::spatext_map(at::zeros({0, 4, 4}, at::kBool), at::zeros({0, 3}), 2).equal(at::zeros({3, 2, 2})));
-  EXPECT_THROW(pipelines::spatext_map(seg, e, 3), InvalidArgument);              // 4 is no multiple of 3
+  EXPECT_TRUE(
+      pipelines::spatext_map(at::zeros({0, 4, 4}, at::kBool), at::zeros({0, 3}), 2).equal(at::zeros({3, 2, 2})));
+  EXPECT_THROW(pipelines::spatext_map(seg, e, 3), InvalidArgument);                  // 4 is no multiple of 3
   EXPECT_THROW(pipelines::spatext_map(seg, e.narrow(0, 0, 1), 2), InvalidArgument);  // 2 segments, 1 embedding
 }
 
@@ -166,9 +167,9 @@ TEST(SpaTextTiny, LoRAPairsMergeIntoTheirWeights) {
   EXPECT_EQ(loaders::merge_unet_lora(m->unet, t), 2);
   const at::Tensor d_lin = at::matmul(t["unet." + lin + ".lora.up.weight"], t["unet." + lin + ".lora.down.weight"]);
   EXPECT_TRUE(params[lin + ".weight"].allclose(w_lin + d_lin, 1e-5, 1e-5));
-  const at::Tensor d_conv = at::matmul(t["unet." + conv + ".lora.up.weight"].flatten(1),
-                                       t["unet." + conv + ".lora.down.weight"].flatten(1))
-                                .view(w_conv.sizes());
+  const at::Tensor d_conv =
+      at::matmul(t["unet." + conv + ".lora.up.weight"].flatten(1), t["unet." + conv + ".lora.down.weight"].flatten(1))
+          .view(w_conv.sizes());
   EXPECT_TRUE(params[conv + ".weight"].allclose(w_conv + d_conv, 1e-5, 1e-5));
   io::TensorMap bad;
   bad["unet.no_such.layer.lora.down.weight"] = at::zeros({2, 4});
@@ -254,9 +255,29 @@ const TinyTowers& tiny_towers() {
     r.clip = d + "/clip";
     loaders::save_clip(r.clip, *m);
     r.prior = d + "/prior";
-    const CliRun p = dmx_run({"train", "prior", "--quiet", "--data", scene_folder("spatext-prior-data", 4), "--clip",
-                              r.clip, "--output", r.prior, "--layers", "1", "--heads", "2", "--attention-head-dim", "8",
-                              "--batch-size", "4", "--steps", "1", "--seed", "3", "--threads", "1"});
+    const CliRun p = dmx_run({"train",
+                              "prior",
+                              "--quiet",
+                              "--data",
+                              scene_folder("spatext-prior-data", 4),
+                              "--clip",
+                              r.clip,
+                              "--output",
+                              r.prior,
+                              "--layers",
+                              "1",
+                              "--heads",
+                              "2",
+                              "--attention-head-dim",
+                              "8",
+                              "--batch-size",
+                              "4",
+                              "--steps",
+                              "1",
+                              "--seed",
+                              "3",
+                              "--threads",
+                              "1"});
     EXPECT_EQ(p.code, 0) << p.output;
     return r;
   }();
@@ -265,13 +286,35 @@ const TinyTowers& tiny_towers() {
 
 std::vector<std::string> spatext_args(const std::string& data, const std::string& out,
                                       const std::vector<std::string>& extra = {}) {
-  std::vector<std::string> a = {"train",   "spatext",          "--model",        tiny_model_dir("test"),
-                                "--clip",  tiny_towers().clip, "--prior",        tiny_towers().prior,
-                                "--data",  data,               "--output",       out,
-                                "--steps", "2",                "--batch-size",   "2",
-                                "--rank",  "2",                "--resolution",   std::to_string(kSide),
-                                "--seed",  "3",                "--learning-rate", "1e-3",
-                                "--proportion-empty-prompts", "0.2", "--threads", "1", "--quiet"};
+  std::vector<std::string> a = {"train",
+                                "spatext",
+                                "--model",
+                                tiny_model_dir("test"),
+                                "--clip",
+                                tiny_towers().clip,
+                                "--prior",
+                                tiny_towers().prior,
+                                "--data",
+                                data,
+                                "--output",
+                                out,
+                                "--steps",
+                                "2",
+                                "--batch-size",
+                                "2",
+                                "--rank",
+                                "2",
+                                "--resolution",
+                                std::to_string(kSide),
+                                "--seed",
+                                "3",
+                                "--learning-rate",
+                                "1e-3",
+                                "--proportion-empty-prompts",
+                                "0.2",
+                                "--threads",
+                                "1",
+                                "--quiet"};
   a.insert(a.end(), extra.begin(), extra.end());
   return a;
 }
@@ -301,17 +344,16 @@ TEST(SpaTextCli, FewStepsWriteAFolderThatDmxGenerateRunsWithAndWithoutALayout) {
   }
   EXPECT_EQ(lines, 2);
 
-  const std::vector<std::string> common = {"generate", "--model", dir + "/st", "--prompt", "red and cat", "--steps",
-                                           "2",        "--seed",  "5",         "--quiet"};
+  const std::vector<std::string> common = {"generate", "--model", dir + "/st", "--prompt", "red and cat",
+                                           "--steps",  "2",       "--seed",    "5",        "--quiet"};
   auto with = [&](std::vector<std::string> more) {
     std::vector<std::string> a = common;
     a.insert(a.end(), more.begin(), more.end());
     return a;
   };
-  const std::vector<std::string> layout = {"--layout",          data + "/layouts/0000.png",
-                                           "--region",          "#ff0000=red",
-                                           "--region",          "#00ff00=cat",
-                                           "--layout-method",   "spatext"};
+  const std::vector<std::string> layout = {
+      "--layout",    data + "/layouts/0000.png", "--region", "#ff0000=red", "--region",
+      "#00ff00=cat", "--layout-method",          "spatext"};
   auto plus = [](std::vector<std::string> a, const std::vector<std::string>& b) {
     a.insert(a.end(), b.begin(), b.end());
     return a;
@@ -327,8 +369,8 @@ TEST(SpaTextCli, FewStepsWriteAFolderThatDmxGenerateRunsWithAndWithoutALayout) {
       << "scale 0 is the text-only run";
   EXPECT_NE(load_image(dir + "/l.png", "l").data, load_image(dir + "/p.png", "p").data) << "the map changes nothing";
   // Regional prompts run on a SpaText folder too, with its map empty (the same 64-px model, training-free layout).
-  const CliRun reg = dmx_run(with(plus({"--layout", data + "/layouts/0000.png", "--region", "#ff0000=red"},
-                                       {"--output", dir + "/r.png"})));
+  const CliRun reg = dmx_run(
+      with(plus({"--layout", data + "/layouts/0000.png", "--region", "#ff0000=red"}, {"--output", dir + "/r.png"})));
   EXPECT_EQ(reg.code, 0) << reg.output;
 
   // Bad input: exit 2, nothing written.

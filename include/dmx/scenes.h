@@ -57,9 +57,9 @@ struct LayoutEvalOptions {
   int steps = 25;
   double guidance_scale = 3.0;
   double layout_guidance_scale = 1.0;  // spatext: the map's scale over guidance_scale (as dmx generate's)
-  std::string scheduler;  // "" = the model's own
-  uint64_t seed = 0;      // canvas i uses seed + i
-  int limit = 0;          // > 0: only the first `limit` canvases
+  std::string scheduler;               // "" = the model's own
+  uint64_t seed = 0;                   // canvas i uses seed + i
+  int limit = 0;                       // > 0: only the first `limit` canvases
   int threads = 0;
   std::string out_dir;  // when set: the pictures scored are written to out_dir/layouts-<method>/NNNN.png
   bool progress = true;
@@ -84,10 +84,10 @@ struct LayoutRegionScore {
 struct LayoutEvalResult {
   std::string method;
   int canvases = 0, regions = 0;
-  double top1 = 0, top5 = 0;     // share of regions whose concept is the top-1 (among the top-5) of its crop
-  double region_iou = 0;         // mean over regions
-  double layout_iou = 0;         // mean over canvases: IoU of the union of the regions and the foreground mask
-  double frechet = -1;           // classifier features, pictures vs the real canvases (-1: fewer than 2 canvases)
+  double top1 = 0, top5 = 0;  // share of regions whose concept is the top-1 (among the top-5) of its crop
+  double region_iou = 0;      // mean over regions
+  double layout_iou = 0;      // mean over canvases: IoU of the union of the regions and the foreground mask
+  double frechet = -1;        // classifier features, pictures vs the real canvases (-1: fewer than 2 canvases)
   // Mean cosine of each picture's CLIP image embedding and its global caption's CLIP text embedding (the `clip`
   // folder's towers); -2 when no CLIP folder was given or found.
   double clip_similarity = -2;

@@ -174,7 +174,8 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
   if (spatext_folder) {
     DMX_CHECK_SUPPORTED(!sink, "model ", o.model, ": SpaText folders are not served yet (use dmx generate)");
     DMX_CHECK_SUPPORTED(o.init_image.empty() && o.mask.empty() && o.controlnets.empty() && o.adapters.empty(),
-                        "--model ", o.model, " is a SpaText folder: it generates from noise, without --init-image, "
+                        "--model ", o.model,
+                        " is a SpaText folder: it generates from noise, without --init-image, "
                         "--mask, --controlnet or --adapter");
   }
   if (sink) {  // in memory: no file is named, none is written

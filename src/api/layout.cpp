@@ -63,15 +63,19 @@ LayoutRun build_regional(const LayoutInputs& in) {
 // latent size (pipelines/spatext.h); guidance eps_0 + s_g (eps(c_g, 0) - eps_0) + s_l (eps(0, c_l) - eps_0) with
 // s_l = --layout-guidance-scale x --guidance-scale.
 LayoutRun build_spatext(const LayoutInputs& in) {
-  DMX_CHECK_ARG(in.spatext != nullptr, "--layout-method spatext needs a SpaText model folder (written by dmx train "
-                "spatext, with spatext.json), got --model ", in.o.model);
+  DMX_CHECK_ARG(in.spatext != nullptr,
+                "--layout-method spatext needs a SpaText model folder (written by dmx train "
+                "spatext, with spatext.json), got --model ",
+                in.o.model);
   auto& prior = *in.spatext->prior;
   std::vector<std::string> texts;
   for (const auto& r : in.o.regions) {
     const size_t n = prior.prior_tokenizer->encode(r.text).size();
     const int max_len = prior.prior_tokenizer->model_max_length();
-    DMX_CHECK_ARG(static_cast<int64_t>(n) <= max_len, region_name(r), ": the region text must fit the prior "
-                  "tokenizer's ", max_len, " tokens (BOS and EOS included), got ", n, " for '", r.text, "'");
+    DMX_CHECK_ARG(static_cast<int64_t>(n) <= max_len, region_name(r),
+                  ": the region text must fit the prior "
+                  "tokenizer's ",
+                  max_len, " tokens (BOS and EOS included), got ", n, " for '", r.text, "'");
     texts.push_back(r.text);
   }
   const at::Tensor segs = layout_segments(in.map, in.o.regions, in.width, in.height)
@@ -81,9 +85,9 @@ LayoutRun build_spatext(const LayoutInputs& in) {
   const at::Tensor map = pipelines::spatext_map(segs, embeds, in.models.vae_scale_factor());
   LayoutRun run;
   run.prompt = in.prompt;
-  run.provider = std::make_shared<pipelines::SpaTextProvider>(
-      map, in.spatext->base_in_channels, in.spatext->config.map_channels,
-      in.o.layout_guidance_scale * in.o.guidance_scale);
+  run.provider =
+      std::make_shared<pipelines::SpaTextProvider>(map, in.spatext->base_in_channels, in.spatext->config.map_channels,
+                                                   in.o.layout_guidance_scale * in.o.guidance_scale);
   return run;
 }
 

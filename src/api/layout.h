@@ -49,10 +49,11 @@ struct LayoutRun {
 
 // The method's row of the table builds the run's layout parts for the output size width x height. spatext: the
 // SpaText folder loaded (null when --model is none: spatext is then refused; other methods run on a SpaText folder
-// with its map empty); seed: the run's (the prior's draws for the region texts come from their own generator seeded with it).
+// with its map empty); seed: the run's (the prior's draws for the region texts come from their own generator seeded
+// with it).
 LayoutRun make_layout_run(const GenerateOptions& o, const Image& map, const loaders::StableDiffusionModels& m,
-                          const std::string& prompt, int width, int height,
-                          loaders::SpaTextModel* spatext = nullptr, uint64_t seed = 0);
+                          const std::string& prompt, int width, int height, loaders::SpaTextModel* spatext = nullptr,
+                          uint64_t seed = 0);
 
 // The SpaText provider of a run on a SpaText folder without --layout: no map (the text-only run of the model).
 std::shared_ptr<pipelines::ResidualProvider> spatext_text_only_provider(const loaders::SpaTextModel& s);

@@ -20,8 +20,8 @@
 #include "core/utf8.h"
 #include "io/checkpoint.h"
 #include "loaders/model_bundle.h"
-#include "loaders/t2i_adapter_loader.h"
 #include "loaders/spatext.h"
+#include "loaders/t2i_adapter_loader.h"
 #include "loaders/unclip.h"
 #include "pipelines/controlnet.h"
 #include "pipelines/stable_diffusion.h"
@@ -38,8 +38,8 @@
 #include "training/lora_train.h"
 #include "training/palette_train.h"
 #include "training/prior_train.h"
-#include "training/trainer.h"
 #include "training/spatext_train.h"
+#include "training/trainer.h"
 #include "training/unclip_train.h"
 #include "training/vae_train.h"
 
@@ -121,7 +121,9 @@ std::string prior_clip_dir(const TrainOptions& o) {
 }
 
 // dmx train spatext: the image tower's CLIP folder and the prior folder copied into the output.
-std::string spatext_clip_dir(const TrainOptions& o) { return o.clip.empty() ? "models/emoji-clip" : strip_slashes(o.clip); }
+std::string spatext_clip_dir(const TrainOptions& o) {
+  return o.clip.empty() ? "models/emoji-clip" : strip_slashes(o.clip);
+}
 std::string spatext_prior_dir(const TrainOptions& o) {
   return o.spatext_prior.empty() ? "models/emoji-unclip" : strip_slashes(o.spatext_prior);
 }
@@ -473,10 +475,10 @@ void check_spatext_options(const TrainOptions& o) {
                 " must be a scene folder (scenes.json; make one with `dmx data scenes --out DIR`)");
   int size = 0;
   try {
-    size = nlohmann::json::parse(read_text_file(join_path(o.data, "scenes.json"), "--data scenes.json",
-                                                kMaxJsonFileBytes))
-               .at("size")
-               .get<int>();
+    size =
+        nlohmann::json::parse(read_text_file(join_path(o.data, "scenes.json"), "--data scenes.json", kMaxJsonFileBytes))
+            .at("size")
+            .get<int>();
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(join_path(o.data, "scenes.json") + ": " + e.what());
   }

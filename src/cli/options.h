@@ -51,8 +51,7 @@ enum Command : uint32_t {
 };
 using Commands = uint32_t;
 constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae |
-                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork | kTrainUnclip |
-                                   kTrainSpatext;
+                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork | kTrainUnclip | kTrainSpatext;
 constexpr Commands kAllCommands = (1u << 29) - 1;
 
 struct CommandInfo {

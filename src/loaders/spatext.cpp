@@ -58,8 +58,8 @@ models::UNet2DConditionModel widen_unet_input(const models::UNet2DConditionModel
       p.value().zero_();
       p.value().narrow(1, 0, in0).copy_(*b);
     } else {
-      DMX_CHECK_FORMAT(b->sizes().equals(p.value().sizes()), "widen_unet_input: '", p.key(), "' has shape ",
-                       b->sizes(), " in the base, ", p.value().sizes(), " in the widened UNet");
+      DMX_CHECK_FORMAT(b->sizes().equals(p.value().sizes()), "widen_unet_input: '", p.key(), "' has shape ", b->sizes(),
+                       " in the base, ", p.value().sizes(), " in the widened UNet");
       p.value().copy_(*b);
     }
     ++copied;
@@ -85,12 +85,12 @@ int merge_unet_lora(models::UNet2DConditionModel& unet, const io::TensorMap& ten
     DMX_CHECK_FORMAT(w != nullptr, "LoRA pair ", key, ": the UNet has no layer ", module);
     const at::Tensor& up = up_it->second;
     const bool conv = w->dim() == 4;
-    DMX_CHECK_FORMAT(down.dim() == w->dim() && up.dim() == w->dim() && up.size(1) == down.size(0) &&
-                         up.size(0) == w->size(0) && down.size(1) == w->size(1) &&
-                         (!conv || (down.size(2) == w->size(2) && down.size(3) == w->size(3) && up.size(2) == 1 &&
-                                    up.size(3) == 1)),
-                     "LoRA pair ", key, ": down ", down.sizes(), " and up ", up.sizes(), " do not fit ", module,
-                     ".weight ", w->sizes());
+    DMX_CHECK_FORMAT(
+        down.dim() == w->dim() && up.dim() == w->dim() && up.size(1) == down.size(0) && up.size(0) == w->size(0) &&
+            down.size(1) == w->size(1) &&
+            (!conv || (down.size(2) == w->size(2) && down.size(3) == w->size(3) && up.size(2) == 1 && up.size(3) == 1)),
+        "LoRA pair ", key, ": down ", down.sizes(), " and up ", up.sizes(), " do not fit ", module, ".weight ",
+        w->sizes());
     const at::Tensor d = down.to(at::kFloat).flatten(1);  // [r, in * kh * kw]
     const at::Tensor u = up.to(at::kFloat).flatten(1);    // [out, r]
     w->add_(at::matmul(u, d).view(w->sizes()).to(w->scalar_type()));

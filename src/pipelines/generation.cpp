@@ -135,8 +135,8 @@ at::Tensor predict_noise(const loaders::StableDiffusionModels& m, const at::Tens
 at::Tensor combine_guidance(const at::Tensor& noise_pred, double guidance_scale,
                             const std::vector<GuidanceBranch>& branches) {
   const int64_t groups = 2 + static_cast<int64_t>(branches.size());
-  DMX_CHECK_ARG(noise_pred.size(0) % groups == 0, "combine_guidance: ", noise_pred.size(0),
-                " rows are not ", groups, " groups of equal size");
+  DMX_CHECK_ARG(noise_pred.size(0) % groups == 0, "combine_guidance: ", noise_pred.size(0), " rows are not ", groups,
+                " groups of equal size");
   const auto chunks = noise_pred.chunk(groups, 0);  // uncond, cond, extra branches
   at::Tensor out = chunks[0] + guidance_scale * (chunks[1] - chunks[0]);
   for (size_t k = 0; k < branches.size(); ++k) out = out + branches[k].scale * (chunks[2 + k] - chunks[0]);

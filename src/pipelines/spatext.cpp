@@ -19,7 +19,8 @@ at::Tensor spatext_map(const at::Tensor& segments, const at::Tensor& embeds, int
                 " must be multiples of the VAE factor ", factor);
   const int64_t h = segments.size(1) / factor, w = segments.size(2) / factor;
   if (segments.size(0) == 0) return at::zeros({embeds.size(1), h, w}, at::kFloat);
-  const at::Tensor share = at::avg_pool2d(segments.to(at::kFloat).unsqueeze(0), {factor, factor}).squeeze(0);  // [S,h,w]
+  const at::Tensor share =
+      at::avg_pool2d(segments.to(at::kFloat).unsqueeze(0), {factor, factor}).squeeze(0);  // [S,h,w]
   return at::einsum("shw,sd->dhw", {share, embeds.to(at::kFloat)}).contiguous();
 }
 
@@ -75,13 +76,12 @@ void SpaTextProvider::apply(const ResidualStep& step, models::UNetInputs& in) {
   const at::Tensor zeros = at::zeros({n, dim_, h, w}, opts);
   std::vector<at::Tensor> maps;
   const bool has_map = map_.defined();
-  const at::Tensor full =
-      has_map ? map_.to(opts).unsqueeze(0).expand({n, dim_, h, w}) : zeros;
+  const at::Tensor full = has_map ? map_.to(opts).unsqueeze(0).expand({n, dim_, h, w}) : zeros;
   if (groups == 1) {
     maps.push_back(full);  // unguided: eps(c_g, c_l)
   } else {
-    maps.push_back(zeros);  // eps(0, 0)
-    maps.push_back(zeros);  // eps(c_g, 0)
+    maps.push_back(zeros);                                  // eps(0, 0)
+    maps.push_back(zeros);                                  // eps(c_g, 0)
     for (int g = 2; g < groups; ++g) maps.push_back(full);  // eps(0, c_l)
   }
   in.sample = at::cat({x, at::cat(maps, 0)}, 1);

@@ -45,8 +45,8 @@ std::vector<SpaTextCanvas> read_spatext_canvases(const std::string& dir, const s
     try {
       const nlohmann::json r = nlohmann::json::parse(line);
       const std::string file = r.at("file_name").get<std::string>(), inst = r.at("instance_map").get<std::string>();
-      DMX_CHECK_FORMAT(file.find("..") == std::string::npos && inst.find("..") == std::string::npos, meta, ":",
-                       line_no, ": a path leaves the folder");
+      DMX_CHECK_FORMAT(file.find("..") == std::string::npos && inst.find("..") == std::string::npos, meta, ":", line_no,
+                       ": a path leaves the folder");
       c.image = normal(join_path(dir, file));
       c.instances = join_path(dir, inst);
       for (const auto& ob : r.at("objects")) c.instance_ids.push_back(ob.at("instance").get<int>());
@@ -68,9 +68,9 @@ std::vector<SpaTextCanvas> read_spatext_canvases(const std::string& dir, const s
 }
 
 Image spatext_segment_crop(const Image& picture, const at::Tensor& mask) {
-  DMX_CHECK_ARG(picture.channels == 3 && mask.dim() == 2 && mask.size(0) == picture.height &&
-                    mask.size(1) == picture.width,
-                "spatext_segment_crop: an RGB picture and a mask of its size expected");
+  DMX_CHECK_ARG(
+      picture.channels == 3 && mask.dim() == 2 && mask.size(0) == picture.height && mask.size(1) == picture.width,
+      "spatext_segment_crop: an RGB picture and a mask of its size expected");
   const at::Tensor nz = mask.nonzero();  // [P, 2] (y, x)
   DMX_CHECK_ARG(nz.size(0) > 0, "spatext_segment_crop: the segment is empty");
   const int64_t y0 = nz.select(1, 0).min().item<int64_t>(), y1 = nz.select(1, 0).max().item<int64_t>() + 1;
@@ -106,8 +106,7 @@ SpaTextRecipe::SpaTextRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, 
       canvases_(std::move(canvases)) {
   auto& md = models();
   DMX_CHECK_ARG(!enc_.is_empty(), "dmx train spatext needs a CLIP image tower (--clip)");
-  DMX_CHECK_ARG(o_.map_dropout >= 0 && o_.map_dropout <= 1, "--layout-dropout must be in [0, 1], got ",
-                o_.map_dropout);
+  DMX_CHECK_ARG(o_.map_dropout >= 0 && o_.map_dropout <= 1, "--layout-dropout must be in [0, 1], got ", o_.map_dropout);
   DMX_CHECK_ARG(!canvases_.empty(), "dmx train spatext: the data has no canvases");
   DMX_CHECK_SUPPORTED(is_directory(md.source_path) && path_exists(join_path(md.source_path, "unet/config.json")),
                       "dmx train spatext writes a SpaText folder beside the base model's parts and needs a diffusers "
@@ -136,8 +135,8 @@ void SpaTextRecipe::setup(const TrainConfig& cfg) {
     for (const auto& c : canvases_) {
       const Image pic = to_rgb(load_image(c.image, "--data"));
       const Image inst_img = to_gray(load_image(c.instances, "--data instance map"));
-      DMX_CHECK_FORMAT(inst_img.width == pic.width && inst_img.height == pic.height, c.instances, ": ",
-                       inst_img.width, "x", inst_img.height, ", the picture is ", pic.width, "x", pic.height);
+      DMX_CHECK_FORMAT(inst_img.width == pic.width && inst_img.height == pic.height, c.instances, ": ", inst_img.width,
+                       "x", inst_img.height, ", the picture is ", pic.width, "x", pic.height);
       DMX_CHECK_FORMAT(pic.width % f == 0 && pic.height % f == 0, c.image, ": the sides must be multiples of ", f);
       const at::Tensor inst =
           at::from_blob(const_cast<uint8_t*>(inst_img.data.data()), {pic.height, pic.width}, at::kByte).clone();
@@ -183,8 +182,8 @@ void SpaTextRecipe::draw_conditioning(const Batch& batch, at::Generator& gen, in
   DMX_CHECK_ARG(rows > 0 && rows == batch.pixel_values.size(0),
                 "dmx train spatext: the batch source gives no row indices (the maps are per canvas)");
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor u = at::rand({global_rows}, gen, f32).narrow(0, r0, rows);         // map dropout
-  const at::Tensor v = at::rand({global_rows, 8}, gen, f32).narrow(0, r0, rows);      // which objects are painted
+  const at::Tensor u = at::rand({global_rows}, gen, f32).narrow(0, r0, rows);     // map dropout
+  const at::Tensor v = at::rand({global_rows, 8}, gen, f32).narrow(0, r0, rows);  // which objects are painted
   std::vector<at::Tensor> maps;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = batch.indices[static_cast<size_t>(r)];

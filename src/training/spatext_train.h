@@ -35,8 +35,8 @@
 
 namespace dmx::training {
 
-constexpr double kSpaTextKeep = 0.75;     // each object's chance to be painted into a training map
-constexpr int kSpaTextMapChannels = 32;   // the map's channels after the learned projection
+constexpr double kSpaTextKeep = 0.75;    // each object's chance to be painted into a training map
+constexpr int kSpaTextMapChannels = 32;  // the map's channels after the learned projection
 
 // The objects of one canvas of a scene folder, for the row of the dataset that shows its picture.
 struct SpaTextCanvas {
@@ -54,10 +54,10 @@ std::vector<SpaTextCanvas> read_spatext_canvases(const std::string& dir, const s
 Image spatext_segment_crop(const Image& picture, const at::Tensor& mask);
 
 struct SpaTextTrainOptions {
-  LoRATrainOptions lora;       // rank, alpha; targets "all" (every Linear / Conv2d of the blocks)
-  double map_dropout = 0.2;    // share of rows trained without the map
-  std::string prior_dir;       // copied into the output folder (prior_tokenizer, prior_text_encoder, prior, ...)
-  std::string image_tower_dir; // a CLIP folder (image_encoder/, feature_extractor/): the segments' embeddings
+  LoRATrainOptions lora;        // rank, alpha; targets "all" (every Linear / Conv2d of the blocks)
+  double map_dropout = 0.2;     // share of rows trained without the map
+  std::string prior_dir;        // copied into the output folder (prior_tokenizer, prior_text_encoder, prior, ...)
+  std::string image_tower_dir;  // a CLIP folder (image_encoder/, feature_extractor/): the segments' embeddings
 };
 
 class SpaTextRecipe : public Recipe {
@@ -79,7 +79,7 @@ class SpaTextRecipe : public Recipe {
   int embedding_dim() const { return dim_; }
   const std::vector<at::Tensor>& segment_embeddings() const { return embeds_; }  // per canvas [K, D]
   const std::vector<at::Tensor>& segment_shares() const { return shares_; }      // per canvas [K, h, w]
-  const at::Tensor& maps() const { return maps_; }                                 // of the last draw [B, D, h, w]
+  const at::Tensor& maps() const { return maps_; }                               // of the last draw [B, D, h, w]
 
  private:
   SpaTextTrainOptions o_;

@@ -296,9 +296,9 @@ void UnCLIPDecoderRecipe::save(const std::string& dir) {
                          {{"format", "pt"}});
     fs::create_directories(fs::path(tmp) / "image_normalizer");
     write_json_file(join_path(tmp, "image_normalizer/config.json"),
-               {{"_class_name", "StableUnCLIPImageNormalizer"},
-                {"_diffusers_version", "0.27.2"},
-                {"embedding_dim", normalizer_->config().embedding_dim}});
+                    {{"_class_name", "StableUnCLIPImageNormalizer"},
+                     {"_diffusers_version", "0.27.2"},
+                     {"embedding_dim", normalizer_->config().embedding_dim}});
     io::save_safetensors(join_path(tmp, "image_normalizer/diffusion_pytorch_model.safetensors"),
                          float32_state(*normalizer_), {{"format", "pt"}});
     fs::create_directories(fs::path(tmp) / "image_noising_scheduler");
@@ -307,19 +307,19 @@ void UnCLIPDecoderRecipe::save(const std::string& dir) {
                                                ? src_index["scheduler"]
                                                : nlohmann::json::array({"diffusers", "DDIMScheduler"});
     write_json_file(join_path(tmp, "model_index.json"),
-               {{"_class_name", "StableUnCLIPImg2ImgPipeline"},
-                {"_diffusers_version", "0.27.2"},
-                {"_dmx_writer", "dmx train unclip"},
-                {"feature_extractor", nlohmann::json::array({"transformers", "CLIPImageProcessor"})},
-                {"image_encoder", nlohmann::json::array({"transformers", "CLIPVisionModelWithProjection"})},
-                {"image_noising_scheduler",
-                 nlohmann::json::array({"diffusers", noising_config_.value("_class_name", "DDPMScheduler")})},
-                {"image_normalizer", nlohmann::json::array({"stable_diffusion", "StableUnCLIPImageNormalizer"})},
-                {"scheduler", scheduler_entry},
-                {"text_encoder", nlohmann::json::array({"transformers", "CLIPTextModel"})},
-                {"tokenizer", nlohmann::json::array({"transformers", "CLIPTokenizer"})},
-                {"unet", nlohmann::json::array({"diffusers", "UNet2DConditionModel"})},
-                {"vae", nlohmann::json::array({"diffusers", "AutoencoderKL"})}});
+                    {{"_class_name", "StableUnCLIPImg2ImgPipeline"},
+                     {"_diffusers_version", "0.27.2"},
+                     {"_dmx_writer", "dmx train unclip"},
+                     {"feature_extractor", nlohmann::json::array({"transformers", "CLIPImageProcessor"})},
+                     {"image_encoder", nlohmann::json::array({"transformers", "CLIPVisionModelWithProjection"})},
+                     {"image_noising_scheduler",
+                      nlohmann::json::array({"diffusers", noising_config_.value("_class_name", "DDPMScheduler")})},
+                     {"image_normalizer", nlohmann::json::array({"stable_diffusion", "StableUnCLIPImageNormalizer"})},
+                     {"scheduler", scheduler_entry},
+                     {"text_encoder", nlohmann::json::array({"transformers", "CLIPTextModel"})},
+                     {"tokenizer", nlohmann::json::array({"transformers", "CLIPTokenizer"})},
+                     {"unet", nlohmann::json::array({"diffusers", "UNet2DConditionModel"})},
+                     {"vae", nlohmann::json::array({"diffusers", "AutoencoderKL"})}});
   });
 }
 }  // namespace dmx::training
