@@ -7,6 +7,7 @@
 #include "core/fs.h"
 #include "core/text.h"
 #include "dmx/error.h"
+#include "io/state_dict.h"
 
 namespace dmx::loaders {
 
@@ -42,32 +43,18 @@ SpaTextConfig read_spatext_config(const std::string& dir) {
 models::UNet2DConditionModel widen_unet_input(const models::UNet2DConditionModel& base, int extra) {
   DMX_CHECK_ARG(extra >= 1, "widen_unet_input: extra channels must be >= 1, got ", extra);
   models::UNet2DConditionConfig cfg = base->config();
-  const int64_t in0 = cfg.in_channels;
-  cfg.in_channels = static_cast<int>(in0 + extra);
+  cfg.in_channels += extra;
   models::UNet2DConditionModel unet(cfg);
   const auto p0 = base->parameters().front();
   unet->to(p0.device(), p0.scalar_type());
+  // The base's state with conv_in's weight widened by zero input channels, loaded strictly.
   at::NoGradGuard no_grad;
-  const auto from_params = base->named_parameters(true);
-  const auto from_buffers = base->named_buffers(true);
-  size_t copied = 0;
-  for (auto& p : unet->named_parameters(true)) {
-    const at::Tensor* b = from_params.find(p.key());
-    DMX_CHECK_FORMAT(b != nullptr, "widen_unet_input: the base UNet has no parameter '", p.key(), "'");
-    if (p.key() == "conv_in.weight") {
-      p.value().zero_();
-      p.value().narrow(1, 0, in0).copy_(*b);
-    } else {
-      DMX_CHECK_FORMAT(b->sizes().equals(p.value().sizes()), "widen_unet_input: '", p.key(), "' has shape ", b->sizes(),
-                       " in the base, ", p.value().sizes(), " in the widened UNet");
-      p.value().copy_(*b);
-    }
-    ++copied;
-  }
-  DMX_CHECK_FORMAT(copied == from_params.size(), "widen_unet_input: the base UNet has ", from_params.size(),
-                   " parameters, the widened one took ", copied);
-  for (auto& b : unet->named_buffers(true))
-    if (const at::Tensor* f = from_buffers.find(b.key())) b.value().copy_(*f);
+  io::TensorMap state = io::module_state(*base);
+  const at::Tensor w = state.at("conv_in.weight");
+  at::Tensor wide = at::zeros({w.size(0), w.size(1) + extra, w.size(2), w.size(3)}, w.options());
+  wide.narrow(1, 0, w.size(1)).copy_(w);
+  state["conv_in.weight"] = wide;
+  io::load_state_dict(*unet, state, "widen_unet_input");
   return unet;
 }
 
