@@ -67,27 +67,17 @@ LayoutRun build_spatext(const LayoutInputs& in) {
                 "--layout-method spatext needs a SpaText model folder (written by dmx train "
                 "spatext, with spatext.json), got --model ",
                 in.o.model);
-  auto& prior = *in.spatext->prior;
-  std::vector<std::string> texts;
+  std::vector<std::string> texts, names;
   for (const auto& r : in.o.regions) {
-    const size_t n = prior.prior_tokenizer->encode(r.text).size();
-    const int max_len = prior.prior_tokenizer->model_max_length();
-    DMX_CHECK_ARG(static_cast<int64_t>(n) <= max_len, region_name(r),
-                  ": the region text must fit the prior "
-                  "tokenizer's ",
-                  max_len, " tokens (BOS and EOS included), got ", n, " for '", r.text, "'");
     texts.push_back(r.text);
+    names.push_back(region_name(r));
   }
   const at::Tensor segs = layout_segments(in.map, in.o.regions, in.width, in.height)
                               .narrow(0, 0, static_cast<int64_t>(in.o.regions.size()));
-  const at::Tensor embeds =
-      at::matmul(pipelines::spatext_region_embeddings(prior, texts, in.seed), in.spatext->projection.t());
-  const at::Tensor map = pipelines::spatext_map(segs, embeds, in.models.vae_scale_factor());
   LayoutRun run;
   run.prompt = in.prompt;
-  run.provider =
-      std::make_shared<pipelines::SpaTextProvider>(map, in.spatext->base_in_channels, in.spatext->config.map_channels,
-                                                   in.o.layout_guidance_scale * in.o.guidance_scale);
+  run.provider = pipelines::make_spatext_provider(*in.spatext, segs, texts, names, in.seed,
+                                                  in.o.layout_guidance_scale * in.o.guidance_scale);
   return run;
 }
 
@@ -239,8 +229,8 @@ LayoutRun make_layout_run(const GenerateOptions& o, const Image& map, const load
   return layout_method(o.layout_method).build(LayoutInputs{o, map, m, prompt, width, height, spatext, seed});
 }
 
-std::shared_ptr<pipelines::ResidualProvider> spatext_text_only_provider(const loaders::SpaTextModel& s) {
-  return std::make_shared<pipelines::SpaTextProvider>(at::Tensor(), s.base_in_channels, s.config.map_channels, 0.0);
+std::shared_ptr<pipelines::ResidualProvider> spatext_text_only_provider(loaders::SpaTextModel& s) {
+  return pipelines::make_spatext_provider(s, at::Tensor(), {}, {}, 0, 0.0);
 }
 }  // namespace dmx::api
 

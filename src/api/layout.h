@@ -56,5 +56,5 @@ LayoutRun make_layout_run(const GenerateOptions& o, const Image& map, const load
                           uint64_t seed = 0);
 
 // The SpaText provider of a run on a SpaText folder without --layout: no map (the text-only run of the model).
-std::shared_ptr<pipelines::ResidualProvider> spatext_text_only_provider(const loaders::SpaTextModel& s);
+std::shared_ptr<pipelines::ResidualProvider> spatext_text_only_provider(loaders::SpaTextModel& s);
 }  // namespace dmx::api

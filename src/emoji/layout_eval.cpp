@@ -321,23 +321,19 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
         p.residual_providers.insert(p.residual_providers.begin(), provider);
         regional_guard = std::make_unique<nn::ScopedAttentionProcessor>(*models->unet, provider->processor());
       }
-      if (spatext) {  // the same map `dmx generate --layout-method spatext` builds (api/layout.cpp), from the objects
-        at::Tensor map;
-        if (o.method == "spatext") {
-          std::vector<std::string> texts;
-          std::vector<at::Tensor> segs;
-          for (const auto& g : c.regions) {
-            texts.push_back(g.text);
-            segs.push_back(inst.eq(g.instance));
-          }
-          const at::Tensor e = at::matmul(pipelines::spatext_region_embeddings(*spatext->prior, texts, o.seed + i),
-                                          spatext->projection.t());
-          map = pipelines::spatext_map(at::stack(segs, 0), e, models->vae_scale_factor());
+      if (spatext) {  // the provider `dmx generate` builds (pipelines::make_spatext_provider), from the objects
+        std::vector<std::string> texts, names;
+        std::vector<at::Tensor> segs;
+        for (const auto& g : c.regions) {
+          texts.push_back(g.text);
+          names.push_back("region " + g.color);
+          segs.push_back(inst.eq(g.instance));
         }
-        p.residual_providers.insert(p.residual_providers.begin(),
-                                    std::make_shared<pipelines::SpaTextProvider>(
-                                        map, spatext->base_in_channels, spatext->config.map_channels,
-                                        map.defined() ? o.layout_guidance_scale * o.guidance_scale : 0.0));
+        const bool with_map = o.method == "spatext";
+        p.residual_providers.insert(
+            p.residual_providers.begin(),
+            pipelines::make_spatext_provider(*spatext, with_map ? at::stack(segs, 0) : at::Tensor(), texts, names,
+                                             o.seed + i, o.layout_guidance_scale * o.guidance_scale));
       }
       picture = pipe->run(p).images[0].permute({2, 0, 1}).contiguous();  // [3, H, W] in [0, 1]
       gen_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - g0).count();

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
+#include <nlohmann/json.hpp>
+
 #include "core/fs.h"
 #include "core/text.h"
 #include "dmx/error.h"
@@ -19,13 +21,13 @@ SpaTextConfig read_spatext_config(const std::string& dir) {
   const std::string file = join_path(dir, kSpaTextConfigFile);
   SpaTextConfig c;
   try {
-    c.json = nlohmann::json::parse(read_text_file(file, "spatext.json", kMaxJsonFileBytes));
-    DMX_CHECK_FORMAT(c.json.value("format", "") == "dmx-spatext-1", file, ": format must be dmx-spatext-1, got '",
-                     c.json.value("format", ""), "'");
-    c.embedding_dim = c.json.at("embedding_dim").get<int>();
-    c.map_channels = c.json.at("map_channels").get<int>();
-    c.resolution = c.json.at("resolution").get<int>();
-    c.lora_rank = c.json.value("lora_rank", 0);
+    const nlohmann::json j = nlohmann::json::parse(read_text_file(file, "spatext.json", kMaxJsonFileBytes));
+    DMX_CHECK_FORMAT(j.value("format", "") == "dmx-spatext-1", file, ": format must be dmx-spatext-1, got '",
+                     j.value("format", ""), "'");
+    c.embedding_dim = j.at("embedding_dim").get<int>();
+    c.map_channels = j.at("map_channels").get<int>();
+    c.resolution = j.at("resolution").get<int>();
+    c.lora_rank = j.value("lora_rank", 0);
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(file + ": " + e.what());
   }

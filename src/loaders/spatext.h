@@ -31,7 +31,6 @@ struct SpaTextConfig {
   int map_channels = 0;   // M: the map's channels (the projection's output), the UNet's extra input channels
   int resolution = 0;     // the training pictures' side (pixels)
   int lora_rank = 0;
-  nlohmann::json json;  // the whole spatext.json
 };
 
 struct SpaTextModel {

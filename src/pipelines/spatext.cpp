@@ -41,6 +41,27 @@ at::Tensor spatext_region_embeddings(loaders::UnCLIPComponents& prior, const std
   return e / e.norm(2, {1}, true).clamp_min(1e-12);
 }
 
+std::shared_ptr<SpaTextProvider> make_spatext_provider(loaders::SpaTextModel& s, const at::Tensor& segments,
+                                                       const std::vector<std::string>& texts,
+                                                       const std::vector<std::string>& names, uint64_t seed,
+                                                       double layout_scale) {
+  const int M = s.config.map_channels;
+  if (!segments.defined()) return std::make_shared<SpaTextProvider>(at::Tensor(), s.base_in_channels, M, 0.0);
+  DMX_CHECK_ARG(
+      texts.size() == names.size() && segments.dim() == 3 && segments.size(0) == static_cast<int64_t>(texts.size()),
+      "spatext: ", segments.sizes(), " segments for ", texts.size(), " region texts");
+  const auto& tok = *s.prior->prior_tokenizer;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    const size_t n = tok.encode(texts[i]).size();  // BOS and EOS included
+    DMX_CHECK_ARG(static_cast<int64_t>(n) <= tok.model_max_length(), names[i],
+                  ": the region text must fit the prior tokenizer's ", tok.model_max_length(),
+                  " tokens (BOS and EOS included), got ", n, " for '", texts[i], "'");
+  }
+  const at::Tensor embeds = at::matmul(spatext_region_embeddings(*s.prior, texts, seed), s.projection.t());
+  return std::make_shared<SpaTextProvider>(spatext_map(segments, embeds, s.models->vae_scale_factor()),
+                                           s.base_in_channels, M, layout_scale);
+}
+
 SpaTextProvider::SpaTextProvider(at::Tensor map, int base_in_channels, int embedding_dim, double layout_scale)
     : map_(std::move(map)), base_in_(base_in_channels), dim_(embedding_dim), layout_scale_(layout_scale) {
   DMX_CHECK_ARG(!map_.defined() || (map_.dim() == 3 && map_.size(0) == dim_), "spatext: the map must be [", dim_,

@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,18 @@ at::Tensor spatext_map(const at::Tensor& segments, const at::Tensor& embeds, int
 // `guidance_scale`, its draws from a generator seeded with `seed`), each scaled to unit length. -> [S, D] float32.
 at::Tensor spatext_region_embeddings(loaders::UnCLIPComponents& prior, const std::vector<std::string>& texts,
                                      uint64_t seed, int steps = 25, double guidance_scale = 4.0);
+
+class SpaTextProvider;
+
+// The provider of a run on a SpaText folder, the one builder `dmx generate` and `dmx eval --layouts` share. With
+// segments [S, H, W] (the output size) and S region texts: each text checked against the prior tokenizer's length
+// (InvalidArgument naming names[i]), its prior embedding (spatext_region_embeddings, seeded with `seed`) projected to
+// the map's channels and painted (spatext_map); layout_scale is s_l. Without segments (undefined): no map, the
+// model's text-only run.
+std::shared_ptr<SpaTextProvider> make_spatext_provider(loaders::SpaTextModel& s, const at::Tensor& segments,
+                                                       const std::vector<std::string>& texts,
+                                                       const std::vector<std::string>& names, uint64_t seed,
+                                                       double layout_scale);
 
 class SpaTextProvider : public ResidualProvider {
  public:
