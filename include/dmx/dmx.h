@@ -95,10 +95,13 @@ struct GenerateOptions : ModelOptions, DeviceOptions, SamplingOptions, RunOption
   // factor both ways; a downscale only where every block is one colour). txt2img only.
   std::string layout_path;
   std::vector<LayoutRegion> regions;
-  std::string layout_method = "regional";  // regional (built) | spatext | scene (not built yet)
+  std::string layout_method = "regional";  // regional | spatext (a SpaText folder) | scene (a scene folder)
   // regional: multiplies DenseDiffusion's modulation weights (w^c = 1.0 S, w^s = 0.3 S); 0 = the text-only run of
   // the same caption, bit for bit.
   double layout_guidance_scale = 1.0;
+  // scene (docs/scene.md): what the unconditional row of classifier-free guidance drops: "text" (the text only,
+  // Make-A-Scene's) or "all" (the text and the scene).
+  std::string scene_guidance = "text";
 };
 
 // StableUnCLIPPipeline.__call__'s decoder defaults (num_inference_steps, guidance_scale), which `dmx generate`

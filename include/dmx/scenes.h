@@ -57,6 +57,7 @@ struct LayoutEvalOptions {
   int steps = 25;
   double guidance_scale = 3.0;
   double layout_guidance_scale = 1.0;  // spatext: the map's scale over guidance_scale (as dmx generate's)
+  std::string scene_guidance = "text";  // scene: what guidance's unconditional row drops (as dmx generate's)
   std::string scheduler;               // "" = the model's own
   uint64_t seed = 0;                   // canvas i uses seed + i
   int limit = 0;                       // > 0: only the first `limit` canvases

@@ -147,6 +147,14 @@ struct TrainOptions : ModelOptions {
   std::string spatext_prior;
   double layout_dropout = 0.2;  // share of rows without the map (the caption is dropped independently)
 
+  // Make-A-Scene as diffusion (docs/scene.md). vqseg: VQ-SEG, a VQModel of --data's scene maps (category one-hot +
+  // edges), codebook_size codes, vq_factor the downscale factor. scene: --model trained on --data with the scene
+  // tokens of the VQ-SEG folder `vqseg` appended to the text (LoRA of rank `rank` on the blocks, the token tables
+  // whole); layout_dropout is the share of rows with the dropped scene.
+  std::string vqseg;
+  int codebook_size = 256;
+  int vq_factor = 8;
+
   // DreamBooth
   std::string instance_data, instance_prompt, class_data, class_prompt;
   double prior_loss_weight = 1.0;

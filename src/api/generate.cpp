@@ -9,6 +9,7 @@
 #include "api/blended.h"
 #include "api/generate_core.h"
 #include "api/layout.h"
+#include "pipelines/scene.h"
 #include "api/model_hash.h"
 #include "api/options_util.h"
 #include "api/unclip.h"
@@ -26,6 +27,7 @@
 #include "loaders/hypernetwork_loader.h"
 #include "loaders/lora_loader.h"
 #include "loaders/model_bundle.h"
+#include "loaders/scene.h"
 #include "loaders/spatext.h"
 #include "loaders/t2i_adapter_loader.h"
 #include "loaders/upscale.h"
@@ -177,6 +179,19 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
                         "--model ", o.model,
                         " is a SpaText folder: it generates from noise, without --init-image, "
                         "--mask, --controlnet or --adapter");
+  }
+  // Scene folders (docs/scene.md): the scene model's UNet, with the tokens of --layout-method scene or the dropped
+  // scene's.
+  const bool scene_folder = loaders::is_scene_folder(o.model);
+  if (scene_folder) {
+    DMX_CHECK_SUPPORTED(!sink, "model ", o.model, ": scene folders are not served yet (use dmx generate)");
+    DMX_CHECK_SUPPORTED(o.init_image.empty() && o.mask.empty() && o.controlnets.empty() && o.adapters.empty(),
+                        "--model ", o.model,
+                        " is a scene folder: it generates from noise, without --init-image, --mask, --controlnet or "
+                        "--adapter");
+    DMX_CHECK_SUPPORTED(o.layout_path.empty() || o.layout_method == "scene", "--layout-method ", o.layout_method,
+                        " on the scene folder ", o.model,
+                        ": its UNet reads scene tokens in every cross-attention; use --layout-method scene");
   }
   if (sink) {  // in memory: no file is named, none is written
     DMX_CHECK_ARG(o.output.empty() && o.save_latents.empty() && o.save_control_image.empty(),
@@ -356,8 +371,14 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
   PhaseTimer load_timer("load");
   std::string session_hash;
   std::shared_ptr<loaders::SpaTextModel> spatext;
+  std::shared_ptr<loaders::SceneModel> scene;
   std::shared_ptr<loaders::StableDiffusionModels> models;
-  if (spatext_folder) {
+  if (scene_folder) {
+    scene = loaders::load_scene(o.model, lo);
+    models = scene->models;
+    if (p.width == 0) p.width = scene->config.resolution;  // the only size its token grid fits
+    if (p.height == 0) p.height = scene->config.resolution;
+  } else if (spatext_folder) {
     spatext = loaders::load_spatext(o.model, lo);
     models = spatext->models;
     if (p.width == 0) p.width = spatext->config.resolution;  // the size it was trained at
@@ -434,7 +455,7 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
     if (p.height == 0) p.height = models->default_sample_size();
     pipelines::check_output_size(*models, p.width, p.height, p.num_images_per_prompt, p.guided());
     api::LayoutRun layout =
-        api::make_layout_run(o, layout_map, *models, p.prompt, p.width, p.height, spatext.get(), seed);
+        api::make_layout_run(o, layout_map, *models, p.prompt, p.width, p.height, spatext.get(), seed, scene.get());
     p.prompt = layout.prompt;
     if (layout.provider) p.residual_providers.insert(p.residual_providers.begin(), layout.provider);
     pipelines::StableDiffusionPipeline(models).check_params(p);
@@ -443,6 +464,10 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
   }
   if (spatext && (o.layout_path.empty() || o.layout_method != "spatext"))  // no map: the text-only run (+ regional)
     p.residual_providers.insert(p.residual_providers.begin(), api::spatext_text_only_provider(*spatext));
+  if (scene && o.layout_path.empty())  // no layout: every row gets the dropped scene (the model's text-only run)
+    p.residual_providers.insert(
+        p.residual_providers.begin(),
+        pipelines::make_scene_provider(*scene, at::Tensor(), at::Tensor(), pipelines::parse_scene_guidance(o.scene_guidance)));
   // Cascade: the base picture's size is known now; the upscaler is loaded and its memory planned before any work.
   std::shared_ptr<loaders::UpscaleModels> upscaler;
   pipelines::VaeTiling up_tiling;

@@ -10,6 +10,7 @@
 #include "core/fs.h"
 #include "core/text.h"
 #include "pipelines/regional.h"
+#include "pipelines/scene.h"
 #include "pipelines/spatext.h"
 
 namespace dmx::api {
@@ -34,6 +35,7 @@ struct LayoutInputs {
   int width, height;
   loaders::SpaTextModel* spatext;
   uint64_t seed;
+  loaders::SceneModel* scene;
 };
 
 // regional: DenseDiffusion's attention modulation (pipelines/regional.h), weights scaled by --layout-guidance-scale.
@@ -81,6 +83,35 @@ LayoutRun build_spatext(const LayoutInputs& in) {
   return run;
 }
 
+// scene: each region's category (--region COLOR=CATEGORY) painted into a category map, the regions' borders as the
+// edge channel, VQ-SEG's codes as scene tokens after the text (pipelines/scene.h); --scene-guidance picks what the
+// unconditional row drops. --layout-guidance-scale 0 is the model's text-only run; it takes no other scale than 1.
+LayoutRun build_scene(const LayoutInputs& in) {
+  DMX_CHECK_ARG(in.scene != nullptr,
+                "--layout-method scene needs a scene model folder (written by dmx train scene, with scene.json), got "
+                "--model ",
+                in.o.model);
+  DMX_CHECK_ARG(in.o.layout_guidance_scale == 0 || in.o.layout_guidance_scale == 1,
+                "--layout-guidance-scale: --layout-method scene takes 1 (the scene) or 0 (text only), got ",
+                in.o.layout_guidance_scale, "; --scene-guidance sets what guidance drops");
+  const pipelines::SceneGuidance guidance = pipelines::parse_scene_guidance(in.o.scene_guidance);
+  LayoutRun run;
+  run.prompt = in.prompt;
+  if (in.o.layout_guidance_scale == 0) {
+    run.provider = pipelines::make_scene_provider(*in.scene, at::Tensor(), at::Tensor(), guidance);
+    return run;
+  }
+  const at::Tensor segs = layout_segments(in.map, in.o.regions, in.width, in.height);
+  at::Tensor labels = at::zeros({in.height, in.width}, at::kLong), regions = labels.clone();
+  for (size_t r = 0; r < in.o.regions.size(); ++r) {
+    const int cat = pipelines::parse_scene_category(in.o.regions[r].text, region_name(in.o.regions[r]));
+    labels.masked_fill_(segs[static_cast<int64_t>(r)], cat);
+    regions.masked_fill_(segs[static_cast<int64_t>(r)], static_cast<int64_t>(r) + 1);
+  }
+  run.provider = pipelines::make_scene_provider(*in.scene, labels, regions, guidance);
+  return run;
+}
+
 // The layout methods (--layout-method). A method lands as a row with its builder; a row without one is refused
 // as not built yet.
 struct LayoutMethod {
@@ -91,7 +122,7 @@ struct LayoutMethod {
 const LayoutMethod kLayoutMethods[] = {
     {"regional", "DenseDiffusion's training-free attention modulation, any SD 1.x/2.x model", &build_regional},
     {"spatext", "SpaText's spatio-textual map (a SpaText folder, dmx train spatext)", &build_spatext},
-    {"scene", "Make-A-Scene's scene tokens as diffusion (a model trained for it)", nullptr},
+    {"scene", "Make-A-Scene's scene tokens as diffusion (a scene folder, dmx train scene)", &build_scene},
 };
 
 const LayoutMethod& layout_method(const std::string& name) {
@@ -123,6 +154,7 @@ std::array<uint8_t, 3> parse_layout_color(const std::string& color, const std::s
 }
 
 void check_layout_options(const GenerateOptions& o) {
+  (void)pipelines::parse_scene_guidance(o.scene_guidance);
   const bool any = !o.layout_path.empty() || !o.regions.empty();
   if (!any) {
     DMX_CHECK_ARG(o.layout_method == "regional" && o.layout_guidance_scale == 1.0,
@@ -225,8 +257,8 @@ at::Tensor layout_segments(const Image& map, const std::vector<LayoutRegion>& re
 
 LayoutRun make_layout_run(const GenerateOptions& o, const Image& map, const loaders::StableDiffusionModels& m,
                           const std::string& prompt, int width, int height, loaders::SpaTextModel* spatext,
-                          uint64_t seed) {
-  return layout_method(o.layout_method).build(LayoutInputs{o, map, m, prompt, width, height, spatext, seed});
+                          uint64_t seed, loaders::SceneModel* scene) {
+  return layout_method(o.layout_method).build(LayoutInputs{o, map, m, prompt, width, height, spatext, seed, scene});
 }
 
 std::shared_ptr<pipelines::ResidualProvider> spatext_text_only_provider(loaders::SpaTextModel& s) {

@@ -1,7 +1,7 @@
 // Layouts for `dmx generate` (docs/regional.md): the `--layout MAP.png --region COLOR=TEXT ...` options, the map
 // read and resized exactly to the output size, and the table of layout methods (--layout-method), each row a
-// builder of what the run needs. Today: regional (DenseDiffusion, pipelines/regional.h) and spatext (a SpaText model
-// folder, pipelines/spatext.h); scene is a row without a builder ("not built yet").
+// builder of what the run needs: regional (DenseDiffusion, pipelines/regional.h), spatext (a SpaText model folder,
+// pipelines/spatext.h) and scene (a Make-A-Scene-style scene folder, pipelines/scene.h).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -15,6 +15,10 @@
 #include "dmx/dmx.h"
 #include "loaders/model_bundle.h"
 #include "loaders/spatext.h"
+
+namespace dmx::loaders {
+struct SceneModel;
+}
 #include "nn/attention_seam.h"
 #include "pipelines/residual_provider.h"
 
@@ -53,7 +57,7 @@ struct LayoutRun {
 // with it).
 LayoutRun make_layout_run(const GenerateOptions& o, const Image& map, const loaders::StableDiffusionModels& m,
                           const std::string& prompt, int width, int height, loaders::SpaTextModel* spatext = nullptr,
-                          uint64_t seed = 0);
+                          uint64_t seed = 0, loaders::SceneModel* scene = nullptr);
 
 // The SpaText provider of a run on a SpaText folder without --layout: no map (the text-only run of the model).
 std::shared_ptr<pipelines::ResidualProvider> spatext_text_only_provider(loaders::SpaTextModel& s);

@@ -20,6 +20,7 @@
 #include "core/utf8.h"
 #include "io/checkpoint.h"
 #include "loaders/model_bundle.h"
+#include "loaders/scene.h"
 #include "loaders/spatext.h"
 #include "loaders/t2i_adapter_loader.h"
 #include "loaders/unclip.h"
@@ -38,6 +39,7 @@
 #include "training/lora_train.h"
 #include "training/palette_train.h"
 #include "training/prior_train.h"
+#include "training/scene_train.h"
 #include "training/spatext_train.h"
 #include "training/trainer.h"
 #include "training/unclip_train.h"
@@ -167,6 +169,11 @@ api::OutputPlan train_output_plan(const TrainOptions& o, const ResumePoint& resu
     plan.folder(strip_slashes(o.output), "--output", {"model_index.json"}, "CLIP folder");
   } else if (o.recipe == "prior") {
     plan.folder(strip_slashes(o.output), "--output", {"prior/config.json"}, "prior folder");
+  } else if (o.recipe == "vqseg") {
+    plan.folder(strip_slashes(o.output), "--output", {loaders::kVQSegConfigFile}, "VQ-SEG folder");
+  } else if (o.recipe == "scene") {
+    plan.input(o.vqseg, "--vqseg");
+    plan.folder(strip_slashes(o.output), "--output", {loaders::kSceneConfigFile}, "scene folder");
   } else if (o.recipe == "spatext") {
     plan.input(spatext_prior_dir(o), "--prior");
     plan.folder(strip_slashes(o.output), "--output", {loaders::kSpaTextConfigFile}, "SpaText folder");
@@ -210,6 +217,8 @@ double default_lr(const TrainOptions& o) {
   if (o.recipe == "adapter") return 5e-6;       // train_t2i_adapter_sdxl.py's default
   if (o.recipe == "hypernetwork") return 1e-5;  // A1111's "Hypernetwork Learning rate" default
   if (o.recipe == "spatext") return 2e-4;       // LoRA adapters and a new conv_in: a LoRA-like rate
+  if (o.recipe == "scene") return 2e-4;         // LoRA adapters and new token tables: as spatext
+  if (o.recipe == "vqseg") return 1e-3;         // a small autoencoder from scratch
   return 1e-4;
 }
 
@@ -464,13 +473,9 @@ std::string unclip_tower_dir(const TrainOptions& o) {
   return "models/emoji-clip";
 }
 
-void check_spatext_options(const TrainOptions& o) {
-  DMX_CHECK_ARG(is_directory(o.model) && path_exists(join_path(o.model, "unet/config.json")), "--model ", o.model,
-                " must be a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)");
-  DMX_CHECK_SUPPORTED(!loaders::is_spatext_folder(o.model), "--model ", o.model,
-                      " is a SpaText folder; dmx train spatext starts from a text-to-image model");
-  DMX_CHECK_ARG(api::unclip_pipeline_class(o.model).empty(), "--model ", o.model,
-                " is a Stable unCLIP folder; dmx train spatext starts from a text-to-image model");
+// --data of the recipes that read a scene folder's maps (spatext, vqseg, scene): a scene folder whose size is
+// --resolution, whole pictures.
+void check_scene_data(const TrainOptions& o) {
   DMX_CHECK_ARG(is_directory(o.data) && path_exists(join_path(o.data, "scenes.json")), "--data ", o.data,
                 " must be a scene folder (scenes.json; make one with `dmx data scenes --out DIR`)");
   int size = 0;
@@ -483,10 +488,43 @@ void check_spatext_options(const TrainOptions& o) {
     throw FormatError(join_path(o.data, "scenes.json") + ": " + e.what());
   }
   DMX_CHECK_ARG(o.resolution == size, "--resolution must be the scene folder's size ", size,
-                " (the maps are built from its instance maps at that size), got ", o.resolution);
-  DMX_CHECK_ARG(o.center_crop && !o.random_flip,
-                "dmx train spatext paints each canvas's map from its instance map: random crops and flips are not "
-                "taken");
+                " (the maps are read at that size), got ", o.resolution);
+  DMX_CHECK_ARG(o.center_crop && !o.random_flip, "dmx train ", o.recipe,
+                " reads each canvas's maps as they are: random crops and flips are not taken");
+}
+
+// --model of the recipes that train a layout method on a text-to-image model (spatext, scene).
+void check_layout_base_model(const TrainOptions& o) {
+  DMX_CHECK_ARG(is_directory(o.model) && path_exists(join_path(o.model, "unet/config.json")), "--model ", o.model,
+                " must be a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)");
+  DMX_CHECK_SUPPORTED(!loaders::is_spatext_folder(o.model) && !loaders::is_scene_folder(o.model), "--model ", o.model,
+                      " is a ", loaders::is_spatext_folder(o.model) ? "SpaText" : "scene", " folder; dmx train ",
+                      o.recipe, " starts from a text-to-image model");
+  DMX_CHECK_ARG(api::unclip_pipeline_class(o.model).empty(), "--model ", o.model,
+                " is a Stable unCLIP folder; dmx train ", o.recipe, " starts from a text-to-image model");
+}
+
+void check_vqseg_options(const TrainOptions& o) {
+  DMX_CHECK_ARG(o.model.empty(), "dmx train vqseg trains a new VQ-SEG: --model does not apply");
+  check_scene_data(o);
+  (void)tr::vqseg_config(loaders::kSceneCategories, o.resolution, o.vq_factor, o.codebook_size);
+}
+
+void check_scene_options(const TrainOptions& o) {
+  check_layout_base_model(o);
+  check_scene_data(o);
+  DMX_CHECK_ARG(!o.vqseg.empty(), "--vqseg must be given (a VQ-SEG folder: dmx train vqseg)");
+  DMX_CHECK_ARG(loaders::is_vqseg_folder(o.vqseg), "--vqseg ", o.vqseg,
+                " must be a VQ-SEG folder (vqseg.json; dmx train vqseg writes one)");
+  DMX_CHECK_ARG(o.rank >= 1 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ",
+                o.rank);
+  DMX_CHECK_ARG(std::isfinite(o.layout_dropout) && o.layout_dropout >= 0 && o.layout_dropout <= 1,
+                "--layout-dropout must be in [0, 1], got ", o.layout_dropout);
+}
+
+void check_spatext_options(const TrainOptions& o) {
+  check_layout_base_model(o);
+  check_scene_data(o);
   const std::string clip = spatext_clip_dir(o), prior = spatext_prior_dir(o);
   DMX_CHECK_ARG(loaders::is_clip_folder(clip), "--clip ", clip,
                 " must be a CLIP folder (model_index.json CLIPModel, as dmx train clip writes)",
@@ -549,9 +587,10 @@ tr::UnCLIPImageTower unclip_image_tower(const TrainOptions& o) {
 void validate_train_options(const TrainOptions& o) {
   DMX_CHECK_ARG(o.recipe == "lora" || o.recipe == "finetune" || o.recipe == "dreambooth" || o.recipe == "controlnet" ||
                     o.recipe == "vae" || o.recipe == "adapter" || o.recipe == "palette" || o.recipe == "hypernetwork" ||
-                    o.recipe == "clip" || o.recipe == "prior" || o.recipe == "unclip" || o.recipe == "spatext",
+                    o.recipe == "clip" || o.recipe == "prior" || o.recipe == "unclip" || o.recipe == "spatext" ||
+                    o.recipe == "vqseg" || o.recipe == "scene",
                 "recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip, "
-                "prior, unclip or spatext, got '",
+                "prior, unclip, spatext, vqseg or scene, got '",
                 o.recipe, "'");
   if (o.recipe == "palette") {
     DMX_CHECK_ARG(!o.task.empty(), "--task must be given (colorize, inpaint, uncrop or jpeg)");
@@ -566,6 +605,8 @@ void validate_train_options(const TrainOptions& o) {
     check_clip_options(o);
   } else if (o.recipe == "prior") {
     check_prior_options(o);
+  } else if (o.recipe == "vqseg") {
+    DMX_CHECK_ARG(o.task.empty(), "--task is for dmx train palette only, got it for vqseg");
   } else {
     DMX_CHECK_ARG(o.task.empty(), "--task is for dmx train palette only, got it for ", o.recipe);
     DMX_CHECK_ARG(!o.model.empty(), "--model must be given");
@@ -592,6 +633,8 @@ void validate_train_options(const TrainOptions& o) {
     DMX_CHECK_ARG(is_directory(o.data), "--data: no such folder: ", o.data);
   }
   if (o.recipe == "spatext") check_spatext_options(o);
+  if (o.recipe == "vqseg") check_vqseg_options(o);
+  if (o.recipe == "scene") check_scene_options(o);
   if (o.recipe == "lora")
     DMX_CHECK_ARG(o.rank > 0 && o.rank <= tr::kMaxLoRARank, "--rank must be in [1, ", tr::kMaxLoRARank, "], got ",
                   o.rank);
@@ -700,6 +743,11 @@ TrainReport train(const TrainOptions& o) {
     models = tr::clip_bundle(o.model);
   } else if (o.recipe == "prior") {
     models = tr::prior_bundle(prior_clip_dir(o));
+  } else if (o.recipe == "vqseg") {
+    DMX_CHECK_SUPPORTED(world == 1,
+                        "dmx train vqseg runs in one process (its codebook restarts read the local batch), got "
+                        "WORLD_SIZE ",
+                        world);
   } else {
     models = loaders::load_stable_diffusion(o.model, lo);
   }
@@ -785,6 +833,33 @@ TrainReport train(const TrainOptions& o) {
     torch::manual_seed(o.seed);  // the widened UNet's construction (its weights are then copied)
     recipe = std::make_shared<tr::SpaTextRecipe>(models, so, clip->feature_extractor, clip->image_encoder,
                                                  tr::read_spatext_canvases(o.data, ds->rows()));
+  } else if (o.recipe == "vqseg") {
+    // Every canvas's map once (small: [11 + 1, R, R] each); then a new VQ-SEG, seeded.
+    const std::vector<tr::SceneCanvas> canvases = tr::read_scene_canvases(o.data);
+    std::vector<std::string> captions;
+    std::vector<at::Tensor> maps;
+    for (const auto& c : canvases) {
+      captions.push_back(c.caption);
+      maps.push_back(tr::load_scene_map(c, loaders::kSceneCategories, o.resolution));
+    }
+    torch::manual_seed(o.seed);
+    models::VQModel vq(tr::vqseg_config(loaders::kSceneCategories, o.resolution, o.vq_factor, o.codebook_size));
+    source = std::make_shared<tr::FeatureBatchSource>(captions, o.batch_size, rank, world, o.seed);
+    recipe = std::make_shared<tr::VQSegRecipe>(vq, std::move(maps), loaders::kSceneCategories, o.resolution);
+  } else if (o.recipe == "scene") {
+    auto ds = open_dataset(o.data, true);
+    source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);
+    loaders::VQSeg vqseg = loaders::load_vqseg(strip_slashes(o.vqseg));
+    DMX_CHECK_ARG(vqseg.resolution == o.resolution, "--vqseg ", o.vqseg, " was trained on ", vqseg.resolution,
+                  "-px maps, --data's are ", o.resolution);
+    tr::SceneTrainOptions so;
+    so.lora.rank = o.rank;
+    so.lora.alpha = o.alpha;
+    so.lora.targets = "all";
+    so.scene_dropout = o.layout_dropout;
+    so.vqseg_dir = strip_slashes(o.vqseg);
+    torch::manual_seed(o.seed);  // the token tables
+    recipe = std::make_shared<tr::SceneRecipe>(models, so, std::move(vqseg), tr::scene_canvases_of(o.data, ds->rows()));
   } else if (o.recipe == "controlnet") {
     auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);

@@ -33,6 +33,9 @@ const char* kTrainUsage =
     "              StableUnCLIPImg2ImgPipeline folder for dmx variations\n"
     "  spatext     SpaText: the UNet given a spatio-textual map of a `dmx data scenes` folder (conv_in widened,\n"
     "              LoRA on the blocks); writes a SpaText folder for dmx generate --layout-method spatext\n"
+    "  vqseg       VQ-SEG: a VQ autoencoder (diffusers VQModel) of a scene folder's category and edge maps\n"
+    "  scene       Make-A-Scene as diffusion: the UNet given VQ-SEG's scene tokens after the text (LoRA on the\n"
+    "              blocks); writes a scene folder for dmx generate --layout-method scene\n"
     "  classifier  the emoji classifier of `dmx eval` (docs/evaluation.md)\n"
     "  bench       training throughput on random weights (samples/s, peak memory)\n\n"
     "Run 'dmx train <recipe> --help' for the options.\n";
@@ -58,7 +61,7 @@ int cmd_train(int argc, char** argv) {
   DMX_CHECK_ARG(
       c != nullptr,
       "dmx train: recipe must be lora, finetune, dreambooth, controlnet, adapter, vae, palette, hypernetwork, clip, "
-      "prior, unclip, spatext, classifier or bench, got '",
+      "prior, unclip, spatext, vqseg, scene, classifier or bench, got '",
       recipe, "'");
   TrainOptions o;
   o.recipe = recipe;

@@ -48,6 +48,8 @@ const std::vector<CommandInfo>& commands() {
       {kTrainPrior, "train prior", 3},
       {kTrainUnclip, "train unclip", 3},
       {kTrainSpatext, "train spatext", 3},
+      {kTrainVqseg, "train vqseg", 3},
+      {kTrainScene, "train scene", 3},
       {kTrainBench, "train bench", 3},
       {kTrainClassifier, "train classifier", 3},
       {kEval, "eval", 2},
@@ -323,7 +325,7 @@ constexpr Commands kSampling = kGenerate | kP2P | kDiffEdit;  // embed ModelOpti
 constexpr Commands kModel = kSampling | kTrainRecipes;        // embed ModelOptions
 constexpr Commands kDevice = kGenerate | kDiffEdit | kBench;  // embed DeviceOptions
 constexpr Commands kLoraRecipes = kTrainLora | kTrainDreambooth;
-constexpr Commands kTrainLoop = kTrainRecipes | kTrainClip | kTrainPrior;  // the trainer's loop options (TrainOptions)
+constexpr Commands kTrainLoop = kTrainRecipes | kTrainClip | kTrainPrior | kTrainVqseg;  // the trainer's loop options (TrainOptions)
 constexpr Commands kImage = kUpscale | kVariations;                        // model, image, prompt, output of their own
 constexpr Commands kSamplingGroup = kSampling | kImage;                    // embed SamplingOptions
 constexpr Commands kRunGroup = kSampling | kImage | kEmbed | kRestore;     // embed RunOptions
@@ -471,6 +473,9 @@ std::vector<Option> build_table() {
              "metadata.jsonl rows {file_name, text, conditioning_image} (required)", "", &TO::data),
         text(kTrainSpatext, "DIR", "a `dmx data scenes` folder: its canvases, captions and instance maps (required)",
              "", &TO::data),
+        text(kTrainVqseg, "DIR", "a `dmx data scenes` folder: its category and edge maps (required)", "", &TO::data),
+        text(kTrainScene, "DIR", "a `dmx data scenes` folder: its canvases, captions, category and edge maps (required)",
+             "", &TO::data),
         text(kTrainVae | kTrainPalette, "DIR",
              "images (captions are not used): metadata.jsonl or a folder of images (required)", "", &TO::data),
         text(kTrainClassifier, "DIR", "`dmx data emoji` folder: every real image of every style is used (required)", "",
@@ -498,7 +503,7 @@ std::vector<Option> build_table() {
         text(kInit, "DIR", "diffusers folder to create (required)", "", &InitModelOptions::output),
         text(kConvert, "PATH", "where to write the converted copy (required)", "", &ConvertOptions::output),
         text(kDataTokenizer, "DIR", "tokenizer folder to write (required)", "", &TokenizerTrainOptions::output),
-        text(kTrainRecipes & ~kTrainPalette & ~kTrainUnclip & ~kTrainSpatext, "PATH",
+        text(kTrainRecipes & ~kTrainPalette & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "PATH",
              "lora: FILE.safetensors; hypernetwork: FILE.pt (A1111's) or FILE.safetensors; finetune / full "
              "dreambooth: a diffusers folder; adapter: a T2IAdapter folder (required)",
              "", &TO::output),
@@ -517,6 +522,12 @@ std::vector<Option> build_table() {
              "the SpaText folder to write (the base's parts, spatext.json, spatext.safetensors, the prior's parts) "
              "(required)",
              "", &TO::output),
+        text(kTrainVqseg, "DIR",
+             "the VQ-SEG folder to write (a diffusers VQModel: config.json, weights, vqseg.json) (required)", "",
+             &TO::output),
+        text(kTrainScene, "DIR",
+             "the scene folder to write (the base's parts, vqseg/, scene.json, scene.safetensors) (required)", "",
+             &TO::output),
         text(kRestore, "OUT.png", "output PNG; with --num-images N: OUT-0.png ... (required)", "", &RO::output),
         text(kTrainClassifier, "DIR", "folder for config.json + model.safetensors (required)", "",
              &ClassifierTrainOptions::output)}},
@@ -612,7 +623,7 @@ std::vector<Option> build_table() {
       {"rank",
        {flag(kGenerate, "with --mask: write the samples best first by a diffusion-classifier score", true, &GO::rank),
         num<int>(kTrainLora, "R", "LoRA rank", "", kI32Min, kI32Max, &TO::rank),
-        num<int>(kTrainSpatext, "R", "rank of the LoRA adapters on every linear and conv of the UNet's blocks", "", 1,
+        num<int>(kTrainSpatext | kTrainScene, "R", "rank of the LoRA adapters on every linear and conv of the UNet's blocks", "", 1,
                  1024, &TO::rank),
         num<int>(kTrainBench, "R", "LoRA rank", "", 1, 4096, &TrainBenchOptions::rank)}},
       {"init-latents",
@@ -742,10 +753,12 @@ std::vector<Option> build_table() {
        }()}},
       {"layout-method",
        {text(kGenerate, "M",
-             "regional (DenseDiffusion, training-free) | spatext (a SpaText folder) | scene (not built yet)", "",
+             "regional (DenseDiffusion, training-free) | spatext (a SpaText folder) | scene (a scene folder)", "",
              &GO::layout_method),
         text(kEval, "NAME",
-             "with --layouts: text (the caption only), regional (DenseDiffusion) or real (the canvases themselves)", "",
+             "with --layouts: text (the caption only), regional (DenseDiffusion), spatext, scene or real (the canvases "
+             "themselves)",
+             "",
              &EO::layout_method)}},
       {"layout-guidance-scale",
        {num<double>(kGenerate, "S",
@@ -983,13 +996,13 @@ std::vector<Option> build_table() {
 
       // ---------------------------------------------------------------- train
       {"resolution",
-       {num<int>(kTrainRecipes | kTrainBench, "PX", "training image side, a multiple of 8", "", 8, 4096,
+       {num<int>(kTrainRecipes | kTrainBench | kTrainVqseg, "PX", "training image side, a multiple of 8", "", 8, 4096,
                  &TO::resolution, &TrainBenchOptions::resolution)}},
       {"random-crop",
-       {flag(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext, "random instead of center crops", false,
+       {flag(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "random instead of center crops", false,
              &TO::center_crop)}},
       {"random-flip",
-       {flag(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext, "random horizontal flips", true, &TO::random_flip)}},
+       {flag(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "random horizontal flips", true, &TO::random_flip)}},
       {"image-column", {text(kTrainLoop, "NAME", "metadata.jsonl image field", "", &TO::image_column)}},
       {"skip-bad-rows",
        {flag(kTrainLoop, "report bad dataset rows and leave them out instead of failing", true, &TO::skip_bad_rows)}},
@@ -1002,7 +1015,7 @@ std::vector<Option> build_table() {
       {"learning-rate",
        {num<double>(kTrainLoop, "LR", "AdamW learning rate",
                     "lora 1e-4, finetune 1e-4, dreambooth 5e-6 / LoRA 5e-4, hypernetwork 1e-5, clip 5e-4, unclip 1e-4, "
-                    "spatext 2e-4",
+                    "spatext 2e-4, scene 2e-4, vqseg 1e-3",
                     0, 1e6, &TO::learning_rate),
         num<double>(kTrainClassifier, "LR", "AdamW peak learning rate, cosine decay", "", 1e-8, 1.0,
                     &ClassifierTrainOptions::learning_rate)}},
@@ -1063,13 +1076,13 @@ std::vector<Option> build_table() {
        {text(kTrainLoop, "DIR", "continue from a checkpoint folder, or the newest checkpoint of an output dir", "",
              &TO::resume)}},
       {"validation-steps",
-       {num<I64>(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext, "N", "write validation images every N steps", "none",
+       {num<I64>(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "N", "write validation images every N steps", "none",
                  0, kI64Max, &TO::validation_steps)}},
       {"validation-prompt",
-       {text(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext, "TEXT", "prompt of the validation images", "",
+       {text(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "TEXT", "prompt of the validation images", "",
              &TO::validation_prompt)}},
       {"num-validation-images",
-       {num<int>(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext, "N", "validation images per run", "", 1, 64,
+       {num<int>(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "N", "validation images per run", "", 1, 64,
                  &TO::num_validation_images)}},
       {"conditioning-column",
        {text(kTrainControlnet | kTrainAdapter, "NAME", "metadata.jsonl conditioning image field", "",
@@ -1084,7 +1097,7 @@ std::vector<Option> build_table() {
        {num<int>(kTrainVae, "PX", "train on random crops of this side", "whole images", 0, 4096, &TO::vae_crop)}},
       {"save-format", {text(kLoraRecipes, "F", "diffusers|peft|kohya", "", &TO::save_format)}},
       {"alpha",
-       {num<double>(kLoraRecipes | kTrainSpatext, "A", "LoRA alpha; scale = alpha / rank", "rank", 0, 1e9,
+       {num<double>(kLoraRecipes | kTrainSpatext | kTrainScene, "A", "LoRA alpha; scale = alpha / rank", "rank", 0, 1e9,
                     &TO::alpha)}},
       {"lora-targets",
        {text(kLoraRecipes, "T", "attention (to_q/k/v/out.0) | all (every linear and conv of the blocks)", "",
@@ -1220,7 +1233,24 @@ std::vector<Option> build_table() {
              "models/emoji-unclip", &TO::spatext_prior)}},
       {"layout-dropout",
        {num<double>(kTrainSpatext, "P", "share of rows trained without the spatio-textual map (for guidance)", "", 0, 1,
+                    &TO::layout_dropout),
+        num<double>(kTrainScene, "P", "share of rows trained with the dropped scene (for guidance)", "", 0, 1,
                     &TO::layout_dropout)}},
+      {"vqseg",
+       {text(kTrainScene, "DIR", "the VQ-SEG folder (dmx train vqseg) whose codes are the scene tokens; copied into "
+             "the output (required)", "", &TO::vqseg)}},
+      {"codebook-size",
+       {num<int>(kTrainVqseg, "K", "VQ-SEG's codebook size", "", 2, 16384, &TO::codebook_size)}},
+      {"vq-factor",
+       {num<int>(kTrainVqseg, "F", "VQ-SEG's downscale factor (2, 4, 8 or 16): a map of side R gives (R / F)^2 tokens",
+                 "", 2, 16, &TO::vq_factor)}},
+      {"scene-guidance",
+       {text(kGenerate, "MODE",
+             "with --layout-method scene (or a scene folder): what the unconditional row drops: text (Make-A-Scene's) "
+             "| all (text and scene)",
+             "", &GO::scene_guidance),
+        text(kEval, "MODE", "with --layouts and --layout-method scene: text | all (as dmx generate's)", "",
+             &EO::scene_guidance)}},
       {"layouts",
        {text(kEval, "DIR", "score pictures made from the layouts of this `dmx data scenes` folder (docs/layouts.md)",
              "", &EO::layouts)}},
@@ -1364,6 +1394,8 @@ void with_default_target(Command c, const std::function<void(const Target&)>& fn
     case kTrainPrior:
     case kTrainUnclip:
     case kTrainSpatext:
+    case kTrainVqseg:
+    case kTrainScene:
       return run_on_default<TrainOptions>(c, fn);
     case kRestore:
       return run_on_default<RestoreOptions>(c, fn);

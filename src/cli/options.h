@@ -48,11 +48,14 @@ enum Command : uint32_t {
   kTrainPrior = 1u << 26,
   kTrainUnclip = 1u << 27,
   kTrainSpatext = 1u << 28,
+  kTrainVqseg = 1u << 29,
+  kTrainScene = 1u << 30,
 };
 using Commands = uint32_t;
 constexpr Commands kTrainRecipes = kTrainLora | kTrainFinetune | kTrainDreambooth | kTrainControlnet | kTrainVae |
-                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork | kTrainUnclip | kTrainSpatext;
-constexpr Commands kAllCommands = (1u << 29) - 1;
+                                   kTrainPalette | kTrainAdapter | kTrainHypernetwork | kTrainUnclip | kTrainSpatext |
+                                   kTrainScene;
+constexpr Commands kAllCommands = (1u << 31) - 1;
 
 struct CommandInfo {
   Command id;

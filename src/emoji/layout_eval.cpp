@@ -25,11 +25,13 @@
 #include "emoji/layout_metrics.h"
 #include "loaders/clip.h"
 #include "loaders/model_bundle.h"
+#include "loaders/scene.h"
 #include "loaders/spatext.h"
 #include "metrics/metrics.h"
 #include "models/clip_image_processor.h"
 #include "nn/attention_seam.h"
 #include "pipelines/regional.h"
+#include "pipelines/scene.h"
 #include "pipelines/spatext.h"
 #include "pipelines/stable_diffusion.h"
 
@@ -108,6 +110,7 @@ struct Region {
   int instance = 0;
   std::string color, text;
   int64_t label = -1;
+  int category = 0;  // the scene category id (scenes.json)
 };
 struct Canvas {
   std::string image, instances, prompt;
@@ -126,7 +129,7 @@ const std::vector<LayoutMethodInfo>& layout_methods() {
       {"regional", "training-free regional prompts (DenseDiffusion's attention modulation, the paper's weights)", true,
        true},
       {"spatext", "SpaText's spatio-textual map (a SpaText folder, dmx train spatext)", true, true},
-      {"scene", "Make-A-Scene's scene tokens (a trained model)", false, true},
+      {"scene", "Make-A-Scene's scene tokens as diffusion (a scene folder, dmx train scene)", true, true},
   };
   return m;
 }
@@ -168,7 +171,7 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
   }
   DMX_CHECK_ARG(method, "--layout-method must be one of ", known, ", got '", o.method, "'");
   DMX_CHECK_SUPPORTED(method->available, "--layout-method ", o.method, " (", method->description,
-                      ") is not available in this build (available: text, real, regional, spatext)");
+                      ") is not available in this build");
   const std::string scenes_json = join_path(o.layouts, "scenes.json");
   DMX_CHECK_ARG(is_directory(o.layouts) && path_exists(scenes_json), "--layouts: ", o.layouts,
                 " is not a scene data folder (no scenes.json); build one with `dmx data scenes --out DIR`");
@@ -238,6 +241,9 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
           g.instance = ob.at("instance").get<int>();
           g.color = ob.at("color").get<std::string>();
           g.text = ob.at("text").get<std::string>();
+          g.category = ob.at("category_id").get<int>();
+          DMX_CHECK_FORMAT(g.category >= 1 && g.category < loaders::kSceneCategories, meta, ":", line_no,
+                           ": category_id must be in [1, ", loaders::kSceneCategories - 1, "], got ", g.category);
           const auto it = std::find(names.begin(), names.end(), g.text);
           DMX_CHECK_FORMAT(it != names.end(), meta, ":", line_no, ": region text '", g.text,
                            "' is not a concept of the classifier ", o.classifier);
@@ -258,12 +264,23 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
   // 3. The pictures: made by the method, or the canvases themselves.
   std::shared_ptr<loaders::StableDiffusionModels> models;
   std::shared_ptr<loaders::SpaTextModel> spatext;  // a SpaText folder: every method runs its UNet with a map or none
+  std::shared_ptr<loaders::SceneModel> scene;      // a scene folder: its UNet with the layout's tokens or the dropped
   std::shared_ptr<pipelines::StableDiffusionPipeline> pipe;
+  const pipelines::SceneGuidance scene_guidance = pipelines::parse_scene_guidance(o.scene_guidance);
   if (method->needs_model) {
-    if (loaders::is_spatext_folder(o.model)) {
+    if (loaders::is_scene_folder(o.model)) {
+      DMX_CHECK_ARG(o.method == "scene" || o.method == "text", "--layout-method ", o.method, " on the scene folder ",
+                    o.model, ": its UNet reads scene tokens; use scene or text");
+      scene = loaders::load_scene(o.model);
+      models = scene->models;
+    } else if (loaders::is_spatext_folder(o.model)) {
+      DMX_CHECK_ARG(o.method != "scene", "--layout-method scene needs a scene folder (dmx train scene), got --model ",
+                    o.model);
       spatext = loaders::load_spatext(o.model);
       models = spatext->models;
     } else {
+      DMX_CHECK_ARG(o.method != "scene", "--layout-method scene needs a scene folder (dmx train scene), got --model ",
+                    o.model);
       DMX_CHECK_ARG(o.method != "spatext", "--layout-method spatext needs a SpaText folder (dmx train spatext), ",
                     "got --model ", o.model);
       models = loaders::load_stable_diffusion(o.model);
@@ -287,7 +304,7 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
     const at::Tensor inst =
         at::from_blob(const_cast<uint8_t*>(to_gray(inst_img).data.data()), {size, size}, at::kByte).clone();
     at::Tensor picture = real;
-    if (o.method == "text" || o.method == "regional" || o.method == "spatext") {
+    if (method->needs_model) {
       const auto g0 = std::chrono::steady_clock::now();
       pipelines::StableDiffusionParams p;
       p.prompt = c.prompt;
@@ -334,6 +351,19 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
             p.residual_providers.begin(),
             pipelines::make_spatext_provider(*spatext, with_map ? at::stack(segs, 0) : at::Tensor(), texts, names,
                                              o.seed + i, o.layout_guidance_scale * o.guidance_scale));
+      }
+      if (scene) {  // the provider `dmx generate` builds (pipelines::make_scene_provider): categories of the objects
+        at::Tensor labels, regions;
+        if (o.method == "scene") {
+          labels = at::zeros({size, size}, at::kLong);
+          regions = at::zeros({size, size}, at::kLong);
+          for (const auto& g : c.regions) {
+            labels.masked_fill_(inst.eq(g.instance), g.category);
+            regions.masked_fill_(inst.eq(g.instance), g.instance);
+          }
+        }
+        p.residual_providers.insert(p.residual_providers.begin(),
+                                    pipelines::make_scene_provider(*scene, labels, regions, scene_guidance));
       }
       picture = pipe->run(p).images[0].permute({2, 0, 1}).contiguous();  // [3, H, W] in [0, 1]
       gen_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - g0).count();

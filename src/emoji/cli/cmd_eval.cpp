@@ -26,6 +26,7 @@ int eval_layouts(const Args& a, EvalOptions& o) {
   l.steps = o.steps;
   l.guidance_scale = o.guidance_scale;
   l.layout_guidance_scale = o.layout_guidance_scale;
+  l.scene_guidance = o.scene_guidance;
   l.scheduler = o.scheduler;
   l.seed = o.seed;
   l.limit = o.limit;

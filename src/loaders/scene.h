@@ -1,0 +1,79 @@
+// Make-A-Scene as diffusion (Gafni et al. 2022, "Make-A-Scene: Scene-Based Text-to-Image Generation with Human
+// Priors"; issue 18, docs/scene.md): VQ-SEG folders (an autoencoder of scene maps) and scene model folders.
+//
+// A scene map, as VQ-SEG reads it: [categories + 1, H, W] float, the one-hot of the category map (channel 0 the
+// background; `dmx data scenes`' categories 1..10, docs/layouts.md) and the edge channel (1 on an object pixel whose
+// 4-neighbour holds another object or the background). Make-A-Scene's panoptic, human and face groups are one map
+// here: the face and human groups are the categories Smileys & Emotion and People & Body.
+//
+// A VQ-SEG folder (`dmx train vqseg`):
+//   config.json + diffusion_pytorch_model.safetensors   a diffusers VQModel (in = out = categories + 1 channels)
+//   vqseg.json   {"format": "dmx-vqseg-1", "categories": C, "resolution": R, "codebook_usage": ...}
+// A scene folder (`dmx train scene`):
+//   tokenizer/ text_encoder/ vae/ scheduler/ unet/ model_index.json   the base text-to-image model, unchanged
+//   vqseg/                the VQ-SEG folder the tokens come from
+//   scene.json            {"format": "dmx-scene-1", "grid": g, "codes": K, "resolution": R, "lora_rank": r, ...}
+//   scene.safetensors     scene.code_embedding.weight [K + 1, D] (row K: the dropped scene), scene.row_embedding.weight
+//                         and scene.col_embedding.weight [g, D] (D: the UNet's cross_attention_dim), and the LoRA
+//                         pairs "unet.<module>.lora.{down,up}.weight" (loaders/spatext.h's merge_unet_lora)
+// The scene tokens (code embedding + row embedding + column embedding of each of the g x g codes, row-major) are
+// appended to the text encoder's hidden states: the UNet's cross-attention context is [77 + g^2, D].
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+
+#include "loaders/model_bundle.h"
+#include "models/vq_model.h"
+
+namespace dmx::loaders {
+
+constexpr int kSceneCategories = 11;  // background + dmx data scenes' 10 categories
+constexpr const char* kVQSegConfigFile = "vqseg.json";
+constexpr const char* kSceneConfigFile = "scene.json";
+constexpr const char* kSceneWeightsFile = "scene.safetensors";
+
+// labels [H, W] integer in [0, categories), edges [H, W] (nonzero = edge) -> [categories + 1, H, W] float32.
+// InvalidArgument for a label outside the range or shapes that differ.
+at::Tensor scene_map_tensor(const at::Tensor& labels, const at::Tensor& edges, int categories);
+// dmx data scenes' edge rule on an instance (or region) map [H, W] (0 = background): true on a nonzero pixel whose
+// 4-neighbour (inside the picture) differs from it.
+at::Tensor scene_edges(const at::Tensor& instances);
+
+struct VQSeg {
+  models::VQModel model{nullptr};
+  int categories = 0;
+  int resolution = 0;  // the training maps' side
+};
+bool is_vqseg_folder(const std::string& path);
+// FormatError naming the file for a folder that is not one, or a VQModel whose in/out channels are not categories+1.
+VQSeg load_vqseg(const std::string& dir);
+
+struct SceneConfig {
+  int grid = 0;        // g: the token grid's side (resolution / the VQ factor)
+  int codes = 0;       // K: the codebook size (row K of the code embedding is the dropped scene)
+  int resolution = 0;  // the training pictures' side (pixels)
+  int lora_rank = 0;
+};
+
+struct SceneModel {
+  std::shared_ptr<StableDiffusionModels> models;  // unet: the base with the LoRA pairs merged
+  VQSeg vqseg;
+  SceneConfig config;
+  at::Tensor code_embedding;  // [K + 1, D] float32
+  at::Tensor row_embedding;   // [g, D]
+  at::Tensor col_embedding;   // [g, D]
+};
+
+bool is_scene_folder(const std::string& path);
+SceneConfig read_scene_config(const std::string& dir);  // checked; FormatError naming the file
+std::shared_ptr<SceneModel> load_scene(const std::string& dir, const LoadOptions& opts = {});
+
+// codes [B, g, g] int64 in [0, K] -> [B, g^2, D]: code_embedding[code] + row_embedding[y] + col_embedding[x],
+// row-major (differentiable in the three tables).
+at::Tensor scene_token_embeddings(const at::Tensor& codes, const at::Tensor& code_embedding,
+                                  const at::Tensor& row_embedding, const at::Tensor& col_embedding);
+// The scene map's codes through VQ-SEG: map [B, categories + 1, H, W] -> [B, H/f, W/f] int64 (no grad).
+at::Tensor scene_codes(VQSeg& vqseg, const at::Tensor& map);
+}  // namespace dmx::loaders
