@@ -21,6 +21,7 @@
 #   DMX_UNCLIP       [models/emoji-unclip]                   StableUnCLIPPipeline folder (dmx train prior + unclip)
 #   DMX_UNCLIP_IMG2IMG [models/emoji-unclip-img2img]         StableUnCLIPImg2ImgPipeline folder (dmx variations)
 #   DMX_SPATEXT      [models/emoji-spatext]                  SpaText folder (dmx train spatext; --layout-method spatext)
+#   DMX_SCENE        [models/emoji-scene]                    scene folder (dmx train scene; --layout-method scene)
 #   DMX_EVAL_ARGS    [--model $DMX_MODEL --classifier $DMX_CLASSIFIER --data $DMX_EMOJI_DATA --limit $DMX_DEMO_EVAL_LIMIT
 #                     --steps N --seed N --out $DMX_DEMO_OUT/eval]  arguments of `dmx eval` (+ --json); DMX_DEMO_EVAL_LIMIT [32] prompts
 #   DMX_EMOJI_DATA   [~/.cache/dmx/emoji-data]  the real emoji `dmx eval` compares against (built there when missing)
@@ -50,6 +51,7 @@ CLIP="${DMX_CLIP:-models/emoji-clip}"
 UNCLIP="${DMX_UNCLIP:-models/emoji-unclip}"
 UNCLIP_I2I="${DMX_UNCLIP_IMG2IMG:-models/emoji-unclip-img2img}"
 SPATEXT="${DMX_SPATEXT:-models/emoji-spatext}"
+SCENE="${DMX_SCENE:-models/emoji-scene}"
 OUT="${DMX_DEMO_OUT:-demo}"
 STEPS="${DMX_DEMO_STEPS:-20}"
 SEED="${DMX_DEMO_SEED:-42}"
@@ -95,7 +97,7 @@ if [ "${1:-}" = "--serve" ]; then
   exec "$DMX" serve --models models "$@"
 fi
 
-SECTIONS=(inputs txt2img img2img controlnet adapter layout spatext lora blended diffedit p2p nulltext dreambooth upscale palette clip unclip eval logs)
+SECTIONS=(inputs txt2img img2img controlnet adapter layout spatext scene lora blended diffedit p2p nulltext dreambooth upscale palette clip unclip eval logs)
 rm -f "${OUT:?}/index.html"  # no page pointing at the images removed next
 for s in "${SECTIONS[@]}"; do rm -rf "${OUT:?}/$s"; done
 mkdir -p "$OUT"
@@ -397,6 +399,39 @@ MAP
     "$body" "$(sec_ms)"
 else
   skipped spatext "SpaText (a layout model trained by dmx)" "no SpaText folder at $SPATEXT (set DMX_SPATEXT; docs/spatext.md makes one)"
+fi
+
+# ---- 5e. Make-A-Scene as diffusion: a trained scene model ---------------------------------------------------
+if [ -f "$SCENE/scene.json" ]; then
+  sec_t0
+  [ -f "$OUT/layout/spatext-map.png" ] || base64 -d >"$OUT/layout/spatext-map.png" <<'MAP'
+iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAdUlEQVR42u3YsQ2AIBBAUTQuobOwAY4rGziLrmGLPRejvt9RkZcjFJeSJD3Z0B6OuXS/YDlrKGB8+wQAAAAAAAAAAAAAAAAAAP4KmKIvyFv/Tce+Vk8IAOCTv1DEHjOnYgIAAAAAAAAAAAAAAAAAAAAAkqR7F+UOCKk1yl4oAAAAAElFTkSuQmCC
+MAP
+  SC=("$DMX" generate --model "$SCENE" --steps "$STEPS" --seed "$SEED" --guidance-scale "$GUIDANCE" --quiet
+      --prompt "red apple and rocket" --layout "$OUT/layout/spatext-map.png" --region "#e6194b=Food & Drink"
+      --region "#3cb44b=Travel & Places" --layout-method scene)
+  figs=""
+  ids=()
+  for m in text:1 all:1 text:0; do
+    g=${m%%:*} s=${m##*:}
+    run "scene_${g}_$s" "${SC[@]}" --scene-guidance "$g" --layout-guidance-scale "$s" \
+      --output "$OUT/layout/scene-${g}-$s.png"
+    case $m in
+      text:1) cap="scene tokens, guidance drops the text (Make-A-Scene's)" ;;
+      all:1) cap="scene tokens, guidance drops text and scene" ;;
+      *) cap="same model, text only (no scene)" ;;
+    esac
+    figs+=$(fig "layout/scene-${g}-$s.png" "$cap")
+    ids+=("scene_${g}_$s=\"red apple and rocket\"; regions Food & Drink | Travel & Places; --scene-guidance $g, layout scale $s; $COMMON_PARAMS")
+  done
+  body=$(row "input" "$(fig layout/spatext-map.png "the layout: #e6194b = Food &amp; Drink, #3cb44b = Travel &amp; Places")")
+  body+=$(row "outputs" "$figs")
+  body+=$(runs_table "${ids[@]}")
+  section scene "Make-A-Scene as diffusion (a scene model trained by dmx)" \
+    "<code>$(esc "$SCENE")</code>, trained by <code>dmx train vqseg</code> and <code>dmx train scene</code> on emoji scenes at 64 px: each region carries a category, VQ-SEG turns the category map and its edges into 8 x 8 scene tokens, appended to the text in every cross-attention. Make-A-Scene is autoregressive; this is its diffusion counterpart. docs/scene.md measures it on held-out layouts." \
+    "$body" "$(sec_ms)"
+else
+  skipped scene "Make-A-Scene as diffusion (a scene model trained by dmx)" "no scene folder at $SCENE (set DMX_SCENE; docs/scene.md makes one)"
 fi
 
 # ---- 6. LoRA -------------------------------------------------------------------------------------------

@@ -500,7 +500,7 @@ TEST(LayoutEvalTiny, RealCanvasesScoreIouOneAndTheTextBaselineRuns) {
   const Image text_pic = load_image(o.out_dir + "/layouts-text/0001.png", "text picture");
   const Image regional_pic = load_image(o.out_dir + "/layouts-regional/0001.png", "regional picture");
   EXPECT_NE(text_pic.data, regional_pic.data) << "the layout had no effect";
-  // spatext needs a SpaText folder; methods not built here are refused by name; unknown ones too.
+  // spatext needs a SpaText folder, scene a scene folder; unknown methods are refused too.
   o.method = "spatext";
   try {
     evaluate_layouts(o);
@@ -508,14 +508,12 @@ TEST(LayoutEvalTiny, RealCanvasesScoreIouOneAndTheTextBaselineRuns) {
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("needs a SpaText folder"), std::string::npos) << e.what();
   }
-  for (const char* m : {"scene"}) {
-    o.method = m;
-    try {
-      evaluate_layouts(o);
-      ADD_FAILURE() << m;
-    } catch (const Unsupported& e) {
-      EXPECT_NE(std::string(e.what()).find("not available in this build"), std::string::npos) << e.what();
-    }
+  o.method = "scene";
+  try {
+    evaluate_layouts(o);
+    ADD_FAILURE() << "scene on a plain model";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("needs a scene folder"), std::string::npos) << e.what();
   }
   o.method = "magic";
   EXPECT_THROW(evaluate_layouts(o), InvalidArgument);
@@ -541,7 +539,7 @@ TEST(ScenesCli, ExitCodes) {
   EXPECT_TRUE(path_exists(out + "/layouts/0001.json"));
   r = dmx::test::dmx_run({"eval", "--layouts", out, "--layout-method", "scene", "--model", out});
   EXPECT_EQ(r.code, 2) << r.output;
-  EXPECT_NE(r.output.find("not available in this build"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--layout-method scene needs a scene folder"), std::string::npos) << r.output;
   r = dmx::test::dmx_run({"eval", "--layouts", join_path(out, "images"), "--layout-method", "real"});
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("--layouts"), std::string::npos) << r.output;

@@ -15,15 +15,9 @@ cd "$(dirname "$0")/../.."
 DMX=${DMX:-build/dmx}
 SRC=${1:?usage: scripts/emoji/spatext_folder.sh SPATEXT_DIR}
 [ -f "$SRC/spatext.json" ] || { echo "spatext_folder: $SRC has no spatext.json (dmx train spatext writes one)" >&2; exit 2; }
-same_tree() {
-  local a=$1 b=$2 f
-  [ "$( (cd "$a" && find -L . -type f | sort) )" = "$( (cd "$b" && find -L . -type f | sort) )" ] || return 1
-  while read -r f; do cmp -s "$a/$f" "$b/$f" || return 1; done < <(cd "$a" && find -L . -type f)
-}
-link() {  # link FOLDER PART TARGET COPY
-  same_tree "$4" "$1/$3" || { echo "spatext_folder: $4 differs from $1/$3: not linked" >&2; exit 1; }
-  ln -s "$3" "$1/$2"
-}
+LINK_WHO=spatext_folder
+# shellcheck source=link_lib.sh
+. scripts/emoji/link_lib.sh
 F=models/emoji-spatext
 T=$F.tmp.$$
 rm -rf "$T"

@@ -24,18 +24,9 @@ DEC=${1:?usage: scripts/emoji/unclip_folders.sh DECODER_DIR [PRIOR_DIR]}
 PRIOR=${2:-}
 M=models
 
-# same_tree A B: the regular files under A and B are the same names with the same bytes.
-same_tree() {
-  local a=$1 b=$2 f
-  [ "$( (cd "$a" && find -L . -type f | sort) )" = "$( (cd "$b" && find -L . -type f | sort) )" ] || return 1
-  while read -r f; do cmp -s "$a/$f" "$b/$f" || return 1; done < <(cd "$a" && find -L . -type f)
-}
-# link FOLDER PART TARGET COPY: FOLDER/PART -> TARGET (relative to FOLDER) after checking COPY equals it.
-link() {
-  local folder=$1 part=$2 target=$3 copy=$4
-  same_tree "$copy" "$folder/$target" || { echo "unclip_folders: $copy differs from $folder/$target: not linked" >&2; exit 1; }
-  ln -s "$target" "$folder/$part"
-}
+LINK_WHO=unclip_folders
+# shellcheck source=link_lib.sh
+. scripts/emoji/link_lib.sh
 # put TMP FINAL: replaces FINAL by the folder TMP.
 put() {
   rm -rf "$2.old.$$"

@@ -178,6 +178,8 @@ LayoutEvalResult evaluate_layouts(const LayoutEvalOptions& o) {
   if (method->needs_model) {
     DMX_CHECK_ARG(!o.model.empty(), "--model is required for --layout-method ", o.method, " (a diffusers folder)");
     DMX_CHECK_ARG(path_exists(o.model), "--model: path not found: ", o.model);
+    DMX_CHECK_ARG(o.method != "scene" || loaders::is_scene_folder(o.model),
+                  "--layout-method scene needs a scene folder (dmx train scene), got --model ", o.model);
     pipelines::check_num_inference_steps(o.steps, "--steps");
     pipelines::check_guidance_scale(o.guidance_scale, "--guidance-scale");
   } else {

@@ -81,8 +81,10 @@ VQSeg load_vqseg(const std::string& dir) {
   const size_t slash = d.find_last_of('/');
   const std::string parent = slash == std::string::npos ? "." : d.substr(0, std::max<size_t>(slash, 1));
   const std::string name = slash == std::string::npos ? d : d.substr(slash + 1);
+  const io::TensorMap weights = io::load_diffusers_component(parent, name);
+  io::check_weights_cover_config(c.parameter_count(), weights, "VQ-SEG " + dir);
   v.model = models::VQModel(c);
-  io::load_state_dict(*v.model, io::load_diffusers_component(parent, name), "VQ-SEG " + dir);
+  io::load_state_dict(*v.model, weights, "VQ-SEG " + dir);
   v.model->eval();
   return v;
 }

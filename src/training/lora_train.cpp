@@ -11,6 +11,7 @@
 #include "core/text.h"
 #include "dmx/error.h"
 #include "models/unet_2d_condition.h"
+#include "training/finetune.h"
 
 namespace dmx::training {
 
@@ -49,6 +50,23 @@ at::ScalarType freeze_base_models(loaders::StableDiffusionModels& m, const Train
   if (cfg.mixed_precision != MixedPrecision::BF16) return at::kFloat;
   cast_frozen_for_mixed_precision(m, /*unet=*/true, /*text_encoder=*/true);
   return at::kBFloat16;
+}
+
+std::unique_ptr<LoRANetwork> frozen_base_with_lora(loaders::StableDiffusionModels& m, const TrainConfig& cfg,
+                                                   const LoRATrainOptions& o, bool& autocast_bf16) {
+  freeze(*m.vae);
+  freeze(*m.text_encoder);
+  freeze(*m.unet);
+  autocast_bf16 = cfg.mixed_precision == MixedPrecision::BF16;
+  if (autocast_bf16) cast_frozen_for_mixed_precision(m, /*unet=*/false, /*text_encoder=*/true);
+  if (cfg.gradient_checkpointing) m.unet->set_gradient_checkpointing(true);
+  return std::make_unique<LoRANetwork>(m, o, cfg.seed);
+}
+
+at::Tensor unet_forward_autocast(models::UNet2DConditionModel& unet, const models::UNetInputs& in, bool autocast_bf16) {
+  if (!autocast_bf16) return unet->forward(in);
+  AutocastBF16 scope(in.sample.device());
+  return unet->forward(in).to(at::kFloat);
 }
 
 namespace {

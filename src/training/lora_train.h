@@ -126,4 +126,12 @@ void cast_frozen_for_mixed_precision(loaders::StableDiffusionModels& m, bool une
 // The recipes that train an add-on beside a frozen base (LoRA, ControlNet, T2I-Adapter, hypernetwork): freezes the
 // UNet, VAE and text encoder, casts all three to bf16 under --mixed-precision bf16, and returns the UNet's dtype.
 at::ScalarType freeze_base_models(loaders::StableDiffusionModels& m, const TrainConfig& cfg);
+// The recipes that train LoRA adapters on the blocks of a frozen UNet beside parts of their own (SpaText, scene):
+// freezes the three models, casts the VAE and text encoder to bf16 and sets autocast_bf16 under --mixed-precision bf16
+// (the UNet stays float32 and runs under autocast: unet_forward_autocast), turns on gradient checkpointing when asked,
+// and attaches the adapters (seeded with cfg.seed).
+std::unique_ptr<LoRANetwork> frozen_base_with_lora(loaders::StableDiffusionModels& m, const TrainConfig& cfg,
+                                                   const LoRATrainOptions& o, bool& autocast_bf16);
+// unet(in), under bf16 autocast when `autocast_bf16` (the result as float32).
+at::Tensor unet_forward_autocast(models::UNet2DConditionModel& unet, const models::UNetInputs& in, bool autocast_bf16);
 }  // namespace dmx::training

@@ -328,15 +328,7 @@ void SceneRecipe::setup(const TrainConfig& cfg) {
       for (int64_t b = 0; b < codes.size(0); ++b) codes_.push_back(codes[b].clone());
     }
   }
-  freeze(*m.vae);
-  freeze(*m.text_encoder);
-  freeze(*m.unet);
-  if (cfg.mixed_precision == MixedPrecision::BF16) {
-    cast_frozen_for_mixed_precision(m, /*unet=*/false, /*text_encoder=*/true);
-    autocast_bf16_ = true;
-  }
-  if (cfg.gradient_checkpointing) m.unet->set_gradient_checkpointing(true);
-  net_ = std::make_unique<LoRANetwork>(m, o_.lora, cfg.seed);
+  net_ = frozen_base_with_lora(m, cfg, o_.lora, autocast_bf16_);
 }
 
 std::vector<NamedParameter> SceneRecipe::trainable_parameters() {
@@ -376,24 +368,17 @@ at::Tensor SceneRecipe::predict(const at::Tensor& noisy, const at::Tensor& t, co
   in.sample = noisy;
   in.timestep = t;
   in.encoder_hidden_states = at::cat({ehs.to(at::kFloat), tokens.to(noisy.device())}, 1);
-  if (!autocast_bf16_) return models().unet->forward(in);
-  AutocastBF16 scope(noisy.device());
-  return models().unet->forward(in).to(at::kFloat);
+  return unet_forward_autocast(models().unet, in, autocast_bf16_);
 }
 
 void SceneRecipe::save(const std::string& dir) {
-  const fs::path src(models().source_path);
   io::TensorMap weights = net_->state_dict(LoRASaveFormat::Diffusers);
   weights["scene.code_embedding.weight"] = code_embedding_.detach().clone();
   weights["scene.row_embedding.weight"] = row_embedding_.detach().clone();
   weights["scene.col_embedding.weight"] = col_embedding_.detach().clone();
   for (auto& [k, v] : weights) v = v.to(at::kFloat).contiguous();
   write_directory_atomic(dir, "the scene folder", [&](const std::string& tmp) {
-    for (const char* part : {"tokenizer", "text_encoder", "vae", "scheduler", "unet"}) {
-      DMX_CHECK_FORMAT(fs::is_directory(src / part), "--model ", src.string(), " has no ", part, "/");
-      copy_folder((src / part).string(), join_path(tmp, part));
-    }
-    fs::copy_file(src / "model_index.json", fs::path(tmp) / "model_index.json");
+    copy_text_to_image_parts(models().source_path, tmp);
     copy_folder(o_.vqseg_dir, join_path(tmp, "vqseg"));
     io::save_safetensors(join_path(tmp, loaders::kSceneWeightsFile), weights, {{"format", "pt"}});
     write_json_file(join_path(tmp, loaders::kSceneConfigFile), {{"format", "dmx-scene-1"},

@@ -154,15 +154,7 @@ void SpaTextRecipe::setup(const TrainConfig& cfg) {
       bar.tick();
     }
   }
-  freeze(*m.vae);
-  freeze(*m.text_encoder);
-  freeze(*m.unet);
-  if (cfg.mixed_precision == MixedPrecision::BF16) {
-    cast_frozen_for_mixed_precision(m, /*unet=*/false, /*text_encoder=*/true);
-    autocast_bf16_ = true;
-  }
-  if (cfg.gradient_checkpointing) m.unet->set_gradient_checkpointing(true);
-  net_ = std::make_unique<LoRANetwork>(m, o_.lora, cfg.seed);
+  net_ = frozen_base_with_lora(m, cfg, o_.lora, autocast_bf16_);
   for (auto& p : m.unet->named_parameters(true))
     if (starts_with(p.key(), "conv_in.")) p.value().set_requires_grad(true);
 }
@@ -216,24 +208,17 @@ at::Tensor SpaTextRecipe::predict(const at::Tensor& noisy, const at::Tensor& t, 
   in.sample = at::cat({noisy, map.to(noisy.scalar_type())}, 1);
   in.timestep = t;
   in.encoder_hidden_states = ehs.to(at::kFloat);
-  if (!autocast_bf16_) return models().unet->forward(in);
-  AutocastBF16 scope(noisy.device());
-  return models().unet->forward(in).to(at::kFloat);
+  return unet_forward_autocast(models().unet, in, autocast_bf16_);
 }
 
 void SpaTextRecipe::save(const std::string& dir) {
-  const fs::path src(models().source_path);
   io::TensorMap weights = net_->state_dict(LoRASaveFormat::Diffusers);
   for (const auto& p : models().unet->named_parameters(true))
     if (starts_with(p.key(), "conv_in.")) weights["unet." + p.key()] = p.value().detach().to(at::kFloat).clone();
   weights["spatext.projection.weight"] = projection_.detach().clone();
   for (auto& [k, v] : weights) v = v.to(at::kFloat).contiguous();
   write_directory_atomic(dir, "the SpaText folder", [&](const std::string& tmp) {
-    for (const char* part : {"tokenizer", "text_encoder", "vae", "scheduler", "unet"}) {
-      DMX_CHECK_FORMAT(fs::is_directory(src / part), "--model ", src.string(), " has no ", part, "/");
-      copy_folder((src / part).string(), join_path(tmp, part));
-    }
-    fs::copy_file(src / "model_index.json", fs::path(tmp) / "model_index.json");
+    copy_text_to_image_parts(models().source_path, tmp);
     for (const char* part : {"prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler"}) {
       DMX_CHECK_FORMAT(fs::is_directory(fs::path(o_.prior_dir) / part), "--prior ", o_.prior_dir, " has no ", part,
                        "/");

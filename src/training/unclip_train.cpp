@@ -258,6 +258,15 @@ void copy_folder(const std::string& from_dir, const std::string& to_dir) {
   }
 }
 
+void copy_text_to_image_parts(const std::string& model_dir, const std::string& to) {
+  const fs::path src(model_dir);
+  for (const char* part : {"tokenizer", "text_encoder", "vae", "scheduler", "unet"}) {
+    DMX_CHECK_FORMAT(fs::is_directory(src / part), "--model ", src.string(), " has no ", part, "/");
+    copy_folder((src / part).string(), join_path(to, part));
+  }
+  fs::copy_file(src / "model_index.json", fs::path(to) / "model_index.json");
+}
+
 void write_json_file(const std::string& path, const nlohmann::json& j) {
   const std::string text = j.dump(2) + "\n";
   write_bytes_atomic(path, text.data(), text.size());
