@@ -268,6 +268,32 @@ TEST(LCMDistilledGolden, CommandLineMatchesLatentConsistencyPipeline) {
   EXPECT_FALSE(std::filesystem::exists(dir + "/neg.png"));
 }
 
+// LatentConsistencyModelImg2ImgPipeline: on an LCM-distilled folder `dmx generate --init-image` takes the timesteps
+// of LCMScheduler.set_timesteps(steps, strength) (not the img2img pipelines' get_timesteps), samples the picture's
+// latents from the posterior, noises them to the first timestep and runs the guidance-embedded loop.
+TEST(LCMDistilledGolden, Img2ImgMatchesLatentConsistencyImg2ImgPipeline) {
+  DMX_REQUIRE_FIXTURES();
+  const RefCase ref = load_ref_file(repo_ref_dir() + "/lcm_seeded_test_distilled_img2img");
+  EXPECT_EQ(ref.meta["timesteps"], json::array({599, 459, 299, 159}));
+  EXPECT_FALSE(is_lcm_distilled_model(fixture_model("test")));  // the fixture model, before its distilled copy
+  const std::string model = distilled_test_model(load_ref_file(repo_ref_dir() + "/lcm_seeded_test_distilled"));
+  EXPECT_TRUE(ref["cond_proj_weight"].equal(
+      io::load_safetensors(model + "/unet/diffusion_pytorch_model.safetensors").at("time_embedding.cond_proj.weight")));
+  const std::string dir = temp_dir() + "/lcm_distilled_img2img_run";
+  std::filesystem::create_directories(dir);
+  const CliRun r = run_recorded_command(ref.meta["dmx"].get<std::string>(), "generate",
+                                        {{"--model", model},
+                                         {"--init-image", repo_ref_dir() + "/" + ref.meta["image"].get<std::string>()},
+                                         {"--save-latents", dir + "/latents.safetensors"},
+                                         {"--output", dir + "/out.png"}});
+  ASSERT_EQ(r.code, 0) << r.output;
+  DMX_EXPECT_CLOSE("distilled img2img latents", io::load_safetensors(dir + "/latents.safetensors").at("latents"),
+                   ref["latents"], 1e-4);
+  const int diff = max_u8_diff(load_image(dir + "/out.png", "output"), ref["image_u8"]);
+  std::printf("[check] LCM-distilled img2img picture: max |diff| %d/255 (tol 1)\n", diff);
+  EXPECT_LE(diff, 1);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The LCM-LoRA layout (diffusers' train_lcm_distill_lora_sd_wds.py get_module_kohya_state_dict, the layout of
 // latent-consistency/lcm-lora-sdv1-5): lora_unet_<diffusers path with _>.{lora_down,lora_up}.weight and a 0-d .alpha,

@@ -8,6 +8,7 @@
 #include "dmx/error.h"
 #include "loaders/lora_loader.h"
 #include "pipelines/guidance_embedding.h"
+#include "schedulers/lcm.h"
 #include "pipelines/memory_estimate.h"
 #include "schedulers/scheduler.h"
 
@@ -202,7 +203,17 @@ StableDiffusionOutput StableDiffusionPipeline::run(const StableDiffusionParams& 
   // 2. Timesteps (img2img: from the strength's), and the residual providers prepared for the run; before the
   //    text encoder, so a step count or strength that leaves no step fails before any work.
   auto sched = make_scheduler(*m_, p.scheduler, p.num_inference_steps);
-  const int start = img2img ? strength_first_step(*sched, p.num_inference_steps, p.strength) : 0;
+  int start = 0;
+  if (img2img && takes_guidance_embedding(*m_) && sched->class_name() == "LCMScheduler") {
+    // LatentConsistencyModelImg2ImgPipeline: the scheduler's own strength schedule
+    // (LCMScheduler.set_timesteps(steps, strength=)), every one of its timesteps run.
+    schedulers::LCMTimestepOptions lo;
+    lo.num_inference_steps = p.num_inference_steps;
+    lo.strength = p.strength;
+    schedulers::set_lcm_timesteps(*sched, lo);
+  } else if (img2img) {
+    start = strength_first_step(*sched, p.num_inference_steps, p.strength);
+  }
   const std::vector<double>& ts = sched->timesteps();
   for (const auto& r : p.residual_providers) r->prepare({*m_, p.width, p.height, n, p.guided(), img2img});
 

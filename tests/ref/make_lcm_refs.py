@@ -17,7 +17,8 @@
                         on every module that script targets: attention, proj_in/out, ff, resnet convs,
                         conv_shortcut, time_emb_proj, down/upsampler convs) loaded with pipe.load_lora_weights;
                         guidance 2 with a negative prompt on the test model; StableDiffusionImg2ImgPipeline at
-                        strength 0.5.
+                        strength 0.5. An LCM-distilled UNet (time_cond_proj_dim) through
+                        LatentConsistencyModelPipeline and LatentConsistencyModelImg2ImgPipeline.
 
 Usage, with the harness of ../shared/ref set up (its README):
     . ../shared/ref/env.sh && $REF_PY tests/ref/make_lcm_refs.py [--out DIR] [CASE ...]
@@ -234,16 +235,10 @@ def lcm_seeded_sd15_img2img(out):
                         strength=0.5)
 
 
-@case
-def lcm_seeded_test_distilled(out):
-    """An LCM-distilled UNet (time_cond_proj_dim 8: the guidance embedding w = guidance - 1 through the time
-    embedding's cond_proj) run by LatentConsistencyModelPipeline: diffusers' test model with cond_proj added
-    (cond_proj_weight below, seeded), LCMScheduler.from_config(model's config), 4 steps, guidance 8.5 (the pipeline's
-    default), no negative prompt and no CFG branch. The test rebuilds the folder from the fixture and this weight."""
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+def distilled_test_unet(ctx, comps):
+    """diffusers' test UNet with time_cond_proj_dim 8 and a seeded cond_proj (the weight is returned too)."""
+    from diffusers import UNet2DConditionModel
 
-    ctx = R.Ctx(os.path.join(FIXTURES, "models", "test"))
-    comps = ctx.components(fresh=True)
     base = comps["unet"]
     cfg = dict(base.config)
     cfg["time_cond_proj_dim"] = 8
@@ -254,7 +249,68 @@ def lcm_seeded_test_distilled(out):
     w = torch.randn(unet.time_embedding.cond_proj.weight.shape, generator=g) * 0.05
     with torch.no_grad():
         unet.time_embedding.cond_proj.weight.copy_(w)
-    unet.eval()
+    return unet.eval(), w
+
+
+@case
+def lcm_seeded_test_distilled_img2img(out):
+    """The LCM-distilled test UNet of lcm_seeded_test_distilled (the same cond_proj weight) run by
+    LatentConsistencyModelImg2ImgPipeline: LCMScheduler.set_timesteps(steps, strength=...) picks the timesteps (not
+    the img2img pipelines' get_timesteps), the picture's latents are sampled from the VAE posterior and noised to the
+    first of them; 4 steps at strength 0.6, guidance 8.5, no negative prompt."""
+    from diffusers import LatentConsistencyModelImg2ImgPipeline, LCMScheduler
+
+    ctx = R.Ctx(os.path.join(FIXTURES, "models", "test"))
+    comps = ctx.components(fresh=True)
+    unet, w = distilled_test_unet(ctx, comps)
+    pipe = LatentConsistencyModelImg2ImgPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"],
+                                                 tokenizer=comps["tokenizer"], unet=unet,
+                                                 scheduler=LCMScheduler.from_config(ctx.sched_config()),
+                                                 safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    name = "lcm_seeded_test_distilled_img2img"
+    prompt, steps, guidance, seed, strength = "a paper lantern on a river", 4, 8.5, 77, 0.6
+    img = write_png(os.path.join(out, name + ".image.png"), R.make_image(ctx.H, ctx.H, seed=5))
+    T, J = {}, {}
+    rec = R.RngRecorder()
+    with rec, torch.no_grad():
+        o = pipe(prompt, image=img, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                 output_type="latent", generator=torch.Generator("cpu").manual_seed(seed),
+                 callback_on_step_end=R.step_recorder(T))
+        latents = o.images
+        dec = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        picture = pipe.image_processor.postprocess(dec, output_type="np")
+    R.finish_steps(T, J)
+    J["rng_shapes"] = [list(d.shape) for d in rec.draws]
+    J["timesteps"] = [int(t) for t in pipe.scheduler.timesteps]
+    T["latents"] = latents
+    T["image_u8"] = u8(picture)[0]
+    T["cond_proj_weight"] = w
+    J.update(case=name, model_dir="models/test", prompt=prompt, steps=steps, guidance_scale=guidance, seed=seed,
+             strength=strength, image=name + ".image.png", time_cond_proj_dim=8, scheduler="LCMScheduler",
+             scheduler_config=R.sched_public_config(pipe.scheduler),
+             calls=(f"LatentConsistencyModelImg2ImgPipeline(unet with time_cond_proj_dim 8, LCMScheduler.from_config("
+                    f"model's config))(prompt, image, strength={strength}, num_inference_steps={steps}, "
+                    f"guidance_scale={guidance}, generator=torch.Generator('cpu').manual_seed({seed}))"),
+             dmx=(f"dmx generate --model M --prompt '{prompt}' --init-image {name}.image.png --strength {strength} "
+                  f"--steps {steps} --guidance-scale {guidance} --seed {seed} --save-latents L.safetensors "
+                  f"--output O.png"),
+             notes="step.<i>.latents after step i; latents = the last; timesteps = the scheduler's after the call")
+    return T, J
+
+
+@case
+def lcm_seeded_test_distilled(out):
+    """An LCM-distilled UNet (time_cond_proj_dim 8: the guidance embedding w = guidance - 1 through the time
+    embedding's cond_proj) run by LatentConsistencyModelPipeline: diffusers' test model with cond_proj added
+    (cond_proj_weight below, seeded), LCMScheduler.from_config(model's config), 4 steps, guidance 8.5 (the pipeline's
+    default), no negative prompt and no CFG branch. The test rebuilds the folder from the fixture and this weight."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    ctx = R.Ctx(os.path.join(FIXTURES, "models", "test"))
+    comps = ctx.components(fresh=True)
+    unet, w = distilled_test_unet(ctx, comps)
     pipe = LatentConsistencyModelPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"],
                                           tokenizer=comps["tokenizer"], unet=unet,
                                           scheduler=LCMScheduler.from_config(ctx.sched_config()),
