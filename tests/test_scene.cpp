@@ -143,6 +143,30 @@ TEST(SceneUnit, ProviderAppendsTheTokensGuidanceModeDecidesTheUnconditionalRows)
   EXPECT_EQ(text_only.narrow(1, 77, 4).max().item<double>(), -1.0) << "no layout: every row the dropped scene";
   const at::Tensor unguided = context_of(pipelines::SceneGuidance::DropAll, true, 1);
   EXPECT_EQ(unguided[0].narrow(0, 77, 4).min().item<double>(), 1.0);
+  // Every row's sample gets the coordinate channels after the latents.
+  pipelines::SceneTokensProvider p(scene, dropped, pipelines::SceneGuidance::KeepScene, 16);
+  EXPECT_EQ(p.extra_input_channels(), loaders::kSceneCoordChannels);
+  std::unique_ptr<schedulers::Scheduler> sched = schedulers::create_scheduler("DDIMScheduler", nlohmann::json::object());
+  models::UNetInputs in;
+  in.encoder_hidden_states = at::zeros({2, 77, 3});
+  in.sample = at::randn({2, 4, 2, 2});
+  const at::Tensor x = in.sample.clone();
+  p.apply(pipelines::ResidualStep{0, 1, 1.0, lat, *sched, true, 2}, in);
+  ASSERT_EQ(in.sample.sizes(), (std::vector<int64_t>{2, 6, 2, 2}));
+  EXPECT_TRUE(in.sample.narrow(1, 0, 4).equal(x));
+  EXPECT_TRUE(in.sample[1].narrow(0, 4, 2).equal(loaders::scene_coordinates(2, 2)));
+}
+
+TEST(SceneUnit, CoordinatesAreTheCellCentresInMinusOneToOne) {
+  const at::Tensor c = loaders::scene_coordinates(2, 4);
+  ASSERT_EQ(c.sizes(), (std::vector<int64_t>{2, 2, 4}));
+  const std::vector<float> xs = {-0.75f, -0.25f, 0.25f, 0.75f};
+  for (int j = 0; j < 4; ++j) {
+    EXPECT_FLOAT_EQ(c[0][0][j].item<float>(), xs[static_cast<size_t>(j)]);
+    EXPECT_FLOAT_EQ(c[0][1][j].item<float>(), xs[static_cast<size_t>(j)]);
+  }
+  EXPECT_FLOAT_EQ(c[1][0][2].item<float>(), -0.5f);
+  EXPECT_FLOAT_EQ(c[1][1][2].item<float>(), 0.5f);
 }
 
 TEST(SceneUnit, CategoriesByNameNumberOrGroup) {
@@ -280,6 +304,11 @@ TEST(SceneCli, FewStepsWriteAFolderThatDmxGenerateRunsWithAndWithoutALayout) {
   EXPECT_EQ(cfg.lora_rank, 2);
   const auto sc = loaders::load_scene(dir + "/sc");
   EXPECT_EQ(sc->code_embedding.size(0), 17);
+  EXPECT_EQ(sc->base_in_channels, 4);
+  EXPECT_EQ(sc->models->unet->config().in_channels, 4 + loaders::kSceneCoordChannels);
+  // The coordinate channels' weights moved off zero (two steps at 1e-3).
+  const io::TensorMap w = io::load_safetensors(dir + "/sc/scene.safetensors");
+  EXPECT_GT(w.at("unet.conv_in.weight").narrow(1, 4, loaders::kSceneCoordChannels).abs().max().item<double>(), 0.0);
   EXPECT_TRUE(loaders::is_vqseg_folder(dir + "/sc/vqseg"));
 
   const std::vector<std::string> common = {"generate", "--model", dir + "/sc", "--prompt", "red and cat",

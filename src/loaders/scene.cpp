@@ -146,6 +146,9 @@ std::shared_ptr<SceneModel> load_scene(const std::string& dir, const LoadOptions
   out->code_embedding = table("scene.code_embedding.weight", c.codes + 1);
   out->row_embedding = table("scene.row_embedding.weight", c.grid);
   out->col_embedding = table("scene.col_embedding.weight", c.grid);
+  out->base_in_channels = m.unet->config().in_channels;
+  m.unet = widen_unet_input(m.unet, kSceneCoordChannels);
+  load_widened_conv_in(m.unet, t, wfile, "unet.", out->base_in_channels, kSceneCoordChannels);
   const int merged = merge_unet_lora(m.unet, t);
   DMX_CHECK_FORMAT(c.lora_rank == 0 || merged > 0, wfile, ": scene.json says lora_rank ", c.lora_rank,
                    " but the file has no LoRA pair");
@@ -157,6 +160,14 @@ std::shared_ptr<SceneModel> load_scene(const std::string& dir, const LoadOptions
   }
   m.source_path = dir;
   return out;
+}
+
+at::Tensor scene_coordinates(int64_t h, int64_t w) {
+  DMX_CHECK_ARG(h >= 1 && w >= 1, "scene_coordinates: sides must be >= 1, got ", h, "x", w);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor x = (at::arange(w, f32) * 2 + 1) / static_cast<double>(w) - 1;
+  const at::Tensor y = (at::arange(h, f32) * 2 + 1) / static_cast<double>(h) - 1;
+  return at::stack({x.view({1, w}).expand({h, w}), y.view({h, 1}).expand({h, w})}, 0).contiguous();
 }
 
 at::Tensor scene_token_embeddings(const at::Tensor& codes, const at::Tensor& code_embedding,

@@ -17,7 +17,11 @@
 //                         and scene.col_embedding.weight [g, D] (D: the UNet's cross_attention_dim), and the LoRA
 //                         pairs "unet.<module>.lora.{down,up}.weight" (loaders/spatext.h's merge_unet_lora)
 // The scene tokens (code embedding + row embedding + column embedding of each of the g x g codes, row-major) are
-// appended to the text encoder's hidden states: the UNet's cross-attention context is [77 + g^2, D].
+// appended to the text encoder's hidden states: the UNet's cross-attention context is [77 + g^2, D]. So that the
+// picture's side knows where it is (Make-A-Scene's transformer gives its image tokens positions; a UNet's features
+// have none), the UNet also reads two coordinate channels (x and y in [-1, 1] at the latent cells' centres) beside
+// the latents: conv_in widened by kSceneCoordChannels (loaders/spatext.h's widen_unet_input, new weights from zero),
+// its weights in scene.safetensors as unet.conv_in.{weight,bias}.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -30,6 +34,7 @@
 namespace dmx::loaders {
 
 constexpr int kSceneCategories = 11;  // background + dmx data scenes' 10 categories
+constexpr int kSceneCoordChannels = 2;  // the coordinate channels the scene UNet reads beside the latents
 constexpr const char* kVQSegConfigFile = "vqseg.json";
 constexpr const char* kSceneConfigFile = "scene.json";
 constexpr const char* kSceneWeightsFile = "scene.safetensors";
@@ -58,7 +63,8 @@ struct SceneConfig {
 };
 
 struct SceneModel {
-  std::shared_ptr<StableDiffusionModels> models;  // unet: the base with the LoRA pairs merged
+  std::shared_ptr<StableDiffusionModels> models;  // unet: the base widened by the coordinates, the LoRA merged
+  int base_in_channels = 0;                       // the latents' channels
   VQSeg vqseg;
   SceneConfig config;
   at::Tensor code_embedding;  // [K + 1, D] float32
@@ -69,6 +75,9 @@ struct SceneModel {
 bool is_scene_folder(const std::string& path);
 SceneConfig read_scene_config(const std::string& dir);  // checked; FormatError naming the file
 std::shared_ptr<SceneModel> load_scene(const std::string& dir, const LoadOptions& opts = {});
+
+// The coordinate channels at the latent size: [2, h, w] float32, x then y, each (2 i + 1) / n - 1.
+at::Tensor scene_coordinates(int64_t h, int64_t w);
 
 // codes [B, g, g] int64 in [0, K] -> [B, g^2, D]: code_embedding[code] + row_embedding[y] + col_embedding[x],
 // row-major (differentiable in the three tables).

@@ -60,6 +60,21 @@ models::UNet2DConditionModel widen_unet_input(const models::UNet2DConditionModel
   return unet;
 }
 
+void load_widened_conv_in(models::UNet2DConditionModel& unet, const io::TensorMap& tensors, const std::string& file,
+                          const std::string& prefix, int base_in, int extra) {
+  at::NoGradGuard no_grad;
+  auto params = unet->named_parameters(true);
+  for (const char* k : {"conv_in.weight", "conv_in.bias"}) {
+    const auto it = tensors.find(prefix + k);
+    DMX_CHECK_FORMAT(it != tensors.end(), file, ": no ", prefix, k);
+    at::Tensor* p = params.find(k);
+    DMX_CHECK_FORMAT(p != nullptr && it->second.sizes().equals(p->sizes()), file, ": ", prefix, k, " has shape ",
+                     it->second.sizes(), ", the UNet (", base_in, " + ", extra, " input channels) needs ",
+                     p ? p->sizes() : at::IntArrayRef{});
+    p->copy_(it->second);
+  }
+}
+
 int merge_unet_lora(models::UNet2DConditionModel& unet, const io::TensorMap& tensors) {
   const std::string prefix = "unet.", down_suffix = ".lora.down.weight", up_suffix = ".lora.up.weight";
   auto params = unet->named_parameters(true);
@@ -108,19 +123,7 @@ std::shared_ptr<SpaTextModel> load_spatext(const std::string& dir, const LoadOpt
                      wfile, ": spatext.projection.weight must be [", M, ", ", D, "]");
     out->projection = it->second.to(at::kFloat).contiguous();
   }
-  {
-    at::NoGradGuard no_grad;
-    auto params = m.unet->named_parameters(true);
-    for (const char* k : {"conv_in.weight", "conv_in.bias"}) {
-      const auto it = t.find(std::string("unet.") + k);
-      DMX_CHECK_FORMAT(it != t.end(), wfile, ": no unet.", k);
-      at::Tensor* p = params.find(k);
-      DMX_CHECK_FORMAT(p != nullptr && it->second.sizes().equals(p->sizes()), wfile, ": unet.", k, " has shape ",
-                       it->second.sizes(), ", the SpaText UNet (", out->base_in_channels, " + ", M,
-                       " input channels) needs ", p ? p->sizes() : at::IntArrayRef{});
-      p->copy_(it->second);
-    }
-  }
+  load_widened_conv_in(m.unet, t, wfile, "unet.", out->base_in_channels, M);
   const int merged = merge_unet_lora(m.unet, t);
   DMX_CHECK_FORMAT(out->config.lora_rank == 0 || merged > 0, wfile, ": spatext.json says lora_rank ",
                    out->config.lora_rank, " but the file has no LoRA pair");

@@ -54,6 +54,11 @@ SpaTextConfig read_spatext_config(const std::string& dir);
 // base for any map). Same device and dtype as base.
 models::UNet2DConditionModel widen_unet_input(const models::UNet2DConditionModel& base, int extra);
 
+// Copies `prefix`conv_in.{weight,bias} of `tensors` (the file `file`) into a UNet widened by widen_unet_input
+// (base_in input channels + extra). FormatError naming the file and both shapes when missing or of another shape.
+void load_widened_conv_in(models::UNet2DConditionModel& unet, const io::TensorMap& tensors, const std::string& file,
+                          const std::string& prefix, int base_in, int extra);
+
 // Adds up @ down of every "unet.<module>.lora.{down,up}.weight" pair to <module>.weight (Linear [out, in] or Conv2d
 // [out, in, kh, kw] with down [r, in, kh, kw] and up [out, r, 1, 1]). FormatError for a pair whose module is not a
 // weight of the UNet or whose shapes do not fit it; other keys are ignored. -> the number of pairs merged.

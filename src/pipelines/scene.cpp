@@ -49,6 +49,10 @@ SceneTokensProvider::SceneTokensProvider(at::Tensor tokens, at::Tensor dropped, 
 void SceneTokensProvider::check(const ResidualRun& run) const {
   DMX_CHECK_ARG(run.models.unet->config().cross_attention_dim == dropped_.size(1), "scene: the UNet's context width is ",
                 run.models.unet->config().cross_attention_dim, ", the scene tokens' ", dropped_.size(1));
+  DMX_CHECK_ARG(run.models.unet->config().in_channels > loaders::kSceneCoordChannels,
+                "scene: the UNet takes ", run.models.unet->config().in_channels,
+                " input channels, a scene model's reads the latents and ", loaders::kSceneCoordChannels,
+                " coordinate channels (a scene folder)");
   DMX_CHECK_ARG(run.width == res_ && run.height == res_, "--width/--height: a scene model makes ", res_, "x", res_,
                 " pictures (its VQ-SEG's token grid), got ", run.width, "x", run.height);
 }
@@ -70,6 +74,9 @@ void SceneTokensProvider::apply(const ResidualStep& step, models::UNetInputs& in
     for (int g = 1; g < groups; ++g) parts.push_back(scene);               // eps(t, s)
   }
   in.encoder_hidden_states = at::cat({ctx, at::cat(parts, 0)}, 1);
+  const at::Tensor& x = in.sample;
+  const at::Tensor coords = loaders::scene_coordinates(x.size(2), x.size(3)).to(x.options()).unsqueeze(0);
+  in.sample = at::cat({x, coords.expand({x.size(0), loaders::kSceneCoordChannels, x.size(2), x.size(3)})}, 1);
 }
 
 std::shared_ptr<SceneTokensProvider> make_scene_provider(loaders::SceneModel& s, const at::Tensor& labels,

@@ -10,7 +10,8 @@
 //         as Make-A-Scene does (its classifier-free guidance replaces the text tokens only);
 //   all   eps = eps(0, 0) + g (eps(t, s) - eps(0, 0)): the unconditional row drops the scene too ("dropped scene"
 //         tokens, as in training).
-// Without a layout every row gets the dropped scene: the model's text-only run.
+// Without a layout every row gets the dropped scene: the model's text-only run. Every row also gets the coordinate
+// channels after the latents (loaders/scene.h).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -36,6 +37,8 @@ class SceneTokensProvider : public ResidualProvider {
   void prepare(const ResidualRun&) override {}
   void apply(const ResidualStep& step, models::UNetInputs& in) override;
   std::optional<std::pair<int, int>> default_size() const override { return std::make_pair(res_, res_); }
+  // The coordinate channels (loaders::scene_coordinates) concatenated to every row's sample.
+  int extra_input_channels() const override { return loaders::kSceneCoordChannels; }
 
  private:
   at::Tensor tokens_, dropped_;

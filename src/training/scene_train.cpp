@@ -19,6 +19,7 @@
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
+#include "loaders/spatext.h"
 #include "training/finetune.h"
 #include "training/folder_copy.h"
 
@@ -301,6 +302,8 @@ SceneRecipe::SceneRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, Scen
                       "folder as --model, got ",
                       md.source_path);
   o_.lora.validate();
+  base_in_ = md.unet->config().in_channels;
+  md.unet = loaders::widen_unet_input(md.unet, loaders::kSceneCoordChannels);
   K_ = vqseg_.model->config().num_vq_embeddings;
   resolution_ = vqseg_.resolution;
   grid_ = resolution_ / vqseg_.model->config().downscale_factor();
@@ -329,10 +332,14 @@ void SceneRecipe::setup(const TrainConfig& cfg) {
     }
   }
   net_ = frozen_base_with_lora(m, cfg, o_.lora, autocast_bf16_);
+  for (auto& p : m.unet->named_parameters(true))
+    if (starts_with(p.key(), "conv_in.")) p.value().set_requires_grad(true);
 }
 
 std::vector<NamedParameter> SceneRecipe::trainable_parameters() {
   std::vector<NamedParameter> v = net_->parameters();
+  for (const auto& p : models().unet->named_parameters(true))
+    if (starts_with(p.key(), "conv_in.")) v.push_back({"unet." + p.key(), p.value()});
   v.push_back({"scene.code_embedding.weight", code_embedding_});
   v.push_back({"scene.row_embedding.weight", row_embedding_});
   v.push_back({"scene.col_embedding.weight", col_embedding_});
@@ -365,7 +372,11 @@ at::Tensor SceneRecipe::predict(const at::Tensor& noisy, const at::Tensor& t, co
   net_->refresh(at::kFloat, at::kFloat);
   const at::Tensor tokens = loaders::scene_token_embeddings(drawn_, code_embedding_, row_embedding_, col_embedding_);
   models::UNetInputs in;
-  in.sample = noisy;
+  const at::Tensor coords = loaders::scene_coordinates(noisy.size(2), noisy.size(3))
+                                .to(noisy.device(), noisy.scalar_type())
+                                .unsqueeze(0)
+                                .expand({noisy.size(0), loaders::kSceneCoordChannels, noisy.size(2), noisy.size(3)});
+  in.sample = at::cat({noisy, coords}, 1);
   in.timestep = t;
   in.encoder_hidden_states = at::cat({ehs.to(at::kFloat), tokens.to(noisy.device())}, 1);
   return unet_forward_autocast(models().unet, in, autocast_bf16_);
@@ -373,6 +384,8 @@ at::Tensor SceneRecipe::predict(const at::Tensor& noisy, const at::Tensor& t, co
 
 void SceneRecipe::save(const std::string& dir) {
   io::TensorMap weights = net_->state_dict(LoRASaveFormat::Diffusers);
+  for (const auto& p : models().unet->named_parameters(true))
+    if (starts_with(p.key(), "conv_in.")) weights["unet." + p.key()] = p.value().detach().to(at::kFloat).clone();
   weights["scene.code_embedding.weight"] = code_embedding_.detach().clone();
   weights["scene.row_embedding.weight"] = row_embedding_.detach().clone();
   weights["scene.col_embedding.weight"] = col_embedding_.detach().clone();
@@ -387,6 +400,8 @@ void SceneRecipe::save(const std::string& dir) {
                                                                 {"codes", K_},
                                                                 {"categories", vqseg_.categories},
                                                                 {"resolution", resolution_},
+                                                                {"base_in_channels", base_in_},
+                                                                {"coord_channels", loaders::kSceneCoordChannels},
                                                                 {"lora_rank", net_->rank()},
                                                                 {"lora_alpha", net_->alpha()},
                                                                 {"lora_targets", o_.lora.targets},

@@ -13,8 +13,10 @@
 // caption's hidden states in every cross-attention. The whole scene is replaced by the "dropped scene" code (row K of
 // the code table) for a share of rows (--layout-dropout), the caption by "" for another, independently
 // (--proportion-empty-prompts): so the model learns eps(text, scene), eps(0, scene), eps(text, 0) and eps(0, 0), the
-// terms of both guidance modes (pipelines/scene.h). The UNet is trained through LoRA adapters of rank r on every
-// Linear / Conv2d of its blocks (the base frozen); the three tables are trained whole.
+// terms of both guidance modes (pipelines/scene.h). The UNet also reads the coordinate channels (loaders/scene.h:
+// conv_in widened, new weights from zero, so the first forward is the base model's), so that its queries know where
+// they are; conv_in and the three tables are trained whole, the rest through LoRA adapters of rank r on every
+// Linear / Conv2d of its blocks (the base frozen).
 // Internal header of the training layer.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -123,7 +125,7 @@ class SceneRecipe : public Recipe {
   std::vector<at::Tensor> codes_;
   at::Tensor drawn_;
   at::Tensor code_embedding_, row_embedding_, col_embedding_;
-  int K_ = 0, grid_ = 0, resolution_ = 0;
+  int K_ = 0, grid_ = 0, resolution_ = 0, base_in_ = 0;
   bool autocast_bf16_ = false;
 };
 }  // namespace dmx::training
