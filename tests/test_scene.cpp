@@ -146,7 +146,8 @@ TEST(SceneUnit, ProviderAppendsTheTokensGuidanceModeDecidesTheUnconditionalRows)
   // Every row's sample gets the coordinate channels after the latents.
   pipelines::SceneTokensProvider p(scene, dropped, pipelines::SceneGuidance::KeepScene, 16);
   EXPECT_EQ(p.extra_input_channels(), loaders::kSceneCoordChannels);
-  std::unique_ptr<schedulers::Scheduler> sched = schedulers::create_scheduler("DDIMScheduler", nlohmann::json::object());
+  std::unique_ptr<schedulers::Scheduler> sched =
+      schedulers::create_scheduler("DDIMScheduler", nlohmann::json::object());
   models::UNetInputs in;
   in.encoder_hidden_states = at::zeros({2, 77, 3});
   in.sample = at::randn({2, 4, 2, 2});
@@ -251,19 +252,39 @@ std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std:
 }
 
 std::vector<std::string> vqseg_args(const std::string& data, const std::string& out, int steps) {
-  return {"train",         "vqseg", "--data",       data, "--output", out,     "--steps",   std::to_string(steps),
-          "--batch-size",  "2",     "--resolution", "32", "--seed",   "4",     "--threads", "1",
-          "--codebook-size", "16",  "--quiet"};
+  return {"train",           "vqseg", "--data",       data, "--output", out, "--steps",   std::to_string(steps),
+          "--batch-size",    "2",     "--resolution", "32", "--seed",   "4", "--threads", "1",
+          "--codebook-size", "16",    "--quiet"};
 }
 
 std::vector<std::string> scene_args(const std::string& data, const std::string& vqseg, const std::string& out) {
-  return {"train",       "scene",  "--model",      tiny_model_dir("test"),
-          "--vqseg",     vqseg,    "--data",       data,
-          "--output",    out,      "--steps",      "2",
-          "--batch-size", "2",     "--rank",       "2",
-          "--resolution", "32",    "--seed",       "3",
-          "--learning-rate", "1e-3", "--proportion-empty-prompts", "0.2",
-          "--threads",   "1",      "--quiet"};
+  return {"train",
+          "scene",
+          "--model",
+          tiny_model_dir("test"),
+          "--vqseg",
+          vqseg,
+          "--data",
+          data,
+          "--output",
+          out,
+          "--steps",
+          "2",
+          "--batch-size",
+          "2",
+          "--rank",
+          "2",
+          "--resolution",
+          "32",
+          "--seed",
+          "3",
+          "--learning-rate",
+          "1e-3",
+          "--proportion-empty-prompts",
+          "0.2",
+          "--threads",
+          "1",
+          "--quiet"};
 }
 
 TEST(SceneCli, VQSegTrainsReportsItsCodebookAndResumesExactly) {
@@ -283,8 +304,7 @@ TEST(SceneCli, VQSegTrainsReportsItsCodebookAndResumesExactly) {
   // Stopped at 2 and resumed to 4: the same weights as 4 in one go.
   const CliRun a = dmx_run(vqseg_args(data, dir + "/v2", 2));
   ASSERT_EQ(a.code, 0) << a.output;
-  const CliRun b =
-      dmx_run(plus(vqseg_args(data, dir + "/v2", 4), {"--resume", dir + "/v2.train", "--overwrite"}));
+  const CliRun b = dmx_run(plus(vqseg_args(data, dir + "/v2", 4), {"--resume", dir + "/v2.train", "--overwrite"}));
   ASSERT_EQ(b.code, 0) << b.output;
   const io::TensorMap w4 = io::load_safetensors(dir + "/v4/diffusion_pytorch_model.safetensors");
   const io::TensorMap w2 = io::load_safetensors(dir + "/v2/diffusion_pytorch_model.safetensors");
@@ -313,17 +333,15 @@ TEST(SceneCli, FewStepsWriteAFolderThatDmxGenerateRunsWithAndWithoutALayout) {
 
   const std::vector<std::string> common = {"generate", "--model", dir + "/sc", "--prompt", "red and cat",
                                            "--steps",  "2",       "--seed",    "5",        "--quiet"};
-  const std::vector<std::string> layout = {"--layout",        data + "/layouts/0000.png",
-                                           "--region",        "#ff0000=Animals & Nature",
-                                           "--region",        "#00ff00=face",
-                                           "--layout-method", "scene"};
+  const std::vector<std::string> layout = {
+      "--layout",     data + "/layouts/0000.png", "--region", "#ff0000=Animals & Nature", "--region",
+      "#00ff00=face", "--layout-method",          "scene"};
   const CliRun g = dmx_run(plus(common, plus(layout, {"--output", dir + "/l.png"})));
   ASSERT_EQ(g.code, 0) << g.output;
   EXPECT_EQ(load_image(dir + "/l.png", "l").width, kSide);  // the size it was trained at
   const CliRun plain = dmx_run(plus(common, {"--output", dir + "/p.png"}));
   ASSERT_EQ(plain.code, 0) << plain.output;
-  const CliRun zero =
-      dmx_run(plus(common, plus(layout, {"--layout-guidance-scale", "0", "--output", dir + "/z.png"})));
+  const CliRun zero = dmx_run(plus(common, plus(layout, {"--layout-guidance-scale", "0", "--output", dir + "/z.png"})));
   ASSERT_EQ(zero.code, 0) << zero.output;
   const CliRun all = dmx_run(plus(common, plus(layout, {"--scene-guidance", "all", "--output", dir + "/a.png"})));
   ASSERT_EQ(all.code, 0) << all.output;
@@ -346,9 +364,9 @@ TEST(SceneCli, FewStepsWriteAFolderThatDmxGenerateRunsWithAndWithoutALayout) {
           "scene category");
   refused(plus(common, plus(layout, {"--width", "64", "--height", "64", "--output", dir + "/bad.png"})),
           "a scene model");
-  refused(plus(common, {"--layout", data + "/layouts/0000.png", "--region", "#ff0000=red", "--output",
-                        dir + "/bad.png"}),
-          "use --layout-method scene");
+  refused(
+      plus(common, {"--layout", data + "/layouts/0000.png", "--region", "#ff0000=red", "--output", dir + "/bad.png"}),
+      "use --layout-method scene");
   refused(plus(common, plus(layout, {"--scene-guidance", "both", "--output", dir + "/bad.png"})), "--scene-guidance");
   refused({"generate", "--model", tiny_model_dir("test"), "--prompt", "red", "--steps", "2", "--layout",
            data + "/layouts/0000.png", "--region", "#ff0000=face", "--layout-method", "scene", "--output",

@@ -77,7 +77,7 @@ struct EvalOptions {
   // guidance_scale, scheduler, seed, limit, threads, out_dir, progress) are passed on.
   std::string layouts;
   std::string layout_method = "text";
-  double layout_guidance_scale = 1.0;  // spatext: the map's guidance scale over guidance_scale
+  double layout_guidance_scale = 1.0;   // spatext: the map's guidance scale over guidance_scale
   std::string scene_guidance = "text";  // scene: what guidance's unconditional row drops (text | all)
   // `dmx eval --clip DIR`: measures a CLIP folder (dmx train clip) on the emoji of `data` instead (evaluate_clip);
   // the fields that apply are data, threads and progress.

@@ -56,11 +56,11 @@ struct LayoutEvalOptions {
   std::string clip = "models/emoji-clip";  // global CLIP similarity; "" or a missing default: not measured
   int steps = 25;
   double guidance_scale = 3.0;
-  double layout_guidance_scale = 1.0;  // spatext: the map's scale over guidance_scale (as dmx generate's)
+  double layout_guidance_scale = 1.0;   // spatext: the map's scale over guidance_scale (as dmx generate's)
   std::string scene_guidance = "text";  // scene: what guidance's unconditional row drops (as dmx generate's)
-  std::string scheduler;               // "" = the model's own
-  uint64_t seed = 0;                   // canvas i uses seed + i
-  int limit = 0;                       // > 0: only the first `limit` canvases
+  std::string scheduler;                // "" = the model's own
+  uint64_t seed = 0;                    // canvas i uses seed + i
+  int limit = 0;                        // > 0: only the first `limit` canvases
   int threads = 0;
   std::string out_dir;  // when set: the pictures scored are written to out_dir/layouts-<method>/NNNN.png
   bool progress = true;

@@ -9,7 +9,6 @@
 #include "api/blended.h"
 #include "api/generate_core.h"
 #include "api/layout.h"
-#include "pipelines/scene.h"
 #include "api/model_hash.h"
 #include "api/options_util.h"
 #include "api/unclip.h"
@@ -32,6 +31,7 @@
 #include "loaders/t2i_adapter_loader.h"
 #include "loaders/upscale.h"
 #include "pipelines/controlnet.h"
+#include "pipelines/scene.h"
 #include "pipelines/stable_diffusion.h"
 #include "pipelines/t2i_adapter_provider.h"
 #include "pipelines/upscale.h"
@@ -465,9 +465,9 @@ GenerateResult generate_core(const GenerateOptions& o, GenerateSink* sink) {
   if (spatext && (o.layout_path.empty() || o.layout_method != "spatext"))  // no map: the text-only run (+ regional)
     p.residual_providers.insert(p.residual_providers.begin(), api::spatext_text_only_provider(*spatext));
   if (scene && o.layout_path.empty())  // no layout: every row gets the dropped scene (the model's text-only run)
-    p.residual_providers.insert(
-        p.residual_providers.begin(),
-        pipelines::make_scene_provider(*scene, at::Tensor(), at::Tensor(), pipelines::parse_scene_guidance(o.scene_guidance)));
+    p.residual_providers.insert(p.residual_providers.begin(),
+                                pipelines::make_scene_provider(*scene, at::Tensor(), at::Tensor(),
+                                                               pipelines::parse_scene_guidance(o.scene_guidance)));
   // Cascade: the base picture's size is known now; the upscaler is loaded and its memory planned before any work.
   std::shared_ptr<loaders::UpscaleModels> upscaler;
   pipelines::VaeTiling up_tiling;

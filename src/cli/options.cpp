@@ -325,11 +325,12 @@ constexpr Commands kSampling = kGenerate | kP2P | kDiffEdit;  // embed ModelOpti
 constexpr Commands kModel = kSampling | kTrainRecipes;        // embed ModelOptions
 constexpr Commands kDevice = kGenerate | kDiffEdit | kBench;  // embed DeviceOptions
 constexpr Commands kLoraRecipes = kTrainLora | kTrainDreambooth;
-constexpr Commands kTrainLoop = kTrainRecipes | kTrainClip | kTrainPrior | kTrainVqseg;  // the trainer's loop options (TrainOptions)
-constexpr Commands kImage = kUpscale | kVariations;                        // model, image, prompt, output of their own
-constexpr Commands kSamplingGroup = kSampling | kImage;                    // embed SamplingOptions
-constexpr Commands kRunGroup = kSampling | kImage | kEmbed | kRestore;     // embed RunOptions
-constexpr Commands kDeviceGroup = kDevice | kImage;                        // embed DeviceOptions
+constexpr Commands kTrainLoop =
+    kTrainRecipes | kTrainClip | kTrainPrior | kTrainVqseg;             // the trainer's loop options (TrainOptions)
+constexpr Commands kImage = kUpscale | kVariations;                     // model, image, prompt, output of their own
+constexpr Commands kSamplingGroup = kSampling | kImage;                 // embed SamplingOptions
+constexpr Commands kRunGroup = kSampling | kImage | kEmbed | kRestore;  // embed RunOptions
+constexpr Commands kDeviceGroup = kDevice | kImage;                     // embed DeviceOptions
 using UO = UpscaleOptions;
 using VO = VariationsOptions;
 using RO = RestoreOptions;
@@ -474,8 +475,8 @@ std::vector<Option> build_table() {
         text(kTrainSpatext, "DIR", "a `dmx data scenes` folder: its canvases, captions and instance maps (required)",
              "", &TO::data),
         text(kTrainVqseg, "DIR", "a `dmx data scenes` folder: its category and edge maps (required)", "", &TO::data),
-        text(kTrainScene, "DIR", "a `dmx data scenes` folder: its canvases, captions, category and edge maps (required)",
-             "", &TO::data),
+        text(kTrainScene, "DIR",
+             "a `dmx data scenes` folder: its canvases, captions, category and edge maps (required)", "", &TO::data),
         text(kTrainVae | kTrainPalette, "DIR",
              "images (captions are not used): metadata.jsonl or a folder of images (required)", "", &TO::data),
         text(kTrainClassifier, "DIR", "`dmx data emoji` folder: every real image of every style is used (required)", "",
@@ -623,8 +624,8 @@ std::vector<Option> build_table() {
       {"rank",
        {flag(kGenerate, "with --mask: write the samples best first by a diffusion-classifier score", true, &GO::rank),
         num<int>(kTrainLora, "R", "LoRA rank", "", kI32Min, kI32Max, &TO::rank),
-        num<int>(kTrainSpatext | kTrainScene, "R", "rank of the LoRA adapters on every linear and conv of the UNet's blocks", "", 1,
-                 1024, &TO::rank),
+        num<int>(kTrainSpatext | kTrainScene, "R",
+                 "rank of the LoRA adapters on every linear and conv of the UNet's blocks", "", 1, 1024, &TO::rank),
         num<int>(kTrainBench, "R", "LoRA rank", "", 1, 4096, &TrainBenchOptions::rank)}},
       {"init-latents",
        {text(kGenerate, "F.safetensors", "initial noise (tensor 'latents', before init_noise_sigma)", "",
@@ -758,13 +759,11 @@ std::vector<Option> build_table() {
         text(kEval, "NAME",
              "with --layouts: text (the caption only), regional (DenseDiffusion), spatext, scene or real (the canvases "
              "themselves)",
-             "",
-             &EO::layout_method)}},
+             "", &EO::layout_method)}},
       {"layout-guidance-scale",
        {num<double>(kGenerate, "S",
                     "with --layout: strength of the layout, 0 = text only (regional: the modulation's weight; spatext: "
-                    "the map's "
-                    "guidance scale over --guidance-scale)",
+                    "the map's guidance scale over --guidance-scale; scene: 1 or 0)",
                     "", 0.0, 10.0, &GO::layout_guidance_scale),
         num<double>(kEval, "S",
                     "with --layouts and --layout-method spatext: the map's guidance scale over "
@@ -1002,7 +1001,8 @@ std::vector<Option> build_table() {
        {flag(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "random instead of center crops", false,
              &TO::center_crop)}},
       {"random-flip",
-       {flag(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "random horizontal flips", true, &TO::random_flip)}},
+       {flag(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "random horizontal flips", true,
+             &TO::random_flip)}},
       {"image-column", {text(kTrainLoop, "NAME", "metadata.jsonl image field", "", &TO::image_column)}},
       {"skip-bad-rows",
        {flag(kTrainLoop, "report bad dataset rows and leave them out instead of failing", true, &TO::skip_bad_rows)}},
@@ -1076,14 +1076,14 @@ std::vector<Option> build_table() {
        {text(kTrainLoop, "DIR", "continue from a checkpoint folder, or the newest checkpoint of an output dir", "",
              &TO::resume)}},
       {"validation-steps",
-       {num<I64>(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "N", "write validation images every N steps", "none",
-                 0, kI64Max, &TO::validation_steps)}},
+       {num<I64>(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "N",
+                 "write validation images every N steps", "none", 0, kI64Max, &TO::validation_steps)}},
       {"validation-prompt",
-       {text(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "TEXT", "prompt of the validation images", "",
-             &TO::validation_prompt)}},
+       {text(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "TEXT", "prompt of the validation images",
+             "", &TO::validation_prompt)}},
       {"num-validation-images",
-       {num<int>(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "N", "validation images per run", "", 1, 64,
-                 &TO::num_validation_images)}},
+       {num<int>(kTrainRecipes & ~kTrainUnclip & ~kTrainSpatext & ~kTrainScene, "N", "validation images per run", "", 1,
+                 64, &TO::num_validation_images)}},
       {"conditioning-column",
        {text(kTrainControlnet | kTrainAdapter, "NAME", "metadata.jsonl conditioning image field", "",
              &TO::conditioning_column)}},
@@ -1237,10 +1237,11 @@ std::vector<Option> build_table() {
         num<double>(kTrainScene, "P", "share of rows trained with the dropped scene (for guidance)", "", 0, 1,
                     &TO::layout_dropout)}},
       {"vqseg",
-       {text(kTrainScene, "DIR", "the VQ-SEG folder (dmx train vqseg) whose codes are the scene tokens; copied into "
-             "the output (required)", "", &TO::vqseg)}},
-      {"codebook-size",
-       {num<int>(kTrainVqseg, "K", "VQ-SEG's codebook size", "", 2, 16384, &TO::codebook_size)}},
+       {text(kTrainScene, "DIR",
+             "the VQ-SEG folder (dmx train vqseg) whose codes are the scene tokens; copied into "
+             "the output (required)",
+             "", &TO::vqseg)}},
+      {"codebook-size", {num<int>(kTrainVqseg, "K", "VQ-SEG's codebook size", "", 2, 16384, &TO::codebook_size)}},
       {"vq-factor",
        {num<int>(kTrainVqseg, "F", "VQ-SEG's downscale factor (2, 4, 8 or 16): a map of side R gives (R / F)^2 tokens",
                  "", 2, 16, &TO::vq_factor)}},

@@ -176,7 +176,7 @@ at::Tensor scene_token_embeddings(const at::Tensor& codes, const at::Tensor& cod
                 "scene tokens: codes must be [B, ", row_embedding.size(0), ", ", col_embedding.size(0), "], got ",
                 shape_string(codes));
   const int64_t B = codes.size(0), g = codes.size(1), gw = codes.size(2);
-  const at::Tensor e = at::embedding(code_embedding, codes.to(at::kLong));  // [B, g, gw, D]
+  const at::Tensor e = at::embedding(code_embedding, codes.to(at::kLong));         // [B, g, gw, D]
   const at::Tensor pos = row_embedding.unsqueeze(1) + col_embedding.unsqueeze(0);  // [g, gw, D]
   return (e + pos.unsqueeze(0)).reshape({B, g * gw, code_embedding.size(1)});
 }

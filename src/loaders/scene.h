@@ -33,7 +33,7 @@
 
 namespace dmx::loaders {
 
-constexpr int kSceneCategories = 11;  // background + dmx data scenes' 10 categories
+constexpr int kSceneCategories = 11;    // background + dmx data scenes' 10 categories
 constexpr int kSceneCoordChannels = 2;  // the coordinate channels the scene UNet reads beside the latents
 constexpr const char* kVQSegConfigFile = "vqseg.json";
 constexpr const char* kSceneConfigFile = "scene.json";

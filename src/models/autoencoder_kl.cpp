@@ -68,8 +68,8 @@ void AutoencoderKLConfig::validate() const {
 double AutoencoderKLConfig::parameter_count() const {
   namespace pc = nn::param_count;
   // The coders, quant_conv and post_quant_conv.
-  return vae::coder_parameter_count(*this, /*double_z=*/true) + pc::conv2d(2 * latent_channels, 2 * latent_channels, 1) +
-         pc::conv2d(latent_channels, latent_channels, 1);
+  return vae::coder_parameter_count(*this, /*double_z=*/true) +
+         pc::conv2d(2 * latent_channels, 2 * latent_channels, 1) + pc::conv2d(latent_channels, latent_channels, 1);
 }
 
 AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& j) {
@@ -120,8 +120,10 @@ AutoencoderKLImpl::AutoencoderKLImpl(const AutoencoderKLConfig& cfg) : cfg_(cfg)
   Parts& p = *parts_;
   p.encoder = register_module("encoder", Encoder(cfg_, act, /*double_z=*/true));
   p.decoder = register_module("decoder", Decoder(cfg_, act));
-  p.quant_conv = register_module("quant_conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2 * cfg_.latent_channels, 2 * cfg_.latent_channels, 1)));
-  p.post_quant_conv = register_module("post_quant_conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg_.latent_channels, cfg_.latent_channels, 1)));
+  p.quant_conv = register_module(
+      "quant_conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2 * cfg_.latent_channels, 2 * cfg_.latent_channels, 1)));
+  p.post_quant_conv = register_module(
+      "post_quant_conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(cfg_.latent_channels, cfg_.latent_channels, 1)));
 }
 
 DiagonalGaussian AutoencoderKLImpl::encode(const at::Tensor& x) {

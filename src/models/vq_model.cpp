@@ -172,8 +172,8 @@ at::Tensor VQModelImpl::decode(const at::Tensor& h, bool force_not_quantize) {
 at::Tensor VQModelImpl::decode_indices(const at::Tensor& indices) {
   DMX_CHECK_ARG(indices.defined() && indices.dim() == 3, "VQModel decode_indices: [B, h, w] codes expected, got ",
                 shape_string(indices));
-  DMX_CHECK_ARG(indices.numel() == 0 || (indices.min().item<int64_t>() >= 0 &&
-                                         indices.max().item<int64_t>() < cfg_.num_vq_embeddings),
+  DMX_CHECK_ARG(indices.numel() == 0 ||
+                    (indices.min().item<int64_t>() >= 0 && indices.max().item<int64_t>() < cfg_.num_vq_embeddings),
                 "VQModel decode_indices: codes must be in [0, ", cfg_.num_vq_embeddings, ")");
   const at::Tensor zq = at::embedding(codebook_weight(), indices.to(at::kLong)).permute({0, 3, 1, 2}).contiguous();
   return decode(zq, /*force_not_quantize=*/true);

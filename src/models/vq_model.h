@@ -46,12 +46,12 @@ struct VQQuantized {
 class VQModelImpl : public torch::nn::Module {
  public:
   explicit VQModelImpl(const VQModelConfig& cfg);
-  at::Tensor encode(const at::Tensor& x);                    // encoder + quant_conv: [B, E, H/f, W/f]
-  VQQuantized quantize(const at::Tensor& h);                 // the nearest codes
+  at::Tensor encode(const at::Tensor& x);                                   // encoder + quant_conv: [B, E, H/f, W/f]
+  VQQuantized quantize(const at::Tensor& h);                                // the nearest codes
   at::Tensor decode(const at::Tensor& h, bool force_not_quantize = false);  // as diffusers' decode
-  at::Tensor decode_indices(const at::Tensor& indices);     // [B, h, w] codes -> [B, out, H, W]
+  at::Tensor decode_indices(const at::Tensor& indices);                     // [B, h, w] codes -> [B, out, H, W]
   at::Tensor forward(const at::Tensor& x) { return decode(encode(x)); }
-  at::Tensor codebook_weight() const;                        // [K, E]
+  at::Tensor codebook_weight() const;  // [K, E]
   const VQModelConfig& config() const { return cfg_; }
 
  private:

@@ -13,17 +13,18 @@ namespace dmx::pipelines {
 
 namespace {
 // dmx data scenes' categories (docs/layouts.md), id = index + 1.
-const char* const kCategoryNames[] = {"Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink",
-                                      "Travel & Places",   "Activities",    "Objects",          "Symbols",
-                                      "Flags",             "other"};
+const char* const kCategoryNames[] = {
+    "Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink", "Travel & Places",
+    "Activities",        "Objects",       "Symbols",          "Flags",        "other"};
 }  // namespace
 
 SceneGuidance parse_scene_guidance(const std::string& s) {
   if (s == "text") return SceneGuidance::KeepScene;
   if (s == "all") return SceneGuidance::DropAll;
-  throw InvalidArgument("--scene-guidance must be text (drop the text, keep the scene: Make-A-Scene's) or all (drop "
-                        "both), got '" +
-                        s + "'");
+  throw InvalidArgument(
+      "--scene-guidance must be text (drop the text, keep the scene: Make-A-Scene's) or all (drop "
+      "both), got '" +
+      s + "'");
 }
 
 int parse_scene_category(const std::string& text, const std::string& param) {
@@ -47,12 +48,12 @@ SceneTokensProvider::SceneTokensProvider(at::Tensor tokens, at::Tensor dropped, 
 }
 
 void SceneTokensProvider::check(const ResidualRun& run) const {
-  DMX_CHECK_ARG(run.models.unet->config().cross_attention_dim == dropped_.size(1), "scene: the UNet's context width is ",
-                run.models.unet->config().cross_attention_dim, ", the scene tokens' ", dropped_.size(1));
-  DMX_CHECK_ARG(run.models.unet->config().in_channels > loaders::kSceneCoordChannels,
-                "scene: the UNet takes ", run.models.unet->config().in_channels,
-                " input channels, a scene model's reads the latents and ", loaders::kSceneCoordChannels,
-                " coordinate channels (a scene folder)");
+  DMX_CHECK_ARG(run.models.unet->config().cross_attention_dim == dropped_.size(1),
+                "scene: the UNet's context width is ", run.models.unet->config().cross_attention_dim,
+                ", the scene tokens' ", dropped_.size(1));
+  DMX_CHECK_ARG(run.models.unet->config().in_channels > loaders::kSceneCoordChannels, "scene: the UNet takes ",
+                run.models.unet->config().in_channels, " input channels, a scene model's reads the latents and ",
+                loaders::kSceneCoordChannels, " coordinate channels (a scene folder)");
   DMX_CHECK_ARG(run.width == res_ && run.height == res_, "--width/--height: a scene model makes ", res_, "x", res_,
                 " pictures (its VQ-SEG's token grid), got ", run.width, "x", run.height);
 }
@@ -71,7 +72,7 @@ void SceneTokensProvider::apply(const ResidualStep& step, models::UNetInputs& in
     parts.push_back(scene);  // eps(t, s)
   } else {
     parts.push_back(guidance_ == SceneGuidance::KeepScene ? scene : drop);  // eps(0, s) or eps(0, 0)
-    for (int g = 1; g < groups; ++g) parts.push_back(scene);               // eps(t, s)
+    for (int g = 1; g < groups; ++g) parts.push_back(scene);                // eps(t, s)
   }
   in.encoder_hidden_states = at::cat({ctx, at::cat(parts, 0)}, 1);
   const at::Tensor& x = in.sample;
@@ -97,8 +98,8 @@ std::shared_ptr<SceneTokensProvider> make_scene_provider(loaders::SceneModel& s,
     const at::Tensor codes = loaders::scene_codes(s.vqseg, map);  // [1, g, g]
     DMX_CHECK_ARG(codes.size(1) == c.grid && codes.size(2) == c.grid, "scene: VQ-SEG gave ", shape_string(codes),
                   " codes, the model takes ", c.grid, "x", c.grid);
-    tokens = loaders::scene_token_embeddings(codes, s.code_embedding, s.row_embedding, s.col_embedding)
-                 .reshape({T, -1});
+    tokens =
+        loaders::scene_token_embeddings(codes, s.code_embedding, s.row_embedding, s.col_embedding).reshape({T, -1});
   }
   return std::make_shared<SceneTokensProvider>(tokens, dropped, guidance, c.resolution);
 }

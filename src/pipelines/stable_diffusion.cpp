@@ -8,8 +8,8 @@
 #include "dmx/error.h"
 #include "loaders/lora_loader.h"
 #include "pipelines/guidance_embedding.h"
-#include "schedulers/lcm.h"
 #include "pipelines/memory_estimate.h"
+#include "schedulers/lcm.h"
 #include "schedulers/scheduler.h"
 
 namespace dmx::pipelines {

@@ -230,8 +230,9 @@ at::Tensor VQSegRecipe::custom_loss(const Batch& batch, at::Generator& gen, int6
   const at::Tensor labels = x.narrow(1, 0, categories_).argmax(1);
   // Object pixels weigh kVQSegObjectWeight, edge pixels kVQSegEdgeWeight: the background is most of a canvas.
   const at::Tensor wpix = 1.0 + (kVQSegObjectWeight - 1.0) * labels.ne(0).to(at::kFloat);
-  const at::Tensor ce = (at::cross_entropy_loss(logits.narrow(1, 0, categories_), labels, {}, at::Reduction::None) *
-                         wpix).mean(std::vector<int64_t>{1, 2});
+  const at::Tensor ce =
+      (at::cross_entropy_loss(logits.narrow(1, 0, categories_), labels, {}, at::Reduction::None) * wpix)
+          .mean(std::vector<int64_t>{1, 2});
   const at::Tensor bce =
       at::binary_cross_entropy_with_logits(logits.select(1, categories_), x.select(1, categories_), {},
                                            at::scalar_tensor(kVQSegEdgeWeight), at::Reduction::None)
@@ -270,27 +271,26 @@ void VQSegRecipe::save(const std::string& dir) {
   write_directory_atomic(dir, "the VQ-SEG folder", [&](const std::string& tmp) {
     write_json_file(join_path(tmp, "config.json"), model_->config().to_json());
     io::save_safetensors(join_path(tmp, "diffusion_pytorch_model.safetensors"), weights, {{"format", "pt"}});
-    write_json_file(join_path(tmp, loaders::kVQSegConfigFile),
-                    {{"format", "dmx-vqseg-1"},
-                     {"_dmx_writer", "dmx train vqseg"},
-                     {"categories", categories_},
-                     {"resolution", resolution_},
-                     {"codebook_usage",
-                      {{"used", usage_.used},
-                       {"size", usage_.size},
-                       {"perplexity", usage_.perplexity},
-                       {"pixel_accuracy", usage_.pixel_accuracy},
-                       {"object_accuracy", usage_.object_accuracy},
-                       {"edge_f1", usage_.edge_f1},
-                       {"canvases", maps_.size()}}}});
+    write_json_file(join_path(tmp, loaders::kVQSegConfigFile), {{"format", "dmx-vqseg-1"},
+                                                                {"_dmx_writer", "dmx train vqseg"},
+                                                                {"categories", categories_},
+                                                                {"resolution", resolution_},
+                                                                {"codebook_usage",
+                                                                 {{"used", usage_.used},
+                                                                  {"size", usage_.size},
+                                                                  {"perplexity", usage_.perplexity},
+                                                                  {"pixel_accuracy", usage_.pixel_accuracy},
+                                                                  {"object_accuracy", usage_.object_accuracy},
+                                                                  {"edge_f1", usage_.edge_f1},
+                                                                  {"canvases", maps_.size()}}}});
   });
 }
 
 // ---------------------------------------------------------------------------------------------------
 // The scene recipe
 
-SceneRecipe::SceneRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, SceneTrainOptions o,
-                         loaders::VQSeg vqseg, std::vector<SceneCanvas> canvases)
+SceneRecipe::SceneRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, SceneTrainOptions o, loaders::VQSeg vqseg,
+                         std::vector<SceneCanvas> canvases)
     : Recipe(std::move(m)), o_(std::move(o)), vqseg_(std::move(vqseg)), canvases_(std::move(canvases)) {
   auto& md = models();
   DMX_CHECK_ARG(!vqseg_.model.is_empty(), "dmx train scene needs a VQ-SEG (--vqseg)");
@@ -356,8 +356,8 @@ void SceneRecipe::draw_conditioning(const Batch& batch, at::Generator& gen, int6
   std::vector<at::Tensor> codes;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = batch.indices[static_cast<size_t>(r)];
-    DMX_CHECK_ARG(i >= 0 && i < static_cast<int64_t>(codes_.size()), "dmx train scene: row index ", i,
-                  " outside the ", codes_.size(), " canvases");
+    DMX_CHECK_ARG(i >= 0 && i < static_cast<int64_t>(codes_.size()), "dmx train scene: row index ", i, " outside the ",
+                  codes_.size(), " canvases");
     codes.push_back(u[r].item<float>() < o_.scene_dropout ? at::full({grid_, grid_}, K_, at::kLong)
                                                           : codes_[static_cast<size_t>(i)]);
   }

@@ -58,10 +58,10 @@ at::Tensor load_scene_map(const SceneCanvas& c, int categories, int side);
 models::VQModelConfig vqseg_config(int categories, int resolution, int factor, int codebook_size);
 
 struct CodebookUsage {
-  int64_t used = 0;         // codes chosen at least once
-  int64_t size = 0;         // K
-  double perplexity = 0;    // exp(entropy of the code frequencies)
-  double pixel_accuracy = 0;  // share of pixels whose decoded category is right
+  int64_t used = 0;            // codes chosen at least once
+  int64_t size = 0;            // K
+  double perplexity = 0;       // exp(entropy of the code frequencies)
+  double pixel_accuracy = 0;   // share of pixels whose decoded category is right
   double object_accuracy = 0;  // the same over object (non-background) pixels
   double edge_f1 = 0;
 };
