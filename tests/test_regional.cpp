@@ -299,16 +299,11 @@ TEST(RegionalUnit, LayoutOptionRulesBeforeAnyFile) {
                  "--layout-guidance-scale must be in [0, 10], got 11");
   expect_invalid([&] { api::check_layout_options(with([](auto& c) { c.layout_method = "magic"; })); },
                  "--layout-method must be one of regional, spatext, scene, got 'magic'");
-  // spatext is built (its model is checked when loaded: a SpaText folder); scene is a row without a builder.
+  // spatext and scene are built (their models are checked when loaded: a SpaText or a scene folder).
   EXPECT_NO_THROW(api::check_layout_options(with([&](auto& c) { c.layout_method = "spatext"; })));
-  for (const char* m : {"scene"}) {
-    try {
-      api::check_layout_options(with([&](auto& c) { c.layout_method = m; }));
-      ADD_FAILURE() << m << " accepted";
-    } catch (const Unsupported& e) {
-      EXPECT_NE(std::string(e.what()).find("is not built yet"), std::string::npos) << e.what();
-    }
-  }
+  EXPECT_NO_THROW(api::check_layout_options(with([&](auto& c) { c.layout_method = "scene"; })));
+  expect_invalid([&] { api::check_layout_options(with([](auto& c) { c.scene_guidance = "both"; })); },
+                 "--scene-guidance must be text");
   EXPECT_THROW(api::check_layout_options(with([](auto& c) { c.init_image = "x.png"; })), Unsupported);
   EXPECT_EQ(layout_method_names(), (std::vector<std::string>{"regional", "spatext", "scene"}));
 }
@@ -446,7 +441,8 @@ TEST(RegionalCli, LayoutErrorsExit2AndWriteNothing) {
   expect_exit2(with({"--layout-guidance-scale", "2"}), "need --layout", out);
   expect_exit2(with({"--layout", map, "--region", "#ff0000=cat", "--layout-method", "spatext"}),
                "--layout-method spatext needs a SpaText model folder", out);
-  expect_exit2(with({"--layout", map, "--region", "#ff0000=cat", "--layout-method", "scene"}), "is not built yet", out);
+  expect_exit2(with({"--layout", map, "--region", "#ff0000=cat", "--layout-method", "scene"}),
+               "needs a scene model folder", out);
   expect_exit2(with({"--layout", dir + "/garbage.png", "--region", "#ff0000=cat"}), "--layout", out);
   expect_exit2(with({"--layout", dir + "/missing.png", "--region", "#ff0000=cat"}), "--layout: file not found", out);
   std::vector<std::string> wide = with({"--layout", map, "--region", "#ff0000=cat"});

@@ -310,6 +310,11 @@ TEST(SceneCli, VQSegTrainsReportsItsCodebookAndResumesExactly) {
   const io::TensorMap w2 = io::load_safetensors(dir + "/v2/diffusion_pytorch_model.safetensors");
   ASSERT_EQ(w4.size(), w2.size());
   for (const auto& [k, t] : w4) EXPECT_TRUE(at::equal(t, w2.at(k))) << k;
+  // Continued with --model: the codebook it brings is kept (one step moves it a little, not to new encoder outputs).
+  const CliRun c = dmx_run(plus(vqseg_args(data, dir + "/vc", 1), {"--model", dir + "/v4"}));
+  ASSERT_EQ(c.code, 0) << c.output;
+  const io::TensorMap wc = io::load_safetensors(dir + "/vc/diffusion_pytorch_model.safetensors");
+  EXPECT_LT((wc.at("quantize.embedding.weight") - w4.at("quantize.embedding.weight")).abs().max().item<double>(), 0.05);
 }
 
 TEST(SceneCli, FewStepsWriteAFolderThatDmxGenerateRunsWithAndWithoutALayout) {

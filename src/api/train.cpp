@@ -505,9 +505,38 @@ void check_layout_base_model(const TrainOptions& o) {
 }
 
 void check_vqseg_options(const TrainOptions& o) {
-  DMX_CHECK_ARG(o.model.empty(), "dmx train vqseg trains a new VQ-SEG: --model does not apply");
+  DMX_CHECK_ARG(o.tokenizer_dir.empty(), "--tokenizer is not taken by dmx train vqseg (it reads scene maps, no text)");
+  DMX_CHECK_ARG(o.model.empty() || loaders::is_vqseg_folder(o.model), "--model ", o.model,
+                " must be a VQ-SEG folder to continue (vqseg.json; dmx train vqseg writes one)");
+  DMX_CHECK_ARG(o.model.empty() || o.config_dir.empty(), "--config names the architecture of a new VQ-SEG; --model ",
+                o.model, " brings its own");
+  DMX_CHECK_ARG(o.config_dir.empty() || path_exists(join_path(o.config_dir, "config.json")), "--config ", o.config_dir,
+                " must be a folder with a VQModel config.json");
   check_scene_data(o);
   (void)tr::vqseg_config(loaders::kSceneCategories, o.resolution, o.vq_factor, o.codebook_size);
+}
+
+// dmx train vqseg's model: --model continued, a new one of --config's architecture, or vqseg_config's.
+models::VQModel vqseg_model(const TrainOptions& o) {
+  if (!o.model.empty()) {
+    loaders::VQSeg v = loaders::load_vqseg(strip_slashes(o.model));
+    DMX_CHECK_ARG(v.categories == loaders::kSceneCategories && v.resolution == o.resolution, "--model ", o.model,
+                  " is a VQ-SEG of ", v.categories, " categories at ", v.resolution, " px; --data's maps have ",
+                  loaders::kSceneCategories, " at ", o.resolution);
+    return v.model;
+  }
+  torch::manual_seed(o.seed);
+  if (o.config_dir.empty())
+    return models::VQModel(tr::vqseg_config(loaders::kSceneCategories, o.resolution, o.vq_factor, o.codebook_size));
+  const models::VQModelConfig c = models::VQModelConfig::from_json(
+      io::load_json_file(join_path(o.config_dir, "config.json"), "--config VQModel config"));
+  DMX_CHECK_ARG(
+      c.coder.in_channels == loaders::kSceneCategories + 1 && c.coder.out_channels == loaders::kSceneCategories + 1,
+      "--config ", o.config_dir, ": a VQ-SEG takes and gives ", loaders::kSceneCategories + 1,
+      " channels, the config has in_channels ", c.coder.in_channels, " and out_channels ", c.coder.out_channels);
+  DMX_CHECK_ARG(o.resolution % c.downscale_factor() == 0, "--resolution ", o.resolution,
+                " must be a multiple of the config's factor ", c.downscale_factor());
+  return models::VQModel(c);
 }
 
 void check_scene_options(const TrainOptions& o) {
@@ -842,10 +871,10 @@ TrainReport train(const TrainOptions& o) {
       captions.push_back(c.caption);
       maps.push_back(tr::load_scene_map(c, loaders::kSceneCategories, o.resolution));
     }
-    torch::manual_seed(o.seed);
-    models::VQModel vq(tr::vqseg_config(loaders::kSceneCategories, o.resolution, o.vq_factor, o.codebook_size));
+    models::VQModel vq = vqseg_model(o);
     source = std::make_shared<tr::FeatureBatchSource>(captions, o.batch_size, rank, world, o.seed);
-    recipe = std::make_shared<tr::VQSegRecipe>(vq, std::move(maps), loaders::kSceneCategories, o.resolution);
+    recipe = std::make_shared<tr::VQSegRecipe>(vq, std::move(maps), loaders::kSceneCategories, o.resolution,
+                                               /*new_codebook=*/o.model.empty());
   } else if (o.recipe == "scene") {
     auto ds = open_dataset(o.data, true);
     source = std::make_shared<tr::DatasetBatchSource>(ds, o.batch_size, rank, world, o.seed);

@@ -365,6 +365,8 @@ std::vector<Option> build_table() {
              &ModelOptions::model),
         text(kTrainClip, "DIR", "a CLIP folder (dmx train clip) to continue training from", "a new CLIP",
              &ModelOptions::model),
+        text(kTrainVqseg, "DIR", "a VQ-SEG folder (dmx train vqseg) to continue training from", "a new VQ-SEG",
+             &ModelOptions::model),
         text(kTrainPrior, "DIR",
              "a prior folder (dmx train prior) to continue training from (its architecture; clip_mean/clip_std are "
              "recomputed on --data)",
@@ -389,6 +391,8 @@ std::vector<Option> build_table() {
              &ModelOptions::config_dir),
         text(kTrainPrior, "DIR", "a prior folder whose prior/config.json (the architecture) a new prior takes",
              "--layers, --heads, --attention-head-dim", &ModelOptions::config_dir),
+        text(kTrainVqseg, "DIR", "a VQModel folder whose config.json (the architecture) a new VQ-SEG takes",
+             "--vq-factor, --codebook-size", &ModelOptions::config_dir),
         text(kTrainClip, "DIR",
              "a CLIP folder whose architecture (text_encoder/, image_encoder/ config.json) and tokenizer a new CLIP "
              "takes",
@@ -401,6 +405,7 @@ std::vector<Option> build_table() {
              "not taken: the prior tokenizes with the CLIP's own tokenizer/ (--clip), whose text tower makes its "
              "features",
              "", &ModelOptions::tokenizer_dir),
+        text(kTrainVqseg, "DIR", "not taken: VQ-SEG reads scene maps, no text", "", &ModelOptions::tokenizer_dir),
         text(kTrainClip, "DIR",
              "the text tower's tokenizer: a folder with vocab.json and merges.txt (required for a new CLIP without "
              "--config)",

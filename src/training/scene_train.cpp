@@ -164,12 +164,14 @@ std::shared_ptr<loaders::StableDiffusionModels> empty_bundle(const std::string& 
 }
 }  // namespace
 
-VQSegRecipe::VQSegRecipe(models::VQModel model, std::vector<at::Tensor> maps, int categories, int resolution)
+VQSegRecipe::VQSegRecipe(models::VQModel model, std::vector<at::Tensor> maps, int categories, int resolution,
+                         bool new_codebook)
     : Recipe(empty_bundle("vqseg")),
       model_(std::move(model)),
       maps_(std::move(maps)),
       categories_(categories),
-      resolution_(resolution) {
+      resolution_(resolution),
+      new_codebook_(new_codebook) {
   DMX_CHECK_ARG(!maps_.empty(), "dmx train vqseg: the data has no canvases");
   DMX_CHECK_ARG(model_->config().coder.in_channels == categories + 1, "dmx train vqseg: the model takes ",
                 model_->config().coder.in_channels, " channels, the maps have ", categories + 1);
@@ -212,9 +214,9 @@ at::Tensor VQSegRecipe::custom_loss(const Batch& batch, at::Generator& gen, int6
     const at::Tensor flat = h.detach().permute({0, 2, 3, 1}).reshape({-1, h.size(1)});
     at::Tensor w = model_->codebook_weight();
     at::Tensor targets;
-    if (calls_ == 0)
+    if (calls_ == 0 && new_codebook_)
       targets = at::arange(K, at::kLong);
-    else if (calls_ % kVQSegRestartEvery == 0)
+    else if (calls_ > 0 && calls_ % kVQSegRestartEvery == 0)
       targets = counts_.eq(0).nonzero().squeeze(1);
     if (targets.defined()) {
       if (targets.numel() > 0) {

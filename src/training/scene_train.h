@@ -71,7 +71,9 @@ CodebookUsage measure_codebook(models::VQModel& model, const std::vector<at::Ten
 class VQSegRecipe : public Recipe {
  public:
   // maps: every canvas's scene map [categories + 1, R, R] (load_scene_map), in the batch source's row order.
-  VQSegRecipe(models::VQModel model, std::vector<at::Tensor> maps, int categories, int resolution);
+  // new_codebook: the codebook starts from the first batch's encoder outputs (false: a model continued keeps its own).
+  VQSegRecipe(models::VQModel model, std::vector<at::Tensor> maps, int categories, int resolution,
+              bool new_codebook = true);
   std::string name() const override { return "vqseg"; }
   void setup(const TrainConfig& cfg) override;
   std::vector<NamedParameter> trainable_parameters() override;
@@ -90,6 +92,7 @@ class VQSegRecipe : public Recipe {
   int categories_ = 0, resolution_ = 0;
   at::Tensor counts_;  // [K] int64: rows choosing each code since the last restart
   int64_t calls_ = 0;  // custom_loss calls (initialisation at the first, restarts every kVQSegRestartEvery)
+  bool new_codebook_ = true;
   CodebookUsage usage_;
 };
 
