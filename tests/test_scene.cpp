@@ -3,7 +3,8 @@
 // --layout-method scene`:
 //   VQModelRefUnit  diffusers 0.27.2's VQModel (tests/ref/make_vq_refs.py): encode, the codes, decode
 //   SceneUnit       the one-hot map and dmx data scenes' edge rule by hand; token = code + row + column; the
-//                   provider's context per guidance mode; category names
+//                   provider's context per guidance mode; category names; the cell mask and the decoupled cell
+//                   attention by hand
 //   SceneCli        a few steps of both recipes on a tiny model write folders that dmx generate runs with and without
 //                   a layout (layout scale 0 = the text-only run, bit for bit); resume is exact; bad input exits 2
 #include <ATen/ATen.h>
@@ -170,6 +171,59 @@ TEST(SceneUnit, CoordinatesAreTheCellCentresInMinusOneToOne) {
   EXPECT_FLOAT_EQ(c[1][1][2].item<float>(), 0.5f);
 }
 
+TEST(SceneUnit, CellMaskIsTheFootprintOverlap) {
+  // 4 x 4 queries over a 4 x 4 grid: each query sees its own cell only.
+  const at::Tensor same = loaders::scene_cell_mask(4, 4, 4);
+  ASSERT_EQ(same.sizes(), (std::vector<int64_t>{16, 16}));
+  EXPECT_TRUE(same.equal(at::eye(16, at::kBool)));
+  // 2 x 2 queries over a 4 x 4 grid: query (0, 1) covers rows 0-1 and columns 2-3.
+  const at::Tensor coarse = loaders::scene_cell_mask(2, 2, 4);
+  ASSERT_EQ(coarse.sizes(), (std::vector<int64_t>{4, 16}));
+  for (int64_t r = 0; r < 4; ++r)
+    for (int64_t c = 0; c < 4; ++c) EXPECT_EQ(coarse[1][r * 4 + c].item<bool>(), r < 2 && c >= 2) << r << "," << c;
+  EXPECT_EQ(coarse.sum().item<int64_t>(), 16);  // each cell under one query
+  // 3 x 2 queries over a grid of 2 (the middle row's footprint [1/3, 2/3) straddles both grid rows): by hand.
+  const at::Tensor odd = loaders::scene_cell_mask(3, 2, 2);
+  ASSERT_EQ(odd.sizes(), (std::vector<int64_t>{6, 4}));
+  const std::vector<std::vector<bool>> want = {{true, false}, {true, true}, {false, true}};
+  for (int64_t i = 0; i < 3; ++i)
+    for (int64_t r = 0; r < 2; ++r) {
+      EXPECT_EQ(odd[i * 2][r * 2].item<bool>(), want[i][r]) << i << "," << r;  // query (i, 0), cell (r, 0)
+      EXPECT_FALSE(odd[i * 2][r * 2 + 1].item<bool>()) << i << "," << r;       // never cell (r, 1)
+    }
+  EXPECT_THROW(loaders::scene_cell_mask(0, 2, 2), InvalidArgument);
+}
+
+TEST(SceneUnit, CellAttentionIsTheTextsPlusItsOwnCellsScene) {
+  // One attention call by hand: 4 queries (2 x 2), 3 text keys + 4 scene keys (grid 2).
+  at::manual_seed(3);
+  const at::Tensor q = at::randn({1, 2, 4, 5}), k = at::randn({1, 2, 7, 5}), v = at::randn({1, 2, 7, 5});
+  nn::AttentionSite site;
+  site.path = "down_blocks.0.attentions.0.transformer_blocks.0.attn2";
+  site.is_cross = true;
+  loaders::SceneCellAttention proc(2);
+  EXPECT_TRUE(proc.wants(site));
+  const at::Tensor out = proc.forward(site, {}, q, k, v, 0.5, true);
+  const at::Tensor text_k = k.narrow(2, 0, 3), text_v = v.narrow(2, 0, 3);
+  for (int64_t i = 0; i < 4; ++i) {
+    // Query i: a softmax over the 3 text keys, plus the value of its own cell's scene key (a softmax of one).
+    const at::Tensor qi = q.select(2, i).unsqueeze(2);
+    const at::Tensor text = at::matmul((at::matmul(qi, text_k.transpose(-1, -2)) * 0.5).softmax(-1), text_v);
+    const at::Tensor want = (text + v.narrow(2, 3 + i, 1)).squeeze(2);
+    EXPECT_TRUE(at::allclose(out.select(2, i), want, 1e-5, 1e-6)) << i;
+  }
+  // Zero scene values add nothing: the layer's output without a scene.
+  const at::Tensor vz = v.clone();
+  vz.narrow(2, 3, 4).zero_();
+  const at::Tensor plain = at::matmul((at::matmul(q, text_k.transpose(-1, -2)) * 0.5).softmax(-1), text_v);
+  EXPECT_TRUE(at::allclose(proc.forward(site, {}, q, k, vz, 0.5, true), plain, 1e-5, 1e-6));
+  site.is_cross = false;
+  EXPECT_FALSE(proc.wants(site));
+  site.is_cross = true;
+  EXPECT_THROW(proc.forward(site, {}, at::randn({1, 2, 3, 5}), k, v, 0.5, true), InvalidArgument);  // not square
+  EXPECT_THROW(proc.forward(site, {}, q, k.narrow(2, 0, 4), v.narrow(2, 0, 4), 0.5, true), InvalidArgument);
+}
+
 TEST(SceneUnit, CategoriesByNameNumberOrGroup) {
   EXPECT_EQ(pipelines::parse_scene_category("Animals & Nature", "--region"), 3);
   EXPECT_EQ(pipelines::parse_scene_category("  food & drink ", "--region"), 4);
@@ -327,13 +381,21 @@ TEST(SceneCli, FewStepsWriteAFolderThatDmxGenerateRunsWithAndWithoutALayout) {
   EXPECT_EQ(cfg.grid, kSide / 8);
   EXPECT_EQ(cfg.codes, 16);
   EXPECT_EQ(cfg.lora_rank, 2);
+  EXPECT_TRUE(cfg.cell_attention);
   const auto sc = loaders::load_scene(dir + "/sc");
   EXPECT_EQ(sc->code_embedding.size(0), 17);
   EXPECT_EQ(sc->base_in_channels, 4);
   EXPECT_EQ(sc->models->unet->config().in_channels, 4 + loaders::kSceneCoordChannels);
+  EXPECT_NE(
+      std::dynamic_pointer_cast<loaders::SceneCellAttention>(nn::assign_attention_sites(*sc->models->unet)->processor),
+      nullptr)
+      << "a scene UNet runs with its cell attention";
   // The coordinate channels' weights moved off zero (two steps at 1e-3).
   const io::TensorMap w = io::load_safetensors(dir + "/sc/scene.safetensors");
   EXPECT_GT(w.at("unet.conv_in.weight").narrow(1, 4, loaders::kSceneCoordChannels).abs().max().item<double>(), 0.0);
+  // The tables start at zero (the first forward is the base model's) and were trained.
+  for (const char* t : {"scene.code_embedding.weight", "scene.row_embedding.weight", "scene.col_embedding.weight"})
+    EXPECT_GT(w.at(t).abs().max().item<double>(), 0.0) << t;
   EXPECT_TRUE(loaders::is_vqseg_folder(dir + "/sc/vqseg"));
 
   const std::vector<std::string> common = {"generate", "--model", dir + "/sc", "--prompt", "red and cat",
@@ -355,6 +417,17 @@ TEST(SceneCli, FewStepsWriteAFolderThatDmxGenerateRunsWithAndWithoutALayout) {
   EXPECT_NE(load_image(dir + "/l.png", "l").data, load_image(dir + "/p.png", "p").data) << "the scene changes nothing";
   EXPECT_NE(load_image(dir + "/l.png", "l").data, load_image(dir + "/a.png", "a").data)
       << "the guidance mode changes nothing";
+
+  // scene.json's attention: cell or all, nothing else.
+  {
+    nlohmann::json j = nlohmann::json::parse(read_text_file(dir + "/sc/scene.json", "scene.json", 1 << 20));
+    EXPECT_EQ(j.value("attention", ""), "cell");
+    j["attention"] = "diagonal";
+    std::ofstream(dir + "/sc/scene.json") << j.dump();
+    EXPECT_THROW(loaders::read_scene_config(dir + "/sc"), FormatError);
+    j["attention"] = "cell";
+    std::ofstream(dir + "/sc/scene.json") << j.dump();
+  }
 
   // Bad input: exit 2, nothing written.
   auto refused = [&](const std::vector<std::string>& args, const std::string& what) {

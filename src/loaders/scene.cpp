@@ -6,6 +6,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
+
 #include "core/fs.h"
 #include "core/tensor_util.h"
 #include "dmx/error.h"
@@ -104,6 +106,10 @@ SceneConfig read_scene_config(const std::string& dir) {
     c.codes = j.at("codes").get<int>();
     c.resolution = j.at("resolution").get<int>();
     c.lora_rank = j.value("lora_rank", 0);
+    const std::string attention = j.value("attention", "all");
+    DMX_CHECK_FORMAT(attention == "cell" || attention == "all", file, ": attention must be cell or all, got '",
+                     attention, "'");
+    c.cell_attention = attention == "cell";
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(file + ": " + e.what());
   }
@@ -152,6 +158,7 @@ std::shared_ptr<SceneModel> load_scene(const std::string& dir, const LoadOptions
   const int merged = merge_unet_lora(m.unet, t);
   DMX_CHECK_FORMAT(c.lora_rank == 0 || merged > 0, wfile, ": scene.json says lora_rank ", c.lora_rank,
                    " but the file has no LoRA pair");
+  if (c.cell_attention) install_scene_cell_attention(m.unet, c.grid);
   if (opts.dtype != at::kFloat) {
     m.unet->to(opts.dtype);
     m.text_encoder->to(opts.dtype);
@@ -160,6 +167,51 @@ std::shared_ptr<SceneModel> load_scene(const std::string& dir, const LoadOptions
   }
   m.source_path = dir;
   return out;
+}
+
+at::Tensor scene_cell_mask(int64_t h, int64_t w, int64_t grid) {
+  DMX_CHECK_ARG(h >= 1 && w >= 1 && grid >= 1, "scene_cell_mask: sides must be >= 1, got ", h, "x", w, " and grid ",
+                grid);
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  // Row i of n overlaps cell r of grid when r n < (i + 1) grid and i grid < (r + 1) n (integers, no rounding).
+  auto overlap = [&](int64_t n) {
+    const at::Tensor i = at::arange(n, i64).view({n, 1}), r = at::arange(grid, i64).view({1, grid});
+    return (r * n).lt((i + 1) * grid).logical_and((i * grid).lt((r + 1) * n));  // [n, grid]
+  };
+  const at::Tensor rows = overlap(h), cols = overlap(w);
+  // [h, 1, grid, 1] and [1, w, 1, grid] -> [h, w, grid, grid]
+  return rows.view({h, 1, grid, 1}).logical_and(cols.view({1, w, 1, grid})).reshape({h * w, grid * grid});
+}
+
+SceneCellAttention::SceneCellAttention(int64_t grid) : grid_(grid) {
+  DMX_CHECK_ARG(grid >= 1 && grid <= 64, "scene cell attention: grid must be in [1, 64], got ", grid);
+}
+
+at::Tensor SceneCellAttention::forward(const nn::AttentionSite& site, const nn::AttentionContext&, const at::Tensor& q,
+                                       const at::Tensor& k, const at::Tensor& v, double scale, bool upcast) {
+  const int64_t N = q.size(2), M = k.size(2), T = grid_ * grid_;
+  const auto side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(N))));
+  DMX_CHECK_ARG(side * side == N, "scene cell attention at ", site.path, ": ", N,
+                " queries are not a square map (a scene model makes square pictures)");
+  DMX_CHECK_ARG(M > T, "scene cell attention at ", site.path, ": ", M, " keys, fewer than the text and the ", T,
+                " scene tokens");
+  // The text's attention, as the layer computes it without a scene (no seam: its own fast path or, with autograd,
+  // the explicit one).
+  const at::Tensor text =
+      nn::attention_through_seam(site, nullptr, q, k.narrow(2, 0, M - T), v.narrow(2, 0, M - T), scale, upcast);
+  // The scene's: a softmax of its own over the tokens of the query's cells.
+  const at::Tensor ks = k.narrow(2, M - T, T), vs = v.narrow(2, M - T, T);
+  const at::Tensor seen = scene_cell_mask(side, side, grid_).to(q.device());
+  const at::Tensor qq = upcast ? q.to(at::kFloat) : q;
+  const at::Tensor kk = upcast ? ks.to(at::kFloat) : ks;
+  const at::Tensor scores = at::matmul(qq, kk.transpose(-1, -2)).mul(scale).masked_fill(seen.logical_not(), -INFINITY);
+  at::Tensor probs = scores.softmax(-1);
+  if (probs.scalar_type() != vs.scalar_type()) probs = probs.to(vs.scalar_type());
+  return text + at::matmul(probs, vs).to(text.scalar_type());
+}
+
+void install_scene_cell_attention(models::UNet2DConditionModel& unet, int64_t grid) {
+  nn::assign_attention_sites(*unet)->processor = std::make_shared<SceneCellAttention>(grid);
 }
 
 at::Tensor scene_coordinates(int64_t h, int64_t w) {

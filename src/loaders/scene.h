@@ -22,6 +22,16 @@
 // have none), the UNet also reads two coordinate channels (x and y in [-1, 1] at the latent cells' centres) beside
 // the latents: conv_in widened by kSceneCoordChannels (loaders/spatext.h's widen_unet_input, new weights from zero),
 // its weights in scene.safetensors as unet.conv_in.{weight,bias}.
+//
+// scene.json's "attention" says how the picture's cells see the scene tokens:
+//   "cell" (what `dmx train scene` writes): decoupled cell attention (SceneCellAttention below). In every
+//          cross-attention the context [text; scene tokens] is split: the queries attend to the text as without a
+//          scene, and in a softmax of their own to the scene tokens of the grid cells their footprint overlaps; the
+//          layer's output is the sum (IP-Adapter's decoupled cross-attention, Ye et al. 2023, with a locality mask).
+//          The tables start at zero, so to_v of a token is zero and the first forward is the base model's.
+//   "all"  (a folder without the key): the tokens joined to the text in one softmax, every query seeing every
+//          token. The first emoji scene model was trained so and learnt to ignore the tokens: its region IoU equalled
+//          its text-only run's (docs/scene.md).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -30,6 +40,7 @@
 
 #include "loaders/model_bundle.h"
 #include "models/vq_model.h"
+#include "nn/attention_seam.h"
 
 namespace dmx::loaders {
 
@@ -60,6 +71,7 @@ struct SceneConfig {
   int codes = 0;       // K: the codebook size (row K of the code embedding is the dropped scene)
   int resolution = 0;  // the training pictures' side (pixels)
   int lora_rank = 0;
+  bool cell_attention = false;  // scene.json's "attention": "cell" (true) or "all"
 };
 
 struct SceneModel {
@@ -75,6 +87,30 @@ struct SceneModel {
 bool is_scene_folder(const std::string& path);
 SceneConfig read_scene_config(const std::string& dir);  // checked; FormatError naming the file
 std::shared_ptr<SceneModel> load_scene(const std::string& dir, const LoadOptions& opts = {});
+
+// Which scene tokens the queries of an h x w attention map see: [h * w, grid * grid] bool, true where the query
+// cell's footprint (row i covers [i / h, (i + 1) / h) of the picture) overlaps the token's grid cell (row r covers
+// [r / grid, (r + 1) / grid)), in both directions. Row-major on both sides.
+at::Tensor scene_cell_mask(int64_t h, int64_t w, int64_t grid);
+
+// The "cell" attention of a scene UNet, an attention processor of the seam (nn/attention_seam.h) on the
+// cross-attention sites: of the M keys the last grid^2 are the scene tokens. Output = attention(q, text keys, text
+// values) + softmax(scale q k_s^T, -inf outside scene_cell_mask) v_s. The query maps are square (a scene model makes
+// resolution x resolution pictures); another count of queries, or no more keys than scene tokens, is an
+// InvalidArgument naming the site.
+class SceneCellAttention : public nn::AttentionProcessor {
+ public:
+  explicit SceneCellAttention(int64_t grid);
+  bool wants(const nn::AttentionSite& site) const override { return site.is_cross; }
+  at::Tensor forward(const nn::AttentionSite& site, const nn::AttentionContext& ctx, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v, double scale, bool upcast) override;
+
+ private:
+  int64_t grid_;
+};
+// Sets SceneCellAttention(grid) as the processor of unet's seam, for the UNet's lifetime (a scene UNet always
+// runs with it).
+void install_scene_cell_attention(models::UNet2DConditionModel& unet, int64_t grid);
 
 // The coordinate channels at the latent size: [2, h, w] float32, x then y, each (2 i + 1) / n - 1.
 at::Tensor scene_coordinates(int64_t h, int64_t w);

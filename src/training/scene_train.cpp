@@ -310,10 +310,14 @@ SceneRecipe::SceneRecipe(std::shared_ptr<loaders::StableDiffusionModels> m, Scen
   resolution_ = vqseg_.resolution;
   grid_ = resolution_ / vqseg_.model->config().downscale_factor();
   const int64_t D = md.unet->config().cross_attention_dim;
-  // Small random tables (std 0.2): the new tokens start near zero beside the text's unit-scale hidden states.
-  code_embedding_ = (at::randn({K_ + 1, D}) * 0.2).set_requires_grad(true);
-  row_embedding_ = (at::randn({grid_, D}) * 0.2).set_requires_grad(true);
-  col_embedding_ = (at::randn({grid_, D}) * 0.2).set_requires_grad(true);
+  // The tables start at zero: a zero token's value is zero (to_v has no bias), so the decoupled scene attention
+  // (loaders::SceneCellAttention) adds nothing and the first forward is the base model's. They are trained as
+  // kSceneTableGain x a raw tensor: AdamW moves each raw entry by about the learning rate a step, so the tables move
+  // kSceneTableGain times faster than the LoRA. At the LoRA's rate they stayed below 0.1 in norm after 400 steps,
+  // beside text states of norm 11, and the scene barely changed the loss (docs/scene.md).
+  code_embedding_ = at::zeros({K_ + 1, D}).set_requires_grad(true);
+  row_embedding_ = at::zeros({grid_, D}).set_requires_grad(true);
+  col_embedding_ = at::zeros({grid_, D}).set_requires_grad(true);
   for (auto& p : vqseg_.model->parameters()) p.set_requires_grad(false);
 }
 
@@ -334,6 +338,7 @@ void SceneRecipe::setup(const TrainConfig& cfg) {
     }
   }
   net_ = frozen_base_with_lora(m, cfg, o_.lora, autocast_bf16_);
+  loaders::install_scene_cell_attention(m.unet, grid_);
   for (auto& p : m.unet->named_parameters(true))
     if (starts_with(p.key(), "conv_in.")) p.value().set_requires_grad(true);
 }
@@ -342,9 +347,9 @@ std::vector<NamedParameter> SceneRecipe::trainable_parameters() {
   std::vector<NamedParameter> v = net_->parameters();
   for (const auto& p : models().unet->named_parameters(true))
     if (starts_with(p.key(), "conv_in.")) v.push_back({"unet." + p.key(), p.value()});
-  v.push_back({"scene.code_embedding.weight", code_embedding_});
-  v.push_back({"scene.row_embedding.weight", row_embedding_});
-  v.push_back({"scene.col_embedding.weight", col_embedding_});
+  v.push_back({"scene.code_embedding.raw", code_embedding_});
+  v.push_back({"scene.row_embedding.raw", row_embedding_});
+  v.push_back({"scene.col_embedding.raw", col_embedding_});
   return v;
 }
 
@@ -372,7 +377,8 @@ at::Tensor SceneRecipe::predict(const at::Tensor& noisy, const at::Tensor& t, co
                 noisy.sizes(), " are not of the VQ-SEG's ", resolution_, "-px maps (train at --resolution ",
                 resolution_, ")");
   net_->refresh(at::kFloat, at::kFloat);
-  const at::Tensor tokens = loaders::scene_token_embeddings(drawn_, code_embedding_, row_embedding_, col_embedding_);
+  const at::Tensor tokens = loaders::scene_token_embeddings(
+      drawn_, code_embedding_ * kSceneTableGain, row_embedding_ * kSceneTableGain, col_embedding_ * kSceneTableGain);
   models::UNetInputs in;
   const at::Tensor coords = loaders::scene_coordinates(noisy.size(2), noisy.size(3))
                                 .to(noisy.device(), noisy.scalar_type())
@@ -388,9 +394,9 @@ void SceneRecipe::save(const std::string& dir) {
   io::TensorMap weights = net_->state_dict(LoRASaveFormat::Diffusers);
   for (const auto& p : models().unet->named_parameters(true))
     if (starts_with(p.key(), "conv_in.")) weights["unet." + p.key()] = p.value().detach().to(at::kFloat).clone();
-  weights["scene.code_embedding.weight"] = code_embedding_.detach().clone();
-  weights["scene.row_embedding.weight"] = row_embedding_.detach().clone();
-  weights["scene.col_embedding.weight"] = col_embedding_.detach().clone();
+  weights["scene.code_embedding.weight"] = code_embedding_.detach() * kSceneTableGain;
+  weights["scene.row_embedding.weight"] = row_embedding_.detach() * kSceneTableGain;
+  weights["scene.col_embedding.weight"] = col_embedding_.detach() * kSceneTableGain;
   for (auto& [k, v] : weights) v = v.to(at::kFloat).contiguous();
   write_directory_atomic(dir, "the scene folder", [&](const std::string& tmp) {
     copy_text_to_image_parts(models().source_path, tmp);
@@ -407,6 +413,7 @@ void SceneRecipe::save(const std::string& dir) {
                                                                 {"lora_rank", net_->rank()},
                                                                 {"lora_alpha", net_->alpha()},
                                                                 {"lora_targets", o_.lora.targets},
+                                                                {"attention", "cell"},
                                                                 {"layout_dropout", o_.scene_dropout}});
   });
 }

@@ -36,6 +36,7 @@ constexpr double kVQSegBeta = 0.25;
 constexpr double kVQSegObjectWeight = 4.0;  // cross-entropy weight of object pixels (background 1)
 constexpr double kVQSegEdgeWeight = 4.0;    // binary cross-entropy weight of edge pixels (pos_weight)
 constexpr int kVQSegRestartEvery = 50;
+constexpr double kSceneTableGain = 20.0;  // the scene tables' learning-rate multiplier (SceneRecipe)
 
 // One canvas of a scene folder's metadata.jsonl.
 struct SceneCanvas {
@@ -127,7 +128,7 @@ class SceneRecipe : public Recipe {
   std::unique_ptr<LoRANetwork> net_;
   std::vector<at::Tensor> codes_;
   at::Tensor drawn_;
-  at::Tensor code_embedding_, row_embedding_, col_embedding_;
+  at::Tensor code_embedding_, row_embedding_, col_embedding_;  // raw: the tables are kSceneTableGain x these
   int K_ = 0, grid_ = 0, resolution_ = 0, base_in_ = 0;
   bool autocast_bf16_ = false;
 };
