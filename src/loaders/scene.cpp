@@ -201,10 +201,13 @@ at::Tensor SceneCellAttention::forward(const nn::AttentionSite& site, const nn::
       nn::attention_through_seam(site, nullptr, q, k.narrow(2, 0, M - T), v.narrow(2, 0, M - T), scale, upcast);
   // The scene's: a softmax of its own over the tokens of the query's cells.
   const at::Tensor ks = k.narrow(2, M - T, T), vs = v.narrow(2, M - T, T);
-  const at::Tensor seen = scene_cell_mask(side, side, grid_).to(q.device());
+  at::Tensor& cached = hidden_[side];  // one mask per attention resolution, built at its first call
+  if (!cached.defined() || cached.device() != q.device())
+    cached = scene_cell_mask(side, side, grid_).logical_not().to(q.device());
+  const at::Tensor& hidden = cached;
   const at::Tensor qq = upcast ? q.to(at::kFloat) : q;
   const at::Tensor kk = upcast ? ks.to(at::kFloat) : ks;
-  const at::Tensor scores = at::matmul(qq, kk.transpose(-1, -2)).mul(scale).masked_fill(seen.logical_not(), -INFINITY);
+  const at::Tensor scores = at::matmul(qq, kk.transpose(-1, -2)).mul(scale).masked_fill(hidden, -INFINITY);
   at::Tensor probs = scores.softmax(-1);
   if (probs.scalar_type() != vs.scalar_type()) probs = probs.to(vs.scalar_type());
   return text + at::matmul(probs, vs).to(text.scalar_type());

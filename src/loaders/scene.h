@@ -35,6 +35,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <map>
 #include <memory>
 #include <string>
 
@@ -107,6 +108,7 @@ class SceneCellAttention : public nn::AttentionProcessor {
 
  private:
   int64_t grid_;
+  std::map<int64_t, at::Tensor> hidden_;  // per query side: NOT scene_cell_mask (a UNet runs one call at a time)
 };
 // Sets SceneCellAttention(grid) as the processor of unet's seam, for the UNet's lifetime (a scene UNet always
 // runs with it).
